@@ -45,7 +45,7 @@ inline void expect_close(const std::vector<double>& actual, const std::vector<do
       ++reported;
     }
   }
-  RecordProperty(what + "_max_abs_err", std::to_string(max_abs));
+  ::testing::Test::RecordProperty(what + "_max_abs_err", std::to_string(max_abs));
 }
 
 // Deterministic pseudo-random doubles in [-scale, scale).

@@ -1,0 +1,79 @@
+// world_communicator(): MPI's world when built with MPI and started by an MPI launcher (MPI is
+// initialised on first use and finalised at exit), otherwise a SelfCommunicator.
+#include <cstdlib>
+
+#include "comm/communicator.h"
+
+#if MOEFORGE_HAVE_MPI
+#include "comm/mpi/mpi_communicator.h"
+#endif
+
+namespace moeforge {
+
+namespace {
+
+#if MOEFORGE_HAVE_MPI
+// Environment variables set by the common launchers: Open MPI's mpirun, PMIx, and PMI (MPICH's
+// Hydra mpiexec, Slurm's srun --mpi=pmi2).
+bool launched_by_mpi() {
+  for (const char* variable : {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK"}) {
+    if (std::getenv(variable) != nullptr) return true;
+  }
+  return false;
+}
+
+// Owns MPI's lifetime: initialises it (unless the host program already did) and finalises it when
+// the process exits, after the world communicator is gone.
+class MpiWorld {
+ public:
+  MpiWorld() {
+    int initialized = 0;
+    MF_MPI_CHECK(MPI_Initialized(&initialized));
+    if (!initialized) {
+      int provided = 0;
+      MF_MPI_CHECK(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided));
+      if (provided < MPI_THREAD_FUNNELED) {
+        MPI_Finalize();
+        MF_FAIL("MPI provides thread level {} but moeforge needs MPI_THREAD_FUNNELED ({})",
+                provided, MPI_THREAD_FUNNELED);
+      }
+      owns_mpi_ = true;
+    }
+    communicator_ = std::make_unique<MpiCommunicator>(MPI_COMM_WORLD, MpiCommOwnership::kBorrowed);
+  }
+  ~MpiWorld() {
+    communicator_.reset();
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (owns_mpi_ && !finalized) MPI_Finalize();
+  }
+  MpiWorld(const MpiWorld&) = delete;
+  MpiWorld& operator=(const MpiWorld&) = delete;
+
+  Communicator& communicator() { return *communicator_; }
+
+ private:
+  bool owns_mpi_ = false;
+  std::unique_ptr<MpiCommunicator> communicator_;
+};
+#endif
+
+Communicator& make_world_communicator() {
+#if MOEFORGE_HAVE_MPI
+  if (launched_by_mpi()) {
+    static MpiWorld mpi_world;
+    return mpi_world.communicator();
+  }
+#endif
+  static SelfCommunicator self;
+  return self;
+}
+
+}  // namespace
+
+Communicator& world_communicator() {
+  static Communicator& world = make_world_communicator();
+  return world;
+}
+
+}  // namespace moeforge

@@ -1,0 +1,178 @@
+// TokenDataset (shards of one split as one stream) and BatchSampler (shuffled windows).
+#include "data/loader.h"
+
+#include "core/error.h"
+#include "core/rng.h"
+#include "data/file_util.h"
+#include "data/prepare.h"
+
+#include <algorithm>
+#include <numeric>
+#include <utility>
+
+namespace moeforge::data {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// Mixed into the seed so the loader's stream differs from other users of the same seed.
+constexpr uint64_t kSamplerSeedSalt = 0x6c6f616465720001ull;
+// Epoch e draws from counters [e << 40, (e + 1) << 40), so epochs never share random numbers.
+constexpr int kEpochCounterShift = 40;
+
+}  // namespace
+
+TokenDataset TokenDataset::open(const fs::path& dir, const std::string& split) {
+  MF_CHECK(split == "train" || split == "val",
+           "dataset split '{}' is unknown; use 'train' or 'val'", split);
+  const fs::path file = dir / kDatasetJsonName;
+  const nlohmann::json j = read_json_file(file);
+  json_format_version(j, kDatasetFormatVersion, file);
+
+  TokenDataset dataset;
+  dataset.dir_ = dir;
+  dataset.split_ = split;
+  dataset.vocab_size_ = json_int_field(j, "vocab_size", file);
+  MF_CHECK(dataset.vocab_size_ >= 1, "{}: field 'vocab_size' is {}, must be >= 1", file.string(),
+           dataset.vocab_size_);
+  const nlohmann::json& split_json = json_field(json_field(j, "splits", file), split, file);
+  const nlohmann::json& shards_json = json_field(split_json, "shards", file);
+  MF_CHECK(shards_json.is_array(), "{}: field 'splits.{}.shards' must be an array", file.string(),
+           split);
+  for (const nlohmann::json& shard_json : shards_json) {
+    const std::string name = json_string_field(shard_json, "file", file);
+    const int64_t listed_tokens = json_int_field(shard_json, "num_tokens", file);
+    TokenShard shard = TokenShard::open(dir / name);
+    MF_CHECK(shard.num_tokens() == listed_tokens,
+             "{}: shard '{}' holds {} tokens but dataset.json lists {}", file.string(), name,
+             shard.num_tokens(), listed_tokens);
+    MF_CHECK(shard.vocab_size() == dataset.vocab_size_,
+             "{}: shard '{}' has vocab_size {} but dataset.json says {}", file.string(), name,
+             shard.vocab_size(), dataset.vocab_size_);
+    dataset.shard_begins_.push_back(dataset.num_tokens_);
+    dataset.num_tokens_ += shard.num_tokens();
+    dataset.shards_.push_back(std::move(shard));
+  }
+  const int64_t listed_total = json_int_field(split_json, "num_tokens", file);
+  MF_CHECK(listed_total == dataset.num_tokens_,
+           "{}: field 'splits.{}.num_tokens' is {} but its shards hold {} tokens", file.string(),
+           split, listed_total, dataset.num_tokens_);
+  return dataset;
+}
+
+void TokenDataset::read(int64_t begin, int64_t count, int32_t* out) const {
+  MF_CHECK(begin >= 0 && count >= 0 && begin <= num_tokens_ && count <= num_tokens_ - begin,
+           "dataset '{}' split '{}': range [{}, {}) is outside its {} tokens", dir_.string(),
+           split_, begin, begin + count, num_tokens_);
+  if (count == 0) return;
+  // The last shard starting at or before `begin`.
+  auto shard_idx =
+      static_cast<size_t>(std::upper_bound(shard_begins_.begin(), shard_begins_.end(), begin) -
+                          shard_begins_.begin() - 1);
+  while (count > 0) {
+    const TokenShard& shard = shards_[shard_idx];
+    const int64_t offset = begin - shard_begins_[shard_idx];
+    const int64_t take = std::min(count, shard.num_tokens() - offset);
+    shard.read(offset, take, out);
+    out += take;
+    begin += take;
+    count -= take;
+    ++shard_idx;
+  }
+}
+
+int64_t TokenDataset::num_windows(int64_t seq_len) const {
+  MF_CHECK(seq_len >= 1, "seq_len {} must be >= 1", seq_len);
+  return num_tokens_ < 2 ? 0 : (num_tokens_ - 1) / seq_len;
+}
+
+void TokenDataset::read_window(int64_t seq_len, int64_t window_idx, int32_t* inputs,
+                               int32_t* targets) const {
+  const int64_t num_windows_total = num_windows(seq_len);
+  MF_CHECK(window_idx >= 0 && window_idx < num_windows_total,
+           "dataset '{}' split '{}': window {} is outside its {} windows of seq_len {}",
+           dir_.string(), split_, window_idx, num_windows_total, seq_len);
+  read(window_idx * seq_len, seq_len, inputs);
+  read(window_idx * seq_len + 1, seq_len, targets);
+}
+
+void to_json(nlohmann::json& j, const LoaderState& state) {
+  j = {{"epoch", state.epoch}, {"position", state.position}};
+}
+
+void from_json(const nlohmann::json& j, LoaderState& state) {
+  MF_CHECK(j.is_object(), "loader state must be a JSON object (got {})", j.dump());
+  for (const char* field : {"epoch", "position"}) {
+    MF_CHECK(j.contains(field) && j.at(field).is_number_integer() && j.at(field) >= 0,
+             "loader state: field '{}' is missing or not a non-negative integer (got {})", field,
+             j.dump());
+  }
+  state.epoch = j.at("epoch").get<uint64_t>();
+  state.position = j.at("position").get<uint64_t>();
+}
+
+BatchSampler::BatchSampler(const TokenDataset& dataset, int64_t seq_len, uint64_t seed)
+    : dataset_(&dataset), seq_len_(seq_len), seed_(seed), num_windows_(0) {
+  MF_CHECK(seq_len >= 1, "batch sampler: seq_len {} must be >= 1", seq_len);
+  num_windows_ = dataset.num_windows(seq_len);
+  MF_CHECK(num_windows_ >= 1,
+           "dataset '{}' split '{}' has {} tokens, too few for one window of seq_len {} (needs {} "
+           "tokens)",
+           dataset.dir().string(), dataset.split(), dataset.num_tokens(), seq_len, seq_len + 1);
+  MF_CHECK(num_windows_ < (int64_t{1} << kEpochCounterShift),
+           "batch sampler: {} windows is too many", num_windows_);
+  order_ = epoch_order(0);
+}
+
+std::vector<int64_t> BatchSampler::epoch_order(uint64_t epoch) const {
+  std::vector<int64_t> order(static_cast<size_t>(num_windows_));
+  std::iota(order.begin(), order.end(), int64_t{0});
+  Rng rng(seed_ ^ kSamplerSeedSalt, epoch << kEpochCounterShift);
+  for (int64_t window_idx = num_windows_ - 1; window_idx > 0; --window_idx) {
+    auto other_idx = static_cast<int64_t>(rng.below(static_cast<uint64_t>(window_idx) + 1));
+    std::swap(order[window_idx], order[other_idx]);
+  }
+  return order;
+}
+
+void BatchSampler::set_state(const LoaderState& state) {
+  MF_CHECK(state.position < static_cast<uint64_t>(num_windows_),
+           "loader state position {} is not inside an epoch of {} windows (was the dataset or "
+           "seq_len changed since the state was saved?)",
+           state.position, num_windows_);
+  state_ = state;
+}
+
+void BatchSampler::skip(int64_t count) {
+  MF_CHECK(count >= 0, "batch sampler: cannot skip {} windows", count);
+  const uint64_t total = state_.position + static_cast<uint64_t>(count);
+  state_.epoch += total / static_cast<uint64_t>(num_windows_);
+  state_.position = total % static_cast<uint64_t>(num_windows_);
+}
+
+void BatchSampler::next_batch(int64_t batch_size, int32_t* inputs, int32_t* targets) {
+  MF_CHECK(batch_size >= 1, "batch sampler: batch_size {} must be >= 1", batch_size);
+  MF_CHECK(inputs != nullptr && targets != nullptr, "batch sampler: null output buffer");
+  for (int64_t row_idx = 0; row_idx < batch_size; ++row_idx) {
+    if (order_epoch_ != state_.epoch) {
+      order_ = epoch_order(state_.epoch);
+      order_epoch_ = state_.epoch;
+    }
+    dataset_->read_window(seq_len_, order_[state_.position], inputs + row_idx * seq_len_,
+                          targets + row_idx * seq_len_);
+    skip(1);
+  }
+}
+
+void BatchSampler::next_batch_for_rank(int64_t batch_size, int rank, int num_ranks, int32_t* inputs,
+                                       int32_t* targets) {
+  MF_CHECK(num_ranks >= 1 && rank >= 0 && rank < num_ranks,
+           "batch sampler: rank {} is not in [0, num_ranks {})", rank, num_ranks);
+  MF_CHECK(batch_size >= 1, "batch sampler: batch_size {} must be >= 1", batch_size);
+  skip(rank * batch_size);
+  next_batch(batch_size, inputs, targets);
+  skip((num_ranks - 1 - rank) * batch_size);
+}
+
+}  // namespace moeforge::data

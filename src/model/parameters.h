@@ -1,0 +1,67 @@
+// The parameter layout of a model: every tensor under its exact Hugging Face name, with its shape
+// and its offset in one flat buffer (so the optimizer, gradient reduction and checkpointing see a
+// single array). The experts of a layer are contiguous per projection ([num_experts, out, in]),
+// so the grouped GEMM reads expert e at base + e * out * in while each expert keeps its own HF name.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "model/model_config.h"
+
+namespace moeforge {
+
+struct ParamSpec {
+  std::string name;            // HF tensor name
+  std::vector<int64_t> shape;  // HF shape (nn.Linear layout [out, in])
+  int64_t offset = 0;          // element offset in the flat buffer
+  int64_t numel = 0;
+};
+
+// Offsets (elements) of one decoder layer's tensors; -1 when the tensor does not exist.
+// Expert tensors give the start of the [num_experts, out, in] block.
+struct LayerOffsets {
+  int64_t input_norm = -1, post_attention_norm = -1;
+  int64_t q_proj = -1, k_proj = -1, v_proj = -1, o_proj = -1;
+  int64_t q_bias = -1, k_bias = -1, v_bias = -1;
+  int64_t q_norm = -1, k_norm = -1;
+  int64_t mlp_gate = -1, mlp_up = -1, mlp_down = -1;  // dense SwiGLU
+  int64_t router = -1;
+  int64_t experts_gate = -1, experts_up = -1, experts_down = -1;
+  int64_t shared_gate = -1, shared_up = -1, shared_down = -1, shared_expert_gate = -1;
+};
+
+class ParameterLayout {
+ public:
+  explicit ParameterLayout(const ModelConfig& config);
+
+  const std::vector<ParamSpec>& specs() const { return specs_; }
+  int64_t num_params() const { return num_params_; }
+  // Parameters used per token: all but the unselected experts (top_k of num_experts per layer).
+  int64_t num_active_params() const { return num_active_params_; }
+  const ParamSpec* find(const std::string& name) const;
+
+  int64_t embed_tokens() const { return embed_tokens_; }
+  int64_t final_norm() const { return final_norm_; }
+  int64_t lm_head() const { return lm_head_; }  // == embed_tokens() when tied
+  const LayerOffsets& layer(int64_t idx) const { return layers_[static_cast<size_t>(idx)]; }
+
+ private:
+  int64_t add(const std::string& name, std::vector<int64_t> shape);
+  int64_t add_experts(const std::string& prefix, const std::string& suffix, int64_t num_experts,
+                      int64_t rows, int64_t cols);
+
+  std::vector<ParamSpec> specs_;
+  std::unordered_map<std::string, size_t> index_;
+  std::vector<LayerOffsets> layers_;
+  int64_t num_params_ = 0;
+  int64_t num_active_params_ = 0;
+  int64_t embed_tokens_ = -1, final_norm_ = -1, lm_head_ = -1;
+};
+
+// True for the parameters that RMSNorm owns (their HF names end in "norm.weight" or "layernorm.weight").
+bool is_norm_param(const std::string& name);
+
+}  // namespace moeforge

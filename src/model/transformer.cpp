@@ -1,0 +1,379 @@
+// Forward and backward of the whole decoder, composed from the reference ops (see transformer.h).
+#include "model/transformer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "core/error.h"
+#include "core/rng.h"
+#include "ops/attention.h"
+#include "ops/cross_entropy.h"
+#include "ops/elementwise.h"
+#include "ops/embedding.h"
+#include "ops/linear.h"
+#include "ops/rmsnorm.h"
+#include "ops/rope.h"
+
+namespace moeforge {
+
+template <typename T>
+KvCache<T>::KvCache(const ModelConfig& config, int64_t cap) : capacity(cap) {
+  MF_CHECK(cap > 0, "KV cache capacity must be positive, got {}", cap);
+  k.assign(static_cast<size_t>(config.num_layers), std::vector<T>(cap * config.kv_dim()));
+  v.assign(static_cast<size_t>(config.num_layers), std::vector<T>(cap * config.kv_dim()));
+}
+
+template <typename T>
+Transformer<T>::Transformer(const ModelConfig& config, Communicator& ep)
+    : config_(config), layout_(config), ep_(ep) {
+  validate_model_config(config_);
+  for (int64_t l = 0; l < config_.num_layers; ++l) num_moe_layers_ += config_.layer_is_moe(l);
+  if (num_moe_layers_ > 0) {
+    MF_CHECK(config_.num_experts % ep_.size() == 0,
+             "num_experts ({}) must be divisible by the expert-parallel size ({})",
+             config_.num_experts, ep_.size());
+  }
+  params_.assign(static_cast<size_t>(layout_.num_params()), T(0));
+  grads_.assign(static_cast<size_t>(layout_.num_params()), T(0));
+}
+
+template <typename T>
+void Transformer<T>::init_random(uint64_t seed, double std) {
+  Rng rng(seed);
+  for (const ParamSpec& spec : layout_.specs()) {
+    T* w = params_.data() + spec.offset;
+    const bool is_bias = spec.shape.size() == 1 && !is_norm_param(spec.name);
+    for (int64_t i = 0; i < spec.numel; ++i) {
+      if (is_norm_param(spec.name)) {
+        w[i] = T(1);
+      } else if (is_bias) {
+        w[i] = T(0);
+      } else {
+        w[i] = static_cast<T>(rng.normal() * std);
+      }
+    }
+  }
+}
+
+template <typename T>
+void Transformer<T>::zero_grads() {
+  std::fill(grads_.begin(), grads_.end(), T(0));
+}
+
+template <typename T>
+void Transformer<T>::resize_activations(int64_t batch, int64_t seq) {
+  if (batch == batch_ && seq == seq_ && !acts_.empty()) return;
+  batch_ = batch;
+  seq_ = seq;
+  const int64_t n = batch * seq;
+  const int64_t h = config_.hidden_size;
+  acts_.resize(static_cast<size_t>(config_.num_layers));
+  for (int64_t l = 0; l < config_.num_layers; ++l) {
+    LayerActivations& a = acts_[static_cast<size_t>(l)];
+    a.residual_in.resize(n * h);
+    a.ln1.resize(n * h);
+    a.rstd1.resize(n);
+    a.q_lin.resize(n * config_.q_dim());
+    a.k_lin.resize(n * config_.kv_dim());
+    if (config_.qk_norm) {
+      a.rstd_q.resize(n * config_.num_heads);
+      a.rstd_k.resize(n * config_.num_kv_heads);
+    }
+    a.q.resize(n * config_.q_dim());
+    a.k.resize(n * config_.kv_dim());
+    a.v.resize(n * config_.kv_dim());
+    a.att.resize(n * config_.q_dim());
+    a.residual_mid.resize(n * h);
+    a.ln2.resize(n * h);
+    a.rstd2.resize(n);
+  }
+  x_.resize(n * h);
+  lnf_.resize(n * h);
+  rstdf_.resize(n);
+  logits_.resize(n * config_.vocab_size);
+  losses_.resize(n);
+  tokens_.resize(n);
+  targets_.resize(n);
+  positions_.resize(n);
+}
+
+template <typename T>
+MoeFfnDims Transformer<T>::moe_dims(int64_t n) const {
+  return MoeFfnDims{n,
+                    config_.hidden_size,
+                    config_.moe_intermediate_size,
+                    config_.num_experts,
+                    config_.num_experts_per_tok,
+                    config_.norm_topk_prob,
+                    config_.capacity_factor,
+                    config_.shared_expert_intermediate_size};
+}
+
+template <typename T>
+MoeFfnWeights<T> Transformer<T>::moe_weights(const LayerOffsets& o) const {
+  // Local experts of this rank start at rank * (num_experts / ep size).
+  const int64_t first = ep_.rank() * (config_.num_experts / ep_.size());
+  const int64_t expert_numel = config_.moe_intermediate_size * config_.hidden_size;
+  return MoeFfnWeights<T>{p(o.router),
+                          p(o.experts_gate) + first * expert_numel,
+                          p(o.experts_up) + first * expert_numel,
+                          p(o.experts_down) + first * expert_numel,
+                          p(o.shared_gate),
+                          p(o.shared_up),
+                          p(o.shared_down),
+                          p(o.shared_expert_gate)};
+}
+
+template <typename T>
+MoeFfnGrads<T> Transformer<T>::moe_grads(const LayerOffsets& o) {
+  const int64_t first = ep_.rank() * (config_.num_experts / ep_.size());
+  const int64_t expert_numel = config_.moe_intermediate_size * config_.hidden_size;
+  return MoeFfnGrads<T>{g(o.router),
+                        g(o.experts_gate) + first * expert_numel,
+                        g(o.experts_up) + first * expert_numel,
+                        g(o.experts_down) + first * expert_numel,
+                        g(o.shared_gate),
+                        g(o.shared_up),
+                        g(o.shared_down),
+                        g(o.shared_expert_gate)};
+}
+
+template <typename T>
+void Transformer<T>::attention_forward(int64_t l, int64_t batch, int64_t seq, KvCache<T>* cache) {
+  const LayerOffsets& o = layout_.layer(l);
+  LayerActivations& a = acts_[static_cast<size_t>(l)];
+  const int64_t n = batch * seq;
+  const int64_t h = config_.hidden_size, qd = config_.q_dim(), kvd = config_.kv_dim();
+  const int64_t d = config_.head_dim;
+
+  ops::rmsnorm_forward(a.ln1.data(), a.rstd1.data(), a.residual_in.data(), p(o.input_norm), n, h,
+                       config_.rms_norm_eps);
+  ops::linear_forward(a.q_lin.data(), a.ln1.data(), p(o.q_proj), p(o.q_bias), n, h, qd);
+  ops::linear_forward(a.k_lin.data(), a.ln1.data(), p(o.k_proj), p(o.k_bias), n, h, kvd);
+  ops::linear_forward(a.v.data(), a.ln1.data(), p(o.v_proj), p(o.v_bias), n, h, kvd);
+  const T* q_pre = a.q_lin.data();
+  const T* k_pre = a.k_lin.data();
+  if (config_.qk_norm) {
+    ops::rmsnorm_forward(a.q.data(), a.rstd_q.data(), a.q_lin.data(), p(o.q_norm),
+                         n * config_.num_heads, d, config_.rms_norm_eps);
+    ops::rmsnorm_forward(a.k.data(), a.rstd_k.data(), a.k_lin.data(), p(o.k_norm),
+                         n * config_.num_kv_heads, d, config_.rms_norm_eps);
+    q_pre = a.q.data();
+    k_pre = a.k.data();
+  }
+  ops::rope_forward(a.q.data(), q_pre, positions_.data(), n, config_.num_heads, d,
+                    config_.rope_theta);
+  ops::rope_forward(a.k.data(), k_pre, positions_.data(), n, config_.num_kv_heads, d,
+                    config_.rope_theta);
+
+  ops::AttentionDims dims{batch, seq, seq, config_.num_heads, config_.num_kv_heads, d};
+  const T* keys = a.k.data();
+  const T* values = a.v.data();
+  T* probs = a.probs.data();
+  if (cache != nullptr) {
+    MF_CHECK(batch == 1, "incremental decoding runs one sequence at a time, got batch {}", batch);
+    MF_CHECK(cache->length + seq <= cache->capacity,
+             "KV cache full: {} cached + {} new positions exceed its capacity {}", cache->length,
+             seq, cache->capacity);
+    std::vector<T>& ck = cache->k[static_cast<size_t>(l)];
+    std::vector<T>& cv = cache->v[static_cast<size_t>(l)];
+    std::copy(a.k.begin(), a.k.begin() + n * kvd, ck.begin() + cache->length * kvd);
+    std::copy(a.v.begin(), a.v.begin() + n * kvd, cv.begin() + cache->length * kvd);
+    dims.num_k = cache->length + seq;
+    keys = ck.data();
+    values = cv.data();
+    probs = nullptr;
+  } else {
+    a.probs.resize(batch * config_.num_heads * seq * seq);
+    probs = a.probs.data();
+  }
+  ops::attention_forward(a.att.data(), probs, a.q.data(), keys, values, dims);
+
+  ops::linear_forward(a.residual_mid.data(), a.att.data(), p(o.o_proj), static_cast<const T*>(nullptr),
+                      n, qd, h);
+  ops::add_inplace(a.residual_mid.data(), a.residual_in.data(), n * h);
+}
+
+template <typename T>
+void Transformer<T>::ffn_forward(int64_t l, int64_t n, T* out) {
+  const LayerOffsets& o = layout_.layer(l);
+  LayerActivations& a = acts_[static_cast<size_t>(l)];
+  const int64_t h = config_.hidden_size;
+  ops::rmsnorm_forward(a.ln2.data(), a.rstd2.data(), a.residual_mid.data(),
+                       p(o.post_attention_norm), n, h, config_.rms_norm_eps);
+  if (config_.layer_is_moe(l)) {
+    MoeFfnStats stats;
+    moe_ffn_forward(out, a.moe, stats, a.ln2.data(), moe_weights(o), moe_dims(n), ep_);
+    moe_stats_.push_back(std::move(stats));
+  } else {
+    dense_ffn_forward(out, a.dense, a.ln2.data(), p(o.mlp_gate), p(o.mlp_up), p(o.mlp_down), n, h,
+                      config_.intermediate_size);
+  }
+  ops::add_inplace(out, a.residual_mid.data(), n * h);
+}
+
+template <typename T>
+void Transformer<T>::run_layers(int64_t batch, int64_t seq, KvCache<T>* cache) {
+  const int64_t n = batch * seq;
+  const int64_t h = config_.hidden_size;
+  moe_stats_.clear();
+  for (int64_t i = 0; i < n; ++i) {
+    positions_[i] = static_cast<int32_t>((cache ? cache->length : 0) + i % seq);
+  }
+  ops::embedding_forward(x_.data(), tokens_.data(), p(layout_.embed_tokens()), n, h);
+  for (int64_t l = 0; l < config_.num_layers; ++l) {
+    LayerActivations& a = acts_[static_cast<size_t>(l)];
+    std::copy(x_.begin(), x_.begin() + n * h, a.residual_in.begin());
+    attention_forward(l, batch, seq, cache);
+    ffn_forward(l, n, x_.data());
+  }
+  ops::rmsnorm_forward(lnf_.data(), rstdf_.data(), x_.data(), p(layout_.final_norm()), n, h,
+                       config_.rms_norm_eps);
+}
+
+template <typename T>
+LossBreakdown Transformer<T>::forward(const int32_t* tokens, const int32_t* targets, int64_t batch,
+                                      int64_t seq) {
+  MF_CHECK(batch > 0 && seq > 0, "forward needs a non-empty batch, got [{}, {}]", batch, seq);
+  const int64_t n = batch * seq;
+  resize_activations(batch, seq);
+  for (int64_t i = 0; i < n; ++i) {
+    MF_CHECK(tokens[i] >= 0 && tokens[i] < config_.vocab_size,
+             "token {} at position {} is outside the vocabulary [0, {})", tokens[i], i,
+             config_.vocab_size);
+  }
+  std::copy(tokens, tokens + n, tokens_.begin());
+  std::copy(targets, targets + n, targets_.begin());
+  run_layers(batch, seq, nullptr);
+  ops::linear_forward(logits_.data(), lnf_.data(), p(layout_.lm_head()),
+                      static_cast<const T*>(nullptr), n, config_.hidden_size, config_.vocab_size);
+
+  LossBreakdown out;
+  const double ce_sum = ops::cross_entropy_forward(losses_.data(), logits_.data(), targets_.data(),
+                                                   n, config_.vocab_size, &out.num_counted);
+  out.ce_loss = out.num_counted > 0 ? ce_sum / static_cast<double>(out.num_counted) : 0.0;
+  for (const MoeFfnStats& s : moe_stats_) {
+    out.aux_loss += s.aux_loss / static_cast<double>(num_moe_layers_);
+    out.z_loss += s.z_loss / static_cast<double>(num_moe_layers_);
+  }
+  out.loss = out.ce_loss + config_.router_aux_loss_coef * out.aux_loss +
+             config_.router_z_loss_coef * out.z_loss;
+  last_ = out;
+  return out;
+}
+
+template <typename T>
+void Transformer<T>::ffn_backward(int64_t l, int64_t n, const T* dout, T* dinp, double d_aux,
+                                  double d_z) {
+  const LayerOffsets& o = layout_.layer(l);
+  const LayerActivations& a = acts_[static_cast<size_t>(l)];
+  const int64_t h = config_.hidden_size;
+  if (config_.layer_is_moe(l)) {
+    MoeFfnGrads<T> grads = moe_grads(o);
+    moe_ffn_backward(dinp, grads, dout, a.ln2.data(), a.moe, moe_weights(o), moe_dims(n), d_aux,
+                     d_z, ep_);
+  } else {
+    dense_ffn_backward(dinp, g(o.mlp_gate), g(o.mlp_up), g(o.mlp_down), dout, a.ln2.data(), a.dense,
+                       p(o.mlp_gate), p(o.mlp_up), p(o.mlp_down), n, h, config_.intermediate_size);
+  }
+}
+
+template <typename T>
+void Transformer<T>::attention_backward(int64_t l, int64_t batch, int64_t seq, T* dres) {
+  const LayerOffsets& o = layout_.layer(l);
+  const LayerActivations& a = acts_[static_cast<size_t>(l)];
+  const int64_t n = batch * seq;
+  const int64_t h = config_.hidden_size, qd = config_.q_dim(), kvd = config_.kv_dim();
+  const int64_t d = config_.head_dim;
+
+  std::vector<T> datt(n * qd), dq(n * qd), dk(n * kvd), dv(n * kvd);
+  ops::linear_backward(datt.data(), g(o.o_proj), static_cast<T*>(nullptr), dres, a.att.data(),
+                       p(o.o_proj), n, qd, h);
+  const ops::AttentionDims dims{batch, seq, seq, config_.num_heads, config_.num_kv_heads, d};
+  ops::attention_backward(dq.data(), dk.data(), dv.data(), datt.data(), a.q.data(), a.k.data(),
+                          a.v.data(), a.probs.data(), dims);
+  ops::rope_backward(dq.data(), dq.data(), positions_.data(), n, config_.num_heads, d,
+                     config_.rope_theta);
+  ops::rope_backward(dk.data(), dk.data(), positions_.data(), n, config_.num_kv_heads, d,
+                     config_.rope_theta);
+  if (config_.qk_norm) {
+    std::vector<T> dq_lin(n * qd), dk_lin(n * kvd);
+    ops::rmsnorm_backward(dq_lin.data(), g(o.q_norm), dq.data(), a.q_lin.data(), p(o.q_norm),
+                          a.rstd_q.data(), n * config_.num_heads, d);
+    ops::rmsnorm_backward(dk_lin.data(), g(o.k_norm), dk.data(), a.k_lin.data(), p(o.k_norm),
+                          a.rstd_k.data(), n * config_.num_kv_heads, d);
+    dq.swap(dq_lin);
+    dk.swap(dk_lin);
+  }
+  std::vector<T> dln1(n * h), tmp(n * h);
+  ops::linear_backward(dln1.data(), g(o.q_proj), g(o.q_bias), dq.data(), a.ln1.data(), p(o.q_proj),
+                       n, h, qd);
+  ops::linear_backward(tmp.data(), g(o.k_proj), g(o.k_bias), dk.data(), a.ln1.data(), p(o.k_proj),
+                       n, h, kvd);
+  ops::add_inplace(dln1.data(), tmp.data(), n * h);
+  ops::linear_backward(tmp.data(), g(o.v_proj), g(o.v_bias), dv.data(), a.ln1.data(), p(o.v_proj),
+                       n, h, kvd);
+  ops::add_inplace(dln1.data(), tmp.data(), n * h);
+  ops::rmsnorm_backward(tmp.data(), g(o.input_norm), dln1.data(), a.residual_in.data(),
+                        p(o.input_norm), a.rstd1.data(), n, h);
+  ops::add_inplace(dres, tmp.data(), n * h);
+}
+
+template <typename T>
+void Transformer<T>::backward(double dloss) {
+  MF_CHECK(batch_ > 0, "backward called before forward");
+  const int64_t n = batch_ * seq_;
+  const int64_t h = config_.hidden_size;
+  const int64_t vocab = config_.vocab_size;
+
+  std::vector<T> dlogits(n * vocab);
+  const double dce = last_.num_counted > 0 ? dloss / static_cast<double>(last_.num_counted) : 0.0;
+  ops::cross_entropy_backward(dlogits.data(), logits_.data(), targets_.data(), n, vocab, dce);
+  std::vector<T> dlnf(n * h), dres(n * h), dtmp(n * h);
+  ops::linear_backward(dlnf.data(), g(layout_.lm_head()), static_cast<T*>(nullptr), dlogits.data(),
+                       lnf_.data(), p(layout_.lm_head()), n, h, vocab);
+  ops::rmsnorm_backward(dres.data(), g(layout_.final_norm()), dlnf.data(), x_.data(),
+                        p(layout_.final_norm()), rstdf_.data(), n, h);
+
+  const double d_aux =
+      num_moe_layers_ ? dloss * config_.router_aux_loss_coef / static_cast<double>(num_moe_layers_) : 0;
+  const double d_z =
+      num_moe_layers_ ? dloss * config_.router_z_loss_coef / static_cast<double>(num_moe_layers_) : 0;
+  for (int64_t l = config_.num_layers - 1; l >= 0; --l) {
+    const LayerOffsets& o = layout_.layer(l);
+    const LayerActivations& a = acts_[static_cast<size_t>(l)];
+    // dres is the gradient of the layer's output; the FFN branch reads ln2 = norm(residual_mid).
+    ffn_backward(l, n, dres.data(), dtmp.data(), d_aux, d_z);
+    std::vector<T> dmid(n * h);
+    ops::rmsnorm_backward(dmid.data(), g(o.post_attention_norm), dtmp.data(),
+                          a.residual_mid.data(), p(o.post_attention_norm), a.rstd2.data(), n, h);
+    ops::add_inplace(dres.data(), dmid.data(), n * h);
+    attention_backward(l, batch_, seq_, dres.data());
+  }
+  ops::embedding_backward(g(layout_.embed_tokens()), dres.data(), tokens_.data(), n, h);
+}
+
+template <typename T>
+void Transformer<T>::forward_incremental(const int32_t* tokens, int64_t num_new, KvCache<T>& cache,
+                                         T* last_logits) {
+  MF_CHECK(num_new > 0, "forward_incremental needs at least one token");
+  resize_activations(1, num_new);
+  for (int64_t i = 0; i < num_new; ++i) {
+    MF_CHECK(tokens[i] >= 0 && tokens[i] < config_.vocab_size,
+             "token {} is outside the vocabulary [0, {})", tokens[i], config_.vocab_size);
+  }
+  std::copy(tokens, tokens + num_new, tokens_.begin());
+  run_layers(1, num_new, &cache);
+  cache.length += num_new;
+  const int64_t h = config_.hidden_size;
+  ops::linear_forward(last_logits, lnf_.data() + (num_new - 1) * h, p(layout_.lm_head()),
+                      static_cast<const T*>(nullptr), 1, h, config_.vocab_size);
+}
+
+template struct KvCache<float>;
+template struct KvCache<double>;
+template class Transformer<float>;
+template class Transformer<double>;
+
+}  // namespace moeforge

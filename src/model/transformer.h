@@ -1,0 +1,109 @@
+// The decoder-only transformer (Llama / Qwen / Mixtral family) with a hand-written forward and
+// backward over the CPU reference ops. One flat parameter buffer and one flat gradient buffer in the
+// HF-named layout of ParameterLayout. T is float for training and double for gradient checks.
+//
+// Loss of a forward: ce + router_aux_loss_coef * mean_l(aux_l) + router_z_loss_coef * mean_l(z_l),
+// where ce is the mean cross-entropy over the counted targets and l runs over the MoE layers.
+// backward(dloss) accumulates dloss * d(loss)/d(params) into the gradient buffer (+=).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "model/dense_ffn.h"
+#include "model/model_config.h"
+#include "model/moe_ffn.h"
+#include "model/parameters.h"
+
+namespace moeforge {
+
+// Keys and values of past positions for incremental decoding (batch 1).
+template <typename T>
+struct KvCache {
+  int64_t capacity = 0;  // positions
+  int64_t length = 0;    // positions filled
+  std::vector<std::vector<T>> k;  // per layer [capacity, kv_dim]
+  std::vector<std::vector<T>> v;  // per layer [capacity, kv_dim]
+
+  KvCache(const ModelConfig& config, int64_t capacity);
+};
+
+struct LossBreakdown {
+  double loss = 0.0;      // the optimised total
+  double ce_loss = 0.0;   // mean cross-entropy over counted targets
+  double aux_loss = 0.0;  // mean over MoE layers (before the coefficient)
+  double z_loss = 0.0;    // mean over MoE layers (before the coefficient)
+  int64_t num_counted = 0;
+};
+
+template <typename T>
+class Transformer {
+ public:
+  // ep: the expert-parallel group (a SelfCommunicator for one rank). It must outlive the model.
+  Transformer(const ModelConfig& config, Communicator& ep);
+
+  const ModelConfig& config() const { return config_; }
+  const ParameterLayout& layout() const { return layout_; }
+  std::vector<T>& params() { return params_; }
+  const std::vector<T>& params() const { return params_; }
+  std::vector<T>& grads() { return grads_; }
+
+  // Normal(0, std) for matrices and embeddings, 1 for norms, 0 for biases; reproducible from seed.
+  void init_random(uint64_t seed, double std);
+  void zero_grads();
+
+  // tokens, targets [batch, seq]; target -1 is ignored. Saves what backward needs.
+  LossBreakdown forward(const int32_t* tokens, const int32_t* targets, int64_t batch, int64_t seq);
+  // Logits [batch * seq, vocab] of the last forward.
+  const std::vector<T>& logits() const { return logits_; }
+  void backward(double dloss);
+  // Per MoE layer statistics of the last forward (index = position among MoE layers).
+  const std::vector<MoeFfnStats>& moe_stats() const { return moe_stats_; }
+
+  // Runs num_new tokens (batch 1) at positions cache.length.., appends their keys and values to
+  // the cache, and writes the logits of the last of them to last_logits [vocab].
+  void forward_incremental(const int32_t* tokens, int64_t num_new, KvCache<T>& cache,
+                           T* last_logits);
+
+ private:
+  struct LayerActivations {
+    std::vector<T> residual_in, ln1, rstd1;
+    std::vector<T> q_lin, k_lin, rstd_q, rstd_k;  // before q/k norm and RoPE
+    std::vector<T> q, k, v;                       // after RoPE
+    std::vector<T> probs, att;
+    std::vector<T> residual_mid, ln2, rstd2;
+    DenseFfnSaved<T> dense;
+    MoeFfnSaved<T> moe;
+  };
+
+  void resize_activations(int64_t batch, int64_t seq);
+  // Runs the decoder layers and the final norm on x_ (n = batch * seq tokens); cache may be null.
+  void run_layers(int64_t batch, int64_t seq, KvCache<T>* cache);
+  void attention_forward(int64_t layer_idx, int64_t batch, int64_t seq, KvCache<T>* cache);
+  void attention_backward(int64_t layer_idx, int64_t batch, int64_t seq, T* dres);
+  void ffn_forward(int64_t layer_idx, int64_t n, T* out);
+  void ffn_backward(int64_t layer_idx, int64_t n, const T* dout, T* dinp, double d_aux,
+                    double d_z);
+  MoeFfnDims moe_dims(int64_t n) const;
+  MoeFfnWeights<T> moe_weights(const LayerOffsets& o) const;
+  MoeFfnGrads<T> moe_grads(const LayerOffsets& o);
+  const T* p(int64_t offset) const { return offset < 0 ? nullptr : params_.data() + offset; }
+  T* g(int64_t offset) { return offset < 0 ? nullptr : grads_.data() + offset; }
+
+  ModelConfig config_;
+  ParameterLayout layout_;
+  Communicator& ep_;
+  int64_t num_moe_layers_ = 0;
+  std::vector<T> params_, grads_;
+
+  int64_t batch_ = 0, seq_ = 0;
+  std::vector<int32_t> tokens_, targets_, positions_;
+  std::vector<LayerActivations> acts_;
+  std::vector<T> x_;                    // [n, hidden] residual stream at the end of the layers
+  std::vector<T> lnf_, rstdf_, logits_, losses_;
+  std::vector<MoeFfnStats> moe_stats_;
+  LossBreakdown last_;
+};
+
+}  // namespace moeforge

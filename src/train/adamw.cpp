@@ -1,0 +1,72 @@
+// AdamW update and gradient-norm clipping over the flat parameter buffer.
+#include "train/adamw.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace moeforge {
+
+AdamW::AdamW(const ParameterLayout& layout, const AdamWHyper& hyper,
+             const std::vector<std::string>& no_decay_substrings)
+    : layout_(layout),
+      hyper_(hyper),
+      exp_avg_(static_cast<size_t>(layout.num_params()), 0.0f),
+      exp_avg_sq_(static_cast<size_t>(layout.num_params()), 0.0f) {
+  for (const ParamSpec& spec : layout.specs()) {
+    bool decay = true;
+    for (const std::string& s : no_decay_substrings) {
+      if (spec.name.find(s) != std::string::npos) decay = false;
+    }
+    decay_.push_back(decay ? 1 : 0);
+  }
+}
+
+void AdamW::step(float* params, const float* grads, double lr) {
+  ++step_count_;
+  const double bc1 = 1.0 - std::pow(hyper_.beta1, static_cast<double>(step_count_));
+  const double bc2 = 1.0 - std::pow(hyper_.beta2, static_cast<double>(step_count_));
+  const float b1 = static_cast<float>(hyper_.beta1), b2 = static_cast<float>(hyper_.beta2);
+  const float step_size = static_cast<float>(lr / bc1);
+  const float bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+  const float eps = static_cast<float>(hyper_.eps);
+  const std::vector<ParamSpec>& specs = layout_.specs();
+  for (size_t s = 0; s < specs.size(); ++s) {
+    const float decay_factor = decay_[s] ? static_cast<float>(1.0 - lr * hyper_.weight_decay) : 1.0f;
+    const int64_t begin = specs[s].offset, end = specs[s].offset + specs[s].numel;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = begin; i < end; ++i) {
+      const float g = grads[i];
+      float m = exp_avg_[i] = b1 * exp_avg_[i] + (1.0f - b1) * g;
+      float v = exp_avg_sq_[i] = b2 * exp_avg_sq_[i] + (1.0f - b2) * g * g;
+      const float denom = std::sqrt(v) / bc2_sqrt + eps;
+      params[i] = params[i] * decay_factor - step_size * m / denom;
+    }
+  }
+}
+
+double global_grad_norm(const float* grads, int64_t n) {
+  constexpr int64_t kChunk = 1 << 16;
+  const int64_t num_chunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> partial(static_cast<size_t>(num_chunks), 0.0);
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    double sum = 0.0;
+    const int64_t end = std::min(n, (c + 1) * kChunk);
+    for (int64_t i = c * kChunk; i < end; ++i) sum += static_cast<double>(grads[i]) * grads[i];
+    partial[static_cast<size_t>(c)] = sum;
+  }
+  double total = 0.0;
+  for (double p : partial) total += p;
+  return std::sqrt(total);
+}
+
+double clip_grad_norm(float* grads, int64_t n, double norm, double max_norm) {
+  if (max_norm <= 0.0 || norm <= max_norm) return 1.0;
+  const double factor = max_norm / (norm + 1e-6);
+  const float f = static_cast<float>(factor);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) grads[i] *= f;
+  return factor;
+}
+
+}  // namespace moeforge

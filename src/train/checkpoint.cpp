@@ -1,0 +1,195 @@
+// Atomic save, load, index and retention of training checkpoints (see checkpoint.h).
+#include "train/checkpoint.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstring>
+#include <fstream>
+#include <span>
+
+#include "core/error.h"
+#include "io/atomic_file.h"
+#include "io/model_weights.h"
+#include "model/model_io.h"
+
+namespace moeforge {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+void write_json_atomic(const fs::path& path, const nlohmann::json& j) {
+  const std::string text = j.dump(2) + "\n";
+  io::write_file_atomic(path, std::as_bytes(std::span(text.data(), text.size())));
+}
+
+nlohmann::json read_json(const fs::path& path) {
+  std::ifstream in(path);
+  MF_CHECK(in.good(), "cannot open {}", path.string());
+  try {
+    return nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    MF_FAIL("{} is not valid JSON: {}", path.string(), e.what());
+  }
+}
+
+nlohmann::json state_to_json(const TrainerState& s) {
+  return {{"format_version", kCheckpointFormatVersion},
+          {"step", s.step},
+          {"tokens_seen", s.tokens_seen},
+          {"lr", s.lr},
+          {"loader", s.loader},
+          {"init_seed", s.init_seed},
+          {"data_seed", s.data_seed}};
+}
+
+TrainerState state_from_json(const nlohmann::json& j, const fs::path& path) {
+  const int version = j.value("format_version", -1);
+  MF_CHECK(version >= 1, "{}: missing or invalid format_version", path.string());
+  MF_CHECK(version <= kCheckpointFormatVersion,
+           "{}: checkpoint format_version {} is newer than this moeforge supports ({}); upgrade "
+           "moeforge",
+           path.string(), version, kCheckpointFormatVersion);
+  try {
+    TrainerState s;
+    s.step = j.at("step").get<int64_t>();
+    s.tokens_seen = j.at("tokens_seen").get<int64_t>();
+    s.lr = j.at("lr").get<double>();
+    s.loader = j.at("loader");
+    s.init_seed = j.at("init_seed").get<uint64_t>();
+    s.data_seed = j.at("data_seed").get<uint64_t>();
+    return s;
+  } catch (const nlohmann::json::exception& e) {
+    MF_FAIL("{}: malformed trainer state: {}", path.string(), e.what());
+  }
+}
+
+void write_index(const fs::path& run_dir, const std::vector<CheckpointEntry>& entries) {
+  nlohmann::json list = nlohmann::json::array();
+  for (const CheckpointEntry& e : entries) {
+    list.push_back({{"step", e.step},
+                    {"tokens_seen", e.tokens_seen},
+                    {"path", e.path.filename().string()}});
+  }
+  write_json_atomic(run_dir / "checkpoints" / "index.json",
+                    {{"format_version", kCheckpointFormatVersion}, {"checkpoints", list}});
+}
+
+}  // namespace
+
+fs::path checkpoint_dir_name(const fs::path& run_dir, int64_t step) {
+  return run_dir / "checkpoints" / fmt::format("step-{:08d}", step);
+}
+
+void copy_tokenizer_files(const fs::path& from, const fs::path& to) {
+  for (const char* name : {"moeforge_tokenizer.json", "tokenizer.model"}) {
+    if (fs::exists(from / name)) {
+      fs::copy_file(from / name, to / name, fs::copy_options::overwrite_existing);
+    }
+  }
+}
+
+std::vector<CheckpointEntry> read_checkpoint_index(const fs::path& run_dir) {
+  const fs::path path = run_dir / "checkpoints" / "index.json";
+  if (!fs::exists(path)) return {};
+  const nlohmann::json j = read_json(path);
+  MF_CHECK(j.value("format_version", 0) >= 1 && j.value("format_version", 0) <= kCheckpointFormatVersion,
+           "{}: unsupported index format_version", path.string());
+  std::vector<CheckpointEntry> entries;
+  try {
+    for (const auto& e : j.at("checkpoints")) {
+      entries.push_back(CheckpointEntry{e.at("step").get<int64_t>(), e.at("tokens_seen").get<int64_t>(),
+                                        fs::absolute(run_dir / "checkpoints" / e.at("path").get<std::string>())});
+    }
+  } catch (const nlohmann::json::exception& e) {
+    MF_FAIL("{}: malformed checkpoint index: {}", path.string(), e.what());
+  }
+  return entries;
+}
+
+fs::path save_checkpoint(const fs::path& run_dir, const Transformer<float>& model, AdamW& optimizer,
+                         const TrainerState& state, const nlohmann::json& train_config,
+                         const fs::path& tokenizer_dir, int64_t keep_last) {
+  fs::create_directories(run_dir / "checkpoints");
+  const fs::path final_dir = checkpoint_dir_name(run_dir, state.step);
+  {
+    io::StagedDirectory staged(final_dir);
+    const fs::path dir = staged.staging_path();
+    write_hf_model(dir, model.config(), model.layout(), model.params().data(), io::DType::kF32);
+
+    std::vector<io::TensorView> moments;
+    const ParameterLayout& layout = model.layout();
+    for (const ParamSpec& spec : layout.specs()) {
+      const auto bytes = [&](const std::vector<float>& v) {
+        return std::as_bytes(std::span(v.data() + spec.offset, static_cast<size_t>(spec.numel)));
+      };
+      moments.push_back({"exp_avg." + spec.name, io::DType::kF32, spec.shape, bytes(optimizer.exp_avg())});
+      moments.push_back(
+          {"exp_avg_sq." + spec.name, io::DType::kF32, spec.shape, bytes(optimizer.exp_avg_sq())});
+    }
+    io::write_safetensors(dir / "optimizer.safetensors", moments,
+                          {{"format", "moeforge-adamw"},
+                           {"step_count", std::to_string(optimizer.step_count())}});
+    write_json_atomic(dir / "trainer_state.json", state_to_json(state));
+    write_json_atomic(dir / "train_config.json", train_config);
+    if (!tokenizer_dir.empty()) copy_tokenizer_files(tokenizer_dir, dir);
+    staged.commit(/*replace=*/true);
+  }
+
+  std::vector<CheckpointEntry> entries = read_checkpoint_index(run_dir);
+  std::erase_if(entries, [&](const CheckpointEntry& e) { return e.step == state.step; });
+  entries.push_back(CheckpointEntry{state.step, state.tokens_seen, fs::absolute(final_dir)});
+  std::sort(entries.begin(), entries.end(),
+            [](const CheckpointEntry& a, const CheckpointEntry& b) { return a.step < b.step; });
+  std::vector<CheckpointEntry> removed;
+  if (keep_last > 0 && static_cast<int64_t>(entries.size()) > keep_last) {
+    removed.assign(entries.begin(), entries.end() - keep_last);
+    entries.erase(entries.begin(), entries.end() - keep_last);
+  }
+  write_index(run_dir, entries);
+  for (const CheckpointEntry& e : removed) fs::remove_all(e.path);
+  return final_dir;
+}
+
+TrainerState load_checkpoint(const fs::path& dir, Transformer<float>& model, AdamW& optimizer) {
+  MF_CHECK(fs::is_directory(dir), "checkpoint {} does not exist", dir.string());
+  const ModelConfig saved = load_model_config(dir / "config.json");
+  const ParameterLayout saved_layout(saved);
+  MF_CHECK(saved_layout.num_params() == model.layout().num_params(),
+           "{}: the checkpoint's model has {} parameters, the configured model {}; resume with the "
+           "model config the run was started with",
+           dir.string(), saved_layout.num_params(), model.layout().num_params());
+  read_hf_weights(dir, model.layout(), model.params().data());
+
+  const io::SafetensorsFile moments = io::SafetensorsFile::open(dir / "optimizer.safetensors");
+  for (const ParamSpec& spec : model.layout().specs()) {
+    for (auto [prefix, target] : {std::pair{"exp_avg.", &optimizer.exp_avg()},
+                                  std::pair{"exp_avg_sq.", &optimizer.exp_avg_sq()}}) {
+      const std::string name = prefix + spec.name;
+      const io::TensorInfo* info = moments.find(name);
+      MF_CHECK(info != nullptr, "{}: optimizer state {} is missing", moments.path().string(), name);
+      MF_CHECK(info->dtype == io::DType::kF32 && info->shape == spec.shape,
+               "{}: optimizer state {} has the wrong dtype or shape", moments.path().string(), name);
+      const auto bytes = moments.data(*info);
+      std::memcpy(target->data() + spec.offset, bytes.data(), bytes.size());
+    }
+  }
+  const auto it = moments.metadata().find("step_count");
+  MF_CHECK(it != moments.metadata().end(), "{}: metadata step_count is missing",
+           moments.path().string());
+  optimizer.set_step_count(std::stoll(it->second));
+  return state_from_json(read_json(dir / "trainer_state.json"), dir / "trainer_state.json");
+}
+
+fs::path resolve_checkpoint(const fs::path& dir_or_run) {
+  if (fs::exists(dir_or_run / "trainer_state.json")) return dir_or_run;
+  const std::vector<CheckpointEntry> entries = read_checkpoint_index(dir_or_run);
+  MF_CHECK(!entries.empty(),
+           "{} is neither a checkpoint (no trainer_state.json) nor a run with checkpoints (no "
+           "checkpoints/index.json)",
+           dir_or_run.string());
+  return entries.back().path;
+}
+
+}  // namespace moeforge

@@ -1,0 +1,61 @@
+// Training checkpoints. A run directory holds
+//   checkpoints/step-00000100/  config.json, model.safetensors (fp32, HF names; shards + index past
+//                               5 GB), optimizer.safetensors (exp_avg.<name>, exp_avg_sq.<name>),
+//                               trainer_state.json, train_config.json, tokenizer files
+//   checkpoints/index.json      every kept checkpoint with its step and tokens seen (merging uses it)
+// Each checkpoint is written into a staging directory, fsynced and renamed, so a crash mid-save
+// never damages the last good checkpoint; the index is replaced atomically afterwards.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <filesystem>
+#include <vector>
+
+#include "model/transformer.h"
+#include "train/adamw.h"
+
+namespace moeforge {
+
+inline constexpr int kCheckpointFormatVersion = 1;
+
+struct TrainerState {
+  int64_t step = 0;         // optimizer steps completed
+  int64_t tokens_seen = 0;  // global tokens consumed by training
+  double lr = 0.0;          // learning rate of the last step
+  nlohmann::json loader;    // data loader state (epoch, position)
+  uint64_t init_seed = 0;
+  uint64_t data_seed = 0;
+};
+
+struct CheckpointEntry {
+  int64_t step = 0;
+  int64_t tokens_seen = 0;
+  std::filesystem::path path;  // absolute
+};
+
+std::filesystem::path checkpoint_dir_name(const std::filesystem::path& run_dir, int64_t step);
+
+// Saves a checkpoint, updates the index and removes the oldest beyond keep_last (0 keeps all).
+// tokenizer_dir: folder whose tokenizer files are copied along (may be empty).
+std::filesystem::path save_checkpoint(const std::filesystem::path& run_dir,
+                                      const Transformer<float>& model, AdamW& optimizer,
+                                      const TrainerState& state, const nlohmann::json& train_config,
+                                      const std::filesystem::path& tokenizer_dir, int64_t keep_last);
+
+// Restores parameters, optimizer moments and trainer state; the model's architecture must match
+// the checkpoint's config.json (checked field by field through the parameter layout).
+TrainerState load_checkpoint(const std::filesystem::path& checkpoint_dir, Transformer<float>& model,
+                             AdamW& optimizer);
+
+// The checkpoints of a run, oldest first (empty if it has none yet).
+std::vector<CheckpointEntry> read_checkpoint_index(const std::filesystem::path& run_dir);
+
+// A checkpoint directory given itself or its run directory (then the newest checkpoint).
+std::filesystem::path resolve_checkpoint(const std::filesystem::path& dir_or_run);
+
+// Tokenizer files that travel with datasets and checkpoints.
+void copy_tokenizer_files(const std::filesystem::path& from, const std::filesystem::path& to);
+
+}  // namespace moeforge

@@ -1,0 +1,27 @@
+// Validation metrics of a model on a token dataset: mean cross-entropy, perplexity and bits per
+// byte, over windows of the validation stream in order (no shuffling), split across ranks.
+#pragma once
+
+#include <cstdint>
+
+#include "comm/communicator.h"
+#include "data/loader.h"
+#include "data/tokenizer.h"
+#include "model/transformer.h"
+
+namespace moeforge {
+
+struct EvalResult {
+  double loss = 0.0;            // mean nats per target token
+  double perplexity = 0.0;      // exp(loss)
+  double bits_per_byte = 0.0;   // total nats / ln 2 / bytes of the target tokens' text
+  int64_t num_tokens = 0;
+  int64_t num_bytes = 0;
+};
+
+// max_batches <= 0 evaluates every window. Every rank of dp must call it (the sums are reduced).
+EvalResult evaluate(Transformer<float>& model, const data::TokenDataset& dataset,
+                    const data::Tokenizer& tokenizer, int64_t seq_len, int64_t batch_size,
+                    int64_t max_batches, Communicator& dp);
+
+}  // namespace moeforge

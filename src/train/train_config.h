@@ -1,0 +1,119 @@
+// The training run's configuration: a JSON file with one section per concern, plus
+// `--set key.path=value` overrides. Unknown keys are errors (they list the valid keys), every
+// validation message names the key path, and the config is written back into checkpoints.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace moeforge {
+
+// "model": what to train. Exactly one of model_config and init_from is set.
+struct InitConfig {
+  std::filesystem::path model_config;  // HF config.json (relative: against the config's folder)
+  std::filesystem::path init_from;     // checkpoint/model dir to take the weights from
+  uint64_t seed = 1234;                // weight init
+  double init_std = 0.02;
+  bool operator==(const InitConfig&) const = default;
+};
+
+// "data": the prepared dataset and the batch shape.
+struct TrainDataConfig {
+  std::filesystem::path dataset;  // dir from `moeforge data prepare` (relative: like model_config)
+  int64_t seq_len = 256;
+  int64_t micro_batch_size = 8;
+  int64_t grad_accum_steps = 1;
+  uint64_t seed = 42;  // data order
+  bool operator==(const TrainDataConfig&) const = default;
+};
+
+// "optimizer": AdamW.
+struct OptimizerConfig {
+  double lr = 3e-4;
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0.1;
+  // Parameters whose name contains any of these substrings get no weight decay.
+  std::vector<std::string> no_decay = {"norm", "embed_tokens", "bias"};
+  double grad_clip = 1.0;  // max global gradient norm; 0: off
+  bool operator==(const OptimizerConfig&) const = default;
+};
+
+enum class ScheduleType { kConstant, kCosine, kWsd };
+// Shape of the WSD decay as a function of progress p in (0, 1]: 1 - p, (1 + cos(pi p)) / 2, or
+// 1 - sqrt(p) ("1-sqrt" of the WSD papers).
+enum class DecayShape { kLinear, kCosine, kSqrt };
+
+// "schedule": the learning-rate schedule (see train/lr_schedule.h for the formulas).
+struct ScheduleConfig {
+  ScheduleType type = ScheduleType::kCosine;
+  int64_t warmup_steps = 0;
+  int64_t max_steps = 0;  // required, > 0
+  double min_lr_ratio = 0.1;
+  // WSD only: the decay phase is the last decay_steps steps, or the last decay_fraction of
+  // max_steps; at most one of the two is set (neither: decay_fraction 0.2).
+  std::optional<int64_t> decay_steps;
+  std::optional<double> decay_fraction;
+  DecayShape decay_shape = DecayShape::kLinear;
+  bool operator==(const ScheduleConfig&) const = default;
+};
+
+// "checkpoint"
+struct CheckpointConfig {
+  std::filesystem::path dir = "runs/default";  // the run dir
+  int64_t every_steps = 0;                     // 0: only at the end
+  int64_t keep_last = 0;                       // 0: keep all
+  bool operator==(const CheckpointConfig&) const = default;
+};
+
+// "eval"
+struct EvalConfig {
+  int64_t every_steps = 0;  // 0: only at the end
+  int64_t max_batches = 16;
+  bool operator==(const EvalConfig&) const = default;
+};
+
+// "log"
+struct LogConfig {
+  int64_t every_steps = 1;
+  std::filesystem::path metrics_file;  // empty in the file: <checkpoint.dir>/metrics.jsonl
+  bool operator==(const LogConfig&) const = default;
+};
+
+struct TrainConfig {
+  InitConfig model;
+  TrainDataConfig data;
+  OptimizerConfig optimizer;
+  ScheduleConfig schedule;
+  CheckpointConfig checkpoint;
+  EvalConfig eval;
+  LogConfig log;
+  bool operator==(const TrainConfig&) const = default;
+};
+
+// Reads the JSON file, applies the overrides ("key.path=value"; the value is parsed as JSON when
+// it parses, else taken as a string) and validates. Relative model.model_config, model.init_from
+// and data.dataset are made absolute: against the file's folder, or against the working directory
+// when an override sets them.
+TrainConfig load_train_config(const std::filesystem::path& path,
+                              const std::vector<std::string>& overrides = {});
+// Merges j over the defaults (unknown keys are errors), resolves relative paths against base_dir
+// and validates. An empty log.metrics_file becomes <checkpoint.dir>/metrics.jsonl.
+TrainConfig train_config_from_json(const nlohmann::json& j, const std::filesystem::path& base_dir);
+// Every field (saved into checkpoints): train_config_from_json(train_config_to_json(c), dir) == c
+// when c's paths are absolute (as load_train_config makes them) or dir is empty.
+nlohmann::json train_config_to_json(const TrainConfig& config);
+// Throws moeforge::Error naming the key path of the first invalid field.
+void validate_train_config(const TrainConfig& config);
+
+// The number of steps of the WSD decay phase (decay_steps, or decay_fraction * max_steps rounded,
+// at least 1).
+int64_t wsd_decay_steps(const ScheduleConfig& schedule);
+
+}  // namespace moeforge

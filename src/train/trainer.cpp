@@ -1,0 +1,235 @@
+// The training loop (see trainer.h).
+#include "train/trainer.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <unistd.h>
+
+#include "core/error.h"
+#include "data/loader.h"
+#include "data/tokenizer.h"
+#include "model/model_io.h"
+#include "model/transformer.h"
+#include "train/adamw.h"
+#include "train/checkpoint.h"
+#include "train/evaluate.h"
+#include "train/lr_schedule.h"
+
+namespace moeforge {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+ModelConfig resolve_model_config(const TrainConfig& config) {
+  if (!config.model.init_from.empty()) return load_model_config(config.model.init_from / "config.json");
+  return load_model_config(config.model.model_config);
+}
+
+std::string format_duration(double seconds) {
+  const int64_t s = static_cast<int64_t>(seconds);
+  if (s >= 3600) return fmt::format("{}h{:02d}m", s / 3600, (s / 60) % 60);
+  if (s >= 60) return fmt::format("{}m{:02d}s", s / 60, s % 60);
+  return fmt::format("{}s", s);
+}
+
+// MFU is reported against the dense bf16 peak of an H100/H200 (989 TFLOP/s), as in
+// ../shared/docs/anchors.md, whatever the device, so numbers compare across runs.
+constexpr double kPeakFlops = 989e12;
+
+// Training FLOPs per token: 6 * active parameters + 6 * layers * seq * q_dim (causal attention),
+// the formula of ../shared/docs/anchors.md.
+double flops_per_token(const ModelConfig& c, const ParameterLayout& layout, int64_t seq) {
+  return 6.0 * static_cast<double>(layout.num_active_params()) +
+         6.0 * static_cast<double>(c.num_layers * seq * c.q_dim());
+}
+
+class MetricsLog {
+ public:
+  MetricsLog(const fs::path& path, bool enabled) {
+    if (!enabled) return;
+    if (path.has_parent_path()) fs::create_directories(path.parent_path());
+    out_.open(path, std::ios::app);
+    MF_CHECK(out_.good(), "cannot open the metrics file {} for appending", path.string());
+  }
+  void write(const nlohmann::json& record) {
+    if (!out_.is_open()) return;
+    out_ << record.dump() << '\n';
+    out_.flush();
+  }
+
+ private:
+  std::ofstream out_;
+};
+
+}  // namespace
+
+TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Communicator& dp) {
+  const bool is_root = dp.rank() == 0;
+  const ModelConfig model_config = resolve_model_config(config);
+  const data::TokenDataset train_data = data::TokenDataset::open(config.data.dataset, "train");
+  const data::TokenDataset val_data = data::TokenDataset::open(config.data.dataset, "val");
+  const auto tokenizer = data::load_tokenizer(config.data.dataset);
+  MF_CHECK(train_data.vocab_size() <= model_config.vocab_size,
+           "the dataset's vocabulary ({} tokens) does not fit the model's vocab_size ({})",
+           train_data.vocab_size(), model_config.vocab_size);
+
+  SelfCommunicator expert_group;
+  Transformer<float> model(model_config, expert_group);
+  AdamW optimizer(model.layout(),
+                  AdamWHyper{config.optimizer.beta1, config.optimizer.beta2, config.optimizer.eps,
+                             config.optimizer.weight_decay},
+                  config.optimizer.no_decay);
+  data::BatchSampler sampler(train_data, config.data.seq_len, config.data.seed);
+  TrainerState state;
+  state.init_seed = config.model.seed;
+  state.data_seed = config.data.seed;
+
+  if (options.resume) {
+    const fs::path ckpt = resolve_checkpoint(*options.resume);
+    state = load_checkpoint(ckpt, model, optimizer);
+    sampler.set_state(state.loader.get<data::LoaderState>());
+    if (is_root) fmt::print(stderr, "resumed from {} at step {}\n", ckpt.string(), state.step);
+  } else if (!config.model.init_from.empty()) {
+    read_hf_weights(config.model.init_from, model.layout(), model.params().data());
+    if (is_root) {
+      fmt::print(stderr, "initialised weights from {} (fresh optimizer state)\n",
+                 config.model.init_from.string());
+    }
+  } else {
+    model.init_random(config.model.seed, config.model.init_std);
+  }
+
+  const int64_t seq = config.data.seq_len;
+  const int64_t micro = config.data.micro_batch_size;
+  const int64_t accum = config.data.grad_accum_steps;
+  const int64_t tokens_per_step = dp.size() * accum * micro * seq;
+  const double flops_tok = flops_per_token(model_config, model.layout(), seq);
+  const fs::path run_dir = config.checkpoint.dir;
+  const nlohmann::json config_json = train_config_to_json(config);
+  MetricsLog metrics(config.log.metrics_file, is_root);
+  if (is_root) {
+    fmt::print(stderr,
+               "training {} with {} parameters ({} active) on {} rank(s): {} tokens/step, {} steps\n",
+               architecture_name(model_config.architecture), model.layout().num_params(),
+               model.layout().num_active_params(), dp.size(), tokens_per_step,
+               config.schedule.max_steps);
+  }
+
+  std::vector<int32_t> inputs(micro * seq), targets(micro * seq);
+  const int64_t num_params = model.layout().num_params();
+  TrainSummary summary;
+  const auto run_start = Clock::now();
+  const int64_t first_step = state.step;
+  const bool tty = isatty(fileno(stderr));
+
+  auto run_eval = [&](int64_t step) {
+    const EvalResult ev = evaluate(model, val_data, *tokenizer, seq, micro, config.eval.max_batches, dp);
+    summary.final_val_loss = ev.loss;
+    metrics.write({{"step", step},
+                   {"val_loss", ev.loss},
+                   {"val_ppl", ev.perplexity},
+                   {"val_bpb", ev.bits_per_byte},
+                   {"val_tokens", ev.num_tokens}});
+    if (is_root) {
+      fmt::print(stderr, "{}step {}: val loss {:.4f}  ppl {:.2f}  bpb {:.4f}\n", tty ? "\n" : "", step,
+                 ev.loss, ev.perplexity, ev.bits_per_byte);
+    }
+  };
+  auto save = [&] {
+    state.loader = sampler.state();
+    if (is_root) {
+      summary.last_checkpoint = save_checkpoint(run_dir, model, optimizer, state, config_json,
+                                                config.data.dataset, config.checkpoint.keep_last);
+    }
+    dp.barrier();
+  };
+
+  while (state.step < config.schedule.max_steps) {
+    const auto step_start = Clock::now();
+    const double lr = learning_rate(config.schedule, config.optimizer.lr, state.step);
+    model.zero_grads();
+    double loss_sums[4] = {0, 0, 0, 0};  // loss, ce, aux, z (sum over this rank's micro-batches)
+    std::vector<int64_t> expert_load;
+    int64_t dropped = 0;
+    for (int64_t m = 0; m < accum; ++m) {
+      sampler.next_batch_for_rank(micro, dp.rank(), dp.size(), inputs.data(), targets.data());
+      const LossBreakdown loss = model.forward(inputs.data(), targets.data(), micro, seq);
+      loss_sums[0] += loss.loss;
+      loss_sums[1] += loss.ce_loss;
+      loss_sums[2] += loss.aux_loss;
+      loss_sums[3] += loss.z_loss;
+      for (const MoeFfnStats& s : model.moe_stats()) {
+        if (expert_load.empty()) expert_load.assign(s.expert_load.size(), 0);
+        for (size_t e = 0; e < s.expert_load.size(); ++e) expert_load[e] += s.expert_load[e];
+        dropped += s.num_dropped;
+      }
+      model.backward(1.0 / static_cast<double>(accum * dp.size()));
+    }
+    dp.all_reduce_sum(model.grads().data(), static_cast<size_t>(num_params));
+    dp.all_reduce_sum(loss_sums, 4);
+    // Checked after the reduction so that every rank stops together (a NaN anywhere makes the sum NaN).
+    MF_CHECK(std::isfinite(loss_sums[0]), "step {}: the loss is {}; stopping", state.step + 1,
+             loss_sums[0] / static_cast<double>(accum * dp.size()));
+    const double grad_norm = global_grad_norm(model.grads().data(), num_params);
+    MF_CHECK(std::isfinite(grad_norm), "step {}: the gradient norm is {}; stopping", state.step,
+             grad_norm);
+    clip_grad_norm(model.grads().data(), num_params, grad_norm, config.optimizer.grad_clip);
+    optimizer.step(model.params().data(), model.grads().data(), lr);
+    ++state.step;
+    state.tokens_seen += tokens_per_step;
+    state.lr = lr;
+
+    const double denom = static_cast<double>(accum * dp.size());
+    summary.final_loss = loss_sums[0] / denom;
+    const double step_seconds = std::chrono::duration<double>(Clock::now() - step_start).count();
+    const double tokens_per_s = static_cast<double>(tokens_per_step) / step_seconds;
+    if (state.step % config.log.every_steps == 0 || state.step == config.schedule.max_steps) {
+      nlohmann::json record = {{"step", state.step},
+                               {"loss", summary.final_loss},
+                               {"ce_loss", loss_sums[1] / denom},
+                               {"aux_loss", loss_sums[2] / denom},
+                               {"z_loss", loss_sums[3] / denom},
+                               {"grad_norm", grad_norm},
+                               {"lr", lr},
+                               {"tokens", state.tokens_seen},
+                               {"tokens_per_s", tokens_per_s},
+                               {"model_tflops", tokens_per_s * flops_tok / 1e12},
+                               {"mfu", tokens_per_s * flops_tok / kPeakFlops}};
+      if (!expert_load.empty()) {
+        record["expert_load_min"] = *std::min_element(expert_load.begin(), expert_load.end());
+        record["expert_load_max"] = *std::max_element(expert_load.begin(), expert_load.end());
+        record["tokens_dropped"] = dropped;
+      }
+      metrics.write(record);
+      if (is_root && options.progress) {
+        const double elapsed = std::chrono::duration<double>(Clock::now() - run_start).count();
+        const double per_step = elapsed / static_cast<double>(state.step - first_step);
+        const double eta = per_step * static_cast<double>(config.schedule.max_steps - state.step);
+        fmt::print(stderr, "{}step {}/{} | loss {:.4f} | lr {:.2e} | gnorm {:.3f} | {:.0f} tok/s | ETA {}{}",
+                   tty ? "\r" : "", state.step, config.schedule.max_steps, summary.final_loss, lr,
+                   grad_norm, tokens_per_s, format_duration(eta), tty ? "   " : "\n");
+        std::fflush(stderr);
+      }
+    }
+    const bool last = state.step == config.schedule.max_steps;
+    if ((config.eval.every_steps > 0 && state.step % config.eval.every_steps == 0) || last) {
+      run_eval(state.step);
+    }
+    if ((config.checkpoint.every_steps > 0 && state.step % config.checkpoint.every_steps == 0) || last) {
+      save();
+    }
+  }
+  if (is_root && tty && options.progress) fmt::print(stderr, "\n");
+  summary.steps = state.step;
+  return summary;
+}
+
+}  // namespace moeforge

@@ -1,0 +1,32 @@
+// The training loop: data-parallel over the ranks of a communicator (each rank holds the whole
+// model; gradients are summed through the communicator), gradient accumulation over micro-batches,
+// AdamW with clipping and an LR schedule, periodic evaluation, atomic checkpoints with retention,
+// JSONL metrics and a progress line.
+//
+// Global batch of one step = num_ranks * grad_accum_steps micro-batches; the loss of a step is the
+// mean of their losses, so n ranks give the same step as one rank with n times the accumulation.
+#pragma once
+
+#include <filesystem>
+#include <optional>
+
+#include "comm/communicator.h"
+#include "train/train_config.h"
+
+namespace moeforge {
+
+struct TrainRunOptions {
+  std::optional<std::filesystem::path> resume;  // checkpoint dir or run dir (newest checkpoint)
+  bool progress = true;                         // progress line on stderr (rank 0)
+};
+
+struct TrainSummary {
+  int64_t steps = 0;
+  double final_loss = 0.0;
+  double final_val_loss = 0.0;
+  std::filesystem::path last_checkpoint;
+};
+
+TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Communicator& dp);
+
+}  // namespace moeforge
