@@ -77,7 +77,8 @@ bool arch_has_qk_norm(Architecture arch) {
   return arch == Architecture::kQwen3 || arch == Architecture::kQwen3Moe;
 }
 
-// Qwen2 and Qwen2-MoE always put a bias on q/k/v (and none on o_proj).
+// Qwen2 always puts a bias on q/k/v (and none on o_proj); Qwen2-MoE does unless its "qkv_bias"
+// (transformers 5) is false.
 bool arch_has_qkv_bias(Architecture arch) {
   return arch == Architecture::kQwen2 || arch == Architecture::kQwen2Moe;
 }
@@ -94,9 +95,17 @@ bool arch_declares_head_dim(Architecture arch) {
   return arch != Architecture::kQwen2 && arch != Architecture::kQwen2Moe;
 }
 
-// The HF name of the expert-count field, and of the field listing dense layers.
+// The HF name of the expert-count field, and the alias that the config class maps onto it
+// (attribute_map in transformers 5, which writes Qwen3-MoE's count as num_local_experts).
 const char* num_experts_field(Architecture arch) {
   return arch == Architecture::kMixtral ? "num_local_experts" : "num_experts";
+}
+const char* num_experts_alias(Architecture arch) {
+  switch (arch) {
+    case Architecture::kMixtral: return "num_experts";
+    case Architecture::kQwen3Moe: return "num_local_experts";
+    default: return nullptr;
+  }
 }
 const char* dense_layers_field(Architecture arch) {
   return is_qwen_moe(arch) ? "mlp_only_layers" : "moeforge_dense_layers";
@@ -218,8 +227,8 @@ Architecture read_architecture(const FieldReader& r) {
     MF_CHECK(model_type != nullptr, "{}: missing \"architectures\" (or \"model_type\")",
              r.source());
     info = find_arch_by_model_type(model_type->get<std::string>());
-    MF_CHECK(info != nullptr, "{}: model_type \"{}\" is not supported; supported: {}",
-             r.source(), model_type->get<std::string>(), supported_names(true));
+    MF_CHECK(info != nullptr, "{}: model_type \"{}\" is not supported; supported: {}", r.source(),
+             model_type->get<std::string>(), supported_names(true));
   }
   return info->arch;
 }
@@ -274,15 +283,35 @@ void reject_unsupported(const FieldReader& r, Architecture arch, int64_t max_pos
     const int64_t window = r.int_or("sliding_window", max_position_embeddings);
     MF_CHECK(window >= max_position_embeddings,
              "{}: sliding_window ({}) is not supported (set it to null)", r.source(), window);
+    const double jitter = r.number_or("router_jitter_noise", 0.0);
+    MF_CHECK(jitter == 0, "{}: router_jitter_noise ({}) is not supported (set it to 0)", r.source(),
+             jitter);
   } else if (arch != Architecture::kLlama) {
     MF_CHECK(!r.bool_or("use_sliding_window", false),
              "{}: use_sliding_window=true is not supported", r.source());
+  }
+  if (const json* layer_types = r.find("layer_types")) {
+    if (!layer_types->is_array()) r.type_error("layer_types", "a list of strings", *layer_types);
+    for (const json& type : *layer_types) {
+      MF_CHECK(type == "full_attention",
+               "{}: layer_types entry {} is not supported (only \"full_attention\")", r.source(),
+               type.dump());
+    }
   }
 }
 
 void read_moe_fields(const FieldReader& r, ModelConfig& c) {
   const Architecture arch = c.architecture;
-  c.num_experts = r.required_int(num_experts_field(arch));
+  const char* field = num_experts_field(arch);
+  const char* alias = num_experts_alias(arch);
+  if (alias != nullptr && r.find(alias) != nullptr) {
+    const int64_t aliased = r.required_int(alias);
+    MF_CHECK(r.int_or(field, aliased) == aliased, "{}: {} ({}) and {} ({}) disagree", r.source(),
+             field, r.int_or(field, aliased), alias, aliased);
+    c.num_experts = aliased;
+  } else {
+    c.num_experts = r.required_int(field);
+  }
   c.num_experts_per_tok = r.int_or("num_experts_per_tok", default_num_experts_per_tok(arch));
   c.router_aux_loss_coef = r.number_or("router_aux_loss_coef", kDefaultRouterAuxLossCoef);
   std::vector<int64_t> dense = r.int_list("moeforge_dense_layers");
@@ -341,9 +370,9 @@ void validate(const ModelConfig& c, const std::string& source) {
   check_positive(c.max_position_embeddings, "max_position_embeddings");
   MF_CHECK(std::isfinite(c.rms_norm_eps) && c.rms_norm_eps > 0,
            "{}: rms_norm_eps must be > 0, got {}", s, c.rms_norm_eps);
-  MF_CHECK(std::isfinite(c.rope_theta) && c.rope_theta > 0, "{}: rope_theta must be > 0, got {}",
-           s, c.rope_theta);
-  MF_CHECK(c.attention_bias == arch_has_qkv_bias(arch),
+  MF_CHECK(std::isfinite(c.rope_theta) && c.rope_theta > 0, "{}: rope_theta must be > 0, got {}", s,
+           c.rope_theta);
+  MF_CHECK(c.attention_bias == arch_has_qkv_bias(arch) || arch == Architecture::kQwen2Moe,
            "{}: attention_bias must be {} for {} (q/k/v bias is fixed by the architecture)", s,
            arch_has_qkv_bias(arch), arch_name);
   MF_CHECK(c.qk_norm == arch_has_qk_norm(arch),
@@ -435,7 +464,8 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
   c.rms_norm_eps = r.number_or("rms_norm_eps", default_rms_norm_eps(arch));
   c.rope_theta = read_rope_theta(r, arch);
   reject_unsupported(r, arch, c.max_position_embeddings);
-  c.attention_bias = arch_has_qkv_bias(arch);
+  c.attention_bias =
+      arch_has_qkv_bias(arch) && (arch != Architecture::kQwen2Moe || r.bool_or("qkv_bias", true));
   c.qk_norm = arch_has_qk_norm(arch);
   c.tie_word_embeddings = r.bool_or("tie_word_embeddings", false);
   if (is_moe_arch(arch)) read_moe_fields(r, c);
@@ -448,7 +478,9 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
   return c;
 }
 
-json token_id_json(int64_t id) { return id < 0 ? json(nullptr) : json(id); }
+json token_id_json(int64_t id) {
+  return id < 0 ? json(nullptr) : json(id);
+}
 
 }  // namespace
 
@@ -459,12 +491,17 @@ Architecture parse_architecture(const std::string& hf_name) {
   return info->arch;
 }
 
-std::string architecture_name(Architecture arch) { return arch_info(arch).hf_name; }
+std::string architecture_name(Architecture arch) {
+  return arch_info(arch).hf_name;
+}
 
-std::string architecture_model_type(Architecture arch) { return arch_info(arch).model_type; }
+std::string architecture_model_type(Architecture arch) {
+  return arch_info(arch).model_type;
+}
 
 bool ModelConfig::layer_is_moe(int64_t layer) const {
-  return is_moe() && std::find(dense_layers.begin(), dense_layers.end(), layer) == dense_layers.end();
+  return is_moe() &&
+         std::find(dense_layers.begin(), dense_layers.end(), layer) == dense_layers.end();
 }
 
 ModelConfig model_config_from_json(const nlohmann::json& j) {
@@ -483,7 +520,9 @@ ModelConfig load_model_config(const std::filesystem::path& config_json) {
   return parse_model_config(j, config_json.string());
 }
 
-void validate_model_config(const ModelConfig& config) { validate(config, "config.json"); }
+void validate_model_config(const ModelConfig& config) {
+  validate(config, "config.json");
+}
 
 nlohmann::json model_config_to_json(const ModelConfig& c) {
   validate_model_config(c);
@@ -524,6 +563,7 @@ nlohmann::json model_config_to_json(const ModelConfig& c) {
       j["mlp_only_layers"] = c.dense_layers;
       if (arch == Architecture::kQwen2Moe) {
         j["shared_expert_intermediate_size"] = c.shared_expert_intermediate_size;
+        j["qkv_bias"] = c.attention_bias;
       }
     } else if (!c.dense_layers.empty()) {
       j["moeforge_dense_layers"] = c.dense_layers;

@@ -58,6 +58,7 @@ struct ModelConfig {
   int64_t eos_token_id = -1;
   std::string torch_dtype = "float32";  // dtype written to safetensors on export
 
+  bool operator==(const ModelConfig&) const = default;
   bool is_moe() const { return num_experts > 0; }
   bool layer_is_moe(int64_t layer) const;  // false for dense models and dense_layers
   int64_t q_dim() const { return num_heads * head_dim; }

@@ -97,18 +97,19 @@ std::string join_path(const std::string& section, const std::string& key) {
 }
 
 // Writes value at key (a key of level) in place: sections merge key by key, other values replace.
-void merge_value(json& level, const std::string& section, const std::string& key,
-                 const json& value, const std::string& source);
+void merge_value(json& level, const std::string& section, const std::string& key, const json& value,
+                 const std::string& source);
 
 void merge_section(json& section_json, const std::string& section, const json& patch,
                    const std::string& source) {
   MF_CHECK(patch.is_object(), "{}: {} must be an object (a section), got {}", source,
            section.empty() ? "the config" : section, patch.dump());
-  for (const auto& item : patch.items()) merge_value(section_json, section, item.key(), item.value(), source);
+  for (const auto& item : patch.items())
+    merge_value(section_json, section, item.key(), item.value(), source);
 }
 
-void merge_value(json& level, const std::string& section, const std::string& key,
-                 const json& value, const std::string& source) {
+void merge_value(json& level, const std::string& section, const std::string& key, const json& value,
+                 const std::string& source) {
   auto it = level.find(key);
   if (it == level.end()) unknown_key(source, level, section, key);
   if (it->is_object()) {
@@ -161,7 +162,9 @@ class SectionReader {
   }
   uint64_t get_seed(const char* key) const {
     const json& v = at(key);
-    if (!v.is_number_unsigned()) type_error(key, "a non-negative integer", v);
+    // JSON parsed from text stores non-negative integers as unsigned, JSON built in code as signed.
+    const bool non_negative = v.is_number_unsigned() || (v.is_number_integer() && v.get<int64_t>() >= 0);
+    if (!non_negative) type_error(key, "a non-negative integer", v);
     return v.get<uint64_t>();
   }
   double get_number(const char* key) const {
@@ -176,7 +179,8 @@ class SectionReader {
   }
   std::vector<std::string> get_strings(const char* key) const {
     const json& v = at(key);
-    if (!v.is_array() || !std::all_of(v.begin(), v.end(), [](const json& s) { return s.is_string(); })) {
+    if (!v.is_array() ||
+        !std::all_of(v.begin(), v.end(), [](const json& s) { return s.is_string(); })) {
       type_error(key, "a list of strings", v);
     }
     return v.get<std::vector<std::string>>();
@@ -315,7 +319,8 @@ void validate_train_config(const TrainConfig& c) {
            c.model.model_config.string(), c.model.init_from.string());
   MF_CHECK(c.model.init_std > 0, "model.init_std must be > 0, got {}", c.model.init_std);
 
-  MF_CHECK(!c.data.dataset.empty(), "data.dataset must be set (a dir from `moeforge data prepare`)");
+  MF_CHECK(!c.data.dataset.empty(),
+           "data.dataset must be set (a dir from `moeforge data prepare`)");
   MF_CHECK(c.data.seq_len > 0, "data.seq_len must be > 0, got {}", c.data.seq_len);
   MF_CHECK(c.data.micro_batch_size > 0, "data.micro_batch_size must be > 0, got {}",
            c.data.micro_batch_size);
@@ -359,7 +364,8 @@ void validate_train_config(const TrainConfig& c) {
   }
 
   MF_CHECK(!c.checkpoint.dir.empty(), "checkpoint.dir must be set");
-  MF_CHECK(c.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0 (0: only at the end), got {}",
+  MF_CHECK(c.checkpoint.every_steps >= 0,
+           "checkpoint.every_steps must be >= 0 (0: only at the end), got {}",
            c.checkpoint.every_steps);
   MF_CHECK(c.checkpoint.keep_last >= 0, "checkpoint.keep_last must be >= 0 (0: keep all), got {}",
            c.checkpoint.keep_last);

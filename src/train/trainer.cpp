@@ -81,6 +81,11 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
            "the dataset's vocabulary ({} tokens) does not fit the model's vocab_size ({})",
            train_data.vocab_size(), model_config.vocab_size);
 
+  MF_CHECK(model_config.max_position_embeddings <= 0 ||
+               config.data.seq_len <= model_config.max_position_embeddings,
+           "data.seq_len ({}) exceeds the model's max_position_embeddings ({})", config.data.seq_len,
+           model_config.max_position_embeddings);
+
   SelfCommunicator expert_group;
   Transformer<float> model(model_config, expert_group);
   AdamW optimizer(model.layout(),

@@ -95,6 +95,11 @@ TEST(PrepareDataset, CollectsDocumentsSortedSkippingHiddenAndExcluded) {
   PrepareOptions twice = corpus_options(dir / "corpus", dir / "out");
   twice.inputs.push_back(dir / "corpus" / "doc2.txt");
   EXPECT_EQ(collect_input_documents(twice).size(), 40u) << "a file reached twice is taken once";
+
+  write_file(dir / "corpus" / "out" / "train-00000.bin", "an earlier dataset");
+  EXPECT_EQ(collect_input_documents(corpus_options(dir / "corpus", dir / "corpus" / "out")).size(),
+            40u)
+      << "files inside out_dir are skipped";
 }
 
 TEST(PrepareDataset, IsDeterministicAndSplitsWithoutLosingTokens) {

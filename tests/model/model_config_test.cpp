@@ -301,6 +301,30 @@ TEST(ModelConfigTest, RequiredFieldsAreNamedWhenMissing) {
             std::string::npos);
 }
 
+// transformers 5 writes Qwen3-MoE's expert count under its alias num_local_experts, and gives
+// Qwen2-MoE a qkv_bias switch.
+TEST(ModelConfigTest, Transformers5ExpertAliasAndQkvBias) {
+  json j = kQwen3_30bA3b;
+  j.erase("num_experts");
+  j["num_local_experts"] = 64;
+  EXPECT_EQ(model_config_from_json(j).num_experts, 64);
+  json mixtral = kMixtral8x7b;
+  mixtral.erase("num_local_experts");
+  mixtral["num_experts"] = 4;
+  EXPECT_EQ(model_config_from_json(mixtral).num_experts, 4);
+  json qwen2 = kQwen2_7b;
+  qwen2["num_local_experts"] = 4;  // not an alias for a dense model: ignored
+  EXPECT_FALSE(model_config_from_json(qwen2).is_moe());
+
+  json qwen2_moe = kQwen2_57bA14b;
+  EXPECT_TRUE(model_config_from_json(qwen2_moe).attention_bias);
+  qwen2_moe["qkv_bias"] = false;
+  const ModelConfig c = model_config_from_json(qwen2_moe);
+  EXPECT_FALSE(c.attention_bias);
+  EXPECT_EQ(model_config_to_json(c)["qkv_bias"], false);
+  EXPECT_FALSE(model_config_from_json(model_config_to_json(c)).attention_bias);
+}
+
 TEST(ModelConfigTest, TokenIdsMayBeListsOrNull) {
   json j = kLlama3_8b;
   j["eos_token_id"] = {128001, 128009};
@@ -468,6 +492,11 @@ TEST(ModelConfigTest, EveryInvalidFieldIsNamed) {
       {&kLlama3_8b, "mlp_bias", true, "mlp_bias=true is not supported"},
       {&kLlama3_8b, "attention_bias", true, "attention_bias=true is not supported"},
       {&kQwen3_30bA3b, "attention_bias", true, "attention_bias=true is not supported"},
+      {&kMixtral8x7b, "router_jitter_noise", 0.01, "router_jitter_noise (0.01) is not supported"},
+      {&kQwen2_7b, "layer_types", json::array({"full_attention", "sliding_attention"}),
+       "layer_types entry \"sliding_attention\" is not supported"},
+      {&kQwen3_30bA3b, "num_local_experts", 64,
+       "num_experts (128) and num_local_experts (64) disagree"},
   };
   for (const Case& c : cases) {
     json mutated = *c.base;
@@ -495,7 +524,7 @@ TEST(ModelConfigTest, ValidateRejectsInconsistentStructs) {
   cases.back().config.qk_norm = false;
   cases.push_back({llama, "qk_norm"});
   cases.back().config.qk_norm = true;
-  cases.push_back({qwen2_moe, "attention_bias must be true"});
+  cases.push_back({model_config_from_json(kQwen2_7b), "attention_bias must be true"});
   cases.back().config.attention_bias = false;
   cases.push_back({mixtral, "attention_bias must be false"});
   cases.back().config.attention_bias = true;
@@ -572,6 +601,7 @@ TEST(ModelConfigTest, WritesTheArchitecturesOwnFieldNames) {
   EXPECT_EQ(j["norm_topk_prob"], false);
   EXPECT_FALSE(j.contains("head_dim"));  // Qwen2MoeConfig does not declare it
   EXPECT_FALSE(j.contains("attention_bias"));
+  EXPECT_EQ(j["qkv_bias"], true);
 
   j = model_config_to_json(model_config_from_json(kQwen3_30bA3b));
   EXPECT_EQ(j["head_dim"], 128);

@@ -117,11 +117,11 @@ TEST(TrainConfigTest, LoadsTheDemoConfigAndItsModel) {
 
 TEST(TrainConfigTest, OverridesSetNestedKeysWithJsonOrStringValues) {
   const fs::path path = write_config("overrides", kMinimal.dump());
-  const TrainConfig c = load_train_config(
-      path, {"optimizer.lr=1e-3", "schedule.type=wsd", "schedule.decay_steps=10",
-             "schedule.decay_shape=\"sqrt\"", "optimizer.no_decay=[\"norm\"]",
-             "checkpoint.dir=runs/x y", "data.seq_len=64", "data.seq_len=128",
-             "eval={\"max_batches\": 4}"});
+  const TrainConfig c =
+      load_train_config(path, {"optimizer.lr=1e-3", "schedule.type=wsd", "schedule.decay_steps=10",
+                               "schedule.decay_shape=\"sqrt\"", "optimizer.no_decay=[\"norm\"]",
+                               "checkpoint.dir=runs/x y", "data.seq_len=64", "data.seq_len=128",
+                               "eval={\"max_batches\": 4}"});
   EXPECT_DOUBLE_EQ(c.optimizer.lr, 1e-3);
   EXPECT_EQ(c.schedule.type, ScheduleType::kWsd);
   EXPECT_EQ(c.schedule.decay_steps, 10);
@@ -149,7 +149,8 @@ TEST(TrainConfigTest, OverrideErrorsNameTheKey) {
       << message;
   message = load_error("optimizer.betta2=0.9");
   EXPECT_NE(message.find("--set optimizer.betta2=0.9: unknown key \"optimizer.betta2\" (did you "
-                         "mean \"optimizer.beta2\"?); valid keys in optimizer: beta1, beta2, eps, grad_clip, lr, no_decay, "
+                         "mean \"optimizer.beta2\"?); valid keys in optimizer: beta1, beta2, eps, "
+                         "grad_clip, lr, no_decay, "
                          "weight_decay"),
             std::string::npos)
       << message;
@@ -183,7 +184,11 @@ TEST(TrainConfigTest, UnknownKeysInTheFileAreErrors) {
                                          "\"optimizer.weight_decay\"?)"),
             std::string::npos)
       << message;
-  EXPECT_NE(message.find("valid keys in optimizer: beta1, beta2, eps, grad_clip, lr, no_decay, weight_decay"), std::string::npos) << message;
+  EXPECT_NE(
+      message.find(
+          "valid keys in optimizer: beta1, beta2, eps, grad_clip, lr, no_decay, weight_decay"),
+      std::string::npos)
+      << message;
 
   json top = kMinimal;
   top["trainer"] = json::object();
@@ -194,8 +199,9 @@ TEST(TrainConfigTest, UnknownKeysInTheFileAreErrors) {
 }
 
 TEST(TrainConfigTest, LoadReportsFileProblems) {
-  EXPECT_NE(error_of([] { load_train_config("/no/such/train.json", {}); })
-                .find("cannot open training config /no/such/train.json"),
+  EXPECT_NE(error_of([] {
+              load_train_config("/no/such/train.json", {});
+            }).find("cannot open training config /no/such/train.json"),
             std::string::npos);
   const fs::path path = write_config("broken", "{\"model\": ");
   EXPECT_NE(error_of([&] { load_train_config(path, {}); }).find(path.string() + ": invalid JSON"),
@@ -211,7 +217,8 @@ TEST(TrainConfigTest, EveryInvalidValueIsNamedByItsKeyPath) {
     const char* expected;
   };
   const std::vector<Case> cases = {
-      {"model", "init_from", "/runs/old", "set exactly one of model.model_config and model.init_from"},
+      {"model", "init_from", "/runs/old",
+       "set exactly one of model.model_config and model.init_from"},
       {"model", "model_config", "", "set exactly one of model.model_config and model.init_from"},
       {"model", "init_std", 0.0, "model.init_std must be > 0, got 0"},
       {"model", "seed", -1, "model.seed must be a non-negative integer, got -1"},
@@ -233,13 +240,18 @@ TEST(TrainConfigTest, EveryInvalidValueIsNamedByItsKeyPath) {
       {"optimizer", "no_decay", json({"norm", 3}), "optimizer.no_decay must be a list of strings"},
       {"optimizer", "no_decay", json({""}), "optimizer.no_decay entries must be non-empty"},
       {"schedule", "max_steps", 0, "schedule.max_steps must be > 0, got 0"},
-      {"schedule", "warmup_steps", -1, "schedule.warmup_steps must be in [0, schedule.max_steps=100]"},
-      {"schedule", "warmup_steps", 101, "schedule.warmup_steps must be in [0, schedule.max_steps=100]"},
+      {"schedule", "warmup_steps", -1,
+       "schedule.warmup_steps must be in [0, schedule.max_steps=100]"},
+      {"schedule", "warmup_steps", 101,
+       "schedule.warmup_steps must be in [0, schedule.max_steps=100]"},
       {"schedule", "min_lr_ratio", 1.5, "schedule.min_lr_ratio must be in [0, 1], got 1.5"},
       {"schedule", "type", "step", "schedule.type must be one of constant, cosine, wsd"},
-      {"schedule", "decay_shape", "1-sqrt", "schedule.decay_shape must be one of linear, cosine, sqrt"},
-      {"schedule", "decay_steps", 10, "schedule.decay_steps and schedule.decay_fraction apply only"},
-      {"schedule", "decay_fraction", 0.1, "schedule.decay_steps and schedule.decay_fraction apply only"},
+      {"schedule", "decay_shape", "1-sqrt",
+       "schedule.decay_shape must be one of linear, cosine, sqrt"},
+      {"schedule", "decay_steps", 10,
+       "schedule.decay_steps and schedule.decay_fraction apply only"},
+      {"schedule", "decay_fraction", 0.1,
+       "schedule.decay_steps and schedule.decay_fraction apply only"},
       {"checkpoint", "dir", "", "checkpoint.dir must be set"},
       {"checkpoint", "every_steps", -1, "checkpoint.every_steps must be >= 0"},
       {"checkpoint", "keep_last", -1, "checkpoint.keep_last must be >= 0"},
@@ -257,7 +269,9 @@ TEST(TrainConfigTest, EveryInvalidValueIsNamedByItsKeyPath) {
   }
   json no_steps = kMinimal;
   no_steps.erase("schedule");
-  EXPECT_NE(error_of([&] { train_config_from_json(no_steps, ""); }).find("schedule.max_steps must be > 0"),
+  EXPECT_NE(error_of([&] {
+              train_config_from_json(no_steps, "");
+            }).find("schedule.max_steps must be > 0"),
             std::string::npos);
 }
 
@@ -268,8 +282,9 @@ TEST(TrainConfigTest, WsdDecayIsStepsOrFractionNotBoth) {
   j["schedule"]["decay_fraction"] = 0.25;
   EXPECT_EQ(wsd_decay_steps(train_config_from_json(j, "").schedule), 25);
   j["schedule"]["decay_steps"] = 30;
-  EXPECT_NE(error_of([&] { train_config_from_json(j, ""); })
-                .find("set at most one of schedule.decay_steps and schedule.decay_fraction"),
+  EXPECT_NE(error_of([&] {
+              train_config_from_json(j, "");
+            }).find("set at most one of schedule.decay_steps and schedule.decay_fraction"),
             std::string::npos);
   j["schedule"]["decay_fraction"] = nullptr;
   EXPECT_EQ(wsd_decay_steps(train_config_from_json(j, "").schedule), 30);
@@ -294,8 +309,9 @@ TEST(TrainConfigTest, WsdDecayIsStepsOrFractionNotBoth) {
   json fraction = kMinimal;
   fraction["schedule"]["type"] = "wsd";
   fraction["schedule"]["decay_fraction"] = 1.5;
-  EXPECT_NE(error_of([&] { train_config_from_json(fraction, ""); })
-                .find("schedule.decay_fraction must be in (0, 1], got 1.5"),
+  EXPECT_NE(error_of([&] {
+              train_config_from_json(fraction, "");
+            }).find("schedule.decay_fraction must be in (0, 1], got 1.5"),
             std::string::npos);
   fraction["schedule"]["decay_fraction"] = 0.001;  // rounds to 0 steps, kept at 1
   EXPECT_EQ(wsd_decay_steps(train_config_from_json(fraction, "").schedule), 1);
