@@ -35,6 +35,8 @@ void register_eval_command(CLI::App& app) {
     const auto tokenizer = data::load_tokenizer(opts->data);
     const EvalResult r = evaluate(model, dataset, *tokenizer, opts->seq_len, opts->batch_size,
                                   opts->max_batches, world_communicator());
+    const double unigram =
+        unigram_baseline_loss(data::TokenDataset::open(opts->data, "train"), dataset);
     if (world_communicator().rank() == 0) {
       fmt::print("{}\n", nlohmann::json({{"model", opts->model},
                                          {"data", opts->data},
@@ -42,6 +44,7 @@ void register_eval_command(CLI::App& app) {
                                          {"loss", r.loss},
                                          {"perplexity", r.perplexity},
                                          {"bits_per_byte", r.bits_per_byte},
+                                         {"unigram_loss", unigram},
                                          {"tokens", r.num_tokens},
                                          {"bytes", r.num_bytes}})
                              .dump());

@@ -3,6 +3,7 @@
 
 #include "core/error.h"
 #include "data/file_util.h"
+#include "io/atomic_file.h"
 
 #include <nlohmann/json.hpp>
 
@@ -33,7 +34,7 @@ void ByteTokenizer::save(const std::filesystem::path& dir) const {
                               {"vocab_size", kVocabSize},
                               {"bos_id", kBosId},
                               {"eos_id", kEosId}};
-  write_file_atomic(dir / kTokenizerJsonName, j.dump(2) + "\n");
+  io::write_file_atomic(dir / kTokenizerJsonName, j.dump(2) + "\n");
 }
 
 }  // namespace moeforge::data

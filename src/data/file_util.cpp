@@ -15,63 +15,6 @@ namespace moeforge::data {
 
 namespace fs = std::filesystem;
 
-AtomicFileWriter::AtomicFileWriter(const fs::path& path) : path_(path) {
-  MF_CHECK(path.has_filename(), "cannot write '{}': the path names no file", path.string());
-  tmp_path_ = path;
-  tmp_path_ += fmt::format(".tmp-{}", static_cast<long>(::getpid()));
-  fd_ = ::open(tmp_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  MF_CHECK(fd_ >= 0, "cannot create '{}': {}", tmp_path_.string(), std::strerror(errno));
-}
-
-AtomicFileWriter::~AtomicFileWriter() {
-  if (fd_ >= 0) {
-    ::close(fd_);
-    std::error_code ignored;
-    fs::remove(tmp_path_, ignored);
-  }
-}
-
-void AtomicFileWriter::write(const void* data, size_t num_bytes) {
-  MF_CHECK(fd_ >= 0, "write to '{}' after commit", path_.string());
-  const char* bytes = static_cast<const char*>(data);
-  while (num_bytes > 0) {
-    ssize_t written = ::write(fd_, bytes, num_bytes);
-    if (written < 0 && errno == EINTR) continue;
-    MF_CHECK(written > 0, "writing '{}' failed: {}", tmp_path_.string(), std::strerror(errno));
-    bytes += written;
-    num_bytes -= static_cast<size_t>(written);
-  }
-}
-
-void AtomicFileWriter::commit() {
-  MF_CHECK(fd_ >= 0, "'{}' committed twice", path_.string());
-  MF_CHECK(::fsync(fd_) == 0, "fsync of '{}' failed: {}", tmp_path_.string(), std::strerror(errno));
-  int close_rc = ::close(fd_);
-  fd_ = -1;
-  if (close_rc != 0 || ::rename(tmp_path_.c_str(), path_.c_str()) != 0) {
-    std::string reason = std::strerror(errno);
-    std::error_code ignored;
-    fs::remove(tmp_path_, ignored);
-    MF_FAIL("cannot move '{}' to '{}': {}", tmp_path_.string(), path_.string(), reason);
-  }
-  fsync_directory(path_.parent_path().empty() ? fs::path(".") : path_.parent_path());
-}
-
-void write_file_atomic(const fs::path& path, std::string_view bytes) {
-  AtomicFileWriter writer(path);
-  writer.write(bytes.data(), bytes.size());
-  writer.commit();
-}
-
-void fsync_directory(const fs::path& dir) {
-  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  MF_CHECK(fd >= 0, "cannot open folder '{}': {}", dir.string(), std::strerror(errno));
-  int rc = ::fsync(fd);
-  int fsync_errno = errno;
-  ::close(fd);
-  MF_CHECK(rc == 0, "fsync of folder '{}' failed: {}", dir.string(), std::strerror(fsync_errno));
-}
-
 std::string read_file_bytes(const fs::path& path) {
   std::ifstream in(path, std::ios::binary);
   MF_CHECK(in.good(), "cannot open '{}': {}", path.string(), std::strerror(errno));

@@ -1,5 +1,5 @@
-// File helpers of the data module: atomic writes (tmp file in the same folder, fsync, rename)
-// and JSON reading whose errors name the file and the field.
+// File helpers of the data module: reading files and JSON whose errors name the file and the
+// field. (Atomic writes come from io/atomic_file.h.)
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -12,28 +12,6 @@
 
 namespace moeforge::data {
 
-// Writes `path` atomically: bytes go to a temporary file beside it, which is fsynced and renamed
-// over `path` by commit(); the folder is fsynced too. Destroyed without commit(), the temporary
-// file is removed and `path` is untouched.
-class AtomicFileWriter {
- public:
-  explicit AtomicFileWriter(const std::filesystem::path& path);
-  ~AtomicFileWriter();
-  AtomicFileWriter(const AtomicFileWriter&) = delete;
-  AtomicFileWriter& operator=(const AtomicFileWriter&) = delete;
-
-  void write(const void* data, size_t num_bytes);
-  void commit();
-
- private:
-  std::filesystem::path path_;
-  std::filesystem::path tmp_path_;
-  int fd_ = -1;
-};
-
-void write_file_atomic(const std::filesystem::path& path, std::string_view bytes);
-// fsync of a folder, so that renames and new entries in it are durable.
-void fsync_directory(const std::filesystem::path& dir);
 std::string read_file_bytes(const std::filesystem::path& path);
 nlohmann::json read_json_file(const std::filesystem::path& path);
 

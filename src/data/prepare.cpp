@@ -5,6 +5,7 @@
 #include "core/error.h"
 #include "data/byte_tokenizer.h"
 #include "data/file_util.h"
+#include "io/atomic_file.h"
 #include "data/sentencepiece_tokenizer.h"
 #include "data/token_shard.h"
 
@@ -203,7 +204,7 @@ std::string val_rule_description(const std::string& val_rule, double val_fractio
 
 // Replaces `paths.target` by the staging folder; on failure the previous target is put back.
 void publish(const OutputPaths& paths) {
-  fsync_directory(paths.staging);
+  io::fsync_directory(paths.staging);
   bool replaced = false;
   try {
     if (fs::exists(paths.target)) {
@@ -224,7 +225,7 @@ void publish(const OutputPaths& paths) {
     MF_FAIL("prepare: cannot move the finished dataset from '{}' to '{}': {}",
             paths.staging.string(), paths.target.string(), e.what());
   }
-  fsync_directory(paths.target.parent_path());
+  io::fsync_directory(paths.target.parent_path());
   if (replaced) fs::remove_all(paths.replaced);
 }
 
@@ -401,7 +402,7 @@ PrepareSummary prepare_dataset(const PrepareOptions& options, const PrepareProgr
       {"splits", {{"train", train.to_json()}, {"val", val.to_json()}}},
       {"documents", documents_json},
   };
-  write_file_atomic(paths.staging / kDatasetJsonName, dataset.dump(2) + "\n");
+  io::write_file_atomic(paths.staging / kDatasetJsonName, dataset.dump(2) + "\n");
 
   publish(paths);
   staging_guard.release();

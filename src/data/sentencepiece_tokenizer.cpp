@@ -3,6 +3,7 @@
 
 #include "core/error.h"
 #include "data/file_util.h"
+#include "io/atomic_file.h"
 
 #include <sentencepiece_processor.h>
 #include <sentencepiece_trainer.h>
@@ -78,14 +79,14 @@ std::string SentencePieceTokenizer::piece(int32_t id) const {
 }
 
 void SentencePieceTokenizer::save(const fs::path& dir) const {
-  write_file_atomic(dir / kSentencePieceModelName, model_bytes_);
+  io::write_file_atomic(dir / kSentencePieceModelName, model_bytes_);
   nlohmann::ordered_json j = {{"format_version", kTokenizerFormatVersion},
                               {"kind", kind()},
                               {"model_file", kSentencePieceModelName},
                               {"vocab_size", vocab_size()},
                               {"bos_id", bos_id()},
                               {"eos_id", eos_id()}};
-  write_file_atomic(dir / kTokenizerJsonName, j.dump(2) + "\n");
+  io::write_file_atomic(dir / kTokenizerJsonName, j.dump(2) + "\n");
 }
 
 namespace {
@@ -183,7 +184,7 @@ void train_sentencepiece(const std::vector<fs::path>& text_files, const fs::path
            vocab_size, text_files.size(), status.ToString());
   fs::path model_file = model_prefix_out;
   model_file += ".model";
-  write_file_atomic(model_file, model_bytes);
+  io::write_file_atomic(model_file, model_bytes);
 }
 
 }  // namespace moeforge::data

@@ -3,6 +3,7 @@
 
 #include "core/error.h"
 #include "data/file_util.h"
+#include "io/atomic_file.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -63,8 +64,8 @@ void write_token_shard(const fs::path& path, std::span<const int32_t> tokens, in
   store_le(header.data() + 16, tokens.size(), 8);
   store_le(header.data() + 24, static_cast<uint64_t>(vocab_size), 8);
 
-  AtomicFileWriter writer(path);
-  writer.write(header.data(), header.size());
+  io::AtomicFileWriter writer(path);
+  writer.write(std::as_bytes(std::span(header.data(), header.size())));
   std::vector<unsigned char> chunk;
   for (size_t begin = 0; begin < tokens.size(); begin += kWriteChunkTokens) {
     size_t count = std::min<size_t>(kWriteChunkTokens, tokens.size() - begin);
@@ -73,7 +74,7 @@ void write_token_shard(const fs::path& path, std::span<const int32_t> tokens, in
       store_le(chunk.data() + token_idx * token_bytes,
                static_cast<uint32_t>(tokens[begin + token_idx]), token_bytes);
     }
-    writer.write(chunk.data(), chunk.size());
+    writer.write(std::as_bytes(std::span(chunk.data(), chunk.size())));
   }
   writer.commit();
 }

@@ -114,6 +114,10 @@ void write_file_atomic(const fs::path& path, std::span<const std::byte> data) {
   writer.commit();
 }
 
+void write_file_atomic(const fs::path& path, std::string_view text) {
+  write_file_atomic(path, std::as_bytes(std::span(text.data(), text.size())));
+}
+
 StagedDirectory::StagedDirectory(fs::path final_path) : final_path_(std::move(final_path)) {
   MF_CHECK(!final_path_.filename().empty(),
            "cannot stage a directory for '{}': the path has no final component (trailing '/'?)",

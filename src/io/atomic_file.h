@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <span>
 #include <string>
+#include <string_view>
 
 namespace moeforge::io {
 
@@ -35,6 +36,8 @@ class AtomicFileWriter {
 
 // The whole file at once through AtomicFileWriter.
 void write_file_atomic(const std::filesystem::path& path, std::span<const std::byte> data);
+// The same for text (e.g. JSON).
+void write_file_atomic(const std::filesystem::path& path, std::string_view text);
 
 // A directory built under `<final>.tmp-<pid>-<counter>` next to the final path (the parent is
 // created if needed). The caller writes files inside staging_path(); commit() fsyncs every file

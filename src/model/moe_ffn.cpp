@@ -133,24 +133,15 @@ void moe_ffn_forward(T* out, MoeFfnSaved<T>& saved, MoeFfnStats& stats, const T*
   ep.reduce_scatter_sum(combined.data(), out, static_cast<size_t>(dims.num_tokens * hidden));
 
   if (dims.shared_ffn == 0) {
-    saved.shared_gate.clear();
-    saved.shared_up.clear();
-    saved.shared_act.clear();
+    saved.shared = {};
     saved.shared_out.clear();
     saved.shared_score.clear();
     return;
   }
-  // The shared expert's activations live in MoeFfnSaved; lend them to dense_ffn and take them
-  // back so their buffers are reused across steps.
-  DenseFfnSaved<T> dense{std::move(saved.shared_gate), std::move(saved.shared_up),
-                         std::move(saved.shared_act)};
   saved.shared_out.resize(static_cast<size_t>(dims.num_tokens * hidden));
-  dense_ffn_forward<T>(saved.shared_out.data(), dense, inp, weights.shared_gate_proj,
+  dense_ffn_forward<T>(saved.shared_out.data(), saved.shared, inp, weights.shared_gate_proj,
                        weights.shared_up_proj, weights.shared_down_proj, dims.num_tokens, hidden,
                        dims.shared_ffn);
-  saved.shared_gate = std::move(dense.h_gate);
-  saved.shared_up = std::move(dense.h_up);
-  saved.shared_act = std::move(dense.h_act);
 
   if (weights.shared_expert_gate == nullptr) {
     saved.shared_score.clear();
@@ -252,9 +243,8 @@ void moe_ffn_backward(T* dinp, MoeFfnGrads<T>& grads, const T* dout, const T* in
       }
     }
   }
-  const DenseFfnSaved<T> dense{saved.shared_gate, saved.shared_up, saved.shared_act};
   dense_ffn_backward<T>(dinp_part.data(), grads.shared_gate_proj, grads.shared_up_proj,
-                        grads.shared_down_proj, dshared_out.data(), inp, dense,
+                        grads.shared_down_proj, dshared_out.data(), inp, saved.shared,
                         weights.shared_gate_proj, weights.shared_up_proj, weights.shared_down_proj,
                         dims.num_tokens, hidden, dims.shared_ffn);
   for (size_t i = 0; i < local_size; ++i) dinp[i] += dinp_part[i];

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "model/dense_ffn.h"
 #include "ops/row_map.h"
 
 namespace moeforge {
@@ -64,9 +65,7 @@ struct MoeFfnSaved {
   std::vector<T> h_up;          // [num_rows, expert_ffn]
   std::vector<T> h_act;         // [num_rows, expert_ffn]
   std::vector<T> y_rows;        // [num_rows, hidden] down-projected rows (before gate weight)
-  std::vector<T> shared_gate;   // [num_tokens, shared_ffn]
-  std::vector<T> shared_up;     // [num_tokens, shared_ffn]
-  std::vector<T> shared_act;    // [num_tokens, shared_ffn]
+  DenseFfnSaved<T> shared;      // shared expert activations [num_tokens, shared_ffn]
   std::vector<T> shared_out;    // [num_tokens, hidden] shared expert output before its gate
   std::vector<T> shared_score;  // [num_tokens] sigmoid gate value
 };

@@ -24,4 +24,9 @@ EvalResult evaluate(Transformer<float>& model, const data::TokenDataset& dataset
                     const data::Tokenizer& tokenizer, int64_t seq_len, int64_t batch_size,
                     int64_t max_batches, Communicator& dp);
 
+// Cross-entropy (nats per token) of the unigram model fitted on `train` (add-one smoothing over the
+// vocabulary), measured on every token of `eval` after its first: the baseline a trained model must
+// clearly beat.
+double unigram_baseline_loss(const data::TokenDataset& train, const data::TokenDataset& eval);
+
 }  // namespace moeforge

@@ -26,7 +26,7 @@ TEST(WriteFileAtomic, WritesAndReplacesWithoutLeftovers) {
   EXPECT_EQ(read_bytes(path), "first");
   write_file_atomic(path, bytes_of("second, longer"));
   EXPECT_EQ(read_bytes(path), "second, longer");
-  write_file_atomic(dir / "empty", {});
+  write_file_atomic(dir / "empty", std::span<const std::byte>());
   EXPECT_EQ(read_bytes(dir / "empty"), "");
   EXPECT_EQ(list_dir(dir.path()), (std::vector<std::string>{"empty", "state.json"}));
 }
