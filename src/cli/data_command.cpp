@@ -1,5 +1,8 @@
 // `moeforge data prepare`: text files or folders -> tokenizer + token shards + validation split.
 #include <fmt/format.h>
+#include <unistd.h>
+
+#include <cstdio>
 
 #include "cli/commands.h"
 #include "data/prepare.h"
@@ -14,7 +17,8 @@ void register_data_command(CLI::App& app) {
   auto out = std::make_shared<std::string>();
   CLI::App* prepare = data->add_subcommand(
       "prepare", "Tokenize text files/folders into versioned token shards with a validation split");
-  prepare->add_option("inputs", *inputs, "Text files or folders (walked recursively, sorted)")->required();
+  prepare->add_option("inputs", *inputs, "Text files or folders (walked recursively, sorted)")
+      ->required();
   prepare->add_option("--out", *out, "Output dataset directory")->required();
   prepare->add_option("--tokenizer", opts->tokenizer, "byte or sentencepiece")
       ->check(CLI::IsMember({"byte", "sentencepiece"}))
@@ -24,14 +28,17 @@ void register_data_command(CLI::App& app) {
   prepare->add_option("--val-fraction", opts->val_fraction, "Fraction of documents held out")
       ->capture_default_str();
   prepare->add_option("--include", opts->include_globs, "Only files matching these globs");
-  prepare->add_option("--exclude", opts->exclude_globs, "Skip files matching these globs (e.g. '*.dat')");
-  prepare->add_option("--shard-tokens", opts->shard_tokens, "Tokens per shard file")->capture_default_str();
+  prepare->add_option("--exclude", opts->exclude_globs,
+                      "Skip files matching these globs (e.g. '*.dat')");
+  prepare->add_option("--shard-tokens", opts->shard_tokens, "Tokens per shard file")
+      ->capture_default_str();
   prepare->add_flag("--overwrite", opts->overwrite, "Replace an existing output directory");
   prepare->callback([opts, inputs, out] {
     opts->inputs.assign(inputs->begin(), inputs->end());
     opts->out_dir = *out;
-    const data::PrepareSummary s = data::prepare_dataset(*opts, [](const data::PrepareProgress& p) {
-      if (p.stage == "encode" && p.num_documents > 0) {
+    const bool tty = isatty(fileno(stderr));
+    const data::PrepareSummary s = data::prepare_dataset(*opts, [tty](const data::PrepareProgress& p) {
+      if (tty && p.stage == "encode" && p.num_documents > 0) {
         fmt::print(stderr, "\rencoding {}/{} documents, {} tokens", p.num_documents_done,
                    p.num_documents, p.num_tokens_done);
       } else if (p.stage == "train_tokenizer") {
@@ -39,9 +46,10 @@ void register_data_command(CLI::App& app) {
       }
     });
     fmt::print(stderr, "\n");
-    fmt::print("{}: {} tokenizer (vocab {}), {} documents, train {} tokens, val {} tokens (split: {})\n",
-               s.out_dir.string(), s.tokenizer_kind, s.vocab_size, s.num_documents,
-               s.num_train_tokens, s.num_val_tokens, s.val_rule);
+    fmt::print(
+        "{}: {} tokenizer (vocab {}), {} documents, train {} tokens, val {} tokens (split: {})\n",
+        s.out_dir.string(), s.tokenizer_kind, s.vocab_size, s.num_documents, s.num_train_tokens,
+        s.num_val_tokens, s.val_rule);
   });
 }
 

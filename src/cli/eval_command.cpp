@@ -16,15 +16,21 @@ void register_eval_command(CLI::App& app) {
     int64_t seq_len = 256, batch_size = 8, max_batches = 0;
   };
   auto opts = std::make_shared<Options>();
-  CLI::App* cmd = app.add_subcommand("eval", "Evaluate a model on a prepared dataset (prints one JSON line)");
-  cmd->add_option("--model", opts->model, "Model, checkpoint or run directory")->required()->check(CLI::ExistingDirectory);
+  CLI::App* cmd =
+      app.add_subcommand("eval", "Evaluate a model on a prepared dataset (prints one JSON line)");
+  cmd->add_option("--model", opts->model, "Model, checkpoint or run directory")
+      ->required()
+      ->check(CLI::ExistingDirectory);
   cmd->add_option("--data", opts->data, "Dataset directory from `moeforge data prepare`")
       ->required()
       ->check(CLI::ExistingDirectory);
-  cmd->add_option("--split", opts->split, "train or val")->check(CLI::IsMember({"train", "val"}))->capture_default_str();
+  cmd->add_option("--split", opts->split, "train or val")
+      ->check(CLI::IsMember({"train", "val"}))
+      ->capture_default_str();
   cmd->add_option("--seq-len", opts->seq_len, "Tokens per window")->capture_default_str();
   cmd->add_option("--batch-size", opts->batch_size, "Windows per forward")->capture_default_str();
-  cmd->add_option("--max-batches", opts->max_batches, "Stop after this many batches (0 = all)")->capture_default_str();
+  cmd->add_option("--max-batches", opts->max_batches, "Stop after this many batches (0 = all)")
+      ->capture_default_str();
   cmd->callback([opts] {
     const std::filesystem::path dir = resolve_model_dir(opts->model);
     const ModelConfig config = load_model_config(dir / "config.json");

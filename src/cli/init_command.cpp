@@ -19,10 +19,14 @@ void register_init_command(CLI::App& app) {
   auto opts = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand(
       "init", "Write a randomly initialised checkpoint (config.json + model.safetensors)");
-  cmd->add_option("--config", opts->config, "HF config.json of the model")->required()->check(CLI::ExistingFile);
-  cmd->add_option("--out", opts->out, "Output directory (must not exist unless --force)")->required();
+  cmd->add_option("--config", opts->config, "HF config.json of the model")
+      ->required()
+      ->check(CLI::ExistingFile);
+  cmd->add_option("--out", opts->out, "Output directory (must not exist unless --force)")
+      ->required();
   cmd->add_option("--seed", opts->seed, "Initialisation seed")->capture_default_str();
-  cmd->add_option("--init-std", opts->init_std, "Std of the normal init of matrices")->capture_default_str();
+  cmd->add_option("--init-std", opts->init_std, "Std of the normal init of matrices")
+      ->capture_default_str();
   cmd->add_option("--dtype", opts->dtype, "On-disk dtype: F32, BF16 or F16")->capture_default_str();
   cmd->add_flag("--force", opts->force, "Replace an existing output directory");
   cmd->callback([opts] {
@@ -34,8 +38,9 @@ void register_init_command(CLI::App& app) {
     write_hf_model(staged.staging_path(), config, model.layout(), model.params().data(),
                    io::parse_dtype(opts->dtype));
     staged.commit(opts->force);
-    fmt::print("wrote {} ({} parameters, {} active) to {}\n", architecture_name(config.architecture),
-               model.layout().num_params(), model.layout().num_active_params(), opts->out);
+    fmt::print("wrote {} ({} parameters, {} active) to {}\n",
+               architecture_name(config.architecture), model.layout().num_params(),
+               model.layout().num_active_params(), opts->out);
   });
 }
 

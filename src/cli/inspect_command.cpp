@@ -33,7 +33,8 @@ void inspect(const std::string& dir, bool json) {
     nlohmann::json tensors = nlohmann::json::array();
     for (const std::string& name : weights.names()) {
       const io::TensorInfo& info = weights.info(name);
-      tensors.push_back({{"name", name}, {"dtype", io::dtype_name(info.dtype)}, {"shape", info.shape}});
+      tensors.push_back(
+          {{"name", name}, {"dtype", io::dtype_name(info.dtype)}, {"shape", info.shape}});
     }
     nlohmann::json out = {{"config", model_config_to_json(config)},
                           {"num_params", layout.num_params()},
@@ -71,8 +72,11 @@ void inspect(const std::string& dir, bool json) {
 void register_inspect_command(CLI::App& app) {
   auto dir = std::make_shared<std::string>();
   auto json = std::make_shared<bool>(false);
-  CLI::App* cmd = app.add_subcommand("inspect", "Show a model directory: config, tensors, parameter counts");
-  cmd->add_option("dir", *dir, "Model or checkpoint directory")->required()->check(CLI::ExistingDirectory);
+  CLI::App* cmd =
+      app.add_subcommand("inspect", "Show a model directory: config, tensors, parameter counts");
+  cmd->add_option("dir", *dir, "Model or checkpoint directory")
+      ->required()
+      ->check(CLI::ExistingDirectory);
   cmd->add_flag("--json", *json, "Print machine-readable JSON");
   cmd->callback([dir, json] { inspect(*dir, *json); });
 }

@@ -17,15 +17,25 @@ size_t comm_dtype_size(CommDType dtype);
 template <typename T>
 constexpr CommDType comm_dtype_of();
 template <>
-constexpr CommDType comm_dtype_of<float>() { return CommDType::kFloat32; }
+constexpr CommDType comm_dtype_of<float>() {
+  return CommDType::kFloat32;
+}
 template <>
-constexpr CommDType comm_dtype_of<double>() { return CommDType::kFloat64; }
+constexpr CommDType comm_dtype_of<double>() {
+  return CommDType::kFloat64;
+}
 template <>
-constexpr CommDType comm_dtype_of<int32_t>() { return CommDType::kInt32; }
+constexpr CommDType comm_dtype_of<int32_t>() {
+  return CommDType::kInt32;
+}
 template <>
-constexpr CommDType comm_dtype_of<int64_t>() { return CommDType::kInt64; }
+constexpr CommDType comm_dtype_of<int64_t>() {
+  return CommDType::kInt64;
+}
 template <>
-constexpr CommDType comm_dtype_of<uint8_t>() { return CommDType::kUInt8; }
+constexpr CommDType comm_dtype_of<uint8_t>() {
+  return CommDType::kUInt8;
+}
 
 class Communicator {
  public:

@@ -38,8 +38,9 @@ void SelfCommunicator::all_to_all_v(const void* send, const size_t* send_counts,
                                     const size_t* send_offsets, void* recv,
                                     const size_t* recv_counts, const size_t* recv_offsets,
                                     CommDType dtype) {
-  MF_CHECK(send_counts[0] == recv_counts[0], "all_to_all_v on one rank: send count {} != recv count {}",
-           send_counts[0], recv_counts[0]);
+  MF_CHECK(send_counts[0] == recv_counts[0],
+           "all_to_all_v on one rank: send count {} != recv count {}", send_counts[0],
+           recv_counts[0]);
   const size_t elem = comm_dtype_size(dtype);
   copy_if_distinct(static_cast<const char*>(send) + send_offsets[0] * elem,
                    static_cast<char*>(recv) + recv_offsets[0] * elem, send_counts[0] * elem);

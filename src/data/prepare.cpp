@@ -5,9 +5,9 @@
 #include "core/error.h"
 #include "data/byte_tokenizer.h"
 #include "data/file_util.h"
-#include "io/atomic_file.h"
 #include "data/sentencepiece_tokenizer.h"
 #include "data/token_shard.h"
+#include "io/atomic_file.h"
 
 #include <fmt/ranges.h>
 #include <fnmatch.h>

@@ -32,7 +32,8 @@ GenerateResult generate(Transformer<float>& model, const data::Tokenizer& tokeni
   using Clock = std::chrono::steady_clock;
   auto start = Clock::now();
   model.forward_incremental(result.prompt_tokens.data(),
-                            static_cast<int64_t>(result.prompt_tokens.size()), cache, logits.data());
+                            static_cast<int64_t>(result.prompt_tokens.size()), cache,
+                            logits.data());
   result.prefill_seconds = std::chrono::duration<double>(Clock::now() - start).count();
   start = Clock::now();
   for (int64_t i = 0; i < options.max_new_tokens; ++i) {

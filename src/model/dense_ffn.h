@@ -1,5 +1,5 @@
-// Dense SwiGLU FFN (Llama MLP): out = down(silu(gate(x)) * up(x)). Used by dense layers and, through
-// moe_ffn, by the shared expert.
+// Dense SwiGLU FFN (Llama MLP): out = down(silu(gate(x)) * up(x)). Used by dense layers and,
+// through moe_ffn, by the shared expert.
 #pragma once
 
 #include <cstdint>

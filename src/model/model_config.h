@@ -34,25 +34,25 @@ struct ModelConfig {
   int64_t num_layers = 0;
   int64_t num_heads = 0;
   int64_t num_kv_heads = 0;
-  int64_t head_dim = 0;                 // hidden_size / num_heads unless the config sets it
-  int64_t intermediate_size = 0;        // dense SwiGLU layers
+  int64_t head_dim = 0;           // hidden_size / num_heads unless the config sets it
+  int64_t intermediate_size = 0;  // dense SwiGLU layers
   int64_t max_position_embeddings = 0;
   double rms_norm_eps = 1e-6;
   double rope_theta = 10000.0;
-  bool attention_bias = false;          // bias on q/k/v projections (Qwen2, Qwen2-MoE: true)
-  bool qk_norm = false;                 // per-head RMSNorm on q and k (Qwen3, Qwen3-MoE)
+  bool attention_bias = false;  // bias on q/k/v projections (Qwen2, Qwen2-MoE: true)
+  bool qk_norm = false;         // per-head RMSNorm on q and k (Qwen3, Qwen3-MoE)
   bool tie_word_embeddings = false;
 
   // Mixture of experts (num_experts == 0: a dense model).
   int64_t num_experts = 0;
-  int64_t num_experts_per_tok = 0;      // top-k
-  int64_t moe_intermediate_size = 0;    // per-expert ffn size
+  int64_t num_experts_per_tok = 0;    // top-k
+  int64_t moe_intermediate_size = 0;  // per-expert ffn size
   bool norm_topk_prob = true;
   int64_t shared_expert_intermediate_size = 0;  // 0: no shared expert (Qwen2-MoE only)
-  std::vector<int64_t> dense_layers;    // layers with a dense SwiGLU instead of experts
-  double router_aux_loss_coef = 0.0;    // HF field router_aux_loss_coef
-  double router_z_loss_coef = 0.0;      // moeforge extension, field router_z_loss_coef
-  double capacity_factor = 0.0;         // moeforge extension; <= 0 means dropless
+  std::vector<int64_t> dense_layers;            // layers with a dense SwiGLU instead of experts
+  double router_aux_loss_coef = 0.0;            // HF field router_aux_loss_coef
+  double router_z_loss_coef = 0.0;              // moeforge extension, field router_z_loss_coef
+  double capacity_factor = 0.0;                 // moeforge extension; <= 0 means dropless
 
   int64_t bos_token_id = -1;
   int64_t eos_token_id = -1;

@@ -75,9 +75,10 @@ void read_hf_weights(const std::filesystem::path& dir, const ParameterLayout& la
   for (const std::string& name : weights.names()) {
     // A tied model's file may still carry lm_head.weight; it is the embedding, so skip it.
     if (expected.contains(name) || is_ignorable_tensor(name) || name == "lm_head.weight") continue;
-    MF_FAIL("{}: tensor {} does not belong to this architecture (is config.json the one these "
-            "weights were saved with?)",
-            dir.string(), name);
+    MF_FAIL(
+        "{}: tensor {} does not belong to this architecture (is config.json the one these "
+        "weights were saved with?)",
+        dir.string(), name);
   }
 }
 
@@ -86,6 +87,7 @@ template void write_hf_model<float>(const std::filesystem::path&, const ModelCon
 template void write_hf_model<double>(const std::filesystem::path&, const ModelConfig&,
                                      const ParameterLayout&, const double*, io::DType, uint64_t);
 template void read_hf_weights<float>(const std::filesystem::path&, const ParameterLayout&, float*);
-template void read_hf_weights<double>(const std::filesystem::path&, const ParameterLayout&, double*);
+template void read_hf_weights<double>(const std::filesystem::path&, const ParameterLayout&,
+                                      double*);
 
 }  // namespace moeforge

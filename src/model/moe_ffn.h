@@ -16,14 +16,14 @@
 namespace moeforge {
 
 struct MoeFfnDims {
-  int64_t num_tokens;       // local tokens (this rank's shard)
+  int64_t num_tokens;  // local tokens (this rank's shard)
   int64_t hidden;
-  int64_t expert_ffn;       // moe_intermediate_size
-  int64_t num_experts;      // global
+  int64_t expert_ffn;   // moe_intermediate_size
+  int64_t num_experts;  // global
   int64_t top_k;
   bool norm_topk_prob;
-  double capacity_factor;   // <= 0: dropless
-  int64_t shared_ffn;       // 0: no shared expert
+  double capacity_factor;  // <= 0: dropless
+  int64_t shared_ffn;      // 0: no shared expert
 };
 
 template <typename T>
@@ -54,11 +54,11 @@ struct MoeFfnGrads {
 // What the forward saves for the backward (owned buffers, reused across steps).
 template <typename T>
 struct MoeFfnSaved {
-  std::vector<T> tokens;        // [group_tokens, hidden] all-gathered input
-  std::vector<T> logits;        // [group_tokens, num_experts]
-  std::vector<T> probs;         // [group_tokens, num_experts]
+  std::vector<T> tokens;            // [group_tokens, hidden] all-gathered input
+  std::vector<T> logits;            // [group_tokens, num_experts]
+  std::vector<T> probs;             // [group_tokens, num_experts]
   std::vector<int32_t> expert_idx;  // [group_tokens, top_k]
-  std::vector<T> gates;         // [group_tokens, top_k]
+  std::vector<T> gates;             // [group_tokens, top_k]
   ops::RowMap row_map;
   std::vector<T> rows;          // [num_rows, hidden]
   std::vector<T> h_gate;        // [num_rows, expert_ffn]
@@ -72,10 +72,10 @@ struct MoeFfnSaved {
 
 // Per-layer statistics of one forward.
 struct MoeFfnStats {
-  double aux_loss = 0.0;                 // router_aux_loss over the group's tokens
-  double z_loss = 0.0;                   // router_z_loss over the group's tokens
-  std::vector<int64_t> expert_load;      // [num_experts] assignments routed to each expert
-  int64_t num_dropped = 0;               // assignments dropped by capacity (local experts)
+  double aux_loss = 0.0;             // router_aux_loss over the group's tokens
+  double z_loss = 0.0;               // router_z_loss over the group's tokens
+  std::vector<int64_t> expert_load;  // [num_experts] assignments routed to each expert
+  int64_t num_dropped = 0;           // assignments dropped by capacity (local experts)
 };
 
 // out [num_tokens, hidden] (assign). inp [num_tokens, hidden]. ep: the expert-parallel group;

@@ -20,7 +20,8 @@ ExpertNames expert_names(Architecture arch) {
 }
 
 bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 }  // namespace
@@ -44,7 +45,8 @@ int64_t ParameterLayout::add_experts(const std::string& prefix, const std::strin
                                      int64_t num_experts, int64_t rows, int64_t cols) {
   int64_t first = -1;
   for (int64_t e = 0; e < num_experts; ++e) {
-    const int64_t offset = add(fmt::format("{}.experts.{}.{}.weight", prefix, e, suffix), {rows, cols});
+    const int64_t offset =
+        add(fmt::format("{}.experts.{}.{}.weight", prefix, e, suffix), {rows, cols});
     if (e == 0) first = offset;
   }
   return first;

@@ -1,7 +1,8 @@
 // The parameter layout of a model: every tensor under its exact Hugging Face name, with its shape
 // and its offset in one flat buffer (so the optimizer, gradient reduction and checkpointing see a
 // single array). The experts of a layer are contiguous per projection ([num_experts, out, in]),
-// so the grouped GEMM reads expert e at base + e * out * in while each expert keeps its own HF name.
+// so the grouped GEMM reads expert e at base + e * out * in while each expert keeps its own HF
+// name.
 #pragma once
 
 #include <cstdint>
@@ -61,7 +62,8 @@ class ParameterLayout {
   int64_t embed_tokens_ = -1, final_norm_ = -1, lm_head_ = -1;
 };
 
-// True for the parameters that RMSNorm owns (their HF names end in "norm.weight" or "layernorm.weight").
+// True for the parameters that RMSNorm owns (their HF names end in "norm.weight" or
+// "layernorm.weight").
 bool is_norm_param(const std::string& name);
 
 }  // namespace moeforge

@@ -190,8 +190,8 @@ void Transformer<T>::attention_forward(int64_t l, int64_t batch, int64_t seq, Kv
   }
   ops::attention_forward(a.att.data(), probs, a.q.data(), keys, values, dims);
 
-  ops::linear_forward(a.residual_mid.data(), a.att.data(), p(o.o_proj), static_cast<const T*>(nullptr),
-                      n, qd, h);
+  ops::linear_forward(a.residual_mid.data(), a.att.data(), p(o.o_proj),
+                      static_cast<const T*>(nullptr), n, qd, h);
   ops::add_inplace(a.residual_mid.data(), a.residual_in.data(), n * h);
 }
 
@@ -337,17 +337,19 @@ void Transformer<T>::backward(double dloss) {
                         p(layout_.final_norm()), rstdf_.data(), n, h);
 
   const double d_aux =
-      num_moe_layers_ ? dloss * config_.router_aux_loss_coef / static_cast<double>(num_moe_layers_) : 0;
-  const double d_z =
-      num_moe_layers_ ? dloss * config_.router_z_loss_coef / static_cast<double>(num_moe_layers_) : 0;
+      num_moe_layers_ ? dloss * config_.router_aux_loss_coef / static_cast<double>(num_moe_layers_)
+                      : 0;
+  const double d_z = num_moe_layers_
+                         ? dloss * config_.router_z_loss_coef / static_cast<double>(num_moe_layers_)
+                         : 0;
   for (int64_t l = config_.num_layers - 1; l >= 0; --l) {
     const LayerOffsets& o = layout_.layer(l);
     const LayerActivations& a = acts_[static_cast<size_t>(l)];
     // dres is the gradient of the layer's output; the FFN branch reads ln2 = norm(residual_mid).
     ffn_backward(l, n, dres.data(), dtmp.data(), d_aux, d_z);
     std::vector<T> dmid(n * h);
-    ops::rmsnorm_backward(dmid.data(), g(o.post_attention_norm), dtmp.data(),
-                          a.residual_mid.data(), p(o.post_attention_norm), a.rstd2.data(), n, h);
+    ops::rmsnorm_backward(dmid.data(), g(o.post_attention_norm), dtmp.data(), a.residual_mid.data(),
+                          p(o.post_attention_norm), a.rstd2.data(), n, h);
     ops::add_inplace(dres.data(), dmid.data(), n * h);
     attention_backward(l, batch_, seq_, dres.data());
   }

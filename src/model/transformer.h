@@ -1,6 +1,6 @@
 // The decoder-only transformer (Llama / Qwen / Mixtral family) with a hand-written forward and
-// backward over the CPU reference ops. One flat parameter buffer and one flat gradient buffer in the
-// HF-named layout of ParameterLayout. T is float for training and double for gradient checks.
+// backward over the CPU reference ops. One flat parameter buffer and one flat gradient buffer in
+// the HF-named layout of ParameterLayout. T is float for training and double for gradient checks.
 //
 // Loss of a forward: ce + router_aux_loss_coef * mean_l(aux_l) + router_z_loss_coef * mean_l(z_l),
 // where ce is the mean cross-entropy over the counted targets and l runs over the MoE layers.
@@ -21,8 +21,8 @@ namespace moeforge {
 // Keys and values of past positions for incremental decoding (batch 1).
 template <typename T>
 struct KvCache {
-  int64_t capacity = 0;  // positions
-  int64_t length = 0;    // positions filled
+  int64_t capacity = 0;           // positions
+  int64_t length = 0;             // positions filled
   std::vector<std::vector<T>> k;  // per layer [capacity, kv_dim]
   std::vector<std::vector<T>> v;  // per layer [capacity, kv_dim]
 
@@ -83,8 +83,7 @@ class Transformer {
   void attention_forward(int64_t layer_idx, int64_t batch, int64_t seq, KvCache<T>* cache);
   void attention_backward(int64_t layer_idx, int64_t batch, int64_t seq, T* dres);
   void ffn_forward(int64_t layer_idx, int64_t n, T* out);
-  void ffn_backward(int64_t layer_idx, int64_t n, const T* dout, T* dinp, double d_aux,
-                    double d_z);
+  void ffn_backward(int64_t layer_idx, int64_t n, const T* dout, T* dinp, double d_aux, double d_z);
   MoeFfnDims moe_dims(int64_t n) const;
   MoeFfnWeights<T> moe_weights(const LayerOffsets& o) const;
   MoeFfnGrads<T> moe_grads(const LayerOffsets& o);
@@ -100,7 +99,7 @@ class Transformer {
   int64_t batch_ = 0, seq_ = 0;
   std::vector<int32_t> tokens_, targets_, positions_;
   std::vector<LayerActivations> acts_;
-  std::vector<T> x_;                    // [n, hidden] residual stream at the end of the layers
+  std::vector<T> x_;  // [n, hidden] residual stream at the end of the layers
   std::vector<T> lnf_, rstdf_, logits_, losses_;
   std::vector<MoeFfnStats> moe_stats_;
   LossBreakdown last_;

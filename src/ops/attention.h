@@ -11,8 +11,8 @@ namespace moeforge::ops {
 
 struct AttentionDims {
   int64_t batch;
-  int64_t num_q;         // query positions per sequence
-  int64_t num_k;         // key positions per sequence (>= num_q)
+  int64_t num_q;  // query positions per sequence
+  int64_t num_k;  // key positions per sequence (>= num_q)
   int64_t num_q_heads;
   int64_t num_kv_heads;
   int64_t head_dim;

@@ -12,7 +12,8 @@ double cross_entropy_forward(T* losses, const T* logits, const int32_t* targets,
                              int64_t vocab, int64_t* num_counted);
 
 // dlogits [n, vocab] = (softmax(logits) - onehot(target)) * dloss  (assign; 0 for ignored rows).
-// dloss is the gradient of the final loss with respect to each row's loss (1/num_counted for a mean).
+// dloss is the gradient of the final loss with respect to each row's loss (1/num_counted for a
+// mean).
 template <typename T>
 void cross_entropy_backward(T* dlogits, const T* logits, const int32_t* targets, int64_t n,
                             int64_t vocab, double dloss);

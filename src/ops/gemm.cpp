@@ -44,15 +44,18 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a
   if (m == 0 || n == 0) return;
   pin_blas_to_one_thread();
   const int max_threads = omp_in_parallel() ? 1 : omp_get_max_threads();
-  const double flops = 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
+  const double flops =
+      2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
   const int64_t num_blocks =
-      flops < kParallelFlops ? 1 : std::min<int64_t>(max_threads, std::max<int64_t>(1, m / kMinRowsPerBlock));
+      flops < kParallelFlops
+          ? 1
+          : std::min<int64_t>(max_threads, std::max<int64_t>(1, m / kMinRowsPerBlock));
   if (num_blocks <= 1) {
     blas_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
   const int64_t rows_per_block = (m + num_blocks - 1) / num_blocks;
-#pragma omp parallel for schedule(static) num_threads(static_cast<int>(num_blocks))
+#pragma omp parallel for schedule(static) num_threads(static_cast <int>(num_blocks))
   for (int64_t blk = 0; blk < num_blocks; ++blk) {
     const int64_t row0 = blk * rows_per_block;
     const int64_t rows = std::min(rows_per_block, m - row0);

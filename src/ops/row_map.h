@@ -18,9 +18,9 @@ struct RowMap {
   int64_t top_k = 0;
   int64_t expert_begin = 0;
   int64_t expert_end = 0;
-  std::vector<int64_t> expert_offsets;  // [num_local_experts + 1], row ranges per local expert
-  std::vector<int32_t> row_token;       // [num_rows] token index of each row
-  std::vector<int32_t> assignment_row;  // [num_tokens * top_k] row of assignment, -1 if not here
+  std::vector<int64_t> expert_offsets;     // [num_local_experts + 1], row ranges per local expert
+  std::vector<int32_t> row_token;          // [num_rows] token index of each row
+  std::vector<int32_t> assignment_row;     // [num_tokens * top_k] row of assignment, -1 if not here
   std::vector<int64_t> tokens_per_expert;  // [num_local_experts] routed before dropping
   int64_t num_dropped = 0;                 // assignments to local experts dropped by capacity
 

@@ -31,7 +31,8 @@ void AdamW::step(float* params, const float* grads, double lr) {
   const float eps = static_cast<float>(hyper_.eps);
   const std::vector<ParamSpec>& specs = layout_.specs();
   for (size_t s = 0; s < specs.size(); ++s) {
-    const float decay_factor = decay_[s] ? static_cast<float>(1.0 - lr * hyper_.weight_decay) : 1.0f;
+    const float decay_factor =
+        decay_[s] ? static_cast<float>(1.0 - lr * hyper_.weight_decay) : 1.0f;
     const int64_t begin = specs[s].offset, end = specs[s].offset + specs[s].numel;
 #pragma omp parallel for schedule(static)
     for (int64_t i = begin; i < end; ++i) {

@@ -68,9 +68,8 @@ TrainerState state_from_json(const nlohmann::json& j, const fs::path& path) {
 void write_index(const fs::path& run_dir, const std::vector<CheckpointEntry>& entries) {
   nlohmann::json list = nlohmann::json::array();
   for (const CheckpointEntry& e : entries) {
-    list.push_back({{"step", e.step},
-                    {"tokens_seen", e.tokens_seen},
-                    {"path", e.path.filename().string()}});
+    list.push_back(
+        {{"step", e.step}, {"tokens_seen", e.tokens_seen}, {"path", e.path.filename().string()}});
   }
   write_json_atomic(run_dir / "checkpoints" / "index.json",
                     {{"format_version", kCheckpointFormatVersion}, {"checkpoints", list}});
@@ -94,13 +93,15 @@ std::vector<CheckpointEntry> read_checkpoint_index(const fs::path& run_dir) {
   const fs::path path = run_dir / "checkpoints" / "index.json";
   if (!fs::exists(path)) return {};
   const nlohmann::json j = read_json(path);
-  MF_CHECK(j.value("format_version", 0) >= 1 && j.value("format_version", 0) <= kCheckpointFormatVersion,
-           "{}: unsupported index format_version", path.string());
+  MF_CHECK(
+      j.value("format_version", 0) >= 1 && j.value("format_version", 0) <= kCheckpointFormatVersion,
+      "{}: unsupported index format_version", path.string());
   std::vector<CheckpointEntry> entries;
   try {
     for (const auto& e : j.at("checkpoints")) {
-      entries.push_back(CheckpointEntry{e.at("step").get<int64_t>(), e.at("tokens_seen").get<int64_t>(),
-                                        fs::absolute(run_dir / "checkpoints" / e.at("path").get<std::string>())});
+      entries.push_back(
+          CheckpointEntry{e.at("step").get<int64_t>(), e.at("tokens_seen").get<int64_t>(),
+                          fs::absolute(run_dir / "checkpoints" / e.at("path").get<std::string>())});
     }
   } catch (const nlohmann::json::exception& e) {
     MF_FAIL("{}: malformed checkpoint index: {}", path.string(), e.what());
@@ -124,13 +125,14 @@ fs::path save_checkpoint(const fs::path& run_dir, const Transformer<float>& mode
       const auto bytes = [&](const std::vector<float>& v) {
         return std::as_bytes(std::span(v.data() + spec.offset, static_cast<size_t>(spec.numel)));
       };
-      moments.push_back({"exp_avg." + spec.name, io::DType::kF32, spec.shape, bytes(optimizer.exp_avg())});
+      moments.push_back(
+          {"exp_avg." + spec.name, io::DType::kF32, spec.shape, bytes(optimizer.exp_avg())});
       moments.push_back(
           {"exp_avg_sq." + spec.name, io::DType::kF32, spec.shape, bytes(optimizer.exp_avg_sq())});
     }
-    io::write_safetensors(dir / "optimizer.safetensors", moments,
-                          {{"format", "moeforge-adamw"},
-                           {"step_count", std::to_string(optimizer.step_count())}});
+    io::write_safetensors(
+        dir / "optimizer.safetensors", moments,
+        {{"format", "moeforge-adamw"}, {"step_count", std::to_string(optimizer.step_count())}});
     write_json_atomic(dir / "trainer_state.json", state_to_json(state));
     write_json_atomic(dir / "train_config.json", train_config);
     if (!tokenizer_dir.empty()) copy_tokenizer_files(tokenizer_dir, dir);
@@ -170,7 +172,8 @@ TrainerState load_checkpoint(const fs::path& dir, Transformer<float>& model, Ada
       const io::TensorInfo* info = moments.find(name);
       MF_CHECK(info != nullptr, "{}: optimizer state {} is missing", moments.path().string(), name);
       MF_CHECK(info->dtype == io::DType::kF32 && info->shape == spec.shape,
-               "{}: optimizer state {} has the wrong dtype or shape", moments.path().string(), name);
+               "{}: optimizer state {} has the wrong dtype or shape", moments.path().string(),
+               name);
       const auto bytes = moments.data(*info);
       std::memcpy(target->data() + spec.offset, bytes.data(), bytes.size());
     }

@@ -2,7 +2,8 @@
 //   checkpoints/step-00000100/  config.json, model.safetensors (fp32, HF names; shards + index past
 //                               5 GB), optimizer.safetensors (exp_avg.<name>, exp_avg_sq.<name>),
 //                               trainer_state.json, train_config.json, tokenizer files
-//   checkpoints/index.json      every kept checkpoint with its step and tokens seen (merging uses it)
+//   checkpoints/index.json      every kept checkpoint with its step and tokens seen (merging uses
+//   it)
 // Each checkpoint is written into a staging directory, fsynced and renamed, so a crash mid-save
 // never damages the last good checkpoint; the index is replaced atomically afterwards.
 #pragma once
@@ -42,7 +43,8 @@ std::filesystem::path checkpoint_dir_name(const std::filesystem::path& run_dir, 
 std::filesystem::path save_checkpoint(const std::filesystem::path& run_dir,
                                       const Transformer<float>& model, AdamW& optimizer,
                                       const TrainerState& state, const nlohmann::json& train_config,
-                                      const std::filesystem::path& tokenizer_dir, int64_t keep_last);
+                                      const std::filesystem::path& tokenizer_dir,
+                                      int64_t keep_last);
 
 // Restores parameters, optimizer moments and trainer state; the model's architecture must match
 // the checkpoint's config.json (checked field by field through the parameter layout).

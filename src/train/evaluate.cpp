@@ -21,22 +21,25 @@ EvalResult evaluate(Transformer<float>& model, const data::TokenDataset& dataset
   // Bytes of text per token id (special ids have none).
   std::vector<int64_t> token_bytes(static_cast<size_t>(tokenizer.vocab_size()));
   for (int32_t id = 0; id < tokenizer.vocab_size(); ++id) {
-    token_bytes[id] = static_cast<int64_t>(tokenizer.decode(std::span<const int32_t>(&id, 1)).size());
+    token_bytes[id] =
+        static_cast<int64_t>(tokenizer.decode(std::span<const int32_t>(&id, 1)).size());
   }
 
   std::vector<int32_t> inputs(batch_size * seq_len), targets(batch_size * seq_len);
   double sums[3] = {0.0, 0.0, 0.0};  // nats, tokens, bytes
-  for (int64_t first = dp.rank() * batch_size; first < num_windows; first += dp.size() * batch_size) {
+  for (int64_t first = dp.rank() * batch_size; first < num_windows;
+       first += dp.size() * batch_size) {
     const int64_t rows = std::min(batch_size, num_windows - first);
     for (int64_t r = 0; r < rows; ++r) {
       dataset.read_window(seq_len, first + r, inputs.data() + r * seq_len,
-                               targets.data() + r * seq_len);
+                          targets.data() + r * seq_len);
     }
     const LossBreakdown loss = model.forward(inputs.data(), targets.data(), rows, seq_len);
     sums[0] += loss.ce_loss * static_cast<double>(loss.num_counted);
     sums[1] += static_cast<double>(loss.num_counted);
     for (int64_t i = 0; i < rows * seq_len; ++i) {
-      if (targets[i] >= 0 && targets[i] < tokenizer.vocab_size()) sums[2] += token_bytes[targets[i]];
+      if (targets[i] >= 0 && targets[i] < tokenizer.vocab_size())
+        sums[2] += token_bytes[targets[i]];
     }
   }
   dp.all_reduce_sum(sums, 3);

@@ -12,9 +12,9 @@
 namespace moeforge {
 
 struct EvalResult {
-  double loss = 0.0;            // mean nats per target token
-  double perplexity = 0.0;      // exp(loss)
-  double bits_per_byte = 0.0;   // total nats / ln 2 / bytes of the target tokens' text
+  double loss = 0.0;           // mean nats per target token
+  double perplexity = 0.0;     // exp(loss)
+  double bits_per_byte = 0.0;  // total nats / ln 2 / bytes of the target tokens' text
   int64_t num_tokens = 0;
   int64_t num_bytes = 0;
 };

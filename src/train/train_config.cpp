@@ -163,7 +163,8 @@ class SectionReader {
   uint64_t get_seed(const char* key) const {
     const json& v = at(key);
     // JSON parsed from text stores non-negative integers as unsigned, JSON built in code as signed.
-    const bool non_negative = v.is_number_unsigned() || (v.is_number_integer() && v.get<int64_t>() >= 0);
+    const bool non_negative =
+        v.is_number_unsigned() || (v.is_number_integer() && v.get<int64_t>() >= 0);
     if (!non_negative) type_error(key, "a non-negative integer", v);
     return v.get<uint64_t>();
   }

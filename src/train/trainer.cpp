@@ -3,12 +3,12 @@
 
 #include <fmt/format.h>
 
+#include <unistd.h>
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
-#include <unistd.h>
 
 #include "core/error.h"
 #include "data/loader.h"
@@ -29,7 +29,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 ModelConfig resolve_model_config(const TrainConfig& config) {
-  if (!config.model.init_from.empty()) return load_model_config(config.model.init_from / "config.json");
+  if (!config.model.init_from.empty())
+    return load_model_config(config.model.init_from / "config.json");
   return load_model_config(config.model.model_config);
 }
 
@@ -83,8 +84,8 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
 
   MF_CHECK(model_config.max_position_embeddings <= 0 ||
                config.data.seq_len <= model_config.max_position_embeddings,
-           "data.seq_len ({}) exceeds the model's max_position_embeddings ({})", config.data.seq_len,
-           model_config.max_position_embeddings);
+           "data.seq_len ({}) exceeds the model's max_position_embeddings ({})",
+           config.data.seq_len, model_config.max_position_embeddings);
 
   SelfCommunicator expert_group;
   Transformer<float> model(model_config, expert_group);
@@ -121,11 +122,11 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   const nlohmann::json config_json = train_config_to_json(config);
   MetricsLog metrics(config.log.metrics_file, is_root);
   if (is_root) {
-    fmt::print(stderr,
-               "training {} with {} parameters ({} active) on {} rank(s): {} tokens/step, {} steps\n",
-               architecture_name(model_config.architecture), model.layout().num_params(),
-               model.layout().num_active_params(), dp.size(), tokens_per_step,
-               config.schedule.max_steps);
+    fmt::print(
+        stderr,
+        "training {} with {} parameters ({} active) on {} rank(s): {} tokens/step, {} steps\n",
+        architecture_name(model_config.architecture), model.layout().num_params(),
+        model.layout().num_active_params(), dp.size(), tokens_per_step, config.schedule.max_steps);
   }
 
   std::vector<int32_t> inputs(micro * seq), targets(micro * seq);
@@ -136,7 +137,8 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   const bool tty = isatty(fileno(stderr));
 
   auto run_eval = [&](int64_t step) {
-    const EvalResult ev = evaluate(model, val_data, *tokenizer, seq, micro, config.eval.max_batches, dp);
+    const EvalResult ev =
+        evaluate(model, val_data, *tokenizer, seq, micro, config.eval.max_batches, dp);
     summary.final_val_loss = ev.loss;
     metrics.write({{"step", step},
                    {"val_loss", ev.loss},
@@ -144,8 +146,8 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
                    {"val_bpb", ev.bits_per_byte},
                    {"val_tokens", ev.num_tokens}});
     if (is_root) {
-      fmt::print(stderr, "{}step {}: val loss {:.4f}  ppl {:.2f}  bpb {:.4f}\n", tty ? "\n" : "", step,
-                 ev.loss, ev.perplexity, ev.bits_per_byte);
+      fmt::print(stderr, "{}step {}: val loss {:.4f}  ppl {:.2f}  bpb {:.4f}\n", tty ? "\n" : "",
+                 step, ev.loss, ev.perplexity, ev.bits_per_byte);
     }
   };
   auto save = [&] {
@@ -180,7 +182,8 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
     }
     dp.all_reduce_sum(model.grads().data(), static_cast<size_t>(num_params));
     dp.all_reduce_sum(loss_sums, 4);
-    // Checked after the reduction so that every rank stops together (a NaN anywhere makes the sum NaN).
+    // Checked after the reduction so that every rank stops together (a NaN anywhere makes the sum
+    // NaN).
     MF_CHECK(std::isfinite(loss_sums[0]), "step {}: the loss is {}; stopping", state.step + 1,
              loss_sums[0] / static_cast<double>(accum * dp.size()));
     const double grad_norm = global_grad_norm(model.grads().data(), num_params);
@@ -218,9 +221,11 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
         const double elapsed = std::chrono::duration<double>(Clock::now() - run_start).count();
         const double per_step = elapsed / static_cast<double>(state.step - first_step);
         const double eta = per_step * static_cast<double>(config.schedule.max_steps - state.step);
-        fmt::print(stderr, "{}step {}/{} | loss {:.4f} | lr {:.2e} | gnorm {:.3f} | {:.0f} tok/s | ETA {}{}",
-                   tty ? "\r" : "", state.step, config.schedule.max_steps, summary.final_loss, lr,
-                   grad_norm, tokens_per_s, format_duration(eta), tty ? "   " : "\n");
+        fmt::print(
+            stderr,
+            "{}step {}/{} | loss {:.4f} | lr {:.2e} | gnorm {:.3f} | {:.0f} tok/s | ETA {}{}",
+            tty ? "\r" : "", state.step, config.schedule.max_steps, summary.final_loss, lr,
+            grad_norm, tokens_per_s, format_duration(eta), tty ? "   " : "\n");
         std::fflush(stderr);
       }
     }
@@ -228,7 +233,8 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
     if ((config.eval.every_steps > 0 && state.step % config.eval.every_steps == 0) || last) {
       run_eval(state.step);
     }
-    if ((config.checkpoint.every_steps > 0 && state.step % config.checkpoint.every_steps == 0) || last) {
+    if ((config.checkpoint.every_steps > 0 && state.step % config.checkpoint.every_steps == 0) ||
+        last) {
       save();
     }
   }

@@ -56,7 +56,8 @@ TEST_F(TrainFixture, ResumeContinuesBitForBit) {
   SelfCommunicator self;
   train(config(9), TrainRunOptions{{}, false}, self);
   const auto full = read_metrics(root_ / "run" / "metrics.jsonl");
-  const std::vector<float> full_weights = read_weights(root_ / "run" / "checkpoints" / "step-00000009");
+  const std::vector<float> full_weights =
+      read_weights(root_ / "run" / "checkpoints" / "step-00000009");
 
   // Resume the same run from step 3 into a fresh run directory.
   std::filesystem::rename(root_ / "run", root_ / "first");
@@ -64,9 +65,11 @@ TEST_F(TrainFixture, ResumeContinuesBitForBit) {
   TrainRunOptions resume{root_ / "first" / "checkpoints" / "step-00000003", false};
   train(c, resume, self);
   const auto resumed = read_metrics(root_ / "run" / "metrics.jsonl");
-  const std::vector<float> resumed_weights = read_weights(root_ / "run" / "checkpoints" / "step-00000009");
+  const std::vector<float> resumed_weights =
+      read_weights(root_ / "run" / "checkpoints" / "step-00000009");
   ASSERT_EQ(full_weights.size(), resumed_weights.size());
-  EXPECT_EQ(0, std::memcmp(full_weights.data(), resumed_weights.data(), full_weights.size() * sizeof(float)));
+  EXPECT_EQ(0, std::memcmp(full_weights.data(), resumed_weights.data(),
+                           full_weights.size() * sizeof(float)));
   std::vector<double> full_losses, resumed_losses;
   for (const auto& m : full) {
     if (m.contains("loss") && m.at("step").get<int64_t>() > 3) full_losses.push_back(m.at("loss"));
@@ -101,7 +104,8 @@ TEST_F(TrainFixture, InitFromLoadsWeightsWithFreshOptimizer) {
   const auto metrics = read_metrics(root_ / "run" / "metrics.jsonl");
   // The first step of the new run starts from the trained weights: its loss is below the
   // first loss of the run that produced them.
-  EXPECT_LT(metrics.front().at("loss").get<double>(), metrics_before.front().at("loss").get<double>());
+  EXPECT_LT(metrics.front().at("loss").get<double>(),
+            metrics_before.front().at("loss").get<double>());
   EXPECT_TRUE(std::filesystem::exists(ckpt / "optimizer.safetensors"));
   EXPECT_FALSE(std::filesystem::exists(root_ / "run" / "checkpoints" / "step-00000006"));
 }
@@ -118,8 +122,10 @@ TEST_F(TrainFixture, GradientAccumulationMatchesOneLargerMicroBatch) {
   c.data.micro_batch_size = 8;
   train(c, TrainRunOptions{{}, false}, self);
   const auto single = read_metrics(root_ / "run" / "metrics.jsonl");
-  EXPECT_NEAR(accumulated[0].at("ce_loss").get<double>(), single[0].at("ce_loss").get<double>(), 1e-6);
-  EXPECT_NEAR(accumulated[1].at("ce_loss").get<double>(), single[1].at("ce_loss").get<double>(), 1e-3);
+  EXPECT_NEAR(accumulated[0].at("ce_loss").get<double>(), single[0].at("ce_loss").get<double>(),
+              1e-6);
+  EXPECT_NEAR(accumulated[1].at("ce_loss").get<double>(), single[1].at("ce_loss").get<double>(),
+              1e-3);
   EXPECT_EQ(accumulated[1].at("tokens").get<int64_t>(), single[1].at("tokens").get<int64_t>());
 }
 
