@@ -37,14 +37,15 @@ void register_data_command(CLI::App& app) {
     opts->inputs.assign(inputs->begin(), inputs->end());
     opts->out_dir = *out;
     const bool tty = isatty(fileno(stderr));
-    const data::PrepareSummary s = data::prepare_dataset(*opts, [tty](const data::PrepareProgress& p) {
-      if (tty && p.stage == "encode" && p.num_documents > 0) {
-        fmt::print(stderr, "\rencoding {}/{} documents, {} tokens", p.num_documents_done,
-                   p.num_documents, p.num_tokens_done);
-      } else if (p.stage == "train_tokenizer") {
-        fmt::print(stderr, "training the SentencePiece tokenizer...\n");
-      }
-    });
+    const data::PrepareSummary s =
+        data::prepare_dataset(*opts, [tty](const data::PrepareProgress& p) {
+          if (tty && p.stage == "encode" && p.num_documents > 0) {
+            fmt::print(stderr, "\rencoding {}/{} documents, {} tokens", p.num_documents_done,
+                       p.num_documents, p.num_tokens_done);
+          } else if (p.stage == "train_tokenizer") {
+            fmt::print(stderr, "training the SentencePiece tokenizer...\n");
+          }
+        });
     fmt::print(stderr, "\n");
     fmt::print(
         "{}: {} tokenizer (vocab {}), {} documents, train {} tokens, val {} tokens (split: {})\n",

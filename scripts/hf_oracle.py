@@ -1,0 +1,255 @@
+#!/usr/bin/env python3
+"""Independent Hugging Face oracle for moeforge: checks, for every supported architecture, that
+a transformers checkpoint runs in moeforge (HF -> moeforge) and that a moeforge checkpoint loads in
+transformers (moeforge -> HF), comparing fp32 logits and the next-token CE loss both ways.
+
+Usage: python3 scripts/hf_oracle.py --moeforge build/src/moeforge [--device cpu|cuda] [--out r.json]
+Exit code: 0 all checks pass, 1 some check failed, 2 torch/transformers/safetensors/numpy missing.
+"""
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+try:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    import transformers
+    from safetensors import safe_open
+except ImportError as err:
+    print(f"SKIP: {err}; hf_oracle.py needs torch, transformers, safetensors and numpy",
+          file=sys.stderr)
+    sys.exit(2)
+
+LOGIT_TOL = 1e-4  # max abs logit error (logits are O(1))
+LOSS_TOL = 1e-4  # abs error of the mean CE loss
+BATCH, SEQ = 2, 13
+SEED = 1234
+
+# Small odd shapes; every architecture has hidden 48 and vocab 97 and exercises its own quirks.
+COMMON = dict(vocab_size=97, hidden_size=48, num_hidden_layers=2, intermediate_size=37,
+              max_position_embeddings=64, hidden_act="silu", rms_norm_eps=1e-5,
+              rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+              bos_token_id=1, eos_token_id=2)
+ARCHS = {
+    # tied embeddings, GQA 6:2
+    "LlamaForCausalLM": dict(model_type="llama", num_attention_heads=6, num_key_value_heads=2,
+                             tie_word_embeddings=True, attention_bias=False, mlp_bias=False),
+    # q/k/v bias, GQA 4:2
+    "Qwen2ForCausalLM": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2,
+                             tie_word_embeddings=False, use_sliding_window=False),
+    # q/k norm, head_dim 10 != 48 / 3, MQA, tied
+    "Qwen3ForCausalLM": dict(model_type="qwen3", num_attention_heads=3, num_key_value_heads=1,
+                             head_dim=10, tie_word_embeddings=True, attention_bias=False,
+                             use_sliding_window=False),
+    # 5 experts top-2
+    "MixtralForCausalLM": dict(model_type="mixtral", num_attention_heads=8, num_key_value_heads=4,
+                               num_local_experts=5, num_experts_per_tok=2, sliding_window=None,
+                               router_jitter_noise=0.0, tie_word_embeddings=False),
+    # 6 experts top-3, no top-k renormalisation, shared expert with sigmoid gate, q/k/v bias
+    "Qwen2MoeForCausalLM": dict(model_type="qwen2_moe", num_attention_heads=6,
+                                num_key_value_heads=3, num_experts=6, num_experts_per_tok=3,
+                                moe_intermediate_size=19, shared_expert_intermediate_size=23,
+                                norm_topk_prob=False, qkv_bias=True, decoder_sparse_step=1,
+                                mlp_only_layers=[], use_sliding_window=False,
+                                tie_word_embeddings=False),
+    # 5 experts top-2, head_dim 14 != 48 / 4, layer 1 of 3 dense
+    "Qwen3MoeForCausalLM": dict(model_type="qwen3_moe", num_hidden_layers=3, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=14, num_experts=5,
+                                num_experts_per_tok=2, moe_intermediate_size=19,
+                                norm_topk_prob=True, mlp_only_layers=[1], decoder_sparse_step=1,
+                                attention_bias=False, use_sliding_window=False,
+                                tie_word_embeddings=False),
+}
+EAGER = dict(attn_implementation="eager", experts_implementation="eager")
+
+
+def arch_fields(arch):
+    """The HF config.json fields (model_type included) of one test architecture."""
+    return {**COMMON, **ARCHS[arch]}
+
+
+def cross_entropy(logits, tokens):
+    """Mean next-token CE over positions 0..seq-2, like moeforge's ce_loss."""
+    logits = torch.as_tensor(logits, dtype=torch.float64)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                           tokens[:, 1:].reshape(-1)).item()
+
+
+def hf_logits(model, tokens, device):
+    model.to(device).eval()
+    with torch.no_grad():
+        return model(input_ids=tokens.to(device)).logits.float().cpu().numpy()
+
+
+def run_cli(args):
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"`{' '.join(map(str, args[:2]))}` exited {proc.returncode}: "
+                           + " | ".join(tail))
+    return proc.stdout
+
+
+def moeforge_forward(exe, model_dir, tokens, work):
+    """(logits [batch, seq, vocab], ce_loss) from `moeforge forward`."""
+    tokens_json, out = work / "tokens.json", work / "logits.safetensors"
+    tokens_json.write_text(json.dumps(tokens.tolist()))
+    out.unlink(missing_ok=True)
+    run_cli([exe, "forward", "--model", model_dir, "--tokens", tokens_json, "--out", out])
+    with safe_open(str(out), framework="np") as f:
+        return f.get_tensor("logits"), float(f.metadata()["ce_loss"])
+
+
+def tensor_shapes(model_dir):
+    shapes = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="np") as f:
+            for name in f.keys():
+                shapes[name] = list(f.get_slice(name).get_shape())
+    return shapes
+
+
+def expert_tensors(shapes):
+    """Layout of the expert weights ("per-expert", "fused" or "none") and the layer-0 MoE tensors
+    (router, shared expert, expert 0 or the fused stacks) with their shapes."""
+    moe = [n for n in shapes if re.search(r"\.(gate\.weight|experts\.|shared_expert)", n)]
+    if any(re.search(r"\.experts\.\d+\.", n) for n in moe):
+        layout = "per-expert"
+    elif any(re.search(r"\.experts\.[a-z_]+$", n) for n in moe):
+        layout = "fused"
+    else:
+        layout = "none"
+    sample = {n: shapes[n] for n in moe
+              if n.startswith("model.layers.0.") and not re.search(r"\.experts\.[1-9]\d*\.", n)}
+    return layout, sample
+
+
+def compare(result, ours, theirs, tokens, moeforge_ce):
+    """Fills max_abs_err / loss errors; returns the failure reason or None."""
+    if ours.shape != theirs.shape:
+        return f"logits shape {list(ours.shape)} != transformers {list(theirs.shape)}"
+    result["max_abs_err"] = float(np.abs(ours - theirs).max())
+    result["logit_scale"] = float(np.abs(theirs).max())
+    result["ce_transformers"] = cross_entropy(theirs, tokens)
+    result["ce_moeforge"] = moeforge_ce
+    result["ce_err"] = abs(moeforge_ce - result["ce_transformers"])
+    if not np.isfinite(ours).all():
+        return "moeforge logits are not finite"
+    if result["max_abs_err"] > LOGIT_TOL:
+        return f"max abs logit error {result['max_abs_err']:.3g} > {LOGIT_TOL}"
+    if result["ce_err"] > LOSS_TOL:
+        return f"ce_loss error {result['ce_err']:.3g} > {LOSS_TOL}"
+    return None
+
+
+def hf_to_moeforge(arch, exe, device, work, tokens):
+    """Random transformers model -> save_pretrained -> moeforge forward."""
+    result = {}
+    fields = arch_fields(arch)
+    torch.manual_seed(SEED)
+    config = transformers.AutoConfig.for_model(**fields, **EAGER)
+    model = getattr(transformers, arch)(config).float()
+    gen = torch.Generator().manual_seed(SEED + 1)
+    with torch.no_grad():  # make norms, biases and routers non-trivial
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    model_dir = work / "hf_model"
+    model.save_pretrained(model_dir, safe_serialization=True)
+    shapes = tensor_shapes(model_dir)
+    result["num_tensors"] = len(shapes)
+    if config.model_type in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        result["expert_layout"], result["layer0_moe_tensors"] = expert_tensors(shapes)
+        fused_dir = work / "hf_model_fused"  # the in-memory (fused) layout, for the record
+        try:
+            model.save_pretrained(fused_dir, safe_serialization=True, save_original_format=False)
+            _, result["layer0_moe_tensors_unreverted"] = expert_tensors(tensor_shapes(fused_dir))
+        except TypeError as err:
+            result["layer0_moe_tensors_unreverted"] = f"save_original_format unsupported: {err}"
+    theirs = hf_logits(model, tokens, device)
+    ours, ce = moeforge_forward(exe, model_dir, tokens, work)
+    return result, compare(result, ours, theirs, tokens, ce)
+
+
+def config_mismatches(config, fields):
+    """Fields that transformers reads back differently from what was written."""
+    bad = []
+    for key, want in fields.items():
+        got = getattr(config, key, "<absent>")
+        if key == "rope_parameters":
+            got, want = (got or {}).get("rope_theta"), want["rope_theta"]
+            key = "rope_parameters.rope_theta"
+        if got != want and not (key == "mlp_only_layers" and list(got or []) == want):
+            bad.append(f"{key}: wrote {want!r}, transformers reads {got!r}")
+    return bad
+
+
+def moeforge_to_hf(arch, exe, device, work, tokens):
+    """moeforge init -> AutoModelForCausalLM.from_pretrained -> compare with moeforge forward."""
+    result = {}
+    fields = arch_fields(arch)
+    config_path = work / "moeforge_config.json"
+    config_path.write_text(json.dumps({"architectures": [arch], **fields}, indent=2))
+    model_dir = work / "moeforge_model"
+    run_cli([exe, "init", "--config", config_path, "--out", model_dir, "--seed", str(SEED),
+             "--init-std", "0.1", "--dtype", "F32"])
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, output_loading_info=True, dtype=torch.float32, **EAGER)
+    result["loading_info"] = {k: sorted(map(str, v)) for k, v in info.items()}
+    problems = [f"{k}: {v}" for k, v in result["loading_info"].items() if v]
+    if type(model).__name__ != arch:
+        problems.append(f"transformers built {type(model).__name__}")
+    problems += config_mismatches(model.config, fields)
+    if problems:
+        return result, "; ".join(problems)
+    theirs = hf_logits(model, tokens, device)
+    ours, ce = moeforge_forward(exe, model_dir, tokens, work)
+    return result, compare(result, ours, theirs, tokens, ce)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--moeforge", required=True, help="path of the moeforge executable")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", help="JSON report path")
+    parser.add_argument("--arch", action="append", choices=list(ARCHS),
+                        help="check only this architecture (repeatable)")
+    args = parser.parse_args()
+    exe = str(Path(args.moeforge).resolve())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    report = {"transformers": transformers.__version__, "torch": torch.__version__,
+              "device": args.device, "logit_tol": LOGIT_TOL, "loss_tol": LOSS_TOL, "results": []}
+    for arch in args.arch or list(ARCHS):
+        tokens = torch.randint(0, COMMON["vocab_size"], (BATCH, SEQ),
+                               generator=torch.Generator().manual_seed(SEED + 2))
+        for direction, check in (("hf->moeforge", hf_to_moeforge),
+                                 ("moeforge->hf", moeforge_to_hf)):
+            with tempfile.TemporaryDirectory(prefix="hf_oracle_") as tmp:
+                try:
+                    result, reason = check(arch, exe, args.device, Path(tmp), tokens)
+                except Exception as err:  # any failure is reported per check, never fatal
+                    result, reason = {}, f"{type(err).__name__}: {err}"
+            result.update(arch=arch, direction=direction, status="fail" if reason else "pass")
+            if reason:
+                result["reason"] = reason
+            report["results"].append(result)
+            detail = (f"max_abs_err={result['max_abs_err']:.2e} ce_err={result['ce_err']:.2e}"
+                      if "ce_err" in result else "")
+            layout = f" experts={result['expert_layout']}" if "expert_layout" in result else ""
+            print(f"{arch:20s} {direction:13s} {result['status'].upper()} {detail}{layout}"
+                  + (f" -- {reason}" if reason else ""), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    failed = sum(r["status"] == "fail" for r in report["results"])
+    print(f"{len(report['results']) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
