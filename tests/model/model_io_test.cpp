@@ -105,10 +105,18 @@ TEST_F(ModelIoTest, MismatchedWeightsAreRejectedByName) {
   ModelConfig more_experts = c;
   more_experts.num_experts = 5;
   const ParameterLayout more_layout(more_experts);
-  EXPECT_NE(error_of([&] {
-              read_hf_weights(dir_, more_layout, back.data());
-            }).find("experts.4.w1.weight is missing"),
-            std::string::npos);
+  const std::string more_error = error_of([&] { read_hf_weights(dir_, more_layout, back.data()); });
+  EXPECT_NE(
+      more_error.find("block_sparse_moe.gate.weight has shape [4, 8], config.json implies [5, 8]"),
+      std::string::npos)
+      << more_error;
+
+  ModelConfig with_qk_norm = c;
+  with_qk_norm.qk_norm = true;
+  const ParameterLayout qk_layout(with_qk_norm);
+  const std::string qk_error = error_of([&] { read_hf_weights(dir_, qk_layout, back.data()); });
+  EXPECT_NE(qk_error.find("model.layers.0.self_attn.q_norm.weight is missing"), std::string::npos)
+      << qk_error;
 
   ModelConfig fewer_layers = c;
   fewer_layers.num_layers = 1;
