@@ -159,14 +159,14 @@ def hf_to_moeforge(arch, exe, device, work, tokens):
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.05)
     model_dir = work / "hf_model"
-    model.save_pretrained(model_dir, safe_serialization=True)
+    model.save_pretrained(model_dir)  # safetensors (always in transformers 5, the default in 4)
     shapes = tensor_shapes(model_dir)
     result["num_tensors"] = len(shapes)
     if config.model_type in ("mixtral", "qwen2_moe", "qwen3_moe"):
         result["expert_layout"], result["layer0_moe_tensors"] = expert_tensors(shapes)
         fused_dir = work / "hf_model_fused"  # the in-memory (fused) layout, for the record
         try:
-            model.save_pretrained(fused_dir, safe_serialization=True, save_original_format=False)
+            model.save_pretrained(fused_dir, save_original_format=False)
             _, result["layer0_moe_tensors_unreverted"] = expert_tensors(tensor_shapes(fused_dir))
         except TypeError as err:
             result["layer0_moe_tensors_unreverted"] = f"save_original_format unsupported: {err}"

@@ -18,6 +18,7 @@ void register_commands(CLI::App& app) {
   register_init_command(app);
   register_inspect_command(app);
   register_data_command(app);
+  register_devices_command(app);
 }
 
 }  // namespace moeforge::cli

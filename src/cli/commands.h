@@ -22,5 +22,6 @@ void register_forward_command(CLI::App& app);
 void register_generate_command(CLI::App& app);
 void register_data_command(CLI::App& app);
 void register_inspect_command(CLI::App& app);
+void register_devices_command(CLI::App& app);
 
 }  // namespace moeforge::cli

@@ -1,0 +1,28 @@
+// Device enumeration through the CUDA runtime.
+#include "cuda/cuda_check.h"
+#include "cuda/device_info.h"
+
+namespace moeforge::cuda {
+
+DeviceQuery query_devices() {
+  DeviceQuery query;
+  int count = 0;
+  const cudaError_t status = cudaGetDeviceCount(&count);
+  if (status != cudaSuccess) {
+    query.unavailable_reason =
+        fmt::format("{} ({})", cudaGetErrorString(status), cudaGetErrorName(status));
+    cudaGetLastError();  // clear the sticky error so later calls start clean
+    return query;
+  }
+  for (int i = 0; i < count; ++i) {
+    cudaDeviceProp prop{};
+    MF_CUDA_CHECK(cudaGetDeviceProperties(&prop, i));
+    query.devices.push_back(DeviceInfo{i, prop.name, prop.major, prop.minor,
+                                       prop.multiProcessorCount,
+                                       static_cast<uint64_t>(prop.totalGlobalMem)});
+  }
+  if (count == 0) query.unavailable_reason = "no CUDA device";
+  return query;
+}
+
+}  // namespace moeforge::cuda
