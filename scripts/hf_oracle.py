@@ -147,9 +147,9 @@ def compare(result, ours, theirs, tokens, moeforge_ce):
     return None
 
 
-def hf_to_moeforge(arch, exe, device, work, tokens):
-    """Random transformers model -> save_pretrained -> moeforge forward."""
-    result = {}
+def hf_to_moeforge(arch, exe, device, work, tokens, result):
+    """Random transformers model -> save_pretrained -> moeforge forward. Fills result (also
+    when it raises, so the tensor layout is reported even if moeforge cannot load it)."""
     fields = arch_fields(arch)
     torch.manual_seed(SEED)
     config = transformers.AutoConfig.for_model(**fields, **EAGER)
@@ -172,7 +172,7 @@ def hf_to_moeforge(arch, exe, device, work, tokens):
             result["layer0_moe_tensors_unreverted"] = f"save_original_format unsupported: {err}"
     theirs = hf_logits(model, tokens, device)
     ours, ce = moeforge_forward(exe, model_dir, tokens, work)
-    return result, compare(result, ours, theirs, tokens, ce)
+    return compare(result, ours, theirs, tokens, ce)
 
 
 def config_mismatches(config, fields):
@@ -188,9 +188,8 @@ def config_mismatches(config, fields):
     return bad
 
 
-def moeforge_to_hf(arch, exe, device, work, tokens):
+def moeforge_to_hf(arch, exe, device, work, tokens, result):
     """moeforge init -> AutoModelForCausalLM.from_pretrained -> compare with moeforge forward."""
-    result = {}
     fields = arch_fields(arch)
     config_path = work / "moeforge_config.json"
     config_path.write_text(json.dumps({"architectures": [arch], **fields}, indent=2))
@@ -205,10 +204,10 @@ def moeforge_to_hf(arch, exe, device, work, tokens):
         problems.append(f"transformers built {type(model).__name__}")
     problems += config_mismatches(model.config, fields)
     if problems:
-        return result, "; ".join(problems)
+        return "; ".join(problems)
     theirs = hf_logits(model, tokens, device)
     ours, ce = moeforge_forward(exe, model_dir, tokens, work)
-    return result, compare(result, ours, theirs, tokens, ce)
+    return compare(result, ours, theirs, tokens, ce)
 
 
 def main():
@@ -223,6 +222,7 @@ def main():
     exe = str(Path(args.moeforge).resolve())
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    transformers.utils.logging.disable_progress_bar()
     report = {"transformers": transformers.__version__, "torch": torch.__version__,
               "device": args.device, "logit_tol": LOGIT_TOL, "loss_tol": LOSS_TOL, "results": []}
     for arch in args.arch or list(ARCHS):
@@ -230,12 +230,13 @@ def main():
                                generator=torch.Generator().manual_seed(SEED + 2))
         for direction, check in (("hf->moeforge", hf_to_moeforge),
                                  ("moeforge->hf", moeforge_to_hf)):
+            result = {"arch": arch, "direction": direction}
             with tempfile.TemporaryDirectory(prefix="hf_oracle_") as tmp:
                 try:
-                    result, reason = check(arch, exe, args.device, Path(tmp), tokens)
+                    reason = check(arch, exe, args.device, Path(tmp), tokens, result)
                 except Exception as err:  # any failure is reported per check, never fatal
-                    result, reason = {}, f"{type(err).__name__}: {err}"
-            result.update(arch=arch, direction=direction, status="fail" if reason else "pass")
+                    reason = f"{type(err).__name__}: {err}"
+            result["status"] = "fail" if reason else "pass"
             if reason:
                 result["reason"] = reason
             report["results"].append(result)

@@ -3,6 +3,7 @@
 #include <cstdlib>
 
 #include "comm/communicator.h"
+#include "core/error.h"
 
 #if MOEFORGE_HAVE_MPI
 #include "comm/mpi/mpi_communicator.h"
@@ -56,6 +57,14 @@ class MpiWorld {
   bool owns_mpi_ = false;
   std::unique_ptr<MpiCommunicator> communicator_;
 };
+#else
+// The number of ranks a launcher started (1 when not launched by one).
+int launcher_world_size() {
+  for (const char* variable : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE"}) {
+    if (const char* value = std::getenv(variable)) return std::atoi(value);
+  }
+  return 1;
+}
 #endif
 
 Communicator& make_world_communicator() {
@@ -64,6 +73,11 @@ Communicator& make_world_communicator() {
     static MpiWorld mpi_world;
     return mpi_world.communicator();
   }
+#else
+  // Every process would think it is the only rank and they would overwrite each other's files.
+  MF_CHECK(launcher_world_size() <= 1,
+           "this moeforge was built without MPI but was started by an MPI launcher with several "
+           "ranks; rebuild with -DMOEFORGE_MPI=ON");
 #endif
   static SelfCommunicator self;
   return self;
