@@ -13,6 +13,7 @@ command -v ninja > /dev/null && generator=(-G Ninja)
 cmake -S . -B build-gpu "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DMOEFORGE_CUDA=ON \
   -DCMAKE_CUDA_ARCHITECTURES=90a > "$OUT/configure.txt" 2>&1
 cmake --build build-gpu -j"$(nproc)" > "$OUT/build.txt" 2>&1
+# Tests run one OpenMP thread each (set by tests/CMakeLists.txt); the CPU is not what is tested here.
 build-gpu/src/moeforge devices | tee "$OUT/devices.txt"
 
 # The demo test needs the `fortunes` corpus, which the GPU machine cannot install.
