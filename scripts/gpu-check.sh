@@ -14,7 +14,7 @@ cmake -S . -B build-gpu "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DMOEFORGE_
   -DCMAKE_CUDA_ARCHITECTURES=90a > "$OUT/configure.txt" 2>&1
 cmake --build build-gpu -j"$(nproc)" > "$OUT/build.txt" 2>&1
 # Tests run one OpenMP thread each (set by tests/CMakeLists.txt); the CPU is not what is tested here.
-build-gpu/src/moeforge devices | tee "$OUT/devices.txt"
+build-gpu/moeforge devices | tee "$OUT/devices.txt"
 
 # The demo test needs the `fortunes` corpus, which the GPU machine cannot install.
 set +e
@@ -22,7 +22,7 @@ MOEFORGE_EXPECT_GPU=1 ctest --test-dir build-gpu -E '^demo$' --output-on-failure
   > "$OUT/ctest.txt" 2>&1
 ctest_rc=$?
 tail -n 15 "$OUT/ctest.txt"
-python3 scripts/hf_oracle.py --moeforge build-gpu/src/moeforge --device cuda \
+python3 scripts/hf_oracle.py --moeforge build-gpu/moeforge --device cuda \
   --out "$OUT/hf_oracle.json" 2>&1 | tee "$OUT/hf_oracle.txt"
 oracle_rc=${PIPESTATUS[0]}
 set -e

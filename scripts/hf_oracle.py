@@ -3,7 +3,7 @@
 a transformers checkpoint runs in moeforge (HF -> moeforge) and that a moeforge checkpoint loads in
 transformers (moeforge -> HF), comparing fp32 logits and the next-token CE loss both ways.
 
-Usage: python3 scripts/hf_oracle.py --moeforge build/src/moeforge [--device cpu|cuda] [--out r.json]
+Usage: python3 scripts/hf_oracle.py --moeforge build/moeforge [--device cpu|cuda] [--out r.json]
 Exit code: 0 all checks pass, 1 some check failed, 2 torch/transformers/safetensors/numpy missing.
 """
 import argparse
