@@ -20,8 +20,7 @@ namespace fs = std::filesystem;
 namespace {
 
 void write_json_atomic(const fs::path& path, const nlohmann::json& j) {
-  const std::string text = j.dump(2) + "\n";
-  io::write_file_atomic(path, std::as_bytes(std::span(text.data(), text.size())));
+  io::write_file_atomic(path, j.dump(2) + "\n");
 }
 
 nlohmann::json read_json(const fs::path& path) {
@@ -65,16 +64,6 @@ TrainerState state_from_json(const nlohmann::json& j, const fs::path& path) {
   }
 }
 
-void write_index(const fs::path& run_dir, const std::vector<CheckpointEntry>& entries) {
-  nlohmann::json list = nlohmann::json::array();
-  for (const CheckpointEntry& e : entries) {
-    list.push_back(
-        {{"step", e.step}, {"tokens_seen", e.tokens_seen}, {"path", e.path.filename().string()}});
-  }
-  write_json_atomic(run_dir / "checkpoints" / "index.json",
-                    {{"format_version", kCheckpointFormatVersion}, {"checkpoints", list}});
-}
-
 }  // namespace
 
 fs::path checkpoint_dir_name(const fs::path& run_dir, int64_t step) {
@@ -87,26 +76,6 @@ void copy_tokenizer_files(const fs::path& from, const fs::path& to) {
       fs::copy_file(from / name, to / name, fs::copy_options::overwrite_existing);
     }
   }
-}
-
-std::vector<CheckpointEntry> read_checkpoint_index(const fs::path& run_dir) {
-  const fs::path path = run_dir / "checkpoints" / "index.json";
-  if (!fs::exists(path)) return {};
-  const nlohmann::json j = read_json(path);
-  MF_CHECK(
-      j.value("format_version", 0) >= 1 && j.value("format_version", 0) <= kCheckpointFormatVersion,
-      "{}: unsupported index format_version", path.string());
-  std::vector<CheckpointEntry> entries;
-  try {
-    for (const auto& e : j.at("checkpoints")) {
-      entries.push_back(
-          CheckpointEntry{e.at("step").get<int64_t>(), e.at("tokens_seen").get<int64_t>(),
-                          fs::absolute(run_dir / "checkpoints" / e.at("path").get<std::string>())});
-    }
-  } catch (const nlohmann::json::exception& e) {
-    MF_FAIL("{}: malformed checkpoint index: {}", path.string(), e.what());
-  }
-  return entries;
 }
 
 fs::path save_checkpoint(const fs::path& run_dir, const Transformer<float>& model, AdamW& optimizer,
@@ -139,18 +108,19 @@ fs::path save_checkpoint(const fs::path& run_dir, const Transformer<float>& mode
     staged.commit(/*replace=*/true);
   }
 
-  std::vector<CheckpointEntry> entries = read_checkpoint_index(run_dir);
-  std::erase_if(entries, [&](const CheckpointEntry& e) { return e.step == state.step; });
-  entries.push_back(CheckpointEntry{state.step, state.tokens_seen, fs::absolute(final_dir)});
-  std::sort(entries.begin(), entries.end(),
-            [](const CheckpointEntry& a, const CheckpointEntry& b) { return a.step < b.step; });
-  std::vector<CheckpointEntry> removed;
+  std::vector<io::CheckpointEntry> entries = io::read_checkpoint_index(run_dir);
+  std::erase_if(entries, [&](const io::CheckpointEntry& e) { return e.step == state.step; });
+  entries.push_back(io::CheckpointEntry{state.step, state.tokens_seen, fs::absolute(final_dir)});
+  std::sort(
+      entries.begin(), entries.end(),
+      [](const io::CheckpointEntry& a, const io::CheckpointEntry& b) { return a.step < b.step; });
+  std::vector<io::CheckpointEntry> removed;
   if (keep_last > 0 && static_cast<int64_t>(entries.size()) > keep_last) {
     removed.assign(entries.begin(), entries.end() - keep_last);
     entries.erase(entries.begin(), entries.end() - keep_last);
   }
-  write_index(run_dir, entries);
-  for (const CheckpointEntry& e : removed) fs::remove_all(e.path);
+  io::write_checkpoint_index(run_dir, entries);
+  for (const io::CheckpointEntry& e : removed) fs::remove_all(e.path);
   return final_dir;
 }
 
@@ -187,7 +157,7 @@ TrainerState load_checkpoint(const fs::path& dir, Transformer<float>& model, Ada
 
 fs::path resolve_checkpoint(const fs::path& dir_or_run) {
   if (fs::exists(dir_or_run / "trainer_state.json")) return dir_or_run;
-  const std::vector<CheckpointEntry> entries = read_checkpoint_index(dir_or_run);
+  const std::vector<io::CheckpointEntry> entries = io::read_checkpoint_index(dir_or_run);
   MF_CHECK(!entries.empty(),
            "{} is neither a checkpoint (no trainer_state.json) nor a run with checkpoints (no "
            "checkpoints/index.json)",

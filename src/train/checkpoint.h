@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <vector>
 
+#include "io/checkpoint_index.h"
 #include "model/transformer.h"
 #include "train/adamw.h"
 
@@ -30,12 +31,6 @@ struct TrainerState {
   uint64_t data_seed = 0;
 };
 
-struct CheckpointEntry {
-  int64_t step = 0;
-  int64_t tokens_seen = 0;
-  std::filesystem::path path;  // absolute
-};
-
 std::filesystem::path checkpoint_dir_name(const std::filesystem::path& run_dir, int64_t step);
 
 // Saves a checkpoint, updates the index and removes the oldest beyond keep_last (0 keeps all).
@@ -50,9 +45,6 @@ std::filesystem::path save_checkpoint(const std::filesystem::path& run_dir,
 // the checkpoint's config.json (checked field by field through the parameter layout).
 TrainerState load_checkpoint(const std::filesystem::path& checkpoint_dir, Transformer<float>& model,
                              AdamW& optimizer);
-
-// The checkpoints of a run, oldest first (empty if it has none yet).
-std::vector<CheckpointEntry> read_checkpoint_index(const std::filesystem::path& run_dir);
 
 // A checkpoint directory given itself or its run directory (then the newest checkpoint).
 std::filesystem::path resolve_checkpoint(const std::filesystem::path& dir_or_run);

@@ -43,7 +43,7 @@ TEST_F(TrainFixture, LossDecreasesAndCheckpointsAreIndexed) {
   EXPECT_LT(s.final_loss, first - 0.5) << "first " << first;
   EXPECT_TRUE(metrics.front().contains("expert_load_max"));
   EXPECT_TRUE(metrics.front().contains("mfu"));
-  const auto entries = read_checkpoint_index(root_ / "run");
+  const auto entries = io::read_checkpoint_index(root_ / "run");
   ASSERT_EQ(entries.size(), 3u);  // steps 3, 6, 9
   EXPECT_EQ(entries[0].step, 3);
   EXPECT_EQ(entries[2].step, 9);
@@ -85,7 +85,7 @@ TEST_F(TrainFixture, RetentionKeepsTheLastK) {
   TrainConfig c = config(9);
   c.checkpoint.keep_last = 2;
   train(c, TrainRunOptions{{}, false}, self);
-  const auto entries = read_checkpoint_index(root_ / "run");
+  const auto entries = io::read_checkpoint_index(root_ / "run");
   ASSERT_EQ(entries.size(), 2u);
   EXPECT_EQ(entries[0].step, 6);
   EXPECT_FALSE(std::filesystem::exists(root_ / "run" / "checkpoints" / "step-00000003"));
