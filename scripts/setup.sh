@@ -11,7 +11,7 @@ packages=(
   libgtest-dev
   libsentencepiece-dev
   fortunes
-  python3 python3-numpy
+  python3 python3-numpy python3-venv
 )
 
 missing=()
@@ -26,4 +26,19 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 else
   echo "setup: all packages present"
+fi
+
+# Python packages of the merge reference test (tests/merge/reference_merge.py): numpy and
+# safetensors from PyPI in a venv at .venv of Debian's python (python3-venv is built for it).
+repo_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$repo_dir/.venv"
+if [ ! -x "$venv/bin/python" ]; then
+  echo "setup: creating $venv"
+  /usr/bin/python3 -m venv "$venv"
+fi
+if "$venv/bin/python" -c "import numpy, safetensors" 2>/dev/null; then
+  echo "setup: python packages present in $venv"
+else
+  echo "setup: installing numpy and safetensors into $venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check numpy safetensors
 fi

@@ -14,6 +14,7 @@ void register_commands(CLI::App& app) {
   register_train_command(app);
   register_eval_command(app);
   register_generate_command(app);
+  register_merge_command(app);
   register_forward_command(app);
   register_init_command(app);
   register_inspect_command(app);

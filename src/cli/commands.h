@@ -17,6 +17,7 @@ std::filesystem::path resolve_model_dir(const std::string& path);
 
 void register_train_command(CLI::App& app);
 void register_init_command(CLI::App& app);
+void register_merge_command(CLI::App& app);
 void register_eval_command(CLI::App& app);
 void register_forward_command(CLI::App& app);
 void register_generate_command(CLI::App& app);

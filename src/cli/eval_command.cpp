@@ -33,10 +33,9 @@ void register_eval_command(CLI::App& app) {
       ->capture_default_str();
   cmd->callback([opts] {
     const std::filesystem::path dir = resolve_model_dir(opts->model);
-    const ModelConfig config = load_model_config(dir / "config.json");
     SelfCommunicator self;
-    Transformer<float> model(config, self);
-    read_hf_weights(dir, model.layout(), model.params().data());
+    const std::unique_ptr<Transformer<float>> loaded = load_transformer(dir, self);
+    Transformer<float>& model = *loaded;
     const data::TokenDataset dataset = data::TokenDataset::open(opts->data, opts->split);
     const auto tokenizer = data::load_tokenizer(opts->data);
     const EvalResult r = evaluate(model, dataset, *tokenizer, opts->seq_len, opts->batch_size,

@@ -61,10 +61,10 @@ void register_forward_command(CLI::App& app) {
   cmd->add_option("--out", opts->out, "Output .safetensors file (tensor \"logits\")")->required();
   cmd->callback([opts] {
     const std::filesystem::path dir = resolve_model_dir(opts->model);
-    const ModelConfig config = load_model_config(dir / "config.json");
     SelfCommunicator self;
-    Transformer<float> model(config, self);
-    read_hf_weights(dir, model.layout(), model.params().data());
+    const std::unique_ptr<Transformer<float>> loaded = load_transformer(dir, self);
+    Transformer<float>& model = *loaded;
+    const ModelConfig& config = model.config();
     int64_t batch = 0, seq = 0;
     const std::vector<int32_t> tokens = read_tokens(opts->tokens, &batch, &seq);
     // Targets: the next token of each sequence (the last position is ignored).

@@ -36,11 +36,10 @@ void register_generate_command(CLI::App& app) {
   cmd->add_flag("--stats", opts->stats, "Print timing statistics as JSON to stderr at the end");
   cmd->callback([opts] {
     const std::filesystem::path dir = resolve_model_dir(opts->model);
-    const ModelConfig config = load_model_config(dir / "config.json");
     const auto tokenizer = data::load_tokenizer(dir);
     SelfCommunicator self;
-    Transformer<float> model(config, self);
-    read_hf_weights(dir, model.layout(), model.params().data());
+    const std::unique_ptr<Transformer<float>> loaded = load_transformer(dir, self);
+    Transformer<float>& model = *loaded;
     fmt::print("{}", opts->prompt);
     std::fflush(stdout);
     const GenerateResult result =

@@ -29,7 +29,7 @@ nlohmann::json read_json_file(const fs::path& path) {
   std::string text = read_file_bytes(path);
   try {
     return nlohmann::json::parse(text);
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {  // parse_error, or out_of_range for 1e999
     MF_FAIL("'{}' is not valid JSON: {}", path.string(), e.what());
   }
 }

@@ -82,6 +82,13 @@ void read_hf_weights(const std::filesystem::path& dir, const ParameterLayout& la
   }
 }
 
+std::unique_ptr<Transformer<float>> load_transformer(const std::filesystem::path& dir,
+                                                     Communicator& ep) {
+  auto model = std::make_unique<Transformer<float>>(load_model_config(dir / "config.json"), ep);
+  read_hf_weights(dir, model->layout(), model->params().data());
+  return model;
+}
+
 template void write_hf_model<float>(const std::filesystem::path&, const ModelConfig&,
                                     const ParameterLayout&, const float*, io::DType, uint64_t);
 template void write_hf_model<double>(const std::filesystem::path&, const ModelConfig&,

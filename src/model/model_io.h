@@ -5,11 +5,13 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <memory>
 
 #include "io/dtype.h"
 #include "io/model_weights.h"
 #include "model/model_config.h"
 #include "model/parameters.h"
+#include "model/transformer.h"
 
 namespace moeforge {
 
@@ -25,5 +27,10 @@ void write_hf_model(const std::filesystem::path& dir, const ModelConfig& config,
 // tensors this architecture does not have (a sign of a config/weights mismatch).
 template <typename T>
 void read_hf_weights(const std::filesystem::path& dir, const ParameterLayout& layout, T* params);
+
+// A model loaded from a model or checkpoint directory: config.json + weights (float). ep must
+// outlive the model.
+std::unique_ptr<Transformer<float>> load_transformer(const std::filesystem::path& dir,
+                                                     Communicator& ep);
 
 }  // namespace moeforge

@@ -80,7 +80,8 @@ void copy_tokenizer_files(const fs::path& from, const fs::path& to) {
 
 fs::path save_checkpoint(const fs::path& run_dir, const Transformer<float>& model, AdamW& optimizer,
                          const TrainerState& state, const nlohmann::json& train_config,
-                         const fs::path& tokenizer_dir, int64_t keep_last) {
+                         const fs::path& tokenizer_dir, int64_t keep_last,
+                         const std::function<bool(const io::CheckpointEntry&)>& keep) {
   fs::create_directories(run_dir / "checkpoints");
   const fs::path final_dir = checkpoint_dir_name(run_dir, state.step);
   {
@@ -114,11 +115,13 @@ fs::path save_checkpoint(const fs::path& run_dir, const Transformer<float>& mode
   std::sort(
       entries.begin(), entries.end(),
       [](const io::CheckpointEntry& a, const io::CheckpointEntry& b) { return a.step < b.step; });
-  std::vector<io::CheckpointEntry> removed;
-  if (keep_last > 0 && static_cast<int64_t>(entries.size()) > keep_last) {
-    removed.assign(entries.begin(), entries.end() - keep_last);
-    entries.erase(entries.begin(), entries.end() - keep_last);
+  // Retention: the newest keep_last stay, and so does every checkpoint `keep` protects.
+  std::vector<io::CheckpointEntry> kept, removed;
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const bool recent = keep_last <= 0 || static_cast<int64_t>(entries.size() - i) <= keep_last;
+    (recent || (keep && keep(entries[i])) ? kept : removed).push_back(entries[i]);
   }
+  entries = std::move(kept);
   io::write_checkpoint_index(run_dir, entries);
   for (const io::CheckpointEntry& e : removed) fs::remove_all(e.path);
   return final_dir;

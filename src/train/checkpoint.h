@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <vector>
 
 #include "io/checkpoint_index.h"
@@ -33,13 +34,14 @@ struct TrainerState {
 
 std::filesystem::path checkpoint_dir_name(const std::filesystem::path& run_dir, int64_t step);
 
-// Saves a checkpoint, updates the index and removes the oldest beyond keep_last (0 keeps all).
+// Saves a checkpoint, updates the index and removes the oldest beyond keep_last (0 keeps all),
+// except those for which `keep` returns true (PMA keeps the checkpoints it will merge).
 // tokenizer_dir: folder whose tokenizer files are copied along (may be empty).
-std::filesystem::path save_checkpoint(const std::filesystem::path& run_dir,
-                                      const Transformer<float>& model, AdamW& optimizer,
-                                      const TrainerState& state, const nlohmann::json& train_config,
-                                      const std::filesystem::path& tokenizer_dir,
-                                      int64_t keep_last);
+std::filesystem::path save_checkpoint(
+    const std::filesystem::path& run_dir, const Transformer<float>& model, AdamW& optimizer,
+    const TrainerState& state, const nlohmann::json& train_config,
+    const std::filesystem::path& tokenizer_dir, int64_t keep_last,
+    const std::function<bool(const io::CheckpointEntry&)>& keep = {});
 
 // Restores parameters, optimizer moments and trainer state; the model's architecture must match
 // the checkpoint's config.json (checked field by field through the parameter layout).

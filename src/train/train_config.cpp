@@ -178,6 +178,11 @@ class SectionReader {
     if (!v.is_string()) type_error(key, "a string", v);
     return v.get<std::string>();
   }
+  bool get_bool(const char* key) const {
+    const json& v = at(key);
+    if (!v.is_boolean()) type_error(key, "true or false", v);
+    return v.get<bool>();
+  }
   std::vector<std::string> get_strings(const char* key) const {
     const json& v = at(key);
     if (!v.is_array() ||
@@ -236,6 +241,7 @@ TrainConfig parse_merged(const json& merged, const std::filesystem::path& base_d
   c.optimizer.weight_decay = opt.get_number("weight_decay");
   c.optimizer.no_decay = opt.get_strings("no_decay");
   c.optimizer.grad_clip = opt.get_number("grad_clip");
+  c.optimizer.on_nonfinite = opt.get_string("on_nonfinite");
 
   const SectionReader sched(merged, "schedule");
   c.schedule.type =
@@ -261,6 +267,14 @@ TrainConfig parse_merged(const json& merged, const std::filesystem::path& base_d
   c.log.every_steps = log.get_int("every_steps");
   c.log.metrics_file = log.get_string("metrics_file");
   if (c.log.metrics_file.empty()) c.log.metrics_file = c.checkpoint.dir / "metrics.jsonl";
+
+  const SectionReader pma(merged, "pma");
+  c.pma.enabled = pma.get_bool("enabled");
+  c.pma.interval_tokens = pma.get_int("interval_tokens");
+  c.pma.every_steps = pma.get_int("every_steps");
+  c.pma.count = pma.get_int("count");
+  c.pma.method = pma.get_string("method");
+  c.pma.alpha = pma.get_number("alpha");
 
   validate_train_config(c);
   return c;
@@ -295,7 +309,8 @@ nlohmann::json train_config_to_json(const TrainConfig& c) {
         {"eps", c.optimizer.eps},
         {"weight_decay", c.optimizer.weight_decay},
         {"no_decay", c.optimizer.no_decay},
-        {"grad_clip", c.optimizer.grad_clip}}},
+        {"grad_clip", c.optimizer.grad_clip},
+        {"on_nonfinite", c.optimizer.on_nonfinite}}},
       {"schedule",
        {{"type", enum_to_string(kScheduleTypes, s.type)},
         {"warmup_steps", s.warmup_steps},
@@ -310,6 +325,13 @@ nlohmann::json train_config_to_json(const TrainConfig& c) {
         {"keep_last", c.checkpoint.keep_last}}},
       {"eval", {{"every_steps", c.eval.every_steps}, {"max_batches", c.eval.max_batches}}},
       {"log", {{"every_steps", c.log.every_steps}, {"metrics_file", c.log.metrics_file.string()}}},
+      {"pma",
+       {{"enabled", c.pma.enabled},
+        {"interval_tokens", c.pma.interval_tokens},
+        {"every_steps", c.pma.every_steps},
+        {"count", c.pma.count},
+        {"method", c.pma.method},
+        {"alpha", c.pma.alpha}}},
   };
 }
 
@@ -376,6 +398,23 @@ void validate_train_config(const TrainConfig& c) {
   MF_CHECK(c.eval.max_batches > 0, "eval.max_batches must be > 0, got {}", c.eval.max_batches);
 
   MF_CHECK(c.log.every_steps > 0, "log.every_steps must be > 0, got {}", c.log.every_steps);
+  MF_CHECK(c.optimizer.on_nonfinite == "stop" || c.optimizer.on_nonfinite == "skip",
+           "optimizer.on_nonfinite must be \"stop\" or \"skip\", got \"{}\"",
+           c.optimizer.on_nonfinite);
+  if (c.pma.enabled) {
+    const int64_t step_tokens = c.data.seq_len * c.data.micro_batch_size * c.data.grad_accum_steps;
+    MF_CHECK(
+        c.pma.interval_tokens > 0 && c.pma.interval_tokens % step_tokens == 0,
+        "pma.interval_tokens must be a positive multiple of the tokens of one step on one rank "
+        "(seq_len x micro_batch_size x grad_accum_steps = {}), got {}",
+        step_tokens, c.pma.interval_tokens);
+    MF_CHECK(c.pma.every_steps > 0, "pma.every_steps must be > 0, got {}", c.pma.every_steps);
+    MF_CHECK(c.pma.count >= 2, "pma.count must be >= 2, got {}", c.pma.count);
+    MF_CHECK(c.pma.method == "sma" || c.pma.method == "ema" || c.pma.method == "wma",
+             "pma.method must be sma, ema or wma, got \"{}\"", c.pma.method);
+    MF_CHECK(c.pma.alpha > 0.0 && c.pma.alpha <= 1.0, "pma.alpha must be in (0, 1], got {}",
+             c.pma.alpha);
+  }
   MF_CHECK(!c.log.metrics_file.empty(), "log.metrics_file must be set");
 }
 

@@ -42,6 +42,9 @@ struct OptimizerConfig {
   // Parameters whose name contains any of these substrings get no weight decay.
   std::vector<std::string> no_decay = {"norm", "embed_tokens", "bias"};
   double grad_clip = 1.0;  // max global gradient norm; 0: off
+  // A non-finite loss or gradient: "stop" the run (default) or "skip" the update of that step.
+  // Either way it is reported with the step and the first tensor whose gradient went bad.
+  std::string on_nonfinite = "stop";
   bool operator==(const OptimizerConfig&) const = default;
 };
 
@@ -86,6 +89,20 @@ struct LogConfig {
   bool operator==(const LogConfig&) const = default;
 };
 
+// "pma": checkpoint merging during training (../shared/docs/pma.md). Checkpoints are kept every
+// interval_tokens tokens; every every_steps steps the last count of them (spaced interval_tokens
+// apart) are merged in a background thread into <checkpoint.dir>/pma/latest, and the merged
+// model's validation loss is logged next to the current model's.
+struct PmaConfig {
+  bool enabled = false;
+  int64_t interval_tokens = 0;  // V; a multiple of the tokens of one step
+  int64_t every_steps = 0;      // M
+  int64_t count = 10;           // N
+  std::string method = "sma";   // sma | ema | wma
+  double alpha = 0.2;           // EMA only
+  bool operator==(const PmaConfig&) const = default;
+};
+
 struct TrainConfig {
   InitConfig model;
   TrainDataConfig data;
@@ -94,6 +111,7 @@ struct TrainConfig {
   CheckpointConfig checkpoint;
   EvalConfig eval;
   LogConfig log;
+  PmaConfig pma;
   bool operator==(const TrainConfig&) const = default;
 };
 

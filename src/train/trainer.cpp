@@ -9,6 +9,10 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <string>
 
 #include "core/error.h"
 #include "data/loader.h"
@@ -19,6 +23,7 @@
 #include "train/checkpoint.h"
 #include "train/evaluate.h"
 #include "train/lr_schedule.h"
+#include "train/pma_job.h"
 
 namespace moeforge {
 
@@ -52,6 +57,18 @@ double flops_per_token(const ModelConfig& c, const ParameterLayout& layout, int6
          6.0 * static_cast<double>(c.num_layers * seq * c.q_dim());
 }
 
+// The name of the first parameter, in backward order (last layers first), whose gradient holds a
+// NaN or an infinity; "none" when all are finite (then the loss itself went bad).
+std::string first_nonfinite_gradient(const ParameterLayout& layout, const float* grads) {
+  const std::vector<ParamSpec>& specs = layout.specs();
+  for (auto it = specs.rbegin(); it != specs.rend(); ++it) {
+    for (int64_t i = 0; i < it->numel; ++i) {
+      if (!std::isfinite(grads[it->offset + i])) return it->name;
+    }
+  }
+  return "none";
+}
+
 class MetricsLog {
  public:
   MetricsLog(const fs::path& path, bool enabled) {
@@ -60,13 +77,16 @@ class MetricsLog {
     out_.open(path, std::ios::app);
     MF_CHECK(out_.good(), "cannot open the metrics file {} for appending", path.string());
   }
+  // Thread-safe: the PMA job writes its records from its own thread.
   void write(const nlohmann::json& record) {
+    std::lock_guard<std::mutex> lock(mutex_);
     if (!out_.is_open()) return;
     out_ << record.dump() << '\n';
     out_.flush();
   }
 
  private:
+  std::mutex mutex_;
   std::ofstream out_;
 };
 
@@ -121,6 +141,19 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   const fs::path run_dir = config.checkpoint.dir;
   const nlohmann::json config_json = train_config_to_json(config);
   MetricsLog metrics(config.log.metrics_file, is_root);
+  const bool pma = config.pma.enabled;
+  MF_CHECK(
+      !pma || config.pma.interval_tokens % tokens_per_step == 0,
+      "pma.interval_tokens ({}) must be a multiple of the tokens of one step over all ranks ({})",
+      config.pma.interval_tokens, tokens_per_step);
+  auto is_pma_checkpoint = [&](int64_t tokens) {
+    return pma && tokens % config.pma.interval_tokens == 0;
+  };
+  std::unique_ptr<PmaJob> pma_job;
+  if (pma && is_root) {
+    pma_job = std::make_unique<PmaJob>(config, model_config, val_data, *tokenizer,
+                                       [&metrics](const nlohmann::json& r) { metrics.write(r); });
+  }
   if (is_root) {
     fmt::print(
         stderr,
@@ -136,7 +169,7 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   const int64_t first_step = state.step;
   const bool tty = isatty(fileno(stderr));
 
-  auto run_eval = [&](int64_t step) {
+  auto run_eval = [&](int64_t step) -> double {
     const EvalResult ev =
         evaluate(model, val_data, *tokenizer, seq, micro, config.eval.max_batches, dp);
     summary.final_val_loss = ev.loss;
@@ -149,12 +182,18 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
       fmt::print(stderr, "{}step {}: val loss {:.4f}  ppl {:.2f}  bpb {:.4f}\n", tty ? "\n" : "",
                  step, ev.loss, ev.perplexity, ev.bits_per_byte);
     }
+    return ev.loss;
   };
   auto save = [&] {
     state.loader = sampler.state();
     if (is_root) {
-      summary.last_checkpoint = save_checkpoint(run_dir, model, optimizer, state, config_json,
-                                                config.data.dataset, config.checkpoint.keep_last);
+      summary.last_checkpoint = save_checkpoint(
+          run_dir, model, optimizer, state, config_json, config.data.dataset,
+          config.checkpoint.keep_last, [&](const io::CheckpointEntry& e) {
+            return is_pma_checkpoint(e.tokens_seen) &&
+                   e.tokens_seen >
+                       state.tokens_seen - config.pma.count * config.pma.interval_tokens;
+          });
     }
     dp.barrier();
   };
@@ -182,15 +221,24 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
     }
     dp.all_reduce_sum(model.grads().data(), static_cast<size_t>(num_params));
     dp.all_reduce_sum(loss_sums, 4);
-    // Checked after the reduction so that every rank stops together (a NaN anywhere makes the sum
-    // NaN).
-    MF_CHECK(std::isfinite(loss_sums[0]), "step {}: the loss is {}; stopping", state.step + 1,
-             loss_sums[0] / static_cast<double>(accum * dp.size()));
+    // Checked after the reductions, so that every rank takes the same decision (a NaN anywhere
+    // makes the sums NaN).
     const double grad_norm = global_grad_norm(model.grads().data(), num_params);
-    MF_CHECK(std::isfinite(grad_norm), "step {}: the gradient norm is {}; stopping", state.step,
-             grad_norm);
-    clip_grad_norm(model.grads().data(), num_params, grad_norm, config.optimizer.grad_clip);
-    optimizer.step(model.params().data(), model.grads().data(), lr);
+    const bool finite = std::isfinite(loss_sums[0]) && std::isfinite(grad_norm);
+    if (finite) {
+      clip_grad_norm(model.grads().data(), num_params, grad_norm, config.optimizer.grad_clip);
+      optimizer.step(model.params().data(), model.grads().data(), lr);
+    } else {
+      const std::string report = fmt::format(
+          "step {}: non-finite loss ({}) or gradient norm ({}); first tensor with a non-finite "
+          "gradient in backward order: {}",
+          state.step + 1, loss_sums[0] / static_cast<double>(accum * dp.size()), grad_norm,
+          first_nonfinite_gradient(model.layout(), model.grads().data()));
+      MF_CHECK(config.optimizer.on_nonfinite == "skip",
+               "{}; stopping (optimizer.on_nonfinite=stop)", report);
+      if (is_root) fmt::print(stderr, "{}{}; update skipped\n", tty ? "\n" : "", report);
+      metrics.write({{"step", state.step + 1}, {"event", "nonfinite_skipped"}, {"report", report}});
+    }
     ++state.step;
     state.tokens_seen += tokens_per_step;
     state.lr = lr;
@@ -199,7 +247,8 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
     summary.final_loss = loss_sums[0] / denom;
     const double step_seconds = std::chrono::duration<double>(Clock::now() - step_start).count();
     const double tokens_per_s = static_cast<double>(tokens_per_step) / step_seconds;
-    if (state.step % config.log.every_steps == 0 || state.step == config.schedule.max_steps) {
+    if (finite &&
+        (state.step % config.log.every_steps == 0 || state.step == config.schedule.max_steps)) {
       nlohmann::json record = {{"step", state.step},
                                {"loss", summary.final_loss},
                                {"ce_loss", loss_sums[1] / denom},
@@ -230,14 +279,19 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
       }
     }
     const bool last = state.step == config.schedule.max_steps;
-    if ((config.eval.every_steps > 0 && state.step % config.eval.every_steps == 0) || last) {
-      run_eval(state.step);
+    const bool pma_merge = pma && state.step % config.pma.every_steps == 0;
+    double val_loss = std::numeric_limits<double>::quiet_NaN();
+    if ((config.eval.every_steps > 0 && state.step % config.eval.every_steps == 0) || last ||
+        pma_merge) {
+      val_loss = run_eval(state.step);
     }
     if ((config.checkpoint.every_steps > 0 && state.step % config.checkpoint.every_steps == 0) ||
-        last) {
+        last || is_pma_checkpoint(state.tokens_seen)) {
       save();
     }
+    if (pma_merge && pma_job) pma_job->maybe_start(state.step, state.tokens_seen, val_loss);
   }
+  if (pma_job) pma_job->wait();
   if (is_root && tty && options.progress) fmt::print(stderr, "\n");
   summary.steps = state.step;
   return summary;

@@ -6,8 +6,10 @@
 
 #include <cstring>
 #include <fstream>
+#include <limits>
 
 #include "comm/communicator.h"
+#include "core/error.h"
 #include "model/model_io.h"
 #include "train/checkpoint.h"
 #include "train/train_fixture.h"
@@ -127,6 +129,62 @@ TEST_F(TrainFixture, GradientAccumulationMatchesOneLargerMicroBatch) {
   EXPECT_NEAR(accumulated[1].at("ce_loss").get<double>(), single[1].at("ce_loss").get<double>(),
               1e-3);
   EXPECT_EQ(accumulated[1].at("tokens").get<int64_t>(), single[1].at("tokens").get<int64_t>());
+}
+
+}  // namespace
+}  // namespace moeforge
+
+namespace moeforge {
+namespace {
+
+// A checkpoint whose o_proj weights hold an infinity, so every loss is non-finite.
+std::filesystem::path write_poisoned_model(const std::filesystem::path& root,
+                                           const std::filesystem::path& model_json) {
+  const ModelConfig c = load_model_config(model_json);
+  SelfCommunicator self;
+  Transformer<float> model(c, self);
+  model.init_random(1, 0.02);
+  model.params()[model.layout().layer(1).o_proj] = std::numeric_limits<float>::infinity();
+  const std::filesystem::path dir = root / "poisoned";
+  std::filesystem::create_directories(dir);
+  write_hf_model(dir, c, model.layout(), model.params().data(), io::DType::kF32);
+  return dir;
+}
+
+TEST_F(TrainFixture, NonFiniteLossStopsWithStepAndTensor) {
+  TrainConfig c = config(3);
+  c.model.model_config.clear();
+  c.model.init_from = write_poisoned_model(root_, root_ / "model.json");
+  SelfCommunicator self;
+  try {
+    train(c, TrainRunOptions{{}, false}, self);
+    FAIL() << "expected the run to stop";
+  } catch (const Error& e) {
+    const std::string message = e.what();
+    EXPECT_NE(message.find("step 1: non-finite loss"), std::string::npos) << message;
+    EXPECT_NE(message.find("lm_head.weight"), std::string::npos) << message;
+    EXPECT_NE(message.find("stopping"), std::string::npos) << message;
+  }
+  EXPECT_TRUE(io::read_checkpoint_index(root_ / "run").empty());
+}
+
+TEST_F(TrainFixture, NonFiniteLossSkipsTheUpdateWhenConfigured) {
+  TrainConfig c = config(3);
+  c.model.model_config.clear();
+  c.model.init_from = write_poisoned_model(root_, root_ / "model.json");
+  c.optimizer.on_nonfinite = "skip";
+  SelfCommunicator self;
+  train(c, TrainRunOptions{{}, false}, self);
+  int skipped = 0;
+  for (const auto& m : read_metrics(root_ / "run" / "metrics.jsonl")) {
+    if (m.value("event", "") == "nonfinite_skipped") ++skipped;
+    EXPECT_FALSE(m.contains("loss")) << m.dump();  // no step was logged as trained
+  }
+  EXPECT_EQ(skipped, 3);
+  // The weights were never updated: the saved model still equals the poisoned one.
+  const std::vector<float> saved = read_weights(root_ / "run" / "checkpoints" / "step-00000003");
+  const std::vector<float> original = read_weights(root_ / "poisoned");
+  EXPECT_EQ(0, std::memcmp(saved.data(), original.data(), saved.size() * sizeof(float)));
 }
 
 }  // namespace
