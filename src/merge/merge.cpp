@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -34,8 +35,9 @@ namespace {
 
 // The version of CMakeLists.txt's project(), recorded in merge.json.
 constexpr const char* kMoeforgeVersion = "0.1.0";
-// Elements of one work item: a worker holds one piece of output (at most 8 MiB in F64).
-constexpr int64_t kPieceElements = int64_t{1} << 20;
+// Elements of one work item. A worker holds one piece of output (at most 2 MiB in F64) and has one
+// piece of each input mapped (N x at most 2 MiB), whatever the tensor sizes.
+constexpr int64_t kPieceElements = int64_t{1} << 18;
 constexpr auto kProgressInterval = std::chrono::milliseconds(200);
 constexpr const char* kConfigFile = "config.json";
 // Files of the newest input that travel with the merged weights.
@@ -198,16 +200,41 @@ class ShardFiles {
   std::vector<fs::path> paths_;
 };
 
-// Drops the pages of an input range from this process's mapping once merged, so that resident
-// memory does not grow with the model (the page cache keeps them; a later read faults them back).
-void release_pages(std::span<const std::byte> range) {
+// A page fault maps the whole page-cache folio around the address (up to 2 MiB on x86-64), which
+// can reach back into input already merged; releases cover that much before a piece as well.
+constexpr size_t kReleaseMarginBytes = size_t{4} << 20;
+
+// Drops the pages of [begin, end) of an input mapping once merged, so that resident memory does not
+// grow with the model (the page cache keeps them; a later read faults them back). The range is
+// widened to whole pages, which stay inside the same file mapping.
+void release_pages(const std::byte* begin, const std::byte* end) {
   static_assert(sizeof(uintptr_t) == sizeof(void*));
   const auto page_size = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  const auto begin = reinterpret_cast<uintptr_t>(range.data()) & ~(page_size - 1);
-  const auto end =
-      (reinterpret_cast<uintptr_t>(range.data() + range.size()) + page_size - 1) & ~(page_size - 1);
+  const auto first = reinterpret_cast<uintptr_t>(begin) & ~(page_size - 1);
+  const auto last = (reinterpret_cast<uintptr_t>(end) + page_size - 1) & ~(page_size - 1);
   // Advice only: the mapping is read-only and file-backed, so its contents cannot change.
-  ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+  ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+}
+
+// For every planned tensor, where the data of its file starts in the input's mapping: tensors of
+// one safetensors file are contiguous, and two files' data never touch (each mapping starts with
+// its header), so a chain of adjacent tensors is exactly one file's data buffer.
+std::vector<const std::byte*> file_data_starts(const io::ModelWeights& weights,
+                                               const std::vector<PlannedTensor>& tensors) {
+  std::vector<std::pair<const std::byte*, size_t>> by_address;  // (data begin, tensor_idx)
+  for (size_t tensor_idx = 0; tensor_idx < tensors.size(); ++tensor_idx) {
+    by_address.emplace_back(weights.data(tensors[tensor_idx].name).data(), tensor_idx);
+  }
+  std::sort(by_address.begin(), by_address.end());
+  std::vector<const std::byte*> starts(tensors.size());
+  const std::byte* chain_start = nullptr;
+  const std::byte* chain_end = nullptr;
+  for (const auto& [begin, tensor_idx] : by_address) {
+    if (begin != chain_end) chain_start = begin;
+    chain_end = begin + weights.data(tensors[tensor_idx].name).size();
+    starts[tensor_idx] = chain_start;
+  }
+  return starts;
 }
 
 struct Piece {
@@ -243,6 +270,9 @@ class MergeRun {
         pieces_(split_into_pieces(layout)),
         pieces_left_(layout.tensors.size()) {
     for (const Piece& piece : pieces_) ++pieces_left_[piece.tensor_idx];
+    for (const InputModel& input : inputs) {
+      file_data_starts_.push_back(file_data_starts(input.weights, layout.tensors));
+    }
     for (size_t tensor_idx = 0; tensor_idx < layout.tensors.size(); ++tensor_idx) {
       const PlannedTensor& tensor = layout.tensors[tensor_idx];
       total_bytes_ +=
@@ -325,7 +355,13 @@ class MergeRun {
       merge_elements(sources, tensor.in_dtype, options_.weights, options_.accumulate,
                      tensor.out_dtype, static_cast<int64_t>(count), buffer.data());
       files_.write(tensor.shard_idx, buffer.data(), count * out_size, offset);
-      for (const std::byte* source : sources) release_pages({source, count * in_size});
+      for (size_t input_idx = 0; input_idx < inputs_.size(); ++input_idx) {
+        const std::byte* source = sources[input_idx];
+        const std::byte* file_start = file_data_starts_[input_idx][piece.tensor_idx];
+        const size_t margin =
+            std::min(kReleaseMarginBytes, static_cast<size_t>(source - file_start));
+        release_pages(source - margin, source + count * in_size);
+      }
       bytes_read_ += count * in_size * inputs_.size();
     }
     if (--pieces_left_[piece.tensor_idx] == 0) ++tensors_done_;
@@ -336,7 +372,8 @@ class MergeRun {
   const MergeOptions& options_;
   const ShardFiles& files_;
   const std::vector<Piece> pieces_;
-  std::vector<std::atomic<int64_t>> pieces_left_;  // per tensor
+  std::vector<std::atomic<int64_t>> pieces_left_;                // per tensor
+  std::vector<std::vector<const std::byte*>> file_data_starts_;  // [input][tensor]
   uint64_t total_bytes_ = 0;
   std::atomic<size_t> next_piece_{0};
   std::atomic<int64_t> tensors_done_{0};

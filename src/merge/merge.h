@@ -90,8 +90,10 @@ inline constexpr int kMergeInfoFormatVersion = 1;
 // Floating tensors (F32, BF16, F16, F64) are averaged; other tensors (integers, bool) must be equal
 // in every input and are copied. The output is laid out first (shards of at most max_shard_bytes,
 // HF names model-0000i-of-0000N.safetensors plus model.safetensors.index.json, tensors in the
-// newest input's file order), then worker threads write each piece of each tensor at its offset;
-// memory stays near num_threads x a fixed piece size whatever the model size. config.json (dtype
+// newest input's file order), then worker threads write each piece (256 Ki elements) of each
+// tensor at its offset, dropping the input pages they have read from their mappings: resident
+// memory stays near num_threads x (N + 1) pieces plus a few MiB of mapped page-cache folios per
+// input, whatever the model and tensor sizes. config.json (dtype
 // fields set when output_dtype is given), tokenizer and generation files come from the newest
 // input; merge.json records method, weights, inputs and arithmetic. Nothing is left at `output` on
 // failure. Thread-safe (no global state); progress is called from the calling thread.

@@ -22,12 +22,13 @@ namespace {
 // Rounding that to nearest even into a format of at most 22 significant bits (BF16: 8, F16: 11)
 // gives the same result as rounding the fp64 value there directly.
 float round_to_odd_float(double value) {
-  float rounded = static_cast<float>(value);
+  const float rounded = static_cast<float>(value);
   if (std::isnan(value) || static_cast<double>(rounded) == value) return rounded;
-  if (std::fabs(static_cast<double>(rounded)) > std::fabs(value)) {
-    rounded = std::nextafter(rounded, 0.0f);
-  }
-  return std::bit_cast<float>(std::bit_cast<uint32_t>(rounded) | 1u);
+  // Inexact: step back toward zero if rounding went away from it (one less in the bit pattern is
+  // the next smaller magnitude, inf included), then set the last bit.
+  const bool away = std::fabs(static_cast<double>(rounded)) > std::fabs(value);
+  const uint32_t truncated = std::bit_cast<uint32_t>(rounded) - (away ? 1u : 0u);
+  return std::bit_cast<float>(truncated | 1u);
 }
 
 template <typename Acc>

@@ -60,11 +60,12 @@ void PmaJob::run(int64_t step, std::vector<fs::path> inputs, double current_val_
     fs::create_directories(pma_dir);
     fs::remove_all(out);
     merge::MergeOptions options;
+    options.method = merge::parse_method(config_.pma.method);
+    options.alpha = config_.pma.alpha;
     options.inputs = inputs;
     options.output = out;
-    options.weights =
-        merge::merge_weights(merge::parse_method(config_.pma.method),
-                             static_cast<int64_t>(inputs.size()), config_.pma.alpha, {});
+    options.weights = merge::merge_weights(options.method, static_cast<int64_t>(inputs.size()),
+                                           config_.pma.alpha, {});
     options.num_threads = 1;  // leave the cores to training
     merge::merge_checkpoints(options);
 

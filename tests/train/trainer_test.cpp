@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <limits>
@@ -185,6 +186,51 @@ TEST_F(TrainFixture, NonFiniteLossSkipsTheUpdateWhenConfigured) {
   const std::vector<float> saved = read_weights(root_ / "run" / "checkpoints" / "step-00000003");
   const std::vector<float> original = read_weights(root_ / "poisoned");
   EXPECT_EQ(0, std::memcmp(saved.data(), original.data(), saved.size() * sizeof(float)));
+}
+
+}  // namespace
+}  // namespace moeforge
+
+namespace moeforge {
+namespace {
+
+TEST_F(TrainFixture, PmaMergesInTheBackgroundAndLogsBothLosses) {
+  TrainConfig c = config(6);
+  c.checkpoint.every_steps = 0;
+  c.checkpoint.keep_last = 1;
+  c.pma.enabled = true;
+  c.pma.interval_tokens = 2 * 4 * 16;  // a checkpoint every 2 steps
+  c.pma.every_steps = 3;
+  c.pma.count = 2;
+  SelfCommunicator self;
+  train(c, TrainRunOptions{{}, false}, self);
+
+  std::vector<nlohmann::json> pma_records;
+  for (const auto& m : read_metrics(root_ / "run" / "metrics.jsonl")) {
+    if (m.contains("pma_val_loss") || m.contains("pma_error")) pma_records.push_back(m);
+  }
+  // Step 3: checkpoints at steps 2 only -> too few; step 6: steps 4 and 6 (spaced 2 steps apart).
+  ASSERT_EQ(pma_records.size(), 1u);
+  const nlohmann::json& r = pma_records[0];
+  ASSERT_FALSE(r.contains("pma_error")) << r.dump();
+  EXPECT_EQ(r.at("step").get<int64_t>(), 6);
+  EXPECT_EQ(r.at("pma_first").get<std::string>(), "step-00000004");
+  EXPECT_EQ(r.at("pma_last").get<std::string>(), "step-00000006");
+  EXPECT_TRUE(std::isfinite(r.at("pma_val_loss").get<double>()));
+  EXPECT_TRUE(std::isfinite(r.at("val_loss").get<double>()));
+
+  // pma/latest is the SMA of the two checkpoints, element by element in the pinned arithmetic.
+  const std::vector<float> a = read_weights(root_ / "run" / "checkpoints" / "step-00000004");
+  const std::vector<float> b = read_weights(root_ / "run" / "checkpoints" / "step-00000006");
+  const std::vector<float> merged = read_weights(root_ / "run" / "pma" / "latest");
+  for (size_t i = 0; i < merged.size(); ++i) {
+    const float half = 0.5f;
+    const float expected = (0.0f + half * a[i]) + half * b[i];
+    ASSERT_EQ(merged[i], expected) << i;
+  }
+  // Retention kept the checkpoints the merge needed although keep_last is 1.
+  EXPECT_TRUE(std::filesystem::exists(root_ / "run" / "checkpoints" / "step-00000004"));
+  EXPECT_FALSE(std::filesystem::exists(root_ / "run" / "checkpoints" / "step-00000002"));
 }
 
 }  // namespace
