@@ -150,14 +150,14 @@ TEST(TrainConfigTest, OverrideErrorsNameTheKey) {
   message = load_error("optimizer.betta2=0.9");
   EXPECT_NE(message.find("--set optimizer.betta2=0.9: unknown key \"optimizer.betta2\" (did you "
                          "mean \"optimizer.beta2\"?); valid keys in optimizer: beta1, beta2, eps, "
-                         "grad_clip, lr, no_decay, "
+                         "grad_clip, lr, no_decay, on_nonfinite, "
                          "weight_decay"),
             std::string::npos)
       << message;
   message = load_error("optimiser.lr=1");
   EXPECT_NE(message.find("did you mean \"optimizer\"?"), std::string::npos) << message;
   EXPECT_NE(message.find("valid keys at the top level: checkpoint, data, eval, log, model, "
-                         "optimizer, schedule"),
+                         "optimizer, pma, schedule"),
             std::string::npos)
       << message;
   message = load_error("optimizer.lr.value=1");
@@ -186,7 +186,8 @@ TEST(TrainConfigTest, UnknownKeysInTheFileAreErrors) {
       << message;
   EXPECT_NE(
       message.find(
-          "valid keys in optimizer: beta1, beta2, eps, grad_clip, lr, no_decay, weight_decay"),
+          "valid keys in optimizer: beta1, beta2, eps, grad_clip, lr, no_decay, on_nonfinite, "
+          "weight_decay"),
       std::string::npos)
       << message;
 
@@ -259,9 +260,28 @@ TEST(TrainConfigTest, EveryInvalidValueIsNamedByItsKeyPath) {
       {"eval", "every_steps", -1, "eval.every_steps must be >= 0"},
       {"eval", "max_batches", 0, "eval.max_batches must be > 0"},
       {"log", "every_steps", 0, "log.every_steps must be > 0"},
+      {"optimizer", "on_nonfinite", "ignore",
+       "optimizer.on_nonfinite must be \"stop\" or \"skip\""},
+      {"pma", "enabled", 1, "pma.enabled must be true or false, got 1"},
   };
   for (const Case& c : cases) {
     json j = kMinimal;
+    j[c.section][c.key] = c.value;
+    const std::string message = error_of([&] { train_config_from_json(j, ""); });
+    EXPECT_NE(message.find(c.expected), std::string::npos)
+        << c.section << "." << c.key << "=" << c.value.dump() << ": got \"" << message << "\"";
+  }
+  // The pma section is checked only when enabled.
+  const std::vector<Case> pma_cases = {
+      {"pma", "interval_tokens", 100, "pma.interval_tokens must be a positive multiple"},
+      {"pma", "every_steps", 0, "pma.every_steps must be > 0, got 0"},
+      {"pma", "count", 1, "pma.count must be >= 2, got 1"},
+      {"pma", "method", "median", "pma.method must be sma, ema or wma"},
+      {"pma", "alpha", 0.0, "pma.alpha must be in (0, 1], got 0"},
+  };
+  for (const Case& c : pma_cases) {
+    json j = kMinimal;
+    j["pma"] = {{"enabled", true}, {"interval_tokens", 256 * 8 * 4}, {"every_steps", 10}};
     j[c.section][c.key] = c.value;
     const std::string message = error_of([&] { train_config_from_json(j, ""); });
     EXPECT_NE(message.find(c.expected), std::string::npos)
