@@ -34,6 +34,10 @@ Transformer<T>::Transformer(const ModelConfig& config, Communicator& ep)
              "num_experts ({}) must be divisible by the expert-parallel size ({})",
              config_.num_experts, ep_.size());
   }
+  MF_CHECK(config_.num_heads % ep_.size() == 0 && config_.num_kv_heads % ep_.size() == 0,
+           "sequence parallelism over {} ranks needs num_heads ({}) and num_kv_heads ({}) "
+           "divisible by the group size",
+           ep_.size(), config_.num_heads, config_.num_kv_heads);
   params_.assign(static_cast<size_t>(layout_.num_params()), T(0));
   grads_.assign(static_cast<size_t>(layout_.num_params()), T(0));
 }
@@ -140,6 +144,53 @@ MoeFfnGrads<T> Transformer<T>::moe_grads(const LayerOffsets& o) {
 }
 
 template <typename T>
+void Transformer<T>::exchange_heads(const std::vector<HeadShard>& shards, bool to_heads,
+                                    int64_t batch, int64_t seq) {
+  const int64_t num_ranks = ep_.size();
+  const int64_t d = config_.head_dim;
+  int64_t chunk = 0;  // elements exchanged with each rank
+  for (const HeadShard& s : shards) chunk += batch * seq * (s.num_heads / num_ranks) * d;
+  send_.resize(static_cast<size_t>(chunk * num_ranks));
+  recv_.resize(send_.size());
+  // Chunk r of a wire buffer holds, per tensor, [batch, seq, heads / n, dim]: the heads of rank r
+  // at this rank's positions (to_heads: send) or this rank's heads at rank r's positions.
+  auto for_each_run = [&](auto&& copy) {
+    for (int64_t r = 0; r < num_ranks; ++r) {
+      int64_t offset = r * chunk;
+      for (const HeadShard& s : shards) {
+        const int64_t local_heads = s.num_heads / num_ranks;
+        const int64_t run = local_heads * d;
+        for (int64_t b = 0; b < batch; ++b) {
+          for (int64_t t = 0; t < seq; ++t) {
+            T* local = s.local + ((b * seq + t) * s.num_heads + r * local_heads) * d;
+            T* heads = s.heads + (b * num_ranks * seq + r * seq + t) * run;
+            copy(offset, local, heads, run);
+            offset += run;
+          }
+        }
+      }
+    }
+  };
+  if (to_heads) {
+    for_each_run([&](int64_t at, T* local, T*, int64_t run) {
+      std::copy(local, local + run, send_.begin() + at);
+    });
+    ep_.all_to_all(send_.data(), recv_.data(), static_cast<size_t>(chunk));
+    for_each_run([&](int64_t at, T*, T* heads, int64_t run) {
+      std::copy(recv_.begin() + at, recv_.begin() + at + run, heads);
+    });
+  } else {
+    for_each_run([&](int64_t at, T*, T* heads, int64_t run) {
+      std::copy(heads, heads + run, send_.begin() + at);
+    });
+    ep_.all_to_all(send_.data(), recv_.data(), static_cast<size_t>(chunk));
+    for_each_run([&](int64_t at, T* local, T*, int64_t run) {
+      std::copy(recv_.begin() + at, recv_.begin() + at + run, local);
+    });
+  }
+}
+
+template <typename T>
 void Transformer<T>::attention_forward(int64_t l, int64_t batch, int64_t seq, KvCache<T>* cache) {
   const LayerOffsets& o = layout_.layer(l);
   LayerActivations& a = acts_[static_cast<size_t>(l)];
@@ -184,11 +235,32 @@ void Transformer<T>::attention_forward(int64_t l, int64_t batch, int64_t seq, Kv
     keys = ck.data();
     values = cv.data();
     probs = nullptr;
+  } else if (ep_.size() > 1) {
+    // Sequence -> heads: this rank's heads over the group's full sequences.
+    const int64_t num_ranks = ep_.size();
+    const int64_t full_seq = num_ranks * seq;
+    dims = ops::AttentionDims{
+        batch, full_seq, full_seq, config_.num_heads / num_ranks, config_.num_kv_heads / num_ranks,
+        d};
+    a.q_heads.resize(n * qd);
+    a.k_heads.resize(n * kvd);
+    a.v_heads.resize(n * kvd);
+    a.att_heads.resize(n * qd);
+    exchange_heads({{a.q.data(), a.q_heads.data(), config_.num_heads},
+                    {a.k.data(), a.k_heads.data(), config_.num_kv_heads},
+                    {a.v.data(), a.v_heads.data(), config_.num_kv_heads}},
+                   true, batch, seq);
+    a.probs.resize(batch * dims.num_q_heads * full_seq * full_seq);
+    ops::attention_forward(a.att_heads.data(), a.probs.data(), a.q_heads.data(), a.k_heads.data(),
+                           a.v_heads.data(), dims);
+    exchange_heads({{a.att.data(), a.att_heads.data(), config_.num_heads}}, false, batch, seq);
   } else {
     a.probs.resize(batch * config_.num_heads * seq * seq);
     probs = a.probs.data();
   }
-  ops::attention_forward(a.att.data(), probs, a.q.data(), keys, values, dims);
+  if (ep_.size() == 1) {
+    ops::attention_forward(a.att.data(), probs, a.q.data(), keys, values, dims);
+  }
 
   ops::linear_forward(a.residual_mid.data(), a.att.data(), p(o.o_proj),
                       static_cast<const T*>(nullptr), n, qd, h);
@@ -219,7 +291,9 @@ void Transformer<T>::run_layers(int64_t batch, int64_t seq, KvCache<T>* cache) {
   const int64_t h = config_.hidden_size;
   moe_stats_.clear();
   for (int64_t i = 0; i < n; ++i) {
-    positions_[i] = static_cast<int32_t>((cache ? cache->length : 0) + i % seq);
+    // Global positions: a cache's length, or this rank's first position in the sequence.
+    const int64_t first = cache != nullptr ? cache->length : ep_.rank() * seq;
+    positions_[i] = static_cast<int32_t>(first + i % seq);
   }
   ops::embedding_forward(x_.data(), tokens_.data(), p(layout_.embed_tokens()), n, h);
   for (int64_t l = 0; l < config_.num_layers; ++l) {
@@ -250,9 +324,14 @@ LossBreakdown Transformer<T>::forward(const int32_t* tokens, const int32_t* targ
                       static_cast<const T*>(nullptr), n, config_.hidden_size, config_.vocab_size);
 
   LossBreakdown out;
-  const double ce_sum = ops::cross_entropy_forward(losses_.data(), logits_.data(), targets_.data(),
-                                                   n, config_.vocab_size, &out.num_counted);
-  out.ce_loss = out.num_counted > 0 ? ce_sum / static_cast<double>(out.num_counted) : 0.0;
+  int64_t local_counted = 0;
+  // Cross-entropy sum and counted targets, summed over the sequence-parallel group.
+  double ce[2] = {ops::cross_entropy_forward(losses_.data(), logits_.data(), targets_.data(), n,
+                                             config_.vocab_size, &local_counted),
+                  static_cast<double>(local_counted)};
+  if (ep_.size() > 1) ep_.all_reduce_sum(ce, 2);
+  out.num_counted = static_cast<int64_t>(ce[1]);
+  out.ce_loss = out.num_counted > 0 ? ce[0] / static_cast<double>(out.num_counted) : 0.0;
   for (const MoeFfnStats& s : moe_stats_) {
     out.aux_loss += s.aux_loss / static_cast<double>(num_moe_layers_);
     out.z_loss += s.z_loss / static_cast<double>(num_moe_layers_);
@@ -290,9 +369,28 @@ void Transformer<T>::attention_backward(int64_t l, int64_t batch, int64_t seq, T
   std::vector<T> datt(n * qd), dq(n * qd), dk(n * kvd), dv(n * kvd);
   ops::linear_backward(datt.data(), g(o.o_proj), static_cast<T*>(nullptr), dres, a.att.data(),
                        p(o.o_proj), n, qd, h);
-  const ops::AttentionDims dims{batch, seq, seq, config_.num_heads, config_.num_kv_heads, d};
-  ops::attention_backward(dq.data(), dk.data(), dv.data(), datt.data(), a.q.data(), a.k.data(),
-                          a.v.data(), a.probs.data(), dims);
+  if (ep_.size() > 1) {
+    // Mirror of the forward: d(att) sequence -> heads, attention, dq/dk/dv heads -> sequence.
+    const int64_t num_ranks = ep_.size();
+    const int64_t full_seq = num_ranks * seq;
+    const ops::AttentionDims head_dims{
+        batch, full_seq, full_seq, config_.num_heads / num_ranks, config_.num_kv_heads / num_ranks,
+        d};
+    std::vector<T> datt_heads(n * qd), dq_heads(n * qd);
+    std::vector<T> dk_heads(n * kvd), dv_heads(n * kvd);
+    exchange_heads({{datt.data(), datt_heads.data(), config_.num_heads}}, true, batch, seq);
+    ops::attention_backward(dq_heads.data(), dk_heads.data(), dv_heads.data(), datt_heads.data(),
+                            a.q_heads.data(), a.k_heads.data(), a.v_heads.data(), a.probs.data(),
+                            head_dims);
+    exchange_heads({{dq.data(), dq_heads.data(), config_.num_heads},
+                    {dk.data(), dk_heads.data(), config_.num_kv_heads},
+                    {dv.data(), dv_heads.data(), config_.num_kv_heads}},
+                   false, batch, seq);
+  } else {
+    const ops::AttentionDims dims{batch, seq, seq, config_.num_heads, config_.num_kv_heads, d};
+    ops::attention_backward(dq.data(), dk.data(), dv.data(), datt.data(), a.q.data(), a.k.data(),
+                            a.v.data(), a.probs.data(), dims);
+  }
   ops::rope_backward(dq.data(), dq.data(), positions_.data(), n, config_.num_heads, d,
                      config_.rope_theta);
   ops::rope_backward(dk.data(), dk.data(), positions_.data(), n, config_.num_kv_heads, d,
@@ -360,6 +458,11 @@ template <typename T>
 void Transformer<T>::forward_incremental(const int32_t* tokens, int64_t num_new, KvCache<T>& cache,
                                          T* last_logits) {
   MF_CHECK(num_new > 0, "forward_incremental needs at least one token");
+  MF_CHECK(
+      ep_.size() == 1,
+      "forward_incremental runs on one rank, but the model's group has {} ranks (decode with a "
+      "model built on a SelfCommunicator)",
+      ep_.size());
   resize_activations(1, num_new);
   for (int64_t i = 0; i < num_new; ++i) {
     MF_CHECK(tokens[i] >= 0 && tokens[i] < config_.vocab_size,

@@ -5,6 +5,19 @@
 // Loss of a forward: ce + router_aux_loss_coef * mean_l(aux_l) + router_z_loss_coef * mean_l(z_l),
 // where ce is the mean cross-entropy over the counted targets and l runs over the MoE layers.
 // backward(dloss) accumulates dloss * d(loss)/d(params) into the gradient buffer (+=).
+//
+// Sequence parallelism (MegaScale-MoE, Ulysses): with an expert-parallel group of n = ep.size()
+// ranks, the same group also splits every sequence: rank r holds positions [r * seq, (r + 1) * seq)
+// of each of the batch's sequences, where seq is the local length passed to forward (full length
+// n * seq). Attention exchanges q/k/v by all-to-all (sequence -> heads), runs causal attention over
+// the full sequence on num_heads / n query heads and num_kv_heads / n KV heads, and exchanges the
+// result back (heads -> sequence); the MoE FFN acts on the local tokens. The loss is the group's:
+// the cross-entropy sums and counts are summed over the group, and aux / z losses are over the
+// group's tokens, so every rank reports the same LossBreakdown, equal to the single-rank loss of
+// the full sequences. backward(dloss) with the same dloss on every rank gives, on each rank, the
+// gradient through its local tokens only: for replicated weights (attention, norms, router,
+// embeddings, lm_head) the caller sums the gradients over the group to get the full gradient; each
+// rank's expert gradients cover its local experts (the others stay zero), so the sum is also exact.
 #pragma once
 
 #include <cstdint>
@@ -30,17 +43,18 @@ struct KvCache {
 };
 
 struct LossBreakdown {
-  double loss = 0.0;      // the optimised total
-  double ce_loss = 0.0;   // mean cross-entropy over counted targets
-  double aux_loss = 0.0;  // mean over MoE layers (before the coefficient)
-  double z_loss = 0.0;    // mean over MoE layers (before the coefficient)
-  int64_t num_counted = 0;
+  double loss = 0.0;        // the optimised total
+  double ce_loss = 0.0;     // mean cross-entropy over counted targets
+  double aux_loss = 0.0;    // mean over MoE layers (before the coefficient)
+  double z_loss = 0.0;      // mean over MoE layers (before the coefficient)
+  int64_t num_counted = 0;  // counted targets of the whole group
 };
 
 template <typename T>
 class Transformer {
  public:
-  // ep: the expert-parallel group (a SelfCommunicator for one rank). It must outlive the model.
+  // ep: the expert- and sequence-parallel group (a SelfCommunicator for one rank). It must outlive
+  // the model. With n > 1 ranks, num_heads and num_kv_heads must be divisible by n.
   Transformer(const ModelConfig& config, Communicator& ep);
 
   const ModelConfig& config() const { return config_; }
@@ -53,7 +67,8 @@ class Transformer {
   void init_random(uint64_t seed, double std);
   void zero_grads();
 
-  // tokens, targets [batch, seq]; target -1 is ignored. Saves what backward needs.
+  // tokens, targets [batch, seq]: this rank's shard (see the top of the file); target -1 is
+  // ignored. Saves what backward needs. Every rank of the group must call it with the same shape.
   LossBreakdown forward(const int32_t* tokens, const int32_t* targets, int64_t batch, int64_t seq);
   // Logits [batch * seq, vocab] of the last forward.
   const std::vector<T>& logits() const { return logits_; }
@@ -62,7 +77,7 @@ class Transformer {
   const std::vector<MoeFfnStats>& moe_stats() const { return moe_stats_; }
 
   // Runs num_new tokens (batch 1) at positions cache.length.., appends their keys and values to
-  // the cache, and writes the logits of the last of them to last_logits [vocab].
+  // the cache, and writes the logits of the last of them to last_logits [vocab]. Single rank only.
   void forward_incremental(const int32_t* tokens, int64_t num_new, KvCache<T>& cache,
                            T* last_logits);
 
@@ -72,6 +87,8 @@ class Transformer {
     std::vector<T> q_lin, k_lin, rstd_q, rstd_k;  // before q/k norm and RoPE
     std::vector<T> q, k, v;                       // after RoPE
     std::vector<T> probs, att;
+    // With n > 1 ranks: this rank's heads over the full sequence [batch, n * seq, heads / n, dim].
+    std::vector<T> q_heads, k_heads, v_heads, att_heads;
     std::vector<T> residual_mid, ln2, rstd2;
     DenseFfnSaved<T> dense;
     MoeFfnSaved<T> moe;
@@ -82,6 +99,16 @@ class Transformer {
   void run_layers(int64_t batch, int64_t seq, KvCache<T>* cache);
   void attention_forward(int64_t layer_idx, int64_t batch, int64_t seq, KvCache<T>* cache);
   void attention_backward(int64_t layer_idx, int64_t batch, int64_t seq, T* dres);
+  // All-to-all between the sequence layout [batch, seq, heads, dim] of each tensor and its heads
+  // layout [batch, n * seq, heads / n, dim]; to_heads picks the direction (the other side is
+  // assigned).
+  struct HeadShard {
+    T* local;
+    T* heads;
+    int64_t num_heads;
+  };
+  void exchange_heads(const std::vector<HeadShard>& shards, bool to_heads, int64_t batch,
+                      int64_t seq);
   void ffn_forward(int64_t layer_idx, int64_t n, T* out);
   void ffn_backward(int64_t layer_idx, int64_t n, const T* dout, T* dinp, double d_aux, double d_z);
   MoeFfnDims moe_dims(int64_t n) const;
@@ -101,6 +128,7 @@ class Transformer {
   std::vector<LayerActivations> acts_;
   std::vector<T> x_;  // [n, hidden] residual stream at the end of the layers
   std::vector<T> lnf_, rstdf_, logits_, losses_;
+  std::vector<T> send_, recv_;  // all-to-all packing buffers
   std::vector<MoeFfnStats> moe_stats_;
   LossBreakdown last_;
 };

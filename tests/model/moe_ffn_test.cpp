@@ -6,118 +6,20 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <barrier>
-#include <cstring>
-#include <exception>
-#include <functional>
-#include <memory>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "core/error.h"
+#include "model/thread_communicator.h"
 #include "ops/router.h"
 #include "testing/gradcheck.h"
 
 namespace moeforge {
 namespace {
 
-// The ranks of one group are threads of this process; every collective publishes a pointer,
-// waits for all ranks, reads the others' buffers, and waits again before anyone reuses them.
-class ThreadGroup {
- public:
-  explicit ThreadGroup(int size) : size_(size), barrier_(size), buffers_(size) {}
-  int size() const { return size_; }
-  void publish(int rank, const void* buffer) {
-    buffers_[rank] = buffer;
-    barrier_.arrive_and_wait();
-  }
-  const void* buffer(int rank) const { return buffers_[rank]; }
-  void done_reading() { barrier_.arrive_and_wait(); }
-
- private:
-  int size_;
-  std::barrier<> barrier_;
-  std::vector<const void*> buffers_;
-};
-
-class ThreadCommunicator final : public Communicator {
- public:
-  ThreadCommunicator(ThreadGroup& group, int rank) : group_(group), rank_(rank) {}
-  int rank() const override { return rank_; }
-  int size() const override { return group_.size(); }
-  std::string name() const override { return "threads"; }
-
-  void all_reduce_sum(void* data, size_t count, CommDType dtype) override {
-    group_.publish(rank_, data);
-    std::vector<char> sum = reduce(0, count, dtype);
-    group_.done_reading();
-    std::memcpy(data, sum.data(), sum.size());
-  }
-  void all_gather(const void* send, void* recv, size_t count, CommDType dtype) override {
-    group_.publish(rank_, send);
-    const size_t bytes = count * comm_dtype_size(dtype);
-    for (int r = 0; r < size(); ++r) {
-      std::memcpy(static_cast<char*>(recv) + r * bytes, group_.buffer(r), bytes);
-    }
-    group_.done_reading();
-  }
-  void reduce_scatter_sum(const void* send, void* recv, size_t count, CommDType dtype) override {
-    group_.publish(rank_, send);
-    std::vector<char> sum = reduce(rank_ * count, count, dtype);
-    group_.done_reading();
-    std::memcpy(recv, sum.data(), sum.size());
-  }
-  void all_to_all(const void*, void*, size_t, CommDType) override { unused("all_to_all"); }
-  void all_to_all_v(const void*, const size_t*, const size_t*, void*, const size_t*, const size_t*,
-                    CommDType) override {
-    unused("all_to_all_v");
-  }
-  void broadcast(void*, size_t, CommDType, int) override { unused("broadcast"); }
-  void barrier() override { unused("barrier"); }
-  std::unique_ptr<Communicator> split(int, int) override { unused("split"); }
-
- private:
-  [[noreturn]] static void unused(const char* what) {
-    MF_FAIL("ThreadCommunicator::{} is not used by moe_ffn", what);
-  }
-  // Elements [offset, offset + count) summed over the ranks in rank order.
-  std::vector<char> reduce(size_t offset, size_t count, CommDType dtype) const {
-    MF_CHECK(dtype == CommDType::kFloat64, "ThreadCommunicator sums only doubles");
-    std::vector<double> sum(count, 0.0);
-    for (int r = 0; r < size(); ++r) {
-      const double* src = static_cast<const double*>(group_.buffer(r)) + offset;
-      for (size_t i = 0; i < count; ++i) sum[i] += src[i];
-    }
-    std::vector<char> bytes(count * sizeof(double));
-    std::memcpy(bytes.data(), sum.data(), bytes.size());
-    return bytes;
-  }
-
-  ThreadGroup& group_;
-  int rank_;
-};
-
-// Runs fn(rank communicator) on num_ranks threads and rethrows the first failure.
-void run_ranks(int num_ranks, const std::function<void(Communicator&)>& fn) {
-  ThreadGroup group(num_ranks);
-  std::vector<std::exception_ptr> errors(num_ranks);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < num_ranks; ++r) {
-    threads.emplace_back([&, r] {
-      ThreadCommunicator comm(group, r);
-      try {
-        fn(comm);
-      } catch (...) {
-        errors[r] = std::current_exception();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  for (auto& e : errors) {
-    if (e) std::rethrow_exception(e);
-  }
-}
+using testing::run_ranks;
+using testing::ThreadCommunicator;
+using testing::ThreadGroup;
 
 // One layer's inputs and weights (all experts), with views for a rank of an ep group.
 struct MoeCase {
