@@ -7,6 +7,7 @@
 // anything else is a finding.
 #include <cstddef>
 #include <cstdint>
+#include <iterator>
 
 #include "comm/communicator.h"
 #include "core/error.h"
@@ -55,13 +56,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static FuzzModel fuzz_model;
   const auto run_dir = fuzz::scratch_dir() / "run";
   const auto checkpoint_dir = checkpoint_dir_name(run_dir, 1);
-  const auto parts = fuzz::split_files(data, size, 5);
   const char* names[] = {"config.json", "model.safetensors", "optimizer.safetensors",
                          "trainer_state.json"};
-  for (size_t file_idx = 0; file_idx < 4; ++file_idx) {
+  const auto parts = fuzz::split_files(data, size, std::size(names) + 1);  // + the index
+  for (size_t file_idx = 0; file_idx < std::size(names); ++file_idx) {
     fuzz::write_bytes(checkpoint_dir / names[file_idx], parts[file_idx], /*remove_if_empty=*/true);
   }
-  fuzz::write_bytes(run_dir / "checkpoints" / "index.json", parts[4], /*remove_if_empty=*/true);
+  fuzz::write_bytes(run_dir / "checkpoints" / "index.json", parts[std::size(names)],
+                    /*remove_if_empty=*/true);
   try {
     io::read_checkpoint_index(run_dir);
     resolve_checkpoint(run_dir);

@@ -139,6 +139,11 @@ def model_config_seeds():
     seeds["rope_scaling_rejected.json"] = json.dumps(dict(base, architectures=["LlamaForCausalLM"],
                                                           rope_scaling={"type": "linear", "factor": 2}))
     seeds["not_an_object.json"] = "[1, 2, 3]"
+    seeds["huge_num_layers_sparse_step.json"] = json.dumps(dict(json.loads(seeds["qwen3_moe_sparse_step.json"]),
+                                                                num_hidden_layers=10**15))
+    seeds["huge_dims.json"] = json.dumps(dict(base, architectures=["LlamaForCausalLM"], vocab_size=2**62,
+                                              hidden_size=2**40, num_attention_heads=2**39,
+                                              num_key_value_heads=2**39))
     return seeds
 
 
@@ -162,6 +167,13 @@ def train_config_seeds():
         "override_section": join_files(minimal, 'optimizer={"lr": 0.5, "beta1": 0.8}', "model.seed=7"),
         "override_typo": join_files(minimal, "optimizer.lrr=1"),
         "unknown_section.json": json.dumps({"modle": {}}),
+        "number_overflow.json": '{"optimizer": {"lr": 1e999}}',
+        "override_invalid_utf8": join_files(minimal, b"optimizer.lr=\xff\xfe"),
+        "wsd_steps_overflow.json": json.dumps(dict(json.loads(minimal), schedule={
+            "type": "wsd", "max_steps": 2**63 - 1, "warmup_steps": 2**63 - 1, "decay_steps": 2**63 - 1})),
+        "pma_step_tokens_overflow.json": json.dumps(dict(json.loads(minimal), data={
+            "dataset": "d", "seq_len": 2**32, "micro_batch_size": 2**32, "grad_accum_steps": 2},
+            pma={"enabled": True, "interval_tokens": 5, "every_steps": 1, "count": 2})),
     }
 
 
@@ -195,6 +207,8 @@ def dataset_seeds():
         "sentencepiece_without_model": join_files(json.dumps(dataset), shard,
                                                   json.dumps(dict(tokenizer, kind="sentencepiece",
                                                                   model_file="tokenizer.model"))),
+        "number_overflow": join_files(json.dumps(dataset).replace('"vocab_size": 258', '"vocab_size": 1e999'),
+                                     shard, json.dumps(tokenizer)),
         "too_few_tokens": join_files(json.dumps(dataset).replace("12", "3"), token_shard([1, 2, 3], 258),
                                      json.dumps(dict(tokenizer, bos_id=5))),
     }
@@ -245,6 +259,15 @@ def checkpoint_seeds():
         "newer_index": join_files(config, model, optimizer, json.dumps(state),
                                   json.dumps(dict(index, format_version=2))),
         "no_optimizer": join_files(config, model, "", json.dumps(state), ""),
+        "config_number_overflow": join_files(config.replace('"vocab_size": 8', '"vocab_size": 1e999'), model,
+                                             optimizer, json.dumps(state), json.dumps(index)),
+        "float_format_versions": join_files(config, model, optimizer, json.dumps(dict(state, format_version=1e300)),
+                                            json.dumps(dict(index, format_version=1e300))),
+        "float_index_step": join_files(config, model, optimizer, json.dumps(state),
+                                       json.dumps({"format_version": 1, "checkpoints": [
+                                           {"step": 1e300, "tokens_seen": 64, "path": "step-00000001"}]})),
+        "index_path_outside_run": join_files(config, model, optimizer, "", json.dumps({
+            "format_version": 1, "checkpoints": [{"step": 1, "tokens_seen": 64, "path": "/etc"}]})),
         "other_model": join_files(json.dumps(dict(CHECKPOINT_MODEL, num_local_experts=3)), model, optimizer,
                                   json.dumps(state), json.dumps(index)),
     }

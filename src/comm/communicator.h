@@ -116,4 +116,8 @@ class SelfCommunicator final : public Communicator {
 // (initialising MPI once), otherwise a SelfCommunicator.
 Communicator& world_communicator();
 
+// Ends every rank of the job with exit_code (MPI_Abort when the world is MPI's with more than one
+// rank, so that no rank is left waiting in a collective for one that failed); otherwise exits.
+[[noreturn]] void abort_world(int exit_code);
+
 }  // namespace moeforge

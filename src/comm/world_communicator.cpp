@@ -1,5 +1,6 @@
 // world_communicator(): MPI's world when built with MPI and started by an MPI launcher (MPI is
 // initialised on first use and finalised at exit), otherwise a SelfCommunicator.
+#include <cstdio>
 #include <cstdlib>
 
 #include "comm/communicator.h"
@@ -88,6 +89,19 @@ Communicator& make_world_communicator() {
 Communicator& world_communicator() {
   static Communicator& world = make_world_communicator();
   return world;
+}
+
+void abort_world(int exit_code) {
+#if MOEFORGE_HAVE_MPI
+  int initialized = 0, finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  if (initialized && !finalized && world_communicator().size() > 1) {
+    MPI_Abort(MPI_COMM_WORLD, exit_code);
+  }
+#endif
+  std::fflush(nullptr);
+  std::_Exit(exit_code);
 }
 
 }  // namespace moeforge

@@ -18,17 +18,28 @@ std::vector<CheckpointEntry> read_checkpoint_index(const fs::path& run_dir) {
   std::ifstream in(path);
   MF_CHECK(in.good(), "cannot open {}", path.string());
   std::vector<CheckpointEntry> entries;
+  // Integers only: get<int64_t>() of a float like 1e300 would be undefined behaviour.
+  const auto integer = [&](const nlohmann::json& object, const char* key) {
+    const nlohmann::json& value = object.at(key);
+    MF_CHECK(value.is_number_integer(),
+             "{}: malformed checkpoint index: {} must be an integer, got {}", path.string(), key,
+             value.dump());
+    return value.get<int64_t>();
+  };
   try {
     const nlohmann::json j = nlohmann::json::parse(in);
-    const int version = j.at("format_version").get<int>();
+    const int64_t version = integer(j, "format_version");
     MF_CHECK(version >= 1 && version <= kCheckpointIndexFormatVersion,
              "{}: index format_version {} is not supported (this moeforge reads up to {}); upgrade "
              "moeforge",
              path.string(), version, kCheckpointIndexFormatVersion);
     for (const auto& e : j.at("checkpoints")) {
-      entries.push_back(
-          CheckpointEntry{e.at("step").get<int64_t>(), e.at("tokens_seen").get<int64_t>(),
-                          fs::absolute(run_dir / "checkpoints" / e.at("path").get<std::string>())});
+      const fs::path name = e.at("path").get<std::string>();
+      MF_CHECK(!name.empty() && name == name.filename() && name != "." && name != "..",
+               "{}: malformed checkpoint index: path '{}' is not a folder name inside checkpoints/",
+               path.string(), name.string());
+      entries.push_back(CheckpointEntry{integer(e, "step"), integer(e, "tokens_seen"),
+                                        fs::absolute(run_dir / "checkpoints" / name)});
     }
   } catch (const nlohmann::json::exception& e) {
     MF_FAIL("{}: malformed checkpoint index: {}", path.string(), e.what());

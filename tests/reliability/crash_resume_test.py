@@ -19,7 +19,7 @@ import unittest
 import reliability_util as util
 
 MOEFORGE = None
-MAX_STEPS = 60
+MAX_STEPS = 80
 MIN_KILLS = 20
 KEEP_LAST = 3  # retention deletes old checkpoints after each save: kills land there too
 MAX_CYCLES = 60  # a bound on the kill loop (each cycle is one process)
@@ -54,14 +54,14 @@ class CrashResumeTest(unittest.TestCase):
         return {m.group(1) for m in (re.match(rf"step-(\d+)\.tmp-{pid}-", n) for n in names) if m}
 
     def kill_at_checkpoint_write(self, proc, run_dir, rng):
-        """Kills proc while it writes its k-th checkpoint (k in 1..3, then up to 40 ms into it)."""
+        """Kills proc while it writes its k-th checkpoint (k in 1..3, then up to 20 ms into it)."""
         target = rng.randint(1, 3)
         deadline = time.monotonic() + 30
         seen = set()
         while proc.poll() is None and time.monotonic() < deadline:
             seen |= self.own_staging_steps(run_dir, proc.pid)
             if len(seen) >= target:
-                time.sleep(rng.uniform(0, 0.04))
+                time.sleep(rng.uniform(0, 0.02))
                 break
             time.sleep(0.0005)
         proc.send_signal(signal.SIGKILL)
@@ -101,7 +101,7 @@ class CrashResumeTest(unittest.TestCase):
             if cycle_idx % 2 == 0:
                 self.kill_at_checkpoint_write(proc, run_dir, rng)
             else:
-                time.sleep(rng.uniform(0.05, 0.6))
+                time.sleep(rng.uniform(0.02, 0.4))
                 proc.send_signal(signal.SIGKILL)
             returncode = proc.wait()
             with open(log_path) as f:

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Saving a checkpoint where it cannot be written (run by ctest with the moeforge binary's path):
-a full disk (a small tmpfs, when this machine lets us mount one), a file-size limit (RLIMIT_FSIZE,
-which makes writes fail with EFBIG; works everywhere), a read-only file system and an output
-folder below a regular file. Each case first trains 2 steps, then resumes under the fault: train
-must exit with code 1 and a message naming the problem, leave no half-written checkpoint behind,
-and the previous checkpoint must be byte-for-byte intact and still load (`moeforge eval`)."""
+"""Saving a checkpoint or a merge where it cannot be written (run by ctest with the moeforge
+binary's path): a full disk (a small tmpfs, when this machine lets us mount one), a file-size limit
+(RLIMIT_FSIZE, which makes writes fail with EFBIG; works everywhere), a read-only file system and an
+output folder below a regular file. Training cases first train 2 steps, then resume under the
+fault: train must exit with code 1 and a message naming the problem, leave no half-written
+checkpoint behind, and the previous checkpoint must be byte-for-byte intact and still load
+(`moeforge eval`). Merge cases merge two checkpoints under the fault: exit code 1, the message, no
+output or staging folder left, the inputs unchanged."""
 import os
 import resource
 import shutil
@@ -40,6 +42,9 @@ class DiskFullTest(unittest.TestCase):
         cls.tmp = tempfile.mkdtemp(prefix="moeforge-diskfull-")
         cls.data = util.make_dataset(MOEFORGE, cls.tmp)
         cls.mounts = []
+        cls.merge_inputs = os.path.join(cls.tmp, "merge-inputs")
+        config = util.write_train_config(cls.tmp, "merge-inputs", cls.data, cls.merge_inputs, max_steps=2)
+        util.run([MOEFORGE, "train", "--config", config, "--no-progress"])
 
     @classmethod
     def tearDownClass(cls):
@@ -75,16 +80,38 @@ class DiskFullTest(unittest.TestCase):
                                "--max-batches", "1"])
         self.assertIn("loss", evaluation.stdout)
 
-    def test_disk_full(self):
-        mount = os.path.join(self.tmp, "small-disk")
-        if not try_mount_tmpfs(mount, "16M"):
-            self.skipTest("cannot mount a tmpfs here (needs root); test_file_size_limit covers write errors")
+    def mount_or_skip(self, name, size):
+        mount = os.path.join(self.tmp, name)
+        if not try_mount_tmpfs(mount, size):
+            self.skipTest("cannot mount a tmpfs here (needs root); the file-size-limit tests cover write errors")
         self.mounts.append(mount)
+        return mount
+
+    @staticmethod
+    def fill(mount, num_bytes_left):
+        stat = os.statvfs(mount)
+        with open(os.path.join(mount, "filler"), "wb") as f:
+            f.write(b"\0" * (stat.f_bavail * stat.f_frsize - num_bytes_left))
+
+    def merge_under_fault(self, out, expected_message, **popen_args):
+        inputs = [os.path.join(self.merge_inputs, "checkpoints", f"step-0000000{step}") for step in (1, 2)]
+        files_before = [util.read_bytes(os.path.join(path, "model.safetensors")) for path in inputs]
+        proc = util.run([MOEFORGE, "merge", *inputs, "--out", out], check=False, **popen_args)
+        self.assertEqual(proc.returncode, 1, proc.stdout + proc.stderr)
+        self.assertIn("moeforge: error: ", proc.stderr)
+        self.assertIn(expected_message, proc.stderr)
+        parent = os.path.dirname(out)
+        if os.path.isdir(parent):
+            self.assertEqual([n for n in os.listdir(parent) if n.startswith(os.path.basename(out))], [],
+                             "a failed merge must leave neither its output nor its staging folder")
+        self.assertEqual([util.read_bytes(os.path.join(path, "model.safetensors")) for path in inputs],
+                         files_before)
+
+    def test_disk_full(self):
+        mount = self.mount_or_skip("small-disk", "16M")
         run_dir = os.path.join(mount, "run")
         config, files_before = self.train_two_steps("disk-full", run_dir)
-        stat = os.statvfs(mount)
-        with open(os.path.join(mount, "filler"), "wb") as f:  # leave 1 MB: less than one checkpoint
-            f.write(b"\0" * (stat.f_bavail * stat.f_frsize - (1 << 20)))
+        self.fill(mount, 1 << 20)  # less than one checkpoint
         proc = self.resume_under_fault(config, run_dir)
         self.assert_failed_cleanly(proc, "No space left on device", run_dir, files_before)
 
@@ -95,10 +122,7 @@ class DiskFullTest(unittest.TestCase):
         self.assert_failed_cleanly(proc, "File too large", run_dir, files_before)
 
     def test_read_only_file_system(self):
-        mount = os.path.join(self.tmp, "read-only")
-        if not try_mount_tmpfs(mount, "64M"):
-            self.skipTest("cannot mount a tmpfs here (needs root)")
-        self.mounts.append(mount)
+        mount = self.mount_or_skip("read-only", "64M")
         run_dir = os.path.join(mount, "run")
         config, files_before = self.train_two_steps("read-only", run_dir)
         subprocess.run(["mount", "-o", "remount,ro", mount], check=True)
@@ -114,6 +138,22 @@ class DiskFullTest(unittest.TestCase):
         proc = self.resume_under_fault(config, run_dir, ["--set", f"checkpoint.dir={regular_file}/run"])
         self.assert_failed_cleanly(proc, f"{regular_file}/run", run_dir, files_before)
         self.assertIn("Not a directory", proc.stderr)
+
+
+    def test_merge_disk_full(self):
+        mount = self.mount_or_skip("small-merge-disk", "4M")
+        self.fill(mount, 1 << 20)  # less than the merged model
+        self.merge_under_fault(os.path.join(mount, "merged"), "No space left on device")
+
+    def test_merge_file_size_limit(self):
+        self.merge_under_fault(os.path.join(self.tmp, "merged-fsize"), "File too large",
+                               preexec_fn=limit_file_size(1 << 20))
+
+    def test_merge_output_below_a_regular_file(self):
+        regular_file = os.path.join(self.tmp, "regular-file-for-merge")
+        with open(regular_file, "w") as f:
+            f.write("not a folder")
+        self.merge_under_fault(os.path.join(regular_file, "merged"), "Not a directory")
 
 
 if __name__ == "__main__":
