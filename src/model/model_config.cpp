@@ -514,7 +514,7 @@ ModelConfig load_model_config(const std::filesystem::path& config_json) {
   json j;
   try {
     j = json::parse(in);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
     MF_FAIL("{}: invalid JSON: {}", config_json.string(), e.what());
   }
   return parse_model_config(j, config_json.string());

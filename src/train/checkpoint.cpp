@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <charconv>
 #include <cstring>
 #include <fstream>
 #include <span>
@@ -44,7 +45,9 @@ nlohmann::json state_to_json(const TrainerState& s) {
 }
 
 TrainerState state_from_json(const nlohmann::json& j, const fs::path& path) {
-  const int version = j.value("format_version", -1);
+  MF_CHECK(j.is_object() && j.contains("format_version") && j["format_version"].is_number_integer(),
+           "{}: not a trainer state (no integer format_version)", path.string());
+  const int64_t version = j["format_version"].get<int64_t>();
   MF_CHECK(version >= 1, "{}: missing or invalid format_version", path.string());
   MF_CHECK(version <= kCheckpointFormatVersion,
            "{}: checkpoint format_version {} is newer than this moeforge supports ({}); upgrade "
@@ -154,7 +157,13 @@ TrainerState load_checkpoint(const fs::path& dir, Transformer<float>& model, Ada
   const auto it = moments.metadata().find("step_count");
   MF_CHECK(it != moments.metadata().end(), "{}: metadata step_count is missing",
            moments.path().string());
-  optimizer.set_step_count(std::stoll(it->second));
+  int64_t step_count = -1;
+  const auto [end, ec] =
+      std::from_chars(it->second.data(), it->second.data() + it->second.size(), step_count);
+  MF_CHECK(ec == std::errc() && end == it->second.data() + it->second.size() && step_count >= 0,
+           "{}: metadata step_count \"{}\" is not a non-negative integer", moments.path().string(),
+           it->second);
+  optimizer.set_step_count(step_count);
   return state_from_json(read_json(dir / "trainer_state.json"), dir / "trainer_state.json");
 }
 

@@ -103,7 +103,8 @@ void merge_value(json& level, const std::string& section, const std::string& key
 void merge_section(json& section_json, const std::string& section, const json& patch,
                    const std::string& source) {
   MF_CHECK(patch.is_object(), "{}: {} must be an object (a section), got {}", source,
-           section.empty() ? "the config" : section, patch.dump());
+           section.empty() ? "the config" : section,
+           patch.dump(-1, ' ', false, json::error_handler_t::replace));
   for (const auto& item : patch.items())
     merge_value(section_json, section, item.key(), item.value(), source);
 }
@@ -204,7 +205,8 @@ class SectionReader {
  private:
   const json& at(const char* key) const { return j_.at(key); }
   [[noreturn]] void type_error(const char* key, const char* expected, const json& v) const {
-    MF_FAIL("{} must be {}, got {}", key_path(key), expected, v.dump());
+    MF_FAIL("{} must be {}, got {}", key_path(key), expected,
+            v.dump(-1, ' ', false, json::error_handler_t::replace));
   }
 
   const json& j_;
@@ -431,7 +433,7 @@ TrainConfig load_train_config(const std::filesystem::path& path,
   json file_json;
   try {
     file_json = json::parse(in);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
     MF_FAIL("{}: invalid JSON: {}", path.string(), e.what());
   }
   json merged = train_config_to_json(TrainConfig{});

@@ -19,7 +19,7 @@ import unittest
 import reliability_util as util
 
 MOEFORGE = None
-MAX_STEPS = 80
+MAX_STEPS = 400  # long enough that 20 kills land before the run ends on an idle machine
 MIN_KILLS = 20
 KEEP_LAST = 3  # retention deletes old checkpoints after each save: kills land there too
 MAX_CYCLES = 60  # a bound on the kill loop (each cycle is one process)

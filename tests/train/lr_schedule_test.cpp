@@ -125,7 +125,9 @@ TEST(LrScheduleTest, PhasesAreMonotonicAndContinuous) {
         EXPECT_LT(lr, previous) << step;
         EXPECT_LE(jump, c.max_decay_jump * base * (1 - min_lr_ratio) * (1 + 1e-12)) << step;
       }
-      if (step >= warmup) EXPECT_GE(lr, base * min_lr_ratio * (1 - 1e-12)) << step;
+      if (step >= warmup) {
+        EXPECT_GE(lr, base * min_lr_ratio * (1 - 1e-12)) << step;
+      }
       previous = lr;
     }
     EXPECT_DOUBLE_EQ(previous, base * min_lr_ratio);

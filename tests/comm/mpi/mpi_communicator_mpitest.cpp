@@ -84,7 +84,8 @@ template <typename T>
   std::vector<uint8_t> gathered(num_bytes * comm.size());
   comm.all_gather(reinterpret_cast<const uint8_t*>(values.data()), gathered.data(), num_bytes);
   for (int rank_idx = 0; rank_idx < comm.size(); ++rank_idx) {
-    if (std::memcmp(gathered.data() + rank_idx * num_bytes, values.data(), num_bytes) != 0) {
+    if (num_bytes != 0 &&
+        std::memcmp(gathered.data() + rank_idx * num_bytes, values.data(), num_bytes) != 0) {
       return ::testing::AssertionFailure()
              << "rank " << rank_idx << " holds different bytes than rank " << comm.rank();
     }
