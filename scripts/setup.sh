@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs every build, test and demo dependency from Debian packages (idempotent).
+# Installs every build, test and demo dependency from Debian packages (idempotent); extra package
+# names given as arguments are installed too (scripts/fuzz.sh adds clang and its runtimes).
 # Why each package is here: docs/design.md, "Dependencies".
 set -euo pipefail
 
@@ -12,6 +13,7 @@ packages=(
   libsentencepiece-dev
   fortunes
   python3 python3-numpy python3-venv
+  "$@"
 )
 
 missing=()
