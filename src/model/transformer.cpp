@@ -115,14 +115,19 @@ MoeFfnDims Transformer<T>::moe_dims(int64_t n) const {
 }
 
 template <typename T>
+int64_t Transformer<T>::local_experts_offset() const {
+  // Local experts of this rank start at rank * (num_experts / ep size) in each expert block.
+  return ep_.rank() * (config_.num_experts / ep_.size()) * config_.moe_intermediate_size *
+         config_.hidden_size;
+}
+
+template <typename T>
 MoeFfnWeights<T> Transformer<T>::moe_weights(const LayerOffsets& o) const {
-  // Local experts of this rank start at rank * (num_experts / ep size).
-  const int64_t first = ep_.rank() * (config_.num_experts / ep_.size());
-  const int64_t expert_numel = config_.moe_intermediate_size * config_.hidden_size;
+  const int64_t local = local_experts_offset();
   return MoeFfnWeights<T>{p(o.router),
-                          p(o.experts_gate) + first * expert_numel,
-                          p(o.experts_up) + first * expert_numel,
-                          p(o.experts_down) + first * expert_numel,
+                          p(o.experts_gate) + local,
+                          p(o.experts_up) + local,
+                          p(o.experts_down) + local,
                           p(o.shared_gate),
                           p(o.shared_up),
                           p(o.shared_down),
@@ -131,12 +136,11 @@ MoeFfnWeights<T> Transformer<T>::moe_weights(const LayerOffsets& o) const {
 
 template <typename T>
 MoeFfnGrads<T> Transformer<T>::moe_grads(const LayerOffsets& o) {
-  const int64_t first = ep_.rank() * (config_.num_experts / ep_.size());
-  const int64_t expert_numel = config_.moe_intermediate_size * config_.hidden_size;
+  const int64_t local = local_experts_offset();
   return MoeFfnGrads<T>{g(o.router),
-                        g(o.experts_gate) + first * expert_numel,
-                        g(o.experts_up) + first * expert_numel,
-                        g(o.experts_down) + first * expert_numel,
+                        g(o.experts_gate) + local,
+                        g(o.experts_up) + local,
+                        g(o.experts_down) + local,
                         g(o.shared_gate),
                         g(o.shared_up),
                         g(o.shared_down),

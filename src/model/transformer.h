@@ -112,6 +112,7 @@ class Transformer {
   void ffn_forward(int64_t layer_idx, int64_t n, T* out);
   void ffn_backward(int64_t layer_idx, int64_t n, const T* dout, T* dinp, double d_aux, double d_z);
   MoeFfnDims moe_dims(int64_t n) const;
+  int64_t local_experts_offset() const;  // elements from an expert block to this rank's experts
   MoeFfnWeights<T> moe_weights(const LayerOffsets& o) const;
   MoeFfnGrads<T> moe_grads(const LayerOffsets& o);
   const T* p(int64_t offset) const { return offset < 0 ? nullptr : params_.data() + offset; }
