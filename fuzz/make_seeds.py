@@ -171,6 +171,10 @@ def train_config_seeds():
         "override_invalid_utf8": join_files(minimal, b"optimizer.lr=\xff\xfe"),
         "wsd_steps_overflow.json": json.dumps(dict(json.loads(minimal), schedule={
             "type": "wsd", "max_steps": 2**63 - 1, "warmup_steps": 2**63 - 1, "decay_steps": 2**63 - 1})),
+        # Within the max_steps limit, warmup_steps + decay_steps still passes 2^63.
+        "wsd_steps_sum_overflow.json": json.dumps(dict(json.loads(minimal), data={
+            "dataset": "d", "seq_len": 1, "micro_batch_size": 1}, schedule={
+            "type": "wsd", "max_steps": 2**40, "warmup_steps": 2**40, "decay_steps": 2**63 - 1})),
         "pma_step_tokens_overflow.json": json.dumps(dict(json.loads(minimal), data={
             "dataset": "d", "seq_len": 2**32, "micro_batch_size": 2**32, "grad_accum_steps": 2},
             pma={"enabled": True, "interval_tokens": 5, "every_steps": 1, "count": 2})),

@@ -8,8 +8,10 @@
 #include <cmath>
 #include <fstream>
 #include <limits>
+#include <optional>
 
 #include "core/error.h"
+#include "model/parameters.h"
 
 namespace moeforge {
 
@@ -300,6 +302,12 @@ void reject_unsupported(const FieldReader& r, Architecture arch, int64_t max_pos
   }
 }
 
+// Checked before the layer count sizes anything (the dense-layer list, the parameter layout).
+void check_max_num_layers(int64_t num_layers, const std::string& source) {
+  MF_CHECK(num_layers <= kMaxNumLayers, "{}: num_hidden_layers must be <= {}, got {}", source,
+           kMaxNumLayers, num_layers);
+}
+
 void read_moe_fields(const FieldReader& r, ModelConfig& c) {
   const Architecture arch = c.architecture;
   const char* field = num_experts_field(arch);
@@ -329,6 +337,7 @@ void read_moe_fields(const FieldReader& r, ModelConfig& c) {
     const int64_t sparse_step = r.int_or("decoder_sparse_step", 1);
     MF_CHECK(sparse_step >= 0, "{}: decoder_sparse_step must be >= 0, got {}", r.source(),
              sparse_step);
+    check_max_num_layers(c.num_layers, r.source());
     for (int64_t layer = 0; sparse_step > 0 && layer < c.num_layers; ++layer) {
       if ((layer + 1) % sparse_step != 0) dense.push_back(layer);
     }
@@ -358,6 +367,7 @@ void validate(const ModelConfig& c, const std::string& source) {
   check_positive(c.vocab_size, "vocab_size");
   check_positive(c.hidden_size, "hidden_size");
   check_positive(c.num_layers, "num_hidden_layers");
+  check_max_num_layers(c.num_layers, s);
   check_positive(c.num_heads, "num_attention_heads");
   check_positive(c.num_kv_heads, "num_key_value_heads");
   MF_CHECK(c.num_heads % c.num_kv_heads == 0,
@@ -384,6 +394,8 @@ void validate(const ModelConfig& c, const std::string& source) {
   if (is_moe_arch(arch)) {
     MF_CHECK(c.num_experts > 0, "{}: {} must be > 0 for {}, got {}", s, experts_field, arch_name,
              c.num_experts);
+    MF_CHECK(c.num_experts <= kMaxNumExperts, "{}: {} must be <= {}, got {}", s, experts_field,
+             kMaxNumExperts, c.num_experts);
     MF_CHECK(c.num_experts_per_tok >= 1 && c.num_experts_per_tok <= c.num_experts,
              "{}: num_experts_per_tok must be in [1, {}={}], got {}", s, experts_field,
              c.num_experts, c.num_experts_per_tok);
@@ -439,6 +451,16 @@ void validate(const ModelConfig& c, const std::string& source) {
   MF_CHECK(std::find(std::begin(kDtypes), std::end(kDtypes), c.torch_dtype) != std::end(kDtypes),
            "{}: torch_dtype must be one of float32, bfloat16, float16, got \"{}\"", s,
            c.torch_dtype);
+  // Last: the count is exact only for a config whose fields passed the checks above.
+  const std::optional<int64_t> num_params = count_params(c);
+  MF_CHECK(num_params && *num_params <= kMaxNumParams,
+           "{}: the model has {} parameters, more than the {} (2^42) supported; see vocab_size "
+           "({}), hidden_size ({}), num_attention_heads ({}) x head_dim ({}), intermediate_size "
+           "({}), {} ({}) x moe_intermediate_size ({}), shared_expert_intermediate_size ({}) and "
+           "num_hidden_layers ({})",
+           s, num_params ? fmt::format("{}", *num_params) : "more than 2^63", kMaxNumParams,
+           c.vocab_size, c.hidden_size, c.num_heads, c.head_dim, c.intermediate_size, experts_field,
+           c.num_experts, c.moe_intermediate_size, c.shared_expert_intermediate_size, c.num_layers);
 }
 
 ModelConfig parse_model_config(const json& j, const std::string& source) {

@@ -65,6 +65,13 @@ struct ModelConfig {
   int64_t kv_dim() const { return num_kv_heads * head_dim; }
 };
 
+// Upper bounds of validation, beyond every published model, so that no list grows without bound
+// and no size computation overflows: the layer and expert counts (they set how many tensors the
+// parameter layout names) and the parameter count (2^42, 4.4 trillion).
+inline constexpr int64_t kMaxNumLayers = 1024;
+inline constexpr int64_t kMaxNumExperts = 4096;
+inline constexpr int64_t kMaxNumParams = int64_t{1} << 42;
+
 // Parse and validate. Errors name the field ("config.json: num_key_value_heads (3) must divide
 // num_attention_heads (8)").
 ModelConfig model_config_from_json(const nlohmann::json& j);

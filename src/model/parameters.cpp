@@ -3,6 +3,9 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <initializer_list>
+
 #include "core/error.h"
 
 namespace moeforge {
@@ -24,7 +27,65 @@ bool ends_with(const std::string& s, const std::string& suffix) {
          s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
+// Overflow-checked int64_t sums and products: nullopt when a term is nullopt or the result does
+// not fit.
+using MaybeCount = std::optional<int64_t>;
+
+MaybeCount checked_sum(std::initializer_list<MaybeCount> terms) {
+  int64_t sum = 0;
+  for (const MaybeCount& term : terms) {
+    if (!term || __builtin_add_overflow(sum, *term, &sum)) return std::nullopt;
+  }
+  return sum;
+}
+
+MaybeCount checked_product(std::initializer_list<MaybeCount> factors) {
+  int64_t product = 1;
+  for (const MaybeCount& factor : factors) {
+    if (!factor || __builtin_mul_overflow(product, *factor, &product)) return std::nullopt;
+  }
+  return product;
+}
+
 }  // namespace
+
+std::optional<int64_t> count_params(const ModelConfig& c) {
+  const int64_t h = c.hidden_size;
+  const MaybeCount q_dim = checked_product({c.num_heads, c.head_dim});
+  const MaybeCount kv_dim = checked_product({c.num_kv_heads, c.head_dim});
+  // Per layer: the two norms, q/k/v/o, the q/k/v biases and the q/k norms.
+  const MaybeCount attention = checked_sum({
+      checked_product({2, h}),
+      checked_product({2, q_dim, h}),
+      checked_product({2, kv_dim, h}),
+      c.attention_bias ? checked_sum({q_dim, checked_product({2, kv_dim})}) : 0,
+      c.qk_norm ? checked_product({2, c.head_dim}) : 0,
+  });
+  const MaybeCount dense_ffn = checked_product({3, c.intermediate_size, h});
+  const int64_t shared = c.shared_expert_intermediate_size;
+  const MaybeCount moe_ffn = checked_sum({
+      checked_product({c.num_experts, h}),
+      checked_product({3, c.num_experts, c.moe_intermediate_size, h}),
+      shared > 0 ? checked_sum({checked_product({3, shared, h}), h}) : 0,
+  });
+  // Layers that are MoE: as layer_is_moe, without a pass over all layers.
+  std::vector<int64_t> dense = c.dense_layers;
+  std::sort(dense.begin(), dense.end());
+  dense.erase(std::unique(dense.begin(), dense.end()), dense.end());
+  const int64_t num_dense_listed = std::count_if(dense.begin(), dense.end(), [&](int64_t layer) {
+    return layer >= 0 && layer < c.num_layers;
+  });
+  const int64_t num_moe_layers = c.is_moe() ? c.num_layers - num_dense_listed : 0;
+  const MaybeCount embedding = checked_product({c.vocab_size, h});
+  return checked_sum({
+      embedding,
+      checked_product({c.num_layers, attention}),
+      checked_product({c.num_layers - num_moe_layers, dense_ffn}),
+      checked_product({num_moe_layers, moe_ffn}),
+      h,
+      c.tie_word_embeddings ? 0 : embedding,
+  });
+}
 
 bool is_norm_param(const std::string& name) {
   return ends_with(name, "norm.weight") || ends_with(name, "layernorm.weight");
@@ -53,6 +114,14 @@ int64_t ParameterLayout::add_experts(const std::string& prefix, const std::strin
 }
 
 ParameterLayout::ParameterLayout(const ModelConfig& c) {
+  // The bounds of validate_model_config that keep the tensor count and the sizes below finite.
+  const std::optional<int64_t> total = count_params(c);
+  MF_CHECK(c.num_layers <= kMaxNumLayers && c.num_experts <= kMaxNumExperts && total &&
+               *total <= kMaxNumParams,
+           "the parameter layout supports at most {} layers, {} experts and {} parameters, got "
+           "{}, {} and {}",
+           kMaxNumLayers, kMaxNumExperts, kMaxNumParams, c.num_layers, c.num_experts,
+           total ? fmt::format("{}", *total) : "more than 2^63");
   const int64_t h = c.hidden_size;
   embed_tokens_ = add("model.embed_tokens.weight", {c.vocab_size, h});
   const ExpertNames names = expert_names(c.architecture);

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -36,6 +37,7 @@ struct LayerOffsets {
 
 class ParameterLayout {
  public:
+  // Throws moeforge::Error beyond kMaxNumLayers, kMaxNumExperts or kMaxNumParams.
   explicit ParameterLayout(const ModelConfig& config);
 
   const std::vector<ParamSpec>& specs() const { return specs_; }
@@ -61,6 +63,10 @@ class ParameterLayout {
   int64_t num_active_params_ = 0;
   int64_t embed_tokens_ = -1, final_norm_ = -1, lm_head_ = -1;
 };
+
+// The number of parameters of the config, ParameterLayout(config).num_params(), computed with
+// overflow checks and without building the layout; nullopt when it does not fit int64_t.
+std::optional<int64_t> count_params(const ModelConfig& config);
 
 // True for the parameters that RMSNorm owns (their HF names end in "norm.weight" or
 // "layernorm.weight").

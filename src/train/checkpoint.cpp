@@ -7,7 +7,10 @@
 #include <charconv>
 #include <cstring>
 #include <fstream>
+#include <optional>
+#include <set>
 #include <span>
+#include <string_view>
 
 #include "core/error.h"
 #include "io/atomic_file.h"
@@ -65,6 +68,31 @@ TrainerState state_from_json(const nlohmann::json& j, const fs::path& path) {
   } catch (const nlohmann::json::exception& e) {
     MF_FAIL("{}: malformed trainer state: {}", path.string(), e.what());
   }
+}
+
+// The step of a checkpoint folder name exactly as checkpoint_dir_name writes it ("step-00000100"),
+// or nullopt for any other name.
+std::optional<int64_t> checkpoint_step_of(const std::string& name) {
+  constexpr std::string_view kPrefix = "step-";
+  if (!name.starts_with(kPrefix)) return std::nullopt;
+  int64_t step = -1;
+  const char* last = name.data() + name.size();
+  const auto [end, ec] = std::from_chars(name.data() + kPrefix.size(), last, step);
+  if (ec != std::errc() || end != last || step < 0) return std::nullopt;
+  if (checkpoint_dir_name("", step).filename() != name) return std::nullopt;
+  return step;
+}
+
+// True for the staging name of a checkpoint folder or of the index.
+bool is_checkpoint_staging_name(const std::string& name) {
+  if (!io::is_staging_name(name)) return false;
+  for (const char* separator : {".tmp-", ".tmp."}) {
+    const size_t pos = name.rfind(separator);
+    if (pos == std::string::npos) continue;
+    const std::string base = name.substr(0, pos);
+    if (base == "index.json" || checkpoint_step_of(base)) return true;
+  }
+  return false;
 }
 
 }  // namespace
@@ -165,6 +193,28 @@ TrainerState load_checkpoint(const fs::path& dir, Transformer<float>& model, Ada
            it->second);
   optimizer.set_step_count(step_count);
   return state_from_json(read_json(dir / "trainer_state.json"), dir / "trainer_state.json");
+}
+
+std::vector<fs::path> remove_checkpoint_leftovers(const fs::path& run_dir, const fs::path& keep) {
+  const fs::path checkpoints_dir = run_dir / "checkpoints";
+  if (!fs::is_directory(checkpoints_dir)) return {};
+  std::set<std::string> listed;
+  for (const io::CheckpointEntry& e : io::read_checkpoint_index(run_dir)) {
+    listed.insert(e.path.filename().string());
+  }
+  const fs::path kept = keep.empty() ? fs::path() : fs::weakly_canonical(keep);
+  std::vector<fs::path> removed;
+  for (const fs::directory_entry& entry : fs::directory_iterator(checkpoints_dir)) {
+    const std::string name = entry.path().filename().string();
+    const bool unlisted_checkpoint =
+        entry.is_directory() && checkpoint_step_of(name) && !listed.contains(name);
+    if (!unlisted_checkpoint && !is_checkpoint_staging_name(name)) continue;
+    if (!kept.empty() && fs::weakly_canonical(entry.path()) == kept) continue;
+    removed.push_back(entry.path());
+  }
+  std::sort(removed.begin(), removed.end());
+  for (const fs::path& path : removed) fs::remove_all(path);
+  return removed;
 }
 
 fs::path resolve_checkpoint(const fs::path& dir_or_run) {

@@ -48,6 +48,15 @@ std::filesystem::path save_checkpoint(
 TrainerState load_checkpoint(const std::filesystem::path& checkpoint_dir, Transformer<float>& model,
                              AdamW& optimizer);
 
+// Removes what interrupted saves left in <run_dir>/checkpoints, all of it named as this file writes
+// it: staging folders and files of checkpoints and of the index (`step-00000100.tmp-<pid>-<k>`,
+// `index.json.tmp.<pid>`), and checkpoint folders that the index does not list (a crash between a
+// checkpoint's rename and the index update, or between the index update and retention's removals).
+// `keep` (e.g. the checkpoint given to --resume; may be empty) is never removed. Call it before
+// training starts, on one rank. Returns the removed paths, sorted.
+std::vector<std::filesystem::path> remove_checkpoint_leftovers(const std::filesystem::path& run_dir,
+                                                               const std::filesystem::path& keep);
+
 // A checkpoint directory given itself or its run directory (then the newest checkpoint).
 std::filesystem::path resolve_checkpoint(const std::filesystem::path& dir_or_run);
 

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <initializer_list>
 #include <numeric>
 
 #include "core/error.h"
@@ -282,6 +283,15 @@ TrainConfig parse_merged(const json& merged, const std::filesystem::path& base_d
   return c;
 }
 
+// The product of positive factors, or nullopt when it exceeds limit (or int64_t).
+std::optional<int64_t> bounded_product(std::initializer_list<int64_t> factors, int64_t limit) {
+  int64_t product = 1;
+  for (const int64_t factor : factors) {
+    if (__builtin_mul_overflow(product, factor, &product) || product > limit) return std::nullopt;
+  }
+  return product;
+}
+
 }  // namespace
 
 int64_t wsd_decay_steps(const ScheduleConfig& s) {
@@ -365,6 +375,16 @@ void validate_train_config(const TrainConfig& c) {
 
   const ScheduleConfig& s = c.schedule;
   MF_CHECK(s.max_steps > 0, "schedule.max_steps must be > 0, got {}", s.max_steps);
+  MF_CHECK(s.max_steps <= kMaxTrainSteps, "schedule.max_steps must be <= 2^40 ({}), got {}",
+           kMaxTrainSteps, s.max_steps);
+  const std::optional<int64_t> run_tokens = bounded_product(
+      {c.data.seq_len, c.data.micro_batch_size, c.data.grad_accum_steps, s.max_steps},
+      kMaxTrainTokens);
+  MF_CHECK(run_tokens.has_value(),
+           "the run's tokens on one rank (data.seq_len {} x data.micro_batch_size {} x "
+           "data.grad_accum_steps {} x schedule.max_steps {}) must be <= 2^50 ({})",
+           c.data.seq_len, c.data.micro_batch_size, c.data.grad_accum_steps, s.max_steps,
+           kMaxTrainTokens);
   MF_CHECK(s.warmup_steps >= 0 && s.warmup_steps <= s.max_steps,
            "schedule.warmup_steps must be in [0, schedule.max_steps={}], got {}", s.max_steps,
            s.warmup_steps);
@@ -382,7 +402,8 @@ void validate_train_config(const TrainConfig& c) {
              s.decay_steps.value_or(0));
     MF_CHECK(!s.decay_fraction || (*s.decay_fraction > 0 && *s.decay_fraction <= 1),
              "schedule.decay_fraction must be in (0, 1], got {}", s.decay_fraction.value_or(0));
-    MF_CHECK(s.warmup_steps + wsd_decay_steps(s) <= s.max_steps,
+    // Written as a difference: warmup_steps is in [0, max_steps], so nothing overflows.
+    MF_CHECK(wsd_decay_steps(s) <= s.max_steps - s.warmup_steps,
              "schedule.warmup_steps ({}) + the decay steps ({}, from schedule.decay_steps or "
              "schedule.decay_fraction) must be <= schedule.max_steps ({})",
              s.warmup_steps, wsd_decay_steps(s), s.max_steps);
@@ -398,12 +419,19 @@ void validate_train_config(const TrainConfig& c) {
   MF_CHECK(c.eval.every_steps >= 0, "eval.every_steps must be >= 0 (0: only at the end), got {}",
            c.eval.every_steps);
   MF_CHECK(c.eval.max_batches > 0, "eval.max_batches must be > 0, got {}", c.eval.max_batches);
+  MF_CHECK(bounded_product({c.eval.max_batches, c.data.micro_batch_size, c.data.seq_len},
+                           kMaxTrainTokens)
+               .has_value(),
+           "the tokens of one evaluation (eval.max_batches {} x data.micro_batch_size {} x "
+           "data.seq_len {}) must be <= 2^50 ({})",
+           c.eval.max_batches, c.data.micro_batch_size, c.data.seq_len, kMaxTrainTokens);
 
   MF_CHECK(c.log.every_steps > 0, "log.every_steps must be > 0, got {}", c.log.every_steps);
   MF_CHECK(c.optimizer.on_nonfinite == "stop" || c.optimizer.on_nonfinite == "skip",
            "optimizer.on_nonfinite must be \"stop\" or \"skip\", got \"{}\"",
            c.optimizer.on_nonfinite);
   if (c.pma.enabled) {
+    // No overflow: at most the run's tokens, checked above.
     const int64_t step_tokens = c.data.seq_len * c.data.micro_batch_size * c.data.grad_accum_steps;
     MF_CHECK(
         c.pma.interval_tokens > 0 && c.pma.interval_tokens % step_tokens == 0,
@@ -412,6 +440,10 @@ void validate_train_config(const TrainConfig& c) {
         step_tokens, c.pma.interval_tokens);
     MF_CHECK(c.pma.every_steps > 0, "pma.every_steps must be > 0, got {}", c.pma.every_steps);
     MF_CHECK(c.pma.count >= 2, "pma.count must be >= 2, got {}", c.pma.count);
+    MF_CHECK(bounded_product({c.pma.count, c.pma.interval_tokens}, kMaxTrainTokens).has_value(),
+             "the tokens one merge spans (pma.count {} x pma.interval_tokens {}) must be <= 2^50 "
+             "({})",
+             c.pma.count, c.pma.interval_tokens, kMaxTrainTokens);
     MF_CHECK(c.pma.method == "sma" || c.pma.method == "ema" || c.pma.method == "wma",
              "pma.method must be sma, ema or wma, got \"{}\"", c.pma.method);
     MF_CHECK(c.pma.alpha > 0.0 && c.pma.alpha <= 1.0, "pma.alpha must be in (0, 1], got {}",

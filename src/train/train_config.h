@@ -115,6 +115,12 @@ struct TrainConfig {
   bool operator==(const TrainConfig&) const = default;
 };
 
+// Upper bounds that keep the step and token arithmetic of training within int64_t; validation
+// rejects configs beyond them, naming the fields.
+inline constexpr int64_t kMaxTrainSteps = int64_t{1} << 40;  // schedule.max_steps
+// The tokens on one rank of the whole run, of one evaluation and of the span of one PMA merge.
+inline constexpr int64_t kMaxTrainTokens = int64_t{1} << 50;
+
 // Reads the JSON file, applies the overrides ("key.path=value"; the value is parsed as JSON when
 // it parses, else taken as a string) and validates. Relative model.model_config, model.init_from
 // and data.dataset are made absolute: against the file's folder, or against the working directory

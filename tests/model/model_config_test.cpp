@@ -675,6 +675,68 @@ TEST(ModelConfigTest, BenchConfigIs1p8bTotal0p4bActive) {
   EXPECT_NEAR(static_cast<double>(active) / 1e9, 0.4, 0.05);
 }
 
+// Qwen/Qwen3-235B-A22B: the largest supported-architecture model the tests check against the
+// size limits.
+const json kQwen3_235bA22b = json::parse(R"({
+  "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": false, "bos_token_id": 151643,
+  "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+  "hidden_size": 4096, "intermediate_size": 12288, "max_position_embeddings": 40960,
+  "mlp_only_layers": [], "model_type": "qwen3_moe", "moe_intermediate_size": 1536,
+  "norm_topk_prob": true, "num_attention_heads": 64, "num_experts": 128, "num_experts_per_tok": 8,
+  "num_hidden_layers": 94, "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_scaling": null,
+  "rope_theta": 1000000.0, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+  "use_sliding_window": false, "vocab_size": 151936})");
+
+// Sizes past the limits (the fuzzer's findings) are rejected naming the field before anything is
+// sized by them; real models stay well inside.
+TEST(ModelConfigTest, RejectsSizesPastTheLimits) {
+  EXPECT_EQ(model_config_from_json(kQwen3_235bA22b).num_experts, 128);
+
+  struct Case {
+    json base;
+    json patch;
+    const char* expected;
+  };
+  const std::vector<Case> cases = {
+      // The Qwen-MoE dense-layer rule would list 5 * 10^14 layers.
+      {kQwen2_57bA14b,
+       {{"num_hidden_layers", 1000000000000000}, {"decoder_sparse_step", 2}},
+       "num_hidden_layers must be <= 1024, got 1000000000000000"},
+      {kLlama3_8b, {{"num_hidden_layers", 1025}}, "num_hidden_layers must be <= 1024, got 1025"},
+      {kQwen3_30bA3b, {{"num_experts", 4097}}, "num_experts must be <= 4096, got 4097"},
+      {kMixtral8x7b, {{"num_local_experts", 4097}}, "num_local_experts must be <= 4096, got 4097"},
+      // Each size fits int64_t, their products do not.
+      {kLlama3_8b,
+       {{"vocab_size", int64_t{1} << 62},
+        {"hidden_size", int64_t{1} << 40},
+        {"num_attention_heads", int64_t{1} << 39},
+        {"num_key_value_heads", int64_t{1} << 39}},
+       "the model has more than 2^63 parameters, more than the 4398046511104 (2^42) supported; "
+       "see vocab_size (4611686018427387904), hidden_size (1099511627776)"},
+      {kQwen3_30bA3b,
+       {{"moe_intermediate_size", int64_t{1} << 20}},
+       "the model has 39583959693312 parameters"},
+      {kQwen3_235bA22b,
+       {{"num_attention_heads", int64_t{1} << 40}},
+       "num_attention_heads (1099511627776) x head_dim (128)"},
+  };
+  for (const Case& c : cases) {
+    json j = c.base;
+    j.merge_patch(c.patch);
+    const std::string message = error_of([&] { model_config_from_json(j); });
+    EXPECT_NE(message.find(c.expected), std::string::npos)
+        << c.patch.dump() << ": got \"" << message << "\"";
+  }
+
+  // A ModelConfig built in code is held to the same limits.
+  ModelConfig wide = model_config_from_json(kLlama3_8b);
+  wide.intermediate_size = int64_t{1} << 62;
+  EXPECT_NE(error_of([&] {
+              validate_model_config(wide);
+            }).find("the model has more than 2^63 parameters"),
+            std::string::npos);
+}
+
 TEST(ModelConfigTest, LoadReportsFileProblemsWithThePath) {
   const std::string dir = ::testing::TempDir();
   EXPECT_NE(error_of([&] {

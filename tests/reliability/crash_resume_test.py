@@ -4,7 +4,9 @@ checkpoint every step is killed with SIGKILL at least 20 times, half of the kill
 and half inside a checkpoint write (when the process's staging folder appears). After every kill
 the index lists only complete checkpoints and `--resume RUN` continues from its newest one; when
 the run finally completes, every loss it ever logged and its final weights and optimizer state
-equal those of an uninterrupted run bit for bit."""
+equal those of an uninterrupted run bit for bit. What the kills leave behind (staging folders,
+checkpoints renamed into place but not yet indexed) is removed when training starts again, so the
+finished run's checkpoints/ holds exactly the index and the checkpoints it lists."""
 import os
 import random
 import re
@@ -53,6 +55,12 @@ class CrashResumeTest(unittest.TestCase):
             return set()
         return {m.group(1) for m in (re.match(rf"step-(\d+)\.tmp-{pid}-", n) for n in names) if m}
 
+    @staticmethod
+    def staging_pids(run_dir):
+        """The process ids in the staging names in checkpoints/ (io::is_staging_name)."""
+        names = os.listdir(os.path.join(run_dir, "checkpoints"))
+        return {int(m.group(1)) for m in (re.match(r".+\.tmp[-.](\d+)", n) for n in names) if m}
+
     def kill_at_checkpoint_write(self, proc, run_dir, rng):
         """Kills proc while it writes its k-th checkpoint (k in 1..3, then up to 20 ms into it)."""
         target = rng.randint(1, 3)
@@ -87,7 +95,7 @@ class CrashResumeTest(unittest.TestCase):
         run_dir = os.path.join(self.tmp, "crashed")
         config = util.write_train_config(self.tmp, "crashed", self.data, run_dir, MAX_STEPS, keep_last=KEEP_LAST)
         rng = random.Random(int(os.environ.get("MOEFORGE_CRASH_SEED", "20240607")))
-        num_kills = num_kills_in_write = num_resumes = 0
+        num_kills = num_kills_in_write = num_resumes = num_removed = 0
         last_step = 0
         for cycle_idx in range(MAX_CYCLES):
             entries = self.assert_resumable(run_dir)
@@ -111,6 +119,9 @@ class CrashResumeTest(unittest.TestCase):
                 newest = os.path.join(run_dir, "checkpoints", entries[-1]["path"])
                 self.assertEqual(resumed.groups(), (newest, str(newest_step)))
                 num_resumes += 1
+                # The leftovers of earlier kills were removed before the resume.
+                self.assertLessEqual(self.staging_pids(run_dir), {proc.pid}, log)
+            num_removed += len(re.findall(r"^removed .*, left by an interrupted checkpoint save$", log, re.M))
             if returncode == 0:
                 break  # finished before the kill
             self.assertEqual(returncode, -signal.SIGKILL, f"train failed by itself:\n{log}")
@@ -124,6 +135,10 @@ class CrashResumeTest(unittest.TestCase):
         self.assert_resumable(run_dir)
         proc = util.run([MOEFORGE, "train", "--config", config, "--no-progress", "--resume", run_dir])
         self.assertIn(f"trained {MAX_STEPS} steps", proc.stdout)
+        num_removed += len(re.findall(r"^removed .*, left by an interrupted checkpoint save$", proc.stderr, re.M))
+        self.assertGreaterEqual(num_removed, 1, "no kill left anything behind to remove")
+        listed = {e["path"] for e in self.assert_resumable(run_dir)}
+        self.assertEqual(set(os.listdir(os.path.join(run_dir, "checkpoints"))), listed | {"index.json"})
         crashed = util.losses_by_step(util.read_metrics(os.path.join(run_dir, "metrics.jsonl")))
         self.assertEqual(sorted(crashed), sorted(reference))
         for step, losses in crashed.items():
@@ -133,7 +148,8 @@ class CrashResumeTest(unittest.TestCase):
             self.assertEqual(util.read_bytes(os.path.join(run_dir, "checkpoints", final, name)),
                              util.read_bytes(os.path.join(reference_dir, "checkpoints", final, name)), name)
         print(f"{num_kills} kills, {num_kills_in_write} inside a checkpoint write, {num_resumes} resumes, "
-              f"{sum(map(len, crashed.values())) - MAX_STEPS} steps redone", file=sys.stderr)
+              f"{sum(map(len, crashed.values())) - MAX_STEPS} steps redone, {num_removed} leftovers removed",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

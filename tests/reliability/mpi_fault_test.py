@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Distributed faults (run by ctest with the moeforge binary's path; needs MOEFORGE_MPIEXEC): under
 `mpirun -np 2 moeforge train`, a rank killed with SIGKILL (rank 0 or 1, while training or while
-rank 0 writes a checkpoint) or a rank that fails with an error (rank 0 cannot update the checkpoint index)
+rank 0 writes a checkpoint) or a rank that fails with an error (rank 0 cannot read the checkpoint index)
 must end the whole job within JOB_DEADLINE_S with a non-zero exit code and a message naming the
 cause, leaving no rank process behind; never a hang."""
 import os
@@ -135,8 +135,9 @@ class MpiFaultTest(unittest.TestCase):
                 self.assert_job_ends(proc, ranks, rf"rank {victim}\b.*exited on signal 9")
 
     def test_rank_failing_with_an_error_ends_the_job(self):
-        # A corrupt checkpoint index: rank 0 fails with moeforge::Error when it saves the first
-        # checkpoint while rank 1 goes on to the next step's collectives.
+        # A corrupt checkpoint index: rank 0 fails with moeforge::Error when it starts (it reads the
+        # index to remove the leftovers of interrupted saves) while rank 1 goes on to the first
+        # step's collectives.
         run_dir = os.path.join(self.tmp, "error")
         os.makedirs(os.path.join(run_dir, "checkpoints"))
         with open(os.path.join(run_dir, "checkpoints", "index.json"), "w") as f:

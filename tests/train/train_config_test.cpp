@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -335,6 +336,58 @@ TEST(TrainConfigTest, WsdDecayIsStepsOrFractionNotBoth) {
             std::string::npos);
   fraction["schedule"]["decay_fraction"] = 0.001;  // rounds to 0 steps, kept at 1
   EXPECT_EQ(wsd_decay_steps(train_config_from_json(fraction, "").schedule), 1);
+}
+
+// Huge counts (the fuzzer's findings) are rejected with the fields named, never overflow int64_t.
+TEST(TrainConfigTest, RejectsCountsWhoseArithmeticWouldOverflow) {
+  constexpr int64_t kInt64Max = std::numeric_limits<int64_t>::max();
+  json tiny_steps = kMinimal;
+  tiny_steps["data"]["seq_len"] = 1;
+  tiny_steps["data"]["micro_batch_size"] = 1;
+  tiny_steps["schedule"]["max_steps"] = kMaxTrainSteps;
+  EXPECT_EQ(train_config_from_json(tiny_steps, "").schedule.max_steps, kMaxTrainSteps);
+
+  struct Case {
+    json patch;
+    const char* expected;
+  };
+  const std::vector<Case> cases = {
+      {{{"schedule", {{"max_steps", kInt64Max}}}},
+       "schedule.max_steps must be <= 2^40 (1099511627776), got 9223372036854775807"},
+      // warmup_steps + decay_steps wraps around to a negative number when added.
+      {{{"schedule",
+         {{"type", "wsd"},
+          {"max_steps", kMaxTrainSteps},
+          {"warmup_steps", kMaxTrainSteps},
+          {"decay_steps", kInt64Max}}}},
+       "schedule.warmup_steps (1099511627776) + the decay steps (9223372036854775807"},
+      {{{"data", {{"seq_len", int64_t{1} << 20}, {"micro_batch_size", int64_t{1} << 20}}},
+        {"schedule", {{"max_steps", int64_t{1} << 20}}}},
+       "the run's tokens on one rank (data.seq_len 1048576 x data.micro_batch_size 1048576 x "
+       "data.grad_accum_steps 1 x schedule.max_steps 1048576) must be <= 2^50"},
+      // The product of the three wraps around to 0: pma.interval_tokens % 0 would crash.
+      {{{"data",
+         {{"seq_len", int64_t{1} << 32},
+          {"micro_batch_size", int64_t{1} << 32},
+          {"grad_accum_steps", 2}}},
+        {"schedule", {{"max_steps", 1}}},
+        {"pma", {{"enabled", true}, {"interval_tokens", 5}, {"every_steps", 1}, {"count", 2}}}},
+       "the run's tokens on one rank (data.seq_len 4294967296"},
+      {{{"eval", {{"max_batches", kInt64Max}}}},
+       "the tokens of one evaluation (eval.max_batches 9223372036854775807 x "
+       "data.micro_batch_size 1 x data.seq_len 1) must be <= 2^50"},
+      {{{"pma",
+         {{"enabled", true}, {"interval_tokens", 4}, {"every_steps", 1}, {"count", kInt64Max}}}},
+       "the tokens one merge spans (pma.count 9223372036854775807 x pma.interval_tokens 4)"},
+  };
+  for (const Case& c : cases) {
+    json j = tiny_steps;
+    j["schedule"]["max_steps"] = 100;
+    j.merge_patch(c.patch);
+    const std::string message = error_of([&] { train_config_from_json(j, ""); });
+    EXPECT_NE(message.find(c.expected), std::string::npos)
+        << c.patch.dump() << ": got \"" << message << "\"";
+  }
 }
 
 TEST(TrainConfigTest, RoundTripsThroughJson) {
