@@ -1,30 +1,75 @@
 #!/usr/bin/env bash
-# The GPU machine's check, in one run: build with CUDA, run the whole test suite there (the CUDA
-# tests must find a GPU), and the Hugging Face oracle (scripts/hf_oracle.py) against the
-# transformers installed there. Outputs land in $OUT (default /tmp/moeforge-gpu-check).
+# The GPU machine's check, in stages that fit the device tool's 10-minute calls:
+#   build     configure and build with CUDA (sm_90a) into build-gpu
+#   test      the whole test suite there (the CUDA tests must find a GPU), one OpenMP thread each
+#   oracle    the Hugging Face oracle (scripts/hf_oracle.py) against the installed transformers
+#   bench     `moeforge bench train` on configs/bench/moe-1.8b-a0.4b.json, then the PyTorch
+#             baseline of ../shared/anchors (torch.compile + grouped_mm) in the same run
+#   all       build, test, oracle, bench
+# Usage: scripts/gpu-check.sh [stage...] (default: all). Outputs land in $OUT
+# (default /tmp/moeforge-gpu-check). The cuDNN frontend headers come from scripts/setup.sh
+# (.deps/cudnn-frontend); the machine has no registry access, so carry .deps there.
+# TORCH_BASELINE: path of torch_moe_baseline.py (default: ../shared/anchors or .gpu-carry).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/moeforge-gpu-check}
 mkdir -p "$OUT"
-{ nvidia-smi; git log -1 --format='commit %H %cd' 2>/dev/null || true; } > "$OUT/machine.txt" 2>&1
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(all)
+[ "${stages[0]}" = all ] && stages=(build test oracle bench)
 
-generator=()
-command -v ninja > /dev/null && generator=(-G Ninja)
-cmake -S . -B build-gpu "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DMOEFORGE_CUDA=ON \
-  -DCMAKE_CUDA_ARCHITECTURES=90a > "$OUT/configure.txt" 2>&1
-cmake --build build-gpu -j"$(nproc)" > "$OUT/build.txt" 2>&1
-# Tests run one OpenMP thread each (set by tests/CMakeLists.txt); the CPU is not what is tested here.
-build-gpu/moeforge devices | tee "$OUT/devices.txt"
-
-# The demo test needs the `fortunes` corpus, which the GPU machine cannot install.
-set +e
-MOEFORGE_EXPECT_GPU=1 ctest --test-dir build-gpu -E '^demo$' --output-on-failure -j"$(nproc)" \
-  > "$OUT/ctest.txt" 2>&1
-ctest_rc=$?
-tail -n 15 "$OUT/ctest.txt"
-python3 scripts/hf_oracle.py --moeforge build-gpu/moeforge --device cuda \
-  --out "$OUT/hf_oracle.json" 2>&1 | tee "$OUT/hf_oracle.txt"
-oracle_rc=${PIPESTATUS[0]}
-set -e
-echo "ctest rc=$ctest_rc, hf_oracle rc=$oracle_rc"
-[ "$ctest_rc" -eq 0 ] && [ "$oracle_rc" -eq 0 ]
+rc=0
+for stage in "${stages[@]}"; do
+  case "$stage" in
+    build)
+      { nvidia-smi; git log -1 --format='commit %H %cd' 2>/dev/null || true; } > "$OUT/machine.txt" 2>&1
+      generator=()
+      command -v ninja > /dev/null && generator=(-G Ninja)
+      cmake -S . -B build-gpu "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DMOEFORGE_CUDA=ON \
+        -DCMAKE_CUDA_ARCHITECTURES=90a > "$OUT/configure.txt" 2>&1
+      cmake --build build-gpu -j"$(nproc)" > "$OUT/build.txt" 2>&1 || { tail -n 40 "$OUT/build.txt"; exit 1; }
+      build-gpu/moeforge devices | tee "$OUT/devices.txt"
+      ;;
+    test)
+      # The merge reference test runs numpy + safetensors from .venv; with no registry there, the
+      # venv borrows the machine's own packages.
+      [ -x .venv/bin/python ] || python3 -m venv --system-site-packages .venv
+      # The demo test needs the `fortunes` corpus, which the GPU machine cannot install.
+      set +e
+      MOEFORGE_EXPECT_GPU=1 ctest --test-dir build-gpu -E '^demo$' --output-on-failure \
+        -j"$(nproc)" > "$OUT/ctest.txt" 2>&1
+      test_rc=$?
+      set -e
+      grep -E "Failed|tests passed|\*\*\*" "$OUT/ctest.txt" | tail -n 40
+      build-gpu/tests/cuda_tests > "$OUT/cuda_tests.txt" 2>&1 || true
+      [ "$test_rc" -eq 0 ] || rc=1
+      ;;
+    oracle)
+      python3 scripts/hf_oracle.py --moeforge build-gpu/moeforge --device cuda \
+        --out "$OUT/hf_oracle.json" > "$OUT/hf_oracle.txt" 2>&1 || rc=1
+      tail -n 5 "$OUT/hf_oracle.txt"
+      ;;
+    bench)
+      build-gpu/moeforge bench train --config configs/bench/moe-1.8b-a0.4b.json --steps 10 \
+        --warmup 3 > "$OUT/bench_train.json" 2> "$OUT/bench_train.log" || { tail -n 20 "$OUT/bench_train.log"; rc=1; }
+      cat "$OUT/bench_train.json"
+      baseline=${TORCH_BASELINE:-}
+      for candidate in ../shared/anchors/torch_moe_baseline.py .gpu-carry/torch_moe_baseline.py; do
+        [ -z "$baseline" ] && [ -f "$candidate" ] && baseline=$candidate
+      done
+      if [ -n "$baseline" ]; then
+        python3 "$baseline" --grouped 1 --compile 1 --steps 10 > "$OUT/torch_baseline.json" \
+          2> "$OUT/torch_baseline.log" || { tail -n 20 "$OUT/torch_baseline.log"; rc=1; }
+        tail -n 1 "$OUT/torch_baseline.json"
+      else
+        echo "torch_moe_baseline.py not found (set TORCH_BASELINE)"
+        rc=1
+      fi
+      ;;
+    *)
+      echo "unknown stage $stage (build, test, oracle, bench, all)" >&2
+      exit 2
+      ;;
+  esac
+done
+exit "$rc"

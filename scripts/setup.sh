@@ -44,3 +44,20 @@ else
   echo "setup: installing numpy and safetensors into $venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check numpy safetensors
 fi
+
+# cuDNN frontend C++ headers (header-only; the CUDA backend's attention) from PyPI, without its
+# Python dependencies, into .deps/cudnn-frontend/include. Pinned so every machine builds the same.
+cudnn_frontend_version=1.32.0
+cudnn_frontend_dir="$repo_dir/.deps/cudnn-frontend"
+if [ -f "$cudnn_frontend_dir/include/cudnn_frontend.h" ] &&
+  grep -qx "$cudnn_frontend_version" "$cudnn_frontend_dir/VERSION" 2>/dev/null; then
+  echo "setup: cuDNN frontend $cudnn_frontend_version headers present"
+else
+  echo "setup: installing cuDNN frontend $cudnn_frontend_version headers into $cudnn_frontend_dir"
+  rm -rf "$cudnn_frontend_dir"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps \
+    --target "$cudnn_frontend_dir" "nvidia-cudnn-frontend==$cudnn_frontend_version"
+  # Only the headers are used; the Python module next to them is not.
+  find "$cudnn_frontend_dir" -mindepth 1 -maxdepth 1 ! -name include -exec rm -rf {} +
+  echo "$cudnn_frontend_version" > "$cudnn_frontend_dir/VERSION"
+fi

@@ -20,6 +20,7 @@ void register_commands(CLI::App& app) {
   register_inspect_command(app);
   register_data_command(app);
   register_devices_command(app);
+  register_bench_command(app);
 }
 
 }  // namespace moeforge::cli

@@ -24,5 +24,6 @@ void register_generate_command(CLI::App& app);
 void register_data_command(CLI::App& app);
 void register_inspect_command(CLI::App& app);
 void register_devices_command(CLI::App& app);
+void register_bench_command(CLI::App& app);
 
 }  // namespace moeforge::cli

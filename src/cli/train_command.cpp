@@ -3,7 +3,12 @@
 
 #include "cli/commands.h"
 #include "comm/communicator.h"
+#include "core/error.h"
 #include "train/trainer.h"
+
+#if MOEFORGE_HAVE_CUDA
+#include "cuda/gpu_step_engine.h"
+#endif
 
 namespace moeforge::cli {
 
@@ -11,6 +16,7 @@ void register_train_command(CLI::App& app) {
   struct Options {
     std::string config, resume, init_from;
     std::vector<std::string> overrides;
+    std::string device = "cpu", recompute = "none";
     bool no_progress = false;
   };
   auto opts = std::make_shared<Options>();
@@ -27,6 +33,16 @@ void register_train_command(CLI::App& app) {
   cmd->add_option("--init-from", opts->init_from,
                   "Start from these weights (a model or checkpoint dir); fresh optimizer state. "
                   "Same as --set model.init_from=DIR");
+  cmd->add_option("--device", opts->device,
+                  "Where the model runs: cpu (the fp32 reference) or cuda (bf16 compute, fp32 "
+                  "master weights and optimizer state, one GPU per rank)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+  cmd->add_option("--recompute", opts->recompute,
+                  "cuda: activation recompute, none or selective (normed inputs and SwiGLU "
+                  "output are recomputed in the backward)")
+      ->check(CLI::IsMember({"none", "selective"}))
+      ->capture_default_str();
   cmd->add_flag("--no-progress", opts->no_progress, "No progress line on stderr");
   cmd->callback([opts] {
     std::vector<std::string> overrides = opts->overrides;
@@ -38,6 +54,23 @@ void register_train_command(CLI::App& app) {
     TrainRunOptions run;
     if (!opts->resume.empty()) run.resume = opts->resume;
     run.progress = !opts->no_progress;
+    run.device = opts->device;
+#if MOEFORGE_HAVE_CUDA
+    const std::string recompute = opts->recompute;
+    run.engine_factory = [&config, recompute](const std::string& device, Transformer<float>& model,
+                                              AdamW& optimizer) -> std::unique_ptr<StepEngine> {
+      MF_CHECK(device == "cuda", "unknown device '{}'", device);
+      return cuda::make_gpu_step_engine(
+          model, optimizer,
+          AdamWHyper{config.optimizer.beta1, config.optimizer.beta2, config.optimizer.eps,
+                     config.optimizer.weight_decay},
+          config.optimizer.no_decay, cuda::parse_recompute(recompute));
+    };
+#else
+    MF_CHECK(opts->device == "cpu",
+             "--device {}: moeforge was built without CUDA (configure with -DMOEFORGE_CUDA=ON)",
+             opts->device);
+#endif
     const TrainSummary summary = train(config, run, world_communicator());
     if (world_communicator().rank() == 0) {
       fmt::print("trained {} steps: loss {:.4f}, val loss {:.4f}; checkpoint {}\n", summary.steps,

@@ -12,6 +12,16 @@ namespace moeforge {
 EvalResult evaluate(Transformer<float>& model, const data::TokenDataset& dataset,
                     const data::Tokenizer& tokenizer, int64_t seq_len, int64_t batch_size,
                     int64_t max_batches, Communicator& dp) {
+  const ForwardFn forward = [&model](const int32_t* tokens, const int32_t* targets, int64_t batch,
+                                     int64_t seq) {
+    return model.forward(tokens, targets, batch, seq);
+  };
+  return evaluate(forward, dataset, tokenizer, seq_len, batch_size, max_batches, dp);
+}
+
+EvalResult evaluate(const ForwardFn& forward, const data::TokenDataset& dataset,
+                    const data::Tokenizer& tokenizer, int64_t seq_len, int64_t batch_size,
+                    int64_t max_batches, Communicator& dp) {
   const int64_t num_windows_total = dataset.num_windows(seq_len);
   MF_CHECK(num_windows_total > 0, "the validation split has fewer than {} tokens; cannot evaluate",
            seq_len + 1);
@@ -34,7 +44,7 @@ EvalResult evaluate(Transformer<float>& model, const data::TokenDataset& dataset
       dataset.read_window(seq_len, first + r, inputs.data() + r * seq_len,
                           targets.data() + r * seq_len);
     }
-    const LossBreakdown loss = model.forward(inputs.data(), targets.data(), rows, seq_len);
+    const LossBreakdown loss = forward(inputs.data(), targets.data(), rows, seq_len);
     sums[0] += loss.ce_loss * static_cast<double>(loss.num_counted);
     sums[1] += static_cast<double>(loss.num_counted);
     for (int64_t i = 0; i < rows * seq_len; ++i) {

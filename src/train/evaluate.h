@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 
 #include "comm/communicator.h"
 #include "data/loader.h"
@@ -19,7 +20,16 @@ struct EvalResult {
   int64_t num_bytes = 0;
 };
 
+// A forward pass of whatever runs the model (CPU reference, GPU): tokens and targets
+// [batch, seq] -> the loss breakdown (ce_loss and num_counted are what evaluation reads).
+using ForwardFn = std::function<LossBreakdown(const int32_t* tokens, const int32_t* targets,
+                                              int64_t batch, int64_t seq)>;
+
 // max_batches <= 0 evaluates every window. Every rank of dp must call it (the sums are reduced).
+EvalResult evaluate(const ForwardFn& forward, const data::TokenDataset& dataset,
+                    const data::Tokenizer& tokenizer, int64_t seq_len, int64_t batch_size,
+                    int64_t max_batches, Communicator& dp);
+// The same with the CPU reference model.
 EvalResult evaluate(Transformer<float>& model, const data::TokenDataset& dataset,
                     const data::Tokenizer& tokenizer, int64_t seq_len, int64_t batch_size,
                     int64_t max_batches, Communicator& dp);

@@ -57,18 +57,6 @@ double flops_per_token(const ModelConfig& c, const ParameterLayout& layout, int6
          6.0 * static_cast<double>(c.num_layers * seq * c.q_dim());
 }
 
-// The name of the first parameter, in backward order (last layers first), whose gradient holds a
-// NaN or an infinity; "none" when all are finite (then the loss itself went bad).
-std::string first_nonfinite_gradient(const ParameterLayout& layout, const float* grads) {
-  const std::vector<ParamSpec>& specs = layout.specs();
-  for (auto it = specs.rbegin(); it != specs.rend(); ++it) {
-    for (int64_t i = 0; i < it->numel; ++i) {
-      if (!std::isfinite(grads[it->offset + i])) return it->name;
-    }
-  }
-  return "none";
-}
-
 class MetricsLog {
  public:
   MetricsLog(const fs::path& path, bool enabled) {
@@ -118,6 +106,13 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   state.init_seed = config.model.seed;
   state.data_seed = config.data.seed;
 
+  if (is_root) {
+    const fs::path resume_target = options.resume.value_or(fs::path());
+    for (const fs::path& leftover :
+         remove_checkpoint_leftovers(config.checkpoint.dir, resume_target)) {
+      fmt::print(stderr, "removed {}, left by an interrupted checkpoint save\n", leftover.string());
+    }
+  }
   if (options.resume) {
     const fs::path ckpt = resolve_checkpoint(*options.resume);
     state = load_checkpoint(ckpt, model, optimizer);
@@ -132,6 +127,16 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   } else {
     model.init_random(config.model.seed, config.model.init_std);
   }
+
+  std::unique_ptr<StepEngine> engine;
+  if (options.device == "cpu") {
+    engine = make_cpu_step_engine(model, optimizer);
+  } else {
+    MF_CHECK(options.engine_factory != nullptr,
+             "device '{}' is not available in this build (only cpu)", options.device);
+    engine = options.engine_factory(options.device, model, optimizer);
+  }
+  engine->load_from_host();
 
   const int64_t seq = config.data.seq_len;
   const int64_t micro = config.data.micro_batch_size;
@@ -155,23 +160,23 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
                                        [&metrics](const nlohmann::json& r) { metrics.write(r); });
   }
   if (is_root) {
-    fmt::print(
-        stderr,
-        "training {} with {} parameters ({} active) on {} rank(s): {} tokens/step, {} steps\n",
-        architecture_name(model_config.architecture), model.layout().num_params(),
-        model.layout().num_active_params(), dp.size(), tokens_per_step, config.schedule.max_steps);
+    fmt::print(stderr,
+               "training {} with {} parameters ({} active) on {} rank(s) ({}): {} tokens/step, {} "
+               "steps\n",
+               architecture_name(model_config.architecture), model.layout().num_params(),
+               model.layout().num_active_params(), dp.size(), options.device, tokens_per_step,
+               config.schedule.max_steps);
   }
 
   std::vector<int32_t> inputs(micro * seq), targets(micro * seq);
-  const int64_t num_params = model.layout().num_params();
   TrainSummary summary;
   const auto run_start = Clock::now();
   const int64_t first_step = state.step;
   const bool tty = isatty(fileno(stderr));
 
   auto run_eval = [&](int64_t step) -> double {
-    const EvalResult ev =
-        evaluate(model, val_data, *tokenizer, seq, micro, config.eval.max_batches, dp);
+    const EvalResult ev = evaluate(engine->forward_fn(), val_data, *tokenizer, seq, micro,
+                                   config.eval.max_batches, dp);
     summary.final_val_loss = ev.loss;
     metrics.write({{"step", step},
                    {"val_loss", ev.loss},
@@ -185,6 +190,7 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
     return ev.loss;
   };
   auto save = [&] {
+    engine->store_to_host();
     state.loader = sampler.state();
     if (is_root) {
       summary.last_checkpoint = save_checkpoint(
@@ -201,39 +207,40 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   while (state.step < config.schedule.max_steps) {
     const auto step_start = Clock::now();
     const double lr = learning_rate(config.schedule, config.optimizer.lr, state.step);
-    model.zero_grads();
+    engine->zero_grads();
     double loss_sums[4] = {0, 0, 0, 0};  // loss, ce, aux, z (sum over this rank's micro-batches)
     std::vector<int64_t> expert_load;
     int64_t dropped = 0;
     for (int64_t m = 0; m < accum; ++m) {
       sampler.next_batch_for_rank(micro, dp.rank(), dp.size(), inputs.data(), targets.data());
-      const LossBreakdown loss = model.forward(inputs.data(), targets.data(), micro, seq);
+      std::vector<MoeFfnStats> moe_stats;
+      const LossBreakdown loss =
+          engine->forward_backward(inputs.data(), targets.data(), micro, seq,
+                                   1.0 / static_cast<double>(accum * dp.size()), moe_stats);
       loss_sums[0] += loss.loss;
       loss_sums[1] += loss.ce_loss;
       loss_sums[2] += loss.aux_loss;
       loss_sums[3] += loss.z_loss;
-      for (const MoeFfnStats& s : model.moe_stats()) {
+      for (const MoeFfnStats& s : moe_stats) {
         if (expert_load.empty()) expert_load.assign(s.expert_load.size(), 0);
         for (size_t e = 0; e < s.expert_load.size(); ++e) expert_load[e] += s.expert_load[e];
         dropped += s.num_dropped;
       }
-      model.backward(1.0 / static_cast<double>(accum * dp.size()));
     }
-    dp.all_reduce_sum(model.grads().data(), static_cast<size_t>(num_params));
+    engine->all_reduce_grads(dp);
     dp.all_reduce_sum(loss_sums, 4);
     // Checked after the reductions, so that every rank takes the same decision (a NaN anywhere
     // makes the sums NaN).
-    const double grad_norm = global_grad_norm(model.grads().data(), num_params);
-    const bool finite = std::isfinite(loss_sums[0]) && std::isfinite(grad_norm);
-    if (finite) {
-      clip_grad_norm(model.grads().data(), num_params, grad_norm, config.optimizer.grad_clip);
-      optimizer.step(model.params().data(), model.grads().data(), lr);
-    } else {
+    const StepUpdate update =
+        engine->update(lr, config.optimizer.grad_clip, std::isfinite(loss_sums[0]));
+    const double grad_norm = update.grad_norm;
+    const bool finite = update.applied;
+    if (!finite) {
       const std::string report = fmt::format(
           "step {}: non-finite loss ({}) or gradient norm ({}); first tensor with a non-finite "
           "gradient in backward order: {}",
           state.step + 1, loss_sums[0] / static_cast<double>(accum * dp.size()), grad_norm,
-          first_nonfinite_gradient(model.layout(), model.grads().data()));
+          engine->first_nonfinite_gradient());
       MF_CHECK(config.optimizer.on_nonfinite == "skip",
                "{}; stopping (optimizer.on_nonfinite=stop)", report);
       if (is_root) fmt::print(stderr, "{}{}; update skipped\n", tty ? "\n" : "", report);

@@ -11,6 +11,7 @@
 #include <optional>
 
 #include "comm/communicator.h"
+#include "train/step_engine.h"
 #include "train/train_config.h"
 
 namespace moeforge {
@@ -18,6 +19,10 @@ namespace moeforge {
 struct TrainRunOptions {
   std::optional<std::filesystem::path> resume;  // checkpoint dir or run dir (newest checkpoint)
   bool progress = true;                         // progress line on stderr (rank 0)
+  std::string device = "cpu";                   // where the model's math runs
+  // Builds the engine for devices other than "cpu" (the CLI passes the CUDA one when built
+  // with it); unset means only "cpu" is available.
+  StepEngineFactory engine_factory;
 };
 
 struct TrainSummary {

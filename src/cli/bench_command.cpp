@@ -1,0 +1,161 @@
+// `moeforge bench train`: training-step throughput of a model config on one GPU with random
+// tokens: tokens/s, MFU (the anchors.md formula), peak device memory and the GPU time per phase.
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <string>
+#include <vector>
+
+#include "cli/commands.h"
+#include "core/error.h"
+#include "core/rng.h"
+#include "model/model_config.h"
+#include "model/parameters.h"
+
+#if MOEFORGE_HAVE_CUDA
+#include "cuda/device_memory.h"
+#include "cuda/gpu_adamw.h"
+#include "cuda/gpu_transformer.h"
+#endif
+
+namespace moeforge::cli {
+namespace {
+
+struct BenchOptions {
+  std::string config;
+  int64_t steps = 10;
+  int64_t warmup = 3;
+  int64_t micro_batch = 4;
+  int64_t seq = 4096;
+  uint64_t seed = 1234;
+  double peak_tflops = 989.0;
+  std::string recompute = "none";
+};
+
+#if MOEFORGE_HAVE_CUDA
+void run_bench_train(const BenchOptions& opt) {
+  const ModelConfig config = load_model_config(opt.config);
+  MF_CHECK(opt.steps > 0 && opt.warmup >= 0, "--steps must be positive and --warmup >= 0");
+  MF_CHECK(opt.micro_batch > 0 && opt.seq > 1, "--micro-batch must be positive and --seq > 1");
+  cuda::DeviceAllocator::instance().reset_peak();
+  cuda::GpuTransformer model(config, cuda::parse_recompute(opt.recompute));
+  const ParameterLayout& layout = model.layout();
+  fmt::print(stderr, "bench train: {} parameters ({} active), {} x {} tokens per step\n",
+             layout.num_params(), layout.num_active_params(), opt.micro_batch, opt.seq);
+  {
+    Rng rng(opt.seed);
+    std::vector<float> params(static_cast<size_t>(layout.num_params()));
+    for (const ParamSpec& spec : layout.specs()) {
+      const bool is_norm = is_norm_param(spec.name);
+      for (int64_t i = 0; i < spec.numel; ++i) {
+        params[static_cast<size_t>(spec.offset + i)] =
+            is_norm ? 1.0f : static_cast<float>(rng.normal() * 0.02);
+      }
+    }
+    model.upload_params(params);
+  }
+  cuda::GpuAdamW optimizer(model, AdamWHyper{}, {"norm", "bias"});
+  const int64_t n = opt.micro_batch * opt.seq;
+  Rng data_rng(opt.seed + 1);
+  std::vector<int32_t> tokens(static_cast<size_t>(n + 1));
+
+  auto step = [&]() {
+    for (auto& t : tokens) t = static_cast<int32_t>(data_rng.below(config.vocab_size));
+    model.zero_grads();
+    const LossBreakdown loss =
+        model.forward_backward(tokens.data(), tokens.data() + 1, opt.micro_batch, opt.seq, 1.0);
+    optimizer.step(1e-4, 1.0);
+    model.synchronize();
+    return loss;
+  };
+
+  std::vector<double> step_ms;
+  LossBreakdown loss;
+  for (int64_t i = 0; i < opt.warmup + opt.steps; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    loss = step();
+    const auto t1 = std::chrono::steady_clock::now();
+    if (i >= opt.warmup) {
+      step_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+    }
+    fmt::print(stderr, "step {}/{}: loss {:.4f}, {:.1f} ms\n", i + 1, opt.warmup + opt.steps,
+               loss.loss, std::chrono::duration<double, std::milli>(t1 - t0).count());
+  }
+  // Phase breakdown from two more steps with events (kept out of the timed steps).
+  model.timer().set_enabled(true);
+  for (int i = 0; i < 2; ++i) step();
+  model.timer().set_enabled(false);
+
+  std::vector<double> sorted = step_ms;
+  std::sort(sorted.begin(), sorted.end());
+  const double median_ms = sorted[sorted.size() / 2];
+  const double tokens_per_s = static_cast<double>(n) / (median_ms / 1000.0);
+  const double flops_per_token =
+      6.0 * static_cast<double>(layout.num_active_params()) +
+      6.0 * static_cast<double>(config.num_layers * opt.seq * config.hidden_size);
+  const double mfu = tokens_per_s * flops_per_token / (opt.peak_tflops * 1e12);
+  nlohmann::json phases = nlohmann::json::object();
+  for (const auto& [name, ms] : model.timer().totals_ms()) phases[name] = ms / 2.0;
+  nlohmann::json out{
+      {"config", opt.config},
+      {"recompute", opt.recompute},
+      {"num_params", layout.num_params()},
+      {"num_active_params", layout.num_active_params()},
+      {"tokens_per_step", n},
+      {"steps", opt.steps},
+      {"median_step_ms", median_ms},
+      {"min_step_ms", sorted.front()},
+      {"tokens_per_s", tokens_per_s},
+      {"mfu", mfu},
+      {"peak_memory_gib",
+       static_cast<double>(cuda::DeviceAllocator::instance().peak_bytes_in_use()) / (1 << 30)},
+      {"loss", loss.loss},
+      {"phase_ms", phases},
+  };
+  fmt::print("{}\n", out.dump());
+}
+#endif
+
+}  // namespace
+
+void register_bench_command(CLI::App& app) {
+  CLI::App* bench = app.add_subcommand("bench", "Benchmarks on the GPU");
+  bench->require_subcommand(1);
+  auto opt = std::make_shared<BenchOptions>();
+  CLI::App* train = bench->add_subcommand(
+      "train",
+      "Time training steps (forward, backward, AdamW) of a model config on one GPU with random "
+      "tokens; prints one JSON line: tokens/s, MFU = tokens/s * (6 * active params + 6 * layers * "
+      "seq * hidden) / peak, peak device memory, GPU ms per phase");
+  train
+      ->add_option("--config", opt->config,
+                   "Model config.json (e.g. configs/bench/moe-1.8b-a0.4b.json)")
+      ->required()
+      ->check(CLI::ExistingFile);
+  train->add_option("--steps", opt->steps, "Timed steps (the median is reported)")
+      ->capture_default_str();
+  train->add_option("--warmup", opt->warmup, "Untimed steps first")->capture_default_str();
+  train->add_option("--micro-batch", opt->micro_batch, "Sequences per step")->capture_default_str();
+  train->add_option("--seq", opt->seq, "Tokens per sequence")->capture_default_str();
+  train->add_option("--seed", opt->seed, "Seed of the weights and tokens")->capture_default_str();
+  train
+      ->add_option("--peak-tflops", opt->peak_tflops, "Peak bf16 TFLOP/s for MFU (H200 dense: 989)")
+      ->capture_default_str();
+  train
+      ->add_option("--recompute", opt->recompute,
+                   "Activation recompute: none, or selective (normed inputs and SwiGLU output)")
+      ->check(CLI::IsMember({"none", "selective"}))
+      ->capture_default_str();
+  train->callback([opt] {
+#if MOEFORGE_HAVE_CUDA
+    run_bench_train(*opt);
+#else
+    MF_FAIL(
+        "moeforge was built without CUDA; `bench train` needs a GPU build (-DMOEFORGE_CUDA=ON)");
+#endif
+  });
+}
+
+}  // namespace moeforge::cli

@@ -1,0 +1,53 @@
+// AdamW for a GpuTransformer (train/adamw.h is the spec): fp32 moments on the device, the global
+// gradient norm in double, clipping folded into the update, and the bf16 weight copy refreshed in
+// the same pass. Weight decay per tensor, by name, as the CPU optimizer decides it.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cuda/device_memory.h"
+#include "cuda/gpu_transformer.h"
+#include "train/adamw.h"
+
+namespace moeforge::cuda {
+
+struct GpuAdamWResult {
+  double grad_norm = 0.0;    // before clipping
+  double clip_factor = 1.0;  // applied to the gradient
+  bool applied = false;      // false when the norm was not finite (nothing changed)
+};
+
+class GpuAdamW {
+ public:
+  GpuAdamW(GpuTransformer& model, const AdamWHyper& hyper,
+           const std::vector<std::string>& no_decay_substrings);
+
+  // Global norm of the model's gradient (double, fixed order).
+  double grad_norm();
+  // One update with learning rate lr and clipping at max_norm (<= 0: none). Skips the update
+  // when the gradient norm is not finite.
+  GpuAdamWResult step(double lr, double max_norm);
+
+  int64_t step_count() const { return step_count_; }
+  void set_step_count(int64_t n) { step_count_ = n; }
+  std::vector<float> download_exp_avg() const { return exp_avg_.download(); }
+  std::vector<float> download_exp_avg_sq() const { return exp_avg_sq_.download(); }
+  void upload_state(const std::vector<float>& exp_avg, const std::vector<float>& exp_avg_sq);
+
+ private:
+  struct Run {
+    int64_t begin, count;
+    bool decay;
+  };
+
+  GpuTransformer& model_;
+  AdamWHyper hyper_;
+  std::vector<Run> runs_;  // contiguous ranges of the flat buffer with the same decay flag
+  DeviceBuffer<float> exp_avg_, exp_avg_sq_;
+  DeviceBuffer<double> norm_sq_, scratch_;
+  int64_t step_count_ = 0;
+};
+
+}  // namespace moeforge::cuda

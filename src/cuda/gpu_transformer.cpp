@@ -1,0 +1,652 @@
+// Forward and backward of the decoder on one GPU, composed from the kernels of src/cuda in the
+// same order as model/transformer.cpp.
+#include "cuda/gpu_transformer.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/error.h"
+#include "cuda/adamw.h"
+#include "cuda/cross_entropy.h"
+#include "cuda/cuda_check.h"
+#include "cuda/embedding.h"
+#include "cuda/moe_dispatch.h"
+#include "cuda/reductions.h"
+#include "cuda/rmsnorm.h"
+#include "cuda/rope.h"
+#include "cuda/router.h"
+#include "cuda/swiglu.h"
+
+namespace moeforge::cuda {
+
+namespace {
+
+// Rows of the LM head per chunk: bounds the fp32 logits buffer to about 256 MiB.
+int64_t head_chunk_rows(int64_t n, int64_t vocab) {
+  const int64_t rows = std::max<int64_t>(1, (int64_t{64} << 20) / vocab);
+  return std::min(n, rows);
+}
+
+}  // namespace
+
+// What the forward of one layer saves for its backward.
+struct GpuTransformer::Layer {
+  // ln1, ln2, rows and h_act live in the buffers below (kNone) or in shared scratch
+  // (kSelective); these point at whichever holds them.
+  bf16 *ln1_ptr = nullptr, *ln2_ptr = nullptr, *rows_ptr = nullptr, *h_act_ptr = nullptr;
+  DeviceBuffer<float> x_in;            // [n, h] residual stream entering the layer
+  DeviceBuffer<bf16> ln1;              // [n, h]
+  DeviceBuffer<float> rstd1;           // [n]
+  DeviceBuffer<bf16> q_lin, k_lin;     // [n, qd], [n, kvd] before q/k norm (qk_norm only)
+  DeviceBuffer<float> rstd_q, rstd_k;  // [n * heads], [n * kv_heads]
+  DeviceBuffer<bf16> q, k, v;          // after norm and RoPE
+  DeviceBuffer<bf16> att;              // [n, qd]
+  DeviceBuffer<float> lse;             // [batch, heads, seq]
+  DeviceBuffer<float> x_mid;           // [n, h] after attention
+  DeviceBuffer<bf16> ln2;              // [n, h]
+  DeviceBuffer<float> rstd2;           // [n]
+  // MoE
+  DeviceBuffer<float> router_logits, probs;         // [n, E]
+  DeviceBuffer<int32_t> expert_idx;                 // [n, k]
+  DeviceBuffer<float> gates;                        // [n, k]
+  DeviceBuffer<int32_t> expert_counts;              // [E]
+  DeviceBuffer<int32_t> expert_offsets;             // [E + 1]
+  std::vector<int32_t> host_offsets;                // [E + 1]
+  DeviceBuffer<int32_t> assignment_row, row_token;  // [n * k]
+  DeviceBuffer<bf16> rows;                          // [n * k, h]
+  DeviceBuffer<bf16> h_gate, h_up, h_act;           // [n * k, f] (dense: [n, ffn])
+  DeviceBuffer<bf16> y_rows;                        // [n * k, h]
+};
+
+// Buffers reused across layers and steps.
+struct GpuTransformer::Scratch {
+  DeviceBuffer<bf16> ln1, ln2, rows, h_act;  // kSelective: shared by all layers
+  DeviceBuffer<int32_t> tokens, targets, positions;
+  DeviceBuffer<int32_t> group_ids, group_offsets, group_positions;
+  int64_t num_groups = 0;
+  DeviceBuffer<float> x_out;          // [n, h] final residual stream
+  DeviceBuffer<bf16> lnf;             // [n, h]
+  DeviceBuffer<float> rstdf;          // [n]
+  DeviceBuffer<float> logits;         // [chunk, vocab]
+  DeviceBuffer<bf16> dlogits;         // [chunk, vocab]
+  DeviceBuffer<float> losses;         // [n]
+  DeviceBuffer<float> router_losses;  // [num_moe_layers, 2]
+  DeviceBuffer<float> router_scratch;
+  DeviceBuffer<double> sums, sum_scratch;  // [1]
+  DeviceBuffer<float> dres, dln;           // [n, h]
+  DeviceBuffer<bf16> dres_bf16;            // [n, h]
+  DeviceBuffer<bf16> datt, dq, dk, dv, dq_lin, dk_lin;
+  DeviceBuffer<bf16> drows, drows_in;         // [n * k, h]
+  DeviceBuffer<float> dgates;                 // [n, k]
+  DeviceBuffer<bf16> dh_gate, dh_up, dh_act;  // [n * k, f]
+  DeviceBuffer<bf16> drouter;                 // [n, E]
+};
+
+Recompute parse_recompute(const std::string& name) {
+  if (name == "none") return Recompute::kNone;
+  if (name == "selective") return Recompute::kSelective;
+  MF_FAIL("unknown activation recompute '{}' (none, selective)", name);
+}
+
+GpuTransformer::GpuTransformer(const ModelConfig& config, Recompute recompute)
+    : config_(config),
+      layout_(config),
+      recompute_(recompute),
+      scratch_(std::make_unique<Scratch>()) {
+  validate_model_config(config_);
+  MF_CHECK(config_.shared_expert_intermediate_size == 0,
+           "the CUDA backend does not run the shared expert of Qwen2-MoE yet; use --device cpu");
+  MF_CHECK(!config_.is_moe() || config_.capacity_factor <= 0.0,
+           "the CUDA backend runs dropless MoE layers only (capacity_factor {} given); use "
+           "--device cpu",
+           config_.capacity_factor);
+  for (int64_t l = 0; l < config_.num_layers; ++l) num_moe_layers_ += config_.layer_is_moe(l);
+  // A blocking stream, so the synchronous copies of DeviceBuffer (legacy stream) order with it.
+  MF_CUDA_CHECK(cudaStreamCreate(&stream_));
+  params_.resize(static_cast<size_t>(layout_.num_params()));
+  params_bf16_.resize(params_.size());
+  grads_.resize(params_.size());
+  params_.fill_zero(stream_);
+  params_bf16_.fill_zero(stream_);
+  grads_.fill_zero(stream_);
+  const RopeTable table =
+      make_rope_table(config_.max_position_embeddings, config_.head_dim, config_.rope_theta);
+  rope_cos_.upload(table.cos);
+  rope_sin_.upload(table.sin);
+  layers_.resize(static_cast<size_t>(config_.num_layers));
+}
+
+GpuTransformer::~GpuTransformer() {
+  if (stream_ != nullptr) {
+    cudaStreamSynchronize(stream_);
+    cudaStreamDestroy(stream_);
+  }
+}
+
+void GpuTransformer::synchronize() const {
+  MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void GpuTransformer::upload_params(const std::vector<float>& host) {
+  MF_CHECK(static_cast<int64_t>(host.size()) == layout_.num_params(),
+           "upload_params: {} values for a model of {} parameters", host.size(),
+           layout_.num_params());
+  MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  params_.upload(host);
+  refresh_bf16_params();
+}
+
+void GpuTransformer::refresh_bf16_params() {
+  cast_to_bf16(params_bf16_.data(), params_.data(), layout_.num_params(), stream_);
+  MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+std::vector<float> GpuTransformer::download_params() const {
+  MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return params_.download();
+}
+
+std::vector<float> GpuTransformer::download_grads() const {
+  MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return grads_.download();
+}
+
+void GpuTransformer::upload_grads(const std::vector<float>& host) {
+  MF_CHECK(static_cast<int64_t>(host.size()) == layout_.num_params(),
+           "upload_grads: {} values for a model of {} parameters", host.size(),
+           layout_.num_params());
+  MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  grads_.upload(host);
+}
+
+void GpuTransformer::zero_grads() {
+  grads_.fill_zero(stream_);
+}
+
+void GpuTransformer::resize(int64_t batch, int64_t seq) {
+  if (batch == batch_ && seq == seq_) return;
+  MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  batch_ = batch;
+  seq_ = seq;
+  n_ = batch * seq;
+  const auto n = static_cast<size_t>(n_);
+  const auto h = static_cast<size_t>(config_.hidden_size);
+  const auto qd = static_cast<size_t>(config_.q_dim()), kvd = static_cast<size_t>(config_.kv_dim());
+  const auto num_experts = static_cast<size_t>(config_.num_experts);
+  const auto k = static_cast<size_t>(config_.num_experts_per_tok);
+  const auto f = static_cast<size_t>(config_.moe_intermediate_size);
+  const auto ffn = static_cast<size_t>(config_.intermediate_size);
+  size_t max_rows = n, max_ffn = 0;
+  for (int64_t l = 0; l < config_.num_layers; ++l) {
+    Layer& a = layers_[static_cast<size_t>(l)];
+    const bool keep = recompute_ == Recompute::kNone;
+    a.x_in.resize(n * h);
+    a.ln1.resize(keep ? n * h : 0);
+    a.rstd1.resize(n);
+    if (config_.qk_norm) {
+      a.q_lin.resize(n * qd);
+      a.k_lin.resize(n * kvd);
+      a.rstd_q.resize(n * static_cast<size_t>(config_.num_heads));
+      a.rstd_k.resize(n * static_cast<size_t>(config_.num_kv_heads));
+    }
+    a.q.resize(n * qd);
+    a.k.resize(n * kvd);
+    a.v.resize(n * kvd);
+    a.att.resize(n * qd);
+    a.lse.resize(n * static_cast<size_t>(config_.num_heads));
+    a.x_mid.resize(n * h);
+    a.ln2.resize(keep ? n * h : 0);
+    a.rstd2.resize(n);
+    if (config_.layer_is_moe(l)) {
+      a.router_logits.resize(n * num_experts);
+      a.probs.resize(n * num_experts);
+      a.expert_idx.resize(n * k);
+      a.gates.resize(n * k);
+      a.expert_counts.resize(num_experts);
+      a.expert_offsets.resize(num_experts + 1);
+      a.host_offsets.assign(num_experts + 1, 0);
+      a.assignment_row.resize(n * k);
+      a.row_token.resize(n * k);
+      a.rows.resize(keep ? n * k * h : 0);
+      a.h_gate.resize(n * k * f);
+      a.h_up.resize(n * k * f);
+      a.h_act.resize(keep ? n * k * f : 0);
+      a.y_rows.resize(n * k * h);
+      max_rows = std::max(max_rows, n * k);
+      max_ffn = std::max(max_ffn, n * k * f);
+    } else {
+      a.h_gate.resize(n * ffn);
+      a.h_up.resize(n * ffn);
+      a.h_act.resize(keep ? n * ffn : 0);
+      max_ffn = std::max(max_ffn, n * ffn);
+    }
+  }
+  if (recompute_ == Recompute::kSelective) {
+    scratch_->ln1.resize(n * h);
+    scratch_->ln2.resize(n * h);
+    scratch_->rows.resize(max_rows * h);
+    scratch_->h_act.resize(max_ffn);
+  }
+  for (Layer& a : layers_) {
+    const bool keep = recompute_ == Recompute::kNone;
+    a.ln1_ptr = keep ? a.ln1.data() : scratch_->ln1.data();
+    a.ln2_ptr = keep ? a.ln2.data() : scratch_->ln2.data();
+    a.rows_ptr = keep ? a.rows.data() : scratch_->rows.data();
+    a.h_act_ptr = keep ? a.h_act.data() : scratch_->h_act.data();
+  }
+  Scratch& s = *scratch_;
+  s.tokens.resize(n);
+  s.targets.resize(n);
+  s.positions.resize(n);
+  s.x_out.resize(n * h);
+  s.lnf.resize(n * h);
+  s.rstdf.resize(n);
+  const auto chunk = static_cast<size_t>(head_chunk_rows(n_, config_.vocab_size));
+  s.logits.resize(chunk * static_cast<size_t>(config_.vocab_size));
+  s.dlogits.resize(chunk * static_cast<size_t>(config_.vocab_size));
+  s.losses.resize(n);
+  s.router_losses.resize(std::max<size_t>(1, 2 * static_cast<size_t>(num_moe_layers_)));
+  if (config_.is_moe()) {
+    s.router_scratch.resize(static_cast<size_t>(router_loss_scratch_floats(
+        RouterShape{n_, config_.num_experts, config_.num_experts_per_tok, true})));
+    s.drouter.resize(n * num_experts);
+    s.dgates.resize(n * k);
+  }
+  s.sums.resize(1);
+  s.sum_scratch.resize(static_cast<size_t>(reduction_scratch_doubles(n_)));
+  s.dres.resize(n * h);
+  s.dln.resize(n * h);
+  s.dres_bf16.resize(n * h);
+  s.datt.resize(n * qd);
+  s.dq.resize(n * qd);
+  s.dk.resize(n * kvd);
+  s.dv.resize(n * kvd);
+  if (config_.qk_norm) {
+    s.dq_lin.resize(n * qd);
+    s.dk_lin.resize(n * kvd);
+  }
+  s.drows.resize(max_rows * h);
+  s.drows_in.resize(max_rows * h);
+  s.dh_gate.resize(max_ffn);
+  s.dh_up.resize(max_ffn);
+  s.dh_act.resize(max_ffn);
+}
+
+void GpuTransformer::attention_forward(int64_t l, int64_t batch, int64_t seq) {
+  const LayerOffsets& o = layout_.layer(l);
+  Layer& a = layers_[static_cast<size_t>(l)];
+  Scratch& s = *scratch_;
+  const int64_t n = n_, h = config_.hidden_size, qd = config_.q_dim(), kvd = config_.kv_dim();
+  const int64_t d = config_.head_dim;
+  const auto eps = static_cast<float>(config_.rms_norm_eps);
+  rmsnorm_forward(a.ln1_ptr, a.rstd1.data(), a.x_in.data(), w(o.input_norm), n, h, eps, stream_);
+  bf16* q_pre = config_.qk_norm ? a.q_lin.data() : a.q.data();
+  bf16* k_pre = config_.qk_norm ? a.k_lin.data() : a.k.data();
+  blas_.linear_forward(q_pre, OutType::kBf16, a.ln1_ptr, wb(o.q_proj), w(o.q_bias), n, h, qd, false,
+                       stream_);
+  blas_.linear_forward(k_pre, OutType::kBf16, a.ln1_ptr, wb(o.k_proj), w(o.k_bias), n, h, kvd,
+                       false, stream_);
+  blas_.linear_forward(a.v.data(), OutType::kBf16, a.ln1_ptr, wb(o.v_proj), w(o.v_bias), n, h, kvd,
+                       false, stream_);
+  if (config_.qk_norm) {
+    rmsnorm_forward(a.q.data(), a.rstd_q.data(), a.q_lin.data(), w(o.q_norm), n * config_.num_heads,
+                    d, eps, stream_);
+    rmsnorm_forward(a.k.data(), a.rstd_k.data(), a.k_lin.data(), w(o.k_norm),
+                    n * config_.num_kv_heads, d, eps, stream_);
+  }
+  rope_forward(a.q.data(), a.q.data(), s.positions.data(), rope_cos_.data(), rope_sin_.data(), n,
+               config_.num_heads, d, stream_);
+  rope_forward(a.k.data(), a.k.data(), s.positions.data(), rope_cos_.data(), rope_sin_.data(), n,
+               config_.num_kv_heads, d, stream_);
+  attention_.forward(a.att.data(), a.lse.data(), a.q.data(), a.k.data(), a.v.data(),
+                     AttentionShape{batch, seq, config_.num_heads, config_.num_kv_heads, d},
+                     stream_);
+  // x_mid = x_in + att W_o^T: the GEMM accumulates onto a copy of the residual.
+  MF_CUDA_CHECK(cudaMemcpyAsync(a.x_mid.data(), a.x_in.data(), a.x_in.bytes(),
+                                cudaMemcpyDeviceToDevice, stream_));
+  blas_.linear_forward(a.x_mid.data(), OutType::kFloat, a.att.data(), wb(o.o_proj), nullptr, n, qd,
+                       h, true, stream_);
+  rmsnorm_forward(a.ln2_ptr, a.rstd2.data(), a.x_mid.data(), w(o.post_attention_norm), n, h, eps,
+                  stream_);
+}
+
+void GpuTransformer::moe_forward(int64_t l) {
+  const LayerOffsets& o = layout_.layer(l);
+  Layer& a = layers_[static_cast<size_t>(l)];
+  const int64_t n = n_, h = config_.hidden_size, f = config_.moe_intermediate_size;
+  const int64_t num_experts = config_.num_experts, k = config_.num_experts_per_tok;
+  const RouterShape shape{n, num_experts, k, config_.norm_topk_prob};
+  blas_.linear_forward(a.router_logits.data(), OutType::kFloat, a.ln2_ptr, wb(o.router), nullptr, n,
+                       h, num_experts, false, stream_);
+  router_forward(a.probs.data(), a.expert_idx.data(), a.gates.data(), a.router_logits.data(), shape,
+                 stream_);
+  build_row_map(a.expert_offsets.data(), a.assignment_row.data(), a.row_token.data(),
+                a.expert_idx.data(), n, k, num_experts, stream_);
+  MF_CUDA_CHECK(cudaMemcpyAsync(a.host_offsets.data(), a.expert_offsets.data(),
+                                a.expert_offsets.bytes(), cudaMemcpyDeviceToHost, stream_));
+  scatter_rows(a.rows_ptr, a.ln2_ptr, a.row_token.data(), n * k, h, stream_);
+  // The grouped GEMM needs the row ranges on the host: one synchronisation per MoE layer.
+  MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const int64_t begin = a.host_offsets[static_cast<size_t>(e)];
+    const int64_t count = a.host_offsets[static_cast<size_t>(e) + 1] - begin;
+    if (count == 0) continue;
+    blas_.linear_forward(a.h_gate.data() + begin * f, OutType::kBf16, a.rows_ptr + begin * h,
+                         wb(o.experts_gate) + e * f * h, nullptr, count, h, f, false, stream_);
+    blas_.linear_forward(a.h_up.data() + begin * f, OutType::kBf16, a.rows_ptr + begin * h,
+                         wb(o.experts_up) + e * f * h, nullptr, count, h, f, false, stream_);
+  }
+  swiglu_forward(a.h_act_ptr, a.h_gate.data(), a.h_up.data(), n * k * f, stream_);
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const int64_t begin = a.host_offsets[static_cast<size_t>(e)];
+    const int64_t count = a.host_offsets[static_cast<size_t>(e) + 1] - begin;
+    if (count == 0) continue;
+    blas_.linear_forward(a.y_rows.data() + begin * h, OutType::kBf16, a.h_act_ptr + begin * f,
+                         wb(o.experts_down) + e * h * f, nullptr, count, f, h, false, stream_);
+  }
+}
+
+void GpuTransformer::dense_ffn_forward(int64_t l) {
+  const LayerOffsets& o = layout_.layer(l);
+  Layer& a = layers_[static_cast<size_t>(l)];
+  const int64_t n = n_, h = config_.hidden_size, ffn = config_.intermediate_size;
+  blas_.linear_forward(a.h_gate.data(), OutType::kBf16, a.ln2_ptr, wb(o.mlp_gate), nullptr, n, h,
+                       ffn, false, stream_);
+  blas_.linear_forward(a.h_up.data(), OutType::kBf16, a.ln2_ptr, wb(o.mlp_up), nullptr, n, h, ffn,
+                       false, stream_);
+  swiglu_forward(a.h_act_ptr, a.h_gate.data(), a.h_up.data(), n * ffn, stream_);
+}
+
+void GpuTransformer::head_forward_backward(bool backward, float dscale) {
+  Scratch& s = *scratch_;
+  const int64_t n = n_, h = config_.hidden_size, vocab = config_.vocab_size;
+  const int64_t chunk = head_chunk_rows(n, vocab);
+  for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+    const int64_t rows = std::min(chunk, n - r0);
+    blas_.linear_forward(s.logits.data(), OutType::kFloat, s.lnf.data() + r0 * h,
+                         wb(layout_.lm_head()), nullptr, rows, h, vocab, false, stream_);
+    cross_entropy_forward_backward(s.losses.data() + r0, backward ? s.dlogits.data() : nullptr,
+                                   s.logits.data(), s.targets.data() + r0, rows, vocab, dscale,
+                                   stream_);
+    if (!backward) continue;
+    blas_.linear_backward_input(s.dln.data() + r0 * h, OutType::kFloat, s.dlogits.data(),
+                                wb(layout_.lm_head()), rows, h, vocab, false, stream_);
+    blas_.linear_backward_weight(g(layout_.lm_head()), s.dlogits.data(), s.lnf.data() + r0 * h,
+                                 rows, h, vocab, stream_);
+  }
+}
+
+void GpuTransformer::recompute_ffn_inputs(int64_t l) {
+  const LayerOffsets& o = layout_.layer(l);
+  Layer& a = layers_[static_cast<size_t>(l)];
+  const int64_t n = n_, h = config_.hidden_size;
+  rmsnorm_forward(a.ln2_ptr, a.rstd2.data(), a.x_mid.data(), w(o.post_attention_norm), n, h,
+                  static_cast<float>(config_.rms_norm_eps), stream_);
+  if (config_.layer_is_moe(l)) {
+    const int64_t rows = n * config_.num_experts_per_tok;
+    scatter_rows(a.rows_ptr, a.ln2_ptr, a.row_token.data(), rows, h, stream_);
+    swiglu_forward(a.h_act_ptr, a.h_gate.data(), a.h_up.data(),
+                   rows * config_.moe_intermediate_size, stream_);
+  } else {
+    swiglu_forward(a.h_act_ptr, a.h_gate.data(), a.h_up.data(), n * config_.intermediate_size,
+                   stream_);
+  }
+}
+
+void GpuTransformer::recompute_attention_inputs(int64_t l) {
+  Layer& a = layers_[static_cast<size_t>(l)];
+  rmsnorm_forward(a.ln1_ptr, a.rstd1.data(), a.x_in.data(), w(layout_.layer(l).input_norm), n_,
+                  config_.hidden_size, static_cast<float>(config_.rms_norm_eps), stream_);
+}
+
+void GpuTransformer::moe_backward(int64_t l, float d_aux, float d_z) {
+  const LayerOffsets& o = layout_.layer(l);
+  Layer& a = layers_[static_cast<size_t>(l)];
+  Scratch& s = *scratch_;
+  const int64_t n = n_, h = config_.hidden_size, f = config_.moe_intermediate_size;
+  const int64_t num_experts = config_.num_experts, k = config_.num_experts_per_tok;
+  combine_rows_backward(s.drows.data(), s.dgates.data(), s.dres.data(), a.y_rows.data(),
+                        a.gates.data(), a.assignment_row.data(), n, k, h, stream_);
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const int64_t begin = a.host_offsets[static_cast<size_t>(e)];
+    const int64_t count = a.host_offsets[static_cast<size_t>(e) + 1] - begin;
+    if (count == 0) continue;
+    blas_.linear_backward_input(s.dh_act.data() + begin * f, OutType::kBf16,
+                                s.drows.data() + begin * h, wb(o.experts_down) + e * h * f, count,
+                                f, h, false, stream_);
+    blas_.linear_backward_weight(g(o.experts_down) + e * h * f, s.drows.data() + begin * h,
+                                 a.h_act_ptr + begin * f, count, f, h, stream_);
+  }
+  swiglu_backward(s.dh_gate.data(), s.dh_up.data(), s.dh_act.data(), a.h_gate.data(), a.h_up.data(),
+                  n * k * f, stream_);
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const int64_t begin = a.host_offsets[static_cast<size_t>(e)];
+    const int64_t count = a.host_offsets[static_cast<size_t>(e) + 1] - begin;
+    if (count == 0) continue;
+    bf16* drows_in = s.drows_in.data() + begin * h;
+    blas_.linear_backward_input(drows_in, OutType::kBf16, s.dh_gate.data() + begin * f,
+                                wb(o.experts_gate) + e * f * h, count, h, f, false, stream_);
+    blas_.linear_backward_input(drows_in, OutType::kBf16, s.dh_up.data() + begin * f,
+                                wb(o.experts_up) + e * f * h, count, h, f, true, stream_);
+    blas_.linear_backward_weight(g(o.experts_gate) + e * f * h, s.dh_gate.data() + begin * f,
+                                 a.rows_ptr + begin * h, count, h, f, stream_);
+    blas_.linear_backward_weight(g(o.experts_up) + e * f * h, s.dh_up.data() + begin * f,
+                                 a.rows_ptr + begin * h, count, h, f, stream_);
+  }
+  scatter_rows_backward(s.dln.data(), s.drows_in.data(), a.assignment_row.data(), n, k, h, stream_);
+  router_backward(s.drouter.data(), s.dgates.data(), a.router_logits.data(), a.probs.data(),
+                  a.expert_idx.data(), a.expert_counts.data(), d_aux, d_z,
+                  RouterShape{n, num_experts, k, config_.norm_topk_prob}, stream_);
+  blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.drouter.data(), wb(o.router), n, h,
+                              num_experts, true, stream_);
+  blas_.linear_backward_weight(g(o.router), s.drouter.data(), a.ln2_ptr, n, h, num_experts,
+                               stream_);
+}
+
+void GpuTransformer::dense_ffn_backward(int64_t l) {
+  const LayerOffsets& o = layout_.layer(l);
+  Layer& a = layers_[static_cast<size_t>(l)];
+  Scratch& s = *scratch_;
+  const int64_t n = n_, h = config_.hidden_size, ffn = config_.intermediate_size;
+  cast_to_bf16(s.dres_bf16.data(), s.dres.data(), n * h, stream_);
+  blas_.linear_backward_input(s.dh_act.data(), OutType::kBf16, s.dres_bf16.data(), wb(o.mlp_down),
+                              n, ffn, h, false, stream_);
+  blas_.linear_backward_weight(g(o.mlp_down), s.dres_bf16.data(), a.h_act_ptr, n, ffn, h, stream_);
+  swiglu_backward(s.dh_gate.data(), s.dh_up.data(), s.dh_act.data(), a.h_gate.data(), a.h_up.data(),
+                  n * ffn, stream_);
+  blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.dh_gate.data(), wb(o.mlp_gate), n, h,
+                              ffn, false, stream_);
+  blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.dh_up.data(), wb(o.mlp_up), n, h,
+                              ffn, true, stream_);
+  blas_.linear_backward_weight(g(o.mlp_gate), s.dh_gate.data(), a.ln2_ptr, n, h, ffn, stream_);
+  blas_.linear_backward_weight(g(o.mlp_up), s.dh_up.data(), a.ln2_ptr, n, h, ffn, stream_);
+}
+
+void GpuTransformer::attention_backward(int64_t l, int64_t batch, int64_t seq) {
+  const LayerOffsets& o = layout_.layer(l);
+  Layer& a = layers_[static_cast<size_t>(l)];
+  Scratch& s = *scratch_;
+  const int64_t n = n_, h = config_.hidden_size, qd = config_.q_dim(), kvd = config_.kv_dim();
+  const int64_t d = config_.head_dim;
+  cast_to_bf16(s.dres_bf16.data(), s.dres.data(), n * h, stream_);
+  blas_.linear_backward_input(s.datt.data(), OutType::kBf16, s.dres_bf16.data(), wb(o.o_proj), n,
+                              qd, h, false, stream_);
+  blas_.linear_backward_weight(g(o.o_proj), s.dres_bf16.data(), a.att.data(), n, qd, h, stream_);
+  attention_.backward(s.dq.data(), s.dk.data(), s.dv.data(), s.datt.data(), a.q.data(), a.k.data(),
+                      a.v.data(), a.att.data(), a.lse.data(),
+                      AttentionShape{batch, seq, config_.num_heads, config_.num_kv_heads, d},
+                      stream_);
+  rope_backward(s.dq.data(), s.dq.data(), s.positions.data(), rope_cos_.data(), rope_sin_.data(), n,
+                config_.num_heads, d, stream_);
+  rope_backward(s.dk.data(), s.dk.data(), s.positions.data(), rope_cos_.data(), rope_sin_.data(), n,
+                config_.num_kv_heads, d, stream_);
+  bf16* dq = s.dq.data();
+  bf16* dk = s.dk.data();
+  if (config_.qk_norm) {
+    rmsnorm_backward(s.dq_lin.data(), g(o.q_norm), s.dq.data(), a.q_lin.data(), w(o.q_norm),
+                     a.rstd_q.data(), n * config_.num_heads, d, false, stream_);
+    rmsnorm_backward(s.dk_lin.data(), g(o.k_norm), s.dk.data(), a.k_lin.data(), w(o.k_norm),
+                     a.rstd_k.data(), n * config_.num_kv_heads, d, false, stream_);
+    dq = s.dq_lin.data();
+    dk = s.dk_lin.data();
+  }
+  if (config_.attention_bias) {
+    column_sum_accumulate(g(o.q_bias), dq, n, qd, stream_);
+    column_sum_accumulate(g(o.k_bias), dk, n, kvd, stream_);
+    column_sum_accumulate(g(o.v_bias), s.dv.data(), n, kvd, stream_);
+  }
+  blas_.linear_backward_input(s.dln.data(), OutType::kFloat, dq, wb(o.q_proj), n, h, qd, false,
+                              stream_);
+  blas_.linear_backward_input(s.dln.data(), OutType::kFloat, dk, wb(o.k_proj), n, h, kvd, true,
+                              stream_);
+  blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.dv.data(), wb(o.v_proj), n, h, kvd,
+                              true, stream_);
+  blas_.linear_backward_weight(g(o.q_proj), dq, a.ln1_ptr, n, h, qd, stream_);
+  blas_.linear_backward_weight(g(o.k_proj), dk, a.ln1_ptr, n, h, kvd, stream_);
+  blas_.linear_backward_weight(g(o.v_proj), s.dv.data(), a.ln1_ptr, n, h, kvd, stream_);
+  rmsnorm_backward(s.dres.data(), g(o.input_norm), s.dln.data(), a.x_in.data(), w(o.input_norm),
+                   a.rstd1.data(), n, h, true, stream_);
+}
+
+LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int32_t* targets,
+                                               int64_t batch, int64_t seq, double dloss) {
+  MF_CHECK(batch > 0 && seq > 0, "forward needs a non-empty batch, got [{}, {}]", batch, seq);
+  MF_CHECK(seq <= config_.max_position_embeddings,
+           "sequence length {} exceeds max_position_embeddings {}", seq,
+           config_.max_position_embeddings);
+  const int64_t n = batch * seq;
+  int64_t num_counted = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    MF_CHECK(tokens[i] >= 0 && tokens[i] < config_.vocab_size,
+             "token {} at position {} is outside the vocabulary [0, {})", tokens[i], i,
+             config_.vocab_size);
+    MF_CHECK(targets[i] >= -1 && targets[i] < config_.vocab_size,
+             "target {} at position {} is outside the vocabulary [0, {}) and not -1", targets[i], i,
+             config_.vocab_size);
+    num_counted += targets[i] >= 0;
+  }
+  const bool backward = dloss != 0.0;
+  resize(batch, seq);
+  Scratch& s = *scratch_;
+  const int64_t h = config_.hidden_size;
+  const auto eps = static_cast<float>(config_.rms_norm_eps);
+
+  timer_.mark("embedding", stream_);
+  std::vector<int32_t> positions(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) positions[static_cast<size_t>(i)] = static_cast<int32_t>(i % seq);
+  copy_to_device(s.tokens.data(), tokens, static_cast<size_t>(n) * sizeof(int32_t));
+  copy_to_device(s.targets.data(), targets, static_cast<size_t>(n) * sizeof(int32_t));
+  copy_to_device(s.positions.data(), positions.data(), positions.size() * sizeof(int32_t));
+  embedding_forward(layers_[0].x_in.data(), s.tokens.data(), w(layout_.embed_tokens()), n, h,
+                    stream_);
+
+  int64_t moe_idx = 0;
+  for (int64_t l = 0; l < config_.num_layers; ++l) {
+    Layer& a = layers_[static_cast<size_t>(l)];
+    float* x_out = l + 1 < config_.num_layers ? layers_[static_cast<size_t>(l) + 1].x_in.data()
+                                              : s.x_out.data();
+    timer_.mark("attention", stream_);
+    attention_forward(l, batch, seq);
+    if (config_.layer_is_moe(l)) {
+      timer_.mark("moe", stream_);
+      moe_forward(l);
+      router_losses(
+          s.router_losses.data() + 2 * moe_idx, a.expert_counts.data(), s.router_scratch.data(),
+          a.probs.data(), a.expert_idx.data(), a.router_logits.data(),
+          RouterShape{n, config_.num_experts, config_.num_experts_per_tok, config_.norm_topk_prob},
+          stream_);
+      combine_rows(x_out, a.x_mid.data(), a.y_rows.data(), a.gates.data(), a.assignment_row.data(),
+                   n, config_.num_experts_per_tok, h, stream_);
+      ++moe_idx;
+    } else {
+      timer_.mark("dense_ffn", stream_);
+      dense_ffn_forward(l);
+      MF_CUDA_CHECK(cudaMemcpyAsync(x_out, a.x_mid.data(), a.x_mid.bytes(),
+                                    cudaMemcpyDeviceToDevice, stream_));
+      blas_.linear_forward(x_out, OutType::kFloat, a.h_act_ptr, wb(layout_.layer(l).mlp_down),
+                           nullptr, n, config_.intermediate_size, h, true, stream_);
+    }
+  }
+  timer_.mark("head", stream_);
+  rmsnorm_forward(s.lnf.data(), s.rstdf.data(), s.x_out.data(), w(layout_.final_norm()), n, h, eps,
+                  stream_);
+  const double dce = num_counted > 0 ? dloss / static_cast<double>(num_counted) : 0.0;
+  head_forward_backward(backward, static_cast<float>(dce));
+  sum(s.sums.data(), s.losses.data(), n, s.sum_scratch.data(), stream_);
+
+  if (backward) {
+    const double d_aux = num_moe_layers_ > 0 ? dloss * config_.router_aux_loss_coef /
+                                                   static_cast<double>(num_moe_layers_)
+                                             : 0.0;
+    const double d_z = num_moe_layers_ > 0 ? dloss * config_.router_z_loss_coef /
+                                                 static_cast<double>(num_moe_layers_)
+                                           : 0.0;
+    rmsnorm_backward(s.dres.data(), g(layout_.final_norm()), s.dln.data(), s.x_out.data(),
+                     w(layout_.final_norm()), s.rstdf.data(), n, h, false, stream_);
+    for (int64_t l = config_.num_layers - 1; l >= 0; --l) {
+      Layer& a = layers_[static_cast<size_t>(l)];
+      if (recompute_ == Recompute::kSelective) {
+        timer_.mark("recompute", stream_);
+        recompute_ffn_inputs(l);
+      }
+      if (config_.layer_is_moe(l)) {
+        timer_.mark("moe_backward", stream_);
+        moe_backward(l, static_cast<float>(d_aux), static_cast<float>(d_z));
+      } else {
+        timer_.mark("dense_ffn_backward", stream_);
+        dense_ffn_backward(l);
+      }
+      timer_.mark("attention_backward", stream_);
+      rmsnorm_backward(s.dres.data(), g(layout_.layer(l).post_attention_norm), s.dln.data(),
+                       a.x_mid.data(), w(layout_.layer(l).post_attention_norm), a.rstd2.data(), n,
+                       h, true, stream_);
+      if (recompute_ == Recompute::kSelective) recompute_attention_inputs(l);
+      attention_backward(l, batch, seq);
+    }
+    timer_.mark("embedding_backward", stream_);
+    const TokenGroups groups = group_tokens(tokens, n);
+    s.group_ids.upload(groups.token_ids);
+    s.group_offsets.upload(groups.offsets);
+    s.group_positions.upload(groups.positions);
+    embedding_backward(g(layout_.embed_tokens()), s.dres.data(), s.group_ids.data(),
+                       s.group_offsets.data(), s.group_positions.data(),
+                       static_cast<int64_t>(groups.token_ids.size()), h, stream_);
+  }
+
+  double ce_sum = 0.0;
+  std::vector<float> router(2 * static_cast<size_t>(num_moe_layers_));
+  MF_CUDA_CHECK(
+      cudaMemcpyAsync(&ce_sum, s.sums.data(), sizeof(double), cudaMemcpyDeviceToHost, stream_));
+  if (!router.empty()) {
+    MF_CUDA_CHECK(cudaMemcpyAsync(router.data(), s.router_losses.data(),
+                                  router.size() * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+  }
+  timer_.flush(stream_);
+  MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+
+  LossBreakdown out;
+  out.num_counted = num_counted;
+  out.ce_loss = num_counted > 0 ? ce_sum / static_cast<double>(num_counted) : 0.0;
+  moe_stats_.clear();
+  int64_t m = 0;
+  for (int64_t l = 0; l < config_.num_layers; ++l) {
+    if (!config_.layer_is_moe(l)) continue;
+    MoeFfnStats stats;
+    stats.aux_loss = router[static_cast<size_t>(2 * m)];
+    stats.z_loss = router[static_cast<size_t>(2 * m + 1)];
+    const std::vector<int32_t>& offsets = layers_[static_cast<size_t>(l)].host_offsets;
+    for (int64_t e = 0; e < config_.num_experts; ++e) {
+      stats.expert_load.push_back(offsets[static_cast<size_t>(e) + 1] -
+                                  offsets[static_cast<size_t>(e)]);
+    }
+    out.aux_loss += stats.aux_loss / static_cast<double>(num_moe_layers_);
+    out.z_loss += stats.z_loss / static_cast<double>(num_moe_layers_);
+    moe_stats_.push_back(std::move(stats));
+    ++m;
+  }
+  out.loss = out.ce_loss + config_.router_aux_loss_coef * out.aux_loss +
+             config_.router_z_loss_coef * out.z_loss;
+  return out;
+}
+
+}  // namespace moeforge::cuda

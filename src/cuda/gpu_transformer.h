@@ -1,0 +1,116 @@
+// The decoder (model/transformer.h is the spec) on one GPU: fp32 master weights with a bf16 copy
+// for the GEMMs, bf16 activations, an fp32 residual stream, fp32 gradients that accumulate across
+// micro-batches, and a hand-written backward over the kernels of src/cuda. The LM head and the
+// cross-entropy run in chunks of rows, and their backward runs inside the forward when a
+// gradient is requested, so no [tokens, vocab] fp32 tensor is ever materialised.
+//
+// Activation recompute (MegaScale-MoE section 2): kNone keeps every activation the backward reads;
+// kSelective keeps one shared buffer for the normed inputs (ln1, ln2 and the expert-sorted rows)
+// and the SwiGLU output, and recomputes them layer by layer in the backward from what is saved
+// (the residual stream, rstd, the gate and up projections).
+//
+// Supported now: every architecture of model_config.h on one rank with dropless MoE layers; the
+// shared expert of Qwen2-MoE and capacity-based token dropping are rejected with an error.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cuda/attention.h"
+#include "cuda/bf16.h"
+#include "cuda/blas.h"
+#include "cuda/device_memory.h"
+#include "cuda/phase_timer.h"
+#include "model/model_config.h"
+#include "model/parameters.h"
+#include "model/transformer.h"
+
+namespace moeforge::cuda {
+
+enum class Recompute { kNone, kSelective };
+
+// "none" or "selective"; throws on anything else.
+Recompute parse_recompute(const std::string& name);
+
+class GpuTransformer {
+ public:
+  explicit GpuTransformer(const ModelConfig& config, Recompute recompute = Recompute::kNone);
+  ~GpuTransformer();
+  GpuTransformer(const GpuTransformer&) = delete;
+  GpuTransformer& operator=(const GpuTransformer&) = delete;
+
+  const ModelConfig& config() const { return config_; }
+  const ParameterLayout& layout() const { return layout_; }
+  cudaStream_t stream() const { return stream_; }
+  int64_t num_params() const { return layout_.num_params(); }
+  // Waits for the model's stream.
+  void synchronize() const;
+
+  // Master weights from/to the host (flat ParameterLayout order); the bf16 copy follows.
+  void upload_params(const std::vector<float>& host);
+  std::vector<float> download_params() const;
+  std::vector<float> download_grads() const;
+  void upload_grads(const std::vector<float>& host);
+  void zero_grads();
+  // Rounds the master weights into the bf16 copy (after changing them outside the optimizer).
+  void refresh_bf16_params();
+
+  float* params() { return params_.data(); }
+  bf16* params_bf16() { return params_bf16_.data(); }
+  float* grads() { return grads_.data(); }
+
+  // tokens, targets [batch, seq] on the host (target -1: ignored). With dloss != 0, also runs the
+  // backward and accumulates dloss * d(loss)/d(params) into the gradients (+=). Returns the loss
+  // as Transformer<float>::forward does.
+  LossBreakdown forward_backward(const int32_t* tokens, const int32_t* targets, int64_t batch,
+                                 int64_t seq, double dloss);
+
+  // Per MoE layer statistics of the last forward (aux and z loss, assignments per expert).
+  const std::vector<MoeFfnStats>& moe_stats() const { return moe_stats_; }
+
+  PhaseTimer& timer() { return timer_; }
+
+ private:
+  struct Layer;
+  struct Scratch;
+
+  void resize(int64_t batch, int64_t seq);
+  void attention_forward(int64_t l, int64_t batch, int64_t seq);
+  void attention_backward(int64_t l, int64_t batch, int64_t seq);
+  void moe_forward(int64_t l);
+  void moe_backward(int64_t l, float d_aux, float d_z);
+  void dense_ffn_forward(int64_t l);
+  void dense_ffn_backward(int64_t l);
+  void head_forward_backward(bool backward, float dscale);
+  // Selective recompute: rebuilds the layer's normed inputs and SwiGLU output before its backward.
+  void recompute_ffn_inputs(int64_t l);
+  void recompute_attention_inputs(int64_t l);
+  const float* w(int64_t offset) const { return offset < 0 ? nullptr : params_.data() + offset; }
+  const bf16* wb(int64_t offset) const {
+    return offset < 0 ? nullptr : params_bf16_.data() + offset;
+  }
+  float* g(int64_t offset) { return offset < 0 ? nullptr : grads_.data() + offset; }
+
+  ModelConfig config_;
+  ParameterLayout layout_;
+  Recompute recompute_;
+  cudaStream_t stream_ = nullptr;
+  Blas blas_;
+  Attention attention_;
+  PhaseTimer timer_;
+  DeviceBuffer<float> params_, grads_;
+  DeviceBuffer<bf16> params_bf16_;
+  DeviceBuffer<float> rope_cos_, rope_sin_;
+
+  int64_t batch_ = 0, seq_ = 0, n_ = 0;
+  int64_t num_moe_layers_ = 0;
+  std::vector<Layer> layers_;
+  std::vector<MoeFfnStats> moe_stats_;
+  std::unique_ptr<Scratch> scratch_;
+};
+
+}  // namespace moeforge::cuda

@@ -1,0 +1,215 @@
+// MoE dispatch kernels. The row map is a stable counting sort over tiles of 1024 assignments:
+// per-tile expert counts, a scan into each tile's first row per expert, then every assignment's
+// rank inside its tile (warp match + per-warp counts). Scatter, gather and their backwards are row
+// copies and fixed-order sums.
+#include <algorithm>
+
+#include "core/error.h"
+#include "cuda/cuda_check.h"
+#include "cuda/device_memory.h"
+#include "cuda/kernel_util.cuh"
+#include "cuda/moe_dispatch.h"
+
+namespace moeforge::cuda {
+namespace {
+
+// Assignments per tile of the row map; one block of kTile threads (32 warps) per tile.
+constexpr int kTile = 1024;
+constexpr int kTileWarps = kTile / kWarpSize;
+constexpr int kMaxExperts = 256;
+
+// tile_counts[tile, e] = assignments of the tile routed to e.
+__global__ void tile_counts_kernel(int32_t* tile_counts, const int32_t* expert_idx,
+                                   int64_t num_assignments, int64_t num_experts) {
+  __shared__ int32_t counts[kMaxExperts];
+  for (int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) counts[e] = 0;
+  __syncthreads();
+  const int64_t a = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.x;
+  if (a < num_assignments) atomicAdd(&counts[expert_idx[a]], 1);
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) {
+    tile_counts[blockIdx.x * num_experts + e] = counts[e];
+  }
+}
+
+// One thread per expert: tile_counts becomes each tile's first row for the expert, and
+// expert_offsets the experts' row ranges.
+__global__ void tile_offsets_kernel(int32_t* expert_offsets, int32_t* tile_counts,
+                                    int64_t num_tiles, int64_t num_experts) {
+  __shared__ int32_t totals[kMaxExperts];
+  const int64_t e = threadIdx.x;
+  if (e < num_experts) {
+    int32_t running = 0;
+    for (int64_t t = 0; t < num_tiles; ++t) {
+      const int32_t count = tile_counts[t * num_experts + e];
+      tile_counts[t * num_experts + e] = running;
+      running += count;
+    }
+    totals[e] = running;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int32_t running = 0;
+    for (int64_t i = 0; i < num_experts; ++i) {
+      expert_offsets[i] = running;
+      running += totals[i];
+    }
+    expert_offsets[num_experts] = running;
+  }
+  __syncthreads();
+  if (e < num_experts) {
+    for (int64_t t = 0; t < num_tiles; ++t) tile_counts[t * num_experts + e] += expert_offsets[e];
+  }
+}
+
+// Rank of each assignment among the tile's assignments to the same expert, in order: within a
+// warp by __match_any_sync, across the tile's warps by per-warp counts.
+__global__ void assign_rows_kernel(int32_t* assignment_row, int32_t* row_token,
+                                   const int32_t* tile_first_row, const int32_t* expert_idx,
+                                   int64_t num_assignments, int64_t num_experts, int64_t top_k) {
+  __shared__ int32_t warp_counts[kTileWarps][kMaxExperts];
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  for (int64_t i = threadIdx.x; i < kTileWarps * num_experts; i += blockDim.x) {
+    warp_counts[i / num_experts][i % num_experts] = 0;
+  }
+  __syncthreads();
+  const int64_t a = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.x;
+  const bool valid = a < num_assignments;
+  const int32_t e = valid ? expert_idx[a] : -1;
+  const unsigned same = __match_any_sync(0xffffffffu, e);
+  const int rank_in_warp = __popc(same & ((1u << lane) - 1u));
+  if (valid && rank_in_warp == 0) warp_counts[warp][e] = __popc(same);
+  __syncthreads();
+  if (!valid) return;
+  int32_t row = tile_first_row[blockIdx.x * num_experts + e] + rank_in_warp;
+  for (int w = 0; w < warp; ++w) row += warp_counts[w][e];
+  assignment_row[a] = row;
+  row_token[row] = static_cast<int32_t>(a / top_k);
+}
+
+constexpr int kRowThreads = 256;
+
+__global__ void scatter_rows_kernel(bf16* rows, const bf16* x, const int32_t* row_token,
+                                    int64_t c) {
+  const int64_t r = blockIdx.x;
+  const bf16* src = x + static_cast<int64_t>(row_token[r]) * c;
+  bf16* dst = rows + r * c;
+  for (int64_t j = threadIdx.x; j < c; j += blockDim.x) dst[j] = src[j];
+}
+
+__global__ void scatter_rows_backward_kernel(float* dx, const bf16* drows,
+                                             const int32_t* assignment_row, int64_t top_k,
+                                             int64_t c) {
+  const int64_t t = blockIdx.x;
+  for (int64_t j = threadIdx.x; j < c; j += blockDim.x) {
+    float sum = 0.0f;
+    for (int64_t slot = 0; slot < top_k; ++slot) {
+      const int32_t r = assignment_row[t * top_k + slot];
+      if (r >= 0) sum += __bfloat162float(drows[static_cast<int64_t>(r) * c + j]);
+    }
+    dx[t * c + j] = sum;
+  }
+}
+
+__global__ void combine_rows_kernel(float* out, const float* residual, const bf16* rows,
+                                    const float* gates, const int32_t* assignment_row,
+                                    int64_t top_k, int64_t c) {
+  const int64_t t = blockIdx.x;
+  for (int64_t j = threadIdx.x; j < c; j += blockDim.x) {
+    float sum = 0.0f;
+    for (int64_t slot = 0; slot < top_k; ++slot) {
+      const int32_t r = assignment_row[t * top_k + slot];
+      if (r >= 0)
+        sum += gates[t * top_k + slot] * __bfloat162float(rows[static_cast<int64_t>(r) * c + j]);
+    }
+    out[t * c + j] = (residual != nullptr ? residual[t * c + j] : 0.0f) + sum;
+  }
+}
+
+// One block per token: drows for each slot, and dgates by a block reduction per slot.
+__global__ void combine_rows_backward_kernel(bf16* drows, float* dgates, const float* dout,
+                                             const bf16* rows, const float* gates,
+                                             const int32_t* assignment_row, int64_t top_k,
+                                             int64_t c) {
+  const int64_t t = blockIdx.x;
+  __shared__ float partial[kRowThreads / kWarpSize];
+  for (int64_t slot = 0; slot < top_k; ++slot) {
+    const int32_t r = assignment_row[t * top_k + slot];
+    float dot = 0.0f;
+    if (r >= 0) {
+      const float g = gates[t * top_k + slot];
+      for (int64_t j = threadIdx.x; j < c; j += blockDim.x) {
+        const float dy = dout[t * c + j];
+        drows[static_cast<int64_t>(r) * c + j] = __float2bfloat16_rn(g * dy);
+        dot += dy * __bfloat162float(rows[static_cast<int64_t>(r) * c + j]);
+      }
+    }
+    dot = warp_sum(dot);
+    if (threadIdx.x % kWarpSize == 0) partial[threadIdx.x / kWarpSize] = dot;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float total = 0.0f;
+      for (int w = 0; w < kRowThreads / kWarpSize; ++w) total += partial[w];
+      dgates[t * top_k + slot] = r >= 0 ? total : 0.0f;
+    }
+    __syncthreads();
+  }
+}
+
+}  // namespace
+
+void build_row_map(int32_t* expert_offsets, int32_t* assignment_row, int32_t* row_token,
+                   const int32_t* expert_idx, int64_t num_tokens, int64_t top_k,
+                   int64_t num_experts, cudaStream_t stream) {
+  MF_CHECK(num_experts > 0 && num_experts <= kMaxExperts,
+           "build_row_map supports 1 to {} experts, got {}", kMaxExperts, num_experts);
+  const int64_t num_assignments = num_tokens * top_k;
+  const int64_t num_tiles = std::max<int64_t>(1, ceil_div(num_assignments, kTile));
+  DeviceBuffer<int32_t> tile_rows(static_cast<size_t>(num_tiles * num_experts));
+  tile_counts_kernel<<<static_cast<unsigned>(num_tiles), kTile, 0, stream>>>(
+      tile_rows.data(), expert_idx, num_assignments, num_experts);
+  MF_CUDA_CHECK_LAUNCH();
+  tile_offsets_kernel<<<1, kMaxExperts, 0, stream>>>(expert_offsets, tile_rows.data(), num_tiles,
+                                                     num_experts);
+  MF_CUDA_CHECK_LAUNCH();
+  if (num_assignments == 0) return;
+  assign_rows_kernel<<<static_cast<unsigned>(num_tiles), kTile, 0, stream>>>(
+      assignment_row, row_token, tile_rows.data(), expert_idx, num_assignments, num_experts, top_k);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
+void scatter_rows(bf16* rows, const bf16* x, const int32_t* row_token, int64_t num_rows, int64_t c,
+                  cudaStream_t stream) {
+  if (num_rows == 0) return;
+  scatter_rows_kernel<<<static_cast<unsigned>(num_rows), kRowThreads, 0, stream>>>(rows, x,
+                                                                                   row_token, c);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
+void scatter_rows_backward(float* dx, const bf16* drows, const int32_t* assignment_row,
+                           int64_t num_tokens, int64_t top_k, int64_t c, cudaStream_t stream) {
+  if (num_tokens == 0) return;
+  scatter_rows_backward_kernel<<<static_cast<unsigned>(num_tokens), kRowThreads, 0, stream>>>(
+      dx, drows, assignment_row, top_k, c);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
+void combine_rows(float* out, const float* residual, const bf16* rows, const float* gates,
+                  const int32_t* assignment_row, int64_t num_tokens, int64_t top_k, int64_t c,
+                  cudaStream_t stream) {
+  if (num_tokens == 0) return;
+  combine_rows_kernel<<<static_cast<unsigned>(num_tokens), kRowThreads, 0, stream>>>(
+      out, residual, rows, gates, assignment_row, top_k, c);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
+void combine_rows_backward(bf16* drows, float* dgates, const float* dout, const bf16* rows,
+                           const float* gates, const int32_t* assignment_row, int64_t num_tokens,
+                           int64_t top_k, int64_t c, cudaStream_t stream) {
+  if (num_tokens == 0) return;
+  combine_rows_backward_kernel<<<static_cast<unsigned>(num_tokens), kRowThreads, 0, stream>>>(
+      drows, dgates, dout, rows, gates, assignment_row, top_k, c);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace moeforge::cuda

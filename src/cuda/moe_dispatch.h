@@ -1,0 +1,37 @@
+// Dispatch and combine of the MoE FFN on the GPU (ops/row_map.h and ops/permute.h are the spec,
+// dropless): the row map (rows sorted by expert, then token, then slot), scatter of token rows
+// into that order, and the gate-weighted gather back, with their backwards.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/bf16.h"
+
+namespace moeforge::cuda {
+
+// expert_idx [n, k] -> expert_offsets [E + 1] (row ranges per expert), assignment_row [n * k]
+// and row_token [n * k]. Deterministic (a stable counting sort).
+void build_row_map(int32_t* expert_offsets, int32_t* assignment_row, int32_t* row_token,
+                   const int32_t* expert_idx, int64_t num_tokens, int64_t top_k,
+                   int64_t num_experts, cudaStream_t stream);
+
+// rows[r, :] = x[row_token[r], :]   x [n, c], rows [num_rows, c].
+void scatter_rows(bf16* rows, const bf16* x, const int32_t* row_token, int64_t num_rows, int64_t c,
+                  cudaStream_t stream);
+// dx[t, :] (fp32, assigned) = sum over slots j of drows[assignment_row[t * k + j], :].
+void scatter_rows_backward(float* dx, const bf16* drows, const int32_t* assignment_row,
+                           int64_t num_tokens, int64_t top_k, int64_t c, cudaStream_t stream);
+
+// out[t, :] (fp32) = residual[t, :] + sum_j gates[t, j] * rows[assignment_row[t * k + j], :].
+void combine_rows(float* out, const float* residual, const bf16* rows, const float* gates,
+                  const int32_t* assignment_row, int64_t num_tokens, int64_t top_k, int64_t c,
+                  cudaStream_t stream);
+// drows[r] (bf16, assigned) = gates[t, j] * dout[t]; dgates[t, j] (assigned) = dot(dout[t],
+// rows[r]) for r = assignment_row[t * k + j].
+void combine_rows_backward(bf16* drows, float* dgates, const float* dout, const bf16* rows,
+                           const float* gates, const int32_t* assignment_row, int64_t num_tokens,
+                           int64_t top_k, int64_t c, cudaStream_t stream);
+
+}  // namespace moeforge::cuda

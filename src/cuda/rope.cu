@@ -1,0 +1,79 @@
+// RoPE kernels: one thread per (token, head, pair); the angle table comes from the host.
+#include <cmath>
+
+#include "core/error.h"
+#include "cuda/cuda_check.h"
+#include "cuda/kernel_util.cuh"
+#include "cuda/rope.h"
+
+namespace moeforge::cuda {
+namespace {
+
+__global__ void rope_kernel(bf16* out, const bf16* inp, const int32_t* positions,
+                            const float* cos_table, const float* sin_table, int64_t n,
+                            int64_t num_heads, int64_t half, float direction) {
+  const int64_t total = n * num_heads * half;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = idx % half;
+    const int64_t token_head = idx / half;
+    const int64_t token_idx = token_head / num_heads;
+    const int64_t base = token_head * 2 * half;
+    const int64_t table_idx = static_cast<int64_t>(positions[token_idx]) * half + i;
+    const float c = cos_table[table_idx];
+    const float s = direction * sin_table[table_idx];
+    const float x1 = __bfloat162float(inp[base + i]);
+    const float x2 = __bfloat162float(inp[base + i + half]);
+    out[base + i] = __float2bfloat16_rn(x1 * c - x2 * s);
+    out[base + i + half] = __float2bfloat16_rn(x2 * c + x1 * s);
+  }
+}
+
+void launch_rope(bf16* out, const bf16* inp, const int32_t* positions, const float* cos_table,
+                 const float* sin_table, int64_t n, int64_t num_heads, int64_t head_dim,
+                 float direction, cudaStream_t stream) {
+  MF_CHECK(head_dim > 0 && head_dim % 2 == 0, "rope: head_dim must be positive and even, got {}",
+           head_dim);
+  const int64_t total = n * num_heads * (head_dim / 2);
+  if (total == 0) return;
+  constexpr int kThreads = 256;
+  rope_kernel<<<grid_for(total, kThreads), kThreads, 0, stream>>>(
+      out, inp, positions, cos_table, sin_table, n, num_heads, head_dim / 2, direction);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+RopeTable make_rope_table(int64_t num_positions, int64_t head_dim, double theta) {
+  MF_CHECK(head_dim > 0 && head_dim % 2 == 0, "rope: head_dim must be positive and even, got {}",
+           head_dim);
+  MF_CHECK(theta > 0.0, "rope: theta must be positive, got {}", theta);
+  const int64_t half = head_dim / 2;
+  RopeTable table;
+  table.cos.resize(static_cast<size_t>(num_positions * half));
+  table.sin.resize(table.cos.size());
+  for (int64_t i = 0; i < half; ++i) {
+    const double inv_freq =
+        1.0 / std::pow(theta, static_cast<double>(2 * i) / static_cast<double>(head_dim));
+    for (int64_t pos = 0; pos < num_positions; ++pos) {
+      const double angle = static_cast<double>(pos) * inv_freq;
+      table.cos[static_cast<size_t>(pos * half + i)] = static_cast<float>(std::cos(angle));
+      table.sin[static_cast<size_t>(pos * half + i)] = static_cast<float>(std::sin(angle));
+    }
+  }
+  return table;
+}
+
+void rope_forward(bf16* out, const bf16* inp, const int32_t* positions, const float* cos_table,
+                  const float* sin_table, int64_t n, int64_t num_heads, int64_t head_dim,
+                  cudaStream_t stream) {
+  launch_rope(out, inp, positions, cos_table, sin_table, n, num_heads, head_dim, 1.0f, stream);
+}
+
+void rope_backward(bf16* dinp, const bf16* dout, const int32_t* positions, const float* cos_table,
+                   const float* sin_table, int64_t n, int64_t num_heads, int64_t head_dim,
+                   cudaStream_t stream) {
+  launch_rope(dinp, dout, positions, cos_table, sin_table, n, num_heads, head_dim, -1.0f, stream);
+}
+
+}  // namespace moeforge::cuda

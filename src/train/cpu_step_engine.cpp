@@ -1,0 +1,75 @@
+// The CPU step engine: the reference Transformer and AdamW on the host, as the trainer used them
+// directly before there were other devices.
+#include <cmath>
+
+#include "train/step_engine.h"
+
+namespace moeforge {
+
+std::string first_nonfinite_gradient(const ParameterLayout& layout, const float* grads) {
+  const std::vector<ParamSpec>& specs = layout.specs();
+  for (auto it = specs.rbegin(); it != specs.rend(); ++it) {
+    for (int64_t i = 0; i < it->numel; ++i) {
+      if (!std::isfinite(grads[it->offset + i])) return it->name;
+    }
+  }
+  return "none";
+}
+
+namespace {
+
+class CpuStepEngine final : public StepEngine {
+ public:
+  CpuStepEngine(Transformer<float>& model, AdamW& optimizer)
+      : model_(model), optimizer_(optimizer) {}
+
+  void load_from_host() override {}
+  void store_to_host() override {}
+  void zero_grads() override { model_.zero_grads(); }
+
+  LossBreakdown forward_backward(const int32_t* tokens, const int32_t* targets, int64_t batch,
+                                 int64_t seq, double dloss,
+                                 std::vector<MoeFfnStats>& stats) override {
+    const LossBreakdown loss = model_.forward(tokens, targets, batch, seq);
+    stats.insert(stats.end(), model_.moe_stats().begin(), model_.moe_stats().end());
+    model_.backward(dloss);
+    return loss;
+  }
+
+  void all_reduce_grads(Communicator& dp) override {
+    dp.all_reduce_sum(model_.grads().data(), model_.grads().size());
+  }
+
+  StepUpdate update(double lr, double max_norm, bool loss_finite) override {
+    const int64_t n = model_.layout().num_params();
+    StepUpdate result;
+    result.grad_norm = global_grad_norm(model_.grads().data(), n);
+    if (!loss_finite || !std::isfinite(result.grad_norm)) return result;
+    clip_grad_norm(model_.grads().data(), n, result.grad_norm, max_norm);
+    optimizer_.step(model_.params().data(), model_.grads().data(), lr);
+    result.applied = true;
+    return result;
+  }
+
+  std::string first_nonfinite_gradient() override {
+    return moeforge::first_nonfinite_gradient(model_.layout(), model_.grads().data());
+  }
+
+  ForwardFn forward_fn() override {
+    return [this](const int32_t* tokens, const int32_t* targets, int64_t batch, int64_t seq) {
+      return model_.forward(tokens, targets, batch, seq);
+    };
+  }
+
+ private:
+  Transformer<float>& model_;
+  AdamW& optimizer_;
+};
+
+}  // namespace
+
+std::unique_ptr<StepEngine> make_cpu_step_engine(Transformer<float>& model, AdamW& optimizer) {
+  return std::make_unique<CpuStepEngine>(model, optimizer);
+}
+
+}  // namespace moeforge

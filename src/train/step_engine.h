@@ -1,0 +1,63 @@
+// What the training loop asks of the device that runs the model's math: micro-batch forward and
+// backward with gradient accumulation, the gradient reduction over data-parallel ranks, the
+// optimizer update, evaluation, and moving weights and optimizer state to and from the host
+// model and optimizer (which checkpoints, PMA and evaluation on the CPU read). The CPU engine
+// works on the host objects directly; the CUDA engine (src/cuda/gpu_step_engine.h) keeps its own
+// device copies and syncs them when asked.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "model/transformer.h"
+#include "train/adamw.h"
+#include "train/evaluate.h"
+
+namespace moeforge {
+
+struct StepUpdate {
+  double grad_norm = 0.0;
+  bool applied = false;  // false: the loss or the gradient was not finite, nothing changed
+};
+
+class StepEngine {
+ public:
+  virtual ~StepEngine() = default;
+
+  // Takes the host model's weights and the host optimizer's state (after init or resume).
+  virtual void load_from_host() = 0;
+  // Writes weights and optimizer state back into the host model and optimizer.
+  virtual void store_to_host() = 0;
+
+  virtual void zero_grads() = 0;
+  // Forward and backward of one micro-batch, gradients scaled by dloss and accumulated; per-MoE-
+  // layer statistics appended to stats.
+  virtual LossBreakdown forward_backward(const int32_t* tokens, const int32_t* targets,
+                                         int64_t batch, int64_t seq, double dloss,
+                                         std::vector<MoeFfnStats>& stats) = 0;
+  // Sums the gradients over the data-parallel ranks.
+  virtual void all_reduce_grads(Communicator& dp) = 0;
+  // Clipping at max_norm and the AdamW step at lr; nothing changes when loss_finite is false or
+  // the gradient norm is not finite.
+  virtual StepUpdate update(double lr, double max_norm, bool loss_finite) = 0;
+  // The first parameter (backward order) whose gradient is not finite, or "none".
+  virtual std::string first_nonfinite_gradient() = 0;
+  // Forward-only loss, for evaluation.
+  virtual ForwardFn forward_fn() = 0;
+};
+
+// Builds the engine for a device name ("cpu", "cuda") around the host model and optimizer.
+using StepEngineFactory = std::function<std::unique_ptr<StepEngine>(
+    const std::string& device, Transformer<float>& model, AdamW& optimizer)>;
+
+// The CPU engine, over the host objects themselves.
+std::unique_ptr<StepEngine> make_cpu_step_engine(Transformer<float>& model, AdamW& optimizer);
+
+// The name of the first parameter, in backward order (last layers first), whose gradient holds a
+// NaN or an infinity; "none" when all are finite.
+std::string first_nonfinite_gradient(const ParameterLayout& layout, const float* grads);
+
+}  // namespace moeforge

@@ -1,0 +1,139 @@
+// Fused AdamW on the GPU against the arithmetic of train/adamw.cpp (replicated here in float, in
+// the same order, with the clipping factor applied to the gradient first), within a few fp32
+// ulps of the terms (the device may fuse multiply-adds); params_bf16 must be the
+// round-to-nearest-even of the new fp32 parameters.
+#include "cuda/adamw.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "gpu_test_util.h"
+
+namespace moeforge::cuda {
+namespace {
+
+using testing::expect_close;
+using testing::expect_equal;
+using testing::kFloatEps;
+using testing::to_device;
+using testing::to_double;
+
+// The optimiser state of `count` parameters.
+struct State {
+  std::vector<float> params, exp_avg, exp_avg_sq, grads;
+};
+
+// Realistic state: a zero gradient and zero moments in every 7th element (v = 0 implies m = 0).
+State random_state(int64_t count, uint64_t seed) {
+  State s;
+  s.params = testing::random_normal(count, seed, 0.02);
+  s.exp_avg = testing::random_normal(count, seed + 1, 1e-3);
+  s.exp_avg_sq = testing::random_normal(count, seed + 2, 1e-3);
+  s.grads = testing::random_normal(count, seed + 3, 1e-2);
+  for (int64_t i = 0; i < count; ++i) {
+    s.exp_avg_sq[i] *= s.exp_avg_sq[i];
+    if (i % 7 == 3) s.exp_avg[i] = s.exp_avg_sq[i] = s.grads[i] = 0.0f;
+  }
+  return s;
+}
+
+// The step of train/adamw.cpp at step t with learning rate lr.
+AdamWStep make_step(double lr, double weight_decay, int64_t t, float grad_scale) {
+  const double beta1 = 0.9, beta2 = 0.95;
+  AdamWStep step{};
+  step.beta1 = static_cast<float>(beta1);
+  step.beta2 = static_cast<float>(beta2);
+  step.eps = 1e-8f;
+  step.step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, static_cast<double>(t))));
+  step.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, static_cast<double>(t))));
+  step.decay_factor = static_cast<float>(1.0 - lr * weight_decay);
+  step.grad_scale = grad_scale;
+  return step;
+}
+
+// Expected values of the update in float, and per-element bounds for fused multiply-adds.
+struct Expected {
+  std::vector<double> params, exp_avg, exp_avg_sq;
+  std::vector<double> params_bound, exp_avg_bound, exp_avg_sq_bound;
+};
+
+Expected expected_update(const State& s, const AdamWStep& step) {
+  const size_t count = s.params.size();
+  Expected e;
+  for (auto* v : {&e.params, &e.exp_avg, &e.exp_avg_sq, &e.params_bound, &e.exp_avg_bound,
+                  &e.exp_avg_sq_bound}) {
+    v->resize(count);
+  }
+  const float b1 = step.beta1, b2 = step.beta2;
+  const double u = kFloatEps;
+  for (size_t i = 0; i < count; ++i) {
+    // train/adamw.cpp, after clip_grad_norm scaled the gradient.
+    const float g = s.grads[i] * step.grad_scale;
+    const float m = b1 * s.exp_avg[i] + (1.0f - b1) * g;
+    const float v = b2 * s.exp_avg_sq[i] + (1.0f - b2) * g * g;
+    const float denom = std::sqrt(v) / step.bc2_sqrt + step.eps;
+    const float p = s.params[i] * step.decay_factor - step.step_size * m / denom;
+    e.exp_avg[i] = m;
+    e.exp_avg_sq[i] = v;
+    e.params[i] = p;
+
+    // A few roundings of the magnitudes of the terms, propagated through the division.
+    const double err_m = 4 * u * (b1 * std::abs(s.exp_avg[i]) + (1.0 - b1) * std::abs(g));
+    const double err_v = 6 * u * (b2 * s.exp_avg_sq[i] + (1.0 - b2) * double(g) * g);
+    const double sqrt_v = std::sqrt(double(v));
+    const double err_denom =
+        (v > 0 ? sqrt_v * (err_v / (2.0 * v) + 2 * u) / step.bc2_sqrt : 0.0) + u * denom;
+    const double update = step.step_size * std::abs(m) / denom;
+    const double err_update =
+        step.step_size * (err_m + std::abs(m) * err_denom / denom) / denom + 2 * u * update;
+    e.exp_avg_bound[i] = err_m;
+    e.exp_avg_sq_bound[i] = err_v;
+    e.params_bound[i] =
+        4 * u * (std::abs(double(s.params[i]) * step.decay_factor) + update) + err_update;
+  }
+  return e;
+}
+
+void check_update(int64_t count, const AdamWStep& step, bool with_bf16, uint64_t seed) {
+  SCOPED_TRACE(
+      "count=" + std::to_string(count) + " decay_factor=" + std::to_string(step.decay_factor) +
+      " grad_scale=" + std::to_string(step.grad_scale) + (with_bf16 ? " with bf16 copy" : ""));
+  const State s = random_state(count, seed);
+  const Expected e = expected_update(s, step);
+
+  DeviceBuffer<float> params = to_device(s.params), exp_avg = to_device(s.exp_avg),
+                      exp_avg_sq = to_device(s.exp_avg_sq), grads = to_device(s.grads);
+  DeviceBuffer<bf16> params_bf16(count);
+  testing::fill_garbage(params_bf16);
+  adamw_update(params.data(), with_bf16 ? params_bf16.data() : nullptr, exp_avg.data(),
+               exp_avg_sq.data(), grads.data(), count, step, nullptr);
+  testing::synchronize();
+
+  const std::vector<float> new_params = params.download();
+  expect_close("params", to_double(new_params), e.params, e.params_bound);
+  expect_close("exp_avg", to_double(exp_avg.download()), e.exp_avg, e.exp_avg_bound);
+  expect_close("exp_avg_sq", to_double(exp_avg_sq.download()), e.exp_avg_sq, e.exp_avg_sq_bound);
+  expect_equal("grads are read only", grads.download(), s.grads);
+  if (with_bf16) expect_equal("params_bf16", params_bf16.download(), to_bf16(new_params));
+}
+
+TEST(AdamWCuda, DecayingStepWithClippedGradient) {
+  MF_REQUIRE_GPU();
+  const AdamWStep step = make_step(3e-4, 0.1, 3, 0.37f);
+  check_update(1000003, step, true, 1);
+  check_update(5, step, true, 2);
+  check_update(1, step, false, 3);
+}
+
+TEST(AdamWCuda, FirstStepWithoutDecayOrClipping) {
+  MF_REQUIRE_GPU();
+  const AdamWStep step = make_step(1e-3, 0.0, 1, 1.0f);
+  check_update(4099, step, true, 4);
+  check_update(4099, step, false, 5);
+}
+
+}  // namespace
+}  // namespace moeforge::cuda

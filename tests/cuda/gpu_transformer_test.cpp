@@ -1,0 +1,234 @@
+// The whole decoder on the GPU against the CPU reference (model/transformer.h): the loss and every
+// parameter's gradient of small models of each supported architecture, from the same
+// bf16-representable weights. The GPU keeps activations in bf16 (about 2^-9 relative error per
+// rounding, a few dozen roundings deep), so losses must agree to 1e-2 and each gradient tensor to
+// a relative L2 error of 5e-2 (a broken op gives errors of order 1). Expert tensors get 0.15: the
+// bf16 noise in the router's input can flip a near-tie in a token's expert choice, which moves
+// that token's rows (1 of about 40 per expert here) from one expert's gradient to another's.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "core/rng.h"
+#include "cuda/bf16.h"
+#include "cuda/gpu_adamw.h"
+#include "cuda/gpu_transformer.h"
+#include "gpu_test_util.h"
+#include "model/transformer.h"
+#include "train/adamw.h"
+
+namespace moeforge::cuda {
+namespace {
+
+ModelConfig gpu_config(Architecture arch) {
+  ModelConfig c;
+  c.architecture = arch;
+  c.vocab_size = 301;
+  c.hidden_size = 96;
+  c.num_layers = 2;
+  c.num_heads = 4;
+  c.num_kv_heads = 2;
+  c.head_dim = 64;
+  c.intermediate_size = 80;
+  c.max_position_embeddings = 128;
+  c.rms_norm_eps = 1e-5;
+  c.rope_theta = 10000.0;
+  switch (arch) {
+    case Architecture::kLlama: c.tie_word_embeddings = true; break;
+    case Architecture::kQwen2: c.attention_bias = true; break;
+    case Architecture::kQwen3: c.qk_norm = true; break;
+    case Architecture::kMixtral:
+      c.num_experts = 8;
+      c.num_experts_per_tok = 2;
+      c.moe_intermediate_size = 48;
+      c.intermediate_size = 48;  // Mixtral has one size for both
+      c.router_aux_loss_coef = 0.1;
+      c.router_z_loss_coef = 0.01;
+      break;
+    case Architecture::kQwen3Moe:
+      c.qk_norm = true;
+      c.num_experts = 6;
+      c.num_experts_per_tok = 3;
+      c.moe_intermediate_size = 40;
+      c.norm_topk_prob = false;
+      c.dense_layers = {0};
+      c.router_aux_loss_coef = 0.05;
+      c.router_z_loss_coef = 0.02;
+      break;
+    default: break;
+  }
+  return c;
+}
+
+// bf16-representable weights: N(0, 0.05) matrices, router x20, norms around 1, small biases.
+std::vector<float> make_params(const ParameterLayout& layout, uint64_t seed) {
+  Rng rng(seed);
+  std::vector<float> p(static_cast<size_t>(layout.num_params()));
+  for (const ParamSpec& spec : layout.specs()) {
+    const bool is_norm = is_norm_param(spec.name);
+    const bool is_router = spec.name.find("gate.weight") != std::string::npos &&
+                           spec.name.find("experts") == std::string::npos &&
+                           spec.name.find("gate_proj") == std::string::npos;
+    const double scale = is_router ? 1.0 : 0.05;
+    for (int64_t i = 0; i < spec.numel; ++i) {
+      const double v = is_norm ? 1.0 + 0.1 * rng.normal() : scale * rng.normal();
+      p[static_cast<size_t>(spec.offset + i)] = __bfloat162float(__float2bfloat16_rn(float(v)));
+    }
+  }
+  return p;
+}
+
+double relative_l2(const float* a, const float* b, int64_t n) {
+  double diff = 0.0, ref = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    diff += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    ref += double(b[i]) * b[i];
+  }
+  return std::sqrt(diff / std::max(ref, 1e-30));
+}
+
+class GpuTransformerTest : public ::testing::TestWithParam<Architecture> {};
+
+TEST_P(GpuTransformerTest, LossAndGradientsMatchCpuReference) {
+  MF_REQUIRE_GPU();
+  const ModelConfig config = gpu_config(GetParam());
+  const int64_t batch = 2, seq = 77;
+  const int64_t n = batch * seq;
+  SelfCommunicator self;
+  Transformer<float> cpu(config, self);
+  cpu.params() = make_params(cpu.layout(), 7);
+  GpuTransformer gpu(config);
+  gpu.upload_params(cpu.params());
+
+  Rng rng(11);
+  std::vector<int32_t> tokens(static_cast<size_t>(n)), targets(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    tokens[static_cast<size_t>(i)] = static_cast<int32_t>(rng.below(config.vocab_size));
+    targets[static_cast<size_t>(i)] =
+        i % 13 == 5 ? -1 : static_cast<int32_t>(rng.below(config.vocab_size));
+  }
+  const double dloss = 0.5;
+  cpu.zero_grads();
+  const LossBreakdown want = cpu.forward(tokens.data(), targets.data(), batch, seq);
+  cpu.backward(dloss);
+  gpu.zero_grads();
+  const LossBreakdown got = gpu.forward_backward(tokens.data(), targets.data(), batch, seq, dloss);
+
+  EXPECT_EQ(got.num_counted, want.num_counted);
+  EXPECT_NEAR(got.ce_loss, want.ce_loss, 1e-2);
+  EXPECT_NEAR(got.aux_loss, want.aux_loss, 1e-2 * std::max(1.0, want.aux_loss));
+  EXPECT_NEAR(got.z_loss, want.z_loss, 2e-2 * std::max(1.0, want.z_loss));
+  EXPECT_NEAR(got.loss, want.loss, 1e-2 * std::max(1.0, want.loss));
+
+  const std::vector<float> grads = gpu.download_grads();
+  for (const ParamSpec& spec : cpu.layout().specs()) {
+    const float* ref = cpu.grads().data() + spec.offset;
+    const float* mine = grads.data() + spec.offset;
+    for (int64_t i = 0; i < spec.numel; ++i) {
+      ASSERT_TRUE(std::isfinite(mine[i])) << spec.name << "[" << i << "] is not finite";
+    }
+    const bool is_expert = spec.name.find(".experts.") != std::string::npos;
+    EXPECT_LT(relative_l2(mine, ref, spec.numel), is_expert ? 0.15 : 5e-2) << spec.name;
+  }
+}
+
+TEST_P(GpuTransformerTest, GradientsAccumulateAcrossMicroBatches) {
+  MF_REQUIRE_GPU();
+  const ModelConfig config = gpu_config(GetParam());
+  const int64_t seq = 40;
+  GpuTransformer gpu(config);
+  const std::vector<float> params = make_params(gpu.layout(), 3);
+  gpu.upload_params(params);
+  std::vector<int32_t> tokens(static_cast<size_t>(seq)), targets(static_cast<size_t>(seq));
+  Rng rng(5);
+  for (int64_t i = 0; i < seq; ++i) {
+    tokens[static_cast<size_t>(i)] = static_cast<int32_t>(rng.below(config.vocab_size));
+    targets[static_cast<size_t>(i)] = static_cast<int32_t>(rng.below(config.vocab_size));
+  }
+  gpu.zero_grads();
+  gpu.forward_backward(tokens.data(), targets.data(), 1, seq, 1.0);
+  const std::vector<float> once = gpu.download_grads();
+  gpu.forward_backward(tokens.data(), targets.data(), 1, seq, 1.0);
+  std::vector<float> twice = gpu.download_grads();
+  // cuDNN's attention backward may sum in a different order on each run, so not bit for bit;
+  // assigning instead of accumulating would give a relative error of 0.5.
+  for (float& x : twice) x *= 0.5f;
+  EXPECT_LT(relative_l2(twice.data(), once.data(), static_cast<int64_t>(once.size())), 1e-3);
+}
+
+TEST_P(GpuTransformerTest, AdamWStepMatchesCpuOptimizer) {
+  MF_REQUIRE_GPU();
+  const ModelConfig config = gpu_config(GetParam());
+  const int64_t seq = 40;
+  GpuTransformer gpu(config);
+  const std::vector<float> params = make_params(gpu.layout(), 9);
+  gpu.upload_params(params);
+  std::vector<int32_t> tokens(static_cast<size_t>(seq)), targets(static_cast<size_t>(seq));
+  Rng rng(8);
+  for (int64_t i = 0; i < seq; ++i) {
+    tokens[static_cast<size_t>(i)] = static_cast<int32_t>(rng.below(config.vocab_size));
+    targets[static_cast<size_t>(i)] = static_cast<int32_t>(rng.below(config.vocab_size));
+  }
+  gpu.zero_grads();
+  gpu.forward_backward(tokens.data(), targets.data(), 1, seq, 1.0);
+  std::vector<float> grads = gpu.download_grads();
+
+  const AdamWHyper hyper;
+  const std::vector<std::string> no_decay = {"norm", "bias"};
+  GpuAdamW gpu_opt(gpu, hyper, no_decay);
+  const GpuAdamWResult result = gpu_opt.step(1e-3, 0.5);
+  ASSERT_TRUE(result.applied);
+
+  AdamW cpu_opt(gpu.layout(), hyper, no_decay);
+  const double norm = global_grad_norm(grads.data(), static_cast<int64_t>(grads.size()));
+  EXPECT_NEAR(result.grad_norm, norm, 1e-9 * norm);
+  clip_grad_norm(grads.data(), static_cast<int64_t>(grads.size()), norm, 0.5);
+  std::vector<float> want = params;
+  cpu_opt.step(want.data(), grads.data(), 1e-3);
+  const std::vector<float> got = gpu.download_params();
+  for (size_t i = 0; i < want.size(); ++i) {
+    ASSERT_NEAR(got[i], want[i], 4e-7f * std::max(1.0f, std::fabs(want[i]))) << "element " << i;
+  }
+}
+
+TEST_P(GpuTransformerTest, SelectiveRecomputeGivesTheSameLossAndGradients) {
+  MF_REQUIRE_GPU();
+  const ModelConfig config = gpu_config(GetParam());
+  const int64_t batch = 2, seq = 33;
+  std::vector<int32_t> tokens(static_cast<size_t>(batch * seq)), targets(tokens.size());
+  Rng rng(21);
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    tokens[i] = static_cast<int32_t>(rng.below(config.vocab_size));
+    targets[i] = static_cast<int32_t>(rng.below(config.vocab_size));
+  }
+  std::vector<float> grads[2];
+  double losses[2] = {0.0, 0.0};
+  for (int mode = 0; mode < 2; ++mode) {
+    GpuTransformer gpu(config, mode == 0 ? Recompute::kNone : Recompute::kSelective);
+    gpu.upload_params(make_params(gpu.layout(), 4));
+    gpu.zero_grads();
+    losses[mode] = gpu.forward_backward(tokens.data(), targets.data(), batch, seq, 1.0).loss;
+    grads[mode] = gpu.download_grads();
+  }
+  // Recomputation repeats the same kernels on the same inputs: equal up to cuDNN's attention
+  // backward, whose sums may be ordered differently from run to run.
+  EXPECT_EQ(losses[0], losses[1]);
+  EXPECT_LT(relative_l2(grads[1].data(), grads[0].data(), static_cast<int64_t>(grads[0].size())),
+            1e-3);
+}
+
+std::string arch_name(const ::testing::TestParamInfo<Architecture>& info) {
+  return architecture_name(info.param);
+}
+
+INSTANTIATE_TEST_SUITE_P(Architectures, GpuTransformerTest,
+                         ::testing::Values(Architecture::kLlama, Architecture::kQwen2,
+                                           Architecture::kQwen3, Architecture::kMixtral,
+                                           Architecture::kQwen3Moe),
+                         arch_name);
+
+}  // namespace
+}  // namespace moeforge::cuda

@@ -1,0 +1,233 @@
+// MoE dispatch and combine on the GPU against ops/row_map.h and ops/permute.h (dropless): the row
+// map bit for bit, scatter_rows as an exact copy, and scatter_rows_backward, combine_rows (with
+// the residual) and combine_rows_backward against fp64.
+#include "cuda/moe_dispatch.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "gpu_test_util.h"
+#include "ops/permute.h"
+#include "ops/row_map.h"
+
+namespace moeforge::cuda {
+namespace {
+
+using testing::download_double;
+using testing::expect_close;
+using testing::expect_equal;
+using testing::kFloatEps;
+using testing::to_device;
+using testing::to_double;
+
+struct DispatchCase {
+  int64_t num_tokens, num_experts, top_k, c;
+};
+
+const DispatchCase kCases[] = {
+    {100, 8, 2, 96}, {37, 16, 4, 100}, {257, 16, 1, 64}, {1, 8, 2, 96}, {4096, 64, 8, 32},
+};
+
+std::string describe(const DispatchCase& dc) {
+  return "tokens=" + std::to_string(dc.num_tokens) + " experts=" + std::to_string(dc.num_experts) +
+         " top_k=" + std::to_string(dc.top_k) + " c=" + std::to_string(dc.c);
+}
+
+// top_k distinct experts per token, as a router picks them; the last quarter of the experts
+// (at least one) gets no tokens, so empty experts are covered.
+std::vector<int32_t> random_routing(const DispatchCase& dc, uint64_t seed) {
+  const int64_t num_used =
+      std::max<int64_t>(dc.top_k, dc.num_experts - std::max<int64_t>(1, dc.num_experts / 4));
+  Rng rng(seed);
+  std::vector<int32_t> expert_idx(dc.num_tokens * dc.top_k);
+  std::vector<int32_t> experts(num_used);
+  for (int64_t t = 0; t < dc.num_tokens; ++t) {
+    std::iota(experts.begin(), experts.end(), 0);
+    for (int64_t j = 0; j < dc.top_k; ++j) {
+      const int64_t pick = j + static_cast<int64_t>(rng.below(static_cast<uint64_t>(num_used - j)));
+      std::swap(experts[j], experts[pick]);
+      expert_idx[t * dc.top_k + j] = experts[j];
+    }
+  }
+  return expert_idx;
+}
+
+ops::RowMap reference_map(const std::vector<int32_t>& expert_idx, const DispatchCase& dc) {
+  return ops::build_row_map(expert_idx.data(), dc.num_tokens, dc.top_k, 0, dc.num_experts, -1);
+}
+
+TEST(MoeDispatchCuda, RowMapEqualsTheReference) {
+  MF_REQUIRE_GPU();
+  uint64_t seed = 1;
+  for (const DispatchCase& dc : kCases) {
+    SCOPED_TRACE(describe(dc));
+    const std::vector<int32_t> expert_idx = random_routing(dc, seed++);
+    const ops::RowMap map = reference_map(expert_idx, dc);
+    const std::vector<int32_t> offsets_ref(map.expert_offsets.begin(), map.expert_offsets.end());
+
+    const int64_t num_assignments = dc.num_tokens * dc.top_k;
+    DeviceBuffer<int32_t> expert_idx_dev = to_device(expert_idx);
+    DeviceBuffer<int32_t> offsets(dc.num_experts + 1), assignment_row(num_assignments),
+        row_token(num_assignments);
+    testing::fill_garbage(offsets);
+    testing::fill_garbage(assignment_row);
+    testing::fill_garbage(row_token);
+    build_row_map(offsets.data(), assignment_row.data(), row_token.data(), expert_idx_dev.data(),
+                  dc.num_tokens, dc.top_k, dc.num_experts, nullptr);
+    testing::synchronize();
+
+    expect_equal("expert_offsets", offsets.download(), offsets_ref);
+    expect_equal("assignment_row", assignment_row.download(), map.assignment_row);
+    expect_equal("row_token", row_token.download(), map.row_token);
+  }
+}
+
+// Inputs of one case: the routing, its reference map, and the map's arrays on the device.
+struct Dispatch {
+  ops::RowMap map;
+  DeviceBuffer<int32_t> assignment_row, row_token;
+};
+
+Dispatch make_dispatch(const DispatchCase& dc, uint64_t seed) {
+  Dispatch d;
+  d.map = reference_map(random_routing(dc, seed), dc);
+  d.assignment_row = to_device(d.map.assignment_row);
+  d.row_token = to_device(d.map.row_token);
+  return d;
+}
+
+TEST(MoeDispatchCuda, ScatterRowsCopiesExactly) {
+  MF_REQUIRE_GPU();
+  uint64_t seed = 100;
+  for (const DispatchCase& dc : kCases) {
+    SCOPED_TRACE(describe(dc));
+    Dispatch d = make_dispatch(dc, seed++);
+    const int64_t num_rows = d.map.num_rows();
+    const std::vector<bf16> x = to_bf16(testing::random_normal(dc.num_tokens * dc.c, seed++));
+    std::vector<float> rows_ref(num_rows * dc.c);
+    const std::vector<float> x_f = to_float(x);
+    ops::scatter_rows_forward<float>(rows_ref.data(), x_f.data(), d.map, dc.c);
+
+    DeviceBuffer<bf16> x_dev = to_device(x), rows(num_rows * dc.c);
+    testing::fill_garbage(rows);
+    scatter_rows(rows.data(), x_dev.data(), d.row_token.data(), num_rows, dc.c, nullptr);
+    testing::synchronize();
+    expect_equal("rows", to_float(rows.download()), rows_ref);
+  }
+}
+
+TEST(MoeDispatchCuda, ScatterRowsBackwardSumsTheSlots) {
+  MF_REQUIRE_GPU();
+  uint64_t seed = 200;
+  for (const DispatchCase& dc : kCases) {
+    SCOPED_TRACE(describe(dc));
+    Dispatch d = make_dispatch(dc, seed++);
+    const int64_t num_rows = d.map.num_rows();
+    const std::vector<bf16> drows = to_bf16(testing::random_normal(num_rows * dc.c, seed++));
+    const std::vector<double> drows_d = to_double(drows);
+    std::vector<double> dx_ref(dc.num_tokens * dc.c);
+    ops::scatter_rows_backward<double>(dx_ref.data(), drows_d.data(), d.map, dc.c);
+    // fp32 sum of top_k terms.
+    std::vector<double> noise(dx_ref.size(), 0.0);
+    for (int64_t r = 0; r < num_rows; ++r) {
+      const int64_t t = d.map.row_token[r];
+      for (int64_t i = 0; i < dc.c; ++i) {
+        noise[t * dc.c + i] += (dc.top_k + 1) * kFloatEps * std::abs(drows_d[r * dc.c + i]);
+      }
+    }
+
+    DeviceBuffer<bf16> drows_dev = to_device(drows);
+    DeviceBuffer<float> dx(dc.num_tokens * dc.c);
+    testing::fill_garbage(dx);
+    scatter_rows_backward(dx.data(), drows_dev.data(), d.assignment_row.data(), dc.num_tokens,
+                          dc.top_k, dc.c, nullptr);
+    expect_close("dx", download_double(dx), dx_ref, noise);
+  }
+}
+
+TEST(MoeDispatchCuda, CombineRowsAddsGatedRowsToTheResidual) {
+  MF_REQUIRE_GPU();
+  uint64_t seed = 300;
+  for (const DispatchCase& dc : kCases) {
+    SCOPED_TRACE(describe(dc));
+    Dispatch d = make_dispatch(dc, seed++);
+    const int64_t num_rows = d.map.num_rows();
+    const std::vector<bf16> rows = to_bf16(testing::random_normal(num_rows * dc.c, seed++));
+    const std::vector<float> gates =
+        testing::random_uniform(dc.num_tokens * dc.top_k, seed++, 0.0, 1.0);
+    const std::vector<float> residual = testing::random_normal(dc.num_tokens * dc.c, seed++, 3.0);
+    const std::vector<double> rows_d = to_double(rows), gates_d = to_double(gates);
+    std::vector<double> out_ref(dc.num_tokens * dc.c);
+    ops::gather_rows_forward<double>(out_ref.data(), rows_d.data(), gates_d.data(), d.map, dc.c);
+    std::vector<double> noise(out_ref.size());
+    for (int64_t i = 0; i < dc.num_tokens * dc.c; ++i) {
+      out_ref[i] += residual[i];
+      noise[i] = std::abs(residual[i]);
+    }
+    for (int64_t a = 0; a < dc.num_tokens * dc.top_k; ++a) {
+      const int64_t t = a / dc.top_k, r = d.map.assignment_row[a];
+      for (int64_t i = 0; i < dc.c; ++i)
+        noise[t * dc.c + i] += std::abs(gates_d[a] * rows_d[r * dc.c + i]);
+    }
+    // fp32: top_k products and top_k + 1 additions.
+    for (double& v : noise) v *= (2 * dc.top_k + 2) * kFloatEps;
+
+    DeviceBuffer<bf16> rows_dev = to_device(rows);
+    DeviceBuffer<float> gates_dev = to_device(gates), residual_dev = to_device(residual),
+                        out(dc.num_tokens * dc.c);
+    testing::fill_garbage(out);
+    combine_rows(out.data(), residual_dev.data(), rows_dev.data(), gates_dev.data(),
+                 d.assignment_row.data(), dc.num_tokens, dc.top_k, dc.c, nullptr);
+    expect_close("out", download_double(out), out_ref, noise);
+  }
+}
+
+TEST(MoeDispatchCuda, CombineRowsBackwardMatchesGatherBackward) {
+  MF_REQUIRE_GPU();
+  uint64_t seed = 400;
+  for (const DispatchCase& dc : kCases) {
+    SCOPED_TRACE(describe(dc));
+    Dispatch d = make_dispatch(dc, seed++);
+    const int64_t num_rows = d.map.num_rows();
+    const std::vector<bf16> rows = to_bf16(testing::random_normal(num_rows * dc.c, seed++));
+    const std::vector<float> gates =
+        testing::random_uniform(dc.num_tokens * dc.top_k, seed++, 0.0, 1.0);
+    const std::vector<float> dout = testing::random_normal(dc.num_tokens * dc.c, seed++);
+    const std::vector<double> rows_d = to_double(rows), gates_d = to_double(gates),
+                              dout_d = to_double(dout);
+    std::vector<double> drows_ref(num_rows * dc.c), dgates_ref(dc.num_tokens * dc.top_k);
+    ops::gather_rows_backward<double>(drows_ref.data(), dgates_ref.data(), dout_d.data(),
+                                      rows_d.data(), gates_d.data(), d.map, dc.c);
+    // drows: one fp32 product; dgates: a dot product of length c.
+    std::vector<double> drows_noise(drows_ref.size()), dgates_noise(dgates_ref.size());
+    for (size_t i = 0; i < drows_ref.size(); ++i)
+      drows_noise[i] = 2.0 * kFloatEps * std::abs(drows_ref[i]);
+    for (int64_t a = 0; a < dc.num_tokens * dc.top_k; ++a) {
+      const int64_t t = a / dc.top_k, r = d.map.assignment_row[a];
+      double mag = 0.0;
+      for (int64_t i = 0; i < dc.c; ++i)
+        mag += std::abs(dout_d[t * dc.c + i] * rows_d[r * dc.c + i]);
+      dgates_noise[a] = (dc.c + 4) * kFloatEps * mag;
+    }
+
+    DeviceBuffer<bf16> rows_dev = to_device(rows), drows(num_rows * dc.c);
+    DeviceBuffer<float> gates_dev = to_device(gates), dout_dev = to_device(dout),
+                        dgates(dc.num_tokens * dc.top_k);
+    testing::fill_garbage(drows);
+    testing::fill_garbage(dgates);
+    combine_rows_backward(drows.data(), dgates.data(), dout_dev.data(), rows_dev.data(),
+                          gates_dev.data(), d.assignment_row.data(), dc.num_tokens, dc.top_k, dc.c,
+                          nullptr);
+    expect_close("drows", download_double(drows), drows_ref,
+                 testing::bf16_bound(drows_ref, drows_noise));
+    expect_close("dgates", download_double(dgates), dgates_ref, dgates_noise);
+  }
+}
+
+}  // namespace
+}  // namespace moeforge::cuda
