@@ -31,9 +31,12 @@ for stage in "${stages[@]}"; do
       build-gpu/moeforge devices | tee "$OUT/devices.txt"
       ;;
     test)
-      # The merge reference test runs numpy + safetensors from .venv; with no registry there, the
-      # venv borrows the machine's own packages.
-      [ -x .venv/bin/python ] || python3 -m venv --system-site-packages .venv
+      # The merge reference test runs numpy + safetensors from .venv/bin/python; with no registry
+      # there, that is the machine's own python3 (which has both).
+      if [ ! -x .venv/bin/python ]; then
+        mkdir -p .venv/bin
+        ln -sf "$(command -v python3)" .venv/bin/python
+      fi
       # The demo test needs the `fortunes` corpus, which the GPU machine cannot install.
       set +e
       MOEFORGE_EXPECT_GPU=1 ctest --test-dir build-gpu -E '^demo$' --output-on-failure \
@@ -42,17 +45,26 @@ for stage in "${stages[@]}"; do
       set -e
       grep -E "Failed|tests passed|\*\*\*" "$OUT/ctest.txt" | tail -n 40
       build-gpu/tests/cuda_tests > "$OUT/cuda_tests.txt" 2>&1 || true
+      # The loss-curve comparison again, for its printed numbers (ctest hides a passing test's output).
+      python3 tests/cuda/train_curve_test.py build-gpu/moeforge . > "$OUT/train_curve.txt" 2>&1 || rc=1
       [ "$test_rc" -eq 0 ] || rc=1
       ;;
     oracle)
-      python3 scripts/hf_oracle.py --moeforge build-gpu/moeforge --device cuda \
-        --out "$OUT/hf_oracle.json" > "$OUT/hf_oracle.txt" 2>&1 || rc=1
-      tail -n 5 "$OUT/hf_oracle.txt"
+      # moeforge's fp32 CPU reference, then its bf16 CUDA backend, against transformers on the GPU.
+      for moeforge_device in cpu cuda; do
+        python3 scripts/hf_oracle.py --moeforge build-gpu/moeforge --device cuda \
+          --moeforge-device "$moeforge_device" --out "$OUT/hf_oracle_$moeforge_device.json" \
+          > "$OUT/hf_oracle_$moeforge_device.txt" 2>&1 || rc=1
+        cat "$OUT/hf_oracle_$moeforge_device.txt"
+      done
       ;;
     bench)
-      build-gpu/moeforge bench train --config configs/bench/moe-1.8b-a0.4b.json --steps 10 \
-        --warmup 3 > "$OUT/bench_train.json" 2> "$OUT/bench_train.log" || { tail -n 20 "$OUT/bench_train.log"; rc=1; }
-      cat "$OUT/bench_train.json"
+      for recompute in none selective; do
+        build-gpu/moeforge bench train --config configs/bench/moe-1.8b-a0.4b.json --steps 10 \
+          --warmup 3 --recompute "$recompute" > "$OUT/bench_train_$recompute.json" \
+          2> "$OUT/bench_train_$recompute.log" || { tail -n 20 "$OUT/bench_train_$recompute.log"; rc=1; }
+        cat "$OUT/bench_train_$recompute.json"
+      done
       baseline=${TORCH_BASELINE:-}
       for candidate in ../shared/anchors/torch_moe_baseline.py .gpu-carry/torch_moe_baseline.py; do
         [ -z "$baseline" ] && [ -f "$candidate" ] && baseline=$candidate

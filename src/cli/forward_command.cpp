@@ -12,6 +12,10 @@
 #include "model/model_io.h"
 #include "model/transformer.h"
 
+#if MOEFORGE_HAVE_CUDA
+#include "cuda/gpu_transformer.h"
+#endif
+
 namespace moeforge::cli {
 
 namespace {
@@ -46,7 +50,7 @@ std::vector<int32_t> read_tokens(const std::string& path, int64_t* batch, int64_
 
 void register_forward_command(CLI::App& app) {
   struct Options {
-    std::string model, tokens, out;
+    std::string model, tokens, out, device = "cpu";
   };
   auto opts = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand(
@@ -59,6 +63,11 @@ void register_forward_command(CLI::App& app) {
       ->required()
       ->check(CLI::ExistingFile);
   cmd->add_option("--out", opts->out, "Output .safetensors file (tensor \"logits\")")->required();
+  cmd->add_option("--device", opts->device,
+                  "cpu (fp32 reference) or cuda (bf16 compute; dropless MoE without a shared "
+                  "expert)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
   cmd->callback([opts] {
     const std::filesystem::path dir = resolve_model_dir(opts->model);
     SelfCommunicator self;
@@ -72,8 +81,20 @@ void register_forward_command(CLI::App& app) {
     for (int64_t b = 0; b < batch; ++b) {
       for (int64_t t = 0; t + 1 < seq; ++t) targets[b * seq + t] = tokens[b * seq + t + 1];
     }
-    const LossBreakdown loss = model.forward(tokens.data(), targets.data(), batch, seq);
-    const std::vector<float>& logits = model.logits();
+    LossBreakdown loss;
+    std::vector<float> logits;
+    if (opts->device == "cuda") {
+#if MOEFORGE_HAVE_CUDA
+      cuda::GpuTransformer gpu(config);
+      gpu.upload_params(model.params());
+      logits = gpu.forward_logits(tokens.data(), targets.data(), batch, seq, &loss);
+#else
+      MF_FAIL("--device cuda: moeforge was built without CUDA (configure with -DMOEFORGE_CUDA=ON)");
+#endif
+    } else {
+      loss = model.forward(tokens.data(), targets.data(), batch, seq);
+      logits = model.logits();
+    }
     io::write_safetensors(opts->out,
                           {io::TensorView{"logits",
                                           io::DType::kF32,

@@ -365,6 +365,11 @@ void GpuTransformer::head_forward_backward(bool backward, float dscale) {
     const int64_t rows = std::min(chunk, n - r0);
     blas_.linear_forward(s.logits.data(), OutType::kFloat, s.lnf.data() + r0 * h,
                          wb(layout_.lm_head()), nullptr, rows, h, vocab, false, stream_);
+    if (host_logits_ != nullptr) {
+      MF_CUDA_CHECK(cudaMemcpyAsync(host_logits_ + r0 * vocab, s.logits.data(),
+                                    static_cast<size_t>(rows * vocab) * sizeof(float),
+                                    cudaMemcpyDeviceToHost, stream_));
+    }
     cross_entropy_forward_backward(s.losses.data() + r0, backward ? s.dlogits.data() : nullptr,
                                    s.logits.data(), s.targets.data() + r0, rows, vocab, dscale,
                                    stream_);
@@ -647,6 +652,20 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
   out.loss = out.ce_loss + config_.router_aux_loss_coef * out.aux_loss +
              config_.router_z_loss_coef * out.z_loss;
   return out;
+}
+
+std::vector<float> GpuTransformer::forward_logits(const int32_t* tokens, const int32_t* targets,
+                                                  int64_t batch, int64_t seq, LossBreakdown* loss) {
+  std::vector<float> logits(static_cast<size_t>(batch * seq * config_.vocab_size));
+  host_logits_ = logits.data();
+  try {
+    *loss = forward_backward(tokens, targets, batch, seq, 0.0);
+  } catch (...) {
+    host_logits_ = nullptr;
+    throw;
+  }
+  host_logits_ = nullptr;
+  return logits;
 }
 
 }  // namespace moeforge::cuda

@@ -72,6 +72,11 @@ class GpuTransformer {
   // Per MoE layer statistics of the last forward (aux and z loss, assignments per expert).
   const std::vector<MoeFfnStats>& moe_stats() const { return moe_stats_; }
 
+  // Forward only, returning the logits [batch * seq, vocab] (fp32, copied out chunk by chunk) and
+  // the loss of the given targets in *loss.
+  std::vector<float> forward_logits(const int32_t* tokens, const int32_t* targets, int64_t batch,
+                                    int64_t seq, LossBreakdown* loss);
+
   PhaseTimer& timer() { return timer_; }
 
  private:
@@ -110,6 +115,7 @@ class GpuTransformer {
   int64_t num_moe_layers_ = 0;
   std::vector<Layer> layers_;
   std::vector<MoeFfnStats> moe_stats_;
+  float* host_logits_ = nullptr;  // set by forward_logits: where the head copies its logits
   std::unique_ptr<Scratch> scratch_;
 };
 
