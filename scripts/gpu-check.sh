@@ -3,7 +3,8 @@
 #   build     configure and build with CUDA (sm_90a) into build-gpu
 #   test      the whole test suite there (the CUDA tests must find a GPU), one OpenMP thread each
 #   oracle    the Hugging Face oracle (scripts/hf_oracle.py) against the installed transformers
-#   bench     `moeforge bench train` on configs/bench/moe-1.8b-a0.4b.json, then the PyTorch
+#   bench     `moeforge bench train` on configs/bench/moe-1.8b-a0.4b.json (recompute modes from
+#             BENCH_RECOMPUTE, default "none selective"), `moeforge bench gemm`, then the PyTorch
 #             baseline of ../shared/anchors (torch.compile + grouped_mm) in the same run
 #   all       build, test, oracle, bench
 # Usage: scripts/gpu-check.sh [stage...] (default: all). Outputs land in $OUT
@@ -59,12 +60,14 @@ for stage in "${stages[@]}"; do
       done
       ;;
     bench)
-      for recompute in none selective; do
+      for recompute in ${BENCH_RECOMPUTE:-none selective}; do
         build-gpu/moeforge bench train --config configs/bench/moe-1.8b-a0.4b.json --steps 10 \
           --warmup 3 --recompute "$recompute" > "$OUT/bench_train_$recompute.json" \
           2> "$OUT/bench_train_$recompute.log" || { tail -n 20 "$OUT/bench_train_$recompute.log"; rc=1; }
         cat "$OUT/bench_train_$recompute.json"
       done
+      build-gpu/moeforge bench gemm > "$OUT/bench_gemm.json" 2>&1 || rc=1
+      cat "$OUT/bench_gemm.json"
       baseline=${TORCH_BASELINE:-}
       for candidate in ../shared/anchors/torch_moe_baseline.py .gpu-carry/torch_moe_baseline.py; do
         [ -z "$baseline" ] && [ -f "$candidate" ] && baseline=$candidate

@@ -15,6 +15,8 @@
 #include "model/parameters.h"
 
 #if MOEFORGE_HAVE_CUDA
+#include "cuda/blas.h"
+#include "cuda/cuda_check.h"
 #include "cuda/device_memory.h"
 #include "cuda/gpu_adamw.h"
 #include "cuda/gpu_transformer.h"
@@ -34,7 +36,85 @@ struct BenchOptions {
   std::string recompute = "none";
 };
 
+struct GemmBenchOptions {
+  int64_t tokens = 16384;
+  int64_t hidden = 2048;
+  int64_t expert_ffn = 2048;
+  int64_t num_experts = 16;
+  int64_t top_k = 2;
+  int64_t repeats = 20;
+  uint64_t seed = 7;
+};
+
 #if MOEFORGE_HAVE_CUDA
+// Median milliseconds of fn over repeats (after one warm-up), timed with CUDA events.
+template <typename Fn>
+double median_ms(int64_t repeats, Fn&& fn) {
+  cudaEvent_t start = nullptr, stop = nullptr;
+  MF_CUDA_CHECK(cudaEventCreate(&start));
+  MF_CUDA_CHECK(cudaEventCreate(&stop));
+  fn();
+  std::vector<double> times;
+  for (int64_t i = 0; i < repeats; ++i) {
+    MF_CUDA_CHECK(cudaEventRecord(start, nullptr));
+    fn();
+    MF_CUDA_CHECK(cudaEventRecord(stop, nullptr));
+    MF_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0.0f;
+    MF_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    times.push_back(ms);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+// The expert GEMM (rows of every expert against its [ffn, hidden] weight, one cuBLASLt call per
+// expert, as GpuTransformer runs it) against one dense GEMM of the same FLOPs.
+void run_bench_gemm(const GemmBenchOptions& opt) {
+  const int64_t rows = opt.tokens * opt.top_k;
+  // Row counts of a random routing (each assignment to a uniform expert).
+  Rng rng(opt.seed);
+  std::vector<int64_t> counts(static_cast<size_t>(opt.num_experts), 0);
+  for (int64_t r = 0; r < rows; ++r) ++counts[rng.below(opt.num_experts)];
+  cuda::DeviceBuffer<cuda::bf16> x(static_cast<size_t>(rows * opt.hidden));
+  cuda::DeviceBuffer<cuda::bf16> w(
+      static_cast<size_t>(opt.num_experts * opt.expert_ffn * opt.hidden));
+  cuda::DeviceBuffer<cuda::bf16> y(static_cast<size_t>(rows * opt.expert_ffn));
+  cuda::zero_device(x.data(), x.bytes(), nullptr);
+  cuda::zero_device(w.data(), w.bytes(), nullptr);
+  cuda::Blas blas;
+  const double flops = 2.0 * static_cast<double>(rows * opt.hidden * opt.expert_ffn);
+  const double grouped = median_ms(opt.repeats, [&] {
+    int64_t begin = 0;
+    for (int64_t e = 0; e < opt.num_experts; ++e) {
+      const int64_t count = counts[static_cast<size_t>(e)];
+      blas.linear_forward(y.data() + begin * opt.expert_ffn, cuda::OutType::kBf16,
+                          x.data() + begin * opt.hidden, w.data() + e * opt.expert_ffn * opt.hidden,
+                          nullptr, count, opt.hidden, opt.expert_ffn, false, nullptr);
+      begin += count;
+    }
+  });
+  const double dense = median_ms(opt.repeats, [&] {
+    blas.linear_forward(y.data(), cuda::OutType::kBf16, x.data(), w.data(), nullptr, rows,
+                        opt.hidden, opt.expert_ffn, false, nullptr);
+  });
+  const auto [min_it, max_it] = std::minmax_element(counts.begin(), counts.end());
+  nlohmann::json out{{"rows", rows},
+                     {"hidden", opt.hidden},
+                     {"expert_ffn", opt.expert_ffn},
+                     {"num_experts", opt.num_experts},
+                     {"rows_per_expert_min", *min_it},
+                     {"rows_per_expert_max", *max_it},
+                     {"grouped_ms", grouped},
+                     {"grouped_tflops", flops / (grouped * 1e9)},
+                     {"dense_ms", dense},
+                     {"dense_tflops", flops / (dense * 1e9)},
+                     {"grouped_over_dense", grouped / dense}};
+  fmt::print("{}\n", out.dump());
+}
+
 void run_bench_train(const BenchOptions& opt) {
   const ModelConfig config = load_model_config(opt.config);
   MF_CHECK(opt.steps > 0 && opt.warmup >= 0, "--steps must be positive and --warmup >= 0");

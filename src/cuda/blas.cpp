@@ -1,6 +1,6 @@
 // cuBLASLt GEMMs: row-major requests mapped onto cuBLASLt's column-major convention
-// (C = op(A) op(B) row-major is C^T = op(B)^T op(A)^T column-major), one cached plan (descriptors
-// and heuristic algorithm) per shape, type and pointer alignment.
+// (C = op(A) op(B) row-major is C^T = op(B)^T op(A)^T column-major); the heuristic's algorithm is
+// cached per bucket of sizes, type and pointer alignment, the layouts are built per call.
 #include "cuda/blas.h"
 
 #include "core/error.h"
@@ -19,19 +19,52 @@ int alignment_of(const void* ptr) {
   return align;
 }
 
+// Sizes that share an algorithm: exact up to 64, then powers of two up to 1024, then multiples
+// of 512.
+int64_t size_bucket(int64_t x) {
+  if (x <= 64) return x;
+  if (x <= 1024) {
+    int64_t b = 64;
+    while (b < x) b *= 2;
+    return b;
+  }
+  return (x + 511) / 512 * 512;
+}
+
 }  // namespace
 
 struct Blas::Plan {
   cublasLtMatmulDesc_t desc = nullptr;
-  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
   cublasLtMatmulAlgo_t algo{};
 
   ~Plan() {
+    if (desc != nullptr) cublasLtMatmulDescDestroy(desc);
+  }
+};
+
+// The operand layouts of one exact shape in cuBLASLt's column-major view: D^T [n, m] =
+// op(B)^T [n, k] * op(A)^T [k, m], so Lt's A is our B and Lt's B is our A.
+struct Blas::Layouts {
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+
+  Layouts(const MatmulShape& s, OutType out) {
+    const uint64_t a_rows = s.trans_b ? s.k : s.n, a_cols = s.trans_b ? s.n : s.k;
+    const uint64_t b_rows = s.trans_a ? s.m : s.k, b_cols = s.trans_a ? s.k : s.m;
+    const cudaDataType_t c_type = out == OutType::kBf16 ? CUDA_R_16BF : CUDA_R_32F;
+    MF_CUBLAS_CHECK(
+        cublasLtMatrixLayoutCreate(&a, CUDA_R_16BF, a_rows, a_cols, static_cast<int64_t>(a_rows)));
+    MF_CUBLAS_CHECK(
+        cublasLtMatrixLayoutCreate(&b, CUDA_R_16BF, b_rows, b_cols, static_cast<int64_t>(b_rows)));
+    MF_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&c, c_type, static_cast<uint64_t>(s.n),
+                                               static_cast<uint64_t>(s.m), s.n));
+  }
+  ~Layouts() {
     if (a != nullptr) cublasLtMatrixLayoutDestroy(a);
     if (b != nullptr) cublasLtMatrixLayoutDestroy(b);
     if (c != nullptr) cublasLtMatrixLayoutDestroy(c);
-    if (desc != nullptr) cublasLtMatmulDescDestroy(desc);
   }
+  Layouts(const Layouts&) = delete;
+  Layouts& operator=(const Layouts&) = delete;
 };
 
 Blas::Blas() {
@@ -44,9 +77,18 @@ Blas::~Blas() {
   if (handle_ != nullptr) cublasLtDestroy(handle_);
 }
 
-Blas::Plan& Blas::plan(const MatmulShape& s, OutType out, int align_a, int align_b, int align_c) {
-  const PlanKey key{s.m,     s.n,     s.k,    s.trans_a, s.trans_b, static_cast<int>(out),
-                    align_a, align_b, align_c};
+Blas::Plan& Blas::plan(const MatmulShape& s, OutType out, const Layouts& layouts, int align_a,
+                       int align_b, int align_c, bool exact) {
+  const PlanKey key{exact ? s.m : size_bucket(s.m),
+                    exact ? s.n : size_bucket(s.n),
+                    exact ? s.k : size_bucket(s.k),
+                    s.trans_a,
+                    s.trans_b,
+                    static_cast<int>(out),
+                    align_a,
+                    align_b,
+                    align_c,
+                    exact};
   auto it = plans_.find(key);
   if (it != plans_.end()) return *it->second;
 
@@ -59,15 +101,6 @@ Blas::Plan& Blas::plan(const MatmulShape& s, OutType out, int align_a, int align
                                                  sizeof(trans_lt_a)));
   MF_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &trans_lt_b,
                                                  sizeof(trans_lt_b)));
-  const uint64_t a_rows = s.trans_b ? s.k : s.n, a_cols = s.trans_b ? s.n : s.k;
-  const uint64_t b_rows = s.trans_a ? s.m : s.k, b_cols = s.trans_a ? s.k : s.m;
-  const cudaDataType_t c_type = out == OutType::kBf16 ? CUDA_R_16BF : CUDA_R_32F;
-  MF_CUBLAS_CHECK(
-      cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, a_rows, a_cols, static_cast<int64_t>(a_rows)));
-  MF_CUBLAS_CHECK(
-      cublasLtMatrixLayoutCreate(&p->b, CUDA_R_16BF, b_rows, b_cols, static_cast<int64_t>(b_rows)));
-  MF_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->c, c_type, static_cast<uint64_t>(s.n),
-                                             static_cast<uint64_t>(s.m), s.n));
 
   cublasLtMatmulPreference_t pref = nullptr;
   MF_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
@@ -92,7 +125,7 @@ Blas::Plan& Blas::plan(const MatmulShape& s, OutType out, int align_a, int align
   cublasLtMatmulHeuristicResult_t result{};
   int num_results = 0;
   const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
-      handle_, p->desc, p->a, p->b, p->c, p->c, pref, 1, &result, &num_results);
+      handle_, p->desc, layouts.a, layouts.b, layouts.c, layouts.c, pref, 1, &result, &num_results);
   cublasLtMatmulPreferenceDestroy(pref);
   MF_CHECK(status == CUBLAS_STATUS_SUCCESS && num_results > 0,
            "cuBLASLt has no algorithm for a [{}, {}] x [{}, {}] bf16 GEMM (trans_a {}, trans_b {}, "
@@ -113,10 +146,17 @@ void Blas::matmul(void* c, OutType out, const bf16* a, const bf16* b, const Matm
     if (!accumulate) zero_device(c, static_cast<size_t>(shape.m * shape.n) * out_bytes, stream);
     return;
   }
-  Plan& p = plan(shape, out, alignment_of(a), alignment_of(b), alignment_of(c));
+  const Layouts layouts(shape, out);
+  const int align_a = alignment_of(a), align_b = alignment_of(b), align_c = alignment_of(c);
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-  MF_CUBLAS_CHECK(cublasLtMatmul(handle_, p.desc, &alpha, b, p.a, a, p.b, &beta, c, p.c, c, p.c,
-                                 &p.algo, workspace_.data(), kWorkspaceBytes, stream));
+  auto run = [&](const Plan& p) {
+    return cublasLtMatmul(handle_, p.desc, &alpha, b, layouts.a, a, layouts.b, &beta, c, layouts.c,
+                          c, layouts.c, &p.algo, workspace_.data(), kWorkspaceBytes, stream);
+  };
+  if (run(plan(shape, out, layouts, align_a, align_b, align_c, false)) == CUBLAS_STATUS_SUCCESS) {
+    return;
+  }
+  MF_CUBLAS_CHECK(run(plan(shape, out, layouts, align_a, align_b, align_c, true)));
 }
 
 void Blas::linear_forward(void* y, OutType out, const bf16* x, const bf16* w, const float* bias,

@@ -53,9 +53,14 @@ class Blas {
 
  private:
   struct Plan;
-  // (m, n, k, trans_a, trans_b, out type, alignment of a, b and c in bytes)
-  using PlanKey = std::tuple<int64_t, int64_t, int64_t, bool, bool, int, int, int, int>;
-  Plan& plan(const MatmulShape& shape, OutType out, int align_a, int align_b, int align_c);
+  struct Layouts;
+  // (m, n, k bucketed, trans_a, trans_b, out type, alignment of a, b and c in bytes, exact)
+  using PlanKey = std::tuple<int64_t, int64_t, int64_t, bool, bool, int, int, int, int, bool>;
+  // The algorithm for a shape: chosen once per bucket of sizes (expert GEMMs change their row
+  // count every step, and a heuristic query costs far more than the GEMM launch), or for the exact
+  // shape when the bucket's algorithm does not run it.
+  Plan& plan(const MatmulShape& shape, OutType out, const Layouts& layouts, int align_a,
+             int align_b, int align_c, bool exact);
 
   cublasLtHandle_t handle_ = nullptr;
   DeviceBuffer<uint8_t> workspace_;
