@@ -236,6 +236,26 @@ void register_bench_command(CLI::App& app) {
         "moeforge was built without CUDA; `bench train` needs a GPU build (-DMOEFORGE_CUDA=ON)");
 #endif
   });
+
+  auto gemm_opt = std::make_shared<GemmBenchOptions>();
+  CLI::App* gemm = bench->add_subcommand(
+      "gemm",
+      "Time the expert GEMM of an MoE layer (one cuBLASLt call per expert over a random routing) "
+      "against one dense GEMM of the same FLOPs; prints one JSON line with TFLOP/s of both");
+  gemm->add_option("--tokens", gemm_opt->tokens, "Tokens routed")->capture_default_str();
+  gemm->add_option("--hidden", gemm_opt->hidden, "Hidden size (GEMM k)")->capture_default_str();
+  gemm->add_option("--expert-ffn", gemm_opt->expert_ffn, "Expert ffn size (GEMM n)")
+      ->capture_default_str();
+  gemm->add_option("--experts", gemm_opt->num_experts, "Experts")->capture_default_str();
+  gemm->add_option("--top-k", gemm_opt->top_k, "Experts per token")->capture_default_str();
+  gemm->add_option("--repeats", gemm_opt->repeats, "Timed repeats (median)")->capture_default_str();
+  gemm->callback([gemm_opt] {
+#if MOEFORGE_HAVE_CUDA
+    run_bench_gemm(*gemm_opt);
+#else
+    MF_FAIL("moeforge was built without CUDA; `bench gemm` needs a GPU build (-DMOEFORGE_CUDA=ON)");
+#endif
+  });
 }
 
 }  // namespace moeforge::cli

@@ -2,6 +2,8 @@
 #include "cuda/cuda_check.h"
 #include "cuda/device_info.h"
 
+#include "core/error.h"
+
 namespace moeforge::cuda {
 
 DeviceQuery query_devices() {
@@ -23,6 +25,12 @@ DeviceQuery query_devices() {
   }
   if (count == 0) query.unavailable_reason = "no CUDA device";
   return query;
+}
+
+void require_cuda_device() {
+  const DeviceQuery q = query_devices();
+  MF_CHECK(!q.devices.empty(), "no usable CUDA device: {} (use --device cpu)",
+           q.unavailable_reason);
 }
 
 }  // namespace moeforge::cuda

@@ -26,4 +26,7 @@ struct DeviceQuery {
 // Never throws for a machine without a GPU or driver: that is reported in unavailable_reason.
 DeviceQuery query_devices();
 
+// Throws a moeforge::Error saying why when this process has no usable CUDA device.
+void require_cuda_device();
+
 }  // namespace moeforge::cuda

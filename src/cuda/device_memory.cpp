@@ -44,9 +44,13 @@ void* DeviceAllocator::allocate(size_t bytes) {
     }
     if (status != cudaSuccess) {
       (void)cudaGetLastError();
-      MF_FAIL("out of GPU memory: allocating {:.1f} MiB with {:.1f} MiB in use ({})",
-              static_cast<double>(cls) / (1 << 20), static_cast<double>(in_use_) / (1 << 20),
-              cudaGetErrorString(status));
+      MF_CHECK(status != cudaErrorMemoryAllocation,
+               "out of GPU memory: allocating {:.1f} MiB with {:.1f} MiB in use",
+               static_cast<double>(cls) / (1 << 20), static_cast<double>(in_use_) / (1 << 20));
+      MF_FAIL(
+          "cannot allocate GPU memory ({:.1f} MiB): {} (is there a CUDA device and driver? "
+          "`moeforge devices` lists them)",
+          static_cast<double>(cls) / (1 << 20), cudaGetErrorString(status));
     }
     reserved_ += cls;
   }

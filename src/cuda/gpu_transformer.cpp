@@ -9,6 +9,7 @@
 #include "cuda/adamw.h"
 #include "cuda/cross_entropy.h"
 #include "cuda/cuda_check.h"
+#include "cuda/device_info.h"
 #include "cuda/embedding.h"
 #include "cuda/moe_dispatch.h"
 #include "cuda/reductions.h"

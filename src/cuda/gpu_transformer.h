@@ -23,6 +23,7 @@
 #include "cuda/attention.h"
 #include "cuda/bf16.h"
 #include "cuda/blas.h"
+#include "cuda/device_info.h"
 #include "cuda/device_memory.h"
 #include "cuda/phase_timer.h"
 #include "model/model_config.h"
@@ -104,6 +105,8 @@ class GpuTransformer {
   ParameterLayout layout_;
   Recompute recompute_;
   cudaStream_t stream_ = nullptr;
+  // Checked before the cuBLAS and cuDNN handles below are created, for a clear error.
+  bool has_device_ = (require_cuda_device(), true);
   Blas blas_;
   Attention attention_;
   PhaseTimer timer_;

@@ -78,7 +78,8 @@ class CliTest(unittest.TestCase):
         return path
 
     def test_every_command_has_help(self):
-        for cmd in (["train"], ["eval"], ["generate"], ["init"], ["inspect"], ["data"], ["data", "prepare"]):
+        for cmd in (["train"], ["eval"], ["generate"], ["init"], ["inspect"], ["data"], ["data", "prepare"],
+                    ["forward"], ["merge"], ["devices"], ["bench"], ["bench", "train"], ["bench", "gemm"]):
             proc = run([MOEFORGE, *cmd, "--help"])
             self.assertIn("--help", proc.stdout, cmd)
         self.assertIn("train", run([MOEFORGE, "--help"]).stdout)
@@ -140,6 +141,17 @@ class CliTest(unittest.TestCase):
         self.assertEqual(proc.returncode, 1)
         self.assertIn("num_key_value_heads", proc.stderr)
         self.assertFalse(os.path.exists(os.path.join(self.tmp, "x")))
+
+    def test_cuda_device_without_a_gpu_is_a_clear_error(self):
+        if run([MOEFORGE, "devices"]).stdout.startswith("cuda:"):
+            self.skipTest("this machine has a GPU (tests/cuda covers --device cuda)")
+        run_dir = os.path.join(self.tmp, "run-cuda")
+        proc = run([MOEFORGE, "train", "--config", self.train_config("run-cuda"), "--device", "cuda",
+                    "--no-progress"], check=False)
+        self.assertEqual(proc.returncode, 1)
+        self.assertTrue("no usable CUDA device" in proc.stderr or "without CUDA" in proc.stderr,
+                        proc.stderr)
+        self.assertFalse(os.path.exists(os.path.join(run_dir, "checkpoints", "index.json")))
 
     @unittest.skipUnless(os.environ.get("MOEFORGE_MPIEXEC"), "built without MPI")
     def test_data_parallel_matches_gradient_accumulation(self):
