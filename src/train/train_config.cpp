@@ -279,6 +279,9 @@ TrainConfig parse_merged(const json& merged, const std::filesystem::path& base_d
   c.pma.method = pma.get_string("method");
   c.pma.alpha = pma.get_number("alpha");
 
+  const SectionReader parallel(merged, "parallel");
+  c.parallel.expert_parallel = parallel.get_int("expert_parallel");
+
   validate_train_config(c);
   return c;
 }
@@ -344,6 +347,7 @@ nlohmann::json train_config_to_json(const TrainConfig& c) {
         {"count", c.pma.count},
         {"method", c.pma.method},
         {"alpha", c.pma.alpha}}},
+      {"parallel", {{"expert_parallel", c.parallel.expert_parallel}}},
   };
 }
 
@@ -430,6 +434,12 @@ void validate_train_config(const TrainConfig& c) {
   MF_CHECK(c.optimizer.on_nonfinite == "stop" || c.optimizer.on_nonfinite == "skip",
            "optimizer.on_nonfinite must be \"stop\" or \"skip\", got \"{}\"",
            c.optimizer.on_nonfinite);
+  MF_CHECK(c.parallel.expert_parallel >= 1 && c.parallel.expert_parallel <= 1024,
+           "parallel.expert_parallel must be in [1, 1024], got {}", c.parallel.expert_parallel);
+  MF_CHECK(c.data.seq_len % c.parallel.expert_parallel == 0,
+           "data.seq_len ({}) must be divisible by parallel.expert_parallel ({}): each rank of a "
+           "group holds an equal slice of every sequence",
+           c.data.seq_len, c.parallel.expert_parallel);
   if (c.pma.enabled) {
     // No overflow: at most the run's tokens, checked above.
     const int64_t step_tokens = c.data.seq_len * c.data.micro_batch_size * c.data.grad_accum_steps;

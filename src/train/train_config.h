@@ -103,6 +103,14 @@ struct PmaConfig {
   bool operator==(const PmaConfig&) const = default;
 };
 
+// MegaScale-MoE's layout: groups of expert_parallel consecutive ranks share each sequence
+// (Ulysses attention: sequence parallelism) and split the experts of every MoE layer (expert
+// parallelism); the world size divided by expert_parallel is the data-parallel degree.
+struct ParallelConfig {
+  int64_t expert_parallel = 1;  // n = sp = ep
+  bool operator==(const ParallelConfig&) const = default;
+};
+
 struct TrainConfig {
   InitConfig model;
   TrainDataConfig data;
@@ -112,6 +120,7 @@ struct TrainConfig {
   EvalConfig eval;
   LogConfig log;
   PmaConfig pma;
+  ParallelConfig parallel;
   bool operator==(const TrainConfig&) const = default;
 };
 

@@ -78,10 +78,37 @@ class MetricsLog {
   std::ofstream out_;
 };
 
+// One sequence slice per rank of an expert/sequence-parallel group: rank r of n keeps positions
+// [r * seq / n, (r + 1) * seq / n) of each of the batch's sequences.
+void slice_sequences(const int32_t* full, int32_t* local, int64_t batch, int64_t seq, int64_t rank,
+                     int64_t num_ranks) {
+  const int64_t local_seq = seq / num_ranks;
+  for (int64_t b = 0; b < batch; ++b) {
+    std::copy(full + b * seq + rank * local_seq, full + b * seq + (rank + 1) * local_seq,
+              local + b * local_seq);
+  }
+}
+
 }  // namespace
 
-TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Communicator& dp) {
-  const bool is_root = dp.rank() == 0;
+TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Communicator& world) {
+  const bool is_root = world.rank() == 0;
+  // Groups of n consecutive ranks share sequences and split experts; ranks with the same position
+  // in their group form the data-parallel groups.
+  const int64_t n = config.parallel.expert_parallel;
+  MF_CHECK(world.size() % n == 0,
+           "parallel.expert_parallel ({}) must divide the number of ranks ({})", n, world.size());
+  MF_CHECK(n == 1 || options.device == "cpu",
+           "parallel.expert_parallel > 1 runs on the CPU for now (the NCCL communicator for "
+           "--device cuda is issue #7)");
+  SelfCommunicator self;
+  std::unique_ptr<Communicator> ep_group, dp_group;
+  if (n > 1) {
+    ep_group = world.split(static_cast<int>(world.rank() / n), world.rank());
+    dp_group = world.split(static_cast<int>(world.rank() % n), world.rank());
+  }
+  Communicator& expert_group = n > 1 ? *ep_group : static_cast<Communicator&>(self);
+  Communicator& dp = n > 1 ? *dp_group : world;
   const ModelConfig model_config = resolve_model_config(config);
   const data::TokenDataset train_data = data::TokenDataset::open(config.data.dataset, "train");
   const data::TokenDataset val_data = data::TokenDataset::open(config.data.dataset, "val");
@@ -95,7 +122,6 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
            "data.seq_len ({}) exceeds the model's max_position_embeddings ({})",
            config.data.seq_len, model_config.max_position_embeddings);
 
-  SelfCommunicator expert_group;
   Transformer<float> model(model_config, expert_group);
   AdamW optimizer(model.layout(),
                   AdamWHyper{config.optimizer.beta1, config.optimizer.beta2, config.optimizer.eps,
@@ -142,6 +168,17 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   const int64_t micro = config.data.micro_batch_size;
   const int64_t accum = config.data.grad_accum_steps;
   const int64_t tokens_per_step = dp.size() * accum * micro * seq;
+  const int64_t local_seq = seq / n;
+  // The engine's forward on this rank's slice of the sequences (evaluation windows included).
+  const ForwardFn local_forward = [&, forward = engine->forward_fn()](
+                                      const int32_t* tokens, const int32_t* targets, int64_t batch,
+                                      int64_t full_seq) {
+    if (n == 1) return forward(tokens, targets, batch, full_seq);
+    std::vector<int32_t> t(static_cast<size_t>(batch * full_seq / n)), y(t.size());
+    slice_sequences(tokens, t.data(), batch, full_seq, expert_group.rank(), n);
+    slice_sequences(targets, y.data(), batch, full_seq, expert_group.rank(), n);
+    return forward(t.data(), y.data(), batch, full_seq / n);
+  };
   const double flops_tok = flops_per_token(model_config, model.layout(), seq);
   const fs::path run_dir = config.checkpoint.dir;
   const nlohmann::json config_json = train_config_to_json(config);
@@ -161,22 +198,23 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   }
   if (is_root) {
     fmt::print(stderr,
-               "training {} with {} parameters ({} active) on {} rank(s) ({}): {} tokens/step, {} "
-               "steps\n",
+               "training {} with {} parameters ({} active) on {} rank(s) ({}; {} data-parallel x "
+               "{} expert/sequence-parallel): {} tokens/step, {} steps\n",
                architecture_name(model_config.architecture), model.layout().num_params(),
-               model.layout().num_active_params(), dp.size(), options.device, tokens_per_step,
-               config.schedule.max_steps);
+               model.layout().num_active_params(), world.size(), options.device, dp.size(), n,
+               tokens_per_step, config.schedule.max_steps);
   }
 
   std::vector<int32_t> inputs(micro * seq), targets(micro * seq);
+  std::vector<int32_t> local_inputs(micro * local_seq), local_targets(micro * local_seq);
   TrainSummary summary;
   const auto run_start = Clock::now();
   const int64_t first_step = state.step;
   const bool tty = isatty(fileno(stderr));
 
   auto run_eval = [&](int64_t step) -> double {
-    const EvalResult ev = evaluate(engine->forward_fn(), val_data, *tokenizer, seq, micro,
-                                   config.eval.max_batches, dp);
+    const EvalResult ev =
+        evaluate(local_forward, val_data, *tokenizer, seq, micro, config.eval.max_batches, dp);
     summary.final_val_loss = ev.loss;
     metrics.write({{"step", step},
                    {"val_loss", ev.loss},
@@ -201,7 +239,7 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
                        state.tokens_seen - config.pma.count * config.pma.interval_tokens;
           });
     }
-    dp.barrier();
+    world.barrier();
   };
 
   while (state.step < config.schedule.max_steps) {
@@ -213,9 +251,11 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
     int64_t dropped = 0;
     for (int64_t m = 0; m < accum; ++m) {
       sampler.next_batch_for_rank(micro, dp.rank(), dp.size(), inputs.data(), targets.data());
+      slice_sequences(inputs.data(), local_inputs.data(), micro, seq, expert_group.rank(), n);
+      slice_sequences(targets.data(), local_targets.data(), micro, seq, expert_group.rank(), n);
       std::vector<MoeFfnStats> moe_stats;
       const LossBreakdown loss =
-          engine->forward_backward(inputs.data(), targets.data(), micro, seq,
+          engine->forward_backward(local_inputs.data(), local_targets.data(), micro, local_seq,
                                    1.0 / static_cast<double>(accum * dp.size()), moe_stats);
       loss_sums[0] += loss.loss;
       loss_sums[1] += loss.ce_loss;
@@ -227,7 +267,10 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
         dropped += s.num_dropped;
       }
     }
-    engine->all_reduce_grads(dp);
+    // Over the whole world: the expert/sequence group's partial gradients (each rank's tokens,
+    // each rank's experts) and the data-parallel replicas in one sum.
+    engine->all_reduce_grads(world);
+    // Every rank of a group reports the group's loss: sum over data-parallel replicas only.
     dp.all_reduce_sum(loss_sums, 4);
     // Checked after the reductions, so that every rank takes the same decision (a NaN anywhere
     // makes the sums NaN).

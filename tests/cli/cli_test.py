@@ -71,7 +71,7 @@ class CliTest(unittest.TestCase):
         }
         for key, value in overrides.items():
             section, field = key.split("__")
-            config[section][field] = value
+            config.setdefault(section, {})[field] = value
         path = os.path.join(self.tmp, name + ".json")
         with open(path, "w") as f:
             json.dump(config, f)
@@ -168,6 +168,40 @@ class CliTest(unittest.TestCase):
             self.assertEqual(x["tokens"], y["tokens"])
             self.assertAlmostEqual(x["loss"], y["loss"], delta=1e-5 * abs(x["loss"]))
             self.assertAlmostEqual(x["grad_norm"], y["grad_norm"], delta=1e-4 * abs(x["grad_norm"]))
+
+
+    @unittest.skipUnless(os.environ.get("MOEFORGE_MPIEXEC"), "built without MPI")
+    def test_expert_parallel_matches_one_rank(self):
+        """sp = ep = 2 and 4 ranks (and dp = 2 x ep = 2) give the one-rank losses and gradient
+        norms: the same global batch, split along the sequence and over the experts."""
+        model = os.path.join(self.tmp, "ep-model.json")
+        with open(model, "w") as f:
+            json.dump(dict(TINY_MODEL, num_attention_heads=4, num_key_value_heads=4,
+                           head_dim=4, num_local_experts=4), f)
+        layouts = {"ep-1": (1, 1, 2), "ep-2": (2, 2, 2), "ep-4": (4, 4, 2), "dp2-ep2": (4, 2, 1)}
+        for name, (ranks, ep, accum) in layouts.items():
+            config = self.train_config(name, data__grad_accum_steps=accum,
+                                       parallel__expert_parallel=ep, model__model_config=model)
+            prefix = [] if ranks == 1 else [os.environ["MOEFORGE_MPIEXEC"], "-np", str(ranks),
+                                            "--oversubscribe", "--allow-run-as-root"]
+            run(prefix + [MOEFORGE, "train", "--config", config, "--no-progress"])
+        ref = [m for m in read_jsonl(os.path.join(self.tmp, "ep-1", "metrics.jsonl")) if "loss" in m]
+        self.assertEqual(len(ref), 6)
+        for name in ("ep-2", "ep-4", "dp2-ep2"):
+            got = [m for m in read_jsonl(os.path.join(self.tmp, name, "metrics.jsonl")) if "loss" in m]
+            self.assertEqual(len(got), 6, name)
+            for x, y in zip(ref, got):
+                self.assertEqual(x["tokens"], y["tokens"], name)
+                self.assertAlmostEqual(x["loss"], y["loss"], delta=1e-5 * abs(x["loss"]), msg=name)
+                self.assertAlmostEqual(x["grad_norm"], y["grad_norm"],
+                                       delta=1e-4 * abs(x["grad_norm"]), msg=name)
+                if name != "dp2-ep2":  # the root sees only its own data-parallel replica's load
+                    self.assertEqual(x["expert_load_max"], y["expert_load_max"], name)
+        # A layout that does not fit is a clear error.
+        bad = self.train_config("ep-bad", parallel__expert_parallel=3, model__model_config=model)
+        proc = run([MOEFORGE, "train", "--config", bad, "--no-progress"], check=False)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("expert_parallel", proc.stderr)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,14 @@
 namespace moeforge {
 namespace {
 
+// Options of a quiet run on the CPU, resuming from resume when it is not empty.
+TrainRunOptions quiet_options(const std::filesystem::path& resume) {
+  TrainRunOptions options;
+  if (!resume.empty()) options.resume = resume;
+  options.progress = false;
+  return options;
+}
+
 namespace fs = std::filesystem;
 using testing::TrainFixture;
 
@@ -137,14 +145,14 @@ TEST_F(CheckpointLeftoversTest, AnUnreadableIndexRemovesNothing) {
 // removes it when it starts and resumes from the newest indexed checkpoint.
 TEST_F(TrainFixture, TrainingRemovesLeftoversOfInterruptedSavesWhenItStarts) {
   SelfCommunicator self;
-  train(config(3), TrainRunOptions{{}, false}, self);
+  train(config(3), quiet_options({}), self);
   const fs::path checkpoints = root_ / "run" / "checkpoints";
   // step 6 renamed into place but not indexed; a half-written step 9.
   fs::copy(checkpoints / "step-00000003", checkpoints / "step-00000006");
   fs::copy(checkpoints / "step-00000003", checkpoints / "step-00000009.tmp-99999-0");
 
   ::testing::internal::CaptureStderr();
-  train(config(6), TrainRunOptions{root_ / "run", false}, self);
+  train(config(6), quiet_options(root_ / "run"), self);
   const std::string log = ::testing::internal::GetCapturedStderr();
   EXPECT_NE(log.find("removed " + (checkpoints / "step-00000006").string() +
                      ", left by an interrupted checkpoint save"),

@@ -158,7 +158,7 @@ TEST(TrainConfigTest, OverrideErrorsNameTheKey) {
   message = load_error("optimiser.lr=1");
   EXPECT_NE(message.find("did you mean \"optimizer\"?"), std::string::npos) << message;
   EXPECT_NE(message.find("valid keys at the top level: checkpoint, data, eval, log, model, "
-                         "optimizer, pma, schedule"),
+                         "optimizer, parallel, pma, schedule"),
             std::string::npos)
       << message;
   message = load_error("optimizer.lr.value=1");
@@ -264,6 +264,8 @@ TEST(TrainConfigTest, EveryInvalidValueIsNamedByItsKeyPath) {
       {"optimizer", "on_nonfinite", "ignore",
        "optimizer.on_nonfinite must be \"stop\" or \"skip\""},
       {"pma", "enabled", 1, "pma.enabled must be true or false, got 1"},
+      {"parallel", "expert_parallel", 0, "parallel.expert_parallel must be in [1, 1024], got 0"},
+      {"parallel", "expert_parallel", 3, "must be divisible by parallel.expert_parallel (3)"},
   };
   for (const Case& c : cases) {
     json j = kMinimal;

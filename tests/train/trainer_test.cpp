@@ -18,6 +18,13 @@
 namespace moeforge {
 namespace {
 
+// Options of a quiet run on the CPU.
+TrainRunOptions no_progress() {
+  TrainRunOptions options;
+  options.progress = false;
+  return options;
+}
+
 using testing::TrainFixture;
 
 std::vector<nlohmann::json> read_metrics(const std::filesystem::path& path) {
@@ -38,7 +45,7 @@ std::vector<float> read_weights(const std::filesystem::path& dir) {
 
 TEST_F(TrainFixture, LossDecreasesAndCheckpointsAreIndexed) {
   SelfCommunicator self;
-  const TrainSummary s = train(config(9), TrainRunOptions{{}, false}, self);
+  const TrainSummary s = train(config(9), no_progress(), self);
   EXPECT_EQ(s.steps, 9);
   const auto metrics = read_metrics(root_ / "run" / "metrics.jsonl");
   ASSERT_FALSE(metrics.empty());
@@ -57,7 +64,7 @@ TEST_F(TrainFixture, LossDecreasesAndCheckpointsAreIndexed) {
 
 TEST_F(TrainFixture, ResumeContinuesBitForBit) {
   SelfCommunicator self;
-  train(config(9), TrainRunOptions{{}, false}, self);
+  train(config(9), no_progress(), self);
   const auto full = read_metrics(root_ / "run" / "metrics.jsonl");
   const std::vector<float> full_weights =
       read_weights(root_ / "run" / "checkpoints" / "step-00000009");
@@ -65,7 +72,8 @@ TEST_F(TrainFixture, ResumeContinuesBitForBit) {
   // Resume the same run from step 3 into a fresh run directory.
   std::filesystem::rename(root_ / "run", root_ / "first");
   TrainConfig c = config(9);
-  TrainRunOptions resume{root_ / "first" / "checkpoints" / "step-00000003", false};
+  TrainRunOptions resume = no_progress();
+  resume.resume = root_ / "first" / "checkpoints" / "step-00000003";
   train(c, resume, self);
   const auto resumed = read_metrics(root_ / "run" / "metrics.jsonl");
   const std::vector<float> resumed_weights =
@@ -87,7 +95,7 @@ TEST_F(TrainFixture, RetentionKeepsTheLastK) {
   SelfCommunicator self;
   TrainConfig c = config(9);
   c.checkpoint.keep_last = 2;
-  train(c, TrainRunOptions{{}, false}, self);
+  train(c, no_progress(), self);
   const auto entries = io::read_checkpoint_index(root_ / "run");
   ASSERT_EQ(entries.size(), 2u);
   EXPECT_EQ(entries[0].step, 6);
@@ -96,14 +104,14 @@ TEST_F(TrainFixture, RetentionKeepsTheLastK) {
 
 TEST_F(TrainFixture, InitFromLoadsWeightsWithFreshOptimizer) {
   SelfCommunicator self;
-  train(config(3), TrainRunOptions{{}, false}, self);
+  train(config(3), no_progress(), self);
   const std::filesystem::path ckpt = root_ / "run" / "checkpoints" / "step-00000003";
   std::filesystem::rename(root_ / "run", root_ / "first");
   TrainConfig c = config(3);
   c.model.model_config.clear();
   c.model.init_from = root_ / "first" / "checkpoints" / "step-00000003";
   const auto metrics_before = read_metrics(root_ / "first" / "metrics.jsonl");
-  train(c, TrainRunOptions{{}, false}, self);
+  train(c, no_progress(), self);
   const auto metrics = read_metrics(root_ / "run" / "metrics.jsonl");
   // The first step of the new run starts from the trained weights: its loss is below the
   // first loss of the run that produced them.
@@ -118,12 +126,12 @@ TEST_F(TrainFixture, GradientAccumulationMatchesOneLargerMicroBatch) {
   // cross-entropy of the first step is the same mean; later steps differ only by rounding and by
   // the aux loss, which is computed per micro-batch.
   SelfCommunicator self;
-  train(config(2, 2), TrainRunOptions{{}, false}, self);
+  train(config(2, 2), no_progress(), self);
   const auto accumulated = read_metrics(root_ / "run" / "metrics.jsonl");
   std::filesystem::remove_all(root_ / "run");
   TrainConfig c = config(2, 1);
   c.data.micro_batch_size = 8;
-  train(c, TrainRunOptions{{}, false}, self);
+  train(c, no_progress(), self);
   const auto single = read_metrics(root_ / "run" / "metrics.jsonl");
   EXPECT_NEAR(accumulated[0].at("ce_loss").get<double>(), single[0].at("ce_loss").get<double>(),
               1e-6);
@@ -158,7 +166,7 @@ TEST_F(TrainFixture, NonFiniteLossStopsWithStepAndTensor) {
   c.model.init_from = write_poisoned_model(root_, root_ / "model.json");
   SelfCommunicator self;
   try {
-    train(c, TrainRunOptions{{}, false}, self);
+    train(c, no_progress(), self);
     FAIL() << "expected the run to stop";
   } catch (const Error& e) {
     const std::string message = e.what();
@@ -175,7 +183,7 @@ TEST_F(TrainFixture, NonFiniteLossSkipsTheUpdateWhenConfigured) {
   c.model.init_from = write_poisoned_model(root_, root_ / "model.json");
   c.optimizer.on_nonfinite = "skip";
   SelfCommunicator self;
-  train(c, TrainRunOptions{{}, false}, self);
+  train(c, no_progress(), self);
   int skipped = 0;
   for (const auto& m : read_metrics(root_ / "run" / "metrics.jsonl")) {
     if (m.value("event", "") == "nonfinite_skipped") ++skipped;
@@ -203,7 +211,7 @@ TEST_F(TrainFixture, PmaMergesInTheBackgroundAndLogsBothLosses) {
   c.pma.every_steps = 3;
   c.pma.count = 2;
   SelfCommunicator self;
-  train(c, TrainRunOptions{{}, false}, self);
+  train(c, no_progress(), self);
 
   std::vector<nlohmann::json> pma_records;
   for (const auto& m : read_metrics(root_ / "run" / "metrics.jsonl")) {
