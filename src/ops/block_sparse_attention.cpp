@@ -32,8 +32,8 @@ void check_sparse_attention_dims(const SparseAttentionDims& d, const char* what)
   MF_CHECK(d.head_dim > 0, "{}: head_dim must be positive, got {}", what, d.head_dim);
 }
 
-void check_block_sparse_layout(const BlockSparseLayout& layout, int64_t num_heads,
-                               int64_t seq_len, const char* what) {
+void check_block_sparse_layout(const BlockSparseLayout& layout, int64_t num_heads, int64_t seq_len,
+                               const char* what) {
   MF_CHECK(layout.block_size > 0, "{}: layout.block_size must be positive, got {}", what,
            layout.block_size);
   const int64_t num_blocks = (seq_len + layout.block_size - 1) / layout.block_size;
@@ -151,9 +151,8 @@ void block_sparse_attention_forward(T* out, T* lse, const T* q, const T* k, cons
 template void block_sparse_attention_forward<float>(float*, float*, const float*, const float*,
                                                     const float*, const BlockSparseLayout&,
                                                     const SparseAttentionDims&);
-template void block_sparse_attention_forward<double>(double*, double*, const double*,
-                                                     const double*, const double*,
-                                                     const BlockSparseLayout&,
+template void block_sparse_attention_forward<double>(double*, double*, const double*, const double*,
+                                                     const double*, const BlockSparseLayout&,
                                                      const SparseAttentionDims&);
 
 }  // namespace moeforge::ops

@@ -37,8 +37,8 @@ void check_sparse_attention_dims(const SparseAttentionDims& dims, const char* wh
 
 // Throws moeforge::Error naming `what` and the offending row unless layout has the shape above
 // for num_heads query heads over seq_len positions.
-void check_block_sparse_layout(const BlockSparseLayout& layout, int64_t num_heads,
-                               int64_t seq_len, const char* what);
+void check_block_sparse_layout(const BlockSparseLayout& layout, int64_t num_heads, int64_t seq_len,
+                               const char* what);
 
 // Every causal block (c <= r) of every head: block-sparse attention over it is dense attention.
 BlockSparseLayout dense_causal_layout(int64_t num_heads, int64_t seq_len, int64_t block_size);
