@@ -71,13 +71,12 @@ __global__ void column_sum_partial_kernel(float* partial, const bf16* dy, int64_
   partial[chunk * c + j] = sum;
 }
 
-__global__ void column_sum_final_kernel(float* dbias, const float* partial, int64_t num_chunks,
-                                        int64_t c) {
+__global__ void chunk_sums_kernel(float* out, const float* partial, int64_t num_chunks, int64_t c) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= c) return;
   float sum = 0.0f;
   for (int64_t chunk = 0; chunk < num_chunks; ++chunk) sum += partial[chunk * c + j];
-  dbias[j] += sum;
+  out[j] += sum;
 }
 
 __global__ void cast_to_bf16_kernel(bf16* out, const float* x, int64_t count) {
@@ -138,8 +137,14 @@ void column_sum_accumulate(float* dbias, const bf16* dy, int64_t n, int64_t c,
   const dim3 grid(static_cast<unsigned>(ceil_div(c, kThreads)), static_cast<unsigned>(num_chunks));
   column_sum_partial_kernel<<<grid, kThreads, 0, stream>>>(partial.data(), dy, n, c);
   MF_CUDA_CHECK_LAUNCH();
-  column_sum_final_kernel<<<static_cast<unsigned>(ceil_div(c, kThreads)), kThreads, 0, stream>>>(
-      dbias, partial.data(), num_chunks, c);
+  accumulate_chunk_sums(dbias, partial.data(), num_chunks, c, stream);
+}
+
+void accumulate_chunk_sums(float* out, const float* partial, int64_t num_chunks, int64_t c,
+                           cudaStream_t stream) {
+  if (c == 0) return;
+  chunk_sums_kernel<<<static_cast<unsigned>(ceil_div(c, kThreads)), kThreads, 0, stream>>>(
+      out, partial, num_chunks, c);
   MF_CUDA_CHECK_LAUNCH();
 }
 

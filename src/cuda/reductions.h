@@ -17,6 +17,11 @@ void sum_squares(double* out, const float* x, int64_t count, double* scratch, cu
 // *out (device double) = sum of x[i], in double in a fixed order.
 void sum(double* out, const float* x, int64_t count, double* scratch, cudaStream_t stream);
 
+// out [c] += sum over chunks of partial [num_chunks, c], in chunk order (the second stage of the
+// fixed-order column sums of weight gradients).
+void accumulate_chunk_sums(float* out, const float* partial, int64_t num_chunks, int64_t c,
+                           cudaStream_t stream);
+
 // dbias [c] += sum over rows of dy [n, c] (fp32 accumulation, fixed order).
 void column_sum_accumulate(float* dbias, const bf16* dy, int64_t n, int64_t c, cudaStream_t stream);
 

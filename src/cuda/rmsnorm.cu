@@ -3,6 +3,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/device_memory.h"
 #include "cuda/kernel_util.cuh"
+#include "cuda/reductions.h"
 #include "cuda/rmsnorm.h"
 
 namespace moeforge::cuda {
@@ -71,15 +72,6 @@ __global__ void rmsnorm_dweight_partial_kernel(float* partial, const DOut* dout,
   partial[chunk * c + j] = sum;
 }
 
-__global__ void sum_partials_kernel(float* dweight, const float* partial, int64_t num_chunks,
-                                    int64_t c) {
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= c) return;
-  float sum = 0.0f;
-  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) sum += partial[chunk * c + j];
-  dweight[j] += sum;
-}
-
 }  // namespace
 
 template <typename In>
@@ -108,9 +100,7 @@ void rmsnorm_backward(DIn* dinp, float* dweight, const DOut* dout, const In* inp
   rmsnorm_dweight_partial_kernel<<<grid, kThreads, 0, stream>>>(partial.data(), dout, inp, rstd, n,
                                                                 c);
   MF_CUDA_CHECK_LAUNCH();
-  sum_partials_kernel<<<static_cast<unsigned>(ceil_div(c, kThreads)), kThreads, 0, stream>>>(
-      dweight, partial.data(), num_chunks, c);
-  MF_CUDA_CHECK_LAUNCH();
+  accumulate_chunk_sums(dweight, partial.data(), num_chunks, c, stream);
 }
 
 template void rmsnorm_forward<float>(bf16*, float*, const float*, const float*, int64_t, int64_t,

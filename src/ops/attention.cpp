@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "ops/dot.h"
 
 namespace moeforge::ops {
 
@@ -23,13 +24,6 @@ void check_dims(const AttentionDims& d, const char* what) {
            "{}: num_q_heads={} is not divisible by num_kv_heads={}", what, d.num_q_heads,
            d.num_kv_heads);
   MF_CHECK(d.head_dim > 0, "{}: head_dim must be positive, got {}", what, d.head_dim);
-}
-
-template <typename T>
-double dot(const T* a, const T* b, int64_t len) {
-  double sum = 0.0;
-  for (int64_t i = 0; i < len; ++i) sum += static_cast<double>(a[i]) * static_cast<double>(b[i]);
-  return sum;
 }
 
 }  // namespace
@@ -64,7 +58,7 @@ void attention_forward(T* out, T* probs, const T* q, const T* k, const T* v,
 
           double max_score = -INFINITY;
           for (int64_t j = 0; j < num_visible; ++j) {
-            weights[j] = scale * dot(q_vec, k_base + j * kv_row, head_dim);
+            weights[j] = scale * dot_double(q_vec, k_base + j * kv_row, head_dim);
             max_score = std::max(max_score, weights[j]);
           }
           double sum = 0.0;
@@ -140,7 +134,7 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* q, const T*
             double p_dot_dp = 0.0;
             for (int64_t j = 0; j < num_visible; ++j) {
               const double p = static_cast<double>(p_row[j]);
-              ds[j] = dot(dout_vec, v_base + j * kv_row, head_dim);
+              ds[j] = dot_double(dout_vec, v_base + j * kv_row, head_dim);
               p_dot_dp += p * ds[j];
               for (int64_t d = 0; d < head_dim; ++d) {
                 dv_acc[j * head_dim + d] += p * static_cast<double>(dout_vec[d]);

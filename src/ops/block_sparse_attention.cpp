@@ -7,19 +7,9 @@
 #include <vector>
 
 #include "core/error.h"
+#include "ops/dot.h"
 
 namespace moeforge::ops {
-
-namespace {
-
-template <typename T>
-double dot(const T* a, const T* b, int64_t len) {
-  double sum = 0.0;
-  for (int64_t i = 0; i < len; ++i) sum += static_cast<double>(a[i]) * static_cast<double>(b[i]);
-  return sum;
-}
-
-}  // namespace
 
 void check_sparse_attention_dims(const SparseAttentionDims& d, const char* what) {
   MF_CHECK(d.seq_len >= 0, "{}: seq_len must be non-negative, got {}", what, d.seq_len);
@@ -126,7 +116,8 @@ void block_sparse_attention_forward(T* out, T* lse, const T* q, const T* k, cons
         weights.resize(key_idx.size());
         double max_score = -INFINITY;
         for (size_t e = 0; e < key_idx.size(); ++e) {
-          weights[e] = scale * dot(q_vec, k + key_idx[e] * kv_row + kv_head * head_dim, head_dim);
+          weights[e] =
+              scale * dot_double(q_vec, k + key_idx[e] * kv_row + kv_head * head_dim, head_dim);
           max_score = std::max(max_score, weights[e]);
         }
         double sum = 0.0;

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "ops/dot.h"
 
 namespace moeforge::ops {
 
@@ -18,13 +19,6 @@ constexpr int64_t kBudgetDivisor = 128;
 
 int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
-}
-
-template <typename T>
-double dot(const T* a, const T* b, int64_t len) {
-  double sum = 0.0;
-  for (int64_t i = 0; i < len; ++i) sum += static_cast<double>(a[i]) * static_cast<double>(b[i]);
-  return sum;
 }
 
 // In place: x = softmax(x).
@@ -138,7 +132,7 @@ HeadSelection select_head(const T* q, const T* k, const std::vector<double>& k_m
     for (int64_t d = 0; d < head_dim; ++d) q_mean[d] += scale * static_cast<double>(q_vec[d]);
     probs.resize(position + 1);
     for (int64_t j = 0; j <= position; ++j) {
-      probs[j] = scale * dot(q_vec, k + j * kv_row + kv_head * head_dim, head_dim);
+      probs[j] = scale * dot_double(q_vec, k + j * kv_row + kv_head * head_dim, head_dim);
     }
     softmax(probs);
     for (int64_t j = 0; j <= position; ++j) {
@@ -167,7 +161,7 @@ HeadSelection select_head(const T* q, const T* k, const std::vector<double>& k_m
   // Step 4: pattern decision.
   std::vector<double> abar(nb);
   for (int64_t c = 0; c < nb; ++c) {
-    abar[c] = dot(q_mean.data(), k_means.data() + c * head_dim, head_dim);
+    abar[c] = dot_double(q_mean.data(), k_means.data() + c * head_dim, head_dim);
   }
   softmax(abar);
   stats.js_distance = js_distance(abar, vertical_blk);
@@ -201,7 +195,8 @@ HeadSelection select_head(const T* q, const T* k, const std::vector<double>& k_m
     for (int64_t r = 0; r < nb; ++r) {
       row_probs.resize(r + 1);
       for (int64_t c = 0; c <= r; ++c) {
-        row_probs[c] = dot(q_means.data() + r * head_dim, k_means.data() + c * head_dim, head_dim);
+        row_probs[c] =
+            dot_double(q_means.data() + r * head_dim, k_means.data() + c * head_dim, head_dim);
       }
       softmax(row_probs);
       std::copy(row_probs.begin(), row_probs.end(), block_probs.begin() + r * nb);
