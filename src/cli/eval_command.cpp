@@ -1,19 +1,65 @@
 // `moeforge eval`: validation loss, perplexity and bits per byte of a model on a dataset.
+// With --attention flex every window is scored as a prefill into a fresh KV cache
+// (Transformer::forward_prefill, FlexPrefill block-sparse attention), one window at a time; the
+// output adds a summary of the block selections over all windows.
 #include <fmt/format.h>
 
+#include "cli/attention_options.h"
 #include "cli/commands.h"
 #include "comm/communicator.h"
 #include "data/loader.h"
 #include "data/tokenizer.h"
 #include "model/model_io.h"
+#include "ops/cross_entropy.h"
 #include "train/evaluate.h"
 
 namespace moeforge::cli {
+namespace {
+
+// Block selection statistics summed over the windows of the sparse prefills.
+struct FlexEvalTotals {
+  double num_windows = 0.0;
+  double num_heads = 0.0;  // (window, layer, head) triples
+  double density_sum = 0.0;
+  double num_query_aware = 0.0;
+  double num_dense_fallback = 0.0;  // (window, layer) pairs
+};
+
+// The loss of each window of tokens/targets [batch, seq] from a prefill with the model's prefill
+// attention (aux and z losses are not computed; evaluation reads ce_loss and num_counted).
+LossBreakdown prefill_window_loss(Transformer<float>& model, const int32_t* tokens,
+                                  const int32_t* targets, int64_t batch, int64_t seq,
+                                  FlexEvalTotals& totals) {
+  const int64_t vocab = model.config().vocab_size;
+  std::vector<float> logits(static_cast<size_t>(seq * vocab)), losses(static_cast<size_t>(seq));
+  double ce_sum = 0.0;
+  LossBreakdown out;
+  for (int64_t b = 0; b < batch; ++b) {
+    KvCache<float> cache(model.config(), seq);
+    model.forward_prefill(tokens + b * seq, seq, cache, logits.data());
+    int64_t num_counted = 0;
+    ce_sum += ops::cross_entropy_forward(losses.data(), logits.data(), targets + b * seq, seq,
+                                         vocab, &num_counted);
+    out.num_counted += num_counted;
+    const PrefillStatsSummary summary = summarize_prefill_stats(model.prefill_stats());
+    totals.num_windows += 1.0;
+    totals.num_heads += static_cast<double>(summary.num_heads);
+    totals.density_sum += summary.mean_density * static_cast<double>(summary.num_heads);
+    totals.num_query_aware += static_cast<double>(summary.num_query_aware);
+    totals.num_dense_fallback += static_cast<double>(summary.num_dense_fallback);
+  }
+  out.ce_loss = out.num_counted > 0 ? ce_sum / static_cast<double>(out.num_counted) : 0.0;
+  out.loss = out.ce_loss;
+  return out;
+}
+
+}  // namespace
 
 void register_eval_command(CLI::App& app) {
   struct Options {
     std::string model, data, split = "val";
     int64_t seq_len = 256, batch_size = 8, max_batches = 0;
+    AttentionOptions attention;
   };
   auto opts = std::make_shared<Options>();
   CLI::App* cmd =
@@ -31,28 +77,57 @@ void register_eval_command(CLI::App& app) {
   cmd->add_option("--batch-size", opts->batch_size, "Windows per forward")->capture_default_str();
   cmd->add_option("--max-batches", opts->max_batches, "Stop after this many batches (0 = all)")
       ->capture_default_str();
+  add_attention_options(cmd, opts->attention);
   cmd->callback([opts] {
+    const PrefillAttention attention = parse_attention_options(opts->attention);
     const std::filesystem::path dir = resolve_model_dir(opts->model);
     SelfCommunicator self;
     const std::unique_ptr<Transformer<float>> loaded = load_transformer(dir, self);
     Transformer<float>& model = *loaded;
+    model.set_prefill_attention(attention);
     const data::TokenDataset dataset = data::TokenDataset::open(opts->data, opts->split);
     const auto tokenizer = data::load_tokenizer(opts->data);
-    const EvalResult r = evaluate(model, dataset, *tokenizer, opts->seq_len, opts->batch_size,
-                                  opts->max_batches, world_communicator());
+    Communicator& world = world_communicator();
+    FlexEvalTotals totals;
+    EvalResult r;
+    if (attention.flex) {
+      const ForwardFn forward = [&](const int32_t* tokens, const int32_t* targets, int64_t batch,
+                                    int64_t seq) {
+        return prefill_window_loss(model, tokens, targets, batch, seq, totals);
+      };
+      r = evaluate(forward, dataset, *tokenizer, opts->seq_len, opts->batch_size, opts->max_batches,
+                   world);
+      double sums[5] = {totals.num_windows, totals.num_heads, totals.density_sum,
+                        totals.num_query_aware, totals.num_dense_fallback};
+      world.all_reduce_sum(sums, 5);
+      totals = FlexEvalTotals{sums[0], sums[1], sums[2], sums[3], sums[4]};
+    } else {
+      r = evaluate(model, dataset, *tokenizer, opts->seq_len, opts->batch_size, opts->max_batches,
+                   world);
+    }
     const double unigram =
         unigram_baseline_loss(data::TokenDataset::open(opts->data, "train"), dataset);
-    if (world_communicator().rank() == 0) {
-      fmt::print("{}\n", nlohmann::json({{"model", opts->model},
-                                         {"data", opts->data},
-                                         {"split", opts->split},
-                                         {"loss", r.loss},
-                                         {"perplexity", r.perplexity},
-                                         {"bits_per_byte", r.bits_per_byte},
-                                         {"unigram_loss", unigram},
-                                         {"tokens", r.num_tokens},
-                                         {"bytes", r.num_bytes}})
-                             .dump());
+    if (world.rank() == 0) {
+      nlohmann::json out({{"model", opts->model},
+                          {"data", opts->data},
+                          {"split", opts->split},
+                          {"loss", r.loss},
+                          {"perplexity", r.perplexity},
+                          {"bits_per_byte", r.bits_per_byte},
+                          {"unigram_loss", unigram},
+                          {"tokens", r.num_tokens},
+                          {"bytes", r.num_bytes},
+                          {"attention", opts->attention.attention}});
+      if (attention.flex) {
+        out["attention_params"] = flex_prefill_params_json(attention.params);
+        out["attention_stats"] = {
+            {"windows", static_cast<int64_t>(totals.num_windows)},
+            {"mean_density", totals.num_heads > 0 ? totals.density_sum / totals.num_heads : 0.0},
+            {"query_aware_heads", static_cast<int64_t>(totals.num_query_aware)},
+            {"heads", static_cast<int64_t>(totals.num_heads)},
+            {"dense_fallback_layers", static_cast<int64_t>(totals.num_dense_fallback)}};
+      }
+      fmt::print("{}\n", out.dump());
     }
   });
 }

@@ -3,18 +3,22 @@
 
 #include <cstdio>
 
+#include "cli/attention_options.h"
 #include "cli/commands.h"
 #include "comm/communicator.h"
+#include "core/error.h"
 #include "data/tokenizer.h"
 #include "infer/generate.h"
+#include "io/atomic_file.h"
 #include "model/model_io.h"
 
 namespace moeforge::cli {
 
 void register_generate_command(CLI::App& app) {
   struct Options {
-    std::string model, prompt;
+    std::string model, prompt, attention_stats;
     GenerateOptions gen;
+    AttentionOptions attention;
     bool stats = false;
   };
   auto opts = std::make_shared<Options>();
@@ -34,12 +38,20 @@ void register_generate_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--seed", opts->gen.seed, "Sampling seed")->capture_default_str();
   cmd->add_flag("--stats", opts->stats, "Print timing statistics as JSON to stderr at the end");
+  add_attention_options(cmd, opts->attention);
+  cmd->add_option("--attention-stats", opts->attention_stats,
+                  "With --attention flex: write the prefill's per-layer and per-head block "
+                  "selection statistics to this JSON file");
   cmd->callback([opts] {
+    const PrefillAttention attention = parse_attention_options(opts->attention);
+    MF_CHECK(opts->attention_stats.empty() || attention.flex,
+             "--attention-stats needs --attention flex (dense attention selects no blocks)");
     const std::filesystem::path dir = resolve_model_dir(opts->model);
     const auto tokenizer = data::load_tokenizer(dir);
     SelfCommunicator self;
     const std::unique_ptr<Transformer<float>> loaded = load_transformer(dir, self);
     Transformer<float>& model = *loaded;
+    model.set_prefill_attention(attention);
     fmt::print("{}", opts->prompt);
     std::fflush(stdout);
     const GenerateResult result =
@@ -57,6 +69,16 @@ void register_generate_command(CLI::App& app) {
                  "\"decode_tokens_per_s\": {:.1f}}}\n",
                  result.prompt_tokens.size(), result.new_tokens.size(), result.prefill_seconds,
                  result.decode_seconds, decode_tps);
+    }
+    if (!opts->attention_stats.empty()) {
+      // A one-token prompt runs no sparse prefill: then "layers" is empty.
+      nlohmann::json json = prefill_stats_json(model.prefill_stats());
+      json["format_version"] = 1;
+      json["attention"] = opts->attention.attention;
+      json["params"] = flex_prefill_params_json(attention.params);
+      json["prompt_tokens"] = result.prompt_tokens.size();
+      json["sparse_prefill"] = !model.prefill_stats().empty();
+      io::write_file_atomic(opts->attention_stats, json.dump(2) + "\n");
     }
   });
 }

@@ -8,6 +8,7 @@
 #include "core/error.h"
 #include "core/rng.h"
 #include "ops/attention.h"
+#include "ops/block_sparse_attention.h"
 #include "ops/cross_entropy.h"
 #include "ops/elementwise.h"
 #include "ops/embedding.h"
@@ -226,6 +227,7 @@ void Transformer<T>::attention_forward(int64_t l, int64_t batch, int64_t seq, Kv
   const T* keys = a.k.data();
   const T* values = a.v.data();
   T* probs = a.probs.data();
+  const bool sparse = cache != nullptr && sparse_prefill_;  // see prefill_attention.h
   if (cache != nullptr) {
     MF_CHECK(batch == 1, "incremental decoding runs one sequence at a time, got batch {}", batch);
     MF_CHECK(cache->length + seq <= cache->capacity,
@@ -239,6 +241,7 @@ void Transformer<T>::attention_forward(int64_t l, int64_t batch, int64_t seq, Kv
     keys = ck.data();
     values = cv.data();
     probs = nullptr;
+    if (sparse) sparse_prefill_attention(l);
   } else if (ep_.size() > 1) {
     // Sequence -> heads: this rank's heads over the group's full sequences.
     const int64_t num_ranks = ep_.size();
@@ -262,13 +265,28 @@ void Transformer<T>::attention_forward(int64_t l, int64_t batch, int64_t seq, Kv
     a.probs.resize(batch * config_.num_heads * seq * seq);
     probs = a.probs.data();
   }
-  if (ep_.size() == 1) {
+  if (ep_.size() == 1 && !sparse) {
     ops::attention_forward(a.att.data(), probs, a.q.data(), keys, values, dims);
   }
 
   ops::linear_forward(a.residual_mid.data(), a.att.data(), p(o.o_proj),
                       static_cast<const T*>(nullptr), n, qd, h);
   ops::add_inplace(a.residual_mid.data(), a.residual_in.data(), n * h);
+}
+
+template <typename T>
+void Transformer<T>::sparse_prefill_attention(int64_t l) {
+  LayerActivations& a = acts_[static_cast<size_t>(l)];
+  // q [seq, num_heads, head_dim]; k, v [seq, num_kv_heads, head_dim] (batch 1, empty cache).
+  const ops::SparseAttentionDims dims{seq_, config_.num_heads, config_.num_kv_heads,
+                                      config_.head_dim};
+  ops::FlexPrefillSelection selection =
+      ops::flex_prefill_select(a.q.data(), a.k.data(), dims, prefill_attention_.params);
+  ops::block_sparse_attention_forward(a.att.data(), static_cast<T*>(nullptr), a.q.data(),
+                                      a.k.data(), a.v.data(), selection.layout, dims);
+  PrefillLayerStats& stats = prefill_stats_[static_cast<size_t>(l)];
+  stats.dense_fallback = selection.dense_fallback;
+  stats.head_stats = std::move(selection.head_stats);
 }
 
 template <typename T>
@@ -459,8 +477,13 @@ void Transformer<T>::backward(double dloss) {
 }
 
 template <typename T>
-void Transformer<T>::forward_incremental(const int32_t* tokens, int64_t num_new, KvCache<T>& cache,
-                                         T* last_logits) {
+void Transformer<T>::set_prefill_attention(const PrefillAttention& attention) {
+  check_prefill_attention(attention);
+  prefill_attention_ = attention;
+}
+
+template <typename T>
+void Transformer<T>::run_incremental(const int32_t* tokens, int64_t num_new, KvCache<T>& cache) {
   MF_CHECK(num_new > 0, "forward_incremental needs at least one token");
   MF_CHECK(
       ep_.size() == 1,
@@ -473,11 +496,28 @@ void Transformer<T>::forward_incremental(const int32_t* tokens, int64_t num_new,
              "token {} is outside the vocabulary [0, {})", tokens[i], config_.vocab_size);
   }
   std::copy(tokens, tokens + num_new, tokens_.begin());
+  sparse_prefill_ = prefill_attention_.flex && cache.length == 0 && num_new > 1;
+  if (sparse_prefill_) prefill_stats_.assign(static_cast<size_t>(config_.num_layers), {});
   run_layers(1, num_new, &cache);
+  sparse_prefill_ = false;
   cache.length += num_new;
+}
+
+template <typename T>
+void Transformer<T>::forward_incremental(const int32_t* tokens, int64_t num_new, KvCache<T>& cache,
+                                         T* last_logits) {
+  run_incremental(tokens, num_new, cache);
   const int64_t h = config_.hidden_size;
   ops::linear_forward(last_logits, lnf_.data() + (num_new - 1) * h, p(layout_.lm_head()),
                       static_cast<const T*>(nullptr), 1, h, config_.vocab_size);
+}
+
+template <typename T>
+void Transformer<T>::forward_prefill(const int32_t* tokens, int64_t num_new, KvCache<T>& cache,
+                                     T* logits) {
+  run_incremental(tokens, num_new, cache);
+  ops::linear_forward(logits, lnf_.data(), p(layout_.lm_head()), static_cast<const T*>(nullptr),
+                      num_new, config_.hidden_size, config_.vocab_size);
 }
 
 template struct KvCache<float>;

@@ -18,6 +18,10 @@
 // gradient through its local tokens only: for replicated weights (attention, norms, router,
 // embeddings, lm_head) the caller sums the gradients over the group to get the full gradient; each
 // rank's expert gradients cover its local experts (the others stay zero), so the sum is also exact.
+//
+// Inference (forward_incremental, forward_prefill) runs one sequence with a KvCache on one rank;
+// its prefills may attend block-sparsely (FlexPrefill, opt-in: set_prefill_attention and
+// prefill_attention.h), its decode steps always attend densely.
 #pragma once
 
 #include <cstdint>
@@ -28,6 +32,7 @@
 #include "model/model_config.h"
 #include "model/moe_ffn.h"
 #include "model/parameters.h"
+#include "model/prefill_attention.h"
 
 namespace moeforge {
 
@@ -80,6 +85,18 @@ class Transformer {
   // the cache, and writes the logits of the last of them to last_logits [vocab]. Single rank only.
   void forward_incremental(const int32_t* tokens, int64_t num_new, KvCache<T>& cache,
                            T* last_logits);
+  // The same, but writes the logits of all num_new positions to logits [num_new, vocab]: scores a
+  // whole window through the prefill attention (what `moeforge eval --attention flex` runs, one
+  // window per fresh cache). The training forward always attends densely.
+  void forward_prefill(const int32_t* tokens, int64_t num_new, KvCache<T>& cache, T* logits);
+
+  // Attention of the sparse prefills (prefill_attention.h says which calls are); dense by default.
+  // Throws moeforge::Error naming the field if the flex parameters are invalid.
+  void set_prefill_attention(const PrefillAttention& attention);
+  const PrefillAttention& prefill_attention() const { return prefill_attention_; }
+  // Per layer [num_layers] selection statistics of the last sparse prefill; later decode steps and
+  // dense calls keep them; empty until a sparse prefill ran.
+  const std::vector<PrefillLayerStats>& prefill_stats() const { return prefill_stats_; }
 
  private:
   struct LayerActivations {
@@ -95,6 +112,10 @@ class Transformer {
   };
 
   void resize_activations(int64_t batch, int64_t seq);
+  // Checks and runs num_new tokens at positions cache.length.. (batch 1); leaves lnf_ filled.
+  void run_incremental(const int32_t* tokens, int64_t num_new, KvCache<T>& cache);
+  // Block-sparse attention of a sparse prefill for one layer: a.q, a.k, a.v -> a.att.
+  void sparse_prefill_attention(int64_t layer_idx);
   // Runs the decoder layers and the final norm on x_ (n = batch * seq tokens); cache may be null.
   void run_layers(int64_t batch, int64_t seq, KvCache<T>* cache);
   void attention_forward(int64_t layer_idx, int64_t batch, int64_t seq, KvCache<T>* cache);
@@ -131,6 +152,9 @@ class Transformer {
   std::vector<T> lnf_, rstdf_, logits_, losses_;
   std::vector<T> send_, recv_;  // all-to-all packing buffers
   std::vector<MoeFfnStats> moe_stats_;
+  PrefillAttention prefill_attention_;
+  bool sparse_prefill_ = false;  // the running forward_incremental call is a sparse prefill
+  std::vector<PrefillLayerStats> prefill_stats_;
   LossBreakdown last_;
 };
 

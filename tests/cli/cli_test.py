@@ -203,6 +203,69 @@ class CliTest(unittest.TestCase):
         self.assertEqual(proc.returncode, 1)
         self.assertIn("expert_parallel", proc.stderr)
 
+    def test_flex_prefill_attention(self):
+        """generate and eval with --attention flex (FlexPrefill sparse prefill): the statistics JSON
+        has the documented keys, eval at gamma 1 with a full budget equals dense, and bad values
+        are clear errors naming the option."""
+        model_json = os.path.join(self.tmp, "flex-model.json")
+        with open(model_json, "w") as f:
+            json.dump(dict(TINY_MODEL, max_position_embeddings=512), f)
+        out = os.path.join(self.tmp, "flex-model")
+        run([MOEFORGE, "init", "--config", model_json, "--out", out, "--seed", "3", "--init-std", "0.5"])
+        shutil.copy(os.path.join(self.data, "moeforge_tokenizer.json"), out)
+        prompt = " ".join(["the quick brown fox jumps over a lazy dog"] * 8)  # > 300 byte tokens
+        sparse = ["--attention", "flex", "--gamma", "0.5", "--tau", "0.1", "--min-budget", "64",
+                  "--block-size", "64"]
+        stats_path = os.path.join(self.tmp, "flex-stats.json")
+        generate = [MOEFORGE, "generate", "--model", out, "--prompt", prompt, "--max-new-tokens", "4",
+                    "--temperature", "0"]
+        run(generate + sparse + ["--attention-stats", stats_path])
+        with open(stats_path) as f:
+            stats = json.load(f)
+        for key in ("format_version", "attention", "params", "prompt_tokens", "sparse_prefill",
+                    "mean_density", "query_aware_heads", "dense_fallback_layers", "layers"):
+            self.assertIn(key, stats)
+        self.assertEqual(stats["attention"], "flex")
+        self.assertEqual(stats["params"]["block_size"], 64)
+        self.assertGreater(stats["prompt_tokens"], 2 * 64)
+        self.assertTrue(stats["sparse_prefill"])
+        self.assertEqual(stats["dense_fallback_layers"], 0)
+        self.assertEqual(len(stats["layers"]), TINY_MODEL["num_hidden_layers"])
+        for layer in stats["layers"]:
+            self.assertFalse(layer["dense_fallback"])
+            self.assertEqual(len(layer["heads"]), TINY_MODEL["num_attention_heads"])
+            for head in layer["heads"]:
+                for key in ("head", "density", "query_aware", "js_distance", "num_vertical_blocks",
+                            "num_slash_blocks", "num_selected_blocks"):
+                    self.assertIn(key, head)
+                self.assertGreater(head["density"], 0.0)
+                self.assertLessEqual(head["density"], 1.0)
+        self.assertLessEqual(stats["mean_density"], 1.0)
+        for args in (["--gamma", "0"], ["--block-size", "100"], ["--attention", "sparse"],
+                     ["--min-budget", "0"]):
+            proc = run(generate + args, check=False)
+            self.assertEqual(proc.returncode, 1, args)
+            self.assertIn(args[0], proc.stderr)
+        evaluate = [MOEFORGE, "eval", "--model", out, "--data", self.data, "--seq-len", "200",
+                    "--batch-size", "2", "--max-batches", "1"]
+        dense = json.loads(run(evaluate).stdout)
+        full = json.loads(run(evaluate + ["--attention", "flex", "--gamma", "1", "--min-budget", "256",
+                                          "--block-size", "64"]).stdout)
+        for key in dense:
+            self.assertIn(key, full)
+        self.assertEqual(full["tokens"], dense["tokens"])
+        self.assertAlmostEqual(full["loss"], dense["loss"], delta=1e-5 * abs(dense["loss"]))
+        self.assertEqual(full["attention_stats"]["windows"], 2)
+        self.assertEqual(full["attention_stats"]["mean_density"], 1.0)
+        flex = json.loads(run(evaluate + sparse).stdout)
+        self.assertEqual(flex["attention_stats"]["dense_fallback_layers"], 0)
+        self.assertLessEqual(flex["attention_stats"]["mean_density"], 1.0)
+        self.assertIn("query_aware_heads", flex["attention_stats"])
+        self.assertNotEqual(flex["loss"], dense["loss"])
+        proc = run(evaluate + ["--tau", "-1"], check=False)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("--tau", proc.stderr)
+
 
 if __name__ == "__main__":
     MOEFORGE = sys.argv.pop(1)

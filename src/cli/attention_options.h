@@ -1,0 +1,28 @@
+// The prefill attention options shared by `moeforge generate` and `moeforge eval`:
+// --attention dense|flex --gamma --tau --min-budget --max-budget --block-size.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <cstdint>
+#include <string>
+
+#include "model/prefill_attention.h"
+
+namespace moeforge::cli {
+
+struct AttentionOptions {
+  std::string attention = "dense";
+  double gamma = 0.9;
+  double tau = 0.1;
+  int64_t min_budget = 1024;
+  int64_t max_budget = 0;
+  int64_t block_size = 128;
+};
+
+void add_attention_options(CLI::App* cmd, AttentionOptions& opts);
+
+// Throws moeforge::Error naming the option if a value is invalid (checked whatever --attention).
+PrefillAttention parse_attention_options(const AttentionOptions& opts);
+
+}  // namespace moeforge::cli
