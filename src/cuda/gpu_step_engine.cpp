@@ -40,10 +40,10 @@ class GpuStepEngine final : public StepEngine {
     return loss;
   }
 
-  void all_reduce_grads(Communicator& dp) override {
-    if (dp.size() == 1) return;
+  void all_reduce_grads(Communicator& comm, GradReduceDtype dtype) override {
+    if (comm.size() == 1) return;
     std::vector<float> grads = gpu_.download_grads();
-    dp.all_reduce_sum(grads.data(), grads.size());
+    all_reduce_gradients(grads.data(), grads.size(), comm, dtype);
     gpu_.upload_grads(grads);
   }
 

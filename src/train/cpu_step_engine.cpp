@@ -36,8 +36,8 @@ class CpuStepEngine final : public StepEngine {
     return loss;
   }
 
-  void all_reduce_grads(Communicator& dp) override {
-    dp.all_reduce_sum(model_.grads().data(), model_.grads().size());
+  void all_reduce_grads(Communicator& comm, GradReduceDtype dtype) override {
+    all_reduce_gradients(model_.grads().data(), model_.grads().size(), comm, dtype);
   }
 
   StepUpdate update(double lr, double max_norm, bool loss_finite) override {

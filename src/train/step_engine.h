@@ -15,6 +15,7 @@
 #include "model/transformer.h"
 #include "train/adamw.h"
 #include "train/evaluate.h"
+#include "train/grad_reduce.h"
 
 namespace moeforge {
 
@@ -38,8 +39,8 @@ class StepEngine {
   virtual LossBreakdown forward_backward(const int32_t* tokens, const int32_t* targets,
                                          int64_t batch, int64_t seq, double dloss,
                                          std::vector<MoeFfnStats>& stats) = 0;
-  // Sums the gradients over the data-parallel ranks.
-  virtual void all_reduce_grads(Communicator& dp) = 0;
+  // Sums the gradients over the ranks of comm, in fp32 or bf16-compressed (train/grad_reduce.h).
+  virtual void all_reduce_grads(Communicator& comm, GradReduceDtype dtype) = 0;
   // Clipping at max_norm and the AdamW step at lr; nothing changes when loss_finite is false or
   // the gradient norm is not finite.
   virtual StepUpdate update(double lr, double max_norm, bool loss_finite) = 0;

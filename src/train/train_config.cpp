@@ -281,6 +281,7 @@ TrainConfig parse_merged(const json& merged, const std::filesystem::path& base_d
 
   const SectionReader parallel(merged, "parallel");
   c.parallel.expert_parallel = parallel.get_int("expert_parallel");
+  c.parallel.grad_reduce_dtype = parallel.get_string("grad_reduce_dtype");
 
   validate_train_config(c);
   return c;
@@ -347,7 +348,9 @@ nlohmann::json train_config_to_json(const TrainConfig& c) {
         {"count", c.pma.count},
         {"method", c.pma.method},
         {"alpha", c.pma.alpha}}},
-      {"parallel", {{"expert_parallel", c.parallel.expert_parallel}}},
+      {"parallel",
+       {{"expert_parallel", c.parallel.expert_parallel},
+        {"grad_reduce_dtype", c.parallel.grad_reduce_dtype}}},
   };
 }
 
@@ -436,6 +439,9 @@ void validate_train_config(const TrainConfig& c) {
            c.optimizer.on_nonfinite);
   MF_CHECK(c.parallel.expert_parallel >= 1 && c.parallel.expert_parallel <= 1024,
            "parallel.expert_parallel must be in [1, 1024], got {}", c.parallel.expert_parallel);
+  MF_CHECK(c.parallel.grad_reduce_dtype == "fp32" || c.parallel.grad_reduce_dtype == "bf16",
+           "parallel.grad_reduce_dtype must be \"fp32\" or \"bf16\", got \"{}\"",
+           c.parallel.grad_reduce_dtype);
   MF_CHECK(c.data.seq_len % c.parallel.expert_parallel == 0,
            "data.seq_len ({}) must be divisible by parallel.expert_parallel ({}): each rank of a "
            "group holds an equal slice of every sequence",

@@ -108,6 +108,9 @@ struct PmaConfig {
 // parallelism); the world size divided by expert_parallel is the data-parallel degree.
 struct ParallelConfig {
   int64_t expert_parallel = 1;  // n = sp = ep
+  // The gradient sum over ranks: "fp32", or "bf16" (MegaScale-MoE's compressed all-to-all with an
+  // fp32 local sum; train/grad_reduce.h).
+  std::string grad_reduce_dtype = "fp32";
   bool operator==(const ParallelConfig&) const = default;
 };
 

@@ -169,6 +169,8 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   const int64_t accum = config.data.grad_accum_steps;
   const int64_t tokens_per_step = dp.size() * accum * micro * seq;
   const int64_t local_seq = seq / n;
+  const GradReduceDtype grad_reduce_dtype =
+      parse_grad_reduce_dtype(config.parallel.grad_reduce_dtype);
   // The engine's forward on this rank's slice of the sequences (evaluation windows included).
   const ForwardFn local_forward = [&, forward = engine->forward_fn()](
                                       const int32_t* tokens, const int32_t* targets, int64_t batch,
@@ -269,7 +271,7 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
     }
     // Over the whole world: the expert/sequence group's partial gradients (each rank's tokens,
     // each rank's experts) and the data-parallel replicas in one sum.
-    engine->all_reduce_grads(world);
+    engine->all_reduce_grads(world, grad_reduce_dtype);
     // Every rank of a group reports the group's loss: sum over data-parallel replicas only.
     dp.all_reduce_sum(loss_sums, 4);
     // Checked after the reductions, so that every rank takes the same decision (a NaN anywhere

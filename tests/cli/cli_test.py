@@ -171,6 +171,24 @@ class CliTest(unittest.TestCase):
 
 
     @unittest.skipUnless(os.environ.get("MOEFORGE_MPIEXEC"), "built without MPI")
+    def test_bf16_gradient_reduction_tracks_fp32(self):
+        """parallel.grad_reduce_dtype=bf16 (compressed all-to-all, fp32 local sum) over 2 ranks:
+        the same run as fp32 up to bf16 rounding of the exchanged gradients."""
+        mpirun = [os.environ["MOEFORGE_MPIEXEC"], "-np", "2", "--oversubscribe", "--allow-run-as-root"]
+        losses = {}
+        for dtype in ("fp32", "bf16"):
+            config = self.train_config(f"reduce-{dtype}", parallel__grad_reduce_dtype=dtype)
+            run(mpirun + [MOEFORGE, "train", "--config", config, "--no-progress"])
+            losses[dtype] = [m["loss"] for m in
+                             read_jsonl(os.path.join(self.tmp, f"reduce-{dtype}", "metrics.jsonl"))
+                             if "loss" in m]
+        self.assertEqual(len(losses["bf16"]), 6)
+        self.assertEqual(losses["fp32"][0], losses["bf16"][0])  # before any update
+        for a, b in zip(losses["fp32"], losses["bf16"]):
+            self.assertAlmostEqual(a, b, delta=1e-2 * abs(a))
+        self.assertNotEqual(losses["fp32"], losses["bf16"])
+
+    @unittest.skipUnless(os.environ.get("MOEFORGE_MPIEXEC"), "built without MPI")
     def test_expert_parallel_matches_one_rank(self):
         """sp = ep = 2 and 4 ranks (and dp = 2 x ep = 2) give the one-rank losses and gradient
         norms: the same global batch, split along the sequence and over the experts."""

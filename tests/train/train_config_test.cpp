@@ -266,6 +266,8 @@ TEST(TrainConfigTest, EveryInvalidValueIsNamedByItsKeyPath) {
       {"pma", "enabled", 1, "pma.enabled must be true or false, got 1"},
       {"parallel", "expert_parallel", 0, "parallel.expert_parallel must be in [1, 1024], got 0"},
       {"parallel", "expert_parallel", 3, "must be divisible by parallel.expert_parallel (3)"},
+      {"parallel", "grad_reduce_dtype", "fp8",
+       "parallel.grad_reduce_dtype must be \"fp32\" or \"bf16\", got \"fp8\""},
   };
   for (const Case& c : cases) {
     json j = kMinimal;
