@@ -86,6 +86,33 @@ void convert_to(DType src, const std::byte* in, Out* out, size_t n) {
 }
 
 // F16 and BF16 round through float, so a double input is rounded twice.
+// fp64 -> fp32 rounding to odd: the value truncated toward zero, its last bit set when inexact.
+// Rounding that to nearest even into a format of at most 22 significant bits (BF16: 8, F16: 11)
+// gives the same result as rounding the fp64 value there directly.
+float round_to_odd_float(double value) {
+  const float rounded = static_cast<float>(value);
+  if (std::isnan(value) || static_cast<double>(rounded) == value) return rounded;
+  // Inexact: step back toward zero if rounding went away from it (one less in the bit pattern is
+  // the next smaller magnitude, inf included), then set the last bit.
+  const bool away = std::fabs(static_cast<double>(rounded)) > std::fabs(value);
+  const uint32_t truncated = std::bit_cast<uint32_t>(rounded) - (away ? 1u : 0u);
+  return std::bit_cast<float>(truncated | 1u);
+}
+
+// One rounding into bf16 / f16 from float or double.
+uint16_t to_bf16(float value) {
+  return float_to_bf16(value);
+}
+uint16_t to_bf16(double value) {
+  return float_to_bf16(round_to_odd_float(value));
+}
+uint16_t to_half(float value) {
+  return float_to_half(value);
+}
+uint16_t to_half(double value) {
+  return float_to_half(round_to_odd_float(value));
+}
+
 template <typename In>
 void convert_from(DType dst, const In* in, std::byte* out, size_t n) {
   check_convertible(dst, "from");
@@ -97,10 +124,10 @@ void convert_from(DType dst, const In* in, std::byte* out, size_t n) {
       for (size_t i = 0; i < n; ++i) store(out + 8 * i, static_cast<double>(in[i]));
       break;
     case DType::kBF16:
-      for (size_t i = 0; i < n; ++i) store(out + 2 * i, float_to_bf16(static_cast<float>(in[i])));
+      for (size_t i = 0; i < n; ++i) store(out + 2 * i, to_bf16(in[i]));
       break;
     case DType::kF16:
-      for (size_t i = 0; i < n; ++i) store(out + 2 * i, float_to_half(static_cast<float>(in[i])));
+      for (size_t i = 0; i < n; ++i) store(out + 2 * i, to_half(in[i]));
       break;
     default: MF_FAIL("unreachable dtype {}", dtype_name(dst));
   }
@@ -208,6 +235,14 @@ void convert_to_double(DType src, const std::byte* in, double* out, size_t n) {
 
 void convert_from_float(DType dst, const float* in, std::byte* out, size_t n) {
   convert_from(dst, in, out, n);
+}
+
+uint16_t double_to_bf16(double value) {
+  return to_bf16(value);
+}
+
+uint16_t double_to_half(double value) {
+  return to_half(value);
 }
 
 void convert_from_double(DType dst, const double* in, std::byte* out, size_t n) {

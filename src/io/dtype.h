@@ -46,6 +46,10 @@ uint16_t float_to_bf16(float value);
 float half_to_float(uint16_t bits);
 // IEEE binary16 with round to nearest even, subnormals, inf and NaN.
 uint16_t float_to_half(float value);
+// Round to nearest even directly from fp64 (rounding through fp32 first could round twice).
+// Overflow gives inf, NaN stays NaN.
+uint16_t double_to_bf16(double value);
+uint16_t double_to_half(double value);
 
 // n elements of src (little-endian, any alignment) to float / double. Throws for dtypes that are
 // not F32/BF16/F16/F64.

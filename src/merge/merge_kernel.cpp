@@ -2,10 +2,7 @@
 // acc + w * x is a rounded product then a rounded sum on every machine.
 #include "merge/merge_kernel.h"
 
-#include <bit>
 #include <cfloat>
-#include <cmath>
-#include <cstring>
 #include <vector>
 
 #include "core/error.h"
@@ -17,19 +14,6 @@ static_assert(
     "the pinned merge arithmetic needs float and double evaluated in their own precision");
 
 namespace {
-
-// fp64 -> fp32 rounding to odd: the value truncated toward zero, its last bit set when inexact.
-// Rounding that to nearest even into a format of at most 22 significant bits (BF16: 8, F16: 11)
-// gives the same result as rounding the fp64 value there directly.
-float round_to_odd_float(double value) {
-  const float rounded = static_cast<float>(value);
-  if (std::isnan(value) || static_cast<double>(rounded) == value) return rounded;
-  // Inexact: step back toward zero if rounding went away from it (one less in the bit pattern is
-  // the next smaller magnitude, inf included), then set the last bit.
-  const bool away = std::fabs(static_cast<double>(rounded)) > std::fabs(value);
-  const uint32_t truncated = std::bit_cast<uint32_t>(rounded) - (away ? 1u : 0u);
-  return std::bit_cast<float>(truncated | 1u);
-}
 
 template <typename Acc>
 void load_block(io::DType in_dtype, const std::byte* in, Acc* out, size_t n) {
@@ -45,21 +29,7 @@ void store_block(io::DType out_dtype, const float* acc, std::byte* out, size_t n
 }
 
 void store_block(io::DType out_dtype, const double* acc, std::byte* out, size_t n) {
-  switch (out_dtype) {
-    case io::DType::kBF16:
-      for (size_t j = 0; j < n; ++j) {
-        const uint16_t bits = double_to_bf16(acc[j]);
-        std::memcpy(out + 2 * j, &bits, 2);
-      }
-      break;
-    case io::DType::kF16:
-      for (size_t j = 0; j < n; ++j) {
-        const uint16_t bits = double_to_half(acc[j]);
-        std::memcpy(out + 2 * j, &bits, 2);
-      }
-      break;
-    default: io::convert_from_double(out_dtype, acc, out, n); break;  // F32, F64: one rounding
-  }
+  io::convert_from_double(out_dtype, acc, out, n);  // one rounding into every output dtype
 }
 
 template <typename Acc>
@@ -87,14 +57,6 @@ void merge_typed(std::span<const std::byte* const> inputs, io::DType in_dtype,
 }
 
 }  // namespace
-
-uint16_t double_to_bf16(double value) {
-  return io::float_to_bf16(round_to_odd_float(value));
-}
-
-uint16_t double_to_half(double value) {
-  return io::float_to_half(round_to_odd_float(value));
-}
 
 void merge_elements(std::span<const std::byte* const> inputs, io::DType in_dtype,
                     std::span<const double> weights, Accumulate accumulate, io::DType out_dtype,

@@ -22,9 +22,4 @@ void merge_elements(std::span<const std::byte* const> inputs, io::DType in_dtype
                     std::span<const double> weights, Accumulate accumulate, io::DType out_dtype,
                     int64_t numel, std::byte* out);
 
-// Round to nearest even directly from fp64 (rounding through fp32 first could round twice).
-// Overflow gives inf, NaN stays NaN.
-uint16_t double_to_bf16(double value);
-uint16_t double_to_half(double value);
-
 }  // namespace moeforge::merge

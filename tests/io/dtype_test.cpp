@@ -201,5 +201,24 @@ TEST(Convert, RejectsNonFloatingDtypes) {
   expect_error([&] { convert_to_double(DType::kU8, buffer.data(), out_double, 2); }, {"U8"});
 }
 
+TEST(ConvertFromDouble, RoundsOnceIntoBf16AndHalf) {
+  // Halfway in fp32 after rounding once, just above halfway in fp64: rounding through fp32 would
+  // round down to even; one rounding from fp64 rounds up.
+  const double values[] = {1.0 + 0x1p-8 + 0x1p-40, -(1.0 + 0x1p-8 + 0x1p-40),
+                           1.0 + 0x1p-11 + 0x1p-40};
+  std::vector<std::byte> bf16(2 * 3), half(2 * 3);
+  convert_from_double(DType::kBF16, values, bf16.data(), 3);
+  convert_from_double(DType::kF16, values, half.data(), 3);
+  uint16_t bits[3];
+  std::memcpy(bits, bf16.data(), sizeof(bits));
+  EXPECT_EQ(bits[0], 0x3F81);
+  EXPECT_EQ(bits[1], 0xBF81);
+  EXPECT_EQ(float_to_bf16(static_cast<float>(values[0])), 0x3F80);  // what two roundings give
+  std::memcpy(bits, half.data(), sizeof(bits));
+  EXPECT_EQ(bits[2], 0x3C01);
+  EXPECT_EQ(double_to_bf16(std::numeric_limits<double>::infinity()), 0x7F80);
+  EXPECT_TRUE(std::isnan(bf16_to_float(double_to_bf16(std::nan("")))));
+}
+
 }  // namespace
 }  // namespace moeforge::io

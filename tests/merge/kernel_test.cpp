@@ -85,26 +85,26 @@ TEST(MergeKernel, Fp64RoundsStraightToBf16AndHalf) {
   // Just above the midpoint between two BF16 (F16) neighbours: nearest is the upper one, but
   // rounding to fp32 first lands exactly on the midpoint, which then rounds to even (down).
   const double bf16_case = 1.0 + 0x1p-8 + 0x1p-40;
-  EXPECT_EQ(double_to_bf16(bf16_case), 0x3F81);
+  EXPECT_EQ(io::double_to_bf16(bf16_case), 0x3F81);
   EXPECT_EQ(io::float_to_bf16(static_cast<float>(bf16_case)), 0x3F80);
-  EXPECT_EQ(double_to_bf16(-bf16_case), 0xBF81);
+  EXPECT_EQ(io::double_to_bf16(-bf16_case), 0xBF81);
   const double half_case = 1.0 + 0x1p-11 + 0x1p-40;
-  EXPECT_EQ(double_to_half(half_case), 0x3C01);
+  EXPECT_EQ(io::double_to_half(half_case), 0x3C01);
   EXPECT_EQ(io::float_to_half(static_cast<float>(half_case)), 0x3C00);
   // Exact ties go to even; overflow to inf; tiny values keep their sign; NaN stays NaN.
-  EXPECT_EQ(double_to_bf16(1.0 + 0x1p-8), 0x3F80);
-  EXPECT_EQ(double_to_bf16(1.0 + 3 * 0x1p-8), 0x3F82);
-  EXPECT_EQ(double_to_bf16(1e300), 0x7F80);
-  EXPECT_EQ(double_to_bf16(-1e300), 0xFF80);
-  EXPECT_EQ(double_to_half(1e10), 0x7C00);
-  EXPECT_EQ(double_to_half(65519.0), 0x7BFF);
-  EXPECT_EQ(double_to_half(65520.0), 0x7C00);
-  EXPECT_EQ(double_to_bf16(-1e-300), 0x8000);
-  EXPECT_TRUE(std::isnan(io::bf16_to_float(double_to_bf16(std::nan("")))));
+  EXPECT_EQ(io::double_to_bf16(1.0 + 0x1p-8), 0x3F80);
+  EXPECT_EQ(io::double_to_bf16(1.0 + 3 * 0x1p-8), 0x3F82);
+  EXPECT_EQ(io::double_to_bf16(1e300), 0x7F80);
+  EXPECT_EQ(io::double_to_bf16(-1e300), 0xFF80);
+  EXPECT_EQ(io::double_to_half(1e10), 0x7C00);
+  EXPECT_EQ(io::double_to_half(65519.0), 0x7BFF);
+  EXPECT_EQ(io::double_to_half(65520.0), 0x7C00);
+  EXPECT_EQ(io::double_to_bf16(-1e-300), 0x8000);
+  EXPECT_TRUE(std::isnan(io::bf16_to_float(io::double_to_bf16(std::nan("")))));
   // BF16 subnormals (unit 2^-133): half a unit ties to 0, a hair more rounds up.
-  EXPECT_EQ(double_to_bf16(0x1p-134), 0x0000);
-  EXPECT_EQ(double_to_bf16(0x1p-134 + 0x1p-170), 0x0001);
-  EXPECT_EQ(double_to_bf16(1.5 * 0x1p-133), 0x0002);
+  EXPECT_EQ(io::double_to_bf16(0x1p-134), 0x0000);
+  EXPECT_EQ(io::double_to_bf16(0x1p-134 + 0x1p-170), 0x0001);
+  EXPECT_EQ(io::double_to_bf16(1.5 * 0x1p-133), 0x0002);
 }
 
 // Round to nearest even by scaling: the value over its unit in the last place of the target format
@@ -126,10 +126,10 @@ TEST(MergeKernel, Fp64RoundingMatchesAnExactReference) {
     const double bf16 = nearest_on_grid(value, 7, -126);
     const uint16_t expected_bf16 =
         static_cast<uint16_t>(std::bit_cast<uint32_t>(static_cast<float>(bf16)) >> 16);
-    ASSERT_EQ(double_to_bf16(value), expected_bf16) << std::hexfloat << value;
+    ASSERT_EQ(io::double_to_bf16(value), expected_bf16) << std::hexfloat << value;
     if (std::fabs(value) < 65504.0) {
       const double half = nearest_on_grid(value, 10, -14);
-      ASSERT_EQ(io::half_to_float(double_to_half(value)), static_cast<float>(half))
+      ASSERT_EQ(io::half_to_float(io::double_to_half(value)), static_cast<float>(half))
           << std::hexfloat << value;
     }
   }
