@@ -125,15 +125,8 @@ void run_bench_train(const BenchOptions& opt) {
   fmt::print(stderr, "bench train: {} parameters ({} active), {} x {} tokens per step\n",
              layout.num_params(), layout.num_active_params(), opt.micro_batch, opt.seq);
   {
-    Rng rng(opt.seed);
     std::vector<float> params(static_cast<size_t>(layout.num_params()));
-    for (const ParamSpec& spec : layout.specs()) {
-      const bool is_norm = is_norm_param(spec.name);
-      for (int64_t i = 0; i < spec.numel; ++i) {
-        params[static_cast<size_t>(spec.offset + i)] =
-            is_norm ? 1.0f : static_cast<float>(rng.normal() * 0.02);
-      }
-    }
+    init_random_params(layout, opt.seed, 0.02, params.data());
     model.upload_params(params);
   }
   cuda::GpuAdamW optimizer(model, AdamWHyper{}, {"norm", "bias"});

@@ -13,10 +13,10 @@ namespace moeforge::cuda {
 GpuAdamW::GpuAdamW(GpuTransformer& model, const AdamWHyper& hyper,
                    const std::vector<std::string>& no_decay_substrings)
     : model_(model), hyper_(hyper) {
-  const AdamW reference(model.layout(), hyper, no_decay_substrings);
+  const std::vector<uint8_t> decays = decay_flags(model.layout(), no_decay_substrings);
   const std::vector<ParamSpec>& specs = model.layout().specs();
   for (size_t i = 0; i < specs.size(); ++i) {
-    const bool decay = reference.decays(i);
+    const bool decay = decays[i] != 0;
     if (!runs_.empty() && runs_.back().decay == decay &&
         runs_.back().begin + runs_.back().count == specs[i].offset) {
       runs_.back().count += specs[i].numel;

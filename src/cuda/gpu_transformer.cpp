@@ -128,12 +128,16 @@ void GpuTransformer::synchronize() const {
   MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
-void GpuTransformer::upload_params(const std::vector<float>& host) {
+void GpuTransformer::upload_flat(DeviceBuffer<float>& dst, const std::vector<float>& host,
+                                 const char* what) {
   MF_CHECK(static_cast<int64_t>(host.size()) == layout_.num_params(),
-           "upload_params: {} values for a model of {} parameters", host.size(),
-           layout_.num_params());
+           "{}: {} values for a model of {} parameters", what, host.size(), layout_.num_params());
   MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  params_.upload(host);
+  dst.upload(host);
+}
+
+void GpuTransformer::upload_params(const std::vector<float>& host) {
+  upload_flat(params_, host, "upload_params");
   refresh_bf16_params();
 }
 
@@ -153,11 +157,7 @@ std::vector<float> GpuTransformer::download_grads() const {
 }
 
 void GpuTransformer::upload_grads(const std::vector<float>& host) {
-  MF_CHECK(static_cast<int64_t>(host.size()) == layout_.num_params(),
-           "upload_grads: {} values for a model of {} parameters", host.size(),
-           layout_.num_params());
-  MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  grads_.upload(host);
+  upload_flat(grads_, host, "upload_grads");
 }
 
 void GpuTransformer::zero_grads() {

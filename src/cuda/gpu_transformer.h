@@ -85,6 +85,8 @@ class GpuTransformer {
   struct Scratch;
 
   void resize(int64_t batch, int64_t seq);
+  // Checks the size of a flat [num_params] host array and copies it into dst.
+  void upload_flat(DeviceBuffer<float>& dst, const std::vector<float>& host, const char* what);
   void attention_forward(int64_t l, int64_t batch, int64_t seq);
   void attention_backward(int64_t l, int64_t batch, int64_t seq);
   void moe_forward(int64_t l);

@@ -7,6 +7,7 @@
 #include <initializer_list>
 
 #include "core/error.h"
+#include "core/rng.h"
 
 namespace moeforge {
 
@@ -175,5 +176,27 @@ const ParamSpec* ParameterLayout::find(const std::string& name) const {
   auto it = index_.find(name);
   return it == index_.end() ? nullptr : &specs_[it->second];
 }
+
+template <typename T>
+void init_random_params(const ParameterLayout& layout, uint64_t seed, double std, T* params) {
+  Rng rng(seed);
+  for (const ParamSpec& spec : layout.specs()) {
+    T* w = params + spec.offset;
+    const bool is_norm = is_norm_param(spec.name);
+    const bool is_bias = spec.shape.size() == 1 && !is_norm;
+    for (int64_t i = 0; i < spec.numel; ++i) {
+      if (is_norm) {
+        w[i] = T(1);
+      } else if (is_bias) {
+        w[i] = T(0);
+      } else {
+        w[i] = static_cast<T>(rng.normal() * std);
+      }
+    }
+  }
+}
+
+template void init_random_params<float>(const ParameterLayout&, uint64_t, double, float*);
+template void init_random_params<double>(const ParameterLayout&, uint64_t, double, double*);
 
 }  // namespace moeforge

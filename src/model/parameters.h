@@ -68,6 +68,11 @@ class ParameterLayout {
 // overflow checks and without building the layout; nullopt when it does not fit int64_t.
 std::optional<int64_t> count_params(const ModelConfig& config);
 
+// The initial weights of a model: Normal(0, std) for matrices and embeddings, 1 for norms, 0 for
+// biases, drawn in layout order from Rng(seed), into params [layout.num_params()].
+template <typename T>
+void init_random_params(const ParameterLayout& layout, uint64_t seed, double std, T* params);
+
 // True for the parameters that RMSNorm owns (their HF names end in "norm.weight" or
 // "layernorm.weight").
 bool is_norm_param(const std::string& name);

@@ -6,7 +6,6 @@
 #include <cstring>
 
 #include "core/error.h"
-#include "core/rng.h"
 #include "ops/attention.h"
 #include "ops/block_sparse_attention.h"
 #include "ops/cross_entropy.h"
@@ -45,20 +44,7 @@ Transformer<T>::Transformer(const ModelConfig& config, Communicator& ep)
 
 template <typename T>
 void Transformer<T>::init_random(uint64_t seed, double std) {
-  Rng rng(seed);
-  for (const ParamSpec& spec : layout_.specs()) {
-    T* w = params_.data() + spec.offset;
-    const bool is_bias = spec.shape.size() == 1 && !is_norm_param(spec.name);
-    for (int64_t i = 0; i < spec.numel; ++i) {
-      if (is_norm_param(spec.name)) {
-        w[i] = T(1);
-      } else if (is_bias) {
-        w[i] = T(0);
-      } else {
-        w[i] = static_cast<T>(rng.normal() * std);
-      }
-    }
-  }
+  init_random_params(layout_, seed, std, params_.data());
 }
 
 template <typename T>

@@ -12,13 +12,20 @@ AdamW::AdamW(const ParameterLayout& layout, const AdamWHyper& hyper,
       hyper_(hyper),
       exp_avg_(static_cast<size_t>(layout.num_params()), 0.0f),
       exp_avg_sq_(static_cast<size_t>(layout.num_params()), 0.0f) {
+  decay_ = decay_flags(layout, no_decay_substrings);
+}
+
+std::vector<uint8_t> decay_flags(const ParameterLayout& layout,
+                                 const std::vector<std::string>& no_decay_substrings) {
+  std::vector<uint8_t> flags;
   for (const ParamSpec& spec : layout.specs()) {
     bool decay = true;
     for (const std::string& s : no_decay_substrings) {
       if (spec.name.find(s) != std::string::npos) decay = false;
     }
-    decay_.push_back(decay ? 1 : 0);
+    flags.push_back(decay ? 1 : 0);
   }
+  return flags;
 }
 
 void AdamW::step(float* params, const float* grads, double lr) {

@@ -18,6 +18,11 @@ struct AdamWHyper {
   double weight_decay = 0.1;
 };
 
+// Per ParamSpec of layout: 1 when the tensor decays, 0 when its name contains any of
+// no_decay_substrings.
+std::vector<uint8_t> decay_flags(const ParameterLayout& layout,
+                                 const std::vector<std::string>& no_decay_substrings);
+
 class AdamW {
  public:
   // Tensors whose name contains any of no_decay_substrings get no weight decay.
