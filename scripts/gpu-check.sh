@@ -2,11 +2,14 @@
 # The GPU machine's check, in stages that fit the device tool's 10-minute calls:
 #   build     configure and build with CUDA (sm_90a) into build-gpu
 #   test      the whole test suite there (the CUDA tests must find a GPU), one OpenMP thread each
+#   cuda-test only the GPU tests: the CUDA test binary and the CPU-vs-GPU loss-curve test (faster)
+#   sanitize  compute-sanitizer memcheck over the CUDA test binary, racecheck over our own kernels
+#   lab       `moeforge bench gemm`: the expert GEMM candidates against a dense GEMM
 #   oracle    the Hugging Face oracle (scripts/hf_oracle.py) against the installed transformers
 #   bench     `moeforge bench train` on configs/bench/moe-1.8b-a0.4b.json (recompute modes from
-#             BENCH_RECOMPUTE, default "none selective"), `moeforge bench gemm`, then the PyTorch
-#             baseline of ../shared/anchors (torch.compile + grouped_mm) in the same run
-#   all       build, test, oracle, bench
+#             BENCH_RECOMPUTE, default "none selective"), then the PyTorch baseline of
+#             ../shared/anchors (torch.compile + grouped_mm) in the same run
+#   all       build, test, sanitize, oracle, lab, bench
 # Usage: scripts/gpu-check.sh [stage...] (default: all). Outputs land in $OUT
 # (default /tmp/moeforge-gpu-check). The cuDNN frontend headers come from scripts/setup.sh
 # (.deps/cudnn-frontend); the machine has no registry access, so carry .deps there.
@@ -17,7 +20,7 @@ OUT=${OUT:-/tmp/moeforge-gpu-check}
 mkdir -p "$OUT"
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(all)
-[ "${stages[0]}" = all ] && stages=(build test oracle bench)
+[ "${stages[0]}" = all ] && stages=(build test sanitize oracle lab bench)
 
 rc=0
 for stage in "${stages[@]}"; do
@@ -50,6 +53,40 @@ for stage in "${stages[@]}"; do
       python3 tests/cuda/train_curve_test.py build-gpu/moeforge . > "$OUT/train_curve.txt" 2>&1 || rc=1
       [ "$test_rc" -eq 0 ] || rc=1
       ;;
+    cuda-test)
+      set +e
+      MOEFORGE_EXPECT_GPU=1 build-gpu/tests/cuda_tests > "$OUT/cuda_tests.txt" 2>&1
+      cuda_rc=$?
+      set -e
+      grep -E "PASSED|FAILED|Failure" "$OUT/cuda_tests.txt" | tail -n 20
+      [ "$cuda_rc" -eq 0 ] || rc=1
+      MOEFORGE_EXPECT_GPU=1 python3 tests/cuda/train_curve_test.py build-gpu/moeforge . \
+        > "$OUT/train_curve.txt" 2>&1 || rc=1
+      tail -n 4 "$OUT/train_curve.txt"
+      ;;
+    sanitize)
+      sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2> /dev/null | head -n 1 || true)
+      if [ -z "$sanitizer" ]; then
+        echo "compute-sanitizer not found"
+        rc=1
+        continue
+      fi
+      # memcheck: every GPU test but the allocator's out-of-memory test, whose failing cudaMalloc
+      # is on purpose (memcheck reports it as an API error). racecheck (shared-memory hazards) is
+      # slow on the library kernels (cuBLAS, cuDNN, CUTLASS), so it covers our own kernels' tests.
+      MOEFORGE_EXPECT_GPU=1 "$sanitizer" --tool memcheck --error-exitcode 1 build-gpu/tests/cuda_tests \
+        --gtest_filter='-DeviceAllocator.ThrowsAnErrorWhenTheDeviceIsOutOfMemory' \
+        > "$OUT/memcheck.txt" 2>&1 || rc=1
+      tail -n 3 "$OUT/memcheck.txt"
+      MOEFORGE_EXPECT_GPU=1 "$sanitizer" --tool racecheck --error-exitcode 1 build-gpu/tests/cuda_tests \
+        --gtest_filter='-*GpuTransformer*:AttentionCuda.*:BlasCuda.*:GroupedGemm*' \
+        > "$OUT/racecheck.txt" 2>&1 || rc=1
+      tail -n 3 "$OUT/racecheck.txt"
+      ;;
+    lab)
+      build-gpu/moeforge bench gemm > "$OUT/bench_gemm.json" 2>&1 || rc=1
+      cat "$OUT/bench_gemm.json"
+      ;;
     oracle)
       # moeforge's fp32 CPU reference, then its bf16 CUDA backend, against transformers on the GPU.
       for moeforge_device in cpu cuda; do
@@ -66,8 +103,6 @@ for stage in "${stages[@]}"; do
           2> "$OUT/bench_train_$recompute.log" || { tail -n 20 "$OUT/bench_train_$recompute.log"; rc=1; }
         cat "$OUT/bench_train_$recompute.json"
       done
-      build-gpu/moeforge bench gemm > "$OUT/bench_gemm.json" 2>&1 || rc=1
-      cat "$OUT/bench_gemm.json"
       baseline=${TORCH_BASELINE:-}
       for candidate in ../shared/anchors/torch_moe_baseline.py .gpu-carry/torch_moe_baseline.py; do
         [ -z "$baseline" ] && [ -f "$candidate" ] && baseline=$candidate
@@ -82,7 +117,7 @@ for stage in "${stages[@]}"; do
       fi
       ;;
     *)
-      echo "unknown stage $stage (build, test, oracle, bench, all)" >&2
+      echo "unknown stage $stage (build, test, cuda-test, sanitize, lab, oracle, bench, all)" >&2
       exit 2
       ;;
   esac

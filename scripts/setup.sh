@@ -61,3 +61,24 @@ else
   find "$cudnn_frontend_dir" -mindepth 1 -maxdepth 1 ! -name include -exec rm -rf {} +
   echo "$cudnn_frontend_version" > "$cudnn_frontend_dir/VERSION"
 fi
+
+# CUTLASS C++ headers (header-only; the CUDA backend's grouped GEMM for the experts on Hopper) from
+# PyPI's nvidia-cutlass wheel, which carries them under cutlass_library/source: include/ and the
+# utilities' tools/util/include/cutlass/util, merged into .deps/cutlass/include; nothing else of the
+# wheel is kept. Pinned like the cuDNN frontend.
+cutlass_version=4.2.0.0
+cutlass_dir="$repo_dir/.deps/cutlass"
+if [ -f "$cutlass_dir/include/cutlass/util/packed_stride.hpp" ] &&
+  grep -qx "$cutlass_version" "$cutlass_dir/VERSION" 2>/dev/null; then
+  echo "setup: CUTLASS $cutlass_version headers present"
+else
+  echo "setup: installing CUTLASS $cutlass_version headers into $cutlass_dir"
+  rm -rf "$cutlass_dir"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps \
+    --target "$cutlass_dir/wheel" "nvidia-cutlass==$cutlass_version"
+  mv "$cutlass_dir/wheel/cutlass_library/source/include" "$cutlass_dir/include"
+  mv "$cutlass_dir/wheel/cutlass_library/source/tools/util/include/cutlass/util" \
+    "$cutlass_dir/include/cutlass/util"
+  rm -rf "$cutlass_dir/wheel"
+  echo "$cutlass_version" > "$cutlass_dir/VERSION"
+fi

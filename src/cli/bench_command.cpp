@@ -1,5 +1,6 @@
 // `moeforge bench train`: training-step throughput of a model config on one GPU with random
 // tokens: tokens/s, MFU (the anchors.md formula), peak device memory and the GPU time per phase.
+// `moeforge bench gemm`: the kernel lab of the expert GEMMs (cuda/gemm_lab.h).
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
@@ -11,6 +12,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/rng.h"
+#include "cuda/gemm_lab.h"
 #include "model/model_config.h"
 #include "model/parameters.h"
 
@@ -36,85 +38,7 @@ struct BenchOptions {
   std::string recompute = "none";
 };
 
-struct GemmBenchOptions {
-  int64_t tokens = 16384;
-  int64_t hidden = 2048;
-  int64_t expert_ffn = 2048;
-  int64_t num_experts = 16;
-  int64_t top_k = 2;
-  int64_t repeats = 20;
-  uint64_t seed = 7;
-};
-
 #if MOEFORGE_HAVE_CUDA
-// Median milliseconds of fn over repeats (after one warm-up), timed with CUDA events.
-template <typename Fn>
-double median_ms(int64_t repeats, Fn&& fn) {
-  cudaEvent_t start = nullptr, stop = nullptr;
-  MF_CUDA_CHECK(cudaEventCreate(&start));
-  MF_CUDA_CHECK(cudaEventCreate(&stop));
-  fn();
-  std::vector<double> times;
-  for (int64_t i = 0; i < repeats; ++i) {
-    MF_CUDA_CHECK(cudaEventRecord(start, nullptr));
-    fn();
-    MF_CUDA_CHECK(cudaEventRecord(stop, nullptr));
-    MF_CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0.0f;
-    MF_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    times.push_back(ms);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
-
-// The expert GEMM (rows of every expert against its [ffn, hidden] weight, one cuBLASLt call per
-// expert, as GpuTransformer runs it) against one dense GEMM of the same FLOPs.
-void run_bench_gemm(const GemmBenchOptions& opt) {
-  const int64_t rows = opt.tokens * opt.top_k;
-  // Row counts of a random routing (each assignment to a uniform expert).
-  Rng rng(opt.seed);
-  std::vector<int64_t> counts(static_cast<size_t>(opt.num_experts), 0);
-  for (int64_t r = 0; r < rows; ++r) ++counts[rng.below(opt.num_experts)];
-  cuda::DeviceBuffer<cuda::bf16> x(static_cast<size_t>(rows * opt.hidden));
-  cuda::DeviceBuffer<cuda::bf16> w(
-      static_cast<size_t>(opt.num_experts * opt.expert_ffn * opt.hidden));
-  cuda::DeviceBuffer<cuda::bf16> y(static_cast<size_t>(rows * opt.expert_ffn));
-  cuda::zero_device(x.data(), x.bytes(), nullptr);
-  cuda::zero_device(w.data(), w.bytes(), nullptr);
-  cuda::Blas blas;
-  const double flops = 2.0 * static_cast<double>(rows * opt.hidden * opt.expert_ffn);
-  const double grouped = median_ms(opt.repeats, [&] {
-    int64_t begin = 0;
-    for (int64_t e = 0; e < opt.num_experts; ++e) {
-      const int64_t count = counts[static_cast<size_t>(e)];
-      blas.linear_forward(y.data() + begin * opt.expert_ffn, cuda::OutType::kBf16,
-                          x.data() + begin * opt.hidden, w.data() + e * opt.expert_ffn * opt.hidden,
-                          nullptr, count, opt.hidden, opt.expert_ffn, false, nullptr);
-      begin += count;
-    }
-  });
-  const double dense = median_ms(opt.repeats, [&] {
-    blas.linear_forward(y.data(), cuda::OutType::kBf16, x.data(), w.data(), nullptr, rows,
-                        opt.hidden, opt.expert_ffn, false, nullptr);
-  });
-  const auto [min_it, max_it] = std::minmax_element(counts.begin(), counts.end());
-  nlohmann::json out{{"rows", rows},
-                     {"hidden", opt.hidden},
-                     {"expert_ffn", opt.expert_ffn},
-                     {"num_experts", opt.num_experts},
-                     {"rows_per_expert_min", *min_it},
-                     {"rows_per_expert_max", *max_it},
-                     {"grouped_ms", grouped},
-                     {"grouped_tflops", flops / (grouped * 1e9)},
-                     {"dense_ms", dense},
-                     {"dense_tflops", flops / (dense * 1e9)},
-                     {"grouped_over_dense", grouped / dense}};
-  fmt::print("{}\n", out.dump());
-}
-
 void run_bench_train(const BenchOptions& opt) {
   const ModelConfig config = load_model_config(opt.config);
   MF_CHECK(opt.steps > 0 && opt.warmup >= 0, "--steps must be positive and --warmup >= 0");
@@ -174,6 +98,7 @@ void run_bench_train(const BenchOptions& opt) {
   nlohmann::json out{
       {"config", opt.config},
       {"recompute", opt.recompute},
+      {"expert_gemms", model.grouped_expert_gemms() ? "cutlass_grouped" : "cublaslt_per_expert"},
       {"num_params", layout.num_params()},
       {"num_active_params", layout.num_active_params()},
       {"tokens_per_step", n},
@@ -230,21 +155,26 @@ void register_bench_command(CLI::App& app) {
 #endif
   });
 
-  auto gemm_opt = std::make_shared<GemmBenchOptions>();
+  // gemm_lab.h declares plain options (no CUDA types), so CPU builds parse them too.
+  auto gemm_opt = std::make_shared<cuda::GemmLabOptions>();
   CLI::App* gemm = bench->add_subcommand(
       "gemm",
-      "Time the expert GEMM of an MoE layer (one cuBLASLt call per expert over a random routing) "
-      "against one dense GEMM of the same FLOPs; prints one JSON line with TFLOP/s of both");
+      "Kernel lab of the expert GEMMs: one MoE projection over a random routing (forward, input "
+      "gradient, weight gradient) by every candidate of this build (per-expert cuBLASLt calls, "
+      "CUTLASS grouped GEMM on Hopper, cuBLAS grouped batched GEMM) against one dense cuBLASLt "
+      "GEMM of the same FLOPs; prints one JSON line with ms, TFLOP/s and the ratio to dense");
   gemm->add_option("--tokens", gemm_opt->tokens, "Tokens routed")->capture_default_str();
-  gemm->add_option("--hidden", gemm_opt->hidden, "Hidden size (GEMM k)")->capture_default_str();
-  gemm->add_option("--expert-ffn", gemm_opt->expert_ffn, "Expert ffn size (GEMM n)")
+  gemm->add_option("--hidden", gemm_opt->hidden, "Hidden size (the projection's input)")
+      ->capture_default_str();
+  gemm->add_option("--expert-ffn", gemm_opt->expert_ffn,
+                   "Expert ffn size (the projection's output)")
       ->capture_default_str();
   gemm->add_option("--experts", gemm_opt->num_experts, "Experts")->capture_default_str();
   gemm->add_option("--top-k", gemm_opt->top_k, "Experts per token")->capture_default_str();
   gemm->add_option("--repeats", gemm_opt->repeats, "Timed repeats (median)")->capture_default_str();
   gemm->callback([gemm_opt] {
 #if MOEFORGE_HAVE_CUDA
-    run_bench_gemm(*gemm_opt);
+    fmt::print("{}\n", cuda::run_gemm_lab(*gemm_opt).dump());
 #else
     MF_FAIL("moeforge was built without CUDA; `bench gemm` needs a GPU build (-DMOEFORGE_CUDA=ON)");
 #endif

@@ -106,6 +106,16 @@ void copy_to_host(void* dst, const void* src, size_t bytes) {
   if (bytes > 0) MF_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
 }
 
+void* allocate_pinned_host(size_t bytes) {
+  void* ptr = nullptr;
+  MF_CUDA_CHECK(cudaMallocHost(&ptr, bytes));
+  return ptr;
+}
+
+void free_pinned_host(void* ptr) {
+  cudaFreeHost(ptr);
+}
+
 void zero_device(void* dst, size_t bytes, cudaStream_t stream) {
   if (bytes > 0) MF_CUDA_CHECK(cudaMemsetAsync(dst, 0, bytes, stream));
 }

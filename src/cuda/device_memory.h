@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <map>
@@ -81,6 +82,55 @@ class DeviceBuffer {
   void upload(const std::vector<T>& host);
   std::vector<T> download() const;
   void fill_zero(cudaStream_t stream);
+
+ private:
+  T* ptr_ = nullptr;
+  size_t count_ = 0;
+};
+
+// Page-locked host memory (cudaMallocHost / cudaFreeHost).
+void* allocate_pinned_host(size_t bytes);
+void free_pinned_host(void* ptr);
+
+// Page-locked host memory for count elements of T: the target of asynchronous device-to-host
+// copies that must not block the host (a copy into pageable memory waits for the stream).
+template <typename T>
+class PinnedHostBuffer {
+ public:
+  PinnedHostBuffer() = default;
+  ~PinnedHostBuffer() { reset(); }
+  PinnedHostBuffer(const PinnedHostBuffer&) = delete;
+  PinnedHostBuffer& operator=(const PinnedHostBuffer&) = delete;
+  PinnedHostBuffer(PinnedHostBuffer&& other) noexcept { swap(other); }
+  PinnedHostBuffer& operator=(PinnedHostBuffer&& other) noexcept {
+    swap(other);
+    return *this;
+  }
+  void swap(PinnedHostBuffer& other) noexcept {
+    std::swap(ptr_, other.ptr_);
+    std::swap(count_, other.count_);
+  }
+
+  // Reallocates (zero-filled) only when count changes.
+  void resize(size_t count) {
+    if (count == count_) return;
+    reset();
+    if (count > 0) {
+      ptr_ = static_cast<T*>(allocate_pinned_host(count * sizeof(T)));
+      std::fill(ptr_, ptr_ + count, T{});
+    }
+    count_ = count;
+  }
+  void reset() {
+    if (ptr_ != nullptr) free_pinned_host(ptr_);
+    ptr_ = nullptr;
+    count_ = 0;
+  }
+  T* data() { return ptr_; }
+  const T* data() const { return ptr_; }
+  size_t size() const { return count_; }
+  size_t bytes() const { return count_ * sizeof(T); }
+  T operator[](size_t i) const { return ptr_[i]; }
 
  private:
   T* ptr_ = nullptr;

@@ -52,7 +52,7 @@ struct GpuTransformer::Layer {
   DeviceBuffer<float> gates;                        // [n, k]
   DeviceBuffer<int32_t> expert_counts;              // [E]
   DeviceBuffer<int32_t> expert_offsets;             // [E + 1]
-  std::vector<int32_t> host_offsets;                // [E + 1]
+  PinnedHostBuffer<int32_t> host_offsets;           // [E + 1], copied without blocking
   DeviceBuffer<int32_t> assignment_row, row_token;  // [n * k]
   DeviceBuffer<bf16> rows;                          // [n * k, h]
   DeviceBuffer<bf16> h_gate, h_up, h_act;           // [n * k, f] (dense: [n, ffn])
@@ -102,6 +102,9 @@ GpuTransformer::GpuTransformer(const ModelConfig& config, Recompute recompute)
            "--device cpu",
            config_.capacity_factor);
   for (int64_t l = 0; l < config_.num_layers; ++l) num_moe_layers_ += config_.layer_is_moe(l);
+  grouped_experts_ =
+      config_.is_moe() &&
+      grouped_.available({config_.num_experts, config_.hidden_size, config_.moe_intermediate_size});
   // A blocking stream, so the synchronous copies of DeviceBuffer (legacy stream) order with it.
   MF_CUDA_CHECK(cudaStreamCreate(&stream_));
   params_.resize(static_cast<size_t>(layout_.num_params()));
@@ -205,7 +208,7 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
       a.gates.resize(n * k);
       a.expert_counts.resize(num_experts);
       a.expert_offsets.resize(num_experts + 1);
-      a.host_offsets.assign(num_experts + 1, 0);
+      a.host_offsets.resize(num_experts + 1);
       a.assignment_row.resize(n * k);
       a.row_token.resize(n * k);
       a.rows.resize(keep ? n * k * h : 0);
@@ -326,24 +329,58 @@ void GpuTransformer::moe_forward(int64_t l) {
   MF_CUDA_CHECK(cudaMemcpyAsync(a.host_offsets.data(), a.expert_offsets.data(),
                                 a.expert_offsets.bytes(), cudaMemcpyDeviceToHost, stream_));
   scatter_rows(a.rows_ptr, a.ln2_ptr, a.row_token.data(), n * k, h, stream_);
-  // The grouped GEMM needs the row ranges on the host: one synchronisation per MoE layer.
-  MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  for (int64_t e = 0; e < num_experts; ++e) {
-    const int64_t begin = a.host_offsets[static_cast<size_t>(e)];
-    const int64_t count = a.host_offsets[static_cast<size_t>(e) + 1] - begin;
-    if (count == 0) continue;
-    blas_.linear_forward(a.h_gate.data() + begin * f, OutType::kBf16, a.rows_ptr + begin * h,
-                         wb(o.experts_gate) + e * f * h, nullptr, count, h, f, false, stream_);
-    blas_.linear_forward(a.h_up.data() + begin * f, OutType::kBf16, a.rows_ptr + begin * h,
-                         wb(o.experts_up) + e * f * h, nullptr, count, h, f, false, stream_);
-  }
+  // Per-expert cuBLASLt calls need the row ranges on the host: one synchronisation per MoE layer.
+  if (!grouped_experts_) MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  expert_forward(a.h_gate.data(), a.rows_ptr, wb(o.experts_gate), h, f, a);
+  expert_forward(a.h_up.data(), a.rows_ptr, wb(o.experts_up), h, f, a);
   swiglu_forward(a.h_act_ptr, a.h_gate.data(), a.h_up.data(), n * k * f, stream_);
-  for (int64_t e = 0; e < num_experts; ++e) {
+  expert_forward(a.y_rows.data(), a.h_act_ptr, wb(o.experts_down), f, h, a);
+}
+
+void GpuTransformer::expert_forward(bf16* y, const bf16* x, const bf16* w, int64_t in, int64_t out,
+                                    const Layer& a) {
+  if (grouped_experts_) {
+    grouped_.forward(y, x, w, a.expert_offsets.data(), {config_.num_experts, in, out}, stream_);
+    return;
+  }
+  for (int64_t e = 0; e < config_.num_experts; ++e) {
     const int64_t begin = a.host_offsets[static_cast<size_t>(e)];
     const int64_t count = a.host_offsets[static_cast<size_t>(e) + 1] - begin;
     if (count == 0) continue;
-    blas_.linear_forward(a.y_rows.data() + begin * h, OutType::kBf16, a.h_act_ptr + begin * f,
-                         wb(o.experts_down) + e * h * f, nullptr, count, f, h, false, stream_);
+    blas_.linear_forward(y + begin * out, OutType::kBf16, x + begin * in, w + e * out * in, nullptr,
+                         count, in, out, false, stream_);
+  }
+}
+
+void GpuTransformer::expert_backward_input(bf16* dx, const bf16* dy, const bf16* w, int64_t in,
+                                           int64_t out, bool accumulate, const Layer& a) {
+  if (grouped_experts_) {
+    grouped_.backward_input(dx, dy, w, a.expert_offsets.data(), {config_.num_experts, in, out},
+                            accumulate, stream_);
+    return;
+  }
+  for (int64_t e = 0; e < config_.num_experts; ++e) {
+    const int64_t begin = a.host_offsets[static_cast<size_t>(e)];
+    const int64_t count = a.host_offsets[static_cast<size_t>(e) + 1] - begin;
+    if (count == 0) continue;
+    blas_.linear_backward_input(dx + begin * in, OutType::kBf16, dy + begin * out, w + e * out * in,
+                                count, in, out, accumulate, stream_);
+  }
+}
+
+void GpuTransformer::expert_backward_weight(float* dw, const bf16* dy, const bf16* x, int64_t in,
+                                            int64_t out, const Layer& a) {
+  if (grouped_experts_) {
+    grouped_.backward_weight(dw, dy, x, a.expert_offsets.data(), {config_.num_experts, in, out},
+                             stream_);
+    return;
+  }
+  for (int64_t e = 0; e < config_.num_experts; ++e) {
+    const int64_t begin = a.host_offsets[static_cast<size_t>(e)];
+    const int64_t count = a.host_offsets[static_cast<size_t>(e) + 1] - begin;
+    if (count == 0) continue;
+    blas_.linear_backward_weight(dw + e * out * in, dy + begin * out, x + begin * in, count, in,
+                                 out, stream_);
   }
 }
 
@@ -413,32 +450,14 @@ void GpuTransformer::moe_backward(int64_t l, float d_aux, float d_z) {
   const int64_t num_experts = config_.num_experts, k = config_.num_experts_per_tok;
   combine_rows_backward(s.drows.data(), s.dgates.data(), s.dres.data(), a.y_rows.data(),
                         a.gates.data(), a.assignment_row.data(), n, k, h, stream_);
-  for (int64_t e = 0; e < num_experts; ++e) {
-    const int64_t begin = a.host_offsets[static_cast<size_t>(e)];
-    const int64_t count = a.host_offsets[static_cast<size_t>(e) + 1] - begin;
-    if (count == 0) continue;
-    blas_.linear_backward_input(s.dh_act.data() + begin * f, OutType::kBf16,
-                                s.drows.data() + begin * h, wb(o.experts_down) + e * h * f, count,
-                                f, h, false, stream_);
-    blas_.linear_backward_weight(g(o.experts_down) + e * h * f, s.drows.data() + begin * h,
-                                 a.h_act_ptr + begin * f, count, f, h, stream_);
-  }
+  expert_backward_input(s.dh_act.data(), s.drows.data(), wb(o.experts_down), f, h, false, a);
+  expert_backward_weight(g(o.experts_down), s.drows.data(), a.h_act_ptr, f, h, a);
   swiglu_backward(s.dh_gate.data(), s.dh_up.data(), s.dh_act.data(), a.h_gate.data(), a.h_up.data(),
                   n * k * f, stream_);
-  for (int64_t e = 0; e < num_experts; ++e) {
-    const int64_t begin = a.host_offsets[static_cast<size_t>(e)];
-    const int64_t count = a.host_offsets[static_cast<size_t>(e) + 1] - begin;
-    if (count == 0) continue;
-    bf16* drows_in = s.drows_in.data() + begin * h;
-    blas_.linear_backward_input(drows_in, OutType::kBf16, s.dh_gate.data() + begin * f,
-                                wb(o.experts_gate) + e * f * h, count, h, f, false, stream_);
-    blas_.linear_backward_input(drows_in, OutType::kBf16, s.dh_up.data() + begin * f,
-                                wb(o.experts_up) + e * f * h, count, h, f, true, stream_);
-    blas_.linear_backward_weight(g(o.experts_gate) + e * f * h, s.dh_gate.data() + begin * f,
-                                 a.rows_ptr + begin * h, count, h, f, stream_);
-    blas_.linear_backward_weight(g(o.experts_up) + e * f * h, s.dh_up.data() + begin * f,
-                                 a.rows_ptr + begin * h, count, h, f, stream_);
-  }
+  expert_backward_input(s.drows_in.data(), s.dh_gate.data(), wb(o.experts_gate), h, f, false, a);
+  expert_backward_input(s.drows_in.data(), s.dh_up.data(), wb(o.experts_up), h, f, true, a);
+  expert_backward_weight(g(o.experts_gate), s.dh_gate.data(), a.rows_ptr, h, f, a);
+  expert_backward_weight(g(o.experts_up), s.dh_up.data(), a.rows_ptr, h, f, a);
   scatter_rows_backward(s.dln.data(), s.drows_in.data(), a.assignment_row.data(), n, k, h, stream_);
   router_backward(s.drouter.data(), s.dgates.data(), a.router_logits.data(), a.probs.data(),
                   a.expert_idx.data(), a.expert_counts.data(), d_aux, d_z,
@@ -640,7 +659,7 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
     MoeFfnStats stats;
     stats.aux_loss = router[static_cast<size_t>(2 * m)];
     stats.z_loss = router[static_cast<size_t>(2 * m + 1)];
-    const std::vector<int32_t>& offsets = layers_[static_cast<size_t>(l)].host_offsets;
+    const PinnedHostBuffer<int32_t>& offsets = layers_[static_cast<size_t>(l)].host_offsets;
     for (int64_t e = 0; e < config_.num_experts; ++e) {
       stats.expert_load.push_back(offsets[static_cast<size_t>(e) + 1] -
                                   offsets[static_cast<size_t>(e)]);

@@ -25,6 +25,7 @@
 #include "cuda/blas.h"
 #include "cuda/device_info.h"
 #include "cuda/device_memory.h"
+#include "cuda/grouped_gemm.h"
 #include "cuda/phase_timer.h"
 #include "model/model_config.h"
 #include "model/parameters.h"
@@ -72,6 +73,9 @@ class GpuTransformer {
 
   // Per MoE layer statistics of the last forward (aux and z loss, assignments per expert).
   const std::vector<MoeFfnStats>& moe_stats() const { return moe_stats_; }
+  // Whether the experts' GEMMs run as grouped GEMMs (else one cuBLASLt call per expert after a
+  // host synchronisation per MoE layer).
+  bool grouped_expert_gemms() const { return grouped_experts_; }
 
   // Forward only, returning the logits [batch * seq, vocab] (fp32, copied out chunk by chunk) and
   // the loss of the given targets in *loss.
@@ -91,6 +95,14 @@ class GpuTransformer {
   void attention_backward(int64_t l, int64_t batch, int64_t seq);
   void moe_forward(int64_t l);
   void moe_backward(int64_t l, float d_aux, float d_z);
+  // One projection of all experts of a layer (weights [E, out, in], rows grouped by the layer's
+  // row map): grouped on the device, or per expert from the host copy of the row offsets.
+  void expert_forward(bf16* y, const bf16* x, const bf16* w, int64_t in, int64_t out,
+                      const Layer& a);
+  void expert_backward_input(bf16* dx, const bf16* dy, const bf16* w, int64_t in, int64_t out,
+                             bool accumulate, const Layer& a);
+  void expert_backward_weight(float* dw, const bf16* dy, const bf16* x, int64_t in, int64_t out,
+                              const Layer& a);
   void dense_ffn_forward(int64_t l);
   void dense_ffn_backward(int64_t l);
   void head_forward_backward(bool backward, float dscale);
@@ -111,6 +123,8 @@ class GpuTransformer {
   bool has_device_ = (require_cuda_device(), true);
   Blas blas_;
   Attention attention_;
+  GroupedGemm grouped_;
+  bool grouped_experts_ = false;  // the experts' GEMMs run grouped (no host synchronisation)
   PhaseTimer timer_;
   DeviceBuffer<float> params_, grads_;
   DeviceBuffer<bf16> params_bf16_;
