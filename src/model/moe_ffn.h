@@ -1,19 +1,41 @@
 // The MoE FFN layer (forward and backward by hand), laid out for expert parallelism as in
-// MegaScale-MoE: all-gather tokens over the expert-parallel group -> route -> scatter the rows of
-// local experts by a row map -> grouped GEMMs (gate, up) -> SwiGLU -> grouped GEMM (down) ->
-// gather weighted by the gates -> reduce-scatter back to the local tokens. With one rank the
-// collectives are copies. An optional shared expert (Qwen2-MoE) runs densely on the local tokens,
-// scaled by sigmoid(x . shared_expert_gate).
+// MegaScale-MoE, with two ways for the tokens to reach the experts of other ranks (EpDispatch):
+// - all-gather: all-gather tokens over the expert-parallel group -> route -> scatter the rows of
+//   local experts by a row map -> grouped GEMMs (gate, up) -> SwiGLU -> grouped GEMM (down) ->
+//   gather weighted by the gates -> reduce-scatter back to the local tokens;
+// - all-to-all: route the local tokens -> send each (token, slot) row to the rank owning its
+//   expert -> the same grouped GEMMs there -> send the outputs back -> gather weighted by the
+//   gates (moe_dispatch_a2a.h).
+// Both give the same outputs, losses, statistics and gradients (to rounding; the experts see the
+// same rows in the same order). With one rank the collectives are copies. An optional shared
+// expert (Qwen2-MoE) runs densely on the local tokens, scaled by sigmoid(x . shared_expert_gate).
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "comm/communicator.h"
 #include "model/dense_ffn.h"
+#include "model/moe_dispatch_a2a.h"
 #include "ops/row_map.h"
 
 namespace moeforge {
+
+// How the routed tokens reach the experts (the training config's parallel.ep_dispatch).
+enum class EpDispatch {
+  kAllGather,  // all-gather -> local experts -> reduce-scatter
+  kAllToAll,   // each assignment's row to its expert's rank and back
+  kAuto,       // choose_ep_dispatch's rule on top_k and the group size
+};
+
+// "allgather", "alltoall" or "auto"; throws naming the accepted values otherwise.
+EpDispatch parse_ep_dispatch(const std::string& name);
+std::string ep_dispatch_name(EpDispatch dispatch);
+// The variant that runs: dispatch itself unless kAuto; for kAuto the one that moves less data
+// per layer, all-to-all iff top_k < num_ranks (derivation in moe_ffn.cpp; ties to all-gather,
+// whose ring collectives beat an all-to-all of the same volume).
+EpDispatch choose_ep_dispatch(EpDispatch dispatch, int64_t top_k, int64_t num_ranks);
 
 struct MoeFfnDims {
   int64_t num_tokens;  // local tokens (this rank's shard)
@@ -24,6 +46,7 @@ struct MoeFfnDims {
   bool norm_topk_prob;
   double capacity_factor;  // <= 0: dropless
   int64_t shared_ffn;      // 0: no shared expert
+  EpDispatch dispatch = EpDispatch::kAuto;
 };
 
 template <typename T>
@@ -51,15 +74,20 @@ struct MoeFfnGrads {
   T* shared_expert_gate;
 };
 
-// What the forward saves for the backward (owned buffers, reused across steps).
+// What the forward saves for the backward (owned buffers, reused across steps). The routed tokens
+// are the group's (all-gather) or this rank's own (all-to-all); the rows are the local experts'
+// in both, in the same order.
 template <typename T>
 struct MoeFfnSaved {
-  std::vector<T> tokens;            // [group_tokens, hidden] all-gathered input
-  std::vector<T> logits;            // [group_tokens, num_experts]
-  std::vector<T> probs;             // [group_tokens, num_experts]
-  std::vector<int32_t> expert_idx;  // [group_tokens, top_k]
-  std::vector<T> gates;             // [group_tokens, top_k]
-  ops::RowMap row_map;
+  EpDispatch dispatch = EpDispatch::kAllGather;  // the variant that ran
+  std::vector<T> tokens;            // all-gather: [group_tokens, hidden] all-gathered input
+  std::vector<T> logits;            // [routed_tokens, num_experts]
+  std::vector<T> probs;             // [routed_tokens, num_experts]
+  std::vector<int32_t> expert_idx;  // [routed_tokens, top_k]
+  std::vector<T> gates;             // [routed_tokens, top_k]
+  ops::RowMap row_map;              // all-gather: the group's tokens to the local experts' rows
+  A2aDispatchPlan a2a;              // all-to-all: the exchanges (its recv_map orders the rows)
+  std::vector<T> returned;      // all-to-all: [a2a.send_map rows, hidden] expert outputs received
   std::vector<T> rows;          // [num_rows, hidden]
   std::vector<T> h_gate;        // [num_rows, expert_ffn]
   std::vector<T> h_up;          // [num_rows, expert_ffn]
@@ -79,13 +107,14 @@ struct MoeFfnStats {
 };
 
 // out [num_tokens, hidden] (assign). inp [num_tokens, hidden]. ep: the expert-parallel group;
-// experts are split evenly over its ranks in rank order.
+// experts are split evenly over its ranks in rank order. dims.dispatch picks the variant
+// (choose_ep_dispatch); every rank of the group must pass the same dims.
 template <typename T>
 void moe_ffn_forward(T* out, MoeFfnSaved<T>& saved, MoeFfnStats& stats, const T* inp,
                      const MoeFfnWeights<T>& weights, const MoeFfnDims& dims, Communicator& ep);
 
 // dinp [num_tokens, hidden] (assign). d_aux, d_z: gradient of the final loss with respect to this
-// layer's aux loss and z-loss.
+// layer's aux loss and z-loss. dims must choose the variant that the forward ran (checked).
 template <typename T>
 void moe_ffn_backward(T* dinp, MoeFfnGrads<T>& grads, const T* dout, const T* inp,
                       const MoeFfnSaved<T>& saved, const MoeFfnWeights<T>& weights,

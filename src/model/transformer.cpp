@@ -25,8 +25,8 @@ KvCache<T>::KvCache(const ModelConfig& config, int64_t cap) : capacity(cap) {
 }
 
 template <typename T>
-Transformer<T>::Transformer(const ModelConfig& config, Communicator& ep)
-    : config_(config), layout_(config), ep_(ep) {
+Transformer<T>::Transformer(const ModelConfig& config, Communicator& ep, EpDispatch ep_dispatch)
+    : config_(config), layout_(config), ep_(ep), ep_dispatch_(ep_dispatch) {
   validate_model_config(config_);
   for (int64_t l = 0; l < config_.num_layers; ++l) num_moe_layers_ += config_.layer_is_moe(l);
   if (num_moe_layers_ > 0) {
@@ -98,7 +98,8 @@ MoeFfnDims Transformer<T>::moe_dims(int64_t n) const {
                     config_.num_experts_per_tok,
                     config_.norm_topk_prob,
                     config_.capacity_factor,
-                    config_.shared_expert_intermediate_size};
+                    config_.shared_expert_intermediate_size,
+                    ep_dispatch_};
 }
 
 template <typename T>

@@ -59,10 +59,14 @@ template <typename T>
 class Transformer {
  public:
   // ep: the expert- and sequence-parallel group (a SelfCommunicator for one rank). It must outlive
-  // the model. With n > 1 ranks, num_heads and num_kv_heads must be divisible by n.
-  Transformer(const ModelConfig& config, Communicator& ep);
+  // the model. With n > 1 ranks, num_heads and num_kv_heads must be divisible by n. ep_dispatch:
+  // how every MoE layer sends its tokens to the experts of other ranks (a run setting, not part
+  // of the config; moe_ffn.h).
+  Transformer(const ModelConfig& config, Communicator& ep,
+              EpDispatch ep_dispatch = EpDispatch::kAuto);
 
   const ModelConfig& config() const { return config_; }
+  EpDispatch ep_dispatch() const { return ep_dispatch_; }
   const ParameterLayout& layout() const { return layout_; }
   std::vector<T>& params() { return params_; }
   const std::vector<T>& params() const { return params_; }
@@ -142,6 +146,7 @@ class Transformer {
   ModelConfig config_;
   ParameterLayout layout_;
   Communicator& ep_;
+  EpDispatch ep_dispatch_;
   int64_t num_moe_layers_ = 0;
   std::vector<T> params_, grads_;
 

@@ -282,6 +282,7 @@ TrainConfig parse_merged(const json& merged, const std::filesystem::path& base_d
   const SectionReader parallel(merged, "parallel");
   c.parallel.expert_parallel = parallel.get_int("expert_parallel");
   c.parallel.grad_reduce_dtype = parallel.get_string("grad_reduce_dtype");
+  c.parallel.ep_dispatch = parallel.get_string("ep_dispatch");
 
   validate_train_config(c);
   return c;
@@ -350,7 +351,8 @@ nlohmann::json train_config_to_json(const TrainConfig& c) {
         {"alpha", c.pma.alpha}}},
       {"parallel",
        {{"expert_parallel", c.parallel.expert_parallel},
-        {"grad_reduce_dtype", c.parallel.grad_reduce_dtype}}},
+        {"grad_reduce_dtype", c.parallel.grad_reduce_dtype},
+        {"ep_dispatch", c.parallel.ep_dispatch}}},
   };
 }
 
@@ -442,6 +444,10 @@ void validate_train_config(const TrainConfig& c) {
   MF_CHECK(c.parallel.grad_reduce_dtype == "fp32" || c.parallel.grad_reduce_dtype == "bf16",
            "parallel.grad_reduce_dtype must be \"fp32\" or \"bf16\", got \"{}\"",
            c.parallel.grad_reduce_dtype);
+  MF_CHECK(c.parallel.ep_dispatch == "allgather" || c.parallel.ep_dispatch == "alltoall" ||
+               c.parallel.ep_dispatch == "auto",
+           "parallel.ep_dispatch must be \"allgather\", \"alltoall\" or \"auto\", got \"{}\"",
+           c.parallel.ep_dispatch);
   MF_CHECK(c.data.seq_len % c.parallel.expert_parallel == 0,
            "data.seq_len ({}) must be divisible by parallel.expert_parallel ({}): each rank of a "
            "group holds an equal slice of every sequence",

@@ -111,6 +111,10 @@ struct ParallelConfig {
   // The gradient sum over ranks: "fp32", or "bf16" (MegaScale-MoE's compressed all-to-all with an
   // fp32 local sum; train/grad_reduce.h).
   std::string grad_reduce_dtype = "fp32";
+  // How each MoE layer reaches the experts of other ranks: "allgather" (all-gather -> local
+  // experts -> reduce-scatter), "alltoall" (each token's top-k rows to their experts' ranks and
+  // back) or "auto" (all-to-all iff top-k < expert_parallel, the smaller volume; model/moe_ffn.h).
+  std::string ep_dispatch = "auto";
   bool operator==(const ParallelConfig&) const = default;
 };
 

@@ -122,7 +122,8 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
            "data.seq_len ({}) exceeds the model's max_position_embeddings ({})",
            config.data.seq_len, model_config.max_position_embeddings);
 
-  Transformer<float> model(model_config, expert_group);
+  Transformer<float> model(model_config, expert_group,
+                           parse_ep_dispatch(config.parallel.ep_dispatch));
   AdamW optimizer(model.layout(),
                   AdamWHyper{config.optimizer.beta1, config.optimizer.beta2, config.optimizer.eps,
                              config.optimizer.weight_decay},
@@ -205,6 +206,13 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
                architecture_name(model_config.architecture), model.layout().num_params(),
                model.layout().num_active_params(), world.size(), options.device, dp.size(), n,
                tokens_per_step, config.schedule.max_steps);
+    if (n > 1 && model_config.is_moe()) {
+      fmt::print(stderr,
+                 "expert dispatch: {} (parallel.ep_dispatch \"{}\", top-{} over {} ranks)\n",
+                 ep_dispatch_name(
+                     choose_ep_dispatch(model.ep_dispatch(), model_config.num_experts_per_tok, n)),
+                 config.parallel.ep_dispatch, model_config.num_experts_per_tok, n);
+    }
   }
 
   std::vector<int32_t> inputs(micro * seq), targets(micro * seq);

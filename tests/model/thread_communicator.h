@@ -18,6 +18,7 @@ namespace moeforge::testing {
 
 // The ranks of one group are threads of this process; every collective publishes a pointer,
 // waits for all ranks, reads the others' buffers, and waits again before anyone reuses them.
+// all_gather, all_to_all and all_to_all_v copy any dtype; the sums take doubles only.
 class ThreadGroup {
  public:
   explicit ThreadGroup(int size) : size_(size), barrier_(size), buffers_(size) {}
@@ -71,15 +72,39 @@ class ThreadCommunicator final : public Communicator {
     }
     group_.done_reading();
   }
-  void all_to_all_v(const void*, const size_t*, const size_t*, void*, const size_t*, const size_t*,
-                    CommDType) override {
-    unused("all_to_all_v");
+  void all_to_all_v(const void* send, const size_t* send_counts, const size_t* send_offsets,
+                    void* recv, const size_t* recv_counts, const size_t* recv_offsets,
+                    CommDType dtype) override {
+    const VarSend mine{send, send_counts, send_offsets};
+    group_.publish(rank_, &mine);
+    const size_t elem = comm_dtype_size(dtype);
+    std::string mismatch;
+    for (int r = 0; r < size(); ++r) {
+      const auto* peer = static_cast<const VarSend*>(group_.buffer(r));
+      const size_t count = peer->counts[rank_];
+      if (count != recv_counts[r]) {
+        mismatch = fmt::format("rank {} sends {} elements to rank {}, which expects {}", r, count,
+                               rank_, recv_counts[r]);
+        break;
+      }
+      if (count == 0) continue;
+      std::memcpy(static_cast<char*>(recv) + recv_offsets[r] * elem,
+                  static_cast<const char*>(peer->data) + peer->offsets[rank_] * elem, count * elem);
+    }
+    group_.done_reading();
+    MF_CHECK(mismatch.empty(), "ThreadCommunicator::all_to_all_v: {}", mismatch);
   }
   void broadcast(void*, size_t, CommDType, int) override { unused("broadcast"); }
   void barrier() override { unused("barrier"); }
   std::unique_ptr<Communicator> split(int, int) override { unused("split"); }
 
  private:
+  // What a rank publishes for all_to_all_v: its send buffer and per-destination counts/offsets.
+  struct VarSend {
+    const void* data;
+    const size_t* counts;
+    const size_t* offsets;
+  };
   [[noreturn]] static void unused(const char* what) {
     MF_FAIL("ThreadCommunicator::{} is not implemented (not used by the model tests)", what);
   }

@@ -268,6 +268,8 @@ TEST(TrainConfigTest, EveryInvalidValueIsNamedByItsKeyPath) {
       {"parallel", "expert_parallel", 3, "must be divisible by parallel.expert_parallel (3)"},
       {"parallel", "grad_reduce_dtype", "fp8",
        "parallel.grad_reduce_dtype must be \"fp32\" or \"bf16\", got \"fp8\""},
+      {"parallel", "ep_dispatch", "all-to-all",
+       "parallel.ep_dispatch must be \"allgather\", \"alltoall\" or \"auto\", got \"all-to-all\""},
   };
   for (const Case& c : cases) {
     json j = kMinimal;
@@ -415,6 +417,7 @@ TEST(TrainConfigTest, RoundTripsThroughJson) {
   c.checkpoint = CheckpointConfig{"/runs/x", 50, 3};
   c.eval = EvalConfig{25, 2};
   c.log = LogConfig{5, "/logs/m.jsonl"};
+  c.parallel.ep_dispatch = "alltoall";
   const json written = train_config_to_json(c);
   const TrainConfig back = train_config_from_json(written, "/some/other/dir");
   EXPECT_EQ(back, c) << written.dump(2);
