@@ -2,13 +2,25 @@
 // With --attention flex every window is scored as a prefill into a fresh KV cache
 // (Transformer::forward_prefill, FlexPrefill block-sparse attention), one window at a time; the
 // output adds a summary of the block selections over all windows.
+// With --task FILE.jsonl (from `moeforge data synth`): accuracy of greedy generation on the
+// synthetic long-context tasks, per task and prompt length, with the mean density of the sparse
+// prefills under --attention flex.
 #include <fmt/format.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <map>
+#include <utility>
 
 #include "cli/attention_options.h"
 #include "cli/commands.h"
 #include "comm/communicator.h"
+#include "core/error.h"
 #include "data/loader.h"
+#include "data/synth_tasks.h"
 #include "data/tokenizer.h"
+#include "infer/task_eval.h"
 #include "model/model_io.h"
 #include "ops/cross_entropy.h"
 #include "train/evaluate.h"
@@ -57,34 +69,65 @@ LossBreakdown prefill_window_loss(Transformer<float>& model, const int32_t* toke
 
 void register_eval_command(CLI::App& app) {
   struct Options {
-    std::string model, data, split = "val";
+    std::string model, data, task, split = "val";
     int64_t seq_len = 256, batch_size = 8, max_batches = 0;
     AttentionOptions attention;
   };
   auto opts = std::make_shared<Options>();
-  CLI::App* cmd =
-      app.add_subcommand("eval", "Evaluate a model on a prepared dataset (prints one JSON line)");
+  CLI::App* cmd = app.add_subcommand(
+      "eval",
+      "Evaluate a model on a prepared dataset (--data: loss) or on synthetic long-context tasks "
+      "(--task: accuracy); prints one JSON line");
   cmd->add_option("--model", opts->model, "Model, checkpoint or run directory")
       ->required()
       ->check(CLI::ExistingDirectory);
-  cmd->add_option("--data", opts->data, "Dataset directory from `moeforge data prepare`")
-      ->required()
-      ->check(CLI::ExistingDirectory);
-  cmd->add_option("--split", opts->split, "train or val")
-      ->check(CLI::IsMember({"train", "val"}))
-      ->capture_default_str();
-  cmd->add_option("--seq-len", opts->seq_len, "Tokens per window")->capture_default_str();
-  cmd->add_option("--batch-size", opts->batch_size, "Windows per forward")->capture_default_str();
-  cmd->add_option("--max-batches", opts->max_batches, "Stop after this many batches (0 = all)")
-      ->capture_default_str();
+  CLI::Option* data =
+      cmd->add_option("--data", opts->data, "Dataset directory from `moeforge data prepare`")
+          ->check(CLI::ExistingDirectory);
+  CLI::Option* task =
+      cmd->add_option(
+             "--task", opts->task,
+             "Task file (.jsonl) from `moeforge data synth`: accuracy of greedy answers per "
+             "task and prompt length (exact match; niah_multivalue and vt: every value "
+             "listed), with the model directory's tokenizer")
+          ->check(CLI::ExistingFile)
+          ->excludes(data);
+  CLI::Option* split = cmd->add_option("--split", opts->split, "train or val")
+                           ->check(CLI::IsMember({"train", "val"}))
+                           ->capture_default_str();
+  CLI::Option* seq_len =
+      cmd->add_option("--seq-len", opts->seq_len, "Tokens per window")->capture_default_str();
+  CLI::Option* batch_size = cmd->add_option("--batch-size", opts->batch_size, "Windows per forward")
+                                ->capture_default_str();
+  CLI::Option* max_batches =
+      cmd->add_option("--max-batches", opts->max_batches, "Stop after this many batches (0 = all)")
+          ->capture_default_str();
+  for (CLI::Option* dataset_only : {split, seq_len, batch_size, max_batches}) {
+    task->excludes(dataset_only);
+  }
   add_attention_options(cmd, opts->attention);
   cmd->callback([opts] {
+    MF_CHECK(!opts->data.empty() || !opts->task.empty(),
+             "eval needs --data DIR (loss on a dataset from `moeforge data prepare`) or --task "
+             "FILE.jsonl (accuracy on tasks from `moeforge data synth`)");
     const PrefillAttention attention = parse_attention_options(opts->attention);
     const std::filesystem::path dir = resolve_model_dir(opts->model);
     SelfCommunicator self;
     const std::unique_ptr<Transformer<float>> loaded = load_transformer(dir, self);
     Transformer<float>& model = *loaded;
     model.set_prefill_attention(attention);
+    if (!opts->task.empty()) {
+      const auto tokenizer = data::load_tokenizer(dir);
+      Communicator& world = world_communicator();
+      nlohmann::ordered_json out = {{"model", opts->model},
+                                    {"task_file", opts->task},
+                                    {"attention", opts->attention.attention}};
+      out.update(evaluate_synth_tasks(model, *tokenizer, data::read_synth_jsonl(opts->task),
+                                      opts->task, attention.flex, world));
+      if (attention.flex) out["attention_params"] = flex_prefill_params_json(attention.params);
+      if (world.rank() == 0) fmt::print("{}\n", out.dump());
+      return;
+    }
     const data::TokenDataset dataset = data::TokenDataset::open(opts->data, opts->split);
     const auto tokenizer = data::load_tokenizer(opts->data);
     Communicator& world = world_communicator();

@@ -191,22 +191,33 @@ class CliTest(unittest.TestCase):
     @unittest.skipUnless(os.environ.get("MOEFORGE_MPIEXEC"), "built without MPI")
     def test_expert_parallel_matches_one_rank(self):
         """sp = ep = 2 and 4 ranks (and dp = 2 x ep = 2) give the one-rank losses and gradient
-        norms: the same global batch, split along the sequence and over the experts."""
+        norms: the same global batch, split along the sequence and over the experts. Both expert
+        dispatches (parallel.ep_dispatch) run over 2 ranks and agree with each other; "auto"
+        picks the all-gather at top-2 of 2 ranks and the all-to-all at top-2 of 4."""
         model = os.path.join(self.tmp, "ep-model.json")
         with open(model, "w") as f:
             json.dump(dict(TINY_MODEL, num_attention_heads=4, num_key_value_heads=4,
                            head_dim=4, num_local_experts=4), f)
-        layouts = {"ep-1": (1, 1, 2), "ep-2": (2, 2, 2), "ep-4": (4, 4, 2), "dp2-ep2": (4, 2, 1)}
-        for name, (ranks, ep, accum) in layouts.items():
+        # name: (ranks, ep, grad_accum_steps, ep_dispatch, the dispatch that runs)
+        layouts = {"ep-1": (1, 1, 2, "auto", None), "ep-2": (2, 2, 2, "allgather", "allgather"),
+                   "ep-2-a2a": (2, 2, 2, "alltoall", "alltoall"),
+                   "ep-4": (4, 4, 2, "auto", "alltoall"), "dp2-ep2": (4, 2, 1, "auto", "allgather")}
+        for name, (ranks, ep, accum, dispatch, runs) in layouts.items():
             config = self.train_config(name, data__grad_accum_steps=accum,
-                                       parallel__expert_parallel=ep, model__model_config=model)
+                                       parallel__expert_parallel=ep, parallel__ep_dispatch=dispatch,
+                                       model__model_config=model)
             prefix = [] if ranks == 1 else [os.environ["MOEFORGE_MPIEXEC"], "-np", str(ranks),
                                             "--oversubscribe", "--allow-run-as-root"]
-            run(prefix + [MOEFORGE, "train", "--config", config, "--no-progress"])
-        ref = [m for m in read_jsonl(os.path.join(self.tmp, "ep-1", "metrics.jsonl")) if "loss" in m]
+            proc = run(prefix + [MOEFORGE, "train", "--config", config, "--no-progress"])
+            if runs:
+                self.assertIn(f"expert dispatch: {runs} (parallel.ep_dispatch \"{dispatch}\"",
+                              proc.stderr, name)
+        metrics = {name: [m for m in read_jsonl(os.path.join(self.tmp, name, "metrics.jsonl"))
+                          if "loss" in m] for name in layouts}
+        ref = metrics["ep-1"]
         self.assertEqual(len(ref), 6)
-        for name in ("ep-2", "ep-4", "dp2-ep2"):
-            got = [m for m in read_jsonl(os.path.join(self.tmp, name, "metrics.jsonl")) if "loss" in m]
+        for name in ("ep-2", "ep-2-a2a", "ep-4", "dp2-ep2"):
+            got = metrics[name]
             self.assertEqual(len(got), 6, name)
             for x, y in zip(ref, got):
                 self.assertEqual(x["tokens"], y["tokens"], name)
@@ -215,11 +226,21 @@ class CliTest(unittest.TestCase):
                                        delta=1e-4 * abs(x["grad_norm"]), msg=name)
                 if name != "dp2-ep2":  # the root sees only its own data-parallel replica's load
                     self.assertEqual(x["expert_load_max"], y["expert_load_max"], name)
-        # A layout that does not fit is a clear error.
+        # The two dispatches move different data but compute the same step: equal routing, and
+        # losses equal to fp32 rounding (only the order of a few sums differs).
+        for x, y in zip(metrics["ep-2"], metrics["ep-2-a2a"]):
+            self.assertEqual(x["expert_load_max"], y["expert_load_max"])
+            self.assertAlmostEqual(x["loss"], y["loss"], delta=2e-6 * abs(x["loss"]))
+        # A layout that does not fit and an unknown dispatch are clear errors.
         bad = self.train_config("ep-bad", parallel__expert_parallel=3, model__model_config=model)
         proc = run([MOEFORGE, "train", "--config", bad, "--no-progress"], check=False)
         self.assertEqual(proc.returncode, 1)
         self.assertIn("expert_parallel", proc.stderr)
+        bad = self.train_config("ep-bad-dispatch", parallel__expert_parallel=2,
+                                parallel__ep_dispatch="all-to-all", model__model_config=model)
+        proc = run([MOEFORGE, "train", "--config", bad, "--no-progress"], check=False)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn('parallel.ep_dispatch must be "allgather", "alltoall" or "auto"', proc.stderr)
 
     def test_flex_prefill_attention(self):
         """generate and eval with --attention flex (FlexPrefill sparse prefill): the statistics JSON
@@ -283,6 +304,186 @@ class CliTest(unittest.TestCase):
         proc = run(evaluate + ["--tau", "-1"], check=False)
         self.assertEqual(proc.returncode, 1)
         self.assertIn("--tau", proc.stderr)
+
+    def test_data_synth_writes_tasks_and_training_data(self):
+        """data synth: the requested examples with exact prompt lengths, the same file for the same
+        seed, a token dataset the loader reads (--format train), and errors naming the option."""
+        self.assertIn("--lengths", run([MOEFORGE, "data", "synth", "--help"]).stdout)
+        self.assertIn("--task", run([MOEFORGE, "eval", "--help"]).stdout)
+        tasks = os.path.join(self.tmp, "synth.jsonl")
+        def synth(out, seed="5", extra=()):
+            return [MOEFORGE, "data", "synth", "--task", "niah_single,niah_multikey,niah_multivalue,vt",
+                    "--lengths", "600,1024", "--num", "3", "--seed", seed, "--out", out, *extra]
+        run(synth(tasks))
+        examples = read_jsonl(tasks)
+        self.assertEqual(len(examples), 4 * 2 * 3)
+        groups = {}
+        for e in examples:
+            self.assertEqual(len(e["prompt"].encode()), e["length"])
+            self.assertTrue(0.0 <= e["depth"] < 1.0, e["depth"])
+            self.assertTrue(e["prompt"].endswith("Answer: "))
+            self.assertNotIn(e["answer"], e["prompt"].rsplit("\n", 1)[1])  # not in the question
+            groups[(e["task"], e["length"])] = groups.get((e["task"], e["length"]), 0) + 1
+        self.assertEqual(groups, {(t, n): 3 for t in ("niah_single", "niah_multikey", "niah_multivalue", "vt")
+                                  for n in (600, 1024)})
+        again = os.path.join(self.tmp, "synth-again.jsonl")
+        run(synth(again))
+        with open(tasks) as a, open(again) as b:
+            self.assertEqual(a.read(), b.read())
+        other = os.path.join(self.tmp, "synth-other.jsonl")
+        run(synth(other, seed="6"))
+        for x, y in zip(examples, read_jsonl(other)):
+            self.assertNotEqual(x["prompt"], y["prompt"])
+        proc = run(synth(tasks), check=False)  # no silent overwrite
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("--overwrite", proc.stderr)
+
+        train_dir = os.path.join(self.tmp, "synth-train")
+        run(synth(train_dir, extra=("--format", "train", "--val-fraction", "0.2")))
+        with open(os.path.join(train_dir, "dataset.json")) as f:
+            dataset = json.load(f)
+        self.assertEqual(dataset["tokenizer"]["kind"], "byte")
+        splits = dataset["splits"]
+        self.assertEqual(splits["train"]["num_tokens"] + splits["val"]["num_tokens"],
+                         sum(len(e["prompt"]) + len(e["answer"]) + 2 for e in examples))  # BOS, EOS
+        self.assertGreater(splits["val"]["num_tokens"], 0)
+        model = os.path.join(self.tmp, "synth-loader-model")
+        run([MOEFORGE, "init", "--config", self.model_json, "--out", model, "--seed", "3"])
+        ev = json.loads(run([MOEFORGE, "eval", "--model", model, "--data", train_dir, "--split", "train",
+                             "--seq-len", "64", "--batch-size", "2", "--max-batches", "1"]).stdout)
+        self.assertEqual(ev["tokens"], 128)
+
+        bad = os.path.join(self.tmp, "synth-bad.jsonl")
+        for args, option in ((["--task", "niah_triple", "--lengths", "1024"], "--task"),
+                             (["--task", "vt", "--lengths", "1024,100"], "--lengths"),
+                             (["--task", "niah_multikey", "--lengths", "300"], "--lengths"),
+                             (["--task", "vt", "--lengths", "1024", "--num", "0"], "--num"),
+                             (["--task", "vt", "--lengths", "1024", "--num", "-3"], "--num"),
+                             (["--task", "vt", "--lengths", "1024", "--depth", "1.5"], "--depth")):
+            proc = run([MOEFORGE, "data", "synth", *args, "--out", bad], check=False)
+            self.assertEqual(proc.returncode, 1, args)
+            self.assertIn(option, proc.stderr, args)
+            self.assertFalse(os.path.exists(bad), args)
+        proc = run([MOEFORGE, "data", "synth", "--task", "vt", "--lengths", "100", "--out", bad], check=False)
+        self.assertIn("minimum", proc.stderr)
+
+    def test_eval_task_accuracy_dense_and_flex(self):
+        """eval --task: accuracy per task and length in [0, 1] for dense and flex attention (flex
+        with the mean density); a model built to answer "7" scores exactly the lines whose answer
+        is 7 (the scorer says yes and no); clear errors."""
+        model_json = os.path.join(self.tmp, "task-model.json")
+        with open(model_json, "w") as f:
+            json.dump(dict(TINY_MODEL, max_position_embeddings=1100), f)
+        model = os.path.join(self.tmp, "task-model")
+        run([MOEFORGE, "init", "--config", model_json, "--out", model, "--seed", "3", "--init-std", "0.5"])
+        shutil.copy(os.path.join(self.data, "moeforge_tokenizer.json"), model)
+        tasks = os.path.join(self.tmp, "eval-tasks.jsonl")
+        run([MOEFORGE, "data", "synth", "--task", "niah_single,niah_multikey,niah_multivalue,vt",
+             "--lengths", "600,1024", "--num", "2", "--seed", "1", "--out", tasks])
+        sparse = ["--attention", "flex", "--gamma", "0.5", "--min-budget", "64", "--block-size", "64"]
+        for attention in (["--attention", "dense"], sparse):
+            ev = json.loads(run([MOEFORGE, "eval", "--model", model, "--task", tasks, *attention]).stdout)
+            self.assertEqual(ev["examples"], 16)
+            self.assertTrue(0.0 <= ev["accuracy"] <= 1.0)
+            self.assertEqual(set(ev["tasks"]), {"niah_single", "niah_multikey", "niah_multivalue", "vt"})
+            for name, task in ev["tasks"].items():
+                self.assertEqual(task["examples"], 4, name)
+                self.assertEqual(set(task["lengths"]), {"600", "1024"}, name)
+                for length in task["lengths"].values():
+                    self.assertEqual(length["examples"], 2)
+                    self.assertTrue(0.0 <= length["accuracy"] <= 1.0)
+                    self.assertEqual(length["accuracy"], length["correct"] / 2)
+                    if attention == sparse:
+                        self.assertTrue(0.0 < length["mean_density"] < 1.0, length)
+            if attention == sparse:
+                self.assertEqual(ev["attention_stats"]["prefills"], 16)
+                self.assertEqual(ev["attention_stats"]["dense_fallback_layers"], 0)
+                self.assertTrue(0.0 < ev["attention_stats"]["mean_density"] < 1.0)
+                self.assertLess(ev["tasks"]["vt"]["lengths"]["1024"]["mean_density"],
+                                ev["tasks"]["vt"]["lengths"]["600"]["mean_density"])
+            else:
+                self.assertNotIn("attention_stats", ev)
+
+        # A bigram model that answers "7" after a space, then ends (EOS): attention and experts
+        # add nothing, the embedding of ' ' selects '7' in lm_head and that of '7' selects EOS.
+        seven = os.path.join(self.tmp, "seven-model")
+        shutil.copytree(model, seven)
+        space, digit, eos = ord(" "), ord("7"), 257
+        def edit(name, shape, values):
+            if name.endswith("o_proj.weight") or name.endswith("w2.weight"):
+                values[:] = [0.0] * len(values)
+            elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+                values[:] = [0.0] * len(values)
+                hidden = shape[1]
+                rows = {space: 0, digit: 1} if name.startswith("model.") else {digit: 0, eos: 1}
+                for row, column in rows.items():
+                    values[row * hidden + column] = 10.0
+        rewrite_safetensors(os.path.join(seven, "model.safetensors"), edit)
+        self.assertEqual(run([MOEFORGE, "generate", "--model", seven, "--prompt", "Answer: ",
+                              "--max-new-tokens", "6", "--temperature", "0"]).stdout, "Answer: 7\n")
+        prompts = {(e["task"], e["length"]): e["prompt"] for e in read_jsonl(tasks)}
+        hand = [("niah_single", 600, "7"), ("niah_single", 1024, "8"), ("niah_multikey", 600, "77"),
+                ("niah_multivalue", 600, "7, 8"), ("vt", 600, "7")]
+        hand_file = os.path.join(self.tmp, "hand-tasks.jsonl")
+        with open(hand_file, "w") as f:
+            for task, length, answer in hand:
+                f.write(json.dumps({"task": task, "length": length, "depth": 0.5,
+                                    "prompt": prompts[(task, length)], "answer": answer}) + "\n")
+        for attention in (["--attention", "dense"], sparse):
+            ev = json.loads(run([MOEFORGE, "eval", "--model", seven, "--task", hand_file, *attention]).stdout)
+            self.assertEqual((ev["examples"], ev["correct"]), (5, 2), attention)
+            self.assertEqual(ev["tasks"]["niah_single"]["lengths"]["600"]["accuracy"], 1.0)
+            self.assertEqual(ev["tasks"]["niah_single"]["lengths"]["1024"]["accuracy"], 0.0)
+            self.assertEqual(ev["tasks"]["niah_multikey"]["accuracy"], 0.0)
+            self.assertEqual(ev["tasks"]["niah_multivalue"]["accuracy"], 0.0)
+            self.assertEqual(ev["tasks"]["vt"]["accuracy"], 1.0)
+        # The random model cannot produce a long answer.
+        with open(hand_file, "w") as f:
+            f.write(json.dumps({"task": "niah_single", "length": 600, "depth": 0.5,
+                                "prompt": prompts[("niah_single", 600)],
+                                "answer": "the answer nobody generates by chance"}) + "\n")
+        ev = json.loads(run([MOEFORGE, "eval", "--model", model, "--task", hand_file]).stdout)
+        self.assertEqual((ev["examples"], ev["accuracy"]), (1, 0.0))
+
+        short = os.path.join(self.tmp, "short-model")
+        run([MOEFORGE, "init", "--config", self.model_json, "--out", short, "--seed", "3"])
+        shutil.copy(os.path.join(self.data, "moeforge_tokenizer.json"), short)
+        proc = run([MOEFORGE, "eval", "--model", short, "--task", tasks], check=False)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("max_position_embeddings", proc.stderr)
+        proc = run([MOEFORGE, "eval", "--model", model, "--task", tasks, "--seq-len", "64"], check=False)
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn("--seq-len", proc.stderr)
+        proc = run([MOEFORGE, "eval", "--model", model], check=False)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("--task", proc.stderr)
+        with open(hand_file, "w") as f:
+            f.write(json.dumps({"task": "niah_triple", "length": 600, "depth": 0.5, "prompt": "x",
+                                "answer": "7"}) + "\n")
+        proc = run([MOEFORGE, "eval", "--model", model, "--task", hand_file], check=False)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("hand-tasks.jsonl:1: field 'task'", proc.stderr)
+
+
+def rewrite_safetensors(path, edit):
+    """Calls edit(name, shape, values) for every tensor of a float32 .safetensors file (values: a
+    flat list of floats that edit may change in place) and writes the file back."""
+    import struct
+    with open(path, "rb") as f:
+        blob = f.read()
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + header_len])
+    data = bytearray(blob[8 + header_len:])
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        assert info["dtype"] == "F32", (name, info["dtype"])
+        begin, end = info["data_offsets"]
+        values = list(struct.unpack(f"<{(end - begin) // 4}f", data[begin:end]))
+        edit(name, info["shape"], values)
+        data[begin:end] = struct.pack(f"<{len(values)}f", *values)
+    with open(path, "wb") as f:
+        f.write(blob[:8 + header_len] + bytes(data))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,27 @@
+// `moeforge eval --task`: accuracy of greedy generation on synthetic long-context tasks (from
+// `moeforge data synth`), per task and prompt length, with the mean density of the sparse prefills
+// when the model's prefill attention is FlexPrefill.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "data/synth_tasks.h"
+#include "data/tokenizer.h"
+#include "model/transformer.h"
+
+namespace moeforge {
+
+// Runs every example (example i on rank i % world size; greedy decoding for the answer's tokens
+// plus a few) and returns the JSON report, the same on every rank after an all-reduce. Throws,
+// naming task_file and the example, when a prompt does not fit the model's positions.
+nlohmann::ordered_json evaluate_synth_tasks(Transformer<float>& model,
+                                            const data::Tokenizer& tokenizer,
+                                            const std::vector<data::SynthExample>& examples,
+                                            const std::string& task_file, bool flex,
+                                            Communicator& world);
+
+}  // namespace moeforge

@@ -1,0 +1,341 @@
+// Tests of the RULER-style synthetic task generators: determinism, exact lengths, needle
+// placement, solvability (an independent parser recovers the answer from the prompt), the
+// scoring rule, and the JSONL and token dataset files.
+#include "data/synth_tasks.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cctype>
+#include <map>
+#include <regex>
+#include <set>
+#include <vector>
+
+#include "core/error.h"
+#include "data/byte_tokenizer.h"
+#include "data/loader.h"
+#include "data/test_util.h"
+
+namespace moeforge::data {
+namespace {
+
+using testing::TempDir;
+
+// A needle found by the parser: its text and byte offset in the prompt.
+struct FoundNeedle {
+  std::string text;
+  int64_t offset = 0;
+  std::string key;    // niah key or vt variable
+  std::string value;  // niah value, or vt value or source variable
+};
+
+std::vector<FoundNeedle> find_needles(const std::string& prompt, SynthTask task) {
+  static const std::regex niah(R"(The special magic number for ([a-z]+-[a-z]+) is ([0-9]+)\.)");
+  static const std::regex vt(R"(VAR ([A-Z]+) = ([A-Z0-9]+)\.)");
+  const std::regex& pattern = task == SynthTask::kVariableTracking ? vt : niah;
+  std::vector<FoundNeedle> found;
+  for (auto it = std::sregex_iterator(prompt.begin(), prompt.end(), pattern);
+       it != std::sregex_iterator(); ++it) {
+    found.push_back({it->str(0), it->position(0), it->str(1), it->str(2)});
+  }
+  return found;
+}
+
+// What the question at the end of the prompt asks about: the key (niah) or the value (vt).
+std::string asked(const std::string& prompt, SynthTask task) {
+  static const std::regex niah(R"(special magic numbers? for ([a-z]+-[a-z]+)\? Answer: $)");
+  static const std::regex vt(R"(assigned the value ([0-9]+)\? Answer: $)");
+  std::smatch match;
+  const bool ok =
+      std::regex_search(prompt, match, task == SynthTask::kVariableTracking ? vt : niah);
+  return ok ? match.str(1) : "";
+}
+
+// The answer an independent reader derives from the prompt alone.
+std::string solve(const std::string& prompt, SynthTask task) {
+  const std::vector<FoundNeedle> needles = find_needles(prompt, task);
+  const std::string query = asked(prompt, task);
+  std::vector<std::string> items;
+  if (task == SynthTask::kVariableTracking) {
+    // Variables resolve through their chain; collect those that reach the asked value, in order.
+    std::map<std::string, std::string> source;
+    for (const FoundNeedle& n : needles) source[n.key] = n.value;
+    for (const FoundNeedle& n : needles) {
+      std::string value = n.key;
+      while (source.count(value)) value = source[value];
+      if (value == query) items.push_back(n.key);
+    }
+  } else {
+    for (const FoundNeedle& n : needles) {
+      if (n.key == query) items.push_back(n.value);
+    }
+  }
+  std::string joined;
+  for (const std::string& item : items) joined += (joined.empty() ? "" : ", ") + item;
+  return joined;
+}
+
+int64_t expected_num_needles(SynthTask task) {
+  switch (task) {
+    case SynthTask::kNiahSingle: return 1;
+    case SynthTask::kNiahMultikey: return kNumMultikeyNeedles;
+    case SynthTask::kNiahMultivalue: return kNumMultivalueNeedles;
+    case SynthTask::kVariableTracking: return kNumVtChains * kNumVtVariables;
+  }
+  return -1;
+}
+
+TEST(SynthTasks, TaskNamesRoundTripAndUnknownNamesAreClearErrors) {
+  for (SynthTask task : all_synth_tasks()) {
+    EXPECT_EQ(parse_synth_task(synth_task_name(task), "--task"), task);
+  }
+  const std::string message = MF_ERROR_MESSAGE(parse_synth_task("niah", "--task"));
+  EXPECT_NE(message.find("--task"), std::string::npos) << message;
+  EXPECT_NE(message.find("niah_multivalue"), std::string::npos) << message;
+}
+
+TEST(SynthTasks, SameSeedSameExampleOtherSeedOtherExample) {
+  for (SynthTask task : all_synth_tasks()) {
+    const SynthExample a = make_synth_example(task, 2048, 0.3, 7);
+    const SynthExample b = make_synth_example(task, 2048, 0.3, 7);
+    const SynthExample c = make_synth_example(task, 2048, 0.3, 8);
+    EXPECT_EQ(a.prompt, b.prompt);
+    EXPECT_EQ(a.answer, b.answer);
+    EXPECT_EQ(a.depth, b.depth);
+    EXPECT_NE(a.prompt, c.prompt) << synth_task_name(task);
+    EXPECT_NE(a.answer, c.answer) << synth_task_name(task);
+  }
+  const std::vector<SynthTask> tasks = {SynthTask::kNiahSingle};
+  const std::vector<int64_t> lengths = {1024};
+  const auto x = make_synth_examples(tasks, lengths, 3, 1, std::nullopt);
+  const auto y = make_synth_examples(tasks, lengths, 3, 2, std::nullopt);
+  for (size_t i = 0; i < x.size(); ++i) EXPECT_NE(x[i].prompt, y[i].prompt);
+  EXPECT_NE(x[0].prompt, x[1].prompt);  // examples of one seed differ from each other
+}
+
+TEST(SynthTasks, PromptHasExactlyTheRequestedLength) {
+  for (SynthTask task : all_synth_tasks()) {
+    const int64_t min_length = synth_min_length(task);
+    for (int64_t length : {min_length, min_length + 1, min_length + 37, int64_t{1000},
+                           int64_t{4096}, int64_t{16384}}) {
+      if (length < min_length) continue;
+      for (uint64_t seed = 0; seed < 4; ++seed) {
+        const SynthExample example = make_synth_example(task, length, 0.5, seed);
+        EXPECT_EQ(static_cast<int64_t>(example.prompt.size()), length)
+            << synth_task_name(task) << " seed " << seed;
+        EXPECT_EQ(example.length, length);
+        EXPECT_TRUE(std::all_of(example.prompt.begin(), example.prompt.end(),
+                                [](char c) { return c > 0 && c < 127; }));
+        ByteTokenizer tokenizer;
+        EXPECT_EQ(static_cast<int64_t>(tokenizer.encode(example.prompt).size()), length);
+      }
+    }
+  }
+}
+
+TEST(SynthTasks, LengthBelowTheMinimumIsAClearError) {
+  for (SynthTask task : all_synth_tasks()) {
+    const int64_t min_length = synth_min_length(task);
+    EXPECT_GT(min_length, 100);
+    for (uint64_t seed = 0; seed < 32; ++seed) make_synth_example(task, min_length, 0.0, seed);
+    const std::string message = MF_ERROR_MESSAGE(make_synth_example(task, min_length - 1, 0.0, 0));
+    EXPECT_NE(message.find("minimum"), std::string::npos) << message;
+    EXPECT_NE(message.find(std::to_string(min_length)), std::string::npos) << message;
+  }
+  EXPECT_NE(MF_ERROR_MESSAGE(make_synth_example(SynthTask::kVariableTracking, 4096, 1.5, 0))
+                .find("depth"),
+            std::string::npos);
+}
+
+TEST(SynthTasks, AnchorNeedleOccursOnceAtTheReportedDepth) {
+  for (SynthTask task : all_synth_tasks()) {
+    double previous_depth = -1.0;
+    for (double depth : {0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0}) {
+      const SynthExample example = make_synth_example(task, 4096, depth, 11);
+      const std::vector<FoundNeedle> needles = find_needles(example.prompt, task);
+      ASSERT_EQ(static_cast<int64_t>(needles.size()), expected_num_needles(task));
+      int64_t needle_bytes = 0;
+      std::set<std::string> texts;
+      for (const FoundNeedle& n : needles) {
+        needle_bytes += static_cast<int64_t>(n.text.size()) + 1;
+        texts.insert(n.text);
+      }
+      EXPECT_EQ(texts.size(), needles.size()) << "every needle text is unique";
+      const auto anchor = std::find_if(needles.begin(), needles.end(), [&](const FoundNeedle& n) {
+        return n.offset == example.needle_offset;
+      });
+      ASSERT_NE(anchor, needles.end()) << synth_task_name(task) << " depth " << depth;
+      EXPECT_EQ(example.prompt.find(anchor->text), static_cast<size_t>(anchor->offset));
+      EXPECT_EQ(example.prompt.rfind(anchor->text), static_cast<size_t>(anchor->offset));
+      // The anchor is the needle the question is about.
+      if (task == SynthTask::kVariableTracking) {
+        EXPECT_EQ(anchor->value, asked(example.prompt, task));
+      } else {
+        EXPECT_EQ(anchor->key, asked(example.prompt, task));
+        EXPECT_NE(example.answer.find(anchor->value), std::string::npos);
+      }
+      EXPECT_GE(example.needle_offset, example.context_begin);
+      EXPECT_DOUBLE_EQ(example.depth,
+                       static_cast<double>(example.needle_offset - example.context_begin) /
+                           static_cast<double>(example.context_bytes));
+      EXPECT_GE(example.depth, 0.0);
+      EXPECT_LT(example.depth, 1.0);
+      // Off by at most one filler sentence and the needles placed before the anchor.
+      const double tolerance =
+          static_cast<double>(64 + needle_bytes) / static_cast<double>(example.context_bytes);
+      EXPECT_NEAR(example.depth, depth, tolerance) << synth_task_name(task);
+      EXPECT_GT(example.depth, previous_depth) << synth_task_name(task) << " depth " << depth;
+      previous_depth = example.depth;
+    }
+  }
+}
+
+TEST(SynthTasks, AnswerIsRecoverableFromThePromptAndFillerHoldsNoDigits) {
+  for (SynthTask task : all_synth_tasks()) {
+    for (uint64_t seed = 0; seed < 20; ++seed) {
+      const int64_t length = seed % 2 == 0 ? 1024 : 3000;
+      const SynthExample example =
+          make_synth_example(task, length, static_cast<double>(seed) / 19.0, seed);
+      EXPECT_EQ(solve(example.prompt, task), example.answer)
+          << synth_task_name(task) << " seed " << seed;
+      EXPECT_TRUE(synth_answer_correct(task, example.answer, example.answer));
+      std::string rest = example.prompt;
+      for (const FoundNeedle& n : find_needles(example.prompt, task)) {
+        rest.replace(rest.find(n.text), n.text.size(), "");
+      }
+      const std::string query = asked(example.prompt, task);
+      rest.replace(rest.rfind(query), query.size(), "");
+      EXPECT_TRUE(std::none_of(rest.begin(), rest.end(), [](char c) { return std::isdigit(c); }))
+          << synth_task_name(task) << " seed " << seed;
+      EXPECT_EQ(rest.find("VAR"), std::string::npos);
+    }
+  }
+}
+
+TEST(SynthTasks, MultiNeedleTasksHaveTheirShape) {
+  const SynthExample multikey = make_synth_example(SynthTask::kNiahMultikey, 2048, 0.5, 3);
+  std::set<std::string> keys;
+  for (const FoundNeedle& n : find_needles(multikey.prompt, SynthTask::kNiahMultikey)) {
+    keys.insert(n.key);
+  }
+  EXPECT_EQ(static_cast<int64_t>(keys.size()), kNumMultikeyNeedles);
+  const SynthExample multivalue = make_synth_example(SynthTask::kNiahMultivalue, 2048, 0.5, 3);
+  keys.clear();
+  std::set<std::string> values;
+  for (const FoundNeedle& n : find_needles(multivalue.prompt, SynthTask::kNiahMultivalue)) {
+    keys.insert(n.key);
+    values.insert(n.value);
+  }
+  EXPECT_EQ(keys.size(), 1u);
+  EXPECT_EQ(static_cast<int64_t>(values.size()), kNumMultivalueNeedles);
+  const SynthExample vt = make_synth_example(SynthTask::kVariableTracking, 2048, 0.5, 3);
+  EXPECT_EQ(std::count(vt.answer.begin(), vt.answer.end(), ','), kNumVtVariables - 1);
+}
+
+TEST(SynthTasks, ExampleSetsFollowTasksLengthsAndDepths) {
+  const std::vector<SynthTask> tasks = {SynthTask::kNiahSingle, SynthTask::kVariableTracking};
+  const std::vector<int64_t> lengths = {1024, 2048};
+  const std::vector<SynthExample> examples = make_synth_examples(tasks, lengths, 5, 9, {});
+  ASSERT_EQ(examples.size(), 20u);
+  for (size_t i = 0; i < examples.size(); ++i) {
+    EXPECT_EQ(examples[i].task, tasks[i / 10]);
+    EXPECT_EQ(examples[i].length, lengths[(i / 5) % 2]);
+    const double requested = static_cast<double>(i % 5) / 4.0;
+    EXPECT_NEAR(examples[i].depth, requested, 0.25);
+  }
+  EXPECT_LT(examples[0].depth, 0.05);
+  EXPECT_GT(examples[4].depth, 0.7);
+  for (const SynthExample& e : make_synth_examples(tasks, lengths, 3, 9, 0.0)) {
+    EXPECT_LT(e.depth, 0.05);
+  }
+  EXPECT_NE(MF_ERROR_MESSAGE(make_synth_examples(tasks, lengths, 0, 9, {})).find("num"),
+            std::string::npos);
+}
+
+TEST(SynthTasks, ScoringRuleIsExactForOneValueAndAllOfThemForLists) {
+  const SynthTask single = SynthTask::kNiahSingle;
+  EXPECT_TRUE(synth_answer_correct(single, "1234567", "1234567"));
+  EXPECT_TRUE(synth_answer_correct(single, "1234567", " 1234567 \nThe river is quiet."));
+  EXPECT_FALSE(synth_answer_correct(single, "1234567", "123456"));
+  EXPECT_FALSE(synth_answer_correct(single, "1234567", "12345678"));
+  EXPECT_FALSE(synth_answer_correct(single, "1234567", "1234567."));
+  EXPECT_FALSE(synth_answer_correct(single, "1234567", "The 1234567"));
+  EXPECT_FALSE(synth_answer_correct(single, "1234567", ""));
+  EXPECT_FALSE(synth_answer_correct(single, "1234567", "\n1234567"));
+  const SynthTask multi = SynthTask::kNiahMultivalue;
+  const std::string answer = "1111111, 2222222, 3333333";
+  EXPECT_TRUE(synth_answer_correct(multi, answer, answer));
+  EXPECT_TRUE(synth_answer_correct(multi, answer, "3333333 1111111,2222222"));
+  EXPECT_FALSE(synth_answer_correct(multi, answer, "1111111, 2222222"));
+  EXPECT_FALSE(synth_answer_correct(multi, answer, "1111111, 2222222, 333333"));
+  EXPECT_FALSE(synth_answer_correct(multi, answer, "1111111, 2222222\n3333333"));
+  EXPECT_FALSE(synth_answer_correct(multi, answer, ""));
+  EXPECT_TRUE(synth_answer_correct(SynthTask::kVariableTracking, "ABCDE, FGHIJ", "FGHIJ, ABCDE"));
+  EXPECT_FALSE(synth_answer_correct(SynthTask::kVariableTracking, "ABCDE, FGHIJ", "ABCDEFGHIJ"));
+}
+
+TEST(SynthTasks, JsonlRoundTripsAndBadLinesNameTheLineAndField) {
+  TempDir dir;
+  const std::vector<SynthTask> tasks = all_synth_tasks();
+  const std::vector<int64_t> lengths = {1024};
+  const std::vector<SynthExample> examples = make_synth_examples(tasks, lengths, 2, 4, {});
+  write_synth_jsonl(dir / "tasks.jsonl", examples);
+  const std::vector<SynthExample> read = read_synth_jsonl(dir / "tasks.jsonl");
+  ASSERT_EQ(read.size(), examples.size());
+  for (size_t i = 0; i < read.size(); ++i) {
+    EXPECT_EQ(read[i].task, examples[i].task);
+    EXPECT_EQ(read[i].length, examples[i].length);
+    EXPECT_EQ(read[i].depth, examples[i].depth);
+    EXPECT_EQ(read[i].prompt, examples[i].prompt);
+    EXPECT_EQ(read[i].answer, examples[i].answer);
+  }
+  const std::string good =
+      R"({"task": "vt", "length": 5, "depth": 0, "prompt": "p", "answer": "A"})";
+  const auto error_of = [&dir, &good](const std::string& second_line) {
+    testing::write_file(dir / "bad.jsonl", good + "\n" + second_line + "\n");
+    return MF_ERROR_MESSAGE(read_synth_jsonl(dir / "bad.jsonl"));
+  };
+  EXPECT_EQ(error_of(""), "");
+  const std::string task =
+      error_of(R"({"task": "nope", "length": 5, "depth": 0, "prompt": "p", "answer": "A"})");
+  EXPECT_NE(task.find("bad.jsonl:2: field 'task'"), std::string::npos) << task;
+  const std::string depth =
+      error_of(R"({"task": "vt", "length": 5, "depth": 2, "prompt": "p", "answer": "A"})");
+  EXPECT_NE(depth.find("'depth'"), std::string::npos) << depth;
+  const std::string answer = error_of(R"({"task": "vt", "length": 5, "depth": 0, "prompt": "p"})");
+  EXPECT_NE(answer.find("'answer'"), std::string::npos) << answer;
+  const std::string json = error_of("{not json");
+  EXPECT_NE(json.find("bad.jsonl:2"), std::string::npos) << json;
+  const std::string version = error_of(
+      R"({"format_version": 9, "task": "vt", "length": 5, "depth": 0, "prompt": "p", "answer": "A"})");
+  EXPECT_NE(version.find("format_version"), std::string::npos) << version;
+}
+
+TEST(SynthTasks, TrainDatasetHoldsEveryExampleAsOneDocument) {
+  TempDir dir;
+  const std::vector<SynthTask> tasks = {SynthTask::kNiahMultivalue};
+  const std::vector<int64_t> lengths = {600, 900};
+  const std::vector<SynthExample> examples = make_synth_examples(tasks, lengths, 2, 5, {});
+  PrepareOptions options;
+  options.out_dir = dir / "train-set";
+  options.val_fraction = 0.0;
+  const PrepareSummary summary = write_synth_train_dataset(examples, options);
+  EXPECT_EQ(summary.num_documents, 4);
+  EXPECT_FALSE(std::filesystem::exists(dir / ".train-set.synth-text"));
+  const TokenDataset dataset = TokenDataset::open(dir / "train-set", "train");
+  std::vector<int32_t> expected;
+  ByteTokenizer tokenizer;
+  for (const SynthExample& example : examples) {
+    expected.push_back(ByteTokenizer::kBosId);
+    for (int32_t t : tokenizer.encode(example.prompt + example.answer)) expected.push_back(t);
+    expected.push_back(ByteTokenizer::kEosId);
+  }
+  ASSERT_EQ(dataset.num_tokens(), static_cast<int64_t>(expected.size()));
+  std::vector<int32_t> tokens(expected.size());
+  dataset.read(0, dataset.num_tokens(), tokens.data());
+  EXPECT_EQ(tokens, expected);
+}
+
+}  // namespace
+}  // namespace moeforge::data
