@@ -19,6 +19,7 @@
 #include "core/rng.h"
 #include "model/model_test_configs.h"
 #include "model/moe_ffn.h"
+#include "model/moe_layer_case.h"
 #include "model/thread_communicator.h"
 #include "model/transformer.h"
 #include "testing/gradcheck.h"
@@ -35,25 +36,14 @@ constexpr double kAtol = 1e-12;
 constexpr double kDaux = 0.5;
 constexpr double kDz = 0.25;
 
-// One layer over the group's tokens: every rank's inputs and output gradients, all experts.
-struct LayerCase {
-  MoeFfnDims dims;  // num_tokens: the group's tokens
-  std::vector<double> inp, dout, router, gate_proj, up_proj, down_proj;
-  std::vector<double> shared_gate_proj, shared_up_proj, shared_down_proj, shared_expert_gate;
+// One layer over the group's tokens: every rank's inputs and output gradients, all experts (the
+// shared expert, when there is one, with its gate).
+struct LayerCase : testing::MoeLayerCase {
+  std::vector<double> dout;
 
-  LayerCase(const MoeFfnDims& d, uint64_t seed) : dims(d) {
-    const int64_t h = d.hidden, f = d.expert_ffn, e = d.num_experts, s = d.shared_ffn;
-    inp = testing::random_vector(d.num_tokens * h, seed);
-    dout = testing::random_vector(d.num_tokens * h, seed + 1);
-    router = testing::random_vector(e * h, seed + 2);
-    gate_proj = testing::random_vector(e * f * h, seed + 3, 0.7);
-    up_proj = testing::random_vector(e * f * h, seed + 4, 0.7);
-    down_proj = testing::random_vector(e * h * f, seed + 5, 0.7);
-    shared_gate_proj = testing::random_vector(s * h, seed + 6, 0.7);
-    shared_up_proj = testing::random_vector(s * h, seed + 7, 0.7);
-    shared_down_proj = testing::random_vector(h * s, seed + 8, 0.7);
-    shared_expert_gate = testing::random_vector(h, seed + 9);
-  }
+  LayerCase(const MoeFfnDims& d, uint64_t seed)
+      : MoeLayerCase(d, true, seed),
+        dout(testing::random_vector(d.num_tokens * d.hidden, seed + 9)) {}
 
   // Router row e = scale[e] * (1, 1.1, 1.2, ...): tokens with positive inputs prefer the experts
   // of the largest scales, tokens with negative inputs those of the smallest.
@@ -69,19 +59,6 @@ struct LayerCase {
     for (int64_t i = first * dims.hidden; i < last * dims.hidden; ++i) {
       inp[i] = sign * (0.75 + 0.25 * std::abs(inp[i]));
     }
-  }
-
-  MoeFfnWeights<double> weights(int rank, int num_ranks) const {
-    const int64_t first = rank * dims.num_experts / num_ranks * dims.expert_ffn * dims.hidden;
-    const bool shared = dims.shared_ffn > 0;
-    return {router.data(),
-            gate_proj.data() + first,
-            up_proj.data() + first,
-            down_proj.data() + first,
-            shared ? shared_gate_proj.data() : nullptr,
-            shared ? shared_up_proj.data() : nullptr,
-            shared ? shared_down_proj.data() : nullptr,
-            shared ? shared_expert_gate.data() : nullptr};
   }
 };
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "model/moe_layer_case.h"
 #include "model/thread_communicator.h"
 #include "ops/router.h"
 #include "testing/gradcheck.h"
@@ -17,53 +18,17 @@
 namespace moeforge {
 namespace {
 
+using testing::MoeLayerCase;
 using testing::run_ranks;
 using testing::ThreadCommunicator;
 using testing::ThreadGroup;
 
-// One layer's inputs and weights (all experts), with views for a rank of an ep group.
-struct MoeCase {
-  MoeFfnDims dims;
-  bool shared_gate;
-  std::vector<double> inp, router, gate_proj, up_proj, down_proj;
-  std::vector<double> shared_gate_proj, shared_up_proj, shared_down_proj, shared_expert_gate;
-
-  MoeCase(const MoeFfnDims& d, bool with_shared_gate, uint64_t seed)
-      : dims(d), shared_gate(with_shared_gate) {
-    const int64_t h = d.hidden, f = d.expert_ffn, e = d.num_experts, s = d.shared_ffn;
-    inp = testing::random_vector(d.num_tokens * h, seed);
-    router = testing::random_vector(e * h, seed + 1);
-    gate_proj = testing::random_vector(e * f * h, seed + 2, 0.7);
-    up_proj = testing::random_vector(e * f * h, seed + 3, 0.7);
-    down_proj = testing::random_vector(e * h * f, seed + 4, 0.7);
-    shared_gate_proj = testing::random_vector(s * h, seed + 5, 0.7);
-    shared_up_proj = testing::random_vector(s * h, seed + 6, 0.7);
-    shared_down_proj = testing::random_vector(h * s, seed + 7, 0.7);
-    shared_expert_gate = testing::random_vector(h, seed + 8);
-  }
-
-  // Weights of rank `rank` of `num_ranks` (its slice of the experts).
-  MoeFfnWeights<double> weights(int rank = 0, int num_ranks = 1) const {
-    const int64_t expert_size = dims.expert_ffn * dims.hidden;
-    const int64_t first = rank * dims.num_experts / num_ranks * expert_size;
-    const bool shared = dims.shared_ffn > 0;
-    return {router.data(),
-            gate_proj.data() + first,
-            up_proj.data() + first,
-            down_proj.data() + first,
-            shared ? shared_gate_proj.data() : nullptr,
-            shared ? shared_up_proj.data() : nullptr,
-            shared ? shared_down_proj.data() : nullptr,
-            shared && shared_gate ? shared_expert_gate.data() : nullptr};
-  }
-};
-
-// Gradient buffers of the same layout as MoeCase.
+// Gradient buffers of the same layout as MoeLayerCase.
 struct MoeGradBuffers {
   std::vector<double> router, gate_proj, up_proj, down_proj;
   std::vector<double> shared_gate_proj, shared_up_proj, shared_down_proj, shared_expert_gate;
 
-  MoeGradBuffers(const MoeCase& c, int64_t num_local_experts)
+  MoeGradBuffers(const MoeLayerCase& c, int64_t num_local_experts)
       : router(c.router.size()),
         gate_proj(num_local_experts * c.dims.expert_ffn * c.dims.hidden),
         up_proj(gate_proj.size()),
@@ -106,7 +71,7 @@ class MoeFfnGrad : public ::testing::TestWithParam<GradCase> {};
 TEST_P(MoeFfnGrad, AllGradientsMatchFiniteDifferences) {
   const GradCase p = GetParam();
   const MoeFfnDims dims{6, 4, 3, 4, 2, p.norm_topk_prob, p.capacity_factor, p.shared_ffn};
-  MoeCase c(dims, p.shared_gate, p.seed);
+  MoeLayerCase c(dims, p.shared_gate, p.seed);
   SelfCommunicator self;
   const std::vector<double> r = testing::random_vector(dims.num_tokens * dims.hidden, 99);
   const double d_aux = 0.5;
@@ -173,7 +138,7 @@ INSTANTIATE_TEST_SUITE_P(
 
 TEST(MoeFfn, StatsDescribeTheGroupsRouting) {
   const MoeFfnDims dims{8, 4, 3, 4, 2, true, 0.5, 0};
-  const MoeCase c(dims, false, 40);
+  const MoeLayerCase c(dims, false, 40);
   SelfCommunicator self;
   MoeFfnSaved<double> saved;
   MoeFfnStats stats;
@@ -209,7 +174,7 @@ TEST(MoeFfn, StatsDescribeTheGroupsRouting) {
 TEST(MoeFfn, FullyDroppedTokensGetNoRoutedOutputOrGradient) {
   // Every token prefers experts 0 then 1; capacity ceil(1.0 * 6 * 2 / 4) = 3 keeps tokens 0-2.
   const MoeFfnDims dims{6, 4, 3, 4, 2, true, 1.0, 0};
-  MoeCase c(dims, false, 50);
+  MoeLayerCase c(dims, false, 50);
   for (auto& x : c.inp) x = 0.75 + 0.25 * x;  // positive inputs
   const std::vector<double> row_scale = {2.0, 1.0, -1.0, -2.0};
   for (int64_t e = 0; e < 4; ++e) {
@@ -250,7 +215,7 @@ struct RankResult {
   std::vector<double> router, gate_proj, up_proj, down_proj, shared_gate_proj, shared_expert_gate;
 };
 
-RankResult run_layer(const MoeCase& c, const MoeFfnDims& local_dims,
+RankResult run_layer(const MoeLayerCase& c, const MoeFfnDims& local_dims,
                      const std::vector<double>& dout, Communicator& comm) {
   const int rank = comm.rank();
   const int num_ranks = comm.size();
@@ -290,7 +255,7 @@ class MoeFfnExpertParallel : public ::testing::TestWithParam<double> {};
 
 TEST_P(MoeFfnExpertParallel, TwoRanksMatchOneRank) {
   const MoeFfnDims dims{8, 4, 3, 4, 2, true, GetParam(), 3};
-  const MoeCase c(dims, true, 60);
+  const MoeLayerCase c(dims, true, 60);
   const std::vector<double> dout = testing::random_vector(dims.num_tokens * dims.hidden, 61);
   SelfCommunicator self;
   const RankResult ref = run_layer(c, dims, dout, self);
@@ -331,7 +296,7 @@ INSTANTIATE_TEST_SUITE_P(Capacity, MoeFfnExpertParallel, ::testing::Values(0.0, 
 
 TEST(MoeFfn, RejectsExpertsNotDivisibleByTheGroup) {
   const MoeFfnDims dims{2, 4, 3, 4, 2, true, 0.0, 0};
-  const MoeCase c(dims, false, 70);
+  const MoeLayerCase c(dims, false, 70);
   ThreadGroup group(3);
   ThreadCommunicator rank0(group, 0);
   MoeFfnSaved<double> saved;
