@@ -45,40 +45,36 @@ else
   "$venv/bin/pip" install --quiet --disable-pip-version-check numpy safetensors
 fi
 
-# cuDNN frontend C++ headers (header-only; the CUDA backend's attention) from PyPI, without its
-# Python dependencies, into .deps/cudnn-frontend/include. Pinned so every machine builds the same.
-cudnn_frontend_version=1.32.0
-cudnn_frontend_dir="$repo_dir/.deps/cudnn-frontend"
-if [ -f "$cudnn_frontend_dir/include/cudnn_frontend.h" ] &&
-  grep -qx "$cudnn_frontend_version" "$cudnn_frontend_dir/VERSION" 2>/dev/null; then
-  echo "setup: cuDNN frontend $cudnn_frontend_version headers present"
-else
-  echo "setup: installing cuDNN frontend $cudnn_frontend_version headers into $cudnn_frontend_dir"
-  rm -rf "$cudnn_frontend_dir"
+# Header-only C++ libraries of the CUDA backend from PyPI wheels, without their Python
+# dependencies, into .deps/<name>/include. Pinned so every machine builds the same; a VERSION file
+# marks a finished install. install_wheel_headers NAME LABEL PACKAGE VERSION MARKER: pip installs
+# PACKAGE==VERSION into .deps/NAME/wheel, then the function `NAME_headers` (defined below) moves
+# the headers from there to .deps/NAME/include, and the rest of the wheel is removed. MARKER is a
+# file under include/ that shows the headers are in place.
+install_wheel_headers() {
+  local name=$1 label=$2 package=$3 version=$4 marker=$5
+  local dir="$repo_dir/.deps/$name"
+  if [ -f "$dir/include/$marker" ] && grep -qx "$version" "$dir/VERSION" 2>/dev/null; then
+    echo "setup: $label $version headers present"
+    return
+  fi
+  echo "setup: installing $label $version headers into $dir"
+  rm -rf "$dir"
   "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps \
-    --target "$cudnn_frontend_dir" "nvidia-cudnn-frontend==$cudnn_frontend_version"
-  # Only the headers are used; the Python module next to them is not.
-  find "$cudnn_frontend_dir" -mindepth 1 -maxdepth 1 ! -name include -exec rm -rf {} +
-  echo "$cudnn_frontend_version" > "$cudnn_frontend_dir/VERSION"
-fi
+    --target "$dir/wheel" "$package==$version"
+  "${name//-/_}_headers" "$dir/wheel" "$dir/include"
+  rm -rf "$dir/wheel"
+  echo "$version" > "$dir/VERSION"
+}
 
-# CUTLASS C++ headers (header-only; the CUDA backend's grouped GEMM for the experts on Hopper) from
-# PyPI's nvidia-cutlass wheel, which carries them under cutlass_library/source: include/ and the
-# utilities' tools/util/include/cutlass/util, merged into .deps/cutlass/include; nothing else of the
-# wheel is kept. Pinned like the cuDNN frontend.
-cutlass_version=4.2.0.0
-cutlass_dir="$repo_dir/.deps/cutlass"
-if [ -f "$cutlass_dir/include/cutlass/util/packed_stride.hpp" ] &&
-  grep -qx "$cutlass_version" "$cutlass_dir/VERSION" 2>/dev/null; then
-  echo "setup: CUTLASS $cutlass_version headers present"
-else
-  echo "setup: installing CUTLASS $cutlass_version headers into $cutlass_dir"
-  rm -rf "$cutlass_dir"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps \
-    --target "$cutlass_dir/wheel" "nvidia-cutlass==$cutlass_version"
-  mv "$cutlass_dir/wheel/cutlass_library/source/include" "$cutlass_dir/include"
-  mv "$cutlass_dir/wheel/cutlass_library/source/tools/util/include/cutlass/util" \
-    "$cutlass_dir/include/cutlass/util"
-  rm -rf "$cutlass_dir/wheel"
-  echo "$cutlass_version" > "$cutlass_dir/VERSION"
-fi
+# The cuDNN frontend (the attention's graph API): the wheel's include/.
+cudnn_frontend_headers() { mv "$1/include" "$2"; }
+install_wheel_headers cudnn-frontend "cuDNN frontend" nvidia-cudnn-frontend 1.32.0 cudnn_frontend.h
+
+# CUTLASS (the experts' grouped GEMM on Hopper): the wheel carries the headers under
+# cutlass_library/source: include/ and the utilities' tools/util/include/cutlass/util.
+cutlass_headers() {
+  mv "$1/cutlass_library/source/include" "$2"
+  mv "$1/cutlass_library/source/tools/util/include/cutlass/util" "$2/cutlass/util"
+}
+install_wheel_headers cutlass CUTLASS nvidia-cutlass 4.2.0.0 cutlass/util/packed_stride.hpp
