@@ -1,7 +1,10 @@
 // `moeforge generate`: sample text from a model directory with a KV cache.
 #include <fmt/format.h>
 
+#include <charconv>
 #include <cstdio>
+#include <string>
+#include <vector>
 
 #include "cli/attention_options.h"
 #include "cli/commands.h"
@@ -9,6 +12,7 @@
 #include "core/error.h"
 #include "data/tokenizer.h"
 #include "infer/generate.h"
+#include "infer/qkv_dump.h"
 #include "io/atomic_file.h"
 #include "model/model_io.h"
 
@@ -17,6 +21,7 @@ namespace moeforge::cli {
 void register_generate_command(CLI::App& app) {
   struct Options {
     std::string model, prompt, attention_stats;
+    std::vector<std::string> dump_qkv;  // LAYER FILE
     GenerateOptions gen;
     AttentionOptions attention;
     bool stats = false;
@@ -42,8 +47,22 @@ void register_generate_command(CLI::App& app) {
   cmd->add_option("--attention-stats", opts->attention_stats,
                   "With --attention flex: write the prefill's per-layer and per-head block "
                   "selection statistics to this JSON file");
+  cmd->add_option("--dump-qkv", opts->dump_qkv,
+                  "LAYER FILE: after the prompt's prefill, write layer LAYER's q, k, v (F32, "
+                  "after q/k norm and RoPE, token-major) to FILE.safetensors, for `bench prefill "
+                  "--qkv`")
+      ->expected(2)
+      ->type_name("LAYER FILE");
   cmd->callback([opts] {
     const PrefillAttention attention = parse_attention_options(opts->attention);
+    int64_t dump_layer = -1;
+    if (!opts->dump_qkv.empty()) {
+      const std::string& layer = opts->dump_qkv[0];
+      const auto [end, error] =
+          std::from_chars(layer.data(), layer.data() + layer.size(), dump_layer);
+      MF_CHECK(error == std::errc() && end == layer.data() + layer.size() && dump_layer >= 0,
+               "--dump-qkv: LAYER must be a layer index, got '{}'", layer);
+    }
     MF_CHECK(opts->attention_stats.empty() || attention.flex,
              "--attention-stats needs --attention flex (dense attention selects no blocks)");
     const std::filesystem::path dir = resolve_model_dir(opts->model);
@@ -52,10 +71,19 @@ void register_generate_command(CLI::App& app) {
     const std::unique_ptr<Transformer<float>> loaded = load_transformer(dir, self);
     Transformer<float>& model = *loaded;
     model.set_prefill_attention(attention);
+    GenerateOptions gen = opts->gen;
+    if (dump_layer >= 0) {
+      MF_CHECK(dump_layer < model.config().num_layers,
+               "--dump-qkv: layer {} is outside the model's {} layers", dump_layer,
+               model.config().num_layers);
+      gen.after_prefill = [&](const Transformer<float>& m, const KvCache<float>& cache) {
+        write_prefill_qkv(opts->dump_qkv[1], capture_prefill_qkv(m, cache, dump_layer));
+      };
+    }
     fmt::print("{}", opts->prompt);
     std::fflush(stdout);
     const GenerateResult result =
-        generate(model, *tokenizer, opts->prompt, opts->gen, [](const std::string& piece) {
+        generate(model, *tokenizer, opts->prompt, gen, [](const std::string& piece) {
           fmt::print("{}", piece);
           std::fflush(stdout);
         });

@@ -35,6 +35,7 @@ GenerateResult generate(Transformer<float>& model, const data::Tokenizer& tokeni
                             static_cast<int64_t>(result.prompt_tokens.size()), cache,
                             logits.data());
   result.prefill_seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  if (options.after_prefill) options.after_prefill(model, cache);
   start = Clock::now();
   for (int64_t i = 0; i < options.max_new_tokens; ++i) {
     const int32_t next = sample_token(logits.data(), config.vocab_size, options.sampler, rng);

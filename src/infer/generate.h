@@ -17,6 +17,8 @@ struct GenerateOptions {
   SamplerOptions sampler;
   uint64_t seed = 0;
   bool stop_at_eos = true;
+  // Called once after the prompt's prefill, with the model and the filled KV cache (may be null).
+  std::function<void(const Transformer<float>&, const KvCache<float>&)> after_prefill;
 };
 
 struct GenerateResult {

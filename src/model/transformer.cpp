@@ -500,6 +500,12 @@ void Transformer<T>::forward_incremental(const int32_t* tokens, int64_t num_new,
 }
 
 template <typename T>
+const std::vector<T>& Transformer<T>::last_queries(int64_t l) const {
+  MF_CHECK(l >= 0 && l < config_.num_layers, "layer {} is outside [0, {})", l, config_.num_layers);
+  return acts_[static_cast<size_t>(l)].q;
+}
+
+template <typename T>
 void Transformer<T>::forward_prefill(const int32_t* tokens, int64_t num_new, KvCache<T>& cache,
                                      T* logits) {
   run_incremental(tokens, num_new, cache);

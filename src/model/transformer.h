@@ -101,6 +101,10 @@ class Transformer {
   // Per layer [num_layers] selection statistics of the last sparse prefill; later decode steps and
   // dense calls keep them; empty until a sparse prefill ran.
   const std::vector<PrefillLayerStats>& prefill_stats() const { return prefill_stats_; }
+  // Layer l's queries of the last forward_incremental call, after q/k norm and RoPE, as attention
+  // reads them: [num_new * num_heads * head_dim] at the front of the returned buffer (the keys and
+  // values of all cached positions are in the KvCache).
+  const std::vector<T>& last_queries(int64_t l) const;
 
  private:
   struct LayerActivations {
