@@ -1,0 +1,45 @@
+// Causal block-sparse grouped-query attention forward on the GPU, FlashAttention-style: per
+// (query head, 64 query rows) one block of threads walks the row's selected key blocks in
+// ascending order with an online softmax in fp32, and writes the output (bf16) and the natural-log
+// log-sum-exp of each row (fp32), as ops/block_sparse_attention.h defines them. The portable
+// kernel (any GPU, any head_dim up to 256): the fallback where cuDNN does not run, the dense path
+// for FlexPrefill's fallback (every causal block listed), and the reference for a Hopper kernel.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/bf16.h"
+#include "cuda/device_memory.h"
+#include "ops/block_sparse_attention.h"
+
+namespace moeforge::cuda {
+
+// The CSR of ops::BlockSparseLayout in device memory (row h * num_blocks + r).
+struct DeviceBlockSparseLayout {
+  const int64_t* row_offsets = nullptr;  // [num_heads * num_blocks + 1]
+  const int32_t* col_idx = nullptr;
+  int64_t num_heads = 0, num_blocks = 0, block_size = 0;
+};
+
+// A host layout copied to the device (owns the buffers).
+struct DeviceBlockSparseLayoutBuffers {
+  DeviceBuffer<int64_t> row_offsets;
+  DeviceBuffer<int32_t> col_idx;
+  int64_t num_heads = 0, num_blocks = 0, block_size = 0;
+  DeviceBlockSparseLayout view() const {
+    return {row_offsets.data(), col_idx.data(), num_heads, num_blocks, block_size};
+  }
+};
+DeviceBlockSparseLayoutBuffers upload_layout(const ops::BlockSparseLayout& layout);
+
+// q [seq_len, num_q_heads, head_dim], k and v [seq_len, num_kv_heads, head_dim] (bf16, device);
+// out [seq_len, num_q_heads, head_dim] (bf16, assigned); lse [num_q_heads, seq_len] (fp32,
+// assigned; may be null). The layout must satisfy ops::check_block_sparse_layout (not checked on
+// the device: it is read there); block_size a multiple of 64; head_dim <= 256. Asynchronous.
+void block_sparse_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k,
+                                    const bf16* v, const DeviceBlockSparseLayout& layout,
+                                    const ops::SparseAttentionDims& dims, cudaStream_t stream);
+
+}  // namespace moeforge::cuda
