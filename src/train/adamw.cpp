@@ -28,26 +28,27 @@ std::vector<uint8_t> decay_flags(const ParameterLayout& layout,
   return flags;
 }
 
+AdamWStepConstants::AdamWStepConstants(const AdamWHyper& hyper, double lr, int64_t step_count)
+    : b1(static_cast<float>(hyper.beta1)),
+      b2(static_cast<float>(hyper.beta2)),
+      eps(static_cast<float>(hyper.eps)),
+      step_size(
+          static_cast<float>(lr / (1.0 - std::pow(hyper.beta1, static_cast<double>(step_count))))),
+      bc2_sqrt(static_cast<float>(
+          std::sqrt(1.0 - std::pow(hyper.beta2, static_cast<double>(step_count))))),
+      decay_factor(static_cast<float>(1.0 - lr * hyper.weight_decay)),
+      no_decay_factor(1.0f) {}
+
 void AdamW::step(float* params, const float* grads, double lr) {
   ++step_count_;
-  const double bc1 = 1.0 - std::pow(hyper_.beta1, static_cast<double>(step_count_));
-  const double bc2 = 1.0 - std::pow(hyper_.beta2, static_cast<double>(step_count_));
-  const float b1 = static_cast<float>(hyper_.beta1), b2 = static_cast<float>(hyper_.beta2);
-  const float step_size = static_cast<float>(lr / bc1);
-  const float bc2_sqrt = static_cast<float>(std::sqrt(bc2));
-  const float eps = static_cast<float>(hyper_.eps);
+  const AdamWStepConstants c(hyper_, lr, step_count_);
   const std::vector<ParamSpec>& specs = layout_.specs();
   for (size_t s = 0; s < specs.size(); ++s) {
-    const float decay_factor =
-        decay_[s] ? static_cast<float>(1.0 - lr * hyper_.weight_decay) : 1.0f;
+    const bool decay = decay_[s] != 0;
     const int64_t begin = specs[s].offset, end = specs[s].offset + specs[s].numel;
 #pragma omp parallel for schedule(static)
     for (int64_t i = begin; i < end; ++i) {
-      const float g = grads[i];
-      float m = exp_avg_[i] = b1 * exp_avg_[i] + (1.0f - b1) * g;
-      float v = exp_avg_sq_[i] = b2 * exp_avg_sq_[i] + (1.0f - b2) * g * g;
-      const float denom = std::sqrt(v) / bc2_sqrt + eps;
-      params[i] = params[i] * decay_factor - step_size * m / denom;
+      c.update(params[i], exp_avg_[i], exp_avg_sq_[i], grads[i], decay);
     }
   }
 }

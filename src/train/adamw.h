@@ -3,6 +3,7 @@
 // Which parameters decay is decided per tensor by name (ParamSpec) once, at construction.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -22,6 +23,21 @@ struct AdamWHyper {
 // no_decay_substrings.
 std::vector<uint8_t> decay_flags(const ParameterLayout& layout,
                                  const std::vector<std::string>& no_decay_substrings);
+
+// The float constants of update number step_count with learning rate lr, and the element update
+// that AdamW and the ZeRO-1 optimizer share (so both compute bit-identical results).
+struct AdamWStepConstants {
+  float b1, b2, eps, step_size, bc2_sqrt, decay_factor, no_decay_factor;
+
+  AdamWStepConstants(const AdamWHyper& hyper, double lr, int64_t step_count);
+  // m, v and p of one element with gradient g (decay: whether the tensor decays).
+  void update(float& p, float& m, float& v, float g, bool decay) const {
+    m = b1 * m + (1.0f - b1) * g;
+    v = b2 * v + (1.0f - b2) * g * g;
+    const float denom = std::sqrt(v) / bc2_sqrt + eps;
+    p = p * (decay ? decay_factor : no_decay_factor) - step_size * m / denom;
+  }
+};
 
 class AdamW {
  public:

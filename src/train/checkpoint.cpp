@@ -109,10 +109,28 @@ void copy_tokenizer_files(const fs::path& from, const fs::path& to) {
   }
 }
 
+AdamWStateRange full_state_range(AdamW& optimizer) {
+  return AdamWStateRange{0, static_cast<int64_t>(optimizer.exp_avg().size()),
+                         optimizer.exp_avg().data(), optimizer.exp_avg_sq().data(),
+                         optimizer.step_count()};
+}
+
 fs::path save_checkpoint(const fs::path& run_dir, const Transformer<float>& model, AdamW& optimizer,
                          const TrainerState& state, const nlohmann::json& train_config,
                          const fs::path& tokenizer_dir, int64_t keep_last,
                          const std::function<bool(const io::CheckpointEntry&)>& keep) {
+  return save_checkpoint(run_dir, model, full_state_range(optimizer), state, train_config,
+                         tokenizer_dir, keep_last, keep);
+}
+
+fs::path save_checkpoint(const fs::path& run_dir, const Transformer<float>& model,
+                         const AdamWStateRange& optimizer, const TrainerState& state,
+                         const nlohmann::json& train_config, const fs::path& tokenizer_dir,
+                         int64_t keep_last,
+                         const std::function<bool(const io::CheckpointEntry&)>& keep) {
+  MF_CHECK(optimizer.begin == 0 && optimizer.end == model.layout().num_params(),
+           "save_checkpoint needs the optimizer state of all {} parameters, got the range [{}, {})",
+           model.layout().num_params(), optimizer.begin, optimizer.end);
   fs::create_directories(run_dir / "checkpoints");
   const fs::path final_dir = checkpoint_dir_name(run_dir, state.step);
   {
@@ -123,17 +141,17 @@ fs::path save_checkpoint(const fs::path& run_dir, const Transformer<float>& mode
     std::vector<io::TensorView> moments;
     const ParameterLayout& layout = model.layout();
     for (const ParamSpec& spec : layout.specs()) {
-      const auto bytes = [&](const std::vector<float>& v) {
-        return std::as_bytes(std::span(v.data() + spec.offset, static_cast<size_t>(spec.numel)));
+      const auto bytes = [&](const float* v) {
+        return std::as_bytes(std::span(v + spec.offset, static_cast<size_t>(spec.numel)));
       };
       moments.push_back(
-          {"exp_avg." + spec.name, io::DType::kF32, spec.shape, bytes(optimizer.exp_avg())});
+          {"exp_avg." + spec.name, io::DType::kF32, spec.shape, bytes(optimizer.exp_avg)});
       moments.push_back(
-          {"exp_avg_sq." + spec.name, io::DType::kF32, spec.shape, bytes(optimizer.exp_avg_sq())});
+          {"exp_avg_sq." + spec.name, io::DType::kF32, spec.shape, bytes(optimizer.exp_avg_sq)});
     }
     io::write_safetensors(
         dir / "optimizer.safetensors", moments,
-        {{"format", "moeforge-adamw"}, {"step_count", std::to_string(optimizer.step_count())}});
+        {{"format", "moeforge-adamw"}, {"step_count", std::to_string(optimizer.step_count)}});
     write_json_atomic(dir / "trainer_state.json", state_to_json(state));
     write_json_atomic(dir / "train_config.json", train_config);
     if (!tokenizer_dir.empty()) copy_tokenizer_files(tokenizer_dir, dir);
@@ -159,6 +177,18 @@ fs::path save_checkpoint(const fs::path& run_dir, const Transformer<float>& mode
 }
 
 TrainerState load_checkpoint(const fs::path& dir, Transformer<float>& model, AdamW& optimizer) {
+  AdamWStateRange range = full_state_range(optimizer);
+  const TrainerState state = load_checkpoint(dir, model, range);
+  optimizer.set_step_count(range.step_count);
+  return state;
+}
+
+TrainerState load_checkpoint(const fs::path& dir, Transformer<float>& model,
+                             AdamWStateRange& optimizer) {
+  MF_CHECK(0 <= optimizer.begin && optimizer.begin <= optimizer.end &&
+               optimizer.end <= model.layout().num_params(),
+           "load_checkpoint: optimizer range [{}, {}) is not inside the {} parameters",
+           optimizer.begin, optimizer.end, model.layout().num_params());
   MF_CHECK(fs::is_directory(dir), "checkpoint {} does not exist", dir.string());
   const ModelConfig saved = load_model_config(dir / "config.json");
   const ParameterLayout saved_layout(saved);
@@ -170,16 +200,22 @@ TrainerState load_checkpoint(const fs::path& dir, Transformer<float>& model, Ada
 
   const io::SafetensorsFile moments = io::SafetensorsFile::open(dir / "optimizer.safetensors");
   for (const ParamSpec& spec : model.layout().specs()) {
-    for (auto [prefix, target] : {std::pair{"exp_avg.", &optimizer.exp_avg()},
-                                  std::pair{"exp_avg_sq.", &optimizer.exp_avg_sq()}}) {
+    // The part of this tensor inside the range.
+    const int64_t begin = std::max(spec.offset, optimizer.begin);
+    const int64_t end = std::min(spec.offset + spec.numel, optimizer.end);
+    for (auto [prefix, target] : {std::pair{"exp_avg.", optimizer.exp_avg},
+                                  std::pair{"exp_avg_sq.", optimizer.exp_avg_sq}}) {
       const std::string name = prefix + spec.name;
       const io::TensorInfo* info = moments.find(name);
       MF_CHECK(info != nullptr, "{}: optimizer state {} is missing", moments.path().string(), name);
       MF_CHECK(info->dtype == io::DType::kF32 && info->shape == spec.shape,
                "{}: optimizer state {} has the wrong dtype or shape", moments.path().string(),
                name);
+      if (begin >= end) continue;
       const auto bytes = moments.data(*info);
-      std::memcpy(target->data() + spec.offset, bytes.data(), bytes.size());
+      std::memcpy(target + (begin - optimizer.begin),
+                  bytes.data() + (begin - spec.offset) * sizeof(float),
+                  static_cast<size_t>(end - begin) * sizeof(float));
     }
   }
   const auto it = moments.metadata().find("step_count");
@@ -191,7 +227,7 @@ TrainerState load_checkpoint(const fs::path& dir, Transformer<float>& model, Ada
   MF_CHECK(ec == std::errc() && end == it->second.data() + it->second.size() && step_count >= 0,
            "{}: metadata step_count \"{}\" is not a non-negative integer", moments.path().string(),
            it->second);
-  optimizer.set_step_count(step_count);
+  optimizer.step_count = step_count;
   return state_from_json(read_json(dir / "trainer_state.json"), dir / "trainer_state.json");
 }
 

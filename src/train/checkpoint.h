@@ -32,6 +32,21 @@ struct TrainerState {
   uint64_t data_seed = 0;
 };
 
+// AdamW's state as a checkpoint writes and reads it: the moments of the flat parameter range
+// [begin, end) of the model's layout (all of it without ZeRO; one data-parallel rank's shard with
+// ZeRO-1, train/zero_optimizer.h) and the step count. The file always holds whole tensors in layout
+// order, so it does not depend on how the state was sharded.
+struct AdamWStateRange {
+  int64_t begin = 0;
+  int64_t end = 0;
+  float* exp_avg = nullptr;     // [end - begin]
+  float* exp_avg_sq = nullptr;  // [end - begin]
+  int64_t step_count = 0;
+};
+
+// The whole state of optimizer as a range.
+AdamWStateRange full_state_range(AdamW& optimizer);
+
 std::filesystem::path checkpoint_dir_name(const std::filesystem::path& run_dir, int64_t step);
 
 // Saves a checkpoint, updates the index and removes the oldest beyond keep_last (0 keeps all),
@@ -42,11 +57,22 @@ std::filesystem::path save_checkpoint(
     const TrainerState& state, const nlohmann::json& train_config,
     const std::filesystem::path& tokenizer_dir, int64_t keep_last,
     const std::function<bool(const io::CheckpointEntry&)>& keep = {});
+// The same from an optimizer state that must span the whole layout (ZeRO-1 gathers it to rank 0
+// first).
+std::filesystem::path save_checkpoint(
+    const std::filesystem::path& run_dir, const Transformer<float>& model,
+    const AdamWStateRange& optimizer, const TrainerState& state, const nlohmann::json& train_config,
+    const std::filesystem::path& tokenizer_dir, int64_t keep_last,
+    const std::function<bool(const io::CheckpointEntry&)>& keep = {});
 
 // Restores parameters, optimizer moments and trainer state; the model's architecture must match
 // the checkpoint's config.json (checked field by field through the parameter layout).
 TrainerState load_checkpoint(const std::filesystem::path& checkpoint_dir, Transformer<float>& model,
                              AdamW& optimizer);
+// The same, reading only the moments of optimizer's range (a ZeRO-1 rank's shard) and setting its
+// step_count.
+TrainerState load_checkpoint(const std::filesystem::path& checkpoint_dir, Transformer<float>& model,
+                             AdamWStateRange& optimizer);
 
 // Removes what interrupted saves left in <run_dir>/checkpoints, all of it named as this file writes
 // it: staging folders and files of checkpoints and of the index (`step-00000100.tmp-<pid>-<k>`,

@@ -1,7 +1,8 @@
-// The CPU step engine: the reference Transformer and AdamW on the host, as the trainer used them
-// directly before there were other devices.
+// The CPU step engines: the reference Transformer and AdamW on the host, as the trainer used them
+// directly before there were other devices, and the same with ZeRO-1's sharded AdamW.
 #include <cmath>
 
+#include "core/error.h"
 #include "train/step_engine.h"
 
 namespace moeforge {
@@ -66,7 +67,63 @@ class CpuStepEngine final : public StepEngine {
   AdamW& optimizer_;
 };
 
+class CpuZero1StepEngine final : public StepEngine {
+ public:
+  CpuZero1StepEngine(Transformer<float>& model, ZeroAdamW& optimizer)
+      : model_(model), optimizer_(optimizer) {}
+
+  void load_from_host() override {}
+  void store_to_host() override {}
+  void zero_grads() override { model_.zero_grads(); }
+
+  LossBreakdown forward_backward(const int32_t* tokens, const int32_t* targets, int64_t batch,
+                                 int64_t seq, double dloss,
+                                 std::vector<MoeFfnStats>& stats) override {
+    const LossBreakdown loss = model_.forward(tokens, targets, batch, seq);
+    stats.insert(stats.end(), model_.moe_stats().begin(), model_.moe_stats().end());
+    model_.backward(dloss);
+    return loss;
+  }
+
+  void all_reduce_grads(Communicator& comm, GradReduceDtype dtype) override {
+    MF_CHECK(&comm == &optimizer_.comm(),
+             "with ZeRO-1 the gradients are reduce-scattered over the data-parallel group that "
+             "shards the optimizer state, not over another communicator");
+    optimizer_.reduce_gradients(model_.grads().data(), dtype);
+  }
+
+  StepUpdate update(double lr, double max_norm, bool loss_finite) override {
+    StepUpdate result;
+    result.grad_norm = optimizer_.grad_norm();
+    if (!loss_finite || !std::isfinite(result.grad_norm)) return result;
+    optimizer_.clip(result.grad_norm, max_norm);
+    optimizer_.step(model_.params().data(), lr);
+    result.applied = true;
+    return result;
+  }
+
+  std::string first_nonfinite_gradient() override {
+    const int64_t spec_idx = optimizer_.first_nonfinite_spec();
+    return spec_idx < 0 ? "none" : model_.layout().specs()[static_cast<size_t>(spec_idx)].name;
+  }
+
+  ForwardFn forward_fn() override {
+    return [this](const int32_t* tokens, const int32_t* targets, int64_t batch, int64_t seq) {
+      return model_.forward(tokens, targets, batch, seq);
+    };
+  }
+
+ private:
+  Transformer<float>& model_;
+  ZeroAdamW& optimizer_;
+};
+
 }  // namespace
+
+std::unique_ptr<StepEngine> make_cpu_zero1_step_engine(Transformer<float>& model,
+                                                       ZeroAdamW& optimizer) {
+  return std::make_unique<CpuZero1StepEngine>(model, optimizer);
+}
 
 std::unique_ptr<StepEngine> make_cpu_step_engine(Transformer<float>& model, AdamW& optimizer) {
   return std::make_unique<CpuStepEngine>(model, optimizer);

@@ -24,6 +24,16 @@ void all_reduce_gradients(float* data, size_t count, Communicator& comm, GradRed
     return;
   }
   const size_t chunk = (count + num_ranks - 1) / num_ranks;
+  const std::vector<float> shard = reduce_scatter_gradients_bf16(data, count, comm);
+  std::vector<float> full(chunk * num_ranks);
+  comm.all_gather(shard.data(), full.data(), chunk);
+  std::copy(full.begin(), full.begin() + static_cast<std::ptrdiff_t>(count), data);
+}
+
+std::vector<float> reduce_scatter_gradients_bf16(const float* data, size_t count,
+                                                 Communicator& comm) {
+  const auto num_ranks = static_cast<size_t>(comm.size());
+  const size_t chunk = (count + num_ranks - 1) / num_ranks;
   std::vector<uint16_t> send(chunk * num_ranks, 0), recv(chunk * num_ranks);
   for (size_t i = 0; i < count; ++i) send[i] = io::float_to_bf16(data[i]);
   comm.all_to_all(static_cast<const void*>(send.data()), static_cast<void*>(recv.data()),
@@ -32,9 +42,7 @@ void all_reduce_gradients(float* data, size_t count, Communicator& comm, GradRed
   for (size_t r = 0; r < num_ranks; ++r) {
     for (size_t i = 0; i < chunk; ++i) shard[i] += io::bf16_to_float(recv[r * chunk + i]);
   }
-  std::vector<float> full(chunk * num_ranks);
-  comm.all_gather(shard.data(), full.data(), chunk);
-  std::copy(full.begin(), full.begin() + static_cast<std::ptrdiff_t>(count), data);
+  return shard;
 }
 
 }  // namespace moeforge

@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <string>
+#include <vector>
 
 #include "comm/communicator.h"
 
@@ -22,5 +23,10 @@ GradReduceDtype parse_grad_reduce_dtype(const std::string& name);
 // communicator's rank-order all-reduce. kBfloat16: as above; element i becomes
 // fl32(sum over ranks r in order of bf16(data_r[i])), the same on every rank.
 void all_reduce_gradients(float* data, size_t count, Communicator& comm, GradReduceDtype dtype);
+
+// The bf16 path's first half: this rank's chunk [rank * len, (rank + 1) * len) of the sum, len =
+// ceil(count / size), as fp32 (elements past count are zero). ZeRO-1 stops here.
+std::vector<float> reduce_scatter_gradients_bf16(const float* data, size_t count,
+                                                 Communicator& comm);
 
 }  // namespace moeforge

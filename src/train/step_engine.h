@@ -16,6 +16,7 @@
 #include "train/adamw.h"
 #include "train/evaluate.h"
 #include "train/grad_reduce.h"
+#include "train/zero_optimizer.h"
 
 namespace moeforge {
 
@@ -40,6 +41,8 @@ class StepEngine {
                                          int64_t batch, int64_t seq, double dloss,
                                          std::vector<MoeFfnStats>& stats) = 0;
   // Sums the gradients over the ranks of comm, in fp32 or bf16-compressed (train/grad_reduce.h).
+  // The ZeRO-1 engine reduce-scatters instead (each rank gets the sum of its shard only); comm
+  // must then be the group its ZeroAdamW shards over.
   virtual void all_reduce_grads(Communicator& comm, GradReduceDtype dtype) = 0;
   // Clipping at max_norm and the AdamW step at lr; nothing changes when loss_finite is false or
   // the gradient norm is not finite.
@@ -56,6 +59,12 @@ using StepEngineFactory = std::function<std::unique_ptr<StepEngine>(
 
 // The CPU engine, over the host objects themselves.
 std::unique_ptr<StepEngine> make_cpu_step_engine(Transformer<float>& model, AdamW& optimizer);
+
+// The CPU engine with ZeRO-1: gradients reduce-scattered to the shard owners of optimizer's
+// data-parallel group, AdamW on each rank's shard, parameters all-gathered
+// (train/zero_optimizer.h).
+std::unique_ptr<StepEngine> make_cpu_zero1_step_engine(Transformer<float>& model,
+                                                       ZeroAdamW& optimizer);
 
 // The name of the first parameter, in backward order (last layers first), whose gradient holds a
 // NaN or an infinity; "none" when all are finite.

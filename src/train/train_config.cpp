@@ -283,6 +283,7 @@ TrainConfig parse_merged(const json& merged, const std::filesystem::path& base_d
   c.parallel.expert_parallel = parallel.get_int("expert_parallel");
   c.parallel.grad_reduce_dtype = parallel.get_string("grad_reduce_dtype");
   c.parallel.ep_dispatch = parallel.get_string("ep_dispatch");
+  c.parallel.zero_stage = parallel.get_int("zero_stage");
 
   validate_train_config(c);
   return c;
@@ -352,7 +353,8 @@ nlohmann::json train_config_to_json(const TrainConfig& c) {
       {"parallel",
        {{"expert_parallel", c.parallel.expert_parallel},
         {"grad_reduce_dtype", c.parallel.grad_reduce_dtype},
-        {"ep_dispatch", c.parallel.ep_dispatch}}},
+        {"ep_dispatch", c.parallel.ep_dispatch},
+        {"zero_stage", c.parallel.zero_stage}}},
   };
 }
 
@@ -448,6 +450,10 @@ void validate_train_config(const TrainConfig& c) {
                c.parallel.ep_dispatch == "auto",
            "parallel.ep_dispatch must be \"allgather\", \"alltoall\" or \"auto\", got \"{}\"",
            c.parallel.ep_dispatch);
+  MF_CHECK(c.parallel.zero_stage == 0 || c.parallel.zero_stage == 1,
+           "parallel.zero_stage must be 0 (every rank holds the whole optimizer state) or 1 "
+           "(AdamW's state sharded over the data-parallel ranks), got {}",
+           c.parallel.zero_stage);
   MF_CHECK(c.data.seq_len % c.parallel.expert_parallel == 0,
            "data.seq_len ({}) must be divisible by parallel.expert_parallel ({}): each rank of a "
            "group holds an equal slice of every sequence",

@@ -115,6 +115,9 @@ struct ParallelConfig {
   // experts -> reduce-scatter), "alltoall" (each token's top-k rows to their experts' ranks and
   // back) or "auto" (all-to-all iff top-k < expert_parallel, the smaller volume; model/moe_ffn.h).
   std::string ep_dispatch = "auto";
+  // 0: every rank holds AdamW's whole state; 1: ZeRO-1, the state sharded over the data-parallel
+  // ranks (train/zero_optimizer.h), CPU only for now.
+  int64_t zero_stage = 0;
   bool operator==(const ParallelConfig&) const = default;
 };
 

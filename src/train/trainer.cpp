@@ -24,6 +24,7 @@
 #include "train/evaluate.h"
 #include "train/lr_schedule.h"
 #include "train/pma_job.h"
+#include "train/zero_optimizer.h"
 
 namespace moeforge {
 
@@ -101,6 +102,11 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   MF_CHECK(n == 1 || options.device == "cpu",
            "parallel.expert_parallel > 1 runs on the CPU for now (the NCCL communicator for "
            "--device cuda is issue #7)");
+  const bool zero1 = config.parallel.zero_stage == 1;
+  MF_CHECK(!zero1 || options.device == "cpu",
+           "parallel.zero_stage 1 (ZeRO-1) runs on the CPU only for now; with --device {} set "
+           "parallel.zero_stage to 0",
+           options.device);
   SelfCommunicator self;
   std::unique_ptr<Communicator> ep_group, dp_group;
   if (n > 1) {
@@ -124,10 +130,17 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
 
   Transformer<float> model(model_config, expert_group,
                            parse_ep_dispatch(config.parallel.ep_dispatch));
-  AdamW optimizer(model.layout(),
-                  AdamWHyper{config.optimizer.beta1, config.optimizer.beta2, config.optimizer.eps,
-                             config.optimizer.weight_decay},
-                  config.optimizer.no_decay);
+  const AdamWHyper adamw_hyper{config.optimizer.beta1, config.optimizer.beta2, config.optimizer.eps,
+                               config.optimizer.weight_decay};
+  // Without ZeRO every rank holds the whole AdamW state; with ZeRO-1 only its shard of it.
+  std::unique_ptr<AdamW> optimizer;
+  std::unique_ptr<ZeroAdamW> zero_optimizer;
+  if (zero1) {
+    zero_optimizer =
+        std::make_unique<ZeroAdamW>(model.layout(), adamw_hyper, config.optimizer.no_decay, dp);
+  } else {
+    optimizer = std::make_unique<AdamW>(model.layout(), adamw_hyper, config.optimizer.no_decay);
+  }
   data::BatchSampler sampler(train_data, config.data.seq_len, config.data.seed);
   TrainerState state;
   state.init_seed = config.model.seed;
@@ -142,7 +155,15 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   }
   if (options.resume) {
     const fs::path ckpt = resolve_checkpoint(*options.resume);
-    state = load_checkpoint(ckpt, model, optimizer);
+    if (zero1) {
+      // Each rank reads its shard of the moments from the checkpoint's whole tensors.
+      AdamWStateRange shard{zero_optimizer->shard().begin, zero_optimizer->shard().end,
+                            zero_optimizer->exp_avg().data(), zero_optimizer->exp_avg_sq().data()};
+      state = load_checkpoint(ckpt, model, shard);
+      zero_optimizer->set_step_count(shard.step_count);
+    } else {
+      state = load_checkpoint(ckpt, model, *optimizer);
+    }
     sampler.set_state(state.loader.get<data::LoaderState>());
     if (is_root) fmt::print(stderr, "resumed from {} at step {}\n", ckpt.string(), state.step);
   } else if (!config.model.init_from.empty()) {
@@ -156,12 +177,14 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   }
 
   std::unique_ptr<StepEngine> engine;
-  if (options.device == "cpu") {
-    engine = make_cpu_step_engine(model, optimizer);
+  if (zero1) {
+    engine = make_cpu_zero1_step_engine(model, *zero_optimizer);
+  } else if (options.device == "cpu") {
+    engine = make_cpu_step_engine(model, *optimizer);
   } else {
     MF_CHECK(options.engine_factory != nullptr,
              "device '{}' is not available in this build (only cpu)", options.device);
-    engine = options.engine_factory(options.device, model, optimizer);
+    engine = options.engine_factory(options.device, model, *optimizer);
   }
   engine->load_from_host();
 
@@ -240,9 +263,17 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   auto save = [&] {
     engine->store_to_host();
     state.loader = sampler.state();
+    // With ZeRO-1 the data-parallel group of world rank 0 gathers the moments to it, so that the
+    // checkpoint holds whole tensors whatever the sharding.
+    std::vector<float> exp_avg, exp_avg_sq;
+    if (zero1 && expert_group.rank() == 0) zero_optimizer->gather_state(exp_avg, exp_avg_sq);
     if (is_root) {
+      const AdamWStateRange optimizer_state =
+          zero1 ? AdamWStateRange{0, model.layout().num_params(), exp_avg.data(), exp_avg_sq.data(),
+                                  zero_optimizer->step_count()}
+                : full_state_range(*optimizer);
       summary.last_checkpoint = save_checkpoint(
-          run_dir, model, optimizer, state, config_json, config.data.dataset,
+          run_dir, model, optimizer_state, state, config_json, config.data.dataset,
           config.checkpoint.keep_last, [&](const io::CheckpointEntry& e) {
             return is_pma_checkpoint(e.tokens_seen) &&
                    e.tokens_seen >
@@ -278,8 +309,19 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
       }
     }
     // Over the whole world: the expert/sequence group's partial gradients (each rank's tokens,
-    // each rank's experts) and the data-parallel replicas in one sum.
-    engine->all_reduce_grads(world, grad_reduce_dtype);
+    // each rank's experts) and the data-parallel replicas in one sum. ZeRO-1 shards over the
+    // data-parallel group only: the group's partial gradients are summed first (in fp32), then
+    // reduce-scattered over dp, which groups the sum differently from the world's all-reduce
+    // (equal to it to fp32 rounding; bit-identical when expert_parallel is 1).
+    if (zero1) {
+      if (n > 1) {
+        all_reduce_gradients(model.grads().data(), model.grads().size(), expert_group,
+                             GradReduceDtype::kFloat32);
+      }
+      engine->all_reduce_grads(dp, grad_reduce_dtype);
+    } else {
+      engine->all_reduce_grads(world, grad_reduce_dtype);
+    }
     // Every rank of a group reports the group's loss: sum over data-parallel replicas only.
     dp.all_reduce_sum(loss_sums, 4);
     // Checked after the reductions, so that every rank takes the same decision (a NaN anywhere

@@ -79,6 +79,7 @@ class CliTest(unittest.TestCase):
 
     def test_every_command_has_help(self):
         for cmd in (["train"], ["eval"], ["generate"], ["init"], ["inspect"], ["data"], ["data", "prepare"],
+                    ["data", "synth"],
                     ["forward"], ["merge"], ["devices"], ["bench"], ["bench", "train"], ["bench", "gemm"]):
             proc = run([MOEFORGE, *cmd, "--help"])
             self.assertIn("--help", proc.stdout, cmd)
@@ -101,6 +102,31 @@ class CliTest(unittest.TestCase):
                     "--temperature", "0", "--stats"])
         stats = json.loads(proc.stderr.strip().splitlines()[-1])
         self.assertGreater(stats["prompt_tokens"], 0)
+
+    def test_generate_dumps_prefill_qkv(self):
+        out = os.path.join(self.tmp, "qkv-model")
+        run([MOEFORGE, "init", "--config", self.model_json, "--out", out, "--seed", "4"])
+        shutil.copy(os.path.join(self.data, "moeforge_tokenizer.json"), out)
+        dump = os.path.join(self.tmp, "layer1.safetensors")
+        prompt = "the quick brown fox"
+        run([MOEFORGE, "generate", "--model", out, "--prompt", prompt, "--max-new-tokens", "2",
+             "--temperature", "0", "--dump-qkv", "1", dump])
+        with open(dump, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        n = len(prompt.encode()) + 1  # BOS + byte tokens
+        meta = header["__metadata__"]
+        self.assertEqual((meta["format"], meta["layer"]), ("moeforge-prefill-qkv", "1"))
+        head_dim = TINY_MODEL["hidden_size"] // TINY_MODEL["num_attention_heads"]
+        self.assertEqual(header["q"]["shape"], [n, TINY_MODEL["num_attention_heads"], head_dim])
+        self.assertEqual(header["k"]["shape"], [n, TINY_MODEL["num_key_value_heads"], head_dim])
+        self.assertEqual(header["v"]["dtype"], "F32")
+        for bad, message in ((["2", dump], "outside the model's 2 layers"),
+                             (["x", dump], "LAYER must be a layer index")):
+            proc = run([MOEFORGE, "generate", "--model", out, "--prompt", prompt, "--dump-qkv", *bad],
+                       check=False)
+            self.assertNotEqual(proc.returncode, 0)
+            self.assertIn(message, proc.stderr)
 
     def test_train_eval_resume(self):
         config = self.train_config("run-a")
@@ -241,6 +267,64 @@ class CliTest(unittest.TestCase):
         proc = run([MOEFORGE, "train", "--config", bad, "--no-progress"], check=False)
         self.assertEqual(proc.returncode, 1)
         self.assertIn('parallel.ep_dispatch must be "allgather", "alltoall" or "auto"', proc.stderr)
+
+    @unittest.skipUnless(os.environ.get("MOEFORGE_MPIEXEC"), "built without MPI")
+    def test_zero1_matches_zero0_and_resumes_across_layouts(self):
+        """parallel.zero_stage=1 (AdamW state sharded over 2 ranks) trains exactly as zero_stage=0:
+        the same losses and byte-identical checkpoints (weights and optimizer state); its
+        checkpoint resumes with zero_stage 0 on 1 rank and a 1-rank checkpoint resumes with
+        zero_stage 1 on 2 ranks (1 rank x 2 accumulation steps = 2 ranks, to fp32 rounding); with
+        dp 2 x ep 2 it tracks zero_stage 0 to fp32 rounding."""
+        mpirun = [os.environ["MOEFORGE_MPIEXEC"], "-np", "2", "--oversubscribe", "--allow-run-as-root"]
+        losses = {}
+        for name, ranks, zero, accum in (("zero0", 2, 0, 1), ("zero1", 2, 1, 1), ("one", 1, 0, 2)):
+            config = self.train_config(name, parallel__zero_stage=zero, data__grad_accum_steps=accum)
+            proc = run((mpirun if ranks == 2 else []) + [MOEFORGE, "train", "--config", config,
+                                                         "--no-progress"])
+            self.assertIn(f"on {ranks} rank(s)", proc.stderr, name)
+            losses[name] = [m["loss"] for m in read_jsonl(os.path.join(self.tmp, name, "metrics.jsonl"))
+                            if "loss" in m]
+        self.assertEqual(len(losses["zero1"]), 6)
+        self.assertEqual(losses["zero1"], losses["zero0"])
+        for step in (3, 6):
+            for file in ("model.safetensors", "optimizer.safetensors"):
+                paths = [os.path.join(self.tmp, name, "checkpoints", f"step-{step:08d}", file)
+                         for name in ("zero0", "zero1")]
+                with open(paths[0], "rb") as a, open(paths[1], "rb") as b:
+                    self.assertEqual(a.read(), b.read(), paths[1])
+        # zero 1 on 2 ranks -> zero 0 on 1 rank, and zero 0 on 1 rank -> zero 1 on 2 ranks.
+        for name, source, ranks, zero, accum in (("zero1-to-one", "zero1", 1, 0, 2),
+                                                 ("one-to-zero1", "one", 2, 1, 1)):
+            config = self.train_config(name, parallel__zero_stage=zero, data__grad_accum_steps=accum)
+            run((mpirun if ranks == 2 else []) + [
+                MOEFORGE, "train", "--config", config, "--no-progress", "--resume",
+                os.path.join(self.tmp, source, "checkpoints", "step-00000003")])
+            resumed = [m for m in read_jsonl(os.path.join(self.tmp, name, "metrics.jsonl")) if "loss" in m]
+            self.assertEqual([m["step"] for m in resumed], [4, 5, 6], name)
+            for x, y in zip(losses[source][3:], resumed):
+                self.assertAlmostEqual(x, y["loss"], delta=1e-5 * abs(x), msg=name)
+        # dp 2 x ep 2: ZeRO-1 shards over the data-parallel group only, after the expert group's
+        # partial gradients are summed: the same run to fp32 rounding (the sums are grouped
+        # differently from the world all-reduce).
+        model = os.path.join(self.tmp, "zero-ep-model.json")
+        with open(model, "w") as f:
+            json.dump(dict(TINY_MODEL, num_attention_heads=4, num_key_value_heads=4, head_dim=4), f)
+        mpirun4 = [os.environ["MOEFORGE_MPIEXEC"], "-np", "4", "--oversubscribe", "--allow-run-as-root"]
+        ep = {}
+        for zero in (0, 1):
+            name = f"zero{zero}-dp2-ep2"
+            config = self.train_config(name, parallel__zero_stage=zero, parallel__expert_parallel=2,
+                                       model__model_config=model)
+            run(mpirun4 + [MOEFORGE, "train", "--config", config, "--no-progress"])
+            ep[zero] = [m for m in read_jsonl(os.path.join(self.tmp, name, "metrics.jsonl")) if "loss" in m]
+        self.assertEqual(len(ep[1]), 6)
+        for x, y in zip(ep[0], ep[1]):
+            self.assertAlmostEqual(x["loss"], y["loss"], delta=1e-5 * abs(x["loss"]))
+            self.assertAlmostEqual(x["grad_norm"], y["grad_norm"], delta=1e-4 * abs(x["grad_norm"]))
+        bad = self.train_config("zero-bad", parallel__zero_stage=2)
+        proc = run([MOEFORGE, "train", "--config", bad, "--no-progress"], check=False)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("parallel.zero_stage must be 0", proc.stderr)
 
     def test_flex_prefill_attention(self):
         """generate and eval with --attention flex (FlexPrefill sparse prefill): the statistics JSON
