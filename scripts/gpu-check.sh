@@ -5,11 +5,13 @@
 #   cuda-test only the GPU tests: the CUDA test binary and the CPU-vs-GPU loss-curve test (faster)
 #   sanitize  compute-sanitizer memcheck over the CUDA test binary, racecheck over our own kernels
 #   lab       `moeforge bench gemm`: the expert GEMM candidates against a dense GEMM
+#   prefill   `moeforge bench prefill`: dense (cuDNN, ours) against FlexPrefill prefill attention at
+#             8K-128K on random inputs (PREFILL_ARGS adds options, e.g. --qkv FILE --seq ...)
 #   oracle    the Hugging Face oracle (scripts/hf_oracle.py) against the installed transformers
 #   bench     `moeforge bench train` on configs/bench/moe-1.8b-a0.4b.json (recompute modes from
 #             BENCH_RECOMPUTE, default "none selective"), then the PyTorch baseline of
 #             ../shared/anchors (torch.compile + grouped_mm) in the same run
-#   all       build, test, sanitize, oracle, lab, bench
+#   all       build, test, sanitize, oracle, lab, prefill, bench
 # Usage: scripts/gpu-check.sh [stage...] (default: all). Outputs land in $OUT
 # (default /tmp/moeforge-gpu-check). The cuDNN frontend headers come from scripts/setup.sh
 # (.deps/cudnn-frontend); the machine has no registry access, so carry .deps there.
@@ -20,7 +22,7 @@ OUT=${OUT:-/tmp/moeforge-gpu-check}
 mkdir -p "$OUT"
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(all)
-[ "${stages[0]}" = all ] && stages=(build test sanitize oracle lab bench)
+[ "${stages[0]}" = all ] && stages=(build test sanitize oracle lab prefill bench)
 
 rc=0
 for stage in "${stages[@]}"; do
@@ -87,6 +89,11 @@ for stage in "${stages[@]}"; do
       build-gpu/moeforge bench gemm > "$OUT/bench_gemm.json" 2>&1 || rc=1
       cat "$OUT/bench_gemm.json"
       ;;
+    prefill)
+      # shellcheck disable=SC2086 # PREFILL_ARGS is a list of options
+      build-gpu/moeforge bench prefill ${PREFILL_ARGS:-} > "$OUT/bench_prefill.json" 2>&1 || rc=1
+      cat "$OUT/bench_prefill.json"
+      ;;
     oracle)
       # moeforge's fp32 CPU reference, then its bf16 CUDA backend, against transformers on the GPU.
       for moeforge_device in cpu cuda; do
@@ -117,7 +124,7 @@ for stage in "${stages[@]}"; do
       fi
       ;;
     *)
-      echo "unknown stage $stage (build, test, cuda-test, sanitize, lab, oracle, bench, all)" >&2
+      echo "unknown stage $stage (build, test, cuda-test, sanitize, lab, prefill, oracle, bench, all)" >&2
       exit 2
       ;;
   esac

@@ -1,6 +1,7 @@
 // `moeforge bench train`: training-step throughput of a model config on one GPU with random
 // tokens: tokens/s, MFU (the anchors.md formula), peak device memory and the GPU time per phase.
 // `moeforge bench gemm`: the kernel lab of the expert GEMMs (cuda/gemm_lab.h).
+// `moeforge bench prefill`: dense against FlexPrefill prefill attention (cuda/prefill_bench.h).
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
@@ -13,6 +14,7 @@
 #include "core/error.h"
 #include "core/rng.h"
 #include "cuda/gemm_lab.h"
+#include "cuda/prefill_bench.h"
 #include "model/model_config.h"
 #include "model/parameters.h"
 
@@ -182,6 +184,47 @@ void register_bench_command(CLI::App& app) {
     fmt::print("{}\n", cuda::run_gemm_lab(*gemm_opt).dump());
 #else
     MF_FAIL("moeforge was built without CUDA; `bench gemm` needs a GPU build (-DMOEFORGE_CUDA=ON)");
+#endif
+  });
+
+  // prefill_bench.h declares plain options too.
+  auto prefill_opt = std::make_shared<cuda::PrefillBenchOptions>();
+  CLI::App* prefill = bench->add_subcommand(
+      "prefill",
+      "Causal prefill attention of one sequence per length: dense (cuDNN SDPA and our "
+      "block-sparse kernel over every causal block) against FlexPrefill (GPU pattern search, "
+      "then our block-sparse kernel), with the selection's density; prints one JSON line");
+  prefill->add_option("--seq", prefill_opt->seqs, "Sequence lengths")
+      ->delimiter(',')
+      ->capture_default_str();
+  prefill->add_option("--heads", prefill_opt->num_heads, "Query heads")->capture_default_str();
+  prefill->add_option("--kv-heads", prefill_opt->num_kv_heads, "KV heads")->capture_default_str();
+  prefill->add_option("--head-dim", prefill_opt->head_dim, "Head dimension")->capture_default_str();
+  prefill
+      ->add_option("--qkv", prefill_opt->qkv_file,
+                   "Q/K/V of a real layer from `moeforge generate --dump-qkv` (its shapes "
+                   "replace --heads, --kv-heads, --head-dim; lengths are prefixes of it)")
+      ->check(CLI::ExistingFile);
+  prefill->add_option("--gamma", prefill_opt->params.gamma, "FlexPrefill coverage, in (0, 1]")
+      ->capture_default_str();
+  prefill->add_option("--tau", prefill_opt->params.tau, "Query-aware JS threshold")
+      ->capture_default_str();
+  prefill->add_option("--min-budget", prefill_opt->params.min_budget, "Minimum tokens per head")
+      ->capture_default_str();
+  prefill
+      ->add_option("--max-budget", prefill_opt->params.max_budget,
+                   "Maximum tokens per head (0: none)")
+      ->capture_default_str();
+  prefill->add_option("--block-size", prefill_opt->params.block_size, "64 or 128")
+      ->capture_default_str();
+  prefill->add_option("--repeats", prefill_opt->repeats, "Timed repeats (median)")
+      ->capture_default_str();
+  prefill->callback([prefill_opt] {
+#if MOEFORGE_HAVE_CUDA
+    fmt::print("{}\n", cuda::run_prefill_bench(*prefill_opt).dump());
+#else
+    MF_FAIL(
+        "moeforge was built without CUDA; `bench prefill` needs a GPU build (-DMOEFORGE_CUDA=ON)");
 #endif
   });
 }

@@ -12,35 +12,15 @@
 #include "core/rng.h"
 #include "cuda/blas.h"
 #include "cuda/cuda_check.h"
+#include "cuda/device_info.h"
 #include "cuda/device_memory.h"
+#include "cuda/event_timing.h"
 #include "cuda/grouped_gemm.h"
 
 namespace moeforge::cuda {
 namespace {
 
 enum class Product { kForward, kBackwardInput, kBackwardWeight };
-
-// Median milliseconds of fn over repeats (after one warm-up), timed with CUDA events.
-double median_ms(int64_t repeats, const std::function<void()>& fn) {
-  cudaEvent_t start = nullptr, stop = nullptr;
-  MF_CUDA_CHECK(cudaEventCreate(&start));
-  MF_CUDA_CHECK(cudaEventCreate(&stop));
-  fn();
-  std::vector<double> times;
-  for (int64_t i = 0; i < repeats; ++i) {
-    MF_CUDA_CHECK(cudaEventRecord(start, nullptr));
-    fn();
-    MF_CUDA_CHECK(cudaEventRecord(stop, nullptr));
-    MF_CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0.0f;
-    MF_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    times.push_back(ms);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
 
 // cuBLAS's grouped batched GEMM, one group of one matrix per expert (column-major view of the
 // row-major operands). Throws when cuBLAS does not run the combination.
@@ -125,6 +105,7 @@ const char* product_name(Product p) {
 }  // namespace
 
 nlohmann::json run_gemm_lab(const GemmLabOptions& opt) {
+  require_cuda_device();
   MF_CHECK(opt.tokens > 0 && opt.hidden > 0 && opt.expert_ffn > 0 && opt.num_experts > 0 &&
                opt.top_k > 0 && opt.top_k <= opt.num_experts && opt.repeats > 0,
            "bench gemm: sizes and --repeats must be positive and --top-k <= --experts");
@@ -230,7 +211,7 @@ nlohmann::json run_gemm_lab(const GemmLabOptions& opt) {
     nlohmann::json times;
     for (auto& [name, fn] : candidates) {
       try {
-        const double ms = median_ms(opt.repeats, fn);
+        const double ms = median_event_ms(opt.repeats, fn);
         times[name] = {{"ms", ms}, {"tflops", flops / (ms * 1e9)}};
       } catch (const Error& error) {
         cudaGetLastError();

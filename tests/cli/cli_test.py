@@ -80,7 +80,8 @@ class CliTest(unittest.TestCase):
     def test_every_command_has_help(self):
         for cmd in (["train"], ["eval"], ["generate"], ["init"], ["inspect"], ["data"], ["data", "prepare"],
                     ["data", "synth"],
-                    ["forward"], ["merge"], ["devices"], ["bench"], ["bench", "train"], ["bench", "gemm"]):
+                    ["forward"], ["merge"], ["devices"], ["bench"], ["bench", "train"], ["bench", "gemm"],
+                    ["bench", "prefill"]):
             proc = run([MOEFORGE, *cmd, "--help"])
             self.assertIn("--help", proc.stdout, cmd)
         self.assertIn("train", run([MOEFORGE, "--help"]).stdout)

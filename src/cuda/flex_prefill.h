@@ -1,0 +1,57 @@
+// FlexPrefill pattern search on the GPU (ops/flex_prefill.h is the spec): the per-head causal
+// block sets as CSR plus per-head statistics, from bf16 q and k, on the device, with no host sync.
+//
+// Same selection as ops::flex_prefill_select on the same bf16-rounded q and k: every quantity is
+// computed in double, in the reference's order (sequential sums where it sums sequentially, no
+// fused multiply-add), and every sort uses the reference's rule (larger value first, equal values
+// by the lower index). Only exp and log may differ from the host's libm by an ulp, so decisions
+// that sit within rounding of a threshold can still differ (gamma = 1 makes the last entry of
+// each coverage sum such a decision). Not tuned for speed yet: sorts are per-head bitonic sorts in
+// global memory and the coverage sums are sequential walks, one thread per head.
+//
+// Limits (checked, moeforge::Error): 1 <= head_dim <= kFlexPrefillMaxHeadDim and
+// ceil(seq_len / block_size) <= kFlexPrefillMaxBlocks. Unlike the reference, q and k are not
+// checked for non-finite entries (that would need a host sync): they give an unspecified
+// selection. The dense fallback of step 0 is decided on the host from the shapes alone.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/bf16.h"
+#include "cuda/device_memory.h"
+#include "ops/flex_prefill.h"
+
+namespace moeforge::cuda {
+
+constexpr int64_t kFlexPrefillMaxHeadDim = 256;
+constexpr int64_t kFlexPrefillMaxBlocks = 2048;  // 256K tokens at block size 128
+
+// The selection on the device; the layout of ops::BlockSparseLayout and ops::FlexPrefillHeadStats.
+struct FlexPrefillDeviceSelection {
+  bool dense_fallback = false;
+  int64_t num_heads = 0;   // query heads
+  int64_t num_blocks = 0;  // ceil(seq_len / block_size)
+  int64_t block_size = 0;
+  DeviceBuffer<int64_t> row_offsets;  // [num_heads * num_blocks + 1], row h * num_blocks + r
+  // Capacity num_heads * num_blocks * (num_blocks + 1) / 2; the first row_offsets.back() are used.
+  DeviceBuffer<int32_t> col_idx;
+  DeviceBuffer<int32_t> query_aware;          // [num_heads], 1 or 0
+  DeviceBuffer<double> js_distance;           // [num_heads], NaN on the dense fallback
+  DeviceBuffer<int64_t> num_vertical_blocks;  // [num_heads], 0 on the dense fallback
+  DeviceBuffer<int64_t> num_slash_blocks;     // [num_heads], 0 on the dense fallback
+  DeviceBuffer<int64_t> num_selected_blocks;  // [num_heads]
+};
+
+// q [seq_len, num_q_heads, head_dim], k [seq_len, num_kv_heads, head_dim] (bf16, device).
+// Resizes and assigns every buffer of out; asynchronous on stream. Throws moeforge::Error with the
+// reference's messages for invalid dims or params, and for the limits above.
+void flex_prefill_select(FlexPrefillDeviceSelection& out, const bf16* q, const bf16* k,
+                         const ops::SparseAttentionDims& dims, const ops::FlexPrefillParams& params,
+                         cudaStream_t stream);
+
+// Copies a selection to the host (synchronises the device), as the reference returns it.
+ops::FlexPrefillSelection download_selection(const FlexPrefillDeviceSelection& selection);
+
+}  // namespace moeforge::cuda

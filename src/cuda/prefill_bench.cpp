@@ -1,0 +1,162 @@
+// Dense against FlexPrefill prefill attention on one GPU, per sequence length (see
+// prefill_bench.h).
+#include "cuda/prefill_bench.h"
+
+#include <algorithm>
+#include <functional>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+#include "cuda/attention.h"
+#include "cuda/bf16.h"
+#include "cuda/block_sparse_attention.h"
+#include "cuda/device_info.h"
+#include "cuda/device_memory.h"
+#include "cuda/event_timing.h"
+#include "cuda/flex_prefill.h"
+#include "cuda/random_fill.h"
+#include "infer/qkv_dump.h"
+
+namespace moeforge::cuda {
+namespace {
+
+// The inputs of one length: device q, k, v [seq, heads, head_dim].
+struct Inputs {
+  DeviceBuffer<bf16> q, k, v;
+};
+
+Inputs make_inputs(const PrefillBenchOptions& opt, const PrefillQkv* dump, int64_t seq,
+                   uint64_t seed) {
+  Inputs in;
+  const int64_t q_size = seq * opt.num_heads * opt.head_dim;
+  const int64_t kv_size = seq * opt.num_kv_heads * opt.head_dim;
+  if (dump != nullptr) {
+    // The first seq positions of the dump (token-major, so a prefix of each array).
+    in.q.upload(to_bf16(std::vector<float>(dump->q.begin(), dump->q.begin() + q_size)));
+    in.k.upload(to_bf16(std::vector<float>(dump->k.begin(), dump->k.begin() + kv_size)));
+    in.v.upload(to_bf16(std::vector<float>(dump->v.begin(), dump->v.begin() + kv_size)));
+    return in;
+  }
+  in.q.resize(static_cast<size_t>(q_size));
+  in.k.resize(static_cast<size_t>(kv_size));
+  in.v.resize(static_cast<size_t>(kv_size));
+  fill_uniform_bf16(in.q.data(), q_size, seed, 1.0f, nullptr);
+  fill_uniform_bf16(in.k.data(), kv_size, seed + 1, 1.0f, nullptr);
+  fill_uniform_bf16(in.v.data(), kv_size, seed + 2, 1.0f, nullptr);
+  return in;
+}
+
+// Times fn into entry[key + "_ms"], or its error into entry[key + "_error"].
+void time_into(nlohmann::json& entry, const std::string& key, int64_t repeats,
+               const std::function<void()>& fn) {
+  try {
+    entry[key + "_ms"] = median_event_ms(repeats, fn);
+  } catch (const Error& error) {
+    cudaGetLastError();
+    entry[key + "_error"] = error.what();
+  }
+}
+
+template <typename T>
+T device_sum(const DeviceBuffer<T>& buffer) {
+  const std::vector<T> host = buffer.download();
+  return std::accumulate(host.begin(), host.end(), T{0});
+}
+
+}  // namespace
+
+nlohmann::json run_prefill_bench(const PrefillBenchOptions& options) {
+  PrefillBenchOptions opt = options;
+  require_cuda_device();
+  MF_CHECK(!opt.seqs.empty(), "bench prefill: --seq needs at least one length");
+  MF_CHECK(opt.repeats > 0, "bench prefill: --repeats must be positive, got {}", opt.repeats);
+  ops::check_flex_prefill_params(opt.params);
+  PrefillQkv dump;
+  if (!opt.qkv_file.empty()) {
+    dump = read_prefill_qkv(opt.qkv_file);
+    opt.num_heads = dump.num_heads;
+    opt.num_kv_heads = dump.num_kv_heads;
+    opt.head_dim = dump.head_dim;
+  }
+  for (const int64_t seq : opt.seqs) {
+    MF_CHECK(seq > 0, "bench prefill: --seq lengths must be positive, got {}", seq);
+    MF_CHECK(opt.qkv_file.empty() || seq <= dump.num_positions,
+             "bench prefill: --seq {} is longer than the {} positions of {}", seq,
+             dump.num_positions, opt.qkv_file);
+  }
+  ops::check_sparse_attention_dims({opt.seqs[0], opt.num_heads, opt.num_kv_heads, opt.head_dim},
+                                   "bench prefill");
+
+  nlohmann::json result{{"heads", opt.num_heads},
+                        {"kv_heads", opt.num_kv_heads},
+                        {"head_dim", opt.head_dim},
+                        {"inputs", opt.qkv_file.empty() ? "random" : opt.qkv_file},
+                        {"gamma", opt.params.gamma},
+                        {"tau", opt.params.tau},
+                        {"min_budget", opt.params.min_budget},
+                        {"max_budget", opt.params.max_budget},
+                        {"block_size", opt.params.block_size},
+                        {"lengths", nlohmann::json::array()}};
+  Attention cudnn;
+  for (size_t i = 0; i < opt.seqs.size(); ++i) {
+    const int64_t seq = opt.seqs[i];
+    const ops::SparseAttentionDims dims{seq, opt.num_heads, opt.num_kv_heads, opt.head_dim};
+    const Inputs in =
+        make_inputs(opt, opt.qkv_file.empty() ? nullptr : &dump, seq, opt.seed + 10 * i);
+    DeviceBuffer<bf16> out(in.q.size());
+    DeviceBuffer<float> lse(static_cast<size_t>(opt.num_heads * seq));
+    nlohmann::json entry{{"seq", seq}};
+
+    time_into(entry, "dense_cudnn", opt.repeats, [&] {
+      cudnn.forward(out.data(), lse.data(), in.q.data(), in.k.data(), in.v.data(),
+                    AttentionShape{1, seq, opt.num_heads, opt.num_kv_heads, opt.head_dim}, nullptr);
+    });
+    const DeviceBlockSparseLayoutBuffers dense =
+        upload_layout(ops::dense_causal_layout(opt.num_heads, seq, opt.params.block_size));
+    time_into(entry, "dense_ours", opt.repeats, [&] {
+      block_sparse_attention_forward(out.data(), lse.data(), in.q.data(), in.k.data(), in.v.data(),
+                                     dense.view(), dims, nullptr);
+    });
+
+    FlexPrefillDeviceSelection selection;
+    time_into(entry, "flex_select", opt.repeats, [&] {
+      flex_prefill_select(selection, in.q.data(), in.k.data(), dims, opt.params, nullptr);
+    });
+    if (entry.contains("flex_select_ms")) {
+      const DeviceBlockSparseLayout view{selection.row_offsets.data(), selection.col_idx.data(),
+                                         selection.num_heads, selection.num_blocks,
+                                         selection.block_size};
+      time_into(entry, "flex_attention", opt.repeats, [&] {
+        block_sparse_attention_forward(out.data(), lse.data(), in.q.data(), in.k.data(),
+                                       in.v.data(), view, dims, nullptr);
+      });
+      const double causal_blocks = static_cast<double>(opt.num_heads) *
+                                   static_cast<double>(selection.num_blocks) *
+                                   static_cast<double>(selection.num_blocks + 1) / 2.0;
+      entry["dense_fallback"] = selection.dense_fallback;
+      entry["density"] =
+          static_cast<double>(device_sum(selection.num_selected_blocks)) / causal_blocks;
+      entry["query_aware_heads"] = device_sum(selection.query_aware);
+    }
+    const auto ms = [&](const char* key) {
+      return entry.contains(key) ? entry[key].get<double>() : -1.0;
+    };
+    const double cudnn_ms = ms("dense_cudnn_ms"), select_ms = ms("flex_select_ms");
+    const double flex_ms = ms("flex_attention_ms"), ours_ms = ms("dense_ours_ms");
+    if (cudnn_ms > 0 && select_ms > 0) entry["select_over_dense_cudnn"] = select_ms / cudnn_ms;
+    if (cudnn_ms > 0 && select_ms > 0 && flex_ms > 0) {
+      entry["flex_speedup_over_dense_cudnn"] = cudnn_ms / (select_ms + flex_ms);
+    }
+    if (ours_ms > 0 && flex_ms > 0 && entry.contains("density")) {
+      // Time per computed block of the sparse kernel against its dense run (1 = no overhead).
+      entry["flex_block_cost_over_dense_ours"] =
+          flex_ms / (entry["density"].get<double>() * ours_ms);
+    }
+    result["lengths"].push_back(entry);
+  }
+  return result;
+}
+
+}  // namespace moeforge::cuda

@@ -1,0 +1,34 @@
+// `moeforge bench prefill`: one sequence's causal prefill attention per length, dense (cuDNN's
+// fused SDPA and our block-sparse kernel over every causal block) against FlexPrefill (the GPU
+// pattern search, then our block-sparse kernel over its selection), on random inputs or on the
+// q/k/v of a real model layer (`moeforge generate --dump-qkv`).
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "ops/flex_prefill.h"
+
+namespace moeforge::cuda {
+
+struct PrefillBenchOptions {
+  std::vector<int64_t> seqs = {8192, 32768, 65536, 131072};
+  int64_t num_heads = 32, num_kv_heads = 8, head_dim = 128;
+  // A dump of `generate --dump-qkv`: its heads and head_dim replace the ones above, and each
+  // length runs on the first seq positions of it (a causal prefix is the prefill of that prefix);
+  // lengths above its positions are errors.
+  std::string qkv_file;
+  ops::FlexPrefillParams params;
+  int64_t repeats = 5;
+  uint64_t seed = 11;
+};
+
+// {"heads", ..., "lengths": [{"seq", "dense_cudnn_ms", "dense_ours_ms", "flex_select_ms",
+// "flex_attention_ms", "density", "query_aware_heads", ...}]}; a part that cannot run (cuDNN's
+// head_dim limit, say) carries an "..._error" string instead of its time.
+nlohmann::json run_prefill_bench(const PrefillBenchOptions& options);
+
+}  // namespace moeforge::cuda

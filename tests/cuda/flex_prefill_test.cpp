@@ -1,0 +1,312 @@
+// FlexPrefill pattern search on the GPU against ops/flex_prefill.h on the same bf16-rounded q and
+// k: the CSR layout, the query-aware flags and the budgets exactly equal, the JS distances within
+// fp64 noise, over shapes x gamma x tau; the same errors or dense fallback on bad inputs; and, on
+// the host, that the test inputs give non-trivial selections (so that the comparison is not
+// vacuous).
+#include "cuda/flex_prefill.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/error.h"
+#include "core/rng.h"
+#include "gpu_test_util.h"
+#include "ops/flex_prefill.h"
+
+namespace moeforge::cuda {
+namespace {
+
+using testing::expect_equal;
+using testing::round_to_bf16;
+using testing::to_device;
+
+struct Case {
+  int64_t seq_len, num_q_heads, num_kv_heads, head_dim, block_size;
+};
+
+// N not a multiple of the block size except the last; GQA ratios 1, 2, 4; head dims 64 and 128;
+// block sizes 64 and 128. No N with (N + 1) % 128 == 0: with gamma = 1 the step-2 coverage count
+// is N or N + 1 by rounding alone, which changes a budget only at those N.
+const Case kCases[] = {
+    {1000, 8, 8, 64, 64},
+    {1900, 8, 4, 128, 128},
+    {700, 8, 2, 64, 64},
+    {1024, 4, 1, 128, 128},
+};
+const double kGammas[] = {0.5, 0.9, 1.0};
+// tau = 0: no head is query-aware; tau = 1: every head is (the JS distance is <= sqrt(ln 2)).
+const double kTaus[] = {0.0, 0.1, 1.0};
+
+std::string describe(const Case& c) {
+  return "N=" + std::to_string(c.seq_len) + " Hq=" + std::to_string(c.num_q_heads) +
+         " Hkv=" + std::to_string(c.num_kv_heads) + " D=" + std::to_string(c.head_dim) +
+         " bs=" + std::to_string(c.block_size);
+}
+
+ops::SparseAttentionDims dims_of(const Case& c) {
+  return {c.seq_len, c.num_q_heads, c.num_kv_heads, c.head_dim};
+}
+
+ops::FlexPrefillParams params_of(const Case& c, double gamma, double tau) {
+  ops::FlexPrefillParams params;
+  params.gamma = gamma;
+  params.tau = tau;
+  params.min_budget = c.block_size;
+  params.block_size = c.block_size;
+  return params;
+}
+
+// bf16-valued q and k (as floats) with two kinds of heads: even query heads read nearly flat
+// attention (query-aware under tau = 0.1: JS distance about 0.07-0.1), odd ones attend strongly to
+// 8 "sink" keys that the block means hide (vertical-slash: JS distance about 0.25-0.4).
+struct Inputs {
+  std::vector<float> q, k;
+};
+
+Inputs make_inputs(const Case& c, uint64_t seed) {
+  Rng rng(seed);
+  const int64_t d = c.head_dim;
+  Inputs in;
+  in.q.resize(c.seq_len * c.num_q_heads * d);
+  in.k.resize(c.seq_len * c.num_kv_heads * d);
+  for (int64_t n = 0; n < c.seq_len; ++n) {
+    for (int64_t h = 0; h < c.num_q_heads; ++h) {
+      float* row = in.q.data() + (n * c.num_q_heads + h) * d;
+      for (int64_t i = 0; i < d; ++i) row[i] = static_cast<float>(0.5 * rng.normal());
+      if (h % 2 == 1) row[0] += static_cast<float>(6.0 * std::sqrt(d / 64.0));
+    }
+  }
+  for (float& v : in.k) v = static_cast<float>(rng.normal());
+  for (int sink = 0; sink < 8; ++sink) {
+    const int64_t n = static_cast<int64_t>(rng.below(static_cast<uint64_t>(c.seq_len)));
+    for (int64_t g = 0; g < c.num_kv_heads; ++g) in.k[(n * c.num_kv_heads + g) * d] += 8.0f;
+  }
+  in.q = round_to_bf16(in.q);
+  in.k = round_to_bf16(in.k);
+  return in;
+}
+
+// The selected blocks of head h as an [nb, nb] 0/1 grid.
+std::vector<char> head_grid(const ops::BlockSparseLayout& layout, int64_t h) {
+  const int64_t nb = layout.num_blocks;
+  std::vector<char> grid(nb * nb, 0);
+  for (int64_t r = 0; r < nb; ++r) {
+    const int64_t row = h * nb + r;
+    for (int64_t i = layout.row_offsets[row]; i < layout.row_offsets[row + 1]; ++i) {
+      grid[r * nb + layout.col_idx[i]] = 1;
+    }
+  }
+  return grid;
+}
+
+// Flat index r * nb + c of the smallest entry of step 8's block-causal softmax of head h (the last
+// one in the reference's order), recomputed here in double as ops/flex_prefill.h defines it.
+int64_t smallest_block_prob(const Inputs& in, const Case& c, int64_t h) {
+  const int64_t nb = (c.seq_len + c.block_size - 1) / c.block_size;
+  const int64_t d = c.head_dim;
+  const int64_t g = h / (c.num_q_heads / c.num_kv_heads);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  const auto block_mean = [&](const std::vector<float>& x, int64_t heads, int64_t head, int64_t b) {
+    std::vector<double> mean(d, 0.0);
+    const int64_t end = std::min(c.seq_len, (b + 1) * c.block_size);
+    for (int64_t n = b * c.block_size; n < end; ++n) {
+      for (int64_t i = 0; i < d; ++i) mean[i] += x[(n * heads + head) * d + i];
+    }
+    for (double& v : mean) v /= static_cast<double>(end - b * c.block_size);
+    return mean;
+  };
+  int64_t best = -1;
+  double best_value = 2.0;
+  for (int64_t r = 0; r < nb; ++r) {
+    const std::vector<double> q_mean = block_mean(in.q, c.num_q_heads, h, r);
+    std::vector<double> logits(r + 1);
+    for (int64_t col = 0; col <= r; ++col) {
+      const std::vector<double> k_mean = block_mean(in.k, c.num_kv_heads, g, col);
+      logits[col] = 0.0;
+      for (int64_t i = 0; i < d; ++i) logits[col] += scale * q_mean[i] * k_mean[i];
+    }
+    const double max_logit = *std::max_element(logits.begin(), logits.end());
+    double sum = 0.0;
+    for (double& v : logits) sum += (v = std::exp(v - max_logit));
+    for (int64_t col = 0; col <= r; ++col) {
+      if (logits[col] / sum <= best_value) {
+        best_value = logits[col] / sum;
+        best = r * nb + col;
+      }
+    }
+  }
+  return best;
+}
+
+TEST(FlexPrefillCuda, TestInputsGiveNonTrivialSelections) {
+  for (const Case& c : kCases) {
+    SCOPED_TRACE(describe(c));
+    const Inputs in = make_inputs(c, 11);
+    const ops::FlexPrefillSelection sel = ops::flex_prefill_select<float>(
+        in.q.data(), in.k.data(), dims_of(c), params_of(c, 0.9, 0.1));
+    ASSERT_FALSE(sel.dense_fallback);
+    int64_t num_query_aware = 0;
+    for (const ops::FlexPrefillHeadStats& stats : sel.head_stats) {
+      num_query_aware += stats.query_aware ? 1 : 0;
+      EXPECT_LT(stats.density, 1.0);
+      // Far from tau, so that the flag cannot depend on rounding.
+      EXPECT_GT(std::abs(stats.js_distance - 0.1), 1e-3);
+    }
+    EXPECT_GT(num_query_aware, 0);
+    EXPECT_LT(num_query_aware, c.num_q_heads);
+  }
+}
+
+TEST(FlexPrefillCuda, SelectionEqualsReference) {
+  MF_REQUIRE_GPU();
+  uint64_t seed = 11;
+  for (const Case& c : kCases) {
+    const Inputs in = make_inputs(c, seed);
+    const std::vector<bf16> q_bf16 = to_bf16(in.q), k_bf16 = to_bf16(in.k);
+    DeviceBuffer<bf16> q = to_device(q_bf16), k = to_device(k_bf16);
+    for (double gamma : kGammas) {
+      for (double tau : kTaus) {
+        SCOPED_TRACE(describe(c) + " gamma=" + std::to_string(gamma) +
+                     " tau=" + std::to_string(tau));
+        const ops::FlexPrefillParams params = params_of(c, gamma, tau);
+        const ops::FlexPrefillSelection ref =
+            ops::flex_prefill_select<float>(in.q.data(), in.k.data(), dims_of(c), params);
+        FlexPrefillDeviceSelection device_sel;
+        flex_prefill_select(device_sel, q.data(), k.data(), dims_of(c), params, nullptr);
+        const ops::FlexPrefillSelection got = download_selection(device_sel);
+        ops::check_block_sparse_layout(got.layout, c.num_q_heads, c.seq_len, "GPU selection");
+
+        ASSERT_EQ(got.dense_fallback, ref.dense_fallback);
+        ASSERT_EQ(got.layout.num_blocks, ref.layout.num_blocks);
+        ASSERT_EQ(got.head_stats.size(), ref.head_stats.size());
+        std::vector<int32_t> got_flags, ref_flags;
+        std::vector<int64_t> got_budgets, ref_budgets;
+        for (size_t h = 0; h < ref.head_stats.size(); ++h) {
+          got_flags.push_back(got.head_stats[h].query_aware ? 1 : 0);
+          ref_flags.push_back(ref.head_stats[h].query_aware ? 1 : 0);
+          got_budgets.push_back(got.head_stats[h].num_vertical_blocks);
+          got_budgets.push_back(got.head_stats[h].num_slash_blocks);
+          ref_budgets.push_back(ref.head_stats[h].num_vertical_blocks);
+          ref_budgets.push_back(ref.head_stats[h].num_slash_blocks);
+          EXPECT_NEAR(got.head_stats[h].js_distance, ref.head_stats[h].js_distance, 1e-12)
+              << "head " << h;
+        }
+        expect_equal("query_aware", got_flags, ref_flags);
+        expect_equal("budgets (vertical, slash per head)", got_budgets, ref_budgets);
+
+        if (gamma < 1.0) {
+          expect_equal("row_offsets", got.layout.row_offsets, ref.layout.row_offsets);
+          expect_equal("col_idx", got.layout.col_idx, ref.layout.col_idx);
+          continue;
+        }
+        // gamma = 1: step 8 keeps the last (smallest) block probability iff the sum of all the
+        // head's block probabilities rounds to <= nb, a decision that an ulp of exp can flip. The
+        // sets must agree everywhere else, and exactly for heads that are not query-aware.
+        const int64_t nb = ref.layout.num_blocks;
+        for (int64_t h = 0; h < c.num_q_heads; ++h) {
+          const std::vector<char> got_grid = head_grid(got.layout, h);
+          const std::vector<char> ref_grid = head_grid(ref.layout, h);
+          if (!ref.head_stats[h].query_aware) {
+            expect_equal("blocks of head " + std::to_string(h), got_grid, ref_grid);
+            continue;
+          }
+          const int64_t knife_edge = smallest_block_prob(in, c, h);
+          for (int64_t flat = 0; flat < nb * nb; ++flat) {
+            if (flat == knife_edge) continue;
+            EXPECT_EQ(got_grid[flat], ref_grid[flat])
+                << "head " << h << " block (" << flat / nb << ", " << flat % nb << ")";
+          }
+        }
+      }
+    }
+    ++seed;
+  }
+}
+
+TEST(FlexPrefillCuda, ShortInputsFallBackToDenseAsTheReference) {
+  MF_REQUIRE_GPU();
+  // N below one block, between one and two blocks, and within min_budget.
+  const Case cases[] = {{50, 4, 2, 64, 64}, {200, 4, 2, 64, 128}, {900, 2, 1, 128, 64}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(describe(c));
+    const Inputs in = make_inputs(c, 3);
+    ops::FlexPrefillParams params = params_of(c, 0.9, 0.1);
+    params.min_budget = 1024;
+    const ops::FlexPrefillSelection ref =
+        ops::flex_prefill_select<float>(in.q.data(), in.k.data(), dims_of(c), params);
+    ASSERT_TRUE(ref.dense_fallback);
+    DeviceBuffer<bf16> q = to_device(to_bf16(in.q)), k = to_device(to_bf16(in.k));
+    FlexPrefillDeviceSelection device_sel;
+    flex_prefill_select(device_sel, q.data(), k.data(), dims_of(c), params, nullptr);
+    const ops::FlexPrefillSelection got = download_selection(device_sel);
+    EXPECT_TRUE(got.dense_fallback);
+    expect_equal("row_offsets", got.layout.row_offsets, ref.layout.row_offsets);
+    expect_equal("col_idx", got.layout.col_idx, ref.layout.col_idx);
+    for (const ops::FlexPrefillHeadStats& stats : got.head_stats) {
+      EXPECT_FALSE(stats.query_aware);
+      EXPECT_TRUE(std::isnan(stats.js_distance));
+      EXPECT_EQ(stats.density, 1.0);
+    }
+  }
+}
+
+// The message of the moeforge::Error that f throws ("" if none).
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// Argument checks run on the host before any device work, so these run without a GPU.
+TEST(FlexPrefillCuda, BadInputsGiveTheReferenceErrors) {
+  const Case c{1000, 4, 2, 64, 64};
+  const std::vector<float> q(c.seq_len * c.num_q_heads * 512, 0.0f);
+  const std::vector<float> k(c.seq_len * c.num_kv_heads * 512, 0.0f);
+  FlexPrefillDeviceSelection out;
+  const auto both = [&](const ops::SparseAttentionDims& dims, const ops::FlexPrefillParams& p) {
+    const std::string ref =
+        error_of([&] { ops::flex_prefill_select<float>(q.data(), k.data(), dims, p); });
+    const std::string got =
+        error_of([&] { flex_prefill_select(out, nullptr, nullptr, dims, p, nullptr); });
+    return std::pair<std::string, std::string>(ref, got);
+  };
+  for (double gamma : {0.0, -0.5, 1.5}) {
+    const auto [ref, got] = both(dims_of(c), params_of(c, gamma, 0.1));
+    EXPECT_NE(ref.find("gamma must be in (0, 1]"), std::string::npos) << ref;
+    EXPECT_NE(got.find("gamma must be in (0, 1]"), std::string::npos) << got;
+  }
+  ops::FlexPrefillParams bad_block = params_of(c, 0.9, 0.1);
+  bad_block.block_size = 96;
+  const auto [ref_block, got_block] = both(dims_of(c), bad_block);
+  EXPECT_NE(got_block.find("block_size must be 64 or 128, got 96"), std::string::npos);
+  EXPECT_NE(ref_block.find("block_size must be 64 or 128, got 96"), std::string::npos);
+  const auto [ref_len, got_len] = both({0, 4, 2, 64}, params_of(c, 0.9, 0.1));
+  EXPECT_NE(ref_len.find("seq_len must be >= 1"), std::string::npos) << ref_len;
+  EXPECT_NE(got_len.find("seq_len must be >= 1"), std::string::npos) << got_len;
+  const auto [ref_gqa, got_gqa] = both({1000, 4, 3, 64}, params_of(c, 0.9, 0.1));
+  EXPECT_NE(ref_gqa.find("not divisible"), std::string::npos) << ref_gqa;
+  EXPECT_NE(got_gqa.find("not divisible"), std::string::npos) << got_gqa;
+  // Limits of the GPU version only (the reference accepts these).
+  EXPECT_NE(error_of([&] {
+              flex_prefill_select(out, nullptr, nullptr, {1000, 4, 2, 512}, params_of(c, 0.9, 0.1),
+                                  nullptr);
+            }).find("head_dim must be in [1, 256], got 512"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] {
+              flex_prefill_select(out, nullptr, nullptr, {2049 * 128, 4, 2, 64},
+                                  params_of({0, 0, 0, 0, 128}, 0.9, 0.1), nullptr);
+            }).find("more than the 2048 supported"),
+            std::string::npos);
+}
+
+}  // namespace
+}  // namespace moeforge::cuda
