@@ -19,10 +19,10 @@ std::string first_nonfinite_gradient(const ParameterLayout& layout, const float*
 
 namespace {
 
-class CpuStepEngine final : public StepEngine {
+// What both CPU engines share: the host model is the engine's model, so there is nothing to copy.
+class CpuModelEngine : public StepEngine {
  public:
-  CpuStepEngine(Transformer<float>& model, AdamW& optimizer)
-      : model_(model), optimizer_(optimizer) {}
+  explicit CpuModelEngine(Transformer<float>& model) : model_(model) {}
 
   void load_from_host() override {}
   void store_to_host() override {}
@@ -36,6 +36,21 @@ class CpuStepEngine final : public StepEngine {
     model_.backward(dloss);
     return loss;
   }
+
+  ForwardFn forward_fn() override {
+    return [this](const int32_t* tokens, const int32_t* targets, int64_t batch, int64_t seq) {
+      return model_.forward(tokens, targets, batch, seq);
+    };
+  }
+
+ protected:
+  Transformer<float>& model_;
+};
+
+class CpuStepEngine final : public CpuModelEngine {
+ public:
+  CpuStepEngine(Transformer<float>& model, AdamW& optimizer)
+      : CpuModelEngine(model), optimizer_(optimizer) {}
 
   void all_reduce_grads(Communicator& comm, GradReduceDtype dtype) override {
     all_reduce_gradients(model_.grads().data(), model_.grads().size(), comm, dtype);
@@ -56,34 +71,14 @@ class CpuStepEngine final : public StepEngine {
     return moeforge::first_nonfinite_gradient(model_.layout(), model_.grads().data());
   }
 
-  ForwardFn forward_fn() override {
-    return [this](const int32_t* tokens, const int32_t* targets, int64_t batch, int64_t seq) {
-      return model_.forward(tokens, targets, batch, seq);
-    };
-  }
-
  private:
-  Transformer<float>& model_;
   AdamW& optimizer_;
 };
 
-class CpuZero1StepEngine final : public StepEngine {
+class CpuZero1StepEngine final : public CpuModelEngine {
  public:
   CpuZero1StepEngine(Transformer<float>& model, ZeroAdamW& optimizer)
-      : model_(model), optimizer_(optimizer) {}
-
-  void load_from_host() override {}
-  void store_to_host() override {}
-  void zero_grads() override { model_.zero_grads(); }
-
-  LossBreakdown forward_backward(const int32_t* tokens, const int32_t* targets, int64_t batch,
-                                 int64_t seq, double dloss,
-                                 std::vector<MoeFfnStats>& stats) override {
-    const LossBreakdown loss = model_.forward(tokens, targets, batch, seq);
-    stats.insert(stats.end(), model_.moe_stats().begin(), model_.moe_stats().end());
-    model_.backward(dloss);
-    return loss;
-  }
+      : CpuModelEngine(model), optimizer_(optimizer) {}
 
   void all_reduce_grads(Communicator& comm, GradReduceDtype dtype) override {
     MF_CHECK(&comm == &optimizer_.comm(),
@@ -107,14 +102,7 @@ class CpuZero1StepEngine final : public StepEngine {
     return spec_idx < 0 ? "none" : model_.layout().specs()[static_cast<size_t>(spec_idx)].name;
   }
 
-  ForwardFn forward_fn() override {
-    return [this](const int32_t* tokens, const int32_t* targets, int64_t batch, int64_t seq) {
-      return model_.forward(tokens, targets, batch, seq);
-    };
-  }
-
  private:
-  Transformer<float>& model_;
   ZeroAdamW& optimizer_;
 };
 
