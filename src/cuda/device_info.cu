@@ -33,4 +33,18 @@ void require_cuda_device() {
            q.unavailable_reason);
 }
 
+int bind_device_to_local_rank(int local_rank) {
+  require_cuda_device();
+  int device = 0;
+  if (local_rank < 0) {
+    MF_CUDA_CHECK(cudaGetDevice(&device));
+    return device;
+  }
+  int count = 0;
+  MF_CUDA_CHECK(cudaGetDeviceCount(&count));
+  device = local_rank % count;
+  MF_CUDA_CHECK(cudaSetDevice(device));
+  return device;
+}
+
 }  // namespace moeforge::cuda

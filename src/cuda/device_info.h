@@ -29,4 +29,9 @@ DeviceQuery query_devices();
 // Throws a moeforge::Error saying why when this process has no usable CUDA device.
 void require_cuda_device();
 
+// Makes device local_rank % (number of devices) current for this process (ranks of one host
+// spread over its GPUs) and returns its index; with local_rank < 0 (no launcher) keeps the
+// current device. Throws like require_cuda_device when there is none.
+int bind_device_to_local_rank(int local_rank);
+
 }  // namespace moeforge::cuda

@@ -3,6 +3,8 @@
 
 #include <cmath>
 
+#include "comm/local_rank.h"
+#include "cuda/device_info.h"
 #include "cuda/gpu_adamw.h"
 
 namespace moeforge::cuda {
@@ -83,6 +85,8 @@ std::unique_ptr<StepEngine> make_gpu_step_engine(Transformer<float>& model, Adam
                                                  const AdamWHyper& hyper,
                                                  const std::vector<std::string>& no_decay,
                                                  Recompute recompute) {
+  // Under mpirun every rank of a host gets its own GPU (by local rank) before any allocation.
+  bind_device_to_local_rank(local_rank_from_environment());
   return std::make_unique<GpuStepEngine>(model, optimizer, hyper, no_decay, recompute);
 }
 
