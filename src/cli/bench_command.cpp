@@ -19,8 +19,6 @@
 #include "model/parameters.h"
 
 #if MOEFORGE_HAVE_CUDA
-#include "cuda/blas.h"
-#include "cuda/cuda_check.h"
 #include "cuda/device_memory.h"
 #include "cuda/gpu_adamw.h"
 #include "cuda/gpu_transformer.h"

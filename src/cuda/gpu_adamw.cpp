@@ -61,14 +61,16 @@ GpuAdamWResult GpuAdamW::step(double lr, double max_norm) {
     result.clip_factor = max_norm / (result.grad_norm + 1e-6);
   }
   ++step_count_;
-  const double bc1 = 1.0 - std::pow(hyper_.beta1, static_cast<double>(step_count_));
-  const double bc2 = 1.0 - std::pow(hyper_.beta2, static_cast<double>(step_count_));
-  AdamWStep step{static_cast<float>(hyper_.beta1),      static_cast<float>(hyper_.beta2),
-                 static_cast<float>(hyper_.eps),        static_cast<float>(lr / bc1),
-                 static_cast<float>(std::sqrt(bc2)),    1.0f,
+  const AdamWStepConstants c(hyper_, lr, step_count_);
+  AdamWStep step{c.b1,
+                 c.b2,
+                 c.eps,
+                 c.step_size,
+                 c.bc2_sqrt,
+                 c.no_decay_factor,
                  static_cast<float>(result.clip_factor)};
   for (const Run& run : runs_) {
-    step.decay_factor = run.decay ? static_cast<float>(1.0 - lr * hyper_.weight_decay) : 1.0f;
+    step.decay_factor = run.decay ? c.decay_factor : c.no_decay_factor;
     adamw_update(model_.params() + run.begin, model_.params_bf16() + run.begin,
                  exp_avg_.data() + run.begin, exp_avg_sq_.data() + run.begin,
                  model_.grads() + run.begin, run.count, step, model_.stream());

@@ -83,6 +83,19 @@ struct GpuTransformer::Scratch {
   DeviceBuffer<bf16> drouter;                 // [n, E]
 };
 
+namespace {
+
+// fn(expert, first row, row count) for every expert with rows, from the host copy of the offsets.
+template <typename Fn>
+void for_each_expert_rows(const PinnedHostBuffer<int32_t>& offsets, Fn&& fn) {
+  for (size_t e = 0; e + 1 < offsets.size(); ++e) {
+    const int64_t begin = offsets[e], count = offsets[e + 1] - offsets[e];
+    if (count > 0) fn(static_cast<int64_t>(e), begin, count);
+  }
+}
+
+}  // namespace
+
 Recompute parse_recompute(const std::string& name) {
   if (name == "none") return Recompute::kNone;
   if (name == "selective") return Recompute::kSelective;
@@ -343,13 +356,10 @@ void GpuTransformer::expert_forward(bf16* y, const bf16* x, const bf16* w, int64
     grouped_.forward(y, x, w, a.expert_offsets.data(), {config_.num_experts, in, out}, stream_);
     return;
   }
-  for (int64_t e = 0; e < config_.num_experts; ++e) {
-    const int64_t begin = a.host_offsets[static_cast<size_t>(e)];
-    const int64_t count = a.host_offsets[static_cast<size_t>(e) + 1] - begin;
-    if (count == 0) continue;
+  for_each_expert_rows(a.host_offsets, [&](int64_t e, int64_t begin, int64_t count) {
     blas_.linear_forward(y + begin * out, OutType::kBf16, x + begin * in, w + e * out * in, nullptr,
                          count, in, out, false, stream_);
-  }
+  });
 }
 
 void GpuTransformer::expert_backward_input(bf16* dx, const bf16* dy, const bf16* w, int64_t in,
@@ -359,13 +369,10 @@ void GpuTransformer::expert_backward_input(bf16* dx, const bf16* dy, const bf16*
                             accumulate, stream_);
     return;
   }
-  for (int64_t e = 0; e < config_.num_experts; ++e) {
-    const int64_t begin = a.host_offsets[static_cast<size_t>(e)];
-    const int64_t count = a.host_offsets[static_cast<size_t>(e) + 1] - begin;
-    if (count == 0) continue;
+  for_each_expert_rows(a.host_offsets, [&](int64_t e, int64_t begin, int64_t count) {
     blas_.linear_backward_input(dx + begin * in, OutType::kBf16, dy + begin * out, w + e * out * in,
                                 count, in, out, accumulate, stream_);
-  }
+  });
 }
 
 void GpuTransformer::expert_backward_weight(float* dw, const bf16* dy, const bf16* x, int64_t in,
@@ -375,13 +382,10 @@ void GpuTransformer::expert_backward_weight(float* dw, const bf16* dy, const bf1
                              stream_);
     return;
   }
-  for (int64_t e = 0; e < config_.num_experts; ++e) {
-    const int64_t begin = a.host_offsets[static_cast<size_t>(e)];
-    const int64_t count = a.host_offsets[static_cast<size_t>(e) + 1] - begin;
-    if (count == 0) continue;
+  for_each_expert_rows(a.host_offsets, [&](int64_t e, int64_t begin, int64_t count) {
     blas_.linear_backward_weight(dw + e * out * in, dy + begin * out, x + begin * in, count, in,
                                  out, stream_);
-  }
+  });
 }
 
 void GpuTransformer::dense_ffn_forward(int64_t l) {

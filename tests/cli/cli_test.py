@@ -77,6 +77,22 @@ class CliTest(unittest.TestCase):
             json.dump(config, f)
         return path
 
+    def init_model(self, name, seed, init_std=None, **config_overrides):
+        """`moeforge init` of TINY_MODEL (with config_overrides) into tmp/name, with the dataset's
+        tokenizer beside it so that generate and eval can read text."""
+        model_json = self.model_json
+        if config_overrides:
+            model_json = os.path.join(self.tmp, name + ".json")
+            with open(model_json, "w") as f:
+                json.dump(dict(TINY_MODEL, **config_overrides), f)
+        out = os.path.join(self.tmp, name)
+        args = [MOEFORGE, "init", "--config", model_json, "--out", out, "--seed", str(seed)]
+        if init_std is not None:
+            args += ["--init-std", str(init_std)]
+        run(args)
+        shutil.copy(os.path.join(self.data, "moeforge_tokenizer.json"), out)
+        return out
+
     def test_every_command_has_help(self):
         for cmd in (["train"], ["eval"], ["generate"], ["init"], ["inspect"], ["data"], ["data", "prepare"],
                     ["data", "synth"],
@@ -105,9 +121,7 @@ class CliTest(unittest.TestCase):
         self.assertGreater(stats["prompt_tokens"], 0)
 
     def test_generate_dumps_prefill_qkv(self):
-        out = os.path.join(self.tmp, "qkv-model")
-        run([MOEFORGE, "init", "--config", self.model_json, "--out", out, "--seed", "4"])
-        shutil.copy(os.path.join(self.data, "moeforge_tokenizer.json"), out)
+        out = self.init_model("qkv-model", 4)
         dump = os.path.join(self.tmp, "layer1.safetensors")
         prompt = "the quick brown fox"
         run([MOEFORGE, "generate", "--model", out, "--prompt", prompt, "--max-new-tokens", "2",
@@ -331,12 +345,7 @@ class CliTest(unittest.TestCase):
         """generate and eval with --attention flex (FlexPrefill sparse prefill): the statistics JSON
         has the documented keys, eval at gamma 1 with a full budget equals dense, and bad values
         are clear errors naming the option."""
-        model_json = os.path.join(self.tmp, "flex-model.json")
-        with open(model_json, "w") as f:
-            json.dump(dict(TINY_MODEL, max_position_embeddings=512), f)
-        out = os.path.join(self.tmp, "flex-model")
-        run([MOEFORGE, "init", "--config", model_json, "--out", out, "--seed", "3", "--init-std", "0.5"])
-        shutil.copy(os.path.join(self.data, "moeforge_tokenizer.json"), out)
+        out = self.init_model("flex-model", 3, init_std=0.5, max_position_embeddings=512)
         prompt = " ".join(["the quick brown fox jumps over a lazy dog"] * 8)  # > 300 byte tokens
         sparse = ["--attention", "flex", "--gamma", "0.5", "--tau", "0.1", "--min-budget", "64",
                   "--block-size", "64"]
@@ -456,12 +465,7 @@ class CliTest(unittest.TestCase):
         """eval --task: accuracy per task and length in [0, 1] for dense and flex attention (flex
         with the mean density); a model built to answer "7" scores exactly the lines whose answer
         is 7 (the scorer says yes and no); clear errors."""
-        model_json = os.path.join(self.tmp, "task-model.json")
-        with open(model_json, "w") as f:
-            json.dump(dict(TINY_MODEL, max_position_embeddings=1100), f)
-        model = os.path.join(self.tmp, "task-model")
-        run([MOEFORGE, "init", "--config", model_json, "--out", model, "--seed", "3", "--init-std", "0.5"])
-        shutil.copy(os.path.join(self.data, "moeforge_tokenizer.json"), model)
+        model = self.init_model("task-model", 3, init_std=0.5, max_position_embeddings=1100)
         tasks = os.path.join(self.tmp, "eval-tasks.jsonl")
         run([MOEFORGE, "data", "synth", "--task", "niah_single,niah_multikey,niah_multivalue,vt",
              "--lengths", "600,1024", "--num", "2", "--seed", "1", "--out", tasks])
@@ -530,9 +534,7 @@ class CliTest(unittest.TestCase):
         ev = json.loads(run([MOEFORGE, "eval", "--model", model, "--task", hand_file]).stdout)
         self.assertEqual((ev["examples"], ev["accuracy"]), (1, 0.0))
 
-        short = os.path.join(self.tmp, "short-model")
-        run([MOEFORGE, "init", "--config", self.model_json, "--out", short, "--seed", "3"])
-        shutil.copy(os.path.join(self.data, "moeforge_tokenizer.json"), short)
+        short = self.init_model("short-model", 3)
         proc = run([MOEFORGE, "eval", "--model", short, "--task", tasks], check=False)
         self.assertEqual(proc.returncode, 1)
         self.assertIn("max_position_embeddings", proc.stderr)

@@ -101,7 +101,9 @@ void expect_matches_cpu_reference(const ModelConfig& config, bool grouped) {
   Transformer<float> cpu(config, self);
   cpu.params() = make_params(cpu.layout(), 7);
   GpuTransformer gpu(config);
-  if (config.is_moe()) ASSERT_EQ(gpu.grouped_expert_gemms(), grouped);
+  if (config.is_moe()) {
+    ASSERT_EQ(gpu.grouped_expert_gemms(), grouped);
+  }
   gpu.upload_params(cpu.params());
 
   Rng rng(11);

@@ -22,6 +22,7 @@
 #include "model/moe_layer_case.h"
 #include "model/thread_communicator.h"
 #include "model/transformer.h"
+#include "testing/forwarding_communicator.h"
 #include "testing/gradcheck.h"
 
 namespace moeforge {
@@ -331,11 +332,9 @@ TEST(MoeDispatchA2a, BackwardNeedsTheForwardsVariant) {
 // Forwards to another communicator and counts the elements this rank sends to other ranks:
 // hidden rows (all-gather, reduce-scatter, all-to-all-v of the layer's activations) and routing
 // metadata (the plan's counts, the router sums and gate gradients).
-class CountingCommunicator final : public Communicator {
+class CountingCommunicator final : public testing::ForwardingCommunicator {
  public:
-  explicit CountingCommunicator(Communicator& inner) : inner_(inner) {}
-  int rank() const override { return inner_.rank(); }
-  int size() const override { return inner_.size(); }
+  using ForwardingCommunicator::ForwardingCommunicator;
   std::string name() const override { return "counting"; }
   void all_reduce_sum(void* data, size_t count, CommDType dtype) override {
     metadata_ += count * static_cast<size_t>(size() - 1);
@@ -349,9 +348,6 @@ class CountingCommunicator final : public Communicator {
     rows_ += count * static_cast<size_t>(size() - 1);
     inner_.reduce_scatter_sum(send, recv, count, dtype);
   }
-  void all_to_all(const void* send, void* recv, size_t count, CommDType dtype) override {
-    inner_.all_to_all(send, recv, count, dtype);
-  }
   void all_to_all_v(const void* send, const size_t* send_counts, const size_t* send_offsets,
                     void* recv, const size_t* recv_counts, const size_t* recv_offsets,
                     CommDType dtype) override {
@@ -360,18 +356,10 @@ class CountingCommunicator final : public Communicator {
     }
     inner_.all_to_all_v(send, send_counts, send_offsets, recv, recv_counts, recv_offsets, dtype);
   }
-  void broadcast(void* data, size_t count, CommDType dtype, int root) override {
-    inner_.broadcast(data, count, dtype, root);
-  }
-  void barrier() override { inner_.barrier(); }
-  std::unique_ptr<Communicator> split(int color, int key) override {
-    return inner_.split(color, key);
-  }
   size_t rows() const { return rows_; }
   size_t metadata() const { return metadata_; }
 
  private:
-  Communicator& inner_;
   size_t rows_ = 0;
   size_t metadata_ = 0;
 };

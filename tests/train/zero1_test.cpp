@@ -21,6 +21,7 @@
 #include "model/model_test_configs.h"
 #include "model/thread_communicator.h"
 #include "model/transformer.h"
+#include "testing/forwarding_communicator.h"
 #include "train/checkpoint.h"
 #include "train/step_engine.h"
 #include "train/train_fixture.h"
@@ -34,11 +35,9 @@ namespace fs = std::filesystem;
 // The ranks of another communicator, with float sums (all-reduce, reduce-scatter) built from its
 // all-gather as rank-order sums that start from rank 0's value, as MpiCommunicator sums: the
 // in-process ThreadCommunicator sums doubles only.
-class FloatSumCommunicator final : public Communicator {
+class FloatSumCommunicator final : public testing::ForwardingCommunicator {
  public:
-  explicit FloatSumCommunicator(Communicator& inner) : inner_(inner) {}
-  int rank() const override { return inner_.rank(); }
-  int size() const override { return inner_.size(); }
+  using ForwardingCommunicator::ForwardingCommunicator;
   std::string name() const override { return "float-sum(" + inner_.name() + ")"; }
   void all_reduce_sum(void* data, size_t count, CommDType dtype) override {
     if (dtype != CommDType::kFloat32) return inner_.all_reduce_sum(data, count, dtype);
@@ -52,24 +51,6 @@ class FloatSumCommunicator final : public Communicator {
                        static_cast<size_t>(rank()) * count, count);
     std::memcpy(recv, sum.data(), count * sizeof(float));
   }
-  void all_gather(const void* send, void* recv, size_t count, CommDType dtype) override {
-    inner_.all_gather(send, recv, count, dtype);
-  }
-  void all_to_all(const void* send, void* recv, size_t count, CommDType dtype) override {
-    inner_.all_to_all(send, recv, count, dtype);
-  }
-  void all_to_all_v(const void* send, const size_t* send_counts, const size_t* send_offsets,
-                    void* recv, const size_t* recv_counts, const size_t* recv_offsets,
-                    CommDType dtype) override {
-    inner_.all_to_all_v(send, send_counts, send_offsets, recv, recv_counts, recv_offsets, dtype);
-  }
-  void broadcast(void* data, size_t count, CommDType dtype, int root) override {
-    inner_.broadcast(data, count, dtype, root);
-  }
-  void barrier() override { inner_.barrier(); }
-  std::unique_ptr<Communicator> split(int color, int key) override {
-    return inner_.split(color, key);
-  }
 
  private:
   // Elements [offset, offset + count) of every rank's data [total], summed in rank order.
@@ -82,8 +63,6 @@ class FloatSumCommunicator final : public Communicator {
     }
     return sum;
   }
-
-  Communicator& inner_;
 };
 
 constexpr int kNumSteps = 4;
