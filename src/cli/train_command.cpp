@@ -23,7 +23,9 @@ void register_train_command(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand(
       "train",
       "Train a model. Under `mpirun -np N` the ranks are data-parallel (global batch = N x "
-      "grad_accum_steps x micro_batch_size sequences).");
+      "grad_accum_steps x micro_batch_size sequences); with parallel.expert_parallel n, groups of "
+      "n ranks split each sequence and the experts and the N / n groups are data-parallel (global "
+      "batch N / n x ...). With --device cuda each rank uses GPU local rank % GPUs of its host.");
   cmd->add_option("--config", opts->config, "Training config (JSON; see configs/train/)")
       ->required()
       ->check(CLI::ExistingFile);
