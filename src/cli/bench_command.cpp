@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -191,7 +192,8 @@ void register_bench_command(CLI::App& app) {
       "prefill",
       "Causal prefill attention of one sequence per length: dense (cuDNN SDPA and our "
       "block-sparse kernel over every causal block) against FlexPrefill (GPU pattern search, "
-      "then our block-sparse kernel), with the selection's density; prints one JSON line");
+      "then our block-sparse kernel), with the selection's density; prints one JSON line per "
+      "length as it finishes (JSONL)");
   prefill->add_option("--seq", prefill_opt->seqs, "Sequence lengths")
       ->delimiter(',')
       ->capture_default_str();
@@ -219,7 +221,10 @@ void register_bench_command(CLI::App& app) {
       ->capture_default_str();
   prefill->callback([prefill_opt] {
 #if MOEFORGE_HAVE_CUDA
-    fmt::print("{}\n", cuda::run_prefill_bench(*prefill_opt).dump());
+    cuda::run_prefill_bench(*prefill_opt, [](const nlohmann::json& line) {
+      fmt::print("{}\n", line.dump());
+      std::fflush(stdout);
+    });
 #else
     MF_FAIL(
         "moeforge was built without CUDA; `bench prefill` needs a GPU build (-DMOEFORGE_CUDA=ON)");

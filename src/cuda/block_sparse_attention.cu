@@ -1,4 +1,5 @@
-// The portable block-sparse causal attention kernel (see block_sparse_attention.h). One block of
+// Block-sparse causal attention on the GPU (see block_sparse_attention.h): the checks, the choice
+// of kernel, and the portable kernel. One block of
 // 8 warps per (query head, 64 query rows); each warp owns 8 rows, each lane two keys of a 64-key
 // tile for the scores and head_dim / 32 output dimensions. Tiles of q and k live in shared memory
 // with an odd row stride in 32-bit words, so lanes reading different keys hit different banks.
@@ -7,6 +8,7 @@
 
 #include "core/error.h"
 #include "cuda/block_sparse_attention.h"
+#include "cuda/block_sparse_attention_kernels.h"
 #include "cuda/cuda_check.h"
 #include "cuda/kernel_util.cuh"
 
@@ -35,26 +37,17 @@ __device__ __forceinline__ float warp_sum(float x) {
 }
 
 struct KernelArgs {
-  bf16* out;
-  float* lse;
-  const bf16* q;
-  const bf16* k;
-  const bf16* v;
-  const int64_t* row_offsets;
-  const int32_t* col_idx;
-  int64_t num_blocks;
-  int64_t block_size;
-  int64_t seq_len;
-  int num_q_heads, num_kv_heads, head_dim;
+  BlockSparseLaunch base;
   int qk_stride;  // elements per shared-memory row of q and k (even, odd in 32-bit words)
-  float scale_log2;
 };
 
-__global__ void __launch_bounds__(kWarps * 32) block_sparse_attention_kernel(KernelArgs a) {
+__global__ void __launch_bounds__(kWarps * 32) block_sparse_attention_kernel(KernelArgs args) {
+  const BlockSparseLaunch& a = args.base;
+  const int qk_stride = args.qk_stride;
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* q_tile = reinterpret_cast<bf16*>(smem);  // [kRows, qk_stride]
-  bf16* k_tile = q_tile + kRows * a.qk_stride;   // [kKeys, qk_stride]
-  bf16* v_tile = k_tile + kKeys * a.qk_stride;   // [kKeys, head_dim]
+  bf16* k_tile = q_tile + kRows * qk_stride;     // [kKeys, qk_stride]
+  bf16* v_tile = k_tile + kKeys * qk_stride;     // [kKeys, head_dim]
   const int head = static_cast<int>(blockIdx.y);
   const int kv_head = head / (a.num_q_heads / a.num_kv_heads);
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
@@ -64,8 +57,8 @@ __global__ void __launch_bounds__(kWarps * 32) block_sparse_attention_kernel(Ker
   const int64_t kv_row_stride = static_cast<int64_t>(a.num_kv_heads) * d;
   const bf16 zero = __float2bfloat16(0.0f);
 
-  for (int idx = static_cast<int>(threadIdx.x); idx < kRows * a.qk_stride; idx += blockDim.x) {
-    const int r = idx / a.qk_stride, c = idx % a.qk_stride;
+  for (int idx = static_cast<int>(threadIdx.x); idx < kRows * qk_stride; idx += blockDim.x) {
+    const int r = idx / qk_stride, c = idx % qk_stride;
     const int64_t pos = row0 + r;
     q_tile[idx] = pos < a.seq_len && c < d ? a.q[pos * q_row_stride + head * d + c] : zero;
   }
@@ -82,15 +75,15 @@ __global__ void __launch_bounds__(kWarps * 32) block_sparse_attention_kernel(Ker
   const int64_t last_pos = min(row0 + kRows, a.seq_len) - 1;  // last query row of this block
   const int64_t csr_row = head * a.num_blocks + row0 / a.block_size;
   const int64_t begin = a.row_offsets[csr_row], end = a.row_offsets[csr_row + 1];
-  const int pairs = a.qk_stride / 2;
+  const int pairs = qk_stride / 2;
   for (int64_t e = begin; e < end; ++e) {
     const int64_t key_begin = static_cast<int64_t>(a.col_idx[e]) * a.block_size;
     const int64_t key_end = min(key_begin + a.block_size, a.seq_len);
     // Tiles that start after this block's last row are fully masked.
     for (int64_t t0 = key_begin; t0 < key_end && t0 <= last_pos; t0 += kKeys) {
       __syncthreads();  // the previous tile is consumed (and, the first time, q is written)
-      for (int idx = static_cast<int>(threadIdx.x); idx < kKeys * a.qk_stride; idx += blockDim.x) {
-        const int j = idx / a.qk_stride, c = idx % a.qk_stride;
+      for (int idx = static_cast<int>(threadIdx.x); idx < kKeys * qk_stride; idx += blockDim.x) {
+        const int j = idx / qk_stride, c = idx % qk_stride;
         const int64_t key = t0 + j;
         k_tile[idx] = key < key_end && c < d ? a.k[key * kv_row_stride + kv_head * d + c] : zero;
       }
@@ -112,8 +105,8 @@ __global__ void __launch_bounds__(kWarps * 32) block_sparse_attention_kernel(Ker
           const int64_t key = t0 + j;
           s[half] = -INFINITY;
           if (key < key_end && key <= pos) {
-            const auto* qr = reinterpret_cast<const __nv_bfloat162*>(q_tile + r * a.qk_stride);
-            const auto* kr = reinterpret_cast<const __nv_bfloat162*>(k_tile + j * a.qk_stride);
+            const auto* qr = reinterpret_cast<const __nv_bfloat162*>(q_tile + r * qk_stride);
+            const auto* kr = reinterpret_cast<const __nv_bfloat162*>(k_tile + j * qk_stride);
             float dot = 0.0f;
             for (int p = 0; p < pairs; ++p) {
               const float2 x = __bfloat1622float2(qr[p]), y = __bfloat1622float2(kr[p]);
@@ -163,6 +156,28 @@ __global__ void __launch_bounds__(kWarps * 32) block_sparse_attention_kernel(Ker
   }
 }
 
+void launch_portable(const BlockSparseLaunch& base, cudaStream_t stream) {
+  int stride_words = (base.head_dim + 1) / 2;
+  if (stride_words % 2 == 0) ++stride_words;
+  const KernelArgs args{base, 2 * stride_words};
+  const size_t smem =
+      static_cast<size_t>((kRows + kKeys) * args.qk_stride + kKeys * base.head_dim) * sizeof(bf16);
+  MF_CUDA_CHECK(cudaFuncSetAttribute(block_sparse_attention_kernel,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(smem)));
+  const dim3 grid(static_cast<unsigned>(ceil_div(base.seq_len, kRows)),
+                  static_cast<unsigned>(base.num_q_heads));
+  block_sparse_attention_kernel<<<grid, kWarps * 32, smem, stream>>>(args);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
+int current_device_major() {
+  int device = 0, major = 0;
+  MF_CUDA_CHECK(cudaGetDevice(&device));
+  MF_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major;
+}
+
 }  // namespace
 
 DeviceBlockSparseLayoutBuffers upload_layout(const ops::BlockSparseLayout& layout) {
@@ -177,7 +192,8 @@ DeviceBlockSparseLayoutBuffers upload_layout(const ops::BlockSparseLayout& layou
 
 void block_sparse_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k,
                                     const bf16* v, const DeviceBlockSparseLayout& layout,
-                                    const ops::SparseAttentionDims& dims, cudaStream_t stream) {
+                                    const ops::SparseAttentionDims& dims, cudaStream_t stream,
+                                    BlockSparseKernel kernel) {
   const char* what = "block-sparse attention (CUDA)";
   ops::check_sparse_attention_dims(dims, what);
   MF_CHECK(dims.head_dim <= kMaxHeadDim, "{}: head_dim {} is above the kernel's limit {}", what,
@@ -190,33 +206,32 @@ void block_sparse_attention_forward(bf16* out, float* lse, const bf16* q, const 
            "{}: layout is for {} heads x {} blocks, expected {} heads x {} blocks", what,
            layout.num_heads, layout.num_blocks, dims.num_q_heads, num_blocks);
   if (dims.seq_len == 0) return;
-  const int d = static_cast<int>(dims.head_dim);
-  int stride_words = (d + 1) / 2;
-  if (stride_words % 2 == 0) ++stride_words;
-  KernelArgs args{out,
-                  lse,
-                  q,
-                  k,
-                  v,
-                  layout.row_offsets,
-                  layout.col_idx,
-                  layout.num_blocks,
-                  layout.block_size,
-                  dims.seq_len,
-                  static_cast<int>(dims.num_q_heads),
-                  static_cast<int>(dims.num_kv_heads),
-                  d,
-                  2 * stride_words,
-                  static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)) * M_LOG2E)};
-  const size_t smem =
-      static_cast<size_t>((kRows + kKeys) * args.qk_stride + kKeys * d) * sizeof(bf16);
-  MF_CUDA_CHECK(cudaFuncSetAttribute(block_sparse_attention_kernel,
-                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(smem)));
-  const dim3 grid(static_cast<unsigned>(ceil_div(dims.seq_len, kRows)),
-                  static_cast<unsigned>(dims.num_q_heads));
-  block_sparse_attention_kernel<<<grid, kWarps * 32, smem, stream>>>(args);
-  MF_CUDA_CHECK_LAUNCH();
+  const BlockSparseLaunch args{
+      out,
+      lse,
+      q,
+      k,
+      v,
+      layout.row_offsets,
+      layout.col_idx,
+      layout.num_blocks,
+      layout.block_size,
+      dims.seq_len,
+      static_cast<int>(dims.num_q_heads),
+      static_cast<int>(dims.num_kv_heads),
+      static_cast<int>(dims.head_dim),
+      static_cast<float>(1.0 / std::sqrt(static_cast<double>(dims.head_dim)) * M_LOG2E)};
+  const bool tensor_core_runs =
+      tensor_core_block_sparse_attention_runs(args, current_device_major());
+  MF_CHECK(kernel != BlockSparseKernel::tensor_core || tensor_core_runs,
+           "{}: the tensor-core kernel needs sm_80 or later, head_dim 64 or 128 and 16-byte "
+           "aligned tensors (head_dim {})",
+           what, dims.head_dim);
+  if (kernel != BlockSparseKernel::portable && tensor_core_runs) {
+    launch_tensor_core_block_sparse_attention(args, stream);
+  } else {
+    launch_portable(args, stream);
+  }
 }
 
 }  // namespace moeforge::cuda

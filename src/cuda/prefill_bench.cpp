@@ -2,6 +2,8 @@
 // prefill_bench.h).
 #include "cuda/prefill_bench.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <functional>
 #include <numeric>
@@ -67,7 +69,8 @@ T device_sum(const DeviceBuffer<T>& buffer) {
 
 }  // namespace
 
-nlohmann::json run_prefill_bench(const PrefillBenchOptions& options) {
+void run_prefill_bench(const PrefillBenchOptions& options,
+                       const std::function<void(const nlohmann::json&)>& emit) {
   PrefillBenchOptions opt = options;
   require_cuda_device();
   MF_CHECK(!opt.seqs.empty(), "bench prefill: --seq needs at least one length");
@@ -89,16 +92,15 @@ nlohmann::json run_prefill_bench(const PrefillBenchOptions& options) {
   ops::check_sparse_attention_dims({opt.seqs[0], opt.num_heads, opt.num_kv_heads, opt.head_dim},
                                    "bench prefill");
 
-  nlohmann::json result{{"heads", opt.num_heads},
-                        {"kv_heads", opt.num_kv_heads},
-                        {"head_dim", opt.head_dim},
-                        {"inputs", opt.qkv_file.empty() ? "random" : opt.qkv_file},
-                        {"gamma", opt.params.gamma},
-                        {"tau", opt.params.tau},
-                        {"min_budget", opt.params.min_budget},
-                        {"max_budget", opt.params.max_budget},
-                        {"block_size", opt.params.block_size},
-                        {"lengths", nlohmann::json::array()}};
+  const nlohmann::json common{{"heads", opt.num_heads},
+                              {"kv_heads", opt.num_kv_heads},
+                              {"head_dim", opt.head_dim},
+                              {"inputs", opt.qkv_file.empty() ? "random" : opt.qkv_file},
+                              {"gamma", opt.params.gamma},
+                              {"tau", opt.params.tau},
+                              {"min_budget", opt.params.min_budget},
+                              {"max_budget", opt.params.max_budget},
+                              {"block_size", opt.params.block_size}};
   Attention cudnn;
   for (size_t i = 0; i < opt.seqs.size(); ++i) {
     const int64_t seq = opt.seqs[i];
@@ -107,7 +109,9 @@ nlohmann::json run_prefill_bench(const PrefillBenchOptions& options) {
         make_inputs(opt, opt.qkv_file.empty() ? nullptr : &dump, seq, opt.seed + 10 * i);
     DeviceBuffer<bf16> out(in.q.size());
     DeviceBuffer<float> lse(static_cast<size_t>(opt.num_heads * seq));
-    nlohmann::json entry{{"seq", seq}};
+    nlohmann::json entry = common;
+    entry["seq"] = seq;
+    fmt::print(stderr, "bench prefill: seq {} ({} of {})\n", seq, i + 1, opt.seqs.size());
 
     time_into(entry, "dense_cudnn", opt.repeats, [&] {
       cudnn.forward(out.data(), lse.data(), in.q.data(), in.k.data(), in.v.data(),
@@ -154,9 +158,8 @@ nlohmann::json run_prefill_bench(const PrefillBenchOptions& options) {
       entry["flex_block_cost_over_dense_ours"] =
           flex_ms / (entry["density"].get<double>() * ours_ms);
     }
-    result["lengths"].push_back(entry);
+    emit(entry);
   }
-  return result;
 }
 
 }  // namespace moeforge::cuda

@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -26,9 +27,11 @@ struct PrefillBenchOptions {
   uint64_t seed = 11;
 };
 
-// {"heads", ..., "lengths": [{"seq", "dense_cudnn_ms", "dense_ours_ms", "flex_select_ms",
-// "flex_attention_ms", "density", "query_aware_heads", ...}]}; a part that cannot run (cuDNN's
-// head_dim limit, say) carries an "..._error" string instead of its time.
-nlohmann::json run_prefill_bench(const PrefillBenchOptions& options);
+// Calls emit once per length, as soon as it is measured, with {"seq", "heads", ..., "gamma", ...,
+// "dense_cudnn_ms", "dense_ours_ms", "flex_select_ms", "flex_attention_ms", "density",
+// "query_aware_heads", ...}; a part that cannot run (cuDNN's head_dim limit, say) carries an
+// "..._error" string instead of its time. Progress goes to stderr.
+void run_prefill_bench(const PrefillBenchOptions& options,
+                       const std::function<void(const nlohmann::json&)>& emit);
 
 }  // namespace moeforge::cuda

@@ -1,11 +1,14 @@
-// The portable CUDA block-sparse attention kernel against ops::block_sparse_attention_forward
-// (double) on the same bf16 inputs: random block sets (each causal block kept with probability
-// 1/2, the diagonal always) and the full causal layout, over sequence lengths that are not
-// multiples of the block (1, 63, 200, 300), block sizes 64 and 128, 1 to 8 query heads per KV
-// head, head dims 64, 128 and odd ones (7, 40, 200). Bounds: the output is a convex combination of
-// bf16 values of v accumulated in fp32 and rounded once to bf16, so |error| <= one bf16 ulp of the
-// reference plus N * 2^-22 * max |v| for the fp32 sums and exp2 (a wrong weight or a missed block
-// moves outputs by about max |v| / N or more); the log-sum-exp within 1e-4 + N * 2^-22.
+// Both CUDA block-sparse attention kernels (portable and tensor-core) against
+// ops::block_sparse_attention_forward (double) on the same bf16 inputs: random block sets (each
+// causal block kept with probability 1/2, the diagonal always) and the full causal layout, over
+// sequence lengths that are not multiples of the block (1, 63, 200, 300, 700), block sizes 64 and
+// 128, 1 to 8 query heads per KV head, head dims 64, 128 (both kernels) and odd ones (7, 40, 200;
+// portable only). Bounds: the output is a convex combination of bf16 values of v accumulated in
+// fp32 and rounded once to bf16, so |error| <= one bf16 ulp of the reference plus N * 2^-22 * max
+// |v| for the fp32 sums and exp2 (a wrong weight or a missed block moves outputs by about max |v| /
+// N or more). The tensor-core kernel also rounds each weight p to bf16 (relative error <= 2^-8)
+// before P V, which adds at most 2^-8 * sum_j p_j |v_j| / sum_j p_j: the reference run on |v|.
+// The log-sum-exp within 1e-4 + N * 2^-22.
 #include "cuda/block_sparse_attention.h"
 
 #include <gtest/gtest.h>
@@ -51,10 +54,13 @@ ops::BlockSparseLayout random_layout(const Case& c, uint64_t seed) {
   return layout;
 }
 
-void check_case(const Case& c, const ops::BlockSparseLayout& layout, uint64_t seed) {
+void check_case(const Case& c, const ops::BlockSparseLayout& layout, uint64_t seed,
+                BlockSparseKernel kernel) {
+  const bool tensor_core = kernel == BlockSparseKernel::tensor_core;
   SCOPED_TRACE("N=" + std::to_string(c.seq_len) + " Hq=" + std::to_string(c.num_q_heads) +
                " Hkv=" + std::to_string(c.num_kv_heads) + " D=" + std::to_string(c.head_dim) +
-               " block=" + std::to_string(c.block_size));
+               " block=" + std::to_string(c.block_size) +
+               (tensor_core ? " tensor-core" : " portable"));
   const ops::SparseAttentionDims dims{c.seq_len, c.num_q_heads, c.num_kv_heads, c.head_dim};
   const int64_t q_size = c.seq_len * c.num_q_heads * c.head_dim;
   const int64_t kv_size = c.seq_len * c.num_kv_heads * c.head_dim;
@@ -66,6 +72,10 @@ void check_case(const Case& c, const ops::BlockSparseLayout& layout, uint64_t se
   const std::vector<double> qd = to_double(q), kd = to_double(k), vd = to_double(v);
   ops::block_sparse_attention_forward<double>(want.data(), want_lse.data(), qd.data(), kd.data(),
                                               vd.data(), layout, dims);
+  std::vector<double> abs_vd(vd.size()), weighted_abs_v(want.size());
+  for (size_t i = 0; i < vd.size(); ++i) abs_vd[i] = std::abs(vd[i]);
+  ops::block_sparse_attention_forward<double>(weighted_abs_v.data(), static_cast<double*>(nullptr),
+                                              qd.data(), kd.data(), abs_vd.data(), layout, dims);
 
   DeviceBuffer<bf16> q_dev = to_device(q), k_dev = to_device(k), v_dev = to_device(v);
   DeviceBuffer<bf16> out(static_cast<size_t>(q_size));
@@ -74,13 +84,16 @@ void check_case(const Case& c, const ops::BlockSparseLayout& layout, uint64_t se
   testing::fill_garbage(lse);
   const DeviceBlockSparseLayoutBuffers device_layout = upload_layout(layout);
   block_sparse_attention_forward(out.data(), lse.data(), q_dev.data(), k_dev.data(), v_dev.data(),
-                                 device_layout.view(), dims, nullptr);
+                                 device_layout.view(), dims, nullptr, kernel);
 
   double max_v = 0.0;
   for (double x : vd) max_v = std::max(max_v, std::abs(x));
   const double sum_noise = static_cast<double>(c.seq_len) * 0x1.0p-22 * max_v;
   std::vector<double> bound(want.size());
-  for (size_t i = 0; i < want.size(); ++i) bound[i] = testing::bf16_ulp(want[i]) + sum_noise;
+  for (size_t i = 0; i < want.size(); ++i) {
+    bound[i] =
+        testing::bf16_ulp(want[i]) + sum_noise + (tensor_core ? 0x1.0p-8 * weighted_abs_v[i] : 0.0);
+  }
   expect_close("output", download_double(out), want, bound);
   expect_close("log-sum-exp", download_double(lse), want_lse,
                1e-4 + static_cast<double>(c.seq_len) * 0x1.0p-22);
@@ -92,15 +105,31 @@ TEST(BlockSparseAttentionCuda, RandomBlockSetsMatchTheReference) {
   for (const Case& c : {Case{1, 2, 1, 64, 64}, Case{63, 4, 1, 64, 64}, Case{200, 4, 2, 128, 64},
                         Case{300, 8, 1, 128, 128}, Case{300, 3, 3, 40, 64}, Case{200, 8, 4, 7, 128},
                         Case{130, 2, 1, 200, 64}, Case{257, 16, 2, 64, 128}}) {
-    check_case(c, random_layout(c, seed), seed);
+    check_case(c, random_layout(c, seed), seed, BlockSparseKernel::portable);
+    seed += 10;
+  }
+}
+
+TEST(BlockSparseAttentionCuda, TensorCoreKernelMatchesTheReference) {
+  MF_REQUIRE_GPU();
+  uint64_t seed = 300;
+  for (const Case& c :
+       {Case{1, 2, 1, 64, 64}, Case{63, 4, 1, 64, 64}, Case{200, 4, 2, 128, 64},
+        Case{300, 8, 1, 128, 128}, Case{257, 16, 2, 64, 128}, Case{700, 6, 2, 128, 128},
+        Case{700, 8, 8, 64, 128}, Case{129, 4, 4, 128, 64}}) {
+    check_case(c, random_layout(c, seed), seed, BlockSparseKernel::tensor_core);
     seed += 10;
   }
 }
 
 TEST(BlockSparseAttentionCuda, FullCausalLayoutIsDenseAttention) {
   MF_REQUIRE_GPU();
-  const Case c{300, 4, 2, 64, 64};
-  check_case(c, ops::dense_causal_layout(c.num_q_heads, c.seq_len, c.block_size), 7);
+  for (const BlockSparseKernel kernel :
+       {BlockSparseKernel::portable, BlockSparseKernel::tensor_core}) {
+    for (const Case& c : {Case{300, 4, 2, 64, 64}, Case{520, 4, 1, 128, 128}}) {
+      check_case(c, ops::dense_causal_layout(c.num_q_heads, c.seq_len, c.block_size), 7, kernel);
+    }
+  }
 }
 
 TEST(BlockSparseAttentionCuda, RejectsShapesItCannotRun) {
@@ -116,6 +145,12 @@ TEST(BlockSparseAttentionCuda, RejectsShapesItCannotRun) {
   EXPECT_THROW(run({c.seq_len, 2, 1, 512}, device_layout.view()), Error);  // head_dim > 256
   EXPECT_THROW(run({c.seq_len, 3, 2, 64}, device_layout.view()), Error);   // 3 % 2 != 0
   EXPECT_THROW(run({c.seq_len, 4, 1, 64}, device_layout.view()), Error);   // layout's heads
+  // The tensor-core kernel runs head_dim 64 and 128 only; asking for it elsewhere is an error.
+  EXPECT_THROW(
+      block_sparse_attention_forward(buffer.data(), nullptr, buffer.data(), buffer.data(),
+                                     buffer.data(), device_layout.view(), {c.seq_len, 2, 1, 40},
+                                     nullptr, BlockSparseKernel::tensor_core),
+      Error);
   DeviceBlockSparseLayout odd_block = device_layout.view();
   odd_block.block_size = 48;
   EXPECT_THROW(run({c.seq_len, 2, 1, 64}, odd_block), Error);
