@@ -1,7 +1,7 @@
 // MoE dispatch kernels. The row map is a stable counting sort over tiles of 1024 assignments:
 // per-tile expert counts, a scan into each tile's first row per expert, then every assignment's
 // rank inside its tile (warp match + per-warp counts). Scatter, gather and their backwards are row
-// copies and fixed-order sums.
+// copies and fixed-order sums, 16 bytes per access where the row width allows.
 #include <algorithm>
 
 #include "core/error.h"
@@ -88,45 +88,95 @@ __global__ void assign_rows_kernel(int32_t* assignment_row, int32_t* row_token,
 }
 
 constexpr int kRowThreads = 256;
+constexpr int kVec = 8;  // columns per thread and access in the vector kernels (c % 8 == 0)
 
+// The row kernels take one block per row (or token); kVec = 1 is the scalar form, 8 the 16-byte
+// vector form for c % 8 == 0 with aligned tensors. Sums run over the slots in order either way.
+template <int kWidth>
 __global__ void scatter_rows_kernel(bf16* rows, const bf16* x, const int32_t* row_token,
                                     int64_t c) {
   const int64_t r = blockIdx.x;
   const bf16* src = x + static_cast<int64_t>(row_token[r]) * c;
   bf16* dst = rows + r * c;
-  for (int64_t j = threadIdx.x; j < c; j += blockDim.x) dst[j] = src[j];
+  for (int64_t j = threadIdx.x * kWidth; j < c; j += blockDim.x * kWidth) {
+    if constexpr (kWidth == 1) {
+      dst[j] = src[j];
+    } else {
+      *reinterpret_cast<uint4*>(dst + j) = *reinterpret_cast<const uint4*>(src + j);
+    }
+  }
 }
 
+template <int kWidth>
+__device__ __forceinline__ void load_cols(float (&f)[kWidth], const bf16* p) {
+  if constexpr (kWidth == 1) {
+    f[0] = __bfloat162float(*p);
+  } else {
+    load_vec(f, p);
+  }
+}
+template <int kWidth>
+__device__ __forceinline__ void load_cols(float (&f)[kWidth], const float* p) {
+  if constexpr (kWidth == 1) {
+    f[0] = *p;
+  } else {
+    load_vec(f, p);
+  }
+}
+template <int kWidth, typename T>
+__device__ __forceinline__ void store_cols(T* p, const float (&f)[kWidth]) {
+  if constexpr (kWidth == 1) {
+    *p = from_float<T>(f[0]);
+  } else {
+    store_vec(p, f);
+  }
+}
+
+template <int kWidth>
 __global__ void scatter_rows_backward_kernel(float* dx, const bf16* drows,
                                              const int32_t* assignment_row, int64_t top_k,
                                              int64_t c) {
   const int64_t t = blockIdx.x;
-  for (int64_t j = threadIdx.x; j < c; j += blockDim.x) {
-    float sum = 0.0f;
+  for (int64_t j = threadIdx.x * kWidth; j < c; j += blockDim.x * kWidth) {
+    float sum[kWidth] = {};
     for (int64_t slot = 0; slot < top_k; ++slot) {
       const int32_t r = assignment_row[t * top_k + slot];
-      if (r >= 0) sum += __bfloat162float(drows[static_cast<int64_t>(r) * c + j]);
+      if (r < 0) continue;
+      float v[kWidth];
+      load_cols<kWidth>(v, drows + static_cast<int64_t>(r) * c + j);
+#pragma unroll
+      for (int i = 0; i < kWidth; ++i) sum[i] += v[i];
     }
-    dx[t * c + j] = sum;
+    store_cols<kWidth>(dx + t * c + j, sum);
   }
 }
 
+template <int kWidth>
 __global__ void combine_rows_kernel(float* out, const float* residual, const bf16* rows,
                                     const float* gates, const int32_t* assignment_row,
                                     int64_t top_k, int64_t c) {
   const int64_t t = blockIdx.x;
-  for (int64_t j = threadIdx.x; j < c; j += blockDim.x) {
-    float sum = 0.0f;
+  for (int64_t j = threadIdx.x * kWidth; j < c; j += blockDim.x * kWidth) {
+    float sum[kWidth] = {};
     for (int64_t slot = 0; slot < top_k; ++slot) {
       const int32_t r = assignment_row[t * top_k + slot];
-      if (r >= 0)
-        sum += gates[t * top_k + slot] * __bfloat162float(rows[static_cast<int64_t>(r) * c + j]);
+      if (r < 0) continue;
+      const float g = gates[t * top_k + slot];
+      float v[kWidth];
+      load_cols<kWidth>(v, rows + static_cast<int64_t>(r) * c + j);
+#pragma unroll
+      for (int i = 0; i < kWidth; ++i) sum[i] += g * v[i];
     }
-    out[t * c + j] = (residual != nullptr ? residual[t * c + j] : 0.0f) + sum;
+    float res[kWidth] = {};
+    if (residual != nullptr) load_cols<kWidth>(res, residual + t * c + j);
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) res[i] += sum[i];
+    store_cols<kWidth>(out + t * c + j, res);
   }
 }
 
 // One block per token: drows for each slot, and dgates by a block reduction per slot.
+template <int kWidth>
 __global__ void combine_rows_backward_kernel(bf16* drows, float* dgates, const float* dout,
                                              const bf16* rows, const float* gates,
                                              const int32_t* assignment_row, int64_t top_k,
@@ -138,10 +188,16 @@ __global__ void combine_rows_backward_kernel(bf16* drows, float* dgates, const f
     float dot = 0.0f;
     if (r >= 0) {
       const float g = gates[t * top_k + slot];
-      for (int64_t j = threadIdx.x; j < c; j += blockDim.x) {
-        const float dy = dout[t * c + j];
-        drows[static_cast<int64_t>(r) * c + j] = __float2bfloat16_rn(g * dy);
-        dot += dy * __bfloat162float(rows[static_cast<int64_t>(r) * c + j]);
+      for (int64_t j = threadIdx.x * kWidth; j < c; j += blockDim.x * kWidth) {
+        float dy[kWidth], y[kWidth], dr[kWidth];
+        load_cols<kWidth>(dy, dout + t * c + j);
+        load_cols<kWidth>(y, rows + static_cast<int64_t>(r) * c + j);
+#pragma unroll
+        for (int i = 0; i < kWidth; ++i) {
+          dr[i] = g * dy[i];
+          dot += dy[i] * y[i];
+        }
+        store_cols<kWidth>(drows + static_cast<int64_t>(r) * c + j, dr);
       }
     }
     dot = warp_sum(dot);
@@ -181,16 +237,26 @@ void build_row_map(int32_t* expert_offsets, int32_t* assignment_row, int32_t* ro
 void scatter_rows(bf16* rows, const bf16* x, const int32_t* row_token, int64_t num_rows, int64_t c,
                   cudaStream_t stream) {
   if (num_rows == 0) return;
-  scatter_rows_kernel<<<static_cast<unsigned>(num_rows), kRowThreads, 0, stream>>>(rows, x,
-                                                                                   row_token, c);
+  const auto blocks = static_cast<unsigned>(num_rows);
+  if (c % kVec == 0 && aligned_to(16, rows, x)) {
+    scatter_rows_kernel<kVec><<<blocks, kRowThreads, 0, stream>>>(rows, x, row_token, c);
+  } else {
+    scatter_rows_kernel<1><<<blocks, kRowThreads, 0, stream>>>(rows, x, row_token, c);
+  }
   MF_CUDA_CHECK_LAUNCH();
 }
 
 void scatter_rows_backward(float* dx, const bf16* drows, const int32_t* assignment_row,
                            int64_t num_tokens, int64_t top_k, int64_t c, cudaStream_t stream) {
   if (num_tokens == 0) return;
-  scatter_rows_backward_kernel<<<static_cast<unsigned>(num_tokens), kRowThreads, 0, stream>>>(
-      dx, drows, assignment_row, top_k, c);
+  const auto blocks = static_cast<unsigned>(num_tokens);
+  if (c % kVec == 0 && aligned_to(16, dx, drows)) {
+    scatter_rows_backward_kernel<kVec>
+        <<<blocks, kRowThreads, 0, stream>>>(dx, drows, assignment_row, top_k, c);
+  } else {
+    scatter_rows_backward_kernel<1>
+        <<<blocks, kRowThreads, 0, stream>>>(dx, drows, assignment_row, top_k, c);
+  }
   MF_CUDA_CHECK_LAUNCH();
 }
 
@@ -198,8 +264,14 @@ void combine_rows(float* out, const float* residual, const bf16* rows, const flo
                   const int32_t* assignment_row, int64_t num_tokens, int64_t top_k, int64_t c,
                   cudaStream_t stream) {
   if (num_tokens == 0) return;
-  combine_rows_kernel<<<static_cast<unsigned>(num_tokens), kRowThreads, 0, stream>>>(
-      out, residual, rows, gates, assignment_row, top_k, c);
+  const auto blocks = static_cast<unsigned>(num_tokens);
+  if (c % kVec == 0 && aligned_to(16, out, residual, rows)) {
+    combine_rows_kernel<kVec>
+        <<<blocks, kRowThreads, 0, stream>>>(out, residual, rows, gates, assignment_row, top_k, c);
+  } else {
+    combine_rows_kernel<1>
+        <<<blocks, kRowThreads, 0, stream>>>(out, residual, rows, gates, assignment_row, top_k, c);
+  }
   MF_CUDA_CHECK_LAUNCH();
 }
 
@@ -207,8 +279,14 @@ void combine_rows_backward(bf16* drows, float* dgates, const float* dout, const 
                            const float* gates, const int32_t* assignment_row, int64_t num_tokens,
                            int64_t top_k, int64_t c, cudaStream_t stream) {
   if (num_tokens == 0) return;
-  combine_rows_backward_kernel<<<static_cast<unsigned>(num_tokens), kRowThreads, 0, stream>>>(
-      drows, dgates, dout, rows, gates, assignment_row, top_k, c);
+  const auto blocks = static_cast<unsigned>(num_tokens);
+  if (c % kVec == 0 && aligned_to(16, drows, dout, rows)) {
+    combine_rows_backward_kernel<kVec><<<blocks, kRowThreads, 0, stream>>>(
+        drows, dgates, dout, rows, gates, assignment_row, top_k, c);
+  } else {
+    combine_rows_backward_kernel<1><<<blocks, kRowThreads, 0, stream>>>(
+        drows, dgates, dout, rows, gates, assignment_row, top_k, c);
+  }
   MF_CUDA_CHECK_LAUNCH();
 }
 

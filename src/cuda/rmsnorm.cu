@@ -1,5 +1,6 @@
-// RMSNorm kernels: one warp per row; the weight gradient by fixed-order partial sums over row
-// chunks (no atomics, so results are reproducible).
+// RMSNorm kernels: one warp per row (4 columns per lane and access where the width allows); the
+// weight gradient by fixed-order partial sums over row chunks (no atomics, so results are
+// reproducible).
 #include "cuda/cuda_check.h"
 #include "cuda/device_memory.h"
 #include "cuda/kernel_util.cuh"
@@ -12,7 +13,26 @@ namespace {
 constexpr int kWarpsPerBlock = 8;
 constexpr int64_t kRowsPerChunk = 256;  // rows per partial sum of dweight
 
-template <typename In>
+// kWidth consecutive columns per lane and access (1, or 4 when c % 4 == 0 and the tensors are
+// aligned); the row's sums run over each lane's columns, then across the warp.
+template <int kWidth, typename T>
+__device__ __forceinline__ void load_cols(float (&f)[kWidth], const T* p) {
+  if constexpr (kWidth == 1) {
+    f[0] = to_float(*p);
+  } else {
+    load_vec(f, p);
+  }
+}
+template <int kWidth, typename T>
+__device__ __forceinline__ void store_cols(T* p, const float (&f)[kWidth]) {
+  if constexpr (kWidth == 1) {
+    *p = from_float<T>(f[0]);
+  } else {
+    store_vec(p, f);
+  }
+}
+
+template <int kWidth, typename In>
 __global__ void rmsnorm_forward_kernel(bf16* out, float* rstd, const In* inp, const float* weight,
                                        int64_t n, int64_t c, float eps) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
@@ -20,20 +40,27 @@ __global__ void rmsnorm_forward_kernel(bf16* out, float* rstd, const In* inp, co
   if (row >= n) return;
   const In* x = inp + row * c;
   float sum_sq = 0.0f;
-  for (int64_t j = lane; j < c; j += kWarpSize) {
-    const float v = to_float(x[j]);
-    sum_sq += v * v;
+  for (int64_t j = lane * kWidth; j < c; j += kWarpSize * kWidth) {
+    float v[kWidth];
+    load_cols<kWidth>(v, x + j);
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) sum_sq += v[i] * v[i];
   }
   sum_sq = warp_sum(sum_sq);
   const float r = rsqrtf(sum_sq / static_cast<float>(c) + eps);
   if (lane == 0) rstd[row] = r;
   bf16* y = out + row * c;
-  for (int64_t j = lane; j < c; j += kWarpSize) {
-    y[j] = __float2bfloat16_rn(to_float(x[j]) * r * weight[j]);
+  for (int64_t j = lane * kWidth; j < c; j += kWarpSize * kWidth) {
+    float v[kWidth], w[kWidth];
+    load_cols<kWidth>(v, x + j);
+    load_cols<kWidth>(w, weight + j);
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) v[i] = v[i] * r * w[i];
+    store_cols<kWidth>(y + j, v);
   }
 }
 
-template <typename In, typename DOut, typename DIn>
+template <int kWidth, typename In, typename DOut, typename DIn>
 __global__ void rmsnorm_backward_kernel(DIn* dinp, const DOut* dout, const In* inp,
                                         const float* weight, const float* rstd, int64_t n,
                                         int64_t c, bool accumulate) {
@@ -44,16 +71,27 @@ __global__ void rmsnorm_backward_kernel(DIn* dinp, const DOut* dout, const In* i
   const DOut* dy = dout + row * c;
   const float r = rstd[row];
   float dot = 0.0f;
-  for (int64_t j = lane; j < c; j += kWarpSize) {
-    dot += to_float(dy[j]) * weight[j] * to_float(x[j]);
+  for (int64_t j = lane * kWidth; j < c; j += kWarpSize * kWidth) {
+    float g[kWidth], w[kWidth], v[kWidth];
+    load_cols<kWidth>(g, dy + j);
+    load_cols<kWidth>(w, weight + j);
+    load_cols<kWidth>(v, x + j);
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) dot += g[i] * w[i] * v[i];
   }
   dot = warp_sum(dot);
   const float coeff = r * r * r * dot / static_cast<float>(c);
   DIn* dx = dinp + row * c;
-  for (int64_t j = lane; j < c; j += kWarpSize) {
-    float v = r * weight[j] * to_float(dy[j]) - coeff * to_float(x[j]);
-    if (accumulate) v += to_float(dx[j]);
-    dx[j] = from_float<DIn>(v);
+  for (int64_t j = lane * kWidth; j < c; j += kWarpSize * kWidth) {
+    float g[kWidth], w[kWidth], v[kWidth], result[kWidth];
+    load_cols<kWidth>(g, dy + j);
+    load_cols<kWidth>(w, weight + j);
+    load_cols<kWidth>(v, x + j);
+    float prior[kWidth] = {};
+    if (accumulate) load_cols<kWidth>(prior, dx + j);
+#pragma unroll
+    for (int i = 0; i < kWidth; ++i) result[i] = r * w[i] * g[i] - coeff * v[i] + prior[i];
+    store_cols<kWidth>(dx + j, result);
   }
 }
 
@@ -79,8 +117,13 @@ void rmsnorm_forward(bf16* out, float* rstd, const In* inp, const float* weight,
                      int64_t c, float eps, cudaStream_t stream) {
   if (n == 0) return;
   const auto blocks = static_cast<unsigned>(ceil_div(n, kWarpsPerBlock));
-  rmsnorm_forward_kernel<<<blocks, kWarpsPerBlock * kWarpSize, 0, stream>>>(out, rstd, inp, weight,
-                                                                            n, c, eps);
+  if (c % 4 == 0 && aligned_to(16, out, inp, weight)) {
+    rmsnorm_forward_kernel<4>
+        <<<blocks, kWarpsPerBlock * kWarpSize, 0, stream>>>(out, rstd, inp, weight, n, c, eps);
+  } else {
+    rmsnorm_forward_kernel<1>
+        <<<blocks, kWarpsPerBlock * kWarpSize, 0, stream>>>(out, rstd, inp, weight, n, c, eps);
+  }
   MF_CUDA_CHECK_LAUNCH();
 }
 
@@ -90,8 +133,13 @@ void rmsnorm_backward(DIn* dinp, float* dweight, const DOut* dout, const In* inp
                       cudaStream_t stream) {
   if (n == 0) return;
   const auto blocks = static_cast<unsigned>(ceil_div(n, kWarpsPerBlock));
-  rmsnorm_backward_kernel<<<blocks, kWarpsPerBlock * kWarpSize, 0, stream>>>(
-      dinp, dout, inp, weight, rstd, n, c, accumulate);
+  if (c % 4 == 0 && aligned_to(16, dinp, dout, inp, weight)) {
+    rmsnorm_backward_kernel<4><<<blocks, kWarpsPerBlock * kWarpSize, 0, stream>>>(
+        dinp, dout, inp, weight, rstd, n, c, accumulate);
+  } else {
+    rmsnorm_backward_kernel<1><<<blocks, kWarpsPerBlock * kWarpSize, 0, stream>>>(
+        dinp, dout, inp, weight, rstd, n, c, accumulate);
+  }
   MF_CUDA_CHECK_LAUNCH();
   const int64_t num_chunks = ceil_div(n, kRowsPerChunk);
   DeviceBuffer<float> partial(static_cast<size_t>(num_chunks * c));

@@ -1,4 +1,5 @@
-// RoPE kernels: one thread per (token, head, pair); the angle table comes from the host.
+// RoPE kernels: one thread per (token, head, pair), or per four consecutive pairs where head_dim
+// allows; the angle table comes from the host.
 #include <cmath>
 
 #include "core/error.h"
@@ -9,23 +10,45 @@
 namespace moeforge::cuda {
 namespace {
 
+// kWidth consecutive pairs per thread (1, or 4 with 8-byte bf16 and 16-byte table accesses).
+template <int kWidth>
 __global__ void rope_kernel(bf16* out, const bf16* inp, const int32_t* positions,
                             const float* cos_table, const float* sin_table, int64_t n,
                             int64_t num_heads, int64_t half, float direction) {
-  const int64_t total = n * num_heads * half;
+  const int64_t groups = half / kWidth;
+  const int64_t total = n * num_heads * groups;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = idx % half;
-    const int64_t token_head = idx / half;
+    const int64_t i = (idx % groups) * kWidth;
+    const int64_t token_head = idx / groups;
     const int64_t token_idx = token_head / num_heads;
     const int64_t base = token_head * 2 * half;
     const int64_t table_idx = static_cast<int64_t>(positions[token_idx]) * half + i;
-    const float c = cos_table[table_idx];
-    const float s = direction * sin_table[table_idx];
-    const float x1 = __bfloat162float(inp[base + i]);
-    const float x2 = __bfloat162float(inp[base + i + half]);
-    out[base + i] = __float2bfloat16_rn(x1 * c - x2 * s);
-    out[base + i + half] = __float2bfloat16_rn(x2 * c + x1 * s);
+    float c[kWidth], s[kWidth], x1[kWidth], x2[kWidth], y1[kWidth], y2[kWidth];
+    if constexpr (kWidth == 1) {
+      c[0] = cos_table[table_idx];
+      s[0] = sin_table[table_idx];
+      x1[0] = __bfloat162float(inp[base + i]);
+      x2[0] = __bfloat162float(inp[base + i + half]);
+    } else {
+      load_vec(c, cos_table + table_idx);
+      load_vec(s, sin_table + table_idx);
+      load_vec(x1, inp + base + i);
+      load_vec(x2, inp + base + i + half);
+    }
+#pragma unroll
+    for (int k = 0; k < kWidth; ++k) {
+      const float sk = direction * s[k];
+      y1[k] = x1[k] * c[k] - x2[k] * sk;
+      y2[k] = x2[k] * c[k] + x1[k] * sk;
+    }
+    if constexpr (kWidth == 1) {
+      out[base + i] = __float2bfloat16_rn(y1[0]);
+      out[base + i + half] = __float2bfloat16_rn(y2[0]);
+    } else {
+      store_vec(out + base + i, y1);
+      store_vec(out + base + i + half, y2);
+    }
   }
 }
 
@@ -34,11 +57,17 @@ void launch_rope(bf16* out, const bf16* inp, const int32_t* positions, const flo
                  float direction, cudaStream_t stream) {
   MF_CHECK(head_dim > 0 && head_dim % 2 == 0, "rope: head_dim must be positive and even, got {}",
            head_dim);
-  const int64_t total = n * num_heads * (head_dim / 2);
+  const int64_t half = head_dim / 2;
+  const int64_t total = n * num_heads * half;
   if (total == 0) return;
   constexpr int kThreads = 256;
-  rope_kernel<<<grid_for(total, kThreads), kThreads, 0, stream>>>(
-      out, inp, positions, cos_table, sin_table, n, num_heads, head_dim / 2, direction);
+  if (half % 4 == 0 && aligned_to(16, out, inp, cos_table, sin_table)) {
+    rope_kernel<4><<<grid_for(total / 4, kThreads), kThreads, 0, stream>>>(
+        out, inp, positions, cos_table, sin_table, n, num_heads, half, direction);
+  } else {
+    rope_kernel<1><<<grid_for(total, kThreads), kThreads, 0, stream>>>(
+        out, inp, positions, cos_table, sin_table, n, num_heads, half, direction);
+  }
   MF_CUDA_CHECK_LAUNCH();
 }
 

@@ -99,12 +99,14 @@ TEST(RmsNormCuda, ForwardFromFloat) {
   check_forward<float>(37, 96, 1);
   check_forward<float>(1, 100, 2);
   check_forward<float>(300, 2048, 3);
+  check_forward<float>(5, 98, 6);  // c % 4 != 0: the one-column-per-lane kernel
 }
 
 TEST(RmsNormCuda, ForwardFromBf16) {
   MF_REQUIRE_GPU();
   check_forward<bf16>(600, 128, 4);
   check_forward<bf16>(37, 64, 5);
+  check_forward<bf16>(9, 30, 7);
 }
 
 // In, DOut and DIn are all T (the two instantiations of the header).
@@ -177,12 +179,14 @@ TEST(RmsNormCuda, BackwardFloatAssignsOrAccumulatesDinp) {
   check_backward<float>(37, 96, true, 11);
   check_backward<float>(1, 100, false, 12);
   check_backward<float>(600, 2048, true, 13);
+  check_backward<float>(5, 98, true, 14);  // c % 4 != 0
 }
 
 TEST(RmsNormCuda, BackwardBf16) {
   MF_REQUIRE_GPU();
   check_backward<bf16>(600, 128, false, 20);
   check_backward<bf16>(37, 64, false, 21);
+  check_backward<bf16>(9, 30, true, 22);
 }
 
 }  // namespace

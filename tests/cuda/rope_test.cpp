@@ -110,10 +110,9 @@ void check_rope(const RopeCase& rc, bool backward, uint64_t seed) {
 }
 
 const RopeCase kCases[] = {
-    {100, 6, 64, 10000.0},
-    {37, 2, 128, 500000.0},
-    {1, 8, 64, 10000.0},
-    {257, 4, 128, 10000.0},
+    {100, 6, 64, 10000.0},  {37, 2, 128, 500000.0}, {1, 8, 64, 10000.0},
+    {257, 4, 128, 10000.0}, {50, 3, 36, 10000.0},  // head_dim / 2 % 4 != 0: one pair per thread
+    {9, 2, 6, 10000.0},
 };
 
 TEST(RopeCuda, ForwardMatchesReference) {

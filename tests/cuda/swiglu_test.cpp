@@ -1,5 +1,6 @@
 // SwiGLU on the GPU against ops/swiglu.h in fp64 on the same bf16 inputs, forward and backward,
-// over counts that are not multiples of any vector width.
+// over counts that are not multiples of the 8-wide vector path (the scalar kernels) and that are
+// (the vector kernels).
 #include "cuda/swiglu.h"
 
 #include <gtest/gtest.h>
@@ -78,12 +79,14 @@ void check_backward(int64_t count, uint64_t seed) {
 
 TEST(SwigluCuda, ForwardMatchesReference) {
   MF_REQUIRE_GPU();
-  for (const int64_t count : {1, 7, 37 * 172, 100003}) check_forward(count, 1 + count);
+  for (const int64_t count : {1, 7, 37 * 172, 100003, 64, 8 * 12345})
+    check_forward(count, 1 + count);
 }
 
 TEST(SwigluCuda, BackwardMatchesReference) {
   MF_REQUIRE_GPU();
-  for (const int64_t count : {1, 7, 37 * 172, 100003}) check_backward(count, 2 + count);
+  for (const int64_t count : {1, 7, 37 * 172, 100003, 64, 8 * 12345})
+    check_backward(count, 2 + count);
 }
 
 }  // namespace
