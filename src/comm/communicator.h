@@ -1,6 +1,7 @@
-// The one interface for all communication between ranks (MPI on CPU, NCCL on GPU later).
+// The one interface for all communication between ranks (MPI on CPU, NCCL on GPU).
 // Single-rank runs use SelfCommunicator, so every layer is written for n ranks and n = 1 is a
-// special case of the same code. Buffers are host pointers for the CPU implementations.
+// special case of the same code. Buffers are host pointers for the CPU implementations (Self,
+// MPI) and device pointers for NcclCommunicator (comm/nccl/nccl_communicator.h).
 #pragma once
 
 #include <cstddef>
@@ -10,8 +11,11 @@
 
 namespace moeforge {
 
-enum class CommDType { kFloat32, kFloat64, kInt32, kInt64, kUInt8 };
+// kBFloat16: 2-byte bfloat16 (the raw bits; no C++ type in this header). Sums of it are done in
+// fp32 and rounded to nearest even by each implementation (see its header for where it rounds).
+enum class CommDType { kFloat32, kFloat64, kInt32, kInt64, kUInt8, kBFloat16 };
 
+// Bytes of one element: 4, 8, 4, 8, 1, 2.
 size_t comm_dtype_size(CommDType dtype);
 
 template <typename T>
@@ -115,6 +119,12 @@ class SelfCommunicator final : public Communicator {
 // The world communicator of this process: MPI's world when built with MPI and launched by mpirun
 // (initialising MPI once), otherwise a SelfCommunicator.
 Communicator& world_communicator();
+
+// An NcclCommunicator (device buffers, GPU collectives) over the ranks of `parent`, a communicator
+// of host buffers such as world_communicator(); collective over parent. Each rank uses its current
+// CUDA device (bind it first, e.g. to local rank % device count). Throws moeforge::Error when this
+// build has no NCCL (MOEFORGE_NCCL=OFF).
+std::unique_ptr<Communicator> make_nccl_communicator(Communicator& parent);
 
 // Ends every rank of the job with exit_code (MPI_Abort when the world is MPI's with more than one
 // rank, so that no rank is left waiting in a collective for one that failed); otherwise exits.

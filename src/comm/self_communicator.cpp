@@ -13,6 +13,7 @@ size_t comm_dtype_size(CommDType dtype) {
     case CommDType::kInt32: return 4;
     case CommDType::kInt64: return 8;
     case CommDType::kUInt8: return 1;
+    case CommDType::kBFloat16: return 2;
   }
   MF_FAIL("unknown CommDType {}", static_cast<int>(dtype));
 }

@@ -1,5 +1,6 @@
 // world_communicator(): MPI's world when built with MPI and started by an MPI launcher (MPI is
-// initialised on first use and finalised at exit), otherwise a SelfCommunicator.
+// initialised on first use and finalised at exit), otherwise a SelfCommunicator; and
+// make_nccl_communicator(), the GPU communicator over a host one when built with NCCL.
 #include <cstdio>
 #include <cstdlib>
 
@@ -8,6 +9,9 @@
 
 #if MOEFORGE_HAVE_MPI
 #include "comm/mpi/mpi_communicator.h"
+#endif
+#if MOEFORGE_HAVE_NCCL
+#include "comm/nccl/nccl_communicator.h"
 #endif
 
 namespace moeforge {
@@ -89,6 +93,17 @@ Communicator& make_world_communicator() {
 Communicator& world_communicator() {
   static Communicator& world = make_world_communicator();
   return world;
+}
+
+std::unique_ptr<Communicator> make_nccl_communicator([[maybe_unused]] Communicator& parent) {
+#if MOEFORGE_HAVE_NCCL
+  return std::make_unique<NcclCommunicator>(parent);
+#else
+  MF_FAIL(
+      "make_nccl_communicator: this moeforge was built without NCCL; rebuild with "
+      "-DMOEFORGE_CUDA=ON -DMOEFORGE_NCCL=ON (NCCL >= 2.18: the CUDA toolkit's, apt's libnccl-dev "
+      "or PyPI's nvidia-nccl-cu13)");
+#endif
 }
 
 void abort_world(int exit_code) {

@@ -17,6 +17,7 @@ TEST(CommDTypeSize, MatchesTheCType) {
   EXPECT_EQ(comm_dtype_size(CommDType::kInt32), sizeof(int32_t));
   EXPECT_EQ(comm_dtype_size(CommDType::kInt64), sizeof(int64_t));
   EXPECT_EQ(comm_dtype_size(CommDType::kUInt8), sizeof(uint8_t));
+  EXPECT_EQ(comm_dtype_size(CommDType::kBFloat16), sizeof(uint16_t));
 }
 
 TEST(SelfCommunicator, IsRankZeroOfOne) {
@@ -80,6 +81,31 @@ TEST(SelfCommunicator, AllToAllVRejectsMismatchedCounts) {
   EXPECT_THROW(comm.all_to_all_v(send.data(), &send_count, &offset, recv.data(), &recv_count,
                                  &offset, CommDType::kFloat32),
                Error);
+}
+
+TEST(SelfCommunicator, BFloat16CollectivesCopyTwoByteElements) {
+  SelfCommunicator comm;
+  // 1.0, a NaN payload, a subnormal, -0: bits must arrive unchanged.
+  const std::vector<uint16_t> send = {0x3F80, 0x7FC1, 0x0001, 0x8000};
+  std::vector<uint16_t> data = send;
+  comm.all_reduce_sum(data.data(), data.size(), CommDType::kBFloat16);
+  EXPECT_EQ(data, send);
+  std::vector<uint16_t> recv(send.size(), 0);
+  comm.all_gather(send.data(), recv.data(), send.size(), CommDType::kBFloat16);
+  EXPECT_EQ(recv, send);
+  recv.assign(send.size(), 0);
+  comm.reduce_scatter_sum(send.data(), recv.data(), send.size(), CommDType::kBFloat16);
+  EXPECT_EQ(recv, send);
+  recv.assign(send.size(), 0);
+  comm.all_to_all(send.data(), recv.data(), send.size(), CommDType::kBFloat16);
+  EXPECT_EQ(recv, send);
+  recv.assign(send.size(), 0);
+  const size_t count = 2;
+  const size_t send_offset = 1;
+  const size_t recv_offset = 2;
+  comm.all_to_all_v(send.data(), &count, &send_offset, recv.data(), &count, &recv_offset,
+                    CommDType::kBFloat16);
+  EXPECT_EQ(recv, (std::vector<uint16_t>{0, 0, 0x7FC1, 0x0001}));
 }
 
 TEST(SelfCommunicator, BroadcastAndBarrierKeepTheData) {

@@ -2,6 +2,9 @@
 #include "comm/mpi/mpi_communicator.h"
 
 #include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
 #include <string_view>
 
 namespace moeforge {
@@ -25,12 +28,25 @@ MPI_Datatype mpi_datatype(CommDType dtype) {
     case CommDType::kInt32: return MPI_INT32_T;
     case CommDType::kInt64: return MPI_INT64_T;
     case CommDType::kUInt8: return MPI_UINT8_T;
+    case CommDType::kBFloat16: return MPI_UINT16_T;  // moved as raw bits, summed by us
   }
   MF_FAIL("unknown CommDType {}", static_cast<int>(dtype));
 }
 
 bool is_floating(CommDType dtype) {
-  return dtype == CommDType::kFloat32 || dtype == CommDType::kFloat64;
+  return dtype == CommDType::kFloat32 || dtype == CommDType::kFloat64 ||
+         dtype == CommDType::kBFloat16;
+}
+
+float bf16_to_float(uint16_t bits) {
+  return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16);
+}
+
+// Round to nearest, ties to even; a NaN stays a (quiet) NaN, overflow becomes infinity.
+uint16_t float_to_bf16(float value) {
+  const uint32_t bits = std::bit_cast<uint32_t>(value);
+  if (std::isnan(value)) return static_cast<uint16_t>((bits >> 16) | 0x0040u);
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
 // MPI 3.1 takes counts and displacements as int; larger values must be refused, not truncated.
@@ -75,9 +91,25 @@ void sum_in_rank_order(const T* contributions, T* out, int num_ranks, size_t cou
   }
 }
 
+// bf16 contributions [num_ranks, count]: each element summed in fp32 in rank order and rounded to
+// bf16 once, so no intermediate sum is rounded to 8 bits.
+void sum_bf16_in_rank_order(const uint16_t* contributions, uint16_t* out, int num_ranks,
+                            size_t count) {
+  for (size_t i = 0; i < count; ++i) {
+    float sum = bf16_to_float(contributions[i]);
+    for (int rank_idx = 1; rank_idx < num_ranks; ++rank_idx) {
+      sum += bf16_to_float(contributions[static_cast<size_t>(rank_idx) * count + i]);
+    }
+    out[i] = float_to_bf16(sum);
+  }
+}
+
 void sum_in_rank_order(const void* contributions, void* out, int num_ranks, size_t count,
                        CommDType dtype) {
-  if (dtype == CommDType::kFloat32) {
+  if (dtype == CommDType::kBFloat16) {
+    sum_bf16_in_rank_order(static_cast<const uint16_t*>(contributions), static_cast<uint16_t*>(out),
+                           num_ranks, count);
+  } else if (dtype == CommDType::kFloat32) {
     sum_in_rank_order(static_cast<const float*>(contributions), static_cast<float*>(out), num_ranks,
                       count);
   } else {

@@ -38,7 +38,9 @@ enum class MpiCommOwnership { kBorrowed, kOwned };
 // MPI's reduction: the contributions are exchanged with all-to-all and each element is summed
 // locally in rank order, ((x_0 + x_1) + x_2) + ... + x_{n-1}. all_reduce_sum then all-gathers the
 // reduced chunks, so every rank holds bit-identical sums that only depend on the inputs and the
-// rank count. Integer sums are exact and use MPI_Allreduce / MPI_Reduce_scatter_block.
+// rank count. kBFloat16 takes the same path (MPI has no bf16 sum): each element is summed in fp32
+// in rank order and rounded to bf16 (nearest even) once. Integer sums are exact and use
+// MPI_Allreduce / MPI_Reduce_scatter_block.
 //
 // Counts: MPI 3.1 counts and displacements are int. all_reduce_sum and broadcast split larger
 // buffers into calls of at most max_count_per_call elements; the other collectives throw when a

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <bit>
 #include <chrono>
 #include <climits>
 #include <cmath>
@@ -16,6 +17,7 @@
 
 #include "comm/communicator.h"
 #include "comm/mpi/mpi_communicator.h"
+#include "comm/rank_failure_listener.h"
 #include "core/error.h"
 
 namespace moeforge {
@@ -183,6 +185,90 @@ TEST(MpiCommunicator, AllReduceSumIntegersSplitIntoSmallCalls) {
     EXPECT_EQ(data[i], 1000 * num_ranks * (num_ranks - 1) / 2 + num_ranks * static_cast<int64_t>(i))
         << i;
   }
+}
+
+uint16_t bf16_bits(float value) {
+  const uint32_t bits = std::bit_cast<uint32_t>(value);
+  EXPECT_EQ(bits & 0xFFFFu, 0u) << value << " is not a bf16 value";
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+float bf16_value(uint16_t bits) {
+  return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16);
+}
+
+TEST(MpiCommunicator, AllReduceSumBFloat16SumsInFp32AndRoundsOnce) {
+  const int num_ranks = world().size();
+  const int rank_idx = world().rank();
+  const uint16_t kBf16Max = 0x7F7F;  // 3.39e38: two of them overflow fp32
+  std::vector<uint16_t> data = {
+      bf16_bits(static_cast<float>(rank_idx + 1)),
+      bf16_bits(rank_idx == 0 ? 1.0f : 0x1.0p-8f),  // each 2^-8 alone would round away
+      bf16_bits(-0.5f * static_cast<float>(rank_idx + 1)),
+      rank_idx == 0 ? uint16_t{0x7FC0} : bf16_bits(1.0f),  // NaN
+      kBf16Max,
+  };
+  world().all_reduce_sum(data.data(), data.size(), CommDType::kBFloat16);
+
+  const double rank_count_sum = num_ranks * (num_ranks + 1) / 2.0;
+  EXPECT_EQ(bf16_value(data[0]), rank_count_sum);
+  // 1 + (n-1) 2^-8 rounded once to bf16's 2^-7 spacing in [1, 2), ties to even: n = 2 gives 1,
+  // n = 4 gives 1 + 2^-6; adding 2^-8 to 1 and rounding at each step would always give 1.
+  const double exact = 1.0 + (num_ranks - 1) * 0x1.0p-8;
+  EXPECT_EQ(bf16_value(data[1]), std::nearbyint(exact * 128.0) / 128.0) << "n = " << num_ranks;
+  EXPECT_EQ(bf16_value(data[2]), -0.5 * rank_count_sum);
+  EXPECT_TRUE(std::isnan(bf16_value(data[3])));
+  EXPECT_EQ(data[4], num_ranks == 1 ? kBf16Max : uint16_t{0x7F80});  // +infinity
+}
+
+TEST(MpiCommunicator, ReduceScatterSumBFloat16) {
+  const int num_ranks = world().size();
+  const size_t count = 3;
+  std::vector<uint16_t> send(count * num_ranks);
+  for (int dst_idx = 0; dst_idx < num_ranks; ++dst_idx) {
+    for (size_t i = 0; i < count; ++i) {
+      send[dst_idx * count + i] = bf16_bits(static_cast<float>(world().rank() + dst_idx + i));
+    }
+  }
+  std::vector<uint16_t> recv(count, 0xFFFF);
+  world().reduce_scatter_sum(send.data(), recv.data(), count, CommDType::kBFloat16);
+  const int rank_sum = num_ranks * (num_ranks - 1) / 2;
+  for (size_t i = 0; i < count; ++i) {
+    EXPECT_EQ(bf16_value(recv[i]), rank_sum + num_ranks * (world().rank() + static_cast<int>(i)))
+        << i;
+  }
+}
+
+TEST(MpiCommunicator, BFloat16MovesTwoByteElementsBitForBit) {
+  const int num_ranks = world().size();
+  const int rank_idx = world().rank();
+  // NaN payloads, subnormals and negative zero or subnormals must arrive unchanged.
+  const auto pattern = [](int src_idx, int slot) {
+    const uint16_t specials[] = {0x7FC1, 0x0001, 0x8000};
+    return static_cast<uint16_t>(specials[slot % 3] + 0x10 * src_idx);
+  };
+  std::vector<uint16_t> send = {pattern(rank_idx, 0), pattern(rank_idx, 1)};
+  std::vector<uint16_t> gathered(2 * num_ranks, 0);
+  world().all_gather(send.data(), gathered.data(), 2, CommDType::kBFloat16);
+  for (int src_idx = 0; src_idx < num_ranks; ++src_idx) {
+    EXPECT_EQ(gathered[2 * src_idx], pattern(src_idx, 0));
+    EXPECT_EQ(gathered[2 * src_idx + 1], pattern(src_idx, 1));
+  }
+
+  std::vector<uint16_t> to_peers(num_ranks);
+  std::vector<uint16_t> from_peers(num_ranks, 0);
+  for (int dst_idx = 0; dst_idx < num_ranks; ++dst_idx)
+    to_peers[dst_idx] = pattern(rank_idx, dst_idx);
+  world().all_to_all(to_peers.data(), from_peers.data(), 1, CommDType::kBFloat16);
+  for (int src_idx = 0; src_idx < num_ranks; ++src_idx) {
+    EXPECT_EQ(from_peers[src_idx], pattern(src_idx, rank_idx));
+  }
+
+  const int root = num_ranks - 1;
+  std::vector<uint16_t> data(3, 0);
+  if (rank_idx == root) data = {pattern(root, 0), pattern(root, 1), pattern(root, 2)};
+  world().broadcast(data.data(), data.size(), CommDType::kBFloat16, root);
+  EXPECT_EQ(data, (std::vector<uint16_t>{pattern(root, 0), pattern(root, 1), pattern(root, 2)}));
 }
 
 TEST(MpiCommunicator, AllGatherConcatenatesInRankOrder) {
@@ -475,31 +561,6 @@ TEST(MfMpiCheck, ErrorNamesTheCallAndCarriesMpisMessage) {
   EXPECT_NE(message.find("mpi_communicator_mpitest.cpp"), std::string::npos) << message;
 }
 
-// Reports failures of ranks other than 0 (whose output the default printer shows) and aborts the
-// whole job on a fatal failure, since that rank skipped collectives the others are waiting in.
-class MpiFailureListener : public ::testing::EmptyTestEventListener {
- public:
-  explicit MpiFailureListener(int rank_idx) : rank_idx_(rank_idx) {}
-
-  void OnTestPartResult(const ::testing::TestPartResult& result) override {
-    if (!result.failed()) return;
-    if (rank_idx_ != 0) {
-      std::fprintf(stderr, "[rank %d] %s:%d: failure\n%s\n", rank_idx_,
-                   result.file_name() ? result.file_name() : "?", result.line_number(),
-                   result.message());
-    }
-    if (result.fatally_failed()) {
-      std::fprintf(stderr, "[rank %d] fatal failure: aborting all ranks\n", rank_idx_);
-      std::fflush(stdout);
-      std::fflush(stderr);
-      MPI_Abort(MPI_COMM_WORLD, 1);
-    }
-  }
-
- private:
-  int rank_idx_;
-};
-
 }  // namespace
 }  // namespace moeforge
 
@@ -511,8 +572,6 @@ int main(int argc, char** argv) {
                  argv[0]);
     return 1;
   }
-  ::testing::TestEventListeners& listeners = ::testing::UnitTest::GetInstance()->listeners();
-  if (world.rank() != 0) delete listeners.Release(listeners.default_result_printer());
-  listeners.Append(new moeforge::MpiFailureListener(world.rank()));
+  moeforge::install_rank_failure_listener(world.rank());
   return RUN_ALL_TESTS();
 }
