@@ -32,9 +32,10 @@ int64_t head_chunk_rows(int64_t n, int64_t vocab) {
 
 // What the forward of one layer saves for its backward.
 struct GpuTransformer::Layer {
-  // ln1, ln2, rows and h_act live in the buffers below (kNone) or in shared scratch
-  // (kSelective); these point at whichever holds them.
-  bf16 *ln1_ptr = nullptr, *ln2_ptr = nullptr, *rows_ptr = nullptr, *h_act_ptr = nullptr;
+  // ln1, ln2 and h_act live in the buffers below (kNone) or in shared scratch (kSelective); these
+  // point at whichever holds them. The expert-sorted copy of ln2 is never kept: it lives in
+  // Scratch::rows, and the backward gathers it again (a copy, no arithmetic).
+  bf16 *ln1_ptr = nullptr, *ln2_ptr = nullptr, *h_act_ptr = nullptr;
   DeviceBuffer<float> x_in;            // [n, h] residual stream entering the layer
   DeviceBuffer<bf16> ln1;              // [n, h]
   DeviceBuffer<float> rstd1;           // [n]
@@ -54,14 +55,14 @@ struct GpuTransformer::Layer {
   DeviceBuffer<int32_t> expert_offsets;             // [E + 1]
   PinnedHostBuffer<int32_t> host_offsets;           // [E + 1], copied without blocking
   DeviceBuffer<int32_t> assignment_row, row_token;  // [n * k]
-  DeviceBuffer<bf16> rows;                          // [n * k, h]
   DeviceBuffer<bf16> h_gate, h_up, h_act;           // [n * k, f] (dense: [n, ffn])
   DeviceBuffer<bf16> y_rows;                        // [n * k, h]
 };
 
 // Buffers reused across layers and steps.
 struct GpuTransformer::Scratch {
-  DeviceBuffer<bf16> ln1, ln2, rows, h_act;  // kSelective: shared by all layers
+  DeviceBuffer<bf16> ln1, ln2, h_act;  // kSelective: shared by all layers
+  DeviceBuffer<bf16> rows;             // [n * k, h] the MoE layer's input in expert order
   DeviceBuffer<int32_t> tokens, targets, positions;
   DeviceBuffer<int32_t> group_ids, group_offsets, group_positions;
   int64_t num_groups = 0;
@@ -77,10 +78,16 @@ struct GpuTransformer::Scratch {
   DeviceBuffer<float> dres, dln;           // [n, h]
   DeviceBuffer<bf16> dres_bf16;            // [n, h]
   DeviceBuffer<bf16> datt, dq, dk, dv, dq_lin, dk_lin;
-  DeviceBuffer<bf16> drows, drows_in;         // [n * k, h]
-  DeviceBuffer<float> dgates;                 // [n, k]
-  DeviceBuffer<bf16> dh_gate, dh_up, dh_act;  // [n * k, f]
-  DeviceBuffer<bf16> drouter;                 // [n, E]
+  // [n, q_dim + 2 kv_dim]: the packed q/k/v projection (forward) and its gradient (backward) of
+  // layers whose projections run as one GEMM (packed_qkv).
+  DeviceBuffer<bf16> qkv;
+  // [n * k, h]: the gradient of the expert outputs, then (reused) of the expert inputs
+  DeviceBuffer<bf16> drows;
+  DeviceBuffer<float> dgates;  // [n, k]
+  // [n * k, f]: dh_gate holds the gradient of the SwiGLU output first; swiglu_backward replaces it
+  // in place by the gradient of the gate projection.
+  DeviceBuffer<bf16> dh_gate, dh_up;
+  DeviceBuffer<bf16> drouter;  // [n, E]
 };
 
 namespace {
@@ -224,7 +231,6 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
       a.host_offsets.resize(num_experts + 1);
       a.assignment_row.resize(n * k);
       a.row_token.resize(n * k);
-      a.rows.resize(keep ? n * k * h : 0);
       a.h_gate.resize(n * k * f);
       a.h_up.resize(n * k * f);
       a.h_act.resize(keep ? n * k * f : 0);
@@ -241,14 +247,13 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
   if (recompute_ == Recompute::kSelective) {
     scratch_->ln1.resize(n * h);
     scratch_->ln2.resize(n * h);
-    scratch_->rows.resize(max_rows * h);
     scratch_->h_act.resize(max_ffn);
   }
+  scratch_->rows.resize(config_.is_moe() ? max_rows * h : 0);
   for (Layer& a : layers_) {
     const bool keep = recompute_ == Recompute::kNone;
     a.ln1_ptr = keep ? a.ln1.data() : scratch_->ln1.data();
     a.ln2_ptr = keep ? a.ln2.data() : scratch_->ln2.data();
-    a.rows_ptr = keep ? a.rows.data() : scratch_->rows.data();
     a.h_act_ptr = keep ? a.h_act.data() : scratch_->h_act.data();
   }
   Scratch& s = *scratch_;
@@ -278,15 +283,14 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
   s.dq.resize(n * qd);
   s.dk.resize(n * kvd);
   s.dv.resize(n * kvd);
+  s.qkv.resize(config_.qk_norm ? 0 : n * (qd + 2 * kvd));
   if (config_.qk_norm) {
     s.dq_lin.resize(n * qd);
     s.dk_lin.resize(n * kvd);
   }
   s.drows.resize(max_rows * h);
-  s.drows_in.resize(max_rows * h);
   s.dh_gate.resize(max_ffn);
   s.dh_up.resize(max_ffn);
-  s.dh_act.resize(max_ffn);
 }
 
 void GpuTransformer::attention_forward(int64_t l, int64_t batch, int64_t seq) {
@@ -297,6 +301,55 @@ void GpuTransformer::attention_forward(int64_t l, int64_t batch, int64_t seq) {
   const int64_t d = config_.head_dim;
   const auto eps = static_cast<float>(config_.rms_norm_eps);
   rmsnorm_forward(a.ln1_ptr, a.rstd1.data(), a.x_in.data(), w(o.input_norm), n, h, eps, stream_);
+  if (packed_qkv(o)) {
+    // One GEMM into packed rows [q | k | v], then RoPE from them into q and k, and a copy of v.
+    const int64_t width = qd + 2 * kvd;
+    bf16* qkv = s.qkv.data();
+    blas_.linear_forward(qkv, OutType::kBf16, a.ln1_ptr, wb(o.q_proj), w(o.q_bias), n, h, width,
+                         false, stream_);
+    rope_forward_strided(a.q.data(), qd, qkv, width, s.positions.data(), rope_cos_.data(),
+                         rope_sin_.data(), n, config_.num_heads, d, stream_);
+    rope_forward_strided(a.k.data(), kvd, qkv + qd, width, s.positions.data(), rope_cos_.data(),
+                         rope_sin_.data(), n, config_.num_kv_heads, d, stream_);
+    copy_rows(a.v.data(), kvd, qkv + qd + kvd, width, n, kvd);
+  } else {
+    attention_projections_unpacked(l);
+  }
+  attention_.forward(a.att.data(), a.lse.data(), a.q.data(), a.k.data(), a.v.data(),
+                     AttentionShape{batch, seq, config_.num_heads, config_.num_kv_heads, d},
+                     stream_);
+  // x_mid = x_in + att W_o^T: the GEMM accumulates onto a copy of the residual.
+  MF_CUDA_CHECK(cudaMemcpyAsync(a.x_mid.data(), a.x_in.data(), a.x_in.bytes(),
+                                cudaMemcpyDeviceToDevice, stream_));
+  blas_.linear_forward(a.x_mid.data(), OutType::kFloat, a.att.data(), wb(o.o_proj), nullptr, n, qd,
+                       h, true, stream_);
+  rmsnorm_forward(a.ln2_ptr, a.rstd2.data(), a.x_mid.data(), w(o.post_attention_norm), n, h, eps,
+                  stream_);
+}
+
+bool GpuTransformer::packed_qkv(const LayerOffsets& o) const {
+  const int64_t qd = config_.q_dim(), kvd = config_.kv_dim(), h = config_.hidden_size;
+  const bool weights_adjacent = o.k_proj == o.q_proj + qd * h && o.v_proj == o.k_proj + kvd * h;
+  const bool biases_adjacent =
+      !config_.attention_bias || (o.k_bias == o.q_bias + qd && o.v_bias == o.k_bias + kvd);
+  return !config_.qk_norm && weights_adjacent && biases_adjacent;
+}
+
+void GpuTransformer::copy_rows(bf16* dst, int64_t dst_stride, const bf16* src, int64_t src_stride,
+                               int64_t rows, int64_t cols) {
+  MF_CUDA_CHECK(cudaMemcpy2DAsync(dst, static_cast<size_t>(dst_stride) * sizeof(bf16), src,
+                                  static_cast<size_t>(src_stride) * sizeof(bf16),
+                                  static_cast<size_t>(cols) * sizeof(bf16),
+                                  static_cast<size_t>(rows), cudaMemcpyDeviceToDevice, stream_));
+}
+
+void GpuTransformer::attention_projections_unpacked(int64_t l) {
+  const LayerOffsets& o = layout_.layer(l);
+  Layer& a = layers_[static_cast<size_t>(l)];
+  Scratch& s = *scratch_;
+  const int64_t n = n_, h = config_.hidden_size, qd = config_.q_dim(), kvd = config_.kv_dim();
+  const int64_t d = config_.head_dim;
+  const auto eps = static_cast<float>(config_.rms_norm_eps);
   bf16* q_pre = config_.qk_norm ? a.q_lin.data() : a.q.data();
   bf16* k_pre = config_.qk_norm ? a.k_lin.data() : a.k.data();
   blas_.linear_forward(q_pre, OutType::kBf16, a.ln1_ptr, wb(o.q_proj), w(o.q_bias), n, h, qd, false,
@@ -315,16 +368,6 @@ void GpuTransformer::attention_forward(int64_t l, int64_t batch, int64_t seq) {
                config_.num_heads, d, stream_);
   rope_forward(a.k.data(), a.k.data(), s.positions.data(), rope_cos_.data(), rope_sin_.data(), n,
                config_.num_kv_heads, d, stream_);
-  attention_.forward(a.att.data(), a.lse.data(), a.q.data(), a.k.data(), a.v.data(),
-                     AttentionShape{batch, seq, config_.num_heads, config_.num_kv_heads, d},
-                     stream_);
-  // x_mid = x_in + att W_o^T: the GEMM accumulates onto a copy of the residual.
-  MF_CUDA_CHECK(cudaMemcpyAsync(a.x_mid.data(), a.x_in.data(), a.x_in.bytes(),
-                                cudaMemcpyDeviceToDevice, stream_));
-  blas_.linear_forward(a.x_mid.data(), OutType::kFloat, a.att.data(), wb(o.o_proj), nullptr, n, qd,
-                       h, true, stream_);
-  rmsnorm_forward(a.ln2_ptr, a.rstd2.data(), a.x_mid.data(), w(o.post_attention_norm), n, h, eps,
-                  stream_);
 }
 
 void GpuTransformer::moe_forward(int64_t l) {
@@ -341,11 +384,12 @@ void GpuTransformer::moe_forward(int64_t l) {
                 a.expert_idx.data(), n, k, num_experts, stream_);
   MF_CUDA_CHECK(cudaMemcpyAsync(a.host_offsets.data(), a.expert_offsets.data(),
                                 a.expert_offsets.bytes(), cudaMemcpyDeviceToHost, stream_));
-  scatter_rows(a.rows_ptr, a.ln2_ptr, a.row_token.data(), n * k, h, stream_);
+  bf16* rows = scratch_->rows.data();
+  scatter_rows(rows, a.ln2_ptr, a.row_token.data(), n * k, h, stream_);
   // Per-expert cuBLASLt calls need the row ranges on the host: one synchronisation per MoE layer.
   if (!grouped_experts_) MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  expert_forward(a.h_gate.data(), a.rows_ptr, wb(o.experts_gate), h, f, a);
-  expert_forward(a.h_up.data(), a.rows_ptr, wb(o.experts_up), h, f, a);
+  expert_forward(a.h_gate.data(), rows, wb(o.experts_gate), h, f, a);
+  expert_forward(a.h_up.data(), rows, wb(o.experts_up), h, f, a);
   swiglu_forward(a.h_act_ptr, a.h_gate.data(), a.h_up.data(), n * k * f, stream_);
   expert_forward(a.y_rows.data(), a.h_act_ptr, wb(o.experts_down), f, h, a);
 }
@@ -429,15 +473,10 @@ void GpuTransformer::recompute_ffn_inputs(int64_t l) {
   const int64_t n = n_, h = config_.hidden_size;
   rmsnorm_forward(a.ln2_ptr, a.rstd2.data(), a.x_mid.data(), w(o.post_attention_norm), n, h,
                   static_cast<float>(config_.rms_norm_eps), stream_);
-  if (config_.layer_is_moe(l)) {
-    const int64_t rows = n * config_.num_experts_per_tok;
-    scatter_rows(a.rows_ptr, a.ln2_ptr, a.row_token.data(), rows, h, stream_);
-    swiglu_forward(a.h_act_ptr, a.h_gate.data(), a.h_up.data(),
-                   rows * config_.moe_intermediate_size, stream_);
-  } else {
-    swiglu_forward(a.h_act_ptr, a.h_gate.data(), a.h_up.data(), n * config_.intermediate_size,
-                   stream_);
-  }
+  const int64_t count = config_.layer_is_moe(l)
+                            ? n * config_.num_experts_per_tok * config_.moe_intermediate_size
+                            : n * config_.intermediate_size;
+  swiglu_forward(a.h_act_ptr, a.h_gate.data(), a.h_up.data(), count, stream_);
 }
 
 void GpuTransformer::recompute_attention_inputs(int64_t l) {
@@ -454,15 +493,18 @@ void GpuTransformer::moe_backward(int64_t l, float d_aux, float d_z) {
   const int64_t num_experts = config_.num_experts, k = config_.num_experts_per_tok;
   combine_rows_backward(s.drows.data(), s.dgates.data(), s.dres.data(), a.y_rows.data(),
                         a.gates.data(), a.assignment_row.data(), n, k, h, stream_);
-  expert_backward_input(s.dh_act.data(), s.drows.data(), wb(o.experts_down), f, h, false, a);
+  expert_backward_input(s.dh_gate.data(), s.drows.data(), wb(o.experts_down), f, h, false, a);
   expert_backward_weight(g(o.experts_down), s.drows.data(), a.h_act_ptr, f, h, a);
-  swiglu_backward(s.dh_gate.data(), s.dh_up.data(), s.dh_act.data(), a.h_gate.data(), a.h_up.data(),
-                  n * k * f, stream_);
-  expert_backward_input(s.drows_in.data(), s.dh_gate.data(), wb(o.experts_gate), h, f, false, a);
-  expert_backward_input(s.drows_in.data(), s.dh_up.data(), wb(o.experts_up), h, f, true, a);
-  expert_backward_weight(g(o.experts_gate), s.dh_gate.data(), a.rows_ptr, h, f, a);
-  expert_backward_weight(g(o.experts_up), s.dh_up.data(), a.rows_ptr, h, f, a);
-  scatter_rows_backward(s.dln.data(), s.drows_in.data(), a.assignment_row.data(), n, k, h, stream_);
+  swiglu_backward(s.dh_gate.data(), s.dh_up.data(), s.dh_gate.data(), a.h_gate.data(),
+                  a.h_up.data(), n * k * f, stream_);
+  // drows is free again: it takes the gradient of the expert inputs.
+  expert_backward_input(s.drows.data(), s.dh_gate.data(), wb(o.experts_gate), h, f, false, a);
+  expert_backward_input(s.drows.data(), s.dh_up.data(), wb(o.experts_up), h, f, true, a);
+  bf16* rows = s.rows.data();
+  scatter_rows(rows, a.ln2_ptr, a.row_token.data(), n * k, h, stream_);
+  expert_backward_weight(g(o.experts_gate), s.dh_gate.data(), rows, h, f, a);
+  expert_backward_weight(g(o.experts_up), s.dh_up.data(), rows, h, f, a);
+  scatter_rows_backward(s.dln.data(), s.drows.data(), a.assignment_row.data(), n, k, h, stream_);
   router_backward(s.drouter.data(), s.dgates.data(), a.router_logits.data(), a.probs.data(),
                   a.expert_idx.data(), a.expert_counts.data(), d_aux, d_z,
                   RouterShape{n, num_experts, k, config_.norm_topk_prob}, stream_);
@@ -478,11 +520,11 @@ void GpuTransformer::dense_ffn_backward(int64_t l) {
   Scratch& s = *scratch_;
   const int64_t n = n_, h = config_.hidden_size, ffn = config_.intermediate_size;
   cast_to_bf16(s.dres_bf16.data(), s.dres.data(), n * h, stream_);
-  blas_.linear_backward_input(s.dh_act.data(), OutType::kBf16, s.dres_bf16.data(), wb(o.mlp_down),
+  blas_.linear_backward_input(s.dh_gate.data(), OutType::kBf16, s.dres_bf16.data(), wb(o.mlp_down),
                               n, ffn, h, false, stream_);
   blas_.linear_backward_weight(g(o.mlp_down), s.dres_bf16.data(), a.h_act_ptr, n, ffn, h, stream_);
-  swiglu_backward(s.dh_gate.data(), s.dh_up.data(), s.dh_act.data(), a.h_gate.data(), a.h_up.data(),
-                  n * ffn, stream_);
+  swiglu_backward(s.dh_gate.data(), s.dh_up.data(), s.dh_gate.data(), a.h_gate.data(),
+                  a.h_up.data(), n * ffn, stream_);
   blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.dh_gate.data(), wb(o.mlp_gate), n, h,
                               ffn, false, stream_);
   blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.dh_up.data(), wb(o.mlp_up), n, h,
@@ -505,6 +547,32 @@ void GpuTransformer::attention_backward(int64_t l, int64_t batch, int64_t seq) {
                       a.v.data(), a.att.data(), a.lse.data(),
                       AttentionShape{batch, seq, config_.num_heads, config_.num_kv_heads, d},
                       stream_);
+  if (packed_qkv(o)) {
+    // The gradient of the packed projection [dq | dk | dv], then one GEMM each for dx and dW.
+    const int64_t width = qd + 2 * kvd;
+    bf16* dqkv = s.qkv.data();
+    rope_backward_strided(dqkv, width, s.dq.data(), qd, s.positions.data(), rope_cos_.data(),
+                          rope_sin_.data(), n, config_.num_heads, d, stream_);
+    rope_backward_strided(dqkv + qd, width, s.dk.data(), kvd, s.positions.data(), rope_cos_.data(),
+                          rope_sin_.data(), n, config_.num_kv_heads, d, stream_);
+    copy_rows(dqkv + qd + kvd, width, s.dv.data(), kvd, n, kvd);
+    if (config_.attention_bias) column_sum_accumulate(g(o.q_bias), dqkv, n, width, stream_);
+    blas_.linear_backward_input(s.dln.data(), OutType::kFloat, dqkv, wb(o.q_proj), n, h, width,
+                                false, stream_);
+    blas_.linear_backward_weight(g(o.q_proj), dqkv, a.ln1_ptr, n, h, width, stream_);
+  } else {
+    attention_projections_backward_unpacked(l);
+  }
+  rmsnorm_backward(s.dres.data(), g(o.input_norm), s.dln.data(), a.x_in.data(), w(o.input_norm),
+                   a.rstd1.data(), n, h, true, stream_);
+}
+
+void GpuTransformer::attention_projections_backward_unpacked(int64_t l) {
+  const LayerOffsets& o = layout_.layer(l);
+  Layer& a = layers_[static_cast<size_t>(l)];
+  Scratch& s = *scratch_;
+  const int64_t n = n_, h = config_.hidden_size, qd = config_.q_dim(), kvd = config_.kv_dim();
+  const int64_t d = config_.head_dim;
   rope_backward(s.dq.data(), s.dq.data(), s.positions.data(), rope_cos_.data(), rope_sin_.data(), n,
                 config_.num_heads, d, stream_);
   rope_backward(s.dk.data(), s.dk.data(), s.positions.data(), rope_cos_.data(), rope_sin_.data(), n,
@@ -533,8 +601,6 @@ void GpuTransformer::attention_backward(int64_t l, int64_t batch, int64_t seq) {
   blas_.linear_backward_weight(g(o.q_proj), dq, a.ln1_ptr, n, h, qd, stream_);
   blas_.linear_backward_weight(g(o.k_proj), dk, a.ln1_ptr, n, h, kvd, stream_);
   blas_.linear_backward_weight(g(o.v_proj), s.dv.data(), a.ln1_ptr, n, h, kvd, stream_);
-  rmsnorm_backward(s.dres.data(), g(o.input_norm), s.dln.data(), a.x_in.data(), w(o.input_norm),
-                   a.rstd1.data(), n, h, true, stream_);
 }
 
 LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int32_t* targets,

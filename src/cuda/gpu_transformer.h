@@ -4,10 +4,12 @@
 // cross-entropy run in chunks of rows, and their backward runs inside the forward when a
 // gradient is requested, so no [tokens, vocab] fp32 tensor is ever materialised.
 //
-// Activation recompute (MegaScale-MoE section 2): kNone keeps every activation the backward reads;
-// kSelective keeps one shared buffer for the normed inputs (ln1, ln2 and the expert-sorted rows)
-// and the SwiGLU output, and recomputes them layer by layer in the backward from what is saved
-// (the residual stream, rstd, the gate and up projections).
+// Activation recompute (MegaScale-MoE section 2): kNone keeps every activation the backward reads
+// but one: the expert-sorted copy of an MoE layer's input, which the backward gathers again from
+// ln2 (a copy, no arithmetic; 128 MiB per layer at the bench config). kSelective keeps one shared
+// buffer for the normed inputs (ln1, ln2) and the SwiGLU output, and recomputes them layer by
+// layer in the backward from what is saved (the residual stream, rstd, the gate and up
+// projections).
 //
 // Supported now: every architecture of model_config.h on one rank with dropless MoE layers; the
 // shared expert of Qwen2-MoE and capacity-based token dropping are rejected with an error.
@@ -93,6 +95,15 @@ class GpuTransformer {
   void upload_flat(DeviceBuffer<float>& dst, const std::vector<float>& host, const char* what);
   void attention_forward(int64_t l, int64_t batch, int64_t seq);
   void attention_backward(int64_t l, int64_t batch, int64_t seq);
+  // Whether a layer's q/k/v projections run as one GEMM over the packed weight [q; k; v]: their
+  // weights (and biases) are adjacent in the layout, and no q/k norm sits between the projection
+  // and RoPE. Otherwise the three projections run separately (the *_unpacked functions).
+  bool packed_qkv(const LayerOffsets& o) const;
+  void attention_projections_unpacked(int64_t l);
+  void attention_projections_backward_unpacked(int64_t l);
+  // rows x cols bf16 from src (row stride src_stride) to dst (row stride dst_stride), on stream_.
+  void copy_rows(bf16* dst, int64_t dst_stride, const bf16* src, int64_t src_stride, int64_t rows,
+                 int64_t cols);
   void moe_forward(int64_t l);
   void moe_backward(int64_t l, float d_aux, float d_z);
   // One projection of all experts of a layer (weights [E, out, in], rows grouped by the layer's

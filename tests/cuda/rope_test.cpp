@@ -1,9 +1,11 @@
 // RoPE on the GPU: the host angle table against its formula in double (no GPU needed), and
-// rope_forward / rope_backward against ops/rope.h in fp64, out of place and in place.
+// rope_forward / rope_backward against ops/rope.h in fp64, out of place, in place and over packed
+// (strided) rows, where the bytes between the heads must stay untouched.
 #include "cuda/rope.h"
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -107,6 +109,32 @@ void check_rope(const RopeCase& rc, bool backward, uint64_t seed) {
   expect_close("out", download_double(out), out_ref,
                testing::bf16_bound(out_ref, rotation_noise(inp_d, rc)));
   expect_equal("in place vs out of place", in_place.download(), out.download());
+
+  // Strided: the heads as one part of packed rows (stride with and without the 4-element
+  // alignment of the vector kernel), read from and written to packed buffers; the same values.
+  const int64_t row = rc.num_heads * rc.head_dim;
+  for (const int64_t pad : {int64_t{8}, int64_t{6}}) {
+    SCOPED_TRACE("packed rows, pad " + std::to_string(pad));
+    const int64_t stride = row + pad;
+    std::vector<bf16> packed =
+        to_bf16(std::vector<float>(static_cast<size_t>(rc.n * stride), 7.0f));
+    for (int64_t t = 0; t < rc.n; ++t) {
+      std::copy(inp.begin() + t * row, inp.begin() + (t + 1) * row,
+                packed.begin() + t * stride + pad);
+    }
+    DeviceBuffer<bf16> packed_in = to_device(packed), packed_out = to_device(packed);
+    const auto rope_strided = backward ? rope_backward_strided : rope_forward_strided;
+    rope_strided(packed_out.data() + pad, stride, packed_in.data() + pad, stride,
+                 positions_dev.data(), cos_dev.data(), sin_dev.data(), rc.n, rc.num_heads,
+                 rc.head_dim, nullptr);
+    std::vector<bf16> want = packed;
+    const std::vector<bf16> contiguous = out.download();
+    for (int64_t t = 0; t < rc.n; ++t) {
+      std::copy(contiguous.begin() + t * row, contiguous.begin() + (t + 1) * row,
+                want.begin() + t * stride + pad);
+    }
+    expect_equal("strided", packed_out.download(), want);
+  }
 }
 
 const RopeCase kCases[] = {

@@ -75,6 +75,13 @@ void check_backward(int64_t count, uint64_t seed) {
   }
   expect_close("dgate", download_double(dgate), dgate_ref, bf16_bound(dgate_ref, dgate_noise));
   expect_close("dup", download_double(dup), dup_ref, bf16_bound(dup_ref, dup_noise));
+
+  // In place (dgate is dout, as the training step runs it): the same values exactly.
+  DeviceBuffer<bf16> in_place = to_device(dout), dup_in_place(count);
+  swiglu_backward(in_place.data(), dup_in_place.data(), in_place.data(), gate_dev.data(),
+                  up_dev.data(), count, nullptr);
+  testing::expect_equal("dgate in place", in_place.download(), dgate.download());
+  testing::expect_equal("dup in place", dup_in_place.download(), dup.download());
 }
 
 TEST(SwigluCuda, ForwardMatchesReference) {
