@@ -24,8 +24,10 @@ void register_train_command(CLI::App& app) {
       "train",
       "Train a model. Under `mpirun -np N` the ranks are data-parallel (global batch = N x "
       "grad_accum_steps x micro_batch_size sequences); with parallel.expert_parallel n, groups of "
-      "n ranks split each sequence and the experts and the N / n groups are data-parallel (global "
-      "batch N / n x ...). With --device cuda each rank uses GPU local rank % GPUs of its host.");
+      "n ranks split each sequence and the experts (parallel.layout sp_ep, the default) or the "
+      "attention heads and FFN columns (tp: Megatron-LM's tensor parallelism) and the N / n "
+      "groups are data-parallel (global batch N / n x ...). With --device cuda each rank uses GPU "
+      "local rank % GPUs of its host.");
   cmd->add_option("--config", opts->config, "Training config (JSON; see configs/train/)")
       ->required()
       ->check(CLI::ExistingFile);

@@ -16,6 +16,17 @@
 // sequence parallelism: the caller must sum grads.router over the ep group (with the other
 // replicated weights). With one rank it is the full gradient and nothing needs summing.
 //
+// Tensor parallelism (dims.layout kTensor, model/tensor_parallel.h) runs the all-gather path with
+// every expert on every rank, each on its slice of the intermediate columns, so the rows' outputs
+// y_rows are partial sums over the ranks and so are the gate gradients dout . y_rows: their
+// all-reduce is their sum. The router then runs as above: identical logit gradients on every
+// rank, of which each keeps its own tokens' rows. The group's sum of grads.router therefore adds
+// every token's contribution exactly once (the single-rank sum split by rows; dividing n
+// identical full gradients by n before the sum would add roundings for n > 2). The shared
+// expert runs on the group's tokens on its slice and joins the reduce-scatter; its gate scores'
+// gradients (partial sums like dgates) are all-reduced, and the gate's weight and input gradients
+// are taken on the local tokens only, like the router's.
+//
 // Communication volume per layer and rank (elements; megascale-moe.md section 1, with the group's
 // b * s tokens split into n shards of N = b * s / n tokens of hidden size h, top-k k):
 // - all-gather: the all-gather brings the other ranks' (n - 1) N rows and the reduce-scatter
@@ -73,14 +84,17 @@ EpDispatch choose_ep_dispatch(EpDispatch dispatch, int64_t top_k, int64_t num_ra
 
 namespace {
 
-// Sizes that follow from the dims and the ep group.
+// Sizes that follow from the dims and the group.
 struct EpLayout {
   int64_t rank;
   int64_t num_ranks;
   int64_t group_tokens;  // num_tokens * num_ranks
   int64_t num_local_experts;
   int64_t expert_begin;
-  EpDispatch dispatch;  // kAllGather or kAllToAll
+  EpDispatch dispatch;   // kAllGather or kAllToAll (kAllGather under tp)
+  bool tensor_parallel;  // dims.layout is kTensor
+  int64_t expert_ffn;    // intermediate columns of each local expert here (a 1 / n slice under tp)
+  int64_t shared_ffn;    // those of the shared expert (likewise)
 };
 
 EpLayout make_layout(const MoeFfnDims& dims, const Communicator& ep) {
@@ -93,13 +107,28 @@ EpLayout make_layout(const MoeFfnDims& dims, const Communicator& ep) {
   EpLayout layout;
   layout.rank = ep.rank();
   layout.num_ranks = ep.size();
+  layout.group_tokens = dims.num_tokens * layout.num_ranks;
+  layout.tensor_parallel = dims.layout == ParallelLayout::kTensor;
+  if (layout.tensor_parallel) {
+    MF_CHECK(dims.expert_ffn % layout.num_ranks == 0 && dims.shared_ffn % layout.num_ranks == 0,
+             "moe_ffn: tensor parallelism over {} ranks needs expert_ffn ({}) and shared_ffn ({}) "
+             "divisible by the group size",
+             layout.num_ranks, dims.expert_ffn, dims.shared_ffn);
+    layout.num_local_experts = dims.num_experts;
+    layout.expert_begin = 0;
+    layout.dispatch = EpDispatch::kAllGather;
+    layout.expert_ffn = dims.expert_ffn / layout.num_ranks;
+    layout.shared_ffn = dims.shared_ffn / layout.num_ranks;
+    return layout;
+  }
   MF_CHECK(dims.num_experts % layout.num_ranks == 0,
            "moe_ffn: num_experts ({}) must be divisible by the expert-parallel size ({})",
            dims.num_experts, layout.num_ranks);
-  layout.group_tokens = dims.num_tokens * layout.num_ranks;
   layout.num_local_experts = dims.num_experts / layout.num_ranks;
   layout.expert_begin = layout.rank * layout.num_local_experts;
   layout.dispatch = choose_ep_dispatch(dims.dispatch, dims.top_k, layout.num_ranks);
+  layout.expert_ffn = dims.expert_ffn;
+  layout.shared_ffn = dims.shared_ffn;
   return layout;
 }
 
@@ -135,13 +164,14 @@ void route(MoeFfnSaved<T>& saved, const T* tokens, const T* router, int64_t num_
 }
 
 // The local experts on the expert-sorted saved.rows [num_rows, hidden] (offsets [num_local + 1]):
-// saved.h_gate, h_up, h_act and y_rows.
+// saved.h_gate, h_up, h_act and y_rows, on layout.expert_ffn intermediate columns.
 template <typename T>
 void local_experts_forward(MoeFfnSaved<T>& saved, const MoeFfnWeights<T>& weights,
-                           const int64_t* offsets, int64_t num_rows, int64_t num_local_experts,
+                           const int64_t* offsets, int64_t num_rows, const EpLayout& layout,
                            const MoeFfnDims& dims) {
   const int64_t hidden = dims.hidden;
-  const int64_t ffn = dims.expert_ffn;
+  const int64_t ffn = layout.expert_ffn;
+  const int64_t num_local_experts = layout.num_local_experts;
   saved.h_gate.resize(static_cast<size_t>(num_rows * ffn));
   saved.h_up.resize(saved.h_gate.size());
   saved.h_act.resize(saved.h_gate.size());
@@ -161,10 +191,11 @@ void local_experts_forward(MoeFfnSaved<T>& saved, const MoeFfnWeights<T>& weight
 template <typename T>
 void local_experts_backward(T* drows, MoeFfnGrads<T>& grads, const T* dy_rows,
                             const MoeFfnSaved<T>& saved, const MoeFfnWeights<T>& weights,
-                            const int64_t* offsets, int64_t num_rows, int64_t num_local_experts,
+                            const int64_t* offsets, int64_t num_rows, const EpLayout& layout,
                             const MoeFfnDims& dims) {
   const int64_t hidden = dims.hidden;
-  const int64_t ffn = dims.expert_ffn;
+  const int64_t ffn = layout.expert_ffn;
+  const int64_t num_local_experts = layout.num_local_experts;
   std::vector<T> dh_act(static_cast<size_t>(num_rows * ffn));  // [num_rows, ffn]
   ops::grouped_linear_backward<T>(dh_act.data(), grads.down_proj, dy_rows, saved.h_act.data(),
                                   weights.down_proj, offsets, num_local_experts, ffn, hidden);
@@ -188,6 +219,96 @@ void add_router_gradients(T* dinp, MoeFfnGrads<T>& grads, const T* dlogits, cons
   std::vector<T> dinp_part(static_cast<size_t>(dims.num_tokens * dims.hidden));
   ops::linear_backward<T>(dinp_part.data(), grads.router, nullptr, dlogits, inp, weights.router,
                           dims.num_tokens, dims.hidden, dims.num_experts);
+  for (size_t i = 0; i < dinp_part.size(); ++i) dinp[i] += dinp_part[i];
+}
+
+// out [num_tokens, hidden] += score * shared expert(inp) for inp [num_tokens, hidden], score =
+// sigmoid(inp . shared_expert_gate) (1 without the gate), on shared_ffn intermediate columns (a
+// partial sum under tp, with the slices of the weights). shared_ffn 0: no shared expert.
+template <typename T>
+void shared_expert_forward(T* out, MoeFfnSaved<T>& saved, const T* inp, int64_t num_tokens,
+                           int64_t shared_ffn, const MoeFfnWeights<T>& weights, int64_t hidden) {
+  if (shared_ffn == 0) {
+    saved.shared = {};
+    saved.shared_out.clear();
+    saved.shared_score.clear();
+    return;
+  }
+  saved.shared_out.resize(static_cast<size_t>(num_tokens * hidden));
+  dense_ffn_forward<T>(saved.shared_out.data(), saved.shared, inp, weights.shared_gate_proj,
+                       weights.shared_up_proj, weights.shared_down_proj, num_tokens, hidden,
+                       shared_ffn);
+
+  if (weights.shared_expert_gate == nullptr) {
+    saved.shared_score.clear();
+    for (size_t i = 0; i < saved.shared_out.size(); ++i) out[i] += saved.shared_out[i];
+    return;
+  }
+  saved.shared_score.resize(static_cast<size_t>(num_tokens));
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const T* x = inp + t * hidden;
+    double logit = 0.0;
+    for (int64_t i = 0; i < hidden; ++i) {
+      logit += static_cast<double>(x[i]) * static_cast<double>(weights.shared_expert_gate[i]);
+    }
+    const T score = sigmoid<T>(logit);
+    saved.shared_score[t] = score;
+    const T* shared = saved.shared_out.data() + t * hidden;
+    for (int64_t i = 0; i < hidden; ++i) out[t * hidden + i] += score * shared[i];
+  }
+}
+
+// From dout [num_tokens, hidden], the gradient of the shared expert's weighted output:
+// dshared_out [num_tokens, hidden] (assign) = score * dout, and with the gate dscore [num_tokens]
+// (assign) = dout . shared_out per token (a partial sum under tp, like shared_out).
+template <typename T>
+void shared_output_backward(std::vector<T>& dshared_out, std::vector<T>& dscore, const T* dout,
+                            const MoeFfnSaved<T>& saved, int64_t num_tokens, int64_t hidden) {
+  dshared_out.assign(dout, dout + num_tokens * hidden);
+  dscore.clear();
+  if (saved.shared_score.empty()) return;
+  dscore.resize(static_cast<size_t>(num_tokens));
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const T score = saved.shared_score[t];
+    const T* dy = dout + t * hidden;
+    const T* shared = saved.shared_out.data() + t * hidden;
+    T sum = T(0);
+    for (int64_t i = 0; i < hidden; ++i) {
+      sum += dy[i] * shared[i];
+      dshared_out[t * hidden + i] = score * dy[i];
+    }
+    dscore[t] = sum;
+  }
+}
+
+// The shared expert gate of num_tokens tokens inp [num_tokens, hidden] with scores score and
+// gradients dscore [num_tokens]: dlogit = dscore * score * (1 - score); grads.shared_expert_gate
+// += dlogit * inp and dinp [num_tokens, hidden] += dlogit * shared_expert_gate.
+template <typename T>
+void shared_gate_backward(T* dinp, MoeFfnGrads<T>& grads, const T* dscore, const T* score,
+                          const T* inp, const MoeFfnWeights<T>& weights, int64_t num_tokens,
+                          int64_t hidden) {
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const T dlogit = dscore[t] * score[t] * (T(1) - score[t]);
+    const T* x = inp + t * hidden;
+    for (int64_t i = 0; i < hidden; ++i) {
+      grads.shared_expert_gate[i] += dlogit * x[i];
+      dinp[t * hidden + i] += dlogit * weights.shared_expert_gate[i];
+    }
+  }
+}
+
+// The shared expert's projections backward: dinp [num_tokens, hidden] += their input gradient
+// from dshared_out; their weight gradients accumulate.
+template <typename T>
+void shared_projections_backward(T* dinp, MoeFfnGrads<T>& grads, const T* dshared_out, const T* inp,
+                                 const MoeFfnSaved<T>& saved, const MoeFfnWeights<T>& weights,
+                                 int64_t num_tokens, int64_t shared_ffn, int64_t hidden) {
+  std::vector<T> dinp_part(static_cast<size_t>(num_tokens * hidden));  // [num_tokens, hidden]
+  dense_ffn_backward<T>(dinp_part.data(), grads.shared_gate_proj, grads.shared_up_proj,
+                        grads.shared_down_proj, dshared_out, inp, saved.shared,
+                        weights.shared_gate_proj, weights.shared_up_proj, weights.shared_down_proj,
+                        num_tokens, hidden, shared_ffn);
   for (size_t i = 0; i < dinp_part.size(); ++i) dinp[i] += dinp_part[i];
 }
 
@@ -218,12 +339,17 @@ void all_gather_forward(T* out, MoeFfnSaved<T>& saved, MoeFfnStats& stats, const
   const int64_t num_rows = saved.row_map.num_rows();
   saved.rows.resize(static_cast<size_t>(num_rows * hidden));
   ops::scatter_rows_forward<T>(saved.rows.data(), saved.tokens.data(), saved.row_map, hidden);
-  local_experts_forward(saved, weights, saved.row_map.expert_offsets.data(), num_rows,
-                        layout.num_local_experts, dims);
+  local_experts_forward(saved, weights, saved.row_map.expert_offsets.data(), num_rows, layout,
+                        dims);
 
   std::vector<T> combined(static_cast<size_t>(group_tokens * hidden));  // [group_tokens, hidden]
   ops::gather_rows_forward<T>(combined.data(), saved.y_rows.data(), saved.gates.data(),
                               saved.row_map, hidden);
+  if (layout.tensor_parallel) {
+    // The shared expert's slice on the group's tokens joins the partial sums.
+    shared_expert_forward(combined.data(), saved, saved.tokens.data(), group_tokens,
+                          layout.shared_ffn, weights, hidden);
+  }
   ep.reduce_scatter_sum(combined.data(), out, static_cast<size_t>(dims.num_tokens * hidden));
 }
 
@@ -254,9 +380,16 @@ void all_gather_backward(T* dinp, MoeFfnGrads<T>& grads, const T* dout, const T*
                                saved.gates.data(), map, hidden);
   std::vector<T> drows(dy_rows.size());  // [num_rows, hidden]
   local_experts_backward(drows.data(), grads, dy_rows.data(), saved, weights,
-                         map.expert_offsets.data(), num_rows, layout.num_local_experts, dims);
+                         map.expert_offsets.data(), num_rows, layout, dims);
   std::vector<T> dtokens(dcombined.size());  // [group_tokens, hidden]
   ops::scatter_rows_backward<T>(dtokens.data(), drows.data(), map, hidden);
+  std::vector<T> dscore;  // tp with a shared expert gate: [group_tokens] partial sums
+  if (layout.tensor_parallel && layout.shared_ffn > 0) {
+    std::vector<T> dshared_out;  // [group_tokens, hidden]
+    shared_output_backward(dshared_out, dscore, dcombined.data(), saved, group_tokens, hidden);
+    shared_projections_backward(dtokens.data(), grads, dshared_out.data(), saved.tokens.data(),
+                                saved, weights, group_tokens, layout.shared_ffn, hidden);
+  }
   ep.reduce_scatter_sum(dtokens.data(), dinp, local_size);
 
   // Router (see the comment at the top of the file).
@@ -264,9 +397,14 @@ void all_gather_backward(T* dinp, MoeFfnGrads<T>& grads, const T* dout, const T*
   std::vector<T> dlogits(saved.logits.size());  // [group_tokens, num_experts]
   ops::router_backward<T>(dlogits.data(), dgates.data(), saved.logits.data(), saved.probs.data(),
                           saved.expert_idx.data(), d_aux, d_z, router_dims(dims, group_tokens));
-  add_router_gradients(dinp, grads,
-                       dlogits.data() + layout.rank * dims.num_tokens * dims.num_experts, inp,
-                       weights, dims);
+  const int64_t first = layout.rank * dims.num_tokens;  // this rank's first group token
+  add_router_gradients(dinp, grads, dlogits.data() + first * dims.num_experts, inp, weights, dims);
+  if (!dscore.empty()) {
+    // The gate scores, like the router, on the local tokens only, from the summed gradients.
+    ep.all_reduce_sum(dscore.data(), dscore.size());
+    shared_gate_backward(dinp, grads, dscore.data() + first, saved.shared_score.data() + first, inp,
+                         weights, dims.num_tokens, hidden);
+  }
 }
 
 template <typename T>
@@ -297,8 +435,8 @@ void all_to_all_forward(T* out, MoeFfnSaved<T>& saved, MoeFfnStats& stats, const
   a2a_exchange_to_owners(send.data(), received.data(), plan, hidden, ep);
   saved.rows.resize(received.size());
   ops::scatter_rows_forward<T>(saved.rows.data(), received.data(), plan.recv_map, hidden);
-  local_experts_forward(saved, weights, plan.recv_map.expert_offsets.data(), num_rows,
-                        layout.num_local_experts, dims);
+  local_experts_forward(saved, weights, plan.recv_map.expert_offsets.data(), num_rows, layout,
+                        dims);
 
   // Back to receive order (a gather with unit gates is a permutation), to the senders, combined.
   const std::vector<T> unit_gates(static_cast<size_t>(num_rows), T(1));
@@ -337,8 +475,7 @@ void all_to_all_backward(T* dinp, MoeFfnGrads<T>& grads, const T* dout, const T*
   ops::scatter_rows_forward<T>(dy_rows.data(), dreceived.data(), plan.recv_map, hidden);
   std::vector<T> drows(dy_rows.size());  // [num_rows, hidden] expert order
   local_experts_backward(drows.data(), grads, dy_rows.data(), saved, weights,
-                         plan.recv_map.expert_offsets.data(), num_rows, layout.num_local_experts,
-                         dims);
+                         plan.recv_map.expert_offsets.data(), num_rows, layout, dims);
   const std::vector<T> unit_gates(static_cast<size_t>(num_rows), T(1));
   ops::gather_rows_forward<T>(dreceived.data(), drows.data(), unit_gates.data(), plan.recv_map,
                               hidden);
@@ -361,76 +498,6 @@ void all_to_all_backward(T* dinp, MoeFfnGrads<T>& grads, const T* dout, const T*
   add_router_gradients(dinp, grads, dlogits.data(), inp, weights, dims);
 }
 
-// out += score * shared expert(inp), score = sigmoid(inp . shared_expert_gate) (1 without it).
-template <typename T>
-void shared_expert_forward(T* out, MoeFfnSaved<T>& saved, const T* inp,
-                           const MoeFfnWeights<T>& weights, const MoeFfnDims& dims) {
-  const int64_t hidden = dims.hidden;
-  if (dims.shared_ffn == 0) {
-    saved.shared = {};
-    saved.shared_out.clear();
-    saved.shared_score.clear();
-    return;
-  }
-  saved.shared_out.resize(static_cast<size_t>(dims.num_tokens * hidden));
-  dense_ffn_forward<T>(saved.shared_out.data(), saved.shared, inp, weights.shared_gate_proj,
-                       weights.shared_up_proj, weights.shared_down_proj, dims.num_tokens, hidden,
-                       dims.shared_ffn);
-
-  if (weights.shared_expert_gate == nullptr) {
-    saved.shared_score.clear();
-    for (size_t i = 0; i < saved.shared_out.size(); ++i) out[i] += saved.shared_out[i];
-    return;
-  }
-  saved.shared_score.resize(static_cast<size_t>(dims.num_tokens));
-  for (int64_t t = 0; t < dims.num_tokens; ++t) {
-    const T* x = inp + t * hidden;
-    double logit = 0.0;
-    for (int64_t i = 0; i < hidden; ++i) {
-      logit += static_cast<double>(x[i]) * static_cast<double>(weights.shared_expert_gate[i]);
-    }
-    const T score = sigmoid<T>(logit);
-    saved.shared_score[t] = score;
-    const T* shared = saved.shared_out.data() + t * hidden;
-    for (int64_t i = 0; i < hidden; ++i) out[t * hidden + i] += score * shared[i];
-  }
-}
-
-// dinp += the shared expert's input gradient; its weight gradients accumulate.
-template <typename T>
-void shared_expert_backward(T* dinp, MoeFfnGrads<T>& grads, const T* dout, const T* inp,
-                            const MoeFfnSaved<T>& saved, const MoeFfnWeights<T>& weights,
-                            const MoeFfnDims& dims) {
-  if (dims.shared_ffn == 0) return;
-  const int64_t hidden = dims.hidden;
-  const size_t local_size = static_cast<size_t>(dims.num_tokens * hidden);
-  std::vector<T> dshared_out(dout, dout + local_size);  // [num_tokens, hidden]
-  if (weights.shared_expert_gate != nullptr) {
-    for (int64_t t = 0; t < dims.num_tokens; ++t) {
-      const T score = saved.shared_score[t];
-      const T* dy = dout + t * hidden;
-      const T* shared = saved.shared_out.data() + t * hidden;
-      T dscore = T(0);
-      for (int64_t i = 0; i < hidden; ++i) {
-        dscore += dy[i] * shared[i];
-        dshared_out[t * hidden + i] = score * dy[i];
-      }
-      const T dlogit = dscore * score * (T(1) - score);
-      const T* x = inp + t * hidden;
-      for (int64_t i = 0; i < hidden; ++i) {
-        grads.shared_expert_gate[i] += dlogit * x[i];
-        dinp[t * hidden + i] += dlogit * weights.shared_expert_gate[i];
-      }
-    }
-  }
-  std::vector<T> dinp_part(local_size);  // [num_tokens, hidden]
-  dense_ffn_backward<T>(dinp_part.data(), grads.shared_gate_proj, grads.shared_up_proj,
-                        grads.shared_down_proj, dshared_out.data(), inp, saved.shared,
-                        weights.shared_gate_proj, weights.shared_up_proj, weights.shared_down_proj,
-                        dims.num_tokens, hidden, dims.shared_ffn);
-  for (size_t i = 0; i < local_size; ++i) dinp[i] += dinp_part[i];
-}
-
 }  // namespace
 
 template <typename T>
@@ -444,7 +511,9 @@ void moe_ffn_forward(T* out, MoeFfnSaved<T>& saved, MoeFfnStats& stats, const T*
   } else {
     all_gather_forward(out, saved, stats, inp, weights, dims, layout, ep);
   }
-  shared_expert_forward(out, saved, inp, weights, dims);
+  if (!layout.tensor_parallel) {
+    shared_expert_forward(out, saved, inp, dims.num_tokens, dims.shared_ffn, weights, dims.hidden);
+  }
 }
 
 template <typename T>
@@ -461,7 +530,17 @@ void moe_ffn_backward(T* dinp, MoeFfnGrads<T>& grads, const T* dout, const T* in
   } else {
     all_gather_backward(dinp, grads, dout, inp, saved, weights, dims, layout, d_aux, d_z, ep);
   }
-  shared_expert_backward(dinp, grads, dout, inp, saved, weights, dims);
+  if (!layout.tensor_parallel && dims.shared_ffn > 0) {
+    // On the local tokens: the gate first, then the projections.
+    std::vector<T> dshared_out, dscore;  // [num_tokens, hidden], [num_tokens]
+    shared_output_backward(dshared_out, dscore, dout, saved, dims.num_tokens, dims.hidden);
+    if (!dscore.empty()) {
+      shared_gate_backward(dinp, grads, dscore.data(), saved.shared_score.data(), inp, weights,
+                           dims.num_tokens, dims.hidden);
+    }
+    shared_projections_backward(dinp, grads, dshared_out.data(), inp, saved, weights,
+                                dims.num_tokens, dims.shared_ffn, dims.hidden);
+  }
 }
 
 #define MOEFORGE_INSTANTIATE_MOE_FFN(T)                                                        \

@@ -9,6 +9,10 @@
 // Both give the same outputs, losses, statistics and gradients (to rounding; the experts see the
 // same rows in the same order). With one rank the collectives are copies. An optional shared
 // expert (Qwen2-MoE) runs densely on the local tokens, scaled by sigmoid(x . shared_expert_gate).
+// Under tensor parallelism (ParallelLayout::kTensor, the Megatron baseline;
+// model/tensor_parallel.h) the tokens take the all-gather path, but every rank runs every expert,
+// and the shared expert on the group's tokens, on its slice of the intermediate dimension; the
+// reduce-scatter sums the partial outputs.
 #pragma once
 
 #include <cstdint>
@@ -18,6 +22,7 @@
 #include "comm/communicator.h"
 #include "model/dense_ffn.h"
 #include "model/moe_dispatch_a2a.h"
+#include "model/tensor_parallel.h"
 #include "ops/row_map.h"
 
 namespace moeforge {
@@ -44,20 +49,28 @@ struct MoeFfnDims {
   int64_t num_experts;  // global
   int64_t top_k;
   bool norm_topk_prob;
-  double capacity_factor;  // <= 0: dropless
-  int64_t shared_ffn;      // 0: no shared expert
-  EpDispatch dispatch = EpDispatch::kAuto;
+  double capacity_factor;                   // <= 0: dropless
+  int64_t shared_ffn;                       // 0: no shared expert
+  EpDispatch dispatch = EpDispatch::kAuto;  // kSequenceExpert only
+  // kTensor: expert_ffn and shared_ffn must be divisible by the group size.
+  ParallelLayout layout = ParallelLayout::kSequenceExpert;
 };
+
+// The weights a rank passes: under kSequenceExpert its local experts' blocks and the whole shared
+// expert; under kTensor (rank r of n, F = expert_ffn / n, S = shared_ffn / n) its slices, packed:
+// rows [r F, (r + 1) F) of every expert's gate and up, the same columns of every expert's down,
+// rows [r S, (r + 1) S) of the shared gate and up and those columns of the shared down. The
+// router and the shared expert gate are whole (replicated) in both.
 
 template <typename T>
 struct MoeFfnWeights {
   const T* router;              // [num_experts, hidden] (replicated)
-  const T* gate_proj;           // [local_experts, expert_ffn, hidden]
-  const T* up_proj;             // [local_experts, expert_ffn, hidden]
-  const T* down_proj;           // [local_experts, hidden, expert_ffn]
-  const T* shared_gate_proj;    // [shared_ffn, hidden] or null
-  const T* shared_up_proj;      // [shared_ffn, hidden] or null
-  const T* shared_down_proj;    // [hidden, shared_ffn] or null
+  const T* gate_proj;           // [local_experts, expert_ffn, hidden]; kTensor [experts, F, hidden]
+  const T* up_proj;             // [local_experts, expert_ffn, hidden]; kTensor [experts, F, hidden]
+  const T* down_proj;           // [local_experts, hidden, expert_ffn]; kTensor [experts, hidden, F]
+  const T* shared_gate_proj;    // [shared_ffn, hidden] or null; kTensor [S, hidden]
+  const T* shared_up_proj;      // [shared_ffn, hidden] or null; kTensor [S, hidden]
+  const T* shared_down_proj;    // [hidden, shared_ffn] or null; kTensor [hidden, S]
   const T* shared_expert_gate;  // [1, hidden] or null
 };
 
@@ -75,20 +88,22 @@ struct MoeFfnGrads {
 };
 
 // What the forward saves for the backward (owned buffers, reused across steps). The routed tokens
-// are the group's (all-gather) or this rank's own (all-to-all); the rows are the local experts'
-// in both, in the same order.
+// are the group's (all-gather, tensor parallel) or this rank's own (all-to-all); the rows are the
+// local experts' (all experts' under tensor parallelism), in the same order in both dispatches.
 template <typename T>
 struct MoeFfnSaved {
   EpDispatch dispatch = EpDispatch::kAllGather;  // the variant that ran
-  std::vector<T> tokens;            // all-gather: [group_tokens, hidden] all-gathered input
+  std::vector<T> tokens;            // all-gather, tp: [group_tokens, hidden] all-gathered input
   std::vector<T> logits;            // [routed_tokens, num_experts]
   std::vector<T> probs;             // [routed_tokens, num_experts]
   std::vector<int32_t> expert_idx;  // [routed_tokens, top_k]
   std::vector<T> gates;             // [routed_tokens, top_k]
   ops::RowMap row_map;              // all-gather: the group's tokens to the local experts' rows
   A2aDispatchPlan a2a;              // all-to-all: the exchanges (its recv_map orders the rows)
-  std::vector<T> returned;      // all-to-all: [a2a.send_map rows, hidden] expert outputs received
-  std::vector<T> rows;          // [num_rows, hidden]
+  std::vector<T> returned;  // all-to-all: [a2a.send_map rows, hidden] expert outputs received
+  std::vector<T> rows;      // [num_rows, hidden]
+  // Under tp: expert_ffn -> F columns, shared_ffn -> S columns, num_tokens -> group_tokens (the
+  // shared expert's), y_rows and shared_out partial sums.
   std::vector<T> h_gate;        // [num_rows, expert_ffn]
   std::vector<T> h_up;          // [num_rows, expert_ffn]
   std::vector<T> h_act;         // [num_rows, expert_ffn]
@@ -103,12 +118,13 @@ struct MoeFfnStats {
   double aux_loss = 0.0;             // router_aux_loss over the group's tokens
   double z_loss = 0.0;               // router_z_loss over the group's tokens
   std::vector<int64_t> expert_load;  // [num_experts] assignments routed to each expert
-  int64_t num_dropped = 0;           // assignments dropped by capacity (local experts)
+  int64_t num_dropped = 0;  // assignments dropped by capacity (local experts; all under tp)
 };
 
 // out [num_tokens, hidden] (assign). inp [num_tokens, hidden]. ep: the expert-parallel group;
-// experts are split evenly over its ranks in rank order. dims.dispatch picks the variant
-// (choose_ep_dispatch); every rank of the group must pass the same dims.
+// experts are split evenly over its ranks in rank order (under kTensor: the tensor-parallel group,
+// intermediate columns split evenly). dims.dispatch picks the variant (choose_ep_dispatch); every
+// rank of the group must pass the same dims.
 template <typename T>
 void moe_ffn_forward(T* out, MoeFfnSaved<T>& saved, MoeFfnStats& stats, const T* inp,
                      const MoeFfnWeights<T>& weights, const MoeFfnDims& dims, Communicator& ep);

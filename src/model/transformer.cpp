@@ -17,6 +17,40 @@
 
 namespace moeforge {
 
+namespace {
+
+// ptr + offset, or null for a tensor the model does not have.
+template <typename P>
+P* offset_or_null(P* ptr, int64_t offset) {
+  return ptr == nullptr ? nullptr : ptr + offset;
+}
+
+// Tensor parallel: where this rank's slices of an MoE layer's expert weights sit, viewing the
+// gate / up stacks [experts, ffn, hidden] as [experts, ffn * hidden] (its rows of each expert) and
+// the down stack [experts, hidden, ffn] as [experts * hidden, ffn] (its columns), and their
+// offsets in the packed buffer: gate, up, down, shared down. expert and shared: the rank's slices
+// of one expert's down projection [hidden, moe_intermediate_size] and of the shared expert's.
+struct MoeSlices {
+  ColumnSlice gate_up, down, shared_down;
+  int64_t up_at, down_at, shared_down_at, size;
+};
+
+MoeSlices moe_slices(const ModelConfig& c, const ColumnSlice& expert, const ColumnSlice& shared) {
+  MoeSlices s;
+  s.gate_up = {c.num_experts, expert.cols * expert.rows, expert.begin * expert.rows,
+               expert.width * expert.rows};
+  s.down = {c.num_experts * expert.rows, expert.cols, expert.begin, expert.width};
+  s.shared_down = shared;
+  const int64_t block = c.num_experts * expert.width * expert.rows;
+  s.up_at = block;
+  s.down_at = 2 * block;
+  s.shared_down_at = 3 * block;
+  s.size = 3 * block + shared.rows * shared.width;
+  return s;
+}
+
+}  // namespace
+
 template <typename T>
 KvCache<T>::KvCache(const ModelConfig& config, int64_t cap) : capacity(cap) {
   MF_CHECK(cap > 0, "KV cache capacity must be positive, got {}", cap);
@@ -25,19 +59,45 @@ KvCache<T>::KvCache(const ModelConfig& config, int64_t cap) : capacity(cap) {
 }
 
 template <typename T>
-Transformer<T>::Transformer(const ModelConfig& config, Communicator& ep, EpDispatch ep_dispatch)
-    : config_(config), layout_(config), ep_(ep), ep_dispatch_(ep_dispatch) {
+Transformer<T>::Transformer(const ModelConfig& config, Communicator& ep, EpDispatch ep_dispatch,
+                            ParallelLayout parallel_layout)
+    : config_(config),
+      layout_(config),
+      ep_(ep),
+      ep_dispatch_(ep_dispatch),
+      parallel_layout_(parallel_layout) {
   validate_model_config(config_);
   for (int64_t l = 0; l < config_.num_layers; ++l) num_moe_layers_ += config_.layer_is_moe(l);
-  if (num_moe_layers_ > 0) {
-    MF_CHECK(config_.num_experts % ep_.size() == 0,
-             "num_experts ({}) must be divisible by the expert-parallel size ({})",
-             config_.num_experts, ep_.size());
+  const int64_t num_ranks = ep_.size();
+  if (parallel_layout_ == ParallelLayout::kTensor) {
+    MF_CHECK(config_.num_heads % num_ranks == 0 && config_.num_kv_heads % num_ranks == 0,
+             "tensor parallelism over {} ranks needs num_heads ({}) and num_kv_heads ({}) "
+             "divisible by the group size",
+             num_ranks, config_.num_heads, config_.num_kv_heads);
+    if (num_moe_layers_ < config_.num_layers) {
+      MF_CHECK(config_.intermediate_size % num_ranks == 0,
+               "tensor parallelism over {} ranks needs intermediate_size ({}) divisible by the "
+               "group size",
+               num_ranks, config_.intermediate_size);
+    }
+    if (num_moe_layers_ > 0) {
+      MF_CHECK(config_.moe_intermediate_size % num_ranks == 0 &&
+                   config_.shared_expert_intermediate_size % num_ranks == 0,
+               "tensor parallelism over {} ranks needs moe_intermediate_size ({}) and "
+               "shared_expert_intermediate_size ({}) divisible by the group size",
+               num_ranks, config_.moe_intermediate_size, config_.shared_expert_intermediate_size);
+    }
+  } else {
+    if (num_moe_layers_ > 0) {
+      MF_CHECK(config_.num_experts % num_ranks == 0,
+               "num_experts ({}) must be divisible by the expert-parallel size ({})",
+               config_.num_experts, num_ranks);
+    }
+    MF_CHECK(config_.num_heads % num_ranks == 0 && config_.num_kv_heads % num_ranks == 0,
+             "sequence parallelism over {} ranks needs num_heads ({}) and num_kv_heads ({}) "
+             "divisible by the group size",
+             num_ranks, config_.num_heads, config_.num_kv_heads);
   }
-  MF_CHECK(config_.num_heads % ep_.size() == 0 && config_.num_kv_heads % ep_.size() == 0,
-           "sequence parallelism over {} ranks needs num_heads ({}) and num_kv_heads ({}) "
-           "divisible by the group size",
-           ep_.size(), config_.num_heads, config_.num_kv_heads);
   params_.assign(static_cast<size_t>(layout_.num_params()), T(0));
   grads_.assign(static_cast<size_t>(layout_.num_params()), T(0));
 }
@@ -87,6 +147,30 @@ void Transformer<T>::resize_activations(int64_t batch, int64_t seq) {
   tokens_.resize(n);
   targets_.resize(n);
   positions_.resize(n);
+  group_positions_.resize(tensor_parallel() ? n * ep_.size() : 0);
+}
+
+template <typename T>
+typename Transformer<T>::AttentionShard Transformer<T>::attention_shard(int64_t batch,
+                                                                        int64_t seq) const {
+  if (!tensor_parallel()) {
+    return {batch * seq, seq, config_.num_heads, config_.num_kv_heads, 0, 0};
+  }
+  const int64_t num_ranks = ep_.size();
+  const int64_t num_heads = config_.num_heads / num_ranks;
+  const int64_t num_kv_heads = config_.num_kv_heads / num_ranks;
+  return {batch * num_ranks * seq,
+          num_ranks * seq,
+          num_heads,
+          num_kv_heads,
+          ep_.rank() * num_heads * config_.head_dim,
+          ep_.rank() * num_kv_heads * config_.head_dim};
+}
+
+template <typename T>
+ColumnSlice Transformer<T>::ffn_slice(int64_t ffn) const {
+  const int64_t width = ffn / ep_.size();
+  return ColumnSlice{config_.hidden_size, ffn, ep_.rank() * width, width};
 }
 
 template <typename T>
@@ -99,7 +183,8 @@ MoeFfnDims Transformer<T>::moe_dims(int64_t n) const {
                     config_.norm_topk_prob,
                     config_.capacity_factor,
                     config_.shared_expert_intermediate_size,
-                    ep_dispatch_};
+                    ep_dispatch_,
+                    tensor_parallel() ? ParallelLayout::kTensor : ParallelLayout::kSequenceExpert};
 }
 
 template <typename T>
@@ -110,29 +195,76 @@ int64_t Transformer<T>::local_experts_offset() const {
 }
 
 template <typename T>
-MoeFfnWeights<T> Transformer<T>::moe_weights(const LayerOffsets& o) const {
-  const int64_t local = local_experts_offset();
+MoeFfnWeights<T> Transformer<T>::moe_weights(const LayerOffsets& o) {
+  if (!tensor_parallel()) {
+    const int64_t local = local_experts_offset();
+    return MoeFfnWeights<T>{p(o.router),
+                            p(o.experts_gate) + local,
+                            p(o.experts_up) + local,
+                            p(o.experts_down) + local,
+                            p(o.shared_gate),
+                            p(o.shared_up),
+                            p(o.shared_down),
+                            p(o.shared_expert_gate)};
+  }
+  const ColumnSlice shared = ffn_slice(config_.shared_expert_intermediate_size);
+  const MoeSlices s = moe_slices(config_, ffn_slice(config_.moe_intermediate_size), shared);
+  slice_weights_.resize(static_cast<size_t>(s.size));
+  T* w = slice_weights_.data();
+  pack_columns(w, p(o.experts_gate), s.gate_up);
+  pack_columns(w + s.up_at, p(o.experts_up), s.gate_up);
+  pack_columns(w + s.down_at, p(o.experts_down), s.down);
+  const bool has_shared = o.shared_down >= 0;
+  if (has_shared) pack_columns(w + s.shared_down_at, p(o.shared_down), s.shared_down);
+  const int64_t shared_rows = shared.begin * config_.hidden_size;
   return MoeFfnWeights<T>{p(o.router),
-                          p(o.experts_gate) + local,
-                          p(o.experts_up) + local,
-                          p(o.experts_down) + local,
-                          p(o.shared_gate),
-                          p(o.shared_up),
-                          p(o.shared_down),
+                          w,
+                          w + s.up_at,
+                          w + s.down_at,
+                          offset_or_null(p(o.shared_gate), shared_rows),
+                          offset_or_null(p(o.shared_up), shared_rows),
+                          has_shared ? w + s.shared_down_at : nullptr,
                           p(o.shared_expert_gate)};
 }
 
 template <typename T>
 MoeFfnGrads<T> Transformer<T>::moe_grads(const LayerOffsets& o) {
-  const int64_t local = local_experts_offset();
+  if (!tensor_parallel()) {
+    const int64_t local = local_experts_offset();
+    return MoeFfnGrads<T>{g(o.router),
+                          g(o.experts_gate) + local,
+                          g(o.experts_up) + local,
+                          g(o.experts_down) + local,
+                          g(o.shared_gate),
+                          g(o.shared_up),
+                          g(o.shared_down),
+                          g(o.shared_expert_gate)};
+  }
+  const ColumnSlice shared = ffn_slice(config_.shared_expert_intermediate_size);
+  const MoeSlices s = moe_slices(config_, ffn_slice(config_.moe_intermediate_size), shared);
+  slice_grads_.assign(static_cast<size_t>(s.size), T(0));
+  T* dw = slice_grads_.data();
+  const int64_t shared_rows = shared.begin * config_.hidden_size;
   return MoeFfnGrads<T>{g(o.router),
-                        g(o.experts_gate) + local,
-                        g(o.experts_up) + local,
-                        g(o.experts_down) + local,
-                        g(o.shared_gate),
-                        g(o.shared_up),
-                        g(o.shared_down),
+                        dw,
+                        dw + s.up_at,
+                        dw + s.down_at,
+                        offset_or_null(g(o.shared_gate), shared_rows),
+                        offset_or_null(g(o.shared_up), shared_rows),
+                        o.shared_down >= 0 ? dw + s.shared_down_at : nullptr,
                         g(o.shared_expert_gate)};
+}
+
+template <typename T>
+void Transformer<T>::add_moe_slice_grads(const LayerOffsets& o) {
+  const MoeSlices s = moe_slices(config_, ffn_slice(config_.moe_intermediate_size),
+                                 ffn_slice(config_.shared_expert_intermediate_size));
+  const T* dw = slice_grads_.data();
+  add_packed_columns(g(o.experts_gate), dw, s.gate_up);
+  add_packed_columns(g(o.experts_up), dw + s.up_at, s.gate_up);
+  add_packed_columns(g(o.experts_down), dw + s.down_at, s.down);
+  if (o.shared_down >= 0)
+    add_packed_columns(g(o.shared_down), dw + s.shared_down_at, s.shared_down);
 }
 
 template <typename T>
@@ -189,26 +321,39 @@ void Transformer<T>::attention_forward(int64_t l, int64_t batch, int64_t seq, Kv
   const int64_t n = batch * seq;
   const int64_t h = config_.hidden_size, qd = config_.q_dim(), kvd = config_.kv_dim();
   const int64_t d = config_.head_dim;
+  const bool tp = tensor_parallel();
+  // Tensor parallel: this rank's heads (column-parallel rows of q/k/v_proj) over the full
+  // sequences; otherwise all heads over the given tokens.
+  const AttentionShard s = attention_shard(batch, seq);
+  const int64_t q_cols = s.num_heads * d, kv_cols = s.num_kv_heads * d;
 
   ops::rmsnorm_forward(a.ln1.data(), a.rstd1.data(), a.residual_in.data(), p(o.input_norm), n, h,
                        config_.rms_norm_eps);
-  ops::linear_forward(a.q_lin.data(), a.ln1.data(), p(o.q_proj), p(o.q_bias), n, h, qd);
-  ops::linear_forward(a.k_lin.data(), a.ln1.data(), p(o.k_proj), p(o.k_bias), n, h, kvd);
-  ops::linear_forward(a.v.data(), a.ln1.data(), p(o.v_proj), p(o.v_bias), n, h, kvd);
+  const T* x = a.ln1.data();  // [s.rows, h]
+  if (tp) {
+    a.ln1_group.resize(static_cast<size_t>(s.rows * h));
+    all_gather_sequences(a.ln1_group.data(), a.ln1.data(), batch, seq, h, ep_, group_scratch_);
+    x = a.ln1_group.data();
+  }
+  ops::linear_forward(a.q_lin.data(), x, p(o.q_proj) + s.q_begin * h,
+                      offset_or_null(p(o.q_bias), s.q_begin), s.rows, h, q_cols);
+  ops::linear_forward(a.k_lin.data(), x, p(o.k_proj) + s.kv_begin * h,
+                      offset_or_null(p(o.k_bias), s.kv_begin), s.rows, h, kv_cols);
+  ops::linear_forward(a.v.data(), x, p(o.v_proj) + s.kv_begin * h,
+                      offset_or_null(p(o.v_bias), s.kv_begin), s.rows, h, kv_cols);
   const T* q_pre = a.q_lin.data();
   const T* k_pre = a.k_lin.data();
   if (config_.qk_norm) {
     ops::rmsnorm_forward(a.q.data(), a.rstd_q.data(), a.q_lin.data(), p(o.q_norm),
-                         n * config_.num_heads, d, config_.rms_norm_eps);
+                         s.rows * s.num_heads, d, config_.rms_norm_eps);
     ops::rmsnorm_forward(a.k.data(), a.rstd_k.data(), a.k_lin.data(), p(o.k_norm),
-                         n * config_.num_kv_heads, d, config_.rms_norm_eps);
+                         s.rows * s.num_kv_heads, d, config_.rms_norm_eps);
     q_pre = a.q.data();
     k_pre = a.k.data();
   }
-  ops::rope_forward(a.q.data(), q_pre, positions_.data(), n, config_.num_heads, d,
-                    config_.rope_theta);
-  ops::rope_forward(a.k.data(), k_pre, positions_.data(), n, config_.num_kv_heads, d,
-                    config_.rope_theta);
+  const int32_t* positions = tp ? group_positions_.data() : positions_.data();
+  ops::rope_forward(a.q.data(), q_pre, positions, s.rows, s.num_heads, d, config_.rope_theta);
+  ops::rope_forward(a.k.data(), k_pre, positions, s.rows, s.num_kv_heads, d, config_.rope_theta);
 
   ops::AttentionDims dims{batch, seq, seq, config_.num_heads, config_.num_kv_heads, d};
   const T* keys = a.k.data();
@@ -229,6 +374,11 @@ void Transformer<T>::attention_forward(int64_t l, int64_t batch, int64_t seq, Kv
     values = cv.data();
     probs = nullptr;
     if (sparse) sparse_prefill_attention(l);
+  } else if (tp) {
+    // This rank's heads over the group's full sequences, as projected.
+    dims = ops::AttentionDims{batch, s.seq, s.seq, s.num_heads, s.num_kv_heads, d};
+    a.probs.resize(static_cast<size_t>(batch * s.num_heads * s.seq * s.seq));
+    ops::attention_forward(a.att.data(), a.probs.data(), a.q.data(), a.k.data(), a.v.data(), dims);
   } else if (ep_.size() > 1) {
     // Sequence -> heads: this rank's heads over the group's full sequences.
     const int64_t num_ranks = ep_.size();
@@ -256,8 +406,20 @@ void Transformer<T>::attention_forward(int64_t l, int64_t batch, int64_t seq, Kv
     ops::attention_forward(a.att.data(), probs, a.q.data(), keys, values, dims);
   }
 
-  ops::linear_forward(a.residual_mid.data(), a.att.data(), p(o.o_proj),
-                      static_cast<const T*>(nullptr), n, qd, h);
+  if (tp) {
+    // Row-parallel o_proj (this rank's heads' columns), the partial sums reduce-scattered.
+    const ColumnSlice o_slice{h, qd, s.q_begin, q_cols};
+    slice_weights_.resize(static_cast<size_t>(h * q_cols));
+    pack_columns(slice_weights_.data(), p(o.o_proj), o_slice);
+    std::vector<T> partial(static_cast<size_t>(s.rows * h));  // [batch, n * seq, h]
+    ops::linear_forward(partial.data(), a.att.data(), slice_weights_.data(),
+                        static_cast<const T*>(nullptr), s.rows, q_cols, h);
+    reduce_scatter_sequences(a.residual_mid.data(), partial.data(), batch, seq, h, ep_,
+                             group_scratch_);
+  } else {
+    ops::linear_forward(a.residual_mid.data(), a.att.data(), p(o.o_proj),
+                        static_cast<const T*>(nullptr), n, qd, h);
+  }
   ops::add_inplace(a.residual_mid.data(), a.residual_in.data(), n * h);
 }
 
@@ -287,6 +449,20 @@ void Transformer<T>::ffn_forward(int64_t l, int64_t n, T* out) {
     MoeFfnStats stats;
     moe_ffn_forward(out, a.moe, stats, a.ln2.data(), moe_weights(o), moe_dims(n), ep_);
     moe_stats_.push_back(std::move(stats));
+  } else if (tensor_parallel()) {
+    // Column-parallel gate/up, row-parallel down on this rank's intermediate columns, over the
+    // group's tokens; the partial sums reduce-scattered.
+    const int64_t group_tokens = n * ep_.size();
+    const ColumnSlice down = ffn_slice(config_.intermediate_size);
+    a.ln2_group.resize(static_cast<size_t>(group_tokens * h));
+    ep_.all_gather(a.ln2.data(), a.ln2_group.data(), static_cast<size_t>(n * h));
+    slice_weights_.resize(static_cast<size_t>(h * down.width));
+    pack_columns(slice_weights_.data(), p(o.mlp_down), down);
+    std::vector<T> partial(a.ln2_group.size());  // [group_tokens, h]
+    dense_ffn_forward(partial.data(), a.dense, a.ln2_group.data(), p(o.mlp_gate) + down.begin * h,
+                      p(o.mlp_up) + down.begin * h, slice_weights_.data(), group_tokens, h,
+                      down.width);
+    ep_.reduce_scatter_sum(partial.data(), out, static_cast<size_t>(n * h));
   } else {
     dense_ffn_forward(out, a.dense, a.ln2.data(), p(o.mlp_gate), p(o.mlp_up), p(o.mlp_down), n, h,
                       config_.intermediate_size);
@@ -303,6 +479,10 @@ void Transformer<T>::run_layers(int64_t batch, int64_t seq, KvCache<T>* cache) {
     // Global positions: a cache's length, or this rank's first position in the sequence.
     const int64_t first = cache != nullptr ? cache->length : ep_.rank() * seq;
     positions_[i] = static_cast<int32_t>(first + i % seq);
+  }
+  const int64_t full_seq = ep_.size() * seq;  // tensor parallel: the full sequences' positions
+  for (size_t i = 0; i < group_positions_.size(); ++i) {
+    group_positions_[i] = static_cast<int32_t>(static_cast<int64_t>(i) % full_seq);
   }
   ops::embedding_forward(x_.data(), tokens_.data(), p(layout_.embed_tokens()), n, h);
   for (int64_t l = 0; l < config_.num_layers; ++l) {
@@ -361,6 +541,24 @@ void Transformer<T>::ffn_backward(int64_t l, int64_t n, const T* dout, T* dinp, 
     MoeFfnGrads<T> grads = moe_grads(o);
     moe_ffn_backward(dinp, grads, dout, a.ln2.data(), a.moe, moe_weights(o), moe_dims(n), d_aux,
                      d_z, ep_);
+    if (tensor_parallel()) add_moe_slice_grads(o);
+  } else if (tensor_parallel()) {
+    // Mirror of the forward: all-gather dout, the slice's backward, reduce-scatter dinp.
+    const int64_t group_tokens = n * ep_.size();
+    const ColumnSlice down = ffn_slice(config_.intermediate_size);
+    std::vector<T> dout_group(static_cast<size_t>(group_tokens * h));  // [group_tokens, h]
+    ep_.all_gather(dout, dout_group.data(), static_cast<size_t>(n * h));
+    slice_weights_.resize(static_cast<size_t>(h * down.width));
+    pack_columns(slice_weights_.data(), p(o.mlp_down), down);
+    slice_grads_.assign(slice_weights_.size(), T(0));
+    std::vector<T> dinp_group(dout_group.size());  // [group_tokens, h] partial sums
+    dense_ffn_backward(dinp_group.data(), g(o.mlp_gate) + down.begin * h,
+                       g(o.mlp_up) + down.begin * h, slice_grads_.data(), dout_group.data(),
+                       a.ln2_group.data(), a.dense, p(o.mlp_gate) + down.begin * h,
+                       p(o.mlp_up) + down.begin * h, slice_weights_.data(), group_tokens, h,
+                       down.width);
+    add_packed_columns(g(o.mlp_down), slice_grads_.data(), down);
+    ep_.reduce_scatter_sum(dinp_group.data(), dinp, static_cast<size_t>(n * h));
   } else {
     dense_ffn_backward(dinp, g(o.mlp_gate), g(o.mlp_up), g(o.mlp_down), dout, a.ln2.data(), a.dense,
                        p(o.mlp_gate), p(o.mlp_up), p(o.mlp_down), n, h, config_.intermediate_size);
@@ -374,11 +572,29 @@ void Transformer<T>::attention_backward(int64_t l, int64_t batch, int64_t seq, T
   const int64_t n = batch * seq;
   const int64_t h = config_.hidden_size, qd = config_.q_dim(), kvd = config_.kv_dim();
   const int64_t d = config_.head_dim;
+  const bool tp = tensor_parallel();
+  const AttentionShard s = attention_shard(batch, seq);
+  const int64_t q_cols = s.num_heads * d, kv_cols = s.num_kv_heads * d;
 
+  // [s.rows, q_cols] and [s.rows, kv_cols]: the same sizes in both layouts.
   std::vector<T> datt(n * qd), dq(n * qd), dk(n * kvd), dv(n * kvd);
-  ops::linear_backward(datt.data(), g(o.o_proj), static_cast<T*>(nullptr), dres, a.att.data(),
-                       p(o.o_proj), n, qd, h);
-  if (ep_.size() > 1) {
+  if (tp) {
+    // Mirror of the forward: the full sequences' output gradient through this rank's columns.
+    std::vector<T> dout(static_cast<size_t>(s.rows * h));  // [batch, n * seq, h]
+    all_gather_sequences(dout.data(), dres, batch, seq, h, ep_, group_scratch_);
+    const ColumnSlice o_slice{h, qd, s.q_begin, q_cols};
+    slice_weights_.resize(static_cast<size_t>(h * q_cols));
+    pack_columns(slice_weights_.data(), p(o.o_proj), o_slice);
+    slice_grads_.assign(slice_weights_.size(), T(0));
+    ops::linear_backward(datt.data(), slice_grads_.data(), static_cast<T*>(nullptr), dout.data(),
+                         a.att.data(), slice_weights_.data(), s.rows, q_cols, h);
+    add_packed_columns(g(o.o_proj), slice_grads_.data(), o_slice);
+    const ops::AttentionDims dims{batch, s.seq, s.seq, s.num_heads, s.num_kv_heads, d};
+    ops::attention_backward(dq.data(), dk.data(), dv.data(), datt.data(), a.q.data(), a.k.data(),
+                            a.v.data(), a.probs.data(), dims);
+  } else if (ep_.size() > 1) {
+    ops::linear_backward(datt.data(), g(o.o_proj), static_cast<T*>(nullptr), dres, a.att.data(),
+                         p(o.o_proj), n, qd, h);
     // Mirror of the forward: d(att) sequence -> heads, attention, dq/dk/dv heads -> sequence.
     const int64_t num_ranks = ep_.size();
     const int64_t full_seq = num_ranks * seq;
@@ -396,32 +612,45 @@ void Transformer<T>::attention_backward(int64_t l, int64_t batch, int64_t seq, T
                     {dv.data(), dv_heads.data(), config_.num_kv_heads}},
                    false, batch, seq);
   } else {
+    ops::linear_backward(datt.data(), g(o.o_proj), static_cast<T*>(nullptr), dres, a.att.data(),
+                         p(o.o_proj), n, qd, h);
     const ops::AttentionDims dims{batch, seq, seq, config_.num_heads, config_.num_kv_heads, d};
     ops::attention_backward(dq.data(), dk.data(), dv.data(), datt.data(), a.q.data(), a.k.data(),
                             a.v.data(), a.probs.data(), dims);
   }
-  ops::rope_backward(dq.data(), dq.data(), positions_.data(), n, config_.num_heads, d,
-                     config_.rope_theta);
-  ops::rope_backward(dk.data(), dk.data(), positions_.data(), n, config_.num_kv_heads, d,
+  const int32_t* positions = tp ? group_positions_.data() : positions_.data();
+  ops::rope_backward(dq.data(), dq.data(), positions, s.rows, s.num_heads, d, config_.rope_theta);
+  ops::rope_backward(dk.data(), dk.data(), positions, s.rows, s.num_kv_heads, d,
                      config_.rope_theta);
   if (config_.qk_norm) {
     std::vector<T> dq_lin(n * qd), dk_lin(n * kvd);
     ops::rmsnorm_backward(dq_lin.data(), g(o.q_norm), dq.data(), a.q_lin.data(), p(o.q_norm),
-                          a.rstd_q.data(), n * config_.num_heads, d);
+                          a.rstd_q.data(), s.rows * s.num_heads, d);
     ops::rmsnorm_backward(dk_lin.data(), g(o.k_norm), dk.data(), a.k_lin.data(), p(o.k_norm),
-                          a.rstd_k.data(), n * config_.num_kv_heads, d);
+                          a.rstd_k.data(), s.rows * s.num_kv_heads, d);
     dq.swap(dq_lin);
     dk.swap(dk_lin);
   }
-  std::vector<T> dln1(n * h), tmp(n * h);
-  ops::linear_backward(dln1.data(), g(o.q_proj), g(o.q_bias), dq.data(), a.ln1.data(), p(o.q_proj),
-                       n, h, qd);
-  ops::linear_backward(tmp.data(), g(o.k_proj), g(o.k_bias), dk.data(), a.ln1.data(), p(o.k_proj),
-                       n, h, kvd);
-  ops::add_inplace(dln1.data(), tmp.data(), n * h);
-  ops::linear_backward(tmp.data(), g(o.v_proj), g(o.v_bias), dv.data(), a.ln1.data(), p(o.v_proj),
-                       n, h, kvd);
-  ops::add_inplace(dln1.data(), tmp.data(), n * h);
+  // The projections of this rank's heads (column-parallel rows under tensor parallelism).
+  const T* x = tp ? a.ln1_group.data() : a.ln1.data();                 // [s.rows, h]
+  std::vector<T> dx(static_cast<size_t>(s.rows * h)), tmp(dx.size());  // [s.rows, h]
+  ops::linear_backward(dx.data(), g(o.q_proj) + s.q_begin * h,
+                       offset_or_null(g(o.q_bias), s.q_begin), dq.data(), x,
+                       p(o.q_proj) + s.q_begin * h, s.rows, h, q_cols);
+  ops::linear_backward(tmp.data(), g(o.k_proj) + s.kv_begin * h,
+                       offset_or_null(g(o.k_bias), s.kv_begin), dk.data(), x,
+                       p(o.k_proj) + s.kv_begin * h, s.rows, h, kv_cols);
+  ops::add_inplace(dx.data(), tmp.data(), s.rows * h);
+  ops::linear_backward(tmp.data(), g(o.v_proj) + s.kv_begin * h,
+                       offset_or_null(g(o.v_bias), s.kv_begin), dv.data(), x,
+                       p(o.v_proj) + s.kv_begin * h, s.rows, h, kv_cols);
+  ops::add_inplace(dx.data(), tmp.data(), s.rows * h);
+  std::vector<T> dln1(n * h);  // [n, h] the local tokens' gradient of ln1
+  if (tp) {
+    reduce_scatter_sequences(dln1.data(), dx.data(), batch, seq, h, ep_, group_scratch_);
+  } else {
+    dln1.swap(dx);
+  }
   ops::rmsnorm_backward(tmp.data(), g(o.input_norm), dln1.data(), a.residual_in.data(),
                         p(o.input_norm), a.rstd1.data(), n, h);
   ops::add_inplace(dres, tmp.data(), n * h);

@@ -19,6 +19,18 @@
 // embeddings, lm_head) the caller sums the gradients over the group to get the full gradient; each
 // rank's expert gradients cover its local experts (the others stay zero), so the sum is also exact.
 //
+// Tensor parallelism (ParallelLayout::kTensor, Megatron-LM's baseline of the paper's ablation;
+// model/tensor_parallel.h has the data flow and both layouts' communication volumes): the same
+// group and the same sequence shards, with the norms and residual adds on the local positions,
+// but attention, MoE and dense FFN layers split their weights: attention by heads (column-parallel
+// q/k/v, row-parallel o_proj), FFNs by intermediate columns, each between an all-gather and a
+// reduce-scatter along the sequence. The loss is the group's, as above. backward(dloss) gives
+// each rank the gradient of its slice of the split weights (zero elsewhere) and, for the
+// replicated ones (norms, router, shared expert gate, embeddings, lm_head), its local tokens'
+// contribution; q_norm and k_norm get their heads' contribution over all tokens. The sum over the
+// group is again the full gradient. Every rank holds and updates all weights (the checkpoint
+// layout). With one rank both layouts are the single-rank model.
+//
 // Inference (forward_incremental, forward_prefill) runs one sequence with a KvCache on one rank;
 // its prefills may attend block-sparsely (FlexPrefill, opt-in: set_prefill_attention and
 // prefill_attention.h), its decode steps always attend densely.
@@ -33,6 +45,7 @@
 #include "model/moe_ffn.h"
 #include "model/parameters.h"
 #include "model/prefill_attention.h"
+#include "model/tensor_parallel.h"
 
 namespace moeforge {
 
@@ -58,15 +71,20 @@ struct LossBreakdown {
 template <typename T>
 class Transformer {
  public:
-  // ep: the expert- and sequence-parallel group (a SelfCommunicator for one rank). It must outlive
-  // the model. With n > 1 ranks, num_heads and num_kv_heads must be divisible by n. ep_dispatch:
-  // how every MoE layer sends its tokens to the experts of other ranks (a run setting, not part
-  // of the config; moe_ffn.h).
+  // ep: the group of n ranks that shares each sequence (a SelfCommunicator for one rank), expert-
+  // and sequence-parallel or tensor-parallel as parallel_layout says. It must outlive the model.
+  // With n > 1 ranks, num_heads and num_kv_heads must be divisible by n; sp_ep needs num_experts,
+  // tp the intermediate sizes (intermediate_size of dense layers, moe_intermediate_size and
+  // shared_expert_intermediate_size) divisible by n. ep_dispatch: how every MoE layer sends its
+  // tokens to the experts of other ranks under sp_ep (a run setting, not part of the config;
+  // moe_ffn.h).
   Transformer(const ModelConfig& config, Communicator& ep,
-              EpDispatch ep_dispatch = EpDispatch::kAuto);
+              EpDispatch ep_dispatch = EpDispatch::kAuto,
+              ParallelLayout parallel_layout = ParallelLayout::kSequenceExpert);
 
   const ModelConfig& config() const { return config_; }
   EpDispatch ep_dispatch() const { return ep_dispatch_; }
+  ParallelLayout parallel_layout() const { return parallel_layout_; }
   const ParameterLayout& layout() const { return layout_; }
   std::vector<T>& params() { return params_; }
   const std::vector<T>& params() const { return params_; }
@@ -114,12 +132,33 @@ class Transformer {
     std::vector<T> probs, att;
     // With n > 1 ranks: this rank's heads over the full sequence [batch, n * seq, heads / n, dim].
     std::vector<T> q_heads, k_heads, v_heads, att_heads;
+    // Tensor parallel: ln1 all-gathered [batch, n * seq, hidden] (q_lin ... att hold this rank's
+    // heads over the full sequences, [batch, n * seq, heads / n, dim]), and ln2 all-gathered
+    // [n * batch * seq, hidden] (rank by rank) for a dense FFN.
+    std::vector<T> ln1_group, ln2_group;
     std::vector<T> residual_mid, ln2, rstd2;
     DenseFfnSaved<T> dense;
     MoeFfnSaved<T> moe;
   };
 
   void resize_activations(int64_t batch, int64_t seq);
+  // n > 1 ranks with ParallelLayout::kTensor (with one rank both layouts run the same code).
+  bool tensor_parallel() const {
+    return parallel_layout_ == ParallelLayout::kTensor && ep_.size() > 1;
+  }
+  // What this rank's attention projects: its local tokens with all heads, or under tensor
+  // parallelism the group's full sequences with its heads.
+  struct AttentionShard {
+    int64_t rows;  // tokens: batch * seq, or batch * n * seq
+    int64_t seq;   // positions per sequence: seq, or n * seq
+    int64_t num_heads, num_kv_heads;
+    int64_t q_begin, kv_begin;  // this rank's first column of q_dim and of kv_dim
+  };
+  AttentionShard attention_shard(int64_t batch, int64_t seq) const;
+  // Tensor parallel: this rank's column slice [begin, begin + ffn / n) of an FFN's intermediate
+  // dimension ffn, as the columns of its down projection [hidden, ffn] (begin * hidden is the
+  // offset of the matching rows of gate and up).
+  ColumnSlice ffn_slice(int64_t ffn) const;
   // Checks and runs num_new tokens at positions cache.length.. (batch 1); leaves lnf_ filled.
   void run_incremental(const int32_t* tokens, int64_t num_new, KvCache<T>& cache);
   // Block-sparse attention of a sparse prefill for one layer: a.q, a.k, a.v -> a.att.
@@ -142,8 +181,12 @@ class Transformer {
   void ffn_backward(int64_t layer_idx, int64_t n, const T* dout, T* dinp, double d_aux, double d_z);
   MoeFfnDims moe_dims(int64_t n) const;
   int64_t local_experts_offset() const;  // elements from an expert block to this rank's experts
-  MoeFfnWeights<T> moe_weights(const LayerOffsets& o) const;
+  // Tensor parallel: the MoE layer's weights are this rank's slices packed into slice_weights_,
+  // its gradients go to slice_grads_ (zeroed by moe_grads), and add_moe_slice_grads adds them
+  // into grads_ (moe_ffn.h).
+  MoeFfnWeights<T> moe_weights(const LayerOffsets& o);
   MoeFfnGrads<T> moe_grads(const LayerOffsets& o);
+  void add_moe_slice_grads(const LayerOffsets& o);
   const T* p(int64_t offset) const { return offset < 0 ? nullptr : params_.data() + offset; }
   T* g(int64_t offset) { return offset < 0 ? nullptr : grads_.data() + offset; }
 
@@ -151,15 +194,19 @@ class Transformer {
   ParameterLayout layout_;
   Communicator& ep_;
   EpDispatch ep_dispatch_;
+  ParallelLayout parallel_layout_;
   int64_t num_moe_layers_ = 0;
   std::vector<T> params_, grads_;
 
   int64_t batch_ = 0, seq_ = 0;
   std::vector<int32_t> tokens_, targets_, positions_;
+  std::vector<int32_t> group_positions_;  // tensor parallel: [batch, n * seq] positions for RoPE
   std::vector<LayerActivations> acts_;
   std::vector<T> x_;  // [n, hidden] residual stream at the end of the layers
   std::vector<T> lnf_, rstdf_, logits_, losses_;
   std::vector<T> send_, recv_;  // all-to-all packing buffers
+  // Tensor parallel: a layer's weight slices packed, their gradients, the collectives' buffer.
+  std::vector<T> slice_weights_, slice_grads_, group_scratch_;
   std::vector<MoeFfnStats> moe_stats_;
   PrefillAttention prefill_attention_;
   bool sparse_prefill_ = false;  // the running forward_incremental call is a sparse prefill

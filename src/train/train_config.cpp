@@ -281,6 +281,7 @@ TrainConfig parse_merged(const json& merged, const std::filesystem::path& base_d
 
   const SectionReader parallel(merged, "parallel");
   c.parallel.expert_parallel = parallel.get_int("expert_parallel");
+  c.parallel.layout = parallel.get_string("layout");
   c.parallel.grad_reduce_dtype = parallel.get_string("grad_reduce_dtype");
   c.parallel.ep_dispatch = parallel.get_string("ep_dispatch");
   c.parallel.zero_stage = parallel.get_int("zero_stage");
@@ -352,6 +353,7 @@ nlohmann::json train_config_to_json(const TrainConfig& c) {
         {"alpha", c.pma.alpha}}},
       {"parallel",
        {{"expert_parallel", c.parallel.expert_parallel},
+        {"layout", c.parallel.layout},
         {"grad_reduce_dtype", c.parallel.grad_reduce_dtype},
         {"ep_dispatch", c.parallel.ep_dispatch},
         {"zero_stage", c.parallel.zero_stage}}},
@@ -449,6 +451,14 @@ void validate_train_config(const TrainConfig& c) {
   MF_CHECK(c.parallel.ep_dispatch == "allgather" || c.parallel.ep_dispatch == "alltoall" ||
                c.parallel.ep_dispatch == "auto",
            "parallel.ep_dispatch must be \"allgather\", \"alltoall\" or \"auto\", got \"{}\"",
+           c.parallel.ep_dispatch);
+  MF_CHECK(c.parallel.layout == "sp_ep" || c.parallel.layout == "tp",
+           "parallel.layout must be \"sp_ep\" (sequence + expert parallel, MegaScale-MoE) or "
+           "\"tp\" (tensor parallel, the Megatron-LM baseline), got \"{}\"",
+           c.parallel.layout);
+  MF_CHECK(c.parallel.layout != "tp" || c.parallel.ep_dispatch == "auto",
+           "parallel.ep_dispatch (\"{}\") applies only to parallel.layout \"sp_ep\": layout "
+           "\"tp\" runs every expert on every rank (leave ep_dispatch \"auto\")",
            c.parallel.ep_dispatch);
   MF_CHECK(c.parallel.zero_stage == 0 || c.parallel.zero_stage == 1,
            "parallel.zero_stage must be 0 (every rank holds the whole optimizer state) or 1 "

@@ -103,17 +103,23 @@ struct PmaConfig {
   bool operator==(const PmaConfig&) const = default;
 };
 
-// MegaScale-MoE's layout: groups of expert_parallel consecutive ranks share each sequence
-// (Ulysses attention: sequence parallelism) and split the experts of every MoE layer (expert
-// parallelism); the world size divided by expert_parallel is the data-parallel degree.
+// Groups of expert_parallel consecutive ranks share each sequence (each holds seq_len / n
+// positions of the residual stream) and split every layer as layout says; the world size divided
+// by expert_parallel is the data-parallel degree.
 struct ParallelConfig {
-  int64_t expert_parallel = 1;  // n = sp = ep
+  int64_t expert_parallel = 1;  // n = sp = ep, or the tensor-parallel size under layout "tp"
+  // "sp_ep": MegaScale-MoE's layout, Ulysses attention (sequence parallelism) and the experts of
+  // every MoE layer split over the group (expert parallelism). "tp": Megatron-LM's tensor
+  // parallelism with sequence-parallel norms, the baseline of the paper's ablation: attention
+  // heads and FFN intermediate columns split over the group (model/tensor_parallel.h).
+  std::string layout = "sp_ep";
   // The gradient sum over ranks: "fp32", or "bf16" (MegaScale-MoE's compressed all-to-all with an
   // fp32 local sum; train/grad_reduce.h).
   std::string grad_reduce_dtype = "fp32";
-  // How each MoE layer reaches the experts of other ranks: "allgather" (all-gather -> local
-  // experts -> reduce-scatter), "alltoall" (each token's top-k rows to their experts' ranks and
-  // back) or "auto" (all-to-all iff top-k < expert_parallel, the smaller volume; model/moe_ffn.h).
+  // How each MoE layer reaches the experts of other ranks under layout "sp_ep": "allgather"
+  // (all-gather -> local experts -> reduce-scatter), "alltoall" (each token's top-k rows to their
+  // experts' ranks and back) or "auto" (all-to-all iff top-k < expert_parallel, the smaller
+  // volume; model/moe_ffn.h). Layout "tp" has one way (all-gather): leave it "auto".
   std::string ep_dispatch = "auto";
   // 0: every rank holds AdamW's whole state; 1: ZeRO-1, the state sharded over the data-parallel
   // ranks (train/zero_optimizer.h), CPU only for now.

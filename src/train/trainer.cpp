@@ -94,14 +94,19 @@ void slice_sequences(const int32_t* full, int32_t* local, int64_t batch, int64_t
 
 TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Communicator& world) {
   const bool is_root = world.rank() == 0;
-  // Groups of n consecutive ranks share sequences and split experts; ranks with the same position
-  // in their group form the data-parallel groups.
+  // Groups of n consecutive ranks share sequences and split experts (or, under parallel.layout
+  // "tp", attention heads and FFN columns); ranks with the same position in their group form the
+  // data-parallel groups.
   const int64_t n = config.parallel.expert_parallel;
   MF_CHECK(world.size() % n == 0,
            "parallel.expert_parallel ({}) must divide the number of ranks ({})", n, world.size());
   MF_CHECK(n == 1 || options.device == "cpu",
            "parallel.expert_parallel > 1 runs on the CPU for now (the NCCL communicator for "
            "--device cuda is issue #7)");
+  MF_CHECK(config.parallel.layout != "tp" || options.device == "cpu",
+           "parallel.layout \"tp\" (the Megatron-LM baseline) runs on the CPU engine only; with "
+           "--device {} use parallel.layout \"sp_ep\"",
+           options.device);
   const bool zero1 = config.parallel.zero_stage == 1;
   MF_CHECK(!zero1 || options.device == "cpu",
            "parallel.zero_stage 1 (ZeRO-1) runs on the CPU only for now; with --device {} set "
@@ -128,8 +133,9 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
            "data.seq_len ({}) exceeds the model's max_position_embeddings ({})",
            config.data.seq_len, model_config.max_position_embeddings);
 
+  const ParallelLayout parallel_layout = parse_parallel_layout(config.parallel.layout);
   Transformer<float> model(model_config, expert_group,
-                           parse_ep_dispatch(config.parallel.ep_dispatch));
+                           parse_ep_dispatch(config.parallel.ep_dispatch), parallel_layout);
   const AdamWHyper adamw_hyper{config.optimizer.beta1, config.optimizer.beta2, config.optimizer.eps,
                                config.optimizer.weight_decay};
   // Without ZeRO every rank holds the whole AdamW state; with ZeRO-1 only its shard of it.
@@ -225,11 +231,14 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   if (is_root) {
     fmt::print(stderr,
                "training {} with {} parameters ({} active) on {} rank(s) ({}; {} data-parallel x "
-               "{} expert/sequence-parallel): {} tokens/step, {} steps\n",
+               "{} {}): {} tokens/step, {} steps\n",
                architecture_name(model_config.architecture), model.layout().num_params(),
                model.layout().num_active_params(), world.size(), options.device, dp.size(), n,
+               parallel_layout == ParallelLayout::kTensor
+                   ? "tensor-parallel (parallel.layout \"tp\")"
+                   : "expert/sequence-parallel",
                tokens_per_step, config.schedule.max_steps);
-    if (n > 1 && model_config.is_moe()) {
+    if (n > 1 && model_config.is_moe() && parallel_layout == ParallelLayout::kSequenceExpert) {
       fmt::print(stderr,
                  "expert dispatch: {} (parallel.ep_dispatch \"{}\", top-{} over {} ranks)\n",
                  ep_dispatch_name(
@@ -309,10 +318,11 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
       }
     }
     // Over the whole world: the expert/sequence group's partial gradients (each rank's tokens,
-    // each rank's experts) and the data-parallel replicas in one sum. ZeRO-1 shards over the
-    // data-parallel group only: the group's partial gradients are summed first (in fp32), then
-    // reduce-scattered over dp, which groups the sum differently from the world's all-reduce
-    // (equal to it to fp32 rounding; bit-identical when expert_parallel is 1).
+    // each rank's experts, or under "tp" each rank's weight slices) and the data-parallel
+    // replicas in one sum. ZeRO-1 shards over the data-parallel group only: the group's partial
+    // gradients are summed first (in fp32), then reduce-scattered over dp, which groups the sum
+    // differently from the world's all-reduce (equal to it to fp32 rounding; bit-identical when
+    // expert_parallel is 1).
     if (zero1) {
       if (n > 1) {
         all_reduce_gradients(model.grads().data(), model.grads().size(), expert_group,

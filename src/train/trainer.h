@@ -1,13 +1,14 @@
 // The training loop over the ranks of a communicator: groups of parallel.expert_parallel
 // consecutive ranks share each sequence and split the experts (MegaScale-MoE's SP + EP layout,
-// model/transformer.h), and those groups are data-parallel (every rank holds all parameters;
-// gradients are summed over all ranks), gradient accumulation over micro-batches,
-// AdamW with clipping and an LR schedule, periodic evaluation, atomic checkpoints with retention,
-// JSONL metrics and a progress line.
+// model/transformer.h) or, with parallel.layout "tp", the attention heads and FFN columns
+// (Megatron-LM's tensor parallelism, model/tensor_parallel.h), and those groups are data-parallel
+// (every rank holds all parameters; gradients are summed over all ranks), gradient accumulation
+// over micro-batches, AdamW with clipping and an LR schedule, periodic evaluation, atomic
+// checkpoints with retention, JSONL metrics and a progress line.
 //
 // Global batch of one step = (num_ranks / expert_parallel) * grad_accum_steps micro-batches; the
 // loss of a step is the mean of their losses, so n data-parallel ranks give the same step as one
-// rank with n times the accumulation, and an expert-parallel group the same as one rank.
+// rank with n times the accumulation, and an expert- or tensor-parallel group the same as one rank.
 #pragma once
 
 #include <filesystem>

@@ -17,12 +17,12 @@
 
 #include "core/error.h"
 #include "core/rng.h"
+#include "model/counting_communicator.h"
 #include "model/model_test_configs.h"
 #include "model/moe_ffn.h"
 #include "model/moe_layer_case.h"
 #include "model/thread_communicator.h"
 #include "model/transformer.h"
-#include "testing/forwarding_communicator.h"
 #include "testing/gradcheck.h"
 
 namespace moeforge {
@@ -329,41 +329,6 @@ TEST(MoeDispatchA2a, BackwardNeedsTheForwardsVariant) {
   }
 }
 
-// Forwards to another communicator and counts the elements this rank sends to other ranks:
-// hidden rows (all-gather, reduce-scatter, all-to-all-v of the layer's activations) and routing
-// metadata (the plan's counts, the router sums and gate gradients).
-class CountingCommunicator final : public testing::ForwardingCommunicator {
- public:
-  using ForwardingCommunicator::ForwardingCommunicator;
-  std::string name() const override { return "counting"; }
-  void all_reduce_sum(void* data, size_t count, CommDType dtype) override {
-    metadata_ += count * static_cast<size_t>(size() - 1);
-    inner_.all_reduce_sum(data, count, dtype);
-  }
-  void all_gather(const void* send, void* recv, size_t count, CommDType dtype) override {
-    (dtype == CommDType::kInt64 ? metadata_ : rows_) += count * static_cast<size_t>(size() - 1);
-    inner_.all_gather(send, recv, count, dtype);
-  }
-  void reduce_scatter_sum(const void* send, void* recv, size_t count, CommDType dtype) override {
-    rows_ += count * static_cast<size_t>(size() - 1);
-    inner_.reduce_scatter_sum(send, recv, count, dtype);
-  }
-  void all_to_all_v(const void* send, const size_t* send_counts, const size_t* send_offsets,
-                    void* recv, const size_t* recv_counts, const size_t* recv_offsets,
-                    CommDType dtype) override {
-    for (int j = 0; j < size(); ++j) {
-      if (j != rank()) rows_ += send_counts[j];
-    }
-    inner_.all_to_all_v(send, send_counts, send_offsets, recv, recv_counts, recv_offsets, dtype);
-  }
-  size_t rows() const { return rows_; }
-  size_t metadata() const { return metadata_; }
-
- private:
-  size_t rows_ = 0;
-  size_t metadata_ = 0;
-};
-
 struct Volume {
   size_t rows = 0;      // elements of hidden rows sent to other ranks, forward + backward
   size_t metadata = 0;  // routing elements
@@ -373,11 +338,17 @@ struct Volume {
 std::vector<Volume> measure(const LayerCase& c, EpDispatch dispatch, int num_ranks) {
   std::vector<Volume> volumes(static_cast<size_t>(num_ranks));
   run_ranks(num_ranks, [&](Communicator& comm) {
-    CountingCommunicator counting(comm);
+    testing::CountingCommunicator counting(comm);
     const RankRun run = run_rank(c, dispatch, counting);
     Volume& v = volumes[comm.rank()];
-    v.rows = counting.rows();
-    v.metadata = counting.metadata();
+    // Hidden rows (the layer's activations) and routing metadata (the plan's int64 counts, the
+    // router sums and the gate gradients).
+    using Collective = testing::CountingCommunicator::Collective;
+    v.rows = counting.elements(Collective::kAllGather, CommDType::kFloat64) +
+             counting.elements(Collective::kReduceScatter) +
+             counting.elements(Collective::kAllToAll);
+    v.metadata = counting.elements(Collective::kAllReduce) +
+                 counting.elements(Collective::kAllGather, CommDType::kInt64);
     for (int j = 0; j < num_ranks; ++j) {
       if (j != comm.rank() && !run.send_rows.empty()) {
         v.off_rank_assignments += static_cast<int64_t>(run.send_rows[j]);

@@ -75,6 +75,7 @@ TEST(TrainConfigTest, DefaultsFillEverythingNotGiven) {
   EXPECT_EQ(c.eval.max_batches, 16);
   EXPECT_EQ(c.log.every_steps, 1);
   EXPECT_EQ(c.log.metrics_file, fs::path("runs/default/metrics.jsonl"));
+  EXPECT_EQ(c.parallel.layout, "sp_ep");
 }
 
 TEST(TrainConfigTest, MetricsFileFollowsTheRunDirUnlessSet) {
@@ -270,6 +271,9 @@ TEST(TrainConfigTest, EveryInvalidValueIsNamedByItsKeyPath) {
        "parallel.grad_reduce_dtype must be \"fp32\" or \"bf16\", got \"fp8\""},
       {"parallel", "ep_dispatch", "all-to-all",
        "parallel.ep_dispatch must be \"allgather\", \"alltoall\" or \"auto\", got \"all-to-all\""},
+      {"parallel", "layout", "megatron",
+       "parallel.layout must be \"sp_ep\" (sequence + expert parallel, MegaScale-MoE) or \"tp\""},
+      {"parallel", "layout", 2, "parallel.layout must be a string, got 2"},
   };
   for (const Case& c : cases) {
     json j = kMinimal;
@@ -294,6 +298,19 @@ TEST(TrainConfigTest, EveryInvalidValueIsNamedByItsKeyPath) {
     EXPECT_NE(message.find(c.expected), std::string::npos)
         << c.section << "." << c.key << "=" << c.value.dump() << ": got \"" << message << "\"";
   }
+  // Layout "tp" has one expert dispatch.
+  for (const char* dispatch : {"allgather", "alltoall"}) {
+    json j = kMinimal;
+    j["parallel"] = {{"layout", "tp"}, {"ep_dispatch", dispatch}};
+    EXPECT_NE(error_of([&] { train_config_from_json(j, ""); })
+                  .find("parallel.ep_dispatch (\"" + std::string(dispatch) +
+                        "\") applies only to parallel.layout \"sp_ep\""),
+              std::string::npos)
+        << dispatch;
+  }
+  json tp = kMinimal;
+  tp["parallel"] = {{"layout", "tp"}, {"expert_parallel", 4}};
+  EXPECT_EQ(train_config_from_json(tp, "").parallel.layout, "tp");
   json no_steps = kMinimal;
   no_steps.erase("schedule");
   EXPECT_NE(error_of([&] {
@@ -419,6 +436,7 @@ TEST(TrainConfigTest, RoundTripsThroughJson) {
   c.log = LogConfig{5, "/logs/m.jsonl"};
   c.parallel.ep_dispatch = "alltoall";
   const json written = train_config_to_json(c);
+  EXPECT_EQ(written["parallel"]["layout"], "sp_ep");
   const TrainConfig back = train_config_from_json(written, "/some/other/dir");
   EXPECT_EQ(back, c) << written.dump(2);
   EXPECT_EQ(written["schedule"]["decay_steps"], 20);
@@ -429,6 +447,10 @@ TEST(TrainConfigTest, RoundTripsThroughJson) {
   c.schedule.decay_fraction = 0.3;
   c.schedule.decay_shape = DecayShape::kSqrt;
   c.schedule.type = ScheduleType::kWsd;
+  EXPECT_EQ(train_config_from_json(train_config_to_json(c), ""), c);
+
+  c.parallel.layout = "tp";
+  c.parallel.ep_dispatch = "auto";
   EXPECT_EQ(train_config_from_json(train_config_to_json(c), ""), c);
 }
 

@@ -140,6 +140,40 @@ TEST_F(TrainFixture, GradientAccumulationMatchesOneLargerMicroBatch) {
   EXPECT_EQ(accumulated[1].at("tokens").get<int64_t>(), single[1].at("tokens").get<int64_t>());
 }
 
+TEST_F(TrainFixture, TensorParallelLayoutOnOneRankIsTheSingleRankRun) {
+  // Groups of one rank split nothing: both layouts run the same code (bit for bit); the MPI runs
+  // of tests/cli compare tp over 2 and 4 ranks with one rank.
+  SelfCommunicator self;
+  train(config(2), no_progress(), self);
+  const auto sp_ep = read_metrics(root_ / "run" / "metrics.jsonl");
+  std::filesystem::remove_all(root_ / "run");
+  TrainConfig c = config(2);
+  c.parallel.layout = "tp";
+  train(c, no_progress(), self);
+  const auto tp = read_metrics(root_ / "run" / "metrics.jsonl");
+  ASSERT_EQ(tp.size(), sp_ep.size());
+  for (size_t i = 0; i < tp.size(); ++i) {
+    if (tp[i].contains("loss")) EXPECT_EQ(tp[i].at("loss"), sp_ep[i].at("loss")) << i;
+  }
+}
+
+TEST_F(TrainFixture, TensorParallelLayoutRunsOnTheCpuEngineOnly) {
+  TrainConfig c = config(3);
+  c.parallel.layout = "tp";
+  TrainRunOptions options = no_progress();
+  options.device = "cuda";
+  SelfCommunicator self;
+  try {
+    train(c, options, self);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("parallel.layout \"tp\" (the Megatron-LM baseline) runs "
+                                         "on the CPU engine only"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace moeforge
 
