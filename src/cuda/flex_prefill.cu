@@ -1,14 +1,33 @@
-// FlexPrefill pattern search kernels (steps of ops/flex_prefill.h). Exactness first: all values in
-// double with __dmul_rn / __dadd_rn (never contracted to an FMA, as the host reference is built
-// without one), every sum that decides a comparison runs in the reference's order, sequentially.
+// FlexPrefill pattern search kernels (steps of ops/flex_prefill.h), equal to the reference's
+// doubles by construction, and built for throughput:
+//  - Step 1's logits are a small fp64 GEMM per head (the bs last queries against all keys) with
+//    shared-memory tiles and an 8 x 8 register tile per thread. bf16 products are exact in double,
+//    so the GPU uses fused multiply-adds there (ops/flex_prefill.h, "exactness facts") with each
+//    dot product's terms in ascending d. The logits are stored ([heads, keys, bs] doubles, in
+//    passes of heads that keep the buffer under kLogitBytesPerPass) and read twice: for the chunked
+//    softmax sums and for the vertical / slash sums.
+//  - Products of doubles (abar's and step 8's logits, the query mean) use __dmul_rn / __dadd_rn so
+//    that nvcc cannot contract them into fused multiply-adds.
+//  - Long sums follow the reference's chunked order (kFlexPrefillSumChunk): chunk totals in
+//    parallel, then their ascending sum; coverage prefixes as base(chunk) + in-chunk prefix. Row
+//    sums over 128 rows, pooled blocks and block means stay sequential, one thread each.
+//  - The long sorts (N values, nb (nb + 1) / 2 block probabilities) are two stable CUB radix sorts
+//    over all segments at once (cuda/flex_prefill_sort.h), the nb block scores a stable
+//    cub::BlockRadixSort per segment; the sorted values are >= +0.0 or +inf, never -0.0 or NaN,
+//    so the radix order is the reference's order.
+//  - A max is exact in any order: the per-row maxima of step 1 are atomicMax on an order-preserving
+//    integer image of the double.
 //
-// Kernels, in order: block means of K and Q; per last-block row, the softmax max (exact in any
-// order) and sum (sequential over keys); per key position, the vertical and slash sums over rows
-// in ascending order (logits recomputed); the scaled mean of the last-block queries; a bitonic
-// sort of the vertical and slash values per head; per head the budgets, block pooling, abar and
-// the JS decision; a bitonic sort of the block scores; the column / diagonal fill of the block
-// grid; for query-aware heads the block-level softmax, its sort and the gamma * nb walk; finally
-// per-row counts, one scan and the column fill of the CSR.
+// Kernels, in order: block means of K; per pass of heads the logits GEMM (+ row maxima), the
+// per-chunk softmax sums, the row totals, and the vertical / slash sums with their block pooling;
+// the last-block query mean; the sort of the vertical and slash values, their chunk prefixes and
+// coverage counts; per head the budgets, abar and the JS decision; per head and kind a block sort
+// of the block scores and the column / diagonal fill of an [nb, nb] grid; for query-aware heads the
+// block means of Q, the block logits (tiled fp64), the row softmaxes, the sort of the triangle and
+// the gamma * nb walk; finally per-row counts (warp ballots), one scan and the column fill of the
+// CSR.
+#include <cub/block/block_radix_sort.cuh>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -17,33 +36,73 @@
 #include "core/error.h"
 #include "cuda/cuda_check.h"
 #include "cuda/flex_prefill.h"
+#include "cuda/flex_prefill_sort.h"
 #include "cuda/kernel_util.cuh"
 
 namespace moeforge::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kSortThreads = 1024;
 constexpr int kScanThreads = 1024;
+constexpr unsigned kFullMask = 0xffffffffu;
 // Tokens per budget block in step 2: hard-coded in the reference, independent of block_size.
 constexpr int64_t kBudgetDivisor = 128;
+constexpr int kChunk = static_cast<int>(ops::kFlexPrefillSumChunk);
+constexpr int kMaxBlockSize = 128;
+// Logits GEMM: threads per block (8 warps of 32 rows x 64 keys), logits per block (bs rows x
+// kLogitTile / bs keys), and the row padding of its shared tiles (in doubles, even so that double2
+// loads stay aligned; it spreads the transposing stores over banks).
+constexpr int kLogitThreads = 256;
+constexpr int kLogitTile = 128 * 128;
+constexpr int kTilePad = 2;
+// Vertical / slash sums: keys per block and rows per shared-memory stage.
+constexpr int kScoreKeys = 256;
+constexpr int kScoreRows = 8;
+// Chunk prefixes: warps per block (each warp takes 32 chunks).
+constexpr int kPrefixWarps = 4;
+// Steps 6-7: scores per thread of the block radix sort (nb <= kThreads * kSelectItems).
+constexpr int kSelectItems = 8;
+// Step 8 block logits: square tile and head_dim slice.
+constexpr int kBlockTile = 64;
+constexpr int kBlockDepth = 16;
+// The logits buffer of step 1 holds at most this many bytes (more heads take several passes).
+constexpr int64_t kLogitBytesPerPass = int64_t{4} << 30;
+
+static_assert(kScoreKeys == kChunk && kChunk % (kLogitTile / 64) == 0,
+              "the padded key range must be whole tiles of every step-1 kernel");
+static_assert(kChunk % 32 == 0, "chunk prefixes move 32 terms at a time");
+static_assert(kFlexPrefillMaxBlocks <= 32 * kChunk, "a block-softmax row has at most 32 chunks");
+static_assert(kFlexPrefillMaxBlocks <= kThreads * kSelectItems, "one block sorts a head's scores");
+static_assert(kScoreKeys % kMaxBlockSize == 0 && kMaxBlockSize % kScoreRows == 0,
+              "vertical / slash tiles hold whole blocks and whole row stages");
 
 __device__ __forceinline__ double to_double(bf16 x) {
   return static_cast<double>(__bfloat162float(x));
 }
 
-// sum_d a[d] * b[d] in ascending d, as ops::dot_double.
-__device__ double dot_bf16(const bf16* a, const bf16* b, int64_t len) {
-  double sum = 0.0;
-  for (int64_t d = 0; d < len; ++d)
-    sum = __dadd_rn(sum, __dmul_rn(to_double(a[d]), to_double(b[d])));
-  return sum;
-}
-
+// sum_d a[d] * b[d] in ascending d for doubles, with no fused multiply-add (as ops::dot_double).
 __device__ double dot_double(const double* a, const double* b, int64_t len) {
   double sum = 0.0;
   for (int64_t d = 0; d < len; ++d) sum = __dadd_rn(sum, __dmul_rn(a[d], b[d]));
   return sum;
+}
+
+// An unsigned integer with the order of the doubles (NaN aside), for atomicMax.
+__device__ __forceinline__ unsigned long long order_key(double x) {
+  const unsigned long long bits = static_cast<unsigned long long>(__double_as_longlong(x));
+  return (bits >> 63) != 0 ? ~bits : bits | (1ull << 63);
+}
+
+__device__ __forceinline__ double from_order_key(unsigned long long key) {
+  const unsigned long long bits = (key >> 63) != 0 ? key & ~(1ull << 63) : ~key;
+  return __longlong_as_double(static_cast<long long>(bits));
+}
+
+__device__ __forceinline__ double warp_max(double x) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    x = fmax(x, __shfl_xor_sync(kFullMask, x, offset));
+  }
+  return x;
 }
 
 struct Shape {
@@ -51,28 +110,22 @@ struct Shape {
   double scale;  // 1 / sqrt(head_dim), computed on the host as the reference does
 };
 
-// Logit of last-block row r of query head h against key j: scale * q . k, as the reference.
-__device__ double last_block_logit(const bf16* q, const bf16* k, const Shape& s, int64_t h,
-                                   int64_t r, int64_t j) {
-  const int64_t position = s.seq_len - s.block_size + r;
-  const bf16* q_vec = q + (position * s.num_q_heads + h) * s.head_dim;
-  const bf16* k_vec = k + (j * s.num_kv_heads + h / s.group_size) * s.head_dim;
-  return __dmul_rn(s.scale, dot_bf16(q_vec, k_vec, s.head_dim));
-}
-
 // means [num_heads, nb, D]: mean over each block's real rows of x[:, head, :], times factor
-// (rows summed in ascending order, then multiplied by factor / length, as the reference).
+// (rows summed in ascending order, then multiplied by factor / length, as the reference). Heads
+// whose flag in active is 0 are skipped (active == nullptr: every head).
 __global__ void block_means_kernel(double* means, const bf16* x, int64_t seq_len, int64_t num_heads,
                                    int64_t head_dim, int64_t block_size, int64_t num_blocks,
-                                   double factor) {
+                                   double factor, const int32_t* active) {
   const int64_t total = num_heads * num_blocks * head_dim;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t d = i % head_dim;
     const int64_t b = (i / head_dim) % num_blocks;
     const int64_t head = i / (head_dim * num_blocks);
+    if (active != nullptr && active[head] == 0) continue;
     const int64_t end = min(seq_len, (b + 1) * block_size);
     double sum = 0.0;
+#pragma unroll 8
     for (int64_t j = b * block_size; j < end; ++j) {
       sum = __dadd_rn(sum, to_double(x[(j * num_heads + head) * head_dim + d]));
     }
@@ -81,71 +134,249 @@ __global__ void block_means_kernel(double* means, const bf16* x, int64_t seq_len
   }
 }
 
-// Block (r, h): row_max and row_sum of the softmax of last-block row r of head h over keys
-// 0..N-bs+r. The max is exact in any order; the sum of exp(logit - max) runs over the keys in
-// ascending order (chunks computed in parallel, added by thread 0), as the reference.
-__global__ void last_row_stats_kernel(double* row_max, double* row_sum, const bf16* q,
-                                      const bf16* k, Shape s) {
-  __shared__ double values[kThreads];
-  const int64_t r = blockIdx.x;
-  const int64_t h = blockIdx.y;
-  const int64_t num_keys = s.seq_len - s.block_size + r + 1;
-  double local_max = -INFINITY;
-  for (int64_t j = threadIdx.x; j < num_keys; j += kThreads) {
-    local_max = fmax(local_max, last_block_logit(q, k, s, h, r, j));
+// Step 1 logits of one head and kLogitTile / bs keys: block (key tile, head of the pass),
+// kLogitThreads threads, template kRows = bs. logits [pass heads, padded_len, bs]: scale * q_r .
+// k_j for the visible keys (j <= N - bs + r), -inf elsewhere (the causal corner and the padding up
+// to padded_len). row_max [Hq, bs]: order_key of each row's largest logit, by atomicMax (zeroed by
+// the caller).
+//
+// Warps tile the block's logits as (bs / 32) x (256 / bs) tiles of 32 rows x 64 keys; lane
+// (tr = lane / 8, tk = lane % 8) owns rows row_base + 8 i + e and keys key_base + 16 i + e
+// (i < 4, e < 2), so that its shared-memory reads are double2 loads that lanes share or read
+// contiguously. head_dim goes through shared memory kDepth at a time (the next slice waits in
+// registers, 8 + 8 or 2 + 8 values a thread). Each dot product accumulates d in ascending order
+// with fma (exact products).
+template <int kRows>
+__global__ void __launch_bounds__(kLogitThreads, 1)
+    last_block_logits_kernel(double* logits, unsigned long long* row_max, const bf16* q,
+                             const bf16* k, Shape s, int64_t head_begin, int64_t padded_len) {
+  static_assert(kRows == 64 || kRows == 128, "block sizes 64 and 128");
+  constexpr int kKeys = kLogitTile / kRows;
+  constexpr int kDepth = kRows / 8;
+  constexpr int kKeyWarps = kKeys / 64;
+  static_assert((kRows / 32) * kKeyWarps * kWarpSize == kLogitThreads, "one 32 x 64 tile a warp");
+  constexpr int kQLoads = kRows * kDepth / kLogitThreads;
+  constexpr int kKLoads = kKeys * kDepth / kLogitThreads;
+  __shared__ __align__(16) double q_tile[kDepth][kRows + kTilePad];
+  __shared__ __align__(16) double k_tile[kDepth][kKeys + kTilePad];
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int64_t local_head = blockIdx.y;
+  const int64_t h = head_begin + local_head;
+  const int64_t kv_head = h / s.group_size;
+  const int64_t key0 = static_cast<int64_t>(blockIdx.x) * kKeys;
+  const int64_t first_position = s.seq_len - kRows;
+  const int warp = tid / kWarpSize;
+  const int lane = tid % kWarpSize;
+  const int row_base = (warp / kKeyWarps) * 32 + (lane / 8) * 2;
+  const int key_base = (warp % kKeyWarps) * 64 + (lane % 8) * 2;
+
+  // The bf16 values of one head_dim slice, in registers until the tiles are free. Thread tid
+  // loads column dd = tid % kDepth of rows (or keys) tid / kDepth + it * kStride.
+  constexpr int kStride = kLogitThreads / kDepth;
+  const int load_dd = tid % kDepth;
+  const int load_row = tid / kDepth;
+  const bf16* q_load = q + ((first_position + load_row) * s.num_q_heads + h) * s.head_dim + load_dd;
+  const int64_t q_load_stride = kStride * s.num_q_heads * s.head_dim;
+  const bf16* k_load = k + ((key0 + load_row) * s.num_kv_heads + kv_head) * s.head_dim + load_dd;
+  const int64_t k_load_stride = kStride * s.num_kv_heads * s.head_dim;
+  const int64_t keys_left = s.seq_len - key0 - load_row;  // key index bound of this thread's loads
+  float q_regs[kQLoads];
+  float k_regs[kKLoads];
+  const auto load_slice = [&](int64_t d0) {
+    const bool in_dim = d0 + load_dd < s.head_dim;
+#pragma unroll
+    for (int it = 0; it < kQLoads; ++it) {
+      q_regs[it] = in_dim ? __bfloat162float(q_load[it * q_load_stride + d0]) : 0.0f;
+    }
+#pragma unroll
+    for (int it = 0; it < kKLoads; ++it) {
+      k_regs[it] = in_dim && it * kStride < keys_left
+                       ? __bfloat162float(k_load[it * k_load_stride + d0])
+                       : 0.0f;
+    }
+  };
+
+  double acc[8][8];
+#pragma unroll
+  for (int x = 0; x < 8; ++x) {
+#pragma unroll
+    for (int y = 0; y < 8; ++y) acc[x][y] = 0.0;
   }
-  values[threadIdx.x] = local_max;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) {
-      values[threadIdx.x] = fmax(values[threadIdx.x], values[threadIdx.x + stride]);
+  load_slice(0);
+  for (int64_t d0 = 0; d0 < s.head_dim; d0 += kDepth) {
+    __syncthreads();  // the previous slice's reads of the tiles are done
+#pragma unroll
+    for (int it = 0; it < kQLoads; ++it) {
+      q_tile[load_dd][load_row + it * kStride] = static_cast<double>(q_regs[it]);
+    }
+#pragma unroll
+    for (int it = 0; it < kKLoads; ++it) {
+      k_tile[load_dd][load_row + it * kStride] = static_cast<double>(k_regs[it]);
     }
     __syncthreads();
-  }
-  const double max_logit = values[0];
-  __syncthreads();
-  double sum = 0.0;  // meaningful in thread 0
-  for (int64_t start = 0; start < num_keys; start += kThreads) {
-    const int64_t j = start + threadIdx.x;
-    values[threadIdx.x] =
-        j < num_keys ? exp(__dsub_rn(last_block_logit(q, k, s, h, r, j), max_logit)) : 0.0;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      const int64_t count = min(static_cast<int64_t>(kThreads), num_keys - start);
-      for (int64_t t = 0; t < count; ++t) sum = __dadd_rn(sum, values[t]);
+    if (d0 + kDepth < s.head_dim) load_slice(d0 + kDepth);
+#pragma unroll
+    for (int dd = 0; dd < kDepth; ++dd) {
+      double a[8], b[8];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const double2 qa = *reinterpret_cast<const double2*>(&q_tile[dd][row_base + 8 * i]);
+        const double2 kb = *reinterpret_cast<const double2*>(&k_tile[dd][key_base + 16 * i]);
+        a[2 * i] = qa.x;
+        a[2 * i + 1] = qa.y;
+        b[2 * i] = kb.x;
+        b[2 * i + 1] = kb.y;
+      }
+#pragma unroll
+      for (int x = 0; x < 8; ++x) {
+#pragma unroll
+        for (int y = 0; y < 8; ++y) acc[x][y] = fma(a[x], b[y], acc[x][y]);
+      }
     }
-    __syncthreads();
   }
-  if (threadIdx.x == 0) {
-    row_max[h * s.block_size + r] = max_logit;
-    row_sum[h * s.block_size + r] = sum;
+
+  // Scale, mask, row maxima (over the 8 lanes that share rows) and the stores.
+#pragma unroll
+  for (int x = 0; x < 8; ++x) {
+    const int row = row_base + 8 * (x / 2) + x % 2;
+    double best = -INFINITY;
+#pragma unroll
+    for (int y = 0; y < 8; ++y) {
+      const int64_t key = key0 + key_base + 16 * (y / 2) + y % 2;
+      // key <= N - bs + row implies key < N.
+      const bool visible = key <= first_position + row;
+      acc[x][y] = visible ? __dmul_rn(s.scale, acc[x][y]) : -INFINITY;
+      best = fmax(best, acc[x][y]);
+    }
+    for (int offset = 1; offset < 8; offset *= 2) {
+      best = fmax(best, __shfl_xor_sync(kFullMask, best, offset));
+    }
+    if (lane % 8 == 0 && best > -INFINITY) {
+      atomicMax(row_max + h * kRows + row, order_key(best));
+    }
+  }
+  double* out = logits + (local_head * padded_len + key0) * kRows;
+#pragma unroll
+  for (int y = 0; y < 8; ++y) {
+    const int key = key_base + 16 * (y / 2) + y % 2;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      *reinterpret_cast<double2*>(out + key * kRows + row_base + 8 * i) =
+          make_double2(acc[2 * i][y], acc[2 * i + 1][y]);
+    }
   }
 }
 
-// vs [Hq, 2, N]: vertical[j] (slot 0) and slash[j] (slot 1) of step 1, each summed over the rows
-// r in ascending order, then divided by bs, as the reference.
-__global__ void vertical_slash_kernel(double* vs, const double* row_max, const double* row_sum,
-                                      const bf16* q, const bf16* k, Shape s) {
-  const int64_t total = s.num_q_heads * s.seq_len;
-  const int64_t bs = s.block_size;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t j = i % s.seq_len;
-    const int64_t h = i / s.seq_len;
-    const double* m = row_max + h * bs;
-    const double* z = row_sum + h * bs;
-    double vertical = 0.0;
-    for (int64_t r = max(int64_t{0}, j - (s.seq_len - bs)); r < bs; ++r) {
-      vertical =
-          __dadd_rn(vertical, exp(__dsub_rn(last_block_logit(q, k, s, h, r, j), m[r])) / z[r]);
+// Step 1 softmax sums, chunk by chunk: block (chunk, head of the pass), bs threads (one per row).
+// chunk_sums [Hq, padded_len / kChunk, bs]: the ascending sum of exp(logit - row max) over the
+// chunk's keys (masked keys add exp(-inf) = +0.0, which changes nothing).
+__global__ void row_chunk_sums_kernel(double* chunk_sums, const double* logits,
+                                      const unsigned long long* row_max, int64_t head_begin,
+                                      int64_t padded_len, int64_t block_size) {
+  const int64_t local_head = blockIdx.y;
+  const int64_t h = head_begin + local_head;
+  const int64_t chunk = blockIdx.x;
+  const int64_t r = threadIdx.x;
+  const double max_logit = from_order_key(row_max[h * block_size + r]);
+  const double* column = logits + (local_head * padded_len + chunk * kChunk) * block_size + r;
+  double sum = 0.0;
+#pragma unroll 8
+  for (int t = 0; t < kChunk; ++t) {
+    sum = __dadd_rn(sum, exp(__dsub_rn(column[t * block_size], max_logit)));
+  }
+  chunk_sums[(h * (padded_len / kChunk) + chunk) * block_size + r] = sum;
+}
+
+// Rows [row_begin, row_end) of [Hq * bs]: row_sum = the ascending sum of the row's chunk sums
+// (the chunked softmax denominator) and row_max_value = the decoded row maximum.
+__global__ void row_totals_kernel(double* row_max_value, double* row_sum,
+                                  const unsigned long long* row_max, const double* chunk_sums,
+                                  int64_t row_begin, int64_t row_end, int64_t num_chunks,
+                                  int64_t block_size) {
+  for (int64_t i = row_begin + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       i < row_end; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t h = i / block_size;
+    const int64_t r = i % block_size;
+    double sum = 0.0;
+#pragma unroll 8
+    for (int64_t c = 0; c < num_chunks; ++c) {
+      sum = __dadd_rn(sum, chunk_sums[(h * num_chunks + c) * block_size + r]);
     }
-    double slash = 0.0;  // diagonal index j: key j + r - (bs - 1) of row r
-    for (int64_t r = max(int64_t{0}, bs - 1 - j); r < bs; ++r) {
-      const int64_t key = j + r - (bs - 1);
-      slash = __dadd_rn(slash, exp(__dsub_rn(last_block_logit(q, k, s, h, r, key), m[r])) / z[r]);
+    row_sum[i] = sum;
+    row_max_value[i] = from_order_key(row_max[i]);
+  }
+}
+
+// Steps 1 (end) and 3: block (key tile of kScoreKeys, head of the pass), kScoreKeys threads.
+// Thread t owns key j = j0 + t: vertical[j] = sum_r A[r, j] and slash[j] = sum_r A[r, j + r - (bs
+// - 1)], each over r ascending, then / bs; vs [Hq, 2, N]. A = exp(logit - max) / sum is computed
+// kScoreRows rows at a time into shared memory for keys [j0 - (bs - 1) + r0, j0 + kScoreKeys)
+// (the keys the tile's diagonals reach from rows r0...). Then pooled [Hq, 2, nb] gets the sums of
+// the tile's blocks (ascending positions, the last block over its real length).
+__global__ void __launch_bounds__(kScoreKeys)
+    vertical_slash_kernel(double* vs, double* pooled, const double* logits,
+                          const double* row_max_value, const double* row_sum, Shape s,
+                          int64_t head_begin, int64_t padded_len) {
+  __shared__ double probs[kScoreRows][kScoreKeys + kMaxBlockSize - 1];
+  __shared__ double max_s[kMaxBlockSize];
+  __shared__ double sum_s[kMaxBlockSize];
+  const int t = static_cast<int>(threadIdx.x);
+  const int64_t local_head = blockIdx.y;
+  const int64_t h = head_begin + local_head;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kScoreKeys;
+  const int bs = static_cast<int>(s.block_size);
+  const int64_t n = s.seq_len;
+  for (int r = t; r < bs; r += kScoreKeys) {
+    max_s[r] = row_max_value[h * bs + r];
+    sum_s[r] = row_sum[h * bs + r];
+  }
+  __syncthreads();
+  const int64_t base_key = j0 - (bs - 1);  // key of column 0 of probs
+  const double* head_logits = logits + local_head * padded_len * bs;
+  double vertical = 0.0, slash = 0.0;
+  for (int r0 = 0; r0 < bs; r0 += kScoreRows) {
+    const int num_entries = kScoreRows * (kScoreKeys + bs - 1 - r0);
+#pragma unroll 4
+    for (int e = t; e < num_entries; e += kScoreKeys) {
+      const int rr = e % kScoreRows;
+      const int col = r0 + e / kScoreRows;
+      const int64_t key = base_key + col;
+      const int row = r0 + rr;
+      probs[rr][col] =
+          key >= 0 ? exp(__dsub_rn(head_logits[key * bs + row], max_s[row])) / sum_s[row] : 0.0;
     }
-    vs[(h * 2) * s.seq_len + j] = vertical / static_cast<double>(bs);
-    vs[(h * 2 + 1) * s.seq_len + j] = slash / static_cast<double>(bs);
+    __syncthreads();
+#pragma unroll
+    for (int rr = 0; rr < kScoreRows; ++rr) {
+      vertical = __dadd_rn(vertical, probs[rr][t + bs - 1]);
+      slash = __dadd_rn(slash, probs[rr][t + r0 + rr]);
+    }
+    __syncthreads();
+  }
+  const double vertical_mean = vertical / static_cast<double>(bs);
+  const double slash_mean = slash / static_cast<double>(bs);
+  const int64_t j = j0 + t;
+  if (j < n) {
+    vs[(h * 2) * n + j] = vertical_mean;
+    vs[(h * 2 + 1) * n + j] = slash_mean;
+  }
+  probs[0][t] = vertical_mean;
+  probs[1][t] = slash_mean;
+  __syncthreads();
+  const int blocks_per_tile = kScoreKeys / bs;
+  if (t < 2 * blocks_per_tile) {
+    const int kind = t / blocks_per_tile;
+    const int local_block = t % blocks_per_tile;
+    const int64_t b = j0 / bs + local_block;
+    if (b < s.num_blocks) {
+      const int64_t end = min(n, (b + 1) * bs) - j0;
+      double sum = 0.0;
+      for (int64_t x = static_cast<int64_t>(local_block) * bs; x < end; ++x) {
+        sum = __dadd_rn(sum, probs[kind][x]);
+      }
+      pooled[(h * 2 + kind) * s.num_blocks + b] = sum;
+    }
   }
 }
 
@@ -157,6 +388,7 @@ __global__ void last_query_mean_kernel(double* q_mean, const bf16* q, Shape s) {
     const int64_t d = i % s.head_dim;
     const int64_t h = i / s.head_dim;
     double sum = 0.0;
+#pragma unroll 8
     for (int64_t r = 0; r < s.block_size; ++r) {
       const int64_t position = s.seq_len - s.block_size + r;
       sum = __dadd_rn(
@@ -166,62 +398,107 @@ __global__ void last_query_mean_kernel(double* q_mean, const bf16* q, Shape s) {
   }
 }
 
-// a comes before b: the larger value first, equal values by the lower index (the reference's
-// rule for every sort and top-k).
-__device__ __forceinline__ bool before(double value_a, int32_t idx_a, double value_b,
-                                       int32_t idx_b) {
-  return value_a != value_b ? value_a > value_b : idx_a < idx_b;
+// Coverage prefixes (steps 2 and 8) over segments [num_chunks / chunks_per_segment, segment_size]
+// of sorted values: prefix (same layout) = the ascending sum of each value's chunk from the chunk's
+// start through the value; totals [num_chunks] = each chunk's sum. A warp takes 32 chunks and
+// moves them through shared memory 32 terms at a time, so that the loads and stores are coalesced
+// while each lane adds its own chunk in order.
+__global__ void __launch_bounds__(kPrefixWarps* kWarpSize)
+    chunk_prefix_kernel(double* prefix, double* totals, const double* values, int64_t segment_size,
+                        int64_t chunks_per_segment, int64_t num_chunks) {
+  __shared__ double tile[kPrefixWarps][kWarpSize][kWarpSize + 1];
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * kPrefixWarps + warp) * kWarpSize;
+  if (first >= num_chunks) return;
+  double(*terms)[kWarpSize + 1] = tile[warp];
+  // This lane's chunk: the flat offsets of its first value and of the end of its values.
+  const int64_t chunk = first + lane;
+  const int64_t segment = chunk / chunks_per_segment;
+  const int64_t start = (chunk % chunks_per_segment) * kChunk;
+  const int64_t my_begin = segment * segment_size + start;
+  const int64_t my_end = segment * segment_size + min(segment_size, start + kChunk);
+  double running = 0.0;
+  for (int step = 0; step < kChunk; step += kWarpSize) {
+    for (int i = 0; i < kWarpSize; ++i) {
+      const int64_t at = __shfl_sync(kFullMask, my_begin, i) + step + lane;
+      const int64_t end = __shfl_sync(kFullMask, my_end, i);
+      terms[i][lane] = first + i < num_chunks && at < end ? values[at] : 0.0;
+    }
+    __syncwarp();
+    for (int x = 0; x < kWarpSize; ++x) {
+      running = __dadd_rn(running, terms[lane][x]);
+      terms[lane][x] = running;
+    }
+    __syncwarp();
+    for (int i = 0; i < kWarpSize; ++i) {
+      const int64_t at = __shfl_sync(kFullMask, my_begin, i) + step + lane;
+      const int64_t end = __shfl_sync(kFullMask, my_end, i);
+      if (first + i < num_chunks && at < end) prefix[at] = terms[i][lane];
+    }
+    __syncwarp();
+  }
+  if (chunk < num_chunks) totals[chunk] = running;
 }
 
-// One block per segment: keys [num_segments, padded] and idx [num_segments, padded] become the
-// segment's count entries of src (at src + segment * src_stride, indices 0..count-1) in the
-// order of `before`, followed by padding (-inf, INT32_MAX). padded is a power of two >= count.
-// Segments whose active flag (active[segment / active_div]) is 0 are skipped when active is set.
-// A bitonic sort in global memory: __syncthreads between passes makes the writes visible.
-__global__ void segmented_sort_kernel(double* keys, int32_t* idx, const double* src,
-                                      int64_t src_stride, int64_t count, int64_t padded,
-                                      const int32_t* active, int64_t active_div) {
-  const int64_t segment = blockIdx.x;
-  if (active != nullptr && active[segment / active_div] == 0) return;
-  double* key = keys + segment * padded;
-  int32_t* id = idx + segment * padded;
-  for (int64_t i = threadIdx.x; i < padded; i += blockDim.x) {
-    key[i] = i < count ? src[segment * src_stride + i] : -INFINITY;
-    id[i] = i < count ? static_cast<int32_t>(i) : INT32_MAX;
-  }
-  __syncthreads();
-  for (int64_t size = 2; size <= padded; size *= 2) {
-    for (int64_t stride = size / 2; stride > 0; stride /= 2) {
-      for (int64_t i = threadIdx.x; i < padded; i += blockDim.x) {
-        const int64_t partner = i ^ stride;
-        if (partner <= i) continue;
-        // Runs with (i & size) == 0 end in the `before` order, the others in the reverse one.
-        const bool forward = (i & size) == 0;
-        const bool partner_first = before(key[partner], id[partner], key[i], id[i]);
-        if (partner_first == forward) {
-          const double k_tmp = key[i];
-          key[i] = key[partner];
-          key[partner] = k_tmp;
-          const int32_t i_tmp = id[i];
-          id[i] = id[partner];
-          id[partner] = i_tmp;
-        }
+// bases [num_segments, chunks_per_segment]: per segment, the ascending sum of the chunk totals
+// before each chunk (one thread per segment, sequential).
+__global__ void chunk_base_kernel(double* bases, const double* totals, int64_t chunks_per_segment,
+                                  int64_t num_segments) {
+  const int64_t segment = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (segment >= num_segments) return;
+  const double* segment_totals = totals + segment * chunks_per_segment;
+  double* segment_bases = bases + segment * chunks_per_segment;
+  double base = 0.0;
+  // Eight totals are loaded before they are added, so that the loads overlap.
+  for (int64_t c0 = 0; c0 < chunks_per_segment; c0 += 8) {
+    double batch[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      batch[i] = c0 + i < chunks_per_segment ? segment_totals[c0 + i] : 0.0;
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (c0 + i < chunks_per_segment) {
+        segment_bases[c0 + i] = base;
+        base = __dadd_rn(base, batch[i]);
       }
-      __syncthreads();
     }
   }
 }
 
-// 1 + the number of prefix sums of the sorted values that stay <= gamma (step 2), sequential.
-__device__ int64_t coverage_count(const double* sorted, int64_t count, double gamma) {
-  int64_t result = 1;
-  double cumulative = 0.0;
-  for (int64_t t = 0; t < count; ++t) {
-    cumulative = __dadd_rn(cumulative, sorted[t]);
-    if (cumulative > gamma) break;
-    ++result;
+// The chunked cumulative sum at position p of segment `segment`.
+__device__ __forceinline__ double cumulative_at(const double* prefix, const double* bases,
+                                                int64_t segment, int64_t p, int64_t segment_size,
+                                                int64_t chunks_per_segment) {
+  return __dadd_rn(bases[segment * chunks_per_segment + p / kChunk],
+                   prefix[segment * segment_size + p]);
+}
+
+// Step 2: counts [segments] (zeroed by the caller) += the number of positions of each segment whose
+// cumulative sum is <= limit. Block (position range, segment).
+__global__ void coverage_count_kernel(unsigned long long* counts, const double* prefix,
+                                      const double* bases, int64_t segment_size,
+                                      int64_t chunks_per_segment, double limit) {
+  __shared__ unsigned int warp_counts[kThreads / kWarpSize];
+  const int64_t segment = blockIdx.y;
+  unsigned int count = 0;
+  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < segment_size;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const double cumulative =
+        cumulative_at(prefix, bases, segment, p, segment_size, chunks_per_segment);
+    count += cumulative <= limit ? 1u : 0u;
   }
-  return result;
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    count += __shfl_xor_sync(kFullMask, count, offset);
+  }
+  if (threadIdx.x % kWarpSize == 0) warp_counts[threadIdx.x / kWarpSize] = count;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned int total = 0;
+    for (int w = 0; w < kThreads / kWarpSize; ++w) total += warp_counts[w];
+    if (total > 0) atomicAdd(counts + segment, static_cast<unsigned long long>(total));
+  }
 }
 
 struct Budget {
@@ -229,136 +506,229 @@ struct Budget {
   int64_t min_blocks, max_blocks;
 };
 
-// Block per head: steps 2-5. sorted_vs [Hq, 2, padded_n] (sorted vertical / slash values);
-// blk [Hq, 2, nb] gets vertical_blk / slash_blk with the always-kept blocks set to +inf;
-// abar [Hq, nb] is scratch.
-__global__ void head_decision_kernel(double* blk, double* abar, int32_t* query_aware,
-                                     double* js_distance, int64_t* num_vertical, int64_t* num_slash,
-                                     const double* vs, const double* sorted_vs, int64_t padded_n,
-                                     const double* q_mean, const double* k_means, Shape s,
-                                     Budget budget) {
+// Block per head: steps 2 (budgets from the coverage counts), 4 and 5. pooled [Hq, 2, nb] holds
+// vertical_blk / slash_blk and gets the always-kept blocks set to +inf. Dynamic shared memory:
+// abar [nb], JS terms [2 nb], chunk totals [ceil(nb / kChunk)], reduction scratch [kThreads / 32].
+__global__ void __launch_bounds__(kThreads)
+    head_decision_kernel(double* pooled, int32_t* query_aware, double* js_distance,
+                         int64_t* num_vertical, int64_t* num_slash,
+                         const unsigned long long* coverage_counts, const double* q_mean,
+                         const double* k_means, Shape s, Budget budget) {
+  extern __shared__ double shared[];
   const int64_t h = blockIdx.x;
   const int64_t nb = s.num_blocks;
-  const int64_t n = s.seq_len;
-  double* v_blk = blk + (h * 2) * nb;
-  double* s_blk = blk + (h * 2 + 1) * nb;
-  double* a = abar + h * nb;
+  const int64_t num_chunks = (nb + kChunk - 1) / kChunk;
+  double* abar = shared;
+  double* terms = abar + nb;
+  double* chunk_totals = terms + 2 * nb;
+  double* scratch = chunk_totals + num_chunks;
+  const double* v_blk = pooled + (h * 2) * nb;
   const double* k_mean = k_means + (h / s.group_size) * nb * s.head_dim;
-  // Step 3: block sums (ascending positions); step 4: the logits of abar.
-  for (int64_t b = threadIdx.x; b < nb; b += blockDim.x) {
-    const int64_t end = min(n, (b + 1) * s.block_size);
-    double v_sum = 0.0, s_sum = 0.0;
-    for (int64_t j = b * s.block_size; j < end; ++j) {
-      v_sum = __dadd_rn(v_sum, vs[(h * 2) * n + j]);
-      s_sum = __dadd_rn(s_sum, vs[(h * 2 + 1) * n + j]);
+  const int tid = static_cast<int>(threadIdx.x);
+
+  // Step 4: abar = softmax over the blocks of q_mean . Kbar (chunked denominator).
+  double local_max = -INFINITY;
+  for (int64_t b = tid; b < nb; b += kThreads) {
+    abar[b] = dot_double(q_mean + h * s.head_dim, k_mean + b * s.head_dim, s.head_dim);
+    local_max = fmax(local_max, abar[b]);
+  }
+  local_max = warp_max(local_max);
+  if (tid % kWarpSize == 0) scratch[tid / kWarpSize] = local_max;
+  __syncthreads();
+  double max_logit = -INFINITY;
+  for (int w = 0; w < kThreads / kWarpSize; ++w) max_logit = fmax(max_logit, scratch[w]);
+  for (int64_t b = tid; b < nb; b += kThreads) abar[b] = exp(__dsub_rn(abar[b], max_logit));
+  __syncthreads();
+  for (int64_t c = tid; c < num_chunks; c += kThreads) {
+    double total = 0.0;
+    for (int64_t b = c * kChunk; b < min(nb, (c + 1) * kChunk); ++b) {
+      total = __dadd_rn(total, abar[b]);
     }
-    v_blk[b] = v_sum;
-    s_blk[b] = s_sum;
-    a[b] = dot_double(q_mean + h * s.head_dim, k_mean + b * s.head_dim, s.head_dim);
+    chunk_totals[c] = total;
   }
   __syncthreads();
-  if (threadIdx.x != 0) return;
-  // Step 2: budgets.
-  const auto clamp_blocks = [&](int64_t count) {
-    return min(max(count / kBudgetDivisor + 1, budget.min_blocks), budget.max_blocks);
-  };
-  int64_t n_vertical =
-      clamp_blocks(coverage_count(sorted_vs + (h * 2) * padded_n, n, budget.gamma));
-  int64_t n_slash =
-      clamp_blocks(coverage_count(sorted_vs + (h * 2 + 1) * padded_n, n, budget.gamma));
-  // Step 4: abar = softmax(a), then the JS distance to vertical_blk (sequential sums).
-  double max_logit = -INFINITY;
-  for (int64_t c = 0; c < nb; ++c) max_logit = fmax(max_logit, a[c]);
   double sum = 0.0;
-  for (int64_t c = 0; c < nb; ++c) {
-    a[c] = exp(__dsub_rn(a[c], max_logit));
-    sum = __dadd_rn(sum, a[c]);
+  for (int64_t c = 0; c < num_chunks; ++c) sum = __dadd_rn(sum, chunk_totals[c]);
+  // The JS terms of each block (p's, then vertical_blk's; 0 where the reference skips a term,
+  // which leaves the sum unchanged), added in order by thread 0.
+  for (int64_t b = tid; b < nb; b += kThreads) {
+    const double p = abar[b] / sum;
+    const double q_b = v_blk[b];
+    const double m = 0.5 * __dadd_rn(p, q_b);
+    terms[2 * b] = p > 0.0 ? __dmul_rn(__dmul_rn(0.5, p), log(p / m)) : 0.0;
+    terms[2 * b + 1] = q_b > 0.0 ? __dmul_rn(__dmul_rn(0.5, q_b), log(q_b / m)) : 0.0;
   }
+  __syncthreads();
+  if (tid != 0) return;
   double js = 0.0;
-  for (int64_t c = 0; c < nb; ++c) {
-    const double p = a[c] / sum;
-    const double q_c = v_blk[c];
-    const double m = 0.5 * __dadd_rn(p, q_c);
-    if (p > 0.0) js = __dadd_rn(js, __dmul_rn(__dmul_rn(0.5, p), log(p / m)));
-    if (q_c > 0.0) js = __dadd_rn(js, __dmul_rn(__dmul_rn(0.5, q_c), log(q_c / m)));
-  }
+  for (int64_t i = 0; i < 2 * nb; ++i) js = __dadd_rn(js, terms[i]);
   const double distance = sqrt(fmax(js, 0.0));
   const bool is_query_aware = distance < budget.tau;
-  if (is_query_aware) {
-    n_vertical = budget.min_blocks;
-    n_slash = budget.min_blocks;
-  }
-  // Step 5: the first key block and the main diagonal are always kept.
-  v_blk[0] = INFINITY;
-  s_blk[nb - 1] = INFINITY;
+  // Step 2: c = 1 + the coverage count; blocks = c / 128 + 1, clamped.
+  const auto clamp_blocks = [&](unsigned long long count) {
+    const int64_t c = static_cast<int64_t>(count) + 1;
+    return min(max(c / kBudgetDivisor + 1, budget.min_blocks), budget.max_blocks);
+  };
   query_aware[h] = is_query_aware ? 1 : 0;
   js_distance[h] = distance;
-  num_vertical[h] = n_vertical;
-  num_slash[h] = n_slash;
+  num_vertical[h] = is_query_aware ? budget.min_blocks : clamp_blocks(coverage_counts[h * 2]);
+  num_slash[h] = is_query_aware ? budget.min_blocks : clamp_blocks(coverage_counts[h * 2 + 1]);
+  // Step 5: the first key block and the main diagonal are always kept.
+  pooled[(h * 2) * nb] = INFINITY;
+  pooled[(h * 2 + 1) * nb + nb - 1] = INFINITY;
 }
 
-// Block per head: steps 6-7 on grid [Hq, nb, nb] (zeroed): the top columns and diagonals of the
-// sorted block scores order [Hq, 2, padded_nb], expanded over the causal rows.
-__global__ void fill_pattern_kernel(uint8_t* grid, const int32_t* order, int64_t padded_nb,
-                                    const int64_t* num_vertical, const int64_t* num_slash,
-                                    int64_t nb) {
-  const int64_t h = blockIdx.x;
+// Steps 6-7, block (kind, head): kind 0 sorts vertical_blk and fills the top num_vertical key
+// block columns, kind 1 sorts slash_blk and fills the top num_slash diagonals of grid [Hq, nb, nb]
+// (zeroed; both kinds only write ones). A stable block radix sort, descending: equal scores keep
+// their ascending indices; the padding (-1.0) sorts after every score (>= 0 or +inf).
+__global__ void __launch_bounds__(kThreads)
+    select_blocks_kernel(uint8_t* grid, const double* pooled, const int64_t* num_vertical,
+                         const int64_t* num_slash, int64_t nb) {
+  using BlockSort = cub::BlockRadixSort<double, kThreads, kSelectItems, int32_t>;
+  __shared__ typename BlockSort::TempStorage sort_storage;
+  const int kind = static_cast<int>(blockIdx.x);
+  const int64_t h = blockIdx.y;
+  const double* scores = pooled + (h * 2 + kind) * nb;
+  double keys[kSelectItems];
+  int32_t index[kSelectItems];
+#pragma unroll
+  for (int i = 0; i < kSelectItems; ++i) {
+    index[i] = static_cast<int32_t>(threadIdx.x) * kSelectItems + i;
+    keys[i] = index[i] < nb ? scores[index[i]] : -1.0;
+  }
+  BlockSort(sort_storage).SortDescending(keys, index);
+  const int64_t count = kind == 0 ? num_vertical[h] : num_slash[h];
   uint8_t* g = grid + h * nb * nb;
-  for (int64_t i = threadIdx.x; i < num_vertical[h] * nb; i += blockDim.x) {
-    const int64_t col = order[(h * 2) * padded_nb + i / nb];
-    const int64_t r = i % nb;
-    if (r >= col) g[r * nb + col] = 1;
-  }
-  for (int64_t i = threadIdx.x; i < num_slash[h] * nb; i += blockDim.x) {
-    const int64_t offset = nb - 1 - order[(h * 2 + 1) * padded_nb + i / nb];
-    const int64_t r = i % nb;
-    if (r >= offset) g[r * nb + r - offset] = 1;
+#pragma unroll
+  for (int i = 0; i < kSelectItems; ++i) {
+    if (static_cast<int64_t>(threadIdx.x) * kSelectItems + i >= count) continue;
+    if (kind == 0) {
+      const int64_t col = index[i];
+      for (int64_t r = col; r < nb; ++r) g[r * nb + col] = 1;
+    } else {
+      const int64_t offset = nb - 1 - index[i];
+      for (int64_t r = offset; r < nb; ++r) g[r * nb + r - offset] = 1;
+    }
   }
 }
 
-// Step 8, query-aware heads: tri [Hq, nb (nb + 1) / 2] gets the block-causal softmax of
-// Qbar[r] . Kbar[c] for c <= r, at the triangle position r (r + 1) / 2 + c (row-major, so the
-// order of positions is the order of the reference's flat indices r * nb + c). One thread per row.
-__global__ void block_softmax_kernel(double* tri, const double* q_means, const double* k_means,
-                                     const int32_t* query_aware, Shape s) {
+// Step 8, query-aware heads: tri [Hq, nb (nb + 1) / 2] gets Qbar[r] . Kbar[c] for c <= r at the
+// triangle position r (r + 1) / 2 + c (row-major, so positions order as the reference's flat
+// indices r * nb + c). Block (column tile, row tile, head) of kBlockTile x kBlockTile entries, 256
+// threads with 4 x 4 entries each (rows ty + 16 i, columns tx + 16 j); fp64 products without fused
+// multiply-adds, d ascending.
+__global__ void __launch_bounds__(kThreads)
+    block_logits_kernel(double* tri, const double* q_means, const double* k_means,
+                        const int32_t* query_aware, Shape s) {
+  __shared__ double q_tile[kBlockDepth][kBlockTile + 1];
+  __shared__ double k_tile[kBlockDepth][kBlockTile + 1];
+  const int64_t h = blockIdx.z;
   const int64_t nb = s.num_blocks;
-  const int64_t total = s.num_q_heads * nb;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i % nb;
-    const int64_t h = i / nb;
-    if (query_aware[h] == 0) continue;
-    const double* q_row = q_means + (h * nb + r) * s.head_dim;
-    const double* k_mean = k_means + (h / s.group_size) * nb * s.head_dim;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kBlockTile;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kBlockTile;
+  if (query_aware[h] == 0 || c0 > r0 + kBlockTile - 1) return;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int tx = tid % 16;
+  const int ty = tid / 16;
+  const double* q_head = q_means + h * nb * s.head_dim;
+  const double* k_head = k_means + (h / s.group_size) * nb * s.head_dim;
+  double acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.0;
+  }
+  for (int64_t d0 = 0; d0 < s.head_dim; d0 += kBlockDepth) {
+    for (int e = tid; e < kBlockTile * kBlockDepth; e += kThreads) {
+      const int dd = e % kBlockDepth;
+      const int x = e / kBlockDepth;
+      const int64_t d = d0 + dd;
+      const bool in_dim = d < s.head_dim;
+      q_tile[dd][x] = in_dim && r0 + x < nb ? q_head[(r0 + x) * s.head_dim + d] : 0.0;
+      k_tile[dd][x] = in_dim && c0 + x < nb ? k_head[(c0 + x) * s.head_dim + d] : 0.0;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int dd = 0; dd < kBlockDepth; ++dd) {
+      double a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        a[i] = q_tile[dd][ty + 16 * i];
+        b[i] = k_tile[dd][tx + 16 * i];
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = __dadd_rn(acc[i][j], __dmul_rn(a[i], b[j]));
+      }
+    }
+    __syncthreads();
+  }
+  double* head_tri = tri + h * (nb * (nb + 1) / 2);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t r = r0 + ty + 16 * i;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t c = c0 + tx + 16 * j;
+      if (r < nb && c <= r) head_tri[r * (r + 1) / 2 + c] = acc[i][j];
+    }
+  }
+}
+
+// Step 8: a warp per (head, row r) of tri: the causal row softmax in place (max, exp, the chunked
+// denominator with one lane per chunk). Rows of heads that are not query-aware become zeros, so
+// that the sort that follows reads defined values.
+__global__ void block_softmax_kernel(double* tri, const int32_t* query_aware, int64_t num_heads,
+                                     int64_t nb) {
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int64_t num_rows = num_heads * nb;
+  const int64_t warps_per_grid = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarpSize;
+  for (int64_t w = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarpSize;
+       w < num_rows; w += warps_per_grid) {
+    const int64_t h = w / nb;
+    const int64_t r = w % nb;
+    const int64_t len = r + 1;
     double* row = tri + h * (nb * (nb + 1) / 2) + r * (r + 1) / 2;
+    if (query_aware[h] == 0) {
+      for (int64_t c = lane; c < len; c += kWarpSize) row[c] = 0.0;
+      continue;
+    }
     double max_logit = -INFINITY;
-    for (int64_t c = 0; c <= r; ++c) {
-      row[c] = dot_double(q_row, k_mean + c * s.head_dim, s.head_dim);
-      max_logit = fmax(max_logit, row[c]);
+    for (int64_t c = lane; c < len; c += kWarpSize) max_logit = fmax(max_logit, row[c]);
+    max_logit = warp_max(max_logit);
+    for (int64_t c = lane; c < len; c += kWarpSize) row[c] = exp(__dsub_rn(row[c], max_logit));
+    __syncwarp();
+    const int64_t num_chunks = (len + kChunk - 1) / kChunk;
+    double total = 0.0;
+    if (lane < num_chunks) {
+#pragma unroll 8
+      for (int64_t c = lane * int64_t{kChunk}; c < min(len, (lane + 1) * int64_t{kChunk}); ++c) {
+        total = __dadd_rn(total, row[c]);
+      }
     }
     double sum = 0.0;
-    for (int64_t c = 0; c <= r; ++c) {
-      row[c] = exp(__dsub_rn(row[c], max_logit));
-      sum = __dadd_rn(sum, row[c]);
-    }
-    for (int64_t c = 0; c <= r; ++c) row[c] /= sum;
+    for (int c = 0; c < num_chunks; ++c) sum = __dadd_rn(sum, __shfl_sync(kFullMask, total, c));
+    for (int64_t c = lane; c < len; c += kWarpSize) row[c] = row[c] / sum;
+    __syncwarp();
   }
 }
 
-// Step 8, one thread per query-aware head: walk the sorted triangle entries, adding each to the
-// grid while the sequential cumulative sum stays <= threshold (gamma * nb), as the reference.
-__global__ void coverage_walk_kernel(uint8_t* grid, const double* sorted, const int32_t* order,
-                                     int64_t padded_tri, const int32_t* query_aware,
-                                     int64_t num_heads, int64_t nb, double threshold) {
-  const int64_t h = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (h >= num_heads || query_aware[h] == 0) return;
-  const int64_t num_entries = nb * (nb + 1) / 2;
-  double cumulative = 0.0;
-  for (int64_t t = 0; t < num_entries; ++t) {
-    cumulative = __dadd_rn(cumulative, sorted[h * padded_tri + t]);
-    if (cumulative > threshold) break;
-    const int64_t position = order[h * padded_tri + t];
-    // Row r of triangle position p: the largest r with r (r + 1) / 2 <= p.
+// Step 8 walk: block (position range, head); the sorted triangle entries of query-aware heads whose
+// cumulative sum is <= limit (gamma * nb; a prefix of the sorted order) join the grid.
+__global__ void coverage_mark_kernel(uint8_t* grid, const uint32_t* order, int position_bits,
+                                     const double* prefix, const double* bases,
+                                     const int32_t* query_aware, int64_t num_entries,
+                                     int64_t chunks_per_segment, int64_t nb, double limit) {
+  const int64_t h = blockIdx.y;
+  if (query_aware[h] == 0) return;
+  const uint32_t position_mask = (1u << position_bits) - 1u;
+  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < num_entries;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (cumulative_at(prefix, bases, h, p, num_entries, chunks_per_segment) > limit) continue;
+    const int64_t position = order[h * num_entries + p] & position_mask;
+    // Row r of triangle position p: the largest r with r (r + 1) / 2 <= position.
     int64_t r = static_cast<int64_t>((sqrt(8.0 * static_cast<double>(position) + 1.0) - 1.0) / 2.0);
     while (r * (r + 1) / 2 > position) --r;
     while ((r + 1) * (r + 2) / 2 <= position) ++r;
@@ -367,19 +737,22 @@ __global__ void coverage_walk_kernel(uint8_t* grid, const double* sorted, const 
   }
 }
 
-// row_counts [Hq * nb]: selected blocks of each row (all r + 1 causal ones when dense).
+// A warp per row i of [Hq * nb] (row r = i % nb): row_counts[i] = its selected blocks (all r + 1
+// causal ones when dense, grid == nullptr).
 __global__ void row_count_kernel(int64_t* row_counts, const uint8_t* grid, int64_t num_rows,
-                                 int64_t nb, bool dense) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < num_rows;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+                                 int64_t nb) {
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int64_t warps_per_grid = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarpSize;
+  for (int64_t i = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarpSize;
+       i < num_rows; i += warps_per_grid) {
     const int64_t r = i % nb;
     int64_t count = 0;
-    if (dense) {
-      count = r + 1;
-    } else {
-      for (int64_t c = 0; c <= r; ++c) count += grid[i * nb + c];
+    for (int64_t c0 = 0; c0 <= r; c0 += kWarpSize) {
+      const int64_t c = c0 + lane;
+      const bool selected = c <= r && (grid == nullptr || grid[i * nb + c] != 0);
+      count += __popc(__ballot_sync(kFullMask, selected));
     }
-    row_counts[i] = count;
+    if (lane == 0) row_counts[i] = count;
   }
 }
 
@@ -417,15 +790,23 @@ __global__ void row_scan_kernel(int64_t* row_offsets, int64_t* num_selected,
   }
 }
 
-// col_idx of row i: its selected key blocks in ascending order.
+// A warp per row i: col_idx of the row, its selected key blocks in ascending order (ballots give
+// each lane its slot).
 __global__ void row_fill_kernel(int32_t* col_idx, const int64_t* row_offsets, const uint8_t* grid,
-                                int64_t num_rows, int64_t nb, bool dense) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < num_rows;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+                                int64_t num_rows, int64_t nb) {
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const unsigned lanes_below = (1u << lane) - 1u;
+  const int64_t warps_per_grid = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarpSize;
+  for (int64_t i = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarpSize;
+       i < num_rows; i += warps_per_grid) {
     const int64_t r = i % nb;
     int64_t out = row_offsets[i];
-    for (int64_t c = 0; c <= r; ++c) {
-      if (dense || grid[i * nb + c] != 0) col_idx[out++] = static_cast<int32_t>(c);
+    for (int64_t c0 = 0; c0 <= r; c0 += kWarpSize) {
+      const int64_t c = c0 + lane;
+      const bool selected = c <= r && (grid == nullptr || grid[i * nb + c] != 0);
+      const unsigned mask = __ballot_sync(kFullMask, selected);
+      if (selected) col_idx[out + __popc(mask & lanes_below)] = static_cast<int32_t>(c);
+      out += __popc(mask);
     }
   }
 }
@@ -441,26 +822,86 @@ __global__ void dense_stats_kernel(int32_t* query_aware, double* js_distance, in
   num_slash[h] = 0;
 }
 
-int64_t next_power_of_two(int64_t x) {
-  int64_t p = 1;
-  while (p < x) p *= 2;
-  return p;
+// Blocks of kThreads threads for a loop with one warp per item.
+unsigned grid_for_warps(int64_t count) {
+  return grid_for(count * kWarpSize, kThreads);
 }
 
-// Per-row counts, scan and column fill of out's CSR from grid (ignored when dense).
-void build_csr(FlexPrefillDeviceSelection& out, const uint8_t* grid, bool dense,
-               cudaStream_t stream) {
+// Per-row counts, scan and column fill of out's CSR from grid (nullptr: dense).
+void build_csr(FlexPrefillDeviceSelection& out, const uint8_t* grid, cudaStream_t stream) {
   const int64_t num_rows = out.num_heads * out.num_blocks;
   DeviceBuffer<int64_t> row_counts(static_cast<size_t>(num_rows));
-  row_count_kernel<<<grid_for(num_rows, kThreads), kThreads, 0, stream>>>(
-      row_counts.data(), grid, num_rows, out.num_blocks, dense);
+  row_count_kernel<<<grid_for_warps(num_rows), kThreads, 0, stream>>>(row_counts.data(), grid,
+                                                                      num_rows, out.num_blocks);
   MF_CUDA_CHECK_LAUNCH();
   row_scan_kernel<<<1, kScanThreads, 0, stream>>>(out.row_offsets.data(),
                                                   out.num_selected_blocks.data(), row_counts.data(),
                                                   num_rows, out.num_blocks);
   MF_CUDA_CHECK_LAUNCH();
-  row_fill_kernel<<<grid_for(num_rows, kThreads), kThreads, 0, stream>>>(
-      out.col_idx.data(), out.row_offsets.data(), grid, num_rows, out.num_blocks, dense);
+  row_fill_kernel<<<grid_for_warps(num_rows), kThreads, 0, stream>>>(
+      out.col_idx.data(), out.row_offsets.data(), grid, num_rows, out.num_blocks);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
+// Chunk prefixes and bases (prefix, bases) of sorted segments [num_segments, segment_size].
+struct CoveragePrefix {
+  int64_t chunks_per_segment = 0;
+  DeviceBuffer<double> prefix;  // [num_segments * segment_size]
+  DeviceBuffer<double> bases;   // [num_segments * chunks_per_segment]
+};
+
+void coverage_prefix(CoveragePrefix& out, const double* sorted, int64_t num_segments,
+                     int64_t segment_size, cudaStream_t stream) {
+  out.chunks_per_segment = ceil_div(segment_size, kChunk);
+  const int64_t num_chunks = num_segments * out.chunks_per_segment;
+  out.prefix.resize(static_cast<size_t>(num_segments * segment_size));
+  out.bases.resize(static_cast<size_t>(num_chunks));
+  DeviceBuffer<double> totals(static_cast<size_t>(num_chunks));
+  const int64_t chunks_per_block = int64_t{kPrefixWarps} * kWarpSize;
+  chunk_prefix_kernel<<<static_cast<unsigned>(ceil_div(num_chunks, chunks_per_block)),
+                        kPrefixWarps * kWarpSize, 0, stream>>>(
+      out.prefix.data(), totals.data(), sorted, segment_size, out.chunks_per_segment, num_chunks);
+  MF_CUDA_CHECK_LAUNCH();
+  chunk_base_kernel<<<grid_for(num_segments, kWarpSize), kWarpSize, 0, stream>>>(
+      out.bases.data(), totals.data(), out.chunks_per_segment, num_segments);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
+// Blocks per segment for a grid-stride loop over segment_size positions.
+unsigned blocks_per_segment(int64_t segment_size) {
+  return static_cast<unsigned>(std::min<int64_t>(ceil_div(segment_size, kThreads), 256));
+}
+
+// Steps 0-1 for heads [head_begin, head_end): logits, row maxima and sums, vertical / slash values
+// (vs) and their block sums (pooled).
+void last_block_scores(double* vs, double* pooled, double* logits, unsigned long long* row_max,
+                       double* chunk_sums, double* row_max_value, double* row_sum, const bf16* q,
+                       const bf16* k, const Shape& s, int64_t padded_len, int64_t head_begin,
+                       int64_t head_end, cudaStream_t stream) {
+  const int64_t num_heads = head_end - head_begin;
+  const int64_t bs = s.block_size;
+  const int64_t num_chunks = padded_len / kChunk;
+  const dim3 logit_grid(static_cast<unsigned>(padded_len * bs / kLogitTile),
+                        static_cast<unsigned>(num_heads));
+  if (bs == 64) {
+    last_block_logits_kernel<64><<<logit_grid, kLogitThreads, 0, stream>>>(logits, row_max, q, k, s,
+                                                                           head_begin, padded_len);
+  } else {
+    last_block_logits_kernel<128><<<logit_grid, kLogitThreads, 0, stream>>>(
+        logits, row_max, q, k, s, head_begin, padded_len);
+  }
+  MF_CUDA_CHECK_LAUNCH();
+  row_chunk_sums_kernel<<<dim3(static_cast<unsigned>(num_chunks), static_cast<unsigned>(num_heads)),
+                          static_cast<unsigned>(bs), 0, stream>>>(chunk_sums, logits, row_max,
+                                                                  head_begin, padded_len, bs);
+  MF_CUDA_CHECK_LAUNCH();
+  row_totals_kernel<<<grid_for(num_heads * bs, kThreads), kThreads, 0, stream>>>(
+      row_max_value, row_sum, row_max, chunk_sums, head_begin * bs, head_end * bs, num_chunks, bs);
+  MF_CUDA_CHECK_LAUNCH();
+  vertical_slash_kernel<<<dim3(static_cast<unsigned>(padded_len / kScoreKeys),
+                               static_cast<unsigned>(num_heads)),
+                          kScoreKeys, 0, stream>>>(vs, pooled, logits, row_max_value, row_sum, s,
+                                                   head_begin, padded_len);
   MF_CUDA_CHECK_LAUNCH();
 }
 
@@ -476,6 +917,9 @@ void flex_prefill_select(FlexPrefillDeviceSelection& out, const bf16* q, const b
   MF_CHECK(dims.head_dim <= kFlexPrefillMaxHeadDim,
            "flex_prefill_select (CUDA): head_dim must be in [1, {}], got {}",
            kFlexPrefillMaxHeadDim, dims.head_dim);
+  MF_CHECK(dims.num_q_heads <= kFlexPrefillMaxHeads,
+           "flex_prefill_select (CUDA): num_q_heads must be <= {}, got {}", kFlexPrefillMaxHeads,
+           dims.num_q_heads);
   const int64_t n = dims.seq_len;
   const int64_t bs = params.block_size;
   const int64_t nb = ceil_div(n, bs);
@@ -506,7 +950,7 @@ void flex_prefill_select(FlexPrefillDeviceSelection& out, const bf16* q, const b
         out.query_aware.data(), out.js_distance.data(), out.num_vertical_blocks.data(),
         out.num_slash_blocks.data(), num_heads);
     MF_CUDA_CHECK_LAUNCH();
-    build_csr(out, nullptr, true, stream);
+    build_csr(out, nullptr, stream);
     return;
   }
 
@@ -520,80 +964,98 @@ void flex_prefill_select(FlexPrefillDeviceSelection& out, const bf16* q, const b
                 1.0 / std::sqrt(static_cast<double>(dims.head_dim))};
   const int64_t d = dims.head_dim;
   DeviceBuffer<double> k_means(static_cast<size_t>(dims.num_kv_heads * nb * d));
-  DeviceBuffer<double> q_means(static_cast<size_t>(num_heads * nb * d));
   block_means_kernel<<<grid_for(dims.num_kv_heads * nb * d, kThreads), kThreads, 0, stream>>>(
-      k_means.data(), k, n, dims.num_kv_heads, d, bs, nb, 1.0);
-  MF_CUDA_CHECK_LAUNCH();
-  block_means_kernel<<<grid_for(num_heads * nb * d, kThreads), kThreads, 0, stream>>>(
-      q_means.data(), q, n, num_heads, d, bs, nb, s.scale);
+      k_means.data(), k, n, dims.num_kv_heads, d, bs, nb, 1.0, nullptr);
   MF_CUDA_CHECK_LAUNCH();
 
-  // Step 1.
-  DeviceBuffer<double> row_max(static_cast<size_t>(num_heads * bs));
+  // Step 1 (and step 3's pooling), in passes of heads that bound the logits buffer.
+  const int64_t padded_len = ceil_div(n, kChunk) * kChunk;
+  const int64_t head_logit_bytes = padded_len * bs * static_cast<int64_t>(sizeof(double));
+  const int64_t heads_per_pass =
+      std::clamp<int64_t>(kLogitBytesPerPass / head_logit_bytes, 1, num_heads);
+  DeviceBuffer<double> logits(static_cast<size_t>(heads_per_pass * padded_len * bs));
+  DeviceBuffer<unsigned long long> row_max(static_cast<size_t>(num_heads * bs));
+  row_max.fill_zero(stream);
+  DeviceBuffer<double> chunk_sums(static_cast<size_t>(num_heads * (padded_len / kChunk) * bs));
+  DeviceBuffer<double> row_max_value(static_cast<size_t>(num_heads * bs));
   DeviceBuffer<double> row_sum(static_cast<size_t>(num_heads * bs));
-  last_row_stats_kernel<<<dim3(static_cast<unsigned>(bs), static_cast<unsigned>(num_heads)),
-                          kThreads, 0, stream>>>(row_max.data(), row_sum.data(), q, k, s);
-  MF_CUDA_CHECK_LAUNCH();
-  DeviceBuffer<double> vs(static_cast<size_t>(num_heads * 2 * n));  // [Hq, 2, N]
-  vertical_slash_kernel<<<grid_for(num_heads * n, kThreads), kThreads, 0, stream>>>(
-      vs.data(), row_max.data(), row_sum.data(), q, k, s);
-  MF_CUDA_CHECK_LAUNCH();
+  DeviceBuffer<double> vs(static_cast<size_t>(num_heads * 2 * n));       // [Hq, 2, N]
+  DeviceBuffer<double> pooled(static_cast<size_t>(num_heads * 2 * nb));  // [Hq, 2, nb]
+  for (int64_t head_begin = 0; head_begin < num_heads; head_begin += heads_per_pass) {
+    last_block_scores(vs.data(), pooled.data(), logits.data(), row_max.data(), chunk_sums.data(),
+                      row_max_value.data(), row_sum.data(), q, k, s, padded_len, head_begin,
+                      std::min(num_heads, head_begin + heads_per_pass), stream);
+  }
+  logits.reset();
   DeviceBuffer<double> q_mean(static_cast<size_t>(num_heads * d));
   last_query_mean_kernel<<<grid_for(num_heads * d, kThreads), kThreads, 0, stream>>>(q_mean.data(),
                                                                                      q, s);
   MF_CUDA_CHECK_LAUNCH();
 
-  // Steps 2-5.
-  const int64_t padded_n = next_power_of_two(n);
-  DeviceBuffer<double> sorted_vs(static_cast<size_t>(num_heads * 2 * padded_n));
-  DeviceBuffer<int32_t> order_vs(static_cast<size_t>(num_heads * 2 * padded_n));
-  segmented_sort_kernel<<<static_cast<unsigned>(num_heads * 2), kSortThreads, 0, stream>>>(
-      sorted_vs.data(), order_vs.data(), vs.data(), n, n, padded_n, nullptr, 1);
-  MF_CUDA_CHECK_LAUNCH();
-  DeviceBuffer<double> blk(static_cast<size_t>(num_heads * 2 * nb));  // [Hq, 2, nb]
-  DeviceBuffer<double> abar(static_cast<size_t>(num_heads * nb));
+  // Step 2: coverage counts of the sorted vertical and slash values.
+  DeviceBuffer<unsigned long long> coverage_counts(static_cast<size_t>(num_heads * 2));
+  coverage_counts.fill_zero(stream);
+  {
+    SortedSegments sorted_vs;
+    sort_segments_descending(sorted_vs, vs.data(), num_heads * 2, n, stream);
+    CoveragePrefix cover;
+    coverage_prefix(cover, sorted_vs.values.data(), num_heads * 2, n, stream);
+    coverage_count_kernel<<<dim3(blocks_per_segment(n), static_cast<unsigned>(num_heads * 2)),
+                            kThreads, 0, stream>>>(coverage_counts.data(), cover.prefix.data(),
+                                                   cover.bases.data(), n, cover.chunks_per_segment,
+                                                   params.gamma);
+    MF_CUDA_CHECK_LAUNCH();
+  }
+
+  // Steps 4-5.
   const Budget budget{params.gamma, params.tau, min_blocks, max_blocks};
-  head_decision_kernel<<<static_cast<unsigned>(num_heads), kThreads, 0, stream>>>(
-      blk.data(), abar.data(), out.query_aware.data(), out.js_distance.data(),
-      out.num_vertical_blocks.data(), out.num_slash_blocks.data(), vs.data(), sorted_vs.data(),
-      padded_n, q_mean.data(), k_means.data(), s, budget);
+  const size_t decision_shared =
+      static_cast<size_t>(3 * nb + ceil_div(nb, kChunk) + kThreads / kWarpSize) * sizeof(double);
+  MF_CUDA_CHECK(cudaFuncSetAttribute(head_decision_kernel,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(decision_shared)));
+  head_decision_kernel<<<static_cast<unsigned>(num_heads), kThreads, decision_shared, stream>>>(
+      pooled.data(), out.query_aware.data(), out.js_distance.data(), out.num_vertical_blocks.data(),
+      out.num_slash_blocks.data(), coverage_counts.data(), q_mean.data(), k_means.data(), s,
+      budget);
   MF_CUDA_CHECK_LAUNCH();
 
   // Steps 6-7.
-  const int64_t padded_nb = next_power_of_two(nb);
-  DeviceBuffer<double> sorted_blk(static_cast<size_t>(num_heads * 2 * padded_nb));
-  DeviceBuffer<int32_t> order_blk(static_cast<size_t>(num_heads * 2 * padded_nb));
-  segmented_sort_kernel<<<static_cast<unsigned>(num_heads * 2), kSortThreads, 0, stream>>>(
-      sorted_blk.data(), order_blk.data(), blk.data(), nb, nb, padded_nb, nullptr, 1);
-  MF_CUDA_CHECK_LAUNCH();
   DeviceBuffer<uint8_t> grid(static_cast<size_t>(num_heads * nb * nb));  // [Hq, nb, nb]
   grid.fill_zero(stream);
-  fill_pattern_kernel<<<static_cast<unsigned>(num_heads), kThreads, 0, stream>>>(
-      grid.data(), order_blk.data(), padded_nb, out.num_vertical_blocks.data(),
-      out.num_slash_blocks.data(), nb);
+  select_blocks_kernel<<<dim3(2, static_cast<unsigned>(num_heads)), kThreads, 0, stream>>>(
+      grid.data(), pooled.data(), out.num_vertical_blocks.data(), out.num_slash_blocks.data(), nb);
   MF_CUDA_CHECK_LAUNCH();
 
   // Step 8 (the kernels skip heads that are not query-aware).
   if (params.tau > 0.0) {
     const int64_t num_tri = nb * (nb + 1) / 2;
-    const int64_t padded_tri = next_power_of_two(num_tri);
+    DeviceBuffer<double> q_means(static_cast<size_t>(num_heads * nb * d));
+    block_means_kernel<<<grid_for(num_heads * nb * d, kThreads), kThreads, 0, stream>>>(
+        q_means.data(), q, n, num_heads, d, bs, nb, s.scale, out.query_aware.data());
+    MF_CUDA_CHECK_LAUNCH();
     DeviceBuffer<double> tri(static_cast<size_t>(num_heads * num_tri));
-    block_softmax_kernel<<<grid_for(num_heads * nb, kThreads), kThreads, 0, stream>>>(
-        tri.data(), q_means.data(), k_means.data(), out.query_aware.data(), s);
+    const unsigned tiles = static_cast<unsigned>(ceil_div(nb, kBlockTile));
+    block_logits_kernel<<<dim3(tiles, tiles, static_cast<unsigned>(num_heads)), kThreads, 0,
+                          stream>>>(tri.data(), q_means.data(), k_means.data(),
+                                    out.query_aware.data(), s);
     MF_CUDA_CHECK_LAUNCH();
-    DeviceBuffer<double> sorted_tri(static_cast<size_t>(num_heads * padded_tri));
-    DeviceBuffer<int32_t> order_tri(static_cast<size_t>(num_heads * padded_tri));
-    segmented_sort_kernel<<<static_cast<unsigned>(num_heads), kSortThreads, 0, stream>>>(
-        sorted_tri.data(), order_tri.data(), tri.data(), num_tri, num_tri, padded_tri,
-        out.query_aware.data(), 1);
+    block_softmax_kernel<<<grid_for_warps(num_heads * nb), kThreads, 0, stream>>>(
+        tri.data(), out.query_aware.data(), num_heads, nb);
     MF_CUDA_CHECK_LAUNCH();
-    coverage_walk_kernel<<<grid_for(num_heads, kThreads), kThreads, 0, stream>>>(
-        grid.data(), sorted_tri.data(), order_tri.data(), padded_tri, out.query_aware.data(),
-        num_heads, nb, params.gamma * static_cast<double>(nb));
+    SortedSegments sorted_tri;
+    sort_segments_descending(sorted_tri, tri.data(), num_heads, num_tri, stream);
+    CoveragePrefix cover;
+    coverage_prefix(cover, sorted_tri.values.data(), num_heads, num_tri, stream);
+    coverage_mark_kernel<<<dim3(blocks_per_segment(num_tri), static_cast<unsigned>(num_heads)),
+                           kThreads, 0, stream>>>(
+        grid.data(), sorted_tri.keys.data(), sorted_tri.position_bits, cover.prefix.data(),
+        cover.bases.data(), out.query_aware.data(), num_tri, cover.chunks_per_segment, nb,
+        params.gamma * static_cast<double>(nb));
     MF_CUDA_CHECK_LAUNCH();
   }
 
-  build_csr(out, grid.data(), false, stream);
+  build_csr(out, grid.data(), stream);
 }
 
 ops::FlexPrefillSelection download_selection(const FlexPrefillDeviceSelection& selection) {

@@ -21,14 +21,11 @@ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-// In place: x = softmax(x).
+// In place: x = softmax(x), the denominator in the chunked order.
 void softmax(std::vector<double>& x) {
   const double max_value = *std::max_element(x.begin(), x.end());
-  double sum = 0.0;
-  for (double& value : x) {
-    value = std::exp(value - max_value);
-    sum += value;
-  }
+  for (double& value : x) value = std::exp(value - max_value);
+  const double sum = flex_prefill_chunked_sum(x.data(), static_cast<int64_t>(x.size()));
   for (double& value : x) value /= sum;
 }
 
@@ -42,17 +39,12 @@ std::vector<int64_t> order_descending(const std::vector<double>& values) {
   return order;
 }
 
-// 1 + the number of prefix sums of the values sorted descending that stay <= gamma (step 2).
+// 1 + the number of chunked prefix sums of the values sorted descending that stay <= gamma
+// (step 2).
 int64_t coverage_count(std::vector<double> values, double gamma) {
   std::sort(values.begin(), values.end(), std::greater<>());
-  int64_t count = 1;
-  double cumulative = 0.0;
-  for (double value : values) {
-    cumulative += value;
-    if (cumulative > gamma) break;
-    ++count;
-  }
-  return count;
+  return 1 +
+         flex_prefill_coverage_prefix(values.data(), static_cast<int64_t>(values.size()), gamma);
 }
 
 // Sums of x over consecutive blocks of block_size (the last one over the remaining entries).
@@ -201,15 +193,14 @@ HeadSelection select_head(const T* q, const T* k, const std::vector<double>& k_m
       softmax(row_probs);
       std::copy(row_probs.begin(), row_probs.end(), block_probs.begin() + r * nb);
     }
+    // The causal entries (>= 0) come first in this order, the -1 marks after them.
     const std::vector<int64_t> order = order_descending(block_probs);
-    const double threshold = params.gamma * static_cast<double>(nb);
-    double cumulative = 0.0;
-    for (int64_t flat : order) {
-      if (block_probs[flat] < 0.0) break;  // only the non-causal entries remain
-      cumulative += block_probs[flat];
-      if (cumulative > threshold) break;
-      selection.grid[flat] = 1;
-    }
+    const int64_t num_causal = nb * (nb + 1) / 2;
+    std::vector<double> sorted(num_causal);
+    for (int64_t t = 0; t < num_causal; ++t) sorted[t] = block_probs[order[t]];
+    const int64_t num_kept = flex_prefill_coverage_prefix(sorted.data(), num_causal,
+                                                          params.gamma * static_cast<double>(nb));
+    for (int64_t t = 0; t < num_kept; ++t) selection.grid[order[t]] = 1;
   }
 
   stats.num_selected_blocks = std::count(selection.grid.begin(), selection.grid.end(), 1);
@@ -219,6 +210,31 @@ HeadSelection select_head(const T* q, const T* k, const std::vector<double>& k_m
 }
 
 }  // namespace
+
+double flex_prefill_chunked_sum(const double* x, int64_t n) {
+  double total = 0.0;
+  for (int64_t begin = 0; begin < n; begin += kFlexPrefillSumChunk) {
+    const int64_t end = std::min(n, begin + kFlexPrefillSumChunk);
+    double chunk = 0.0;
+    for (int64_t t = begin; t < end; ++t) chunk += x[t];
+    total += chunk;
+  }
+  return total;
+}
+
+int64_t flex_prefill_coverage_prefix(const double* x, int64_t n, double limit) {
+  double base = 0.0;  // the chunk totals before the current chunk, in ascending order
+  for (int64_t begin = 0; begin < n; begin += kFlexPrefillSumChunk) {
+    const int64_t end = std::min(n, begin + kFlexPrefillSumChunk);
+    double prefix = 0.0;
+    for (int64_t t = begin; t < end; ++t) {
+      prefix += x[t];
+      if (base + prefix > limit) return t;
+    }
+    base += prefix;
+  }
+  return n;
+}
 
 void check_flex_prefill_params(const FlexPrefillParams& p) {
   MF_CHECK(p.gamma > 0.0 && p.gamma <= 1.0, "FlexPrefill: gamma must be in (0, 1], got {}",

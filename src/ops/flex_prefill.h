@@ -11,8 +11,8 @@
 //  1. A = softmax(Qh K^T / sqrt(D)) for the last bs queries of the head (causal: query N-bs+r sees
 //     keys 0..N-bs+r). vertical[j] = sum_r A[r, j] / bs; slash[i] = sum_r A[r, i+r-(bs-1)] / bs.
 //  2. Budget of vertical (and of slash): c = 1 + #{t : t-th cumulative sum of the values sorted
-//     descending <= gamma}; blocks = c / 128 + 1 (128 fixed, as in the reference, whatever bs);
-//     clamped to [minB, maxB].
+//     descending <= gamma} (flex_prefill_coverage_prefix); blocks = c / 128 + 1 (128 fixed, as in
+//     the reference, whatever bs); clamped to [minB, maxB].
 //  3. vertical_blk, slash_blk: sums over blocks of bs (the last block over its real length).
 //  4. abar = softmax_c(mean_r(Qh[r]) / sqrt(D) . Kbar[c]) over all nb blocks (Kbar: mean of the
 //     block's real keys); d = sqrt(JS(abar, vertical_blk)), natural logs, 0 log 0 = 0, the JS
@@ -23,14 +23,43 @@
 //  7. Columns give (r, c) for all r >= c; offsets give (r, r - s) for all r >= s; union.
 //  8. Query-aware heads: Qbar[r] = mean of the block's real queries / sqrt(D);
 //     P[r, :] = softmax over c <= r of Qbar[r] . Kbar[c]; the causal entries sorted descending are
-//     kept while their cumulative sum stays <= gamma * nb, and joined to the set.
+//     kept while their cumulative sum stays <= gamma * nb (flex_prefill_coverage_prefix), and
+//     joined to the set.
 //
 // Ties (every sort and top-k above): the larger value first, equal values by the lower index
 // (the index into vertical_blk / slash_blk; the flat index r * nb + c in step 8). Thus among
 // equal slash scores the farther diagonal wins.
-// Precision: all arithmetic in double, sums in ascending index order (rows r ascending in step 1),
-// whatever T; the reference computes in fp32, so decisions that sit exactly on a threshold may
-// differ from it.
+//
+// Precision and order: all arithmetic in double, whatever T. Dot products add their terms in
+// ascending index order. Long sums use a chunked order, so that a GPU can parallelise them and
+// still give the same doubles (C = kFlexPrefillSumChunk):
+//  - every softmax denominator (step 1's rows over their N-bs+r+1 keys, step 4's abar, step 8's
+//    rows) is flex_prefill_chunked_sum of the exponentials: the terms are cut into chunks of C
+//    consecutive indices (chunk c holds indices [c C, (c + 1) C)), each chunk is summed in
+//    ascending order from +0.0, and the chunk totals are summed in ascending chunk order from +0.0;
+//  - every cumulative coverage (step 2 over the N sorted values, step 8 over the nb (nb + 1) / 2
+//    sorted block probabilities) is flex_prefill_coverage_prefix: the cumulative sum at sorted
+//    position t is base(t's chunk) + (the ascending sum of t's chunk from its start through t),
+//    base(c) being the ascending sum of the totals of the chunks before c. All terms are >= 0 and
+//    rounding is monotone, so the cumulative never decreases and "the entries while it stays <=
+//    the limit" is a prefix of the sorted order.
+// Every other sum (the rows r of vertical and slash, the bs entries of a pooled block or a block
+// mean, the rows of the query mean, the JS terms: block c ascending, abar's term before
+// vertical_blk's) runs sequentially in ascending index order.
+// The reference computes in fp32 with its own order, so decisions that sit exactly on a threshold
+// may differ from it.
+//
+// Exactness facts the GPU version (cuda/flex_prefill.h) relies on to give the same doubles:
+//  - q and k hold bf16 values (T = float or double holding bf16 values): a product of two of them
+//    is exact in double (8-bit significands, exponents far inside double's range), so a fused
+//    multiply-add fma(q, k, s) equals the reference's round(q * k + s) with no contraction;
+//  - products of two doubles (block means, the scaled query mean) are not exact, so those dot
+//    products must be computed without fused multiply-adds;
+//  - a max is exact in any order; adding +0.0 to a sum that is not -0.0 leaves it unchanged, and no
+//    sum here is -0.0 (each starts at +0.0, and rounding to nearest gives -0.0 only for -0.0 +
+//    -0.0), so masked entries may be added as zeros;
+//  - the values that are sorted (probabilities, their sums, +inf) are never -0.0 or NaN when q
+//    and k are finite.
 #pragma once
 
 #include <cstdint>
@@ -62,6 +91,16 @@ struct FlexPrefillSelection {
   BlockSparseLayout layout;                      // the selected blocks of every query head
   std::vector<FlexPrefillHeadStats> head_stats;  // [num_q_heads]
 };
+
+// Terms per chunk of the chunked sums (see the header comment).
+constexpr int64_t kFlexPrefillSumChunk = 256;
+
+// Sum of x[0..n) in the chunked order (chunks of kFlexPrefillSumChunk, see the header comment).
+double flex_prefill_chunked_sum(const double* x, int64_t n);
+
+// The number of leading entries of x[0..n) (values >= 0, sorted descending by the caller) whose
+// chunked cumulative sum stays <= limit (see the header comment).
+int64_t flex_prefill_coverage_prefix(const double* x, int64_t n, double limit);
 
 // Throws moeforge::Error naming the field if gamma, tau, the budgets or block_size are invalid.
 void check_flex_prefill_params(const FlexPrefillParams& params);

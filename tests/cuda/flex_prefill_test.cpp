@@ -1,8 +1,10 @@
 // FlexPrefill pattern search on the GPU against ops/flex_prefill.h on the same bf16-rounded q and
 // k: the CSR layout, the query-aware flags and the budgets exactly equal, the JS distances within
-// fp64 noise, over shapes x gamma x tau; the same errors or dense fallback on bad inputs; and, on
-// the host, that the test inputs give non-trivial selections (so that the comparison is not
-// vacuous).
+// fp64 noise, over shapes (N not a multiple of the block, block sizes 64 and 128, GQA groups 1 to
+// 8, head dims 64 and 128) x gamma x tau, on inputs full of exact ties, and at N = 20000 where
+// every chunked sum and tile loop has several chunks and a partial last one; the same errors or
+// dense fallback on bad inputs; and, on the host, that the test inputs give non-trivial selections
+// (so that the comparison is not vacuous).
 #include "cuda/flex_prefill.h"
 
 #include <gtest/gtest.h>
@@ -29,14 +31,12 @@ struct Case {
   int64_t seq_len, num_q_heads, num_kv_heads, head_dim, block_size;
 };
 
-// N not a multiple of the block size except the last; GQA ratios 1, 2, 4; head dims 64 and 128;
-// block sizes 64 and 128. No N with (N + 1) % 128 == 0: with gamma = 1 the step-2 coverage count
-// is N or N + 1 by rounding alone, which changes a budget only at those N.
+// N not a multiple of the block size except 1024; GQA groups 1, 2, 3, 4 and 8; head dims 64 and
+// 128; block sizes 64 and 128. No N with (N + 1) % 128 == 0: with gamma = 1 the step-2 coverage
+// count is N or N + 1 by rounding alone, which changes a budget only at those N.
 const Case kCases[] = {
-    {1000, 8, 8, 64, 64},
-    {1900, 8, 4, 128, 128},
-    {700, 8, 2, 64, 64},
-    {1024, 4, 1, 128, 128},
+    {1000, 8, 8, 64, 64},   {1900, 8, 4, 128, 128}, {700, 8, 2, 64, 64},
+    {1024, 4, 1, 128, 128}, {3000, 8, 1, 64, 128},  {1000, 6, 2, 128, 64},
 };
 const double kGammas[] = {0.5, 0.9, 1.0};
 // tau = 0: no head is query-aware; tau = 1: every head is (the JS distance is <= sqrt(ln 2)).
@@ -143,10 +143,12 @@ int64_t smallest_block_prob(const Inputs& in, const Case& c, int64_t h) {
   return best;
 }
 
+// The inputs of SelectionEqualsReference (same seeds).
 TEST(FlexPrefillCuda, TestInputsGiveNonTrivialSelections) {
+  uint64_t seed = 11;
   for (const Case& c : kCases) {
     SCOPED_TRACE(describe(c));
-    const Inputs in = make_inputs(c, 11);
+    const Inputs in = make_inputs(c, seed++);
     const ops::FlexPrefillSelection sel = ops::flex_prefill_select<float>(
         in.q.data(), in.k.data(), dims_of(c), params_of(c, 0.9, 0.1));
     ASSERT_FALSE(sel.dense_fallback);
@@ -162,69 +164,123 @@ TEST(FlexPrefillCuda, TestInputsGiveNonTrivialSelections) {
   }
 }
 
+// Runs the GPU search on in and expects the reference's selection: exactly, except for gamma = 1,
+// where step 8 keeps the last (smallest) block probability iff the sum of all the head's block
+// probabilities rounds to <= nb, a decision that an ulp of exp can flip. The sets must agree
+// everywhere else then, and exactly for heads that are not query-aware.
+void expect_reference_selection(const Inputs& in, const Case& c,
+                                const ops::FlexPrefillParams& params) {
+  const ops::FlexPrefillSelection ref =
+      ops::flex_prefill_select<float>(in.q.data(), in.k.data(), dims_of(c), params);
+  DeviceBuffer<bf16> q = to_device(to_bf16(in.q)), k = to_device(to_bf16(in.k));
+  FlexPrefillDeviceSelection device_sel;
+  flex_prefill_select(device_sel, q.data(), k.data(), dims_of(c), params, nullptr);
+  const ops::FlexPrefillSelection got = download_selection(device_sel);
+  ops::check_block_sparse_layout(got.layout, c.num_q_heads, c.seq_len, "GPU selection");
+
+  ASSERT_EQ(got.dense_fallback, ref.dense_fallback);
+  ASSERT_EQ(got.layout.num_blocks, ref.layout.num_blocks);
+  ASSERT_EQ(got.head_stats.size(), ref.head_stats.size());
+  std::vector<int32_t> got_flags, ref_flags;
+  std::vector<int64_t> got_budgets, ref_budgets;
+  for (size_t h = 0; h < ref.head_stats.size(); ++h) {
+    got_flags.push_back(got.head_stats[h].query_aware ? 1 : 0);
+    ref_flags.push_back(ref.head_stats[h].query_aware ? 1 : 0);
+    got_budgets.push_back(got.head_stats[h].num_vertical_blocks);
+    got_budgets.push_back(got.head_stats[h].num_slash_blocks);
+    ref_budgets.push_back(ref.head_stats[h].num_vertical_blocks);
+    ref_budgets.push_back(ref.head_stats[h].num_slash_blocks);
+    EXPECT_NEAR(got.head_stats[h].js_distance, ref.head_stats[h].js_distance, 1e-12)
+        << "head " << h;
+  }
+  expect_equal("query_aware", got_flags, ref_flags);
+  expect_equal("budgets (vertical, slash per head)", got_budgets, ref_budgets);
+
+  if (params.gamma < 1.0) {
+    expect_equal("row_offsets", got.layout.row_offsets, ref.layout.row_offsets);
+    expect_equal("col_idx", got.layout.col_idx, ref.layout.col_idx);
+    return;
+  }
+  const int64_t nb = ref.layout.num_blocks;
+  for (int64_t h = 0; h < c.num_q_heads; ++h) {
+    const std::vector<char> got_grid = head_grid(got.layout, h);
+    const std::vector<char> ref_grid = head_grid(ref.layout, h);
+    if (!ref.head_stats[h].query_aware) {
+      expect_equal("blocks of head " + std::to_string(h), got_grid, ref_grid);
+      continue;
+    }
+    const int64_t knife_edge = smallest_block_prob(in, c, h);
+    for (int64_t flat = 0; flat < nb * nb; ++flat) {
+      if (flat == knife_edge) continue;
+      EXPECT_EQ(got_grid[flat], ref_grid[flat])
+          << "head " << h << " block (" << flat / nb << ", " << flat % nb << ")";
+    }
+  }
+}
+
 TEST(FlexPrefillCuda, SelectionEqualsReference) {
   MF_REQUIRE_GPU();
   uint64_t seed = 11;
   for (const Case& c : kCases) {
     const Inputs in = make_inputs(c, seed);
-    const std::vector<bf16> q_bf16 = to_bf16(in.q), k_bf16 = to_bf16(in.k);
-    DeviceBuffer<bf16> q = to_device(q_bf16), k = to_device(k_bf16);
     for (double gamma : kGammas) {
       for (double tau : kTaus) {
         SCOPED_TRACE(describe(c) + " gamma=" + std::to_string(gamma) +
                      " tau=" + std::to_string(tau));
-        const ops::FlexPrefillParams params = params_of(c, gamma, tau);
-        const ops::FlexPrefillSelection ref =
-            ops::flex_prefill_select<float>(in.q.data(), in.k.data(), dims_of(c), params);
-        FlexPrefillDeviceSelection device_sel;
-        flex_prefill_select(device_sel, q.data(), k.data(), dims_of(c), params, nullptr);
-        const ops::FlexPrefillSelection got = download_selection(device_sel);
-        ops::check_block_sparse_layout(got.layout, c.num_q_heads, c.seq_len, "GPU selection");
-
-        ASSERT_EQ(got.dense_fallback, ref.dense_fallback);
-        ASSERT_EQ(got.layout.num_blocks, ref.layout.num_blocks);
-        ASSERT_EQ(got.head_stats.size(), ref.head_stats.size());
-        std::vector<int32_t> got_flags, ref_flags;
-        std::vector<int64_t> got_budgets, ref_budgets;
-        for (size_t h = 0; h < ref.head_stats.size(); ++h) {
-          got_flags.push_back(got.head_stats[h].query_aware ? 1 : 0);
-          ref_flags.push_back(ref.head_stats[h].query_aware ? 1 : 0);
-          got_budgets.push_back(got.head_stats[h].num_vertical_blocks);
-          got_budgets.push_back(got.head_stats[h].num_slash_blocks);
-          ref_budgets.push_back(ref.head_stats[h].num_vertical_blocks);
-          ref_budgets.push_back(ref.head_stats[h].num_slash_blocks);
-          EXPECT_NEAR(got.head_stats[h].js_distance, ref.head_stats[h].js_distance, 1e-12)
-              << "head " << h;
-        }
-        expect_equal("query_aware", got_flags, ref_flags);
-        expect_equal("budgets (vertical, slash per head)", got_budgets, ref_budgets);
-
-        if (gamma < 1.0) {
-          expect_equal("row_offsets", got.layout.row_offsets, ref.layout.row_offsets);
-          expect_equal("col_idx", got.layout.col_idx, ref.layout.col_idx);
-          continue;
-        }
-        // gamma = 1: step 8 keeps the last (smallest) block probability iff the sum of all the
-        // head's block probabilities rounds to <= nb, a decision that an ulp of exp can flip. The
-        // sets must agree everywhere else, and exactly for heads that are not query-aware.
-        const int64_t nb = ref.layout.num_blocks;
-        for (int64_t h = 0; h < c.num_q_heads; ++h) {
-          const std::vector<char> got_grid = head_grid(got.layout, h);
-          const std::vector<char> ref_grid = head_grid(ref.layout, h);
-          if (!ref.head_stats[h].query_aware) {
-            expect_equal("blocks of head " + std::to_string(h), got_grid, ref_grid);
-            continue;
-          }
-          const int64_t knife_edge = smallest_block_prob(in, c, h);
-          for (int64_t flat = 0; flat < nb * nb; ++flat) {
-            if (flat == knife_edge) continue;
-            EXPECT_EQ(got_grid[flat], ref_grid[flat])
-                << "head " << h << " block (" << flat / nb << ", " << flat % nb << ")";
-          }
-        }
+        expect_reference_selection(in, c, params_of(c, gamma, tau));
       }
     }
     ++seed;
+  }
+}
+
+// Query heads per KV head 1 to 8 on one shape.
+TEST(FlexPrefillCuda, EveryGroupSizeEqualsReference) {
+  MF_REQUIRE_GPU();
+  for (int64_t group = 1; group <= 8; ++group) {
+    const Case c{1500, 2 * group, 2, 64, 64};
+    SCOPED_TRACE(describe(c));
+    expect_reference_selection(make_inputs(c, 20 + group), c, params_of(c, 0.9, 0.1));
+  }
+}
+
+// Keys that repeat with period 8 (k[n] = k[n % 8]): the attention of each row repeats over the
+// keys, so vertical and slash values, the block scores of the full blocks and the block-level
+// probabilities of step 8 tie exactly, and every sort leans on the tie rule. All-zero keys make
+// every row uniform (everything ties).
+TEST(FlexPrefillCuda, TiedScoresEqualReference) {
+  MF_REQUIRE_GPU();
+  const Case cases[] = {{1000, 4, 2, 64, 64}, {2000, 4, 1, 128, 128}};
+  for (const Case& c : cases) {
+    Inputs periodic = make_inputs(c, 31);
+    const int64_t row = c.num_kv_heads * c.head_dim;
+    for (int64_t n = 8; n < c.seq_len; ++n) {
+      std::copy_n(periodic.k.begin() + (n % 8) * row, row, periodic.k.begin() + n * row);
+    }
+    Inputs zero_keys = periodic;
+    std::fill(zero_keys.k.begin(), zero_keys.k.end(), 0.0f);
+    for (double gamma : {0.5, 0.9}) {
+      for (double tau : {0.0, 1.0}) {
+        SCOPED_TRACE(describe(c) + " gamma=" + std::to_string(gamma) +
+                     " tau=" + std::to_string(tau));
+        expect_reference_selection(periodic, c, params_of(c, gamma, tau));
+        expect_reference_selection(zero_keys, c, params_of(c, gamma, tau));
+      }
+    }
+  }
+}
+
+// N = 20000: 79 softmax and coverage chunks of step 1-2 (the last one of 32 keys), 313 or 157 key
+// blocks (a step-8 triangle of 192 or 49 chunks, the last one partial), several logits tiles with
+// a partial last one.
+TEST(FlexPrefillCuda, LongInputEqualsReference) {
+  MF_REQUIRE_GPU();
+  for (const Case& c : {Case{20000, 2, 1, 64, 64}, Case{20000, 2, 1, 128, 128}}) {
+    const Inputs in = make_inputs(c, 41);
+    for (double tau : {0.0, 1.0}) {
+      SCOPED_TRACE(describe(c) + " tau=" + std::to_string(tau));
+      expect_reference_selection(in, c, params_of(c, 0.9, tau));
+    }
   }
 }
 
@@ -300,6 +356,11 @@ TEST(FlexPrefillCuda, BadInputsGiveTheReferenceErrors) {
               flex_prefill_select(out, nullptr, nullptr, {1000, 4, 2, 512}, params_of(c, 0.9, 0.1),
                                   nullptr);
             }).find("head_dim must be in [1, 256], got 512"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] {
+              flex_prefill_select(out, nullptr, nullptr, {1000, 1026, 2, 64},
+                                  params_of(c, 0.9, 0.1), nullptr);
+            }).find("num_q_heads must be <= 1024, got 1026"),
             std::string::npos);
   EXPECT_NE(error_of([&] {
               flex_prefill_select(out, nullptr, nullptr, {2049 * 128, 4, 2, 64},

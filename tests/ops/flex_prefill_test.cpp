@@ -1,7 +1,8 @@
 // Tests of ops::flex_prefill_select: the dense fallback (and its equality with dense attention),
 // parameter errors, layout invariants, budgets and the JS distance against quantities recomputed
-// from dense attention probabilities, and hand-derived block sets (a concentrated key block, a
-// query-aware head, the tie rule).
+// from dense attention probabilities, hand-derived block sets (a concentrated key block, a
+// query-aware head, the tie rule), and the chunked summation order (sums, coverage prefixes, and
+// a selection that the plain sequential order would change).
 #include "ops/flex_prefill.h"
 
 #include <gtest/gtest.h>
@@ -207,7 +208,7 @@ TEST(FlexPrefill, RandomInputsGiveValidDeterministicLayouts) {
   };
   uint64_t seed = 40;
   for (const Case& c : cases) {
-    SCOPED_TRACE("N" + std::to_string(c.dims.seq_len));
+    SCOPED_TRACE(::testing::Message() << "N" << c.dims.seq_len);
     const std::vector<float> q =
         to_float(random_vector(c.dims.seq_len * c.dims.num_q_heads * c.dims.head_dim, seed++, 3.0));
     const std::vector<float> k = to_float(
@@ -423,6 +424,65 @@ TEST_F(FlexPrefillUniform, VerticalSlashHeadBreaksTiesTowardLowerIndex) {
     EXPECT_EQ(stats.num_slash_blocks, 4);
     EXPECT_EQ(head_grid(sel.layout, h), expected);
   }
+}
+
+// 1 + 511 x 2^-53: added one by one every term rounds away (ties to even), while the second chunk
+// (256 terms, 2^-45 exactly) survives; a partial last chunk of 44 terms gives 44 x 2^-53.
+TEST(FlexPrefillOrder, ChunkedSumAddsChunkTotalsInOrder) {
+  ASSERT_EQ(kFlexPrefillSumChunk, 256);
+  std::vector<double> x(512, 0x1p-53);
+  x[0] = 1.0;
+  double sequential = 0.0;
+  for (double value : x) sequential += value;
+  EXPECT_EQ(sequential, 1.0);
+  EXPECT_EQ(flex_prefill_chunked_sum(x.data(), 512), 1.0 + 0x1p-45);
+  EXPECT_EQ(flex_prefill_chunked_sum(x.data(), 300), 1.0 + 44 * 0x1p-53);
+  EXPECT_EQ(flex_prefill_chunked_sum(x.data(), 256), 1.0);  // one chunk: the sequential sum
+  EXPECT_EQ(flex_prefill_chunked_sum(x.data(), 0), 0.0);
+}
+
+// 0.5 then 511 x 2^-54: one by one the cumulative sum stays 0.5 (each term is half an ulp, ties to
+// even), so all 512 entries stay <= 0.5; in the chunked order the second chunk's own prefix reaches
+// 2 x 2^-54 at its second term, and base 0.5 plus that exceeds 0.5 at position 257.
+TEST(FlexPrefillOrder, CoveragePrefixAddsInChunkPrefixesToChunkBases) {
+  std::vector<double> x(512, 0x1p-54);
+  x[0] = 0.5;
+  double sequential = 0.0;
+  int64_t sequential_count = 0;
+  for (double value : x) {
+    sequential += value;
+    if (sequential > 0.5) break;
+    ++sequential_count;
+  }
+  EXPECT_EQ(sequential_count, 512);
+  EXPECT_EQ(flex_prefill_coverage_prefix(x.data(), 512, 0.5), 257);
+  EXPECT_EQ(flex_prefill_coverage_prefix(x.data(), 256, 0.5), 256);
+  EXPECT_EQ(flex_prefill_coverage_prefix(x.data(), 512, 0.25), 0);
+  EXPECT_EQ(flex_prefill_coverage_prefix(x.data(), 512, 1.0), 512);
+}
+
+// Step 1's softmax denominator is chunked. Every query is e0 and every key but key 0 is -294 e0, so
+// each last-block row has logit 0 at key 0 and -36.75 elsewhere: e = exp(-36.75) < 2^-53. Added one
+// by one after the 1 of key 0, every e rounds away: the row sums would be 1 exactly, vertical[0] =
+// 1 > gamma = 1 - 2^-50 and the vertical budget 1 block. In the chunked order the chunks after the
+// first add about 700 e, vertical[0] is about 1 - 8e-14, and the first chunk of the sorted vertical
+// values alone (vertical[0] and 255 values near e, each adding an ulp) stays below gamma: 256+
+// entries, so at least 256 / 128 + 1 = 3 blocks.
+TEST(FlexPrefillOrder, SoftmaxDenominatorIsChunked) {
+  const SparseAttentionDims dims{1000, 1, 1, 64};
+  std::vector<double> q(dims.seq_len * dims.head_dim, 0.0);
+  std::vector<double> k(dims.seq_len * dims.head_dim, 0.0);
+  for (int64_t i = 0; i < dims.seq_len; ++i) {
+    q[i * dims.head_dim] = 1.0;
+    if (i > 0) k[i * dims.head_dim] = -294.0;
+  }
+  EXPECT_EQ(1.0 + std::exp(-36.75), 1.0);
+  const double gamma = 1.0 - 0x1p-50;
+  const FlexPrefillSelection sel =
+      flex_prefill_select(q.data(), k.data(), dims, FlexPrefillParams{gamma, 0.0, 1, 0, 64});
+  ASSERT_FALSE(sel.dense_fallback);
+  check_invariants(sel, dims);
+  EXPECT_GE(sel.head_stats[0].num_vertical_blocks, 3);
 }
 
 }  // namespace
