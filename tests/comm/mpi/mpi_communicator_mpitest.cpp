@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "comm/collective_test_values.h"
 #include "comm/communicator.h"
 #include "comm/mpi/mpi_communicator.h"
 #include "comm/rank_failure_listener.h"
@@ -22,6 +23,12 @@
 
 namespace moeforge {
 namespace {
+
+using testing::bf16_bits;
+using testing::bf16_value;
+using testing::reversed_offsets_with_gaps;
+using testing::thrown_message;
+using testing::uneven_count;
 
 MpiCommunicator& world() {
   return dynamic_cast<MpiCommunicator&>(world_communicator());
@@ -187,16 +194,6 @@ TEST(MpiCommunicator, AllReduceSumIntegersSplitIntoSmallCalls) {
   }
 }
 
-uint16_t bf16_bits(float value) {
-  const uint32_t bits = std::bit_cast<uint32_t>(value);
-  EXPECT_EQ(bits & 0xFFFFu, 0u) << value << " is not a bf16 value";
-  return static_cast<uint16_t>(bits >> 16);
-}
-
-float bf16_value(uint16_t bits) {
-  return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16);
-}
-
 TEST(MpiCommunicator, AllReduceSumBFloat16SumsInFp32AndRoundsOnce) {
   const int num_ranks = world().size();
   const int rank_idx = world().rank();
@@ -353,23 +350,6 @@ TEST(MpiCommunicator, AllToAllTransposesChunks) {
   }
 }
 
-// Rank src sends (src + 2 * dst) % 3 elements to rank dst: uneven, and zero for some pairs.
-size_t uneven_count(int src_idx, int dst_idx) {
-  return static_cast<size_t>(src_idx + 2 * dst_idx) % 3;
-}
-
-// Chunks laid out in reverse peer order with a one-element gap after each.
-std::vector<size_t> reversed_offsets_with_gaps(const std::vector<size_t>& counts, size_t* extent) {
-  std::vector<size_t> offsets(counts.size());
-  size_t next_offset = 0;
-  for (size_t peer_idx = counts.size(); peer_idx-- > 0;) {
-    offsets[peer_idx] = next_offset;
-    next_offset += counts[peer_idx] + 1;
-  }
-  *extent = next_offset;
-  return offsets;
-}
-
 TEST(MpiCommunicator, AllToAllVWithUnevenAndZeroCounts) {
   const int num_ranks = world().size();
   const int rank_idx = world().rank();
@@ -496,15 +476,6 @@ TEST(MpiCommunicator, SplitIntoSingletons) {
 
 TEST(MpiCommunicator, SplitRejectsANegativeColor) {
   EXPECT_THROW(world().split(/*color=*/-1, /*key=*/0), Error);
-}
-
-std::string thrown_message(const std::function<void()>& call) {
-  try {
-    call();
-  } catch (const Error& error) {
-    return error.what();
-  }
-  return "(nothing thrown)";
 }
 
 TEST(MpiCommunicator, CountsBeyondIntThrowBeforeCommunicating) {

@@ -20,6 +20,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "comm/collective_test_values.h"
 #include "comm/communicator.h"
 #include "comm/local_rank.h"
 #include "comm/nccl/nccl_communicator.h"
@@ -29,6 +30,12 @@
 
 namespace moeforge {
 namespace {
+
+using testing::bf16_bits;
+using testing::bf16_value;
+using testing::reversed_offsets_with_gaps;
+using testing::thrown_message;
+using testing::uneven_count;
 
 // Why the GPU tests skip, the same on every rank; empty when every rank has a GPU of its own.
 std::string& skip_reason() {
@@ -122,16 +129,6 @@ CommDType dtype_of() {
   }
 }
 
-uint16_t bf16_bits(float value) {
-  const uint32_t bits = std::bit_cast<uint32_t>(value);
-  EXPECT_EQ(bits & 0xFFFFu, 0u) << value << " is not a bf16 value";
-  return static_cast<uint16_t>(bits >> 16);
-}
-
-float bf16_value(uint16_t bits) {
-  return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16);
-}
-
 // value (an integer that T holds exactly) as a T; uint8 wraps modulo 256 like NCCL's uint8 sum.
 template <typename T>
 T encode(int64_t value) {
@@ -183,15 +180,6 @@ template <typename T>
     }
   }
   return ::testing::AssertionSuccess();
-}
-
-std::string thrown_message(const std::function<void()>& call) {
-  try {
-    call();
-  } catch (const Error& error) {
-    return error.what();
-  }
-  return "(nothing thrown)";
 }
 
 template <typename T>
@@ -280,23 +268,6 @@ void check_all_to_all(NcclCommunicator& comm, size_t count) {
   comm.all_to_all(send_device.data(), recv.data(), count, dtype_of<T>());
   comm.synchronize();
   EXPECT_TRUE(bitwise_equal(recv.download(), expected));
-}
-
-// Rank src sends (src + 2 * dst) % 3 elements to rank dst: uneven, and zero for some pairs.
-size_t uneven_count(int src_idx, int dst_idx) {
-  return static_cast<size_t>(src_idx + 2 * dst_idx) % 3;
-}
-
-// Chunks laid out in reverse peer order with a one-element gap after each.
-std::vector<size_t> reversed_offsets_with_gaps(const std::vector<size_t>& counts, size_t* extent) {
-  std::vector<size_t> offsets(counts.size());
-  size_t next_offset = 0;
-  for (size_t peer_idx = counts.size(); peer_idx-- > 0;) {
-    offsets[peer_idx] = next_offset;
-    next_offset += counts[peer_idx] + 1;
-  }
-  *extent = next_offset;
-  return offsets;
 }
 
 template <typename T>
