@@ -37,14 +37,10 @@ __global__ void cross_entropy_kernel(float* losses, bf16* dlogits, const float* 
   const int32_t target = targets[row];
   float m = -INFINITY, s = 0.0f;
   for (int64_t j = threadIdx.x * kWidth; j < vocab; j += kThreads * kWidth) {
-    if constexpr (kWidth == 1) {
-      add_logit(m, s, x[j]);
-    } else {
-      float v[kWidth];
-      load_vec(v, x + j);
+    float v[kWidth];
+    load_cols<kWidth>(v, x + j);
 #pragma unroll
-      for (int i = 0; i < kWidth; ++i) add_logit(m, s, v[i]);
-    }
+    for (int i = 0; i < kWidth; ++i) add_logit(m, s, v[i]);
   }
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
     const float other_m = __shfl_xor_sync(0xffffffffu, m, offset);
@@ -71,20 +67,12 @@ __global__ void cross_entropy_kernel(float* losses, bf16* dlogits, const float* 
   bf16* dx = dlogits + row * vocab;
   for (int64_t j = threadIdx.x * kWidth; j < vocab; j += kThreads * kWidth) {
     float v[kWidth];
-    if constexpr (kWidth == 1) {
-      v[0] = x[j];
-    } else {
-      load_vec(v, x + j);
-    }
+    load_cols<kWidth>(v, x + j);
 #pragma unroll
     for (int i = 0; i < kWidth; ++i) {
       v[i] = target < 0 ? 0.0f : (expf(v[i] - lse) - (j + i == target ? 1.0f : 0.0f)) * dscale;
     }
-    if constexpr (kWidth == 1) {
-      dx[j] = __float2bfloat16_rn(v[0]);
-    } else {
-      store_vec(dx + j, v);
-    }
+    store_cols<kWidth>(dx + j, v);
   }
 }
 

@@ -111,6 +111,25 @@ __device__ __forceinline__ void store_vec(float* p, const float (&f)[8]) {
   reinterpret_cast<float4*>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
 }
 
+// kWidth consecutive elements as fp32: one plain access (kWidth 1) or one vector access (4 or 8),
+// so that a kernel can be written once for its scalar and its vector form.
+template <int kWidth, typename T>
+__device__ __forceinline__ void load_cols(float (&f)[kWidth], const T* p) {
+  if constexpr (kWidth == 1) {
+    f[0] = to_float(*p);
+  } else {
+    load_vec(f, p);
+  }
+}
+template <int kWidth, typename T>
+__device__ __forceinline__ void store_cols(T* p, const float (&f)[kWidth]) {
+  if constexpr (kWidth == 1) {
+    *p = from_float<T>(f[0]);
+  } else {
+    store_vec(p, f);
+  }
+}
+
 // Whether every pointer is aligned to `bytes` (null pointers count as aligned).
 template <typename... Ptrs>
 inline bool aligned_to(size_t bytes, const Ptrs*... ptrs) {

@@ -108,31 +108,6 @@ __global__ void scatter_rows_kernel(bf16* rows, const bf16* x, const int32_t* ro
 }
 
 template <int kWidth>
-__device__ __forceinline__ void load_cols(float (&f)[kWidth], const bf16* p) {
-  if constexpr (kWidth == 1) {
-    f[0] = __bfloat162float(*p);
-  } else {
-    load_vec(f, p);
-  }
-}
-template <int kWidth>
-__device__ __forceinline__ void load_cols(float (&f)[kWidth], const float* p) {
-  if constexpr (kWidth == 1) {
-    f[0] = *p;
-  } else {
-    load_vec(f, p);
-  }
-}
-template <int kWidth, typename T>
-__device__ __forceinline__ void store_cols(T* p, const float (&f)[kWidth]) {
-  if constexpr (kWidth == 1) {
-    *p = from_float<T>(f[0]);
-  } else {
-    store_vec(p, f);
-  }
-}
-
-template <int kWidth>
 __global__ void scatter_rows_backward_kernel(float* dx, const bf16* drows,
                                              const int32_t* assignment_row, int64_t top_k,
                                              int64_t c) {

@@ -13,25 +13,8 @@ namespace {
 constexpr int kWarpsPerBlock = 8;
 constexpr int64_t kRowsPerChunk = 256;  // rows per partial sum of dweight
 
-// kWidth consecutive columns per lane and access (1, or 4 when c % 4 == 0 and the tensors are
-// aligned); the row's sums run over each lane's columns, then across the warp.
-template <int kWidth, typename T>
-__device__ __forceinline__ void load_cols(float (&f)[kWidth], const T* p) {
-  if constexpr (kWidth == 1) {
-    f[0] = to_float(*p);
-  } else {
-    load_vec(f, p);
-  }
-}
-template <int kWidth, typename T>
-__device__ __forceinline__ void store_cols(T* p, const float (&f)[kWidth]) {
-  if constexpr (kWidth == 1) {
-    *p = from_float<T>(f[0]);
-  } else {
-    store_vec(p, f);
-  }
-}
-
+// kWidth consecutive columns per lane and access: 1, or 4 when c % 4 == 0 and the tensors are
+// aligned; the row's sums run over each lane's columns, then across the warp.
 template <int kWidth, typename In>
 __global__ void rmsnorm_forward_kernel(bf16* out, float* rstd, const In* inp, const float* weight,
                                        int64_t n, int64_t c, float eps) {

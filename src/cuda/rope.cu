@@ -28,30 +28,18 @@ __global__ void rope_kernel(bf16* out, int64_t out_stride, const bf16* inp, int6
     bf16* y = out + token_idx * out_stride + head_offset;
     const int64_t table_idx = static_cast<int64_t>(positions[token_idx]) * half + i;
     float c[kWidth], s[kWidth], x1[kWidth], x2[kWidth], y1[kWidth], y2[kWidth];
-    if constexpr (kWidth == 1) {
-      c[0] = cos_table[table_idx];
-      s[0] = sin_table[table_idx];
-      x1[0] = __bfloat162float(x[i]);
-      x2[0] = __bfloat162float(x[i + half]);
-    } else {
-      load_vec(c, cos_table + table_idx);
-      load_vec(s, sin_table + table_idx);
-      load_vec(x1, x + i);
-      load_vec(x2, x + i + half);
-    }
+    load_cols<kWidth>(c, cos_table + table_idx);
+    load_cols<kWidth>(s, sin_table + table_idx);
+    load_cols<kWidth>(x1, x + i);
+    load_cols<kWidth>(x2, x + i + half);
 #pragma unroll
     for (int k = 0; k < kWidth; ++k) {
       const float sk = direction * s[k];
       y1[k] = x1[k] * c[k] - x2[k] * sk;
       y2[k] = x2[k] * c[k] + x1[k] * sk;
     }
-    if constexpr (kWidth == 1) {
-      y[i] = __float2bfloat16_rn(y1[0]);
-      y[i + half] = __float2bfloat16_rn(y2[0]);
-    } else {
-      store_vec(y + i, y1);
-      store_vec(y + i + half, y2);
-    }
+    store_cols<kWidth>(y + i, y1);
+    store_cols<kWidth>(y + i + half, y2);
   }
 }
 
