@@ -7,95 +7,30 @@
 #include <vector>
 
 #include "core/error.h"
-#include "core/rng.h"
+#include "model/group_equivalence.h"
 #include "model/model_test_configs.h"
 #include "model/thread_communicator.h"
 #include "model/transformer.h"
-#include "testing/gradcheck.h"
 
 namespace moeforge {
 namespace {
 
 constexpr int kNumRanks = 2;
 constexpr int64_t kFullSeq = 6;
-constexpr int64_t kLocalSeq = kFullSeq / kNumRanks;
-constexpr uint64_t kSeed = 7;
-constexpr double kInitStd = 0.5;
-constexpr double kDloss = 0.75;
-
-struct RunResult {
-  LossBreakdown loss;
-  std::vector<double> logits;  // [batch * seq, vocab]
-  std::vector<double> grads;
-  int64_t num_dropped = 0;  // over the MoE layers
-};
-
-// Forward and backward of one rank's model on tokens/targets [batch, seq].
-RunResult run_model(const ModelConfig& c, Communicator& comm, const std::vector<int32_t>& tokens,
-                    const std::vector<int32_t>& targets, int64_t batch, int64_t seq) {
-  Transformer<double> model(c, comm);
-  model.init_random(kSeed, kInitStd);
-  model.zero_grads();
-  RunResult out;
-  out.loss = model.forward(tokens.data(), targets.data(), batch, seq);
-  out.logits = model.logits();
-  for (const MoeFfnStats& stats : model.moe_stats()) out.num_dropped += stats.num_dropped;
-  model.backward(kDloss);
-  out.grads = model.grads();
-  return out;
-}
-
-// Positions [rank * kLocalSeq, (rank + 1) * kLocalSeq) of every sequence of full [batch, kFullSeq].
-std::vector<int32_t> shard(const std::vector<int32_t>& full, int64_t batch, int rank) {
-  std::vector<int32_t> out;
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t t = 0; t < kLocalSeq; ++t)
-      out.push_back(full[b * kFullSeq + rank * kLocalSeq + t]);
-  }
-  return out;
-}
 
 // Capacity dropping keeps the first tokens in the group's order (rank by rank), which equals the
 // single-rank order only for batch 1; dropless runs match for any batch. Returns the assignments
 // the single-rank model dropped.
 int64_t check_two_ranks_match_one_rank(const ModelConfig& c, int64_t batch,
                                        const std::string& what) {
-  Rng rng(11);
-  std::vector<int32_t> tokens, targets;
-  for (int64_t i = 0; i < batch * kFullSeq; ++i) {
-    tokens.push_back(static_cast<int32_t>(rng.below(c.vocab_size)));
-    targets.push_back(static_cast<int32_t>(rng.below(c.vocab_size)));
-  }
-  targets[1] = -1;  // ignored, on rank 0 only: the ranks count different numbers of targets
+  const testing::TokenBatch data = testing::random_token_batch(c, batch, kFullSeq);
   SelfCommunicator self;
-  const RunResult full = run_model(c, self, tokens, targets, batch, kFullSeq);
-
-  std::vector<RunResult> ranks(kNumRanks);
-  testing::run_ranks(kNumRanks, [&](Communicator& comm) {
-    ranks[comm.rank()] = run_model(c, comm, shard(tokens, batch, comm.rank()),
-                                   shard(targets, batch, comm.rank()), batch, kLocalSeq);
-  });
-
-  const int64_t vocab = c.vocab_size;
-  std::vector<double> grad_sum(full.grads.size(), 0.0);
-  for (int r = 0; r < kNumRanks; ++r) {
-    const RunResult& rank = ranks[r];
-    const std::string where = what + " rank " + std::to_string(r);
-    EXPECT_EQ(rank.loss.num_counted, full.loss.num_counted) << where;
-    EXPECT_NEAR(rank.loss.ce_loss, full.loss.ce_loss, 1e-12) << where;
-    EXPECT_NEAR(rank.loss.aux_loss, full.loss.aux_loss, 1e-12) << where;
-    EXPECT_NEAR(rank.loss.z_loss, full.loss.z_loss, 1e-12) << where;
-    EXPECT_NEAR(rank.loss.loss, full.loss.loss, 1e-12) << where;
-    std::vector<double> expected_logits;
-    for (int64_t b = 0; b < batch; ++b) {
-      const int64_t first_row = b * kFullSeq + r * kLocalSeq;
-      expected_logits.insert(expected_logits.end(), full.logits.begin() + first_row * vocab,
-                             full.logits.begin() + (first_row + kLocalSeq) * vocab);
-    }
-    testing::expect_close(rank.logits, expected_logits, 1e-12, 1e-12, where + " logits");
-    for (size_t i = 0; i < grad_sum.size(); ++i) grad_sum[i] += rank.grads[i];
-  }
-  testing::expect_close(grad_sum, full.grads, 1e-12, 1e-10, what + " summed gradients");
+  const testing::GroupRunResult full =
+      testing::run_rank_model(c, ParallelLayout::kSequenceExpert, EpDispatch::kAuto, self,
+                              data.tokens, data.targets, batch, kFullSeq);
+  const std::vector<testing::GroupRunResult> ranks = testing::run_group(
+      c, ParallelLayout::kSequenceExpert, EpDispatch::kAuto, kNumRanks, data, batch, kFullSeq);
+  testing::expect_group_matches_one_rank(full, ranks, batch, kFullSeq, c.vocab_size, what);
   return full.num_dropped;
 }
 

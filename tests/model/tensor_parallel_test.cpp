@@ -14,87 +14,31 @@
 #include <vector>
 
 #include "core/error.h"
-#include "core/rng.h"
 #include "model/counting_communicator.h"
+#include "model/group_equivalence.h"
 #include "model/model_test_configs.h"
 #include "model/thread_communicator.h"
 #include "model/transformer.h"
-#include "testing/gradcheck.h"
 
 namespace moeforge {
 namespace {
 
-using testing::run_ranks;
 using Collective = testing::CountingCommunicator::Collective;
 
+using testing::GroupRunResult;
+using testing::TokenBatch;
+
 constexpr int64_t kFullSeq = 8;
-constexpr uint64_t kSeed = 7;
-constexpr double kInitStd = 0.5;
-constexpr double kDloss = 0.75;
 
-struct RunResult {
-  LossBreakdown loss;
-  std::vector<double> logits;  // [batch * seq, vocab]
-  std::vector<double> grads;
-  int64_t num_dropped = 0;  // over the MoE layers
-};
-
-// Forward and backward of one rank's model on tokens/targets [batch, seq].
-RunResult run_model(const ModelConfig& c, ParallelLayout layout, EpDispatch dispatch,
-                    Communicator& comm, const std::vector<int32_t>& tokens,
-                    const std::vector<int32_t>& targets, int64_t batch, int64_t seq) {
-  Transformer<double> model(c, comm, dispatch, layout);
-  model.init_random(kSeed, kInitStd);
-  model.zero_grads();
-  RunResult out;
-  out.loss = model.forward(tokens.data(), targets.data(), batch, seq);
-  out.logits = model.logits();
-  for (const MoeFfnStats& stats : model.moe_stats()) out.num_dropped += stats.num_dropped;
-  model.backward(kDloss);
-  out.grads = model.grads();
-  return out;
+TokenBatch random_batch(const ModelConfig& c, int64_t batch) {
+  return testing::random_token_batch(c, batch, kFullSeq);
 }
 
-// Positions [rank * local_seq, (rank + 1) * local_seq) of every sequence of full [batch, kFullSeq].
-std::vector<int32_t> shard(const std::vector<int32_t>& full, int64_t batch, int64_t local_seq,
-                           int rank) {
-  std::vector<int32_t> out;
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t t = 0; t < local_seq; ++t) {
-      out.push_back(full[b * kFullSeq + rank * local_seq + t]);
-    }
-  }
-  return out;
-}
-
-struct Batch {
-  std::vector<int32_t> tokens, targets;  // [batch, kFullSeq]
-};
-
-Batch random_batch(const ModelConfig& c, int64_t batch) {
-  Rng rng(11);
-  Batch out;
-  for (int64_t i = 0; i < batch * kFullSeq; ++i) {
-    out.tokens.push_back(static_cast<int32_t>(rng.below(c.vocab_size)));
-    out.targets.push_back(static_cast<int32_t>(rng.below(c.vocab_size)));
-  }
-  out.targets[1] = -1;  // ignored, on rank 0 only: the ranks count different numbers of targets
-  return out;
-}
-
-// Every rank's run of c under layout over num_ranks ranks.
-std::vector<RunResult> run_group(const ModelConfig& c, ParallelLayout layout, EpDispatch dispatch,
-                                 int num_ranks, const Batch& data, int64_t batch,
-                                 const std::function<Communicator&(Communicator&)>& wrap = {}) {
-  const int64_t local_seq = kFullSeq / num_ranks;
-  std::vector<RunResult> ranks(static_cast<size_t>(num_ranks));
-  run_ranks(num_ranks, [&](Communicator& comm) {
-    Communicator& group = wrap ? wrap(comm) : comm;
-    ranks[comm.rank()] =
-        run_model(c, layout, dispatch, group, shard(data.tokens, batch, local_seq, comm.rank()),
-                  shard(data.targets, batch, local_seq, comm.rank()), batch, local_seq);
-  });
-  return ranks;
+std::vector<GroupRunResult> run_group(
+    const ModelConfig& c, ParallelLayout layout, EpDispatch dispatch, int num_ranks,
+    const TokenBatch& data, int64_t batch,
+    const std::function<Communicator&(Communicator&)>& wrap = {}) {
+  return testing::run_group(c, layout, dispatch, num_ranks, data, batch, kFullSeq, wrap);
 }
 
 // Capacity dropping keeps the first tokens in the group's order (rank by rank), which equals the
@@ -103,36 +47,18 @@ std::vector<RunResult> run_group(const ModelConfig& c, ParallelLayout layout, Ep
 int64_t check_tp_matches_one_rank(const ModelConfig& c, int num_ranks, int64_t batch,
                                   const std::string& name) {
   const std::string what = name + " over " + std::to_string(num_ranks) + " ranks";
-  const Batch data = random_batch(c, batch);
+  const TokenBatch data = random_batch(c, batch);
   SelfCommunicator self;
-  const RunResult full = run_model(c, ParallelLayout::kSequenceExpert, EpDispatch::kAuto, self,
-                                   data.tokens, data.targets, batch, kFullSeq);
-  const std::vector<RunResult> ranks =
+  const GroupRunResult full =
+      testing::run_rank_model(c, ParallelLayout::kSequenceExpert, EpDispatch::kAuto, self,
+                              data.tokens, data.targets, batch, kFullSeq);
+  const std::vector<GroupRunResult> ranks =
       run_group(c, ParallelLayout::kTensor, EpDispatch::kAuto, num_ranks, data, batch);
-
-  const int64_t local_seq = kFullSeq / num_ranks;
-  const int64_t vocab = c.vocab_size;
-  std::vector<double> grad_sum(full.grads.size(), 0.0);
+  testing::expect_group_matches_one_rank(full, ranks, batch, kFullSeq, c.vocab_size, what);
+  // Every rank routes all the group's tokens: it sees every drop.
   for (int r = 0; r < num_ranks; ++r) {
-    const RunResult& rank = ranks[r];
-    const std::string where = what + " rank " + std::to_string(r);
-    EXPECT_EQ(rank.loss.num_counted, full.loss.num_counted) << where;
-    EXPECT_NEAR(rank.loss.ce_loss, full.loss.ce_loss, 1e-12) << where;
-    EXPECT_NEAR(rank.loss.aux_loss, full.loss.aux_loss, 1e-12) << where;
-    EXPECT_NEAR(rank.loss.z_loss, full.loss.z_loss, 1e-12) << where;
-    EXPECT_NEAR(rank.loss.loss, full.loss.loss, 1e-12) << where;
-    // Every rank routes all the group's tokens: it sees every drop.
-    EXPECT_EQ(rank.num_dropped, full.num_dropped) << where;
-    std::vector<double> expected_logits;
-    for (int64_t b = 0; b < batch; ++b) {
-      const int64_t first_row = b * kFullSeq + r * local_seq;
-      expected_logits.insert(expected_logits.end(), full.logits.begin() + first_row * vocab,
-                             full.logits.begin() + (first_row + local_seq) * vocab);
-    }
-    testing::expect_close(rank.logits, expected_logits, 1e-12, 1e-12, where + " logits");
-    for (size_t i = 0; i < grad_sum.size(); ++i) grad_sum[i] += rank.grads[i];
+    EXPECT_EQ(ranks[r].num_dropped, full.num_dropped) << what << " rank " << r;
   }
-  testing::expect_close(grad_sum, full.grads, 1e-12, 1e-10, what + " summed gradients");
   return full.num_dropped;
 }
 
@@ -207,7 +133,7 @@ TEST(TensorParallel, GradientsOfSplitWeightsStayInTheRanksSlices) {
   constexpr int kRanks = 2;
   const ModelConfig c = tp_config(Architecture::kQwen2Moe, kRanks);
   const ParameterLayout layout(c);
-  const std::vector<RunResult> ranks =
+  const std::vector<GroupRunResult> ranks =
       run_group(c, ParallelLayout::kTensor, EpDispatch::kAuto, kRanks, random_batch(c, 2), 2);
   const int64_t h = c.hidden_size, qd = c.q_dim(), kvd = c.kv_dim();
   const int64_t f = c.moe_intermediate_size / kRanks,
@@ -245,7 +171,7 @@ TEST(TensorParallel, CommunicationVolumePerLayerFollowsTheFormulas) {
     const int64_t local_tokens = kBatch * kFullSeq / n;  // N
     const int64_t h = c.hidden_size, k = c.num_experts_per_tok;
     const int64_t q = c.q_dim(), kv = c.kv_dim(), m = n - 1;
-    const Batch data = random_batch(c, kBatch);
+    const TokenBatch data = random_batch(c, kBatch);
     for (const ParallelLayout layout : {ParallelLayout::kTensor, ParallelLayout::kSequenceExpert}) {
       std::vector<std::unique_ptr<testing::CountingCommunicator>> counters(n);
       run_group(c, layout, EpDispatch::kAllGather, n, data, kBatch,
