@@ -4,7 +4,7 @@
 // output adds a summary of the block selections over all windows.
 // With --task FILE.jsonl (from `moeforge data synth`): accuracy of greedy generation on the
 // synthetic long-context tasks, per task and prompt length, with the mean density of the sparse
-// prefills under --attention flex.
+// prefills under --attention flex, on the CPU reference or one GPU (--device).
 #include <fmt/format.h>
 #include <unistd.h>
 
@@ -15,6 +15,7 @@
 
 #include "cli/attention_options.h"
 #include "cli/commands.h"
+#include "cli/inference_device.h"
 #include "comm/communicator.h"
 #include "core/error.h"
 #include "data/loader.h"
@@ -69,7 +70,7 @@ LossBreakdown prefill_window_loss(Transformer<float>& model, const int32_t* toke
 
 void register_eval_command(CLI::App& app) {
   struct Options {
-    std::string model, data, task, split = "val";
+    std::string model, data, task, split = "val", device = "cpu";
     int64_t seq_len = 256, batch_size = 8, max_batches = 0;
     AttentionOptions attention;
   };
@@ -106,28 +107,34 @@ void register_eval_command(CLI::App& app) {
     task->excludes(dataset_only);
   }
   add_attention_options(cmd, opts->attention);
+  add_inference_device_option(cmd, opts->device);
   cmd->callback([opts] {
     MF_CHECK(!opts->data.empty() || !opts->task.empty(),
              "eval needs --data DIR (loss on a dataset from `moeforge data prepare`) or --task "
              "FILE.jsonl (accuracy on tasks from `moeforge data synth`)");
+    MF_CHECK(opts->device == "cpu" || !opts->task.empty(),
+             "--device {} runs eval --task only; eval --data runs on --device cpu", opts->device);
     const PrefillAttention attention = parse_attention_options(opts->attention);
     const std::filesystem::path dir = resolve_model_dir(opts->model);
     SelfCommunicator self;
-    const std::unique_ptr<Transformer<float>> loaded = load_transformer(dir, self);
-    Transformer<float>& model = *loaded;
-    model.set_prefill_attention(attention);
+    std::unique_ptr<Transformer<float>> loaded = load_transformer(dir, self);
     if (!opts->task.empty()) {
       const auto tokenizer = data::load_tokenizer(dir);
       Communicator& world = world_communicator();
+      const std::unique_ptr<InferenceEngine> engine =
+          make_inference_engine(opts->device, loaded, attention);
       nlohmann::ordered_json out = {{"model", opts->model},
                                     {"task_file", opts->task},
-                                    {"attention", opts->attention.attention}};
-      out.update(evaluate_synth_tasks(model, *tokenizer, data::read_synth_jsonl(opts->task),
+                                    {"attention", opts->attention.attention},
+                                    {"device", opts->device}};
+      out.update(evaluate_synth_tasks(*engine, *tokenizer, data::read_synth_jsonl(opts->task),
                                       opts->task, attention.flex, world));
       if (attention.flex) out["attention_params"] = flex_prefill_params_json(attention.params);
       if (world.rank() == 0) fmt::print("{}\n", out.dump());
       return;
     }
+    Transformer<float>& model = *loaded;
+    model.set_prefill_attention(attention);
     const data::TokenDataset dataset = data::TokenDataset::open(opts->data, opts->split);
     const auto tokenizer = data::load_tokenizer(opts->data);
     Communicator& world = world_communicator();

@@ -1,4 +1,5 @@
-// `moeforge generate`: sample text from a model directory with a KV cache.
+// `moeforge generate`: sample text from a model directory with a KV cache, on the CPU reference or
+// one GPU (--device).
 #include <fmt/format.h>
 
 #include <charconv>
@@ -8,9 +9,11 @@
 
 #include "cli/attention_options.h"
 #include "cli/commands.h"
+#include "cli/inference_device.h"
 #include "comm/communicator.h"
 #include "core/error.h"
 #include "data/tokenizer.h"
+#include "infer/cpu_inference.h"
 #include "infer/generate.h"
 #include "infer/qkv_dump.h"
 #include "io/atomic_file.h"
@@ -20,7 +23,7 @@ namespace moeforge::cli {
 
 void register_generate_command(CLI::App& app) {
   struct Options {
-    std::string model, prompt, attention_stats;
+    std::string model, prompt, attention_stats, device = "cpu";
     std::vector<std::string> dump_qkv;  // LAYER FILE
     GenerateOptions gen;
     AttentionOptions attention;
@@ -42,6 +45,7 @@ void register_generate_command(CLI::App& app) {
   cmd->add_option("--top-p", opts->gen.sampler.top_p, "Nucleus sampling mass")
       ->capture_default_str();
   cmd->add_option("--seed", opts->gen.seed, "Sampling seed")->capture_default_str();
+  add_inference_device_option(cmd, opts->device);
   cmd->add_flag("--stats", opts->stats, "Print timing statistics as JSON to stderr at the end");
   add_attention_options(cmd, opts->attention);
   cmd->add_option("--attention-stats", opts->attention_stats,
@@ -50,7 +54,7 @@ void register_generate_command(CLI::App& app) {
   cmd->add_option("--dump-qkv", opts->dump_qkv,
                   "LAYER FILE: after the prompt's prefill, write layer LAYER's q, k, v (F32, "
                   "after q/k norm and RoPE, token-major) to FILE.safetensors, for `bench prefill "
-                  "--qkv`")
+                  "--qkv` (--device cpu only)")
       ->expected(2)
       ->type_name("LAYER FILE");
   cmd->callback([opts] {
@@ -65,25 +69,31 @@ void register_generate_command(CLI::App& app) {
     }
     MF_CHECK(opts->attention_stats.empty() || attention.flex,
              "--attention-stats needs --attention flex (dense attention selects no blocks)");
+    MF_CHECK(dump_layer < 0 || opts->device == "cpu",
+             "--dump-qkv runs on --device cpu only (it reads the CPU reference's activations)");
     const std::filesystem::path dir = resolve_model_dir(opts->model);
     const auto tokenizer = data::load_tokenizer(dir);
     SelfCommunicator self;
-    const std::unique_ptr<Transformer<float>> loaded = load_transformer(dir, self);
-    Transformer<float>& model = *loaded;
-    model.set_prefill_attention(attention);
+    std::unique_ptr<Transformer<float>> model = load_transformer(dir, self);
+    if (dump_layer >= 0) {
+      MF_CHECK(dump_layer < model->config().num_layers,
+               "--dump-qkv: layer {} is outside the model's {} layers", dump_layer,
+               model->config().num_layers);
+    }
+    const std::unique_ptr<InferenceEngine> engine =
+        make_inference_engine(opts->device, model, attention);
     GenerateOptions gen = opts->gen;
     if (dump_layer >= 0) {
-      MF_CHECK(dump_layer < model.config().num_layers,
-               "--dump-qkv: layer {} is outside the model's {} layers", dump_layer,
-               model.config().num_layers);
-      gen.after_prefill = [&](const Transformer<float>& m, const KvCache<float>& cache) {
-        write_prefill_qkv(opts->dump_qkv[1], capture_prefill_qkv(m, cache, dump_layer));
+      const auto& cpu = static_cast<const CpuInference&>(*engine);
+      gen.after_prefill = [&] {
+        write_prefill_qkv(opts->dump_qkv[1],
+                          capture_prefill_qkv(cpu.model(), cpu.cache(), dump_layer));
       };
     }
     fmt::print("{}", opts->prompt);
     std::fflush(stdout);
     const GenerateResult result =
-        generate(model, *tokenizer, opts->prompt, gen, [](const std::string& piece) {
+        generate(*engine, *tokenizer, opts->prompt, gen, [](const std::string& piece) {
           fmt::print("{}", piece);
           std::fflush(stdout);
         });
@@ -92,20 +102,19 @@ void register_generate_command(CLI::App& app) {
       const double decode_tps =
           result.decode_seconds > 0 ? result.new_tokens.size() / result.decode_seconds : 0.0;
       fmt::print(stderr,
-                 "{{\"prompt_tokens\": {}, \"new_tokens\": {}, \"prefill_s\": {:.4f}, "
-                 "\"decode_s\": {:.4f}, "
-                 "\"decode_tokens_per_s\": {:.1f}}}\n",
-                 result.prompt_tokens.size(), result.new_tokens.size(), result.prefill_seconds,
-                 result.decode_seconds, decode_tps);
+                 "{{\"device\": \"{}\", \"prompt_tokens\": {}, \"new_tokens\": {}, "
+                 "\"prefill_s\": {:.4f}, \"decode_s\": {:.4f}, \"decode_tokens_per_s\": {:.1f}}}\n",
+                 opts->device, result.prompt_tokens.size(), result.new_tokens.size(),
+                 result.prefill_seconds, result.decode_seconds, decode_tps);
     }
     if (!opts->attention_stats.empty()) {
       // A one-token prompt runs no sparse prefill: then "layers" is empty.
-      nlohmann::json json = prefill_stats_json(model.prefill_stats());
+      nlohmann::json json = prefill_stats_json(engine->prefill_stats());
       json["format_version"] = 1;
       json["attention"] = opts->attention.attention;
       json["params"] = flex_prefill_params_json(attention.params);
       json["prompt_tokens"] = result.prompt_tokens.size();
-      json["sparse_prefill"] = !model.prefill_stats().empty();
+      json["sparse_prefill"] = !engine->prefill_stats().empty();
       io::write_file_atomic(opts->attention_stats, json.dump(2) + "\n");
     }
   });

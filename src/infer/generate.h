@@ -1,4 +1,5 @@
-// Text generation with a KV cache: prefill the prompt in one forward, then decode token by token.
+// Text generation with a KV cache: prefill the prompt in one forward, then decode token by token,
+// on any InferenceEngine (the CPU reference or the GPU engine).
 #pragma once
 
 #include <cstdint>
@@ -7,8 +8,8 @@
 #include <vector>
 
 #include "data/tokenizer.h"
+#include "infer/inference_engine.h"
 #include "infer/sampler.h"
-#include "model/transformer.h"
 
 namespace moeforge {
 
@@ -17,8 +18,8 @@ struct GenerateOptions {
   SamplerOptions sampler;
   uint64_t seed = 0;
   bool stop_at_eos = true;
-  // Called once after the prompt's prefill, with the model and the filled KV cache (may be null).
-  std::function<void(const Transformer<float>&, const KvCache<float>&)> after_prefill;
+  // Called once after the prompt's prefill (may be null).
+  std::function<void()> after_prefill;
 };
 
 struct GenerateResult {
@@ -28,8 +29,9 @@ struct GenerateResult {
   double decode_seconds = 0.0;
 };
 
-// on_token is called with the text of each new token as it is produced (may be null).
-GenerateResult generate(Transformer<float>& model, const data::Tokenizer& tokenizer,
+// Starts a new sequence on the engine (a cache of prompt + max_new_tokens positions). on_token is
+// called with the text of each new token as it is produced (may be null).
+GenerateResult generate(InferenceEngine& engine, const data::Tokenizer& tokenizer,
                         const std::string& prompt, const GenerateOptions& options,
                         const std::function<void(const std::string&)>& on_token);
 

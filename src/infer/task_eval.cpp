@@ -51,12 +51,12 @@ std::pair<int64_t, int64_t> example_token_counts(const data::Tokenizer& tokenize
 
 }  // namespace
 
-nlohmann::ordered_json evaluate_synth_tasks(Transformer<float>& model,
+nlohmann::ordered_json evaluate_synth_tasks(InferenceEngine& engine,
                                             const data::Tokenizer& tokenizer,
                                             const std::vector<data::SynthExample>& examples,
                                             const std::string& task_file, bool flex,
                                             Communicator& world) {
-  const int64_t max_positions = model.config().max_position_embeddings;
+  const int64_t max_positions = engine.config().max_position_embeddings;
   std::map<std::pair<data::SynthTask, int64_t>, TaskGroup> groups;
   for (size_t example_idx = 0; example_idx < examples.size(); ++example_idx) {
     const data::SynthExample& example = examples[example_idx];
@@ -79,7 +79,7 @@ nlohmann::ordered_json evaluate_synth_tasks(Transformer<float>& model,
     GenerateOptions options;
     options.max_new_tokens = example_token_counts(tokenizer, example).second;
     options.sampler.temperature = 0.0;
-    const GenerateResult result = generate(model, tokenizer, example.prompt, options, nullptr);
+    const GenerateResult result = generate(engine, tokenizer, example.prompt, options, nullptr);
     // A model vocabulary larger than the tokenizer's may produce ids without text: they end it.
     auto text_end = std::find_if(result.new_tokens.begin(), result.new_tokens.end(),
                                  [&tokenizer](int32_t id) { return id >= tokenizer.vocab_size(); });
@@ -90,7 +90,7 @@ nlohmann::ordered_json evaluate_synth_tasks(Transformer<float>& model,
     group.num_examples += 1.0;
     group.num_correct += correct ? 1.0 : 0.0;
     if (flex) {
-      const PrefillStatsSummary summary = summarize_prefill_stats(model.prefill_stats());
+      const PrefillStatsSummary summary = summarize_prefill_stats(engine.prefill_stats());
       group.num_heads += static_cast<double>(summary.num_heads);
       group.density_sum += summary.mean_density * static_cast<double>(summary.num_heads);
       group.num_query_aware += static_cast<double>(summary.num_query_aware);

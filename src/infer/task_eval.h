@@ -1,6 +1,6 @@
 // `moeforge eval --task`: accuracy of greedy generation on synthetic long-context tasks (from
 // `moeforge data synth`), per task and prompt length, with the mean density of the sparse prefills
-// when the model's prefill attention is FlexPrefill.
+// when the engine's prefill attention is FlexPrefill.
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -11,14 +11,14 @@
 #include "comm/communicator.h"
 #include "data/synth_tasks.h"
 #include "data/tokenizer.h"
-#include "model/transformer.h"
+#include "infer/inference_engine.h"
 
 namespace moeforge {
 
 // Runs every example (example i on rank i % world size; greedy decoding for the answer's tokens
 // plus a few) and returns the JSON report, the same on every rank after an all-reduce. Throws,
 // naming task_file and the example, when a prompt does not fit the model's positions.
-nlohmann::ordered_json evaluate_synth_tasks(Transformer<float>& model,
+nlohmann::ordered_json evaluate_synth_tasks(InferenceEngine& engine,
                                             const data::Tokenizer& tokenizer,
                                             const std::vector<data::SynthExample>& examples,
                                             const std::string& task_file, bool flex,

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """End-to-end tests of the moeforge command line (run by ctest with the binary's path).
 
-Covers: --help of every command, init -> inspect -> generate, data prepare -> train -> eval ->
-resume, clear errors on bad input, and data parallelism under mpirun (2 ranks equal 1 rank with
+Covers: --help of every command, init -> inspect -> generate (on the CPU, and on a GPU where there
+is one), data prepare -> train -> eval -> resume, clear errors on bad input, and data parallelism under mpirun (2 ranks equal 1 rank with
 twice the gradient accumulation, to fp32 rounding), with sequence + expert or tensor parallel
 groups."""
 import json
@@ -33,6 +33,10 @@ def run(args, check=True, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def has_gpu():
+    return run([MOEFORGE, "devices"]).stdout.startswith("cuda:")
 
 
 def read_jsonl(path):
@@ -76,6 +80,14 @@ class CliTest(unittest.TestCase):
         path = os.path.join(self.tmp, name + ".json")
         with open(path, "w") as f:
             json.dump(config, f)
+        return path
+
+    def synth_tasks(self, name, lengths="600"):
+        """A small task file from `moeforge data synth` (two examples per task and length)."""
+        path = os.path.join(self.tmp, name)
+        if not os.path.exists(path):
+            run([MOEFORGE, "data", "synth", "--task", "niah_single,vt", "--lengths", lengths, "--num", "2",
+                 "--seed", "1", "--out", path])
         return path
 
     def init_model(self, name, seed, init_std=None, **config_overrides):
@@ -138,11 +150,49 @@ class CliTest(unittest.TestCase):
         self.assertEqual(header["k"]["shape"], [n, TINY_MODEL["num_key_value_heads"], head_dim])
         self.assertEqual(header["v"]["dtype"], "F32")
         for bad, message in ((["2", dump], "outside the model's 2 layers"),
-                             (["x", dump], "LAYER must be a layer index")):
+                             (["x", dump], "LAYER must be a layer index"),
+                             (["1", dump, "--device", "cuda"], "--device cpu only")):
             proc = run([MOEFORGE, "generate", "--model", out, "--prompt", prompt, "--dump-qkv", *bad],
                        check=False)
             self.assertNotEqual(proc.returncode, 0)
             self.assertIn(message, proc.stderr)
+
+    def test_generate_and_eval_on_cuda(self):
+        """generate and eval --task with --device cuda (GpuInference) next to --device cpu: the same
+        prompt, the statistics JSON with prefill and decode times, FlexPrefill statistics, and the
+        task report's keys; eval --data stays on the CPU."""
+        model = self.init_model("cuda-model", 3, init_std=0.5, hidden_size=128, max_position_embeddings=1100)
+        proc = run([MOEFORGE, "eval", "--model", model, "--data", self.data, "--device", "cuda"], check=False)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("eval --task only", proc.stderr)
+        if not has_gpu():
+            self.skipTest("no GPU (tests/cuda covers GpuInference where there is one)")
+        prompt = " ".join(["the quick brown fox jumps over a lazy dog"] * 8)
+        stats = {}
+        for device in ("cpu", "cuda"):
+            proc = run([MOEFORGE, "generate", "--model", model, "--prompt", prompt, "--max-new-tokens", "8",
+                        "--temperature", "0", "--stats", "--device", device])
+            self.assertTrue(proc.stdout.startswith(prompt), proc.stdout)
+            stats[device] = json.loads(proc.stderr.strip().splitlines()[-1])
+            self.assertEqual(stats[device]["device"], device)
+            self.assertGreater(stats[device]["prefill_s"], 0.0)
+            self.assertLessEqual(stats[device]["new_tokens"], 8)
+        self.assertEqual(stats["cpu"]["prompt_tokens"], stats["cuda"]["prompt_tokens"])
+        stats_path = os.path.join(self.tmp, "cuda-flex-stats.json")
+        run([MOEFORGE, "generate", "--model", model, "--prompt", prompt, "--max-new-tokens", "4",
+             "--temperature", "0", "--device", "cuda", "--attention", "flex", "--gamma", "0.5",
+             "--min-budget", "64", "--block-size", "64", "--attention-stats", stats_path])
+        with open(stats_path) as f:
+            flex = json.load(f)
+        self.assertTrue(flex["sparse_prefill"])
+        self.assertEqual(len(flex["layers"]), TINY_MODEL["num_hidden_layers"])
+        self.assertTrue(0.0 < flex["mean_density"] <= 1.0)
+        tasks = self.synth_tasks("cuda-tasks.jsonl")
+        reports = {device: json.loads(run([MOEFORGE, "eval", "--model", model, "--task", tasks,
+                                           "--device", device]).stdout) for device in ("cpu", "cuda")}
+        self.assertEqual(reports["cuda"]["device"], "cuda")
+        self.assertEqual(reports["cuda"]["examples"], reports["cpu"]["examples"])
+        self.assertEqual(set(reports["cuda"]["tasks"]), set(reports["cpu"]["tasks"]))
 
     def test_train_eval_resume(self):
         config = self.train_config("run-a")
@@ -185,8 +235,15 @@ class CliTest(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(self.tmp, "x")))
 
     def test_cuda_device_without_a_gpu_is_a_clear_error(self):
-        if run([MOEFORGE, "devices"]).stdout.startswith("cuda:"):
+        if has_gpu():
             self.skipTest("this machine has a GPU (tests/cuda covers --device cuda)")
+        model = self.init_model("nogpu-model", 3)
+        for args in (["generate", "--model", model, "--prompt", "the"],
+                     ["eval", "--model", model, "--task", self.synth_tasks("nogpu-tasks.jsonl")]):
+            proc = run([MOEFORGE, *args, "--device", "cuda"], check=False)
+            self.assertEqual(proc.returncode, 1, args)
+            self.assertTrue("no usable CUDA device" in proc.stderr or "without CUDA" in proc.stderr,
+                            proc.stderr)
         run_dir = os.path.join(self.tmp, "run-cuda")
         proc = run([MOEFORGE, "train", "--config", self.train_config("run-cuda"), "--device", "cuda",
                     "--no-progress"], check=False)

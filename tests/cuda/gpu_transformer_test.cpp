@@ -17,79 +17,13 @@
 #include "cuda/bf16.h"
 #include "cuda/gpu_adamw.h"
 #include "cuda/gpu_transformer.h"
+#include "gpu_test_models.h"
 #include "gpu_test_util.h"
 #include "model/transformer.h"
 #include "train/adamw.h"
 
 namespace moeforge::cuda {
 namespace {
-
-ModelConfig gpu_config(Architecture arch) {
-  ModelConfig c;
-  c.architecture = arch;
-  c.vocab_size = 301;
-  c.hidden_size = 96;
-  c.num_layers = 2;
-  c.num_heads = 4;
-  c.num_kv_heads = 2;
-  c.head_dim = 64;
-  c.intermediate_size = 80;
-  c.max_position_embeddings = 128;
-  c.rms_norm_eps = 1e-5;
-  c.rope_theta = 10000.0;
-  switch (arch) {
-    case Architecture::kLlama: c.tie_word_embeddings = true; break;
-    case Architecture::kQwen2: c.attention_bias = true; break;
-    case Architecture::kQwen3: c.qk_norm = true; break;
-    case Architecture::kMixtral:
-      c.num_experts = 8;
-      c.num_experts_per_tok = 2;
-      c.moe_intermediate_size = 48;
-      c.intermediate_size = 48;  // Mixtral has one size for both
-      c.router_aux_loss_coef = 0.1;
-      c.router_z_loss_coef = 0.01;
-      break;
-    case Architecture::kQwen3Moe:
-      c.qk_norm = true;
-      c.num_experts = 6;
-      c.num_experts_per_tok = 3;
-      c.moe_intermediate_size = 40;
-      c.norm_topk_prob = false;
-      c.dense_layers = {0};
-      c.router_aux_loss_coef = 0.05;
-      c.router_z_loss_coef = 0.02;
-      break;
-    default: break;
-  }
-  return c;
-}
-
-// bf16-representable weights: N(0, 0.05) matrices, router x20, norms around 1, small biases.
-std::vector<float> make_params(const ParameterLayout& layout, uint64_t seed) {
-  Rng rng(seed);
-  std::vector<float> p(static_cast<size_t>(layout.num_params()));
-  for (const ParamSpec& spec : layout.specs()) {
-    const bool is_norm = is_norm_param(spec.name);
-    const bool is_router = spec.name.find("gate.weight") != std::string::npos &&
-                           spec.name.find("experts") == std::string::npos &&
-                           spec.name.find("gate_proj") == std::string::npos;
-    const double scale = is_router ? 1.0 : 0.05;
-    for (int64_t i = 0; i < spec.numel; ++i) {
-      const double v = is_norm ? 1.0 + 0.1 * rng.normal() : scale * rng.normal();
-      p[static_cast<size_t>(spec.offset + i)] = __bfloat162float(__float2bfloat16_rn(float(v)));
-    }
-  }
-  return p;
-}
-
-double relative_l2(const float* a, const float* b, int64_t n) {
-  double diff = 0.0, ref = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    diff += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
-    ref += double(b[i]) * b[i];
-  }
-  return std::sqrt(diff / std::max(ref, 1e-30));
-}
 
 class GpuTransformerTest : public ::testing::TestWithParam<Architecture> {};
 
@@ -99,7 +33,7 @@ void expect_matches_cpu_reference(const ModelConfig& config, bool grouped) {
   const int64_t n = batch * seq;
   SelfCommunicator self;
   Transformer<float> cpu(config, self);
-  cpu.params() = make_params(cpu.layout(), 7);
+  cpu.params() = testing::make_params(cpu.layout(), 7);
   GpuTransformer gpu(config);
   if (config.is_moe()) {
     ASSERT_EQ(gpu.grouped_expert_gemms(), grouped);
@@ -134,13 +68,13 @@ void expect_matches_cpu_reference(const ModelConfig& config, bool grouped) {
       ASSERT_TRUE(std::isfinite(mine[i])) << spec.name << "[" << i << "] is not finite";
     }
     const bool is_expert = spec.name.find(".experts.") != std::string::npos;
-    EXPECT_LT(relative_l2(mine, ref, spec.numel), is_expert ? 0.15 : 5e-2) << spec.name;
+    EXPECT_LT(testing::relative_l2(mine, ref, spec.numel), is_expert ? 0.15 : 5e-2) << spec.name;
   }
 }
 
 TEST_P(GpuTransformerTest, LossAndGradientsMatchCpuReference) {
   MF_REQUIRE_GPU();
-  const ModelConfig config = gpu_config(GetParam());
+  const ModelConfig config = testing::gpu_config(GetParam());
   // The test configs' feature sizes are multiples of 8: grouped on Hopper.
   expect_matches_cpu_reference(
       config, GroupedGemm().available(
@@ -151,7 +85,7 @@ TEST_P(GpuTransformerTest, LossAndGradientsMatchCpuReference) {
 // H200 only takes when the grouped GEMM is turned off.
 TEST_P(GpuTransformerTest, PerExpertGemmPathMatchesCpuReference) {
   MF_REQUIRE_GPU();
-  const ModelConfig config = gpu_config(GetParam());
+  const ModelConfig config = testing::gpu_config(GetParam());
   if (!config.is_moe()) GTEST_SKIP() << "dense model";
   setenv("MOEFORGE_GROUPED_GEMM", "0", 1);
   expect_matches_cpu_reference(config, false);
@@ -160,10 +94,10 @@ TEST_P(GpuTransformerTest, PerExpertGemmPathMatchesCpuReference) {
 
 TEST_P(GpuTransformerTest, GradientsAccumulateAcrossMicroBatches) {
   MF_REQUIRE_GPU();
-  const ModelConfig config = gpu_config(GetParam());
+  const ModelConfig config = testing::gpu_config(GetParam());
   const int64_t seq = 40;
   GpuTransformer gpu(config);
-  const std::vector<float> params = make_params(gpu.layout(), 3);
+  const std::vector<float> params = testing::make_params(gpu.layout(), 3);
   gpu.upload_params(params);
   std::vector<int32_t> tokens(static_cast<size_t>(seq)), targets(static_cast<size_t>(seq));
   Rng rng(5);
@@ -179,15 +113,16 @@ TEST_P(GpuTransformerTest, GradientsAccumulateAcrossMicroBatches) {
   // cuDNN's attention backward may sum in a different order on each run, so not bit for bit;
   // assigning instead of accumulating would give a relative error of 0.5.
   for (float& x : twice) x *= 0.5f;
-  EXPECT_LT(relative_l2(twice.data(), once.data(), static_cast<int64_t>(once.size())), 1e-3);
+  EXPECT_LT(testing::relative_l2(twice.data(), once.data(), static_cast<int64_t>(once.size())),
+            1e-3);
 }
 
 TEST_P(GpuTransformerTest, AdamWStepMatchesCpuOptimizer) {
   MF_REQUIRE_GPU();
-  const ModelConfig config = gpu_config(GetParam());
+  const ModelConfig config = testing::gpu_config(GetParam());
   const int64_t seq = 40;
   GpuTransformer gpu(config);
-  const std::vector<float> params = make_params(gpu.layout(), 9);
+  const std::vector<float> params = testing::make_params(gpu.layout(), 9);
   gpu.upload_params(params);
   std::vector<int32_t> tokens(static_cast<size_t>(seq)), targets(static_cast<size_t>(seq));
   Rng rng(8);
@@ -219,7 +154,7 @@ TEST_P(GpuTransformerTest, AdamWStepMatchesCpuOptimizer) {
 
 TEST_P(GpuTransformerTest, SelectiveRecomputeGivesTheSameLossAndGradients) {
   MF_REQUIRE_GPU();
-  const ModelConfig config = gpu_config(GetParam());
+  const ModelConfig config = testing::gpu_config(GetParam());
   const int64_t batch = 2, seq = 33;
   std::vector<int32_t> tokens(static_cast<size_t>(batch * seq)), targets(tokens.size());
   Rng rng(21);
@@ -231,7 +166,7 @@ TEST_P(GpuTransformerTest, SelectiveRecomputeGivesTheSameLossAndGradients) {
   double losses[2] = {0.0, 0.0};
   for (int mode = 0; mode < 2; ++mode) {
     GpuTransformer gpu(config, mode == 0 ? Recompute::kNone : Recompute::kSelective);
-    gpu.upload_params(make_params(gpu.layout(), 4));
+    gpu.upload_params(testing::make_params(gpu.layout(), 4));
     gpu.zero_grads();
     losses[mode] = gpu.forward_backward(tokens.data(), targets.data(), batch, seq, 1.0).loss;
     grads[mode] = gpu.download_grads();
@@ -239,8 +174,9 @@ TEST_P(GpuTransformerTest, SelectiveRecomputeGivesTheSameLossAndGradients) {
   // Recomputation repeats the same kernels on the same inputs: equal up to cuDNN's attention
   // backward, whose sums may be ordered differently from run to run.
   EXPECT_EQ(losses[0], losses[1]);
-  EXPECT_LT(relative_l2(grads[1].data(), grads[0].data(), static_cast<int64_t>(grads[0].size())),
-            1e-3);
+  EXPECT_LT(
+      testing::relative_l2(grads[1].data(), grads[0].data(), static_cast<int64_t>(grads[0].size())),
+      1e-3);
 }
 
 std::string arch_name(const ::testing::TestParamInfo<Architecture>& info) {
