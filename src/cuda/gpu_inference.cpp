@@ -11,6 +11,7 @@
 #include "cuda/device_info.h"
 #include "cuda/embedding.h"
 #include "cuda/flex_prefill.h"
+#include "cuda/model_support.h"
 #include "cuda/moe_dispatch.h"
 #include "cuda/reductions.h"
 #include "cuda/rmsnorm.h"
@@ -73,13 +74,7 @@ GpuInference::GpuInference(const ModelConfig& config, const std::vector<float>& 
       scratch_(std::make_unique<Scratch>()),
       flex_stats_(std::make_unique<FlexStats>()),
       logits_(static_cast<size_t>(config.vocab_size)) {
-  validate_model_config(config_);
-  MF_CHECK(config_.shared_expert_intermediate_size == 0,
-           "the CUDA backend does not run the shared expert of Qwen2-MoE yet; use --device cpu");
-  MF_CHECK(!config_.is_moe() || config_.capacity_factor <= 0.0,
-           "the CUDA backend runs dropless MoE layers only (capacity_factor {} given); use "
-           "--device cpu",
-           config_.capacity_factor);
+  check_cuda_model_support(config_);
   MF_CHECK(config_.head_dim % 8 == 0 && config_.head_dim <= kDecodeAttentionMaxHeadDim,
            "GPU inference needs head_dim a multiple of 8 up to {}, got {}; use --device cpu",
            kDecodeAttentionMaxHeadDim, config_.head_dim);

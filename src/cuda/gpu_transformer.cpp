@@ -11,6 +11,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/device_info.h"
 #include "cuda/embedding.h"
+#include "cuda/model_support.h"
 #include "cuda/moe_dispatch.h"
 #include "cuda/reductions.h"
 #include "cuda/rmsnorm.h"
@@ -114,13 +115,7 @@ GpuTransformer::GpuTransformer(const ModelConfig& config, Recompute recompute)
       layout_(config),
       recompute_(recompute),
       scratch_(std::make_unique<Scratch>()) {
-  validate_model_config(config_);
-  MF_CHECK(config_.shared_expert_intermediate_size == 0,
-           "the CUDA backend does not run the shared expert of Qwen2-MoE yet; use --device cpu");
-  MF_CHECK(!config_.is_moe() || config_.capacity_factor <= 0.0,
-           "the CUDA backend runs dropless MoE layers only (capacity_factor {} given); use "
-           "--device cpu",
-           config_.capacity_factor);
+  check_cuda_model_support(config_);
   for (int64_t l = 0; l < config_.num_layers; ++l) num_moe_layers_ += config_.layer_is_moe(l);
   grouped_experts_ =
       config_.is_moe() &&
