@@ -180,7 +180,7 @@ void GpuInference::reserve(int64_t n) {
   s.rstd.resize(size(n * std::max<int64_t>(heads, 1)));
   bool any_packed = false, any_unpacked = false;
   for (int64_t l = 0; l < config_.num_layers; ++l) {
-    (packed_qkv(layout_.layer(l)) ? any_packed : any_unpacked) = true;
+    (packed_qkv(config_, layout_.layer(l)) ? any_packed : any_unpacked) = true;
   }
   s.qkv.resize(any_packed ? size(n * (qd + 2 * kvd)) : 0);
   s.q.resize(size(n * qd));
@@ -213,14 +213,6 @@ void GpuInference::reserve(int64_t n) {
   s.max_tokens = n;
 }
 
-bool GpuInference::packed_qkv(const LayerOffsets& o) const {
-  const int64_t qd = config_.q_dim(), kvd = config_.kv_dim(), h = config_.hidden_size;
-  const bool weights_adjacent = o.k_proj == o.q_proj + qd * h && o.v_proj == o.k_proj + kvd * h;
-  const bool biases_adjacent =
-      !config_.attention_bias || (o.k_bias == o.q_bias + qd && o.v_bias == o.k_bias + kvd);
-  return !config_.qk_norm && weights_adjacent && biases_adjacent;
-}
-
 void GpuInference::qkv_forward(int64_t l, int64_t n) {
   const LayerOffsets& o = layout_.layer(l);
   Scratch& s = *scratch_;
@@ -229,7 +221,7 @@ void GpuInference::qkv_forward(int64_t l, int64_t n) {
   const auto eps = static_cast<float>(config_.rms_norm_eps);
   bf16* new_k = cache_k(l) + length_ * kvd;
   bf16* new_v = cache_v(l) + length_ * kvd;
-  if (packed_qkv(o)) {
+  if (packed_qkv(config_, o)) {
     // One GEMM into packed rows [q | k | v], then RoPE into q and the cache, and a copy of v.
     const int64_t width = qd + 2 * kvd;
     bf16* qkv = s.qkv.data();

@@ -80,7 +80,6 @@ class GpuInference : public InferenceEngine {
   void moe_forward(int64_t l, float* x, const bf16* ln, int64_t n);
   void dense_ffn_forward(int64_t l, float* x, const bf16* ln, int64_t n);
   void expert_forward(bf16* y, const bf16* x, const bf16* w, int64_t in, int64_t out);
-  bool packed_qkv(const LayerOffsets& o) const;
   // fp32 copy of a norm weight, bias or the embedding table (by layout offset); null for -1.
   const float* w(int64_t offset) const;
   const bf16* wb(int64_t offset) const {

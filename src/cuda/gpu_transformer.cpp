@@ -296,7 +296,7 @@ void GpuTransformer::attention_forward(int64_t l, int64_t batch, int64_t seq) {
   const int64_t d = config_.head_dim;
   const auto eps = static_cast<float>(config_.rms_norm_eps);
   rmsnorm_forward(a.ln1_ptr, a.rstd1.data(), a.x_in.data(), w(o.input_norm), n, h, eps, stream_);
-  if (packed_qkv(o)) {
+  if (packed_qkv(config_, o)) {
     // One GEMM into packed rows [q | k | v], then RoPE from them into q and k, and a copy of v.
     const int64_t width = qd + 2 * kvd;
     bf16* qkv = s.qkv.data();
@@ -320,14 +320,6 @@ void GpuTransformer::attention_forward(int64_t l, int64_t batch, int64_t seq) {
                        h, true, stream_);
   rmsnorm_forward(a.ln2_ptr, a.rstd2.data(), a.x_mid.data(), w(o.post_attention_norm), n, h, eps,
                   stream_);
-}
-
-bool GpuTransformer::packed_qkv(const LayerOffsets& o) const {
-  const int64_t qd = config_.q_dim(), kvd = config_.kv_dim(), h = config_.hidden_size;
-  const bool weights_adjacent = o.k_proj == o.q_proj + qd * h && o.v_proj == o.k_proj + kvd * h;
-  const bool biases_adjacent =
-      !config_.attention_bias || (o.k_bias == o.q_bias + qd && o.v_bias == o.k_bias + kvd);
-  return !config_.qk_norm && weights_adjacent && biases_adjacent;
 }
 
 void GpuTransformer::copy_rows(bf16* dst, int64_t dst_stride, const bf16* src, int64_t src_stride,
@@ -542,7 +534,7 @@ void GpuTransformer::attention_backward(int64_t l, int64_t batch, int64_t seq) {
                       a.v.data(), a.att.data(), a.lse.data(),
                       AttentionShape{batch, seq, config_.num_heads, config_.num_kv_heads, d},
                       stream_);
-  if (packed_qkv(o)) {
+  if (packed_qkv(config_, o)) {
     // The gradient of the packed projection [dq | dk | dv], then one GEMM each for dx and dW.
     const int64_t width = qd + 2 * kvd;
     bf16* dqkv = s.qkv.data();

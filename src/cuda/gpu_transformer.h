@@ -95,10 +95,7 @@ class GpuTransformer {
   void upload_flat(DeviceBuffer<float>& dst, const std::vector<float>& host, const char* what);
   void attention_forward(int64_t l, int64_t batch, int64_t seq);
   void attention_backward(int64_t l, int64_t batch, int64_t seq);
-  // Whether a layer's q/k/v projections run as one GEMM over the packed weight [q; k; v]: their
-  // weights (and biases) are adjacent in the layout, and no q/k norm sits between the projection
-  // and RoPE. Otherwise the three projections run separately (the *_unpacked functions).
-  bool packed_qkv(const LayerOffsets& o) const;
+  // The three q/k/v projections of layers that cannot run them packed (model_support.h).
   void attention_projections_unpacked(int64_t l);
   void attention_projections_backward_unpacked(int64_t l);
   // rows x cols bf16 from src (row stride src_stride) to dst (row stride dst_stride), on stream_.
