@@ -344,8 +344,9 @@ class CliTest(unittest.TestCase):
     @unittest.skipUnless(os.environ.get("MOEFORGE_MPIEXEC"), "built without MPI")
     def test_tensor_parallel_matches_one_rank(self):
         """parallel.layout "tp" (Megatron-LM's tensor parallelism, the baseline of MegaScale-MoE's
-        ablation) over tp = 2 and 4 ranks and dp = 2 x tp = 2 gives the one-rank losses and
-        gradient norms (GQA, 3 experts: tp splits each expert, not the set); its checkpoints hold
+        ablation) over tp = 2 and 4 ranks and dp = 2 x tp = 2 (also with ZeRO-1 over the dp
+        group) gives the one-rank losses and gradient norms (GQA, 3 experts: tp splits each
+        expert, not the set); its checkpoints hold
         whole tensors, so a tp run resumes on one rank; configs that do not split are clear
         errors."""
         model = os.path.join(self.tmp, "tp-model.json")
@@ -353,13 +354,14 @@ class CliTest(unittest.TestCase):
             json.dump(dict(TINY_MODEL, num_attention_heads=8, num_key_value_heads=4, head_dim=4,
                            num_local_experts=3), f)
         mpiexec = os.environ["MOEFORGE_MPIEXEC"]
-        # name: (ranks, group size, grad_accum_steps, layout)
-        layouts = {"tp-1": (1, 1, 2, "sp_ep"), "tp-2": (2, 2, 2, "tp"), "tp-4": (4, 4, 2, "tp"),
-                   "dp2-tp2": (4, 2, 1, "tp")}
-        for name, (ranks, group, accum, layout) in layouts.items():
+        # name: (ranks, group size, grad_accum_steps, layout, zero_stage)
+        layouts = {"tp-1": (1, 1, 2, "sp_ep", 0), "tp-2": (2, 2, 2, "tp", 0),
+                   "tp-4": (4, 4, 2, "tp", 0), "dp2-tp2": (4, 2, 1, "tp", 0),
+                   "dp2-tp2-zero1": (4, 2, 1, "tp", 1)}
+        for name, (ranks, group, accum, layout, zero) in layouts.items():
             config = self.train_config(name, data__grad_accum_steps=accum,
                                        parallel__expert_parallel=group, parallel__layout=layout,
-                                       model__model_config=model)
+                                       parallel__zero_stage=zero, model__model_config=model)
             prefix = [] if ranks == 1 else [mpiexec, "-np", str(ranks), "--oversubscribe",
                                             "--allow-run-as-root"]
             proc = run(prefix + [MOEFORGE, "train", "--config", config, "--no-progress"])
@@ -370,7 +372,7 @@ class CliTest(unittest.TestCase):
                           if "loss" in m] for name in layouts}
         ref = metrics["tp-1"]
         self.assertEqual(len(ref), 6)
-        for name in ("tp-2", "tp-4", "dp2-tp2"):
+        for name in ("tp-2", "tp-4", "dp2-tp2", "dp2-tp2-zero1"):
             got = metrics[name]
             self.assertEqual(len(got), 6, name)
             for x, y in zip(ref, got):
@@ -378,7 +380,7 @@ class CliTest(unittest.TestCase):
                 self.assertAlmostEqual(x["loss"], y["loss"], delta=1e-5 * abs(x["loss"]), msg=name)
                 self.assertAlmostEqual(x["grad_norm"], y["grad_norm"],
                                        delta=1e-4 * abs(x["grad_norm"]), msg=name)
-                if name != "dp2-tp2":  # the root sees only its own data-parallel replica's load
+                if not name.startswith("dp2"):  # the root sees only its replica's expert load
                     self.assertEqual(x["expert_load_max"], y["expert_load_max"], name)
         # The tp checkpoint of step 3 continues on one rank as the one-rank run does.
         config = self.train_config("tp-2-to-one", data__grad_accum_steps=2, model__model_config=model)
