@@ -82,6 +82,22 @@ class CliTest(unittest.TestCase):
             json.dump(config, f)
         return path
 
+    def step_metrics(self, name):
+        """The step records (those with a loss) of the run in tmp/name."""
+        return [m for m in read_jsonl(os.path.join(self.tmp, name, "metrics.jsonl")) if "loss" in m]
+
+    def assert_same_training(self, ref, got, name, same_expert_load=False):
+        """got tracks ref step by step: the same tokens, the loss within 1e-5 and the gradient
+        norm within 1e-4 (relative), and with same_expert_load the same largest expert load."""
+        self.assertEqual(len(got), len(ref), name)
+        for x, y in zip(ref, got):
+            self.assertEqual(x["tokens"], y["tokens"], name)
+            self.assertAlmostEqual(x["loss"], y["loss"], delta=1e-5 * abs(x["loss"]), msg=name)
+            self.assertAlmostEqual(x["grad_norm"], y["grad_norm"],
+                                   delta=1e-4 * abs(x["grad_norm"]), msg=name)
+            if same_expert_load:
+                self.assertEqual(x["expert_load_max"], y["expert_load_max"], name)
+
     def synth_tasks(self, name, lengths="600"):
         """A small task file from `moeforge data synth` (two examples per task and length)."""
         path = os.path.join(self.tmp, name)
@@ -214,7 +230,7 @@ class CliTest(unittest.TestCase):
         config_b = self.train_config("run-b")
         run([MOEFORGE, "train", "--config", config_b, "--no-progress",
              "--resume", os.path.join(run_dir, "checkpoints", "step-00000003")])
-        resumed = [m for m in read_jsonl(os.path.join(self.tmp, "run-b", "metrics.jsonl")) if "loss" in m]
+        resumed = self.step_metrics("run-b")
         self.assertEqual([m["loss"] for m in resumed], [m["loss"] for m in steps[3:]])
 
     def test_bad_inputs_give_clear_errors(self):
@@ -259,14 +275,10 @@ class CliTest(unittest.TestCase):
         two = self.train_config("dp-2")
         run([os.environ["MOEFORGE_MPIEXEC"], "-np", "2", "--oversubscribe", "--allow-run-as-root",
              MOEFORGE, "train", "--config", two, "--no-progress"])
-        a = [m for m in read_jsonl(os.path.join(self.tmp, "dp-1", "metrics.jsonl")) if "loss" in m]
-        b = [m for m in read_jsonl(os.path.join(self.tmp, "dp-2", "metrics.jsonl")) if "loss" in m]
+        a = self.step_metrics("dp-1")
         self.assertEqual(len(a), 6)
-        self.assertEqual(len(b), 6)
-        for x, y in zip(a, b):
-            self.assertEqual(x["tokens"], y["tokens"])
-            self.assertAlmostEqual(x["loss"], y["loss"], delta=1e-5 * abs(x["loss"]))
-            self.assertAlmostEqual(x["grad_norm"], y["grad_norm"], delta=1e-4 * abs(x["grad_norm"]))
+        self.assertEqual(len(self.step_metrics("dp-2")), 6)
+        self.assert_same_training(a, self.step_metrics("dp-2"), "dp-2")
 
 
     @unittest.skipUnless(os.environ.get("MOEFORGE_MPIEXEC"), "built without MPI")
@@ -278,9 +290,7 @@ class CliTest(unittest.TestCase):
         for dtype in ("fp32", "bf16"):
             config = self.train_config(f"reduce-{dtype}", parallel__grad_reduce_dtype=dtype)
             run(mpirun + [MOEFORGE, "train", "--config", config, "--no-progress"])
-            losses[dtype] = [m["loss"] for m in
-                             read_jsonl(os.path.join(self.tmp, f"reduce-{dtype}", "metrics.jsonl"))
-                             if "loss" in m]
+            losses[dtype] = [m["loss"] for m in self.step_metrics(f"reduce-{dtype}")]
         self.assertEqual(len(losses["bf16"]), 6)
         self.assertEqual(losses["fp32"][0], losses["bf16"][0])  # before any update
         for a, b in zip(losses["fp32"], losses["bf16"]):
@@ -311,20 +321,12 @@ class CliTest(unittest.TestCase):
             if runs:
                 self.assertIn(f"expert dispatch: {runs} (parallel.ep_dispatch \"{dispatch}\"",
                               proc.stderr, name)
-        metrics = {name: [m for m in read_jsonl(os.path.join(self.tmp, name, "metrics.jsonl"))
-                          if "loss" in m] for name in layouts}
+        metrics = {name: self.step_metrics(name) for name in layouts}
         ref = metrics["ep-1"]
         self.assertEqual(len(ref), 6)
         for name in ("ep-2", "ep-2-a2a", "ep-4", "dp2-ep2"):
-            got = metrics[name]
-            self.assertEqual(len(got), 6, name)
-            for x, y in zip(ref, got):
-                self.assertEqual(x["tokens"], y["tokens"], name)
-                self.assertAlmostEqual(x["loss"], y["loss"], delta=1e-5 * abs(x["loss"]), msg=name)
-                self.assertAlmostEqual(x["grad_norm"], y["grad_norm"],
-                                       delta=1e-4 * abs(x["grad_norm"]), msg=name)
-                if name != "dp2-ep2":  # the root sees only its own data-parallel replica's load
-                    self.assertEqual(x["expert_load_max"], y["expert_load_max"], name)
+            # Under dp the root sees only its own data-parallel replica's expert load.
+            self.assert_same_training(ref, metrics[name], name, same_expert_load=name != "dp2-ep2")
         # The two dispatches move different data but compute the same step: equal routing, and
         # losses equal to fp32 rounding (only the order of a few sums differs).
         for x, y in zip(metrics["ep-2"], metrics["ep-2-a2a"]):
@@ -368,26 +370,18 @@ class CliTest(unittest.TestCase):
             if layout == "tp":
                 self.assertIn(f"{group} tensor-parallel (parallel.layout \"tp\")", proc.stderr, name)
                 self.assertNotIn("expert dispatch", proc.stderr, name)
-        metrics = {name: [m for m in read_jsonl(os.path.join(self.tmp, name, "metrics.jsonl"))
-                          if "loss" in m] for name in layouts}
+        metrics = {name: self.step_metrics(name) for name in layouts}
         ref = metrics["tp-1"]
         self.assertEqual(len(ref), 6)
         for name in ("tp-2", "tp-4", "dp2-tp2", "dp2-tp2-zero1"):
-            got = metrics[name]
-            self.assertEqual(len(got), 6, name)
-            for x, y in zip(ref, got):
-                self.assertEqual(x["tokens"], y["tokens"], name)
-                self.assertAlmostEqual(x["loss"], y["loss"], delta=1e-5 * abs(x["loss"]), msg=name)
-                self.assertAlmostEqual(x["grad_norm"], y["grad_norm"],
-                                       delta=1e-4 * abs(x["grad_norm"]), msg=name)
-                if not name.startswith("dp2"):  # the root sees only its replica's expert load
-                    self.assertEqual(x["expert_load_max"], y["expert_load_max"], name)
+            # Under dp the root sees only its own data-parallel replica's expert load.
+            self.assert_same_training(ref, metrics[name], name,
+                                      same_expert_load=not name.startswith("dp2"))
         # The tp checkpoint of step 3 continues on one rank as the one-rank run does.
         config = self.train_config("tp-2-to-one", data__grad_accum_steps=2, model__model_config=model)
         run([MOEFORGE, "train", "--config", config, "--no-progress", "--resume",
              os.path.join(self.tmp, "tp-2", "checkpoints", "step-00000003")])
-        resumed = [m for m in read_jsonl(os.path.join(self.tmp, "tp-2-to-one", "metrics.jsonl"))
-                   if "loss" in m]
+        resumed = self.step_metrics("tp-2-to-one")
         self.assertEqual([m["step"] for m in resumed], [4, 5, 6])
         for x, y in zip(ref[3:], resumed):
             self.assertAlmostEqual(x["loss"], y["loss"], delta=1e-5 * abs(x["loss"]))
@@ -423,8 +417,7 @@ class CliTest(unittest.TestCase):
             proc = run((mpirun if ranks == 2 else []) + [MOEFORGE, "train", "--config", config,
                                                          "--no-progress"])
             self.assertIn(f"on {ranks} rank(s)", proc.stderr, name)
-            losses[name] = [m["loss"] for m in read_jsonl(os.path.join(self.tmp, name, "metrics.jsonl"))
-                            if "loss" in m]
+            losses[name] = [m["loss"] for m in self.step_metrics(name)]
         self.assertEqual(len(losses["zero1"]), 6)
         self.assertEqual(losses["zero1"], losses["zero0"])
         for step in (3, 6):
@@ -440,7 +433,7 @@ class CliTest(unittest.TestCase):
             run((mpirun if ranks == 2 else []) + [
                 MOEFORGE, "train", "--config", config, "--no-progress", "--resume",
                 os.path.join(self.tmp, source, "checkpoints", "step-00000003")])
-            resumed = [m for m in read_jsonl(os.path.join(self.tmp, name, "metrics.jsonl")) if "loss" in m]
+            resumed = self.step_metrics(name)
             self.assertEqual([m["step"] for m in resumed], [4, 5, 6], name)
             for x, y in zip(losses[source][3:], resumed):
                 self.assertAlmostEqual(x, y["loss"], delta=1e-5 * abs(x), msg=name)
@@ -457,11 +450,9 @@ class CliTest(unittest.TestCase):
             config = self.train_config(name, parallel__zero_stage=zero, parallel__expert_parallel=2,
                                        model__model_config=model)
             run(mpirun4 + [MOEFORGE, "train", "--config", config, "--no-progress"])
-            ep[zero] = [m for m in read_jsonl(os.path.join(self.tmp, name, "metrics.jsonl")) if "loss" in m]
+            ep[zero] = self.step_metrics(name)
         self.assertEqual(len(ep[1]), 6)
-        for x, y in zip(ep[0], ep[1]):
-            self.assertAlmostEqual(x["loss"], y["loss"], delta=1e-5 * abs(x["loss"]))
-            self.assertAlmostEqual(x["grad_norm"], y["grad_norm"], delta=1e-4 * abs(x["grad_norm"]))
+        self.assert_same_training(ep[0], ep[1], "zero1-dp2-ep2")
         bad = self.train_config("zero-bad", parallel__zero_stage=2)
         proc = run([MOEFORGE, "train", "--config", bad, "--no-progress"], check=False)
         self.assertEqual(proc.returncode, 1)

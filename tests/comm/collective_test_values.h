@@ -1,5 +1,6 @@
 // Values and layouts shared by the multi-rank communicator tests (MPI and NCCL): bf16 bit
-// patterns, uneven all-to-all-v counts with gapped offsets, and the message of a thrown Error.
+// patterns, uneven all-to-all-v counts with gapped offsets, the members of an even/odd split, and
+// the message of a thrown Error.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -41,6 +42,33 @@ inline std::vector<size_t> reversed_offsets_with_gaps(const std::vector<size_t>&
   }
   *extent = next_offset;
   return offsets;
+}
+
+// The counts and offsets (in elements) of an all_to_all_v exchange of rank_idx with uneven_count
+// chunks laid out by reversed_offsets_with_gaps, and the extents of its send and recv buffers.
+struct UnevenExchange {
+  std::vector<size_t> send_counts, recv_counts, send_offsets, recv_offsets;
+  size_t send_extent = 0, recv_extent = 0;
+};
+
+inline UnevenExchange uneven_exchange(int num_ranks, int rank_idx) {
+  UnevenExchange x;
+  for (int peer_idx = 0; peer_idx < num_ranks; ++peer_idx) {
+    x.send_counts.push_back(uneven_count(rank_idx, peer_idx));
+    x.recv_counts.push_back(uneven_count(peer_idx, rank_idx));
+  }
+  x.send_offsets = reversed_offsets_with_gaps(x.send_counts, &x.send_extent);
+  x.recv_offsets = reversed_offsets_with_gaps(x.recv_counts, &x.recv_extent);
+  return x;
+}
+
+// The world ranks of the group of color after split(color, -rank): descending world rank order.
+inline std::vector<int32_t> descending_members(int num_ranks, int color) {
+  std::vector<int32_t> members;
+  for (int member = num_ranks - 1; member >= 0; --member) {
+    if (member % 2 == color) members.push_back(member);
+  }
+  return members;
 }
 
 // What call throws as a moeforge::Error, or "(nothing thrown)".

@@ -243,19 +243,25 @@ void NcclCommunicator::all_reduce_sum(void* data, size_t count, CommDType dtype)
                                                    comm_.get(), stream_));
 }
 
+void NcclCommunicator::check_rank_chunk(const char* op, const void* chunk, const char* chunk_name,
+                                        const void* full, const char* full_name,
+                                        size_t count_per_rank, CommDType dtype) const {
+  const size_t elem_bytes = comm_dtype_size(dtype);
+  const size_t chunk_bytes = count_per_rank * elem_bytes;
+  const bool in_place = chunk == byte_offset(full, count_per_rank * rank_, elem_bytes);
+  MF_CHECK(in_place || !ranges_overlap(chunk, chunk_bytes, full, chunk_bytes * size_),
+           "{}: send and recv overlap; use distinct buffers or the in-place form {} == {} + "
+           "rank * count_per_rank",
+           context(op), chunk_name, full_name);
+}
+
 void NcclCommunicator::all_gather(const void* send, void* recv, size_t count_per_rank,
                                   CommDType dtype) {
   check_healthy("all_gather");
   if (count_per_rank == 0) return;
   check_device_buffer("all_gather", "send", send);
   check_device_buffer("all_gather", "recv", recv);
-  const size_t elem_bytes = comm_dtype_size(dtype);
-  const size_t send_bytes = count_per_rank * elem_bytes;
-  const bool in_place = send == byte_offset(recv, count_per_rank * rank_, elem_bytes);
-  MF_CHECK(in_place || !ranges_overlap(send, send_bytes, recv, send_bytes * size_),
-           "{}: send and recv overlap; use distinct buffers or the in-place form send == recv + "
-           "rank * count_per_rank",
-           context("all_gather"));
+  check_rank_chunk("all_gather", send, "send", recv, "recv", count_per_rank, dtype);
   MF_NCCL_CHECK_OP("all_gather", ncclAllGather(send, recv, count_per_rank, nccl_datatype(dtype),
                                                comm_.get(), stream_));
 }
@@ -266,13 +272,7 @@ void NcclCommunicator::reduce_scatter_sum(const void* send, void* recv, size_t c
   if (count_per_rank == 0) return;
   check_device_buffer("reduce_scatter_sum", "send", send);
   check_device_buffer("reduce_scatter_sum", "recv", recv);
-  const size_t elem_bytes = comm_dtype_size(dtype);
-  const size_t recv_bytes = count_per_rank * elem_bytes;
-  const bool in_place = recv == byte_offset(send, count_per_rank * rank_, elem_bytes);
-  MF_CHECK(in_place || !ranges_overlap(send, recv_bytes * size_, recv, recv_bytes),
-           "{}: send and recv overlap; use distinct buffers or the in-place form recv == send + "
-           "rank * count_per_rank",
-           context("reduce_scatter_sum"));
+  check_rank_chunk("reduce_scatter_sum", recv, "recv", send, "send", count_per_rank, dtype);
   MF_NCCL_CHECK_OP("reduce_scatter_sum",
                    ncclReduceScatter(send, recv, count_per_rank, nccl_datatype(dtype), ncclSum,
                                      comm_.get(), stream_));

@@ -156,6 +156,11 @@ class NcclCommunicator final : public Communicator {
   [[noreturn]] void abort_and_throw(const char* op, const std::string& reason);
   // Throws unless ptr is device memory of device() (or managed memory).
   void check_device_buffer(const char* op, const char* what, const void* ptr) const;
+  // all_gather / reduce_scatter_sum: throws if the rank's chunk (count_per_rank elements) and the
+  // whole buffer (size() chunks) overlap other than in NCCL's in-place form, chunk == full + rank
+  // * count_per_rank.
+  void check_rank_chunk(const char* op, const void* chunk, const char* chunk_name, const void* full,
+                        const char* full_name, size_t count_per_rank, CommDType dtype) const;
   // all_to_all and all_to_all_v: one group of ncclSend/ncclRecv, named op in errors.
   void exchange(const char* op, const void* send, const size_t* send_counts,
                 const size_t* send_offsets, void* recv, const size_t* recv_counts,

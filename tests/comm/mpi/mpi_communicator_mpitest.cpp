@@ -26,9 +26,7 @@ namespace {
 
 using testing::bf16_bits;
 using testing::bf16_value;
-using testing::reversed_offsets_with_gaps;
 using testing::thrown_message;
-using testing::uneven_count;
 
 MpiCommunicator& world() {
   return dynamic_cast<MpiCommunicator&>(world_communicator());
@@ -353,16 +351,9 @@ TEST(MpiCommunicator, AllToAllTransposesChunks) {
 TEST(MpiCommunicator, AllToAllVWithUnevenAndZeroCounts) {
   const int num_ranks = world().size();
   const int rank_idx = world().rank();
-  std::vector<size_t> send_counts(num_ranks);
-  std::vector<size_t> recv_counts(num_ranks);
-  for (int peer_idx = 0; peer_idx < num_ranks; ++peer_idx) {
-    send_counts[peer_idx] = uneven_count(rank_idx, peer_idx);
-    recv_counts[peer_idx] = uneven_count(peer_idx, rank_idx);
-  }
-  size_t send_extent = 0;
-  size_t recv_extent = 0;
-  const std::vector<size_t> send_offsets = reversed_offsets_with_gaps(send_counts, &send_extent);
-  const std::vector<size_t> recv_offsets = reversed_offsets_with_gaps(recv_counts, &recv_extent);
+  const testing::UnevenExchange exchange = testing::uneven_exchange(num_ranks, rank_idx);
+  const auto& [send_counts, recv_counts, send_offsets, recv_offsets, send_extent, recv_extent] =
+      exchange;
 
   const int32_t kUntouched = -7;
   std::vector<int32_t> send(send_extent, kUntouched);
@@ -428,10 +419,8 @@ TEST(MpiCommunicator, SplitIntoEvenAndOddRanks) {
   const int color = rank_idx % 2;
   // key = -rank orders each group by descending world rank.
   std::unique_ptr<Communicator> group = world().split(color, /*key=*/-rank_idx);
-  std::vector<int32_t> members;  // world ranks of the group, in group rank order
-  for (int member = num_ranks - 1; member >= 0; --member) {
-    if (member % 2 == color) members.push_back(member);
-  }
+  // World ranks of the group, in group rank order.
+  const std::vector<int32_t> members = testing::descending_members(num_ranks, color);
   ASSERT_EQ(group->size(), static_cast<int>(members.size()));
   EXPECT_EQ(members[group->rank()], rank_idx);
   EXPECT_EQ(group->name(), "mpi");
