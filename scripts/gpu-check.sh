@@ -7,6 +7,9 @@
 #   lab       `moeforge bench gemm`: the expert GEMM candidates against a dense GEMM
 #   prefill   `moeforge bench prefill`: dense (cuDNN, ours) against FlexPrefill prefill attention at
 #             8K-128K on random inputs (PREFILL_ARGS adds options, e.g. --qkv FILE --seq ...)
+#   profile   GPU time per kernel under ncu (clocks left alone): one bench-train step (the last of
+#             two), and the FlexPrefill search + kernels at PROFILE_SEQ (default 32768); summed by
+#             scripts/ncu_kernel_times.py
 #   oracle    the Hugging Face oracle (scripts/hf_oracle.py) against the installed transformers
 #   bench     `moeforge bench train` on configs/bench/moe-1.8b-a0.4b.json (recompute modes from
 #             BENCH_RECOMPUTE, default "none selective"), then the PyTorch baseline of
@@ -91,8 +94,18 @@ for stage in "${stages[@]}"; do
       ;;
     prefill)
       # shellcheck disable=SC2086 # PREFILL_ARGS is a list of options
-      build-gpu/moeforge bench prefill ${PREFILL_ARGS:-} > "$OUT/bench_prefill.json" 2>&1 || rc=1
-      cat "$OUT/bench_prefill.json"
+      build-gpu/moeforge bench prefill ${PREFILL_ARGS:-} > "$OUT/bench_prefill.jsonl" 2>&1 || rc=1
+      cat "$OUT/bench_prefill.jsonl"
+      ;;
+    profile)
+      ncu_metric=(ncu --clock-control none --metrics gpu__time_duration.sum --csv)
+      "${ncu_metric[@]}" build-gpu/moeforge bench train --config configs/bench/moe-1.8b-a0.4b.json \
+        --steps 1 --warmup 1 --recompute none > "$OUT/ncu_train.csv" 2> "$OUT/ncu_train.log" || rc=1
+      python3 scripts/ncu_kernel_times.py "$OUT/ncu_train.csv" --split-on embedding_forward_kernel \
+        | tee "$OUT/ncu_train.txt" || rc=1
+      "${ncu_metric[@]}" build-gpu/moeforge bench prefill --seq "${PROFILE_SEQ:-32768}" --repeats 1 \
+        > "$OUT/ncu_prefill.csv" 2> "$OUT/ncu_prefill.log" || rc=1
+      python3 scripts/ncu_kernel_times.py "$OUT/ncu_prefill.csv" | tee "$OUT/ncu_prefill.txt" || rc=1
       ;;
     oracle)
       # moeforge's fp32 CPU reference, then its bf16 CUDA backend, against transformers on the GPU.
@@ -124,7 +137,7 @@ for stage in "${stages[@]}"; do
       fi
       ;;
     *)
-      echo "unknown stage $stage (build, test, cuda-test, sanitize, lab, prefill, oracle, bench, all)" >&2
+      echo "unknown stage $stage (build, test, cuda-test, sanitize, lab, prefill, profile, oracle, bench, all)" >&2
       exit 2
       ;;
   esac
