@@ -94,7 +94,8 @@ for stage in "${stages[@]}"; do
       ;;
     prefill)
       # shellcheck disable=SC2086 # PREFILL_ARGS is a list of options
-      build-gpu/moeforge bench prefill ${PREFILL_ARGS:-} > "$OUT/bench_prefill.jsonl" 2>&1 || rc=1
+      build-gpu/moeforge bench prefill ${PREFILL_ARGS:-} > "$OUT/bench_prefill.jsonl" \
+        2> "$OUT/bench_prefill.log" || { tail -n 20 "$OUT/bench_prefill.log"; rc=1; }
       cat "$OUT/bench_prefill.jsonl"
       ;;
     profile)
