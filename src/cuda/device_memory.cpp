@@ -120,4 +120,11 @@ void zero_device(void* dst, size_t bytes, cudaStream_t stream) {
   if (bytes > 0) MF_CUDA_CHECK(cudaMemsetAsync(dst, 0, bytes, stream));
 }
 
+void copy_rows_async(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
+                     size_t row_bytes, size_t rows, cudaStream_t stream) {
+  if (rows == 0 || row_bytes == 0) return;
+  MF_CUDA_CHECK(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, row_bytes, rows,
+                                  cudaMemcpyDeviceToDevice, stream));
+}
+
 }  // namespace moeforge::cuda

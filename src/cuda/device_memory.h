@@ -141,6 +141,17 @@ class PinnedHostBuffer {
 void copy_to_device(void* dst, const void* src, size_t bytes);
 void copy_to_host(void* dst, const void* src, size_t bytes);
 void zero_device(void* dst, size_t bytes, cudaStream_t stream);
+// rows x row_bytes from src (rows src_pitch bytes apart) to dst (dst_pitch apart), on stream.
+void copy_rows_async(void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
+                     size_t row_bytes, size_t rows, cudaStream_t stream);
+// The same in elements of T: rows x cols of row-major matrices with row strides in elements.
+template <typename T>
+void copy_rows_async(T* dst, int64_t dst_stride, const T* src, int64_t src_stride, int64_t rows,
+                     int64_t cols, cudaStream_t stream) {
+  copy_rows_async(static_cast<void*>(dst), static_cast<size_t>(dst_stride) * sizeof(T),
+                  static_cast<const void*>(src), static_cast<size_t>(src_stride) * sizeof(T),
+                  static_cast<size_t>(cols) * sizeof(T), static_cast<size_t>(rows), stream);
+}
 
 template <typename T>
 void DeviceBuffer<T>::upload(const std::vector<T>& host) {

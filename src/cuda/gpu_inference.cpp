@@ -231,10 +231,7 @@ void GpuInference::qkv_forward(int64_t l, int64_t n) {
                          rope_sin_.data(), n, config_.num_heads, d, stream_);
     rope_forward_strided(new_k, kvd, qkv + qd, width, s.positions.data(), rope_cos_.data(),
                          rope_sin_.data(), n, config_.num_kv_heads, d, stream_);
-    MF_CUDA_CHECK(cudaMemcpy2DAsync(new_v, static_cast<size_t>(kvd) * sizeof(bf16), qkv + qd + kvd,
-                                    static_cast<size_t>(width) * sizeof(bf16),
-                                    static_cast<size_t>(kvd) * sizeof(bf16), static_cast<size_t>(n),
-                                    cudaMemcpyDeviceToDevice, stream_));
+    copy_rows_async(new_v, kvd, qkv + qd + kvd, width, n, kvd, stream_);
     return;
   }
   bf16* q_pre = config_.qk_norm ? s.q_lin.data() : s.q.data();

@@ -306,7 +306,7 @@ void GpuTransformer::attention_forward(int64_t l, int64_t batch, int64_t seq) {
                          rope_sin_.data(), n, config_.num_heads, d, stream_);
     rope_forward_strided(a.k.data(), kvd, qkv + qd, width, s.positions.data(), rope_cos_.data(),
                          rope_sin_.data(), n, config_.num_kv_heads, d, stream_);
-    copy_rows(a.v.data(), kvd, qkv + qd + kvd, width, n, kvd);
+    copy_rows_async(a.v.data(), kvd, qkv + qd + kvd, width, n, kvd, stream_);
   } else {
     attention_projections_unpacked(l);
   }
@@ -320,14 +320,6 @@ void GpuTransformer::attention_forward(int64_t l, int64_t batch, int64_t seq) {
                        h, true, stream_);
   rmsnorm_forward(a.ln2_ptr, a.rstd2.data(), a.x_mid.data(), w(o.post_attention_norm), n, h, eps,
                   stream_);
-}
-
-void GpuTransformer::copy_rows(bf16* dst, int64_t dst_stride, const bf16* src, int64_t src_stride,
-                               int64_t rows, int64_t cols) {
-  MF_CUDA_CHECK(cudaMemcpy2DAsync(dst, static_cast<size_t>(dst_stride) * sizeof(bf16), src,
-                                  static_cast<size_t>(src_stride) * sizeof(bf16),
-                                  static_cast<size_t>(cols) * sizeof(bf16),
-                                  static_cast<size_t>(rows), cudaMemcpyDeviceToDevice, stream_));
 }
 
 void GpuTransformer::attention_projections_unpacked(int64_t l) {
@@ -542,7 +534,7 @@ void GpuTransformer::attention_backward(int64_t l, int64_t batch, int64_t seq) {
                           rope_sin_.data(), n, config_.num_heads, d, stream_);
     rope_backward_strided(dqkv + qd, width, s.dk.data(), kvd, s.positions.data(), rope_cos_.data(),
                           rope_sin_.data(), n, config_.num_kv_heads, d, stream_);
-    copy_rows(dqkv + qd + kvd, width, s.dv.data(), kvd, n, kvd);
+    copy_rows_async(dqkv + qd + kvd, width, s.dv.data(), kvd, n, kvd, stream_);
     if (config_.attention_bias) column_sum_accumulate(g(o.q_bias), dqkv, n, width, stream_);
     blas_.linear_backward_input(s.dln.data(), OutType::kFloat, dqkv, wb(o.q_proj), n, h, width,
                                 false, stream_);

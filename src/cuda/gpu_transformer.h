@@ -98,9 +98,6 @@ class GpuTransformer {
   // The three q/k/v projections of layers that cannot run them packed (model_support.h).
   void attention_projections_unpacked(int64_t l);
   void attention_projections_backward_unpacked(int64_t l);
-  // rows x cols bf16 from src (row stride src_stride) to dst (row stride dst_stride), on stream_.
-  void copy_rows(bf16* dst, int64_t dst_stride, const bf16* src, int64_t src_stride, int64_t rows,
-                 int64_t cols);
   void moe_forward(int64_t l);
   void moe_backward(int64_t l, float d_aux, float d_z);
   // One projection of all experts of a layer (weights [E, out, in], rows grouped by the layer's
