@@ -221,13 +221,21 @@ void block_sparse_attention_forward(bf16* out, float* lse, const bf16* q, const 
       static_cast<int>(dims.num_kv_heads),
       static_cast<int>(dims.head_dim),
       static_cast<float>(1.0 / std::sqrt(static_cast<double>(dims.head_dim)) * M_LOG2E)};
-  const bool tensor_core_runs =
-      tensor_core_block_sparse_attention_runs(args, current_device_major());
+  const int major = current_device_major();
+  const bool hopper_runs = hopper_block_sparse_attention_runs(args, major);
+  const bool tensor_core_runs = tensor_core_block_sparse_attention_runs(args, major);
+  MF_CHECK(kernel != BlockSparseKernel::hopper || hopper_runs,
+           "{}: the Hopper kernel needs an sm_90 GPU, head_dim 128 and 16-byte aligned tensors "
+           "(head_dim {})",
+           what, dims.head_dim);
   MF_CHECK(kernel != BlockSparseKernel::tensor_core || tensor_core_runs,
            "{}: the tensor-core kernel needs sm_80 or later, head_dim 64 or 128 and 16-byte "
            "aligned tensors (head_dim {})",
            what, dims.head_dim);
-  if (kernel != BlockSparseKernel::portable && tensor_core_runs) {
+  const bool automatic = kernel == BlockSparseKernel::automatic;
+  if (kernel == BlockSparseKernel::hopper || (automatic && hopper_runs)) {
+    launch_hopper_block_sparse_attention(args, stream);
+  } else if (kernel == BlockSparseKernel::tensor_core || (automatic && tensor_core_runs)) {
     launch_tensor_core_block_sparse_attention(args, stream);
   } else {
     launch_portable(args, stream);

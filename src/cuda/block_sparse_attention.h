@@ -4,6 +4,7 @@
 // log-sum-exp of each row (fp32), as ops/block_sparse_attention.h defines them. Two kernels:
 // - tensor_core (block_sparse_attention_tc.cu): mma.sync bf16 tiles, sm_80 and later, head_dim 64
 //   or 128; P is rounded to bf16 before P V, as in cuDNN and FlashAttention.
+// - hopper (block_sparse_attention_sm90.cu): wgmma, sm_90a, head_dim 128; P in bf16 as above.
 // - portable (any GPU, any head_dim up to 256): scalar fp32 throughout; the fallback for other
 //   shapes and the tensor-core kernel's tighter check.
 // They serve dense prefill where cuDNN does not run, FlexPrefill's selections, and its dense
@@ -42,9 +43,10 @@ DeviceBlockSparseLayoutBuffers upload_layout(const ops::BlockSparseLayout& layou
 // out [seq_len, num_q_heads, head_dim] (bf16, assigned); lse [num_q_heads, seq_len] (fp32,
 // assigned; may be null). The layout must satisfy ops::check_block_sparse_layout (not checked on
 // the device: it is read there); block_size a multiple of 64; head_dim <= 256. `automatic` takes
-// the tensor-core kernel where it runs; asking for `tensor_core` where it cannot run is an error.
+// the Hopper kernel where it runs, else the tensor-core kernel where it runs; asking for a kernel
+// where it cannot run is an error.
 // Asynchronous.
-enum class BlockSparseKernel { automatic, portable, tensor_core };
+enum class BlockSparseKernel { automatic, portable, tensor_core, hopper };
 void block_sparse_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k,
                                     const bf16* v, const DeviceBlockSparseLayout& layout,
                                     const ops::SparseAttentionDims& dims, cudaStream_t stream,

@@ -1,6 +1,7 @@
 // The launch arguments shared by the kernels behind cuda::block_sparse_attention_forward
 // (block_sparse_attention.h), and the tensor-core kernel for sm_80 and later
-// (block_sparse_attention_tc.cu); the portable kernel is private to block_sparse_attention.cu.
+// (block_sparse_attention_tc.cu) and the Hopper kernel (block_sparse_attention_sm90.cu); the
+// portable kernel is private to block_sparse_attention.cu.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -29,5 +30,10 @@ struct BlockSparseLaunch {
 // major: sm_80 or later, head_dim 64 or 128, block_size a multiple of 64, 16-byte aligned tensors.
 bool tensor_core_block_sparse_attention_runs(const BlockSparseLaunch& args, int device_major);
 void launch_tensor_core_block_sparse_attention(const BlockSparseLaunch& args, cudaStream_t stream);
+
+// The Hopper kernel (block_sparse_attention_sm90.cu): sm_90 (built for sm_90a), head_dim 128,
+// block_size a multiple of 64, 16-byte aligned tensors.
+bool hopper_block_sparse_attention_runs(const BlockSparseLaunch& args, int device_major);
+void launch_hopper_block_sparse_attention(const BlockSparseLaunch& args, cudaStream_t stream);
 
 }  // namespace moeforge::cuda

@@ -123,6 +123,11 @@ void run_prefill_bench(const PrefillBenchOptions& options,
       block_sparse_attention_forward(out.data(), lse.data(), in.q.data(), in.k.data(), in.v.data(),
                                      dense.view(), dims, nullptr);
     });
+    // The sm_80 tensor-core kernel beside the automatic choice (the Hopper kernel on sm_90).
+    time_into(entry, "dense_mma_sync", opt.repeats, [&] {
+      block_sparse_attention_forward(out.data(), lse.data(), in.q.data(), in.k.data(), in.v.data(),
+                                     dense.view(), dims, nullptr, BlockSparseKernel::tensor_core);
+    });
 
     FlexPrefillDeviceSelection selection;
     time_into(entry, "flex_select", opt.repeats, [&] {

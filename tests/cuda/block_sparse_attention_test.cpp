@@ -56,11 +56,14 @@ ops::BlockSparseLayout random_layout(const Case& c, uint64_t seed) {
 
 void check_case(const Case& c, const ops::BlockSparseLayout& layout, uint64_t seed,
                 BlockSparseKernel kernel) {
-  const bool tensor_core = kernel == BlockSparseKernel::tensor_core;
+  // The tensor-core and Hopper kernels round P to bf16.
+  const bool tensor_core = kernel != BlockSparseKernel::portable;
   SCOPED_TRACE("N=" + std::to_string(c.seq_len) + " Hq=" + std::to_string(c.num_q_heads) +
                " Hkv=" + std::to_string(c.num_kv_heads) + " D=" + std::to_string(c.head_dim) +
                " block=" + std::to_string(c.block_size) +
-               (tensor_core ? " tensor-core" : " portable"));
+               (kernel == BlockSparseKernel::hopper
+                    ? " hopper"
+                    : (kernel == BlockSparseKernel::tensor_core ? " tensor-core" : " portable")));
   const ops::SparseAttentionDims dims{c.seq_len, c.num_q_heads, c.num_kv_heads, c.head_dim};
   const int64_t q_size = c.seq_len * c.num_q_heads * c.head_dim;
   const int64_t kv_size = c.seq_len * c.num_kv_heads * c.head_dim;
@@ -118,6 +121,28 @@ TEST(BlockSparseAttentionCuda, TensorCoreKernelMatchesTheReference) {
         Case{300, 8, 1, 128, 128}, Case{257, 16, 2, 64, 128}, Case{700, 6, 2, 128, 128},
         Case{700, 8, 8, 64, 128}, Case{129, 4, 4, 128, 64}}) {
     check_case(c, random_layout(c, seed), seed, BlockSparseKernel::tensor_core);
+    seed += 10;
+  }
+}
+
+// The Hopper kernel runs on sm_90 only (head_dim 128).
+bool hopper_device() {
+  int device = 0, major = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  return major == 9;
+}
+
+TEST(BlockSparseAttentionCuda, HopperKernelMatchesTheReference) {
+  MF_REQUIRE_GPU();
+  if (!hopper_device()) GTEST_SKIP() << "the Hopper kernel needs an sm_90 GPU";
+  uint64_t seed = 500;
+  for (const Case& c : {Case{1, 2, 1, 128, 64}, Case{63, 4, 1, 128, 64}, Case{200, 4, 2, 128, 64},
+                        Case{300, 8, 1, 128, 128}, Case{700, 6, 2, 128, 128},
+                        Case{129, 4, 4, 128, 64}, Case{1000, 2, 1, 128, 128}}) {
+    check_case(c, random_layout(c, seed), seed, BlockSparseKernel::hopper);
+    check_case(c, ops::dense_causal_layout(c.num_q_heads, c.seq_len, c.block_size), seed,
+               BlockSparseKernel::hopper);
     seed += 10;
   }
 }
