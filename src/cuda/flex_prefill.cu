@@ -17,6 +17,10 @@
 //    so the radix order is the reference's order.
 //  - A max is exact in any order: the per-row maxima of step 1 are atomicMax on an order-preserving
 //    integer image of the double.
+//  - No sum here is -0.0 (each starts at +0.0; rounding to nearest gives -0.0 only for two -0.0
+//    addends), so adding +0.0 changes none: masked logits are stored as -inf and their
+//    exponentials (+0.0) are added like the others, padded terms of partial chunks and tiles are
+//    zeros, and skipped JS terms are added as zeros.
 //
 // Kernels, in order: block means of K; per pass of heads the logits GEMM (+ row maxima), the
 // per-chunk softmax sums, the row totals, and the vertical / slash sums with their block pooling;
@@ -49,17 +53,22 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int64_t kBudgetDivisor = 128;
 constexpr int kChunk = static_cast<int>(ops::kFlexPrefillSumChunk);
 constexpr int kMaxBlockSize = 128;
-// Logits GEMM: threads per block (8 warps of 32 rows x 64 keys), logits per block (bs rows x
-// kLogitTile / bs keys), and the row padding of its shared tiles (in doubles, even so that double2
-// loads stay aligned; it spreads the transposing stores over banks).
-constexpr int kLogitThreads = 256;
-constexpr int kLogitTile = 128 * 128;
+// Logits GEMM: each block computes 64 rows x 128 keys with 4 warps of 32 rows x 64 keys (two
+// blocks fit an SM, so that one's loads, barriers and stores overlap the other's arithmetic),
+// head_dim goes through shared memory 8 at a time, and the shared tiles' rows are padded (in
+// doubles, even so that double2 loads stay aligned; it spreads the transposing stores over banks).
+constexpr int kLogitRows = 64;
+constexpr int kLogitKeys = 128;
+constexpr int kLogitThreads = 128;
+constexpr int kLogitDepth = 8;
 constexpr int kTilePad = 2;
 // Vertical / slash sums: keys per block and rows per shared-memory stage.
 constexpr int kScoreKeys = 256;
 constexpr int kScoreRows = 8;
-// Chunk prefixes: warps per block (each warp takes 32 chunks).
+// Chunk prefixes: warps per block (each warp takes 32 chunks); chunk totals per shared-memory tile
+// of the base scan.
 constexpr int kPrefixWarps = 4;
+constexpr int kBaseTile = 1024;
 // Steps 6-7: scores per thread of the block radix sort (nb <= kThreads * kSelectItems).
 constexpr int kSelectItems = 8;
 // Step 8 block logits: square tile and head_dim slice.
@@ -68,7 +77,7 @@ constexpr int kBlockDepth = 16;
 // The logits buffer of step 1 holds at most this many bytes (more heads take several passes).
 constexpr int64_t kLogitBytesPerPass = int64_t{4} << 30;
 
-static_assert(kScoreKeys == kChunk && kChunk % (kLogitTile / 64) == 0,
+static_assert(kScoreKeys == kChunk && kChunk % kLogitKeys == 0,
               "the padded key range must be whole tiles of every step-1 kernel");
 static_assert(kChunk % 32 == 0, "chunk prefixes move 32 terms at a time");
 static_assert(kFlexPrefillMaxBlocks <= 32 * kChunk, "a block-softmax row has at most 32 chunks");
@@ -134,49 +143,47 @@ __global__ void block_means_kernel(double* means, const bf16* x, int64_t seq_len
   }
 }
 
-// Step 1 logits of one head and kLogitTile / bs keys: block (key tile, head of the pass),
-// kLogitThreads threads, template kRows = bs. logits [pass heads, padded_len, bs]: scale * q_r .
-// k_j for the visible keys (j <= N - bs + r), -inf elsewhere (the causal corner and the padding up
-// to padded_len). row_max [Hq, bs]: order_key of each row's largest logit, by atomicMax (zeroed by
-// the caller).
+// Step 1 logits: block (key tile of kLogitKeys, tile of kLogitRows last-block rows, head of the
+// pass), kLogitThreads threads. logits [pass heads, padded_len, bs]: scale * q_r . k_j for the
+// visible keys (j <= N - bs + r), -inf elsewhere (the causal corner and the padding up to
+// padded_len). row_max [Hq, bs]: order_key of each row's largest logit, by atomicMax (zeroed by the
+// caller).
 //
-// Warps tile the block's logits as (bs / 32) x (256 / bs) tiles of 32 rows x 64 keys; lane
-// (tr = lane / 8, tk = lane % 8) owns rows row_base + 8 i + e and keys key_base + 16 i + e
-// (i < 4, e < 2), so that its shared-memory reads are double2 loads that lanes share or read
-// contiguously. head_dim goes through shared memory kDepth at a time (the next slice waits in
-// registers, 8 + 8 or 2 + 8 values a thread). Each dot product accumulates d in ascending order
-// with fma (exact products).
-template <int kRows>
-__global__ void __launch_bounds__(kLogitThreads, 1)
+// Lane (tr = lane / 8, tk = lane % 8) of warp w owns the block's rows row_base + 8 i + e and keys
+// key_base + 16 i + e (i < 4, e < 2), so that its shared-memory reads are double2 loads that lanes
+// share or read contiguously. head_dim goes through shared memory kLogitDepth at a time (the next
+// slice waits in registers, 4 + 8 values a thread). Each dot product accumulates d in ascending
+// order with fma (exact products).
+__global__ void __launch_bounds__(kLogitThreads, 2)
     last_block_logits_kernel(double* logits, unsigned long long* row_max, const bf16* q,
                              const bf16* k, Shape s, int64_t head_begin, int64_t padded_len) {
-  static_assert(kRows == 64 || kRows == 128, "block sizes 64 and 128");
-  constexpr int kKeys = kLogitTile / kRows;
-  constexpr int kDepth = kRows / 8;
-  constexpr int kKeyWarps = kKeys / 64;
-  static_assert((kRows / 32) * kKeyWarps * kWarpSize == kLogitThreads, "one 32 x 64 tile a warp");
-  constexpr int kQLoads = kRows * kDepth / kLogitThreads;
-  constexpr int kKLoads = kKeys * kDepth / kLogitThreads;
-  __shared__ __align__(16) double q_tile[kDepth][kRows + kTilePad];
-  __shared__ __align__(16) double k_tile[kDepth][kKeys + kTilePad];
+  constexpr int kQLoads = kLogitRows * kLogitDepth / kLogitThreads;
+  constexpr int kKLoads = kLogitKeys * kLogitDepth / kLogitThreads;
+  static_assert((kLogitRows / 32) * (kLogitKeys / 64) * kWarpSize == kLogitThreads,
+                "one 32 x 64 tile a warp");
+  __shared__ __align__(16) double q_tile[kLogitDepth][kLogitRows + kTilePad];
+  __shared__ __align__(16) double k_tile[kLogitDepth][kLogitKeys + kTilePad];
 
   const int tid = static_cast<int>(threadIdx.x);
-  const int64_t local_head = blockIdx.y;
+  const int64_t key0 = static_cast<int64_t>(blockIdx.x) * kLogitKeys;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kLogitRows;
+  const int64_t local_head = blockIdx.z;
   const int64_t h = head_begin + local_head;
   const int64_t kv_head = h / s.group_size;
-  const int64_t key0 = static_cast<int64_t>(blockIdx.x) * kKeys;
-  const int64_t first_position = s.seq_len - kRows;
+  const int64_t bs = s.block_size;
+  const int64_t first_position = s.seq_len - bs;
   const int warp = tid / kWarpSize;
   const int lane = tid % kWarpSize;
-  const int row_base = (warp / kKeyWarps) * 32 + (lane / 8) * 2;
-  const int key_base = (warp % kKeyWarps) * 64 + (lane % 8) * 2;
+  const int row_base = (warp / 2) * 32 + (lane / 8) * 2;
+  const int key_base = (warp % 2) * 64 + (lane % 8) * 2;
 
   // The bf16 values of one head_dim slice, in registers until the tiles are free. Thread tid
-  // loads column dd = tid % kDepth of rows (or keys) tid / kDepth + it * kStride.
-  constexpr int kStride = kLogitThreads / kDepth;
-  const int load_dd = tid % kDepth;
-  const int load_row = tid / kDepth;
-  const bf16* q_load = q + ((first_position + load_row) * s.num_q_heads + h) * s.head_dim + load_dd;
+  // loads column dd = tid % kLogitDepth of rows (or keys) tid / kLogitDepth + it * kStride.
+  constexpr int kStride = kLogitThreads / kLogitDepth;
+  const int load_dd = tid % kLogitDepth;
+  const int load_row = tid / kLogitDepth;
+  const bf16* q_load =
+      q + ((first_position + row0 + load_row) * s.num_q_heads + h) * s.head_dim + load_dd;
   const int64_t q_load_stride = kStride * s.num_q_heads * s.head_dim;
   const bf16* k_load = k + ((key0 + load_row) * s.num_kv_heads + kv_head) * s.head_dim + load_dd;
   const int64_t k_load_stride = kStride * s.num_kv_heads * s.head_dim;
@@ -204,7 +211,7 @@ __global__ void __launch_bounds__(kLogitThreads, 1)
     for (int y = 0; y < 8; ++y) acc[x][y] = 0.0;
   }
   load_slice(0);
-  for (int64_t d0 = 0; d0 < s.head_dim; d0 += kDepth) {
+  for (int64_t d0 = 0; d0 < s.head_dim; d0 += kLogitDepth) {
     __syncthreads();  // the previous slice's reads of the tiles are done
 #pragma unroll
     for (int it = 0; it < kQLoads; ++it) {
@@ -215,9 +222,9 @@ __global__ void __launch_bounds__(kLogitThreads, 1)
       k_tile[load_dd][load_row + it * kStride] = static_cast<double>(k_regs[it]);
     }
     __syncthreads();
-    if (d0 + kDepth < s.head_dim) load_slice(d0 + kDepth);
+    if (d0 + kLogitDepth < s.head_dim) load_slice(d0 + kLogitDepth);
 #pragma unroll
-    for (int dd = 0; dd < kDepth; ++dd) {
+    for (int dd = 0; dd < kLogitDepth; ++dd) {
       double a[8], b[8];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -239,7 +246,7 @@ __global__ void __launch_bounds__(kLogitThreads, 1)
   // Scale, mask, row maxima (over the 8 lanes that share rows) and the stores.
 #pragma unroll
   for (int x = 0; x < 8; ++x) {
-    const int row = row_base + 8 * (x / 2) + x % 2;
+    const int64_t row = row0 + row_base + 8 * (x / 2) + x % 2;
     double best = -INFINITY;
 #pragma unroll
     for (int y = 0; y < 8; ++y) {
@@ -253,16 +260,16 @@ __global__ void __launch_bounds__(kLogitThreads, 1)
       best = fmax(best, __shfl_xor_sync(kFullMask, best, offset));
     }
     if (lane % 8 == 0 && best > -INFINITY) {
-      atomicMax(row_max + h * kRows + row, order_key(best));
+      atomicMax(row_max + h * bs + row, order_key(best));
     }
   }
-  double* out = logits + (local_head * padded_len + key0) * kRows;
+  double* out = logits + (local_head * padded_len + key0) * bs + row0;
 #pragma unroll
   for (int y = 0; y < 8; ++y) {
-    const int key = key_base + 16 * (y / 2) + y % 2;
+    const int64_t key = key_base + 16 * (y / 2) + y % 2;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      *reinterpret_cast<double2*>(out + key * kRows + row_base + 8 * i) =
+      *reinterpret_cast<double2*>(out + key * bs + row_base + 8 * i) =
           make_double2(acc[2 * i][y], acc[2 * i + 1][y]);
     }
   }
@@ -289,7 +296,8 @@ __global__ void row_chunk_sums_kernel(double* chunk_sums, const double* logits,
 }
 
 // Rows [row_begin, row_end) of [Hq * bs]: row_sum = the ascending sum of the row's chunk sums
-// (the chunked softmax denominator) and row_max_value = the decoded row maximum.
+// (the chunked softmax denominator) and row_max_value = the decoded row maximum. Launched with one
+// warp per block, to spread the rows over the SMs.
 __global__ void row_totals_kernel(double* row_max_value, double* row_sum,
                                   const unsigned long long* row_max, const double* chunk_sums,
                                   int64_t row_begin, int64_t row_end, int64_t num_chunks,
@@ -299,7 +307,7 @@ __global__ void row_totals_kernel(double* row_max_value, double* row_sum,
     const int64_t h = i / block_size;
     const int64_t r = i % block_size;
     double sum = 0.0;
-#pragma unroll 8
+#pragma unroll 16
     for (int64_t c = 0; c < num_chunks; ++c) {
       sum = __dadd_rn(sum, chunk_sums[(h * num_chunks + c) * block_size + r]);
     }
@@ -441,29 +449,34 @@ __global__ void __launch_bounds__(kPrefixWarps* kWarpSize)
   if (chunk < num_chunks) totals[chunk] = running;
 }
 
-// bases [num_segments, chunks_per_segment]: per segment, the ascending sum of the chunk totals
-// before each chunk (one thread per segment, sequential).
-__global__ void chunk_base_kernel(double* bases, const double* totals, int64_t chunks_per_segment,
-                                  int64_t num_segments) {
-  const int64_t segment = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (segment >= num_segments) return;
-  const double* segment_totals = totals + segment * chunks_per_segment;
-  double* segment_bases = bases + segment * chunks_per_segment;
-  double base = 0.0;
-  // Eight totals are loaded before they are added, so that the loads overlap.
-  for (int64_t c0 = 0; c0 < chunks_per_segment; c0 += 8) {
-    double batch[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      batch[i] = c0 + i < chunks_per_segment ? segment_totals[c0 + i] : 0.0;
+// Block per segment: bases [num_segments, chunks_per_segment] = the ascending sum of the chunk
+// totals before each chunk. The totals pass through shared memory kBaseTile at a time, where one
+// thread adds them in order.
+__global__ void __launch_bounds__(kThreads)
+    chunk_base_kernel(double* bases, const double* totals, int64_t chunks_per_segment) {
+  __shared__ double tile[kBaseTile];
+  const double* segment_totals = totals + blockIdx.x * chunks_per_segment;
+  double* segment_bases = bases + blockIdx.x * chunks_per_segment;
+  double base = 0.0;  // thread 0's running sum
+  for (int64_t c0 = 0; c0 < chunks_per_segment; c0 += kBaseTile) {
+    const int count = static_cast<int>(min(int64_t{kBaseTile}, chunks_per_segment - c0));
+    for (int i = static_cast<int>(threadIdx.x); i < count; i += kThreads) {
+      tile[i] = segment_totals[c0 + i];
     }
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      if (c0 + i < chunks_per_segment) {
-        segment_bases[c0 + i] = base;
-        base = __dadd_rn(base, batch[i]);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+#pragma unroll 8
+      for (int i = 0; i < count; ++i) {
+        const double total = tile[i];
+        tile[i] = base;
+        base = __dadd_rn(base, total);
       }
     }
+    __syncthreads();
+    for (int i = static_cast<int>(threadIdx.x); i < count; i += kThreads) {
+      segment_bases[c0 + i] = tile[i];
+    }
+    __syncthreads();
   }
 }
 
@@ -862,8 +875,8 @@ void coverage_prefix(CoveragePrefix& out, const double* sorted, int64_t num_segm
                         kPrefixWarps * kWarpSize, 0, stream>>>(
       out.prefix.data(), totals.data(), sorted, segment_size, out.chunks_per_segment, num_chunks);
   MF_CUDA_CHECK_LAUNCH();
-  chunk_base_kernel<<<grid_for(num_segments, kWarpSize), kWarpSize, 0, stream>>>(
-      out.bases.data(), totals.data(), out.chunks_per_segment, num_segments);
+  chunk_base_kernel<<<static_cast<unsigned>(num_segments), kThreads, 0, stream>>>(
+      out.bases.data(), totals.data(), out.chunks_per_segment);
   MF_CUDA_CHECK_LAUNCH();
 }
 
@@ -881,21 +894,17 @@ void last_block_scores(double* vs, double* pooled, double* logits, unsigned long
   const int64_t num_heads = head_end - head_begin;
   const int64_t bs = s.block_size;
   const int64_t num_chunks = padded_len / kChunk;
-  const dim3 logit_grid(static_cast<unsigned>(padded_len * bs / kLogitTile),
-                        static_cast<unsigned>(num_heads));
-  if (bs == 64) {
-    last_block_logits_kernel<64><<<logit_grid, kLogitThreads, 0, stream>>>(logits, row_max, q, k, s,
-                                                                           head_begin, padded_len);
-  } else {
-    last_block_logits_kernel<128><<<logit_grid, kLogitThreads, 0, stream>>>(
-        logits, row_max, q, k, s, head_begin, padded_len);
-  }
+  last_block_logits_kernel<<<dim3(static_cast<unsigned>(padded_len / kLogitKeys),
+                                  static_cast<unsigned>(bs / kLogitRows),
+                                  static_cast<unsigned>(num_heads)),
+                             kLogitThreads, 0, stream>>>(logits, row_max, q, k, s, head_begin,
+                                                         padded_len);
   MF_CUDA_CHECK_LAUNCH();
   row_chunk_sums_kernel<<<dim3(static_cast<unsigned>(num_chunks), static_cast<unsigned>(num_heads)),
                           static_cast<unsigned>(bs), 0, stream>>>(chunk_sums, logits, row_max,
                                                                   head_begin, padded_len, bs);
   MF_CUDA_CHECK_LAUNCH();
-  row_totals_kernel<<<grid_for(num_heads * bs, kThreads), kThreads, 0, stream>>>(
+  row_totals_kernel<<<grid_for(num_heads * bs, kWarpSize), kWarpSize, 0, stream>>>(
       row_max_value, row_sum, row_max, chunk_sums, head_begin * bs, head_end * bs, num_chunks, bs);
   MF_CUDA_CHECK_LAUNCH();
   vertical_slash_kernel<<<dim3(static_cast<unsigned>(padded_len / kScoreKeys),
