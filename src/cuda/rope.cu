@@ -34,9 +34,10 @@ __global__ void rope_kernel(bf16* out, int64_t out_stride, const bf16* inp, int6
     load_cols<kWidth>(x2, x + i + half);
 #pragma unroll
     for (int k = 0; k < kWidth; ++k) {
+      // Explicit roundings, so both widths give the same bits whatever the compiler contracts.
       const float sk = direction * s[k];
-      y1[k] = x1[k] * c[k] - x2[k] * sk;
-      y2[k] = x2[k] * c[k] + x1[k] * sk;
+      y1[k] = __fmaf_rn(x1[k], c[k], -__fmul_rn(x2[k], sk));
+      y2[k] = __fmaf_rn(x2[k], c[k], __fmul_rn(x1[k], sk));
     }
     store_cols<kWidth>(y + i, y1);
     store_cols<kWidth>(y + i + half, y2);

@@ -152,6 +152,45 @@ TEST_P(GpuTransformerTest, AdamWStepMatchesCpuOptimizer) {
   }
 }
 
+// Several optimizer steps on both devices from the same weights and batches: each step's loss must
+// stay within the one-step tolerance. A state carried wrongly from one step to the next (a buffer
+// reused without being reset, stale routing, a missed zeroing) passes the one-step tests above and
+// fails here after a step or two.
+TEST_P(GpuTransformerTest, SeveralTrainingStepsTrackCpuReference) {
+  MF_REQUIRE_GPU();
+  const ModelConfig config = testing::gpu_config(GetParam());
+  const int64_t batch = 2, seq = 45, steps = 5;
+  SelfCommunicator self;
+  Transformer<float> cpu(config, self);
+  cpu.params() = testing::make_params(cpu.layout(), 13);
+  GpuTransformer gpu(config);
+  gpu.upload_params(cpu.params());
+  const AdamWHyper hyper;
+  const std::vector<std::string> no_decay = {"norm", "bias"};
+  AdamW cpu_opt(cpu.layout(), hyper, no_decay);
+  GpuAdamW gpu_opt(gpu, hyper, no_decay);
+  Rng rng(17);
+  std::vector<int32_t> tokens(static_cast<size_t>(batch * seq)), targets(tokens.size());
+  for (int64_t step = 0; step < steps; ++step) {
+    SCOPED_TRACE("step " + std::to_string(step));
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      tokens[i] = static_cast<int32_t>(rng.below(config.vocab_size));
+      targets[i] = static_cast<int32_t>(rng.below(config.vocab_size));
+    }
+    cpu.zero_grads();
+    const double want = cpu.forward(tokens.data(), targets.data(), batch, seq).loss;
+    cpu.backward(1.0);
+    gpu.zero_grads();
+    const double got = gpu.forward_backward(tokens.data(), targets.data(), batch, seq, 1.0).loss;
+    EXPECT_NEAR(got, want, 1e-2 * std::max(1.0, want));
+    std::vector<float>& grads = cpu.grads();
+    const double norm = global_grad_norm(grads.data(), static_cast<int64_t>(grads.size()));
+    clip_grad_norm(grads.data(), static_cast<int64_t>(grads.size()), norm, 1.0);
+    cpu_opt.step(cpu.params().data(), grads.data(), 1e-2);
+    ASSERT_TRUE(gpu_opt.step(1e-2, 1.0).applied);
+  }
+}
+
 TEST_P(GpuTransformerTest, SelectiveRecomputeGivesTheSameLossAndGradients) {
   MF_REQUIRE_GPU();
   const ModelConfig config = testing::gpu_config(GetParam());

@@ -5,11 +5,14 @@ the same initial weights and data order. The GPU computes in bf16, so the curves
 averages over windows of steps (per-step losses differ by bf16 noise), and the final validation
 losses must agree. Then `--resume` of the GPU run continues from its checkpoint.
 
-The tolerance is derived from the GPU's own noise: the GPU run is made twice, and GPU runs are not
-bitwise reproducible (cuDNN's attention backward), so their trajectories drift apart as training
-goes on. The CPU curve must stay within MAX_WINDOW_GAP plus three times the largest window gap of
-the two GPU runs (two earlier single-run measurements: max gaps 0.029 and 0.091 nats); the first
-window, before any drift has built up, must agree within FIRST_WINDOW_GAP.
+The tolerance is derived from bf16 noise: a second GPU run takes the per-expert cuBLASLt GEMMs
+instead of the grouped ones (MOEFORGE_GROUPED_GEMM=0), a different but equally valid bf16
+implementation, and the two GPU trajectories drift apart as routing near-ties flip. GPU runs of
+one implementation are bitwise reproducible here, so a repeat would measure nothing. The CPU
+curve must stay within max(MAX_WINDOW_GAP, NOISE_FACTOR x the largest window gap of the two GPU
+runs); the first window, before any drift has built up, must agree within FIRST_WINDOW_GAP.
+Earlier single-run measurements of the CPU-GPU gap ranged from 0.01 to 0.09 nats
+(docs/verification.md), which is why a fixed bound alone was flaky.
 
 Exits 77 (skipped) without a GPU, unless MOEFORGE_EXPECT_GPU=1."""
 import json
@@ -22,12 +25,14 @@ import tempfile
 STEPS = 200
 WINDOW = 25
 MAX_WINDOW_GAP = 0.05  # nats; measured gaps are recorded in docs/verification.md
+NOISE_FACTOR = 2.0
 FIRST_WINDOW_GAP = 0.02  # nats; measured 0.0045
 MAX_VAL_GAP = 0.05
 
 
-def run(args):
-    proc = subprocess.run(args, capture_output=True, text=True, errors="replace")
+def run(args, env=None):
+    proc = subprocess.run(args, capture_output=True, text=True, errors="replace",
+                          env=None if env is None else {**os.environ, **env})
     if proc.returncode != 0:
         sys.exit(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout
@@ -71,19 +76,21 @@ def main():
                   "--set", "eval.every_steps=100", "--set", "checkpoint.every_steps=100",
                   "--no-progress"]
         results = {}
-        for name, device in [("cpu", "cpu"), ("cuda", "cuda"), ("cuda-again", "cuda")]:
+        for name, device, env in [("cpu", "cpu", None), ("cuda", "cuda", None),
+                                  ("cuda-per-expert", "cuda", {"MOEFORGE_GROUPED_GEMM": "0"})]:
             run_dir = os.path.join(tmp, name)
             metrics = os.path.join(run_dir, "metrics.jsonl")
             run([moeforge, "train", "--config", config, "--device", device, "--set",
-                 f"checkpoint.dir={run_dir}", "--set", f"log.metrics_file={metrics}"] + common)
+                 f"checkpoint.dir={run_dir}", "--set", f"log.metrics_file={metrics}"] + common,
+                env)
             results[name] = losses(metrics)
             assert len(results[name]) == STEPS, (name, len(results[name]))
         cpu, gpu = results["cpu"], results["cuda"]
         gaps = window_gaps(cpu, gpu)
-        gpu_noise = window_gaps(gpu, results["cuda-again"])
-        bound = MAX_WINDOW_GAP + 3 * max(gpu_noise)
+        gpu_noise = window_gaps(gpu, results["cuda-per-expert"])
+        bound = max(MAX_WINDOW_GAP, NOISE_FACTOR * max(gpu_noise))
         print("window gaps CPU vs GPU (nats):", gaps)
-        print("window gaps GPU vs GPU (nats):", gpu_noise, "-> bound", round(bound, 4))
+        print("window gaps GPU grouped vs per-expert GEMMs (nats):", gpu_noise, "-> bound", round(bound, 4))
         assert gaps[0] < FIRST_WINDOW_GAP, f"loss curves differ from the start: {gaps}"
         assert max(gaps) < bound, f"loss curves diverge: {gaps} (bound {bound})"
         assert gpu[STEPS] < gpu[1] - 1.0, f"the GPU run did not learn: {gpu[1]} -> {gpu[STEPS]}"
