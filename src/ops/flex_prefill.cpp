@@ -94,16 +94,11 @@ std::vector<double> block_means(const T* x, int64_t seq_len, int64_t num_heads, 
   return means;
 }
 
-struct HeadSelection {
-  std::vector<char> grid;  // [nb, nb] row-major: 1 where (query block, key block) is selected
-  FlexPrefillHeadStats stats;
-};
-
-// Steps 1-8 for query head `head` given the key block means of its KV head ([nb, D]).
+// Steps 1, 3 and 4 for query head `head` given the key block means of its KV head ([nb, D]).
 template <typename T>
-HeadSelection select_head(const T* q, const T* k, const std::vector<double>& k_means,
-                          const SparseAttentionDims& dims, const FlexPrefillParams& params,
-                          int64_t head, int64_t min_blocks, int64_t max_blocks) {
+FlexPrefillHeadScores head_scores(const T* q, const T* k, const std::vector<double>& k_means,
+                                  const SparseAttentionDims& dims, const FlexPrefillParams& params,
+                                  int64_t head) {
   const int64_t seq_len = dims.seq_len;
   const int64_t head_dim = dims.head_dim;
   const int64_t bs = params.block_size;
@@ -114,9 +109,12 @@ HeadSelection select_head(const T* q, const T* k, const std::vector<double>& k_m
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
 
   // Step 1: attention of the last bs queries, its column sums and its diagonal sums.
-  std::vector<double> vertical(seq_len, 0.0);  // [N]
-  std::vector<double> slash(seq_len, 0.0);     // [N], index N-1 = main diagonal
-  std::vector<double> q_mean(head_dim, 0.0);   // mean of the scaled last-block queries
+  FlexPrefillHeadScores scores;
+  std::vector<double>& vertical = scores.vertical;  // [N]
+  std::vector<double>& slash = scores.slash;        // [N], index N-1 = main diagonal
+  vertical.assign(seq_len, 0.0);
+  slash.assign(seq_len, 0.0);
+  std::vector<double> q_mean(head_dim, 0.0);  // mean of the scaled last-block queries
   std::vector<double> probs;
   for (int64_t r = 0; r < bs; ++r) {
     const int64_t position = seq_len - bs + r;
@@ -138,30 +136,54 @@ HeadSelection select_head(const T* q, const T* k, const std::vector<double>& k_m
   }
   for (double& value : q_mean) value /= static_cast<double>(bs);
 
-  // Step 2: budgets from the cumulative coverage.
-  HeadSelection selection;
-  FlexPrefillHeadStats& stats = selection.stats;
-  stats.num_vertical_blocks = std::clamp(
-      coverage_count(vertical, params.gamma) / kBudgetDivisor + 1, min_blocks, max_blocks);
-  stats.num_slash_blocks =
-      std::clamp(coverage_count(slash, params.gamma) / kBudgetDivisor + 1, min_blocks, max_blocks);
-
   // Step 3: block scores.
-  std::vector<double> vertical_blk = sum_pool(vertical, bs);  // [nb]
-  std::vector<double> slash_blk = sum_pool(slash, bs);        // [nb]
+  scores.vertical_blk = sum_pool(vertical, bs);  // [nb]
+  scores.slash_blk = sum_pool(slash, bs);        // [nb]
 
-  // Step 4: pattern decision.
+  // Step 4: the distance of the pattern decision.
   std::vector<double> abar(nb);
   for (int64_t c = 0; c < nb; ++c) {
     abar[c] = dot_double(q_mean.data(), k_means.data() + c * head_dim, head_dim);
   }
   softmax(abar);
-  stats.js_distance = js_distance(abar, vertical_blk);
+  scores.js_distance = js_distance(abar, scores.vertical_blk);
+  return scores;
+}
+
+struct HeadSelection {
+  std::vector<char> grid;  // [nb, nb] row-major: 1 where (query block, key block) is selected
+  FlexPrefillHeadStats stats;
+};
+
+// Steps 1-8 for query head `head` given the key block means of its KV head ([nb, D]).
+template <typename T>
+HeadSelection select_head(const T* q, const T* k, const std::vector<double>& k_means,
+                          const SparseAttentionDims& dims, const FlexPrefillParams& params,
+                          int64_t head, int64_t min_blocks, int64_t max_blocks) {
+  const int64_t seq_len = dims.seq_len;
+  const int64_t head_dim = dims.head_dim;
+  const int64_t bs = params.block_size;
+  const int64_t nb = ceil_div(seq_len, bs);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  FlexPrefillHeadScores scores = head_scores(q, k, k_means, dims, params, head);
+
+  // Step 2: budgets from the cumulative coverage.
+  HeadSelection selection;
+  FlexPrefillHeadStats& stats = selection.stats;
+  stats.num_vertical_blocks = std::clamp(
+      coverage_count(scores.vertical, params.gamma) / kBudgetDivisor + 1, min_blocks, max_blocks);
+  stats.num_slash_blocks = std::clamp(
+      coverage_count(scores.slash, params.gamma) / kBudgetDivisor + 1, min_blocks, max_blocks);
+
+  // Step 4: pattern decision.
+  stats.js_distance = scores.js_distance;
   stats.query_aware = stats.js_distance < params.tau;
   if (stats.query_aware) {
     stats.num_vertical_blocks = min_blocks;
     stats.num_slash_blocks = min_blocks;
   }
+  std::vector<double>& vertical_blk = scores.vertical_blk;
+  std::vector<double>& slash_blk = scores.slash_blk;
 
   // Steps 5-7: top-k columns and diagonals, expanded to the causal block grid.
   vertical_blk[0] = std::numeric_limits<double>::infinity();
@@ -249,6 +271,13 @@ void check_flex_prefill_params(const FlexPrefillParams& p) {
   MF_CHECK(p.max_budget <= 0 || p.max_budget >= p.min_budget,
            "FlexPrefill: max_budget (tokens) must be <= 0 (unlimited) or >= min_budget={}, got {}",
            p.min_budget, p.max_budget);
+  MF_CHECK(p.search == FlexSearch::kExact || p.search == FlexSearch::kFp32,
+           "FlexPrefill: search must be FlexSearch::kExact or kFp32, got {}",
+           static_cast<int>(p.search));
+}
+
+const char* flex_search_name(FlexSearch search) {
+  return search == FlexSearch::kFp32 ? "fast" : "exact";
 }
 
 template <typename T>
@@ -309,11 +338,37 @@ FlexPrefillSelection flex_prefill_select(const T* q, const T* k, const SparseAtt
   return selection;
 }
 
+template <typename T>
+FlexPrefillHeadScores flex_prefill_head_scores(const T* q, const T* k,
+                                               const SparseAttentionDims& dims,
+                                               const FlexPrefillParams& params, int64_t head) {
+  check_sparse_attention_dims(dims, "flex_prefill_head_scores");
+  check_flex_prefill_params(params);
+  MF_CHECK(dims.seq_len >= params.block_size,
+           "flex_prefill_head_scores: seq_len must be >= block_size={}, got {}", params.block_size,
+           dims.seq_len);
+  MF_CHECK(head >= 0 && head < dims.num_q_heads,
+           "flex_prefill_head_scores: head must be in [0, {}), got {}", dims.num_q_heads, head);
+  check_finite(q, dims.seq_len * dims.num_q_heads * dims.head_dim, "q");
+  check_finite(k, dims.seq_len * dims.num_kv_heads * dims.head_dim, "k");
+  const int64_t kv_head = head / (dims.num_q_heads / dims.num_kv_heads);
+  const std::vector<double> k_means = block_means(k, dims.seq_len, dims.num_kv_heads, kv_head,
+                                                  dims.head_dim, params.block_size, 1.0);
+  return head_scores(q, k, k_means, dims, params, head);
+}
+
 template FlexPrefillSelection flex_prefill_select<float>(const float*, const float*,
                                                          const SparseAttentionDims&,
                                                          const FlexPrefillParams&);
 template FlexPrefillSelection flex_prefill_select<double>(const double*, const double*,
                                                           const SparseAttentionDims&,
                                                           const FlexPrefillParams&);
+
+template FlexPrefillHeadScores flex_prefill_head_scores<float>(const float*, const float*,
+                                                               const SparseAttentionDims&,
+                                                               const FlexPrefillParams&, int64_t);
+template FlexPrefillHeadScores flex_prefill_head_scores<double>(const double*, const double*,
+                                                                const SparseAttentionDims&,
+                                                                const FlexPrefillParams&, int64_t);
 
 }  // namespace moeforge::ops

@@ -69,12 +69,27 @@
 
 namespace moeforge::ops {
 
+// How a device computes steps 1-2 (the CPU reference always computes them exactly, as above):
+//  - kExact: the reference's doubles in the reference's order (cuda/flex_prefill.h), so the same
+//    selection bit for bit;
+//  - kFp32: an approximation for speed (cuda/flex_prefill_fp32.h). Step 1's logits on bf16 tensor
+//    cores with fp32 accumulation, the softmax and the vertical / slash sums in fp32, and step 2's
+//    coverage measured against the fp32 values' own total (1 in exact arithmetic, so that gamma = 1
+//    keeps every value as the reference does). Every later step is the exact one applied to the
+//    fp32 scores. Each vertical / slash value, and so each pooled block score, is within a relative
+//    error rho of the reference's (cuda/flex_prefill_fp32.h derives rho); decisions whose exact
+//    quantities lie within that noise of their threshold (the JS distance near tau, a budget's
+//    coverage near gamma, a block score near the top-k cut) may differ from the reference's, all
+//    others are the reference's.
+enum class FlexSearch { kExact, kFp32 };
+
 struct FlexPrefillParams {
   double gamma = 0.9;         // coverage, in (0, 1]
   double tau = 0.1;           // query-aware threshold on the JS distance, >= 0 (0: never)
   int64_t min_budget = 1024;  // tokens, >= 1
   int64_t max_budget = 0;     // tokens, <= 0: unlimited; otherwise >= min_budget
   int64_t block_size = 128;   // 64 or 128
+  FlexSearch search = FlexSearch::kExact;
 };
 
 struct FlexPrefillHeadStats {
@@ -92,6 +107,16 @@ struct FlexPrefillSelection {
   std::vector<FlexPrefillHeadStats> head_stats;  // [num_q_heads]
 };
 
+// One query head's scores of steps 1, 3 and 4, as the reference computes them for its selection:
+// what an approximate search (FlexSearch::kFp32) is checked against.
+struct FlexPrefillHeadScores {
+  std::vector<double> vertical;      // [N], step 1
+  std::vector<double> slash;         // [N], step 1 (index N-1 = main diagonal)
+  std::vector<double> vertical_blk;  // [nb], step 3 (before step 5 sets entry 0 to +inf)
+  std::vector<double> slash_blk;     // [nb], step 3 (before step 5 sets entry nb-1 to +inf)
+  double js_distance = 0.0;          // step 4
+};
+
 // Terms per chunk of the chunked sums (see the header comment).
 constexpr int64_t kFlexPrefillSumChunk = 256;
 
@@ -102,13 +127,25 @@ double flex_prefill_chunked_sum(const double* x, int64_t n);
 // chunked cumulative sum stays <= limit (see the header comment).
 int64_t flex_prefill_coverage_prefix(const double* x, int64_t n, double limit);
 
-// Throws moeforge::Error naming the field if gamma, tau, the budgets or block_size are invalid.
+// Throws moeforge::Error naming the field if gamma, tau, the budgets, block_size or search are
+// invalid.
 void check_flex_prefill_params(const FlexPrefillParams& params);
+
+// "exact", or "fast" for FlexSearch::kFp32 (the values of the CLI's --flex-search).
+const char* flex_search_name(FlexSearch search);
 
 // q [seq_len, num_q_heads, head_dim]; k [seq_len, num_kv_heads, head_dim]; seq_len >= 1.
 // Throws moeforge::Error on invalid params or dims, or a non-finite entry of q or k.
 template <typename T>
 FlexPrefillSelection flex_prefill_select(const T* q, const T* k, const SparseAttentionDims& dims,
                                          const FlexPrefillParams& params);
+
+// The scores of query head `head` (0 <= head < num_q_heads), the same doubles flex_prefill_select
+// computes. Needs seq_len >= block_size (step 1 reads the last block_size queries); the dense
+// fallback is not applied. Throws moeforge::Error like flex_prefill_select.
+template <typename T>
+FlexPrefillHeadScores flex_prefill_head_scores(const T* q, const T* k,
+                                               const SparseAttentionDims& dims,
+                                               const FlexPrefillParams& params, int64_t head);
 
 }  // namespace moeforge::ops

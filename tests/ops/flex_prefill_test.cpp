@@ -1,8 +1,8 @@
 // Tests of ops::flex_prefill_select: the dense fallback (and its equality with dense attention),
-// parameter errors, layout invariants, budgets and the JS distance against quantities recomputed
-// from dense attention probabilities, hand-derived block sets (a concentrated key block, a
-// query-aware head, the tie rule), and the chunked summation order (sums, coverage prefixes, and
-// a selection that the plain sequential order would change).
+// parameter errors, layout invariants, budgets, the JS distance and flex_prefill_head_scores
+// against quantities recomputed from dense attention probabilities, hand-derived block sets (a
+// concentrated key block, a query-aware head, the tie rule), and the chunked summation order (sums,
+// coverage prefixes, and a selection that the plain sequential order would change).
 #include "ops/flex_prefill.h"
 
 #include <gtest/gtest.h>
@@ -185,6 +185,19 @@ TEST(FlexPrefill, RejectsBadParamsAndDims) {
   expect_error([&] { select(good, 0); }, "seq_len");
   expect_error([&] { select(good, 300, 0); }, "head_dim");
   expect_error([&] { select({std::nan(""), 0.1, 1, 0, 64}); }, "gamma");
+  FlexPrefillParams bad_search = good;
+  bad_search.search = static_cast<FlexSearch>(7);
+  expect_error([&] { select(bad_search); }, "search must be FlexSearch::kExact or kFp32, got 7");
+  expect_error(
+      [&] {
+        flex_prefill_head_scores(qk.data(), qk.data(), {300, 2, 2, 64}, good, 2);
+      },
+      "head must be in [0, 2), got 2");
+  expect_error(
+      [&] {
+        flex_prefill_head_scores(qk.data(), qk.data(), {50, 2, 2, 64}, good, 0);
+      },
+      "seq_len must be >= block_size=64, got 50");
 
   std::vector<float> bad_q = qk;
   bad_q[77] = NAN;
@@ -217,6 +230,10 @@ TEST(FlexPrefill, RandomInputsGiveValidDeterministicLayouts) {
     EXPECT_FALSE(first.dense_fallback);
     check_invariants(first, c.dims);
     expect_same_selection(first, flex_prefill_select(q.data(), k.data(), c.dims, c.params));
+    // The reference is the exact search whatever the device's search precision.
+    FlexPrefillParams fp32 = c.params;
+    fp32.search = FlexSearch::kFp32;
+    expect_same_selection(first, flex_prefill_select(q.data(), k.data(), c.dims, fp32));
     for (const FlexPrefillHeadStats& stats : first.head_stats) {
       EXPECT_EQ(stats.query_aware, stats.js_distance < c.params.tau);
       if (stats.query_aware) {
@@ -272,6 +289,21 @@ TEST(FlexPrefill, BudgetsAndJsDistanceMatchDenseProbabilities) {
     }
     natural_v[h] = coverage_blocks(vertical);
     natural_s[h] = coverage_blocks(slash);
+    const FlexPrefillHeadScores scores = flex_prefill_head_scores(
+        q.data(), k.data(), dims, FlexPrefillParams{gamma, 0.0, 1, 0, bs}, h);
+    expect_close(scores.vertical, vertical, 1e-12, 1e-12, "vertical of head " + std::to_string(h));
+    expect_close(scores.slash, slash, 1e-12, 1e-12, "slash of head " + std::to_string(h));
+    ASSERT_EQ(scores.vertical_blk.size(), static_cast<size_t>(nb));
+    ASSERT_EQ(scores.slash_blk.size(), static_cast<size_t>(nb));
+    for (int64_t c = 0; c < nb; ++c) {
+      double v_blk = 0.0, s_blk = 0.0;
+      for (int64_t j = c * bs; j < std::min(n, (c + 1) * bs); ++j) {
+        v_blk += scores.vertical[j];
+        s_blk += scores.slash[j];
+      }
+      EXPECT_EQ(scores.vertical_blk[c], v_blk) << "head " << h << " block " << c;
+      EXPECT_EQ(scores.slash_blk[c], s_blk) << "head " << h << " block " << c;
+    }
     // abar: softmax over blocks of (mean of the scaled last-block queries) . (block-mean keys).
     std::vector<double> abar(nb, 0.0);
     for (int64_t c = 0; c < nb; ++c) {
@@ -297,6 +329,7 @@ TEST(FlexPrefill, BudgetsAndJsDistanceMatchDenseProbabilities) {
       js += 0.5 * a * std::log(a / m) + 0.5 * vblk * std::log(vblk / m);
     }
     expected_js[h] = std::sqrt(js);
+    EXPECT_NEAR(scores.js_distance, expected_js[h], 1e-10) << "head " << h;
   }
   // The random attention is spread out: the natural budgets are several blocks.
   EXPECT_GE(natural_v[0], 3);
@@ -314,6 +347,9 @@ TEST(FlexPrefill, BudgetsAndJsDistanceMatchDenseProbabilities) {
       const FlexPrefillHeadStats& stats = sel.head_stats[h];
       EXPECT_FALSE(stats.query_aware);
       EXPECT_NEAR(stats.js_distance, expected_js[h], 1e-10);
+      // The scores are the selection's own doubles.
+      EXPECT_EQ(stats.js_distance,
+                flex_prefill_head_scores(q.data(), k.data(), dims, params, h).js_distance);
       EXPECT_EQ(stats.num_vertical_blocks, std::clamp(natural_v[h], min_blocks, max_blocks));
       EXPECT_EQ(stats.num_slash_blocks, std::clamp(natural_s[h], min_blocks, max_blocks));
     }
