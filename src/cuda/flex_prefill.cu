@@ -1,37 +1,23 @@
-// FlexPrefill pattern search kernels (steps of ops/flex_prefill.h), equal to the reference's
-// doubles by construction, and built for throughput:
+// The exact steps 1-2 of the GPU FlexPrefill pattern search (FlexSearch::kExact), equal to the
+// reference's doubles by construction, and the entry point that runs either search and the shared
+// later stages (cuda/flex_prefill_stages.h):
 //  - Step 1's logits are a small fp64 GEMM per head (the bs last queries against all keys) with
 //    shared-memory tiles and an 8 x 8 register tile per thread. bf16 products are exact in double,
 //    so the GPU uses fused multiply-adds there (ops/flex_prefill.h, "exactness facts") with each
 //    dot product's terms in ascending d. The logits are stored ([heads, keys, bs] doubles, in
 //    passes of heads that keep the buffer under kLogitBytesPerPass) and read twice: for the chunked
 //    softmax sums and for the vertical / slash sums.
-//  - Products of doubles (abar's and step 8's logits, the query mean) use __dmul_rn / __dadd_rn so
-//    that nvcc cannot contract them into fused multiply-adds.
-//  - Long sums follow the reference's chunked order (kFlexPrefillSumChunk): chunk totals in
-//    parallel, then their ascending sum; coverage prefixes as base(chunk) + in-chunk prefix. Row
-//    sums over 128 rows, pooled blocks and block means stay sequential, one thread each.
-//  - The long sorts (N values, nb (nb + 1) / 2 block probabilities) are two stable CUB radix sorts
-//    over all segments at once (cuda/flex_prefill_sort.h), the nb block scores a stable
-//    cub::BlockRadixSort per segment; the sorted values are >= +0.0 or +inf, never -0.0 or NaN,
-//    so the radix order is the reference's order.
+//  - The softmax denominators follow the reference's chunked order (kFlexPrefillSumChunk): chunk
+//    totals in parallel, then their ascending sum. Row sums over 128 rows and pooled blocks stay
+//    sequential, one thread each.
 //  - A max is exact in any order: the per-row maxima of step 1 are atomicMax on an order-preserving
 //    integer image of the double.
-//  - No sum here is -0.0 (each starts at +0.0; rounding to nearest gives -0.0 only for two -0.0
-//    addends), so adding +0.0 changes none: masked logits are stored as -inf and their
-//    exponentials (+0.0) are added like the others, padded terms of partial chunks and tiles are
-//    zeros, and skipped JS terms are added as zeros.
+//  - Masked logits are stored as -inf and their exponentials (+0.0) are added like the others,
+//    which changes no sum (none is -0.0), as are the zeros of padded tiles.
 //
-// Kernels, in order: block means of K; per pass of heads the logits GEMM (+ row maxima), the
-// per-chunk softmax sums, the row totals, and the vertical / slash sums with their block pooling;
-// the last-block query mean; the sort of the vertical and slash values, their chunk prefixes and
-// coverage counts; per head the budgets, abar and the JS decision; per head and kind a block sort
-// of the block scores and the column / diagonal fill of an [nb, nb] grid; for query-aware heads the
-// block means of Q, the block logits (tiled fp64), the row softmaxes, the sort of the triangle and
-// the gamma * nb walk; finally per-row counts (warp ballots), one scan and the column fill of the
-// CSR.
-#include <cub/block/block_radix_sort.cuh>
-
+// Kernels, in order: per pass of heads the logits GEMM (+ row maxima), the per-chunk softmax sums,
+// the row totals, and the vertical / slash sums with their block pooling; then step 2's coverage
+// counts (flex::chunked_coverage_counts).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -40,17 +26,16 @@
 #include "core/error.h"
 #include "cuda/cuda_check.h"
 #include "cuda/flex_prefill.h"
-#include "cuda/flex_prefill_sort.h"
+#include "cuda/flex_prefill_fp32.h"
+#include "cuda/flex_prefill_stages.h"
 #include "cuda/kernel_util.cuh"
 
 namespace moeforge::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kScanThreads = 1024;
+using flex::SearchShape;
+
 constexpr unsigned kFullMask = 0xffffffffu;
-// Tokens per budget block in step 2: hard-coded in the reference, independent of block_size.
-constexpr int64_t kBudgetDivisor = 128;
 constexpr int kChunk = static_cast<int>(ops::kFlexPrefillSumChunk);
 constexpr int kMaxBlockSize = 128;
 // Logits GEMM: each block computes 64 rows x 128 keys with 4 warps of 32 rows x 64 keys (two
@@ -65,36 +50,13 @@ constexpr int kTilePad = 2;
 // Vertical / slash sums: keys per block and rows per shared-memory stage.
 constexpr int kScoreKeys = 256;
 constexpr int kScoreRows = 8;
-// Chunk prefixes: warps per block (each warp takes 32 chunks); chunk totals per shared-memory tile
-// of the base scan.
-constexpr int kPrefixWarps = 4;
-constexpr int kBaseTile = 1024;
-// Steps 6-7: scores per thread of the block radix sort (nb <= kThreads * kSelectItems).
-constexpr int kSelectItems = 8;
-// Step 8 block logits: square tile and head_dim slice.
-constexpr int kBlockTile = 64;
-constexpr int kBlockDepth = 16;
 // The logits buffer of step 1 holds at most this many bytes (more heads take several passes).
 constexpr int64_t kLogitBytesPerPass = int64_t{4} << 30;
 
 static_assert(kScoreKeys == kChunk && kChunk % kLogitKeys == 0,
               "the padded key range must be whole tiles of every step-1 kernel");
-static_assert(kChunk % 32 == 0, "chunk prefixes move 32 terms at a time");
-static_assert(kFlexPrefillMaxBlocks <= 32 * kChunk, "a block-softmax row has at most 32 chunks");
-static_assert(kFlexPrefillMaxBlocks <= kThreads * kSelectItems, "one block sorts a head's scores");
 static_assert(kScoreKeys % kMaxBlockSize == 0 && kMaxBlockSize % kScoreRows == 0,
               "vertical / slash tiles hold whole blocks and whole row stages");
-
-__device__ __forceinline__ double to_double(bf16 x) {
-  return static_cast<double>(__bfloat162float(x));
-}
-
-// sum_d a[d] * b[d] in ascending d for doubles, with no fused multiply-add (as ops::dot_double).
-__device__ double dot_double(const double* a, const double* b, int64_t len) {
-  double sum = 0.0;
-  for (int64_t d = 0; d < len; ++d) sum = __dadd_rn(sum, __dmul_rn(a[d], b[d]));
-  return sum;
-}
 
 // An unsigned integer with the order of the doubles (NaN aside), for atomicMax.
 __device__ __forceinline__ unsigned long long order_key(double x) {
@@ -105,42 +67,6 @@ __device__ __forceinline__ unsigned long long order_key(double x) {
 __device__ __forceinline__ double from_order_key(unsigned long long key) {
   const unsigned long long bits = (key >> 63) != 0 ? key & ~(1ull << 63) : ~key;
   return __longlong_as_double(static_cast<long long>(bits));
-}
-
-__device__ __forceinline__ double warp_max(double x) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    x = fmax(x, __shfl_xor_sync(kFullMask, x, offset));
-  }
-  return x;
-}
-
-struct Shape {
-  int64_t seq_len, num_q_heads, num_kv_heads, head_dim, block_size, num_blocks, group_size;
-  double scale;  // 1 / sqrt(head_dim), computed on the host as the reference does
-};
-
-// means [num_heads, nb, D]: mean over each block's real rows of x[:, head, :], times factor
-// (rows summed in ascending order, then multiplied by factor / length, as the reference). Heads
-// whose flag in active is 0 are skipped (active == nullptr: every head).
-__global__ void block_means_kernel(double* means, const bf16* x, int64_t seq_len, int64_t num_heads,
-                                   int64_t head_dim, int64_t block_size, int64_t num_blocks,
-                                   double factor, const int32_t* active) {
-  const int64_t total = num_heads * num_blocks * head_dim;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t d = i % head_dim;
-    const int64_t b = (i / head_dim) % num_blocks;
-    const int64_t head = i / (head_dim * num_blocks);
-    if (active != nullptr && active[head] == 0) continue;
-    const int64_t end = min(seq_len, (b + 1) * block_size);
-    double sum = 0.0;
-#pragma unroll 8
-    for (int64_t j = b * block_size; j < end; ++j) {
-      sum = __dadd_rn(sum, to_double(x[(j * num_heads + head) * head_dim + d]));
-    }
-    const double length = static_cast<double>(end - b * block_size);
-    means[i] = __dmul_rn(sum, factor / length);
-  }
 }
 
 // Step 1 logits: block (key tile of kLogitKeys, tile of kLogitRows last-block rows, head of the
@@ -156,7 +82,7 @@ __global__ void block_means_kernel(double* means, const bf16* x, int64_t seq_len
 // order with fma (exact products).
 __global__ void __launch_bounds__(kLogitThreads, 2)
     last_block_logits_kernel(double* logits, unsigned long long* row_max, const bf16* q,
-                             const bf16* k, Shape s, int64_t head_begin, int64_t padded_len) {
+                             const bf16* k, SearchShape s, int64_t head_begin, int64_t padded_len) {
   constexpr int kQLoads = kLogitRows * kLogitDepth / kLogitThreads;
   constexpr int kKLoads = kLogitKeys * kLogitDepth / kLogitThreads;
   static_assert((kLogitRows / 32) * (kLogitKeys / 64) * kWarpSize == kLogitThreads,
@@ -324,7 +250,7 @@ __global__ void row_totals_kernel(double* row_max_value, double* row_sum,
 // the tile's blocks (ascending positions, the last block over its real length).
 __global__ void __launch_bounds__(kScoreKeys)
     vertical_slash_kernel(double* vs, double* pooled, const double* logits,
-                          const double* row_max_value, const double* row_sum, Shape s,
+                          const double* row_max_value, const double* row_sum, SearchShape s,
                           int64_t head_begin, int64_t padded_len) {
   __shared__ double probs[kScoreRows][kScoreKeys + kMaxBlockSize - 1];
   __shared__ double max_s[kMaxBlockSize];
@@ -388,508 +314,11 @@ __global__ void __launch_bounds__(kScoreKeys)
   }
 }
 
-// q_mean [Hq, D]: sum over the last-block rows (ascending) of scale * q, divided by bs.
-__global__ void last_query_mean_kernel(double* q_mean, const bf16* q, Shape s) {
-  const int64_t total = s.num_q_heads * s.head_dim;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t d = i % s.head_dim;
-    const int64_t h = i / s.head_dim;
-    double sum = 0.0;
-#pragma unroll 8
-    for (int64_t r = 0; r < s.block_size; ++r) {
-      const int64_t position = s.seq_len - s.block_size + r;
-      sum = __dadd_rn(
-          sum, __dmul_rn(s.scale, to_double(q[(position * s.num_q_heads + h) * s.head_dim + d])));
-    }
-    q_mean[i] = sum / static_cast<double>(s.block_size);
-  }
-}
-
-// Coverage prefixes (steps 2 and 8) over segments [num_chunks / chunks_per_segment, segment_size]
-// of sorted values: prefix (same layout) = the ascending sum of each value's chunk from the chunk's
-// start through the value; totals [num_chunks] = each chunk's sum. A warp takes 32 chunks and
-// moves them through shared memory 32 terms at a time, so that the loads and stores are coalesced
-// while each lane adds its own chunk in order.
-__global__ void __launch_bounds__(kPrefixWarps* kWarpSize)
-    chunk_prefix_kernel(double* prefix, double* totals, const double* values, int64_t segment_size,
-                        int64_t chunks_per_segment, int64_t num_chunks) {
-  __shared__ double tile[kPrefixWarps][kWarpSize][kWarpSize + 1];
-  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
-  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-  const int64_t first = (static_cast<int64_t>(blockIdx.x) * kPrefixWarps + warp) * kWarpSize;
-  if (first >= num_chunks) return;
-  double(*terms)[kWarpSize + 1] = tile[warp];
-  // This lane's chunk: the flat offsets of its first value and of the end of its values.
-  const int64_t chunk = first + lane;
-  const int64_t segment = chunk / chunks_per_segment;
-  const int64_t start = (chunk % chunks_per_segment) * kChunk;
-  const int64_t my_begin = segment * segment_size + start;
-  const int64_t my_end = segment * segment_size + min(segment_size, start + kChunk);
-  double running = 0.0;
-  for (int step = 0; step < kChunk; step += kWarpSize) {
-    for (int i = 0; i < kWarpSize; ++i) {
-      const int64_t at = __shfl_sync(kFullMask, my_begin, i) + step + lane;
-      const int64_t end = __shfl_sync(kFullMask, my_end, i);
-      terms[i][lane] = first + i < num_chunks && at < end ? values[at] : 0.0;
-    }
-    __syncwarp();
-    for (int x = 0; x < kWarpSize; ++x) {
-      running = __dadd_rn(running, terms[lane][x]);
-      terms[lane][x] = running;
-    }
-    __syncwarp();
-    for (int i = 0; i < kWarpSize; ++i) {
-      const int64_t at = __shfl_sync(kFullMask, my_begin, i) + step + lane;
-      const int64_t end = __shfl_sync(kFullMask, my_end, i);
-      if (first + i < num_chunks && at < end) prefix[at] = terms[i][lane];
-    }
-    __syncwarp();
-  }
-  if (chunk < num_chunks) totals[chunk] = running;
-}
-
-// Block per segment: bases [num_segments, chunks_per_segment] = the ascending sum of the chunk
-// totals before each chunk. The totals pass through shared memory kBaseTile at a time, where one
-// thread adds them in order.
-__global__ void __launch_bounds__(kThreads)
-    chunk_base_kernel(double* bases, const double* totals, int64_t chunks_per_segment) {
-  __shared__ double tile[kBaseTile];
-  const double* segment_totals = totals + blockIdx.x * chunks_per_segment;
-  double* segment_bases = bases + blockIdx.x * chunks_per_segment;
-  double base = 0.0;  // thread 0's running sum
-  for (int64_t c0 = 0; c0 < chunks_per_segment; c0 += kBaseTile) {
-    const int count = static_cast<int>(min(int64_t{kBaseTile}, chunks_per_segment - c0));
-    for (int i = static_cast<int>(threadIdx.x); i < count; i += kThreads) {
-      tile[i] = segment_totals[c0 + i];
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-#pragma unroll 8
-      for (int i = 0; i < count; ++i) {
-        const double total = tile[i];
-        tile[i] = base;
-        base = __dadd_rn(base, total);
-      }
-    }
-    __syncthreads();
-    for (int i = static_cast<int>(threadIdx.x); i < count; i += kThreads) {
-      segment_bases[c0 + i] = tile[i];
-    }
-    __syncthreads();
-  }
-}
-
-// The chunked cumulative sum at position p of segment `segment`.
-__device__ __forceinline__ double cumulative_at(const double* prefix, const double* bases,
-                                                int64_t segment, int64_t p, int64_t segment_size,
-                                                int64_t chunks_per_segment) {
-  return __dadd_rn(bases[segment * chunks_per_segment + p / kChunk],
-                   prefix[segment * segment_size + p]);
-}
-
-// Step 2: counts [segments] (zeroed by the caller) += the number of positions of each segment whose
-// cumulative sum is <= limit. Block (position range, segment).
-__global__ void coverage_count_kernel(unsigned long long* counts, const double* prefix,
-                                      const double* bases, int64_t segment_size,
-                                      int64_t chunks_per_segment, double limit) {
-  __shared__ unsigned int warp_counts[kThreads / kWarpSize];
-  const int64_t segment = blockIdx.y;
-  unsigned int count = 0;
-  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < segment_size;
-       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const double cumulative =
-        cumulative_at(prefix, bases, segment, p, segment_size, chunks_per_segment);
-    count += cumulative <= limit ? 1u : 0u;
-  }
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    count += __shfl_xor_sync(kFullMask, count, offset);
-  }
-  if (threadIdx.x % kWarpSize == 0) warp_counts[threadIdx.x / kWarpSize] = count;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned int total = 0;
-    for (int w = 0; w < kThreads / kWarpSize; ++w) total += warp_counts[w];
-    if (total > 0) atomicAdd(counts + segment, static_cast<unsigned long long>(total));
-  }
-}
-
-struct Budget {
-  double gamma, tau;
-  int64_t min_blocks, max_blocks;
-};
-
-// Block per head: steps 2 (budgets from the coverage counts), 4 and 5. pooled [Hq, 2, nb] holds
-// vertical_blk / slash_blk and gets the always-kept blocks set to +inf. Dynamic shared memory:
-// abar [nb], JS terms [2 nb], chunk totals [ceil(nb / kChunk)], reduction scratch [kThreads / 32].
-__global__ void __launch_bounds__(kThreads)
-    head_decision_kernel(double* pooled, int32_t* query_aware, double* js_distance,
-                         int64_t* num_vertical, int64_t* num_slash,
-                         const unsigned long long* coverage_counts, const double* q_mean,
-                         const double* k_means, Shape s, Budget budget) {
-  extern __shared__ double shared[];
-  const int64_t h = blockIdx.x;
-  const int64_t nb = s.num_blocks;
-  const int64_t num_chunks = (nb + kChunk - 1) / kChunk;
-  double* abar = shared;
-  double* terms = abar + nb;
-  double* chunk_totals = terms + 2 * nb;
-  double* scratch = chunk_totals + num_chunks;
-  const double* v_blk = pooled + (h * 2) * nb;
-  const double* k_mean = k_means + (h / s.group_size) * nb * s.head_dim;
-  const int tid = static_cast<int>(threadIdx.x);
-
-  // Step 4: abar = softmax over the blocks of q_mean . Kbar (chunked denominator).
-  double local_max = -INFINITY;
-  for (int64_t b = tid; b < nb; b += kThreads) {
-    abar[b] = dot_double(q_mean + h * s.head_dim, k_mean + b * s.head_dim, s.head_dim);
-    local_max = fmax(local_max, abar[b]);
-  }
-  local_max = warp_max(local_max);
-  if (tid % kWarpSize == 0) scratch[tid / kWarpSize] = local_max;
-  __syncthreads();
-  double max_logit = -INFINITY;
-  for (int w = 0; w < kThreads / kWarpSize; ++w) max_logit = fmax(max_logit, scratch[w]);
-  for (int64_t b = tid; b < nb; b += kThreads) abar[b] = exp(__dsub_rn(abar[b], max_logit));
-  __syncthreads();
-  for (int64_t c = tid; c < num_chunks; c += kThreads) {
-    double total = 0.0;
-    for (int64_t b = c * kChunk; b < min(nb, (c + 1) * kChunk); ++b) {
-      total = __dadd_rn(total, abar[b]);
-    }
-    chunk_totals[c] = total;
-  }
-  __syncthreads();
-  double sum = 0.0;
-  for (int64_t c = 0; c < num_chunks; ++c) sum = __dadd_rn(sum, chunk_totals[c]);
-  // The JS terms of each block (p's, then vertical_blk's; 0 where the reference skips a term,
-  // which leaves the sum unchanged), added in order by thread 0.
-  for (int64_t b = tid; b < nb; b += kThreads) {
-    const double p = abar[b] / sum;
-    const double q_b = v_blk[b];
-    const double m = 0.5 * __dadd_rn(p, q_b);
-    terms[2 * b] = p > 0.0 ? __dmul_rn(__dmul_rn(0.5, p), log(p / m)) : 0.0;
-    terms[2 * b + 1] = q_b > 0.0 ? __dmul_rn(__dmul_rn(0.5, q_b), log(q_b / m)) : 0.0;
-  }
-  __syncthreads();
-  if (tid != 0) return;
-  double js = 0.0;
-  for (int64_t i = 0; i < 2 * nb; ++i) js = __dadd_rn(js, terms[i]);
-  const double distance = sqrt(fmax(js, 0.0));
-  const bool is_query_aware = distance < budget.tau;
-  // Step 2: c = 1 + the coverage count; blocks = c / 128 + 1, clamped.
-  const auto clamp_blocks = [&](unsigned long long count) {
-    const int64_t c = static_cast<int64_t>(count) + 1;
-    return min(max(c / kBudgetDivisor + 1, budget.min_blocks), budget.max_blocks);
-  };
-  query_aware[h] = is_query_aware ? 1 : 0;
-  js_distance[h] = distance;
-  num_vertical[h] = is_query_aware ? budget.min_blocks : clamp_blocks(coverage_counts[h * 2]);
-  num_slash[h] = is_query_aware ? budget.min_blocks : clamp_blocks(coverage_counts[h * 2 + 1]);
-  // Step 5: the first key block and the main diagonal are always kept.
-  pooled[(h * 2) * nb] = INFINITY;
-  pooled[(h * 2 + 1) * nb + nb - 1] = INFINITY;
-}
-
-// Steps 6-7, block (kind, head): kind 0 sorts vertical_blk and fills the top num_vertical key
-// block columns, kind 1 sorts slash_blk and fills the top num_slash diagonals of grid [Hq, nb, nb]
-// (zeroed; both kinds only write ones). A stable block radix sort, descending: equal scores keep
-// their ascending indices; the padding (-1.0) sorts after every score (>= 0 or +inf).
-__global__ void __launch_bounds__(kThreads)
-    select_blocks_kernel(uint8_t* grid, const double* pooled, const int64_t* num_vertical,
-                         const int64_t* num_slash, int64_t nb) {
-  using BlockSort = cub::BlockRadixSort<double, kThreads, kSelectItems, int32_t>;
-  __shared__ typename BlockSort::TempStorage sort_storage;
-  const int kind = static_cast<int>(blockIdx.x);
-  const int64_t h = blockIdx.y;
-  const double* scores = pooled + (h * 2 + kind) * nb;
-  double keys[kSelectItems];
-  int32_t index[kSelectItems];
-#pragma unroll
-  for (int i = 0; i < kSelectItems; ++i) {
-    index[i] = static_cast<int32_t>(threadIdx.x) * kSelectItems + i;
-    keys[i] = index[i] < nb ? scores[index[i]] : -1.0;
-  }
-  BlockSort(sort_storage).SortDescending(keys, index);
-  const int64_t count = kind == 0 ? num_vertical[h] : num_slash[h];
-  uint8_t* g = grid + h * nb * nb;
-#pragma unroll
-  for (int i = 0; i < kSelectItems; ++i) {
-    if (static_cast<int64_t>(threadIdx.x) * kSelectItems + i >= count) continue;
-    if (kind == 0) {
-      const int64_t col = index[i];
-      for (int64_t r = col; r < nb; ++r) g[r * nb + col] = 1;
-    } else {
-      const int64_t offset = nb - 1 - index[i];
-      for (int64_t r = offset; r < nb; ++r) g[r * nb + r - offset] = 1;
-    }
-  }
-}
-
-// Step 8, query-aware heads: tri [Hq, nb (nb + 1) / 2] gets Qbar[r] . Kbar[c] for c <= r at the
-// triangle position r (r + 1) / 2 + c (row-major, so positions order as the reference's flat
-// indices r * nb + c). Block (column tile, row tile, head) of kBlockTile x kBlockTile entries, 256
-// threads with 4 x 4 entries each (rows ty + 16 i, columns tx + 16 j); fp64 products without fused
-// multiply-adds, d ascending.
-__global__ void __launch_bounds__(kThreads)
-    block_logits_kernel(double* tri, const double* q_means, const double* k_means,
-                        const int32_t* query_aware, Shape s) {
-  __shared__ double q_tile[kBlockDepth][kBlockTile + 1];
-  __shared__ double k_tile[kBlockDepth][kBlockTile + 1];
-  const int64_t h = blockIdx.z;
-  const int64_t nb = s.num_blocks;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kBlockTile;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kBlockTile;
-  if (query_aware[h] == 0 || c0 > r0 + kBlockTile - 1) return;
-  const int tid = static_cast<int>(threadIdx.x);
-  const int tx = tid % 16;
-  const int ty = tid / 16;
-  const double* q_head = q_means + h * nb * s.head_dim;
-  const double* k_head = k_means + (h / s.group_size) * nb * s.head_dim;
-  double acc[4][4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j] = 0.0;
-  }
-  for (int64_t d0 = 0; d0 < s.head_dim; d0 += kBlockDepth) {
-    for (int e = tid; e < kBlockTile * kBlockDepth; e += kThreads) {
-      const int dd = e % kBlockDepth;
-      const int x = e / kBlockDepth;
-      const int64_t d = d0 + dd;
-      const bool in_dim = d < s.head_dim;
-      q_tile[dd][x] = in_dim && r0 + x < nb ? q_head[(r0 + x) * s.head_dim + d] : 0.0;
-      k_tile[dd][x] = in_dim && c0 + x < nb ? k_head[(c0 + x) * s.head_dim + d] : 0.0;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int dd = 0; dd < kBlockDepth; ++dd) {
-      double a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        a[i] = q_tile[dd][ty + 16 * i];
-        b[i] = k_tile[dd][tx + 16 * i];
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = __dadd_rn(acc[i][j], __dmul_rn(a[i], b[j]));
-      }
-    }
-    __syncthreads();
-  }
-  double* head_tri = tri + h * (nb * (nb + 1) / 2);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int64_t r = r0 + ty + 16 * i;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t c = c0 + tx + 16 * j;
-      if (r < nb && c <= r) head_tri[r * (r + 1) / 2 + c] = acc[i][j];
-    }
-  }
-}
-
-// Step 8: a warp per (head, row r) of tri: the causal row softmax in place (max, exp, the chunked
-// denominator with one lane per chunk). Rows of heads that are not query-aware become zeros, so
-// that the sort that follows reads defined values.
-__global__ void block_softmax_kernel(double* tri, const int32_t* query_aware, int64_t num_heads,
-                                     int64_t nb) {
-  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-  const int64_t num_rows = num_heads * nb;
-  const int64_t warps_per_grid = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarpSize;
-  for (int64_t w = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarpSize;
-       w < num_rows; w += warps_per_grid) {
-    const int64_t h = w / nb;
-    const int64_t r = w % nb;
-    const int64_t len = r + 1;
-    double* row = tri + h * (nb * (nb + 1) / 2) + r * (r + 1) / 2;
-    if (query_aware[h] == 0) {
-      for (int64_t c = lane; c < len; c += kWarpSize) row[c] = 0.0;
-      continue;
-    }
-    double max_logit = -INFINITY;
-    for (int64_t c = lane; c < len; c += kWarpSize) max_logit = fmax(max_logit, row[c]);
-    max_logit = warp_max(max_logit);
-    for (int64_t c = lane; c < len; c += kWarpSize) row[c] = exp(__dsub_rn(row[c], max_logit));
-    __syncwarp();
-    const int64_t num_chunks = (len + kChunk - 1) / kChunk;
-    double total = 0.0;
-    if (lane < num_chunks) {
-#pragma unroll 8
-      for (int64_t c = lane * int64_t{kChunk}; c < min(len, (lane + 1) * int64_t{kChunk}); ++c) {
-        total = __dadd_rn(total, row[c]);
-      }
-    }
-    double sum = 0.0;
-    for (int c = 0; c < num_chunks; ++c) sum = __dadd_rn(sum, __shfl_sync(kFullMask, total, c));
-    for (int64_t c = lane; c < len; c += kWarpSize) row[c] = row[c] / sum;
-    __syncwarp();
-  }
-}
-
-// Step 8 walk: block (position range, head); the sorted triangle entries of query-aware heads whose
-// cumulative sum is <= limit (gamma * nb; a prefix of the sorted order) join the grid.
-__global__ void coverage_mark_kernel(uint8_t* grid, const uint32_t* order, int position_bits,
-                                     const double* prefix, const double* bases,
-                                     const int32_t* query_aware, int64_t num_entries,
-                                     int64_t chunks_per_segment, int64_t nb, double limit) {
-  const int64_t h = blockIdx.y;
-  if (query_aware[h] == 0) return;
-  const uint32_t position_mask = (1u << position_bits) - 1u;
-  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < num_entries;
-       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    if (cumulative_at(prefix, bases, h, p, num_entries, chunks_per_segment) > limit) continue;
-    const int64_t position = order[h * num_entries + p] & position_mask;
-    // Row r of triangle position p: the largest r with r (r + 1) / 2 <= position.
-    int64_t r = static_cast<int64_t>((sqrt(8.0 * static_cast<double>(position) + 1.0) - 1.0) / 2.0);
-    while (r * (r + 1) / 2 > position) --r;
-    while ((r + 1) * (r + 2) / 2 <= position) ++r;
-    const int64_t c = position - r * (r + 1) / 2;
-    grid[(h * nb + r) * nb + c] = 1;
-  }
-}
-
-// A warp per row i of [Hq * nb] (row r = i % nb): row_counts[i] = its selected blocks (all r + 1
-// causal ones when dense, grid == nullptr).
-__global__ void row_count_kernel(int64_t* row_counts, const uint8_t* grid, int64_t num_rows,
-                                 int64_t nb) {
-  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-  const int64_t warps_per_grid = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarpSize;
-  for (int64_t i = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarpSize;
-       i < num_rows; i += warps_per_grid) {
-    const int64_t r = i % nb;
-    int64_t count = 0;
-    for (int64_t c0 = 0; c0 <= r; c0 += kWarpSize) {
-      const int64_t c = c0 + lane;
-      const bool selected = c <= r && (grid == nullptr || grid[i * nb + c] != 0);
-      count += __popc(__ballot_sync(kFullMask, selected));
-    }
-    if (lane == 0) row_counts[i] = count;
-  }
-}
-
-// One block: row_offsets = exclusive scan of row_counts (num_rows + 1 entries), and each head's
-// number of selected blocks.
-__global__ void row_scan_kernel(int64_t* row_offsets, int64_t* num_selected,
-                                const int64_t* row_counts, int64_t num_rows, int64_t nb) {
-  __shared__ int64_t chunk_start[kScanThreads];
-  const int64_t chunk = (num_rows + kScanThreads - 1) / kScanThreads;
-  const int64_t begin = min(num_rows, threadIdx.x * chunk);
-  const int64_t end = min(num_rows, begin + chunk);
-  int64_t total = 0;
-  for (int64_t i = begin; i < end; ++i) total += row_counts[i];
-  chunk_start[threadIdx.x] = total;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int64_t running = 0;
-    for (int t = 0; t < kScanThreads; ++t) {
-      const int64_t count = chunk_start[t];
-      chunk_start[t] = running;
-      running += count;
-    }
-    row_offsets[num_rows] = running;
-  }
-  __syncthreads();
-  int64_t running = chunk_start[threadIdx.x];
-  for (int64_t i = begin; i < end; ++i) {
-    row_offsets[i] = running;
-    running += row_counts[i];
-  }
-  __syncthreads();
-  const int64_t num_heads = num_rows / nb;
-  for (int64_t h = threadIdx.x; h < num_heads; h += kScanThreads) {
-    num_selected[h] = row_offsets[(h + 1) * nb] - row_offsets[h * nb];
-  }
-}
-
-// A warp per row i: col_idx of the row, its selected key blocks in ascending order (ballots give
-// each lane its slot).
-__global__ void row_fill_kernel(int32_t* col_idx, const int64_t* row_offsets, const uint8_t* grid,
-                                int64_t num_rows, int64_t nb) {
-  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-  const unsigned lanes_below = (1u << lane) - 1u;
-  const int64_t warps_per_grid = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarpSize;
-  for (int64_t i = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarpSize;
-       i < num_rows; i += warps_per_grid) {
-    const int64_t r = i % nb;
-    int64_t out = row_offsets[i];
-    for (int64_t c0 = 0; c0 <= r; c0 += kWarpSize) {
-      const int64_t c = c0 + lane;
-      const bool selected = c <= r && (grid == nullptr || grid[i * nb + c] != 0);
-      const unsigned mask = __ballot_sync(kFullMask, selected);
-      if (selected) col_idx[out + __popc(mask & lanes_below)] = static_cast<int32_t>(c);
-      out += __popc(mask);
-    }
-  }
-}
-
-// Statistics of the dense fallback: no pattern, every causal block.
-__global__ void dense_stats_kernel(int32_t* query_aware, double* js_distance, int64_t* num_vertical,
-                                   int64_t* num_slash, int64_t num_heads) {
-  const int64_t h = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (h >= num_heads) return;
-  query_aware[h] = 0;
-  js_distance[h] = NAN;
-  num_vertical[h] = 0;
-  num_slash[h] = 0;
-}
-
-// Blocks of kThreads threads for a loop with one warp per item.
-unsigned grid_for_warps(int64_t count) {
-  return grid_for(count * kWarpSize, kThreads);
-}
-
-// Per-row counts, scan and column fill of out's CSR from grid (nullptr: dense).
-void build_csr(FlexPrefillDeviceSelection& out, const uint8_t* grid, cudaStream_t stream) {
-  const int64_t num_rows = out.num_heads * out.num_blocks;
-  DeviceBuffer<int64_t> row_counts(static_cast<size_t>(num_rows));
-  row_count_kernel<<<grid_for_warps(num_rows), kThreads, 0, stream>>>(row_counts.data(), grid,
-                                                                      num_rows, out.num_blocks);
-  MF_CUDA_CHECK_LAUNCH();
-  row_scan_kernel<<<1, kScanThreads, 0, stream>>>(out.row_offsets.data(),
-                                                  out.num_selected_blocks.data(), row_counts.data(),
-                                                  num_rows, out.num_blocks);
-  MF_CUDA_CHECK_LAUNCH();
-  row_fill_kernel<<<grid_for_warps(num_rows), kThreads, 0, stream>>>(
-      out.col_idx.data(), out.row_offsets.data(), grid, num_rows, out.num_blocks);
-  MF_CUDA_CHECK_LAUNCH();
-}
-
-// Chunk prefixes and bases (prefix, bases) of sorted segments [num_segments, segment_size].
-struct CoveragePrefix {
-  int64_t chunks_per_segment = 0;
-  DeviceBuffer<double> prefix;  // [num_segments * segment_size]
-  DeviceBuffer<double> bases;   // [num_segments * chunks_per_segment]
-};
-
-void coverage_prefix(CoveragePrefix& out, const double* sorted, int64_t num_segments,
-                     int64_t segment_size, cudaStream_t stream) {
-  out.chunks_per_segment = ceil_div(segment_size, kChunk);
-  const int64_t num_chunks = num_segments * out.chunks_per_segment;
-  out.prefix.resize(static_cast<size_t>(num_segments * segment_size));
-  out.bases.resize(static_cast<size_t>(num_chunks));
-  DeviceBuffer<double> totals(static_cast<size_t>(num_chunks));
-  const int64_t chunks_per_block = int64_t{kPrefixWarps} * kWarpSize;
-  chunk_prefix_kernel<<<static_cast<unsigned>(ceil_div(num_chunks, chunks_per_block)),
-                        kPrefixWarps * kWarpSize, 0, stream>>>(
-      out.prefix.data(), totals.data(), sorted, segment_size, out.chunks_per_segment, num_chunks);
-  MF_CUDA_CHECK_LAUNCH();
-  chunk_base_kernel<<<static_cast<unsigned>(num_segments), kThreads, 0, stream>>>(
-      out.bases.data(), totals.data(), out.chunks_per_segment);
-  MF_CUDA_CHECK_LAUNCH();
-}
-
-// Blocks per segment for a grid-stride loop over segment_size positions.
-unsigned blocks_per_segment(int64_t segment_size) {
-  return static_cast<unsigned>(std::min<int64_t>(ceil_div(segment_size, kThreads), 256));
-}
-
 // Steps 0-1 for heads [head_begin, head_end): logits, row maxima and sums, vertical / slash values
 // (vs) and their block sums (pooled).
 void last_block_scores(double* vs, double* pooled, double* logits, unsigned long long* row_max,
                        double* chunk_sums, double* row_max_value, double* row_sum, const bf16* q,
-                       const bf16* k, const Shape& s, int64_t padded_len, int64_t head_begin,
+                       const bf16* k, const SearchShape& s, int64_t padded_len, int64_t head_begin,
                        int64_t head_end, cudaStream_t stream) {
   const int64_t num_heads = head_end - head_begin;
   const int64_t bs = s.block_size;
@@ -919,152 +348,51 @@ void last_block_scores(double* vs, double* pooled, double* logits, unsigned long
 void flex_prefill_select(FlexPrefillDeviceSelection& out, const bf16* q, const bf16* k,
                          const ops::SparseAttentionDims& dims, const ops::FlexPrefillParams& params,
                          cudaStream_t stream) {
-  ops::check_sparse_attention_dims(dims, "flex_prefill_select (CUDA)");
-  ops::check_flex_prefill_params(params);
-  MF_CHECK(dims.seq_len >= 1, "flex_prefill_select (CUDA): seq_len must be >= 1, got {}",
-           dims.seq_len);
-  MF_CHECK(dims.head_dim <= kFlexPrefillMaxHeadDim,
-           "flex_prefill_select (CUDA): head_dim must be in [1, {}], got {}",
-           kFlexPrefillMaxHeadDim, dims.head_dim);
-  MF_CHECK(dims.num_q_heads <= kFlexPrefillMaxHeads,
-           "flex_prefill_select (CUDA): num_q_heads must be <= {}, got {}", kFlexPrefillMaxHeads,
-           dims.num_q_heads);
-  const int64_t n = dims.seq_len;
-  const int64_t bs = params.block_size;
-  const int64_t nb = ceil_div(n, bs);
-  MF_CHECK(nb <= kFlexPrefillMaxBlocks,
-           "flex_prefill_select (CUDA): seq_len {} makes {} blocks of {}, more than the {} "
-           "supported",
-           n, nb, bs, kFlexPrefillMaxBlocks);
-  const int64_t num_heads = dims.num_q_heads;
-  const int64_t min_blocks = ceil_div(params.min_budget, bs);
-  const int64_t max_blocks =
-      params.max_budget > 0 ? std::min(ceil_div(params.max_budget, bs), nb) : nb;
-
-  out.num_heads = num_heads;
-  out.num_blocks = nb;
-  out.block_size = bs;
-  out.dense_fallback = n <= std::max(2 * bs, min_blocks * bs);
-  out.row_offsets.resize(static_cast<size_t>(num_heads * nb + 1));
-  out.col_idx.resize(static_cast<size_t>(num_heads * nb * (nb + 1) / 2));
-  out.query_aware.resize(static_cast<size_t>(num_heads));
-  out.js_distance.resize(static_cast<size_t>(num_heads));
-  out.num_vertical_blocks.resize(static_cast<size_t>(num_heads));
-  out.num_slash_blocks.resize(static_cast<size_t>(num_heads));
-  out.num_selected_blocks.resize(static_cast<size_t>(num_heads));
-
-  // Step 0: short inputs are dense.
-  if (out.dense_fallback) {
-    dense_stats_kernel<<<grid_for(num_heads, kThreads), kThreads, 0, stream>>>(
-        out.query_aware.data(), out.js_distance.data(), out.num_vertical_blocks.data(),
-        out.num_slash_blocks.data(), num_heads);
-    MF_CUDA_CHECK_LAUNCH();
-    build_csr(out, nullptr, stream);
-    return;
-  }
-
-  const Shape s{n,
-                num_heads,
-                dims.num_kv_heads,
-                dims.head_dim,
-                bs,
-                nb,
-                num_heads / dims.num_kv_heads,
-                1.0 / std::sqrt(static_cast<double>(dims.head_dim))};
-  const int64_t d = dims.head_dim;
-  DeviceBuffer<double> k_means(static_cast<size_t>(dims.num_kv_heads * nb * d));
-  block_means_kernel<<<grid_for(dims.num_kv_heads * nb * d, kThreads), kThreads, 0, stream>>>(
-      k_means.data(), k, n, dims.num_kv_heads, d, bs, nb, 1.0, nullptr);
-  MF_CUDA_CHECK_LAUNCH();
-
-  // Step 1 (and step 3's pooling), in passes of heads that bound the logits buffer.
-  const int64_t padded_len = ceil_div(n, kChunk) * kChunk;
-  const int64_t head_logit_bytes = padded_len * bs * static_cast<int64_t>(sizeof(double));
-  const int64_t heads_per_pass =
-      std::clamp<int64_t>(kLogitBytesPerPass / head_logit_bytes, 1, num_heads);
-  DeviceBuffer<double> logits(static_cast<size_t>(heads_per_pass * padded_len * bs));
-  DeviceBuffer<unsigned long long> row_max(static_cast<size_t>(num_heads * bs));
-  row_max.fill_zero(stream);
-  DeviceBuffer<double> chunk_sums(static_cast<size_t>(num_heads * (padded_len / kChunk) * bs));
-  DeviceBuffer<double> row_max_value(static_cast<size_t>(num_heads * bs));
-  DeviceBuffer<double> row_sum(static_cast<size_t>(num_heads * bs));
-  DeviceBuffer<double> vs(static_cast<size_t>(num_heads * 2 * n));       // [Hq, 2, N]
-  DeviceBuffer<double> pooled(static_cast<size_t>(num_heads * 2 * nb));  // [Hq, 2, nb]
-  for (int64_t head_begin = 0; head_begin < num_heads; head_begin += heads_per_pass) {
-    last_block_scores(vs.data(), pooled.data(), logits.data(), row_max.data(), chunk_sums.data(),
-                      row_max_value.data(), row_sum.data(), q, k, s, padded_len, head_begin,
-                      std::min(num_heads, head_begin + heads_per_pass), stream);
-  }
-  logits.reset();
+  const bool fp32 = params.search == ops::FlexSearch::kFp32;
+  const SearchShape s = flex::search_shape(
+      dims, params,
+      fp32 ? "flex_prefill_select (CUDA, fast search)" : "flex_prefill_select (CUDA)");
+  if (fp32) check_fp32_search(s, q, k);
+  if (flex::begin_selection(out, s, stream)) return;  // step 0: short inputs are dense
+  const int64_t n = s.seq_len;
+  const int64_t nb = s.num_blocks;
+  const int64_t num_heads = s.num_q_heads;
+  const int64_t d = s.head_dim;
+  DeviceBuffer<double> k_means(static_cast<size_t>(s.num_kv_heads * nb * d));
+  flex::block_means(k_means.data(), k, s.num_kv_heads, 1.0, nullptr, s, stream);
   DeviceBuffer<double> q_mean(static_cast<size_t>(num_heads * d));
-  last_query_mean_kernel<<<grid_for(num_heads * d, kThreads), kThreads, 0, stream>>>(q_mean.data(),
-                                                                                     q, s);
-  MF_CUDA_CHECK_LAUNCH();
-
-  // Step 2: coverage counts of the sorted vertical and slash values.
+  flex::last_query_mean(q_mean.data(), q, s, stream);
+  DeviceBuffer<double> pooled(static_cast<size_t>(num_heads * 2 * nb));  // [Hq, 2, nb]
   DeviceBuffer<unsigned long long> coverage_counts(static_cast<size_t>(num_heads * 2));
-  coverage_counts.fill_zero(stream);
-  {
-    SortedSegments sorted_vs;
-    sort_segments_descending(sorted_vs, vs.data(), num_heads * 2, n, stream);
-    CoveragePrefix cover;
-    coverage_prefix(cover, sorted_vs.values.data(), num_heads * 2, n, stream);
-    coverage_count_kernel<<<dim3(blocks_per_segment(n), static_cast<unsigned>(num_heads * 2)),
-                            kThreads, 0, stream>>>(coverage_counts.data(), cover.prefix.data(),
-                                                   cover.bases.data(), n, cover.chunks_per_segment,
-                                                   params.gamma);
-    MF_CUDA_CHECK_LAUNCH();
+
+  if (fp32) {
+    fp32_last_block_scores(pooled.data(), coverage_counts.data(), q, k, s, params.gamma, stream);
+  } else {
+    // Step 1 (and step 3's pooling), in passes of heads that bound the logits buffer.
+    const int64_t bs = s.block_size;
+    const int64_t padded_len = ceil_div(n, kChunk) * kChunk;
+    const int64_t head_logit_bytes = padded_len * bs * static_cast<int64_t>(sizeof(double));
+    const int64_t heads_per_pass =
+        std::clamp<int64_t>(kLogitBytesPerPass / head_logit_bytes, 1, num_heads);
+    DeviceBuffer<double> logits(static_cast<size_t>(heads_per_pass * padded_len * bs));
+    DeviceBuffer<unsigned long long> row_max(static_cast<size_t>(num_heads * bs));
+    row_max.fill_zero(stream);
+    DeviceBuffer<double> chunk_sums(static_cast<size_t>(num_heads * (padded_len / kChunk) * bs));
+    DeviceBuffer<double> row_max_value(static_cast<size_t>(num_heads * bs));
+    DeviceBuffer<double> row_sum(static_cast<size_t>(num_heads * bs));
+    DeviceBuffer<double> vs(static_cast<size_t>(num_heads * 2 * n));  // [Hq, 2, N]
+    for (int64_t head_begin = 0; head_begin < num_heads; head_begin += heads_per_pass) {
+      last_block_scores(vs.data(), pooled.data(), logits.data(), row_max.data(), chunk_sums.data(),
+                        row_max_value.data(), row_sum.data(), q, k, s, padded_len, head_begin,
+                        std::min(num_heads, head_begin + heads_per_pass), stream);
+    }
+    logits.reset();
+    // Step 2: coverage counts of the sorted vertical and slash values.
+    flex::chunked_coverage_counts(coverage_counts.data(), vs.data(), num_heads * 2, n, params.gamma,
+                                  stream);
   }
-
-  // Steps 4-5.
-  const Budget budget{params.gamma, params.tau, min_blocks, max_blocks};
-  const size_t decision_shared =
-      static_cast<size_t>(3 * nb + ceil_div(nb, kChunk) + kThreads / kWarpSize) * sizeof(double);
-  MF_CUDA_CHECK(cudaFuncSetAttribute(head_decision_kernel,
-                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(decision_shared)));
-  head_decision_kernel<<<static_cast<unsigned>(num_heads), kThreads, decision_shared, stream>>>(
-      pooled.data(), out.query_aware.data(), out.js_distance.data(), out.num_vertical_blocks.data(),
-      out.num_slash_blocks.data(), coverage_counts.data(), q_mean.data(), k_means.data(), s,
-      budget);
-  MF_CUDA_CHECK_LAUNCH();
-
-  // Steps 6-7.
-  DeviceBuffer<uint8_t> grid(static_cast<size_t>(num_heads * nb * nb));  // [Hq, nb, nb]
-  grid.fill_zero(stream);
-  select_blocks_kernel<<<dim3(2, static_cast<unsigned>(num_heads)), kThreads, 0, stream>>>(
-      grid.data(), pooled.data(), out.num_vertical_blocks.data(), out.num_slash_blocks.data(), nb);
-  MF_CUDA_CHECK_LAUNCH();
-
-  // Step 8 (the kernels skip heads that are not query-aware).
-  if (params.tau > 0.0) {
-    const int64_t num_tri = nb * (nb + 1) / 2;
-    DeviceBuffer<double> q_means(static_cast<size_t>(num_heads * nb * d));
-    block_means_kernel<<<grid_for(num_heads * nb * d, kThreads), kThreads, 0, stream>>>(
-        q_means.data(), q, n, num_heads, d, bs, nb, s.scale, out.query_aware.data());
-    MF_CUDA_CHECK_LAUNCH();
-    DeviceBuffer<double> tri(static_cast<size_t>(num_heads * num_tri));
-    const unsigned tiles = static_cast<unsigned>(ceil_div(nb, kBlockTile));
-    block_logits_kernel<<<dim3(tiles, tiles, static_cast<unsigned>(num_heads)), kThreads, 0,
-                          stream>>>(tri.data(), q_means.data(), k_means.data(),
-                                    out.query_aware.data(), s);
-    MF_CUDA_CHECK_LAUNCH();
-    block_softmax_kernel<<<grid_for_warps(num_heads * nb), kThreads, 0, stream>>>(
-        tri.data(), out.query_aware.data(), num_heads, nb);
-    MF_CUDA_CHECK_LAUNCH();
-    SortedSegments sorted_tri;
-    sort_segments_descending(sorted_tri, tri.data(), num_heads, num_tri, stream);
-    CoveragePrefix cover;
-    coverage_prefix(cover, sorted_tri.values.data(), num_heads, num_tri, stream);
-    coverage_mark_kernel<<<dim3(blocks_per_segment(num_tri), static_cast<unsigned>(num_heads)),
-                           kThreads, 0, stream>>>(
-        grid.data(), sorted_tri.keys.data(), sorted_tri.position_bits, cover.prefix.data(),
-        cover.bases.data(), out.query_aware.data(), num_tri, cover.chunks_per_segment, nb,
-        params.gamma * static_cast<double>(nb));
-    MF_CUDA_CHECK_LAUNCH();
-  }
-
-  build_csr(out, grid.data(), stream);
+  flex::finish_selection(out, pooled.data(), coverage_counts.data(), q, k_means.data(),
+                         q_mean.data(), s, params, stream);
 }
 
 ops::FlexPrefillSelection download_selection(const FlexPrefillDeviceSelection& selection) {

@@ -1,28 +1,32 @@
-// FlexPrefill pattern search on the GPU (ops/flex_prefill.h is the spec): the per-head causal
-// block sets as CSR plus per-head statistics, from bf16 q and k, on the device, with no host sync.
+// FlexPrefill pattern search on the GPU (ops/flex_prefill.h is the spec): the per-head causal block
+// sets as CSR plus per-head statistics, from bf16 q and k, on the device, with no host sync.
+// params.search picks how steps 1-2 run: FlexSearch::kExact (below) or FlexSearch::kFp32 (bf16
+// tensor cores and fp32, cuda/flex_prefill_fp32.h: the reference's selection except for decisions
+// within the derived fp32 noise of their thresholds); steps 0 and 4-8 are the same code in both
+// (cuda/flex_prefill_stages.h).
 //
-// Same selection as ops::flex_prefill_select on the same bf16-rounded q and k: every quantity is
-// the reference's double, in the reference's order (ascending dot products, the chunked order of
-// the long sums, sequential sums elsewhere), and every sort uses the reference's rule (larger value
-// first, equal values by the lower index). It relies on the exactness facts that
+// With kExact, the same selection as ops::flex_prefill_select on the same bf16-rounded q and k:
+// every quantity is the reference's double, in the reference's order (ascending dot products, the
+// chunked order of the long sums, sequential sums elsewhere), and every sort uses the reference's
+// rule (larger value first, equal values by the lower index). It relies on the exactness facts that
 // ops/flex_prefill.h lists: bf16 products are exact in double, so step 1's logits use fused
 // multiply-adds; products of doubles are computed without them; maxima are order-free; masked
-// entries may be added as +0.0; the sorted values are never -0.0 or NaN, so stable radix sorts
-// give the reference's order. Only exp and log may differ from the host's libm by an ulp, so
-// decisions that sit within rounding of a threshold can still differ (gamma = 1 makes the last
-// entry of each coverage sum such a decision).
+// entries may be added as +0.0; the sorted values are never -0.0 or NaN, so stable radix sorts give
+// the reference's order. Only exp and log may differ from the host's libm by an ulp, so decisions
+// that sit within rounding of a threshold can still differ (gamma = 1 makes the last entry of each
+// coverage sum such a decision).
 //
-// Speed (cuda/flex_prefill.cu): step 1 is an fp64 GEMM of the last block's queries against all keys
-// (shared-memory tiles, 8 x 8 register tiles, 2 bs D N flops per head), whose logits are stored in
-// a [heads, keys, bs] double buffer of at most 4 GiB (heads in passes) and read twice more; the
-// long sums run chunk-parallel; the N-long and triangle sorts are stable CUB radix sorts over all
-// segments at once, the block scores a block radix sort per head and kind.
+// Speed of kExact (cuda/flex_prefill.cu): step 1 is an fp64 GEMM of the last block's queries
+// against all keys (shared-memory tiles, 8 x 8 register tiles, 2 bs D N flops per head), whose
+// logits are stored in a [heads, keys, bs] double buffer of at most 4 GiB (heads in passes) and
+// read twice more; the long sums run chunk-parallel; the N-long and triangle sorts are stable CUB
+// radix sorts over all segments at once, the block scores a block radix sort per head and kind.
 //
-// Limits (checked, moeforge::Error): 1 <= head_dim <= kFlexPrefillMaxHeadDim,
-// num_q_heads <= kFlexPrefillMaxHeads and ceil(seq_len / block_size) <= kFlexPrefillMaxBlocks (the
-// sort keys pack head and position into 32 bits). Unlike the reference, q and k are not checked for
-// non-finite entries (that would need a host sync): they give an unspecified selection. The dense
-// fallback of step 0 is decided on the host from the shapes alone.
+// Limits (checked, moeforge::Error; kFp32 adds its own, cuda/flex_prefill_fp32.h): 1 <= head_dim <=
+// kFlexPrefillMaxHeadDim, num_q_heads <= kFlexPrefillMaxHeads and ceil(seq_len / block_size) <=
+// kFlexPrefillMaxBlocks (the sort keys pack head and position into 32 bits). Unlike the reference,
+// q and k are not checked for non-finite entries (that would need a host sync): they give an
+// unspecified selection. The dense fallback of step 0 is decided on the host from the shapes alone.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -3,33 +3,36 @@
 // fp64 noise, over shapes (N not a multiple of the block, block sizes 64 and 128, GQA groups 1 to
 // 8, head dims 64 and 128) x gamma x tau, on inputs full of exact ties, and at N = 20000 where
 // every chunked sum and tile loop has several chunks and a partial last one; the same errors or
-// dense fallback on bad inputs; and, on the host, that the test inputs give non-trivial selections
-// (so that the comparison is not vacuous).
+// dense fallback on bad inputs (the errors for the fp32 search too); and, on the host, that the
+// test inputs give non-trivial selections (so that the comparison is not vacuous).
 #include "cuda/flex_prefill.h"
 
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "core/error.h"
-#include "core/rng.h"
+#include "flex_prefill_test_util.h"
 #include "gpu_test_util.h"
 #include "ops/flex_prefill.h"
 
 namespace moeforge::cuda {
 namespace {
 
+using testing::Case;
+using testing::describe;
+using testing::dims_of;
 using testing::expect_equal;
-using testing::round_to_bf16;
+using testing::head_grid;
+using testing::Inputs;
+using testing::make_inputs;
+using testing::params_of;
 using testing::to_device;
-
-struct Case {
-  int64_t seq_len, num_q_heads, num_kv_heads, head_dim, block_size;
-};
 
 // N not a multiple of the block size except 1024; GQA groups 1, 2, 3, 4 and 8; head dims 64 and
 // 128; block sizes 64 and 128. No N with (N + 1) % 128 == 0: with gamma = 1 the step-2 coverage
@@ -41,68 +44,6 @@ const Case kCases[] = {
 const double kGammas[] = {0.5, 0.9, 1.0};
 // tau = 0: no head is query-aware; tau = 1: every head is (the JS distance is <= sqrt(ln 2)).
 const double kTaus[] = {0.0, 0.1, 1.0};
-
-std::string describe(const Case& c) {
-  return "N=" + std::to_string(c.seq_len) + " Hq=" + std::to_string(c.num_q_heads) +
-         " Hkv=" + std::to_string(c.num_kv_heads) + " D=" + std::to_string(c.head_dim) +
-         " bs=" + std::to_string(c.block_size);
-}
-
-ops::SparseAttentionDims dims_of(const Case& c) {
-  return {c.seq_len, c.num_q_heads, c.num_kv_heads, c.head_dim};
-}
-
-ops::FlexPrefillParams params_of(const Case& c, double gamma, double tau) {
-  ops::FlexPrefillParams params;
-  params.gamma = gamma;
-  params.tau = tau;
-  params.min_budget = c.block_size;
-  params.block_size = c.block_size;
-  return params;
-}
-
-// bf16-valued q and k (as floats) with two kinds of heads: even query heads read nearly flat
-// attention (query-aware under tau = 0.1: JS distance about 0.07-0.1), odd ones attend strongly to
-// 8 "sink" keys that the block means hide (vertical-slash: JS distance about 0.25-0.4).
-struct Inputs {
-  std::vector<float> q, k;
-};
-
-Inputs make_inputs(const Case& c, uint64_t seed) {
-  Rng rng(seed);
-  const int64_t d = c.head_dim;
-  Inputs in;
-  in.q.resize(c.seq_len * c.num_q_heads * d);
-  in.k.resize(c.seq_len * c.num_kv_heads * d);
-  for (int64_t n = 0; n < c.seq_len; ++n) {
-    for (int64_t h = 0; h < c.num_q_heads; ++h) {
-      float* row = in.q.data() + (n * c.num_q_heads + h) * d;
-      for (int64_t i = 0; i < d; ++i) row[i] = static_cast<float>(0.5 * rng.normal());
-      if (h % 2 == 1) row[0] += static_cast<float>(6.0 * std::sqrt(d / 64.0));
-    }
-  }
-  for (float& v : in.k) v = static_cast<float>(rng.normal());
-  for (int sink = 0; sink < 8; ++sink) {
-    const int64_t n = static_cast<int64_t>(rng.below(static_cast<uint64_t>(c.seq_len)));
-    for (int64_t g = 0; g < c.num_kv_heads; ++g) in.k[(n * c.num_kv_heads + g) * d] += 8.0f;
-  }
-  in.q = round_to_bf16(in.q);
-  in.k = round_to_bf16(in.k);
-  return in;
-}
-
-// The selected blocks of head h as an [nb, nb] 0/1 grid.
-std::vector<char> head_grid(const ops::BlockSparseLayout& layout, int64_t h) {
-  const int64_t nb = layout.num_blocks;
-  std::vector<char> grid(nb * nb, 0);
-  for (int64_t r = 0; r < nb; ++r) {
-    const int64_t row = h * nb + r;
-    for (int64_t i = layout.row_offsets[row]; i < layout.row_offsets[row + 1]; ++i) {
-      grid[r * nb + layout.col_idx[i]] = 1;
-    }
-  }
-  return grid;
-}
 
 // Flat index r * nb + c of the smallest entry of step 8's block-causal softmax of head h (the last
 // one in the reference's order), recomputed here in double as ops/flex_prefill.h defines it.
@@ -322,50 +263,71 @@ std::string error_of(F&& f) {
   return "";
 }
 
-// Argument checks run on the host before any device work, so these run without a GPU.
+// Argument checks run on the host before any device work, so these run without a GPU; the fp32
+// search gives the exact search's errors.
 TEST(FlexPrefillCuda, BadInputsGiveTheReferenceErrors) {
   const Case c{1000, 4, 2, 64, 64};
   const std::vector<float> q(c.seq_len * c.num_q_heads * 512, 0.0f);
   const std::vector<float> k(c.seq_len * c.num_kv_heads * 512, 0.0f);
   FlexPrefillDeviceSelection out;
-  const auto both = [&](const ops::SparseAttentionDims& dims, const ops::FlexPrefillParams& p) {
-    const std::string ref =
-        error_of([&] { ops::flex_prefill_select<float>(q.data(), k.data(), dims, p); });
-    const std::string got =
-        error_of([&] { flex_prefill_select(out, nullptr, nullptr, dims, p, nullptr); });
-    return std::pair<std::string, std::string>(ref, got);
-  };
-  for (double gamma : {0.0, -0.5, 1.5}) {
-    const auto [ref, got] = both(dims_of(c), params_of(c, gamma, 0.1));
-    EXPECT_NE(ref.find("gamma must be in (0, 1]"), std::string::npos) << ref;
-    EXPECT_NE(got.find("gamma must be in (0, 1]"), std::string::npos) << got;
+  for (const ops::FlexSearch search : {ops::FlexSearch::kExact, ops::FlexSearch::kFp32}) {
+    SCOPED_TRACE(ops::flex_search_name(search));
+    const auto params = [&](const Case& shape, double gamma) {
+      ops::FlexPrefillParams p = params_of(shape, gamma, 0.1);
+      p.search = search;
+      return p;
+    };
+    const auto both = [&](const ops::SparseAttentionDims& dims, const ops::FlexPrefillParams& p) {
+      const std::string ref =
+          error_of([&] { ops::flex_prefill_select<float>(q.data(), k.data(), dims, p); });
+      const std::string got =
+          error_of([&] { flex_prefill_select(out, nullptr, nullptr, dims, p, nullptr); });
+      return std::pair<std::string, std::string>(ref, got);
+    };
+    for (double gamma : {0.0, -0.5, 1.5}) {
+      const auto [ref, got] = both(dims_of(c), params(c, gamma));
+      EXPECT_NE(ref.find("gamma must be in (0, 1]"), std::string::npos) << ref;
+      EXPECT_NE(got.find("gamma must be in (0, 1]"), std::string::npos) << got;
+    }
+    ops::FlexPrefillParams bad_block = params(c, 0.9);
+    bad_block.block_size = 96;
+    const auto [ref_block, got_block] = both(dims_of(c), bad_block);
+    EXPECT_NE(got_block.find("block_size must be 64 or 128, got 96"), std::string::npos);
+    EXPECT_NE(ref_block.find("block_size must be 64 or 128, got 96"), std::string::npos);
+    const auto [ref_len, got_len] = both({0, 4, 2, 64}, params(c, 0.9));
+    EXPECT_NE(ref_len.find("seq_len must be >= 1"), std::string::npos) << ref_len;
+    EXPECT_NE(got_len.find("seq_len must be >= 1"), std::string::npos) << got_len;
+    const auto [ref_gqa, got_gqa] = both({1000, 4, 3, 64}, params(c, 0.9));
+    EXPECT_NE(ref_gqa.find("not divisible"), std::string::npos) << ref_gqa;
+    EXPECT_NE(got_gqa.find("not divisible"), std::string::npos) << got_gqa;
+    // Limits of the GPU version only (the reference accepts these).
+    EXPECT_NE(
+        error_of([&] {
+          flex_prefill_select(out, nullptr, nullptr, {1000, 4, 2, 512}, params(c, 0.9), nullptr);
+        }).find("head_dim must be in [1, 256], got 512"),
+        std::string::npos);
+    EXPECT_NE(
+        error_of([&] {
+          flex_prefill_select(out, nullptr, nullptr, {1000, 1026, 2, 64}, params(c, 0.9), nullptr);
+        }).find("num_q_heads must be <= 1024, got 1026"),
+        std::string::npos);
+    EXPECT_NE(error_of([&] {
+                flex_prefill_select(out, nullptr, nullptr, {2049 * 128, 4, 2, 64},
+                                    params({0, 0, 0, 0, 128}, 0.9), nullptr);
+              }).find("more than the 2048 supported"),
+              std::string::npos);
   }
-  ops::FlexPrefillParams bad_block = params_of(c, 0.9, 0.1);
-  bad_block.block_size = 96;
-  const auto [ref_block, got_block] = both(dims_of(c), bad_block);
-  EXPECT_NE(got_block.find("block_size must be 64 or 128, got 96"), std::string::npos);
-  EXPECT_NE(ref_block.find("block_size must be 64 or 128, got 96"), std::string::npos);
-  const auto [ref_len, got_len] = both({0, 4, 2, 64}, params_of(c, 0.9, 0.1));
-  EXPECT_NE(ref_len.find("seq_len must be >= 1"), std::string::npos) << ref_len;
-  EXPECT_NE(got_len.find("seq_len must be >= 1"), std::string::npos) << got_len;
-  const auto [ref_gqa, got_gqa] = both({1000, 4, 3, 64}, params_of(c, 0.9, 0.1));
-  EXPECT_NE(ref_gqa.find("not divisible"), std::string::npos) << ref_gqa;
-  EXPECT_NE(got_gqa.find("not divisible"), std::string::npos) << got_gqa;
-  // Limits of the GPU version only (the reference accepts these).
+  // Limits of the fp32 search only (checked before any device query).
+  ops::FlexPrefillParams fp32 = params_of(c, 0.9, 0.1);
+  fp32.search = ops::FlexSearch::kFp32;
   EXPECT_NE(error_of([&] {
-              flex_prefill_select(out, nullptr, nullptr, {1000, 4, 2, 512}, params_of(c, 0.9, 0.1),
-                                  nullptr);
-            }).find("head_dim must be in [1, 256], got 512"),
+              flex_prefill_select(out, nullptr, nullptr, {1000, 4, 2, 36}, fp32, nullptr);
+            }).find("head_dim must be a multiple of 8, got 36"),
             std::string::npos);
+  const bf16* misaligned = reinterpret_cast<const bf16*>(uintptr_t{2});
   EXPECT_NE(error_of([&] {
-              flex_prefill_select(out, nullptr, nullptr, {1000, 1026, 2, 64},
-                                  params_of(c, 0.9, 0.1), nullptr);
-            }).find("num_q_heads must be <= 1024, got 1026"),
-            std::string::npos);
-  EXPECT_NE(error_of([&] {
-              flex_prefill_select(out, nullptr, nullptr, {2049 * 128, 4, 2, 64},
-                                  params_of({0, 0, 0, 0, 128}, 0.9, 0.1), nullptr);
-            }).find("more than the 2048 supported"),
+              flex_prefill_select(out, misaligned, nullptr, dims_of(c), fp32, nullptr);
+            }).find("q and k must be 16-byte aligned"),
             std::string::npos);
 }
 

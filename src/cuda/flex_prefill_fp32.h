@@ -1,0 +1,77 @@
+// Steps 1-3 of the GPU FlexPrefill pattern search in its fp32 form (ops::FlexSearch::kFp32, the
+// CLI's `--flex-search fast`): the vertical / slash values on tensor cores and in fp32, their block
+// scores, and step 2's coverage counts. Steps 4-8 are the exact ones (cuda/flex_prefill_stages.h)
+// applied to these scores.
+//
+// What is computed (cuda/flex_prefill_fp32_scores.cu, cuda/flex_prefill_fp32.cu):
+//  1. x[r, j] = (q_r . k_j) * (scale * log2 e), the dot product on bf16 tensor cores with fp32
+//     accumulation (mma.sync m16n8k16); pass 1 keeps per row and key split the running max and the
+//     fp32 sum of 2^(x - max) (rescaled when the max grows), pass 2 combines the splits in double
+//     into lse2[r] = log2 sum_j 2^x[r, j] (rounded to fp32), recomputes x and takes
+//     p = exp2f(x - lse2) in fp32. The logits never reach global memory.
+//     vertical[j] = (sum_r p[r, j]) / bs and slash[i] = (sum_r p[r, i + r - (bs - 1)]) / bs in
+//     fp32, in a fixed order (deterministic).
+//  3. vertical_blk, slash_blk: each block's fp32 values summed in double.
+//  2. Each kind's values sorted descending by their fp32 bits (one CUB radix sort of 64-bit keys
+//     over all segments), turned into 2^-52 fixed point, and counted: c - 1 = #{t : S_t <= gamma T}
+//     with S_t the (exact, integer) sum of the t + 1 largest values and T the sum of all; T is 1 in
+//     exact arithmetic, and measuring against it keeps every value at gamma = 1, as the reference.
+//
+// Error bound (first order; u = 2^-24 the fp32 unit roundoff, u' = 2^-23 for the tensor cores'
+// additions, which may truncate; X bounds |x| by Cauchy-Schwarz: X = scale log2(e) max_r |q_r|
+// max_j |k_j|; n_tiles = kFp32SplitKeys / kFp32TileKeys rescales):
+//  - dx = (D + 1) u' X + 2 u X bounds each logit's error (D + 1 fp32 additions of the exact bf16
+//    products, then the rounded factor scale * log2 e and the rounded product);
+//  - the row sum's relative error is eps_z = 2^-22 + 2 ln2 u X (each exp2f: 2 ulps and its rounded
+//    argument) + (kFp32TileKeys / 4 + 2 n_tiles + 2) u (its longest chain of additions and
+//    rescales) + n_tiles (2^-22 + 2 ln2 u X) (the rescale factors);
+//  - so each p has relative error rho_p = 2 ln2 dx (numerator and denominator) + eps_z +
+//    ln2 u (3 X + 2 log2 N) (lse2 and x - lse2 rounded) + 2^-22 (the last exp2f);
+//  - a vertical or slash value, a sum of at most bs such p in a chain of at most bs + 4 additions,
+//    has relative error rho = rho_p + (bs + 4) u (plus an absolute 2^-126 per term where fp32
+//    flushes an underflowing p to zero); so does a block score (summed in double);
+//  - the coverage S_t / T of the t largest values is within 2 rho of the reference's; the JS
+//    distance's square within rho (its derivative in vertical_blk[c] is ln(vertical_blk[c] / m_c)
+//    / 2, and |v ln(v / m)| <= 2 ln2 m); the top-k choice of block scores is the reference's except
+//    for scores within a relative rho of the k-th largest.
+// tests/cuda/flex_prefill_fp32_test.cpp evaluates this bound and checks the selection against it.
+//
+// Limits (checked, moeforge::Error, after those of cuda/flex_prefill.h): head_dim a multiple of 8
+// (16-byte rows for cp.async), q and k 16-byte aligned, a device of compute capability 8.0 or later
+// whose blocks of threads may use fp32_scores_smem_bytes of shared memory (every head_dim on
+// Hopper, up to 192 on the A100, less on sm_86 / sm_89).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cuda/bf16.h"
+#include "cuda/flex_prefill_stages.h"
+
+namespace moeforge::cuda {
+
+// Keys per tile of the tensor-core passes and per block of threads (split) of them.
+constexpr int64_t kFp32TileKeys = 64;
+constexpr int64_t kFp32SplitKeys = 1024;
+
+// Bytes of shared memory per block of threads of the fp32 search's largest kernel (at most about
+// 174 KB, at head_dim 256 and block size 128; 108 KB at head_dim 128).
+size_t fp32_scores_smem_bytes(const flex::SearchShape& s);
+
+// Throws moeforge::Error unless the fp32 search can run on these inputs (the limits above).
+void check_fp32_search(const flex::SearchShape& s, const bf16* q, const bf16* k);
+
+// Steps 1 and 3: vs [Hq, 2, N] = the fp32 vertical (kind 0) and slash (kind 1) values; pooled
+// [Hq, 2, nb] = their block sums, in double (cuda/flex_prefill_fp32_scores.cu).
+void fp32_vertical_slash(float* vs, double* pooled, const bf16* q, const bf16* k,
+                         const flex::SearchShape& s, cudaStream_t stream);
+
+// Steps 1-3: pooled [Hq, 2, nb] = vertical_blk and slash_blk; coverage_counts [Hq, 2] = the
+// counts c - 1 of step 2 for vertical and slash. q [N, Hq, D], k [N, Hkv, D] on the device.
+void fp32_last_block_scores(double* pooled, unsigned long long* coverage_counts, const bf16* q,
+                            const bf16* k, const flex::SearchShape& s, double gamma,
+                            cudaStream_t stream);
+
+}  // namespace moeforge::cuda

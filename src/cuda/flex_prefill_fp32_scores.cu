@@ -1,0 +1,449 @@
+// Step 1 (and step 3's pooling) of the fp32 FlexPrefill search (cuda/flex_prefill_fp32.h) on
+// tensor cores. A block of threads owns one query head's bs last-block rows (one warp per 32 rows,
+// two m16 MMA tiles each) and one split of kFp32SplitKeys keys, which stream through a two-stage
+// cp.async pipeline kFp32TileKeys at a time; S = Q K^T runs on mma.sync m16n8k16 (bf16 in, fp32
+// accumulate) as in cuda/block_sparse_attention_tc.cu. Head_dim is a runtime multiple of 8 padded
+// with zeros to the MMA's 16. Blocks of threads are issued heads fastest, so that the query heads
+// of a KV head read the same keys at about the same time (from L2).
+//  - Pass 1 (row_stats_kernel): per row and split the max of x = S * scale * log2(e) over the
+//    visible keys and the sum of 2^(x - max) (online: rescaled when the max grows).
+//  - row_lse_kernel: lse2 = M + log2(sum over splits of sum * 2^(max - M)) in double, per row.
+//  - Pass 2 (scores_kernel): x again, p = exp2f(x - lse2) written to a shared [bs, tile] array; per
+//    tile the column sums (vertical, complete: every row is in the block) and per diagonal the
+//    partial sums, accumulated over the split's tiles in shared memory; the split's diagonal sums
+//    go to global memory (a diagonal spans bs keys, so its sum may continue in the next split).
+//  - pool_kernel: slash = (the previous split's part + this split's part) / bs, and both kinds'
+//    block sums in double.
+// Every sum has a fixed order, so the results are deterministic.
+#include <cmath>
+#include <cstdint>
+
+#include "core/error.h"
+#include "cuda/cuda_check.h"
+#include "cuda/device_memory.h"
+#include "cuda/flex_prefill_fp32.h"
+#include "cuda/kernel_util.cuh"
+#include "cuda/mma_util.cuh"
+
+namespace moeforge::cuda {
+namespace {
+
+using flex::SearchShape;
+
+constexpr int kTileKeys = static_cast<int>(kFp32TileKeys);
+constexpr int kSplitKeys = static_cast<int>(kFp32SplitKeys);
+constexpr int kRowsPerWarp = 32;          // two m16 tiles
+constexpr int kKeyTiles = kTileKeys / 8;  // n-tiles of S
+constexpr int kStages = 2;
+constexpr int kProbStride = kTileKeys + 1;  // floats per row of the shared probabilities: an odd
+                                            // stride puts a diagonal's rows in distinct banks
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kPoolThreads = 128;
+
+static_assert(kSplitKeys % kTileKeys == 0, "a split is whole tiles");
+static_assert(kTileKeys == 64, "the column sums give one thread a column per 64 rows");
+static_assert(kPoolThreads >= 128, "pool_kernel: a thread per position of a key block");
+
+// One warp's S tile (see TileLoop::multiply).
+using ScoreTile = float[2][kKeyTiles][4];
+
+// The launch arguments of both passes.
+struct TcArgs {
+  const bf16* q;  // [N, Hq, D]
+  const bf16* k;  // [N, Hkv, D]
+  int64_t seq_len, num_q_heads, num_kv_heads, head_dim, group_size, num_splits;
+  int dim_pad;       // head_dim rounded up to 16 (the MMA's k)
+  float scale_log2;  // scale * log2(e), rounded to fp32
+};
+
+// bf16 elements per shared-memory row of Q and K: padded by 16 bytes so that ldmatrix reads hit
+// distinct banks.
+__host__ __device__ inline int tile_stride(int dim_pad) {
+  return dim_pad + 8;
+}
+
+// The shared memory of a pass: Q [kRows, stride], K [kStages][kTileKeys, stride] (bf16), then for
+// pass 2 the probabilities [kRows, kProbStride], the diagonal sums [kSplitKeys + kRows - 1] and the
+// column partials [kRows] (floats).
+template <int kRows>
+size_t pass_smem_bytes(int dim_pad, bool scores) {
+  const size_t tiles = static_cast<size_t>(kRows + kStages * kTileKeys) *
+                       static_cast<size_t>(tile_stride(dim_pad)) * sizeof(bf16);
+  const size_t extra =
+      static_cast<size_t>(kRows * kProbStride + kSplitKeys + kRows - 1 + kRows) * sizeof(float);
+  return tiles + (scores ? extra : 0);
+}
+
+// The tile machinery both passes share: Q of head h's last bs rows in shared memory, key tiles of
+// the block's split through a cp.async pipeline, and S = Q K^T of one tile per warp.
+template <int kRows>
+struct TileLoop {
+  static constexpr int kWarps = kRows / kRowsPerWarp;
+  static constexpr int kThreads = kWarps * 32;
+
+  TcArgs a;
+  bf16* q_tile;
+  bf16* k_tiles;
+  int stride, chunks_per_row;
+  int64_t h, kv_head, split_begin, split_end;  // keys [split_begin, split_end), < N
+
+  __device__ TileLoop(const TcArgs& args, unsigned char* smem, int64_t head, int64_t split)
+      : a(args),
+        q_tile(reinterpret_cast<bf16*>(smem)),
+        stride(tile_stride(args.dim_pad)),
+        chunks_per_row(args.dim_pad / 8),
+        h(head),
+        kv_head(head / args.group_size),
+        split_begin(split * kSplitKeys),
+        split_end(min(args.seq_len, (split + 1) * int64_t{kSplitKeys})) {
+    k_tiles = q_tile + kRows * stride;
+  }
+
+  // 16-byte chunk c of a row of head_dim bf16: real when c * 8 < head_dim (head_dim % 8 == 0).
+  __device__ bool real_chunk(int c) const { return c * 8 < a.head_dim; }
+
+  __device__ void load_q() const {
+    const int64_t first = a.seq_len - kRows;
+    for (int idx = static_cast<int>(threadIdx.x); idx < kRows * chunks_per_row; idx += kThreads) {
+      const int r = idx / chunks_per_row, c = idx % chunks_per_row;
+      const bf16* src = a.q + ((first + r) * a.num_q_heads + h) * a.head_dim + c * 8;
+      cp_async_16(q_tile + r * stride + c * 8, real_chunk(c) ? src : a.q, real_chunk(c));
+    }
+    cp_async_commit();
+  }
+
+  // Keys [t0, t0 + kTileKeys) into stage `stage`; keys >= N are zeros (masked later).
+  __device__ void load_k(int64_t t0, int stage) const {
+    bf16* dst = k_tiles + stage * kTileKeys * stride;
+    for (int idx = static_cast<int>(threadIdx.x); idx < kTileKeys * chunks_per_row;
+         idx += kThreads) {
+      const int j = idx / chunks_per_row, c = idx % chunks_per_row;
+      const int64_t key = t0 + j;
+      const bool valid = key < a.seq_len && real_chunk(c);
+      const bf16* src = a.k + (key * a.num_kv_heads + kv_head) * a.head_dim + c * 8;
+      cp_async_16(dst + j * stride + c * 8, valid ? src : a.k, valid);
+    }
+    cp_async_commit();
+  }
+
+  // s = the warp's 32 rows times the tile's keys in stage `stage`: s[m][n][c] is row
+  // 16 m + g + 8 (c / 2) of the warp, key 8 n + 2 t + c % 2 of the tile (g = lane / 4,
+  // t = lane % 4).
+  __device__ void multiply(ScoreTile& s, int stage) const {
+    const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+    const bf16* k_tile = k_tiles + stage * kTileKeys * stride;
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) s[m][n][c] = 0.0f;
+    for (int kk = 0; kk < a.dim_pad / 16; ++kk) {
+      uint32_t qa[2][4];
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        ldmatrix_x4(qa[m], q_tile + (warp * kRowsPerWarp + 16 * m + lane % 16) * stride + 16 * kk +
+                               (lane / 16) * 8);
+      }
+#pragma unroll
+      for (int p = 0; p < kTileKeys / 16; ++p) {
+        uint32_t kb[4];
+        ldmatrix_x4(kb, k_tile + (16 * p + (lane / 16) * 8 + lane % 8) * stride + 16 * kk +
+                            ((lane / 8) % 2) * 8);
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+          mma_bf16(s[m][2 * p], qa[m], kb[0], kb[1]);
+          mma_bf16(s[m][2 * p + 1], qa[m], kb[2], kb[3]);
+        }
+      }
+    }
+  }
+
+  // Runs body(s, t0) for every tile of the split with s = scale_log2 * S and -inf at the keys that
+  // row r (position N - kRows + r) does not see (key > N - kRows + r, which includes key >= N).
+  template <typename Body>
+  __device__ void for_each_tile(Body&& body) const {
+    const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+    const int g = lane / 4, t = lane % 4;
+    load_q();
+    load_k(split_begin, 0);
+    int stage = 0;
+    for (int64_t t0 = split_begin; t0 < split_end; t0 += kTileKeys, stage ^= 1) {
+      if (t0 + kTileKeys < split_end) {
+        load_k(t0 + kTileKeys, stage ^ 1);
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
+      ScoreTile s;
+      multiply(s, stage);
+      // Key t0 + key is visible to warp row `row` iff key <= shift + row.
+      const int64_t shift = a.seq_len - kRows + warp * kRowsPerWarp - t0;
+      const bool needs_mask = shift < kTileKeys - 1;
+#pragma unroll
+      for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int row = 16 * m + g + (c >= 2 ? 8 : 0);
+            const int key = 8 * n + 2 * t + (c % 2);
+            s[m][n][c] = needs_mask && key > shift + row ? -INFINITY : s[m][n][c] * a.scale_log2;
+          }
+      body(s, t0);
+      __syncthreads();  // this stage is consumed before the next iteration refills it
+    }
+  }
+};
+
+// Pass 1: partial [Hq, num_splits, kRows] = (max, sum of 2^(x - max)) of each row over the split's
+// visible keys ((-inf, 0) when it sees none). Block (head, split).
+template <int kRows>
+__global__ void __launch_bounds__(TileLoop<kRows>::kThreads)
+    row_stats_kernel(float2* partial, TcArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int64_t h = blockIdx.x, split = blockIdx.y;
+  const TileLoop<kRows> loop(a, smem, h, split);
+  float row_max[4], row_sum[4];  // warp rows g, g + 8, 16 + g, 24 + g
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    row_max[i] = -INFINITY;
+    row_sum[i] = 0.0f;
+  }
+  loop.for_each_tile([&](ScoreTile& s, int64_t) {
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int i = 2 * m + half;
+        float mx = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < kKeyTiles; ++n) {
+          mx = fmaxf(mx, fmaxf(s[m][n][2 * half], s[m][n][2 * half + 1]));
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
+        const float m_new = fmaxf(row_max[i], mx);
+        // A row with no visible key so far keeps max -inf: exponentiate against 0 (no NaN).
+        const float base = m_new == -INFINITY ? 0.0f : m_new;
+        float sum = 0.0f;
+#pragma unroll
+        for (int n = 0; n < kKeyTiles; ++n) {
+          sum += exp2f(s[m][n][2 * half] - base);
+          sum += exp2f(s[m][n][2 * half + 1] - base);
+        }
+        row_sum[i] = row_sum[i] * exp2f(row_max[i] - base) + sum;
+        row_max[i] = m_new;
+      }
+  });
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float sum = row_sum[i];
+    sum += __shfl_xor_sync(kFullMask, sum, 1);
+    sum += __shfl_xor_sync(kFullMask, sum, 2);
+    if (lane % 4 == 0) {
+      const int row = warp * kRowsPerWarp + 16 * (i / 2) + lane / 4 + 8 * (i % 2);
+      partial[(h * a.num_splits + split) * kRows + row] = make_float2(row_max[i], sum);
+    }
+  }
+#else
+  __trap();  // launched only on sm_80 and later (check_fp32_search)
+#endif
+}
+
+// lse2 [Hq * bs] = M + log2(sum_s sum_s 2^(max_s - M)), M the largest split max, in double; every
+// row sees key 0, so M is finite.
+__global__ void row_lse_kernel(float* lse2, const float2* partial, int64_t num_rows,
+                               int64_t num_splits, int64_t block_size) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < num_rows;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t h = i / block_size, r = i % block_size;
+    const float2* row = partial + h * num_splits * block_size + r;
+    float best = -INFINITY;
+    for (int64_t s = 0; s < num_splits; ++s) best = fmaxf(best, row[s * block_size].x);
+    double sum = 0.0;
+    for (int64_t s = 0; s < num_splits; ++s) {
+      const float2 part = row[s * block_size];
+      if (part.x > -INFINITY) {
+        sum += static_cast<double>(part.y) *
+               exp2(static_cast<double>(part.x) - static_cast<double>(best));
+      }
+    }
+    lse2[i] = static_cast<float>(static_cast<double>(best) + log2(sum));
+  }
+}
+
+// Pass 2: vs [Hq, 2, N] gets vertical (kind 0) of the split's keys; slash_part [Hq, num_splits,
+// kSplitKeys + kRows - 1] the split's contribution to diagonals split_begin + e (the diagonal of
+// key j and row r is j - r + kRows - 1). Block (head, split).
+template <int kRows>
+__global__ void __launch_bounds__(TileLoop<kRows>::kThreads)
+    scores_kernel(float* vs, float* slash_part, const float* lse2, TcArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  constexpr int kThreads = TileLoop<kRows>::kThreads;
+  constexpr int kDiagonals = kTileKeys + kRows - 1;  // of one tile
+  constexpr int kSplitDiagonals = kSplitKeys + kRows - 1;
+  constexpr int kRowGroups = kThreads / kTileKeys;  // column sums: threads per column
+  static_assert(kRowGroups * kTileKeys == kThreads && kRowGroups <= 2, "64 or 128 rows");
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int64_t h = blockIdx.x, split = blockIdx.y;
+  const TileLoop<kRows> loop(a, smem, h, split);
+  float* probs = reinterpret_cast<float*>(loop.k_tiles + kStages * kTileKeys * loop.stride);
+  float* diag_sums = probs + kRows * kProbStride;  // [kSplitDiagonals]
+  float* col_parts = diag_sums + kSplitDiagonals;  // [kThreads]
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  for (int e = tid; e < kSplitDiagonals; e += kThreads) diag_sums[e] = 0.0f;
+  float lse[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    lse[i] = lse2[h * kRows + warp * kRowsPerWarp + 16 * (i / 2) + g + 8 * (i % 2)];
+  }
+
+  loop.for_each_tile([&](ScoreTile& s, int64_t t0) {
+  // p = 2^(x - lse2) (masked keys: 2^-inf = 0) into probs [row, key of the tile].
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int row = warp * kRowsPerWarp + 16 * m + g + (c >= 2 ? 8 : 0);
+          probs[row * kProbStride + 8 * n + 2 * t + (c % 2)] =
+              exp2f(s[m][n][c] - lse[2 * m + c / 2]);
+        }
+    __syncthreads();
+    // Column sums: thread tid adds rows [64 (tid / 64), + 64) of column tid % 64 in order, then
+    // the two halves (128 rows) are added.
+    const int col = tid % kTileKeys;
+    const int row0 = (tid / kTileKeys) * kTileKeys;
+    float col_sum = 0.0f;
+    for (int r = row0; r < row0 + kTileKeys; ++r) col_sum += probs[r * kProbStride + col];
+    if constexpr (kRowGroups == 2) {
+      col_parts[tid] = col_sum;
+      __syncthreads();
+      col_sum = col_parts[col] + col_parts[col + kTileKeys];
+    }
+    const int64_t key = t0 + col;
+    if (tid < kTileKeys && key < a.seq_len) {
+      vs[(h * 2) * a.seq_len + key] = col_sum * (1.0f / static_cast<float>(kRows));
+    }
+    // Diagonal e of the tile (key t0 + c, row r with c - r + kRows - 1 = e): its entries in
+    // ascending c, added to the split's sum of diagonal t0 + e.
+    for (int e = tid; e < kDiagonals; e += kThreads) {
+      float sum = 0.0f;
+#pragma unroll 8
+      for (int c = 0; c < kTileKeys; ++c) {
+        const int r = c + kRows - 1 - e;
+        if (r >= 0 && r < kRows) sum += probs[r * kProbStride + c];
+      }
+      diag_sums[t0 - loop.split_begin + e] += sum;
+    }
+  });
+  float* part = slash_part + (h * a.num_splits + split) * kSplitDiagonals;
+  for (int e = tid; e < kSplitDiagonals; e += kThreads) part[e] = diag_sums[e];
+#else
+  __trap();  // launched only on sm_80 and later (check_fp32_search)
+#endif
+}
+
+// Block (key block b, head), kPoolThreads threads: slash of the block's positions i = (the part
+// of split i / kSplitKeys - 1, when diagonal i reaches into it, + the part of split i /
+// kSplitKeys) / bs into vs (kind 1); then pooled [Hq, 2, nb] = both kinds' block sums in double,
+// ascending.
+__global__ void __launch_bounds__(kPoolThreads)
+    pool_kernel(double* pooled, float* vs, const float* slash_part, int64_t seq_len,
+                int64_t block_size, int64_t num_blocks, int64_t num_splits) {
+  __shared__ float values[2][kPoolThreads];
+  const int64_t b = blockIdx.x, h = blockIdx.y;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int64_t split_diagonals = kSplitKeys + block_size - 1;
+  const int64_t length = min(block_size, seq_len - b * block_size);
+  float* vertical = vs + (h * 2) * seq_len;
+  float* slash = vs + (h * 2 + 1) * seq_len;
+  if (tid < length) {
+    const int64_t i = b * block_size + tid;
+    const int64_t split = i / kSplitKeys, offset = i % kSplitKeys;
+    const float* parts = slash_part + h * num_splits * split_diagonals;
+    float sum = parts[split * split_diagonals + offset];
+    if (split > 0 && offset < block_size - 1) {
+      sum = parts[(split - 1) * split_diagonals + kSplitKeys + offset] + sum;
+    }
+    const float value = sum * (1.0f / static_cast<float>(block_size));
+    slash[i] = value;
+    values[0][tid] = vertical[i];
+    values[1][tid] = value;
+  }
+  __syncthreads();
+  if (tid < 2) {
+    double total = 0.0;
+    for (int64_t x = 0; x < length; ++x) total += static_cast<double>(values[tid][x]);
+    pooled[(h * 2 + tid) * num_blocks + b] = total;
+  }
+}
+
+template <int kRows>
+void launch_passes(float* vs, float* slash_part, float2* partial, float* lse2, const TcArgs& args,
+                   cudaStream_t stream) {
+  constexpr int kThreads = TileLoop<kRows>::kThreads;
+  const dim3 grid(static_cast<unsigned>(args.num_q_heads), static_cast<unsigned>(args.num_splits));
+  const size_t stats_smem = pass_smem_bytes<kRows>(args.dim_pad, false);
+  MF_CUDA_CHECK(cudaFuncSetAttribute(row_stats_kernel<kRows>,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(stats_smem)));
+  row_stats_kernel<kRows><<<grid, kThreads, stats_smem, stream>>>(partial, args);
+  MF_CUDA_CHECK_LAUNCH();
+  const int64_t num_rows = args.num_q_heads * kRows;
+  row_lse_kernel<<<grid_for(num_rows, 128), 128, 0, stream>>>(lse2, partial, num_rows,
+                                                              args.num_splits, kRows);
+  MF_CUDA_CHECK_LAUNCH();
+  const size_t scores_smem = pass_smem_bytes<kRows>(args.dim_pad, true);
+  MF_CUDA_CHECK(cudaFuncSetAttribute(scores_kernel<kRows>,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(scores_smem)));
+  scores_kernel<kRows><<<grid, kThreads, scores_smem, stream>>>(vs, slash_part, lse2, args);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+size_t fp32_scores_smem_bytes(const SearchShape& s) {
+  const int dim_pad = static_cast<int>(ceil_div(s.head_dim, 16) * 16);
+  return s.block_size == 128 ? pass_smem_bytes<128>(dim_pad, true)
+                             : pass_smem_bytes<64>(dim_pad, true);
+}
+
+void fp32_vertical_slash(float* vs, double* pooled, const bf16* q, const bf16* k,
+                         const SearchShape& s, cudaStream_t stream) {
+  const int64_t bs = s.block_size;
+  const int64_t num_splits = ceil_div(s.seq_len, kSplitKeys);
+  const TcArgs args{q,
+                    k,
+                    s.seq_len,
+                    s.num_q_heads,
+                    s.num_kv_heads,
+                    s.head_dim,
+                    s.group_size,
+                    num_splits,
+                    static_cast<int>(ceil_div(s.head_dim, 16) * 16),
+                    static_cast<float>(s.scale * 1.4426950408889634)};
+  DeviceBuffer<float2> partial(static_cast<size_t>(s.num_q_heads * num_splits * bs));
+  DeviceBuffer<float> lse2(static_cast<size_t>(s.num_q_heads * bs));
+  DeviceBuffer<float> slash_part(
+      static_cast<size_t>(s.num_q_heads * num_splits * (kSplitKeys + bs - 1)));
+  if (bs == 128) {
+    launch_passes<128>(vs, slash_part.data(), partial.data(), lse2.data(), args, stream);
+  } else {
+    launch_passes<64>(vs, slash_part.data(), partial.data(), lse2.data(), args, stream);
+  }
+  pool_kernel<<<dim3(static_cast<unsigned>(s.num_blocks), static_cast<unsigned>(s.num_q_heads)),
+                kPoolThreads, 0, stream>>>(pooled, vs, slash_part.data(), s.seq_len, bs,
+                                           s.num_blocks, num_splits);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace moeforge::cuda

@@ -1,0 +1,84 @@
+// Shared inputs and helpers of the GPU FlexPrefill search tests (flex_prefill_test.cpp for the
+// exact search, flex_prefill_fp32_test.cpp for the fp32 one): shapes, parameters, bf16-valued q
+// and k with query-aware and vertical-slash heads, and a head's selected blocks as a grid.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/rng.h"
+#include "gpu_test_util.h"
+#include "ops/block_sparse_attention.h"
+#include "ops/flex_prefill.h"
+
+namespace moeforge::cuda::testing {
+
+struct Case {
+  int64_t seq_len, num_q_heads, num_kv_heads, head_dim, block_size;
+};
+
+inline std::string describe(const Case& c) {
+  return "N=" + std::to_string(c.seq_len) + " Hq=" + std::to_string(c.num_q_heads) +
+         " Hkv=" + std::to_string(c.num_kv_heads) + " D=" + std::to_string(c.head_dim) +
+         " bs=" + std::to_string(c.block_size);
+}
+
+inline ops::SparseAttentionDims dims_of(const Case& c) {
+  return {c.seq_len, c.num_q_heads, c.num_kv_heads, c.head_dim};
+}
+
+inline ops::FlexPrefillParams params_of(const Case& c, double gamma, double tau) {
+  ops::FlexPrefillParams params;
+  params.gamma = gamma;
+  params.tau = tau;
+  params.min_budget = c.block_size;
+  params.block_size = c.block_size;
+  return params;
+}
+
+// bf16-valued q and k (as floats) with two kinds of heads: even query heads read nearly flat
+// attention (query-aware under tau = 0.1: JS distance about 0.07-0.1), odd ones attend strongly to
+// 8 "sink" keys that the block means hide (vertical-slash: JS distance about 0.25-0.4).
+struct Inputs {
+  std::vector<float> q, k;
+};
+
+inline Inputs make_inputs(const Case& c, uint64_t seed) {
+  Rng rng(seed);
+  const int64_t d = c.head_dim;
+  Inputs in;
+  in.q.resize(c.seq_len * c.num_q_heads * d);
+  in.k.resize(c.seq_len * c.num_kv_heads * d);
+  for (int64_t n = 0; n < c.seq_len; ++n) {
+    for (int64_t h = 0; h < c.num_q_heads; ++h) {
+      float* row = in.q.data() + (n * c.num_q_heads + h) * d;
+      for (int64_t i = 0; i < d; ++i) row[i] = static_cast<float>(0.5 * rng.normal());
+      if (h % 2 == 1) row[0] += static_cast<float>(6.0 * std::sqrt(d / 64.0));
+    }
+  }
+  for (float& v : in.k) v = static_cast<float>(rng.normal());
+  for (int sink = 0; sink < 8; ++sink) {
+    const int64_t n = static_cast<int64_t>(rng.below(static_cast<uint64_t>(c.seq_len)));
+    for (int64_t g = 0; g < c.num_kv_heads; ++g) in.k[(n * c.num_kv_heads + g) * d] += 8.0f;
+  }
+  in.q = round_to_bf16(in.q);
+  in.k = round_to_bf16(in.k);
+  return in;
+}
+
+// The selected blocks of head h as an [nb, nb] 0/1 grid.
+inline std::vector<char> head_grid(const ops::BlockSparseLayout& layout, int64_t h) {
+  const int64_t nb = layout.num_blocks;
+  std::vector<char> grid(nb * nb, 0);
+  for (int64_t r = 0; r < nb; ++r) {
+    const int64_t row = h * nb + r;
+    for (int64_t i = layout.row_offsets[row]; i < layout.row_offsets[row + 1]; ++i) {
+      grid[r * nb + layout.col_idx[i]] = 1;
+    }
+  }
+  return grid;
+}
+
+}  // namespace moeforge::cuda::testing
