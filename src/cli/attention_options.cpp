@@ -2,10 +2,22 @@
 #include "cli/attention_options.h"
 
 #include <cmath>
+#include <string>
 
 #include "core/error.h"
 
 namespace moeforge::cli {
+
+const char* const kFlexSearchHelp =
+    "flex, GPU only: exact (the reference's fp64 pattern search, bit for bit) or fast (bf16 tensor "
+    "cores and fp32: decisions within fp32 noise of a threshold may differ; the CPU always "
+    "searches exactly)";
+
+ops::FlexSearch parse_flex_search(const std::string& name) {
+  MF_CHECK(name == "exact" || name == "fast", "--flex-search must be exact or fast, got '{}'",
+           name);
+  return name == "fast" ? ops::FlexSearch::kFp32 : ops::FlexSearch::kExact;
+}
 
 void add_attention_options(CLI::App* cmd, AttentionOptions& opts) {
   cmd->add_option(
@@ -23,6 +35,7 @@ void add_attention_options(CLI::App* cmd, AttentionOptions& opts) {
       ->capture_default_str();
   cmd->add_option("--block-size", opts.block_size, "flex: block size, 64 or 128")
       ->capture_default_str();
+  cmd->add_option("--flex-search", opts.flex_search, kFlexSearchHelp)->capture_default_str();
 }
 
 PrefillAttention parse_attention_options(const AttentionOptions& opts) {
@@ -39,8 +52,9 @@ PrefillAttention parse_attention_options(const AttentionOptions& opts) {
            "--block-size must be 64 or 128, got {}", opts.block_size);
   PrefillAttention attention;
   attention.flex = opts.attention == "flex";
-  attention.params = ops::FlexPrefillParams{opts.gamma, opts.tau, opts.min_budget, opts.max_budget,
-                                            opts.block_size};
+  attention.params =
+      ops::FlexPrefillParams{opts.gamma,      opts.tau,        opts.min_budget,
+                             opts.max_budget, opts.block_size, parse_flex_search(opts.flex_search)};
   check_prefill_attention(attention);
   return attention;
 }

@@ -1,5 +1,6 @@
 // The prefill attention options shared by `moeforge generate` and `moeforge eval`:
-// --attention dense|flex --gamma --tau --min-budget --max-budget --block-size.
+// --attention dense|flex --gamma --tau --min-budget --max-budget --block-size --flex-search
+// (`moeforge bench prefill` registers its own, with parse_flex_search).
 #pragma once
 
 #include <CLI/CLI.hpp>
@@ -18,11 +19,19 @@ struct AttentionOptions {
   int64_t min_budget = 1024;
   int64_t max_budget = 0;
   int64_t block_size = 128;
+  std::string flex_search = "exact";
 };
 
 void add_attention_options(CLI::App* cmd, AttentionOptions& opts);
 
 // Throws moeforge::Error naming the option if a value is invalid (checked whatever --attention).
 PrefillAttention parse_attention_options(const AttentionOptions& opts);
+
+// The --flex-search value: "exact" or "fast" (ops::FlexSearch::kFp32); throws moeforge::Error
+// naming the option otherwise.
+ops::FlexSearch parse_flex_search(const std::string& name);
+
+// --flex-search's help text.
+extern const char* const kFlexSearchHelp;
 
 }  // namespace moeforge::cli

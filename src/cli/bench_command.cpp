@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "cli/attention_options.h"
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/rng.h"
@@ -192,8 +193,8 @@ void register_bench_command(CLI::App& app) {
       "prefill",
       "Causal prefill attention of one sequence per length: dense (cuDNN SDPA and our "
       "block-sparse kernel over every causal block) against FlexPrefill (GPU pattern search, "
-      "then our block-sparse kernel), with the selection's density; prints one JSON line per "
-      "length as it finishes (JSONL)");
+      "exact and fast both timed, with their agreement; then our block-sparse kernel), with the "
+      "selection's density; prints one JSON line per length as it finishes (JSONL)");
   prefill->add_option("--seq", prefill_opt->seqs, "Sequence lengths")
       ->delimiter(',')
       ->capture_default_str();
@@ -217,9 +218,16 @@ void register_bench_command(CLI::App& app) {
       ->capture_default_str();
   prefill->add_option("--block-size", prefill_opt->params.block_size, "64 or 128")
       ->capture_default_str();
+  auto flex_search = std::make_shared<std::string>("exact");
+  prefill
+      ->add_option("--flex-search", *flex_search,
+                   "Pattern search whose selection the sparse attention runs on: exact or fast "
+                   "(both are timed: flex_select_ms, flex_select_fast_ms)")
+      ->capture_default_str();
   prefill->add_option("--repeats", prefill_opt->repeats, "Timed repeats (median)")
       ->capture_default_str();
-  prefill->callback([prefill_opt] {
+  prefill->callback([prefill_opt, flex_search] {
+    prefill_opt->params.search = parse_flex_search(*flex_search);
 #if MOEFORGE_HAVE_CUDA
     cuda::run_prefill_bench(*prefill_opt, [](const nlohmann::json& line) {
       fmt::print("{}\n", line.dump());

@@ -67,6 +67,44 @@ T device_sum(const DeviceBuffer<T>& buffer) {
   return std::accumulate(host.begin(), host.end(), T{0});
 }
 
+// The fraction of the selection's (head, causal block) pairs it holds.
+double density(const FlexPrefillDeviceSelection& selection) {
+  const double causal_blocks = static_cast<double>(selection.num_heads) *
+                               static_cast<double>(selection.num_blocks) *
+                               static_cast<double>(selection.num_blocks + 1) / 2.0;
+  return static_cast<double>(device_sum(selection.num_selected_blocks)) / causal_blocks;
+}
+
+// The fraction of (head, causal block) pairs that a and b (same shape) both select or both skip:
+// one minus the size of the symmetric difference of their block sets over all causal blocks.
+double selection_agreement(const ops::FlexPrefillSelection& a, const ops::FlexPrefillSelection& b) {
+  const ops::BlockSparseLayout& x = a.layout;
+  const ops::BlockSparseLayout& y = b.layout;
+  const int64_t num_rows = x.num_heads * x.num_blocks;
+  int64_t differ = 0;
+  for (int64_t row = 0; row < num_rows; ++row) {
+    // Both rows list their key blocks ascending: merge them, counting the unmatched ones.
+    int64_t i = x.row_offsets[row], j = y.row_offsets[row];
+    const int64_t i_end = x.row_offsets[row + 1], j_end = y.row_offsets[row + 1];
+    while (i < i_end || j < j_end) {
+      if (j == j_end || (i < i_end && x.col_idx[i] < y.col_idx[j])) {
+        ++differ;
+        ++i;
+      } else if (i == i_end || y.col_idx[j] < x.col_idx[i]) {
+        ++differ;
+        ++j;
+      } else {
+        ++i;
+        ++j;
+      }
+    }
+  }
+  const double causal_blocks = static_cast<double>(x.num_heads) *
+                               static_cast<double>(x.num_blocks) *
+                               static_cast<double>(x.num_blocks + 1) / 2.0;
+  return 1.0 - static_cast<double>(differ) / causal_blocks;
+}
+
 }  // namespace
 
 void run_prefill_bench(const PrefillBenchOptions& options,
@@ -129,11 +167,28 @@ void run_prefill_bench(const PrefillBenchOptions& options,
                                      dense.view(), dims, nullptr, BlockSparseKernel::tensor_core);
     });
 
-    FlexPrefillDeviceSelection selection;
+    // Both pattern searches are timed; the one --flex-search names feeds the sparse attention.
+    ops::FlexPrefillParams exact_params = opt.params, fast_params = opt.params;
+    exact_params.search = ops::FlexSearch::kExact;
+    fast_params.search = ops::FlexSearch::kFp32;
+    FlexPrefillDeviceSelection exact, fast;
     time_into(entry, "flex_select", opt.repeats, [&] {
-      flex_prefill_select(selection, in.q.data(), in.k.data(), dims, opt.params, nullptr);
+      flex_prefill_select(exact, in.q.data(), in.k.data(), dims, exact_params, nullptr);
     });
-    if (entry.contains("flex_select_ms")) {
+    time_into(entry, "flex_select_fast", opt.repeats, [&] {
+      flex_prefill_select(fast, in.q.data(), in.k.data(), dims, fast_params, nullptr);
+    });
+    if (entry.contains("flex_select_ms") && entry.contains("flex_select_fast_ms")) {
+      entry["search_agreement"] =
+          selection_agreement(download_selection(exact), download_selection(fast));
+      entry["density_fast"] = density(fast);
+      entry["query_aware_heads_fast"] = device_sum(fast.query_aware);
+    }
+    const bool use_fast = opt.params.search == ops::FlexSearch::kFp32;
+    entry["flex_search"] = ops::flex_search_name(opt.params.search);
+    const char* select_key = use_fast ? "flex_select_fast_ms" : "flex_select_ms";
+    if (entry.contains(select_key)) {
+      const FlexPrefillDeviceSelection& selection = use_fast ? fast : exact;
       const DeviceBlockSparseLayout view{selection.row_offsets.data(), selection.col_idx.data(),
                                          selection.num_heads, selection.num_blocks,
                                          selection.block_size};
@@ -141,20 +196,18 @@ void run_prefill_bench(const PrefillBenchOptions& options,
         block_sparse_attention_forward(out.data(), lse.data(), in.q.data(), in.k.data(),
                                        in.v.data(), view, dims, nullptr);
       });
-      const double causal_blocks = static_cast<double>(opt.num_heads) *
-                                   static_cast<double>(selection.num_blocks) *
-                                   static_cast<double>(selection.num_blocks + 1) / 2.0;
       entry["dense_fallback"] = selection.dense_fallback;
-      entry["density"] =
-          static_cast<double>(device_sum(selection.num_selected_blocks)) / causal_blocks;
+      entry["density"] = density(selection);
       entry["query_aware_heads"] = device_sum(selection.query_aware);
     }
     const auto ms = [&](const char* key) {
       return entry.contains(key) ? entry[key].get<double>() : -1.0;
     };
-    const double cudnn_ms = ms("dense_cudnn_ms"), select_ms = ms("flex_select_ms");
+    const double cudnn_ms = ms("dense_cudnn_ms"), exact_ms = ms("flex_select_ms");
+    const double fast_ms = ms("flex_select_fast_ms"), select_ms = ms(select_key);
     const double flex_ms = ms("flex_attention_ms"), ours_ms = ms("dense_ours_ms");
-    if (cudnn_ms > 0 && select_ms > 0) entry["select_over_dense_cudnn"] = select_ms / cudnn_ms;
+    if (cudnn_ms > 0 && exact_ms > 0) entry["select_over_dense_cudnn"] = exact_ms / cudnn_ms;
+    if (cudnn_ms > 0 && fast_ms > 0) entry["select_fast_over_dense_cudnn"] = fast_ms / cudnn_ms;
     if (cudnn_ms > 0 && select_ms > 0 && flex_ms > 0) {
       entry["flex_speedup_over_dense_cudnn"] = cudnn_ms / (select_ms + flex_ms);
     }

@@ -1,7 +1,8 @@
 // `moeforge bench prefill`: one sequence's causal prefill attention per length, dense (cuDNN's
 // fused SDPA and our block-sparse kernel over every causal block) against FlexPrefill (the GPU
-// pattern search, then our block-sparse kernel over its selection), on random inputs or on the
-// q/k/v of a real model layer (`moeforge generate --dump-qkv`).
+// pattern search, exact and fp32 side by side, then our block-sparse kernel over the selection of
+// params.search), on random inputs or on the q/k/v of a real model layer
+// (`moeforge generate --dump-qkv`).
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -28,9 +29,13 @@ struct PrefillBenchOptions {
 };
 
 // Calls emit once per length, as soon as it is measured, with {"seq", "heads", ..., "gamma", ...,
-// "dense_cudnn_ms", "dense_ours_ms", "flex_select_ms", "flex_attention_ms", "density",
-// "query_aware_heads", ...}; a part that cannot run (cuDNN's head_dim limit, say) carries an
-// "..._error" string instead of its time. Progress goes to stderr.
+// "dense_cudnn_ms", "dense_ours_ms", "flex_select_ms" (the exact search), "flex_select_fast_ms"
+// (the fp32 search), "select_over_dense_cudnn", "select_fast_over_dense_cudnn",
+// "search_agreement" (the fraction of (head, causal block) pairs on which the two searches agree),
+// "density_fast", "query_aware_heads_fast", "flex_search" (the search params.search names, whose
+// selection the next keys describe), "flex_attention_ms", "density", "query_aware_heads",
+// "flex_speedup_over_dense_cudnn", ...}; a part that cannot run (cuDNN's head_dim limit, say)
+// carries an "..._error" string instead of its time. Progress goes to stderr.
 void run_prefill_bench(const PrefillBenchOptions& options,
                        const std::function<void(const nlohmann::json&)>& emit);
 

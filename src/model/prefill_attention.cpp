@@ -25,11 +25,9 @@ PrefillStatsSummary summarize_prefill_stats(const std::vector<PrefillLayerStats>
 }
 
 nlohmann::json flex_prefill_params_json(const ops::FlexPrefillParams& params) {
-  return {{"gamma", params.gamma},
-          {"tau", params.tau},
-          {"min_budget", params.min_budget},
-          {"max_budget", params.max_budget},
-          {"block_size", params.block_size}};
+  return {{"gamma", params.gamma},           {"tau", params.tau},
+          {"min_budget", params.min_budget}, {"max_budget", params.max_budget},
+          {"block_size", params.block_size}, {"search", ops::flex_search_name(params.search)}};
 }
 
 nlohmann::json prefill_stats_json(const std::vector<PrefillLayerStats>& layers) {

@@ -41,7 +41,7 @@ void check_prefill_attention(const PrefillAttention& attention);
 
 PrefillStatsSummary summarize_prefill_stats(const std::vector<PrefillLayerStats>& layers);
 
-// {"gamma", "tau", "min_budget", "max_budget", "block_size"}
+// {"gamma", "tau", "min_budget", "max_budget", "block_size", "search" ("exact" or "fast")}
 nlohmann::json flex_prefill_params_json(const ops::FlexPrefillParams& params);
 
 // {"mean_density", "query_aware_heads", "dense_fallback_layers", "layers": [{"layer",

@@ -203,6 +203,17 @@ class CliTest(unittest.TestCase):
         self.assertTrue(flex["sparse_prefill"])
         self.assertEqual(len(flex["layers"]), TINY_MODEL["num_hidden_layers"])
         self.assertTrue(0.0 < flex["mean_density"] <= 1.0)
+        # The fp32 pattern search end to end (head_dim 8: a multiple of 8, as it needs).
+        fast_path = os.path.join(self.tmp, "cuda-flex-fast-stats.json")
+        run([MOEFORGE, "generate", "--model", model, "--prompt", prompt, "--max-new-tokens", "4",
+             "--temperature", "0", "--device", "cuda", "--attention", "flex", "--gamma", "0.5",
+             "--min-budget", "64", "--block-size", "64", "--flex-search", "fast",
+             "--attention-stats", fast_path])
+        with open(fast_path) as f:
+            fast = json.load(f)
+        self.assertEqual(fast["params"]["search"], "fast")
+        self.assertTrue(fast["sparse_prefill"])
+        self.assertTrue(0.0 < fast["mean_density"] <= 1.0)
         tasks = self.synth_tasks("cuda-tasks.jsonl")
         reports = {device: json.loads(run([MOEFORGE, "eval", "--model", model, "--task", tasks,
                                            "--device", device]).stdout) for device in ("cpu", "cuda")}
@@ -477,6 +488,7 @@ class CliTest(unittest.TestCase):
             self.assertIn(key, stats)
         self.assertEqual(stats["attention"], "flex")
         self.assertEqual(stats["params"]["block_size"], 64)
+        self.assertEqual(stats["params"]["search"], "exact")
         self.assertGreater(stats["prompt_tokens"], 2 * 64)
         self.assertTrue(stats["sparse_prefill"])
         self.assertEqual(stats["dense_fallback_layers"], 0)
@@ -491,8 +503,15 @@ class CliTest(unittest.TestCase):
                 self.assertGreater(head["density"], 0.0)
                 self.assertLessEqual(head["density"], 1.0)
         self.assertLessEqual(stats["mean_density"], 1.0)
+        # The CPU always searches exactly: --flex-search fast changes only the recorded setting.
+        fast_path = os.path.join(self.tmp, "flex-stats-fast.json")
+        run(generate + sparse + ["--flex-search", "fast", "--attention-stats", fast_path])
+        with open(fast_path) as f:
+            fast = json.load(f)
+        self.assertEqual(fast["params"]["search"], "fast")
+        self.assertEqual(fast["layers"], stats["layers"])
         for args in (["--gamma", "0"], ["--block-size", "100"], ["--attention", "sparse"],
-                     ["--min-budget", "0"]):
+                     ["--min-budget", "0"], ["--flex-search", "approx"]):
             proc = run(generate + args, check=False)
             self.assertEqual(proc.returncode, 1, args)
             self.assertIn(args[0], proc.stderr)
