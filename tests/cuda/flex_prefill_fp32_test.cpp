@@ -28,14 +28,14 @@
 namespace moeforge::cuda {
 namespace {
 
-using testing::Case;
-using testing::describe;
-using testing::dims_of;
+using testing::flex::Case;
+using testing::flex::describe;
+using testing::flex::dims_of;
 using testing::expect_equal;
-using testing::head_grid;
-using testing::Inputs;
-using testing::make_inputs;
-using testing::params_of;
+using testing::flex::head_grid;
+using testing::flex::Inputs;
+using testing::flex::make_inputs;
+using testing::flex::params_of;
 using testing::to_device;
 
 // Block sizes 64 and 128, GQA groups 1 to 4, N not a multiple of the block (and 1024), head_dim 64,

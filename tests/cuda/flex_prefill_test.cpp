@@ -24,14 +24,14 @@
 namespace moeforge::cuda {
 namespace {
 
-using testing::Case;
-using testing::describe;
-using testing::dims_of;
+using testing::flex::Case;
+using testing::flex::describe;
+using testing::flex::dims_of;
 using testing::expect_equal;
-using testing::head_grid;
-using testing::Inputs;
-using testing::make_inputs;
-using testing::params_of;
+using testing::flex::head_grid;
+using testing::flex::Inputs;
+using testing::flex::make_inputs;
+using testing::flex::params_of;
 using testing::to_device;
 
 // N not a multiple of the block size except 1024; GQA groups 1, 2, 3, 4 and 8; head dims 64 and

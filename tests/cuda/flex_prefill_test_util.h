@@ -13,7 +13,10 @@
 #include "ops/block_sparse_attention.h"
 #include "ops/flex_prefill.h"
 
-namespace moeforge::cuda::testing {
+// Its own namespace: the test binary links every tests/cuda file, and another helper header
+// (attention_test_util.h) defines a different testing::Inputs, so sharing that namespace broke
+// the one-definition rule (its destructor ran on these Inputs: a host segfault on the H200).
+namespace moeforge::cuda::testing::flex {
 
 struct Case {
   int64_t seq_len, num_q_heads, num_kv_heads, head_dim, block_size;
@@ -81,4 +84,4 @@ inline std::vector<char> head_grid(const ops::BlockSparseLayout& layout, int64_t
   return grid;
 }
 
-}  // namespace moeforge::cuda::testing
+}  // namespace moeforge::cuda::testing::flex
