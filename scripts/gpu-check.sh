@@ -13,7 +13,8 @@
 #   oracle    the Hugging Face oracle (scripts/hf_oracle.py) against the installed transformers
 #   bench     `moeforge bench train` on configs/bench/moe-1.8b-a0.4b.json (recompute modes from
 #             BENCH_RECOMPUTE, default "none selective"), then the PyTorch baseline of
-#             ../shared/anchors (torch.compile + grouped_mm) in the same run
+#             ../shared/anchors (torch.compile + grouped_mm) in the same run, each with its
+#             median SM clock and power (nvidia-smi samples)
 #   all       build, test, sanitize, oracle, lab, prefill, bench
 # Usage: scripts/gpu-check.sh [stage...] (default: all). Outputs land in $OUT
 # (default /tmp/moeforge-gpu-check). The cuDNN frontend headers come from scripts/setup.sh
@@ -118,10 +119,26 @@ for stage in "${stages[@]}"; do
       done
       ;;
     bench)
+      # SM clock and power every 50 ms while each run goes (a sustained step may run below the
+      # boost clock that isolated kernels see, e.g. under ncu); medians over the busy samples printed
+      # after each run.
+      start_clocks() {
+        nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -lms 50 \
+          > "$OUT/clocks_$1.csv" 2> /dev/null &
+        clock_pid=$!
+      }
+      stop_clocks() {
+        kill "$clock_pid" 2> /dev/null || true
+        wait "$clock_pid" 2> /dev/null || true
+        python3 -c 'import sys, statistics as s; r = [(float(a), float(b)) for a, b in (l.split(",") for l in open(sys.argv[1]) if "," in l)]; busy = [x for x in r if x[1] > 300] or [(0.0, 0.0)]; print(sys.argv[2], "while busy (power > 300 W):", len(busy), "samples, median SM clock", s.median(a for a, _ in busy), "MHz, median power", s.median(b for _, b in busy), "W")' \
+          "$OUT/clocks_$1.csv" "$1" 2> /dev/null || true
+      }
       for recompute in ${BENCH_RECOMPUTE:-none selective}; do
+        start_clocks "moeforge_$recompute"
         build-gpu/moeforge bench train --config configs/bench/moe-1.8b-a0.4b.json --steps 10 \
           --warmup 3 --recompute "$recompute" > "$OUT/bench_train_$recompute.json" \
           2> "$OUT/bench_train_$recompute.log" || { tail -n 20 "$OUT/bench_train_$recompute.log"; rc=1; }
+        stop_clocks "moeforge_$recompute"
         cat "$OUT/bench_train_$recompute.json"
       done
       baseline=${TORCH_BASELINE:-}
@@ -129,8 +146,10 @@ for stage in "${stages[@]}"; do
         [ -z "$baseline" ] && [ -f "$candidate" ] && baseline=$candidate
       done
       if [ -n "$baseline" ]; then
+        start_clocks torch
         python3 "$baseline" --grouped 1 --compile 1 --steps 10 > "$OUT/torch_baseline.json" \
           2> "$OUT/torch_baseline.log" || { tail -n 20 "$OUT/torch_baseline.log"; rc=1; }
+        stop_clocks torch
         tail -n 1 "$OUT/torch_baseline.json"
       else
         echo "torch_moe_baseline.py not found (set TORCH_BASELINE)"

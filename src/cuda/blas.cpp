@@ -174,8 +174,9 @@ void Blas::linear_backward_input(void* dx, OutType out, const bf16* dy, const bf
 }
 
 void Blas::linear_backward_weight(float* dw, const bf16* dy, const bf16* x, int64_t n, int64_t in,
-                                  int64_t out_features, cudaStream_t stream) {
-  matmul(dw, OutType::kFloat, dy, x, MatmulShape{out_features, in, n, true, false}, true, stream);
+                                  int64_t out_features, bool accumulate, cudaStream_t stream) {
+  matmul(dw, OutType::kFloat, dy, x, MatmulShape{out_features, in, n, true, false}, accumulate,
+         stream);
 }
 
 }  // namespace moeforge::cuda

@@ -47,9 +47,9 @@ class Blas {
   void linear_backward_input(void* dx, OutType out, const bf16* dy, const bf16* w, int64_t n,
                              int64_t in, int64_t out_features, bool accumulate,
                              cudaStream_t stream);
-  // dw [out, in] (fp32) += dy^T x.
+  // dw [out, in] (fp32) = dy^T x, or += when accumulate (beta = 0 reads no dw).
   void linear_backward_weight(float* dw, const bf16* dy, const bf16* x, int64_t n, int64_t in,
-                              int64_t out_features, cudaStream_t stream);
+                              int64_t out_features, bool accumulate, cudaStream_t stream);
 
  private:
   struct Plan;

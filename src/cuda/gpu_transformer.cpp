@@ -133,6 +133,43 @@ GpuTransformer::GpuTransformer(const ModelConfig& config, Recompute recompute)
   rope_cos_.upload(table.cos);
   rope_sin_.upload(table.sin);
   layers_.resize(static_cast<size_t>(config_.num_layers));
+  find_accumulated_ranges();
+}
+
+void GpuTransformer::find_accumulated_ranges() {
+  const int64_t h = config_.hidden_size, qd = config_.q_dim(), kvd = config_.kv_dim();
+  const int64_t num_experts = config_.num_experts, f = config_.moe_intermediate_size;
+  const int64_t ffn = config_.intermediate_size;
+  std::vector<std::pair<int64_t, int64_t>> assigned;
+  const auto add = [&](int64_t offset, int64_t count) {
+    if (offset >= 0) assigned.emplace_back(offset, count);
+  };
+  for (int64_t l = 0; l < config_.num_layers; ++l) {
+    const LayerOffsets& o = layout_.layer(l);
+    add(o.q_proj, qd * h);
+    add(o.k_proj, kvd * h);
+    add(o.v_proj, kvd * h);
+    add(o.o_proj, h * qd);
+    add(o.router, num_experts * h);
+    add(o.mlp_gate, ffn * h);
+    add(o.mlp_up, ffn * h);
+    add(o.mlp_down, h * ffn);
+    if (grouped_experts_) {
+      add(o.experts_gate, num_experts * f * h);
+      add(o.experts_up, num_experts * f * h);
+      add(o.experts_down, num_experts * h * f);
+    }
+  }
+  // Tied or not: the head's first chunk assigns; a tied embedding's backward adds to it later.
+  add(layout_.lm_head(), config_.vocab_size * h);
+  std::sort(assigned.begin(), assigned.end());
+  int64_t next = 0;
+  for (const auto& [offset, count] : assigned) {
+    if (offset > next) accumulated_ranges_.emplace_back(next, offset - next);
+    next = std::max(next, offset + count);
+  }
+  if (next < layout_.num_params())
+    accumulated_ranges_.emplace_back(next, layout_.num_params() - next);
 }
 
 GpuTransformer::~GpuTransformer() {
@@ -402,12 +439,12 @@ void GpuTransformer::expert_backward_weight(float* dw, const bf16* dy, const bf1
                                             int64_t out, const Layer& a) {
   if (grouped_experts_) {
     grouped_.backward_weight(dw, dy, x, a.expert_offsets.data(), {config_.num_experts, in, out},
-                             stream_);
+                             accumulate_grads_, stream_);
     return;
   }
   for_each_expert_rows(a.host_offsets, [&](int64_t e, int64_t begin, int64_t count) {
     blas_.linear_backward_weight(dw + e * out * in, dy + begin * out, x + begin * in, count, in,
-                                 out, stream_);
+                                 out, true, stream_);
   });
 }
 
@@ -442,7 +479,7 @@ void GpuTransformer::head_forward_backward(bool backward, float dscale) {
     blas_.linear_backward_input(s.dln.data() + r0 * h, OutType::kFloat, s.dlogits.data(),
                                 wb(layout_.lm_head()), rows, h, vocab, false, stream_);
     blas_.linear_backward_weight(g(layout_.lm_head()), s.dlogits.data(), s.lnf.data() + r0 * h,
-                                 rows, h, vocab, stream_);
+                                 rows, h, vocab, accumulate_grads_ || r0 > 0, stream_);
   }
 }
 
@@ -490,7 +527,7 @@ void GpuTransformer::moe_backward(int64_t l, float d_aux, float d_z) {
   blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.drouter.data(), wb(o.router), n, h,
                               num_experts, true, stream_);
   blas_.linear_backward_weight(g(o.router), s.drouter.data(), a.ln2_ptr, n, h, num_experts,
-                               stream_);
+                               accumulate_grads_, stream_);
 }
 
 void GpuTransformer::dense_ffn_backward(int64_t l) {
@@ -501,15 +538,18 @@ void GpuTransformer::dense_ffn_backward(int64_t l) {
   cast_to_bf16(s.dres_bf16.data(), s.dres.data(), n * h, stream_);
   blas_.linear_backward_input(s.dh_gate.data(), OutType::kBf16, s.dres_bf16.data(), wb(o.mlp_down),
                               n, ffn, h, false, stream_);
-  blas_.linear_backward_weight(g(o.mlp_down), s.dres_bf16.data(), a.h_act_ptr, n, ffn, h, stream_);
+  blas_.linear_backward_weight(g(o.mlp_down), s.dres_bf16.data(), a.h_act_ptr, n, ffn, h,
+                               accumulate_grads_, stream_);
   swiglu_backward(s.dh_gate.data(), s.dh_up.data(), s.dh_gate.data(), a.h_gate.data(),
                   a.h_up.data(), n * ffn, stream_);
   blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.dh_gate.data(), wb(o.mlp_gate), n, h,
                               ffn, false, stream_);
   blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.dh_up.data(), wb(o.mlp_up), n, h,
                               ffn, true, stream_);
-  blas_.linear_backward_weight(g(o.mlp_gate), s.dh_gate.data(), a.ln2_ptr, n, h, ffn, stream_);
-  blas_.linear_backward_weight(g(o.mlp_up), s.dh_up.data(), a.ln2_ptr, n, h, ffn, stream_);
+  blas_.linear_backward_weight(g(o.mlp_gate), s.dh_gate.data(), a.ln2_ptr, n, h, ffn,
+                               accumulate_grads_, stream_);
+  blas_.linear_backward_weight(g(o.mlp_up), s.dh_up.data(), a.ln2_ptr, n, h, ffn, accumulate_grads_,
+                               stream_);
 }
 
 void GpuTransformer::attention_backward(int64_t l, int64_t batch, int64_t seq) {
@@ -521,7 +561,8 @@ void GpuTransformer::attention_backward(int64_t l, int64_t batch, int64_t seq) {
   cast_to_bf16(s.dres_bf16.data(), s.dres.data(), n * h, stream_);
   blas_.linear_backward_input(s.datt.data(), OutType::kBf16, s.dres_bf16.data(), wb(o.o_proj), n,
                               qd, h, false, stream_);
-  blas_.linear_backward_weight(g(o.o_proj), s.dres_bf16.data(), a.att.data(), n, qd, h, stream_);
+  blas_.linear_backward_weight(g(o.o_proj), s.dres_bf16.data(), a.att.data(), n, qd, h,
+                               accumulate_grads_, stream_);
   attention_.backward(s.dq.data(), s.dk.data(), s.dv.data(), s.datt.data(), a.q.data(), a.k.data(),
                       a.v.data(), a.att.data(), a.lse.data(),
                       AttentionShape{batch, seq, config_.num_heads, config_.num_kv_heads, d},
@@ -538,7 +579,8 @@ void GpuTransformer::attention_backward(int64_t l, int64_t batch, int64_t seq) {
     if (config_.attention_bias) column_sum_accumulate(g(o.q_bias), dqkv, n, width, stream_);
     blas_.linear_backward_input(s.dln.data(), OutType::kFloat, dqkv, wb(o.q_proj), n, h, width,
                                 false, stream_);
-    blas_.linear_backward_weight(g(o.q_proj), dqkv, a.ln1_ptr, n, h, width, stream_);
+    blas_.linear_backward_weight(g(o.q_proj), dqkv, a.ln1_ptr, n, h, width, accumulate_grads_,
+                                 stream_);
   } else {
     attention_projections_backward_unpacked(l);
   }
@@ -577,13 +619,15 @@ void GpuTransformer::attention_projections_backward_unpacked(int64_t l) {
                               stream_);
   blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.dv.data(), wb(o.v_proj), n, h, kvd,
                               true, stream_);
-  blas_.linear_backward_weight(g(o.q_proj), dq, a.ln1_ptr, n, h, qd, stream_);
-  blas_.linear_backward_weight(g(o.k_proj), dk, a.ln1_ptr, n, h, kvd, stream_);
-  blas_.linear_backward_weight(g(o.v_proj), s.dv.data(), a.ln1_ptr, n, h, kvd, stream_);
+  blas_.linear_backward_weight(g(o.q_proj), dq, a.ln1_ptr, n, h, qd, accumulate_grads_, stream_);
+  blas_.linear_backward_weight(g(o.k_proj), dk, a.ln1_ptr, n, h, kvd, accumulate_grads_, stream_);
+  blas_.linear_backward_weight(g(o.v_proj), s.dv.data(), a.ln1_ptr, n, h, kvd, accumulate_grads_,
+                               stream_);
 }
 
 LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int32_t* targets,
-                                               int64_t batch, int64_t seq, double dloss) {
+                                               int64_t batch, int64_t seq, double dloss,
+                                               GradMode grad_mode) {
   MF_CHECK(batch > 0 && seq > 0, "forward needs a non-empty batch, got [{}, {}]", batch, seq);
   MF_CHECK(seq <= config_.max_position_embeddings,
            "sequence length {} exceeds max_position_embeddings {}", seq,
@@ -601,6 +645,13 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
   }
   const bool backward = dloss != 0.0;
   resize(batch, seq);
+  accumulate_grads_ = grad_mode == GradMode::kAccumulate;
+  if (backward && !accumulate_grads_) {
+    for (const auto& [offset, count] : accumulated_ranges_) {
+      MF_CUDA_CHECK(cudaMemsetAsync(grads_.data() + offset, 0,
+                                    static_cast<size_t>(count) * sizeof(float), stream_));
+    }
+  }
   Scratch& s = *scratch_;
   const int64_t h = config_.hidden_size;
   const auto eps = static_cast<float>(config_.rms_norm_eps);

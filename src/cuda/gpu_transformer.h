@@ -37,6 +37,11 @@ namespace moeforge::cuda {
 
 enum class Recompute { kNone, kSelective };
 
+// What a backward does with the gradient buffer: add to it (later micro-batches), or assign this
+// micro-batch's gradients (the first one: no zeroing beforehand, and the weight-gradient GEMMs
+// write their output without reading it).
+enum class GradMode { kAccumulate, kAssign };
+
 // "none" or "selective"; throws on anything else.
 Recompute parse_recompute(const std::string& name);
 
@@ -68,10 +73,12 @@ class GpuTransformer {
   float* grads() { return grads_.data(); }
 
   // tokens, targets [batch, seq] on the host (target -1: ignored). With dloss != 0, also runs the
-  // backward and accumulates dloss * d(loss)/d(params) into the gradients (+=). Returns the loss
-  // as Transformer<float>::forward does.
+  // backward and adds dloss * d(loss)/d(params) to the gradients (kAccumulate), or makes it the
+  // gradients whatever the buffer held (kAssign). Returns the loss as Transformer<float>::forward
+  // does.
   LossBreakdown forward_backward(const int32_t* tokens, const int32_t* targets, int64_t batch,
-                                 int64_t seq, double dloss);
+                                 int64_t seq, double dloss,
+                                 GradMode grad_mode = GradMode::kAccumulate);
 
   // Per MoE layer statistics of the last forward (aux and z loss, assignments per expert).
   const std::vector<MoeFfnStats>& moe_stats() const { return moe_stats_; }
@@ -91,6 +98,9 @@ class GpuTransformer {
   struct Scratch;
 
   void resize(int64_t batch, int64_t seq);
+  // The gradient ranges no weight-gradient GEMM assigns (norm weights, biases, the embedding, the
+  // experts on the per-expert path): zeroed before a kAssign backward.
+  void find_accumulated_ranges();
   // Checks the size of a flat [num_params] host array and copies it into dst.
   void upload_flat(DeviceBuffer<float>& dst, const std::vector<float>& host, const char* what);
   void attention_forward(int64_t l, int64_t batch, int64_t seq);
@@ -140,6 +150,8 @@ class GpuTransformer {
   std::vector<Layer> layers_;
   std::vector<MoeFfnStats> moe_stats_;
   float* host_logits_ = nullptr;  // set by forward_logits: where the head copies its logits
+  bool accumulate_grads_ = true;  // the current backward's GradMode
+  std::vector<std::pair<int64_t, int64_t>> accumulated_ranges_;  // (offset, count)
   std::unique_ptr<Scratch> scratch_;
 };
 

@@ -262,29 +262,37 @@ TEST(BlasCuda, LinearBackwardInputMatchesReference) {
   }
 }
 
-TEST(BlasCuda, LinearBackwardWeightAccumulates) {
+TEST(BlasCuda, LinearBackwardWeightAssignsAndAccumulates) {
   MF_REQUIRE_GPU();
   Blas blas;
   uint64_t seed = 300;
   for (const LinearCase& lc : kLinearCases) {
-    SCOPED_TRACE("n=" + std::to_string(lc.n) + " in=" + std::to_string(lc.in) +
-                 " out=" + std::to_string(lc.out_features));
-    const int64_t n = lc.n, in = lc.in, out_f = lc.out_features;
-    const std::vector<bf16> dy = to_bf16(testing::random_normal(n * out_f, seed++));
-    const std::vector<bf16> x = to_bf16(testing::random_normal(n * in, seed++));
-    const std::vector<float> dw_start = testing::random_normal(out_f * in, seed++);
-    const std::vector<double> dy_d = to_double(dy), x_d = to_double(x);
-    std::vector<double> dw_ref = to_double(dw_start);
-    const std::vector<double> unused_w(out_f * in, 0.0);
-    ops::linear_backward<double>(nullptr, dw_ref.data(), nullptr, dy_d.data(), x_d.data(),
-                                 unused_w.data(), n, in, out_f);
-    std::vector<double> magnitude = abs_product(transpose(dy_d, n, out_f), x_d, out_f, in, n);
-    for (int64_t i = 0; i < out_f * in; ++i) magnitude[i] += std::abs(dw_start[i]);
+    for (const bool accumulate : {true, false}) {
+      SCOPED_TRACE("n=" + std::to_string(lc.n) + " in=" + std::to_string(lc.in) + " out=" +
+                   std::to_string(lc.out_features) + (accumulate ? " accumulate" : " assign"));
+      const int64_t n = lc.n, in = lc.in, out_f = lc.out_features;
+      const std::vector<bf16> dy = to_bf16(testing::random_normal(n * out_f, seed++));
+      const std::vector<bf16> x = to_bf16(testing::random_normal(n * in, seed++));
+      const std::vector<float> dw_start = testing::random_normal(out_f * in, seed++);
+      const std::vector<double> dy_d = to_double(dy), x_d = to_double(x);
+      std::vector<double> dw_ref =
+          accumulate ? to_double(dw_start) : std::vector<double>(out_f * in, 0.0);
+      const std::vector<double> unused_w(out_f * in, 0.0);
+      ops::linear_backward<double>(nullptr, dw_ref.data(), nullptr, dy_d.data(), x_d.data(),
+                                   unused_w.data(), n, in, out_f);
+      std::vector<double> magnitude = abs_product(transpose(dy_d, n, out_f), x_d, out_f, in, n);
+      if (accumulate) {
+        for (int64_t i = 0; i < out_f * in; ++i) magnitude[i] += std::abs(dw_start[i]);
+      }
 
-    DeviceBuffer<bf16> dy_dev = to_device(dy), x_dev = to_device(x);
-    DeviceBuffer<float> dw = to_device(dw_start);
-    blas.linear_backward_weight(dw.data(), dy_dev.data(), x_dev.data(), n, in, out_f, nullptr);
-    expect_close("dw", download_double(dw), dw_ref, gemm_noise(magnitude, n));
+      DeviceBuffer<bf16> dy_dev = to_device(dy), x_dev = to_device(x);
+      DeviceBuffer<float> dw = to_device(dw_start);
+      // Assigning must not read dw: it starts as NaN.
+      if (!accumulate) testing::fill_garbage(dw);
+      blas.linear_backward_weight(dw.data(), dy_dev.data(), x_dev.data(), n, in, out_f, accumulate,
+                                  nullptr);
+      expect_close("dw", download_double(dw), dw_ref, gemm_noise(magnitude, n));
+    }
   }
 }
 
