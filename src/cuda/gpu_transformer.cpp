@@ -350,11 +350,9 @@ void GpuTransformer::attention_forward(int64_t l, int64_t batch, int64_t seq) {
   attention_.forward(a.att.data(), a.lse.data(), a.q.data(), a.k.data(), a.v.data(),
                      AttentionShape{batch, seq, config_.num_heads, config_.num_kv_heads, d},
                      stream_);
-  // x_mid = x_in + att W_o^T: the GEMM accumulates onto a copy of the residual.
-  MF_CUDA_CHECK(cudaMemcpyAsync(a.x_mid.data(), a.x_in.data(), a.x_in.bytes(),
-                                cudaMemcpyDeviceToDevice, stream_));
-  blas_.linear_forward(a.x_mid.data(), OutType::kFloat, a.att.data(), wb(o.o_proj), nullptr, n, qd,
-                       h, true, stream_);
+  // x_mid = x_in + att W_o^T, the residual added in the GEMM's epilogue.
+  blas_.linear_forward_add(a.x_mid.data(), a.x_in.data(), a.att.data(), wb(o.o_proj), n, qd, h,
+                           stream_);
   rmsnorm_forward(a.ln2_ptr, a.rstd2.data(), a.x_mid.data(), w(o.post_attention_norm), n, h, eps,
                   stream_);
 }
@@ -686,10 +684,8 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
     } else {
       timer_.mark("dense_ffn", stream_);
       dense_ffn_forward(l);
-      MF_CUDA_CHECK(cudaMemcpyAsync(x_out, a.x_mid.data(), a.x_mid.bytes(),
-                                    cudaMemcpyDeviceToDevice, stream_));
-      blas_.linear_forward(x_out, OutType::kFloat, a.h_act_ptr, wb(layout_.layer(l).mlp_down),
-                           nullptr, n, config_.intermediate_size, h, true, stream_);
+      blas_.linear_forward_add(x_out, a.x_mid.data(), a.h_act_ptr, wb(layout_.layer(l).mlp_down), n,
+                               config_.intermediate_size, h, stream_);
     }
   }
   timer_.mark("head", stream_);
