@@ -533,7 +533,6 @@ void GpuTransformer::dense_ffn_backward(int64_t l) {
   Layer& a = layers_[static_cast<size_t>(l)];
   Scratch& s = *scratch_;
   const int64_t n = n_, h = config_.hidden_size, ffn = config_.intermediate_size;
-  cast_to_bf16(s.dres_bf16.data(), s.dres.data(), n * h, stream_);
   blas_.linear_backward_input(s.dh_gate.data(), OutType::kBf16, s.dres_bf16.data(), wb(o.mlp_down),
                               n, ffn, h, false, stream_);
   blas_.linear_backward_weight(g(o.mlp_down), s.dres_bf16.data(), a.h_act_ptr, n, ffn, h,
@@ -556,7 +555,6 @@ void GpuTransformer::attention_backward(int64_t l, int64_t batch, int64_t seq) {
   Scratch& s = *scratch_;
   const int64_t n = n_, h = config_.hidden_size, qd = config_.q_dim(), kvd = config_.kv_dim();
   const int64_t d = config_.head_dim;
-  cast_to_bf16(s.dres_bf16.data(), s.dres.data(), n * h, stream_);
   blas_.linear_backward_input(s.datt.data(), OutType::kBf16, s.dres_bf16.data(), wb(o.o_proj), n,
                               qd, h, false, stream_);
   blas_.linear_backward_weight(g(o.o_proj), s.dres_bf16.data(), a.att.data(), n, qd, h,
@@ -583,7 +581,12 @@ void GpuTransformer::attention_backward(int64_t l, int64_t batch, int64_t seq) {
     attention_projections_backward_unpacked(l);
   }
   rmsnorm_backward(s.dres.data(), g(o.input_norm), s.dln.data(), a.x_in.data(), w(o.input_norm),
-                   a.rstd1.data(), n, h, true, stream_);
+                   a.rstd1.data(), n, h, true, stream_, residual_grad_bf16_for(l - 1));
+}
+
+bf16* GpuTransformer::residual_grad_bf16_for(int64_t l) {
+  const bool dense_ffn_next = l >= 0 && !config_.layer_is_moe(l);
+  return dense_ffn_next ? scratch_->dres_bf16.data() : nullptr;
 }
 
 void GpuTransformer::attention_projections_backward_unpacked(int64_t l) {
@@ -703,7 +706,8 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
                                                  static_cast<double>(num_moe_layers_)
                                            : 0.0;
     rmsnorm_backward(s.dres.data(), g(layout_.final_norm()), s.dln.data(), s.x_out.data(),
-                     w(layout_.final_norm()), s.rstdf.data(), n, h, false, stream_);
+                     w(layout_.final_norm()), s.rstdf.data(), n, h, false, stream_,
+                     residual_grad_bf16_for(config_.num_layers - 1));
     for (int64_t l = config_.num_layers - 1; l >= 0; --l) {
       Layer& a = layers_[static_cast<size_t>(l)];
       if (recompute_ == Recompute::kSelective) {
@@ -718,9 +722,10 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
         dense_ffn_backward(l);
       }
       timer_.mark("attention_backward", stream_);
+      // The attention backward's first GEMM reads the residual gradient in bf16.
       rmsnorm_backward(s.dres.data(), g(layout_.layer(l).post_attention_norm), s.dln.data(),
                        a.x_mid.data(), w(layout_.layer(l).post_attention_norm), a.rstd2.data(), n,
-                       h, true, stream_);
+                       h, true, stream_, s.dres_bf16.data());
       if (recompute_ == Recompute::kSelective) recompute_attention_inputs(l);
       attention_backward(l, batch, seq);
     }

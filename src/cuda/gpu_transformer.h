@@ -108,6 +108,10 @@ class GpuTransformer {
   // The three q/k/v projections of layers that cannot run them packed (model_support.h).
   void attention_projections_unpacked(int64_t l);
   void attention_projections_backward_unpacked(int64_t l);
+  // Where a residual-norm backward also writes its gradient in bf16: the bf16 residual gradient
+  // when layer l (the next backward) has a dense FFN, whose first GEMM reads it; else null (an
+  // MoE layer reads the fp32 gradient, l < 0 is the embedding).
+  bf16* residual_grad_bf16_for(int64_t l);
   void moe_forward(int64_t l);
   void moe_backward(int64_t l, float d_aux, float d_z);
   // One projection of all experts of a layer (weights [E, out, in], rows grouped by the layer's
