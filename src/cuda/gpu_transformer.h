@@ -11,8 +11,9 @@
 // layer in the backward from what is saved (the residual stream, rstd, the gate and up
 // projections).
 //
-// Supported now: every architecture of model_config.h on one rank with dropless MoE layers; the
-// shared expert of Qwen2-MoE and capacity-based token dropping are rejected with an error.
+// Supported now: every architecture of model_config.h on one rank with dropless MoE layers, the
+// sigmoid-gated shared expert of Qwen2-MoE included; capacity-based token dropping is rejected
+// with an error.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -114,6 +115,13 @@ class GpuTransformer {
   bf16* residual_grad_bf16_for(int64_t l);
   void moe_forward(int64_t l);
   void moe_backward(int64_t l, float d_aux, float d_z);
+  // x_out [n, h] = x_mid + the gate-weighted expert outputs (+ the gated shared expert's output).
+  void moe_combine(int64_t l, float* x_out);
+  // The shared expert of an MoE layer (Qwen2-MoE): its projections and SwiGLU from ln2 (its
+  // sigmoid gate runs in moe_combine); the backward, the gate's included, adds its input gradient
+  // to dln (assigned before by the routed experts' backward).
+  void shared_expert_forward(int64_t l);
+  void shared_expert_backward(int64_t l);
   // One projection of all experts of a layer (weights [E, out, in], rows grouped by the layer's
   // row map): grouped on the device, or per expert from the host copy of the row offsets.
   void expert_forward(bf16* y, const bf16* x, const bf16* w, int64_t in, int64_t out,
