@@ -99,6 +99,18 @@ TEST(GpuTransformerSharedExpert, OddSizeMatchesCpuReference) {
                   {config.num_experts, config.hidden_size, config.moe_intermediate_size}));
 }
 
+// head_dim 20, not a multiple of 8: cuDNN's attention rejects it, so its forward and backward run
+// our kernels (attention_fallback.h); the rest of the engine takes it (even for RoPE; q_dim 80 and
+// kv_dim 40 keep the GEMMs' rows aligned). Without the fallback the first forward throws.
+TEST_P(GpuTransformerTest, HeadDimCudnnRejectsMatchesCpuReference) {
+  MF_REQUIRE_GPU();
+  ModelConfig config = testing::gpu_config(GetParam());
+  config.head_dim = 20;
+  expect_matches_cpu_reference(
+      config, GroupedGemm().available(
+                  {config.num_experts, config.hidden_size, config.moe_intermediate_size}));
+}
+
 // The experts' per-expert cuBLASLt path (other GPUs, feature sizes not multiples of 8), which an
 // H200 only takes when the grouped GEMM is turned off.
 TEST_P(GpuTransformerTest, PerExpertGemmPathMatchesCpuReference) {
