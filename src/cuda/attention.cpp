@@ -4,6 +4,8 @@
 // does not run the shape or AttentionBackend::ours asks for them.
 #include "cuda/attention.h"
 
+#include <fmt/format.h>
+
 #include <cudnn.h>
 #include <cudnn_frontend.h>
 
@@ -48,11 +50,20 @@ std::shared_ptr<fe::graph::Tensor_attributes> token_major(fe::graph::Graph& g, c
 }
 
 // Whether cuDNN runs the graph: every step of building it succeeds (the frontend's validation,
-// heuristics, support check and plan building).
-bool build(fe::graph::Graph& g, cudnnHandle_t handle) {
-  return g.validate().is_good() && g.build_operation_graph(handle).is_good() &&
-         g.create_execution_plans({fe::HeurMode_t::A}).is_good() &&
-         g.check_support(handle).is_good() && g.build_plans(handle).is_good();
+// heuristics, support check and plan building). If not, says once on stderr which step refused
+// the shape and why, since the fallback kernels are much slower.
+bool build(fe::graph::Graph& g, cudnnHandle_t handle, const AttentionShape& s, const char* what) {
+  fe::error_t status = g.validate();
+  if (status.is_good()) status = g.build_operation_graph(handle);
+  if (status.is_good()) status = g.create_execution_plans({fe::HeurMode_t::A});
+  if (status.is_good()) status = g.check_support(handle);
+  if (status.is_good()) status = g.build_plans(handle);
+  if (status.is_good()) return true;
+  fmt::print(stderr,
+             "moeforge: cuDNN attention {} does not run batch {}, seq {}, {} query heads, {} KV "
+             "heads, head dim {} ({}); using moeforge's own attention kernels instead (slower)\n",
+             what, s.batch, s.seq, s.num_q_heads, s.num_kv_heads, s.head_dim, status.get_message());
+  return false;
 }
 
 void check_heads(const AttentionShape& s) {
@@ -119,7 +130,9 @@ struct Attention::Graphs {
           .set_dim({b, hk, n, d})
           .set_stride({n * hk * d, d, hk * d, 1});
     }
-    if (!build(*g, handle)) return cache.emplace(key_of(s), nullptr).first->second.get();
+    if (!build(*g, handle, s, is_forward ? "forward" : "backward")) {
+      return cache.emplace(key_of(s), nullptr).first->second.get();
+    }
     int64_t workspace_bytes = 0;
     check_fe(g->get_workspace_size(workspace_bytes), "workspace", s);
     if (static_cast<size_t>(workspace_bytes) > workspace.size()) {

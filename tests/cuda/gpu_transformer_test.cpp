@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "core/error.h"
 #include "core/rng.h"
 #include "cuda/bf16.h"
 #include "cuda/gpu_adamw.h"
@@ -89,14 +90,16 @@ TEST_P(GpuTransformerTest, LossAndGradientsMatchCpuReference) {
                   {config.num_experts, config.hidden_size, config.moe_intermediate_size}));
 }
 
-// A shared expert of an odd size (rows not 16-byte aligned for cuBLASLt); the routed experts as the
-// architecture's test.
-TEST(GpuTransformerSharedExpert, OddSizeMatchesCpuReference) {
+// A shared expert of an odd size: on the H200 it gave one routed expert garbage weight gradients
+// (2026-11-29, cause not found), so the training engine refuses it with a clear error for now.
+TEST(GpuTransformerSharedExpert, OddSizeIsAClearError) {
   MF_REQUIRE_GPU();
-  const ModelConfig config = testing::gpu_config_odd_shared_expert();
-  expect_matches_cpu_reference(
-      config, GroupedGemm().available(
-                  {config.num_experts, config.hidden_size, config.moe_intermediate_size}));
+  try {
+    GpuTransformer gpu(testing::gpu_config_odd_shared_expert());
+    FAIL() << "an odd shared expert size was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("multiple of 8"), std::string::npos) << e.what();
+  }
 }
 
 // head_dim 20, not a multiple of 8: cuDNN's attention rejects it, so its forward and backward run
