@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "cuda/block_sparse_attention_kernels.h"
+#include "cuda/block_sparse_tile_walk.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/kernel_util.cuh"
 #include "cuda/mma_util.cuh"
@@ -59,11 +60,6 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Where the next key tile comes from: CSR entry e of the row, and its first key t0.
-struct TileCursor {
-  int64_t e, t0;
-};
-
 template <int kHeadDim, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32)
     block_sparse_attention_tc_kernel(BlockSparseLaunch a) {
@@ -99,25 +95,11 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
   cp_async_commit();
 
-  const int64_t last_pos = min(row0 + Cfg::kRows, a.seq_len) - 1;
-  const int64_t csr_row = head * a.num_blocks + row0 / a.block_size;
-  const int64_t begin = a.row_offsets[csr_row], end = a.row_offsets[csr_row + 1];
-  const auto block_end = [&](int64_t e) {
-    return min((static_cast<int64_t>(a.col_idx[e]) + 1) * a.block_size, a.seq_len);
-  };
-  const auto first_tile = [&](int64_t e) {
-    return TileCursor{e, e < end ? static_cast<int64_t>(a.col_idx[e]) * a.block_size : 0};
-  };
-  // Tiles that start after the last row of this block of threads are fully masked: skipped.
-  const auto next_tile = [&](TileCursor c) {
-    c.t0 += kKeys;
-    if (c.t0 >= block_end(c.e) || c.t0 > last_pos) c = first_tile(c.e + 1);
-    return c;
-  };
+  const TileWalk<kKeys> walk(a, head, row0, Cfg::kRows);
   const auto load_tile = [&](TileCursor c, int stage) {
     bf16* k_dst = kv_tiles + stage * 2 * kKeys * kStride;
     bf16* v_dst = k_dst + kKeys * kStride;
-    const int64_t key_end = block_end(c.e);
+    const int64_t key_end = walk.block_end(c.e);
     for (int idx = tid; idx < kKeys * Cfg::kChunksPerRow; idx += Cfg::kThreads) {
       const int j = idx / Cfg::kChunksPerRow, ch = idx % Cfg::kChunksPerRow;
       const int64_t key = c.t0 + j;
@@ -144,11 +126,11 @@ __global__ void __launch_bounds__(kWarps * 32)
       for (int c = 0; c < 4; ++c) o[m][n][c] = 0.0f;
 
   const int64_t warp_row0 = row0 + warp * kRowsPerWarp;
-  TileCursor cur = first_tile(begin);
-  if (begin < end) load_tile(cur, 0);
-  for (int stage = 0; cur.e < end; stage ^= 1) {
-    const TileCursor next = next_tile(cur);
-    if (next.e < end) {
+  TileCursor cur = walk.first(walk.begin);
+  if (walk.begin < walk.end) load_tile(cur, 0);
+  for (int stage = 0; cur.e < walk.end; stage ^= 1) {
+    const TileCursor next = walk.next(cur);
+    if (next.e < walk.end) {
       load_tile(next, stage ^ 1);
       cp_async_wait<1>();
     } else {
@@ -157,7 +139,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     __syncthreads();
     const bf16* k_tile = kv_tiles + stage * 2 * kKeys * kStride;
     const bf16* v_tile = k_tile + kKeys * kStride;
-    const int64_t key_end = block_end(cur.e);
+    const int64_t key_end = walk.block_end(cur.e);
     // Warps whose rows all precede the tile have nothing to add (causal).
     if (cur.t0 <= warp_row0 + kRowsPerWarp - 1) {
       float s[2][kKeyTiles][4];

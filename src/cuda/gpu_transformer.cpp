@@ -600,41 +600,35 @@ void GpuTransformer::shared_expert_backward(int64_t l) {
                               n, h, stream_);
   shared_expert_gate_backward_weight(g(o.shared_expert_gate), s.shared_dlogit.data(), a.ln2_ptr, n,
                                      h, stream_);
-  blas_.linear_backward_input(s.dh_gate.data(), OutType::kBf16, dshared_out, wb(o.shared_down), n,
-                              shared, h, false, stream_);
-  blas_.linear_backward_weight(g(o.shared_down), dshared_out, a.shared_act_ptr, n, shared, h,
-                               accumulate_grads_, stream_);
-  swiglu_backward(s.dh_gate.data(), s.dh_up.data(), s.dh_gate.data(), a.shared_gate.data(),
-                  a.shared_up.data(), n * shared, stream_);
-  blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.dh_gate.data(), wb(o.shared_gate), n,
-                              h, shared, true, stream_);
-  blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.dh_up.data(), wb(o.shared_up), n, h,
-                              shared, true, stream_);
-  blas_.linear_backward_weight(g(o.shared_gate), s.dh_gate.data(), a.ln2_ptr, n, h, shared,
-                               accumulate_grads_, stream_);
-  blas_.linear_backward_weight(g(o.shared_up), s.dh_up.data(), a.ln2_ptr, n, h, shared,
-                               accumulate_grads_, stream_);
+  swiglu_ffn_backward(dshared_out, a.ln2_ptr, a.shared_act_ptr, a.shared_gate.data(),
+                      a.shared_up.data(), SwigluWeights{o.shared_gate, o.shared_up, o.shared_down},
+                      shared, true);
 }
 
 void GpuTransformer::dense_ffn_backward(int64_t l) {
   const LayerOffsets& o = layout_.layer(l);
   Layer& a = layers_[static_cast<size_t>(l)];
+  swiglu_ffn_backward(scratch_->dres_bf16.data(), a.ln2_ptr, a.h_act_ptr, a.h_gate.data(),
+                      a.h_up.data(), SwigluWeights{o.mlp_gate, o.mlp_up, o.mlp_down},
+                      config_.intermediate_size, false);
+}
+
+void GpuTransformer::swiglu_ffn_backward(const bf16* dy, const bf16* x, const bf16* act,
+                                         const bf16* gate, const bf16* up, const SwigluWeights& w,
+                                         int64_t width, bool add_to_dln) {
   Scratch& s = *scratch_;
-  const int64_t n = n_, h = config_.hidden_size, ffn = config_.intermediate_size;
-  blas_.linear_backward_input(s.dh_gate.data(), OutType::kBf16, s.dres_bf16.data(), wb(o.mlp_down),
-                              n, ffn, h, false, stream_);
-  blas_.linear_backward_weight(g(o.mlp_down), s.dres_bf16.data(), a.h_act_ptr, n, ffn, h,
-                               accumulate_grads_, stream_);
-  swiglu_backward(s.dh_gate.data(), s.dh_up.data(), s.dh_gate.data(), a.h_gate.data(),
-                  a.h_up.data(), n * ffn, stream_);
-  blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.dh_gate.data(), wb(o.mlp_gate), n, h,
-                              ffn, false, stream_);
-  blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.dh_up.data(), wb(o.mlp_up), n, h,
-                              ffn, true, stream_);
-  blas_.linear_backward_weight(g(o.mlp_gate), s.dh_gate.data(), a.ln2_ptr, n, h, ffn,
-                               accumulate_grads_, stream_);
-  blas_.linear_backward_weight(g(o.mlp_up), s.dh_up.data(), a.ln2_ptr, n, h, ffn, accumulate_grads_,
+  const int64_t n = n_, h = config_.hidden_size;
+  blas_.linear_backward_input(s.dh_gate.data(), OutType::kBf16, dy, wb(w.down), n, width, h, false,
+                              stream_);
+  blas_.linear_backward_weight(g(w.down), dy, act, n, width, h, accumulate_grads_, stream_);
+  swiglu_backward(s.dh_gate.data(), s.dh_up.data(), s.dh_gate.data(), gate, up, n * width, stream_);
+  blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.dh_gate.data(), wb(w.gate), n, h,
+                              width, add_to_dln, stream_);
+  blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.dh_up.data(), wb(w.up), n, h, width,
+                              true, stream_);
+  blas_.linear_backward_weight(g(w.gate), s.dh_gate.data(), x, n, h, width, accumulate_grads_,
                                stream_);
+  blas_.linear_backward_weight(g(w.up), s.dh_up.data(), x, n, h, width, accumulate_grads_, stream_);
 }
 
 void GpuTransformer::attention_backward(int64_t l, int64_t batch, int64_t seq) {

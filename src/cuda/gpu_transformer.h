@@ -133,6 +133,16 @@ class GpuTransformer {
                               const Layer& a);
   void dense_ffn_forward(int64_t l);
   void dense_ffn_backward(int64_t l);
+  // Parameter offsets of one SwiGLU FFN's projections.
+  struct SwigluWeights {
+    int64_t gate, up, down;
+  };
+  // The backward of a SwiGLU FFN from its input x [n, h], SwiGLU output act, gate and up
+  // projections [n, width] and the gradient dy [n, h] (bf16) of its output: the three weight
+  // gradients (as the backward's GradMode says) and the input gradient into dln (assigned, or
+  // added when add_to_dln). dh_gate and dh_up are its scratch.
+  void swiglu_ffn_backward(const bf16* dy, const bf16* x, const bf16* act, const bf16* gate,
+                           const bf16* up, const SwigluWeights& w, int64_t width, bool add_to_dln);
   void head_forward_backward(bool backward, float dscale);
   // Selective recompute: rebuilds the layer's normed inputs and SwiGLU output before its backward.
   void recompute_ffn_inputs(int64_t l);
