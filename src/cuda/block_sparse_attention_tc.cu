@@ -280,22 +280,15 @@ __global__ void __launch_bounds__(kWarps * 32)
 template <int kHeadDim, int kWarps>
 void launch(const BlockSparseLaunch& args, cudaStream_t stream) {
   using Cfg = TileConfig<kHeadDim, kWarps>;
-  const auto kernel = block_sparse_attention_tc_kernel<kHeadDim, kWarps>;
-  MF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(Cfg::kSmemBytes)));
-  const dim3 grid(static_cast<unsigned>(ceil_div(args.seq_len, int64_t{Cfg::kRows})),
-                  static_cast<unsigned>(args.num_q_heads));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args);
-  MF_CUDA_CHECK_LAUNCH();
+  launch_over_query_blocks(block_sparse_attention_tc_kernel<kHeadDim, kWarps>, Cfg::kRows,
+                           Cfg::kThreads, static_cast<int>(Cfg::kSmemBytes), args, stream);
 }
 
 }  // namespace
 
 bool tensor_core_block_sparse_attention_runs(const BlockSparseLaunch& args, int device_major) {
-  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   return device_major >= 8 && (args.head_dim == 64 || args.head_dim == 128) &&
-         args.block_size % 64 == 0 && aligned(args.q) && aligned(args.k) && aligned(args.v) &&
-         aligned(args.out);
+         args.block_size % 64 == 0 && aligned_to(16, args.q, args.k, args.v, args.out);
 }
 
 void launch_tensor_core_block_sparse_attention(const BlockSparseLaunch& args, cudaStream_t stream) {

@@ -1,7 +1,7 @@
-// The walk over the key tiles of one block of query rows through its CSR row, shared by the
-// tensor-core and the Hopper block-sparse attention kernels: kKeys keys at a time within each
-// selected key block, in ascending order, skipping tiles that start after the block's last query
-// row (causality masks them whole).
+// What the tensor-core and the Hopper block-sparse attention kernels share: the walk over the key
+// tiles of one block of query rows through its CSR row (kKeys keys at a time within each selected
+// key block, in ascending order, skipping tiles that start after the block's last query row,
+// which causality masks whole), and their launch over blocks of query rows.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -9,6 +9,8 @@
 #include <cstdint>
 
 #include "cuda/block_sparse_attention_kernels.h"
+#include "cuda/cuda_check.h"
+#include "cuda/kernel_util.cuh"
 
 namespace moeforge::cuda {
 
@@ -45,5 +47,18 @@ struct TileWalk {
     return c;
   }
 };
+
+// One block of `threads` threads per (`rows` query rows, query head), with smem_bytes of dynamic
+// shared memory.
+template <class Kernel>
+void launch_over_query_blocks(Kernel kernel, int64_t rows, int threads, int smem_bytes,
+                              const BlockSparseLaunch& args, cudaStream_t stream) {
+  MF_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  const dim3 grid(static_cast<unsigned>(ceil_div(args.seq_len, rows)),
+                  static_cast<unsigned>(args.num_q_heads));
+  kernel<<<grid, threads, smem_bytes, stream>>>(args);
+  MF_CUDA_CHECK_LAUNCH();
+}
 
 }  // namespace moeforge::cuda
