@@ -77,8 +77,6 @@ CUDA_OVERRIDES = {
     "Qwen3ForCausalLM": dict(head_dim=24),
     "MixtralForCausalLM": dict(num_attention_heads=6, num_key_value_heads=3),  # head_dim 8
     "Qwen3MoeForCausalLM": dict(head_dim=24),
-    # The CUDA training engine (moeforge forward) takes shared experts of multiples of 8 only.
-    "Qwen2MoeForCausalLM": dict(shared_expert_intermediate_size=24),
 }
 MOEFORGE_DEVICE = "cpu"  # set from --moeforge-device
 

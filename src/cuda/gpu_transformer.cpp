@@ -123,13 +123,6 @@ GpuTransformer::GpuTransformer(const ModelConfig& config, Recompute recompute)
       recompute_(recompute),
       scratch_(std::make_unique<Scratch>()) {
   check_cuda_model_support(config_);
-  // On the H200 a shared expert of size 27 gave one routed expert garbage weight gradients, and the
-  // transformers oracle's logits with size 23 were off by 0.13 (2026-11-29), while sizes that are
-  // multiples of 8 passed every test; until that is understood (issue #3), training refuses others.
-  MF_CHECK(config_.shared_expert_intermediate_size % 8 == 0,
-           "the CUDA training engine runs a shared expert whose size is a multiple of 8 only (got "
-           "{}); use --device cpu",
-           config_.shared_expert_intermediate_size);
   for (int64_t l = 0; l < config_.num_layers; ++l) num_moe_layers_ += config_.layer_is_moe(l);
   grouped_experts_ =
       config_.is_moe() &&

@@ -12,9 +12,8 @@
 // projections).
 //
 // Supported now: every architecture of model_config.h on one rank with dropless MoE layers, the
-// sigmoid-gated shared expert of Qwen2-MoE included when its size is a multiple of 8 (an odd size
-// gave wrong gradients on the H200, cause not found); capacity-based token dropping and other
-// shared expert sizes are rejected with an error.
+// sigmoid-gated shared expert of Qwen2-MoE included; capacity-based token dropping is rejected
+// with an error.
 #pragma once
 
 #include <cuda_runtime.h>
