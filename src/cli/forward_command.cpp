@@ -64,8 +64,7 @@ void register_forward_command(CLI::App& app) {
       ->check(CLI::ExistingFile);
   cmd->add_option("--out", opts->out, "Output .safetensors file (tensor \"logits\")")->required();
   cmd->add_option("--device", opts->device,
-                  "cpu (fp32 reference) or cuda (bf16 compute; dropless MoE without a shared "
-                  "expert)")
+                  "cpu (fp32 reference) or cuda (bf16 compute; dropless MoE only)")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
   cmd->callback([opts] {

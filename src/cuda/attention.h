@@ -1,9 +1,17 @@
-// Causal grouped-query attention on the GPU through cuDNN's fused scaled-dot-product attention
-// (cuDNN frontend graph API), forward with the log-sum-exp saved and backward. ops/attention.h is
-// the spec (scale 1 / sqrt(head_dim), query head h reads KV head h / group). Tensors are in the
-// model's token-major layout: q [batch, seq, num_q_heads, head_dim], k and v
-// [batch, seq, num_kv_heads, head_dim], out like q. One execution plan is built per shape and
-// cached.
+// Causal grouped-query attention on the GPU, forward with the log-sum-exp saved and backward.
+// ops/attention.h is the spec (scale 1 / sqrt(head_dim), query head h reads KV head h / group).
+// Tensors are in the model's token-major layout: q [batch, seq, num_q_heads, head_dim], k and v
+// [batch, seq, num_kv_heads, head_dim], out like q.
+//
+// Backends: cuDNN's fused scaled-dot-product attention (cuDNN frontend graph API; one execution
+// plan per shape and direction, built on first use and cached) where it runs, else our own kernels
+// (attention_fallback.h: any GPU, head_dim up to 256). "Where it runs" is the frontend's answer for
+// the shape and direction: if building the graph fails (its validation, heuristics, support check
+// or plan building; e.g. head_dim not a multiple of 8, or above the backward's limit of 128 or 256
+// by cuDNN version), that shape and direction runs ours from then on. The two directions may
+// differ: both backends save the same lse. The backward of seq == 1, which cuDNN rejects, is exact
+// in a kernel of its own (attention_single_key.h). AttentionBackend::ours forces our kernels for
+// every shape (tests, benchmarks), seq == 1 included.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -22,9 +30,14 @@ struct AttentionShape {
   int64_t batch, seq, num_q_heads, num_kv_heads, head_dim;
 };
 
+class AttentionFallback;
+
+// automatic: cuDNN where the frontend accepts the shape, else ours; ours: always ours.
+enum class AttentionBackend { automatic, ours };
+
 class Attention {
  public:
-  Attention();
+  explicit Attention(AttentionBackend backend = AttentionBackend::automatic);
   ~Attention();
   Attention(const Attention&) = delete;
   Attention& operator=(const Attention&) = delete;
@@ -39,7 +52,9 @@ class Attention {
 
  private:
   struct Graphs;
+  AttentionBackend backend_;
   std::unique_ptr<Graphs> graphs_;
+  std::unique_ptr<AttentionFallback> fallback_;
 };
 
 }  // namespace moeforge::cuda

@@ -3,6 +3,8 @@
 // cached per bucket of sizes, type and pointer alignment, the layouts are built per call.
 #include "cuda/blas.h"
 
+#include <algorithm>
+
 #include "core/error.h"
 #include "cuda/cuda_check.h"
 #include "cuda/reductions.h"
@@ -146,17 +148,39 @@ void Blas::matmul(void* c, OutType out, const bf16* a, const bf16* b, const Matm
     if (!accumulate) zero_device(c, static_cast<size_t>(shape.m * shape.n) * out_bytes, stream);
     return;
   }
+  run_matmul(c, c, accumulate ? 1.0f : 0.0f, out, a, b, shape, stream);
+}
+
+void Blas::run_matmul(void* d, const void* c, float beta, OutType out, const bf16* a, const bf16* b,
+                      const MatmulShape& shape, cudaStream_t stream) {
   const Layouts layouts(shape, out);
-  const int align_a = alignment_of(a), align_b = alignment_of(b), align_c = alignment_of(c);
-  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  const int align_a = alignment_of(a), align_b = alignment_of(b);
+  const int align_c = std::min(alignment_of(c), alignment_of(d));
+  const float alpha = 1.0f;
   auto run = [&](const Plan& p) {
     return cublasLtMatmul(handle_, p.desc, &alpha, b, layouts.a, a, layouts.b, &beta, c, layouts.c,
-                          c, layouts.c, &p.algo, workspace_.data(), kWorkspaceBytes, stream);
+                          d, layouts.c, &p.algo, workspace_.data(), kWorkspaceBytes, stream);
   };
   if (run(plan(shape, out, layouts, align_a, align_b, align_c, false)) == CUBLAS_STATUS_SUCCESS) {
     return;
   }
   MF_CUBLAS_CHECK(run(plan(shape, out, layouts, align_a, align_b, align_c, true)));
+}
+
+void Blas::linear_forward_add(float* y, const float* residual, const bf16* x, const bf16* w,
+                              int64_t n, int64_t in, int64_t out_features, cudaStream_t stream) {
+  const MatmulShape shape{n, out_features, in, false, true};
+  MF_CHECK(n >= 0 && in >= 0 && out_features >= 0, "linear_forward_add: negative shape");
+  if (n == 0 || out_features == 0) return;
+  if (in == 0) {
+    if (y != residual) {
+      MF_CUDA_CHECK(cudaMemcpyAsync(y, residual,
+                                    static_cast<size_t>(n * out_features) * sizeof(float),
+                                    cudaMemcpyDeviceToDevice, stream));
+    }
+    return;
+  }
+  run_matmul(y, residual, 1.0f, OutType::kFloat, x, w, shape, stream);
 }
 
 void Blas::linear_forward(void* y, OutType out, const bf16* x, const bf16* w, const float* bias,
@@ -174,8 +198,9 @@ void Blas::linear_backward_input(void* dx, OutType out, const bf16* dy, const bf
 }
 
 void Blas::linear_backward_weight(float* dw, const bf16* dy, const bf16* x, int64_t n, int64_t in,
-                                  int64_t out_features, cudaStream_t stream) {
-  matmul(dw, OutType::kFloat, dy, x, MatmulShape{out_features, in, n, true, false}, true, stream);
+                                  int64_t out_features, bool accumulate, cudaStream_t stream) {
+  matmul(dw, OutType::kFloat, dy, x, MatmulShape{out_features, in, n, true, false}, accumulate,
+         stream);
 }
 
 }  // namespace moeforge::cuda

@@ -38,6 +38,11 @@ class Blas {
   void matmul(void* c, OutType out, const bf16* a, const bf16* b, const MatmulShape& shape,
               bool accumulate, cudaStream_t stream);
 
+  // y [n, out] (fp32) = residual [n, out] (fp32) + x [n, in] W^T: the residual stream's add in
+  // the GEMM's epilogue (C and D distinct), with no copy of the residual first. residual may be y.
+  void linear_forward_add(float* y, const float* residual, const bf16* x, const bf16* w, int64_t n,
+                          int64_t in, int64_t out_features, cudaStream_t stream);
+
   // nn.Linear helpers. y [n, out] = x [n, in] W^T (+ bias [out], fp32, added after the GEMM;
   // bf16 output only).
   void linear_forward(void* y, OutType out, const bf16* x, const bf16* w, const float* bias,
@@ -47,9 +52,9 @@ class Blas {
   void linear_backward_input(void* dx, OutType out, const bf16* dy, const bf16* w, int64_t n,
                              int64_t in, int64_t out_features, bool accumulate,
                              cudaStream_t stream);
-  // dw [out, in] (fp32) += dy^T x.
+  // dw [out, in] (fp32) = dy^T x, or += when accumulate (beta = 0 reads no dw).
   void linear_backward_weight(float* dw, const bf16* dy, const bf16* x, int64_t n, int64_t in,
-                              int64_t out_features, cudaStream_t stream);
+                              int64_t out_features, bool accumulate, cudaStream_t stream);
 
  private:
   struct Plan;
@@ -61,6 +66,9 @@ class Blas {
   // shape when the bucket's algorithm does not run it.
   Plan& plan(const MatmulShape& shape, OutType out, const Layouts& layouts, int align_a,
              int align_b, int align_c, bool exact);
+  // D = op(A) op(B) + beta C (C read only when beta != 0; C may be D).
+  void run_matmul(void* d, const void* c, float beta, OutType out, const bf16* a, const bf16* b,
+                  const MatmulShape& shape, cudaStream_t stream);
 
   cublasLtHandle_t handle_ = nullptr;
   DeviceBuffer<uint8_t> workspace_;

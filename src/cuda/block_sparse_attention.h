@@ -1,7 +1,7 @@
 // Causal block-sparse grouped-query attention forward on the GPU, FlashAttention-style: per
 // (query head, 64 or 128 query rows) one block of threads walks the row's selected key blocks in
 // ascending order with an online softmax in fp32, and writes the output (bf16) and the natural-log
-// log-sum-exp of each row (fp32), as ops/block_sparse_attention.h defines them. Two kernels:
+// log-sum-exp of each row (fp32), as ops/block_sparse_attention.h defines them. Three kernels:
 // - tensor_core (block_sparse_attention_tc.cu): mma.sync bf16 tiles, sm_80 and later, head_dim 64
 //   or 128; P is rounded to bf16 before P V, as in cuDNN and FlashAttention.
 // - hopper (block_sparse_attention_sm90.cu): wgmma, sm_90a, head_dim 128; P in bf16 as above.

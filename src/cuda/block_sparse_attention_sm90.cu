@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "cuda/block_sparse_attention_kernels.h"
+#include "cuda/block_sparse_tile_walk.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/kernel_util.cuh"
 #include "cuda/mma_util.cuh"
@@ -114,10 +115,6 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const uint32
 
 #endif
 
-struct TileCursor {
-  int64_t e, t0;
-};
-
 template <int kWarpgroups>
 __global__ void __launch_bounds__(kWarpgroups * 128)
     block_sparse_attention_sm90_kernel(BlockSparseLaunch a) {
@@ -151,24 +148,11 @@ __global__ void __launch_bounds__(kWarpgroups * 128)
   }
   cp_async_commit();
 
-  const int64_t last_pos = min(row0 + Cfg::kRows, a.seq_len) - 1;
-  const int64_t csr_row = head * a.num_blocks + row0 / a.block_size;
-  const int64_t begin = a.row_offsets[csr_row], end = a.row_offsets[csr_row + 1];
-  const auto block_end = [&](int64_t e) {
-    return min((static_cast<int64_t>(a.col_idx[e]) + 1) * a.block_size, a.seq_len);
-  };
-  const auto first_tile = [&](int64_t e) {
-    return TileCursor{e, e < end ? static_cast<int64_t>(a.col_idx[e]) * a.block_size : 0};
-  };
-  const auto next_tile = [&](TileCursor c) {
-    c.t0 += kKeys;
-    if (c.t0 >= block_end(c.e) || c.t0 > last_pos) c = first_tile(c.e + 1);
-    return c;
-  };
+  const TileWalk<kKeys> walk(a, head, row0, Cfg::kRows);
   const auto load_tile = [&](TileCursor c, int stage) {
     unsigned char* k_dst = kv_tiles + stage * 2 * Cfg::kTileBytes;
     unsigned char* v_dst = k_dst + Cfg::kTileBytes;
-    const int64_t key_end = block_end(c.e);
+    const int64_t key_end = walk.block_end(c.e);
     for (int idx = tid; idx < kKeys * kChunks; idx += Cfg::kThreads) {
       const int j = idx / kChunks, ch = idx % kChunks;
       const int64_t key = c.t0 + j;
@@ -191,11 +175,11 @@ __global__ void __launch_bounds__(kWarpgroups * 128)
   const int64_t warp_row0 = wg_row0 + 16 * warp;
   const uint32_t q_base = smem_address(q_tile) + 64 * warpgroup * kRowBytes;
 
-  TileCursor cur = first_tile(begin);
-  if (begin < end) load_tile(cur, 0);
-  for (int stage = 0; cur.e < end; stage ^= 1) {
-    const TileCursor next = next_tile(cur);
-    if (next.e < end) {
+  TileCursor cur = walk.first(walk.begin);
+  if (walk.begin < walk.end) load_tile(cur, 0);
+  for (int stage = 0; cur.e < walk.end; stage ^= 1) {
+    const TileCursor next = walk.next(cur);
+    if (next.e < walk.end) {
       load_tile(next, stage ^ 1);
       cp_async_wait<1>();
     } else {
@@ -205,7 +189,7 @@ __global__ void __launch_bounds__(kWarpgroups * 128)
     __syncthreads();
     const uint32_t k_base = smem_address(kv_tiles + stage * 2 * Cfg::kTileBytes);
     const uint32_t v_base = k_base + Cfg::kTileBytes;
-    const int64_t key_end = block_end(cur.e);
+    const int64_t key_end = walk.block_end(cur.e);
     // Warpgroups whose rows all precede the tile have nothing to add (causal); the branch is
     // uniform over the warpgroup, as wgmma requires.
     if (cur.t0 <= wg_row0 + 63) {
@@ -313,21 +297,15 @@ __global__ void __launch_bounds__(kWarpgroups * 128)
 template <int kWarpgroups>
 void launch(const BlockSparseLaunch& args, cudaStream_t stream) {
   using Cfg = HopperConfig<kWarpgroups>;
-  const auto kernel = block_sparse_attention_sm90_kernel<kWarpgroups>;
-  MF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(Cfg::kSmemBytes)));
-  const dim3 grid(static_cast<unsigned>(ceil_div(args.seq_len, int64_t{Cfg::kRows})),
-                  static_cast<unsigned>(args.num_q_heads));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args);
-  MF_CUDA_CHECK_LAUNCH();
+  launch_over_query_blocks(block_sparse_attention_sm90_kernel<kWarpgroups>, Cfg::kRows,
+                           Cfg::kThreads, static_cast<int>(Cfg::kSmemBytes), args, stream);
 }
 
 }  // namespace
 
 bool hopper_block_sparse_attention_runs(const BlockSparseLaunch& args, int device_major) {
-  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   return device_major == 9 && args.head_dim == kHeadDim && args.block_size % 64 == 0 &&
-         aligned(args.q) && aligned(args.k) && aligned(args.v) && aligned(args.out);
+         aligned_to(16, args.q, args.k, args.v, args.out);
 }
 
 void launch_hopper_block_sparse_attention(const BlockSparseLaunch& args, cudaStream_t stream) {

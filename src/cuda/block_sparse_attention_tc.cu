@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "cuda/block_sparse_attention_kernels.h"
+#include "cuda/block_sparse_tile_walk.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/kernel_util.cuh"
 #include "cuda/mma_util.cuh"
@@ -35,11 +36,6 @@ struct TileConfig {
   static constexpr int kThreads = kWarps * 32;
   static constexpr size_t kSmemBytes =
       static_cast<size_t>(kRows + 2 * kStages * kKeys) * kStride * sizeof(bf16);
-};
-
-// Where the next key tile comes from: CSR entry e of the row, and its first key t0.
-struct TileCursor {
-  int64_t e, t0;
 };
 
 template <int kHeadDim, int kWarps>
@@ -77,25 +73,11 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
   cp_async_commit();
 
-  const int64_t last_pos = min(row0 + Cfg::kRows, a.seq_len) - 1;
-  const int64_t csr_row = head * a.num_blocks + row0 / a.block_size;
-  const int64_t begin = a.row_offsets[csr_row], end = a.row_offsets[csr_row + 1];
-  const auto block_end = [&](int64_t e) {
-    return min((static_cast<int64_t>(a.col_idx[e]) + 1) * a.block_size, a.seq_len);
-  };
-  const auto first_tile = [&](int64_t e) {
-    return TileCursor{e, e < end ? static_cast<int64_t>(a.col_idx[e]) * a.block_size : 0};
-  };
-  // Tiles that start after the last row of this block of threads are fully masked: skipped.
-  const auto next_tile = [&](TileCursor c) {
-    c.t0 += kKeys;
-    if (c.t0 >= block_end(c.e) || c.t0 > last_pos) c = first_tile(c.e + 1);
-    return c;
-  };
+  const TileWalk<kKeys> walk(a, head, row0, Cfg::kRows);
   const auto load_tile = [&](TileCursor c, int stage) {
     bf16* k_dst = kv_tiles + stage * 2 * kKeys * kStride;
     bf16* v_dst = k_dst + kKeys * kStride;
-    const int64_t key_end = block_end(c.e);
+    const int64_t key_end = walk.block_end(c.e);
     for (int idx = tid; idx < kKeys * Cfg::kChunksPerRow; idx += Cfg::kThreads) {
       const int j = idx / Cfg::kChunksPerRow, ch = idx % Cfg::kChunksPerRow;
       const int64_t key = c.t0 + j;
@@ -122,11 +104,11 @@ __global__ void __launch_bounds__(kWarps * 32)
       for (int c = 0; c < 4; ++c) o[m][n][c] = 0.0f;
 
   const int64_t warp_row0 = row0 + warp * kRowsPerWarp;
-  TileCursor cur = first_tile(begin);
-  if (begin < end) load_tile(cur, 0);
-  for (int stage = 0; cur.e < end; stage ^= 1) {
-    const TileCursor next = next_tile(cur);
-    if (next.e < end) {
+  TileCursor cur = walk.first(walk.begin);
+  if (walk.begin < walk.end) load_tile(cur, 0);
+  for (int stage = 0; cur.e < walk.end; stage ^= 1) {
+    const TileCursor next = walk.next(cur);
+    if (next.e < walk.end) {
       load_tile(next, stage ^ 1);
       cp_async_wait<1>();
     } else {
@@ -135,7 +117,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     __syncthreads();
     const bf16* k_tile = kv_tiles + stage * 2 * kKeys * kStride;
     const bf16* v_tile = k_tile + kKeys * kStride;
-    const int64_t key_end = block_end(cur.e);
+    const int64_t key_end = walk.block_end(cur.e);
     // Warps whose rows all precede the tile have nothing to add (causal).
     if (cur.t0 <= warp_row0 + kRowsPerWarp - 1) {
       float s[2][kKeyTiles][4];
@@ -276,22 +258,15 @@ __global__ void __launch_bounds__(kWarps * 32)
 template <int kHeadDim, int kWarps>
 void launch(const BlockSparseLaunch& args, cudaStream_t stream) {
   using Cfg = TileConfig<kHeadDim, kWarps>;
-  const auto kernel = block_sparse_attention_tc_kernel<kHeadDim, kWarps>;
-  MF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(Cfg::kSmemBytes)));
-  const dim3 grid(static_cast<unsigned>(ceil_div(args.seq_len, int64_t{Cfg::kRows})),
-                  static_cast<unsigned>(args.num_q_heads));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args);
-  MF_CUDA_CHECK_LAUNCH();
+  launch_over_query_blocks(block_sparse_attention_tc_kernel<kHeadDim, kWarps>, Cfg::kRows,
+                           Cfg::kThreads, static_cast<int>(Cfg::kSmemBytes), args, stream);
 }
 
 }  // namespace
 
 bool tensor_core_block_sparse_attention_runs(const BlockSparseLaunch& args, int device_major) {
-  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   return device_major >= 8 && (args.head_dim == 64 || args.head_dim == 128) &&
-         args.block_size % 64 == 0 && aligned(args.q) && aligned(args.k) && aligned(args.v) &&
-         aligned(args.out);
+         args.block_size % 64 == 0 && aligned_to(16, args.q, args.k, args.v, args.out);
 }
 
 void launch_tensor_core_block_sparse_attention(const BlockSparseLaunch& args, cudaStream_t stream) {

@@ -1,5 +1,8 @@
-// Cross-entropy kernel: one block per row; an online max/sum pass (one exp per logit), then the
-// gradient pass; 4 logits per access where the vocabulary allows.
+// Cross-entropy kernels, one block per row. Vocabularies up to kMaxResidentVocab (a multiple of 4,
+// aligned tensors): the row is read once into registers (float4 per access), then max, sum of
+// exponentials and the gradient come from the registers, one exp per logit. Larger or odd
+// vocabularies: an online max/sum pass (one exp per logit), then the gradient pass reading the row
+// again; 4 logits per access where the vocabulary allows.
 #include "cuda/cross_entropy.h"
 #include "cuda/cuda_check.h"
 #include "cuda/kernel_util.cuh"
@@ -76,6 +79,90 @@ __global__ void cross_entropy_kernel(float* losses, bf16* dlogits, const float* 
   }
 }
 
+// Block-wide reduction of one value per thread (max or sum), the result in every thread.
+template <bool kMax>
+__device__ __forceinline__ float block_reduce(float x, float* shared) {
+  x = kMax ? warp_max(x) : warp_sum(x);
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  __syncthreads();  // shared may still be read by a previous reduction
+  if (lane == 0) shared[warp] = x;
+  __syncthreads();
+  x = lane < kWarps ? shared[lane] : (kMax ? -INFINITY : 0.0f);
+  return kMax ? warp_max(x) : warp_sum(x);
+}
+
+// kChunks float4 per thread hold a whole row (kThreads * 4 * kChunks >= vocab; past the end:
+// -inf, exp 0). Needs vocab % 4 == 0 and 16-byte aligned logits and 8-byte aligned dlogits.
+template <int kChunks>
+__global__ void __launch_bounds__(kThreads)
+    cross_entropy_resident_kernel(float* losses, bf16* dlogits, const float* logits,
+                                  const int32_t* targets, int64_t vocab, float dscale) {
+  __shared__ float shared[kWarps];
+  const int64_t row = blockIdx.x;
+  const float* x = logits + row * vocab;
+  const int32_t target = targets[row];
+  float v[kChunks][4];
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+    const int64_t j = (static_cast<int64_t>(c) * kThreads + threadIdx.x) * 4;
+    if (j < vocab) {
+      load_cols<4>(v[c], x + j);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[c][i] = -INFINITY;
+    }
+  }
+  float m = -INFINITY;
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) m = fmaxf(m, v[c][i]);
+  }
+  m = block_reduce<true>(m, shared);
+  float s = 0.0f;
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      v[c][i] = expf(v[c][i] - m);
+      s += v[c][i];
+    }
+  }
+  s = block_reduce<false>(s, shared);
+  if (threadIdx.x == 0) losses[row] = target < 0 ? 0.0f : m + logf(s) - x[target];
+  if (dlogits == nullptr) return;
+  const float scale = dscale / s;
+  bf16* dx = dlogits + row * vocab;
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+    const int64_t j = (static_cast<int64_t>(c) * kThreads + threadIdx.x) * 4;
+    if (j >= vocab) continue;
+    float g[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      g[i] = target < 0 ? 0.0f : v[c][i] * scale - (j + i == target ? dscale : 0.0f);
+    }
+    store_cols<4>(dx + j, g);
+  }
+}
+
+constexpr int64_t kMaxResidentChunks = 16;
+constexpr int64_t kMaxResidentVocab = kThreads * 4 * kMaxResidentChunks;  // 32768
+
+// The smallest kChunks (a power of two) whose row covers vocab.
+template <int kChunks>
+void launch_resident(float* losses, bf16* dlogits, const float* logits, const int32_t* targets,
+                     int64_t rows, int64_t vocab, float dscale, cudaStream_t stream) {
+  if constexpr (kChunks < kMaxResidentChunks) {
+    if (vocab > int64_t{kThreads} * 4 * kChunks) {
+      launch_resident<kChunks * 2>(losses, dlogits, logits, targets, rows, vocab, dscale, stream);
+      return;
+    }
+  }
+  cross_entropy_resident_kernel<kChunks><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+      losses, dlogits, logits, targets, vocab, dscale);
+}
+
 }  // namespace
 
 void cross_entropy_forward_backward(float* losses, bf16* dlogits, const float* logits,
@@ -83,7 +170,9 @@ void cross_entropy_forward_backward(float* losses, bf16* dlogits, const float* l
                                     float dscale, cudaStream_t stream) {
   if (rows == 0) return;
   const auto blocks = static_cast<unsigned>(rows);
-  if (vocab % 4 == 0 && aligned_to(16, logits, dlogits)) {
+  if (vocab % 4 == 0 && vocab <= kMaxResidentVocab && aligned_to(16, logits, dlogits)) {
+    launch_resident<1>(losses, dlogits, logits, targets, rows, vocab, dscale, stream);
+  } else if (vocab % 4 == 0 && aligned_to(16, logits, dlogits)) {
     cross_entropy_kernel<4>
         <<<blocks, kThreads, 0, stream>>>(losses, dlogits, logits, targets, vocab, dscale);
   } else {

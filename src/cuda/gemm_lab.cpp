@@ -167,7 +167,7 @@ nlohmann::json run_gemm_lab(const GemmLabOptions& opt) {
                                      dy.data() + begin * out, w_e, count, in, out, false, nullptr);
         } else {
           blas.linear_backward_weight(dw.data() + e * out * in, dy.data() + begin * out,
-                                      x.data() + begin * in, count, in, out, nullptr);
+                                      x.data() + begin * in, count, in, out, true, nullptr);
         }
       }
     });
@@ -180,7 +180,7 @@ nlohmann::json run_gemm_lab(const GemmLabOptions& opt) {
                                  false, nullptr);
         } else {
           grouped.backward_weight(dw.data(), dy.data(), x.data(), device_offsets.data(), shape,
-                                  nullptr);
+                                  true, nullptr);
         }
       });
     }
@@ -204,7 +204,7 @@ nlohmann::json run_gemm_lab(const GemmLabOptions& opt) {
         blas.linear_backward_input(dx.data(), OutType::kBf16, dy.data(), w.data(), rows, in, out,
                                    false, nullptr);
       } else {
-        blas.linear_backward_weight(dw.data(), dy.data(), x.data(), rows, in, out, nullptr);
+        blas.linear_backward_weight(dw.data(), dy.data(), x.data(), rows, in, out, true, nullptr);
       }
     });
 

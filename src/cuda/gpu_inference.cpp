@@ -17,6 +17,7 @@
 #include "cuda/rmsnorm.h"
 #include "cuda/rope.h"
 #include "cuda/router.h"
+#include "cuda/shared_expert_gate.h"
 #include "cuda/swiglu.h"
 
 namespace moeforge::cuda {
@@ -49,11 +50,14 @@ struct GpuInference::Scratch {
   DeviceBuffer<int32_t> expert_offsets;             // [E + 1]
   PinnedHostBuffer<int32_t> host_offsets;           // [E + 1]
   DeviceBuffer<int32_t> assignment_row, row_token;  // [c * k]
-  DeviceBuffer<bf16> rows;              // [c * k, h] expert inputs in expert order, then outputs
-  DeviceBuffer<bf16> h_gate, h_up;      // [c * k, f] or [c, ffn]; h_gate takes the SwiGLU output
-  DeviceBuffer<bf16> lnf;               // [h] final norm of the last position
-  DeviceBuffer<float> logits;           // [vocab]
-  PinnedHostBuffer<float> host_logits;  // [vocab]
+  // [c * k, h] expert inputs in expert order, then their outputs, then the shared expert's output
+  DeviceBuffer<bf16> rows;
+  // [c * k, f], [c, ffn] or [c, S] (the shared expert's); h_gate takes the SwiGLU output
+  DeviceBuffer<bf16> h_gate, h_up;
+  DeviceBuffer<float> shared_score;             // [c] the shared expert gate's scores
+  DeviceBuffer<bf16> lnf;                       // [h] final norm of the last position
+  DeviceBuffer<float> logits;                   // [vocab]
+  PinnedHostBuffer<float> host_logits;          // [vocab]
   DeviceBlockSparseLayoutBuffers dense_layout;  // every causal block of dense_layout_tokens
   int64_t dense_layout_tokens = 0;
   FlexPrefillDeviceSelection selection;
@@ -194,9 +198,11 @@ void GpuInference::reserve(int64_t n) {
   const int64_t c = std::min(n, kFfnChunkTokens);
   int64_t ffn_width = 0;
   for (int64_t l = 0; l < config_.num_layers; ++l) {
-    ffn_width = std::max(ffn_width, config_.layer_is_moe(l) ? config_.num_experts_per_tok *
-                                                                  config_.moe_intermediate_size
-                                                            : config_.intermediate_size);
+    ffn_width = std::max(ffn_width,
+                         config_.layer_is_moe(l)
+                             ? std::max(config_.num_experts_per_tok * config_.moe_intermediate_size,
+                                        config_.shared_expert_intermediate_size)
+                             : config_.intermediate_size);
   }
   s.h_gate.resize(size(c * ffn_width));
   s.h_up.resize(size(c * ffn_width));
@@ -209,6 +215,7 @@ void GpuInference::reserve(int64_t n) {
     s.assignment_row.resize(size(c * k));
     s.row_token.resize(size(c * k));
     s.rows.resize(size(c * k * h));
+    s.shared_score.resize(size(config_.shared_expert_intermediate_size > 0 ? c : 0));
   }
   s.max_tokens = n;
 }
@@ -333,6 +340,23 @@ void GpuInference::moe_forward(int64_t l, float* x, const bf16* ln, int64_t n) {
   // The expert inputs are dead: rows takes the expert outputs.
   expert_forward(s.rows.data(), s.h_gate.data(), wb(o.experts_down), f, h);
   combine_rows(x, x, s.rows.data(), s.gates.data(), s.assignment_row.data(), n, k, h, stream_);
+  if (config_.shared_expert_intermediate_size > 0) shared_expert_forward(l, x, ln, n);
+}
+
+void GpuInference::shared_expert_forward(int64_t l, float* x, const bf16* ln, int64_t n) {
+  const LayerOffsets& o = layout_.layer(l);
+  Scratch& s = *scratch_;
+  const int64_t h = config_.hidden_size, shared = config_.shared_expert_intermediate_size;
+  blas_.linear_forward(s.h_gate.data(), OutType::kBf16, ln, wb(o.shared_gate), nullptr, n, h,
+                       shared, false, stream_);
+  blas_.linear_forward(s.h_up.data(), OutType::kBf16, ln, wb(o.shared_up), nullptr, n, h, shared,
+                       false, stream_);
+  swiglu_forward(s.h_gate.data(), s.h_gate.data(), s.h_up.data(), n * shared, stream_);
+  // The routed experts' outputs are in x: rows takes the shared expert's output.
+  blas_.linear_forward(s.rows.data(), OutType::kBf16, s.h_gate.data(), wb(o.shared_down), nullptr,
+                       n, shared, h, false, stream_);
+  shared_expert_gate_forward(x, s.shared_score.data(), ln, wb(o.shared_expert_gate), s.rows.data(),
+                             n, h, stream_);
 }
 
 void GpuInference::dense_ffn_forward(int64_t l, float* x, const bf16* ln, int64_t n) {

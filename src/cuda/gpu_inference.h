@@ -12,8 +12,8 @@
 // non-empty cache run decode_attention_forward (dense). The MoE FFN runs in chunks of
 // kFfnChunkTokens tokens, which bounds its buffers (top_k rows per token).
 //
-// Supported: what GpuTransformer supports (no Qwen2-MoE shared expert, dropless MoE only),
-// head_dim a multiple of 8 up to 256.
+// Supported: what GpuTransformer supports (dropless MoE only, Qwen2-MoE's shared expert
+// included), head_dim a multiple of 8 up to 256.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -78,6 +78,9 @@ class GpuInference : public InferenceEngine {
   void qkv_forward(int64_t l, int64_t n);
   void attention_forward(int64_t l, int64_t n, bool sparse);
   void moe_forward(int64_t l, float* x, const bf16* ln, int64_t n);
+  // x [n, h] += sigmoid(ln . w_gate) * the shared expert's output (Qwen2-MoE), after the routed
+  // experts.
+  void shared_expert_forward(int64_t l, float* x, const bf16* ln, int64_t n);
   void dense_ffn_forward(int64_t l, float* x, const bf16* ln, int64_t n);
   void expert_forward(bf16* y, const bf16* x, const bf16* w, int64_t in, int64_t out);
   // fp32 copy of a norm weight, bias or the embedding table (by layout offset); null for -1.

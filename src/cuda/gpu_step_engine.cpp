@@ -32,24 +32,31 @@ class GpuStepEngine final : public StepEngine {
     host_optimizer_.set_step_count(optimizer_.step_count());
   }
 
-  void zero_grads() override { gpu_.zero_grads(); }
+  // Lazy: the next backward assigns the gradients instead of adding to zeros (no 4-byte-per-
+  // parameter memset, and the weight-gradient GEMMs skip reading their output).
+  void zero_grads() override { grads_pending_zero_ = true; }
 
   LossBreakdown forward_backward(const int32_t* tokens, const int32_t* targets, int64_t batch,
                                  int64_t seq, double dloss,
                                  std::vector<MoeFfnStats>& stats) override {
-    const LossBreakdown loss = gpu_.forward_backward(tokens, targets, batch, seq, dloss);
+    const GradMode mode =
+        grads_pending_zero_ && dloss != 0.0 ? GradMode::kAssign : GradMode::kAccumulate;
+    const LossBreakdown loss = gpu_.forward_backward(tokens, targets, batch, seq, dloss, mode);
+    if (dloss != 0.0) grads_pending_zero_ = false;
     stats.insert(stats.end(), gpu_.moe_stats().begin(), gpu_.moe_stats().end());
     return loss;
   }
 
   void all_reduce_grads(Communicator& comm, GradReduceDtype dtype) override {
     if (comm.size() == 1) return;
+    materialize_zero_grads();
     std::vector<float> grads = gpu_.download_grads();
     all_reduce_gradients(grads.data(), grads.size(), comm, dtype);
     gpu_.upload_grads(grads);
   }
 
   StepUpdate update(double lr, double max_norm, bool loss_finite) override {
+    materialize_zero_grads();
     StepUpdate result;
     if (!loss_finite) {
       result.grad_norm = optimizer_.grad_norm();
@@ -62,6 +69,7 @@ class GpuStepEngine final : public StepEngine {
   }
 
   std::string first_nonfinite_gradient() override {
+    materialize_zero_grads();
     const std::vector<float> grads = gpu_.download_grads();
     return moeforge::first_nonfinite_gradient(gpu_.layout(), grads.data());
   }
@@ -73,10 +81,18 @@ class GpuStepEngine final : public StepEngine {
   }
 
  private:
+  // Gradients read before any backward since zero_grads(): they must be zeros.
+  void materialize_zero_grads() {
+    if (!grads_pending_zero_) return;
+    gpu_.zero_grads();
+    grads_pending_zero_ = false;
+  }
+
   Transformer<float>& host_model_;
   AdamW& host_optimizer_;
   GpuTransformer gpu_;
   GpuAdamW optimizer_;
+  bool grads_pending_zero_ = false;
 };
 
 }  // namespace

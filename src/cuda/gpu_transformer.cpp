@@ -17,6 +17,7 @@
 #include "cuda/rmsnorm.h"
 #include "cuda/rope.h"
 #include "cuda/router.h"
+#include "cuda/shared_expert_gate.h"
 #include "cuda/swiglu.h"
 
 namespace moeforge::cuda {
@@ -33,10 +34,10 @@ int64_t head_chunk_rows(int64_t n, int64_t vocab) {
 
 // What the forward of one layer saves for its backward.
 struct GpuTransformer::Layer {
-  // ln1, ln2 and h_act live in the buffers below (kNone) or in shared scratch (kSelective); these
-  // point at whichever holds them. The expert-sorted copy of ln2 is never kept: it lives in
-  // Scratch::rows, and the backward gathers it again (a copy, no arithmetic).
-  bf16 *ln1_ptr = nullptr, *ln2_ptr = nullptr, *h_act_ptr = nullptr;
+  // ln1, ln2, h_act and shared_act live in the buffers below (kNone) or in shared scratch
+  // (kSelective); these point at whichever holds them. The expert-sorted copy of ln2 is never
+  // kept: it lives in Scratch::rows, and the backward gathers it again (a copy, no arithmetic).
+  bf16 *ln1_ptr = nullptr, *ln2_ptr = nullptr, *h_act_ptr = nullptr, *shared_act_ptr = nullptr;
   DeviceBuffer<float> x_in;            // [n, h] residual stream entering the layer
   DeviceBuffer<bf16> ln1;              // [n, h]
   DeviceBuffer<float> rstd1;           // [n]
@@ -58,12 +59,17 @@ struct GpuTransformer::Layer {
   DeviceBuffer<int32_t> assignment_row, row_token;  // [n * k]
   DeviceBuffer<bf16> h_gate, h_up, h_act;           // [n * k, f] (dense: [n, ffn])
   DeviceBuffer<bf16> y_rows;                        // [n * k, h]
+  // The shared expert (Qwen2-MoE; S = shared_expert_intermediate_size): its gate and up
+  // projections and SwiGLU output, its output before the sigmoid gate, and the gate's scores.
+  DeviceBuffer<bf16> shared_gate, shared_up, shared_act;  // [n, S]
+  DeviceBuffer<bf16> shared_out;                          // [n, h]
+  DeviceBuffer<float> shared_score;                       // [n]
 };
 
 // Buffers reused across layers and steps.
 struct GpuTransformer::Scratch {
-  DeviceBuffer<bf16> ln1, ln2, h_act;  // kSelective: shared by all layers
-  DeviceBuffer<bf16> rows;             // [n * k, h] the MoE layer's input in expert order
+  DeviceBuffer<bf16> ln1, ln2, h_act, shared_act;  // kSelective: shared by all layers
+  DeviceBuffer<bf16> rows;  // [n * k, h] the MoE layer's input in expert order
   DeviceBuffer<int32_t> tokens, targets, positions;
   DeviceBuffer<int32_t> group_ids, group_offsets, group_positions;
   int64_t num_groups = 0;
@@ -84,7 +90,8 @@ struct GpuTransformer::Scratch {
   DeviceBuffer<bf16> qkv;
   // [n * k, h]: the gradient of the expert outputs, then (reused) of the expert inputs
   DeviceBuffer<bf16> drows;
-  DeviceBuffer<float> dgates;  // [n, k]
+  DeviceBuffer<float> dgates;         // [n, k]
+  DeviceBuffer<float> shared_dlogit;  // [n] gradient of the shared expert gate's logits
   // [n * k, f]: dh_gate holds the gradient of the SwiGLU output first; swiglu_backward replaces it
   // in place by the gradient of the gate projection.
   DeviceBuffer<bf16> dh_gate, dh_up;
@@ -133,6 +140,47 @@ GpuTransformer::GpuTransformer(const ModelConfig& config, Recompute recompute)
   rope_cos_.upload(table.cos);
   rope_sin_.upload(table.sin);
   layers_.resize(static_cast<size_t>(config_.num_layers));
+  find_accumulated_ranges();
+}
+
+void GpuTransformer::find_accumulated_ranges() {
+  const int64_t h = config_.hidden_size, qd = config_.q_dim(), kvd = config_.kv_dim();
+  const int64_t num_experts = config_.num_experts, f = config_.moe_intermediate_size;
+  const int64_t ffn = config_.intermediate_size, shared = config_.shared_expert_intermediate_size;
+  std::vector<std::pair<int64_t, int64_t>> assigned;
+  const auto add = [&](int64_t offset, int64_t count) {
+    if (offset >= 0) assigned.emplace_back(offset, count);
+  };
+  for (int64_t l = 0; l < config_.num_layers; ++l) {
+    const LayerOffsets& o = layout_.layer(l);
+    add(o.q_proj, qd * h);
+    add(o.k_proj, kvd * h);
+    add(o.v_proj, kvd * h);
+    add(o.o_proj, h * qd);
+    add(o.router, num_experts * h);
+    add(o.mlp_gate, ffn * h);
+    add(o.mlp_up, ffn * h);
+    add(o.mlp_down, h * ffn);
+    // The shared expert's projections; its sigmoid gate's [1, h] gradient accumulates.
+    add(o.shared_gate, shared * h);
+    add(o.shared_up, shared * h);
+    add(o.shared_down, h * shared);
+    if (grouped_experts_) {
+      add(o.experts_gate, num_experts * f * h);
+      add(o.experts_up, num_experts * f * h);
+      add(o.experts_down, num_experts * h * f);
+    }
+  }
+  // Tied or not: the head's first chunk assigns; a tied embedding's backward adds to it later.
+  add(layout_.lm_head(), config_.vocab_size * h);
+  std::sort(assigned.begin(), assigned.end());
+  int64_t next = 0;
+  for (const auto& [offset, count] : assigned) {
+    if (offset > next) accumulated_ranges_.emplace_back(next, offset - next);
+    next = std::max(next, offset + count);
+  }
+  if (next < layout_.num_params())
+    accumulated_ranges_.emplace_back(next, layout_.num_params() - next);
 }
 
 GpuTransformer::~GpuTransformer() {
@@ -195,6 +243,7 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
   const auto k = static_cast<size_t>(config_.num_experts_per_tok);
   const auto f = static_cast<size_t>(config_.moe_intermediate_size);
   const auto ffn = static_cast<size_t>(config_.intermediate_size);
+  const auto shared = static_cast<size_t>(config_.shared_expert_intermediate_size);
   size_t max_rows = n, max_ffn = 0;
   for (int64_t l = 0; l < config_.num_layers; ++l) {
     Layer& a = layers_[static_cast<size_t>(l)];
@@ -230,8 +279,13 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
       a.h_up.resize(n * k * f);
       a.h_act.resize(keep ? n * k * f : 0);
       a.y_rows.resize(n * k * h);
+      a.shared_gate.resize(n * shared);
+      a.shared_up.resize(n * shared);
+      a.shared_act.resize(keep ? n * shared : 0);
+      a.shared_out.resize(shared > 0 ? n * h : 0);
+      a.shared_score.resize(shared > 0 ? n : 0);
       max_rows = std::max(max_rows, n * k);
-      max_ffn = std::max(max_ffn, n * k * f);
+      max_ffn = std::max({max_ffn, n * k * f, n * shared});
     } else {
       a.h_gate.resize(n * ffn);
       a.h_up.resize(n * ffn);
@@ -243,6 +297,7 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
     scratch_->ln1.resize(n * h);
     scratch_->ln2.resize(n * h);
     scratch_->h_act.resize(max_ffn);
+    scratch_->shared_act.resize(n * shared);
   }
   scratch_->rows.resize(config_.is_moe() ? max_rows * h : 0);
   for (Layer& a : layers_) {
@@ -250,6 +305,7 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
     a.ln1_ptr = keep ? a.ln1.data() : scratch_->ln1.data();
     a.ln2_ptr = keep ? a.ln2.data() : scratch_->ln2.data();
     a.h_act_ptr = keep ? a.h_act.data() : scratch_->h_act.data();
+    a.shared_act_ptr = keep ? a.shared_act.data() : scratch_->shared_act.data();
   }
   Scratch& s = *scratch_;
   s.tokens.resize(n);
@@ -268,6 +324,7 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
         RouterShape{n_, config_.num_experts, config_.num_experts_per_tok, true})));
     s.drouter.resize(n * num_experts);
     s.dgates.resize(n * k);
+    s.shared_dlogit.resize(shared > 0 ? n : 0);
   }
   s.sums.resize(1);
   s.sum_scratch.resize(static_cast<size_t>(reduction_scratch_doubles(n_)));
@@ -313,11 +370,9 @@ void GpuTransformer::attention_forward(int64_t l, int64_t batch, int64_t seq) {
   attention_.forward(a.att.data(), a.lse.data(), a.q.data(), a.k.data(), a.v.data(),
                      AttentionShape{batch, seq, config_.num_heads, config_.num_kv_heads, d},
                      stream_);
-  // x_mid = x_in + att W_o^T: the GEMM accumulates onto a copy of the residual.
-  MF_CUDA_CHECK(cudaMemcpyAsync(a.x_mid.data(), a.x_in.data(), a.x_in.bytes(),
-                                cudaMemcpyDeviceToDevice, stream_));
-  blas_.linear_forward(a.x_mid.data(), OutType::kFloat, a.att.data(), wb(o.o_proj), nullptr, n, qd,
-                       h, true, stream_);
+  // x_mid = x_in + att W_o^T, the residual added in the GEMM's epilogue.
+  blas_.linear_forward_add(a.x_mid.data(), a.x_in.data(), a.att.data(), wb(o.o_proj), n, qd, h,
+                           stream_);
   rmsnorm_forward(a.ln2_ptr, a.rstd2.data(), a.x_mid.data(), w(o.post_attention_norm), n, h, eps,
                   stream_);
 }
@@ -371,6 +426,32 @@ void GpuTransformer::moe_forward(int64_t l) {
   expert_forward(a.h_up.data(), rows, wb(o.experts_up), h, f, a);
   swiglu_forward(a.h_act_ptr, a.h_gate.data(), a.h_up.data(), n * k * f, stream_);
   expert_forward(a.y_rows.data(), a.h_act_ptr, wb(o.experts_down), f, h, a);
+  if (config_.shared_expert_intermediate_size > 0) shared_expert_forward(l);
+}
+
+void GpuTransformer::shared_expert_forward(int64_t l) {
+  const LayerOffsets& o = layout_.layer(l);
+  Layer& a = layers_[static_cast<size_t>(l)];
+  const int64_t n = n_, h = config_.hidden_size, shared = config_.shared_expert_intermediate_size;
+  blas_.linear_forward(a.shared_gate.data(), OutType::kBf16, a.ln2_ptr, wb(o.shared_gate), nullptr,
+                       n, h, shared, false, stream_);
+  blas_.linear_forward(a.shared_up.data(), OutType::kBf16, a.ln2_ptr, wb(o.shared_up), nullptr, n,
+                       h, shared, false, stream_);
+  swiglu_forward(a.shared_act_ptr, a.shared_gate.data(), a.shared_up.data(), n * shared, stream_);
+  blas_.linear_forward(a.shared_out.data(), OutType::kBf16, a.shared_act_ptr, wb(o.shared_down),
+                       nullptr, n, shared, h, false, stream_);
+}
+
+void GpuTransformer::moe_combine(int64_t l, float* x_out) {
+  const LayerOffsets& o = layout_.layer(l);
+  Layer& a = layers_[static_cast<size_t>(l)];
+  const int64_t n = n_, h = config_.hidden_size;
+  combine_rows(x_out, a.x_mid.data(), a.y_rows.data(), a.gates.data(), a.assignment_row.data(), n,
+               config_.num_experts_per_tok, h, stream_);
+  if (config_.shared_expert_intermediate_size > 0) {
+    shared_expert_gate_forward(x_out, a.shared_score.data(), a.ln2_ptr, wb(o.shared_expert_gate),
+                               a.shared_out.data(), n, h, stream_);
+  }
 }
 
 void GpuTransformer::expert_forward(bf16* y, const bf16* x, const bf16* w, int64_t in, int64_t out,
@@ -402,12 +483,12 @@ void GpuTransformer::expert_backward_weight(float* dw, const bf16* dy, const bf1
                                             int64_t out, const Layer& a) {
   if (grouped_experts_) {
     grouped_.backward_weight(dw, dy, x, a.expert_offsets.data(), {config_.num_experts, in, out},
-                             stream_);
+                             accumulate_grads_, stream_);
     return;
   }
   for_each_expert_rows(a.host_offsets, [&](int64_t e, int64_t begin, int64_t count) {
     blas_.linear_backward_weight(dw + e * out * in, dy + begin * out, x + begin * in, count, in,
-                                 out, stream_);
+                                 out, true, stream_);
   });
 }
 
@@ -442,7 +523,7 @@ void GpuTransformer::head_forward_backward(bool backward, float dscale) {
     blas_.linear_backward_input(s.dln.data() + r0 * h, OutType::kFloat, s.dlogits.data(),
                                 wb(layout_.lm_head()), rows, h, vocab, false, stream_);
     blas_.linear_backward_weight(g(layout_.lm_head()), s.dlogits.data(), s.lnf.data() + r0 * h,
-                                 rows, h, vocab, stream_);
+                                 rows, h, vocab, accumulate_grads_ || r0 > 0, stream_);
   }
 }
 
@@ -456,6 +537,10 @@ void GpuTransformer::recompute_ffn_inputs(int64_t l) {
                             ? n * config_.num_experts_per_tok * config_.moe_intermediate_size
                             : n * config_.intermediate_size;
   swiglu_forward(a.h_act_ptr, a.h_gate.data(), a.h_up.data(), count, stream_);
+  if (config_.layer_is_moe(l) && config_.shared_expert_intermediate_size > 0) {
+    swiglu_forward(a.shared_act_ptr, a.shared_gate.data(), a.shared_up.data(),
+                   n * config_.shared_expert_intermediate_size, stream_);
+  }
 }
 
 void GpuTransformer::recompute_attention_inputs(int64_t l) {
@@ -484,32 +569,59 @@ void GpuTransformer::moe_backward(int64_t l, float d_aux, float d_z) {
   expert_backward_weight(g(o.experts_gate), s.dh_gate.data(), rows, h, f, a);
   expert_backward_weight(g(o.experts_up), s.dh_up.data(), rows, h, f, a);
   scatter_rows_backward(s.dln.data(), s.drows.data(), a.assignment_row.data(), n, k, h, stream_);
+  if (config_.shared_expert_intermediate_size > 0) shared_expert_backward(l);
   router_backward(s.drouter.data(), s.dgates.data(), a.router_logits.data(), a.probs.data(),
                   a.expert_idx.data(), a.expert_counts.data(), d_aux, d_z,
                   RouterShape{n, num_experts, k, config_.norm_topk_prob}, stream_);
   blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.drouter.data(), wb(o.router), n, h,
                               num_experts, true, stream_);
   blas_.linear_backward_weight(g(o.router), s.drouter.data(), a.ln2_ptr, n, h, num_experts,
-                               stream_);
+                               accumulate_grads_, stream_);
+}
+
+void GpuTransformer::shared_expert_backward(int64_t l) {
+  const LayerOffsets& o = layout_.layer(l);
+  Layer& a = layers_[static_cast<size_t>(l)];
+  Scratch& s = *scratch_;
+  const int64_t n = n_, h = config_.hidden_size, shared = config_.shared_expert_intermediate_size;
+  // The gate first (dres is the gradient of the layer's output), then the projections as in
+  // dense_ffn_backward. dres_bf16 is free in an MoE layer's backward: it takes the gradient of the
+  // shared expert's output; dh_gate and dh_up are free once the routed experts are done.
+  bf16* dshared_out = s.dres_bf16.data();
+  shared_expert_gate_backward(dshared_out, s.shared_dlogit.data(), s.dln.data(), s.dres.data(),
+                              a.shared_out.data(), a.shared_score.data(), wb(o.shared_expert_gate),
+                              n, h, stream_);
+  shared_expert_gate_backward_weight(g(o.shared_expert_gate), s.shared_dlogit.data(), a.ln2_ptr, n,
+                                     h, stream_);
+  swiglu_ffn_backward(dshared_out, a.ln2_ptr, a.shared_act_ptr, a.shared_gate.data(),
+                      a.shared_up.data(), SwigluWeights{o.shared_gate, o.shared_up, o.shared_down},
+                      shared, true);
 }
 
 void GpuTransformer::dense_ffn_backward(int64_t l) {
   const LayerOffsets& o = layout_.layer(l);
   Layer& a = layers_[static_cast<size_t>(l)];
+  swiglu_ffn_backward(scratch_->dres_bf16.data(), a.ln2_ptr, a.h_act_ptr, a.h_gate.data(),
+                      a.h_up.data(), SwigluWeights{o.mlp_gate, o.mlp_up, o.mlp_down},
+                      config_.intermediate_size, false);
+}
+
+void GpuTransformer::swiglu_ffn_backward(const bf16* dy, const bf16* x, const bf16* act,
+                                         const bf16* gate, const bf16* up, const SwigluWeights& w,
+                                         int64_t width, bool add_to_dln) {
   Scratch& s = *scratch_;
-  const int64_t n = n_, h = config_.hidden_size, ffn = config_.intermediate_size;
-  cast_to_bf16(s.dres_bf16.data(), s.dres.data(), n * h, stream_);
-  blas_.linear_backward_input(s.dh_gate.data(), OutType::kBf16, s.dres_bf16.data(), wb(o.mlp_down),
-                              n, ffn, h, false, stream_);
-  blas_.linear_backward_weight(g(o.mlp_down), s.dres_bf16.data(), a.h_act_ptr, n, ffn, h, stream_);
-  swiglu_backward(s.dh_gate.data(), s.dh_up.data(), s.dh_gate.data(), a.h_gate.data(),
-                  a.h_up.data(), n * ffn, stream_);
-  blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.dh_gate.data(), wb(o.mlp_gate), n, h,
-                              ffn, false, stream_);
-  blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.dh_up.data(), wb(o.mlp_up), n, h,
-                              ffn, true, stream_);
-  blas_.linear_backward_weight(g(o.mlp_gate), s.dh_gate.data(), a.ln2_ptr, n, h, ffn, stream_);
-  blas_.linear_backward_weight(g(o.mlp_up), s.dh_up.data(), a.ln2_ptr, n, h, ffn, stream_);
+  const int64_t n = n_, h = config_.hidden_size;
+  blas_.linear_backward_input(s.dh_gate.data(), OutType::kBf16, dy, wb(w.down), n, width, h, false,
+                              stream_);
+  blas_.linear_backward_weight(g(w.down), dy, act, n, width, h, accumulate_grads_, stream_);
+  swiglu_backward(s.dh_gate.data(), s.dh_up.data(), s.dh_gate.data(), gate, up, n * width, stream_);
+  blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.dh_gate.data(), wb(w.gate), n, h,
+                              width, add_to_dln, stream_);
+  blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.dh_up.data(), wb(w.up), n, h, width,
+                              true, stream_);
+  blas_.linear_backward_weight(g(w.gate), s.dh_gate.data(), x, n, h, width, accumulate_grads_,
+                               stream_);
+  blas_.linear_backward_weight(g(w.up), s.dh_up.data(), x, n, h, width, accumulate_grads_, stream_);
 }
 
 void GpuTransformer::attention_backward(int64_t l, int64_t batch, int64_t seq) {
@@ -518,10 +630,10 @@ void GpuTransformer::attention_backward(int64_t l, int64_t batch, int64_t seq) {
   Scratch& s = *scratch_;
   const int64_t n = n_, h = config_.hidden_size, qd = config_.q_dim(), kvd = config_.kv_dim();
   const int64_t d = config_.head_dim;
-  cast_to_bf16(s.dres_bf16.data(), s.dres.data(), n * h, stream_);
   blas_.linear_backward_input(s.datt.data(), OutType::kBf16, s.dres_bf16.data(), wb(o.o_proj), n,
                               qd, h, false, stream_);
-  blas_.linear_backward_weight(g(o.o_proj), s.dres_bf16.data(), a.att.data(), n, qd, h, stream_);
+  blas_.linear_backward_weight(g(o.o_proj), s.dres_bf16.data(), a.att.data(), n, qd, h,
+                               accumulate_grads_, stream_);
   attention_.backward(s.dq.data(), s.dk.data(), s.dv.data(), s.datt.data(), a.q.data(), a.k.data(),
                       a.v.data(), a.att.data(), a.lse.data(),
                       AttentionShape{batch, seq, config_.num_heads, config_.num_kv_heads, d},
@@ -538,12 +650,18 @@ void GpuTransformer::attention_backward(int64_t l, int64_t batch, int64_t seq) {
     if (config_.attention_bias) column_sum_accumulate(g(o.q_bias), dqkv, n, width, stream_);
     blas_.linear_backward_input(s.dln.data(), OutType::kFloat, dqkv, wb(o.q_proj), n, h, width,
                                 false, stream_);
-    blas_.linear_backward_weight(g(o.q_proj), dqkv, a.ln1_ptr, n, h, width, stream_);
+    blas_.linear_backward_weight(g(o.q_proj), dqkv, a.ln1_ptr, n, h, width, accumulate_grads_,
+                                 stream_);
   } else {
     attention_projections_backward_unpacked(l);
   }
   rmsnorm_backward(s.dres.data(), g(o.input_norm), s.dln.data(), a.x_in.data(), w(o.input_norm),
-                   a.rstd1.data(), n, h, true, stream_);
+                   a.rstd1.data(), n, h, true, stream_, residual_grad_bf16_for(l - 1));
+}
+
+bf16* GpuTransformer::residual_grad_bf16_for(int64_t l) {
+  const bool dense_ffn_next = l >= 0 && !config_.layer_is_moe(l);
+  return dense_ffn_next ? scratch_->dres_bf16.data() : nullptr;
 }
 
 void GpuTransformer::attention_projections_backward_unpacked(int64_t l) {
@@ -577,13 +695,15 @@ void GpuTransformer::attention_projections_backward_unpacked(int64_t l) {
                               stream_);
   blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.dv.data(), wb(o.v_proj), n, h, kvd,
                               true, stream_);
-  blas_.linear_backward_weight(g(o.q_proj), dq, a.ln1_ptr, n, h, qd, stream_);
-  blas_.linear_backward_weight(g(o.k_proj), dk, a.ln1_ptr, n, h, kvd, stream_);
-  blas_.linear_backward_weight(g(o.v_proj), s.dv.data(), a.ln1_ptr, n, h, kvd, stream_);
+  blas_.linear_backward_weight(g(o.q_proj), dq, a.ln1_ptr, n, h, qd, accumulate_grads_, stream_);
+  blas_.linear_backward_weight(g(o.k_proj), dk, a.ln1_ptr, n, h, kvd, accumulate_grads_, stream_);
+  blas_.linear_backward_weight(g(o.v_proj), s.dv.data(), a.ln1_ptr, n, h, kvd, accumulate_grads_,
+                               stream_);
 }
 
 LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int32_t* targets,
-                                               int64_t batch, int64_t seq, double dloss) {
+                                               int64_t batch, int64_t seq, double dloss,
+                                               GradMode grad_mode) {
   MF_CHECK(batch > 0 && seq > 0, "forward needs a non-empty batch, got [{}, {}]", batch, seq);
   MF_CHECK(seq <= config_.max_position_embeddings,
            "sequence length {} exceeds max_position_embeddings {}", seq,
@@ -601,6 +721,13 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
   }
   const bool backward = dloss != 0.0;
   resize(batch, seq);
+  accumulate_grads_ = grad_mode == GradMode::kAccumulate;
+  if (backward && !accumulate_grads_) {
+    for (const auto& [offset, count] : accumulated_ranges_) {
+      MF_CUDA_CHECK(cudaMemsetAsync(grads_.data() + offset, 0,
+                                    static_cast<size_t>(count) * sizeof(float), stream_));
+    }
+  }
   Scratch& s = *scratch_;
   const int64_t h = config_.hidden_size;
   const auto eps = static_cast<float>(config_.rms_norm_eps);
@@ -629,16 +756,13 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
           a.probs.data(), a.expert_idx.data(), a.router_logits.data(),
           RouterShape{n, config_.num_experts, config_.num_experts_per_tok, config_.norm_topk_prob},
           stream_);
-      combine_rows(x_out, a.x_mid.data(), a.y_rows.data(), a.gates.data(), a.assignment_row.data(),
-                   n, config_.num_experts_per_tok, h, stream_);
+      moe_combine(l, x_out);
       ++moe_idx;
     } else {
       timer_.mark("dense_ffn", stream_);
       dense_ffn_forward(l);
-      MF_CUDA_CHECK(cudaMemcpyAsync(x_out, a.x_mid.data(), a.x_mid.bytes(),
-                                    cudaMemcpyDeviceToDevice, stream_));
-      blas_.linear_forward(x_out, OutType::kFloat, a.h_act_ptr, wb(layout_.layer(l).mlp_down),
-                           nullptr, n, config_.intermediate_size, h, true, stream_);
+      blas_.linear_forward_add(x_out, a.x_mid.data(), a.h_act_ptr, wb(layout_.layer(l).mlp_down), n,
+                               config_.intermediate_size, h, stream_);
     }
   }
   timer_.mark("head", stream_);
@@ -656,7 +780,8 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
                                                  static_cast<double>(num_moe_layers_)
                                            : 0.0;
     rmsnorm_backward(s.dres.data(), g(layout_.final_norm()), s.dln.data(), s.x_out.data(),
-                     w(layout_.final_norm()), s.rstdf.data(), n, h, false, stream_);
+                     w(layout_.final_norm()), s.rstdf.data(), n, h, false, stream_,
+                     residual_grad_bf16_for(config_.num_layers - 1));
     for (int64_t l = config_.num_layers - 1; l >= 0; --l) {
       Layer& a = layers_[static_cast<size_t>(l)];
       if (recompute_ == Recompute::kSelective) {
@@ -671,9 +796,10 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
         dense_ffn_backward(l);
       }
       timer_.mark("attention_backward", stream_);
+      // The attention backward's first GEMM reads the residual gradient in bf16.
       rmsnorm_backward(s.dres.data(), g(layout_.layer(l).post_attention_norm), s.dln.data(),
                        a.x_mid.data(), w(layout_.layer(l).post_attention_norm), a.rstd2.data(), n,
-                       h, true, stream_);
+                       h, true, stream_, s.dres_bf16.data());
       if (recompute_ == Recompute::kSelective) recompute_attention_inputs(l);
       attention_backward(l, batch, seq);
     }

@@ -11,8 +11,9 @@
 // layer in the backward from what is saved (the residual stream, rstd, the gate and up
 // projections).
 //
-// Supported now: every architecture of model_config.h on one rank with dropless MoE layers; the
-// shared expert of Qwen2-MoE and capacity-based token dropping are rejected with an error.
+// Supported now: every architecture of model_config.h on one rank with dropless MoE layers, the
+// sigmoid-gated shared expert of Qwen2-MoE included; capacity-based token dropping is rejected
+// with an error.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -36,6 +37,11 @@
 namespace moeforge::cuda {
 
 enum class Recompute { kNone, kSelective };
+
+// What a backward does with the gradient buffer: add to it (later micro-batches), or assign this
+// micro-batch's gradients (the first one: no zeroing beforehand, and the weight-gradient GEMMs
+// write their output without reading it).
+enum class GradMode { kAccumulate, kAssign };
 
 // "none" or "selective"; throws on anything else.
 Recompute parse_recompute(const std::string& name);
@@ -68,10 +74,12 @@ class GpuTransformer {
   float* grads() { return grads_.data(); }
 
   // tokens, targets [batch, seq] on the host (target -1: ignored). With dloss != 0, also runs the
-  // backward and accumulates dloss * d(loss)/d(params) into the gradients (+=). Returns the loss
-  // as Transformer<float>::forward does.
+  // backward and adds dloss * d(loss)/d(params) to the gradients (kAccumulate), or makes it the
+  // gradients whatever the buffer held (kAssign). Returns the loss as Transformer<float>::forward
+  // does.
   LossBreakdown forward_backward(const int32_t* tokens, const int32_t* targets, int64_t batch,
-                                 int64_t seq, double dloss);
+                                 int64_t seq, double dloss,
+                                 GradMode grad_mode = GradMode::kAccumulate);
 
   // Per MoE layer statistics of the last forward (aux and z loss, assignments per expert).
   const std::vector<MoeFfnStats>& moe_stats() const { return moe_stats_; }
@@ -91,6 +99,9 @@ class GpuTransformer {
   struct Scratch;
 
   void resize(int64_t batch, int64_t seq);
+  // The gradient ranges no weight-gradient GEMM assigns (norm weights, biases, the embedding, the
+  // experts on the per-expert path): zeroed before a kAssign backward.
+  void find_accumulated_ranges();
   // Checks the size of a flat [num_params] host array and copies it into dst.
   void upload_flat(DeviceBuffer<float>& dst, const std::vector<float>& host, const char* what);
   void attention_forward(int64_t l, int64_t batch, int64_t seq);
@@ -98,8 +109,19 @@ class GpuTransformer {
   // The three q/k/v projections of layers that cannot run them packed (model_support.h).
   void attention_projections_unpacked(int64_t l);
   void attention_projections_backward_unpacked(int64_t l);
+  // Where a residual-norm backward also writes its gradient in bf16: the bf16 residual gradient
+  // when layer l (the next backward) has a dense FFN, whose first GEMM reads it; else null (an
+  // MoE layer reads the fp32 gradient, l < 0 is the embedding).
+  bf16* residual_grad_bf16_for(int64_t l);
   void moe_forward(int64_t l);
   void moe_backward(int64_t l, float d_aux, float d_z);
+  // x_out [n, h] = x_mid + the gate-weighted expert outputs (+ the gated shared expert's output).
+  void moe_combine(int64_t l, float* x_out);
+  // The shared expert of an MoE layer (Qwen2-MoE): its projections and SwiGLU from ln2 (its
+  // sigmoid gate runs in moe_combine); the backward, the gate's included, adds its input gradient
+  // to dln (assigned before by the routed experts' backward).
+  void shared_expert_forward(int64_t l);
+  void shared_expert_backward(int64_t l);
   // One projection of all experts of a layer (weights [E, out, in], rows grouped by the layer's
   // row map): grouped on the device, or per expert from the host copy of the row offsets.
   void expert_forward(bf16* y, const bf16* x, const bf16* w, int64_t in, int64_t out,
@@ -110,6 +132,16 @@ class GpuTransformer {
                               const Layer& a);
   void dense_ffn_forward(int64_t l);
   void dense_ffn_backward(int64_t l);
+  // Parameter offsets of one SwiGLU FFN's projections.
+  struct SwigluWeights {
+    int64_t gate, up, down;
+  };
+  // The backward of a SwiGLU FFN from its input x [n, h], SwiGLU output act, gate and up
+  // projections [n, width] and the gradient dy [n, h] (bf16) of its output: the three weight
+  // gradients (as the backward's GradMode says) and the input gradient into dln (assigned, or
+  // added when add_to_dln). dh_gate and dh_up are its scratch.
+  void swiglu_ffn_backward(const bf16* dy, const bf16* x, const bf16* act, const bf16* gate,
+                           const bf16* up, const SwigluWeights& w, int64_t width, bool add_to_dln);
   void head_forward_backward(bool backward, float dscale);
   // Selective recompute: rebuilds the layer's normed inputs and SwiGLU output before its backward.
   void recompute_ffn_inputs(int64_t l);
@@ -140,6 +172,8 @@ class GpuTransformer {
   std::vector<Layer> layers_;
   std::vector<MoeFfnStats> moe_stats_;
   float* host_logits_ = nullptr;  // set by forward_logits: where the head copies its logits
+  bool accumulate_grads_ = true;  // the current backward's GradMode
+  std::vector<std::pair<int64_t, int64_t>> accumulated_ranges_;  // (offset, count)
   std::unique_ptr<Scratch> scratch_;
 };
 

@@ -119,6 +119,15 @@ __global__ void setup_groups_kernel(GroupArrays<G> arrays, const int32_t* offset
   arrays.stride_d[e] = stride_d;
 }
 
+// One block per expert: zeros dW_e [size] of an expert with no rows (the grouped GEMM gives such a
+// group no tiles, so an assigning weight gradient would leave it unwritten).
+__global__ void zero_empty_experts_kernel(float* dw, const int32_t* offsets, int64_t size) {
+  const int e = static_cast<int>(blockIdx.x);
+  if (offsets[e + 1] != offsets[e]) return;
+  float* out = dw + size * e;
+  for (int64_t i = threadIdx.x; i < size; i += blockDim.x) out[i] = 0.0f;
+}
+
 // Device storage for one kind of grouped GEMM: per-group arrays and the kernel's workspace.
 template <class G>
 class GroupedRunner {
@@ -273,14 +282,21 @@ void GroupedGemm::backward_input(bf16* dx, const bf16* dy, const bf16* w, const 
 }
 
 void GroupedGemm::backward_weight(float* dw, const bf16* dy, const bf16* x, const int32_t* offsets,
-                                  const ExpertGemmShape& shape, cudaStream_t stream) {
+                                  const ExpertGemmShape& shape, bool accumulate,
+                                  cudaStream_t stream) {
   check_available(*this, shape);
   const int in = static_cast<int>(shape.in), out = static_cast<int>(shape.out);
   // (m, n, k) = (out, in, rows).
   impl_->backward_weight.run(offsets, static_cast<int>(shape.num_experts), 2, out, in, cast(dy),
                              OperandOffsets{out, 0}, cast(x), OperandOffsets{in, 0}, dw,
-                             OperandOffsets{0, shape.out * shape.in}, 1.0f, out, in, 1,
-                             impl_->hw_info, stream);
+                             OperandOffsets{0, shape.out * shape.in}, accumulate ? 1.0f : 0.0f, out,
+                             in, 1, impl_->hw_info, stream);
+  if (!accumulate) {
+    constexpr int kThreads = 256;
+    zero_empty_experts_kernel<<<static_cast<unsigned>(shape.num_experts), kThreads, 0, stream>>>(
+        dw, offsets, shape.out * shape.in);
+    MF_CUDA_CHECK_LAUNCH();
+  }
 }
 
 }  // namespace moeforge::cuda

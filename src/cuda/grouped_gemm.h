@@ -38,9 +38,10 @@ class GroupedGemm {
   // dx [rows, in] (bf16; = or, with accumulate, +=): rows of expert e = dy rows [rows, out] * W_e.
   void backward_input(bf16* dx, const bf16* dy, const bf16* w, const int32_t* offsets,
                       const ExpertGemmShape& shape, bool accumulate, cudaStream_t stream);
-  // dW_e [out, in] (fp32) += dy_e^T x_e over the rows of expert e (experts with no rows keep dW).
+  // dW_e [out, in] (fp32) = dy_e^T x_e over the rows of expert e, or += when accumulate. An
+  // expert with no rows keeps dW_e when accumulating and gets zeros when assigning.
   void backward_weight(float* dw, const bf16* dy, const bf16* x, const int32_t* offsets,
-                       const ExpertGemmShape& shape, cudaStream_t stream);
+                       const ExpertGemmShape& shape, bool accumulate, cudaStream_t stream);
 
  private:
   struct Impl;

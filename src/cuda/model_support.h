@@ -8,7 +8,7 @@
 namespace moeforge::cuda {
 
 // Validates the config, then throws moeforge::Error (pointing at --device cpu) for what the CUDA
-// backend does not run yet: the shared expert of Qwen2-MoE and capacity-based token dropping.
+// backend does not run yet: capacity-based token dropping.
 void check_cuda_model_support(const ModelConfig& config);
 
 // Whether a layer's q/k/v projections run as one GEMM over the packed weight [q; k; v]: their

@@ -44,7 +44,7 @@ __global__ void rmsnorm_forward_kernel(bf16* out, float* rstd, const In* inp, co
 }
 
 template <int kWidth, typename In, typename DOut, typename DIn>
-__global__ void rmsnorm_backward_kernel(DIn* dinp, const DOut* dout, const In* inp,
+__global__ void rmsnorm_backward_kernel(DIn* dinp, bf16* dinp_bf16, const DOut* dout, const In* inp,
                                         const float* weight, const float* rstd, int64_t n,
                                         int64_t c, bool accumulate) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
@@ -75,6 +75,7 @@ __global__ void rmsnorm_backward_kernel(DIn* dinp, const DOut* dout, const In* i
 #pragma unroll
     for (int i = 0; i < kWidth; ++i) result[i] = r * w[i] * g[i] - coeff * v[i] + prior[i];
     store_cols<kWidth>(dx + j, result);
+    if (dinp_bf16 != nullptr) store_cols<kWidth>(dinp_bf16 + row * c + j, result);
   }
 }
 
@@ -113,15 +114,15 @@ void rmsnorm_forward(bf16* out, float* rstd, const In* inp, const float* weight,
 template <typename In, typename DOut, typename DIn>
 void rmsnorm_backward(DIn* dinp, float* dweight, const DOut* dout, const In* inp,
                       const float* weight, const float* rstd, int64_t n, int64_t c, bool accumulate,
-                      cudaStream_t stream) {
+                      cudaStream_t stream, bf16* dinp_bf16) {
   if (n == 0) return;
   const auto blocks = static_cast<unsigned>(ceil_div(n, kWarpsPerBlock));
-  if (c % 4 == 0 && aligned_to(16, dinp, dout, inp, weight)) {
+  if (c % 4 == 0 && aligned_to(16, dinp, dout, inp, weight) && aligned_to(8, dinp_bf16)) {
     rmsnorm_backward_kernel<4><<<blocks, kWarpsPerBlock * kWarpSize, 0, stream>>>(
-        dinp, dout, inp, weight, rstd, n, c, accumulate);
+        dinp, dinp_bf16, dout, inp, weight, rstd, n, c, accumulate);
   } else {
     rmsnorm_backward_kernel<1><<<blocks, kWarpsPerBlock * kWarpSize, 0, stream>>>(
-        dinp, dout, inp, weight, rstd, n, c, accumulate);
+        dinp, dinp_bf16, dout, inp, weight, rstd, n, c, accumulate);
   }
   MF_CUDA_CHECK_LAUNCH();
   const int64_t num_chunks = ceil_div(n, kRowsPerChunk);
@@ -140,9 +141,9 @@ template void rmsnorm_forward<bf16>(bf16*, float*, const bf16*, const float*, in
                                     float, cudaStream_t);
 template void rmsnorm_backward<float, float, float>(float*, float*, const float*, const float*,
                                                     const float*, const float*, int64_t, int64_t,
-                                                    bool, cudaStream_t);
+                                                    bool, cudaStream_t, bf16*);
 template void rmsnorm_backward<bf16, bf16, bf16>(bf16*, float*, const bf16*, const bf16*,
                                                  const float*, const float*, int64_t, int64_t, bool,
-                                                 cudaStream_t);
+                                                 cudaStream_t, bf16*);
 
 }  // namespace moeforge::cuda

@@ -18,9 +18,11 @@ void rmsnorm_forward(bf16* out, float* rstd, const In* inp, const float* weight,
 // dinp [n, c]: assigned, or added to when accumulate (the residual stream's gradient).
 // dweight [c] += (deterministic: fixed-order partial sums). Instantiated for
 // <float, float, float> (residual norms: fp32 dout and dinp) and <bf16, bf16, bf16> (q/k norm).
+// dinp_bf16, if not null: also the final dinp rounded to bf16 (the next GEMM's input, without a
+// cast kernel reading dinp again).
 template <typename In, typename DOut, typename DIn>
 void rmsnorm_backward(DIn* dinp, float* dweight, const DOut* dout, const In* inp,
                       const float* weight, const float* rstd, int64_t n, int64_t c, bool accumulate,
-                      cudaStream_t stream);
+                      cudaStream_t stream, bf16* dinp_bf16 = nullptr);
 
 }  // namespace moeforge::cuda

@@ -93,28 +93,6 @@ __global__ void router_forward_kernel(float* probs, int32_t* expert_idx, float* 
 
 constexpr int64_t kTokensPerChunk = 128;
 
-// partial[chunk, e] = sum over the chunk's tokens of probs[t, e] (rows read whole, coalesced).
-__global__ void prob_chunk_sum_kernel(float* partial, const float* probs, int64_t n,
-                                      int64_t num_experts) {
-  const int64_t chunk = blockIdx.x;
-  const int64_t end = min(n, (chunk + 1) * kTokensPerChunk);
-  for (int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) {
-    float sum = 0.0f;
-    for (int64_t t = chunk * kTokensPerChunk; t < end; ++t) sum += probs[t * num_experts + e];
-    partial[chunk * num_experts + e] = sum;
-  }
-}
-
-// scratch[e] = sum of the chunks' partial sums, in chunk order.
-__global__ void prob_column_sum_kernel(float* scratch, const float* partial, int64_t num_chunks,
-                                       int64_t num_experts) {
-  for (int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) {
-    float sum = 0.0f;
-    for (int64_t c = 0; c < num_chunks; ++c) sum += partial[c * num_experts + e];
-    scratch[e] = sum;
-  }
-}
-
 // scratch[t] = logsumexp(logits[t])^2.
 __global__ void z_term_kernel(float* scratch, const float* logits, int64_t n, int64_t num_experts) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
@@ -128,29 +106,63 @@ __global__ void z_term_kernel(float* scratch, const float* logits, int64_t n, in
   if (lane == 0) scratch[t] = lse * lse;
 }
 
-// One block: expert counts, then aux = E * sum_e f_e P_e and z = mean z terms.
-__global__ void router_losses_kernel(float* losses, int32_t* expert_counts, const float* scratch,
-                                     const int32_t* expert_idx, int64_t n, int64_t num_experts,
-                                     int64_t top_k) {
-  __shared__ int32_t counts[kMaxExpertsPerLane * kWarpSize];
-  for (int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) counts[e] = 0;
+// One block per chunk of kTokensPerChunk tokens, in fixed orders: prob_sums[chunk, e] = sum of
+// probs[t, e] (rows read whole, coalesced), counts[chunk, e] = assignments to e, z_sums[chunk] =
+// sum of the z terms (lane i sums tokens i, i + 32, ..., then the warp's fixed butterfly).
+__global__ void router_chunk_kernel(float* prob_sums, int32_t* counts, float* z_sums,
+                                    const float* probs, const int32_t* expert_idx,
+                                    const float* z_terms, int64_t n, int64_t num_experts,
+                                    int64_t top_k) {
+  __shared__ int32_t chunk_counts[kMaxExpertsPerLane * kWarpSize];
+  const int64_t chunk = blockIdx.x;
+  const int64_t begin = chunk * kTokensPerChunk, end = min(n, begin + kTokensPerChunk);
+  for (int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) {
+    chunk_counts[e] = 0;
+    float sum = 0.0f;
+    for (int64_t t = begin; t < end; ++t) sum += probs[t * num_experts + e];
+    prob_sums[chunk * num_experts + e] = sum;
+  }
   __syncthreads();
-  for (int64_t a = threadIdx.x; a < n * top_k; a += blockDim.x)
-    atomicAdd(&counts[expert_idx[a]], 1);
+  for (int64_t a = begin * top_k + threadIdx.x; a < end * top_k; a += blockDim.x) {
+    atomicAdd(&chunk_counts[expert_idx[a]], 1);
+  }
+  if (threadIdx.x < kWarpSize) {
+    float z = 0.0f;
+    for (int64_t t = begin + threadIdx.x; t < end; t += kWarpSize) z += z_terms[t];
+    z = warp_sum(z);
+    if (threadIdx.x == 0) z_sums[chunk] = z;
+  }
   __syncthreads();
-  for (int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) expert_counts[e] = counts[e];
-  float z = 0.0f;
-  for (int64_t t = threadIdx.x; t < n; t += blockDim.x) z += scratch[num_experts + t];
-  __shared__ float partial[kWarpsPerBlock];
-  z = warp_sum(z);
-  if (threadIdx.x % kWarpSize == 0) partial[threadIdx.x / kWarpSize] = z;
+  for (int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) {
+    counts[chunk * num_experts + e] = chunk_counts[e];
+  }
+}
+
+// One block: the chunks' sums in chunk order, then aux = E * sum_e f_e P_e and z = mean z terms.
+// scratch[e] keeps sum_t probs[t, e] for the backward.
+__global__ void router_losses_kernel(float* losses, int32_t* expert_counts, float* scratch,
+                                     const float* prob_sums, const int32_t* counts,
+                                     const float* z_sums, int64_t num_chunks, int64_t n,
+                                     int64_t num_experts, int64_t top_k) {
+  __shared__ int32_t total_counts[kMaxExpertsPerLane * kWarpSize];
+  for (int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) {
+    float sum = 0.0f;
+    int32_t count = 0;
+    for (int64_t c = 0; c < num_chunks; ++c) {
+      sum += prob_sums[c * num_experts + e];
+      count += counts[c * num_experts + e];
+    }
+    scratch[e] = sum;
+    total_counts[e] = count;
+    expert_counts[e] = count;
+  }
   __syncthreads();
   if (threadIdx.x == 0) {
     float z_total = 0.0f;
-    for (int w = 0; w < kWarpsPerBlock; ++w) z_total += partial[w];
+    for (int64_t c = 0; c < num_chunks; ++c) z_total += z_sums[c];
     double aux = 0.0;
     for (int64_t e = 0; e < num_experts; ++e) {
-      const double f = static_cast<double>(counts[e]) / static_cast<double>(n * top_k);
+      const double f = static_cast<double>(total_counts[e]) / static_cast<double>(n * top_k);
       aux += f * static_cast<double>(scratch[e]) / static_cast<double>(n);
     }
     losses[0] = static_cast<float>(aux * static_cast<double>(num_experts));
@@ -247,19 +259,22 @@ void router_losses(float* losses, int32_t* expert_counts, float* scratch, const 
   check_shape(shape);
   MF_CHECK(shape.num_tokens > 0, "router losses need at least one token");
   constexpr int kThreads = kWarpsPerBlock * kWarpSize;
-  const int64_t num_chunks = ceil_div(shape.num_tokens, kTokensPerChunk);
-  DeviceBuffer<float> partial(static_cast<size_t>(num_chunks * shape.num_experts));
-  prob_chunk_sum_kernel<<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(
-      partial.data(), probs, shape.num_tokens, shape.num_experts);
+  const int64_t n = shape.num_tokens, num_experts = shape.num_experts;
+  const int64_t num_chunks = ceil_div(n, kTokensPerChunk);
+  // prob sums [num_chunks, E], then z sums [num_chunks]; counts [num_chunks, E].
+  DeviceBuffer<float> partial(static_cast<size_t>(num_chunks * (num_experts + 1)));
+  DeviceBuffer<int32_t> counts(static_cast<size_t>(num_chunks * num_experts));
+  float* z_sums = partial.data() + num_chunks * num_experts;
+  z_term_kernel<<<token_blocks(n), kThreads, 0, stream>>>(scratch + num_experts, logits, n,
+                                                          num_experts);
   MF_CUDA_CHECK_LAUNCH();
-  prob_column_sum_kernel<<<1, kThreads, 0, stream>>>(scratch, partial.data(), num_chunks,
-                                                     shape.num_experts);
+  router_chunk_kernel<<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(
+      partial.data(), counts.data(), z_sums, probs, expert_idx, scratch + num_experts, n,
+      num_experts, shape.top_k);
   MF_CUDA_CHECK_LAUNCH();
-  z_term_kernel<<<token_blocks(shape.num_tokens), kThreads, 0, stream>>>(
-      scratch + shape.num_experts, logits, shape.num_tokens, shape.num_experts);
-  MF_CUDA_CHECK_LAUNCH();
-  router_losses_kernel<<<1, kThreads, 0, stream>>>(
-      losses, expert_counts, scratch, expert_idx, shape.num_tokens, shape.num_experts, shape.top_k);
+  router_losses_kernel<<<1, kThreads, 0, stream>>>(losses, expert_counts, scratch, partial.data(),
+                                                   counts.data(), z_sums, num_chunks, n,
+                                                   num_experts, shape.top_k);
   MF_CUDA_CHECK_LAUNCH();
 }
 

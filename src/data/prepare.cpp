@@ -377,10 +377,13 @@ PrepareSummary prepare_dataset(const PrepareOptions& options, const PrepareProgr
     val.num_documents += num_train < num_tokens ? 1 : 0;
     stream_pos += num_tokens;
     const char* split = num_train == num_tokens ? "train" : (num_train == 0 ? "val" : "train+val");
-    documents_json.push_back({{"path", documents[doc_idx].path.generic_string()},
-                              {"relative_path", documents[doc_idx].relative_path},
-                              {"split", split},
-                              {"num_tokens", num_tokens}});
+    nlohmann::ordered_json document_json;
+    if (options.record_input_paths)
+      document_json["path"] = documents[doc_idx].path.generic_string();
+    document_json["relative_path"] = documents[doc_idx].relative_path;
+    document_json["split"] = split;
+    document_json["num_tokens"] = num_tokens;
+    documents_json.push_back(std::move(document_json));
     report("encode", doc_idx + 1, num_documents, stream_pos);
   }
   train.finish();

@@ -47,6 +47,9 @@ struct PrepareOptions {
   int sp_vocab_size = 4096;
   double val_fraction = 0.05;  // in [0, 0.5]
   uint64_t shard_tokens = 100'000'000;
+  // dataset.json's document list names each document's input path; false: its relative path
+  // only (the inputs are temporary files, as for `data synth --format train`).
+  bool record_input_paths = true;
 };
 
 struct InputDocument {

@@ -486,6 +486,7 @@ PrepareSummary write_synth_train_dataset(std::span<const SynthExample> examples,
   }
   options.inputs = {text_dir};
   options.tokenizer = "byte";
+  options.record_input_paths = false;
   return prepare_dataset(options);
 }
 

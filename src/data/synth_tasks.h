@@ -95,8 +95,8 @@ std::vector<SynthExample> read_synth_jsonl(const std::filesystem::path& path);
 // A token dataset for training (byte tokenizer, like `moeforge data prepare`): every example is
 // one document [BOS] prompt answer [EOS], in order; val split and output rules of
 // prepare_dataset (options.inputs and options.tokenizer are set here). The text files it prepares
-// from live in a hidden folder beside out_dir (.<name>.synth-text) that is removed at the end;
-// dataset.json's document paths name them.
+// from live in a hidden folder beside out_dir (.<name>.synth-text) that is removed at the end, so
+// dataset.json lists the documents by their file names (relative_path), without input paths.
 PrepareSummary write_synth_train_dataset(std::span<const SynthExample> examples,
                                          PrepareOptions options);
 

@@ -222,6 +222,44 @@ TEST(BlasCuda, LinearForwardMatchesReference) {
   }
 }
 
+// y = residual + x W^T into a separate (NaN-filled) output, the residual left as it was, and in
+// place (y == residual).
+TEST(BlasCuda, LinearForwardAddMatchesReference) {
+  MF_REQUIRE_GPU();
+  Blas blas;
+  uint64_t seed = 500;
+  for (const LinearCase& lc : kLinearCases) {
+    const int64_t n = lc.n, in = lc.in, out_f = lc.out_features;
+    const std::vector<bf16> x = to_bf16(testing::random_normal(n * in, seed++));
+    const std::vector<bf16> w = to_bf16(testing::random_normal(out_f * in, seed++, 0.1));
+    const std::vector<float> residual = testing::random_normal(n * out_f, seed++);
+    const std::vector<double> x_d = to_double(x), w_d = to_double(w);
+    std::vector<double> expected(n * out_f);
+    ops::linear_forward<double>(expected.data(), x_d.data(), w_d.data(), nullptr, n, in, out_f);
+    std::vector<double> magnitude = abs_product(x_d, transpose(w_d, out_f, in), n, out_f, in);
+    for (int64_t i = 0; i < n * out_f; ++i) {
+      expected[i] += residual[i];
+      magnitude[i] += std::abs(residual[i]);
+    }
+    const std::vector<double> bound =
+        output_bound(OutType::kFloat, expected, gemm_noise(magnitude, in));
+    DeviceBuffer<bf16> x_dev = to_device(x), w_dev = to_device(w);
+    for (const bool in_place : {false, true}) {
+      SCOPED_TRACE("n=" + std::to_string(n) + " in=" + std::to_string(in) +
+                   " out=" + std::to_string(out_f) + (in_place ? " in place" : " separate"));
+      DeviceBuffer<float> residual_dev = to_device(residual), y(n * out_f);
+      testing::fill_garbage(y);
+      float* out = in_place ? residual_dev.data() : y.data();
+      blas.linear_forward_add(out, residual_dev.data(), x_dev.data(), w_dev.data(), n, in, out_f,
+                              nullptr);
+      expect_close("y", download_double(in_place ? residual_dev : y), expected, bound);
+      if (!in_place) {
+        EXPECT_EQ(residual_dev.download(), residual);
+      }
+    }
+  }
+}
+
 TEST(BlasCuda, LinearBackwardInputMatchesReference) {
   MF_REQUIRE_GPU();
   Blas blas;
@@ -262,29 +300,37 @@ TEST(BlasCuda, LinearBackwardInputMatchesReference) {
   }
 }
 
-TEST(BlasCuda, LinearBackwardWeightAccumulates) {
+TEST(BlasCuda, LinearBackwardWeightAssignsAndAccumulates) {
   MF_REQUIRE_GPU();
   Blas blas;
   uint64_t seed = 300;
   for (const LinearCase& lc : kLinearCases) {
-    SCOPED_TRACE("n=" + std::to_string(lc.n) + " in=" + std::to_string(lc.in) +
-                 " out=" + std::to_string(lc.out_features));
-    const int64_t n = lc.n, in = lc.in, out_f = lc.out_features;
-    const std::vector<bf16> dy = to_bf16(testing::random_normal(n * out_f, seed++));
-    const std::vector<bf16> x = to_bf16(testing::random_normal(n * in, seed++));
-    const std::vector<float> dw_start = testing::random_normal(out_f * in, seed++);
-    const std::vector<double> dy_d = to_double(dy), x_d = to_double(x);
-    std::vector<double> dw_ref = to_double(dw_start);
-    const std::vector<double> unused_w(out_f * in, 0.0);
-    ops::linear_backward<double>(nullptr, dw_ref.data(), nullptr, dy_d.data(), x_d.data(),
-                                 unused_w.data(), n, in, out_f);
-    std::vector<double> magnitude = abs_product(transpose(dy_d, n, out_f), x_d, out_f, in, n);
-    for (int64_t i = 0; i < out_f * in; ++i) magnitude[i] += std::abs(dw_start[i]);
+    for (const bool accumulate : {true, false}) {
+      SCOPED_TRACE("n=" + std::to_string(lc.n) + " in=" + std::to_string(lc.in) + " out=" +
+                   std::to_string(lc.out_features) + (accumulate ? " accumulate" : " assign"));
+      const int64_t n = lc.n, in = lc.in, out_f = lc.out_features;
+      const std::vector<bf16> dy = to_bf16(testing::random_normal(n * out_f, seed++));
+      const std::vector<bf16> x = to_bf16(testing::random_normal(n * in, seed++));
+      const std::vector<float> dw_start = testing::random_normal(out_f * in, seed++);
+      const std::vector<double> dy_d = to_double(dy), x_d = to_double(x);
+      std::vector<double> dw_ref =
+          accumulate ? to_double(dw_start) : std::vector<double>(out_f * in, 0.0);
+      const std::vector<double> unused_w(out_f * in, 0.0);
+      ops::linear_backward<double>(nullptr, dw_ref.data(), nullptr, dy_d.data(), x_d.data(),
+                                   unused_w.data(), n, in, out_f);
+      std::vector<double> magnitude = abs_product(transpose(dy_d, n, out_f), x_d, out_f, in, n);
+      if (accumulate) {
+        for (int64_t i = 0; i < out_f * in; ++i) magnitude[i] += std::abs(dw_start[i]);
+      }
 
-    DeviceBuffer<bf16> dy_dev = to_device(dy), x_dev = to_device(x);
-    DeviceBuffer<float> dw = to_device(dw_start);
-    blas.linear_backward_weight(dw.data(), dy_dev.data(), x_dev.data(), n, in, out_f, nullptr);
-    expect_close("dw", download_double(dw), dw_ref, gemm_noise(magnitude, n));
+      DeviceBuffer<bf16> dy_dev = to_device(dy), x_dev = to_device(x);
+      DeviceBuffer<float> dw = to_device(dw_start);
+      // Assigning must not read dw: it starts as NaN.
+      if (!accumulate) testing::fill_garbage(dw);
+      blas.linear_backward_weight(dw.data(), dy_dev.data(), x_dev.data(), n, in, out_f, accumulate,
+                                  nullptr);
+      expect_close("dw", download_double(dw), dw_ref, gemm_noise(magnitude, n));
+    }
   }
 }
 

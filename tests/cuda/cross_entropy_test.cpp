@@ -85,12 +85,19 @@ TEST(CrossEntropyCuda, LossesAndDlogitsMatchReference) {
   check_cross_entropy(8, 50257, true, 2);
   check_cross_entropy(1, 100, true, 3);
   check_cross_entropy(5, 258, true, 4);
+  // The register-resident kernel (vocabularies up to 32768, multiples of 4): a full row at the
+  // largest size, one past a power-of-two chunk count (masked tail), and the two-pass vector
+  // kernel just above it.
+  check_cross_entropy(6, 32768, true, 7);
+  check_cross_entropy(4, 4100, true, 8);
+  check_cross_entropy(3, 32772, true, 9);
 }
 
 TEST(CrossEntropyCuda, LossesWithoutDlogits) {
   MF_REQUIRE_GPU();
   check_cross_entropy(37, 1000, false, 5);
   check_cross_entropy(3, 50257, false, 6);
+  check_cross_entropy(3, 32768, false, 10);
 }
 
 }  // namespace

@@ -1,8 +1,9 @@
 // GPU inference (cuda/gpu_inference.h) on small random models of every architecture the CUDA
 // backend runs: the last logits of a prefill against GpuTransformer's forward on the same tokens,
 // prefill + decode steps (and a prefill that continues the cache) against full prefills of the
-// same prefixes, both against the CPU reference's forward_incremental, FlexPrefill's selection
-// against ops::flex_prefill_select on the engine's own q and k, and clear errors.
+// same prefixes, both against the CPU reference's forward_incremental (also for a Qwen2-MoE shared
+// expert of an odd size), FlexPrefill's selection against ops::flex_prefill_select on the engine's
+// own q and k, and clear errors.
 //
 // Tolerances (relative L2 error of a logits vector; a wrong position, cache row or head gives
 // errors of order 1):
@@ -186,6 +187,32 @@ TEST_P(GpuInferenceTest, PerExpertGemmPathMatchesGroupedPath) {
   expect_logits_close("decode", per_expert.decode(7), grouped.decode(7), kBf16Noise);
 }
 
+// A shared expert of an odd size (rows not 16-byte aligned for cuBLASLt): a prefill, then decode
+// steps, against the CPU reference's forward_incremental of the same calls.
+TEST(GpuInference, OddSharedExpertSizeMatchesCpuReference) {
+  MF_REQUIRE_GPU();
+  const ModelConfig config = testing::gpu_config_odd_shared_expert();
+  SelfCommunicator self;
+  Transformer<float> cpu(config, self);
+  cpu.params() = testing::make_params(cpu.layout(), 21);
+  GpuInference engine(config, cpu.params());
+  const int64_t total = 40;
+  const std::vector<int32_t> tokens = random_tokens(total, config.vocab_size, 25);
+  KvCache<float> cache(config, total);
+  std::vector<float> cpu_logits(static_cast<size_t>(config.vocab_size));
+  StepErrors vs_cpu("against the CPU reference", kCpuReference, config.is_moe());
+  engine.start(total);
+  int64_t length = 0;
+  while (length < total) {
+    const int64_t step = length == 0 ? 20 : 1;
+    const std::vector<float> got = step == 1 ? engine.decode(tokens[static_cast<size_t>(length)])
+                                             : engine.prefill(tokens.data(), step);
+    cpu.forward_incremental(tokens.data() + length, step, cache, cpu_logits.data());
+    length += step;
+    vs_cpu.add(got, cpu_logits, length);
+  }
+}
+
 std::string arch_name(const ::testing::TestParamInfo<Architecture>& info) {
   return architecture_name(info.param);
 }
@@ -193,7 +220,7 @@ std::string arch_name(const ::testing::TestParamInfo<Architecture>& info) {
 INSTANTIATE_TEST_SUITE_P(Architectures, GpuInferenceTest,
                          ::testing::Values(Architecture::kLlama, Architecture::kQwen2,
                                            Architecture::kQwen3, Architecture::kMixtral,
-                                           Architecture::kQwen3Moe),
+                                           Architecture::kQwen2Moe, Architecture::kQwen3Moe),
                          arch_name);
 
 // A Qwen3-MoE model (q/k norm, dense and MoE layers) long enough for sparse prefills.
@@ -290,16 +317,13 @@ TEST(GpuInference, BadInputsGiveClearErrors) {
   engine.prefill(tokens.data(), 30);
   EXPECT_THROW(engine.decode(tokens[0]), Error);  // the cache is full
   EXPECT_THROW(GpuInference(config, std::vector<float>(params.size() - 1)), Error);
-  ModelConfig shared = testing::gpu_config(Architecture::kMixtral);
-  shared.architecture = Architecture::kQwen2Moe;
-  shared.attention_bias = true;
-  shared.shared_expert_intermediate_size = 32;
-  const std::vector<float> shared_params = testing::make_params(ParameterLayout(shared), 1);
+  ModelConfig dropping = config;
+  dropping.capacity_factor = 1.25;
   try {
-    GpuInference rejected(shared, shared_params);
-    ADD_FAILURE() << "GpuInference ran a model with a shared expert";
+    GpuInference rejected(dropping, params);
+    ADD_FAILURE() << "GpuInference ran a model that drops tokens by capacity";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("shared expert"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("dropless"), std::string::npos) << e.what();
   }
   ModelConfig odd_head = config;
   odd_head.head_dim = 36;

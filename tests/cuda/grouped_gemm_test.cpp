@@ -130,7 +130,10 @@ TEST_F(GroupedGemmTest, BackwardInputAssignsAndAccumulates) {
   }
 }
 
-TEST_F(GroupedGemmTest, BackwardWeightAccumulatesAndKeepsEmptyExperts) {
+// Accumulating: dW += dy^T x, an expert without rows keeps its gradient exactly. Assigning (the
+// first micro-batch, no zeroing beforehand): dW = dy^T x over a NaN-filled buffer, an expert
+// without rows gets exact zeros.
+TEST_F(GroupedGemmTest, BackwardWeightAssignsAndAccumulates) {
   const int64_t in = problem_.shape.in, out = problem_.shape.out, rows = problem_.rows();
   const int64_t num_experts = problem_.shape.num_experts;
   const auto dy = random_bf16(rows * out, 6, 1.0);
@@ -138,29 +141,37 @@ TEST_F(GroupedGemmTest, BackwardWeightAccumulatesAndKeepsEmptyExperts) {
   const auto start = testing::random_normal(num_experts * out * in, 8, 1.0);
   const auto dyd = to_double(dy), xd = to_double(x);
   DeviceBuffer<bf16> dy_dev = to_device(dy), x_dev = to_device(x);
-  DeviceBuffer<float> dw_dev = to_device(start);
+  DeviceBuffer<float> dw_dev(start.size());
   DeviceBuffer<int32_t> offsets = to_device(problem_.offsets);
-  gemm_->backward_weight(dw_dev.data(), dy_dev.data(), x_dev.data(), offsets.data(), problem_.shape,
-                         nullptr);
-  std::vector<double> expected(start.size()), bound(start.size());
-  for (int64_t e = 0; e < num_experts; ++e) {
-    const int64_t begin = problem_.offsets[e], count = problem_.offsets[e + 1] - begin;
-    for (int64_t o = 0; o < out; ++o) {
-      for (int64_t i = 0; i < in; ++i) {
-        const size_t idx = static_cast<size_t>((e * out + o) * in + i);
-        double sum = start[idx], mag = std::abs(start[idx]);
-        for (int64_t r = begin; r < begin + count; ++r) {
-          const double term = dyd[r * out + o] * xd[r * in + i];
-          sum += term;
-          mag += std::abs(term);
+  for (const bool accumulate : {true, false}) {
+    SCOPED_TRACE(accumulate ? "accumulate" : "assign");
+    if (accumulate) {
+      dw_dev.upload(start);
+    } else {
+      testing::fill_garbage(dw_dev);
+    }
+    gemm_->backward_weight(dw_dev.data(), dy_dev.data(), x_dev.data(), offsets.data(),
+                           problem_.shape, accumulate, nullptr);
+    std::vector<double> expected(start.size()), bound(start.size());
+    for (int64_t e = 0; e < num_experts; ++e) {
+      const int64_t begin = problem_.offsets[e], count = problem_.offsets[e + 1] - begin;
+      for (int64_t o = 0; o < out; ++o) {
+        for (int64_t i = 0; i < in; ++i) {
+          const size_t idx = static_cast<size_t>((e * out + o) * in + i);
+          const double c = accumulate ? start[idx] : 0.0;
+          double sum = c, mag = std::abs(c);
+          for (int64_t r = begin; r < begin + count; ++r) {
+            const double term = dyd[r * out + o] * xd[r * in + i];
+            sum += term;
+            mag += std::abs(term);
+          }
+          expected[idx] = sum;
+          bound[idx] = count == 0 ? 0.0 : (count + 4) * 0x1.0p-23 * mag;
         }
-        expected[idx] = sum;
-        // An expert without rows must keep its gradient exactly.
-        bound[idx] = count == 0 ? 0.0 : (count + 4) * 0x1.0p-23 * mag;
       }
     }
+    expect_close("grouped backward weight", download_double(dw_dev), expected, bound);
   }
-  expect_close("grouped backward weight", download_double(dw_dev), expected, bound);
 }
 
 // The bench config's projection on imbalanced experts (16 experts, 2048 x 2048 weights) against a

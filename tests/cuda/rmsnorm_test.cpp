@@ -145,8 +145,17 @@ void check_backward(int64_t n, int64_t c, bool accumulate, uint64_t seed) {
   if (!accumulate) testing::fill_garbage(dinp);
   DeviceBuffer<float> weight_dev = to_device(weight), rstd_dev = to_device(rstd),
                       dweight = to_device(dweight_start);
+  // The residual norms' fp32 gradient also comes out in bf16 (NaN-filled first): exactly dinp
+  // rounded.
+  DeviceBuffer<bf16> dinp_bf16(std::is_same_v<T, float> ? n * c : 0);
+  testing::fill_garbage(dinp_bf16);
   rmsnorm_backward<T, T, T>(dinp.data(), dweight.data(), dout_dev.data(), x_dev.data(),
-                            weight_dev.data(), rstd_dev.data(), n, c, accumulate, nullptr);
+                            weight_dev.data(), rstd_dev.data(), n, c, accumulate, nullptr,
+                            std::is_same_v<T, float> ? dinp_bf16.data() : nullptr);
+  if constexpr (std::is_same_v<T, float>) {
+    std::vector<bf16> rounded = to_bf16(dinp.download());
+    testing::expect_equal("dinp bf16", dinp_bf16.download(), rounded);
+  }
 
   // Noise from the magnitudes of the terms: dx_j = r w_j dy_j - r^3 x_j / c * sum_k dy_k w_k x_k.
   std::vector<double> dinp_noise(n * c);

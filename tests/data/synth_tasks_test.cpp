@@ -4,6 +4,7 @@
 #include "data/synth_tasks.h"
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <cctype>
@@ -14,6 +15,7 @@
 
 #include "core/error.h"
 #include "data/byte_tokenizer.h"
+#include "data/file_util.h"
 #include "data/loader.h"
 #include "data/test_util.h"
 
@@ -323,6 +325,14 @@ TEST(SynthTasks, TrainDatasetHoldsEveryExampleAsOneDocument) {
   const PrepareSummary summary = write_synth_train_dataset(examples, options);
   EXPECT_EQ(summary.num_documents, 4);
   EXPECT_FALSE(std::filesystem::exists(dir / ".train-set.synth-text"));
+  // The document list names no deleted temporary file, only each example's file name.
+  const nlohmann::json info =
+      nlohmann::json::parse(read_file_bytes(dir / "train-set/dataset.json"));
+  ASSERT_EQ(info.at("documents").size(), 4u);
+  for (const auto& document : info.at("documents")) {
+    EXPECT_FALSE(document.contains("path")) << document.dump();
+    EXPECT_NE(document.at("relative_path").get<std::string>().find("niah"), std::string::npos);
+  }
   const TokenDataset dataset = TokenDataset::open(dir / "train-set", "train");
   std::vector<int32_t> expected;
   ByteTokenizer tokenizer;

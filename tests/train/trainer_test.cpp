@@ -153,7 +153,9 @@ TEST_F(TrainFixture, TensorParallelLayoutOnOneRankIsTheSingleRankRun) {
   const auto tp = read_metrics(root_ / "run" / "metrics.jsonl");
   ASSERT_EQ(tp.size(), sp_ep.size());
   for (size_t i = 0; i < tp.size(); ++i) {
-    if (tp[i].contains("loss")) EXPECT_EQ(tp[i].at("loss"), sp_ep[i].at("loss")) << i;
+    if (tp[i].contains("loss")) {
+      EXPECT_EQ(tp[i].at("loss"), sp_ep[i].at("loss")) << i;
+    }
   }
 }
 
