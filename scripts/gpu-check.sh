@@ -8,6 +8,9 @@
 #   lab       `moeforge bench gemm`: the expert GEMM candidates against a dense GEMM
 #   prefill   `moeforge bench prefill`: dense (cuDNN, ours) against FlexPrefill prefill attention at
 #             8K-128K on random inputs (PREFILL_ARGS adds options, e.g. --qkv FILE --seq ...)
+#   reference our block-sparse kernel against the public FlexPrefill repository's Triton kernel on
+#             the same random block sets (scripts/reference_prefill_bench.py; a checkout of
+#             ByteDance-Seed/FlexPrefill in FLEXPREFILL_DIR, default .gpu-carry/FlexPrefill)
 #   profile   GPU time per kernel under ncu (clocks left alone): one bench-train step (the last of
 #             two), and the FlexPrefill search + kernels at PROFILE_SEQ (default 32768); summed by
 #             scripts/ncu_kernel_times.py
@@ -116,6 +119,12 @@ for stage in "${stages[@]}"; do
         2> "$OUT/bench_prefill.log" || { tail -n 20 "$OUT/bench_prefill.log"; rc=1; }
       cat "$OUT/bench_prefill.jsonl"
       ;;
+    reference)
+      python3 scripts/reference_prefill_bench.py --moeforge build-gpu/moeforge \
+        --reference "${FLEXPREFILL_DIR:-.gpu-carry/FlexPrefill}" > "$OUT/reference_prefill.jsonl" \
+        2> "$OUT/reference_prefill.log" || { tail -n 20 "$OUT/reference_prefill.log"; rc=1; }
+      cat "$OUT/reference_prefill.jsonl"
+      ;;
     profile)
       ncu_metric=(ncu --clock-control none --metrics gpu__time_duration.sum --csv)
       "${ncu_metric[@]}" build-gpu/moeforge bench train --config configs/bench/moe-1.8b-a0.4b.json \
@@ -174,7 +183,7 @@ for stage in "${stages[@]}"; do
       fi
       ;;
     *)
-      echo "unknown stage $stage (build, test, cuda-test, sanitize, lab, prefill, profile, oracle, bench, all)" >&2
+      echo "unknown stage $stage (build, test, cuda-test, sanitize, lab, prefill, reference, profile, oracle, bench, all)" >&2
       exit 2
       ;;
   esac

@@ -214,6 +214,14 @@ void register_bench_command(CLI::App& app) {
                    "Q/K/V of a real layer from `moeforge generate --dump-qkv` (its shapes "
                    "replace --heads, --kv-heads, --head-dim; lengths are prefixes of it)")
       ->check(CLI::ExistingFile);
+  prefill
+      ->add_option(
+          "--layout", prefill_opt->layout_file,
+          "Also time our kernel on given block sets: a safetensors file with an I64 tensor "
+          "block_idx_<seq> [heads, k] of flat block indices r * num_blocks + c per length "
+          "(metadata block_size = --block-size), as scripts/reference_prefill_bench.py "
+          "writes for the public FlexPrefill kernel")
+      ->check(CLI::ExistingFile);
   prefill->add_option("--gamma", prefill_opt->params.gamma, "FlexPrefill coverage, in (0, 1]")
       ->capture_default_str();
   prefill->add_option("--tau", prefill_opt->params.tau, "Query-aware JS threshold")

@@ -5,8 +5,10 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cstring>
 #include <functional>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -20,6 +22,8 @@
 #include "cuda/flex_prefill.h"
 #include "cuda/random_fill.h"
 #include "infer/qkv_dump.h"
+#include "io/safetensors.h"
+#include "ops/block_sparse_attention.h"
 
 namespace moeforge::cuda {
 namespace {
@@ -61,6 +65,31 @@ void time_into(nlohmann::json& entry, const std::string& key, int64_t repeats,
   }
 }
 
+// The given block sets of one length (PrefillBenchOptions::layout_file).
+ops::BlockSparseLayout read_layout(const io::SafetensorsFile& file, const PrefillBenchOptions& opt,
+                                   int64_t seq) {
+  const std::string what = fmt::format("bench prefill --layout {}", file.path().string());
+  const auto block_size = file.metadata().find("block_size");
+  MF_CHECK(block_size != file.metadata().end() &&
+               block_size->second == std::to_string(opt.params.block_size),
+           "{}: metadata \"block_size\" must be {} (--block-size)", what, opt.params.block_size);
+  const std::string name = fmt::format("block_idx_{}", seq);
+  const io::TensorInfo* info = file.find(name);
+  MF_CHECK(info != nullptr && info->dtype == io::DType::kI64 && info->shape.size() == 2 &&
+               info->shape[0] == opt.num_heads,
+           "{}: needs an I64 tensor \"{}\" of shape [{}, k]", what, name, opt.num_heads);
+  const std::span<const std::byte> bytes = file.data(*info);
+  std::vector<int64_t> flat(static_cast<size_t>(info->numel()));
+  std::memcpy(flat.data(), bytes.data(), bytes.size());
+  return ops::layout_from_flat_blocks(flat.data(), opt.num_heads, info->shape[1], seq,
+                                      opt.params.block_size, what.c_str());
+}
+
+// Blocks of the full causal layout.
+int64_t dense_layout_blocks(int64_t num_heads, int64_t num_blocks) {
+  return num_heads * num_blocks * (num_blocks + 1) / 2;
+}
+
 template <typename T>
 T device_sum(const DeviceBuffer<T>& buffer) {
   const std::vector<T> host = buffer.download();
@@ -69,10 +98,8 @@ T device_sum(const DeviceBuffer<T>& buffer) {
 
 // The fraction of the selection's (head, causal block) pairs it holds.
 double density(const FlexPrefillDeviceSelection& selection) {
-  const double causal_blocks = static_cast<double>(selection.num_heads) *
-                               static_cast<double>(selection.num_blocks) *
-                               static_cast<double>(selection.num_blocks + 1) / 2.0;
-  return static_cast<double>(device_sum(selection.num_selected_blocks)) / causal_blocks;
+  return static_cast<double>(device_sum(selection.num_selected_blocks)) /
+         static_cast<double>(dense_layout_blocks(selection.num_heads, selection.num_blocks));
 }
 
 // The fraction of (head, causal block) pairs that a and b (same shape) both select or both skip:
@@ -129,6 +156,8 @@ void run_prefill_bench(const PrefillBenchOptions& options,
   }
   ops::check_sparse_attention_dims({opt.seqs[0], opt.num_heads, opt.num_kv_heads, opt.head_dim},
                                    "bench prefill");
+  std::optional<io::SafetensorsFile> layout_file;
+  if (!opt.layout_file.empty()) layout_file = io::SafetensorsFile::open(opt.layout_file);
 
   const nlohmann::json common{{"heads", opt.num_heads},
                               {"kv_heads", opt.num_kv_heads},
@@ -166,6 +195,23 @@ void run_prefill_bench(const PrefillBenchOptions& options,
       block_sparse_attention_forward(out.data(), lse.data(), in.q.data(), in.k.data(), in.v.data(),
                                      dense.view(), dims, nullptr, BlockSparseKernel::tensor_core);
     });
+
+    if (layout_file) {
+      const ops::BlockSparseLayout given = read_layout(*layout_file, opt, seq);
+      const DeviceBlockSparseLayoutBuffers buffers = upload_layout(given);
+      time_into(entry, "layout", opt.repeats, [&] {
+        block_sparse_attention_forward(out.data(), lse.data(), in.q.data(), in.k.data(),
+                                       in.v.data(), buffers.view(), dims, nullptr);
+      });
+      const double layout_density =
+          static_cast<double>(given.col_idx.size()) /
+          static_cast<double>(dense_layout_blocks(opt.num_heads, given.num_blocks));
+      entry["layout_density"] = layout_density;
+      if (entry.contains("layout_ms") && entry.contains("dense_ours_ms")) {
+        entry["layout_block_cost_over_dense_ours"] =
+            entry["layout_ms"].get<double>() / (layout_density * entry["dense_ours_ms"].get<double>());
+      }
+    }
 
     // Both pattern searches are timed; the one --flex-search names feeds the sparse attention.
     ops::FlexPrefillParams exact_params = opt.params, fast_params = opt.params;

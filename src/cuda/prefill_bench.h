@@ -23,6 +23,10 @@ struct PrefillBenchOptions {
   // length runs on the first seq positions of it (a causal prefix is the prefill of that prefix);
   // lengths above its positions are errors.
   std::string qkv_file;
+  // Block sets to time our kernel on besides the selection: safetensors with an I64 tensor
+  // "block_idx_<seq>" [num_heads, k] of flat indices r * num_blocks + c for every length, and
+  // metadata "block_size" equal to params.block_size (the public FlexPrefill kernels' format).
+  std::string layout_file;
   ops::FlexPrefillParams params;
   int64_t repeats = 5;
   uint64_t seed = 11;
@@ -34,7 +38,8 @@ struct PrefillBenchOptions {
 // "search_agreement" (the fraction of (head, causal block) pairs on which the two searches agree),
 // "density_fast", "query_aware_heads_fast", "flex_search" (the search params.search names, whose
 // selection the next keys describe), "flex_attention_ms", "density", "query_aware_heads",
-// "flex_speedup_over_dense_cudnn", ...}; a part that cannot run (cuDNN's head_dim limit, say)
+// "flex_speedup_over_dense_cudnn", ...; with a layout file also "layout_ms", "layout_density",
+// "layout_block_cost_over_dense_ours"}; a part that cannot run (cuDNN's head_dim limit, say)
 // carries an "..._error" string instead of its time. Progress goes to stderr.
 void run_prefill_bench(const PrefillBenchOptions& options,
                        const std::function<void(const nlohmann::json&)>& emit);

@@ -79,6 +79,39 @@ BlockSparseLayout dense_causal_layout(int64_t num_heads, int64_t seq_len, int64_
   return layout;
 }
 
+BlockSparseLayout layout_from_flat_blocks(const int64_t* flat, int64_t num_heads, int64_t per_head,
+                                          int64_t seq_len, int64_t block_size, const char* what) {
+  MF_CHECK(num_heads > 0 && per_head >= 0 && seq_len > 0 && block_size > 0,
+           "{}: need num_heads > 0, per_head >= 0, seq_len > 0, block_size > 0, got {}, {}, {}, {}",
+           what, num_heads, per_head, seq_len, block_size);
+  const int64_t nb = (seq_len + block_size - 1) / block_size;
+  BlockSparseLayout layout;
+  layout.num_heads = num_heads;
+  layout.num_blocks = nb;
+  layout.block_size = block_size;
+  layout.row_offsets.push_back(0);
+  std::vector<std::vector<int32_t>> rows(static_cast<size_t>(nb));
+  for (int64_t h = 0; h < num_heads; ++h) {
+    for (auto& row : rows) row.clear();
+    for (int64_t i = 0; i < per_head; ++i) {
+      const int64_t index = flat[h * per_head + i];
+      const int64_t r = index / nb, c = index % nb;
+      MF_CHECK(index >= 0 && r < nb && c <= r,
+               "{}: head {} lists block index {}, outside the causal triangle of {} x {} blocks",
+               what, h, index, nb, nb);
+      rows[static_cast<size_t>(r)].push_back(static_cast<int32_t>(c));
+    }
+    for (auto& row : rows) {
+      std::sort(row.begin(), row.end());
+      row.erase(std::unique(row.begin(), row.end()), row.end());
+      layout.col_idx.insert(layout.col_idx.end(), row.begin(), row.end());
+      layout.row_offsets.push_back(static_cast<int64_t>(layout.col_idx.size()));
+    }
+  }
+  check_block_sparse_layout(layout, num_heads, seq_len, what);
+  return layout;
+}
+
 template <typename T>
 void block_sparse_attention_forward(T* out, T* lse, const T* q, const T* k, const T* v,
                                     const BlockSparseLayout& layout,

@@ -43,6 +43,13 @@ void check_block_sparse_layout(const BlockSparseLayout& layout, int64_t num_head
 // Every causal block (c <= r) of every head: block-sparse attention over it is dense attention.
 BlockSparseLayout dense_causal_layout(int64_t num_heads, int64_t seq_len, int64_t block_size);
 
+// The layout of per-head lists of flat block indices r * num_blocks + c (the block-index format
+// of the public FlexPrefill kernels): flat [num_heads, per_head], in any order, repeats merged.
+// Throws moeforge::Error naming `what` for an index outside the causal block triangle, or a row
+// without its diagonal block (check_block_sparse_layout's rules).
+BlockSparseLayout layout_from_flat_blocks(const int64_t* flat, int64_t num_heads, int64_t per_head,
+                                          int64_t seq_len, int64_t block_size, const char* what);
+
 // q [seq_len, num_q_heads, head_dim]; k, v [seq_len, num_kv_heads, head_dim]
 // out [seq_len, num_q_heads, head_dim] (assign); lse [num_q_heads, seq_len] (assign; may be null):
 // natural-log log-sum-exp of the scaled scores q.k / sqrt(head_dim) over the keys row i attends to.

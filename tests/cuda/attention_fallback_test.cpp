@@ -28,7 +28,7 @@ TEST(AttentionFallbackCuda, MatchesReferenceOnShapesCudnnRejects) {
   for (const int64_t head_dim : {6, 20, 36}) {
     for (const int64_t seq : {1, 7, 65, 130}) {
       for (const auto& [num_q_heads, num_kv_heads] : heads) {
-        testing::expect_attention_matches_reference(
+        testing::attention::expect_attention_matches_reference(
             attention, AttentionShape{2, seq, num_q_heads, num_kv_heads, head_dim}, seed);
         seed += 4;
       }
@@ -46,7 +46,7 @@ TEST(AttentionFallbackCuda, MatchesReferenceOnCudnnShapesForcedOntoOurs) {
                                    {1, 100, 4, 2, 256}, {2, 33, 2, 1, 1},    {2, 40, 6, 3, 7}};
   uint64_t seed = 500;
   for (const AttentionShape& s : shapes) {
-    testing::expect_attention_matches_reference(attention, s, seed);
+    testing::attention::expect_attention_matches_reference(attention, s, seed);
     seed += 4;
   }
 }
@@ -57,8 +57,10 @@ TEST(AttentionFallbackCuda, MatchesReferenceOnCudnnShapesForcedOntoOurs) {
 TEST(AttentionFallbackCuda, AutomaticBackendFallsBackWhereCudnnRejects) {
   MF_REQUIRE_GPU();
   Attention attention;
-  testing::expect_attention_matches_reference(attention, AttentionShape{2, 65, 4, 2, 20}, 900);
-  testing::expect_attention_matches_reference(attention, AttentionShape{2, 1, 4, 2, 20}, 904);
+  testing::attention::expect_attention_matches_reference(attention, AttentionShape{2, 65, 4, 2, 20},
+                                                         900);
+  testing::attention::expect_attention_matches_reference(attention, AttentionShape{2, 1, 4, 2, 20},
+                                                         904);
 }
 
 // Two backward runs on the same inputs write the same bits (a race or an uninitialised shared-
@@ -68,8 +70,8 @@ TEST(AttentionFallbackCuda, BackwardIsDeterministic) {
   Attention attention(AttentionBackend::ours);
   const AttentionShape shapes[] = {{2, 130, 8, 2, 36}, {2, 257, 4, 1, 128}};
   for (const AttentionShape& s : shapes) {
-    SCOPED_TRACE(testing::describe(s));
-    const testing::Inputs in = testing::make_inputs(s, 1000);
+    SCOPED_TRACE(testing::attention::describe(s));
+    const testing::attention::Inputs in = testing::attention::make_inputs(s, 1000);
     DeviceBuffer<bf16> q = testing::to_device(in.q), k = testing::to_device(in.k),
                        v = testing::to_device(in.v), dout = testing::to_device(in.dout);
     DeviceBuffer<bf16> out(in.q.size());

@@ -20,7 +20,7 @@ TEST(AttentionCuda, ForwardAndBackwardMatchReference) {
   Attention attention;
   uint64_t seed = 1;
   for (const AttentionShape& s : kShapes) {
-    testing::expect_attention_matches_reference(attention, s, seed);
+    testing::attention::expect_attention_matches_reference(attention, s, seed);
     seed += 4;
   }
 }

@@ -17,7 +17,9 @@
 #include "gpu_test_util.h"
 #include "ops/attention.h"
 
-namespace moeforge::cuda::testing {
+// Its own namespace: every tests/cuda file links into one binary, and another helper header with
+// a testing::Inputs of its own would break the one-definition rule silently.
+namespace moeforge::cuda::testing::attention {
 
 // Floor of the noise rule: the kernels' fp32 noise where the bf16 math is exact (seq 1, the
 // first query row).
@@ -204,4 +206,4 @@ inline void expect_attention_matches_reference(Attention& attention, const Atten
   expect_within_noise("dv", download_double(dv), dv_ref, lp.dv, kFloor);
 }
 
-}  // namespace moeforge::cuda::testing
+}  // namespace moeforge::cuda::testing::attention

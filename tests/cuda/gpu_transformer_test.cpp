@@ -39,6 +39,18 @@ namespace {
 
 class GpuTransformerTest : public ::testing::TestWithParam<Architecture> {};
 
+// Random tokens and targets for a [batch, seq] micro-batch.
+std::pair<std::vector<int32_t>, std::vector<int32_t>> random_batch(const ModelConfig& config,
+                                                                   int64_t count, uint64_t seed) {
+  Rng rng(seed);
+  std::vector<int32_t> tokens(static_cast<size_t>(count)), targets(tokens.size());
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    tokens[i] = static_cast<int32_t>(rng.below(config.vocab_size));
+    targets[i] = static_cast<int32_t>(rng.below(config.vocab_size));
+  }
+  return {tokens, targets};
+}
+
 // A routed expert tensor's projection over all experts of its layer: its name with the expert
 // index taken out ("...experts.4.gate_proj..." -> "...experts.*.gate_proj..."), or "" for other
 // tensors.
@@ -169,12 +181,7 @@ TEST_P(GpuTransformerTest, GradientsAccumulateAcrossMicroBatches) {
   GpuTransformer gpu(config);
   const std::vector<float> params = testing::make_params(gpu.layout(), 3);
   gpu.upload_params(params);
-  std::vector<int32_t> tokens(static_cast<size_t>(seq)), targets(static_cast<size_t>(seq));
-  Rng rng(5);
-  for (int64_t i = 0; i < seq; ++i) {
-    tokens[static_cast<size_t>(i)] = static_cast<int32_t>(rng.below(config.vocab_size));
-    targets[static_cast<size_t>(i)] = static_cast<int32_t>(rng.below(config.vocab_size));
-  }
+  const auto [tokens, targets] = random_batch(config, seq, 5);
   gpu.zero_grads();
   gpu.forward_backward(tokens.data(), targets.data(), 1, seq, 1.0);
   const std::vector<float> once = gpu.download_grads();
@@ -194,12 +201,7 @@ TEST_P(GpuTransformerTest, AdamWStepMatchesCpuOptimizer) {
   GpuTransformer gpu(config);
   const std::vector<float> params = testing::make_params(gpu.layout(), 9);
   gpu.upload_params(params);
-  std::vector<int32_t> tokens(static_cast<size_t>(seq)), targets(static_cast<size_t>(seq));
-  Rng rng(8);
-  for (int64_t i = 0; i < seq; ++i) {
-    tokens[static_cast<size_t>(i)] = static_cast<int32_t>(rng.below(config.vocab_size));
-    targets[static_cast<size_t>(i)] = static_cast<int32_t>(rng.below(config.vocab_size));
-  }
+  const auto [tokens, targets] = random_batch(config, seq, 8);
   gpu.zero_grads();
   gpu.forward_backward(tokens.data(), targets.data(), 1, seq, 1.0);
   std::vector<float> grads = gpu.download_grads();
@@ -262,18 +264,6 @@ TEST_P(GpuTransformerTest, SeveralTrainingStepsTrackCpuReference) {
     cpu_opt.step(cpu.params().data(), grads.data(), lr);
     ASSERT_TRUE(gpu_opt.step(lr, 1.0).applied);
   }
-}
-
-// Random tokens and targets for a [batch, seq] micro-batch.
-std::pair<std::vector<int32_t>, std::vector<int32_t>> random_batch(const ModelConfig& config,
-                                                                   int64_t count, uint64_t seed) {
-  Rng rng(seed);
-  std::vector<int32_t> tokens(static_cast<size_t>(count)), targets(tokens.size());
-  for (size_t i = 0; i < tokens.size(); ++i) {
-    tokens[i] = static_cast<int32_t>(rng.below(config.vocab_size));
-    targets[i] = static_cast<int32_t>(rng.below(config.vocab_size));
-  }
-  return {tokens, targets};
 }
 
 // Every parameter tensor of got within relative L2 error max_error of want.
@@ -340,12 +330,7 @@ TEST_P(GpuTransformerTest, SelectiveRecomputeGivesTheSameLossAndGradients) {
   MF_REQUIRE_GPU();
   const ModelConfig config = testing::gpu_config(GetParam());
   const int64_t batch = 2, seq = 33;
-  std::vector<int32_t> tokens(static_cast<size_t>(batch * seq)), targets(tokens.size());
-  Rng rng(21);
-  for (size_t i = 0; i < tokens.size(); ++i) {
-    tokens[i] = static_cast<int32_t>(rng.below(config.vocab_size));
-    targets[i] = static_cast<int32_t>(rng.below(config.vocab_size));
-  }
+  const auto [tokens, targets] = random_batch(config, batch * seq, 21);
   std::vector<float> grads[2];
   double losses[2] = {0.0, 0.0};
   for (int mode = 0; mode < 2; ++mode) {

@@ -241,5 +241,42 @@ TEST(BlockSparseAttention, RejectsInvalidLayouts) {
   EXPECT_THROW(run(dense_causal_layout(c.num_q_heads + 1, c.seq_len, c.block_size)), Error);
 }
 
+// Flat block indices (the public FlexPrefill kernels' format) to CSR: any order and repeats give
+// the sorted, merged rows; a full list gives the dense layout; the causal and diagonal rules hold.
+TEST(BlockSparseAttention, LayoutFromFlatBlocks) {
+  const int64_t heads = 2, seq = 200, bs = 64, nb = 4;  // the last block partial
+  std::vector<int64_t> flat;
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t r = nb - 1; r >= 0; --r) {
+      for (int64_t c = 0; c <= r; ++c) flat.push_back(r * nb + c);
+    }
+  }
+  const int64_t per_head = static_cast<int64_t>(flat.size()) / heads;
+  const BlockSparseLayout dense = dense_causal_layout(heads, seq, bs);
+  const BlockSparseLayout got =
+      layout_from_flat_blocks(flat.data(), heads, per_head, seq, bs, "test");
+  EXPECT_EQ(got.row_offsets, dense.row_offsets);
+  EXPECT_EQ(got.col_idx, dense.col_idx);
+
+  // Head 0: diagonals, (3, 0) twice and (2, 1); head 1: diagonals and (1, 0), listed backwards.
+  const std::vector<int64_t> sparse = {0, 5, 10, 15, 12, 12, 9, 15, 10, 5, 4, 0, 0, 0};
+  const BlockSparseLayout picked = layout_from_flat_blocks(sparse.data(), 2, 7, seq, bs, "test");
+  EXPECT_EQ(picked.row_offsets, (std::vector<int64_t>{0, 1, 2, 4, 6, 7, 9, 10, 11}));
+  EXPECT_EQ(picked.col_idx, (std::vector<int32_t>{0, 1, 1, 2, 0, 3, 0, 0, 1, 2, 3}));
+
+  const auto error_of = [&](std::vector<int64_t> list) {
+    try {
+      layout_from_flat_blocks(list.data(), 1, static_cast<int64_t>(list.size()), seq, bs, "test");
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  EXPECT_NE(error_of({0, 5, 10, 15, 7}).find("outside the causal triangle"), std::string::npos);
+  EXPECT_NE(error_of({0, 5, 10, 15, 16}).find("outside the causal triangle"), std::string::npos);
+  EXPECT_NE(error_of({0, 5, 10, 15, -1}).find("outside the causal triangle"), std::string::npos);
+  EXPECT_NE(error_of({0, 5, 15, 8}), "");  // row 2 lacks its diagonal block
+}
+
 }  // namespace
 }  // namespace moeforge::ops
