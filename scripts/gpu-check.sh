@@ -13,7 +13,7 @@
 #             ByteDance-Seed/FlexPrefill in FLEXPREFILL_DIR, default .gpu-carry/FlexPrefill)
 #   profile   GPU time per kernel under ncu (clocks left alone): one bench-train step (the last of
 #             two), and the FlexPrefill search + kernels at PROFILE_SEQ (default 32768); summed by
-#             scripts/ncu_kernel_times.py
+#             scripts/ncu_kernel_times.py. PROFILE_PARTS picks them (default "train prefill")
 #   oracle    the Hugging Face oracle (scripts/hf_oracle.py) against the installed transformers
 #   bench     `moeforge bench train` on configs/bench/moe-1.8b-a0.4b.json (recompute modes from
 #             BENCH_RECOMPUTE, default "none selective"), then the PyTorch baseline of
@@ -127,13 +127,17 @@ for stage in "${stages[@]}"; do
       ;;
     profile)
       ncu_metric=(ncu --clock-control none --metrics gpu__time_duration.sum --csv)
-      "${ncu_metric[@]}" build-gpu/moeforge bench train --config configs/bench/moe-1.8b-a0.4b.json \
-        --steps 1 --warmup 1 --recompute none > "$OUT/ncu_train.csv" 2> "$OUT/ncu_train.log" || rc=1
-      python3 scripts/ncu_kernel_times.py "$OUT/ncu_train.csv" --split-on embedding_forward_kernel \
-        | tee "$OUT/ncu_train.txt" || rc=1
-      "${ncu_metric[@]}" build-gpu/moeforge bench prefill --seq "${PROFILE_SEQ:-32768}" --repeats 1 \
-        > "$OUT/ncu_prefill.csv" 2> "$OUT/ncu_prefill.log" || rc=1
-      python3 scripts/ncu_kernel_times.py "$OUT/ncu_prefill.csv" | tee "$OUT/ncu_prefill.txt" || rc=1
+      if [[ " ${PROFILE_PARTS:-train prefill} " == *" train "* ]]; then
+        "${ncu_metric[@]}" build-gpu/moeforge bench train --config configs/bench/moe-1.8b-a0.4b.json \
+          --steps 1 --warmup 1 --recompute none > "$OUT/ncu_train.csv" 2> "$OUT/ncu_train.log" || rc=1
+        python3 scripts/ncu_kernel_times.py "$OUT/ncu_train.csv" --split-on embedding_forward_kernel \
+          | tee "$OUT/ncu_train.txt" || rc=1
+      fi
+      if [[ " ${PROFILE_PARTS:-train prefill} " == *" prefill "* ]]; then
+        "${ncu_metric[@]}" build-gpu/moeforge bench prefill --seq "${PROFILE_SEQ:-32768}" --repeats 1 \
+          > "$OUT/ncu_prefill.csv" 2> "$OUT/ncu_prefill.log" || rc=1
+        python3 scripts/ncu_kernel_times.py "$OUT/ncu_prefill.csv" | tee "$OUT/ncu_prefill.txt" || rc=1
+      fi
       ;;
     oracle)
       # moeforge's fp32 CPU reference, then its bf16 CUDA backend, against transformers on the GPU.
