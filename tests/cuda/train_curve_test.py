@@ -5,16 +5,21 @@ the same initial weights and data order. The GPU computes in bf16, so the curves
 averages over windows of steps (per-step losses differ by bf16 noise), and the final validation
 losses must agree. Then `--resume` of the GPU run continues from its checkpoint.
 
-The tolerance is derived from bf16 noise: a second GPU run takes the per-expert cuBLASLt GEMMs
-instead of the grouped ones (MOEFORGE_GROUPED_GEMM=0), a different but equally valid bf16
+The MoE's tolerance is derived from bf16 noise: a second GPU run takes the per-expert cuBLASLt
+GEMMs instead of the grouped ones (MOEFORGE_GROUPED_GEMM=0), a different but equally valid bf16
 implementation, and the two GPU trajectories drift apart as routing near-ties flip. GPU runs of
-one implementation are bitwise reproducible here, so a repeat would measure nothing. The CPU
-curve must stay within max(MAX_WINDOW_GAP, NOISE_FACTOR x the largest window gap of the two GPU
-runs), and the final validation losses likewise within max(MAX_VAL_GAP, NOISE_FACTOR x the two
-GPU runs' gap); the first window, before any drift has built up, must agree within
+one implementation are bitwise reproducible here, so a repeat would measure nothing. The drift is
+chaotic (a flipped near-tie changes what an expert learns), so one gap is a poor estimate of its
+scale: the ratio of two such gaps is heavy-tailed, and a bound of twice the one validation gap
+failed with no defect (docs/verification.md, session 6: the same GPU losses, bit for bit, from
+builds of three commits). The noise scale is therefore the largest of all nine GPU-GPU gaps
+(eight windows and the validation loss, each a mean loss along the same trajectories), and both
+the CPU curve's windows and its validation loss must stay within max(MAX_WINDOW_GAP,
+NOISE_FACTOR x that scale); the first window, before any drift has built up, must agree within
 FIRST_WINDOW_GAP.
-Earlier single-run measurements of the CPU-GPU gap ranged from 0.01 to 0.09 nats
-(docs/verification.md), which is why a fixed bound alone was flaky.
+A dense model (configs/models/tiny-llama.json) has no routing to flip: its CPU and GPU curves
+must agree within the fixed DENSE_GAP, which keeps the test sensitive to a systematic error in
+everything but the experts.
 
 Exits 77 (skipped) without a GPU, unless MOEFORGE_EXPECT_GPU=1."""
 import json
@@ -29,7 +34,7 @@ WINDOW = 25
 MAX_WINDOW_GAP = 0.05  # nats; measured gaps are recorded in docs/verification.md
 NOISE_FACTOR = 2.0
 FIRST_WINDOW_GAP = 0.02  # nats; measured 0.0045
-MAX_VAL_GAP = 0.05
+DENSE_GAP = 0.05  # nats, windows and validation loss of the dense model
 
 
 def run(args, env=None):
@@ -73,36 +78,44 @@ def main():
         run([moeforge, "data", "prepare", os.path.join(source_dir, "docs"),
              os.path.join(source_dir, "src"), "--out", data, "--val-fraction", "0.1"])
         config = os.path.join(source_dir, "configs/train/demo.json")
+        dense_model = os.path.join(source_dir, "configs/models/tiny-llama.json")
         common = ["--set", f"data.dataset={data}", "--set", f"schedule.max_steps={STEPS}",
                   "--set", "schedule.warmup_steps=20", "--set", "log.every_steps=1",
                   "--set", "eval.every_steps=100", "--set", "checkpoint.every_steps=100",
                   "--no-progress"]
-        results = {}
-        for name, device, env in [("cpu", "cpu", None), ("cuda", "cuda", None),
-                                  ("cuda-per-expert", "cuda", {"MOEFORGE_GROUPED_GEMM": "0"})]:
+        results, val = {}, {}
+        for name, device, env, extra in [
+                ("cpu", "cpu", None, []), ("cuda", "cuda", None, []),
+                ("cuda-per-expert", "cuda", {"MOEFORGE_GROUPED_GEMM": "0"}, []),
+                ("dense-cpu", "cpu", None, ["--set", f"model.model_config={dense_model}"]),
+                ("dense-cuda", "cuda", None, ["--set", f"model.model_config={dense_model}"])]:
             run_dir = os.path.join(tmp, name)
             metrics = os.path.join(run_dir, "metrics.jsonl")
             run([moeforge, "train", "--config", config, "--device", device, "--set",
-                 f"checkpoint.dir={run_dir}", "--set", f"log.metrics_file={metrics}"] + common,
-                env)
+                 f"checkpoint.dir={run_dir}", "--set", f"log.metrics_file={metrics}"]
+                + common + extra, env)
             results[name] = losses(metrics)
             assert len(results[name]) == STEPS, (name, len(results[name]))
+            val[name] = json.loads(run([moeforge, "eval", "--model", run_dir, "--data",
+                                        data]))["loss"]
         cpu, gpu = results["cpu"], results["cuda"]
         gaps = window_gaps(cpu, gpu)
         gpu_noise = window_gaps(gpu, results["cuda-per-expert"])
-        bound = max(MAX_WINDOW_GAP, NOISE_FACTOR * max(gpu_noise))
-        print("window gaps CPU vs GPU (nats):", gaps)
-        print("window gaps GPU grouped vs per-expert GEMMs (nats):", gpu_noise, "-> bound", round(bound, 4))
+        noise = max(gpu_noise + [abs(val["cuda"] - val["cuda-per-expert"])])
+        bound = max(MAX_WINDOW_GAP, NOISE_FACTOR * noise)
+        print("MoE window gaps CPU vs GPU (nats):", gaps)
+        print("MoE window gaps GPU grouped vs per-expert GEMMs (nats):", gpu_noise)
+        print("MoE val loss:", {k: val[k] for k in ("cpu", "cuda", "cuda-per-expert")},
+              "-> noise scale", round(noise, 4), "bound", round(bound, 4))
+        dense_gaps = window_gaps(results["dense-cpu"], results["dense-cuda"])
+        print("dense window gaps CPU vs GPU (nats):", dense_gaps, "val loss:",
+              {k: val[k] for k in ("dense-cpu", "dense-cuda")}, "-> bound", DENSE_GAP)
         assert gaps[0] < FIRST_WINDOW_GAP, f"loss curves differ from the start: {gaps}"
         assert max(gaps) < bound, f"loss curves diverge: {gaps} (bound {bound})"
         assert gpu[STEPS] < gpu[1] - 1.0, f"the GPU run did not learn: {gpu[1]} -> {gpu[STEPS]}"
-        val = {}
-        for name in ["cpu", "cuda", "cuda-per-expert"]:
-            val[name] = json.loads(run([moeforge, "eval", "--model", os.path.join(tmp, name),
-                                        "--data", data]))["loss"]
-        val_bound = max(MAX_VAL_GAP, NOISE_FACTOR * abs(val["cuda"] - val["cuda-per-expert"]))
-        print("val loss:", val, "-> bound", round(val_bound, 4))
-        assert abs(val["cpu"] - val["cuda"]) < val_bound, val
+        assert abs(val["cpu"] - val["cuda"]) < bound, (val, bound)
+        assert max(dense_gaps) < DENSE_GAP, f"dense loss curves diverge: {dense_gaps}"
+        assert abs(val["dense-cpu"] - val["dense-cuda"]) < DENSE_GAP, val
         # Resume on the GPU from step 100 and reach the same step 200 loss as the straight run
         # (up to cuDNN's run-to-run attention backward differences).
         resumed = os.path.join(tmp, "cuda-resumed")
