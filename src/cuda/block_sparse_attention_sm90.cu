@@ -1,17 +1,23 @@
-// The Hopper block-sparse causal attention kernel (sm_90a: wgmma; see block_sparse_attention.h):
-// a block of kWarpgroups warpgroups owns 64 * kWarpgroups query rows of one head (64 per
-// warpgroup), head_dim 128. Key tiles of 64 keys stream through a two-stage cp.async pipeline in
-// the order of the row's CSR list, into 128-byte-swizzled shared memory (the canonical wgmma
-// layout: 64-element panels of 128-byte rows, 16-byte chunk c of row r stored at chunk c ^ (r %
-// 8)). S = Q K^T is wgmma m64n64k16 with both operands in shared memory (K-major); P = exp(S - max)
-// goes to bf16 registers as wgmma's A fragment, and O += P V is wgmma m64n128k16 with V read
-// MN-major (transposed by the hardware). The online softmax is the tensor-core kernel's
-// (block_sparse_attention_tc.cu), on the same accumulator layout. Not yet: TMA loads, warp
-// specialisation (producer / consumer warpgroups), overlapping softmax with the next tile's
-// MMAs, GQA-shared K/V tiles.
+// The Hopper block-sparse causal attention kernel (sm_90a; see block_sparse_attention.h), warp
+// specialised: one producer warp loads Q once and the key tiles of the row's CSR list by TMA into
+// a ring of kStages shared-memory stages (mbarriers: `full` when a stage's bytes have landed,
+// `empty` when every consumer warp is done with it), and kConsumers consumer warpgroups own 64
+// query rows of one head each, head_dim 128. TMA writes the canonical 128-byte-swizzled wgmma
+// layout (64-element panels of 128-byte rows, 16-byte chunk c of row r at chunk c ^ (r % 8)), and
+// zero-fills rows past the sequence end. S = Q K^T is wgmma m64n64k16 with both operands in shared
+// memory (K-major); P = exp(S - max) goes to bf16 registers as wgmma's A fragment, and O += P V is
+// wgmma m64n128k16 with V read MN-major (transposed by the hardware). Within a warpgroup a tile's
+// softmax runs while the tensor cores do the previous tile's P V (FlashAttention-3's intra-
+// warpgroup overlap), and the two warpgroups run unsynchronised, so one's softmax also overlaps the
+// other's MMAs. The online softmax is the tensor-core kernel's (block_sparse_attention_tc.cu), on
+// the same accumulator layout. Not yet: GQA-shared K/V tiles.
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
 #include <cmath>
 #include <cstdint>
 
+#include "core/error.h"
 #include "cuda/block_sparse_attention_kernels.h"
 #include "cuda/block_sparse_tile_walk.cuh"
 #include "cuda/cuda_check.h"
@@ -23,26 +29,29 @@ namespace {
 
 constexpr int kHeadDim = 128;
 constexpr int kKeys = 64;  // keys per pipeline stage (the N of S = Q K^T)
-constexpr int kStages = 2;
+constexpr int kStages = 4;
+constexpr int kPanel = 64;      // elements of a 128-byte swizzled row: one TMA box's width
+constexpr int kRowBytes = 128;  // one swizzled row of a panel
 
-template <int kWarpgroups>
+template <int kConsumers>
 struct HopperConfig {
-  static constexpr int kRows = 64 * kWarpgroups;
-  static constexpr int kThreads = 128 * kWarpgroups;
+  static constexpr int kRows = 64 * kConsumers;
+  static constexpr int kConsumerThreads = 128 * kConsumers;
+  static constexpr int kThreads = kConsumerThreads + 32;  // + the producer warp
   static constexpr int kQBytes = kRows * kHeadDim * 2;
   static constexpr int kTileBytes = kKeys * kHeadDim * 2;  // one K or V tile
-  static constexpr size_t kSmemBytes = kQBytes + 2 * kStages * kTileBytes;
+  static constexpr int kBarrierBytes = (1 + 2 * kStages) * 8;
+  static constexpr size_t kSmemBytes = kQBytes + 2 * kStages * kTileBytes + kBarrierBytes;
+};
+
+// The kernel's arguments: the shapes and pointers, and TMA descriptors of Q ([N, Hq * 128], boxes
+// of 64 columns x kRows rows) and of K and V ([N, Hkv * 128], boxes of 64 columns x kKeys rows).
+struct HopperArgs {
+  BlockSparseLaunch a;
+  CUtensorMap q_map, k_map, v_map;
 };
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-constexpr int kRowBytes = 128;  // one swizzled row of a 64-element panel
-
-// Byte offset of 16-byte chunk `chunk` (0 .. head_dim / 8) of row `row` in a tile of `rows` rows
-// stored as 64-element panels with the 128-byte swizzle.
-__device__ __forceinline__ uint32_t swizzled_offset(int rows, int row, int chunk) {
-  const int panel = chunk / 8, c = chunk % 8;
-  return static_cast<uint32_t>(panel * rows * kRowBytes + row * kRowBytes + ((c ^ (row % 8)) * 16));
-}
 
 // A wgmma shared-memory matrix descriptor with the 128-byte swizzle: start address, leading and
 // stride byte offsets (all in 16-byte units).
@@ -61,21 +70,54 @@ __device__ __forceinline__ void wgmma_fence() {
 __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
-__device__ __forceinline__ void wgmma_wait_all() {
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-}
-// Orders this thread's generic-proxy writes of shared memory (cp.async) before the async proxy's
-// reads (wgmma).
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 }
 
-// d (64 x 64 fp32 per warpgroup) += A (64 x 16, shared memory, K-major) * B (16 x 64, shared
-// memory, K-major): wgmma m64n64k16 bf16.
-__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t a_desc,
-                                                   uint64_t b_desc) {
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_address(bar)), "r"(count)
+               : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_address(bar)) : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(
+                   smem_address(bar)),
+               "r"(bytes)
+               : "memory");
+}
+// Waits until the barrier's phase of this parity has completed.
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_address(bar)), "r"(parity)
+        : "memory");
+  } while (done == 0);
+}
+
+// One TMA box (column c0, row c1 of the map's tensor) into shared memory at dst; its bytes count
+// towards bar's transaction.
+__device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int c0, int c1,
+                                         uint64_t* bar) {
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, "
+      "%3}], [%4];\n" ::"r"(smem_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_address(bar))
+      : "memory");
+}
+
+// d (64 x 64 fp32 per warpgroup) = A (64 x 16, shared memory, K-major) * B (16 x 64, shared
+// memory, K-major) + (accumulate ? d : 0): wgmma m64n64k16 bf16.
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t a_desc,
+                                                   uint64_t b_desc, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, "
       "%9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, "
       "%27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
@@ -84,7 +126,7 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t a_de
         "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
         "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
         "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(a_desc), "l"(b_desc)
+      : "l"(a_desc), "l"(b_desc), "r"(accumulate)
       : "memory");
 }
 
@@ -113,162 +155,253 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const uint32
       : "memory");
 }
 
+// S = Q K^T of one warpgroup's 64 rows and one stage's kKeys keys, issued (not waited for); the
+// first k-step overwrites s (no zeroing by other instructions, which would serialise the wgmmas).
+template <int kRows>
+__device__ __forceinline__ void issue_scores(float (&s)[32], uint32_t q_base, uint32_t k_base) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+    const uint32_t panel_q = (kk / 4) * kRows * kRowBytes;
+    const uint32_t panel_k = (kk / 4) * kKeys * kRowBytes;
+    const uint32_t step = (kk % 4) * 32;
+    wgmma_m64n64k16_ss(s, make_descriptor(q_base + panel_q + step, 16, 1024),
+                       make_descriptor(k_base + panel_k + step, 16, 1024), kk > 0 ? 1 : 0);
+  }
+  wgmma_commit();
+}
+
+// P (64 x kKeys, fp32 in the S accumulator layout) packed to bf16 pairs: wgmma's A fragments of
+// the four k16 steps of O += P V.
+__device__ __forceinline__ void pack_probabilities(uint32_t (&p)[16], const float (&s)[32]) {
+#pragma unroll
+  for (int i = 0; i < 16; ++i) p[i] = pack_bf16(s[2 * i], s[2 * i + 1]);
+}
+
+// Keeps the compiler from moving reads or writes of x across this point, nor reusing its register
+// while an asynchronous wgmma may still read (A fragments) or write (accumulators) it.
+__device__ __forceinline__ void fence_operand(uint32_t& x) {
+  asm volatile("" : "+r"(x)::"memory");
+}
+__device__ __forceinline__ void fence_operand(float& x) {
+  asm volatile("" : "+f"(x)::"memory");
+}
+
+// O += P V of one stage, issued (not waited for); p must stay untouched until it completes.
+__device__ __forceinline__ void issue_values(float (&o)[64], uint32_t (&p)[16], uint32_t v_base) {
+  wgmma_fence();
+#pragma unroll
+  for (int j = 0; j < kKeys / 16; ++j) {
+    const uint32_t pa[4] = {p[4 * j], p[4 * j + 1], p[4 * j + 2], p[4 * j + 3]};
+    // Keys 16 j .. 16 j + 15: two 8-row groups of every panel of V; the panels (64 dims each) are
+    // kKeys rows apart.
+    wgmma_m64n128k16_rs(o, pa, make_descriptor(v_base + j * 16 * kRowBytes, kKeys * kRowBytes, 1024));
+  }
+  wgmma_commit();
+}
+
 #endif
 
-template <int kWarpgroups>
-__global__ void __launch_bounds__(kWarpgroups * 128)
-    block_sparse_attention_sm90_kernel(BlockSparseLaunch a) {
+template <int kConsumers>
+__global__ void __launch_bounds__(HopperConfig<kConsumers>::kThreads, 1)
+    block_sparse_attention_sm90_kernel(const __grid_constant__ HopperArgs args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Cfg = HopperConfig<kWarpgroups>;
-  constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks of a row
-  constexpr int kKeyTiles = kKeys / 8;   // n8 blocks of S
+  using Cfg = HopperConfig<kConsumers>;
+  constexpr int kKeyTiles = kKeys / 8;  // n8 blocks of S
   constexpr int kDimTiles = kHeadDim / 8;
+  const BlockSparseLaunch& a = args.a;
   extern __shared__ __align__(1024) unsigned char smem[];
   unsigned char* q_tile = smem;                   // [kRows] rows, swizzled panels
   unsigned char* kv_tiles = smem + Cfg::kQBytes;  // [kStages][K, V] tiles of kKeys rows
+  uint64_t* q_full = reinterpret_cast<uint64_t*>(kv_tiles + 2 * kStages * Cfg::kTileBytes);
+  uint64_t* full = q_full + 1;        // [kStages]
+  uint64_t* empty = full + kStages;   // [kStages]
 
   const int head = static_cast<int>(blockIdx.y);
   const int kv_head = head / (a.num_q_heads / a.num_kv_heads);
   const int64_t row0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * Cfg::kRows;
   const int tid = static_cast<int>(threadIdx.x);
-  const int warpgroup = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
-  const int g = lane / 4, t = lane % 4;
-  const int64_t q_row_stride = static_cast<int64_t>(a.num_q_heads) * kHeadDim;
-  const int64_t kv_row_stride = static_cast<int64_t>(a.num_kv_heads) * kHeadDim;
-  const bf16* q_head = a.q + static_cast<int64_t>(head) * kHeadDim;
-  const bf16* k_head = a.k + static_cast<int64_t>(kv_head) * kHeadDim;
-  const bf16* v_head = a.v + static_cast<int64_t>(kv_head) * kHeadDim;
-
-  for (int idx = tid; idx < Cfg::kRows * kChunks; idx += Cfg::kThreads) {
-    const int r = idx / kChunks, c = idx % kChunks;
-    const int64_t pos = row0 + r;
-    const bool valid = pos < a.seq_len;
-    cp_async_16(q_tile + swizzled_offset(Cfg::kRows, r, c),
-                valid ? q_head + pos * q_row_stride + c * 8 : a.q, valid);
-  }
-  cp_async_commit();
-
+  // The warp index through a shuffle, so that the compiler knows it (and what derives from it) is
+  // uniform over the warp: wgmma under a branch it cannot prove uniform gets serialised.
+  const int warp = __shfl_sync(0xffffffffu, tid / 32, 0), lane = tid % 32;
   const TileWalk<kKeys> walk(a, head, row0, Cfg::kRows);
-  const auto load_tile = [&](TileCursor c, int stage) {
-    unsigned char* k_dst = kv_tiles + stage * 2 * Cfg::kTileBytes;
-    unsigned char* v_dst = k_dst + Cfg::kTileBytes;
-    const int64_t key_end = walk.block_end(c.e);
-    for (int idx = tid; idx < kKeys * kChunks; idx += Cfg::kThreads) {
-      const int j = idx / kChunks, ch = idx % kChunks;
-      const int64_t key = c.t0 + j;
-      const bool valid = key < key_end;
-      const int64_t offset = key * kv_row_stride + ch * 8;
-      const uint32_t dst = swizzled_offset(kKeys, j, ch);
-      cp_async_16(k_dst + dst, valid ? k_head + offset : a.k, valid);
-      cp_async_16(v_dst + dst, valid ? v_head + offset : a.v, valid);
+
+  if (tid == 0) {
+    mbarrier_init(q_full, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(&full[s], 1);
+      mbarrier_init(&empty[s], 4 * kConsumers);  // lane 0 of every consumer warp
     }
-    cp_async_commit();
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp == 4 * kConsumers) {
+    // The producer: Q once, then every key tile of the walk into the ring.
+    if (lane == 0) {
+      mbarrier_arrive_expect_tx(q_full, Cfg::kQBytes);
+      for (int p = 0; p < kHeadDim / kPanel; ++p) {
+        tma_load(q_tile + p * Cfg::kRows * kRowBytes, &args.q_map, head * kHeadDim + p * kPanel,
+                 static_cast<int>(row0), q_full);
+      }
+      int i = 0;
+      for (TileCursor cur = walk.first(walk.begin); cur.e < walk.end; cur = walk.next(cur), ++i) {
+        const int stage = i % kStages;
+        mbarrier_wait(&empty[stage], ((i / kStages) & 1) ^ 1);
+        mbarrier_arrive_expect_tx(&full[stage], 2 * Cfg::kTileBytes);
+        unsigned char* k_dst = kv_tiles + stage * 2 * Cfg::kTileBytes;
+        unsigned char* v_dst = k_dst + Cfg::kTileBytes;
+        for (int p = 0; p < kHeadDim / kPanel; ++p) {
+          const int column = kv_head * kHeadDim + p * kPanel;
+          tma_load(k_dst + p * kKeys * kRowBytes, &args.k_map, column, static_cast<int>(cur.t0),
+                   &full[stage]);
+          tma_load(v_dst + p * kKeys * kRowBytes, &args.v_map, column, static_cast<int>(cur.t0),
+                   &full[stage]);
+        }
+      }
+    }
+    return;
+  }
+
+  // A consumer warpgroup: rows [wg_row0, wg_row0 + 64), 16 per warp.
+  const int warpgroup = warp / 4, g = lane / 4, t = lane % 4;
+  const int64_t wg_row0 = row0 + 64 * warpgroup;
+  const int64_t warp_row0 = wg_row0 + 16 * (warp % 4);
+  const uint32_t q_base = smem_address(q_tile) + 64 * warpgroup * kRowBytes;
+  const auto k_address = [&](int stage) {
+    return smem_address(kv_tiles + stage * 2 * Cfg::kTileBytes);
   };
+  const auto release = [&](int stage) {
+    __syncwarp();
+    if (lane == 0) mbarrier_arrive(&empty[stage]);
+  };
+  // Whether this warpgroup has rows that see a key of the tile at t0 (causal; the walk already
+  // skips the tiles no row of the CTA sees).
+  const auto computes = [&](const TileCursor& c) { return c.t0 <= wg_row0 + 63; };
 
   float o[4 * kDimTiles];
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};  // rows g and g + 8
 #pragma unroll
   for (int i = 0; i < 4 * kDimTiles; ++i) o[i] = 0.0f;
+  mbarrier_wait(q_full, 0);
 
-  // This thread's rows: 16 per warp, 64 per warpgroup.
-  const int64_t wg_row0 = row0 + 64 * warpgroup;
-  const int64_t warp_row0 = wg_row0 + 16 * warp;
-  const uint32_t q_base = smem_address(q_tile) + 64 * warpgroup * kRowBytes;
-
-  TileCursor cur = walk.first(walk.begin);
-  if (walk.begin < walk.end) load_tile(cur, 0);
-  for (int stage = 0; cur.e < walk.end; stage ^= 1) {
-    const TileCursor next = walk.next(cur);
-    if (next.e < walk.end) {
-      load_tile(next, stage ^ 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    fence_proxy_async();
-    __syncthreads();
-    const uint32_t k_base = smem_address(kv_tiles + stage * 2 * Cfg::kTileBytes);
-    const uint32_t v_base = k_base + Cfg::kTileBytes;
-    const int64_t key_end = walk.block_end(cur.e);
-    // Warpgroups whose rows all precede the tile have nothing to add (causal); the branch is
-    // uniform over the warpgroup, as wgmma requires.
-    if (cur.t0 <= wg_row0 + 63) {
-      float s[4 * kKeyTiles];
+  float s[32];
+  uint32_t p[16];
+  const auto fence_operands = [&] {
 #pragma unroll
-      for (int i = 0; i < 4 * kKeyTiles; ++i) s[i] = 0.0f;
-      wgmma_fence();
+    for (int j = 0; j < 16; ++j) fence_operand(p[j]);
 #pragma unroll
-      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-        const uint32_t panel_q = (kk / 4) * Cfg::kRows * kRowBytes;
-        const uint32_t panel_k = (kk / 4) * kKeys * kRowBytes;
-        const uint32_t step = (kk % 4) * 32;
-        wgmma_m64n64k16_ss(s, make_descriptor(q_base + panel_q + step, 16, 1024),
-                           make_descriptor(k_base + panel_k + step, 16, 1024));
+    for (int j = 0; j < 4 * kDimTiles; ++j) fence_operand(o[j]);
+#pragma unroll
+    for (int j = 0; j < 32; ++j) fence_operand(s[j]);
+  };
+  // Masks s (scale_log2 * S of the tile at c), turns it into P = 2^(x - running max) and updates
+  // the running max and sum; correction gets the factor by which O must shrink.
+  const auto softmax = [&](const TileCursor& c, float (&correction)[2]) {
+    const int64_t key_end = walk.block_end(c.e);
+    const int key_shift = static_cast<int>(c.t0 - warp_row0);
+    const int key_limit = static_cast<int>(min(key_end - c.t0, int64_t{kKeys}));
+    const bool needs_mask = key_shift + kKeys - 1 > 0 || key_limit < kKeys;
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        float x = s[4 * n + k] * a.scale_log2;
+        if (needs_mask) {
+          const int row = g + (k >= 2 ? 8 : 0);
+          const int key = 8 * n + 2 * t + (k % 2);
+          if (key + key_shift > row || key >= key_limit) x = -INFINITY;
+        }
+        s[4 * n + k] = x;
       }
-      wgmma_commit();
-      wgmma_wait_all();
-
-      const int key_shift = static_cast<int>(cur.t0 - warp_row0);
-      const int key_limit = static_cast<int>(min(key_end - cur.t0, int64_t{kKeys}));
-      const bool needs_mask = key_shift + kKeys - 1 > 0 || key_limit < kKeys;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float mx = -INFINITY;
 #pragma unroll
       for (int n = 0; n < kKeyTiles; ++n)
+        mx = fmaxf(mx, fmaxf(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(row_max[half], mx);
+      const float base = m_new == -INFINITY ? 0.0f : m_new;
+      correction[half] = exp2f(row_max[half] - base);
+      float sum = 0.0f;
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          float x = s[4 * n + c] * a.scale_log2;
-          if (needs_mask) {
-            const int row = g + (c >= 2 ? 8 : 0);
-            const int key = 8 * n + 2 * t + (c % 2);
-            if (key + key_shift > row || key >= key_limit) x = -INFINITY;
-          }
-          s[4 * n + c] = x;
-        }
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int n = 0; n < kKeyTiles; ++n)
-          mx = fmaxf(mx, fmaxf(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(row_max[half], mx);
-        const float base = m_new == -INFINITY ? 0.0f : m_new;
-        const float correction = exp2f(row_max[half] - base);
-        float sum = 0.0f;
-#pragma unroll
-        for (int n = 0; n < kKeyTiles; ++n) {
-          const float p0 = exp2f(s[4 * n + 2 * half] - base);
-          const float p1 = exp2f(s[4 * n + 2 * half + 1] - base);
-          s[4 * n + 2 * half] = p0;
-          s[4 * n + 2 * half + 1] = p1;
-          sum += p0 + p1;
-        }
-        row_sum[half] = row_sum[half] * correction + sum;
-        row_max[half] = m_new;
-#pragma unroll
-        for (int n = 0; n < kDimTiles; ++n) {
-          o[4 * n + 2 * half] *= correction;
-          o[4 * n + 2 * half + 1] *= correction;
-        }
+      for (int n = 0; n < kKeyTiles; ++n) {
+        const float p0 = exp2f(s[4 * n + 2 * half] - base);
+        const float p1 = exp2f(s[4 * n + 2 * half + 1] - base);
+        s[4 * n + 2 * half] = p0;
+        s[4 * n + 2 * half + 1] = p1;
+        sum += p0 + p1;
       }
-      wgmma_fence();
-#pragma unroll
-      for (int j = 0; j < kKeys / 16; ++j) {
-        const uint32_t pa[4] = {
-            pack_bf16(s[8 * j], s[8 * j + 1]), pack_bf16(s[8 * j + 2], s[8 * j + 3]),
-            pack_bf16(s[8 * j + 4], s[8 * j + 5]), pack_bf16(s[8 * j + 6], s[8 * j + 7])};
-        // Keys 16 j .. 16 j + 15: two 8-row groups of every panel of V; the panels (64 dims each)
-        // are kKeys rows apart.
-        wgmma_m64n128k16_rs(o, pa,
-                            make_descriptor(v_base + j * 16 * kRowBytes, kKeys * kRowBytes, 1024));
-      }
-      wgmma_commit();
-      wgmma_wait_all();
+      row_sum[half] = row_sum[half] * correction[half] + sum;
+      row_max[half] = m_new;
     }
-    __syncthreads();  // this stage is consumed before the next iteration refills it
-    cur = next;
+  };
+  // O shrinks by the correction (no P V in flight), and P goes to bf16 for the next P V.
+  const auto rescale_and_pack = [&](const float (&correction)[2]) {
+#pragma unroll
+    for (int n = 0; n < kDimTiles; ++n) {
+      o[4 * n] *= correction[0];
+      o[4 * n + 1] *= correction[0];
+      o[4 * n + 2] *= correction[1];
+      o[4 * n + 3] *= correction[1];
+    }
+    pack_probabilities(p, s);
+    fence_operands();  // final before the next wgmmas start
+  };
+  const auto fence_scores = [&] {
+#pragma unroll
+    for (int j = 0; j < 32; ++j) fence_operand(s[j]);
+  };
+
+  // Tiles before the first one these rows see are handed straight back.
+  TileCursor cur = walk.first(walk.begin);
+  int i = 0;
+  for (; cur.e < walk.end; cur = walk.next(cur), ++i) {
+    mbarrier_wait(&full[i % kStages], (i / kStages) & 1);
+    if (computes(cur)) break;
+    release(i % kStages);
   }
-  cp_async_wait<0>();
+  if (cur.e < walk.end) {
+    // The first tile: S alone.
+    int previous_stage = i % kStages;
+    float correction[2];
+    issue_scores<Cfg::kRows>(s, q_base, k_address(previous_stage));
+    wgmma_wait<0>();
+    fence_scores();
+    softmax(cur, correction);
+    rescale_and_pack(correction);
+    cur = walk.next(cur);
+    ++i;
+    // Then per tile j: S_j and P_{j-1} V_{j-1} in flight together; S_j's softmax runs while the
+    // tensor cores still work on P_{j-1} V_{j-1}.
+    for (; cur.e < walk.end; cur = walk.next(cur), ++i) {
+      const int stage = i % kStages;
+      mbarrier_wait(&full[stage], (i / kStages) & 1);
+      if (!computes(cur)) {
+        // No key of the tile is visible to these rows. Such tiles hold keys (wg_row0 + 63,
+        // row0 + kRows), so there is at most one per row: holding previous_stage meanwhile
+        // cannot starve the producer of a stage.
+        release(stage);
+        continue;
+      }
+      issue_scores<Cfg::kRows>(s, q_base, k_address(stage));
+      issue_values(o, p, k_address(previous_stage) + Cfg::kTileBytes);
+      wgmma_wait<1>();
+      fence_scores();  // only S is final here: O and P belong to the P V in flight
+      softmax(cur, correction);
+      wgmma_wait<0>();
+      fence_operands();
+      release(previous_stage);
+      rescale_and_pack(correction);
+      previous_stage = stage;
+    }
+    issue_values(o, p, k_address(previous_stage) + Cfg::kTileBytes);
+    wgmma_wait<0>();
+    fence_operands();
+    release(previous_stage);
+  }
 
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
@@ -278,6 +411,7 @@ __global__ void __launch_bounds__(kWarpgroups * 128)
     const int64_t pos = warp_row0 + g + 8 * half;
     if (pos >= a.seq_len) continue;
     const float inv = 1.0f / sum;
+    const int64_t q_row_stride = static_cast<int64_t>(a.num_q_heads) * kHeadDim;
     bf16* out_row = a.out + pos * q_row_stride + static_cast<int64_t>(head) * kHeadDim;
 #pragma unroll
     for (int n = 0; n < kDimTiles; ++n) {
@@ -294,22 +428,65 @@ __global__ void __launch_bounds__(kWarpgroups * 128)
 #endif
 }
 
-template <int kWarpgroups>
-void launch(const BlockSparseLaunch& args, cudaStream_t stream) {
-  using Cfg = HopperConfig<kWarpgroups>;
-  launch_over_query_blocks(block_sparse_attention_sm90_kernel<kWarpgroups>, Cfg::kRows,
-                           Cfg::kThreads, static_cast<int>(Cfg::kSmemBytes), args, stream);
+// cuTensorMapEncodeTiled from the driver, found through the runtime (no link against libcuda,
+// so binaries still start on machines without a driver).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult status{};
+    MF_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
+                                                   cudaEnableDefault, &status));
+    MF_CHECK(status == cudaDriverEntryPointSuccess && fn != nullptr,
+             "the CUDA driver has no cuTensorMapEncodeTiled (the Hopper attention kernel's TMA)");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// A TMA descriptor of a row-major bf16 [rows, columns] tensor read in boxes of kPanel columns x
+// box_rows rows with the 128-byte swizzle; rows past the end read as zeros.
+CUtensorMap tensor_map(const bf16* base, int64_t rows, int64_t columns, int box_rows) {
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(columns), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(columns) * sizeof(bf16)};
+  const cuuint32_t box[2] = {kPanel, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult result = tensor_map_encoder()(
+      &map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<bf16*>(base), dims, strides, box,
+      element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  MF_CHECK(result == CUDA_SUCCESS, "cuTensorMapEncodeTiled failed ({}) for a [{}, {}] tensor",
+           static_cast<int>(result), rows, columns);
+  return map;
+}
+
+template <int kConsumers>
+void launch(const BlockSparseLaunch& a, cudaStream_t stream) {
+  using Cfg = HopperConfig<kConsumers>;
+  const HopperArgs args{a,
+                        tensor_map(a.q, a.seq_len, int64_t{a.num_q_heads} * kHeadDim, Cfg::kRows),
+                        tensor_map(a.k, a.seq_len, int64_t{a.num_kv_heads} * kHeadDim, kKeys),
+                        tensor_map(a.v, a.seq_len, int64_t{a.num_kv_heads} * kHeadDim, kKeys)};
+  const auto kernel = block_sparse_attention_sm90_kernel<kConsumers>;
+  MF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(Cfg::kSmemBytes)));
+  const dim3 grid(static_cast<unsigned>(ceil_div(a.seq_len, Cfg::kRows)),
+                  static_cast<unsigned>(a.num_q_heads));
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args);
+  MF_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace
 
 bool hopper_block_sparse_attention_runs(const BlockSparseLaunch& args, int device_major) {
+  // TMA coordinates are 32-bit.
   return device_major == 9 && args.head_dim == kHeadDim && args.block_size % 64 == 0 &&
-         aligned_to(16, args.q, args.k, args.v, args.out);
+         args.seq_len < (int64_t{1} << 31) && aligned_to(16, args.q, args.k, args.v, args.out);
 }
 
 void launch_hopper_block_sparse_attention(const BlockSparseLaunch& args, cudaStream_t stream) {
-  // 128 query rows (two warpgroups sharing each K/V tile) where the block size allows, else 64.
+  // Two consumer warpgroups (128 query rows sharing each K/V tile) where the block size allows,
+  // else one.
   if (args.block_size % 128 == 0) {
     launch<2>(args, stream);
   } else {
