@@ -82,12 +82,13 @@ CUDA_OVERRIDES = {
     "Qwen3MoeForCausalLM": dict(head_dim=24),
 }
 MOEFORGE_DEVICE = "cpu"  # set from --moeforge-device
+FIELD_OVERRIDES = {}  # set from --set, applied to every architecture (for diagnosis)
 
 
 def arch_fields(arch):
     """The HF config.json fields (model_type included) of one test architecture."""
     overrides = CUDA_OVERRIDES.get(arch, {}) if MOEFORGE_DEVICE == "cuda" else {}
-    return {**COMMON, **ARCHS[arch], **overrides}
+    return {**COMMON, **ARCHS[arch], **overrides, **FIELD_OVERRIDES}
 
 
 def cross_entropy(logits, tokens):
@@ -103,15 +104,25 @@ def hf_logits(model, tokens, device):
         return model(input_ids=tokens.to(device)).logits.float().cpu().numpy()
 
 
-def top_k_sets(model, tokens, device, k):
-    """Per MoE layer, each token's set of routed experts (None when the model reports no router
-    logits)."""
+def router_logits(model, tokens, device):
+    """Per MoE layer, the router logits [tokens, experts] in fp32 (None when the model reports
+    none)."""
     with torch.no_grad():
         out = model(input_ids=tokens.to(device), output_router_logits=True)
     logits = getattr(out, "router_logits", None)
-    if not logits:
-        return None
-    return [torch.topk(l.float(), k, dim=-1).indices.sort(dim=-1).values.cpu() for l in logits]
+    return [l.float().cpu() for l in logits] if logits else None
+
+
+def top_k_sets(logits, k):
+    """Each token's set of routed experts, per layer."""
+    return [torch.topk(l, k, dim=-1).indices.sort(dim=-1).values for l in logits]
+
+
+def min_routing_margin(logits, k):
+    """The smallest gap, over layers and tokens, between the k-th and the (k+1)-th router logit:
+    how close the nearest routing tie is."""
+    return min(float((s[:, k - 1] - s[:, k]).min())
+               for s in (torch.sort(l, dim=-1, descending=True).values for l in logits))
 
 
 def hf_bf16_noise(model, tokens, device, theirs, result):
@@ -120,14 +131,16 @@ def hf_bf16_noise(model, tokens, device, theirs, result):
     from it (style rule 5): moeforge's bf16 backend may differ from fp32 by as much as another
     bf16 implementation does, twice over."""
     k = getattr(model.config, "num_experts_per_tok", None)
-    fp32_sets = top_k_sets(model, tokens, device, k) if k else None
+    fp32_logits = router_logits(model, tokens, device) if k else None
     model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
     theirs_bf16 = hf_logits(model_bf16, tokens, device)
     result["hf_bf16_max_abs_err"] = float(np.abs(theirs_bf16 - theirs).max())
     result["hf_bf16_ce_err"] = abs(cross_entropy(theirs_bf16, tokens)
                                    - cross_entropy(theirs, tokens))
-    if fp32_sets is not None:
-        bf16_sets = top_k_sets(model_bf16, tokens, device, k)
+    if fp32_logits is not None and k < fp32_logits[0].shape[-1]:
+        result["min_routing_margin"] = min_routing_margin(fp32_logits, k)
+        fp32_sets = top_k_sets(fp32_logits, k)
+        bf16_sets = top_k_sets(router_logits(model_bf16, tokens, device), k)
         result["hf_bf16_routing_flips"] = int(sum(
             (a != b).any(dim=-1).sum().item() for a, b in zip(fp32_sets, bf16_sets)))
         result["routed_tokens"] = int(sum(a.shape[0] for a in fp32_sets))
@@ -268,6 +281,7 @@ def moeforge_to_hf(arch, exe, device, work, tokens, result):
 
 
 def main():
+    global MOEFORGE_DEVICE, SEED
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--moeforge", required=True, help="path of the moeforge executable")
     parser.add_argument("--device", choices=["cpu", "cuda"],
@@ -277,15 +291,29 @@ def main():
     parser.add_argument("--out", help="JSON report path")
     parser.add_argument("--arch", action="append", choices=list(ARCHS),
                         help="check only this architecture (repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                        help="override one config field of every checked architecture, e.g. "
+                             "shared_expert_intermediate_size=24 (repeatable; for diagnosis)")
+    parser.add_argument("--seed", type=int, default=SEED,
+                        help="seed of the random weights and tokens")
     args = parser.parse_args()
-    global MOEFORGE_DEVICE
+    SEED = args.seed
     MOEFORGE_DEVICE = args.moeforge_device
+    for item in args.set:
+        field, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected FIELD=JSON")
+        try:
+            FIELD_OVERRIDES[field] = json.loads(value)
+        except json.JSONDecodeError as err:
+            parser.error(f"--set {item!r}: the value is not JSON ({err})")
     exe = str(Path(args.moeforge).resolve())
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     transformers.utils.logging.disable_progress_bar()
     report = {"transformers": transformers.__version__, "torch": torch.__version__,
               "device": args.device, "moeforge_device": MOEFORGE_DEVICE,
+              "overrides": FIELD_OVERRIDES,
               "logit_tol_floor": BF16_LOGIT_TOL if MOEFORGE_DEVICE == "cuda" else LOGIT_TOL,
               "loss_tol_floor": BF16_LOSS_TOL if MOEFORGE_DEVICE == "cuda" else LOSS_TOL,
               "results": []}
@@ -309,7 +337,9 @@ def main():
             if "hf_bf16_max_abs_err" in result:
                 detail += (f" (transformers in bf16: {result['hf_bf16_max_abs_err']:.2e}, routing"
                            f" flips {result.get('hf_bf16_routing_flips', '-')}"
-                           f"/{result.get('routed_tokens', '-')}; tol {result['logit_tol']:.2e})")
+                           f"/{result.get('routed_tokens', '-')}, nearest tie "
+                           f"{result.get('min_routing_margin', float('nan')):.1e}; "
+                           f"tol {result['logit_tol']:.2e})")
             layout = f" experts={result['expert_layout']}" if "expert_layout" in result else ""
             print(f"{arch:20s} {direction:13s} {result['status'].upper()} {detail}{layout}"
                   + (f" -- {reason}" if reason else ""), flush=True)
