@@ -1,5 +1,5 @@
 // The Hopper block-sparse causal attention kernel (sm_90a; see block_sparse_attention.h), warp
-// specialised: a producer warp loads Q once and the key tiles of the row's CSR list by TMA into
+// specialised: one producer warp loads Q once and the key tiles of the row's CSR list by TMA into
 // a ring of kStages shared-memory stages (mbarriers: `full` when a stage's bytes have landed,
 // `empty` when every consumer warp is done with it), and kConsumers consumer warpgroups own 64
 // query rows of one head each, head_dim 128. TMA writes the canonical 128-byte-swizzled wgmma
@@ -28,29 +28,19 @@ namespace moeforge::cuda {
 namespace {
 
 constexpr int kHeadDim = 128;
+constexpr int kKeys = 64;  // keys per pipeline stage (the N of S = Q K^T)
+constexpr int kStages = 4;
 constexpr int kPanel = 64;      // elements of a 128-byte swizzled row: one TMA box's width
 constexpr int kRowBytes = 128;  // one swizzled row of a panel
 
-// kConsumers warpgroups of 64 query rows; kKeys keys per pipeline stage (the N of S = Q K^T): 128
-// where the block size allows (fewer softmax steps per key, a wider S wgmma), else 64.
-template <int kConsumers, int kKeys>
+template <int kConsumers>
 struct HopperConfig {
-  static constexpr int kStages = kKeys == 128 ? 2 : 4;
   static constexpr int kRows = 64 * kConsumers;
-  // + the producer warpgroup (one thread issues the loads; a whole warpgroup, so that it can hand
-  // its registers to the consumers: setmaxnreg works per warpgroup).
-  static constexpr int kThreads = 128 * (kConsumers + 1);
-  // With 128-key tiles the consumers' S, P and O do not fit the 168 registers per thread an even
-  // split of the SM's 64K over 12 warps gives: setmaxnreg moves registers from the producer to
-  // them (multiples of 8; per SM sub-partition 40 + 2 x 232 warps' worth <= its 16K).
-  static constexpr bool kRebalance = kKeys == 128;
-  static constexpr int kProducerRegisters = 40;
-  static constexpr int kConsumerRegisters = 232;
-  static_assert(!kRebalance || kConsumers == 2, "the split above is for two consumer warpgroups");
+  static constexpr int kConsumerThreads = 128 * kConsumers;
+  static constexpr int kThreads = kConsumerThreads + 32;  // + the producer warp
   static constexpr int kQBytes = kRows * kHeadDim * 2;
   static constexpr int kTileBytes = kKeys * kHeadDim * 2;  // one K or V tile
   static constexpr int kBarrierBytes = (1 + 2 * kStages) * 8;
-  static_assert(kKeys == 64 || kKeys == 128, "key tiles of 64 or 128");
   static constexpr size_t kSmemBytes = kQBytes + 2 * kStages * kTileBytes + kBarrierBytes;
 };
 
@@ -140,31 +130,6 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t a_de
       : "memory");
 }
 
-// d (64 x 128 fp32 per warpgroup) = A (64 x 16, shared memory, K-major) * B (16 x 128, shared
-// memory, K-major) + (accumulate ? d : 0): wgmma m64n128k16 bf16.
-__device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[64], uint64_t a_desc,
-                                                    uint64_t b_desc, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, "
-      "%9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, "
-      "%27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, "
-      "%45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, "
-      "%63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
-        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
-        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
-        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
-        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
-        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
-        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
-        "+f"(d[63])
-      : "l"(a_desc), "l"(b_desc), "r"(accumulate)
-      : "memory");
-}
-
 // d (64 x 128 fp32 per warpgroup) += A (64 x 16 bf16 in registers, the m16n8k16 A fragment of
 // each warp's 16 rows) * B (16 x 128, shared memory, MN-major: transposed on load).
 __device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const uint32_t (&a)[4],
@@ -192,33 +157,25 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const uint32
 
 // S = Q K^T of one warpgroup's 64 rows and one stage's kKeys keys, issued (not waited for); the
 // first k-step overwrites s (no zeroing by other instructions, which would serialise the wgmmas).
-template <int kRows, int kKeys>
-__device__ __forceinline__ void issue_scores(float (&s)[kKeys / 2], uint32_t q_base,
-                                             uint32_t k_base) {
+template <int kRows>
+__device__ __forceinline__ void issue_scores(float (&s)[32], uint32_t q_base, uint32_t k_base) {
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < kHeadDim / 16; ++kk) {
     const uint32_t panel_q = (kk / 4) * kRows * kRowBytes;
     const uint32_t panel_k = (kk / 4) * kKeys * kRowBytes;
     const uint32_t step = (kk % 4) * 32;
-    const uint64_t q_desc = make_descriptor(q_base + panel_q + step, 16, 1024);
-    const uint64_t k_desc = make_descriptor(k_base + panel_k + step, 16, 1024);
-    if constexpr (kKeys == 128) {
-      wgmma_m64n128k16_ss(s, q_desc, k_desc, kk > 0 ? 1 : 0);
-    } else {
-      wgmma_m64n64k16_ss(s, q_desc, k_desc, kk > 0 ? 1 : 0);
-    }
+    wgmma_m64n64k16_ss(s, make_descriptor(q_base + panel_q + step, 16, 1024),
+                       make_descriptor(k_base + panel_k + step, 16, 1024), kk > 0 ? 1 : 0);
   }
   wgmma_commit();
 }
 
 // P (64 x kKeys, fp32 in the S accumulator layout) packed to bf16 pairs: wgmma's A fragments of
 // the four k16 steps of O += P V.
-template <int kKeys>
-__device__ __forceinline__ void pack_probabilities(uint32_t (&p)[kKeys / 4],
-                                                   const float (&s)[kKeys / 2]) {
+__device__ __forceinline__ void pack_probabilities(uint32_t (&p)[16], const float (&s)[32]) {
 #pragma unroll
-  for (int i = 0; i < kKeys / 4; ++i) p[i] = pack_bf16(s[2 * i], s[2 * i + 1]);
+  for (int i = 0; i < 16; ++i) p[i] = pack_bf16(s[2 * i], s[2 * i + 1]);
 }
 
 // Keeps the compiler from moving reads or writes of x across this point, nor reusing its register
@@ -231,9 +188,7 @@ __device__ __forceinline__ void fence_operand(float& x) {
 }
 
 // O += P V of one stage, issued (not waited for); p must stay untouched until it completes.
-template <int kKeys>
-__device__ __forceinline__ void issue_values(float (&o)[64], uint32_t (&p)[kKeys / 4],
-                                             uint32_t v_base) {
+__device__ __forceinline__ void issue_values(float (&o)[64], uint32_t (&p)[16], uint32_t v_base) {
   wgmma_fence();
 #pragma unroll
   for (int j = 0; j < kKeys / 16; ++j) {
@@ -247,12 +202,11 @@ __device__ __forceinline__ void issue_values(float (&o)[64], uint32_t (&p)[kKeys
 
 #endif
 
-template <int kConsumers, int kKeys>
-__global__ void __launch_bounds__(HopperConfig<kConsumers, kKeys>::kThreads, 1)
+template <int kConsumers>
+__global__ void __launch_bounds__(HopperConfig<kConsumers>::kThreads, 1)
     block_sparse_attention_sm90_kernel(const __grid_constant__ HopperArgs args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Cfg = HopperConfig<kConsumers, kKeys>;
-  constexpr int kStages = Cfg::kStages;
+  using Cfg = HopperConfig<kConsumers>;
   constexpr int kKeyTiles = kKeys / 8;  // n8 blocks of S
   constexpr int kDimTiles = kHeadDim / 8;
   const BlockSparseLaunch& a = args.a;
@@ -282,12 +236,9 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers, kKeys>::kThreads, 1)
   }
   __syncthreads();
 
-  if (warp >= 4 * kConsumers) {
+  if (warp == 4 * kConsumers) {
     // The producer: Q once, then every key tile of the walk into the ring.
-    if constexpr (Cfg::kRebalance) {
-      asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Cfg::kProducerRegisters));
-    }
-    if (warp == 4 * kConsumers && lane == 0) {
+    if (lane == 0) {
       mbarrier_arrive_expect_tx(q_full, Cfg::kQBytes);
       for (int p = 0; p < kHeadDim / kPanel; ++p) {
         tma_load(q_tile + p * Cfg::kRows * kRowBytes, &args.q_map, head * kHeadDim + p * kPanel,
@@ -313,9 +264,6 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers, kKeys>::kThreads, 1)
   }
 
   // A consumer warpgroup: rows [wg_row0, wg_row0 + 64), 16 per warp.
-  if constexpr (Cfg::kRebalance) {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Cfg::kConsumerRegisters));
-  }
   const int warpgroup = warp / 4, g = lane / 4, t = lane % 4;
   const int64_t wg_row0 = row0 + 64 * warpgroup;
   const int64_t warp_row0 = wg_row0 + 16 * (warp % 4);
@@ -337,15 +285,15 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers, kKeys>::kThreads, 1)
   for (int i = 0; i < 4 * kDimTiles; ++i) o[i] = 0.0f;
   mbarrier_wait(q_full, 0);
 
-  float s[kKeys / 2];
-  uint32_t p[kKeys / 4];
+  float s[32];
+  uint32_t p[16];
   const auto fence_operands = [&] {
 #pragma unroll
-    for (int j = 0; j < kKeys / 4; ++j) fence_operand(p[j]);
+    for (int j = 0; j < 16; ++j) fence_operand(p[j]);
 #pragma unroll
     for (int j = 0; j < 4 * kDimTiles; ++j) fence_operand(o[j]);
 #pragma unroll
-    for (int j = 0; j < kKeys / 2; ++j) fence_operand(s[j]);
+    for (int j = 0; j < 32; ++j) fence_operand(s[j]);
   };
   // Masks s (scale_log2 * S of the tile at c), turns it into P = 2^(x - running max) and updates
   // the running max and sum; correction gets the factor by which O must shrink.
@@ -399,12 +347,12 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers, kKeys>::kThreads, 1)
       o[4 * n + 2] *= correction[1];
       o[4 * n + 3] *= correction[1];
     }
-    pack_probabilities<kKeys>(p, s);
+    pack_probabilities(p, s);
     fence_operands();  // final before the next wgmmas start
   };
   const auto fence_scores = [&] {
 #pragma unroll
-    for (int j = 0; j < kKeys / 2; ++j) fence_operand(s[j]);
+    for (int j = 0; j < 32; ++j) fence_operand(s[j]);
   };
 
   // Tiles before the first one these rows see are handed straight back.
@@ -419,7 +367,7 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers, kKeys>::kThreads, 1)
     // The first tile: S alone.
     int previous_stage = i % kStages;
     float correction[2];
-    issue_scores<Cfg::kRows, kKeys>(s, q_base, k_address(previous_stage));
+    issue_scores<Cfg::kRows>(s, q_base, k_address(previous_stage));
     wgmma_wait<0>();
     fence_scores();
     softmax(cur, correction);
@@ -438,8 +386,8 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers, kKeys>::kThreads, 1)
         release(stage);
         continue;
       }
-      issue_scores<Cfg::kRows, kKeys>(s, q_base, k_address(stage));
-      issue_values<kKeys>(o, p, k_address(previous_stage) + Cfg::kTileBytes);
+      issue_scores<Cfg::kRows>(s, q_base, k_address(stage));
+      issue_values(o, p, k_address(previous_stage) + Cfg::kTileBytes);
       wgmma_wait<1>();
       fence_scores();  // only S is final here: O and P belong to the P V in flight
       softmax(cur, correction);
@@ -449,7 +397,7 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers, kKeys>::kThreads, 1)
       rescale_and_pack(correction);
       previous_stage = stage;
     }
-    issue_values<kKeys>(o, p, k_address(previous_stage) + Cfg::kTileBytes);
+    issue_values(o, p, k_address(previous_stage) + Cfg::kTileBytes);
     wgmma_wait<0>();
     fence_operands();
     release(previous_stage);
@@ -512,14 +460,14 @@ CUtensorMap tensor_map(const bf16* base, int64_t rows, int64_t columns, int box_
   return map;
 }
 
-template <int kConsumers, int kKeys>
+template <int kConsumers>
 void launch(const BlockSparseLaunch& a, cudaStream_t stream) {
-  using Cfg = HopperConfig<kConsumers, kKeys>;
+  using Cfg = HopperConfig<kConsumers>;
   const HopperArgs args{a,
                         tensor_map(a.q, a.seq_len, int64_t{a.num_q_heads} * kHeadDim, Cfg::kRows),
                         tensor_map(a.k, a.seq_len, int64_t{a.num_kv_heads} * kHeadDim, kKeys),
                         tensor_map(a.v, a.seq_len, int64_t{a.num_kv_heads} * kHeadDim, kKeys)};
-  const auto kernel = block_sparse_attention_sm90_kernel<kConsumers, kKeys>;
+  const auto kernel = block_sparse_attention_sm90_kernel<kConsumers>;
   MF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(Cfg::kSmemBytes)));
   const dim3 grid(static_cast<unsigned>(ceil_div(a.seq_len, Cfg::kRows)),
@@ -537,12 +485,12 @@ bool hopper_block_sparse_attention_runs(const BlockSparseLaunch& args, int devic
 }
 
 void launch_hopper_block_sparse_attention(const BlockSparseLaunch& args, cudaStream_t stream) {
-  // Two consumer warpgroups (128 query rows sharing each K/V tile) and key tiles of 128 where
-  // the block size allows, else one warpgroup and tiles of 64.
+  // Two consumer warpgroups (128 query rows sharing each K/V tile) where the block size allows,
+  // else one.
   if (args.block_size % 128 == 0) {
-    launch<2, 128>(args, stream);
+    launch<2>(args, stream);
   } else {
-    launch<1, 64>(args, stream);
+    launch<1>(args, stream);
   }
 }
 
