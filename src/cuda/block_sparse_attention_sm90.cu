@@ -8,9 +8,9 @@
 // memory (K-major); P = exp(S - max) goes to bf16 registers as wgmma's A fragment, and O += P V is
 // wgmma m64n128k16 with V read MN-major (transposed by the hardware). Within a warpgroup a tile's
 // softmax runs while the tensor cores do the previous tile's P V (FlashAttention-3's intra-
-// warpgroup overlap), and the two warpgroups take turns issuing their products (pingpong), so
-// one's softmax also overlaps the other's MMAs. The online softmax is the tensor-core kernel's
-// (block_sparse_attention_tc.cu), on the same accumulator layout. Not yet: GQA-shared K/V tiles.
+// warpgroup overlap), and the two warpgroups run unsynchronised, so one's softmax also overlaps the
+// other's MMAs. The online softmax is the tensor-core kernel's (block_sparse_attention_tc.cu), on
+// the same accumulator layout. Not yet: GQA-shared K/V tiles.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
@@ -99,14 +99,6 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
         : "r"(smem_address(bar)), "r"(parity)
         : "memory");
   } while (done == 0);
-}
-
-// Named barrier `id` of `count` threads: sync arrives and waits, arrive only arrives.
-__device__ __forceinline__ void named_barrier_sync(int id, int count) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-__device__ __forceinline__ void named_barrier_arrive(int id, int count) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 
 // One TMA box (column c0, row c1 of the map's tensor) into shared memory at dst; its bytes count
@@ -283,6 +275,9 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers>::kThreads, 1)
     __syncwarp();
     if (lane == 0) mbarrier_arrive(&empty[stage]);
   };
+  // Whether this warpgroup has rows that see a key of the tile at t0 (causal; the walk already
+  // skips the tiles no row of the CTA sees).
+  const auto computes = [&](const TileCursor& c) { return c.t0 <= wg_row0 + 63; };
 
   float o[4 * kDimTiles];
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};  // rows g and g + 8
@@ -360,29 +355,19 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers>::kThreads, 1)
     for (int j = 0; j < 32; ++j) fence_operand(s[j]);
   };
 
-  // Pingpong (FlashAttention-3): two consumer warpgroups take turns issuing their wgmmas (named
-  // barriers 1 and 2: each waits for its turn and then hands the turn over), so one's softmax
-  // runs while the tensor cores do the other's products. Both therefore walk the same tiles: the
-  // first warpgroup also multiplies the one tile whose keys all follow its rows (fully masked).
-  const auto my_turn = [&] {
-    if constexpr (kConsumers == 2) named_barrier_sync(1 + warpgroup, 256);
-  };
-  const auto your_turn = [&] {
-    if constexpr (kConsumers == 2) named_barrier_arrive(2 - warpgroup, 256);
-  };
-  if constexpr (kConsumers == 2) {
-    if (warpgroup == 1) named_barrier_arrive(1, 256);  // the first warpgroup goes first
-  }
-
+  // Tiles before the first one these rows see are handed straight back.
   TileCursor cur = walk.first(walk.begin);
+  int i = 0;
+  for (; cur.e < walk.end; cur = walk.next(cur), ++i) {
+    mbarrier_wait(&full[i % kStages], (i / kStages) & 1);
+    if (computes(cur)) break;
+    release(i % kStages);
+  }
   if (cur.e < walk.end) {
     // The first tile: S alone.
-    int i = 0, previous_stage = 0;
+    int previous_stage = i % kStages;
     float correction[2];
-    mbarrier_wait(&full[0], 0);
-    my_turn();
-    issue_scores<Cfg::kRows>(s, q_base, k_address(0));
-    your_turn();
+    issue_scores<Cfg::kRows>(s, q_base, k_address(previous_stage));
     wgmma_wait<0>();
     fence_scores();
     softmax(cur, correction);
@@ -394,10 +379,15 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers>::kThreads, 1)
     for (; cur.e < walk.end; cur = walk.next(cur), ++i) {
       const int stage = i % kStages;
       mbarrier_wait(&full[stage], (i / kStages) & 1);
-      my_turn();
+      if (!computes(cur)) {
+        // No key of the tile is visible to these rows. Such tiles hold keys (wg_row0 + 63,
+        // row0 + kRows), so there is at most one per row: holding previous_stage meanwhile
+        // cannot starve the producer of a stage.
+        release(stage);
+        continue;
+      }
       issue_scores<Cfg::kRows>(s, q_base, k_address(stage));
       issue_values(o, p, k_address(previous_stage) + Cfg::kTileBytes);
-      your_turn();
       wgmma_wait<1>();
       fence_scores();  // only S is final here: O and P belong to the P V in flight
       softmax(cur, correction);
@@ -407,9 +397,7 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers>::kThreads, 1)
       rescale_and_pack(correction);
       previous_stage = stage;
     }
-    my_turn();
     issue_values(o, p, k_address(previous_stage) + Cfg::kTileBytes);
-    your_turn();
     wgmma_wait<0>();
     fence_operands();
     release(previous_stage);
