@@ -83,8 +83,7 @@ __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_address(bar)) : "memory");
 }
 __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(
-                   smem_address(bar)),
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_address(bar)),
                "r"(bytes)
                : "memory");
 }
@@ -114,8 +113,8 @@ __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int 
 
 // d (64 x 64 fp32 per warpgroup) = A (64 x 16, shared memory, K-major) * B (16 x 64, shared
 // memory, K-major) + (accumulate ? d : 0): wgmma m64n64k16 bf16.
-__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t a_desc,
-                                                   uint64_t b_desc, int accumulate) {
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t a_desc, uint64_t b_desc,
+                                                   int accumulate) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, "
@@ -195,7 +194,8 @@ __device__ __forceinline__ void issue_values(float (&o)[64], uint32_t (&p)[16], 
     const uint32_t pa[4] = {p[4 * j], p[4 * j + 1], p[4 * j + 2], p[4 * j + 3]};
     // Keys 16 j .. 16 j + 15: two 8-row groups of every panel of V; the panels (64 dims each) are
     // kKeys rows apart.
-    wgmma_m64n128k16_rs(o, pa, make_descriptor(v_base + j * 16 * kRowBytes, kKeys * kRowBytes, 1024));
+    wgmma_m64n128k16_rs(o, pa,
+                        make_descriptor(v_base + j * 16 * kRowBytes, kKeys * kRowBytes, 1024));
   }
   wgmma_commit();
 }
@@ -214,8 +214,8 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers>::kThreads, 1)
   unsigned char* q_tile = smem;                   // [kRows] rows, swizzled panels
   unsigned char* kv_tiles = smem + Cfg::kQBytes;  // [kStages][K, V] tiles of kKeys rows
   uint64_t* q_full = reinterpret_cast<uint64_t*>(kv_tiles + 2 * kStages * Cfg::kTileBytes);
-  uint64_t* full = q_full + 1;        // [kStages]
-  uint64_t* empty = full + kStages;   // [kStages]
+  uint64_t* full = q_full + 1;       // [kStages]
+  uint64_t* empty = full + kStages;  // [kStages]
 
   const int head = static_cast<int>(blockIdx.y);
   const int kv_head = head / (a.num_q_heads / a.num_kv_heads);
@@ -297,7 +297,7 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers>::kThreads, 1)
   };
   // Masks s (scale_log2 * S of the tile at c), turns it into P = 2^(x - running max) and updates
   // the running max and sum; correction gets the factor by which O must shrink.
-  const auto softmax = [&](const TileCursor& c, float (&correction)[2]) {
+  const auto softmax = [&](const TileCursor& c, float(&correction)[2]) {
     const int64_t key_end = walk.block_end(c.e);
     const int key_shift = static_cast<int>(c.t0 - warp_row0);
     const int key_limit = static_cast<int>(min(key_end - c.t0, int64_t{kKeys}));
@@ -339,7 +339,7 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers>::kThreads, 1)
     }
   };
   // O shrinks by the correction (no P V in flight), and P goes to bf16 for the next P V.
-  const auto rescale_and_pack = [&](const float (&correction)[2]) {
+  const auto rescale_and_pack = [&](const float(&correction)[2]) {
 #pragma unroll
     for (int n = 0; n < kDimTiles; ++n) {
       o[4 * n] *= correction[0];

@@ -209,7 +209,8 @@ void run_prefill_bench(const PrefillBenchOptions& options,
       entry["layout_density"] = layout_density;
       if (entry.contains("layout_ms") && entry.contains("dense_ours_ms")) {
         entry["layout_block_cost_over_dense_ours"] =
-            entry["layout_ms"].get<double>() / (layout_density * entry["dense_ours_ms"].get<double>());
+            entry["layout_ms"].get<double>() /
+            (layout_density * entry["dense_ours_ms"].get<double>());
       }
     }
 

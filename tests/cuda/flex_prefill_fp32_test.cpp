@@ -28,15 +28,15 @@
 namespace moeforge::cuda {
 namespace {
 
+using testing::expect_equal;
+using testing::to_device;
 using testing::flex::Case;
 using testing::flex::describe;
 using testing::flex::dims_of;
-using testing::expect_equal;
 using testing::flex::head_grid;
 using testing::flex::Inputs;
 using testing::flex::make_inputs;
 using testing::flex::params_of;
-using testing::to_device;
 
 // Block sizes 64 and 128, GQA groups 1 to 4, N not a multiple of the block (and 1024), head_dim 64,
 // 128, 40 (a multiple of 8 but not of the MMA's 16) and 256; N = 20000 spans 20 key splits of the

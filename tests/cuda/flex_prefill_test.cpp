@@ -24,15 +24,15 @@
 namespace moeforge::cuda {
 namespace {
 
+using testing::expect_equal;
+using testing::to_device;
 using testing::flex::Case;
 using testing::flex::describe;
 using testing::flex::dims_of;
-using testing::expect_equal;
 using testing::flex::head_grid;
 using testing::flex::Inputs;
 using testing::flex::make_inputs;
 using testing::flex::params_of;
-using testing::to_device;
 
 // N not a multiple of the block size except 1024; GQA groups 1, 2, 3, 4 and 8; head dims 64 and
 // 128; block sizes 64 and 128. No N with (N + 1) % 128 == 0: with gamma = 1 the step-2 coverage
