@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Independent Hugging Face oracle for moeforge: checks, for every supported architecture, that
 a transformers checkpoint runs in moeforge (HF -> moeforge) and that a moeforge checkpoint loads in
-transformers (moeforge -> HF), comparing fp32 logits and the next-token CE loss both ways.
+transformers (moeforge -> HF), comparing fp32 logits and the next-token CE loss both ways, and for
+MoE models the routing of every token in every MoE layer (only near-ties may differ; the logits are
+compared where no routing difference reaches).
 
 Usage: python3 scripts/hf_oracle.py --moeforge build/moeforge [--device cpu|cuda] [--out r.json]
 Exit code: 0 all checks pass, 1 some check failed, 2 torch/transformers/safetensors/numpy missing.
@@ -146,6 +148,14 @@ def hf_bf16_noise(model, tokens, device, theirs, result):
         result["routed_tokens"] = int(sum(a.shape[0] for a in fp32_sets))
 
 
+def routing_of(model, tokens, device, moeforge_routers):
+    """compare's routing argument for an MoE model (None for a dense one)."""
+    k = getattr(model.config, "num_experts_per_tok", None)
+    if not k or not moeforge_routers:
+        return None
+    return moeforge_routers, router_logits(model, tokens, device), k
+
+
 def run_cli(args):
     proc = subprocess.run(args, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -156,14 +166,59 @@ def run_cli(args):
 
 
 def moeforge_forward(exe, model_dir, tokens, work):
-    """(logits [batch, seq, vocab], ce_loss) from `moeforge forward`."""
+    """(logits [batch, seq, vocab], ce_loss, the MoE layers' router logits [batch * seq, experts]
+    in layer order) from `moeforge forward`."""
     tokens_json, out = work / "tokens.json", work / "logits.safetensors"
     tokens_json.write_text(json.dumps(tokens.tolist()))
     out.unlink(missing_ok=True)
     run_cli([exe, "forward", "--model", model_dir, "--tokens", tokens_json, "--out", out,
-             "--device", MOEFORGE_DEVICE])
+             "--device", MOEFORGE_DEVICE, "--router-logits"])
     with safe_open(str(out), framework="np") as f:
-        return f.get_tensor("logits"), float(f.metadata()["ce_loss"])
+        routers = sorted((int(name.split(".")[1]), f.get_tensor(name)) for name in f.keys()
+                         if name.startswith("router_logits."))
+        return (f.get_tensor("logits"), float(f.metadata()["ce_loss"]),
+                [values for _, values in routers])
+
+
+def compare_routing(result, ours, theirs, k, batch, seq):
+    """moeforge's routing (top-k of its router logits) against transformers' fp32 routing, per MoE
+    layer and token. A token routed differently must either follow an earlier layer's difference
+    in its sequence at that position or before (the hidden states differ from there on), or be a
+    near-tie: its fp32 k-th and (k+1)-th router logits closer than twice the largest router-logit
+    difference between the two over the tokens routed alike with nothing upstream differing.
+    Fills result; returns (the
+    failure reason or None, per sequence the first position whose output a routing difference
+    may change)."""
+    if len(ours) != len(theirs):
+        return f"{len(ours)} MoE layers in moeforge, {len(theirs)} in transformers", None
+    theirs = [t.numpy() for t in theirs]
+    positions = np.arange(batch * seq) % seq
+    first_diff = np.full(batch, seq)  # per sequence: the first position routed differently
+    flips, noise = [], 0.0
+    for mine, ref in zip(ours, theirs):
+        upstream = positions >= np.repeat(first_diff, seq)  # an earlier layer differed there
+        mine_sets = np.sort(np.argsort(-mine, axis=-1, kind="stable")[:, :k], axis=-1)
+        ref_sets = np.sort(np.argsort(-ref, axis=-1, kind="stable")[:, :k], axis=-1)
+        differs = (mine_sets != ref_sets).any(axis=-1)
+        agree = ~upstream & ~differs  # the noise is measured where the routing agrees
+        if agree.any():
+            noise = max(noise, float(np.abs(mine - ref)[agree].max()))
+        ordered = -np.sort(-ref, axis=-1)
+        margins = ordered[:, k - 1] - ordered[:, k]
+        flips.append((differs & ~upstream, margins))
+        for token in np.flatnonzero(differs):
+            b = token // seq
+            first_diff[b] = min(first_diff[b], positions[token])
+    threshold = 2 * noise
+    unexplained = [float(m) for own, margins in flips for m in margins[own] if m > threshold]
+    result["routing_differences"] = int(sum(own.sum() for own, _ in flips))
+    result["routing_noise"] = noise
+    result["routing_difference_margins"] = [float(m) for own, margins in flips
+                                            for m in margins[own]]
+    if unexplained:
+        return (f"{len(unexplained)} token(s) routed differently at fp32 router-logit margins "
+                f"{unexplained} > 2 x the router-logit difference {noise:.3g}"), first_diff
+    return None, first_diff
 
 
 def tensor_shapes(model_dir):
@@ -190,11 +245,22 @@ def expert_tensors(shapes):
     return layout, sample
 
 
-def compare(result, ours, theirs, tokens, moeforge_ce):
-    """Fills max_abs_err / loss errors; returns the failure reason or None."""
+def compare(result, ours, theirs, tokens, moeforge_ce, routing=None):
+    """Fills max_abs_err / loss errors; returns the failure reason or None. routing: (moeforge's
+    router logits, transformers' fp32 ones, k) for MoE models: the logits are then compared at the
+    positions no routing difference reaches (compare_routing), and a difference that is not a
+    near-tie fails."""
     if ours.shape != theirs.shape:
         return f"logits shape {list(ours.shape)} != transformers {list(theirs.shape)}"
-    result["max_abs_err"] = float(np.abs(ours - theirs).max())
+    error = np.abs(ours - theirs)
+    result["max_abs_err"] = float(error.max())
+    if routing is not None:
+        reason, first_diff = compare_routing(result, *routing, *ours.shape[:2])
+        if reason:
+            return reason
+        reached = np.arange(ours.shape[1])[None, :] >= first_diff[:, None]  # [batch, seq]
+        error = np.where(reached[:, :, None], 0.0, error)
+        result["max_abs_err_unrerouted"] = float(error.max())
     result["logit_scale"] = float(np.abs(theirs).max())
     result["ce_transformers"] = cross_entropy(theirs, tokens)
     result["ce_moeforge"] = moeforge_ce
@@ -206,8 +272,9 @@ def compare(result, ours, theirs, tokens, moeforge_ce):
         logit_tol = max(BF16_LOGIT_TOL, 2 * result["hf_bf16_max_abs_err"])
         loss_tol = max(BF16_LOSS_TOL, 2 * result["hf_bf16_ce_err"])
     result["logit_tol"], result["loss_tol"] = logit_tol, loss_tol
-    if result["max_abs_err"] > logit_tol:
-        return f"max abs logit error {result['max_abs_err']:.3g} > {logit_tol}"
+    checked = result.get("max_abs_err_unrerouted", result["max_abs_err"])
+    if checked > logit_tol:
+        return f"max abs logit error {checked:.3g} > {logit_tol}"
     if result["ce_err"] > loss_tol:
         return f"ce_loss error {result['ce_err']:.3g} > {loss_tol}"
     return None
@@ -239,8 +306,8 @@ def hf_to_moeforge(arch, exe, device, work, tokens, result):
     theirs = hf_logits(model, tokens, device)
     if MOEFORGE_DEVICE == "cuda":
         hf_bf16_noise(model, tokens, device, theirs, result)
-    ours, ce = moeforge_forward(exe, model_dir, tokens, work)
-    return compare(result, ours, theirs, tokens, ce)
+    ours, ce, routers = moeforge_forward(exe, model_dir, tokens, work)
+    return compare(result, ours, theirs, tokens, ce, routing_of(model, tokens, device, routers))
 
 
 def config_mismatches(config, fields):
@@ -276,8 +343,8 @@ def moeforge_to_hf(arch, exe, device, work, tokens, result):
     theirs = hf_logits(model, tokens, device)
     if MOEFORGE_DEVICE == "cuda":
         hf_bf16_noise(model, tokens, device, theirs, result)
-    ours, ce = moeforge_forward(exe, model_dir, tokens, work)
-    return compare(result, ours, theirs, tokens, ce)
+    ours, ce, routers = moeforge_forward(exe, model_dir, tokens, work)
+    return compare(result, ours, theirs, tokens, ce, routing_of(model, tokens, device, routers))
 
 
 def main():
@@ -334,6 +401,10 @@ def main():
             report["results"].append(result)
             detail = (f"max_abs_err={result['max_abs_err']:.2e} ce_err={result['ce_err']:.2e}"
                       if "ce_err" in result else "")
+            if "routing_differences" in result:
+                detail += (f" routing differences {result['routing_differences']} (router-logit "
+                           f"difference {result['routing_noise']:.1e}, unrerouted logit error "
+                           f"{result.get('max_abs_err_unrerouted', float('nan')):.2e})")
             if "hf_bf16_max_abs_err" in result:
                 detail += (f" (transformers in bf16: {result['hf_bf16_max_abs_err']:.2e}, routing"
                            f" flips {result.get('hf_bf16_routing_flips', '-')}"

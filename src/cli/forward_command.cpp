@@ -1,5 +1,6 @@
 // `moeforge forward`: one forward pass over given token ids, writing the logits (and the loss) to a
-// safetensors file. Used to compare moeforge with other implementations token by token.
+// safetensors file, with --router-logits also every MoE layer's router logits. Used to compare
+// moeforge with other implementations token by token (scripts/hf_oracle.py).
 #include <fmt/format.h>
 
 #include <fstream>
@@ -51,6 +52,7 @@ std::vector<int32_t> read_tokens(const std::string& path, int64_t* batch, int64_
 void register_forward_command(CLI::App& app) {
   struct Options {
     std::string model, tokens, out, device = "cpu";
+    bool router_logits = false;
   };
   auto opts = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand(
@@ -67,6 +69,10 @@ void register_forward_command(CLI::App& app) {
                   "cpu (fp32 reference) or cuda (bf16 compute; dropless MoE only)")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
+  cmd->add_flag("--router-logits", opts->router_logits,
+                "Also write each MoE layer l's router logits [batch * seq, num_experts] (F32) as "
+                "tensor \"router_logits.l\" (which experts each token went to, for comparisons of "
+                "the routing)");
   cmd->callback([opts] {
     const std::filesystem::path dir = resolve_model_dir(opts->model);
     SelfCommunicator self;
@@ -82,23 +88,42 @@ void register_forward_command(CLI::App& app) {
     }
     LossBreakdown loss;
     std::vector<float> logits;
+    // Per MoE layer (layer index, router logits), with --router-logits.
+    std::vector<std::pair<int64_t, std::vector<float>>> routers;
+    const auto keep_routers = [&](const auto& engine) {
+      if (!opts->router_logits) return;
+      for (int64_t l = 0; l < config.num_layers; ++l) {
+        if (!config.layer_is_moe(l)) continue;
+        const auto& values = engine.router_logits(l);
+        routers.emplace_back(l, std::vector<float>(values.begin(), values.end()));
+      }
+    };
     if (opts->device == "cuda") {
 #if MOEFORGE_HAVE_CUDA
       cuda::GpuTransformer gpu(config);
       gpu.upload_params(model.params());
       logits = gpu.forward_logits(tokens.data(), targets.data(), batch, seq, &loss);
+      keep_routers(gpu);
 #else
       MF_FAIL("--device cuda: moeforge was built without CUDA (configure with -DMOEFORGE_CUDA=ON)");
 #endif
     } else {
       loss = model.forward(tokens.data(), targets.data(), batch, seq);
       logits = model.logits();
+      keep_routers(model);
     }
-    io::write_safetensors(opts->out,
-                          {io::TensorView{"logits",
-                                          io::DType::kF32,
-                                          {batch, seq, config.vocab_size},
-                                          std::as_bytes(std::span(logits.data(), logits.size()))}},
+    std::vector<io::TensorView> tensors{
+        io::TensorView{"logits",
+                       io::DType::kF32,
+                       {batch, seq, config.vocab_size},
+                       std::as_bytes(std::span(logits.data(), logits.size()))}};
+    for (const auto& [l, values] : routers) {
+      tensors.push_back(io::TensorView{fmt::format("router_logits.{}", l),
+                                       io::DType::kF32,
+                                       {batch * seq, config.num_experts},
+                                       std::as_bytes(std::span(values.data(), values.size()))});
+    }
+    io::write_safetensors(opts->out, tensors,
                           {{"ce_loss", fmt::format("{:.9g}", loss.ce_loss)},
                            {"loss", fmt::format("{:.9g}", loss.loss)}});
     fmt::print("{}\n", nlohmann::json({{"out", opts->out},

@@ -30,8 +30,7 @@ namespace {
 constexpr int kHeadDim = 128;
 constexpr int kKeys = 64;  // keys per pipeline stage (the N of S = Q K^T)
 constexpr int kStages = 4;
-constexpr int kPanel = 64;      // elements of a 128-byte swizzled row: one TMA box's width
-constexpr int kRowBytes = 128;  // one swizzled row of a panel
+constexpr int kPanel = 64;  // elements of a 128-byte swizzled row: one TMA box's width
 
 template <int kConsumers>
 struct HopperConfig {
@@ -52,6 +51,7 @@ struct HopperArgs {
 };
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+constexpr int kRowBytes = 128;  // one swizzled row of a panel
 
 // A wgmma shared-memory matrix descriptor with the 128-byte swizzle: start address, leading and
 // stride byte offsets (all in 16-byte units).

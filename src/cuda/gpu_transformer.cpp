@@ -849,6 +849,16 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
   return out;
 }
 
+std::vector<float> GpuTransformer::router_logits(int64_t l) const {
+  MF_CHECK(l >= 0 && l < config_.num_layers && config_.layer_is_moe(l),
+           "layer {} is not an MoE layer of this model", l);
+  MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  std::vector<float> out = layers_[static_cast<size_t>(l)].router_logits.download();
+  MF_CHECK(static_cast<int64_t>(out.size()) >= n_ * config_.num_experts, "no forward has run yet");
+  out.resize(static_cast<size_t>(n_ * config_.num_experts));
+  return out;
+}
+
 std::vector<float> GpuTransformer::forward_logits(const int32_t* tokens, const int32_t* targets,
                                                   int64_t batch, int64_t seq, LossBreakdown* loss) {
   std::vector<float> logits(static_cast<size_t>(batch * seq * config_.vocab_size));

@@ -91,6 +91,9 @@ class GpuTransformer {
   // the loss of the given targets in *loss.
   std::vector<float> forward_logits(const int32_t* tokens, const int32_t* targets, int64_t batch,
                                     int64_t seq, LossBreakdown* loss);
+  // Router logits [batch * seq, num_experts] of layer l (an MoE layer) in the last forward, as its
+  // top-k saw them (fp32 out of the bf16 router GEMM).
+  std::vector<float> router_logits(int64_t l) const;
 
   PhaseTimer& timer() { return timer_; }
 

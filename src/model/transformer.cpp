@@ -729,6 +729,13 @@ void Transformer<T>::forward_incremental(const int32_t* tokens, int64_t num_new,
 }
 
 template <typename T>
+const std::vector<T>& Transformer<T>::router_logits(int64_t l) const {
+  MF_CHECK(l >= 0 && l < config_.num_layers && config_.layer_is_moe(l),
+           "layer {} is not an MoE layer of this model", l);
+  return acts_[static_cast<size_t>(l)].moe.logits;
+}
+
+template <typename T>
 const std::vector<T>& Transformer<T>::last_queries(int64_t l) const {
   MF_CHECK(l >= 0 && l < config_.num_layers, "layer {} is outside [0, {})", l, config_.num_layers);
   return acts_[static_cast<size_t>(l)].q;

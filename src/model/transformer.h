@@ -102,6 +102,9 @@ class Transformer {
   void backward(double dloss);
   // Per MoE layer statistics of the last forward (index = position among MoE layers).
   const std::vector<MoeFfnStats>& moe_stats() const { return moe_stats_; }
+  // Router logits [routed tokens, num_experts] of layer l (an MoE layer) in the last forward: on
+  // one rank every token of the batch in order (under parallelism MoeFfnSaved's routed tokens).
+  const std::vector<T>& router_logits(int64_t l) const;
 
   // Runs num_new tokens (batch 1) at positions cache.length.., appends their keys and values to
   // the cache, and writes the logits of the last of them to last_logits [vocab]. Single rank only.

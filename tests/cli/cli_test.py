@@ -2,19 +2,22 @@
 """End-to-end tests of the moeforge command line (run by ctest with the binary's path).
 
 Covers: --help of every command, init -> inspect -> generate (on the CPU, and on a GPU where there
-is one), data prepare -> train -> eval -> resume, clear errors on bad input, and data parallelism under mpirun (2 ranks equal 1 rank with
+is one), forward (logits, loss, router logits), data prepare -> train -> eval -> resume, clear errors on bad input, and data parallelism under mpirun (2 ranks equal 1 rank with
 twice the gradient accumulation, to fp32 rounding), with sequence + expert or tensor parallel
 groups."""
 import json
+import math
 import os
 import random
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
 import unittest
 
 MOEFORGE = None
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TINY_MODEL = {
     "architectures": ["MixtralForCausalLM"], "vocab_size": 258, "hidden_size": 16,
@@ -121,6 +124,44 @@ class CliTest(unittest.TestCase):
         run(args)
         shutil.copy(os.path.join(self.data, "moeforge_tokenizer.json"), out)
         return out
+
+    def test_forward_writes_logits_loss_and_router_logits(self):
+        """`moeforge forward`: the logits it writes give the loss it reports, and --router-logits
+        adds the router logits of exactly the MoE layers (Qwen3-MoE with layer 0 dense), one row
+        per token; a dense model writes none."""
+        tokens_json = os.path.join(self.tmp, "forward-tokens.json")
+        tokens = [[5, 9, 2, 7, 7, 1, 40], [3, 3, 8, 0, 4, 6, 200]]
+        with open(tokens_json, "w") as f:
+            json.dump(tokens, f)
+        for config, moe_layers in (("tiny-qwen3-moe.json", [1, 2]), ("tiny-llama.json", [])):
+            model = os.path.join(self.tmp, "forward-" + config)
+            run([MOEFORGE, "init", "--config", os.path.join(REPO, "configs", "models", config),
+                 "--out", model, "--seed", "4", "--init-std", "0.2"])
+            out = os.path.join(self.tmp, "forward-" + config + ".safetensors")
+            run([MOEFORGE, "forward", "--model", model, "--tokens", tokens_json, "--out", out,
+                 "--router-logits"])
+            tensors, metadata = read_safetensors(out)
+            shape, logits = tensors["logits"]
+            vocab = shape[2]
+            self.assertEqual(shape, [2, 7, vocab])
+            ce = []
+            for b, row_tokens in enumerate(tokens):
+                for t in range(len(row_tokens) - 1):
+                    row = logits[(b * 7 + t) * vocab:(b * 7 + t + 1) * vocab]
+                    top = max(row)
+                    lse = top + math.log(sum(math.exp(x - top) for x in row))
+                    ce.append(lse - row[row_tokens[t + 1]])
+            self.assertAlmostEqual(sum(ce) / len(ce), float(metadata["ce_loss"]), delta=1e-5)
+            routers = sorted(name for name in tensors if name.startswith("router_logits."))
+            self.assertEqual(routers, [f"router_logits.{l}" for l in moe_layers])
+            for name in routers:
+                shape, values = tensors[name]
+                self.assertEqual(shape, [14, 8])
+                # Distinct tokens route differently: the rows are not copies of one another.
+                self.assertGreater(len({tuple(values[i * 8:(i + 1) * 8]) for i in range(14)}), 10)
+            # The two MoE layers have their own routers.
+            if moe_layers:
+                self.assertNotEqual(tensors["router_logits.1"][1], tensors["router_logits.2"][1])
 
     def test_every_command_has_help(self):
         for cmd in (["train"], ["eval"], ["generate"], ["init"], ["inspect"], ["data"], ["data", "prepare"],
@@ -688,22 +729,39 @@ class CliTest(unittest.TestCase):
         self.assertIn("hand-tasks.jsonl:1: field 'task'", proc.stderr)
 
 
-def rewrite_safetensors(path, edit):
-    """Calls edit(name, shape, values) for every tensor of a float32 .safetensors file (values: a
-    flat list of floats that edit may change in place) and writes the file back."""
-    import struct
-    with open(path, "rb") as f:
-        blob = f.read()
+def parse_safetensors(blob):
+    """(header length, header, {name: (shape, flat list of floats)}) of a float32 .safetensors
+    file's bytes."""
     (header_len,) = struct.unpack("<Q", blob[:8])
     header = json.loads(blob[8:8 + header_len])
-    data = bytearray(blob[8 + header_len:])
+    tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         assert info["dtype"] == "F32", (name, info["dtype"])
         begin, end = info["data_offsets"]
-        values = list(struct.unpack(f"<{(end - begin) // 4}f", data[begin:end]))
-        edit(name, info["shape"], values)
+        data = blob[8 + header_len + begin:8 + header_len + end]
+        tensors[name] = (info["shape"], list(struct.unpack(f"<{(end - begin) // 4}f", data)))
+    return header_len, header, tensors
+
+
+def read_safetensors(path):
+    """({name: (shape, flat list of floats)}, metadata) of a float32 .safetensors file."""
+    with open(path, "rb") as f:
+        _, header, tensors = parse_safetensors(f.read())
+    return tensors, header.get("__metadata__", {})
+
+
+def rewrite_safetensors(path, edit):
+    """Calls edit(name, shape, values) for every tensor of a float32 .safetensors file (values: a
+    flat list of floats that edit may change in place) and writes the file back."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    header_len, header, tensors = parse_safetensors(blob)
+    data = bytearray(blob[8 + header_len:])
+    for name, (shape, values) in tensors.items():
+        edit(name, shape, values)
+        begin, end = header[name]["data_offsets"]
         data[begin:end] = struct.pack(f"<{len(values)}f", *values)
     with open(path, "wb") as f:
         f.write(blob[:8 + header_len] + bytes(data))
