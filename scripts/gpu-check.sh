@@ -127,13 +127,14 @@ for stage in "${stages[@]}"; do
       ;;
     profile)
       ncu_metric=(ncu --clock-control none --metrics gpu__time_duration.sum --csv)
-      if [[ " ${PROFILE_PARTS:-train prefill} " == *" train "* ]]; then
+      parts=" ${PROFILE_PARTS:-train prefill} "
+      if [[ "$parts" == *" train "* ]]; then
         "${ncu_metric[@]}" build-gpu/moeforge bench train --config configs/bench/moe-1.8b-a0.4b.json \
           --steps 1 --warmup 1 --recompute none > "$OUT/ncu_train.csv" 2> "$OUT/ncu_train.log" || rc=1
         python3 scripts/ncu_kernel_times.py "$OUT/ncu_train.csv" --split-on embedding_forward_kernel \
           | tee "$OUT/ncu_train.txt" || rc=1
       fi
-      if [[ " ${PROFILE_PARTS:-train prefill} " == *" prefill "* ]]; then
+      if [[ "$parts" == *" prefill "* ]]; then
         "${ncu_metric[@]}" build-gpu/moeforge bench prefill --seq "${PROFILE_SEQ:-32768}" --repeats 1 \
           > "$OUT/ncu_prefill.csv" 2> "$OUT/ncu_prefill.log" || rc=1
         python3 scripts/ncu_kernel_times.py "$OUT/ncu_prefill.csv" | tee "$OUT/ncu_prefill.txt" || rc=1

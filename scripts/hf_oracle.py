@@ -107,53 +107,53 @@ def hf_logits(model, tokens, device):
 
 
 def router_logits(model, tokens, device):
-    """Per MoE layer, the router logits [tokens, experts] in fp32 (None when the model reports
-    none)."""
+    """Per MoE layer, the router logits [tokens, experts] as fp32 numpy arrays (None when the
+    model reports none)."""
     with torch.no_grad():
         out = model(input_ids=tokens.to(device), output_router_logits=True)
     logits = getattr(out, "router_logits", None)
-    return [l.float().cpu() for l in logits] if logits else None
+    return [l.float().cpu().numpy() for l in logits] if logits else None
 
 
-def top_k_sets(logits, k):
-    """Each token's set of routed experts, per layer."""
-    return [torch.topk(l, k, dim=-1).indices.sort(dim=-1).values for l in logits]
+def top_k_set(logits, k):
+    """Each token's set of routed experts (ascending ids) from one layer's router logits."""
+    return np.sort(np.argsort(-logits, axis=-1, kind="stable")[:, :k], axis=-1)
 
 
-def min_routing_margin(logits, k):
-    """The smallest gap, over layers and tokens, between the k-th and the (k+1)-th router logit:
-    how close the nearest routing tie is."""
-    return min(float((s[:, k - 1] - s[:, k]).min())
-               for s in (torch.sort(l, dim=-1, descending=True).values for l in logits))
+def routing_margins(logits, k):
+    """Each token's gap between its k-th and (k+1)-th router logit: how close it is to a tie."""
+    ordered = -np.sort(-logits, axis=-1)
+    return ordered[:, k - 1] - ordered[:, k]
 
 
-def hf_bf16_noise(model, tokens, device, theirs, result):
+def hf_bf16_noise(model, tokens, device, theirs, fp32_routers, result):
     """transformers' own bf16 error: the same model run in bf16 against its fp32 logits, and for
     MoE models the number of (layer, token) routings bf16 changes. The bf16 tolerances are derived
     from it (style rule 5): moeforge's bf16 backend may differ from fp32 by as much as another
-    bf16 implementation does, twice over."""
+    bf16 implementation does, twice over. fp32_routers: the model's router logits (None for a
+    dense model)."""
     k = getattr(model.config, "num_experts_per_tok", None)
-    fp32_logits = router_logits(model, tokens, device) if k else None
     model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
     theirs_bf16 = hf_logits(model_bf16, tokens, device)
     result["hf_bf16_max_abs_err"] = float(np.abs(theirs_bf16 - theirs).max())
     result["hf_bf16_ce_err"] = abs(cross_entropy(theirs_bf16, tokens)
                                    - cross_entropy(theirs, tokens))
-    if fp32_logits is not None and k < fp32_logits[0].shape[-1]:
-        result["min_routing_margin"] = min_routing_margin(fp32_logits, k)
-        fp32_sets = top_k_sets(fp32_logits, k)
-        bf16_sets = top_k_sets(router_logits(model_bf16, tokens, device), k)
+    if fp32_routers is not None and k < fp32_routers[0].shape[-1]:
+        result["min_routing_margin"] = float(min(routing_margins(l, k).min()
+                                                 for l in fp32_routers))
+        bf16_routers = router_logits(model_bf16, tokens, device)
         result["hf_bf16_routing_flips"] = int(sum(
-            (a != b).any(dim=-1).sum().item() for a, b in zip(fp32_sets, bf16_sets)))
-        result["routed_tokens"] = int(sum(a.shape[0] for a in fp32_sets))
+            (top_k_set(a, k) != top_k_set(b, k)).any(axis=-1).sum()
+            for a, b in zip(fp32_routers, bf16_routers)))
+        result["routed_tokens"] = int(sum(l.shape[0] for l in fp32_routers))
 
 
-def routing_of(model, tokens, device, moeforge_routers):
+def routing_of(model, moeforge_routers, fp32_routers):
     """compare's routing argument for an MoE model (None for a dense one)."""
     k = getattr(model.config, "num_experts_per_tok", None)
-    if not k or not moeforge_routers:
+    if not k or not moeforge_routers or fp32_routers is None:
         return None
-    return moeforge_routers, router_logits(model, tokens, device), k
+    return moeforge_routers, fp32_routers, k
 
 
 def run_cli(args):
@@ -191,21 +191,16 @@ def compare_routing(result, ours, theirs, k, batch, seq):
     may change)."""
     if len(ours) != len(theirs):
         return f"{len(ours)} MoE layers in moeforge, {len(theirs)} in transformers", None
-    theirs = [t.numpy() for t in theirs]
     positions = np.arange(batch * seq) % seq
     first_diff = np.full(batch, seq)  # per sequence: the first position routed differently
     flips, noise = [], 0.0
     for mine, ref in zip(ours, theirs):
         upstream = positions >= np.repeat(first_diff, seq)  # an earlier layer differed there
-        mine_sets = np.sort(np.argsort(-mine, axis=-1, kind="stable")[:, :k], axis=-1)
-        ref_sets = np.sort(np.argsort(-ref, axis=-1, kind="stable")[:, :k], axis=-1)
-        differs = (mine_sets != ref_sets).any(axis=-1)
+        differs = (top_k_set(mine, k) != top_k_set(ref, k)).any(axis=-1)
         agree = ~upstream & ~differs  # the noise is measured where the routing agrees
         if agree.any():
             noise = max(noise, float(np.abs(mine - ref)[agree].max()))
-        ordered = -np.sort(-ref, axis=-1)
-        margins = ordered[:, k - 1] - ordered[:, k]
-        flips.append((differs & ~upstream, margins))
+        flips.append((differs & ~upstream, routing_margins(ref, k)))
         for token in np.flatnonzero(differs):
             b = token // seq
             first_diff[b] = min(first_diff[b], positions[token])
@@ -304,10 +299,12 @@ def hf_to_moeforge(arch, exe, device, work, tokens, result):
         except TypeError as err:
             result["layer0_moe_tensors_unreverted"] = f"save_original_format unsupported: {err}"
     theirs = hf_logits(model, tokens, device)
+    fp32_routers = (router_logits(model, tokens, device)
+                    if getattr(model.config, "num_experts_per_tok", None) else None)
     if MOEFORGE_DEVICE == "cuda":
-        hf_bf16_noise(model, tokens, device, theirs, result)
+        hf_bf16_noise(model, tokens, device, theirs, fp32_routers, result)
     ours, ce, routers = moeforge_forward(exe, model_dir, tokens, work)
-    return compare(result, ours, theirs, tokens, ce, routing_of(model, tokens, device, routers))
+    return compare(result, ours, theirs, tokens, ce, routing_of(model, routers, fp32_routers))
 
 
 def config_mismatches(config, fields):
@@ -341,10 +338,12 @@ def moeforge_to_hf(arch, exe, device, work, tokens, result):
     if problems:
         return "; ".join(problems)
     theirs = hf_logits(model, tokens, device)
+    fp32_routers = (router_logits(model, tokens, device)
+                    if getattr(model.config, "num_experts_per_tok", None) else None)
     if MOEFORGE_DEVICE == "cuda":
-        hf_bf16_noise(model, tokens, device, theirs, result)
+        hf_bf16_noise(model, tokens, device, theirs, fp32_routers, result)
     ours, ce, routers = moeforge_forward(exe, model_dir, tokens, work)
-    return compare(result, ours, theirs, tokens, ce, routing_of(model, tokens, device, routers))
+    return compare(result, ours, theirs, tokens, ce, routing_of(model, routers, fp32_routers))
 
 
 def main():

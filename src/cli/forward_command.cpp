@@ -93,9 +93,7 @@ void register_forward_command(CLI::App& app) {
     const auto keep_routers = [&](const auto& engine) {
       if (!opts->router_logits) return;
       for (int64_t l = 0; l < config.num_layers; ++l) {
-        if (!config.layer_is_moe(l)) continue;
-        const auto& values = engine.router_logits(l);
-        routers.emplace_back(l, std::vector<float>(values.begin(), values.end()));
+        if (config.layer_is_moe(l)) routers.emplace_back(l, engine.router_logits(l));
       }
     };
     if (opts->device == "cuda") {
