@@ -2,8 +2,7 @@
 """Independent Hugging Face oracle for moeforge: checks, for every supported architecture, that
 a transformers checkpoint runs in moeforge (HF -> moeforge) and that a moeforge checkpoint loads in
 transformers (moeforge -> HF), comparing fp32 logits and the next-token CE loss both ways, and for
-MoE models the routing of every token in every MoE layer (only near-ties may differ; the logits are
-compared where no routing difference reaches).
+MoE models the routing of every token in every MoE layer (only near-ties may differ).
 
 Usage: python3 scripts/hf_oracle.py --moeforge build/moeforge [--device cpu|cuda] [--out r.json]
 Exit code: 0 all checks pass, 1 some check failed, 2 torch/transformers/safetensors/numpy missing.
@@ -31,9 +30,8 @@ except ImportError as err:
 LOGIT_TOL = 1e-4  # max abs logit error (logits are O(1))
 LOSS_TOL = 1e-4  # abs error of the mean CE loss
 # moeforge on the GPU computes in bf16 (8-bit mantissa, ~2^-9 relative error per rounding, a few
-# dozen roundings deep): logits of magnitude ~1 agree to a few 1e-2.
-# These are floors: each check also allows twice transformers' own bf16-vs-fp32 error on the same
-# model (hf_bf16_noise), which is larger where bf16 flips a near-tie in an MoE router.
+# dozen roundings deep): logits of magnitude ~1 agree to a few 1e-2. Each check also reports, for
+# comparison, transformers' own bf16-vs-fp32 error on the same model (hf_bf16_noise).
 BF16_LOGIT_TOL = 6e-2
 BF16_LOSS_TOL = 1e-2
 BATCH, SEQ = 2, 13
@@ -127,11 +125,10 @@ def routing_margins(logits, k):
 
 
 def hf_bf16_noise(model, tokens, device, theirs, fp32_routers, result):
-    """transformers' own bf16 error: the same model run in bf16 against its fp32 logits, and for
-    MoE models the number of (layer, token) routings bf16 changes. The bf16 tolerances are derived
-    from it (style rule 5): moeforge's bf16 backend may differ from fp32 by as much as another
-    bf16 implementation does, twice over. fp32_routers: the model's router logits (None for a
-    dense model)."""
+    """transformers' own bf16 error, reported beside moeforge's: the same model run in bf16
+    against its fp32 logits, and for MoE models the number of (layer, token) routings bf16 changes
+    and the nearest routing tie. fp32_routers: the model's router logits (None for a dense
+    model)."""
     k = getattr(model.config, "num_experts_per_tok", None)
     model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
     theirs_bf16 = hf_logits(model_bf16, tokens, device)
@@ -242,9 +239,10 @@ def expert_tensors(shapes):
 
 def compare(result, ours, theirs, tokens, moeforge_ce, routing=None):
     """Fills max_abs_err / loss errors; returns the failure reason or None. routing: (moeforge's
-    router logits, transformers' fp32 ones, k) for MoE models: the logits are then compared at the
-    positions no routing difference reaches (compare_routing), and a difference that is not a
-    near-tie fails."""
+    router logits, transformers' fp32 ones, k) for MoE models: a routing difference that is not a
+    near-tie fails (compare_routing), and the largest logit error at the positions no routing
+    difference reaches is reported (max_abs_err_unrerouted) beside the one over all positions,
+    which is what the tolerance checks."""
     if ours.shape != theirs.shape:
         return f"logits shape {list(ours.shape)} != transformers {list(theirs.shape)}"
     error = np.abs(ours - theirs)
@@ -254,22 +252,18 @@ def compare(result, ours, theirs, tokens, moeforge_ce, routing=None):
         if reason:
             return reason
         reached = np.arange(ours.shape[1])[None, :] >= first_diff[:, None]  # [batch, seq]
-        error = np.where(reached[:, :, None], 0.0, error)
-        result["max_abs_err_unrerouted"] = float(error.max())
+        result["max_abs_err_unrerouted"] = float(np.where(reached[:, :, None], 0.0, error).max())
     result["logit_scale"] = float(np.abs(theirs).max())
     result["ce_transformers"] = cross_entropy(theirs, tokens)
     result["ce_moeforge"] = moeforge_ce
     result["ce_err"] = abs(moeforge_ce - result["ce_transformers"])
     if not np.isfinite(ours).all():
         return "moeforge logits are not finite"
-    logit_tol, loss_tol = LOGIT_TOL, LOSS_TOL
-    if MOEFORGE_DEVICE == "cuda":
-        logit_tol = max(BF16_LOGIT_TOL, 2 * result["hf_bf16_max_abs_err"])
-        loss_tol = max(BF16_LOSS_TOL, 2 * result["hf_bf16_ce_err"])
+    logit_tol, loss_tol = (BF16_LOGIT_TOL, BF16_LOSS_TOL) if MOEFORGE_DEVICE == "cuda" else (
+        LOGIT_TOL, LOSS_TOL)
     result["logit_tol"], result["loss_tol"] = logit_tol, loss_tol
-    checked = result.get("max_abs_err_unrerouted", result["max_abs_err"])
-    if checked > logit_tol:
-        return f"max abs logit error {checked:.3g} > {logit_tol}"
+    if result["max_abs_err"] > logit_tol:
+        return f"max abs logit error {result['max_abs_err']:.3g} > {logit_tol}"
     if result["ce_err"] > loss_tol:
         return f"ce_loss error {result['ce_err']:.3g} > {loss_tol}"
     return None
@@ -380,8 +374,8 @@ def main():
     report = {"transformers": transformers.__version__, "torch": torch.__version__,
               "device": args.device, "moeforge_device": MOEFORGE_DEVICE,
               "overrides": FIELD_OVERRIDES,
-              "logit_tol_floor": BF16_LOGIT_TOL if MOEFORGE_DEVICE == "cuda" else LOGIT_TOL,
-              "loss_tol_floor": BF16_LOSS_TOL if MOEFORGE_DEVICE == "cuda" else LOSS_TOL,
+              "logit_tol": BF16_LOGIT_TOL if MOEFORGE_DEVICE == "cuda" else LOGIT_TOL,
+              "loss_tol": BF16_LOSS_TOL if MOEFORGE_DEVICE == "cuda" else LOSS_TOL,
               "results": []}
     for arch in args.arch or list(ARCHS):
         tokens = torch.randint(0, COMMON["vocab_size"], (BATCH, SEQ),

@@ -8,15 +8,13 @@ losses must agree. Then `--resume` of the GPU run continues from its checkpoint.
 The MoE's tolerance is derived from bf16 noise: a second GPU run takes the per-expert cuBLASLt
 GEMMs instead of the grouped ones (MOEFORGE_GROUPED_GEMM=0), a different but equally valid bf16
 implementation, and the two GPU trajectories drift apart as routing near-ties flip. GPU runs of
-one implementation are bitwise reproducible here, so a repeat would measure nothing. The drift is
-chaotic (a flipped near-tie changes what an expert learns), so one gap is a poor estimate of its
-scale: the ratio of two such gaps is heavy-tailed, and a bound of twice the one validation gap
-failed with no defect (docs/verification.md, session 6: the same GPU losses, bit for bit, from
-builds of three commits). The noise scale is therefore the largest of all nine GPU-GPU gaps
-(eight windows and the validation loss, each a mean loss along the same trajectories), and both
-the CPU curve's windows and its validation loss must stay within max(MAX_WINDOW_GAP,
-NOISE_FACTOR x that scale); the first window, before any drift has built up, must agree within
-FIRST_WINDOW_GAP.
+one implementation are bitwise reproducible here, so a repeat would measure nothing. The CPU
+curve must stay within max(MAX_WINDOW_GAP, NOISE_FACTOR x the largest window gap of the two GPU
+runs), and the final validation losses likewise within max(MAX_VAL_GAP, NOISE_FACTOR x the two
+GPU runs' gap); the first window, before any drift has built up, must agree within
+FIRST_WINDOW_GAP. The drift is chaotic (a flipped near-tie changes what an expert learns) and the
+data are the repository's own files, so this half can fail with no defect: it did once in session
+6, with the same GPU losses, bit for bit, from builds of three commits (docs/verification.md).
 A dense model (configs/models/tiny-llama.json) has no routing to flip: its CPU and GPU curves
 must agree within the fixed DENSE_GAP, which keeps the test sensitive to a systematic error in
 everything but the experts.
@@ -34,6 +32,7 @@ WINDOW = 25
 MAX_WINDOW_GAP = 0.05  # nats; measured gaps are recorded in docs/verification.md
 NOISE_FACTOR = 2.0
 FIRST_WINDOW_GAP = 0.02  # nats; measured 0.0045
+MAX_VAL_GAP = 0.05
 DENSE_GAP = 0.05  # nats, windows and validation loss of the dense model
 
 
@@ -101,19 +100,19 @@ def main():
         cpu, gpu = results["cpu"], results["cuda"]
         gaps = window_gaps(cpu, gpu)
         gpu_noise = window_gaps(gpu, results["cuda-per-expert"])
-        noise = max(gpu_noise + [abs(val["cuda"] - val["cuda-per-expert"])])
-        bound = max(MAX_WINDOW_GAP, NOISE_FACTOR * noise)
+        bound = max(MAX_WINDOW_GAP, NOISE_FACTOR * max(gpu_noise))
+        val_bound = max(MAX_VAL_GAP, NOISE_FACTOR * abs(val["cuda"] - val["cuda-per-expert"]))
         print("MoE window gaps CPU vs GPU (nats):", gaps)
         print("MoE window gaps GPU grouped vs per-expert GEMMs (nats):", gpu_noise)
         print("MoE val loss:", {k: val[k] for k in ("cpu", "cuda", "cuda-per-expert")},
-              "-> noise scale", round(noise, 4), "bound", round(bound, 4))
+              "-> window bound", round(bound, 4), "validation bound", round(val_bound, 4))
         dense_gaps = window_gaps(results["dense-cpu"], results["dense-cuda"])
         print("dense window gaps CPU vs GPU (nats):", dense_gaps, "val loss:",
               {k: val[k] for k in ("dense-cpu", "dense-cuda")}, "-> bound", DENSE_GAP)
         assert gaps[0] < FIRST_WINDOW_GAP, f"loss curves differ from the start: {gaps}"
         assert max(gaps) < bound, f"loss curves diverge: {gaps} (bound {bound})"
         assert gpu[STEPS] < gpu[1] - 1.0, f"the GPU run did not learn: {gpu[1]} -> {gpu[STEPS]}"
-        assert abs(val["cpu"] - val["cuda"]) < bound, (val, bound)
+        assert abs(val["cpu"] - val["cuda"]) < val_bound, (val, val_bound)
         assert max(dense_gaps) < DENSE_GAP, f"dense loss curves diverge: {dense_gaps}"
         assert abs(val["dense-cpu"] - val["dense-cuda"]) < DENSE_GAP, val
         # Resume on the GPU from step 100 and reach the same step 200 loss as the straight run
