@@ -15,6 +15,9 @@
 #             two), and the FlexPrefill search + kernels at PROFILE_SEQ (default 32768); summed by
 #             scripts/ncu_kernel_times.py. PROFILE_PARTS picks them (default "train prefill")
 #   oracle    the Hugging Face oracle (scripts/hf_oracle.py) against the installed transformers
+#   longctx   the long-context recipe (scripts/long_context_recipe.sh): trains the small model of
+#             configs/models/longctx-llama.json to solve the synthetic tasks up to 16K, evaluates it
+#             dense against FlexPrefill at 4K, 16K and 128K, and benchmarks prefill on its Q/K/V
 #   bench     `moeforge bench train` on configs/bench/moe-1.8b-a0.4b.json (recompute modes from
 #             BENCH_RECOMPUTE, default "none selective"), then the PyTorch baseline of
 #             ../shared/anchors (torch.compile + grouped_mm) in the same run, each with its
@@ -149,6 +152,9 @@ for stage in "${stages[@]}"; do
         cat "$OUT/hf_oracle_$moeforge_device.txt"
       done
       ;;
+    longctx)
+      bash scripts/long_context_recipe.sh build-gpu/moeforge "$OUT/longctx" || rc=1
+      ;;
     bench)
       # SM clock and power every 50 ms while each run goes (a sustained step may run below the
       # boost clock that isolated kernels see, e.g. under ncu); medians over the busy samples printed
@@ -188,7 +194,7 @@ for stage in "${stages[@]}"; do
       fi
       ;;
     *)
-      echo "unknown stage $stage (build, test, cuda-test, sanitize, lab, prefill, reference, profile, oracle, bench, all)" >&2
+      echo "unknown stage $stage (build, test, cuda-test, sanitize, lab, prefill, reference, profile, oracle, longctx, bench, all)" >&2
       exit 2
       ;;
   esac

@@ -13,7 +13,6 @@
 #include "comm/communicator.h"
 #include "core/error.h"
 #include "data/tokenizer.h"
-#include "infer/cpu_inference.h"
 #include "infer/generate.h"
 #include "infer/qkv_dump.h"
 #include "io/atomic_file.h"
@@ -53,8 +52,8 @@ void register_generate_command(CLI::App& app) {
                   "selection statistics to this JSON file");
   cmd->add_option("--dump-qkv", opts->dump_qkv,
                   "LAYER FILE: after the prompt's prefill, write layer LAYER's q, k, v (F32, "
-                  "after q/k norm and RoPE, token-major) to FILE.safetensors, for `bench prefill "
-                  "--qkv` (--device cpu only)")
+                  "after q/k norm and RoPE, token-major; from --device cuda the bf16 values) to "
+                  "FILE.safetensors, for `bench prefill --qkv`")
       ->expected(2)
       ->type_name("LAYER FILE");
   cmd->callback([opts] {
@@ -69,8 +68,6 @@ void register_generate_command(CLI::App& app) {
     }
     MF_CHECK(opts->attention_stats.empty() || attention.flex,
              "--attention-stats needs --attention flex (dense attention selects no blocks)");
-    MF_CHECK(dump_layer < 0 || opts->device == "cpu",
-             "--dump-qkv runs on --device cpu only (it reads the CPU reference's activations)");
     const std::filesystem::path dir = resolve_model_dir(opts->model);
     const auto tokenizer = data::load_tokenizer(dir);
     SelfCommunicator self;
@@ -84,10 +81,9 @@ void register_generate_command(CLI::App& app) {
         make_inference_engine(opts->device, model, attention);
     GenerateOptions gen = opts->gen;
     if (dump_layer >= 0) {
-      const auto& cpu = static_cast<const CpuInference&>(*engine);
+      engine->keep_prefill_qkv(dump_layer);
       gen.after_prefill = [&] {
-        write_prefill_qkv(opts->dump_qkv[1],
-                          capture_prefill_qkv(cpu.model(), cpu.cache(), dump_layer));
+        write_prefill_qkv(opts->dump_qkv[1], engine->prefill_qkv(dump_layer));
       };
     }
     fmt::print("{}", opts->prompt);

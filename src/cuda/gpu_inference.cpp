@@ -162,6 +162,7 @@ void GpuInference::start(int64_t capacity) {
            "a KV cache of {} positions is outside [1, max_position_embeddings = {}]", capacity,
            config_.max_position_embeddings);
   length_ = 0;
+  kept_positions_ = 0;
   if (capacity <= capacity_) return;
   const auto size = static_cast<size_t>(capacity * config_.kv_dim());
   for (int64_t l = 0; l < config_.num_layers; ++l) {
@@ -412,6 +413,12 @@ void GpuInference::run(const int32_t* tokens, int64_t n) {
     const LayerOffsets& o = layout_.layer(l);
     rmsnorm_forward(s.ln.data(), s.rstd.data(), s.x.data(), w(o.input_norm), n, h, eps, stream_);
     qkv_forward(l, n);
+    if (l == kept_layer_ && length_ == 0) {
+      kept_queries_.resize(static_cast<size_t>(n * config_.q_dim()));
+      MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      copy_to_host(kept_queries_.data(), s.q.data(), kept_queries_.size() * sizeof(bf16));
+      kept_positions_ = n;
+    }
     attention_forward(l, n, sparse);
     // x += att W_o^T: the GEMM accumulates onto the residual stream.
     blas_.linear_forward(s.x.data(), OutType::kFloat, s.att.data(), wb(o.o_proj), nullptr, n,
@@ -439,7 +446,6 @@ void GpuInference::run(const int32_t* tokens, int64_t n) {
   MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
   std::copy(s.host_logits.data(), s.host_logits.data() + config_.vocab_size, logits_.begin());
   length_ += n;
-  last_num_tokens_ = n;
 
   if (!sparse) return;
   const FlexStats& f = *flex_stats_;
@@ -481,11 +487,28 @@ std::vector<float> GpuInference::download_cache(int64_t l, bool keys) const {
   return to_float(host);
 }
 
-std::vector<float> GpuInference::download_last_queries() const {
-  MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  std::vector<bf16> host(static_cast<size_t>(last_num_tokens_ * config_.q_dim()));
-  if (!host.empty()) copy_to_host(host.data(), scratch_->q.data(), host.size() * sizeof(bf16));
-  return to_float(host);
+void GpuInference::keep_prefill_qkv(int64_t layer) {
+  MF_CHECK(layer >= 0 && layer < config_.num_layers, "layer {} is outside the model's {} layers",
+           layer, config_.num_layers);
+  kept_layer_ = layer;
+  kept_positions_ = 0;
+}
+
+PrefillQkv GpuInference::prefill_qkv(int64_t layer) const {
+  MF_CHECK(layer == kept_layer_ && kept_positions_ > 0,
+           "GpuInference: layer {}'s queries were not kept (keep_prefill_qkv before the prefill)",
+           layer);
+  MF_CHECK(kept_positions_ == length_,
+           "GpuInference: the cache holds {} positions, not just the {} of the kept prefill",
+           length_, kept_positions_);
+  return PrefillQkv{layer,
+                    length_,
+                    config_.num_heads,
+                    config_.num_kv_heads,
+                    config_.head_dim,
+                    to_float(kept_queries_),
+                    download_cache(layer, true),
+                    download_cache(layer, false)};
 }
 
 }  // namespace moeforge::cuda

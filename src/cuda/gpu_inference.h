@@ -59,11 +59,12 @@ class GpuInference : public InferenceEngine {
   int64_t length() const { return length_; }
   int64_t capacity() const { return capacity_; }
   bool grouped_expert_gemms() const { return grouped_experts_; }
-  // Layer l's cached keys or values of positions [0, length()) (bf16 values as fp32), for tests.
+  // Layer l's cached keys or values of positions [0, length()) (bf16 values as fp32).
   std::vector<float> download_cache(int64_t l, bool keys) const;
-  // The last layer's queries of the last call [num_tokens, num_heads, head_dim] (after q/k norm
-  // and RoPE).
-  std::vector<float> download_last_queries() const;
+  // One layer's queries are copied to the host during each prefill into an empty cache.
+  void keep_prefill_qkv(int64_t layer) override;
+  // q, k and v as bf16 values in fp32.
+  PrefillQkv prefill_qkv(int64_t layer) const override;
 
  private:
   struct Scratch;
@@ -109,7 +110,9 @@ class GpuInference : public InferenceEngine {
   DeviceBuffer<float> rope_cos_, rope_sin_;
 
   int64_t capacity_ = 0, length_ = 0;
-  int64_t last_num_tokens_ = 0;                        // tokens of the last prefill or decode call
+  int64_t kept_layer_ = -1;                            // keep_prefill_qkv's layer
+  int64_t kept_positions_ = 0;                         // positions of kept_queries_ (0: none kept)
+  std::vector<bf16> kept_queries_;                     // [kept_positions_, q_dim] of kept_layer_
   std::vector<DeviceBuffer<bf16>> cache_k_, cache_v_;  // per layer [capacity, kv_dim]
   std::unique_ptr<Scratch> scratch_;
   std::unique_ptr<FlexStats> flex_stats_;

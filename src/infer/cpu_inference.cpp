@@ -26,9 +26,14 @@ const std::vector<float>& CpuInference::decode(int32_t token) {
   return prefill(&token, 1);
 }
 
-const KvCache<float>& CpuInference::cache() const {
+void CpuInference::keep_prefill_qkv(int64_t layer) {
+  MF_CHECK(layer >= 0 && layer < model_.config().num_layers,
+           "layer {} is outside the model's {} layers", layer, model_.config().num_layers);
+}
+
+PrefillQkv CpuInference::prefill_qkv(int64_t layer) const {
   MF_CHECK(cache_.has_value(), "CpuInference: no sequence started");
-  return *cache_;
+  return capture_prefill_qkv(model_, *cache_, layer);
 }
 
 }  // namespace moeforge

@@ -23,9 +23,9 @@ class CpuInference : public InferenceEngine {
     return model_.prefill_stats();
   }
 
-  // The model and the cache of the running sequence (for --dump-qkv); start() must have run.
-  const Transformer<float>& model() const { return model_; }
-  const KvCache<float>& cache() const;
+  // The CPU reference keeps every layer's queries of the last forward.
+  void keep_prefill_qkv(int64_t layer) override;
+  PrefillQkv prefill_qkv(int64_t layer) const override;
 
  private:
   Transformer<float>& model_;

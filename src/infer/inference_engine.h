@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "infer/qkv_dump.h"
 #include "model/model_config.h"
 #include "model/prefill_attention.h"
 
@@ -27,6 +28,12 @@ class InferenceEngine {
   virtual const std::vector<float>& decode(int32_t token) = 0;
   // Per layer statistics of the last sparse prefill (prefill_attention.h); empty until one ran.
   virtual const std::vector<PrefillLayerStats>& prefill_stats() const = 0;
+  // Keep layer `layer`'s queries of the following prefills (an engine may keep only one layer's),
+  // for prefill_qkv. Throws moeforge::Error for a layer outside the model.
+  virtual void keep_prefill_qkv(int64_t layer) = 0;
+  // Layer `layer`'s q, k and v of the prefill that filled the empty cache, right after it (before
+  // any decode step); keep_prefill_qkv(layer) must have preceded that prefill.
+  virtual PrefillQkv prefill_qkv(int64_t layer) const = 0;
 };
 
 }  // namespace moeforge

@@ -25,6 +25,7 @@
 
 #include <cmath>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -34,6 +35,7 @@
 #include "cuda/gpu_transformer.h"
 #include "gpu_test_models.h"
 #include "gpu_test_util.h"
+#include "infer/cpu_inference.h"
 #include "model/transformer.h"
 #include "ops/flex_prefill.h"
 
@@ -239,8 +241,8 @@ ops::FlexPrefillParams flex_params(int64_t min_budget) {
   return params;
 }
 
-// The engine's per-head selection of the last layer equals the reference's on the same bf16 q and
-// k (downloaded from the engine: the queries, and the keys in its cache).
+// The engine's per-head selection of every layer equals the reference's on the same bf16 q and k
+// (the engine's own, from prefill_qkv: the queries it kept, and the keys in its cache).
 TEST(GpuInference, FlexPrefillSelectsWhatTheReferenceSelects) {
   MF_REQUIRE_GPU();
   const ModelConfig config = flex_config();
@@ -249,32 +251,74 @@ TEST(GpuInference, FlexPrefillSelectsWhatTheReferenceSelects) {
   engine.set_prefill_attention(PrefillAttention{true, params});
   const int64_t n = 450;
   const std::vector<int32_t> tokens = random_tokens(n, config.vocab_size, 17);
-  engine.start(n + 2);
-  engine.prefill(tokens.data(), n);
-  const std::vector<PrefillLayerStats>& stats = engine.prefill_stats();
-  ASSERT_EQ(static_cast<int64_t>(stats.size()), config.num_layers);
-  const int64_t last = config.num_layers - 1;
-  const std::vector<float> q = engine.download_last_queries();
-  const std::vector<float> k = engine.download_cache(last, true);
-  const ops::FlexPrefillSelection want = ops::flex_prefill_select<float>(
-      q.data(), k.data(),
-      ops::SparseAttentionDims{n, config.num_heads, config.num_kv_heads, config.head_dim}, params);
-  const PrefillLayerStats& got = stats[static_cast<size_t>(last)];
-  ASSERT_FALSE(want.dense_fallback);
-  EXPECT_EQ(got.dense_fallback, want.dense_fallback);
-  ASSERT_EQ(got.head_stats.size(), want.head_stats.size());
-  for (size_t h = 0; h < want.head_stats.size(); ++h) {
-    SCOPED_TRACE("head " + std::to_string(h));
-    EXPECT_EQ(got.head_stats[h].query_aware, want.head_stats[h].query_aware);
-    EXPECT_EQ(got.head_stats[h].num_vertical_blocks, want.head_stats[h].num_vertical_blocks);
-    EXPECT_EQ(got.head_stats[h].num_slash_blocks, want.head_stats[h].num_slash_blocks);
-    EXPECT_EQ(got.head_stats[h].num_selected_blocks, want.head_stats[h].num_selected_blocks);
-    EXPECT_DOUBLE_EQ(got.head_stats[h].density, want.head_stats[h].density);
-    EXPECT_NEAR(got.head_stats[h].js_distance, want.head_stats[h].js_distance, 1e-12);
+  for (int64_t layer = 0; layer < config.num_layers; ++layer) {
+    SCOPED_TRACE("layer " + std::to_string(layer));
+    engine.keep_prefill_qkv(layer);
+    engine.start(n + 2);
+    engine.prefill(tokens.data(), n);
+    const std::vector<PrefillLayerStats>& stats = engine.prefill_stats();
+    ASSERT_EQ(static_cast<int64_t>(stats.size()), config.num_layers);
+    const PrefillQkv qkv = engine.prefill_qkv(layer);
+    ASSERT_EQ(qkv.num_positions, n);
+    const ops::FlexPrefillSelection want = ops::flex_prefill_select<float>(
+        qkv.q.data(), qkv.k.data(),
+        ops::SparseAttentionDims{n, config.num_heads, config.num_kv_heads, config.head_dim},
+        params);
+    const PrefillLayerStats& got = stats[static_cast<size_t>(layer)];
+    ASSERT_FALSE(want.dense_fallback);
+    EXPECT_EQ(got.dense_fallback, want.dense_fallback);
+    ASSERT_EQ(got.head_stats.size(), want.head_stats.size());
+    for (size_t h = 0; h < want.head_stats.size(); ++h) {
+      SCOPED_TRACE("head " + std::to_string(h));
+      EXPECT_EQ(got.head_stats[h].query_aware, want.head_stats[h].query_aware);
+      EXPECT_EQ(got.head_stats[h].num_vertical_blocks, want.head_stats[h].num_vertical_blocks);
+      EXPECT_EQ(got.head_stats[h].num_slash_blocks, want.head_stats[h].num_slash_blocks);
+      EXPECT_EQ(got.head_stats[h].num_selected_blocks, want.head_stats[h].num_selected_blocks);
+      EXPECT_DOUBLE_EQ(got.head_stats[h].density, want.head_stats[h].density);
+      EXPECT_NEAR(got.head_stats[h].js_distance, want.head_stats[h].js_distance, 1e-12);
+    }
   }
+  const std::vector<PrefillLayerStats> stats = engine.prefill_stats();
   // Decode steps after a sparse prefill attend densely and keep the statistics.
   engine.decode(tokens[0]);
   EXPECT_EQ(engine.prefill_stats().size(), stats.size());
+}
+
+// Layer 0's prefill q, k and v (before any FFN, so no routing in them) are the CPU reference's up
+// to the bf16 roundings of the normed input and the projections; the engine refuses a layer it
+// did not keep and a cache that decode steps have grown.
+TEST(GpuInference, PrefillQkvMatchesTheCpuReference) {
+  MF_REQUIRE_GPU();
+  const ModelConfig config = testing::gpu_config(Architecture::kQwen3);
+  SelfCommunicator self;
+  Transformer<float> model(config, self);
+  model.params() = testing::make_params(model.layout(), 27);
+  CpuInference cpu(model);
+  GpuInference engine(config, model.params());
+  const int64_t n = 37;
+  const std::vector<int32_t> tokens = random_tokens(n, config.vocab_size, 29);
+  cpu.start(n + 1);
+  engine.start(n + 1);
+  engine.keep_prefill_qkv(0);
+  cpu.prefill(tokens.data(), n);
+  engine.prefill(tokens.data(), n);
+  const PrefillQkv want = cpu.prefill_qkv(0), got = engine.prefill_qkv(0);
+  EXPECT_EQ(got.num_positions, n);
+  EXPECT_EQ(got.num_heads, want.num_heads);
+  EXPECT_EQ(got.num_kv_heads, want.num_kv_heads);
+  EXPECT_EQ(got.head_dim, want.head_dim);
+  for (const auto& [name, g, w] :
+       {std::tuple{"q", &got.q, &want.q}, std::tuple{"k", &got.k, &want.k},
+        std::tuple{"v", &got.v, &want.v}}) {
+    ASSERT_EQ(g->size(), w->size()) << name;
+    EXPECT_LT(testing::relative_l2(g->data(), w->data(), static_cast<int64_t>(w->size())),
+              kBf16Noise)
+        << name;
+  }
+  EXPECT_THROW(static_cast<void>(engine.prefill_qkv(1)), Error);
+  engine.decode(tokens[0]);
+  EXPECT_THROW(static_cast<void>(engine.prefill_qkv(0)), Error);
+  EXPECT_THROW(engine.keep_prefill_qkv(config.num_layers), Error);
 }
 
 // A budget of the whole sequence falls back to dense attention in every layer: density 1 and the

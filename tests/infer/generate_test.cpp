@@ -41,7 +41,7 @@ TEST(Generate, GreedyIsTheArgmaxChainOfIncrementalForwards) {
   int64_t num_after_prefill = 0;
   options.after_prefill = [&] {
     ++num_after_prefill;
-    EXPECT_EQ(engine.cache().length, static_cast<int64_t>(prompt.size()) + 1);
+    EXPECT_EQ(engine.prefill_qkv(0).num_positions, static_cast<int64_t>(prompt.size()) + 1);
   };
   std::string streamed;
   const GenerateResult result = generate(engine, tokenizer, prompt, options,
@@ -87,7 +87,7 @@ TEST(Generate, BadInputsGiveClearErrors) {
     EXPECT_NE(std::string(e.what()).find("max_position_embeddings"), std::string::npos) << e.what();
   }
   EXPECT_THROW(engine.start(config.max_position_embeddings + 1), Error);
-  EXPECT_THROW(engine.cache(), Error);
+  EXPECT_THROW(static_cast<void>(engine.prefill_qkv(0)), Error);  // no start()
   const int32_t token = 1;
   EXPECT_THROW(engine.decode(token), Error);  // no start()
 }
