@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Independent Hugging Face oracle for moeforge: checks, for every supported architecture, that
 a transformers checkpoint runs in moeforge (HF -> moeforge) and that a moeforge checkpoint loads in
-transformers (moeforge -> HF), comparing fp32 logits and the next-token CE loss both ways, and for
-MoE models the routing of every token in every MoE layer (only near-ties may differ).
+transformers (moeforge -> HF), comparing fp32 logits and the next-token CE loss both ways. For MoE
+models it also compares the routing of every token in every MoE layer: only near-ties may differ,
+and where one does, the logits and loss are compared, at every position and with the same
+tolerance, against transformers rerun with moeforge's routing forced at each such (layer, token).
 
 Usage: python3 scripts/hf_oracle.py --moeforge build/moeforge [--device cpu|cuda] [--out r.json]
 Exit code: 0 all checks pass, 1 some check failed, 2 torch/transformers/safetensors/numpy missing.
 """
 import argparse
+import contextlib
 import copy
 import json
 import re
@@ -34,6 +37,7 @@ LOSS_TOL = 1e-4  # abs error of the mean CE loss
 # comparison, transformers' own bf16-vs-fp32 error on the same model (hf_bf16_noise).
 BF16_LOGIT_TOL = 6e-2
 BF16_LOSS_TOL = 1e-2
+MAX_FORCING_ROUNDS = 4  # forced transformers reruns before new routing differences fail a check
 BATCH, SEQ = 2, 13
 SEED = 1234
 
@@ -145,12 +149,79 @@ def hf_bf16_noise(model, tokens, device, theirs, fp32_routers, result):
         result["routed_tokens"] = int(sum(l.shape[0] for l in fp32_routers))
 
 
-def routing_of(model, moeforge_routers, fp32_routers):
+def moe_gates(model):
+    """The router (`gate`) of every MoE layer, in layer order."""
+    return [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+
+
+def forcing_hook(gate, routes):
+    """A forward hook for one MoE layer's router that routes each token row in routes to the
+    experts routes[row] (moeforge's), weighted as the router weights its own choice: the fp32
+    softmax of the router logits (recomputed from the router's input and weight) at those experts,
+    renormalised over them where the router renormalises (Mixtral always, Qwen MoE with
+    norm_topk_prob), in the dtype of the router's own top-k weights. The other rows keep the
+    router's output bit for bit. Raises unless the router returns (logits, those top-k weights,
+    expert ids) as transformers 5 does, checked on every row."""
+    rows = torch.tensor(sorted(routes))
+    experts = torch.tensor([routes[row] for row in sorted(routes)])
+    renormalise = type(gate).__name__ == "MixtralTopKRouter" or gate.norm_topk_prob
+
+    def weights(probs, ids):
+        chosen = probs.gather(-1, ids)
+        return chosen / chosen.sum(dim=-1, keepdim=True) if renormalise else chosen
+
+    def hook(module, args, output):
+        logits, values, ids = (output if isinstance(output, tuple) and len(output) == 3
+                               and all(isinstance(t, torch.Tensor) for t in output)
+                               else (torch.empty(0),) * 3)
+        own = F.linear(args[0].reshape(-1, module.weight.shape[-1]), module.weight)
+        probs = F.softmax(own.float(), dim=-1)
+        if not (logits.shape == own.shape
+                and values.shape == ids.shape == (own.shape[0], experts.shape[1])
+                and torch.allclose(logits, own, rtol=1e-5, atol=1e-6)
+                and torch.allclose(weights(probs, ids).to(values.dtype), values,
+                                   rtol=1e-5, atol=1e-6)):
+            raise RuntimeError(
+                f"{type(module).__name__} does not return (router logits, their top-"
+                f"{experts.shape[1]} softmax weights{' renormalised' if renormalise else ''}, "
+                "the expert ids): cannot force moeforge's routing in transformers")
+        at, chosen = rows.to(ids.device), experts.to(ids.device)
+        chosen = chosen.gather(-1, probs[at].gather(-1, chosen).argsort(
+            dim=-1, descending=True, stable=True))  # in the order the router's top-k gives
+        values, ids = values.clone(), ids.clone()
+        values[at] = weights(probs[at], chosen).to(values.dtype)
+        ids[at] = chosen.to(ids.dtype)
+        return logits, values, ids
+    return hook
+
+
+@contextlib.contextmanager
+def forced_routing(model, forced):
+    """Within it, model routes as forcing_hook does the token rows forced[l] (a dict row ->
+    expert ids) of its l-th MoE layer."""
+    gates = moe_gates(model)
+    if len(gates) != len(forced):
+        raise RuntimeError(f"{len(gates)} MoE routers in transformers, {len(forced)} MoE layers "
+                           "to force")
+    handles = [gate.register_forward_hook(forcing_hook(gate, routes))
+               for gate, routes in zip(gates, forced) if routes]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def routing_of(model, tokens, device, moeforge_routers, fp32_routers):
     """compare's routing argument for an MoE model (None for a dense one)."""
     k = getattr(model.config, "num_experts_per_tok", None)
     if not k or not moeforge_routers or fp32_routers is None:
         return None
-    return moeforge_routers, fp32_routers, k
+
+    def rerun(forced):
+        with forced_routing(model, forced):
+            return hf_logits(model, tokens, device), router_logits(model, tokens, device)
+    return moeforge_routers, fp32_routers, k, rerun
 
 
 def run_cli(args):
@@ -177,28 +248,38 @@ def moeforge_forward(exe, model_dir, tokens, work):
                 [values for _, values in routers])
 
 
-def compare_routing(result, ours, theirs, k, batch, seq):
-    """moeforge's routing (top-k of its router logits) against transformers' fp32 routing, per MoE
-    layer and token. A token routed differently must either follow an earlier layer's difference
-    in its sequence at that position or before (the hidden states differ from there on), or be a
-    near-tie: its fp32 k-th and (k+1)-th router logits closer than twice the largest router-logit
-    difference between the two over the tokens routed alike with nothing upstream differing.
-    Fills result; returns (the
-    failure reason or None, per sequence the first position whose output a routing difference
-    may change)."""
+def routing_differs(mine, ref, k):
+    """Per token, whether two router logits [tokens, experts] choose different top-k sets."""
+    return (top_k_set(mine, k) != top_k_set(ref, k)).any(axis=-1)
+
+
+def compare_routing(result, ours, theirs, k, batch, seq, forced=()):
+    """moeforge's routing (top-k of its router logits) against transformers' fp32 routing (top-k
+    of its fp32 router logits), per MoE layer and token. A token routed differently must either
+    follow an earlier layer's difference in its sequence at that position or before (the hidden
+    states differ from there on), or be a near-tie: its fp32 k-th and (k+1)-th router logits
+    closer than twice the largest router-logit difference between the two over the tokens routed
+    alike with nothing upstream differing. forced: per MoE layer, the token rows where the
+    transformers run took moeforge's routing (forced_routing); a difference there must be a
+    near-tie too but changes nothing downstream. Fills result; returns (the failure reason or
+    None, per sequence the first position whose output an unforced routing difference may
+    change, per MoE layer whether each token is routed differently with nothing upstream
+    differing: the differences held to be near-ties)."""
     if len(ours) != len(theirs):
-        return f"{len(ours)} MoE layers in moeforge, {len(theirs)} in transformers", None
+        return f"{len(ours)} MoE layers in moeforge, {len(theirs)} in transformers", None, None
     positions = np.arange(batch * seq) % seq
     first_diff = np.full(batch, seq)  # per sequence: the first position routed differently
     flips, noise = [], 0.0
-    for mine, ref in zip(ours, theirs):
+    for mine, ref, rows in zip(ours, theirs, forced or [()] * len(theirs)):
         upstream = positions >= np.repeat(first_diff, seq)  # an earlier layer differed there
-        differs = (top_k_set(mine, k) != top_k_set(ref, k)).any(axis=-1)
+        differs = routing_differs(mine, ref, k)
         agree = ~upstream & ~differs  # the noise is measured where the routing agrees
         if agree.any():
             noise = max(noise, float(np.abs(mine - ref)[agree].max()))
         flips.append((differs & ~upstream, routing_margins(ref, k)))
-        for token in np.flatnonzero(differs):
+        spreads = differs.copy()
+        spreads[list(rows)] = False
+        for token in np.flatnonzero(spreads):
             b = token // seq
             first_diff[b] = min(first_diff[b], positions[token])
     threshold = 2 * noise
@@ -209,8 +290,8 @@ def compare_routing(result, ours, theirs, k, batch, seq):
                                             for m in margins[own]]
     if unexplained:
         return (f"{len(unexplained)} token(s) routed differently at fp32 router-logit margins "
-                f"{unexplained} > 2 x the router-logit difference {noise:.3g}"), first_diff
-    return None, first_diff
+                f"{unexplained} > 2 x the router-logit difference {noise:.3g}"), first_diff, None
+    return None, first_diff, [own for own, _ in flips]
 
 
 def tensor_shapes(model_dir):
@@ -237,22 +318,70 @@ def expert_tensors(shapes):
     return layout, sample
 
 
+def forced_reference(result, moeforge_routers, logits, leading, k, rerun):
+    """transformers' fp32 logits [batch, seq, vocab] with moeforge's routing (moeforge_routers:
+    its router logits) forced wherever it differs. logits, leading: the unforced run's logits and
+    its routing differences compare_routing has held to be near-ties; rerun(forced) -> (logits,
+    fp32 router logits) of a run with moeforge's routing forced (forced_routing). Those
+    differences are forced and transformers rerun; the rerun's routing must pass compare_routing
+    again (a forced difference as a near-tie of the rerun), and its near-ties not yet forced
+    (such as a downstream difference that persists) are forced as well, for at most
+    MAX_FORCING_ROUNDS reruns, until every difference is forced. Fills result; returns (the
+    failure reason or None, the logits of the last run)."""
+    batch, seq = logits.shape[:2]
+    forced = [{} for _ in moeforge_routers]  # per MoE layer: token row -> moeforge's experts
+    for rounds in range(MAX_FORCING_ROUNDS + 1):
+        new = []
+        for differs, routes in zip(leading, forced):
+            fresh = differs.copy()
+            fresh[list(routes)] = False
+            new.append(np.flatnonzero(fresh))
+        if not any(map(len, new)):
+            result["forced_routings"], result["forcing_rounds"] = sum(map(len, forced)), rounds
+            return None, logits
+        if rounds == MAX_FORCING_ROUNDS:
+            return (f"routing still differs at {sum(map(len, new))} more (layer, token) pair(s) "
+                    f"after {rounds} reruns with moeforge's routing forced"), None
+        for mine, rows, routes in zip(moeforge_routers, new, forced):
+            chosen = top_k_set(mine, k)
+            routes.update((int(row), chosen[row].tolist()) for row in rows)
+        logits, routers = rerun(forced)
+        check = {}
+        reason, _, leading = compare_routing(check, moeforge_routers, routers, k, batch, seq,
+                                             forced)
+        if reason:
+            return (f"with moeforge's routing forced at {sum(map(len, forced))} (layer, token)"
+                    f" pair(s), rerun {rounds + 1}: {reason}"), None
+        result["forced_routing_noise"] = check["routing_noise"]
+        result["forced_routing_margins"] = check["routing_difference_margins"]
+
+
 def compare(result, ours, theirs, tokens, moeforge_ce, routing=None):
     """Fills max_abs_err / loss errors; returns the failure reason or None. routing: (moeforge's
-    router logits, transformers' fp32 ones, k) for MoE models: a routing difference that is not a
-    near-tie fails (compare_routing), and the largest logit error at the positions no routing
-    difference reaches is reported (max_abs_err_unrerouted) beside the one over all positions,
-    which is what the tolerance checks."""
+    router logits, transformers' fp32 ones, k, rerun) for MoE models: moeforge's routing must
+    pass compare_routing (each difference a near-tie or downstream of one), and the logits (at
+    every position) and CE loss are then checked against transformers rerun with moeforge's
+    routing forced at every difference, each a near-tie of the run it is forced in
+    (forced_reference). Reported beside: the logit error against the unforced run
+    (max_abs_err_unforced) and its largest at the positions no routing difference reaches
+    (max_abs_err_unrerouted)."""
     if ours.shape != theirs.shape:
         return f"logits shape {list(ours.shape)} != transformers {list(theirs.shape)}"
     error = np.abs(ours - theirs)
-    result["max_abs_err"] = float(error.max())
     if routing is not None:
-        reason, first_diff = compare_routing(result, *routing, *ours.shape[:2])
+        moeforge_routers, fp32_routers, k, rerun = routing
+        result["max_abs_err_unforced"] = float(error.max())
+        reason, first_diff, leading = compare_routing(result, moeforge_routers, fp32_routers,
+                                                      k, *ours.shape[:2])
         if reason:
             return reason
         reached = np.arange(ours.shape[1])[None, :] >= first_diff[:, None]  # [batch, seq]
         result["max_abs_err_unrerouted"] = float(np.where(reached[:, :, None], 0.0, error).max())
+        reason, theirs = forced_reference(result, moeforge_routers, theirs, leading, k, rerun)
+        if reason:
+            return reason
+        error = np.abs(ours - theirs)
+    result["max_abs_err"] = float(error.max())
     result["logit_scale"] = float(np.abs(theirs).max())
     result["ce_transformers"] = cross_entropy(theirs, tokens)
     result["ce_moeforge"] = moeforge_ce
@@ -298,7 +427,8 @@ def hf_to_moeforge(arch, exe, device, work, tokens, result):
     if MOEFORGE_DEVICE == "cuda":
         hf_bf16_noise(model, tokens, device, theirs, fp32_routers, result)
     ours, ce, routers = moeforge_forward(exe, model_dir, tokens, work)
-    return compare(result, ours, theirs, tokens, ce, routing_of(model, routers, fp32_routers))
+    return compare(result, ours, theirs, tokens, ce,
+                   routing_of(model, tokens, device, routers, fp32_routers))
 
 
 def config_mismatches(config, fields):
@@ -337,7 +467,8 @@ def moeforge_to_hf(arch, exe, device, work, tokens, result):
     if MOEFORGE_DEVICE == "cuda":
         hf_bf16_noise(model, tokens, device, theirs, fp32_routers, result)
     ours, ce, routers = moeforge_forward(exe, model_dir, tokens, work)
-    return compare(result, ours, theirs, tokens, ce, routing_of(model, routers, fp32_routers))
+    return compare(result, ours, theirs, tokens, ce,
+                   routing_of(model, tokens, device, routers, fp32_routers))
 
 
 def main():
@@ -347,7 +478,8 @@ def main():
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--moeforge-device", choices=["cpu", "cuda"], default="cpu",
-                        help="where moeforge runs its forward (cuda: bf16 tolerances, cuDNN shapes)")
+                        help="where moeforge runs its forward "
+                             "(cuda: bf16 tolerances, cuDNN shapes)")
     parser.add_argument("--out", help="JSON report path")
     parser.add_argument("--arch", action="append", choices=list(ARCHS),
                         help="check only this architecture (repeatable)")
@@ -396,7 +528,10 @@ def main():
                       if "ce_err" in result else "")
             if "routing_differences" in result:
                 detail += (f" routing differences {result['routing_differences']} (router-logit "
-                           f"difference {result['routing_noise']:.1e}, unrerouted logit error "
+                           f"difference {result['routing_noise']:.1e}; forced "
+                           f"{result.get('forced_routings', '-')} in "
+                           f"{result.get('forcing_rounds', '-')} rerun(s); logit error unforced "
+                           f"{result.get('max_abs_err_unforced', float('nan')):.2e}, unrerouted "
                            f"{result.get('max_abs_err_unrerouted', float('nan')):.2e})")
             if "hf_bf16_max_abs_err" in result:
                 detail += (f" (transformers in bf16: {result['hf_bf16_max_abs_err']:.2e}, routing"
