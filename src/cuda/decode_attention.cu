@@ -106,6 +106,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const Decode
         sum += pj;
       }
       sum = warp_sum(sum);
+      __syncwarp();  // every lane's read of m_s[g] is ordered before lane 0 overwrites it
       if (lane == 0) {
         const float alpha = exp2f(m_old - m_new);
         alpha_s[g] = alpha;
