@@ -3,10 +3,11 @@
 # time budget, to solve the synthetic RULER-style tasks of `moeforge data synth`, then measures
 # dense against FlexPrefill prefill on it:
 #   1. data: short examples (420 and 600 bytes) of niah_single, niah_multikey and niah_multivalue,
-#      long ones (1K ... 16K) of niah_single and niah_multikey;
-#   2. phase 1 (SHORT_SECONDS): 2K windows of the short examples (the answers are 2-8% of the
-#      tokens, where the retrieval mechanism forms; the trainer has no loss mask, so the filler
-#      text dilutes that signal); phase 2 (LONG_SECONDS): 32K windows of the long mixture,
+#      long ones (1K ... 16K) of niah_single and niah_multikey, with the loss on the answers only
+#      (`data synth --loss answer`: two earlier attempts with the loss on every token plateaued at
+#      the filler text's loss and never learned to retrieve: 0 of 290 tasks answered);
+#   2. phase 1 (SHORT_SECONDS): 2K windows of the short examples (where the retrieval mechanism
+#      forms); phase 2 (LONG_SECONDS): 32K windows of the long mixture,
 #      starting from phase 1's weights. Each phase first times 10 steps and then trains as many
 #      steps as fit its budget, with the whole WSD schedule (warmup, constant, decay);
 #   3. eval --task on held-out tasks (another seed) at 1K, 4K, 16K and 128K, dense and flex, on the
@@ -28,9 +29,9 @@ config=configs/train/longctx.json
 tasks=niah_single,niah_multikey
 
 "$moeforge" data synth --task "$tasks,niah_multivalue" --lengths 420,600 --num 50000 --seed 1 \
-  --format train --out data/longctx-short --overwrite
+  --format train --loss answer --out data/longctx-short --overwrite
 "$moeforge" data synth --task "$tasks" --lengths 1024,2048,4096,8192,16384 --num 1500 --seed 11 \
-  --format train --out data/longctx-long --overwrite
+  --format train --loss answer --out data/longctx-long --overwrite
 
 # train_phase NAME SECONDS ARGS...: a 10-step probe for the step rate, then the real run.
 train_phase() {

@@ -26,6 +26,7 @@ void register_synth_command(CLI::App* data) {
     double depth = 0.0;
     std::string out, format = "jsonl";
     double val_fraction = 0.05;
+    std::string loss = "all";
     bool overwrite = false;
   };
   auto opts = std::make_shared<Options>();
@@ -69,8 +70,15 @@ void register_synth_command(CLI::App* data) {
           ->add_option("--val-fraction", opts->val_fraction,
                        "--format train: fraction of the examples held out as val")
           ->capture_default_str();
+  CLI::Option* loss =
+      synth
+          ->add_option("--loss", opts->loss,
+                       "--format train: which targets count in the loss: all (every token) or "
+                       "answer (the answer and EOS only, through a loss mask beside the shards)")
+          ->check(CLI::IsMember({"all", "answer"}))
+          ->capture_default_str();
   synth->add_flag("--overwrite", opts->overwrite, "Replace an existing output file or directory");
-  synth->callback([opts, depth, val_fraction] {
+  synth->callback([opts, depth, val_fraction, loss] {
     std::vector<data::SynthTask> tasks;
     for (const std::string& name : opts->tasks) {
       tasks.push_back(data::parse_synth_task(name, "--task"));
@@ -92,6 +100,8 @@ void register_synth_command(CLI::App* data) {
     }
     MF_CHECK(opts->format == "train" || val_fraction->count() == 0,
              "--val-fraction applies to --format train only");
+    MF_CHECK(opts->format == "train" || loss->count() == 0,
+             "--loss applies to --format train only");
     const std::vector<data::SynthExample> examples =
         data::make_synth_examples(tasks, opts->lengths, opts->num, opts->seed, fixed_depth);
     if (opts->format == "jsonl") {
@@ -106,7 +116,8 @@ void register_synth_command(CLI::App* data) {
     prepare.out_dir = opts->out;
     prepare.val_fraction = opts->val_fraction;
     prepare.overwrite = opts->overwrite;
-    const data::PrepareSummary s = data::write_synth_train_dataset(examples, prepare);
+    const data::PrepareSummary s =
+        data::write_synth_train_dataset(examples, prepare, opts->loss == "answer");
     fmt::print("{}: {} examples as documents, train {} tokens, val {} tokens (split: {})\n",
                s.out_dir.string(), s.num_documents, s.num_train_tokens, s.num_val_tokens,
                s.val_rule);

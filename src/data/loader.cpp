@@ -58,10 +58,36 @@ TokenDataset TokenDataset::open(const fs::path& dir, const std::string& split) {
   MF_CHECK(listed_total == dataset.num_tokens_,
            "{}: field 'splits.{}.num_tokens' is {} but its shards hold {} tokens", file.string(),
            split, listed_total, dataset.num_tokens_);
+  if (split_json.contains("loss_mask_shards")) {
+    const nlohmann::json& masks_json = split_json.at("loss_mask_shards");
+    MF_CHECK(masks_json.is_array() && masks_json.size() == dataset.shards_.size(),
+             "{}: field 'splits.{}.loss_mask_shards' must list one mask per shard ({})",
+             file.string(), split, dataset.shards_.size());
+    for (size_t shard_idx = 0; shard_idx < dataset.shards_.size(); ++shard_idx) {
+      const std::string name = json_string_field(masks_json[shard_idx], "file", file);
+      const int64_t listed = json_int_field(masks_json[shard_idx], "num_tokens", file);
+      TokenShard mask = TokenShard::open(dir / name);
+      MF_CHECK(mask.num_tokens() == listed,
+               "{}: loss mask '{}' holds {} values but dataset.json lists {}", file.string(), name,
+               mask.num_tokens(), listed);
+      MF_CHECK(
+          mask.vocab_size() == 2 && mask.num_tokens() == dataset.shards_[shard_idx].num_tokens(),
+          "{}: loss mask '{}' holds {} values of vocab {}, but its shard has {} tokens and a "
+          "mask has vocab 2",
+          file.string(), name, mask.num_tokens(), mask.vocab_size(),
+          dataset.shards_[shard_idx].num_tokens());
+      dataset.mask_shards_.push_back(std::move(mask));
+    }
+  }
   return dataset;
 }
 
 void TokenDataset::read(int64_t begin, int64_t count, int32_t* out) const {
+  read_from(shards_, begin, count, out);
+}
+
+void TokenDataset::read_from(const std::vector<TokenShard>& shards, int64_t begin, int64_t count,
+                             int32_t* out) const {
   MF_CHECK(begin >= 0 && count >= 0 && begin <= num_tokens_ && count <= num_tokens_ - begin,
            "dataset '{}' split '{}': range [{}, {}) is outside its {} tokens", dir_.string(),
            split_, begin, begin + count, num_tokens_);
@@ -71,7 +97,7 @@ void TokenDataset::read(int64_t begin, int64_t count, int32_t* out) const {
       static_cast<size_t>(std::upper_bound(shard_begins_.begin(), shard_begins_.end(), begin) -
                           shard_begins_.begin() - 1);
   while (count > 0) {
-    const TokenShard& shard = shards_[shard_idx];
+    const TokenShard& shard = shards[shard_idx];
     const int64_t offset = begin - shard_begins_[shard_idx];
     const int64_t take = std::min(count, shard.num_tokens() - offset);
     shard.read(offset, take, out);
@@ -95,6 +121,12 @@ void TokenDataset::read_window(int64_t seq_len, int64_t window_idx, int32_t* inp
            dir_.string(), split_, window_idx, num_windows_total, seq_len);
   read(window_idx * seq_len, seq_len, inputs);
   read(window_idx * seq_len + 1, seq_len, targets);
+  if (mask_shards_.empty()) return;
+  std::vector<int32_t> mask(static_cast<size_t>(seq_len));
+  read_from(mask_shards_, window_idx * seq_len + 1, seq_len, mask.data());
+  for (int64_t i = 0; i < seq_len; ++i) {
+    if (mask[static_cast<size_t>(i)] == 0) targets[i] = -1;
+  }
 }
 
 void to_json(nlohmann::json& j, const LoaderState& state) {

@@ -4,7 +4,8 @@
 //
 // Windows: the stream is cut into windows of seq_len + 1 tokens with stride seq_len; window w
 // covers tokens [w * seq_len, w * seq_len + seq_len + 1), its inputs are the first seq_len tokens
-// and its targets the last seq_len. num_windows = (num_tokens - 1) / seq_len.
+// and its targets the last seq_len (-1, ignored, where a loss mask does not count the token).
+// num_windows = (num_tokens - 1) / seq_len.
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -32,18 +33,26 @@ class TokenDataset {
   // out[0:count] = stream tokens [begin, begin + count); the range must lie in the stream.
   void read(int64_t begin, int64_t count, int32_t* out) const;
 
+  // Whether the split has a loss mask (prepare.h: completion-only loss).
+  bool has_loss_mask() const { return !mask_shards_.empty(); }
+
   // Windows in stream order, for evaluation (no shuffle).
   int64_t num_windows(int64_t seq_len) const;
-  // inputs/targets: [seq_len].
+  // inputs/targets: [seq_len]. With a loss mask, a target the mask does not count is -1.
   void read_window(int64_t seq_len, int64_t window_idx, int32_t* inputs, int32_t* targets) const;
 
  private:
+  // read() over token shards or mask shards (the same boundaries).
+  void read_from(const std::vector<TokenShard>& shards, int64_t begin, int64_t count,
+                 int32_t* out) const;
+
   std::filesystem::path dir_;
   std::string split_;
   int64_t vocab_size_ = 0;
   int64_t num_tokens_ = 0;
   std::vector<TokenShard> shards_;
-  std::vector<int64_t> shard_begins_;  // [num_shards], stream offset of each shard's first token
+  std::vector<TokenShard> mask_shards_;  // [num_shards] or empty: no loss mask
+  std::vector<int64_t> shard_begins_;    // [num_shards], stream offset of each shard's first token
 };
 
 // Where a BatchSampler is: `position` windows of epoch `epoch` have been consumed.

@@ -134,21 +134,30 @@ class StagingGuard {
   fs::path dir_;
 };
 
-// The token stream of one split, cut into shards of shard_tokens tokens as it grows.
+// The token stream of one split, cut into shards of shard_tokens tokens as it grows; with a loss
+// mask, beside each shard a mask shard of the same length (vocab 2: 1 where the token counts as a
+// target).
 class SplitWriter {
  public:
-  SplitWriter(fs::path dir, std::string split, uint64_t shard_tokens, int64_t vocab_size)
+  SplitWriter(fs::path dir, std::string split, uint64_t shard_tokens, int64_t vocab_size,
+              bool with_mask)
       : dir_(std::move(dir)),
         split_(std::move(split)),
         shard_tokens_(shard_tokens),
-        vocab_size_(vocab_size) {}
+        vocab_size_(vocab_size),
+        with_mask_(with_mask) {}
 
-  void append(std::span<const int32_t> tokens) {
+  // mask: [tokens.size()] when the writer has a loss mask, else empty.
+  void append(std::span<const int32_t> tokens, std::span<const int32_t> mask) {
     num_tokens_ += static_cast<int64_t>(tokens.size());
     while (!tokens.empty()) {
       size_t take = std::min<size_t>(shard_tokens_ - buffer_.size(), tokens.size());
       buffer_.insert(buffer_.end(), tokens.begin(), tokens.begin() + take);
       tokens = tokens.subspan(take);
+      if (with_mask_) {
+        mask_buffer_.insert(mask_buffer_.end(), mask.begin(), mask.begin() + take);
+        mask = mask.subspan(take);
+      }
       if (buffer_.size() == shard_tokens_) flush();
     }
   }
@@ -162,17 +171,30 @@ class SplitWriter {
 
   nlohmann::ordered_json to_json() const {
     nlohmann::ordered_json shards = nlohmann::ordered_json::array();
+    nlohmann::ordered_json masks = nlohmann::ordered_json::array();
     for (size_t shard_idx = 0; shard_idx < shard_names_.size(); ++shard_idx) {
       shards.push_back(
           {{"file", shard_names_[shard_idx]}, {"num_tokens", shard_num_tokens_[shard_idx]}});
+      masks.push_back(
+          {{"file", mask_name(shard_idx)}, {"num_tokens", shard_num_tokens_[shard_idx]}});
     }
-    return {{"num_tokens", num_tokens_}, {"num_documents", num_documents}, {"shards", shards}};
+    nlohmann::ordered_json out = {
+        {"num_tokens", num_tokens_}, {"num_documents", num_documents}, {"shards", shards}};
+    if (with_mask_) out["loss_mask_shards"] = masks;
+    return out;
   }
 
  private:
+  std::string mask_name(size_t shard_idx) const {
+    return fmt::format("{}-{:05d}.mask.bin", split_, shard_idx);
+  }
   void flush() {
     std::string name = fmt::format("{}-{:05d}.bin", split_, shard_names_.size());
     write_token_shard(dir_ / name, buffer_, vocab_size_);
+    if (with_mask_) {
+      write_token_shard(dir_ / mask_name(shard_names_.size()), mask_buffer_, 2);
+      mask_buffer_.clear();
+    }
     shard_names_.push_back(name);
     shard_num_tokens_.push_back(static_cast<int64_t>(buffer_.size()));
     buffer_.clear();
@@ -182,7 +204,9 @@ class SplitWriter {
   std::string split_;
   uint64_t shard_tokens_;
   int64_t vocab_size_;
-  std::vector<int32_t> buffer_;  // [< shard_tokens], the shard being filled
+  bool with_mask_;
+  std::vector<int32_t> buffer_;       // [< shard_tokens], the shard being filled
+  std::vector<int32_t> mask_buffer_;  // its loss mask
   int64_t num_tokens_ = 0;
   std::vector<std::string> shard_names_;
   std::vector<int64_t> shard_num_tokens_;
@@ -338,12 +362,34 @@ PrepareSummary prepare_dataset(const PrepareOptions& options, const PrepareProgr
   }
   tokenizer->save(paths.staging);
 
-  auto encode_document = [&tokenizer](const InputDocument& document) {
-    std::vector<int32_t> tokens = {tokenizer->bos_id()};
-    std::vector<int32_t> text_tokens = tokenizer->encode(read_file_bytes(document.path));
-    tokens.insert(tokens.end(), text_tokens.begin(), text_tokens.end());
-    tokens.push_back(tokenizer->eos_id());
-    return tokens;
+  // A document's tokens and, with completion_offset, its loss mask (1: counted as a target).
+  struct Encoded {
+    std::vector<int32_t> tokens, mask;
+  };
+  auto encode_document = [&tokenizer, &options](const InputDocument& document) {
+    const std::string text = read_file_bytes(document.path);
+    Encoded out{{tokenizer->bos_id()}, {}};
+    size_t split = text.size();
+    if (options.completion_offset) {
+      split = options.completion_offset(document);
+      MF_CHECK(split <= text.size(),
+               "prepare: the completion of '{}' starts at byte {}, past its {} bytes",
+               document.relative_path, split, text.size());
+    }
+    const std::vector<int32_t> prompt = tokenizer->encode(std::string_view(text).substr(0, split));
+    out.tokens.insert(out.tokens.end(), prompt.begin(), prompt.end());
+    const auto counted_from = static_cast<int64_t>(out.tokens.size());
+    if (split < text.size()) {
+      const std::vector<int32_t> completion =
+          tokenizer->encode(std::string_view(text).substr(split));
+      out.tokens.insert(out.tokens.end(), completion.begin(), completion.end());
+    }
+    out.tokens.push_back(tokenizer->eos_id());
+    if (options.completion_offset) {
+      out.mask.assign(out.tokens.size(), 1);
+      std::fill(out.mask.begin(), out.mask.begin() + counted_from, 0);
+    }
+    return out;
   };
 
   // stream_tail: tokens [train_stream_end, total) of the document stream are val.
@@ -351,7 +397,7 @@ PrepareSummary prepare_dataset(const PrepareOptions& options, const PrepareProgr
   if (val_rule == "stream_tail") {
     int64_t num_stream_tokens = 0;
     for (int64_t doc_idx = 0; doc_idx < num_documents; ++doc_idx) {
-      num_stream_tokens += static_cast<int64_t>(encode_document(documents[doc_idx]).size());
+      num_stream_tokens += static_cast<int64_t>(encode_document(documents[doc_idx]).tokens.size());
       report("count", doc_idx + 1, num_documents, num_stream_tokens);
     }
     train_stream_end =
@@ -360,19 +406,20 @@ PrepareSummary prepare_dataset(const PrepareOptions& options, const PrepareProgr
   }
 
   const int64_t vocab_size = tokenizer->vocab_size();
-  SplitWriter train(paths.staging, "train", options.shard_tokens, vocab_size);
-  SplitWriter val(paths.staging, "val", options.shard_tokens, vocab_size);
+  const bool with_mask = static_cast<bool>(options.completion_offset);
+  SplitWriter train(paths.staging, "train", options.shard_tokens, vocab_size, with_mask);
+  SplitWriter val(paths.staging, "val", options.shard_tokens, vocab_size, with_mask);
   nlohmann::ordered_json documents_json = nlohmann::ordered_json::array();
   int64_t stream_pos = 0;
   for (int64_t doc_idx = 0; doc_idx < num_documents; ++doc_idx) {
-    const std::vector<int32_t> tokens = encode_document(documents[doc_idx]);
-    const auto num_tokens = static_cast<int64_t>(tokens.size());
+    const Encoded encoded = encode_document(documents[doc_idx]);
+    const auto num_tokens = static_cast<int64_t>(encoded.tokens.size());
     int64_t num_train = hash_is_val[doc_idx]
                             ? 0
                             : std::clamp<int64_t>(train_stream_end - stream_pos, 0, num_tokens);
-    std::span<const int32_t> all(tokens);
-    train.append(all.first(num_train));
-    val.append(all.subspan(num_train));
+    std::span<const int32_t> all(encoded.tokens), mask(encoded.mask);
+    train.append(all.first(num_train), with_mask ? mask.first(num_train) : mask);
+    val.append(all.subspan(num_train), with_mask ? mask.subspan(num_train) : mask);
     train.num_documents += num_train > 0 ? 1 : 0;
     val.num_documents += num_train < num_tokens ? 1 : 0;
     stream_pos += num_tokens;
@@ -403,6 +450,10 @@ PrepareSummary prepare_dataset(const PrepareOptions& options, const PrepareProgr
       {"val_rule",
        {{"kind", val_rule}, {"description", val_rule_description(val_rule, options.val_fraction)}}},
       {"splits", {{"train", train.to_json()}, {"val", val.to_json()}}},
+      {"loss_mask",
+       with_mask ? "completion: each split's loss_mask_shards (vocab 2) mark the tokens counted as "
+                   "targets, a document's completion and EOS"
+                 : "none: every token is a target"},
       {"documents", documents_json},
   };
   io::write_file_atomic(paths.staging / kDatasetJsonName, dataset.dump(2) + "\n");

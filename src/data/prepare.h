@@ -2,7 +2,8 @@
 //
 // Every input file is one document, tokenized as [BOS] + encode(text) + [EOS]; documents are
 // concatenated, in input order (folders walked recursively in sorted order), into the stream of
-// their split, which is cut into shards of shard_tokens tokens (train-00000.bin, val-00000.bin).
+// their split, which is cut into shards of shard_tokens tokens (train-00000.bin, val-00000.bin);
+// with PrepareOptions::completion_offset a loss mask beside them (completion-only loss).
 //
 // Validation split (recorded in dataset.json as "val_rule"):
 // - "document_hash": a document goes to val when fnv1a64(relative_path + '\0' + content) % 10000
@@ -32,6 +33,11 @@ namespace moeforge::data {
 inline constexpr int64_t kDatasetFormatVersion = 1;
 inline constexpr const char* kDatasetJsonName = "dataset.json";
 
+struct InputDocument {
+  std::filesystem::path path;  // as reached from the input (input / relative_path)
+  std::string relative_path;   // relative to its input root, '/' separators
+};
+
 struct PrepareOptions {
   // Files or folders. Folders are walked recursively in sorted order, skipping hidden entries
   // (names starting with '.'); a file reached twice (through a symlink or overlapping inputs) is
@@ -50,11 +56,13 @@ struct PrepareOptions {
   // dataset.json's document list names each document's input path; false: its relative path
   // only (the inputs are temporary files, as for `data synth --format train`).
   bool record_input_paths = true;
-};
-
-struct InputDocument {
-  std::filesystem::path path;  // as reached from the input (input / relative_path)
-  std::string relative_path;   // relative to its input root, '/' separators
+  // Loss on completions only (supervised fine-tuning): when set, the byte offset in each
+  // document's text where its completion starts. The document is then encoded as [BOS] +
+  // encode(text before it) + encode(text from it on) + [EOS], and each split gets loss mask
+  // shards (train-00000.mask.bin, ...: token shards of vocab 2, one per token shard, listed as
+  // "loss_mask_shards") holding 1 for the completion's tokens and EOS, 0 elsewhere; the loader
+  // turns the other targets into -1 (ignored). An offset past the text's end is an error.
+  std::function<size_t(const InputDocument& document)> completion_offset;
 };
 
 struct PrepareProgress {

@@ -454,7 +454,7 @@ std::vector<SynthExample> read_synth_jsonl(const fs::path& path) {
 }
 
 PrepareSummary write_synth_train_dataset(std::span<const SynthExample> examples,
-                                         PrepareOptions options) {
+                                         PrepareOptions options, bool answer_only) {
   MF_CHECK(!examples.empty(), "synthetic training data: no examples to write");
   fs::path target = fs::absolute(options.out_dir).lexically_normal();
   if (!target.has_filename()) target = target.parent_path();
@@ -487,6 +487,15 @@ PrepareSummary write_synth_train_dataset(std::span<const SynthExample> examples,
   options.inputs = {text_dir};
   options.tokenizer = "byte";
   options.record_input_paths = false;
+  if (answer_only) {
+    // A file's name starts with its example's index (8 digits).
+    options.completion_offset = [examples](const InputDocument& document) {
+      const size_t example_idx = std::stoull(document.relative_path.substr(0, 8));
+      MF_CHECK(example_idx < examples.size(), "synthetic training data: unexpected file '{}'",
+               document.relative_path);
+      return examples[example_idx].prompt.size();
+    };
+  }
   return prepare_dataset(options);
 }
 

@@ -97,7 +97,9 @@ std::vector<SynthExample> read_synth_jsonl(const std::filesystem::path& path);
 // prepare_dataset (options.inputs and options.tokenizer are set here). The text files it prepares
 // from live in a hidden folder beside out_dir (.<name>.synth-text) that is removed at the end, so
 // dataset.json lists the documents by their file names (relative_path), without input paths.
+// answer_only: the loss counts only the answers and EOS (prepare.h's completion_offset at the end
+// of each prompt), so training learns to answer and not to predict the filler text.
 PrepareSummary write_synth_train_dataset(std::span<const SynthExample> examples,
-                                         PrepareOptions options);
+                                         PrepareOptions options, bool answer_only = false);
 
 }  // namespace moeforge::data

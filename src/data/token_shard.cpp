@@ -44,7 +44,7 @@ uint64_t load_le(const unsigned char* src, int num_bytes) {
 }  // namespace
 
 int token_bytes_for_vocab(int64_t vocab_size) {
-  return vocab_size <= 65536 ? 2 : 4;
+  return vocab_size <= 256 ? 1 : vocab_size <= 65536 ? 2 : 4;
 }
 
 void write_token_shard(const fs::path& path, std::span<const int32_t> tokens, int64_t vocab_size) {
@@ -114,8 +114,8 @@ TokenShard TokenShard::open(const fs::path& path) {
            path.string(), version, kTokenShardFormatVersion);
   MF_CHECK(version >= 1, "token shard '{}' has invalid format_version {}", path.string(), version);
   const uint64_t token_bytes = load_le(header + 12, 4);
-  MF_CHECK(token_bytes == 2 || token_bytes == 4,
-           "token shard '{}': token_bytes is {}, must be 2 or 4", path.string(), token_bytes);
+  MF_CHECK(token_bytes == 1 || token_bytes == 2 || token_bytes == 4,
+           "token shard '{}': token_bytes is {}, must be 1, 2 or 4", path.string(), token_bytes);
   const uint64_t num_tokens = load_le(header + 16, 8);
   const uint64_t vocab_size = load_le(header + 24, 8);
   MF_CHECK(vocab_size >= 1 && vocab_size <= std::numeric_limits<int32_t>::max(),

@@ -2,7 +2,7 @@
 // Layout (little-endian): a 64-byte header
 //   [0, 8)   magic "MFTOKSHD"
 //   [8, 12)  u32 format_version (1)
-//   [12, 16) u32 token_bytes (2 when vocab_size <= 65536, else 4)
+//   [12, 16) u32 token_bytes (1 when vocab_size <= 256, 2 when <= 65536, else 4)
 //   [16, 24) u64 num_tokens
 //   [24, 32) u64 vocab_size
 //   [32, 64) zero
@@ -19,7 +19,7 @@ namespace moeforge::data {
 inline constexpr uint32_t kTokenShardFormatVersion = 1;
 inline constexpr size_t kTokenShardHeaderBytes = 64;
 
-// 2 when every id of the vocabulary fits in a u16, else 4.
+// 1 when every id of the vocabulary fits in a byte (loss masks), 2 in a u16, else 4.
 int token_bytes_for_vocab(int64_t vocab_size);
 
 // Writes the shard atomically (temporary file in the same folder, fsync, rename). Every token

@@ -635,6 +635,35 @@ class CliTest(unittest.TestCase):
         ev = json.loads(run([MOEFORGE, "eval", "--model", model, "--data", train_dir, "--split", "train",
                              "--seq-len", "64", "--batch-size", "2", "--max-batches", "1"]).stdout)
         self.assertEqual(ev["tokens"], 128)
+        # --loss answer: the same tokens, and a mask that counts only answers and EOS, which eval
+        # and train read (targets the mask does not count are ignored).
+        answer_dir = os.path.join(self.tmp, "synth-answer")
+        run(synth(answer_dir, extra=("--format", "train", "--val-fraction", "0.2", "--loss", "answer")))
+        for split in ("train", "val"):
+            with open(os.path.join(train_dir, f"{split}-00000.bin"), "rb") as a, \
+                    open(os.path.join(answer_dir, f"{split}-00000.bin"), "rb") as b:
+                self.assertEqual(a.read(), b.read(), split)
+        with open(os.path.join(answer_dir, "train-00000.mask.bin"), "rb") as f:
+            mask = f.read()[64:]
+        with open(os.path.join(answer_dir, "train-00000.bin"), "rb") as f:
+            blob = f.read()[64:]
+        tokens = struct.unpack(f"<{len(blob) // 2}H", blob)
+        counted = bytes(t if t < 256 else 10 for t, m in zip(tokens, mask) if m).decode()
+        answers = [e["answer"] for e in examples]
+        self.assertEqual(len(counted), sum(1 for m in mask if m))
+        self.assertGreater(len(counted.splitlines()), 0)
+        self.assertTrue(all(line in answers for line in counted.splitlines()), counted[:200])
+        ev = json.loads(run([MOEFORGE, "eval", "--model", model, "--data", answer_dir, "--split", "train",
+                             "--seq-len", "64", "--batch-size", "2", "--max-batches", "1"]).stdout)
+        self.assertEqual(ev["tokens"], sum(mask[1:129]))
+        config = self.train_config("synth-answer-run", data__dataset=answer_dir, data__seq_len=128,
+                                   schedule__max_steps=2, checkpoint__every_steps=0)
+        run([MOEFORGE, "train", "--config", config, "--no-progress"])
+        self.assertEqual(len(self.step_metrics("synth-answer-run")), 2)
+        proc = run([MOEFORGE, "data", "synth", "--task", "vt", "--lengths", "1024", "--loss", "answer",
+                    "--out", os.path.join(self.tmp, "x.jsonl")], check=False)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("--loss applies to --format train only", proc.stderr)
 
         bad = os.path.join(self.tmp, "synth-bad.jsonl")
         for args, option in ((["--task", "niah_triple", "--lengths", "1024"], "--task"),

@@ -1,8 +1,9 @@
-// Tests of TokenDataset (shards as one stream, eval windows) and BatchSampler (epoch
+// Tests of TokenDataset (shards as one stream, eval windows, loss masks) and BatchSampler (epoch
 // permutations, resumable state, data-parallel slicing).
 #include "data/loader.h"
 
 #include "core/error.h"
+#include "data/byte_tokenizer.h"
 #include "data/prepare.h"
 #include "test_util.h"
 
@@ -17,6 +18,7 @@ namespace moeforge::data {
 namespace {
 
 namespace fs = std::filesystem;
+using testing::read_file;
 using testing::TempDir;
 using testing::write_file;
 
@@ -41,6 +43,34 @@ void write_dataset(const fs::path& dir, const std::vector<int64_t>& shard_sizes)
                             {"splits",
                              {{"train", {{"num_tokens", next_token}, {"shards", shards}}},
                               {"val", {{"num_tokens", 0}, {"shards", nlohmann::json::array()}}}}}};
+  write_file(dir / kDatasetJsonName, dataset.dump());
+}
+
+// The loss mask of the stream 0, 1, 2, ...: token t counts as a target unless t % 7 < 3.
+int32_t mask_value(int64_t token) {
+  return token % 7 < 3 ? 0 : 1;
+}
+
+// Writes a mask shard (vocab 2, mask_value of each token) beside every train shard of a dataset
+// from write_dataset and lists them in dataset.json as loss_mask_shards (val: none, no shards).
+void add_loss_mask(const fs::path& dir) {
+  nlohmann::json dataset = nlohmann::json::parse(read_file(dir / kDatasetJsonName));
+  nlohmann::json& train = dataset["splits"]["train"];
+  nlohmann::json masks = nlohmann::json::array();
+  int64_t next_token = 0;
+  for (size_t shard_idx = 0; shard_idx < train["shards"].size(); ++shard_idx) {
+    const int64_t num_tokens = train["shards"][shard_idx]["num_tokens"];
+    std::vector<int32_t> mask(static_cast<size_t>(num_tokens));
+    for (int64_t token_idx = 0; token_idx < num_tokens; ++token_idx) {
+      mask[token_idx] = mask_value(next_token + token_idx);
+    }
+    next_token += num_tokens;
+    std::string name = "train-0000" + std::to_string(shard_idx) + ".mask.bin";
+    write_token_shard(dir / name, mask, 2);
+    masks.push_back({{"file", name}, {"num_tokens", num_tokens}});
+  }
+  train["loss_mask_shards"] = masks;
+  dataset["splits"]["val"]["loss_mask_shards"] = nlohmann::json::array();
   write_file(dir / kDatasetJsonName, dataset.dump());
 }
 
@@ -113,6 +143,108 @@ TEST_F(LoaderTest, DatasetChecksShardsAgainstDatasetJson) {
       << message;
   EXPECT_NE(MF_ERROR_MESSAGE(TokenDataset::open(dir_.path(), "test")).find("split 'test'"),
             std::string::npos);
+}
+
+TEST_F(LoaderTest, LossMaskTurnsUncountedTargetsIntoMinusOne) {
+  const TokenDataset plain = open();
+  EXPECT_FALSE(plain.has_loss_mask());
+  add_loss_mask(dir_.path());
+  const TokenDataset masked = open();
+  EXPECT_TRUE(masked.has_loss_mask());
+  EXPECT_EQ(masked.num_tokens(), plain.num_tokens());
+  ASSERT_EQ(masked.num_windows(kSeqLen), plain.num_windows(kSeqLen));
+
+  // Window 12 (targets 97..104) crosses from shard 0 into shard 1 at token 100.
+  std::vector<int32_t> inputs(kSeqLen);
+  std::vector<int32_t> targets(kSeqLen);
+  masked.read_window(kSeqLen, 12, inputs.data(), targets.data());
+  EXPECT_EQ(inputs, (std::vector<int32_t>{96, 97, 98, 99, 100, 101, 102, 103}));
+  EXPECT_EQ(targets, (std::vector<int32_t>{97, -1, -1, -1, 101, 102, 103, 104}));
+  // Window 17 (targets 137..144) crosses shards 1, 2 and 3 (the 1-token shard is token 137).
+  masked.read_window(kSeqLen, 17, inputs.data(), targets.data());
+  EXPECT_EQ(targets, (std::vector<int32_t>{137, 138, 139, -1, -1, -1, 143, 144}));
+
+  // Every window: the inputs are unmasked, a target is kept where the mask counts it, else -1.
+  std::vector<int32_t> plain_inputs(kSeqLen);
+  std::vector<int32_t> plain_targets(kSeqLen);
+  int64_t num_counted = 0;
+  int64_t num_ignored = 0;
+  for (int64_t window_idx = 0; window_idx < masked.num_windows(kSeqLen); ++window_idx) {
+    masked.read_window(kSeqLen, window_idx, inputs.data(), targets.data());
+    plain.read_window(kSeqLen, window_idx, plain_inputs.data(), plain_targets.data());
+    EXPECT_EQ(inputs, plain_inputs) << window_idx;
+    for (int64_t t = 0; t < kSeqLen; ++t) {
+      const int32_t expected = mask_value(plain_targets[t]) == 1 ? plain_targets[t] : -1;
+      EXPECT_EQ(targets[t], expected) << "window " << window_idx << " position " << t;
+      (expected == -1 ? num_ignored : num_counted) += 1;
+    }
+  }
+  EXPECT_GT(num_counted, 0);
+  EXPECT_GT(num_ignored, 0);
+  // read() is the raw stream, the mask does not touch it.
+  std::vector<int32_t> all(301);
+  masked.read(0, 301, all.data());
+  for (int32_t token_idx = 0; token_idx < 301; ++token_idx) ASSERT_EQ(all[token_idx], token_idx);
+
+  // BatchSampler reads through read_window: the same windows as unmasked, with the mask applied.
+  BatchSampler masked_sampler(masked, kSeqLen, 5);
+  BatchSampler plain_sampler(plain, kSeqLen, 5);
+  std::vector<int32_t> batch_inputs(6 * kSeqLen);
+  std::vector<int32_t> batch_targets(6 * kSeqLen);
+  std::vector<int32_t> plain_batch_inputs(6 * kSeqLen);
+  std::vector<int32_t> plain_batch_targets(6 * kSeqLen);
+  for (int step = 0; step < 8; ++step) {
+    masked_sampler.next_batch(6, batch_inputs.data(), batch_targets.data());
+    plain_sampler.next_batch(6, plain_batch_inputs.data(), plain_batch_targets.data());
+    EXPECT_EQ(batch_inputs, plain_batch_inputs) << step;
+    for (size_t i = 0; i < batch_targets.size(); ++i) {
+      const int32_t target = plain_batch_targets[i];
+      EXPECT_EQ(batch_targets[i], mask_value(target) == 1 ? target : -1) << step << " " << i;
+    }
+  }
+}
+
+TEST_F(LoaderTest, LossMaskMustMatchItsShards) {
+  add_loss_mask(dir_.path());
+  const std::string dataset_json = read_file(dir_ / kDatasetJsonName);
+  EXPECT_EQ(MF_ERROR_MESSAGE(open()), "");
+  // The val split has no shards and an empty mask list: no mask to apply.
+  EXPECT_FALSE(TokenDataset::open(dir_.path(), "val").has_loss_mask());
+
+  nlohmann::json dataset = nlohmann::json::parse(dataset_json);
+  dataset["splits"]["train"]["loss_mask_shards"].erase(3);
+  write_file(dir_ / kDatasetJsonName, dataset.dump());
+  std::string message = MF_ERROR_MESSAGE(open());
+  EXPECT_NE(message.find("field 'splits.train.loss_mask_shards' must list one mask per shard (4)"),
+            std::string::npos)
+      << message;
+  write_file(dir_ / kDatasetJsonName, dataset_json);
+
+  write_token_shard(dir_ / "train-00001.mask.bin", std::vector<int32_t>(36, 1), 2);
+  message = MF_ERROR_MESSAGE(open());
+  EXPECT_NE(message.find("loss mask 'train-00001.mask.bin' holds 36 values but dataset.json lists "
+                         "37"),
+            std::string::npos)
+      << message;
+  nlohmann::json listed_36 = nlohmann::json::parse(dataset_json);
+  listed_36["splits"]["train"]["loss_mask_shards"][1]["num_tokens"] = 36;
+  write_file(dir_ / kDatasetJsonName, listed_36.dump());
+  message = MF_ERROR_MESSAGE(open());
+  EXPECT_NE(message.find("loss mask 'train-00001.mask.bin' holds 36 values of vocab 2, but its "
+                         "shard has 37 tokens"),
+            std::string::npos)
+      << message;
+  write_file(dir_ / kDatasetJsonName, dataset_json);
+
+  write_token_shard(dir_ / "train-00001.mask.bin", std::vector<int32_t>(37, 1), 3);
+  message = MF_ERROR_MESSAGE(open());
+  EXPECT_NE(message.find("loss mask 'train-00001.mask.bin' holds 37 values of vocab 3"),
+            std::string::npos)
+      << message;
+
+  fs::remove(dir_ / "train-00001.mask.bin");
+  message = MF_ERROR_MESSAGE(open());
+  EXPECT_NE(message.find("train-00001.mask.bin"), std::string::npos) << message;
 }
 
 TEST_F(LoaderTest, EpochVisitsEveryWindowOnceAndIsSeedDeterministic) {
@@ -229,6 +361,80 @@ TEST_F(LoaderTest, TooFewTokensForOneWindow) {
       << message;
   TokenDataset val = TokenDataset::open(dir_.path(), "val");
   EXPECT_THROW(BatchSampler(val, 4, 0), Error);
+}
+
+// A dataset prepared with a completion offset reads like the one prepared without it, except
+// that the targets outside the completions are -1, across document and shard boundaries.
+TEST(LoaderLossMask, PreparedCompletionMaskMatchesTheUnmaskedDataset) {
+  TempDir dir;
+  // Each document's text and where its completion starts.
+  const std::vector<std::pair<std::string, size_t>> documents = {
+      {"What is the capital of France? Paris", 31},
+      {"2 + 2 = 4", 8},
+      {"a prompt without completion", 27},
+      {"all completion", 0},
+  };
+  for (size_t doc_idx = 0; doc_idx < documents.size(); ++doc_idx) {
+    write_file(dir / "corpus" / ("doc" + std::to_string(doc_idx) + ".txt"),
+               documents[doc_idx].first);
+  }
+  PrepareOptions options;
+  options.inputs = {dir / "corpus"};
+  options.out_dir = dir / "plain";
+  options.val_fraction = 0.0;
+  options.shard_tokens = 10;
+  prepare_dataset(options);
+  options.out_dir = dir / "masked";
+  options.completion_offset = [&documents](const InputDocument& document) {
+    return documents.at(std::stoul(document.relative_path.substr(3))).second;
+  };
+  prepare_dataset(options);
+
+  // The mask of the stream, from the documents: 0 for BOS and the prompt, 1 for the completion
+  // and EOS.
+  std::vector<int32_t> stream_mask;
+  for (const auto& [text, offset] : documents) {
+    stream_mask.insert(stream_mask.end(), offset + 1, 0);
+    stream_mask.insert(stream_mask.end(), text.size() - offset + 1, 1);
+  }
+  const TokenDataset plain = TokenDataset::open(dir / "plain", "train");
+  const TokenDataset masked = TokenDataset::open(dir / "masked", "train");
+  EXPECT_FALSE(plain.has_loss_mask());
+  ASSERT_TRUE(masked.has_loss_mask());
+  ASSERT_EQ(masked.num_tokens(), static_cast<int64_t>(stream_mask.size()));
+  ASSERT_EQ(plain.num_tokens(), masked.num_tokens());
+
+  constexpr int64_t kSeqLen = 6;
+  std::vector<int32_t> inputs(kSeqLen);
+  std::vector<int32_t> targets(kSeqLen);
+  std::vector<int32_t> plain_inputs(kSeqLen);
+  std::vector<int32_t> plain_targets(kSeqLen);
+  for (int64_t window_idx = 0; window_idx < masked.num_windows(kSeqLen); ++window_idx) {
+    masked.read_window(kSeqLen, window_idx, inputs.data(), targets.data());
+    plain.read_window(kSeqLen, window_idx, plain_inputs.data(), plain_targets.data());
+    EXPECT_EQ(inputs, plain_inputs) << window_idx;
+    for (int64_t t = 0; t < kSeqLen; ++t) {
+      const size_t token_idx = static_cast<size_t>(window_idx * kSeqLen + t + 1);
+      EXPECT_EQ(targets[t], stream_mask[token_idx] == 1 ? plain_targets[t] : -1)
+          << "window " << window_idx << " position " << t;
+    }
+  }
+
+  // The stream: document 0 is tokens 0..37 (completion "Paris" 32..36, EOS 37), document 1
+  // 38..48 ("4" 47, EOS 48), document 2 49..77 (EOS 77 only), document 3 78..93 (all but BOS);
+  // shards of 10 tokens. Window w has targets 6w + 1 .. 6w + 6.
+  const int32_t eos = ByteTokenizer::kEosId;
+  const auto window_targets = [&](int64_t window_idx) {
+    masked.read_window(kSeqLen, window_idx, inputs.data(), targets.data());
+    return targets;
+  };
+  EXPECT_EQ(window_targets(5), (std::vector<int32_t>{-1, 'P', 'a', 'r', 'i', 's'}));
+  // Across the boundary of documents 0 and 1 and of shards 3 and 4 (token 40).
+  EXPECT_EQ(window_targets(6), (std::vector<int32_t>{eos, -1, -1, -1, -1, -1}));
+  EXPECT_EQ(window_targets(7), (std::vector<int32_t>{-1, -1, -1, -1, '4', eos}));
+  EXPECT_EQ(window_targets(12), (std::vector<int32_t>{-1, -1, -1, -1, eos, -1}));
+  // Across the boundary of shards 7 and 8 (token 80), inside a completion.
+  EXPECT_EQ(window_targets(13), (std::vector<int32_t>{'a', 'l', 'l', ' ', 'c', 'o'}));
 }
 
 }  // namespace

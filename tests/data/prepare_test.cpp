@@ -1,5 +1,5 @@
 // Tests of prepare_dataset: file discovery, determinism, the train/val split rules, shard
-// cutting, sentencepiece preparation and the rejections.
+// cutting, sentencepiece preparation, completion-only loss masks and the rejections.
 #include "data/prepare.h"
 
 #include "core/error.h"
@@ -10,11 +10,14 @@
 #include "data/token_shard.h"
 #include "test_util.h"
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
 
 #include <cmath>
+#include <map>
+#include <set>
 
 namespace moeforge::data {
 namespace {
@@ -70,6 +73,63 @@ PrepareOptions corpus_options(const fs::path& input, const fs::path& out_dir) {
   options.val_fraction = 0.2;
   options.shard_tokens = 1000;
   return options;
+}
+
+// Writes two documents (doc<i>.txt) whose hashes both pick train at val_fraction, so the hash rule
+// leaves val empty and prepare falls back to stream_tail.
+void write_two_train_documents(const fs::path& root, double val_fraction) {
+  int num_written = 0;
+  for (int candidate = 0; num_written < 2; ++candidate) {
+    std::string name = "doc" + std::to_string(candidate) + ".txt";
+    std::string text = document_text(candidate);
+    if (hash_selects_val(document_split_hash(name, text), val_fraction)) continue;
+    write_file(root / name, text);
+    ++num_written;
+  }
+}
+
+// The loss mask of a split: the mask shards dataset.json lists, read as one stream.
+std::vector<int32_t> read_split_mask(const fs::path& dir, const std::string& split) {
+  const nlohmann::json dataset = nlohmann::json::parse(read_file(dir / "dataset.json"));
+  std::vector<int32_t> mask;
+  for (const nlohmann::json& entry : dataset["splits"][split]["loss_mask_shards"]) {
+    TokenShard shard = TokenShard::open(dir / entry["file"].get<std::string>());
+    const size_t begin = mask.size();
+    mask.resize(begin + static_cast<size_t>(shard.num_tokens()));
+    shard.read(0, shard.num_tokens(), mask.data() + begin);
+  }
+  return mask;
+}
+
+// The loss mask of byte_document_tokens(text) with the completion at byte `offset`: 0 for BOS and
+// the prompt, 1 for the completion and EOS.
+std::vector<int32_t> byte_document_mask(const std::string& text, size_t offset) {
+  std::vector<int32_t> mask(offset + 1, 0);
+  mask.resize(text.size() + 2, 1);
+  return mask;
+}
+
+// Each split's loss_mask_shards has one entry per shard, train-00000.mask.bin, ..., with the
+// shard's num_tokens, and each mask shard is a 1-byte shard of vocab 2 of that length.
+void expect_mask_shards_match(const fs::path& dir) {
+  const nlohmann::json dataset = nlohmann::json::parse(read_file(dir / "dataset.json"));
+  for (const std::string split : {"train", "val"}) {
+    const nlohmann::json& shards = dataset["splits"][split]["shards"];
+    ASSERT_TRUE(dataset["splits"][split].contains("loss_mask_shards")) << split;
+    const nlohmann::json& masks = dataset["splits"][split]["loss_mask_shards"];
+    ASSERT_TRUE(masks.is_array()) << split;
+    ASSERT_EQ(masks.size(), shards.size()) << split;
+    for (size_t shard_idx = 0; shard_idx < shards.size(); ++shard_idx) {
+      const std::string name = fmt::format("{}-{:05d}.mask.bin", split, shard_idx);
+      EXPECT_EQ(masks[shard_idx]["file"], name);
+      EXPECT_EQ(masks[shard_idx]["num_tokens"], shards[shard_idx]["num_tokens"]) << name;
+      TokenShard mask = TokenShard::open(dir / name);
+      EXPECT_EQ(mask.vocab_size(), 2) << name;
+      EXPECT_EQ(mask.token_bytes(), 1) << name;
+      EXPECT_EQ(mask.num_tokens(), shards[shard_idx]["num_tokens"].get<int64_t>()) << name;
+      EXPECT_EQ(fs::file_size(dir / name), kTokenShardHeaderBytes + mask.num_tokens()) << name;
+    }
+  }
 }
 
 TEST(PrepareDataset, CollectsDocumentsSortedSkippingHiddenAndExcluded) {
@@ -163,15 +223,7 @@ TEST(PrepareDataset, IsDeterministicAndSplitsWithoutLosingTokens) {
 
 TEST(PrepareDataset, FallsBackToStreamTailWhenHashLeavesValEmpty) {
   TempDir dir;
-  // Two documents whose hashes both pick train at val_fraction 0.1.
-  int num_written = 0;
-  for (int candidate = 0; num_written < 2; ++candidate) {
-    std::string name = "doc" + std::to_string(candidate) + ".txt";
-    std::string text = document_text(candidate);
-    if (hash_selects_val(document_split_hash(name, text), 0.1)) continue;
-    write_file(dir / "corpus" / name, text);
-    ++num_written;
-  }
+  write_two_train_documents(dir / "corpus", 0.1);
   PrepareOptions options = corpus_options(dir / "corpus", dir / "out");
   options.val_fraction = 0.1;
   PrepareSummary summary = prepare_dataset(options);
@@ -236,6 +288,156 @@ TEST(PrepareDataset, SentencePieceDatasetDecodesBackToTheDocuments) {
   EXPECT_EQ(tokenizer->decode(train), expected_train);
   EXPECT_EQ(tokenizer->decode(val), expected_val);
   EXPECT_LT(train.size(), expected_train.size()) << "BPE must compress the text";
+}
+
+TEST(PrepareDataset, CompletionOffsetMasksThePromptAndKeepsTheTokens) {
+  TempDir dir;
+  // Each document's text and where its completion starts: in the middle, at 0 (all completion),
+  // at the end (only EOS counts), inside a 2-byte UTF-8 character.
+  const std::string qa = "Question: what is two plus two? Answer: four\n";
+  const std::string utf8 = "na\xc3\xafve caf\xc3\xa9, then more";
+  const std::map<std::string, std::pair<std::string, size_t>> corpus = {
+      {"a.txt", {qa, qa.find("four")}},
+      {"b/all.txt", {"every byte of this one is completion", 0}},
+      {"b/none.txt", {"no completion here", 18}},
+      {"c.txt", {utf8, 3}},
+  };
+  for (const auto& [relative_path, document] : corpus) {
+    write_file(dir / "corpus" / relative_path, document.first);
+  }
+  PrepareOptions plain = corpus_options(dir / "corpus", dir / "plain");
+  plain.val_fraction = 0.0;
+  plain.shard_tokens = 16;  // documents cross shard boundaries
+  PrepareOptions masked = plain;
+  masked.out_dir = dir / "masked";
+  std::set<std::string> asked;
+  masked.completion_offset = [&corpus, &asked](const InputDocument& document) {
+    asked.insert(document.relative_path);
+    return corpus.at(document.relative_path).second;
+  };
+  const PrepareSummary plain_summary = prepare_dataset(plain);
+  const PrepareSummary summary = prepare_dataset(masked);
+  EXPECT_EQ(asked.size(), corpus.size());
+
+  // Byte-level encoding of prompt and completion is the encoding of the whole text.
+  ASSERT_GT(summary.train_shards.size(), 3u);
+  ASSERT_EQ(summary.train_shards, plain_summary.train_shards);
+  EXPECT_EQ(summary.num_train_tokens, plain_summary.num_train_tokens);
+  for (const std::string& shard : summary.train_shards) {
+    EXPECT_EQ(read_file(dir / "masked" / shard), read_file(dir / "plain" / shard)) << shard;
+  }
+  EXPECT_TRUE(summary.val_shards.empty());
+
+  expect_mask_shards_match(dir / "masked");
+  const std::vector<int32_t> tokens = read_split(dir / "masked", "train");
+  const std::vector<int32_t> mask = read_split_mask(dir / "masked", "train");
+  ASSERT_EQ(mask.size(), tokens.size());
+  size_t pos = 0;
+  for (const auto& [relative_path, document] : corpus) {
+    const auto& [text, offset] = document;
+    const std::vector<int32_t> expected_tokens = byte_document_tokens(text);
+    const std::vector<int32_t> expected_mask = byte_document_mask(text, offset);
+    ASSERT_LE(pos + expected_mask.size(), mask.size()) << relative_path;
+    EXPECT_EQ(std::vector<int32_t>(tokens.begin() + pos, tokens.begin() + pos + text.size() + 2),
+              expected_tokens)
+        << relative_path;
+    EXPECT_EQ(std::vector<int32_t>(mask.begin() + pos, mask.begin() + pos + text.size() + 2),
+              expected_mask)
+        << relative_path;
+    pos += expected_mask.size();
+  }
+  EXPECT_EQ(pos, mask.size());
+
+  const nlohmann::json dataset = nlohmann::json::parse(read_file(dir / "masked" / "dataset.json"));
+  EXPECT_EQ(dataset["splits"]["train"]["num_tokens"], static_cast<int64_t>(tokens.size()));
+  EXPECT_EQ(dataset["splits"]["val"]["loss_mask_shards"], nlohmann::json::array());
+  EXPECT_EQ(dataset["loss_mask"].get<std::string>().rfind("completion", 0), 0u)
+      << dataset["loss_mask"];
+  EXPECT_TRUE(TokenDataset::open(dir / "masked", "train").has_loss_mask());
+}
+
+TEST(PrepareDataset, StreamTailCutsTheMaskWhereItCutsTheTokens) {
+  TempDir dir;
+  write_two_train_documents(dir / "corpus", 0.1);
+  PrepareOptions options = corpus_options(dir / "corpus", dir / "out");
+  options.val_fraction = 0.1;
+  options.shard_tokens = 64;
+  // The first document's completion is its second half, the second's its last 3 bytes, so the
+  // val tail (in the second document) starts in the prompt and ends in the completion.
+  options.completion_offset = [](const InputDocument& document) {
+    const size_t size = read_file(document.path).size();
+    return document.relative_path == "doc0.txt" ? size / 2 : size - 3;
+  };
+  const PrepareSummary summary = prepare_dataset(options);
+  ASSERT_EQ(summary.val_rule, "stream_tail");
+
+  std::vector<int32_t> stream;
+  std::vector<int32_t> stream_mask;
+  std::vector<InputDocument> documents = collect_input_documents(options);
+  ASSERT_EQ(documents.size(), 2u);
+  for (const InputDocument& document : documents) {
+    const std::string text = read_file(document.path);
+    const std::vector<int32_t> tokens = byte_document_tokens(text);
+    const std::vector<int32_t> mask = byte_document_mask(text, options.completion_offset(document));
+    stream.insert(stream.end(), tokens.begin(), tokens.end());
+    stream_mask.insert(stream_mask.end(), mask.begin(), mask.end());
+  }
+  const auto num_val = static_cast<int64_t>(std::floor(static_cast<double>(stream.size()) * 0.1));
+  const auto second_size = static_cast<int64_t>(read_file(documents[1].path).size()) + 2;
+  ASSERT_GT(num_val, 4) << "val must hold prompt and completion tokens";
+  ASSERT_LT(num_val, second_size) << "the cut must fall inside the second document";
+  EXPECT_EQ(summary.num_val_tokens, num_val);
+  ASSERT_GT(summary.train_shards.size(), 1u);
+
+  expect_mask_shards_match(dir / "out");
+  const std::vector<int32_t> train = read_split(dir / "out", "train");
+  const std::vector<int32_t> val = read_split(dir / "out", "val");
+  const std::vector<int32_t> train_mask = read_split_mask(dir / "out", "train");
+  const std::vector<int32_t> val_mask = read_split_mask(dir / "out", "val");
+  EXPECT_EQ(train, std::vector<int32_t>(stream.begin(), stream.end() - num_val));
+  EXPECT_EQ(val, std::vector<int32_t>(stream.end() - num_val, stream.end()));
+  EXPECT_EQ(train_mask, std::vector<int32_t>(stream_mask.begin(), stream_mask.end() - num_val));
+  EXPECT_EQ(val_mask, std::vector<int32_t>(stream_mask.end() - num_val, stream_mask.end()));
+  EXPECT_EQ(std::count(val_mask.begin(), val_mask.end(), 1), 4) << "3 completion bytes and EOS";
+
+  const nlohmann::json dataset = nlohmann::json::parse(read_file(dir / "out" / "dataset.json"));
+  EXPECT_EQ(dataset["documents"][1]["split"], "train+val");
+  EXPECT_TRUE(TokenDataset::open(dir / "out", "train").has_loss_mask());
+  EXPECT_TRUE(TokenDataset::open(dir / "out", "val").has_loss_mask());
+}
+
+TEST(PrepareDataset, CompletionOffsetPastTheTextIsAClearError) {
+  TempDir dir;
+  write_file(dir / "corpus" / "a.txt", "abc");
+  write_file(dir / "corpus" / "b" / "long.txt", "0123456789");
+  PrepareOptions options = corpus_options(dir / "corpus", dir / "out");
+  options.completion_offset = [](const InputDocument& document) -> size_t {
+    return document.relative_path == "a.txt" ? 3 : 11;  // the end of the text is allowed
+  };
+  const std::string message = MF_ERROR_MESSAGE(prepare_dataset(options));
+  EXPECT_NE(message.find("the completion of 'b/long.txt' starts at byte 11, past its 10 bytes"),
+            std::string::npos)
+      << message;
+  EXPECT_FALSE(fs::exists(dir / "out"));
+  EXPECT_FALSE(fs::exists(dir / ".out.staging"));
+}
+
+TEST(PrepareDataset, WithoutCompletionOffsetThereIsNoLossMask) {
+  TempDir dir;
+  write_corpus(dir / "corpus");
+  PrepareOptions options = corpus_options(dir / "corpus", dir / "out");
+  options.shard_tokens = 500;
+  const PrepareSummary summary = prepare_dataset(options);
+  ASSERT_EQ(summary.val_rule, "document_hash");
+  for (const fs::path& entry : fs::directory_iterator(dir / "out")) {
+    EXPECT_EQ(entry.filename().string().find(".mask"), std::string::npos) << entry;
+  }
+  const nlohmann::json dataset = nlohmann::json::parse(read_file(dir / "out" / "dataset.json"));
+  for (const std::string split : {"train", "val"}) {
+    EXPECT_FALSE(dataset["splits"][split].contains("loss_mask_shards")) << split;
+    EXPECT_FALSE(TokenDataset::open(dir / "out", split).has_loss_mask()) << split;
+  }
+  EXPECT_EQ(dataset["loss_mask"].get<std::string>().rfind("none", 0), 0u) << dataset["loss_mask"];
 }
 
 TEST(PrepareDataset, Rejections) {

@@ -347,5 +347,63 @@ TEST(SynthTasks, TrainDatasetHoldsEveryExampleAsOneDocument) {
   EXPECT_EQ(tokens, expected);
 }
 
+TEST(SynthTasks, AnswerOnlyDatasetCountsExactlyTheAnswersAndEos) {
+  TempDir dir;
+  const std::vector<SynthTask> tasks = {SynthTask::kNiahSingle, SynthTask::kVariableTracking};
+  const std::vector<int64_t> lengths = {700};
+  const std::vector<SynthExample> examples = make_synth_examples(tasks, lengths, 4, 5, {});
+  PrepareOptions options;
+  options.out_dir = dir / "answers";
+  options.val_fraction = 0.3;
+  const PrepareSummary summary = write_synth_train_dataset(examples, options, true);
+  // Whole documents in both splits (the hash rule), so each split starts at a document's BOS.
+  ASSERT_EQ(summary.val_rule, "document_hash");
+  ASSERT_GT(summary.num_train_documents, 0);
+  ASSERT_GT(summary.num_val_documents, 0);
+
+  const nlohmann::json info = nlohmann::json::parse(read_file_bytes(dir / "answers/dataset.json"));
+  ByteTokenizer tokenizer;
+  int64_t num_documents = 0;
+  for (const std::string split : {"train", "val"}) {
+    // The examples of the split's documents, in stream order (file names start with the index).
+    std::vector<size_t> example_ids;
+    for (const auto& document : info.at("documents")) {
+      if (document.at("split") != split) continue;
+      example_ids.push_back(std::stoul(document.at("relative_path").get<std::string>()));
+    }
+    const TokenDataset dataset = TokenDataset::open(dir / "answers", split);
+    EXPECT_TRUE(dataset.has_loss_mask()) << split;
+    const int64_t seq_len = dataset.num_tokens() - 1;
+    ASSERT_EQ(dataset.num_windows(seq_len), 1) << split;
+    std::vector<int32_t> inputs(seq_len);
+    std::vector<int32_t> targets(seq_len);
+    dataset.read_window(seq_len, 0, inputs.data(), targets.data());
+    // The counted targets (not -1) of each document: target i is token i + 1, and a document
+    // starts at its BOS.
+    ASSERT_EQ(inputs[0], ByteTokenizer::kBosId) << split;
+    std::vector<std::vector<int32_t>> counted;
+    for (int64_t pos = 0; pos < seq_len; ++pos) {
+      if (inputs[pos] == ByteTokenizer::kBosId) counted.emplace_back();
+      if (targets[pos] != -1) counted.back().push_back(targets[pos]);
+    }
+    ASSERT_EQ(counted.size(), example_ids.size()) << split;
+    for (size_t doc_idx = 0; doc_idx < counted.size(); ++doc_idx) {
+      const SynthExample& example = examples[example_ids[doc_idx]];
+      std::vector<int32_t> expected = tokenizer.encode(example.answer);
+      expected.push_back(ByteTokenizer::kEosId);
+      EXPECT_EQ(counted[doc_idx], expected) << split << " example " << example_ids[doc_idx];
+      EXPECT_EQ(tokenizer.decode(std::span(counted[doc_idx]).first(counted[doc_idx].size() - 1)),
+                example.answer);
+    }
+    num_documents += static_cast<int64_t>(counted.size());
+  }
+  EXPECT_EQ(num_documents, static_cast<int64_t>(examples.size()));
+
+  options.out_dir = dir / "everything";
+  write_synth_train_dataset(examples, options, false);
+  EXPECT_FALSE(TokenDataset::open(dir / "everything", "train").has_loss_mask());
+  EXPECT_FALSE(TokenDataset::open(dir / "everything", "val").has_loss_mask());
+}
+
 }  // namespace
 }  // namespace moeforge::data

@@ -71,7 +71,25 @@ TEST(TokenShard, RoundTripsFourByteTokens) {
   EXPECT_EQ(moved.num_tokens(), 7);
 }
 
+// Loss masks (vocab 2) take one byte per value.
+TEST(TokenShard, RoundTripsOneByteTokens) {
+  TempDir dir;
+  std::vector<int32_t> mask = {0, 1, 1, 0, 0, 0, 1};
+  write_token_shard(dir / "m.bin", mask, 2);
+  EXPECT_EQ(std::filesystem::file_size(dir / "m.bin"), 64 + mask.size());
+  TokenShard shard = TokenShard::open(dir / "m.bin");
+  EXPECT_EQ(shard.token_bytes(), 1);
+  EXPECT_EQ(shard.vocab_size(), 2);
+  std::vector<int32_t> back(mask.size());
+  shard.read(0, shard.num_tokens(), back.data());
+  EXPECT_EQ(back, mask);
+  EXPECT_THROW(write_token_shard(dir / "bad.bin", std::vector<int32_t>{0, 2}, 2), Error);
+}
+
 TEST(TokenShard, TokenBytesFollowTheVocabulary) {
+  EXPECT_EQ(token_bytes_for_vocab(2), 1);
+  EXPECT_EQ(token_bytes_for_vocab(256), 1);
+  EXPECT_EQ(token_bytes_for_vocab(257), 2);
   EXPECT_EQ(token_bytes_for_vocab(258), 2);
   EXPECT_EQ(token_bytes_for_vocab(65536), 2);
   EXPECT_EQ(token_bytes_for_vocab(65537), 4);
@@ -151,7 +169,7 @@ TEST_F(TokenShardCorruption, RejectsTruncatedFileNamingSizes) {
 TEST_F(TokenShardCorruption, RejectsBadTokenBytes) {
   bytes_[12] = 3;
   std::string message = open_error();
-  EXPECT_NE(message.find("token_bytes is 3, must be 2 or 4"), std::string::npos) << message;
+  EXPECT_NE(message.find("token_bytes is 3, must be 1, 2 or 4"), std::string::npos) << message;
 }
 
 TEST_F(TokenShardCorruption, ReadRejectsTokensOutsideTheVocabulary) {
