@@ -86,6 +86,17 @@ void TokenDataset::read(int64_t begin, int64_t count, int32_t* out) const {
   read_from(shards_, begin, count, out);
 }
 
+void TokenDataset::read_loss_mask(int64_t begin, int64_t count, int32_t* out) const {
+  if (mask_shards_.empty()) {
+    MF_CHECK(begin >= 0 && count >= 0 && begin <= num_tokens_ && count <= num_tokens_ - begin,
+             "dataset '{}' split '{}': range [{}, {}) is outside its {} tokens", dir_.string(),
+             split_, begin, begin + count, num_tokens_);
+    std::fill(out, out + count, 1);
+    return;
+  }
+  read_from(mask_shards_, begin, count, out);
+}
+
 void TokenDataset::read_from(const std::vector<TokenShard>& shards, int64_t begin, int64_t count,
                              int32_t* out) const {
   MF_CHECK(begin >= 0 && count >= 0 && begin <= num_tokens_ && count <= num_tokens_ - begin,
@@ -123,7 +134,7 @@ void TokenDataset::read_window(int64_t seq_len, int64_t window_idx, int32_t* inp
   read(window_idx * seq_len + 1, seq_len, targets);
   if (mask_shards_.empty()) return;
   std::vector<int32_t> mask(static_cast<size_t>(seq_len));
-  read_from(mask_shards_, window_idx * seq_len + 1, seq_len, mask.data());
+  read_loss_mask(window_idx * seq_len + 1, seq_len, mask.data());
   for (int64_t i = 0; i < seq_len; ++i) {
     if (mask[static_cast<size_t>(i)] == 0) targets[i] = -1;
   }

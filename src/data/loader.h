@@ -35,6 +35,9 @@ class TokenDataset {
 
   // Whether the split has a loss mask (prepare.h: completion-only loss).
   bool has_loss_mask() const { return !mask_shards_.empty(); }
+  // out[0:count] = whether stream tokens [begin, begin + count) count as targets (1, or 0 where
+  // the loss mask excludes them; all 1 without a mask).
+  void read_loss_mask(int64_t begin, int64_t count, int32_t* out) const;
 
   // Windows in stream order, for evaluation (no shuffle).
   int64_t num_windows(int64_t seq_len) const;

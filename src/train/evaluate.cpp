@@ -66,20 +66,29 @@ double unigram_baseline_loss(const data::TokenDataset& train, const data::TokenD
   const int64_t vocab = std::max(train.vocab_size(), eval.vocab_size());
   std::vector<double> counts(static_cast<size_t>(vocab), 1.0);
   constexpr int64_t kChunk = 1 << 20;
-  std::vector<int32_t> buffer(kChunk);
+  std::vector<int32_t> buffer(kChunk), mask(kChunk);
+  double num_fitted = 0.0;
   for (int64_t begin = 0; begin < train.num_tokens(); begin += kChunk) {
     const int64_t count = std::min(kChunk, train.num_tokens() - begin);
     train.read(begin, count, buffer.data());
-    for (int64_t i = 0; i < count; ++i) counts[buffer[i]] += 1.0;
+    train.read_loss_mask(begin, count, mask.data());
+    for (int64_t i = 0; i < count; ++i) {
+      counts[buffer[i]] += mask[i];
+      num_fitted += mask[i];
+    }
   }
-  const double total = static_cast<double>(train.num_tokens() + vocab);
+  const double total = num_fitted + static_cast<double>(vocab);
   double nats = 0.0;
   int64_t num_counted = 0;
   for (int64_t begin = 1; begin < eval.num_tokens(); begin += kChunk) {
     const int64_t count = std::min(kChunk, eval.num_tokens() - begin);
     eval.read(begin, count, buffer.data());
-    for (int64_t i = 0; i < count; ++i) nats -= std::log(counts[buffer[i]] / total);
-    num_counted += count;
+    eval.read_loss_mask(begin, count, mask.data());
+    for (int64_t i = 0; i < count; ++i) {
+      if (mask[i] == 0) continue;
+      nats -= std::log(counts[buffer[i]] / total);
+      ++num_counted;
+    }
   }
   MF_CHECK(num_counted > 0, "the evaluation split has no tokens to score");
   return nats / static_cast<double>(num_counted);

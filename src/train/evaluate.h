@@ -36,7 +36,7 @@ EvalResult evaluate(Transformer<float>& model, const data::TokenDataset& dataset
 
 // Cross-entropy (nats per token) of the unigram model fitted on `train` (add-one smoothing over the
 // vocabulary), measured on every token of `eval` after its first: the baseline a trained model must
-// clearly beat.
+// clearly beat. With loss masks (prepare.h), only the tokens the masks count are fitted and scored.
 double unigram_baseline_loss(const data::TokenDataset& train, const data::TokenDataset& eval);
 
 }  // namespace moeforge

@@ -656,6 +656,13 @@ class CliTest(unittest.TestCase):
         ev = json.loads(run([MOEFORGE, "eval", "--model", model, "--data", answer_dir, "--split", "train",
                              "--seq-len", "64", "--batch-size", "2", "--max-batches", "1"]).stdout)
         self.assertEqual(ev["tokens"], sum(mask[1:129]))
+        # The unigram baseline is fitted and scored on the counted tokens only.
+        counts = [1.0] * 258
+        for t, m in zip(tokens, mask):
+            counts[t] += m
+        total = sum(counts)
+        scored = [-math.log(counts[t] / total) for t, m in zip(tokens[1:], mask[1:]) if m]
+        self.assertAlmostEqual(ev["unigram_loss"], sum(scored) / len(scored), places=9)
         config = self.train_config("synth-answer-run", data__dataset=answer_dir, data__seq_len=128,
                                    schedule__max_steps=2, checkpoint__every_steps=0)
         run([MOEFORGE, "train", "--config", config, "--no-progress"])
