@@ -79,18 +79,6 @@ __global__ void cross_entropy_kernel(float* losses, bf16* dlogits, const float* 
   }
 }
 
-// Block-wide reduction of one value per thread (max or sum), the result in every thread.
-template <bool kMax>
-__device__ __forceinline__ float block_reduce(float x, float* shared) {
-  x = kMax ? warp_max(x) : warp_sum(x);
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  __syncthreads();  // shared may still be read by a previous reduction
-  if (lane == 0) shared[warp] = x;
-  __syncthreads();
-  x = lane < kWarps ? shared[lane] : (kMax ? -INFINITY : 0.0f);
-  return kMax ? warp_max(x) : warp_sum(x);
-}
-
 // kChunks float4 per thread hold a whole row (kThreads * 4 * kChunks >= vocab; past the end:
 // -inf, exp 0). Needs vocab % 4 == 0 and 16-byte aligned logits and 8-byte aligned dlogits.
 template <int kChunks>
@@ -118,7 +106,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int i = 0; i < 4; ++i) m = fmaxf(m, v[c][i]);
   }
-  m = block_reduce<true>(m, shared);
+  m = block_reduce<true, kThreads>(m, shared);
   float s = 0.0f;
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) {
@@ -128,7 +116,7 @@ __global__ void __launch_bounds__(kThreads)
       s += v[c][i];
     }
   }
-  s = block_reduce<false>(s, shared);
+  s = block_reduce<false, kThreads>(s, shared);
   if (threadIdx.x == 0) losses[row] = target < 0 ? 0.0f : m + logf(s) - x[target];
   if (dlogits == nullptr) return;
   const float scale = dscale / s;

@@ -66,13 +66,6 @@ __device__ double dot_double(const double* a, const double* b, int64_t len) {
   return sum;
 }
 
-__device__ __forceinline__ double warp_max(double x) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    x = fmax(x, __shfl_xor_sync(kFullMask, x, offset));
-  }
-  return x;
-}
-
 // means [num_heads, nb, D]: mean over each block's real rows of x[:, head, :], times factor
 // (rows summed in ascending order, then multiplied by factor / length, as the reference). Heads
 // whose flag in active is 0 are skipped (active == nullptr: every head).

@@ -1,9 +1,10 @@
-// Device helpers shared by the kernels of src/cuda: warp reductions, type conversions and the
-// launch-size arithmetic.
+// Device helpers shared by the kernels of src/cuda: warp and block reductions, type conversions and
+// the launch-size arithmetic.
 #pragma once
 
 #include <cuda_bf16.h>
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 
@@ -30,6 +31,30 @@ __device__ __forceinline__ float warp_max(float x) {
     x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
   }
   return x;
+}
+
+__device__ __forceinline__ double warp_max(double x) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    x = fmax(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  }
+  return x;
+}
+
+// Block-wide reduction (max or sum) of one value per thread of a kThreads-thread block, the
+// result in every thread: warp reductions, then one over the warps' results. shared: kThreads /
+// kWarpSize floats of shared memory; it may be reused by the next reduction at once (each
+// synchronises the block before writing it).
+template <bool kMax, int kThreads>
+__device__ __forceinline__ float block_reduce(float x, float* shared) {
+  static_assert(kThreads % kWarpSize == 0 && kThreads / kWarpSize <= kWarpSize,
+                "whole warps, at most a warp of them");
+  x = kMax ? warp_max(x) : warp_sum(x);
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  __syncthreads();  // shared may still be read by a previous reduction
+  if (lane == 0) shared[warp] = x;
+  __syncthreads();
+  x = lane < kThreads / kWarpSize ? shared[lane] : (kMax ? -INFINITY : 0.0f);
+  return kMax ? warp_max(x) : warp_sum(x);
 }
 
 __device__ __forceinline__ float to_float(float x) {

@@ -15,17 +15,6 @@ constexpr int kThreads = 128;
 constexpr int64_t kRowsPerChunk = 256;  // rows summed by one thread of the weight gradient
 static_assert(kThreads % kWarpSize == 0, "whole warps per block");
 
-// The sum of x over the block, the same value in every thread: warp sums, then the warps' sums in
-// warp order. partials: kThreads / kWarpSize floats of shared memory, used once per kernel.
-__device__ float block_sum(float x, float* partials) {
-  x = warp_sum(x);
-  if (threadIdx.x % kWarpSize == 0) partials[threadIdx.x / kWarpSize] = x;
-  __syncthreads();
-  float total = 0.0f;
-  for (int w = 0; w < kThreads / kWarpSize; ++w) total += partials[w];
-  return total;
-}
-
 __global__ void gate_forward_kernel(float* out, float* score, const bf16* x, const bf16* w,
                                     const bf16* shared_out, int64_t h) {
   __shared__ float partials[kThreads / kWarpSize];
@@ -34,7 +23,7 @@ __global__ void gate_forward_kernel(float* out, float* score, const bf16* x, con
   for (int64_t i = threadIdx.x; i < h; i += kThreads) {
     dot += __bfloat162float(x[row + i]) * __bfloat162float(w[i]);
   }
-  const float s = 1.0f / (1.0f + expf(-block_sum(dot, partials)));
+  const float s = 1.0f / (1.0f + expf(-block_reduce<false, kThreads>(dot, partials)));
   if (threadIdx.x == 0) score[blockIdx.x] = s;
   for (int64_t i = threadIdx.x; i < h; i += kThreads) {
     out[row + i] += s * __bfloat162float(shared_out[row + i]);
@@ -53,7 +42,7 @@ __global__ void gate_backward_kernel(bf16* dshared_out, float* dlogit, float* dx
     dot += dy * __bfloat162float(shared_out[row + i]);
     dshared_out[row + i] = __float2bfloat16_rn(s * dy);
   }
-  const float dl = block_sum(dot, partials) * s * (1.0f - s);
+  const float dl = block_reduce<false, kThreads>(dot, partials) * s * (1.0f - s);
   if (threadIdx.x == 0) dlogit[blockIdx.x] = dl;
   for (int64_t i = threadIdx.x; i < h; i += kThreads) dx[row + i] += dl * __bfloat162float(w[i]);
 }
