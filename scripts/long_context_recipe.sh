@@ -73,7 +73,8 @@ cp "$model"/config.json "$model"/model.safetensors "$model"/moeforge_tokenizer.j
 for attention in dense flex; do
   for file in tasks tasks_128k; do
     "$moeforge" eval --model "$model" --task "$out/$file.jsonl" --device cuda \
-      --attention "$attention" > "$out/eval_${file}_$attention.json"
+      --attention "$attention" --predictions "$out/predictions_${file}_$attention.jsonl" \
+      > "$out/eval_${file}_$attention.json"
     echo "eval $file $attention: $(cat "$out/eval_${file}_$attention.json")"
   done
 done

@@ -22,6 +22,7 @@
 #include "data/synth_tasks.h"
 #include "data/tokenizer.h"
 #include "infer/task_eval.h"
+#include "io/atomic_file.h"
 #include "model/model_io.h"
 #include "ops/cross_entropy.h"
 #include "train/evaluate.h"
@@ -66,11 +67,30 @@ LossBreakdown prefill_window_loss(Transformer<float>& model, const int32_t* toke
   return out;
 }
 
+// One JSON line per example: its task, length, depth and answer, the greedy output and whether it
+// scored (written atomically).
+void write_predictions(const std::string& path, const std::vector<data::SynthExample>& examples,
+                       const std::vector<std::string>& generated) {
+  std::string text;
+  for (size_t i = 0; i < examples.size(); ++i) {
+    const data::SynthExample& e = examples[i];
+    nlohmann::ordered_json line = {
+        {"task", data::synth_task_name(e.task)},
+        {"length", e.length},
+        {"depth", e.depth},
+        {"answer", e.answer},
+        {"output", generated[i]},
+        {"correct", data::synth_answer_correct(e.task, e.answer, generated[i])}};
+    text += line.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+  }
+  io::write_file_atomic(path, text);
+}
+
 }  // namespace
 
 void register_eval_command(CLI::App& app) {
   struct Options {
-    std::string model, data, task, split = "val", device = "cpu";
+    std::string model, data, task, split = "val", device = "cpu", predictions;
     int64_t seq_len = 256, batch_size = 8, max_batches = 0;
     AttentionOptions attention;
   };
@@ -106,6 +126,10 @@ void register_eval_command(CLI::App& app) {
   for (CLI::Option* dataset_only : {split, seq_len, batch_size, max_batches}) {
     task->excludes(dataset_only);
   }
+  cmd->add_option("--predictions", opts->predictions,
+                  "With --task: also write every example's answer and greedy output as JSONL "
+                  "(task, length, depth, answer, output, correct; one process only)")
+      ->needs(task);
   add_attention_options(cmd, opts->attention);
   add_inference_device_option(cmd, opts->device);
   cmd->callback([opts] {
@@ -127,9 +151,15 @@ void register_eval_command(CLI::App& app) {
                                     {"task_file", opts->task},
                                     {"attention", opts->attention.attention},
                                     {"device", opts->device}};
-      out.update(evaluate_synth_tasks(*engine, *tokenizer, data::read_synth_jsonl(opts->task),
-                                      opts->task, attention.flex, world));
+      MF_CHECK(opts->predictions.empty() || world.size() == 1,
+               "--predictions runs in one process (each rank decodes only its share of the "
+               "examples); drop it or mpirun");
+      const std::vector<data::SynthExample> examples = data::read_synth_jsonl(opts->task);
+      std::vector<std::string> generated;
+      out.update(evaluate_synth_tasks(*engine, *tokenizer, examples, opts->task, attention.flex,
+                                      world, opts->predictions.empty() ? nullptr : &generated));
       if (attention.flex) out["attention_params"] = flex_prefill_params_json(attention.params);
+      if (!opts->predictions.empty()) write_predictions(opts->predictions, examples, generated);
       if (world.rank() == 0) fmt::print("{}\n", out.dump());
       return;
     }

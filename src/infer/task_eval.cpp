@@ -55,7 +55,8 @@ nlohmann::ordered_json evaluate_synth_tasks(InferenceEngine& engine,
                                             const data::Tokenizer& tokenizer,
                                             const std::vector<data::SynthExample>& examples,
                                             const std::string& task_file, bool flex,
-                                            Communicator& world) {
+                                            Communicator& world,
+                                            std::vector<std::string>* generated_texts) {
   const int64_t max_positions = engine.config().max_position_embeddings;
   std::map<std::pair<data::SynthTask, int64_t>, TaskGroup> groups;
   for (size_t example_idx = 0; example_idx < examples.size(); ++example_idx) {
@@ -69,6 +70,7 @@ nlohmann::ordered_json evaluate_synth_tasks(InferenceEngine& engine,
              task_file, example_idx + 1, data::synth_task_name(example.task), example.length,
              num_prompt + num_decode, num_prompt, num_decode, max_positions);
   }
+  if (generated_texts != nullptr) generated_texts->assign(examples.size(), std::string());
   const bool tty = isatty(fileno(stderr)) == 1;
   const auto num_examples = static_cast<int64_t>(examples.size());
   const int64_t report_every = std::max<int64_t>(1, num_examples / 10);
@@ -86,6 +88,8 @@ nlohmann::ordered_json evaluate_synth_tasks(InferenceEngine& engine,
     const std::string generated = tokenizer.decode(
         std::span<const int32_t>(result.new_tokens.data(), text_end - result.new_tokens.begin()));
     const bool correct = data::synth_answer_correct(example.task, example.answer, generated);
+    if (generated_texts != nullptr)
+      (*generated_texts)[static_cast<size_t>(example_idx)] = generated;
     TaskGroup& group = groups[{example.task, example.length}];
     group.num_examples += 1.0;
     group.num_correct += correct ? 1.0 : 0.0;

@@ -751,6 +751,17 @@ class CliTest(unittest.TestCase):
             self.assertEqual(ev["tasks"]["niah_multikey"]["accuracy"], 0.0)
             self.assertEqual(ev["tasks"]["niah_multivalue"]["accuracy"], 0.0)
             self.assertEqual(ev["tasks"]["vt"]["accuracy"], 1.0)
+        # --predictions: every example's answer, output and score, in task-file order.
+        predictions = os.path.join(self.tmp, "predictions.jsonl")
+        run([MOEFORGE, "eval", "--model", seven, "--task", hand_file, "--predictions", predictions])
+        lines = read_jsonl(predictions)
+        self.assertEqual([(l["task"], l["length"], l["answer"]) for l in lines], hand)
+        self.assertEqual([l["output"].splitlines()[0] for l in lines], ["7"] * 5)
+        self.assertEqual([l["correct"] for l in lines], [True, False, False, False, True])
+        proc = run([MOEFORGE, "eval", "--model", seven, "--data", self.data, "--predictions", predictions],
+                   check=False)
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn("--predictions", proc.stderr)
         # The random model cannot produce a long answer.
         with open(hand_file, "w") as f:
             f.write(json.dumps({"task": "niah_single", "length": 600, "depth": 0.5,
