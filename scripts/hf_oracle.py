@@ -398,6 +398,20 @@ def compare(result, ours, theirs, tokens, moeforge_ce, routing=None):
     return None
 
 
+def check_model(model, exe, model_dir, device, work, tokens, result):
+    """transformers' logits (and fp32 router logits) of model against `moeforge forward` of
+    model_dir on the same tokens; with moeforge on the GPU also transformers' own bf16 error.
+    Fills result; returns compare's failure reason or None."""
+    theirs = hf_logits(model, tokens, device)
+    fp32_routers = (router_logits(model, tokens, device)
+                    if getattr(model.config, "num_experts_per_tok", None) else None)
+    if MOEFORGE_DEVICE == "cuda":
+        hf_bf16_noise(model, tokens, device, theirs, fp32_routers, result)
+    ours, ce, routers = moeforge_forward(exe, model_dir, tokens, work)
+    return compare(result, ours, theirs, tokens, ce,
+                   routing_of(model, tokens, device, routers, fp32_routers))
+
+
 def hf_to_moeforge(arch, exe, device, work, tokens, result):
     """Random transformers model -> save_pretrained -> moeforge forward. Fills result (also
     when it raises, so the tensor layout is reported even if moeforge cannot load it)."""
@@ -421,14 +435,7 @@ def hf_to_moeforge(arch, exe, device, work, tokens, result):
             _, result["layer0_moe_tensors_unreverted"] = expert_tensors(tensor_shapes(fused_dir))
         except TypeError as err:
             result["layer0_moe_tensors_unreverted"] = f"save_original_format unsupported: {err}"
-    theirs = hf_logits(model, tokens, device)
-    fp32_routers = (router_logits(model, tokens, device)
-                    if getattr(model.config, "num_experts_per_tok", None) else None)
-    if MOEFORGE_DEVICE == "cuda":
-        hf_bf16_noise(model, tokens, device, theirs, fp32_routers, result)
-    ours, ce, routers = moeforge_forward(exe, model_dir, tokens, work)
-    return compare(result, ours, theirs, tokens, ce,
-                   routing_of(model, tokens, device, routers, fp32_routers))
+    return check_model(model, exe, model_dir, device, work, tokens, result)
 
 
 def config_mismatches(config, fields):
@@ -461,14 +468,7 @@ def moeforge_to_hf(arch, exe, device, work, tokens, result):
     problems += config_mismatches(model.config, fields)
     if problems:
         return "; ".join(problems)
-    theirs = hf_logits(model, tokens, device)
-    fp32_routers = (router_logits(model, tokens, device)
-                    if getattr(model.config, "num_experts_per_tok", None) else None)
-    if MOEFORGE_DEVICE == "cuda":
-        hf_bf16_noise(model, tokens, device, theirs, fp32_routers, result)
-    ours, ce, routers = moeforge_forward(exe, model_dir, tokens, work)
-    return compare(result, ours, theirs, tokens, ce,
-                   routing_of(model, tokens, device, routers, fp32_routers))
+    return check_model(model, exe, model_dir, device, work, tokens, result)
 
 
 def main():
