@@ -15,14 +15,14 @@
 #   4. layer DUMP_LAYER's q, k, v of a 128K prompt (generate --dump-qkv on the GPU), and
 #      `bench prefill --qkv` on it: cuDNN dense against the pattern search + sparse kernel.
 # Usage: scripts/long_context_recipe.sh MOEFORGE OUT_DIR (environment: SHORT_SECONDS, default
-# 90; LONG_SECONDS, default 120; EVAL_NUM examples per task and length, default 20).
+# 120; LONG_SECONDS, default 130; EVAL_NUM examples per task and length, default 20).
 set -euo pipefail
 moeforge=$(realpath "$1")
 out=$(realpath -m "$2")
 cd "$(dirname "$0")/.."
 mkdir -p "$out" data runs
-short_seconds=${SHORT_SECONDS:-90}
-long_seconds=${LONG_SECONDS:-120}
+short_seconds=${SHORT_SECONDS:-120}
+long_seconds=${LONG_SECONDS:-130}
 eval_num=${EVAL_NUM:-20}
 dump_layer=${DUMP_LAYER:-2}
 config=configs/train/longctx.json
