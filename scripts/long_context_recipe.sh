@@ -10,8 +10,8 @@
 #      forms); phase 2 (LONG_SECONDS): 32K windows of the long mixture,
 #      starting from phase 1's weights. Each phase first times 10 steps and then trains as many
 #      steps as fit its budget, with the whole WSD schedule (warmup, constant, decay);
-#   3. eval --task on held-out tasks (another seed) at 1K, 4K, 16K and 128K, dense and flex, on the
-#      GPU;
+#   3. eval --task on held-out tasks (another seed) at 1K, 4K, 16K, 32K and 128K, dense and flex,
+#      on the GPU, with every answer in predictions_*.jsonl;
 #   4. layer DUMP_LAYER's q, k, v of a 128K prompt (generate --dump-qkv on the GPU), and
 #      `bench prefill --qkv` on it: cuDNN dense against the pattern search + sparse kernel.
 # Usage: scripts/long_context_recipe.sh MOEFORGE OUT_DIR (environment: SHORT_SECONDS, default
@@ -65,8 +65,9 @@ model=$(ls -d runs/longctx-long/checkpoints/step-* | tail -n 1)
 mkdir -p "$out/model"
 cp "$model"/config.json "$model"/model.safetensors "$model"/moeforge_tokenizer.json "$out/model/"
 
-# Held-out tasks (seed 2), dense and flex, at 1K, 4K, 16K and 128K (the model trained up to 16K).
-"$moeforge" data synth --task "$tasks" --lengths 1024,4096,16384 --num "$eval_num" --seed 2 \
+# Held-out tasks (seed 2), dense and flex, at 1K, 4K, 16K, 32K and 128K (trained on examples up to
+# 16K in 32K windows).
+"$moeforge" data synth --task "$tasks" --lengths 1024,4096,16384,32768 --num "$eval_num" --seed 2 \
   --out "$out/tasks.jsonl" --overwrite
 "$moeforge" data synth --task niah_single --lengths 130000 --num 5 --seed 3 \
   --out "$out/tasks_128k.jsonl" --overwrite
