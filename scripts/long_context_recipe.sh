@@ -5,7 +5,7 @@
 #   1. data: short examples (420 and 600 bytes) of niah_single, niah_multikey and niah_multivalue,
 #      long ones (1K ... 16K) of niah_single and niah_multikey, with the loss on the answers only
 #      (`data synth --loss answer`: two earlier attempts with the loss on every token plateaued at
-#      the filler text's loss and never learned to retrieve: 0 of 290 tasks answered);
+#      the filler text's loss and never learned to retrieve: 0 of 210 tasks answered);
 #   2. phase 1 (SHORT_SECONDS): 2K windows of the short examples (where the retrieval mechanism
 #      forms); phase 2 (LONG_SECONDS): 32K windows of the long mixture,
 #      starting from phase 1's weights. Each phase first times 10 steps and then trains as many
