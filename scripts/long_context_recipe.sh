@@ -28,7 +28,7 @@ dump_layer=${DUMP_LAYER:-2}
 config=configs/train/longctx.json
 tasks=niah_single,niah_multikey
 
-"$moeforge" data synth --task "$tasks,niah_multivalue" --lengths 420,600 --num 50000 --seed 1 \
+"$moeforge" data synth --task "$tasks,niah_multivalue" --lengths 420,600 --num 30000 --seed 1 \
   --format train --loss answer --out data/longctx-short --overwrite
 "$moeforge" data synth --task "$tasks" --lengths 1024,2048,4096,8192,16384 --num 1500 --seed 11 \
   --format train --loss answer --out data/longctx-long --overwrite
