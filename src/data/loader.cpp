@@ -86,11 +86,15 @@ void TokenDataset::read(int64_t begin, int64_t count, int32_t* out) const {
   read_from(shards_, begin, count, out);
 }
 
+void TokenDataset::check_range(int64_t begin, int64_t count) const {
+  MF_CHECK(begin >= 0 && count >= 0 && begin <= num_tokens_ && count <= num_tokens_ - begin,
+           "dataset '{}' split '{}': range [{}, {}) is outside its {} tokens", dir_.string(),
+           split_, begin, begin + count, num_tokens_);
+}
+
 void TokenDataset::read_loss_mask(int64_t begin, int64_t count, int32_t* out) const {
   if (mask_shards_.empty()) {
-    MF_CHECK(begin >= 0 && count >= 0 && begin <= num_tokens_ && count <= num_tokens_ - begin,
-             "dataset '{}' split '{}': range [{}, {}) is outside its {} tokens", dir_.string(),
-             split_, begin, begin + count, num_tokens_);
+    check_range(begin, count);
     std::fill(out, out + count, 1);
     return;
   }
@@ -99,9 +103,7 @@ void TokenDataset::read_loss_mask(int64_t begin, int64_t count, int32_t* out) co
 
 void TokenDataset::read_from(const std::vector<TokenShard>& shards, int64_t begin, int64_t count,
                              int32_t* out) const {
-  MF_CHECK(begin >= 0 && count >= 0 && begin <= num_tokens_ && count <= num_tokens_ - begin,
-           "dataset '{}' split '{}': range [{}, {}) is outside its {} tokens", dir_.string(),
-           split_, begin, begin + count, num_tokens_);
+  check_range(begin, count);
   if (count == 0) return;
   // The last shard starting at or before `begin`.
   auto shard_idx =

@@ -45,6 +45,8 @@ class TokenDataset {
   void read_window(int64_t seq_len, int64_t window_idx, int32_t* inputs, int32_t* targets) const;
 
  private:
+  // Throws unless [begin, begin + count) lies in the stream.
+  void check_range(int64_t begin, int64_t count) const;
   // read() over token shards or mask shards (the same boundaries).
   void read_from(const std::vector<TokenShard>& shards, int64_t begin, int64_t count,
                  int32_t* out) const;

@@ -171,16 +171,19 @@ class SplitWriter {
 
   nlohmann::ordered_json to_json() const {
     nlohmann::ordered_json shards = nlohmann::ordered_json::array();
-    nlohmann::ordered_json masks = nlohmann::ordered_json::array();
     for (size_t shard_idx = 0; shard_idx < shard_names_.size(); ++shard_idx) {
       shards.push_back(
           {{"file", shard_names_[shard_idx]}, {"num_tokens", shard_num_tokens_[shard_idx]}});
-      masks.push_back(
-          {{"file", mask_name(shard_idx)}, {"num_tokens", shard_num_tokens_[shard_idx]}});
     }
     nlohmann::ordered_json out = {
         {"num_tokens", num_tokens_}, {"num_documents", num_documents}, {"shards", shards}};
-    if (with_mask_) out["loss_mask_shards"] = masks;
+    if (with_mask_) {
+      nlohmann::ordered_json& masks = out["loss_mask_shards"] = nlohmann::ordered_json::array();
+      for (size_t shard_idx = 0; shard_idx < shard_names_.size(); ++shard_idx) {
+        masks.push_back(
+            {{"file", mask_name(shard_idx)}, {"num_tokens", shard_num_tokens_[shard_idx]}});
+      }
+    }
     return out;
   }
 
