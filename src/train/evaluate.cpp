@@ -1,6 +1,7 @@
 // Ordered, rank-split evaluation over the validation windows.
 #include "train/evaluate.h"
 
+#include <algorithm>
 #include <cmath>
 #include <span>
 #include <vector>
@@ -8,6 +9,30 @@
 #include "core/error.h"
 
 namespace moeforge {
+namespace {
+
+// How many windows evaluate() scores.
+int64_t num_scored_windows(const data::TokenDataset& dataset, int64_t seq_len, int64_t batch_size,
+                           int64_t max_batches) {
+  const int64_t num_windows = dataset.num_windows(seq_len);
+  MF_CHECK(num_windows > 0, "the validation split has fewer than {} tokens; cannot evaluate",
+           seq_len + 1);
+  return max_batches > 0 ? std::min(num_windows, max_batches * batch_size) : num_windows;
+}
+
+}  // namespace
+
+int64_t count_scored_targets(const data::TokenDataset& dataset, int64_t seq_len, int64_t batch_size,
+                             int64_t max_batches) {
+  const int64_t num_windows = num_scored_windows(dataset, seq_len, batch_size, max_batches);
+  std::vector<int32_t> inputs(seq_len), targets(seq_len);
+  int64_t counted = 0;
+  for (int64_t w = 0; w < num_windows; ++w) {
+    dataset.read_window(seq_len, w, inputs.data(), targets.data());
+    for (const int32_t t : targets) counted += t >= 0;
+  }
+  return counted;
+}
 
 EvalResult evaluate(Transformer<float>& model, const data::TokenDataset& dataset,
                     const data::Tokenizer& tokenizer, int64_t seq_len, int64_t batch_size,
@@ -22,11 +47,7 @@ EvalResult evaluate(Transformer<float>& model, const data::TokenDataset& dataset
 EvalResult evaluate(const ForwardFn& forward, const data::TokenDataset& dataset,
                     const data::Tokenizer& tokenizer, int64_t seq_len, int64_t batch_size,
                     int64_t max_batches, Communicator& dp) {
-  const int64_t num_windows_total = dataset.num_windows(seq_len);
-  MF_CHECK(num_windows_total > 0, "the validation split has fewer than {} tokens; cannot evaluate",
-           seq_len + 1);
-  int64_t num_windows = num_windows_total;
-  if (max_batches > 0) num_windows = std::min(num_windows, max_batches * batch_size);
+  const int64_t num_windows = num_scored_windows(dataset, seq_len, batch_size, max_batches);
 
   // Bytes of text per token id (special ids have none).
   std::vector<int64_t> token_bytes(static_cast<size_t>(tokenizer.vocab_size()));
@@ -53,6 +74,10 @@ EvalResult evaluate(const ForwardFn& forward, const data::TokenDataset& dataset,
     }
   }
   dp.all_reduce_sum(sums, 3);
+  MF_CHECK(sums[1] > 0,
+           "no target of the {} validation windows scored (of {} tokens) counts in the loss: the "
+           "loss mask excludes them all; score more windows (max batches) or longer ones",
+           num_windows, seq_len);
   EvalResult result;
   result.num_tokens = static_cast<int64_t>(sums[1]);
   result.num_bytes = static_cast<int64_t>(sums[2]);

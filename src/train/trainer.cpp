@@ -128,6 +128,12 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
            "the dataset's vocabulary ({} tokens) does not fit the model's vocab_size ({})",
            train_data.vocab_size(), model_config.vocab_size);
 
+  MF_CHECK(count_scored_targets(val_data, config.data.seq_len, config.data.micro_batch_size,
+                                config.eval.max_batches) > 0,
+           "no target in the validation windows that eval scores (eval.max_batches {} x "
+           "data.micro_batch_size {} windows of {} tokens) counts in the loss: the dataset's loss "
+           "mask excludes them all; raise eval.max_batches or data.seq_len",
+           config.eval.max_batches, config.data.micro_batch_size, config.data.seq_len);
   MF_CHECK(model_config.max_position_embeddings <= 0 ||
                config.data.seq_len <= model_config.max_position_embeddings,
            "data.seq_len ({}) exceeds the model's max_position_embeddings ({})",

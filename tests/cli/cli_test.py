@@ -654,8 +654,9 @@ class CliTest(unittest.TestCase):
         self.assertGreater(len(counted.splitlines()), 0)
         self.assertTrue(all(line in answers for line in counted.splitlines()), counted[:200])
         ev = json.loads(run([MOEFORGE, "eval", "--model", model, "--data", answer_dir, "--split", "train",
-                             "--seq-len", "64", "--batch-size", "2", "--max-batches", "1"]).stdout)
-        self.assertEqual(ev["tokens"], sum(mask[1:129]))
+                             "--seq-len", "64", "--batch-size", "32", "--max-batches", "1"]).stdout)
+        self.assertGreater(sum(mask[1:2049]), 0)  # the first 2048 tokens hold an answer
+        self.assertEqual(ev["tokens"], sum(mask[1:2049]))
         # The unigram baseline is fitted and scored on the counted tokens only.
         counts = [1.0] * 258
         for t, m in zip(tokens, mask):
@@ -664,9 +665,23 @@ class CliTest(unittest.TestCase):
         scored = [-math.log(counts[t] / total) for t, m in zip(tokens[1:], mask[1:]) if m]
         self.assertAlmostEqual(ev["unigram_loss"], sum(scored) / len(scored), places=9)
         config = self.train_config("synth-answer-run", data__dataset=answer_dir, data__seq_len=128,
-                                   schedule__max_steps=2, checkpoint__every_steps=0)
+                                   eval__max_batches=8, schedule__max_steps=2,
+                                   checkpoint__every_steps=0)
         run([MOEFORGE, "train", "--config", config, "--no-progress"])
         self.assertEqual(len(self.step_metrics("synth-answer-run")), 2)
+        # Windows that hold no answer have nothing to score: a clear error, not a loss of 0 (the
+        # first 16 tokens of an example are its header). The trainer says so before its first step.
+        proc = run([MOEFORGE, "eval", "--model", model, "--data", answer_dir, "--split", "val",
+                    "--seq-len", "16", "--batch-size", "1", "--max-batches", "1"], check=False)
+        self.assertEqual(proc.returncode, 1, proc.stdout)
+        self.assertIn("loss mask excludes them all", proc.stderr)
+        config = self.train_config("synth-answer-none", data__dataset=answer_dir, data__seq_len=16,
+                                   data__micro_batch_size=1, eval__max_batches=1,
+                                   schedule__max_steps=2, checkpoint__every_steps=0)
+        proc = run([MOEFORGE, "train", "--config", config, "--no-progress"], check=False)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("raise eval.max_batches", proc.stderr)
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "synth-answer-none", "metrics.jsonl")))
         proc = run([MOEFORGE, "data", "synth", "--task", "vt", "--lengths", "1024", "--loss", "answer",
                     "--out", os.path.join(self.tmp, "x.jsonl")], check=False)
         self.assertEqual(proc.returncode, 1)
