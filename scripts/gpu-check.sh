@@ -4,6 +4,9 @@
 #   test      the whole test suite there (the CUDA tests must find a GPU), one OpenMP thread each
 #   cuda-test only the GPU tests: the CUDA test binary (a test that crashes it is reported and left
 #             out, and the rest runs again) and the CPU-vs-GPU loss-curve test (faster)
+#   multi     the tests that need several GPUs (a machine of 2 or 4): the NCCL communicator's and
+#             the device gradient sums' at 1, 2 and 4 ranks (4 skips on 2 GPUs), and two GPUs under
+#             mpirun against one (tests/cuda/data_parallel_test.py)
 #   sanitize  compute-sanitizer memcheck over the CUDA test binary, racecheck over our own kernels
 #             (SANITIZE_TOOLS picks, default "memcheck racecheck"; SANITIZE_FILTER, a gtest filter,
 #             narrows both: the whole stage takes over 10 minutes, e.g. memcheck covered 102 of
@@ -97,6 +100,14 @@ for stage in "${stages[@]}"; do
       MOEFORGE_EXPECT_GPU=1 python3 tests/cuda/train_curve_test.py build-gpu/moeforge . \
         > "$OUT/train_curve.txt" 2>&1 || rc=1
       tail -n 4 "$OUT/train_curve.txt"
+      ;;
+    multi)
+      MOEFORGE_EXPECT_GPU=1 ctest --test-dir build-gpu -L nccl --output-on-failure \
+        > "$OUT/nccl_tests.txt" 2>&1 || rc=1
+      grep -E "Passed|Failed|Skipped|tests passed" "$OUT/nccl_tests.txt" | tail -n 12
+      MOEFORGE_MPIEXEC=$(command -v mpirun) python3 tests/cuda/data_parallel_test.py \
+        build-gpu/moeforge . > "$OUT/data_parallel.txt" 2>&1 || rc=1
+      tail -n 6 "$OUT/data_parallel.txt"
       ;;
     sanitize)
       sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2> /dev/null | head -n 1 || true)

@@ -1,11 +1,19 @@
 // GpuStepEngine: the trainer's StepEngine over GpuTransformer and GpuAdamW.
 #include "cuda/gpu_step_engine.h"
 
+#include <fmt/format.h>
+
+#include <algorithm>
 #include <cmath>
 
 #include "comm/local_rank.h"
+#include "cuda/cuda_check.h"
 #include "cuda/device_info.h"
 #include "cuda/gpu_adamw.h"
+#include "cuda/grad_reduce_device.h"
+#if MOEFORGE_HAVE_NCCL
+#include "comm/nccl/nccl_communicator.h"
+#endif
 
 namespace moeforge::cuda {
 namespace {
@@ -50,6 +58,11 @@ class GpuStepEngine final : public StepEngine {
   void all_reduce_grads(Communicator& comm, GradReduceDtype dtype) override {
     if (comm.size() == 1) return;
     materialize_zero_grads();
+    if (Communicator* device_comm = device_communicator(comm)) {
+      reducer_.all_reduce(gpu_.grads(), static_cast<size_t>(gpu_.num_params()), *device_comm, dtype,
+                          gpu_.stream());
+      return;
+    }
     std::vector<float> grads = gpu_.download_grads();
     all_reduce_gradients(grads.data(), grads.size(), comm, dtype);
     gpu_.upload_grads(grads);
@@ -88,11 +101,51 @@ class GpuStepEngine final : public StepEngine {
     grads_pending_zero_ = false;
   }
 
+  // An NCCL communicator over the ranks of host communicator `comm`, on the model's stream, made
+  // at the first reduction over comm (collective: every rank of comm reduces at the same step);
+  // null, and the gradients go through host memory, when this build has no NCCL or some rank of
+  // comm shares its GPU with another (NCCL needs one GPU per rank).
+  Communicator* device_communicator(Communicator& comm) {
+#if MOEFORGE_HAVE_NCCL
+    if (nccl_parent_ != &comm) {
+      int device_count = 0;
+      MF_CUDA_CHECK(cudaGetDeviceCount(&device_count));
+      int32_t shared = std::max(local_rank_from_environment(), 0) >= device_count ? 1 : 0;
+      comm.all_reduce_sum(&shared, 1);
+      nccl_.reset();
+      if (shared == 0) {
+        nccl_ = std::make_unique<NcclCommunicator>(comm);
+        nccl_->set_stream(gpu_.stream());
+      }
+      nccl_parent_ = &comm;
+      report_reduction(comm, shared == 0 ? "on the GPUs through NCCL"
+                                         : "through host memory (some ranks share a GPU)");
+    }
+    return nccl_.get();
+#else
+    if (!reported_) report_reduction(comm, "through host memory (this build has no NCCL)");
+    return nullptr;
+#endif
+  }
+
+  void report_reduction(const Communicator& comm, const char* how) {
+    reported_ = true;
+    if (comm.rank() == 0) {
+      fmt::print(stderr, "gradient sums over {} data-parallel ranks: {}\n", comm.size(), how);
+    }
+  }
+
   Transformer<float>& host_model_;
   AdamW& host_optimizer_;
   GpuTransformer gpu_;
   GpuAdamW optimizer_;
+  DeviceGradReducer reducer_;
+#if MOEFORGE_HAVE_NCCL
+  std::unique_ptr<NcclCommunicator> nccl_;
+  const Communicator* nccl_parent_ = nullptr;
+#endif
   bool grads_pending_zero_ = false;
+  bool reported_ = false;
 };
 
 }  // namespace

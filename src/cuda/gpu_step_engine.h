@@ -1,7 +1,8 @@
 // The CUDA step engine of the trainer (train/step_engine.h): a GpuTransformer and GpuAdamW on
 // the current device, synced with the host model and optimizer for checkpoints and PMA.
-// Data parallelism over several GPUs needs the NCCL communicator (issue #7): with more than one
-// rank, gradients are reduced through host memory.
+// With several data-parallel ranks the gradients are summed on the devices through NCCL
+// (cuda/grad_reduce_device.h), or through host memory in a build without NCCL or when ranks share
+// a GPU.
 #pragma once
 
 #include <memory>

@@ -1,19 +1,11 @@
 // Tests of NcclCommunicator on device buffers with exact expected values, one GPU per rank: run
-// alone (one rank) and under mpirun (2 and 4 ranks in ctest). Every test skips, on every rank,
-// when some rank has no GPU of its own; with MOEFORGE_EXPECT_GPU=1 they fail instead when a rank
-// sees no GPU at all.
+// alone (one rank) and under mpirun (2 and 4 ranks in ctest); skipping as nccl_test_harness.h says.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
-#include <algorithm>
-#include <array>
-#include <bit>
 #include <chrono>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
-#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -22,9 +14,8 @@
 
 #include "comm/collective_test_values.h"
 #include "comm/communicator.h"
-#include "comm/local_rank.h"
 #include "comm/nccl/nccl_communicator.h"
-#include "comm/rank_failure_listener.h"
+#include "comm/nccl/nccl_test_harness.h"
 #include "core/error.h"
 #include "cuda/cuda_check.h"
 
@@ -33,55 +24,12 @@ namespace {
 
 using testing::bf16_bits;
 using testing::bf16_value;
+using testing::nccl;
 using testing::thrown_message;
-
-// Why the GPU tests skip, the same on every rank; empty when every rank has a GPU of its own.
-std::string& skip_reason() {
-  static std::string reason;
-  return reason;
-}
-
-// Whether some rank sees no GPU at all (a failure with MOEFORGE_EXPECT_GPU=1); more ranks than
-// GPUs on a host (the 4-rank run on a 2-GPU machine) always skips.
-bool& some_rank_has_no_gpu() {
-  static bool no_gpu = false;
-  return no_gpu;
-}
-
-bool gpu_expected() {
-  const char* expect = std::getenv("MOEFORGE_EXPECT_GPU");
-  return expect != nullptr && std::string(expect) == "1";
-}
-
-bool fail_instead_of_skipping() {
-  return some_rank_has_no_gpu() && gpu_expected();
-}
-
-// The NCCL communicator over the whole world, made once in main().
-NcclCommunicator* world_nccl = nullptr;
-
-NcclCommunicator& nccl() {
-  return *world_nccl;
-}
 
 NcclCommunicator& as_nccl(Communicator& comm) {
   return dynamic_cast<NcclCommunicator&>(comm);
 }
-
-}  // namespace
-}  // namespace moeforge
-
-// First statement of every test that needs the GPUs.
-#define MF_REQUIRE_NCCL_GPUS()                                                         \
-  do {                                                                                 \
-    if (!::moeforge::skip_reason().empty()) {                                          \
-      if (::moeforge::fail_instead_of_skipping()) FAIL() << ::moeforge::skip_reason(); \
-      GTEST_SKIP() << ::moeforge::skip_reason();                                       \
-    }                                                                                  \
-  } while (0)
-
-namespace moeforge {
-namespace {
 
 // count elements of T on the current device, filled with 0xFF bytes so that an element a
 // collective should have written and did not shows.
@@ -640,46 +588,5 @@ TEST(NcclCommunicatorFailure, BarrierTimesOutWhenAPeerNeverArrivesAndAborts) {
 }  // namespace moeforge
 
 int main(int argc, char** argv) {
-  ::testing::InitGoogleTest(&argc, argv);
-  using namespace moeforge;
-  Communicator& world = world_communicator();
-  install_rank_failure_listener(world.rank());
-
-  // Every rank needs a GPU of its own (NCCL refuses two ranks on one device); all ranks agree on
-  // whether the tests run, so that none waits in a collective the others skip.
-  int device_count = 0;
-  if (cudaGetDeviceCount(&device_count) != cudaSuccess) {
-    cudaGetLastError();
-    device_count = 0;
-  }
-  const int local_rank = std::max(local_rank_from_environment(), 0);
-  std::array<int32_t, 2> num_missing = {device_count == 0 ? 1 : 0,
-                                        local_rank >= device_count ? 1 : 0};
-  world.all_reduce_sum(num_missing.data(), num_missing.size());
-  if (num_missing[0] > 0) {
-    skip_reason() = fmt::format("{} of {} ranks see no CUDA device", num_missing[0], world.size());
-    some_rank_has_no_gpu() = true;
-  } else if (num_missing[1] > 0) {
-    skip_reason() = fmt::format("{} of {} ranks have no GPU of their own (more ranks than GPUs)",
-                                num_missing[1], world.size());
-  }
-
-  std::unique_ptr<NcclCommunicator> world_communicator_nccl;
-  if (skip_reason().empty()) {
-    try {
-      MF_CUDA_CHECK(cudaSetDevice(local_rank));
-      world_communicator_nccl = std::make_unique<NcclCommunicator>(world);
-    } catch (const Error& error) {
-      std::fprintf(stderr, "[rank %d] %s\n", world.rank(), error.what());
-      abort_world(1);
-    }
-    world_nccl = world_communicator_nccl.get();
-  } else if (world.rank() == 0 && !fail_instead_of_skipping()) {
-    // ctest reports the run as skipped on this line.
-    std::printf("comm_nccl_tests: %s: the NCCL tests are skipped\n", skip_reason().c_str());
-  }
-  const int result = RUN_ALL_TESTS();
-  world_nccl = nullptr;
-  world_communicator_nccl.reset();
-  return result;
+  return moeforge::testing::run_nccl_tests(argc, argv, "comm_nccl_tests");
 }

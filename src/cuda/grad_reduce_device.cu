@@ -1,0 +1,58 @@
+// Device gradient sums over data-parallel ranks (fp32, or bf16-compressed with an fp32 local sum).
+#include "cuda/grad_reduce_device.h"
+
+#include "cuda/cuda_check.h"
+#include "cuda/kernel_util.cuh"
+#include "cuda/reductions.h"
+
+namespace moeforge::cuda {
+namespace {
+
+__global__ void sum_rank_chunks_kernel(float* out, const bf16* in, int num_ranks, int64_t chunk) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < chunk;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float sum = 0.0f;
+    for (int r = 0; r < num_ranks; ++r) sum = __fadd_rn(sum, __bfloat162float(in[r * chunk + i]));
+    out[i] = sum;
+  }
+}
+
+}  // namespace
+
+void sum_rank_chunks(float* out, const bf16* in, int num_ranks, int64_t chunk,
+                     cudaStream_t stream) {
+  if (chunk == 0) return;
+  constexpr int kThreads = 256;
+  sum_rank_chunks_kernel<<<grid_for(chunk, kThreads), kThreads, 0, stream>>>(out, in, num_ranks,
+                                                                             chunk);
+  MF_CUDA_CHECK(cudaGetLastError());
+}
+
+void DeviceGradReducer::all_reduce(float* data, size_t count, Communicator& comm,
+                                   GradReduceDtype dtype, cudaStream_t stream) {
+  const auto num_ranks = static_cast<size_t>(comm.size());
+  if (num_ranks == 1 || count == 0) return;
+  if (dtype == GradReduceDtype::kFloat32) {
+    comm.all_reduce_sum(data, count);
+    return;
+  }
+  const size_t chunk = (count + num_ranks - 1) / num_ranks;
+  send_.resize(chunk * num_ranks);
+  recv_.resize(chunk * num_ranks);
+  shard_.resize(chunk);
+  gathered_.resize(chunk * num_ranks);
+  cast_to_bf16(send_.data(), data, static_cast<int64_t>(count), stream);
+  if (chunk * num_ranks > count) {
+    MF_CUDA_CHECK(cudaMemsetAsync(send_.data() + count, 0,
+                                  (chunk * num_ranks - count) * sizeof(bf16), stream));
+  }
+  comm.all_to_all(static_cast<const void*>(send_.data()), static_cast<void*>(recv_.data()), chunk,
+                  CommDType::kBFloat16);
+  sum_rank_chunks(shard_.data(), recv_.data(), static_cast<int>(num_ranks),
+                  static_cast<int64_t>(chunk), stream);
+  comm.all_gather(shard_.data(), gathered_.data(), chunk);
+  MF_CUDA_CHECK(cudaMemcpyAsync(data, gathered_.data(), count * sizeof(float),
+                                cudaMemcpyDeviceToDevice, stream));
+}
+
+}  // namespace moeforge::cuda
