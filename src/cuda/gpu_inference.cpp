@@ -78,7 +78,11 @@ GpuInference::GpuInference(const ModelConfig& config, const std::vector<float>& 
       scratch_(std::make_unique<Scratch>()),
       flex_stats_(std::make_unique<FlexStats>()),
       logits_(static_cast<size_t>(config.vocab_size)) {
-  check_cuda_model_support(config_);
+  validate_model_config(config_);
+  MF_CHECK(!config_.is_moe() || config_.capacity_factor <= 0.0,
+           "GPU inference runs dropless MoE layers only (capacity_factor {} given); use "
+           "--device cpu",
+           config_.capacity_factor);
   MF_CHECK(config_.head_dim % 8 == 0 && config_.head_dim <= kDecodeAttentionMaxHeadDim,
            "GPU inference needs head_dim a multiple of 8 up to {}, got {}; use --device cpu",
            kDecodeAttentionMaxHeadDim, config_.head_dim);
@@ -327,7 +331,7 @@ void GpuInference::moe_forward(int64_t l, float* x, const bf16* ln, int64_t n) {
   router_forward(s.probs.data(), s.expert_idx.data(), s.gates.data(), s.router_logits.data(),
                  RouterShape{n, num_experts, k, config_.norm_topk_prob}, stream_);
   build_row_map(s.expert_offsets.data(), s.assignment_row.data(), s.row_token.data(),
-                s.expert_idx.data(), n, k, num_experts, stream_);
+                s.expert_idx.data(), n, k, num_experts, /*capacity=*/-1, stream_);
   scatter_rows(s.rows.data(), ln, s.row_token.data(), n * k, h, stream_);
   if (!grouped_experts_) {
     // Per-expert cuBLASLt calls need the row ranges on the host.

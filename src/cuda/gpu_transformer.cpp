@@ -19,6 +19,7 @@
 #include "cuda/router.h"
 #include "cuda/shared_expert_gate.h"
 #include "cuda/swiglu.h"
+#include "ops/row_map.h"
 
 namespace moeforge::cuda {
 
@@ -53,8 +54,9 @@ struct GpuTransformer::Layer {
   DeviceBuffer<float> router_logits, probs;         // [n, E]
   DeviceBuffer<int32_t> expert_idx;                 // [n, k]
   DeviceBuffer<float> gates;                        // [n, k]
-  DeviceBuffer<int32_t> expert_counts;              // [E]
-  DeviceBuffer<int32_t> expert_offsets;             // [E + 1]
+  DeviceBuffer<int32_t> expert_counts;              // [E] assignments routed to each expert
+  PinnedHostBuffer<int32_t> host_counts;            // [E], copied without blocking
+  DeviceBuffer<int32_t> expert_offsets;             // [E + 1] the kept rows' ranges
   PinnedHostBuffer<int32_t> host_offsets;           // [E + 1], copied without blocking
   DeviceBuffer<int32_t> assignment_row, row_token;  // [n * k]
   DeviceBuffer<bf16> h_gate, h_up, h_act;           // [n * k, f] (dense: [n, ffn])
@@ -122,7 +124,7 @@ GpuTransformer::GpuTransformer(const ModelConfig& config, Recompute recompute)
       layout_(config),
       recompute_(recompute),
       scratch_(std::make_unique<Scratch>()) {
-  check_cuda_model_support(config_);
+  validate_model_config(config_);
   for (int64_t l = 0; l < config_.num_layers; ++l) num_moe_layers_ += config_.layer_is_moe(l);
   grouped_experts_ =
       config_.is_moe() &&
@@ -271,6 +273,7 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
       a.expert_idx.resize(n * k);
       a.gates.resize(n * k);
       a.expert_counts.resize(num_experts);
+      a.host_counts.resize(num_experts);
       a.expert_offsets.resize(num_experts + 1);
       a.host_offsets.resize(num_experts + 1);
       a.assignment_row.resize(n * k);
@@ -414,8 +417,11 @@ void GpuTransformer::moe_forward(int64_t l) {
                        h, num_experts, false, stream_);
   router_forward(a.probs.data(), a.expert_idx.data(), a.gates.data(), a.router_logits.data(), shape,
                  stream_);
+  // With a capacity factor each expert keeps at most capacity rows; the rows past the kept ones
+  // are zeros that no GEMM reads.
+  const int64_t capacity = ops::expert_capacity(config_.capacity_factor, n, k, num_experts);
   build_row_map(a.expert_offsets.data(), a.assignment_row.data(), a.row_token.data(),
-                a.expert_idx.data(), n, k, num_experts, stream_);
+                a.expert_idx.data(), n, k, num_experts, capacity, stream_);
   MF_CUDA_CHECK(cudaMemcpyAsync(a.host_offsets.data(), a.expert_offsets.data(),
                                 a.expert_offsets.bytes(), cudaMemcpyDeviceToHost, stream_));
   bf16* rows = scratch_->rows.data();
@@ -756,6 +762,8 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
           a.probs.data(), a.expert_idx.data(), a.router_logits.data(),
           RouterShape{n, config_.num_experts, config_.num_experts_per_tok, config_.norm_topk_prob},
           stream_);
+      MF_CUDA_CHECK(cudaMemcpyAsync(a.host_counts.data(), a.expert_counts.data(),
+                                    a.expert_counts.bytes(), cudaMemcpyDeviceToHost, stream_));
       moe_combine(l, x_out);
       ++moe_idx;
     } else {
@@ -834,11 +842,10 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
     MoeFfnStats stats;
     stats.aux_loss = router[static_cast<size_t>(2 * m)];
     stats.z_loss = router[static_cast<size_t>(2 * m + 1)];
-    const PinnedHostBuffer<int32_t>& offsets = layers_[static_cast<size_t>(l)].host_offsets;
-    for (int64_t e = 0; e < config_.num_experts; ++e) {
-      stats.expert_load.push_back(offsets[static_cast<size_t>(e) + 1] -
-                                  offsets[static_cast<size_t>(e)]);
-    }
+    const Layer& a = layers_[static_cast<size_t>(l)];
+    stats.expert_load.assign(a.host_counts.data(), a.host_counts.data() + config_.num_experts);
+    stats.num_dropped =
+        n * config_.num_experts_per_tok - a.host_offsets[static_cast<size_t>(config_.num_experts)];
     out.aux_loss += stats.aux_loss / static_cast<double>(num_moe_layers_);
     out.z_loss += stats.z_loss / static_cast<double>(num_moe_layers_);
     moe_stats_.push_back(std::move(stats));

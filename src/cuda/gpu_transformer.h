@@ -11,9 +11,10 @@
 // layer in the backward from what is saved (the residual stream, rstd, the gate and up
 // projections).
 //
-// Supported now: every architecture of model_config.h on one rank with dropless MoE layers, the
-// sigmoid-gated shared expert of Qwen2-MoE included; capacity-based token dropping is rejected
-// with an error.
+// Supported now: every architecture of model_config.h on one rank, the sigmoid-gated shared expert
+// of Qwen2-MoE included, and capacity-based token dropping (capacity_factor > 0: each expert keeps
+// its earliest tokens' rows up to ceil(factor x tokens x top_k / experts) per micro-batch, as the
+// CPU reference does on one rank).
 #pragma once
 
 #include <cuda_runtime.h>

@@ -1,17 +1,7 @@
-// The CUDA backend's model support check (see model_support.h).
+// The CUDA backend's model layout decisions (see model_support.h).
 #include "cuda/model_support.h"
 
-#include "core/error.h"
-
 namespace moeforge::cuda {
-
-void check_cuda_model_support(const ModelConfig& config) {
-  validate_model_config(config);
-  MF_CHECK(!config.is_moe() || config.capacity_factor <= 0.0,
-           "the CUDA backend runs dropless MoE layers only (capacity_factor {} given); use "
-           "--device cpu",
-           config.capacity_factor);
-}
 
 bool packed_qkv(const ModelConfig& config, const LayerOffsets& o) {
   const int64_t qd = config.q_dim(), kvd = config.kv_dim(), h = config.hidden_size;

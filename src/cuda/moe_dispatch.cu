@@ -32,10 +32,11 @@ __global__ void tile_counts_kernel(int32_t* tile_counts, const int32_t* expert_i
   }
 }
 
-// One thread per expert: tile_counts becomes each tile's first row for the expert, and
-// expert_offsets the experts' row ranges.
+// One thread per expert: tile_counts becomes each tile's first row for the expert (as if nothing
+// were dropped), and expert_offsets the experts' row ranges (at most capacity rows each when
+// capacity >= 0).
 __global__ void tile_offsets_kernel(int32_t* expert_offsets, int32_t* tile_counts,
-                                    int64_t num_tiles, int64_t num_experts) {
+                                    int64_t num_tiles, int64_t num_experts, int64_t capacity) {
   __shared__ int32_t totals[kMaxExperts];
   const int64_t e = threadIdx.x;
   if (e < num_experts) {
@@ -45,7 +46,7 @@ __global__ void tile_offsets_kernel(int32_t* expert_offsets, int32_t* tile_count
       tile_counts[t * num_experts + e] = running;
       running += count;
     }
-    totals[e] = running;
+    totals[e] = capacity < 0 || running <= capacity ? running : static_cast<int32_t>(capacity);
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -63,10 +64,12 @@ __global__ void tile_offsets_kernel(int32_t* expert_offsets, int32_t* tile_count
 }
 
 // Rank of each assignment among the tile's assignments to the same expert, in order: within a
-// warp by __match_any_sync, across the tile's warps by per-warp counts.
+// warp by __match_any_sync, across the tile's warps by per-warp counts. An assignment whose rank
+// in its expert reaches capacity (>= 0) is dropped.
 __global__ void assign_rows_kernel(int32_t* assignment_row, int32_t* row_token,
-                                   const int32_t* tile_first_row, const int32_t* expert_idx,
-                                   int64_t num_assignments, int64_t num_experts, int64_t top_k) {
+                                   const int32_t* tile_first_row, const int32_t* expert_offsets,
+                                   const int32_t* expert_idx, int64_t num_assignments,
+                                   int64_t num_experts, int64_t top_k, int64_t capacity) {
   __shared__ int32_t warp_counts[kTileWarps][kMaxExperts];
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   for (int64_t i = threadIdx.x; i < kTileWarps * num_experts; i += blockDim.x) {
@@ -83,6 +86,10 @@ __global__ void assign_rows_kernel(int32_t* assignment_row, int32_t* row_token,
   if (!valid) return;
   int32_t row = tile_first_row[blockIdx.x * num_experts + e] + rank_in_warp;
   for (int w = 0; w < warp; ++w) row += warp_counts[w][e];
+  if (capacity >= 0 && row - expert_offsets[e] >= capacity) {
+    assignment_row[a] = -1;
+    return;
+  }
   assignment_row[a] = row;
   row_token[row] = static_cast<int32_t>(a / top_k);
 }
@@ -96,8 +103,19 @@ template <int kWidth>
 __global__ void scatter_rows_kernel(bf16* rows, const bf16* x, const int32_t* row_token,
                                     int64_t c) {
   const int64_t r = blockIdx.x;
-  const bf16* src = x + static_cast<int64_t>(row_token[r]) * c;
+  const int32_t token = row_token[r];
   bf16* dst = rows + r * c;
+  if (token < 0) {
+    for (int64_t j = threadIdx.x * kWidth; j < c; j += blockDim.x * kWidth) {
+      if constexpr (kWidth == 1) {
+        dst[j] = __float2bfloat16(0.0f);
+      } else {
+        *reinterpret_cast<uint4*>(dst + j) = make_uint4(0, 0, 0, 0);
+      }
+    }
+    return;
+  }
+  const bf16* src = x + static_cast<int64_t>(token) * c;
   for (int64_t j = threadIdx.x * kWidth; j < c; j += blockDim.x * kWidth) {
     if constexpr (kWidth == 1) {
       dst[j] = src[j];
@@ -191,7 +209,7 @@ __global__ void combine_rows_backward_kernel(bf16* drows, float* dgates, const f
 
 void build_row_map(int32_t* expert_offsets, int32_t* assignment_row, int32_t* row_token,
                    const int32_t* expert_idx, int64_t num_tokens, int64_t top_k,
-                   int64_t num_experts, cudaStream_t stream) {
+                   int64_t num_experts, int64_t capacity, cudaStream_t stream) {
   MF_CHECK(num_experts > 0 && num_experts <= kMaxExperts,
            "build_row_map supports 1 to {} experts, got {}", kMaxExperts, num_experts);
   const int64_t num_assignments = num_tokens * top_k;
@@ -201,11 +219,16 @@ void build_row_map(int32_t* expert_offsets, int32_t* assignment_row, int32_t* ro
       tile_rows.data(), expert_idx, num_assignments, num_experts);
   MF_CUDA_CHECK_LAUNCH();
   tile_offsets_kernel<<<1, kMaxExperts, 0, stream>>>(expert_offsets, tile_rows.data(), num_tiles,
-                                                     num_experts);
+                                                     num_experts, capacity);
   MF_CUDA_CHECK_LAUNCH();
   if (num_assignments == 0) return;
+  // With drops, the rows past the kept ones are unused: row_token -1 (all bits set).
+  if (capacity >= 0) {
+    MF_CUDA_CHECK(cudaMemsetAsync(row_token, 0xFF, num_assignments * sizeof(int32_t), stream));
+  }
   assign_rows_kernel<<<static_cast<unsigned>(num_tiles), kTile, 0, stream>>>(
-      assignment_row, row_token, tile_rows.data(), expert_idx, num_assignments, num_experts, top_k);
+      assignment_row, row_token, tile_rows.data(), expert_offsets, expert_idx, num_assignments,
+      num_experts, top_k, capacity);
   MF_CUDA_CHECK_LAUNCH();
 }
 

@@ -1,6 +1,7 @@
-// Dispatch and combine of the MoE FFN on the GPU (ops/row_map.h and ops/permute.h are the spec,
-// dropless): the row map (rows sorted by expert, then token, then slot), scatter of token rows
-// into that order, and the gate-weighted gather back, with their backwards.
+// Dispatch and combine of the MoE FFN on the GPU (ops/row_map.h and ops/permute.h are the spec):
+// the row map (rows sorted by expert, then token, then slot; with a capacity, each expert's
+// earliest tokens only), scatter of token rows into that order, and the gate-weighted gather
+// back, with their backwards.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -12,12 +13,15 @@
 namespace moeforge::cuda {
 
 // expert_idx [n, k] -> expert_offsets [E + 1] (row ranges per expert), assignment_row [n * k]
-// and row_token [n * k]. Deterministic (a stable counting sort).
+// and row_token [n * k]. Deterministic (a stable counting sort). capacity >= 0 keeps at most
+// capacity rows per expert, the earliest tokens' (ops::build_row_map's rule): a dropped
+// assignment's row is -1, and the rows past expert_offsets[E] are unused, their row_token -1.
 void build_row_map(int32_t* expert_offsets, int32_t* assignment_row, int32_t* row_token,
                    const int32_t* expert_idx, int64_t num_tokens, int64_t top_k,
-                   int64_t num_experts, cudaStream_t stream);
+                   int64_t num_experts, int64_t capacity, cudaStream_t stream);
 
-// rows[r, :] = x[row_token[r], :]   x [n, c], rows [num_rows, c].
+// rows[r, :] = x[row_token[r], :], or zeros where row_token[r] < 0 (an unused row)
+// x [n, c], rows [num_rows, c].
 void scatter_rows(bf16* rows, const bf16* x, const int32_t* row_token, int64_t num_rows, int64_t c,
                   cudaStream_t stream);
 // dx[t, :] (fp32, assigned) = sum over slots j of drows[assignment_row[t * k + j], :].

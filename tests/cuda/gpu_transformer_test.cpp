@@ -16,6 +16,7 @@
 // gradient does with the experts' outputs.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <map>
@@ -32,6 +33,7 @@
 #include "gpu_test_models.h"
 #include "gpu_test_util.h"
 #include "model/transformer.h"
+#include "ops/row_map.h"
 #include "train/adamw.h"
 
 namespace moeforge::cuda {
@@ -110,6 +112,26 @@ void expect_matches_cpu_reference(const ModelConfig& config, bool grouped) {
   EXPECT_NEAR(got.z_loss, want.z_loss, 2e-2 * std::max(1.0, want.z_loss));
   EXPECT_NEAR(got.loss, want.loss, 1e-2 * std::max(1.0, want.loss));
 
+  // Per MoE layer: every assignment is counted once, the dropped ones are what the capacity
+  // leaves of the GPU's own routing, and where the routing equals the CPU's (no bf16 near-tie
+  // flipped) so do the drops.
+  ASSERT_EQ(gpu.moe_stats().size(), cpu.moe_stats().size());
+  const int64_t capacity = ops::expert_capacity(config.capacity_factor, n,
+                                                config.num_experts_per_tok, config.num_experts);
+  for (size_t m = 0; m < gpu.moe_stats().size(); ++m) {
+    const MoeFfnStats &mine = gpu.moe_stats()[m], &ref = cpu.moe_stats()[m];
+    int64_t routed = 0, dropped = 0;
+    for (const int64_t load : mine.expert_load) {
+      routed += load;
+      dropped += capacity < 0 ? 0 : std::max<int64_t>(0, load - capacity);
+    }
+    EXPECT_EQ(routed, n * config.num_experts_per_tok) << "MoE layer " << m;
+    EXPECT_EQ(mine.num_dropped, dropped) << "MoE layer " << m;
+    if (mine.expert_load == ref.expert_load) {
+      EXPECT_EQ(mine.num_dropped, ref.num_dropped) << "MoE layer " << m;
+    }
+  }
+
   const std::vector<float> grads = gpu.download_grads();
   const std::map<std::string, double> projection_sq = routed_projection_squares(cpu);
   for (const ParamSpec& spec : cpu.layout().specs()) {
@@ -139,6 +161,24 @@ TEST_P(GpuTransformerTest, LossAndGradientsMatchCpuReference) {
   expect_matches_cpu_reference(
       config, GroupedGemm().available(
                   {config.num_experts, config.hidden_size, config.moe_intermediate_size}));
+}
+
+// Capacity-based token dropping (factor 0.5: about half the assignments dropped) through both
+// expert GEMM paths: the kept rows' experts, the dropped assignments' gates and the residual of
+// tokens that lose every slot.
+TEST(GpuTransformerCapacity, DroppingMatchesCpuReference) {
+  MF_REQUIRE_GPU();
+  for (const Architecture arch : {Architecture::kMixtral, Architecture::kQwen2Moe}) {
+    SCOPED_TRACE(architecture_name(arch));
+    ModelConfig config = testing::gpu_config(arch);
+    config.capacity_factor = 0.5;
+    expect_matches_cpu_reference(
+        config, GroupedGemm().available(
+                    {config.num_experts, config.hidden_size, config.moe_intermediate_size}));
+    setenv("MOEFORGE_GROUPED_GEMM", "0", 1);
+    expect_matches_cpu_reference(config, false);
+    unsetenv("MOEFORGE_GROUPED_GEMM");
+  }
 }
 
 // A shared expert of an odd size (rows not 16-byte aligned for cuBLASLt); the routed experts as the

@@ -1,6 +1,7 @@
-// MoE dispatch and combine on the GPU against ops/row_map.h and ops/permute.h (dropless): the row
-// map bit for bit, scatter_rows as an exact copy, and scatter_rows_backward, combine_rows (with
-// the residual) and combine_rows_backward against fp64.
+// MoE dispatch and combine on the GPU against ops/row_map.h and ops/permute.h, dropless and with
+// a capacity that drops assignments: the row map bit for bit, scatter_rows as an exact copy (zeros
+// in the unused rows), and scatter_rows_backward, combine_rows (with the residual) and
+// combine_rows_backward against fp64.
 #include "cuda/moe_dispatch.h"
 
 #include <gtest/gtest.h>
@@ -27,15 +28,29 @@ using testing::to_double;
 
 struct DispatchCase {
   int64_t num_tokens, num_experts, top_k, c;
+  int64_t capacity = -1;  // rows kept per expert; -1: dropless
 };
 
-const DispatchCase kCases[] = {
-    {100, 8, 2, 96}, {37, 16, 4, 100}, {257, 16, 1, 64}, {1, 8, 2, 96}, {4096, 64, 8, 32},
-};
+// Each shape dropless and with capacity factor 0.5 (the routing below leaves a quarter of the
+// experts empty, so the others overflow and drop).
+const std::vector<DispatchCase> kCases = [] {
+  const DispatchCase shapes[] = {
+      {100, 8, 2, 96}, {37, 16, 4, 100}, {257, 16, 1, 64}, {1, 8, 2, 96}, {4096, 64, 8, 32},
+  };
+  std::vector<DispatchCase> cases;
+  for (const DispatchCase& dc : shapes) {
+    cases.push_back(dc);
+    DispatchCase capped = dc;
+    capped.capacity = ops::expert_capacity(0.5, dc.num_tokens, dc.top_k, dc.num_experts);
+    cases.push_back(capped);
+  }
+  return cases;
+}();
 
 std::string describe(const DispatchCase& dc) {
   return "tokens=" + std::to_string(dc.num_tokens) + " experts=" + std::to_string(dc.num_experts) +
-         " top_k=" + std::to_string(dc.top_k) + " c=" + std::to_string(dc.c);
+         " top_k=" + std::to_string(dc.top_k) + " c=" + std::to_string(dc.c) +
+         " capacity=" + std::to_string(dc.capacity);
 }
 
 // top_k distinct experts per token, as a router picks them; the last quarter of the experts
@@ -58,7 +73,8 @@ std::vector<int32_t> random_routing(const DispatchCase& dc, uint64_t seed) {
 }
 
 ops::RowMap reference_map(const std::vector<int32_t>& expert_idx, const DispatchCase& dc) {
-  return ops::build_row_map(expert_idx.data(), dc.num_tokens, dc.top_k, 0, dc.num_experts, -1);
+  return ops::build_row_map(expert_idx.data(), dc.num_tokens, dc.top_k, 0, dc.num_experts,
+                            dc.capacity);
 }
 
 TEST(MoeDispatchCuda, RowMapEqualsTheReference) {
@@ -78,26 +94,31 @@ TEST(MoeDispatchCuda, RowMapEqualsTheReference) {
     testing::fill_garbage(assignment_row);
     testing::fill_garbage(row_token);
     build_row_map(offsets.data(), assignment_row.data(), row_token.data(), expert_idx_dev.data(),
-                  dc.num_tokens, dc.top_k, dc.num_experts, nullptr);
+                  dc.num_tokens, dc.top_k, dc.num_experts, dc.capacity, nullptr);
     testing::synchronize();
 
     expect_equal("expert_offsets", offsets.download(), offsets_ref);
     expect_equal("assignment_row", assignment_row.download(), map.assignment_row);
-    expect_equal("row_token", row_token.download(), map.row_token);
+    // The rows past the kept ones are unused: row_token -1.
+    std::vector<int32_t> row_token_ref = map.row_token;
+    row_token_ref.resize(num_assignments, -1);
+    expect_equal("row_token", row_token.download(), row_token_ref);
+    if (dc.capacity >= 0 && dc.num_tokens > 1) {
+      EXPECT_GT(map.num_dropped, 0);
+    }
   }
 }
 
-// Inputs of one case: the routing, its reference map, and the map's arrays on the device.
+// Inputs of one case: the routing, its reference map, and its assignment rows on the device.
 struct Dispatch {
   ops::RowMap map;
-  DeviceBuffer<int32_t> assignment_row, row_token;
+  DeviceBuffer<int32_t> assignment_row;
 };
 
 Dispatch make_dispatch(const DispatchCase& dc, uint64_t seed) {
   Dispatch d;
   d.map = reference_map(random_routing(dc, seed), dc);
   d.assignment_row = to_device(d.map.assignment_row);
-  d.row_token = to_device(d.map.row_token);
   return d;
 }
 
@@ -107,15 +128,20 @@ TEST(MoeDispatchCuda, ScatterRowsCopiesExactly) {
   for (const DispatchCase& dc : kCases) {
     SCOPED_TRACE(describe(dc));
     Dispatch d = make_dispatch(dc, seed++);
-    const int64_t num_rows = d.map.num_rows();
     const std::vector<bf16> x = to_bf16(testing::random_normal(dc.num_tokens * dc.c, seed++));
-    std::vector<float> rows_ref(num_rows * dc.c);
+    std::vector<float> rows_ref(d.map.num_rows() * dc.c);
     const std::vector<float> x_f = to_float(x);
     ops::scatter_rows_forward<float>(rows_ref.data(), x_f.data(), d.map, dc.c);
+    // All n * k rows, as the engines scatter them: the unused ones (row_token -1) become zeros.
+    const int64_t num_slots = dc.num_tokens * dc.top_k;
+    std::vector<int32_t> row_token = d.map.row_token;
+    row_token.resize(num_slots, -1);
+    rows_ref.resize(num_slots * dc.c, 0.0f);
 
-    DeviceBuffer<bf16> x_dev = to_device(x), rows(num_rows * dc.c);
+    DeviceBuffer<bf16> x_dev = to_device(x), rows(num_slots * dc.c);
+    DeviceBuffer<int32_t> row_token_dev = to_device(row_token);
     testing::fill_garbage(rows);
-    scatter_rows(rows.data(), x_dev.data(), d.row_token.data(), num_rows, dc.c, nullptr);
+    scatter_rows(rows.data(), x_dev.data(), row_token_dev.data(), num_slots, dc.c, nullptr);
     testing::synchronize();
     expect_equal("rows", to_float(rows.download()), rows_ref);
   }
@@ -171,6 +197,7 @@ TEST(MoeDispatchCuda, CombineRowsAddsGatedRowsToTheResidual) {
     }
     for (int64_t a = 0; a < dc.num_tokens * dc.top_k; ++a) {
       const int64_t t = a / dc.top_k, r = d.map.assignment_row[a];
+      if (r < 0) continue;  // dropped
       for (int64_t i = 0; i < dc.c; ++i)
         noise[t * dc.c + i] += std::abs(gates_d[a] * rows_d[r * dc.c + i]);
     }
@@ -209,6 +236,7 @@ TEST(MoeDispatchCuda, CombineRowsBackwardMatchesGatherBackward) {
       drows_noise[i] = 2.0 * kFloatEps * std::abs(drows_ref[i]);
     for (int64_t a = 0; a < dc.num_tokens * dc.top_k; ++a) {
       const int64_t t = a / dc.top_k, r = d.map.assignment_row[a];
+      if (r < 0) continue;  // dropped: dgates 0 exactly
       double mag = 0.0;
       for (int64_t i = 0; i < dc.c; ++i)
         mag += std::abs(dout_d[t * dc.c + i] * rows_d[r * dc.c + i]);
