@@ -17,9 +17,12 @@
 #      on the GPU, with every answer in predictions_*.jsonl;
 #   4. layer DUMP_LAYER's q, k, v of a 128K prompt (generate --dump-qkv on the GPU), and
 #      `bench prefill --qkv` on it: cuDNN dense against the pattern search + sparse kernel.
-# The model stays in runs/longctx-long (its path is printed). Usage:
-# scripts/long_context_recipe.sh MOEFORGE OUT_DIR (environment: WARM_STEPS, MID_STEPS, LONG_STEPS;
-# EVAL_NUM examples per task and length, default 20; DUMP_LAYER, default 2).
+# XLONG_STEPS > 0 adds a fourth phase toward 128K: that many steps on 128K windows of 16K-64K
+# niah_single examples at lr 2e-4 (the three phases reach 16K but not 128K; this one has NOT been
+# run yet). The model stays in runs/ (its path is printed). Usage:
+# scripts/long_context_recipe.sh MOEFORGE OUT_DIR (environment: WARM_STEPS, MID_STEPS, LONG_STEPS,
+# XLONG_STEPS (default 0); EVAL_NUM examples per task and length, default 20; DUMP_LAYER, default
+# 2).
 set -euo pipefail
 moeforge=$(realpath "$1")
 out=$(realpath -m "$2")
@@ -58,10 +61,17 @@ train_phase warm longctx-warm 2048 8 "${WARM_STEPS:-4000}" 0.0005
 train_phase mid longctx-mid 8192 8 "${MID_STEPS:-1000}" 0.0003 --init-from "$(last_checkpoint warm)"
 train_phase long longctx-long 32768 2 "${LONG_STEPS:-900}" 0.0003 --init-from "$(last_checkpoint mid)"
 model=$(last_checkpoint long)
+# Optional (XLONG_STEPS > 0, NOT yet run): 16K-64K niah_single in 128K windows, toward 128K.
+if [ "${XLONG_STEPS:-0}" -gt 0 ]; then
+  "$moeforge" data synth --task niah_single --lengths 16384,32768,65536 --num 300 --seed 13 \
+    --format train --loss answer --out data/longctx-xlong --overwrite
+  train_phase xlong longctx-xlong 131072 1 "$XLONG_STEPS" 0.0002 --init-from "$model"
+  model=$(last_checkpoint xlong)
+fi
 echo "model: $model"
 
 # Held-out tasks (seed 2), dense and flex, at 1K, 4K, 16K, 32K and 128K (trained on examples up to
-# 16K in 32K windows).
+# 16K in 32K windows, or 64K in 128K windows with XLONG_STEPS).
 "$moeforge" data synth --task "$tasks" --lengths 1024,4096,16384,32768 --num "$eval_num" --seed 2 \
   --out "$out/tasks.jsonl" --overwrite
 "$moeforge" data synth --task niah_single --lengths 130000 --num 5 --seed 3 \
