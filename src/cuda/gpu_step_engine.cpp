@@ -45,11 +45,12 @@ class GpuStepEngine final : public StepEngine {
   void zero_grads() override { grads_pending_zero_ = true; }
 
   LossBreakdown forward_backward(const int32_t* tokens, const int32_t* targets, int64_t batch,
-                                 int64_t seq, double dloss,
+                                 int64_t seq, double dloss, double ce_count,
                                  std::vector<MoeFfnStats>& stats) override {
     const GradMode mode =
         grads_pending_zero_ && dloss != 0.0 ? GradMode::kAssign : GradMode::kAccumulate;
-    const LossBreakdown loss = gpu_.forward_backward(tokens, targets, batch, seq, dloss, mode);
+    const LossBreakdown loss =
+        gpu_.forward_backward(tokens, targets, batch, seq, dloss, mode, ce_count);
     if (dloss != 0.0) grads_pending_zero_ = false;
     stats.insert(stats.end(), gpu_.moe_stats().begin(), gpu_.moe_stats().end());
     return loss;

@@ -709,7 +709,7 @@ void GpuTransformer::attention_projections_backward_unpacked(int64_t l) {
 
 LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int32_t* targets,
                                                int64_t batch, int64_t seq, double dloss,
-                                               GradMode grad_mode) {
+                                               GradMode grad_mode, double ce_count) {
   MF_CHECK(batch > 0 && seq > 0, "forward needs a non-empty batch, got [{}, {}]", batch, seq);
   MF_CHECK(seq <= config_.max_position_embeddings,
            "sequence length {} exceeds max_position_embeddings {}", seq,
@@ -776,7 +776,8 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
   timer_.mark("head", stream_);
   rmsnorm_forward(s.lnf.data(), s.rstdf.data(), s.x_out.data(), w(layout_.final_norm()), n, h, eps,
                   stream_);
-  const double dce = num_counted > 0 ? dloss / static_cast<double>(num_counted) : 0.0;
+  const double divisor = ce_count > 0.0 ? ce_count : static_cast<double>(num_counted);
+  const double dce = divisor > 0.0 ? dloss / divisor : 0.0;
   head_forward_backward(backward, static_cast<float>(dce));
   sum(s.sums.data(), s.losses.data(), n, s.sum_scratch.data(), stream_);
 

@@ -76,11 +76,12 @@ class GpuTransformer {
 
   // tokens, targets [batch, seq] on the host (target -1: ignored). With dloss != 0, also runs the
   // backward and adds dloss * d(loss)/d(params) to the gradients (kAccumulate), or makes it the
-  // gradients whatever the buffer held (kAssign). Returns the loss as Transformer<float>::forward
+  // gradients whatever the buffer held (kAssign); ce_count > 0 divides the cross-entropy's
+  // gradient as in Transformer<float>::backward. Returns the loss as Transformer<float>::forward
   // does.
   LossBreakdown forward_backward(const int32_t* tokens, const int32_t* targets, int64_t batch,
                                  int64_t seq, double dloss,
-                                 GradMode grad_mode = GradMode::kAccumulate);
+                                 GradMode grad_mode = GradMode::kAccumulate, double ce_count = 0.0);
 
   // Per MoE layer statistics of the last forward (aux and z loss, assignments per expert).
   const std::vector<MoeFfnStats>& moe_stats() const { return moe_stats_; }

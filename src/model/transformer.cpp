@@ -657,14 +657,15 @@ void Transformer<T>::attention_backward(int64_t l, int64_t batch, int64_t seq, T
 }
 
 template <typename T>
-void Transformer<T>::backward(double dloss) {
+void Transformer<T>::backward(double dloss, double ce_count) {
   MF_CHECK(batch_ > 0, "backward called before forward");
   const int64_t n = batch_ * seq_;
   const int64_t h = config_.hidden_size;
   const int64_t vocab = config_.vocab_size;
 
   std::vector<T> dlogits(n * vocab);
-  const double dce = last_.num_counted > 0 ? dloss / static_cast<double>(last_.num_counted) : 0.0;
+  const double divisor = ce_count > 0.0 ? ce_count : static_cast<double>(last_.num_counted);
+  const double dce = divisor > 0.0 ? dloss / divisor : 0.0;
   ops::cross_entropy_backward(dlogits.data(), logits_.data(), targets_.data(), n, vocab, dce);
   std::vector<T> dlnf(n * h), dres(n * h), dtmp(n * h);
   ops::linear_backward(dlnf.data(), g(layout_.lm_head()), static_cast<T*>(nullptr), dlogits.data(),

@@ -5,6 +5,9 @@
 // Loss of a forward: ce + router_aux_loss_coef * mean_l(aux_l) + router_z_loss_coef * mean_l(z_l),
 // where ce is the mean cross-entropy over the counted targets and l runs over the MoE layers.
 // backward(dloss) accumulates dloss * d(loss)/d(params) into the gradient buffer (+=).
+// backward(dloss, ce_count) with ce_count > 0 divides the cross-entropy's gradient by ce_count
+// instead of the forward's counted targets: the trainer's gradient accumulation averages the
+// cross-entropy over all counted targets of a step (micro-batches may count different numbers).
 //
 // Sequence parallelism (MegaScale-MoE, Ulysses): with an expert-parallel group of n = ep.size()
 // ranks, the same group also splits every sequence: rank r holds positions [r * seq, (r + 1) * seq)
@@ -99,7 +102,7 @@ class Transformer {
   LossBreakdown forward(const int32_t* tokens, const int32_t* targets, int64_t batch, int64_t seq);
   // Logits [batch * seq, vocab] of the last forward.
   const std::vector<T>& logits() const { return logits_; }
-  void backward(double dloss);
+  void backward(double dloss, double ce_count = 0.0);
   // Per MoE layer statistics of the last forward (index = position among MoE layers).
   const std::vector<MoeFfnStats>& moe_stats() const { return moe_stats_; }
   // Router logits [routed tokens, num_experts] of layer l (an MoE layer) in the last forward: on

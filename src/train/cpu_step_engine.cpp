@@ -29,11 +29,11 @@ class CpuModelEngine : public StepEngine {
   void zero_grads() override { model_.zero_grads(); }
 
   LossBreakdown forward_backward(const int32_t* tokens, const int32_t* targets, int64_t batch,
-                                 int64_t seq, double dloss,
+                                 int64_t seq, double dloss, double ce_count,
                                  std::vector<MoeFfnStats>& stats) override {
     const LossBreakdown loss = model_.forward(tokens, targets, batch, seq);
     stats.insert(stats.end(), model_.moe_stats().begin(), model_.moe_stats().end());
-    model_.backward(dloss);
+    model_.backward(dloss, ce_count);
     return loss;
   }
 

@@ -36,9 +36,10 @@ class StepEngine {
 
   virtual void zero_grads() = 0;
   // Forward and backward of one micro-batch, gradients scaled by dloss and accumulated; per-MoE-
-  // layer statistics appended to stats.
+  // layer statistics appended to stats. ce_count > 0 replaces the micro-batch's own number of
+  // counted targets as the cross-entropy's divisor in the backward (Transformer::backward).
   virtual LossBreakdown forward_backward(const int32_t* tokens, const int32_t* targets,
-                                         int64_t batch, int64_t seq, double dloss,
+                                         int64_t batch, int64_t seq, double dloss, double ce_count,
                                          std::vector<MoeFfnStats>& stats) = 0;
   // Sums the gradients over the ranks of comm, in fp32 or bf16-compressed (train/grad_reduce.h).
   // The ZeRO-1 engine reduce-scatters instead (each rank gets the sum of its shard only); comm

@@ -253,7 +253,9 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
     }
   }
 
-  std::vector<int32_t> inputs(micro * seq), targets(micro * seq);
+  // A step's micro-batches, read before the first backward (their counted targets set the
+  // cross-entropy's average).
+  std::vector<int32_t> inputs(accum * micro * seq), targets(accum * micro * seq);
   std::vector<int32_t> local_inputs(micro * local_seq), local_targets(micro * local_seq);
   TrainSummary summary;
   const auto run_start = Clock::now();
@@ -302,19 +304,35 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
     const auto step_start = Clock::now();
     const double lr = learning_rate(config.schedule, config.optimizer.lr, state.step);
     engine->zero_grads();
-    double loss_sums[4] = {0, 0, 0, 0};  // loss, ce, aux, z (sum over this rank's micro-batches)
+    // Sums over this rank's micro-batches: the router terms of the loss (loss - ce), the
+    // cross-entropy over the counted targets (ce mean x count), aux, z.
+    double loss_sums[4] = {0, 0, 0, 0};
     std::vector<int64_t> expert_load;
     int64_t dropped = 0;
+    const int64_t window_tokens = micro * seq;
+    double step_counted = 0;
     for (int64_t m = 0; m < accum; ++m) {
-      sampler.next_batch_for_rank(micro, dp.rank(), dp.size(), inputs.data(), targets.data());
-      slice_sequences(inputs.data(), local_inputs.data(), micro, seq, expert_group.rank(), n);
-      slice_sequences(targets.data(), local_targets.data(), micro, seq, expert_group.rank(), n);
+      sampler.next_batch_for_rank(micro, dp.rank(), dp.size(), inputs.data() + m * window_tokens,
+                                  targets.data() + m * window_tokens);
+    }
+    for (const int32_t t : targets) step_counted += t >= 0;
+    dp.all_reduce_sum(&step_counted, 1);
+    // The cross-entropy is the mean over every counted target of the step, as one batch of
+    // accum x dp micro-batches would give (with loss masks the micro-batches count different
+    // numbers of targets): each micro-batch's gradient divides by the step's average count per
+    // micro-batch instead of its own. The router losses stay a mean over the micro-batches.
+    const double ce_count = step_counted / static_cast<double>(accum * dp.size());
+    for (int64_t m = 0; m < accum; ++m) {
+      slice_sequences(inputs.data() + m * window_tokens, local_inputs.data(), micro, seq,
+                      expert_group.rank(), n);
+      slice_sequences(targets.data() + m * window_tokens, local_targets.data(), micro, seq,
+                      expert_group.rank(), n);
       std::vector<MoeFfnStats> moe_stats;
-      const LossBreakdown loss =
-          engine->forward_backward(local_inputs.data(), local_targets.data(), micro, local_seq,
-                                   1.0 / static_cast<double>(accum * dp.size()), moe_stats);
-      loss_sums[0] += loss.loss;
-      loss_sums[1] += loss.ce_loss;
+      const LossBreakdown loss = engine->forward_backward(
+          local_inputs.data(), local_targets.data(), micro, local_seq,
+          1.0 / static_cast<double>(accum * dp.size()), ce_count, moe_stats);
+      loss_sums[0] += loss.loss - loss.ce_loss;
+      loss_sums[1] += loss.ce_loss * static_cast<double>(loss.num_counted);
       loss_sums[2] += loss.aux_loss;
       loss_sums[3] += loss.z_loss;
       for (const MoeFfnStats& s : moe_stats) {
@@ -342,16 +360,18 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
     dp.all_reduce_sum(loss_sums, 4);
     // Checked after the reductions, so that every rank takes the same decision (a NaN anywhere
     // makes the sums NaN).
+    const double denom = static_cast<double>(accum * dp.size());
+    const double step_ce = step_counted > 0 ? loss_sums[1] / step_counted : 0.0;
+    const double step_loss = step_ce + loss_sums[0] / denom;
     const StepUpdate update =
-        engine->update(lr, config.optimizer.grad_clip, std::isfinite(loss_sums[0]));
+        engine->update(lr, config.optimizer.grad_clip, std::isfinite(step_loss));
     const double grad_norm = update.grad_norm;
     const bool finite = update.applied;
     if (!finite) {
       const std::string report = fmt::format(
           "step {}: non-finite loss ({}) or gradient norm ({}); first tensor with a non-finite "
           "gradient in backward order: {}",
-          state.step + 1, loss_sums[0] / static_cast<double>(accum * dp.size()), grad_norm,
-          engine->first_nonfinite_gradient());
+          state.step + 1, step_loss, grad_norm, engine->first_nonfinite_gradient());
       MF_CHECK(config.optimizer.on_nonfinite == "skip",
                "{}; stopping (optimizer.on_nonfinite=stop)", report);
       if (is_root) fmt::print(stderr, "{}{}; update skipped\n", tty ? "\n" : "", report);
@@ -361,15 +381,15 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
     state.tokens_seen += tokens_per_step;
     state.lr = lr;
 
-    const double denom = static_cast<double>(accum * dp.size());
-    summary.final_loss = loss_sums[0] / denom;
+    summary.final_loss = step_loss;
     const double step_seconds = std::chrono::duration<double>(Clock::now() - step_start).count();
     const double tokens_per_s = static_cast<double>(tokens_per_step) / step_seconds;
     if (finite &&
         (state.step % config.log.every_steps == 0 || state.step == config.schedule.max_steps)) {
       nlohmann::json record = {{"step", state.step},
                                {"loss", summary.final_loss},
-                               {"ce_loss", loss_sums[1] / denom},
+                               {"ce_loss", step_ce},
+                               {"counted_targets", static_cast<int64_t>(step_counted)},
                                {"aux_loss", loss_sums[2] / denom},
                                {"z_loss", loss_sums[3] / denom},
                                {"grad_norm", grad_norm},

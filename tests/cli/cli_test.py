@@ -669,6 +669,23 @@ class CliTest(unittest.TestCase):
                                    checkpoint__every_steps=0)
         run([MOEFORGE, "train", "--config", config, "--no-progress"])
         self.assertEqual(len(self.step_metrics("synth-answer-run")), 2)
+        # Gradient accumulation over micro-batches that count different numbers of answer
+        # targets equals one micro-batch of them all: the cross-entropy is the mean over the
+        # step's counted targets, not a mean of the micro-batches' means (a dense model: the
+        # router's load-balancing loss is per micro-batch by design).
+        runs = {}
+        dense_model = os.path.join(REPO, "configs", "models", "tiny-llama.json")
+        for name, micro, accum in (("answer-big", 4, 1), ("answer-accum", 1, 4)):
+            config = self.train_config(name, model__model_config=dense_model,
+                                       data__dataset=answer_dir, data__seq_len=256,
+                                       data__micro_batch_size=micro, data__grad_accum_steps=accum,
+                                       eval__max_batches=16 // micro, schedule__max_steps=3,
+                                       checkpoint__every_steps=0)
+            run([MOEFORGE, "train", "--config", config, "--no-progress"])
+            runs[name] = self.step_metrics(name)
+        self.assert_same_training(runs["answer-big"], runs["answer-accum"], "answer-accum")
+        counted = [m["counted_targets"] for m in runs["answer-big"]]
+        self.assertTrue(all(c > 0 for c in counted), counted)
         # Windows that hold no answer have nothing to score: a clear error, not a loss of 0 (the
         # first 16 tokens of an example are its header). The trainer says so before its first step.
         proc = run([MOEFORGE, "eval", "--model", model, "--data", answer_dir, "--split", "val",

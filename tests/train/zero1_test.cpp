@@ -114,7 +114,8 @@ RankRun train_rank(Communicator& dp, int zero_stage, GradReduceDtype dtype,
     }
     engine->zero_grads();
     std::vector<MoeFfnStats> stats;
-    engine->forward_backward(tokens.data(), targets.data(), kBatch, kSeq, 1.0 / dp.size(), stats);
+    engine->forward_backward(tokens.data(), targets.data(), kBatch, kSeq, 1.0 / dp.size(), 0.0,
+                             stats);
     engine->all_reduce_grads(dp, dtype);
     const StepUpdate update = engine->update(1e-2, kMaxNorm, true);
     EXPECT_TRUE(update.applied);
