@@ -19,6 +19,7 @@
 #include "cuda/router.h"
 #include "cuda/shared_expert_gate.h"
 #include "cuda/swiglu.h"
+#include "ops/row_map.h"
 
 namespace moeforge::cuda {
 
@@ -40,15 +41,16 @@ struct GpuInference::Scratch {
   DeviceBuffer<bf16> qkv;  // [n, q_dim + 2 kv_dim] the packed projection (packed layers)
   DeviceBuffer<bf16> q;    // [n, q_dim] after q/k norm and RoPE
   // Unpacked layers: the q and k projections before q/k norm, and k after it.
-  DeviceBuffer<bf16> q_lin, k_lin, k;               // [n, q_dim], [n, kv_dim], [n, kv_dim]
-  DeviceBuffer<bf16> att;                           // [n, q_dim]
-  DeviceBuffer<float> lse;                          // [num_heads, n]
-  DeviceBuffer<float> attention_workspace;          // decode attention's key splits
-  DeviceBuffer<float> router_logits, probs;         // [c, E]
-  DeviceBuffer<int32_t> expert_idx;                 // [c, k]
-  DeviceBuffer<float> gates;                        // [c, k]
-  DeviceBuffer<int32_t> expert_offsets;             // [E + 1]
-  PinnedHostBuffer<int32_t> host_offsets;           // [E + 1]
+  DeviceBuffer<bf16> q_lin, k_lin, k;        // [n, q_dim], [n, kv_dim], [n, kv_dim]
+  DeviceBuffer<bf16> att;                    // [n, q_dim]
+  DeviceBuffer<float> lse;                   // [num_heads, n]
+  DeviceBuffer<float> attention_workspace;   // decode attention's key splits
+  DeviceBuffer<float> router_logits, probs;  // [c, E]
+  DeviceBuffer<int32_t> expert_idx;          // [c, k]
+  DeviceBuffer<float> gates;                 // [c, k]
+  DeviceBuffer<int32_t> expert_offsets;      // [E + 1]
+  PinnedHostBuffer<int32_t> host_offsets;    // [E + 1]
+  DeviceBuffer<int32_t> expert_kept;         // [E] rows kept so far in this forward (capacity only)
   DeviceBuffer<int32_t> assignment_row, row_token;  // [c * k]
   // [c * k, h] expert inputs in expert order, then their outputs, then the shared expert's output
   DeviceBuffer<bf16> rows;
@@ -79,10 +81,6 @@ GpuInference::GpuInference(const ModelConfig& config, const std::vector<float>& 
       flex_stats_(std::make_unique<FlexStats>()),
       logits_(static_cast<size_t>(config.vocab_size)) {
   validate_model_config(config_);
-  MF_CHECK(!config_.is_moe() || config_.capacity_factor <= 0.0,
-           "GPU inference runs dropless MoE layers only (capacity_factor {} given); use "
-           "--device cpu",
-           config_.capacity_factor);
   MF_CHECK(config_.head_dim % 8 == 0 && config_.head_dim <= kDecodeAttentionMaxHeadDim,
            "GPU inference needs head_dim a multiple of 8 up to {}, got {}; use --device cpu",
            kDecodeAttentionMaxHeadDim, config_.head_dim);
@@ -110,6 +108,7 @@ GpuInference::GpuInference(const ModelConfig& config, const std::vector<float>& 
   scratch_->lnf.resize(static_cast<size_t>(config_.hidden_size));
   if (config_.is_moe()) {
     scratch_->expert_offsets.resize(static_cast<size_t>(config_.num_experts + 1));
+    scratch_->expert_kept.resize(static_cast<size_t>(config_.num_experts));
     scratch_->host_offsets.resize(static_cast<size_t>(config_.num_experts + 1));
   }
 }
@@ -321,7 +320,7 @@ void GpuInference::expert_forward(bf16* y, const bf16* x, const bf16* w, int64_t
   }
 }
 
-void GpuInference::moe_forward(int64_t l, float* x, const bf16* ln, int64_t n) {
+void GpuInference::moe_forward(int64_t l, float* x, const bf16* ln, int64_t n, int64_t capacity) {
   const LayerOffsets& o = layout_.layer(l);
   Scratch& s = *scratch_;
   const int64_t h = config_.hidden_size, f = config_.moe_intermediate_size;
@@ -331,7 +330,7 @@ void GpuInference::moe_forward(int64_t l, float* x, const bf16* ln, int64_t n) {
   router_forward(s.probs.data(), s.expert_idx.data(), s.gates.data(), s.router_logits.data(),
                  RouterShape{n, num_experts, k, config_.norm_topk_prob}, stream_);
   build_row_map(s.expert_offsets.data(), s.assignment_row.data(), s.row_token.data(),
-                s.expert_idx.data(), n, k, num_experts, /*capacity=*/-1, stream_);
+                s.expert_idx.data(), n, k, num_experts, capacity, stream_, s.expert_kept.data());
   scatter_rows(s.rows.data(), ln, s.row_token.data(), n * k, h, stream_);
   if (!grouped_experts_) {
     // Per-expert cuBLASLt calls need the row ranges on the host.
@@ -429,12 +428,21 @@ void GpuInference::run(const int32_t* tokens, int64_t n) {
                          config_.q_dim(), h, true, stream_);
     rmsnorm_forward(s.ln.data(), s.rstd.data(), s.x.data(), w(o.post_attention_norm), n, h, eps,
                     stream_);
+    // A capacity factor applies to all n tokens of the call, the earliest first (the CPU
+    // reference's rule: a prefill can drop, a one-token decode step cannot): the chunks carry
+    // each expert's kept rows.
+    const int64_t capacity =
+        config_.layer_is_moe(l)
+            ? ops::expert_capacity(config_.capacity_factor, n, config_.num_experts_per_tok,
+                                   config_.num_experts)
+            : -1;
+    if (capacity >= 0) s.expert_kept.fill_zero(stream_);
     for (int64_t begin = 0; begin < n; begin += kFfnChunkTokens) {
       const int64_t count = std::min(kFfnChunkTokens, n - begin);
       float* x = s.x.data() + begin * h;
       const bf16* ln = s.ln.data() + begin * h;
       if (config_.layer_is_moe(l)) {
-        moe_forward(l, x, ln, count);
+        moe_forward(l, x, ln, count, capacity);
       } else {
         dense_ffn_forward(l, x, ln, count);
       }

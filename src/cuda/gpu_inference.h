@@ -12,8 +12,9 @@
 // non-empty cache run decode_attention_forward (dense). The MoE FFN runs in chunks of
 // kFfnChunkTokens tokens, which bounds its buffers (top_k rows per token).
 //
-// Supported: what GpuTransformer supports (dropless MoE only, Qwen2-MoE's shared expert
-// included), head_dim a multiple of 8 up to 256.
+// Supported: what GpuTransformer supports (Qwen2-MoE's shared expert and capacity-based token
+// dropping included: a capacity applies to all the tokens of a call, across the FFN's chunks),
+// head_dim a multiple of 8 up to 256.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -78,7 +79,8 @@ class GpuInference : public InferenceEngine {
   // q into scratch, k and v into the cache at positions length_ .. length_ + n.
   void qkv_forward(int64_t l, int64_t n);
   void attention_forward(int64_t l, int64_t n, bool sparse);
-  void moe_forward(int64_t l, float* x, const bf16* ln, int64_t n);
+  // capacity: rows per expert over the whole call (-1: dropless), carried across the chunks.
+  void moe_forward(int64_t l, float* x, const bf16* ln, int64_t n, int64_t capacity);
   // x [n, h] += sigmoid(ln . w_gate) * the shared expert's output (Qwen2-MoE), after the routed
   // experts.
   void shared_expert_forward(int64_t l, float* x, const bf16* ln, int64_t n);

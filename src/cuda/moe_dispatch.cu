@@ -33,10 +33,11 @@ __global__ void tile_counts_kernel(int32_t* tile_counts, const int32_t* expert_i
 }
 
 // One thread per expert: tile_counts becomes each tile's first row for the expert (as if nothing
-// were dropped), and expert_offsets the experts' row ranges (at most capacity rows each when
-// capacity >= 0).
+// were dropped), and expert_offsets the experts' row ranges (at most capacity - kept_before[e]
+// rows each when capacity >= 0; kept_before, if not null, grows by the kept rows).
 __global__ void tile_offsets_kernel(int32_t* expert_offsets, int32_t* tile_counts,
-                                    int64_t num_tiles, int64_t num_experts, int64_t capacity) {
+                                    int32_t* kept_before, int64_t num_tiles, int64_t num_experts,
+                                    int64_t capacity) {
   __shared__ int32_t totals[kMaxExperts];
   const int64_t e = threadIdx.x;
   if (e < num_experts) {
@@ -46,7 +47,13 @@ __global__ void tile_offsets_kernel(int32_t* expert_offsets, int32_t* tile_count
       tile_counts[t * num_experts + e] = running;
       running += count;
     }
-    totals[e] = capacity < 0 || running <= capacity ? running : static_cast<int32_t>(capacity);
+    int64_t left = capacity;
+    if (capacity >= 0 && kept_before != nullptr) {
+      left = kept_before[e] < capacity ? capacity - kept_before[e] : 0;
+    }
+    const int32_t kept = capacity < 0 || running <= left ? running : static_cast<int32_t>(left);
+    if (capacity >= 0 && kept_before != nullptr) kept_before[e] += kept;
+    totals[e] = kept;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -64,12 +71,12 @@ __global__ void tile_offsets_kernel(int32_t* expert_offsets, int32_t* tile_count
 }
 
 // Rank of each assignment among the tile's assignments to the same expert, in order: within a
-// warp by __match_any_sync, across the tile's warps by per-warp counts. An assignment whose rank
-// in its expert reaches capacity (>= 0) is dropped.
+// warp by __match_any_sync, across the tile's warps by per-warp counts. An assignment whose row
+// falls past its expert's kept rows (its rank reached the capacity) is dropped.
 __global__ void assign_rows_kernel(int32_t* assignment_row, int32_t* row_token,
                                    const int32_t* tile_first_row, const int32_t* expert_offsets,
                                    const int32_t* expert_idx, int64_t num_assignments,
-                                   int64_t num_experts, int64_t top_k, int64_t capacity) {
+                                   int64_t num_experts, int64_t top_k) {
   __shared__ int32_t warp_counts[kTileWarps][kMaxExperts];
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   for (int64_t i = threadIdx.x; i < kTileWarps * num_experts; i += blockDim.x) {
@@ -86,7 +93,7 @@ __global__ void assign_rows_kernel(int32_t* assignment_row, int32_t* row_token,
   if (!valid) return;
   int32_t row = tile_first_row[blockIdx.x * num_experts + e] + rank_in_warp;
   for (int w = 0; w < warp; ++w) row += warp_counts[w][e];
-  if (capacity >= 0 && row - expert_offsets[e] >= capacity) {
+  if (row >= expert_offsets[e + 1]) {
     assignment_row[a] = -1;
     return;
   }
@@ -209,7 +216,8 @@ __global__ void combine_rows_backward_kernel(bf16* drows, float* dgates, const f
 
 void build_row_map(int32_t* expert_offsets, int32_t* assignment_row, int32_t* row_token,
                    const int32_t* expert_idx, int64_t num_tokens, int64_t top_k,
-                   int64_t num_experts, int64_t capacity, cudaStream_t stream) {
+                   int64_t num_experts, int64_t capacity, cudaStream_t stream,
+                   int32_t* kept_before) {
   MF_CHECK(num_experts > 0 && num_experts <= kMaxExperts,
            "build_row_map supports 1 to {} experts, got {}", kMaxExperts, num_experts);
   const int64_t num_assignments = num_tokens * top_k;
@@ -218,8 +226,8 @@ void build_row_map(int32_t* expert_offsets, int32_t* assignment_row, int32_t* ro
   tile_counts_kernel<<<static_cast<unsigned>(num_tiles), kTile, 0, stream>>>(
       tile_rows.data(), expert_idx, num_assignments, num_experts);
   MF_CUDA_CHECK_LAUNCH();
-  tile_offsets_kernel<<<1, kMaxExperts, 0, stream>>>(expert_offsets, tile_rows.data(), num_tiles,
-                                                     num_experts, capacity);
+  tile_offsets_kernel<<<1, kMaxExperts, 0, stream>>>(expert_offsets, tile_rows.data(), kept_before,
+                                                     num_tiles, num_experts, capacity);
   MF_CUDA_CHECK_LAUNCH();
   if (num_assignments == 0) return;
   // With drops, the rows past the kept ones are unused: row_token -1 (all bits set).
@@ -228,7 +236,7 @@ void build_row_map(int32_t* expert_offsets, int32_t* assignment_row, int32_t* ro
   }
   assign_rows_kernel<<<static_cast<unsigned>(num_tiles), kTile, 0, stream>>>(
       assignment_row, row_token, tile_rows.data(), expert_offsets, expert_idx, num_assignments,
-      num_experts, top_k, capacity);
+      num_experts, top_k);
   MF_CUDA_CHECK_LAUNCH();
 }
 

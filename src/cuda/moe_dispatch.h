@@ -16,9 +16,13 @@ namespace moeforge::cuda {
 // and row_token [n * k]. Deterministic (a stable counting sort). capacity >= 0 keeps at most
 // capacity rows per expert, the earliest tokens' (ops::build_row_map's rule): a dropped
 // assignment's row is -1, and the rows past expert_offsets[E] are unused, their row_token -1.
+// kept_before [E] (device, or null) carries the capacity across chunks of one forward's tokens:
+// expert e keeps at most capacity - kept_before[e] rows of this chunk, and kept_before[e] grows
+// by what it keeps.
 void build_row_map(int32_t* expert_offsets, int32_t* assignment_row, int32_t* row_token,
                    const int32_t* expert_idx, int64_t num_tokens, int64_t top_k,
-                   int64_t num_experts, int64_t capacity, cudaStream_t stream);
+                   int64_t num_experts, int64_t capacity, cudaStream_t stream,
+                   int32_t* kept_before = nullptr);
 
 // rows[r, :] = x[row_token[r], :], or zeros where row_token[r] < 0 (an unused row)
 // x [n, c], rows [num_rows, c].

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <numeric>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gpu_test_util.h"
@@ -106,6 +107,43 @@ TEST(MoeDispatchCuda, RowMapEqualsTheReference) {
     if (dc.capacity >= 0 && dc.num_tokens > 1) {
       EXPECT_GT(map.num_dropped, 0);
     }
+  }
+}
+
+// A capacity carried across chunks (GPU inference runs the FFN in chunks of one call's tokens):
+// the chunks' maps, built one after another with kept_before, keep and drop exactly the
+// assignments the whole call's reference map does, and kept_before ends at the kept totals.
+TEST(MoeDispatchCuda, RowMapCarriesTheCapacityAcrossChunks) {
+  MF_REQUIRE_GPU();
+  uint64_t seed = 50;
+  for (const DispatchCase& dc : kCases) {
+    if (dc.capacity < 0 || dc.num_tokens < 3) continue;
+    SCOPED_TRACE(describe(dc));
+    const std::vector<int32_t> expert_idx = random_routing(dc, seed++);
+    const ops::RowMap whole = reference_map(expert_idx, dc);
+    DeviceBuffer<int32_t> kept(dc.num_experts);
+    kept.fill_zero(nullptr);
+    const int64_t split = dc.num_tokens / 3;  // chunks of split and num_tokens - split tokens
+    for (const auto& [first, count] :
+         {std::pair<int64_t, int64_t>{0, split}, {split, dc.num_tokens - split}}) {
+      const std::vector<int32_t> chunk_idx(expert_idx.begin() + first * dc.top_k,
+                                           expert_idx.begin() + (first + count) * dc.top_k);
+      DeviceBuffer<int32_t> chunk_dev = to_device(chunk_idx);
+      DeviceBuffer<int32_t> offsets(dc.num_experts + 1), assignment_row(count * dc.top_k),
+          row_token(count * dc.top_k);
+      build_row_map(offsets.data(), assignment_row.data(), row_token.data(), chunk_dev.data(),
+                    count, dc.top_k, dc.num_experts, dc.capacity, nullptr, kept.data());
+      const std::vector<int32_t> rows = assignment_row.download();
+      for (int64_t a = 0; a < count * dc.top_k; ++a) {
+        EXPECT_EQ(rows[a] < 0, whole.assignment_row[first * dc.top_k + a] < 0)
+            << "assignment " << first * dc.top_k + a;
+      }
+    }
+    std::vector<int32_t> kept_ref(dc.num_experts);
+    for (int64_t e = 0; e < dc.num_experts; ++e) {
+      kept_ref[e] = static_cast<int32_t>(whole.expert_offsets[e + 1] - whole.expert_offsets[e]);
+    }
+    expect_equal("kept_before", kept.download(), kept_ref);
   }
 }
 
