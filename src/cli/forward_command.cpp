@@ -65,8 +65,7 @@ void register_forward_command(CLI::App& app) {
       ->required()
       ->check(CLI::ExistingFile);
   cmd->add_option("--out", opts->out, "Output .safetensors file (tensor \"logits\")")->required();
-  cmd->add_option("--device", opts->device,
-                  "cpu (fp32 reference) or cuda (bf16 compute; dropless MoE only)")
+  cmd->add_option("--device", opts->device, "cpu (fp32 reference) or cuda (bf16 compute)")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
   cmd->add_flag("--router-logits", opts->router_logits,

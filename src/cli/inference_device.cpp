@@ -13,8 +13,7 @@
 namespace moeforge::cli {
 
 void add_inference_device_option(CLI::App* cmd, std::string& device) {
-  cmd->add_option("--device", device,
-                  "cpu (fp32 reference) or cuda (bf16 on one GPU; dropless MoE only)")
+  cmd->add_option("--device", device, "cpu (fp32 reference) or cuda (bf16 on one GPU)")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
 }
