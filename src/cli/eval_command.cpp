@@ -136,9 +136,11 @@ void register_eval_command(CLI::App& app) {
     MF_CHECK(!opts->data.empty() || !opts->task.empty(),
              "eval needs --data DIR (loss on a dataset from `moeforge data prepare`) or --task "
              "FILE.jsonl (accuracy on tasks from `moeforge data synth`)");
-    MF_CHECK(opts->device == "cpu" || !opts->task.empty(),
-             "--device {} runs eval --task only; eval --data runs on --device cpu", opts->device);
     const PrefillAttention attention = parse_attention_options(opts->attention);
+    MF_CHECK(opts->device == "cpu" || !opts->task.empty() || !attention.flex,
+             "eval --data --device {} runs dense attention; the FlexPrefill window loss "
+             "(--attention flex) runs on --device cpu",
+             opts->device);
     const std::filesystem::path dir = resolve_model_dir(opts->model);
     SelfCommunicator self;
     std::unique_ptr<Transformer<float>> loaded = load_transformer(dir, self);
@@ -181,6 +183,9 @@ void register_eval_command(CLI::App& app) {
                         totals.num_query_aware, totals.num_dense_fallback};
       world.all_reduce_sum(sums, 5);
       totals = FlexEvalTotals{sums[0], sums[1], sums[2], sums[3], sums[4]};
+    } else if (opts->device == "cuda") {
+      r = evaluate(make_gpu_loss_forward(model), dataset, *tokenizer, opts->seq_len,
+                   opts->batch_size, opts->max_batches, world);
     } else {
       r = evaluate(model, dataset, *tokenizer, opts->seq_len, opts->batch_size, opts->max_batches,
                    world);
@@ -197,7 +202,8 @@ void register_eval_command(CLI::App& app) {
                           {"unigram_loss", unigram},
                           {"tokens", r.num_tokens},
                           {"bytes", r.num_bytes},
-                          {"attention", opts->attention.attention}});
+                          {"attention", opts->attention.attention},
+                          {"device", opts->device}});
       if (attention.flex) {
         out["attention_params"] = flex_prefill_params_json(attention.params);
         out["attention_stats"] = {

@@ -8,6 +8,7 @@
 #include "comm/local_rank.h"
 #include "cuda/device_info.h"
 #include "cuda/gpu_inference.h"
+#include "cuda/gpu_transformer.h"
 #endif
 
 namespace moeforge::cli {
@@ -33,6 +34,19 @@ std::unique_ptr<InferenceEngine> make_inference_engine(const std::string& device
   engine->set_prefill_attention(attention);
   model.reset();
   return engine;
+#else
+  MF_FAIL("--device cuda: moeforge was built without CUDA (configure with -DMOEFORGE_CUDA=ON)");
+#endif
+}
+
+ForwardFn make_gpu_loss_forward([[maybe_unused]] const Transformer<float>& model) {
+#if MOEFORGE_HAVE_CUDA
+  cuda::bind_device_to_local_rank(local_rank_from_environment());
+  auto gpu = std::make_shared<cuda::GpuTransformer>(model.config());
+  gpu->upload_params(model.params());
+  return [gpu](const int32_t* tokens, const int32_t* targets, int64_t batch, int64_t seq) {
+    return gpu->forward_backward(tokens, targets, batch, seq, 0.0);
+  };
 #else
   MF_FAIL("--device cuda: moeforge was built without CUDA (configure with -DMOEFORGE_CUDA=ON)");
 #endif

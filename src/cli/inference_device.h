@@ -10,6 +10,7 @@
 #include "infer/inference_engine.h"
 #include "model/prefill_attention.h"
 #include "model/transformer.h"
+#include "train/evaluate.h"
 
 namespace moeforge::cli {
 
@@ -22,5 +23,10 @@ void add_inference_device_option(CLI::App* cmd, std::string& device);
 std::unique_ptr<InferenceEngine> make_inference_engine(const std::string& device,
                                                        std::unique_ptr<Transformer<float>>& model,
                                                        const PrefillAttention& attention);
+
+// The loss of windows on GPU local rank % GPUs of the host (eval --data --device cuda): the
+// training engine's forward (bf16, dense attention) with model's weights, which it copies; the
+// function owns the engine. Throws moeforge::Error as make_inference_engine does.
+ForwardFn make_gpu_loss_forward(const Transformer<float>& model);
 
 }  // namespace moeforge::cli

@@ -216,13 +216,24 @@ class CliTest(unittest.TestCase):
     def test_generate_and_eval_on_cuda(self):
         """generate and eval --task with --device cuda (GpuInference) next to --device cpu: the same
         prompt, the statistics JSON with prefill and decode times, FlexPrefill statistics, and the
-        task report's keys; eval --data stays on the CPU."""
+        task report's keys; eval --data on the GPU (dense) next to the CPU's."""
         model = self.init_model("cuda-model", 3, init_std=0.5, hidden_size=128, max_position_embeddings=1100)
-        proc = run([MOEFORGE, "eval", "--model", model, "--data", self.data, "--device", "cuda"], check=False)
+        proc = run([MOEFORGE, "eval", "--model", model, "--data", self.data, "--device", "cuda",
+                    "--attention", "flex"], check=False)
         self.assertEqual(proc.returncode, 1)
-        self.assertIn("eval --task only", proc.stderr)
+        self.assertIn("runs dense attention", proc.stderr)
         if not has_gpu():
             self.skipTest("no GPU (tests/cuda covers GpuInference where there is one)")
+        # The same windows' loss in bf16 on the GPU and fp32 on the CPU: bf16 noise apart (the
+        # loss-curve test's first-window gap, measured 0.0045 nats, bound 0.02).
+        losses = {}
+        for device in ("cpu", "cuda"):
+            ev = json.loads(run([MOEFORGE, "eval", "--model", model, "--data", self.data,
+                                 "--seq-len", "64", "--max-batches", "4", "--device", device]).stdout)
+            self.assertEqual(ev["device"], device)
+            losses[device] = (ev["loss"], ev["tokens"])
+        self.assertEqual(losses["cpu"][1], losses["cuda"][1])
+        self.assertLess(abs(losses["cpu"][0] - losses["cuda"][0]), 0.02, losses)
         prompt = " ".join(["the quick brown fox jumps over a lazy dog"] * 8)
         stats = {}
         for device in ("cpu", "cuda"):
@@ -319,7 +330,8 @@ class CliTest(unittest.TestCase):
             self.skipTest("this machine has a GPU (tests/cuda covers --device cuda)")
         model = self.init_model("nogpu-model", 3)
         for args in (["generate", "--model", model, "--prompt", "the"],
-                     ["eval", "--model", model, "--task", self.synth_tasks("nogpu-tasks.jsonl")]):
+                     ["eval", "--model", model, "--task", self.synth_tasks("nogpu-tasks.jsonl")],
+                     ["eval", "--model", model, "--data", self.data]):
             proc = run([MOEFORGE, *args, "--device", "cuda"], check=False)
             self.assertEqual(proc.returncode, 1, args)
             self.assertTrue("no usable CUDA device" in proc.stderr or "without CUDA" in proc.stderr,

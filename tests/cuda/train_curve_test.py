@@ -17,7 +17,8 @@ data are the repository's own files, so this half can fail with no defect: it di
 6, with the same GPU losses, bit for bit, from builds of three commits (docs/verification.md).
 A dense model (configs/models/tiny-llama.json) has no routing to flip: its CPU and GPU curves
 must agree within the fixed DENSE_GAP, which keeps the test sensitive to a systematic error in
-everything but the experts.
+everything but the experts. `eval --data --device cuda` of the GPU run's checkpoint must give
+the CPU's eval of it within FIRST_WINDOW_GAP.
 
 Exits 77 (skipped) without a GPU, unless MOEFORGE_EXPECT_GPU=1."""
 import json
@@ -97,6 +98,13 @@ def main():
             assert len(results[name]) == STEPS, (name, len(results[name]))
             val[name] = json.loads(run([moeforge, "eval", "--model", run_dir, "--data",
                                         data]))["loss"]
+        # eval --data --device cuda: the GPU run's checkpoint scored by the GPU forward (bf16)
+        # against the CPU's score of it (fp32), bf16 noise apart.
+        gpu_eval = json.loads(run([moeforge, "eval", "--model", os.path.join(tmp, "cuda"), "--data",
+                                   data, "--device", "cuda"]))["loss"]
+        print("val loss of the GPU run's checkpoint: CPU eval", round(val["cuda"], 4), "GPU eval",
+              round(gpu_eval, 4))
+        assert abs(gpu_eval - val["cuda"]) < FIRST_WINDOW_GAP, (gpu_eval, val["cuda"])
         cpu, gpu = results["cpu"], results["cuda"]
         gaps = window_gaps(cpu, gpu)
         gpu_noise = window_gaps(gpu, results["cuda-per-expert"])
