@@ -7,6 +7,10 @@
 #   multi     the tests that need several GPUs (a machine of 2 or 4): the NCCL communicator's and
 #             the device gradient sums' at 1, 2 and 4 ranks (4 skips on 2 GPUs), and two GPUs under
 #             mpirun against one (tests/cuda/data_parallel_test.py)
+#   scaling   data-parallel weak scaling of `bench train` on configs/bench/moe-1.8b-a0.4b.json:
+#             mpirun with 1, 2 and 4 ranks (as many as there are GPUs), one GPU each, the
+#             gradients summed through NCCL (SCALING_ARGS adds options, e.g. --grad-reduce bf16);
+#             prints tokens/s per GPU and the efficiency against one GPU
 #   sanitize  compute-sanitizer memcheck over the CUDA test binary, racecheck over our own kernels
 #             (SANITIZE_TOOLS picks, default "memcheck racecheck"; SANITIZE_FILTER, a gtest filter,
 #             narrows both: the whole stage takes over 10 minutes, e.g. memcheck covered 102 of
@@ -108,6 +112,34 @@ for stage in "${stages[@]}"; do
       MOEFORGE_MPIEXEC=$(command -v mpirun) python3 tests/cuda/data_parallel_test.py \
         build-gpu/moeforge . > "$OUT/data_parallel.txt" 2>&1 || rc=1
       tail -n 6 "$OUT/data_parallel.txt"
+      ;;
+    scaling)
+      gpus=$(nvidia-smi -L | wc -l)
+      for ranks in 1 2 4; do
+        [ "$ranks" -le "$gpus" ] || continue
+        # shellcheck disable=SC2086
+        mpirun -np "$ranks" --allow-run-as-root --oversubscribe build-gpu/moeforge bench train \
+          --config configs/bench/moe-1.8b-a0.4b.json --steps 10 --warmup 3 ${SCALING_ARGS:-} \
+          > "$OUT/scaling_$ranks.json" 2> "$OUT/scaling_$ranks.log" \
+          || { tail -n 20 "$OUT/scaling_$ranks.log"; rc=1; }
+      done
+      python3 - "$OUT" <<'PY' || rc=1
+import glob, json, os, sys
+runs = {}
+for path in glob.glob(os.path.join(sys.argv[1], "scaling_*.json")):
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    if lines:
+        row = json.loads(lines[-1])
+        runs[row["ranks"]] = row
+base = runs.get(1)
+for ranks in sorted(runs):
+    row = runs[ranks]
+    efficiency = row["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if base else float("nan")
+    print(f"{ranks} GPU(s): {row['tokens_per_s']:.0f} tokens/s, {row['tokens_per_s_per_gpu']:.0f} "
+          f"per GPU, median step {row['median_step_ms']:.1f} ms, grad_reduce {row['grad_reduce']}, "
+          f"weak-scaling efficiency {efficiency:.3f}")
+PY
       ;;
     sanitize)
       sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2> /dev/null | head -n 1 || true)

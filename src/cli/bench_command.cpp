@@ -1,5 +1,6 @@
-// `moeforge bench train`: training-step throughput of a model config on one GPU with random
-// tokens: tokens/s, MFU (the anchors.md formula), peak device memory and the GPU time per phase.
+// `moeforge bench train`: training-step throughput of a model config with random tokens, on one
+// GPU or (under mpirun) data-parallel over several with the gradients summed through NCCL:
+// tokens/s, MFU (the anchors.md formula), peak device memory and the GPU time per phase.
 // `moeforge bench gemm`: the kernel lab of the expert GEMMs (cuda/gemm_lab.h).
 // `moeforge bench prefill`: dense against FlexPrefill prefill attention (cuda/prefill_bench.h).
 #include <fmt/format.h>
@@ -21,10 +22,18 @@
 #include "model/parameters.h"
 
 #if MOEFORGE_HAVE_CUDA
+#include "comm/communicator.h"
+#include "comm/local_rank.h"
+#include "cuda/device_info.h"
 #include "cuda/device_memory.h"
 #include "cuda/gpu_adamw.h"
 #include "cuda/gpu_transformer.h"
+#include "cuda/grad_reduce_device.h"
 #include "cuda/random_fill.h"
+#include "train/grad_reduce.h"
+#endif
+#if MOEFORGE_HAVE_NCCL
+#include "comm/nccl/nccl_communicator.h"
 #endif
 
 namespace moeforge::cli {
@@ -39,6 +48,7 @@ struct BenchOptions {
   uint64_t seed = 1234;
   double peak_tflops = 989.0;
   std::string recompute = "none";
+  std::string grad_reduce = "fp32";
 };
 
 #if MOEFORGE_HAVE_CUDA
@@ -46,11 +56,20 @@ void run_bench_train(const BenchOptions& opt) {
   const ModelConfig config = load_model_config(opt.config);
   MF_CHECK(opt.steps > 0 && opt.warmup >= 0, "--steps must be positive and --warmup >= 0");
   MF_CHECK(opt.micro_batch > 0 && opt.seq > 1, "--micro-batch must be positive and --seq > 1");
+  const GradReduceDtype reduce_dtype = parse_grad_reduce_dtype(opt.grad_reduce);
+  // Under mpirun the ranks are data-parallel, one GPU each (local rank % GPUs of the host), and
+  // each step sums the gradients over them through NCCL on the model's stream.
+  Communicator& world = world_communicator();
+  cuda::bind_device_to_local_rank(local_rank_from_environment());
   cuda::DeviceAllocator::instance().reset_peak();
   cuda::GpuTransformer model(config, cuda::parse_recompute(opt.recompute));
   const ParameterLayout& layout = model.layout();
-  fmt::print(stderr, "bench train: {} parameters ({} active), {} x {} tokens per step\n",
-             layout.num_params(), layout.num_active_params(), opt.micro_batch, opt.seq);
+  const bool root = world.rank() == 0;
+  if (root) {
+    fmt::print(
+        stderr, "bench train: {} parameters ({} active), {} x {} tokens per step on {} GPU(s)\n",
+        layout.num_params(), layout.num_active_params(), opt.micro_batch, opt.seq, world.size());
+  }
   // Weights made on the device (init_random_params's rules with uniform instead of normal
   // values): the host's normal draws took over a minute for 1.8B parameters.
   for (const ParamSpec& spec : layout.specs()) {
@@ -66,8 +85,20 @@ void run_bench_train(const BenchOptions& opt) {
   }
   model.refresh_bf16_params();
   cuda::GpuAdamW optimizer(model, AdamWHyper{}, {"norm", "bias"});
+#if MOEFORGE_HAVE_NCCL
+  std::unique_ptr<NcclCommunicator> dp;
+  if (world.size() > 1) {
+    dp = std::make_unique<NcclCommunicator>(world);
+    dp->set_stream(model.stream());
+  }
+#else
+  MF_CHECK(world.size() == 1,
+           "bench train over {} ranks needs NCCL (this build has none); run one process",
+           world.size());
+#endif
+  cuda::DeviceGradReducer reducer;
   const int64_t n = opt.micro_batch * opt.seq;
-  Rng data_rng(opt.seed + 1);
+  Rng data_rng(opt.seed + 1 + static_cast<uint64_t>(world.rank()));
   std::vector<int32_t> tokens(static_cast<size_t>(n + 1));
 
   auto step = [&]() {
@@ -76,6 +107,13 @@ void run_bench_train(const BenchOptions& opt) {
     // the optimizer (grad norm with its host round trip, AdamW) is a phase of its own.
     const LossBreakdown loss = model.forward_backward(
         tokens.data(), tokens.data() + 1, opt.micro_batch, opt.seq, 1.0, cuda::GradMode::kAssign);
+#if MOEFORGE_HAVE_NCCL
+    if (dp) {
+      model.timer().mark("grad_reduce", model.stream());
+      reducer.all_reduce(model.grads(), static_cast<size_t>(layout.num_params()), *dp, reduce_dtype,
+                         model.stream());
+    }
+#endif
     model.timer().mark("optimizer", model.stream());
     optimizer.step(1e-4, 1.0);
     model.timer().flush(model.stream());
@@ -92,8 +130,10 @@ void run_bench_train(const BenchOptions& opt) {
     if (i >= opt.warmup) {
       step_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
     }
-    fmt::print(stderr, "step {}/{}: loss {:.4f}, {:.1f} ms\n", i + 1, opt.warmup + opt.steps,
-               loss.loss, std::chrono::duration<double, std::milli>(t1 - t0).count());
+    if (root) {
+      fmt::print(stderr, "step {}/{}: loss {:.4f}, {:.1f} ms\n", i + 1, opt.warmup + opt.steps,
+                 loss.loss, std::chrono::duration<double, std::milli>(t1 - t0).count());
+    }
   }
   // Phase breakdown from two more steps with events (kept out of the timed steps).
   model.timer().set_enabled(true);
@@ -102,7 +142,11 @@ void run_bench_train(const BenchOptions& opt) {
 
   std::vector<double> sorted = step_ms;
   std::sort(sorted.begin(), sorted.end());
-  const double median_ms = sorted[sorted.size() / 2];
+  // Every rank's median step; the slowest sets the data-parallel rate.
+  double median_ms = sorted[sorted.size() / 2];
+  std::vector<double> rank_medians(static_cast<size_t>(world.size()));
+  world.all_gather(&median_ms, rank_medians.data(), 1);
+  median_ms = *std::max_element(rank_medians.begin(), rank_medians.end());
   const double tokens_per_s = static_cast<double>(n) / (median_ms / 1000.0);
   const double flops_per_token =
       6.0 * static_cast<double>(layout.num_active_params()) +
@@ -116,18 +160,22 @@ void run_bench_train(const BenchOptions& opt) {
       {"expert_gemms", model.grouped_expert_gemms() ? "cutlass_grouped" : "cublaslt_per_expert"},
       {"num_params", layout.num_params()},
       {"num_active_params", layout.num_active_params()},
-      {"tokens_per_step", n},
+      {"ranks", world.size()},
+      {"grad_reduce", world.size() > 1 ? opt.grad_reduce : "none"},
+      {"tokens_per_step", n * world.size()},
+      {"rank_median_step_ms", rank_medians},
       {"steps", opt.steps},
       {"median_step_ms", median_ms},
       {"min_step_ms", sorted.front()},
-      {"tokens_per_s", tokens_per_s},
+      {"tokens_per_s", tokens_per_s * static_cast<double>(world.size())},
+      {"tokens_per_s_per_gpu", tokens_per_s},
       {"mfu", mfu},
       {"peak_memory_gib",
        static_cast<double>(cuda::DeviceAllocator::instance().peak_bytes_in_use()) / (1 << 30)},
       {"loss", loss.loss},
       {"phase_ms", phases},
   };
-  fmt::print("{}\n", out.dump());
+  if (root) fmt::print("{}\n", out.dump());
 }
 #endif
 
@@ -140,8 +188,10 @@ void register_bench_command(CLI::App& app) {
   CLI::App* train = bench->add_subcommand(
       "train",
       "Time training steps (forward, backward, AdamW) of a model config on one GPU with random "
-      "tokens; prints one JSON line: tokens/s, MFU = tokens/s * (6 * active params + 6 * layers * "
-      "seq * hidden) / peak, peak device memory, GPU ms per phase");
+      "tokens, or under mpirun data-parallel on one GPU per rank (gradients summed through "
+      "NCCL); prints one JSON line: tokens/s (all GPUs, and per GPU from the slowest rank's "
+      "median step), MFU per GPU = tokens/s per GPU * (6 * active params + 6 * layers * seq * "
+      "hidden) / peak, peak device memory, GPU ms per phase");
   train
       ->add_option("--config", opt->config,
                    "Model config.json (e.g. configs/bench/moe-1.8b-a0.4b.json)")
@@ -160,6 +210,12 @@ void register_bench_command(CLI::App& app) {
       ->add_option("--recompute", opt->recompute,
                    "Activation recompute: none, or selective (normed inputs and SwiGLU output)")
       ->check(CLI::IsMember({"none", "selective"}))
+      ->capture_default_str();
+  train
+      ->add_option("--grad-reduce", opt->grad_reduce,
+                   "Under mpirun (data-parallel, one GPU per rank): the gradient sum through "
+                   "NCCL, fp32 or bf16 (compressed all-to-all with an fp32 local sum)")
+      ->check(CLI::IsMember({"fp32", "bf16"}))
       ->capture_default_str();
   train->callback([opt] {
 #if MOEFORGE_HAVE_CUDA
