@@ -24,6 +24,7 @@
 #if MOEFORGE_HAVE_CUDA
 #include "comm/communicator.h"
 #include "comm/local_rank.h"
+#include "cuda/device_communicator.h"
 #include "cuda/device_info.h"
 #include "cuda/device_memory.h"
 #include "cuda/gpu_adamw.h"
@@ -31,9 +32,6 @@
 #include "cuda/grad_reduce_device.h"
 #include "cuda/random_fill.h"
 #include "train/grad_reduce.h"
-#endif
-#if MOEFORGE_HAVE_NCCL
-#include "comm/nccl/nccl_communicator.h"
 #endif
 
 namespace moeforge::cli {
@@ -85,17 +83,13 @@ void run_bench_train(const BenchOptions& opt) {
   }
   model.refresh_bf16_params();
   cuda::GpuAdamW optimizer(model, AdamWHyper{}, {"norm", "bias"});
-#if MOEFORGE_HAVE_NCCL
-  std::unique_ptr<NcclCommunicator> dp;
+  std::unique_ptr<Communicator> dp;
   if (world.size() > 1) {
-    dp = std::make_unique<NcclCommunicator>(world);
-    dp->set_stream(model.stream());
+    std::string why_not;
+    dp = cuda::make_device_communicator(world, model.stream(), &why_not);
+    MF_CHECK(dp != nullptr, "bench train over {} ranks sums the gradients through NCCL, but {}",
+             world.size(), why_not);
   }
-#else
-  MF_CHECK(world.size() == 1,
-           "bench train over {} ranks needs NCCL (this build has none); run one process",
-           world.size());
-#endif
   cuda::DeviceGradReducer reducer;
   const int64_t n = opt.micro_batch * opt.seq;
   Rng data_rng(opt.seed + 1 + static_cast<uint64_t>(world.rank()));
@@ -107,13 +101,11 @@ void run_bench_train(const BenchOptions& opt) {
     // the optimizer (grad norm with its host round trip, AdamW) is a phase of its own.
     const LossBreakdown loss = model.forward_backward(
         tokens.data(), tokens.data() + 1, opt.micro_batch, opt.seq, 1.0, cuda::GradMode::kAssign);
-#if MOEFORGE_HAVE_NCCL
     if (dp) {
       model.timer().mark("grad_reduce", model.stream());
       reducer.all_reduce(model.grads(), static_cast<size_t>(layout.num_params()), *dp, reduce_dtype,
                          model.stream());
     }
-#endif
     model.timer().mark("optimizer", model.stream());
     optimizer.step(1e-4, 1.0);
     model.timer().flush(model.stream());

@@ -3,17 +3,14 @@
 
 #include <fmt/format.h>
 
-#include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "comm/local_rank.h"
-#include "cuda/cuda_check.h"
+#include "cuda/device_communicator.h"
 #include "cuda/device_info.h"
 #include "cuda/gpu_adamw.h"
 #include "cuda/grad_reduce_device.h"
-#if MOEFORGE_HAVE_NCCL
-#include "comm/nccl/nccl_communicator.h"
-#endif
 
 namespace moeforge::cuda {
 namespace {
@@ -102,38 +99,21 @@ class GpuStepEngine final : public StepEngine {
     grads_pending_zero_ = false;
   }
 
-  // An NCCL communicator over the ranks of host communicator `comm`, on the model's stream, made
-  // at the first reduction over comm (collective: every rank of comm reduces at the same step);
-  // null, and the gradients go through host memory, when this build has no NCCL or some rank of
-  // comm shares its GPU with another (NCCL needs one GPU per rank).
+  // The device communicator over the ranks of `comm` (make_device_communicator), made at the
+  // first reduction over comm (collective: every rank of comm reduces at the same step); null,
+  // and the gradients go through host memory, when it cannot be made.
   Communicator* device_communicator(Communicator& comm) {
-#if MOEFORGE_HAVE_NCCL
-    if (nccl_parent_ != &comm) {
-      int device_count = 0;
-      MF_CUDA_CHECK(cudaGetDeviceCount(&device_count));
-      int32_t shared = std::max(local_rank_from_environment(), 0) >= device_count ? 1 : 0;
-      comm.all_reduce_sum(&shared, 1);
-      nccl_.reset();
-      if (shared == 0) {
-        nccl_ = std::make_unique<NcclCommunicator>(comm);
-        nccl_->set_stream(gpu_.stream());
+    if (device_comm_parent_ != &comm) {
+      std::string why_not;
+      device_comm_ = make_device_communicator(comm, gpu_.stream(), &why_not);
+      device_comm_parent_ = &comm;
+      if (comm.rank() == 0) {
+        fmt::print(
+            stderr, "gradient sums over {} data-parallel ranks: {}\n", comm.size(),
+            device_comm_ ? "on the GPUs through NCCL" : "through host memory (" + why_not + ")");
       }
-      nccl_parent_ = &comm;
-      report_reduction(comm, shared == 0 ? "on the GPUs through NCCL"
-                                         : "through host memory (some ranks share a GPU)");
     }
-    return nccl_.get();
-#else
-    if (!reported_) report_reduction(comm, "through host memory (this build has no NCCL)");
-    return nullptr;
-#endif
-  }
-
-  void report_reduction(const Communicator& comm, const char* how) {
-    reported_ = true;
-    if (comm.rank() == 0) {
-      fmt::print(stderr, "gradient sums over {} data-parallel ranks: {}\n", comm.size(), how);
-    }
+    return device_comm_.get();
   }
 
   Transformer<float>& host_model_;
@@ -141,12 +121,9 @@ class GpuStepEngine final : public StepEngine {
   GpuTransformer gpu_;
   GpuAdamW optimizer_;
   DeviceGradReducer reducer_;
-#if MOEFORGE_HAVE_NCCL
-  std::unique_ptr<NcclCommunicator> nccl_;
-  const Communicator* nccl_parent_ = nullptr;
-#endif
+  std::unique_ptr<Communicator> device_comm_;
+  const Communicator* device_comm_parent_ = nullptr;
   bool grads_pending_zero_ = false;
-  bool reported_ = false;
 };
 
 }  // namespace
