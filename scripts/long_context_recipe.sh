@@ -9,17 +9,21 @@
 #   2. three phases, each from the previous one's weights with a fresh optimizer and its own WSD
 #      schedule: WARM_STEPS (4000) on 2K windows of the warm examples at lr 5e-4, where the
 #      retrieval mechanism forms; MID_STEPS (1000) on 8K windows of the mid examples at lr 3e-4;
-#      LONG_STEPS (900) on 32K windows of the long examples at lr 3e-4. About 130 s of training on
-#      an H200. What failed (session 8, docs/verification.md): lr 1e-3 or 2e-3 from the start, or
-#      on the 420-600-byte mixture from scratch, left the answer loss at guessing; lr 1e-3 in the
-#      mid phase undid what the warm phase had learned;
+#      LONG_STEPS (700) steps of 2 x 2 windows of 32K (micro-batch 2, accumulation 2) of the long
+#      examples at lr 2e-4. About 3 minutes of training on an H200. What failed (session 8 and 9,
+#      docs/verification.md): lr 1e-3 or 2e-3 from the start, or on the 420-600-byte mixture from
+#      scratch, left the answer loss at guessing; lr 1e-3 in the mid phase undid what the warm
+#      phase had learned; the long phase at lr 3e-4 with one micro-batch of 2 windows a step (2 to
+#      20 answers) worked once by hand and, in the whole script's first run, swung its val loss
+#      0.66 -> 1.19 -> 0.83 and lost the retrieval;
 #   3. eval --task on held-out tasks (another seed) at 1K, 4K, 16K, 32K and 128K, dense and flex,
 #      on the GPU, with every answer in predictions_*.jsonl;
-#   4. layer DUMP_LAYER's q, k, v of a 128K prompt (generate --dump-qkv on the GPU), and
-#      `bench prefill --qkv` on it: cuDNN dense against the pattern search + sparse kernel.
-# XLONG_STEPS > 0 adds a fourth phase toward 128K: that many steps on 128K windows of 16K-64K
-# niah_single examples at lr 2e-4 (the three phases reach 16K but not 128K; this one has NOT been
-# run yet). The model stays in runs/ (its path is printed). Usage:
+#   4. layer DUMP_LAYER's q, k, v of a 128K prompt (generate --dump-qkv on the GPU) from the last
+#      model, and `bench prefill --qkv` on it: cuDNN dense against the pattern search + sparse
+#      kernel.
+# XLONG_STEPS > 0 adds a fourth phase toward 128K: that many steps of 2 x 1 windows of 128K of
+# 16K-64K niah_single examples at lr 1e-4; then both the long and the xlong model are evaluated.
+# The models stay in runs/ (their paths are printed). Usage:
 # scripts/long_context_recipe.sh MOEFORGE OUT_DIR (environment: WARM_STEPS, MID_STEPS, LONG_STEPS,
 # XLONG_STEPS (default 0); EVAL_NUM examples per task and length, default 20; DUMP_LAYER, default
 # 2).
@@ -40,48 +44,53 @@ tasks=niah_single,niah_multikey
 "$moeforge" data synth --task "$tasks" --lengths 1024,2048,4096,8192,16384 --num 1500 --seed 11 \
   --format train --loss answer --out data/longctx-long --overwrite
 
-# train_phase NAME DATA SEQ_LEN MICRO_BATCH STEPS LR [ARGS...]: one phase into runs/longctx-NAME,
-# its metrics (val loss on the answers every quarter) copied to OUT_DIR.
+# train_phase NAME DATA SEQ_LEN MICRO_BATCH ACCUM STEPS LR [ARGS...]: one phase into
+# runs/longctx-NAME, its metrics (val loss on the answers every quarter) copied to OUT_DIR.
 train_phase() {
-  local name=$1 data=$2 seq_len=$3 batch=$4 steps=$5 lr=$6
-  shift 6
+  local name=$1 data=$2 seq_len=$3 batch=$4 accum=$5 steps=$6 lr=$7
+  shift 7
   rm -rf "runs/longctx-$name"
   "$moeforge" train --config "$config" --device cuda --no-progress "$@" \
     --set data.dataset="$PWD/data/$data" --set data.seq_len="$seq_len" \
-    --set data.micro_batch_size="$batch" --set optimizer.lr="$lr" \
-    --set schedule.max_steps="$steps" --set eval.every_steps=$((steps / 4)) \
-    --set checkpoint.dir="runs/longctx-$name" --set checkpoint.every_steps=0 \
-    > "$out/train_$name.txt"
+    --set data.micro_batch_size="$batch" --set data.grad_accum_steps="$accum" \
+    --set optimizer.lr="$lr" --set schedule.max_steps="$steps" \
+    --set eval.every_steps=$((steps / 4)) --set checkpoint.dir="runs/longctx-$name" \
+    --set checkpoint.every_steps=0 > "$out/train_$name.txt"
   cp "runs/longctx-$name/metrics.jsonl" "$out/metrics_$name.jsonl"
   echo "phase $name: $(tail -n 1 "$out/train_$name.txt")"
 }
 last_checkpoint() { ls -d "runs/longctx-$1"/checkpoints/step-* | tail -n 1; }
 
-train_phase warm longctx-warm 2048 8 "${WARM_STEPS:-4000}" 0.0005
-train_phase mid longctx-mid 8192 8 "${MID_STEPS:-1000}" 0.0003 --init-from "$(last_checkpoint warm)"
-train_phase long longctx-long 32768 2 "${LONG_STEPS:-900}" 0.0003 --init-from "$(last_checkpoint mid)"
-model=$(last_checkpoint long)
-# Optional (XLONG_STEPS > 0, NOT yet run): 16K-64K niah_single in 128K windows, toward 128K.
+train_phase warm longctx-warm 2048 8 1 "${WARM_STEPS:-4000}" 0.0005
+train_phase mid longctx-mid 8192 8 1 "${MID_STEPS:-1000}" 0.0003 --init-from "$(last_checkpoint warm)"
+train_phase long longctx-long 32768 2 2 "${LONG_STEPS:-700}" 0.0002 \
+  --init-from "$(last_checkpoint mid)"
+models=(long)
 if [ "${XLONG_STEPS:-0}" -gt 0 ]; then
   "$moeforge" data synth --task niah_single --lengths 16384,32768,65536 --num 300 --seed 13 \
     --format train --loss answer --out data/longctx-xlong --overwrite
-  train_phase xlong longctx-xlong 131072 1 "$XLONG_STEPS" 0.0002 --init-from "$model"
-  model=$(last_checkpoint xlong)
+  train_phase xlong longctx-xlong 131072 1 2 "$XLONG_STEPS" 0.0001 \
+    --init-from "$(last_checkpoint long)"
+  models+=(xlong)
 fi
-echo "model: $model"
 
 # Held-out tasks (seed 2), dense and flex, at 1K, 4K, 16K, 32K and 128K (trained on examples up to
-# 16K in 32K windows, or 64K in 128K windows with XLONG_STEPS).
+# 16K in 32K windows, or 64K in 128K windows in the xlong phase), for each model.
 "$moeforge" data synth --task "$tasks" --lengths 1024,4096,16384,32768 --num "$eval_num" --seed 2 \
   --out "$out/tasks.jsonl" --overwrite
 "$moeforge" data synth --task niah_single --lengths 130000 --num 5 --seed 3 \
   --out "$out/tasks_128k.jsonl" --overwrite
-for attention in dense flex; do
-  for file in tasks tasks_128k; do
-    "$moeforge" eval --model "$model" --task "$out/$file.jsonl" --device cuda \
-      --attention "$attention" --predictions "$out/predictions_${file}_$attention.jsonl" \
-      > "$out/eval_${file}_$attention.json"
-    echo "eval $file $attention: $(cat "$out/eval_${file}_$attention.json")"
+for name in "${models[@]}"; do
+  model=$(last_checkpoint "$name")
+  echo "model $name: $model"
+  for attention in dense flex; do
+    for file in tasks tasks_128k; do
+      result=$name-${file}_$attention
+      "$moeforge" eval --model "$model" --task "$out/$file.jsonl" --device cuda \
+        --attention "$attention" --predictions "$out/predictions_$result.jsonl" \
+        > "$out/eval_$result.json"
+      echo "eval $name $file $attention: $(cat "$out/eval_$result.json")"
+    done
   done
 done
 

@@ -116,9 +116,9 @@ void expect_matches_cpu_reference(const ModelConfig& config, bool grouped) {
   // leaves of the GPU's own routing, and where the routing equals the CPU's (no bf16 near-tie
   // flipped) so do the drops.
   ASSERT_EQ(gpu.moe_stats().size(), cpu.moe_stats().size());
-  const int64_t capacity = ops::expert_capacity(config.capacity_factor, n,
-                                                config.num_experts_per_tok, config.num_experts);
   for (size_t m = 0; m < gpu.moe_stats().size(); ++m) {
+    const int64_t capacity = ops::expert_capacity(config.capacity_factor, n,
+                                                  config.num_experts_per_tok, config.num_experts);
     const MoeFfnStats &mine = gpu.moe_stats()[m], &ref = cpu.moe_stats()[m];
     int64_t routed = 0, dropped = 0;
     for (const int64_t load : mine.expert_load) {
