@@ -9,7 +9,8 @@
 #             mpirun against one (tests/cuda/data_parallel_test.py)
 #   scaling   data-parallel weak scaling of `bench train` on configs/bench/moe-1.8b-a0.4b.json:
 #             mpirun with 1, 2 and 4 ranks (as many as there are GPUs), one GPU each, the
-#             gradients summed through NCCL (SCALING_ARGS adds options, e.g. --grad-reduce bf16);
+#             gradients summed through NCCL (SCALING_ARGS adds options, e.g. --grad-reduce bf16,
+#             or --grad-bucket-mb 0 to sum after the backward instead of overlapped with it);
 #             prints tokens/s per GPU and the efficiency against one GPU
 #   sanitize  compute-sanitizer memcheck over the CUDA test binary, racecheck over our own kernels
 #             (SANITIZE_TOOLS picks, default "memcheck racecheck"; SANITIZE_FILTER, a gtest filter,
@@ -138,7 +139,9 @@ for ranks in sorted(runs):
     row = runs[ranks]
     efficiency = row["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if base else float("nan")
     print(f"{ranks} GPU(s): {row['tokens_per_s']:.0f} tokens/s, {row['tokens_per_s_per_gpu']:.0f} "
-          f"per GPU, median step {row['median_step_ms']:.1f} ms, grad_reduce {row['grad_reduce']}, "
+          f"per GPU, median step {row['median_step_ms']:.1f} ms, grad_reduce {row['grad_reduce']} "
+          f"(buckets of {row['grad_bucket_mb']} MiB), grad_reduce phase "
+          f"{row['phase_ms'].get('grad_reduce', 0.0):.1f} ms, "
           f"weak-scaling efficiency {efficiency:.3f}")
 PY
       ;;

@@ -24,12 +24,12 @@
 #if MOEFORGE_HAVE_CUDA
 #include "comm/communicator.h"
 #include "comm/local_rank.h"
+#include "cuda/bucketed_grad_reducer.h"
 #include "cuda/device_communicator.h"
 #include "cuda/device_info.h"
 #include "cuda/device_memory.h"
 #include "cuda/gpu_adamw.h"
 #include "cuda/gpu_transformer.h"
-#include "cuda/grad_reduce_device.h"
 #include "cuda/random_fill.h"
 #include "train/grad_reduce.h"
 #endif
@@ -47,6 +47,7 @@ struct BenchOptions {
   double peak_tflops = 989.0;
   std::string recompute = "none";
   std::string grad_reduce = "fp32";
+  double grad_bucket_mb = 64.0;
 };
 
 #if MOEFORGE_HAVE_CUDA
@@ -55,6 +56,10 @@ void run_bench_train(const BenchOptions& opt) {
   MF_CHECK(opt.steps > 0 && opt.warmup >= 0, "--steps must be positive and --warmup >= 0");
   MF_CHECK(opt.micro_batch > 0 && opt.seq > 1, "--micro-batch must be positive and --seq > 1");
   const GradReduceDtype reduce_dtype = parse_grad_reduce_dtype(opt.grad_reduce);
+  MF_CHECK(opt.grad_bucket_mb >= 0.0 && opt.grad_bucket_mb <= 65536.0,
+           "--grad-bucket-mb must be in [0, 65536], got {}", opt.grad_bucket_mb);
+  const auto bucket_elems =
+      static_cast<size_t>(opt.grad_bucket_mb * 1024.0 * 1024.0) / sizeof(float);
   // Under mpirun the ranks are data-parallel, one GPU each (local rank % GPUs of the host), and
   // each step sums the gradients over them through NCCL on the model's stream.
   Communicator& world = world_communicator();
@@ -83,14 +88,16 @@ void run_bench_train(const BenchOptions& opt) {
   }
   model.refresh_bf16_params();
   cuda::GpuAdamW optimizer(model, AdamWHyper{}, {"norm", "bias"});
+  // The trainer's CUDA engine's scheme: buckets summed on the reducer's stream as the backward
+  // finishes them (bucket_elems 0: one sum after the backward).
+  cuda::BucketedGradReducer reducer;
   std::unique_ptr<Communicator> dp;
   if (world.size() > 1) {
     std::string why_not;
-    dp = cuda::make_device_communicator(world, model.stream(), &why_not);
+    dp = cuda::make_device_communicator(world, reducer.stream(), &why_not);
     MF_CHECK(dp != nullptr, "bench train over {} ranks sums the gradients through NCCL, but {}",
              world.size(), why_not);
   }
-  cuda::DeviceGradReducer reducer;
   const int64_t n = opt.micro_batch * opt.seq;
   Rng data_rng(opt.seed + 1 + static_cast<uint64_t>(world.rank()));
   std::vector<int32_t> tokens(static_cast<size_t>(n + 1));
@@ -99,12 +106,20 @@ void run_bench_train(const BenchOptions& opt) {
     for (auto& t : tokens) t = static_cast<int32_t>(data_rng.below(config.vocab_size));
     // One micro-batch: its backward assigns the gradients (no zeroing pass). With the timer on,
     // the optimizer (grad norm with its host round trip, AdamW) is a phase of its own.
+    if (dp) {
+      reducer.begin(model.grads(), model.grad_ready_ranges(), bucket_elems, *dp, reduce_dtype);
+      if (bucket_elems > 0) {
+        model.set_grad_ready_hook([&](size_t index) { reducer.ready(index, model.stream()); });
+      }
+    }
     const LossBreakdown loss = model.forward_backward(
         tokens.data(), tokens.data() + 1, opt.micro_batch, opt.seq, 1.0, cuda::GradMode::kAssign);
     if (dp) {
+      // The phase is what the sums add after the backward: all of them without buckets, the
+      // ones still running (the first layers' and the embedding's, finished last) with.
       model.timer().mark("grad_reduce", model.stream());
-      reducer.all_reduce(model.grads(), static_cast<size_t>(layout.num_params()), *dp, reduce_dtype,
-                         model.stream());
+      model.set_grad_ready_hook(nullptr);
+      reducer.finish(model.stream());
     }
     model.timer().mark("optimizer", model.stream());
     optimizer.step(1e-4, 1.0);
@@ -154,6 +169,7 @@ void run_bench_train(const BenchOptions& opt) {
       {"num_active_params", layout.num_active_params()},
       {"ranks", world.size()},
       {"grad_reduce", world.size() > 1 ? opt.grad_reduce : "none"},
+      {"grad_bucket_mb", opt.grad_bucket_mb},
       {"tokens_per_step", n * world.size()},
       {"rank_median_step_ms", rank_medians},
       {"steps", opt.steps},
@@ -208,6 +224,11 @@ void register_bench_command(CLI::App& app) {
                    "Under mpirun (data-parallel, one GPU per rank): the gradient sum through "
                    "NCCL, fp32 or bf16 (compressed all-to-all with an fp32 local sum)")
       ->check(CLI::IsMember({"fp32", "bf16"}))
+      ->capture_default_str();
+  train
+      ->add_option("--grad-bucket-mb", opt->grad_bucket_mb,
+                   "Under mpirun: the gradient sums start in buckets of this many MiB as the "
+                   "backward finishes them, overlapped with it (0: one sum after the backward)")
       ->capture_default_str();
   train->callback([opt] {
 #if MOEFORGE_HAVE_CUDA

@@ -7,10 +7,11 @@
 #include <string>
 
 #include "comm/local_rank.h"
+#include "core/error.h"
+#include "cuda/bucketed_grad_reducer.h"
 #include "cuda/device_communicator.h"
 #include "cuda/device_info.h"
 #include "cuda/gpu_adamw.h"
-#include "cuda/grad_reduce_device.h"
 
 namespace moeforge::cuda {
 namespace {
@@ -53,12 +54,32 @@ class GpuStepEngine final : public StepEngine {
     return loss;
   }
 
+  // On the GPUs, the sums of the last micro-batch's gradients start on the reducer's stream as
+  // its backward finishes them (buckets of bucket_bytes), beside the backward of earlier layers.
+  void begin_grad_reduce(Communicator& comm, GradReduceDtype dtype, size_t bucket_bytes) override {
+    if (comm.size() == 1 || bucket_bytes == 0) return;
+    Communicator* device_comm = device_communicator(comm);
+    if (device_comm == nullptr) return;
+    reducer_.begin(gpu_.grads(), gpu_.grad_ready_ranges(), bucket_bytes / sizeof(float),
+                   *device_comm, dtype);
+    overlapped_comm_ = &comm;
+    overlapped_dtype_ = dtype;
+    gpu_.set_grad_ready_hook([this](size_t index) { reducer_.ready(index, gpu_.stream()); });
+  }
+
   void all_reduce_grads(Communicator& comm, GradReduceDtype dtype) override {
     if (comm.size() == 1) return;
     materialize_zero_grads();
+    if (reducer_.active()) {
+      MF_CHECK(&comm == overlapped_comm_ && dtype == overlapped_dtype_,
+               "all_reduce_grads over another group or dtype than begin_grad_reduce announced");
+      gpu_.set_grad_ready_hook(nullptr);
+      reducer_.finish(gpu_.stream());
+      return;
+    }
     if (Communicator* device_comm = device_communicator(comm)) {
-      reducer_.all_reduce(gpu_.grads(), static_cast<size_t>(gpu_.num_params()), *device_comm, dtype,
-                          gpu_.stream());
+      reducer_.begin(gpu_.grads(), gpu_.grad_ready_ranges(), 0, *device_comm, dtype);
+      reducer_.finish(gpu_.stream());
       return;
     }
     std::vector<float> grads = gpu_.download_grads();
@@ -105,7 +126,7 @@ class GpuStepEngine final : public StepEngine {
   Communicator* device_communicator(Communicator& comm) {
     if (device_comm_parent_ != &comm) {
       std::string why_not;
-      device_comm_ = make_device_communicator(comm, gpu_.stream(), &why_not);
+      device_comm_ = make_device_communicator(comm, reducer_.stream(), &why_not);
       device_comm_parent_ = &comm;
       if (comm.rank() == 0) {
         fmt::print(
@@ -120,9 +141,11 @@ class GpuStepEngine final : public StepEngine {
   AdamW& host_optimizer_;
   GpuTransformer gpu_;
   GpuAdamW optimizer_;
-  DeviceGradReducer reducer_;
+  BucketedGradReducer reducer_;
   std::unique_ptr<Communicator> device_comm_;
   const Communicator* device_comm_parent_ = nullptr;
+  const Communicator* overlapped_comm_ = nullptr;
+  GradReduceDtype overlapped_dtype_ = GradReduceDtype::kFloat32;
   bool grads_pending_zero_ = false;
 };
 

@@ -143,6 +143,25 @@ GpuTransformer::GpuTransformer(const ModelConfig& config, Recompute recompute)
   rope_sin_.upload(table.sin);
   layers_.resize(static_cast<size_t>(config_.num_layers));
   find_accumulated_ranges();
+  find_grad_ready_ranges();
+}
+
+void GpuTransformer::find_grad_ready_ranges() {
+  const int64_t num_layers = config_.num_layers;
+  auto layer_begin = [&](int64_t l) {
+    return l < num_layers ? layout_.layer(l).input_norm : layout_.final_norm();
+  };
+  auto push = [&](int64_t begin, int64_t end) {
+    grad_ready_ranges_.push_back({begin, end - begin});
+  };
+  push(layout_.final_norm(), layout_.num_params());
+  for (int64_t l = num_layers - 1; l >= 0; --l) {
+    const LayerOffsets& o = layout_.layer(l);
+    const int64_t ffn_begin = config_.layer_is_moe(l) ? o.router : o.mlp_gate;
+    push(ffn_begin, layer_begin(l + 1));
+    push(layer_begin(l), ffn_begin);
+  }
+  push(0, layer_begin(0));
 }
 
 void GpuTransformer::find_accumulated_ranges() {
@@ -791,12 +810,14 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
     rmsnorm_backward(s.dres.data(), g(layout_.final_norm()), s.dln.data(), s.x_out.data(),
                      w(layout_.final_norm()), s.rstdf.data(), n, h, false, stream_,
                      residual_grad_bf16_for(config_.num_layers - 1));
+    grad_ready(0);
     for (int64_t l = config_.num_layers - 1; l >= 0; --l) {
       Layer& a = layers_[static_cast<size_t>(l)];
       if (recompute_ == Recompute::kSelective) {
         timer_.mark("recompute", stream_);
         recompute_ffn_inputs(l);
       }
+      const size_t ready_index = 1 + 2 * static_cast<size_t>(config_.num_layers - 1 - l);
       if (config_.layer_is_moe(l)) {
         timer_.mark("moe_backward", stream_);
         moe_backward(l, static_cast<float>(d_aux), static_cast<float>(d_z));
@@ -804,6 +825,7 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
         timer_.mark("dense_ffn_backward", stream_);
         dense_ffn_backward(l);
       }
+      grad_ready(ready_index);
       timer_.mark("attention_backward", stream_);
       // The attention backward's first GEMM reads the residual gradient in bf16.
       rmsnorm_backward(s.dres.data(), g(layout_.layer(l).post_attention_norm), s.dln.data(),
@@ -811,6 +833,7 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
                        h, true, stream_, s.dres_bf16.data());
       if (recompute_ == Recompute::kSelective) recompute_attention_inputs(l);
       attention_backward(l, batch, seq);
+      grad_ready(ready_index + 1);
     }
     timer_.mark("embedding_backward", stream_);
     const TokenGroups groups = group_tokens(tokens, n);
@@ -820,6 +843,7 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
     embedding_backward(g(layout_.embed_tokens()), s.dres.data(), s.group_ids.data(),
                        s.group_offsets.data(), s.group_positions.data(),
                        static_cast<int64_t>(groups.token_ids.size()), h, stream_);
+    grad_ready(grad_ready_ranges_.size() - 1);
   }
 
   double ce_sum = 0.0;

@@ -20,6 +20,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -34,6 +35,7 @@
 #include "model/model_config.h"
 #include "model/parameters.h"
 #include "model/transformer.h"
+#include "train/grad_buckets.h"
 
 namespace moeforge::cuda {
 
@@ -83,6 +85,16 @@ class GpuTransformer {
                                  int64_t seq, double dloss,
                                  GradMode grad_mode = GradMode::kAccumulate, double ce_count = 0.0);
 
+  // The ranges of the gradient buffer in the order a backward finishes them, descending offsets
+  // that tile [0, num_params): the final norm with an untied LM head; then from the last layer
+  // down, each layer's FFN (router, experts and shared expert, or the dense MLP) and its attention
+  // with both norms; the embedding last (a tied LM head adds to it at the start of the backward).
+  const std::vector<GradRange>& grad_ready_ranges() const { return grad_ready_ranges_; }
+  // Called by a backward with the index in grad_ready_ranges() of each range, in order, as soon
+  // as the last kernel writing it is enqueued on stream() (a data-parallel reduction can start
+  // on it there). Empty: none.
+  void set_grad_ready_hook(std::function<void(size_t)> hook) { grad_ready_hook_ = std::move(hook); }
+
   // Per MoE layer statistics of the last forward (aux and z loss, assignments per expert).
   const std::vector<MoeFfnStats>& moe_stats() const { return moe_stats_; }
   // Whether the experts' GEMMs run as grouped GEMMs (else one cuBLASLt call per expert after a
@@ -107,6 +119,10 @@ class GpuTransformer {
   // The gradient ranges no weight-gradient GEMM assigns (norm weights, biases, the embedding, the
   // experts on the per-expert path): zeroed before a kAssign backward.
   void find_accumulated_ranges();
+  void find_grad_ready_ranges();
+  void grad_ready(size_t index) {
+    if (grad_ready_hook_) grad_ready_hook_(index);
+  }
   // Checks the size of a flat [num_params] host array and copies it into dst.
   void upload_flat(DeviceBuffer<float>& dst, const std::vector<float>& host, const char* what);
   void attention_forward(int64_t l, int64_t batch, int64_t seq);
@@ -179,6 +195,8 @@ class GpuTransformer {
   float* host_logits_ = nullptr;  // set by forward_logits: where the head copies its logits
   bool accumulate_grads_ = true;  // the current backward's GradMode
   std::vector<std::pair<int64_t, int64_t>> accumulated_ranges_;  // (offset, count)
+  std::vector<GradRange> grad_ready_ranges_;
+  std::function<void(size_t)> grad_ready_hook_;
   std::unique_ptr<Scratch> scratch_;
 };
 

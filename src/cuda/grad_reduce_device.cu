@@ -17,6 +17,11 @@ __global__ void sum_rank_chunks_kernel(float* out, const bf16* in, int num_ranks
   }
 }
 
+template <typename T>
+void grow(DeviceBuffer<T>& buffer, size_t count) {
+  if (buffer.size() < count) buffer.resize(count);
+}
+
 }  // namespace
 
 void sum_rank_chunks(float* out, const bf16* in, int num_ranks, int64_t chunk,
@@ -28,6 +33,16 @@ void sum_rank_chunks(float* out, const bf16* in, int num_ranks, int64_t chunk,
   MF_CUDA_CHECK(cudaGetLastError());
 }
 
+void DeviceGradReducer::reserve(size_t max_count, int num_ranks, GradReduceDtype dtype) {
+  if (num_ranks <= 1 || max_count == 0 || dtype == GradReduceDtype::kFloat32) return;
+  const auto n = static_cast<size_t>(num_ranks);
+  const size_t chunk = (max_count + n - 1) / n;
+  grow(send_, chunk * n);
+  grow(recv_, chunk * n);
+  grow(shard_, chunk);
+  grow(gathered_, chunk * n);
+}
+
 void DeviceGradReducer::all_reduce(float* data, size_t count, Communicator& comm,
                                    GradReduceDtype dtype, cudaStream_t stream) {
   const auto num_ranks = static_cast<size_t>(comm.size());
@@ -36,11 +51,8 @@ void DeviceGradReducer::all_reduce(float* data, size_t count, Communicator& comm
     comm.all_reduce_sum(data, count);
     return;
   }
+  reserve(count, static_cast<int>(num_ranks), dtype);
   const size_t chunk = (count + num_ranks - 1) / num_ranks;
-  send_.resize(chunk * num_ranks);
-  recv_.resize(chunk * num_ranks);
-  shard_.resize(chunk);
-  gathered_.resize(chunk * num_ranks);
   cast_to_bf16(send_.data(), data, static_cast<int64_t>(count), stream);
   if (chunk * num_ranks > count) {
     MF_CUDA_CHECK(cudaMemsetAsync(send_.data() + count, 0,

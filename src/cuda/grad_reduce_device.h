@@ -20,11 +20,14 @@ namespace moeforge::cuda {
 // and exchanges it with an all-to-all; rank r sums every rank's copy of chunk r in fp32 in rank
 // order and the fp32 chunks are all-gathered, so the result has exactly the host version's bits.
 // comm's collectives must run on `stream` (NcclCommunicator::set_stream), which also orders the
-// casts and sums; the scratch buffers are kept for the next call.
+// casts and sums; the scratch buffers are kept for the next call and only ever grow.
 class DeviceGradReducer {
  public:
   void all_reduce(float* data, size_t count, Communicator& comm, GradReduceDtype dtype,
                   cudaStream_t stream);
+  // Allocates now the scratch that calls of up to max_count elements over num_ranks need, so that
+  // they allocate nothing (no block freed to the caching allocator while another stream runs).
+  void reserve(size_t max_count, int num_ranks, GradReduceDtype dtype);
 
  private:
   DeviceBuffer<bf16> send_, recv_;

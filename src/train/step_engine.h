@@ -41,6 +41,15 @@ class StepEngine {
   virtual LossBreakdown forward_backward(const int32_t* tokens, const int32_t* targets,
                                          int64_t batch, int64_t seq, double dloss, double ce_count,
                                          std::vector<MoeFfnStats>& stats) = 0;
+  // Announces that the next forward_backward is the step's last and that all_reduce_grads(comm,
+  // dtype) follows it: an engine may start the sums as its backward finishes gradients, in
+  // buckets of bucket_bytes (the CUDA engine does, on GPUs with a device communicator; 0 or the
+  // CPU engines: nothing starts early).
+  virtual void begin_grad_reduce(Communicator& comm, GradReduceDtype dtype, size_t bucket_bytes) {
+    (void)comm;
+    (void)dtype;
+    (void)bucket_bytes;
+  }
   // Sums the gradients over the ranks of comm, in fp32 or bf16-compressed (train/grad_reduce.h).
   // The ZeRO-1 engine reduce-scatters instead (each rank gets the sum of its shard only); comm
   // must then be the group its ZeroAdamW shards over.

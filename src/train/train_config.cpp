@@ -283,6 +283,7 @@ TrainConfig parse_merged(const json& merged, const std::filesystem::path& base_d
   c.parallel.expert_parallel = parallel.get_int("expert_parallel");
   c.parallel.layout = parallel.get_string("layout");
   c.parallel.grad_reduce_dtype = parallel.get_string("grad_reduce_dtype");
+  c.parallel.grad_bucket_mb = parallel.get_number("grad_bucket_mb");
   c.parallel.ep_dispatch = parallel.get_string("ep_dispatch");
   c.parallel.zero_stage = parallel.get_int("zero_stage");
 
@@ -355,6 +356,7 @@ nlohmann::json train_config_to_json(const TrainConfig& c) {
        {{"expert_parallel", c.parallel.expert_parallel},
         {"layout", c.parallel.layout},
         {"grad_reduce_dtype", c.parallel.grad_reduce_dtype},
+        {"grad_bucket_mb", c.parallel.grad_bucket_mb},
         {"ep_dispatch", c.parallel.ep_dispatch},
         {"zero_stage", c.parallel.zero_stage}}},
   };
@@ -448,6 +450,10 @@ void validate_train_config(const TrainConfig& c) {
   MF_CHECK(c.parallel.grad_reduce_dtype == "fp32" || c.parallel.grad_reduce_dtype == "bf16",
            "parallel.grad_reduce_dtype must be \"fp32\" or \"bf16\", got \"{}\"",
            c.parallel.grad_reduce_dtype);
+  MF_CHECK(c.parallel.grad_bucket_mb >= 0.0 && c.parallel.grad_bucket_mb <= 65536.0,
+           "parallel.grad_bucket_mb must be in [0, 65536] (MiB; 0: one sum after the backward), "
+           "got {}",
+           c.parallel.grad_bucket_mb);
   MF_CHECK(c.parallel.ep_dispatch == "allgather" || c.parallel.ep_dispatch == "alltoall" ||
                c.parallel.ep_dispatch == "auto",
            "parallel.ep_dispatch must be \"allgather\", \"alltoall\" or \"auto\", got \"{}\"",

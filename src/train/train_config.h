@@ -116,6 +116,10 @@ struct ParallelConfig {
   // The gradient sum over ranks: "fp32", or "bf16" (MegaScale-MoE's compressed all-to-all with an
   // fp32 local sum; train/grad_reduce.h).
   std::string grad_reduce_dtype = "fp32";
+  // The CUDA engine sums the last micro-batch's gradients in buckets of this many MiB (of fp32
+  // gradient) on a stream of their own as its backward finishes them, overlapped with the
+  // backward of earlier layers; 0: one sum after the backward. The CPU engines ignore it.
+  double grad_bucket_mb = 64.0;
   // How each MoE layer reaches the experts of other ranks under layout "sp_ep": "allgather"
   // (all-gather -> local experts -> reduce-scatter), "alltoall" (each token's top-k rows to their
   // experts' ranks and back) or "auto" (all-to-all iff top-k < expert_parallel, the smaller

@@ -207,6 +207,8 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   const int64_t local_seq = seq / n;
   const GradReduceDtype grad_reduce_dtype =
       parse_grad_reduce_dtype(config.parallel.grad_reduce_dtype);
+  const auto grad_bucket_bytes =
+      static_cast<size_t>(config.parallel.grad_bucket_mb * 1024.0 * 1024.0);
   // The engine's forward on this rank's slice of the sequences (evaluation windows included).
   const ForwardFn local_forward = [&, forward = engine->forward_fn()](
                                       const int32_t* tokens, const int32_t* targets, int64_t batch,
@@ -328,6 +330,9 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
       slice_sequences(targets.data() + m * window_tokens, local_targets.data(), micro, seq,
                       expert_group.rank(), n);
       std::vector<MoeFfnStats> moe_stats;
+      if (m + 1 == accum && !zero1 && world.size() > 1) {
+        engine->begin_grad_reduce(world, grad_reduce_dtype, grad_bucket_bytes);
+      }
       const LossBreakdown loss = engine->forward_backward(
           local_inputs.data(), local_targets.data(), micro, local_seq,
           1.0 / static_cast<double>(accum * dp.size()), ce_count, moe_stats);

@@ -5,7 +5,10 @@ on the GPUs through NCCL) tracks one GPU with gradient accumulation over the sam
 
 Both runs compute the same micro-batches in bf16; they differ only in where the two micro-batch
 gradients are added (NCCL's all-reduce, or the accumulating backward on one GPU), and, with
-parallel.grad_reduce_dtype bf16, in the one rounding of each rank's gradient to bf16. The bound is
+parallel.grad_reduce_dtype bf16, in the one rounding of each rank's gradient to bf16. Each dtype runs
+twice on two GPUs: summed after the backward (parallel.grad_bucket_mb 0) and in small buckets
+overlapped with it (BUCKET_MB: many buckets per step, the last layers' sums running beside the
+backward of the first). The bound is
 derived from this run's own bf16 noise: the largest per-step gap between the one-GPU run and the
 CPU reference (fp32) of the same config, times NOISE_FACTOR. The first step (before any update)
 must agree to FIRST_STEP_GAP, and the two-rank run must say that it summed through NCCL.
@@ -22,6 +25,7 @@ import tempfile
 STEPS = 30
 NOISE_FACTOR = 2.0
 FIRST_STEP_GAP = 1e-3  # nats: the same forward on the same weights, bf16 on both
+BUCKET_MB = 0.05  # 13,107 fp32 gradients a bucket: dozens per step on the tiny models
 
 
 def run(args):
@@ -68,8 +72,14 @@ def main():
             for name, launch, device, extra in [
                     ("cpu", [], "cpu", ["--set", "data.grad_accum_steps=2"]),
                     ("one-gpu", [], "cuda", ["--set", "data.grad_accum_steps=2"]),
-                    ("dp-fp32", mpirun, "cuda", []),
-                    ("dp-bf16", mpirun, "cuda", ["--set", "parallel.grad_reduce_dtype=bf16"])]:
+                    ("dp-fp32", mpirun, "cuda", ["--set", "parallel.grad_bucket_mb=0"]),
+                    ("dp-bf16", mpirun, "cuda", ["--set", "parallel.grad_reduce_dtype=bf16",
+                                                 "--set", "parallel.grad_bucket_mb=0"]),
+                    ("dp-fp32-buckets", mpirun, "cuda",
+                     ["--set", f"parallel.grad_bucket_mb={BUCKET_MB}"]),
+                    ("dp-bf16-buckets", mpirun, "cuda",
+                     ["--set", "parallel.grad_reduce_dtype=bf16",
+                      "--set", f"parallel.grad_bucket_mb={BUCKET_MB}"])]:
                 run_dir = os.path.join(tmp, f"{model}-{name}")
                 proc = run(launch + [moeforge, "train", "--config", config, "--device", device,
                                      "--set", f"checkpoint.dir={run_dir}"] + common + extra)
@@ -79,7 +89,7 @@ def main():
                 assert len(curves[name]) == STEPS, (model, name, len(curves[name]))
             noise = max(abs(a - b) for a, b in zip(curves["one-gpu"], curves["cpu"]))
             bound = NOISE_FACTOR * noise
-            for name in ("dp-fp32", "dp-bf16"):
+            for name in ("dp-fp32", "dp-bf16", "dp-fp32-buckets", "dp-bf16-buckets"):
                 gaps = [abs(a - b) for a, b in zip(curves["one-gpu"], curves[name])]
                 print(f"{model} {name}: largest gap to one GPU {max(gaps):.3g} nats (first step "
                       f"{gaps[0]:.3g}); one GPU vs CPU {noise:.3g} -> bound {bound:.3g}")

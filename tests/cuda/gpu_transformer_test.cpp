@@ -17,7 +17,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <map>
 #include <string>
@@ -28,6 +30,7 @@
 #include "comm/communicator.h"
 #include "core/rng.h"
 #include "cuda/bf16.h"
+#include "cuda/device_memory.h"
 #include "cuda/gpu_adamw.h"
 #include "cuda/gpu_transformer.h"
 #include "gpu_test_models.h"
@@ -386,6 +389,66 @@ TEST_P(GpuTransformerTest, SelectiveRecomputeGivesTheSameLossAndGradients) {
   EXPECT_LT(
       testing::relative_l2(grads[1].data(), grads[0].data(), static_cast<int64_t>(grads[0].size())),
       1e-3);
+}
+
+// The backward reports each range of grad_ready_ranges() once, in order, as soon as the last
+// kernel writing it is enqueued: a copy of the range enqueued at the report equals the range's
+// final value bit for bit (a report made before one of its writes copies an older value). On a
+// second, accumulating micro-batch (every write changes the values), with and without selective
+// recompute (kernels between the layers' backward); a forward-only call reports nothing.
+TEST_P(GpuTransformerTest, GradReadyHookReportsEachRangeWhenFinal) {
+  MF_REQUIRE_GPU();
+  const ModelConfig config = testing::gpu_config(GetParam());
+  const int64_t batch = 2, seq = 37;
+  const auto [tokens, targets] = random_batch(config, batch * seq, 29);
+  const auto [tokens2, targets2] = random_batch(config, batch * seq, 31);
+  for (const Recompute recompute : {Recompute::kNone, Recompute::kSelective}) {
+    GpuTransformer gpu(config, recompute);
+    gpu.upload_params(testing::make_params(gpu.layout(), 23));
+    const std::vector<GradRange>& ranges = gpu.grad_ready_ranges();
+    int64_t below = gpu.num_params();
+    for (const GradRange& r : ranges) {
+      ASSERT_GT(r.count, 0);
+      ASSERT_EQ(r.offset + r.count, below) << "the ranges must tile the buffer, descending";
+      below = r.offset;
+    }
+    ASSERT_EQ(below, 0);
+    ASSERT_EQ(ranges.size(), 2 + 2 * static_cast<size_t>(config.num_layers));
+
+    gpu.forward_backward(tokens.data(), targets.data(), batch, seq, 1.0, GradMode::kAssign);
+    const auto count = static_cast<size_t>(gpu.num_params());
+    DeviceBuffer<float> snapshot;
+    snapshot.upload(std::vector<float>(count, std::nanf("")));
+    std::vector<size_t> reported;
+    gpu.set_grad_ready_hook([&](size_t index) {
+      reported.push_back(index);
+      const GradRange& r = ranges.at(index);
+      EXPECT_EQ(cudaMemcpyAsync(snapshot.data() + r.offset, gpu.grads() + r.offset,
+                                static_cast<size_t>(r.count) * sizeof(float),
+                                cudaMemcpyDeviceToDevice, gpu.stream()),
+                cudaSuccess);
+    });
+    gpu.forward_backward(tokens2.data(), targets2.data(), batch, seq, 1.0, GradMode::kAccumulate);
+    gpu.set_grad_ready_hook(nullptr);
+    std::vector<size_t> in_order(ranges.size());
+    for (size_t i = 0; i < in_order.size(); ++i) in_order[i] = i;
+    EXPECT_EQ(reported, in_order);
+    const std::vector<float> final_grads = gpu.download_grads(), copied = snapshot.download();
+    for (const ParamSpec& spec : gpu.layout().specs()) {
+      for (int64_t i = spec.offset; i < spec.offset + spec.numel; ++i) {
+        const auto at = static_cast<size_t>(i);
+        ASSERT_EQ(std::bit_cast<uint32_t>(copied[at]), std::bit_cast<uint32_t>(final_grads[at]))
+            << spec.name << " element " << i - spec.offset << " (recompute "
+            << (recompute == Recompute::kNone ? "none" : "selective")
+            << "): reported before its last write";
+      }
+    }
+
+    gpu.set_grad_ready_hook(
+        [](size_t index) { ADD_FAILURE() << "forward only reported " << index; });
+    gpu.forward_backward(tokens.data(), targets.data(), batch, seq, 0.0);
+    gpu.set_grad_ready_hook(nullptr);
+  }
 }
 
 std::string arch_name(const ::testing::TestParamInfo<Architecture>& info) {

@@ -1,17 +1,24 @@
 // DeviceGradReducer over NCCL against the host gradient sums (train/grad_reduce.h) on the same
-// data, one GPU per rank: run alone and under mpirun (2 and 4 ranks in ctest); skipping as
-// comm/nccl/nccl_test_harness.h says. bf16 compression must give the host's bits exactly (same
-// roundings, same rank-ordered fp32 sum); fp32 goes through NCCL's all-reduce, whose order of
-// additions NCCL picks, so it matches to fp32 rounding of the sum (exactly with two ranks).
+// data, and BucketedGradReducer (the same sums in buckets, overlapped with a simulated backward)
+// against DeviceGradReducer, one GPU per rank: run alone and under mpirun (2 and 4 ranks in ctest);
+// skipping as comm/nccl/nccl_test_harness.h says. bf16 compression must give the host's bits
+// exactly (same roundings, same rank-ordered fp32 sum); fp32 goes through NCCL's all-reduce, whose
+// order of additions NCCL picks, so it matches to fp32 rounding of the sum (exactly with two
+// ranks).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "comm/nccl/nccl_test_harness.h"
+#include "core/error.h"
 #include "core/rng.h"
+#include "cuda/bucketed_grad_reducer.h"
 #include "cuda/device_memory.h"
 #include "cuda/grad_reduce_device.h"
 #include "train/grad_reduce.h"
@@ -94,6 +101,122 @@ TEST(DeviceGradReducer, SumRankChunksAddsInRankOrderFromZero) {
   const std::vector<float> got = out.download();
   EXPECT_EQ(got[0], 1.0f);
   EXPECT_EQ(std::bit_cast<uint32_t>(got[1]), 0u);
+}
+
+// BucketedGradReducer: a simulated backward writes the ranges of a buffer one by one on its own
+// stream, each after a slow kernel, reporting each as ready; the buffer starts as a sentinel, so a
+// sum that ran before its range was written (a missing wait) shows as a wrong value. The result
+// must be what DeviceGradReducer (so the host) gives over the whole buffer.
+std::vector<GradRange> descending_ranges(size_t count, size_t pieces, uint64_t seed) {
+  Rng rng(seed);
+  std::vector<int64_t> cuts = {0, static_cast<int64_t>(count)};
+  while (cuts.size() < pieces + 1) {
+    const auto cut = static_cast<int64_t>(1 + rng.below(count - 1));
+    if (std::find(cuts.begin(), cuts.end(), cut) == cuts.end()) cuts.push_back(cut);
+  }
+  std::sort(cuts.rbegin(), cuts.rend());
+  std::vector<GradRange> ranges;
+  for (size_t i = 0; i + 1 < cuts.size(); ++i)
+    ranges.push_back({cuts[i + 1], cuts[i] - cuts[i + 1]});
+  return ranges;
+}
+
+// Runs the simulated backward (reporting the first `reported` ranges) and finish().
+std::vector<float> reduce_in_buckets(const std::vector<float>& host,
+                                     const std::vector<GradRange>& ranges, size_t reported,
+                                     size_t bucket_elems, GradReduceDtype dtype) {
+  NcclCommunicator& comm = nccl();
+  BucketedGradReducer reducer;
+  cudaStream_t previous = comm.stream();
+  comm.set_stream(reducer.stream());
+  cudaStream_t compute = nullptr;
+  EXPECT_EQ(cudaStreamCreateWithFlags(&compute, cudaStreamNonBlocking), cudaSuccess);
+  DeviceBuffer<float> source, grads, busy(size_t{1} << 26);
+  source.upload(host);
+  grads.upload(std::vector<float>(host.size(), 3.0e38f));
+  reducer.begin(grads.data(), ranges, bucket_elems, comm, dtype);
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    const GradRange& r = ranges[i];
+    // 256 MiB of memset first, so the range's write lands well after a sum that did not wait.
+    for (int k = 0; k < 4; ++k) busy.fill_zero(compute);
+    EXPECT_EQ(cudaMemcpyAsync(grads.data() + r.offset, source.data() + r.offset,
+                              static_cast<size_t>(r.count) * sizeof(float),
+                              cudaMemcpyDeviceToDevice, compute),
+              cudaSuccess);
+    if (i < reported) reducer.ready(i, compute);
+  }
+  reducer.finish(compute);
+  EXPECT_EQ(cudaStreamSynchronize(compute), cudaSuccess);
+  EXPECT_EQ(cudaStreamDestroy(compute), cudaSuccess);
+  comm.set_stream(previous);
+  return grads.download();
+}
+
+TEST(BucketedGradReducer, OverlappedBucketsGiveTheWholeBufferSum) {
+  MF_REQUIRE_NCCL_GPUS();
+  const size_t count = 70001;
+  const std::vector<GradRange> ranges = descending_ranges(count, 13, 99);
+  const std::vector<float> mine = rank_gradient(count, nccl().rank());
+  std::vector<float> magnitude(count);
+  for (size_t i = 0; i < count; ++i) magnitude[i] = std::fabs(mine[i]);
+  world_communicator().all_reduce_sum(magnitude.data(), count);
+  const int num_ranks = nccl().size();
+  for (const GradReduceDtype dtype : {GradReduceDtype::kBfloat16, GradReduceDtype::kFloat32}) {
+    const std::vector<float> whole = reduce_on_device(mine, dtype);
+    // Buckets: one at finish(), ranges merged to >= 9000 and to >= 40000 elements (pieces of
+    // that size), every range its own bucket in pieces of 1000; all ranges reported, or the last
+    // four left to finish().
+    for (const size_t bucket : {size_t{0}, size_t{9000}, size_t{40000}, size_t{1000}}) {
+      for (const size_t reported : {ranges.size(), ranges.size() - 4}) {
+        const std::vector<float> got = reduce_in_buckets(mine, ranges, reported, bucket, dtype);
+        ASSERT_EQ(got.size(), count);
+        for (size_t i = 0; i < count; ++i) {
+          // bf16: the rank-ordered sum of the same roundings; fp32: NCCL's all-reduce per
+          // piece, the same bits at two ranks and within twice the bound of
+          // Fp32SumMatchesTheHostToRounding beyond (both sums may round differently).
+          if (dtype == GradReduceDtype::kBfloat16 || num_ranks <= 2) {
+            ASSERT_EQ(std::bit_cast<uint32_t>(got[i]), std::bit_cast<uint32_t>(whole[i]))
+                << "bucket " << bucket << ", reported " << reported << ", element " << i;
+          } else {
+            const double bound = 4.0 * (num_ranks - 1) * 0x1.0p-24 * magnitude[i] * 1.001;
+            ASSERT_LE(std::fabs(static_cast<double>(got[i]) - whole[i]), bound)
+                << "bucket " << bucket << ", reported " << reported << ", element " << i;
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(BucketedGradReducer, RejectsRangesThatDoNotTileOrComeOutOfOrder) {
+  MF_REQUIRE_NCCL_GPUS();
+  BucketedGradReducer reducer;
+  DeviceBuffer<float> grads(10);
+  const auto rejects = [&](std::vector<GradRange> ranges, const char* what) {
+    try {
+      reducer.begin(grads.data(), std::move(ranges), 0, nccl(), GradReduceDtype::kFloat32);
+      ADD_FAILURE() << "accepted ranges that " << what;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("gradient ranges"), std::string::npos) << e.what();
+    }
+    EXPECT_FALSE(reducer.active());
+  };
+  rejects({{5, 5}, {2, 2}, {0, 2}}, "leave a gap");
+  rejects({{0, 5}, {5, 5}}, "ascend");
+  rejects({{5, 5}, {1, 4}}, "stop above 0");
+  rejects({}, "are empty");
+
+  reducer.begin(grads.data(), {{5, 5}, {0, 5}}, 1, nccl(), GradReduceDtype::kFloat32);
+  EXPECT_THROW(reducer.ready(1, nullptr), Error);
+  EXPECT_THROW(reducer.begin(grads.data(), {{0, 10}}, 0, nccl(), GradReduceDtype::kFloat32), Error);
+  cudaStream_t previous = nccl().stream();
+  nccl().set_stream(reducer.stream());
+  reducer.ready(0, nccl().stream());
+  reducer.ready(1, nccl().stream());
+  reducer.finish(nullptr);
+  nccl().set_stream(previous);
+  EXPECT_FALSE(reducer.active());
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 }
 
 }  // namespace

@@ -269,6 +269,9 @@ TEST(TrainConfigTest, EveryInvalidValueIsNamedByItsKeyPath) {
       {"parallel", "expert_parallel", 3, "must be divisible by parallel.expert_parallel (3)"},
       {"parallel", "grad_reduce_dtype", "fp8",
        "parallel.grad_reduce_dtype must be \"fp32\" or \"bf16\", got \"fp8\""},
+      {"parallel", "grad_bucket_mb", -1, "parallel.grad_bucket_mb must be in [0, 65536]"},
+      {"parallel", "grad_bucket_mb", 1e6, "parallel.grad_bucket_mb must be in [0, 65536]"},
+      {"parallel", "grad_bucket_mb", "64", "parallel.grad_bucket_mb must be a number"},
       {"parallel", "ep_dispatch", "all-to-all",
        "parallel.ep_dispatch must be \"allgather\", \"alltoall\" or \"auto\", got \"all-to-all\""},
       {"parallel", "layout", "megatron",
@@ -435,6 +438,7 @@ TEST(TrainConfigTest, RoundTripsThroughJson) {
   c.eval = EvalConfig{25, 2};
   c.log = LogConfig{5, "/logs/m.jsonl"};
   c.parallel.ep_dispatch = "alltoall";
+  c.parallel.grad_bucket_mb = 0.25;
   const json written = train_config_to_json(c);
   EXPECT_EQ(written["parallel"]["layout"], "sp_ep");
   const TrainConfig back = train_config_from_json(written, "/some/other/dir");

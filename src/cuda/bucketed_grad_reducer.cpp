@@ -1,0 +1,61 @@
+// Bucketed gradient sums on a stream of their own, overlapped with the backward.
+#include "cuda/bucketed_grad_reducer.h"
+
+#include <utility>
+
+#include "core/error.h"
+#include "cuda/cuda_check.h"
+
+namespace moeforge::cuda {
+
+BucketedGradReducer::BucketedGradReducer() {
+  MF_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  MF_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
+}
+
+BucketedGradReducer::~BucketedGradReducer() {
+  if (stream_ != nullptr) {
+    cudaStreamSynchronize(stream_);
+    cudaStreamDestroy(stream_);
+  }
+  if (event_ != nullptr) cudaEventDestroy(event_);
+}
+
+void BucketedGradReducer::begin(float* grads, std::vector<GradRange> ranges, size_t bucket_elems,
+                                Communicator& comm, GradReduceDtype dtype) {
+  MF_CHECK(!active(), "a gradient reduction is already running (finish() was not called)");
+  GradBuckets buckets(std::move(ranges), bucket_elems);
+  reducer_.reserve(buckets.max_piece(), comm.size(), dtype);
+  buckets_.emplace(std::move(buckets));
+  grads_ = grads;
+  comm_ = &comm;
+  dtype_ = dtype;
+}
+
+void BucketedGradReducer::ready(size_t index, cudaStream_t compute) {
+  MF_CHECK(active(), "gradient range {} reported with no reduction running", index);
+  sum(buckets_->ready(index), compute);
+}
+
+void BucketedGradReducer::finish(cudaStream_t compute) {
+  MF_CHECK(active(), "no gradient reduction to finish");
+  sum(buckets_->rest(), compute);
+  MF_CUDA_CHECK(cudaEventRecord(event_, stream_));
+  MF_CUDA_CHECK(cudaStreamWaitEvent(compute, event_, 0));
+  buckets_.reset();
+  grads_ = nullptr;
+  comm_ = nullptr;
+}
+
+void BucketedGradReducer::sum(GradRange span, cudaStream_t compute) {
+  if (span.count == 0) return;
+  // The sums start once the backward's kernels enqueued so far (those writing the span) ran.
+  MF_CUDA_CHECK(cudaEventRecord(event_, compute));
+  MF_CUDA_CHECK(cudaStreamWaitEvent(stream_, event_, 0));
+  for (const GradRange& piece : buckets_->pieces(span)) {
+    reducer_.all_reduce(grads_ + piece.offset, static_cast<size_t>(piece.count), *comm_, dtype_,
+                        stream_);
+  }
+}
+
+}  // namespace moeforge::cuda
