@@ -23,7 +23,21 @@ class GpuStepEngine final : public StepEngine {
       : host_model_(model),
         host_optimizer_(optimizer),
         gpu_(model.config(), recompute),
-        optimizer_(gpu_, hyper, no_decay) {}
+        optimizer_(gpu_, hyper, no_decay) {
+    Communicator& group = model.expert_group();
+    if (group.size() > 1) {
+      MF_CHECK(model.parallel_layout() == ParallelLayout::kSequenceExpert &&
+                   model.ep_dispatch() != EpDispatch::kAllToAll,
+               "on GPUs, parallel.expert_parallel > 1 runs layout \"sp_ep\" with the all-gather "
+               "dispatch (set parallel.ep_dispatch to \"allgather\" or \"auto\")");
+      std::string why_not;
+      ep_comm_ = make_device_communicator(group, gpu_.stream(), &why_not);
+      MF_CHECK(ep_comm_ != nullptr,
+               "parallel.expert_parallel {} on GPUs exchanges activations through NCCL, but {}",
+               group.size(), why_not);
+      gpu_.set_expert_parallel_group(*ep_comm_);
+    }
+  }
 
   void load_from_host() override {
     gpu_.upload_params(host_model_.params());
@@ -56,8 +70,11 @@ class GpuStepEngine final : public StepEngine {
 
   // On the GPUs, the sums of the last micro-batch's gradients start on the reducer's stream as
   // its backward finishes them (buckets of bucket_bytes), beside the backward of earlier layers.
+  // Not under sequence/expert parallelism yet: its NCCL collectives on the model's stream and the
+  // sums on the reducer's would be two communicators' kernels in flight at once, which NCCL does
+  // not order across ranks (a deadlock risk).
   void begin_grad_reduce(Communicator& comm, GradReduceDtype dtype, size_t bucket_bytes) override {
-    if (comm.size() == 1 || bucket_bytes == 0) return;
+    if (comm.size() == 1 || bucket_bytes == 0 || gpu_.expert_parallel_size() > 1) return;
     Communicator* device_comm = device_communicator(comm);
     if (device_comm == nullptr) return;
     reducer_.begin(gpu_.grads(), gpu_.grad_ready_ranges(), bucket_bytes / sizeof(float),
@@ -141,6 +158,7 @@ class GpuStepEngine final : public StepEngine {
   AdamW& host_optimizer_;
   GpuTransformer gpu_;
   GpuAdamW optimizer_;
+  std::unique_ptr<Communicator> ep_comm_;  // the expert-parallel group's, on gpu_'s stream
   BucketedGradReducer reducer_;
   std::unique_ptr<Communicator> device_comm_;
   const Communicator* device_comm_parent_ = nullptr;

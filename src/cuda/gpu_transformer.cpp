@@ -19,6 +19,7 @@
 #include "cuda/router.h"
 #include "cuda/shared_expert_gate.h"
 #include "cuda/swiglu.h"
+#include "cuda/ulysses_exchange.h"
 #include "ops/row_map.h"
 
 namespace moeforge::cuda {
@@ -66,6 +67,14 @@ struct GpuTransformer::Layer {
   DeviceBuffer<bf16> shared_gate, shared_up, shared_act;  // [n, S]
   DeviceBuffer<bf16> shared_out;                          // [n, h]
   DeviceBuffer<float> shared_score;                       // [n]
+  // Sequence parallelism (set_expert_parallel_group): q, k, v and the attention output of this
+  // rank's heads over the group's full sequences ([batch, ep * seq, heads / ep, d]); lse holds
+  // their log-sum-exp then.
+  DeviceBuffer<bf16> q_heads, k_heads, v_heads, att_heads;
+  // Expert parallelism: the group's normed MoE inputs [ep * n, h] (the rows of the local experts
+  // come from them, forward and backward) and each assignment's local expert or -1 [ep * n * k].
+  DeviceBuffer<bf16> ln2_group;
+  DeviceBuffer<int32_t> local_idx;
 };
 
 // Buffers reused across layers and steps.
@@ -98,14 +107,22 @@ struct GpuTransformer::Scratch {
   // in place by the gradient of the gate projection.
   DeviceBuffer<bf16> dh_gate, dh_up;
   DeviceBuffer<bf16> drouter;  // [n, E]
+  // Sequence parallelism: the all-to-all buffers [ep, chunk] and the heads-layout gradients.
+  DeviceBuffer<bf16> exchange_send, exchange_recv, datt_heads, dq_heads, dk_heads, dv_heads;
+  // Expert parallelism, [ep * n, h]: the combined expert outputs of the group's tokens before the
+  // reduce-scatter (forward); the gathered output gradient, then the group's input gradient
+  // before the reduce-scatter (backward).
+  DeviceBuffer<float> group_f32;
+  DeviceBuffer<int64_t> counted;  // [1] the group's counted targets
 };
 
 namespace {
 
-// fn(expert, first row, row count) for every expert with rows, from the host copy of the offsets.
+// fn(expert, first row, row count) for every expert of num_experts with rows, from the host copy
+// of the offsets.
 template <typename Fn>
-void for_each_expert_rows(const PinnedHostBuffer<int32_t>& offsets, Fn&& fn) {
-  for (size_t e = 0; e + 1 < offsets.size(); ++e) {
+void for_each_expert_rows(const PinnedHostBuffer<int32_t>& offsets, int64_t num_experts, Fn&& fn) {
+  for (size_t e = 0; e < static_cast<size_t>(num_experts); ++e) {
     const int64_t begin = offsets[e], count = offsets[e + 1] - offsets[e];
     if (count > 0) fn(static_cast<int64_t>(e), begin, count);
   }
@@ -164,6 +181,23 @@ void GpuTransformer::find_grad_ready_ranges() {
   push(0, layer_begin(0));
 }
 
+void GpuTransformer::set_expert_parallel_group(Communicator& group) {
+  MF_CHECK(n_ == 0, "set_expert_parallel_group must come before the first forward");
+  const int64_t size = group.size();
+  MF_CHECK(config_.num_heads % size == 0 && config_.num_kv_heads % size == 0,
+           "sequence parallelism over {} GPUs needs the attention heads ({}) and KV heads ({}) "
+           "divisible by {}",
+           size, config_.num_heads, config_.num_kv_heads, size);
+  MF_CHECK(!config_.is_moe() || config_.num_experts % size == 0,
+           "expert parallelism over {} GPUs needs the experts ({}) divisible by {}", size,
+           config_.num_experts, size);
+  ep_ = size > 1 ? &group : nullptr;
+  ep_rank_ = size > 1 ? group.rank() : 0;
+  ep_size_ = size;
+  accumulated_ranges_.clear();
+  find_accumulated_ranges();
+}
+
 void GpuTransformer::find_accumulated_ranges() {
   const int64_t h = config_.hidden_size, qd = config_.q_dim(), kvd = config_.kv_dim();
   const int64_t num_experts = config_.num_experts, f = config_.moe_intermediate_size;
@@ -186,10 +220,11 @@ void GpuTransformer::find_accumulated_ranges() {
     add(o.shared_gate, shared * h);
     add(o.shared_up, shared * h);
     add(o.shared_down, h * shared);
-    if (grouped_experts_) {
-      add(o.experts_gate, num_experts * f * h);
-      add(o.experts_up, num_experts * f * h);
-      add(o.experts_down, num_experts * h * f);
+    if (grouped_experts_ && o.experts_gate >= 0) {
+      // This rank's experts only: the others' gradients stay zeros here.
+      add(o.experts_gate + local_expert_offset(f, h), num_local_experts() * f * h);
+      add(o.experts_up + local_expert_offset(f, h), num_local_experts() * f * h);
+      add(o.experts_down + local_expert_offset(h, f), num_local_experts() * h * f);
     }
   }
   // Tied or not: the head's first chunk assigns; a tied embedding's backward adds to it later.
@@ -265,6 +300,9 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
   const auto f = static_cast<size_t>(config_.moe_intermediate_size);
   const auto ffn = static_cast<size_t>(config_.intermediate_size);
   const auto shared = static_cast<size_t>(config_.shared_expert_intermediate_size);
+  // The tokens an MoE layer routes (the group's under expert parallelism).
+  const size_t ng = n * static_cast<size_t>(ep_size_);
+  const bool sp = ep_size_ > 1;
   size_t max_rows = n, max_ffn = 0;
   for (int64_t l = 0; l < config_.num_layers; ++l) {
     Layer& a = layers_[static_cast<size_t>(l)];
@@ -286,28 +324,34 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
     a.x_mid.resize(n * h);
     a.ln2.resize(keep ? n * h : 0);
     a.rstd2.resize(n);
+    a.q_heads.resize(sp ? n * qd : 0);
+    a.k_heads.resize(sp ? n * kvd : 0);
+    a.v_heads.resize(sp ? n * kvd : 0);
+    a.att_heads.resize(sp ? n * qd : 0);
     if (config_.layer_is_moe(l)) {
-      a.router_logits.resize(n * num_experts);
-      a.probs.resize(n * num_experts);
-      a.expert_idx.resize(n * k);
-      a.gates.resize(n * k);
+      a.router_logits.resize(ng * num_experts);
+      a.probs.resize(ng * num_experts);
+      a.expert_idx.resize(ng * k);
+      a.gates.resize(ng * k);
       a.expert_counts.resize(num_experts);
       a.host_counts.resize(num_experts);
       a.expert_offsets.resize(num_experts + 1);
       a.host_offsets.resize(num_experts + 1);
-      a.assignment_row.resize(n * k);
-      a.row_token.resize(n * k);
-      a.h_gate.resize(n * k * f);
-      a.h_up.resize(n * k * f);
-      a.h_act.resize(keep ? n * k * f : 0);
-      a.y_rows.resize(n * k * h);
+      a.assignment_row.resize(ng * k);
+      a.row_token.resize(ng * k);
+      a.ln2_group.resize(sp ? ng * h : 0);
+      a.local_idx.resize(sp ? ng * k : 0);
+      a.h_gate.resize(ng * k * f);
+      a.h_up.resize(ng * k * f);
+      a.h_act.resize(keep ? ng * k * f : 0);
+      a.y_rows.resize(ng * k * h);
       a.shared_gate.resize(n * shared);
       a.shared_up.resize(n * shared);
       a.shared_act.resize(keep ? n * shared : 0);
       a.shared_out.resize(shared > 0 ? n * h : 0);
       a.shared_score.resize(shared > 0 ? n : 0);
-      max_rows = std::max(max_rows, n * k);
-      max_ffn = std::max({max_ffn, n * k * f, n * shared});
+      max_rows = std::max(max_rows, ng * k);
+      max_ffn = std::max({max_ffn, ng * k * f, n * shared});
     } else {
       a.h_gate.resize(n * ffn);
       a.h_up.resize(n * ffn);
@@ -343,9 +387,10 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
   s.router_losses.resize(std::max<size_t>(1, 2 * static_cast<size_t>(num_moe_layers_)));
   if (config_.is_moe()) {
     s.router_scratch.resize(static_cast<size_t>(router_loss_scratch_floats(
-        RouterShape{n_, config_.num_experts, config_.num_experts_per_tok, true})));
-    s.drouter.resize(n * num_experts);
-    s.dgates.resize(n * k);
+        RouterShape{moe_tokens(), config_.num_experts, config_.num_experts_per_tok, true})));
+    s.drouter.resize(ng * num_experts);
+    s.dgates.resize(ng * k);
+    s.group_f32.resize(sp ? ng * h : 0);
     s.shared_dlogit.resize(shared > 0 ? n : 0);
   }
   s.sums.resize(1);
@@ -363,6 +408,13 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
     s.dk_lin.resize(n * kvd);
   }
   s.drows.resize(max_rows * h);
+  s.exchange_send.resize(sp ? n * (qd + 2 * kvd) : 0);
+  s.exchange_recv.resize(sp ? n * (qd + 2 * kvd) : 0);
+  s.datt_heads.resize(sp ? n * qd : 0);
+  s.dq_heads.resize(sp ? n * qd : 0);
+  s.dk_heads.resize(sp ? n * kvd : 0);
+  s.dv_heads.resize(sp ? n * kvd : 0);
+  s.counted.resize(1);
   s.dh_gate.resize(max_ffn);
   s.dh_up.resize(max_ffn);
 }
@@ -389,14 +441,68 @@ void GpuTransformer::attention_forward(int64_t l, int64_t batch, int64_t seq) {
   } else {
     attention_projections_unpacked(l);
   }
-  attention_.forward(a.att.data(), a.lse.data(), a.q.data(), a.k.data(), a.v.data(),
-                     AttentionShape{batch, seq, config_.num_heads, config_.num_kv_heads, d},
-                     stream_);
+  if (ep_ != nullptr) {
+    ulysses_attention_forward(l, batch, seq);
+  } else {
+    attention_.forward(a.att.data(), a.lse.data(), a.q.data(), a.k.data(), a.v.data(),
+                       AttentionShape{batch, seq, config_.num_heads, config_.num_kv_heads, d},
+                       stream_);
+  }
   // x_mid = x_in + att W_o^T, the residual added in the GEMM's epilogue.
   blas_.linear_forward_add(a.x_mid.data(), a.x_in.data(), a.att.data(), wb(o.o_proj), n, qd, h,
                            stream_);
   rmsnorm_forward(a.ln2_ptr, a.rstd2.data(), a.x_mid.data(), w(o.post_attention_norm), n, h, eps,
                   stream_);
+}
+
+void GpuTransformer::ulysses_exchange(const std::vector<UlyssesTensor>& tensors, bool to_heads,
+                                      int64_t batch, int64_t seq) {
+  Scratch& s = *scratch_;
+  const UlyssesShape shape{batch, seq, config_.head_dim, ep_size_};
+  if (to_heads) {
+    ulysses_pack_local(s.exchange_send.data(), tensors, shape, stream_);
+  } else {
+    ulysses_pack_heads(s.exchange_send.data(), tensors, shape, stream_);
+  }
+  ep_->all_to_all(s.exchange_send.data(), s.exchange_recv.data(),
+                  static_cast<size_t>(ulysses_chunk(tensors, shape)), CommDType::kBFloat16);
+  if (to_heads) {
+    ulysses_unpack_heads(s.exchange_recv.data(), tensors, shape, stream_);
+  } else {
+    ulysses_unpack_local(s.exchange_recv.data(), tensors, shape, stream_);
+  }
+}
+
+void GpuTransformer::ulysses_attention_forward(int64_t l, int64_t batch, int64_t seq) {
+  Layer& a = layers_[static_cast<size_t>(l)];
+  const int64_t heads = config_.num_heads, kv_heads = config_.num_kv_heads;
+  ulysses_exchange({{a.q.data(), a.q_heads.data(), heads},
+                    {a.k.data(), a.k_heads.data(), kv_heads},
+                    {a.v.data(), a.v_heads.data(), kv_heads}},
+                   true, batch, seq);
+  attention_.forward(a.att_heads.data(), a.lse.data(), a.q_heads.data(), a.k_heads.data(),
+                     a.v_heads.data(),
+                     AttentionShape{batch, seq * ep_size_, heads / ep_size_, kv_heads / ep_size_,
+                                    config_.head_dim},
+                     stream_);
+  ulysses_exchange({{a.att.data(), a.att_heads.data(), heads}}, false, batch, seq);
+}
+
+void GpuTransformer::ulysses_attention_backward(int64_t l, int64_t batch, int64_t seq) {
+  Layer& a = layers_[static_cast<size_t>(l)];
+  Scratch& s = *scratch_;
+  const int64_t heads = config_.num_heads, kv_heads = config_.num_kv_heads;
+  ulysses_exchange({{s.datt.data(), s.datt_heads.data(), heads}}, true, batch, seq);
+  attention_.backward(s.dq_heads.data(), s.dk_heads.data(), s.dv_heads.data(), s.datt_heads.data(),
+                      a.q_heads.data(), a.k_heads.data(), a.v_heads.data(), a.att_heads.data(),
+                      a.lse.data(),
+                      AttentionShape{batch, seq * ep_size_, heads / ep_size_, kv_heads / ep_size_,
+                                     config_.head_dim},
+                      stream_);
+  ulysses_exchange({{s.dq.data(), s.dq_heads.data(), heads},
+                    {s.dk.data(), s.dk_heads.data(), kv_heads},
+                    {s.dv.data(), s.dv_heads.data(), kv_heads}},
+                   false, batch, seq);
 }
 
 void GpuTransformer::attention_projections_unpacked(int64_t l) {
@@ -431,26 +537,42 @@ void GpuTransformer::moe_forward(int64_t l) {
   Layer& a = layers_[static_cast<size_t>(l)];
   const int64_t n = n_, h = config_.hidden_size, f = config_.moe_intermediate_size;
   const int64_t num_experts = config_.num_experts, k = config_.num_experts_per_tok;
-  const RouterShape shape{n, num_experts, k, config_.norm_topk_prob};
-  blas_.linear_forward(a.router_logits.data(), OutType::kFloat, a.ln2_ptr, wb(o.router), nullptr, n,
-                       h, num_experts, false, stream_);
+  // Under expert parallelism every rank routes the group's tokens (the same routing on each) and
+  // runs its own experts on their rows.
+  const int64_t ng = moe_tokens();
+  const bf16* x = a.ln2_ptr;
+  if (ep_ != nullptr) {
+    ep_->all_gather(a.ln2_ptr, a.ln2_group.data(), static_cast<size_t>(n * h),
+                    CommDType::kBFloat16);
+    x = a.ln2_group.data();
+  }
+  const RouterShape shape{ng, num_experts, k, config_.norm_topk_prob};
+  blas_.linear_forward(a.router_logits.data(), OutType::kFloat, x, wb(o.router), nullptr, ng, h,
+                       num_experts, false, stream_);
   router_forward(a.probs.data(), a.expert_idx.data(), a.gates.data(), a.router_logits.data(), shape,
                  stream_);
   // With a capacity factor each expert keeps at most capacity rows; the rows past the kept ones
   // are zeros that no GEMM reads.
-  const int64_t capacity = ops::expert_capacity(config_.capacity_factor, n, k, num_experts);
-  build_row_map(a.expert_offsets.data(), a.assignment_row.data(), a.row_token.data(),
-                a.expert_idx.data(), n, k, num_experts, capacity, stream_);
+  const int64_t capacity = ops::expert_capacity(config_.capacity_factor, ng, k, num_experts);
+  if (ep_ != nullptr) {
+    build_local_row_map(a.expert_offsets.data(), a.assignment_row.data(), a.row_token.data(),
+                        a.local_idx.data(), a.expert_idx.data(), ng, k,
+                        ep_rank_ * num_local_experts(), num_local_experts(), capacity, stream_);
+  } else {
+    build_row_map(a.expert_offsets.data(), a.assignment_row.data(), a.row_token.data(),
+                  a.expert_idx.data(), ng, k, num_experts, capacity, stream_);
+  }
   MF_CUDA_CHECK(cudaMemcpyAsync(a.host_offsets.data(), a.expert_offsets.data(),
                                 a.expert_offsets.bytes(), cudaMemcpyDeviceToHost, stream_));
   bf16* rows = scratch_->rows.data();
-  scatter_rows(rows, a.ln2_ptr, a.row_token.data(), n * k, h, stream_);
+  scatter_rows(rows, x, a.row_token.data(), ng * k, h, stream_);
   // Per-expert cuBLASLt calls need the row ranges on the host: one synchronisation per MoE layer.
   if (!grouped_experts_) MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  expert_forward(a.h_gate.data(), rows, wb(o.experts_gate), h, f, a);
-  expert_forward(a.h_up.data(), rows, wb(o.experts_up), h, f, a);
-  swiglu_forward(a.h_act_ptr, a.h_gate.data(), a.h_up.data(), n * k * f, stream_);
-  expert_forward(a.y_rows.data(), a.h_act_ptr, wb(o.experts_down), f, h, a);
+  expert_forward(a.h_gate.data(), rows, wb(o.experts_gate) + local_expert_offset(f, h), h, f, a);
+  expert_forward(a.h_up.data(), rows, wb(o.experts_up) + local_expert_offset(f, h), h, f, a);
+  swiglu_forward(a.h_act_ptr, a.h_gate.data(), a.h_up.data(), ng * k * f, stream_);
+  expert_forward(a.y_rows.data(), a.h_act_ptr, wb(o.experts_down) + local_expert_offset(h, f), f, h,
+                 a);
   if (config_.shared_expert_intermediate_size > 0) shared_expert_forward(l);
 }
 
@@ -471,8 +593,18 @@ void GpuTransformer::moe_combine(int64_t l, float* x_out) {
   const LayerOffsets& o = layout_.layer(l);
   Layer& a = layers_[static_cast<size_t>(l)];
   const int64_t n = n_, h = config_.hidden_size;
-  combine_rows(x_out, a.x_mid.data(), a.y_rows.data(), a.gates.data(), a.assignment_row.data(), n,
-               config_.num_experts_per_tok, h, stream_);
+  if (ep_ != nullptr) {
+    // The local experts' share of every group token's output, summed over the group onto this
+    // rank's tokens, then the residual.
+    float* combined = scratch_->group_f32.data();
+    combine_rows(combined, nullptr, a.y_rows.data(), a.gates.data(), a.assignment_row.data(),
+                 moe_tokens(), config_.num_experts_per_tok, h, stream_);
+    ep_->reduce_scatter_sum(combined, x_out, static_cast<size_t>(n * h), CommDType::kFloat32);
+    add_inplace(x_out, a.x_mid.data(), n * h, stream_);
+  } else {
+    combine_rows(x_out, a.x_mid.data(), a.y_rows.data(), a.gates.data(), a.assignment_row.data(), n,
+                 config_.num_experts_per_tok, h, stream_);
+  }
   if (config_.shared_expert_intermediate_size > 0) {
     shared_expert_gate_forward(x_out, a.shared_score.data(), a.ln2_ptr, wb(o.shared_expert_gate),
                                a.shared_out.data(), n, h, stream_);
@@ -482,39 +614,42 @@ void GpuTransformer::moe_combine(int64_t l, float* x_out) {
 void GpuTransformer::expert_forward(bf16* y, const bf16* x, const bf16* w, int64_t in, int64_t out,
                                     const Layer& a) {
   if (grouped_experts_) {
-    grouped_.forward(y, x, w, a.expert_offsets.data(), {config_.num_experts, in, out}, stream_);
+    grouped_.forward(y, x, w, a.expert_offsets.data(), {num_local_experts(), in, out}, stream_);
     return;
   }
-  for_each_expert_rows(a.host_offsets, [&](int64_t e, int64_t begin, int64_t count) {
-    blas_.linear_forward(y + begin * out, OutType::kBf16, x + begin * in, w + e * out * in, nullptr,
-                         count, in, out, false, stream_);
-  });
+  for_each_expert_rows(
+      a.host_offsets, num_local_experts(), [&](int64_t e, int64_t begin, int64_t count) {
+        blas_.linear_forward(y + begin * out, OutType::kBf16, x + begin * in, w + e * out * in,
+                             nullptr, count, in, out, false, stream_);
+      });
 }
 
 void GpuTransformer::expert_backward_input(bf16* dx, const bf16* dy, const bf16* w, int64_t in,
                                            int64_t out, bool accumulate, const Layer& a) {
   if (grouped_experts_) {
-    grouped_.backward_input(dx, dy, w, a.expert_offsets.data(), {config_.num_experts, in, out},
+    grouped_.backward_input(dx, dy, w, a.expert_offsets.data(), {num_local_experts(), in, out},
                             accumulate, stream_);
     return;
   }
-  for_each_expert_rows(a.host_offsets, [&](int64_t e, int64_t begin, int64_t count) {
-    blas_.linear_backward_input(dx + begin * in, OutType::kBf16, dy + begin * out, w + e * out * in,
-                                count, in, out, accumulate, stream_);
-  });
+  for_each_expert_rows(
+      a.host_offsets, num_local_experts(), [&](int64_t e, int64_t begin, int64_t count) {
+        blas_.linear_backward_input(dx + begin * in, OutType::kBf16, dy + begin * out,
+                                    w + e * out * in, count, in, out, accumulate, stream_);
+      });
 }
 
 void GpuTransformer::expert_backward_weight(float* dw, const bf16* dy, const bf16* x, int64_t in,
                                             int64_t out, const Layer& a) {
   if (grouped_experts_) {
-    grouped_.backward_weight(dw, dy, x, a.expert_offsets.data(), {config_.num_experts, in, out},
+    grouped_.backward_weight(dw, dy, x, a.expert_offsets.data(), {num_local_experts(), in, out},
                              accumulate_grads_, stream_);
     return;
   }
-  for_each_expert_rows(a.host_offsets, [&](int64_t e, int64_t begin, int64_t count) {
-    blas_.linear_backward_weight(dw + e * out * in, dy + begin * out, x + begin * in, count, in,
-                                 out, true, stream_);
-  });
+  for_each_expert_rows(
+      a.host_offsets, num_local_experts(), [&](int64_t e, int64_t begin, int64_t count) {
+        blas_.linear_backward_weight(dw + e * out * in, dy + begin * out, x + begin * in, count, in,
+                                     out, true, stream_);
+      });
 }
 
 void GpuTransformer::dense_ffn_forward(int64_t l) {
@@ -558,9 +693,9 @@ void GpuTransformer::recompute_ffn_inputs(int64_t l) {
   const int64_t n = n_, h = config_.hidden_size;
   rmsnorm_forward(a.ln2_ptr, a.rstd2.data(), a.x_mid.data(), w(o.post_attention_norm), n, h,
                   static_cast<float>(config_.rms_norm_eps), stream_);
-  const int64_t count = config_.layer_is_moe(l)
-                            ? n * config_.num_experts_per_tok * config_.moe_intermediate_size
-                            : n * config_.intermediate_size;
+  const int64_t count = config_.layer_is_moe(l) ? moe_tokens() * config_.num_experts_per_tok *
+                                                      config_.moe_intermediate_size
+                                                : n * config_.intermediate_size;
   swiglu_forward(a.h_act_ptr, a.h_gate.data(), a.h_up.data(), count, stream_);
   if (config_.layer_is_moe(l) && config_.shared_expert_intermediate_size > 0) {
     swiglu_forward(a.shared_act_ptr, a.shared_gate.data(), a.shared_up.data(),
@@ -580,27 +715,56 @@ void GpuTransformer::moe_backward(int64_t l, float d_aux, float d_z) {
   Scratch& s = *scratch_;
   const int64_t n = n_, h = config_.hidden_size, f = config_.moe_intermediate_size;
   const int64_t num_experts = config_.num_experts, k = config_.num_experts_per_tok;
-  combine_rows_backward(s.drows.data(), s.dgates.data(), s.dres.data(), a.y_rows.data(),
-                        a.gates.data(), a.assignment_row.data(), n, k, h, stream_);
-  expert_backward_input(s.dh_gate.data(), s.drows.data(), wb(o.experts_down), f, h, false, a);
-  expert_backward_weight(g(o.experts_down), s.drows.data(), a.h_act_ptr, f, h, a);
+  // Expert parallelism mirrors the forward: the output gradient of the group's tokens is
+  // gathered, the local experts' input gradient reduce-scattered back (model/moe_ffn.cpp's
+  // all-gather path).
+  const int64_t ng = moe_tokens();
+  const float* dout = s.dres.data();
+  const bf16* x = a.ln2_ptr;
+  if (ep_ != nullptr) {
+    ep_->all_gather(s.dres.data(), s.group_f32.data(), static_cast<size_t>(n * h),
+                    CommDType::kFloat32);
+    dout = s.group_f32.data();
+    x = a.ln2_group.data();
+  }
+  combine_rows_backward(s.drows.data(), s.dgates.data(), dout, a.y_rows.data(), a.gates.data(),
+                        a.assignment_row.data(), ng, k, h, stream_);
+  const int64_t gate_offset = local_expert_offset(f, h), down_offset = local_expert_offset(h, f);
+  expert_backward_input(s.dh_gate.data(), s.drows.data(), wb(o.experts_down) + down_offset, f, h,
+                        false, a);
+  expert_backward_weight(g(o.experts_down) + down_offset, s.drows.data(), a.h_act_ptr, f, h, a);
   swiglu_backward(s.dh_gate.data(), s.dh_up.data(), s.dh_gate.data(), a.h_gate.data(),
-                  a.h_up.data(), n * k * f, stream_);
+                  a.h_up.data(), ng * k * f, stream_);
   // drows is free again: it takes the gradient of the expert inputs.
-  expert_backward_input(s.drows.data(), s.dh_gate.data(), wb(o.experts_gate), h, f, false, a);
-  expert_backward_input(s.drows.data(), s.dh_up.data(), wb(o.experts_up), h, f, true, a);
+  expert_backward_input(s.drows.data(), s.dh_gate.data(), wb(o.experts_gate) + gate_offset, h, f,
+                        false, a);
+  expert_backward_input(s.drows.data(), s.dh_up.data(), wb(o.experts_up) + gate_offset, h, f, true,
+                        a);
   bf16* rows = s.rows.data();
-  scatter_rows(rows, a.ln2_ptr, a.row_token.data(), n * k, h, stream_);
-  expert_backward_weight(g(o.experts_gate), s.dh_gate.data(), rows, h, f, a);
-  expert_backward_weight(g(o.experts_up), s.dh_up.data(), rows, h, f, a);
-  scatter_rows_backward(s.dln.data(), s.drows.data(), a.assignment_row.data(), n, k, h, stream_);
+  scatter_rows(rows, x, a.row_token.data(), ng * k, h, stream_);
+  expert_backward_weight(g(o.experts_gate) + gate_offset, s.dh_gate.data(), rows, h, f, a);
+  expert_backward_weight(g(o.experts_up) + gate_offset, s.dh_up.data(), rows, h, f, a);
+  if (ep_ != nullptr) {
+    // The gathered output gradient is consumed: the buffer takes the group's input gradient.
+    scatter_rows_backward(s.group_f32.data(), s.drows.data(), a.assignment_row.data(), ng, k, h,
+                          stream_);
+    ep_->reduce_scatter_sum(s.group_f32.data(), s.dln.data(), static_cast<size_t>(n * h),
+                            CommDType::kFloat32);
+    // Each rank has the gate gradients of its experts' rows: their sum is every row's.
+    ep_->all_reduce_sum(s.dgates.data(), static_cast<size_t>(ng * k), CommDType::kFloat32);
+  } else {
+    scatter_rows_backward(s.dln.data(), s.drows.data(), a.assignment_row.data(), n, k, h, stream_);
+  }
   if (config_.shared_expert_intermediate_size > 0) shared_expert_backward(l);
+  // The router's backward over the group's tokens is the same on every rank; each rank keeps its
+  // own tokens' rows for its input and weight gradients, so the group's sum counts each once.
   router_backward(s.drouter.data(), s.dgates.data(), a.router_logits.data(), a.probs.data(),
                   a.expert_idx.data(), a.expert_counts.data(), d_aux, d_z,
-                  RouterShape{n, num_experts, k, config_.norm_topk_prob}, stream_);
-  blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.drouter.data(), wb(o.router), n, h,
+                  RouterShape{ng, num_experts, k, config_.norm_topk_prob}, stream_);
+  const bf16* drouter = s.drouter.data() + ep_rank_ * n * num_experts;
+  blas_.linear_backward_input(s.dln.data(), OutType::kFloat, drouter, wb(o.router), n, h,
                               num_experts, true, stream_);
-  blas_.linear_backward_weight(g(o.router), s.drouter.data(), a.ln2_ptr, n, h, num_experts,
+  blas_.linear_backward_weight(g(o.router), drouter, a.ln2_ptr, n, h, num_experts,
                                accumulate_grads_, stream_);
 }
 
@@ -659,10 +823,14 @@ void GpuTransformer::attention_backward(int64_t l, int64_t batch, int64_t seq) {
                               qd, h, false, stream_);
   blas_.linear_backward_weight(g(o.o_proj), s.dres_bf16.data(), a.att.data(), n, qd, h,
                                accumulate_grads_, stream_);
-  attention_.backward(s.dq.data(), s.dk.data(), s.dv.data(), s.datt.data(), a.q.data(), a.k.data(),
-                      a.v.data(), a.att.data(), a.lse.data(),
-                      AttentionShape{batch, seq, config_.num_heads, config_.num_kv_heads, d},
-                      stream_);
+  if (ep_ != nullptr) {
+    ulysses_attention_backward(l, batch, seq);
+  } else {
+    attention_.backward(s.dq.data(), s.dk.data(), s.dv.data(), s.datt.data(), a.q.data(),
+                        a.k.data(), a.v.data(), a.att.data(), a.lse.data(),
+                        AttentionShape{batch, seq, config_.num_heads, config_.num_kv_heads, d},
+                        stream_);
+  }
   if (packed_qkv(config_, o)) {
     // The gradient of the packed projection [dq | dk | dv], then one GEMM each for dx and dW.
     const int64_t width = qd + 2 * kvd;
@@ -730,8 +898,8 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
                                                int64_t batch, int64_t seq, double dloss,
                                                GradMode grad_mode, double ce_count) {
   MF_CHECK(batch > 0 && seq > 0, "forward needs a non-empty batch, got [{}, {}]", batch, seq);
-  MF_CHECK(seq <= config_.max_position_embeddings,
-           "sequence length {} exceeds max_position_embeddings {}", seq,
+  MF_CHECK(seq * ep_size_ <= config_.max_position_embeddings,
+           "sequence length {} exceeds max_position_embeddings {}", seq * ep_size_,
            config_.max_position_embeddings);
   const int64_t n = batch * seq;
   int64_t num_counted = 0;
@@ -746,6 +914,15 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
   }
   const bool backward = dloss != 0.0;
   resize(batch, seq);
+  if (ep_ != nullptr) {
+    // The group's counted targets (the cross-entropy is the group's mean, as on the CPU).
+    MF_CUDA_CHECK(cudaMemcpyAsync(scratch_->counted.data(), &num_counted, sizeof(int64_t),
+                                  cudaMemcpyHostToDevice, stream_));
+    ep_->all_reduce_sum(scratch_->counted.data(), 1, CommDType::kInt64);
+    MF_CUDA_CHECK(cudaMemcpyAsync(&num_counted, scratch_->counted.data(), sizeof(int64_t),
+                                  cudaMemcpyDeviceToHost, stream_));
+    MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
   accumulate_grads_ = grad_mode == GradMode::kAccumulate;
   if (backward && !accumulate_grads_) {
     for (const auto& [offset, count] : accumulated_ranges_) {
@@ -759,7 +936,10 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
 
   timer_.mark("embedding", stream_);
   std::vector<int32_t> positions(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) positions[static_cast<size_t>(i)] = static_cast<int32_t>(i % seq);
+  // Under sequence parallelism this rank's positions are the ep_rank-th slice of each sequence.
+  for (int64_t i = 0; i < n; ++i) {
+    positions[static_cast<size_t>(i)] = static_cast<int32_t>(ep_rank_ * seq + i % seq);
+  }
   copy_to_device(s.tokens.data(), tokens, static_cast<size_t>(n) * sizeof(int32_t));
   copy_to_device(s.targets.data(), targets, static_cast<size_t>(n) * sizeof(int32_t));
   copy_to_device(s.positions.data(), positions.data(), positions.size() * sizeof(int32_t));
@@ -776,11 +956,12 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
     if (config_.layer_is_moe(l)) {
       timer_.mark("moe", stream_);
       moe_forward(l);
-      router_losses(
-          s.router_losses.data() + 2 * moe_idx, a.expert_counts.data(), s.router_scratch.data(),
-          a.probs.data(), a.expert_idx.data(), a.router_logits.data(),
-          RouterShape{n, config_.num_experts, config_.num_experts_per_tok, config_.norm_topk_prob},
-          stream_);
+      router_losses(s.router_losses.data() + 2 * moe_idx, a.expert_counts.data(),
+                    s.router_scratch.data(), a.probs.data(), a.expert_idx.data(),
+                    a.router_logits.data(),
+                    RouterShape{moe_tokens(), config_.num_experts, config_.num_experts_per_tok,
+                                config_.norm_topk_prob},
+                    stream_);
       MF_CUDA_CHECK(cudaMemcpyAsync(a.host_counts.data(), a.expert_counts.data(),
                                     a.expert_counts.bytes(), cudaMemcpyDeviceToHost, stream_));
       moe_combine(l, x_out);
@@ -799,6 +980,7 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
   const double dce = divisor > 0.0 ? dloss / divisor : 0.0;
   head_forward_backward(backward, static_cast<float>(dce));
   sum(s.sums.data(), s.losses.data(), n, s.sum_scratch.data(), stream_);
+  if (ep_ != nullptr) ep_->all_reduce_sum(s.sums.data(), 1, CommDType::kFloat64);
 
   if (backward) {
     const double d_aux = num_moe_layers_ > 0 ? dloss * config_.router_aux_loss_coef /
@@ -869,8 +1051,12 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
     stats.z_loss = router[static_cast<size_t>(2 * m + 1)];
     const Layer& a = layers_[static_cast<size_t>(l)];
     stats.expert_load.assign(a.host_counts.data(), a.host_counts.data() + config_.num_experts);
-    stats.num_dropped =
-        n * config_.num_experts_per_tok - a.host_offsets[static_cast<size_t>(config_.num_experts)];
+    // Routed to this rank's experts (all of them on one rank) and not kept.
+    int64_t routed_here = 0;
+    for (int64_t e = 0; e < num_local_experts(); ++e) {
+      routed_here += a.host_counts[static_cast<size_t>(ep_rank_ * num_local_experts() + e)];
+    }
+    stats.num_dropped = routed_here - a.host_offsets[static_cast<size_t>(num_local_experts())];
     out.aux_loss += stats.aux_loss / static_cast<double>(num_moe_layers_);
     out.z_loss += stats.z_loss / static_cast<double>(num_moe_layers_);
     moe_stats_.push_back(std::move(stats));

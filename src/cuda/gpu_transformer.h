@@ -11,10 +11,11 @@
 // layer in the backward from what is saved (the residual stream, rstd, the gate and up
 // projections).
 //
-// Supported now: every architecture of model_config.h on one rank, the sigmoid-gated shared expert
-// of Qwen2-MoE included, and capacity-based token dropping (capacity_factor > 0: each expert keeps
-// its earliest tokens' rows up to ceil(factor x tokens x top_k / experts) per micro-batch, as the
-// CPU reference does on one rank).
+// Supported: every architecture of model_config.h, the sigmoid-gated shared expert of Qwen2-MoE
+// included, and capacity-based token dropping (capacity_factor > 0: each expert keeps its earliest
+// tokens' rows up to ceil(factor x tokens x top_k / experts) per micro-batch, as the CPU reference
+// does). On one GPU, or over a sequence/expert-parallel group of n GPUs (set_expert_parallel_group:
+// MegaScale-MoE's layout, model/transformer.h's "sp_ep" with the all-gather dispatch).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -25,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "comm/communicator.h"
 #include "cuda/attention.h"
 #include "cuda/bf16.h"
 #include "cuda/blas.h"
@@ -32,6 +34,7 @@
 #include "cuda/device_memory.h"
 #include "cuda/grouped_gemm.h"
 #include "cuda/phase_timer.h"
+#include "cuda/ulysses_exchange.h"
 #include "model/model_config.h"
 #include "model/parameters.h"
 #include "model/transformer.h"
@@ -55,6 +58,18 @@ class GpuTransformer {
   ~GpuTransformer();
   GpuTransformer(const GpuTransformer&) = delete;
   GpuTransformer& operator=(const GpuTransformer&) = delete;
+
+  // Makes this model one rank of a sequence/expert-parallel group: `group` is a device
+  // communicator (NCCL) over the group's n ranks whose collectives run on stream(). Each rank then
+  // gets `seq` positions of every sequence (rank r the r-th slice of n * seq) and computes, as the
+  // CPU reference's layout "sp_ep": attention Ulysses-style (an all-to-all to heads / n heads over
+  // all n * seq positions and back; n must divide both head counts), and every MoE layer on the
+  // group's tokens with the experts [r E / n, (r + 1) E / n) only (all-gather, local experts,
+  // reduce-scatter; n must divide the experts). Losses are the group's; the gradients are this
+  // rank's part (its tokens, its experts), which a sum over the group completes. Call it before
+  // the first forward; n = 1 changes nothing.
+  void set_expert_parallel_group(Communicator& group);
+  int64_t expert_parallel_size() const { return ep_size_; }
 
   const ModelConfig& config() const { return config_; }
   const ParameterLayout& layout() const { return layout_; }
@@ -127,6 +142,22 @@ class GpuTransformer {
   void upload_flat(DeviceBuffer<float>& dst, const std::vector<float>& host, const char* what);
   void attention_forward(int64_t l, int64_t batch, int64_t seq);
   void attention_backward(int64_t l, int64_t batch, int64_t seq);
+  // Sequence parallelism: the attention core of layer l (q, k, v -> att, lse) over the group's
+  // full sequences with this rank's heads, through the Ulysses all-to-alls; and its backward
+  // (datt -> dq, dk, dv).
+  void ulysses_attention_forward(int64_t l, int64_t batch, int64_t seq);
+  void ulysses_attention_backward(int64_t l, int64_t batch, int64_t seq);
+  // One all-to-all of the group: local -> heads layout (to_heads) or back
+  // (cuda/ulysses_exchange.h).
+  void ulysses_exchange(const std::vector<UlyssesTensor>& tensors, bool to_heads, int64_t batch,
+                        int64_t seq);
+  // The tokens an MoE layer routes: this rank's, or the group's under expert parallelism.
+  int64_t moe_tokens() const { return n_ * ep_size_; }
+  int64_t num_local_experts() const { return config_.num_experts / ep_size_; }
+  // Element offset of this rank's first expert in an [E, out, in] expert tensor.
+  int64_t local_expert_offset(int64_t out, int64_t in) const {
+    return ep_rank_ * num_local_experts() * out * in;
+  }
   // The three q/k/v projections of layers that cannot run them packed (model_support.h).
   void attention_projections_unpacked(int64_t l);
   void attention_projections_backward_unpacked(int64_t l);
@@ -194,6 +225,8 @@ class GpuTransformer {
   std::vector<MoeFfnStats> moe_stats_;
   float* host_logits_ = nullptr;  // set by forward_logits: where the head copies its logits
   bool accumulate_grads_ = true;  // the current backward's GradMode
+  Communicator* ep_ = nullptr;    // the sequence/expert-parallel group (device buffers), or null
+  int64_t ep_rank_ = 0, ep_size_ = 1;
   std::vector<std::pair<int64_t, int64_t>> accumulated_ranges_;  // (offset, count)
   std::vector<GradRange> grad_ready_ranges_;
   std::function<void(size_t)> grad_ready_hook_;

@@ -25,7 +25,7 @@ __global__ void tile_counts_kernel(int32_t* tile_counts, const int32_t* expert_i
   for (int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) counts[e] = 0;
   __syncthreads();
   const int64_t a = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.x;
-  if (a < num_assignments) atomicAdd(&counts[expert_idx[a]], 1);
+  if (a < num_assignments && expert_idx[a] >= 0) atomicAdd(&counts[expert_idx[a]], 1);
   __syncthreads();
   for (int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) {
     tile_counts[blockIdx.x * num_experts + e] = counts[e];
@@ -88,9 +88,13 @@ __global__ void assign_rows_kernel(int32_t* assignment_row, int32_t* row_token,
   const int32_t e = valid ? expert_idx[a] : -1;
   const unsigned same = __match_any_sync(0xffffffffu, e);
   const int rank_in_warp = __popc(same & ((1u << lane) - 1u));
-  if (valid && rank_in_warp == 0) warp_counts[warp][e] = __popc(same);
+  if (valid && e >= 0 && rank_in_warp == 0) warp_counts[warp][e] = __popc(same);
   __syncthreads();
   if (!valid) return;
+  if (e < 0) {  // an expert of another rank
+    assignment_row[a] = -1;
+    return;
+  }
   int32_t row = tile_first_row[blockIdx.x * num_experts + e] + rank_in_warp;
   for (int w = 0; w < warp; ++w) row += warp_counts[w][e];
   if (row >= expert_offsets[e + 1]) {
@@ -99,6 +103,15 @@ __global__ void assign_rows_kernel(int32_t* assignment_row, int32_t* row_token,
   }
   assignment_row[a] = row;
   row_token[row] = static_cast<int32_t>(a / top_k);
+}
+
+// local[a] = expert[a] - begin for the experts [begin, begin + count), else -1.
+__global__ void localize_experts_kernel(int32_t* local, const int32_t* expert,
+                                        int64_t num_assignments, int32_t begin, int32_t count) {
+  const int64_t a = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (a >= num_assignments) return;
+  const int32_t e = expert[a] - begin;
+  local[a] = e >= 0 && e < count ? e : -1;
 }
 
 constexpr int kRowThreads = 256;
@@ -214,10 +227,13 @@ __global__ void combine_rows_backward_kernel(bf16* drows, float* dgates, const f
 
 }  // namespace
 
-void build_row_map(int32_t* expert_offsets, int32_t* assignment_row, int32_t* row_token,
-                   const int32_t* expert_idx, int64_t num_tokens, int64_t top_k,
-                   int64_t num_experts, int64_t capacity, cudaStream_t stream,
-                   int32_t* kept_before) {
+namespace {
+
+// build_row_map's work; clear_rows: some assignments may be dropped (their rows unused).
+void row_map_kernels(int32_t* expert_offsets, int32_t* assignment_row, int32_t* row_token,
+                     const int32_t* expert_idx, int64_t num_tokens, int64_t top_k,
+                     int64_t num_experts, int64_t capacity, bool clear_rows, cudaStream_t stream,
+                     int32_t* kept_before) {
   MF_CHECK(num_experts > 0 && num_experts <= kMaxExperts,
            "build_row_map supports 1 to {} experts, got {}", kMaxExperts, num_experts);
   const int64_t num_assignments = num_tokens * top_k;
@@ -231,13 +247,40 @@ void build_row_map(int32_t* expert_offsets, int32_t* assignment_row, int32_t* ro
   MF_CUDA_CHECK_LAUNCH();
   if (num_assignments == 0) return;
   // With drops, the rows past the kept ones are unused: row_token -1 (all bits set).
-  if (capacity >= 0) {
+  if (clear_rows) {
     MF_CUDA_CHECK(cudaMemsetAsync(row_token, 0xFF, num_assignments * sizeof(int32_t), stream));
   }
   assign_rows_kernel<<<static_cast<unsigned>(num_tiles), kTile, 0, stream>>>(
       assignment_row, row_token, tile_rows.data(), expert_offsets, expert_idx, num_assignments,
       num_experts, top_k);
   MF_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void build_row_map(int32_t* expert_offsets, int32_t* assignment_row, int32_t* row_token,
+                   const int32_t* expert_idx, int64_t num_tokens, int64_t top_k,
+                   int64_t num_experts, int64_t capacity, cudaStream_t stream,
+                   int32_t* kept_before) {
+  row_map_kernels(expert_offsets, assignment_row, row_token, expert_idx, num_tokens, top_k,
+                  num_experts, capacity, capacity >= 0, stream, kept_before);
+}
+
+void build_local_row_map(int32_t* expert_offsets, int32_t* assignment_row, int32_t* row_token,
+                         int32_t* local_idx, const int32_t* expert_idx, int64_t num_tokens,
+                         int64_t top_k, int64_t expert_begin, int64_t num_local, int64_t capacity,
+                         cudaStream_t stream) {
+  const int64_t num_assignments = num_tokens * top_k;
+  if (num_assignments > 0) {
+    constexpr int kThreads = 256;
+    localize_experts_kernel<<<static_cast<unsigned>(ceil_div(num_assignments, kThreads)), kThreads,
+                              0, stream>>>(local_idx, expert_idx, num_assignments,
+                                           static_cast<int32_t>(expert_begin),
+                                           static_cast<int32_t>(num_local));
+    MF_CUDA_CHECK_LAUNCH();
+  }
+  row_map_kernels(expert_offsets, assignment_row, row_token, local_idx, num_tokens, top_k,
+                  num_local, capacity, true, stream, nullptr);
 }
 
 void scatter_rows(bf16* rows, const bf16* x, const int32_t* row_token, int64_t num_rows, int64_t c,

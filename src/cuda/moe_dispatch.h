@@ -24,6 +24,16 @@ void build_row_map(int32_t* expert_offsets, int32_t* assignment_row, int32_t* ro
                    int64_t num_experts, int64_t capacity, cudaStream_t stream,
                    int32_t* kept_before = nullptr);
 
+// The row map of the experts [expert_begin, expert_begin + num_local) only (expert parallelism:
+// this rank's experts): expert_offsets [num_local + 1] over local expert indices, assignments to
+// other experts dropped (row -1) like those past the capacity; local_idx [n * k] is scratch (the
+// assignments' local expert, or -1). The same rows, in the same order, as ops::build_row_map with
+// that expert range.
+void build_local_row_map(int32_t* expert_offsets, int32_t* assignment_row, int32_t* row_token,
+                         int32_t* local_idx, const int32_t* expert_idx, int64_t num_tokens,
+                         int64_t top_k, int64_t expert_begin, int64_t num_local, int64_t capacity,
+                         cudaStream_t stream);
+
 // rows[r, :] = x[row_token[r], :], or zeros where row_token[r] < 0 (an unused row)
 // x [n, c], rows [num_rows, c].
 void scatter_rows(bf16* rows, const bf16* x, const int32_t* row_token, int64_t num_rows, int64_t c,

@@ -86,6 +86,8 @@ class Transformer {
               ParallelLayout parallel_layout = ParallelLayout::kSequenceExpert);
 
   const ModelConfig& config() const { return config_; }
+  // The sequence/expert-parallel (or tensor-parallel) group given to the constructor.
+  Communicator& expert_group() const { return ep_; }
   EpDispatch ep_dispatch() const { return ep_dispatch_; }
   ParallelLayout parallel_layout() const { return parallel_layout_; }
   const ParameterLayout& layout() const { return layout_; }

@@ -100,9 +100,6 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   const int64_t n = config.parallel.expert_parallel;
   MF_CHECK(world.size() % n == 0,
            "parallel.expert_parallel ({}) must divide the number of ranks ({})", n, world.size());
-  MF_CHECK(n == 1 || options.device == "cpu",
-           "parallel.expert_parallel > 1 runs on the CPU for now (the NCCL communicator for "
-           "--device cuda is issue #7)");
   MF_CHECK(config.parallel.layout != "tp" || options.device == "cpu",
            "parallel.layout \"tp\" (the Megatron-LM baseline) runs on the CPU engine only; with "
            "--device {} use parallel.layout \"sp_ep\"",

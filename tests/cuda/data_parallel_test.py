@@ -8,7 +8,9 @@ gradients are added (NCCL's all-reduce, or the accumulating backward on one GPU)
 parallel.grad_reduce_dtype bf16, in the one rounding of each rank's gradient to bf16. Each dtype runs
 twice on two GPUs: summed after the backward (parallel.grad_bucket_mb 0) and in small buckets
 overlapped with it (BUCKET_MB: many buckets per step, the last layers' sums running beside the
-backward of the first). The bound is
+backward of the first). "sp-ep" is one group of two GPUs sharing each sequence (parallel.expert_parallel
+2: Ulysses attention and half the experts each, GpuTransformer::set_expert_parallel_group) over the
+same micro-batches. The bound is
 derived from this run's own bf16 noise: the largest per-step gap between the one-GPU run and the
 CPU reference (fp32) of the same config, times NOISE_FACTOR. The first step (before any update)
 must agree to FIRST_STEP_GAP, and the two-rank run must say that it summed through NCCL.
@@ -79,17 +81,20 @@ def main():
                      ["--set", f"parallel.grad_bucket_mb={BUCKET_MB}"]),
                     ("dp-bf16-buckets", mpirun, "cuda",
                      ["--set", "parallel.grad_reduce_dtype=bf16",
-                      "--set", f"parallel.grad_bucket_mb={BUCKET_MB}"])]:
+                      "--set", f"parallel.grad_bucket_mb={BUCKET_MB}"]),
+                    ("sp-ep", mpirun, "cuda",
+                     ["--set", "parallel.expert_parallel=2",
+                      "--set", "data.grad_accum_steps=2"])]:
                 run_dir = os.path.join(tmp, f"{model}-{name}")
                 proc = run(launch + [moeforge, "train", "--config", config, "--device", device,
                                      "--set", f"checkpoint.dir={run_dir}"] + common + extra)
-                if launch:
+                if launch and name != "sp-ep":
                     assert "data-parallel ranks: on the GPUs through NCCL" in proc.stderr, proc.stderr
                 curves[name] = losses(os.path.join(run_dir, "metrics.jsonl"))
                 assert len(curves[name]) == STEPS, (model, name, len(curves[name]))
             noise = max(abs(a - b) for a, b in zip(curves["one-gpu"], curves["cpu"]))
             bound = NOISE_FACTOR * noise
-            for name in ("dp-fp32", "dp-bf16", "dp-fp32-buckets", "dp-bf16-buckets"):
+            for name in ("dp-fp32", "dp-bf16", "dp-fp32-buckets", "dp-bf16-buckets", "sp-ep"):
                 gaps = [abs(a - b) for a, b in zip(curves["one-gpu"], curves[name])]
                 print(f"{model} {name}: largest gap to one GPU {max(gaps):.3g} nats (first step "
                       f"{gaps[0]:.3g}); one GPU vs CPU {noise:.3g} -> bound {bound:.3g}")

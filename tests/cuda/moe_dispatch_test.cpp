@@ -110,6 +110,45 @@ TEST(MoeDispatchCuda, RowMapEqualsTheReference) {
   }
 }
 
+// Expert parallelism: the map of one rank's experts (a quarter, a half, or all of them; the
+// first, a middle and the last slice), dropless and with the capacity, against ops::build_row_map
+// over the same expert range: bit for bit, the other experts' assignments dropped.
+TEST(MoeDispatchCuda, LocalRowMapEqualsTheReferenceOfItsExpertRange) {
+  MF_REQUIRE_GPU();
+  uint64_t seed = 100;
+  for (const DispatchCase& dc : kCases) {
+    for (const int64_t ranks : {int64_t{1}, int64_t{2}, int64_t{4}}) {
+      if (dc.num_experts % ranks != 0) continue;
+      const int64_t num_local = dc.num_experts / ranks;
+      for (const int64_t rank : {int64_t{0}, ranks / 2, ranks - 1}) {
+        SCOPED_TRACE(describe(dc) + " rank " + std::to_string(rank) + " of " +
+                     std::to_string(ranks));
+        const std::vector<int32_t> expert_idx = random_routing(dc, seed++);
+        const int64_t begin = rank * num_local;
+        const ops::RowMap map = ops::build_row_map(expert_idx.data(), dc.num_tokens, dc.top_k,
+                                                   begin, begin + num_local, dc.capacity);
+        const int64_t num_assignments = dc.num_tokens * dc.top_k;
+        DeviceBuffer<int32_t> expert_idx_dev = to_device(expert_idx);
+        DeviceBuffer<int32_t> offsets(num_local + 1), assignment_row(num_assignments),
+            row_token(num_assignments), local_idx(num_assignments);
+        testing::fill_garbage(offsets);
+        testing::fill_garbage(assignment_row);
+        testing::fill_garbage(row_token);
+        build_local_row_map(offsets.data(), assignment_row.data(), row_token.data(),
+                            local_idx.data(), expert_idx_dev.data(), dc.num_tokens, dc.top_k, begin,
+                            num_local, dc.capacity, nullptr);
+        testing::synchronize();
+        expect_equal("expert_offsets", offsets.download(),
+                     std::vector<int32_t>(map.expert_offsets.begin(), map.expert_offsets.end()));
+        expect_equal("assignment_row", assignment_row.download(), map.assignment_row);
+        std::vector<int32_t> row_token_ref = map.row_token;
+        row_token_ref.resize(num_assignments, -1);
+        expect_equal("row_token", row_token.download(), row_token_ref);
+      }
+    }
+  }
+}
+
 // A capacity carried across chunks (GPU inference runs the FFN in chunks of one call's tokens):
 // the chunks' maps, built one after another with kept_before, keep and drop exactly the
 // assignments the whole call's reference map does, and kept_before ends at the kept totals.

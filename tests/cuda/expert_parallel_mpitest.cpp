@@ -1,0 +1,167 @@
+// GpuTransformer over a sequence/expert-parallel group of n GPUs (set_expert_parallel_group, one
+// rank per GPU, NCCL) against the same model on one GPU over the whole batch: each rank gets its
+// slice of every sequence; the loss must be the group's and the gradients, summed over the ranks,
+// the one-GPU gradients. Run alone (n = 1: the group is the model itself) and under mpirun (2 and
+// 4 ranks in ctest; skipping as comm/nccl/nccl_test_harness.h says). Both sides run in bf16 with
+// different splits of the same sums (attention over other sequence blocks, the expert outputs
+// summed by a reduce-scatter), so the bounds are gpu_transformer_test.cpp's against the fp32
+// reference: loss 1e-2, each tensor's relative L2 5e-2, routed experts 0.15 of the larger of
+// their own gradient and their share of the layer's projection (a near-tie can route a token
+// differently).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "comm/nccl/nccl_test_harness.h"
+#include "core/rng.h"
+#include "cuda/gpu_test_models.h"
+#include "cuda/gpu_transformer.h"
+
+namespace moeforge::cuda {
+namespace {
+
+using moeforge::testing::nccl;
+
+// The architecture's test model with head and expert counts that split over num_ranks.
+ModelConfig config_for(Architecture arch, int64_t num_ranks) {
+  ModelConfig c = testing::gpu_config(arch);
+  c.num_kv_heads = std::max<int64_t>(c.num_kv_heads, num_ranks);
+  c.num_heads = std::max<int64_t>(c.num_heads, 2 * c.num_kv_heads);
+  if (c.num_experts > 0 && c.num_experts % num_ranks != 0) {
+    c.num_experts = (c.num_experts / num_ranks + 1) * num_ranks;
+  }
+  return c;
+}
+
+// ".experts.3.up_proj" -> ".experts.*.up_proj"; "" for other tensors.
+std::string projection_of(const std::string& name) {
+  const size_t at = name.find(".experts.");
+  if (at == std::string::npos) return "";
+  const size_t begin = at + 9, end = name.find('.', begin);
+  return name.substr(0, begin) + "*" + name.substr(end);
+}
+
+void expect_group_matches_one_gpu(Architecture arch, GradMode mode) {
+  NcclCommunicator& comm = nccl();
+  const int64_t num_ranks = comm.size(), rank = comm.rank();
+  const ModelConfig config = config_for(arch, num_ranks);
+  const int64_t batch = 2, seq = 24 * num_ranks, local_seq = seq / num_ranks;
+  const std::vector<float> params = testing::make_params(ParameterLayout(config), 5);
+  Rng rng(17);
+  std::vector<int32_t> tokens(static_cast<size_t>(batch * seq)), targets(tokens.size());
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    tokens[i] = static_cast<int32_t>(rng.below(config.vocab_size));
+    targets[i] = i % 11 == 3 ? -1 : static_cast<int32_t>(rng.below(config.vocab_size));
+  }
+
+  GpuTransformer whole(config);
+  whole.upload_params(params);
+  whole.zero_grads();
+  const LossBreakdown want = whole.forward_backward(tokens.data(), targets.data(), batch, seq, 0.5);
+  const std::vector<float> want_grads = whole.download_grads();
+
+  GpuTransformer part(config);
+  const cudaStream_t previous = comm.stream();
+  comm.set_stream(part.stream());
+  part.set_expert_parallel_group(comm);
+  part.upload_params(params);
+  if (mode == GradMode::kAssign) {
+    part.upload_grads(std::vector<float>(static_cast<size_t>(part.num_params()), std::nanf("")));
+  } else {
+    part.zero_grads();
+  }
+  std::vector<int32_t> my_tokens, my_targets;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t first = b * seq + rank * local_seq;
+    my_tokens.insert(my_tokens.end(), tokens.begin() + first, tokens.begin() + first + local_seq);
+    my_targets.insert(my_targets.end(), targets.begin() + first,
+                      targets.begin() + first + local_seq);
+  }
+  const LossBreakdown got =
+      part.forward_backward(my_tokens.data(), my_targets.data(), batch, local_seq, 0.5, mode);
+  comm.set_stream(previous);
+  std::vector<float> grads = part.download_grads();
+  world_communicator().all_reduce_sum(grads.data(), grads.size());
+
+  EXPECT_EQ(got.num_counted, want.num_counted);
+  EXPECT_NEAR(got.ce_loss, want.ce_loss, 1e-2);
+  EXPECT_NEAR(got.aux_loss, want.aux_loss, 1e-2 * std::max(1.0, want.aux_loss));
+  EXPECT_NEAR(got.z_loss, want.z_loss, 2e-2 * std::max(1.0, want.z_loss));
+  ASSERT_EQ(part.moe_stats().size(), whole.moe_stats().size());
+  for (size_t m = 0; m < part.moe_stats().size(); ++m) {
+    int64_t routed = 0;
+    for (const int64_t load : part.moe_stats()[m].expert_load) routed += load;
+    EXPECT_EQ(routed, batch * seq * config.num_experts_per_tok) << "MoE layer " << m;
+  }
+
+  std::map<std::string, double> projection_sq;
+  for (const ParamSpec& spec : whole.layout().specs()) {
+    const std::string projection = projection_of(spec.name);
+    if (projection.empty()) continue;
+    for (int64_t i = 0; i < spec.numel; ++i) {
+      projection_sq[projection] +=
+          double(want_grads[spec.offset + i]) * want_grads[spec.offset + i];
+    }
+  }
+  for (const ParamSpec& spec : whole.layout().specs()) {
+    double diff_sq = 0.0, ref_sq = 0.0;
+    for (int64_t i = 0; i < spec.numel; ++i) {
+      const double ref = want_grads[spec.offset + i], mine = grads[spec.offset + i];
+      diff_sq += (mine - ref) * (mine - ref);
+      ref_sq += ref * ref;
+    }
+    const std::string projection = projection_of(spec.name);
+    const double scale =
+        projection.empty()
+            ? ref_sq
+            : std::max(ref_sq, projection_sq[projection] / static_cast<double>(config.num_experts));
+    const double bound = projection.empty() ? 5e-2 : 0.15;
+    EXPECT_LE(std::sqrt(diff_sq / std::max(scale, 1e-30)), bound)
+        << spec.name << " (" << num_ranks << " ranks, rank " << rank << ")";
+  }
+}
+
+class ExpertParallelGpu : public ::testing::TestWithParam<Architecture> {};
+
+TEST_P(ExpertParallelGpu, GroupEqualsOneGpuOverTheWholeBatch) {
+  MF_REQUIRE_NCCL_GPUS();
+  expect_group_matches_one_gpu(GetParam(), GradMode::kAccumulate);
+}
+
+// kAssign writes every gradient this rank owns and leaves zeros in the other experts' (NaN
+// before): the sum is still the one-GPU gradient.
+TEST_P(ExpertParallelGpu, AssignedGradientsZeroTheOtherRanksExperts) {
+  MF_REQUIRE_NCCL_GPUS();
+  expect_group_matches_one_gpu(GetParam(), GradMode::kAssign);
+}
+
+TEST(ExpertParallelGpuConfig, RejectsCountsThatDoNotSplit) {
+  MF_REQUIRE_NCCL_GPUS();
+  if (nccl().size() == 1) GTEST_SKIP() << "every count splits over one rank";
+  ModelConfig config = testing::gpu_config(Architecture::kMixtral);
+  config.num_kv_heads = 1;
+  config.num_heads = 3;
+  GpuTransformer model(config);
+  EXPECT_THROW(model.set_expert_parallel_group(nccl()), Error);
+}
+
+std::string arch_name(const ::testing::TestParamInfo<Architecture>& info) {
+  return architecture_name(info.param);
+}
+
+INSTANTIATE_TEST_SUITE_P(Architectures, ExpertParallelGpu,
+                         ::testing::Values(Architecture::kLlama, Architecture::kMixtral,
+                                           Architecture::kQwen2Moe, Architecture::kQwen3Moe),
+                         arch_name);
+
+}  // namespace
+}  // namespace moeforge::cuda
+
+int main(int argc, char** argv) {
+  return moeforge::testing::run_nccl_tests(argc, argv, "expert_parallel_tests");
+}
