@@ -11,7 +11,9 @@
 #   scaling   data-parallel weak scaling of `bench train` on configs/bench/moe-1.8b-a0.4b.json:
 #             mpirun with 1, 2 and 4 ranks (as many as there are GPUs), one GPU each, the
 #             gradients summed through NCCL (SCALING_ARGS adds options, e.g. --grad-reduce bf16,
-#             or --grad-bucket-mb 0 to sum after the backward instead of overlapped with it);
+#             or --grad-bucket-mb 0 to sum after the backward instead of overlapped with it;
+#             SCALING_EP=E runs the multi-GPU ones as groups of E GPUs sharing each sequence,
+#             --expert-parallel E with E times the micro-batch);
 #             prints tokens/s per GPU and the efficiency against one GPU
 #   sanitize  compute-sanitizer memcheck over the CUDA test binary, racecheck over our own kernels
 #             (SANITIZE_TOOLS picks, default "memcheck racecheck"; SANITIZE_FILTER, a gtest filter,
@@ -118,12 +120,20 @@ for stage in "${stages[@]}"; do
       ;;
     scaling)
       gpus=$(nvidia-smi -L | wc -l)
+      ep=${SCALING_EP:-1}
       for ranks in 1 2 4; do
         [ "$ranks" -le "$gpus" ] || continue
+        # With SCALING_EP=E the multi-GPU runs are groups of E sharing each sequence, with E times
+        # the micro-batch (the same tokens per GPU as the one-GPU run).
+        group=()
+        if [ "$ep" -gt 1 ] && [ "$ranks" -gt 1 ]; then
+          [ $((ranks % ep)) -eq 0 ] || continue
+          group=(--expert-parallel "$ep" --micro-batch $((4 * ep)))
+        fi
         # shellcheck disable=SC2086
         mpirun -np "$ranks" --allow-run-as-root --oversubscribe build-gpu/moeforge bench train \
-          --config configs/bench/moe-1.8b-a0.4b.json --steps 10 --warmup 3 ${SCALING_ARGS:-} \
-          > "$OUT/scaling_$ranks.json" 2> "$OUT/scaling_$ranks.log" \
+          --config configs/bench/moe-1.8b-a0.4b.json --steps 10 --warmup 3 "${group[@]}" \
+          ${SCALING_ARGS:-} > "$OUT/scaling_$ranks.json" 2> "$OUT/scaling_$ranks.log" \
           || { tail -n 20 "$OUT/scaling_$ranks.log"; rc=1; }
       done
       python3 - "$OUT" <<'PY' || rc=1
@@ -140,7 +150,8 @@ for ranks in sorted(runs):
     row = runs[ranks]
     efficiency = row["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if base else float("nan")
     print(f"{ranks} GPU(s): {row['tokens_per_s']:.0f} tokens/s, {row['tokens_per_s_per_gpu']:.0f} "
-          f"per GPU, median step {row['median_step_ms']:.1f} ms, grad_reduce {row['grad_reduce']} "
+          f"per GPU, median step {row['median_step_ms']:.1f} ms, expert_parallel "
+          f"{row.get('expert_parallel', 1)}, grad_reduce {row['grad_reduce']} "
           f"(buckets of {row['grad_bucket_mb']} MiB), grad_reduce phase "
           f"{row['phase_ms'].get('grad_reduce', 0.0):.1f} ms, "
           f"weak-scaling efficiency {efficiency:.3f}")

@@ -48,6 +48,7 @@ struct BenchOptions {
   std::string recompute = "none";
   std::string grad_reduce = "fp32";
   double grad_bucket_mb = 64.0;
+  int64_t expert_parallel = 1;
 };
 
 #if MOEFORGE_HAVE_CUDA
@@ -60,18 +61,35 @@ void run_bench_train(const BenchOptions& opt) {
            "--grad-bucket-mb must be in [0, 65536], got {}", opt.grad_bucket_mb);
   const auto bucket_elems =
       static_cast<size_t>(opt.grad_bucket_mb * 1024.0 * 1024.0) / sizeof(float);
-  // Under mpirun the ranks are data-parallel, one GPU each (local rank % GPUs of the host), and
-  // each step sums the gradients over them through NCCL on the model's stream.
+  // Under mpirun, one GPU per rank (local rank % GPUs of the host): groups of expert_parallel
+  // consecutive ranks share each sequence (the trainer's layout), the groups are data-parallel,
+  // and each step sums the gradients over the world through NCCL.
   Communicator& world = world_communicator();
+  const int64_t ep = opt.expert_parallel;
+  MF_CHECK(ep >= 1 && world.size() % ep == 0 && opt.seq % ep == 0,
+           "--expert-parallel ({}) must divide the number of ranks ({}) and --seq ({})", ep,
+           world.size(), opt.seq);
   cuda::bind_device_to_local_rank(local_rank_from_environment());
   cuda::DeviceAllocator::instance().reset_peak();
   cuda::GpuTransformer model(config, cuda::parse_recompute(opt.recompute));
+  std::unique_ptr<Communicator> ep_host, ep_device;
+  if (ep > 1) {
+    ep_host = world.split(static_cast<int>(world.rank() / ep), world.rank());
+    std::string why_not;
+    ep_device = cuda::make_device_communicator(*ep_host, model.stream(), &why_not);
+    MF_CHECK(ep_device != nullptr,
+             "--expert-parallel {} exchanges activations through NCCL, but {}", ep, why_not);
+    model.set_expert_parallel_group(*ep_device);
+  }
+  const int64_t local_seq = opt.seq / ep;
   const ParameterLayout& layout = model.layout();
   const bool root = world.rank() == 0;
   if (root) {
-    fmt::print(
-        stderr, "bench train: {} parameters ({} active), {} x {} tokens per step on {} GPU(s)\n",
-        layout.num_params(), layout.num_active_params(), opt.micro_batch, opt.seq, world.size());
+    fmt::print(stderr,
+               "bench train: {} parameters ({} active), {} x {} tokens per step and group on {} "
+               "GPU(s), {} per group\n",
+               layout.num_params(), layout.num_active_params(), opt.micro_batch, opt.seq,
+               world.size(), ep);
   }
   // Weights made on the device (init_random_params's rules with uniform instead of normal
   // values): the host's normal draws took over a minute for 1.8B parameters.
@@ -98,7 +116,7 @@ void run_bench_train(const BenchOptions& opt) {
     MF_CHECK(dp != nullptr, "bench train over {} ranks sums the gradients through NCCL, but {}",
              world.size(), why_not);
   }
-  const int64_t n = opt.micro_batch * opt.seq;
+  const int64_t n = opt.micro_batch * local_seq;  // this rank's tokens
   Rng data_rng(opt.seed + 1 + static_cast<uint64_t>(world.rank()));
   std::vector<int32_t> tokens(static_cast<size_t>(n + 1));
 
@@ -108,12 +126,13 @@ void run_bench_train(const BenchOptions& opt) {
     // the optimizer (grad norm with its host round trip, AdamW) is a phase of its own.
     if (dp) {
       reducer.begin(model.grads(), model.grad_ready_ranges(), bucket_elems, *dp, reduce_dtype);
-      if (bucket_elems > 0) {
+      // Not beside the expert-parallel collectives (GpuStepEngine::begin_grad_reduce says why).
+      if (bucket_elems > 0 && ep == 1) {
         model.set_grad_ready_hook([&](size_t index) { reducer.ready(index, model.stream()); });
       }
     }
     const LossBreakdown loss = model.forward_backward(
-        tokens.data(), tokens.data() + 1, opt.micro_batch, opt.seq, 1.0, cuda::GradMode::kAssign);
+        tokens.data(), tokens.data() + 1, opt.micro_batch, local_seq, 1.0, cuda::GradMode::kAssign);
     if (dp) {
       // The phase is what the sums add after the backward: all of them without buckets, the
       // ones still running (the first layers' and the embedding's, finished last) with.
@@ -168,6 +187,7 @@ void run_bench_train(const BenchOptions& opt) {
       {"num_params", layout.num_params()},
       {"num_active_params", layout.num_active_params()},
       {"ranks", world.size()},
+      {"expert_parallel", ep},
       {"grad_reduce", world.size() > 1 ? opt.grad_reduce : "none"},
       {"grad_bucket_mb", opt.grad_bucket_mb},
       {"tokens_per_step", n * world.size()},
@@ -224,6 +244,13 @@ void register_bench_command(CLI::App& app) {
                    "Under mpirun (data-parallel, one GPU per rank): the gradient sum through "
                    "NCCL, fp32 or bf16 (compressed all-to-all with an fp32 local sum)")
       ->check(CLI::IsMember({"fp32", "bf16"}))
+      ->capture_default_str();
+  train
+      ->add_option("--expert-parallel", opt->expert_parallel,
+                   "Under mpirun: groups of this many GPUs share each sequence (Ulysses attention, "
+                   "1/N of the experts each; --seq positions split over the group), the groups "
+                   "data-parallel (the gradient sums then run after the backward)")
+      ->check(CLI::PositiveNumber)
       ->capture_default_str();
   train
       ->add_option("--grad-bucket-mb", opt->grad_bucket_mb,
