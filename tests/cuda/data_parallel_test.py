@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`mpirun -np 2 moeforge train --device cuda` (one GPU per rank, data-parallel gradients summed
 on the GPUs through NCCL) tracks one GPU with gradient accumulation over the same global batch:
-30 steps of the tiny dense and MoE models on real text (the repository's docs and sources).
+100 steps (issue #7 asks for 100) of the tiny dense and MoE models on real text (the repository's docs and sources).
 
 Both runs compute the same micro-batches in bf16; they differ only in where the two micro-batch
 gradients are added (NCCL's all-reduce, or the accumulating backward on one GPU), and, with
@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 
-STEPS = 30
+STEPS = 100
 NOISE_FACTOR = 2.0
 FIRST_STEP_GAP = 1e-3  # nats: the same forward on the same weights, bf16 on both
 BUCKET_MB = 0.05  # 13,107 fp32 gradients a bucket: dozens per step on the tiny models
