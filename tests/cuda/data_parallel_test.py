@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """`mpirun -np 2 moeforge train --device cuda` (one GPU per rank, data-parallel gradients summed
 on the GPUs through NCCL) tracks one GPU with gradient accumulation over the same global batch:
-100 steps (issue #7 asks for 100) of the tiny dense and MoE models on real text (the repository's docs and sources).
+100 steps (issue #7 asks for 100) of the tiny dense and MoE models on real text (the
+repository's docs and sources).
 
 Both runs compute the same micro-batches in bf16; they differ only in where the two micro-batch
 gradients are added (NCCL's all-reduce, or the accumulating backward on one GPU), and, with
