@@ -36,7 +36,8 @@
 #             4K, 16K, 32K and 128K, and benchmarks
 #             prefill on its Q/K/V (the models stay in runs/longctx-*: too large for $OUT)
 #   bench     `moeforge bench train` on configs/bench/moe-1.8b-a0.4b.json (recompute modes from
-#             BENCH_RECOMPUTE, default "none selective"), then the PyTorch baseline of
+#             BENCH_RECOMPUTE, default "none selective"; BENCH_OVERLAP=1 adds each with
+#             --overlap-optimizer), then the PyTorch baseline of
 #             ../shared/anchors (torch.compile + grouped_mm) in the same run, each with its
 #             median SM clock and power (nvidia-smi samples)
 #   all       build, test, sanitize, oracle, lab, prefill, bench
@@ -241,12 +242,18 @@ PY
           "$OUT/clocks_$1.csv" "$1" 2> /dev/null || true
       }
       for recompute in ${BENCH_RECOMPUTE:-none selective}; do
-        start_clocks "moeforge_$recompute"
-        build-gpu/moeforge bench train --config configs/bench/moe-1.8b-a0.4b.json --steps 10 \
-          --warmup 3 --recompute "$recompute" > "$OUT/bench_train_$recompute.json" \
-          2> "$OUT/bench_train_$recompute.log" || { tail -n 20 "$OUT/bench_train_$recompute.log"; rc=1; }
-        stop_clocks "moeforge_$recompute"
-        cat "$OUT/bench_train_$recompute.json"
+        # BENCH_OVERLAP=1 adds a run with AdamW overlapped with the next forward.
+        for variant in plain ${BENCH_OVERLAP:+overlap}; do
+          name=$recompute
+          extra=()
+          [ "$variant" = overlap ] && { name=${recompute}_overlap; extra=(--overlap-optimizer); }
+          start_clocks "moeforge_$name"
+          build-gpu/moeforge bench train --config configs/bench/moe-1.8b-a0.4b.json --steps 10 \
+            --warmup 3 --recompute "$recompute" "${extra[@]}" > "$OUT/bench_train_$name.json" \
+            2> "$OUT/bench_train_$name.log" || { tail -n 20 "$OUT/bench_train_$name.log"; rc=1; }
+          stop_clocks "moeforge_$name"
+          cat "$OUT/bench_train_$name.json"
+        done
       done
       baseline=${TORCH_BASELINE:-}
       for candidate in ../shared/anchors/torch_moe_baseline.py .gpu-carry/torch_moe_baseline.py; do

@@ -49,6 +49,7 @@ struct BenchOptions {
   std::string grad_reduce = "fp32";
   double grad_bucket_mb = 64.0;
   int64_t expert_parallel = 1;
+  bool overlap_optimizer = false;
 };
 
 #if MOEFORGE_HAVE_CUDA
@@ -106,6 +107,7 @@ void run_bench_train(const BenchOptions& opt) {
   }
   model.refresh_bf16_params();
   cuda::GpuAdamW optimizer(model, AdamWHyper{}, {"norm", "bias"});
+  if (opt.overlap_optimizer) optimizer.enable_overlap();
   // The trainer's CUDA engine's scheme: buckets summed on the reducer's stream as the backward
   // finishes them (bucket_elems 0: one sum after the backward).
   cuda::BucketedGradReducer reducer;
@@ -188,6 +190,7 @@ void run_bench_train(const BenchOptions& opt) {
       {"num_active_params", layout.num_active_params()},
       {"ranks", world.size()},
       {"expert_parallel", ep},
+      {"overlap_optimizer", opt.overlap_optimizer},
       {"grad_reduce", world.size() > 1 ? opt.grad_reduce : "none"},
       {"grad_bucket_mb", opt.grad_bucket_mb},
       {"tokens_per_step", n * world.size()},
@@ -252,6 +255,9 @@ void register_bench_command(CLI::App& app) {
                    "data-parallel (the gradient sums then run after the backward)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  train->add_flag("--overlap-optimizer", opt->overlap_optimizer,
+                  "Run AdamW on a stream of its own, range by range, overlapped with the next "
+                  "step's forward (GpuAdamW::enable_overlap; experimental, not in `train` yet)");
   train
       ->add_option("--grad-bucket-mb", opt->grad_bucket_mb,
                    "Under mpirun: the gradient sums start in buckets of this many MiB as the "

@@ -1,6 +1,7 @@
 // GpuAdamW: decay runs from the parameter names, then one fused kernel launch per run.
 #include "cuda/gpu_adamw.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/error.h"
@@ -33,11 +34,52 @@ GpuAdamW::GpuAdamW(GpuTransformer& model, const AdamWHyper& hyper,
   scratch_.resize(static_cast<size_t>(reduction_scratch_doubles(model.num_params())));
 }
 
+GpuAdamW::~GpuAdamW() {
+  if (stream_ == nullptr) return;
+  model_.set_weights_needed_hook(nullptr);
+  cudaStreamSynchronize(stream_);
+  for (cudaEvent_t event : range_done_) cudaEventDestroy(event);
+  cudaEventDestroy(grads_final_);
+  cudaStreamDestroy(stream_);
+}
+
+void GpuAdamW::enable_overlap() {
+  if (stream_ != nullptr) return;
+  MF_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  MF_CUDA_CHECK(cudaEventCreateWithFlags(&grads_final_, cudaEventDisableTiming));
+  range_done_.resize(model_.grad_ready_ranges().size());
+  for (cudaEvent_t& event : range_done_) {
+    MF_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+  }
+  model_.set_weights_needed_hook([this](size_t index) {
+    MF_CUDA_CHECK(cudaStreamWaitEvent(model_.stream(), range_done_.at(index), 0));
+  });
+}
+
+void GpuAdamW::synchronize() {
+  if (stream_ != nullptr) MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+cudaStream_t GpuAdamW::update_stream() const {
+  return stream_ != nullptr ? stream_ : model_.stream();
+}
+
+std::vector<float> GpuAdamW::download_exp_avg() {
+  synchronize();
+  return exp_avg_.download();
+}
+
+std::vector<float> GpuAdamW::download_exp_avg_sq() {
+  synchronize();
+  return exp_avg_sq_.download();
+}
+
 void GpuAdamW::upload_state(const std::vector<float>& exp_avg,
                             const std::vector<float>& exp_avg_sq) {
   MF_CHECK(exp_avg.size() == exp_avg_.size() && exp_avg_sq.size() == exp_avg_sq_.size(),
            "optimizer state has {} / {} values for a model of {} parameters", exp_avg.size(),
            exp_avg_sq.size(), exp_avg_.size());
+  synchronize();
   MF_CUDA_CHECK(cudaStreamSynchronize(model_.stream()));
   exp_avg_.upload(exp_avg);
   exp_avg_sq_.upload(exp_avg_sq);
@@ -69,11 +111,28 @@ GpuAdamWResult GpuAdamW::step(double lr, double max_norm) {
                  c.bc2_sqrt,
                  c.no_decay_factor,
                  static_cast<float>(result.clip_factor)};
-  for (const Run& run : runs_) {
-    step.decay_factor = run.decay ? c.decay_factor : c.no_decay_factor;
-    adamw_update(model_.params() + run.begin, model_.params_bf16() + run.begin,
-                 exp_avg_.data() + run.begin, exp_avg_sq_.data() + run.begin,
-                 model_.grads() + run.begin, run.count, step, model_.stream());
+  const auto update = [&](int64_t begin, int64_t end, cudaStream_t stream) {
+    for (const Run& run : runs_) {
+      const int64_t first = std::max(begin, run.begin);
+      const int64_t last = std::min(end, run.begin + run.count);
+      if (first >= last) continue;
+      step.decay_factor = run.decay ? c.decay_factor : c.no_decay_factor;
+      adamw_update(model_.params() + first, model_.params_bf16() + first, exp_avg_.data() + first,
+                   exp_avg_sq_.data() + first, model_.grads() + first, last - first, step, stream);
+    }
+  };
+  if (stream_ == nullptr) {
+    update(0, model_.num_params(), model_.stream());
+  } else {
+    // After the gradients are final on the model's stream (the norm above synchronised it, and
+    // an overlapped data-parallel sum made it wait), range by range in forward order.
+    MF_CUDA_CHECK(cudaEventRecord(grads_final_, model_.stream()));
+    MF_CUDA_CHECK(cudaStreamWaitEvent(stream_, grads_final_, 0));
+    const std::vector<GradRange>& ranges = model_.grad_ready_ranges();
+    for (size_t i = ranges.size(); i-- > 0;) {
+      update(ranges[i].offset, ranges[i].offset + ranges[i].count, stream_);
+      MF_CUDA_CHECK(cudaEventRecord(range_done_[i], stream_));
+    }
   }
   result.applied = true;
   return result;

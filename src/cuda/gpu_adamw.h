@@ -3,6 +3,8 @@
 // the same pass. Weight decay per tensor, by name, as the CPU optimizer decides it.
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -23,6 +25,21 @@ class GpuAdamW {
  public:
   GpuAdamW(GpuTransformer& model, const AdamWHyper& hyper,
            const std::vector<std::string>& no_decay_substrings);
+  ~GpuAdamW();
+  GpuAdamW(const GpuAdamW&) = delete;
+  GpuAdamW& operator=(const GpuAdamW&) = delete;
+
+  // Overlap with the next forward: step() then runs the update on a stream of its own, range by
+  // range in the order the forward reads the weights (GpuTransformer::grad_ready_ranges() from
+  // the last), and the model's next forward waits for each range's update just before it reads
+  // it (the model's weights-needed hook) instead of for the whole update. The results are the
+  // same. Host reads of the weights or of the moments must come after synchronize() (the
+  // engine's store_to_host does it; download_exp_avg and friends do it themselves).
+  void enable_overlap();
+  // Waits for the update (a no-op without overlap).
+  void synchronize();
+  // The stream the update runs on (the model's without overlap).
+  cudaStream_t update_stream() const;
 
   // Global norm of the model's gradient (double, fixed order).
   double grad_norm();
@@ -32,8 +49,8 @@ class GpuAdamW {
 
   int64_t step_count() const { return step_count_; }
   void set_step_count(int64_t n) { step_count_ = n; }
-  std::vector<float> download_exp_avg() const { return exp_avg_.download(); }
-  std::vector<float> download_exp_avg_sq() const { return exp_avg_sq_.download(); }
+  std::vector<float> download_exp_avg();
+  std::vector<float> download_exp_avg_sq();
   void upload_state(const std::vector<float>& exp_avg, const std::vector<float>& exp_avg_sq);
 
  private:
@@ -48,6 +65,11 @@ class GpuAdamW {
   DeviceBuffer<float> exp_avg_, exp_avg_sq_;
   DeviceBuffer<double> norm_sq_, scratch_;
   int64_t step_count_ = 0;
+  // Overlap: the update's stream, an event on the model's stream before it, and one event per
+  // range of GpuTransformer::grad_ready_ranges() after its update.
+  cudaStream_t stream_ = nullptr;
+  cudaEvent_t grads_final_ = nullptr;
+  std::vector<cudaEvent_t> range_done_;
 };
 
 }  // namespace moeforge::cuda

@@ -40,12 +40,14 @@ class GpuStepEngine final : public StepEngine {
   }
 
   void load_from_host() override {
+    optimizer_.synchronize();
     gpu_.upload_params(host_model_.params());
     optimizer_.upload_state(host_optimizer_.exp_avg(), host_optimizer_.exp_avg_sq());
     optimizer_.set_step_count(host_optimizer_.step_count());
   }
 
   void store_to_host() override {
+    optimizer_.synchronize();
     host_model_.params() = gpu_.download_params();
     host_optimizer_.exp_avg() = optimizer_.download_exp_avg();
     host_optimizer_.exp_avg_sq() = optimizer_.download_exp_avg_sq();

@@ -924,12 +924,6 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
     MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
   accumulate_grads_ = grad_mode == GradMode::kAccumulate;
-  if (backward && !accumulate_grads_) {
-    for (const auto& [offset, count] : accumulated_ranges_) {
-      MF_CUDA_CHECK(cudaMemsetAsync(grads_.data() + offset, 0,
-                                    static_cast<size_t>(count) * sizeof(float), stream_));
-    }
-  }
   Scratch& s = *scratch_;
   const int64_t h = config_.hidden_size;
   const auto eps = static_cast<float>(config_.rms_norm_eps);
@@ -943,6 +937,8 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
   copy_to_device(s.tokens.data(), tokens, static_cast<size_t>(n) * sizeof(int32_t));
   copy_to_device(s.targets.data(), targets, static_cast<size_t>(n) * sizeof(int32_t));
   copy_to_device(s.positions.data(), positions.data(), positions.size() * sizeof(int32_t));
+  const size_t num_ranges = grad_ready_ranges_.size();
+  weights_needed(num_ranges - 1);
   embedding_forward(layers_[0].x_in.data(), s.tokens.data(), w(layout_.embed_tokens()), n, h,
                     stream_);
 
@@ -951,8 +947,11 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
     Layer& a = layers_[static_cast<size_t>(l)];
     float* x_out = l + 1 < config_.num_layers ? layers_[static_cast<size_t>(l) + 1].x_in.data()
                                               : s.x_out.data();
+    const size_t ffn_range = 1 + 2 * static_cast<size_t>(config_.num_layers - 1 - l);
     timer_.mark("attention", stream_);
+    weights_needed(ffn_range + 1);
     attention_forward(l, batch, seq);
+    weights_needed(ffn_range);
     if (config_.layer_is_moe(l)) {
       timer_.mark("moe", stream_);
       moe_forward(l);
@@ -974,11 +973,21 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
     }
   }
   timer_.mark("head", stream_);
+  weights_needed(0);
   rmsnorm_forward(s.lnf.data(), s.rstdf.data(), s.x_out.data(), w(layout_.final_norm()), n, h, eps,
                   stream_);
   const double divisor = ce_count > 0.0 ? ce_count : static_cast<double>(num_counted);
   const double dce = divisor > 0.0 ? dloss / divisor : 0.0;
   head_forward_backward(backward, static_cast<float>(dce));
+  // kAssign: the ranges no weight-gradient GEMM assigns start from zeros. Not before the forward:
+  // an optimizer overlapping it may still read the last step's gradients until the forward has
+  // waited for every range (weights_needed); the head wrote only assigned ranges.
+  if (backward && !accumulate_grads_) {
+    for (const auto& [offset, count] : accumulated_ranges_) {
+      MF_CUDA_CHECK(cudaMemsetAsync(grads_.data() + offset, 0,
+                                    static_cast<size_t>(count) * sizeof(float), stream_));
+    }
+  }
   sum(s.sums.data(), s.losses.data(), n, s.sum_scratch.data(), stream_);
   if (ep_ != nullptr) ep_->all_reduce_sum(s.sums.data(), 1, CommDType::kFloat64);
 

@@ -109,6 +109,13 @@ class GpuTransformer {
   // as the last kernel writing it is enqueued on stream() (a data-parallel reduction can start
   // on it there). Empty: none.
   void set_grad_ready_hook(std::function<void(size_t)> hook) { grad_ready_hook_ = std::move(hook); }
+  // Called by a forward with the index in grad_ready_ranges() of each range of weights before the
+  // first kernel reading it is enqueued on stream() (the embedding first, then per layer its
+  // attention and its FFN, the final norm and head last), so that an optimizer updating them on
+  // another stream can make stream() wait for that range (GpuAdamW's overlap). Empty: none.
+  void set_weights_needed_hook(std::function<void(size_t)> hook) {
+    weights_needed_hook_ = std::move(hook);
+  }
 
   // Per MoE layer statistics of the last forward (aux and z loss, assignments per expert).
   const std::vector<MoeFfnStats>& moe_stats() const { return moe_stats_; }
@@ -137,6 +144,9 @@ class GpuTransformer {
   void find_grad_ready_ranges();
   void grad_ready(size_t index) {
     if (grad_ready_hook_) grad_ready_hook_(index);
+  }
+  void weights_needed(size_t index) {
+    if (weights_needed_hook_) weights_needed_hook_(index);
   }
   // Checks the size of a flat [num_params] host array and copies it into dst.
   void upload_flat(DeviceBuffer<float>& dst, const std::vector<float>& host, const char* what);
@@ -229,7 +239,7 @@ class GpuTransformer {
   int64_t ep_rank_ = 0, ep_size_ = 1;
   std::vector<std::pair<int64_t, int64_t>> accumulated_ranges_;  // (offset, count)
   std::vector<GradRange> grad_ready_ranges_;
-  std::function<void(size_t)> grad_ready_hook_;
+  std::function<void(size_t)> grad_ready_hook_, weights_needed_hook_;
   std::unique_ptr<Scratch> scratch_;
 };
 
