@@ -3,6 +3,7 @@
 #pragma once
 
 #include <barrier>
+#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <functional>
@@ -18,7 +19,8 @@ namespace moeforge::testing {
 
 // The ranks of one group are threads of this process; every collective publishes a pointer,
 // waits for all ranks, reads the others' buffers, and waits again before anyone reuses them.
-// all_gather, all_to_all and all_to_all_v copy any dtype; the sums take doubles only.
+// all_gather, all_to_all, all_to_all_v and broadcast copy any dtype; the sums take doubles,
+// floats and 64-bit integers.
 class ThreadGroup {
  public:
   explicit ThreadGroup(int size) : size_(size), barrier_(size), buffers_(size) {}
@@ -94,8 +96,15 @@ class ThreadCommunicator final : public Communicator {
     group_.done_reading();
     MF_CHECK(mismatch.empty(), "ThreadCommunicator::all_to_all_v: {}", mismatch);
   }
-  void broadcast(void*, size_t, CommDType, int) override { unused("broadcast"); }
-  void barrier() override { unused("barrier"); }
+  void broadcast(void* data, size_t count, CommDType dtype, int root) override {
+    group_.publish(rank_, data);
+    if (rank_ != root) std::memcpy(data, group_.buffer(root), count * comm_dtype_size(dtype));
+    group_.done_reading();
+  }
+  void barrier() override {
+    group_.publish(rank_, nullptr);
+    group_.done_reading();
+  }
   std::unique_ptr<Communicator> split(int, int) override { unused("split"); }
 
  private:
@@ -108,15 +117,24 @@ class ThreadCommunicator final : public Communicator {
   [[noreturn]] static void unused(const char* what) {
     MF_FAIL("ThreadCommunicator::{} is not implemented (not used by the model tests)", what);
   }
-  // Elements [offset, offset + count) summed over the ranks in rank order.
+  // Elements [offset, offset + count) summed over the ranks in rank order (doubles, floats and
+  // 64-bit integers).
   std::vector<char> reduce(size_t offset, size_t count, CommDType dtype) const {
-    MF_CHECK(dtype == CommDType::kFloat64, "ThreadCommunicator sums only doubles");
-    std::vector<double> sum(count, 0.0);
+    switch (dtype) {
+      case CommDType::kFloat64: return reduce_as<double>(offset, count);
+      case CommDType::kFloat32: return reduce_as<float>(offset, count);
+      case CommDType::kInt64: return reduce_as<int64_t>(offset, count);
+      default: MF_FAIL("ThreadCommunicator sums doubles, floats and int64 only");
+    }
+  }
+  template <typename T>
+  std::vector<char> reduce_as(size_t offset, size_t count) const {
+    std::vector<T> sum(count, T{0});
     for (int r = 0; r < size(); ++r) {
-      const double* src = static_cast<const double*>(group_.buffer(r)) + offset;
+      const T* src = static_cast<const T*>(group_.buffer(r)) + offset;
       for (size_t i = 0; i < count; ++i) sum[i] += src[i];
     }
-    std::vector<char> bytes(count * sizeof(double));
+    std::vector<char> bytes(count * sizeof(T));
     std::memcpy(bytes.data(), sum.data(), bytes.size());
     return bytes;
   }

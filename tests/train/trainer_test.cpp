@@ -2,16 +2,22 @@
 // checkpoints and their index, gradient accumulation.
 #include "train/trainer.h"
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstring>
 #include <fstream>
 #include <limits>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "comm/communicator.h"
 #include "core/error.h"
 #include "model/model_io.h"
+#include "model/thread_communicator.h"
 #include "train/checkpoint.h"
 #include "train/train_fixture.h"
 
@@ -156,6 +162,80 @@ TEST_F(TrainFixture, TensorParallelLayoutOnOneRankIsTheSingleRankRun) {
     if (tp[i].contains("loss")) {
       EXPECT_EQ(tp[i].at("loss"), sp_ep[i].at("loss")) << i;
     }
+  }
+}
+
+// A CPU engine that records the calls the trainer makes, so the protocol an overlapping engine
+// (the CUDA one's bucketed gradient sums) relies on is checked without a GPU.
+class RecordingEngine final : public StepEngine {
+ public:
+  RecordingEngine(std::unique_ptr<StepEngine> inner, std::vector<std::string>& calls)
+      : inner_(std::move(inner)), calls_(calls) {}
+  void load_from_host() override { inner_->load_from_host(); }
+  void store_to_host() override { inner_->store_to_host(); }
+  void zero_grads() override { inner_->zero_grads(); }
+  LossBreakdown forward_backward(const int32_t* tokens, const int32_t* targets, int64_t batch,
+                                 int64_t seq, double dloss, double ce_count,
+                                 std::vector<MoeFfnStats>& stats) override {
+    if (dloss != 0.0) calls_.push_back("backward");
+    return inner_->forward_backward(tokens, targets, batch, seq, dloss, ce_count, stats);
+  }
+  void begin_grad_reduce(Communicator& comm, GradReduceDtype dtype, size_t bucket_bytes) override {
+    begun_ = &comm;
+    calls_.push_back(fmt::format("begin {} {} {}", comm.size(),
+                                 dtype == GradReduceDtype::kBfloat16 ? "bf16" : "fp32",
+                                 bucket_bytes));
+  }
+  void all_reduce_grads(Communicator& comm, GradReduceDtype dtype) override {
+    calls_.push_back(begun_ == nullptr ? "reduce"
+                     : begun_ == &comm ? "reduce (same group)"
+                                       : "reduce (other group)");
+    begun_ = nullptr;
+    inner_->all_reduce_grads(comm, dtype);
+  }
+  StepUpdate update(double lr, double max_norm, bool loss_finite) override {
+    return inner_->update(lr, max_norm, loss_finite);
+  }
+  std::string first_nonfinite_gradient() override { return inner_->first_nonfinite_gradient(); }
+  ForwardFn forward_fn() override { return inner_->forward_fn(); }
+
+ private:
+  std::unique_ptr<StepEngine> inner_;
+  std::vector<std::string>& calls_;
+  Communicator* begun_ = nullptr;
+};
+
+// The trainer announces the last micro-batch of each step (begin_grad_reduce over the world with
+// the config's dtype and bucket size), then reduces over the same group; one rank announces
+// nothing.
+TEST_F(TrainFixture, AnnouncesTheLastMicroBatchBeforeTheGradientSum) {
+  TrainConfig c = config(2, 3);
+  c.checkpoint.every_steps = 0;
+  c.parallel.grad_reduce_dtype = "bf16";
+  c.parallel.grad_bucket_mb = 0.5;
+  for (const int num_ranks : {1, 2}) {
+    std::vector<std::vector<std::string>> calls(static_cast<size_t>(num_ranks));
+    testing::run_ranks(num_ranks, [&](Communicator& world) {
+      TrainConfig mine = c;
+      mine.checkpoint.dir =
+          root_ / ("run-" + std::to_string(num_ranks) + "-" + std::to_string(world.rank()));
+      TrainRunOptions options = no_progress();
+      options.device = "cuda";
+      std::vector<std::string>& log = calls[static_cast<size_t>(world.rank())];
+      options.engine_factory = [&log](const std::string&, Transformer<float>& model,
+                                      AdamW& optimizer) -> std::unique_ptr<StepEngine> {
+        return std::make_unique<RecordingEngine>(make_cpu_step_engine(model, optimizer), log);
+      };
+      train(mine, options, world);
+    });
+    const std::string begin = fmt::format("begin {} bf16 {}", num_ranks, 512 * 1024);
+    const std::vector<std::string> step =
+        num_ranks == 1 ? std::vector<std::string>{"backward", "backward", "backward", "reduce"}
+                       : std::vector<std::string>{"backward", "backward", begin, "backward",
+                                                  "reduce (same group)"};
+    std::vector<std::string> expected;
+    for (int i = 0; i < 2; ++i) expected.insert(expected.end(), step.begin(), step.end());
+    for (const std::vector<std::string>& rank_calls : calls) EXPECT_EQ(rank_calls, expected);
   }
 }
 

@@ -33,8 +33,8 @@ namespace {
 namespace fs = std::filesystem;
 
 // The ranks of another communicator, with float sums (all-reduce, reduce-scatter) built from its
-// all-gather as rank-order sums that start from rank 0's value, as MpiCommunicator sums: the
-// in-process ThreadCommunicator sums doubles only.
+// all-gather as rank-order sums that start from rank 0's value, as MpiCommunicator sums (the
+// in-process ThreadCommunicator's float sums start from zero, which turns a -0 into +0).
 class FloatSumCommunicator final : public testing::ForwardingCommunicator {
  public:
   using ForwardingCommunicator::ForwardingCommunicator;
