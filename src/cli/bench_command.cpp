@@ -20,6 +20,7 @@
 #include "cuda/prefill_bench.h"
 #include "model/model_config.h"
 #include "model/parameters.h"
+#include "train/train_config.h"
 
 #if MOEFORGE_HAVE_CUDA
 #include "comm/communicator.h"
@@ -47,7 +48,7 @@ struct BenchOptions {
   double peak_tflops = 989.0;
   std::string recompute = "none";
   std::string grad_reduce = "fp32";
-  double grad_bucket_mb = 64.0;
+  double grad_bucket_mb = ParallelConfig{}.grad_bucket_mb;  // the trainer's default
   int64_t expert_parallel = 1;
   bool overlap_optimizer = false;
 };

@@ -192,8 +192,6 @@ void GpuTransformer::set_expert_parallel_group(Communicator& group) {
            "expert parallelism over {} GPUs needs the experts ({}) divisible by {}", size,
            config_.num_experts, size);
   ep_ = size > 1 ? &group : nullptr;
-  ep_rank_ = size > 1 ? group.rank() : 0;
-  ep_size_ = size;
   accumulated_ranges_.clear();
   find_accumulated_ranges();
 }
@@ -301,8 +299,8 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
   const auto ffn = static_cast<size_t>(config_.intermediate_size);
   const auto shared = static_cast<size_t>(config_.shared_expert_intermediate_size);
   // The tokens an MoE layer routes (the group's under expert parallelism).
-  const size_t ng = n * static_cast<size_t>(ep_size_);
-  const bool sp = ep_size_ > 1;
+  const size_t ng = n * static_cast<size_t>(expert_parallel_size());
+  const bool sp = expert_parallel_size() > 1;
   size_t max_rows = n, max_ffn = 0;
   for (int64_t l = 0; l < config_.num_layers; ++l) {
     Layer& a = layers_[static_cast<size_t>(l)];
@@ -458,7 +456,7 @@ void GpuTransformer::attention_forward(int64_t l, int64_t batch, int64_t seq) {
 void GpuTransformer::ulysses_exchange(const std::vector<UlyssesTensor>& tensors, bool to_heads,
                                       int64_t batch, int64_t seq) {
   Scratch& s = *scratch_;
-  const UlyssesShape shape{batch, seq, config_.head_dim, ep_size_};
+  const UlyssesShape shape{batch, seq, config_.head_dim, expert_parallel_size()};
   if (to_heads) {
     ulysses_pack_local(s.exchange_send.data(), tensors, shape, stream_);
   } else {
@@ -476,15 +474,15 @@ void GpuTransformer::ulysses_exchange(const std::vector<UlyssesTensor>& tensors,
 void GpuTransformer::ulysses_attention_forward(int64_t l, int64_t batch, int64_t seq) {
   Layer& a = layers_[static_cast<size_t>(l)];
   const int64_t heads = config_.num_heads, kv_heads = config_.num_kv_heads;
+  const int64_t ranks = expert_parallel_size();
   ulysses_exchange({{a.q.data(), a.q_heads.data(), heads},
                     {a.k.data(), a.k_heads.data(), kv_heads},
                     {a.v.data(), a.v_heads.data(), kv_heads}},
                    true, batch, seq);
-  attention_.forward(a.att_heads.data(), a.lse.data(), a.q_heads.data(), a.k_heads.data(),
-                     a.v_heads.data(),
-                     AttentionShape{batch, seq * ep_size_, heads / ep_size_, kv_heads / ep_size_,
-                                    config_.head_dim},
-                     stream_);
+  attention_.forward(
+      a.att_heads.data(), a.lse.data(), a.q_heads.data(), a.k_heads.data(), a.v_heads.data(),
+      AttentionShape{batch, seq * ranks, heads / ranks, kv_heads / ranks, config_.head_dim},
+      stream_);
   ulysses_exchange({{a.att.data(), a.att_heads.data(), heads}}, false, batch, seq);
 }
 
@@ -492,13 +490,13 @@ void GpuTransformer::ulysses_attention_backward(int64_t l, int64_t batch, int64_
   Layer& a = layers_[static_cast<size_t>(l)];
   Scratch& s = *scratch_;
   const int64_t heads = config_.num_heads, kv_heads = config_.num_kv_heads;
+  const int64_t ranks = expert_parallel_size();
   ulysses_exchange({{s.datt.data(), s.datt_heads.data(), heads}}, true, batch, seq);
-  attention_.backward(s.dq_heads.data(), s.dk_heads.data(), s.dv_heads.data(), s.datt_heads.data(),
-                      a.q_heads.data(), a.k_heads.data(), a.v_heads.data(), a.att_heads.data(),
-                      a.lse.data(),
-                      AttentionShape{batch, seq * ep_size_, heads / ep_size_, kv_heads / ep_size_,
-                                     config_.head_dim},
-                      stream_);
+  attention_.backward(
+      s.dq_heads.data(), s.dk_heads.data(), s.dv_heads.data(), s.datt_heads.data(),
+      a.q_heads.data(), a.k_heads.data(), a.v_heads.data(), a.att_heads.data(), a.lse.data(),
+      AttentionShape{batch, seq * ranks, heads / ranks, kv_heads / ranks, config_.head_dim},
+      stream_);
   ulysses_exchange({{s.dq.data(), s.dq_heads.data(), heads},
                     {s.dk.data(), s.dk_heads.data(), kv_heads},
                     {s.dv.data(), s.dv_heads.data(), kv_heads}},
@@ -557,7 +555,8 @@ void GpuTransformer::moe_forward(int64_t l) {
   if (ep_ != nullptr) {
     build_local_row_map(a.expert_offsets.data(), a.assignment_row.data(), a.row_token.data(),
                         a.local_idx.data(), a.expert_idx.data(), ng, k,
-                        ep_rank_ * num_local_experts(), num_local_experts(), capacity, stream_);
+                        expert_parallel_rank() * num_local_experts(), num_local_experts(), capacity,
+                        stream_);
   } else {
     build_row_map(a.expert_offsets.data(), a.assignment_row.data(), a.row_token.data(),
                   a.expert_idx.data(), ng, k, num_experts, capacity, stream_);
@@ -761,7 +760,7 @@ void GpuTransformer::moe_backward(int64_t l, float d_aux, float d_z) {
   router_backward(s.drouter.data(), s.dgates.data(), a.router_logits.data(), a.probs.data(),
                   a.expert_idx.data(), a.expert_counts.data(), d_aux, d_z,
                   RouterShape{ng, num_experts, k, config_.norm_topk_prob}, stream_);
-  const bf16* drouter = s.drouter.data() + ep_rank_ * n * num_experts;
+  const bf16* drouter = s.drouter.data() + expert_parallel_rank() * n * num_experts;
   blas_.linear_backward_input(s.dln.data(), OutType::kFloat, drouter, wb(o.router), n, h,
                               num_experts, true, stream_);
   blas_.linear_backward_weight(g(o.router), drouter, a.ln2_ptr, n, h, num_experts,
@@ -898,8 +897,8 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
                                                int64_t batch, int64_t seq, double dloss,
                                                GradMode grad_mode, double ce_count) {
   MF_CHECK(batch > 0 && seq > 0, "forward needs a non-empty batch, got [{}, {}]", batch, seq);
-  MF_CHECK(seq * ep_size_ <= config_.max_position_embeddings,
-           "sequence length {} exceeds max_position_embeddings {}", seq * ep_size_,
+  MF_CHECK(seq * expert_parallel_size() <= config_.max_position_embeddings,
+           "sequence length {} exceeds max_position_embeddings {}", seq * expert_parallel_size(),
            config_.max_position_embeddings);
   const int64_t n = batch * seq;
   int64_t num_counted = 0;
@@ -932,7 +931,8 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
   std::vector<int32_t> positions(static_cast<size_t>(n));
   // Under sequence parallelism this rank's positions are the ep_rank-th slice of each sequence.
   for (int64_t i = 0; i < n; ++i) {
-    positions[static_cast<size_t>(i)] = static_cast<int32_t>(ep_rank_ * seq + i % seq);
+    positions[static_cast<size_t>(i)] =
+        static_cast<int32_t>(expert_parallel_rank() * seq + i % seq);
   }
   copy_to_device(s.tokens.data(), tokens, static_cast<size_t>(n) * sizeof(int32_t));
   copy_to_device(s.targets.data(), targets, static_cast<size_t>(n) * sizeof(int32_t));
@@ -1063,7 +1063,8 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
     // Routed to this rank's experts (all of them on one rank) and not kept.
     int64_t routed_here = 0;
     for (int64_t e = 0; e < num_local_experts(); ++e) {
-      routed_here += a.host_counts[static_cast<size_t>(ep_rank_ * num_local_experts() + e)];
+      routed_here +=
+          a.host_counts[static_cast<size_t>(expert_parallel_rank() * num_local_experts() + e)];
     }
     stats.num_dropped = routed_here - a.host_offsets[static_cast<size_t>(num_local_experts())];
     out.aux_loss += stats.aux_loss / static_cast<double>(num_moe_layers_);

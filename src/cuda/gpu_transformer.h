@@ -69,7 +69,7 @@ class GpuTransformer {
   // rank's part (its tokens, its experts), which a sum over the group completes. Call it before
   // the first forward; n = 1 changes nothing.
   void set_expert_parallel_group(Communicator& group);
-  int64_t expert_parallel_size() const { return ep_size_; }
+  int64_t expert_parallel_size() const { return ep_ != nullptr ? ep_->size() : 1; }
 
   const ModelConfig& config() const { return config_; }
   const ParameterLayout& layout() const { return layout_; }
@@ -162,11 +162,12 @@ class GpuTransformer {
   void ulysses_exchange(const std::vector<UlyssesTensor>& tensors, bool to_heads, int64_t batch,
                         int64_t seq);
   // The tokens an MoE layer routes: this rank's, or the group's under expert parallelism.
-  int64_t moe_tokens() const { return n_ * ep_size_; }
-  int64_t num_local_experts() const { return config_.num_experts / ep_size_; }
+  int64_t moe_tokens() const { return n_ * expert_parallel_size(); }
+  int64_t num_local_experts() const { return config_.num_experts / expert_parallel_size(); }
+  int64_t expert_parallel_rank() const { return ep_ != nullptr ? ep_->rank() : 0; }
   // Element offset of this rank's first expert in an [E, out, in] expert tensor.
   int64_t local_expert_offset(int64_t out, int64_t in) const {
-    return ep_rank_ * num_local_experts() * out * in;
+    return expert_parallel_rank() * num_local_experts() * out * in;
   }
   // The three q/k/v projections of layers that cannot run them packed (model_support.h).
   void attention_projections_unpacked(int64_t l);
@@ -236,7 +237,6 @@ class GpuTransformer {
   float* host_logits_ = nullptr;  // set by forward_logits: where the head copies its logits
   bool accumulate_grads_ = true;  // the current backward's GradMode
   Communicator* ep_ = nullptr;    // the sequence/expert-parallel group (device buffers), or null
-  int64_t ep_rank_ = 0, ep_size_ = 1;
   std::vector<std::pair<int64_t, int64_t>> accumulated_ranges_;  // (offset, count)
   std::vector<GradRange> grad_ready_ranges_;
   std::function<void(size_t)> grad_ready_hook_, weights_needed_hook_;

@@ -21,21 +21,15 @@ MOEFORGE_EXPECT_GPU=1 and there is no GPU at all."""
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
+
+from training_runs import prepare_text_data, run
 
 STEPS = 100
 NOISE_FACTOR = 2.0
 FIRST_STEP_GAP = 1e-3  # nats: the same forward on the same weights, bf16 on both
 BUCKET_MB = 0.05  # 13,107 fp32 gradients a bucket: dozens per step on the tiny models
-
-
-def run(args):
-    proc = subprocess.run(args, capture_output=True, text=True, errors="replace")
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def losses(metrics_file):
@@ -60,9 +54,7 @@ def main():
         sys.exit(77)
     tmp = tempfile.mkdtemp(prefix="moeforge-dp-")
     try:
-        data = os.path.join(tmp, "data")
-        run([moeforge, "data", "prepare", os.path.join(source_dir, "docs"),
-             os.path.join(source_dir, "src"), "--out", data, "--val-fraction", "0.1"])
+        data = prepare_text_data(moeforge, source_dir, os.path.join(tmp, "data"))
         config = os.path.join(source_dir, "configs/train/demo.json")
         mpirun = [mpiexec, "-np", "2", "--oversubscribe", "--allow-run-as-root"]
         for model in ("tiny-llama", "tiny-moe"):

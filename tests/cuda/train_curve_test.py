@@ -24,9 +24,10 @@ Exits 77 (skipped) without a GPU, unless MOEFORGE_EXPECT_GPU=1."""
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
+
+from training_runs import prepare_text_data, run
 
 STEPS = 200
 WINDOW = 25
@@ -35,14 +36,6 @@ NOISE_FACTOR = 2.0
 FIRST_WINDOW_GAP = 0.02  # nats; measured 0.0045
 MAX_VAL_GAP = 0.05
 DENSE_GAP = 0.05  # nats, windows and validation loss of the dense model
-
-
-def run(args, env=None):
-    proc = subprocess.run(args, capture_output=True, text=True, errors="replace",
-                          env=None if env is None else {**os.environ, **env})
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc.stdout
 
 
 def losses(metrics_file):
@@ -66,7 +59,7 @@ def window_gaps(a, b):
 
 def main():
     moeforge, source_dir = sys.argv[1], sys.argv[2]
-    devices = run([moeforge, "devices"])
+    devices = run([moeforge, "devices"]).stdout
     if not devices.startswith("cuda:"):
         if os.environ.get("MOEFORGE_EXPECT_GPU") == "1":
             sys.exit(f"no GPU: {devices}")
@@ -74,9 +67,7 @@ def main():
         sys.exit(77)
     tmp = tempfile.mkdtemp(prefix="moeforge-curve-")
     try:
-        data = os.path.join(tmp, "data")
-        run([moeforge, "data", "prepare", os.path.join(source_dir, "docs"),
-             os.path.join(source_dir, "src"), "--out", data, "--val-fraction", "0.1"])
+        data = prepare_text_data(moeforge, source_dir, os.path.join(tmp, "data"))
         config = os.path.join(source_dir, "configs/train/demo.json")
         dense_model = os.path.join(source_dir, "configs/models/tiny-llama.json")
         common = ["--set", f"data.dataset={data}", "--set", f"schedule.max_steps={STEPS}",
@@ -97,11 +88,11 @@ def main():
             results[name] = losses(metrics)
             assert len(results[name]) == STEPS, (name, len(results[name]))
             val[name] = json.loads(run([moeforge, "eval", "--model", run_dir, "--data",
-                                        data]))["loss"]
+                                        data]).stdout)["loss"]
         # eval --data --device cuda: the GPU run's checkpoint scored by the GPU forward (bf16)
         # against the CPU's score of it (fp32), bf16 noise apart.
         gpu_eval = json.loads(run([moeforge, "eval", "--model", os.path.join(tmp, "cuda"), "--data",
-                                   data, "--device", "cuda"]))["loss"]
+                                   data, "--device", "cuda"]).stdout)["loss"]
         print("val loss of the GPU run's checkpoint: CPU eval", round(val["cuda"], 4), "GPU eval",
               round(gpu_eval, 4))
         assert abs(gpu_eval - val["cuda"]) < FIRST_WINDOW_GAP, (gpu_eval, val["cuda"])

@@ -1,0 +1,21 @@
+"""Helpers of the GPU training scripts (train_curve_test.py, data_parallel_test.py): running
+moeforge commands, and the text dataset they train on (the repository's docs and sources)."""
+import os
+import subprocess
+import sys
+
+
+def run(args, env=None):
+    """Runs args; exits with its output when it fails. Returns the completed process."""
+    proc = subprocess.run(args, capture_output=True, text=True, errors="replace",
+                          env=None if env is None else {**os.environ, **env})
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def prepare_text_data(moeforge, source_dir, out):
+    """`moeforge data prepare` of the repository's docs/ and src/ into out (10% validation)."""
+    run([moeforge, "data", "prepare", os.path.join(source_dir, "docs"),
+         os.path.join(source_dir, "src"), "--out", out, "--val-fraction", "0.1"])
+    return out
