@@ -1,8 +1,10 @@
 // GpuAdamW's update overlapped with the next forward (enable_overlap) against the update on the
 // model's stream: four training steps of two copies of a model, the losses and the final weights
-// and moments bit for bit. Each overlapped update is held back behind 1 GiB of memsets queued
-// first on its stream, so a forward that did not wait for a range would read that range's old
-// weights and give another loss. head_dim 20 runs our own attention kernels, whose backward is
+// and moments bit for bit. The serial copy runs first; the overlapped copy's steps then follow
+// one another with no host work between an update and the next forward, and each overlapped
+// update is held back behind 8 GiB of memsets (milliseconds) queued first on its stream, so a
+// forward that did not wait for a range would read that range's old weights and give another
+// loss. head_dim 20 runs our own attention kernels, whose backward is
 // deterministic (cuDNN's may order its sums differently from run to run); everything else is too.
 #include "cuda/gpu_adamw.h"
 
@@ -46,25 +48,32 @@ TEST(GpuAdamWOverlap, TrainingEqualsTheUpdateOnTheModelStream) {
     overlap.enable_overlap();
     DeviceBuffer<float> busy(size_t{1} << 26);
     const int64_t batch = 2, seq = 29;
-    for (int step = 0; step < 4; ++step) {
+    constexpr int kSteps = 4;
+    std::vector<std::vector<int32_t>> tokens(kSteps), targets(kSteps);
+    std::vector<double> want(kSteps);
+    for (int step = 0; step < kSteps; ++step) {
       Rng rng(100 + static_cast<uint64_t>(step));
-      std::vector<int32_t> tokens(static_cast<size_t>(batch * seq)), targets(tokens.size());
-      for (size_t i = 0; i < tokens.size(); ++i) {
-        tokens[i] = static_cast<int32_t>(rng.below(config.vocab_size));
-        targets[i] = static_cast<int32_t>(rng.below(config.vocab_size));
+      tokens[step].resize(static_cast<size_t>(batch * seq));
+      targets[step].resize(tokens[step].size());
+      for (size_t i = 0; i < tokens[step].size(); ++i) {
+        tokens[step][i] = static_cast<int32_t>(rng.below(config.vocab_size));
+        targets[step][i] = static_cast<int32_t>(rng.below(config.vocab_size));
       }
-      const double want =
-          serial_model
-              .forward_backward(tokens.data(), targets.data(), batch, seq, 1.0, GradMode::kAssign)
-              .loss;
+      want[step] = serial_model
+                       .forward_backward(tokens[step].data(), targets[step].data(), batch, seq, 1.0,
+                                         GradMode::kAssign)
+                       .loss;
       serial.step(1e-2, 1.0);
-      const double got =
-          overlap_model
-              .forward_backward(tokens.data(), targets.data(), batch, seq, 1.0, GradMode::kAssign)
-              .loss;
-      for (int k = 0; k < 4; ++k) busy.fill_zero(overlap.update_stream());
+    }
+    for (int step = 0; step < kSteps; ++step) {
+      const double got = overlap_model
+                             .forward_backward(tokens[step].data(), targets[step].data(), batch,
+                                               seq, 1.0, GradMode::kAssign)
+                             .loss;
+      for (int k = 0; k < 32; ++k) busy.fill_zero(overlap.update_stream());
       overlap.step(1e-2, 1.0);
-      EXPECT_EQ(std::bit_cast<uint64_t>(got), std::bit_cast<uint64_t>(want)) << "step " << step;
+      EXPECT_EQ(std::bit_cast<uint64_t>(got), std::bit_cast<uint64_t>(want[step]))
+          << "step " << step;
     }
     overlap.synchronize();
     expect_same_bits(overlap_model.download_params(), serial_model.download_params(), "params");
