@@ -12,6 +12,7 @@
 #             mpirun with 1, 2 and 4 ranks (as many as there are GPUs), one GPU each, the
 #             gradients summed through NCCL (SCALING_ARGS adds options, e.g. --grad-reduce bf16,
 #             or --grad-bucket-mb 0 to sum after the backward instead of overlapped with it;
+#             SCALING_MULTI_ARGS adds options to the multi-GPU runs only, e.g. --zero-stage 1;
 #             SCALING_EP=E runs the multi-GPU ones as groups of E GPUs sharing each sequence,
 #             --expert-parallel E with E times the micro-batch);
 #             prints tokens/s per GPU and the efficiency against one GPU
@@ -116,7 +117,7 @@ for stage in "${stages[@]}"; do
         > "$OUT/nccl_tests.txt" 2>&1 || rc=1
       grep -E "Passed|Failed|Skipped|tests passed" "$OUT/nccl_tests.txt" | tail -n 12
       MOEFORGE_MPIEXEC=$(command -v mpirun) python3 tests/cuda/data_parallel_test.py \
-        build-gpu/moeforge . > "$OUT/data_parallel.txt" 2>&1 || rc=1
+        build-gpu/moeforge . "$OUT/data_parallel_curves.json" > "$OUT/data_parallel.txt" 2>&1 || rc=1
       tail -n 6 "$OUT/data_parallel.txt"
       ;;
     scaling)
@@ -127,9 +128,11 @@ for stage in "${stages[@]}"; do
         # With SCALING_EP=E the multi-GPU runs are groups of E sharing each sequence, with E times
         # the micro-batch (the same tokens per GPU as the one-GPU run).
         group=()
+        # shellcheck disable=SC2206
+        [ "$ranks" -gt 1 ] && group=(${SCALING_MULTI_ARGS:-})
         if [ "$ep" -gt 1 ] && [ "$ranks" -gt 1 ]; then
           [ $((ranks % ep)) -eq 0 ] || continue
-          group=(--expert-parallel "$ep" --micro-batch $((4 * ep)))
+          group+=(--expert-parallel "$ep" --micro-batch $((4 * ep)))
         fi
         # shellcheck disable=SC2086
         mpirun -np "$ranks" --allow-run-as-root --oversubscribe build-gpu/moeforge bench train \
@@ -154,7 +157,7 @@ for ranks in sorted(runs):
           f"per GPU, median step {row['median_step_ms']:.1f} ms, expert_parallel "
           f"{row.get('expert_parallel', 1)}, grad_reduce {row['grad_reduce']} "
           f"(buckets of {row['grad_bucket_mb']} MiB), grad_reduce phase "
-          f"{row['phase_ms'].get('grad_reduce', 0.0):.1f} ms, "
+          f"{row['phase_ms'].get('grad_reduce', 0.0):.1f} ms, zero_stage {row.get('zero_stage', 0)}, "
           f"weak-scaling efficiency {efficiency:.3f}")
 PY
       ;;

@@ -31,6 +31,7 @@
 #include "cuda/device_memory.h"
 #include "cuda/gpu_adamw.h"
 #include "cuda/gpu_transformer.h"
+#include "cuda/gpu_zero_adamw.h"
 #include "cuda/random_fill.h"
 #include "train/grad_reduce.h"
 #endif
@@ -51,6 +52,7 @@ struct BenchOptions {
   double grad_bucket_mb = ParallelConfig{}.grad_bucket_mb;  // the trainer's default
   int64_t expert_parallel = 1;
   bool overlap_optimizer = false;
+  int64_t zero_stage = 0;
 };
 
 #if MOEFORGE_HAVE_CUDA
@@ -68,6 +70,8 @@ void run_bench_train(const BenchOptions& opt) {
   // and each step sums the gradients over the world through NCCL.
   Communicator& world = world_communicator();
   const int64_t ep = opt.expert_parallel;
+  MF_CHECK(opt.zero_stage == 0 || (ep == 1 && !opt.overlap_optimizer),
+           "--zero-stage 1 runs with --expert-parallel 1 and without --overlap-optimizer");
   MF_CHECK(ep >= 1 && world.size() % ep == 0 && opt.seq % ep == 0,
            "--expert-parallel ({}) must divide the number of ranks ({}) and --seq ({})", ep,
            world.size(), opt.seq);
@@ -107,17 +111,28 @@ void run_bench_train(const BenchOptions& opt) {
     }
   }
   model.refresh_bf16_params();
-  cuda::GpuAdamW optimizer(model, AdamWHyper{}, {"norm", "bias"});
-  if (opt.overlap_optimizer) optimizer.enable_overlap();
-  // The trainer's CUDA engine's scheme: buckets summed on the reducer's stream as the backward
-  // finishes them (bucket_elems 0: one sum after the backward).
+  // Without ZeRO, the trainer's CUDA engine's scheme: buckets summed on the reducer's stream as
+  // the backward finishes them (bucket_elems 0: one sum after the backward), then AdamW on every
+  // weight. With ZeRO-1, its engine's: a reduce-scatter on the model's stream after the backward,
+  // AdamW on this rank's shard, the all-gathers of the updated weights.
   cuda::BucketedGradReducer reducer;
   std::unique_ptr<Communicator> dp;
-  if (world.size() > 1) {
+  if (world.size() > 1 || opt.zero_stage == 1) {
     std::string why_not;
-    dp = cuda::make_device_communicator(world, reducer.stream(), &why_not);
+    dp = cuda::make_device_communicator(
+        world, opt.zero_stage == 1 ? model.stream() : reducer.stream(), &why_not);
     MF_CHECK(dp != nullptr, "bench train over {} ranks sums the gradients through NCCL, but {}",
              world.size(), why_not);
+  }
+  std::unique_ptr<cuda::GpuAdamW> optimizer;
+  std::unique_ptr<cuda::GpuZeroAdamW> zero;
+  if (opt.zero_stage == 1) {
+    zero = std::make_unique<cuda::GpuZeroAdamW>(model, AdamWHyper{},
+                                                std::vector<std::string>{"norm", "bias"}, *dp);
+  } else {
+    optimizer = std::make_unique<cuda::GpuAdamW>(model, AdamWHyper{},
+                                                 std::vector<std::string>{"norm", "bias"});
+    if (opt.overlap_optimizer) optimizer->enable_overlap();
   }
   const int64_t n = opt.micro_batch * local_seq;  // this rank's tokens
   Rng data_rng(opt.seed + 1 + static_cast<uint64_t>(world.rank()));
@@ -127,7 +142,7 @@ void run_bench_train(const BenchOptions& opt) {
     for (auto& t : tokens) t = static_cast<int32_t>(data_rng.below(config.vocab_size));
     // One micro-batch: its backward assigns the gradients (no zeroing pass). With the timer on,
     // the optimizer (grad norm with its host round trip, AdamW) is a phase of its own.
-    if (dp) {
+    if (dp && !zero) {
       reducer.begin(model.grads(), model.grad_ready_ranges(), bucket_elems, *dp, reduce_dtype);
       // Not beside the expert-parallel collectives (GpuStepEngine::begin_grad_reduce says why).
       if (bucket_elems > 0 && ep == 1) {
@@ -136,15 +151,23 @@ void run_bench_train(const BenchOptions& opt) {
     }
     const LossBreakdown loss = model.forward_backward(
         tokens.data(), tokens.data() + 1, opt.micro_batch, local_seq, 1.0, cuda::GradMode::kAssign);
-    if (dp) {
+    if (zero) {
+      if (world.size() > 1) model.timer().mark("grad_reduce", model.stream());
+      zero->reduce_gradients(reduce_dtype);
+    } else if (dp) {
       // The phase is what the sums add after the backward: all of them without buckets, the
       // ones still running (the first layers' and the embedding's, finished last) with.
       model.timer().mark("grad_reduce", model.stream());
       model.set_grad_ready_hook(nullptr);
       reducer.finish(model.stream());
     }
+    // With ZeRO-1 the phase holds the all-gather of the weights too.
     model.timer().mark("optimizer", model.stream());
-    optimizer.step(1e-4, 1.0);
+    if (zero) {
+      zero->step(1e-4, 1.0);
+    } else {
+      optimizer->step(1e-4, 1.0);
+    }
     model.timer().flush(model.stream());
     model.synchronize();
     return loss;
@@ -192,6 +215,7 @@ void run_bench_train(const BenchOptions& opt) {
       {"ranks", world.size()},
       {"expert_parallel", ep},
       {"overlap_optimizer", opt.overlap_optimizer},
+      {"zero_stage", opt.zero_stage},
       {"grad_reduce", world.size() > 1 ? opt.grad_reduce : "none"},
       {"grad_bucket_mb", opt.grad_bucket_mb},
       {"tokens_per_step", n * world.size()},
@@ -259,6 +283,14 @@ void register_bench_command(CLI::App& app) {
   train->add_flag("--overlap-optimizer", opt->overlap_optimizer,
                   "Run AdamW on a stream of its own, range by range, overlapped with the next "
                   "step's forward (GpuAdamW::enable_overlap; experimental, not in `train` yet)");
+  train
+      ->add_option("--zero-stage", opt->zero_stage,
+                   "1: ZeRO-1 as the trainer's parallel.zero_stage 1 runs it on GPUs (gradients "
+                   "reduce-scattered through NCCL after the backward, AdamW on this rank's 1/N "
+                   "shard, the weights all-gathered in bf16 and in fp32 where read in fp32); 0: "
+                   "every rank updates all weights")
+      ->check(CLI::Range(0, 1))
+      ->capture_default_str();
   train
       ->add_option("--grad-bucket-mb", opt->grad_bucket_mb,
                    "Under mpirun: the gradient sums start in buckets of this many MiB as the "

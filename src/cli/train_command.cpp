@@ -70,6 +70,16 @@ void register_train_command(CLI::App& app) {
                      config.optimizer.weight_decay},
           config.optimizer.no_decay, cuda::parse_recompute(recompute));
     };
+    run.zero1_engine_factory = [&config, recompute](
+                                   const std::string& device, Transformer<float>& model,
+                                   ZeroAdamW& optimizer) -> std::unique_ptr<StepEngine> {
+      MF_CHECK(device == "cuda", "unknown device '{}'", device);
+      return cuda::make_gpu_zero1_step_engine(
+          model, optimizer,
+          AdamWHyper{config.optimizer.beta1, config.optimizer.beta2, config.optimizer.eps,
+                     config.optimizer.weight_decay},
+          config.optimizer.no_decay, cuda::parse_recompute(recompute));
+    };
 #else
     MF_CHECK(opts->device == "cpu",
              "--device {}: moeforge was built without CUDA (configure with -DMOEFORGE_CUDA=ON)",

@@ -1,4 +1,5 @@
-// GpuStepEngine: the trainer's StepEngine over GpuTransformer and GpuAdamW.
+// The trainer's CUDA step engines: GpuTransformer with GpuAdamW (gradients summed over the
+// data-parallel ranks), or with ZeRO-1's GpuZeroAdamW (reduce-scattered to the shard owners).
 #include "cuda/gpu_step_engine.h"
 
 #include <fmt/format.h>
@@ -12,18 +13,17 @@
 #include "cuda/device_communicator.h"
 #include "cuda/device_info.h"
 #include "cuda/gpu_adamw.h"
+#include "cuda/gpu_zero_adamw.h"
 
 namespace moeforge::cuda {
 namespace {
 
-class GpuStepEngine final : public StepEngine {
+// What both CUDA engines share: the GpuTransformer (with its expert-parallel group), the lazy
+// zeroing of the gradients and the forward/backward.
+class GpuModelEngine : public StepEngine {
  public:
-  GpuStepEngine(Transformer<float>& model, AdamW& optimizer, const AdamWHyper& hyper,
-                const std::vector<std::string>& no_decay, Recompute recompute)
-      : host_model_(model),
-        host_optimizer_(optimizer),
-        gpu_(model.config(), recompute),
-        optimizer_(gpu_, hyper, no_decay) {
+  GpuModelEngine(Transformer<float>& model, Recompute recompute)
+      : host_model_(model), gpu_(model.config(), recompute) {
     Communicator& group = model.expert_group();
     if (group.size() > 1) {
       MF_CHECK(model.parallel_layout() == ParallelLayout::kSequenceExpert &&
@@ -37,21 +37,6 @@ class GpuStepEngine final : public StepEngine {
                group.size(), why_not);
       gpu_.set_expert_parallel_group(*ep_comm_);
     }
-  }
-
-  void load_from_host() override {
-    optimizer_.synchronize();
-    gpu_.upload_params(host_model_.params());
-    optimizer_.upload_state(host_optimizer_.exp_avg(), host_optimizer_.exp_avg_sq());
-    optimizer_.set_step_count(host_optimizer_.step_count());
-  }
-
-  void store_to_host() override {
-    optimizer_.synchronize();
-    host_model_.params() = gpu_.download_params();
-    host_optimizer_.exp_avg() = optimizer_.download_exp_avg();
-    host_optimizer_.exp_avg_sq() = optimizer_.download_exp_avg_sq();
-    host_optimizer_.set_step_count(optimizer_.step_count());
   }
 
   // Lazy: the next backward assigns the gradients instead of adding to zeros (no 4-byte-per-
@@ -68,6 +53,51 @@ class GpuStepEngine final : public StepEngine {
     if (dloss != 0.0) grads_pending_zero_ = false;
     stats.insert(stats.end(), gpu_.moe_stats().begin(), gpu_.moe_stats().end());
     return loss;
+  }
+
+  ForwardFn forward_fn() override {
+    return [this](const int32_t* tokens, const int32_t* targets, int64_t batch, int64_t seq) {
+      return gpu_.forward_backward(tokens, targets, batch, seq, 0.0);
+    };
+  }
+
+ protected:
+  // Gradients read before any backward since zero_grads(): they must be zeros.
+  void materialize_zero_grads() {
+    if (!grads_pending_zero_) return;
+    gpu_.zero_grads();
+    grads_pending_zero_ = false;
+  }
+
+  Transformer<float>& host_model_;
+  GpuTransformer gpu_;
+
+ private:
+  std::unique_ptr<Communicator> ep_comm_;  // the expert-parallel group's, on gpu_'s stream
+  bool grads_pending_zero_ = false;
+};
+
+class GpuStepEngine final : public GpuModelEngine {
+ public:
+  GpuStepEngine(Transformer<float>& model, AdamW& optimizer, const AdamWHyper& hyper,
+                const std::vector<std::string>& no_decay, Recompute recompute)
+      : GpuModelEngine(model, recompute),
+        host_optimizer_(optimizer),
+        optimizer_(gpu_, hyper, no_decay) {}
+
+  void load_from_host() override {
+    optimizer_.synchronize();
+    gpu_.upload_params(host_model_.params());
+    optimizer_.upload_state(host_optimizer_.exp_avg(), host_optimizer_.exp_avg_sq());
+    optimizer_.set_step_count(host_optimizer_.step_count());
+  }
+
+  void store_to_host() override {
+    optimizer_.synchronize();
+    host_model_.params() = gpu_.download_params();
+    host_optimizer_.exp_avg() = optimizer_.download_exp_avg();
+    host_optimizer_.exp_avg_sq() = optimizer_.download_exp_avg_sq();
+    host_optimizer_.set_step_count(optimizer_.step_count());
   }
 
   // On the GPUs, the sums of the last micro-batch's gradients start on the reducer's stream as
@@ -125,20 +155,7 @@ class GpuStepEngine final : public StepEngine {
     return moeforge::first_nonfinite_gradient(gpu_.layout(), grads.data());
   }
 
-  ForwardFn forward_fn() override {
-    return [this](const int32_t* tokens, const int32_t* targets, int64_t batch, int64_t seq) {
-      return gpu_.forward_backward(tokens, targets, batch, seq, 0.0);
-    };
-  }
-
  private:
-  // Gradients read before any backward since zero_grads(): they must be zeros.
-  void materialize_zero_grads() {
-    if (!grads_pending_zero_) return;
-    gpu_.zero_grads();
-    grads_pending_zero_ = false;
-  }
-
   // The device communicator over the ranks of `comm` (make_device_communicator), made at the
   // first reduction over comm (collective: every rank of comm reduces at the same step); null,
   // and the gradients go through host memory, when it cannot be made.
@@ -156,17 +173,90 @@ class GpuStepEngine final : public StepEngine {
     return device_comm_.get();
   }
 
-  Transformer<float>& host_model_;
   AdamW& host_optimizer_;
-  GpuTransformer gpu_;
   GpuAdamW optimizer_;
-  std::unique_ptr<Communicator> ep_comm_;  // the expert-parallel group's, on gpu_'s stream
   BucketedGradReducer reducer_;
   std::unique_ptr<Communicator> device_comm_;
   const Communicator* device_comm_parent_ = nullptr;
   const Communicator* overlapped_comm_ = nullptr;
   GradReduceDtype overlapped_dtype_ = GradReduceDtype::kFloat32;
-  bool grads_pending_zero_ = false;
+};
+
+// ZeRO-1 (cuda/gpu_zero_adamw.h): the gradients reduce-scattered over the data-parallel group
+// that shards the host ZeroAdamW, through NCCL on the model's stream after the backward; the
+// moments of this rank's shard on its GPU, the host's shard vectors synced for checkpoints (the
+// fp32 weights all-gathered first: between checkpoints the other ranks' are only current where
+// the model reads fp32).
+class GpuZero1StepEngine final : public GpuModelEngine {
+ public:
+  GpuZero1StepEngine(Transformer<float>& model, ZeroAdamW& optimizer, const AdamWHyper& hyper,
+                     const std::vector<std::string>& no_decay, Recompute recompute)
+      : GpuModelEngine(model, recompute), host_optimizer_(optimizer) {
+    MF_CHECK(model.expert_group().size() == 1,
+             "parallel.zero_stage 1 on GPUs runs with parallel.expert_parallel 1 for now (the "
+             "expert group's partial gradients would be summed on the host)");
+    std::string why_not;
+    dp_ = make_device_communicator(optimizer.comm(), gpu_.stream(), &why_not);
+    MF_CHECK(dp_ != nullptr,
+             "parallel.zero_stage 1 on GPUs reduce-scatters the gradients through NCCL, but {}",
+             why_not);
+    optimizer_ = std::make_unique<GpuZeroAdamW>(gpu_, hyper, no_decay, *dp_);
+    MF_CHECK(optimizer_->shard().begin == optimizer.shard().begin &&
+                 optimizer_->shard().end == optimizer.shard().end,
+             "the GPU's ZeRO-1 shard [{}, {}) is not the host optimizer's [{}, {})",
+             optimizer_->shard().begin, optimizer_->shard().end, optimizer.shard().begin,
+             optimizer.shard().end);
+    if (optimizer.comm().rank() == 0) {
+      fmt::print(stderr,
+                 "ZeRO-1 over {} data-parallel ranks on the GPUs through NCCL: each holds AdamW's "
+                 "state of {} of the {} parameters\n",
+                 optimizer.comm().size(), optimizer.shard().size(), gpu_.num_params());
+    }
+  }
+
+  void load_from_host() override {
+    gpu_.upload_params(host_model_.params());
+    optimizer_->upload_state(host_optimizer_.exp_avg(), host_optimizer_.exp_avg_sq());
+    optimizer_->set_step_count(host_optimizer_.step_count());
+  }
+
+  void store_to_host() override {
+    optimizer_->gather_weights();
+    host_model_.params() = gpu_.download_params();
+    host_optimizer_.exp_avg() = optimizer_->download_exp_avg();
+    host_optimizer_.exp_avg_sq() = optimizer_->download_exp_avg_sq();
+    host_optimizer_.set_step_count(optimizer_->step_count());
+  }
+
+  void all_reduce_grads(Communicator& comm, GradReduceDtype dtype) override {
+    MF_CHECK(&comm == &host_optimizer_.comm(),
+             "with ZeRO-1 the gradients are reduce-scattered over the data-parallel group that "
+             "shards the optimizer state, not over another communicator");
+    materialize_zero_grads();
+    optimizer_->reduce_gradients(dtype);
+  }
+
+  StepUpdate update(double lr, double max_norm, bool loss_finite) override {
+    StepUpdate result;
+    if (!loss_finite) {
+      result.grad_norm = optimizer_->grad_norm();
+      return result;
+    }
+    const GpuAdamWResult r = optimizer_->step(lr, max_norm);
+    result.grad_norm = r.grad_norm;
+    result.applied = r.applied;
+    return result;
+  }
+
+  std::string first_nonfinite_gradient() override {
+    const int64_t spec = optimizer_->first_nonfinite_spec();
+    return spec < 0 ? "none" : gpu_.layout().specs()[static_cast<size_t>(spec)].name;
+  }
+
+ private:
+  ZeroAdamW& host_optimizer_;
+  std::unique_ptr<Communicator> dp_;  // the data-parallel group's, on gpu_'s stream
+  std::unique_ptr<GpuZeroAdamW> optimizer_;
 };
 
 }  // namespace
@@ -178,6 +268,15 @@ std::unique_ptr<StepEngine> make_gpu_step_engine(Transformer<float>& model, Adam
   // Under mpirun every rank of a host gets its own GPU (by local rank) before any allocation.
   bind_device_to_local_rank(local_rank_from_environment());
   return std::make_unique<GpuStepEngine>(model, optimizer, hyper, no_decay, recompute);
+}
+
+std::unique_ptr<StepEngine> make_gpu_zero1_step_engine(Transformer<float>& model,
+                                                       ZeroAdamW& optimizer,
+                                                       const AdamWHyper& hyper,
+                                                       const std::vector<std::string>& no_decay,
+                                                       Recompute recompute) {
+  bind_device_to_local_rank(local_rank_from_environment());
+  return std::make_unique<GpuZero1StepEngine>(model, optimizer, hyper, no_decay, recompute);
 }
 
 }  // namespace moeforge::cuda

@@ -2,7 +2,7 @@
 // the current device, synced with the host model and optimizer for checkpoints and PMA.
 // With several data-parallel ranks the gradients are summed on the devices through NCCL
 // (cuda/grad_reduce_device.h), or through host memory in a build without NCCL or when ranks share
-// a GPU.
+// a GPU. With ZeRO-1 they are reduce-scattered to the owners of the optimizer's shards.
 #pragma once
 
 #include <memory>
@@ -16,5 +16,13 @@ std::unique_ptr<StepEngine> make_gpu_step_engine(Transformer<float>& model, Adam
                                                  const AdamWHyper& hyper,
                                                  const std::vector<std::string>& no_decay,
                                                  Recompute recompute);
+
+// ZeRO-1 on GPUs (cuda/gpu_zero_adamw.h) over the data-parallel group of the host optimizer, whose
+// shard vectors the engine syncs; needs NCCL with one GPU per rank and expert_parallel 1.
+std::unique_ptr<StepEngine> make_gpu_zero1_step_engine(Transformer<float>& model,
+                                                       ZeroAdamW& optimizer,
+                                                       const AdamWHyper& hyper,
+                                                       const std::vector<std::string>& no_decay,
+                                                       Recompute recompute);
 
 }  // namespace moeforge::cuda

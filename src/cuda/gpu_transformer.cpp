@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "core/error.h"
 #include "cuda/adamw.h"
@@ -253,7 +254,28 @@ void GpuTransformer::upload_flat(DeviceBuffer<float>& dst, const std::vector<flo
   MF_CHECK(static_cast<int64_t>(host.size()) == layout_.num_params(),
            "{}: {} values for a model of {} parameters", what, host.size(), layout_.num_params());
   MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  dst.upload(host);
+  copy_to_device(dst.data(), host.data(), host.size() * sizeof(float));
+}
+
+void GpuTransformer::pad_flat_buffers(int64_t length) {
+  MF_CHECK(length >= layout_.num_params(),
+           "flat buffers of {} elements cannot hold the model's {} parameters", length,
+           layout_.num_params());
+  const auto grown = [&](auto& buffer) {
+    using Buffer = std::remove_reference_t<decltype(buffer)>;
+    Buffer padded;
+    padded.resize(static_cast<size_t>(length));
+    padded.fill_zero(stream_);
+    MF_CUDA_CHECK(
+        cudaMemcpyAsync(padded.data(), buffer.data(),
+                        static_cast<size_t>(layout_.num_params()) * sizeof(*buffer.data()),
+                        cudaMemcpyDeviceToDevice, stream_));
+    MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    buffer.swap(padded);
+  };
+  grown(params_);
+  grown(params_bf16_);
+  grown(grads_);
 }
 
 void GpuTransformer::upload_params(const std::vector<float>& host) {
@@ -266,14 +288,32 @@ void GpuTransformer::refresh_bf16_params() {
   MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
+std::vector<GradRange> GpuTransformer::fp32_weight_ranges() const {
+  std::vector<GradRange> ranges;
+  for (const ParamSpec& spec : layout_.specs()) {
+    if (spec.shape.size() != 1 && spec.offset != layout_.embed_tokens()) continue;
+    if (!ranges.empty() && ranges.back().offset + ranges.back().count == spec.offset) {
+      ranges.back().count += spec.numel;
+    } else {
+      ranges.push_back(GradRange{spec.offset, spec.numel});
+    }
+  }
+  return ranges;
+}
+
 std::vector<float> GpuTransformer::download_params() const {
-  MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  return params_.download();
+  return download_flat(params_);
 }
 
 std::vector<float> GpuTransformer::download_grads() const {
+  return download_flat(grads_);
+}
+
+std::vector<float> GpuTransformer::download_flat(const DeviceBuffer<float>& src) const {
   MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  return grads_.download();
+  std::vector<float> host(static_cast<size_t>(layout_.num_params()));
+  copy_to_host(host.data(), src.data(), host.size() * sizeof(float));
+  return host;
 }
 
 void GpuTransformer::upload_grads(const std::vector<float>& host) {

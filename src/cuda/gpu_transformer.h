@@ -86,6 +86,15 @@ class GpuTransformer {
   void zero_grads();
   // Rounds the master weights into the bf16 copy (after changing them outside the optimizer).
   void refresh_bf16_params();
+  // Grows the flat buffers (weights, their bf16 copy, gradients) to length elements, the tail past
+  // num_params zeros, keeping their contents: ZeRO-1's equal-chunk collectives work on whole
+  // buffers of ranks x shard length (cuda/gpu_zero_adamw.h). The host copies stay num_params long.
+  void pad_flat_buffers(int64_t length);
+  int64_t flat_buffer_length() const { return static_cast<int64_t>(params_.size()); }
+  // The ranges of the flat buffer, in offset order, whose fp32 weights the forward and backward
+  // read: the norms, the biases and the embedding table. Every other weight is read through its
+  // bf16 copy only (what lets ZeRO-1 all-gather those in bf16).
+  std::vector<GradRange> fp32_weight_ranges() const;
 
   float* params() { return params_.data(); }
   bf16* params_bf16() { return params_bf16_.data(); }
@@ -148,6 +157,8 @@ class GpuTransformer {
   void weights_needed(size_t index) {
     if (weights_needed_hook_) weights_needed_hook_(index);
   }
+  // The first num_params elements of a flat buffer, after the stream's work.
+  std::vector<float> download_flat(const DeviceBuffer<float>& src) const;
   // Checks the size of a flat [num_params] host array and copies it into dst.
   void upload_flat(DeviceBuffer<float>& dst, const std::vector<float>& host, const char* what);
   void attention_forward(int64_t l, int64_t batch, int64_t seq);

@@ -67,4 +67,30 @@ void DeviceGradReducer::all_reduce(float* data, size_t count, Communicator& comm
                                 cudaMemcpyDeviceToDevice, stream));
 }
 
+void DeviceGradReducer::reduce_scatter(const float* data, size_t chunk, float* out,
+                                       Communicator& comm, GradReduceDtype dtype,
+                                       cudaStream_t stream) {
+  const auto num_ranks = static_cast<size_t>(comm.size());
+  if (chunk == 0) return;
+  if (dtype == GradReduceDtype::kFloat32) {
+    if (num_ranks == 1) {
+      MF_CUDA_CHECK(
+          cudaMemcpyAsync(out, data, chunk * sizeof(float), cudaMemcpyDeviceToDevice, stream));
+    } else {
+      comm.reduce_scatter_sum(data, out, chunk, CommDType::kFloat32);
+    }
+    return;
+  }
+  grow(send_, chunk * num_ranks);
+  cast_to_bf16(send_.data(), data, static_cast<int64_t>(chunk * num_ranks), stream);
+  const bf16* copies = send_.data();
+  if (num_ranks > 1) {
+    grow(recv_, chunk * num_ranks);
+    comm.all_to_all(static_cast<const void*>(send_.data()), static_cast<void*>(recv_.data()), chunk,
+                    CommDType::kBFloat16);
+    copies = recv_.data();
+  }
+  sum_rank_chunks(out, copies, static_cast<int>(num_ranks), static_cast<int64_t>(chunk), stream);
+}
+
 }  // namespace moeforge::cuda

@@ -25,6 +25,12 @@ class DeviceGradReducer {
  public:
   void all_reduce(float* data, size_t count, Communicator& comm, GradReduceDtype dtype,
                   cudaStream_t stream);
+  // out[i] (i < chunk) = the sum over the ranks of comm of data[rank * chunk + i], data holding
+  // comm.size() x chunk elements (ZeRO-1's gradient shards): kFloat32 comm's reduce-scatter;
+  // kBfloat16 all_reduce's bf16 all-to-all and rank-order fp32 sum without the all-gather (one
+  // rank too: its gradient rounded to bf16), the host reduce_scatter_gradients_bf16's bits.
+  void reduce_scatter(const float* data, size_t chunk, float* out, Communicator& comm,
+                      GradReduceDtype dtype, cudaStream_t stream);
   // Allocates now the scratch that calls of up to max_count elements over num_ranks need, so that
   // they allocate nothing (no block freed to the caching allocator while another stream runs).
   void reserve(size_t max_count, int num_ranks, GradReduceDtype dtype);

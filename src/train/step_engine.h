@@ -67,6 +67,10 @@ class StepEngine {
 using StepEngineFactory = std::function<std::unique_ptr<StepEngine>(
     const std::string& device, Transformer<float>& model, AdamW& optimizer)>;
 
+// Builds the ZeRO-1 engine for a device name around the host model and sharded optimizer.
+using Zero1StepEngineFactory = std::function<std::unique_ptr<StepEngine>(
+    const std::string& device, Transformer<float>& model, ZeroAdamW& optimizer)>;
+
 // The CPU engine, over the host objects themselves.
 std::unique_ptr<StepEngine> make_cpu_step_engine(Transformer<float>& model, AdamW& optimizer);
 

@@ -98,16 +98,16 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   // "tp", attention heads and FFN columns); ranks with the same position in their group form the
   // data-parallel groups.
   const int64_t n = config.parallel.expert_parallel;
+  const bool zero1 = config.parallel.zero_stage == 1;
+  MF_CHECK(!zero1 || options.device == "cpu" || n == 1,
+           "parallel.zero_stage 1 (ZeRO-1) with --device {} runs with parallel.expert_parallel 1 "
+           "for now (got {}); set one of them back",
+           options.device, n);
   MF_CHECK(world.size() % n == 0,
            "parallel.expert_parallel ({}) must divide the number of ranks ({})", n, world.size());
   MF_CHECK(config.parallel.layout != "tp" || options.device == "cpu",
            "parallel.layout \"tp\" (the Megatron-LM baseline) runs on the CPU engine only; with "
            "--device {} use parallel.layout \"sp_ep\"",
-           options.device);
-  const bool zero1 = config.parallel.zero_stage == 1;
-  MF_CHECK(!zero1 || options.device == "cpu",
-           "parallel.zero_stage 1 (ZeRO-1) runs on the CPU only for now; with --device {} set "
-           "parallel.zero_stage to 0",
            options.device);
   SelfCommunicator self;
   std::unique_ptr<Communicator> ep_group, dp_group;
@@ -186,8 +186,12 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   }
 
   std::unique_ptr<StepEngine> engine;
-  if (zero1) {
+  if (zero1 && options.device == "cpu") {
     engine = make_cpu_zero1_step_engine(model, *zero_optimizer);
+  } else if (zero1) {
+    MF_CHECK(options.zero1_engine_factory != nullptr,
+             "device '{}' is not available in this build (only cpu)", options.device);
+    engine = options.zero1_engine_factory(options.device, model, *zero_optimizer);
   } else if (options.device == "cpu") {
     engine = make_cpu_step_engine(model, *optimizer);
   } else {

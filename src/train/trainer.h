@@ -27,6 +27,8 @@ struct TrainRunOptions {
   // Builds the engine for devices other than "cpu" (the CLI passes the CUDA one when built
   // with it); unset means only "cpu" is available.
   StepEngineFactory engine_factory;
+  // The same with ZeRO-1 (parallel.zero_stage 1).
+  Zero1StepEngineFactory zero1_engine_factory;
 };
 
 struct TrainSummary {

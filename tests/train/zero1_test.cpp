@@ -382,7 +382,7 @@ TEST_F(ZeroTrainer, OneRankZero1TrainsSavesAndResumesLikeZero0) {
             read_bytes(a.last_checkpoint / "optimizer.safetensors"));
 }
 
-TEST_F(ZeroTrainer, ZeroStageIsValidatedAndCpuOnly) {
+TEST_F(ZeroTrainer, ZeroStageIsValidated) {
   nlohmann::json j = train_config_to_json(config(2));
   j["parallel"]["zero_stage"] = 2;
   try {
@@ -392,25 +392,56 @@ TEST_F(ZeroTrainer, ZeroStageIsValidatedAndCpuOnly) {
     EXPECT_NE(std::string(e.what()).find("parallel.zero_stage must be 0"), std::string::npos)
         << e.what();
   }
-  TrainConfig c = config(2);
+}
+
+// With zero_stage 1 on another device the trainer builds that device's ZeRO-1 engine (here the
+// CPU one under the name "cuda") around its sharded optimizer, never the unsharded engine, and
+// trains as the CPU device does; without such a factory, or with expert_parallel > 1, it refuses.
+TEST_F(ZeroTrainer, OtherDevicesGetTheirZero1Engine) {
+  TrainConfig c = config(3);
   c.parallel.zero_stage = 1;
+  SelfCommunicator self;
   TrainRunOptions options;
   options.progress = false;
+  const TrainSummary on_cpu = train(c, options, self);
+
   options.device = "cuda";
   options.engine_factory = [](const std::string&, Transformer<float>&,
                               AdamW&) -> std::unique_ptr<StepEngine> {
-    ADD_FAILURE() << "the CUDA engine was built with zero_stage 1";
+    ADD_FAILURE() << "the unsharded engine was built with zero_stage 1";
     return nullptr;
   };
-  SelfCommunicator self;
   try {
     train(c, options, self);
-    ADD_FAILURE() << "zero_stage 1 ran with --device cuda";
+    ADD_FAILURE() << "zero_stage 1 ran on a device without a ZeRO-1 engine";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("parallel.zero_stage 1 (ZeRO-1) runs on the CPU only"),
-              std::string::npos)
+    EXPECT_NE(std::string(e.what()).find("device 'cuda' is not available"), std::string::npos)
         << e.what();
   }
+
+  int built = 0;
+  options.zero1_engine_factory = [&built](const std::string& device, Transformer<float>& model,
+                                          ZeroAdamW& optimizer) {
+    EXPECT_EQ(device, "cuda");
+    EXPECT_EQ(optimizer.shard().size(), model.layout().num_params());
+    ++built;
+    return make_cpu_zero1_step_engine(model, optimizer);
+  };
+  c.checkpoint.dir = root_ / "cuda-named";
+  c.log.metrics_file = root_ / "cuda-named.jsonl";
+  const TrainSummary named_cuda = train(c, options, self);
+  EXPECT_EQ(built, 1);
+  EXPECT_EQ(named_cuda.final_loss, on_cpu.final_loss);
+
+  c.parallel.expert_parallel = 2;
+  try {
+    train(c, options, self);
+    ADD_FAILURE() << "zero_stage 1 ran on cuda with expert_parallel 2";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("runs with parallel.expert_parallel 1"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_EQ(built, 1);
 }
 
 }  // namespace

@@ -1,0 +1,201 @@
+// GpuZeroAdamW: the shard's decay runs, the gradient reduce-scatter, the sharded update and the
+// all-gathers of the updated weights (see gpu_zero_adamw.h).
+#include "cuda/gpu_zero_adamw.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/error.h"
+#include "cuda/adamw.h"
+#include "cuda/cuda_check.h"
+#include "cuda/reductions.h"
+
+namespace moeforge::cuda {
+
+GpuZeroAdamW::GpuZeroAdamW(GpuTransformer& model, const AdamWHyper& hyper,
+                           const std::vector<std::string>& no_decay_substrings, Communicator& dp)
+    : model_(model),
+      hyper_(hyper),
+      dp_(dp),
+      shard_len_(zero_shard_len(model.num_params(), dp.size())),
+      shard_(zero_shard(model.num_params(), dp.size(), dp.rank())) {
+  model_.pad_flat_buffers(shard_len_ * dp.size());
+  const std::vector<uint8_t> decays = decay_flags(model.layout(), no_decay_substrings);
+  const std::vector<ParamSpec>& specs = model.layout().specs();
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const int64_t begin = std::max(specs[i].offset, shard_.begin);
+    const int64_t end = std::min(specs[i].offset + specs[i].numel, shard_.end);
+    if (begin >= end) continue;
+    const bool decay = decays[i] != 0;
+    if (!runs_.empty() && runs_.back().decay == decay &&
+        runs_.back().begin + runs_.back().count == begin) {
+      runs_.back().count += end - begin;
+    } else {
+      runs_.push_back(Run{begin, end - begin, decay});
+    }
+  }
+  const auto n = static_cast<size_t>(shard_.size());
+  exp_avg_.resize(n);
+  exp_avg_sq_.resize(n);
+  grad_shard_.resize(static_cast<size_t>(shard_len_));
+  exp_avg_.fill_zero(model.stream());
+  exp_avg_sq_.fill_zero(model.stream());
+  grad_shard_.fill_zero(model.stream());
+  norm_sq_.resize(1);
+  scratch_.resize(static_cast<size_t>(reduction_scratch_doubles(std::max<int64_t>(1, shard_len_))));
+  found_.resize(static_cast<size_t>(dp.size()));
+  const std::vector<GradRange> fp32_ranges = model.fp32_weight_ranges();
+  for (int r = 0; r < dp.size(); ++r) {
+    const ZeroShard owned = zero_shard(model.num_params(), dp.size(), r);
+    std::vector<GradRange>& pieces = fp32_pieces_.emplace_back();
+    int64_t packed = 0;
+    for (const GradRange& range : fp32_ranges) {
+      const int64_t begin = std::max(range.offset, owned.begin);
+      const int64_t end = std::min(range.offset + range.count, owned.end);
+      if (begin >= end) continue;
+      pieces.push_back(GradRange{begin, end - begin});
+      packed += end - begin;
+    }
+    fp32_chunk_ = std::max(fp32_chunk_, packed);
+  }
+  if (dp.size() > 1 && fp32_chunk_ > 0) {
+    fp32_send_.resize(static_cast<size_t>(fp32_chunk_));
+    fp32_recv_.resize(static_cast<size_t>(fp32_chunk_ * dp.size()));
+  }
+  model_.synchronize();
+}
+
+void GpuZeroAdamW::reduce_gradients(GradReduceDtype dtype) {
+  reducer_.reduce_scatter(model_.grads(), static_cast<size_t>(shard_len_), grad_shard_.data(), dp_,
+                          dtype, model_.stream());
+}
+
+double GpuZeroAdamW::grad_norm() {
+  const cudaStream_t stream = model_.stream();
+  sum_squares(norm_sq_.data(), grad_shard_.data(), shard_.size(), scratch_.data(), stream);
+  if (dp_.size() > 1) dp_.all_reduce_sum(norm_sq_.data(), 1, CommDType::kFloat64);
+  double norm_sq = 0.0;
+  MF_CUDA_CHECK(
+      cudaMemcpyAsync(&norm_sq, norm_sq_.data(), sizeof(double), cudaMemcpyDeviceToHost, stream));
+  MF_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return std::sqrt(norm_sq);
+}
+
+GpuAdamWResult GpuZeroAdamW::step(double lr, double max_norm) {
+  GpuAdamWResult result;
+  result.grad_norm = grad_norm();
+  if (!std::isfinite(result.grad_norm)) return result;
+  if (max_norm > 0.0 && result.grad_norm > max_norm) {
+    result.clip_factor = max_norm / (result.grad_norm + 1e-6);
+  }
+  ++step_count_;
+  const AdamWStepConstants c(hyper_, lr, step_count_);
+  AdamWStep step{c.b1,
+                 c.b2,
+                 c.eps,
+                 c.step_size,
+                 c.bc2_sqrt,
+                 c.no_decay_factor,
+                 static_cast<float>(result.clip_factor)};
+  const cudaStream_t stream = model_.stream();
+  for (const Run& run : runs_) {
+    step.decay_factor = run.decay ? c.decay_factor : c.no_decay_factor;
+    const int64_t local = run.begin - shard_.begin;
+    adamw_update(model_.params() + run.begin, model_.params_bf16() + run.begin,
+                 exp_avg_.data() + local, exp_avg_sq_.data() + local, grad_shard_.data() + local,
+                 run.count, step, stream);
+  }
+  if (dp_.size() > 1) all_gather_updated_weights();
+  result.applied = true;
+  return result;
+}
+
+void GpuZeroAdamW::all_gather_updated_weights() {
+  const cudaStream_t stream = model_.stream();
+  // In place: this rank's chunk of the padded buffers is its shard.
+  bf16* weights = model_.params_bf16();
+  dp_.all_gather(weights + dp_.rank() * shard_len_, weights, static_cast<size_t>(shard_len_),
+                 CommDType::kBFloat16);
+  if (fp32_chunk_ == 0) return;
+  float* params = model_.params();
+  const auto copy = [&](float* dst, const float* src, int64_t count) {
+    MF_CUDA_CHECK(cudaMemcpyAsync(dst, src, static_cast<size_t>(count) * sizeof(float),
+                                  cudaMemcpyDeviceToDevice, stream));
+  };
+  int64_t packed = 0;
+  for (const GradRange& piece : fp32_pieces_[static_cast<size_t>(dp_.rank())]) {
+    copy(fp32_send_.data() + packed, params + piece.offset, piece.count);
+    packed += piece.count;
+  }
+  dp_.all_gather(fp32_send_.data(), fp32_recv_.data(), static_cast<size_t>(fp32_chunk_),
+                 CommDType::kFloat32);
+  for (int r = 0; r < dp_.size(); ++r) {
+    if (r == dp_.rank()) continue;
+    const float* from = fp32_recv_.data() + r * fp32_chunk_;
+    for (const GradRange& piece : fp32_pieces_[static_cast<size_t>(r)]) {
+      copy(params + piece.offset, from, piece.count);
+      from += piece.count;
+    }
+  }
+}
+
+void GpuZeroAdamW::gather_weights() {
+  if (dp_.size() == 1) return;
+  float* params = model_.params();
+  dp_.all_gather(params + dp_.rank() * shard_len_, params, static_cast<size_t>(shard_len_),
+                 CommDType::kFloat32);
+  model_.synchronize();
+}
+
+int64_t GpuZeroAdamW::first_nonfinite_spec() {
+  const std::vector<float> grads = download_grad_shard();
+  int64_t found = -1;
+  const std::vector<ParamSpec>& specs = model_.layout().specs();
+  for (int64_t s = static_cast<int64_t>(specs.size()) - 1; s >= 0 && found < 0; --s) {
+    const ParamSpec& spec = specs[static_cast<size_t>(s)];
+    const int64_t begin = std::max(spec.offset, shard_.begin);
+    const int64_t end = std::min(spec.offset + spec.numel, shard_.end);
+    for (int64_t i = begin; i < end; ++i) {
+      if (!std::isfinite(grads[static_cast<size_t>(i - shard_.begin)])) {
+        found = s;
+        break;
+      }
+    }
+  }
+  if (dp_.size() == 1) return found;
+  copy_to_device(found_.data() + dp_.rank(), &found, sizeof(found));
+  dp_.all_gather(found_.data() + dp_.rank(), found_.data(), 1, CommDType::kInt64);
+  model_.synchronize();
+  const std::vector<int64_t> per_rank = found_.download();
+  return *std::max_element(per_rank.begin(), per_rank.end());
+}
+
+std::vector<float> GpuZeroAdamW::download_exp_avg() const {
+  model_.synchronize();
+  return exp_avg_.download();
+}
+
+std::vector<float> GpuZeroAdamW::download_exp_avg_sq() const {
+  model_.synchronize();
+  return exp_avg_sq_.download();
+}
+
+std::vector<float> GpuZeroAdamW::download_grad_shard() const {
+  model_.synchronize();
+  std::vector<float> host(static_cast<size_t>(shard_.size()));
+  copy_to_host(host.data(), grad_shard_.data(), host.size() * sizeof(float));
+  return host;
+}
+
+void GpuZeroAdamW::upload_state(const std::vector<float>& exp_avg,
+                                const std::vector<float>& exp_avg_sq) {
+  MF_CHECK(static_cast<int64_t>(exp_avg.size()) == shard_.size() &&
+               static_cast<int64_t>(exp_avg_sq.size()) == shard_.size(),
+           "ZeRO-1 optimizer state has {} / {} values for a shard of {} parameters", exp_avg.size(),
+           exp_avg_sq.size(), shard_.size());
+  model_.synchronize();
+  exp_avg_.upload(exp_avg);
+  exp_avg_sq_.upload(exp_avg_sq);
+}
+
+}  // namespace moeforge::cuda
