@@ -11,10 +11,23 @@ twice on two GPUs: summed after the backward (parallel.grad_bucket_mb 0) and in 
 overlapped with it (BUCKET_MB: many buckets per step, the last layers' sums running beside the
 backward of the first). "sp-ep" is one group of two GPUs sharing each sequence (parallel.expert_parallel
 2: Ulysses attention and half the experts each, GpuTransformer::set_expert_parallel_group) over the
-same micro-batches. The bound is
-derived from this run's own bf16 noise: the largest per-step gap between the one-GPU run and the
-CPU reference (fp32) of the same config, times NOISE_FACTOR. The first step (before any update)
-must agree to FIRST_STEP_GAP, and the two-rank run must say that it summed through NCCL.
+same micro-batches. "dp-zero1" is ZeRO-1 on the two GPUs (parallel.zero_stage 1: gradients
+reduce-scattered, AdamW on each GPU's half, weights all-gathered); it saves a checkpoint halfway
+(each rank's moments gathered to rank 0), and "dp-zero1-resumed" resumes from it (each rank reads
+its shard back) for the second half, which, joined to the first half, must track one GPU too.
+
+Every run must track one GPU within NOISE_FACTOR times this run's own noise. On the MoE model a
+rounding-level difference grows over the 100 steps into a loss gap of a few hundredths of a nat (a
+token routed to another expert changes the later steps), and one run's size of it varies by a
+factor of two or more from run to run (cuDNN's backward may order its sums differently), so the
+noise is the largest of three such gaps measured in this run: the one-GPU run (bf16) against the
+CPU reference (fp32), and two CPU ranks against the CPU run, once with fp32 sums (only the order
+of the additions differs) and once with bf16-compressed ones (the compression's own effect on the
+reference). The first step (before any update) must agree to FIRST_STEP_GAP, and the two-GPU runs
+must say that they summed through NCCL.
+
+An optional third argument names a JSON file that receives every run's loss curve, per model
+(written before the checks, for a look at a failing run).
 
 Exits 77 (skipped) without two GPUs or without MOEFORGE_MPIEXEC (mpirun), unless
 MOEFORGE_EXPECT_GPU=1 and there is no GPU at all."""
@@ -44,6 +57,9 @@ def losses(metrics_file):
 
 def main():
     moeforge, source_dir = sys.argv[1], sys.argv[2]
+    curves_file = sys.argv[3] if len(sys.argv) > 3 else None
+    all_curves = {}
+    failures = []  # every run of both models is checked before the test fails
     devices = run([moeforge, "devices"]).stdout
     num_gpus = sum(1 for line in devices.splitlines() if line.startswith("cuda:"))
     mpiexec = os.environ.get("MOEFORGE_MPIEXEC")
@@ -67,6 +83,8 @@ def main():
             for name, launch, device, extra in [
                     ("cpu", [], "cpu", ["--set", "data.grad_accum_steps=2"]),
                     ("one-gpu", [], "cuda", ["--set", "data.grad_accum_steps=2"]),
+                    ("cpu-dp-fp32", mpirun, "cpu", []),
+                    ("cpu-dp-bf16", mpirun, "cpu", ["--set", "parallel.grad_reduce_dtype=bf16"]),
                     ("dp-fp32", mpirun, "cuda", ["--set", "parallel.grad_bucket_mb=0"]),
                     ("dp-bf16", mpirun, "cuda", ["--set", "parallel.grad_reduce_dtype=bf16",
                                                  "--set", "parallel.grad_bucket_mb=0"]),
@@ -77,23 +95,53 @@ def main():
                       "--set", f"parallel.grad_bucket_mb={BUCKET_MB}"]),
                     ("sp-ep", mpirun, "cuda",
                      ["--set", "parallel.expert_parallel=2",
-                      "--set", "data.grad_accum_steps=2"])]:
+                      "--set", "data.grad_accum_steps=2"]),
+                    ("dp-zero1", mpirun, "cuda",
+                     ["--set", "parallel.zero_stage=1",
+                      "--set", f"checkpoint.every_steps={STEPS // 2}"]),
+                    ("dp-zero1-resumed", mpirun, "cuda",
+                     ["--set", "parallel.zero_stage=1", "--resume",
+                      os.path.join(tmp, f"{model}-dp-zero1", "checkpoints",
+                                   f"step-{STEPS // 2:08d}")])]:
                 run_dir = os.path.join(tmp, f"{model}-{name}")
                 proc = run(launch + [moeforge, "train", "--config", config, "--device", device,
                                      "--set", f"checkpoint.dir={run_dir}"] + common + extra)
-                if launch and name != "sp-ep":
+                if name.startswith("dp-zero1"):
+                    assert "ZeRO-1 over 2 data-parallel ranks on the GPUs through NCCL" in \
+                        proc.stderr, proc.stderr
+                elif launch and device == "cuda" and name != "sp-ep":
                     assert "data-parallel ranks: on the GPUs through NCCL" in proc.stderr, proc.stderr
                 curves[name] = losses(os.path.join(run_dir, "metrics.jsonl"))
-                assert len(curves[name]) == STEPS, (model, name, len(curves[name]))
-            noise = max(abs(a - b) for a, b in zip(curves["one-gpu"], curves["cpu"]))
+                want_steps = STEPS - STEPS // 2 if name == "dp-zero1-resumed" else STEPS
+                assert len(curves[name]) == want_steps, (model, name, len(curves[name]))
+            curves["dp-zero1-resumed"] = curves["dp-zero1"][:STEPS // 2] + curves["dp-zero1-resumed"]
+            all_curves[model] = curves
+            if curves_file:
+                with open(curves_file, "w") as f:
+                    json.dump(all_curves, f)
+            samples = {name: max(abs(a - b) for a, b in zip(curves[name], curves[ref]))
+                       for name, ref in (("one-gpu", "cpu"), ("cpu-dp-fp32", "cpu"),
+                                         ("cpu-dp-bf16", "cpu"))}
+            noise = max(samples.values())
             bound = NOISE_FACTOR * noise
-            for name in ("dp-fp32", "dp-bf16", "dp-fp32-buckets", "dp-bf16-buckets", "sp-ep"):
-                gaps = [abs(a - b) for a, b in zip(curves["one-gpu"], curves[name])]
+            print(f"{model}: noise {noise:.3g} nats, the largest gap of " + ", ".join(
+                f"{name} vs cpu {gap:.3g}" for name, gap in samples.items()))
+            for name in ("dp-fp32", "dp-bf16", "dp-fp32-buckets", "dp-bf16-buckets", "sp-ep",
+                         "dp-zero1", "dp-zero1-resumed"):
+                diffs = [b - a for a, b in zip(curves["one-gpu"], curves[name])]
+                gaps = [abs(d) for d in diffs]
+                late = sum(diffs[-25:]) / 25
                 print(f"{model} {name}: largest gap to one GPU {max(gaps):.3g} nats (first step "
-                      f"{gaps[0]:.3g}); one GPU vs CPU {noise:.3g} -> bound {bound:.3g}")
-                assert gaps[0] < FIRST_STEP_GAP, (model, name, gaps[0])
-                assert max(gaps) < bound, (model, name, gaps, bound)
-            assert curves["one-gpu"][-1] < curves["one-gpu"][0] - 0.5, (model, curves["one-gpu"])
+                      f"{gaps[0]:.3g}, mean difference over the last 25 steps {late:+.3g}); "
+                      f"bound {bound:.3g}")
+                if gaps[0] >= FIRST_STEP_GAP:
+                    failures.append(f"{model} {name}: first step gap {gaps[0]:.3g}")
+                if max(gaps) >= bound:
+                    failures.append(f"{model} {name}: largest gap {max(gaps):.3g} >= {bound:.3g} "
+                                    f"(step {gaps.index(max(gaps)) + 1})")
+            if curves["one-gpu"][-1] >= curves["one-gpu"][0] - 0.5:
+                failures.append(f"{model} one-gpu did not learn: {curves['one-gpu']}")
+        assert not failures, "\n".join(failures)
         print("ok")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
