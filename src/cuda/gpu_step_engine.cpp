@@ -61,6 +61,17 @@ class GpuModelEngine : public StepEngine {
     };
   }
 
+  // On the model's stream, through the expert group's NCCL communicator (the one its Ulysses and
+  // dispatch exchanges use).
+  void sum_expert_group_grads(Communicator& group) override {
+    MF_CHECK(&group == &host_model_.expert_group(),
+             "the expert-group gradient sum runs over the model's expert group only");
+    if (group.size() == 1) return;
+    materialize_zero_grads();
+    ep_comm_->all_reduce_sum(gpu_.grads(), static_cast<size_t>(gpu_.num_params()),
+                             CommDType::kFloat32);
+  }
+
  protected:
   // Gradients read before any backward since zero_grads(): they must be zeros.
   void materialize_zero_grads() {
@@ -192,9 +203,6 @@ class GpuZero1StepEngine final : public GpuModelEngine {
   GpuZero1StepEngine(Transformer<float>& model, ZeroAdamW& optimizer, const AdamWHyper& hyper,
                      const std::vector<std::string>& no_decay, Recompute recompute)
       : GpuModelEngine(model, recompute), host_optimizer_(optimizer) {
-    MF_CHECK(model.expert_group().size() == 1,
-             "parallel.zero_stage 1 on GPUs runs with parallel.expert_parallel 1 for now (the "
-             "expert group's partial gradients would be summed on the host)");
     std::string why_not;
     dp_ = make_device_communicator(optimizer.comm(), gpu_.stream(), &why_not);
     MF_CHECK(dp_ != nullptr,

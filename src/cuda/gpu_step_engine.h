@@ -18,7 +18,8 @@ std::unique_ptr<StepEngine> make_gpu_step_engine(Transformer<float>& model, Adam
                                                  Recompute recompute);
 
 // ZeRO-1 on GPUs (cuda/gpu_zero_adamw.h) over the data-parallel group of the host optimizer, whose
-// shard vectors the engine syncs; needs NCCL with one GPU per rank and expert_parallel 1.
+// shard vectors the engine syncs; needs NCCL with one GPU per rank. With expert_parallel > 1 the
+// expert group's partial gradients are summed on the GPUs (sum_expert_group_grads) first.
 std::unique_ptr<StepEngine> make_gpu_zero1_step_engine(Transformer<float>& model,
                                                        ZeroAdamW& optimizer,
                                                        const AdamWHyper& hyper,

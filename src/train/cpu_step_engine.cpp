@@ -27,6 +27,10 @@ class CpuModelEngine : public StepEngine {
   void load_from_host() override {}
   void store_to_host() override {}
   void zero_grads() override { model_.zero_grads(); }
+  void sum_expert_group_grads(Communicator& group) override {
+    all_reduce_gradients(model_.grads().data(), model_.grads().size(), group,
+                         GradReduceDtype::kFloat32);
+  }
 
   LossBreakdown forward_backward(const int32_t* tokens, const int32_t* targets, int64_t batch,
                                  int64_t seq, double dloss, double ce_count,

@@ -126,7 +126,7 @@ struct ParallelConfig {
   // volume; model/moe_ffn.h). Layout "tp" has one way (all-gather): leave it "auto".
   std::string ep_dispatch = "auto";
   // 0: every rank holds AdamW's whole state; 1: ZeRO-1, the state sharded over the data-parallel
-  // ranks (train/zero_optimizer.h; on GPUs cuda/gpu_zero_adamw.h, with expert_parallel 1).
+  // ranks (train/zero_optimizer.h; on GPUs cuda/gpu_zero_adamw.h).
   int64_t zero_stage = 0;
   bool operator==(const ParallelConfig&) const = default;
 };

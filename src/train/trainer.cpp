@@ -99,10 +99,6 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   // data-parallel groups.
   const int64_t n = config.parallel.expert_parallel;
   const bool zero1 = config.parallel.zero_stage == 1;
-  MF_CHECK(!zero1 || options.device == "cpu" || n == 1,
-           "parallel.zero_stage 1 (ZeRO-1) with --device {} runs with parallel.expert_parallel 1 "
-           "for now (got {}); set one of them back",
-           options.device, n);
   MF_CHECK(world.size() % n == 0,
            "parallel.expert_parallel ({}) must divide the number of ranks ({})", n, world.size());
   MF_CHECK(config.parallel.layout != "tp" || options.device == "cpu",
@@ -354,10 +350,7 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
     // differently from the world's all-reduce (equal to it to fp32 rounding; bit-identical when
     // expert_parallel is 1).
     if (zero1) {
-      if (n > 1) {
-        all_reduce_gradients(model.grads().data(), model.grads().size(), expert_group,
-                             GradReduceDtype::kFloat32);
-      }
+      if (n > 1) engine->sum_expert_group_grads(expert_group);
       engine->all_reduce_grads(dp, grad_reduce_dtype);
     } else {
       engine->all_reduce_grads(world, grad_reduce_dtype);

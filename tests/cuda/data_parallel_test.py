@@ -11,7 +11,8 @@ twice on two GPUs: summed after the backward (parallel.grad_bucket_mb 0) and in 
 overlapped with it (BUCKET_MB: many buckets per step, the last layers' sums running beside the
 backward of the first). "sp-ep" is one group of two GPUs sharing each sequence (parallel.expert_parallel
 2: Ulysses attention and half the experts each, GpuTransformer::set_expert_parallel_group) over the
-same micro-batches. "dp-zero1" is ZeRO-1 on the two GPUs (parallel.zero_stage 1: gradients
+same micro-batches; "sp-ep-zero1" is the same group with ZeRO-1 (the group's partial gradients
+summed on the GPUs, then the optimizer over a data-parallel group of one). "dp-zero1" is ZeRO-1 on the two GPUs (parallel.zero_stage 1: gradients
 reduce-scattered, AdamW on each GPU's half, weights all-gathered); it saves a checkpoint halfway
 (each rank's moments gathered to rank 0), and "dp-zero1-resumed" resumes from it (each rank reads
 its shard back) for the second half, which, joined to the first half, must track one GPU too.
@@ -26,8 +27,8 @@ of the additions differs) and once with bf16-compressed ones (the compression's 
 reference). The first step (before any update) must agree to FIRST_STEP_GAP, and the two-GPU runs
 must say that they summed through NCCL.
 
-An optional third argument names a JSON file that receives every run's loss curve, per model
-(written before the checks, for a look at a failing run).
+An optional third argument names a JSON file that receives every run's loss and gradient-norm
+curves, per model (written before the checks, for a look at a failing run).
 
 Exits 77 (skipped) without two GPUs or without MOEFORGE_MPIEXEC (mpirun), unless
 MOEFORGE_EXPECT_GPU=1 and there is no GPU at all."""
@@ -45,13 +46,14 @@ FIRST_STEP_GAP = 1e-3  # nats: the same forward on the same weights, bf16 on bot
 BUCKET_MB = 0.05  # 13,107 fp32 gradients a bucket: dozens per step on the tiny models
 
 
-def losses(metrics_file):
+def step_records(metrics_file, key):
+    """The value of key in every per-step record of a metrics file, in step order."""
     out = []
     with open(metrics_file) as f:
         for line in f:
             record = json.loads(line)
             if "loss" in record and "step" in record:
-                out.append(record["loss"])
+                out.append(record[key])
     return out
 
 
@@ -79,7 +81,7 @@ def main():
                       "--set", "schedule.warmup_steps=5", "--set", "log.every_steps=1",
                       "--set", "eval.every_steps=0", "--set", "checkpoint.every_steps=0",
                       "--set", "data.micro_batch_size=8", "--no-progress"]
-            curves = {}
+            curves, grad_norms = {}, {}
             for name, launch, device, extra in [
                     ("cpu", [], "cpu", ["--set", "data.grad_accum_steps=2"]),
                     ("one-gpu", [], "cuda", ["--set", "data.grad_accum_steps=2"]),
@@ -96,6 +98,9 @@ def main():
                     ("sp-ep", mpirun, "cuda",
                      ["--set", "parallel.expert_parallel=2",
                       "--set", "data.grad_accum_steps=2"]),
+                    ("sp-ep-zero1", mpirun, "cuda",
+                     ["--set", "parallel.expert_parallel=2", "--set", "parallel.zero_stage=1",
+                      "--set", "data.grad_accum_steps=2"]),
                     ("dp-zero1", mpirun, "cuda",
                      ["--set", "parallel.zero_stage=1",
                       "--set", f"checkpoint.every_steps={STEPS // 2}"]),
@@ -109,13 +114,17 @@ def main():
                 if name.startswith("dp-zero1"):
                     assert "ZeRO-1 over 2 data-parallel ranks on the GPUs through NCCL" in \
                         proc.stderr, proc.stderr
-                elif launch and device == "cuda" and name != "sp-ep":
+                elif launch and device == "cuda" and not name.startswith("sp-ep"):
                     assert "data-parallel ranks: on the GPUs through NCCL" in proc.stderr, proc.stderr
-                curves[name] = losses(os.path.join(run_dir, "metrics.jsonl"))
+                metrics = os.path.join(run_dir, "metrics.jsonl")
+                curves[name] = step_records(metrics, "loss")
+                grad_norms[name] = step_records(metrics, "grad_norm")
                 want_steps = STEPS - STEPS // 2 if name == "dp-zero1-resumed" else STEPS
                 assert len(curves[name]) == want_steps, (model, name, len(curves[name]))
-            curves["dp-zero1-resumed"] = curves["dp-zero1"][:STEPS // 2] + curves["dp-zero1-resumed"]
-            all_curves[model] = curves
+            for series in (curves, grad_norms):
+                series["dp-zero1-resumed"] = (series["dp-zero1"][:STEPS // 2] +
+                                              series["dp-zero1-resumed"])
+            all_curves[model] = {"loss": curves, "grad_norm": grad_norms}
             if curves_file:
                 with open(curves_file, "w") as f:
                     json.dump(all_curves, f)
@@ -127,7 +136,7 @@ def main():
             print(f"{model}: noise {noise:.3g} nats, the largest gap of " + ", ".join(
                 f"{name} vs cpu {gap:.3g}" for name, gap in samples.items()))
             for name in ("dp-fp32", "dp-bf16", "dp-fp32-buckets", "dp-bf16-buckets", "sp-ep",
-                         "dp-zero1", "dp-zero1-resumed"):
+                         "sp-ep-zero1", "dp-zero1", "dp-zero1-resumed"):
                 diffs = [b - a for a, b in zip(curves["one-gpu"], curves[name])]
                 gaps = [abs(d) for d in diffs]
                 late = sum(diffs[-25:]) / 25

@@ -193,6 +193,10 @@ class RecordingEngine final : public StepEngine {
     begun_ = nullptr;
     inner_->all_reduce_grads(comm, dtype);
   }
+  void sum_expert_group_grads(Communicator& group) override {
+    calls_.push_back(fmt::format("expert sum {}", group.size()));
+    inner_->sum_expert_group_grads(group);
+  }
   StepUpdate update(double lr, double max_norm, bool loss_finite) override {
     return inner_->update(lr, max_norm, loss_finite);
   }
