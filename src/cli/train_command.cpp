@@ -60,25 +60,22 @@ void register_train_command(CLI::App& app) {
     run.progress = !opts->no_progress;
     run.device = opts->device;
 #if MOEFORGE_HAVE_CUDA
-    const std::string recompute = opts->recompute;
-    run.engine_factory = [&config, recompute](const std::string& device, Transformer<float>& model,
-                                              AdamW& optimizer) -> std::unique_ptr<StepEngine> {
+    const cuda::Recompute recompute = cuda::parse_recompute(opts->recompute);
+    const AdamWHyper hyper{config.optimizer.beta1, config.optimizer.beta2, config.optimizer.eps,
+                           config.optimizer.weight_decay};
+    run.engine_factory = [&config, &hyper, recompute](
+                             const std::string& device, Transformer<float>& model,
+                             AdamW& optimizer) -> std::unique_ptr<StepEngine> {
       MF_CHECK(device == "cuda", "unknown device '{}'", device);
-      return cuda::make_gpu_step_engine(
-          model, optimizer,
-          AdamWHyper{config.optimizer.beta1, config.optimizer.beta2, config.optimizer.eps,
-                     config.optimizer.weight_decay},
-          config.optimizer.no_decay, cuda::parse_recompute(recompute));
+      return cuda::make_gpu_step_engine(model, optimizer, hyper, config.optimizer.no_decay,
+                                        recompute);
     };
-    run.zero1_engine_factory = [&config, recompute](
+    run.zero1_engine_factory = [&config, &hyper, recompute](
                                    const std::string& device, Transformer<float>& model,
                                    ZeroAdamW& optimizer) -> std::unique_ptr<StepEngine> {
       MF_CHECK(device == "cuda", "unknown device '{}'", device);
-      return cuda::make_gpu_zero1_step_engine(
-          model, optimizer,
-          AdamWHyper{config.optimizer.beta1, config.optimizer.beta2, config.optimizer.eps,
-                     config.optimizer.weight_decay},
-          config.optimizer.no_decay, cuda::parse_recompute(recompute));
+      return cuda::make_gpu_zero1_step_engine(model, optimizer, hyper, config.optimizer.no_decay,
+                                              recompute);
     };
 #else
     MF_CHECK(opts->device == "cpu",

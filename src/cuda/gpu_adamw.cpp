@@ -85,32 +85,44 @@ void GpuAdamW::upload_state(const std::vector<float>& exp_avg,
   exp_avg_sq_.upload(exp_avg_sq);
 }
 
+GpuAdamWResult clipping_for(double grad_norm, double max_norm) {
+  GpuAdamWResult result;
+  result.grad_norm = grad_norm;
+  if (std::isfinite(grad_norm) && max_norm > 0.0 && grad_norm > max_norm) {
+    result.clip_factor = max_norm / (grad_norm + 1e-6);
+  }
+  return result;
+}
+
+AdamWStep kernel_step(const AdamWStepConstants& c, double clip_factor) {
+  return AdamWStep{c.b1,
+                   c.b2,
+                   c.eps,
+                   c.step_size,
+                   c.bc2_sqrt,
+                   c.no_decay_factor,
+                   static_cast<float>(clip_factor)};
+}
+
+double sqrt_of_device(const double* value, cudaStream_t stream) {
+  double host = 0.0;
+  MF_CUDA_CHECK(cudaMemcpyAsync(&host, value, sizeof(double), cudaMemcpyDeviceToHost, stream));
+  MF_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return std::sqrt(host);
+}
+
 double GpuAdamW::grad_norm() {
   sum_squares(norm_sq_.data(), model_.grads(), model_.num_params(), scratch_.data(),
               model_.stream());
-  double norm_sq = 0.0;
-  MF_CUDA_CHECK(cudaMemcpyAsync(&norm_sq, norm_sq_.data(), sizeof(double), cudaMemcpyDeviceToHost,
-                                model_.stream()));
-  MF_CUDA_CHECK(cudaStreamSynchronize(model_.stream()));
-  return std::sqrt(norm_sq);
+  return sqrt_of_device(norm_sq_.data(), model_.stream());
 }
 
 GpuAdamWResult GpuAdamW::step(double lr, double max_norm) {
-  GpuAdamWResult result;
-  result.grad_norm = grad_norm();
+  GpuAdamWResult result = clipping_for(grad_norm(), max_norm);
   if (!std::isfinite(result.grad_norm)) return result;
-  if (max_norm > 0.0 && result.grad_norm > max_norm) {
-    result.clip_factor = max_norm / (result.grad_norm + 1e-6);
-  }
   ++step_count_;
   const AdamWStepConstants c(hyper_, lr, step_count_);
-  AdamWStep step{c.b1,
-                 c.b2,
-                 c.eps,
-                 c.step_size,
-                 c.bc2_sqrt,
-                 c.no_decay_factor,
-                 static_cast<float>(result.clip_factor)};
+  AdamWStep step = kernel_step(c, result.clip_factor);
   const auto update = [&](int64_t begin, int64_t end, cudaStream_t stream) {
     for (const Run& run : runs_) {
       const int64_t first = std::max(begin, run.begin);

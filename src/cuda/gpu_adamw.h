@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/adamw.h"
 #include "cuda/device_memory.h"
 #include "cuda/gpu_transformer.h"
 #include "train/adamw.h"
@@ -20,6 +21,15 @@ struct GpuAdamWResult {
   double clip_factor = 1.0;  // applied to the gradient
   bool applied = false;      // false when the norm was not finite (nothing changed)
 };
+
+// The start of an update of GpuAdamW or GpuZeroAdamW from the gradient norm: the clipping factor
+// at max_norm (<= 0: none), as clip_grad_norm computes it; applied stays false.
+GpuAdamWResult clipping_for(double grad_norm, double max_norm);
+// The kernel's constants of the update that c describes, with the clipping factor; decay_factor
+// starts as c's no-decay factor, each run sets its own.
+AdamWStep kernel_step(const AdamWStepConstants& c, double clip_factor);
+// The square root of a device double, once stream's work is done (a host synchronisation).
+double sqrt_of_device(const double* value, cudaStream_t stream);
 
 class GpuAdamW {
  public:

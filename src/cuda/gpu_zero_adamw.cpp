@@ -74,29 +74,15 @@ double GpuZeroAdamW::grad_norm() {
   const cudaStream_t stream = model_.stream();
   sum_squares(norm_sq_.data(), grad_shard_.data(), shard_.size(), scratch_.data(), stream);
   if (dp_.size() > 1) dp_.all_reduce_sum(norm_sq_.data(), 1, CommDType::kFloat64);
-  double norm_sq = 0.0;
-  MF_CUDA_CHECK(
-      cudaMemcpyAsync(&norm_sq, norm_sq_.data(), sizeof(double), cudaMemcpyDeviceToHost, stream));
-  MF_CUDA_CHECK(cudaStreamSynchronize(stream));
-  return std::sqrt(norm_sq);
+  return sqrt_of_device(norm_sq_.data(), stream);
 }
 
 GpuAdamWResult GpuZeroAdamW::step(double lr, double max_norm) {
-  GpuAdamWResult result;
-  result.grad_norm = grad_norm();
+  GpuAdamWResult result = clipping_for(grad_norm(), max_norm);
   if (!std::isfinite(result.grad_norm)) return result;
-  if (max_norm > 0.0 && result.grad_norm > max_norm) {
-    result.clip_factor = max_norm / (result.grad_norm + 1e-6);
-  }
   ++step_count_;
   const AdamWStepConstants c(hyper_, lr, step_count_);
-  AdamWStep step{c.b1,
-                 c.b2,
-                 c.eps,
-                 c.step_size,
-                 c.bc2_sqrt,
-                 c.no_decay_factor,
-                 static_cast<float>(result.clip_factor)};
+  AdamWStep step = kernel_step(c, result.clip_factor);
   const cudaStream_t stream = model_.stream();
   for (const Run& run : runs_) {
     step.decay_factor = run.decay ? c.decay_factor : c.no_decay_factor;
@@ -149,19 +135,7 @@ void GpuZeroAdamW::gather_weights() {
 
 int64_t GpuZeroAdamW::first_nonfinite_spec() {
   const std::vector<float> grads = download_grad_shard();
-  int64_t found = -1;
-  const std::vector<ParamSpec>& specs = model_.layout().specs();
-  for (int64_t s = static_cast<int64_t>(specs.size()) - 1; s >= 0 && found < 0; --s) {
-    const ParamSpec& spec = specs[static_cast<size_t>(s)];
-    const int64_t begin = std::max(spec.offset, shard_.begin);
-    const int64_t end = std::min(spec.offset + spec.numel, shard_.end);
-    for (int64_t i = begin; i < end; ++i) {
-      if (!std::isfinite(grads[static_cast<size_t>(i - shard_.begin)])) {
-        found = s;
-        break;
-      }
-    }
-  }
+  int64_t found = last_nonfinite_spec(model_.layout(), shard_, grads.data());
   if (dp_.size() == 1) return found;
   copy_to_device(found_.data() + dp_.rank(), &found, sizeof(found));
   dp_.all_gather(found_.data() + dp_.rank(), found_.data(), 1, CommDType::kInt64);

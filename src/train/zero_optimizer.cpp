@@ -85,20 +85,22 @@ void ZeroAdamW::step(float* params, double lr) {
   std::copy(all.begin(), all.begin() + layout_.num_params(), params);
 }
 
-int64_t ZeroAdamW::first_nonfinite_spec() {
-  int64_t found = -1;
-  const std::vector<ParamSpec>& specs = layout_.specs();
-  for (int64_t s = static_cast<int64_t>(specs.size()) - 1; s >= 0 && found < 0; --s) {
+int64_t last_nonfinite_spec(const ParameterLayout& layout, const ZeroShard& shard,
+                            const float* values) {
+  const std::vector<ParamSpec>& specs = layout.specs();
+  for (int64_t s = static_cast<int64_t>(specs.size()) - 1; s >= 0; --s) {
     const ParamSpec& spec = specs[static_cast<size_t>(s)];
-    const int64_t begin = std::max(spec.offset, shard_.begin);
-    const int64_t end = std::min(spec.offset + spec.numel, shard_.end);
+    const int64_t begin = std::max(spec.offset, shard.begin);
+    const int64_t end = std::min(spec.offset + spec.numel, shard.end);
     for (int64_t i = begin; i < end; ++i) {
-      if (!std::isfinite(grad_shard_[static_cast<size_t>(i - shard_.begin)])) {
-        found = s;
-        break;
-      }
+      if (!std::isfinite(values[i - shard.begin])) return s;
     }
   }
+  return -1;
+}
+
+int64_t ZeroAdamW::first_nonfinite_spec() {
+  const int64_t found = last_nonfinite_spec(layout_, shard_, grad_shard_.data());
   std::vector<int64_t> per_rank(static_cast<size_t>(dp_.size()));
   dp_.all_gather(&found, per_rank.data(), 1);
   return *std::max_element(per_rank.begin(), per_rank.end());

@@ -30,6 +30,11 @@ struct ZeroShard {
 int64_t zero_shard_len(int64_t num_params, int64_t num_ranks);
 ZeroShard zero_shard(int64_t num_params, int64_t num_ranks, int64_t rank);
 
+// The index in layout's specs of the last spec (the first in backward order) that holds a NaN or an
+// infinity among a shard's values (values[i] is element shard.begin + i of the flat buffer), or -1.
+int64_t last_nonfinite_spec(const ParameterLayout& layout, const ZeroShard& shard,
+                            const float* values);
+
 // The update equals the unsharded AdamW's bit for bit: the gradient of each element is the same
 // rank-ordered sum (the communicator's reduce-scatter sums in the rank order of its all-reduce;
 // the bf16 path sums the same chunks without the final all-gather), clipping multiplies by the
