@@ -1,5 +1,6 @@
 // DeviceGradReducer over NCCL against the host gradient sums (train/grad_reduce.h) on the same
-// data, and BucketedGradReducer (the same sums in buckets, overlapped with a simulated backward)
+// data (random values, rounding corner cases, a small model's own gradients), and
+// BucketedGradReducer (the same sums in buckets, overlapped with a simulated backward)
 // against DeviceGradReducer, one GPU per rank: run alone and under mpirun (2 and 4 ranks in ctest);
 // skipping as comm/nccl/nccl_test_harness.h says. bf16 compression must give the host's bits
 // exactly (same roundings, same rank-ordered fp32 sum); fp32 goes through NCCL's all-reduce, whose
@@ -20,13 +21,15 @@
 #include "core/rng.h"
 #include "cuda/bucketed_grad_reducer.h"
 #include "cuda/device_memory.h"
+#include "cuda/gpu_test_models.h"
+#include "cuda/gpu_transformer.h"
 #include "cuda/grad_reduce_device.h"
 #include "train/grad_reduce.h"
 
 namespace moeforge::cuda {
 namespace {
 
-using testing::nccl;
+using moeforge::testing::nccl;
 
 // This rank's gradient: magnitudes from 1e-6 to 1e3 (so bf16 rounding and the order of additions
 // both show), a different draw per rank and count.
@@ -84,6 +87,65 @@ TEST(DeviceGradReducer, Fp32SumMatchesTheHostToRounding) {
         ASSERT_LE(std::fabs(static_cast<double>(got[i]) - expected[i]), bound)
             << "count " << count << ", element " << i;
       }
+    }
+  }
+}
+
+// Values where a rounding could part from the host's: subnormals (of fp32 and of bf16), ties
+// between two bf16 values (even and odd), the largest finite values, signed zeros; each rank
+// sends them in another order, so every pair meets.
+TEST(DeviceGradReducer, Bf16OfSubnormalsTiesAndExtremesGivesTheHostBits) {
+  MF_REQUIRE_NCCL_GPUS();
+  const std::vector<float> special = {
+      0x1.0p-149f, -0x1.0p-149f, 0x1.8p-140f,   0x1.0p-127f, 0x1.fep-127f, 0x1.0p-126f, 0x1.008p0f,
+      0x1.018p0f,  -0x1.008p0f,  0x1.008002p0f, 0x1.fep127f, -0x1.fep127f, 0x1.ffp127f, 0.0f,
+      -0.0f,       3.0e-39f,     -1.0e-40f,     0x1.0p-133f, 0x1.0p-134f,  0x1.8p-134f};
+  const size_t count = special.size() * 61;
+  std::vector<float> mine(count);
+  const auto shift = static_cast<size_t>(nccl().rank()) * 7;
+  for (size_t i = 0; i < count; ++i) mine[i] = special[(i + shift) % special.size()];
+  std::vector<float> expected = mine;
+  const std::vector<float> got = reduce_on_device(mine, GradReduceDtype::kBfloat16);
+  all_reduce_gradients(expected.data(), count, world_communicator(), GradReduceDtype::kBfloat16);
+  for (size_t i = 0; i < count; ++i) {
+    ASSERT_EQ(std::bit_cast<uint32_t>(got[i]), std::bit_cast<uint32_t>(expected[i]))
+        << "element " << i << ": " << got[i] << " vs " << expected[i];
+  }
+}
+
+// The gradients of a real backward (a small dense and a small MoE model, each rank on its own
+// tokens, assigned as the trainer's CUDA engine does) summed in bf16 on the GPUs give the host
+// sum's bits, as random values do above: the values a model produces, in the whole flat buffer.
+TEST(DeviceGradReducer, Bf16SumOfModelGradientsGivesTheHostBits) {
+  MF_REQUIRE_NCCL_GPUS();
+  for (const Architecture arch : {Architecture::kLlama, Architecture::kMixtral}) {
+    SCOPED_TRACE(architecture_name(arch));
+    const ModelConfig config = testing::gpu_config(arch);
+    GpuTransformer model(config);
+    model.upload_params(testing::make_params(model.layout(), 3));
+    Rng rng(50 + static_cast<uint64_t>(nccl().rank()));
+    const int64_t batch = 2, seq = 31;
+    std::vector<int32_t> tokens(static_cast<size_t>(batch * seq)), targets(tokens.size());
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      tokens[i] = static_cast<int32_t>(rng.below(config.vocab_size));
+      targets[i] = static_cast<int32_t>(rng.below(config.vocab_size));
+    }
+    model.forward_backward(tokens.data(), targets.data(), batch, seq,
+                           1.0 / static_cast<double>(nccl().size()), GradMode::kAssign);
+    std::vector<float> expected = model.download_grads();
+    NcclCommunicator& comm = nccl();
+    const cudaStream_t previous = comm.stream();
+    comm.set_stream(model.stream());
+    DeviceGradReducer reducer;
+    reducer.all_reduce(model.grads(), expected.size(), comm, GradReduceDtype::kBfloat16,
+                       model.stream());
+    comm.set_stream(previous);
+    const std::vector<float> got = model.download_grads();
+    all_reduce_gradients(expected.data(), expected.size(), world_communicator(),
+                         GradReduceDtype::kBfloat16);
+    for (size_t i = 0; i < got.size(); ++i) {
+      ASSERT_EQ(std::bit_cast<uint32_t>(got[i]), std::bit_cast<uint32_t>(expected[i]))
+          << "element " << i << ": " << got[i] << " vs " << expected[i];
     }
   }
 }
