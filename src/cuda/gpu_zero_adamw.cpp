@@ -135,7 +135,7 @@ void GpuZeroAdamW::gather_weights() {
 
 int64_t GpuZeroAdamW::first_nonfinite_spec() {
   const std::vector<float> grads = download_grad_shard();
-  int64_t found = last_nonfinite_spec(model_.layout(), shard_, grads.data());
+  const int64_t found = last_nonfinite_spec(model_.layout(), shard_, grads.data());
   if (dp_.size() == 1) return found;
   copy_to_device(found_.data() + dp_.rank(), &found, sizeof(found));
   dp_.all_gather(found_.data() + dp_.rank(), found_.data(), 1, CommDType::kInt64);
