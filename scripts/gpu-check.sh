@@ -5,9 +5,10 @@
 #   cuda-test only the GPU tests: the CUDA test binary (a test that crashes it is reported and left
 #             out, and the rest runs again) and the CPU-vs-GPU loss-curve test (faster)
 #   multi     the tests that need several GPUs (a machine of 2 or 4): the NCCL communicator's, the
-#             device gradient sums' and the sequence/expert-parallel GpuTransformer's at 1, 2 and 4
-#             ranks (4 skips on 2 GPUs), and two GPUs under mpirun against one, data- and
-#             expert-parallel (tests/cuda/data_parallel_test.py)
+#             device gradient sums', the sequence/expert-parallel GpuTransformer's and ZeRO-1's
+#             (GpuZeroAdamW) at 1, 2 and 4 ranks (4 skips on 2 GPUs), and two GPUs under mpirun
+#             against one, data- and expert-parallel and ZeRO-1 (tests/cuda/data_parallel_test.py;
+#             its loss and grad-norm curves in $OUT/data_parallel_curves.json)
 #   scaling   data-parallel weak scaling of `bench train` on configs/bench/moe-1.8b-a0.4b.json:
 #             mpirun with 1, 2 and 4 ranks (as many as there are GPUs), one GPU each, the
 #             gradients summed through NCCL (SCALING_ARGS adds options, e.g. --grad-reduce bf16,
