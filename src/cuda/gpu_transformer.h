@@ -90,7 +90,6 @@ class GpuTransformer {
   // num_params zeros, keeping their contents: ZeRO-1's equal-chunk collectives work on whole
   // buffers of ranks x shard length (cuda/gpu_zero_adamw.h). The host copies stay num_params long.
   void pad_flat_buffers(int64_t length);
-  int64_t flat_buffer_length() const { return static_cast<int64_t>(params_.size()); }
   // The ranges of the flat buffer, in offset order, whose fp32 weights the forward and backward
   // read: the norms, the biases and the embedding table. Every other weight is read through its
   // bf16 copy only (what lets ZeRO-1 all-gather those in bf16).
