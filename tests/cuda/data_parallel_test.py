@@ -12,20 +12,18 @@ overlapped with it (BUCKET_MB: many buckets per step, the last layers' sums runn
 backward of the first). "sp-ep" is one group of two GPUs sharing each sequence (parallel.expert_parallel
 2: Ulysses attention and half the experts each, GpuTransformer::set_expert_parallel_group) over the
 same micro-batches; "sp-ep-zero1" is the same group with ZeRO-1 (the group's partial gradients
-summed on the GPUs, then the optimizer over a data-parallel group of one). "dp-zero1" is ZeRO-1 on the two GPUs (parallel.zero_stage 1: gradients
-reduce-scattered, AdamW on each GPU's half, weights all-gathered); it saves a checkpoint halfway
+summed on the GPUs, then the optimizer over a data-parallel group of one). "dp-zero1" is ZeRO-1
+on the two GPUs (parallel.zero_stage 1: gradients reduce-scattered, AdamW on each GPU's half, weights all-gathered); it saves a checkpoint halfway
 (each rank's moments gathered to rank 0), and "dp-zero1-resumed" resumes from it (each rank reads
 its shard back) for the second half, which, joined to the first half, must track one GPU too.
 
-Every run must track one GPU within NOISE_FACTOR times this run's own noise. On the MoE model a
-rounding-level difference grows over the 100 steps into a loss gap of a few hundredths of a nat (a
-token routed to another expert changes the later steps), and one run's size of it varies by a
-factor of two or more from run to run (cuDNN's backward may order its sums differently), so the
-noise is the largest of three such gaps measured in this run: the one-GPU run (bf16) against the
-CPU reference (fp32), and two CPU ranks against the CPU run, once with fp32 sums (only the order
-of the additions differs) and once with bf16-compressed ones (the compression's own effect on the
-reference). The first step (before any update) must agree to FIRST_STEP_GAP, and the two-GPU runs
-must say that they summed through NCCL.
+Every run must track one GPU within NOISE_FACTOR times this run's own noise: the largest
+per-step gap between the one-GPU run (bf16) and the CPU reference (fp32). Two more CPU runs are
+printed beside it, not checked: two CPU ranks against the CPU run with fp32 sums (only the order
+of the additions differs) and with bf16-compressed ones (the compression's own effect on the
+reference); on the MoE model a rounding-level difference grows over 100 steps to a few hundredths
+of a nat, and these show how far in this run's data. The first step (before any update) must
+agree to FIRST_STEP_GAP, and the two-GPU runs must say that they summed through NCCL.
 
 An optional third argument names a JSON file that receives every run's loss and gradient-norm
 curves, per model (written before the checks, for a look at a failing run).
@@ -131,10 +129,10 @@ def main():
             samples = {name: max(abs(a - b) for a, b in zip(curves[name], curves[ref]))
                        for name, ref in (("one-gpu", "cpu"), ("cpu-dp-fp32", "cpu"),
                                          ("cpu-dp-bf16", "cpu"))}
-            noise = max(samples.values())
+            noise = samples["one-gpu"]
             bound = NOISE_FACTOR * noise
-            print(f"{model}: noise {noise:.3g} nats, the largest gap of " + ", ".join(
-                f"{name} vs cpu {gap:.3g}" for name, gap in samples.items()))
+            print(f"{model}: noise (one-gpu vs cpu) {noise:.3g} nats; for comparison " + ", ".join(
+                f"{name} vs cpu {gap:.3g}" for name, gap in samples.items() if name != "one-gpu"))
             for name in ("dp-fp32", "dp-bf16", "dp-fp32-buckets", "dp-bf16-buckets", "sp-ep",
                          "sp-ep-zero1", "dp-zero1", "dp-zero1-resumed"):
                 diffs = [b - a for a, b in zip(curves["one-gpu"], curves[name])]
