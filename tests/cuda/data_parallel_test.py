@@ -13,9 +13,10 @@ backward of the first). "sp-ep" is one group of two GPUs sharing each sequence (
 2: Ulysses attention and half the experts each, GpuTransformer::set_expert_parallel_group) over the
 same micro-batches; "sp-ep-zero1" is the same group with ZeRO-1 (the group's partial gradients
 summed on the GPUs, then the optimizer over a data-parallel group of one). "dp-zero1" is ZeRO-1
-on the two GPUs (parallel.zero_stage 1: gradients reduce-scattered, AdamW on each GPU's half, weights all-gathered); it saves a checkpoint halfway
-(each rank's moments gathered to rank 0), and "dp-zero1-resumed" resumes from it (each rank reads
-its shard back) for the second half, which, joined to the first half, must track one GPU too.
+on the two GPUs (parallel.zero_stage 1: gradients reduce-scattered, AdamW on each GPU's half,
+weights all-gathered); it saves a checkpoint halfway (each rank's moments gathered to rank 0), and
+"dp-zero1-resumed" resumes from it (each rank reads its shard back) for the second half, which,
+joined to the first half, must track one GPU too.
 
 Every run must track one GPU within NOISE_FACTOR times this run's own noise: the largest
 per-step gap between the one-GPU run (bf16) and the CPU reference (fp32). Two more CPU runs are
