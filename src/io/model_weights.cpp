@@ -11,6 +11,7 @@
 #include <cstring>
 #include <fstream>
 #include <iterator>
+#include <system_error>
 #include <unordered_set>
 
 namespace moeforge::io {
@@ -84,8 +85,12 @@ ModelWeights ModelWeights::open(const fs::path& dir) {
   for (const auto& [name, shard_file] : weight_map) {
     if (shard_idx_by_file.count(shard_file) != 0) continue;
     const fs::path shard_path = dir / shard_file;
-    MF_CHECK(fs::exists(shard_path), "{}: shard file '{}' (holding tensor '{}') is missing",
-             index_path.string(), shard_path.string(), name);
+    // The name comes from the index file: the error_code form, so that a name the file system
+    // rejects (too long, say) is reported like a missing file instead of throwing.
+    std::error_code ec;
+    const bool present = fs::exists(shard_path, ec);
+    MF_CHECK(present && !ec, "{}: shard file '{}' (holding tensor '{}') is missing{}",
+             index_path.string(), shard_path.string(), name, ec ? " (" + ec.message() + ")" : "");
     shard_idx_by_file.emplace(shard_file, weights.shards_.size());
     weights.shards_.push_back(SafetensorsFile::open(shard_path));
   }

@@ -160,6 +160,16 @@ TEST(ModelWeights, MissingShardFile) {
                {"model-00002-of-00003.safetensors", "missing", "'big'"});
 }
 
+// A shard name the file system refuses (longer than a file name may be: the fuzz finding of
+// session 10) is reported as a missing shard, not thrown as a filesystem_error.
+TEST(ModelWeights, ShardNameTheFileSystemRejects) {
+  ScratchDir dir;
+  const std::string name(400, 'w');
+  write_bytes(dir / "model.safetensors.index.json",
+              json{{"weight_map", {{"a", name + ".safetensors"}}}}.dump());
+  expect_error([&] { ModelWeights::open(dir.path()); }, {"'a'", "missing", "too long"});
+}
+
 TEST(ModelWeights, IndexListsTensorAbsentFromItsShard) {
   ScratchDir dir;
   write_model_weights(dir.path(), views_of(shard_test_tensors()), {}, 32);
