@@ -111,18 +111,26 @@ void run_bench_train(const BenchOptions& opt) {
     }
   }
   model.refresh_bf16_params();
-  // Without ZeRO, the trainer's CUDA engine's scheme: buckets summed on the reducer's stream as
+  // The trainer's CUDA engines' schemes. Without ZeRO: buckets summed on the reducer's stream as
   // the backward finishes them (bucket_elems 0: one sum after the backward), then AdamW on every
-  // weight. With ZeRO-1, its engine's: a reduce-scatter on the model's stream after the backward,
-  // AdamW on this rank's shard, the all-gathers of the updated weights.
+  // weight. With ZeRO-1: fp32 buckets summed onto their shard owners on the reducer's stream
+  // beside the backward (bf16, or bucket_elems 0: a reduce-scatter on the model's stream after
+  // it), AdamW on this rank's shard, the all-gathers of the updated weights.
   cuda::BucketedGradReducer reducer;
-  std::unique_ptr<Communicator> dp;
-  if (world.size() > 1 || opt.zero_stage == 1) {
+  std::unique_ptr<Communicator> dp, owner_sums;
+  const auto device_comm = [&](cudaStream_t stream) {
     std::string why_not;
-    dp = cuda::make_device_communicator(
-        world, opt.zero_stage == 1 ? model.stream() : reducer.stream(), &why_not);
-    MF_CHECK(dp != nullptr, "bench train over {} ranks sums the gradients through NCCL, but {}",
+    std::unique_ptr<Communicator> comm = cuda::make_device_communicator(world, stream, &why_not);
+    MF_CHECK(comm != nullptr, "bench train over {} ranks sums the gradients through NCCL, but {}",
              world.size(), why_not);
+    return comm;
+  };
+  if (world.size() > 1 || opt.zero_stage == 1) {
+    dp = device_comm(opt.zero_stage == 1 ? model.stream() : reducer.stream());
+  }
+  if (opt.zero_stage == 1 && world.size() > 1 && bucket_elems > 0 &&
+      reduce_dtype == GradReduceDtype::kFloat32) {
+    owner_sums = device_comm(reducer.stream());
   }
   std::unique_ptr<cuda::GpuAdamW> optimizer;
   std::unique_ptr<cuda::GpuZeroAdamW> zero;
@@ -144,14 +152,22 @@ void run_bench_train(const BenchOptions& opt) {
     // the optimizer (grad norm with its host round trip, AdamW) is a phase of its own.
     if (dp && !zero) {
       reducer.begin(model.grads(), model.grad_ready_ranges(), bucket_elems, *dp, reduce_dtype);
-      // Not beside the expert-parallel collectives (GpuStepEngine::begin_grad_reduce says why).
-      if (bucket_elems > 0 && ep == 1) {
-        model.set_grad_ready_hook([&](size_t index) { reducer.ready(index, model.stream()); });
-      }
+    } else if (owner_sums) {
+      reducer.begin(model.grads(), model.grad_ready_ranges(), bucket_elems, *owner_sums,
+                    reduce_dtype, zero->shard_len());
+    }
+    // Not beside the expert-parallel collectives (GpuStepEngine::begin_grad_reduce says why).
+    if (reducer.active() && bucket_elems > 0 && ep == 1) {
+      model.set_grad_ready_hook([&](size_t index) { reducer.ready(index, model.stream()); });
     }
     const LossBreakdown loss = model.forward_backward(
         tokens.data(), tokens.data() + 1, opt.micro_batch, local_seq, 1.0, cuda::GradMode::kAssign);
-    if (zero) {
+    if (zero && reducer.active()) {
+      model.timer().mark("grad_reduce", model.stream());
+      model.set_grad_ready_hook(nullptr);
+      reducer.finish(model.stream());
+      zero->use_owner_reduced_gradients();
+    } else if (zero) {
       if (world.size() > 1) model.timer().mark("grad_reduce", model.stream());
       zero->reduce_gradients(reduce_dtype);
     } else if (dp) {
@@ -285,8 +301,9 @@ void register_bench_command(CLI::App& app) {
                   "step's forward (GpuAdamW::enable_overlap; experimental, not in `train` yet)");
   train
       ->add_option("--zero-stage", opt->zero_stage,
-                   "1: ZeRO-1 as the trainer's parallel.zero_stage 1 runs it on GPUs (gradients "
-                   "reduce-scattered through NCCL after the backward, AdamW on this rank's 1/N "
+                   "1: ZeRO-1 as the trainer's parallel.zero_stage 1 runs it on GPUs (fp32 "
+                   "gradients summed onto their shard owners through NCCL in buckets beside the "
+                   "backward, bf16 ones reduce-scattered after it; AdamW on this rank's 1/N "
                    "shard, the weights all-gathered in bf16 and in fp32 where read in fp32); 0: "
                    "every rank updates all weights")
       ->check(CLI::Range(0, 1))

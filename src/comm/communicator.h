@@ -63,6 +63,8 @@ class Communicator {
                             void* recv, const size_t* recv_counts, const size_t* recv_offsets,
                             CommDType dtype) = 0;
   virtual void broadcast(void* data, size_t count, CommDType dtype, int root) = 0;
+  // In place on root: data[i] = sum over ranks of data[i]; the other ranks' data stays as it was.
+  virtual void reduce_sum(void* data, size_t count, CommDType dtype, int root) = 0;
   virtual void barrier() = 0;
   // Ranks with the same color form a sub-group, ordered by key (MPI_Comm_split semantics).
   virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
@@ -90,6 +92,10 @@ class Communicator {
   void broadcast(T* data, size_t count, int root) {
     broadcast(static_cast<void*>(data), count, comm_dtype_of<T>(), root);
   }
+  template <typename T>
+  void reduce_sum(T* data, size_t count, int root) {
+    reduce_sum(static_cast<void*>(data), count, comm_dtype_of<T>(), root);
+  }
 };
 
 // n = 1: every collective is a copy (or nothing).
@@ -107,6 +113,7 @@ class SelfCommunicator final : public Communicator {
                     void* recv, const size_t* recv_counts, const size_t* recv_offsets,
                     CommDType dtype) override;
   void broadcast(void*, size_t, CommDType, int) override {}
+  void reduce_sum(void* data, size_t count, CommDType dtype, int root) override;
   void barrier() override {}
   std::unique_ptr<Communicator> split(int, int) override;
   using Communicator::all_gather;
@@ -114,6 +121,7 @@ class SelfCommunicator final : public Communicator {
   using Communicator::all_to_all;
   using Communicator::broadcast;
   using Communicator::reduce_scatter_sum;
+  using Communicator::reduce_sum;
 };
 
 // The world communicator of this process: MPI's world when built with MPI and launched by mpirun

@@ -47,6 +47,10 @@ void SelfCommunicator::all_to_all_v(const void* send, const size_t* send_counts,
                    static_cast<char*>(recv) + recv_offsets[0] * elem, send_counts[0] * elem);
 }
 
+void SelfCommunicator::reduce_sum(void*, size_t, CommDType, int root) {
+  MF_CHECK(root == 0, "reduce_sum on one rank: root {} is not rank 0", root);
+}
+
 std::unique_ptr<Communicator> SelfCommunicator::split(int, int) {
   return std::make_unique<SelfCommunicator>();
 }

@@ -1,6 +1,7 @@
 // Bucketed gradient sums on a stream of their own, overlapped with the backward.
 #include "cuda/bucketed_grad_reducer.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "core/error.h"
@@ -22,14 +23,19 @@ BucketedGradReducer::~BucketedGradReducer() {
 }
 
 void BucketedGradReducer::begin(float* grads, std::vector<GradRange> ranges, size_t bucket_elems,
-                                Communicator& comm, GradReduceDtype dtype) {
+                                Communicator& comm, GradReduceDtype dtype, int64_t owner_chunk) {
   MF_CHECK(!active(), "a gradient reduction is already running (finish() was not called)");
+  MF_CHECK(owner_chunk >= 0, "negative owner chunk {}", owner_chunk);
+  MF_CHECK(owner_chunk == 0 || dtype == GradReduceDtype::kFloat32,
+           "gradient sums onto their owners only are fp32 (the bf16 reduction is ZeRO-1's "
+           "reduce-scatter after the backward)");
   GradBuckets buckets(std::move(ranges), bucket_elems);
   reducer_.reserve(buckets.max_piece(), comm.size(), dtype);
   buckets_.emplace(std::move(buckets));
   grads_ = grads;
   comm_ = &comm;
   dtype_ = dtype;
+  owner_chunk_ = owner_chunk;
 }
 
 void BucketedGradReducer::ready(size_t index, cudaStream_t compute) {
@@ -53,8 +59,19 @@ void BucketedGradReducer::sum(GradRange span, cudaStream_t compute) {
   MF_CUDA_CHECK(cudaEventRecord(event_, compute));
   MF_CUDA_CHECK(cudaStreamWaitEvent(stream_, event_, 0));
   for (const GradRange& piece : buckets_->pieces(span)) {
-    reducer_.all_reduce(grads_ + piece.offset, static_cast<size_t>(piece.count), *comm_, dtype_,
-                        stream_);
+    if (owner_chunk_ == 0) {
+      reducer_.all_reduce(grads_ + piece.offset, static_cast<size_t>(piece.count), *comm_, dtype_,
+                          stream_);
+      continue;
+    }
+    if (comm_->size() == 1) continue;
+    for (int64_t begin = piece.offset; begin < piece.offset + piece.count;) {
+      const int64_t owner = begin / owner_chunk_;
+      const int64_t end = std::min(piece.offset + piece.count, (owner + 1) * owner_chunk_);
+      comm_->reduce_sum(grads_ + begin, static_cast<size_t>(end - begin), CommDType::kFloat32,
+                        static_cast<int>(owner));
+      begin = end;
+    }
   }
 }
 

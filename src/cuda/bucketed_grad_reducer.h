@@ -2,7 +2,9 @@
 // reports each range of the flat gradient buffer as its last writing kernel is enqueued, the
 // ranges fill buckets (train/grad_buckets.h), and each full bucket is summed on a stream of its
 // own while the backward goes on with the layers before it. Same sums as DeviceGradReducer over
-// the whole buffer (bf16: the same bits; fp32: NCCL's all-reduce per piece).
+// the whole buffer (bf16: the same bits; fp32: NCCL's all-reduce per piece). For ZeRO-1 the fp32
+// sums can go to the owners only (Communicator::reduce_sum per piece of each owner's shard): half
+// the traffic of an all-reduce, overlapped with the backward like it.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -31,9 +33,11 @@ class BucketedGradReducer {
 
   // Starts one reduction of grads over comm, with GradBuckets(ranges, bucket_elems). The scratch
   // of the largest piece is allocated here, before any sum runs beside the backward: a block
-  // freed and reused meanwhile by the other stream would race.
+  // freed and reused meanwhile by the other stream would race. owner_chunk > 0 (fp32 only): each
+  // element is summed onto its owner only, rank r owning [r * owner_chunk, (r + 1) *
+  // owner_chunk) (ZeRO-1's shards); the other ranks' copies are left unsummed.
   void begin(float* grads, std::vector<GradRange> ranges, size_t bucket_elems, Communicator& comm,
-             GradReduceDtype dtype);
+             GradReduceDtype dtype, int64_t owner_chunk = 0);
   bool active() const { return buckets_.has_value(); }
   // Range `index` (the next one) is final once the work enqueued so far on `compute` has run.
   void ready(size_t index, cudaStream_t compute);
@@ -51,6 +55,7 @@ class BucketedGradReducer {
   float* grads_ = nullptr;
   Communicator* comm_ = nullptr;
   GradReduceDtype dtype_ = GradReduceDtype::kFloat32;
+  int64_t owner_chunk_ = 0;
 };
 
 }  // namespace moeforge::cuda

@@ -80,10 +80,40 @@ class GpuModelEngine : public StepEngine {
     grads_pending_zero_ = false;
   }
 
+  // Whether the sums over comm can start beside the backward (begin_grad_reduce): buckets asked
+  // for, several ranks, a device communicator on the reducer's stream, and not under
+  // sequence/expert parallelism: its NCCL collectives on the model's stream and the sums on the
+  // reducer's would be two communicators' kernels in flight at once, which NCCL does not order
+  // across ranks (a deadlock risk).
+  Communicator* overlap_communicator(Communicator& comm, size_t bucket_bytes) {
+    if (comm.size() == 1 || bucket_bytes == 0 || gpu_.expert_parallel_size() > 1) return nullptr;
+    return device_communicator(comm);
+  }
+
+  // The device communicator over the ranks of `comm` (make_device_communicator) on the reducer's
+  // stream, made at the first reduction over comm (collective: every rank of comm reduces at the
+  // same step); null, and the gradients go through host memory, when it cannot be made.
+  Communicator* device_communicator(Communicator& comm) {
+    if (device_comm_parent_ != &comm) {
+      std::string why_not;
+      device_comm_ = make_device_communicator(comm, reducer_.stream(), &why_not);
+      device_comm_parent_ = &comm;
+      if (comm.rank() == 0) {
+        fmt::print(
+            stderr, "gradient sums over {} data-parallel ranks: {}\n", comm.size(),
+            device_comm_ ? "on the GPUs through NCCL" : "through host memory (" + why_not + ")");
+      }
+    }
+    return device_comm_.get();
+  }
+
   Transformer<float>& host_model_;
   GpuTransformer gpu_;
+  BucketedGradReducer reducer_;
 
  private:
+  std::unique_ptr<Communicator> device_comm_;
+  const Communicator* device_comm_parent_ = nullptr;
   std::unique_ptr<Communicator> ep_comm_;  // the expert-parallel group's, on gpu_'s stream
   bool grads_pending_zero_ = false;
 };
@@ -112,13 +142,10 @@ class GpuStepEngine final : public GpuModelEngine {
   }
 
   // On the GPUs, the sums of the last micro-batch's gradients start on the reducer's stream as
-  // its backward finishes them (buckets of bucket_bytes), beside the backward of earlier layers.
-  // Not under sequence/expert parallelism yet: its NCCL collectives on the model's stream and the
-  // sums on the reducer's would be two communicators' kernels in flight at once, which NCCL does
-  // not order across ranks (a deadlock risk).
+  // its backward finishes them (buckets of bucket_bytes), beside the backward of earlier layers
+  // (not under sequence/expert parallelism: overlap_communicator says why).
   void begin_grad_reduce(Communicator& comm, GradReduceDtype dtype, size_t bucket_bytes) override {
-    if (comm.size() == 1 || bucket_bytes == 0 || gpu_.expert_parallel_size() > 1) return;
-    Communicator* device_comm = device_communicator(comm);
+    Communicator* device_comm = overlap_communicator(comm, bucket_bytes);
     if (device_comm == nullptr) return;
     reducer_.begin(gpu_.grads(), gpu_.grad_ready_ranges(), bucket_bytes / sizeof(float),
                    *device_comm, dtype);
@@ -167,37 +194,18 @@ class GpuStepEngine final : public GpuModelEngine {
   }
 
  private:
-  // The device communicator over the ranks of `comm` (make_device_communicator), made at the
-  // first reduction over comm (collective: every rank of comm reduces at the same step); null,
-  // and the gradients go through host memory, when it cannot be made.
-  Communicator* device_communicator(Communicator& comm) {
-    if (device_comm_parent_ != &comm) {
-      std::string why_not;
-      device_comm_ = make_device_communicator(comm, reducer_.stream(), &why_not);
-      device_comm_parent_ = &comm;
-      if (comm.rank() == 0) {
-        fmt::print(
-            stderr, "gradient sums over {} data-parallel ranks: {}\n", comm.size(),
-            device_comm_ ? "on the GPUs through NCCL" : "through host memory (" + why_not + ")");
-      }
-    }
-    return device_comm_.get();
-  }
-
   AdamW& host_optimizer_;
   GpuAdamW optimizer_;
-  BucketedGradReducer reducer_;
-  std::unique_ptr<Communicator> device_comm_;
-  const Communicator* device_comm_parent_ = nullptr;
   const Communicator* overlapped_comm_ = nullptr;
   GradReduceDtype overlapped_dtype_ = GradReduceDtype::kFloat32;
 };
 
-// ZeRO-1 (cuda/gpu_zero_adamw.h): the gradients reduce-scattered over the data-parallel group
-// that shards the host ZeroAdamW, through NCCL on the model's stream after the backward; the
-// moments of this rank's shard on its GPU, the host's shard vectors synced for checkpoints (the
-// fp32 weights all-gathered first: between checkpoints the other ranks' are only current where
-// the model reads fp32).
+// ZeRO-1 (cuda/gpu_zero_adamw.h): the gradients summed over the data-parallel group that shards
+// the host ZeroAdamW onto each shard's owner, in fp32 in buckets beside the backward
+// (BucketedGradReducer's owner sums) or, in bf16 or without buckets, reduce-scattered through
+// NCCL on the model's stream after the backward; the moments of this rank's shard on its GPU, the
+// host's shard vectors synced for checkpoints (the fp32 weights all-gathered first: between
+// checkpoints the other ranks' are only current where the model reads fp32).
 class GpuZero1StepEngine final : public GpuModelEngine {
  public:
   GpuZero1StepEngine(Transformer<float>& model, ZeroAdamW& optimizer, const AdamWHyper& hyper,
@@ -236,11 +244,27 @@ class GpuZero1StepEngine final : public GpuModelEngine {
     host_optimizer_.set_step_count(optimizer_->step_count());
   }
 
+  void begin_grad_reduce(Communicator& comm, GradReduceDtype dtype, size_t bucket_bytes) override {
+    check_sharding_group(comm);
+    if (dtype != GradReduceDtype::kFloat32) return;
+    Communicator* device_comm = overlap_communicator(comm, bucket_bytes);
+    if (device_comm == nullptr) return;
+    reducer_.begin(gpu_.grads(), gpu_.grad_ready_ranges(), bucket_bytes / sizeof(float),
+                   *device_comm, dtype, optimizer_->shard_len());
+    gpu_.set_grad_ready_hook([this](size_t index) { reducer_.ready(index, gpu_.stream()); });
+  }
+
   void all_reduce_grads(Communicator& comm, GradReduceDtype dtype) override {
-    MF_CHECK(&comm == &host_optimizer_.comm(),
-             "with ZeRO-1 the gradients are reduce-scattered over the data-parallel group that "
-             "shards the optimizer state, not over another communicator");
+    check_sharding_group(comm);
     materialize_zero_grads();
+    if (reducer_.active()) {
+      MF_CHECK(dtype == GradReduceDtype::kFloat32,
+               "all_reduce_grads in another dtype than begin_grad_reduce announced");
+      gpu_.set_grad_ready_hook(nullptr);
+      reducer_.finish(gpu_.stream());
+      optimizer_->use_owner_reduced_gradients();
+      return;
+    }
     optimizer_->reduce_gradients(dtype);
   }
 
@@ -262,6 +286,12 @@ class GpuZero1StepEngine final : public GpuModelEngine {
   }
 
  private:
+  void check_sharding_group(const Communicator& comm) const {
+    MF_CHECK(&comm == &host_optimizer_.comm(),
+             "with ZeRO-1 the gradients are summed onto their shard owners over the data-parallel "
+             "group that shards the optimizer state, not over another communicator");
+  }
+
   ZeroAdamW& host_optimizer_;
   std::unique_ptr<Communicator> dp_;  // the data-parallel group's, on gpu_'s stream
   std::unique_ptr<GpuZeroAdamW> optimizer_;

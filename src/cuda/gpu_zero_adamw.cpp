@@ -37,10 +37,8 @@ GpuZeroAdamW::GpuZeroAdamW(GpuTransformer& model, const AdamWHyper& hyper,
   const auto n = static_cast<size_t>(shard_.size());
   exp_avg_.resize(n);
   exp_avg_sq_.resize(n);
-  grad_shard_.resize(static_cast<size_t>(shard_len_));
   exp_avg_.fill_zero(model.stream());
   exp_avg_sq_.fill_zero(model.stream());
-  grad_shard_.fill_zero(model.stream());
   norm_sq_.resize(1);
   scratch_.resize(static_cast<size_t>(reduction_scratch_doubles(std::max<int64_t>(1, shard_len_))));
   found_.resize(static_cast<size_t>(dp.size()));
@@ -66,13 +64,33 @@ GpuZeroAdamW::GpuZeroAdamW(GpuTransformer& model, const AdamWHyper& hyper,
 }
 
 void GpuZeroAdamW::reduce_gradients(GradReduceDtype dtype) {
-  reducer_.reduce_scatter(model_.grads(), static_cast<size_t>(shard_len_), grad_shard_.data(), dp_,
+  float* own_chunk = model_.grads() + dp_.rank() * shard_len_;
+  if (dtype == GradReduceDtype::kFloat32) {
+    // In place (NCCL's form): the model's chunk of this rank becomes the summed shard.
+    if (dp_.size() > 1) {
+      reducer_.reduce_scatter(model_.grads(), static_cast<size_t>(shard_len_), own_chunk, dp_,
+                              dtype, model_.stream());
+    }
+    sums_in_model_grads_ = true;
+    return;
+  }
+  if (bf16_sums_.size() == 0) bf16_sums_.resize(static_cast<size_t>(shard_len_));
+  reducer_.reduce_scatter(model_.grads(), static_cast<size_t>(shard_len_), bf16_sums_.data(), dp_,
                           dtype, model_.stream());
+  sums_in_model_grads_ = false;
+}
+
+void GpuZeroAdamW::use_owner_reduced_gradients() {
+  sums_in_model_grads_ = true;
+}
+
+const float* GpuZeroAdamW::summed_shard() const {
+  return sums_in_model_grads_ ? model_.grads() + shard_.begin : bf16_sums_.data();
 }
 
 double GpuZeroAdamW::grad_norm() {
   const cudaStream_t stream = model_.stream();
-  sum_squares(norm_sq_.data(), grad_shard_.data(), shard_.size(), scratch_.data(), stream);
+  sum_squares(norm_sq_.data(), summed_shard(), shard_.size(), scratch_.data(), stream);
   if (dp_.size() > 1) dp_.all_reduce_sum(norm_sq_.data(), 1, CommDType::kFloat64);
   return sqrt_of_device(norm_sq_.data(), stream);
 }
@@ -88,7 +106,7 @@ GpuAdamWResult GpuZeroAdamW::step(double lr, double max_norm) {
     step.decay_factor = run.decay ? c.decay_factor : c.no_decay_factor;
     const int64_t local = run.begin - shard_.begin;
     adamw_update(model_.params() + run.begin, model_.params_bf16() + run.begin,
-                 exp_avg_.data() + local, exp_avg_sq_.data() + local, grad_shard_.data() + local,
+                 exp_avg_.data() + local, exp_avg_sq_.data() + local, summed_shard() + local,
                  run.count, step, stream);
   }
   if (dp_.size() > 1) all_gather_updated_weights();
@@ -157,7 +175,7 @@ std::vector<float> GpuZeroAdamW::download_exp_avg_sq() const {
 std::vector<float> GpuZeroAdamW::download_grad_shard() const {
   model_.synchronize();
   std::vector<float> host(static_cast<size_t>(shard_.size()));
-  copy_to_host(host.data(), grad_shard_.data(), host.size() * sizeof(float));
+  copy_to_host(host.data(), summed_shard(), host.size() * sizeof(float));
   return host;
 }
 

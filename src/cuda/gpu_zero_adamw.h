@@ -35,12 +35,19 @@ class GpuZeroAdamW {
                const std::vector<std::string>& no_decay_substrings, Communicator& dp);
 
   const ZeroShard& shard() const { return shard_; }
+  // Elements per rank of the padded flat buffers: rank r's shard starts at r * shard_len().
+  int64_t shard_len() const { return shard_len_; }
 
   // Collective. The sum over the ranks of the model's gradient, kept for this rank's shard only:
-  // fp32 reduce-scatter, or bf16 as train/grad_reduce.h's reduce_scatter_gradients_bf16 (each
-  // rank's gradient rounded once to bf16, every rank's copy of the shard summed in fp32 in rank
-  // order: the host's bits).
+  // fp32 reduce-scatter in place (the model's gradient holds the summed shard, the rest of it is
+  // left unsummed), or bf16 as train/grad_reduce.h's reduce_scatter_gradients_bf16 (each rank's
+  // gradient rounded once to bf16, every rank's copy of the shard summed in fp32 in rank order:
+  // the host's bits) into a buffer of its own.
   void reduce_gradients(GradReduceDtype dtype);
+  // Instead of reduce_gradients: the model's gradient already holds the fp32 sum over the ranks on
+  // this rank's shard (BucketedGradReducer with owner_chunk = shard_len(), overlapped with the
+  // backward).
+  void use_owner_reduced_gradients();
   // Collective. The L2 norm of the summed gradient: each rank's squared norm of its shard (double),
   // summed over the ranks.
   double grad_norm();
@@ -73,6 +80,8 @@ class GpuZeroAdamW {
 
   // The bf16 all-gather of the weights and the packed fp32 all-gather of the fp32-read ones.
   void all_gather_updated_weights();
+  // This rank's summed gradient [shard.size()]: in the model's buffer or in bf16_sums_.
+  const float* summed_shard() const;
 
   GpuTransformer& model_;
   AdamWHyper hyper_;
@@ -85,7 +94,10 @@ class GpuZeroAdamW {
   std::vector<std::vector<GradRange>> fp32_pieces_;
   int64_t fp32_chunk_ = 0;
   DeviceBuffer<float> fp32_send_, fp32_recv_;
-  DeviceBuffer<float> exp_avg_, exp_avg_sq_, grad_shard_;
+  DeviceBuffer<float> exp_avg_, exp_avg_sq_;
+  DeviceBuffer<float>
+      bf16_sums_;  // the shard's sums of the bf16 reduction (allocated at its first)
+  bool sums_in_model_grads_ = true;
   DeviceBuffer<double> norm_sq_, scratch_;
   DeviceBuffer<int64_t> found_;
   DeviceGradReducer reducer_;

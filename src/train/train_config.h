@@ -118,8 +118,10 @@ struct ParallelConfig {
   std::string grad_reduce_dtype = "fp32";
   // The CUDA engine sums the last micro-batch's gradients in buckets of this many MiB (of fp32
   // gradient) on a stream of their own as its backward finishes them, overlapped with the
-  // backward of earlier layers; 0: one sum after the backward. The CPU engines ignore it.
-  double grad_bucket_mb = 64.0;
+  // backward of earlier layers; 0: one sum after the backward. The CPU engines ignore it. 512:
+  // the best of 64-1024 on two H200s for configs/bench/moe-1.8b-a0.4b.json (docs/benchmarks.md,
+  // session 11): fewer, larger buckets contend less with the backward's kernels.
+  double grad_bucket_mb = 512.0;
   // How each MoE layer reaches the experts of other ranks under layout "sp_ep": "allgather"
   // (all-gather -> local experts -> reduce-scatter), "alltoall" (each token's top-k rows to their
   // experts' ranks and back) or "auto" (all-to-all iff top-k < expert_parallel, the smaller

@@ -116,6 +116,14 @@ TEST(SelfCommunicator, BroadcastAndBarrierKeepTheData) {
   EXPECT_EQ(data, (std::vector<int32_t>{3, 1, 4}));
 }
 
+TEST(SelfCommunicator, ReduceSumKeepsTheDataAndRejectsAnotherRoot) {
+  SelfCommunicator comm;
+  std::vector<float> data = {2.5f, -1.0f};
+  comm.reduce_sum(data.data(), data.size(), 0);
+  EXPECT_EQ(data, (std::vector<float>{2.5f, -1.0f}));
+  EXPECT_THROW(comm.reduce_sum(data.data(), data.size(), 1), Error);
+}
+
 TEST(SelfCommunicator, SplitGivesAWorkingSingleRankCommunicator) {
   SelfCommunicator comm;
   std::unique_ptr<Communicator> sub = comm.split(/*color=*/3, /*key=*/-1);

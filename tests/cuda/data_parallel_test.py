@@ -13,8 +13,8 @@ backward of the first). "sp-ep" is one group of two GPUs sharing each sequence (
 2: Ulysses attention and half the experts each, GpuTransformer::set_expert_parallel_group) over the
 same micro-batches; "sp-ep-zero1" is the same group with ZeRO-1 (the group's partial gradients
 summed on the GPUs, then the optimizer over a data-parallel group of one). "dp-zero1" is ZeRO-1
-on the two GPUs (parallel.zero_stage 1: gradients reduce-scattered, AdamW on each GPU's half,
-weights all-gathered); it saves a checkpoint halfway (each rank's moments gathered to rank 0), and
+on the two GPUs (parallel.zero_stage 1: gradients summed onto their shard owners in BUCKET_MB
+buckets beside the backward, AdamW on each GPU's half, weights all-gathered); it saves a checkpoint halfway (each rank's moments gathered to rank 0), and
 "dp-zero1-resumed" resumes from it (each rank reads its shard back) for the second half, which,
 joined to the first half, must track one GPU too.
 
@@ -102,9 +102,11 @@ def main():
                       "--set", "data.grad_accum_steps=2"]),
                     ("dp-zero1", mpirun, "cuda",
                      ["--set", "parallel.zero_stage=1",
+                      "--set", f"parallel.grad_bucket_mb={BUCKET_MB}",
                       "--set", f"checkpoint.every_steps={STEPS // 2}"]),
                     ("dp-zero1-resumed", mpirun, "cuda",
-                     ["--set", "parallel.zero_stage=1", "--resume",
+                     ["--set", "parallel.zero_stage=1",
+                      "--set", f"parallel.grad_bucket_mb={BUCKET_MB}", "--resume",
                       os.path.join(tmp, f"{model}-dp-zero1", "checkpoints",
                                    f"step-{STEPS // 2:08d}")])]:
                 run_dir = os.path.join(tmp, f"{model}-{name}")

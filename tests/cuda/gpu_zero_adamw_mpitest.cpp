@@ -8,7 +8,9 @@
 // the weights and the shard's moments equal GpuAdamW's bit for bit, given the same clipping
 // factor (checked: the norms differ only by the grouping of a double sum): after each step the
 // bf16 copy everywhere and the fp32 weights where the model reads them, a forward's loss (which
-// would differ if it read a stale weight), and after gather_weights() every fp32 weight.
+// would differ if it read a stale weight), and after gather_weights() every fp32 weight. The fp32
+// sums also come from BucketedGradReducer's owner sums (use_owner_reduced_gradients), with the
+// same checks.
 // Run alone and under mpirun (2 and 4 ranks in ctest), skipping as
 // comm/nccl/nccl_test_harness.h says.
 #include "cuda/gpu_zero_adamw.h"
@@ -19,10 +21,12 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "comm/nccl/nccl_test_harness.h"
 #include "core/rng.h"
+#include "cuda/bucketed_grad_reducer.h"
 #include "cuda/device_communicator.h"
 #include "cuda/gpu_adamw.h"
 #include "cuda/gpu_test_models.h"
@@ -71,7 +75,23 @@ double forward_loss(GpuTransformer& model, const ModelConfig& config) {
   return model.forward_backward(tokens.data(), targets.data(), batch, seq, 0.0).loss;
 }
 
-void expect_matches_references(Architecture arch, GradReduceDtype dtype, double max_norm) {
+// The model's gradient summed onto the shard owners in buckets of 3000 elements, reported range by
+// range as a backward does, on the reducer's stream through a communicator of its own.
+void sum_onto_owners(GpuTransformer& model, GpuZeroAdamW& zero) {
+  BucketedGradReducer reducer;
+  std::string why_not;
+  const auto comm = make_device_communicator(world_communicator(), reducer.stream(), &why_not);
+  ASSERT_NE(comm, nullptr) << why_not;
+  reducer.begin(model.grads(), model.grad_ready_ranges(), 3000, *comm, GradReduceDtype::kFloat32,
+                zero.shard_len());
+  for (size_t i = 0; i < model.grad_ready_ranges().size(); ++i) reducer.ready(i, model.stream());
+  reducer.finish(model.stream());
+  zero.use_owner_reduced_gradients();
+  model.synchronize();
+}
+
+void expect_matches_references(Architecture arch, GradReduceDtype dtype, double max_norm,
+                               bool owner_buckets = false) {
   SCOPED_TRACE(architecture_name(arch));
   Communicator& world = world_communicator();
   const int ranks = world.size(), rank = world.rank();
@@ -101,7 +121,11 @@ void expect_matches_references(Architecture arch, GradReduceDtype dtype, double 
     SCOPED_TRACE(::testing::Message() << "step " << step);
     const std::vector<float> grads = rank_gradient(n, rank, step);
     sharded.upload_grads(grads);
-    zero.reduce_gradients(dtype);
+    if (owner_buckets) {
+      sum_onto_owners(sharded, zero);
+    } else {
+      zero.reduce_gradients(dtype);
+    }
     host.reduce_gradients(grads.data(), dtype);
     const std::vector<float> got_shard = zero.download_grad_shard();
     ASSERT_EQ(static_cast<int64_t>(got_shard.size()), shard.size());
@@ -179,6 +203,13 @@ TEST(GpuZeroAdamW, Fp32MatchesHostShardsAndTheUnshardedUpdate) {
   for (const Architecture arch :
        {Architecture::kLlama, Architecture::kQwen2Moe, Architecture::kQwen3Moe}) {
     expect_matches_references(arch, GradReduceDtype::kFloat32, 1.0);
+  }
+}
+
+TEST(GpuZeroAdamW, Fp32OwnerSumsInBucketsMatchHostShardsAndTheUnshardedUpdate) {
+  MF_REQUIRE_NCCL_GPUS();
+  for (const Architecture arch : {Architecture::kLlama, Architecture::kQwen2Moe}) {
+    expect_matches_references(arch, GradReduceDtype::kFloat32, 1.0, /*owner_buckets=*/true);
   }
 }
 

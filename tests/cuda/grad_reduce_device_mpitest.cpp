@@ -186,7 +186,8 @@ std::vector<GradRange> descending_ranges(size_t count, size_t pieces, uint64_t s
 // Runs the simulated backward (reporting the first `reported` ranges) and finish().
 std::vector<float> reduce_in_buckets(const std::vector<float>& host,
                                      const std::vector<GradRange>& ranges, size_t reported,
-                                     size_t bucket_elems, GradReduceDtype dtype) {
+                                     size_t bucket_elems, GradReduceDtype dtype,
+                                     int64_t owner_chunk = 0) {
   NcclCommunicator& comm = nccl();
   BucketedGradReducer reducer;
   cudaStream_t previous = comm.stream();
@@ -196,7 +197,7 @@ std::vector<float> reduce_in_buckets(const std::vector<float>& host,
   DeviceBuffer<float> source, grads, busy(size_t{1} << 26);
   source.upload(host);
   grads.upload(std::vector<float>(host.size(), 3.0e38f));
-  reducer.begin(grads.data(), ranges, bucket_elems, comm, dtype);
+  reducer.begin(grads.data(), ranges, bucket_elems, comm, dtype, owner_chunk);
   for (size_t i = 0; i < ranges.size(); ++i) {
     const GradRange& r = ranges[i];
     // 256 MiB of memset first, so the range's write lands well after a sum that did not wait.
@@ -248,6 +249,49 @@ TEST(BucketedGradReducer, OverlappedBucketsGiveTheWholeBufferSum) {
       }
     }
   }
+}
+
+// ZeRO-1's owner sums: each rank's chunk of the buffer holds the whole-buffer fp32 sum (NCCL's
+// reduce per piece: the same bits at two ranks, the bound above beyond), the rest of it the rank's
+// own gradient untouched.
+TEST(BucketedGradReducer, OwnerSumsGiveEachOwnerTheSumOfItsChunk) {
+  MF_REQUIRE_NCCL_GPUS();
+  const size_t count = 70001;
+  const int num_ranks = nccl().size(), rank = nccl().rank();
+  const std::vector<GradRange> ranges = descending_ranges(count, 13, 7);
+  const std::vector<float> mine = rank_gradient(count, rank);
+  std::vector<float> magnitude(count);
+  for (size_t i = 0; i < count; ++i) magnitude[i] = std::fabs(mine[i]);
+  world_communicator().all_reduce_sum(magnitude.data(), count);
+  const std::vector<float> whole = reduce_on_device(mine, GradReduceDtype::kFloat32);
+  const auto chunk = static_cast<int64_t>((count + num_ranks - 1) / num_ranks);
+  const auto own_begin = static_cast<size_t>(std::min<int64_t>(rank * chunk, count));
+  const auto own_end = static_cast<size_t>(std::min<int64_t>((rank + 1) * chunk, count));
+  for (const size_t bucket : {size_t{0}, size_t{9000}, size_t{1000}}) {
+    for (const size_t reported : {ranges.size(), ranges.size() - 4}) {
+      const std::vector<float> got =
+          reduce_in_buckets(mine, ranges, reported, bucket, GradReduceDtype::kFloat32, chunk);
+      ASSERT_EQ(got.size(), count);
+      for (size_t i = 0; i < count; ++i) {
+        const bool own = i >= own_begin && i < own_end;
+        if (!own || num_ranks <= 2) {
+          ASSERT_EQ(std::bit_cast<uint32_t>(got[i]),
+                    std::bit_cast<uint32_t>(own ? whole[i] : mine[i]))
+              << "bucket " << bucket << ", reported " << reported << ", element " << i
+              << (own ? " (owned)" : " (another rank's)");
+        } else {
+          const double bound = 4.0 * (num_ranks - 1) * 0x1.0p-24 * magnitude[i] * 1.001;
+          ASSERT_LE(std::fabs(static_cast<double>(got[i]) - whole[i]), bound)
+              << "bucket " << bucket << ", reported " << reported << ", element " << i;
+        }
+      }
+    }
+  }
+  BucketedGradReducer reducer;
+  DeviceBuffer<float> grads(10);
+  EXPECT_THROW(reducer.begin(grads.data(), {{0, 10}}, 0, nccl(), GradReduceDtype::kBfloat16, 5),
+               Error);
+  EXPECT_FALSE(reducer.active());
 }
 
 TEST(BucketedGradReducer, RejectsRangesThatDoNotTileOrComeOutOfOrder) {

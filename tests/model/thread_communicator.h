@@ -101,6 +101,13 @@ class ThreadCommunicator final : public Communicator {
     if (rank_ != root) std::memcpy(data, group_.buffer(root), count * comm_dtype_size(dtype));
     group_.done_reading();
   }
+  void reduce_sum(void* data, size_t count, CommDType dtype, int root) override {
+    group_.publish(rank_, data);
+    std::vector<char> sum;
+    if (rank_ == root) sum = reduce(0, count, dtype);
+    group_.done_reading();
+    if (rank_ == root) std::memcpy(data, sum.data(), sum.size());
+  }
   void barrier() override {
     group_.publish(rank_, nullptr);
     group_.done_reading();

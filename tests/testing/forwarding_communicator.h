@@ -36,6 +36,9 @@ class ForwardingCommunicator : public Communicator {
   void broadcast(void* data, size_t count, CommDType dtype, int root) override {
     inner_.broadcast(data, count, dtype, root);
   }
+  void reduce_sum(void* data, size_t count, CommDType dtype, int root) override {
+    inner_.reduce_sum(data, count, dtype, root);
+  }
   void barrier() override { inner_.barrier(); }
   std::unique_ptr<Communicator> split(int color, int key) override {
     return inner_.split(color, key);

@@ -243,6 +243,33 @@ TEST_F(TrainFixture, AnnouncesTheLastMicroBatchBeforeTheGradientSum) {
   }
 }
 
+// Under ZeRO-1 (expert_parallel 1) the announcement is over the data-parallel group that shards the
+// optimizer, the one the sums onto the shard owners then run over.
+TEST_F(TrainFixture, Zero1AnnouncesTheLastMicroBatchOverTheShardingGroup) {
+  TrainConfig c = config(2, 2);
+  c.checkpoint.every_steps = 0;
+  c.parallel.zero_stage = 1;
+  c.parallel.grad_bucket_mb = 0.25;
+  std::vector<std::vector<std::string>> calls(2);
+  testing::run_ranks(2, [&](Communicator& world) {
+    TrainConfig mine = c;
+    mine.checkpoint.dir = root_ / ("zero-run-" + std::to_string(world.rank()));
+    TrainRunOptions options = no_progress();
+    options.device = "cuda";
+    std::vector<std::string>& log = calls[static_cast<size_t>(world.rank())];
+    options.zero1_engine_factory = [&log](const std::string&, Transformer<float>& model,
+                                          ZeroAdamW& optimizer) -> std::unique_ptr<StepEngine> {
+      return std::make_unique<RecordingEngine>(make_cpu_zero1_step_engine(model, optimizer), log);
+    };
+    train(mine, options, world);
+  });
+  const std::vector<std::string> step = {"backward", fmt::format("begin 2 fp32 {}", 256 * 1024),
+                                         "backward", "reduce (same group)"};
+  std::vector<std::string> expected;
+  for (int i = 0; i < 2; ++i) expected.insert(expected.end(), step.begin(), step.end());
+  for (const std::vector<std::string>& rank_calls : calls) EXPECT_EQ(rank_calls, expected);
+}
+
 TEST_F(TrainFixture, TensorParallelLayoutRunsOnTheCpuEngineOnly) {
   TrainConfig c = config(3);
   c.parallel.layout = "tp";

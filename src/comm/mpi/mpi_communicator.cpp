@@ -263,6 +263,25 @@ void MpiCommunicator::broadcast(void* data, size_t count, CommDType dtype, int r
   }
 }
 
+void MpiCommunicator::reduce_sum(void* data, size_t count, CommDType dtype, int root) {
+  MF_CHECK(root >= 0 && root < size_,
+           "MpiCommunicator::reduce_sum: root {} is not a rank of this communicator of size {}",
+           root, size_);
+  const int mpi_count = to_mpi_count(count, "reduce_sum", "count");
+  const MPI_Datatype mpi_type = mpi_datatype(dtype);
+  const bool is_root = rank_ == root;
+  if (!is_floating(dtype)) {
+    MF_MPI_CHECK(
+        MPI_Reduce(is_root ? MPI_IN_PLACE : data, data, mpi_count, mpi_type, MPI_SUM, root, comm_));
+    return;
+  }
+  const size_t bytes = count * comm_dtype_size(dtype);
+  if (is_root) scratch_.resize(bytes * size_);  // [size, count]: every rank's data
+  MF_MPI_CHECK(MPI_Gather(data, mpi_count, mpi_type, is_root ? scratch_.data() : nullptr, mpi_count,
+                          mpi_type, root, comm_));
+  if (is_root) sum_in_rank_order(scratch_.data(), data, size_, count, dtype);
+}
+
 void MpiCommunicator::barrier() {
   MF_MPI_CHECK(MPI_Barrier(comm_));
 }

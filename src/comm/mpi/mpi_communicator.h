@@ -73,6 +73,9 @@ class MpiCommunicator final : public Communicator {
                     void* recv, const size_t* recv_counts, const size_t* recv_offsets,
                     CommDType dtype) override;
   void broadcast(void* data, size_t count, CommDType dtype, int root) override;
+  // Floating point: every rank's data gathered on root and summed there in rank order (as the
+  // other sums); integers: MPI_Reduce.
+  void reduce_sum(void* data, size_t count, CommDType dtype, int root) override;
   void barrier() override;
   // color >= 0; the result owns its MPI_Comm and keeps max_count_per_call.
   std::unique_ptr<Communicator> split(int color, int key) override;
@@ -81,6 +84,7 @@ class MpiCommunicator final : public Communicator {
   using Communicator::all_to_all;
   using Communicator::broadcast;
   using Communicator::reduce_scatter_sum;
+  using Communicator::reduce_sum;
 
  private:
   // Rank-ordered floating-point sum of one segment of at most max_count_per_call_ elements.

@@ -343,6 +343,16 @@ void NcclCommunicator::broadcast(void* data, size_t count, CommDType dtype, int 
                                               comm_.get(), stream_));
 }
 
+void NcclCommunicator::reduce_sum(void* data, size_t count, CommDType dtype, int root) {
+  check_healthy("reduce_sum");
+  MF_CHECK(root >= 0 && root < size_, "{}: root {} is not a rank of this communicator of size {}",
+           context("reduce_sum"), root, size_);
+  if (count == 0) return;
+  check_device_buffer("reduce_sum", "data", data);
+  MF_NCCL_CHECK_OP("reduce_sum", ncclReduce(data, data, count, nccl_datatype(dtype), ncclSum, root,
+                                            comm_.get(), stream_));
+}
+
 void NcclCommunicator::barrier() {
   check_healthy("barrier");
   MF_NCCL_CHECK_OP("barrier", ncclAllReduce(barrier_scratch_.get(), barrier_scratch_.get(), 1,

@@ -119,6 +119,8 @@ class NcclCommunicator final : public Communicator {
                     void* recv, const size_t* recv_counts, const size_t* recv_offsets,
                     CommDType dtype) override;
   void broadcast(void* data, size_t count, CommDType dtype, int root) override;
+  // ncclReduce in place: NCCL's order of additions, as all_reduce_sum.
+  void reduce_sum(void* data, size_t count, CommDType dtype, int root) override;
   // An all-reduce (max) of one int32 on stream(), then synchronize(): returns on a rank only once
   // every rank has entered the barrier (an empty ncclGroupStart/End would exchange nothing).
   void barrier() override;
@@ -130,6 +132,7 @@ class NcclCommunicator final : public Communicator {
   using Communicator::all_to_all;
   using Communicator::broadcast;
   using Communicator::reduce_scatter_sum;
+  using Communicator::reduce_sum;
 
  private:
   struct StreamDestroyer {

@@ -403,6 +403,52 @@ TEST(MpiCommunicator, BroadcastRejectsARootOutsideTheCommunicator) {
   EXPECT_THROW(world().broadcast(&value, 1, -1), Error);
 }
 
+TEST(MpiCommunicator, ReduceSumFloatIsTheRankOrderSumOnTheRootOnly) {
+  for (int root = 0; root < world().size(); ++root) {
+    SCOPED_TRACE(::testing::Message() << "root " << root);
+    for (size_t count : {size_t{0}, size_t{1}, size_t{1003}}) {
+      std::vector<float> data(count), mine(count), expected(count);
+      std::vector<double> data64(count), expected64(count);
+      for (size_t i = 0; i < count; ++i) {
+        data[i] = mine[i] = mixed_magnitude_value<float>(world().rank(), i);
+        data64[i] = mixed_magnitude_value<double>(world().rank(), i);
+        expected[i] = rank_order_sum<float>(world().size(), i);
+        expected64[i] = rank_order_sum<double>(world().size(), i);
+      }
+      world().reduce_sum(data.data(), count, root);
+      world().reduce_sum(data64.data(), count, root);
+      if (world().rank() == root) {
+        EXPECT_TRUE(bitwise_equal(data, expected));
+        EXPECT_TRUE(bitwise_equal(data64, expected64));
+      } else {
+        EXPECT_TRUE(bitwise_equal(data, mine)) << "a rank other than the root keeps its data";
+      }
+    }
+  }
+}
+
+TEST(MpiCommunicator, ReduceSumIntegers) {
+  const int64_t num_ranks = world().size();
+  const int root = world().size() - 1;
+  std::vector<int64_t> data(4);
+  for (size_t i = 0; i < data.size(); ++i)
+    data[i] = world().rank() * 1000 + static_cast<int64_t>(i);
+  const std::vector<int64_t> mine = data;
+  world().reduce_sum(data.data(), data.size(), root);
+  for (size_t i = 0; i < data.size(); ++i) {
+    const int64_t want = world().rank() == root ? 1000 * num_ranks * (num_ranks - 1) / 2 +
+                                                      num_ranks * static_cast<int64_t>(i)
+                                                : mine[i];
+    EXPECT_EQ(data[i], want) << i;
+  }
+}
+
+TEST(MpiCommunicator, ReduceSumRejectsARootOutsideTheCommunicator) {
+  float value = 0.0f;
+  EXPECT_THROW(world().reduce_sum(&value, 1, world().size()), Error);
+  EXPECT_THROW(world().reduce_sum(&value, 1, -1), Error);
+}
+
 TEST(MpiCommunicator, BarrierWaitsForTheSlowestRank) {
   using Clock = std::chrono::steady_clock;
   const auto delay = std::chrono::milliseconds(200);

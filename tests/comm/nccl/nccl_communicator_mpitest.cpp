@@ -262,6 +262,24 @@ void check_broadcast_from_every_root(NcclCommunicator& comm, size_t count) {
   }
 }
 
+template <typename T>
+void check_reduce_sum_on_every_root(NcclCommunicator& comm, size_t count) {
+  for (int root = 0; root < comm.size(); ++root) {
+    SCOPED_TRACE(::testing::Message() << "dtype " << static_cast<int>(dtype_of<T>()) << ", count "
+                                      << count << ", root " << root);
+    std::vector<T> mine(count), total(count);
+    for (size_t i = 0; i < count; ++i) {
+      mine[i] = encode<T>(summand<T>(comm.rank(), i));
+      total[i] = encode<T>(summand_total<T>(comm.size(), i));
+    }
+    DeviceArray<T> data(mine);
+    comm.reduce_sum(data.data(), count, dtype_of<T>(), root);
+    comm.synchronize();
+    // The other ranks keep their own values.
+    EXPECT_TRUE(bitwise_equal(data.download(), comm.rank() == root ? total : mine));
+  }
+}
+
 // The four collectives with data, on every dtype; what the world and each split group run.
 void check_every_collective(NcclCommunicator& comm) {
   for (size_t count : {size_t{1}, size_t{1003}}) {
@@ -279,6 +297,7 @@ void check_every_collective(NcclCommunicator& comm) {
   check_all_to_all<int64_t>(comm, 2);
   check_all_to_all_v<int32_t>(comm);
   check_broadcast_from_every_root<double>(comm, 10);
+  check_reduce_sum_on_every_root<float>(comm, 7);
 }
 
 TEST(NcclCommunicator, CoversTheWorldOnThisRanksDevice) {
@@ -358,6 +377,14 @@ TEST(NcclCommunicator, BroadcastFromEveryRoot) {
   check_broadcast_from_every_root<double>(nccl(), 10);
   check_broadcast_from_every_root<uint16_t>(nccl(), 3);
   check_broadcast_from_every_root<int32_t>(nccl(), 100000);
+}
+
+TEST(NcclCommunicator, ReduceSumOnEveryRoot) {
+  MF_REQUIRE_NCCL_GPUS();
+  check_reduce_sum_on_every_root<float>(nccl(), 5);
+  check_reduce_sum_on_every_root<int64_t>(nccl(), 4);
+  check_reduce_sum_on_every_root<uint16_t>(nccl(), 1000);
+  check_reduce_sum_on_every_root<float>(nccl(), (size_t{1} << 20) + 3);
 }
 
 TEST(NcclCommunicator, BarrierWaitsForTheSlowestRank) {
@@ -538,6 +565,8 @@ TEST(NcclCommunicator, RejectsInvalidArguments) {
   DeviceArray<int32_t> data(1);
   EXPECT_THROW(nccl().broadcast(data.data(), 1, nccl().size()), Error);
   EXPECT_THROW(nccl().broadcast(data.data(), 1, -1), Error);
+  EXPECT_THROW(nccl().reduce_sum(data.data(), 1, nccl().size()), Error);
+  EXPECT_THROW(nccl().reduce_sum(data.data(), 1, -1), Error);
   EXPECT_THROW(nccl().set_timeout(std::chrono::milliseconds(0)), Error);
   SelfCommunicator self;
   NcclCommunicator single(self);
