@@ -8,7 +8,8 @@
 #             device gradient sums', the sequence/expert-parallel GpuTransformer's and ZeRO-1's
 #             (GpuZeroAdamW) at 1, 2 and 4 ranks (4 skips on 2 GPUs), and two GPUs under mpirun
 #             against one, data- and expert-parallel and ZeRO-1 (tests/cuda/data_parallel_test.py;
-#             its loss and grad-norm curves in $OUT/data_parallel_curves.json)
+#             its loss and grad-norm curves in $OUT/data_parallel_curves.json; DATA_PARALLEL_RUNS
+#             picks some of its runs, e.g. dp-zero1,dp-zero1-resumed)
 #   scaling   data-parallel weak scaling of `bench train` on configs/bench/moe-1.8b-a0.4b.json:
 #             mpirun with 1, 2 and 4 ranks (as many as there are GPUs), one GPU each, the
 #             gradients summed through NCCL (SCALING_ARGS adds options, e.g. --grad-reduce bf16,

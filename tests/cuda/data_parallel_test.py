@@ -27,7 +27,9 @@ of a nat, and these show how far in this run's data. The first step (before any 
 agree to FIRST_STEP_GAP, and the two-GPU runs must say that they summed through NCCL.
 
 An optional third argument names a JSON file that receives every run's loss and gradient-norm
-curves, per model (written before the checks, for a look at a failing run).
+curves, per model (written before the checks, for a look at a failing run). DATA_PARALLEL_RUNS
+(comma-separated names of the checked runs, e.g. dp-zero1,dp-zero1-resumed) runs only those
+beside the four reference runs; dp-zero1-resumed brings dp-zero1 with it.
 
 Exits 77 (skipped) without two GPUs or without MOEFORGE_MPIEXEC (mpirun), unless
 MOEFORGE_EXPECT_GPU=1 and there is no GPU at all."""
@@ -43,6 +45,23 @@ STEPS = 100
 NOISE_FACTOR = 2.0
 FIRST_STEP_GAP = 1e-3  # nats: the same forward on the same weights, bf16 on both
 BUCKET_MB = 0.05  # 13,107 fp32 gradients a bucket: dozens per step on the tiny models
+REFERENCE_RUNS = ("cpu", "one-gpu", "cpu-dp-fp32", "cpu-dp-bf16")
+CHECKED_RUNS = ("dp-fp32", "dp-bf16", "dp-fp32-buckets", "dp-bf16-buckets", "sp-ep", "sp-ep-zero1",
+                "dp-zero1", "dp-zero1-resumed")
+
+
+def selected_runs():
+    """The checked runs that DATA_PARALLEL_RUNS names (all when it is unset or empty)."""
+    names = [n for n in os.environ.get("DATA_PARALLEL_RUNS", "").split(",") if n]
+    if not names:
+        return set(CHECKED_RUNS)
+    unknown = [n for n in names if n not in CHECKED_RUNS]
+    if unknown:
+        sys.exit(f"DATA_PARALLEL_RUNS: unknown run(s) {unknown}; known: {', '.join(CHECKED_RUNS)}")
+    wanted = set(names)
+    if "dp-zero1-resumed" in wanted:
+        wanted.add("dp-zero1")  # it resumes from dp-zero1's checkpoint
+    return wanted
 
 
 def step_records(metrics_file, key):
@@ -69,6 +88,7 @@ def main():
     if num_gpus < 2 or not mpiexec:
         print(f"skipped: {num_gpus} GPU(s), mpirun {mpiexec or 'not built'} (needs 2 GPUs and MPI)")
         sys.exit(77)
+    wanted = selected_runs()
     tmp = tempfile.mkdtemp(prefix="moeforge-dp-")
     try:
         data = prepare_text_data(moeforge, source_dir, os.path.join(tmp, "data"))
@@ -109,6 +129,8 @@ def main():
                       "--set", f"parallel.grad_bucket_mb={BUCKET_MB}", "--resume",
                       os.path.join(tmp, f"{model}-dp-zero1", "checkpoints",
                                    f"step-{STEPS // 2:08d}")])]:
+                if name not in REFERENCE_RUNS and name not in wanted:
+                    continue
                 run_dir = os.path.join(tmp, f"{model}-{name}")
                 proc = run(launch + [moeforge, "train", "--config", config, "--device", device,
                                      "--set", f"checkpoint.dir={run_dir}"] + common + extra)
@@ -122,9 +144,10 @@ def main():
                 grad_norms[name] = step_records(metrics, "grad_norm")
                 want_steps = STEPS - STEPS // 2 if name == "dp-zero1-resumed" else STEPS
                 assert len(curves[name]) == want_steps, (model, name, len(curves[name]))
-            for series in (curves, grad_norms):
-                series["dp-zero1-resumed"] = (series["dp-zero1"][:STEPS // 2] +
-                                              series["dp-zero1-resumed"])
+            if "dp-zero1-resumed" in curves:
+                for series in (curves, grad_norms):
+                    series["dp-zero1-resumed"] = (series["dp-zero1"][:STEPS // 2] +
+                                                  series["dp-zero1-resumed"])
             all_curves[model] = {"loss": curves, "grad_norm": grad_norms}
             if curves_file:
                 with open(curves_file, "w") as f:
@@ -136,8 +159,7 @@ def main():
             bound = NOISE_FACTOR * noise
             print(f"{model}: noise (one-gpu vs cpu) {noise:.3g} nats; for comparison " + ", ".join(
                 f"{name} vs cpu {gap:.3g}" for name, gap in samples.items() if name != "one-gpu"))
-            for name in ("dp-fp32", "dp-bf16", "dp-fp32-buckets", "dp-bf16-buckets", "sp-ep",
-                         "sp-ep-zero1", "dp-zero1", "dp-zero1-resumed"):
+            for name in (n for n in CHECKED_RUNS if n in curves):
                 diffs = [b - a for a, b in zip(curves["one-gpu"], curves[name])]
                 gaps = [abs(d) for d in diffs]
                 late = sum(diffs[-25:]) / 25
