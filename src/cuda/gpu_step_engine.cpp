@@ -27,7 +27,7 @@ class GpuModelEngine : public StepEngine {
     Communicator& group = model.expert_group();
     if (group.size() > 1) {
       MF_CHECK(model.parallel_layout() == ParallelLayout::kSequenceExpert &&
-                   model.ep_dispatch() != EpDispatch::kAllToAll,
+                   !model.ep_dispatch().uses(EpDispatch::kAllToAll),
                "on GPUs, parallel.expert_parallel > 1 runs layout \"sp_ep\" with the all-gather "
                "dispatch (set parallel.ep_dispatch to \"allgather\" or \"auto\")");
       std::string why_not;

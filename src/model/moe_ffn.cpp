@@ -46,7 +46,9 @@
 // rows are not sent.
 #include "model/moe_ffn.h"
 
+#include <algorithm>
 #include <cmath>
+#include <utility>
 
 #include "core/error.h"
 #include "model/dense_ffn.h"
@@ -80,6 +82,39 @@ EpDispatch choose_ep_dispatch(EpDispatch dispatch, int64_t top_k, int64_t num_ra
   // k (n - 1) / n < n - 1, multiplied by n (see the top of the file).
   return top_k * (num_ranks - 1) < num_ranks * (num_ranks - 1) ? EpDispatch::kAllToAll
                                                                : EpDispatch::kAllGather;
+}
+
+EpDispatchPlan::EpDispatchPlan(std::vector<EpDispatch> per_layer)
+    : per_layer_(std::move(per_layer)) {
+  MF_CHECK(!per_layer_.empty(), "an expert dispatch plan needs at least one entry");
+}
+
+EpDispatch EpDispatchPlan::layer(int64_t l) const {
+  if (per_layer_.size() == 1) return per_layer_[0];
+  MF_CHECK(l >= 0 && l < static_cast<int64_t>(per_layer_.size()),
+           "layer {} is outside the expert dispatch plan of {} layers", l, per_layer_.size());
+  return per_layer_[static_cast<size_t>(l)];
+}
+
+bool EpDispatchPlan::uses(EpDispatch dispatch) const {
+  return std::find(per_layer_.begin(), per_layer_.end(), dispatch) != per_layer_.end();
+}
+
+EpDispatchPlan parse_ep_dispatch_plan(const std::string& text, int64_t num_layers) {
+  if (text.find(',') == std::string::npos) return EpDispatchPlan(parse_ep_dispatch(text));
+  std::vector<EpDispatch> per_layer;
+  size_t begin = 0;
+  while (true) {
+    const size_t end = text.find(',', begin);
+    per_layer.push_back(parse_ep_dispatch(text.substr(begin, end - begin)));
+    if (end == std::string::npos) break;
+    begin = end + 1;
+  }
+  MF_CHECK(static_cast<int64_t>(per_layer.size()) == num_layers,
+           "the expert dispatch list \"{}\" has {} entries for a model of {} decoder layers (one "
+           "name for every layer, or one per layer)",
+           text, per_layer.size(), num_layers);
+  return EpDispatchPlan(std::move(per_layer));
 }
 
 namespace {
@@ -506,6 +541,7 @@ void moe_ffn_forward(T* out, MoeFfnSaved<T>& saved, MoeFfnStats& stats, const T*
   const EpLayout layout = make_layout(dims, ep);
   check_shared_weights(weights, dims);
   saved.dispatch = layout.dispatch;
+  stats.dispatch = layout.dispatch;
   if (layout.dispatch == EpDispatch::kAllToAll) {
     all_to_all_forward(out, saved, stats, inp, weights, dims, layout, ep);
   } else {

@@ -42,6 +42,30 @@ std::string ep_dispatch_name(EpDispatch dispatch);
 // whose ring collectives beat an all-to-all of the same volume).
 EpDispatch choose_ep_dispatch(EpDispatch dispatch, int64_t top_k, int64_t num_ranks);
 
+// The dispatch of each decoder layer's MoE: one for every layer, or one per decoder layer (the
+// entries of dense layers are unused).
+class EpDispatchPlan {
+ public:
+  // Implicit: a single dispatch is the plan of every layer.
+  EpDispatchPlan(EpDispatch every_layer = EpDispatch::kAuto)  // NOLINT(google-explicit-constructor)
+      : per_layer_{every_layer} {}
+  // Throws when per_layer is empty.
+  explicit EpDispatchPlan(std::vector<EpDispatch> per_layer);
+
+  EpDispatch layer(int64_t l) const;
+  // Whether some layer's entry is `dispatch`.
+  bool uses(EpDispatch dispatch) const;
+  // 1 (every layer) or the number of decoder layers.
+  size_t size() const { return per_layer_.size(); }
+
+ private:
+  std::vector<EpDispatch> per_layer_;
+};
+
+// One name of parse_ep_dispatch for every layer, or a comma-separated list of them with one per
+// decoder layer (num_layers entries); throws naming the problem otherwise.
+EpDispatchPlan parse_ep_dispatch_plan(const std::string& text, int64_t num_layers);
+
 struct MoeFfnDims {
   int64_t num_tokens;  // local tokens (this rank's shard)
   int64_t hidden;
@@ -115,9 +139,10 @@ struct MoeFfnSaved {
 
 // Per-layer statistics of one forward.
 struct MoeFfnStats {
-  double aux_loss = 0.0;             // router_aux_loss over the group's tokens
-  double z_loss = 0.0;               // router_z_loss over the group's tokens
-  std::vector<int64_t> expert_load;  // [num_experts] assignments routed to each expert
+  EpDispatch dispatch = EpDispatch::kAllGather;  // the variant that ran (kAllGather under tp)
+  double aux_loss = 0.0;                         // router_aux_loss over the group's tokens
+  double z_loss = 0.0;                           // router_z_loss over the group's tokens
+  std::vector<int64_t> expert_load;              // [num_experts] assignments routed to each expert
   int64_t num_dropped = 0;  // assignments dropped by capacity (local experts; all under tp)
 };
 

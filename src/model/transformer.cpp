@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 
 #include "core/error.h"
 #include "ops/attention.h"
@@ -59,14 +60,19 @@ KvCache<T>::KvCache(const ModelConfig& config, int64_t cap) : capacity(cap) {
 }
 
 template <typename T>
-Transformer<T>::Transformer(const ModelConfig& config, Communicator& ep, EpDispatch ep_dispatch,
+Transformer<T>::Transformer(const ModelConfig& config, Communicator& ep, EpDispatchPlan ep_dispatch,
                             ParallelLayout parallel_layout)
     : config_(config),
       layout_(config),
       ep_(ep),
-      ep_dispatch_(ep_dispatch),
+      ep_dispatch_(std::move(ep_dispatch)),
       parallel_layout_(parallel_layout) {
   validate_model_config(config_);
+  MF_CHECK(
+      ep_dispatch_.size() == 1 || static_cast<int64_t>(ep_dispatch_.size()) == config_.num_layers,
+      "an expert dispatch plan of {} entries for a model of {} decoder layers (one for every "
+      "layer, or one per layer)",
+      ep_dispatch_.size(), config_.num_layers);
   for (int64_t l = 0; l < config_.num_layers; ++l) num_moe_layers_ += config_.layer_is_moe(l);
   const int64_t num_ranks = ep_.size();
   if (parallel_layout_ == ParallelLayout::kTensor) {
@@ -174,7 +180,7 @@ ColumnSlice Transformer<T>::ffn_slice(int64_t ffn) const {
 }
 
 template <typename T>
-MoeFfnDims Transformer<T>::moe_dims(int64_t n) const {
+MoeFfnDims Transformer<T>::moe_dims(int64_t n, int64_t l) const {
   return MoeFfnDims{n,
                     config_.hidden_size,
                     config_.moe_intermediate_size,
@@ -183,7 +189,7 @@ MoeFfnDims Transformer<T>::moe_dims(int64_t n) const {
                     config_.norm_topk_prob,
                     config_.capacity_factor,
                     config_.shared_expert_intermediate_size,
-                    ep_dispatch_,
+                    ep_dispatch_.layer(l),
                     tensor_parallel() ? ParallelLayout::kTensor : ParallelLayout::kSequenceExpert};
 }
 
@@ -447,7 +453,7 @@ void Transformer<T>::ffn_forward(int64_t l, int64_t n, T* out) {
                        p(o.post_attention_norm), n, h, config_.rms_norm_eps);
   if (config_.layer_is_moe(l)) {
     MoeFfnStats stats;
-    moe_ffn_forward(out, a.moe, stats, a.ln2.data(), moe_weights(o), moe_dims(n), ep_);
+    moe_ffn_forward(out, a.moe, stats, a.ln2.data(), moe_weights(o), moe_dims(n, l), ep_);
     moe_stats_.push_back(std::move(stats));
   } else if (tensor_parallel()) {
     // Column-parallel gate/up, row-parallel down on this rank's intermediate columns, over the
@@ -539,7 +545,7 @@ void Transformer<T>::ffn_backward(int64_t l, int64_t n, const T* dout, T* dinp, 
   const int64_t h = config_.hidden_size;
   if (config_.layer_is_moe(l)) {
     MoeFfnGrads<T> grads = moe_grads(o);
-    moe_ffn_backward(dinp, grads, dout, a.ln2.data(), a.moe, moe_weights(o), moe_dims(n), d_aux,
+    moe_ffn_backward(dinp, grads, dout, a.ln2.data(), a.moe, moe_weights(o), moe_dims(n, l), d_aux,
                      d_z, ep_);
     if (tensor_parallel()) add_moe_slice_grads(o);
   } else if (tensor_parallel()) {

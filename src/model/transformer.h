@@ -78,17 +78,17 @@ class Transformer {
   // and sequence-parallel or tensor-parallel as parallel_layout says. It must outlive the model.
   // With n > 1 ranks, num_heads and num_kv_heads must be divisible by n; sp_ep needs num_experts,
   // tp the intermediate sizes (intermediate_size of dense layers, moe_intermediate_size and
-  // shared_expert_intermediate_size) divisible by n. ep_dispatch: how every MoE layer sends its
-  // tokens to the experts of other ranks under sp_ep (a run setting, not part of the config;
-  // moe_ffn.h).
+  // shared_expert_intermediate_size) divisible by n. ep_dispatch: how each MoE layer sends its
+  // tokens to the experts of other ranks under sp_ep, one dispatch for every layer or one per
+  // decoder layer (a run setting, not part of the config; moe_ffn.h).
   Transformer(const ModelConfig& config, Communicator& ep,
-              EpDispatch ep_dispatch = EpDispatch::kAuto,
+              EpDispatchPlan ep_dispatch = EpDispatch::kAuto,
               ParallelLayout parallel_layout = ParallelLayout::kSequenceExpert);
 
   const ModelConfig& config() const { return config_; }
   // The sequence/expert-parallel (or tensor-parallel) group given to the constructor.
   Communicator& expert_group() const { return ep_; }
-  EpDispatch ep_dispatch() const { return ep_dispatch_; }
+  const EpDispatchPlan& ep_dispatch() const { return ep_dispatch_; }
   ParallelLayout parallel_layout() const { return parallel_layout_; }
   const ParameterLayout& layout() const { return layout_; }
   std::vector<T>& params() { return params_; }
@@ -187,7 +187,7 @@ class Transformer {
                       int64_t seq);
   void ffn_forward(int64_t layer_idx, int64_t n, T* out);
   void ffn_backward(int64_t layer_idx, int64_t n, const T* dout, T* dinp, double d_aux, double d_z);
-  MoeFfnDims moe_dims(int64_t n) const;
+  MoeFfnDims moe_dims(int64_t n, int64_t l) const;  // of decoder layer l on n local tokens
   int64_t local_experts_offset() const;  // elements from an expert block to this rank's experts
   // Tensor parallel: the MoE layer's weights are this rank's slices packed into slice_weights_,
   // its gradients go to slice_grads_ (zeroed by moe_grads), and add_moe_slice_grads adds them
@@ -201,7 +201,7 @@ class Transformer {
   ModelConfig config_;
   ParameterLayout layout_;
   Communicator& ep_;
-  EpDispatch ep_dispatch_;
+  EpDispatchPlan ep_dispatch_;
   ParallelLayout parallel_layout_;
   int64_t num_moe_layers_ = 0;
   std::vector<T> params_, grads_;

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <initializer_list>
 #include <numeric>
+#include <string_view>
 
 #include "core/error.h"
 
@@ -454,9 +455,22 @@ void validate_train_config(const TrainConfig& c) {
            "parallel.grad_bucket_mb must be in [0, 65536] (MiB; 0: one sum after the backward), "
            "got {}",
            c.parallel.grad_bucket_mb);
-  MF_CHECK(c.parallel.ep_dispatch == "allgather" || c.parallel.ep_dispatch == "alltoall" ||
-               c.parallel.ep_dispatch == "auto",
-           "parallel.ep_dispatch must be \"allgather\", \"alltoall\" or \"auto\", got \"{}\"",
+  // Each comma-separated entry a name; their count against the model's layers is the trainer's.
+  const auto is_dispatch_name = [](std::string_view name) {
+    return name == "allgather" || name == "alltoall" || name == "auto";
+  };
+  bool dispatch_names_ok = true;
+  for (size_t begin = 0;;) {
+    const size_t end = c.parallel.ep_dispatch.find(',', begin);
+    dispatch_names_ok =
+        dispatch_names_ok &&
+        is_dispatch_name(std::string_view(c.parallel.ep_dispatch).substr(begin, end - begin));
+    if (end == std::string::npos) break;
+    begin = end + 1;
+  }
+  MF_CHECK(dispatch_names_ok,
+           "parallel.ep_dispatch must be \"allgather\", \"alltoall\" or \"auto\" for every MoE "
+           "layer, or a comma-separated list of them with one per decoder layer, got \"{}\"",
            c.parallel.ep_dispatch);
   MF_CHECK(c.parallel.layout == "sp_ep" || c.parallel.layout == "tp",
            "parallel.layout must be \"sp_ep\" (sequence + expert parallel, MegaScale-MoE) or "

@@ -125,7 +125,9 @@ struct ParallelConfig {
   // How each MoE layer reaches the experts of other ranks under layout "sp_ep": "allgather"
   // (all-gather -> local experts -> reduce-scatter), "alltoall" (each token's top-k rows to their
   // experts' ranks and back) or "auto" (all-to-all iff top-k < expert_parallel, the smaller
-  // volume; model/moe_ffn.h). Layout "tp" has one way (all-gather): leave it "auto".
+  // volume; model/moe_ffn.h), for every MoE layer, or a comma-separated list of those names with
+  // one per decoder layer (e.g. "alltoall,allgather"; dense layers' entries are unused). Layout
+  // "tp" has one way (all-gather): leave it "auto".
   std::string ep_dispatch = "auto";
   // 0: every rank holds AdamW's whole state; 1: ZeRO-1, the state sharded over the data-parallel
   // ranks (train/zero_optimizer.h; on GPUs cuda/gpu_zero_adamw.h).

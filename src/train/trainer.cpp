@@ -133,8 +133,10 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
            config.data.seq_len, model_config.max_position_embeddings);
 
   const ParallelLayout parallel_layout = parse_parallel_layout(config.parallel.layout);
-  Transformer<float> model(model_config, expert_group,
-                           parse_ep_dispatch(config.parallel.ep_dispatch), parallel_layout);
+  Transformer<float> model(
+      model_config, expert_group,
+      parse_ep_dispatch_plan(config.parallel.ep_dispatch, model_config.num_layers),
+      parallel_layout);
   const AdamWHyper adamw_hyper{config.optimizer.beta1, config.optimizer.beta2, config.optimizer.eps,
                                config.optimizer.weight_decay};
   // Without ZeRO every rank holds the whole AdamW state; with ZeRO-1 only its shard of it.
@@ -244,11 +246,24 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
                    : "expert/sequence-parallel",
                tokens_per_step, config.schedule.max_steps);
     if (n > 1 && model_config.is_moe() && parallel_layout == ParallelLayout::kSequenceExpert) {
+      // The variant each MoE layer runs: one name when all agree, else one per decoder layer
+      // ("dense" for the others).
+      std::string per_layer, first_moe;
+      bool uniform = true;
+      for (int64_t l = 0; l < model_config.num_layers; ++l) {
+        std::string run = "dense";
+        if (model_config.layer_is_moe(l)) {
+          run = ep_dispatch_name(choose_ep_dispatch(model.ep_dispatch().layer(l),
+                                                    model_config.num_experts_per_tok, n));
+          if (first_moe.empty()) first_moe = run;
+          uniform = uniform && run == first_moe;
+        }
+        per_layer += (l == 0 ? "" : ",") + run;
+      }
       fmt::print(stderr,
                  "expert dispatch: {} (parallel.ep_dispatch \"{}\", top-{} over {} ranks)\n",
-                 ep_dispatch_name(
-                     choose_ep_dispatch(model.ep_dispatch(), model_config.num_experts_per_tok, n)),
-                 config.parallel.ep_dispatch, model_config.num_experts_per_tok, n);
+                 uniform ? first_moe : per_layer, config.parallel.ep_dispatch,
+                 model_config.num_experts_per_tok, n);
     }
   }
 

@@ -377,8 +377,9 @@ class CliTest(unittest.TestCase):
     def test_expert_parallel_matches_one_rank(self):
         """sp = ep = 2 and 4 ranks (and dp = 2 x ep = 2) give the one-rank losses and gradient
         norms: the same global batch, split along the sequence and over the experts. Both expert
-        dispatches (parallel.ep_dispatch) run over 2 ranks and agree with each other; "auto"
-        picks the all-gather at top-2 of 2 ranks and the all-to-all at top-2 of 4."""
+        dispatches (parallel.ep_dispatch) run over 2 ranks and agree with each other, also mixed
+        per layer; "auto" picks the all-gather at top-2 of 2 ranks and the all-to-all at top-2 of
+        4."""
         model = os.path.join(self.tmp, "ep-model.json")
         with open(model, "w") as f:
             json.dump(dict(TINY_MODEL, num_attention_heads=4, num_key_value_heads=4,
@@ -386,6 +387,7 @@ class CliTest(unittest.TestCase):
         # name: (ranks, ep, grad_accum_steps, ep_dispatch, the dispatch that runs)
         layouts = {"ep-1": (1, 1, 2, "auto", None), "ep-2": (2, 2, 2, "allgather", "allgather"),
                    "ep-2-a2a": (2, 2, 2, "alltoall", "alltoall"),
+                   "ep-2-mixed": (2, 2, 2, "alltoall,allgather", "alltoall,allgather"),
                    "ep-4": (4, 4, 2, "auto", "alltoall"), "dp2-ep2": (4, 2, 1, "auto", "allgather")}
         for name, (ranks, ep, accum, dispatch, runs) in layouts.items():
             config = self.train_config(name, data__grad_accum_steps=accum,
@@ -400,14 +402,15 @@ class CliTest(unittest.TestCase):
         metrics = {name: self.step_metrics(name) for name in layouts}
         ref = metrics["ep-1"]
         self.assertEqual(len(ref), 6)
-        for name in ("ep-2", "ep-2-a2a", "ep-4", "dp2-ep2"):
+        for name in ("ep-2", "ep-2-a2a", "ep-2-mixed", "ep-4", "dp2-ep2"):
             # Under dp the root sees only its own data-parallel replica's expert load.
             self.assert_same_training(ref, metrics[name], name, same_expert_load=name != "dp2-ep2")
         # The two dispatches move different data but compute the same step: equal routing, and
         # losses equal to fp32 rounding (only the order of a few sums differs).
-        for x, y in zip(metrics["ep-2"], metrics["ep-2-a2a"]):
-            self.assertEqual(x["expert_load_max"], y["expert_load_max"])
-            self.assertAlmostEqual(x["loss"], y["loss"], delta=2e-6 * abs(x["loss"]))
+        for other in ("ep-2-a2a", "ep-2-mixed"):
+            for x, y in zip(metrics["ep-2"], metrics[other]):
+                self.assertEqual(x["expert_load_max"], y["expert_load_max"])
+                self.assertAlmostEqual(x["loss"], y["loss"], delta=2e-6 * abs(x["loss"]))
         # A layout that does not fit and an unknown dispatch are clear errors.
         bad = self.train_config("ep-bad", parallel__expert_parallel=3, model__model_config=model)
         proc = run([MOEFORGE, "train", "--config", bad, "--no-progress"], check=False)
@@ -418,6 +421,11 @@ class CliTest(unittest.TestCase):
         proc = run([MOEFORGE, "train", "--config", bad, "--no-progress"], check=False)
         self.assertEqual(proc.returncode, 1)
         self.assertIn('parallel.ep_dispatch must be "allgather", "alltoall" or "auto"', proc.stderr)
+        bad = self.train_config("ep-bad-list", parallel__ep_dispatch="alltoall,alltoall,alltoall",
+                                model__model_config=model)
+        proc = run([MOEFORGE, "train", "--config", bad, "--no-progress"], check=False)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("has 3 entries for a model of 2 decoder layers", proc.stderr)
 
     @unittest.skipUnless(os.environ.get("MOEFORGE_MPIEXEC"), "built without MPI")
     def test_tensor_parallel_matches_one_rank(self):

@@ -26,12 +26,13 @@ struct GroupRunResult {
   LossBreakdown loss;
   std::vector<double> logits;  // [batch * seq, vocab]
   std::vector<double> grads;
-  int64_t num_dropped = 0;  // over the MoE layers
+  int64_t num_dropped = 0;             // over the MoE layers
+  std::vector<EpDispatch> dispatches;  // the variant each MoE layer ran
 };
 
 // Forward and backward of one rank's model on tokens/targets [batch, seq].
 inline GroupRunResult run_rank_model(const ModelConfig& c, ParallelLayout layout,
-                                     EpDispatch dispatch, Communicator& comm,
+                                     const EpDispatchPlan& dispatch, Communicator& comm,
                                      const std::vector<int32_t>& tokens,
                                      const std::vector<int32_t>& targets, int64_t batch,
                                      int64_t seq) {
@@ -41,7 +42,10 @@ inline GroupRunResult run_rank_model(const ModelConfig& c, ParallelLayout layout
   GroupRunResult out;
   out.loss = model.forward(tokens.data(), targets.data(), batch, seq);
   out.logits = model.logits();
-  for (const MoeFfnStats& stats : model.moe_stats()) out.num_dropped += stats.num_dropped;
+  for (const MoeFfnStats& stats : model.moe_stats()) {
+    out.num_dropped += stats.num_dropped;
+    out.dispatches.push_back(stats.dispatch);
+  }
   model.backward(kGroupDloss);
   out.grads = model.grads();
   return out;
@@ -80,7 +84,7 @@ inline TokenBatch random_token_batch(const ModelConfig& c, int64_t batch, int64_
 // Every rank's run of c under layout over num_ranks in-process ranks; wrap may put a decorator
 // (a counting communicator, say) between each rank and its model.
 inline std::vector<GroupRunResult> run_group(
-    const ModelConfig& c, ParallelLayout layout, EpDispatch dispatch, int num_ranks,
+    const ModelConfig& c, ParallelLayout layout, const EpDispatchPlan& dispatch, int num_ranks,
     const TokenBatch& data, int64_t batch, int64_t full_seq,
     const std::function<Communicator&(Communicator&)>& wrap = {}) {
   const int64_t local_seq = full_seq / num_ranks;

@@ -385,6 +385,31 @@ TEST(MoeDispatchA2a, CommunicationVolumePerLayerFollowsTheFormulas) {
   EXPECT_LT(a2a_rows, static_cast<size_t>(kRanks) * ag[0].rows);
 }
 
+TEST(MoeDispatchA2a, ParsePerLayerPlans) {
+  const EpDispatchPlan every = parse_ep_dispatch_plan("alltoall", 3);
+  EXPECT_EQ(every.size(), 1u);
+  for (int64_t l = 0; l < 3; ++l) EXPECT_EQ(every.layer(l), EpDispatch::kAllToAll);
+  const EpDispatchPlan mixed = parse_ep_dispatch_plan("allgather,alltoall,auto", 3);
+  EXPECT_EQ(mixed.size(), 3u);
+  EXPECT_EQ(mixed.layer(0), EpDispatch::kAllGather);
+  EXPECT_EQ(mixed.layer(1), EpDispatch::kAllToAll);
+  EXPECT_EQ(mixed.layer(2), EpDispatch::kAuto);
+  EXPECT_TRUE(mixed.uses(EpDispatch::kAllToAll));
+  EXPECT_FALSE(parse_ep_dispatch_plan("allgather,auto", 2).uses(EpDispatch::kAllToAll));
+  EXPECT_THROW(mixed.layer(3), Error);
+  try {
+    parse_ep_dispatch_plan("auto,auto", 3);
+    ADD_FAILURE() << "a list of 2 entries passed for 3 layers";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("has 2 entries for a model of 3 decoder layers"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_THROW(parse_ep_dispatch_plan("alltoall,", 2), Error);
+  EXPECT_THROW(parse_ep_dispatch_plan("alltoall,all-to-all", 2), Error);
+  EXPECT_THROW(EpDispatchPlan(std::vector<EpDispatch>{}), Error);
+}
+
 TEST(MoeDispatchA2a, ParseAndAutoRule) {
   EXPECT_EQ(parse_ep_dispatch("allgather"), EpDispatch::kAllGather);
   EXPECT_EQ(parse_ep_dispatch("alltoall"), EpDispatch::kAllToAll);

@@ -52,6 +52,34 @@ TEST(SequenceParallel, TwoRanksMatchOneRankQwen2MoeWithSharedExpertAndBiases) {
   check_two_ranks_match_one_rank(moe_config(Architecture::kQwen2Moe), 2, "qwen2_moe");
 }
 
+// parallel.ep_dispatch per layer: each MoE layer runs its own entry, and the group still equals
+// one rank.
+TEST(SequenceParallel, PerLayerDispatchPlanRunsEachLayersEntryAndMatchesOneRank) {
+  const ModelConfig c = moe_config(Architecture::kMixtral);
+  ASSERT_EQ(c.num_layers, 2);
+  ASSERT_TRUE(c.layer_is_moe(0) && c.layer_is_moe(1));
+  const int64_t batch = 2;
+  const testing::TokenBatch data = testing::random_token_batch(c, batch, kFullSeq);
+  SelfCommunicator self;
+  const testing::GroupRunResult full =
+      testing::run_rank_model(c, ParallelLayout::kSequenceExpert, EpDispatch::kAuto, self,
+                              data.tokens, data.targets, batch, kFullSeq);
+  for (const std::vector<EpDispatch>& per_layer :
+       {std::vector<EpDispatch>{EpDispatch::kAllGather, EpDispatch::kAllToAll},
+        std::vector<EpDispatch>{EpDispatch::kAllToAll, EpDispatch::kAllGather}}) {
+    const std::string what = ep_dispatch_name(per_layer[0]) + "," + ep_dispatch_name(per_layer[1]);
+    const std::vector<testing::GroupRunResult> ranks =
+        testing::run_group(c, ParallelLayout::kSequenceExpert, EpDispatchPlan(per_layer), kNumRanks,
+                           data, batch, kFullSeq);
+    testing::expect_group_matches_one_rank(full, ranks, batch, kFullSeq, c.vocab_size, what);
+    for (const testing::GroupRunResult& rank : ranks) EXPECT_EQ(rank.dispatches, per_layer) << what;
+  }
+  EXPECT_THROW(Transformer<double>(c, self,
+                                   EpDispatchPlan({EpDispatch::kAllGather, EpDispatch::kAllToAll,
+                                                   EpDispatch::kAuto})),
+               Error);
+}
+
 TEST(SequenceParallel, TwoRanksMatchOneRankWithTokenDropping) {
   ModelConfig c = moe_config(Architecture::kMixtral);
   c.capacity_factor = 0.75;

@@ -273,7 +273,10 @@ TEST(TrainConfigTest, EveryInvalidValueIsNamedByItsKeyPath) {
       {"parallel", "grad_bucket_mb", 1e6, "parallel.grad_bucket_mb must be in [0, 65536]"},
       {"parallel", "grad_bucket_mb", "64", "parallel.grad_bucket_mb must be a number"},
       {"parallel", "ep_dispatch", "all-to-all",
-       "parallel.ep_dispatch must be \"allgather\", \"alltoall\" or \"auto\", got \"all-to-all\""},
+       "parallel.ep_dispatch must be \"allgather\", \"alltoall\" or \"auto\" for every MoE layer, "
+       "or a comma-separated list of them with one per decoder layer, got \"all-to-all\""},
+      {"parallel", "ep_dispatch", "alltoall,all-to-all", "got \"alltoall,all-to-all\""},
+      {"parallel", "ep_dispatch", "alltoall,", "got \"alltoall,\""},
       {"parallel", "layout", "megatron",
        "parallel.layout must be \"sp_ep\" (sequence + expert parallel, MegaScale-MoE) or \"tp\""},
       {"parallel", "layout", 2, "parallel.layout must be a string, got 2"},
@@ -300,6 +303,12 @@ TEST(TrainConfigTest, EveryInvalidValueIsNamedByItsKeyPath) {
     const std::string message = error_of([&] { train_config_from_json(j, ""); });
     EXPECT_NE(message.find(c.expected), std::string::npos)
         << c.section << "." << c.key << "=" << c.value.dump() << ": got \"" << message << "\"";
+  }
+  // A list of names (one per decoder layer: counted against the model by the trainer) is valid.
+  {
+    json j = kMinimal;
+    j["parallel"] = {{"ep_dispatch", "alltoall,allgather,auto"}};
+    EXPECT_EQ(train_config_from_json(j, "").parallel.ep_dispatch, "alltoall,allgather,auto");
   }
   // Layout "tp" has one expert dispatch.
   for (const char* dispatch : {"allgather", "alltoall"}) {
