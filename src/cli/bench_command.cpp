@@ -3,6 +3,7 @@
 // tokens/s, MFU (the anchors.md formula), peak device memory and the GPU time per phase.
 // `moeforge bench gemm`: the kernel lab of the expert GEMMs (cuda/gemm_lab.h).
 // `moeforge bench prefill`: dense against FlexPrefill prefill attention (cuda/prefill_bench.h).
+// `moeforge bench comm` lives in bench_comm_command.cpp.
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
@@ -254,8 +255,10 @@ void run_bench_train(const BenchOptions& opt) {
 }  // namespace
 
 void register_bench_command(CLI::App& app) {
-  CLI::App* bench = app.add_subcommand("bench", "Benchmarks on the GPU");
+  CLI::App* bench = app.add_subcommand(
+      "bench", "Benchmarks on the GPU, and the communication volume of parallel layouts");
   bench->require_subcommand(1);
+  add_bench_comm_command(*bench);
   auto opt = std::make_shared<BenchOptions>();
   CLI::App* train = bench->add_subcommand(
       "train",

@@ -25,5 +25,7 @@ void register_data_command(CLI::App& app);
 void register_inspect_command(CLI::App& app);
 void register_devices_command(CLI::App& app);
 void register_bench_command(CLI::App& app);
+// `bench comm` (bench_comm_command.cpp), under the `bench` command.
+void add_bench_comm_command(CLI::App& bench);
 
 }  // namespace moeforge::cli

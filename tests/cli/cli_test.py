@@ -167,7 +167,7 @@ class CliTest(unittest.TestCase):
         for cmd in (["train"], ["eval"], ["generate"], ["init"], ["inspect"], ["data"], ["data", "prepare"],
                     ["data", "synth"],
                     ["forward"], ["merge"], ["devices"], ["bench"], ["bench", "train"], ["bench", "gemm"],
-                    ["bench", "prefill"]):
+                    ["bench", "prefill"], ["bench", "comm"]):
             proc = run([MOEFORGE, *cmd, "--help"])
             self.assertIn("--help", proc.stdout, cmd)
         self.assertIn("train", run([MOEFORGE, "--help"]).stdout)
@@ -424,6 +424,48 @@ class CliTest(unittest.TestCase):
         bad = self.train_config("ep-bad-list", parallel__ep_dispatch="alltoall,alltoall,alltoall",
                                 model__model_config=model)
         proc = run([MOEFORGE, "train", "--config", bad, "--no-progress"], check=False)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("has 3 entries for a model of 2 decoder layers", proc.stderr)
+
+    @unittest.skipUnless(os.environ.get("MOEFORGE_MPIEXEC"), "built without MPI")
+    def test_bench_comm_measures_the_formulas(self):
+        """`bench comm` under mpirun: what each rank sends in a forward + backward equals the
+        per-layer formulas exactly for tp and the all-gather dispatch (2 and 4 ranks); the
+        all-to-all dispatch's exchanges follow the routing, so only its plan's collectives are
+        exact and its rows stay near the balanced-routing formula; one rank sends nothing."""
+        model = os.path.join(self.tmp, "comm-model.json")
+        with open(model, "w") as f:
+            json.dump(dict(TINY_MODEL, num_attention_heads=4, num_key_value_heads=4, head_dim=4,
+                           num_local_experts=4), f)
+
+        def bench(ranks, *args):
+            prefix = [] if ranks == 1 else [os.environ["MOEFORGE_MPIEXEC"], "-np", str(ranks),
+                                            "--oversubscribe", "--allow-run-as-root"]
+            out = run(prefix + [MOEFORGE, "bench", "comm", "--config", model, "--seq", "64",
+                                "--micro-batch", "2"] + list(args)).stdout
+            lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+            self.assertEqual(len(lines), 1, out)  # rank 0 prints
+            return lines[0]
+
+        for ranks in (2, 4):
+            for args in (["--layout", "tp"], ["--layout", "sp_ep", "--ep-dispatch", "allgather"]):
+                row = bench(ranks, *args)
+                self.assertEqual(row["ranks"], ranks)
+                self.assertEqual(row["tokens_per_rank"], 2 * 64 // ranks)
+                self.assertEqual(row["elements_per_rank"], row["formula_elements_per_rank"],
+                                 (ranks, args))
+                self.assertEqual(row["elements_per_rank_max"], row["formula_elements_per_rank"])
+                self.assertGreater(row["elements_per_rank_per_layer"], 0)
+            row = bench(ranks, "--layout", "sp_ep", "--ep-dispatch", "alltoall")
+            got, want = row["elements_per_rank"], row["formula_elements_per_rank"]
+            for name in ("all_gather", "all_reduce", "reduce_scatter"):
+                self.assertEqual(got[name], want[name], (ranks, name))
+            self.assertGreater(got["all_to_all"], 0.5 * want["all_to_all"])
+            self.assertLess(got["all_to_all"], 1.5 * want["all_to_all"])
+        one = bench(1, "--layout", "sp_ep")
+        self.assertEqual(one["elements_per_rank_per_layer"], 0)
+        proc = run([MOEFORGE, "bench", "comm", "--config", model, "--ep-dispatch", "auto,auto,auto"],
+                   check=False)
         self.assertEqual(proc.returncode, 1)
         self.assertIn("has 3 entries for a model of 2 decoder layers", proc.stderr)
 

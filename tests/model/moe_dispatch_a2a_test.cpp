@@ -15,9 +15,9 @@
 #include <string>
 #include <vector>
 
+#include "comm/counting_communicator.h"
 #include "core/error.h"
 #include "core/rng.h"
-#include "model/counting_communicator.h"
 #include "model/model_test_configs.h"
 #include "model/moe_ffn.h"
 #include "model/moe_layer_case.h"
@@ -338,12 +338,12 @@ struct Volume {
 std::vector<Volume> measure(const LayerCase& c, EpDispatch dispatch, int num_ranks) {
   std::vector<Volume> volumes(static_cast<size_t>(num_ranks));
   run_ranks(num_ranks, [&](Communicator& comm) {
-    testing::CountingCommunicator counting(comm);
+    CountingCommunicator counting(comm);
     const RankRun run = run_rank(c, dispatch, counting);
     Volume& v = volumes[comm.rank()];
     // Hidden rows (the layer's activations) and routing metadata (the plan's int64 counts, the
     // router sums and the gate gradients).
-    using Collective = testing::CountingCommunicator::Collective;
+    using Collective = CountingCommunicator::Collective;
     v.rows = counting.elements(Collective::kAllGather, CommDType::kFloat64) +
              counting.elements(Collective::kReduceScatter) +
              counting.elements(Collective::kAllToAll);

@@ -13,8 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "comm/counting_communicator.h"
 #include "core/error.h"
-#include "model/counting_communicator.h"
 #include "model/group_equivalence.h"
 #include "model/model_test_configs.h"
 #include "model/thread_communicator.h"
@@ -23,7 +23,7 @@
 namespace moeforge {
 namespace {
 
-using Collective = testing::CountingCommunicator::Collective;
+using Collective = CountingCommunicator::Collective;
 
 using testing::GroupRunResult;
 using testing::TokenBatch;
@@ -173,10 +173,10 @@ TEST(TensorParallel, CommunicationVolumePerLayerFollowsTheFormulas) {
     const int64_t q = c.q_dim(), kv = c.kv_dim(), m = n - 1;
     const TokenBatch data = random_batch(c, kBatch);
     for (const ParallelLayout layout : {ParallelLayout::kTensor, ParallelLayout::kSequenceExpert}) {
-      std::vector<std::unique_ptr<testing::CountingCommunicator>> counters(n);
+      std::vector<std::unique_ptr<CountingCommunicator>> counters(n);
       run_group(c, layout, EpDispatch::kAllGather, n, data, kBatch,
                 [&](Communicator& comm) -> Communicator& {
-                  counters[comm.rank()] = std::make_unique<testing::CountingCommunicator>(comm);
+                  counters[comm.rank()] = std::make_unique<CountingCommunicator>(comm);
                   return *counters[comm.rank()];
                 });
       // Per layer (forward + backward): all-gathers, reduce-scatters, all-to-alls, all-reduces.
@@ -195,7 +195,7 @@ TEST(TensorParallel, CommunicationVolumePerLayerFollowsTheFormulas) {
       }
       const std::string what = parallel_layout_name(layout) + " over " + std::to_string(n);
       for (int r = 0; r < n; ++r) {
-        const testing::CountingCommunicator& counted = *counters[r];
+        const CountingCommunicator& counted = *counters[r];
         EXPECT_EQ(counted.elements(Collective::kAllGather), all_gather) << what << " rank " << r;
         EXPECT_EQ(counted.elements(Collective::kReduceScatter), reduce_scatter) << what;
         EXPECT_EQ(counted.elements(Collective::kAllToAll), all_to_all) << what;

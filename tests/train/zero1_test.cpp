@@ -17,11 +17,11 @@
 #include <string>
 #include <vector>
 
+#include "comm/forwarding_communicator.h"
 #include "core/rng.h"
 #include "model/model_test_configs.h"
 #include "model/thread_communicator.h"
 #include "model/transformer.h"
-#include "testing/forwarding_communicator.h"
 #include "train/checkpoint.h"
 #include "train/step_engine.h"
 #include "train/train_fixture.h"
@@ -35,7 +35,7 @@ namespace fs = std::filesystem;
 // The ranks of another communicator, with float sums (all-reduce, reduce-scatter) built from its
 // all-gather as rank-order sums that start from rank 0's value, as MpiCommunicator sums (the
 // in-process ThreadCommunicator's float sums start from zero, which turns a -0 into +0).
-class FloatSumCommunicator final : public testing::ForwardingCommunicator {
+class FloatSumCommunicator final : public ForwardingCommunicator {
  public:
   using ForwardingCommunicator::ForwardingCommunicator;
   std::string name() const override { return "float-sum(" + inner_.name() + ")"; }

@@ -1,5 +1,6 @@
 // A Communicator decorator that counts what this rank sends to the other ranks, per collective and
-// dtype, for the tests that check communication volumes against their formulas.
+// dtype: `moeforge bench comm` and the tests that check communication volumes against their
+// formulas.
 #pragma once
 
 #include <cstddef>
@@ -8,16 +9,17 @@
 #include <string>
 #include <utility>
 
-#include "testing/forwarding_communicator.h"
+#include "comm/forwarding_communicator.h"
 
-namespace moeforge::testing {
+namespace moeforge {
 
 // Counts, for a group of n ranks: an all-gather or reduce-scatter of c elements per rank and an
 // all-to-all of chunks of c: (n - 1) c (what a ring sends); an all-reduce of c: (n - 1) c (a copy
-// to each other rank); an all-to-all-v: the elements for the other ranks.
+// to each other rank); an all-to-all-v: the elements for the other ranks; a broadcast of c: (n - 1)
+// c from the root; a reduce of c to a root: c from every other rank.
 class CountingCommunicator final : public ForwardingCommunicator {
  public:
-  enum class Collective { kAllReduce, kAllGather, kReduceScatter, kAllToAll };
+  enum class Collective { kAllReduce, kAllGather, kReduceScatter, kAllToAll, kBroadcast, kReduce };
 
   using ForwardingCommunicator::ForwardingCommunicator;
   std::string name() const override { return "counting"; }
@@ -46,6 +48,15 @@ class CountingCommunicator final : public ForwardingCommunicator {
     inner_.all_to_all_v(send, send_counts, send_offsets, recv, recv_counts, recv_offsets, dtype);
   }
 
+  void broadcast(void* data, size_t count, CommDType dtype, int root) override {
+    if (rank() == root) add(Collective::kBroadcast, dtype, count * others());
+    inner_.broadcast(data, count, dtype, root);
+  }
+  void reduce_sum(void* data, size_t count, CommDType dtype, int root) override {
+    if (rank() != root) add(Collective::kReduce, dtype, count);
+    inner_.reduce_sum(data, count, dtype, root);
+  }
+
   // Elements sent by collective c in dtype (in every dtype when it is not given).
   size_t elements(Collective c, std::optional<CommDType> dtype = std::nullopt) const {
     size_t total = 0;
@@ -68,4 +79,4 @@ class CountingCommunicator final : public ForwardingCommunicator {
   std::map<std::pair<Collective, CommDType>, size_t> elements_;
 };
 
-}  // namespace moeforge::testing
+}  // namespace moeforge

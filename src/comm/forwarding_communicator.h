@@ -1,5 +1,5 @@
-// A Communicator that forwards every call to another one: the base of test decorators, which
-// override only the collectives they observe (counting traffic) or change (float sums).
+// A Communicator that forwards every call to another one: the base of decorators, which override
+// only the collectives they observe (CountingCommunicator) or change (the tests' float sums).
 #pragma once
 
 #include <cstddef>
@@ -8,7 +8,7 @@
 
 #include "comm/communicator.h"
 
-namespace moeforge::testing {
+namespace moeforge {
 
 class ForwardingCommunicator : public Communicator {
  public:
@@ -48,4 +48,4 @@ class ForwardingCommunicator : public Communicator {
   Communicator& inner_;
 };
 
-}  // namespace moeforge::testing
+}  // namespace moeforge
