@@ -17,7 +17,8 @@
 #             SCALING_MULTI_ARGS adds options to the multi-GPU runs only, e.g. --zero-stage 1;
 #             SCALING_EP=E runs the multi-GPU ones as groups of E GPUs sharing each sequence,
 #             --expert-parallel E with E times the micro-batch);
-#             prints tokens/s per GPU and the efficiency against one GPU
+#             prints tokens/s per GPU, the efficiency against one GPU and every phase's GPU ms
+#             (the one-GPU run's beside the others')
 #   sanitize  compute-sanitizer memcheck over the CUDA test binary, racecheck over our own kernels
 #             (SANITIZE_TOOLS picks, default "memcheck racecheck"; SANITIZE_FILTER, a gtest filter,
 #             narrows both: the whole stage takes over 10 minutes, e.g. memcheck covered 102 of
@@ -160,7 +161,12 @@ for ranks in sorted(runs):
           f"{row.get('expert_parallel', 1)}, grad_reduce {row['grad_reduce']} "
           f"(buckets of {row['grad_bucket_mb']} MiB), grad_reduce phase "
           f"{row['phase_ms'].get('grad_reduce', 0.0):.1f} ms, zero_stage {row.get('zero_stage', 0)}, "
-          f"weak-scaling efficiency {efficiency:.3f}")
+          f"peak {row['peak_memory_gib']:.1f} GiB, weak-scaling efficiency {efficiency:.3f}")
+    # Where the multi-GPU step grows: every phase (GPU ms) beside the one-GPU run's.
+    print("    phases (ms): " + ", ".join(
+        f"{name} {ms:.1f}" + (f" ({base['phase_ms'][name]:.1f})" if base and ranks > 1 and
+                              name in base["phase_ms"] else "")
+        for name, ms in sorted(row["phase_ms"].items())))
 PY
       ;;
     sanitize)
