@@ -54,7 +54,8 @@ void BucketedGradReducer::finish(cudaStream_t compute) {
 }
 
 void BucketedGradReducer::sum(GradRange span, cudaStream_t compute) {
-  if (span.count == 0) return;
+  // One rank: the owner sums are no-ops (and so is DeviceGradReducer's all-reduce).
+  if (span.count == 0 || (owner_chunk_ > 0 && comm_->size() == 1)) return;
   // The sums start once the backward's kernels enqueued so far (those writing the span) ran.
   MF_CUDA_CHECK(cudaEventRecord(event_, compute));
   MF_CUDA_CHECK(cudaStreamWaitEvent(stream_, event_, 0));
@@ -64,7 +65,6 @@ void BucketedGradReducer::sum(GradRange span, cudaStream_t compute) {
                           stream_);
       continue;
     }
-    if (comm_->size() == 1) continue;
     for (int64_t begin = piece.offset; begin < piece.offset + piece.count;) {
       const int64_t owner = begin / owner_chunk_;
       const int64_t end = std::min(piece.offset + piece.count, (owner + 1) * owner_chunk_);

@@ -11,20 +11,32 @@
 
 namespace moeforge::cuda {
 
-GpuAdamW::GpuAdamW(GpuTransformer& model, const AdamWHyper& hyper,
-                   const std::vector<std::string>& no_decay_substrings)
-    : model_(model), hyper_(hyper) {
-  const std::vector<uint8_t> decays = decay_flags(model.layout(), no_decay_substrings);
-  const std::vector<ParamSpec>& specs = model.layout().specs();
+std::vector<DecayRun> decay_runs(const ParameterLayout& layout,
+                                 const std::vector<std::string>& no_decay_substrings, int64_t begin,
+                                 int64_t end) {
+  const std::vector<uint8_t> decays = decay_flags(layout, no_decay_substrings);
+  const std::vector<ParamSpec>& specs = layout.specs();
+  std::vector<DecayRun> runs;
   for (size_t i = 0; i < specs.size(); ++i) {
+    const int64_t first = std::max(specs[i].offset, begin);
+    const int64_t last = std::min(specs[i].offset + specs[i].numel, end);
+    if (first >= last) continue;
     const bool decay = decays[i] != 0;
-    if (!runs_.empty() && runs_.back().decay == decay &&
-        runs_.back().begin + runs_.back().count == specs[i].offset) {
-      runs_.back().count += specs[i].numel;
+    if (!runs.empty() && runs.back().decay == decay &&
+        runs.back().begin + runs.back().count == first) {
+      runs.back().count += last - first;
     } else {
-      runs_.push_back(Run{specs[i].offset, specs[i].numel, decay});
+      runs.push_back(DecayRun{first, last - first, decay});
     }
   }
+  return runs;
+}
+
+GpuAdamW::GpuAdamW(GpuTransformer& model, const AdamWHyper& hyper,
+                   const std::vector<std::string>& no_decay_substrings)
+    : model_(model),
+      hyper_(hyper),
+      runs_(decay_runs(model.layout(), no_decay_substrings, 0, model.num_params())) {
   const auto n = static_cast<size_t>(model.num_params());
   exp_avg_.resize(n);
   exp_avg_sq_.resize(n);
@@ -124,7 +136,7 @@ GpuAdamWResult GpuAdamW::step(double lr, double max_norm) {
   const AdamWStepConstants c(hyper_, lr, step_count_);
   AdamWStep step = kernel_step(c, result.clip_factor);
   const auto update = [&](int64_t begin, int64_t end, cudaStream_t stream) {
-    for (const Run& run : runs_) {
+    for (const DecayRun& run : runs_) {
       const int64_t first = std::max(begin, run.begin);
       const int64_t last = std::min(end, run.begin + run.count);
       if (first >= last) continue;

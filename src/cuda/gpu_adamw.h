@@ -31,6 +31,17 @@ AdamWStep kernel_step(const AdamWStepConstants& c, double clip_factor);
 // The square root of a device double, once stream's work is done (a host synchronisation).
 double sqrt_of_device(const double* value, cudaStream_t stream);
 
+// A contiguous range of the flat parameter buffer whose tensors share a weight-decay flag.
+struct DecayRun {
+  int64_t begin, count;
+  bool decay;
+};
+// The layout's tensors clipped to [begin, end) (the whole buffer, or a ZeRO-1 shard), merged into
+// runs of the same decay flag (decay_flags), in offset order.
+std::vector<DecayRun> decay_runs(const ParameterLayout& layout,
+                                 const std::vector<std::string>& no_decay_substrings, int64_t begin,
+                                 int64_t end);
+
 class GpuAdamW {
  public:
   GpuAdamW(GpuTransformer& model, const AdamWHyper& hyper,
@@ -64,14 +75,9 @@ class GpuAdamW {
   void upload_state(const std::vector<float>& exp_avg, const std::vector<float>& exp_avg_sq);
 
  private:
-  struct Run {
-    int64_t begin, count;
-    bool decay;
-  };
-
   GpuTransformer& model_;
   AdamWHyper hyper_;
-  std::vector<Run> runs_;  // contiguous ranges of the flat buffer with the same decay flag
+  std::vector<DecayRun> runs_;
   DeviceBuffer<float> exp_avg_, exp_avg_sq_;
   DeviceBuffer<double> norm_sq_, scratch_;
   int64_t step_count_ = 0;

@@ -80,14 +80,27 @@ class GpuModelEngine : public StepEngine {
     grads_pending_zero_ = false;
   }
 
-  // Whether the sums over comm can start beside the backward (begin_grad_reduce): buckets asked
-  // for, several ranks, a device communicator on the reducer's stream, and not under
-  // sequence/expert parallelism: its NCCL collectives on the model's stream and the sums on the
-  // reducer's would be two communicators' kernels in flight at once, which NCCL does not order
-  // across ranks (a deadlock risk).
-  Communicator* overlap_communicator(Communicator& comm, size_t bucket_bytes) {
-    if (comm.size() == 1 || bucket_bytes == 0 || gpu_.expert_parallel_size() > 1) return nullptr;
-    return device_communicator(comm);
+  // Starts the sums over comm of the next backward's gradients in buckets of bucket_bytes, on the
+  // reducer's stream as the backward finishes them (owner_chunk > 0: onto the ZeRO-1 shard
+  // owners only); false, and nothing starts, with one rank, no buckets, no device communicator,
+  // or under sequence/expert parallelism: its NCCL collectives on the model's stream and the sums
+  // on the reducer's would be two communicators' kernels in flight at once, which NCCL does not
+  // order across ranks (a deadlock risk).
+  bool begin_overlapped_sums(Communicator& comm, GradReduceDtype dtype, size_t bucket_bytes,
+                             int64_t owner_chunk) {
+    if (comm.size() == 1 || bucket_bytes == 0 || gpu_.expert_parallel_size() > 1) return false;
+    Communicator* device_comm = device_communicator(comm);
+    if (device_comm == nullptr) return false;
+    reducer_.begin(gpu_.grads(), gpu_.grad_ready_ranges(), bucket_bytes / sizeof(float),
+                   *device_comm, dtype, owner_chunk);
+    gpu_.set_grad_ready_hook([this](size_t index) { reducer_.ready(index, gpu_.stream()); });
+    return true;
+  }
+
+  // The rest of the sums begin_overlapped_sums started; the model's stream waits for them all.
+  void finish_overlapped_sums() {
+    gpu_.set_grad_ready_hook(nullptr);
+    reducer_.finish(gpu_.stream());
   }
 
   // The device communicator over the ranks of `comm` (make_device_communicator) on the reducer's
@@ -143,15 +156,11 @@ class GpuStepEngine final : public GpuModelEngine {
 
   // On the GPUs, the sums of the last micro-batch's gradients start on the reducer's stream as
   // its backward finishes them (buckets of bucket_bytes), beside the backward of earlier layers
-  // (not under sequence/expert parallelism: overlap_communicator says why).
+  // (not under sequence/expert parallelism: begin_overlapped_sums says why).
   void begin_grad_reduce(Communicator& comm, GradReduceDtype dtype, size_t bucket_bytes) override {
-    Communicator* device_comm = overlap_communicator(comm, bucket_bytes);
-    if (device_comm == nullptr) return;
-    reducer_.begin(gpu_.grads(), gpu_.grad_ready_ranges(), bucket_bytes / sizeof(float),
-                   *device_comm, dtype);
+    if (!begin_overlapped_sums(comm, dtype, bucket_bytes, 0)) return;
     overlapped_comm_ = &comm;
     overlapped_dtype_ = dtype;
-    gpu_.set_grad_ready_hook([this](size_t index) { reducer_.ready(index, gpu_.stream()); });
   }
 
   void all_reduce_grads(Communicator& comm, GradReduceDtype dtype) override {
@@ -160,8 +169,7 @@ class GpuStepEngine final : public GpuModelEngine {
     if (reducer_.active()) {
       MF_CHECK(&comm == overlapped_comm_ && dtype == overlapped_dtype_,
                "all_reduce_grads over another group or dtype than begin_grad_reduce announced");
-      gpu_.set_grad_ready_hook(nullptr);
-      reducer_.finish(gpu_.stream());
+      finish_overlapped_sums();
       return;
     }
     if (Communicator* device_comm = device_communicator(comm)) {
@@ -246,12 +254,9 @@ class GpuZero1StepEngine final : public GpuModelEngine {
 
   void begin_grad_reduce(Communicator& comm, GradReduceDtype dtype, size_t bucket_bytes) override {
     check_sharding_group(comm);
-    if (dtype != GradReduceDtype::kFloat32) return;
-    Communicator* device_comm = overlap_communicator(comm, bucket_bytes);
-    if (device_comm == nullptr) return;
-    reducer_.begin(gpu_.grads(), gpu_.grad_ready_ranges(), bucket_bytes / sizeof(float),
-                   *device_comm, dtype, optimizer_->shard_len());
-    gpu_.set_grad_ready_hook([this](size_t index) { reducer_.ready(index, gpu_.stream()); });
+    if (dtype == GradReduceDtype::kFloat32) {
+      begin_overlapped_sums(comm, dtype, bucket_bytes, optimizer_->shard_len());
+    }
   }
 
   void all_reduce_grads(Communicator& comm, GradReduceDtype dtype) override {
@@ -260,8 +265,7 @@ class GpuZero1StepEngine final : public GpuModelEngine {
     if (reducer_.active()) {
       MF_CHECK(dtype == GradReduceDtype::kFloat32,
                "all_reduce_grads in another dtype than begin_grad_reduce announced");
-      gpu_.set_grad_ready_hook(nullptr);
-      reducer_.finish(gpu_.stream());
+      finish_overlapped_sums();
       optimizer_->use_owner_reduced_gradients();
       return;
     }

@@ -18,22 +18,9 @@ GpuZeroAdamW::GpuZeroAdamW(GpuTransformer& model, const AdamWHyper& hyper,
       hyper_(hyper),
       dp_(dp),
       shard_len_(zero_shard_len(model.num_params(), dp.size())),
-      shard_(zero_shard(model.num_params(), dp.size(), dp.rank())) {
+      shard_(zero_shard(model.num_params(), dp.size(), dp.rank())),
+      runs_(decay_runs(model.layout(), no_decay_substrings, shard_.begin, shard_.end)) {
   model_.pad_flat_buffers(shard_len_ * dp.size());
-  const std::vector<uint8_t> decays = decay_flags(model.layout(), no_decay_substrings);
-  const std::vector<ParamSpec>& specs = model.layout().specs();
-  for (size_t i = 0; i < specs.size(); ++i) {
-    const int64_t begin = std::max(specs[i].offset, shard_.begin);
-    const int64_t end = std::min(specs[i].offset + specs[i].numel, shard_.end);
-    if (begin >= end) continue;
-    const bool decay = decays[i] != 0;
-    if (!runs_.empty() && runs_.back().decay == decay &&
-        runs_.back().begin + runs_.back().count == begin) {
-      runs_.back().count += end - begin;
-    } else {
-      runs_.push_back(Run{begin, end - begin, decay});
-    }
-  }
   const auto n = static_cast<size_t>(shard_.size());
   exp_avg_.resize(n);
   exp_avg_sq_.resize(n);
@@ -64,12 +51,12 @@ GpuZeroAdamW::GpuZeroAdamW(GpuTransformer& model, const AdamWHyper& hyper,
 }
 
 void GpuZeroAdamW::reduce_gradients(GradReduceDtype dtype) {
-  float* own_chunk = model_.grads() + dp_.rank() * shard_len_;
   if (dtype == GradReduceDtype::kFloat32) {
     // In place (NCCL's form): the model's chunk of this rank becomes the summed shard.
     if (dp_.size() > 1) {
-      reducer_.reduce_scatter(model_.grads(), static_cast<size_t>(shard_len_), own_chunk, dp_,
-                              dtype, model_.stream());
+      reducer_.reduce_scatter(model_.grads(), static_cast<size_t>(shard_len_),
+                              model_.grads() + dp_.rank() * shard_len_, dp_, dtype,
+                              model_.stream());
     }
     sums_in_model_grads_ = true;
     return;
@@ -102,7 +89,7 @@ GpuAdamWResult GpuZeroAdamW::step(double lr, double max_norm) {
   const AdamWStepConstants c(hyper_, lr, step_count_);
   AdamWStep step = kernel_step(c, result.clip_factor);
   const cudaStream_t stream = model_.stream();
-  for (const Run& run : runs_) {
+  for (const DecayRun& run : runs_) {
     step.decay_factor = run.decay ? c.decay_factor : c.no_decay_factor;
     const int64_t local = run.begin - shard_.begin;
     adamw_update(model_.params() + run.begin, model_.params_bf16() + run.begin,

@@ -1,5 +1,6 @@
-// ZeRO-1 for a GpuTransformer (train/zero_optimizer.h is the spec): the summed gradient is
-// reduce-scattered to the shard owners through a device communicator (NCCL), each rank runs
+// ZeRO-1 for a GpuTransformer (train/zero_optimizer.h is the spec): the summed gradient reaches
+// the shard owners through a device communicator (NCCL; a reduce-scatter here, or the owner sums
+// of BucketedGradReducer beside the backward), each rank runs
 // AdamW on its shard only (moments of 1/D of the parameters on its GPU), and the updated shards
 // reach every rank as the model reads them: the bf16 copy of every weight all-gathered (half the
 // bytes of fp32), and fp32 only for the weights read in fp32 (GpuTransformer::fp32_weight_ranges:
@@ -73,11 +74,6 @@ class GpuZeroAdamW {
   std::vector<float> download_grad_shard() const;
 
  private:
-  struct Run {
-    int64_t begin, count;  // in the flat buffer, inside the shard
-    bool decay;
-  };
-
   // The bf16 all-gather of the weights and the packed fp32 all-gather of the fp32-read ones.
   void all_gather_updated_weights();
   // This rank's summed gradient [shard.size()]: in the model's buffer or in bf16_sums_.
@@ -88,7 +84,7 @@ class GpuZeroAdamW {
   Communicator& dp_;
   int64_t shard_len_;
   ZeroShard shard_;
-  std::vector<Run> runs_;
+  std::vector<DecayRun> runs_;  // inside the shard
   // Per rank, the pieces of the fp32-read ranges inside its shard, in offset order; each rank
   // packs its own into fp32_send_ (up to fp32_chunk_ elements) for the all-gather into fp32_recv_.
   std::vector<std::vector<GradRange>> fp32_pieces_;

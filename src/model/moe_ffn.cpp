@@ -100,16 +100,19 @@ bool EpDispatchPlan::uses(EpDispatch dispatch) const {
   return std::find(per_layer_.begin(), per_layer_.end(), dispatch) != per_layer_.end();
 }
 
-EpDispatchPlan parse_ep_dispatch_plan(const std::string& text, int64_t num_layers) {
-  if (text.find(',') == std::string::npos) return EpDispatchPlan(parse_ep_dispatch(text));
-  std::vector<EpDispatch> per_layer;
-  size_t begin = 0;
-  while (true) {
+std::vector<EpDispatch> parse_ep_dispatch_list(const std::string& text) {
+  std::vector<EpDispatch> list;
+  for (size_t begin = 0;;) {
     const size_t end = text.find(',', begin);
-    per_layer.push_back(parse_ep_dispatch(text.substr(begin, end - begin)));
-    if (end == std::string::npos) break;
+    list.push_back(parse_ep_dispatch(text.substr(begin, end - begin)));
+    if (end == std::string::npos) return list;
     begin = end + 1;
   }
+}
+
+EpDispatchPlan parse_ep_dispatch_plan(const std::string& text, int64_t num_layers) {
+  std::vector<EpDispatch> per_layer = parse_ep_dispatch_list(text);
+  if (per_layer.size() == 1) return EpDispatchPlan(per_layer[0]);
   MF_CHECK(static_cast<int64_t>(per_layer.size()) == num_layers,
            "the expert dispatch list \"{}\" has {} entries for a model of {} decoder layers (one "
            "name for every layer, or one per layer)",

@@ -62,6 +62,9 @@ class EpDispatchPlan {
   std::vector<EpDispatch> per_layer_;
 };
 
+// The comma-separated names of parse_ep_dispatch in text (one without a comma); throws naming a
+// bad entry.
+std::vector<EpDispatch> parse_ep_dispatch_list(const std::string& text);
 // One name of parse_ep_dispatch for every layer, or a comma-separated list of them with one per
 // decoder layer (num_layers entries); throws naming the problem otherwise.
 EpDispatchPlan parse_ep_dispatch_plan(const std::string& text, int64_t num_layers);

@@ -9,9 +9,9 @@
 #include <fstream>
 #include <initializer_list>
 #include <numeric>
-#include <string_view>
 
 #include "core/error.h"
+#include "model/moe_ffn.h"
 
 namespace moeforge {
 
@@ -456,17 +456,11 @@ void validate_train_config(const TrainConfig& c) {
            "got {}",
            c.parallel.grad_bucket_mb);
   // Each comma-separated entry a name; their count against the model's layers is the trainer's.
-  const auto is_dispatch_name = [](std::string_view name) {
-    return name == "allgather" || name == "alltoall" || name == "auto";
-  };
   bool dispatch_names_ok = true;
-  for (size_t begin = 0;;) {
-    const size_t end = c.parallel.ep_dispatch.find(',', begin);
-    dispatch_names_ok =
-        dispatch_names_ok &&
-        is_dispatch_name(std::string_view(c.parallel.ep_dispatch).substr(begin, end - begin));
-    if (end == std::string::npos) break;
-    begin = end + 1;
+  try {
+    parse_ep_dispatch_list(c.parallel.ep_dispatch);
+  } catch (const Error&) {
+    dispatch_names_ok = false;
   }
   MF_CHECK(dispatch_names_ok,
            "parallel.ep_dispatch must be \"allgather\", \"alltoall\" or \"auto\" for every MoE "

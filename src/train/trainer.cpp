@@ -344,10 +344,9 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
       std::vector<MoeFfnStats> moe_stats;
       // The sums of the last micro-batch may start during its backward: the world's all-reduce,
       // or ZeRO-1's sums onto the shard owners when no expert-group sum has to come first.
-      if (m + 1 == accum && !zero1 && world.size() > 1) {
-        engine->begin_grad_reduce(world, grad_reduce_dtype, grad_bucket_bytes);
-      } else if (m + 1 == accum && zero1 && n == 1 && dp.size() > 1) {
-        engine->begin_grad_reduce(dp, grad_reduce_dtype, grad_bucket_bytes);
+      Communicator* const announced = !zero1 ? &world : n == 1 ? &dp : nullptr;
+      if (m + 1 == accum && announced != nullptr && announced->size() > 1) {
+        engine->begin_grad_reduce(*announced, grad_reduce_dtype, grad_bucket_bytes);
       }
       const LossBreakdown loss = engine->forward_backward(
           local_inputs.data(), local_targets.data(), micro, local_seq,
