@@ -78,7 +78,10 @@ void run_bench_train(const BenchOptions& opt) {
            world.size(), opt.seq);
   cuda::bind_device_to_local_rank(local_rank_from_environment());
   cuda::DeviceAllocator::instance().reset_peak();
-  cuda::GpuTransformer model(config, cuda::parse_recompute(opt.recompute));
+  // Under expert parallelism each GPU holds its group's share of the experts only.
+  const ExpertShard experts =
+      ep > 1 && config.is_moe() ? ExpertShard{world.rank() % ep, ep} : ExpertShard{};
+  cuda::GpuTransformer model(config, cuda::parse_recompute(opt.recompute), experts);
   std::unique_ptr<Communicator> ep_host, ep_device;
   if (ep > 1) {
     ep_host = world.split(static_cast<int>(world.rank() / ep), world.rank());
@@ -95,7 +98,7 @@ void run_bench_train(const BenchOptions& opt) {
     fmt::print(stderr,
                "bench train: {} parameters ({} active), {} x {} tokens per step and group on {} "
                "GPU(s), {} per group\n",
-               layout.num_params(), layout.num_active_params(), opt.micro_batch, opt.seq,
+               layout.num_model_params(), layout.num_active_params(), opt.micro_batch, opt.seq,
                world.size(), ep);
   }
   // Weights made on the device (init_random_params's rules with uniform instead of normal
@@ -117,21 +120,29 @@ void run_bench_train(const BenchOptions& opt) {
   // weight. With ZeRO-1: fp32 buckets summed onto their shard owners on the reducer's stream
   // beside the backward (bf16, or bucket_elems 0: a reduce-scatter on the model's stream after
   // it), AdamW on this rank's shard, the all-gathers of the updated weights.
+  // With sharded experts (the trainer's scheme): after the backward, the replicated ranges summed
+  // over the world and the expert ranges over the data-parallel group (the GPUs holding the same
+  // experts).
   cuda::BucketedGradReducer reducer;
-  std::unique_ptr<Communicator> dp, owner_sums;
-  const auto device_comm = [&](cudaStream_t stream) {
+  std::unique_ptr<Communicator> dp, owner_sums, dp_host, expert_dp;
+  const auto device_comm = [&](Communicator& host, cudaStream_t stream) {
     std::string why_not;
-    std::unique_ptr<Communicator> comm = cuda::make_device_communicator(world, stream, &why_not);
+    std::unique_ptr<Communicator> comm = cuda::make_device_communicator(host, stream, &why_not);
     MF_CHECK(comm != nullptr, "bench train over {} ranks sums the gradients through NCCL, but {}",
-             world.size(), why_not);
+             host.size(), why_not);
     return comm;
   };
   if (world.size() > 1 || opt.zero_stage == 1) {
-    dp = device_comm(opt.zero_stage == 1 ? model.stream() : reducer.stream());
+    dp = device_comm(world, opt.zero_stage == 1 ? model.stream() : reducer.stream());
   }
   if (opt.zero_stage == 1 && world.size() > 1 && bucket_elems > 0 &&
       reduce_dtype == GradReduceDtype::kFloat32) {
-    owner_sums = device_comm(reducer.stream());
+    owner_sums = device_comm(world, reducer.stream());
+  }
+  const bool sharded = layout.experts_sharded();
+  if (sharded && world.size() > ep) {
+    dp_host = world.split(static_cast<int>(world.rank() % ep), world.rank());
+    expert_dp = device_comm(*dp_host, reducer.stream());
   }
   std::unique_ptr<cuda::GpuAdamW> optimizer;
   std::unique_ptr<cuda::GpuZeroAdamW> zero;
@@ -140,7 +151,8 @@ void run_bench_train(const BenchOptions& opt) {
                                                 std::vector<std::string>{"norm", "bias"}, *dp);
   } else {
     optimizer = std::make_unique<cuda::GpuAdamW>(model, AdamWHyper{},
-                                                 std::vector<std::string>{"norm", "bias"});
+                                                 std::vector<std::string>{"norm", "bias"},
+                                                 sharded ? ep_host.get() : nullptr);
     if (opt.overlap_optimizer) optimizer->enable_overlap();
   }
   const int64_t n = opt.micro_batch * local_seq;  // this rank's tokens
@@ -151,7 +163,7 @@ void run_bench_train(const BenchOptions& opt) {
     for (auto& t : tokens) t = static_cast<int32_t>(data_rng.below(config.vocab_size));
     // One micro-batch: its backward assigns the gradients (no zeroing pass). With the timer on,
     // the optimizer (grad norm with its host round trip, AdamW) is a phase of its own.
-    if (dp && !zero) {
+    if (dp && !zero && !sharded) {
       reducer.begin(model.grads(), model.grad_ready_ranges(), bucket_elems, *dp, reduce_dtype);
     } else if (owner_sums) {
       reducer.begin(model.grads(), model.grad_ready_ranges(), bucket_elems, *owner_sums,
@@ -171,6 +183,14 @@ void run_bench_train(const BenchOptions& opt) {
     } else if (zero) {
       if (world.size() > 1) model.timer().mark("grad_reduce", model.stream());
       zero->reduce_gradients(reduce_dtype);
+    } else if (dp && sharded) {
+      model.timer().mark("grad_reduce", model.stream());
+      reducer.sum_ranges(model.grads(), layout.replicated_ranges(), *dp, reduce_dtype,
+                         model.stream());
+      if (expert_dp) {
+        reducer.sum_ranges(model.grads(), layout.expert_ranges(), *expert_dp, reduce_dtype,
+                           model.stream());
+      }
     } else if (dp) {
       // The phase is what the sums add after the backward: all of them without buckets, the
       // ones still running (the first layers' and the embedding's, finished last) with.
@@ -227,7 +247,8 @@ void run_bench_train(const BenchOptions& opt) {
       {"config", opt.config},
       {"recompute", opt.recompute},
       {"expert_gemms", model.grouped_expert_gemms() ? "cutlass_grouped" : "cublaslt_per_expert"},
-      {"num_params", layout.num_params()},
+      {"num_params", layout.num_model_params()},
+      {"params_per_gpu", layout.num_params()},
       {"num_active_params", layout.num_active_params()},
       {"ranks", world.size()},
       {"expert_parallel", ep},

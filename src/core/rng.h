@@ -31,6 +31,8 @@ class Rng {
     if (u1 < 1e-300) u1 = 1e-300;
     return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
   }
+  // Moves past n calls of normal() without computing them.
+  void skip_normals(uint64_t n) { counter_ += 2 * n; }
 
   uint64_t seed() const { return seed_; }
   uint64_t counter() const { return counter_; }

@@ -53,6 +53,22 @@ void BucketedGradReducer::finish(cudaStream_t compute) {
   comm_ = nullptr;
 }
 
+void BucketedGradReducer::sum_ranges(float* grads, const std::vector<GradRange>& ranges,
+                                     Communicator& comm, GradReduceDtype dtype,
+                                     cudaStream_t compute) {
+  MF_CHECK(!active(), "sum_ranges while a bucketed reduction is in flight");
+  int64_t largest = 0;
+  for (const GradRange& r : ranges) largest = std::max(largest, r.count);
+  reducer_.reserve(static_cast<size_t>(largest), comm.size(), dtype);
+  MF_CUDA_CHECK(cudaEventRecord(event_, compute));
+  MF_CUDA_CHECK(cudaStreamWaitEvent(stream_, event_, 0));
+  for (const GradRange& r : ranges) {
+    reducer_.all_reduce(grads + r.offset, static_cast<size_t>(r.count), comm, dtype, stream_);
+  }
+  MF_CUDA_CHECK(cudaEventRecord(event_, stream_));
+  MF_CUDA_CHECK(cudaStreamWaitEvent(compute, event_, 0));
+}
+
 void BucketedGradReducer::sum(GradRange span, cudaStream_t compute) {
   // One rank: the owner sums are no-ops (and so is DeviceGradReducer's all-reduce).
   if (span.count == 0 || (owner_chunk_ > 0 && comm_->size() == 1)) return;

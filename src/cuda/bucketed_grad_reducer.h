@@ -44,6 +44,10 @@ class BucketedGradReducer {
   // Sums whatever the ready() calls left (everything when there were none) and makes `compute`
   // wait for every sum: work enqueued on it afterwards sees the summed gradient.
   void finish(cudaStream_t compute);
+  // Not overlapped: the sums over comm of the given ranges of grads, in one go once the work
+  // enqueued so far on `compute` has run; `compute` then waits for them.
+  void sum_ranges(float* grads, const std::vector<GradRange>& ranges, Communicator& comm,
+                  GradReduceDtype dtype, cudaStream_t compute);
 
  private:
   void sum(GradRange span, cudaStream_t compute);

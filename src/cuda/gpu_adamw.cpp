@@ -33,9 +33,10 @@ std::vector<DecayRun> decay_runs(const ParameterLayout& layout,
 }
 
 GpuAdamW::GpuAdamW(GpuTransformer& model, const AdamWHyper& hyper,
-                   const std::vector<std::string>& no_decay_substrings)
+                   const std::vector<std::string>& no_decay_substrings, Communicator* expert_group)
     : model_(model),
       hyper_(hyper),
+      expert_group_(expert_group),
       runs_(decay_runs(model.layout(), no_decay_substrings, 0, model.num_params())) {
   const auto n = static_cast<size_t>(model.num_params());
   exp_avg_.resize(n);
@@ -116,17 +117,32 @@ AdamWStep kernel_step(const AdamWStepConstants& c, double clip_factor) {
                    static_cast<float>(clip_factor)};
 }
 
-double sqrt_of_device(const double* value, cudaStream_t stream) {
-  double host = 0.0;
-  MF_CUDA_CHECK(cudaMemcpyAsync(&host, value, sizeof(double), cudaMemcpyDeviceToHost, stream));
+GradSquares device_grad_squares(const ParameterLayout& layout, const float* values, int64_t begin,
+                                int64_t end, DeviceBuffer<double>& slots, double* scratch,
+                                cudaStream_t stream) {
+  const std::vector<GradSquaresPiece> pieces = grad_squares_pieces(layout, begin, end);
+  GradSquares out;
+  if (pieces.empty()) return out;
+  if (slots.size() < pieces.size()) slots.resize(pieces.size());
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    sum_squares(slots.data() + i, values + (pieces[i].range.offset - begin), pieces[i].range.count,
+                scratch, stream);
+  }
+  std::vector<double> sums(pieces.size());
+  MF_CUDA_CHECK(cudaMemcpyAsync(sums.data(), slots.data(), sums.size() * sizeof(double),
+                                cudaMemcpyDeviceToHost, stream));
   MF_CUDA_CHECK(cudaStreamSynchronize(stream));
-  return std::sqrt(host);
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    (pieces[i].experts ? out.experts : out.replicated) += sums[i];
+  }
+  return out;
 }
 
 double GpuAdamW::grad_norm() {
-  sum_squares(norm_sq_.data(), model_.grads(), model_.num_params(), scratch_.data(),
-              model_.stream());
-  return sqrt_of_device(norm_sq_.data(), model_.stream());
+  return model_grad_norm(
+      device_grad_squares(model_.layout(), model_.grads(), 0, model_.num_params(), norm_sq_,
+                          scratch_.data(), model_.stream()),
+      expert_group_);
 }
 
 GpuAdamWResult GpuAdamW::step(double lr, double max_norm) {

@@ -28,8 +28,13 @@ GpuAdamWResult clipping_for(double grad_norm, double max_norm);
 // The kernel's constants of the update that c describes, with the clipping factor; decay_factor
 // starts as c's no-decay factor, each run sets its own.
 AdamWStep kernel_step(const AdamWStepConstants& c, double clip_factor);
-// The square root of a device double, once stream's work is done (a host synchronisation).
-double sqrt_of_device(const double* value, cudaStream_t stream);
+// train/adamw.h's grad_squares of the device gradient elements [begin, end) of layout (values
+// points at element begin): each piece's squares summed on the device into a double of slots
+// (grown as needed; scratch as reduction_scratch_doubles(end - begin) asks), read back once
+// stream's work is done (a host synchronisation) and added up in piece order.
+GradSquares device_grad_squares(const ParameterLayout& layout, const float* values, int64_t begin,
+                                int64_t end, DeviceBuffer<double>& slots, double* scratch,
+                                cudaStream_t stream);
 
 // A contiguous range of the flat parameter buffer whose tensors share a weight-decay flag.
 struct DecayRun {
@@ -44,8 +49,11 @@ std::vector<DecayRun> decay_runs(const ParameterLayout& layout,
 
 class GpuAdamW {
  public:
+  // expert_group: with the model's experts sharded, the host communicator of the ranks holding
+  // the other shards, over which the norm sums the expert ranges' squares (model_grad_norm).
   GpuAdamW(GpuTransformer& model, const AdamWHyper& hyper,
-           const std::vector<std::string>& no_decay_substrings);
+           const std::vector<std::string>& no_decay_substrings,
+           Communicator* expert_group = nullptr);
   ~GpuAdamW();
   GpuAdamW(const GpuAdamW&) = delete;
   GpuAdamW& operator=(const GpuAdamW&) = delete;
@@ -62,7 +70,8 @@ class GpuAdamW {
   // The stream the update runs on (the model's without overlap).
   cudaStream_t update_stream() const;
 
-  // Global norm of the model's gradient (double, fixed order).
+  // Global norm of the model's gradient (double, fixed order; with sharded experts, collective
+  // over the expert group).
   double grad_norm();
   // One update with learning rate lr and clipping at max_norm (<= 0: none). Skips the update
   // when the gradient norm is not finite.
@@ -77,6 +86,7 @@ class GpuAdamW {
  private:
   GpuTransformer& model_;
   AdamWHyper hyper_;
+  Communicator* expert_group_;
   std::vector<DecayRun> runs_;
   DeviceBuffer<float> exp_avg_, exp_avg_sq_;
   DeviceBuffer<double> norm_sq_, scratch_;

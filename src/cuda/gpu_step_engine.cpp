@@ -23,7 +23,7 @@ namespace {
 class GpuModelEngine : public StepEngine {
  public:
   GpuModelEngine(Transformer<float>& model, Recompute recompute)
-      : host_model_(model), gpu_(model.config(), recompute) {
+      : host_model_(model), gpu_(model.config(), recompute, model.layout().expert_shard()) {
     Communicator& group = model.expert_group();
     if (group.size() > 1) {
       MF_CHECK(model.parallel_layout() == ParallelLayout::kSequenceExpert &&
@@ -63,13 +63,38 @@ class GpuModelEngine : public StepEngine {
 
   // On the model's stream, through the expert group's NCCL communicator (the one its Ulysses and
   // dispatch exchanges use).
+  // The replicated ranges only: each rank's experts have the group's gradient already.
   void sum_expert_group_grads(Communicator& group) override {
     MF_CHECK(&group == &host_model_.expert_group(),
              "the expert-group gradient sum runs over the model's expert group only");
     if (group.size() == 1) return;
     materialize_zero_grads();
-    ep_comm_->all_reduce_sum(gpu_.grads(), static_cast<size_t>(gpu_.num_params()),
-                             CommDType::kFloat32);
+    for (const ParamRange& r : gpu_.layout().replicated_ranges()) {
+      ep_comm_->all_reduce_sum(gpu_.grads() + r.offset, static_cast<size_t>(r.count),
+                               CommDType::kFloat32);
+    }
+  }
+
+  // After the backward, range by range through NCCL on the reducer's stream (through host
+  // memory without a device communicator).
+  void all_reduce_grad_ranges(Communicator& comm, GradReduceDtype dtype,
+                              const std::vector<ParamRange>& ranges) override {
+    MF_CHECK(!reducer_.active(), "all_reduce_grad_ranges while overlapped sums are in flight");
+    if (comm.size() == 1) return;
+    materialize_zero_grads();
+    if (Communicator* device_comm = device_communicator(comm)) {
+      reducer_.sum_ranges(gpu_.grads(), ranges, *device_comm, dtype, gpu_.stream());
+      return;
+    }
+    std::vector<float> grads = gpu_.download_grads();
+    all_reduce_gradient_ranges(grads.data(), ranges, comm, dtype);
+    gpu_.upload_grads(grads);
+  }
+
+  // The host expert group when the model's experts are sharded (it completes the gradient norm),
+  // else null.
+  Communicator* expert_norm_group() const {
+    return host_model_.layout().experts_sharded() ? &host_model_.expert_group() : nullptr;
   }
 
  protected:
@@ -105,19 +130,20 @@ class GpuModelEngine : public StepEngine {
 
   // The device communicator over the ranks of `comm` (make_device_communicator) on the reducer's
   // stream, made at the first reduction over comm (collective: every rank of comm reduces at the
-  // same step); null, and the gradients go through host memory, when it cannot be made.
+  // same step) and kept (with sharded experts the sums go over two groups); null, and the
+  // gradients go through host memory, when it cannot be made.
   Communicator* device_communicator(Communicator& comm) {
-    if (device_comm_parent_ != &comm) {
-      std::string why_not;
-      device_comm_ = make_device_communicator(comm, reducer_.stream(), &why_not);
-      device_comm_parent_ = &comm;
-      if (comm.rank() == 0) {
-        fmt::print(
-            stderr, "gradient sums over {} data-parallel ranks: {}\n", comm.size(),
-            device_comm_ ? "on the GPUs through NCCL" : "through host memory (" + why_not + ")");
-      }
+    for (const auto& [parent, device] : device_comms_) {
+      if (parent == &comm) return device.get();
     }
-    return device_comm_.get();
+    std::string why_not;
+    std::unique_ptr<Communicator> device =
+        make_device_communicator(comm, reducer_.stream(), &why_not);
+    if (comm.rank() == 0) {
+      fmt::print(stderr, "gradient sums over {} ranks: {}\n", comm.size(),
+                 device ? "on the GPUs through NCCL" : "through host memory (" + why_not + ")");
+    }
+    return device_comms_.emplace_back(&comm, std::move(device)).second.get();
   }
 
   Transformer<float>& host_model_;
@@ -125,8 +151,7 @@ class GpuModelEngine : public StepEngine {
   BucketedGradReducer reducer_;
 
  private:
-  std::unique_ptr<Communicator> device_comm_;
-  const Communicator* device_comm_parent_ = nullptr;
+  std::vector<std::pair<const Communicator*, std::unique_ptr<Communicator>>> device_comms_;
   std::unique_ptr<Communicator> ep_comm_;  // the expert-parallel group's, on gpu_'s stream
   bool grads_pending_zero_ = false;
 };
@@ -137,7 +162,7 @@ class GpuStepEngine final : public GpuModelEngine {
                 const std::vector<std::string>& no_decay, Recompute recompute)
       : GpuModelEngine(model, recompute),
         host_optimizer_(optimizer),
-        optimizer_(gpu_, hyper, no_decay) {}
+        optimizer_(gpu_, hyper, no_decay, expert_norm_group()) {}
 
   void load_from_host() override {
     optimizer_.synchronize();
@@ -224,7 +249,7 @@ class GpuZero1StepEngine final : public GpuModelEngine {
     MF_CHECK(dp_ != nullptr,
              "parallel.zero_stage 1 on GPUs reduce-scatters the gradients through NCCL, but {}",
              why_not);
-    optimizer_ = std::make_unique<GpuZeroAdamW>(gpu_, hyper, no_decay, *dp_);
+    optimizer_ = std::make_unique<GpuZeroAdamW>(gpu_, hyper, no_decay, *dp_, expert_norm_group());
     MF_CHECK(optimizer_->shard().begin == optimizer.shard().begin &&
                  optimizer_->shard().end == optimizer.shard().end,
              "the GPU's ZeRO-1 shard [{}, {}) is not the host optimizer's [{}, {})",

@@ -137,9 +137,9 @@ Recompute parse_recompute(const std::string& name) {
   MF_FAIL("unknown activation recompute '{}' (none, selective)", name);
 }
 
-GpuTransformer::GpuTransformer(const ModelConfig& config, Recompute recompute)
+GpuTransformer::GpuTransformer(const ModelConfig& config, Recompute recompute, ExpertShard experts)
     : config_(config),
-      layout_(config),
+      layout_(config, experts),
       recompute_(recompute),
       scratch_(std::make_unique<Scratch>()) {
   validate_model_config(config_);
@@ -192,6 +192,11 @@ void GpuTransformer::set_expert_parallel_group(Communicator& group) {
   MF_CHECK(!config_.is_moe() || config_.num_experts % size == 0,
            "expert parallelism over {} GPUs needs the experts ({}) divisible by {}", size,
            config_.num_experts, size);
+  const ExpertShard& held = layout_.expert_shard();
+  MF_CHECK(!config_.is_moe() || (held.rank == group.rank() && held.size == size),
+           "rank {} of an expert-parallel group of {} must hold expert shard {} of {} (the "
+           "constructor's), not {} of {}",
+           group.rank(), size, group.rank(), size, held.rank, held.size);
   ep_ = size > 1 ? &group : nullptr;
   accumulated_ranges_.clear();
   find_accumulated_ranges();
@@ -220,10 +225,10 @@ void GpuTransformer::find_accumulated_ranges() {
     add(o.shared_up, shared * h);
     add(o.shared_down, h * shared);
     if (grouped_experts_ && o.experts_gate >= 0) {
-      // This rank's experts only: the others' gradients stay zeros here.
-      add(o.experts_gate + local_expert_offset(f, h), num_local_experts() * f * h);
-      add(o.experts_up + local_expert_offset(f, h), num_local_experts() * f * h);
-      add(o.experts_down + local_expert_offset(h, f), num_local_experts() * h * f);
+      // This rank's experts (the layout holds no others).
+      add(o.experts_gate, num_local_experts() * f * h);
+      add(o.experts_up, num_local_experts() * f * h);
+      add(o.experts_down, num_local_experts() * h * f);
     }
   }
   // Tied or not: the head's first chunk assigns; a tied embedding's backward adds to it later.
@@ -607,11 +612,10 @@ void GpuTransformer::moe_forward(int64_t l) {
   scatter_rows(rows, x, a.row_token.data(), ng * k, h, stream_);
   // Per-expert cuBLASLt calls need the row ranges on the host: one synchronisation per MoE layer.
   if (!grouped_experts_) MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  expert_forward(a.h_gate.data(), rows, wb(o.experts_gate) + local_expert_offset(f, h), h, f, a);
-  expert_forward(a.h_up.data(), rows, wb(o.experts_up) + local_expert_offset(f, h), h, f, a);
+  expert_forward(a.h_gate.data(), rows, wb(o.experts_gate), h, f, a);
+  expert_forward(a.h_up.data(), rows, wb(o.experts_up), h, f, a);
   swiglu_forward(a.h_act_ptr, a.h_gate.data(), a.h_up.data(), ng * k * f, stream_);
-  expert_forward(a.y_rows.data(), a.h_act_ptr, wb(o.experts_down) + local_expert_offset(h, f), f, h,
-                 a);
+  expert_forward(a.y_rows.data(), a.h_act_ptr, wb(o.experts_down), f, h, a);
   if (config_.shared_expert_intermediate_size > 0) shared_expert_forward(l);
 }
 
@@ -768,21 +772,17 @@ void GpuTransformer::moe_backward(int64_t l, float d_aux, float d_z) {
   }
   combine_rows_backward(s.drows.data(), s.dgates.data(), dout, a.y_rows.data(), a.gates.data(),
                         a.assignment_row.data(), ng, k, h, stream_);
-  const int64_t gate_offset = local_expert_offset(f, h), down_offset = local_expert_offset(h, f);
-  expert_backward_input(s.dh_gate.data(), s.drows.data(), wb(o.experts_down) + down_offset, f, h,
-                        false, a);
-  expert_backward_weight(g(o.experts_down) + down_offset, s.drows.data(), a.h_act_ptr, f, h, a);
+  expert_backward_input(s.dh_gate.data(), s.drows.data(), wb(o.experts_down), f, h, false, a);
+  expert_backward_weight(g(o.experts_down), s.drows.data(), a.h_act_ptr, f, h, a);
   swiglu_backward(s.dh_gate.data(), s.dh_up.data(), s.dh_gate.data(), a.h_gate.data(),
                   a.h_up.data(), ng * k * f, stream_);
   // drows is free again: it takes the gradient of the expert inputs.
-  expert_backward_input(s.drows.data(), s.dh_gate.data(), wb(o.experts_gate) + gate_offset, h, f,
-                        false, a);
-  expert_backward_input(s.drows.data(), s.dh_up.data(), wb(o.experts_up) + gate_offset, h, f, true,
-                        a);
+  expert_backward_input(s.drows.data(), s.dh_gate.data(), wb(o.experts_gate), h, f, false, a);
+  expert_backward_input(s.drows.data(), s.dh_up.data(), wb(o.experts_up), h, f, true, a);
   bf16* rows = s.rows.data();
   scatter_rows(rows, x, a.row_token.data(), ng * k, h, stream_);
-  expert_backward_weight(g(o.experts_gate) + gate_offset, s.dh_gate.data(), rows, h, f, a);
-  expert_backward_weight(g(o.experts_up) + gate_offset, s.dh_up.data(), rows, h, f, a);
+  expert_backward_weight(g(o.experts_gate), s.dh_gate.data(), rows, h, f, a);
+  expert_backward_weight(g(o.experts_up), s.dh_up.data(), rows, h, f, a);
   if (ep_ != nullptr) {
     // The gathered output gradient is consumed: the buffer takes the group's input gradient.
     scatter_rows_backward(s.group_f32.data(), s.drows.data(), a.assignment_row.data(), ng, k, h,

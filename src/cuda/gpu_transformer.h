@@ -54,7 +54,10 @@ Recompute parse_recompute(const std::string& name);
 
 class GpuTransformer {
  public:
-  explicit GpuTransformer(const ModelConfig& config, Recompute recompute = Recompute::kNone);
+  // experts: the experts this rank holds (ParameterLayout); a shard of several only for a rank
+  // of an expert-parallel group of as many GPUs (set_expert_parallel_group).
+  explicit GpuTransformer(const ModelConfig& config, Recompute recompute = Recompute::kNone,
+                          ExpertShard experts = {});
   ~GpuTransformer();
   GpuTransformer(const GpuTransformer&) = delete;
   GpuTransformer& operator=(const GpuTransformer&) = delete;
@@ -65,9 +68,10 @@ class GpuTransformer {
   // CPU reference's layout "sp_ep": attention Ulysses-style (an all-to-all to heads / n heads over
   // all n * seq positions and back; n must divide both head counts), and every MoE layer on the
   // group's tokens with the experts [r E / n, (r + 1) E / n) only (all-gather, local experts,
-  // reduce-scatter; n must divide the experts). Losses are the group's; the gradients are this
-  // rank's part (its tokens, its experts), which a sum over the group completes. Call it before
-  // the first forward; n = 1 changes nothing.
+  // reduce-scatter; n must divide the experts), which are the only ones it holds: an MoE model
+  // must have been constructed with ExpertShard{r, n}. Losses are the group's; the gradients of
+  // the replicated weights are this rank's tokens' part, which a sum over the group completes, its
+  // experts' are the group's already. Call it before the first forward; n = 1 changes nothing.
   void set_expert_parallel_group(Communicator& group);
   int64_t expert_parallel_size() const { return ep_ != nullptr ? ep_->size() : 1; }
 
@@ -175,10 +179,6 @@ class GpuTransformer {
   int64_t moe_tokens() const { return n_ * expert_parallel_size(); }
   int64_t num_local_experts() const { return config_.num_experts / expert_parallel_size(); }
   int64_t expert_parallel_rank() const { return ep_ != nullptr ? ep_->rank() : 0; }
-  // Element offset of this rank's first expert in an [E, out, in] expert tensor.
-  int64_t local_expert_offset(int64_t out, int64_t in) const {
-    return expert_parallel_rank() * num_local_experts() * out * in;
-  }
   // The three q/k/v projections of layers that cannot run them packed (model_support.h).
   void attention_projections_unpacked(int64_t l);
   void attention_projections_backward_unpacked(int64_t l);

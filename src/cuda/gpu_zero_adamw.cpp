@@ -13,10 +13,12 @@
 namespace moeforge::cuda {
 
 GpuZeroAdamW::GpuZeroAdamW(GpuTransformer& model, const AdamWHyper& hyper,
-                           const std::vector<std::string>& no_decay_substrings, Communicator& dp)
+                           const std::vector<std::string>& no_decay_substrings, Communicator& dp,
+                           Communicator* expert_group)
     : model_(model),
       hyper_(hyper),
       dp_(dp),
+      expert_group_(expert_group),
       shard_len_(zero_shard_len(model.num_params(), dp.size())),
       shard_(zero_shard(model.num_params(), dp.size(), dp.rank())),
       runs_(decay_runs(model.layout(), no_decay_substrings, shard_.begin, shard_.end)) {
@@ -77,9 +79,20 @@ const float* GpuZeroAdamW::summed_shard() const {
 
 double GpuZeroAdamW::grad_norm() {
   const cudaStream_t stream = model_.stream();
-  sum_squares(norm_sq_.data(), summed_shard(), shard_.size(), scratch_.data(), stream);
-  if (dp_.size() > 1) dp_.all_reduce_sum(norm_sq_.data(), 1, CommDType::kFloat64);
-  return sqrt_of_device(norm_sq_.data(), stream);
+  const GradSquares own = device_grad_squares(model_.layout(), summed_shard(), shard_.begin,
+                                              shard_.end, norm_sq_, scratch_.data(), stream);
+  double parts[2] = {own.replicated, own.experts};
+  if (dp_.size() > 1) {
+    // Through the device communicator: the parts go to the device and back.
+    norm_sq_.resize(std::max<size_t>(norm_sq_.size(), 2));
+    MF_CUDA_CHECK(
+        cudaMemcpyAsync(norm_sq_.data(), parts, sizeof(parts), cudaMemcpyHostToDevice, stream));
+    dp_.all_reduce_sum(norm_sq_.data(), 2, CommDType::kFloat64);
+    MF_CUDA_CHECK(
+        cudaMemcpyAsync(parts, norm_sq_.data(), sizeof(parts), cudaMemcpyDeviceToHost, stream));
+    MF_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+  return model_grad_norm({parts[0], parts[1]}, expert_group_);
 }
 
 GpuAdamWResult GpuZeroAdamW::step(double lr, double max_norm) {

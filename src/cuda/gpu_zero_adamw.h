@@ -32,8 +32,11 @@ class GpuZeroAdamW {
   // outlive this object. Pads the model's flat buffers to dp.size() x shard length (the equal
   // chunks of the collectives; GpuTransformer::pad_flat_buffers). Collective calls below must be
   // made by every rank of dp in the same order.
+  // expert_group: as GpuAdamW's, the host communicator that completes the norm of a model with
+  // sharded experts.
   GpuZeroAdamW(GpuTransformer& model, const AdamWHyper& hyper,
-               const std::vector<std::string>& no_decay_substrings, Communicator& dp);
+               const std::vector<std::string>& no_decay_substrings, Communicator& dp,
+               Communicator* expert_group = nullptr);
 
   const ZeroShard& shard() const { return shard_; }
   // Elements per rank of the padded flat buffers: rank r's shard starts at r * shard_len().
@@ -50,7 +53,8 @@ class GpuZeroAdamW {
   // backward).
   void use_owner_reduced_gradients();
   // Collective. The L2 norm of the summed gradient: each rank's squared norm of its shard (double),
-  // summed over the ranks.
+  // summed over the ranks (with sharded experts, the expert ranges' part then over the expert
+  // group).
   double grad_norm();
   // Collective. Clipping at max_norm (<= 0: none) folded into AdamW at lr on this rank's shard,
   // then every rank's updated shard all-gathered into the model's weights as it reads them (see
@@ -82,6 +86,7 @@ class GpuZeroAdamW {
   GpuTransformer& model_;
   AdamWHyper hyper_;
   Communicator& dp_;
+  Communicator* expert_group_;
   int64_t shard_len_;
   ZeroShard shard_;
   std::vector<DecayRun> runs_;  // inside the shard

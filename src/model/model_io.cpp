@@ -1,6 +1,7 @@
 // Export and import of HF model directories (see model_io.h).
 #include "model/model_io.h"
 
+#include <optional>
 #include <set>
 #include <span>
 #include <string>
@@ -72,9 +73,13 @@ void read_hf_weights(const std::filesystem::path& dir, const ParameterLayout& la
       weights.read_as_double(spec.name, params + spec.offset, static_cast<size_t>(spec.numel));
     }
   }
+  // A shard of the experts reads its own; the other shards' are the model's too.
+  std::optional<ParameterLayout> whole;
+  if (layout.experts_sharded()) whole.emplace(layout.config());
   for (const std::string& name : weights.names()) {
     // A tied model's file may still carry lm_head.weight; it is the embedding, so skip it.
     if (expected.contains(name) || is_ignorable_tensor(name) || name == "lm_head.weight") continue;
+    if (whole && whole->find(name) != nullptr) continue;
     MF_FAIL(
         "{}: tensor {} does not belong to this architecture (is config.json the one these "
         "weights were saved with?)",

@@ -24,7 +24,8 @@ void write_hf_model(const std::filesystem::path& dir, const ModelConfig& config,
 
 // Reads every tensor of the layout from the model directory into params (any float dtype on
 // disk). Fails naming the tensor if one is missing or has another shape, and if the directory holds
-// tensors this architecture does not have (a sign of a config/weights mismatch).
+// tensors this architecture does not have (a sign of a config/weights mismatch). A layout of a
+// shard of the experts reads its own experts and skips the others'.
 template <typename T>
 void read_hf_weights(const std::filesystem::path& dir, const ParameterLayout& layout, T* params);
 

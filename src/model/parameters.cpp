@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <initializer_list>
+#include <optional>
 
 #include "core/error.h"
 #include "core/rng.h"
@@ -105,16 +106,18 @@ int64_t ParameterLayout::add(const std::string& name, std::vector<int64_t> shape
 
 int64_t ParameterLayout::add_experts(const std::string& prefix, const std::string& suffix,
                                      int64_t num_experts, int64_t rows, int64_t cols) {
+  const int64_t local = num_experts / expert_shard_.size;
   int64_t first = -1;
-  for (int64_t e = 0; e < num_experts; ++e) {
+  for (int64_t e = expert_shard_.rank * local; e < (expert_shard_.rank + 1) * local; ++e) {
     const int64_t offset =
         add(fmt::format("{}.experts.{}.{}.weight", prefix, e, suffix), {rows, cols});
-    if (e == 0) first = offset;
+    if (first < 0) first = offset;
   }
   return first;
 }
 
-ParameterLayout::ParameterLayout(const ModelConfig& c) {
+ParameterLayout::ParameterLayout(const ModelConfig& c, ExpertShard experts)
+    : config_(c), expert_shard_(experts) {
   // The bounds of validate_model_config that keep the tensor count and the sizes below finite.
   const std::optional<int64_t> total = count_params(c);
   MF_CHECK(c.num_layers <= kMaxNumLayers && c.num_experts <= kMaxNumExperts && total &&
@@ -123,6 +126,10 @@ ParameterLayout::ParameterLayout(const ModelConfig& c) {
            "{}, {} and {}",
            kMaxNumLayers, kMaxNumExperts, kMaxNumParams, c.num_layers, c.num_experts,
            total ? fmt::format("{}", *total) : "more than 2^63");
+  MF_CHECK(experts.size >= 1 && experts.rank >= 0 && experts.rank < experts.size &&
+               (!c.is_moe() || c.num_experts % experts.size == 0),
+           "expert shard {} of {} is not one of equal shards of the {} experts", experts.rank,
+           experts.size, c.num_experts);
   const int64_t h = c.hidden_size;
   embed_tokens_ = add("model.embed_tokens.weight", {c.vocab_size, h});
   const ExpertNames names = expert_names(c.architecture);
@@ -152,6 +159,8 @@ ParameterLayout::ParameterLayout(const ModelConfig& c) {
       o.experts_gate = add_experts(m, names.gate, c.num_experts, ffn, h);
       o.experts_up = add_experts(m, names.up, c.num_experts, ffn, h);
       o.experts_down = add_experts(m, names.down, c.num_experts, h, ffn);
+      if (experts.size > 1)
+        expert_ranges_.push_back({o.experts_gate, num_params_ - o.experts_gate});
       inactive += (c.num_experts - c.num_experts_per_tok) * 3 * ffn * h;
       if (c.shared_expert_intermediate_size > 0) {
         const int64_t s = c.shared_expert_intermediate_size;
@@ -169,7 +178,19 @@ ParameterLayout::ParameterLayout(const ModelConfig& c) {
   }
   final_norm_ = add("model.norm.weight", {h});
   lm_head_ = c.tie_word_embeddings ? embed_tokens_ : add("lm_head.weight", {c.vocab_size, h});
-  num_active_params_ = num_params_ - inactive;
+  num_model_params_ = *total;
+  num_active_params_ = num_model_params_ - inactive;
+}
+
+std::vector<ParamRange> ParameterLayout::replicated_ranges() const {
+  std::vector<ParamRange> out;
+  int64_t next = 0;
+  for (const ParamRange& r : expert_ranges_) {
+    if (r.offset > next) out.push_back({next, r.offset - next});
+    next = r.offset + r.count;
+  }
+  if (num_params_ > next) out.push_back({next, num_params_ - next});
+  return out;
 }
 
 const ParamSpec* ParameterLayout::find(const std::string& name) const {
@@ -179,11 +200,19 @@ const ParamSpec* ParameterLayout::find(const std::string& name) const {
 
 template <typename T>
 void init_random_params(const ParameterLayout& layout, uint64_t seed, double std, T* params) {
+  // A shard draws the whole model's sequence and keeps the values of its own tensors.
+  std::optional<ParameterLayout> whole;
+  if (layout.experts_sharded()) whole.emplace(layout.config());
   Rng rng(seed);
-  for (const ParamSpec& spec : layout.specs()) {
-    T* w = params + spec.offset;
+  for (const ParamSpec& spec : (whole ? *whole : layout).specs()) {
+    const ParamSpec* own = whole ? layout.find(spec.name) : &spec;
     const bool is_norm = is_norm_param(spec.name);
     const bool is_bias = spec.shape.size() == 1 && !is_norm;
+    if (own == nullptr) {
+      if (!is_norm && !is_bias) rng.skip_normals(static_cast<uint64_t>(spec.numel));
+      continue;
+    }
+    T* w = params + own->offset;
     for (int64_t i = 0; i < spec.numel; ++i) {
       if (is_norm) {
         w[i] = T(1);

@@ -59,11 +59,25 @@ KvCache<T>::KvCache(const ModelConfig& config, int64_t cap) : capacity(cap) {
   v.assign(static_cast<size_t>(config.num_layers), std::vector<T>(cap * config.kv_dim()));
 }
 
+namespace {
+
+// The experts a rank of ep holds: its shard under sequence/expert parallelism; all of them under
+// tensor parallelism (every rank runs every expert on its slice of the columns) or on one rank.
+ExpertShard held_experts(const ModelConfig& c, const Communicator& ep, ParallelLayout layout) {
+  if (layout == ParallelLayout::kTensor || !c.is_moe() || ep.size() == 1) return {};
+  MF_CHECK(c.num_experts % ep.size() == 0,
+           "num_experts ({}) must be divisible by the expert-parallel size ({})", c.num_experts,
+           ep.size());
+  return {ep.rank(), ep.size()};
+}
+
+}  // namespace
+
 template <typename T>
 Transformer<T>::Transformer(const ModelConfig& config, Communicator& ep, EpDispatchPlan ep_dispatch,
                             ParallelLayout parallel_layout)
     : config_(config),
-      layout_(config),
+      layout_(config, held_experts(config, ep, parallel_layout)),
       ep_(ep),
       ep_dispatch_(std::move(ep_dispatch)),
       parallel_layout_(parallel_layout) {
@@ -94,11 +108,6 @@ Transformer<T>::Transformer(const ModelConfig& config, Communicator& ep, EpDispa
                num_ranks, config_.moe_intermediate_size, config_.shared_expert_intermediate_size);
     }
   } else {
-    if (num_moe_layers_ > 0) {
-      MF_CHECK(config_.num_experts % num_ranks == 0,
-               "num_experts ({}) must be divisible by the expert-parallel size ({})",
-               config_.num_experts, num_ranks);
-    }
     MF_CHECK(config_.num_heads % num_ranks == 0 && config_.num_kv_heads % num_ranks == 0,
              "sequence parallelism over {} ranks needs num_heads ({}) and num_kv_heads ({}) "
              "divisible by the group size",
@@ -194,24 +203,11 @@ MoeFfnDims Transformer<T>::moe_dims(int64_t n, int64_t l) const {
 }
 
 template <typename T>
-int64_t Transformer<T>::local_experts_offset() const {
-  // Local experts of this rank start at rank * (num_experts / ep size) in each expert block.
-  return ep_.rank() * (config_.num_experts / ep_.size()) * config_.moe_intermediate_size *
-         config_.hidden_size;
-}
-
-template <typename T>
 MoeFfnWeights<T> Transformer<T>::moe_weights(const LayerOffsets& o) {
   if (!tensor_parallel()) {
-    const int64_t local = local_experts_offset();
-    return MoeFfnWeights<T>{p(o.router),
-                            p(o.experts_gate) + local,
-                            p(o.experts_up) + local,
-                            p(o.experts_down) + local,
-                            p(o.shared_gate),
-                            p(o.shared_up),
-                            p(o.shared_down),
-                            p(o.shared_expert_gate)};
+    return MoeFfnWeights<T>{p(o.router),       p(o.experts_gate),      p(o.experts_up),
+                            p(o.experts_down), p(o.shared_gate),       p(o.shared_up),
+                            p(o.shared_down),  p(o.shared_expert_gate)};
   }
   const ColumnSlice shared = ffn_slice(config_.shared_expert_intermediate_size);
   const MoeSlices s = moe_slices(config_, ffn_slice(config_.moe_intermediate_size), shared);
@@ -236,15 +232,9 @@ MoeFfnWeights<T> Transformer<T>::moe_weights(const LayerOffsets& o) {
 template <typename T>
 MoeFfnGrads<T> Transformer<T>::moe_grads(const LayerOffsets& o) {
   if (!tensor_parallel()) {
-    const int64_t local = local_experts_offset();
-    return MoeFfnGrads<T>{g(o.router),
-                          g(o.experts_gate) + local,
-                          g(o.experts_up) + local,
-                          g(o.experts_down) + local,
-                          g(o.shared_gate),
-                          g(o.shared_up),
-                          g(o.shared_down),
-                          g(o.shared_expert_gate)};
+    return MoeFfnGrads<T>{g(o.router),       g(o.experts_gate),      g(o.experts_up),
+                          g(o.experts_down), g(o.shared_gate),       g(o.shared_up),
+                          g(o.shared_down),  g(o.shared_expert_gate)};
   }
   const ColumnSlice shared = ffn_slice(config_.shared_expert_intermediate_size);
   const MoeSlices s = moe_slices(config_, ffn_slice(config_.moe_intermediate_size), shared);

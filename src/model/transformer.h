@@ -17,10 +17,13 @@
 // result back (heads -> sequence); the MoE FFN acts on the local tokens. The loss is the group's:
 // the cross-entropy sums and counts are summed over the group, and aux / z losses are over the
 // group's tokens, so every rank reports the same LossBreakdown, equal to the single-rank loss of
-// the full sequences. backward(dloss) with the same dloss on every rank gives, on each rank, the
-// gradient through its local tokens only: for replicated weights (attention, norms, router,
-// embeddings, lm_head) the caller sums the gradients over the group to get the full gradient; each
-// rank's expert gradients cover its local experts (the others stay zero), so the sum is also exact.
+// the full sequences. Each rank holds only its experts [r E / n, (r + 1) E / n) of every MoE layer
+// (ParameterLayout's ExpertShard: the flat buffers are the whole model's with the other ranks'
+// experts left out). backward(dloss) with the same dloss on every rank gives, on each rank, for
+// replicated weights (attention, norms, router, embeddings, lm_head; layout().replicated_ranges())
+// the gradient through its local tokens only, which the caller sums over the group; for its
+// experts (layout().expert_ranges()) the whole group's gradient, as they saw every token routed
+// to them.
 //
 // Tensor parallelism (ParallelLayout::kTensor, Megatron-LM's baseline of the paper's ablation;
 // model/tensor_parallel.h has the data flow and both layouts' communication volumes): the same
@@ -188,7 +191,6 @@ class Transformer {
   void ffn_forward(int64_t layer_idx, int64_t n, T* out);
   void ffn_backward(int64_t layer_idx, int64_t n, const T* dout, T* dinp, double d_aux, double d_z);
   MoeFfnDims moe_dims(int64_t n, int64_t l) const;  // of decoder layer l on n local tokens
-  int64_t local_experts_offset() const;  // elements from an expert block to this rank's experts
   // Tensor parallel: the MoE layer's weights are this rank's slices packed into slice_weights_,
   // its gradients go to slice_grads_ (zeroed by moe_grads), and add_moe_slice_grads adds them
   // into grads_ (moe_ffn.h).

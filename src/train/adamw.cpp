@@ -53,7 +53,10 @@ void AdamW::step(float* params, const float* grads, double lr) {
   }
 }
 
-double global_grad_norm(const float* grads, int64_t n) {
+namespace {
+
+// The sum of grads[i]^2 for i < n in double, in chunks summed in order.
+double sum_of_squares(const float* grads, int64_t n) {
   constexpr int64_t kChunk = 1 << 16;
   const int64_t num_chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> partial(static_cast<size_t>(num_chunks), 0.0);
@@ -66,7 +69,47 @@ double global_grad_norm(const float* grads, int64_t n) {
   }
   double total = 0.0;
   for (double p : partial) total += p;
-  return std::sqrt(total);
+  return total;
+}
+
+}  // namespace
+
+double global_grad_norm(const float* grads, int64_t n) {
+  return std::sqrt(sum_of_squares(grads, n));
+}
+
+std::vector<GradSquaresPiece> grad_squares_pieces(const ParameterLayout& layout, int64_t begin,
+                                                  int64_t end) {
+  std::vector<GradSquaresPiece> out;
+  int64_t at = begin;
+  const auto add = [&](int64_t until, bool experts) {
+    until = std::min(until, end);
+    if (until > at) out.push_back({{at, until - at}, experts});
+    at = std::max(at, until);
+  };
+  for (const ParamRange& r : layout.expert_ranges()) {
+    add(r.offset, false);
+    add(r.offset + r.count, true);
+  }
+  add(end, false);
+  return out;
+}
+
+GradSquares grad_squares(const ParameterLayout& layout, const float* values, int64_t begin,
+                         int64_t end) {
+  GradSquares out;
+  for (const GradSquaresPiece& piece : grad_squares_pieces(layout, begin, end)) {
+    (piece.experts ? out.experts : out.replicated) +=
+        sum_of_squares(values + (piece.range.offset - begin), piece.range.count);
+  }
+  return out;
+}
+
+double model_grad_norm(GradSquares squares, Communicator* expert_group) {
+  if (expert_group != nullptr && expert_group->size() > 1) {
+    expert_group->all_reduce_sum(&squares.experts, 1);
+  }
+  return std::sqrt(squares.replicated + squares.experts);
 }
 
 double clip_grad_norm(float* grads, int64_t n, double norm, double max_norm) {

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "comm/communicator.h"
 #include "model/parameters.h"
 
 namespace moeforge {
@@ -64,6 +65,33 @@ class AdamW {
 
 // L2 norm of the whole gradient, summed in double in a fixed order (independent of thread count).
 double global_grad_norm(const float* grads, int64_t n);
+
+// Squares of gradient elements summed in double, split into the part that a model whose experts
+// are sharded replicates over its expert group and the part in its expert ranges (all of it
+// replicated when the experts are not sharded).
+struct GradSquares {
+  double replicated = 0.0;
+  double experts = 0.0;
+};
+
+// [begin, end) of a flat buffer of layout cut at the boundaries of its expert ranges, in offset
+// order, each piece with whether it lies in an expert range (one replicated piece when the
+// experts are not sharded).
+struct GradSquaresPiece {
+  ParamRange range;
+  bool experts = false;
+};
+std::vector<GradSquaresPiece> grad_squares_pieces(const ParameterLayout& layout, int64_t begin,
+                                                  int64_t end);
+
+// The squares of elements [begin, end) of a flat gradient buffer of layout (values[i] is element
+// begin + i), summed as global_grad_norm sums, piece by piece (grad_squares_pieces) in order.
+GradSquares grad_squares(const ParameterLayout& layout, const float* values, int64_t begin,
+                         int64_t end);
+
+// The whole model's gradient norm: sqrt(replicated + experts summed over expert_group), where
+// expert_group holds the other shards of the experts (null, or one rank: nothing to sum).
+double model_grad_norm(GradSquares squares, Communicator* expert_group);
 
 // Scales grads by min(1, max_norm / (norm + 1e-6)) when max_norm > 0; returns the factor applied.
 double clip_grad_norm(float* grads, int64_t n, double norm, double max_norm);

@@ -128,18 +128,28 @@ fs::path save_checkpoint(const fs::path& run_dir, const Transformer<float>& mode
                          const nlohmann::json& train_config, const fs::path& tokenizer_dir,
                          int64_t keep_last,
                          const std::function<bool(const io::CheckpointEntry&)>& keep) {
-  MF_CHECK(optimizer.begin == 0 && optimizer.end == model.layout().num_params(),
+  return save_checkpoint(run_dir, model.layout(), model.params().data(), optimizer, state,
+                         train_config, tokenizer_dir, keep_last, keep);
+}
+
+fs::path save_checkpoint(const fs::path& run_dir, const ParameterLayout& layout,
+                         const float* params, const AdamWStateRange& optimizer,
+                         const TrainerState& state, const nlohmann::json& train_config,
+                         const fs::path& tokenizer_dir, int64_t keep_last,
+                         const std::function<bool(const io::CheckpointEntry&)>& keep) {
+  MF_CHECK(!layout.experts_sharded(),
+           "save_checkpoint needs every expert: gather the shards of the experts first");
+  MF_CHECK(optimizer.begin == 0 && optimizer.end == layout.num_params(),
            "save_checkpoint needs the optimizer state of all {} parameters, got the range [{}, {})",
-           model.layout().num_params(), optimizer.begin, optimizer.end);
+           layout.num_params(), optimizer.begin, optimizer.end);
   fs::create_directories(run_dir / "checkpoints");
   const fs::path final_dir = checkpoint_dir_name(run_dir, state.step);
   {
     io::StagedDirectory staged(final_dir);
     const fs::path dir = staged.staging_path();
-    write_hf_model(dir, model.config(), model.layout(), model.params().data(), io::DType::kF32);
+    write_hf_model(dir, layout.config(), layout, params, io::DType::kF32);
 
     std::vector<io::TensorView> moments;
-    const ParameterLayout& layout = model.layout();
     for (const ParamSpec& spec : layout.specs()) {
       const auto bytes = [&](const float* v) {
         return std::as_bytes(std::span(v + spec.offset, static_cast<size_t>(spec.numel)));
@@ -192,10 +202,10 @@ TrainerState load_checkpoint(const fs::path& dir, Transformer<float>& model,
   MF_CHECK(fs::is_directory(dir), "checkpoint {} does not exist", dir.string());
   const ModelConfig saved = load_model_config(dir / "config.json");
   const ParameterLayout saved_layout(saved);
-  MF_CHECK(saved_layout.num_params() == model.layout().num_params(),
+  MF_CHECK(saved_layout.num_params() == model.layout().num_model_params(),
            "{}: the checkpoint's model has {} parameters, the configured model {}; resume with the "
            "model config the run was started with",
-           dir.string(), saved_layout.num_params(), model.layout().num_params());
+           dir.string(), saved_layout.num_params(), model.layout().num_model_params());
   read_hf_weights(dir, model.layout(), model.params().data());
 
   const io::SafetensorsFile moments = io::SafetensorsFile::open(dir / "optimizer.safetensors");

@@ -64,9 +64,18 @@ std::filesystem::path save_checkpoint(
     const AdamWStateRange& optimizer, const TrainerState& state, const nlohmann::json& train_config,
     const std::filesystem::path& tokenizer_dir, int64_t keep_last,
     const std::function<bool(const io::CheckpointEntry&)>& keep = {});
+// The same from the whole model's buffers: params and the optimizer state in the order of layout,
+// which must hold every expert (a model with sharded experts gathers them first,
+// train/expert_shards.h).
+std::filesystem::path save_checkpoint(
+    const std::filesystem::path& run_dir, const ParameterLayout& layout, const float* params,
+    const AdamWStateRange& optimizer, const TrainerState& state, const nlohmann::json& train_config,
+    const std::filesystem::path& tokenizer_dir, int64_t keep_last,
+    const std::function<bool(const io::CheckpointEntry&)>& keep = {});
 
 // Restores parameters, optimizer moments and trainer state; the model's architecture must match
-// the checkpoint's config.json (checked field by field through the parameter layout).
+// the checkpoint's config.json (checked field by field through the parameter layout). A model
+// with sharded experts reads its own tensors (and their moments) only.
 TrainerState load_checkpoint(const std::filesystem::path& checkpoint_dir, Transformer<float>& model,
                              AdamW& optimizer);
 // The same, reading only the moments of optimizer's range (a ZeRO-1 rank's shard) and setting its

@@ -28,8 +28,13 @@ class CpuModelEngine : public StepEngine {
   void store_to_host() override {}
   void zero_grads() override { model_.zero_grads(); }
   void sum_expert_group_grads(Communicator& group) override {
-    all_reduce_gradients(model_.grads().data(), model_.grads().size(), group,
-                         GradReduceDtype::kFloat32);
+    all_reduce_gradient_ranges(model_.grads().data(), model_.layout().replicated_ranges(), group,
+                               GradReduceDtype::kFloat32);
+  }
+
+  void all_reduce_grad_ranges(Communicator& comm, GradReduceDtype dtype,
+                              const std::vector<ParamRange>& ranges) override {
+    all_reduce_gradient_ranges(model_.grads().data(), ranges, comm, dtype);
   }
 
   LossBreakdown forward_backward(const int32_t* tokens, const int32_t* targets, int64_t batch,
@@ -61,9 +66,11 @@ class CpuStepEngine final : public CpuModelEngine {
   }
 
   StepUpdate update(double lr, double max_norm, bool loss_finite) override {
-    const int64_t n = model_.layout().num_params();
+    const ParameterLayout& layout = model_.layout();
+    const int64_t n = layout.num_params();
     StepUpdate result;
-    result.grad_norm = global_grad_norm(model_.grads().data(), n);
+    result.grad_norm = model_grad_norm(grad_squares(layout, model_.grads().data(), 0, n),
+                                       layout.experts_sharded() ? &model_.expert_group() : nullptr);
     if (!loss_finite || !std::isfinite(result.grad_norm)) return result;
     clip_grad_norm(model_.grads().data(), n, result.grad_norm, max_norm);
     optimizer_.step(model_.params().data(), model_.grads().data(), lr);

@@ -8,14 +8,12 @@
 #include <cstdint>
 #include <vector>
 
+#include "model/param_range.h"
+
 namespace moeforge {
 
-// [offset, offset + count) of a flat buffer, in elements.
-struct GradRange {
-  int64_t offset = 0;
-  int64_t count = 0;
-  bool operator==(const GradRange&) const = default;
-};
+// [offset, offset + count) of a flat gradient buffer, in elements.
+using GradRange = ParamRange;
 
 class GradBuckets {
  public:

@@ -30,6 +30,13 @@ void all_reduce_gradients(float* data, size_t count, Communicator& comm, GradRed
   std::copy(full.begin(), full.begin() + static_cast<std::ptrdiff_t>(count), data);
 }
 
+void all_reduce_gradient_ranges(float* data, const std::vector<ParamRange>& ranges,
+                                Communicator& comm, GradReduceDtype dtype) {
+  for (const ParamRange& r : ranges) {
+    all_reduce_gradients(data + r.offset, static_cast<size_t>(r.count), comm, dtype);
+  }
+}
+
 std::vector<float> reduce_scatter_gradients_bf16(const float* data, size_t count,
                                                  Communicator& comm) {
   const auto num_ranks = static_cast<size_t>(comm.size());

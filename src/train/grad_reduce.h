@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "model/param_range.h"
 
 namespace moeforge {
 
@@ -23,6 +24,11 @@ GradReduceDtype parse_grad_reduce_dtype(const std::string& name);
 // communicator's rank-order all-reduce. kBfloat16: as above; element i becomes
 // fl32(sum over ranks r in order of bf16(data_r[i])), the same on every rank.
 void all_reduce_gradients(float* data, size_t count, Communicator& comm, GradReduceDtype dtype);
+
+// all_reduce_gradients of each of the ranges of data (the parts of a flat gradient buffer summed
+// over one group, e.g. a model's replicated ranges over the world when its experts are sharded).
+void all_reduce_gradient_ranges(float* data, const std::vector<ParamRange>& ranges,
+                                Communicator& comm, GradReduceDtype dtype);
 
 // The bf16 path's first half: this rank's chunk [rank * len, (rank + 1) * len) of the sum, len =
 // ceil(count / size), as fp32 (elements past count are zero). ZeRO-1 stops here.

@@ -54,9 +54,15 @@ class StepEngine {
   // The ZeRO-1 engine reduce-scatters instead (each rank gets the sum of its shard only); comm
   // must then be the group its ZeroAdamW shards over.
   virtual void all_reduce_grads(Communicator& comm, GradReduceDtype dtype) = 0;
+  // all_reduce_grads of the given ranges of the flat gradient only: with the model's experts
+  // sharded, the replicated ranges go over the world and the expert ranges over the data-parallel
+  // group (the ranks holding the same experts).
+  virtual void all_reduce_grad_ranges(Communicator& comm, GradReduceDtype dtype,
+                                      const std::vector<ParamRange>& ranges) = 0;
   // ZeRO-1 with expert_parallel > 1: the fp32 sum over the sequence/expert group of its ranks'
-  // partial gradients (each rank's tokens, each rank's experts), before all_reduce_grads
-  // reduce-scatters over the data-parallel group. group is the model's expert group.
+  // partial gradients of the replicated weights (each rank's tokens), before all_reduce_grads
+  // reduce-scatters over the data-parallel group; each rank's experts already have the group's
+  // gradient. group is the model's expert group.
   virtual void sum_expert_group_grads(Communicator& group) = 0;
   // Clipping at max_norm and the AdamW step at lr; nothing changes when loss_finite is false or
   // the gradient norm is not finite.

@@ -22,6 +22,7 @@
 #include "train/adamw.h"
 #include "train/checkpoint.h"
 #include "train/evaluate.h"
+#include "train/expert_shards.h"
 #include "train/lr_schedule.h"
 #include "train/pma_job.h"
 #include "train/zero_optimizer.h"
@@ -142,9 +143,13 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   // Without ZeRO every rank holds the whole AdamW state; with ZeRO-1 only its shard of it.
   std::unique_ptr<AdamW> optimizer;
   std::unique_ptr<ZeroAdamW> zero_optimizer;
+  // With sharded experts (sp_ep over several ranks) every rank holds its own experts only: their
+  // gradients are the group's already and are summed over the data-parallel group alone.
+  const ParameterLayout& layout = model.layout();
+  const bool sharded = layout.experts_sharded();
   if (zero1) {
-    zero_optimizer =
-        std::make_unique<ZeroAdamW>(model.layout(), adamw_hyper, config.optimizer.no_decay, dp);
+    zero_optimizer = std::make_unique<ZeroAdamW>(layout, adamw_hyper, config.optimizer.no_decay, dp,
+                                                 sharded ? &expert_group : nullptr);
   } else {
     optimizer = std::make_unique<AdamW>(model.layout(), adamw_hyper, config.optimizer.no_decay);
   }
@@ -239,8 +244,8 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
     fmt::print(stderr,
                "training {} with {} parameters ({} active) on {} rank(s) ({}; {} data-parallel x "
                "{} {}): {} tokens/step, {} steps\n",
-               architecture_name(model_config.architecture), model.layout().num_params(),
-               model.layout().num_active_params(), world.size(), options.device, dp.size(), n,
+               architecture_name(model_config.architecture), layout.num_model_params(),
+               layout.num_active_params(), world.size(), options.device, dp.size(), n,
                parallel_layout == ParallelLayout::kTensor
                    ? "tensor-parallel (parallel.layout \"tp\")"
                    : "expert/sequence-parallel",
@@ -294,17 +299,33 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   auto save = [&] {
     engine->store_to_host();
     state.loader = sampler.state();
-    // With ZeRO-1 the data-parallel group of world rank 0 gathers the moments to it, so that the
-    // checkpoint holds whole tensors whatever the sharding.
-    std::vector<float> exp_avg, exp_avg_sq;
-    if (zero1 && expert_group.rank() == 0) zero_optimizer->gather_state(exp_avg, exp_avg_sq);
+    // With ZeRO-1 the data-parallel groups gather the moments to their rank 0 (the group of world
+    // rank 0 only, unless each group holds other experts); with sharded experts those ranks, world
+    // rank 0's expert group, then gather every shard to world rank 0. So the checkpoint holds the
+    // whole model's tensors whatever the layout.
+    std::vector<float> gathered_avg, gathered_avg_sq;
+    if (zero1 && (sharded || expert_group.rank() == 0)) {
+      zero_optimizer->gather_state(gathered_avg, gathered_avg_sq);
+    }
+    float* params = model.params().data();
+    float* exp_avg = zero1 ? gathered_avg.data() : optimizer->exp_avg().data();
+    float* exp_avg_sq = zero1 ? gathered_avg_sq.data() : optimizer->exp_avg_sq().data();
+    std::vector<float> whole_params, whole_avg, whole_avg_sq;
+    if (sharded && dp.rank() == 0) {
+      whole_params = gather_expert_shards(layout, params, expert_group);
+      whole_avg = gather_expert_shards(layout, exp_avg, expert_group);
+      whole_avg_sq = gather_expert_shards(layout, exp_avg_sq, expert_group);
+      params = whole_params.data();
+      exp_avg = whole_avg.data();
+      exp_avg_sq = whole_avg_sq.data();
+    }
     if (is_root) {
-      const AdamWStateRange optimizer_state =
-          zero1 ? AdamWStateRange{0, model.layout().num_params(), exp_avg.data(), exp_avg_sq.data(),
-                                  zero_optimizer->step_count()}
-                : full_state_range(*optimizer);
+      const ParameterLayout whole(model_config);
+      const AdamWStateRange optimizer_state{
+          0, whole.num_params(), exp_avg, exp_avg_sq,
+          zero1 ? zero_optimizer->step_count() : optimizer->step_count()};
       summary.last_checkpoint = save_checkpoint(
-          run_dir, model, optimizer_state, state, config_json, config.data.dataset,
+          run_dir, whole, params, optimizer_state, state, config_json, config.data.dataset,
           config.checkpoint.keep_last, [&](const io::CheckpointEntry& e) {
             return is_pma_checkpoint(e.tokens_seen) &&
                    e.tokens_seen >
@@ -361,15 +382,18 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
         dropped += s.num_dropped;
       }
     }
-    // Over the whole world: the expert/sequence group's partial gradients (each rank's tokens,
-    // each rank's experts, or under "tp" each rank's weight slices) and the data-parallel
-    // replicas in one sum. ZeRO-1 shards over the data-parallel group only: the group's partial
-    // gradients are summed first (in fp32), then reduce-scattered over dp, which groups the sum
-    // differently from the world's all-reduce (equal to it to fp32 rounding; bit-identical when
-    // expert_parallel is 1).
+    // Over the whole world: the expert/sequence group's partial gradients (each rank's tokens, or
+    // under "tp" each rank's weight slices) and the data-parallel replicas in one sum; with
+    // sharded experts the expert ranges over the data-parallel group only. ZeRO-1 shards over the
+    // data-parallel group only: the group's partial gradients are summed first (in fp32), then
+    // reduce-scattered over dp, which groups the sum differently from the world's all-reduce
+    // (equal to it to fp32 rounding; bit-identical when expert_parallel is 1).
     if (zero1) {
       if (n > 1) engine->sum_expert_group_grads(expert_group);
       engine->all_reduce_grads(dp, grad_reduce_dtype);
+    } else if (sharded) {
+      engine->all_reduce_grad_ranges(world, grad_reduce_dtype, layout.replicated_ranges());
+      engine->all_reduce_grad_ranges(dp, grad_reduce_dtype, layout.expert_ranges());
     } else {
       engine->all_reduce_grads(world, grad_reduce_dtype);
     }

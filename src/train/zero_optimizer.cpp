@@ -24,10 +24,12 @@ ZeroShard zero_shard(int64_t num_params, int64_t num_ranks, int64_t rank) {
 }
 
 ZeroAdamW::ZeroAdamW(const ParameterLayout& layout, const AdamWHyper& hyper,
-                     const std::vector<std::string>& no_decay_substrings, Communicator& dp)
+                     const std::vector<std::string>& no_decay_substrings, Communicator& dp,
+                     Communicator* expert_group)
     : layout_(layout),
       hyper_(hyper),
       dp_(dp),
+      expert_group_(expert_group),
       decay_(decay_flags(layout, no_decay_substrings)),
       shard_len_(zero_shard_len(layout.num_params(), dp.size())),
       shard_(zero_shard(layout.num_params(), dp.size(), dp.rank())),
@@ -51,10 +53,10 @@ void ZeroAdamW::reduce_gradients(const float* grads, GradReduceDtype dtype) {
 }
 
 double ZeroAdamW::grad_norm() {
-  double sum_sq = 0.0;
-  for (float g : grad_shard_) sum_sq += static_cast<double>(g) * g;
-  dp_.all_reduce_sum(&sum_sq, 1);
-  return std::sqrt(sum_sq);
+  const GradSquares own = grad_squares(layout_, grad_shard_.data(), shard_.begin, shard_.end);
+  double parts[2] = {own.replicated, own.experts};
+  dp_.all_reduce_sum(parts, 2);
+  return model_grad_norm({parts[0], parts[1]}, expert_group_);
 }
 
 void ZeroAdamW::clip(double norm, double max_norm) {

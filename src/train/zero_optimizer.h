@@ -45,9 +45,11 @@ int64_t last_nonfinite_spec(const ParameterLayout& layout, const ZeroShard& shar
 class ZeroAdamW {
  public:
   // Shards layout over the ranks of dp, which must outlive this object. Collective calls below
-  // must be made by every rank of dp in the same order.
+  // must be made by every rank of dp in the same order. When layout's experts are sharded,
+  // expert_group (the ranks holding the other shards) completes the gradient norm.
   ZeroAdamW(const ParameterLayout& layout, const AdamWHyper& hyper,
-            const std::vector<std::string>& no_decay_substrings, Communicator& dp);
+            const std::vector<std::string>& no_decay_substrings, Communicator& dp,
+            Communicator* expert_group = nullptr);
 
   const ZeroShard& shard() const { return shard_; }
   Communicator& comm() const { return dp_; }
@@ -56,7 +58,8 @@ class ZeroAdamW {
   // train/grad_reduce.h without its all-gather), kept for this rank's shard only.
   void reduce_gradients(const float* grads, GradReduceDtype dtype);
   // Collective. The L2 norm of the summed gradient: each rank's squared norm of its shard, summed
-  // over the ranks in rank order (one double all-reduce).
+  // over the ranks in rank order (one double all-reduce; with sharded experts the expert ranges'
+  // part then over the expert group, model_grad_norm).
   double grad_norm();
   // Scales the shard's gradient by min(1, max_norm / (norm + 1e-6)) like clip_grad_norm.
   void clip(double norm, double max_norm);
@@ -80,6 +83,7 @@ class ZeroAdamW {
   const ParameterLayout& layout_;
   AdamWHyper hyper_;
   Communicator& dp_;
+  Communicator* expert_group_;
   std::vector<uint8_t> decay_;  // per ParamSpec
   int64_t shard_len_;           // ceil(num_params / D)
   ZeroShard shard_;

@@ -379,7 +379,7 @@ class CliTest(unittest.TestCase):
         norms: the same global batch, split along the sequence and over the experts. Both expert
         dispatches (parallel.ep_dispatch) run over 2 ranks and agree with each other, also mixed
         per layer; "auto" picks the all-gather at top-2 of 2 ranks and the all-to-all at top-2 of
-        4."""
+        4. Ranks hold only their experts, and checkpoints resume across these layouts."""
         model = os.path.join(self.tmp, "ep-model.json")
         with open(model, "w") as f:
             json.dump(dict(TINY_MODEL, num_attention_heads=4, num_key_value_heads=4,
@@ -411,6 +411,19 @@ class CliTest(unittest.TestCase):
             for x, y in zip(metrics["ep-2"], metrics[other]):
                 self.assertEqual(x["expert_load_max"], y["expert_load_max"])
                 self.assertAlmostEqual(x["loss"], y["loss"], delta=2e-6 * abs(x["loss"]))
+        # Each rank holds only its experts, yet every checkpoint holds the whole model: ep 2's and
+        # dp 2 x ep 2's resume on one rank, one rank's resumes with ep 4 and with ep 2 under
+        # ZeRO-1, each tracking the uninterrupted one-rank run.
+        for name, source, ranks, ep, accum, zero in (
+                ("ep-2-to-one", "ep-2", 1, 1, 2, 0), ("dp2-ep2-to-one", "dp2-ep2", 1, 1, 2, 0),
+                ("one-to-ep-4", "ep-1", 4, 4, 2, 0), ("one-to-ep-2-zero1", "ep-1", 4, 2, 1, 1)):
+            config = self.train_config(name, data__grad_accum_steps=accum, parallel__zero_stage=zero,
+                                       parallel__expert_parallel=ep, model__model_config=model)
+            prefix = [] if ranks == 1 else [os.environ["MOEFORGE_MPIEXEC"], "-np", str(ranks),
+                                            "--oversubscribe", "--allow-run-as-root"]
+            run(prefix + [MOEFORGE, "train", "--config", config, "--no-progress", "--resume",
+                          os.path.join(self.tmp, source, "checkpoints", "step-00000003")])
+            self.assert_same_training(ref[3:], self.step_metrics(name), name)
         # A layout that does not fit and an unknown dispatch are clear errors.
         bad = self.train_config("ep-bad", parallel__expert_parallel=3, model__model_config=model)
         proc = run([MOEFORGE, "train", "--config", bad, "--no-progress"], check=False)

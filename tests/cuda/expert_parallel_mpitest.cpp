@@ -65,11 +65,22 @@ void expect_group_matches_one_gpu(Architecture arch, GradMode mode) {
   const LossBreakdown want = whole.forward_backward(tokens.data(), targets.data(), batch, seq, 0.5);
   const std::vector<float> want_grads = whole.download_grads();
 
-  GpuTransformer part(config);
+  // This rank holds its experts only: the whole model's weights copied by name.
+  GpuTransformer part(
+      config, Recompute::kNone,
+      ExpertShard{num_ranks > 1 && config.is_moe() ? rank : 0, config.is_moe() ? num_ranks : 1});
+  const ParameterLayout& local = part.layout();
+  std::vector<float> local_params(static_cast<size_t>(local.num_params()));
+  for (const ParamSpec& spec : local.specs()) {
+    const ParamSpec* from = whole.layout().find(spec.name);
+    ASSERT_NE(from, nullptr) << spec.name;
+    std::copy(params.begin() + from->offset, params.begin() + from->offset + from->numel,
+              local_params.begin() + spec.offset);
+  }
   const cudaStream_t previous = comm.stream();
   comm.set_stream(part.stream());
   part.set_expert_parallel_group(comm);
-  part.upload_params(params);
+  part.upload_params(local_params);
   if (mode == GradMode::kAssign) {
     part.upload_grads(std::vector<float>(static_cast<size_t>(part.num_params()), std::nanf("")));
   } else {
@@ -85,8 +96,12 @@ void expect_group_matches_one_gpu(Architecture arch, GradMode mode) {
   const LossBreakdown got =
       part.forward_backward(my_tokens.data(), my_targets.data(), batch, local_seq, 0.5, mode);
   comm.set_stream(previous);
-  std::vector<float> grads = part.download_grads();
-  world_communicator().all_reduce_sum(grads.data(), grads.size());
+  // The replicated weights' gradients summed over the group; each rank's experts have theirs.
+  const std::vector<float> local_grads = part.download_grads();
+  std::vector<float> summed = local_grads;
+  for (const ParamRange& r : local.replicated_ranges()) {
+    world_communicator().all_reduce_sum(summed.data() + r.offset, static_cast<size_t>(r.count));
+  }
 
   EXPECT_EQ(got.num_counted, want.num_counted);
   EXPECT_NEAR(got.ce_loss, want.ce_loss, 1e-2);
@@ -108,10 +123,14 @@ void expect_group_matches_one_gpu(Architecture arch, GradMode mode) {
           double(want_grads[spec.offset + i]) * want_grads[spec.offset + i];
     }
   }
-  for (const ParamSpec& spec : whole.layout().specs()) {
+  if (config.is_moe() && num_ranks > 1) {
+    EXPECT_LT(local.num_params(), whole.layout().num_params());
+  }
+  for (const ParamSpec& spec : local.specs()) {
+    const ParamSpec& at = *whole.layout().find(spec.name);
     double diff_sq = 0.0, ref_sq = 0.0;
     for (int64_t i = 0; i < spec.numel; ++i) {
-      const double ref = want_grads[spec.offset + i], mine = grads[spec.offset + i];
+      const double ref = want_grads[at.offset + i], mine = summed[spec.offset + i];
       diff_sq += (mine - ref) * (mine - ref);
       ref_sq += ref * ref;
     }
@@ -133,8 +152,8 @@ TEST_P(ExpertParallelGpu, GroupEqualsOneGpuOverTheWholeBatch) {
   expect_group_matches_one_gpu(GetParam(), GradMode::kAccumulate);
 }
 
-// kAssign writes every gradient this rank owns and leaves zeros in the other experts' (NaN
-// before): the sum is still the one-GPU gradient.
+// kAssign writes every gradient this rank holds (NaN before): the sums are still the one-GPU
+// gradient.
 TEST_P(ExpertParallelGpu, AssignedGradientsZeroTheOtherRanksExperts) {
   MF_REQUIRE_NCCL_GPUS();
   expect_group_matches_one_gpu(GetParam(), GradMode::kAssign);

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -25,6 +26,8 @@ inline constexpr double kGroupDloss = 0.75;
 struct GroupRunResult {
   LossBreakdown loss;
   std::vector<double> logits;  // [batch * seq, vocab]
+  ParameterLayout layout;      // the rank's (its experts only under sp_ep)
+  std::vector<double> params;  // after init
   std::vector<double> grads;
   int64_t num_dropped = 0;             // over the MoE layers
   std::vector<EpDispatch> dispatches;  // the variant each MoE layer ran
@@ -39,7 +42,7 @@ inline GroupRunResult run_rank_model(const ModelConfig& c, ParallelLayout layout
   Transformer<double> model(c, comm, dispatch, layout);
   model.init_random(kGroupInitSeed, kGroupInitStd);
   model.zero_grads();
-  GroupRunResult out;
+  GroupRunResult out{.layout = model.layout(), .params = model.params()};
   out.loss = model.forward(tokens.data(), targets.data(), batch, seq);
   out.logits = model.logits();
   for (const MoeFfnStats& stats : model.moe_stats()) {
@@ -88,7 +91,7 @@ inline std::vector<GroupRunResult> run_group(
     const TokenBatch& data, int64_t batch, int64_t full_seq,
     const std::function<Communicator&(Communicator&)>& wrap = {}) {
   const int64_t local_seq = full_seq / num_ranks;
-  std::vector<GroupRunResult> ranks(static_cast<size_t>(num_ranks));
+  std::vector<std::optional<GroupRunResult>> ranks(static_cast<size_t>(num_ranks));
   run_ranks(num_ranks, [&](Communicator& comm) {
     Communicator& group = wrap ? wrap(comm) : comm;
     const int rank = comm.rank();
@@ -96,11 +99,35 @@ inline std::vector<GroupRunResult> run_group(
         c, layout, dispatch, group, sequence_shard(data.tokens, batch, full_seq, local_seq, rank),
         sequence_shard(data.targets, batch, full_seq, local_seq, rank), batch, local_seq);
   });
-  return ranks;
+  std::vector<GroupRunResult> out;
+  for (std::optional<GroupRunResult>& rank : ranks) out.push_back(std::move(*rank));
+  return out;
 }
 
-// Every rank reports the single-rank losses and counted targets and the logits of its positions
-// (within 1e-12), and the ranks' gradients sum to the single-rank gradient.
+// Adds the values of a rank's tensors (in its layout's order) into sum, the whole model's buffer,
+// tensor by tensor under the same names, after checking that the rank holds the whole model's
+// weights there (exactly).
+inline void add_rank_by_name(const GroupRunResult& rank, const std::vector<double>& values,
+                             const GroupRunResult& full, std::vector<double>& sum,
+                             const std::string& where) {
+  for (const ParamSpec& spec : rank.layout.specs()) {
+    const ParamSpec* whole = full.layout.find(spec.name);
+    ASSERT_NE(whole, nullptr) << where << ": " << spec.name;
+    ASSERT_EQ(whole->numel, spec.numel) << where << ": " << spec.name;
+    for (int64_t i = 0; i < spec.numel; ++i) {
+      ASSERT_EQ(rank.params[static_cast<size_t>(spec.offset + i)],
+                full.params[static_cast<size_t>(whole->offset + i)])
+          << where << ": weight " << spec.name << " [" << i << "]";
+      sum[static_cast<size_t>(whole->offset + i)] += values[static_cast<size_t>(spec.offset + i)];
+    }
+  }
+}
+
+// Every rank holds the single-rank model's weights under the same names (exactly), reports the
+// single-rank losses and counted targets and the logits of its positions (within 1e-12), and the
+// ranks' gradients, added up by tensor name, sum to the single-rank gradient; a tensor several
+// ranks hold is a replicated one, whose gradients the group sums, one rank's tensor (its experts)
+// already has the whole gradient.
 inline void expect_group_matches_one_rank(const GroupRunResult& full,
                                           const std::vector<GroupRunResult>& ranks, int64_t batch,
                                           int64_t full_seq, int64_t vocab,
@@ -123,7 +150,7 @@ inline void expect_group_matches_one_rank(const GroupRunResult& full,
                              full.logits.begin() + (first_row + local_seq) * vocab);
     }
     expect_close(rank.logits, expected_logits, 1e-12, 1e-12, where + " logits");
-    for (size_t i = 0; i < grad_sum.size(); ++i) grad_sum[i] += rank.grads[i];
+    add_rank_by_name(rank, rank.grads, full, grad_sum, where);
   }
   expect_close(grad_sum, full.grads, 1e-12, 1e-10, what + " summed gradients");
 }

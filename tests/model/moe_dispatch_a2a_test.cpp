@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -18,6 +19,7 @@
 #include "comm/counting_communicator.h"
 #include "core/error.h"
 #include "core/rng.h"
+#include "model/group_equivalence.h"
 #include "model/model_test_configs.h"
 #include "model/moe_ffn.h"
 #include "model/moe_layer_case.h"
@@ -436,25 +438,13 @@ TEST(MoeDispatchA2a, ParseAndAutoRule) {
 }
 
 // Whole models: n ranks with either variant equal one rank on the full sequences.
-struct ModelRun {
-  LossBreakdown loss;
-  std::vector<double> logits, grads;
-  int64_t num_dropped = 0;
-};
+using testing::GroupRunResult;
 
-ModelRun run_model(const ModelConfig& c, EpDispatch dispatch, Communicator& comm,
-                   const std::vector<int32_t>& tokens, const std::vector<int32_t>& targets,
-                   int64_t batch, int64_t seq) {
-  Transformer<double> model(c, comm, dispatch);
-  model.init_random(7, 0.5);
-  model.zero_grads();
-  ModelRun run;
-  run.loss = model.forward(tokens.data(), targets.data(), batch, seq);
-  run.logits = model.logits();
-  for (const MoeFfnStats& stats : model.moe_stats()) run.num_dropped += stats.num_dropped;
-  model.backward(0.75);
-  run.grads = model.grads();
-  return run;
+GroupRunResult run_model(const ModelConfig& c, EpDispatch dispatch, Communicator& comm,
+                         const std::vector<int32_t>& tokens, const std::vector<int32_t>& targets,
+                         int64_t batch, int64_t seq) {
+  return testing::run_rank_model(c, ParallelLayout::kSequenceExpert, dispatch, comm, tokens,
+                                 targets, batch, seq);
 }
 
 // Positions [rank * local_seq, (rank + 1) * local_seq) of every sequence of full [batch, seq].
@@ -469,7 +459,8 @@ std::vector<int32_t> shard(const std::vector<int32_t>& full, int64_t batch, int6
   return out;
 }
 
-void expect_model_runs_equal(const ModelRun& a, const ModelRun& b, const std::string& what) {
+void expect_model_runs_equal(const GroupRunResult& a, const GroupRunResult& b,
+                             const std::string& what) {
   EXPECT_EQ(a.loss.num_counted, b.loss.num_counted) << what;
   EXPECT_NEAR(a.loss.loss, b.loss.loss, kAtol) << what;
   EXPECT_NEAR(a.loss.ce_loss, b.loss.ce_loss, kAtol) << what;
@@ -491,11 +482,13 @@ void check_model(const ModelConfig& c, int num_ranks, int64_t batch, const std::
   }
   targets[1] = -1;
   SelfCommunicator self;
-  const ModelRun full = run_model(c, EpDispatch::kAllGather, self, tokens, targets, batch, kSeq);
+  const GroupRunResult full =
+      run_model(c, EpDispatch::kAllGather, self, tokens, targets, batch, kSeq);
 
-  std::vector<ModelRun> ag(num_ranks), a2a(num_ranks);
+  std::vector<std::optional<GroupRunResult>> ag(num_ranks), a2a(num_ranks);
   for (const EpDispatch dispatch : {EpDispatch::kAllGather, EpDispatch::kAllToAll}) {
-    std::vector<ModelRun>& runs = dispatch == EpDispatch::kAllGather ? ag : a2a;
+    std::vector<std::optional<GroupRunResult>>& runs =
+        dispatch == EpDispatch::kAllGather ? ag : a2a;
     run_ranks(num_ranks, [&](Communicator& comm) {
       const int r = comm.rank();
       runs[r] = run_model(c, dispatch, comm, shard(tokens, batch, kSeq, r, num_ranks),
@@ -507,19 +500,20 @@ void check_model(const ModelConfig& c, int num_ranks, int64_t batch, const std::
   std::vector<double> grad_sum(full.grads.size(), 0.0);
   for (int r = 0; r < num_ranks; ++r) {
     const std::string where = what + " rank " + std::to_string(r);
-    expect_model_runs_equal(a2a[r], ag[r], where + " all-to-all vs all-gather");
-    EXPECT_EQ(a2a[r].num_dropped, ag[r].num_dropped) << where;
-    EXPECT_NEAR(a2a[r].loss.loss, full.loss.loss, kAtol) << where;
-    EXPECT_NEAR(a2a[r].loss.aux_loss, full.loss.aux_loss, kAtol) << where;
-    EXPECT_NEAR(a2a[r].loss.z_loss, full.loss.z_loss, kAtol) << where;
+    const GroupRunResult& rank = *a2a[r];
+    expect_model_runs_equal(rank, *ag[r], where + " all-to-all vs all-gather");
+    EXPECT_EQ(rank.num_dropped, ag[r]->num_dropped) << where;
+    EXPECT_NEAR(rank.loss.loss, full.loss.loss, kAtol) << where;
+    EXPECT_NEAR(rank.loss.aux_loss, full.loss.aux_loss, kAtol) << where;
+    EXPECT_NEAR(rank.loss.z_loss, full.loss.z_loss, kAtol) << where;
     std::vector<double> expected_logits;
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t first_row = b * kSeq + r * local_seq;
       expected_logits.insert(expected_logits.end(), full.logits.begin() + first_row * vocab,
                              full.logits.begin() + (first_row + local_seq) * vocab);
     }
-    testing::expect_close(a2a[r].logits, expected_logits, kAtol, 0, where + " logits");
-    for (size_t i = 0; i < grad_sum.size(); ++i) grad_sum[i] += a2a[r].grads[i];
+    testing::expect_close(rank.logits, expected_logits, kAtol, 0, where + " logits");
+    testing::add_rank_by_name(rank, rank.grads, full, grad_sum, where);
   }
   testing::expect_close(grad_sum, full.grads, kAtol, 1e-10, what + " summed gradients");
 }

@@ -4,6 +4,10 @@
 
 #include <gtest/gtest.h>
 
+#include <string>
+#include <vector>
+
+#include "core/error.h"
 #include "model/model_test_configs.h"
 
 namespace moeforge {
@@ -101,6 +105,108 @@ TEST(ParameterLayout, ExpertsAreContiguousPerProjection) {
         layout.find("model.layers.1.block_sparse_moe.experts." + std::to_string(e) + ".w1.weight");
     ASSERT_NE(w1, nullptr);
     EXPECT_EQ(w1->offset, layout.layer(1).experts_gate + e * numel);
+  }
+}
+
+// A shard of the experts keeps every other tensor and experts [r E / n, (r + 1) E / n) of each
+// MoE layer under their global names, in the whole layout's order; each layer's experts are one
+// range and the replicated ranges are the rest.
+TEST(ParameterLayout, ExpertShardHoldsItsExpertsUnderGlobalNames) {
+  ModelConfig c = testing::tiny_config(Architecture::kQwen2Moe);  // shared expert, biases
+  c.num_experts = 6;
+  const ParameterLayout whole(c);
+  const int64_t per_expert = 3 * c.hidden_size * c.moe_intermediate_size;
+  for (const int64_t n : {2, 3}) {
+    int64_t covered = 0;
+    for (int64_t r = 0; r < n; ++r) {
+      const ParameterLayout shard(c, {r, n});
+      const std::string what = std::to_string(r) + " of " + std::to_string(n);
+      EXPECT_TRUE(shard.experts_sharded()) << what;
+      EXPECT_EQ(shard.num_local_experts(), c.num_experts / n) << what;
+      EXPECT_EQ(shard.num_model_params(), whole.num_params()) << what;
+      EXPECT_EQ(shard.num_active_params(), whole.num_active_params()) << what;
+      EXPECT_EQ(
+          shard.num_params(),
+          whole.num_params() - c.num_layers * (c.num_experts - c.num_experts / n) * per_expert)
+          << what;
+      std::vector<std::string> expected;
+      for (const ParamSpec& spec : whole.specs()) {
+        const size_t at = spec.name.find(".experts.");
+        if (at != std::string::npos) {
+          const int64_t e = std::stoll(spec.name.substr(at + 9));
+          if (e < r * c.num_experts / n || e >= (r + 1) * c.num_experts / n) continue;
+        }
+        expected.push_back(spec.name);
+      }
+      std::vector<std::string> names;
+      int64_t offset = 0;
+      for (const ParamSpec& spec : shard.specs()) {
+        names.push_back(spec.name);
+        EXPECT_EQ(spec.offset, offset) << spec.name;
+        offset += spec.numel;
+      }
+      EXPECT_EQ(names, expected) << what;
+      // One range per MoE layer: its gate, up and down experts; the replicated ranges tile the
+      // rest.
+      ASSERT_EQ(shard.expert_ranges().size(), static_cast<size_t>(c.num_layers)) << what;
+      int64_t in_ranges = 0;
+      for (int64_t l = 0; l < c.num_layers; ++l) {
+        const ParamRange& range = shard.expert_ranges()[static_cast<size_t>(l)];
+        EXPECT_EQ(range.offset, shard.layer(l).experts_gate) << what;
+        EXPECT_EQ(range.count, c.num_experts / n * per_expert) << what;
+        in_ranges += range.count;
+      }
+      int64_t next = 0, replicated = 0;
+      for (const ParamRange& range : shard.replicated_ranges()) {
+        EXPECT_GT(range.count, 0);
+        EXPECT_GE(range.offset, next);
+        next = range.offset + range.count;
+        replicated += range.count;
+      }
+      EXPECT_EQ(replicated + in_ranges, shard.num_params()) << what;
+      covered += in_ranges;
+    }
+    EXPECT_EQ(covered, c.num_layers * c.num_experts * per_expert) << n;
+  }
+  // One shard: nothing sharded, no expert ranges, one replicated range.
+  EXPECT_FALSE(whole.experts_sharded());
+  EXPECT_TRUE(whole.expert_ranges().empty());
+  ASSERT_EQ(whole.replicated_ranges().size(), 1u);
+  EXPECT_EQ(whole.replicated_ranges()[0].count, whole.num_params());
+}
+
+TEST(ParameterLayout, ExpertShardsMustSplitTheExperts) {
+  const ModelConfig c = testing::tiny_config(Architecture::kMixtral);  // 4 experts
+  EXPECT_THROW(ParameterLayout(c, {0, 3}), Error);
+  EXPECT_THROW(ParameterLayout(c, {2, 2}), Error);
+  EXPECT_THROW(ParameterLayout(c, {-1, 2}), Error);
+  EXPECT_THROW(ParameterLayout(c, {0, 0}), Error);
+  // A dense model has nothing to shard.
+  const ParameterLayout dense(testing::tiny_config(Architecture::kLlama), {1, 2});
+  EXPECT_FALSE(dense.experts_sharded());
+  EXPECT_EQ(dense.num_params(), dense.num_model_params());
+}
+
+// A shard's initial weights are the whole model's under the same names, bit for bit.
+TEST(ParameterLayout, ShardInitialWeightsEqualTheWholeModels) {
+  const ModelConfig c =
+      testing::tiny_config(Architecture::kQwen3Moe);  // 6 experts, a dense layer 0
+  const ParameterLayout whole(c);
+  std::vector<float> all(static_cast<size_t>(whole.num_params()));
+  init_random_params(whole, 3, 0.2, all.data());
+  for (int64_t r = 0; r < 3; ++r) {
+    const ParameterLayout shard(c, {r, 3});
+    std::vector<float> mine(static_cast<size_t>(shard.num_params()));
+    init_random_params(shard, 3, 0.2, mine.data());
+    for (const ParamSpec& spec : shard.specs()) {
+      const ParamSpec* at = whole.find(spec.name);
+      ASSERT_NE(at, nullptr) << spec.name;
+      for (int64_t i = 0; i < spec.numel; ++i) {
+        ASSERT_EQ(mine[static_cast<size_t>(spec.offset + i)],
+                  all[static_cast<size_t>(at->offset + i)])
+            << spec.name << " [" << i << "]";
+      }
+    }
   }
 }
 

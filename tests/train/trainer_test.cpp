@@ -193,6 +193,12 @@ class RecordingEngine final : public StepEngine {
     begun_ = nullptr;
     inner_->all_reduce_grads(comm, dtype);
   }
+  void all_reduce_grad_ranges(Communicator& comm, GradReduceDtype dtype,
+                              const std::vector<ParamRange>& ranges) override {
+    calls_.push_back(fmt::format("reduce {} ranges over {}", ranges.size(), comm.size()));
+    begun_ = nullptr;
+    inner_->all_reduce_grad_ranges(comm, dtype, ranges);
+  }
   void sum_expert_group_grads(Communicator& group) override {
     calls_.push_back(fmt::format("expert sum {}", group.size()));
     inner_->sum_expert_group_grads(group);
