@@ -50,6 +50,7 @@ struct BenchOptions {
   double peak_tflops = 989.0;
   std::string recompute = "none";
   std::string grad_reduce = "fp32";
+  std::string ep_comm = "fp32";
   double grad_bucket_mb = ParallelConfig{}.grad_bucket_mb;  // the trainer's default
   int64_t expert_parallel = 1;
   bool overlap_optimizer = false;
@@ -89,7 +90,7 @@ void run_bench_train(const BenchOptions& opt) {
     ep_device = cuda::make_device_communicator(*ep_host, model.stream(), &why_not);
     MF_CHECK(ep_device != nullptr,
              "--expert-parallel {} exchanges activations through NCCL, but {}", ep, why_not);
-    model.set_expert_parallel_group(*ep_device);
+    model.set_expert_parallel_group(*ep_device, parse_grad_reduce_dtype(opt.ep_comm));
   }
   const int64_t local_seq = opt.seq / ep;
   const ParameterLayout& layout = model.layout();
@@ -252,6 +253,7 @@ void run_bench_train(const BenchOptions& opt) {
       {"num_active_params", layout.num_active_params()},
       {"ranks", world.size()},
       {"expert_parallel", ep},
+      {"ep_comm_dtype", ep > 1 ? opt.ep_comm : "none"},
       {"overlap_optimizer", opt.overlap_optimizer},
       {"zero_stage", opt.zero_stage},
       {"grad_reduce", world.size() > 1 ? opt.grad_reduce : "none"},
@@ -311,6 +313,13 @@ void register_bench_command(CLI::App& app) {
       ->add_option("--grad-reduce", opt->grad_reduce,
                    "Under mpirun (data-parallel, one GPU per rank): the gradient sum through "
                    "NCCL, fp32 or bf16 (compressed all-to-all with an fp32 local sum)")
+      ->check(CLI::IsMember({"fp32", "bf16"}))
+      ->capture_default_str();
+  train
+      ->add_option("--ep-comm-dtype", opt->ep_comm,
+                   "With --expert-parallel: the dtype of the MoE exchanges of fp32 activations "
+                   "(parallel.ep_comm_dtype), fp32 or bf16 (compressed: the reduce-scatters a bf16 "
+                   "all-to-all with an fp32 local sum, the output gradient gathered in bf16)")
       ->check(CLI::IsMember({"fp32", "bf16"}))
       ->capture_default_str();
   train

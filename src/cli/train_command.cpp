@@ -61,21 +61,22 @@ void register_train_command(CLI::App& app) {
     run.device = opts->device;
 #if MOEFORGE_HAVE_CUDA
     const cuda::Recompute recompute = cuda::parse_recompute(opts->recompute);
+    const GradReduceDtype ep_exchange = parse_grad_reduce_dtype(config.parallel.ep_comm_dtype);
     const AdamWHyper hyper{config.optimizer.beta1, config.optimizer.beta2, config.optimizer.eps,
                            config.optimizer.weight_decay};
-    run.engine_factory = [&config, &hyper, recompute](
+    run.engine_factory = [&config, &hyper, recompute, ep_exchange](
                              const std::string& device, Transformer<float>& model,
                              AdamW& optimizer) -> std::unique_ptr<StepEngine> {
       MF_CHECK(device == "cuda", "unknown device '{}'", device);
       return cuda::make_gpu_step_engine(model, optimizer, hyper, config.optimizer.no_decay,
-                                        recompute);
+                                        recompute, ep_exchange);
     };
-    run.zero1_engine_factory = [&config, &hyper, recompute](
+    run.zero1_engine_factory = [&config, &hyper, recompute, ep_exchange](
                                    const std::string& device, Transformer<float>& model,
                                    ZeroAdamW& optimizer) -> std::unique_ptr<StepEngine> {
       MF_CHECK(device == "cuda", "unknown device '{}'", device);
       return cuda::make_gpu_zero1_step_engine(model, optimizer, hyper, config.optimizer.no_decay,
-                                              recompute);
+                                              recompute, ep_exchange);
     };
 #else
     MF_CHECK(opts->device == "cpu",

@@ -22,7 +22,7 @@ namespace {
 // zeroing of the gradients and the forward/backward.
 class GpuModelEngine : public StepEngine {
  public:
-  GpuModelEngine(Transformer<float>& model, Recompute recompute)
+  GpuModelEngine(Transformer<float>& model, Recompute recompute, GradReduceDtype ep_exchange)
       : host_model_(model), gpu_(model.config(), recompute, model.layout().expert_shard()) {
     Communicator& group = model.expert_group();
     if (group.size() > 1) {
@@ -35,7 +35,7 @@ class GpuModelEngine : public StepEngine {
       MF_CHECK(ep_comm_ != nullptr,
                "parallel.expert_parallel {} on GPUs exchanges activations through NCCL, but {}",
                group.size(), why_not);
-      gpu_.set_expert_parallel_group(*ep_comm_);
+      gpu_.set_expert_parallel_group(*ep_comm_, ep_exchange);
     }
   }
 
@@ -159,8 +159,9 @@ class GpuModelEngine : public StepEngine {
 class GpuStepEngine final : public GpuModelEngine {
  public:
   GpuStepEngine(Transformer<float>& model, AdamW& optimizer, const AdamWHyper& hyper,
-                const std::vector<std::string>& no_decay, Recompute recompute)
-      : GpuModelEngine(model, recompute),
+                const std::vector<std::string>& no_decay, Recompute recompute,
+                GradReduceDtype ep_exchange)
+      : GpuModelEngine(model, recompute, ep_exchange),
         host_optimizer_(optimizer),
         optimizer_(gpu_, hyper, no_decay, expert_norm_group()) {}
 
@@ -242,8 +243,9 @@ class GpuStepEngine final : public GpuModelEngine {
 class GpuZero1StepEngine final : public GpuModelEngine {
  public:
   GpuZero1StepEngine(Transformer<float>& model, ZeroAdamW& optimizer, const AdamWHyper& hyper,
-                     const std::vector<std::string>& no_decay, Recompute recompute)
-      : GpuModelEngine(model, recompute), host_optimizer_(optimizer) {
+                     const std::vector<std::string>& no_decay, Recompute recompute,
+                     GradReduceDtype ep_exchange)
+      : GpuModelEngine(model, recompute, ep_exchange), host_optimizer_(optimizer) {
     std::string why_not;
     dp_ = make_device_communicator(optimizer.comm(), gpu_.stream(), &why_not);
     MF_CHECK(dp_ != nullptr,
@@ -331,19 +333,18 @@ class GpuZero1StepEngine final : public GpuModelEngine {
 std::unique_ptr<StepEngine> make_gpu_step_engine(Transformer<float>& model, AdamW& optimizer,
                                                  const AdamWHyper& hyper,
                                                  const std::vector<std::string>& no_decay,
-                                                 Recompute recompute) {
+                                                 Recompute recompute, GradReduceDtype ep_exchange) {
   // Under mpirun every rank of a host gets its own GPU (by local rank) before any allocation.
   bind_device_to_local_rank(local_rank_from_environment());
-  return std::make_unique<GpuStepEngine>(model, optimizer, hyper, no_decay, recompute);
+  return std::make_unique<GpuStepEngine>(model, optimizer, hyper, no_decay, recompute, ep_exchange);
 }
 
-std::unique_ptr<StepEngine> make_gpu_zero1_step_engine(Transformer<float>& model,
-                                                       ZeroAdamW& optimizer,
-                                                       const AdamWHyper& hyper,
-                                                       const std::vector<std::string>& no_decay,
-                                                       Recompute recompute) {
+std::unique_ptr<StepEngine> make_gpu_zero1_step_engine(
+    Transformer<float>& model, ZeroAdamW& optimizer, const AdamWHyper& hyper,
+    const std::vector<std::string>& no_decay, Recompute recompute, GradReduceDtype ep_exchange) {
   bind_device_to_local_rank(local_rank_from_environment());
-  return std::make_unique<GpuZero1StepEngine>(model, optimizer, hyper, no_decay, recompute);
+  return std::make_unique<GpuZero1StepEngine>(model, optimizer, hyper, no_decay, recompute,
+                                              ep_exchange);
 }
 
 }  // namespace moeforge::cuda

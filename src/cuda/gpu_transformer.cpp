@@ -114,6 +114,8 @@ struct GpuTransformer::Scratch {
   // reduce-scatter (forward); the gathered output gradient, then the group's input gradient
   // before the reduce-scatter (backward).
   DeviceBuffer<float> group_f32;
+  // bf16 exchanges: [ep * n + n, h], the gathered output gradient in bf16, then this rank's.
+  DeviceBuffer<bf16> group_bf16;
   DeviceBuffer<int64_t> counted;  // [1] the group's counted targets
 };
 
@@ -182,7 +184,7 @@ void GpuTransformer::find_grad_ready_ranges() {
   push(0, layer_begin(0));
 }
 
-void GpuTransformer::set_expert_parallel_group(Communicator& group) {
+void GpuTransformer::set_expert_parallel_group(Communicator& group, GradReduceDtype exchange) {
   MF_CHECK(n_ == 0, "set_expert_parallel_group must come before the first forward");
   const int64_t size = group.size();
   MF_CHECK(config_.num_heads % size == 0 && config_.num_kv_heads % size == 0,
@@ -198,6 +200,7 @@ void GpuTransformer::set_expert_parallel_group(Communicator& group) {
            "constructor's), not {} of {}",
            group.rank(), size, group.rank(), size, held.rank, held.size);
   ep_ = size > 1 ? &group : nullptr;
+  ep_exchange_ = exchange;
   accumulated_ranges_.clear();
   find_accumulated_ranges();
 }
@@ -434,6 +437,7 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
     s.drouter.resize(ng * num_experts);
     s.dgates.resize(ng * k);
     s.group_f32.resize(sp ? ng * h : 0);
+    s.group_bf16.resize(sp && ep_exchange_ == GradReduceDtype::kBfloat16 ? (ng + n) * h : 0);
     s.shared_dlogit.resize(shared > 0 ? n : 0);
   }
   s.sums.resize(1);
@@ -632,6 +636,15 @@ void GpuTransformer::shared_expert_forward(int64_t l) {
                        nullptr, n, shared, h, false, stream_);
 }
 
+void GpuTransformer::reduce_scatter_group(const float* group, float* out) {
+  const auto count = static_cast<size_t>(n_ * config_.hidden_size);
+  if (ep_exchange_ == GradReduceDtype::kBfloat16) {
+    ep_reducer_.reduce_scatter(group, count, out, *ep_, GradReduceDtype::kBfloat16, stream_);
+  } else {
+    ep_->reduce_scatter_sum(group, out, count, CommDType::kFloat32);
+  }
+}
+
 void GpuTransformer::moe_combine(int64_t l, float* x_out) {
   const LayerOffsets& o = layout_.layer(l);
   Layer& a = layers_[static_cast<size_t>(l)];
@@ -642,7 +655,7 @@ void GpuTransformer::moe_combine(int64_t l, float* x_out) {
     float* combined = scratch_->group_f32.data();
     combine_rows(combined, nullptr, a.y_rows.data(), a.gates.data(), a.assignment_row.data(),
                  moe_tokens(), config_.num_experts_per_tok, h, stream_);
-    ep_->reduce_scatter_sum(combined, x_out, static_cast<size_t>(n * h), CommDType::kFloat32);
+    reduce_scatter_group(combined, x_out);
     add_inplace(x_out, a.x_mid.data(), n * h, stream_);
   } else {
     combine_rows(x_out, a.x_mid.data(), a.y_rows.data(), a.gates.data(), a.assignment_row.data(), n,
@@ -765,8 +778,16 @@ void GpuTransformer::moe_backward(int64_t l, float d_aux, float d_z) {
   const float* dout = s.dres.data();
   const bf16* x = a.ln2_ptr;
   if (ep_ != nullptr) {
-    ep_->all_gather(s.dres.data(), s.group_f32.data(), static_cast<size_t>(n * h),
-                    CommDType::kFloat32);
+    if (ep_exchange_ == GradReduceDtype::kBfloat16) {
+      bf16* gathered = s.group_bf16.data();
+      bf16* mine = gathered + ng * h;
+      cast_to_bf16(mine, s.dres.data(), n * h, stream_);
+      ep_->all_gather(mine, gathered, static_cast<size_t>(n * h), CommDType::kBFloat16);
+      cast_to_float(s.group_f32.data(), gathered, ng * h, stream_);
+    } else {
+      ep_->all_gather(s.dres.data(), s.group_f32.data(), static_cast<size_t>(n * h),
+                      CommDType::kFloat32);
+    }
     dout = s.group_f32.data();
     x = a.ln2_group.data();
   }
@@ -787,8 +808,7 @@ void GpuTransformer::moe_backward(int64_t l, float d_aux, float d_z) {
     // The gathered output gradient is consumed: the buffer takes the group's input gradient.
     scatter_rows_backward(s.group_f32.data(), s.drows.data(), a.assignment_row.data(), ng, k, h,
                           stream_);
-    ep_->reduce_scatter_sum(s.group_f32.data(), s.dln.data(), static_cast<size_t>(n * h),
-                            CommDType::kFloat32);
+    reduce_scatter_group(s.group_f32.data(), s.dln.data());
     // Each rank has the gate gradients of its experts' rows: their sum is every row's.
     ep_->all_reduce_sum(s.dgates.data(), static_cast<size_t>(ng * k), CommDType::kFloat32);
   } else {

@@ -32,6 +32,7 @@
 #include "cuda/blas.h"
 #include "cuda/device_info.h"
 #include "cuda/device_memory.h"
+#include "cuda/grad_reduce_device.h"
 #include "cuda/grouped_gemm.h"
 #include "cuda/phase_timer.h"
 #include "cuda/ulysses_exchange.h"
@@ -39,6 +40,7 @@
 #include "model/parameters.h"
 #include "model/transformer.h"
 #include "train/grad_buckets.h"
+#include "train/grad_reduce.h"
 
 namespace moeforge::cuda {
 
@@ -72,7 +74,13 @@ class GpuTransformer {
   // must have been constructed with ExpertShard{r, n}. Losses are the group's; the gradients of
   // the replicated weights are this rank's tokens' part, which a sum over the group completes, its
   // experts' are the group's already. Call it before the first forward; n = 1 changes nothing.
-  void set_expert_parallel_group(Communicator& group);
+  // exchange: the dtype of the MoE exchanges of fp32 activations (TrainConfig's
+  // parallel.ep_comm_dtype): kFloat32, or kBfloat16, where the forward's reduce-scatter of the
+  // combined expert outputs and the backward's of the input gradient are DeviceGradReducer's bf16
+  // reduce-scatter (one cast, an all-to-all, a rank-ordered fp32 sum) and the backward's
+  // all-gather of the output gradient travels in bf16.
+  void set_expert_parallel_group(Communicator& group,
+                                 GradReduceDtype exchange = GradReduceDtype::kFloat32);
   int64_t expert_parallel_size() const { return ep_ != nullptr ? ep_->size() : 1; }
 
   const ModelConfig& config() const { return config_; }
@@ -190,6 +198,9 @@ class GpuTransformer {
   void moe_backward(int64_t l, float d_aux, float d_z);
   // x_out [n, h] = x_mid + the gate-weighted expert outputs (+ the gated shared expert's output).
   void moe_combine(int64_t l, float* x_out);
+  // out [n, h] = the sum over the expert-parallel group of each rank's chunk of group [ep * n, h]
+  // for this rank, in the dtype of set_expert_parallel_group's exchange.
+  void reduce_scatter_group(const float* group, float* out);
   // The shared expert of an MoE layer (Qwen2-MoE): its projections and SwiGLU from ln2 (its
   // sigmoid gate runs in moe_combine); the backward, the gate's included, adds its input gradient
   // to dln (assigned before by the routed experts' backward).
@@ -247,6 +258,8 @@ class GpuTransformer {
   float* host_logits_ = nullptr;  // set by forward_logits: where the head copies its logits
   bool accumulate_grads_ = true;  // the current backward's GradMode
   Communicator* ep_ = nullptr;    // the sequence/expert-parallel group (device buffers), or null
+  GradReduceDtype ep_exchange_ = GradReduceDtype::kFloat32;  // set_expert_parallel_group's
+  DeviceGradReducer ep_reducer_;  // the bf16 reduce-scatters of the MoE exchanges
   std::vector<std::pair<int64_t, int64_t>> accumulated_ranges_;  // (offset, count)
   std::vector<GradRange> grad_ready_ranges_;
   std::function<void(size_t)> grad_ready_hook_, weights_needed_hook_;

@@ -286,6 +286,7 @@ TrainConfig parse_merged(const json& merged, const std::filesystem::path& base_d
   c.parallel.grad_reduce_dtype = parallel.get_string("grad_reduce_dtype");
   c.parallel.grad_bucket_mb = parallel.get_number("grad_bucket_mb");
   c.parallel.ep_dispatch = parallel.get_string("ep_dispatch");
+  c.parallel.ep_comm_dtype = parallel.get_string("ep_comm_dtype");
   c.parallel.zero_stage = parallel.get_int("zero_stage");
 
   validate_train_config(c);
@@ -359,6 +360,7 @@ nlohmann::json train_config_to_json(const TrainConfig& c) {
         {"grad_reduce_dtype", c.parallel.grad_reduce_dtype},
         {"grad_bucket_mb", c.parallel.grad_bucket_mb},
         {"ep_dispatch", c.parallel.ep_dispatch},
+        {"ep_comm_dtype", c.parallel.ep_comm_dtype},
         {"zero_stage", c.parallel.zero_stage}}},
   };
 }
@@ -451,6 +453,9 @@ void validate_train_config(const TrainConfig& c) {
   MF_CHECK(c.parallel.grad_reduce_dtype == "fp32" || c.parallel.grad_reduce_dtype == "bf16",
            "parallel.grad_reduce_dtype must be \"fp32\" or \"bf16\", got \"{}\"",
            c.parallel.grad_reduce_dtype);
+  MF_CHECK(c.parallel.ep_comm_dtype == "fp32" || c.parallel.ep_comm_dtype == "bf16",
+           "parallel.ep_comm_dtype must be \"fp32\" or \"bf16\", got \"{}\"",
+           c.parallel.ep_comm_dtype);
   MF_CHECK(c.parallel.grad_bucket_mb >= 0.0 && c.parallel.grad_bucket_mb <= 65536.0,
            "parallel.grad_bucket_mb must be in [0, 65536] (MiB; 0: one sum after the backward), "
            "got {}",

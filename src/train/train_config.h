@@ -129,6 +129,12 @@ struct ParallelConfig {
   // one per decoder layer (e.g. "alltoall,allgather"; dense layers' entries are unused). Layout
   // "tp" has one way (all-gather): leave it "auto".
   std::string ep_dispatch = "auto";
+  // The dtype of the GPU engine's expert-parallel MoE exchanges of fp32 activations under
+  // "sp_ep": "fp32", or "bf16" (MegaScale-MoE section 3's compression: the forward's reduce-
+  // scatter of the partial expert outputs and the backward's reduce-scatter of the input gradient
+  // become one cast to bf16, an all-to-all and a rank-ordered fp32 sum; the backward's all-gather
+  // of the output gradient travels in bf16; half the bytes). The CPU engine takes "fp32" only.
+  std::string ep_comm_dtype = "fp32";
   // 0: every rank holds AdamW's whole state; 1: ZeRO-1, the state sharded over the data-parallel
   // ranks (train/zero_optimizer.h; on GPUs cuda/gpu_zero_adamw.h).
   int64_t zero_stage = 0;

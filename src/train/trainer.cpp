@@ -106,6 +106,9 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
            "parallel.layout \"tp\" (the Megatron-LM baseline) runs on the CPU engine only; with "
            "--device {} use parallel.layout \"sp_ep\"",
            options.device);
+  MF_CHECK(config.parallel.ep_comm_dtype == "fp32" || options.device != "cpu",
+           "parallel.ep_comm_dtype \"bf16\" compresses the GPU engine's expert-parallel "
+           "exchanges; the CPU engine exchanges in full precision (set it to \"fp32\")");
   SelfCommunicator self;
   std::unique_ptr<Communicator> ep_group, dp_group;
   if (n > 1) {

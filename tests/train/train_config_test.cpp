@@ -277,6 +277,8 @@ TEST(TrainConfigTest, EveryInvalidValueIsNamedByItsKeyPath) {
        "or a comma-separated list of them with one per decoder layer, got \"all-to-all\""},
       {"parallel", "ep_dispatch", "alltoall,all-to-all", "got \"alltoall,all-to-all\""},
       {"parallel", "ep_dispatch", "alltoall,", "got \"alltoall,\""},
+      {"parallel", "ep_comm_dtype", "fp8",
+       "parallel.ep_comm_dtype must be \"fp32\" or \"bf16\", got \"fp8\""},
       {"parallel", "layout", "megatron",
        "parallel.layout must be \"sp_ep\" (sequence + expert parallel, MegaScale-MoE) or \"tp\""},
       {"parallel", "layout", 2, "parallel.layout must be a string, got 2"},

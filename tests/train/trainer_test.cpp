@@ -293,6 +293,22 @@ TEST_F(TrainFixture, TensorParallelLayoutRunsOnTheCpuEngineOnly) {
   }
 }
 
+// The bf16 expert-parallel exchanges are the GPU engine's; the CPU engine refuses them.
+TEST_F(TrainFixture, Bf16ExpertExchangesAreRefusedOnTheCpuEngine) {
+  TrainConfig c = config(3);
+  c.parallel.ep_comm_dtype = "bf16";
+  SelfCommunicator self;
+  try {
+    train(c, no_progress(), self);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("parallel.ep_comm_dtype \"bf16\" compresses the GPU "
+                                         "engine's expert-parallel exchanges"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace moeforge
 
