@@ -276,37 +276,34 @@ TEST_F(TrainFixture, Zero1AnnouncesTheLastMicroBatchOverTheShardingGroup) {
   for (const std::vector<std::string>& rank_calls : calls) EXPECT_EQ(rank_calls, expected);
 }
 
-TEST_F(TrainFixture, TensorParallelLayoutRunsOnTheCpuEngineOnly) {
-  TrainConfig c = config(3);
-  c.parallel.layout = "tp";
-  TrainRunOptions options = no_progress();
-  options.device = "cuda";
+// Runs c on one rank with options and checks that it stops with an error containing `expected`.
+void expect_train_error(const TrainConfig& c, const TrainRunOptions& options,
+                        const std::string& expected) {
   SelfCommunicator self;
   try {
     train(c, options, self);
     FAIL() << "expected an error";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("parallel.layout \"tp\" (the Megatron-LM baseline) runs "
-                                         "on the CPU engine only"),
-              std::string::npos)
-        << e.what();
+    EXPECT_NE(std::string(e.what()).find(expected), std::string::npos) << e.what();
   }
+}
+
+TEST_F(TrainFixture, TensorParallelLayoutRunsOnTheCpuEngineOnly) {
+  TrainConfig c = config(3);
+  c.parallel.layout = "tp";
+  TrainRunOptions options = no_progress();
+  options.device = "cuda";
+  expect_train_error(
+      c, options, "parallel.layout \"tp\" (the Megatron-LM baseline) runs on the CPU engine only");
 }
 
 // The bf16 expert-parallel exchanges are the GPU engine's; the CPU engine refuses them.
 TEST_F(TrainFixture, Bf16ExpertExchangesAreRefusedOnTheCpuEngine) {
   TrainConfig c = config(3);
   c.parallel.ep_comm_dtype = "bf16";
-  SelfCommunicator self;
-  try {
-    train(c, no_progress(), self);
-    FAIL() << "expected an error";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("parallel.ep_comm_dtype \"bf16\" compresses the GPU "
-                                         "engine's expert-parallel exchanges"),
-              std::string::npos)
-        << e.what();
-  }
+  expect_train_error(
+      c, no_progress(),
+      "parallel.ep_comm_dtype \"bf16\" compresses the GPU engine's expert-parallel exchanges");
 }
 
 }  // namespace
