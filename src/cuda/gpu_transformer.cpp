@@ -817,9 +817,11 @@ void GpuTransformer::moe_backward(int64_t l, float d_aux, float d_z) {
   if (config_.shared_expert_intermediate_size > 0) shared_expert_backward(l);
   // The router's backward over the group's tokens is the same on every rank; each rank keeps its
   // own tokens' rows for its input and weight gradients, so the group's sum counts each once.
-  router_backward(s.drouter.data(), s.dgates.data(), a.router_logits.data(), a.probs.data(),
-                  a.expert_idx.data(), a.expert_counts.data(), d_aux, d_z,
-                  RouterShape{ng, num_experts, k, config_.norm_topk_prob}, stream_);
+  router_backward(
+      s.drouter.data(), s.dgates.data(), a.router_logits.data(), a.probs.data(),
+      a.expert_idx.data(), a.expert_counts.data(), d_aux, d_z,
+      RouterShape{ng, num_experts, k, config_.norm_topk_prob, config_.router_balance_groups},
+      stream_);
   const bf16* drouter = s.drouter.data() + expert_parallel_rank() * n * num_experts;
   blas_.linear_backward_input(s.dln.data(), OutType::kFloat, drouter, wb(o.router), n, h,
                               num_experts, true, stream_);
@@ -1019,7 +1021,7 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
                     s.router_scratch.data(), a.probs.data(), a.expert_idx.data(),
                     a.router_logits.data(),
                     RouterShape{moe_tokens(), config_.num_experts, config_.num_experts_per_tok,
-                                config_.norm_topk_prob},
+                                config_.norm_topk_prob, config_.router_balance_groups},
                     stream_);
       MF_CUDA_CHECK(cudaMemcpyAsync(a.host_counts.data(), a.expert_counts.data(),
                                     a.expert_counts.bytes(), cudaMemcpyDeviceToHost, stream_));

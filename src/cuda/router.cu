@@ -138,12 +138,13 @@ __global__ void router_chunk_kernel(float* prob_sums, int32_t* counts, float* z_
   }
 }
 
-// One block: the chunks' sums in chunk order, then aux = E * sum_e f_e P_e and z = mean z terms.
-// scratch[e] keeps sum_t probs[t, e] for the backward.
+// One block: the chunks' sums in chunk order, then aux = G * sum_g f_g P_g (G groups of
+// num_experts / G experts; G = num_experts: per expert) and z = mean z terms. scratch[e] keeps
+// sum_t probs[t, e] for the backward.
 __global__ void router_losses_kernel(float* losses, int32_t* expert_counts, float* scratch,
                                      const float* prob_sums, const int32_t* counts,
                                      const float* z_sums, int64_t num_chunks, int64_t n,
-                                     int64_t num_experts, int64_t top_k) {
+                                     int64_t num_experts, int64_t top_k, int64_t groups) {
   __shared__ int32_t total_counts[kMaxExpertsPerLane * kWarpSize];
   for (int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) {
     float sum = 0.0f;
@@ -161,11 +162,18 @@ __global__ void router_losses_kernel(float* losses, int32_t* expert_counts, floa
     float z_total = 0.0f;
     for (int64_t c = 0; c < num_chunks; ++c) z_total += z_sums[c];
     double aux = 0.0;
-    for (int64_t e = 0; e < num_experts; ++e) {
-      const double f = static_cast<double>(total_counts[e]) / static_cast<double>(n * top_k);
-      aux += f * static_cast<double>(scratch[e]) / static_cast<double>(n);
+    const int64_t size = num_experts / groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      int64_t count = 0;
+      double prob_sum = 0.0;
+      for (int64_t e = g * size; e < (g + 1) * size; ++e) {
+        count += total_counts[e];
+        prob_sum += static_cast<double>(scratch[e]);
+      }
+      const double f = static_cast<double>(count) / static_cast<double>(n * top_k);
+      aux += f * prob_sum / static_cast<double>(n);
     }
-    losses[0] = static_cast<float>(aux * static_cast<double>(num_experts));
+    losses[0] = static_cast<float>(aux * static_cast<double>(groups));
     losses[1] = z_total / static_cast<float>(n);
   }
 }
@@ -174,20 +182,26 @@ __global__ void router_backward_kernel(bf16* dlogits, const float* dgates, const
                                        const float* probs, const int32_t* expert_idx,
                                        const int32_t* expert_counts, float d_aux, float d_z,
                                        int64_t n, int64_t num_experts, int64_t top_k,
-                                       bool norm_topk_prob) {
+                                       int64_t groups, bool norm_topk_prob) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   if (t >= n) return;
   const float* p = probs + t * num_experts;
   const int32_t* idx = expert_idx + t * top_k;
   const float* dg = dgates + t * top_k;
-  const float aux_scale = d_aux * static_cast<float>(num_experts) /
-                          (static_cast<float>(n) * static_cast<float>(n * top_k));
+  const float aux_scale =
+      d_aux * static_cast<float>(groups) / (static_cast<float>(n) * static_cast<float>(n * top_k));
+  const int64_t size = num_experts / groups;
   float dprobs[kMaxExpertsPerLane];
 #pragma unroll
   for (int i = 0; i < kMaxExpertsPerLane; ++i) {
     const int64_t e = lane + i * kWarpSize;
-    dprobs[i] = e < num_experts ? aux_scale * static_cast<float>(expert_counts[e]) : 0.0f;
+    // The assignments to e's balance group.
+    int32_t count = 0;
+    if (e < num_experts) {
+      for (int64_t j = e / size * size; j < (e / size + 1) * size; ++j) count += expert_counts[j];
+    }
+    dprobs[i] = aux_scale * static_cast<float>(count);
   }
   float selected_sum = 0.0f, weighted = 0.0f;
   if (norm_topk_prob) {
@@ -231,6 +245,15 @@ void check_shape(const RouterShape& shape) {
   MF_CHECK(shape.top_k > 0 && shape.top_k <= kMaxTopK && shape.top_k <= shape.num_experts,
            "CUDA router supports top-k from 1 to min({}, num_experts), got {}", kMaxTopK,
            shape.top_k);
+  MF_CHECK(shape.balance_groups == 0 ||
+               (shape.balance_groups > 0 && shape.num_experts % shape.balance_groups == 0),
+           "CUDA router: {} balance groups do not split {} experts", shape.balance_groups,
+           shape.num_experts);
+}
+
+// The aux loss's G (ops::num_balance_groups).
+int64_t groups_of(const RouterShape& shape) {
+  return shape.balance_groups > 0 ? shape.balance_groups : shape.num_experts;
 }
 
 unsigned token_blocks(int64_t n) {
@@ -274,7 +297,7 @@ void router_losses(float* losses, int32_t* expert_counts, float* scratch, const 
   MF_CUDA_CHECK_LAUNCH();
   router_losses_kernel<<<1, kThreads, 0, stream>>>(losses, expert_counts, scratch, partial.data(),
                                                    counts.data(), z_sums, num_chunks, n,
-                                                   num_experts, shape.top_k);
+                                                   num_experts, shape.top_k, groups_of(shape));
   MF_CUDA_CHECK_LAUNCH();
 }
 
@@ -285,7 +308,7 @@ void router_backward(bf16* dlogits, const float* dgates, const float* logits, co
   if (shape.num_tokens == 0) return;
   router_backward_kernel<<<token_blocks(shape.num_tokens), kWarpsPerBlock * kWarpSize, 0, stream>>>(
       dlogits, dgates, logits, probs, expert_idx, expert_counts, d_aux, d_z, shape.num_tokens,
-      shape.num_experts, shape.top_k, shape.norm_topk_prob);
+      shape.num_experts, shape.top_k, groups_of(shape), shape.norm_topk_prob);
   MF_CUDA_CHECK_LAUNCH();
 }
 

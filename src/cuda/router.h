@@ -16,6 +16,7 @@ struct RouterShape {
   int64_t num_experts;  // at most 256
   int64_t top_k;        // at most 8
   bool norm_topk_prob;
+  int64_t balance_groups = 0;  // G of the aux loss (ops/router.h); 0: num_experts
 };
 
 // logits [n, E] fp32 -> probs [n, E], expert_idx [n, k] (descending), gates [n, k].

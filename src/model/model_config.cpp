@@ -442,6 +442,11 @@ void validate(const ModelConfig& c, const std::string& source) {
            "{}: router_z_loss_coef must be >= 0, got {}", s, c.router_z_loss_coef);
   MF_CHECK(std::isfinite(c.capacity_factor) && c.capacity_factor >= 0,
            "{}: capacity_factor must be >= 0 (0: dropless), got {}", s, c.capacity_factor);
+  MF_CHECK(c.router_balance_groups == 0 || (c.router_balance_groups > 0 && c.num_experts > 0 &&
+                                            c.num_experts % c.router_balance_groups == 0),
+           "{}: router_balance_groups must be 0 (per expert) or a divisor of the {} experts, got "
+           "{}",
+           s, c.num_experts, c.router_balance_groups);
   MF_CHECK(c.bos_token_id >= -1 && c.bos_token_id < c.vocab_size,
            "{}: bos_token_id must be in [0, vocab_size={}) or null, got {}", s, c.vocab_size,
            c.bos_token_id);
@@ -493,6 +498,7 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
   if (is_moe_arch(arch)) read_moe_fields(r, c);
   c.router_z_loss_coef = r.number_or("router_z_loss_coef", 0.0);
   c.capacity_factor = r.number_or("capacity_factor", 0.0);
+  c.router_balance_groups = r.int_or("router_balance_groups", 0);
   c.bos_token_id = r.token_id("bos_token_id");
   c.eos_token_id = r.token_id("eos_token_id");
   c.torch_dtype = read_dtype(r);
@@ -593,6 +599,7 @@ nlohmann::json model_config_to_json(const ModelConfig& c) {
   }
   if (c.router_z_loss_coef != 0) j["router_z_loss_coef"] = c.router_z_loss_coef;
   if (c.capacity_factor != 0) j["capacity_factor"] = c.capacity_factor;
+  if (c.router_balance_groups != 0) j["router_balance_groups"] = c.router_balance_groups;
   j["bos_token_id"] = token_id_json(c.bos_token_id);
   j["eos_token_id"] = token_id_json(c.eos_token_id);
   j["torch_dtype"] = c.torch_dtype;

@@ -53,6 +53,10 @@ struct ModelConfig {
   double router_aux_loss_coef = 0.0;            // HF field router_aux_loss_coef
   double router_z_loss_coef = 0.0;              // moeforge extension, field router_z_loss_coef
   double capacity_factor = 0.0;                 // moeforge extension; <= 0 means dropless
+  // moeforge extension: the aux loss balances this many groups of consecutive experts instead of
+  // each expert (ops/router.h; MegaScale-MoE balances per GPU: set it to the expert-parallel
+  // size); 0: per expert.
+  int64_t router_balance_groups = 0;
 
   int64_t bos_token_id = -1;
   int64_t eos_token_id = -1;

@@ -159,10 +159,23 @@ void a2a_exchange_to_senders(const T* recv, T* send, const A2aDispatchPlan& plan
                 plan.send_row_offsets, hidden, ep);
 }
 
+namespace {
+
+// ops::balance_fractions of the group's assignments (the plan's group_load).
+std::vector<double> group_balance_fractions(const A2aDispatchPlan& plan, int64_t num_experts,
+                                            int64_t top_k, int64_t balance_groups) {
+  std::vector<double> load(static_cast<size_t>(num_experts));
+  for (int64_t e = 0; e < num_experts; ++e) load[e] = static_cast<double>(plan.group_load[e]);
+  return ops::balance_fractions(
+      load, static_cast<double>(plan.group_tokens) * static_cast<double>(top_k), balance_groups);
+}
+
+}  // namespace
+
 template <typename T>
 GroupRouterLosses a2a_group_router_losses(const T* probs, const T* logits,
                                           const A2aDispatchPlan& plan, int64_t num_experts,
-                                          int64_t top_k, Communicator& ep) {
+                                          int64_t top_k, int64_t balance_groups, Communicator& ep) {
   const int64_t num_tokens = plan.num_tokens;
   // sums[e]: probs[., e] summed over this rank's tokens; sums[num_experts]: the squared
   // logsumexp summed likewise (router_z_loss is its mean).
@@ -177,25 +190,24 @@ GroupRouterLosses a2a_group_router_losses(const T* probs, const T* logits,
   ep.all_reduce_sum(sums.data(), sums.size());
   if (plan.group_tokens == 0) return {};
   const double group_tokens = static_cast<double>(plan.group_tokens);
-  const double num_assignments = group_tokens * static_cast<double>(top_k);
+  const std::vector<double> fraction =
+      group_balance_fractions(plan, num_experts, top_k, balance_groups);
   double aux = 0.0;
-  for (int64_t e = 0; e < num_experts; ++e) {
-    aux += static_cast<double>(plan.group_load[e]) / num_assignments * (sums[e] / group_tokens);
-  }
-  return {static_cast<double>(num_experts) * aux, sums[num_experts] / group_tokens};
+  for (int64_t e = 0; e < num_experts; ++e) aux += fraction[e] * (sums[e] / group_tokens);
+  const auto groups = static_cast<double>(ops::num_balance_groups(num_experts, balance_groups));
+  return {groups * aux, sums[num_experts] / group_tokens};
 }
 
 template <typename T>
 void a2a_add_group_aux_gradient(T* dlogits, const T* probs, const A2aDispatchPlan& plan,
-                                int64_t num_experts, int64_t top_k, double d_aux) {
+                                int64_t num_experts, int64_t top_k, int64_t balance_groups,
+                                double d_aux) {
   if (d_aux == 0.0 || plan.num_tokens == 0) return;
   const double group_tokens = static_cast<double>(plan.group_tokens);
-  const double num_assignments = group_tokens * static_cast<double>(top_k);
-  std::vector<double> aux_grad(static_cast<size_t>(num_experts));  // [num_experts] d aux / d probs
-  for (int64_t e = 0; e < num_experts; ++e) {
-    aux_grad[e] = d_aux * static_cast<double>(num_experts) *
-                  (static_cast<double>(plan.group_load[e]) / num_assignments) / group_tokens;
-  }
+  const auto groups = static_cast<double>(ops::num_balance_groups(num_experts, balance_groups));
+  // [num_experts] d aux / d probs
+  std::vector<double> aux_grad = group_balance_fractions(plan, num_experts, top_k, balance_groups);
+  for (double& g : aux_grad) g *= d_aux * groups / group_tokens;
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < plan.num_tokens; ++t) {
     const T* p = probs + t * num_experts;
@@ -214,9 +226,9 @@ void a2a_add_group_aux_gradient(T* dlogits, const T* probs, const A2aDispatchPla
   template void a2a_exchange_to_senders<T>(const T*, T*, const A2aDispatchPlan&, int64_t,    \
                                            Communicator&);                                   \
   template GroupRouterLosses a2a_group_router_losses<T>(                                     \
-      const T*, const T*, const A2aDispatchPlan&, int64_t, int64_t, Communicator&);          \
+      const T*, const T*, const A2aDispatchPlan&, int64_t, int64_t, int64_t, Communicator&); \
   template void a2a_add_group_aux_gradient<T>(T*, const T*, const A2aDispatchPlan&, int64_t, \
-                                              int64_t, double);
+                                              int64_t, int64_t, double);
 MOEFORGE_INSTANTIATE_A2A(float)
 MOEFORGE_INSTANTIATE_A2A(double)
 #undef MOEFORGE_INSTANTIATE_A2A

@@ -53,9 +53,9 @@ template <typename T>
 void a2a_exchange_to_senders(const T* recv, T* send, const A2aDispatchPlan& plan, int64_t hidden,
                              Communicator& ep);
 
-// The aux and z losses over the group (ops/router.h's definitions over group_tokens), from this
-// rank's probs and logits [num_tokens, num_experts] and the plan's group_load. Collective over ep
-// (one all_reduce of num_experts + 1 doubles).
+// The aux and z losses over the group (ops/router.h's definitions over group_tokens, the aux loss
+// over balance_groups), from this rank's probs and logits [num_tokens, num_experts] and the plan's
+// group_load. Collective over ep (one all_reduce of num_experts + 1 doubles).
 struct GroupRouterLosses {
   double aux_loss = 0.0;
   double z_loss = 0.0;
@@ -63,13 +63,15 @@ struct GroupRouterLosses {
 template <typename T>
 GroupRouterLosses a2a_group_router_losses(const T* probs, const T* logits,
                                           const A2aDispatchPlan& plan, int64_t num_experts,
-                                          int64_t top_k, Communicator& ep);
+                                          int64_t top_k, int64_t balance_groups, Communicator& ep);
 
 // dlogits [num_tokens, num_experts] += the gradient of d_aux * aux_loss over the group with
-// respect to this rank's logits: d aux / d probs[t, e] = num_experts * f_e / group_tokens with the
-// group's assignment fractions f_e (a constant), through the softmax Jacobian.
+// respect to this rank's logits: d aux / d probs[t, e] = G * f_{g(e)} / group_tokens with the
+// group's assignment fractions of the balance groups (ops::balance_fractions, a constant), through
+// the softmax Jacobian.
 template <typename T>
 void a2a_add_group_aux_gradient(T* dlogits, const T* probs, const A2aDispatchPlan& plan,
-                                int64_t num_experts, int64_t top_k, double d_aux);
+                                int64_t num_experts, int64_t top_k, int64_t balance_groups,
+                                double d_aux);
 
 }  // namespace moeforge

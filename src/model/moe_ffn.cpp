@@ -171,7 +171,8 @@ EpLayout make_layout(const MoeFfnDims& dims, const Communicator& ep) {
 }
 
 ops::RouterDims router_dims(const MoeFfnDims& dims, int64_t num_routed) {
-  return ops::RouterDims{num_routed, dims.num_experts, dims.top_k, dims.norm_topk_prob};
+  return ops::RouterDims{num_routed, dims.num_experts, dims.top_k, dims.norm_topk_prob,
+                         dims.balance_groups};
 }
 
 template <typename T>
@@ -457,8 +458,9 @@ void all_to_all_forward(T* out, MoeFfnSaved<T>& saved, MoeFfnStats& stats, const
   saved.a2a = plan_a2a_dispatch(saved.expert_idx.data(), dims.num_tokens, dims.top_k,
                                 dims.num_experts, capacity, ep);
   const A2aDispatchPlan& plan = saved.a2a;
-  const GroupRouterLosses losses = a2a_group_router_losses<T>(
-      saved.probs.data(), saved.logits.data(), plan, dims.num_experts, dims.top_k, ep);
+  const GroupRouterLosses losses =
+      a2a_group_router_losses<T>(saved.probs.data(), saved.logits.data(), plan, dims.num_experts,
+                                 dims.top_k, dims.balance_groups, ep);
   stats.aux_loss = losses.aux_loss;
   stats.z_loss = losses.z_loss;
   stats.expert_load = plan.group_load;
@@ -532,7 +534,7 @@ void all_to_all_backward(T* dinp, MoeFfnGrads<T>& grads, const T* dout, const T*
                           saved.expert_idx.data(), 0.0, d_z_local,
                           router_dims(dims, dims.num_tokens));
   a2a_add_group_aux_gradient<T>(dlogits.data(), saved.probs.data(), plan, dims.num_experts,
-                                dims.top_k, d_aux);
+                                dims.top_k, dims.balance_groups, d_aux);
   add_router_gradients(dinp, grads, dlogits.data(), inp, weights, dims);
 }
 

@@ -78,6 +78,7 @@ struct MoeFfnDims {
   bool norm_topk_prob;
   double capacity_factor;                   // <= 0: dropless
   int64_t shared_ffn;                       // 0: no shared expert
+  int64_t balance_groups = 0;               // of the aux loss (ops/router.h); 0: per expert
   EpDispatch dispatch = EpDispatch::kAuto;  // kSequenceExpert only
   // kTensor: expert_ffn and shared_ffn must be divisible by the group size.
   ParallelLayout layout = ParallelLayout::kSequenceExpert;

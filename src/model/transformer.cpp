@@ -198,6 +198,7 @@ MoeFfnDims Transformer<T>::moe_dims(int64_t n, int64_t l) const {
                     config_.norm_topk_prob,
                     config_.capacity_factor,
                     config_.shared_expert_intermediate_size,
+                    config_.router_balance_groups,
                     ep_dispatch_.layer(l),
                     tensor_parallel() ? ParallelLayout::kTensor : ParallelLayout::kSequenceExpert};
 }

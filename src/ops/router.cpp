@@ -28,20 +28,19 @@ double row_logsumexp(const T* row, int64_t num_experts) {
   return max_logit + std::log(sum);
 }
 
-// f_e * num_experts / num_tokens for every expert: the aux-loss gradient factor of probs[., e]
-// per unit d_aux, and (times P_e) the summands of the aux loss.
+// balance_fractions of the assignments in expert_idx: the aux-loss gradient factor of
+// probs[., e] per unit d_aux (times G / num_tokens), and (times P_e) the summands of the aux loss.
 std::vector<double> assignment_fractions(const int32_t* expert_idx, const RouterDims& dims) {
-  std::vector<double> fraction(static_cast<size_t>(dims.num_experts), 0.0);
+  std::vector<double> load(static_cast<size_t>(dims.num_experts), 0.0);
   const int64_t num_assignments = dims.num_tokens * dims.top_k;
   for (int64_t a = 0; a < num_assignments; ++a) {
     const int32_t e = expert_idx[a];
     MF_CHECK(e >= 0 && e < dims.num_experts,
              "router: expert_idx of token {} slot {} is {}, outside [0, {})", a / dims.top_k,
              a % dims.top_k, e, dims.num_experts);
-    fraction[static_cast<size_t>(e)] += 1.0;
+    load[static_cast<size_t>(e)] += 1.0;
   }
-  for (auto& f : fraction) f /= static_cast<double>(num_assignments);
-  return fraction;
+  return balance_fractions(load, static_cast<double>(num_assignments), dims.balance_groups);
 }
 
 }  // namespace
@@ -91,6 +90,24 @@ void router_forward(T* probs, int32_t* expert_idx, T* gates, const T* logits,
   // rank while the others wait in a collective.
 }
 
+std::vector<double> balance_fractions(const std::vector<double>& load, double num_assignments,
+                                      int64_t balance_groups) {
+  const auto num_experts = static_cast<int64_t>(load.size());
+  const int64_t groups = num_balance_groups(num_experts, balance_groups);
+  MF_CHECK(groups >= 1 && groups <= num_experts && num_experts % groups == 0,
+           "router: {} balance groups do not split {} experts", groups, num_experts);
+  const int64_t size = num_experts / groups;
+  std::vector<double> fraction(load.size());
+  for (int64_t g = 0; g < groups; ++g) {
+    double group_load = 0.0;
+    for (int64_t e = g * size; e < (g + 1) * size; ++e) group_load += load[static_cast<size_t>(e)];
+    for (int64_t e = g * size; e < (g + 1) * size; ++e) {
+      fraction[static_cast<size_t>(e)] = group_load / num_assignments;
+    }
+  }
+  return fraction;
+}
+
 template <typename T>
 double router_aux_loss(const T* probs, const int32_t* expert_idx, const RouterDims& dims) {
   check_dims(dims);
@@ -105,7 +122,7 @@ double router_aux_loss(const T* probs, const int32_t* expert_idx, const RouterDi
     mean_prob /= static_cast<double>(dims.num_tokens);
     loss += fraction[static_cast<size_t>(e)] * mean_prob;
   }
-  return static_cast<double>(dims.num_experts) * loss;
+  return static_cast<double>(num_balance_groups(dims.num_experts, dims.balance_groups)) * loss;
 }
 
 template <typename T>
@@ -128,9 +145,10 @@ void router_backward(T* dlogits, const T* dgates, const T* logits, const T* prob
   const int64_t num_experts = dims.num_experts;
   const int64_t top_k = dims.top_k;
   const double inv_tokens = 1.0 / static_cast<double>(dims.num_tokens);
-  // d aux / d probs[n, e] = E * f_e / n (f is constant), the same for every token.
+  // d aux / d probs[n, e] = G * f_{g(e)} / n (f is constant), the same for every token.
   std::vector<double> aux_grad = assignment_fractions(expert_idx, dims);
-  for (auto& g : aux_grad) g *= d_aux * static_cast<double>(num_experts) * inv_tokens;
+  const auto groups = static_cast<double>(num_balance_groups(num_experts, dims.balance_groups));
+  for (auto& g : aux_grad) g *= d_aux * groups * inv_tokens;
 
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < dims.num_tokens; ++t) {

@@ -184,6 +184,19 @@ TEST(GpuTransformerCapacity, DroppingMatchesCpuReference) {
   }
 }
 
+// The aux loss over balance groups of experts (router_balance_groups) and its gradient, as the CPU
+// computes them; a weighty aux coefficient so that its gradient shows.
+TEST(GpuTransformerBalanceGroups, MatchesCpuReference) {
+  MF_REQUIRE_GPU();
+  ModelConfig config = testing::gpu_config(Architecture::kMixtral);
+  ASSERT_EQ(config.num_experts % 2, 0);
+  config.router_balance_groups = 2;
+  config.router_aux_loss_coef = 0.5;
+  expect_matches_cpu_reference(
+      config, GroupedGemm().available(
+                  {config.num_experts, config.hidden_size, config.moe_intermediate_size}));
+}
+
 // A shared expert of an odd size (rows not 16-byte aligned for cuBLASLt); the routed experts as the
 // architecture's test.
 TEST(GpuTransformerSharedExpert, OddSizeMatchesCpuReference) {

@@ -24,18 +24,22 @@ using testing::kFloatEps;
 using testing::to_device;
 using testing::to_double;
 
+// The last four balance groups of experts in the aux loss (8 experts in 4 groups, 16 in 4, 64 in
+// 4, 16 in 1).
 const RouterShape kShapes[] = {
-    {100, 8, 2, false}, {100, 8, 2, true},   {37, 16, 4, true},   {37, 16, 1, false},
-    {1, 8, 2, true},    {100, 16, 4, false}, {257, 64, 8, false}, {37, 256, 8, true},
+    {100, 8, 2, false},    {100, 8, 2, true},    {37, 16, 4, true},      {37, 16, 1, false},
+    {1, 8, 2, true},       {100, 16, 4, false},  {257, 64, 8, false},    {37, 256, 8, true},
+    {100, 8, 2, false, 4}, {37, 16, 4, true, 4}, {257, 64, 8, false, 4}, {100, 16, 1, true, 1},
 };
 
 std::string describe(const RouterShape& s) {
   return "tokens=" + std::to_string(s.num_tokens) + " experts=" + std::to_string(s.num_experts) +
-         " top_k=" + std::to_string(s.top_k) + " norm=" + std::to_string(s.norm_topk_prob);
+         " top_k=" + std::to_string(s.top_k) + " norm=" + std::to_string(s.norm_topk_prob) +
+         " balance_groups=" + std::to_string(s.balance_groups);
 }
 
 ops::RouterDims dims_of(const RouterShape& s) {
-  return {s.num_tokens, s.num_experts, s.top_k, s.norm_topk_prob};
+  return {s.num_tokens, s.num_experts, s.top_k, s.norm_topk_prob, s.balance_groups};
 }
 
 // Per token: a random permutation of evenly spaced levels plus a small jitter and a random

@@ -125,6 +125,7 @@ void expect_same_config(const ModelConfig& a, const ModelConfig& b) {
   EXPECT_EQ(a.router_aux_loss_coef, b.router_aux_loss_coef);
   EXPECT_EQ(a.router_z_loss_coef, b.router_z_loss_coef);
   EXPECT_EQ(a.capacity_factor, b.capacity_factor);
+  EXPECT_EQ(a.router_balance_groups, b.router_balance_groups);
   EXPECT_EQ(a.bos_token_id, b.bos_token_id);
   EXPECT_EQ(a.eos_token_id, b.eos_token_id);
   EXPECT_EQ(a.torch_dtype, b.torch_dtype);
@@ -483,6 +484,10 @@ TEST(ModelConfigTest, EveryInvalidFieldIsNamed) {
       {&kQwen2_57bA14b, "router_aux_loss_coef", -0.5, "router_aux_loss_coef must be >= 0"},
       {&kLlama3_8b, "router_z_loss_coef", -1e-3, "router_z_loss_coef must be >= 0"},
       {&kMixtral8x7b, "capacity_factor", -1.0, "capacity_factor must be >= 0"},
+      {&kMixtral8x7b, "router_balance_groups", 3,
+       "router_balance_groups must be 0 (per expert) or a divisor of the 8 experts, got 3"},
+      {&kMixtral8x7b, "router_balance_groups", -2, "router_balance_groups must be 0"},
+      {&kLlama3_8b, "router_balance_groups", 2, "router_balance_groups must be 0"},
       {&kMixtral8x7b, "bos_token_id", 32000, "bos_token_id must be in [0, vocab_size=32000)"},
       {&kMixtral8x7b, "eos_token_id", -2, "eos_token_id must be in [0, vocab_size=32000)"},
       {&kMixtral8x7b, "torch_dtype", "int8", "torch_dtype must be one of"},
@@ -556,6 +561,7 @@ TEST(ModelConfigTest, RoundTripsEveryArchitecture) {
   extended["moeforge_dense_layers"] = {0, 5};
   extended["router_z_loss_coef"] = 1e-3;
   extended["capacity_factor"] = 1.25;
+  extended["router_balance_groups"] = 4;
   extended["tie_word_embeddings"] = true;
   sources.push_back(extended);
   json sparse_step = kQwen2_57bA14b;
@@ -584,6 +590,7 @@ TEST(ModelConfigTest, WritesTheArchitecturesOwnFieldNames) {
   EXPECT_FALSE(j.contains("moeforge_dense_layers"));
   EXPECT_FALSE(j.contains("router_z_loss_coef"));
   EXPECT_FALSE(j.contains("capacity_factor"));
+  EXPECT_FALSE(j.contains("router_balance_groups"));
   EXPECT_EQ(j["head_dim"], 128);
   EXPECT_EQ(j["torch_dtype"], "bfloat16");
   EXPECT_EQ(j["dtype"], "bfloat16");

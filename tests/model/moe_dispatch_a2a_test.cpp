@@ -541,6 +541,15 @@ TEST(MoeDispatchA2aModel, Qwen3MoeTwoAndFourRanks) {
   check_model(qwen3_moe_like(), 4, 2, "qwen3_moe n4");
 }
 
+// The all-to-all dispatch's group aux loss over balance groups (one per rank).
+TEST(MoeDispatchA2aModel, BalanceGroupsTwoAndFourRanks) {
+  ModelConfig c = qwen3_moe_like();  // 8 experts
+  for (const int ranks : {2, 4}) {
+    c.router_balance_groups = ranks;
+    check_model(c, ranks, 2, "qwen3_moe balance groups " + std::to_string(ranks));
+  }
+}
+
 TEST(MoeDispatchA2aModel, TokenDroppingFourRanks) {
   ModelConfig c = mixtral_like();
   c.capacity_factor = 0.75;

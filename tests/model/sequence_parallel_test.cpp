@@ -86,6 +86,13 @@ TEST(SequenceParallel, TwoRanksMatchOneRankWithTokenDropping) {
   EXPECT_GT(check_two_ranks_match_one_rank(c, 1, "mixtral capacity 0.75"), 0);
 }
 
+// The aux loss balancing each rank's experts as a group (router_balance_groups = the group size).
+TEST(SequenceParallel, TwoRanksMatchOneRankWithPerRankBalance) {
+  ModelConfig c = moe_config(Architecture::kQwen3Moe);
+  c.router_balance_groups = kNumRanks;
+  check_two_ranks_match_one_rank(c, 2, "qwen3_moe balance groups 2");
+}
+
 TEST(SequenceParallel, RejectsHeadsNotDivisibleByTheGroup) {
   testing::ThreadGroup group(kNumRanks);
   testing::ThreadCommunicator rank0(group, 0);

@@ -60,6 +60,25 @@ TEST(Transformer, GradientsMatchFiniteDifferencesWithTokenDropping) {
   check_gradients(c, "mixtral capacity 0.5");
 }
 
+// The aux loss over balance groups of experts (MegaScale-MoE's per-GPU balance): the gradients
+// still match, and the loss is the grouped one (a different value from the per-expert loss).
+TEST(Transformer, GradientsMatchFiniteDifferencesWithBalanceGroups) {
+  ModelConfig c = testing::tiny_config(Architecture::kMixtral);  // 4 experts
+  c.router_aux_loss_coef = 0.5;  // large enough that a wrong aux gradient shows
+  c.router_balance_groups = 2;
+  check_gradients(c, "mixtral balance groups 2");
+  SelfCommunicator self;
+  const Batch b = make_batch(c, 1, 6, 5);
+  double aux[2];
+  for (const int64_t groups : {0, 2}) {
+    c.router_balance_groups = groups;
+    Transformer<double> model(c, self);
+    model.init_random(3, 0.5);
+    aux[groups / 2] = model.forward(b.tokens.data(), b.targets.data(), b.batch, b.seq).aux_loss;
+  }
+  EXPECT_GT(std::abs(aux[0] - aux[1]), 1e-6) << aux[0] << " " << aux[1];
+}
+
 TEST(Transformer, AuxAndZLossesEnterTheTotal) {
   ModelConfig c = testing::tiny_config(Architecture::kMixtral);
   SelfCommunicator self;

@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "core/error.h"
@@ -149,6 +151,29 @@ TEST(Router, AuxLossHandComputed) {
               1e-15);
 }
 
+// Balance groups (MegaScale-MoE's per-GPU balance): aux = G * sum_g f_g P_g.
+TEST(Router, AuxLossOverBalanceGroupsHandComputed) {
+  const std::vector<double> probs = {0.5, 0.3, 0.1, 0.1, 0.4, 0.4, 0.1, 0.1};
+  const std::vector<int32_t> idx = {0, 0};
+  // Per expert: f = [1, 0, 0, 0], P = [0.45, 0.35, 0.1, 0.1]: 4 * 0.45.
+  EXPECT_NEAR(router_aux_loss<double>(probs.data(), idx.data(), {2, 4, 1, false}), 1.8, 1e-15);
+  EXPECT_EQ(router_aux_loss<double>(probs.data(), idx.data(), {2, 4, 1, false, 4}),
+            router_aux_loss<double>(probs.data(), idx.data(), {2, 4, 1, false}));
+  // Two groups {0, 1}, {2, 3}: f = [1, 0], P = [0.8, 0.2]: 2 * 0.8; a group balanced inside does
+  // not lower it.
+  EXPECT_NEAR(router_aux_loss<double>(probs.data(), idx.data(), {2, 4, 1, false, 2}), 1.6, 1e-15);
+  const std::vector<int32_t> inside = {0, 1};
+  EXPECT_NEAR(router_aux_loss<double>(probs.data(), inside.data(), {2, 4, 1, false, 2}), 1.6,
+              1e-15);
+  // Across the groups: f = [0.5, 0.5], P = [0.8, 0.2]: 2 * 0.5.
+  const std::vector<int32_t> across = {0, 2};
+  EXPECT_NEAR(router_aux_loss<double>(probs.data(), across.data(), {2, 4, 1, false, 2}), 1.0,
+              1e-15);
+  // One group: the constant 1.
+  EXPECT_NEAR(router_aux_loss<double>(probs.data(), idx.data(), {2, 4, 1, false, 1}), 1.0, 1e-15);
+  EXPECT_THROW(router_aux_loss<double>(probs.data(), idx.data(), {2, 4, 1, false, 3}), Error);
+}
+
 TEST(Router, ZLossMatchesTheDirectFormula) {
   const std::vector<double> logits = testing::random_vector(5 * 6, 3, 2.0);
   double expected = 0.0;
@@ -179,33 +204,43 @@ double top_k_margin(const std::vector<double>& probs, int64_t num_tokens, int64_
   return margin;
 }
 
-TEST(Router, BackwardMatchesFiniteDifferences) {
-  for (const bool norm : {false, true}) {
-    const RouterDims dims{6, 5, 2, norm};
-    const size_t num_logits = 6 * 5;
-    std::vector<double> logits = testing::random_vector(num_logits, 11, 2.0);
-    std::vector<double> probs(num_logits), gates(12);
-    std::vector<int32_t> idx(12);
-    router_forward<double>(probs.data(), idx.data(), gates.data(), logits.data(), dims);
-    ASSERT_GT(top_k_margin(probs, 6, 5, 2), 1e-3) << "choose a seed without near-ties";
+// The router's backward (aux, z and gate terms) against finite differences of its losses.
+void check_backward_by_finite_differences(const RouterDims& dims) {
+  const bool norm = dims.norm_topk_prob;
+  const size_t num_logits = static_cast<size_t>(6 * dims.num_experts);
+  std::vector<double> logits = testing::random_vector(num_logits, 11, 2.0);
+  std::vector<double> probs(num_logits), gates(12);
+  std::vector<int32_t> idx(12);
+  router_forward<double>(probs.data(), idx.data(), gates.data(), logits.data(), dims);
+  ASSERT_GT(top_k_margin(probs, 6, dims.num_experts, 2), 1e-3) << "choose a seed without near-ties";
 
-    const std::vector<double> r = testing::random_vector(12, 12);
-    const double d_aux = 0.7;
-    const double d_z = 0.3;
-    const auto loss = [&] {
-      std::vector<double> p(num_logits), g(12);
-      std::vector<int32_t> i(12);
-      router_forward<double>(p.data(), i.data(), g.data(), logits.data(), dims);
-      double l = d_aux * router_aux_loss<double>(p.data(), i.data(), dims) +
-                 d_z * router_z_loss<double>(logits.data(), dims);
-      for (size_t a = 0; a < g.size(); ++a) l += g[a] * r[a];
-      return l;
-    };
-    std::vector<double> dlogits(num_logits);
-    router_backward<double>(dlogits.data(), r.data(), logits.data(), probs.data(), idx.data(),
-                            d_aux, d_z, dims);
-    const std::vector<double> numeric = testing::numerical_gradient(logits, loss);
-    testing::expect_close(dlogits, numeric, 1e-8, 1e-6, norm ? "dlogits_norm" : "dlogits");
+  const std::vector<double> r = testing::random_vector(12, 12);
+  const double d_aux = 0.7;
+  const double d_z = 0.3;
+  const auto loss = [&] {
+    std::vector<double> p(num_logits), g(12);
+    std::vector<int32_t> i(12);
+    router_forward<double>(p.data(), i.data(), g.data(), logits.data(), dims);
+    double l = d_aux * router_aux_loss<double>(p.data(), i.data(), dims) +
+               d_z * router_z_loss<double>(logits.data(), dims);
+    for (size_t a = 0; a < g.size(); ++a) l += g[a] * r[a];
+    return l;
+  };
+  std::vector<double> dlogits(num_logits);
+  router_backward<double>(dlogits.data(), r.data(), logits.data(), probs.data(), idx.data(), d_aux,
+                          d_z, dims);
+  const std::vector<double> numeric = testing::numerical_gradient(logits, loss);
+  testing::expect_close(
+      dlogits, numeric, 1e-8, 1e-6,
+      (norm ? "dlogits_norm, groups " : "dlogits, groups ") + std::to_string(dims.balance_groups));
+}
+
+// Per expert (5 experts) and over balance groups (6 experts in 3 and in 1).
+TEST(Router, BackwardMatchesFiniteDifferences) {
+  for (const auto [num_experts, groups] : {std::pair<int64_t, int64_t>{5, 0}, {6, 3}, {6, 1}}) {
+    for (const bool norm : {false, true}) {
+      check_backward_by_finite_differences(RouterDims{6, num_experts, 2, norm, groups});
+    }
   }
 }
 
