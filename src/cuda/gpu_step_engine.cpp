@@ -62,8 +62,8 @@ class GpuModelEngine : public StepEngine {
   }
 
   // On the model's stream, through the expert group's NCCL communicator (the one its Ulysses and
-  // dispatch exchanges use).
-  // The replicated ranges only: each rank's experts have the group's gradient already.
+  // dispatch exchanges use), over the replicated ranges only: each rank's experts have the group's
+  // gradient already.
   void sum_expert_group_grads(Communicator& group) override {
     MF_CHECK(&group == &host_model_.expert_group(),
              "the expert-group gradient sum runs over the model's expert group only");
