@@ -511,8 +511,10 @@ void GpuTransformer::ulysses_exchange(const std::vector<UlyssesTensor>& tensors,
   } else {
     ulysses_pack_heads(s.exchange_send.data(), tensors, shape, stream_);
   }
-  ep_->all_to_all(s.exchange_send.data(), s.exchange_recv.data(),
-                  static_cast<size_t>(ulysses_chunk(tensors, shape)), CommDType::kBFloat16);
+  timer_.split("_exchange", stream_, [&] {
+    ep_->all_to_all(s.exchange_send.data(), s.exchange_recv.data(),
+                    static_cast<size_t>(ulysses_chunk(tensors, shape)), CommDType::kBFloat16);
+  });
   if (to_heads) {
     ulysses_unpack_heads(s.exchange_recv.data(), tensors, shape, stream_);
   } else {
@@ -589,8 +591,10 @@ void GpuTransformer::moe_forward(int64_t l) {
   const int64_t ng = moe_tokens();
   const bf16* x = a.ln2_ptr;
   if (ep_ != nullptr) {
-    ep_->all_gather(a.ln2_ptr, a.ln2_group.data(), static_cast<size_t>(n * h),
-                    CommDType::kBFloat16);
+    timer_.split("_exchange", stream_, [&] {
+      ep_->all_gather(a.ln2_ptr, a.ln2_group.data(), static_cast<size_t>(n * h),
+                      CommDType::kBFloat16);
+    });
     x = a.ln2_group.data();
   }
   const RouterShape shape{ng, num_experts, k, config_.norm_topk_prob};
@@ -638,11 +642,13 @@ void GpuTransformer::shared_expert_forward(int64_t l) {
 
 void GpuTransformer::reduce_scatter_group(const float* group, float* out) {
   const auto count = static_cast<size_t>(n_ * config_.hidden_size);
-  if (ep_exchange_ == GradReduceDtype::kBfloat16) {
-    ep_reducer_.reduce_scatter(group, count, out, *ep_, GradReduceDtype::kBfloat16, stream_);
-  } else {
-    ep_->reduce_scatter_sum(group, out, count, CommDType::kFloat32);
-  }
+  timer_.split("_exchange", stream_, [&] {
+    if (ep_exchange_ == GradReduceDtype::kBfloat16) {
+      ep_reducer_.reduce_scatter(group, count, out, *ep_, GradReduceDtype::kBfloat16, stream_);
+    } else {
+      ep_->reduce_scatter_sum(group, out, count, CommDType::kFloat32);
+    }
+  });
 }
 
 void GpuTransformer::moe_combine(int64_t l, float* x_out) {
@@ -782,11 +788,15 @@ void GpuTransformer::moe_backward(int64_t l, float d_aux, float d_z) {
       bf16* gathered = s.group_bf16.data();
       bf16* mine = gathered + ng * h;
       cast_to_bf16(mine, s.dres.data(), n * h, stream_);
-      ep_->all_gather(mine, gathered, static_cast<size_t>(n * h), CommDType::kBFloat16);
+      timer_.split("_exchange", stream_, [&] {
+        ep_->all_gather(mine, gathered, static_cast<size_t>(n * h), CommDType::kBFloat16);
+      });
       cast_to_float(s.group_f32.data(), gathered, ng * h, stream_);
     } else {
-      ep_->all_gather(s.dres.data(), s.group_f32.data(), static_cast<size_t>(n * h),
-                      CommDType::kFloat32);
+      timer_.split("_exchange", stream_, [&] {
+        ep_->all_gather(s.dres.data(), s.group_f32.data(), static_cast<size_t>(n * h),
+                        CommDType::kFloat32);
+      });
     }
     dout = s.group_f32.data();
     x = a.ln2_group.data();
@@ -810,7 +820,9 @@ void GpuTransformer::moe_backward(int64_t l, float d_aux, float d_z) {
                           stream_);
     reduce_scatter_group(s.group_f32.data(), s.dln.data());
     // Each rank has the gate gradients of its experts' rows: their sum is every row's.
-    ep_->all_reduce_sum(s.dgates.data(), static_cast<size_t>(ng * k), CommDType::kFloat32);
+    timer_.split("_exchange", stream_, [&] {
+      ep_->all_reduce_sum(s.dgates.data(), static_cast<size_t>(ng * k), CommDType::kFloat32);
+    });
   } else {
     scatter_rows_backward(s.dln.data(), s.drows.data(), a.assignment_row.data(), n, k, h, stream_);
   }
