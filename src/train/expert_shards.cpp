@@ -9,22 +9,32 @@ namespace moeforge {
 
 namespace {
 
-// Copies every tensor of `from` (values in its order) to the same name in `whole`, those in
-// `from`'s expert ranges only when experts_only.
+// Copies every tensor of `from` (values in its order) to the same name in `whole`.
 void place_by_name(const ParameterLayout& from, const float* values, const ParameterLayout& whole,
-                   float* out, bool experts_only) {
-  const std::vector<ParamRange>& experts = from.expert_ranges();
-  const auto in_experts = [&](int64_t offset) {
-    return std::any_of(experts.begin(), experts.end(), [&](const ParamRange& r) {
-      return offset >= r.offset && offset < r.offset + r.count;
-    });
-  };
+                   float* out) {
   for (const ParamSpec& spec : from.specs()) {
-    if (experts_only && !in_experts(spec.offset)) continue;
     const ParamSpec* target = whole.find(spec.name);
     MF_CHECK(target != nullptr && target->numel == spec.numel,
              "tensor {} of an expert shard is not in the whole model's layout", spec.name);
     std::copy(values + spec.offset, values + spec.offset + spec.numel, out + target->offset);
+  }
+}
+
+// Copies the expert tensors of `from` from packed (its expert ranges one after another) to the
+// same names in `whole`.
+void place_packed_experts(const ParameterLayout& from, const float* packed,
+                          const ParameterLayout& whole, float* out) {
+  int64_t range_start = 0;  // where the current expert range begins in packed
+  for (const ParamRange& r : from.expert_ranges()) {
+    for (const ParamSpec& spec : from.specs()) {
+      if (spec.offset < r.offset || spec.offset >= r.offset + r.count) continue;
+      const ParamSpec* target = whole.find(spec.name);
+      MF_CHECK(target != nullptr && target->numel == spec.numel,
+               "tensor {} of an expert shard is not in the whole model's layout", spec.name);
+      const float* values = packed + range_start + (spec.offset - r.offset);
+      std::copy(values, values + spec.numel, out + target->offset);
+    }
+    range_start += r.count;
   }
 }
 
@@ -44,14 +54,13 @@ std::vector<float> gather_expert_shards(const ParameterLayout& layout, const flo
   std::vector<float> out;
   if (group.rank() == 0) {
     out.assign(static_cast<size_t>(whole.num_params()), 0.0f);
-    place_by_name(layout, local, whole, out.data(), /*experts_only=*/false);
+    place_by_name(layout, local, whole, out.data());
   }
   // Every shard's experts lie at the same offsets of its buffer (the shards have equal sizes), so
   // the source's expert ranges are packed and sent whole, one source at a time.
   int64_t packed_size = 0;
   for (const ParamRange& r : layout.expert_ranges()) packed_size += r.count;
   std::vector<float> packed(static_cast<size_t>(packed_size));
-  std::vector<float> source(group.rank() == 0 ? static_cast<size_t>(layout.num_params()) : 0);
   for (int src = 1; src < n; ++src) {
     if (group.rank() == src) {
       int64_t at = 0;
@@ -61,14 +70,10 @@ std::vector<float> gather_expert_shards(const ParameterLayout& layout, const flo
       }
     }
     group.broadcast(packed.data(), packed.size(), src);
-    if (group.rank() != 0) continue;
-    const ParameterLayout shard(layout.config(), {src, n});
-    int64_t at = 0;
-    for (const ParamRange& r : shard.expert_ranges()) {
-      std::copy(packed.begin() + at, packed.begin() + at + r.count, source.begin() + r.offset);
-      at += r.count;
+    if (group.rank() == 0) {
+      place_packed_experts(ParameterLayout(layout.config(), {src, n}), packed.data(), whole,
+                           out.data());
     }
-    place_by_name(shard, source.data(), whole, out.data(), /*experts_only=*/true);
   }
   return out;
 }

@@ -154,7 +154,7 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
     zero_optimizer = std::make_unique<ZeroAdamW>(layout, adamw_hyper, config.optimizer.no_decay, dp,
                                                  sharded ? &expert_group : nullptr);
   } else {
-    optimizer = std::make_unique<AdamW>(model.layout(), adamw_hyper, config.optimizer.no_decay);
+    optimizer = std::make_unique<AdamW>(layout, adamw_hyper, config.optimizer.no_decay);
   }
   data::BatchSampler sampler(train_data, config.data.seq_len, config.data.seed);
   TrainerState state;
