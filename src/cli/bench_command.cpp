@@ -51,7 +51,8 @@ struct BenchOptions {
   std::string recompute = "none";
   std::string grad_reduce = "fp32";
   std::string ep_comm = "fp32";
-  double grad_bucket_mb = ParallelConfig{}.grad_bucket_mb;  // the trainer's default
+  int64_t ep_overlap_chunks = ParallelConfig{}.ep_overlap_chunks;  // the trainer's default
+  double grad_bucket_mb = ParallelConfig{}.grad_bucket_mb;         // the trainer's default
   int64_t expert_parallel = 1;
   bool overlap_optimizer = false;
   int64_t zero_stage = 0;
@@ -90,7 +91,8 @@ void run_bench_train(const BenchOptions& opt) {
     ep_device = cuda::make_device_communicator(*ep_host, model.stream(), &why_not);
     MF_CHECK(ep_device != nullptr,
              "--expert-parallel {} exchanges activations through NCCL, but {}", ep, why_not);
-    model.set_expert_parallel_group(*ep_device, parse_grad_reduce_dtype(opt.ep_comm));
+    model.set_expert_parallel_group(*ep_device,
+                                    {parse_grad_reduce_dtype(opt.ep_comm), opt.ep_overlap_chunks});
   }
   const int64_t local_seq = opt.seq / ep;
   const ParameterLayout& layout = model.layout();
@@ -254,6 +256,7 @@ void run_bench_train(const BenchOptions& opt) {
       {"ranks", world.size()},
       {"expert_parallel", ep},
       {"ep_comm_dtype", ep > 1 ? opt.ep_comm : "none"},
+      {"ep_overlap_chunks", model.expert_overlap_chunks()},
       {"overlap_optimizer", opt.overlap_optimizer},
       {"zero_stage", opt.zero_stage},
       {"grad_reduce", world.size() > 1 ? opt.grad_reduce : "none"},
@@ -321,6 +324,12 @@ void register_bench_command(CLI::App& app) {
                    "(parallel.ep_comm_dtype), fp32 or bf16 (compressed: the reduce-scatters a bf16 "
                    "all-to-all with an fp32 local sum, the output gradient gathered in bf16)")
       ->check(CLI::IsMember({"fp32", "bf16"}))
+      ->capture_default_str();
+  train
+      ->add_option("--ep-overlap-chunks", opt->ep_overlap_chunks,
+                   "With --expert-parallel: each MoE layer in this many chunks of the tokens, one "
+                   "chunk's exchanges overlapping another's experts (parallel.ep_overlap_chunks)")
+      ->check(CLI::PositiveNumber)
       ->capture_default_str();
   train
       ->add_option("--expert-parallel", opt->expert_parallel,

@@ -61,7 +61,8 @@ void register_train_command(CLI::App& app) {
     run.device = opts->device;
 #if MOEFORGE_HAVE_CUDA
     const cuda::Recompute recompute = cuda::parse_recompute(opts->recompute);
-    const GradReduceDtype ep_exchange = parse_grad_reduce_dtype(config.parallel.ep_comm_dtype);
+    const cuda::ExpertExchange ep_exchange{parse_grad_reduce_dtype(config.parallel.ep_comm_dtype),
+                                           config.parallel.ep_overlap_chunks};
     const AdamWHyper hyper{config.optimizer.beta1, config.optimizer.beta2, config.optimizer.eps,
                            config.optimizer.weight_decay};
     run.engine_factory = [&config, &hyper, recompute, ep_exchange](

@@ -22,7 +22,7 @@ namespace {
 // zeroing of the gradients and the forward/backward.
 class GpuModelEngine : public StepEngine {
  public:
-  GpuModelEngine(Transformer<float>& model, Recompute recompute, GradReduceDtype ep_exchange)
+  GpuModelEngine(Transformer<float>& model, Recompute recompute, const ExpertExchange& ep_exchange)
       : host_model_(model), gpu_(model.config(), recompute, model.layout().expert_shard()) {
     Communicator& group = model.expert_group();
     if (group.size() > 1) {
@@ -160,7 +160,7 @@ class GpuStepEngine final : public GpuModelEngine {
  public:
   GpuStepEngine(Transformer<float>& model, AdamW& optimizer, const AdamWHyper& hyper,
                 const std::vector<std::string>& no_decay, Recompute recompute,
-                GradReduceDtype ep_exchange)
+                const ExpertExchange& ep_exchange)
       : GpuModelEngine(model, recompute, ep_exchange),
         host_optimizer_(optimizer),
         optimizer_(gpu_, hyper, no_decay, expert_norm_group()) {}
@@ -244,7 +244,7 @@ class GpuZero1StepEngine final : public GpuModelEngine {
  public:
   GpuZero1StepEngine(Transformer<float>& model, ZeroAdamW& optimizer, const AdamWHyper& hyper,
                      const std::vector<std::string>& no_decay, Recompute recompute,
-                     GradReduceDtype ep_exchange)
+                     const ExpertExchange& ep_exchange)
       : GpuModelEngine(model, recompute, ep_exchange), host_optimizer_(optimizer) {
     std::string why_not;
     dp_ = make_device_communicator(optimizer.comm(), gpu_.stream(), &why_not);
@@ -333,15 +333,19 @@ class GpuZero1StepEngine final : public GpuModelEngine {
 std::unique_ptr<StepEngine> make_gpu_step_engine(Transformer<float>& model, AdamW& optimizer,
                                                  const AdamWHyper& hyper,
                                                  const std::vector<std::string>& no_decay,
-                                                 Recompute recompute, GradReduceDtype ep_exchange) {
+                                                 Recompute recompute,
+                                                 const ExpertExchange& ep_exchange) {
   // Under mpirun every rank of a host gets its own GPU (by local rank) before any allocation.
   bind_device_to_local_rank(local_rank_from_environment());
   return std::make_unique<GpuStepEngine>(model, optimizer, hyper, no_decay, recompute, ep_exchange);
 }
 
-std::unique_ptr<StepEngine> make_gpu_zero1_step_engine(
-    Transformer<float>& model, ZeroAdamW& optimizer, const AdamWHyper& hyper,
-    const std::vector<std::string>& no_decay, Recompute recompute, GradReduceDtype ep_exchange) {
+std::unique_ptr<StepEngine> make_gpu_zero1_step_engine(Transformer<float>& model,
+                                                       ZeroAdamW& optimizer,
+                                                       const AdamWHyper& hyper,
+                                                       const std::vector<std::string>& no_decay,
+                                                       Recompute recompute,
+                                                       const ExpertExchange& ep_exchange) {
   bind_device_to_local_rank(local_rank_from_environment());
   return std::make_unique<GpuZero1StepEngine>(model, optimizer, hyper, no_decay, recompute,
                                               ep_exchange);

@@ -12,18 +12,22 @@
 
 namespace moeforge::cuda {
 
-// ep_exchange: the dtype of the expert-parallel MoE exchanges (parallel.ep_comm_dtype;
-// GpuTransformer::set_expert_parallel_group).
+// ep_exchange: how the expert-parallel MoE exchanges run (parallel.ep_comm_dtype and
+// parallel.ep_overlap_chunks; GpuTransformer::set_expert_parallel_group).
 std::unique_ptr<StepEngine> make_gpu_step_engine(Transformer<float>& model, AdamW& optimizer,
                                                  const AdamWHyper& hyper,
                                                  const std::vector<std::string>& no_decay,
-                                                 Recompute recompute, GradReduceDtype ep_exchange);
+                                                 Recompute recompute,
+                                                 const ExpertExchange& ep_exchange);
 
 // ZeRO-1 on GPUs (cuda/gpu_zero_adamw.h) over the data-parallel group of the host optimizer, whose
 // shard vectors the engine syncs; needs NCCL with one GPU per rank. With expert_parallel > 1 the
 // expert group's partial gradients are summed on the GPUs (sum_expert_group_grads) first.
-std::unique_ptr<StepEngine> make_gpu_zero1_step_engine(
-    Transformer<float>& model, ZeroAdamW& optimizer, const AdamWHyper& hyper,
-    const std::vector<std::string>& no_decay, Recompute recompute, GradReduceDtype ep_exchange);
+std::unique_ptr<StepEngine> make_gpu_zero1_step_engine(Transformer<float>& model,
+                                                       ZeroAdamW& optimizer,
+                                                       const AdamWHyper& hyper,
+                                                       const std::vector<std::string>& no_decay,
+                                                       Recompute recompute,
+                                                       const ExpertExchange& ep_exchange);
 
 }  // namespace moeforge::cuda

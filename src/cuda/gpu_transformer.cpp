@@ -12,6 +12,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/device_info.h"
 #include "cuda/embedding.h"
+#include "cuda/gpu_transformer_buffers.h"
 #include "cuda/model_support.h"
 #include "cuda/moe_dispatch.h"
 #include "cuda/reductions.h"
@@ -33,98 +34,10 @@ int64_t head_chunk_rows(int64_t n, int64_t vocab) {
   return std::min(n, rows);
 }
 
-}  // namespace
-
-// What the forward of one layer saves for its backward.
-struct GpuTransformer::Layer {
-  // ln1, ln2, h_act and shared_act live in the buffers below (kNone) or in shared scratch
-  // (kSelective); these point at whichever holds them. The expert-sorted copy of ln2 is never
-  // kept: it lives in Scratch::rows, and the backward gathers it again (a copy, no arithmetic).
-  bf16 *ln1_ptr = nullptr, *ln2_ptr = nullptr, *h_act_ptr = nullptr, *shared_act_ptr = nullptr;
-  DeviceBuffer<float> x_in;            // [n, h] residual stream entering the layer
-  DeviceBuffer<bf16> ln1;              // [n, h]
-  DeviceBuffer<float> rstd1;           // [n]
-  DeviceBuffer<bf16> q_lin, k_lin;     // [n, qd], [n, kvd] before q/k norm (qk_norm only)
-  DeviceBuffer<float> rstd_q, rstd_k;  // [n * heads], [n * kv_heads]
-  DeviceBuffer<bf16> q, k, v;          // after norm and RoPE
-  DeviceBuffer<bf16> att;              // [n, qd]
-  DeviceBuffer<float> lse;             // [batch, heads, seq]
-  DeviceBuffer<float> x_mid;           // [n, h] after attention
-  DeviceBuffer<bf16> ln2;              // [n, h]
-  DeviceBuffer<float> rstd2;           // [n]
-  // MoE
-  DeviceBuffer<float> router_logits, probs;         // [n, E]
-  DeviceBuffer<int32_t> expert_idx;                 // [n, k]
-  DeviceBuffer<float> gates;                        // [n, k]
-  DeviceBuffer<int32_t> expert_counts;              // [E] assignments routed to each expert
-  PinnedHostBuffer<int32_t> host_counts;            // [E], copied without blocking
-  DeviceBuffer<int32_t> expert_offsets;             // [E + 1] the kept rows' ranges
-  PinnedHostBuffer<int32_t> host_offsets;           // [E + 1], copied without blocking
-  DeviceBuffer<int32_t> assignment_row, row_token;  // [n * k]
-  DeviceBuffer<bf16> h_gate, h_up, h_act;           // [n * k, f] (dense: [n, ffn])
-  DeviceBuffer<bf16> y_rows;                        // [n * k, h]
-  // The shared expert (Qwen2-MoE; S = shared_expert_intermediate_size): its gate and up
-  // projections and SwiGLU output, its output before the sigmoid gate, and the gate's scores.
-  DeviceBuffer<bf16> shared_gate, shared_up, shared_act;  // [n, S]
-  DeviceBuffer<bf16> shared_out;                          // [n, h]
-  DeviceBuffer<float> shared_score;                       // [n]
-  // Sequence parallelism (set_expert_parallel_group): q, k, v and the attention output of this
-  // rank's heads over the group's full sequences ([batch, ep * seq, heads / ep, d]); lse holds
-  // their log-sum-exp then.
-  DeviceBuffer<bf16> q_heads, k_heads, v_heads, att_heads;
-  // Expert parallelism: the group's normed MoE inputs [ep * n, h] (the rows of the local experts
-  // come from them, forward and backward) and each assignment's local expert or -1 [ep * n * k].
-  DeviceBuffer<bf16> ln2_group;
-  DeviceBuffer<int32_t> local_idx;
-};
-
-// Buffers reused across layers and steps.
-struct GpuTransformer::Scratch {
-  DeviceBuffer<bf16> ln1, ln2, h_act, shared_act;  // kSelective: shared by all layers
-  DeviceBuffer<bf16> rows;  // [n * k, h] the MoE layer's input in expert order
-  DeviceBuffer<int32_t> tokens, targets, positions;
-  DeviceBuffer<int32_t> group_ids, group_offsets, group_positions;
-  int64_t num_groups = 0;
-  DeviceBuffer<float> x_out;          // [n, h] final residual stream
-  DeviceBuffer<bf16> lnf;             // [n, h]
-  DeviceBuffer<float> rstdf;          // [n]
-  DeviceBuffer<float> logits;         // [chunk, vocab]
-  DeviceBuffer<bf16> dlogits;         // [chunk, vocab]
-  DeviceBuffer<float> losses;         // [n]
-  DeviceBuffer<float> router_losses;  // [num_moe_layers, 2]
-  DeviceBuffer<float> router_scratch;
-  DeviceBuffer<double> sums, sum_scratch;  // [1]
-  DeviceBuffer<float> dres, dln;           // [n, h]
-  DeviceBuffer<bf16> dres_bf16;            // [n, h]
-  DeviceBuffer<bf16> datt, dq, dk, dv, dq_lin, dk_lin;
-  // [n, q_dim + 2 kv_dim]: the packed q/k/v projection (forward) and its gradient (backward) of
-  // layers whose projections run as one GEMM (packed_qkv).
-  DeviceBuffer<bf16> qkv;
-  // [n * k, h]: the gradient of the expert outputs, then (reused) of the expert inputs
-  DeviceBuffer<bf16> drows;
-  DeviceBuffer<float> dgates;         // [n, k]
-  DeviceBuffer<float> shared_dlogit;  // [n] gradient of the shared expert gate's logits
-  // [n * k, f]: dh_gate holds the gradient of the SwiGLU output first; swiglu_backward replaces it
-  // in place by the gradient of the gate projection.
-  DeviceBuffer<bf16> dh_gate, dh_up;
-  DeviceBuffer<bf16> drouter;  // [n, E]
-  // Sequence parallelism: the all-to-all buffers [ep, chunk] and the heads-layout gradients.
-  DeviceBuffer<bf16> exchange_send, exchange_recv, datt_heads, dq_heads, dk_heads, dv_heads;
-  // Expert parallelism, [ep * n, h]: the combined expert outputs of the group's tokens before the
-  // reduce-scatter (forward); the gathered output gradient, then the group's input gradient
-  // before the reduce-scatter (backward).
-  DeviceBuffer<float> group_f32;
-  // bf16 exchanges: [ep * n + n, h], the gathered output gradient in bf16, then this rank's.
-  DeviceBuffer<bf16> group_bf16;
-  DeviceBuffer<int64_t> counted;  // [1] the group's counted targets
-};
-
-namespace {
-
 // fn(expert, first row, row count) for every expert of num_experts with rows, from the host copy
 // of the offsets.
 template <typename Fn>
-void for_each_expert_rows(const PinnedHostBuffer<int32_t>& offsets, int64_t num_experts, Fn&& fn) {
+void for_each_expert_rows(const int32_t* offsets, int64_t num_experts, Fn&& fn) {
   for (size_t e = 0; e < static_cast<size_t>(num_experts); ++e) {
     const int64_t begin = offsets[e], count = offsets[e + 1] - offsets[e];
     if (count > 0) fn(static_cast<int64_t>(e), begin, count);
@@ -184,27 +97,6 @@ void GpuTransformer::find_grad_ready_ranges() {
   push(0, layer_begin(0));
 }
 
-void GpuTransformer::set_expert_parallel_group(Communicator& group, GradReduceDtype exchange) {
-  MF_CHECK(n_ == 0, "set_expert_parallel_group must come before the first forward");
-  const int64_t size = group.size();
-  MF_CHECK(config_.num_heads % size == 0 && config_.num_kv_heads % size == 0,
-           "sequence parallelism over {} GPUs needs the attention heads ({}) and KV heads ({}) "
-           "divisible by {}",
-           size, config_.num_heads, config_.num_kv_heads, size);
-  MF_CHECK(!config_.is_moe() || config_.num_experts % size == 0,
-           "expert parallelism over {} GPUs needs the experts ({}) divisible by {}", size,
-           config_.num_experts, size);
-  const ExpertShard& held = layout_.expert_shard();
-  MF_CHECK(!config_.is_moe() || (held.rank == group.rank() && held.size == size),
-           "rank {} of an expert-parallel group of {} must hold expert shard {} of {} (the "
-           "constructor's), not {} of {}",
-           group.rank(), size, group.rank(), size, held.rank, held.size);
-  ep_ = size > 1 ? &group : nullptr;
-  ep_exchange_ = exchange;
-  accumulated_ranges_.clear();
-  find_accumulated_ranges();
-}
-
 void GpuTransformer::find_accumulated_ranges() {
   const int64_t h = config_.hidden_size, qd = config_.q_dim(), kvd = config_.kv_dim();
   const int64_t num_experts = config_.num_experts, f = config_.moe_intermediate_size;
@@ -247,6 +139,10 @@ void GpuTransformer::find_accumulated_ranges() {
 }
 
 GpuTransformer::~GpuTransformer() {
+  if (expert_stream_ != nullptr) {
+    cudaStreamSynchronize(expert_stream_);
+    cudaStreamDestroy(expert_stream_);
+  }
   if (stream_ != nullptr) {
     cudaStreamSynchronize(stream_);
     cudaStreamDestroy(stream_);
@@ -338,6 +234,7 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
   batch_ = batch;
   seq_ = seq;
   n_ = batch * seq;
+  ep_chunks_ = overlap_chunks_for(n_);
   const auto n = static_cast<size_t>(n_);
   const auto h = static_cast<size_t>(config_.hidden_size);
   const auto qd = static_cast<size_t>(config_.q_dim()), kvd = static_cast<size_t>(config_.kv_dim());
@@ -381,8 +278,8 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
       a.gates.resize(ng * k);
       a.expert_counts.resize(num_experts);
       a.host_counts.resize(num_experts);
-      a.expert_offsets.resize(num_experts + 1);
-      a.host_offsets.resize(num_experts + 1);
+      a.expert_offsets.resize(static_cast<size_t>(ep_chunks_) * (num_experts + 1));
+      a.host_offsets.resize(a.expert_offsets.size());
       a.assignment_row.resize(ng * k);
       a.row_token.resize(ng * k);
       a.ln2_group.resize(sp ? ng * h : 0);
@@ -502,58 +399,6 @@ void GpuTransformer::attention_forward(int64_t l, int64_t batch, int64_t seq) {
                   stream_);
 }
 
-void GpuTransformer::ulysses_exchange(const std::vector<UlyssesTensor>& tensors, bool to_heads,
-                                      int64_t batch, int64_t seq) {
-  Scratch& s = *scratch_;
-  const UlyssesShape shape{batch, seq, config_.head_dim, expert_parallel_size()};
-  if (to_heads) {
-    ulysses_pack_local(s.exchange_send.data(), tensors, shape, stream_);
-  } else {
-    ulysses_pack_heads(s.exchange_send.data(), tensors, shape, stream_);
-  }
-  timer_.split("_exchange", stream_, [&] {
-    ep_->all_to_all(s.exchange_send.data(), s.exchange_recv.data(),
-                    static_cast<size_t>(ulysses_chunk(tensors, shape)), CommDType::kBFloat16);
-  });
-  if (to_heads) {
-    ulysses_unpack_heads(s.exchange_recv.data(), tensors, shape, stream_);
-  } else {
-    ulysses_unpack_local(s.exchange_recv.data(), tensors, shape, stream_);
-  }
-}
-
-void GpuTransformer::ulysses_attention_forward(int64_t l, int64_t batch, int64_t seq) {
-  Layer& a = layers_[static_cast<size_t>(l)];
-  const int64_t heads = config_.num_heads, kv_heads = config_.num_kv_heads;
-  const int64_t ranks = expert_parallel_size();
-  ulysses_exchange({{a.q.data(), a.q_heads.data(), heads},
-                    {a.k.data(), a.k_heads.data(), kv_heads},
-                    {a.v.data(), a.v_heads.data(), kv_heads}},
-                   true, batch, seq);
-  attention_.forward(
-      a.att_heads.data(), a.lse.data(), a.q_heads.data(), a.k_heads.data(), a.v_heads.data(),
-      AttentionShape{batch, seq * ranks, heads / ranks, kv_heads / ranks, config_.head_dim},
-      stream_);
-  ulysses_exchange({{a.att.data(), a.att_heads.data(), heads}}, false, batch, seq);
-}
-
-void GpuTransformer::ulysses_attention_backward(int64_t l, int64_t batch, int64_t seq) {
-  Layer& a = layers_[static_cast<size_t>(l)];
-  Scratch& s = *scratch_;
-  const int64_t heads = config_.num_heads, kv_heads = config_.num_kv_heads;
-  const int64_t ranks = expert_parallel_size();
-  ulysses_exchange({{s.datt.data(), s.datt_heads.data(), heads}}, true, batch, seq);
-  attention_.backward(
-      s.dq_heads.data(), s.dk_heads.data(), s.dv_heads.data(), s.datt_heads.data(),
-      a.q_heads.data(), a.k_heads.data(), a.v_heads.data(), a.att_heads.data(), a.lse.data(),
-      AttentionShape{batch, seq * ranks, heads / ranks, kv_heads / ranks, config_.head_dim},
-      stream_);
-  ulysses_exchange({{s.dq.data(), s.dq_heads.data(), heads},
-                    {s.dk.data(), s.dk_heads.data(), kv_heads},
-                    {s.dv.data(), s.dv_heads.data(), kv_heads}},
-                   false, batch, seq);
-}
-
 void GpuTransformer::attention_projections_unpacked(int64_t l) {
   const LayerOffsets& o = layout_.layer(l);
   Layer& a = layers_[static_cast<size_t>(l)];
@@ -581,50 +426,38 @@ void GpuTransformer::attention_projections_unpacked(int64_t l) {
                config_.num_kv_heads, d, stream_);
 }
 
-void GpuTransformer::moe_forward(int64_t l) {
+void GpuTransformer::moe_forward(int64_t l, float* x_out) {
+  if (ep_ != nullptr) {
+    moe_group_forward(l, x_out);
+    return;
+  }
   const LayerOffsets& o = layout_.layer(l);
   Layer& a = layers_[static_cast<size_t>(l)];
   const int64_t n = n_, h = config_.hidden_size, f = config_.moe_intermediate_size;
   const int64_t num_experts = config_.num_experts, k = config_.num_experts_per_tok;
-  // Under expert parallelism every rank routes the group's tokens (the same routing on each) and
-  // runs its own experts on their rows.
-  const int64_t ng = moe_tokens();
   const bf16* x = a.ln2_ptr;
-  if (ep_ != nullptr) {
-    timer_.split("_exchange", stream_, [&] {
-      ep_->all_gather(a.ln2_ptr, a.ln2_group.data(), static_cast<size_t>(n * h),
-                      CommDType::kBFloat16);
-    });
-    x = a.ln2_group.data();
-  }
-  const RouterShape shape{ng, num_experts, k, config_.norm_topk_prob};
-  blas_.linear_forward(a.router_logits.data(), OutType::kFloat, x, wb(o.router), nullptr, ng, h,
+  const RouterShape shape{n, num_experts, k, config_.norm_topk_prob};
+  blas_.linear_forward(a.router_logits.data(), OutType::kFloat, x, wb(o.router), nullptr, n, h,
                        num_experts, false, stream_);
   router_forward(a.probs.data(), a.expert_idx.data(), a.gates.data(), a.router_logits.data(), shape,
                  stream_);
   // With a capacity factor each expert keeps at most capacity rows; the rows past the kept ones
   // are zeros that no GEMM reads.
-  const int64_t capacity = ops::expert_capacity(config_.capacity_factor, ng, k, num_experts);
-  if (ep_ != nullptr) {
-    build_local_row_map(a.expert_offsets.data(), a.assignment_row.data(), a.row_token.data(),
-                        a.local_idx.data(), a.expert_idx.data(), ng, k,
-                        expert_parallel_rank() * num_local_experts(), num_local_experts(), capacity,
-                        stream_);
-  } else {
-    build_row_map(a.expert_offsets.data(), a.assignment_row.data(), a.row_token.data(),
-                  a.expert_idx.data(), ng, k, num_experts, capacity, stream_);
-  }
+  const int64_t capacity = ops::expert_capacity(config_.capacity_factor, n, k, num_experts);
+  build_row_map(a.expert_offsets.data(), a.assignment_row.data(), a.row_token.data(),
+                a.expert_idx.data(), n, k, num_experts, capacity, stream_);
   MF_CUDA_CHECK(cudaMemcpyAsync(a.host_offsets.data(), a.expert_offsets.data(),
-                                a.expert_offsets.bytes(), cudaMemcpyDeviceToHost, stream_));
+                                static_cast<size_t>(num_experts + 1) * sizeof(int32_t),
+                                cudaMemcpyDeviceToHost, stream_));
   bf16* rows = scratch_->rows.data();
-  scatter_rows(rows, x, a.row_token.data(), ng * k, h, stream_);
+  scatter_rows(rows, x, a.row_token.data(), n * k, h, stream_);
   // Per-expert cuBLASLt calls need the row ranges on the host: one synchronisation per MoE layer.
   if (!grouped_experts_) MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  expert_forward(a.h_gate.data(), rows, wb(o.experts_gate), h, f, a);
-  expert_forward(a.h_up.data(), rows, wb(o.experts_up), h, f, a);
-  swiglu_forward(a.h_act_ptr, a.h_gate.data(), a.h_up.data(), ng * k * f, stream_);
-  expert_forward(a.y_rows.data(), a.h_act_ptr, wb(o.experts_down), f, h, a);
-  if (config_.shared_expert_intermediate_size > 0) shared_expert_forward(l);
+  const ExpertRows ranges{a.expert_offsets.data(), a.host_offsets.data()};
+  expert_forward(a.h_gate.data(), rows, wb(o.experts_gate), h, f, ranges, stream_);
+  expert_forward(a.h_up.data(), rows, wb(o.experts_up), h, f, ranges, stream_);
+  swiglu_forward(a.h_act_ptr, a.h_gate.data(), a.h_up.data(), n * k * f, stream_);
+  expert_forward(a.y_rows.data(), a.h_act_ptr, wb(o.experts_down), f, h, ranges, stream_);
 }
 
 void GpuTransformer::shared_expert_forward(int64_t l) {
@@ -640,78 +473,65 @@ void GpuTransformer::shared_expert_forward(int64_t l) {
                        nullptr, n, shared, h, false, stream_);
 }
 
-void GpuTransformer::reduce_scatter_group(const float* group, float* out) {
-  const auto count = static_cast<size_t>(n_ * config_.hidden_size);
-  timer_.split("_exchange", stream_, [&] {
-    if (ep_exchange_ == GradReduceDtype::kBfloat16) {
-      ep_reducer_.reduce_scatter(group, count, out, *ep_, GradReduceDtype::kBfloat16, stream_);
-    } else {
-      ep_->reduce_scatter_sum(group, out, count, CommDType::kFloat32);
-    }
-  });
-}
-
 void GpuTransformer::moe_combine(int64_t l, float* x_out) {
   const LayerOffsets& o = layout_.layer(l);
   Layer& a = layers_[static_cast<size_t>(l)];
   const int64_t n = n_, h = config_.hidden_size;
   if (ep_ != nullptr) {
-    // The local experts' share of every group token's output, summed over the group onto this
-    // rank's tokens, then the residual.
-    float* combined = scratch_->group_f32.data();
-    combine_rows(combined, nullptr, a.y_rows.data(), a.gates.data(), a.assignment_row.data(),
-                 moe_tokens(), config_.num_experts_per_tok, h, stream_);
-    reduce_scatter_group(combined, x_out);
+    // moe_group_forward summed the experts' outputs over the group into x_out.
     add_inplace(x_out, a.x_mid.data(), n * h, stream_);
   } else {
     combine_rows(x_out, a.x_mid.data(), a.y_rows.data(), a.gates.data(), a.assignment_row.data(), n,
                  config_.num_experts_per_tok, h, stream_);
   }
   if (config_.shared_expert_intermediate_size > 0) {
+    shared_expert_forward(l);
     shared_expert_gate_forward(x_out, a.shared_score.data(), a.ln2_ptr, wb(o.shared_expert_gate),
                                a.shared_out.data(), n, h, stream_);
   }
 }
 
 void GpuTransformer::expert_forward(bf16* y, const bf16* x, const bf16* w, int64_t in, int64_t out,
-                                    const Layer& a) {
+                                    const ExpertRows& rows, cudaStream_t stream) {
   if (grouped_experts_) {
-    grouped_.forward(y, x, w, a.expert_offsets.data(), {num_local_experts(), in, out}, stream_);
+    grouped_.forward(y, x, w, rows.device, {num_local_experts(), in, out}, stream);
     return;
   }
   for_each_expert_rows(
-      a.host_offsets, num_local_experts(), [&](int64_t e, int64_t begin, int64_t count) {
+      rows.host, num_local_experts(), [&](int64_t e, int64_t begin, int64_t count) {
         blas_.linear_forward(y + begin * out, OutType::kBf16, x + begin * in, w + e * out * in,
-                             nullptr, count, in, out, false, stream_);
+                             nullptr, count, in, out, false, stream);
       });
 }
 
 void GpuTransformer::expert_backward_input(bf16* dx, const bf16* dy, const bf16* w, int64_t in,
-                                           int64_t out, bool accumulate, const Layer& a) {
+                                           int64_t out, bool accumulate, const ExpertRows& rows,
+                                           cudaStream_t stream) {
   if (grouped_experts_) {
-    grouped_.backward_input(dx, dy, w, a.expert_offsets.data(), {num_local_experts(), in, out},
-                            accumulate, stream_);
+    grouped_.backward_input(dx, dy, w, rows.device, {num_local_experts(), in, out}, accumulate,
+                            stream);
     return;
   }
   for_each_expert_rows(
-      a.host_offsets, num_local_experts(), [&](int64_t e, int64_t begin, int64_t count) {
+      rows.host, num_local_experts(), [&](int64_t e, int64_t begin, int64_t count) {
         blas_.linear_backward_input(dx + begin * in, OutType::kBf16, dy + begin * out,
-                                    w + e * out * in, count, in, out, accumulate, stream_);
+                                    w + e * out * in, count, in, out, accumulate, stream);
       });
 }
 
 void GpuTransformer::expert_backward_weight(float* dw, const bf16* dy, const bf16* x, int64_t in,
-                                            int64_t out, const Layer& a) {
+                                            int64_t out, bool assign, const ExpertRows& rows,
+                                            cudaStream_t stream) {
   if (grouped_experts_) {
-    grouped_.backward_weight(dw, dy, x, a.expert_offsets.data(), {num_local_experts(), in, out},
-                             accumulate_grads_, stream_);
+    grouped_.backward_weight(dw, dy, x, rows.device, {num_local_experts(), in, out}, !assign,
+                             stream);
     return;
   }
-  for_each_expert_rows(
-      a.host_offsets, num_local_experts(), [&](int64_t e, int64_t begin, int64_t count) {
-        blas_.linear_backward_weight(dw + e * out * in, dy + begin * out, x + begin * in, count, in,
-                                     out, true, stream_);
-      });
+  for_each_expert_rows(rows.host, num_local_experts(),
+                       [&](int64_t e, int64_t begin, int64_t count) {
+                         blas_.linear_backward_weight(dw + e * out * in, dy + begin * out,
+                                                      x + begin * in, count, in, out, true, stream);
+                       });
 }
 
 void GpuTransformer::dense_ffn_forward(int64_t l) {
@@ -777,68 +597,51 @@ void GpuTransformer::moe_backward(int64_t l, float d_aux, float d_z) {
   Scratch& s = *scratch_;
   const int64_t n = n_, h = config_.hidden_size, f = config_.moe_intermediate_size;
   const int64_t num_experts = config_.num_experts, k = config_.num_experts_per_tok;
-  // Expert parallelism mirrors the forward: the output gradient of the group's tokens is
-  // gathered, the local experts' input gradient reduce-scattered back (model/moe_ffn.cpp's
-  // all-gather path).
-  const int64_t ng = moe_tokens();
-  const float* dout = s.dres.data();
-  const bf16* x = a.ln2_ptr;
   if (ep_ != nullptr) {
-    if (ep_exchange_ == GradReduceDtype::kBfloat16) {
-      bf16* gathered = s.group_bf16.data();
-      bf16* mine = gathered + ng * h;
-      cast_to_bf16(mine, s.dres.data(), n * h, stream_);
-      timer_.split("_exchange", stream_, [&] {
-        ep_->all_gather(mine, gathered, static_cast<size_t>(n * h), CommDType::kBFloat16);
-      });
-      cast_to_float(s.group_f32.data(), gathered, ng * h, stream_);
-    } else {
-      timer_.split("_exchange", stream_, [&] {
-        ep_->all_gather(s.dres.data(), s.group_f32.data(), static_cast<size_t>(n * h),
-                        CommDType::kFloat32);
-      });
-    }
-    dout = s.group_f32.data();
-    x = a.ln2_group.data();
-  }
-  combine_rows_backward(s.drows.data(), s.dgates.data(), dout, a.y_rows.data(), a.gates.data(),
-                        a.assignment_row.data(), ng, k, h, stream_);
-  expert_backward_input(s.dh_gate.data(), s.drows.data(), wb(o.experts_down), f, h, false, a);
-  expert_backward_weight(g(o.experts_down), s.drows.data(), a.h_act_ptr, f, h, a);
-  swiglu_backward(s.dh_gate.data(), s.dh_up.data(), s.dh_gate.data(), a.h_gate.data(),
-                  a.h_up.data(), ng * k * f, stream_);
-  // drows is free again: it takes the gradient of the expert inputs.
-  expert_backward_input(s.drows.data(), s.dh_gate.data(), wb(o.experts_gate), h, f, false, a);
-  expert_backward_input(s.drows.data(), s.dh_up.data(), wb(o.experts_up), h, f, true, a);
-  bf16* rows = s.rows.data();
-  scatter_rows(rows, x, a.row_token.data(), ng * k, h, stream_);
-  expert_backward_weight(g(o.experts_gate), s.dh_gate.data(), rows, h, f, a);
-  expert_backward_weight(g(o.experts_up), s.dh_up.data(), rows, h, f, a);
-  if (ep_ != nullptr) {
-    // The gathered output gradient is consumed: the buffer takes the group's input gradient.
-    scatter_rows_backward(s.group_f32.data(), s.drows.data(), a.assignment_row.data(), ng, k, h,
-                          stream_);
-    reduce_scatter_group(s.group_f32.data(), s.dln.data());
-    // Each rank has the gate gradients of its experts' rows: their sum is every row's.
-    timer_.split("_exchange", stream_, [&] {
-      ep_->all_reduce_sum(s.dgates.data(), static_cast<size_t>(ng * k), CommDType::kFloat32);
-    });
+    // The routed experts' input gradient into dln, the group's gate gradients into dgates.
+    moe_group_backward(l);
   } else {
+    const ExpertRows ranges{a.expert_offsets.data(), a.host_offsets.data()};
+    const bool assign = !accumulate_grads_;
+    combine_rows_backward(s.drows.data(), s.dgates.data(), s.dres.data(), a.y_rows.data(),
+                          a.gates.data(), a.assignment_row.data(), n, k, h, stream_);
+    expert_backward_input(s.dh_gate.data(), s.drows.data(), wb(o.experts_down), f, h, false, ranges,
+                          stream_);
+    expert_backward_weight(g(o.experts_down), s.drows.data(), a.h_act_ptr, f, h, assign, ranges,
+                           stream_);
+    swiglu_backward(s.dh_gate.data(), s.dh_up.data(), s.dh_gate.data(), a.h_gate.data(),
+                    a.h_up.data(), n * k * f, stream_);
+    // drows is free again: it takes the gradient of the expert inputs.
+    expert_backward_input(s.drows.data(), s.dh_gate.data(), wb(o.experts_gate), h, f, false, ranges,
+                          stream_);
+    expert_backward_input(s.drows.data(), s.dh_up.data(), wb(o.experts_up), h, f, true, ranges,
+                          stream_);
+    bf16* rows = s.rows.data();
+    scatter_rows(rows, a.ln2_ptr, a.row_token.data(), n * k, h, stream_);
+    expert_backward_weight(g(o.experts_gate), s.dh_gate.data(), rows, h, f, assign, ranges,
+                           stream_);
+    expert_backward_weight(g(o.experts_up), s.dh_up.data(), rows, h, f, assign, ranges, stream_);
     scatter_rows_backward(s.dln.data(), s.drows.data(), a.assignment_row.data(), n, k, h, stream_);
   }
   if (config_.shared_expert_intermediate_size > 0) shared_expert_backward(l);
-  // The router's backward over the group's tokens is the same on every rank; each rank keeps its
-  // own tokens' rows for its input and weight gradients, so the group's sum counts each once.
+  // The router's backward over the routed tokens (the group's: the same on every rank); each rank
+  // keeps its own tokens' rows for its input and weight gradients, so the group's sum counts each
+  // once. Those rows are one piece per chunk of the group's order (moe_group_forward).
+  const int64_t ng = moe_tokens();
   router_backward(
       s.drouter.data(), s.dgates.data(), a.router_logits.data(), a.probs.data(),
       a.expert_idx.data(), a.expert_counts.data(), d_aux, d_z,
       RouterShape{ng, num_experts, k, config_.norm_topk_prob, config_.router_balance_groups},
       stream_);
-  const bf16* drouter = s.drouter.data() + expert_parallel_rank() * n * num_experts;
-  blas_.linear_backward_input(s.dln.data(), OutType::kFloat, drouter, wb(o.router), n, h,
-                              num_experts, true, stream_);
-  blas_.linear_backward_weight(g(o.router), drouter, a.ln2_ptr, n, h, num_experts,
-                               accumulate_grads_, stream_);
+  const int64_t m = n / ep_chunks_;
+  for (int64_t c = 0; c < ep_chunks_; ++c) {
+    const bf16* drouter =
+        s.drouter.data() + (c * expert_parallel_size() + expert_parallel_rank()) * m * num_experts;
+    blas_.linear_backward_input(s.dln.data() + c * m * h, OutType::kFloat, drouter, wb(o.router), m,
+                                h, num_experts, true, stream_);
+    blas_.linear_backward_weight(g(o.router), drouter, a.ln2_ptr + c * m * h, m, h, num_experts,
+                                 accumulate_grads_ || c > 0, stream_);
+  }
 }
 
 void GpuTransformer::shared_expert_backward(int64_t l) {
@@ -1028,7 +831,7 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
     weights_needed(ffn_range);
     if (config_.layer_is_moe(l)) {
       timer_.mark("moe", stream_);
-      moe_forward(l);
+      moe_forward(l, x_out);
       router_losses(s.router_losses.data() + 2 * moe_idx, a.expert_counts.data(),
                     s.router_scratch.data(), a.probs.data(), a.expert_idx.data(),
                     a.router_logits.data(),
@@ -1140,7 +943,12 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
       routed_here +=
           a.host_counts[static_cast<size_t>(expert_parallel_rank() * num_local_experts() + e)];
     }
-    stats.num_dropped = routed_here - a.host_offsets[static_cast<size_t>(num_local_experts())];
+    // Each chunk's row offsets end with its kept rows.
+    stats.num_dropped = routed_here;
+    for (int64_t c = 0; c < ep_chunks_; ++c) {
+      stats.num_dropped -=
+          a.host_offsets[static_cast<size_t>((c + 1) * (num_local_experts() + 1) - 1)];
+    }
     out.aux_loss += stats.aux_loss / static_cast<double>(num_moe_layers_);
     out.z_loss += stats.z_loss / static_cast<double>(num_moe_layers_);
     moe_stats_.push_back(std::move(stats));
@@ -1155,9 +963,18 @@ std::vector<float> GpuTransformer::router_logits(int64_t l) const {
   MF_CHECK(l >= 0 && l < config_.num_layers && config_.layer_is_moe(l),
            "layer {} is not an MoE layer of this model", l);
   MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  std::vector<float> out = layers_[static_cast<size_t>(l)].router_logits.download();
-  MF_CHECK(static_cast<int64_t>(out.size()) >= n_ * config_.num_experts, "no forward has run yet");
-  out.resize(static_cast<size_t>(n_ * config_.num_experts));
+  const std::vector<float> group = layers_[static_cast<size_t>(l)].router_logits.download();
+  const int64_t num_experts = config_.num_experts;
+  MF_CHECK(static_cast<int64_t>(group.size()) >= n_ * num_experts, "no forward has run yet");
+  // This rank's rows: one piece per chunk of the group's order (moe_group_forward).
+  const int64_t piece = n_ / ep_chunks_ * num_experts;
+  std::vector<float> out;
+  out.reserve(static_cast<size_t>(n_ * num_experts));
+  for (int64_t c = 0; c < ep_chunks_; ++c) {
+    const auto first =
+        group.begin() + (c * expert_parallel_size() + expert_parallel_rank()) * piece;
+    out.insert(out.end(), first, first + piece);
+  }
   return out;
 }
 

@@ -32,6 +32,7 @@
 #include "cuda/blas.h"
 #include "cuda/device_info.h"
 #include "cuda/device_memory.h"
+#include "cuda/event_pool.h"
 #include "cuda/grad_reduce_device.h"
 #include "cuda/grouped_gemm.h"
 #include "cuda/phase_timer.h"
@@ -50,6 +51,23 @@ enum class Recompute { kNone, kSelective };
 // micro-batch's gradients (the first one: no zeroing beforehand, and the weight-gradient GEMMs
 // write their output without reading it).
 enum class GradMode { kAccumulate, kAssign };
+
+// How the MoE exchanges of expert parallelism run (set_expert_parallel_group).
+struct ExpertExchange {
+  // The dtype of the exchanges of fp32 activations (TrainConfig's parallel.ep_comm_dtype): with
+  // kBfloat16 the forward's reduce-scatter of the combined expert outputs and the backward's of
+  // the input gradient are DeviceGradReducer's bf16 reduce-scatter (one cast, an all-to-all, a
+  // rank-ordered fp32 sum) and the backward's all-gather of the output gradient travels in bf16.
+  GradReduceDtype dtype = GradReduceDtype::kFloat32;
+  // parallel.ep_overlap_chunks: every MoE layer runs in that many chunks of each rank's tokens,
+  // the exchanges of one chunk (on stream()) overlapping the experts of another (on a second
+  // stream of the model); 1: one all-gather before the experts and one reduce-scatter after them
+  // (in the backward, beside the experts' weight gradients). More than 1 needs capacity_factor 0
+  // (token dropping keeps each expert's earliest rows of the whole group, which chunks would
+  // change). A forward uses the largest divisor of it that divides its tokens per rank
+  // (expert_overlap_chunks()).
+  int64_t overlap_chunks = 1;
+};
 
 // "none" or "selective"; throws on anything else.
 Recompute parse_recompute(const std::string& name);
@@ -74,14 +92,10 @@ class GpuTransformer {
   // must have been constructed with ExpertShard{r, n}. Losses are the group's; the gradients of
   // the replicated weights are this rank's tokens' part, which a sum over the group completes, its
   // experts' are the group's already. Call it before the first forward; n = 1 changes nothing.
-  // exchange: the dtype of the MoE exchanges of fp32 activations (TrainConfig's
-  // parallel.ep_comm_dtype): kFloat32, or kBfloat16, where the forward's reduce-scatter of the
-  // combined expert outputs and the backward's of the input gradient are DeviceGradReducer's bf16
-  // reduce-scatter (one cast, an all-to-all, a rank-ordered fp32 sum) and the backward's
-  // all-gather of the output gradient travels in bf16.
-  void set_expert_parallel_group(Communicator& group,
-                                 GradReduceDtype exchange = GradReduceDtype::kFloat32);
+  void set_expert_parallel_group(Communicator& group, const ExpertExchange& exchange = {});
   int64_t expert_parallel_size() const { return ep_ != nullptr ? ep_->size() : 1; }
+  // The chunks the MoE layers of the last forward ran in (1 without expert parallelism).
+  int64_t expert_overlap_chunks() const { return ep_chunks_; }
 
   const ModelConfig& config() const { return config_; }
   const ParameterLayout& layout() const { return layout_; }
@@ -148,7 +162,8 @@ class GpuTransformer {
   std::vector<float> forward_logits(const int32_t* tokens, const int32_t* targets, int64_t batch,
                                     int64_t seq, LossBreakdown* loss);
   // Router logits [batch * seq, num_experts] of layer l (an MoE layer) in the last forward, as its
-  // top-k saw them (fp32 out of the bf16 router GEMM).
+  // top-k saw them (fp32 out of the bf16 router GEMM); this rank's tokens under expert
+  // parallelism.
   std::vector<float> router_logits(int64_t l) const;
 
   PhaseTimer& timer() { return timer_; }
@@ -194,13 +209,45 @@ class GpuTransformer {
   // when layer l (the next backward) has a dense FFN, whose first GEMM reads it; else null (an
   // MoE layer reads the fp32 gradient, l < 0 is the embedding).
   bf16* residual_grad_bf16_for(int64_t l);
-  void moe_forward(int64_t l);
+  // The row ranges of one MoE layer's local experts in the expert-sorted rows: device offsets
+  // [experts + 1] (the grouped GEMMs read them there) and their host copy (the per-expert GEMMs'
+  // ranges, valid once the stream has passed the copy).
+  struct ExpertRows {
+    const int32_t* device;
+    const int32_t* host;
+  };
+  // The routed experts of MoE layer l (router, row map, experts) on this rank's tokens; under
+  // expert parallelism moe_group_forward's exchanges too, which write the experts' sum into
+  // x_out.
+  void moe_forward(int64_t l, float* x_out);
   void moe_backward(int64_t l, float d_aux, float d_z);
   // x_out [n, h] = x_mid + the gate-weighted expert outputs (+ the gated shared expert's output).
   void moe_combine(int64_t l, float* x_out);
-  // out [n, h] = the sum over the expert-parallel group of each rank's chunk of group [ep * n, h]
-  // for this rank, in the dtype of set_expert_parallel_group's exchange.
-  void reduce_scatter_group(const float* group, float* out);
+  // Expert parallelism (gpu_transformer_expert_parallel.cpp). The group's tokens are ordered by
+  // chunk, then rank, then token: chunk c holds tokens [c m, (c + 1) m) of every rank (m = n /
+  // chunks), so each chunk's all-gather and reduce-scatter are one collective of contiguous rows.
+  // The forward: per chunk an all-gather of ln2 rows (stream_), then on expert_stream_ the router,
+  // the local row map, the experts and the combine into group_f32, then its reduce-scatter into
+  // x_out (stream_). The backward mirrors it: the experts' input gradient into dln, every rank's
+  // gate gradients summed into dgates (moe_backward then runs the router's backward); the
+  // experts' weight gradients run last, beside the last chunk's reduce-scatter.
+  void moe_group_forward(int64_t l, float* x_out);
+  void moe_group_backward(int64_t l);
+  void moe_chunk_forward(int64_t l, int64_t chunk, cudaStream_t stream);
+  // The backward of chunk c: its input gradient (the group's rows, for its reduce-scatter), and
+  // its experts' weight gradients, which run after every chunk's input gradient, beside the
+  // exchanges.
+  void moe_chunk_backward_input(int64_t l, int64_t chunk, cudaStream_t stream);
+  void moe_chunk_backward_weight(int64_t l, int64_t chunk, cudaStream_t stream);
+  // The chunk count of a forward of n tokens per rank (set_expert_parallel_group's rule).
+  int64_t overlap_chunks_for(int64_t n) const;
+  // The group tokens of one chunk of the current forward, and chunk c's local expert row ranges
+  // in layer l's row map.
+  int64_t chunk_tokens() const { return n_ / ep_chunks_ * expert_parallel_size(); }
+  ExpertRows chunk_expert_rows(int64_t l, int64_t chunk) const;
+  // out [count] = the sum over the expert-parallel group of each rank's part of group [ep, count]
+  // for this rank, in the dtype of set_expert_parallel_group's exchange, on stream_.
+  void reduce_scatter_group(const float* group, float* out, int64_t count);
   // The shared expert of an MoE layer (Qwen2-MoE): its projections and SwiGLU from ln2 (its
   // sigmoid gate runs in moe_combine); the backward, the gate's included, adds its input gradient
   // to dln (assigned before by the routed experts' backward).
@@ -209,11 +256,13 @@ class GpuTransformer {
   // One projection of all experts of a layer (weights [E, out, in], rows grouped by the layer's
   // row map): grouped on the device, or per expert from the host copy of the row offsets.
   void expert_forward(bf16* y, const bf16* x, const bf16* w, int64_t in, int64_t out,
-                      const Layer& a);
+                      const ExpertRows& rows, cudaStream_t stream);
   void expert_backward_input(bf16* dx, const bf16* dy, const bf16* w, int64_t in, int64_t out,
-                             bool accumulate, const Layer& a);
+                             bool accumulate, const ExpertRows& rows, cudaStream_t stream);
+  // dW of every local expert (assigned when `assign` and the grouped GEMMs run; the per-expert
+  // GEMMs accumulate into ranges a kAssign backward zeroed first).
   void expert_backward_weight(float* dw, const bf16* dy, const bf16* x, int64_t in, int64_t out,
-                              const Layer& a);
+                              bool assign, const ExpertRows& rows, cudaStream_t stream);
   void dense_ffn_forward(int64_t l);
   void dense_ffn_backward(int64_t l);
   // Parameter offsets of one SwiGLU FFN's projections.
@@ -259,6 +308,12 @@ class GpuTransformer {
   bool accumulate_grads_ = true;  // the current backward's GradMode
   Communicator* ep_ = nullptr;    // the sequence/expert-parallel group (device buffers), or null
   GradReduceDtype ep_exchange_ = GradReduceDtype::kFloat32;  // set_expert_parallel_group's
+  int64_t ep_chunks_requested_ = 1;  // set_expert_parallel_group's overlap_chunks, resolved
+  int64_t ep_chunks_ = 1;            // the current forward's
+  // The experts' stream under expert parallelism (created with the group) and the events that
+  // order it with stream_.
+  cudaStream_t expert_stream_ = nullptr;
+  EventPool events_;
   DeviceGradReducer ep_reducer_;  // the bf16 reduce-scatters of the MoE exchanges
   std::vector<std::pair<int64_t, int64_t>> accumulated_ranges_;  // (offset, count)
   std::vector<GradRange> grad_ready_ranges_;

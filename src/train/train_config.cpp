@@ -287,6 +287,7 @@ TrainConfig parse_merged(const json& merged, const std::filesystem::path& base_d
   c.parallel.grad_bucket_mb = parallel.get_number("grad_bucket_mb");
   c.parallel.ep_dispatch = parallel.get_string("ep_dispatch");
   c.parallel.ep_comm_dtype = parallel.get_string("ep_comm_dtype");
+  c.parallel.ep_overlap_chunks = parallel.get_int("ep_overlap_chunks");
   c.parallel.zero_stage = parallel.get_int("zero_stage");
 
   validate_train_config(c);
@@ -361,6 +362,7 @@ nlohmann::json train_config_to_json(const TrainConfig& c) {
         {"grad_bucket_mb", c.parallel.grad_bucket_mb},
         {"ep_dispatch", c.parallel.ep_dispatch},
         {"ep_comm_dtype", c.parallel.ep_comm_dtype},
+        {"ep_overlap_chunks", c.parallel.ep_overlap_chunks},
         {"zero_stage", c.parallel.zero_stage}}},
   };
 }
@@ -456,6 +458,8 @@ void validate_train_config(const TrainConfig& c) {
   MF_CHECK(c.parallel.ep_comm_dtype == "fp32" || c.parallel.ep_comm_dtype == "bf16",
            "parallel.ep_comm_dtype must be \"fp32\" or \"bf16\", got \"{}\"",
            c.parallel.ep_comm_dtype);
+  MF_CHECK(c.parallel.ep_overlap_chunks >= 1 && c.parallel.ep_overlap_chunks <= 4096,
+           "parallel.ep_overlap_chunks must be in [1, 4096], got {}", c.parallel.ep_overlap_chunks);
   MF_CHECK(c.parallel.grad_bucket_mb >= 0.0 && c.parallel.grad_bucket_mb <= 65536.0,
            "parallel.grad_bucket_mb must be in [0, 65536] (MiB; 0: one sum after the backward), "
            "got {}",

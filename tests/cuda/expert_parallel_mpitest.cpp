@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <string>
 #include <vector>
@@ -47,9 +49,16 @@ std::string projection_of(const std::string& name) {
   return name.substr(0, begin) + "*" + name.substr(end);
 }
 
-// Returns this rank's gradients (its layout's order) after checking them.
-std::vector<float> expect_group_matches_one_gpu(
-    Architecture arch, GradMode mode, GradReduceDtype exchange = GradReduceDtype::kFloat32) {
+// What a rank of the group computed.
+struct GroupRun {
+  std::vector<float> grads;  // this rank's (its layout's order)
+  double loss = 0.0;
+  int64_t overlap_chunks = 0;  // the chunks its MoE layers ran in
+};
+
+// Returns this rank's run after checking it against one GPU.
+GroupRun expect_group_matches_one_gpu(Architecture arch, GradMode mode,
+                                      const ExpertExchange& exchange = {}) {
   NcclCommunicator& comm = nccl();
   const int64_t num_ranks = comm.size(), rank = comm.rank();
   const ModelConfig config = config_for(arch, num_ranks);
@@ -146,14 +155,66 @@ std::vector<float> expect_group_matches_one_gpu(
     EXPECT_LE(std::sqrt(diff_sq / std::max(scale, 1e-30)), bound)
         << spec.name << " (" << num_ranks << " ranks, rank " << rank << ")";
   }
-  return local_grads;
+  return {local_grads, got.loss, part.expert_overlap_chunks()};
+}
+
+// The tensor of `layout` whose gradients differ most (relative L2) between two vectors.
+struct TensorDifference {
+  std::string name;
+  double relative = 0.0;
+};
+TensorDifference max_tensor_difference(const ParameterLayout& layout, const std::vector<float>& got,
+                                       const std::vector<float>& want) {
+  TensorDifference worst;
+  for (const ParamSpec& spec : layout.specs()) {
+    double diff_sq = 0.0, ref_sq = 0.0;
+    for (int64_t i = spec.offset; i < spec.offset + spec.numel; ++i) {
+      diff_sq += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
+      ref_sq += double(want[i]) * want[i];
+    }
+    const double relative = std::sqrt(diff_sq / std::max(ref_sq, 1e-30));
+    if (relative >= worst.relative) worst = {spec.name, relative};
+  }
+  return worst;
 }
 
 class ExpertParallelGpu : public ::testing::TestWithParam<Architecture> {};
 
 TEST_P(ExpertParallelGpu, GroupEqualsOneGpuOverTheWholeBatch) {
   MF_REQUIRE_NCCL_GPUS();
-  expect_group_matches_one_gpu(GetParam(), GradMode::kAccumulate);
+  EXPECT_EQ(expect_group_matches_one_gpu(GetParam(), GradMode::kAccumulate).overlap_chunks, 1);
+}
+
+// parallel.ep_overlap_chunks: the chunks route and compute every token as one exchange does. What
+// differs is rounding: GEMMs over other row counts (the router's, the experts' per chunk) may run
+// other kernels, whose bf16 outputs differ by an ulp (2^-8) here and there, and the experts' fp32
+// weight gradients add up per chunk; the router's gradient (a softmax's, with cancellation)
+// amplifies that (measured up to 0.8% of a tensor). Bound 2e-2 of each tensor: a few bf16 ulps,
+// while a misplaced chunk or a chunk's weight gradients lost are tens of percent. Also on the
+// per-expert GEMM path, whose host row ranges each chunk copies. 3 chunks: 48 tokens per rank.
+TEST_P(ExpertParallelGpu, OverlapChunksMatchTheUnchunkedExchange) {
+  MF_REQUIRE_NCCL_GPUS();
+  if (nccl().size() == 1 || !testing::gpu_config(GetParam()).is_moe()) {
+    GTEST_SKIP() << "no expert exchanges";
+  }
+  const GroupRun whole =
+      expect_group_matches_one_gpu(GetParam(), GradMode::kAssign, {GradReduceDtype::kFloat32, 1});
+  EXPECT_EQ(whole.overlap_chunks, 1);
+  const ParameterLayout layout(config_for(GetParam(), nccl().size()),
+                               ExpertShard{nccl().rank(), nccl().size()});
+  for (const bool grouped : {true, false}) {
+    SCOPED_TRACE(grouped ? "grouped GEMMs" : "per-expert GEMMs");
+    if (!grouped) setenv("MOEFORGE_GROUPED_GEMM", "0", 1);
+    const GroupRun chunked =
+        expect_group_matches_one_gpu(GetParam(), GradMode::kAssign, {GradReduceDtype::kFloat32, 3});
+    unsetenv("MOEFORGE_GROUPED_GEMM");
+    EXPECT_EQ(chunked.overlap_chunks, 3);
+    EXPECT_NEAR(chunked.loss, whole.loss, 1e-5 * std::max(1.0, std::abs(whole.loss)));
+    const TensorDifference worst = max_tensor_difference(layout, chunked.grads, whole.grads);
+    EXPECT_LE(worst.relative, 2e-2) << worst.name;
+    std::printf("rank %d, %s: chunks 3 against 1, largest difference %.2e (%s)\n", nccl().rank(),
+                grouped ? "grouped" : "per-expert", worst.relative, worst.name.c_str());
+  }
 }
 
 // kAssign writes every gradient this rank holds (NaN before): the sums are still the one-GPU
@@ -165,13 +226,17 @@ TEST_P(ExpertParallelGpu, AssignedGradientsZeroTheOtherRanksExperts) {
 
 // parallel.ep_comm_dtype bf16: the MoE exchanges compressed to bf16 still give the one-GPU
 // gradients within the same bounds, and they did run (the gradients differ from the fp32
-// exchanges' somewhere).
+// exchanges' somewhere); in 2 overlapped chunks, whose bf16 all-gathers widen chunk by chunk.
 TEST_P(ExpertParallelGpu, Bf16ExchangesTrackOneGpu) {
   MF_REQUIRE_NCCL_GPUS();
   if (nccl().size() == 1) GTEST_SKIP() << "one rank exchanges nothing";
-  const std::vector<float> fp32 = expect_group_matches_one_gpu(GetParam(), GradMode::kAccumulate);
+  const std::vector<float> fp32 = expect_group_matches_one_gpu(GetParam(), GradMode::kAccumulate,
+                                                               {GradReduceDtype::kFloat32, 2})
+                                      .grads;
   const std::vector<float> compressed =
-      expect_group_matches_one_gpu(GetParam(), GradMode::kAccumulate, GradReduceDtype::kBfloat16);
+      expect_group_matches_one_gpu(GetParam(), GradMode::kAccumulate,
+                                   {GradReduceDtype::kBfloat16, 2})
+          .grads;
   if (!testing::gpu_config(GetParam()).is_moe()) return;
   EXPECT_NE(fp32, compressed);
 }
@@ -184,6 +249,20 @@ TEST(ExpertParallelGpuConfig, RejectsCountsThatDoNotSplit) {
   config.num_heads = 3;
   GpuTransformer model(config);
   EXPECT_THROW(model.set_expert_parallel_group(nccl()), Error);
+}
+
+// Token dropping ranks the whole group's tokens per expert: chunks would change which are kept.
+TEST(ExpertParallelGpuConfig, RejectsOverlapChunksUnderACapacityFactor) {
+  MF_REQUIRE_NCCL_GPUS();
+  ModelConfig config = config_for(Architecture::kMixtral, nccl().size());
+  config.capacity_factor = 1.25;
+  const ExpertShard shard{nccl().rank(), nccl().size()};
+  GpuTransformer chunked(config, Recompute::kNone, shard);
+  EXPECT_THROW(chunked.set_expert_parallel_group(nccl(), {GradReduceDtype::kFloat32, 2}), Error);
+  GpuTransformer unchunked(config, Recompute::kNone, shard);
+  EXPECT_NO_THROW(unchunked.set_expert_parallel_group(nccl(), {}));
+  GpuTransformer none(config_for(Architecture::kMixtral, nccl().size()), Recompute::kNone, shard);
+  EXPECT_THROW(none.set_expert_parallel_group(nccl(), {GradReduceDtype::kFloat32, 0}), Error);
 }
 
 std::string arch_name(const ::testing::TestParamInfo<Architecture>& info) {

@@ -279,6 +279,10 @@ TEST(TrainConfigTest, EveryInvalidValueIsNamedByItsKeyPath) {
       {"parallel", "ep_dispatch", "alltoall,", "got \"alltoall,\""},
       {"parallel", "ep_comm_dtype", "fp8",
        "parallel.ep_comm_dtype must be \"fp32\" or \"bf16\", got \"fp8\""},
+      {"parallel", "ep_overlap_chunks", 0,
+       "parallel.ep_overlap_chunks must be in [1, 4096], got 0"},
+      {"parallel", "ep_overlap_chunks", 5000, "parallel.ep_overlap_chunks must be in [1, 4096]"},
+      {"parallel", "ep_overlap_chunks", 2.5, "parallel.ep_overlap_chunks must be an integer"},
       {"parallel", "layout", "megatron",
        "parallel.layout must be \"sp_ep\" (sequence + expert parallel, MegaScale-MoE) or \"tp\""},
       {"parallel", "layout", 2, "parallel.layout must be a string, got 2"},
@@ -450,6 +454,7 @@ TEST(TrainConfigTest, RoundTripsThroughJson) {
   c.log = LogConfig{5, "/logs/m.jsonl"};
   c.parallel.ep_dispatch = "alltoall";
   c.parallel.grad_bucket_mb = 0.25;
+  c.parallel.ep_overlap_chunks = 8;
   const json written = train_config_to_json(c);
   EXPECT_EQ(written["parallel"]["layout"], "sp_ep");
   const TrainConfig back = train_config_from_json(written, "/some/other/dir");

@@ -1,0 +1,98 @@
+// The device buffers of GpuTransformer (cuda/gpu_transformer.h): what each layer's forward saves
+// for its backward, and the scratch reused across layers and steps. Private to the
+// gpu_transformer*.cpp files that implement the class.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/bf16.h"
+#include "cuda/device_memory.h"
+#include "cuda/gpu_transformer.h"
+
+namespace moeforge::cuda {
+
+// What the forward of one layer saves for its backward.
+struct GpuTransformer::Layer {
+  // ln1, ln2, h_act and shared_act live in the buffers below (kNone) or in shared scratch
+  // (kSelective); these point at whichever holds them. The expert-sorted copy of ln2 is never
+  // kept: it lives in Scratch::rows, and the backward gathers it again (a copy, no arithmetic).
+  bf16 *ln1_ptr = nullptr, *ln2_ptr = nullptr, *h_act_ptr = nullptr, *shared_act_ptr = nullptr;
+  DeviceBuffer<float> x_in;            // [n, h] residual stream entering the layer
+  DeviceBuffer<bf16> ln1;              // [n, h]
+  DeviceBuffer<float> rstd1;           // [n]
+  DeviceBuffer<bf16> q_lin, k_lin;     // [n, qd], [n, kvd] before q/k norm (qk_norm only)
+  DeviceBuffer<float> rstd_q, rstd_k;  // [n * heads], [n * kv_heads]
+  DeviceBuffer<bf16> q, k, v;          // after norm and RoPE
+  DeviceBuffer<bf16> att;              // [n, qd]
+  DeviceBuffer<float> lse;             // [batch, heads, seq]
+  DeviceBuffer<float> x_mid;           // [n, h] after attention
+  DeviceBuffer<bf16> ln2;              // [n, h]
+  DeviceBuffer<float> rstd2;           // [n]
+  // MoE
+  DeviceBuffer<float> router_logits, probs;         // [n, E]
+  DeviceBuffer<int32_t> expert_idx;                 // [n, k]
+  DeviceBuffer<float> gates;                        // [n, k]
+  DeviceBuffer<int32_t> expert_counts;              // [E] assignments routed to each expert
+  PinnedHostBuffer<int32_t> host_counts;            // [E], copied without blocking
+  DeviceBuffer<int32_t> expert_offsets;             // [E + 1] the kept rows' ranges
+  PinnedHostBuffer<int32_t> host_offsets;           // [E + 1], copied without blocking
+  DeviceBuffer<int32_t> assignment_row, row_token;  // [n * k]
+  DeviceBuffer<bf16> h_gate, h_up, h_act;           // [n * k, f] (dense: [n, ffn])
+  DeviceBuffer<bf16> y_rows;                        // [n * k, h]
+  // The shared expert (Qwen2-MoE; S = shared_expert_intermediate_size): its gate and up
+  // projections and SwiGLU output, its output before the sigmoid gate, and the gate's scores.
+  DeviceBuffer<bf16> shared_gate, shared_up, shared_act;  // [n, S]
+  DeviceBuffer<bf16> shared_out;                          // [n, h]
+  DeviceBuffer<float> shared_score;                       // [n]
+  // Sequence parallelism (set_expert_parallel_group): q, k, v and the attention output of this
+  // rank's heads over the group's full sequences ([batch, ep * seq, heads / ep, d]); lse holds
+  // their log-sum-exp then.
+  DeviceBuffer<bf16> q_heads, k_heads, v_heads, att_heads;
+  // Expert parallelism: the group's normed MoE inputs [ep * n, h] (the rows of the local experts
+  // come from them, forward and backward) and each assignment's local expert or -1 [ep * n * k].
+  DeviceBuffer<bf16> ln2_group;
+  DeviceBuffer<int32_t> local_idx;
+};
+
+// Buffers reused across layers and steps.
+struct GpuTransformer::Scratch {
+  DeviceBuffer<bf16> ln1, ln2, h_act, shared_act;  // kSelective: shared by all layers
+  DeviceBuffer<bf16> rows;  // [n * k, h] the MoE layer's input in expert order
+  DeviceBuffer<int32_t> tokens, targets, positions;
+  DeviceBuffer<int32_t> group_ids, group_offsets, group_positions;
+  int64_t num_groups = 0;
+  DeviceBuffer<float> x_out;          // [n, h] final residual stream
+  DeviceBuffer<bf16> lnf;             // [n, h]
+  DeviceBuffer<float> rstdf;          // [n]
+  DeviceBuffer<float> logits;         // [chunk, vocab]
+  DeviceBuffer<bf16> dlogits;         // [chunk, vocab]
+  DeviceBuffer<float> losses;         // [n]
+  DeviceBuffer<float> router_losses;  // [num_moe_layers, 2]
+  DeviceBuffer<float> router_scratch;
+  DeviceBuffer<double> sums, sum_scratch;  // [1]
+  DeviceBuffer<float> dres, dln;           // [n, h]
+  DeviceBuffer<bf16> dres_bf16;            // [n, h]
+  DeviceBuffer<bf16> datt, dq, dk, dv, dq_lin, dk_lin;
+  // [n, q_dim + 2 kv_dim]: the packed q/k/v projection (forward) and its gradient (backward) of
+  // layers whose projections run as one GEMM (packed_qkv).
+  DeviceBuffer<bf16> qkv;
+  // [n * k, h]: the gradient of the expert outputs, then (reused) of the expert inputs
+  DeviceBuffer<bf16> drows;
+  DeviceBuffer<float> dgates;         // [n, k]
+  DeviceBuffer<float> shared_dlogit;  // [n] gradient of the shared expert gate's logits
+  // [n * k, f]: dh_gate holds the gradient of the SwiGLU output first; swiglu_backward replaces it
+  // in place by the gradient of the gate projection.
+  DeviceBuffer<bf16> dh_gate, dh_up;
+  DeviceBuffer<bf16> drouter;  // [n, E]
+  // Sequence parallelism: the all-to-all buffers [ep, chunk] and the heads-layout gradients.
+  DeviceBuffer<bf16> exchange_send, exchange_recv, datt_heads, dq_heads, dk_heads, dv_heads;
+  // Expert parallelism, [ep * n, h]: the combined expert outputs of the group's tokens before the
+  // reduce-scatter (forward); the gathered output gradient, then the group's input gradient
+  // before the reduce-scatter (backward).
+  DeviceBuffer<float> group_f32;
+  // bf16 exchanges: [ep * n + n, h], the gathered output gradient in bf16, then this rank's.
+  DeviceBuffer<bf16> group_bf16;
+  DeviceBuffer<int64_t> counted;  // [1] the group's counted targets
+};
+
+}  // namespace moeforge::cuda

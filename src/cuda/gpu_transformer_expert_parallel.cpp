@@ -1,0 +1,321 @@
+// GpuTransformer's sequence/expert-parallel layer parts (MegaScale-MoE section 1): the group
+// setup, Ulysses attention's all-to-alls, and the MoE layers over the group's tokens in chunks
+// whose exchanges (on the model's stream) overlap the experts of other chunks (on expert_stream_).
+#include <numeric>
+#include <vector>
+
+#include "core/error.h"
+#include "cuda/cuda_check.h"
+#include "cuda/gpu_transformer.h"
+#include "cuda/gpu_transformer_buffers.h"
+#include "cuda/moe_dispatch.h"
+#include "cuda/reductions.h"
+#include "cuda/router.h"
+#include "cuda/swiglu.h"
+#include "cuda/ulysses_exchange.h"
+#include "ops/row_map.h"
+
+namespace moeforge::cuda {
+
+void GpuTransformer::set_expert_parallel_group(Communicator& group,
+                                               const ExpertExchange& exchange) {
+  MF_CHECK(n_ == 0, "set_expert_parallel_group must come before the first forward");
+  const int64_t size = group.size();
+  MF_CHECK(config_.num_heads % size == 0 && config_.num_kv_heads % size == 0,
+           "sequence parallelism over {} GPUs needs the attention heads ({}) and KV heads ({}) "
+           "divisible by {}",
+           size, config_.num_heads, config_.num_kv_heads, size);
+  MF_CHECK(!config_.is_moe() || config_.num_experts % size == 0,
+           "expert parallelism over {} GPUs needs the experts ({}) divisible by {}", size,
+           config_.num_experts, size);
+  const ExpertShard& held = layout_.expert_shard();
+  MF_CHECK(!config_.is_moe() || (held.rank == group.rank() && held.size == size),
+           "rank {} of an expert-parallel group of {} must hold expert shard {} of {} (the "
+           "constructor's), not {} of {}",
+           group.rank(), size, group.rank(), size, held.rank, held.size);
+  const int64_t overlap_chunks = exchange.overlap_chunks;
+  MF_CHECK(overlap_chunks >= 1, "expert-parallel overlap chunks must be >= 1, got {}",
+           overlap_chunks);
+  const bool drops = config_.capacity_factor > 0.0;
+  MF_CHECK(overlap_chunks <= 1 || !drops,
+           "expert-parallel overlap in {} chunks needs capacity_factor 0: token dropping keeps "
+           "each expert's earliest rows of the whole group (set the overlap chunks to 1)",
+           overlap_chunks);
+  ep_ = size > 1 ? &group : nullptr;
+  ep_exchange_ = exchange.dtype;
+  ep_chunks_requested_ = overlap_chunks;
+  if (ep_ != nullptr && expert_stream_ == nullptr) {
+    // Blocking, like stream_: ordered with the legacy stream's synchronous copies.
+    MF_CUDA_CHECK(cudaStreamCreate(&expert_stream_));
+  }
+  accumulated_ranges_.clear();
+  find_accumulated_ranges();
+}
+
+int64_t GpuTransformer::overlap_chunks_for(int64_t n) const {
+  if (ep_ == nullptr || !config_.is_moe()) return 1;
+  return std::gcd(ep_chunks_requested_, n);
+}
+
+GpuTransformer::ExpertRows GpuTransformer::chunk_expert_rows(int64_t l, int64_t chunk) const {
+  const Layer& a = layers_[static_cast<size_t>(l)];
+  const int64_t at = chunk * (num_local_experts() + 1);
+  return {a.expert_offsets.data() + at, a.host_offsets.data() + at};
+}
+
+void GpuTransformer::ulysses_exchange(const std::vector<UlyssesTensor>& tensors, bool to_heads,
+                                      int64_t batch, int64_t seq) {
+  Scratch& s = *scratch_;
+  const UlyssesShape shape{batch, seq, config_.head_dim, expert_parallel_size()};
+  if (to_heads) {
+    ulysses_pack_local(s.exchange_send.data(), tensors, shape, stream_);
+  } else {
+    ulysses_pack_heads(s.exchange_send.data(), tensors, shape, stream_);
+  }
+  timer_.split("_exchange", stream_, [&] {
+    ep_->all_to_all(s.exchange_send.data(), s.exchange_recv.data(),
+                    static_cast<size_t>(ulysses_chunk(tensors, shape)), CommDType::kBFloat16);
+  });
+  if (to_heads) {
+    ulysses_unpack_heads(s.exchange_recv.data(), tensors, shape, stream_);
+  } else {
+    ulysses_unpack_local(s.exchange_recv.data(), tensors, shape, stream_);
+  }
+}
+
+void GpuTransformer::ulysses_attention_forward(int64_t l, int64_t batch, int64_t seq) {
+  Layer& a = layers_[static_cast<size_t>(l)];
+  const int64_t heads = config_.num_heads, kv_heads = config_.num_kv_heads;
+  const int64_t ranks = expert_parallel_size();
+  ulysses_exchange({{a.q.data(), a.q_heads.data(), heads},
+                    {a.k.data(), a.k_heads.data(), kv_heads},
+                    {a.v.data(), a.v_heads.data(), kv_heads}},
+                   true, batch, seq);
+  attention_.forward(
+      a.att_heads.data(), a.lse.data(), a.q_heads.data(), a.k_heads.data(), a.v_heads.data(),
+      AttentionShape{batch, seq * ranks, heads / ranks, kv_heads / ranks, config_.head_dim},
+      stream_);
+  ulysses_exchange({{a.att.data(), a.att_heads.data(), heads}}, false, batch, seq);
+}
+
+void GpuTransformer::ulysses_attention_backward(int64_t l, int64_t batch, int64_t seq) {
+  Layer& a = layers_[static_cast<size_t>(l)];
+  Scratch& s = *scratch_;
+  const int64_t heads = config_.num_heads, kv_heads = config_.num_kv_heads;
+  const int64_t ranks = expert_parallel_size();
+  ulysses_exchange({{s.datt.data(), s.datt_heads.data(), heads}}, true, batch, seq);
+  attention_.backward(
+      s.dq_heads.data(), s.dk_heads.data(), s.dv_heads.data(), s.datt_heads.data(),
+      a.q_heads.data(), a.k_heads.data(), a.v_heads.data(), a.att_heads.data(), a.lse.data(),
+      AttentionShape{batch, seq * ranks, heads / ranks, kv_heads / ranks, config_.head_dim},
+      stream_);
+  ulysses_exchange({{s.dq.data(), s.dq_heads.data(), heads},
+                    {s.dk.data(), s.dk_heads.data(), kv_heads},
+                    {s.dv.data(), s.dv_heads.data(), kv_heads}},
+                   false, batch, seq);
+}
+
+void GpuTransformer::reduce_scatter_group(const float* group, float* out, int64_t count) {
+  if (ep_exchange_ == GradReduceDtype::kBfloat16) {
+    ep_reducer_.reduce_scatter(group, static_cast<size_t>(count), out, *ep_,
+                               GradReduceDtype::kBfloat16, stream_);
+  } else {
+    ep_->reduce_scatter_sum(group, out, static_cast<size_t>(count), CommDType::kFloat32);
+  }
+}
+
+void GpuTransformer::moe_group_forward(int64_t l, float* x_out) {
+  Layer& a = layers_[static_cast<size_t>(l)];
+  const int64_t h = config_.hidden_size, chunks = ep_chunks_, m = n_ / chunks;
+  const int64_t ranks = expert_parallel_size();
+  events_.rewind();
+  // The experts' stream starts after what stream_ has enqueued (ln2, the optimizer's waits).
+  events_.order(stream_, expert_stream_);
+  // Every chunk's all-gather first (they need only ln2): chunk c's experts wait for the c-th. The
+  // first is exposed (charged to moe_exchange), the others overlap the experts.
+  std::vector<cudaEvent_t> gathered(static_cast<size_t>(chunks));
+  for (int64_t c = 0; c < chunks; ++c) {
+    const auto gather = [&] {
+      ep_->all_gather(a.ln2_ptr + c * m * h, a.ln2_group.data() + c * ranks * m * h,
+                      static_cast<size_t>(m * h), CommDType::kBFloat16);
+    };
+    if (c == 0) {
+      timer_.split("_exchange", stream_, gather);
+    } else {
+      gather();
+    }
+    gathered[static_cast<size_t>(c)] = events_.record(stream_);
+  }
+  // Chunk c's reduce-scatter waits for its experts and overlaps chunk c + 1's; the last is
+  // exposed.
+  for (int64_t c = 0; c < chunks; ++c) {
+    EventPool::wait(expert_stream_, gathered[static_cast<size_t>(c)]);
+    moe_chunk_forward(l, c, expert_stream_);
+    events_.order(expert_stream_, stream_);
+    const auto scatter = [&] {
+      reduce_scatter_group(scratch_->group_f32.data() + c * ranks * m * h, x_out + c * m * h,
+                           m * h);
+    };
+    if (c + 1 == chunks) {
+      timer_.split("_exchange", stream_, scatter);
+    } else {
+      scatter();
+    }
+  }
+  // The per-expert GEMMs copied each chunk's offsets already.
+  if (grouped_experts_) {
+    MF_CUDA_CHECK(
+        cudaMemcpyAsync(a.host_offsets.data(), a.expert_offsets.data(),
+                        static_cast<size_t>(chunks * (num_local_experts() + 1)) * sizeof(int32_t),
+                        cudaMemcpyDeviceToHost, stream_));
+  }
+}
+
+void GpuTransformer::moe_chunk_forward(int64_t l, int64_t chunk, cudaStream_t stream) {
+  const LayerOffsets& o = layout_.layer(l);
+  Layer& a = layers_[static_cast<size_t>(l)];
+  const int64_t h = config_.hidden_size, f = config_.moe_intermediate_size;
+  const int64_t num_experts = config_.num_experts, k = config_.num_experts_per_tok;
+  // The chunk's group tokens [first, first + tokens) and their rows [first * k, ...).
+  const int64_t tokens = chunk_tokens(), first = chunk * tokens;
+  const bf16* x = a.ln2_group.data() + first * h;
+  float* logits = a.router_logits.data() + first * num_experts;
+  int32_t* expert_idx = a.expert_idx.data() + first * k;
+  float* gates = a.gates.data() + first * k;
+  const int32_t* assignment_row = a.assignment_row.data() + first * k;
+  blas_.linear_forward(logits, OutType::kFloat, x, wb(o.router), nullptr, tokens, h, num_experts,
+                       false, stream);
+  router_forward(a.probs.data() + first * num_experts, expert_idx, gates, logits,
+                 RouterShape{tokens, num_experts, k, config_.norm_topk_prob}, stream);
+  // Several chunks only without a capacity (set_expert_parallel_group): one chunk has the group's
+  // tokens and the capacity of the CPU reference.
+  const int64_t capacity = ops::expert_capacity(config_.capacity_factor, tokens, k, num_experts);
+  // The chunk's local expert offsets [num_local + 1] (and their host copy).
+  const int64_t at = chunk * (num_local_experts() + 1);
+  int32_t* offsets = a.expert_offsets.data() + at;
+  int32_t* host_offsets = a.host_offsets.data() + at;
+  build_local_row_map(offsets, a.assignment_row.data() + first * k, a.row_token.data() + first * k,
+                      a.local_idx.data() + first * k, expert_idx, tokens, k,
+                      expert_parallel_rank() * num_local_experts(), num_local_experts(), capacity,
+                      stream);
+  bf16* rows = scratch_->rows.data() + first * k * h;
+  scatter_rows(rows, x, a.row_token.data() + first * k, tokens * k, h, stream);
+  if (!grouped_experts_) {
+    // Per-expert cuBLASLt calls need the row ranges on the host.
+    MF_CUDA_CHECK(cudaMemcpyAsync(host_offsets, offsets,
+                                  static_cast<size_t>(num_local_experts() + 1) * sizeof(int32_t),
+                                  cudaMemcpyDeviceToHost, stream));
+    MF_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+  const ExpertRows ranges{offsets, host_offsets};
+  bf16* h_gate = a.h_gate.data() + first * k * f;
+  bf16* h_up = a.h_up.data() + first * k * f;
+  bf16* h_act = a.h_act_ptr + first * k * f;
+  bf16* y_rows = a.y_rows.data() + first * k * h;
+  expert_forward(h_gate, rows, wb(o.experts_gate), h, f, ranges, stream);
+  expert_forward(h_up, rows, wb(o.experts_up), h, f, ranges, stream);
+  swiglu_forward(h_act, h_gate, h_up, tokens * k * f, stream);
+  expert_forward(y_rows, h_act, wb(o.experts_down), f, h, ranges, stream);
+  // The local experts' share of every token's output; the reduce-scatter sums the group's.
+  combine_rows(scratch_->group_f32.data() + first * h, nullptr, y_rows, gates, assignment_row,
+               tokens, k, h, stream);
+}
+
+void GpuTransformer::moe_group_backward(int64_t l) {
+  Scratch& s = *scratch_;
+  const int64_t h = config_.hidden_size, k = config_.num_experts_per_tok;
+  const int64_t chunks = ep_chunks_, m = n_ / chunks, ranks = expert_parallel_size();
+  const bool bf16_exchange = ep_exchange_ == GradReduceDtype::kBfloat16;
+  // bf16: the output gradient is gathered in bf16 (group_bf16 [ranks * n | n, h]) and widened.
+  bf16* gathered_bf16 = bf16_exchange ? s.group_bf16.data() : nullptr;
+  bf16* mine_bf16 = bf16_exchange ? gathered_bf16 + ranks * n_ * h : nullptr;
+  if (bf16_exchange) cast_to_bf16(mine_bf16, s.dres.data(), n_ * h, stream_);
+  events_.rewind();
+  events_.order(stream_, expert_stream_);
+  // Every chunk's all-gather of the output gradient first; the first is exposed.
+  std::vector<cudaEvent_t> gathered(static_cast<size_t>(chunks));
+  for (int64_t c = 0; c < chunks; ++c) {
+    float* group = s.group_f32.data() + c * ranks * m * h;
+    const auto gather = [&] {
+      if (bf16_exchange) {
+        ep_->all_gather(mine_bf16 + c * m * h, gathered_bf16 + c * ranks * m * h,
+                        static_cast<size_t>(m * h), CommDType::kBFloat16);
+      } else {
+        ep_->all_gather(s.dres.data() + c * m * h, group, static_cast<size_t>(m * h),
+                        CommDType::kFloat32);
+      }
+    };
+    if (c == 0) {
+      timer_.split("_exchange", stream_, gather);
+    } else {
+      gather();
+    }
+    if (bf16_exchange)
+      cast_to_float(group, gathered_bf16 + c * ranks * m * h, ranks * m * h, stream_);
+    gathered[static_cast<size_t>(c)] = events_.record(stream_);
+  }
+  // Each chunk's input gradient, then its reduce-scatter (and the gate gradients' sum: each rank
+  // has those of its experts' rows) beside the next chunk's; the experts' weight gradients last,
+  // beside the last chunk's exchanges.
+  for (int64_t c = 0; c < chunks; ++c) {
+    EventPool::wait(expert_stream_, gathered[static_cast<size_t>(c)]);
+    moe_chunk_backward_input(l, c, expert_stream_);
+    events_.order(expert_stream_, stream_);
+    reduce_scatter_group(s.group_f32.data() + c * ranks * m * h, s.dln.data() + c * m * h, m * h);
+    ep_->all_reduce_sum(s.dgates.data() + c * ranks * m * k, static_cast<size_t>(ranks * m * k),
+                        CommDType::kFloat32);
+  }
+  for (int64_t c = 0; c < chunks; ++c) moe_chunk_backward_weight(l, c, expert_stream_);
+  events_.order(expert_stream_, stream_);
+}
+
+void GpuTransformer::moe_chunk_backward_input(int64_t l, int64_t chunk, cudaStream_t stream) {
+  const LayerOffsets& o = layout_.layer(l);
+  Layer& a = layers_[static_cast<size_t>(l)];
+  Scratch& s = *scratch_;
+  const int64_t h = config_.hidden_size, f = config_.moe_intermediate_size;
+  const int64_t k = config_.num_experts_per_tok;
+  const int64_t tokens = chunk_tokens(), first = chunk * tokens;
+  const ExpertRows ranges = chunk_expert_rows(l, chunk);
+  const int32_t* assignment_row = a.assignment_row.data() + first * k;
+  float* group = s.group_f32.data() + first * h;
+  // drows: the gradient of the expert outputs (kept for the down projection's weight gradient);
+  // rows: the gradient of the expert inputs (free until moe_chunk_backward_weight gathers the
+  // inputs into it).
+  bf16* drows = s.drows.data() + first * k * h;
+  bf16* dx_rows = s.rows.data() + first * k * h;
+  bf16* dh_gate = s.dh_gate.data() + first * k * f;
+  bf16* dh_up = s.dh_up.data() + first * k * f;
+  combine_rows_backward(drows, s.dgates.data() + first * k, group, a.y_rows.data() + first * k * h,
+                        a.gates.data() + first * k, assignment_row, tokens, k, h, stream);
+  expert_backward_input(dh_gate, drows, wb(o.experts_down), f, h, false, ranges, stream);
+  swiglu_backward(dh_gate, dh_up, dh_gate, a.h_gate.data() + first * k * f,
+                  a.h_up.data() + first * k * f, tokens * k * f, stream);
+  expert_backward_input(dx_rows, dh_gate, wb(o.experts_gate), h, f, false, ranges, stream);
+  expert_backward_input(dx_rows, dh_up, wb(o.experts_up), h, f, true, ranges, stream);
+  // The chunk's gathered output gradient is consumed: its rows take the group's input gradient.
+  scatter_rows_backward(group, dx_rows, assignment_row, tokens, k, h, stream);
+}
+
+void GpuTransformer::moe_chunk_backward_weight(int64_t l, int64_t chunk, cudaStream_t stream) {
+  const LayerOffsets& o = layout_.layer(l);
+  Layer& a = layers_[static_cast<size_t>(l)];
+  Scratch& s = *scratch_;
+  const int64_t h = config_.hidden_size, f = config_.moe_intermediate_size;
+  const int64_t k = config_.num_experts_per_tok;
+  const int64_t tokens = chunk_tokens(), first = chunk * tokens;
+  const ExpertRows ranges = chunk_expert_rows(l, chunk);
+  // Only the first chunk assigns the experts' gradients (a kAssign backward); the others add.
+  const bool assign = !accumulate_grads_ && chunk == 0;
+  bf16* rows = s.rows.data() + first * k * h;
+  expert_backward_weight(g(o.experts_down), s.drows.data() + first * k * h,
+                         a.h_act_ptr + first * k * f, f, h, assign, ranges, stream);
+  scatter_rows(rows, a.ln2_group.data() + first * h, a.row_token.data() + first * k, tokens * k, h,
+               stream);
+  expert_backward_weight(g(o.experts_gate), s.dh_gate.data() + first * k * f, rows, h, f, assign,
+                         ranges, stream);
+  expert_backward_weight(g(o.experts_up), s.dh_up.data() + first * k * f, rows, h, f, assign,
+                         ranges, stream);
+}
+
+}  // namespace moeforge::cuda
