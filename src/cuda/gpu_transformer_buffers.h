@@ -28,7 +28,8 @@ struct GpuTransformer::Layer {
   DeviceBuffer<float> x_mid;           // [n, h] after attention
   DeviceBuffer<bf16> ln2;              // [n, h]
   DeviceBuffer<float> rstd2;           // [n]
-  // MoE
+  // MoE. Under expert parallelism n is the group's tokens (in moe_group_forward's chunk order)
+  // and the row map has one set of offsets per chunk: [chunks, local experts + 1].
   DeviceBuffer<float> router_logits, probs;         // [n, E]
   DeviceBuffer<int32_t> expert_idx;                 // [n, k]
   DeviceBuffer<float> gates;                        // [n, k]
