@@ -59,6 +59,16 @@ struct BenchOptions {
 };
 
 #if MOEFORGE_HAVE_CUDA
+// "cublaslt_per_expert", or "cutlass_grouped:" and the configuration of each product (forward,
+// backward_input, backward_weight).
+std::string expert_gemms_name(const cuda::GpuTransformer& model) {
+  if (!model.grouped_expert_gemms()) return "cublaslt_per_expert";
+  const cuda::GroupedGemmKernels& k = model.grouped_gemm_kernels();
+  return fmt::format("cutlass_grouped:{},{},{}", cuda::grouped_gemm_kernel_name(k.forward),
+                     cuda::grouped_gemm_kernel_name(k.backward_input),
+                     cuda::grouped_gemm_kernel_name(k.backward_weight));
+}
+
 void run_bench_train(const BenchOptions& opt) {
   const ModelConfig config = load_model_config(opt.config);
   MF_CHECK(opt.steps > 0 && opt.warmup >= 0, "--steps must be positive and --warmup >= 0");
@@ -249,7 +259,7 @@ void run_bench_train(const BenchOptions& opt) {
   nlohmann::json out{
       {"config", opt.config},
       {"recompute", opt.recompute},
-      {"expert_gemms", model.grouped_expert_gemms() ? "cutlass_grouped" : "cublaslt_per_expert"},
+      {"expert_gemms", expert_gemms_name(model)},
       {"num_params", layout.num_model_params()},
       {"params_per_gpu", layout.num_params()},
       {"num_active_params", layout.num_active_params()},
@@ -369,9 +379,11 @@ void register_bench_command(CLI::App& app) {
   CLI::App* gemm = bench->add_subcommand(
       "gemm",
       "Kernel lab of the expert GEMMs: one MoE projection over a random routing (forward, input "
-      "gradient, weight gradient) by every candidate of this build (per-expert cuBLASLt calls, "
-      "CUTLASS grouped GEMM on Hopper, cuBLAS grouped batched GEMM) against one dense cuBLASLt "
-      "GEMM of the same FLOPs; prints one JSON line with ms, TFLOP/s and the ratio to dense");
+      "gradient, weight gradient assigned and accumulated) by every candidate of this build "
+      "(per-expert cuBLASLt calls, each CUTLASS grouped GEMM configuration on Hopper, cuBLAS "
+      "grouped batched GEMM) against one dense cuBLASLt GEMM of the same FLOPs; prints one JSON "
+      "line with ms, TFLOP/s and the ratio to dense. MOEFORGE_GROUPED_GEMM picks the "
+      "configurations training runs (README)");
   gemm->add_option("--tokens", gemm_opt->tokens, "Tokens routed")->capture_default_str();
   gemm->add_option("--hidden", gemm_opt->hidden, "Hidden size (the projection's input)")
       ->capture_default_str();

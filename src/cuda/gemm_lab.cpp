@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -20,7 +21,13 @@
 namespace moeforge::cuda {
 namespace {
 
-enum class Product { kForward, kBackwardInput, kBackwardWeight };
+// The weight gradient is timed both ways: assigned (the first micro-batch of a step, what a
+// one-micro-batch step runs) and accumulated (the later micro-batches).
+enum class Product { kForward, kBackwardInput, kBackwardWeight, kBackwardWeightAccumulate };
+
+bool is_weight_gradient(Product p) {
+  return p == Product::kBackwardWeight || p == Product::kBackwardWeightAccumulate;
+}
 
 // cuBLAS's grouped batched GEMM, one group of one matrix per expert (column-major view of the
 // row-major operands). Throws when cuBLAS does not run the combination.
@@ -58,7 +65,9 @@ class CublasGrouped {
           ldb.push_back(out_features);
           c.push_back(static_cast<bf16*>(out) + begin * in), ldc.push_back(in);
           break;
-        case Product::kBackwardWeight:  // dW_e^T [in, out] += x^T dy (a_rows = dy, w = x)
+        case Product::kBackwardWeight:
+        case Product::kBackwardWeightAccumulate:  // dW_e^T [in, out] (+)= x^T dy (a_rows = dy, w =
+                                                  // x)
           ta.push_back(CUBLAS_OP_N), tb.push_back(CUBLAS_OP_T);
           m.push_back(in), n.push_back(out_features), k.push_back(count);
           a.push_back(w + begin * in), lda.push_back(in);
@@ -68,7 +77,7 @@ class CublasGrouped {
           break;
       }
       alpha.push_back(1.0f);
-      beta.push_back(product == Product::kBackwardWeight ? 1.0f : 0.0f);
+      beta.push_back(product == Product::kBackwardWeightAccumulate ? 1.0f : 0.0f);
       sizes.push_back(1);
     }
     const size_t groups = sizes.size();
@@ -80,7 +89,7 @@ class CublasGrouped {
     MF_CUDA_CHECK(cudaMemcpyAsync(pointers_.data(), host.data(), host.size() * sizeof(void*),
                                   cudaMemcpyHostToDevice, nullptr));
     const void* const* dev = pointers_.data();
-    const cudaDataType_t c_type = product == Product::kBackwardWeight ? CUDA_R_32F : CUDA_R_16BF;
+    const cudaDataType_t c_type = is_weight_gradient(product) ? CUDA_R_32F : CUDA_R_16BF;
     MF_CUBLAS_CHECK(cublasGemmGroupedBatchedEx(
         handle_, ta.data(), tb.data(), m.data(), n.data(), k.data(), alpha.data(), dev, CUDA_R_16BF,
         lda.data(), dev + groups, CUDA_R_16BF, ldb.data(), beta.data(),
@@ -98,6 +107,7 @@ const char* product_name(Product p) {
     case Product::kForward: return "forward";
     case Product::kBackwardInput: return "backward_input";
     case Product::kBackwardWeight: return "backward_weight";
+    case Product::kBackwardWeightAccumulate: return "backward_weight_accumulate";
   }
   return "";
 }
@@ -135,7 +145,10 @@ nlohmann::json run_gemm_lab(const GemmLabOptions& opt) {
   zero_device(dw.data(), dw.bytes(), nullptr);
 
   Blas blas;
-  GroupedGemm grouped;
+  // One GroupedGemm per compiled configuration (each runs it for all three products).
+  std::vector<std::unique_ptr<GroupedGemm>> grouped;
+  for (const GroupedGemmKernel kernel : kGroupedGemmKernels)
+    grouped.push_back(std::make_unique<GroupedGemm>(GroupedGemmKernels{kernel, kernel, kernel}));
   CublasGrouped cublas_grouped;
   const ExpertGemmShape shape{opt.num_experts, in, out};
   const double flops = 2.0 * static_cast<double>(rows) * static_cast<double>(in * out);
@@ -151,8 +164,9 @@ nlohmann::json run_gemm_lab(const GemmLabOptions& opt) {
                         {"rows_per_expert_min", min_rows},
                         {"rows_per_expert_max", max_rows}};
 
-  for (const Product product :
-       {Product::kForward, Product::kBackwardInput, Product::kBackwardWeight}) {
+  for (const Product product : {Product::kForward, Product::kBackwardInput,
+                                Product::kBackwardWeight, Product::kBackwardWeightAccumulate}) {
+    const bool accumulate = product == Product::kBackwardWeightAccumulate;
     std::vector<std::pair<std::string, std::function<void()>>> candidates;
     candidates.emplace_back("cublaslt_per_expert", [&] {
       for (int64_t e = 0; e < opt.num_experts; ++e) {
@@ -167,20 +181,23 @@ nlohmann::json run_gemm_lab(const GemmLabOptions& opt) {
                                      dy.data() + begin * out, w_e, count, in, out, false, nullptr);
         } else {
           blas.linear_backward_weight(dw.data() + e * out * in, dy.data() + begin * out,
-                                      x.data() + begin * in, count, in, out, true, nullptr);
+                                      x.data() + begin * in, count, in, out, accumulate, nullptr);
         }
       }
     });
-    if (grouped.available(shape)) {
-      candidates.emplace_back("cutlass_grouped", [&] {
+    for (const auto& gemm : grouped) {
+      if (!gemm->available(shape)) continue;
+      const std::string name =
+          std::string("cutlass_grouped_") + grouped_gemm_kernel_name(gemm->kernels().forward);
+      candidates.emplace_back(name, [&, g = gemm.get()] {
         if (product == Product::kForward) {
-          grouped.forward(y.data(), x.data(), w.data(), device_offsets.data(), shape, nullptr);
+          g->forward(y.data(), x.data(), w.data(), device_offsets.data(), shape, nullptr);
         } else if (product == Product::kBackwardInput) {
-          grouped.backward_input(dx.data(), dy.data(), w.data(), device_offsets.data(), shape,
-                                 false, nullptr);
+          g->backward_input(dx.data(), dy.data(), w.data(), device_offsets.data(), shape, false,
+                            nullptr);
         } else {
-          grouped.backward_weight(dw.data(), dy.data(), x.data(), device_offsets.data(), shape,
-                                  true, nullptr);
+          g->backward_weight(dw.data(), dy.data(), x.data(), device_offsets.data(), shape,
+                             accumulate, nullptr);
         }
       });
     }
@@ -204,7 +221,8 @@ nlohmann::json run_gemm_lab(const GemmLabOptions& opt) {
         blas.linear_backward_input(dx.data(), OutType::kBf16, dy.data(), w.data(), rows, in, out,
                                    false, nullptr);
       } else {
-        blas.linear_backward_weight(dw.data(), dy.data(), x.data(), rows, in, out, true, nullptr);
+        blas.linear_backward_weight(dw.data(), dy.data(), x.data(), rows, in, out, accumulate,
+                                    nullptr);
       }
     });
 

@@ -1,7 +1,8 @@
 // The kernel lab of the experts' GEMMs (`moeforge bench gemm`): one MoE projection over a random
-// routing, run by every candidate this build has (per-expert cuBLASLt calls, CUTLASS's grouped
-// GEMM, cuBLAS's grouped batched GEMM), against one dense cuBLASLt GEMM of the same FLOPs, for the
-// forward, input-gradient and weight-gradient products.
+// routing, run by every candidate this build has (per-expert cuBLASLt calls, each compiled
+// configuration of CUTLASS's grouped GEMM, cuBLAS's grouped batched GEMM), against one dense
+// cuBLASLt GEMM of the same FLOPs, for the forward, input-gradient and weight-gradient products
+// (the last assigned and accumulated).
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -21,7 +22,8 @@ struct GemmLabOptions {
 };
 
 // {"rows", ..., "forward": {candidate: {"ms", "tflops", "over_dense"}}, "backward_input": ...,
-// "backward_weight": ...}; candidates that cannot run here are absent.
+// "backward_weight": ..., "backward_weight_accumulate": ...}; candidates that cannot run here are
+// absent. The CUTLASS ones are "cutlass_grouped_<kernel>" (grouped_gemm_kernel_name).
 nlohmann::json run_gemm_lab(const GemmLabOptions& options);
 
 }  // namespace moeforge::cuda

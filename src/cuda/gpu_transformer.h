@@ -156,6 +156,8 @@ class GpuTransformer {
   // Whether the experts' GEMMs run as grouped GEMMs (else one cuBLASLt call per expert after a
   // host synchronisation per MoE layer).
   bool grouped_expert_gemms() const { return grouped_experts_; }
+  // The grouped GEMMs' configuration per product (meaningful when grouped_expert_gemms()).
+  const GroupedGemmKernels& grouped_gemm_kernels() const { return grouped_.kernels(); }
 
   // Forward only, returning the logits [batch * seq, vocab] (fp32, copied out chunk by chunk) and
   // the loss of the given targets in *loss.

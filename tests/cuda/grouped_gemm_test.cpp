@@ -1,16 +1,20 @@
-// The grouped expert GEMMs against double-precision products of the same bf16 values, per expert:
-// row counts that are zero, one, below and above a tile, feature sizes that are multiples of 8 but
-// not of the tiles. Bounds as in blas_test.cpp: (k + 4) * 2^-23 * sum |a| |b| (+ |C| when
-// accumulating), plus one bf16 ulp for bf16 outputs; an expert with no rows leaves dW bit-exact.
+// The grouped expert GEMMs, every compiled configuration, against double-precision products of the
+// same bf16 values, per expert: row counts that are zero, one, below and above a tile, feature
+// sizes that are multiples of 8 but not of the tiles. Also the MOEFORGE_GROUPED_GEMM choice. Bounds
+// as in blas_test.cpp: (k + 4) * 2^-23 * sum |a| |b| (+ |C| when accumulating), plus one bf16 ulp
+// for bf16 outputs; an expert with no rows leaves dW bit-exact.
 #include "cuda/grouped_gemm.h"
 
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <numeric>
+#include <string>
 #include <vector>
 
+#include "core/error.h"
 #include "gpu_test_util.h"
 
 namespace moeforge::cuda {
@@ -60,11 +64,11 @@ void expert_products(const Problem& p, int64_t n, int64_t k, A a, B b, std::vect
   }
 }
 
-class GroupedGemmTest : public ::testing::Test {
+class GroupedGemmTest : public ::testing::TestWithParam<GroupedGemmKernel> {
  protected:
   void SetUp() override {
     MF_REQUIRE_GPU();
-    gemm_ = std::make_unique<GroupedGemm>();
+    gemm_ = std::make_unique<GroupedGemm>(GroupedGemmKernels{GetParam(), GetParam(), GetParam()});
     if (!gemm_->available(problem_.shape)) {
       // The GPU machine is an H200: there the grouped kernels must run.
       if (testing::gpu_expected()) FAIL() << "grouped GEMM unavailable on the expected GPU";
@@ -77,7 +81,7 @@ class GroupedGemmTest : public ::testing::Test {
   std::unique_ptr<GroupedGemm> gemm_;
 };
 
-TEST_F(GroupedGemmTest, ForwardMatchesPerExpertProducts) {
+TEST_P(GroupedGemmTest, ForwardMatchesPerExpertProducts) {
   const int64_t in = problem_.shape.in, out = problem_.shape.out, rows = problem_.rows();
   const auto x = random_bf16(rows * in, 1, 1.0);
   const auto w = random_bf16(problem_.shape.num_experts * out * in, 2, 0.1);
@@ -97,7 +101,7 @@ TEST_F(GroupedGemmTest, ForwardMatchesPerExpertProducts) {
                testing::bf16_bound(reference, noise));
 }
 
-TEST_F(GroupedGemmTest, BackwardInputAssignsAndAccumulates) {
+TEST_P(GroupedGemmTest, BackwardInputAssignsAndAccumulates) {
   const int64_t in = problem_.shape.in, out = problem_.shape.out, rows = problem_.rows();
   const auto dy = random_bf16(rows * out, 3, 1.0);
   const auto w = random_bf16(problem_.shape.num_experts * out * in, 4, 0.1);
@@ -133,7 +137,7 @@ TEST_F(GroupedGemmTest, BackwardInputAssignsAndAccumulates) {
 // Accumulating: dW += dy^T x, an expert without rows keeps its gradient exactly. Assigning (the
 // first micro-batch, no zeroing beforehand): dW = dy^T x over a NaN-filled buffer, an expert
 // without rows gets exact zeros.
-TEST_F(GroupedGemmTest, BackwardWeightAssignsAndAccumulates) {
+TEST_P(GroupedGemmTest, BackwardWeightAssignsAndAccumulates) {
   const int64_t in = problem_.shape.in, out = problem_.shape.out, rows = problem_.rows();
   const int64_t num_experts = problem_.shape.num_experts;
   const auto dy = random_bf16(rows * out, 6, 1.0);
@@ -176,7 +180,7 @@ TEST_F(GroupedGemmTest, BackwardWeightAssignsAndAccumulates) {
 
 // The bench config's projection on imbalanced experts (16 experts, 2048 x 2048 weights) against a
 // spot check of rows: the tile scheduler over many groups and full-size tiles.
-TEST_F(GroupedGemmTest, ForwardAtBenchSizeSpotChecks) {
+TEST_P(GroupedGemmTest, ForwardAtBenchSizeSpotChecks) {
   const int64_t in = 2048, out = 2048;
   std::vector<int32_t> counts;
   for (int32_t e = 0; e < 16; ++e) counts.push_back(e == 3 ? 0 : 97 + 61 * e);
@@ -210,6 +214,63 @@ TEST_F(GroupedGemmTest, ForwardAtBenchSizeSpotChecks) {
     }
   }
   expect_close("grouped forward, bench size", got, reference, bound);
+}
+
+INSTANTIATE_TEST_SUITE_P(AllKernels, GroupedGemmTest, ::testing::ValuesIn(kGroupedGemmKernels),
+                         [](const ::testing::TestParamInfo<GroupedGemmKernel>& info) {
+                           return std::string(grouped_gemm_kernel_name(info.param));
+                         });
+
+// Sets MOEFORGE_GROUPED_GEMM for one scope.
+class ScopedKernelEnv {
+ public:
+  explicit ScopedKernelEnv(const char* value) { setenv("MOEFORGE_GROUPED_GEMM", value, 1); }
+  ~ScopedKernelEnv() { unsetenv("MOEFORGE_GROUPED_GEMM"); }
+};
+
+TEST(GroupedGemmKernels, NamesRoundTrip) {
+  for (const GroupedGemmKernel kernel : kGroupedGemmKernels) {
+    EXPECT_EQ(parse_grouped_gemm_kernel(grouped_gemm_kernel_name(kernel)), kernel);
+  }
+  EXPECT_FALSE(parse_grouped_gemm_kernel("cooperative").has_value());
+}
+
+TEST(GroupedGemmKernels, EnvironmentPicksOneOrThreeKernels) {
+  const GroupedGemmKernels defaults;
+  {
+    const GroupedGemmKernels k = grouped_gemm_kernels_from_env();
+    EXPECT_EQ(k.forward, defaults.forward);
+    EXPECT_EQ(k.backward_input, defaults.backward_input);
+    EXPECT_EQ(k.backward_weight, defaults.backward_weight);
+  }
+  {
+    const ScopedKernelEnv env("0");
+    EXPECT_EQ(grouped_gemm_kernels_from_env().backward_weight, defaults.backward_weight);
+  }
+  {
+    const ScopedKernelEnv env("cooperative_256x128");
+    const GroupedGemmKernels k = grouped_gemm_kernels_from_env();
+    EXPECT_EQ(k.forward, GroupedGemmKernel::kCooperative256x128);
+    EXPECT_EQ(k.backward_input, GroupedGemmKernel::kCooperative256x128);
+    EXPECT_EQ(k.backward_weight, GroupedGemmKernel::kCooperative256x128);
+  }
+  {
+    const ScopedKernelEnv env("cooperative_128x256_cluster2,cooperative_256x128,pingpong_128x128");
+    const GroupedGemmKernels k = grouped_gemm_kernels_from_env();
+    EXPECT_EQ(k.forward, GroupedGemmKernel::kCooperative128x256Cluster2);
+    EXPECT_EQ(k.backward_input, GroupedGemmKernel::kCooperative256x128);
+    EXPECT_EQ(k.backward_weight, GroupedGemmKernel::kPingpong128x128);
+  }
+}
+
+TEST(GroupedGemmKernels, EnvironmentRejectsUnknownNamesAndCounts) {
+  for (const char* bad : {"pingpong", "cooperative_128x256,pingpong_128x128",
+                          "pingpong_128x128,pingpong_128x128,pingpong_128x128,pingpong_128x128",
+                          "cooperative_128x256,,pingpong_128x128"}) {
+    SCOPED_TRACE(bad);
+    const ScopedKernelEnv env(bad);
+    EXPECT_THROW(grouped_gemm_kernels_from_env(), Error);
+  }
 }
 
 }  // namespace

@@ -1,6 +1,9 @@
-// Grouped expert GEMMs on Hopper through CUTLASS's pointer-array TMA warp-specialized cooperative
-// kernels. A one-thread-per-expert setup kernel turns the device row offsets into per-group problem
-// shapes, pointers and strides; the GEMM reads them on the device, so nothing waits for the host.
+// The CUTLASS pointer-array grouped GEMMs of one configuration (tile, cluster, schedule), included
+// by one grouped_gemm_<config>.cu each. A one-thread-per-expert setup kernel turns the device row
+// offsets into per-group problem shapes, pointers and strides; the GEMM reads them on the device,
+// so nothing waits for the host.
+#pragma once
+
 #include <cutlass/cutlass.h>
 #include <cutlass/gemm/device/gemm_universal_adapter.h>
 #include <cute/tensor.hpp>
@@ -12,46 +15,48 @@
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 #include <cutlass/util/packed_stride.hpp>
 
-#include <cstdlib>
-#include <cstring>
+#include <memory>
 
 #include "core/error.h"
 #include "cuda/cuda_check.h"
 #include "cuda/device_memory.h"
-#include "cuda/grouped_gemm.h"
+#include "cuda/grouped_gemm_kernels.h"
 #include "cuda/kernel_util.cuh"
 
-namespace moeforge::cuda {
-namespace {
+namespace moeforge::cuda::detail {
 
-using namespace cute;
-
-using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // (M, N, K) per group
+using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // (M, N, K)
 using GroupShape = ProblemShape::UnderlyingProblemShape;
 
-// D [M, N] row-major = A [M, K] * B, in CUTLASS's terms (B is N x K): 128 x 256 x 64 tiles, two
-// consumer warpgroups, a persistent grid over all groups' tiles.
-template <class LayoutA, class LayoutB, class ElementD>
+// A configuration: CTA tile (M, N, K), cluster shape, mainloop and epilogue schedules.
+template <class Tile, class Cluster, class MainloopSchedule, class EpilogueSchedule>
+struct Sm90Config {
+  using TileShape = Tile;
+  using ClusterShape = Cluster;
+  using Mainloop = MainloopSchedule;
+  using Epilogue = EpilogueSchedule;
+};
+
+// D [M, N] row-major = A [M, K] * B, in CUTLASS's terms (B is N x K), over a persistent grid of
+// all groups' tiles.
+template <class Config, class LayoutA, class LayoutB, class ElementD>
 struct Sm90GroupedGemm {
   using Element = cutlass::bfloat16_t;
   using LayoutD = cutlass::layout::RowMajor;
-  using TileShape = Shape<_128, _256, _64>;
-  using ClusterShape = Shape<_1, _1, _1>;
   static constexpr int kAlignment = 8;
   static constexpr int kAlignmentD = 16 / static_cast<int>(sizeof(ElementD));
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, ElementD, LayoutD*,
-      kAlignmentD, ElementD, LayoutD*, kAlignmentD,
-      cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Config::TileShape,
+      typename Config::ClusterShape, cutlass::epilogue::collective::EpilogueTileAuto, float, float,
+      ElementD, LayoutD*, kAlignmentD, ElementD, LayoutD*, kAlignmentD, typename Config::Epilogue,
       cutlass::epilogue::fusion::LinearCombination<ElementD, float>>::CollectiveOp;
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment, Element,
-      LayoutB*, kAlignment, float, TileShape, ClusterShape,
+      LayoutB*, kAlignment, float, typename Config::TileShape, typename Config::ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
+      typename Config::Mainloop>::CollectiveOp;
   using Kernel =
       cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
@@ -59,16 +64,6 @@ struct Sm90GroupedGemm {
   using StrideB = typename Kernel::InternalStrideB;
   using StrideD = typename Kernel::InternalStrideD;
 };
-
-using RowMajor = cutlass::layout::RowMajor;
-using ColumnMajor = cutlass::layout::ColumnMajor;
-// forward: A = x rows [count, in], B = W_e [out, in] (K-major) -> y [count, out].
-using ForwardGemm = Sm90GroupedGemm<RowMajor, ColumnMajor, cutlass::bfloat16_t>;
-// backward_input: A = dy rows [count, out], B = W_e read as [out, in] (N-major) -> dx [count, in].
-using BackwardInputGemm = Sm90GroupedGemm<RowMajor, RowMajor, cutlass::bfloat16_t>;
-// backward_weight: A = dy^T [out, count] (M-major), B = x rows [count, in] (N-major) -> dW [out,
-// in].
-using BackwardWeightGemm = Sm90GroupedGemm<ColumnMajor, RowMajor, float>;
 
 // Element offsets of group e's operands: base + row_stride * offsets[e] + expert_stride * e.
 struct OperandOffsets {
@@ -108,7 +103,7 @@ __global__ void setup_groups_kernel(GroupArrays<G> arrays, const int32_t* offset
     n = dim0;
   }
   if (rows == 0) m = 0;
-  arrays.shapes[e] = make_shape(m, n, k);
+  arrays.shapes[e] = cute::make_shape(m, n, k);
   arrays.a[e] = a + a_off.row_stride * begin + a_off.expert_stride * e;
   arrays.b[e] = b + b_off.row_stride * begin + b_off.expert_stride * e;
   ElementD* out = d + d_off.row_stride * begin + d_off.expert_stride * e;
@@ -119,6 +114,8 @@ __global__ void setup_groups_kernel(GroupArrays<G> arrays, const int32_t* offset
   arrays.stride_d[e] = stride_d;
 }
 
+namespace {  // one copy per configuration's translation unit
+
 // One block per expert: zeros dW_e [size] of an expert with no rows (the grouped GEMM gives such a
 // group no tiles, so an assigning weight gradient would leave it unwritten).
 __global__ void zero_empty_experts_kernel(float* dw, const int32_t* offsets, int64_t size) {
@@ -127,6 +124,8 @@ __global__ void zero_empty_experts_kernel(float* dw, const int32_t* offsets, int
   float* out = dw + size * e;
   for (int64_t i = threadIdx.x; i < size; i += blockDim.x) out[i] = 0.0f;
 }
+
+}  // namespace
 
 // Device storage for one kind of grouped GEMM: per-group arrays and the kernel's workspace.
 template <class G>
@@ -137,8 +136,8 @@ class GroupedRunner {
   void run(const int32_t* offsets, int num_experts, int row_dim, int dim0, int dim1,
            const typename G::Element* a, OperandOffsets a_off, const typename G::Element* b,
            OperandOffsets b_off, ElementD* d, OperandOffsets d_off, float beta, int m_const,
-           int n_const, int k_const, const cutlass::KernelHardwareInfo& hw_info,
-           cudaStream_t stream) {
+           int n_const, int k_const, int sm_count, cudaStream_t stream) {
+    using cute::make_shape;
     reserve(num_experts);
     const auto stride_a =
         cutlass::make_cute_packed_stride(typename G::StrideA{}, make_shape(m_const, k_const, 1));
@@ -173,7 +172,8 @@ class GroupedRunner {
     args.epilogue.dC = arrays.stride_d;
     args.epilogue.ptr_D = reinterpret_cast<ElementOut**>(arrays.d);
     args.epilogue.dD = arrays.stride_d;
-    args.hw_info = hw_info;
+    MF_CUDA_CHECK(cudaGetDevice(&args.hw_info.device_id));
+    args.hw_info.sm_count = sm_count;
     MF_CHECK(gemm_.can_implement(args) == cutlass::Status::kSuccess,
              "grouped GEMM: CUTLASS cannot run this problem ({} experts, {} x {})", num_experts,
              dim0, dim1);
@@ -216,87 +216,73 @@ bool has_sm90_code() {
   return attributes.binaryVersion == 90;
 }
 
-}  // namespace
-
-struct GroupedGemm::Impl {
-  bool usable = false;
-  cutlass::KernelHardwareInfo hw_info;
-  GroupedRunner<ForwardGemm> forward;
-  GroupedRunner<BackwardInputGemm> backward_input;
-  GroupedRunner<BackwardWeightGemm> backward_weight;
-};
-
-GroupedGemm::GroupedGemm() : impl_(std::make_unique<Impl>()) {
-  int major = 0;
-  cutlass::KernelHardwareInfo& hw = impl_->hw_info;
-  MF_CUDA_CHECK(cudaGetDevice(&hw.device_id));
-  MF_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, hw.device_id));
-  MF_CUDA_CHECK(cudaDeviceGetAttribute(&hw.sm_count, cudaDevAttrMultiProcessorCount, hw.device_id));
-  const char* env = std::getenv("MOEFORGE_GROUPED_GEMM");
-  const bool disabled = env != nullptr && std::strcmp(env, "0") == 0;
-  impl_->usable = !disabled && major == 9 && has_sm90_code<ForwardGemm>() &&
-                  has_sm90_code<BackwardInputGemm>() && has_sm90_code<BackwardWeightGemm>();
-}
-
-GroupedGemm::~GroupedGemm() = default;
-
-bool GroupedGemm::available(const ExpertGemmShape& shape) const {
-  return impl_->usable && shape.in % 8 == 0 && shape.out % 8 == 0 && shape.num_experts > 0;
-}
-
-namespace {
-
-void check_available(const GroupedGemm& gemm, const ExpertGemmShape& shape) {
-  MF_CHECK(gemm.available(shape),
-           "grouped GEMM is not available for {} experts of [{}, {}] on this device/build",
-           shape.num_experts, shape.out, shape.in);
-}
-
-const cutlass::bfloat16_t* cast(const bf16* p) {
+inline const cutlass::bfloat16_t* cutlass_bf16(const bf16* p) {
   return reinterpret_cast<const cutlass::bfloat16_t*>(p);
 }
 
-}  // namespace
+// The three products of one configuration.
+template <class Config>
+class Sm90GroupedKernels final : public GroupedKernels {
+  using RowMajor = cutlass::layout::RowMajor;
+  using ColumnMajor = cutlass::layout::ColumnMajor;
+  // forward: A = x rows [count, in], B = W_e [out, in] (K-major) -> y [count, out].
+  using Forward = Sm90GroupedGemm<Config, RowMajor, ColumnMajor, cutlass::bfloat16_t>;
+  // backward_input: A = dy rows [count, out], B = W_e read as [out, in] (N-major) -> dx [count,
+  // in].
+  using BackwardInput = Sm90GroupedGemm<Config, RowMajor, RowMajor, cutlass::bfloat16_t>;
+  // backward_weight: A = dy^T [out, count] (M-major), B = x rows [count, in] (N-major) -> dW
+  // [out, in].
+  using BackwardWeight = Sm90GroupedGemm<Config, ColumnMajor, RowMajor, float>;
 
-void GroupedGemm::forward(bf16* y, const bf16* x, const bf16* w, const int32_t* offsets,
-                          const ExpertGemmShape& shape, cudaStream_t stream) {
-  check_available(*this, shape);
-  const int in = static_cast<int>(shape.in), out = static_cast<int>(shape.out);
-  // (m, n, k) = (rows, out, in).
-  impl_->forward.run(offsets, static_cast<int>(shape.num_experts), 0, out, in, cast(x),
-                     OperandOffsets{in, 0}, cast(w), OperandOffsets{0, shape.out * shape.in},
-                     reinterpret_cast<cutlass::bfloat16_t*>(y), OperandOffsets{out, 0}, 0.0f, 1,
-                     out, in, impl_->hw_info, stream);
-}
-
-void GroupedGemm::backward_input(bf16* dx, const bf16* dy, const bf16* w, const int32_t* offsets,
-                                 const ExpertGemmShape& shape, bool accumulate,
-                                 cudaStream_t stream) {
-  check_available(*this, shape);
-  const int in = static_cast<int>(shape.in), out = static_cast<int>(shape.out);
-  // (m, n, k) = (rows, in, out).
-  impl_->backward_input.run(
-      offsets, static_cast<int>(shape.num_experts), 0, in, out, cast(dy), OperandOffsets{out, 0},
-      cast(w), OperandOffsets{0, shape.out * shape.in}, reinterpret_cast<cutlass::bfloat16_t*>(dx),
-      OperandOffsets{in, 0}, accumulate ? 1.0f : 0.0f, 1, in, out, impl_->hw_info, stream);
-}
-
-void GroupedGemm::backward_weight(float* dw, const bf16* dy, const bf16* x, const int32_t* offsets,
-                                  const ExpertGemmShape& shape, bool accumulate,
-                                  cudaStream_t stream) {
-  check_available(*this, shape);
-  const int in = static_cast<int>(shape.in), out = static_cast<int>(shape.out);
-  // (m, n, k) = (out, in, rows).
-  impl_->backward_weight.run(offsets, static_cast<int>(shape.num_experts), 2, out, in, cast(dy),
-                             OperandOffsets{out, 0}, cast(x), OperandOffsets{in, 0}, dw,
-                             OperandOffsets{0, shape.out * shape.in}, accumulate ? 1.0f : 0.0f, out,
-                             in, 1, impl_->hw_info, stream);
-  if (!accumulate) {
-    constexpr int kThreads = 256;
-    zero_empty_experts_kernel<<<static_cast<unsigned>(shape.num_experts), kThreads, 0, stream>>>(
-        dw, offsets, shape.out * shape.in);
-    MF_CUDA_CHECK_LAUNCH();
+ public:
+  bool compiled() const override {
+    return has_sm90_code<Forward>() && has_sm90_code<BackwardInput>() &&
+           has_sm90_code<BackwardWeight>();
   }
-}
 
-}  // namespace moeforge::cuda
+  void forward(bf16* y, const bf16* x, const bf16* w, const int32_t* offsets,
+               const ExpertGemmShape& shape, int sm_count, cudaStream_t stream) override {
+    const int in = static_cast<int>(shape.in), out = static_cast<int>(shape.out);
+    // (m, n, k) = (rows, out, in).
+    forward_.run(offsets, static_cast<int>(shape.num_experts), 0, out, in, cutlass_bf16(x),
+                 OperandOffsets{in, 0}, cutlass_bf16(w), OperandOffsets{0, shape.out * shape.in},
+                 reinterpret_cast<cutlass::bfloat16_t*>(y), OperandOffsets{out, 0}, 0.0f, 1, out,
+                 in, sm_count, stream);
+  }
+
+  void backward_input(bf16* dx, const bf16* dy, const bf16* w, const int32_t* offsets,
+                      const ExpertGemmShape& shape, bool accumulate, int sm_count,
+                      cudaStream_t stream) override {
+    const int in = static_cast<int>(shape.in), out = static_cast<int>(shape.out);
+    // (m, n, k) = (rows, in, out).
+    backward_input_.run(offsets, static_cast<int>(shape.num_experts), 0, in, out, cutlass_bf16(dy),
+                        OperandOffsets{out, 0}, cutlass_bf16(w),
+                        OperandOffsets{0, shape.out * shape.in},
+                        reinterpret_cast<cutlass::bfloat16_t*>(dx), OperandOffsets{in, 0},
+                        accumulate ? 1.0f : 0.0f, 1, in, out, sm_count, stream);
+  }
+
+  void backward_weight(float* dw, const bf16* dy, const bf16* x, const int32_t* offsets,
+                       const ExpertGemmShape& shape, bool accumulate, int sm_count,
+                       cudaStream_t stream) override {
+    const int in = static_cast<int>(shape.in), out = static_cast<int>(shape.out);
+    // (m, n, k) = (out, in, rows).
+    backward_weight_.run(offsets, static_cast<int>(shape.num_experts), 2, out, in, cutlass_bf16(dy),
+                         OperandOffsets{out, 0}, cutlass_bf16(x), OperandOffsets{in, 0}, dw,
+                         OperandOffsets{0, shape.out * shape.in}, accumulate ? 1.0f : 0.0f, out, in,
+                         1, sm_count, stream);
+    if (!accumulate) {
+      constexpr int kThreads = 256;
+      zero_empty_experts_kernel<<<static_cast<unsigned>(shape.num_experts), kThreads, 0, stream>>>(
+          dw, offsets, shape.out * shape.in);
+      MF_CUDA_CHECK_LAUNCH();
+    }
+  }
+
+ private:
+  GroupedRunner<Forward> forward_;
+  GroupedRunner<BackwardInput> backward_input_;
+  GroupedRunner<BackwardWeight> backward_weight_;
+};
+
+}  // namespace moeforge::cuda::detail

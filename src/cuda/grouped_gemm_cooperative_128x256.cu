@@ -1,0 +1,15 @@
+// Grouped expert GEMMs, configuration cooperative_128x256: 128 x 256 x 64 tiles split between two
+// consumer warpgroups, no cluster: the configuration the training step used until session 14.
+#include "cuda/grouped_gemm_sm90.cuh"
+
+namespace moeforge::cuda::detail {
+
+std::unique_ptr<GroupedKernels> make_cooperative_128x256_kernels() {
+  using namespace cute;
+  using Config = Sm90Config<Shape<_128, _256, _64>, Shape<_1, _1, _1>,
+                            cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative,
+                            cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
+  return std::make_unique<Sm90GroupedKernels<Config>>();
+}
+
+}  // namespace moeforge::cuda::detail
