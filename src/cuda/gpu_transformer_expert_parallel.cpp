@@ -198,8 +198,11 @@ void GpuTransformer::moe_chunk_forward(int64_t l, int64_t chunk, cudaStream_t st
                       a.local_idx.data() + first * k, expert_idx, tokens, k,
                       expert_parallel_rank() * num_local_experts(), num_local_experts(), capacity,
                       stream);
+  // The rows of the local experts, [0, offsets[num_local]) of the chunk's tokens * k: the
+  // row-wise ops below touch only those (about 1 / ep of them), the GEMMs only the experts' ranges.
+  const int32_t* used_rows = offsets + num_local_experts();
   bf16* rows = scratch_->rows.data() + first * k * h;
-  scatter_rows(rows, x, a.row_token.data() + first * k, tokens * k, h, stream);
+  scatter_rows(rows, x, a.row_token.data() + first * k, used_rows, tokens * k, h, stream);
   if (!grouped_experts_) {
     // Per-expert cuBLASLt calls need the row ranges on the host.
     MF_CUDA_CHECK(cudaMemcpyAsync(host_offsets, offsets,
@@ -214,7 +217,7 @@ void GpuTransformer::moe_chunk_forward(int64_t l, int64_t chunk, cudaStream_t st
   bf16* y_rows = a.y_rows.data() + first * k * h;
   expert_forward(h_gate, rows, wb(o.experts_gate), h, f, ranges, stream);
   expert_forward(h_up, rows, wb(o.experts_up), h, f, ranges, stream);
-  swiglu_forward(h_act, h_gate, h_up, tokens * k * f, stream);
+  swiglu_forward(h_act, h_gate, h_up, used_rows, tokens * k, f, stream);
   expert_forward(y_rows, h_act, wb(o.experts_down), f, h, ranges, stream);
   // The local experts' share of every token's output; the reduce-scatter sums the group's.
   combine_rows(scratch_->group_f32.data() + first * h, nullptr, y_rows, gates, assignment_row,
@@ -290,7 +293,8 @@ void GpuTransformer::moe_chunk_backward_input(int64_t l, int64_t chunk, cudaStre
                         a.gates.data() + first * k, assignment_row, tokens, k, h, stream);
   expert_backward_input(dh_gate, drows, wb(o.experts_down), f, h, false, ranges, stream);
   swiglu_backward(dh_gate, dh_up, dh_gate, a.h_gate.data() + first * k * f,
-                  a.h_up.data() + first * k * f, tokens * k * f, stream);
+                  a.h_up.data() + first * k * f, ranges.device + num_local_experts(), tokens * k, f,
+                  stream);
   expert_backward_input(dx_rows, dh_gate, wb(o.experts_gate), h, f, false, ranges, stream);
   expert_backward_input(dx_rows, dh_up, wb(o.experts_up), h, f, true, ranges, stream);
   // The chunk's gathered output gradient is consumed: its rows take the group's input gradient.
@@ -310,8 +314,8 @@ void GpuTransformer::moe_chunk_backward_weight(int64_t l, int64_t chunk, cudaStr
   bf16* rows = s.rows.data() + first * k * h;
   expert_backward_weight(g(o.experts_down), s.drows.data() + first * k * h,
                          a.h_act_ptr + first * k * f, f, h, assign, ranges, stream);
-  scatter_rows(rows, a.ln2_group.data() + first * h, a.row_token.data() + first * k, tokens * k, h,
-               stream);
+  scatter_rows(rows, a.ln2_group.data() + first * h, a.row_token.data() + first * k,
+               ranges.device + num_local_experts(), tokens * k, h, stream);
   expert_backward_weight(g(o.experts_gate), s.dh_gate.data() + first * k * f, rows, h, f, assign,
                          ranges, stream);
   expert_backward_weight(g(o.experts_up), s.dh_up.data() + first * k * f, rows, h, f, assign,

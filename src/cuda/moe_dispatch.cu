@@ -1,7 +1,8 @@
 // MoE dispatch kernels. The row map is a stable counting sort over tiles of 1024 assignments:
 // per-tile expert counts, a scan into each tile's first row per expert, then every assignment's
 // rank inside its tile (warp match + per-warp counts). Scatter, gather and their backwards are row
-// copies and fixed-order sums, 16 bytes per access where the row width allows.
+// copies and fixed-order sums, 16 bytes per access where the row width allows; a scatter bounded
+// by a device row count launches a block per row and the blocks past the count return at once.
 #include <algorithm>
 
 #include "core/error.h"
@@ -119,10 +120,12 @@ constexpr int kVec = 8;  // columns per thread and access in the vector kernels 
 
 // The row kernels take one block per row (or token); kVec = 1 is the scalar form, 8 the 16-byte
 // vector form for c % 8 == 0 with aligned tensors. Sums run over the slots in order either way.
+// The scatter's blocks past *used_rows (when not null) return at once.
 template <int kWidth>
 __global__ void scatter_rows_kernel(bf16* rows, const bf16* x, const int32_t* row_token,
-                                    int64_t c) {
+                                    const int32_t* used_rows, int64_t c) {
   const int64_t r = blockIdx.x;
+  if (used_rows != nullptr && r >= *used_rows) return;
   const int32_t token = row_token[r];
   bf16* dst = rows + r * c;
   if (token < 0) {
@@ -285,12 +288,17 @@ void build_local_row_map(int32_t* expert_offsets, int32_t* assignment_row, int32
 
 void scatter_rows(bf16* rows, const bf16* x, const int32_t* row_token, int64_t num_rows, int64_t c,
                   cudaStream_t stream) {
+  scatter_rows(rows, x, row_token, nullptr, num_rows, c, stream);
+}
+
+void scatter_rows(bf16* rows, const bf16* x, const int32_t* row_token, const int32_t* used_rows,
+                  int64_t num_rows, int64_t c, cudaStream_t stream) {
   if (num_rows == 0) return;
   const auto blocks = static_cast<unsigned>(num_rows);
   if (c % kVec == 0 && aligned_to(16, rows, x)) {
-    scatter_rows_kernel<kVec><<<blocks, kRowThreads, 0, stream>>>(rows, x, row_token, c);
+    scatter_rows_kernel<kVec><<<blocks, kRowThreads, 0, stream>>>(rows, x, row_token, used_rows, c);
   } else {
-    scatter_rows_kernel<1><<<blocks, kRowThreads, 0, stream>>>(rows, x, row_token, c);
+    scatter_rows_kernel<1><<<blocks, kRowThreads, 0, stream>>>(rows, x, row_token, used_rows, c);
   }
   MF_CUDA_CHECK_LAUNCH();
 }

@@ -38,6 +38,11 @@ void build_local_row_map(int32_t* expert_offsets, int32_t* assignment_row, int32
 // x [n, c], rows [num_rows, c].
 void scatter_rows(bf16* rows, const bf16* x, const int32_t* row_token, int64_t num_rows, int64_t c,
                   cudaStream_t stream);
+// The same for the rows [0, *used_rows) only (a row map's expert_offsets[E]: the rows any expert
+// has). used_rows is a device int32 (at most num_rows) that the kernel reads, so the host never
+// waits for it; the rows past it are neither read nor written (neither row_token nor rows).
+void scatter_rows(bf16* rows, const bf16* x, const int32_t* row_token, const int32_t* used_rows,
+                  int64_t num_rows, int64_t c, cudaStream_t stream);
 // dx[t, :] (fp32, assigned) = sum over slots j of drows[assignment_row[t * k + j], :].
 void scatter_rows_backward(float* dx, const bf16* drows, const int32_t* assignment_row,
                            int64_t num_tokens, int64_t top_k, int64_t c, cudaStream_t stream);

@@ -1,5 +1,7 @@
 // SwiGLU kernels: elementwise, fp32 math; 8 elements per thread and 16-byte accesses where the
-// count and the pointers allow, else one element per thread (the same arithmetic either way).
+// count (the row width, when only some rows are used) and the pointers allow, else one element per
+// thread (the same arithmetic either way). The grid covers every row; with used_rows the kernels
+// stop at the used rows' elements, read on the device.
 #include "cuda/cuda_check.h"
 #include "cuda/kernel_util.cuh"
 #include "cuda/swiglu.h"
@@ -20,15 +22,25 @@ __device__ __forceinline__ void swiglu_grads(float& dg, float& du, float dy, flo
   dg = dy * u * sig * (1.0f + g * (1.0f - sig));
 }
 
-__global__ void swiglu_forward_kernel(bf16* out, const bf16* gate, const bf16* up, int64_t count) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+// The elements in use of [count / width, width]: the first *used_rows rows, or all (null).
+__device__ __forceinline__ int64_t used_elements(const int32_t* used_rows, int64_t width,
+                                                 int64_t count) {
+  return used_rows == nullptr ? count : min(count, static_cast<int64_t>(*used_rows) * width);
+}
+
+__global__ void swiglu_forward_kernel(bf16* out, const bf16* gate, const bf16* up,
+                                      const int32_t* used_rows, int64_t width, int64_t count) {
+  const int64_t end = used_elements(used_rows, width, count);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < end;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     out[i] = __float2bfloat16_rn(swiglu_value(__bfloat162float(gate[i]), __bfloat162float(up[i])));
   }
 }
 
+// The used elements end on a vector boundary (vector_path).
 __global__ void swiglu_forward_vec_kernel(bf16* out, const bf16* gate, const bf16* up,
-                                          int64_t num_vecs) {
+                                          const int32_t* used_rows, int64_t width, int64_t count) {
+  const int64_t num_vecs = used_elements(used_rows, width, count) / kVec;
   for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < num_vecs;
        v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float g[kVec], u[kVec], y[kVec];
@@ -41,8 +53,10 @@ __global__ void swiglu_forward_vec_kernel(bf16* out, const bf16* gate, const bf1
 }
 
 __global__ void swiglu_backward_kernel(bf16* dgate, bf16* dup, const bf16* dout, const bf16* gate,
-                                       const bf16* up, int64_t count) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+                                       const bf16* up, const int32_t* used_rows, int64_t width,
+                                       int64_t count) {
+  const int64_t end = used_elements(used_rows, width, count);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < end;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float dg, du;
     swiglu_grads(dg, du, __bfloat162float(dout[i]), __bfloat162float(gate[i]),
@@ -52,8 +66,11 @@ __global__ void swiglu_backward_kernel(bf16* dgate, bf16* dup, const bf16* dout,
   }
 }
 
+// The used elements end on a vector boundary (vector_path).
 __global__ void swiglu_backward_vec_kernel(bf16* dgate, bf16* dup, const bf16* dout,
-                                           const bf16* gate, const bf16* up, int64_t num_vecs) {
+                                           const bf16* gate, const bf16* up,
+                                           const int32_t* used_rows, int64_t width, int64_t count) {
+  const int64_t num_vecs = used_elements(used_rows, width, count) / kVec;
   for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < num_vecs;
        v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float dy[kVec], g[kVec], u[kVec], dg[kVec], du[kVec];
@@ -69,31 +86,50 @@ __global__ void swiglu_backward_vec_kernel(bf16* dgate, bf16* dup, const bf16* d
 
 constexpr int kThreads = 256;
 
+// Whether the 16-byte kernels can run: aligned tensors, and the end of the used elements on a
+// vector boundary whatever it is (the count, or with used_rows every row's end).
+template <typename... Ptrs>
+bool vector_path(const int32_t* used_rows, int64_t width, int64_t count, const Ptrs*... ptrs) {
+  return (used_rows == nullptr ? count : width) % kVec == 0 && aligned_to(16, ptrs...);
+}
+
 }  // namespace
 
 void swiglu_forward(bf16* out, const bf16* gate, const bf16* up, int64_t count,
                     cudaStream_t stream) {
+  swiglu_forward(out, gate, up, nullptr, count, 1, stream);
+}
+
+void swiglu_backward(bf16* dgate, bf16* dup, const bf16* dout, const bf16* gate, const bf16* up,
+                     int64_t count, cudaStream_t stream) {
+  swiglu_backward(dgate, dup, dout, gate, up, nullptr, count, 1, stream);
+}
+
+void swiglu_forward(bf16* out, const bf16* gate, const bf16* up, const int32_t* used_rows,
+                    int64_t num_rows, int64_t width, cudaStream_t stream) {
+  const int64_t count = num_rows * width;
   if (count == 0) return;
-  if (count % kVec == 0 && aligned_to(16, out, gate, up)) {
-    const int64_t num_vecs = count / kVec;
-    swiglu_forward_vec_kernel<<<grid_for(num_vecs, kThreads), kThreads, 0, stream>>>(out, gate, up,
-                                                                                     num_vecs);
+  if (vector_path(used_rows, width, count, out, gate, up)) {
+    swiglu_forward_vec_kernel<<<grid_for(count / kVec, kThreads), kThreads, 0, stream>>>(
+        out, gate, up, used_rows, width, count);
   } else {
-    swiglu_forward_kernel<<<grid_for(count, kThreads), kThreads, 0, stream>>>(out, gate, up, count);
+    swiglu_forward_kernel<<<grid_for(count, kThreads), kThreads, 0, stream>>>(
+        out, gate, up, used_rows, width, count);
   }
   MF_CUDA_CHECK_LAUNCH();
 }
 
 void swiglu_backward(bf16* dgate, bf16* dup, const bf16* dout, const bf16* gate, const bf16* up,
-                     int64_t count, cudaStream_t stream) {
+                     const int32_t* used_rows, int64_t num_rows, int64_t width,
+                     cudaStream_t stream) {
+  const int64_t count = num_rows * width;
   if (count == 0) return;
-  if (count % kVec == 0 && aligned_to(16, dgate, dup, dout, gate, up)) {
-    const int64_t num_vecs = count / kVec;
-    swiglu_backward_vec_kernel<<<grid_for(num_vecs, kThreads), kThreads, 0, stream>>>(
-        dgate, dup, dout, gate, up, num_vecs);
+  if (vector_path(used_rows, width, count, dgate, dup, dout, gate, up)) {
+    swiglu_backward_vec_kernel<<<grid_for(count / kVec, kThreads), kThreads, 0, stream>>>(
+        dgate, dup, dout, gate, up, used_rows, width, count);
   } else {
-    swiglu_backward_kernel<<<grid_for(count, kThreads), kThreads, 0, stream>>>(dgate, dup, dout,
-                                                                               gate, up, count);
+    swiglu_backward_kernel<<<grid_for(count, kThreads), kThreads, 0, stream>>>(
+        dgate, dup, dout, gate, up, used_rows, width, count);
   }
   MF_CUDA_CHECK_LAUNCH();
 }

@@ -1,7 +1,7 @@
 // MoE dispatch and combine on the GPU against ops/row_map.h and ops/permute.h, dropless and with
 // a capacity that drops assignments: the row map bit for bit, scatter_rows as an exact copy (zeros
-// in the unused rows), and scatter_rows_backward, combine_rows (with the residual) and
-// combine_rows_backward against fp64.
+// in the unused rows; bounded by a device row count, nothing past it), and scatter_rows_backward,
+// combine_rows (with the residual) and combine_rows_backward against fp64.
 #include "cuda/moe_dispatch.h"
 
 #include <gtest/gtest.h>
@@ -221,6 +221,44 @@ TEST(MoeDispatchCuda, ScatterRowsCopiesExactly) {
     scatter_rows(rows.data(), x_dev.data(), row_token_dev.data(), num_slots, dc.c, nullptr);
     testing::synchronize();
     expect_equal("rows", to_float(rows.download()), rows_ref);
+  }
+}
+
+// Bounded by used rows on the device (expert parallelism: the local experts' rows, the rest of
+// the n * k unused) for used 0, 1, half the kept rows, the kept rows, one more (an unused row,
+// row_token -1) and all n * k: the rows [0, used) as the unbounded scatter writes them (copies, or
+// zeros for row_token -1), the rows past them keep the 0xFF fill. c = 96, 64 and 32 take the
+// vector kernel, 100 the scalar one.
+TEST(MoeDispatchCuda, ScatterRowsWritesOnlyTheUsedRows) {
+  MF_REQUIRE_GPU();
+  uint64_t seed = 150;
+  for (const DispatchCase& dc : kCases) {
+    SCOPED_TRACE(describe(dc));
+    Dispatch d = make_dispatch(dc, seed++);
+    const std::vector<bf16> x = to_bf16(testing::random_normal(dc.num_tokens * dc.c, seed++));
+    const int64_t num_slots = dc.num_tokens * dc.top_k, kept = d.map.num_rows();
+    std::vector<float> rows_ref(kept * dc.c);
+    ops::scatter_rows_forward<float>(rows_ref.data(), to_float(x).data(), d.map, dc.c);
+    rows_ref.resize(num_slots * dc.c, 0.0f);
+    const std::vector<bf16> all_rows = to_bf16(rows_ref);
+    std::vector<int32_t> row_token = d.map.row_token;
+    row_token.resize(num_slots, -1);
+
+    DeviceBuffer<bf16> x_dev = to_device(x);
+    DeviceBuffer<int32_t> row_token_dev = to_device(row_token);
+    for (const int64_t used :
+         {int64_t{0}, int64_t{1}, kept / 2, kept, std::min(kept + 1, num_slots), num_slots}) {
+      SCOPED_TRACE("used=" + std::to_string(used));
+      DeviceBuffer<int32_t> used_rows = to_device(std::vector<int32_t>{static_cast<int32_t>(used)});
+      DeviceBuffer<bf16> rows(num_slots * dc.c);
+      testing::fill_garbage(rows);
+      scatter_rows(rows.data(), x_dev.data(), row_token_dev.data(), used_rows.data(), num_slots,
+                   dc.c, nullptr);
+      testing::synchronize();
+      std::vector<bf16> rows_want(num_slots * dc.c, testing::bf16_from_bits(0xFFFF));
+      std::copy(all_rows.begin(), all_rows.begin() + used * dc.c, rows_want.begin());
+      expect_equal("rows", rows.download(), rows_want);
+    }
   }
 }
 
