@@ -52,6 +52,7 @@ struct GpuInference::Scratch {
   PinnedHostBuffer<int32_t> host_offsets;    // [E + 1]
   DeviceBuffer<int32_t> expert_kept;         // [E] rows kept so far in this forward (capacity only)
   DeviceBuffer<int32_t> assignment_row, row_token;  // [c * k]
+  DeviceBuffer<int32_t> row_map;  // the row map's scratch (row_map_scratch_ints(c * k, E))
   // [c * k, h] expert inputs in expert order, then their outputs, then the shared expert's output
   DeviceBuffer<bf16> rows;
   // [c * k, f], [c, ffn] or [c, S] (the shared expert's); h_gate takes the SwiGLU output
@@ -218,6 +219,7 @@ void GpuInference::reserve(int64_t n) {
     s.gates.resize(size(c * k));
     s.assignment_row.resize(size(c * k));
     s.row_token.resize(size(c * k));
+    s.row_map.resize(size(row_map_scratch_ints(c * k, e)));
     s.rows.resize(size(c * k * h));
     s.shared_score.resize(size(config_.shared_expert_intermediate_size > 0 ? c : 0));
   }
@@ -330,7 +332,8 @@ void GpuInference::moe_forward(int64_t l, float* x, const bf16* ln, int64_t n, i
   router_forward(s.probs.data(), s.expert_idx.data(), s.gates.data(), s.router_logits.data(),
                  RouterShape{n, num_experts, k, config_.norm_topk_prob}, stream_);
   build_row_map(s.expert_offsets.data(), s.assignment_row.data(), s.row_token.data(),
-                s.expert_idx.data(), n, k, num_experts, capacity, stream_, s.expert_kept.data());
+                s.row_map.data(), s.expert_idx.data(), n, k, num_experts, capacity, stream_,
+                s.expert_kept.data());
   scatter_rows(s.rows.data(), ln, s.row_token.data(), n * k, h, stream_);
   if (!grouped_experts_) {
     // Per-expert cuBLASLt calls need the row ranges on the host.

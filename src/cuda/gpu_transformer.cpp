@@ -309,6 +309,11 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
     scratch_->shared_act.resize(n * shared);
   }
   scratch_->rows.resize(config_.is_moe() ? max_rows * h : 0);
+  // One row map at a time: n tokens, or under expert parallelism a chunk's over the local experts.
+  scratch_->row_map.resize(
+      config_.is_moe() ? static_cast<size_t>(row_map_scratch_ints(
+                             chunk_tokens() * config_.num_experts_per_tok, num_local_experts()))
+                       : 0);
   for (Layer& a : layers_) {
     const bool keep = recompute_ == Recompute::kNone;
     a.ln1_ptr = keep ? a.ln1.data() : scratch_->ln1.data();
@@ -445,7 +450,8 @@ void GpuTransformer::moe_forward(int64_t l, float* x_out) {
   // are zeros that no GEMM reads.
   const int64_t capacity = ops::expert_capacity(config_.capacity_factor, n, k, num_experts);
   build_row_map(a.expert_offsets.data(), a.assignment_row.data(), a.row_token.data(),
-                a.expert_idx.data(), n, k, num_experts, capacity, stream_);
+                scratch_->row_map.data(), a.expert_idx.data(), n, k, num_experts, capacity,
+                stream_);
   MF_CUDA_CHECK(cudaMemcpyAsync(a.host_offsets.data(), a.expert_offsets.data(),
                                 static_cast<size_t>(num_experts + 1) * sizeof(int32_t),
                                 cudaMemcpyDeviceToHost, stream_));

@@ -59,6 +59,12 @@ struct GpuTransformer::Layer {
 struct GpuTransformer::Scratch {
   DeviceBuffer<bf16> ln1, ln2, h_act, shared_act;  // kSelective: shared by all layers
   DeviceBuffer<bf16> rows;  // [n * k, h] the MoE layer's input in expert order
+  // The row map's scratch (row_map_scratch_ints), one for every map of every layer and chunk: all
+  // of them run on one stream (stream_, or expert_stream_ under expert parallelism, where the
+  // chunks of a forward are enqueued at once but run in turn), and a stream runs its kernels in
+  // order, so a map's kernels are done with it before the next map's start. Maps built on two
+  // streams at once would need one each.
+  DeviceBuffer<int32_t> row_map;
   DeviceBuffer<int32_t> tokens, targets, positions;
   DeviceBuffer<int32_t> group_ids, group_offsets, group_positions;
   int64_t num_groups = 0;

@@ -195,9 +195,9 @@ void GpuTransformer::moe_chunk_forward(int64_t l, int64_t chunk, cudaStream_t st
   int32_t* offsets = a.expert_offsets.data() + at;
   int32_t* host_offsets = a.host_offsets.data() + at;
   build_local_row_map(offsets, a.assignment_row.data() + first * k, a.row_token.data() + first * k,
-                      a.local_idx.data() + first * k, expert_idx, tokens, k,
-                      expert_parallel_rank() * num_local_experts(), num_local_experts(), capacity,
-                      stream);
+                      a.local_idx.data() + first * k, scratch_->row_map.data(), expert_idx, tokens,
+                      k, expert_parallel_rank() * num_local_experts(), num_local_experts(),
+                      capacity, stream);
   // The rows of the local experts, [0, offsets[num_local]) of the chunk's tokens * k: the
   // row-wise ops below touch only those (about 1 / ep of them), the GEMMs only the experts' ranges.
   const int32_t* used_rows = offsets + num_local_experts();

@@ -7,7 +7,6 @@
 
 #include "core/error.h"
 #include "cuda/cuda_check.h"
-#include "cuda/device_memory.h"
 #include "cuda/kernel_util.cuh"
 #include "cuda/moe_dispatch.h"
 
@@ -232,20 +231,25 @@ __global__ void combine_rows_backward_kernel(bf16* drows, float* dgates, const f
 
 namespace {
 
+// The row map's tiles: at least one, so that an empty map still writes its offsets.
+int64_t row_map_tiles(int64_t num_assignments) {
+  return std::max<int64_t>(1, ceil_div(num_assignments, kTile));
+}
+
 // build_row_map's work; clear_rows: some assignments may be dropped (their rows unused).
+// tile_rows: the scratch, [tiles, num_experts].
 void row_map_kernels(int32_t* expert_offsets, int32_t* assignment_row, int32_t* row_token,
-                     const int32_t* expert_idx, int64_t num_tokens, int64_t top_k,
-                     int64_t num_experts, int64_t capacity, bool clear_rows, cudaStream_t stream,
-                     int32_t* kept_before) {
+                     int32_t* tile_rows, const int32_t* expert_idx, int64_t num_tokens,
+                     int64_t top_k, int64_t num_experts, int64_t capacity, bool clear_rows,
+                     cudaStream_t stream, int32_t* kept_before) {
   MF_CHECK(num_experts > 0 && num_experts <= kMaxExperts,
            "build_row_map supports 1 to {} experts, got {}", kMaxExperts, num_experts);
   const int64_t num_assignments = num_tokens * top_k;
-  const int64_t num_tiles = std::max<int64_t>(1, ceil_div(num_assignments, kTile));
-  DeviceBuffer<int32_t> tile_rows(static_cast<size_t>(num_tiles * num_experts));
+  const int64_t num_tiles = row_map_tiles(num_assignments);
   tile_counts_kernel<<<static_cast<unsigned>(num_tiles), kTile, 0, stream>>>(
-      tile_rows.data(), expert_idx, num_assignments, num_experts);
+      tile_rows, expert_idx, num_assignments, num_experts);
   MF_CUDA_CHECK_LAUNCH();
-  tile_offsets_kernel<<<1, kMaxExperts, 0, stream>>>(expert_offsets, tile_rows.data(), kept_before,
+  tile_offsets_kernel<<<1, kMaxExperts, 0, stream>>>(expert_offsets, tile_rows, kept_before,
                                                      num_tiles, num_experts, capacity);
   MF_CUDA_CHECK_LAUNCH();
   if (num_assignments == 0) return;
@@ -254,25 +258,29 @@ void row_map_kernels(int32_t* expert_offsets, int32_t* assignment_row, int32_t* 
     MF_CUDA_CHECK(cudaMemsetAsync(row_token, 0xFF, num_assignments * sizeof(int32_t), stream));
   }
   assign_rows_kernel<<<static_cast<unsigned>(num_tiles), kTile, 0, stream>>>(
-      assignment_row, row_token, tile_rows.data(), expert_offsets, expert_idx, num_assignments,
+      assignment_row, row_token, tile_rows, expert_offsets, expert_idx, num_assignments,
       num_experts, top_k);
   MF_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace
 
+int64_t row_map_scratch_ints(int64_t num_assignments, int64_t num_experts) {
+  return row_map_tiles(num_assignments) * num_experts;
+}
+
 void build_row_map(int32_t* expert_offsets, int32_t* assignment_row, int32_t* row_token,
-                   const int32_t* expert_idx, int64_t num_tokens, int64_t top_k,
+                   int32_t* scratch, const int32_t* expert_idx, int64_t num_tokens, int64_t top_k,
                    int64_t num_experts, int64_t capacity, cudaStream_t stream,
                    int32_t* kept_before) {
-  row_map_kernels(expert_offsets, assignment_row, row_token, expert_idx, num_tokens, top_k,
+  row_map_kernels(expert_offsets, assignment_row, row_token, scratch, expert_idx, num_tokens, top_k,
                   num_experts, capacity, capacity >= 0, stream, kept_before);
 }
 
 void build_local_row_map(int32_t* expert_offsets, int32_t* assignment_row, int32_t* row_token,
-                         int32_t* local_idx, const int32_t* expert_idx, int64_t num_tokens,
-                         int64_t top_k, int64_t expert_begin, int64_t num_local, int64_t capacity,
-                         cudaStream_t stream) {
+                         int32_t* local_idx, int32_t* scratch, const int32_t* expert_idx,
+                         int64_t num_tokens, int64_t top_k, int64_t expert_begin, int64_t num_local,
+                         int64_t capacity, cudaStream_t stream) {
   const int64_t num_assignments = num_tokens * top_k;
   if (num_assignments > 0) {
     constexpr int kThreads = 256;
@@ -282,7 +290,7 @@ void build_local_row_map(int32_t* expert_offsets, int32_t* assignment_row, int32
                                            static_cast<int32_t>(num_local));
     MF_CUDA_CHECK_LAUNCH();
   }
-  row_map_kernels(expert_offsets, assignment_row, row_token, local_idx, num_tokens, top_k,
+  row_map_kernels(expert_offsets, assignment_row, row_token, scratch, local_idx, num_tokens, top_k,
                   num_local, capacity, true, stream, nullptr);
 }
 

@@ -1,5 +1,6 @@
 // MoE dispatch and combine on the GPU against ops/row_map.h and ops/permute.h, dropless and with
-// a capacity that drops assignments: the row map bit for bit, scatter_rows as an exact copy (zeros
+// a capacity that drops assignments: the row map bit for bit (inside the scratch its size function
+// asks for), scatter_rows as an exact copy (zeros
 // in the unused rows; bounded by a device row count, nothing past it), and scatter_rows_backward,
 // combine_rows (with the residual) and combine_rows_backward against fp64.
 #include "cuda/moe_dispatch.h"
@@ -78,6 +79,22 @@ ops::RowMap reference_map(const std::vector<int32_t>& expert_idx, const Dispatch
                             dc.capacity);
 }
 
+// The row map's scratch, row_map_scratch_ints(num_assignments, num_experts) ints, and a guard of
+// num_experts more (one tile's counts), all the 0xFF fill: expect_guard_kept checks that the map
+// wrote nothing past the size the function gives.
+DeviceBuffer<int32_t> guarded_scratch(int64_t num_assignments, int64_t num_experts) {
+  DeviceBuffer<int32_t> scratch(
+      static_cast<size_t>(row_map_scratch_ints(num_assignments, num_experts) + num_experts));
+  testing::fill_garbage(scratch);
+  return scratch;
+}
+
+void expect_guard_kept(const DeviceBuffer<int32_t>& scratch, int64_t num_experts) {
+  const std::vector<int32_t> all = scratch.download();
+  expect_equal("scratch guard", std::vector<int32_t>(all.end() - num_experts, all.end()),
+               std::vector<int32_t>(num_experts, -1));
+}
+
 TEST(MoeDispatchCuda, RowMapEqualsTheReference) {
   MF_REQUIRE_GPU();
   uint64_t seed = 1;
@@ -94,9 +111,12 @@ TEST(MoeDispatchCuda, RowMapEqualsTheReference) {
     testing::fill_garbage(offsets);
     testing::fill_garbage(assignment_row);
     testing::fill_garbage(row_token);
-    build_row_map(offsets.data(), assignment_row.data(), row_token.data(), expert_idx_dev.data(),
-                  dc.num_tokens, dc.top_k, dc.num_experts, dc.capacity, nullptr);
+    DeviceBuffer<int32_t> scratch = guarded_scratch(num_assignments, dc.num_experts);
+    build_row_map(offsets.data(), assignment_row.data(), row_token.data(), scratch.data(),
+                  expert_idx_dev.data(), dc.num_tokens, dc.top_k, dc.num_experts, dc.capacity,
+                  nullptr);
     testing::synchronize();
+    expect_guard_kept(scratch, dc.num_experts);
 
     expect_equal("expert_offsets", offsets.download(), offsets_ref);
     expect_equal("assignment_row", assignment_row.download(), map.assignment_row);
@@ -134,10 +154,12 @@ TEST(MoeDispatchCuda, LocalRowMapEqualsTheReferenceOfItsExpertRange) {
         testing::fill_garbage(offsets);
         testing::fill_garbage(assignment_row);
         testing::fill_garbage(row_token);
+        DeviceBuffer<int32_t> scratch = guarded_scratch(num_assignments, num_local);
         build_local_row_map(offsets.data(), assignment_row.data(), row_token.data(),
-                            local_idx.data(), expert_idx_dev.data(), dc.num_tokens, dc.top_k, begin,
-                            num_local, dc.capacity, nullptr);
+                            local_idx.data(), scratch.data(), expert_idx_dev.data(), dc.num_tokens,
+                            dc.top_k, begin, num_local, dc.capacity, nullptr);
         testing::synchronize();
+        expect_guard_kept(scratch, num_local);
         expect_equal("expert_offsets", offsets.download(),
                      std::vector<int32_t>(map.expert_offsets.begin(), map.expert_offsets.end()));
         expect_equal("assignment_row", assignment_row.download(), map.assignment_row);
@@ -169,9 +191,11 @@ TEST(MoeDispatchCuda, RowMapCarriesTheCapacityAcrossChunks) {
                                            expert_idx.begin() + (first + count) * dc.top_k);
       DeviceBuffer<int32_t> chunk_dev = to_device(chunk_idx);
       DeviceBuffer<int32_t> offsets(dc.num_experts + 1), assignment_row(count * dc.top_k),
-          row_token(count * dc.top_k);
-      build_row_map(offsets.data(), assignment_row.data(), row_token.data(), chunk_dev.data(),
-                    count, dc.top_k, dc.num_experts, dc.capacity, nullptr, kept.data());
+          row_token(count * dc.top_k),
+          scratch(row_map_scratch_ints(count * dc.top_k, dc.num_experts));
+      build_row_map(offsets.data(), assignment_row.data(), row_token.data(), scratch.data(),
+                    chunk_dev.data(), count, dc.top_k, dc.num_experts, dc.capacity, nullptr,
+                    kept.data());
       const std::vector<int32_t> rows = assignment_row.download();
       for (int64_t a = 0; a < count * dc.top_k; ++a) {
         EXPECT_EQ(rows[a] < 0, whole.assignment_row[first * dc.top_k + a] < 0)
