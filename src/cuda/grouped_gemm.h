@@ -41,11 +41,12 @@ const char* grouped_gemm_kernel_name(GroupedGemmKernel kernel);
 // The kernel of that name, or nullopt.
 std::optional<GroupedGemmKernel> parse_grouped_gemm_kernel(const std::string& name);
 
-// The configuration of each product.
+// The configuration of each product; the defaults are the kernel lab's fastest on the bench
+// config's expert shapes on an H200 (docs/benchmarks.md, session 14).
 struct GroupedGemmKernels {
   GroupedGemmKernel forward = GroupedGemmKernel::kCooperative128x256;
   GroupedGemmKernel backward_input = GroupedGemmKernel::kCooperative128x256;
-  GroupedGemmKernel backward_weight = GroupedGemmKernel::kCooperative128x256;
+  GroupedGemmKernel backward_weight = GroupedGemmKernel::kCooperative128x256Cluster2;
 };
 // The defaults above, or what MOEFORGE_GROUPED_GEMM names: one kernel name for all three
 // products, or three comma-separated names (forward, backward_input, backward_weight). An unknown

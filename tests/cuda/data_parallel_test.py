@@ -140,7 +140,8 @@ def main():
                     assert "ZeRO-1 over 2 data-parallel ranks on the GPUs through NCCL" in \
                         proc.stderr, proc.stderr
                 elif launch and device == "cuda" and not name.startswith("sp-ep"):
-                    assert "data-parallel ranks: on the GPUs through NCCL" in proc.stderr, proc.stderr
+                    assert "gradient sums over 2 ranks: on the GPUs through NCCL" in proc.stderr, \
+                        proc.stderr
                 metrics = os.path.join(run_dir, "metrics.jsonl")
                 curves[name] = step_records(metrics, "loss")
                 grad_norms[name] = step_records(metrics, "grad_norm")
