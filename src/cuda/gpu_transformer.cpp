@@ -22,7 +22,6 @@
 #include "cuda/shared_expert_gate.h"
 #include "cuda/swiglu.h"
 #include "cuda/ulysses_exchange.h"
-#include "ops/row_map.h"
 
 namespace moeforge::cuda {
 
@@ -431,41 +430,6 @@ void GpuTransformer::attention_projections_unpacked(int64_t l) {
                config_.num_kv_heads, d, stream_);
 }
 
-void GpuTransformer::moe_forward(int64_t l, float* x_out) {
-  if (ep_ != nullptr) {
-    moe_group_forward(l, x_out);
-    return;
-  }
-  const LayerOffsets& o = layout_.layer(l);
-  Layer& a = layers_[static_cast<size_t>(l)];
-  const int64_t n = n_, h = config_.hidden_size, f = config_.moe_intermediate_size;
-  const int64_t num_experts = config_.num_experts, k = config_.num_experts_per_tok;
-  const bf16* x = a.ln2_ptr;
-  const RouterShape shape{n, num_experts, k, config_.norm_topk_prob};
-  blas_.linear_forward(a.router_logits.data(), OutType::kFloat, x, wb(o.router), nullptr, n, h,
-                       num_experts, false, stream_);
-  router_forward(a.probs.data(), a.expert_idx.data(), a.gates.data(), a.router_logits.data(), shape,
-                 stream_);
-  // With a capacity factor each expert keeps at most capacity rows; the rows past the kept ones
-  // are zeros that no GEMM reads.
-  const int64_t capacity = ops::expert_capacity(config_.capacity_factor, n, k, num_experts);
-  build_row_map(a.expert_offsets.data(), a.assignment_row.data(), a.row_token.data(),
-                scratch_->row_map.data(), a.expert_idx.data(), n, k, num_experts, capacity,
-                stream_);
-  MF_CUDA_CHECK(cudaMemcpyAsync(a.host_offsets.data(), a.expert_offsets.data(),
-                                static_cast<size_t>(num_experts + 1) * sizeof(int32_t),
-                                cudaMemcpyDeviceToHost, stream_));
-  bf16* rows = scratch_->rows.data();
-  scatter_rows(rows, x, a.row_token.data(), n * k, h, stream_);
-  // Per-expert cuBLASLt calls need the row ranges on the host: one synchronisation per MoE layer.
-  if (!grouped_experts_) MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  const ExpertRows ranges{a.expert_offsets.data(), a.host_offsets.data()};
-  expert_forward(a.h_gate.data(), rows, wb(o.experts_gate), h, f, ranges, stream_);
-  expert_forward(a.h_up.data(), rows, wb(o.experts_up), h, f, ranges, stream_);
-  swiglu_forward(a.h_act_ptr, a.h_gate.data(), a.h_up.data(), n * k * f, stream_);
-  expert_forward(a.y_rows.data(), a.h_act_ptr, wb(o.experts_down), f, h, ranges, stream_);
-}
-
 void GpuTransformer::shared_expert_forward(int64_t l) {
   const LayerOffsets& o = layout_.layer(l);
   Layer& a = layers_[static_cast<size_t>(l)];
@@ -477,24 +441,6 @@ void GpuTransformer::shared_expert_forward(int64_t l) {
   swiglu_forward(a.shared_act_ptr, a.shared_gate.data(), a.shared_up.data(), n * shared, stream_);
   blas_.linear_forward(a.shared_out.data(), OutType::kBf16, a.shared_act_ptr, wb(o.shared_down),
                        nullptr, n, shared, h, false, stream_);
-}
-
-void GpuTransformer::moe_combine(int64_t l, float* x_out) {
-  const LayerOffsets& o = layout_.layer(l);
-  Layer& a = layers_[static_cast<size_t>(l)];
-  const int64_t n = n_, h = config_.hidden_size;
-  if (ep_ != nullptr) {
-    // moe_group_forward summed the experts' outputs over the group into x_out.
-    add_inplace(x_out, a.x_mid.data(), n * h, stream_);
-  } else {
-    combine_rows(x_out, a.x_mid.data(), a.y_rows.data(), a.gates.data(), a.assignment_row.data(), n,
-                 config_.num_experts_per_tok, h, stream_);
-  }
-  if (config_.shared_expert_intermediate_size > 0) {
-    shared_expert_forward(l);
-    shared_expert_gate_forward(x_out, a.shared_score.data(), a.ln2_ptr, wb(o.shared_expert_gate),
-                               a.shared_out.data(), n, h, stream_);
-  }
 }
 
 void GpuTransformer::expert_forward(bf16* y, const bf16* x, const bf16* w, int64_t in, int64_t out,
@@ -581,11 +527,20 @@ void GpuTransformer::recompute_ffn_inputs(int64_t l) {
   const int64_t n = n_, h = config_.hidden_size;
   rmsnorm_forward(a.ln2_ptr, a.rstd2.data(), a.x_mid.data(), w(o.post_attention_norm), n, h,
                   static_cast<float>(config_.rms_norm_eps), stream_);
-  const int64_t count = config_.layer_is_moe(l) ? moe_tokens() * config_.num_experts_per_tok *
-                                                      config_.moe_intermediate_size
-                                                : n * config_.intermediate_size;
-  swiglu_forward(a.h_act_ptr, a.h_gate.data(), a.h_up.data(), count, stream_);
-  if (config_.layer_is_moe(l) && config_.shared_expert_intermediate_size > 0) {
+  if (!config_.layer_is_moe(l)) {
+    swiglu_forward(a.h_act_ptr, a.h_gate.data(), a.h_up.data(), n * config_.intermediate_size,
+                   stream_);
+    return;
+  }
+  // Each chunk's rows of this rank's experts, as the forward ran them (moe_chunk_forward).
+  const int64_t rows = chunk_tokens() * config_.num_experts_per_tok;
+  const int64_t f = config_.moe_intermediate_size;
+  for (int64_t c = 0; c < ep_chunks_; ++c) {
+    const int32_t* used_rows = chunk_expert_rows(l, c).device + num_local_experts();
+    swiglu_forward(a.h_act_ptr + c * rows * f, a.h_gate.data() + c * rows * f,
+                   a.h_up.data() + c * rows * f, used_rows, rows, f, stream_);
+  }
+  if (config_.shared_expert_intermediate_size > 0) {
     swiglu_forward(a.shared_act_ptr, a.shared_gate.data(), a.shared_up.data(),
                    n * config_.shared_expert_intermediate_size, stream_);
   }
@@ -595,59 +550,6 @@ void GpuTransformer::recompute_attention_inputs(int64_t l) {
   Layer& a = layers_[static_cast<size_t>(l)];
   rmsnorm_forward(a.ln1_ptr, a.rstd1.data(), a.x_in.data(), w(layout_.layer(l).input_norm), n_,
                   config_.hidden_size, static_cast<float>(config_.rms_norm_eps), stream_);
-}
-
-void GpuTransformer::moe_backward(int64_t l, float d_aux, float d_z) {
-  const LayerOffsets& o = layout_.layer(l);
-  Layer& a = layers_[static_cast<size_t>(l)];
-  Scratch& s = *scratch_;
-  const int64_t n = n_, h = config_.hidden_size, f = config_.moe_intermediate_size;
-  const int64_t num_experts = config_.num_experts, k = config_.num_experts_per_tok;
-  if (ep_ != nullptr) {
-    // The routed experts' input gradient into dln, the group's gate gradients into dgates.
-    moe_group_backward(l);
-  } else {
-    const ExpertRows ranges{a.expert_offsets.data(), a.host_offsets.data()};
-    const bool assign = !accumulate_grads_;
-    combine_rows_backward(s.drows.data(), s.dgates.data(), s.dres.data(), a.y_rows.data(),
-                          a.gates.data(), a.assignment_row.data(), n, k, h, stream_);
-    expert_backward_input(s.dh_gate.data(), s.drows.data(), wb(o.experts_down), f, h, false, ranges,
-                          stream_);
-    expert_backward_weight(g(o.experts_down), s.drows.data(), a.h_act_ptr, f, h, assign, ranges,
-                           stream_);
-    swiglu_backward(s.dh_gate.data(), s.dh_up.data(), s.dh_gate.data(), a.h_gate.data(),
-                    a.h_up.data(), n * k * f, stream_);
-    // drows is free again: it takes the gradient of the expert inputs.
-    expert_backward_input(s.drows.data(), s.dh_gate.data(), wb(o.experts_gate), h, f, false, ranges,
-                          stream_);
-    expert_backward_input(s.drows.data(), s.dh_up.data(), wb(o.experts_up), h, f, true, ranges,
-                          stream_);
-    bf16* rows = s.rows.data();
-    scatter_rows(rows, a.ln2_ptr, a.row_token.data(), n * k, h, stream_);
-    expert_backward_weight(g(o.experts_gate), s.dh_gate.data(), rows, h, f, assign, ranges,
-                           stream_);
-    expert_backward_weight(g(o.experts_up), s.dh_up.data(), rows, h, f, assign, ranges, stream_);
-    scatter_rows_backward(s.dln.data(), s.drows.data(), a.assignment_row.data(), n, k, h, stream_);
-  }
-  if (config_.shared_expert_intermediate_size > 0) shared_expert_backward(l);
-  // The router's backward over the routed tokens (the group's: the same on every rank); each rank
-  // keeps its own tokens' rows for its input and weight gradients, so the group's sum counts each
-  // once. Those rows are one piece per chunk of the group's order (moe_group_forward).
-  const int64_t ng = moe_tokens();
-  router_backward(
-      s.drouter.data(), s.dgates.data(), a.router_logits.data(), a.probs.data(),
-      a.expert_idx.data(), a.expert_counts.data(), d_aux, d_z,
-      RouterShape{ng, num_experts, k, config_.norm_topk_prob, config_.router_balance_groups},
-      stream_);
-  const int64_t m = n / ep_chunks_;
-  for (int64_t c = 0; c < ep_chunks_; ++c) {
-    const bf16* drouter =
-        s.drouter.data() + (c * expert_parallel_size() + expert_parallel_rank()) * m * num_experts;
-    blas_.linear_backward_input(s.dln.data() + c * m * h, OutType::kFloat, drouter, wb(o.router), m,
-                                h, num_experts, true, stream_);
-    blas_.linear_backward_weight(g(o.router), drouter, a.ln2_ptr + c * m * h, m, h, num_experts,
-                                 accumulate_grads_ || c > 0, stream_);
-  }
 }
 
 void GpuTransformer::shared_expert_backward(int64_t l) {

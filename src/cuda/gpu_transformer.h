@@ -218,12 +218,13 @@ class GpuTransformer {
     const int32_t* device;
     const int32_t* host;
   };
-  // The routed experts of MoE layer l (router, row map, experts) on this rank's tokens; under
-  // expert parallelism moe_group_forward's exchanges too, which write the experts' sum into
-  // x_out.
+  // The routed experts of MoE layer l (router, row map, experts) on this rank's tokens, into
+  // x_out [n, h]: on one GPU x_mid + their gate-weighted outputs; under expert parallelism
+  // moe_group_forward's exchanges too, which write the experts' sum over the group.
   void moe_forward(int64_t l, float* x_out);
   void moe_backward(int64_t l, float d_aux, float d_z);
-  // x_out [n, h] = x_mid + the gate-weighted expert outputs (+ the gated shared expert's output).
+  // Completes x_out [n, h] = x_mid + the gate-weighted expert outputs (adds x_mid under expert
+  // parallelism) + the gated shared expert's output.
   void moe_combine(int64_t l, float* x_out);
   // Expert parallelism (gpu_transformer_expert_parallel.cpp). The group's tokens are ordered by
   // chunk, then rank, then token: chunk c holds tokens [c m, (c + 1) m) of every rank (m = n /
@@ -235,12 +236,20 @@ class GpuTransformer {
   // experts' weight gradients run last, beside the last chunk's reduce-scatter.
   void moe_group_forward(int64_t l, float* x_out);
   void moe_group_backward(int64_t l);
-  void moe_chunk_forward(int64_t l, int64_t chunk, cudaStream_t stream);
-  // The backward of chunk c: its input gradient (the group's rows, for its reduce-scatter), and
-  // its experts' weight gradients, which run after every chunk's input gradient, beside the
-  // exchanges.
-  void moe_chunk_backward_input(int64_t l, int64_t chunk, cudaStream_t stream);
-  void moe_chunk_backward_weight(int64_t l, int64_t chunk, cudaStream_t stream);
+  // The experts' part of chunk c of the tokens the experts see (gpu_transformer_moe.cpp; one
+  // chunk of the rank's n tokens on one GPU): from the normed inputs x_tokens [tokens, h] (all
+  // chunks'), the router, the row map over this rank's experts, the experts and out [tokens, h]
+  // (fp32, assigned) = residual (when not null) + the gate-weighted outputs of this rank's experts.
+  void moe_chunk_forward(int64_t l, int64_t chunk, const bf16* x_tokens, float* out,
+                         const float* residual, cudaStream_t stream);
+  // The backward of chunk c from dout [tokens, h]: its input gradient into dx [tokens, h]
+  // (assigned; dx may be dout), the gate gradients into dgates, and its experts' weight gradients
+  // (from x_tokens as in the forward), which under expert parallelism run after every chunk's
+  // input gradient, beside the exchanges.
+  void moe_chunk_backward_input(int64_t l, int64_t chunk, const float* dout, float* dx,
+                                cudaStream_t stream);
+  void moe_chunk_backward_weight(int64_t l, int64_t chunk, const bf16* x_tokens,
+                                 cudaStream_t stream);
   // The chunk count of a forward of n tokens per rank (set_expert_parallel_group's rule).
   int64_t overlap_chunks_for(int64_t n) const;
   // The group tokens of one chunk of the current forward, and chunk c's local expert row ranges

@@ -1,6 +1,7 @@
 // GpuTransformer's sequence/expert-parallel layer parts (MegaScale-MoE section 1): the group
-// setup, Ulysses attention's all-to-alls, and the MoE layers over the group's tokens in chunks
-// whose exchanges (on the model's stream) overlap the experts of other chunks (on expert_stream_).
+// setup, Ulysses attention's all-to-alls, and the MoE layers' exchanges over the group's tokens in
+// chunks (on the model's stream) around the experts of each chunk (gpu_transformer_moe.cpp, on
+// expert_stream_).
 #include <numeric>
 #include <vector>
 
@@ -8,12 +9,8 @@
 #include "cuda/cuda_check.h"
 #include "cuda/gpu_transformer.h"
 #include "cuda/gpu_transformer_buffers.h"
-#include "cuda/moe_dispatch.h"
 #include "cuda/reductions.h"
-#include "cuda/router.h"
-#include "cuda/swiglu.h"
 #include "cuda/ulysses_exchange.h"
-#include "ops/row_map.h"
 
 namespace moeforge::cuda {
 
@@ -150,7 +147,8 @@ void GpuTransformer::moe_group_forward(int64_t l, float* x_out) {
   // exposed.
   for (int64_t c = 0; c < chunks; ++c) {
     EventPool::wait(expert_stream_, gathered[static_cast<size_t>(c)]);
-    moe_chunk_forward(l, c, expert_stream_);
+    moe_chunk_forward(l, c, a.ln2_group.data(), scratch_->group_f32.data(), nullptr,
+                      expert_stream_);
     events_.order(expert_stream_, stream_);
     const auto scatter = [&] {
       reduce_scatter_group(scratch_->group_f32.data() + c * ranks * m * h, x_out + c * m * h,
@@ -169,59 +167,6 @@ void GpuTransformer::moe_group_forward(int64_t l, float* x_out) {
                         static_cast<size_t>(chunks * (num_local_experts() + 1)) * sizeof(int32_t),
                         cudaMemcpyDeviceToHost, stream_));
   }
-}
-
-void GpuTransformer::moe_chunk_forward(int64_t l, int64_t chunk, cudaStream_t stream) {
-  const LayerOffsets& o = layout_.layer(l);
-  Layer& a = layers_[static_cast<size_t>(l)];
-  const int64_t h = config_.hidden_size, f = config_.moe_intermediate_size;
-  const int64_t num_experts = config_.num_experts, k = config_.num_experts_per_tok;
-  // The chunk's group tokens [first, first + tokens) and their rows [first * k, ...).
-  const int64_t tokens = chunk_tokens(), first = chunk * tokens;
-  const bf16* x = a.ln2_group.data() + first * h;
-  float* logits = a.router_logits.data() + first * num_experts;
-  int32_t* expert_idx = a.expert_idx.data() + first * k;
-  float* gates = a.gates.data() + first * k;
-  const int32_t* assignment_row = a.assignment_row.data() + first * k;
-  blas_.linear_forward(logits, OutType::kFloat, x, wb(o.router), nullptr, tokens, h, num_experts,
-                       false, stream);
-  router_forward(a.probs.data() + first * num_experts, expert_idx, gates, logits,
-                 RouterShape{tokens, num_experts, k, config_.norm_topk_prob}, stream);
-  // Several chunks only without a capacity (set_expert_parallel_group): one chunk has the group's
-  // tokens and the capacity of the CPU reference.
-  const int64_t capacity = ops::expert_capacity(config_.capacity_factor, tokens, k, num_experts);
-  // The chunk's local expert offsets [num_local + 1] (and their host copy).
-  const int64_t at = chunk * (num_local_experts() + 1);
-  int32_t* offsets = a.expert_offsets.data() + at;
-  int32_t* host_offsets = a.host_offsets.data() + at;
-  build_local_row_map(offsets, a.assignment_row.data() + first * k, a.row_token.data() + first * k,
-                      a.local_idx.data() + first * k, scratch_->row_map.data(), expert_idx, tokens,
-                      k, expert_parallel_rank() * num_local_experts(), num_local_experts(),
-                      capacity, stream);
-  // The rows of the local experts, [0, offsets[num_local]) of the chunk's tokens * k: the
-  // row-wise ops below touch only those (about 1 / ep of them), the GEMMs only the experts' ranges.
-  const int32_t* used_rows = offsets + num_local_experts();
-  bf16* rows = scratch_->rows.data() + first * k * h;
-  scatter_rows(rows, x, a.row_token.data() + first * k, used_rows, tokens * k, h, stream);
-  if (!grouped_experts_) {
-    // Per-expert cuBLASLt calls need the row ranges on the host.
-    MF_CUDA_CHECK(cudaMemcpyAsync(host_offsets, offsets,
-                                  static_cast<size_t>(num_local_experts() + 1) * sizeof(int32_t),
-                                  cudaMemcpyDeviceToHost, stream));
-    MF_CUDA_CHECK(cudaStreamSynchronize(stream));
-  }
-  const ExpertRows ranges{offsets, host_offsets};
-  bf16* h_gate = a.h_gate.data() + first * k * f;
-  bf16* h_up = a.h_up.data() + first * k * f;
-  bf16* h_act = a.h_act_ptr + first * k * f;
-  bf16* y_rows = a.y_rows.data() + first * k * h;
-  expert_forward(h_gate, rows, wb(o.experts_gate), h, f, ranges, stream);
-  expert_forward(h_up, rows, wb(o.experts_up), h, f, ranges, stream);
-  swiglu_forward(h_act, h_gate, h_up, used_rows, tokens * k, f, stream);
-  expert_forward(y_rows, h_act, wb(o.experts_down), f, h, ranges, stream);
-  // The local experts' share of every token's output; the reduce-scatter sums the group's.
-  combine_rows(scratch_->group_f32.data() + first * h, nullptr, y_rows, gates, assignment_row,
-               tokens, k, h, stream);
 }
 
 void GpuTransformer::moe_group_backward(int64_t l) {
@@ -262,64 +207,15 @@ void GpuTransformer::moe_group_backward(int64_t l) {
   // beside the last chunk's exchanges.
   for (int64_t c = 0; c < chunks; ++c) {
     EventPool::wait(expert_stream_, gathered[static_cast<size_t>(c)]);
-    moe_chunk_backward_input(l, c, expert_stream_);
+    moe_chunk_backward_input(l, c, s.group_f32.data(), s.group_f32.data(), expert_stream_);
     events_.order(expert_stream_, stream_);
     reduce_scatter_group(s.group_f32.data() + c * ranks * m * h, s.dln.data() + c * m * h, m * h);
     ep_->all_reduce_sum(s.dgates.data() + c * ranks * m * k, static_cast<size_t>(ranks * m * k),
                         CommDType::kFloat32);
   }
-  for (int64_t c = 0; c < chunks; ++c) moe_chunk_backward_weight(l, c, expert_stream_);
+  const bf16* x_group = layers_[static_cast<size_t>(l)].ln2_group.data();
+  for (int64_t c = 0; c < chunks; ++c) moe_chunk_backward_weight(l, c, x_group, expert_stream_);
   events_.order(expert_stream_, stream_);
-}
-
-void GpuTransformer::moe_chunk_backward_input(int64_t l, int64_t chunk, cudaStream_t stream) {
-  const LayerOffsets& o = layout_.layer(l);
-  Layer& a = layers_[static_cast<size_t>(l)];
-  Scratch& s = *scratch_;
-  const int64_t h = config_.hidden_size, f = config_.moe_intermediate_size;
-  const int64_t k = config_.num_experts_per_tok;
-  const int64_t tokens = chunk_tokens(), first = chunk * tokens;
-  const ExpertRows ranges = chunk_expert_rows(l, chunk);
-  const int32_t* assignment_row = a.assignment_row.data() + first * k;
-  float* group = s.group_f32.data() + first * h;
-  // drows: the gradient of the expert outputs (kept for the down projection's weight gradient);
-  // rows: the gradient of the expert inputs (free until moe_chunk_backward_weight gathers the
-  // inputs into it).
-  bf16* drows = s.drows.data() + first * k * h;
-  bf16* dx_rows = s.rows.data() + first * k * h;
-  bf16* dh_gate = s.dh_gate.data() + first * k * f;
-  bf16* dh_up = s.dh_up.data() + first * k * f;
-  combine_rows_backward(drows, s.dgates.data() + first * k, group, a.y_rows.data() + first * k * h,
-                        a.gates.data() + first * k, assignment_row, tokens, k, h, stream);
-  expert_backward_input(dh_gate, drows, wb(o.experts_down), f, h, false, ranges, stream);
-  swiglu_backward(dh_gate, dh_up, dh_gate, a.h_gate.data() + first * k * f,
-                  a.h_up.data() + first * k * f, ranges.device + num_local_experts(), tokens * k, f,
-                  stream);
-  expert_backward_input(dx_rows, dh_gate, wb(o.experts_gate), h, f, false, ranges, stream);
-  expert_backward_input(dx_rows, dh_up, wb(o.experts_up), h, f, true, ranges, stream);
-  // The chunk's gathered output gradient is consumed: its rows take the group's input gradient.
-  scatter_rows_backward(group, dx_rows, assignment_row, tokens, k, h, stream);
-}
-
-void GpuTransformer::moe_chunk_backward_weight(int64_t l, int64_t chunk, cudaStream_t stream) {
-  const LayerOffsets& o = layout_.layer(l);
-  Layer& a = layers_[static_cast<size_t>(l)];
-  Scratch& s = *scratch_;
-  const int64_t h = config_.hidden_size, f = config_.moe_intermediate_size;
-  const int64_t k = config_.num_experts_per_tok;
-  const int64_t tokens = chunk_tokens(), first = chunk * tokens;
-  const ExpertRows ranges = chunk_expert_rows(l, chunk);
-  // Only the first chunk assigns the experts' gradients (a kAssign backward); the others add.
-  const bool assign = !accumulate_grads_ && chunk == 0;
-  bf16* rows = s.rows.data() + first * k * h;
-  expert_backward_weight(g(o.experts_down), s.drows.data() + first * k * h,
-                         a.h_act_ptr + first * k * f, f, h, assign, ranges, stream);
-  scatter_rows(rows, a.ln2_group.data() + first * h, a.row_token.data() + first * k,
-               ranges.device + num_local_experts(), tokens * k, h, stream);
-  expert_backward_weight(g(o.experts_gate), s.dh_gate.data() + first * k * f, rows, h, f, assign,
-                         ranges, stream);
-  expert_backward_weight(g(o.experts_up), s.dh_up.data() + first * k * f, rows, h, f, assign,
-                         ranges, stream);
 }
 
 }  // namespace moeforge::cuda
