@@ -363,6 +363,10 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
   s.dk_heads.resize(sp ? n * kvd : 0);
   s.dv_heads.resize(sp ? n * kvd : 0);
   s.counted.resize(1);
+  if (s.wait_word.size() == 0) {
+    s.wait_word.resize(1);
+    s.wait_word.fill_zero(stream_);
+  }
   s.dh_gate.resize(max_ffn);
   s.dh_up.resize(max_ffn);
 }

@@ -53,12 +53,14 @@ std::string projection_of(const std::string& name) {
 struct GroupRun {
   std::vector<float> grads;  // this rank's (its layout's order)
   double loss = 0.0;
-  int64_t overlap_chunks = 0;  // the chunks its MoE layers ran in
+  int64_t overlap_chunks = 0;              // the chunks its MoE layers ran in
+  std::map<std::string, double> phase_ms;  // with timed: the phase timer's totals
 };
 
-// Returns this rank's run after checking it against one GPU.
+// Returns this rank's run after checking it against one GPU (timed: with the group model's phase
+// timer on).
 GroupRun expect_group_matches_one_gpu(Architecture arch, GradMode mode,
-                                      const ExpertExchange& exchange = {}) {
+                                      const ExpertExchange& exchange = {}, bool timed = false) {
   NcclCommunicator& comm = nccl();
   const int64_t num_ranks = comm.size(), rank = comm.rank();
   const ModelConfig config = config_for(arch, num_ranks);
@@ -105,6 +107,7 @@ GroupRun expect_group_matches_one_gpu(Architecture arch, GradMode mode,
     my_targets.insert(my_targets.end(), targets.begin() + first,
                       targets.begin() + first + local_seq);
   }
+  part.timer().set_enabled(timed);
   const LossBreakdown got =
       part.forward_backward(my_tokens.data(), my_targets.data(), batch, local_seq, 0.5, mode);
   comm.set_stream(previous);
@@ -155,7 +158,7 @@ GroupRun expect_group_matches_one_gpu(Architecture arch, GradMode mode,
     EXPECT_LE(std::sqrt(diff_sq / std::max(scale, 1e-30)), bound)
         << spec.name << " (" << num_ranks << " ranks, rank " << rank << ")";
   }
-  return {local_grads, got.loss, part.expert_overlap_chunks()};
+  return {local_grads, got.loss, part.expert_overlap_chunks(), part.timer().totals_ms()};
 }
 
 // The tensor of `layout` whose gradients differ most (relative L2) between two vectors.
@@ -216,6 +219,29 @@ TEST_P(ExpertParallelGpu, OverlapChunksMatchTheUnchunkedExchange) {
     std::printf("rank %d, %s: chunks 3 against 1, largest difference %.2e (%s)\n", nccl().rank(),
                 grouped ? "grouped" : "per-expert", worst.relative, worst.name.c_str());
   }
+}
+
+// With the phase timer on, each exposed exchange is split into the wait for the slowest rank
+// (<phase>_wait, a one-element all-reduce) and the transfer (<phase>_exchange), and the model
+// still computes the one-GPU gradients; with it off nothing is timed (and no extra collective
+// runs: a rank that ran one alone would hang the group).
+TEST_P(ExpertParallelGpu, PhaseTimerSplitsWaitsFromExchanges) {
+  MF_REQUIRE_NCCL_GPUS();
+  if (nccl().size() == 1) GTEST_SKIP() << "one rank exchanges nothing";
+  const GroupRun timed = expect_group_matches_one_gpu(GetParam(), GradMode::kAccumulate,
+                                                      {GradReduceDtype::kFloat32, 2}, true);
+  std::vector<std::string> phases = {"attention_wait", "attention_exchange",
+                                     "attention_backward_wait", "attention_backward_exchange"};
+  if (testing::gpu_config(GetParam()).is_moe()) {
+    for (const char* p : {"moe_wait", "moe_exchange", "moe_backward_wait", "moe_backward_exchange"})
+      phases.emplace_back(p);
+  }
+  for (const std::string& phase : phases) {
+    EXPECT_EQ(timed.phase_ms.count(phase), 1u) << phase;
+  }
+  const GroupRun untimed = expect_group_matches_one_gpu(GetParam(), GradMode::kAccumulate,
+                                                        {GradReduceDtype::kFloat32, 2});
+  EXPECT_TRUE(untimed.phase_ms.empty());
 }
 
 // kAssign writes every gradient this rank holds (NaN before): the sums are still the one-GPU
