@@ -1,6 +1,7 @@
 // RMSNorm on the GPU against ops/rmsnorm.h in fp64: forward from the fp32 residual stream and from
 // bf16 (q/k norm), backward for both instantiations with assigned and accumulated dinp and an
-// accumulating dweight.
+// accumulating dweight, on both ways of summing dweight (fused into the backward kernel, or a
+// second kernel for wide rows), bit-identical from run to run.
 #include "cuda/rmsnorm.h"
 
 #include <gtest/gtest.h>
@@ -109,9 +110,61 @@ TEST(RmsNormCuda, ForwardFromBf16) {
   check_forward<bf16>(9, 30, 7);
 }
 
+// Backward shapes named for the split of dweight they exercise (rmsnorm_dweight_split; the test
+// BackwardShapesCoverTheSplits checks that they still do). The blocks have 8 warps.
+struct Shape {
+  int64_t n, c;
+};
+// Fused, one row per warp, c = 2048 (the training bench's width), several hundred rows.
+constexpr Shape kWideRows{600, 2048};
+// Fused, several rows per warp, the last block's range cut short (n not a multiple of it).
+constexpr Shape kWideRowsManyPerWarp{2100, 2048};
+// The same at q/k norm's width (bf16, c = head_dim).
+constexpr Shape kHeadRowsManyPerWarp{9003, 128};
+// The same on the one-column-per-lane kernel (c % 4 != 0).
+constexpr Shape kOddRowsManyPerWarp{8500, 30};
+// Fused, 4 column groups (of 32 lanes' columns) loaded at a time, the last load batch and the last
+// group cut short; 4- and 1-column.
+constexpr Shape kUnrolledPartialGroups{300, 1000};
+constexpr Shape kUnrolledOdd{70, 1001};
+// Fused, fewer rows than one block's range.
+constexpr Shape kOneRow{1, 100};
+constexpr Shape kFewOddRows{5, 98};
+// Wider than the fused kernel holds: the two-pass path, over two chunks of rows; 4- and 1-column.
+constexpr Shape kTooWide{300, kRmsNormFusedMaxColumns + 4};
+constexpr Shape kTooWideOdd{40, kRmsNormFusedMaxColumns + 2};
+
+TEST(RmsNormCuda, BackwardShapesCoverTheSplits) {
+  for (const Shape s : {kWideRows, kWideRowsManyPerWarp, kHeadRowsManyPerWarp, kOddRowsManyPerWarp,
+                        kUnrolledPartialGroups, kUnrolledOdd, kOneRow, kFewOddRows}) {
+    SCOPED_TRACE("n=" + std::to_string(s.n) + " c=" + std::to_string(s.c));
+    const RmsNormDweightSplit split = rmsnorm_dweight_split(s.n, s.c);
+    EXPECT_TRUE(split.fused);
+    EXPECT_EQ(split.num_partials, (s.n + split.rows_per_partial - 1) / split.rows_per_partial);
+  }
+  EXPECT_EQ(rmsnorm_dweight_split(kWideRows.n, kWideRows.c).rows_per_partial, 8);
+  for (const Shape s : {kWideRowsManyPerWarp, kHeadRowsManyPerWarp, kOddRowsManyPerWarp}) {
+    SCOPED_TRACE("n=" + std::to_string(s.n) + " c=" + std::to_string(s.c));
+    const RmsNormDweightSplit split = rmsnorm_dweight_split(s.n, s.c);
+    EXPECT_GE(split.rows_per_partial, 2 * 8);
+    EXPECT_NE(s.n % split.rows_per_partial, 0);
+    EXPECT_GT(split.num_partials, 1);
+  }
+  EXPECT_GT(rmsnorm_dweight_split(kOneRow.n, kOneRow.c).rows_per_partial, kOneRow.n);
+  EXPECT_GT(rmsnorm_dweight_split(kFewOddRows.n, kFewOddRows.c).rows_per_partial, kFewOddRows.n);
+  for (const Shape s : {kTooWide, kTooWideOdd}) {
+    SCOPED_TRACE("n=" + std::to_string(s.n) + " c=" + std::to_string(s.c));
+    EXPECT_FALSE(rmsnorm_dweight_split(s.n, s.c).fused);
+  }
+  EXPECT_GT(rmsnorm_dweight_split(kTooWide.n, kTooWide.c).num_partials, 1);
+  // The widest fused rows are those of the limit.
+  EXPECT_TRUE(rmsnorm_dweight_split(1, kRmsNormFusedMaxColumns).fused);
+}
+
 // In, DOut and DIn are all T (the two instantiations of the header).
 template <typename T>
-void check_backward(int64_t n, int64_t c, bool accumulate, uint64_t seed) {
+void check_backward(Shape shape, bool accumulate, uint64_t seed) {
+  const int64_t n = shape.n, c = shape.c;
   SCOPED_TRACE("n=" + std::to_string(n) + " c=" + std::to_string(c) +
                " accumulate=" + std::to_string(accumulate));
   const std::vector<float> x = representable<T>(random_rows(n, c, seed));
@@ -184,18 +237,66 @@ void check_backward(int64_t n, int64_t c, bool accumulate, uint64_t seed) {
 
 TEST(RmsNormCuda, BackwardFloatAssignsOrAccumulatesDinp) {
   MF_REQUIRE_GPU();
-  check_backward<float>(37, 96, false, 10);
-  check_backward<float>(37, 96, true, 11);
-  check_backward<float>(1, 100, false, 12);
-  check_backward<float>(600, 2048, true, 13);
-  check_backward<float>(5, 98, true, 14);  // c % 4 != 0
+  check_backward<float>({37, 96}, false, 10);
+  check_backward<float>({37, 96}, true, 11);
+  check_backward<float>(kOneRow, false, 12);
+  check_backward<float>(kWideRows, true, 13);
+  check_backward<float>(kFewOddRows, true, 14);
+  check_backward<float>(kWideRowsManyPerWarp, false, 15);
+  check_backward<float>(kOddRowsManyPerWarp, true, 16);
+  check_backward<float>(kUnrolledPartialGroups, true, 17);
+  check_backward<float>(kUnrolledOdd, false, 18);
 }
 
 TEST(RmsNormCuda, BackwardBf16) {
   MF_REQUIRE_GPU();
-  check_backward<bf16>(600, 128, false, 20);
-  check_backward<bf16>(37, 64, false, 21);
-  check_backward<bf16>(9, 30, true, 22);
+  check_backward<bf16>({600, 128}, false, 20);
+  check_backward<bf16>({37, 64}, false, 21);
+  check_backward<bf16>({9, 30}, true, 22);
+  check_backward<bf16>(kHeadRowsManyPerWarp, true, 23);
+  check_backward<bf16>(kOddRowsManyPerWarp, false, 24);
+  check_backward<bf16>(kUnrolledPartialGroups, false, 25);
+  check_backward<bf16>(kUnrolledOdd, true, 26);
+}
+
+TEST(RmsNormCuda, BackwardTwoPassForWideRows) {
+  MF_REQUIRE_GPU();
+  check_backward<float>(kTooWide, true, 30);
+  check_backward<float>(kTooWideOdd, false, 31);
+  check_backward<bf16>(kTooWide, false, 32);
+  check_backward<bf16>(kTooWideOdd, true, 33);
+}
+
+// The same inputs twice give the same dweight bits (fixed-order sums, no atomics).
+template <typename T>
+void check_backward_deterministic(Shape shape, uint64_t seed) {
+  const int64_t n = shape.n, c = shape.c;
+  SCOPED_TRACE("n=" + std::to_string(n) + " c=" + std::to_string(c));
+  const std::vector<float> x = random_rows(n, c, seed);
+  const std::vector<float> rstd = testing::random_uniform(n, seed + 1, 0.5, 2.0);
+  DeviceBuffer<T> x_dev = upload_as<T>(x);
+  DeviceBuffer<T> dout = upload_as<T>(testing::random_normal(n * c, seed + 2));
+  DeviceBuffer<float> weight = to_device(testing::random_uniform(c, seed + 3, 0.5, 1.5));
+  DeviceBuffer<float> rstd_dev = to_device(rstd);
+  const std::vector<float> dweight_start = testing::random_normal(c, seed + 4);
+  DeviceBuffer<T> dinp(n * c);
+  std::vector<std::vector<float>> dweights;
+  for (int run = 0; run < 2; ++run) {
+    DeviceBuffer<float> dweight = to_device(dweight_start);
+    rmsnorm_backward<T, T, T>(dinp.data(), dweight.data(), dout.data(), x_dev.data(), weight.data(),
+                              rstd_dev.data(), n, c, false, nullptr);
+    testing::synchronize();
+    dweights.push_back(dweight.download());
+  }
+  testing::expect_equal("dweight", dweights[1], dweights[0]);
+}
+
+TEST(RmsNormCuda, BackwardDweightIsDeterministic) {
+  MF_REQUIRE_GPU();
+  check_backward_deterministic<float>(kWideRowsManyPerWarp, 40);
+  check_backward_deterministic<bf16>(kHeadRowsManyPerWarp, 41);
+  check_backward_deterministic<bf16>(kOddRowsManyPerWarp, 42);
+  check_backward_deterministic<float>(kTooWide, 43);
 }
 
 }  // namespace
