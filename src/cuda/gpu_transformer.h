@@ -256,11 +256,13 @@ class GpuTransformer {
   // in layer l's row map.
   int64_t chunk_tokens() const { return n_ / ep_chunks_ * expert_parallel_size(); }
   ExpertRows chunk_expert_rows(int64_t l, int64_t chunk) const;
-  // With the phase timer on (bench train's phase steps), a one-element all-reduce over the group
-  // on stream_, charged to the open phase + "_wait": the time until the slowest rank arrives, so
-  // that the exposed exchange after it, "_exchange", is the transfer. Nothing with the timer off;
-  // every rank of the group must have its timer in the same state (it is a collective).
-  void time_group_wait();
+  // An exchange of the group on stream_ that no expert work overlaps (fn enqueues it), charged to
+  // the open phase + "_exchange". With the phase timer on (bench train's phase steps) a
+  // one-element all-reduce over the group comes first, charged to + "_wait": the time until the
+  // slowest rank arrives, so that "_exchange" is the transfer. Every rank of the group must have
+  // its timer in the same state (the all-reduce is a collective).
+  template <typename Fn>
+  void exposed_exchange(Fn&& fn);
   // out [count] = the sum over the expert-parallel group of each rank's part of group [ep, count]
   // for this rank, in the dtype of set_expert_parallel_group's exchange, on stream_.
   void reduce_scatter_group(const float* group, float* out, int64_t count);

@@ -100,7 +100,7 @@ struct GpuTransformer::Scratch {
   // bf16 exchanges: [ep * n + n, h], the gathered output gradient in bf16, then this rank's.
   DeviceBuffer<bf16> group_bf16;
   DeviceBuffer<int64_t> counted;    // [1] the group's counted targets
-  DeviceBuffer<int32_t> wait_word;  // [1] zero: time_group_wait's all-reduce
+  DeviceBuffer<int32_t> wait_word;  // [1] zero: exposed_exchange's wait all-reduce
 };
 
 }  // namespace moeforge::cuda

@@ -14,6 +14,15 @@
 
 namespace moeforge::cuda {
 
+template <typename Fn>
+void GpuTransformer::exposed_exchange(Fn&& fn) {
+  if (timer_.enabled()) {
+    timer_.split("_wait", stream_,
+                 [&] { ep_->all_reduce_sum(scratch_->wait_word.data(), 1, CommDType::kInt32); });
+  }
+  timer_.split("_exchange", stream_, fn);
+}
+
 void GpuTransformer::set_expert_parallel_group(Communicator& group,
                                                const ExpertExchange& exchange) {
   MF_CHECK(n_ == 0, "set_expert_parallel_group must come before the first forward");
@@ -69,8 +78,7 @@ void GpuTransformer::ulysses_exchange(const std::vector<UlyssesTensor>& tensors,
   } else {
     ulysses_pack_heads(s.exchange_send.data(), tensors, shape, stream_);
   }
-  time_group_wait();
-  timer_.split("_exchange", stream_, [&] {
+  exposed_exchange([&] {
     ep_->all_to_all(s.exchange_send.data(), s.exchange_recv.data(),
                     static_cast<size_t>(ulysses_chunk(tensors, shape)), CommDType::kBFloat16);
   });
@@ -113,12 +121,6 @@ void GpuTransformer::ulysses_attention_backward(int64_t l, int64_t batch, int64_
                    false, batch, seq);
 }
 
-void GpuTransformer::time_group_wait() {
-  if (!timer_.enabled()) return;
-  timer_.split("_wait", stream_,
-               [&] { ep_->all_reduce_sum(scratch_->wait_word.data(), 1, CommDType::kInt32); });
-}
-
 void GpuTransformer::reduce_scatter_group(const float* group, float* out, int64_t count) {
   if (ep_exchange_ == GradReduceDtype::kBfloat16) {
     ep_reducer_.reduce_scatter(group, static_cast<size_t>(count), out, *ep_,
@@ -144,8 +146,7 @@ void GpuTransformer::moe_group_forward(int64_t l, float* x_out) {
                       static_cast<size_t>(m * h), CommDType::kBFloat16);
     };
     if (c == 0) {
-      time_group_wait();
-      timer_.split("_exchange", stream_, gather);
+      exposed_exchange(gather);
     } else {
       gather();
     }
@@ -163,8 +164,7 @@ void GpuTransformer::moe_group_forward(int64_t l, float* x_out) {
                            m * h);
     };
     if (c + 1 == chunks) {
-      time_group_wait();
-      timer_.split("_exchange", stream_, scatter);
+      exposed_exchange(scatter);
     } else {
       scatter();
     }
@@ -203,8 +203,7 @@ void GpuTransformer::moe_group_backward(int64_t l) {
       }
     };
     if (c == 0) {
-      time_group_wait();
-      timer_.split("_exchange", stream_, gather);
+      exposed_exchange(gather);
     } else {
       gather();
     }

@@ -56,13 +56,16 @@ GroupedGemmKernels grouped_gemm_kernels_from_env() {
 
 namespace {
 
-std::unique_ptr<detail::GroupedKernels> make_kernels(GroupedGemmKernel kernel) {
+std::unique_ptr<detail::GroupedKernels> make_kernels(GroupedGemmKernel kernel,
+                                                     const detail::GroupedDevice& device) {
   switch (kernel) {
-    case GroupedGemmKernel::kCooperative128x256: return detail::make_cooperative_128x256_kernels();
+    case GroupedGemmKernel::kCooperative128x256:
+      return detail::make_cooperative_128x256_kernels(device);
     case GroupedGemmKernel::kCooperative128x256Cluster2:
-      return detail::make_cooperative_128x256_cluster2_kernels();
-    case GroupedGemmKernel::kCooperative256x128: return detail::make_cooperative_256x128_kernels();
-    case GroupedGemmKernel::kPingpong128x128: return detail::make_pingpong_128x128_kernels();
+      return detail::make_cooperative_128x256_cluster2_kernels(device);
+    case GroupedGemmKernel::kCooperative256x128:
+      return detail::make_cooperative_256x128_kernels(device);
+    case GroupedGemmKernel::kPingpong128x128: return detail::make_pingpong_128x128_kernels(device);
   }
   MF_FAIL("unknown grouped GEMM kernel");
 }
@@ -72,7 +75,6 @@ std::unique_ptr<detail::GroupedKernels> make_kernels(GroupedGemmKernel kernel) {
 struct GroupedGemm::Impl {
   GroupedGemmKernels choice;
   bool usable = false;
-  int sm_count = 0;
   // One instance per product, so that each keeps its own per-group arrays.
   std::unique_ptr<detail::GroupedKernels> forward, backward_input, backward_weight;
 };
@@ -80,13 +82,15 @@ struct GroupedGemm::Impl {
 GroupedGemm::GroupedGemm(const GroupedGemmKernels& kernels) : impl_(std::make_unique<Impl>()) {
   Impl& impl = *impl_;
   impl.choice = kernels;
-  impl.forward = make_kernels(kernels.forward);
-  impl.backward_input = make_kernels(kernels.backward_input);
-  impl.backward_weight = make_kernels(kernels.backward_weight);
-  int device = 0, major = 0;
-  MF_CUDA_CHECK(cudaGetDevice(&device));
-  MF_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  MF_CUDA_CHECK(cudaDeviceGetAttribute(&impl.sm_count, cudaDevAttrMultiProcessorCount, device));
+  detail::GroupedDevice device;
+  int major = 0;
+  MF_CUDA_CHECK(cudaGetDevice(&device.id));
+  MF_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.id));
+  MF_CUDA_CHECK(
+      cudaDeviceGetAttribute(&device.sm_count, cudaDevAttrMultiProcessorCount, device.id));
+  impl.forward = make_kernels(kernels.forward, device);
+  impl.backward_input = make_kernels(kernels.backward_input, device);
+  impl.backward_weight = make_kernels(kernels.backward_weight, device);
   const char* env = std::getenv("MOEFORGE_GROUPED_GEMM");
   const bool disabled = env != nullptr && std::strcmp(env, "0") == 0;
   impl.usable = !disabled && major == 9 && impl.forward->compiled() &&
@@ -116,23 +120,21 @@ void check_available(const GroupedGemm& gemm, const ExpertGemmShape& shape) {
 void GroupedGemm::forward(bf16* y, const bf16* x, const bf16* w, const int32_t* offsets,
                           const ExpertGemmShape& shape, cudaStream_t stream) {
   check_available(*this, shape);
-  impl_->forward->forward(y, x, w, offsets, shape, impl_->sm_count, stream);
+  impl_->forward->forward(y, x, w, offsets, shape, stream);
 }
 
 void GroupedGemm::backward_input(bf16* dx, const bf16* dy, const bf16* w, const int32_t* offsets,
                                  const ExpertGemmShape& shape, bool accumulate,
                                  cudaStream_t stream) {
   check_available(*this, shape);
-  impl_->backward_input->backward_input(dx, dy, w, offsets, shape, accumulate, impl_->sm_count,
-                                        stream);
+  impl_->backward_input->backward_input(dx, dy, w, offsets, shape, accumulate, stream);
 }
 
 void GroupedGemm::backward_weight(float* dw, const bf16* dy, const bf16* x, const int32_t* offsets,
                                   const ExpertGemmShape& shape, bool accumulate,
                                   cudaStream_t stream) {
   check_available(*this, shape);
-  impl_->backward_weight->backward_weight(dw, dy, x, offsets, shape, accumulate, impl_->sm_count,
-                                          stream);
+  impl_->backward_weight->backward_weight(dw, dy, x, offsets, shape, accumulate, stream);
 }
 
 }  // namespace moeforge::cuda

@@ -5,12 +5,13 @@
 
 namespace moeforge::cuda::detail {
 
-std::unique_ptr<GroupedKernels> make_cooperative_128x256_cluster2_kernels() {
+std::unique_ptr<GroupedKernels> make_cooperative_128x256_cluster2_kernels(
+    const GroupedDevice& device) {
   using namespace cute;
   using Config = Sm90Config<Shape<_128, _256, _64>, Shape<_2, _1, _1>,
                             cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative,
                             cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
-  return std::make_unique<Sm90GroupedKernels<Config>>();
+  return std::make_unique<Sm90GroupedKernels<Config>>(device);
 }
 
 }  // namespace moeforge::cuda::detail

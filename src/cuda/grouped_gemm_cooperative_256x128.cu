@@ -4,12 +4,12 @@
 
 namespace moeforge::cuda::detail {
 
-std::unique_ptr<GroupedKernels> make_cooperative_256x128_kernels() {
+std::unique_ptr<GroupedKernels> make_cooperative_256x128_kernels(const GroupedDevice& device) {
   using namespace cute;
   using Config = Sm90Config<Shape<_256, _128, _64>, Shape<_1, _1, _1>,
                             cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative,
                             cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>;
-  return std::make_unique<Sm90GroupedKernels<Config>>();
+  return std::make_unique<Sm90GroupedKernels<Config>>(device);
 }
 
 }  // namespace moeforge::cuda::detail

@@ -136,7 +136,8 @@ class GroupedRunner {
   void run(const int32_t* offsets, int num_experts, int row_dim, int dim0, int dim1,
            const typename G::Element* a, OperandOffsets a_off, const typename G::Element* b,
            OperandOffsets b_off, ElementD* d, OperandOffsets d_off, float beta, int m_const,
-           int n_const, int k_const, int sm_count, cudaStream_t stream) {
+           int n_const, int k_const, const cutlass::KernelHardwareInfo& hw_info,
+           cudaStream_t stream) {
     using cute::make_shape;
     reserve(num_experts);
     const auto stride_a =
@@ -172,8 +173,7 @@ class GroupedRunner {
     args.epilogue.dC = arrays.stride_d;
     args.epilogue.ptr_D = reinterpret_cast<ElementOut**>(arrays.d);
     args.epilogue.dD = arrays.stride_d;
-    MF_CUDA_CHECK(cudaGetDevice(&args.hw_info.device_id));
-    args.hw_info.sm_count = sm_count;
+    args.hw_info = hw_info;
     MF_CHECK(gemm_.can_implement(args) == cutlass::Status::kSuccess,
              "grouped GEMM: CUTLASS cannot run this problem ({} experts, {} x {})", num_experts,
              dim0, dim1);
@@ -235,42 +235,46 @@ class Sm90GroupedKernels final : public GroupedKernels {
   using BackwardWeight = Sm90GroupedGemm<Config, ColumnMajor, RowMajor, float>;
 
  public:
+  explicit Sm90GroupedKernels(const GroupedDevice& device) {
+    hw_info_.device_id = device.id;
+    hw_info_.sm_count = device.sm_count;
+  }
+
   bool compiled() const override {
     return has_sm90_code<Forward>() && has_sm90_code<BackwardInput>() &&
            has_sm90_code<BackwardWeight>();
   }
 
   void forward(bf16* y, const bf16* x, const bf16* w, const int32_t* offsets,
-               const ExpertGemmShape& shape, int sm_count, cudaStream_t stream) override {
+               const ExpertGemmShape& shape, cudaStream_t stream) override {
     const int in = static_cast<int>(shape.in), out = static_cast<int>(shape.out);
     // (m, n, k) = (rows, out, in).
     forward_.run(offsets, static_cast<int>(shape.num_experts), 0, out, in, cutlass_bf16(x),
                  OperandOffsets{in, 0}, cutlass_bf16(w), OperandOffsets{0, shape.out * shape.in},
                  reinterpret_cast<cutlass::bfloat16_t*>(y), OperandOffsets{out, 0}, 0.0f, 1, out,
-                 in, sm_count, stream);
+                 in, hw_info_, stream);
   }
 
   void backward_input(bf16* dx, const bf16* dy, const bf16* w, const int32_t* offsets,
-                      const ExpertGemmShape& shape, bool accumulate, int sm_count,
-                      cudaStream_t stream) override {
+                      const ExpertGemmShape& shape, bool accumulate, cudaStream_t stream) override {
     const int in = static_cast<int>(shape.in), out = static_cast<int>(shape.out);
     // (m, n, k) = (rows, in, out).
     backward_input_.run(offsets, static_cast<int>(shape.num_experts), 0, in, out, cutlass_bf16(dy),
                         OperandOffsets{out, 0}, cutlass_bf16(w),
                         OperandOffsets{0, shape.out * shape.in},
                         reinterpret_cast<cutlass::bfloat16_t*>(dx), OperandOffsets{in, 0},
-                        accumulate ? 1.0f : 0.0f, 1, in, out, sm_count, stream);
+                        accumulate ? 1.0f : 0.0f, 1, in, out, hw_info_, stream);
   }
 
   void backward_weight(float* dw, const bf16* dy, const bf16* x, const int32_t* offsets,
-                       const ExpertGemmShape& shape, bool accumulate, int sm_count,
+                       const ExpertGemmShape& shape, bool accumulate,
                        cudaStream_t stream) override {
     const int in = static_cast<int>(shape.in), out = static_cast<int>(shape.out);
     // (m, n, k) = (out, in, rows).
     backward_weight_.run(offsets, static_cast<int>(shape.num_experts), 2, out, in, cutlass_bf16(dy),
                          OperandOffsets{out, 0}, cutlass_bf16(x), OperandOffsets{in, 0}, dw,
                          OperandOffsets{0, shape.out * shape.in}, accumulate ? 1.0f : 0.0f, out, in,
-                         1, sm_count, stream);
+                         1, hw_info_, stream);
     if (!accumulate) {
       constexpr int kThreads = 256;
       zero_empty_experts_kernel<<<static_cast<unsigned>(shape.num_experts), kThreads, 0, stream>>>(
@@ -280,6 +284,7 @@ class Sm90GroupedKernels final : public GroupedKernels {
   }
 
  private:
+  cutlass::KernelHardwareInfo hw_info_;
   GroupedRunner<Forward> forward_;
   GroupedRunner<BackwardInput> backward_input_;
   GroupedRunner<BackwardWeight> backward_weight_;
