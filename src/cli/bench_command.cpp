@@ -55,6 +55,7 @@ struct BenchOptions {
   double grad_bucket_mb = ParallelConfig{}.grad_bucket_mb;         // the trainer's default
   int64_t expert_parallel = 1;
   bool overlap_optimizer = false;
+  bool cuda_graphs = false;
   int64_t zero_stage = 0;
 };
 
@@ -85,6 +86,8 @@ void run_bench_train(const BenchOptions& opt) {
   const int64_t ep = opt.expert_parallel;
   MF_CHECK(opt.zero_stage == 0 || (ep == 1 && !opt.overlap_optimizer),
            "--zero-stage 1 runs with --expert-parallel 1 and without --overlap-optimizer");
+  MF_CHECK(!opt.cuda_graphs || (ep == 1 && !opt.overlap_optimizer),
+           "--cuda-graphs runs with --expert-parallel 1 and without --overlap-optimizer");
   MF_CHECK(ep >= 1 && world.size() % ep == 0 && opt.seq % ep == 0,
            "--expert-parallel ({}) must divide the number of ranks ({}) and --seq ({})", ep,
            world.size(), opt.seq);
@@ -104,6 +107,7 @@ void run_bench_train(const BenchOptions& opt) {
     model.set_expert_parallel_group(*ep_device,
                                     {parse_grad_reduce_dtype(opt.ep_comm), opt.ep_overlap_chunks});
   }
+  if (opt.cuda_graphs) model.set_cuda_graphs(true);
   const int64_t local_seq = opt.seq / ep;
   const ParameterLayout& layout = model.layout();
   const bool root = world.rank() == 0;
@@ -182,8 +186,9 @@ void run_bench_train(const BenchOptions& opt) {
       reducer.begin(model.grads(), model.grad_ready_ranges(), bucket_elems, *owner_sums,
                     reduce_dtype, zero->shard_len());
     }
-    // Not beside the expert-parallel collectives (GpuStepEngine::begin_grad_reduce says why).
-    if (reducer.active() && bucket_elems > 0 && ep == 1) {
+    // Not beside the expert-parallel collectives (GpuStepEngine::begin_grad_reduce says why),
+    // nor with CUDA graphs (a graph cannot call the hook).
+    if (reducer.active() && bucket_elems > 0 && ep == 1 && !opt.cuda_graphs) {
       model.set_grad_ready_hook([&](size_t index) { reducer.ready(index, model.stream()); });
     }
     const LossBreakdown loss = model.forward_backward(
@@ -268,6 +273,8 @@ void run_bench_train(const BenchOptions& opt) {
       {"ep_comm_dtype", ep > 1 ? opt.ep_comm : "none"},
       {"ep_overlap_chunks", model.expert_overlap_chunks()},
       {"overlap_optimizer", opt.overlap_optimizer},
+      {"cuda_graphs", opt.cuda_graphs},
+      {"graph_captures", model.graph_captures()},
       {"zero_stage", opt.zero_stage},
       {"grad_reduce", world.size() > 1 ? opt.grad_reduce : "none"},
       {"grad_bucket_mb", opt.grad_bucket_mb},
@@ -351,6 +358,10 @@ void register_bench_command(CLI::App& app) {
   train->add_flag("--overlap-optimizer", opt->overlap_optimizer,
                   "Run AdamW on a stream of its own, range by range, overlapped with the next "
                   "step's forward (GpuAdamW::enable_overlap; experimental, not in `train` yet)");
+  train->add_flag("--cuda-graphs", opt->cuda_graphs,
+                  "Replay each step's forward and backward as a captured CUDA graph "
+                  "(GpuTransformer::set_cuda_graphs: the first warm-up step runs eagerly, the "
+                  "second captures; the optimizer and the two phase-timed steps run eagerly)");
   train
       ->add_option("--zero-stage", opt->zero_stage,
                    "1: ZeRO-1 as the trainer's parallel.zero_stage 1 runs it on GPUs (fp32 "

@@ -17,7 +17,7 @@ void register_train_command(CLI::App& app) {
     std::string config, resume, init_from;
     std::vector<std::string> overrides;
     std::string device = "cpu", recompute = "none";
-    bool no_progress = false;
+    bool no_progress = false, cuda_graphs = false;
   };
   auto opts = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand(
@@ -47,6 +47,10 @@ void register_train_command(CLI::App& app) {
                   "output are recomputed in the backward)")
       ->check(CLI::IsMember({"none", "selective"}))
       ->capture_default_str();
+  cmd->add_flag("--cuda-graphs", opts->cuda_graphs,
+                "cuda: replay each step's forward and backward as a captured CUDA graph (one GPU "
+                "per expert group; data-parallel gradient sums then run after the backward, and "
+                "the optimizer runs eagerly)");
   cmd->add_flag("--no-progress", opts->no_progress, "No progress line on stderr");
   cmd->callback([opts] {
     std::vector<std::string> overrides = opts->overrides;
@@ -59,25 +63,28 @@ void register_train_command(CLI::App& app) {
     if (!opts->resume.empty()) run.resume = opts->resume;
     run.progress = !opts->no_progress;
     run.device = opts->device;
+    MF_CHECK(!opts->cuda_graphs || opts->device == "cuda", "--cuda-graphs needs --device cuda");
 #if MOEFORGE_HAVE_CUDA
-    const cuda::Recompute recompute = cuda::parse_recompute(opts->recompute);
-    const cuda::ExpertExchange ep_exchange{parse_grad_reduce_dtype(config.parallel.ep_comm_dtype),
-                                           config.parallel.ep_overlap_chunks};
+    const cuda::GpuModelOptions gpu_options{
+        cuda::parse_recompute(opts->recompute),
+        cuda::ExpertExchange{parse_grad_reduce_dtype(config.parallel.ep_comm_dtype),
+                             config.parallel.ep_overlap_chunks},
+        opts->cuda_graphs};
     const AdamWHyper hyper{config.optimizer.beta1, config.optimizer.beta2, config.optimizer.eps,
                            config.optimizer.weight_decay};
-    run.engine_factory = [&config, &hyper, recompute, ep_exchange](
+    run.engine_factory = [&config, &hyper, gpu_options](
                              const std::string& device, Transformer<float>& model,
                              AdamW& optimizer) -> std::unique_ptr<StepEngine> {
       MF_CHECK(device == "cuda", "unknown device '{}'", device);
       return cuda::make_gpu_step_engine(model, optimizer, hyper, config.optimizer.no_decay,
-                                        recompute, ep_exchange);
+                                        gpu_options);
     };
-    run.zero1_engine_factory = [&config, &hyper, recompute, ep_exchange](
+    run.zero1_engine_factory = [&config, &hyper, gpu_options](
                                    const std::string& device, Transformer<float>& model,
                                    ZeroAdamW& optimizer) -> std::unique_ptr<StepEngine> {
       MF_CHECK(device == "cuda", "unknown device '{}'", device);
       return cuda::make_gpu_zero1_step_engine(model, optimizer, hyper, config.optimizer.no_decay,
-                                              recompute, ep_exchange);
+                                              gpu_options);
     };
 #else
     MF_CHECK(opts->device == "cpu",

@@ -34,7 +34,8 @@ __device__ __forceinline__ void add_logit(float& m, float& s, float x) {
 // vocabulary is a multiple of 4 and the tensors are aligned.
 template <int kWidth>
 __global__ void cross_entropy_kernel(float* losses, bf16* dlogits, const float* logits,
-                                     const int32_t* targets, int64_t vocab, float dscale) {
+                                     const int32_t* targets, int64_t vocab,
+                                     const float* dscale_ptr) {
   const int64_t row = blockIdx.x;
   const float* x = logits + row * vocab;
   const int32_t target = targets[row];
@@ -66,6 +67,7 @@ __global__ void cross_entropy_kernel(float* losses, bf16* dlogits, const float* 
   }
   __syncthreads();
   if (dlogits == nullptr) return;
+  const float dscale = *dscale_ptr;
   const float lse = lse_shared;
   bf16* dx = dlogits + row * vocab;
   for (int64_t j = threadIdx.x * kWidth; j < vocab; j += kThreads * kWidth) {
@@ -84,7 +86,7 @@ __global__ void cross_entropy_kernel(float* losses, bf16* dlogits, const float* 
 template <int kChunks>
 __global__ void __launch_bounds__(kThreads)
     cross_entropy_resident_kernel(float* losses, bf16* dlogits, const float* logits,
-                                  const int32_t* targets, int64_t vocab, float dscale) {
+                                  const int32_t* targets, int64_t vocab, const float* dscale_ptr) {
   __shared__ float shared[kWarps];
   const int64_t row = blockIdx.x;
   const float* x = logits + row * vocab;
@@ -119,6 +121,7 @@ __global__ void __launch_bounds__(kThreads)
   s = block_reduce<false, kThreads>(s, shared);
   if (threadIdx.x == 0) losses[row] = target < 0 ? 0.0f : m + logf(s) - x[target];
   if (dlogits == nullptr) return;
+  const float dscale = *dscale_ptr;
   const float scale = dscale / s;
   bf16* dx = dlogits + row * vocab;
 #pragma unroll
@@ -140,7 +143,7 @@ constexpr int64_t kMaxResidentVocab = kThreads * 4 * kMaxResidentChunks;  // 327
 // The smallest kChunks (a power of two) whose row covers vocab.
 template <int kChunks>
 void launch_resident(float* losses, bf16* dlogits, const float* logits, const int32_t* targets,
-                     int64_t rows, int64_t vocab, float dscale, cudaStream_t stream) {
+                     int64_t rows, int64_t vocab, const float* dscale, cudaStream_t stream) {
   if constexpr (kChunks < kMaxResidentChunks) {
     if (vocab > int64_t{kThreads} * 4 * kChunks) {
       launch_resident<kChunks * 2>(losses, dlogits, logits, targets, rows, vocab, dscale, stream);
@@ -155,8 +158,10 @@ void launch_resident(float* losses, bf16* dlogits, const float* logits, const in
 
 void cross_entropy_forward_backward(float* losses, bf16* dlogits, const float* logits,
                                     const int32_t* targets, int64_t rows, int64_t vocab,
-                                    float dscale, cudaStream_t stream) {
+                                    const float* dscale, cudaStream_t stream) {
   if (rows == 0) return;
+  MF_CHECK(dlogits == nullptr || dscale != nullptr,
+           "cross-entropy: a gradient needs its scale (a device float)");
   const auto blocks = static_cast<unsigned>(rows);
   if (vocab % 4 == 0 && vocab <= kMaxResidentVocab && aligned_to(16, logits, dlogits)) {
     launch_resident<1>(losses, dlogits, logits, targets, rows, vocab, dscale, stream);

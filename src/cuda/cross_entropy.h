@@ -12,9 +12,11 @@ namespace moeforge::cuda {
 
 // logits [rows, vocab] fp32; targets [rows] (-1: ignored). losses [rows] = logsumexp - logit of
 // the target (0 when ignored). If dlogits is not null it is assigned
-// (softmax - onehot(target)) * dscale (0 rows when ignored), in bf16 for the head's GEMMs.
+// (softmax - onehot(target)) * *dscale (0 rows when ignored), in bf16 for the head's GEMMs;
+// dscale is one float in device memory (read by the kernels, so that a captured CUDA graph
+// replays with the scale of each step).
 void cross_entropy_forward_backward(float* losses, bf16* dlogits, const float* logits,
                                     const int32_t* targets, int64_t rows, int64_t vocab,
-                                    float dscale, cudaStream_t stream);
+                                    const float* dscale, cudaStream_t stream);
 
 }  // namespace moeforge::cuda

@@ -64,9 +64,24 @@ void DeviceAllocator::deallocate(void* ptr) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto it = live_blocks_.find(ptr);
   MF_CHECK(it != live_blocks_.end(), "freeing a device pointer the allocator does not own");
+  if (held_ != nullptr) {
+    held_->push_back(ptr);
+    return;
+  }
   in_use_ -= it->second;
   free_blocks_.emplace(it->second, ptr);
   live_blocks_.erase(it);
+}
+
+void DeviceAllocator::begin_hold(std::vector<void*>* held) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  MF_CHECK(held_ == nullptr, "a device memory hold is open already (one capture at a time)");
+  held_ = held;
+}
+
+void DeviceAllocator::end_hold() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  held_ = nullptr;
 }
 
 void DeviceAllocator::release_cache() {

@@ -26,6 +26,13 @@ class DeviceAllocator {
   // Returns cached blocks to the driver.
   void release_cache();
 
+  // While a hold is open, deallocate() puts the blocks it is given into *held instead of the free
+  // lists, where they stay in use until the holder deallocates them again: a CUDA graph being
+  // captured keeps the memory its kernels use, whatever the code that enqueued them freed
+  // (cuda/stream_graph.h). One hold at a time, for the whole process.
+  void begin_hold(std::vector<void*>* held);
+  void end_hold();
+
   size_t bytes_in_use() const;       // handed out now
   size_t peak_bytes_in_use() const;  // since the last reset_peak
   size_t bytes_reserved() const;     // in use + cached
@@ -38,6 +45,7 @@ class DeviceAllocator {
   mutable std::mutex mutex_;
   std::multimap<size_t, void*> free_blocks_;  // size class -> block
   std::map<void*, size_t> live_blocks_;       // block -> size class
+  std::vector<void*>* held_ = nullptr;        // the open hold's blocks, or null
   size_t in_use_ = 0, peak_ = 0, reserved_ = 0;
 };
 

@@ -21,6 +21,8 @@ __global__ void embedding_backward_kernel(float* dtable, const float* dout,
                                           const int32_t* token_ids, const int32_t* offsets,
                                           const int32_t* positions, int64_t hidden) {
   const int64_t group = blockIdx.x;
+  // An empty group (padding) must not touch its token's row: another block owns that row.
+  if (offsets[group] == offsets[group + 1]) return;
   float* dst = dtable + static_cast<int64_t>(token_ids[group]) * hidden;
   for (int64_t j = threadIdx.x; j < hidden; j += blockDim.x) {
     float sum = 0.0f;
@@ -63,11 +65,18 @@ TokenGroups group_tokens(const int32_t* tokens, int64_t n) {
   return groups;
 }
 
+void pad_token_groups(TokenGroups& groups, size_t num_groups) {
+  MF_CHECK(num_groups >= groups.token_ids.size(), "cannot pad {} token groups to {}",
+           groups.token_ids.size(), num_groups);
+  groups.token_ids.resize(num_groups, 0);
+  groups.offsets.resize(num_groups + 1, groups.offsets.back());
+}
+
 void embedding_backward(float* dtable, const float* dout, const int32_t* token_ids,
-                        const int32_t* offsets, const int32_t* positions, int64_t num_unique,
+                        const int32_t* offsets, const int32_t* positions, int64_t num_groups,
                         int64_t hidden, cudaStream_t stream) {
-  if (num_unique == 0) return;
-  embedding_backward_kernel<<<static_cast<unsigned>(num_unique), kThreads, 0, stream>>>(
+  if (num_groups == 0) return;
+  embedding_backward_kernel<<<static_cast<unsigned>(num_groups), kThreads, 0, stream>>>(
       dtable, dout, token_ids, offsets, positions, hidden);
   MF_CUDA_CHECK_LAUNCH();
 }

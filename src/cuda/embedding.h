@@ -19,11 +19,15 @@ struct TokenGroups {
   std::vector<int32_t> token_ids, offsets, positions;
 };
 TokenGroups group_tokens(const int32_t* tokens, int64_t n);
+// Pads groups to num_groups (>= its groups) with empty groups of token 0 at the end, so that the
+// device arrays keep one size (n) whatever the batch's distinct tokens.
+void pad_token_groups(TokenGroups& groups, size_t num_groups);
 
 // dtable[token] += sum of dout rows at its positions, in position order. The device arrays hold
-// a TokenGroups.
+// a TokenGroups of num_groups groups, possibly padded with empty groups (equal offsets), which
+// change nothing: a caller may launch a fixed count (pad_token_groups).
 void embedding_backward(float* dtable, const float* dout, const int32_t* token_ids,
-                        const int32_t* offsets, const int32_t* positions, int64_t num_unique,
+                        const int32_t* offsets, const int32_t* positions, int64_t num_groups,
                         int64_t hidden, cudaStream_t stream);
 
 }  // namespace moeforge::cuda

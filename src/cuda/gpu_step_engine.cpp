@@ -22,8 +22,8 @@ namespace {
 // zeroing of the gradients and the forward/backward.
 class GpuModelEngine : public StepEngine {
  public:
-  GpuModelEngine(Transformer<float>& model, Recompute recompute, const ExpertExchange& ep_exchange)
-      : host_model_(model), gpu_(model.config(), recompute, model.layout().expert_shard()) {
+  GpuModelEngine(Transformer<float>& model, const GpuModelOptions& options)
+      : host_model_(model), gpu_(model.config(), options.recompute, model.layout().expert_shard()) {
     Communicator& group = model.expert_group();
     if (group.size() > 1) {
       MF_CHECK(model.parallel_layout() == ParallelLayout::kSequenceExpert &&
@@ -35,8 +35,9 @@ class GpuModelEngine : public StepEngine {
       MF_CHECK(ep_comm_ != nullptr,
                "parallel.expert_parallel {} on GPUs exchanges activations through NCCL, but {}",
                group.size(), why_not);
-      gpu_.set_expert_parallel_group(*ep_comm_, ep_exchange);
+      gpu_.set_expert_parallel_group(*ep_comm_, options.ep_exchange);
     }
+    if (options.cuda_graphs) gpu_.set_cuda_graphs(true);
   }
 
   // Lazy: the next backward assigns the gradients instead of adding to zeros (no 4-byte-per-
@@ -110,10 +111,14 @@ class GpuModelEngine : public StepEngine {
   // owners only); false, and nothing starts, with one rank, no buckets, no device communicator,
   // or under sequence/expert parallelism: its NCCL collectives on the model's stream and the sums
   // on the reducer's would be two communicators' kernels in flight at once, which NCCL does not
-  // order across ranks (a deadlock risk).
+  // order across ranks (a deadlock risk); or with CUDA graphs, which cannot call the hook that
+  // starts each bucket.
   bool begin_overlapped_sums(Communicator& comm, GradReduceDtype dtype, size_t bucket_bytes,
                              int64_t owner_chunk) {
-    if (comm.size() == 1 || bucket_bytes == 0 || gpu_.expert_parallel_size() > 1) return false;
+    if (comm.size() == 1 || bucket_bytes == 0 || gpu_.expert_parallel_size() > 1 ||
+        gpu_.cuda_graphs()) {
+      return false;
+    }
     Communicator* device_comm = device_communicator(comm);
     if (device_comm == nullptr) return false;
     reducer_.begin(gpu_.grads(), gpu_.grad_ready_ranges(), bucket_bytes / sizeof(float),
@@ -159,9 +164,8 @@ class GpuModelEngine : public StepEngine {
 class GpuStepEngine final : public GpuModelEngine {
  public:
   GpuStepEngine(Transformer<float>& model, AdamW& optimizer, const AdamWHyper& hyper,
-                const std::vector<std::string>& no_decay, Recompute recompute,
-                const ExpertExchange& ep_exchange)
-      : GpuModelEngine(model, recompute, ep_exchange),
+                const std::vector<std::string>& no_decay, const GpuModelOptions& options)
+      : GpuModelEngine(model, options),
         host_optimizer_(optimizer),
         optimizer_(gpu_, hyper, no_decay, expert_norm_group()) {}
 
@@ -243,9 +247,8 @@ class GpuStepEngine final : public GpuModelEngine {
 class GpuZero1StepEngine final : public GpuModelEngine {
  public:
   GpuZero1StepEngine(Transformer<float>& model, ZeroAdamW& optimizer, const AdamWHyper& hyper,
-                     const std::vector<std::string>& no_decay, Recompute recompute,
-                     const ExpertExchange& ep_exchange)
-      : GpuModelEngine(model, recompute, ep_exchange), host_optimizer_(optimizer) {
+                     const std::vector<std::string>& no_decay, const GpuModelOptions& options)
+      : GpuModelEngine(model, options), host_optimizer_(optimizer) {
     std::string why_not;
     dp_ = make_device_communicator(optimizer.comm(), gpu_.stream(), &why_not);
     MF_CHECK(dp_ != nullptr,
@@ -333,22 +336,19 @@ class GpuZero1StepEngine final : public GpuModelEngine {
 std::unique_ptr<StepEngine> make_gpu_step_engine(Transformer<float>& model, AdamW& optimizer,
                                                  const AdamWHyper& hyper,
                                                  const std::vector<std::string>& no_decay,
-                                                 Recompute recompute,
-                                                 const ExpertExchange& ep_exchange) {
+                                                 const GpuModelOptions& options) {
   // Under mpirun every rank of a host gets its own GPU (by local rank) before any allocation.
   bind_device_to_local_rank(local_rank_from_environment());
-  return std::make_unique<GpuStepEngine>(model, optimizer, hyper, no_decay, recompute, ep_exchange);
+  return std::make_unique<GpuStepEngine>(model, optimizer, hyper, no_decay, options);
 }
 
 std::unique_ptr<StepEngine> make_gpu_zero1_step_engine(Transformer<float>& model,
                                                        ZeroAdamW& optimizer,
                                                        const AdamWHyper& hyper,
                                                        const std::vector<std::string>& no_decay,
-                                                       Recompute recompute,
-                                                       const ExpertExchange& ep_exchange) {
+                                                       const GpuModelOptions& options) {
   bind_device_to_local_rank(local_rank_from_environment());
-  return std::make_unique<GpuZero1StepEngine>(model, optimizer, hyper, no_decay, recompute,
-                                              ep_exchange);
+  return std::make_unique<GpuZero1StepEngine>(model, optimizer, hyper, no_decay, options);
 }
 
 }  // namespace moeforge::cuda

@@ -12,13 +12,21 @@
 
 namespace moeforge::cuda {
 
-// ep_exchange: how the expert-parallel MoE exchanges run (parallel.ep_comm_dtype and
-// parallel.ep_overlap_chunks; GpuTransformer::set_expert_parallel_group).
+// How the engines run their GpuTransformer.
+struct GpuModelOptions {
+  Recompute recompute = Recompute::kNone;
+  // How the expert-parallel MoE exchanges run (parallel.ep_comm_dtype and
+  // parallel.ep_overlap_chunks; GpuTransformer::set_expert_parallel_group).
+  ExpertExchange ep_exchange;
+  // Forward and backward replayed as CUDA graphs (GpuTransformer::set_cuda_graphs; one GPU per
+  // expert group only). Data-parallel sums then run after the backward instead of beside it.
+  bool cuda_graphs = false;
+};
+
 std::unique_ptr<StepEngine> make_gpu_step_engine(Transformer<float>& model, AdamW& optimizer,
                                                  const AdamWHyper& hyper,
                                                  const std::vector<std::string>& no_decay,
-                                                 Recompute recompute,
-                                                 const ExpertExchange& ep_exchange);
+                                                 const GpuModelOptions& options);
 
 // ZeRO-1 on GPUs (cuda/gpu_zero_adamw.h) over the data-parallel group of the host optimizer, whose
 // shard vectors the engine syncs; needs NCCL with one GPU per rank. With expert_parallel > 1 the
@@ -27,7 +35,6 @@ std::unique_ptr<StepEngine> make_gpu_zero1_step_engine(Transformer<float>& model
                                                        ZeroAdamW& optimizer,
                                                        const AdamWHyper& hyper,
                                                        const std::vector<std::string>& no_decay,
-                                                       Recompute recompute,
-                                                       const ExpertExchange& ep_exchange);
+                                                       const GpuModelOptions& options);
 
 }  // namespace moeforge::cuda

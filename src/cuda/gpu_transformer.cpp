@@ -20,6 +20,7 @@
 #include "cuda/rope.h"
 #include "cuda/router.h"
 #include "cuda/shared_expert_gate.h"
+#include "cuda/stream_graph.h"
 #include "cuda/swiglu.h"
 #include "cuda/ulysses_exchange.h"
 
@@ -138,6 +139,8 @@ void GpuTransformer::find_accumulated_ranges() {
 }
 
 GpuTransformer::~GpuTransformer() {
+  // A graph waits for its last replay on stream_, so before the stream goes.
+  graphs_.clear();
   if (expert_stream_ != nullptr) {
     cudaStreamSynchronize(expert_stream_);
     cudaStreamDestroy(expert_stream_);
@@ -146,6 +149,21 @@ GpuTransformer::~GpuTransformer() {
     cudaStreamSynchronize(stream_);
     cudaStreamDestroy(stream_);
   }
+}
+
+void GpuTransformer::set_cuda_graphs(bool enabled) {
+  if (enabled) {
+    MF_CHECK(ep_ == nullptr,
+             "CUDA graphs capture one GPU's step; under expert parallelism the exchanges and the "
+             "two streams run eagerly");
+    MF_CHECK(grouped_experts_ || !config_.is_moe(),
+             "CUDA graphs need the grouped expert GEMMs (the per-expert GEMMs read their row "
+             "ranges on the host every layer; MOEFORGE_GROUPED_GEMM=0 or a GPU without them)");
+  } else {
+    graphs_.clear();
+    warmed_up_.clear();
+  }
+  graphs_enabled_ = enabled;
 }
 
 void GpuTransformer::synchronize() const {
@@ -164,6 +182,9 @@ void GpuTransformer::pad_flat_buffers(int64_t length) {
   MF_CHECK(length >= layout_.num_params(),
            "flat buffers of {} elements cannot hold the model's {} parameters", length,
            layout_.num_params());
+  // The graphs point at the buffers this replaces.
+  graphs_.clear();
+  warmed_up_.clear();
   const auto grown = [&](auto& buffer) {
     using Buffer = std::remove_reference_t<decltype(buffer)>;
     Buffer padded;
@@ -342,6 +363,7 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
     s.shared_dlogit.resize(shared > 0 ? n : 0);
   }
   s.sums.resize(1);
+  s.dce.resize(1);
   s.sum_scratch.resize(static_cast<size_t>(reduction_scratch_doubles(n_)));
   s.dres.resize(n * h);
   s.dln.resize(n * h);
@@ -501,7 +523,7 @@ void GpuTransformer::dense_ffn_forward(int64_t l) {
   swiglu_forward(a.h_act_ptr, a.h_gate.data(), a.h_up.data(), n * ffn, stream_);
 }
 
-void GpuTransformer::head_forward_backward(bool backward, float dscale) {
+void GpuTransformer::head_forward_backward(bool backward) {
   Scratch& s = *scratch_;
   const int64_t n = n_, h = config_.hidden_size, vocab = config_.vocab_size;
   const int64_t chunk = head_chunk_rows(n, vocab);
@@ -515,8 +537,8 @@ void GpuTransformer::head_forward_backward(bool backward, float dscale) {
                                     cudaMemcpyDeviceToHost, stream_));
     }
     cross_entropy_forward_backward(s.losses.data() + r0, backward ? s.dlogits.data() : nullptr,
-                                   s.logits.data(), s.targets.data() + r0, rows, vocab, dscale,
-                                   stream_);
+                                   s.logits.data(), s.targets.data() + r0, rows, vocab,
+                                   s.dce.data(), stream_);
     if (!backward) continue;
     blas_.linear_backward_input(s.dln.data() + r0 * h, OutType::kFloat, s.dlogits.data(),
                                 wb(layout_.lm_head()), rows, h, vocab, false, stream_);
@@ -682,50 +704,14 @@ void GpuTransformer::attention_projections_backward_unpacked(int64_t l) {
                                stream_);
 }
 
-LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int32_t* targets,
-                                               int64_t batch, int64_t seq, double dloss,
-                                               GradMode grad_mode, double ce_count) {
-  MF_CHECK(batch > 0 && seq > 0, "forward needs a non-empty batch, got [{}, {}]", batch, seq);
-  MF_CHECK(seq * expert_parallel_size() <= config_.max_position_embeddings,
-           "sequence length {} exceeds max_position_embeddings {}", seq * expert_parallel_size(),
-           config_.max_position_embeddings);
-  const int64_t n = batch * seq;
-  int64_t num_counted = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    MF_CHECK(tokens[i] >= 0 && tokens[i] < config_.vocab_size,
-             "token {} at position {} is outside the vocabulary [0, {})", tokens[i], i,
-             config_.vocab_size);
-    MF_CHECK(targets[i] >= -1 && targets[i] < config_.vocab_size,
-             "target {} at position {} is outside the vocabulary [0, {}) and not -1", targets[i], i,
-             config_.vocab_size);
-    num_counted += targets[i] >= 0;
-  }
-  const bool backward = dloss != 0.0;
-  resize(batch, seq);
-  if (ep_ != nullptr) {
-    // The group's counted targets (the cross-entropy is the group's mean, as on the CPU).
-    MF_CUDA_CHECK(cudaMemcpyAsync(scratch_->counted.data(), &num_counted, sizeof(int64_t),
-                                  cudaMemcpyHostToDevice, stream_));
-    ep_->all_reduce_sum(scratch_->counted.data(), 1, CommDType::kInt64);
-    MF_CUDA_CHECK(cudaMemcpyAsync(&num_counted, scratch_->counted.data(), sizeof(int64_t),
-                                  cudaMemcpyDeviceToHost, stream_));
-    MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  }
-  accumulate_grads_ = grad_mode == GradMode::kAccumulate;
+void GpuTransformer::enqueue_forward_backward(const StepKey& key) {
   Scratch& s = *scratch_;
+  const int64_t batch = key.batch, seq = key.seq, n = n_;
+  const double dloss = key.dloss;
+  const bool backward = dloss != 0.0;
   const int64_t h = config_.hidden_size;
   const auto eps = static_cast<float>(config_.rms_norm_eps);
-
   timer_.mark("embedding", stream_);
-  std::vector<int32_t> positions(static_cast<size_t>(n));
-  // Under sequence parallelism this rank's positions are the ep_rank-th slice of each sequence.
-  for (int64_t i = 0; i < n; ++i) {
-    positions[static_cast<size_t>(i)] =
-        static_cast<int32_t>(expert_parallel_rank() * seq + i % seq);
-  }
-  copy_to_device(s.tokens.data(), tokens, static_cast<size_t>(n) * sizeof(int32_t));
-  copy_to_device(s.targets.data(), targets, static_cast<size_t>(n) * sizeof(int32_t));
-  copy_to_device(s.positions.data(), positions.data(), positions.size() * sizeof(int32_t));
   const size_t num_ranges = grad_ready_ranges_.size();
   weights_needed(num_ranges - 1);
   embedding_forward(layers_[0].x_in.data(), s.tokens.data(), w(layout_.embed_tokens()), n, h,
@@ -765,9 +751,7 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
   weights_needed(0);
   rmsnorm_forward(s.lnf.data(), s.rstdf.data(), s.x_out.data(), w(layout_.final_norm()), n, h, eps,
                   stream_);
-  const double divisor = ce_count > 0.0 ? ce_count : static_cast<double>(num_counted);
-  const double dce = divisor > 0.0 ? dloss / divisor : 0.0;
-  head_forward_backward(backward, static_cast<float>(dce));
+  head_forward_backward(backward);
   // kAssign: the ranges no weight-gradient GEMM assigns start from zeros. Not before the forward:
   // an optimizer overlapping it may still read the last step's gradients until the forward has
   // waited for every range (weights_needed); the head wrote only assigned ranges.
@@ -816,14 +800,99 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
       grad_ready(ready_index + 1);
     }
     timer_.mark("embedding_backward", stream_);
-    const TokenGroups groups = group_tokens(tokens, n);
+    // The groups padded to n (forward_backward): a fixed launch whatever the distinct tokens.
+    embedding_backward(g(layout_.embed_tokens()), s.dres.data(), s.group_ids.data(),
+                       s.group_offsets.data(), s.group_positions.data(), n, h, stream_);
+    grad_ready(grad_ready_ranges_.size() - 1);
+  }
+}
+
+void GpuTransformer::replay_or_capture(const StepKey& key, const std::function<void()>& enqueue) {
+  for (auto& [captured, graph] : graphs_) {
+    if (captured == key) {
+      graph->launch(stream_);
+      return;
+    }
+  }
+  // The first step of a key runs eagerly: it sizes the workspaces that cuBLASLt, cuDNN and the
+  // grouped GEMMs grow on first use, which a capture must not allocate.
+  if (std::find(warmed_up_.begin(), warmed_up_.end(), key) == warmed_up_.end()) {
+    warmed_up_.push_back(key);
+    enqueue();
+    return;
+  }
+  graphs_.emplace_back(key, std::make_unique<StreamGraph>(stream_, enqueue));
+  ++graph_captures_;
+  graphs_.back().second->launch(stream_);
+}
+
+LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int32_t* targets,
+                                               int64_t batch, int64_t seq, double dloss,
+                                               GradMode grad_mode, double ce_count) {
+  MF_CHECK(batch > 0 && seq > 0, "forward needs a non-empty batch, got [{}, {}]", batch, seq);
+  MF_CHECK(seq * expert_parallel_size() <= config_.max_position_embeddings,
+           "sequence length {} exceeds max_position_embeddings {}", seq * expert_parallel_size(),
+           config_.max_position_embeddings);
+  const int64_t n = batch * seq;
+  int64_t num_counted = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    MF_CHECK(tokens[i] >= 0 && tokens[i] < config_.vocab_size,
+             "token {} at position {} is outside the vocabulary [0, {})", tokens[i], i,
+             config_.vocab_size);
+    MF_CHECK(targets[i] >= -1 && targets[i] < config_.vocab_size,
+             "target {} at position {} is outside the vocabulary [0, {}) and not -1", targets[i], i,
+             config_.vocab_size);
+    num_counted += targets[i] >= 0;
+  }
+  const bool backward = dloss != 0.0;
+  // New shapes reallocate the activations the captured graphs point at.
+  if (batch != batch_ || seq != seq_) {
+    graphs_.clear();
+    warmed_up_.clear();
+  }
+  resize(batch, seq);
+  if (ep_ != nullptr) {
+    // The group's counted targets (the cross-entropy is the group's mean, as on the CPU).
+    MF_CUDA_CHECK(cudaMemcpyAsync(scratch_->counted.data(), &num_counted, sizeof(int64_t),
+                                  cudaMemcpyHostToDevice, stream_));
+    ep_->all_reduce_sum(scratch_->counted.data(), 1, CommDType::kInt64);
+    MF_CUDA_CHECK(cudaMemcpyAsync(&num_counted, scratch_->counted.data(), sizeof(int64_t),
+                                  cudaMemcpyDeviceToHost, stream_));
+    MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+  accumulate_grads_ = grad_mode == GradMode::kAccumulate;
+  Scratch& s = *scratch_;
+
+  // Everything the device work reads from the host, into buffers of fixed size and place.
+  std::vector<int32_t> positions(static_cast<size_t>(n));
+  // Under sequence parallelism this rank's positions are the ep_rank-th slice of each sequence.
+  for (int64_t i = 0; i < n; ++i) {
+    positions[static_cast<size_t>(i)] =
+        static_cast<int32_t>(expert_parallel_rank() * seq + i % seq);
+  }
+  copy_to_device(s.tokens.data(), tokens, static_cast<size_t>(n) * sizeof(int32_t));
+  copy_to_device(s.targets.data(), targets, static_cast<size_t>(n) * sizeof(int32_t));
+  copy_to_device(s.positions.data(), positions.data(), positions.size() * sizeof(int32_t));
+  if (backward) {
+    TokenGroups groups = group_tokens(tokens, n);
+    pad_token_groups(groups, static_cast<size_t>(n));
     s.group_ids.upload(groups.token_ids);
     s.group_offsets.upload(groups.offsets);
     s.group_positions.upload(groups.positions);
-    embedding_backward(g(layout_.embed_tokens()), s.dres.data(), s.group_ids.data(),
-                       s.group_offsets.data(), s.group_positions.data(),
-                       static_cast<int64_t>(groups.token_ids.size()), h, stream_);
-    grad_ready(grad_ready_ranges_.size() - 1);
+  }
+  const double divisor = ce_count > 0.0 ? ce_count : static_cast<double>(num_counted);
+  const auto dce = static_cast<float>(divisor > 0.0 ? dloss / divisor : 0.0);
+  copy_to_device(s.dce.data(), &dce, sizeof(float));
+
+  const StepKey key{batch, seq, dloss, accumulate_grads_};
+  const auto enqueue = [&] { enqueue_forward_backward(key); };
+  if (graphs_enabled_ && backward && !timer_.enabled() && host_logits_ == nullptr) {
+    MF_CHECK(!grad_ready_hook_ && !weights_needed_hook_,
+             "CUDA graphs replay a whole step: they do not run beside gradient sums or an "
+             "optimizer update overlapped with it");
+    replay_or_capture(key, enqueue);
+  } else {
+    enqueue();
   }
 
   double ce_sum = 0.0;

@@ -36,6 +36,7 @@
 #include "cuda/grad_reduce_device.h"
 #include "cuda/grouped_gemm.h"
 #include "cuda/phase_timer.h"
+#include "cuda/stream_graph.h"
 #include "cuda/ulysses_exchange.h"
 #include "model/model_config.h"
 #include "model/parameters.h"
@@ -150,6 +151,21 @@ class GpuTransformer {
   void set_weights_needed_hook(std::function<void(size_t)> hook) {
     weights_needed_hook_ = std::move(hook);
   }
+
+  // CUDA graph capture of a training step: with graphs on, forward_backward with a backward runs
+  // its device work (everything between the uploads of the tokens and the read of the loss) as a
+  // CUDA graph, one per (batch, seq, dloss, GradMode): the first call of each runs eagerly (it
+  // sizes the libraries' workspaces), the second captures, later ones replay with one launch.
+  // What changes between steps reaches the graph through device memory (tokens, targets, the
+  // embedding backward's token groups, the cross-entropy's scale). Forward-only calls, steps
+  // under the phase timer and forward_logits run eagerly. Needs one GPU (no expert-parallel
+  // group) and grouped expert GEMMs (the per-expert path synchronises per layer); a step with a
+  // gradient-ready or weights-needed hook set is refused (the graph would run them at capture
+  // only). New shapes drop the graphs.
+  void set_cuda_graphs(bool enabled);
+  bool cuda_graphs() const { return graphs_enabled_; }
+  // Graphs captured since construction.
+  int64_t graph_captures() const { return graph_captures_; }
 
   // Per MoE layer statistics of the last forward (aux and z loss, assignments per expert).
   const std::vector<MoeFfnStats>& moe_stats() const { return moe_stats_; }
@@ -293,7 +309,21 @@ class GpuTransformer {
   // added when add_to_dln). dh_gate and dh_up are its scratch.
   void swiglu_ffn_backward(const bf16* dy, const bf16* x, const bf16* act, const bf16* gate,
                            const bf16* up, const SwigluWeights& w, int64_t width, bool add_to_dln);
-  void head_forward_backward(bool backward, float dscale);
+  // The LM head and the cross-entropy in chunks, scaled by Scratch::dce.
+  void head_forward_backward(bool backward);
+  // What a captured graph depends on besides device memory.
+  struct StepKey {
+    int64_t batch, seq;
+    double dloss;
+    bool accumulate;
+    bool operator==(const StepKey& o) const {
+      return batch == o.batch && seq == o.seq && dloss == o.dloss && accumulate == o.accumulate;
+    }
+  };
+  // The device work of forward_backward, from the uploaded inputs to the loss sums.
+  void enqueue_forward_backward(const StepKey& key);
+  // Launches key's graph; or, the first time, runs enqueue eagerly; the second, captures it.
+  void replay_or_capture(const StepKey& key, const std::function<void()>& enqueue);
   // Selective recompute: rebuilds the layer's normed inputs and SwiGLU output before its backward.
   void recompute_ffn_inputs(int64_t l);
   void recompute_attention_inputs(int64_t l);
@@ -337,6 +367,10 @@ class GpuTransformer {
   std::vector<GradRange> grad_ready_ranges_;
   std::function<void(size_t)> grad_ready_hook_, weights_needed_hook_;
   std::unique_ptr<Scratch> scratch_;
+  bool graphs_enabled_ = false;
+  std::vector<std::pair<StepKey, std::unique_ptr<StreamGraph>>> graphs_;
+  std::vector<StepKey> warmed_up_;  // keys run eagerly once since the last new shape
+  int64_t graph_captures_ = 0;
 };
 
 }  // namespace moeforge::cuda

@@ -66,14 +66,15 @@ struct GpuTransformer::Scratch {
   // streams at once would need one each.
   DeviceBuffer<int32_t> row_map;
   DeviceBuffer<int32_t> tokens, targets, positions;
+  // The embedding backward's token groups, padded to n groups (pad_token_groups).
   DeviceBuffer<int32_t> group_ids, group_offsets, group_positions;
-  int64_t num_groups = 0;
-  DeviceBuffer<float> x_out;          // [n, h] final residual stream
-  DeviceBuffer<bf16> lnf;             // [n, h]
-  DeviceBuffer<float> rstdf;          // [n]
-  DeviceBuffer<float> logits;         // [chunk, vocab]
-  DeviceBuffer<bf16> dlogits;         // [chunk, vocab]
-  DeviceBuffer<float> losses;         // [n]
+  DeviceBuffer<float> dce;     // [1] the cross-entropy gradient's scale, dloss / counted targets
+  DeviceBuffer<float> x_out;   // [n, h] final residual stream
+  DeviceBuffer<bf16> lnf;      // [n, h]
+  DeviceBuffer<float> rstdf;   // [n]
+  DeviceBuffer<float> logits;  // [chunk, vocab]
+  DeviceBuffer<bf16> dlogits;  // [chunk, vocab]
+  DeviceBuffer<float> losses;  // [n]
   DeviceBuffer<float> router_losses;  // [num_moe_layers, 2]
   DeviceBuffer<float> router_scratch;
   DeviceBuffer<double> sums, sum_scratch;  // [1]

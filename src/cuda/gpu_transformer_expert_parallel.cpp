@@ -26,6 +26,7 @@ void GpuTransformer::exposed_exchange(Fn&& fn) {
 void GpuTransformer::set_expert_parallel_group(Communicator& group,
                                                const ExpertExchange& exchange) {
   MF_CHECK(n_ == 0, "set_expert_parallel_group must come before the first forward");
+  MF_CHECK(!graphs_enabled_, "CUDA graphs run one GPU's step only (set_cuda_graphs)");
   const int64_t size = group.size();
   MF_CHECK(config_.num_heads % size == 0 && config_.num_kv_heads % size == 0,
            "sequence parallelism over {} GPUs needs the attention heads ({}) and KV heads ({}) "

@@ -317,6 +317,10 @@ class CliTest(unittest.TestCase):
                    check=False)
         self.assertEqual(proc.returncode, 1)
         self.assertIn("lrr", proc.stderr)
+        proc = run([MOEFORGE, "train", "--config", self.train_config("run-graphs"), "--cuda-graphs"],
+                   check=False)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("--cuda-graphs needs --device cuda", proc.stderr)
         broken = os.path.join(self.tmp, "broken-model.json")
         with open(broken, "w") as f:
             json.dump(dict(TINY_MODEL, num_key_value_heads=3), f)

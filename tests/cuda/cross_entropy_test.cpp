@@ -45,6 +45,7 @@ void check_cross_entropy(int64_t rows, int64_t vocab, bool with_dlogits, uint64_
                                       vocab, static_cast<double>(dscale));
 
   DeviceBuffer<float> logits_dev = to_device(logits), losses(rows);
+  DeviceBuffer<float> dscale_dev = to_device(std::vector<float>{dscale});
   DeviceBuffer<int32_t> targets_dev = to_device(targets);
   DeviceBuffer<bf16> dlogits;
   testing::fill_garbage(losses);
@@ -53,8 +54,8 @@ void check_cross_entropy(int64_t rows, int64_t vocab, bool with_dlogits, uint64_
     testing::fill_garbage(dlogits);
   }
   cross_entropy_forward_backward(losses.data(), with_dlogits ? dlogits.data() : nullptr,
-                                 logits_dev.data(), targets_dev.data(), rows, vocab, dscale,
-                                 nullptr);
+                                 logits_dev.data(), targets_dev.data(), rows, vocab,
+                                 dscale_dev.data(), nullptr);
 
   // fp32 log-sum-exp: the max-subtracted sum of vocab exponentials (a tree of partial sums,
   // ~sqrt(vocab) roundings), an exp that may be approximate, the log and the subtraction.

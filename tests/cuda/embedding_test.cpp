@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "core/error.h"
 #include "gpu_test_util.h"
 #include "ops/embedding.h"
 
@@ -63,6 +64,24 @@ TEST(GroupTokens, HandlesRandomTokensAndEmptyInput) {
   EXPECT_TRUE(empty.token_ids.empty());
   EXPECT_TRUE(empty.positions.empty());
   EXPECT_EQ(empty.offsets, std::vector<int32_t>{0});
+}
+
+TEST(GroupTokens, PaddingAddsEmptyGroupsAtTheEnd) {
+  const std::vector<int32_t> tokens = {5, 2, 5, 7};
+  TokenGroups groups = group_tokens(tokens.data(), 4);
+  const TokenGroups unpadded = groups;
+  pad_token_groups(groups, 6);
+  ASSERT_EQ(groups.token_ids.size(), 6u);
+  ASSERT_EQ(groups.offsets.size(), 7u);
+  EXPECT_EQ(std::vector<int32_t>(groups.token_ids.begin(), groups.token_ids.begin() + 3),
+            unpadded.token_ids);
+  EXPECT_EQ(std::vector<int32_t>(groups.offsets.begin(), groups.offsets.begin() + 4),
+            unpadded.offsets);
+  EXPECT_EQ(groups.offsets[4], 4);
+  EXPECT_EQ(groups.offsets[5], 4);
+  EXPECT_EQ(groups.offsets[6], 4);
+  EXPECT_EQ(groups.positions, unpadded.positions);
+  EXPECT_THROW(pad_token_groups(groups, 2), Error);
 }
 
 struct EmbeddingCase {
@@ -152,6 +171,31 @@ TEST(EmbeddingCuda, BackwardAccumulatesDeterministically) {
     }
     expect_equal("dtable rows of absent tokens", absent_rows, absent_rows_start);
   }
+}
+
+// Empty groups (pad_token_groups, of token 0, which occurs in the batch) change nothing, bit for
+// bit, however many blocks they add beside the one that owns token 0's row.
+TEST(EmbeddingCuda, BackwardSkipsPaddingGroups) {
+  MF_REQUIRE_GPU();
+  const EmbeddingCase ec = kCases[0];
+  const std::vector<float> dtable_start = testing::random_normal(ec.vocab * ec.hidden, 7);
+  const std::vector<float> dout = testing::random_normal(ec.n * ec.hidden, 8);
+  const std::vector<int32_t> tokens = case_tokens(ec, 9);
+  ASSERT_EQ(tokens[1], 0);
+  TokenGroups groups = group_tokens(tokens.data(), ec.n);
+  std::vector<std::vector<float>> results;
+  for (const size_t num_groups : {groups.token_ids.size(), size_t{8192}}) {
+    pad_token_groups(groups, num_groups);
+    DeviceBuffer<int32_t> token_ids = to_device(groups.token_ids),
+                          offsets = to_device(groups.offsets),
+                          positions = to_device(groups.positions);
+    DeviceBuffer<float> dout_dev = to_device(dout), dtable = to_device(dtable_start);
+    embedding_backward(dtable.data(), dout_dev.data(), token_ids.data(), offsets.data(),
+                       positions.data(), static_cast<int64_t>(num_groups), ec.hidden, nullptr);
+    testing::synchronize();
+    results.push_back(dtable.download());
+  }
+  expect_equal("dtable with 8192 groups, most of them empty", results[1], results[0]);
 }
 
 }  // namespace

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "core/error.h"
 #include "core/rng.h"
 #include "cuda/bf16.h"
 #include "cuda/device_memory.h"
@@ -466,6 +467,96 @@ TEST_P(GpuTransformerTest, GradReadyHookReportsEachRangeWhenFinal) {
 
 std::string arch_name(const ::testing::TestParamInfo<Architecture>& info) {
   return architecture_name(info.param);
+}
+
+// A batch whose distinct tokens and counted targets differ from step to step: tokens drawn from
+// the first `span` ids of the vocabulary, every `skip`-th target ignored.
+std::pair<std::vector<int32_t>, std::vector<int32_t>> varied_batch(int64_t count, int64_t span,
+                                                                   int64_t skip, uint64_t seed) {
+  Rng rng(seed);
+  std::vector<int32_t> tokens(static_cast<size_t>(count)), targets(tokens.size());
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    tokens[i] = static_cast<int32_t>(rng.below(static_cast<uint64_t>(span)));
+    targets[i] = i % static_cast<size_t>(skip) == 1 ? -1 : static_cast<int32_t>(rng.below(span));
+  }
+  return {tokens, targets};
+}
+
+// CUDA graphs (set_cuda_graphs) replay what the eager step computes: over steps whose tokens,
+// distinct tokens, ignored targets (the cross-entropy's scale) and weights all change, a graphed
+// model gives the eager model's losses and expert loads exactly and its gradients up to cuDNN's
+// run-to-run attention backward; the first step of each GradMode runs eagerly, the second
+// captures, later ones replay.
+TEST_P(GpuTransformerTest, CudaGraphStepsEqualEagerSteps) {
+  MF_REQUIRE_GPU();
+  const ModelConfig config = testing::gpu_config(GetParam());
+  const int64_t batch = 2, seq = 45;
+  GpuTransformer eager(config), graphed(config);
+  if (config.is_moe() && !graphed.grouped_expert_gemms()) {
+    EXPECT_THROW(graphed.set_cuda_graphs(true), Error);
+    GTEST_SKIP() << "no grouped expert GEMMs on this GPU: graphs are refused";
+  }
+  graphed.set_cuda_graphs(true);
+  const struct {
+    int64_t span, skip;
+    GradMode mode;
+    int64_t captures_after;
+  } steps[] = {{301, 7, GradMode::kAssign, 0},    {40, 3, GradMode::kAssign, 1},
+               {150, 11, GradMode::kAssign, 1},   {301, 2, GradMode::kAccumulate, 1},
+               {90, 5, GradMode::kAccumulate, 2}, {200, 4, GradMode::kAssign, 2},
+               {17, 6, GradMode::kAccumulate, 2}};
+  uint64_t seed = 50;
+  for (const auto& step : steps) {
+    SCOPED_TRACE("step seed " + std::to_string(seed));
+    const std::vector<float> params = testing::make_params(eager.layout(), seed);
+    eager.upload_params(params);
+    graphed.upload_params(params);
+    const auto [tokens, targets] = varied_batch(batch * seq, step.span, step.skip, seed + 1);
+    seed += 2;
+    const LossBreakdown want =
+        eager.forward_backward(tokens.data(), targets.data(), batch, seq, 0.75, step.mode);
+    const LossBreakdown got =
+        graphed.forward_backward(tokens.data(), targets.data(), batch, seq, 0.75, step.mode);
+    EXPECT_EQ(got.num_counted, want.num_counted);
+    EXPECT_EQ(got.loss, want.loss);
+    EXPECT_EQ(got.ce_loss, want.ce_loss);
+    EXPECT_EQ(got.aux_loss, want.aux_loss);
+    ASSERT_EQ(graphed.moe_stats().size(), eager.moe_stats().size());
+    for (size_t m = 0; m < eager.moe_stats().size(); ++m) {
+      EXPECT_EQ(graphed.moe_stats()[m].expert_load, eager.moe_stats()[m].expert_load);
+      EXPECT_EQ(graphed.moe_stats()[m].num_dropped, eager.moe_stats()[m].num_dropped);
+    }
+    expect_same_gradients(eager.layout(), graphed.download_grads(), eager.download_grads(), 1e-3);
+    EXPECT_EQ(graphed.graph_captures(), step.captures_after);
+  }
+  // A forward-only call runs eagerly and leaves the graphs as they are.
+  const auto [tokens, targets] = varied_batch(batch * seq, 301, 5, 99);
+  EXPECT_EQ(graphed.forward_backward(tokens.data(), targets.data(), batch, seq, 0.0).loss,
+            eager.forward_backward(tokens.data(), targets.data(), batch, seq, 0.0).loss);
+  EXPECT_EQ(graphed.graph_captures(), 2);
+}
+
+// A graph would run a hook only while it is captured: steps with one are refused, and a new
+// shape drops the graphs (its buffers move), so the next step of a seen key runs eagerly again.
+TEST_P(GpuTransformerTest, CudaGraphsRefuseHooksAndFollowNewShapes) {
+  MF_REQUIRE_GPU();
+  const ModelConfig config = testing::gpu_config(GetParam());
+  GpuTransformer gpu(config);
+  if (config.is_moe() && !gpu.grouped_expert_gemms()) GTEST_SKIP() << "no grouped expert GEMMs";
+  gpu.upload_params(testing::make_params(gpu.layout(), 3));
+  gpu.set_cuda_graphs(true);
+  const auto [tokens, targets] = random_batch(config, 2 * 30, 5);
+  gpu.set_grad_ready_hook([](size_t) {});
+  EXPECT_THROW(gpu.forward_backward(tokens.data(), targets.data(), 2, 30, 1.0), Error);
+  gpu.set_grad_ready_hook(nullptr);
+  for (int i = 0; i < 3; ++i) gpu.forward_backward(tokens.data(), targets.data(), 2, 30, 1.0);
+  EXPECT_EQ(gpu.graph_captures(), 1);
+  const double graphed = gpu.forward_backward(tokens.data(), targets.data(), 2, 30, 1.0).loss;
+  gpu.forward_backward(tokens.data(), targets.data(), 1, 60, 1.0);
+  EXPECT_EQ(gpu.forward_backward(tokens.data(), targets.data(), 2, 30, 1.0).loss, graphed);
+  EXPECT_EQ(gpu.graph_captures(), 1) << "the first step after a new shape runs eagerly";
+  gpu.forward_backward(tokens.data(), targets.data(), 2, 30, 1.0);
+  EXPECT_EQ(gpu.graph_captures(), 2);
 }
 
 INSTANTIATE_TEST_SUITE_P(Architectures, GpuTransformerTest,

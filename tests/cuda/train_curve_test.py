@@ -3,7 +3,8 @@
 on real text (the repository's own documentation and sources, byte tokens) on both devices from
 the same initial weights and data order. The GPU computes in bf16, so the curves are compared as
 averages over windows of steps (per-step losses differ by bf16 noise), and the final validation
-losses must agree. Then `--resume` of the GPU run continues from its checkpoint.
+losses must agree. A GPU run with --cuda-graphs must give the eager GPU run's losses exactly.
+Then `--resume` of the GPU run continues from its checkpoint.
 
 The MoE's tolerance is derived from bf16 noise: a second GPU run takes the per-expert cuBLASLt
 GEMMs instead of the grouped ones (MOEFORGE_GROUPED_GEMM=0), a different but equally valid bf16
@@ -77,6 +78,7 @@ def main():
         results, val = {}, {}
         for name, device, env, extra in [
                 ("cpu", "cpu", None, []), ("cuda", "cuda", None, []),
+                ("cuda-graphs", "cuda", None, ["--cuda-graphs"]),
                 ("cuda-per-expert", "cuda", {"MOEFORGE_GROUPED_GEMM": "0"}, []),
                 ("dense-cpu", "cpu", None, ["--set", f"model.model_config={dense_model}"]),
                 ("dense-cuda", "cuda", None, ["--set", f"model.model_config={dense_model}"])]:
@@ -97,6 +99,11 @@ def main():
               round(gpu_eval, 4))
         assert abs(gpu_eval - val["cuda"]) < FIRST_WINDOW_GAP, (gpu_eval, val["cuda"])
         cpu, gpu = results["cpu"], results["cuda"]
+        # --cuda-graphs replays the eager run's kernels on the same inputs: the same curve, bit for
+        # bit (the steps' tokens, ignored targets and weights change under the graphs).
+        graph_gaps = [abs(results["cuda-graphs"][s] - gpu[s]) for s in range(1, STEPS + 1)]
+        print("largest per-step loss gap, CUDA graphs vs eager:", max(graph_gaps))
+        assert max(graph_gaps) == 0.0, f"CUDA graph steps differ from eager ones: {max(graph_gaps)}"
         gaps = window_gaps(cpu, gpu)
         gpu_noise = window_gaps(gpu, results["cuda-per-expert"])
         bound = max(MAX_WINDOW_GAP, NOISE_FACTOR * max(gpu_noise))
