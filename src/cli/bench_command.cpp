@@ -171,6 +171,7 @@ void run_bench_train(const BenchOptions& opt) {
                                                  std::vector<std::string>{"norm", "bias"},
                                                  sharded ? ep_host.get() : nullptr);
     if (opt.overlap_optimizer) optimizer->enable_overlap();
+    if (opt.cuda_graphs) optimizer->set_cuda_graphs(true);
   }
   const int64_t n = opt.micro_batch * local_seq;  // this rank's tokens
   Rng data_rng(opt.seed + 1 + static_cast<uint64_t>(world.rank()));
@@ -274,7 +275,7 @@ void run_bench_train(const BenchOptions& opt) {
       {"ep_overlap_chunks", model.expert_overlap_chunks()},
       {"overlap_optimizer", opt.overlap_optimizer},
       {"cuda_graphs", opt.cuda_graphs},
-      {"graph_captures", model.graph_captures()},
+      {"graph_captures", model.graph_captures() + (optimizer ? optimizer->graph_captures() : 0)},
       {"zero_stage", opt.zero_stage},
       {"grad_reduce", world.size() > 1 ? opt.grad_reduce : "none"},
       {"grad_bucket_mb", opt.grad_bucket_mb},
@@ -359,9 +360,9 @@ void register_bench_command(CLI::App& app) {
                   "Run AdamW on a stream of its own, range by range, overlapped with the next "
                   "step's forward (GpuAdamW::enable_overlap; experimental, not in `train` yet)");
   train->add_flag("--cuda-graphs", opt->cuda_graphs,
-                  "Replay each step's forward and backward as a captured CUDA graph "
-                  "(GpuTransformer::set_cuda_graphs: the first warm-up step runs eagerly, the "
-                  "second captures; the optimizer and the two phase-timed steps run eagerly)");
+                  "Replay each step as captured CUDA graphs: the forward and backward, and "
+                  "without --zero-stage 1 the optimizer's norm and update (the first warm-up step "
+                  "runs eagerly, the second captures; the two phase-timed steps run eagerly)");
   train
       ->add_option("--zero-stage", opt->zero_stage,
                    "1: ZeRO-1 as the trainer's parallel.zero_stage 1 runs it on GPUs (fp32 "

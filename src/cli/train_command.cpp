@@ -48,9 +48,9 @@ void register_train_command(CLI::App& app) {
       ->check(CLI::IsMember({"none", "selective"}))
       ->capture_default_str();
   cmd->add_flag("--cuda-graphs", opts->cuda_graphs,
-                "cuda: replay each step's forward and backward as a captured CUDA graph (one GPU "
-                "per expert group; data-parallel gradient sums then run after the backward, and "
-                "the optimizer runs eagerly)");
+                "cuda: replay each step as captured CUDA graphs, the forward and backward and "
+                "(without ZeRO-1) the optimizer (one GPU per expert group; data-parallel gradient "
+                "sums then run after the backward)");
   cmd->add_flag("--no-progress", opts->no_progress, "No progress line on stderr");
   cmd->callback([opts] {
     std::vector<std::string> overrides = opts->overrides;

@@ -15,19 +15,24 @@ struct Moments {
 };
 
 __device__ __forceinline__ Moments adamw_element(float p, float m, float v, float grad,
-                                                 const AdamWStep& step) {
+                                                 const AdamWStep& step, float decay_factor) {
   const float g = grad * step.grad_scale;
   m = step.beta1 * m + (1.0f - step.beta1) * g;
   v = step.beta2 * v + (1.0f - step.beta2) * g * g;
   const float denom = sqrtf(v) / step.bc2_sqrt + step.eps;
-  return {m, v, p * step.decay_factor - step.step_size * m / denom};
+  return {m, v, p * decay_factor - step.step_size * m / denom};
 }
 
 __global__ void adamw_kernel(float* params, bf16* params_bf16, float* exp_avg, float* exp_avg_sq,
-                             const float* grads, int64_t count, AdamWStep step) {
+                             const float* grads, int64_t count, const AdamWStep* step_ptr,
+                             bool decay) {
+  const AdamWStep step = *step_ptr;
+  if (step.skip != 0) return;
+  const float decay_factor = decay ? step.decay_factor : step.no_decay_factor;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const Moments r = adamw_element(params[i], exp_avg[i], exp_avg_sq[i], grads[i], step);
+    const Moments r =
+        adamw_element(params[i], exp_avg[i], exp_avg_sq[i], grads[i], step, decay_factor);
     exp_avg[i] = r.m;
     exp_avg_sq[i] = r.v;
     params[i] = r.p;
@@ -38,14 +43,17 @@ __global__ void adamw_kernel(float* params, bf16* params_bf16, float* exp_avg, f
 // count4 groups of four elements; every pointer 16-byte aligned (params_bf16 8-byte aligned).
 __global__ void adamw_kernel_x4(float4* params, uint2* params_bf16, float4* exp_avg,
                                 float4* exp_avg_sq, const float4* grads, int64_t count4,
-                                AdamWStep step) {
+                                const AdamWStep* step_ptr, bool decay) {
+  const AdamWStep step = *step_ptr;
+  if (step.skip != 0) return;
+  const float decay_factor = decay ? step.decay_factor : step.no_decay_factor;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count4;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float4 p = params[i], m = exp_avg[i], v = exp_avg_sq[i], g = grads[i];
-    const Moments r0 = adamw_element(p.x, m.x, v.x, g.x, step);
-    const Moments r1 = adamw_element(p.y, m.y, v.y, g.y, step);
-    const Moments r2 = adamw_element(p.z, m.z, v.z, g.z, step);
-    const Moments r3 = adamw_element(p.w, m.w, v.w, g.w, step);
+    const Moments r0 = adamw_element(p.x, m.x, v.x, g.x, step, decay_factor);
+    const Moments r1 = adamw_element(p.y, m.y, v.y, g.y, step, decay_factor);
+    const Moments r2 = adamw_element(p.z, m.z, v.z, g.z, step, decay_factor);
+    const Moments r3 = adamw_element(p.w, m.w, v.w, g.w, step, decay_factor);
     exp_avg[i] = make_float4(r0.m, r1.m, r2.m, r3.m);
     exp_avg_sq[i] = make_float4(r0.v, r1.v, r2.v, r3.v);
     params[i] = make_float4(r0.p, r1.p, r2.p, r3.p);
@@ -62,11 +70,26 @@ __global__ void adamw_kernel_x4(float4* params, uint2* params_bf16, float4* exp_
 
 constexpr int kThreads = 256;
 
+__global__ void finish_grad_clipping_kernel(double* norm_out, AdamWStep* step, const double* slots,
+                                            const uint8_t* expert_slot, int64_t num_slots,
+                                            double max_norm) {
+  double replicated = 0.0, experts = 0.0;
+  for (int64_t i = 0; i < num_slots; ++i) (expert_slot[i] != 0 ? experts : replicated) += slots[i];
+  const double norm = sqrt(replicated + experts);
+  const bool finite = isfinite(norm);
+  double factor = 1.0;
+  if (finite && max_norm > 0.0 && norm > max_norm) factor = max_norm / (norm + 1e-6);
+  *norm_out = norm;
+  step->grad_scale = static_cast<float>(factor);
+  step->skip = finite ? 0 : 1;
+}
+
 void launch_scalar(float* params, bf16* params_bf16, float* exp_avg, float* exp_avg_sq,
-                   const float* grads, int64_t count, const AdamWStep& step, cudaStream_t stream) {
+                   const float* grads, int64_t count, const AdamWStep* step, bool decay,
+                   cudaStream_t stream) {
   if (count == 0) return;
-  adamw_kernel<<<grid_for(count, kThreads), kThreads, 0, stream>>>(params, params_bf16, exp_avg,
-                                                                   exp_avg_sq, grads, count, step);
+  adamw_kernel<<<grid_for(count, kThreads), kThreads, 0, stream>>>(
+      params, params_bf16, exp_avg, exp_avg_sq, grads, count, step, decay);
   MF_CUDA_CHECK_LAUNCH();
 }
 
@@ -90,26 +113,36 @@ int64_t aligned_head(const float* params, const bf16* params_bf16, const float* 
 }  // namespace
 
 void adamw_update(float* params, bf16* params_bf16, float* exp_avg, float* exp_avg_sq,
-                  const float* grads, int64_t count, const AdamWStep& step, cudaStream_t stream) {
+                  const float* grads, int64_t count, const AdamWStep* step, bool decay,
+                  cudaStream_t stream) {
   if (count == 0) return;
+  MF_CHECK(step != nullptr, "adamw_update needs its step constants in device memory");
   int64_t head = aligned_head(params, params_bf16, exp_avg, exp_avg_sq, grads);
   if (head < 0 || head >= count) {
-    launch_scalar(params, params_bf16, exp_avg, exp_avg_sq, grads, count, step, stream);
+    launch_scalar(params, params_bf16, exp_avg, exp_avg_sq, grads, count, step, decay, stream);
     return;
   }
-  launch_scalar(params, params_bf16, exp_avg, exp_avg_sq, grads, head, step, stream);
+  launch_scalar(params, params_bf16, exp_avg, exp_avg_sq, grads, head, step, decay, stream);
   const int64_t count4 = (count - head) / 4;
   if (count4 > 0) {
     adamw_kernel_x4<<<grid_for(count4, kThreads), kThreads, 0, stream>>>(
         reinterpret_cast<float4*>(params + head),
         params_bf16 == nullptr ? nullptr : reinterpret_cast<uint2*>(params_bf16 + head),
         reinterpret_cast<float4*>(exp_avg + head), reinterpret_cast<float4*>(exp_avg_sq + head),
-        reinterpret_cast<const float4*>(grads + head), count4, step);
+        reinterpret_cast<const float4*>(grads + head), count4, step, decay);
     MF_CUDA_CHECK_LAUNCH();
   }
   const int64_t done = head + 4 * count4;
   launch_scalar(params + done, params_bf16 == nullptr ? nullptr : params_bf16 + done,
-                exp_avg + done, exp_avg_sq + done, grads + done, count - done, step, stream);
+                exp_avg + done, exp_avg_sq + done, grads + done, count - done, step, decay, stream);
+}
+
+void finish_grad_clipping(double* norm, AdamWStep* step, const double* slots,
+                          const uint8_t* expert_slot, int64_t num_slots, double max_norm,
+                          cudaStream_t stream) {
+  finish_grad_clipping_kernel<<<1, 1, 0, stream>>>(norm, step, slots, expert_slot, num_slots,
+                                                   max_norm);
+  MF_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace moeforge::cuda

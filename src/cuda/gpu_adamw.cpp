@@ -43,11 +43,24 @@ GpuAdamW::GpuAdamW(GpuTransformer& model, const AdamWHyper& hyper,
   exp_avg_sq_.resize(n);
   exp_avg_.fill_zero(model.stream());
   exp_avg_sq_.fill_zero(model.stream());
-  norm_sq_.resize(1);
   scratch_.resize(static_cast<size_t>(reduction_scratch_doubles(model.num_params())));
+  pieces_ = grad_squares_pieces(model.layout(), 0, model.num_params());
+  norm_sq_.resize(std::max<size_t>(1, pieces_.size()));
+  std::vector<uint8_t> expert_piece(pieces_.size());
+  for (size_t i = 0; i < pieces_.size(); ++i) expert_piece[i] = pieces_[i].experts ? 1 : 0;
+  if (!expert_piece.empty()) expert_piece_.upload(expert_piece);
+  host_step_.resize(1);
+  step_.resize(1);
+  host_norm_.resize(1);
+  norm_.resize(1);
+  MF_CUDA_CHECK(cudaEventCreateWithFlags(&norm_copied_, cudaEventDisableTiming));
 }
 
 GpuAdamW::~GpuAdamW() {
+  // The graphs wait for their last replay on the model's stream.
+  norm_graph_.reset();
+  update_graph_.reset();
+  if (norm_copied_ != nullptr) cudaEventDestroy(norm_copied_);
   if (stream_ == nullptr) return;
   model_.set_weights_needed_hook(nullptr);
   cudaStreamSynchronize(stream_);
@@ -58,6 +71,7 @@ GpuAdamW::~GpuAdamW() {
 
 void GpuAdamW::enable_overlap() {
   if (stream_ != nullptr) return;
+  MF_CHECK(!graphs_enabled_, "GpuAdamW: the overlapped update runs eagerly (no CUDA graphs)");
   MF_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   MF_CUDA_CHECK(cudaEventCreateWithFlags(&grads_final_, cudaEventDisableTiming));
   range_done_.resize(model_.grad_ready_ranges().size());
@@ -113,8 +127,10 @@ AdamWStep kernel_step(const AdamWStepConstants& c, double clip_factor) {
                    c.eps,
                    c.step_size,
                    c.bc2_sqrt,
+                   c.decay_factor,
                    c.no_decay_factor,
-                   static_cast<float>(clip_factor)};
+                   static_cast<float>(clip_factor),
+                   0};
 }
 
 GradSquares device_grad_squares(const ParameterLayout& layout, const float* values, int64_t begin,
@@ -145,36 +161,106 @@ double GpuAdamW::grad_norm() {
       expert_group_);
 }
 
-GpuAdamWResult GpuAdamW::step(double lr, double max_norm) {
-  GpuAdamWResult result = clipping_for(grad_norm(), max_norm);
-  if (!std::isfinite(result.grad_norm)) return result;
-  ++step_count_;
-  const AdamWStepConstants c(hyper_, lr, step_count_);
-  AdamWStep step = kernel_step(c, result.clip_factor);
+void GpuAdamW::set_cuda_graphs(bool enabled) {
+  if (enabled) {
+    MF_CHECK(expert_group_ == nullptr,
+             "GpuAdamW: CUDA graphs need the whole gradient on this GPU (with sharded experts the "
+             "norm is a host collective)");
+    MF_CHECK(stream_ == nullptr, "GpuAdamW: the overlapped update runs eagerly (no CUDA graphs)");
+  }
+  norm_graph_.reset();
+  update_graph_.reset();
+  warmed_up_ = false;
+  graphs_enabled_ = enabled;
+}
+
+void GpuAdamW::enqueue_norm(double max_norm) {
+  const cudaStream_t stream = model_.stream();
+  MF_CUDA_CHECK(cudaMemcpyAsync(step_.data(), host_step_.data(), sizeof(AdamWStep),
+                                cudaMemcpyHostToDevice, stream));
+  for (size_t i = 0; i < pieces_.size(); ++i) {
+    sum_squares(norm_sq_.data() + i, model_.grads() + pieces_[i].range.offset,
+                pieces_[i].range.count, scratch_.data(), stream);
+  }
+  finish_grad_clipping(norm_.data(), step_.data(), norm_sq_.data(), expert_piece_.data(),
+                       static_cast<int64_t>(pieces_.size()), max_norm, stream);
+  MF_CUDA_CHECK(cudaMemcpyAsync(host_norm_.data(), norm_.data(), sizeof(double),
+                                cudaMemcpyDeviceToHost, stream));
+}
+
+void GpuAdamW::enqueue_update() {
   const auto update = [&](int64_t begin, int64_t end, cudaStream_t stream) {
     for (const DecayRun& run : runs_) {
       const int64_t first = std::max(begin, run.begin);
       const int64_t last = std::min(end, run.begin + run.count);
       if (first >= last) continue;
-      step.decay_factor = run.decay ? c.decay_factor : c.no_decay_factor;
       adamw_update(model_.params() + first, model_.params_bf16() + first, exp_avg_.data() + first,
-                   exp_avg_sq_.data() + first, model_.grads() + first, last - first, step, stream);
+                   exp_avg_sq_.data() + first, model_.grads() + first, last - first, step_.data(),
+                   run.decay, stream);
     }
   };
   if (stream_ == nullptr) {
     update(0, model_.num_params(), model_.stream());
-  } else {
-    // After the gradients are final on the model's stream (the norm above synchronised it, and
-    // an overlapped data-parallel sum made it wait), range by range in forward order.
-    MF_CUDA_CHECK(cudaEventRecord(grads_final_, model_.stream()));
-    MF_CUDA_CHECK(cudaStreamWaitEvent(stream_, grads_final_, 0));
-    const std::vector<GradRange>& ranges = model_.grad_ready_ranges();
-    for (size_t i = ranges.size(); i-- > 0;) {
-      update(ranges[i].offset, ranges[i].offset + ranges[i].count, stream_);
-      MF_CUDA_CHECK(cudaEventRecord(range_done_[i], stream_));
-    }
+    return;
   }
-  result.applied = true;
+  // After the gradients and the step's constants are final on the model's stream, range by
+  // range in forward order.
+  MF_CUDA_CHECK(cudaEventRecord(grads_final_, model_.stream()));
+  MF_CUDA_CHECK(cudaStreamWaitEvent(stream_, grads_final_, 0));
+  const std::vector<GradRange>& ranges = model_.grad_ready_ranges();
+  for (size_t i = ranges.size(); i-- > 0;) {
+    update(ranges[i].offset, ranges[i].offset + ranges[i].count, stream_);
+    MF_CUDA_CHECK(cudaEventRecord(range_done_[i], stream_));
+  }
+}
+
+void GpuAdamW::run_graphed(std::unique_ptr<StreamGraph>& graph,
+                           const std::function<void()>& enqueue) {
+  if (!graphs_enabled_) {
+    enqueue();
+  } else if (graph != nullptr) {
+    graph->launch(model_.stream());
+  } else if (!warmed_up_) {
+    enqueue();
+  } else {
+    graph = std::make_unique<StreamGraph>(model_.stream(), enqueue);
+    ++graph_captures_;
+    graph->launch(model_.stream());
+  }
+}
+
+GpuAdamWResult GpuAdamW::step(double lr, double max_norm) {
+  const AdamWStepConstants c(hyper_, lr, step_count_ + 1);
+  double norm = 0.0;
+  if (expert_group_ != nullptr) {
+    // The experts' squares need the other shards' (a host collective), so the clipping is
+    // decided on the host. grad_norm() has synchronised the stream: the last upload is done.
+    norm = grad_norm();
+    const GpuAdamWResult clip = clipping_for(norm, max_norm);
+    *host_step_.data() = kernel_step(c, clip.clip_factor);
+    host_step_.data()->skip = std::isfinite(norm) ? 0 : 1;
+    MF_CUDA_CHECK(cudaMemcpyAsync(step_.data(), host_step_.data(), sizeof(AdamWStep),
+                                  cudaMemcpyHostToDevice, model_.stream()));
+    enqueue_update();
+  } else {
+    // The last step waited for its norm's copy, which came after its upload of host_step_.
+    *host_step_.data() = kernel_step(c, 1.0);
+    if (graphs_enabled_ && max_norm != graph_max_norm_) {
+      norm_graph_.reset();
+      update_graph_.reset();
+      warmed_up_ = false;
+      graph_max_norm_ = max_norm;
+    }
+    run_graphed(norm_graph_, [&] { enqueue_norm(max_norm); });
+    MF_CUDA_CHECK(cudaEventRecord(norm_copied_, model_.stream()));
+    run_graphed(update_graph_, [&] { enqueue_update(); });
+    warmed_up_ = true;
+    MF_CUDA_CHECK(cudaEventSynchronize(norm_copied_));
+    norm = *host_norm_.data();
+  }
+  GpuAdamWResult result = clipping_for(norm, max_norm);
+  result.applied = std::isfinite(norm);
+  if (result.applied) ++step_count_;
   return result;
 }
 

@@ -6,12 +6,15 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "cuda/adamw.h"
 #include "cuda/device_memory.h"
 #include "cuda/gpu_transformer.h"
+#include "cuda/stream_graph.h"
 #include "train/adamw.h"
 
 namespace moeforge::cuda {
@@ -25,8 +28,7 @@ struct GpuAdamWResult {
 // The start of an update of GpuAdamW or GpuZeroAdamW from the gradient norm: the clipping factor
 // at max_norm (<= 0: none), as clip_grad_norm computes it; applied stays false.
 GpuAdamWResult clipping_for(double grad_norm, double max_norm);
-// The kernel's constants of the update that c describes, with the clipping factor; decay_factor
-// starts as c's no-decay factor, each run sets its own.
+// The kernel's constants of the update that c describes, with the clipping factor (skip 0).
 AdamWStep kernel_step(const AdamWStepConstants& c, double clip_factor);
 // train/adamw.h's grad_squares of the device gradient elements [begin, end) of layout (values
 // points at element begin): each piece's squares summed on the device into a double of slots
@@ -74,8 +76,16 @@ class GpuAdamW {
   // over the expert group).
   double grad_norm();
   // One update with learning rate lr and clipping at max_norm (<= 0: none). Skips the update
-  // when the gradient norm is not finite.
+  // when the gradient norm is not finite. Without an expert group the norm, the clipping factor
+  // and the skip are decided on the device (finish_grad_clipping) and the host reads the norm
+  // once the update is enqueued; with one, the norm needs the host collective first.
   GpuAdamWResult step(double lr, double max_norm);
+  // CUDA graphs: step() replays its device work (the step constants' upload, the norm, the
+  // clipping, the update) as two captured graphs, one per max_norm: the first step runs eagerly,
+  // the second captures. Needs no expert group and no overlap (enable_overlap).
+  void set_cuda_graphs(bool enabled);
+  // Graphs captured since construction (two per capture: the norm's and the update's).
+  int64_t graph_captures() const { return graph_captures_; }
 
   int64_t step_count() const { return step_count_; }
   void set_step_count(int64_t n) { step_count_ = n; }
@@ -89,7 +99,26 @@ class GpuAdamW {
   Communicator* expert_group_;
   std::vector<DecayRun> runs_;
   DeviceBuffer<float> exp_avg_, exp_avg_sq_;
+  // The device work of step() without an expert group: the constants of host_step_ uploaded,
+  // the norm's pieces summed and finished into norm_ and step_, the norm copied to host_norm_;
+  // then the update of every run from step_.
+  void enqueue_norm(double max_norm);
+  void enqueue_update();
+  // Launches graph, or runs enqueue eagerly (the first time for a max_norm) or captures it.
+  void run_graphed(std::unique_ptr<StreamGraph>& graph, const std::function<void()>& enqueue);
+
   DeviceBuffer<double> norm_sq_, scratch_;
+  std::vector<GradSquaresPiece> pieces_;   // the norm's pieces, in order
+  DeviceBuffer<uint8_t> expert_piece_;     // [pieces] 1 for the experts' pieces
+  PinnedHostBuffer<AdamWStep> host_step_;  // [1] written before each step's upload
+  DeviceBuffer<AdamWStep> step_;           // [1] what the update reads
+  PinnedHostBuffer<double> host_norm_;     // [1] the last step's gradient norm
+  DeviceBuffer<double> norm_;              // [1]
+  cudaEvent_t norm_copied_ = nullptr;      // after the norm's copy to host_norm_
+  bool graphs_enabled_ = false, warmed_up_ = false;
+  double graph_max_norm_ = 0.0;
+  std::unique_ptr<StreamGraph> norm_graph_, update_graph_;
+  int64_t graph_captures_ = 0;
   int64_t step_count_ = 0;
   // Overlap: the update's stream, an event on the model's stream before it, and one event per
   // range of GpuTransformer::grad_ready_ranges() after its update.

@@ -167,7 +167,9 @@ class GpuStepEngine final : public GpuModelEngine {
                 const std::vector<std::string>& no_decay, const GpuModelOptions& options)
       : GpuModelEngine(model, options),
         host_optimizer_(optimizer),
-        optimizer_(gpu_, hyper, no_decay, expert_norm_group()) {}
+        optimizer_(gpu_, hyper, no_decay, expert_norm_group()) {
+    if (options.cuda_graphs) optimizer_.set_cuda_graphs(true);
+  }
 
   void load_from_host() override {
     optimizer_.synchronize();

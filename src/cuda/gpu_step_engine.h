@@ -19,7 +19,8 @@ struct GpuModelOptions {
   // parallel.ep_overlap_chunks; GpuTransformer::set_expert_parallel_group).
   ExpertExchange ep_exchange;
   // Forward and backward replayed as CUDA graphs (GpuTransformer::set_cuda_graphs; one GPU per
-  // expert group only). Data-parallel sums then run after the backward instead of beside it.
+  // expert group only), and without ZeRO-1 the optimizer too (GpuAdamW::set_cuda_graphs).
+  // Data-parallel sums then run after the backward instead of beside it.
   bool cuda_graphs = false;
 };
 

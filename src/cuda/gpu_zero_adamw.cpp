@@ -100,14 +100,18 @@ GpuAdamWResult GpuZeroAdamW::step(double lr, double max_norm) {
   if (!std::isfinite(result.grad_norm)) return result;
   ++step_count_;
   const AdamWStepConstants c(hyper_, lr, step_count_);
-  AdamWStep step = kernel_step(c, result.clip_factor);
+  // grad_norm() synchronised the stream: the last step's upload of host_step_ is done.
+  host_step_.resize(1);
+  step_.resize(1);
+  *host_step_.data() = kernel_step(c, result.clip_factor);
   const cudaStream_t stream = model_.stream();
+  MF_CUDA_CHECK(cudaMemcpyAsync(step_.data(), host_step_.data(), sizeof(AdamWStep),
+                                cudaMemcpyHostToDevice, stream));
   for (const DecayRun& run : runs_) {
-    step.decay_factor = run.decay ? c.decay_factor : c.no_decay_factor;
     const int64_t local = run.begin - shard_.begin;
     adamw_update(model_.params() + run.begin, model_.params_bf16() + run.begin,
                  exp_avg_.data() + local, exp_avg_sq_.data() + local, summed_shard() + local,
-                 run.count, step, stream);
+                 run.count, step_.data(), run.decay, stream);
   }
   if (dp_.size() > 1) all_gather_updated_weights();
   result.applied = true;

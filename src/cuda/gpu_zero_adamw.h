@@ -100,6 +100,8 @@ class GpuZeroAdamW {
       bf16_sums_;  // the shard's sums of the bf16 reduction (allocated at its first)
   bool sums_in_model_grads_ = true;
   DeviceBuffer<double> norm_sq_, scratch_;
+  PinnedHostBuffer<AdamWStep> host_step_;  // [1] the step's constants, uploaded into step_
+  DeviceBuffer<AdamWStep> step_;           // [1]
   DeviceBuffer<int64_t> found_;
   DeviceGradReducer reducer_;
   int64_t step_count_ = 0;

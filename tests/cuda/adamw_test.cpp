@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -50,6 +51,7 @@ AdamWStep make_step(double lr, double weight_decay, int64_t t, float grad_scale)
   step.step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, static_cast<double>(t))));
   step.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, static_cast<double>(t))));
   step.decay_factor = static_cast<float>(1.0 - lr * weight_decay);
+  step.no_decay_factor = 1.0f;
   step.grad_scale = grad_scale;
   return step;
 }
@@ -60,7 +62,8 @@ struct Expected {
   std::vector<double> params_bound, exp_avg_bound, exp_avg_sq_bound;
 };
 
-Expected expected_update(const State& s, const AdamWStep& step) {
+Expected expected_update(const State& s, const AdamWStep& step, bool decay) {
+  const float decay_factor = decay ? step.decay_factor : step.no_decay_factor;
   const size_t count = s.params.size();
   Expected e;
   for (auto* v : {&e.params, &e.exp_avg, &e.exp_avg_sq, &e.params_bound, &e.exp_avg_bound,
@@ -75,7 +78,7 @@ Expected expected_update(const State& s, const AdamWStep& step) {
     const float m = b1 * s.exp_avg[i] + (1.0f - b1) * g;
     const float v = b2 * s.exp_avg_sq[i] + (1.0f - b2) * g * g;
     const float denom = std::sqrt(v) / step.bc2_sqrt + step.eps;
-    const float p = s.params[i] * step.decay_factor - step.step_size * m / denom;
+    const float p = s.params[i] * decay_factor - step.step_size * m / denom;
     e.exp_avg[i] = m;
     e.exp_avg_sq[i] = v;
     e.params[i] = p;
@@ -92,7 +95,7 @@ Expected expected_update(const State& s, const AdamWStep& step) {
     e.exp_avg_bound[i] = err_m;
     e.exp_avg_sq_bound[i] = err_v;
     e.params_bound[i] =
-        4 * u * (std::abs(double(s.params[i]) * step.decay_factor) + update) + err_update;
+        4 * u * (std::abs(double(s.params[i]) * decay_factor) + update) + err_update;
   }
   return e;
 }
@@ -101,13 +104,15 @@ Expected expected_update(const State& s, const AdamWStep& step) {
 // that is not a multiple of 4 starts the range off the 16-byte boundary of the vector path) and
 // checks them, and that the elements around the range stay as they were.
 void check_update(int64_t count, const AdamWStep& step, bool with_bf16, uint64_t seed,
-                  int64_t offset = 0) {
+                  int64_t offset = 0, bool decay = true) {
   SCOPED_TRACE("count=" + std::to_string(count) + " offset=" + std::to_string(offset) +
-               " decay_factor=" + std::to_string(step.decay_factor) + " grad_scale=" +
-               std::to_string(step.grad_scale) + (with_bf16 ? " with bf16 copy" : ""));
+               " decay_factor=" + std::to_string(step.decay_factor) +
+               " grad_scale=" + std::to_string(step.grad_scale) +
+               (with_bf16 ? " with bf16 copy" : "") + (decay ? "" : " (no decay)"));
   const int64_t total = offset + count + 7;
   const State s = random_state(total, seed);
-  const Expected e = expected_update(s, step);
+  const Expected e = expected_update(s, step, decay);
+  DeviceBuffer<AdamWStep> step_dev = to_device(std::vector<AdamWStep>{step});
 
   DeviceBuffer<float> params = to_device(s.params), exp_avg = to_device(s.exp_avg),
                       exp_avg_sq = to_device(s.exp_avg_sq), grads = to_device(s.grads);
@@ -115,7 +120,7 @@ void check_update(int64_t count, const AdamWStep& step, bool with_bf16, uint64_t
   testing::fill_garbage(params_bf16);
   adamw_update(params.data() + offset, with_bf16 ? params_bf16.data() + offset : nullptr,
                exp_avg.data() + offset, exp_avg_sq.data() + offset, grads.data() + offset, count,
-               step, nullptr);
+               step_dev.data(), decay, nullptr);
   testing::synchronize();
 
   // In the range: the update; outside: the inputs unchanged.
@@ -173,6 +178,85 @@ TEST(AdamWCuda, RangesStartingOffTheVectorBoundary) {
     check_update(3, step, true, 20 + offset, offset);
   }
   check_update(1027, step, false, 30, 3);
+}
+
+// Tensors without decay take the step's no_decay_factor (GpuAdamW's runs of norms and biases).
+TEST(AdamWCuda, NoDecayRunsUseTheNoDecayFactor) {
+  MF_REQUIRE_GPU();
+  AdamWStep step = make_step(1e-3, 0.1, 4, 0.9f);
+  step.no_decay_factor = 0.75f;  // far from decay_factor, so that a mix-up shows
+  check_update(1027, step, true, 40, 1, false);
+  check_update(1027, step, true, 41, 0, true);
+}
+
+// skip (a non-finite norm) leaves the parameters, the moments and the bf16 copy untouched.
+TEST(AdamWCuda, SkippedStepChangesNothing) {
+  MF_REQUIRE_GPU();
+  AdamWStep step = make_step(1e-3, 0.1, 2, 1.0f);
+  step.skip = 1;
+  const int64_t count = 1031;
+  const State s = random_state(count, 50);
+  DeviceBuffer<float> params = to_device(s.params), exp_avg = to_device(s.exp_avg),
+                      exp_avg_sq = to_device(s.exp_avg_sq), grads = to_device(s.grads);
+  DeviceBuffer<bf16> params_bf16(count);
+  testing::fill_garbage(params_bf16);
+  const std::vector<bf16> garbage = params_bf16.download();
+  DeviceBuffer<AdamWStep> step_dev = to_device(std::vector<AdamWStep>{step});
+  adamw_update(params.data(), params_bf16.data(), exp_avg.data(), exp_avg_sq.data(), grads.data(),
+               count, step_dev.data(), true, nullptr);
+  testing::synchronize();
+  expect_equal("params", params.download(), s.params);
+  expect_equal("exp_avg", exp_avg.download(), s.exp_avg);
+  expect_equal("exp_avg_sq", exp_avg_sq.download(), s.exp_avg_sq);
+  const std::vector<bf16> copy = params_bf16.download();
+  for (int64_t i = 0; i < count; ++i) {
+    ASSERT_EQ(testing::bf16_bits(copy[i]), testing::bf16_bits(garbage[i])) << i;
+  }
+}
+
+// The norm, clipping factor and skip decided on the device equal model_grad_norm's and
+// clipping_for's on the host, bit for bit: the replicated and the expert slots summed apart, in
+// order.
+TEST(AdamWCuda, FinishGradClippingMatchesTheHostRule) {
+  MF_REQUIRE_GPU();
+  const std::vector<double> slots = {0.3, 1e-9, 2.75, 0.125, 7.0 / 3.0, 1e-17, 0.5};
+  const std::vector<uint8_t> expert = {0, 1, 0, 1, 1, 0, 0};
+  struct Case {
+    std::vector<double> slots;
+    double max_norm;
+  };
+  std::vector<double> with_inf = slots;
+  with_inf[3] = INFINITY;
+  std::vector<double> with_nan = slots;
+  with_nan[5] = NAN;
+  for (const Case& c : {Case{slots, 1.0}, Case{slots, 100.0}, Case{slots, 0.0}, Case{with_inf, 1.0},
+                        Case{with_nan, 1.0}}) {
+    double replicated = 0.0, experts = 0.0;
+    for (size_t i = 0; i < c.slots.size(); ++i) (expert[i] ? experts : replicated) += c.slots[i];
+    const double want_norm = std::sqrt(replicated + experts);
+    const bool finite = std::isfinite(want_norm);
+    const double want_factor = finite && c.max_norm > 0.0 && want_norm > c.max_norm
+                                   ? c.max_norm / (want_norm + 1e-6)
+                                   : 1.0;
+    SCOPED_TRACE("max_norm " + std::to_string(c.max_norm) + " norm " + std::to_string(want_norm));
+    DeviceBuffer<double> slots_dev = to_device(c.slots), norm(1);
+    DeviceBuffer<uint8_t> expert_dev = to_device(expert);
+    AdamWStep start = make_step(1e-3, 0.1, 2, 0.5f);
+    DeviceBuffer<AdamWStep> step = to_device(std::vector<AdamWStep>{start});
+    finish_grad_clipping(norm.data(), step.data(), slots_dev.data(), expert_dev.data(),
+                         static_cast<int64_t>(c.slots.size()), c.max_norm, nullptr);
+    testing::synchronize();
+    const double got_norm = norm.download()[0];
+    const AdamWStep got = step.download()[0];
+    if (finite) {
+      EXPECT_EQ(got_norm, want_norm);
+    } else {
+      EXPECT_FALSE(std::isfinite(got_norm));
+    }
+    EXPECT_EQ(got.grad_scale, static_cast<float>(want_factor));
+    EXPECT_EQ(got.skip, finite ? 0 : 1);
+    EXPECT_EQ(got.step_size, start.step_size) << "the rest of the step is left as it was";
+  }
 }
 
 }  // namespace
