@@ -9,8 +9,9 @@ Then `--resume` of the GPU run continues from its checkpoint.
 The MoE's tolerance is derived from bf16 noise: a second GPU run takes the per-expert cuBLASLt
 GEMMs instead of the grouped ones (MOEFORGE_GROUPED_GEMM=0), a different but equally valid bf16
 implementation, and the two GPU trajectories drift apart as routing near-ties flip. GPU runs of
-one implementation are bitwise reproducible here, so a repeat would measure nothing. The CPU
-curve must stay within max(MAX_WINDOW_GAP, NOISE_FACTOR x the largest window gap of the two GPU
+one implementation are bitwise reproducible within one machine, so a repeat would measure nothing
+(in session 15 two device-tool calls, on one corpus and at two commits with the same GPU
+arithmetic, gave different bits: docs/verification.md). The CPU curve must stay within max(MAX_WINDOW_GAP, NOISE_FACTOR x the largest window gap of the two GPU
 runs), and the final validation losses likewise within max(MAX_VAL_GAP, NOISE_FACTOR x the two
 GPU runs' gap); the first window, before any drift has built up, must agree within
 FIRST_WINDOW_GAP. The drift is chaotic (a flipped near-tie changes what an expert learns) and the
