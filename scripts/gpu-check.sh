@@ -41,7 +41,8 @@
 #             prefill on its Q/K/V (the models stay in runs/longctx-*: too large for $OUT)
 #   bench     `moeforge bench train` on configs/bench/moe-1.8b-a0.4b.json (recompute modes from
 #             BENCH_RECOMPUTE, default "none selective"; BENCH_OVERLAP=1 adds each with
-#             --overlap-optimizer), then the PyTorch baseline of
+#             --overlap-optimizer, BENCH_GRAPHS=1 each with --cuda-graphs), then the PyTorch
+#             baseline of
 #             ../shared/anchors (torch.compile + grouped_mm) in the same run, each with its
 #             median SM clock and power (nvidia-smi samples)
 #   all       build, test, sanitize, oracle, lab, prefill, bench
@@ -253,11 +254,13 @@ PY
           "$OUT/clocks_$1.csv" "$1" 2> /dev/null || true
       }
       for recompute in ${BENCH_RECOMPUTE:-none selective}; do
-        # BENCH_OVERLAP=1 adds a run with AdamW overlapped with the next forward.
-        for variant in plain ${BENCH_OVERLAP:+overlap}; do
+        # BENCH_OVERLAP=1 adds a run with AdamW overlapped with the next forward, BENCH_GRAPHS=1
+        # one with the step replayed as CUDA graphs (--cuda-graphs).
+        for variant in plain ${BENCH_OVERLAP:+overlap} ${BENCH_GRAPHS:+graphs}; do
           name=$recompute
           extra=()
           [ "$variant" = overlap ] && { name=${recompute}_overlap; extra=(--overlap-optimizer); }
+          [ "$variant" = graphs ] && { name=${recompute}_graphs; extra=(--cuda-graphs); }
           start_clocks "moeforge_$name"
           build-gpu/moeforge bench train --config configs/bench/moe-1.8b-a0.4b.json --steps 10 \
             --warmup 3 --recompute "$recompute" "${extra[@]}" > "$OUT/bench_train_$name.json" \
