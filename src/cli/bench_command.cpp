@@ -362,7 +362,8 @@ void register_bench_command(CLI::App& app) {
   train->add_flag("--cuda-graphs", opt->cuda_graphs,
                   "Replay each step as captured CUDA graphs: the forward and backward, and "
                   "without --zero-stage 1 the optimizer's norm and update (the first warm-up step "
-                  "runs eagerly, the second captures; the two phase-timed steps run eagerly)");
+                  "runs eagerly, the second captures; the model's part of the two phase-timed "
+                  "steps runs eagerly)");
   train
       ->add_option("--zero-stage", opt->zero_stage,
                    "1: ZeRO-1 as the trainer's parallel.zero_stage 1 runs it on GPUs (fp32 "
