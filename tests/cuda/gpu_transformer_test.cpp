@@ -536,6 +536,32 @@ TEST_P(GpuTransformerTest, CudaGraphStepsEqualEagerSteps) {
   EXPECT_EQ(graphed.graph_captures(), 2);
 }
 
+// Selective recompute's kernels (the normed inputs and SwiGLU rebuilt in the backward) replay
+// in the graph like the rest: three steps, the third a replay, equal to eager ones.
+TEST_P(GpuTransformerTest, CudaGraphStepsWithSelectiveRecompute) {
+  MF_REQUIRE_GPU();
+  const ModelConfig config = testing::gpu_config(GetParam());
+  const int64_t batch = 2, seq = 38;
+  GpuTransformer eager(config, Recompute::kSelective), graphed(config, Recompute::kSelective);
+  if (config.is_moe() && !graphed.grouped_expert_gemms()) GTEST_SKIP() << "no grouped GEMMs";
+  graphed.set_cuda_graphs(true);
+  for (uint64_t seed = 70; seed < 76; seed += 2) {
+    const std::vector<float> params = testing::make_params(eager.layout(), seed);
+    eager.upload_params(params);
+    graphed.upload_params(params);
+    const auto [tokens, targets] = varied_batch(batch * seq, 120 + 60 * (seed % 3), 4, seed + 1);
+    const double want =
+        eager.forward_backward(tokens.data(), targets.data(), batch, seq, 1.0, GradMode::kAssign)
+            .loss;
+    const double got =
+        graphed.forward_backward(tokens.data(), targets.data(), batch, seq, 1.0, GradMode::kAssign)
+            .loss;
+    EXPECT_EQ(got, want) << "seed " << seed;
+    expect_same_gradients(eager.layout(), graphed.download_grads(), eager.download_grads(), 1e-3);
+  }
+  EXPECT_EQ(graphed.graph_captures(), 1);
+}
+
 // A graph would run a hook only while it is captured: steps with one are refused, and a new
 // shape drops the graphs (its buffers move), so the next step of a seen key runs eagerly again.
 TEST_P(GpuTransformerTest, CudaGraphsRefuseHooksAndFollowNewShapes) {
