@@ -58,8 +58,8 @@ GpuAdamW::GpuAdamW(GpuTransformer& model, const AdamWHyper& hyper,
 
 GpuAdamW::~GpuAdamW() {
   // The graphs wait for their last replay on the model's stream.
-  norm_graph_.reset();
-  update_graph_.reset();
+  norm_work_ = ReplayedWork{};
+  update_work_ = ReplayedWork{};
   if (norm_copied_ != nullptr) cudaEventDestroy(norm_copied_);
   if (stream_ == nullptr) return;
   model_.set_weights_needed_hook(nullptr);
@@ -133,6 +133,14 @@ AdamWStep kernel_step(const AdamWStepConstants& c, double clip_factor) {
                    0};
 }
 
+void enqueue_grad_squares(const std::vector<GradSquaresPiece>& pieces, const float* values,
+                          int64_t begin, double* slots, double* scratch, cudaStream_t stream) {
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    sum_squares(slots + i, values + (pieces[i].range.offset - begin), pieces[i].range.count,
+                scratch, stream);
+  }
+}
+
 GradSquares device_grad_squares(const ParameterLayout& layout, const float* values, int64_t begin,
                                 int64_t end, DeviceBuffer<double>& slots, double* scratch,
                                 cudaStream_t stream) {
@@ -140,10 +148,7 @@ GradSquares device_grad_squares(const ParameterLayout& layout, const float* valu
   GradSquares out;
   if (pieces.empty()) return out;
   if (slots.size() < pieces.size()) slots.resize(pieces.size());
-  for (size_t i = 0; i < pieces.size(); ++i) {
-    sum_squares(slots.data() + i, values + (pieces[i].range.offset - begin), pieces[i].range.count,
-                scratch, stream);
-  }
+  enqueue_grad_squares(pieces, values, begin, slots.data(), scratch, stream);
   std::vector<double> sums(pieces.size());
   MF_CUDA_CHECK(cudaMemcpyAsync(sums.data(), slots.data(), sums.size() * sizeof(double),
                                 cudaMemcpyDeviceToHost, stream));
@@ -168,20 +173,20 @@ void GpuAdamW::set_cuda_graphs(bool enabled) {
              "norm is a host collective)");
     MF_CHECK(stream_ == nullptr, "GpuAdamW: the overlapped update runs eagerly (no CUDA graphs)");
   }
-  norm_graph_.reset();
-  update_graph_.reset();
-  warmed_up_ = false;
+  norm_work_ = ReplayedWork{};
+  update_work_ = ReplayedWork{};
   graphs_enabled_ = enabled;
+}
+
+void GpuAdamW::upload_step() {
+  MF_CUDA_CHECK(cudaMemcpyAsync(step_.data(), host_step_.data(), sizeof(AdamWStep),
+                                cudaMemcpyHostToDevice, model_.stream()));
 }
 
 void GpuAdamW::enqueue_norm(double max_norm) {
   const cudaStream_t stream = model_.stream();
-  MF_CUDA_CHECK(cudaMemcpyAsync(step_.data(), host_step_.data(), sizeof(AdamWStep),
-                                cudaMemcpyHostToDevice, stream));
-  for (size_t i = 0; i < pieces_.size(); ++i) {
-    sum_squares(norm_sq_.data() + i, model_.grads() + pieces_[i].range.offset,
-                pieces_[i].range.count, scratch_.data(), stream);
-  }
+  upload_step();
+  enqueue_grad_squares(pieces_, model_.grads(), 0, norm_sq_.data(), scratch_.data(), stream);
   finish_grad_clipping(norm_.data(), step_.data(), norm_sq_.data(), expert_piece_.data(),
                        static_cast<int64_t>(pieces_.size()), max_norm, stream);
   MF_CUDA_CHECK(cudaMemcpyAsync(host_norm_.data(), norm_.data(), sizeof(double),
@@ -214,18 +219,11 @@ void GpuAdamW::enqueue_update() {
   }
 }
 
-void GpuAdamW::run_graphed(std::unique_ptr<StreamGraph>& graph,
-                           const std::function<void()>& enqueue) {
+void GpuAdamW::run_graphed(ReplayedWork& work, const std::function<void()>& enqueue) {
   if (!graphs_enabled_) {
     enqueue();
-  } else if (graph != nullptr) {
-    graph->launch(model_.stream());
-  } else if (!warmed_up_) {
-    enqueue();
-  } else {
-    graph = std::make_unique<StreamGraph>(model_.stream(), enqueue);
+  } else if (work.run(model_.stream(), enqueue)) {
     ++graph_captures_;
-    graph->launch(model_.stream());
   }
 }
 
@@ -239,22 +237,19 @@ GpuAdamWResult GpuAdamW::step(double lr, double max_norm) {
     const GpuAdamWResult clip = clipping_for(norm, max_norm);
     *host_step_.data() = kernel_step(c, clip.clip_factor);
     host_step_.data()->skip = std::isfinite(norm) ? 0 : 1;
-    MF_CUDA_CHECK(cudaMemcpyAsync(step_.data(), host_step_.data(), sizeof(AdamWStep),
-                                  cudaMemcpyHostToDevice, model_.stream()));
+    upload_step();
     enqueue_update();
   } else {
     // The last step waited for its norm's copy, which came after its upload of host_step_.
     *host_step_.data() = kernel_step(c, 1.0);
     if (graphs_enabled_ && max_norm != graph_max_norm_) {
-      norm_graph_.reset();
-      update_graph_.reset();
-      warmed_up_ = false;
+      norm_work_ = ReplayedWork{};
+      update_work_ = ReplayedWork{};
       graph_max_norm_ = max_norm;
     }
-    run_graphed(norm_graph_, [&] { enqueue_norm(max_norm); });
+    run_graphed(norm_work_, [&] { enqueue_norm(max_norm); });
     MF_CUDA_CHECK(cudaEventRecord(norm_copied_, model_.stream()));
-    run_graphed(update_graph_, [&] { enqueue_update(); });
-    warmed_up_ = true;
+    run_graphed(update_work_, [&] { enqueue_update(); });
     MF_CUDA_CHECK(cudaEventSynchronize(norm_copied_));
     norm = *host_norm_.data();
   }

@@ -34,6 +34,10 @@ AdamWStep kernel_step(const AdamWStepConstants& c, double clip_factor);
 // points at element begin): each piece's squares summed on the device into a double of slots
 // (grown as needed; scratch as reduction_scratch_doubles(end - begin) asks), read back once
 // stream's work is done (a host synchronisation) and added up in piece order.
+// slots[i] (device) = the squares of piece i of the gradient, values pointing at element begin of
+// the flat buffer; scratch as reduction_scratch_doubles asks for the largest piece.
+void enqueue_grad_squares(const std::vector<GradSquaresPiece>& pieces, const float* values,
+                          int64_t begin, double* slots, double* scratch, cudaStream_t stream);
 GradSquares device_grad_squares(const ParameterLayout& layout, const float* values, int64_t begin,
                                 int64_t end, DeviceBuffer<double>& slots, double* scratch,
                                 cudaStream_t stream);
@@ -104,8 +108,10 @@ class GpuAdamW {
   // then the update of every run from step_.
   void enqueue_norm(double max_norm);
   void enqueue_update();
-  // Launches graph, or runs enqueue eagerly (the first time for a max_norm) or captures it.
-  void run_graphed(std::unique_ptr<StreamGraph>& graph, const std::function<void()>& enqueue);
+  // enqueue eagerly without graphs, else as work's ReplayedWork.
+  void run_graphed(ReplayedWork& work, const std::function<void()>& enqueue);
+  // Copies host_step_ into step_ on the model's stream.
+  void upload_step();
 
   DeviceBuffer<double> norm_sq_, scratch_;
   std::vector<GradSquaresPiece> pieces_;   // the norm's pieces, in order
@@ -115,9 +121,9 @@ class GpuAdamW {
   PinnedHostBuffer<double> host_norm_;     // [1] the last step's gradient norm
   DeviceBuffer<double> norm_;              // [1]
   cudaEvent_t norm_copied_ = nullptr;      // after the norm's copy to host_norm_
-  bool graphs_enabled_ = false, warmed_up_ = false;
+  bool graphs_enabled_ = false;
   double graph_max_norm_ = 0.0;
-  std::unique_ptr<StreamGraph> norm_graph_, update_graph_;
+  ReplayedWork norm_work_, update_work_;  // for graph_max_norm_
   int64_t graph_captures_ = 0;
   int64_t step_count_ = 0;
   // Overlap: the update's stream, an event on the model's stream before it, and one event per

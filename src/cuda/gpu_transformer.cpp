@@ -161,7 +161,6 @@ void GpuTransformer::set_cuda_graphs(bool enabled) {
              "ranges on the host every layer; MOEFORGE_GROUPED_GEMM=0 or a GPU without them)");
   } else {
     graphs_.clear();
-    warmed_up_.clear();
   }
   graphs_enabled_ = enabled;
 }
@@ -184,7 +183,6 @@ void GpuTransformer::pad_flat_buffers(int64_t length) {
            layout_.num_params());
   // The graphs point at the buffers this replaces.
   graphs_.clear();
-  warmed_up_.clear();
   const auto grown = [&](auto& buffer) {
     using Buffer = std::remove_reference_t<decltype(buffer)>;
     Buffer padded;
@@ -808,22 +806,10 @@ void GpuTransformer::enqueue_forward_backward(const StepKey& key) {
 }
 
 void GpuTransformer::replay_or_capture(const StepKey& key, const std::function<void()>& enqueue) {
-  for (auto& [captured, graph] : graphs_) {
-    if (captured == key) {
-      graph->launch(stream_);
-      return;
-    }
-  }
-  // The first step of a key runs eagerly: it sizes the workspaces that cuBLASLt, cuDNN and the
-  // grouped GEMMs grow on first use, which a capture must not allocate.
-  if (std::find(warmed_up_.begin(), warmed_up_.end(), key) == warmed_up_.end()) {
-    warmed_up_.push_back(key);
-    enqueue();
-    return;
-  }
-  graphs_.emplace_back(key, std::make_unique<StreamGraph>(stream_, enqueue));
-  ++graph_captures_;
-  graphs_.back().second->launch(stream_);
+  auto it = std::find_if(graphs_.begin(), graphs_.end(),
+                         [&](const auto& entry) { return entry.first == key; });
+  if (it == graphs_.end()) it = graphs_.emplace(graphs_.end(), key, ReplayedWork{});
+  if (it->second.run(stream_, enqueue)) ++graph_captures_;
 }
 
 LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int32_t* targets,
@@ -848,7 +834,6 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
   // New shapes reallocate the activations the captured graphs point at.
   if (batch != batch_ || seq != seq_) {
     graphs_.clear();
-    warmed_up_.clear();
   }
   resize(batch, seq);
   if (ep_ != nullptr) {

@@ -322,7 +322,7 @@ class GpuTransformer {
   };
   // The device work of forward_backward, from the uploaded inputs to the loss sums.
   void enqueue_forward_backward(const StepKey& key);
-  // Launches key's graph; or, the first time, runs enqueue eagerly; the second, captures it.
+  // Runs enqueue as key's ReplayedWork (eagerly, captured or replayed).
   void replay_or_capture(const StepKey& key, const std::function<void()>& enqueue);
   // Selective recompute: rebuilds the layer's normed inputs and SwiGLU output before its backward.
   void recompute_ffn_inputs(int64_t l);
@@ -368,8 +368,7 @@ class GpuTransformer {
   std::function<void(size_t)> grad_ready_hook_, weights_needed_hook_;
   std::unique_ptr<Scratch> scratch_;
   bool graphs_enabled_ = false;
-  std::vector<std::pair<StepKey, std::unique_ptr<StreamGraph>>> graphs_;
-  std::vector<StepKey> warmed_up_;  // keys run eagerly once since the last new shape
+  std::vector<std::pair<StepKey, ReplayedWork>> graphs_;  // since the last new shape
   int64_t graph_captures_ = 0;
 };
 

@@ -1,5 +1,5 @@
 // StreamGraph: stream capture into a cudaGraph_t, instantiation, replay, and the hold on the
-// memory the captured work freed.
+// memory the captured work freed; ReplayedWork's policy over it.
 #include "cuda/stream_graph.h"
 
 #include "core/error.h"
@@ -62,6 +62,21 @@ void StreamGraph::release() {
 void StreamGraph::launch(cudaStream_t stream) {
   MF_CUDA_CHECK(cudaGraphLaunch(exec_, stream));
   launched_on_ = stream;
+}
+
+bool ReplayedWork::run(cudaStream_t stream, const std::function<void()>& enqueue) {
+  if (graph_ != nullptr) {
+    graph_->launch(stream);
+    return false;
+  }
+  if (!warmed_up_) {
+    warmed_up_ = true;
+    enqueue();
+    return false;
+  }
+  graph_ = std::make_unique<StreamGraph>(stream, enqueue);
+  graph_->launch(stream);
+  return true;
 }
 
 }  // namespace moeforge::cuda

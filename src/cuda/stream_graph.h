@@ -1,4 +1,5 @@
-// A CUDA graph captured from the work one function enqueues on a stream, replayed with one launch.
+// A CUDA graph captured from the work one function enqueues on a stream, replayed with one launch,
+// and ReplayedWork, the warm-up / capture / replay policy its users share.
 // The device memory that work freed while it was captured (temporaries of the kernels' wrappers,
 // DeviceBuffer::resize) stays reserved for the graph until the graph is destroyed, so no later
 // allocation can take memory a replay still writes (DeviceAllocator::begin_hold).
@@ -7,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <functional>
+#include <memory>
 #include <vector>
 
 namespace moeforge::cuda {
@@ -37,6 +39,20 @@ class StreamGraph {
   std::vector<void*> held_;             // device blocks freed during the capture
   cudaStream_t launched_on_ = nullptr;  // the stream of the last launch
   size_t num_nodes_ = 0;
+};
+
+// One piece of stream work run the way CUDA graphs need: eagerly the first time (cuBLASLt, cuDNN
+// and the grouped GEMMs size their workspaces on first use, which a capture must not allocate),
+// captured into a StreamGraph the second time, replayed after that.
+class ReplayedWork {
+ public:
+  // Enqueues the work on stream (eagerly, or by capturing or replaying its graph); true when this
+  // call captured it.
+  bool run(cudaStream_t stream, const std::function<void()>& enqueue);
+
+ private:
+  bool warmed_up_ = false;
+  std::unique_ptr<StreamGraph> graph_;
 };
 
 }  // namespace moeforge::cuda

@@ -11,7 +11,9 @@
 #include <string>
 #include <vector>
 
+#include "cuda/gpu_adamw.h"
 #include "gpu_test_util.h"
+#include "train/adamw.h"
 
 namespace moeforge::cuda {
 namespace {
@@ -231,13 +233,13 @@ TEST(AdamWCuda, FinishGradClippingMatchesTheHostRule) {
   with_nan[5] = NAN;
   for (const Case& c : {Case{slots, 1.0}, Case{slots, 100.0}, Case{slots, 0.0}, Case{with_inf, 1.0},
                         Case{with_nan, 1.0}}) {
-    double replicated = 0.0, experts = 0.0;
-    for (size_t i = 0; i < c.slots.size(); ++i) (expert[i] ? experts : replicated) += c.slots[i];
-    const double want_norm = std::sqrt(replicated + experts);
+    GradSquares squares;
+    for (size_t i = 0; i < c.slots.size(); ++i) {
+      (expert[i] ? squares.experts : squares.replicated) += c.slots[i];
+    }
+    const double want_norm = model_grad_norm(squares, nullptr);
     const bool finite = std::isfinite(want_norm);
-    const double want_factor = finite && c.max_norm > 0.0 && want_norm > c.max_norm
-                                   ? c.max_norm / (want_norm + 1e-6)
-                                   : 1.0;
+    const double want_factor = clipping_for(want_norm, c.max_norm).clip_factor;
     SCOPED_TRACE("max_norm " + std::to_string(c.max_norm) + " norm " + std::to_string(want_norm));
     DeviceBuffer<double> slots_dev = to_device(c.slots), norm(1);
     DeviceBuffer<uint8_t> expert_dev = to_device(expert);

@@ -1,6 +1,6 @@
 // StreamGraph: a capture runs nothing, each launch replays the captured kernels on the buffers'
 // current contents, memory freed during the capture stays the graph's until it is destroyed, and
-// a failed capture throws and leaves the stream usable.
+// a failed capture throws and leaves the stream usable; ReplayedWork's eager / capture / replay.
 #include "cuda/stream_graph.h"
 
 #include <gtest/gtest.h>
@@ -84,6 +84,25 @@ TEST_F(StreamGraphTest, KeepsMemoryFreedDuringTheCaptureUntilDestroyed) {
   EXPECT_EQ(result.back(), 3.0f);
   graph.reset();
   EXPECT_EQ(allocator.bytes_in_use(), base) << "destroying the graph returns the block";
+}
+
+// ReplayedWork: eager the first time (the host function runs), captured the second (it runs
+// again, only to capture), replayed after that (it no longer runs); the work happens every time.
+TEST_F(StreamGraphTest, ReplayedWorkRunsEagerlyThenCapturesThenReplays) {
+  DeviceBuffer<float> y = to_device(std::vector<float>{0, 0});
+  const DeviceBuffer<float> one = to_device(std::vector<float>{1, 1});
+  ReplayedWork work;
+  int host_calls = 0;
+  const auto enqueue = [&] {
+    ++host_calls;
+    add_inplace(y.data(), one.data(), 2, stream_);
+  };
+  EXPECT_FALSE(work.run(stream_, enqueue));
+  EXPECT_TRUE(work.run(stream_, enqueue));
+  EXPECT_FALSE(work.run(stream_, enqueue));
+  EXPECT_FALSE(work.run(stream_, enqueue));
+  EXPECT_EQ(host_calls, 2);
+  expect_equal("y after four runs", download(y), std::vector<float>{4, 4});
 }
 
 TEST_F(StreamGraphTest, AFailedCaptureThrowsAndLeavesTheStreamUsable) {
