@@ -212,7 +212,8 @@ void block_sparse_attention_forward(bf16* out, float* lse, const bf16* q, const 
   const bool hopper_runs = hopper_block_sparse_attention_runs(args, major);
   const bool tensor_core_runs = tensor_core_block_sparse_attention_runs(args, major);
   MF_CHECK(kernel != BlockSparseKernel::hopper || hopper_runs,
-           "{}: the Hopper kernel needs an sm_90 GPU, head_dim 128 and 16-byte aligned tensors "
+           "{}: the Hopper kernel needs an sm_90 GPU, head_dim 64 or 128 and 16-byte aligned "
+           "tensors "
            "(head_dim {})",
            what, dims.head_dim);
   MF_CHECK(kernel != BlockSparseKernel::tensor_core || tensor_core_runs,

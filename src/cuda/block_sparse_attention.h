@@ -4,8 +4,8 @@
 // log-sum-exp of each row (fp32), as ops/block_sparse_attention.h defines them. Three kernels:
 // - tensor_core (block_sparse_attention_tc.cu): mma.sync bf16 tiles, sm_80 and later, head_dim 64
 //   or 128; P is rounded to bf16 before P V, as in cuDNN and FlashAttention.
-// - hopper (block_sparse_attention_sm90.cu): TMA + wgmma, warp specialised, sm_90a, head_dim 128;
-//   P in bf16 as above.
+// - hopper (block_sparse_attention_sm90.cu): TMA + wgmma, warp specialised, sm_90a, head_dim 64
+//   or 128; P in bf16 as above.
 // - portable (any GPU, any head_dim up to 256): scalar fp32 throughout; the fallback for other
 //   shapes and the tensor-core kernel's tighter check.
 // They serve dense prefill where cuDNN does not run, FlexPrefill's selections, and its dense

@@ -31,8 +31,8 @@ struct BlockSparseLaunch {
 bool tensor_core_block_sparse_attention_runs(const BlockSparseLaunch& args, int device_major);
 void launch_tensor_core_block_sparse_attention(const BlockSparseLaunch& args, cudaStream_t stream);
 
-// The Hopper kernel (block_sparse_attention_sm90.cu): sm_90 (built for sm_90a), head_dim 128,
-// block_size a multiple of 64, 16-byte aligned tensors.
+// The Hopper kernel (block_sparse_attention_sm90.cu): sm_90 (built for sm_90a), head_dim 64 or
+// 128, block_size a multiple of 64, 16-byte aligned tensors.
 bool hopper_block_sparse_attention_runs(const BlockSparseLaunch& args, int device_major);
 void launch_hopper_block_sparse_attention(const BlockSparseLaunch& args, cudaStream_t stream);
 

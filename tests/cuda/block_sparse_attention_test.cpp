@@ -125,7 +125,7 @@ TEST(BlockSparseAttentionCuda, TensorCoreKernelMatchesTheReference) {
   }
 }
 
-// The Hopper kernel runs on sm_90 only (head_dim 128).
+// The Hopper kernel runs on sm_90 only (head_dim 64 or 128).
 bool hopper_device() {
   int device = 0, major = 0;
   cudaGetDevice(&device);
@@ -139,7 +139,9 @@ TEST(BlockSparseAttentionCuda, HopperKernelMatchesTheReference) {
   uint64_t seed = 500;
   for (const Case& c : {Case{1, 2, 1, 128, 64}, Case{63, 4, 1, 128, 64}, Case{200, 4, 2, 128, 64},
                         Case{300, 8, 1, 128, 128}, Case{700, 6, 2, 128, 128},
-                        Case{129, 4, 4, 128, 64}, Case{1000, 2, 1, 128, 128}}) {
+                        Case{129, 4, 4, 128, 64}, Case{1000, 2, 1, 128, 128}, Case{1, 2, 1, 64, 64},
+                        Case{63, 4, 1, 64, 64}, Case{300, 8, 1, 64, 128}, Case{700, 6, 2, 64, 128},
+                        Case{129, 4, 4, 64, 64}, Case{1000, 2, 1, 64, 128}}) {
     check_case(c, random_layout(c, seed), seed, BlockSparseKernel::hopper);
     check_case(c, ops::dense_causal_layout(c.num_q_heads, c.seq_len, c.block_size), seed,
                BlockSparseKernel::hopper);
