@@ -80,6 +80,14 @@ __device__ __forceinline__ void claim_registers() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kCount));
 }
 
+// 2^x by the SFU alone: results below 2^-126 flush to zero, which moves no sum of weights whose
+// largest is 1 (exp2f adds a range check and two multiplies to keep them).
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ void wgmma_fence() {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 }
@@ -344,8 +352,9 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers, kHeadDim>::kThreads, 
 #pragma unroll
     for (int j = 0; j < 32; ++j) fence_operand(s[j]);
   };
-  // Masks s (scale_log2 * S of the tile at c), turns it into P = 2^(x - running max) and updates
-  // the running max and sum; correction gets the factor by which O must shrink.
+  // Masks s (S of the tile at c), turns it into P = 2^(scale_log2 * s - running max) (one fused
+  // multiply-add per logit) and updates the running max (of the scaled logits) and sum; correction
+  // gets the factor by which O must shrink.
   const auto softmax = [&](const TileCursor& c, float(&correction)[2]) {
     const int64_t key_end = walk.block_end(c.e);
     const int key_shift = static_cast<int>(c.t0 - warp_row0);
@@ -355,13 +364,11 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers, kHeadDim>::kThreads, 
     for (int n = 0; n < kKeyTiles; ++n)
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        float x = s[4 * n + k] * a.scale_log2;
         if (needs_mask) {
           const int row = g + (k >= 2 ? 8 : 0);
           const int key = 8 * n + 2 * t + (k % 2);
-          if (key + key_shift > row || key >= key_limit) x = -INFINITY;
+          if (key + key_shift > row || key >= key_limit) s[4 * n + k] = -INFINITY;
         }
-        s[4 * n + k] = x;
       }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -371,14 +378,15 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers, kHeadDim>::kThreads, 
         mx = fmaxf(mx, fmaxf(s[4 * n + 2 * half], s[4 * n + 2 * half + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(row_max[half], mx);
+      // The scale is positive, so the maximum of the scaled logits is the scaled maximum.
+      const float m_new = fmaxf(row_max[half], mx * a.scale_log2);
       const float base = m_new == -INFINITY ? 0.0f : m_new;
-      correction[half] = exp2f(row_max[half] - base);
+      correction[half] = exp2_ftz(row_max[half] - base);
       float sum = 0.0f;
 #pragma unroll
       for (int n = 0; n < kKeyTiles; ++n) {
-        const float p0 = exp2f(s[4 * n + 2 * half] - base);
-        const float p1 = exp2f(s[4 * n + 2 * half + 1] - base);
+        const float p0 = exp2_ftz(fmaf(s[4 * n + 2 * half], a.scale_log2, -base));
+        const float p1 = exp2_ftz(fmaf(s[4 * n + 2 * half + 1], a.scale_log2, -base));
         s[4 * n + 2 * half] = p0;
         s[4 * n + 2 * half + 1] = p1;
         sum += p0 + p1;
