@@ -1,18 +1,18 @@
 // The Hopper block-sparse causal attention kernel (sm_90a; see block_sparse_attention.h), warp
-// specialised: one producer warp (of a warpgroup that hands most of its registers to the others)
-// loads Q once and the key tiles of the row's CSR list by TMA into
+// specialised: one producer warp loads Q once and the key tiles of the row's CSR list by TMA into
 // a ring of kStages shared-memory stages (mbarriers: `full` when a stage's bytes have landed,
 // `empty` when every consumer warp is done with it), and kConsumers consumer warpgroups own 64
 // query rows of one head each, head_dim 64 or 128. TMA writes the canonical 128-byte-swizzled wgmma
 // layout (64-element panels of 128-byte rows, 16-byte chunk c of row r at chunk c ^ (r % 8)), and
-// zero-fills rows past the sequence end. Each consumer thread copies its part of Q into registers
-// once, and S = Q K^T is wgmma m64n64k16 with Q from those registers and K from shared memory
-// (K-major); P = exp(S - max) goes to bf16 registers as wgmma's A fragment, and O += P V is wgmma
-// m64n128k16 with V read MN-major (transposed by the hardware). Within a warpgroup a tile's softmax
-// runs while the tensor cores do the previous tile's P V (FlashAttention-3's intra- warpgroup
-// overlap), and the two warpgroups run unsynchronised, so one's softmax also overlaps the other's
-// MMAs. The online softmax is the tensor-core kernel's (block_sparse_attention_tc.cu), on the same
-// accumulator layout. Not yet: GQA-shared K/V tiles.
+// zero-fills rows past the sequence end. S = Q K^T is wgmma m64n64k16 with both operands in shared
+// memory (K-major); P = exp(S - max) goes to bf16 registers as wgmma's A fragment, and O += P V is
+// wgmma m64n128k16 (m64n64k16 at head_dim 64) with V read MN-major (transposed by the hardware).
+// Within a warpgroup a tile's softmax runs while the tensor cores do the previous tile's P V
+// (FlashAttention-3's intra-warpgroup overlap), and the two warpgroups run unsynchronised, so
+// one's softmax also overlaps the other's MMAs. The online softmax is the tensor-core kernel's
+// (block_sparse_attention_tc.cu), on the same accumulator layout. Measured and not kept (docs/
+// benchmarks.md): Q in registers for S, with a producer warpgroup handing its registers over by
+// setmaxnreg (1-2% slower). Not yet: GQA-shared K/V tiles.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
@@ -37,7 +37,7 @@ template <int kConsumers, int kHeadDim>
 struct HopperConfig {
   static constexpr int kRows = 64 * kConsumers;
   static constexpr int kConsumerThreads = 128 * kConsumers;
-  static constexpr int kThreads = kConsumerThreads + 128;  // + the producer warpgroup
+  static constexpr int kThreads = kConsumerThreads + 32;  // + the producer warp
   static constexpr int kQBytes = kRows * kHeadDim * 2;
   static constexpr int kTileBytes = kKeys * kHeadDim * 2;  // one K or V tile
   static constexpr int kBarrierBytes = (1 + 2 * kStages) * 8;
@@ -63,21 +63,6 @@ __device__ __forceinline__ uint64_t make_descriptor(uint32_t address, uint32_t l
   desc |= static_cast<uint64_t>((stride_bytes >> 4) & 0x3FFF) << 32;
   desc |= uint64_t{1} << 62;
   return desc;
-}
-
-// Registers per thread of the producer and consumer warpgroups after the hand-over (setmaxnreg):
-// the producer needs few; a consumer holds Q, S, P and O. Per SM sub-partition (a quarter of the
-// 64K registers) at most one producer warp and two consumer warps: 40 + 2 * 232 <= 512.
-constexpr int kProducerRegisters = 40;
-constexpr int kConsumerRegisters = 232;
-
-template <int kCount>
-__device__ __forceinline__ void release_registers() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kCount));
-}
-template <int kCount>
-__device__ __forceinline__ void claim_registers() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kCount));
 }
 
 // 2^x by the SFU alone: results below 2^-126 flush to zero, which moves no sum of weights whose
@@ -135,23 +120,39 @@ __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, int 
       : "memory");
 }
 
-// d (64 x 64 fp32 per warpgroup) = A (64 x 16 bf16 in registers, the m16n8k16 A fragment of each
-// warp's 16 rows) * B (16 x 64, shared memory; K-major, or MN-major and transposed on load when
-// kTransposeB) + (accumulate ? d : 0): wgmma m64n64k16.
-template <int kTransposeB>
-__device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const uint32_t (&a)[4],
-                                                   uint64_t b_desc, int accumulate) {
+// d (64 x 64 fp32 per warpgroup) = A (64 x 16, shared memory, K-major) * B (16 x 64, shared
+// memory, K-major) + (accumulate ? d : 0): wgmma m64n64k16 bf16.
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t a_desc, uint64_t b_desc,
+                                                   int accumulate) {
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, "
       "%9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, "
-      "%27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+      "%27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
         "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
         "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
         "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
         "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(accumulate), "n"(kTransposeB)
+      : "l"(a_desc), "l"(b_desc), "r"(accumulate)
+      : "memory");
+}
+
+// d (64 x 64 fp32 per warpgroup) += A (64 x 16 bf16 in registers, the m16n8k16 A fragment of each
+// warp's 16 rows) * B (16 x 64, shared memory, MN-major: transposed on load).
+__device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const uint32_t (&a)[4],
+                                                   uint64_t b_desc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, "
+      "%9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, "
+      "%27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc)
       : "memory");
 }
 
@@ -180,39 +181,18 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const uint32
       : "memory");
 }
 
-// This thread's part of its warpgroup's 64 rows of Q as wgmma A fragments, one per k16 step:
-// q[kk] = rows g and g + 8 of the warp's 16 (row_a is g's row in the CTA's tile), dims 16 kk + 2 t
-// and + 8, read from the swizzled panels (chunk c of row r at c ^ (r % 8); row_a % 8 == g).
+// S = Q K^T of one warpgroup's 64 rows and one stage's kKeys keys, issued (not waited for); the
+// first k-step overwrites s (no zeroing by other instructions, which would serialise the wgmmas).
 template <int kRows, int kHeadDim>
-__device__ __forceinline__ void load_query_fragments(uint32_t (&q)[kHeadDim / 16][4],
-                                                     const unsigned char* q_tile, int row_a, int g,
-                                                     int t) {
-#pragma unroll
-  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-    const unsigned char* panel = q_tile + (kk / 4) * kRows * kRowBytes;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int chunk = ((kk % 4) * 2 + half) ^ g;
-      const unsigned char* at = panel + chunk * 16 + 4 * t;
-      q[kk][2 * half] = *reinterpret_cast<const uint32_t*>(at + row_a * kRowBytes);
-      q[kk][2 * half + 1] = *reinterpret_cast<const uint32_t*>(at + (row_a + 8) * kRowBytes);
-    }
-  }
-}
-
-// S = Q K^T of one warpgroup's 64 rows (Q from registers) and one stage's kKeys keys, issued (not
-// waited for); the first k-step overwrites s (no zeroing by other instructions, which would
-// serialise the wgmmas). Keeping Q out of shared memory halves the bytes S reads from it per tile.
-template <int kHeadDim>
-__device__ __forceinline__ void issue_scores(float (&s)[32], const uint32_t (&q)[kHeadDim / 16][4],
-                                             uint32_t k_base) {
+__device__ __forceinline__ void issue_scores(float (&s)[32], uint32_t q_base, uint32_t k_base) {
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+    const uint32_t panel_q = (kk / 4) * kRows * kRowBytes;
     const uint32_t panel_k = (kk / 4) * kKeys * kRowBytes;
     const uint32_t step = (kk % 4) * 32;
-    wgmma_m64n64k16_rs<0>(s, q[kk], make_descriptor(k_base + panel_k + step, 16, 1024),
-                          kk > 0 ? 1 : 0);
+    wgmma_m64n64k16_ss(s, make_descriptor(q_base + panel_q + step, 16, 1024),
+                       make_descriptor(k_base + panel_k + step, 16, 1024), kk > 0 ? 1 : 0);
   }
   wgmma_commit();
 }
@@ -247,7 +227,7 @@ __device__ __forceinline__ void issue_values(float (&o)[kHeadDim / 2], uint32_t 
     if constexpr (kHeadDim == 128) {
       wgmma_m64n128k16_rs(o, pa, v_desc);
     } else {
-      wgmma_m64n64k16_rs<1>(o, pa, v_desc, 1);
+      wgmma_m64n64k16_rs(o, pa, v_desc);
     }
   }
   wgmma_commit();
@@ -289,11 +269,9 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers, kHeadDim>::kThreads, 
   }
   __syncthreads();
 
-  if (warp >= 4 * kConsumers) {
-    // The producer warpgroup gives its registers to the consumers; its first warp loads Q once,
-    // then every key tile of the walk into the ring.
-    release_registers<kProducerRegisters>();
-    if (warp == 4 * kConsumers && lane == 0) {
+  if (warp == 4 * kConsumers) {
+    // The producer: Q once, then every key tile of the walk into the ring.
+    if (lane == 0) {
       mbarrier_arrive_expect_tx(q_full, Cfg::kQBytes);
       for (int p = 0; p < kHeadDim / kPanel; ++p) {
         tma_load(q_tile + p * Cfg::kRows * kRowBytes, &args.q_map, head * kHeadDim + p * kPanel,
@@ -319,10 +297,10 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers, kHeadDim>::kThreads, 
   }
 
   // A consumer warpgroup: rows [wg_row0, wg_row0 + 64), 16 per warp.
-  claim_registers<kConsumerRegisters>();
   const int warpgroup = warp / 4, g = lane / 4, t = lane % 4;
   const int64_t wg_row0 = row0 + 64 * warpgroup;
   const int64_t warp_row0 = wg_row0 + 16 * (warp % 4);
+  const uint32_t q_base = smem_address(q_tile) + 64 * warpgroup * kRowBytes;
   const auto k_address = [&](int stage) {
     return smem_address(kv_tiles + stage * 2 * Cfg::kTileBytes);
   };
@@ -339,8 +317,6 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers, kHeadDim>::kThreads, 
 #pragma unroll
   for (int i = 0; i < 4 * kDimTiles; ++i) o[i] = 0.0f;
   mbarrier_wait(q_full, 0);
-  uint32_t q[kHeadDim / 16][4];
-  load_query_fragments<Cfg::kRows, kHeadDim>(q, q_tile, 64 * warpgroup + 16 * (warp % 4) + g, g, t);
 
   float s[32];
   uint32_t p[16];
@@ -424,7 +400,7 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers, kHeadDim>::kThreads, 
     // The first tile: S alone.
     int previous_stage = i % kStages;
     float correction[2];
-    issue_scores<kHeadDim>(s, q, k_address(previous_stage));
+    issue_scores<Cfg::kRows, kHeadDim>(s, q_base, k_address(previous_stage));
     wgmma_wait<0>();
     fence_scores();
     softmax(cur, correction);
@@ -443,7 +419,7 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers, kHeadDim>::kThreads, 
         release(stage);
         continue;
       }
-      issue_scores<kHeadDim>(s, q, k_address(stage));
+      issue_scores<Cfg::kRows, kHeadDim>(s, q_base, k_address(stage));
       issue_values<kHeadDim>(o, p, k_address(previous_stage) + Cfg::kTileBytes);
       wgmma_wait<1>();
       fence_scores();  // only S is final here: O and P belong to the P V in flight

@@ -231,8 +231,10 @@ TEST(AdamWCuda, FinishGradClippingMatchesTheHostRule) {
   with_inf[3] = INFINITY;
   std::vector<double> with_nan = slots;
   with_nan[5] = NAN;
-  for (const Case& c : {Case{slots, 1.0}, Case{slots, 100.0}, Case{slots, 0.0}, Case{with_inf, 1.0},
-                        Case{with_nan, 1.0}}) {
+  // The norm is about 2.451: max_norms 2.0 and 2.45 clip it (it is below twice either), 2.46 not.
+  for (const Case& c :
+       {Case{slots, 1.0}, Case{slots, 2.0}, Case{slots, 2.45}, Case{slots, 2.46},
+        Case{slots, 100.0}, Case{slots, 0.0}, Case{with_inf, 1.0}, Case{with_nan, 1.0}}) {
     GradSquares squares;
     for (size_t i = 0; i < c.slots.size(); ++i) {
       (expert[i] ? squares.experts : squares.replicated) += c.slots[i];
