@@ -65,14 +65,6 @@ __device__ __forceinline__ uint64_t make_descriptor(uint32_t address, uint32_t l
   return desc;
 }
 
-// 2^x by the SFU alone: results below 2^-126 flush to zero, which moves no sum of weights whose
-// largest is 1 (exp2f adds a range check and two multiplies to keep them).
-__device__ __forceinline__ float exp2_ftz(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
 __device__ __forceinline__ void wgmma_fence() {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 }
@@ -357,12 +349,12 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers, kHeadDim>::kThreads, 
       // The scale is positive, so the maximum of the scaled logits is the scaled maximum.
       const float m_new = fmaxf(row_max[half], mx * a.scale_log2);
       const float base = m_new == -INFINITY ? 0.0f : m_new;
-      correction[half] = exp2_ftz(row_max[half] - base);
+      correction[half] = exp2_flush(row_max[half] - base);
       float sum = 0.0f;
 #pragma unroll
       for (int n = 0; n < kKeyTiles; ++n) {
-        const float p0 = exp2_ftz(fmaf(s[4 * n + 2 * half], a.scale_log2, -base));
-        const float p1 = exp2_ftz(fmaf(s[4 * n + 2 * half + 1], a.scale_log2, -base));
+        const float p0 = exp2_flush(fmaf(s[4 * n + 2 * half], a.scale_log2, -base));
+        const float p1 = exp2_flush(fmaf(s[4 * n + 2 * half + 1], a.scale_log2, -base));
         s[4 * n + 2 * half] = p0;
         s[4 * n + 2 * half + 1] = p1;
         sum += p0 + p1;
@@ -372,13 +364,17 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers, kHeadDim>::kThreads, 
     }
   };
   // O shrinks by the correction (no P V in flight), and P goes to bf16 for the next P V.
+  // Once the running maxima settle, most tiles leave every row's correction at exactly 1: the
+  // warp then skips multiplying O by it (the result is the same bits).
   const auto rescale_and_pack = [&](const float(&correction)[2]) {
+    if (__any_sync(0xffffffffu, correction[0] != 1.0f || correction[1] != 1.0f)) {
 #pragma unroll
-    for (int n = 0; n < kDimTiles; ++n) {
-      o[4 * n] *= correction[0];
-      o[4 * n + 1] *= correction[0];
-      o[4 * n + 2] *= correction[1];
-      o[4 * n + 3] *= correction[1];
+      for (int n = 0; n < kDimTiles; ++n) {
+        o[4 * n] *= correction[0];
+        o[4 * n + 1] *= correction[0];
+        o[4 * n + 2] *= correction[1];
+        o[4 * n + 3] *= correction[1];
+      }
     }
     pack_probabilities(p, s);
     fence_operands();  // final before the next wgmmas start

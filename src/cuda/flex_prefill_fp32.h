@@ -8,7 +8,7 @@
 //     accumulation (mma.sync m16n8k16); pass 1 keeps per row and key split the running max and the
 //     fp32 sum of 2^(x - max) (rescaled when the max grows), pass 2 combines the splits in double
 //     into lse2[r] = log2 sum_j 2^x[r, j] (rounded to fp32), recomputes x and takes
-//     p = exp2f(x - lse2) in fp32. The logits never reach global memory.
+//     p = 2^(x - lse2) in fp32 (exp2_flush: ex2.approx.ftz). The logits never reach global memory.
 //     vertical[j] = (sum_r p[r, j]) / bs and slash[i] = (sum_r p[r, i + r - (bs - 1)]) / bs in
 //     fp32, in a fixed order (deterministic).
 //  3. vertical_blk, slash_blk: each block's fp32 values summed in double.
@@ -22,11 +22,11 @@
 // max_j |k_j|; n_tiles = kFp32SplitKeys / kFp32TileKeys rescales):
 //  - dx = (D + 1) u' X + 2 u X bounds each logit's error (D + 1 fp32 additions of the exact bf16
 //    products, then the rounded factor scale * log2 e and the rounded product);
-//  - the row sum's relative error is eps_z = 2^-22 + 2 ln2 u X (each exp2f: 2 ulps and its rounded
+//  - the row sum's relative error is eps_z = 2^-22 + 2 ln2 u X (each exp2: 2 ulps and its rounded
 //    argument) + (kFp32TileKeys / 4 + 2 n_tiles + 2) u (its longest chain of additions and
 //    rescales) + n_tiles (2^-22 + 2 ln2 u X) (the rescale factors);
 //  - so each p has relative error rho_p = 2 ln2 dx (numerator and denominator) + eps_z +
-//    ln2 u (3 X + 2 log2 N) (lse2 and x - lse2 rounded) + 2^-22 (the last exp2f);
+//    ln2 u (3 X + 2 log2 N) (lse2 and x - lse2 rounded) + 2^-22 (the last exp2);
 //  - a vertical or slash value, a sum of at most bs such p in a chain of at most bs + 4 additions,
 //    has relative error rho = rho_p + (bs + 4) u (plus an absolute 2^-126 per term where fp32
 //    flushes an underflowing p to zero); so does a block score (summed in double);

@@ -8,7 +8,8 @@
 //  - Pass 1 (row_stats_kernel): per row and split the max of x = S * scale * log2(e) over the
 //    visible keys and the sum of 2^(x - max) (online: rescaled when the max grows).
 //  - row_lse_kernel: lse2 = M + log2(sum over splits of sum * 2^(max - M)) in double, per row.
-//  - Pass 2 (scores_kernel): x again, p = exp2f(x - lse2) written to a shared [bs, tile] array; per
+//  - Pass 2 (scores_kernel): x again, p = 2^(x - lse2) (exp2_flush) written to a shared [bs, tile]
+//  array; per
 //    tile the column sums (vertical, complete: every row is in the block) and per diagonal the
 //    partial sums, accumulated over the split's tiles in shared memory; the split's diagonal sums
 //    go to global memory (a diagonal spans bs keys, so its sum may continue in the next split).
@@ -231,10 +232,10 @@ __global__ void __launch_bounds__(TileLoop<kRows>::kThreads)
         float sum = 0.0f;
 #pragma unroll
         for (int n = 0; n < kKeyTiles; ++n) {
-          sum += exp2f(s[m][n][2 * half] - base);
-          sum += exp2f(s[m][n][2 * half + 1] - base);
+          sum += exp2_flush(s[m][n][2 * half] - base);
+          sum += exp2_flush(s[m][n][2 * half + 1] - base);
         }
-        row_sum[i] = row_sum[i] * exp2f(row_max[i] - base) + sum;
+        row_sum[i] = row_sum[i] * exp2_flush(row_max[i] - base) + sum;
         row_max[i] = m_new;
       }
   });
@@ -314,7 +315,7 @@ __global__ void __launch_bounds__(TileLoop<kRows>::kThreads)
         for (int c = 0; c < 4; ++c) {
           const int row = warp * kRowsPerWarp + 16 * m + g + (c >= 2 ? 8 : 0);
           probs[row * kProbStride + 8 * n + 2 * t + (c % 2)] =
-              exp2f(s[m][n][c] - lse[2 * m + c / 2]);
+              exp2_flush(s[m][n][c] - lse[2 * m + c / 2]);
         }
     __syncthreads();
     // Column sums: thread tid adds rows [64 (tid / 64), + 64) of column tid % 64 in order, then
