@@ -50,12 +50,12 @@ std::vector<size_t> exclusive_prefix_sum(const std::vector<size_t>& counts) {
   return offsets;
 }
 
-// all_to_all_v of rows of `hidden` elements.
-template <typename T>
-void exchange_rows(const T* send, const std::vector<size_t>& send_rows,
-                   const std::vector<size_t>& send_row_offsets, T* recv,
+// all_to_all_v of rows of `hidden` elements of dtype.
+void exchange_rows(const void* send, const std::vector<size_t>& send_rows,
+                   const std::vector<size_t>& send_row_offsets, void* recv,
                    const std::vector<size_t>& recv_rows,
-                   const std::vector<size_t>& recv_row_offsets, int64_t hidden, Communicator& ep) {
+                   const std::vector<size_t>& recv_row_offsets, int64_t hidden, CommDType dtype,
+                   Communicator& ep) {
   const size_t num_ranks = static_cast<size_t>(ep.size());
   MF_CHECK(send_rows.size() == num_ranks && recv_rows.size() == num_ranks,
            "all-to-all dispatch: the plan is for {} ranks, the group has {}", send_rows.size(),
@@ -70,49 +70,79 @@ void exchange_rows(const T* send, const std::vector<size_t>& send_rows,
     recv_offsets[j] = recv_row_offsets[j] * row;
   }
   ep.all_to_all_v(send, send_counts.data(), send_offsets.data(), recv, recv_counts.data(),
-                  recv_offsets.data(), comm_dtype_of<T>());
+                  recv_offsets.data(), dtype);
 }
 
-}  // namespace
+// This rank's assignments per expert, checking every index.
+std::vector<int64_t> count_assignments(const int32_t* expert_idx, int64_t num_tokens, int64_t top_k,
+                                       int64_t num_experts) {
+  std::vector<int64_t> load(static_cast<size_t>(num_experts), 0);  // [num_experts]
+  for (int64_t a = 0; a < num_tokens * top_k; ++a) {
+    const int32_t e = expert_idx[a];
+    MF_CHECK(e >= 0 && e < num_experts,
+             "all-to-all dispatch: expert index of token {} slot {} is {}, outside [0, {})",
+             a / top_k, a % top_k, e, num_experts);
+    ++load[static_cast<size_t>(e)];
+  }
+  return load;
+}
 
-A2aDispatchPlan plan_a2a_dispatch(const int32_t* expert_idx, int64_t num_tokens, int64_t top_k,
-                                  int64_t num_experts, int64_t capacity, Communicator& ep) {
-  const int64_t num_ranks = ep.size();
-  const int64_t rank = ep.rank();
+void check_plan_dims(int64_t num_tokens, int64_t top_k, int64_t num_experts, int64_t num_ranks) {
   MF_CHECK(num_tokens >= 0 && top_k >= 1 && top_k <= num_experts,
            "all-to-all dispatch: invalid num_tokens {} or top_k {} (num_experts {})", num_tokens,
            top_k, num_experts);
-  MF_CHECK(num_experts % num_ranks == 0,
+  MF_CHECK(num_ranks >= 1 && num_experts % num_ranks == 0,
            "all-to-all dispatch: num_experts ({}) must be divisible by the expert-parallel size "
            "({})",
            num_experts, num_ranks);
   MF_CHECK(num_tokens * num_ranks * top_k <= INT32_MAX,
            "all-to-all dispatch: {} group tokens x top_k {} exceed the int32 row index range",
            num_tokens * num_ranks, top_k);
+}
+
+}  // namespace
+
+A2aDispatchPlan plan_a2a_dispatch(const int32_t* expert_idx, int64_t num_tokens, int64_t top_k,
+                                  int64_t num_experts, int64_t capacity, Communicator& ep) {
+  check_plan_dims(num_tokens, top_k, num_experts, ep.size());
+  const std::vector<int64_t> local_load =
+      count_assignments(expert_idx, num_tokens, top_k, num_experts);
+  std::vector<int64_t> loads(static_cast<size_t>(ep.size() * num_experts));  // [ranks, experts]
+  ep.all_gather(local_load.data(), loads.data(), static_cast<size_t>(num_experts));
+  return plan_a2a_dispatch_from_loads(expert_idx, num_tokens, top_k, num_experts, capacity,
+                                      loads.data(), ep.rank(), ep.size());
+}
+
+A2aDispatchPlan plan_a2a_dispatch_from_loads(const int32_t* expert_idx, int64_t num_tokens,
+                                             int64_t top_k, int64_t num_experts, int64_t capacity,
+                                             const int64_t* loads, int64_t rank,
+                                             int64_t num_ranks) {
+  check_plan_dims(num_tokens, top_k, num_experts, num_ranks);
+  MF_CHECK(rank >= 0 && rank < num_ranks, "all-to-all dispatch: rank {} of a group of {}", rank,
+           num_ranks);
   const int64_t num_local_experts = num_experts / num_ranks;
   const int64_t expert_begin = rank * num_local_experts;
+  const std::vector<int64_t> local_load =
+      count_assignments(expert_idx, num_tokens, top_k, num_experts);
+  for (int64_t e = 0; e < num_experts; ++e) {
+    MF_CHECK(loads[rank * num_experts + e] == local_load[static_cast<size_t>(e)],
+             "all-to-all dispatch: the gathered loads give rank {} {} assignments to expert {}, "
+             "its routing has {}",
+             rank, loads[rank * num_experts + e], e, local_load[static_cast<size_t>(e)]);
+  }
 
   A2aDispatchPlan plan;
   plan.num_tokens = num_tokens;
   plan.group_tokens = num_tokens * num_ranks;
-  std::vector<int64_t> local_load(static_cast<size_t>(num_experts), 0);  // [num_experts]
-  for (int64_t a = 0; a < num_tokens * top_k; ++a) {
-    const int32_t e = expert_idx[a];
-    MF_CHECK(e >= 0 && e < num_experts,
-             "all-to-all dispatch: expert index of token {} slot {} is {}, outside [0, {})",
-             a / top_k, a % top_k, e, num_experts);
-    ++local_load[static_cast<size_t>(e)];
-  }
-  std::vector<int64_t> loads(static_cast<size_t>(num_ranks * num_experts));  // [ranks, experts]
-  ep.all_gather(local_load.data(), loads.data(), static_cast<size_t>(num_experts));
-
   // kept[s, e]: the assignments of rank s to expert e within the capacity, which the lower ranks'
   // assignments to e fill first.
-  std::vector<int64_t> kept(loads.size());  // [ranks, experts]
+  std::vector<int64_t> kept(static_cast<size_t>(num_ranks * num_experts));  // [ranks, experts]
   plan.group_load.assign(static_cast<size_t>(num_experts), 0);
   for (int64_t s = 0; s < num_ranks; ++s) {
     for (int64_t e = 0; e < num_experts; ++e) {
       const int64_t count = loads[s * num_experts + e];
+      MF_CHECK(count >= 0, "all-to-all dispatch: rank {} has {} assignments to expert {}", s, count,
+               e);
       const int64_t before = plan.group_load[e];
       kept[s * num_experts + e] =
           capacity < 0 ? count : std::clamp<int64_t>(capacity - before, 0, count);
@@ -145,18 +175,16 @@ A2aDispatchPlan plan_a2a_dispatch(const int32_t* expert_idx, int64_t num_tokens,
   return plan;
 }
 
-template <typename T>
-void a2a_exchange_to_owners(const T* send, T* recv, const A2aDispatchPlan& plan, int64_t hidden,
-                            Communicator& ep) {
+void a2a_exchange_to_owners(const void* send, void* recv, const A2aDispatchPlan& plan,
+                            int64_t hidden, CommDType dtype, Communicator& ep) {
   exchange_rows(send, plan.send_rows, plan.send_row_offsets, recv, plan.recv_rows,
-                plan.recv_row_offsets, hidden, ep);
+                plan.recv_row_offsets, hidden, dtype, ep);
 }
 
-template <typename T>
-void a2a_exchange_to_senders(const T* recv, T* send, const A2aDispatchPlan& plan, int64_t hidden,
-                             Communicator& ep) {
+void a2a_exchange_to_senders(const void* recv, void* send, const A2aDispatchPlan& plan,
+                             int64_t hidden, CommDType dtype, Communicator& ep) {
   exchange_rows(recv, plan.recv_rows, plan.recv_row_offsets, send, plan.send_rows,
-                plan.send_row_offsets, hidden, ep);
+                plan.send_row_offsets, hidden, dtype, ep);
 }
 
 namespace {
@@ -221,10 +249,6 @@ void a2a_add_group_aux_gradient(T* dlogits, const T* probs, const A2aDispatchPla
 }
 
 #define MOEFORGE_INSTANTIATE_A2A(T)                                                          \
-  template void a2a_exchange_to_owners<T>(const T*, T*, const A2aDispatchPlan&, int64_t,     \
-                                          Communicator&);                                    \
-  template void a2a_exchange_to_senders<T>(const T*, T*, const A2aDispatchPlan&, int64_t,    \
-                                           Communicator&);                                   \
   template GroupRouterLosses a2a_group_router_losses<T>(                                     \
       const T*, const T*, const A2aDispatchPlan&, int64_t, int64_t, int64_t, Communicator&); \
   template void a2a_add_group_aux_gradient<T>(T*, const T*, const A2aDispatchPlan&, int64_t, \

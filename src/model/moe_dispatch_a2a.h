@@ -44,14 +44,32 @@ struct A2aDispatchPlan {
 A2aDispatchPlan plan_a2a_dispatch(const int32_t* expert_idx, int64_t num_tokens, int64_t top_k,
                                   int64_t num_experts, int64_t capacity, Communicator& ep);
 
+// plan_a2a_dispatch after its all-gather, with no communication: loads [num_ranks, num_experts]
+// are every rank's assignments per expert, gathered by the caller (the GPU engine gathers them on
+// the device); row `rank` must be the counts of expert_idx (checked).
+A2aDispatchPlan plan_a2a_dispatch_from_loads(const int32_t* expert_idx, int64_t num_tokens,
+                                             int64_t top_k, int64_t num_experts, int64_t capacity,
+                                             const int64_t* loads, int64_t rank, int64_t num_ranks);
+
 // to_owners: send [send_map rows, hidden] -> recv [recv_map rows, hidden] in receive order
 // (source rank, then as sent). to_senders: the reverse, from receive order back to send order.
+// Rows of elements of dtype, in the buffers ep takes (host, or device for a device communicator).
+void a2a_exchange_to_owners(const void* send, void* recv, const A2aDispatchPlan& plan,
+                            int64_t hidden, CommDType dtype, Communicator& ep);
+void a2a_exchange_to_senders(const void* recv, void* send, const A2aDispatchPlan& plan,
+                             int64_t hidden, CommDType dtype, Communicator& ep);
 template <typename T>
 void a2a_exchange_to_owners(const T* send, T* recv, const A2aDispatchPlan& plan, int64_t hidden,
-                            Communicator& ep);
+                            Communicator& ep) {
+  a2a_exchange_to_owners(static_cast<const void*>(send), static_cast<void*>(recv), plan, hidden,
+                         comm_dtype_of<T>(), ep);
+}
 template <typename T>
 void a2a_exchange_to_senders(const T* recv, T* send, const A2aDispatchPlan& plan, int64_t hidden,
-                             Communicator& ep);
+                             Communicator& ep) {
+  a2a_exchange_to_senders(static_cast<const void*>(recv), static_cast<void*>(send), plan, hidden,
+                          comm_dtype_of<T>(), ep);
+}
 
 // The aux and z losses over the group (ops/router.h's definitions over group_tokens, the aux loss
 // over balance_groups), from this rank's probs and logits [num_tokens, num_experts] and the plan's

@@ -298,6 +298,88 @@ TEST(MoeDispatchA2a, UnevenRoutingWithCapacityDropsTheSameAssignments) {
   EXPECT_EQ(a2a[3].send_rows, (std::vector<size_t>{0, 0, 0, 0}));
 }
 
+void expect_same_row_map(const ops::RowMap& got, const ops::RowMap& want, const std::string& what) {
+  EXPECT_EQ(got.num_tokens, want.num_tokens) << what;
+  EXPECT_EQ(got.top_k, want.top_k) << what;
+  EXPECT_EQ(got.expert_begin, want.expert_begin) << what;
+  EXPECT_EQ(got.expert_end, want.expert_end) << what;
+  EXPECT_EQ(got.expert_offsets, want.expert_offsets) << what;
+  EXPECT_EQ(got.row_token, want.row_token) << what;
+  EXPECT_EQ(got.assignment_row, want.assignment_row) << what;
+  EXPECT_EQ(got.tokens_per_expert, want.tokens_per_expert) << what;
+  EXPECT_EQ(got.num_dropped, want.num_dropped) << what;
+}
+
+void expect_same_plan(const A2aDispatchPlan& got, const A2aDispatchPlan& want,
+                      const std::string& what) {
+  EXPECT_EQ(got.num_tokens, want.num_tokens) << what;
+  EXPECT_EQ(got.group_tokens, want.group_tokens) << what;
+  EXPECT_EQ(got.group_load, want.group_load) << what;
+  EXPECT_EQ(got.num_dropped, want.num_dropped) << what;
+  expect_same_row_map(got.send_map, want.send_map, what + " send_map");
+  expect_same_row_map(got.recv_map, want.recv_map, what + " recv_map");
+  EXPECT_EQ(got.send_rows, want.send_rows) << what;
+  EXPECT_EQ(got.send_row_offsets, want.send_row_offsets) << what;
+  EXPECT_EQ(got.recv_rows, want.recv_rows) << what;
+  EXPECT_EQ(got.recv_row_offsets, want.recv_row_offsets) << what;
+}
+
+// The GPU engine plans with plan_a2a_dispatch_from_loads after gathering the counts on the
+// device: from the same gathered loads it gives the collective plan field by field (4 ranks of 6
+// tokens, top-2 of 8 experts, dropless and with a capacity that drops), and it refuses loads whose
+// own row disagrees with the rank's routing.
+TEST(MoeDispatchA2a, PlanFromGatheredLoadsEqualsTheCollectivePlan) {
+  constexpr int kRanks = 4;
+  constexpr int64_t kTokens = 6, kTopK = 2, kExperts = 8;
+  // Rank r's routing: distinct experts per token, skewed toward the low experts.
+  std::vector<std::vector<int32_t>> routing(kRanks);
+  std::vector<int64_t> loads(static_cast<size_t>(kRanks * kExperts), 0);  // [ranks, experts]
+  Rng rng(300);
+  for (int r = 0; r < kRanks; ++r) {
+    for (int64_t t = 0; t < kTokens; ++t) {
+      const auto first = static_cast<int32_t>(rng.below(kExperts / 2));
+      const auto second = static_cast<int32_t>((first + 1 + rng.below(kExperts - 1)) % kExperts);
+      for (const int32_t e : {first, second}) {
+        routing[r].push_back(e);
+        ++loads[static_cast<size_t>(r * kExperts + e)];
+      }
+    }
+  }
+  for (const int64_t capacity : {int64_t{-1}, int64_t{2}}) {
+    const std::string what = "capacity " + std::to_string(capacity);
+    std::vector<A2aDispatchPlan> collective(kRanks), from_loads(kRanks);
+    run_ranks(kRanks, [&](Communicator& comm) {
+      const int r = comm.rank();
+      collective[r] =
+          plan_a2a_dispatch(routing[r].data(), kTokens, kTopK, kExperts, capacity, comm);
+      from_loads[r] = plan_a2a_dispatch_from_loads(routing[r].data(), kTokens, kTopK, kExperts,
+                                                   capacity, loads.data(), r, kRanks);
+    });
+    int64_t num_dropped = 0;
+    for (int r = 0; r < kRanks; ++r) {
+      expect_same_plan(from_loads[r], collective[r], what + " rank " + std::to_string(r));
+      num_dropped += from_loads[r].num_dropped;
+    }
+    if (capacity >= 0) {
+      EXPECT_GT(num_dropped, 0) << what << ": the case must drop assignments";
+    }
+  }
+
+  std::vector<int64_t> wrong = loads;
+  ++wrong[static_cast<size_t>(1 * kExperts + routing[1][0])];
+  try {
+    plan_a2a_dispatch_from_loads(routing[1].data(), kTokens, kTopK, kExperts, -1, wrong.data(), 1,
+                                 kRanks);
+    ADD_FAILURE() << "loads that disagree with the routing passed";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("the gathered loads give rank 1"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_THROW(plan_a2a_dispatch_from_loads(routing[0].data(), kTokens, kTopK, kExperts, -1,
+                                            loads.data(), kRanks, kRanks),
+               Error);
+}
+
 TEST(MoeDispatchA2a, OneRankEqualsTheAllGatherPath) {
   const LayerCase c({8, 4, 3, 4, 2, true, 0.5, 3}, 230);
   SelfCommunicator self;
