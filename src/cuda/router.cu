@@ -138,14 +138,11 @@ __global__ void router_chunk_kernel(float* prob_sums, int32_t* counts, float* z_
   }
 }
 
-// One block: the chunks' sums in chunk order, then aux = G * sum_g f_g P_g (G groups of
-// num_experts / G experts; G = num_experts: per expert) and z = mean z terms. scratch[e] keeps
-// sum_t probs[t, e] for the backward.
-__global__ void router_losses_kernel(float* losses, int32_t* expert_counts, float* scratch,
-                                     const float* prob_sums, const int32_t* counts,
-                                     const float* z_sums, int64_t num_chunks, int64_t n,
-                                     int64_t num_experts, int64_t top_k, int64_t groups) {
-  __shared__ int32_t total_counts[kMaxExpertsPerLane * kWarpSize];
+// One block: the chunks' sums in chunk order into sums [E + 1] (the probs per expert, then the z
+// terms) and expert_counts [E].
+__global__ void router_totals_kernel(float* sums, int32_t* expert_counts, const float* prob_sums,
+                                     const int32_t* counts, const float* z_sums, int64_t num_chunks,
+                                     int64_t num_experts) {
   for (int64_t e = threadIdx.x; e < num_experts; e += blockDim.x) {
     float sum = 0.0f;
     int32_t count = 0;
@@ -153,44 +150,51 @@ __global__ void router_losses_kernel(float* losses, int32_t* expert_counts, floa
       sum += prob_sums[c * num_experts + e];
       count += counts[c * num_experts + e];
     }
-    scratch[e] = sum;
-    total_counts[e] = count;
+    sums[e] = sum;
     expert_counts[e] = count;
   }
-  __syncthreads();
   if (threadIdx.x == 0) {
     float z_total = 0.0f;
     for (int64_t c = 0; c < num_chunks; ++c) z_total += z_sums[c];
-    double aux = 0.0;
-    const int64_t size = num_experts / groups;
-    for (int64_t g = 0; g < groups; ++g) {
-      int64_t count = 0;
-      double prob_sum = 0.0;
-      for (int64_t e = g * size; e < (g + 1) * size; ++e) {
-        count += total_counts[e];
-        prob_sum += static_cast<double>(scratch[e]);
-      }
-      const double f = static_cast<double>(count) / static_cast<double>(n * top_k);
-      aux += f * prob_sum / static_cast<double>(n);
-    }
-    losses[0] = static_cast<float>(aux * static_cast<double>(groups));
-    losses[1] = z_total / static_cast<float>(n);
+    sums[num_experts] = z_total;
   }
+}
+
+// One thread: aux = G * sum_g f_g P_g (G groups of num_experts / G experts; G = num_experts: per
+// expert) and z = mean z terms, over n tokens.
+__global__ void router_losses_kernel(float* losses, const float* sums, const int32_t* expert_counts,
+                                     int64_t n, int64_t num_experts, int64_t top_k,
+                                     int64_t groups) {
+  double aux = 0.0;
+  const int64_t size = num_experts / groups;
+  for (int64_t g = 0; g < groups; ++g) {
+    int64_t count = 0;
+    double prob_sum = 0.0;
+    for (int64_t e = g * size; e < (g + 1) * size; ++e) {
+      count += expert_counts[e];
+      prob_sum += static_cast<double>(sums[e]);
+    }
+    const double f = static_cast<double>(count) / static_cast<double>(n * top_k);
+    aux += f * prob_sum / static_cast<double>(n);
+  }
+  losses[0] = static_cast<float>(aux * static_cast<double>(groups));
+  losses[1] = sums[num_experts] / static_cast<float>(n);
 }
 
 __global__ void router_backward_kernel(bf16* dlogits, const float* dgates, const float* logits,
                                        const float* probs, const int32_t* expert_idx,
                                        const int32_t* expert_counts, float d_aux, float d_z,
-                                       int64_t n, int64_t num_experts, int64_t top_k,
-                                       int64_t groups, bool norm_topk_prob) {
+                                       int64_t n, int64_t loss_n, int64_t num_experts,
+                                       int64_t top_k, int64_t groups, bool norm_topk_prob) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   if (t >= n) return;
   const float* p = probs + t * num_experts;
   const int32_t* idx = expert_idx + t * top_k;
   const float* dg = dgates + t * top_k;
-  const float aux_scale =
-      d_aux * static_cast<float>(groups) / (static_cast<float>(n) * static_cast<float>(n * top_k));
+  // The losses average over loss_n tokens (the group's under the all-to-all dispatch).
+  const float aux_scale = d_aux * static_cast<float>(groups) /
+                          (static_cast<float>(loss_n) * static_cast<float>(loss_n * top_k));
   const int64_t size = num_experts / groups;
   float dprobs[kMaxExpertsPerLane];
 #pragma unroll
@@ -227,7 +231,7 @@ __global__ void router_backward_kernel(bf16* dlogits, const float* dgates, const
     load_logits(l, logits + t * num_experts, num_experts, lane);
     float m, s;
     logsumexp(l, m, s);
-    z_scale = d_z * 2.0f * (m + logf(s)) / static_cast<float>(n);
+    z_scale = d_z * 2.0f * (m + logf(s)) / static_cast<float>(loss_n);
   }
 #pragma unroll
   for (int i = 0; i < kMaxExpertsPerLane; ++i) {
@@ -249,6 +253,14 @@ void check_shape(const RouterShape& shape) {
                (shape.balance_groups > 0 && shape.num_experts % shape.balance_groups == 0),
            "CUDA router: {} balance groups do not split {} experts", shape.balance_groups,
            shape.num_experts);
+  MF_CHECK(shape.loss_tokens == 0 || shape.loss_tokens >= shape.num_tokens,
+           "CUDA router: the losses average over {} tokens, fewer than the {} routed",
+           shape.loss_tokens, shape.num_tokens);
+}
+
+// The tokens the losses average over (RouterShape::loss_tokens).
+int64_t loss_tokens_of(const RouterShape& shape) {
+  return shape.loss_tokens > 0 ? shape.loss_tokens : shape.num_tokens;
 }
 
 // The aux loss's G (ops::num_balance_groups).
@@ -273,12 +285,22 @@ void router_forward(float* probs, int32_t* expert_idx, float* gates, const float
 }
 
 int64_t router_loss_scratch_floats(const RouterShape& shape) {
-  return shape.num_experts + shape.num_tokens;
+  return shape.num_experts + 1 + shape.num_tokens;
 }
 
 void router_losses(float* losses, int32_t* expert_counts, float* scratch, const float* probs,
                    const int32_t* expert_idx, const float* logits, const RouterShape& shape,
                    cudaStream_t stream) {
+  // scratch: the sums [E + 1], then router_loss_sums' own scratch.
+  float* sums = scratch;
+  router_loss_sums(sums, expert_counts, scratch + shape.num_experts + 1, probs, expert_idx, logits,
+                   shape, stream);
+  router_losses_from_sums(losses, sums, expert_counts, shape, stream);
+}
+
+void router_loss_sums(float* sums, int32_t* expert_counts, float* scratch, const float* probs,
+                      const int32_t* expert_idx, const float* logits, const RouterShape& shape,
+                      cudaStream_t stream) {
   check_shape(shape);
   MF_CHECK(shape.num_tokens > 0, "router losses need at least one token");
   constexpr int kThreads = kWarpsPerBlock * kWarpSize;
@@ -288,16 +310,24 @@ void router_losses(float* losses, int32_t* expert_counts, float* scratch, const 
   DeviceBuffer<float> partial(static_cast<size_t>(num_chunks * (num_experts + 1)));
   DeviceBuffer<int32_t> counts(static_cast<size_t>(num_chunks * num_experts));
   float* z_sums = partial.data() + num_chunks * num_experts;
-  z_term_kernel<<<token_blocks(n), kThreads, 0, stream>>>(scratch + num_experts, logits, n,
-                                                          num_experts);
+  float* z_terms = scratch;  // [n]
+  z_term_kernel<<<token_blocks(n), kThreads, 0, stream>>>(z_terms, logits, n, num_experts);
   MF_CUDA_CHECK_LAUNCH();
   router_chunk_kernel<<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(
-      partial.data(), counts.data(), z_sums, probs, expert_idx, scratch + num_experts, n,
-      num_experts, shape.top_k);
+      partial.data(), counts.data(), z_sums, probs, expert_idx, z_terms, n, num_experts,
+      shape.top_k);
   MF_CUDA_CHECK_LAUNCH();
-  router_losses_kernel<<<1, kThreads, 0, stream>>>(losses, expert_counts, scratch, partial.data(),
-                                                   counts.data(), z_sums, num_chunks, n,
-                                                   num_experts, shape.top_k, groups_of(shape));
+  router_totals_kernel<<<1, kThreads, 0, stream>>>(sums, expert_counts, partial.data(),
+                                                   counts.data(), z_sums, num_chunks, num_experts);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
+void router_losses_from_sums(float* losses, const float* sums, const int32_t* expert_counts,
+                             const RouterShape& shape, cudaStream_t stream) {
+  check_shape(shape);
+  MF_CHECK(loss_tokens_of(shape) > 0, "router losses need at least one token");
+  router_losses_kernel<<<1, 1, 0, stream>>>(losses, sums, expert_counts, loss_tokens_of(shape),
+                                            shape.num_experts, shape.top_k, groups_of(shape));
   MF_CUDA_CHECK_LAUNCH();
 }
 
@@ -308,7 +338,8 @@ void router_backward(bf16* dlogits, const float* dgates, const float* logits, co
   if (shape.num_tokens == 0) return;
   router_backward_kernel<<<token_blocks(shape.num_tokens), kWarpsPerBlock * kWarpSize, 0, stream>>>(
       dlogits, dgates, logits, probs, expert_idx, expert_counts, d_aux, d_z, shape.num_tokens,
-      shape.num_experts, shape.top_k, groups_of(shape), shape.norm_topk_prob);
+      loss_tokens_of(shape), shape.num_experts, shape.top_k, groups_of(shape),
+      shape.norm_topk_prob);
   MF_CUDA_CHECK_LAUNCH();
 }
 

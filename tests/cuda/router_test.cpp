@@ -243,5 +243,75 @@ TEST(RouterCuda, BackwardMatchesReference) {
   }
 }
 
+// The all-to-all dispatch's group losses (RouterShape::loss_tokens): the tokens split in two
+// "ranks" at a chunk boundary (128 tokens), each half's router_loss_sums added in fp32 as a
+// two-rank all-reduce adds them, and router_losses_from_sums over all the tokens give
+// router_losses' bits over the whole; router_backward of a half with loss_tokens and the whole's
+// counts gives the whole's rows of dlogits bit for bit (the same arithmetic per token).
+TEST(RouterCuda, GroupLossesAndGradientsFromHalvesEqualTheWhole) {
+  MF_REQUIRE_GPU();
+  uint64_t seed = 300;
+  const float d_aux = 0.01f, d_z = 0.001f;
+  for (const RouterShape& whole :
+       {RouterShape{256, 8, 2, false}, RouterShape{256, 16, 4, true, 4}}) {
+    SCOPED_TRACE(describe(whole));
+    const int64_t n = whole.num_tokens, half = n / 2, num_experts = whole.num_experts;
+    const int64_t top_k = whole.top_k;
+    const std::vector<float> logits = distinct_logits(whole, seed++);
+    const Routing ref = route(to_double(logits), whole);
+    const std::vector<float> probs(ref.probs.begin(), ref.probs.end());
+    const std::vector<float> dgates = testing::random_normal(n * top_k, seed++);
+    DeviceBuffer<float> logits_dev = to_device(logits), probs_dev = to_device(probs);
+    DeviceBuffer<float> dgates_dev = to_device(dgates);
+    DeviceBuffer<int32_t> expert_idx = to_device(ref.expert_idx);
+
+    DeviceBuffer<float> want_losses(2), scratch(router_loss_scratch_floats(whole));
+    DeviceBuffer<int32_t> counts(num_experts);
+    router_losses(want_losses.data(), counts.data(), scratch.data(), probs_dev.data(),
+                  expert_idx.data(), logits_dev.data(), whole, nullptr);
+    DeviceBuffer<bf16> want_dlogits(n * num_experts);
+    router_backward(want_dlogits.data(), dgates_dev.data(), logits_dev.data(), probs_dev.data(),
+                    expert_idx.data(), counts.data(), d_aux, d_z, whole, nullptr);
+
+    RouterShape part = whole;
+    part.num_tokens = half;
+    part.loss_tokens = n;
+    std::vector<float> group_sums(num_experts + 1, 0.0f);
+    std::vector<int32_t> group_counts(num_experts, 0);
+    DeviceBuffer<float> sums(num_experts + 1), part_scratch(router_loss_scratch_floats(part));
+    DeviceBuffer<int32_t> part_counts(num_experts);
+    for (int64_t r = 0; r < 2; ++r) {
+      router_loss_sums(sums.data(), part_counts.data(), part_scratch.data(),
+                       probs_dev.data() + r * half * num_experts,
+                       expert_idx.data() + r * half * top_k,
+                       logits_dev.data() + r * half * num_experts, part, nullptr);
+      const std::vector<float> got = sums.download();
+      const std::vector<int32_t> got_counts = part_counts.download();
+      for (int64_t e = 0; e <= num_experts; ++e) group_sums[e] += got[e];
+      for (int64_t e = 0; e < num_experts; ++e) group_counts[e] += got_counts[e];
+    }
+    expect_equal("group counts", group_counts, counts.download());
+    DeviceBuffer<float> group_sums_dev = to_device(group_sums), losses(2);
+    DeviceBuffer<int32_t> group_counts_dev = to_device(group_counts);
+    router_losses_from_sums(losses.data(), group_sums_dev.data(), group_counts_dev.data(), part,
+                            nullptr);
+    EXPECT_EQ(losses.download(), want_losses.download());
+
+    DeviceBuffer<bf16> dlogits(half * num_experts);
+    const std::vector<bf16> want = want_dlogits.download();
+    for (int64_t r = 0; r < 2; ++r) {
+      router_backward(
+          dlogits.data(), dgates_dev.data() + r * half * top_k,
+          logits_dev.data() + r * half * num_experts, probs_dev.data() + r * half * num_experts,
+          expert_idx.data() + r * half * top_k, group_counts_dev.data(), d_aux, d_z, part, nullptr);
+      const std::vector<bf16> got = dlogits.download();
+      for (int64_t i = 0; i < half * num_experts; ++i) {
+        ASSERT_EQ(testing::bf16_bits(got[i]), testing::bf16_bits(want[r * half * num_experts + i]))
+            << "half " << r << " element " << i;
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace moeforge::cuda
