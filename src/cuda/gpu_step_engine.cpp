@@ -26,16 +26,18 @@ class GpuModelEngine : public StepEngine {
       : host_model_(model), gpu_(model.config(), options.recompute, model.layout().expert_shard()) {
     Communicator& group = model.expert_group();
     if (group.size() > 1) {
-      MF_CHECK(model.parallel_layout() == ParallelLayout::kSequenceExpert &&
-                   !model.ep_dispatch().uses(EpDispatch::kAllToAll),
-               "on GPUs, parallel.expert_parallel > 1 runs layout \"sp_ep\" with the all-gather "
-               "dispatch (set parallel.ep_dispatch to \"allgather\" or \"auto\")");
+      MF_CHECK(model.parallel_layout() == ParallelLayout::kSequenceExpert,
+               "on GPUs, parallel.expert_parallel > 1 runs layout \"sp_ep\" (layout \"tp\" runs "
+               "on the CPU engine only)");
       std::string why_not;
       ep_comm_ = make_device_communicator(group, gpu_.stream(), &why_not);
       MF_CHECK(ep_comm_ != nullptr,
                "parallel.expert_parallel {} on GPUs exchanges activations through NCCL, but {}",
                group.size(), why_not);
-      gpu_.set_expert_parallel_group(*ep_comm_, options.ep_exchange);
+      // Each MoE layer's dispatch as the host model runs it (parallel.ep_dispatch).
+      ExpertExchange exchange = options.ep_exchange;
+      exchange.dispatch = model.ep_dispatch();
+      gpu_.set_expert_parallel_group(*ep_comm_, exchange);
     }
     if (options.cuda_graphs) gpu_.set_cuda_graphs(true);
   }

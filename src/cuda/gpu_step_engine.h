@@ -16,7 +16,8 @@ namespace moeforge::cuda {
 struct GpuModelOptions {
   Recompute recompute = Recompute::kNone;
   // How the expert-parallel MoE exchanges run (parallel.ep_comm_dtype and
-  // parallel.ep_overlap_chunks; GpuTransformer::set_expert_parallel_group).
+  // parallel.ep_overlap_chunks; GpuTransformer::set_expert_parallel_group). Its dispatch is
+  // replaced by the host model's plan (parallel.ep_dispatch).
   ExpertExchange ep_exchange;
   // Forward and backward replayed as CUDA graphs (GpuTransformer::set_cuda_graphs; one GPU per
   // expert group only), and without ZeRO-1 the optimizer too (GpuAdamW::set_cuda_graphs).

@@ -15,6 +15,7 @@
 #include "cuda/gpu_transformer_buffers.h"
 #include "cuda/model_support.h"
 #include "cuda/moe_dispatch.h"
+#include "cuda/moe_dispatch_a2a.h"
 #include "cuda/reductions.h"
 #include "cuda/rmsnorm.h"
 #include "cuda/rope.h"
@@ -265,6 +266,12 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
   const size_t ng = n * static_cast<size_t>(expert_parallel_size());
   const bool sp = expert_parallel_size() > 1;
   size_t max_rows = n, max_ffn = 0;
+  bool has_a2a = false;  // some MoE layer takes the all-to-all dispatch
+  // The most ints of an all-to-all dispatch's maps: n * k assignments, at most ng * k rows
+  // received.
+  const auto a2a_ints =
+      static_cast<size_t>(a2a_map_ints(static_cast<int64_t>(n * k), static_cast<int64_t>(ng * k),
+                                       num_local_experts(), config_.num_experts));
   for (int64_t l = 0; l < config_.num_layers; ++l) {
     Layer& a = layers_[static_cast<size_t>(l)];
     const bool keep = recompute_ == Recompute::kNone;
@@ -290,22 +297,30 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
     a.v_heads.resize(sp ? n * kvd : 0);
     a.att_heads.resize(sp ? n * qd : 0);
     if (config_.layer_is_moe(l)) {
-      a.router_logits.resize(ng * num_experts);
-      a.probs.resize(ng * num_experts);
-      a.expert_idx.resize(ng * k);
-      a.gates.resize(ng * k);
-      a.expert_counts.resize(num_experts);
+      // The all-to-all dispatch routes this rank's tokens; its experts see at most the group's
+      // tokens * k rows, as the all-gather dispatch's.
+      const bool a2a = a2a_layer(l);
+      const size_t routed = a2a ? n : ng;
+      a.router_logits.resize(routed * num_experts);
+      a.probs.resize(routed * num_experts);
+      a.expert_idx.resize(routed * k);
+      a.gates.resize(routed * k);
+      a.expert_counts.resize(a2a ? 0 : num_experts);
       a.host_counts.resize(num_experts);
-      a.expert_offsets.resize(static_cast<size_t>(ep_chunks_) * (num_experts + 1));
-      a.host_offsets.resize(a.expert_offsets.size());
-      a.assignment_row.resize(ng * k);
-      a.row_token.resize(ng * k);
-      a.ln2_group.resize(sp ? ng * h : 0);
-      a.local_idx.resize(sp ? ng * k : 0);
+      a.expert_offsets.resize(a2a ? 0 : static_cast<size_t>(ep_chunks_) * (num_experts + 1));
+      a.host_offsets.resize(static_cast<size_t>(ep_chunks_) * (num_experts + 1));
+      a.assignment_row.resize(a2a ? 0 : ng * k);
+      a.row_token.resize(a2a ? 0 : ng * k);
+      a.ln2_group.resize(sp && !a2a ? ng * h : 0);
+      a.local_idx.resize(sp && !a2a ? ng * k : 0);
+      a.a2a_maps_buffer.resize(a2a ? a2a_ints : 0);
+      a.a2a_received.resize(a2a ? ng * k * h : 0);
+      a.a2a_returned.resize(a2a ? n * k * h : 0);
       a.h_gate.resize(ng * k * f);
       a.h_up.resize(ng * k * f);
       a.h_act.resize(keep ? ng * k * f : 0);
-      a.y_rows.resize(ng * k * h);
+      a.y_rows.resize(a2a ? 0 : ng * k * h);
+      has_a2a = has_a2a || a2a;
       a.shared_gate.resize(n * shared);
       a.shared_up.resize(n * shared);
       a.shared_act.resize(keep ? n * shared : 0);
@@ -359,6 +374,13 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
     s.group_f32.resize(sp ? ng * h : 0);
     s.group_bf16.resize(sp && ep_exchange_ == GradReduceDtype::kBfloat16 ? (ng + n) * h : 0);
     s.shared_dlogit.resize(shared > 0 ? n : 0);
+    const size_t ranks = static_cast<size_t>(expert_parallel_size());
+    s.a2a_send.resize(has_a2a ? n * k * h : 0);
+    s.a2a_recv.resize(has_a2a ? ng * k * h : 0);
+    s.a2a_loads.resize(has_a2a ? ranks * num_experts : 0);
+    s.a2a_sums.resize(has_a2a ? num_experts + 1 : 0);
+    s.a2a_routing.resize(has_a2a ? n * k + ranks * num_experts : 0);
+    s.a2a_staging.resize(has_a2a ? a2a_ints : 0);
   }
   s.sums.resize(1);
   s.dce.resize(1);
@@ -727,15 +749,7 @@ void GpuTransformer::enqueue_forward_backward(const StepKey& key) {
     weights_needed(ffn_range);
     if (config_.layer_is_moe(l)) {
       timer_.mark("moe", stream_);
-      moe_forward(l, x_out);
-      router_losses(s.router_losses.data() + 2 * moe_idx, a.expert_counts.data(),
-                    s.router_scratch.data(), a.probs.data(), a.expert_idx.data(),
-                    a.router_logits.data(),
-                    RouterShape{moe_tokens(), config_.num_experts, config_.num_experts_per_tok,
-                                config_.norm_topk_prob, config_.router_balance_groups},
-                    stream_);
-      MF_CUDA_CHECK(cudaMemcpyAsync(a.host_counts.data(), a.expert_counts.data(),
-                                    a.expert_counts.bytes(), cudaMemcpyDeviceToHost, stream_));
+      moe_forward(l, x_out, s.router_losses.data() + 2 * moe_idx);
       moe_combine(l, x_out);
       ++moe_idx;
     } else {
@@ -899,6 +913,7 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
   for (int64_t l = 0; l < config_.num_layers; ++l) {
     if (!config_.layer_is_moe(l)) continue;
     MoeFfnStats stats;
+    stats.dispatch = expert_dispatch(l);
     stats.aux_loss = router[static_cast<size_t>(2 * m)];
     stats.z_loss = router[static_cast<size_t>(2 * m + 1)];
     const Layer& a = layers_[static_cast<size_t>(l)];
@@ -932,6 +947,8 @@ std::vector<float> GpuTransformer::router_logits(int64_t l) const {
   const std::vector<float> group = layers_[static_cast<size_t>(l)].router_logits.download();
   const int64_t num_experts = config_.num_experts;
   MF_CHECK(static_cast<int64_t>(group.size()) >= n_ * num_experts, "no forward has run yet");
+  // The all-to-all dispatch routes this rank's tokens only.
+  if (a2a_layer(l)) return {group.begin(), group.begin() + n_ * num_experts};
   // This rank's rows: one piece per chunk of the group's order (moe_group_forward).
   const int64_t piece = n_ / ep_chunks_ * num_experts;
   std::vector<float> out;

@@ -15,7 +15,8 @@
 // included, and capacity-based token dropping (capacity_factor > 0: each expert keeps its earliest
 // tokens' rows up to ceil(factor x tokens x top_k / experts) per micro-batch, as the CPU reference
 // does). On one GPU, or over a sequence/expert-parallel group of n GPUs (set_expert_parallel_group:
-// MegaScale-MoE's layout, model/transformer.h's "sp_ep" with the all-gather dispatch).
+// MegaScale-MoE's layout, model/transformer.h's "sp_ep", each MoE layer with the all-gather or the
+// all-to-all dispatch).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -55,19 +56,25 @@ enum class GradMode { kAccumulate, kAssign };
 
 // How the MoE exchanges of expert parallelism run (set_expert_parallel_group).
 struct ExpertExchange {
-  // The dtype of the exchanges of fp32 activations (TrainConfig's parallel.ep_comm_dtype): with
-  // kBfloat16 the forward's reduce-scatter of the combined expert outputs and the backward's of
-  // the input gradient are DeviceGradReducer's bf16 reduce-scatter (one cast, an all-to-all, a
-  // rank-ordered fp32 sum) and the backward's all-gather of the output gradient travels in bf16.
+  // The dtype of the all-gather dispatch's exchanges of fp32 activations (TrainConfig's
+  // parallel.ep_comm_dtype): with kBfloat16 the forward's reduce-scatter of the combined expert
+  // outputs and the backward's of the input gradient are DeviceGradReducer's bf16 reduce-scatter
+  // (one cast, an all-to-all, a rank-ordered fp32 sum) and the backward's all-gather of the output
+  // gradient travels in bf16. Layers of the all-to-all dispatch exchange only bf16 rows, which the
+  // expert GEMMs read and write in bf16 anyway, whatever this says.
   GradReduceDtype dtype = GradReduceDtype::kFloat32;
   // parallel.ep_overlap_chunks: every MoE layer runs in that many chunks of each rank's tokens,
   // the exchanges of one chunk (on stream()) overlapping the experts of another (on a second
   // stream of the model); 1: one all-gather before the experts and one reduce-scatter after them
   // (in the backward, beside the experts' weight gradients). More than 1 needs capacity_factor 0
   // (token dropping keeps each expert's earliest rows of the whole group, which chunks would
-  // change). A forward uses the largest divisor of it that divides its tokens per rank
-  // (expert_overlap_chunks()).
+  // change) and the all-gather dispatch in every MoE layer. A forward uses the largest divisor of
+  // it that divides its tokens per rank (expert_overlap_chunks()).
   int64_t overlap_chunks = 1;
+  // parallel.ep_dispatch: how each MoE layer reaches the experts of other ranks (kAuto by
+  // choose_ep_dispatch's rule on top_k and the group size). The default, the all-gather, is what
+  // bench train runs unless told otherwise; the trainer passes the training config's plan.
+  EpDispatchPlan dispatch = EpDispatch::kAllGather;
 };
 
 // "none" or "selective"; throws on anything else.
@@ -89,12 +96,17 @@ class GpuTransformer {
   // CPU reference's layout "sp_ep": attention Ulysses-style (an all-to-all to heads / n heads over
   // all n * seq positions and back; n must divide both head counts), and every MoE layer on the
   // group's tokens with the experts [r E / n, (r + 1) E / n) only (all-gather, local experts,
-  // reduce-scatter; n must divide the experts), which are the only ones it holds: an MoE model
-  // must have been constructed with ExpertShard{r, n}. Losses are the group's; the gradients of
-  // the replicated weights are this rank's tokens' part, which a sum over the group completes, its
-  // experts' are the group's already. Call it before the first forward; n = 1 changes nothing.
+  // reduce-scatter, or the all-to-all dispatch as exchange.dispatch says; n must divide the
+  // experts), which are the only ones it holds: an MoE model must have been constructed with
+  // ExpertShard{r, n}. Losses are the group's; the gradients of the replicated weights are this
+  // rank's tokens' part, which a sum over the group completes, its experts' are the group's
+  // already. Call it before the first forward; n = 1 changes nothing.
   void set_expert_parallel_group(Communicator& group, const ExpertExchange& exchange = {});
   int64_t expert_parallel_size() const { return ep_ != nullptr ? ep_->size() : 1; }
+  // The dispatch MoE layer l runs (kAllGather on one GPU, where nothing is exchanged).
+  EpDispatch expert_dispatch(int64_t l) const {
+    return a2a_layer(l) ? EpDispatch::kAllToAll : EpDispatch::kAllGather;
+  }
   // The chunks the MoE layers of the last forward ran in (1 without expert parallelism).
   int64_t expert_overlap_chunks() const { return ep_chunks_; }
 
@@ -216,8 +228,15 @@ class GpuTransformer {
   // (cuda/ulysses_exchange.h).
   void ulysses_exchange(const std::vector<UlyssesTensor>& tensors, bool to_heads, int64_t batch,
                         int64_t seq);
-  // The tokens an MoE layer routes: this rank's, or the group's under expert parallelism.
+  // The group's tokens (this rank's on one GPU): what an MoE layer's losses average over, and what
+  // it routes under the all-gather dispatch.
   int64_t moe_tokens() const { return n_ * expert_parallel_size(); }
+  // Whether MoE layer l takes the all-to-all dispatch (set_expert_parallel_group), and the tokens
+  // it routes: this rank's under the all-to-all dispatch, else moe_tokens().
+  bool a2a_layer(int64_t l) const {
+    return !a2a_layers_.empty() && a2a_layers_[static_cast<size_t>(l)] != 0;
+  }
+  int64_t routed_tokens(int64_t l) const { return a2a_layer(l) ? n_ : moe_tokens(); }
   int64_t num_local_experts() const { return config_.num_experts / expert_parallel_size(); }
   int64_t expert_parallel_rank() const { return ep_ != nullptr ? ep_->rank() : 0; }
   // The three q/k/v projections of layers that cannot run them packed (model_support.h).
@@ -235,23 +254,37 @@ class GpuTransformer {
     const int32_t* host;
   };
   // The routed experts of MoE layer l (router, row map, experts) on this rank's tokens, into
-  // x_out [n, h]: on one GPU x_mid + their gate-weighted outputs; under expert parallelism
-  // moe_group_forward's exchanges too, which write the experts' sum over the group.
-  void moe_forward(int64_t l, float* x_out);
+  // x_out [n, h], and its aux and z losses into losses [2]: on one GPU and under the all-to-all
+  // dispatch x_out = x_mid + their gate-weighted outputs; under the all-gather dispatch
+  // moe_group_forward's exchanges write the experts' sum over the group.
+  void moe_forward(int64_t l, float* x_out, float* losses);
   void moe_backward(int64_t l, float d_aux, float d_z);
-  // Completes x_out [n, h] = x_mid + the gate-weighted expert outputs (adds x_mid under expert
-  // parallelism) + the gated shared expert's output.
+  // Completes x_out [n, h] = x_mid + the gate-weighted expert outputs (adds x_mid under the
+  // all-gather dispatch) + the gated shared expert's output.
   void moe_combine(int64_t l, float* x_out);
-  // Expert parallelism (gpu_transformer_expert_parallel.cpp). The group's tokens are ordered by
-  // chunk, then rank, then token: chunk c holds tokens [c m, (c + 1) m) of every rank (m = n /
-  // chunks), so each chunk's all-gather and reduce-scatter are one collective of contiguous rows.
-  // The forward: per chunk an all-gather of ln2 rows (stream_), then on expert_stream_ the router,
-  // the local row map, the experts and the combine into group_f32, then its reduce-scatter into
-  // x_out (stream_). The backward mirrors it: the experts' input gradient into dln, every rank's
-  // gate gradients summed into dgates (moe_backward then runs the router's backward); the
-  // experts' weight gradients run last, beside the last chunk's reduce-scatter.
+  // The all-gather dispatch of expert parallelism (gpu_transformer_expert_parallel.cpp). The
+  // group's tokens are ordered by chunk, then rank, then token: chunk c holds the tokens
+  // [c m, (c + 1) m) of every rank (m = n / chunks), so each chunk's all-gather and reduce-scatter
+  // are one collective of contiguous rows. The forward: per chunk an all-gather of ln2 rows
+  // (stream_), then on expert_stream_ the router, the local row map, the experts and the combine
+  // into group_f32, then its reduce-scatter into x_out (stream_). The backward mirrors it: the
+  // experts' input gradient into dln, every rank's gate gradients summed into dgates (moe_backward
+  // then runs the router's backward); the experts' weight gradients run last, beside the last
+  // chunk's reduce-scatter.
   void moe_group_forward(int64_t l, float* x_out);
   void moe_group_backward(int64_t l);
+  // The all-to-all dispatch (gpu_transformer_a2a.cpp; model/moe_dispatch_a2a.h is the spec). The
+  // forward: the router on this rank's tokens, the group's counts and router sums, the plan on the
+  // host (the layer's one host wait), this rank's kept rows to their experts' ranks, the experts
+  // on the rows received, their outputs back, and x_out = x_mid + the gate-weighted outputs; its
+  // aux and z losses (the group's) into losses [2]. The backward: the gate gradients into dgates,
+  // the output gradients to the experts, their input gradients back, summed per token into dln
+  // (assigned), and the experts' weight gradients beside the last exchange.
+  void moe_a2a_forward(int64_t l, float* x_out, float* losses);
+  void moe_a2a_backward(int64_t l);
+  // The host's part of moe_a2a_forward: waits for the routing and the group's counts, plans the
+  // layer's exchanges (Layer::a2a_plan) and copies the plan's maps to the device.
+  void plan_a2a_layer(int64_t l);
   // The experts' part of chunk c of the tokens the experts see (gpu_transformer_moe.cpp; one
   // chunk of the rank's n tokens on one GPU): from the normed inputs x_tokens [tokens, h] (all
   // chunks'), the router, the row map over this rank's experts, the experts and out [tokens, h]
@@ -266,10 +299,25 @@ class GpuTransformer {
                                 cudaStream_t stream);
   void moe_chunk_backward_weight(int64_t l, int64_t chunk, const bf16* x_tokens,
                                  cudaStream_t stream);
+  // The local experts of layer l on rows in expert order (both dispatches): at most num_rows rows
+  // from row first_row on of the layer's expert buffers, the used ones up to
+  // ranges.device[num_local], which the row-wise kernels read on the device. experts_forward:
+  // x_rows -> gate and up projections, SwiGLU -> y_rows, which may be x_rows (the gate and up
+  // projections are its last readers). experts_backward_input: dy_rows, the gradient of y_rows ->
+  // dx_rows (assigned), keeping the projections' gradients in Scratch::dh_gate and dh_up for
+  // experts_backward_weight: the experts' weight gradients from them, dy_rows and the inputs
+  // x_rows (assigned when assign, else added).
+  void experts_forward(int64_t l, const bf16* x_rows, bf16* y_rows, int64_t first_row,
+                       int64_t num_rows, const ExpertRows& ranges, cudaStream_t stream);
+  void experts_backward_input(int64_t l, bf16* dx_rows, const bf16* dy_rows, int64_t first_row,
+                              int64_t num_rows, const ExpertRows& ranges, cudaStream_t stream);
+  void experts_backward_weight(int64_t l, const bf16* dy_rows, const bf16* x_rows,
+                               int64_t first_row, bool assign, const ExpertRows& ranges,
+                               cudaStream_t stream);
   // The chunk count of a forward of n tokens per rank (set_expert_parallel_group's rule).
   int64_t overlap_chunks_for(int64_t n) const;
   // The group tokens of one chunk of the current forward, and chunk c's local expert row ranges
-  // in layer l's row map.
+  // in layer l's row map (the plan's expert order under the all-to-all dispatch, one chunk).
   int64_t chunk_tokens() const { return n_ / ep_chunks_ * expert_parallel_size(); }
   ExpertRows chunk_expert_rows(int64_t l, int64_t chunk) const;
   // An exchange of the group on stream_ that no expert work overlaps (fn enqueues it), charged to
@@ -277,8 +325,7 @@ class GpuTransformer {
   // one-element all-reduce over the group comes first, charged to + "_wait": the time until the
   // slowest rank arrives, so that "_exchange" is the transfer. Every rank of the group must have
   // its timer in the same state (the all-reduce is a collective).
-  template <typename Fn>
-  void exposed_exchange(Fn&& fn);
+  void exposed_exchange(const std::function<void()>& fn);
   // out [count] = the sum over the expert-parallel group of each rank's part of group [ep, count]
   // for this rank, in the dtype of set_expert_parallel_group's exchange, on stream_.
   void reduce_scatter_group(const float* group, float* out, int64_t count);
@@ -358,6 +405,8 @@ class GpuTransformer {
   GradReduceDtype ep_exchange_ = GradReduceDtype::kFloat32;  // set_expert_parallel_group's
   int64_t ep_chunks_requested_ = 1;  // set_expert_parallel_group's overlap_chunks, resolved
   int64_t ep_chunks_ = 1;            // the current forward's
+  // Per decoder layer: 1 where an MoE layer takes the all-to-all dispatch; empty on one GPU.
+  std::vector<uint8_t> a2a_layers_;
   // The experts' stream under expert parallelism (created with the group) and the events that
   // order it with stream_.
   cudaStream_t expert_stream_ = nullptr;

@@ -8,6 +8,8 @@
 #include "cuda/bf16.h"
 #include "cuda/device_memory.h"
 #include "cuda/gpu_transformer.h"
+#include "cuda/moe_dispatch_a2a.h"
+#include "model/moe_dispatch_a2a.h"
 
 namespace moeforge::cuda {
 
@@ -28,8 +30,10 @@ struct GpuTransformer::Layer {
   DeviceBuffer<float> x_mid;           // [n, h] after attention
   DeviceBuffer<bf16> ln2;              // [n, h]
   DeviceBuffer<float> rstd2;           // [n]
-  // MoE. Under expert parallelism n is the group's tokens (in moe_group_forward's chunk order)
-  // and the row map has one set of offsets per chunk: [chunks, local experts + 1].
+  // MoE. Under the all-gather dispatch n is the group's tokens (in moe_group_forward's chunk
+  // order) and the row map has one set of offsets per chunk: [chunks, local experts + 1]; under
+  // the all-to-all dispatch n is this rank's tokens for the router's buffers, and the rows of the
+  // experts' buffers (h_gate, ...) are the ones received, at most the group's tokens * k.
   DeviceBuffer<float> router_logits, probs;         // [n, E]
   DeviceBuffer<int32_t> expert_idx;                 // [n, k]
   DeviceBuffer<float> gates;                        // [n, k]
@@ -53,6 +57,16 @@ struct GpuTransformer::Layer {
   // come from them, forward and backward) and each assignment's local expert or -1 [ep * n * k].
   DeviceBuffer<bf16> ln2_group;
   DeviceBuffer<int32_t> local_idx;
+  // The all-to-all dispatch: the plan of the last forward (host) and its maps on the device (in
+  // a2a_maps_buffer), the rows this rank's experts received (receive order, [ep * n * k, h] at
+  // most: the backward rebuilds the experts' inputs from them) and the experts' outputs returned
+  // for this rank's assignments (send order, [n * k, h] at most: the combine's backward reads
+  // them). expert_counts and expert_offsets stay unused: the maps hold the group's counts and the
+  // local experts' row ranges; host_counts and host_offsets get them from the plan.
+  A2aDispatchPlan a2a_plan;
+  DeviceBuffer<int32_t> a2a_maps_buffer;
+  A2aDeviceMaps a2a_maps;
+  DeviceBuffer<bf16> a2a_received, a2a_returned;
 };
 
 // Buffers reused across layers and steps.
@@ -100,6 +114,17 @@ struct GpuTransformer::Scratch {
   DeviceBuffer<float> group_f32;
   // bf16 exchanges: [ep * n + n, h], the gathered output gradient in bf16, then this rank's.
   DeviceBuffer<bf16> group_bf16;
+  // The all-to-all dispatch, for every layer that takes it: this rank's rows in send order
+  // ([n * k, h]: the normed inputs forward, the output and then the input gradients backward) and
+  // the rows in receive order ([ep * n * k, h]: the experts' outputs forward, the gradients
+  // backward); the group's per-expert counts [ep, E] and router sums [E + 1]; pinned host memory
+  // for the routing and the counts [n * k + ep * E] on their way to the plan, and for the maps on
+  // their way to the device (the staging: the host writes it only after a synchronisation of the
+  // stream, which has then passed the last copy out of it).
+  DeviceBuffer<bf16> a2a_send, a2a_recv;
+  DeviceBuffer<int32_t> a2a_loads;
+  DeviceBuffer<float> a2a_sums;
+  PinnedHostBuffer<int32_t> a2a_routing, a2a_staging;
   DeviceBuffer<int64_t> counted;    // [1] the group's counted targets
   DeviceBuffer<int32_t> wait_word;  // [1] zero: exposed_exchange's wait all-reduce
 };

@@ -1,7 +1,8 @@
 // GpuTransformer's sequence/expert-parallel layer parts (MegaScale-MoE section 1): the group
-// setup, Ulysses attention's all-to-alls, and the MoE layers' exchanges over the group's tokens in
-// chunks (on the model's stream) around the experts of each chunk (gpu_transformer_moe.cpp, on
-// expert_stream_).
+// setup, Ulysses attention's all-to-alls, and the all-gather dispatch of the MoE layers: the
+// exchanges over the group's tokens in chunks (on the model's stream) around the experts of each
+// chunk (gpu_transformer_moe.cpp, on expert_stream_). The all-to-all dispatch:
+// gpu_transformer_a2a.cpp.
 #include <numeric>
 #include <vector>
 
@@ -14,8 +15,7 @@
 
 namespace moeforge::cuda {
 
-template <typename Fn>
-void GpuTransformer::exposed_exchange(Fn&& fn) {
+void GpuTransformer::exposed_exchange(const std::function<void()>& fn) {
   if (timer_.enabled()) {
     timer_.split("_wait", stream_,
                  [&] { ep_->all_reduce_sum(scratch_->wait_word.data(), 1, CommDType::kInt32); });
@@ -48,6 +48,30 @@ void GpuTransformer::set_expert_parallel_group(Communicator& group,
            "expert-parallel overlap in {} chunks needs capacity_factor 0: token dropping keeps "
            "each expert's earliest rows of the whole group (set the overlap chunks to 1)",
            overlap_chunks);
+  const EpDispatchPlan& dispatch = exchange.dispatch;
+  MF_CHECK(dispatch.size() == 1 || static_cast<int64_t>(dispatch.size()) == config_.num_layers,
+           "an expert dispatch plan of {} entries for a model of {} decoder layers (one for every "
+           "layer, or one per layer)",
+           dispatch.size(), config_.num_layers);
+  a2a_layers_.clear();
+  if (size > 1 && config_.is_moe()) {
+    a2a_layers_.assign(static_cast<size_t>(config_.num_layers), 0);
+    for (int64_t l = 0; l < config_.num_layers; ++l) {
+      if (!config_.layer_is_moe(l) ||
+          choose_ep_dispatch(dispatch.layer(l), config_.num_experts_per_tok, size) !=
+              EpDispatch::kAllToAll) {
+        continue;
+      }
+      // The chunks split each rank's tokens of an all-gather; the all-to-all sends the rows of
+      // all of them at once.
+      MF_CHECK(overlap_chunks == 1,
+               "parallel.ep_overlap_chunks {} overlaps the all-gather dispatch's exchanges, but "
+               "layer {} takes the all-to-all dispatch (set parallel.ep_overlap_chunks to 1, or "
+               "parallel.ep_dispatch to \"allgather\")",
+               overlap_chunks, l);
+      a2a_layers_[static_cast<size_t>(l)] = 1;
+    }
+  }
   ep_ = size > 1 ? &group : nullptr;
   ep_exchange_ = exchange.dtype;
   ep_chunks_requested_ = overlap_chunks;
@@ -66,6 +90,7 @@ int64_t GpuTransformer::overlap_chunks_for(int64_t n) const {
 
 GpuTransformer::ExpertRows GpuTransformer::chunk_expert_rows(int64_t l, int64_t chunk) const {
   const Layer& a = layers_[static_cast<size_t>(l)];
+  if (a2a_layer(l)) return {a.a2a_maps.expert_offsets, a.host_offsets.data()};
   const int64_t at = chunk * (num_local_experts() + 1);
   return {a.expert_offsets.data() + at, a.host_offsets.data() + at};
 }
