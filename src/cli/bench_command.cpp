@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -34,6 +35,7 @@
 #include "cuda/gpu_transformer.h"
 #include "cuda/gpu_zero_adamw.h"
 #include "cuda/random_fill.h"
+#include "model/moe_ffn.h"
 #include "train/grad_reduce.h"
 #endif
 
@@ -52,7 +54,8 @@ struct BenchOptions {
   std::string grad_reduce = "fp32";
   std::string ep_comm = "fp32";
   int64_t ep_overlap_chunks = ParallelConfig{}.ep_overlap_chunks;  // the trainer's default
-  double grad_bucket_mb = ParallelConfig{}.grad_bucket_mb;         // the trainer's default
+  std::string ep_dispatch = "allgather";  // what bench train ran before the all-to-all dispatch
+  double grad_bucket_mb = ParallelConfig{}.grad_bucket_mb;  // the trainer's default
   int64_t expert_parallel = 1;
   bool overlap_optimizer = false;
   bool cuda_graphs = false;
@@ -70,11 +73,22 @@ std::string expert_gemms_name(const cuda::GpuTransformer& model) {
                      cuda::grouped_gemm_kernel_name(k.backward_weight));
 }
 
+// The dispatch each MoE layer ran (describe_ep_dispatch).
+std::string ep_dispatch_run(const cuda::GpuTransformer& model) {
+  const ModelConfig& config = model.config();
+  std::vector<std::optional<EpDispatch>> runs(static_cast<size_t>(config.num_layers));
+  for (int64_t l = 0; l < config.num_layers; ++l) {
+    if (config.layer_is_moe(l)) runs[static_cast<size_t>(l)] = model.expert_dispatch(l);
+  }
+  return describe_ep_dispatch(runs);
+}
+
 void run_bench_train(const BenchOptions& opt) {
   const ModelConfig config = load_model_config(opt.config);
   MF_CHECK(opt.steps > 0 && opt.warmup >= 0, "--steps must be positive and --warmup >= 0");
   MF_CHECK(opt.micro_batch > 0 && opt.seq > 1, "--micro-batch must be positive and --seq > 1");
   const GradReduceDtype reduce_dtype = parse_grad_reduce_dtype(opt.grad_reduce);
+  const EpDispatchPlan ep_dispatch = parse_ep_dispatch_plan(opt.ep_dispatch, config.num_layers);
   MF_CHECK(opt.grad_bucket_mb >= 0.0 && opt.grad_bucket_mb <= 65536.0,
            "--grad-bucket-mb must be in [0, 65536], got {}", opt.grad_bucket_mb);
   const auto bucket_elems =
@@ -104,8 +118,8 @@ void run_bench_train(const BenchOptions& opt) {
     ep_device = cuda::make_device_communicator(*ep_host, model.stream(), &why_not);
     MF_CHECK(ep_device != nullptr,
              "--expert-parallel {} exchanges activations through NCCL, but {}", ep, why_not);
-    model.set_expert_parallel_group(*ep_device,
-                                    {parse_grad_reduce_dtype(opt.ep_comm), opt.ep_overlap_chunks});
+    model.set_expert_parallel_group(
+        *ep_device, {parse_grad_reduce_dtype(opt.ep_comm), opt.ep_overlap_chunks, ep_dispatch});
   }
   if (opt.cuda_graphs) model.set_cuda_graphs(true);
   const int64_t local_seq = opt.seq / ep;
@@ -273,6 +287,7 @@ void run_bench_train(const BenchOptions& opt) {
       {"expert_parallel", ep},
       {"ep_comm_dtype", ep > 1 ? opt.ep_comm : "none"},
       {"ep_overlap_chunks", model.expert_overlap_chunks()},
+      {"ep_dispatch", ep > 1 ? ep_dispatch_run(model) : "none"},
       {"overlap_optimizer", opt.overlap_optimizer},
       {"cuda_graphs", opt.cuda_graphs},
       {"graph_captures", model.graph_captures() + (optimizer ? optimizer->graph_captures() : 0)},
@@ -348,6 +363,12 @@ void register_bench_command(CLI::App& app) {
                    "With --expert-parallel: each MoE layer in this many chunks of the tokens, one "
                    "chunk's exchanges overlapping another's experts (parallel.ep_overlap_chunks)")
       ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  train
+      ->add_option("--ep-dispatch", opt->ep_dispatch,
+                   "With --expert-parallel: how the MoE layers reach the experts of other GPUs "
+                   "(parallel.ep_dispatch): allgather, alltoall, auto (all-to-all iff top-k < "
+                   "--expert-parallel), or one per decoder layer, comma-separated")
       ->capture_default_str();
   train
       ->add_option("--expert-parallel", opt->expert_parallel,

@@ -120,6 +120,20 @@ EpDispatchPlan parse_ep_dispatch_plan(const std::string& text, int64_t num_layer
   return EpDispatchPlan(std::move(per_layer));
 }
 
+std::string describe_ep_dispatch(const std::vector<std::optional<EpDispatch>>& per_layer) {
+  std::string listed, first_moe;
+  bool uniform = true;
+  for (size_t l = 0; l < per_layer.size(); ++l) {
+    const std::string run = per_layer[l] ? ep_dispatch_name(*per_layer[l]) : "dense";
+    if (per_layer[l]) {
+      if (first_moe.empty()) first_moe = run;
+      uniform = uniform && run == first_moe;
+    }
+    listed += (l == 0 ? "" : ",") + run;
+  }
+  return uniform ? first_moe : listed;
+}
+
 namespace {
 
 // Sizes that follow from the dims and the group.

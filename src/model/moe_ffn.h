@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -68,6 +69,10 @@ std::vector<EpDispatch> parse_ep_dispatch_list(const std::string& text);
 // One name of parse_ep_dispatch for every layer, or a comma-separated list of them with one per
 // decoder layer (num_layers entries); throws naming the problem otherwise.
 EpDispatchPlan parse_ep_dispatch_plan(const std::string& text, int64_t num_layers);
+// The dispatches the decoder layers run, as the trainer and bench train report them: the one name
+// when every MoE layer runs the same, else one per decoder layer, comma-separated, "dense" for the
+// layers without experts (nullopt in per_layer).
+std::string describe_ep_dispatch(const std::vector<std::optional<EpDispatch>>& per_layer);
 
 struct MoeFfnDims {
   int64_t num_tokens;  // local tokens (this rank's shard)

@@ -12,7 +12,9 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "core/error.h"
 #include "data/loader.h"
@@ -254,23 +256,17 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
                    : "expert/sequence-parallel",
                tokens_per_step, config.schedule.max_steps);
     if (n > 1 && model_config.is_moe() && parallel_layout == ParallelLayout::kSequenceExpert) {
-      // The variant each MoE layer runs: one name when all agree, else one per decoder layer
-      // ("dense" for the others).
-      std::string per_layer, first_moe;
-      bool uniform = true;
+      // The variant each MoE layer runs.
+      std::vector<std::optional<EpDispatch>> runs(static_cast<size_t>(model_config.num_layers));
       for (int64_t l = 0; l < model_config.num_layers; ++l) {
-        std::string run = "dense";
         if (model_config.layer_is_moe(l)) {
-          run = ep_dispatch_name(choose_ep_dispatch(model.ep_dispatch().layer(l),
-                                                    model_config.num_experts_per_tok, n));
-          if (first_moe.empty()) first_moe = run;
-          uniform = uniform && run == first_moe;
+          runs[static_cast<size_t>(l)] =
+              choose_ep_dispatch(model.ep_dispatch().layer(l), model_config.num_experts_per_tok, n);
         }
-        per_layer += (l == 0 ? "" : ",") + run;
       }
       fmt::print(stderr,
                  "expert dispatch: {} (parallel.ep_dispatch \"{}\", top-{} over {} ranks)\n",
-                 uniform ? first_moe : per_layer, config.parallel.ep_dispatch,
+                 describe_ep_dispatch(runs), config.parallel.ep_dispatch,
                  model_config.num_experts_per_tok, n);
     }
   }

@@ -494,6 +494,16 @@ TEST(MoeDispatchA2a, ParsePerLayerPlans) {
   EXPECT_THROW(EpDispatchPlan(std::vector<EpDispatch>{}), Error);
 }
 
+// What the trainer and bench train print: one name when the MoE layers agree, else a list.
+TEST(MoeDispatchA2a, DescribesTheDispatchEachLayerRuns) {
+  constexpr std::optional<EpDispatch> kDense = std::nullopt;
+  EXPECT_EQ(describe_ep_dispatch({EpDispatch::kAllToAll, EpDispatch::kAllToAll}), "alltoall");
+  EXPECT_EQ(describe_ep_dispatch({kDense, EpDispatch::kAllGather, EpDispatch::kAllGather}),
+            "allgather");
+  EXPECT_EQ(describe_ep_dispatch({EpDispatch::kAllToAll, kDense, EpDispatch::kAllGather}),
+            "alltoall,dense,allgather");
+}
+
 TEST(MoeDispatchA2a, ParseAndAutoRule) {
   EXPECT_EQ(parse_ep_dispatch("allgather"), EpDispatch::kAllGather);
   EXPECT_EQ(parse_ep_dispatch("alltoall"), EpDispatch::kAllToAll);
