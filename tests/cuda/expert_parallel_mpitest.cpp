@@ -7,7 +7,9 @@
 // summed by a reduce-scatter), so the bounds are gpu_transformer_test.cpp's against the fp32
 // reference: loss 1e-2, each tensor's relative L2 5e-2, routed experts 0.15 of the larger of
 // their own gradient and their share of the layer's projection (a near-tie can route a token
-// differently).
+// differently). The MoE layers take the all-gather dispatch unless a test asks for the all-to-all
+// (parallel.ep_dispatch), which is also compared with the all-gather of the same group, and whose
+// device part alone is compared bit for bit with the all-gather path's rows.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -15,15 +17,24 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "comm/nccl/nccl_test_harness.h"
 #include "core/error.h"
 #include "core/rng.h"
+#include "cuda/bf16.h"
+#include "cuda/device_memory.h"
 #include "cuda/gpu_test_models.h"
 #include "cuda/gpu_transformer.h"
+#include "cuda/moe_dispatch_a2a.h"
+#include "model/moe_dispatch_a2a.h"
+#include "model/moe_ffn.h"
+#include "ops/row_map.h"
 
 namespace moeforge::cuda {
 namespace {
@@ -49,46 +60,79 @@ std::string projection_of(const std::string& name) {
   return name.substr(0, begin) + "*" + name.substr(end);
 }
 
+// The inputs of a group run: the model, the whole model's weights, and tokens and targets of the
+// whole batch [batch, seq] (each rank gets its seq / ranks positions of every sequence).
+struct GroupCase {
+  ModelConfig config;
+  int64_t batch = 0, seq = 0;
+  std::vector<float> params;
+  std::vector<int32_t> tokens, targets;
+};
+
+GroupCase group_case(const ModelConfig& config, int64_t batch, int64_t seq) {
+  GroupCase c{config, batch, seq, testing::make_params(ParameterLayout(config), 5), {}, {}};
+  Rng rng(17);
+  c.tokens.resize(static_cast<size_t>(batch * seq));
+  c.targets.resize(c.tokens.size());
+  for (size_t i = 0; i < c.tokens.size(); ++i) {
+    c.tokens[i] = static_cast<int32_t>(rng.below(config.vocab_size));
+    c.targets[i] = i % 11 == 3 ? -1 : static_cast<int32_t>(rng.below(config.vocab_size));
+  }
+  return c;
+}
+
+// The architecture's test model over the ranks, 2 sequences of 24 positions per rank.
+GroupCase group_case(Architecture arch) {
+  const int64_t num_ranks = nccl().size();
+  return group_case(config_for(arch, num_ranks), 2, 24 * num_ranks);
+}
+
+// What one GPU computed over the whole batch.
+struct OneGpuRun {
+  LossBreakdown loss;
+  std::vector<float> grads;  // the whole model's layout
+  std::vector<MoeFfnStats> stats;
+};
+
+OneGpuRun run_one_gpu(const GroupCase& c) {
+  GpuTransformer whole(c.config);
+  whole.upload_params(c.params);
+  whole.zero_grads();
+  OneGpuRun run;
+  run.loss = whole.forward_backward(c.tokens.data(), c.targets.data(), c.batch, c.seq, 0.5);
+  run.grads = whole.download_grads();
+  run.stats = whole.moe_stats();
+  return run;
+}
+
 // What a rank of the group computed.
 struct GroupRun {
-  std::vector<float> grads;  // this rank's (its layout's order)
-  double loss = 0.0;
+  std::vector<float> grads;   // this rank's (its layout's order)
+  std::vector<float> summed;  // grads with the replicated weights' summed over the group
+  LossBreakdown loss;
+  std::vector<MoeFfnStats> stats;          // per MoE layer (the group's loads)
   int64_t overlap_chunks = 0;              // the chunks its MoE layers ran in
   std::map<std::string, double> phase_ms;  // with timed: the phase timer's totals
 };
 
-// Returns this rank's run after checking it against one GPU (timed: with the group model's phase
-// timer on).
-GroupRun expect_group_matches_one_gpu(Architecture arch, GradMode mode,
-                                      const ExpertExchange& exchange = {}, bool timed = false) {
+// This rank's part of the case on the group of all ranks (timed: with the phase timer on).
+GroupRun run_group(const GroupCase& c, GradMode mode, const ExpertExchange& exchange,
+                   bool timed = false, Recompute recompute = Recompute::kNone) {
   NcclCommunicator& comm = nccl();
   const int64_t num_ranks = comm.size(), rank = comm.rank();
-  const ModelConfig config = config_for(arch, num_ranks);
-  const int64_t batch = 2, seq = 24 * num_ranks, local_seq = seq / num_ranks;
-  const std::vector<float> params = testing::make_params(ParameterLayout(config), 5);
-  Rng rng(17);
-  std::vector<int32_t> tokens(static_cast<size_t>(batch * seq)), targets(tokens.size());
-  for (size_t i = 0; i < tokens.size(); ++i) {
-    tokens[i] = static_cast<int32_t>(rng.below(config.vocab_size));
-    targets[i] = i % 11 == 3 ? -1 : static_cast<int32_t>(rng.below(config.vocab_size));
-  }
-
-  GpuTransformer whole(config);
-  whole.upload_params(params);
-  whole.zero_grads();
-  const LossBreakdown want = whole.forward_backward(tokens.data(), targets.data(), batch, seq, 0.5);
-  const std::vector<float> want_grads = whole.download_grads();
-
+  const ModelConfig& config = c.config;
+  const int64_t local_seq = c.seq / num_ranks;
   // This rank holds its experts only: the whole model's weights copied by name.
+  const ParameterLayout whole(config);
   GpuTransformer part(
-      config, Recompute::kNone,
+      config, recompute,
       ExpertShard{num_ranks > 1 && config.is_moe() ? rank : 0, config.is_moe() ? num_ranks : 1});
   const ParameterLayout& local = part.layout();
   std::vector<float> local_params(static_cast<size_t>(local.num_params()));
   for (const ParamSpec& spec : local.specs()) {
-    const ParamSpec* from = whole.layout().find(spec.name);
+    const ParamSpec* from = whole.find(spec.name);
     MF_CHECK(from != nullptr, "{} is not a tensor of the whole model", spec.name);
-    std::copy(params.begin() + from->offset, params.begin() + from->offset + from->numel,
+    std::copy(c.params.begin() + from->offset, c.params.begin() + from->offset + from->numel,
               local_params.begin() + spec.offset);
   }
   const cudaStream_t previous = comm.stream();
@@ -101,51 +145,65 @@ GroupRun expect_group_matches_one_gpu(Architecture arch, GradMode mode,
     part.zero_grads();
   }
   std::vector<int32_t> my_tokens, my_targets;
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t first = b * seq + rank * local_seq;
-    my_tokens.insert(my_tokens.end(), tokens.begin() + first, tokens.begin() + first + local_seq);
-    my_targets.insert(my_targets.end(), targets.begin() + first,
-                      targets.begin() + first + local_seq);
+  for (int64_t b = 0; b < c.batch; ++b) {
+    const int64_t first = b * c.seq + rank * local_seq;
+    my_tokens.insert(my_tokens.end(), c.tokens.begin() + first,
+                     c.tokens.begin() + first + local_seq);
+    my_targets.insert(my_targets.end(), c.targets.begin() + first,
+                      c.targets.begin() + first + local_seq);
   }
   part.timer().set_enabled(timed);
-  const LossBreakdown got =
-      part.forward_backward(my_tokens.data(), my_targets.data(), batch, local_seq, 0.5, mode);
+  GroupRun run;
+  run.loss =
+      part.forward_backward(my_tokens.data(), my_targets.data(), c.batch, local_seq, 0.5, mode);
   comm.set_stream(previous);
   // The replicated weights' gradients summed over the group; each rank's experts have theirs.
-  const std::vector<float> local_grads = part.download_grads();
-  std::vector<float> summed = local_grads;
+  run.grads = part.download_grads();
+  run.summed = run.grads;
   for (const ParamRange& r : local.replicated_ranges()) {
-    world_communicator().all_reduce_sum(summed.data() + r.offset, static_cast<size_t>(r.count));
+    world_communicator().all_reduce_sum(run.summed.data() + r.offset, static_cast<size_t>(r.count));
   }
+  run.stats = part.moe_stats();
+  run.overlap_chunks = part.expert_overlap_chunks();
+  run.phase_ms = part.timer().totals_ms();
+  return run;
+}
 
-  EXPECT_EQ(got.num_counted, want.num_counted);
-  EXPECT_NEAR(got.ce_loss, want.ce_loss, 1e-2);
-  EXPECT_NEAR(got.aux_loss, want.aux_loss, 1e-2 * std::max(1.0, want.aux_loss));
-  EXPECT_NEAR(got.z_loss, want.z_loss, 2e-2 * std::max(1.0, want.z_loss));
-  EXPECT_EQ(part.moe_stats().size(), whole.moe_stats().size());
-  for (size_t m = 0; m < part.moe_stats().size(); ++m) {
+// The group's loss and summed gradients against one GPU's over the whole batch.
+void expect_matches_one_gpu(const GroupCase& c, const OneGpuRun& want, const GroupRun& got) {
+  const ModelConfig& config = c.config;
+  const int64_t num_ranks = nccl().size(), rank = nccl().rank();
+  const ParameterLayout whole(config);
+  const ParameterLayout local(config, ExpertShard{num_ranks > 1 && config.is_moe() ? rank : 0,
+                                                  config.is_moe() ? num_ranks : 1});
+  EXPECT_EQ(got.loss.num_counted, want.loss.num_counted);
+  EXPECT_NEAR(got.loss.ce_loss, want.loss.ce_loss, 1e-2);
+  EXPECT_NEAR(got.loss.aux_loss, want.loss.aux_loss, 1e-2 * std::max(1.0, want.loss.aux_loss));
+  EXPECT_NEAR(got.loss.z_loss, want.loss.z_loss, 2e-2 * std::max(1.0, want.loss.z_loss));
+  EXPECT_EQ(got.stats.size(), want.stats.size());
+  for (size_t m = 0; m < got.stats.size(); ++m) {
     int64_t routed = 0;
-    for (const int64_t load : part.moe_stats()[m].expert_load) routed += load;
-    EXPECT_EQ(routed, batch * seq * config.num_experts_per_tok) << "MoE layer " << m;
+    for (const int64_t load : got.stats[m].expert_load) routed += load;
+    EXPECT_EQ(routed, c.batch * c.seq * config.num_experts_per_tok) << "MoE layer " << m;
   }
 
   std::map<std::string, double> projection_sq;
-  for (const ParamSpec& spec : whole.layout().specs()) {
+  for (const ParamSpec& spec : whole.specs()) {
     const std::string projection = projection_of(spec.name);
     if (projection.empty()) continue;
     for (int64_t i = 0; i < spec.numel; ++i) {
       projection_sq[projection] +=
-          double(want_grads[spec.offset + i]) * want_grads[spec.offset + i];
+          double(want.grads[spec.offset + i]) * want.grads[spec.offset + i];
     }
   }
   if (config.is_moe() && num_ranks > 1) {
-    EXPECT_LT(local.num_params(), whole.layout().num_params());
+    EXPECT_LT(local.num_params(), whole.num_params());
   }
   for (const ParamSpec& spec : local.specs()) {
-    const ParamSpec& at = *whole.layout().find(spec.name);
+    const ParamSpec& at = *whole.find(spec.name);
     double diff_sq = 0.0, ref_sq = 0.0;
     for (int64_t i = 0; i < spec.numel; ++i) {
-      const double ref = want_grads[at.offset + i], mine = summed[spec.offset + i];
+      const double ref = want.grads[at.offset + i], mine = got.summed[spec.offset + i];
       diff_sq += (mine - ref) * (mine - ref);
       ref_sq += ref * ref;
     }
@@ -158,7 +216,24 @@ GroupRun expect_group_matches_one_gpu(Architecture arch, GradMode mode,
     EXPECT_LE(std::sqrt(diff_sq / std::max(scale, 1e-30)), bound)
         << spec.name << " (" << num_ranks << " ranks, rank " << rank << ")";
   }
-  return {local_grads, got.loss, part.expert_overlap_chunks(), part.timer().totals_ms()};
+}
+
+// Returns this rank's run after checking it against one GPU (timed: with the group model's phase
+// timer on).
+GroupRun expect_group_matches_one_gpu(Architecture arch, GradMode mode,
+                                      const ExpertExchange& exchange = {}, bool timed = false) {
+  const GroupCase c = group_case(arch);
+  const OneGpuRun want = run_one_gpu(c);
+  const GroupRun got = run_group(c, mode, exchange, timed);
+  expect_matches_one_gpu(c, want, got);
+  return got;
+}
+
+// The bits of a bf16 value.
+uint16_t bits(bf16 x) {
+  uint16_t b = 0;
+  std::memcpy(&b, &x, sizeof(b));
+  return b;
 }
 
 // The tensor of `layout` whose gradients differ most (relative L2) between two vectors.
@@ -213,7 +288,8 @@ TEST_P(ExpertParallelGpu, OverlapChunksMatchTheUnchunkedExchange) {
     unsetenv("MOEFORGE_GROUPED_GEMM");
     EXPECT_EQ(whole.overlap_chunks, 1);
     EXPECT_EQ(chunked.overlap_chunks, 3);
-    EXPECT_NEAR(chunked.loss, whole.loss, 1e-5 * std::max(1.0, std::abs(whole.loss)));
+    EXPECT_NEAR(chunked.loss.loss, whole.loss.loss,
+                1e-5 * std::max(1.0, std::abs(whole.loss.loss)));
     const TensorDifference worst = max_tensor_difference(layout, chunked.grads, whole.grads);
     EXPECT_LE(worst.relative, 1e-5) << worst.name;
     std::printf("rank %d, %s: chunks 3 against 1, largest difference %.2e (%s)\n", nccl().rank(),
@@ -266,6 +342,295 @@ TEST_P(ExpertParallelGpu, Bf16ExchangesTrackOneGpu) {
           .grads;
   if (!testing::gpu_config(GetParam()).is_moe()) return;
   EXPECT_NE(fp32, compressed);
+}
+
+// The all-to-all dispatch (parallel.ep_dispatch "alltoall") against the all-gather dispatch of
+// the same group. Both route the same tokens, keep the same assignments under a capacity and give
+// the experts the same rows in the same order (the statistics compare exactly; the rows themselves
+// in ExpertParallelA2aDispatch below), but they round the combine differently where a token's
+// slots fall on two ranks: the all-gather adds each rank's gate-weighted rows in an fp32 sum of
+// its own and the reduce-scatter adds those, the all-to-all sums all slots in one chain of fused
+// multiply-adds, as one GPU does. That moves the residual stream by fp32 ulps, which now and then
+// flip the bf16 rounding of a later normed input: one flipped element moves a tensor's gradient
+// by about 2^-8 / sqrt(its elements) relative (4e-5 at hidden 96), while a row lost or sent to
+// the wrong expert moves its expert's gradient by percents. Bound 1e-3 per tensor, and 1e-4 on
+// the losses.
+void expect_a2a_matches_all_gather(const ParameterLayout& layout, const GroupRun& a2a,
+                                   const GroupRun& all_gather) {
+  const bool exchanges = nccl().size() > 1;
+  EXPECT_EQ(a2a.stats.size(), all_gather.stats.size());
+  for (size_t m = 0; m < std::min(a2a.stats.size(), all_gather.stats.size()); ++m) {
+    EXPECT_EQ(a2a.stats[m].dispatch, exchanges ? EpDispatch::kAllToAll : EpDispatch::kAllGather)
+        << "MoE layer " << m;
+    EXPECT_EQ(all_gather.stats[m].dispatch, EpDispatch::kAllGather) << "MoE layer " << m;
+    EXPECT_EQ(a2a.stats[m].expert_load, all_gather.stats[m].expert_load) << "MoE layer " << m;
+    EXPECT_EQ(a2a.stats[m].num_dropped, all_gather.stats[m].num_dropped) << "MoE layer " << m;
+  }
+  EXPECT_EQ(a2a.loss.num_counted, all_gather.loss.num_counted);
+  for (const auto& [name, got, want] :
+       {std::tuple{"ce", a2a.loss.ce_loss, all_gather.loss.ce_loss},
+        std::tuple{"aux", a2a.loss.aux_loss, all_gather.loss.aux_loss},
+        std::tuple{"z", a2a.loss.z_loss, all_gather.loss.z_loss}}) {
+    EXPECT_NEAR(got, want, 1e-4 * std::max(1.0, std::abs(want))) << name << " loss";
+  }
+  const TensorDifference worst = max_tensor_difference(layout, a2a.grads, all_gather.grads);
+  EXPECT_LE(worst.relative, 1e-3) << worst.name;
+  std::printf("rank %d: all-to-all against all-gather, largest difference %.2e (%s)\n",
+              nccl().rank(), worst.relative, worst.name.c_str());
+}
+
+ExpertExchange dispatch_exchange(EpDispatchPlan dispatch) {
+  ExpertExchange exchange;
+  exchange.dispatch = std::move(dispatch);
+  return exchange;
+}
+
+// The all-to-all dispatch equals one GPU over the whole batch (the same bounds as the all-gather
+// dispatch) and the all-gather dispatch of the same group, dropless and with a capacity that drops
+// assignments (then batch 1: capacity keeps each expert's earliest tokens of the group in rank
+// order, which is one GPU's order for one sequence only), on the grouped GEMMs and the per-expert
+// GEMMs (which take the local experts' row ranges from the host's plan), assigning the gradients
+// (NaN before: an expert that receives no rows must get zeros).
+TEST_P(ExpertParallelGpu, AllToAllDispatchEqualsOneGpuAndTheAllGather) {
+  MF_REQUIRE_NCCL_GPUS();
+  if (!testing::gpu_config(GetParam()).is_moe()) GTEST_SKIP() << "no MoE layers";
+  const int64_t num_ranks = nccl().size();
+  for (const double capacity_factor : {0.0, 0.75}) {
+    ModelConfig config = config_for(GetParam(), num_ranks);
+    config.capacity_factor = capacity_factor;
+    const GroupCase c = capacity_factor > 0.0 ? group_case(config, 1, 32 * num_ranks)
+                                              : group_case(config, 2, 24 * num_ranks);
+    const OneGpuRun one = run_one_gpu(c);
+    if (capacity_factor > 0.0) {
+      int64_t num_dropped = 0;
+      for (const MoeFfnStats& stats : one.stats) num_dropped += stats.num_dropped;
+      EXPECT_GT(num_dropped, 0) << "the case must drop assignments";
+    }
+    const ParameterLayout layout(config, ExpertShard{nccl().rank(), num_ranks});
+    for (const bool grouped : {true, false}) {
+      SCOPED_TRACE(fmt::format("capacity_factor {}, {} GEMMs", capacity_factor,
+                               grouped ? "grouped" : "per-expert"));
+      if (!grouped) setenv("MOEFORGE_GROUPED_GEMM", "0", 1);
+      const GroupRun all_gather =
+          run_group(c, GradMode::kAssign, dispatch_exchange(EpDispatch::kAllGather));
+      const GroupRun a2a =
+          run_group(c, GradMode::kAssign, dispatch_exchange(EpDispatch::kAllToAll));
+      unsetenv("MOEFORGE_GROUPED_GEMM");
+      expect_matches_one_gpu(c, one, all_gather);
+      expect_matches_one_gpu(c, one, a2a);
+      expect_a2a_matches_all_gather(layout, a2a, all_gather);
+    }
+  }
+}
+
+// A per-layer list mixes the dispatches (the layers exchange through the same buffers and
+// streams), and "auto" takes the all-to-all iff top_k < ranks (top-1 here); each equals one GPU
+// and the all-gather dispatch everywhere. Mixtral: two MoE layers.
+TEST(ExpertParallelGpuA2a, PerLayerListsAndAutoEqualOneGpu) {
+  MF_REQUIRE_NCCL_GPUS();
+  const int64_t num_ranks = nccl().size();
+  for (const int64_t top_k : {2, 1}) {
+    ModelConfig config = config_for(Architecture::kMixtral, num_ranks);
+    config.num_experts_per_tok = top_k;
+    const GroupCase c = group_case(config, 2, 24 * num_ranks);
+    const OneGpuRun one = run_one_gpu(c);
+    const ParameterLayout layout(config, ExpertShard{nccl().rank(), num_ranks});
+    const GroupRun all_gather =
+        run_group(c, GradMode::kAccumulate, dispatch_exchange(EpDispatch::kAllGather));
+    expect_matches_one_gpu(c, one, all_gather);
+    const bool exchanges = num_ranks > 1;
+    const bool auto_a2a = exchanges && top_k < num_ranks;
+    const std::vector<std::pair<EpDispatchPlan, std::vector<bool>>> plans = {
+        {EpDispatchPlan({EpDispatch::kAllToAll, EpDispatch::kAllGather}), {exchanges, false}},
+        {EpDispatchPlan({EpDispatch::kAllGather, EpDispatch::kAllToAll}), {false, exchanges}},
+        {EpDispatchPlan(EpDispatch::kAuto), {auto_a2a, auto_a2a}}};
+    for (const auto& [plan, a2a_layers] : plans) {
+      SCOPED_TRACE(fmt::format("top-{}, layer 0 {}, layer 1 {}", top_k,
+                               ep_dispatch_name(plan.layer(0)), ep_dispatch_name(plan.layer(1))));
+      const GroupRun mixed = run_group(c, GradMode::kAccumulate, dispatch_exchange(plan));
+      expect_matches_one_gpu(c, one, mixed);
+      EXPECT_EQ(mixed.stats.size(), 2u);
+      for (size_t m = 0; m < std::min<size_t>(mixed.stats.size(), 2); ++m) {
+        EXPECT_EQ(mixed.stats[m].dispatch,
+                  a2a_layers[m] ? EpDispatch::kAllToAll : EpDispatch::kAllGather)
+            << "MoE layer " << m;
+        EXPECT_EQ(mixed.stats[m].expert_load, all_gather.stats[m].expert_load) << "MoE layer " << m;
+      }
+      const TensorDifference worst = max_tensor_difference(layout, mixed.grads, all_gather.grads);
+      EXPECT_LE(worst.relative, 1e-3) << worst.name;
+    }
+  }
+}
+
+// The phase timer splits the all-to-all dispatch's exchanges (the counts and sums, the rows to
+// the experts and back) into waits and transfers as it does the all-gather's.
+TEST(ExpertParallelGpuA2a, PhaseTimerSplitsWaitsFromExchanges) {
+  MF_REQUIRE_NCCL_GPUS();
+  if (nccl().size() == 1) GTEST_SKIP() << "one rank exchanges nothing";
+  const GroupCase c = group_case(Architecture::kMixtral);
+  const GroupRun timed =
+      run_group(c, GradMode::kAccumulate, dispatch_exchange(EpDispatch::kAllToAll), true);
+  for (const char* phase :
+       {"moe_wait", "moe_exchange", "moe_backward_wait", "moe_backward_exchange"}) {
+    EXPECT_EQ(timed.phase_ms.count(phase), 1u) << phase;
+  }
+  expect_matches_one_gpu(c, run_one_gpu(c), timed);
+}
+
+// Selective recompute rebuilds an all-to-all layer's normed input and SwiGLU output (over the
+// rows received, whose count the plan's device offsets give) in the backward: the same loss, and
+// the same gradients up to cuDNN's attention backward (gpu_transformer_test.cpp's bound), on a
+// model with a dense layer (Qwen3-MoE) and one with a shared expert (Qwen2-MoE).
+TEST(ExpertParallelGpuA2a, SelectiveRecomputeGivesTheSameLossAndGradients) {
+  MF_REQUIRE_NCCL_GPUS();
+  for (const Architecture arch : {Architecture::kQwen3Moe, Architecture::kQwen2Moe}) {
+    SCOPED_TRACE(architecture_name(arch));
+    const GroupCase c = group_case(arch);
+    const ExpertExchange exchange = dispatch_exchange(EpDispatch::kAllToAll);
+    const GroupRun none = run_group(c, GradMode::kAccumulate, exchange);
+    const GroupRun selective =
+        run_group(c, GradMode::kAccumulate, exchange, false, Recompute::kSelective);
+    EXPECT_EQ(selective.loss.loss, none.loss.loss);
+    const ParameterLayout layout(c.config, ExpertShard{nccl().rank(), nccl().size()});
+    const TensorDifference worst = max_tensor_difference(layout, selective.grads, none.grads);
+    EXPECT_LE(worst.relative, 1e-3) << worst.name;
+  }
+}
+
+// The device part of the all-to-all dispatch on its own (cuda/moe_dispatch_a2a.h over NCCL): from
+// every rank's routing (skewed, 4 experts per rank, top-2) and bf16 rows that name their token,
+// the rows this rank's experts receive, in expert order, are bit for bit the all-gather path's
+// rows of its experts (ops::build_row_map over the group's tokens), and each rank gets back, for
+// each of its assignments, exactly the row it sent where the all-gather path keeps the
+// assignment; dropless and with a capacity.
+TEST(ExpertParallelA2aDispatch, ExpertsSeeTheAllGatherRowsAndTheRowsComeBack) {
+  MF_REQUIRE_NCCL_GPUS();
+  NcclCommunicator& comm = nccl();
+  const int64_t num_ranks = comm.size(), rank = comm.rank();
+  const int64_t n = 40, k = 2, hidden = 24, num_local = 4, num_experts = num_local * num_ranks;
+  const int64_t group_tokens = n * num_ranks;
+  // The group's routing, rank by rank: two distinct experts per token, the first among the lower
+  // half of the experts (so that they overflow a capacity).
+  Rng rng(41);
+  std::vector<int32_t> group_idx;  // [group_tokens, k]
+  std::vector<int64_t> loads(static_cast<size_t>(num_ranks * num_experts), 0);
+  for (int64_t t = 0; t < group_tokens; ++t) {
+    const auto first = static_cast<int32_t>(rng.below(static_cast<uint64_t>(num_experts / 2)));
+    const auto second = static_cast<int32_t>(
+        (first + 1 + static_cast<int64_t>(rng.below(static_cast<uint64_t>(num_experts - 1)))) %
+        num_experts);
+    for (const int32_t e : {first, second}) {
+      group_idx.push_back(e);
+      ++loads[static_cast<size_t>(t / n * num_experts + e)];
+    }
+  }
+  // Row of group token t: t + j / 64 in column j (integers and 64ths below 256: exact in bf16).
+  std::vector<float> group_x(static_cast<size_t>(group_tokens * hidden));
+  for (int64_t t = 0; t < group_tokens; ++t) {
+    for (int64_t j = 0; j < hidden; ++j) {
+      group_x[static_cast<size_t>(t * hidden + j)] =
+          static_cast<float>(t % 200) + static_cast<float>(j) / 64.0f;
+    }
+  }
+  const std::vector<bf16> group_rows = to_bf16(group_x);
+  const cudaStream_t stream = comm.stream();
+  DeviceBuffer<bf16> x;
+  x.upload(std::vector<bf16>(group_rows.begin() + rank * n * hidden,
+                             group_rows.begin() + (rank + 1) * n * hidden));
+  const int64_t max_rows = group_tokens * k;
+  const int64_t map_ints = a2a_map_ints(n * k, max_rows, num_local, num_experts);
+  DeviceBuffer<int32_t> maps_buffer(static_cast<size_t>(map_ints));
+  PinnedHostBuffer<int32_t> staging;
+  staging.resize(static_cast<size_t>(map_ints));
+  DeviceBuffer<bf16> send(static_cast<size_t>(n * k * hidden)), returned(send.size());
+  DeviceBuffer<bf16> recv(static_cast<size_t>(max_rows * hidden)), rows(recv.size());
+  const int32_t* my_idx = group_idx.data() + rank * n * k;
+  for (const int64_t capacity :
+       {int64_t{-1}, ops::expert_capacity(1.0, group_tokens, k, num_experts)}) {
+    SCOPED_TRACE(fmt::format("capacity {}", capacity));
+    const A2aDispatchPlan plan = plan_a2a_dispatch_from_loads(my_idx, n, k, num_experts, capacity,
+                                                              loads.data(), rank, num_ranks);
+    const int64_t num_send = plan.send_map.num_rows(), num_received = plan.recv_map.num_rows();
+    const A2aDeviceMaps maps =
+        upload_a2a_maps(maps_buffer.data(), staging.data(), map_ints, plan, stream);
+    a2a_send_order(send.data(), x.data(), maps, plan, hidden, stream);
+    a2a_exchange_to_owners(send.data(), recv.data(), plan, hidden, CommDType::kBFloat16, comm);
+    a2a_expert_order(rows.data(), recv.data(), maps, plan, hidden, stream);
+    // The way back with the rows themselves as the experts' outputs.
+    a2a_receive_order(recv.data(), rows.data(), maps, plan, hidden, stream);
+    a2a_exchange_to_senders(recv.data(), returned.data(), plan, hidden, CommDType::kBFloat16, comm);
+    comm.synchronize();
+
+    // The all-gather path: this rank's experts' rows of the group's tokens, and which of this
+    // rank's assignments any expert keeps.
+    const ops::RowMap local = ops::build_row_map(
+        group_idx.data(), group_tokens, k, rank * num_local, (rank + 1) * num_local, capacity);
+    const ops::RowMap all =
+        ops::build_row_map(group_idx.data(), group_tokens, k, 0, num_experts, capacity);
+    EXPECT_EQ(plan.recv_map.expert_offsets, local.expert_offsets);
+    EXPECT_EQ(num_received, local.num_rows());
+    std::vector<bf16> got(static_cast<size_t>(num_received * hidden));
+    copy_to_host(got.data(), rows.data(), got.size() * sizeof(bf16));
+    int64_t mismatched_rows = 0;
+    for (int64_t r = 0; r < std::min(num_received, local.num_rows()); ++r) {
+      const int64_t token = local.row_token[static_cast<size_t>(r)];
+      for (int64_t j = 0; j < hidden; ++j) {
+        if (bits(got[r * hidden + j]) != bits(group_rows[token * hidden + j])) {
+          ++mismatched_rows;
+          break;
+        }
+      }
+    }
+    EXPECT_EQ(mismatched_rows, 0) << "of " << num_received << " expert rows";
+    std::vector<bf16> back(static_cast<size_t>(num_send * hidden));
+    copy_to_host(back.data(), returned.data(), back.size() * sizeof(bf16));
+    int64_t mismatched_assignments = 0;
+    for (int64_t a = 0; a < n * k; ++a) {
+      const int32_t row = plan.send_map.assignment_row[static_cast<size_t>(a)];
+      const bool kept = all.assignment_row[static_cast<size_t>(rank * n * k + a)] >= 0;
+      bool same = (row >= 0) == kept;
+      for (int64_t j = 0; same && row >= 0 && j < hidden; ++j) {
+        same = bits(back[row * hidden + j]) == bits(group_rows[(rank * n + a / k) * hidden + j]);
+      }
+      mismatched_assignments += same ? 0 : 1;
+    }
+    EXPECT_EQ(mismatched_assignments, 0) << "of " << n * k << " assignments";
+    if (capacity >= 0) {
+      EXPECT_GT(all.num_dropped, 0) << "the case must drop assignments";
+    }
+  }
+}
+
+// Overlap chunks split the all-gather dispatch's exchanges: a layer of the all-to-all dispatch
+// refuses them, naming the setting; a dispatch list must have one entry per decoder layer.
+TEST(ExpertParallelGpuConfig, RejectsOverlapChunksWithTheAllToAllDispatch) {
+  MF_REQUIRE_NCCL_GPUS();
+  const ModelConfig config = config_for(Architecture::kMixtral, nccl().size());
+  const ExpertShard shard{nccl().rank(), nccl().size()};
+  GpuTransformer listed(config, Recompute::kNone, shard);
+  EXPECT_THROW(
+      listed.set_expert_parallel_group(
+          nccl(), dispatch_exchange(EpDispatchPlan(
+                      {EpDispatch::kAllGather, EpDispatch::kAllGather, EpDispatch::kAllToAll}))),
+      Error);
+  if (nccl().size() == 1) GTEST_SKIP() << "one rank runs no dispatch";
+  GpuTransformer chunked(config, Recompute::kNone, shard);
+  ExpertExchange exchange =
+      dispatch_exchange(EpDispatchPlan({EpDispatch::kAllGather, EpDispatch::kAllToAll}));
+  exchange.overlap_chunks = 2;
+  try {
+    chunked.set_expert_parallel_group(nccl(), exchange);
+    ADD_FAILURE() << "overlap chunks with an all-to-all layer passed";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("parallel.ep_overlap_chunks 2"), std::string::npos)
+        << e.what();
+    EXPECT_NE(std::string(e.what()).find("layer 1 takes the all-to-all dispatch"),
+              std::string::npos)
+        << e.what();
+  }
+  GpuTransformer gathered(config, Recompute::kNone, shard);
+  exchange.dispatch = EpDispatch::kAllGather;
+  EXPECT_NO_THROW(gathered.set_expert_parallel_group(nccl(), exchange));
 }
 
 TEST(ExpertParallelGpuConfig, RejectsCountsThatDoNotSplit) {
