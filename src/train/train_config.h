@@ -133,15 +133,18 @@ struct ParallelConfig {
   // "sp_ep": "fp32", or "bf16" (MegaScale-MoE section 3's compression: the forward's reduce-
   // scatter of the partial expert outputs and the backward's reduce-scatter of the input gradient
   // become one cast to bf16, an all-to-all and a rank-ordered fp32 sum; the backward's all-gather
-  // of the output gradient travels in bf16; half the bytes). The CPU engine takes "fp32" only.
+  // of the output gradient travels in bf16; half the bytes). It applies to the layers of the
+  // all-gather dispatch: those of the all-to-all dispatch exchange bf16 rows either way. The CPU
+  // engine takes "fp32" only.
   std::string ep_comm_dtype = "fp32";
   // The GPU engine's overlap of those exchanges with the experts under "sp_ep": each MoE layer
   // runs in this many chunks of every rank's tokens, one chunk's all-gather and reduce-scatter
   // overlapping another's experts (MegaScale-MoE section 2's inter-operator overlap); 1 (the
   // default, the fastest measured on 2 H200s: docs/benchmarks.md, session 13): one exchange
   // before and one after the experts. More than 1 needs model capacity_factor 0 (token dropping
-  // ranks the whole group's tokens). A step uses the largest divisor of it that divides each
-  // rank's tokens. The CPU engine runs unchunked.
+  // ranks the whole group's tokens) and the all-gather dispatch in every MoE layer (the GPU
+  // engine refuses it otherwise). A step uses the largest divisor of it that divides each rank's
+  // tokens. The CPU engine runs unchunked.
   int64_t ep_overlap_chunks = 1;
   // 0: every rank holds AdamW's whole state; 1: ZeRO-1, the state sharded over the data-parallel
   // ranks (train/zero_optimizer.h; on GPUs cuda/gpu_zero_adamw.h).
