@@ -10,9 +10,9 @@
 // Within a warpgroup a tile's softmax runs while the tensor cores do the previous tile's P V
 // (FlashAttention-3's intra-warpgroup overlap), and the two warpgroups run unsynchronised, so
 // one's softmax also overlaps the other's MMAs. The online softmax is the tensor-core kernel's
-// (block_sparse_attention_tc.cu), on the same accumulator layout. Measured and not kept (docs/
-// benchmarks.md): Q in registers for S, with a producer warpgroup handing its registers over by
-// setmaxnreg (1-2% slower). Not yet: GQA-shared K/V tiles.
+// (block_sparse_attention_tc.cu), on the same accumulator layout. Measured and not kept (see
+// docs/benchmarks.md): Q in registers for S, with a producer warpgroup handing its registers over
+// by setmaxnreg (1-2% slower). Not yet: GQA-shared K/V tiles.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
