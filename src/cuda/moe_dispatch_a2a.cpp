@@ -11,12 +11,15 @@ namespace moeforge::cuda {
 
 namespace {
 
-// Appends values (converted to int32) at packed + *at and advances *at.
+// Appends values (converted to int32) at packed + *next, advances *next and returns where they
+// start.
 template <typename T>
-void append(int32_t* packed, int64_t* at, const std::vector<T>& values) {
-  std::transform(values.begin(), values.end(), packed + *at,
+int64_t append(int32_t* packed, int64_t* next, const std::vector<T>& values) {
+  const int64_t start = *next;
+  std::transform(values.begin(), values.end(), packed + start,
                  [](T v) { return static_cast<int32_t>(v); });
-  *at += static_cast<int64_t>(values.size());
+  *next += static_cast<int64_t>(values.size());
+  return start;
 }
 
 }  // namespace
@@ -40,18 +43,12 @@ A2aMapOffsets pack_a2a_maps(int32_t* packed, int64_t capacity, const A2aDispatch
   // plan_a2a_dispatch checks.
   A2aMapOffsets at;
   int64_t next = 0;
-  at.send_row_token = next;
-  append(packed, &next, send.row_token);
-  at.send_assignment_row = next;
-  append(packed, &next, send.assignment_row);
-  at.recv_row_token = next;
-  append(packed, &next, recv.row_token);
-  at.recv_assignment_row = next;
-  append(packed, &next, recv.assignment_row);
-  at.expert_offsets = next;
-  append(packed, &next, recv.expert_offsets);
-  at.group_load = next;
-  append(packed, &next, plan.group_load);
+  at.send_row_token = append(packed, &next, send.row_token);
+  at.send_assignment_row = append(packed, &next, send.assignment_row);
+  at.recv_row_token = append(packed, &next, recv.row_token);
+  at.recv_assignment_row = append(packed, &next, recv.assignment_row);
+  at.expert_offsets = append(packed, &next, recv.expert_offsets);
+  at.group_load = append(packed, &next, plan.group_load);
   at.total = next;
   return at;
 }
