@@ -35,6 +35,12 @@ int64_t head_chunk_rows(int64_t n, int64_t vocab) {
   return std::min(n, rows);
 }
 
+// ptr + offset, or null for a tensor the model does not have.
+template <typename P>
+P* offset_or_null(P* ptr, int64_t offset) {
+  return ptr == nullptr ? nullptr : ptr + offset;
+}
+
 // fn(expert, first row, row count) for every expert of num_experts with rows, from the host copy
 // of the offsets.
 template <typename Fn>
@@ -108,11 +114,14 @@ void GpuTransformer::find_accumulated_ranges() {
   };
   for (int64_t l = 0; l < config_.num_layers; ++l) {
     const LayerOffsets& o = layout_.layer(l);
+    add(o.router, num_experts * h);
+    // Under tensor parallelism a backward writes this rank's slices of the split weights only:
+    // their other parts must be zeros, so those weights count as accumulated, whole.
+    if (tp_ != nullptr) continue;
     add(o.q_proj, qd * h);
     add(o.k_proj, kvd * h);
     add(o.v_proj, kvd * h);
     add(o.o_proj, h * qd);
-    add(o.router, num_experts * h);
     add(o.mlp_gate, ffn * h);
     add(o.mlp_up, ffn * h);
     add(o.mlp_down, h * ffn);
@@ -157,6 +166,9 @@ void GpuTransformer::set_cuda_graphs(bool enabled) {
     MF_CHECK(ep_ == nullptr,
              "CUDA graphs capture one GPU's step; under expert parallelism the exchanges and the "
              "two streams run eagerly");
+    MF_CHECK(tp_ == nullptr,
+             "CUDA graphs capture one GPU's step; under tensor parallelism (parallel.layout "
+             "\"tp\") the exchanges run eagerly");
     MF_CHECK(grouped_experts_ || !config_.is_moe(),
              "CUDA graphs need the grouped expert GEMMs (the per-expert GEMMs read their row "
              "ranges on the host every layer; MOEFORGE_GROUPED_GEMM=0 or a GPU without them)");
@@ -262,9 +274,14 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
   const auto f = static_cast<size_t>(config_.moe_intermediate_size);
   const auto ffn = static_cast<size_t>(config_.intermediate_size);
   const auto shared = static_cast<size_t>(config_.shared_expert_intermediate_size);
-  // The tokens an MoE layer routes (the group's under expert parallelism).
-  const size_t ng = n * static_cast<size_t>(expert_parallel_size());
+  // The tokens an MoE layer routes (the group's under expert and tensor parallelism).
+  const size_t ng = n * static_cast<size_t>(group_size());
   const bool sp = expert_parallel_size() > 1;
+  // Tensor parallelism: the FFNs see the group's tokens (nf) on 1 / tp of their columns.
+  const bool tp = tp_ != nullptr;
+  const auto tp_size = static_cast<size_t>(tensor_parallel_size());
+  const size_t nf = n * tp_size;
+  const size_t f_cols = f / tp_size, ffn_cols = ffn / tp_size, shared_cols = shared / tp_size;
   size_t max_rows = n, max_ffn = 0;
   bool has_a2a = false;  // some MoE layer takes the all-to-all dispatch
   // The most ints of an all-to-all dispatch's maps: n * k assignments, at most ng * k rows
@@ -292,6 +309,7 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
     a.x_mid.resize(n * h);
     a.ln2.resize(keep ? n * h : 0);
     a.rstd2.resize(n);
+    a.ln1_group.resize(tp ? nf * h : 0);
     a.q_heads.resize(sp ? n * qd : 0);
     a.k_heads.resize(sp ? n * kvd : 0);
     a.v_heads.resize(sp ? n * kvd : 0);
@@ -311,35 +329,36 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
       a.host_offsets.resize(static_cast<size_t>(ep_chunks_) * (num_experts + 1));
       a.assignment_row.resize(a2a ? 0 : ng * k);
       a.row_token.resize(a2a ? 0 : ng * k);
-      a.ln2_group.resize(sp && !a2a ? ng * h : 0);
+      a.ln2_group.resize((sp && !a2a) || tp ? ng * h : 0);
       a.local_idx.resize(sp && !a2a ? ng * k : 0);
       a.a2a_maps_buffer.resize(a2a ? a2a_ints : 0);
       a.a2a_received.resize(a2a ? ng * k * h : 0);
       a.a2a_returned.resize(a2a ? n * k * h : 0);
-      a.h_gate.resize(ng * k * f);
-      a.h_up.resize(ng * k * f);
-      a.h_act.resize(keep ? ng * k * f : 0);
+      a.h_gate.resize(ng * k * f_cols);
+      a.h_up.resize(ng * k * f_cols);
+      a.h_act.resize(keep ? ng * k * f_cols : 0);
       a.y_rows.resize(a2a ? 0 : ng * k * h);
       has_a2a = has_a2a || a2a;
-      a.shared_gate.resize(n * shared);
-      a.shared_up.resize(n * shared);
-      a.shared_act.resize(keep ? n * shared : 0);
-      a.shared_out.resize(shared > 0 ? n * h : 0);
-      a.shared_score.resize(shared > 0 ? n : 0);
+      a.shared_gate.resize(nf * shared_cols);
+      a.shared_up.resize(nf * shared_cols);
+      a.shared_act.resize(keep ? nf * shared_cols : 0);
+      a.shared_out.resize(shared > 0 ? nf * h : 0);
+      a.shared_score.resize(shared > 0 ? nf : 0);
       max_rows = std::max(max_rows, ng * k);
-      max_ffn = std::max({max_ffn, ng * k * f, n * shared});
+      max_ffn = std::max({max_ffn, ng * k * f_cols, nf * shared_cols});
     } else {
-      a.h_gate.resize(n * ffn);
-      a.h_up.resize(n * ffn);
-      a.h_act.resize(keep ? n * ffn : 0);
-      max_ffn = std::max(max_ffn, n * ffn);
+      a.ln2_group.resize(tp ? nf * h : 0);
+      a.h_gate.resize(nf * ffn_cols);
+      a.h_up.resize(nf * ffn_cols);
+      a.h_act.resize(keep ? nf * ffn_cols : 0);
+      max_ffn = std::max(max_ffn, nf * ffn_cols);
     }
   }
   if (recompute_ == Recompute::kSelective) {
     scratch_->ln1.resize(n * h);
     scratch_->ln2.resize(n * h);
     scratch_->h_act.resize(max_ffn);
-    scratch_->shared_act.resize(n * shared);
+    scratch_->shared_act.resize(nf * shared_cols);
   }
   scratch_->rows.resize(config_.is_moe() ? max_rows * h : 0);
   // One row map at a time: n tokens, or under expert parallelism a chunk's over the local experts.
@@ -371,9 +390,7 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
         RouterShape{moe_tokens(), config_.num_experts, config_.num_experts_per_tok, true})));
     s.drouter.resize(ng * num_experts);
     s.dgates.resize(ng * k);
-    s.group_f32.resize(sp ? ng * h : 0);
-    s.group_bf16.resize(sp && ep_exchange_ == GradReduceDtype::kBfloat16 ? (ng + n) * h : 0);
-    s.shared_dlogit.resize(shared > 0 ? n : 0);
+    s.shared_dlogit.resize(shared > 0 ? nf : 0);
     const size_t ranks = static_cast<size_t>(expert_parallel_size());
     s.a2a_send.resize(has_a2a ? n * k * h : 0);
     s.a2a_recv.resize(has_a2a ? ng * k * h : 0);
@@ -382,6 +399,28 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
     s.a2a_routing.resize(has_a2a ? n * k + ranks * num_experts : 0);
     s.a2a_staging.resize(has_a2a ? a2a_ints : 0);
   }
+  // The exchanges of the group's tokens: expert parallelism's MoE layers, every layer under tensor
+  // parallelism.
+  const bool moe_sp = sp && config_.is_moe();
+  s.group_f32.resize(moe_sp || tp ? ng * h : 0);
+  s.group_bf16.resize(tp                                                     ? nf * h
+                      : moe_sp && ep_exchange_ == GradReduceDtype::kBfloat16 ? (ng + n) * h
+                                                                             : 0);
+  s.tp_positions.resize(tp ? nf : 0);
+  s.tp_stage_f32.resize(tp ? nf * h : 0);
+  s.tp_stage_bf16.resize(tp && batch > 1 ? nf * h : 0);
+  // The largest of the slices pack_ffn_slices and o_proj's pack.
+  size_t max_slices = 0;
+  if (tp) {
+    max_slices = h * qd / tp_size;
+    for (int64_t l = 0; l < config_.num_layers; ++l) {
+      max_slices = std::max(max_slices, config_.layer_is_moe(l)
+                                            ? 3 * num_experts * f_cols * h + h * shared_cols
+                                            : h * ffn_cols);
+    }
+  }
+  s.tp_weights.resize(max_slices);
+  s.tp_grads.resize(max_slices);
   s.sums.resize(1);
   s.dce.resize(1);
   s.sum_scratch.resize(static_cast<size_t>(reduction_scratch_doubles(n_)));
@@ -392,7 +431,7 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
   s.dq.resize(n * qd);
   s.dk.resize(n * kvd);
   s.dv.resize(n * kvd);
-  s.qkv.resize(config_.qk_norm ? 0 : n * (qd + 2 * kvd));
+  s.qkv.resize(config_.qk_norm || tp ? 0 : n * (qd + 2 * kvd));
   if (config_.qk_norm) {
     s.dq_lin.resize(n * qd);
     s.dk_lin.resize(n * kvd);
@@ -416,11 +455,25 @@ void GpuTransformer::resize(int64_t batch, int64_t seq) {
 void GpuTransformer::attention_forward(int64_t l, int64_t batch, int64_t seq) {
   const LayerOffsets& o = layout_.layer(l);
   Layer& a = layers_[static_cast<size_t>(l)];
+  const int64_t n = n_, h = config_.hidden_size;
+  const auto eps = static_cast<float>(config_.rms_norm_eps);
+  rmsnorm_forward(a.ln1_ptr, a.rstd1.data(), a.x_in.data(), w(o.input_norm), n, h, eps, stream_);
+  if (tp_ != nullptr) {
+    // ln1 -> x_mid through this rank's heads (gpu_transformer_tensor_parallel.cpp).
+    tp_attention_forward(l, batch, seq);
+  } else {
+    attention_core_forward(l, batch, seq);
+  }
+  rmsnorm_forward(a.ln2_ptr, a.rstd2.data(), a.x_mid.data(), w(o.post_attention_norm), n, h, eps,
+                  stream_);
+}
+
+void GpuTransformer::attention_core_forward(int64_t l, int64_t batch, int64_t seq) {
+  const LayerOffsets& o = layout_.layer(l);
+  Layer& a = layers_[static_cast<size_t>(l)];
   Scratch& s = *scratch_;
   const int64_t n = n_, h = config_.hidden_size, qd = config_.q_dim(), kvd = config_.kv_dim();
   const int64_t d = config_.head_dim;
-  const auto eps = static_cast<float>(config_.rms_norm_eps);
-  rmsnorm_forward(a.ln1_ptr, a.rstd1.data(), a.x_in.data(), w(o.input_norm), n, h, eps, stream_);
   if (packed_qkv(config_, o)) {
     // One GEMM into packed rows [q | k | v], then RoPE from them into q and k, and a copy of v.
     const int64_t width = qd + 2 * kvd;
@@ -433,7 +486,7 @@ void GpuTransformer::attention_forward(int64_t l, int64_t batch, int64_t seq) {
                          rope_sin_.data(), n, config_.num_kv_heads, d, stream_);
     copy_rows_async(a.v.data(), kvd, qkv + qd + kvd, width, n, kvd, stream_);
   } else {
-    attention_projections_unpacked(l);
+    attention_projections_unpacked(l, attention_shard(l));
   }
   if (ep_ != nullptr) {
     ulysses_attention_forward(l, batch, seq);
@@ -445,48 +498,96 @@ void GpuTransformer::attention_forward(int64_t l, int64_t batch, int64_t seq) {
   // x_mid = x_in + att W_o^T, the residual added in the GEMM's epilogue.
   blas_.linear_forward_add(a.x_mid.data(), a.x_in.data(), a.att.data(), wb(o.o_proj), n, qd, h,
                            stream_);
-  rmsnorm_forward(a.ln2_ptr, a.rstd2.data(), a.x_mid.data(), w(o.post_attention_norm), n, h, eps,
-                  stream_);
 }
 
-void GpuTransformer::attention_projections_unpacked(int64_t l) {
+GpuTransformer::AttentionShard GpuTransformer::attention_shard(int64_t l) {
+  Layer& a = layers_[static_cast<size_t>(l)];
+  if (tp_ == nullptr) {
+    const int32_t* positions = scratch_->positions.data();
+    return {n_, config_.num_heads, config_.num_kv_heads, 0, 0, a.ln1_ptr, positions};
+  }
+  const int64_t ranks = tp_->size(), rank = tp_->rank(), d = config_.head_dim;
+  const int64_t heads = config_.num_heads / ranks, kv_heads = config_.num_kv_heads / ranks;
+  return {n_ * ranks,
+          heads,
+          kv_heads,
+          rank * heads * d,
+          rank * kv_heads * d,
+          a.ln1_group.data(),
+          scratch_->tp_positions.data()};
+}
+
+void GpuTransformer::attention_projections_unpacked(int64_t l, const AttentionShard& shard) {
   const LayerOffsets& o = layout_.layer(l);
   Layer& a = layers_[static_cast<size_t>(l)];
-  Scratch& s = *scratch_;
-  const int64_t n = n_, h = config_.hidden_size, qd = config_.q_dim(), kvd = config_.kv_dim();
-  const int64_t d = config_.head_dim;
+  const int64_t rows = shard.rows, h = config_.hidden_size, d = config_.head_dim;
+  const int64_t q_cols = shard.num_heads * d, kv_cols = shard.num_kv_heads * d;
   const auto eps = static_cast<float>(config_.rms_norm_eps);
   bf16* q_pre = config_.qk_norm ? a.q_lin.data() : a.q.data();
   bf16* k_pre = config_.qk_norm ? a.k_lin.data() : a.k.data();
-  blas_.linear_forward(q_pre, OutType::kBf16, a.ln1_ptr, wb(o.q_proj), w(o.q_bias), n, h, qd, false,
+  // This rank's heads: rows [begin, begin + cols) of each projection and of its bias.
+  blas_.linear_forward(q_pre, OutType::kBf16, shard.x, wb(o.q_proj) + shard.q_begin * h,
+                       offset_or_null(w(o.q_bias), shard.q_begin), rows, h, q_cols, false, stream_);
+  blas_.linear_forward(k_pre, OutType::kBf16, shard.x, wb(o.k_proj) + shard.kv_begin * h,
+                       offset_or_null(w(o.k_bias), shard.kv_begin), rows, h, kv_cols, false,
                        stream_);
-  blas_.linear_forward(k_pre, OutType::kBf16, a.ln1_ptr, wb(o.k_proj), w(o.k_bias), n, h, kvd,
-                       false, stream_);
-  blas_.linear_forward(a.v.data(), OutType::kBf16, a.ln1_ptr, wb(o.v_proj), w(o.v_bias), n, h, kvd,
-                       false, stream_);
+  blas_.linear_forward(a.v.data(), OutType::kBf16, shard.x, wb(o.v_proj) + shard.kv_begin * h,
+                       offset_or_null(w(o.v_bias), shard.kv_begin), rows, h, kv_cols, false,
+                       stream_);
   if (config_.qk_norm) {
-    rmsnorm_forward(a.q.data(), a.rstd_q.data(), a.q_lin.data(), w(o.q_norm), n * config_.num_heads,
-                    d, eps, stream_);
+    rmsnorm_forward(a.q.data(), a.rstd_q.data(), a.q_lin.data(), w(o.q_norm),
+                    rows * shard.num_heads, d, eps, stream_);
     rmsnorm_forward(a.k.data(), a.rstd_k.data(), a.k_lin.data(), w(o.k_norm),
-                    n * config_.num_kv_heads, d, eps, stream_);
+                    rows * shard.num_kv_heads, d, eps, stream_);
   }
-  rope_forward(a.q.data(), a.q.data(), s.positions.data(), rope_cos_.data(), rope_sin_.data(), n,
-               config_.num_heads, d, stream_);
-  rope_forward(a.k.data(), a.k.data(), s.positions.data(), rope_cos_.data(), rope_sin_.data(), n,
-               config_.num_kv_heads, d, stream_);
+  rope_forward(a.q.data(), a.q.data(), shard.positions, rope_cos_.data(), rope_sin_.data(), rows,
+               shard.num_heads, d, stream_);
+  rope_forward(a.k.data(), a.k.data(), shard.positions, rope_cos_.data(), rope_sin_.data(), rows,
+               shard.num_kv_heads, d, stream_);
 }
 
 void GpuTransformer::shared_expert_forward(int64_t l) {
-  const LayerOffsets& o = layout_.layer(l);
   Layer& a = layers_[static_cast<size_t>(l)];
-  const int64_t n = n_, h = config_.hidden_size, shared = config_.shared_expert_intermediate_size;
-  blas_.linear_forward(a.shared_gate.data(), OutType::kBf16, a.ln2_ptr, wb(o.shared_gate), nullptr,
-                       n, h, shared, false, stream_);
-  blas_.linear_forward(a.shared_up.data(), OutType::kBf16, a.ln2_ptr, wb(o.shared_up), nullptr, n,
-                       h, shared, false, stream_);
-  swiglu_forward(a.shared_act_ptr, a.shared_gate.data(), a.shared_up.data(), n * shared, stream_);
-  blas_.linear_forward(a.shared_out.data(), OutType::kBf16, a.shared_act_ptr, wb(o.shared_down),
-                       nullptr, n, shared, h, false, stream_);
+  const SwigluWeights sw = swiglu_weights(l, true);
+  const int64_t rows = ffn_rows();
+  swiglu_ffn_forward(ffn_input(l), sw, rows, a.shared_gate.data(), a.shared_up.data(),
+                     a.shared_act_ptr);
+  blas_.linear_forward(a.shared_out.data(), OutType::kBf16, a.shared_act_ptr, sw.down, nullptr,
+                       rows, sw.width, config_.hidden_size, false, stream_);
+}
+
+void GpuTransformer::swiglu_ffn_forward(const bf16* x, const SwigluWeights& w, int64_t rows,
+                                        bf16* gate, bf16* up, bf16* act) {
+  const int64_t h = config_.hidden_size;
+  blas_.linear_forward(gate, OutType::kBf16, x, w.gate, nullptr, rows, h, w.width, false, stream_);
+  blas_.linear_forward(up, OutType::kBf16, x, w.up, nullptr, rows, h, w.width, false, stream_);
+  swiglu_forward(act, gate, up, rows * w.width, stream_);
+}
+
+GpuTransformer::SwigluWeights GpuTransformer::swiglu_weights(int64_t l, bool shared) {
+  const LayerOffsets& o = layout_.layer(l);
+  const int64_t gate = shared ? o.shared_gate : o.mlp_gate;
+  const int64_t up = shared ? o.shared_up : o.mlp_up;
+  const int64_t down = shared ? o.shared_down : o.mlp_down;
+  const int64_t ffn = shared ? config_.shared_expert_intermediate_size : config_.intermediate_size;
+  if (tp_ == nullptr) return {wb(gate), wb(up), wb(down), g(gate), g(up), g(down), ffn, false};
+  // This rank's rows of gate and up in place, its columns of down where pack_ffn_slices put them.
+  const ColumnSlice slice = ffn_slice(ffn);
+  const int64_t rows_at = slice.begin * config_.hidden_size;
+  const int64_t down_at = shared ? shared_down_slice_at() : 0;
+  return {wb(gate) + rows_at,
+          wb(up) + rows_at,
+          scratch_->tp_weights.data() + down_at,
+          g(gate) + rows_at,
+          g(up) + rows_at,
+          scratch_->tp_grads.data() + down_at,
+          slice.width,
+          true};
+}
+
+const bf16* GpuTransformer::ffn_input(int64_t l) {
+  Layer& a = layers_[static_cast<size_t>(l)];
+  return tp_ != nullptr ? a.ln2_group.data() : a.ln2_ptr;
 }
 
 void GpuTransformer::expert_forward(bf16* y, const bf16* x, const bf16* w, int64_t in, int64_t out,
@@ -532,15 +633,24 @@ void GpuTransformer::expert_backward_weight(float* dw, const bf16* dy, const bf1
                        });
 }
 
-void GpuTransformer::dense_ffn_forward(int64_t l) {
-  const LayerOffsets& o = layout_.layer(l);
+void GpuTransformer::dense_ffn_forward(int64_t l, float* x_out) {
   Layer& a = layers_[static_cast<size_t>(l)];
-  const int64_t n = n_, h = config_.hidden_size, ffn = config_.intermediate_size;
-  blas_.linear_forward(a.h_gate.data(), OutType::kBf16, a.ln2_ptr, wb(o.mlp_gate), nullptr, n, h,
-                       ffn, false, stream_);
-  blas_.linear_forward(a.h_up.data(), OutType::kBf16, a.ln2_ptr, wb(o.mlp_up), nullptr, n, h, ffn,
-                       false, stream_);
-  swiglu_forward(a.h_act_ptr, a.h_gate.data(), a.h_up.data(), n * ffn, stream_);
+  const int64_t n = n_, h = config_.hidden_size;
+  // Tensor parallelism: the group's normed tokens, and the down columns packed.
+  if (tp_ != nullptr) tp_gather_ffn_input(l);
+  const SwigluWeights sw = swiglu_weights(l, false);
+  swiglu_ffn_forward(ffn_input(l), sw, ffn_rows(), a.h_gate.data(), a.h_up.data(), a.h_act_ptr);
+  if (tp_ == nullptr) {
+    // x_out = x_mid + act W_down^T, the residual added in the GEMM's epilogue.
+    blas_.linear_forward_add(x_out, a.x_mid.data(), a.h_act_ptr, sw.down, n, sw.width, h, stream_);
+    return;
+  }
+  // The row-parallel down projection's partial sums of the group's tokens, summed onto this rank's.
+  float* partial = scratch_->group_f32.data();
+  blas_.linear_forward(partial, OutType::kFloat, a.h_act_ptr, sw.down, nullptr, ffn_rows(),
+                       sw.width, h, false, stream_);
+  tp_reduce_scatter_ffn_output(partial, x_out);
+  add_inplace(x_out, a.x_mid.data(), n * h, stream_);
 }
 
 void GpuTransformer::head_forward_backward(bool backward) {
@@ -570,17 +680,19 @@ void GpuTransformer::head_forward_backward(bool backward) {
 void GpuTransformer::recompute_ffn_inputs(int64_t l) {
   const LayerOffsets& o = layout_.layer(l);
   Layer& a = layers_[static_cast<size_t>(l)];
-  const int64_t n = n_, h = config_.hidden_size;
+  const int64_t n = n_, h = config_.hidden_size, tp_size = tensor_parallel_size();
   rmsnorm_forward(a.ln2_ptr, a.rstd2.data(), a.x_mid.data(), w(o.post_attention_norm), n, h,
                   static_cast<float>(config_.rms_norm_eps), stream_);
+  // The SwiGLU outputs as the forward computed them: under tensor parallelism the group's tokens'
+  // on this rank's columns.
   if (!config_.layer_is_moe(l)) {
-    swiglu_forward(a.h_act_ptr, a.h_gate.data(), a.h_up.data(), n * config_.intermediate_size,
-                   stream_);
+    swiglu_forward(a.h_act_ptr, a.h_gate.data(), a.h_up.data(),
+                   ffn_rows() * (config_.intermediate_size / tp_size), stream_);
     return;
   }
   // Each chunk's rows of this rank's experts, as the forward ran them (moe_chunk_forward).
   const int64_t rows = chunk_tokens() * config_.num_experts_per_tok;
-  const int64_t f = config_.moe_intermediate_size;
+  const int64_t f = expert_weights(l).ffn;
   for (int64_t c = 0; c < ep_chunks_; ++c) {
     const int32_t* used_rows = chunk_expert_rows(l, c).device + num_local_experts();
     swiglu_forward(a.h_act_ptr + c * rows * f, a.h_gate.data() + c * rows * f,
@@ -588,7 +700,7 @@ void GpuTransformer::recompute_ffn_inputs(int64_t l) {
   }
   if (config_.shared_expert_intermediate_size > 0) {
     swiglu_forward(a.shared_act_ptr, a.shared_gate.data(), a.shared_up.data(),
-                   n * config_.shared_expert_intermediate_size, stream_);
+                   ffn_rows() * (config_.shared_expert_intermediate_size / tp_size), stream_);
   }
 }
 
@@ -602,48 +714,73 @@ void GpuTransformer::shared_expert_backward(int64_t l) {
   const LayerOffsets& o = layout_.layer(l);
   Layer& a = layers_[static_cast<size_t>(l)];
   Scratch& s = *scratch_;
-  const int64_t n = n_, h = config_.hidden_size, shared = config_.shared_expert_intermediate_size;
-  // The gate first (dres is the gradient of the layer's output), then the projections as in
-  // dense_ffn_backward. dres_bf16 is free in an MoE layer's backward: it takes the gradient of the
-  // shared expert's output; dh_gate and dh_up are free once the routed experts are done.
-  bf16* dshared_out = s.dres_bf16.data();
-  shared_expert_gate_backward(dshared_out, s.shared_dlogit.data(), s.dln.data(), s.dres.data(),
-                              a.shared_out.data(), a.shared_score.data(), wb(o.shared_expert_gate),
-                              n, h, stream_);
-  shared_expert_gate_backward_weight(g(o.shared_expert_gate), s.shared_dlogit.data(), a.ln2_ptr, n,
-                                     h, stream_);
-  swiglu_ffn_backward(dshared_out, a.ln2_ptr, a.shared_act_ptr, a.shared_gate.data(),
-                      a.shared_up.data(), SwigluWeights{o.shared_gate, o.shared_up, o.shared_down},
-                      shared, true);
+  const int64_t rows = ffn_rows(), h = config_.hidden_size;
+  const bf16* x = ffn_input(l);
+  // The gradient of the layer's output and the input gradient the shared expert adds to: this
+  // rank's tokens' (dres, dln), or under tensor parallelism the group's (gathered into group_f32,
+  // and tp_stage_f32 before its reduce-scatter). The gate first, then the projections as in
+  // dense_ffn_backward. dres_bf16 (group_bf16 under tensor parallelism) is free in an MoE layer's
+  // backward: it takes the gradient of the shared expert's output; dh_gate and dh_up are free
+  // once the routed experts are done.
+  const bool tp = tp_ != nullptr;
+  const float* dout = tp ? s.group_f32.data() : s.dres.data();
+  float* dx = tp ? s.tp_stage_f32.data() : s.dln.data();
+  bf16* dshared_out = tp ? s.group_bf16.data() : s.dres_bf16.data();
+  shared_expert_gate_backward(dshared_out, s.shared_dlogit.data(), dx, dout, a.shared_out.data(),
+                              a.shared_score.data(), wb(o.shared_expert_gate), rows, h, stream_);
+  shared_expert_gate_backward_weight(g(o.shared_expert_gate), s.shared_dlogit.data(), x, rows, h,
+                                     stream_);
+  swiglu_ffn_backward(dshared_out, x, a.shared_act_ptr, a.shared_gate.data(), a.shared_up.data(),
+                      swiglu_weights(l, true), rows, dx, true);
 }
 
 void GpuTransformer::dense_ffn_backward(int64_t l) {
-  const LayerOffsets& o = layout_.layer(l);
   Layer& a = layers_[static_cast<size_t>(l)];
+  if (tp_ != nullptr) {
+    tp_dense_ffn_backward(l);
+    return;
+  }
   swiglu_ffn_backward(scratch_->dres_bf16.data(), a.ln2_ptr, a.h_act_ptr, a.h_gate.data(),
-                      a.h_up.data(), SwigluWeights{o.mlp_gate, o.mlp_up, o.mlp_down},
-                      config_.intermediate_size, false);
+                      a.h_up.data(), swiglu_weights(l, false), n_, scratch_->dln.data(), false);
 }
 
 void GpuTransformer::swiglu_ffn_backward(const bf16* dy, const bf16* x, const bf16* act,
                                          const bf16* gate, const bf16* up, const SwigluWeights& w,
-                                         int64_t width, bool add_to_dln) {
+                                         int64_t rows, float* dx, bool add_to_dx) {
   Scratch& s = *scratch_;
-  const int64_t n = n_, h = config_.hidden_size;
-  blas_.linear_backward_input(s.dh_gate.data(), OutType::kBf16, dy, wb(w.down), n, width, h, false,
+  const int64_t h = config_.hidden_size, width = w.width;
+  blas_.linear_backward_input(s.dh_gate.data(), OutType::kBf16, dy, w.down, rows, width, h, false,
                               stream_);
-  blas_.linear_backward_weight(g(w.down), dy, act, n, width, h, accumulate_grads_, stream_);
-  swiglu_backward(s.dh_gate.data(), s.dh_up.data(), s.dh_gate.data(), gate, up, n * width, stream_);
-  blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.dh_gate.data(), wb(w.gate), n, h,
-                              width, add_to_dln, stream_);
-  blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.dh_up.data(), wb(w.up), n, h, width,
-                              true, stream_);
-  blas_.linear_backward_weight(g(w.gate), s.dh_gate.data(), x, n, h, width, accumulate_grads_,
+  blas_.linear_backward_weight(w.ddown, dy, act, rows, width, h,
+                               accumulate_grads_ && !w.packed_down, stream_);
+  swiglu_backward(s.dh_gate.data(), s.dh_up.data(), s.dh_gate.data(), gate, up, rows * width,
+                  stream_);
+  blas_.linear_backward_input(dx, OutType::kFloat, s.dh_gate.data(), w.gate, rows, h, width,
+                              add_to_dx, stream_);
+  blas_.linear_backward_input(dx, OutType::kFloat, s.dh_up.data(), w.up, rows, h, width, true,
+                              stream_);
+  blas_.linear_backward_weight(w.dgate, s.dh_gate.data(), x, rows, h, width, accumulate_grads_,
                                stream_);
-  blas_.linear_backward_weight(g(w.up), s.dh_up.data(), x, n, h, width, accumulate_grads_, stream_);
+  blas_.linear_backward_weight(w.dup, s.dh_up.data(), x, rows, h, width, accumulate_grads_,
+                               stream_);
 }
 
 void GpuTransformer::attention_backward(int64_t l, int64_t batch, int64_t seq) {
+  const LayerOffsets& o = layout_.layer(l);
+  Layer& a = layers_[static_cast<size_t>(l)];
+  Scratch& s = *scratch_;
+  if (tp_ != nullptr) {
+    // dres_bf16 -> dln through this rank's heads (gpu_transformer_tensor_parallel.cpp).
+    tp_attention_backward(l, batch, seq);
+  } else {
+    attention_core_backward(l, batch, seq);
+  }
+  rmsnorm_backward(s.dres.data(), g(o.input_norm), s.dln.data(), a.x_in.data(), w(o.input_norm),
+                   a.rstd1.data(), n_, config_.hidden_size, true, stream_,
+                   residual_grad_bf16_for(l - 1));
+}
+
+void GpuTransformer::attention_core_backward(int64_t l, int64_t batch, int64_t seq) {
   const LayerOffsets& o = layout_.layer(l);
   Layer& a = layers_[static_cast<size_t>(l)];
   Scratch& s = *scratch_;
@@ -676,10 +813,8 @@ void GpuTransformer::attention_backward(int64_t l, int64_t batch, int64_t seq) {
     blas_.linear_backward_weight(g(o.q_proj), dqkv, a.ln1_ptr, n, h, width, accumulate_grads_,
                                  stream_);
   } else {
-    attention_projections_backward_unpacked(l);
+    attention_projections_backward_unpacked(l, attention_shard(l), s.dln.data());
   }
-  rmsnorm_backward(s.dres.data(), g(o.input_norm), s.dln.data(), a.x_in.data(), w(o.input_norm),
-                   a.rstd1.data(), n, h, true, stream_, residual_grad_bf16_for(l - 1));
 }
 
 bf16* GpuTransformer::residual_grad_bf16_for(int64_t l) {
@@ -687,41 +822,46 @@ bf16* GpuTransformer::residual_grad_bf16_for(int64_t l) {
   return dense_ffn_next ? scratch_->dres_bf16.data() : nullptr;
 }
 
-void GpuTransformer::attention_projections_backward_unpacked(int64_t l) {
+void GpuTransformer::attention_projections_backward_unpacked(int64_t l, const AttentionShard& shard,
+                                                             float* dx) {
   const LayerOffsets& o = layout_.layer(l);
   Layer& a = layers_[static_cast<size_t>(l)];
   Scratch& s = *scratch_;
-  const int64_t n = n_, h = config_.hidden_size, qd = config_.q_dim(), kvd = config_.kv_dim();
-  const int64_t d = config_.head_dim;
-  rope_backward(s.dq.data(), s.dq.data(), s.positions.data(), rope_cos_.data(), rope_sin_.data(), n,
-                config_.num_heads, d, stream_);
-  rope_backward(s.dk.data(), s.dk.data(), s.positions.data(), rope_cos_.data(), rope_sin_.data(), n,
-                config_.num_kv_heads, d, stream_);
+  const int64_t rows = shard.rows, h = config_.hidden_size, d = config_.head_dim;
+  const int64_t q_cols = shard.num_heads * d, kv_cols = shard.num_kv_heads * d;
+  rope_backward(s.dq.data(), s.dq.data(), shard.positions, rope_cos_.data(), rope_sin_.data(), rows,
+                shard.num_heads, d, stream_);
+  rope_backward(s.dk.data(), s.dk.data(), shard.positions, rope_cos_.data(), rope_sin_.data(), rows,
+                shard.num_kv_heads, d, stream_);
   bf16* dq = s.dq.data();
   bf16* dk = s.dk.data();
   if (config_.qk_norm) {
     rmsnorm_backward(s.dq_lin.data(), g(o.q_norm), s.dq.data(), a.q_lin.data(), w(o.q_norm),
-                     a.rstd_q.data(), n * config_.num_heads, d, false, stream_);
+                     a.rstd_q.data(), rows * shard.num_heads, d, false, stream_);
     rmsnorm_backward(s.dk_lin.data(), g(o.k_norm), s.dk.data(), a.k_lin.data(), w(o.k_norm),
-                     a.rstd_k.data(), n * config_.num_kv_heads, d, false, stream_);
+                     a.rstd_k.data(), rows * shard.num_kv_heads, d, false, stream_);
     dq = s.dq_lin.data();
     dk = s.dk_lin.data();
   }
   if (config_.attention_bias) {
-    column_sum_accumulate(g(o.q_bias), dq, n, qd, stream_);
-    column_sum_accumulate(g(o.k_bias), dk, n, kvd, stream_);
-    column_sum_accumulate(g(o.v_bias), s.dv.data(), n, kvd, stream_);
+    column_sum_accumulate(g(o.q_bias) + shard.q_begin, dq, rows, q_cols, stream_);
+    column_sum_accumulate(g(o.k_bias) + shard.kv_begin, dk, rows, kv_cols, stream_);
+    column_sum_accumulate(g(o.v_bias) + shard.kv_begin, s.dv.data(), rows, kv_cols, stream_);
   }
-  blas_.linear_backward_input(s.dln.data(), OutType::kFloat, dq, wb(o.q_proj), n, h, qd, false,
+  // This rank's heads' rows of the projections (all of them without tensor parallelism).
+  const bf16* wq = wb(o.q_proj) + shard.q_begin * h;
+  const bf16* wk = wb(o.k_proj) + shard.kv_begin * h;
+  const bf16* wv = wb(o.v_proj) + shard.kv_begin * h;
+  blas_.linear_backward_input(dx, OutType::kFloat, dq, wq, rows, h, q_cols, false, stream_);
+  blas_.linear_backward_input(dx, OutType::kFloat, dk, wk, rows, h, kv_cols, true, stream_);
+  blas_.linear_backward_input(dx, OutType::kFloat, s.dv.data(), wv, rows, h, kv_cols, true,
                               stream_);
-  blas_.linear_backward_input(s.dln.data(), OutType::kFloat, dk, wb(o.k_proj), n, h, kvd, true,
-                              stream_);
-  blas_.linear_backward_input(s.dln.data(), OutType::kFloat, s.dv.data(), wb(o.v_proj), n, h, kvd,
-                              true, stream_);
-  blas_.linear_backward_weight(g(o.q_proj), dq, a.ln1_ptr, n, h, qd, accumulate_grads_, stream_);
-  blas_.linear_backward_weight(g(o.k_proj), dk, a.ln1_ptr, n, h, kvd, accumulate_grads_, stream_);
-  blas_.linear_backward_weight(g(o.v_proj), s.dv.data(), a.ln1_ptr, n, h, kvd, accumulate_grads_,
-                               stream_);
+  blas_.linear_backward_weight(g(o.q_proj) + shard.q_begin * h, dq, shard.x, rows, h, q_cols,
+                               accumulate_grads_, stream_);
+  blas_.linear_backward_weight(g(o.k_proj) + shard.kv_begin * h, dk, shard.x, rows, h, kv_cols,
+                               accumulate_grads_, stream_);
+  blas_.linear_backward_weight(g(o.v_proj) + shard.kv_begin * h, s.dv.data(), shard.x, rows, h,
+                               kv_cols, accumulate_grads_, stream_);
 }
 
 void GpuTransformer::enqueue_forward_backward(const StepKey& key) {
@@ -739,7 +879,6 @@ void GpuTransformer::enqueue_forward_backward(const StepKey& key) {
 
   int64_t moe_idx = 0;
   for (int64_t l = 0; l < config_.num_layers; ++l) {
-    Layer& a = layers_[static_cast<size_t>(l)];
     float* x_out = l + 1 < config_.num_layers ? layers_[static_cast<size_t>(l) + 1].x_in.data()
                                               : s.x_out.data();
     const size_t ffn_range = 1 + 2 * static_cast<size_t>(config_.num_layers - 1 - l);
@@ -754,9 +893,7 @@ void GpuTransformer::enqueue_forward_backward(const StepKey& key) {
       ++moe_idx;
     } else {
       timer_.mark("dense_ffn", stream_);
-      dense_ffn_forward(l);
-      blas_.linear_forward_add(x_out, a.x_mid.data(), a.h_act_ptr, wb(layout_.layer(l).mlp_down), n,
-                               config_.intermediate_size, h, stream_);
+      dense_ffn_forward(l, x_out);
     }
   }
   timer_.mark("head", stream_);
@@ -774,7 +911,7 @@ void GpuTransformer::enqueue_forward_backward(const StepKey& key) {
     }
   }
   sum(s.sums.data(), s.losses.data(), n, s.sum_scratch.data(), stream_);
-  if (ep_ != nullptr) ep_->all_reduce_sum(s.sums.data(), 1, CommDType::kFloat64);
+  if (group() != nullptr) group()->all_reduce_sum(s.sums.data(), 1, CommDType::kFloat64);
 
   if (backward) {
     const double d_aux = num_moe_layers_ > 0 ? dloss * config_.router_aux_loss_coef /
@@ -830,8 +967,8 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
                                                int64_t batch, int64_t seq, double dloss,
                                                GradMode grad_mode, double ce_count) {
   MF_CHECK(batch > 0 && seq > 0, "forward needs a non-empty batch, got [{}, {}]", batch, seq);
-  MF_CHECK(seq * expert_parallel_size() <= config_.max_position_embeddings,
-           "sequence length {} exceeds max_position_embeddings {}", seq * expert_parallel_size(),
+  MF_CHECK(seq * group_size() <= config_.max_position_embeddings,
+           "sequence length {} exceeds max_position_embeddings {}", seq * group_size(),
            config_.max_position_embeddings);
   const int64_t n = batch * seq;
   int64_t num_counted = 0;
@@ -850,11 +987,11 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
     graphs_.clear();
   }
   resize(batch, seq);
-  if (ep_ != nullptr) {
+  if (group() != nullptr) {
     // The group's counted targets (the cross-entropy is the group's mean, as on the CPU).
     MF_CUDA_CHECK(cudaMemcpyAsync(scratch_->counted.data(), &num_counted, sizeof(int64_t),
                                   cudaMemcpyHostToDevice, stream_));
-    ep_->all_reduce_sum(scratch_->counted.data(), 1, CommDType::kInt64);
+    group()->all_reduce_sum(scratch_->counted.data(), 1, CommDType::kInt64);
     MF_CUDA_CHECK(cudaMemcpyAsync(&num_counted, scratch_->counted.data(), sizeof(int64_t),
                                   cudaMemcpyDeviceToHost, stream_));
     MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -864,14 +1001,23 @@ LossBreakdown GpuTransformer::forward_backward(const int32_t* tokens, const int3
 
   // Everything the device work reads from the host, into buffers of fixed size and place.
   std::vector<int32_t> positions(static_cast<size_t>(n));
-  // Under sequence parallelism this rank's positions are the ep_rank-th slice of each sequence.
+  // Under sequence and tensor parallelism this rank's positions are the rank-th slice of each
+  // sequence.
   for (int64_t i = 0; i < n; ++i) {
-    positions[static_cast<size_t>(i)] =
-        static_cast<int32_t>(expert_parallel_rank() * seq + i % seq);
+    positions[static_cast<size_t>(i)] = static_cast<int32_t>(group_rank() * seq + i % seq);
   }
   copy_to_device(s.tokens.data(), tokens, static_cast<size_t>(n) * sizeof(int32_t));
   copy_to_device(s.targets.data(), targets, static_cast<size_t>(n) * sizeof(int32_t));
   copy_to_device(s.positions.data(), positions.data(), positions.size() * sizeof(int32_t));
+  if (tp_ != nullptr) {
+    // Tensor-parallel attention runs over the group's full sequences [batch, ranks * seq].
+    const int64_t full_seq = seq * tp_->size();
+    std::vector<int32_t> full(static_cast<size_t>(batch * full_seq));
+    for (size_t i = 0; i < full.size(); ++i) {
+      full[i] = static_cast<int32_t>(static_cast<int64_t>(i) % full_seq);
+    }
+    copy_to_device(s.tp_positions.data(), full.data(), full.size() * sizeof(int32_t));
+  }
   if (backward) {
     TokenGroups groups = group_tokens(tokens, n);
     pad_token_groups(groups, static_cast<size_t>(n));
@@ -944,18 +1090,18 @@ std::vector<float> GpuTransformer::router_logits(int64_t l) const {
   MF_CHECK(l >= 0 && l < config_.num_layers && config_.layer_is_moe(l),
            "layer {} is not an MoE layer of this model", l);
   MF_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  const std::vector<float> group = layers_[static_cast<size_t>(l)].router_logits.download();
+  const std::vector<float> logits = layers_[static_cast<size_t>(l)].router_logits.download();
   const int64_t num_experts = config_.num_experts;
-  MF_CHECK(static_cast<int64_t>(group.size()) >= n_ * num_experts, "no forward has run yet");
+  MF_CHECK(static_cast<int64_t>(logits.size()) >= n_ * num_experts, "no forward has run yet");
   // The all-to-all dispatch routes this rank's tokens only.
-  if (a2a_layer(l)) return {group.begin(), group.begin() + n_ * num_experts};
-  // This rank's rows: one piece per chunk of the group's order (moe_group_forward).
+  if (a2a_layer(l)) return {logits.begin(), logits.begin() + n_ * num_experts};
+  // This rank's rows: one piece per chunk of the group's order (moe_group_forward; one chunk under
+  // tensor parallelism).
   const int64_t piece = n_ / ep_chunks_ * num_experts;
   std::vector<float> out;
   out.reserve(static_cast<size_t>(n_ * num_experts));
   for (int64_t c = 0; c < ep_chunks_; ++c) {
-    const auto first =
-        group.begin() + (c * expert_parallel_size() + expert_parallel_rank()) * piece;
+    const auto first = logits.begin() + (c * group_size() + group_rank()) * piece;
     out.insert(out.end(), first, first + piece);
   }
   return out;

@@ -14,9 +14,10 @@
 // Supported: every architecture of model_config.h, the sigmoid-gated shared expert of Qwen2-MoE
 // included, and capacity-based token dropping (capacity_factor > 0: each expert keeps its earliest
 // tokens' rows up to ceil(factor x tokens x top_k / experts) per micro-batch, as the CPU reference
-// does). On one GPU, or over a sequence/expert-parallel group of n GPUs (set_expert_parallel_group:
+// does). On one GPU, over a sequence/expert-parallel group of n GPUs (set_expert_parallel_group:
 // MegaScale-MoE's layout, model/transformer.h's "sp_ep", each MoE layer with the all-gather or the
-// all-to-all dispatch).
+// all-to-all dispatch), or over a tensor-parallel group (set_tensor_parallel_group: the Megatron-LM
+// baseline, "tp", gpu_transformer_tensor_parallel.cpp).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -103,6 +104,27 @@ class GpuTransformer {
   // already. Call it before the first forward; n = 1 changes nothing.
   void set_expert_parallel_group(Communicator& group, const ExpertExchange& exchange = {});
   int64_t expert_parallel_size() const { return ep_ != nullptr ? ep_->size() : 1; }
+  // Makes this model rank r of a tensor-parallel group of n GPUs instead (model/transformer.h's
+  // layout "tp", Megatron-LM's tensor parallelism with sequence-parallel norms, the baseline of
+  // MegaScale-MoE's ablation; model/tensor_parallel.h is the spec): `group` is a device
+  // communicator (NCCL) over the n ranks whose collectives run on stream(). Each rank gets `seq`
+  // positions of every sequence, as above, and holds every weight (the model must hold every
+  // expert: no ExpertShard), of which it uses its slices: query heads [r H / n, (r + 1) H / n) and
+  // KV heads likewise (rows of q/k/v_proj and their biases, columns of o_proj), and columns
+  // [r F / n, (r + 1) F / n) of every FFN's intermediate dimension F (rows of gate and up, columns
+  // of down; every expert and the shared expert, or the dense MLP); n must divide the head counts
+  // and the intermediate sizes. Between the parallel regions the activations stay sharded along
+  // the sequence: the normed input is all-gathered (bf16) before the column-parallel projections
+  // and the row-parallel output reduce-scattered (fp32), and the backward mirrors both. The router
+  // runs on the group's tokens, identically on every rank. Losses are the group's; a backward
+  // writes this rank's slices of the split weights (zeros elsewhere) and, for the replicated ones,
+  // its own tokens' part (q_norm and k_norm: its heads' over all tokens; the shared expert's gate:
+  // its partial sums over all tokens), so the sum over the group is the whole gradient, as on the
+  // CPU. Runs eagerly on stream() without overlap (the ablation's "TP+TP, no overlap"); CUDA
+  // graphs are refused. Call it before the first forward, instead of set_expert_parallel_group;
+  // n = 1 changes nothing.
+  void set_tensor_parallel_group(Communicator& group);
+  int64_t tensor_parallel_size() const { return tp_ != nullptr ? tp_->size() : 1; }
   // The dispatch MoE layer l runs (kAllGather on one GPU, where nothing is exchanged).
   EpDispatch expert_dispatch(int64_t l) const {
     return a2a_layer(l) ? EpDispatch::kAllToAll : EpDispatch::kAllGather;
@@ -192,7 +214,7 @@ class GpuTransformer {
   std::vector<float> forward_logits(const int32_t* tokens, const int32_t* targets, int64_t batch,
                                     int64_t seq, LossBreakdown* loss);
   // Router logits [batch * seq, num_experts] of layer l (an MoE layer) in the last forward, as its
-  // top-k saw them (fp32 out of the bf16 router GEMM); this rank's tokens under expert
+  // top-k saw them (fp32 out of the bf16 router GEMM); this rank's tokens under expert or tensor
   // parallelism.
   std::vector<float> router_logits(int64_t l) const;
 
@@ -217,8 +239,15 @@ class GpuTransformer {
   std::vector<float> download_flat(const DeviceBuffer<float>& src) const;
   // Checks the size of a flat [num_params] host array and copies it into dst.
   void upload_flat(DeviceBuffer<float>& dst, const std::vector<float>& host, const char* what);
+  // Layer l's attention with its norms: x_in -> ln1 -> x_mid -> ln2; the backward from dres_bf16
+  // (and dres) to dres += the gradient through it.
   void attention_forward(int64_t l, int64_t batch, int64_t seq);
   void attention_backward(int64_t l, int64_t batch, int64_t seq);
+  // Its part between ln1 and x_mid on one GPU and under sequence parallelism: the q/k/v
+  // projections, attention and o_proj with the residual add; the backward from dres_bf16 into dln
+  // (assigned).
+  void attention_core_forward(int64_t l, int64_t batch, int64_t seq);
+  void attention_core_backward(int64_t l, int64_t batch, int64_t seq);
   // Sequence parallelism: the attention core of layer l (q, k, v -> att, lse) over the group's
   // full sequences with this rank's heads, through the Ulysses all-to-alls; and its backward
   // (datt -> dq, dk, dv).
@@ -228,9 +257,14 @@ class GpuTransformer {
   // (cuda/ulysses_exchange.h).
   void ulysses_exchange(const std::vector<UlyssesTensor>& tensors, bool to_heads, int64_t batch,
                         int64_t seq);
+  // The group of GPUs the model runs on (sequence/expert- or tensor-parallel), null on one GPU;
+  // its size and this rank's place in it.
+  Communicator* group() const { return ep_ != nullptr ? ep_ : tp_; }
+  int64_t group_size() const { return group() != nullptr ? group()->size() : 1; }
+  int64_t group_rank() const { return group() != nullptr ? group()->rank() : 0; }
   // The group's tokens (this rank's on one GPU): what an MoE layer's losses average over, and what
-  // it routes under the all-gather dispatch.
-  int64_t moe_tokens() const { return n_ * expert_parallel_size(); }
+  // it routes under the all-gather dispatch and tensor parallelism.
+  int64_t moe_tokens() const { return n_ * group_size(); }
   // Whether MoE layer l takes the all-to-all dispatch (set_expert_parallel_group), and the tokens
   // it routes: this rank's under the all-to-all dispatch, else moe_tokens().
   bool a2a_layer(int64_t l) const {
@@ -239,9 +273,23 @@ class GpuTransformer {
   int64_t routed_tokens(int64_t l) const { return a2a_layer(l) ? n_ : moe_tokens(); }
   int64_t num_local_experts() const { return config_.num_experts / expert_parallel_size(); }
   int64_t expert_parallel_rank() const { return ep_ != nullptr ? ep_->rank() : 0; }
-  // The three q/k/v projections of layers that cannot run them packed (model_support.h).
-  void attention_projections_unpacked(int64_t l);
-  void attention_projections_backward_unpacked(int64_t l);
+  // What this rank's attention projects (model/transformer.h's AttentionShard): its n tokens with
+  // all heads, or under tensor parallelism the group's full sequences (sequence order, all-gathered
+  // into Layer::ln1_group) with its heads.
+  struct AttentionShard {
+    int64_t rows;  // tokens: n, or batch * n_ranks * seq
+    int64_t num_heads, num_kv_heads;
+    int64_t q_begin, kv_begin;  // this rank's first column of q_dim and of kv_dim
+    const bf16* x;              // [rows, h] the normed input
+    const int32_t* positions;   // [rows] RoPE's positions
+  };
+  AttentionShard attention_shard(int64_t l);
+  // The three q/k/v projections of layers that cannot run them packed (model_support.h), and
+  // always under tensor parallelism: from shard.x into q, k, v (q_lin, k_lin before a q/k norm),
+  // with RoPE. The backward from dq, dk, dv: their weight and bias gradients, and dx [rows, h]
+  // (fp32, assigned) = the input gradient.
+  void attention_projections_unpacked(int64_t l, const AttentionShard& shard);
+  void attention_projections_backward_unpacked(int64_t l, const AttentionShard& shard, float* dx);
   // Where a residual-norm backward also writes its gradient in bf16: the bf16 residual gradient
   // when layer l (the next backward) has a dense FFN, whose first GEMM reads it; else null (an
   // MoE layer reads the fp32 gradient, l < 0 is the embedding).
@@ -318,7 +366,7 @@ class GpuTransformer {
   int64_t overlap_chunks_for(int64_t n) const;
   // The group tokens of one chunk of the current forward, and chunk c's local expert row ranges
   // in layer l's row map (the plan's expert order under the all-to-all dispatch, one chunk).
-  int64_t chunk_tokens() const { return n_ / ep_chunks_ * expert_parallel_size(); }
+  int64_t chunk_tokens() const { return n_ / ep_chunks_ * group_size(); }
   ExpertRows chunk_expert_rows(int64_t l, int64_t chunk) const;
   // An exchange of the group on stream_ that no expert work overlaps (fn enqueues it), charged to
   // the open phase + "_exchange". With the phase timer on (bench train's phase steps) a
@@ -332,6 +380,10 @@ class GpuTransformer {
   // The shared expert of an MoE layer (Qwen2-MoE): its projections and SwiGLU from ln2 (its
   // sigmoid gate runs in moe_combine); the backward, the gate's included, adds its input gradient
   // to dln (assigned before by the routed experts' backward).
+  // Under tensor parallelism on the group's tokens with this rank's slice (moe_tp_forward and
+  // moe_tp_backward call them): the forward's output is then a partial sum, its gate's gradient
+  // this rank's partial sums over the group's tokens, and the backward reads the group's output
+  // gradient (Scratch::group_f32) and adds to the group's input gradient (Scratch::tp_stage_f32).
   void shared_expert_forward(int64_t l);
   void shared_expert_backward(int64_t l);
   // One projection of all experts of a layer (weights [E, out, in], rows grouped by the layer's
@@ -344,18 +396,92 @@ class GpuTransformer {
   // GEMMs accumulate into ranges a kAssign backward zeroed first).
   void expert_backward_weight(float* dw, const bf16* dy, const bf16* x, int64_t in, int64_t out,
                               bool assign, const ExpertRows& rows, cudaStream_t stream);
-  void dense_ffn_forward(int64_t l);
+  // The dense MLP of layer l: x_out [n, h] = x_mid + down(SwiGLU(ln2)) (under tensor
+  // parallelism between an all-gather and a reduce-scatter), and its backward (dln assigned).
+  void dense_ffn_forward(int64_t l, float* x_out);
   void dense_ffn_backward(int64_t l);
-  // Parameter offsets of one SwiGLU FFN's projections.
+  // One SwiGLU FFN's projections as its GEMMs read them (gate and up [width, h], down [h, width])
+  // and their weight gradients. packed_down: ddown is this rank's column slice packed in
+  // Scratch::tp_grads (tensor parallelism), assigned whatever the GradMode and added into the
+  // flat gradient afterwards (add_ffn_slice_grads).
   struct SwigluWeights {
-    int64_t gate, up, down;
+    const bf16 *gate, *up, *down;
+    float *dgate, *dup, *ddown;
+    int64_t width;
+    bool packed_down;
   };
-  // The backward of a SwiGLU FFN from its input x [n, h], SwiGLU output act, gate and up
-  // projections [n, width] and the gradient dy [n, h] (bf16) of its output: the three weight
-  // gradients (as the backward's GradMode says) and the input gradient into dln (assigned, or
-  // added when add_to_dln). dh_gate and dh_up are its scratch.
+  // Layer l's dense MLP (shared: its shared expert) as its GEMMs read it: the layer's weights, or
+  // under tensor parallelism this rank's slices (gate and up rows in place, down's columns where
+  // pack_ffn_slices put them).
+  SwigluWeights swiglu_weights(int64_t l, bool shared);
+  // The normed input the FFN of layer l reads, and its rows: ln2 of this rank's n tokens, or under
+  // tensor parallelism the group's tokens (rank order) in Layer::ln2_group.
+  const bf16* ffn_input(int64_t l);
+  int64_t ffn_rows() const { return n_ * tensor_parallel_size(); }
+  // Every local expert of MoE layer l as the expert GEMMs read them (gate and up [E, f, h], down
+  // [E, h, f] for the f = ffn intermediate columns) and their weight gradients: the layer's own,
+  // or under tensor parallelism (packed) this rank's slices, packed by pack_ffn_slices into
+  // Scratch::tp_weights, their gradients assigned into Scratch::tp_grads and added into the flat
+  // gradient by add_ffn_slice_grads.
+  struct ExpertWeights {
+    const bf16 *gate, *up, *down;
+    float *dgate, *dup, *ddown;
+    int64_t ffn;
+    bool packed;
+  };
+  ExpertWeights expert_weights(int64_t l);
+  // A SwiGLU FFN up to its down projection: gate, up [rows, width] = x [rows, h] times w.gate and
+  // w.up; act = SwiGLU(gate, up).
+  void swiglu_ffn_forward(const bf16* x, const SwigluWeights& w, int64_t rows, bf16* gate, bf16* up,
+                          bf16* act);
+  // The backward of a SwiGLU FFN from its input x [rows, h], SwiGLU output act, gate and up
+  // projections [rows, width] and the gradient dy [rows, h] (bf16) of its output: the three
+  // weight gradients (as the backward's GradMode says, ddown assigned when packed_down) and the
+  // input gradient into dx [rows, h] (assigned, or added when add_to_dx). dh_gate and dh_up are
+  // its scratch.
   void swiglu_ffn_backward(const bf16* dy, const bf16* x, const bf16* act, const bf16* gate,
-                           const bf16* up, const SwigluWeights& w, int64_t width, bool add_to_dln);
+                           const bf16* up, const SwigluWeights& w, int64_t rows, float* dx,
+                           bool add_to_dx);
+  // Tensor parallelism (gpu_transformer_tensor_parallel.cpp). Attention of layer l between its
+  // normed input and x_mid: ln1 all-gathered along the sequence, this rank's heads' projections,
+  // RoPE and attention over the full sequences, the row-parallel o_proj's partial sums
+  // reduce-scattered into x_mid (+ x_in); the backward from dres_bf16 into dln, mirrored.
+  void tp_attention_forward(int64_t l, int64_t batch, int64_t seq);
+  void tp_attention_backward(int64_t l, int64_t batch, int64_t seq);
+  // The MoE layer l on the group's tokens: ln2 all-gathered, the router (the same on every rank),
+  // every expert and the shared expert on this rank's columns, their partial sums reduce-scattered
+  // into x_out [n, h] (moe_combine adds x_mid); the backward all-gathers the output gradient,
+  // reduce-scatters the input gradient into dln and sums the gate gradients over the group
+  // (moe_backward then runs the router's backward on them).
+  void moe_tp_forward(int64_t l, float* x_out);
+  void moe_tp_backward(int64_t l);
+  // Exposed exchanges of the group along the sequence (model/tensor_parallel.h's
+  // all_gather_sequences and reduce_scatter_sequences): full [batch, n_ranks * seq, h] (sequence
+  // order) from every rank's local [batch, seq, h] (bf16), and local [batch, seq, h] (fp32) = this
+  // rank's positions of the group's sum of full. Batches of several sequences reorder through
+  // Scratch::tp_stage_bf16 / tp_stage_f32.
+  void tp_all_gather_sequences(bf16* full, const bf16* local, int64_t batch, int64_t seq);
+  void tp_reduce_scatter_sequences(float* local, const float* full, int64_t batch, int64_t seq);
+  // The FFN of layer l's exchanges of the group's tokens (rank order): ln2 all-gathered into
+  // Layer::ln2_group (bf16), with pack_ffn_slices; out [n, h] (fp32, assigned) = this rank's rows
+  // of the group's sum of partial [tp * n, h].
+  void tp_gather_ffn_input(int64_t l);
+  void tp_reduce_scatter_ffn_output(const float* partial, float* out);
+  // The dense MLP's backward: dres_bf16 all-gathered, the slice's backward, the input gradient
+  // reduce-scattered into dln.
+  void tp_dense_ffn_backward(int64_t l);
+  // This rank's slice [r F / n, (r + 1) F / n) of an intermediate size F, as the columns of a down
+  // projection [h, F] (begin * h is the offset of the matching rows of gate and up).
+  ColumnSlice ffn_slice(int64_t ffn) const;
+  // The column slices of layer l's FFN that its GEMMs cannot read in place, packed into
+  // Scratch::tp_weights: a dense MLP's down columns, or an MoE layer's experts (gate and up rows
+  // of every expert, [E, F, h] each, then down's columns [E, h, F]) and its shared expert's down
+  // columns after them. add_ffn_slice_grads adds their gradients (Scratch::tp_grads, the same
+  // places) into the flat gradient.
+  void pack_ffn_slices(int64_t l);
+  void add_ffn_slice_grads(int64_t l);
+  // Where pack_ffn_slices puts an MoE layer's shared expert's down columns (after the experts').
+  int64_t shared_down_slice_at() const;
   // The LM head and the cross-entropy in chunks, scaled by Scratch::dce.
   void head_forward_backward(bool backward);
   // What a captured graph depends on besides device memory.
@@ -402,6 +528,7 @@ class GpuTransformer {
   float* host_logits_ = nullptr;  // set by forward_logits: where the head copies its logits
   bool accumulate_grads_ = true;  // the current backward's GradMode
   Communicator* ep_ = nullptr;    // the sequence/expert-parallel group (device buffers), or null
+  Communicator* tp_ = nullptr;    // the tensor-parallel group (device buffers), or null
   GradReduceDtype ep_exchange_ = GradReduceDtype::kFloat32;  // set_expert_parallel_group's
   int64_t ep_chunks_requested_ = 1;  // set_expert_parallel_group's overlap_chunks, resolved
   int64_t ep_chunks_ = 1;            // the current forward's

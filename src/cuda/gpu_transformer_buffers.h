@@ -55,6 +55,13 @@ struct GpuTransformer::Layer {
   DeviceBuffer<bf16> q_heads, k_heads, v_heads, att_heads;
   // Expert parallelism: the group's normed MoE inputs [ep * n, h] (the rows of the local experts
   // come from them, forward and backward) and each assignment's local expert or -1 [ep * n * k].
+  // Tensor parallelism: the group's normed inputs of attention [batch, tp * seq, h] (sequence
+  // order) and of the FFN [tp * n, h] (rank order), which the projections read forward and
+  // backward (kept in both recompute modes); q ... att, lse then hold this rank's heads over the
+  // group's full sequences ([batch, tp * seq, heads / tp, d]: as many elements as [n, heads, d]),
+  // the FFN's buffers (router, rows, h_gate ...; shared_*) the group's tokens with this rank's
+  // columns.
+  DeviceBuffer<bf16> ln1_group;
   DeviceBuffer<bf16> ln2_group;
   DeviceBuffer<int32_t> local_idx;
   // The all-to-all dispatch: the plan of the last forward (host) and its maps on the device (in
@@ -125,6 +132,17 @@ struct GpuTransformer::Scratch {
   DeviceBuffer<int32_t> a2a_loads;
   DeviceBuffer<float> a2a_sums;
   PinnedHostBuffer<int32_t> a2a_routing, a2a_staging;
+  // Tensor parallelism: RoPE's positions of the group's full sequences [batch, tp * seq]; the
+  // staging of the reorders between rank and sequence order ([tp * n, h]; bf16 only for batches
+  // of several sequences), fp32 also the group's input gradient of an FFN; this rank's column
+  // slices of a layer's weights that the GEMMs cannot read in place, packed (pack_ffn_slices and
+  // o_proj's), and their gradients (the largest layer's). group_f32 holds the row-parallel GEMMs'
+  // partial sums and the gathered fp32 output gradients, group_bf16 the gathered bf16 ones.
+  DeviceBuffer<int32_t> tp_positions;
+  DeviceBuffer<bf16> tp_stage_bf16;
+  DeviceBuffer<float> tp_stage_f32;
+  DeviceBuffer<bf16> tp_weights;
+  DeviceBuffer<float> tp_grads;
   DeviceBuffer<int64_t> counted;    // [1] the group's counted targets
   DeviceBuffer<int32_t> wait_word;  // [1] zero: exposed_exchange's wait all-reduce
 };

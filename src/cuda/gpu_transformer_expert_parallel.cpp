@@ -17,8 +17,9 @@ namespace moeforge::cuda {
 
 void GpuTransformer::exposed_exchange(const std::function<void()>& fn) {
   if (timer_.enabled()) {
-    timer_.split("_wait", stream_,
-                 [&] { ep_->all_reduce_sum(scratch_->wait_word.data(), 1, CommDType::kInt32); });
+    timer_.split("_wait", stream_, [&] {
+      group()->all_reduce_sum(scratch_->wait_word.data(), 1, CommDType::kInt32);
+    });
   }
   timer_.split("_exchange", stream_, fn);
 }
@@ -26,6 +27,9 @@ void GpuTransformer::exposed_exchange(const std::function<void()>& fn) {
 void GpuTransformer::set_expert_parallel_group(Communicator& group,
                                                const ExpertExchange& exchange) {
   MF_CHECK(n_ == 0, "set_expert_parallel_group must come before the first forward");
+  MF_CHECK(tp_ == nullptr,
+           "a model is sequence/expert-parallel or tensor-parallel, not both "
+           "(set_tensor_parallel_group came first)");
   MF_CHECK(!graphs_enabled_, "CUDA graphs run one GPU's step only (set_cuda_graphs)");
   const int64_t size = group.size();
   MF_CHECK(config_.num_heads % size == 0 && config_.num_kv_heads % size == 0,

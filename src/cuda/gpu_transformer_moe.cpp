@@ -1,9 +1,11 @@
 // GpuTransformer's routed MoE layers: the experts on rows in expert order (grouped GEMMs and
-// SwiGLU, forward and backward), shared by both dispatches; the experts' part of a chunk of tokens
-// (router, row map, the experts, combine; its backward in an input-gradient and a weight-gradient
-// pass), shared by one GPU (one chunk of the rank's tokens) and the all-gather dispatch (chunks of
-// the group's tokens, gpu_transformer_expert_parallel.cpp); and the layer's forward, combine and
-// backward around them (the all-to-all dispatch: gpu_transformer_a2a.cpp).
+// SwiGLU, forward and backward), shared by both dispatches and tensor parallelism (on this rank's
+// packed columns, expert_weights); the experts' part of a chunk of tokens (router, row map, the
+// experts, combine; its backward in an input-gradient and a weight-gradient pass), shared by one
+// GPU (one chunk of the rank's tokens), the all-gather dispatch (chunks of the group's tokens,
+// gpu_transformer_expert_parallel.cpp) and tensor parallelism (one chunk of the group's tokens,
+// gpu_transformer_tensor_parallel.cpp); and the layer's forward, combine and backward around them
+// (the all-to-all dispatch: gpu_transformer_a2a.cpp).
 #include "core/error.h"
 #include "cuda/cuda_check.h"
 #include "cuda/gpu_transformer.h"
@@ -23,7 +25,9 @@ void GpuTransformer::moe_forward(int64_t l, float* x_out, float* losses) {
     return;
   }
   Layer& a = layers_[static_cast<size_t>(l)];
-  if (ep_ != nullptr) {
+  if (tp_ != nullptr) {
+    moe_tp_forward(l, x_out);
+  } else if (ep_ != nullptr) {
     moe_group_forward(l, x_out);
   } else {
     moe_chunk_forward(l, 0, a.ln2_ptr, x_out, a.x_mid.data(), stream_);
@@ -70,6 +74,7 @@ void GpuTransformer::moe_chunk_forward(int64_t l, int64_t chunk, const bf16* x_t
   int32_t* offsets = a.expert_offsets.data() + at;
   int32_t* host_offsets = a.host_offsets.data() + at;
   if (ep_ == nullptr) {
+    // One GPU, or tensor parallelism: every expert (on this rank's columns).
     build_row_map(offsets, assignment_row, row_token, scratch_->row_map.data(), expert_idx, tokens,
                   k, num_experts, capacity, stream);
   } else {
@@ -98,20 +103,40 @@ void GpuTransformer::moe_chunk_forward(int64_t l, int64_t chunk, const bf16* x_t
                assignment_row, tokens, k, h, stream);
 }
 
+GpuTransformer::ExpertWeights GpuTransformer::expert_weights(int64_t l) {
+  const LayerOffsets& o = layout_.layer(l);
+  if (tp_ == nullptr) {
+    return {wb(o.experts_gate),
+            wb(o.experts_up),
+            wb(o.experts_down),
+            g(o.experts_gate),
+            g(o.experts_up),
+            g(o.experts_down),
+            config_.moe_intermediate_size,
+            false};
+  }
+  // This rank's columns of every expert, packed by pack_ffn_slices: gate, up, down.
+  const int64_t f = ffn_slice(config_.moe_intermediate_size).width;
+  const int64_t block = config_.num_experts * f * config_.hidden_size;
+  bf16* w = scratch_->tp_weights.data();
+  float* dw = scratch_->tp_grads.data();
+  return {w, w + block, w + 2 * block, dw, dw + block, dw + 2 * block, f, true};
+}
+
 void GpuTransformer::experts_forward(int64_t l, const bf16* x_rows, bf16* y_rows, int64_t first_row,
                                      int64_t num_rows, const ExpertRows& ranges,
                                      cudaStream_t stream) {
-  const LayerOffsets& o = layout_.layer(l);
   Layer& a = layers_[static_cast<size_t>(l)];
-  const int64_t h = config_.hidden_size, f = config_.moe_intermediate_size;
+  const ExpertWeights ew = expert_weights(l);
+  const int64_t h = config_.hidden_size, f = ew.ffn;
   const int32_t* used_rows = ranges.device + num_local_experts();
   bf16* h_gate = a.h_gate.data() + first_row * f;
   bf16* h_up = a.h_up.data() + first_row * f;
   bf16* h_act = a.h_act_ptr + first_row * f;
-  expert_forward(h_gate, x_rows, wb(o.experts_gate), h, f, ranges, stream);
-  expert_forward(h_up, x_rows, wb(o.experts_up), h, f, ranges, stream);
+  expert_forward(h_gate, x_rows, ew.gate, h, f, ranges, stream);
+  expert_forward(h_up, x_rows, ew.up, h, f, ranges, stream);
   swiglu_forward(h_act, h_gate, h_up, used_rows, num_rows, f, stream);
-  expert_forward(y_rows, h_act, wb(o.experts_down), f, h, ranges, stream);
+  expert_forward(y_rows, h_act, ew.down, f, h, ranges, stream);
 }
 
 void GpuTransformer::moe_combine(int64_t l, float* x_out) {
@@ -119,9 +144,13 @@ void GpuTransformer::moe_combine(int64_t l, float* x_out) {
   Layer& a = layers_[static_cast<size_t>(l)];
   const int64_t n = n_, h = config_.hidden_size;
   // One GPU and the all-to-all dispatch: moe_forward's combine added the residual; the all-gather
-  // dispatch: moe_group_forward summed the experts' outputs over the group into x_out.
-  if (ep_ != nullptr && !a2a_layer(l)) add_inplace(x_out, a.x_mid.data(), n * h, stream_);
-  if (config_.shared_expert_intermediate_size > 0) {
+  // dispatch and tensor parallelism: the exchanges summed the experts' outputs over the group into
+  // x_out (the shared expert's too under tensor parallelism, whose slices ran on the group's
+  // tokens).
+  if ((ep_ != nullptr && !a2a_layer(l)) || tp_ != nullptr) {
+    add_inplace(x_out, a.x_mid.data(), n * h, stream_);
+  }
+  if (config_.shared_expert_intermediate_size > 0 && tp_ == nullptr) {
     shared_expert_forward(l);
     shared_expert_gate_forward(x_out, a.shared_score.data(), a.ln2_ptr, wb(o.shared_expert_gate),
                                a.shared_out.data(), n, h, stream_);
@@ -137,6 +166,10 @@ void GpuTransformer::moe_backward(int64_t l, float d_aux, float d_z) {
   if (a2a_layer(l)) {
     // The routed experts' input gradient into dln, this rank's tokens' gate gradients into dgates.
     moe_a2a_backward(l);
+  } else if (tp_ != nullptr) {
+    // The routed and the shared experts' input gradient into dln, the group's gate gradients
+    // summed into dgates.
+    moe_tp_backward(l);
   } else if (ep_ != nullptr) {
     // The routed experts' input gradient into dln, the group's gate gradients into dgates.
     moe_group_backward(l);
@@ -144,12 +177,12 @@ void GpuTransformer::moe_backward(int64_t l, float d_aux, float d_z) {
     moe_chunk_backward_input(l, 0, s.dres.data(), s.dln.data(), stream_);
     moe_chunk_backward_weight(l, 0, a.ln2_ptr, stream_);
   }
-  if (config_.shared_expert_intermediate_size > 0) shared_expert_backward(l);
-  // The router's backward over the routed tokens: under the all-gather dispatch the group's (the
-  // same on every rank), of which each rank keeps its own tokens' rows for its input and weight
-  // gradients, so the group's sum counts each once; those rows are one piece per chunk of the
-  // group's order (moe_group_forward). Under the all-to-all dispatch this rank's, with the
-  // group's counts (the plan's) and the losses' mean over the group's tokens.
+  if (config_.shared_expert_intermediate_size > 0 && tp_ == nullptr) shared_expert_backward(l);
+  // The router's backward over the routed tokens: under the all-gather dispatch and tensor
+  // parallelism the group's (the same on every rank), of which each rank keeps its own tokens'
+  // rows for its input and weight gradients, so the group's sum counts each once; those rows are
+  // one piece per chunk of the group's order (moe_group_forward). Under the all-to-all dispatch
+  // this rank's, with the group's counts (the plan's) and the losses' mean over the group's tokens.
   const bool a2a = a2a_layer(l);
   router_backward(s.drouter.data(), s.dgates.data(), a.router_logits.data(), a.probs.data(),
                   a.expert_idx.data(), a2a ? a.a2a_maps.group_load : a.expert_counts.data(), d_aux,
@@ -159,7 +192,7 @@ void GpuTransformer::moe_backward(int64_t l, float d_aux, float d_z) {
                   stream_);
   const int64_t m = n / ep_chunks_;
   for (int64_t c = 0; c < ep_chunks_; ++c) {
-    const int64_t piece = a2a ? c : c * expert_parallel_size() + expert_parallel_rank();
+    const int64_t piece = a2a ? c : c * group_size() + group_rank();
     const bf16* drouter = s.drouter.data() + piece * m * num_experts;
     blas_.linear_backward_input(s.dln.data() + c * m * h, OutType::kFloat, drouter, wb(o.router), m,
                                 h, num_experts, true, stream_);
@@ -202,6 +235,7 @@ void GpuTransformer::moe_chunk_backward_weight(int64_t l, int64_t chunk, const b
   scatter_rows(rows, x_tokens + first * h, a.row_token.data() + first * k,
                ranges.device + num_local_experts(), tokens * k, h, stream);
   // Only the first chunk assigns the experts' gradients (a kAssign backward); the others add.
+  // (Tensor parallelism's packed slices are assigned in every backward: experts_backward_weight.)
   experts_backward_weight(l, s.drows.data() + first * k * h, rows, first * k,
                           !accumulate_grads_ && chunk == 0, ranges, stream);
 }
@@ -209,33 +243,36 @@ void GpuTransformer::moe_chunk_backward_weight(int64_t l, int64_t chunk, const b
 void GpuTransformer::experts_backward_input(int64_t l, bf16* dx_rows, const bf16* dy_rows,
                                             int64_t first_row, int64_t num_rows,
                                             const ExpertRows& ranges, cudaStream_t stream) {
-  const LayerOffsets& o = layout_.layer(l);
   Layer& a = layers_[static_cast<size_t>(l)];
   Scratch& s = *scratch_;
-  const int64_t h = config_.hidden_size, f = config_.moe_intermediate_size;
+  const ExpertWeights ew = expert_weights(l);
+  const int64_t h = config_.hidden_size, f = ew.ffn;
   const int32_t* used_rows = ranges.device + num_local_experts();
   bf16* dh_gate = s.dh_gate.data() + first_row * f;
   bf16* dh_up = s.dh_up.data() + first_row * f;
-  expert_backward_input(dh_gate, dy_rows, wb(o.experts_down), f, h, false, ranges, stream);
+  expert_backward_input(dh_gate, dy_rows, ew.down, f, h, false, ranges, stream);
   swiglu_backward(dh_gate, dh_up, dh_gate, a.h_gate.data() + first_row * f,
                   a.h_up.data() + first_row * f, used_rows, num_rows, f, stream);
-  expert_backward_input(dx_rows, dh_gate, wb(o.experts_gate), h, f, false, ranges, stream);
-  expert_backward_input(dx_rows, dh_up, wb(o.experts_up), h, f, true, ranges, stream);
+  expert_backward_input(dx_rows, dh_gate, ew.gate, h, f, false, ranges, stream);
+  expert_backward_input(dx_rows, dh_up, ew.up, h, f, true, ranges, stream);
 }
 
 void GpuTransformer::experts_backward_weight(int64_t l, const bf16* dy_rows, const bf16* x_rows,
                                              int64_t first_row, bool assign,
                                              const ExpertRows& ranges, cudaStream_t stream) {
-  const LayerOffsets& o = layout_.layer(l);
   Layer& a = layers_[static_cast<size_t>(l)];
   Scratch& s = *scratch_;
-  const int64_t h = config_.hidden_size, f = config_.moe_intermediate_size;
-  expert_backward_weight(g(o.experts_down), dy_rows, a.h_act_ptr + first_row * f, f, h, assign,
+  const ExpertWeights ew = expert_weights(l);
+  const int64_t h = config_.hidden_size, f = ew.ffn;
+  // Packed slices (tensor parallelism) are scratch: always assigned, then added to the flat
+  // gradient (add_ffn_slice_grads).
+  const bool assign_grads = assign || ew.packed;
+  expert_backward_weight(ew.ddown, dy_rows, a.h_act_ptr + first_row * f, f, h, assign_grads, ranges,
+                         stream);
+  expert_backward_weight(ew.dgate, s.dh_gate.data() + first_row * f, x_rows, h, f, assign_grads,
                          ranges, stream);
-  expert_backward_weight(g(o.experts_gate), s.dh_gate.data() + first_row * f, x_rows, h, f, assign,
-                         ranges, stream);
-  expert_backward_weight(g(o.experts_up), s.dh_up.data() + first_row * f, x_rows, h, f, assign,
-                         ranges, stream);
+  expert_backward_weight(ew.dup, s.dh_up.data() + first_row * f, x_rows, h, f, assign_grads, ranges,
+                         stream);
 }
 
 }  // namespace moeforge::cuda
