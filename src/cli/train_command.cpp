@@ -27,7 +27,8 @@ void register_train_command(CLI::App& app) {
       "n ranks split each sequence and the experts (parallel.layout sp_ep, the default) or the "
       "attention heads and FFN columns (tp: Megatron-LM's tensor parallelism) and the N / n "
       "groups are data-parallel (global batch N / n x ...). With --device cuda each rank uses GPU "
-      "local rank % GPUs of its host.");
+      "local rank % GPUs of its host (tp on GPUs: not with --cuda-graphs, parallel.zero_stage 1, "
+      "ep_comm_dtype bf16 or ep_overlap_chunks > 1; not yet run on a GPU).");
   cmd->add_option("--config", opts->config, "Training config (JSON; see configs/train/)")
       ->required()
       ->check(CLI::ExistingFile);
@@ -49,8 +50,8 @@ void register_train_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--cuda-graphs", opts->cuda_graphs,
                 "cuda: replay each step as captured CUDA graphs, the forward and backward and "
-                "(without ZeRO-1) the optimizer (one GPU per expert group; data-parallel gradient "
-                "sums then run after the backward)");
+                "(without ZeRO-1) the optimizer (one GPU per expert group, not with "
+                "parallel.layout tp; data-parallel gradient sums then run after the backward)");
   cmd->add_flag("--no-progress", opts->no_progress, "No progress line on stderr");
   cmd->callback([opts] {
     std::vector<std::string> overrides = opts->overrides;

@@ -18,26 +18,33 @@
 namespace moeforge::cuda {
 namespace {
 
-// What both CUDA engines share: the GpuTransformer (with its expert-parallel group), the lazy
-// zeroing of the gradients and the forward/backward.
+// What both CUDA engines share: the GpuTransformer (with its expert- or tensor-parallel group, as
+// parallel.layout says), the lazy zeroing of the gradients and the forward/backward.
 class GpuModelEngine : public StepEngine {
  public:
   GpuModelEngine(Transformer<float>& model, const GpuModelOptions& options)
       : host_model_(model), gpu_(model.config(), options.recompute, model.layout().expert_shard()) {
     Communicator& group = model.expert_group();
+    const bool tensor_parallel = model.parallel_layout() == ParallelLayout::kTensor;
+    MF_CHECK(!tensor_parallel || !options.cuda_graphs,
+             "--cuda-graphs replays one GPU's step; parallel.layout \"tp\" runs its exchanges "
+             "eagerly (leave out --cuda-graphs, or use parallel.layout \"sp_ep\" with "
+             "parallel.expert_parallel 1)");
     if (group.size() > 1) {
-      MF_CHECK(model.parallel_layout() == ParallelLayout::kSequenceExpert,
-               "on GPUs, parallel.expert_parallel > 1 runs layout \"sp_ep\" (layout \"tp\" runs "
-               "on the CPU engine only)");
       std::string why_not;
       ep_comm_ = make_device_communicator(group, gpu_.stream(), &why_not);
       MF_CHECK(ep_comm_ != nullptr,
                "parallel.expert_parallel {} on GPUs exchanges activations through NCCL, but {}",
                group.size(), why_not);
-      // Each MoE layer's dispatch as the host model runs it (parallel.ep_dispatch).
-      ExpertExchange exchange = options.ep_exchange;
-      exchange.dispatch = model.ep_dispatch();
-      gpu_.set_expert_parallel_group(*ep_comm_, exchange);
+      if (tensor_parallel) {
+        // Each rank holds every weight (the host model's layout) and uses its slices of them.
+        gpu_.set_tensor_parallel_group(*ep_comm_);
+      } else {
+        // Each MoE layer's dispatch as the host model runs it (parallel.ep_dispatch).
+        ExpertExchange exchange = options.ep_exchange;
+        exchange.dispatch = model.ep_dispatch();
+        gpu_.set_expert_parallel_group(*ep_comm_, exchange);
+      }
     }
     if (options.cuda_graphs) gpu_.set_cuda_graphs(true);
   }
@@ -111,14 +118,14 @@ class GpuModelEngine : public StepEngine {
   // Starts the sums over comm of the next backward's gradients in buckets of bucket_bytes, on the
   // reducer's stream as the backward finishes them (owner_chunk > 0: onto the ZeRO-1 shard
   // owners only); false, and nothing starts, with one rank, no buckets, no device communicator,
-  // or under sequence/expert parallelism: its NCCL collectives on the model's stream and the sums
-  // on the reducer's would be two communicators' kernels in flight at once, which NCCL does not
-  // order across ranks (a deadlock risk); or with CUDA graphs, which cannot call the hook that
-  // starts each bucket.
+  // or under sequence/expert or tensor parallelism: its NCCL collectives on the model's stream and
+  // the sums on the reducer's would be two communicators' kernels in flight at once, which NCCL
+  // does not order across ranks (a deadlock risk); or with CUDA graphs, which cannot call the hook
+  // that starts each bucket.
   bool begin_overlapped_sums(Communicator& comm, GradReduceDtype dtype, size_t bucket_bytes,
                              int64_t owner_chunk) {
     if (comm.size() == 1 || bucket_bytes == 0 || gpu_.expert_parallel_size() > 1 ||
-        gpu_.cuda_graphs()) {
+        gpu_.tensor_parallel_size() > 1 || gpu_.cuda_graphs()) {
       return false;
     }
     Communicator* device_comm = device_communicator(comm);
@@ -190,7 +197,7 @@ class GpuStepEngine final : public GpuModelEngine {
 
   // On the GPUs, the sums of the last micro-batch's gradients start on the reducer's stream as
   // its backward finishes them (buckets of bucket_bytes), beside the backward of earlier layers
-  // (not under sequence/expert parallelism: begin_overlapped_sums says why).
+  // (not under sequence/expert or tensor parallelism: begin_overlapped_sums says why).
   void begin_grad_reduce(Communicator& comm, GradReduceDtype dtype, size_t bucket_bytes) override {
     if (!begin_overlapped_sums(comm, dtype, bucket_bytes, 0)) return;
     overlapped_comm_ = &comm;

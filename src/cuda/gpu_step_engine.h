@@ -2,7 +2,10 @@
 // the current device, synced with the host model and optimizer for checkpoints and PMA.
 // With several data-parallel ranks the gradients are summed on the devices through NCCL
 // (cuda/grad_reduce_device.h), or through host memory in a build without NCCL or when ranks share
-// a GPU. With ZeRO-1 they are reduce-scattered to the owners of the optimizer's shards.
+// a GPU. With ZeRO-1 they are reduce-scattered to the owners of the optimizer's shards. The host
+// model's group (parallel.expert_parallel > 1) runs on the GPUs as it does on the CPU: sequence/
+// expert-parallel, or tensor-parallel under parallel.layout "tp" (every GPU holds the whole model
+// and uses its slices; CUDA graphs are refused here, ZeRO-1 by the trainer).
 #pragma once
 
 #include <memory>
@@ -20,7 +23,8 @@ struct GpuModelOptions {
   // replaced by the host model's plan (parallel.ep_dispatch).
   ExpertExchange ep_exchange;
   // Forward and backward replayed as CUDA graphs (GpuTransformer::set_cuda_graphs; one GPU per
-  // expert group only), and without ZeRO-1 the optimizer too (GpuAdamW::set_cuda_graphs).
+  // expert group only, never under parallel.layout "tp"), and without ZeRO-1 the optimizer too
+  // (GpuAdamW::set_cuda_graphs).
   // Data-parallel sums then run after the backward instead of beside it.
   bool cuda_graphs = false;
 };

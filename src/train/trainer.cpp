@@ -104,13 +104,26 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   const bool zero1 = config.parallel.zero_stage == 1;
   MF_CHECK(world.size() % n == 0,
            "parallel.expert_parallel ({}) must divide the number of ranks ({})", n, world.size());
-  MF_CHECK(config.parallel.layout != "tp" || options.device == "cpu",
-           "parallel.layout \"tp\" (the Megatron-LM baseline) runs on the CPU engine only; with "
-           "--device {} use parallel.layout \"sp_ep\"",
-           options.device);
   MF_CHECK(config.parallel.ep_comm_dtype == "fp32" || options.device != "cpu",
            "parallel.ep_comm_dtype \"bf16\" compresses the GPU engine's expert-parallel "
            "exchanges; the CPU engine exchanges in full precision (set it to \"fp32\")");
+  // What the GPU engine's tensor parallelism (the Megatron-LM baseline) does not run.
+  if (config.parallel.layout == "tp" && options.device != "cpu") {
+    MF_CHECK(!zero1,
+             "parallel.zero_stage 1 with parallel.layout \"tp\" runs on the CPU engine only; with "
+             "--device {} set parallel.zero_stage 0 (or parallel.layout \"sp_ep\")",
+             options.device);
+    MF_CHECK(config.parallel.ep_comm_dtype == "fp32",
+             "parallel.ep_comm_dtype \"{}\" compresses the expert-parallel exchanges of "
+             "parallel.layout \"sp_ep\"; layout \"tp\" exchanges activations in bf16 and "
+             "fp32 as Megatron-LM does (set it to \"fp32\")",
+             config.parallel.ep_comm_dtype);
+    MF_CHECK(config.parallel.ep_overlap_chunks == 1,
+             "parallel.ep_overlap_chunks {} overlaps the expert-parallel exchanges of "
+             "parallel.layout \"sp_ep\"; layout \"tp\" runs without overlap, the baseline of "
+             "MegaScale-MoE's ablation (set it to 1)",
+             config.parallel.ep_overlap_chunks);
+  }
   SelfCommunicator self;
   std::unique_ptr<Communicator> ep_group, dp_group;
   if (n > 1) {

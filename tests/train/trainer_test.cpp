@@ -288,13 +288,33 @@ void expect_train_error(const TrainConfig& c, const TrainRunOptions& options,
   }
 }
 
-TEST_F(TrainFixture, TensorParallelLayoutRunsOnTheCpuEngineOnly) {
+// parallel.layout "tp" runs on the GPU engine (the trainer gets as far as asking for it), but not
+// with what only the CPU engine or layout "sp_ep" runs: ZeRO-1, compressed expert exchanges and
+// overlap chunks are refused before anything is built, naming the setting.
+TEST_F(TrainFixture, TensorParallelLayoutOnTheGpuRefusesWhatItDoesNotRun) {
   TrainConfig c = config(3);
   c.parallel.layout = "tp";
   TrainRunOptions options = no_progress();
   options.device = "cuda";
+  expect_train_error(c, options, "device 'cuda' is not available in this build");
+  TrainConfig zero1 = c;
+  zero1.parallel.zero_stage = 1;
   expect_train_error(
-      c, options, "parallel.layout \"tp\" (the Megatron-LM baseline) runs on the CPU engine only");
+      zero1, options,
+      "parallel.zero_stage 1 with parallel.layout \"tp\" runs on the CPU engine only");
+  TrainConfig bf16 = c;
+  bf16.parallel.ep_comm_dtype = "bf16";
+  expect_train_error(bf16, options,
+                     "parallel.ep_comm_dtype \"bf16\" compresses the expert-parallel "
+                     "exchanges of parallel.layout \"sp_ep\"");
+  TrainConfig chunks = c;
+  chunks.parallel.ep_overlap_chunks = 2;
+  expect_train_error(chunks, options,
+                     "parallel.ep_overlap_chunks 2 overlaps the expert-parallel "
+                     "exchanges of parallel.layout \"sp_ep\"");
+  // The CPU engine runs ZeRO-1 under tp: only the check above refused it.
+  SelfCommunicator self;
+  EXPECT_EQ(train(zero1, no_progress(), self).steps, 3);
 }
 
 // The bf16 expert-parallel exchanges are the GPU engine's; the CPU engine refuses them.
