@@ -5,9 +5,10 @@
 #   cuda-test only the GPU tests: the CUDA test binary (a test that crashes it is reported and left
 #             out, and the rest runs again) and the CPU-vs-GPU loss-curve test (faster)
 #   multi     the tests that need several GPUs (a machine of 2 or 4): the NCCL communicator's, the
-#             device gradient sums', the sequence/expert-parallel GpuTransformer's and ZeRO-1's
-#             (GpuZeroAdamW) at 1, 2 and 4 ranks (4 skips on 2 GPUs), and two GPUs under mpirun
-#             against one, data- and expert-parallel and ZeRO-1 (tests/cuda/data_parallel_test.py;
+#             device gradient sums', the sequence/expert- and tensor-parallel GpuTransformer's and
+#             ZeRO-1's (GpuZeroAdamW) at 1, 2 and 4 ranks (4 skips on 2 GPUs), and two GPUs under
+#             mpirun against one, data-, expert- and tensor-parallel and ZeRO-1
+#             (tests/cuda/data_parallel_test.py;
 #             its loss and grad-norm curves in $OUT/data_parallel_curves.json; DATA_PARALLEL_RUNS
 #             picks some of its runs, e.g. dp-zero1,dp-zero1-resumed)
 #   scaling   data-parallel weak scaling of `bench train` on configs/bench/moe-1.8b-a0.4b.json:
@@ -16,7 +17,8 @@
 #             or --grad-bucket-mb 0 to sum after the backward instead of overlapped with it;
 #             SCALING_MULTI_ARGS adds options to the multi-GPU runs only, e.g. --zero-stage 1;
 #             SCALING_EP=E runs the multi-GPU ones as groups of E GPUs sharing each sequence,
-#             --expert-parallel E with E times the micro-batch);
+#             --expert-parallel E with E times the micro-batch; with SCALING_MULTI_ARGS="--layout
+#             tp" those groups are tensor-parallel, the ablation's baseline);
 #             prints tokens/s per GPU, the efficiency against one GPU and every phase's GPU ms
 #             (the one-GPU run's beside the others')
 #   sanitize  compute-sanitizer memcheck over the CUDA test binary, racecheck over our own kernels
@@ -159,7 +161,8 @@ for ranks in sorted(runs):
     efficiency = row["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if base else float("nan")
     print(f"{ranks} GPU(s): {row['tokens_per_s']:.0f} tokens/s, {row['tokens_per_s_per_gpu']:.0f} "
           f"per GPU, median step {row['median_step_ms']:.1f} ms, expert_parallel "
-          f"{row.get('expert_parallel', 1)}, grad_reduce {row['grad_reduce']} "
+          f"{row.get('expert_parallel', 1)} (layout {row.get('layout', 'sp_ep')}), grad_reduce "
+          f"{row['grad_reduce']} "
           f"(buckets of {row['grad_bucket_mb']} MiB), grad_reduce phase "
           f"{row['phase_ms'].get('grad_reduce', 0.0):.1f} ms, zero_stage {row.get('zero_stage', 0)}, "
           f"peak {row['peak_memory_gib']:.1f} GiB, weak-scaling efficiency {efficiency:.3f}")

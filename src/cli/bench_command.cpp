@@ -1,6 +1,8 @@
 // `moeforge bench train`: training-step throughput of a model config with random tokens, on one
-// GPU or (under mpirun) data-parallel over several with the gradients summed through NCCL:
-// tokens/s, MFU (the anchors.md formula), peak device memory and the GPU time per phase.
+// GPU or (under mpirun) data-parallel over several with the gradients summed through NCCL, in
+// groups of GPUs that split each layer as MegaScale-MoE does (sp_ep) or as Megatron-LM does (tp,
+// the ablation's baseline): tokens/s, MFU (the anchors.md formula), peak device memory and the
+// GPU time per phase.
 // `moeforge bench gemm`: the kernel lab of the expert GEMMs (cuda/gemm_lab.h).
 // `moeforge bench prefill`: dense against FlexPrefill prefill attention (cuda/prefill_bench.h).
 // `moeforge bench comm` lives in bench_comm_command.cpp.
@@ -36,6 +38,7 @@
 #include "cuda/gpu_zero_adamw.h"
 #include "cuda/random_fill.h"
 #include "model/moe_ffn.h"
+#include "model/tensor_parallel.h"
 #include "train/grad_reduce.h"
 #endif
 
@@ -57,6 +60,7 @@ struct BenchOptions {
   std::string ep_dispatch = "allgather";  // what bench train ran before the all-to-all dispatch
   double grad_bucket_mb = ParallelConfig{}.grad_bucket_mb;  // the trainer's default
   int64_t expert_parallel = 1;
+  std::string layout = "sp_ep";  // how each group of expert_parallel GPUs splits a layer
   bool overlap_optimizer = false;
   bool cuda_graphs = false;
   int64_t zero_stage = 0;
@@ -98,6 +102,17 @@ void run_bench_train(const BenchOptions& opt) {
   // and each step sums the gradients over the world through NCCL.
   Communicator& world = world_communicator();
   const int64_t ep = opt.expert_parallel;
+  const bool tp = parse_parallel_layout(opt.layout) == ParallelLayout::kTensor;
+  if (tp) {
+    // What the trainer's GPU engine refuses under parallel.layout "tp" too.
+    MF_CHECK(opt.zero_stage == 0, "--zero-stage 1 runs with --layout sp_ep only");
+    MF_CHECK(
+        !opt.cuda_graphs,
+        "--cuda-graphs runs with --layout sp_ep only (--layout tp runs its exchanges eagerly)");
+    MF_CHECK(opt.ep_comm == "fp32" && opt.ep_overlap_chunks == 1 && opt.ep_dispatch == "allgather",
+             "--ep-comm-dtype, --ep-overlap-chunks and --ep-dispatch set --layout sp_ep's expert "
+             "exchanges; leave them at their defaults with --layout tp");
+  }
   MF_CHECK(opt.zero_stage == 0 || (ep == 1 && !opt.overlap_optimizer),
            "--zero-stage 1 runs with --expert-parallel 1 and without --overlap-optimizer");
   MF_CHECK(!opt.cuda_graphs || (ep == 1 && !opt.overlap_optimizer),
@@ -107,9 +122,10 @@ void run_bench_train(const BenchOptions& opt) {
            world.size(), opt.seq);
   cuda::bind_device_to_local_rank(local_rank_from_environment());
   cuda::DeviceAllocator::instance().reset_peak();
-  // Under expert parallelism each GPU holds its group's share of the experts only.
+  // Under expert parallelism each GPU holds its group's share of the experts only; under tensor
+  // parallelism the whole model (it uses its slices).
   const ExpertShard experts =
-      ep > 1 && config.is_moe() ? ExpertShard{world.rank() % ep, ep} : ExpertShard{};
+      ep > 1 && config.is_moe() && !tp ? ExpertShard{world.rank() % ep, ep} : ExpertShard{};
   cuda::GpuTransformer model(config, cuda::parse_recompute(opt.recompute), experts);
   std::unique_ptr<Communicator> ep_host, ep_device;
   if (ep > 1) {
@@ -118,8 +134,12 @@ void run_bench_train(const BenchOptions& opt) {
     ep_device = cuda::make_device_communicator(*ep_host, model.stream(), &why_not);
     MF_CHECK(ep_device != nullptr,
              "--expert-parallel {} exchanges activations through NCCL, but {}", ep, why_not);
-    model.set_expert_parallel_group(
-        *ep_device, {parse_grad_reduce_dtype(opt.ep_comm), opt.ep_overlap_chunks, ep_dispatch});
+    if (tp) {
+      model.set_tensor_parallel_group(*ep_device);
+    } else {
+      model.set_expert_parallel_group(
+          *ep_device, {parse_grad_reduce_dtype(opt.ep_comm), opt.ep_overlap_chunks, ep_dispatch});
+    }
   }
   if (opt.cuda_graphs) model.set_cuda_graphs(true);
   const int64_t local_seq = opt.seq / ep;
@@ -128,9 +148,9 @@ void run_bench_train(const BenchOptions& opt) {
   if (root) {
     fmt::print(stderr,
                "bench train: {} parameters ({} active), {} x {} tokens per step and group on {} "
-               "GPU(s), {} per group\n",
+               "GPU(s), {} per group (layout {})\n",
                layout.num_model_params(), layout.num_active_params(), opt.micro_batch, opt.seq,
-               world.size(), ep);
+               world.size(), ep, opt.layout);
   }
   // Weights made on the device (init_random_params's rules with uniform instead of normal
   // values): the host's normal draws took over a minute for 1.8B parameters.
@@ -285,9 +305,10 @@ void run_bench_train(const BenchOptions& opt) {
       {"num_active_params", layout.num_active_params()},
       {"ranks", world.size()},
       {"expert_parallel", ep},
-      {"ep_comm_dtype", ep > 1 ? opt.ep_comm : "none"},
+      {"layout", opt.layout},
+      {"ep_comm_dtype", ep > 1 && !tp ? opt.ep_comm : "none"},
       {"ep_overlap_chunks", model.expert_overlap_chunks()},
-      {"ep_dispatch", ep > 1 ? ep_dispatch_run(model) : "none"},
+      {"ep_dispatch", ep > 1 && !tp ? ep_dispatch_run(model) : "none"},
       {"overlap_optimizer", opt.overlap_optimizer},
       {"cuda_graphs", opt.cuda_graphs},
       {"graph_captures", model.graph_captures() + (optimizer ? optimizer->graph_captures() : 0)},
@@ -323,7 +344,8 @@ void register_bench_command(CLI::App& app) {
       "train",
       "Time training steps (forward, backward, AdamW) of a model config on one GPU with random "
       "tokens, or under mpirun data-parallel on one GPU per rank (gradients summed through "
-      "NCCL); prints one JSON line: tokens/s (all GPUs, and per GPU from the slowest rank's "
+      "NCCL), in groups of --expert-parallel GPUs as --layout says; prints one JSON line: tokens/s "
+      "(all GPUs, and per GPU from the slowest rank's "
       "median step), MFU per GPU = tokens/s per GPU * (6 * active params + 6 * layers * seq * "
       "hidden) / peak, peak device memory, GPU ms per phase");
   train
@@ -372,10 +394,22 @@ void register_bench_command(CLI::App& app) {
       ->capture_default_str();
   train
       ->add_option("--expert-parallel", opt->expert_parallel,
-                   "Under mpirun: groups of this many GPUs share each sequence (Ulysses attention, "
-                   "1/N of the experts each; --seq positions split over the group), the groups "
+                   "Under mpirun: groups of this many GPUs share each sequence (--seq positions "
+                   "split over the group; with --layout sp_ep Ulysses attention and 1/N of the "
+                   "experts each, with --layout tp 1/N of the heads and FFN columns), the groups "
                    "data-parallel (the gradient sums then run after the backward)")
       ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  train
+      ->add_option("--layout", opt->layout,
+                   "How each group of --expert-parallel GPUs splits a layer (parallel.layout): "
+                   "sp_ep (MegaScale-MoE: sequence-parallel attention, expert-parallel experts) or "
+                   "tp (the Megatron-LM baseline of MegaScale-MoE's ablation: attention heads and "
+                   "every FFN's and expert's columns split between all-gathers and "
+                   "reduce-scatters along the sequence, no overlap; every GPU holds the whole "
+                   "model; not with --zero-stage 1, --cuda-graphs or the --ep-* options; not yet "
+                   "run on a GPU)")
+      ->check(CLI::IsMember({"sp_ep", "tp"}))
       ->capture_default_str();
   train->add_flag("--overlap-optimizer", opt->overlap_optimizer,
                   "Run AdamW on a stream of its own, range by range, overlapped with the next "

@@ -348,6 +348,24 @@ class CliTest(unittest.TestCase):
                         proc.stderr)
         self.assertFalse(os.path.exists(os.path.join(run_dir, "checkpoints", "index.json")))
 
+    def test_gpu_tensor_parallel_refuses_what_it_does_not_run(self):
+        """parallel.layout "tp" on GPUs refuses what it does not run, naming it, before it touches a
+        device: ZeRO-1 in `train --device cuda`; ZeRO-1, CUDA graphs and the sp_ep exchange
+        options in `bench train --layout tp`. A build without CUDA says so instead."""
+        config = self.train_config("tp-gpu-zero1", parallel__layout="tp", parallel__zero_stage=1)
+        proc = run([MOEFORGE, "train", "--config", config, "--device", "cuda", "--no-progress"],
+                   check=False)
+        self.assertEqual(proc.returncode, 1)
+        self.assertTrue('parallel.zero_stage 1 with parallel.layout "tp" runs on the CPU engine only'
+                        in proc.stderr or "without CUDA" in proc.stderr, proc.stderr)
+        for args, message in ((["--zero-stage", "1"], "--zero-stage 1 runs with --layout sp_ep only"),
+                              (["--cuda-graphs"], "--cuda-graphs runs with --layout sp_ep only"),
+                              (["--ep-dispatch", "alltoall"], "leave them at their defaults with --layout tp")):
+            proc = run([MOEFORGE, "bench", "train", "--config", self.model_json, "--layout", "tp", *args],
+                       check=False)
+            self.assertEqual(proc.returncode, 1, args)
+            self.assertTrue(message in proc.stderr or "without CUDA" in proc.stderr, proc.stderr)
+
     @unittest.skipUnless(os.environ.get("MOEFORGE_MPIEXEC"), "built without MPI")
     def test_data_parallel_matches_gradient_accumulation(self):
         one = self.train_config("dp-1", data__grad_accum_steps=2)
