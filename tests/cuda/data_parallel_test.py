@@ -15,7 +15,11 @@ backward of the first). "sp-ep" is one group of two GPUs sharing each sequence (
 2: Ulysses attention and half the experts each, GpuTransformer::set_expert_parallel_group) over the
 same micro-batches; "sp-ep-a2a" is that group with the all-to-all dispatch in its MoE layers
 (parallel.ep_dispatch alltoall; MoE model only); "sp-ep-zero1" is the same group with ZeRO-1 (the
-group's partial gradients summed on the GPUs, then the optimizer over a data-parallel group of one). "dp-zero1" is ZeRO-1
+group's partial gradients summed on the GPUs, then the optimizer over a data-parallel group of one).
+"tp" is one tensor-parallel group of two GPUs (parallel.layout tp, the Megatron-LM baseline:
+GpuTransformer::set_tensor_parallel_group, each GPU with half of every head set and FFN's columns
+between all-gathers and reduce-scatters along the sequence, its gradients summed over both GPUs)
+over the same micro-batches. "dp-zero1" is ZeRO-1
 on the two GPUs (parallel.zero_stage 1: gradients summed onto their shard owners in BUCKET_MB
 buckets beside the backward, AdamW on each GPU's half, weights all-gathered); it saves a checkpoint halfway (each rank's moments gathered to rank 0), and
 "dp-zero1-resumed" resumes from it (each rank reads its shard back) for the second half, which,
@@ -50,7 +54,7 @@ FIRST_STEP_GAP = 1e-3  # nats: the same forward on the same weights, bf16 on bot
 BUCKET_MB = 0.05  # 13,107 fp32 gradients a bucket: dozens per step on the tiny models
 REFERENCE_RUNS = ("cpu", "one-gpu", "cpu-dp-fp32", "cpu-dp-bf16")
 CHECKED_RUNS = ("dp-fp32", "dp-bf16", "dp-fp32-buckets", "dp-bf16-buckets", "sp-ep", "sp-ep-a2a",
-                "sp-ep-zero1", "dp-zero1", "dp-zero1-resumed")
+                "sp-ep-zero1", "tp", "dp-zero1", "dp-zero1-resumed")
 
 
 def selected_runs():
@@ -126,6 +130,9 @@ def main():
                     ("sp-ep-zero1", mpirun, "cuda",
                      ["--set", "parallel.expert_parallel=2", "--set", "parallel.zero_stage=1",
                       "--set", "data.grad_accum_steps=2"]),
+                    ("tp", mpirun, "cuda",
+                     ["--set", "parallel.expert_parallel=2", "--set", "parallel.layout=tp",
+                      "--set", "data.grad_accum_steps=2"]),
                     ("dp-zero1", mpirun, "cuda",
                      ["--set", "parallel.zero_stage=1",
                       "--set", f"parallel.grad_bucket_mb={BUCKET_MB}",
@@ -144,6 +151,8 @@ def main():
                                      "--set", f"checkpoint.dir={run_dir}"] + common + extra)
                 if name == "sp-ep-a2a":
                     assert "expert dispatch: alltoall" in proc.stderr, proc.stderr
+                if name == "tp":
+                    assert '2 tensor-parallel (parallel.layout "tp")' in proc.stderr, proc.stderr
                 if name.startswith("dp-zero1"):
                     assert "ZeRO-1 over 2 data-parallel ranks on the GPUs through NCCL" in \
                         proc.stderr, proc.stderr

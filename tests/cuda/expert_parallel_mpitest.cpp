@@ -4,12 +4,10 @@
 // the one-GPU gradients. Run alone (n = 1: the group is the model itself) and under mpirun (2 and
 // 4 ranks in ctest; skipping as comm/nccl/nccl_test_harness.h says). Both sides run in bf16 with
 // different splits of the same sums (attention over other sequence blocks, the expert outputs
-// summed by a reduce-scatter), so the bounds are gpu_transformer_test.cpp's against the fp32
-// reference: loss 1e-2, each tensor's relative L2 5e-2, routed experts 0.15 of the larger of
-// their own gradient and their share of the layer's projection (a near-tie can route a token
-// differently). The MoE layers take the all-gather dispatch unless a test asks for the all-to-all
-// (parallel.ep_dispatch), which is also compared with the all-gather of the same group, and whose
-// device part alone is compared bit for bit with the all-gather path's rows.
+// summed by a reduce-scatter): the bounds of group_test_util.h. The MoE layers take the
+// all-gather dispatch unless a test asks for the all-to-all (parallel.ep_dispatch), which is also
+// compared with the all-gather of the same group, and whose device part alone is compared bit for
+// bit with the all-gather path's rows.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -31,6 +29,7 @@
 #include "cuda/device_memory.h"
 #include "cuda/gpu_test_models.h"
 #include "cuda/gpu_transformer.h"
+#include "cuda/group_test_util.h"
 #include "cuda/moe_dispatch_a2a.h"
 #include "model/moe_dispatch_a2a.h"
 #include "model/moe_ffn.h"
@@ -40,6 +39,12 @@ namespace moeforge::cuda {
 namespace {
 
 using moeforge::testing::nccl;
+using testing::group_case;
+using testing::GroupCase;
+using testing::max_tensor_difference;
+using testing::OneGpuRun;
+using testing::run_one_gpu;
+using testing::TensorDifference;
 
 // The architecture's test model with head and expert counts that split over num_ranks.
 ModelConfig config_for(Architecture arch, int64_t num_ranks) {
@@ -52,57 +57,10 @@ ModelConfig config_for(Architecture arch, int64_t num_ranks) {
   return c;
 }
 
-// ".experts.3.up_proj" -> ".experts.*.up_proj"; "" for other tensors.
-std::string projection_of(const std::string& name) {
-  const size_t at = name.find(".experts.");
-  if (at == std::string::npos) return "";
-  const size_t begin = at + 9, end = name.find('.', begin);
-  return name.substr(0, begin) + "*" + name.substr(end);
-}
-
-// The inputs of a group run: the model, the whole model's weights, and tokens and targets of the
-// whole batch [batch, seq] (each rank gets its seq / ranks positions of every sequence).
-struct GroupCase {
-  ModelConfig config;
-  int64_t batch = 0, seq = 0;
-  std::vector<float> params;
-  std::vector<int32_t> tokens, targets;
-};
-
-GroupCase group_case(const ModelConfig& config, int64_t batch, int64_t seq) {
-  GroupCase c{config, batch, seq, testing::make_params(ParameterLayout(config), 5), {}, {}};
-  Rng rng(17);
-  c.tokens.resize(static_cast<size_t>(batch * seq));
-  c.targets.resize(c.tokens.size());
-  for (size_t i = 0; i < c.tokens.size(); ++i) {
-    c.tokens[i] = static_cast<int32_t>(rng.below(config.vocab_size));
-    c.targets[i] = i % 11 == 3 ? -1 : static_cast<int32_t>(rng.below(config.vocab_size));
-  }
-  return c;
-}
-
 // The architecture's test model over the ranks, 2 sequences of 24 positions per rank.
 GroupCase group_case(Architecture arch) {
   const int64_t num_ranks = nccl().size();
   return group_case(config_for(arch, num_ranks), 2, 24 * num_ranks);
-}
-
-// What one GPU computed over the whole batch.
-struct OneGpuRun {
-  LossBreakdown loss;
-  std::vector<float> grads;  // the whole model's layout
-  std::vector<MoeFfnStats> stats;
-};
-
-OneGpuRun run_one_gpu(const GroupCase& c) {
-  GpuTransformer whole(c.config);
-  whole.upload_params(c.params);
-  whole.zero_grads();
-  OneGpuRun run;
-  run.loss = whole.forward_backward(c.tokens.data(), c.targets.data(), c.batch, c.seq, 0.5);
-  run.grads = whole.download_grads();
-  run.stats = whole.moe_stats();
-  return run;
 }
 
 // What a rank of the group computed.
@@ -144,14 +102,8 @@ GroupRun run_group(const GroupCase& c, GradMode mode, const ExpertExchange& exch
   } else {
     part.zero_grads();
   }
-  std::vector<int32_t> my_tokens, my_targets;
-  for (int64_t b = 0; b < c.batch; ++b) {
-    const int64_t first = b * c.seq + rank * local_seq;
-    my_tokens.insert(my_tokens.end(), c.tokens.begin() + first,
-                     c.tokens.begin() + first + local_seq);
-    my_targets.insert(my_targets.end(), c.targets.begin() + first,
-                      c.targets.begin() + first + local_seq);
-  }
+  const std::vector<int32_t> my_tokens = testing::rank_positions(c, c.tokens, rank, num_ranks);
+  const std::vector<int32_t> my_targets = testing::rank_positions(c, c.targets, rank, num_ranks);
   part.timer().set_enabled(timed);
   GroupRun run;
   run.loss =
@@ -173,49 +125,14 @@ GroupRun run_group(const GroupCase& c, GradMode mode, const ExpertExchange& exch
 void expect_matches_one_gpu(const GroupCase& c, const OneGpuRun& want, const GroupRun& got) {
   const ModelConfig& config = c.config;
   const int64_t num_ranks = nccl().size(), rank = nccl().rank();
-  const ParameterLayout whole(config);
   const ParameterLayout local(config, ExpertShard{num_ranks > 1 && config.is_moe() ? rank : 0,
                                                   config.is_moe() ? num_ranks : 1});
-  EXPECT_EQ(got.loss.num_counted, want.loss.num_counted);
-  EXPECT_NEAR(got.loss.ce_loss, want.loss.ce_loss, 1e-2);
-  EXPECT_NEAR(got.loss.aux_loss, want.loss.aux_loss, 1e-2 * std::max(1.0, want.loss.aux_loss));
-  EXPECT_NEAR(got.loss.z_loss, want.loss.z_loss, 2e-2 * std::max(1.0, want.loss.z_loss));
-  EXPECT_EQ(got.stats.size(), want.stats.size());
-  for (size_t m = 0; m < got.stats.size(); ++m) {
-    int64_t routed = 0;
-    for (const int64_t load : got.stats[m].expert_load) routed += load;
-    EXPECT_EQ(routed, c.batch * c.seq * config.num_experts_per_tok) << "MoE layer " << m;
-  }
-
-  std::map<std::string, double> projection_sq;
-  for (const ParamSpec& spec : whole.specs()) {
-    const std::string projection = projection_of(spec.name);
-    if (projection.empty()) continue;
-    for (int64_t i = 0; i < spec.numel; ++i) {
-      projection_sq[projection] +=
-          double(want.grads[spec.offset + i]) * want.grads[spec.offset + i];
-    }
-  }
+  testing::expect_loss_matches_one_gpu(c, want, got.loss, got.stats);
   if (config.is_moe() && num_ranks > 1) {
-    EXPECT_LT(local.num_params(), whole.num_params());
+    EXPECT_LT(local.num_params(), ParameterLayout(config).num_params());
   }
-  for (const ParamSpec& spec : local.specs()) {
-    const ParamSpec& at = *whole.find(spec.name);
-    double diff_sq = 0.0, ref_sq = 0.0;
-    for (int64_t i = 0; i < spec.numel; ++i) {
-      const double ref = want.grads[at.offset + i], mine = got.summed[spec.offset + i];
-      diff_sq += (mine - ref) * (mine - ref);
-      ref_sq += ref * ref;
-    }
-    const std::string projection = projection_of(spec.name);
-    const double scale =
-        projection.empty()
-            ? ref_sq
-            : std::max(ref_sq, projection_sq[projection] / static_cast<double>(config.num_experts));
-    const double bound = projection.empty() ? 5e-2 : 0.15;
-    EXPECT_LE(std::sqrt(diff_sq / std::max(scale, 1e-30)), bound)
-        << spec.name << " (" << num_ranks << " ranks, rank " << rank << ")";
-  }
+  testing::expect_grads_match_one_gpu(c, want, local, got.summed,
+                                      fmt::format("{} ranks, rank {}", num_ranks, rank));
 }
 
 // Returns this rank's run after checking it against one GPU (timed: with the group model's phase
@@ -234,26 +151,6 @@ uint16_t bits(bf16 x) {
   uint16_t b = 0;
   std::memcpy(&b, &x, sizeof(b));
   return b;
-}
-
-// The tensor of `layout` whose gradients differ most (relative L2) between two vectors.
-struct TensorDifference {
-  std::string name;
-  double relative = 0.0;
-};
-TensorDifference max_tensor_difference(const ParameterLayout& layout, const std::vector<float>& got,
-                                       const std::vector<float>& want) {
-  TensorDifference worst;
-  for (const ParamSpec& spec : layout.specs()) {
-    double diff_sq = 0.0, ref_sq = 0.0;
-    for (int64_t i = spec.offset; i < spec.offset + spec.numel; ++i) {
-      diff_sq += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
-      ref_sq += double(want[i]) * want[i];
-    }
-    const double relative = std::sqrt(diff_sq / std::max(ref_sq, 1e-30));
-    if (relative >= worst.relative) worst = {spec.name, relative};
-  }
-  return worst;
 }
 
 class ExpertParallelGpu : public ::testing::TestWithParam<Architecture> {};
