@@ -407,8 +407,9 @@ void register_bench_command(CLI::App& app) {
                    "tp (the Megatron-LM baseline of MegaScale-MoE's ablation: attention heads and "
                    "every FFN's and expert's columns split between all-gathers and "
                    "reduce-scatters along the sequence, no overlap; every GPU holds the whole "
-                   "model; not with --zero-stage 1, --cuda-graphs or the --ep-* options; not yet "
-                   "run on a GPU)")
+                   "model, so its grad_reduce and optimizer phases cover every weight where "
+                   "Megatron-LM's would cover 1/N of the split ones; not with --zero-stage 1, "
+                   "--cuda-graphs or the --ep-* options)")
       ->check(CLI::IsMember({"sp_ep", "tp"}))
       ->capture_default_str();
   train->add_flag("--overlap-optimizer", opt->overlap_optimizer,

@@ -28,7 +28,7 @@ void register_train_command(CLI::App& app) {
       "attention heads and FFN columns (tp: Megatron-LM's tensor parallelism) and the N / n "
       "groups are data-parallel (global batch N / n x ...). With --device cuda each rank uses GPU "
       "local rank % GPUs of its host (tp on GPUs: not with --cuda-graphs, parallel.zero_stage 1, "
-      "ep_comm_dtype bf16 or ep_overlap_chunks > 1; not yet run on a GPU).");
+      "ep_comm_dtype bf16 or ep_overlap_chunks > 1).");
   cmd->add_option("--config", opts->config, "Training config (JSON; see configs/train/)")
       ->required()
       ->check(CLI::ExistingFile);
