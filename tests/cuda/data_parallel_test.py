@@ -19,7 +19,9 @@ group's partial gradients summed on the GPUs, then the optimizer over a data-par
 "tp" is one tensor-parallel group of two GPUs (parallel.layout tp, the Megatron-LM baseline:
 GpuTransformer::set_tensor_parallel_group, each GPU with half of every head set and FFN's columns
 between all-gathers and reduce-scatters along the sequence, its gradients summed over both GPUs)
-over the same micro-batches. "dp-zero1" is ZeRO-1
+over the same micro-batches; it saves a checkpoint halfway, and "tp-resumed" resumes from it on
+one GPU (a checkpoint of one layout loading under another, issue #7) for the second half, which,
+joined to tp's first half, must track one GPU too. "dp-zero1" is ZeRO-1
 on the two GPUs (parallel.zero_stage 1: gradients summed onto their shard owners in BUCKET_MB
 buckets beside the backward, AdamW on each GPU's half, weights all-gathered); it saves a checkpoint halfway (each rank's moments gathered to rank 0), and
 "dp-zero1-resumed" resumes from it (each rank reads its shard back) for the second half, which,
@@ -36,7 +38,7 @@ agree to FIRST_STEP_GAP, and the two-GPU runs must say that they summed through 
 An optional third argument names a JSON file that receives every run's loss and gradient-norm
 curves, per model (written before the checks, for a look at a failing run). DATA_PARALLEL_RUNS
 (comma-separated names of the checked runs, e.g. dp-zero1,dp-zero1-resumed) runs only those
-beside the four reference runs; dp-zero1-resumed brings dp-zero1 with it.
+beside the four reference runs; a resumed run brings the run it resumes from with it.
 
 Exits 77 (skipped) without two GPUs or without MOEFORGE_MPIEXEC (mpirun), unless
 MOEFORGE_EXPECT_GPU=1 and there is no GPU at all."""
@@ -54,7 +56,8 @@ FIRST_STEP_GAP = 1e-3  # nats: the same forward on the same weights, bf16 on bot
 BUCKET_MB = 0.05  # 13,107 fp32 gradients a bucket: dozens per step on the tiny models
 REFERENCE_RUNS = ("cpu", "one-gpu", "cpu-dp-fp32", "cpu-dp-bf16")
 CHECKED_RUNS = ("dp-fp32", "dp-bf16", "dp-fp32-buckets", "dp-bf16-buckets", "sp-ep", "sp-ep-a2a",
-                "sp-ep-zero1", "tp", "dp-zero1", "dp-zero1-resumed")
+                "sp-ep-zero1", "tp", "tp-resumed", "dp-zero1", "dp-zero1-resumed")
+RESUMED_FROM = {"tp-resumed": "tp", "dp-zero1-resumed": "dp-zero1"}  # second halves of runs
 
 
 def selected_runs():
@@ -66,8 +69,9 @@ def selected_runs():
     if unknown:
         sys.exit(f"DATA_PARALLEL_RUNS: unknown run(s) {unknown}; known: {', '.join(CHECKED_RUNS)}")
     wanted = set(names)
-    if "dp-zero1-resumed" in wanted:
-        wanted.add("dp-zero1")  # it resumes from dp-zero1's checkpoint
+    for resumed, first in RESUMED_FROM.items():
+        if resumed in wanted:
+            wanted.add(first)  # it resumes from that run's checkpoint
     return wanted
 
 
@@ -132,7 +136,11 @@ def main():
                       "--set", "data.grad_accum_steps=2"]),
                     ("tp", mpirun, "cuda",
                      ["--set", "parallel.expert_parallel=2", "--set", "parallel.layout=tp",
-                      "--set", "data.grad_accum_steps=2"]),
+                      "--set", "data.grad_accum_steps=2",
+                      "--set", f"checkpoint.every_steps={STEPS // 2}"]),
+                    ("tp-resumed", [], "cuda",
+                     ["--set", "data.grad_accum_steps=2", "--resume",
+                      os.path.join(tmp, f"{model}-tp", "checkpoints", f"step-{STEPS // 2:08d}")]),
                     ("dp-zero1", mpirun, "cuda",
                      ["--set", "parallel.zero_stage=1",
                       "--set", f"parallel.grad_bucket_mb={BUCKET_MB}",
@@ -162,12 +170,12 @@ def main():
                 metrics = os.path.join(run_dir, "metrics.jsonl")
                 curves[name] = step_records(metrics, "loss")
                 grad_norms[name] = step_records(metrics, "grad_norm")
-                want_steps = STEPS - STEPS // 2 if name == "dp-zero1-resumed" else STEPS
+                want_steps = STEPS - STEPS // 2 if name in RESUMED_FROM else STEPS
                 assert len(curves[name]) == want_steps, (model, name, len(curves[name]))
-            if "dp-zero1-resumed" in curves:
-                for series in (curves, grad_norms):
-                    series["dp-zero1-resumed"] = (series["dp-zero1"][:STEPS // 2] +
-                                                  series["dp-zero1-resumed"])
+            for resumed, first in RESUMED_FROM.items():
+                if resumed in curves:
+                    for series in (curves, grad_norms):
+                        series[resumed] = series[first][:STEPS // 2] + series[resumed]
             all_curves[model] = {"loss": curves, "grad_norm": grad_norms}
             if curves_file:
                 with open(curves_file, "w") as f:
