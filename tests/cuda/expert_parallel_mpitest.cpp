@@ -554,14 +554,10 @@ TEST(ExpertParallelGpuConfig, RejectsOverlapChunksUnderACapacityFactor) {
   EXPECT_THROW(none.set_expert_parallel_group(nccl(), {GradReduceDtype::kFloat32, 0}), Error);
 }
 
-std::string arch_name(const ::testing::TestParamInfo<Architecture>& info) {
-  return architecture_name(info.param);
-}
-
 INSTANTIATE_TEST_SUITE_P(Architectures, ExpertParallelGpu,
                          ::testing::Values(Architecture::kLlama, Architecture::kMixtral,
                                            Architecture::kQwen2Moe, Architecture::kQwen3Moe),
-                         arch_name);
+                         testing::architecture_test_name);
 
 }  // namespace
 }  // namespace moeforge::cuda

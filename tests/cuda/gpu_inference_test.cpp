@@ -215,15 +215,8 @@ TEST(GpuInference, OddSharedExpertSizeMatchesCpuReference) {
   }
 }
 
-std::string arch_name(const ::testing::TestParamInfo<Architecture>& info) {
-  return architecture_name(info.param);
-}
-
-INSTANTIATE_TEST_SUITE_P(Architectures, GpuInferenceTest,
-                         ::testing::Values(Architecture::kLlama, Architecture::kQwen2,
-                                           Architecture::kQwen3, Architecture::kMixtral,
-                                           Architecture::kQwen2Moe, Architecture::kQwen3Moe),
-                         arch_name);
+INSTANTIATE_TEST_SUITE_P(Architectures, GpuInferenceTest, testing::every_architecture(),
+                         testing::architecture_test_name);
 
 // A Qwen3-MoE model (q/k norm, dense and MoE layers) long enough for sparse prefills.
 ModelConfig flex_config() {

@@ -1,8 +1,9 @@
 // Small models of every architecture the CUDA backend runs, with bf16-representable weights, for
-// the whole-model tests (gpu_transformer_test.cpp, gpu_inference_test.cpp).
+// the whole-model tests (gpu_transformer_test.cpp, gpu_inference_test.cpp and the group tests).
 #pragma once
 
 #include <cuda_bf16.h>
+#include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
@@ -15,6 +16,18 @@
 #include "model/parameters.h"
 
 namespace moeforge::cuda::testing {
+
+// Every architecture, for the whole-model tests' INSTANTIATE_TEST_SUITE_P, and their test names
+// ("LlamaForCausalLM" etc.).
+inline auto every_architecture() {
+  return ::testing::Values(Architecture::kLlama, Architecture::kQwen2, Architecture::kQwen3,
+                           Architecture::kMixtral, Architecture::kQwen2Moe,
+                           Architecture::kQwen3Moe);
+}
+
+inline std::string architecture_test_name(const ::testing::TestParamInfo<Architecture>& info) {
+  return architecture_name(info.param);
+}
 
 inline ModelConfig gpu_config(Architecture arch) {
   ModelConfig c;

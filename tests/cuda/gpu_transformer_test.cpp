@@ -465,10 +465,6 @@ TEST_P(GpuTransformerTest, GradReadyHookReportsEachRangeWhenFinal) {
   }
 }
 
-std::string arch_name(const ::testing::TestParamInfo<Architecture>& info) {
-  return architecture_name(info.param);
-}
-
 // A batch whose distinct tokens and counted targets differ from step to step: tokens drawn from
 // the first `span` ids of the vocabulary, every `skip`-th target ignored.
 std::pair<std::vector<int32_t>, std::vector<int32_t>> varied_batch(int64_t count, int64_t span,
@@ -585,11 +581,8 @@ TEST_P(GpuTransformerTest, CudaGraphsRefuseHooksAndFollowNewShapes) {
   EXPECT_EQ(gpu.graph_captures(), 2);
 }
 
-INSTANTIATE_TEST_SUITE_P(Architectures, GpuTransformerTest,
-                         ::testing::Values(Architecture::kLlama, Architecture::kQwen2,
-                                           Architecture::kQwen3, Architecture::kMixtral,
-                                           Architecture::kQwen2Moe, Architecture::kQwen3Moe),
-                         arch_name);
+INSTANTIATE_TEST_SUITE_P(Architectures, GpuTransformerTest, testing::every_architecture(),
+                         testing::architecture_test_name);
 
 }  // namespace
 }  // namespace moeforge::cuda

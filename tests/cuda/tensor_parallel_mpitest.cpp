@@ -370,15 +370,8 @@ TEST(TensorParallelGpuConfig, RejectsCountsThatDoNotSplit) {
   }
 }
 
-std::string arch_name(const ::testing::TestParamInfo<Architecture>& info) {
-  return architecture_name(info.param);
-}
-
-INSTANTIATE_TEST_SUITE_P(Architectures, TensorParallelGpu,
-                         ::testing::Values(Architecture::kLlama, Architecture::kQwen2,
-                                           Architecture::kQwen3, Architecture::kMixtral,
-                                           Architecture::kQwen2Moe, Architecture::kQwen3Moe),
-                         arch_name);
+INSTANTIATE_TEST_SUITE_P(Architectures, TensorParallelGpu, testing::every_architecture(),
+                         testing::architecture_test_name);
 
 }  // namespace
 }  // namespace moeforge::cuda
