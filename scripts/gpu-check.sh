@@ -21,6 +21,11 @@
 #             tp" those groups are tensor-parallel, the ablation's baseline);
 #             prints tokens/s per GPU, the efficiency against one GPU and every phase's GPU ms
 #             (the one-GPU run's beside the others')
+#   ablation  the time half of MegaScale-MoE's ablation on all the machine's GPUs as one group:
+#             `bench train` on configs/bench/mixtral-ablation.json with --layout tp against sp_ep
+#             and sp_ep with --grad-reduce bf16, alternating (ABLATION_REPEATS rounds, default 2),
+#             as a table (scripts/ablation_table.py; $OUT/ablation.md): whole step and "layers
+#             only" (without grad_reduce and optimizer) relative to tp
 #   sanitize  compute-sanitizer memcheck over the CUDA test binary, racecheck over our own kernels
 #             (SANITIZE_TOOLS picks, default "memcheck racecheck"; SANITIZE_FILTER, a gtest filter,
 #             narrows both: the whole stage takes over 10 minutes, e.g. memcheck covered 102 of
@@ -172,6 +177,25 @@ for ranks in sorted(runs):
                               name in base["phase_ms"] else "")
         for name, ms in sorted(row["phase_ms"].items())))
 PY
+      ;;
+    ablation)
+      # MegaScale-MoE's ablation, time half: one group of all the GPUs on the Mixtral-shaped
+      # config, tp (TP+TP = 1.00) against sp_ep and sp_ep with bf16 gradient sums, alternating,
+      # ABLATION_REPEATS rounds (default 2); summed by scripts/ablation_table.py.
+      gpus=$(nvidia-smi -L | wc -l)
+      rm -f "$OUT"/ablation_*.json
+      for round in $(seq "${ABLATION_REPEATS:-2}"); do
+        for variant in "tp fp32" "sp_ep fp32" "sp_ep bf16"; do
+          read -r layout dtype <<< "$variant"
+          mpirun -np "$gpus" --allow-run-as-root --oversubscribe build-gpu/moeforge bench train \
+            --config configs/bench/mixtral-ablation.json --seq 4096 --micro-batch 2 \
+            --expert-parallel "$gpus" --layout "$layout" --grad-reduce "$dtype" --steps 6 \
+            > "$OUT/ablation_${round}_${layout}_$dtype.json" \
+            2> "$OUT/ablation_${round}_${layout}_$dtype.log" \
+            || { tail -n 20 "$OUT/ablation_${round}_${layout}_$dtype.log"; rc=1; }
+        done
+      done
+      python3 scripts/ablation_table.py "$OUT"/ablation_*.json | tee "$OUT/ablation.md" || rc=1
       ;;
     sanitize)
       sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2> /dev/null | head -n 1 || true)
