@@ -28,8 +28,7 @@ def last_run(path):
 
 def summary(runs):
     """Medians over the repeats of one variant."""
-    def median(values):
-        return statistics.median(values)
+    median = statistics.median
     step = median([r["median_step_ms"] for r in runs])
     grad = median([r["phase_ms"].get("grad_reduce", 0.0) for r in runs])
     opt = median([r["phase_ms"].get("optimizer", 0.0) for r in runs])
