@@ -1,23 +1,29 @@
 // The Hopper block-sparse causal attention kernel (sm_90a; see block_sparse_attention.h), warp
-// specialised: one producer warp loads Q once and the key tiles of the row's CSR list by TMA into
-// a ring of kStages shared-memory stages (mbarriers: `full` when a stage's bytes have landed,
-// `empty` when every consumer warp is done with it), and kConsumers consumer warpgroups own 64
-// query rows of one head each, head_dim 64 or 128. TMA writes the canonical 128-byte-swizzled wgmma
-// layout (64-element panels of 128-byte rows, 16-byte chunk c of row r at chunk c ^ (r % 8)), and
-// zero-fills rows past the sequence end. S = Q K^T is wgmma m64n64k16 with both operands in shared
-// memory (K-major); P = exp(S - max) goes to bf16 registers as wgmma's A fragment, and O += P V is
-// wgmma m64n128k16 (m64n64k16 at head_dim 64) with V read MN-major (transposed by the hardware).
-// Within a warpgroup a tile's softmax runs while the tensor cores do the previous tile's P V
-// (FlashAttention-3's intra-warpgroup overlap), and the two warpgroups run unsynchronised, so
-// one's softmax also overlaps the other's MMAs. The online softmax is the tensor-core kernel's
+// specialised: a producer warp loads Q once and the key tiles of the row's CSR list by TMA into a
+// ring of kStages shared-memory stages (mbarriers: `full` when a stage's bytes have landed, `empty`
+// when every consumer warp is done with it), and kConsumers consumer warpgroups own 64 query rows
+// of one head each, head_dim 64 or 128. With two consumers (blocks of a multiple of 128) the tiles
+// hold 128 keys and the producer is a whole warpgroup that hands its registers to the consumers
+// (setmaxnreg), which need 160 for S, P and O; with one, 64 keys. TMA writes the canonical
+// 128-byte-swizzled wgmma layout (64-element panels of 128-byte rows, 16-byte chunk c of row r at
+// chunk c ^ (r % 8)), and zero-fills rows past the sequence end. S = Q K^T is wgmma m64nKk16
+// (K = the tile's keys) with both operands in shared memory (K-major); P = exp(S - max) goes to
+// bf16 registers as wgmma's A fragment, and O += P V is wgmma m64n128k16 (m64n64k16 at head_dim
+// 64) with V read MN-major (transposed by the hardware). Within a warpgroup a tile's softmax runs
+// while the tensor cores do the previous tile's P V (FlashAttention-3's intra-warpgroup overlap),
+// and two warpgroups take turns issuing their wgmmas (FlashAttention-3's warp scheduler barrier),
+// so one's softmax overlaps the other's MMAs. Only the tiles that need a causal mask (the last of
+// the walk) run masking instructions. The online softmax is the tensor-core kernel's
 // (block_sparse_attention_tc.cu), on the same accumulator layout. Measured and not kept (see
-// docs/benchmarks.md): Q in registers for S, with a producer warpgroup handing its registers over
-// by setmaxnreg (1-2% slower). Not yet: GQA-shared K/V tiles.
+// docs/benchmarks.md): Q in registers for S (1-2% slower), a suspend-time hint on the mbarrier
+// waits (no gain). Not yet: GQA-shared K/V tiles.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "core/error.h"
 #include "cuda/block_sparse_attention_kernels.h"
@@ -29,19 +35,27 @@
 namespace moeforge::cuda {
 namespace {
 
-constexpr int kKeys = 64;  // keys per pipeline stage (the N of S = Q K^T)
-constexpr int kStages = 4;
 constexpr int kPanel = 64;  // elements of a 128-byte swizzled row: one TMA box's width
+constexpr int kMaxSmemBytes = 227 * 1024;  // an sm_90 block's shared-memory limit
 
+// kKeys keys per pipeline stage (the N of S = Q K^T), as many as the CTA has query rows: as tiles
+// start at multiples of kKeys within blocks and at or before the CTA's last row, every tile starts
+// at or before its first row, so every warpgroup sees a key of every tile.
 template <int kConsumers, int kHeadDim>
 struct HopperConfig {
+  static_assert(kConsumers == 1 || kConsumers == 2);
   static constexpr int kRows = 64 * kConsumers;
+  static constexpr int kKeys = kRows;
   static constexpr int kConsumerThreads = 128 * kConsumers;
-  static constexpr int kThreads = kConsumerThreads + 32;  // + the producer warp
+  static constexpr bool kProducerWarpgroup = kConsumers == 2;
+  static constexpr int kThreads = kConsumerThreads + (kProducerWarpgroup ? 128 : 32);
   static constexpr int kQBytes = kRows * kHeadDim * 2;
   static constexpr int kTileBytes = kKeys * kHeadDim * 2;  // one K or V tile
+  // As many stages as fit, at most four.
+  static constexpr int kStages = std::min(4, (kMaxSmemBytes - kQBytes - 128) / (2 * kTileBytes));
   static constexpr int kBarrierBytes = (1 + 2 * kStages) * 8;
   static constexpr size_t kSmemBytes = kQBytes + 2 * kStages * kTileBytes + kBarrierBytes;
+  static_assert(kStages >= 2 && kSmemBytes <= kMaxSmemBytes);
 };
 
 // The kernel's arguments: the shapes and pointers, and TMA descriptors of Q ([N, Hq * 128], boxes
@@ -76,6 +90,15 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 }
 
+template <int kRegisters>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+template <int kRegisters>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+
 __device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_address(bar)), "r"(count)
                : "memory");
@@ -88,6 +111,15 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_
                "r"(bytes)
                : "memory");
 }
+// Named barrier `id` over `threads` threads: sync waits for all of them, arrive counts in and goes
+// on.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Waits until the barrier's phase of this parity has completed.
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
   uint32_t done = 0;
@@ -126,6 +158,31 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t a_de
         "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
         "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
         "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(a_desc), "l"(b_desc), "r"(accumulate)
+      : "memory");
+}
+
+// d (64 x 128 fp32 per warpgroup) = A (64 x 16, shared memory, K-major) * B (16 x 128, shared
+// memory, K-major) + (accumulate ? d : 0): wgmma m64n128k16 bf16.
+__device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[64], uint64_t a_desc,
+                                                    uint64_t b_desc, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, "
+      "%9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, "
+      "%27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, "
+      "%45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, "
+      "%63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63])
       : "l"(a_desc), "l"(b_desc), "r"(accumulate)
       : "memory");
 }
@@ -175,25 +232,33 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const uint32
 
 // S = Q K^T of one warpgroup's 64 rows and one stage's kKeys keys, issued (not waited for); the
 // first k-step overwrites s (no zeroing by other instructions, which would serialise the wgmmas).
-template <int kRows, int kHeadDim>
-__device__ __forceinline__ void issue_scores(float (&s)[32], uint32_t q_base, uint32_t k_base) {
+template <int kRows, int kHeadDim, int kKeys>
+__device__ __forceinline__ void issue_scores(float (&s)[kKeys / 2], uint32_t q_base,
+                                             uint32_t k_base) {
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < kHeadDim / 16; ++kk) {
     const uint32_t panel_q = (kk / 4) * kRows * kRowBytes;
     const uint32_t panel_k = (kk / 4) * kKeys * kRowBytes;
     const uint32_t step = (kk % 4) * 32;
-    wgmma_m64n64k16_ss(s, make_descriptor(q_base + panel_q + step, 16, 1024),
-                       make_descriptor(k_base + panel_k + step, 16, 1024), kk > 0 ? 1 : 0);
+    const uint64_t q_desc = make_descriptor(q_base + panel_q + step, 16, 1024);
+    const uint64_t k_desc = make_descriptor(k_base + panel_k + step, 16, 1024);
+    if constexpr (kKeys == 128) {
+      wgmma_m64n128k16_ss(s, q_desc, k_desc, kk > 0 ? 1 : 0);
+    } else {
+      wgmma_m64n64k16_ss(s, q_desc, k_desc, kk > 0 ? 1 : 0);
+    }
   }
   wgmma_commit();
 }
 
 // P (64 x kKeys, fp32 in the S accumulator layout) packed to bf16 pairs: wgmma's A fragments of
-// the four k16 steps of O += P V.
-__device__ __forceinline__ void pack_probabilities(uint32_t (&p)[16], const float (&s)[32]) {
+// the k16 steps of O += P V.
+template <int kKeys>
+__device__ __forceinline__ void pack_probabilities(uint32_t (&p)[kKeys / 4],
+                                                   const float (&s)[kKeys / 2]) {
 #pragma unroll
-  for (int i = 0; i < 16; ++i) p[i] = pack_bf16(s[2 * i], s[2 * i + 1]);
+  for (int i = 0; i < kKeys / 4; ++i) p[i] = pack_bf16(s[2 * i], s[2 * i + 1]);
 }
 
 // Keeps the compiler from moving reads or writes of x across this point, nor reusing its register
@@ -206,8 +271,8 @@ __device__ __forceinline__ void fence_operand(float& x) {
 }
 
 // O += P V of one stage, issued (not waited for); p must stay untouched until it completes.
-template <int kHeadDim>
-__device__ __forceinline__ void issue_values(float (&o)[kHeadDim / 2], uint32_t (&p)[16],
+template <int kHeadDim, int kKeys>
+__device__ __forceinline__ void issue_values(float (&o)[kHeadDim / 2], uint32_t (&p)[kKeys / 4],
                                              uint32_t v_base) {
   wgmma_fence();
 #pragma unroll
@@ -232,6 +297,8 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers, kHeadDim>::kThreads, 
     block_sparse_attention_sm90_kernel(const __grid_constant__ HopperArgs args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Cfg = HopperConfig<kConsumers, kHeadDim>;
+  constexpr int kStages = Cfg::kStages;
+  constexpr int kKeys = Cfg::kKeys;
   constexpr int kKeyTiles = kKeys / 8;  // n8 blocks of S
   constexpr int kDimTiles = kHeadDim / 8;
   const BlockSparseLaunch& a = args.a;
@@ -261,9 +328,11 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers, kHeadDim>::kThreads, 
   }
   __syncthreads();
 
-  if (warp == 4 * kConsumers) {
+  if (warp >= 4 * kConsumers) {
     // The producer: Q once, then every key tile of the walk into the ring.
-    if (lane == 0) {
+    // Per SM sub-partition one producer and two consumer warps share 16K registers: 24 + 2 x 240.
+    if constexpr (Cfg::kProducerWarpgroup) setmaxnreg_dec<24>();
+    if (warp == 4 * kConsumers && lane == 0) {
       mbarrier_arrive_expect_tx(q_full, Cfg::kQBytes);
       for (int p = 0; p < kHeadDim / kPanel; ++p) {
         tma_load(q_tile + p * Cfg::kRows * kRowBytes, &args.q_map, head * kHeadDim + p * kPanel,
@@ -289,6 +358,7 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers, kHeadDim>::kThreads, 
   }
 
   // A consumer warpgroup: rows [wg_row0, wg_row0 + 64), 16 per warp.
+  if constexpr (Cfg::kProducerWarpgroup) setmaxnreg_inc<240>();
   const int warpgroup = warp / 4, g = lane / 4, t = lane % 4;
   const int64_t wg_row0 = row0 + 64 * warpgroup;
   const int64_t warp_row0 = wg_row0 + 16 * (warp % 4);
@@ -300,44 +370,47 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers, kHeadDim>::kThreads, 
     __syncwarp();
     if (lane == 0) mbarrier_arrive(&empty[stage]);
   };
-  // Whether this warpgroup has rows that see a key of the tile at t0 (causal; the walk already
-  // skips the tiles no row of the CTA sees).
-  const auto computes = [&](const TileCursor& c) { return c.t0 <= wg_row0 + 63; };
-
   float o[4 * kDimTiles];
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};  // rows g and g + 8
 #pragma unroll
   for (int i = 0; i < 4 * kDimTiles; ++i) o[i] = 0.0f;
   mbarrier_wait(q_full, 0);
 
-  float s[32];
-  uint32_t p[16];
+  float s[kKeys / 2];
+  uint32_t p[kKeys / 4];
   const auto fence_operands = [&] {
 #pragma unroll
-    for (int j = 0; j < 16; ++j) fence_operand(p[j]);
+    for (int j = 0; j < kKeys / 4; ++j) fence_operand(p[j]);
 #pragma unroll
     for (int j = 0; j < 4 * kDimTiles; ++j) fence_operand(o[j]);
 #pragma unroll
-    for (int j = 0; j < 32; ++j) fence_operand(s[j]);
+    for (int j = 0; j < kKeys / 2; ++j) fence_operand(s[j]);
   };
-  // Masks s (S of the tile at c), turns it into P = 2^(scale_log2 * s - running max) (one fused
-  // multiply-add per logit) and updates the running max (of the scaled logits) and sum; correction
-  // gets the factor by which O must shrink.
-  const auto softmax = [&](const TileCursor& c, float(&correction)[2]) {
-    const int64_t key_end = walk.block_end(c.e);
+  // Whether some row of this warpgroup must not see some key of the tile at c (the diagonal tile).
+  // Such tiles come last in the walk, as the keys ascend. Keys past the sequence end (the last
+  // block's, read as zeros) lie past every row that is stored, so causality masks them too.
+  const auto needs_mask = [&](const TileCursor& c) { return c.t0 + kKeys - 1 > wg_row0; };
+  // Sets s (S of the tile at c) to -infinity where the key lies past the row.
+  const auto mask = [&](const TileCursor& c) {
     const int key_shift = static_cast<int>(c.t0 - warp_row0);
-    const int key_limit = static_cast<int>(min(key_end - c.t0, int64_t{kKeys}));
-    const bool needs_mask = key_shift + kKeys - 1 > 0 || key_limit < kKeys;
 #pragma unroll
-    for (int n = 0; n < kKeyTiles; ++n)
+    for (int half = 0; half < 2; ++half) {
+      // Key 8 n + 2 t + j (j = 0, 1) of row g + 8 half stays iff 8 n + j <= last.
+      const int last = g + 8 * half - key_shift - 2 * t;
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        if (needs_mask) {
-          const int row = g + (k >= 2 ? 8 : 0);
-          const int key = 8 * n + 2 * t + (k % 2);
-          if (key + key_shift > row || key >= key_limit) s[4 * n + k] = -INFINITY;
-        }
+      for (int n = 0; n < kKeyTiles; ++n) {
+        if (8 * n > last) s[4 * n + 2 * half] = -INFINITY;
+        if (8 * n + 1 > last) s[4 * n + 2 * half + 1] = -INFINITY;
       }
+    }
+  };
+  // Masks s (S of the tile at c) if `masked` (std::true_type or std::false_type: the unmasked
+  // tiles get a copy of the loop without masking instructions; predicated, they would still take
+  // issue slots), turns it into P = 2^(scale_log2 * s - running max) (one fused multiply-add per
+  // logit) and updates the running max (of the scaled logits) and sum; correction gets the factor
+  // by which O must shrink.
+  const auto softmax = [&](const TileCursor& c, float(&correction)[2], auto masked) {
+    if constexpr (decltype(masked)::value) mask(c);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       float mx = -INFINITY;
@@ -376,57 +449,67 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers, kHeadDim>::kThreads, 
         o[4 * n + 3] *= correction[1];
       }
     }
-    pack_probabilities(p, s);
+    pack_probabilities<kKeys>(p, s);
     fence_operands();  // final before the next wgmmas start
   };
   const auto fence_scores = [&] {
 #pragma unroll
-    for (int j = 0; j < 32; ++j) fence_operand(s[j]);
+    for (int j = 0; j < kKeys / 2; ++j) fence_operand(s[j]);
   };
 
-  // Tiles before the first one these rows see are handed straight back.
+  // FlashAttention-3's warp scheduler barrier: the two consumer warpgroups take turns issuing their
+  // wgmmas (named barriers 1 and 2), so that one's softmax runs while the other's GEMMs hold the
+  // tensor cores. Both compute every tile of the walk (see HopperConfig), so their turns pair up;
+  // warpgroup 0 goes first.
+  constexpr bool kTakeTurns = kConsumers == 2;
+  const auto wait_turn = [&] {
+    if constexpr (kTakeTurns) named_barrier_sync(1 + warpgroup, 256);
+  };
+  const auto pass_turn = [&] {
+    if constexpr (kTakeTurns) named_barrier_arrive(2 - warpgroup, 256);
+  };
+  if (kTakeTurns && warpgroup == 1) named_barrier_arrive(1, 256);
+
   TileCursor cur = walk.first(walk.begin);
-  int i = 0;
-  for (; cur.e < walk.end; cur = walk.next(cur), ++i) {
-    mbarrier_wait(&full[i % kStages], (i / kStages) & 1);
-    if (computes(cur)) break;
-    release(i % kStages);
-  }
   if (cur.e < walk.end) {
     // The first tile: S alone.
-    int previous_stage = i % kStages;
+    int i = 0, previous_stage = 0;
     float correction[2];
-    issue_scores<Cfg::kRows, kHeadDim>(s, q_base, k_address(previous_stage));
+    mbarrier_wait(&full[0], 0);
+    wait_turn();
+    issue_scores<Cfg::kRows, kHeadDim, kKeys>(s, q_base, k_address(previous_stage));
+    pass_turn();
     wgmma_wait<0>();
     fence_scores();
-    softmax(cur, correction);
+    softmax(cur, correction, std::true_type{});
     rescale_and_pack(correction);
     cur = walk.next(cur);
     ++i;
     // Then per tile j: S_j and P_{j-1} V_{j-1} in flight together; S_j's softmax runs while the
-    // tensor cores still work on P_{j-1} V_{j-1}.
-    for (; cur.e < walk.end; cur = walk.next(cur), ++i) {
+    // tensor cores still work on P_{j-1} V_{j-1}. After each tile cur and i move on; the next
+    // tile's col_idx read is issued first, so that its latency hides behind this tile's work.
+    const auto step = [&](auto masked) {
       const int stage = i % kStages;
+      const TileCursor following = walk.next(cur);
       mbarrier_wait(&full[stage], (i / kStages) & 1);
-      if (!computes(cur)) {
-        // No key of the tile is visible to these rows. Such tiles hold keys (wg_row0 + 63,
-        // row0 + kRows), so there is at most one per row: holding previous_stage meanwhile
-        // cannot starve the producer of a stage.
-        release(stage);
-        continue;
-      }
-      issue_scores<Cfg::kRows, kHeadDim>(s, q_base, k_address(stage));
-      issue_values<kHeadDim>(o, p, k_address(previous_stage) + Cfg::kTileBytes);
+      wait_turn();
+      issue_scores<Cfg::kRows, kHeadDim, kKeys>(s, q_base, k_address(stage));
+      issue_values<kHeadDim, kKeys>(o, p, k_address(previous_stage) + Cfg::kTileBytes);
+      pass_turn();
       wgmma_wait<1>();
       fence_scores();  // only S is final here: O and P belong to the P V in flight
-      softmax(cur, correction);
+      softmax(cur, correction, masked);
       wgmma_wait<0>();
       fence_operands();
       release(previous_stage);
       rescale_and_pack(correction);
       previous_stage = stage;
-    }
-    issue_values<kHeadDim>(o, p, k_address(previous_stage) + Cfg::kTileBytes);
+      cur = following;
+      ++i;
+    };
+    while (cur.e < walk.end && !needs_mask(cur)) step(std::false_type{});
+    while (cur.e < walk.end) step(std::true_type{});
+    issue_values<kHeadDim, kKeys>(o, p, k_address(previous_stage) + Cfg::kTileBytes);
     wgmma_wait<0>();
     fence_operands();
     release(previous_stage);
@@ -494,8 +577,8 @@ void launch(const BlockSparseLaunch& a, cudaStream_t stream) {
   using Cfg = HopperConfig<kConsumers, kHeadDim>;
   const HopperArgs args{a,
                         tensor_map(a.q, a.seq_len, int64_t{a.num_q_heads} * kHeadDim, Cfg::kRows),
-                        tensor_map(a.k, a.seq_len, int64_t{a.num_kv_heads} * kHeadDim, kKeys),
-                        tensor_map(a.v, a.seq_len, int64_t{a.num_kv_heads} * kHeadDim, kKeys)};
+                        tensor_map(a.k, a.seq_len, int64_t{a.num_kv_heads} * kHeadDim, Cfg::kKeys),
+                        tensor_map(a.v, a.seq_len, int64_t{a.num_kv_heads} * kHeadDim, Cfg::kKeys)};
   const auto kernel = block_sparse_attention_sm90_kernel<kConsumers, kHeadDim>;
   MF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                      static_cast<int>(Cfg::kSmemBytes)));
@@ -507,8 +590,8 @@ void launch(const BlockSparseLaunch& a, cudaStream_t stream) {
 
 template <int kHeadDim>
 void launch_for_head_dim(const BlockSparseLaunch& args, cudaStream_t stream) {
-  // Two consumer warpgroups (128 query rows sharing each K/V tile) where the block size allows,
-  // else one.
+  // Two consumer warpgroups (128 query rows sharing each 128-key K/V tile) where the block size
+  // allows, else one (64 rows and keys).
   if (args.block_size % 128 == 0) {
     launch<2, kHeadDim>(args, stream);
   } else {

@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const auto load_tile = [&](TileCursor c, int stage) {
     bf16* k_dst = kv_tiles + stage * 2 * kKeys * kStride;
     bf16* v_dst = k_dst + kKeys * kStride;
-    const int64_t key_end = walk.block_end(c.e);
+    const int64_t key_end = c.end;
     for (int idx = tid; idx < kKeys * Cfg::kChunksPerRow; idx += Cfg::kThreads) {
       const int j = idx / Cfg::kChunksPerRow, ch = idx % Cfg::kChunksPerRow;
       const int64_t key = c.t0 + j;
@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     __syncthreads();
     const bf16* k_tile = kv_tiles + stage * 2 * kKeys * kStride;
     const bf16* v_tile = k_tile + kKeys * kStride;
-    const int64_t key_end = walk.block_end(cur.e);
+    const int64_t key_end = cur.end;
     // Warps whose rows all precede the tile have nothing to add (causal).
     if (cur.t0 <= warp_row0 + kRowsPerWarp - 1) {
       float s[2][kKeyTiles][4];

@@ -14,9 +14,10 @@
 
 namespace moeforge::cuda {
 
-// Where the next key tile comes from: CSR entry e of the row, and its first key t0.
+// Where the next key tile comes from: CSR entry e of the row, its first key t0, and end, one past
+// the last key of entry e's block.
 struct TileCursor {
-  int64_t e, t0;
+  int64_t e, t0, end;
 };
 
 template <int kKeys>
@@ -34,16 +35,15 @@ struct TileWalk {
     begin = a.row_offsets[csr_row];
     end = a.row_offsets[csr_row + 1];
   }
-  // One past the last key of entry e's block.
-  __device__ int64_t block_end(int64_t e) const {
-    return min((static_cast<int64_t>(col_idx[e]) + 1) * block_size, seq_len);
-  }
+  // The first tile of entry e (one read of col_idx; entries from `end` on give t0 = end = 0).
   __device__ TileCursor first(int64_t e) const {
-    return TileCursor{e, e < end ? static_cast<int64_t>(col_idx[e]) * block_size : 0};
+    if (e >= end) return TileCursor{e, 0, 0};
+    const int64_t t0 = static_cast<int64_t>(col_idx[e]) * block_size;
+    return TileCursor{e, t0, min(t0 + block_size, seq_len)};
   }
   __device__ TileCursor next(TileCursor c) const {
     c.t0 += kKeys;
-    if (c.t0 >= block_end(c.e) || c.t0 > last_pos) c = first(c.e + 1);
+    if (c.t0 >= c.end || c.t0 > last_pos) c = first(c.e + 1);
     return c;
   }
 };
