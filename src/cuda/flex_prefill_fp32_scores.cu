@@ -18,6 +18,7 @@
 // Every sum has a fixed order, so the results are deterministic.
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "core/error.h"
 #include "cuda/cuda_check.h"
@@ -169,7 +170,9 @@ struct TileLoop {
     load_q();
     load_k(split_begin, 0);
     int stage = 0;
-    for (int64_t t0 = split_begin; t0 < split_end; t0 += kTileKeys, stage ^= 1) {
+    int64_t t0 = split_begin;
+    // One tile, masked if `masked` (std::true_type or std::false_type); then t0 and stage move on.
+    const auto tile = [&](auto masked) {
       if (t0 + kTileKeys < split_end) {
         load_k(t0 + kTileKeys, stage ^ 1);
         cp_async_wait<1>();
@@ -179,22 +182,39 @@ struct TileLoop {
       __syncthreads();
       ScoreTile s;
       multiply(s, stage);
-      // Key t0 + key is visible to warp row `row` iff key <= shift + row.
-      const int64_t shift = a.seq_len - kRows + warp * kRowsPerWarp - t0;
-      const bool needs_mask = shift < kTileKeys - 1;
+      if constexpr (decltype(masked)::value) {
+        // Key t0 + key is visible to warp row `row` iff key <= shift + row (a masked tile starts
+        // within kRows + kTileKeys keys of the end, so shift fits an int).
+        const int shift = static_cast<int>(a.seq_len - kRows + warp * kRowsPerWarp - t0);
 #pragma unroll
-      for (int m = 0; m < 2; ++m)
+        for (int m = 0; m < 2; ++m)
 #pragma unroll
-        for (int n = 0; n < kKeyTiles; ++n)
+          for (int n = 0; n < kKeyTiles; ++n)
 #pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const int row = 16 * m + g + (c >= 2 ? 8 : 0);
-            const int key = 8 * n + 2 * t + (c % 2);
-            s[m][n][c] = needs_mask && key > shift + row ? -INFINITY : s[m][n][c] * a.scale_log2;
-          }
+            for (int c = 0; c < 4; ++c) {
+              const int row = 16 * m + g + (c >= 2 ? 8 : 0);
+              const int key = 8 * n + 2 * t + (c % 2);
+              s[m][n][c] = key > shift + row ? -INFINITY : s[m][n][c] * a.scale_log2;
+            }
+      } else {
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+#pragma unroll
+          for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) s[m][n][c] *= a.scale_log2;
+      }
       body(s, t0);
       __syncthreads();  // this stage is consumed before the next iteration refills it
-    }
+      t0 += kTileKeys;
+      stage ^= 1;
+    };
+    // Only tiles reaching past the first row's position (N - kRows) hold keys that some row does
+    // not see; they come last. The others run a copy of the loop without masking instructions
+    // (predicated, those would still take issue slots).
+    const int64_t first_masked = a.seq_len - kRows - kTileKeys + 2;
+    while (t0 < split_end && t0 < first_masked) tile(std::false_type{});
+    while (t0 < split_end) tile(std::true_type{});
   }
 };
 
