@@ -16,7 +16,7 @@
 // the walk) run masking instructions. The online softmax is the tensor-core kernel's
 // (block_sparse_attention_tc.cu), on the same accumulator layout. Measured and not kept (see
 // docs/benchmarks.md): Q in registers for S (1-2% slower), a suspend-time hint on the mbarrier
-// waits (no gain). Not yet: GQA-shared K/V tiles.
+// waits (no gain). Not yet: K/V tiles multicast to the CTAs of a GQA group (docs/design.md).
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
