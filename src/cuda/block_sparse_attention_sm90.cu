@@ -222,6 +222,7 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const uint32
 template <int kRows, int kHeadDim, int kKeys>
 __device__ __forceinline__ void issue_scores(float (&s)[kKeys / 2], uint32_t q_base,
                                              uint32_t k_base) {
+  static_assert(kKeys == 64 || kKeys == 128, "S tiles are wgmma m64n64 or m64n128");
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < kHeadDim / 16; ++kk) {
