@@ -263,6 +263,15 @@ void run_prefill_bench(const PrefillBenchOptions& options,
       entry["flex_block_cost_over_dense_ours"] =
           flex_ms / (entry["density"].get<double>() * ours_ms);
     }
+    if (cudnn_ms > 0 && ours_ms > 0) {
+      // Our dense run's throughput per block as a fraction of cuDNN's (the same causal work), and
+      // both as TFLOP/s of the causal attention's 4 * heads * head_dim * N (N + 1) / 2 flops.
+      entry["dense_ours_over_cudnn"] = cudnn_ms / ours_ms;
+      const double tflop = 2.0 * static_cast<double>(opt.num_heads * opt.head_dim) *
+                           static_cast<double>(seq) * static_cast<double>(seq + 1) * 1e-12;
+      entry["dense_cudnn_tflops"] = tflop / (cudnn_ms * 1e-3);
+      entry["dense_ours_tflops"] = tflop / (ours_ms * 1e-3);
+    }
     emit(entry);
   }
 }

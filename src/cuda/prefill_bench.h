@@ -38,9 +38,12 @@ struct PrefillBenchOptions {
 // "search_agreement" (the fraction of (head, causal block) pairs on which the two searches agree),
 // "density_fast", "query_aware_heads_fast", "flex_search" (the search params.search names, whose
 // selection the next keys describe), "flex_attention_ms", "density", "query_aware_heads",
-// "flex_speedup_over_dense_cudnn", ...; with a layout file also "layout_ms", "layout_density",
-// "layout_block_cost_over_dense_ours"}; a part that cannot run (cuDNN's head_dim limit, say)
-// carries an "..._error" string instead of its time. Progress goes to stderr.
+// "flex_speedup_over_dense_cudnn", "dense_ours_over_cudnn" (cuDNN's dense time over ours: our
+// throughput per block as a fraction of cuDNN's), "dense_cudnn_tflops", "dense_ours_tflops" (over
+// the causal attention's 4 heads head_dim N (N + 1) / 2 flops), ...; with a layout file also
+// "layout_ms", "layout_density", "layout_block_cost_over_dense_ours"}; a part that cannot run
+// (cuDNN's head_dim limit, say) carries an "..._error" string instead of its time. Progress goes
+// to stderr.
 void run_prefill_bench(const PrefillBenchOptions& options,
                        const std::function<void(const nlohmann::json&)>& emit);
 
