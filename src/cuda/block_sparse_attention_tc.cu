@@ -77,11 +77,10 @@ __global__ void __launch_bounds__(kWarps * 32)
   const auto load_tile = [&](TileCursor c, int stage) {
     bf16* k_dst = kv_tiles + stage * 2 * kKeys * kStride;
     bf16* v_dst = k_dst + kKeys * kStride;
-    const int64_t key_end = c.end;
     for (int idx = tid; idx < kKeys * Cfg::kChunksPerRow; idx += Cfg::kThreads) {
       const int j = idx / Cfg::kChunksPerRow, ch = idx % Cfg::kChunksPerRow;
       const int64_t key = c.t0 + j;
-      const bool valid = key < key_end;
+      const bool valid = key < c.key_end;
       const int64_t offset = key * kv_row_stride + ch * 8;
       cp_async_16(k_dst + j * kStride + ch * 8, valid ? k_head + offset : a.k, valid);
       cp_async_16(v_dst + j * kStride + ch * 8, valid ? v_head + offset : a.v, valid);
@@ -117,7 +116,6 @@ __global__ void __launch_bounds__(kWarps * 32)
     __syncthreads();
     const bf16* k_tile = kv_tiles + stage * 2 * kKeys * kStride;
     const bf16* v_tile = k_tile + kKeys * kStride;
-    const int64_t key_end = cur.end;
     // Warps whose rows all precede the tile have nothing to add (causal).
     if (cur.t0 <= warp_row0 + kRowsPerWarp - 1) {
       float s[2][kKeyTiles][4];
@@ -149,7 +147,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       }
       // Offsets within the tile: a key is masked past its row (causal) or past its block's end.
       const int key_shift = static_cast<int>(cur.t0 - warp_row0);
-      const int key_limit = static_cast<int>(min(key_end - cur.t0, int64_t{kKeys}));
+      const int key_limit = static_cast<int>(min(cur.key_end - cur.t0, int64_t{kKeys}));
       const bool needs_mask = key_shift + kKeys - 1 > 0 || key_limit < kKeys;
 #pragma unroll
       for (int m = 0; m < 2; ++m)

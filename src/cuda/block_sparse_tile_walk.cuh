@@ -14,10 +14,10 @@
 
 namespace moeforge::cuda {
 
-// Where the next key tile comes from: CSR entry e of the row, its first key t0, and end, one past
-// the last key of entry e's block.
+// Where the next key tile comes from: CSR entry e of the row, its first key t0, and key_end, one
+// past the last key of entry e's block.
 struct TileCursor {
-  int64_t e, t0, end;
+  int64_t e, t0, key_end;
 };
 
 template <int kKeys>
@@ -35,7 +35,7 @@ struct TileWalk {
     begin = a.row_offsets[csr_row];
     end = a.row_offsets[csr_row + 1];
   }
-  // The first tile of entry e (one read of col_idx; entries from `end` on give t0 = end = 0).
+  // The first tile of entry e (one read of col_idx; entries from `end` on give t0 = key_end = 0).
   __device__ TileCursor first(int64_t e) const {
     if (e >= end) return TileCursor{e, 0, 0};
     const int64_t t0 = static_cast<int64_t>(col_idx[e]) * block_size;
@@ -43,7 +43,7 @@ struct TileWalk {
   }
   __device__ TileCursor next(TileCursor c) const {
     c.t0 += kKeys;
-    if (c.t0 >= c.end || c.t0 > last_pos) c = first(c.e + 1);
+    if (c.t0 >= c.key_end || c.t0 > last_pos) c = first(c.e + 1);
     return c;
   }
 };
