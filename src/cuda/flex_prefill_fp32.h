@@ -1,7 +1,7 @@
 // Steps 1-3 of the GPU FlexPrefill pattern search in its fp32 form (ops::FlexSearch::kFp32, the
 // CLI's `--flex-search fast`): the vertical / slash values on tensor cores and in fp32, their block
-// scores, and step 2's coverage counts. Steps 4-8 are the exact ones (cuda/flex_prefill_stages.h)
-// applied to these scores.
+// scores, and step 2's coverage counts. Steps 4-7 are the exact ones (cuda/flex_prefill_stages.h)
+// applied to these scores; step 8 is the exact one up to its coverage walk (see 8 below).
 //
 // What is computed (cuda/flex_prefill_fp32_scores.cu, cuda/flex_prefill_fp32.cu):
 //  1. x[r, j] = (q_r . k_j) * (scale * log2 e), the dot product on bf16 tensor cores with fp32
@@ -12,10 +12,14 @@
 //     vertical[j] = (sum_r p[r, j]) / bs and slash[i] = (sum_r p[r, i + r - (bs - 1)]) / bs in
 //     fp32, in a fixed order (deterministic).
 //  3. vertical_blk, slash_blk: each block's fp32 values summed in double.
-//  2. Each kind's values sorted descending by their fp32 bits (one CUB radix sort of 64-bit keys
-//     over all segments), turned into 2^-52 fixed point, and counted: c - 1 = #{t : S_t <= gamma T}
-//     with S_t the (exact, integer) sum of the t + 1 largest values and T the sum of all; T is 1 in
-//     exact arithmetic, and measuring against it keeps every value at gamma = 1, as the reference.
+//  2. Each kind's values in 2^-52 fixed point, counted by the radix select of
+//     cuda/coverage_select.h (no sort): c - 1 = #{t : S_t <= gamma T} with S_t the (exact,
+//     integer) sum of the t + 1 largest values and T the sum of all; T is 1 in exact arithmetic,
+//     and measuring against it keeps every value at gamma = 1, as the reference.
+//  8. (in cuda/flex_prefill_stages.cu) The same select replaces step 8's sort: the query-aware
+//     heads' block probabilities (the exact doubles) rounded to fp32 and then to 2^-52 fixed
+//     point, ordered by the fp32 values (equal ones by position), kept while their fixed-point sum
+//     stays <= gamma T, T their own total (nb in exact arithmetic: the reference's gamma nb).
 //
 // Error bound (first order; u = 2^-24 the fp32 unit roundoff, u' = 2^-23 for the tensor cores'
 // additions, which may truncate; X bounds |x| by Cauchy-Schwarz: X = scale log2(e) max_r |q_r|
@@ -33,7 +37,10 @@
 //  - the coverage S_t / T of the t largest values is within 2 rho of the reference's; the JS
 //    distance's square within rho (its derivative in vertical_blk[c] is ln(vertical_blk[c] / m_c)
 //    / 2, and |v ln(v / m)| <= 2 ln2 m); the top-k choice of block scores is the reference's except
-//    for scores within a relative rho of the k-th largest.
+//    for scores within a relative rho of the k-th largest;
+//  - step 8 keeps the reference's blocks except where the fp32 rounding (relative 2^-24 a value)
+//    reorders values within a relative 2^-22 of each other or the cumulative sum lies within
+//    2^-24 (plus 2^-53 a term) of gamma nb (tests/cuda/flex_prefill_fp32_test.cpp's step-8 band).
 // tests/cuda/flex_prefill_fp32_test.cpp evaluates this bound and checks the selection against it.
 //
 // Limits (checked, moeforge::Error, after those of cuda/flex_prefill.h): head_dim a multiple of 8

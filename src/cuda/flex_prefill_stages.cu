@@ -16,8 +16,9 @@
 // Kernels of finish_selection, in order: per head the budgets, abar and the JS decision; per head
 // and kind a block sort of the block scores and the column / diagonal fill of an [nb, nb] grid;
 // for query-aware heads the block means of Q, the block logits (tiled fp64), the row softmaxes,
-// the sort of the triangle and the gamma * nb walk; finally per-row counts (warp ballots), one
-// scan and the column fill of the CSR.
+// the sort of the triangle and the gamma * nb walk (the fast search: the fixed-point radix select
+// of cuda/coverage_select.h and its flags moved to the grid); finally per-row counts (warp
+// ballots), one scan and the column fill of the CSR.
 #include "cuda/flex_prefill_stages.h"
 
 #include <cub/block/block_radix_sort.cuh>
@@ -27,6 +28,7 @@
 #include <cstdint>
 
 #include "core/error.h"
+#include "cuda/coverage_select.h"
 #include "cuda/cuda_check.h"
 #include "cuda/device_memory.h"
 #include "cuda/flex_prefill_sort.h"
@@ -425,6 +427,26 @@ __global__ void block_softmax_kernel(double* tri, const int32_t* query_aware, in
   }
 }
 
+// Step 8 (the fast search, after cuda/coverage_select.h): a warp per row i of [Hq * nb] (row r =
+// i % nb) of a query-aware head; the row's selected triangle entries (flags at the triangle
+// positions r (r + 1) / 2 + c) join the grid.
+__global__ void selected_to_grid_kernel(uint8_t* grid, const uint8_t* selected,
+                                        const int32_t* query_aware, int64_t num_rows, int64_t nb) {
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int64_t warps_per_grid = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarpSize;
+  const int64_t num_tri = nb * (nb + 1) / 2;
+  for (int64_t i = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarpSize;
+       i < num_rows; i += warps_per_grid) {
+    const int64_t h = i / nb;
+    if (query_aware[h] == 0) continue;
+    const int64_t r = i % nb;
+    const uint8_t* row = selected + h * num_tri + r * (r + 1) / 2;
+    for (int64_t c = lane; c <= r; c += kWarpSize) {
+      if (row[c] != 0) grid[i * nb + c] = 1;
+    }
+  }
+}
+
 // Step 8 walk: block (position range, head); the sorted triangle entries of query-aware heads whose
 // cumulative sum is <= limit (gamma * nb; a prefix of the sorted order) join the grid.
 __global__ void coverage_mark_kernel(uint8_t* grid, const uint32_t* order, int position_bits,
@@ -702,16 +724,25 @@ void finish_selection(FlexPrefillDeviceSelection& out, double* pooled,
     block_softmax_kernel<<<grid_for_warps(num_heads * nb), kThreads, 0, stream>>>(
         tri.data(), out.query_aware.data(), num_heads, nb);
     MF_CUDA_CHECK_LAUNCH();
-    SortedSegments sorted_tri;
-    sort_segments_descending(sorted_tri, tri.data(), num_heads, num_tri, stream);
-    CoveragePrefix cover;
-    coverage_prefix(cover, sorted_tri.values.data(), num_heads, num_tri, stream);
-    coverage_mark_kernel<<<dim3(blocks_per_segment(num_tri), static_cast<unsigned>(num_heads)),
-                           kThreads, 0, stream>>>(
-        grid.data(), sorted_tri.keys.data(), sorted_tri.position_bits, cover.prefix.data(),
-        cover.bases.data(), out.query_aware.data(), num_tri, cover.chunks_per_segment, nb,
-        params.gamma * static_cast<double>(nb));
-    MF_CUDA_CHECK_LAUNCH();
+    if (params.search == ops::FlexSearch::kFp32) {
+      DeviceBuffer<uint8_t> selected(static_cast<size_t>(num_heads * num_tri));
+      coverage_select(static_cast<unsigned long long*>(nullptr), selected.data(), tri.data(),
+                      num_heads, num_tri, params.gamma, out.query_aware.data(), stream);
+      selected_to_grid_kernel<<<grid_for_warps(num_heads * nb), kThreads, 0, stream>>>(
+          grid.data(), selected.data(), out.query_aware.data(), num_heads * nb, nb);
+      MF_CUDA_CHECK_LAUNCH();
+    } else {
+      SortedSegments sorted_tri;
+      sort_segments_descending(sorted_tri, tri.data(), num_heads, num_tri, stream);
+      CoveragePrefix cover;
+      coverage_prefix(cover, sorted_tri.values.data(), num_heads, num_tri, stream);
+      coverage_mark_kernel<<<dim3(blocks_per_segment(num_tri), static_cast<unsigned>(num_heads)),
+                             kThreads, 0, stream>>>(
+          grid.data(), sorted_tri.keys.data(), sorted_tri.position_bits, cover.prefix.data(),
+          cover.bases.data(), out.query_aware.data(), num_tri, cover.chunks_per_segment, nb,
+          params.gamma * static_cast<double>(nb));
+      MF_CUDA_CHECK_LAUNCH();
+    }
   }
 
   build_csr(out, grid.data(), stream);

@@ -150,6 +150,31 @@ FlexPrefillHeadScores head_scores(const T* q, const T* k, const std::vector<doub
   return scores;
 }
 
+// Step 8's block probabilities of query head `head` given the key block means of its KV head
+// ([nb, D]): [nb, nb] row-major, row r the softmax over c <= r of Qbar[r] . Kbar[c], -1 for c > r.
+template <typename T>
+std::vector<double> block_probabilities(const T* q, const std::vector<double>& k_means,
+                                        const SparseAttentionDims& dims, int64_t block_size,
+                                        int64_t head) {
+  const int64_t head_dim = dims.head_dim;
+  const int64_t nb = ceil_div(dims.seq_len, block_size);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  const std::vector<double> q_means =
+      block_means(q, dims.seq_len, dims.num_q_heads, head, head_dim, block_size, scale);
+  std::vector<double> block_probs(nb * nb, -1.0);
+  std::vector<double> row_probs;
+  for (int64_t r = 0; r < nb; ++r) {
+    row_probs.resize(r + 1);
+    for (int64_t c = 0; c <= r; ++c) {
+      row_probs[c] =
+          dot_double(q_means.data() + r * head_dim, k_means.data() + c * head_dim, head_dim);
+    }
+    softmax(row_probs);
+    std::copy(row_probs.begin(), row_probs.end(), block_probs.begin() + r * nb);
+  }
+  return block_probs;
+}
+
 struct HeadSelection {
   std::vector<char> grid;  // [nb, nb] row-major: 1 where (query block, key block) is selected
   FlexPrefillHeadStats stats;
@@ -160,11 +185,7 @@ template <typename T>
 HeadSelection select_head(const T* q, const T* k, const std::vector<double>& k_means,
                           const SparseAttentionDims& dims, const FlexPrefillParams& params,
                           int64_t head, int64_t min_blocks, int64_t max_blocks) {
-  const int64_t seq_len = dims.seq_len;
-  const int64_t head_dim = dims.head_dim;
-  const int64_t bs = params.block_size;
-  const int64_t nb = ceil_div(seq_len, bs);
-  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  const int64_t nb = ceil_div(dims.seq_len, params.block_size);
   FlexPrefillHeadScores scores = head_scores(q, k, k_means, dims, params, head);
 
   // Step 2: budgets from the cumulative coverage.
@@ -202,19 +223,8 @@ HeadSelection select_head(const T* q, const T* k, const std::vector<double>& k_m
 
   // Step 8: query-aware heads add the block-level attention's gamma * nb coverage.
   if (stats.query_aware) {
-    const std::vector<double> q_means =
-        block_means(q, seq_len, dims.num_q_heads, head, head_dim, bs, scale);
-    std::vector<double> block_probs(nb * nb, -1.0);  // [nb, nb]; -1 marks c > r
-    std::vector<double> row_probs;
-    for (int64_t r = 0; r < nb; ++r) {
-      row_probs.resize(r + 1);
-      for (int64_t c = 0; c <= r; ++c) {
-        row_probs[c] =
-            dot_double(q_means.data() + r * head_dim, k_means.data() + c * head_dim, head_dim);
-      }
-      softmax(row_probs);
-      std::copy(row_probs.begin(), row_probs.end(), block_probs.begin() + r * nb);
-    }
+    const std::vector<double> block_probs =
+        block_probabilities(q, k_means, dims, params.block_size, head);
     // The causal entries (>= 0) come first in this order, the -1 marks after them.
     const std::vector<int64_t> order = order_descending(block_probs);
     const int64_t num_causal = nb * (nb + 1) / 2;
@@ -357,6 +367,26 @@ FlexPrefillHeadScores flex_prefill_head_scores(const T* q, const T* k,
   return head_scores(q, k, k_means, dims, params, head);
 }
 
+template <typename T>
+std::vector<double> flex_prefill_block_probabilities(const T* q, const T* k,
+                                                     const SparseAttentionDims& dims,
+                                                     const FlexPrefillParams& params,
+                                                     int64_t head) {
+  check_sparse_attention_dims(dims, "flex_prefill_block_probabilities");
+  check_flex_prefill_params(params);
+  MF_CHECK(dims.seq_len >= 1, "flex_prefill_block_probabilities: seq_len must be >= 1, got {}",
+           dims.seq_len);
+  MF_CHECK(head >= 0 && head < dims.num_q_heads,
+           "flex_prefill_block_probabilities: head must be in [0, {}), got {}", dims.num_q_heads,
+           head);
+  check_finite(q, dims.seq_len * dims.num_q_heads * dims.head_dim, "q");
+  check_finite(k, dims.seq_len * dims.num_kv_heads * dims.head_dim, "k");
+  const int64_t kv_head = head / (dims.num_q_heads / dims.num_kv_heads);
+  const std::vector<double> k_means = block_means(k, dims.seq_len, dims.num_kv_heads, kv_head,
+                                                  dims.head_dim, params.block_size, 1.0);
+  return block_probabilities(q, k_means, dims, params.block_size, head);
+}
+
 template FlexPrefillSelection flex_prefill_select<float>(const float*, const float*,
                                                          const SparseAttentionDims&,
                                                          const FlexPrefillParams&);
@@ -370,5 +400,14 @@ template FlexPrefillHeadScores flex_prefill_head_scores<float>(const float*, con
 template FlexPrefillHeadScores flex_prefill_head_scores<double>(const double*, const double*,
                                                                 const SparseAttentionDims&,
                                                                 const FlexPrefillParams&, int64_t);
+
+template std::vector<double> flex_prefill_block_probabilities<float>(const float*, const float*,
+                                                                     const SparseAttentionDims&,
+                                                                     const FlexPrefillParams&,
+                                                                     int64_t);
+template std::vector<double> flex_prefill_block_probabilities<double>(const double*, const double*,
+                                                                      const SparseAttentionDims&,
+                                                                      const FlexPrefillParams&,
+                                                                      int64_t);
 
 }  // namespace moeforge::ops

@@ -75,12 +75,14 @@ namespace moeforge::ops {
 //  - kFp32: an approximation for speed (cuda/flex_prefill_fp32.h). Step 1's logits on bf16 tensor
 //    cores with fp32 accumulation, the softmax and the vertical / slash sums in fp32, and step 2's
 //    coverage measured against the fp32 values' own total (1 in exact arithmetic, so that gamma = 1
-//    keeps every value as the reference does). Every later step is the exact one applied to the
-//    fp32 scores. Each vertical / slash value, and so each pooled block score, is within a relative
-//    error rho of the reference's (cuda/flex_prefill_fp32.h derives rho); decisions whose exact
-//    quantities lie within that noise of their threshold (the JS distance near tau, a budget's
-//    coverage near gamma, a block score near the top-k cut) may differ from the reference's, all
-//    others are the reference's.
+//    keeps every value as the reference does). Steps 4-7 are the exact ones applied to the fp32
+//    scores; step 8 computes the reference's block probabilities but walks their coverage in
+//    fixed point on fp32-rounded values, against their own total (nb in exact arithmetic). Each
+//    vertical / slash value, and so each pooled block score, is within a relative error rho of the
+//    reference's (cuda/flex_prefill_fp32.h derives rho); decisions whose exact quantities lie
+//    within that noise of their threshold (the JS distance near tau, a budget's coverage near
+//    gamma, a block score near the top-k cut, a block probability near step 8's cut) may differ
+//    from the reference's, all others are the reference's.
 enum class FlexSearch { kExact, kFp32 };
 
 struct FlexPrefillParams {
@@ -147,5 +149,13 @@ template <typename T>
 FlexPrefillHeadScores flex_prefill_head_scores(const T* q, const T* k,
                                                const SparseAttentionDims& dims,
                                                const FlexPrefillParams& params, int64_t head);
+
+// Step 8's block probabilities of query head `head` (0 <= head < num_q_heads), the same doubles
+// flex_prefill_select computes for a query-aware head: [nb, nb] row-major, P[r, c] for c <= r and
+// -1 for c > r. Throws moeforge::Error like flex_prefill_select.
+template <typename T>
+std::vector<double> flex_prefill_block_probabilities(const T* q, const T* k,
+                                                     const SparseAttentionDims& dims,
+                                                     const FlexPrefillParams& params, int64_t head);
 
 }  // namespace moeforge::ops

@@ -6,7 +6,8 @@
 //  - per head, the query-aware decision equal to the reference's unless the reference's JS
 //    distance is within the noise of tau (and the distance itself within the noise); the budgets
 //    within the range the coverage noise allows; the block set equal to the reference's except for
-//    columns / diagonals whose exact block score lies within the noise of the top-k cut;
+//    columns / diagonals whose exact block score lies within the noise of the top-k cut and, for a
+//    query-aware head, step-8 blocks within the noise of its coverage cut (step8_band);
 //  - gamma = 1 keeps the whole causal triangle (with and without the dense fallback);
 //  - two runs give the same selection (the fp32 search's sums have fixed orders).
 #include <gtest/gtest.h>
@@ -232,6 +233,56 @@ Band top_band(std::vector<double> scores, int64_t always_kept, int64_t count, co
   return band;
 }
 
+// Step 8's blocks [nb, nb] that the fast search must keep (`must`) and may keep (`may`), from the
+// reference's block probabilities P ([nb, nb], -1 above the diagonal; the device computes the same
+// doubles but for exp's last ulp). The fast search (cuda/coverage_select.h) orders the entries by
+// fp32(P), each within a relative 2^-24 of P (2^-149 absolute for subnormals), so entries more
+// than eps_v = 2^-22 apart keep their order and closer ones may swap; it sums 2^-52 fixed-point
+// values, each within a relative 2^-24 and an absolute 2^-53 of P, and keeps the entries whose
+// prefix sum stays <= gamma times the total of those values. So an entry is surely kept when every
+// entry that may come before it (P >= p (1 - eps_v)) and itself, summed and inflated, stay below
+// the limit deflated; it may be kept only when the entries that surely come before it
+// (P > p (1 + eps_v)) and itself, summed and deflated, stay below the limit inflated. A relative
+// 2^-40 covers the doubles' own last ulps and the host's long double sums.
+Band step8_band(const std::vector<double>& probs, int64_t nb, double gamma) {
+  using Real = long double;
+  const Real u = 0x1.0p-24L, eps_v = 0x1.0p-22L + 0x1.0p-40L, tiny = 0x1.0p-148L;
+  const Real fixed_err = 0x1.0p-53L, slack = 0x1.0p-40L;
+  std::vector<double> sorted;
+  for (int64_t r = 0; r < nb; ++r) {
+    for (int64_t c = 0; c <= r; ++c) sorted.push_back(probs[r * nb + c]);
+  }
+  std::sort(sorted.begin(), sorted.end(), std::greater<>());
+  const int64_t n = static_cast<int64_t>(sorted.size());
+  std::vector<Real> prefix(n + 1, 0.0L);  // prefix[k] = the sum of the k largest
+  for (int64_t t = 0; t < n; ++t) prefix[t + 1] = prefix[t] + sorted[t];
+  const Real total = prefix[n];
+  const Real limit_lo = gamma * (total * (1 - u) - n * fixed_err) * (1 - slack) - 0x1.0p-52L;
+  const Real limit_hi = gamma * (total * (1 + u) + n * fixed_err) * (1 + slack) + 0x1.0p-52L;
+  // The number of sorted values >= x, and > x.
+  const auto at_least = [&](Real x) {
+    return std::upper_bound(sorted.begin(), sorted.end(), x,
+                            [](Real a, double b) { return a > static_cast<Real>(b); }) -
+           sorted.begin();
+  };
+  const auto above = [&](Real x) {
+    return std::lower_bound(sorted.begin(), sorted.end(), x,
+                            [](double a, Real b) { return static_cast<Real>(a) > b; }) -
+           sorted.begin();
+  };
+  Band band{std::vector<char>(nb * nb, 0), std::vector<char>(nb * nb, 0)};
+  for (int64_t r = 0; r < nb; ++r) {
+    for (int64_t c = 0; c <= r; ++c) {
+      const Real p = probs[r * nb + c];
+      const int64_t k_may = at_least(p * (1 - eps_v) - tiny);  // itself included
+      const int64_t k_sure = above(p * (1 + eps_v) + tiny);
+      band.must[r * nb + c] = prefix[k_may] * (1 + u) + k_may * fixed_err <= limit_lo;
+      band.may[r * nb + c] = (prefix[k_sure] + p) * (1 - u) - (k_sure + 1) * fixed_err <= limit_hi;
+    }
+  }
+  return band;
+}
+
 // Columns `cols` and diagonals of slash indices `diags` (offset nb - 1 - index) over the causal
 // grid (step 7).
 std::vector<char> expand(const std::vector<char>& cols, const std::vector<char>& diags,
@@ -339,29 +390,29 @@ int64_t expect_selection_within_noise(const Inputs& in, const Case& c,
       EXPECT_EQ(have.num_slash_blocks, min_blocks);
     }
 
-    // (c) Blocks: the reference's except within the top-k band. A query-aware head also holds
-    // step 8's blocks E (computed from the exact block means, the same in both): then the blocks
-    // outside the band's `may` region are E in both selections.
+    // (c) Blocks: the reference's except within the top-k band and, for a query-aware head, step
+    // 8's band (step8_band); the reference's own blocks must lie within the bands too.
     const Band cols = top_band(scores[h].vertical_blk, 0, num_v, noise);
     const Band diags = top_band(scores[h].slash_blk, nb - 1, num_s, noise);
-    const std::vector<char> must = expand(cols.must, diags.must, nb);
-    const std::vector<char> may = expand(cols.may, diags.may, nb);
+    std::vector<char> must = expand(cols.must, diags.must, nb);
+    std::vector<char> may = expand(cols.may, diags.may, nb);
+    if (want.query_aware) {
+      const Band step8 = step8_band(
+          ops::flex_prefill_block_probabilities(in.q.data(), in.k.data(), dims_of(c), params, h),
+          nb, params.gamma);
+      for (int64_t i = 0; i < nb * nb; ++i) {
+        must[i] = must[i] != 0 || step8.must[i] != 0;
+        may[i] = may[i] != 0 || step8.may[i] != 0;
+      }
+    }
     const std::vector<char> have_grid = head_grid(got.layout, h);
     const std::vector<char> want_grid = head_grid(ref.layout, h);
     expect_subset("blocks the fp32 search must select but did not", must, have_grid, nb);
-    if (!want.query_aware) {
-      expect_subset("blocks the fp32 search selected outside the noise band", have_grid, may, nb);
-      continue;
-    }
-    std::vector<char> have_outside(nb * nb), want_outside(nb * nb);
-    for (int64_t i = 0; i < nb * nb; ++i) {
-      have_outside[i] = have_grid[i] != 0 && may[i] == 0;
-      want_outside[i] = want_grid[i] != 0 && may[i] == 0;
-    }
-    expect_subset("step-8 blocks of the fp32 search the reference lacks", have_outside, want_grid,
-                  nb);
-    expect_subset("step-8 blocks of the reference the fp32 search lacks", want_outside, have_grid,
-                  nb);
+    expect_subset("blocks the fp32 search selected outside the noise band", have_grid, may, nb);
+    expect_subset("blocks the reference lacks from the band's core (the band is wrong)", must,
+                  want_grid, nb);
+    expect_subset("blocks the reference selected outside the band (the band is wrong)", want_grid,
+                  may, nb);
   }
   return num_decided;
 }

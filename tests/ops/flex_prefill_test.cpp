@@ -1,6 +1,7 @@
 // Tests of ops::flex_prefill_select: the dense fallback (and its equality with dense attention),
 // parameter errors, layout invariants, budgets, the JS distance and flex_prefill_head_scores
-// against quantities recomputed from dense attention probabilities, hand-derived block sets (a
+// against quantities recomputed from dense attention probabilities, step 8's block probabilities
+// (flex_prefill_block_probabilities) against their definition, hand-derived block sets (a
 // concentrated key block, a query-aware head, the tie rule), and the chunked summation order (sums,
 // coverage prefixes, and a selection that the plain sequential order would change).
 #include "ops/flex_prefill.h"
@@ -399,6 +400,44 @@ TEST(FlexPrefill, ConcentratedKeyBlockIsSelectedAsColumn) {
   }
 }
 
+// Step 8's block probabilities against their definition recomputed here: block means of the
+// real rows (the last block partial), Qbar scaled by 1 / sqrt(D), a causal softmax per row; GQA
+// (query head 3 reads KV head 1).
+TEST(FlexPrefill, BlockProbabilitiesMatchTheirDefinition) {
+  const SparseAttentionDims dims{600, 4, 2, 32};
+  const int64_t n = dims.seq_len, d = dims.head_dim, bs = 128, head = 3, kv_head = 1;
+  const int64_t nb = num_blocks_of(n, bs);
+  const std::vector<double> q = random_vector(n * dims.num_q_heads * d, 80, 2.0);
+  const std::vector<double> k = random_vector(n * dims.num_kv_heads * d, 81, 2.0);
+  const auto means = [&](const std::vector<double>& x, int64_t heads, int64_t h) {
+    std::vector<double> m(nb * d, 0.0);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t length = std::min(bs, n - (j / bs) * bs);
+      for (int64_t i = 0; i < d; ++i) m[(j / bs) * d + i] += x[(j * heads + h) * d + i] / length;
+    }
+    return m;
+  };
+  const std::vector<double> q_bar = means(q, dims.num_q_heads, head);
+  const std::vector<double> k_bar = means(k, dims.num_kv_heads, kv_head);
+  std::vector<double> want(nb * nb, -1.0);
+  for (int64_t r = 0; r < nb; ++r) {
+    double total = 0.0;
+    for (int64_t c = 0; c <= r; ++c) {
+      double logit = 0.0;
+      for (int64_t i = 0; i < d; ++i) logit += q_bar[r * d + i] * k_bar[c * d + i];
+      want[r * nb + c] = std::exp(logit / std::sqrt(static_cast<double>(d)));
+      total += want[r * nb + c];
+    }
+    for (int64_t c = 0; c <= r; ++c) want[r * nb + c] /= total;
+  }
+  const std::vector<double> got = flex_prefill_block_probabilities(
+      q.data(), k.data(), dims, FlexPrefillParams{0.9, 0.1, 1, 0, bs}, head);
+  expect_close(got, want, 1e-12, 1e-12, "block probabilities");
+  EXPECT_THROW(flex_prefill_block_probabilities(q.data(), k.data(), dims,
+                                                FlexPrefillParams{0.9, 0.1, 1, 0, bs}, 4),
+               Error);
+}
+
 // Zero keys: every attention row is uniform over its visible keys, so vertical_blk is
 // [w, w, w, w, w, w, w, w'] with w = mean_r 64 / (449 + r) and abar is uniform (1/8); the JS
 // distance is 0.0711446020090107 (computed by hand). The full-block scores tie exactly.
@@ -441,6 +480,20 @@ TEST_F(FlexPrefillUniform, QueryAwareHeadAddsBlockCoverage) {
     EXPECT_EQ(stats.num_slash_blocks, 1);
     EXPECT_EQ(head_grid(sel.layout, h), expected);
     EXPECT_EQ(stats.num_selected_blocks, 31);
+  }
+}
+
+// Step 8's block probabilities of zero keys: every row uniform, P[r, c] = 1 / (r + 1) exactly
+// (equal logits), -1 above the diagonal.
+TEST_F(FlexPrefillUniform, BlockProbabilitiesOfZeroKeysAreUniformRows) {
+  const std::vector<double> probs = flex_prefill_block_probabilities(
+      q_.data(), k_.data(), dims_, FlexPrefillParams{0.9, 0.1, 1, 0, kBlockSize}, 1);
+  ASSERT_EQ(probs.size(), static_cast<size_t>(kNumBlocks * kNumBlocks));
+  for (int64_t r = 0; r < kNumBlocks; ++r) {
+    for (int64_t c = 0; c < kNumBlocks; ++c) {
+      EXPECT_EQ(probs[r * kNumBlocks + c], c <= r ? 1.0 / static_cast<double>(r + 1) : -1.0)
+          << "(" << r << ", " << c << ")";
+    }
   }
 }
 

@@ -1,0 +1,262 @@
+// The radix select of the fast search's coverage (cuda/coverage_select.h): four histogram passes
+// over the fp32 bits of the values, each ending in a pick by the segment's last block of threads,
+// then (for the selected flags) a marking pass and, where the cut falls inside a run of equal
+// values, one block per segment that marks the first of them by position.
+#include "cuda/coverage_select.h"
+
+#include <cub/block/block_scan.cuh>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "core/error.h"
+#include "cuda/cuda_check.h"
+#include "cuda/device_memory.h"
+#include "cuda/kernel_util.cuh"
+
+namespace moeforge::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kDigitBits = 8;
+constexpr int kBuckets = 1 << kDigitBits;
+constexpr int kPasses = 32 / kDigitBits;
+constexpr int64_t kChunk = 4096;  // values per block of threads of a histogram pass
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr double kFixedOne = 4503599627370496.0;  // 2^52
+// A warp's fixed-point values (each <= 2^53, for values <= 2) are added as two 32-bit halves:
+// 32 low parts of 27 bits stay below 2^32, as do 32 high parts of at most 2^26.
+constexpr int kLowBits = 27;
+constexpr unsigned long long kLowMask = (1ull << kLowBits) - 1;
+
+static_assert(kThreads == kBuckets, "the pick gives each thread one bucket");
+
+// One segment's cut: the fp32 bits K of its first excluded entry (in the order of
+// cuda/coverage_select.h), found kDigitBits at a time.
+struct Cut {
+  uint32_t key;                    // K's bits found so far (every bit after the last pass)
+  uint32_t all;                    // 1: every entry fits under the limit (key unused)
+  unsigned long long limit;        // T if gamma >= 1, else floor(gamma T)
+  unsigned long long sum_above;    // fixed-point sum of the entries above K's current bucket
+  unsigned long long count_above;  // their number
+  unsigned long long count_equal;  // after the last pass: the entries equal to K
+  unsigned long long take_equal;   // of those, selected (the first by position)
+};
+
+template <typename T>
+__device__ __forceinline__ uint32_t key_of(T value) {
+  return __float_as_uint(static_cast<float>(value));
+}
+
+__device__ __forceinline__ unsigned long long fixed_of(uint32_t key) {
+  return __double2ull_rn(static_cast<double>(__uint_as_float(key)) * kFixedOne);
+}
+
+__device__ __forceinline__ unsigned long long limit_of(unsigned long long total, double gamma) {
+  if (gamma >= 1.0) return total;
+  return min(total, static_cast<unsigned long long>(gamma * static_cast<double>(total)));
+}
+
+// Pass `pass` of the select: block (chunk of kChunk values, segment). Histograms of the bits
+// [shift, shift + kDigitBits) of the entries that share the cut's bits found so far (all entries in
+// pass 0): counts and fixed-point sums per bucket, per warp (the lanes of a bucket added by warp
+// reductions, then one lane adds them to the warp's own histogram in shared memory: no atomics),
+// then per block, then per segment in hist_count / hist_sum [kPasses, segments, kBuckets] (zeroed,
+// global atomics). The segment's last block to arrive (arrivals [kPasses, segments], zeroed) walks
+// the buckets from the top and keeps the one where the running sum passes the limit; after the
+// last pass it also writes counts.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    select_pass_kernel(Cut* cuts, unsigned long long* hist_count, unsigned long long* hist_sum,
+                       unsigned long long* arrivals, unsigned long long* counts, const T* values,
+                       int64_t segment_size, double gamma, const int32_t* active, int pass) {
+  constexpr int kWarps = kThreads / kWarpSize;
+  __shared__ unsigned count_s[kWarps][kBuckets];
+  __shared__ unsigned long long sum_s[kWarps][kBuckets];
+  __shared__ bool last_s;
+  using BlockScan = cub::BlockScan<unsigned long long, kThreads>;
+  __shared__ typename BlockScan::TempStorage scan_storage;
+  const int64_t segment = blockIdx.y;
+  if (active != nullptr && active[segment] == 0) return;
+  // Read before any block of this pass can write it (the last block writes after every block,
+  // this one included, has arrived).
+  Cut cut = pass == 0 ? Cut{0, 0, 0, 0, 0, 0, 0} : cuts[segment];
+  if (cut.all != 0) return;
+  const int shift = 32 - kDigitBits * (pass + 1);
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid / kWarpSize, lane = tid % kWarpSize;
+  for (int w = 0; w < kWarps; ++w) {
+    count_s[w][tid] = 0;
+    sum_s[w][tid] = 0;
+  }
+  __syncthreads();
+
+  const T* x = values + segment * segment_size;
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kChunk;
+  const int64_t end = min(segment_size, begin + kChunk);
+  for (int64_t base = begin; base < end; base += kThreads) {
+    const int64_t i = base + tid;
+    unsigned bucket = kBuckets;  // none: past the end, or outside the cut's bucket
+    unsigned long long fixed = 0;
+    if (i < end) {
+      const uint32_t key = key_of(x[i]);
+      if (pass == 0 || (key >> (shift + kDigitBits)) == (cut.key >> (shift + kDigitBits))) {
+        bucket = (key >> shift) & (kBuckets - 1);
+        fixed = fixed_of(key);
+      }
+    }
+    if (__ballot_sync(kFullMask, bucket != kBuckets) == 0) continue;
+    const unsigned peers = __match_any_sync(kFullMask, bucket);
+    if (bucket != kBuckets) {
+      const unsigned low = __reduce_add_sync(peers, static_cast<unsigned>(fixed & kLowMask));
+      const unsigned high = __reduce_add_sync(peers, static_cast<unsigned>(fixed >> kLowBits));
+      if (lane == __ffs(peers) - 1) {  // one lane per bucket: plain updates of the warp's own
+        count_s[warp][bucket] += static_cast<unsigned>(__popc(peers));
+        sum_s[warp][bucket] += (static_cast<unsigned long long>(high) << kLowBits) + low;
+      }
+    }
+    __syncwarp();  // the next leader of a bucket sees this update
+  }
+  __syncthreads();
+  unsigned block_count = 0;
+  unsigned long long block_sum = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    block_count += count_s[w][tid];
+    block_sum += sum_s[w][tid];
+  }
+  const int64_t slot = static_cast<int64_t>(pass) * gridDim.y + segment;
+  unsigned long long* segment_count = hist_count + slot * kBuckets;
+  unsigned long long* segment_sum = hist_sum + slot * kBuckets;
+  if (block_count != 0) {
+    atomicAdd(&segment_count[tid], static_cast<unsigned long long>(block_count));
+    atomicAdd(&segment_sum[tid], block_sum);
+  }
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) last_s = atomicAdd(&arrivals[slot], 1ull) == gridDim.x - 1;
+  __syncthreads();
+  if (!last_s) return;
+  __threadfence();
+
+  // The pick: thread t holds bucket kBuckets - 1 - t, so that the scans run from the top.
+  const unsigned bucket = kBuckets - 1 - tid;
+  const unsigned long long count = __ldcg(&segment_count[bucket]);
+  const unsigned long long sum = __ldcg(&segment_sum[bucket]);
+  unsigned long long sum_before = 0, total = 0, count_before = 0;
+  BlockScan(scan_storage).ExclusiveSum(sum, sum_before, total);
+  __syncthreads();
+  BlockScan(scan_storage).ExclusiveSum(count, count_before);
+  if (pass == 0) {
+    cut.limit = limit_of(total, gamma);
+    if (total <= cut.limit) {  // every entry fits (the only pass where no bucket can pass it)
+      if (tid == 0) {
+        cut.all = 1;
+        cuts[segment] = cut;
+        if (counts != nullptr) counts[segment] = static_cast<unsigned long long>(segment_size);
+      }
+      return;
+    }
+  }
+  const unsigned long long room = cut.limit - cut.sum_above;
+  if (!(sum_before <= room && room < sum_before + sum)) return;
+  cut.key |= bucket << shift;
+  cut.sum_above += sum_before;
+  cut.count_above += count_before;
+  if (pass == kPasses - 1) {
+    cut.count_equal = count;
+    cut.take_equal = min(count, (cut.limit - cut.sum_above) / fixed_of(cut.key));
+    if (counts != nullptr) counts[segment] = cut.count_above + cut.take_equal;
+  }
+  cuts[segment] = cut;
+}
+
+// selected [segments, segment_size] = 1 for the entries above the cut and, when all of them are
+// taken, those equal to it; else 0. Block (range of positions, segment).
+template <typename T>
+__global__ void select_mark_kernel(uint8_t* selected, const Cut* cuts, const T* values,
+                                   int64_t segment_size, const int32_t* active) {
+  const int64_t segment = blockIdx.y;
+  if (active != nullptr && active[segment] == 0) return;
+  const Cut cut = cuts[segment];
+  const bool all_equal = cut.take_equal == cut.count_equal;
+  const T* x = values + segment * segment_size;
+  uint8_t* out = selected + segment * segment_size;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < segment_size;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint32_t key = key_of(x[i]);
+    out[i] = cut.all != 0 || key > cut.key || (key == cut.key && all_equal) ? 1 : 0;
+  }
+}
+
+// Block per segment whose cut falls inside a run of equal values (0 < take_equal < count_equal):
+// marks the first take_equal of them by position, kThreads positions at a time.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    select_ties_kernel(uint8_t* selected, const Cut* cuts, const T* values, int64_t segment_size,
+                       const int32_t* active) {
+  using BlockScan = cub::BlockScan<unsigned, kThreads>;
+  __shared__ typename BlockScan::TempStorage scan_storage;
+  const int64_t segment = blockIdx.x;
+  if (active != nullptr && active[segment] == 0) return;
+  const Cut cut = cuts[segment];
+  if (cut.all != 0 || cut.take_equal == 0 || cut.take_equal == cut.count_equal) return;
+  const T* x = values + segment * segment_size;
+  uint8_t* out = selected + segment * segment_size;
+  unsigned long long taken = 0;  // equal entries before this tile
+  for (int64_t base = 0; base < segment_size && taken < cut.take_equal; base += kThreads) {
+    const int64_t i = base + threadIdx.x;
+    const unsigned equal = i < segment_size && key_of(x[i]) == cut.key ? 1u : 0u;
+    unsigned rank = 0, tile_equal = 0;
+    BlockScan(scan_storage).ExclusiveSum(equal, rank, tile_equal);
+    if (equal != 0 && taken + rank < cut.take_equal) out[i] = 1;
+    taken += tile_equal;
+    __syncthreads();  // scan_storage is reused
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void coverage_select(unsigned long long* counts, uint8_t* selected, const T* values,
+                     int64_t num_segments, int64_t segment_size, double gamma,
+                     const int32_t* active, cudaStream_t stream) {
+  MF_CHECK(num_segments >= 1 && num_segments <= 65535,
+           "coverage_select: num_segments must be in [1, 65535], got {}", num_segments);
+  MF_CHECK(segment_size >= 1 && segment_size <= std::numeric_limits<int32_t>::max(),
+           "coverage_select: segment_size must be in [1, 2^31 - 1], got {}", segment_size);
+  const int64_t chunks = ceil_div(segment_size, kChunk);
+  const int64_t slots = kPasses * num_segments;
+  // hist_count, hist_sum [kPasses, segments, kBuckets] and arrivals [kPasses, segments], zeroed in
+  // one call.
+  DeviceBuffer<unsigned long long> scratch(static_cast<size_t>(slots * (2 * kBuckets + 1)));
+  scratch.fill_zero(stream);
+  unsigned long long* hist_count = scratch.data();
+  unsigned long long* hist_sum = hist_count + slots * kBuckets;
+  unsigned long long* arrivals = hist_sum + slots * kBuckets;
+  DeviceBuffer<Cut> cuts(static_cast<size_t>(num_segments));
+  const dim3 pass_grid(static_cast<unsigned>(chunks), static_cast<unsigned>(num_segments));
+  for (int pass = 0; pass < kPasses; ++pass) {
+    select_pass_kernel<T><<<pass_grid, kThreads, 0, stream>>>(cuts.data(), hist_count, hist_sum,
+                                                              arrivals, counts, values,
+                                                              segment_size, gamma, active, pass);
+    MF_CUDA_CHECK_LAUNCH();
+  }
+  if (selected == nullptr) return;
+  const unsigned mark_blocks =
+      static_cast<unsigned>(std::min<int64_t>(ceil_div(segment_size, kThreads * 8), 1024));
+  select_mark_kernel<T>
+      <<<dim3(mark_blocks, static_cast<unsigned>(num_segments)), kThreads, 0, stream>>>(
+          selected, cuts.data(), values, segment_size, active);
+  MF_CUDA_CHECK_LAUNCH();
+  select_ties_kernel<T><<<static_cast<unsigned>(num_segments), kThreads, 0, stream>>>(
+      selected, cuts.data(), values, segment_size, active);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
+template void coverage_select<float>(unsigned long long*, uint8_t*, const float*, int64_t, int64_t,
+                                     double, const int32_t*, cudaStream_t);
+template void coverage_select<double>(unsigned long long*, uint8_t*, const double*, int64_t,
+                                      int64_t, double, const int32_t*, cudaStream_t);
+
+}  // namespace moeforge::cuda

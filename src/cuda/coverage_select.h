@@ -1,0 +1,43 @@
+// The coverage selection of the fast FlexPrefill search (steps 2 and 8 with ops::FlexSearch::kFp32)
+// as a radix select instead of a sort: per segment of non-negative values, the largest entries
+// whose cumulative sum stays within gamma of the segment's total.
+//
+// The rule (exact, the same on any device; tests/cuda/coverage_select_test.cpp states it on the
+// host): each value is rounded to fp32 (v) and to 2^-52 fixed point (f = round(v 2^52), an integer,
+// so sums are exact in any order). The entries ordered by v descending, equal v by the lower
+// position, have the prefix sums S_t = f_0 + ... + f_t; with T = the segment's total and
+// limit = T if gamma >= 1, else floor(gamma T), the selection is the entries t with S_t <= limit
+// (a prefix of that order, as every f >= 0), and the count is their number.
+//
+// How: v's fp32 bits order as v (v >= +0.0), so the first excluded entry's bits K are found 8 bits
+// at a time, most significant first. Each of four passes builds per segment a histogram of the
+// next 8 bits over the entries that share K's bits found so far (count and fixed-point sum per
+// bucket: per warp in shared memory, then per block, then global atomics per segment);
+// the block that finishes a segment's histogram last walks its buckets from the top and keeps the
+// one where the running sum passes the limit. After the fourth pass K is known, with the sum and
+// number of the entries above it; of the entries equal to K the first (limit - S_above) / f(K) by
+// position are selected. Nothing is sorted or copied: 4 reads of the values (L2-resident at the
+// search's sizes) instead of the 8-16 passes of a 64-bit radix sort with its copies.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace moeforge::cuda {
+
+// Selects in segments [num_segments, segment_size] of values (T = float or double; each >= +0.0
+// and at most 2, each segment's sum below 2^11 so that its fixed-point total fits 64 bits, as
+// probabilities and the search's triangles of nb <= 2048 rows are; others give an unspecified
+// result):
+//  - counts (nullptr: not written) [num_segments]: each segment's count;
+//  - selected (nullptr: not written) [num_segments * segment_size]: 1 for a selected entry, else 0.
+// Segments whose flag in active is 0 are skipped and their outputs left as they were (active ==
+// nullptr: every segment). segment_size <= 2^31 - 1. Asynchronous on stream (temporary buffers of
+// about 4 KB per segment).
+template <typename T>
+void coverage_select(unsigned long long* counts, uint8_t* selected, const T* values,
+                     int64_t num_segments, int64_t segment_size, double gamma,
+                     const int32_t* active, cudaStream_t stream);
+
+}  // namespace moeforge::cuda

@@ -1,0 +1,186 @@
+// The radix-select coverage of cuda/coverage_select.h against its rule computed on the host (a sort
+// and a walk): counts and selected flags must be equal, on probability-like values, wide ranges,
+// runs of equal values (the cut inside a run), zeros, segments of one value, sizes around the
+// kernels' 4096-value chunks, fp32 and fp64 inputs, every gamma, and inactive segments (left as
+// they were).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+#include "core/rng.h"
+#include "cuda/coverage_select.h"
+#include "gpu_test_util.h"
+
+namespace moeforge::cuda {
+namespace {
+
+using testing::expect_equal;
+using testing::to_device;
+
+constexpr unsigned long long kUntouchedCount = 0x5eed5eedull;
+constexpr uint8_t kUntouchedFlag = 7;
+
+struct HostSelection {
+  std::vector<unsigned long long> counts;
+  std::vector<uint8_t> selected;
+};
+
+// The rule of cuda/coverage_select.h, written directly: fp32 values, 2^-52 fixed point, the order
+// by value descending then position, the walk while the prefix sum stays <= the limit.
+template <typename T>
+HostSelection host_select(const std::vector<T>& values, int64_t num_segments, int64_t size,
+                          double gamma, const std::vector<int32_t>& active) {
+  HostSelection out{std::vector<unsigned long long>(num_segments, kUntouchedCount),
+                    std::vector<uint8_t>(values.size(), kUntouchedFlag)};
+  for (int64_t s = 0; s < num_segments; ++s) {
+    if (active[s] == 0) continue;
+    std::vector<float> v(size);
+    std::vector<unsigned long long> fixed(size);
+    unsigned long long total = 0;
+    for (int64_t i = 0; i < size; ++i) {
+      v[i] = static_cast<float>(values[s * size + i]);
+      fixed[i] = static_cast<unsigned long long>(std::nearbyint(std::ldexp(double{v[i]}, 52)));
+      total += fixed[i];
+    }
+    const unsigned long long limit =
+        gamma >= 1.0
+            ? total
+            : std::min(total, static_cast<unsigned long long>(gamma * static_cast<double>(total)));
+    std::vector<int64_t> order(size);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return v[a] > v[b]; });
+    unsigned long long sum = 0, count = 0;
+    for (int64_t i = 0; i < size; ++i) out.selected[s * size + i] = 0;
+    for (int64_t t : order) {
+      sum += fixed[t];
+      if (sum > limit) break;
+      out.selected[s * size + t] = 1;
+      ++count;
+    }
+    out.counts[s] = count;
+  }
+  return out;
+}
+
+// Runs the device select (both outputs, and the counts alone) and compares with the host rule.
+template <typename T>
+void expect_select_matches(const std::string& what, const std::vector<T>& values,
+                           int64_t num_segments, int64_t size, double gamma,
+                           const std::vector<int32_t>& active) {
+  SCOPED_TRACE(what + " segments=" + std::to_string(num_segments) +
+               " size=" + std::to_string(size) + " gamma=" + std::to_string(gamma));
+  const HostSelection want = host_select(values, num_segments, size, gamma, active);
+  DeviceBuffer<T> x = to_device(values);
+  DeviceBuffer<int32_t> flags = to_device(active);
+  DeviceBuffer<unsigned long long> counts =
+      to_device(std::vector<unsigned long long>(num_segments, kUntouchedCount));
+  DeviceBuffer<uint8_t> selected = to_device(std::vector<uint8_t>(values.size(), kUntouchedFlag));
+  coverage_select(counts.data(), selected.data(), x.data(), num_segments, size, gamma, flags.data(),
+                  nullptr);
+  testing::synchronize();
+  expect_equal("counts", counts.download(), want.counts);
+  expect_equal("selected", selected.download(), want.selected);
+
+  DeviceBuffer<unsigned long long> counts_only =
+      to_device(std::vector<unsigned long long>(num_segments, kUntouchedCount));
+  coverage_select(counts_only.data(), static_cast<uint8_t*>(nullptr), x.data(), num_segments, size,
+                  gamma, flags.data(), nullptr);
+  testing::synchronize();
+  expect_equal("counts without flags", counts_only.download(), want.counts);
+}
+
+enum class Shape { kProbabilities, kWideRange, kFewLevels, kAllEqual, kZeros, kNearTies };
+
+// Values of one kind, num_segments x size, each in [0, 1], each segment's sum below 1000 (the
+// select's fixed-point totals need sums below 2^11).
+template <typename T>
+std::vector<T> make_values(Shape shape, int64_t num_segments, int64_t size, uint64_t seed) {
+  Rng rng(seed);
+  std::vector<T> values(num_segments * size);
+  for (int64_t s = 0; s < num_segments; ++s) {
+    T* x = values.data() + s * size;
+    double total = 0.0;
+    for (int64_t i = 0; i < size; ++i) {
+      const double u = rng.uniform();
+      switch (shape) {
+        case Shape::kProbabilities: x[i] = static_cast<T>(u); break;
+        case Shape::kWideRange:  // 2^-60 .. 1, and some exact zeros
+          x[i] = u < 0.05 ? T{0} : static_cast<T>(std::exp2(-60.0 * rng.uniform()));
+          break;
+        case Shape::kFewLevels:  // long runs of equal values
+          x[i] = static_cast<T>(std::array<double, 4>{0.0, 0.25, 1.0 / 3.0, 0.5}[i % 7 % 4] /
+                                static_cast<double>(size));
+          break;
+        case Shape::kAllEqual: x[i] = static_cast<T>(1.0 / static_cast<double>(size)); break;
+        case Shape::kZeros: x[i] = T{0}; break;
+        case Shape::kNearTies:  // distinct doubles, equal once rounded to fp32
+          x[i] = static_cast<T>((0.5 + 1e-12 * static_cast<double>(i % 5)) /
+                                static_cast<double>(size));
+          break;
+      }
+      total += static_cast<double>(x[i]);
+    }
+    if (shape == Shape::kProbabilities && total > 0.0) {
+      for (int64_t i = 0; i < size; ++i) x[i] = static_cast<T>(static_cast<double>(x[i]) / total);
+    }
+  }
+  return values;
+}
+
+TEST(CoverageSelect, MatchesTheHostRule) {
+  MF_REQUIRE_GPU();
+  const Shape shapes[] = {Shape::kProbabilities, Shape::kWideRange, Shape::kFewLevels,
+                          Shape::kAllEqual,      Shape::kZeros,     Shape::kNearTies};
+  const char* names[] = {"probabilities", "wide range", "few levels",
+                         "all equal",     "zeros",      "near ties"};
+  const int64_t sizes[] = {1, 7, 4096, 4097, 33000};
+  uint64_t seed = 1;
+  for (int k = 0; k < 6; ++k) {
+    for (int64_t size : sizes) {
+      const int64_t num_segments = size > 4097 ? 3 : 5;
+      std::vector<int32_t> active(num_segments, 1);
+      active[1] = 0;
+      const std::vector<float> f = make_values<float>(shapes[k], num_segments, size, seed);
+      const std::vector<double> d = make_values<double>(shapes[k], num_segments, size, seed++);
+      for (double gamma : {0.1, 0.5, 0.9, 1.0}) {
+        expect_select_matches(std::string(names[k]) + " fp32", f, num_segments, size, gamma,
+                              active);
+        expect_select_matches(std::string(names[k]) + " fp64", d, num_segments, size, gamma,
+                              active);
+      }
+    }
+  }
+}
+
+// Many segments at the search's sizes (step 2 at N = 20000 for 16 heads' two kinds; a step-8
+// triangle of 313 blocks) with every segment active.
+TEST(CoverageSelect, ManySegmentsAtSearchSizes) {
+  MF_REQUIRE_GPU();
+  const int64_t num_tri = 313 * 314 / 2;
+  const std::vector<float> vs = make_values<float>(Shape::kProbabilities, 32, 20000, 91);
+  expect_select_matches("step 2", vs, 32, 20000, 0.9, std::vector<int32_t>(32, 1));
+  const std::vector<double> tri = make_values<double>(Shape::kWideRange, 4, num_tri, 92);
+  expect_select_matches("step 8", tri, 4, num_tri, 0.9, std::vector<int32_t>(4, 1));
+}
+
+TEST(CoverageSelect, RejectsBadShapes) {
+  MF_REQUIRE_GPU();
+  DeviceBuffer<float> x(4);
+  DeviceBuffer<unsigned long long> counts(1);
+  EXPECT_THROW(coverage_select(counts.data(), static_cast<uint8_t*>(nullptr), x.data(), 1, 0, 0.9,
+                               nullptr, nullptr),
+               Error);
+  EXPECT_THROW(coverage_select(counts.data(), static_cast<uint8_t*>(nullptr), x.data(), 0, 4, 0.9,
+                               nullptr, nullptr),
+               Error);
+}
+
+}  // namespace
+}  // namespace moeforge::cuda
