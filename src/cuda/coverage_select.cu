@@ -25,11 +25,19 @@ constexpr int kPasses = 32 / kDigitBits;
 constexpr int64_t kChunk = 4096;  // values per block of threads of a histogram pass
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr double kFixedOne = 4503599627370496.0;  // 2^52
-// A warp's fixed-point values (each <= 2^53, for values <= 2) are added as two 32-bit halves:
-// 32 low parts of 27 bits stay below 2^32, as do 32 high parts of at most 2^26.
-constexpr int kLowBits = 27;
-constexpr unsigned long long kLowMask = (1ull << kLowBits) - 1;
+// Shared-memory atomics add 32 bits natively (64-bit ones are compare-and-swap loops), so a
+// fixed-point value (<= 2^53, for values <= 2) is added as three parts of kPartBits bits: a block's
+// kChunk values keep each part's sum below 2^32.
+constexpr int kParts = 3;
+constexpr int kPartBits = 18;
+constexpr unsigned kPartMask = (1u << kPartBits) - 1;
+// A warp whose in-range lanes fall in at most this many buckets adds each bucket by warp-wide
+// reductions and one atomic per part (values cluster in few buckets in the first pass); else each
+// lane adds its own value.
+constexpr int kMaxReducedBuckets = 4;
 
+static_assert(kParts * kPartBits >= 54 && kChunk << kPartBits <= (int64_t{1} << 32),
+              "a block's parts sum below 2^32");
 static_assert(kThreads == kBuckets, "the pick gives each thread one bucket");
 
 // One segment's cut: the fp32 bits K of its first excluded entry (in the order of
@@ -60,20 +68,18 @@ __device__ __forceinline__ unsigned long long limit_of(unsigned long long total,
 
 // Pass `pass` of the select: block (chunk of kChunk values, segment). Histograms of the bits
 // [shift, shift + kDigitBits) of the entries that share the cut's bits found so far (all entries in
-// pass 0): counts and fixed-point sums per bucket, per warp (the lanes of a bucket added by warp
-// reductions, then one lane adds them to the warp's own histogram in shared memory: no atomics),
-// then per block, then per segment in hist_count / hist_sum [kPasses, segments, kBuckets] (zeroed,
-// global atomics). The segment's last block to arrive (arrivals [kPasses, segments], zeroed) walks
-// the buckets from the top and keeps the one where the running sum passes the limit; after the
-// last pass it also writes counts.
+// pass 0): counts and fixed-point sums (in kParts parts) per bucket, per block in shared memory,
+// then per segment in hist_count / hist_sum [kPasses, segments, kBuckets] (zeroed, global atomics).
+// The segment's last block to arrive (arrivals [kPasses, segments], zeroed) walks the buckets from
+// the top and keeps the one where the running sum passes the limit; after the last pass it also
+// writes counts.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     select_pass_kernel(Cut* cuts, unsigned long long* hist_count, unsigned long long* hist_sum,
                        unsigned long long* arrivals, unsigned long long* counts, const T* values,
                        int64_t segment_size, double gamma, const int32_t* active, int pass) {
-  constexpr int kWarps = kThreads / kWarpSize;
-  __shared__ unsigned count_s[kWarps][kBuckets];
-  __shared__ unsigned long long sum_s[kWarps][kBuckets];
+  __shared__ unsigned count_s[kBuckets];
+  __shared__ unsigned part_s[kParts][kBuckets];
   __shared__ bool last_s;
   using BlockScan = cub::BlockScan<unsigned long long, kThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
@@ -85,11 +91,9 @@ __global__ void __launch_bounds__(kThreads)
   if (cut.all != 0) return;
   const int shift = 32 - kDigitBits * (pass + 1);
   const int tid = static_cast<int>(threadIdx.x);
-  const int warp = tid / kWarpSize, lane = tid % kWarpSize;
-  for (int w = 0; w < kWarps; ++w) {
-    count_s[w][tid] = 0;
-    sum_s[w][tid] = 0;
-  }
+  const int lane = tid % kWarpSize;
+  count_s[tid] = 0;
+  for (int p = 0; p < kParts; ++p) part_s[p][tid] = 0;
   __syncthreads();
 
   const T* x = values + segment * segment_size;
@@ -108,22 +112,38 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (__ballot_sync(kFullMask, bucket != kBuckets) == 0) continue;
     const unsigned peers = __match_any_sync(kFullMask, bucket);
-    if (bucket != kBuckets) {
-      const unsigned low = __reduce_add_sync(peers, static_cast<unsigned>(fixed & kLowMask));
-      const unsigned high = __reduce_add_sync(peers, static_cast<unsigned>(fixed >> kLowBits));
-      if (lane == __ffs(peers) - 1) {  // one lane per bucket: plain updates of the warp's own
-        count_s[warp][bucket] += static_cast<unsigned>(__popc(peers));
-        sum_s[warp][bucket] += (static_cast<unsigned long long>(high) << kLowBits) + low;
+    const unsigned leaders =
+        __ballot_sync(kFullMask, bucket != kBuckets && lane == __ffs(peers) - 1);
+    if (__popc(leaders) <= kMaxReducedBuckets) {
+      for (unsigned rest = leaders; rest != 0; rest &= rest - 1) {  // warp-uniform
+        const int src = __ffs(rest) - 1;
+        const bool mine = bucket == __shfl_sync(kFullMask, bucket, src);
+        const unsigned members = __ballot_sync(kFullMask, mine);
+        unsigned sums[kParts];
+#pragma unroll
+        for (int p = 0; p < kParts; ++p) {
+          const unsigned part = static_cast<unsigned>(fixed >> (p * kPartBits)) & kPartMask;
+          sums[p] = __reduce_add_sync(kFullMask, mine ? part : 0u);
+        }
+        if (lane == src) {
+          atomicAdd(&count_s[bucket], static_cast<unsigned>(__popc(members)));
+#pragma unroll
+          for (int p = 0; p < kParts; ++p) atomicAdd(&part_s[p][bucket], sums[p]);
+        }
+      }
+    } else if (bucket != kBuckets) {
+      atomicAdd(&count_s[bucket], 1u);
+#pragma unroll
+      for (int p = 0; p < kParts; ++p) {
+        atomicAdd(&part_s[p][bucket], static_cast<unsigned>(fixed >> (p * kPartBits)) & kPartMask);
       }
     }
-    __syncwarp();  // the next leader of a bucket sees this update
   }
   __syncthreads();
-  unsigned block_count = 0;
+  const unsigned block_count = count_s[tid];
   unsigned long long block_sum = 0;
-  for (int w = 0; w < kWarps; ++w) {
-    block_count += count_s[w][tid];
-    block_sum += sum_s[w][tid];
+  for (int p = 0; p < kParts; ++p) {
+    block_sum += static_cast<unsigned long long>(part_s[p][tid]) << (p * kPartBits);
   }
   const int64_t slot = static_cast<int64_t>(pass) * gridDim.y + segment;
   unsigned long long* segment_count = hist_count + slot * kBuckets;

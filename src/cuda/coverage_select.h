@@ -12,7 +12,8 @@
 // How: v's fp32 bits order as v (v >= +0.0), so the first excluded entry's bits K are found 8 bits
 // at a time, most significant first. Each of four passes builds per segment a histogram of the
 // next 8 bits over the entries that share K's bits found so far (count and fixed-point sum per
-// bucket: per warp in shared memory, then per block, then global atomics per segment);
+// bucket: 32-bit shared-memory atomics per block, reduced per warp first where its values share
+// few buckets, then global atomics per segment);
 // the block that finishes a segment's histogram last walks its buckets from the top and keeps the
 // one where the running sum passes the limit. After the fourth pass K is known, with the sum and
 // number of the entries above it; of the entries equal to K the first (limit - S_above) / f(K) by

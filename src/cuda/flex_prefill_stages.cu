@@ -18,10 +18,11 @@
 // for query-aware heads the block means of Q, the block logits (tiled fp64), the row softmaxes,
 // the sort of the triangle and the gamma * nb walk (the fast search: the fixed-point radix select
 // of cuda/coverage_select.h and its flags moved to the grid); finally per-row counts (warp
-// ballots), one scan and the column fill of the CSR.
+// ballots), one CUB scan and the column fill of the CSR.
 #include "cuda/flex_prefill_stages.h"
 
 #include <cub/block/block_radix_sort.cuh>
+#include <cub/device/device_scan.cuh>
 
 #include <algorithm>
 #include <cmath>
@@ -38,7 +39,6 @@ namespace moeforge::cuda::flex {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kScanThreads = 1024;
 constexpr unsigned kFullMask = 0xffffffffu;
 // Tokens per budget block in step 2: hard-coded in the reference, independent of block_size.
 constexpr int64_t kBudgetDivisor = 128;
@@ -470,10 +470,12 @@ __global__ void coverage_mark_kernel(uint8_t* grid, const uint32_t* order, int p
 }
 
 // A warp per row i of [Hq * nb] (row r = i % nb): row_counts[i] = its selected blocks (all r + 1
-// causal ones when dense, grid == nullptr).
+// causal ones when dense, grid == nullptr); row_counts[num_rows] = 0, so that an exclusive scan of
+// num_rows + 1 entries ends in the total.
 __global__ void row_count_kernel(int64_t* row_counts, const uint8_t* grid, int64_t num_rows,
                                  int64_t nb) {
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  if (blockIdx.x == 0 && threadIdx.x == 0) row_counts[num_rows] = 0;
   const int64_t warps_per_grid = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarpSize;
   for (int64_t i = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarpSize;
        i < num_rows; i += warps_per_grid) {
@@ -488,38 +490,11 @@ __global__ void row_count_kernel(int64_t* row_counts, const uint8_t* grid, int64
   }
 }
 
-// One block: row_offsets = exclusive scan of row_counts (num_rows + 1 entries), and each head's
-// number of selected blocks.
-__global__ void row_scan_kernel(int64_t* row_offsets, int64_t* num_selected,
-                                const int64_t* row_counts, int64_t num_rows, int64_t nb) {
-  __shared__ int64_t chunk_start[kScanThreads];
-  const int64_t chunk = (num_rows + kScanThreads - 1) / kScanThreads;
-  const int64_t begin = min(num_rows, threadIdx.x * chunk);
-  const int64_t end = min(num_rows, begin + chunk);
-  int64_t total = 0;
-  for (int64_t i = begin; i < end; ++i) total += row_counts[i];
-  chunk_start[threadIdx.x] = total;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int64_t running = 0;
-    for (int t = 0; t < kScanThreads; ++t) {
-      const int64_t count = chunk_start[t];
-      chunk_start[t] = running;
-      running += count;
-    }
-    row_offsets[num_rows] = running;
-  }
-  __syncthreads();
-  int64_t running = chunk_start[threadIdx.x];
-  for (int64_t i = begin; i < end; ++i) {
-    row_offsets[i] = running;
-    running += row_counts[i];
-  }
-  __syncthreads();
-  const int64_t num_heads = num_rows / nb;
-  for (int64_t h = threadIdx.x; h < num_heads; h += kScanThreads) {
-    num_selected[h] = row_offsets[(h + 1) * nb] - row_offsets[h * nb];
-  }
+// num_selected [num_heads] = each head's number of selected blocks, from the scanned row_offsets.
+__global__ void head_totals_kernel(int64_t* num_selected, const int64_t* row_offsets,
+                                   int64_t num_heads, int64_t nb) {
+  const int64_t h = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (h < num_heads) num_selected[h] = row_offsets[(h + 1) * nb] - row_offsets[h * nb];
 }
 
 // A warp per row i: col_idx of the row, its selected key blocks in ascending order (ballots give
@@ -562,13 +537,18 @@ unsigned grid_for_warps(int64_t count) {
 // Per-row counts, scan and column fill of out's CSR from grid (nullptr: dense).
 void build_csr(FlexPrefillDeviceSelection& out, const uint8_t* grid, cudaStream_t stream) {
   const int64_t num_rows = out.num_heads * out.num_blocks;
-  DeviceBuffer<int64_t> row_counts(static_cast<size_t>(num_rows));
+  DeviceBuffer<int64_t> row_counts(static_cast<size_t>(num_rows + 1));
   row_count_kernel<<<grid_for_warps(num_rows), kThreads, 0, stream>>>(row_counts.data(), grid,
                                                                       num_rows, out.num_blocks);
   MF_CUDA_CHECK_LAUNCH();
-  row_scan_kernel<<<1, kScanThreads, 0, stream>>>(out.row_offsets.data(),
-                                                  out.num_selected_blocks.data(), row_counts.data(),
-                                                  num_rows, out.num_blocks);
+  size_t temp_bytes = 0;
+  MF_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, temp_bytes, row_counts.data(),
+                                              out.row_offsets.data(), num_rows + 1, stream));
+  DeviceBuffer<uint8_t> temp(std::max<size_t>(1, temp_bytes));
+  MF_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp.data(), temp_bytes, row_counts.data(),
+                                              out.row_offsets.data(), num_rows + 1, stream));
+  head_totals_kernel<<<grid_for(out.num_heads, kThreads), kThreads, 0, stream>>>(
+      out.num_selected_blocks.data(), out.row_offsets.data(), out.num_heads, out.num_blocks);
   MF_CUDA_CHECK_LAUNCH();
   row_fill_kernel<<<grid_for_warps(num_rows), kThreads, 0, stream>>>(
       out.col_idx.data(), out.row_offsets.data(), grid, num_rows, out.num_blocks);
