@@ -28,14 +28,15 @@
 namespace moeforge::cuda {
 
 // Selects in segments [num_segments, segment_size] of values (T = float or double; each >= +0.0
-// and at most 2, each segment's sum below 2^11 so that its fixed-point total fits 64 bits, as
+// and at most 2, each segment's sum below 2^12 so that its fixed-point total fits 64 bits, as
 // probabilities and the search's triangles of nb <= 2048 rows are; others give an unspecified
 // result):
 //  - counts (nullptr: not written) [num_segments]: each segment's count;
 //  - selected (nullptr: not written) [num_segments * segment_size]: 1 for a selected entry, else 0.
 // Segments whose flag in active is 0 are skipped and their outputs left as they were (active ==
-// nullptr: every segment). segment_size <= 2^31 - 1. Asynchronous on stream (temporary buffers of
-// about 4 KB per segment).
+// nullptr: every segment). 1 <= num_segments <= 65535 and 1 <= segment_size <= 2^31 - 1
+// (moeforge::Error otherwise). Asynchronous on stream (temporary buffers of
+// about 16 KB per segment).
 template <typename T>
 void coverage_select(unsigned long long* counts, uint8_t* selected, const T* values,
                      int64_t num_segments, int64_t segment_size, double gamma,

@@ -99,7 +99,7 @@ void expect_select_matches(const std::string& what, const std::vector<T>& values
 enum class Shape { kProbabilities, kWideRange, kFewLevels, kAllEqual, kZeros, kNearTies };
 
 // Values of one kind, num_segments x size, each in [0, 1], each segment's sum below 1000 (the
-// select's fixed-point totals need sums below 2^11).
+// select's fixed-point totals need sums below 2^12).
 template <typename T>
 std::vector<T> make_values(Shape shape, int64_t num_segments, int64_t size, uint64_t seed) {
   Rng rng(seed);
