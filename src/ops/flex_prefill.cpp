@@ -241,6 +241,21 @@ HeadSelection select_head(const T* q, const T* k, const std::vector<double>& k_m
   return selection;
 }
 
+// The checks of the per-head entry points (`who` names the caller in the messages; the seq_len
+// check is the caller's) and the key block means of `head`'s KV head ([nb, D]).
+template <typename T>
+std::vector<double> checked_head_k_means(const T* q, const T* k, const SparseAttentionDims& dims,
+                                         const FlexPrefillParams& params, int64_t head,
+                                         const char* who) {
+  MF_CHECK(head >= 0 && head < dims.num_q_heads, "{}: head must be in [0, {}), got {}", who,
+           dims.num_q_heads, head);
+  check_finite(q, dims.seq_len * dims.num_q_heads * dims.head_dim, "q");
+  check_finite(k, dims.seq_len * dims.num_kv_heads * dims.head_dim, "k");
+  const int64_t kv_head = head / (dims.num_q_heads / dims.num_kv_heads);
+  return block_means(k, dims.seq_len, dims.num_kv_heads, kv_head, dims.head_dim, params.block_size,
+                     1.0);
+}
+
 }  // namespace
 
 double flex_prefill_chunked_sum(const double* x, int64_t n) {
@@ -352,19 +367,13 @@ template <typename T>
 FlexPrefillHeadScores flex_prefill_head_scores(const T* q, const T* k,
                                                const SparseAttentionDims& dims,
                                                const FlexPrefillParams& params, int64_t head) {
-  check_sparse_attention_dims(dims, "flex_prefill_head_scores");
+  constexpr const char* kWho = "flex_prefill_head_scores";
+  check_sparse_attention_dims(dims, kWho);
   check_flex_prefill_params(params);
-  MF_CHECK(dims.seq_len >= params.block_size,
-           "flex_prefill_head_scores: seq_len must be >= block_size={}, got {}", params.block_size,
-           dims.seq_len);
-  MF_CHECK(head >= 0 && head < dims.num_q_heads,
-           "flex_prefill_head_scores: head must be in [0, {}), got {}", dims.num_q_heads, head);
-  check_finite(q, dims.seq_len * dims.num_q_heads * dims.head_dim, "q");
-  check_finite(k, dims.seq_len * dims.num_kv_heads * dims.head_dim, "k");
-  const int64_t kv_head = head / (dims.num_q_heads / dims.num_kv_heads);
-  const std::vector<double> k_means = block_means(k, dims.seq_len, dims.num_kv_heads, kv_head,
-                                                  dims.head_dim, params.block_size, 1.0);
-  return head_scores(q, k, k_means, dims, params, head);
+  MF_CHECK(dims.seq_len >= params.block_size, "{}: seq_len must be >= block_size={}, got {}", kWho,
+           params.block_size, dims.seq_len);
+  return head_scores(q, k, checked_head_k_means(q, k, dims, params, head, kWho), dims, params,
+                     head);
 }
 
 template <typename T>
@@ -372,19 +381,12 @@ std::vector<double> flex_prefill_block_probabilities(const T* q, const T* k,
                                                      const SparseAttentionDims& dims,
                                                      const FlexPrefillParams& params,
                                                      int64_t head) {
-  check_sparse_attention_dims(dims, "flex_prefill_block_probabilities");
+  constexpr const char* kWho = "flex_prefill_block_probabilities";
+  check_sparse_attention_dims(dims, kWho);
   check_flex_prefill_params(params);
-  MF_CHECK(dims.seq_len >= 1, "flex_prefill_block_probabilities: seq_len must be >= 1, got {}",
-           dims.seq_len);
-  MF_CHECK(head >= 0 && head < dims.num_q_heads,
-           "flex_prefill_block_probabilities: head must be in [0, {}), got {}", dims.num_q_heads,
-           head);
-  check_finite(q, dims.seq_len * dims.num_q_heads * dims.head_dim, "q");
-  check_finite(k, dims.seq_len * dims.num_kv_heads * dims.head_dim, "k");
-  const int64_t kv_head = head / (dims.num_q_heads / dims.num_kv_heads);
-  const std::vector<double> k_means = block_means(k, dims.seq_len, dims.num_kv_heads, kv_head,
-                                                  dims.head_dim, params.block_size, 1.0);
-  return block_probabilities(q, k_means, dims, params.block_size, head);
+  MF_CHECK(dims.seq_len >= 1, "{}: seq_len must be >= 1, got {}", kWho, dims.seq_len);
+  return block_probabilities(q, checked_head_k_means(q, k, dims, params, head, kWho), dims,
+                             params.block_size, head);
 }
 
 template FlexPrefillSelection flex_prefill_select<float>(const float*, const float*,
