@@ -1,25 +1,31 @@
 // Steps 1-3 of the GPU FlexPrefill pattern search in its fp32 form (ops::FlexSearch::kFp32, the
 // CLI's `--flex-search fast`): the vertical / slash values on tensor cores and in fp32, their block
 // scores, and step 2's coverage counts. Steps 4-7 are the exact ones (cuda/flex_prefill_stages.h)
-// applied to these scores; step 8 is the exact one up to its coverage walk (see 8 below).
+// applied to these scores; step 8 has fp32 logits and its own coverage walk (see 8 below).
 //
-// What is computed (cuda/flex_prefill_fp32_scores.cu, cuda/flex_prefill_fp32.cu):
+// What is computed (cuda/flex_prefill_fp32_scores.cu, cuda/flex_prefill_fp32.cu,
+// cuda/flex_prefill_fp32_blocks.cu):
 //  1. x[r, j] = (q_r . k_j) * (scale * log2 e), the dot product on bf16 tensor cores with fp32
-//     accumulation (mma.sync m16n8k16); pass 1 keeps per row and key split the running max and the
+//     accumulation (mma.sync m16n8k16), the factor rounded to fp32 and applied by the FFMA that
+//     forms each exponent's argument; pass 1 keeps per row and key split the running max and the
 //     fp32 sum of 2^(x - max) (rescaled when the max grows), pass 2 combines the splits in double
-//     into lse2[r] = log2 sum_j 2^x[r, j] (rounded to fp32), recomputes x and takes
+//     into lse2[r] = log2 sum_j 2^x[r, j] (rounded to fp32), recomputes the products and takes
 //     p = 2^(x - lse2) in fp32 (exp2_flush: ex2.approx.ftz). The logits never reach global memory.
 //     vertical[j] = (sum_r p[r, j]) / bs and slash[i] = (sum_r p[r, i + r - (bs - 1)]) / bs in
-//     fp32, in a fixed order (deterministic).
+//     fp32, in a fixed order (deterministic; a tree of depth below bs).
 //  3. vertical_blk, slash_blk: each block's fp32 values summed in double.
 //  2. Each kind's values in 2^-52 fixed point, counted by the radix select of
 //     cuda/coverage_select.h (no sort): c - 1 = #{t : S_t <= gamma T} with S_t the (exact,
 //     integer) sum of the t + 1 largest values and T the sum of all; T is 1 in exact arithmetic,
 //     and measuring against it keeps every value at gamma = 1, as the reference.
-//  8. (in cuda/flex_prefill_stages.cu) The same select replaces step 8's sort: the query-aware
-//     heads' block probabilities (the exact doubles) rounded to fp32 and then to 2^-52 fixed
-//     point, ordered by the fp32 values (equal ones by position), kept while their fixed-point sum
-//     stays <= gamma T, T their own total (nb in exact arithmetic: the reference's gamma nb).
+//  8. The query-aware heads' block logits in fp32 (fp32_block_logits): the block means of
+//     scale * q summed in fp32 (rows ascending) times fp32(scale / length), dotted with the key
+//     blocks' means (the exact doubles of step 4 rounded to fp32) by an fp32 FMA chain, d
+//     ascending; the row softmax in double as the exact search (cuda/flex_prefill_stages.cu). Then
+//     the same select replaces step 8's sort: those probabilities rounded to fp32 and then to
+//     2^-52 fixed point, ordered by the fp32 values (equal ones by position), kept while their
+//     fixed-point sum stays <= gamma T, T their own total (nb in exact arithmetic: the
+//     reference's gamma nb).
 //
 // Error bound (first order; u = 2^-24 the fp32 unit roundoff, u' = 2^-23 for the tensor cores'
 // additions, which may truncate; X bounds |x| by Cauchy-Schwarz: X = scale log2(e) max_r |q_r|
@@ -38,15 +44,21 @@
 //    distance's square within rho (its derivative in vertical_blk[c] is ln(vertical_blk[c] / m_c)
 //    / 2, and |v ln(v / m)| <= 2 ln2 m); the top-k choice of block scores is the reference's except
 //    for scores within a relative rho of the k-th largest;
-//  - step 8 keeps the reference's blocks except where the fp32 rounding (relative 2^-24 a value)
-//    reorders values within a relative 2^-22 of each other or the cumulative sum lies within
-//    2^-24 (plus 2^-53 a term) of gamma nb (tests/cuda/flex_prefill_fp32_test.cpp's step-8 band).
+//  - a step-8 logit is within E = k_E sum_d A[r, d] |kbar[c, d]| of the reference's, A[r, d] =
+//    (scale / length) sum_j |q[j, d]| over the query block, k_E = k_q (1 + u) + u + gamma_D (1 +
+//    k_q) (1 + u) + D 2^-52, k_q = (1 + gamma_{bs-1}) (1 + u)^2 (1 + 2^-52) - 1 + (bs + 2) 2^-53
+//    (the fp32 sum and its two roundings, the key mean's rounding, the FMA chain, the reference's
+//    own doubles); so a block probability is within a relative rho_8 = exp(2 E) - 1;
+//  - step 8 keeps the reference's blocks except where that and the fp32 rounding (relative 2^-24 a
+//    value) reorder values within a relative max(2^-22, (1 + r) / (1 - r) - 1), r = (1 + u)
+//    (1 + rho_8) - 1, of each other or the cumulative sum lies within r (plus 2^-53 a term) of
+//    gamma nb (tests/cuda/flex_prefill_fp32_test.cpp's step-8 band).
 // tests/cuda/flex_prefill_fp32_test.cpp evaluates this bound and checks the selection against it.
 //
 // Limits (checked, moeforge::Error, after those of cuda/flex_prefill.h): head_dim a multiple of 8
 // (16-byte rows for cp.async), q and k 16-byte aligned, a device of compute capability 8.0 or later
 // whose blocks of threads may use fp32_scores_smem_bytes of shared memory (every head_dim on
-// Hopper, up to 192 on the A100, less on sm_86 / sm_89).
+// Hopper and the A100, up to 176 at block size 128 on sm_86 / sm_89).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -64,7 +76,7 @@ constexpr int64_t kFp32TileKeys = 64;
 constexpr int64_t kFp32SplitKeys = 1024;
 
 // Bytes of shared memory per block of threads of the fp32 search's largest kernel (at most about
-// 174 KB, at head_dim 256 and block size 128; 108 KB at head_dim 128).
+// 137 KB, at head_dim 256 and block size 128; 73 KB at head_dim 128).
 size_t fp32_scores_smem_bytes(const flex::SearchShape& s);
 
 // Throws moeforge::Error unless the fp32 search can run on these inputs (the limits above).
@@ -74,6 +86,12 @@ void check_fp32_search(const flex::SearchShape& s, const bf16* q, const bf16* k)
 // [Hq, 2, nb] = their block sums, in double (cuda/flex_prefill_fp32_scores.cu).
 void fp32_vertical_slash(float* vs, double* pooled, const bf16* q, const bf16* k,
                          const flex::SearchShape& s, cudaStream_t stream);
+
+// Step 8's logits: tri [Hq, nb (nb + 1) / 2] at triangle position r (r + 1) / 2 + c (c <= r) = the
+// fp32 logit of query block r and key block c (8 above), for heads whose flag in query_aware is
+// set; k_means [Hkv, nb, D] as flex::block_means gives them. Asynchronous on the stream.
+void fp32_block_logits(double* tri, const bf16* q, const double* k_means,
+                       const int32_t* query_aware, const flex::SearchShape& s, cudaStream_t stream);
 
 // Steps 1-3: pooled [Hq, 2, nb] = vertical_blk and slash_blk; coverage_counts [Hq, 2] = the
 // counts c - 1 of step 2 for vertical and slash. q [N, Hq, D], k [N, Hkv, D] on the device.

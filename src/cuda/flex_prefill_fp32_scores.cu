@@ -6,13 +6,20 @@
 // with zeros to the MMA's 16. Blocks of threads are issued heads fastest, so that the query heads
 // of a KV head read the same keys at about the same time (from L2).
 //  - Pass 1 (row_stats_kernel): per row and split the max of x = S * scale * log2(e) over the
-//    visible keys and the sum of 2^(x - max) (online: rescaled when the max grows).
+//    visible keys (the max of S, times the factor) and the sum of 2^(S * factor - max) (one FFMA
+//    per exponent; online: rescaled when the max grows).
 //  - row_lse_kernel: lse2 = M + log2(sum over splits of sum * 2^(max - M)) in double, per row.
-//  - Pass 2 (scores_kernel): x again, p = 2^(x - lse2) (exp2_flush) written to a shared [bs, tile]
-//  array; per
-//    tile the column sums (vertical, complete: every row is in the block) and per diagonal the
-//    partial sums, accumulated over the split's tiles in shared memory; the split's diagonal sums
-//    go to global memory (a diagonal spans bs keys, so its sum may continue in the next split).
+//  - Pass 2 (scores_kernel): p = 2^(S * factor - lse2) (FFMA, exp2_flush) in the registers of the
+//    MMA's accumulator layout, and per tile:
+//    - the column sums (vertical, complete: every row is in the block): a thread adds its 4 rows
+//      of each of its 16 columns, a butterfly over the 8 lanes sharing those columns leaves each
+//      lane 2 columns of the warp's 32 rows, and the warps' parts are added in shared memory;
+//    - the diagonal sums: a thread adds its values of each diagonal (22 per thread: its keys and
+//      rows differ by 8 j + 2 t + c - g, j in [-3, 7], c in {0, 1}), the parts go to a shared
+//      [warp, diagonal, g] array in the key stage just multiplied (so that three blocks of
+//      threads fit an SM), and a diagonal's sum is its 8 parts per warp, warps ascending,
+//      accumulated over the split's tiles in shared memory; the split's diagonal sums go to global
+//      memory (a diagonal spans bs keys, so its sum may continue in the next split).
 //  - pool_kernel: slash = (the previous split's part + this split's part) / bs, and both kinds'
 //    block sums in double.
 // Every sum has a fixed order, so the results are deterministic.
@@ -37,13 +44,17 @@ constexpr int kSplitKeys = static_cast<int>(kFp32SplitKeys);
 constexpr int kRowsPerWarp = 32;          // two m16 tiles
 constexpr int kKeyTiles = kTileKeys / 8;  // n-tiles of S
 constexpr int kStages = 2;
-constexpr int kProbStride = kTileKeys + 1;  // floats per row of the shared probabilities: an odd
-                                            // stride puts a diagonal's rows in distinct banks
+// A warp's diagonals (key - row within its 32 rows and the tile's 64 keys) and their parts, one
+// per lane row g: [kWarpDiagonals][8] floats per warp.
+constexpr int kWarpDiagonals = kTileKeys + kRowsPerWarp - 1;
+constexpr int kDiagonalParts = 8;
+constexpr int kWarpParts = kWarpDiagonals * kDiagonalParts;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kPoolThreads = 128;
 
 static_assert(kSplitKeys % kTileKeys == 0, "a split is whole tiles");
-static_assert(kTileKeys == 64, "the column sums give one thread a column per 64 rows");
+static_assert(kTileKeys == 64 && kRowsPerWarp == 32,
+              "pass 2's sums follow the fragments of a 32 x 64 warp tile");
 static_assert(kPoolThreads >= 128, "pool_kernel: a thread per position of a key block");
 
 // One warp's S tile (see TileLoop::multiply).
@@ -64,15 +75,26 @@ __host__ __device__ inline int tile_stride(int dim_pad) {
   return dim_pad + 8;
 }
 
-// The shared memory of a pass: Q [kRows, stride], K [kStages][kTileKeys, stride] (bf16), then for
-// pass 2 the probabilities [kRows, kProbStride], the diagonal sums [kSplitKeys + kRows - 1] and the
-// column partials [kRows] (floats).
+// bf16 elements per key stage: kTileKeys rows of keys or, in pass 2, at least the floats that
+// reuse the stage once its keys are multiplied: the warps' diagonal parts [kWarps][kWarpParts]
+// and column parts [kWarps][kTileKeys].
+template <int kRows>
+__host__ __device__ inline int stage_elems(int dim_pad, bool scores) {
+  constexpr int kWarps = kRows / kRowsPerWarp;
+  constexpr int kPartElems = kWarps * (kWarpParts + kTileKeys) * 2;
+  const int keys = kTileKeys * tile_stride(dim_pad);
+  return scores && kPartElems > keys ? kPartElems : keys;
+}
+
+// The shared memory of a pass: Q [kRows, stride], K [kStages][stage_elems] (bf16), then for pass 2
+// the split's diagonal sums [kSplitKeys + kRows - 1] (floats).
 template <int kRows>
 size_t pass_smem_bytes(int dim_pad, bool scores) {
-  const size_t tiles = static_cast<size_t>(kRows + kStages * kTileKeys) *
-                       static_cast<size_t>(tile_stride(dim_pad)) * sizeof(bf16);
-  const size_t extra =
-      static_cast<size_t>(kRows * kProbStride + kSplitKeys + kRows - 1 + kRows) * sizeof(float);
+  const size_t tiles =
+      (static_cast<size_t>(kRows) * static_cast<size_t>(tile_stride(dim_pad)) +
+       static_cast<size_t>(kStages) * static_cast<size_t>(stage_elems<kRows>(dim_pad, scores))) *
+      sizeof(bf16);
+  const size_t extra = static_cast<size_t>(kSplitKeys + kRows - 1) * sizeof(float);
   return tiles + (scores ? extra : 0);
 }
 
@@ -86,14 +108,16 @@ struct TileLoop {
   TcArgs a;
   bf16* q_tile;
   bf16* k_tiles;
-  int stride, chunks_per_row;
+  int stride, chunks_per_row, stage_size;      // stage_size: bf16 elements per key stage
   int64_t h, kv_head, split_begin, split_end;  // keys [split_begin, split_end), < N
 
-  __device__ TileLoop(const TcArgs& args, unsigned char* smem, int64_t head, int64_t split)
+  __device__ TileLoop(const TcArgs& args, unsigned char* smem, int64_t head, int64_t split,
+                      bool scores)
       : a(args),
         q_tile(reinterpret_cast<bf16*>(smem)),
         stride(tile_stride(args.dim_pad)),
         chunks_per_row(args.dim_pad / 8),
+        stage_size(stage_elems<kRows>(args.dim_pad, scores)),
         h(head),
         kv_head(head / args.group_size),
         split_begin(split * kSplitKeys),
@@ -116,7 +140,7 @@ struct TileLoop {
 
   // Keys [t0, t0 + kTileKeys) into stage `stage`; keys >= N are zeros (masked later).
   __device__ void load_k(int64_t t0, int stage) const {
-    bf16* dst = k_tiles + stage * kTileKeys * stride;
+    bf16* dst = k_tiles + stage * stage_size;
     for (int idx = static_cast<int>(threadIdx.x); idx < kTileKeys * chunks_per_row;
          idx += kThreads) {
       const int j = idx / chunks_per_row, c = idx % chunks_per_row;
@@ -133,7 +157,7 @@ struct TileLoop {
   // t = lane % 4).
   __device__ void multiply(ScoreTile& s, int stage) const {
     const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-    const bf16* k_tile = k_tiles + stage * kTileKeys * stride;
+    const bf16* k_tile = k_tiles + stage * stage_size;
 #pragma unroll
     for (int m = 0; m < 2; ++m)
 #pragma unroll
@@ -161,8 +185,10 @@ struct TileLoop {
     }
   }
 
-  // Runs body(s, t0) for every tile of the split with s = scale_log2 * S and -inf at the keys that
-  // row r (position N - kRows + r) does not see (key > N - kRows + r, which includes key >= N).
+  // Runs body(s, t0, consumed) for every tile of the split with s = S and -inf at the keys that row
+  // r (position N - kRows + r) does not see (key > N - kRows + r, which includes key >= N);
+  // consumed is the tile's key stage, free for the body's own use once every warp has passed a
+  // barrier after the multiply (the next load into it follows the body's closing barrier).
   template <typename Body>
   __device__ void for_each_tile(Body&& body) const {
     const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
@@ -194,17 +220,10 @@ struct TileLoop {
             for (int c = 0; c < 4; ++c) {
               const int row = 16 * m + g + (c >= 2 ? 8 : 0);
               const int key = 8 * n + 2 * t + (c % 2);
-              s[m][n][c] = key > shift + row ? -INFINITY : s[m][n][c] * a.scale_log2;
+              if (key > shift + row) s[m][n][c] = -INFINITY;
             }
-      } else {
-#pragma unroll
-        for (int m = 0; m < 2; ++m)
-#pragma unroll
-          for (int n = 0; n < kKeyTiles; ++n)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) s[m][n][c] *= a.scale_log2;
       }
-      body(s, t0);
+      body(s, t0, k_tiles + stage * stage_size);
       __syncthreads();  // this stage is consumed before the next iteration refills it
       t0 += kTileKeys;
       stage ^= 1;
@@ -226,14 +245,14 @@ __global__ void __launch_bounds__(TileLoop<kRows>::kThreads)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t h = blockIdx.x, split = blockIdx.y;
-  const TileLoop<kRows> loop(a, smem, h, split);
+  const TileLoop<kRows> loop(a, smem, h, split, false);
   float row_max[4], row_sum[4];  // warp rows g, g + 8, 16 + g, 24 + g
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     row_max[i] = -INFINITY;
     row_sum[i] = 0.0f;
   }
-  loop.for_each_tile([&](ScoreTile& s, int64_t) {
+  loop.for_each_tile([&](ScoreTile& s, int64_t, bf16*) {
 #pragma unroll
     for (int m = 0; m < 2; ++m)
 #pragma unroll
@@ -246,14 +265,15 @@ __global__ void __launch_bounds__(TileLoop<kRows>::kThreads)
         }
         mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
-        const float m_new = fmaxf(row_max[i], mx);
+        // Rounding is monotone and the factor positive: the max of the rounded x is this.
+        const float m_new = fmaxf(row_max[i], mx * a.scale_log2);
         // A row with no visible key so far keeps max -inf: exponentiate against 0 (no NaN).
         const float base = m_new == -INFINITY ? 0.0f : m_new;
         float sum = 0.0f;
 #pragma unroll
         for (int n = 0; n < kKeyTiles; ++n) {
-          sum += exp2_flush(s[m][n][2 * half] - base);
-          sum += exp2_flush(s[m][n][2 * half + 1] - base);
+          sum += exp2_flush(fmaf(s[m][n][2 * half], a.scale_log2, -base));
+          sum += exp2_flush(fmaf(s[m][n][2 * half + 1], a.scale_log2, -base));
         }
         row_sum[i] = row_sum[i] * exp2_flush(row_max[i] - base) + sum;
         row_max[i] = m_new;
@@ -297,6 +317,27 @@ __global__ void row_lse_kernel(float* lse2, const float2* partial, int64_t num_r
   }
 }
 
+// Column sums of a warp's 32 rows: v[2 n + c] holds the lane's 4 rows of column 8 n + 2 t + c
+// (g = lane / 4, t = lane % 4). A butterfly over the lanes sharing t (xor 16, 8, 4) halves the
+// columns a lane keeps at each step; after it v[0], v[1] are columns 8 g + 2 t and + 1.
+template <int kWidth, int kMask>
+__device__ __forceinline__ void butterfly_step(float (&v)[2 * kKeyTiles], int lane) {
+  const bool upper = (lane & kMask) != 0;
+#pragma unroll
+  for (int i = 0; i < kWidth; ++i) {
+    const float send = upper ? v[i] : v[i + kWidth];
+    const float keep = upper ? v[i + kWidth] : v[i];
+    v[i] = keep + __shfl_xor_sync(kFullMask, send, kMask);
+  }
+}
+
+__device__ __forceinline__ void column_butterfly(float (&v)[2 * kKeyTiles], int lane) {
+  static_assert(2 * kKeyTiles == 16, "three halvings leave a lane 2 of 16 columns");
+  butterfly_step<8, 16>(v, lane);
+  butterfly_step<4, 8>(v, lane);
+  butterfly_step<2, 4>(v, lane);
+}
+
 // Pass 2: vs [Hq, 2, N] gets vertical (kind 0) of the split's keys; slash_part [Hq, num_splits,
 // kSplitKeys + kRows - 1] the split's contribution to diagonals split_begin + e (the diagonal of
 // key j and row r is j - r + kRows - 1). Block (head, split).
@@ -305,16 +346,16 @@ __global__ void __launch_bounds__(TileLoop<kRows>::kThreads)
     scores_kernel(float* vs, float* slash_part, const float* lse2, TcArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int kThreads = TileLoop<kRows>::kThreads;
+  constexpr int kWarps = TileLoop<kRows>::kWarps;
   constexpr int kDiagonals = kTileKeys + kRows - 1;  // of one tile
   constexpr int kSplitDiagonals = kSplitKeys + kRows - 1;
-  constexpr int kRowGroups = kThreads / kTileKeys;  // column sums: threads per column
-  static_assert(kRowGroups * kTileKeys == kThreads && kRowGroups <= 2, "64 or 128 rows");
+  constexpr int kJs = kKeyTiles + 3;  // j = n - 2 m - h in [-3, 7]
+  // In-warp diagonals (plus 31) whose 8 parts all come from some lane: d + g in [-24, 63].
+  constexpr int kFullFirst = 7, kFullLast = kWarpDiagonals - kDiagonalParts;
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t h = blockIdx.x, split = blockIdx.y;
-  const TileLoop<kRows> loop(a, smem, h, split);
-  float* probs = reinterpret_cast<float*>(loop.k_tiles + kStages * kTileKeys * loop.stride);
-  float* diag_sums = probs + kRows * kProbStride;  // [kSplitDiagonals]
-  float* col_parts = diag_sums + kSplitDiagonals;  // [kThreads]
+  const TileLoop<kRows> loop(a, smem, h, split, true);
+  float* diag_sums = reinterpret_cast<float*>(loop.k_tiles + kStages * loop.stage_size);
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
@@ -325,42 +366,84 @@ __global__ void __launch_bounds__(TileLoop<kRows>::kThreads)
     lse[i] = lse2[h * kRows + warp * kRowsPerWarp + 16 * (i / 2) + g + 8 * (i % 2)];
   }
 
-  loop.for_each_tile([&](ScoreTile& s, int64_t t0) {
-  // p = 2^(x - lse2) (masked keys: 2^-inf = 0) into probs [row, key of the tile].
+  loop.for_each_tile([&](ScoreTile& s, int64_t t0, bf16* consumed) {
+    // The consumed key stage holds parts [kWarps][kWarpDiagonals][kDiagonalParts] (warp w's part
+    // from lane row g of in-warp diagonal d = key - row, -31..63, at [w][d + 31][g]; the parts
+    // no lane has hold stale keys and are never read) and col_parts [kWarps][kTileKeys].
+    float* parts = reinterpret_cast<float*>(consumed);
+    float* col_parts = parts + kWarps * kWarpParts;
+    float* warp_parts = parts + warp * kWarpParts;
+    // p = 2^(S * factor - lse2) in place (masked keys: 2^-inf = 0).
 #pragma unroll
     for (int m = 0; m < 2; ++m)
 #pragma unroll
       for (int n = 0; n < kKeyTiles; ++n)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          const int row = warp * kRowsPerWarp + 16 * m + g + (c >= 2 ? 8 : 0);
-          probs[row * kProbStride + 8 * n + 2 * t + (c % 2)] =
-              exp2_flush(s[m][n][c] - lse[2 * m + c / 2]);
+          s[m][n][c] = exp2_flush(fmaf(s[m][n][c], a.scale_log2, -lse[2 * m + c / 2]));
         }
+    // Columns: the lane's rows g, g + 8, 16 + g, 24 + g in that order, then the butterfly.
+    float v[2 * kKeyTiles];
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        v[2 * n + c] = ((s[0][n][c] + s[0][n][2 + c]) + s[1][n][c]) + s[1][n][2 + c];
+      }
+    column_butterfly(v, lane);
+    __syncthreads();  // every warp's MMAs have read the consumed stage's keys
+    *reinterpret_cast<float2*>(col_parts + warp * kTileKeys + 8 * g + 2 * t) =
+        make_float2(v[0], v[1]);
+    // Diagonals: value (m, n, c) of the lane lies on in-warp diagonal 8 j + 2 t + c % 2 - g with
+    // j = n - 2 m - c / 2; per (j, c % 2) the lane adds its values, m and then n ascending.
+    float d[2][kJs];
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+#pragma unroll
+      for (int j = 0; j < kJs; ++j) d[c][j] = 0.0f;
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int j = n - 2 * m - c / 2 + 3;
+          d[c % 2][j] += s[m][n][c];
+        }
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+#pragma unroll
+      for (int j = 0; j < kJs; ++j) {
+        // d + 31 with d = 8 (j - 3) + 2 t + c - g.
+        warp_parts[(8 * j + 7 + 2 * t + c - g) * kDiagonalParts + g] = d[c][j];
+      }
     __syncthreads();
-    // Column sums: thread tid adds rows [64 (tid / 64), + 64) of column tid % 64 in order, then
-    // the two halves (128 rows) are added.
-    const int col = tid % kTileKeys;
-    const int row0 = (tid / kTileKeys) * kTileKeys;
-    float col_sum = 0.0f;
-    for (int r = row0; r < row0 + kTileKeys; ++r) col_sum += probs[r * kProbStride + col];
-    if constexpr (kRowGroups == 2) {
-      col_parts[tid] = col_sum;
-      __syncthreads();
-      col_sum = col_parts[col] + col_parts[col + kTileKeys];
-    }
-    const int64_t key = t0 + col;
+    const int64_t key = t0 + tid;
     if (tid < kTileKeys && key < a.seq_len) {
+      float col_sum = col_parts[tid];
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) col_sum += col_parts[w * kTileKeys + tid];
       vs[(h * 2) * a.seq_len + key] = col_sum * (1.0f / static_cast<float>(kRows));
     }
-    // Diagonal e of the tile (key t0 + c, row r with c - r + kRows - 1 = e): its entries in
-    // ascending c, added to the split's sum of diagonal t0 + e.
+    // Tile diagonal e (key t0 + c, tile row r with c - r + kRows - 1 = e) is in-warp diagonal
+    // e - (kRows - 1) + 32 w of warp w: the 8 parts of each warp that has it, warps ascending.
     for (int e = tid; e < kDiagonals; e += kThreads) {
       float sum = 0.0f;
-#pragma unroll 8
-      for (int c = 0; c < kTileKeys; ++c) {
-        const int r = c + kRows - 1 - e;
-        if (r >= 0 && r < kRows) sum += probs[r * kProbStride + c];
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const int dw = e - (kRows - 1) + kRowsPerWarp * w + kRowsPerWarp - 1;  // d + 31
+        if (dw < 0 || dw >= kWarpDiagonals) continue;
+        const float* part = parts + w * kWarpParts + dw * kDiagonalParts;
+        if (dw >= kFullFirst && dw <= kFullLast) {
+          const float4 lo = reinterpret_cast<const float4*>(part)[0];
+          const float4 hi = reinterpret_cast<const float4*>(part)[1];
+          sum = sum + lo.x + lo.y + lo.z + lo.w + hi.x + hi.y + hi.z + hi.w;
+        } else {
+#pragma unroll
+          for (int p = 0; p < kDiagonalParts; ++p) {
+            if (dw + p >= kFullFirst && dw + p < kWarpDiagonals) sum = sum + part[p];
+          }
+        }
       }
       diag_sums[t0 - loop.split_begin + e] += sum;
     }

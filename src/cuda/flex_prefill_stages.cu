@@ -16,9 +16,10 @@
 // Kernels of finish_selection, in order: per head the budgets, abar and the JS decision; per head
 // and kind a block sort of the block scores and the column / diagonal fill of an [nb, nb] grid;
 // for query-aware heads the block means of Q, the block logits (tiled fp64), the row softmaxes,
-// the sort of the triangle and the gamma * nb walk (the fast search: the fixed-point radix select
-// of cuda/coverage_select.h and its flags moved to the grid); finally per-row counts (warp
-// ballots), one CUB scan and the column fill of the CSR.
+// the sort of the triangle and the gamma * nb walk (the fast search: fp32 block means and logits
+// from cuda/flex_prefill_fp32.h, the fixed-point radix select of cuda/coverage_select.h and its
+// flags moved to the grid); finally per-row counts (warp ballots), one CUB scan and the column
+// fill of the CSR.
 #include "cuda/flex_prefill_stages.h"
 
 #include <cub/block/block_radix_sort.cuh>
@@ -32,6 +33,7 @@
 #include "cuda/coverage_select.h"
 #include "cuda/cuda_check.h"
 #include "cuda/device_memory.h"
+#include "cuda/flex_prefill_fp32.h"
 #include "cuda/flex_prefill_sort.h"
 #include "cuda/kernel_util.cuh"
 
@@ -694,13 +696,18 @@ void finish_selection(FlexPrefillDeviceSelection& out, double* pooled,
   // Step 8 (the kernels skip heads that are not query-aware).
   if (params.tau > 0.0) {
     const int64_t num_tri = nb * (nb + 1) / 2;
-    DeviceBuffer<double> q_means(static_cast<size_t>(num_heads * nb * s.head_dim));
-    block_means(q_means.data(), q, num_heads, s.scale, out.query_aware.data(), s, stream);
     DeviceBuffer<double> tri(static_cast<size_t>(num_heads * num_tri));
-    const unsigned tiles = static_cast<unsigned>(ceil_div(nb, kBlockTile));
-    block_logits_kernel<<<dim3(tiles, tiles, static_cast<unsigned>(num_heads)), kThreads, 0,
-                          stream>>>(tri.data(), q_means.data(), k_means, out.query_aware.data(), s);
-    MF_CUDA_CHECK_LAUNCH();
+    if (params.search == ops::FlexSearch::kFp32) {
+      fp32_block_logits(tri.data(), q, k_means, out.query_aware.data(), s, stream);
+    } else {
+      DeviceBuffer<double> q_means(static_cast<size_t>(num_heads * nb * s.head_dim));
+      block_means(q_means.data(), q, num_heads, s.scale, out.query_aware.data(), s, stream);
+      const unsigned tiles = static_cast<unsigned>(ceil_div(nb, kBlockTile));
+      block_logits_kernel<<<dim3(tiles, tiles, static_cast<unsigned>(num_heads)), kThreads, 0,
+                            stream>>>(tri.data(), q_means.data(), k_means, out.query_aware.data(),
+                                      s);
+      MF_CUDA_CHECK_LAUNCH();
+    }
     block_softmax_kernel<<<grid_for_warps(num_heads * nb), kThreads, 0, stream>>>(
         tri.data(), out.query_aware.data(), num_heads, nb);
     MF_CUDA_CHECK_LAUNCH();

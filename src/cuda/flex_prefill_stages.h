@@ -2,9 +2,10 @@
 // step 1-2 implementations share: the selection's shape and buffers, the dense fallback, block
 // means, the last block's query mean, the chunked coverage counts of step 2, and steps 2 (budgets
 // from coverage counts) and 4-8 ending in the CSR. Everything here computes the reference's
-// doubles in the reference's order (ops/flex_prefill.h), except step 8's coverage walk when
-// params.search is FlexSearch::kFp32 (the fixed-point select of cuda/coverage_select.h, as
-// cuda/flex_prefill_fp32.h describes), and is asynchronous on the stream.
+// doubles in the reference's order (ops/flex_prefill.h), except step 8's logits and coverage walk
+// when params.search is FlexSearch::kFp32 (fp32 logits and the fixed-point select of
+// cuda/coverage_select.h, as cuda/flex_prefill_fp32.h describes), and is asynchronous on the
+// stream.
 #pragma once
 
 #include <cuda_runtime.h>

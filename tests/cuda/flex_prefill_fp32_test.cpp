@@ -7,7 +7,8 @@
 //    distance is within the noise of tau (and the distance itself within the noise); the budgets
 //    within the range the coverage noise allows; the block set equal to the reference's except for
 //    columns / diagonals whose exact block score lies within the noise of the top-k cut and, for a
-//    query-aware head, step-8 blocks within the noise of its coverage cut (step8_band);
+//    query-aware head, step-8 blocks within the noise of its fp32 logits and coverage cut
+//    (step8_band);
 //  - gamma = 1 keeps the whole causal triangle (with and without the dense fallback);
 //  - two runs give the same selection (the fp32 search's sums have fixed orders).
 #include <gtest/gtest.h>
@@ -38,6 +39,7 @@ using testing::flex::head_grid;
 using testing::flex::Inputs;
 using testing::flex::make_inputs;
 using testing::flex::params_of;
+using testing::flex::step8_logits;
 
 // Block sizes 64 and 128, GQA groups 1 to 4, N not a multiple of the block (and 1024), head_dim 64,
 // 128, 40 (a multiple of 8 but not of the MMA's 16) and 256; N = 20000 spans 20 key splits of the
@@ -234,19 +236,22 @@ Band top_band(std::vector<double> scores, int64_t always_kept, int64_t count, co
 }
 
 // Step 8's blocks [nb, nb] that the fast search must keep (`must`) and may keep (`may`), from the
-// reference's block probabilities P ([nb, nb], -1 above the diagonal; the device computes the same
-// doubles but for exp's last ulp). The fast search (cuda/coverage_select.h) orders the entries by
-// fp32(P), each within a relative 2^-24 of P (2^-149 absolute for subnormals), so entries more
-// than eps_v = 2^-22 apart keep their order and closer ones may swap; it sums 2^-52 fixed-point
-// values, each within a relative 2^-24 and an absolute 2^-53 of P, and keeps the entries whose
-// prefix sum stays <= gamma times the total of those values. So an entry is surely kept when every
-// entry that may come before it (P >= p (1 - eps_v)) and itself, summed and inflated, stay below
-// the limit deflated; it may be kept only when the entries that surely come before it
+// reference's block probabilities P ([nb, nb], -1 above the diagonal). The device's probabilities
+// are within a relative rho8 of P (its fp32 logits: exp(2 E) - 1 for logits within E; its double
+// softmax is the reference's but for exp's last ulp). The fast search (cuda/coverage_select.h)
+// orders the entries by their fp32 roundings, each within a relative r = (1 + 2^-24) (1 + rho8) - 1
+// of P (2^-149 absolute for subnormals), so entries more than eps_v = max(2^-22,
+// (1 + r) / (1 - r) - 1) apart keep their order and closer ones may swap; it sums 2^-52
+// fixed-point values, each within a relative r and an absolute 2^-53 of P, and keeps the entries
+// whose prefix sum stays <= gamma times the total of those values. So an entry is surely kept
+// when every entry that may come before it (P >= p (1 - eps_v)) and itself, summed and inflated,
+// stay below the limit deflated; it may be kept only when the entries that surely come before it
 // (P > p (1 + eps_v)) and itself, summed and deflated, stay below the limit inflated. A relative
 // 2^-40 covers the doubles' own last ulps and the host's long double sums.
-Band step8_band(const std::vector<double>& probs, int64_t nb, double gamma) {
+Band step8_band(const std::vector<double>& probs, int64_t nb, double gamma, double rho8) {
   using Real = long double;
-  const Real u = 0x1.0p-24L, eps_v = 0x1.0p-22L + 0x1.0p-40L, tiny = 0x1.0p-148L;
+  const Real u = (1 + 0x1.0p-24L) * (1 + static_cast<Real>(rho8)) - 1, tiny = 0x1.0p-148L;
+  const Real eps_v = std::max(0x1.0p-22L, (1 + u) / (1 - u) - 1) + 0x1.0p-40L;
   const Real fixed_err = 0x1.0p-53L, slack = 0x1.0p-40L;
   std::vector<double> sorted;
   for (int64_t r = 0; r < nb; ++r) {
@@ -397,9 +402,12 @@ int64_t expect_selection_within_noise(const Inputs& in, const Case& c,
     std::vector<char> must = expand(cols.must, diags.must, nb);
     std::vector<char> may = expand(cols.may, diags.may, nb);
     if (want.query_aware) {
+      const std::vector<double> logit_error = step8_logits(in, c, h).bound;
+      const double rho8 =
+          std::expm1(2.0 * *std::max_element(logit_error.begin(), logit_error.end()));
       const Band step8 = step8_band(
           ops::flex_prefill_block_probabilities(in.q.data(), in.k.data(), dims_of(c), params, h),
-          nb, params.gamma);
+          nb, params.gamma, rho8);
       for (int64_t i = 0; i < nb * nb; ++i) {
         must[i] = must[i] != 0 || step8.must[i] != 0;
         may[i] = may[i] != 0 || step8.may[i] != 0;

@@ -1,8 +1,10 @@
 // Shared inputs and helpers of the GPU FlexPrefill search tests (flex_prefill_test.cpp for the
-// exact search, flex_prefill_fp32_test.cpp for the fp32 one): shapes, parameters, bf16-valued q
-// and k with query-aware and vertical-slash heads, and a head's selected blocks as a grid.
+// exact search, flex_prefill_fp32_test.cpp and flex_prefill_fp32_blocks_test.cpp for the fp32
+// one): shapes, parameters, bf16-valued q and k with query-aware and vertical-slash heads, a head's
+// selected blocks as a grid, and step 8's logits with the fp32 search's error bound on them.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -82,6 +84,61 @@ inline std::vector<char> head_grid(const ops::BlockSparseLayout& layout, int64_t
     }
   }
   return grid;
+}
+
+// Step 8's block logits of query head h, [nb, nb] row-major (c <= r used): `logit` the reference's
+// (Qbar[r] . Kbar[c] in double, the block means as ops/flex_prefill.cpp forms them) and `bound`
+// the fp32 search's error bound on each (cuda/flex_prefill_fp32.h, 8): E = k_E sum_d A[r, d]
+// |Kbar[c, d]| with A[r, d] = (scale / length) sum_j |q[j, d]| over query block r, plus D 2^-126
+// for fp32 products flushed to zero.
+struct Step8Logits {
+  std::vector<double> logit, bound;
+};
+
+inline Step8Logits step8_logits(const Inputs& in, const Case& c, int64_t h) {
+  const int64_t d = c.head_dim, bs = c.block_size, n = c.seq_len;
+  const int64_t nb = (n + bs - 1) / bs;
+  const int64_t kv = h / (c.num_q_heads / c.num_kv_heads);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  const double u = 0x1.0p-24;
+  const auto gamma = [&](int64_t k) {
+    return static_cast<double>(k) * u / (1.0 - static_cast<double>(k) * u);
+  };
+  const double k_q = (1.0 + gamma(bs - 1)) * (1.0 + u) * (1.0 + u) * (1.0 + 0x1.0p-52) - 1.0 +
+                     static_cast<double>(bs + 2) * 0x1.0p-53;
+  const double k_e =
+      k_q * (1.0 + u) + u + gamma(d) * (1.0 + k_q) * (1.0 + u) + static_cast<double>(d) * 0x1.0p-52;
+  std::vector<double> q_bar(nb * d, 0.0), a(nb * d, 0.0), k_bar(nb * d, 0.0);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t b = j / bs;
+    for (int64_t i = 0; i < d; ++i) {
+      const double qv = in.q[(j * c.num_q_heads + h) * d + i];
+      q_bar[b * d + i] += qv;
+      a[b * d + i] += std::abs(qv);
+      k_bar[b * d + i] += in.k[(j * c.num_kv_heads + kv) * d + i];
+    }
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const auto length = static_cast<double>(std::min(bs, n - b * bs));
+    for (int64_t i = 0; i < d; ++i) {
+      q_bar[b * d + i] *= scale / length;
+      a[b * d + i] *= scale / length;
+      k_bar[b * d + i] *= 1.0 / length;
+    }
+  }
+  Step8Logits out{std::vector<double>(nb * nb, 0.0), std::vector<double>(nb * nb, 0.0)};
+  for (int64_t r = 0; r < nb; ++r) {
+    for (int64_t col = 0; col <= r; ++col) {
+      double logit = 0.0, weight = 0.0;
+      for (int64_t i = 0; i < d; ++i) {
+        logit += q_bar[r * d + i] * k_bar[col * d + i];
+        weight += a[r * d + i] * std::abs(k_bar[col * d + i]);
+      }
+      out.logit[r * nb + col] = logit;
+      out.bound[r * nb + col] = k_e * weight + static_cast<double>(d) * 0x1.0p-126;
+    }
+  }
+  return out;
 }
 
 }  // namespace moeforge::cuda::testing::flex
