@@ -19,9 +19,12 @@ constexpr int kChunkElems = 8;     // bf16 per 16-byte load
 constexpr int kMeanThreads = 256;  // chunks of a row per block of threads
 constexpr int kRowUnroll = 4;      // rows loaded ahead
 constexpr int kTile = 64;          // logits: a kTile x kTile tile of the triangle per block
-constexpr int kDepth = 32;         // head_dim slice per shared-memory tile
+constexpr int kDepth = 64;         // head_dim slice per shared-memory tile
 constexpr int kTileStride = kTile + 4;
-constexpr int kLogitThreads = 256;  // 16 x 16 threads, 4 x 4 logits each
+constexpr int kLogitThreads = 256;                    // 16 x 16 threads, 4 x 4 logits each
+constexpr int kLoadSteps = kLogitThreads / kTile;     // 4-wide groups a pass covers
+constexpr int kSliceLoads = kDepth / 4 / kLoadSteps;  // groups per thread and slice
+static_assert(kSliceLoads * kLoadSteps * 4 == kDepth, "a slice is whole 4-wide groups");
 
 // means [Hq, nb, D]: block b's rows of q[:, h, d] summed in fp32, ascending, times
 // fp32(scale / length); heads whose flag in query_aware is 0 are skipped. Block (query block b,
@@ -62,9 +65,51 @@ __global__ void __launch_bounds__(kMeanThreads)
             acc);
 }
 
+// One head_dim slice of a logits tile in registers: thread t loads, for tile rows x = t % 64 and
+// slice columns 4 (t / 64 + 4 i) .. + 3 (i < kSliceLoads), 4 floats of q_means and 4 doubles of
+// k_means (head_dim % 8 == 0, so a group of 4 is wholly inside or outside head_dim).
+struct LogitSlice {
+  float4 q[kSliceLoads];
+  double2 k[kSliceLoads][2];
+
+  __device__ void load(const float* q_head, const double* k_head, int64_t r0, int64_t c0,
+                       int64_t d0, const SearchShape& s, int tid) {
+    const int x = tid % kTile;
+#pragma unroll
+    for (int i = 0; i < kSliceLoads; ++i) {
+      const int64_t d = d0 + 4 * (tid / kTile + kLoadSteps * i);
+      const bool q_in = d < s.head_dim && r0 + x < s.num_blocks;
+      const bool k_in = d < s.head_dim && c0 + x < s.num_blocks;
+      q[i] = q_in ? *reinterpret_cast<const float4*>(q_head + (r0 + x) * s.head_dim + d)
+                  : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      const double2* kp = reinterpret_cast<const double2*>(k_head + (c0 + x) * s.head_dim + d);
+      k[i][0] = k_in ? kp[0] : make_double2(0.0, 0.0);
+      k[i][1] = k_in ? kp[1] : make_double2(0.0, 0.0);
+    }
+  }
+
+  // Into q_tile / k_tile [kDepth][kTileStride] (transposed: depth-major), k rounded to fp32.
+  __device__ void store(float (*q_tile)[kTileStride], float (*k_tile)[kTileStride], int tid) const {
+    const int x = tid % kTile;
+#pragma unroll
+    for (int i = 0; i < kSliceLoads; ++i) {
+      const int dd = 4 * (tid / kTile + kLoadSteps * i);
+      q_tile[dd][x] = q[i].x;
+      q_tile[dd + 1][x] = q[i].y;
+      q_tile[dd + 2][x] = q[i].z;
+      q_tile[dd + 3][x] = q[i].w;
+      k_tile[dd][x] = static_cast<float>(k[i][0].x);
+      k_tile[dd + 1][x] = static_cast<float>(k[i][0].y);
+      k_tile[dd + 2][x] = static_cast<float>(k[i][1].x);
+      k_tile[dd + 3][x] = static_cast<float>(k[i][1].y);
+    }
+  }
+};
+
 // tri [Hq, nb (nb + 1) / 2] gets, for c <= r at triangle position r (r + 1) / 2 + c, the fp32
 // FMA chain over d ascending of q_means[h, r, d] * fp32(k_means[h / group, c, d]). Block (column
-// tile, row tile, head); thread (tx, ty) owns rows 4 ty + i and columns 4 tx + j of the tile.
+// tile, row tile, head); thread (tx, ty) owns rows 4 ty + i and columns 4 tx + j of the tile. The
+// next head_dim slice is loaded into registers while the current one is multiplied.
 __global__ void __launch_bounds__(kLogitThreads)
     block_logits_kernel(double* tri, const float* q_means, const double* k_means,
                         const int32_t* query_aware, SearchShape s) {
@@ -80,17 +125,13 @@ __global__ void __launch_bounds__(kLogitThreads)
   const float* q_head = q_means + h * nb * s.head_dim;
   const double* k_head = k_means + (h / s.group_size) * nb * s.head_dim;
   float acc[4][4] = {};
+  LogitSlice slice;
+  slice.load(q_head, k_head, r0, c0, 0, s, tid);
   for (int64_t d0 = 0; d0 < s.head_dim; d0 += kDepth) {
-    for (int e = tid; e < kTile * kDepth; e += kLogitThreads) {
-      const int dd = e % kDepth, x = e / kDepth;
-      const int64_t d = d0 + dd;
-      const bool in_dim = d < s.head_dim;
-      q_tile[dd][x] = in_dim && r0 + x < nb ? q_head[(r0 + x) * s.head_dim + d] : 0.0f;
-      k_tile[dd][x] =
-          in_dim && c0 + x < nb ? static_cast<float>(k_head[(c0 + x) * s.head_dim + d]) : 0.0f;
-    }
+    slice.store(q_tile, k_tile, tid);
     __syncthreads();
-#pragma unroll 8
+    if (d0 + kDepth < s.head_dim) slice.load(q_head, k_head, r0, c0, d0 + kDepth, s, tid);
+#pragma unroll 16
     for (int dd = 0; dd < kDepth; ++dd) {
       float a[4], b[4];
       load_vec(a, &q_tile[dd][4 * ty]);
