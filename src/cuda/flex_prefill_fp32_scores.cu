@@ -317,9 +317,8 @@ __global__ void row_lse_kernel(float* lse2, const float2* partial, int64_t num_r
   }
 }
 
-// Column sums of a warp's 32 rows: v[2 n + c] holds the lane's 4 rows of column 8 n + 2 t + c
-// (g = lane / 4, t = lane % 4). A butterfly over the lanes sharing t (xor 16, 8, 4) halves the
-// columns a lane keeps at each step; after it v[0], v[1] are columns 8 g + 2 t and + 1.
+// One step of column_butterfly: the lanes on either side of bit kMask swap halves of their first
+// 2 kWidth columns and each keeps the sum of one half in v[0, kWidth).
 template <int kWidth, int kMask>
 __device__ __forceinline__ void butterfly_step(float (&v)[2 * kKeyTiles], int lane) {
   const bool upper = (lane & kMask) != 0;
@@ -331,6 +330,9 @@ __device__ __forceinline__ void butterfly_step(float (&v)[2 * kKeyTiles], int la
   }
 }
 
+// Column sums of a warp's 32 rows: v[2 n + c] holds the lane's 4 rows of column 8 n + 2 t + c
+// (g = lane / 4, t = lane % 4). A butterfly over the lanes sharing t (xor 16, 8, 4) halves the
+// columns a lane keeps at each step; after it v[0], v[1] are columns 8 g + 2 t and + 1.
 __device__ __forceinline__ void column_butterfly(float (&v)[2 * kKeyTiles], int lane) {
   static_assert(2 * kKeyTiles == 16, "three halvings leave a lane 2 of 16 columns");
   butterfly_step<8, 16>(v, lane);
@@ -396,11 +398,11 @@ __global__ void __launch_bounds__(TileLoop<kRows>::kThreads)
         make_float2(v[0], v[1]);
     // Diagonals: value (m, n, c) of the lane lies on in-warp diagonal 8 j + 2 t + c % 2 - g with
     // j = n - 2 m - c / 2; per (j, c % 2) the lane adds its values, m and then n ascending.
-    float d[2][kJs];
+    float diag[2][kJs];
 #pragma unroll
     for (int c = 0; c < 2; ++c)
 #pragma unroll
-      for (int j = 0; j < kJs; ++j) d[c][j] = 0.0f;
+      for (int j = 0; j < kJs; ++j) diag[c][j] = 0.0f;
 #pragma unroll
     for (int m = 0; m < 2; ++m)
 #pragma unroll
@@ -408,14 +410,14 @@ __global__ void __launch_bounds__(TileLoop<kRows>::kThreads)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const int j = n - 2 * m - c / 2 + 3;
-          d[c % 2][j] += s[m][n][c];
+          diag[c % 2][j] += s[m][n][c];
         }
 #pragma unroll
     for (int c = 0; c < 2; ++c)
 #pragma unroll
       for (int j = 0; j < kJs; ++j) {
         // d + 31 with d = 8 (j - 3) + 2 t + c - g.
-        warp_parts[(8 * j + 7 + 2 * t + c - g) * kDiagonalParts + g] = d[c][j];
+        warp_parts[(8 * j + 7 + 2 * t + c - g) * kDiagonalParts + g] = diag[c][j];
       }
     __syncthreads();
     const int64_t key = t0 + tid;
