@@ -3,7 +3,8 @@
 // params.search picks how steps 1-2 run: FlexSearch::kExact (below) or FlexSearch::kFp32 (bf16
 // tensor cores and fp32, cuda/flex_prefill_fp32.h: the reference's selection except for decisions
 // within the derived fp32 noise of their thresholds); steps 0 and 4-8 are the same code in both
-// (cuda/flex_prefill_stages.h) except step 8's coverage walk, which kFp32 runs in fixed point.
+// (cuda/flex_prefill_stages.h) except step 8's block logits, which kFp32 forms in fp32, and its
+// coverage walk, which kFp32 runs in fixed point.
 //
 // With kExact, the same selection as ops::flex_prefill_select on the same bf16-rounded q and k:
 // every quantity is the reference's double, in the reference's order (ascending dot products, the

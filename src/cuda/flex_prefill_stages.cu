@@ -696,8 +696,9 @@ void finish_selection(FlexPrefillDeviceSelection& out, double* pooled,
   // Step 8 (the kernels skip heads that are not query-aware).
   if (params.tau > 0.0) {
     const int64_t num_tri = nb * (nb + 1) / 2;
+    const bool fast = params.search == ops::FlexSearch::kFp32;
     DeviceBuffer<double> tri(static_cast<size_t>(num_heads * num_tri));
-    if (params.search == ops::FlexSearch::kFp32) {
+    if (fast) {
       fp32_block_logits(tri.data(), q, k_means, out.query_aware.data(), s, stream);
     } else {
       DeviceBuffer<double> q_means(static_cast<size_t>(num_heads * nb * s.head_dim));
@@ -711,7 +712,7 @@ void finish_selection(FlexPrefillDeviceSelection& out, double* pooled,
     block_softmax_kernel<<<grid_for_warps(num_heads * nb), kThreads, 0, stream>>>(
         tri.data(), out.query_aware.data(), num_heads, nb);
     MF_CUDA_CHECK_LAUNCH();
-    if (params.search == ops::FlexSearch::kFp32) {
+    if (fast) {
       DeviceBuffer<uint8_t> selected(static_cast<size_t>(num_heads * num_tri));
       coverage_select(static_cast<unsigned long long*>(nullptr), selected.data(), tri.data(),
                       num_heads, num_tri, params.gamma, out.query_aware.data(), stream);
