@@ -37,9 +37,9 @@ void check_fp32_search(const flex::SearchShape& s, const bf16* q, const bf16* k)
 
 void fp32_last_block_scores(double* pooled, unsigned long long* coverage_counts, const bf16* q,
                             const bf16* k, const flex::SearchShape& s, double gamma,
-                            cudaStream_t stream) {
+                            cudaStream_t stream, Fp32Passes passes) {
   DeviceBuffer<float> vs(static_cast<size_t>(s.num_q_heads * 2 * s.seq_len));  // [Hq, 2, N]
-  fp32_vertical_slash(vs.data(), pooled, q, k, s, stream);
+  fp32_vertical_slash(vs.data(), pooled, q, k, s, stream, passes);
   coverage_select(coverage_counts, static_cast<uint8_t*>(nullptr), vs.data(), s.num_q_heads * 2,
                   s.seq_len, gamma, nullptr, stream);
 }

@@ -3,16 +3,17 @@
 // scores, and step 2's coverage counts. Steps 4-7 are the exact ones (cuda/flex_prefill_stages.h)
 // applied to these scores; step 8 has fp32 logits and its own coverage walk (see 8 below).
 //
-// What is computed (cuda/flex_prefill_fp32_scores.cu, cuda/flex_prefill_fp32.cu,
-// cuda/flex_prefill_fp32_blocks.cu):
+// What is computed (cuda/flex_prefill_fp32_scores.cu, cuda/flex_prefill_fp32_passes_sm90.cu,
+// cuda/flex_prefill_fp32.cu, cuda/flex_prefill_fp32_blocks.cu):
 //  1. x[r, j] = (q_r . k_j) * (scale * log2 e), the dot product on bf16 tensor cores with fp32
-//     accumulation (mma.sync m16n8k16), the factor rounded to fp32 and applied by the FFMA that
-//     forms each exponent's argument; pass 1 keeps per row and key split the running max and the
-//     fp32 sum of 2^(x - max) (rescaled when the max grows), pass 2 combines the splits in double
-//     into lse2[r] = log2 sum_j 2^x[r, j] (rounded to fp32), recomputes the products and takes
-//     p = 2^(x - lse2) in fp32 (exp2_flush: ex2.approx.ftz). The logits never reach global memory.
-//     vertical[j] = (sum_r p[r, j]) / bs and slash[i] = (sum_r p[r, i + r - (bs - 1)]) / bs in
-//     fp32, in a fixed order (deterministic; a tree of depth below bs).
+//     accumulation (mma.sync m16n8k16, or wgmma m64n64k16 on Hopper: Fp32Passes below), the
+//     factor rounded to fp32 and applied by the FFMA that forms each exponent's argument; pass 1
+//     keeps per row and key split the running max and the fp32 sum of 2^(x - max) (rescaled when
+//     the max grows), pass 2 combines the splits in double into lse2[r] = log2 sum_j 2^x[r, j]
+//     (rounded to fp32), recomputes the products and takes p = 2^(x - lse2) in fp32 (exp2_flush:
+//     ex2.approx.ftz). The logits never reach global memory. vertical[j] = (sum_r p[r, j]) / bs and
+//     slash[i] = (sum_r p[r, i + r - (bs - 1)]) / bs in fp32, in a fixed order (deterministic; a
+//     tree of depth below bs).
 //  3. vertical_blk, slash_blk: each block's fp32 values summed in double.
 //  2. Each kind's values in 2^-52 fixed point, counted by the radix select of
 //     cuda/coverage_select.h (no sort): c - 1 = #{t : S_t <= gamma T} with S_t the (exact,
@@ -82,10 +83,16 @@ size_t fp32_scores_smem_bytes(const flex::SearchShape& s);
 // Throws moeforge::Error unless the fp32 search can run on these inputs (the limits above).
 void check_fp32_search(const flex::SearchShape& s, const bf16* q, const bf16* k);
 
+// Which kernels run step 1's two tensor-core passes (cuda/flex_prefill_fp32_passes.h): the Hopper
+// ones where they can (automatic), or the ones named (Error where they cannot run). Tests compare
+// both; the results of either meet the bound above.
+enum class Fp32Passes { automatic, mma_sync, hopper };
+
 // Steps 1 and 3: vs [Hq, 2, N] = the fp32 vertical (kind 0) and slash (kind 1) values; pooled
 // [Hq, 2, nb] = their block sums, in double (cuda/flex_prefill_fp32_scores.cu).
 void fp32_vertical_slash(float* vs, double* pooled, const bf16* q, const bf16* k,
-                         const flex::SearchShape& s, cudaStream_t stream);
+                         const flex::SearchShape& s, cudaStream_t stream,
+                         Fp32Passes passes = Fp32Passes::automatic);
 
 // Step 8's logits: tri [Hq, nb (nb + 1) / 2] at triangle position r (r + 1) / 2 + c (c <= r) = the
 // fp32 logit of query block r and key block c (8 above), for heads whose flag in query_aware is
@@ -97,6 +104,6 @@ void fp32_block_logits(double* tri, const bf16* q, const double* k_means,
 // counts c - 1 of step 2 for vertical and slash. q [N, Hq, D], k [N, Hkv, D] on the device.
 void fp32_last_block_scores(double* pooled, unsigned long long* coverage_counts, const bf16* q,
                             const bf16* k, const flex::SearchShape& s, double gamma,
-                            cudaStream_t stream);
+                            cudaStream_t stream, Fp32Passes passes = Fp32Passes::automatic);
 
 }  // namespace moeforge::cuda

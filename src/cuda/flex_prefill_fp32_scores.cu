@@ -34,6 +34,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/device_memory.h"
 #include "cuda/flex_prefill_fp32.h"
+#include "cuda/flex_prefill_fp32_passes.h"
 #include "cuda/kernel_util.cuh"
 #include "cuda/mma_util.cuh"
 
@@ -62,15 +63,6 @@ static_assert(kPoolThreads >= 128, "pool_kernel: a thread per position of a key 
 
 // One warp's S tile (see TileLoop::multiply).
 using ScoreTile = float[2][kKeyTiles][4];
-
-// The launch arguments of both passes.
-struct TcArgs {
-  const bf16* q;  // [N, Hq, D]
-  const bf16* k;  // [N, Hkv, D]
-  int64_t seq_len, num_q_heads, num_kv_heads, head_dim, group_size, num_splits;
-  int dim_pad;       // head_dim rounded up to 16 (the MMA's k)
-  float scale_log2;  // scale * log2(e), rounded to fp32
-};
 
 // bf16 elements per shared-memory row of Q and K: padded by 16 bytes so that ldmatrix reads hit
 // distinct banks.
@@ -110,13 +102,13 @@ struct TileLoop {
   static constexpr int kWarps = kRows / kRowsPerWarp;
   static constexpr int kThreads = kWarps * 32;
 
-  TcArgs a;
+  Fp32PassArgs a;
   bf16* q_tile;
   bf16* k_tiles;
   int stage_size;                              // bf16 elements per key stage
   int64_t h, kv_head, split_begin, split_end;  // keys [split_begin, split_end), < N
 
-  __device__ TileLoop(const TcArgs& args, unsigned char* smem, int64_t head, int64_t split,
+  __device__ TileLoop(const Fp32PassArgs& args, unsigned char* smem, int64_t head, int64_t split,
                       bool scores)
       : a(args),
         q_tile(reinterpret_cast<bf16*>(smem)),
@@ -255,7 +247,7 @@ struct TileLoop {
 // visible keys ((-inf, 0) when it sees none). Block (head, split).
 template <int kRows, int kDim>
 __global__ void __launch_bounds__(TileLoop<kRows, kDim>::kThreads)
-    row_stats_kernel(float2* partial, TcArgs a) {
+    row_stats_kernel(float2* partial, Fp32PassArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t h = blockIdx.x, split = blockIdx.y;
@@ -359,7 +351,7 @@ __device__ __forceinline__ void column_butterfly(float (&v)[2 * kKeyTiles], int 
 // key j and row r is j - r + kRows - 1). Block (head, split).
 template <int kRows, int kDim>
 __global__ void __launch_bounds__(TileLoop<kRows, kDim>::kThreads)
-    scores_kernel(float* vs, float* slash_part, const float* lse2, TcArgs a) {
+    scores_kernel(float* vs, float* slash_part, const float* lse2, Fp32PassArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int kThreads = TileLoop<kRows, kDim>::kThreads;
   constexpr int kWarps = TileLoop<kRows, kDim>::kWarps;
@@ -506,9 +498,17 @@ __global__ void __launch_bounds__(kPoolThreads)
   }
 }
 
+void launch_row_lse(float* lse2, const float2* partial, const Fp32PassArgs& args,
+                    cudaStream_t stream) {
+  const int64_t num_rows = args.num_q_heads * args.block_size;
+  row_lse_kernel<<<grid_for(num_rows, 128), 128, 0, stream>>>(lse2, partial, num_rows,
+                                                              args.num_splits, args.block_size);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
 template <int kRows, int kDim>
 void launch_passes_for(float* vs, float* slash_part, float2* partial, float* lse2,
-                       const TcArgs& args, cudaStream_t stream) {
+                       const Fp32PassArgs& args, cudaStream_t stream) {
   constexpr int kThreads = TileLoop<kRows, kDim>::kThreads;
   const dim3 grid(static_cast<unsigned>(args.num_q_heads), static_cast<unsigned>(args.num_splits));
   const size_t stats_smem = pass_smem_bytes<kRows>(args.dim_pad, false);
@@ -517,10 +517,7 @@ void launch_passes_for(float* vs, float* slash_part, float2* partial, float* lse
                                      static_cast<int>(stats_smem)));
   row_stats_kernel<kRows, kDim><<<grid, kThreads, stats_smem, stream>>>(partial, args);
   MF_CUDA_CHECK_LAUNCH();
-  const int64_t num_rows = args.num_q_heads * kRows;
-  row_lse_kernel<<<grid_for(num_rows, 128), 128, 0, stream>>>(lse2, partial, num_rows,
-                                                              args.num_splits, kRows);
-  MF_CUDA_CHECK_LAUNCH();
+  launch_row_lse(lse2, partial, args, stream);
   const size_t scores_smem = pass_smem_bytes<kRows>(args.dim_pad, true);
   MF_CUDA_CHECK(cudaFuncSetAttribute(scores_kernel<kRows, kDim>,
                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -529,10 +526,10 @@ void launch_passes_for(float* vs, float* slash_part, float2* partial, float* lse
   MF_CUDA_CHECK_LAUNCH();
 }
 
-// The passes with head_dim 64 or 128 known to the compiler, others at run time.
+// The mma.sync passes with head_dim 64 or 128 known to the compiler, others at run time.
 template <int kRows>
-void launch_passes(float* vs, float* slash_part, float2* partial, float* lse2, const TcArgs& args,
-                   cudaStream_t stream) {
+void launch_passes(float* vs, float* slash_part, float2* partial, float* lse2,
+                   const Fp32PassArgs& args, cudaStream_t stream) {
   if (args.head_dim == 128) {
     launch_passes_for<kRows, 128>(vs, slash_part, partial, lse2, args, stream);
   } else if (args.head_dim == 64) {
@@ -540,6 +537,19 @@ void launch_passes(float* vs, float* slash_part, float2* partial, float* lse2, c
   } else {
     launch_passes_for<kRows, 0>(vs, slash_part, partial, lse2, args, stream);
   }
+}
+
+// Whether the Hopper passes run: `passes` asks for them or for the automatic choice where they can.
+bool use_hopper_passes(const Fp32PassArgs& args, Fp32Passes passes) {
+  int device = 0, major = 0;
+  MF_CUDA_CHECK(cudaGetDevice(&device));
+  MF_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  const bool hopper_runs = hopper_fp32_passes_run(args, major);
+  MF_CHECK(passes != Fp32Passes::hopper || hopper_runs,
+           "fp32 FlexPrefill search: the Hopper passes need an sm_90 device, head_dim 64 or 128, "
+           "block size 64 or 128 and N < 2^31 (device {} is {}.x, head_dim {}, block size {})",
+           device, major, args.head_dim, args.block_size);
+  return passes == Fp32Passes::hopper || (passes == Fp32Passes::automatic && hopper_runs);
 }
 
 }  // namespace
@@ -551,24 +561,29 @@ size_t fp32_scores_smem_bytes(const SearchShape& s) {
 }
 
 void fp32_vertical_slash(float* vs, double* pooled, const bf16* q, const bf16* k,
-                         const SearchShape& s, cudaStream_t stream) {
+                         const SearchShape& s, cudaStream_t stream, Fp32Passes passes) {
   const int64_t bs = s.block_size;
   const int64_t num_splits = ceil_div(s.seq_len, kSplitKeys);
-  const TcArgs args{q,
-                    k,
-                    s.seq_len,
-                    s.num_q_heads,
-                    s.num_kv_heads,
-                    s.head_dim,
-                    s.group_size,
-                    num_splits,
-                    static_cast<int>(ceil_div(s.head_dim, 16) * 16),
-                    static_cast<float>(s.scale * 1.4426950408889634)};
+  const Fp32PassArgs args{q,
+                          k,
+                          s.seq_len,
+                          s.num_q_heads,
+                          s.num_kv_heads,
+                          s.head_dim,
+                          s.group_size,
+                          num_splits,
+                          bs,
+                          static_cast<int>(ceil_div(s.head_dim, 16) * 16),
+                          static_cast<float>(s.scale * 1.4426950408889634)};
   DeviceBuffer<float2> partial(static_cast<size_t>(s.num_q_heads * num_splits * bs));
   DeviceBuffer<float> lse2(static_cast<size_t>(s.num_q_heads * bs));
   DeviceBuffer<float> slash_part(
       static_cast<size_t>(s.num_q_heads * num_splits * (kSplitKeys + bs - 1)));
-  if (bs == 128) {
+  if (use_hopper_passes(args, passes)) {
+    launch_hopper_row_stats(partial.data(), args, stream);
+    launch_row_lse(lse2.data(), partial.data(), args, stream);
+    launch_hopper_scores(vs, slash_part.data(), lse2.data(), args, stream);
+  } else if (bs == 128) {
     launch_passes<128>(vs, slash_part.data(), partial.data(), lse2.data(), args, stream);
   } else {
     launch_passes<64>(vs, slash_part.data(), partial.data(), lse2.data(), args, stream);

@@ -1,7 +1,8 @@
 // The fp32 GPU FlexPrefill search (ops::FlexSearch::kFp32, cuda/flex_prefill_fp32.h) against the
 // reference (ops/flex_prefill.h) on the same bf16 q and k, within a noise bound derived from the
 // fp32 / tensor-core arithmetic (fp32_noise below):
-//  - every vertical / slash value and block score within a relative rho of the reference's;
+//  - every vertical / slash value and block score within a relative rho of the reference's, with
+//    step 1's passes on the mma.sync kernels and, on an sm_90 GPU, on the Hopper ones;
 //  - step 2's coverage counts within those of the reference at gamma -/+ the coverage noise;
 //  - per head, the query-aware decision equal to the reference's unless the reference's JS
 //    distance is within the noise of tau (and the distance itself within the noise); the budgets
@@ -17,9 +18,11 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <iostream>
 #include <string>
 #include <vector>
 
+#include "core/error.h"
 #include "cuda/flex_prefill.h"
 #include "cuda/flex_prefill_fp32.h"
 #include "cuda/flex_prefill_stages.h"
@@ -158,9 +161,10 @@ std::pair<int64_t, int64_t> count_range(std::vector<double> values, double gamma
           ops::flex_prefill_coverage_prefix(values.data(), n, gamma + eps)};
 }
 
-// Steps 1-3 of the fp32 search against the reference's scores: every vertical / slash value and
-// block score within the noise, and the coverage counts within the counts the noise allows.
-void expect_scores_within_noise(const Inputs& in, const Case& c, double gamma) {
+// Steps 1-3 of the fp32 search, its passes run by `passes`, against the reference's scores: every
+// vertical / slash value and block score within the noise, and the coverage counts within the
+// counts the noise allows.
+void expect_scores_within_noise(const Inputs& in, const Case& c, double gamma, Fp32Passes passes) {
   const ops::FlexPrefillParams params = params_of(c, gamma, 0.1);
   const flex::SearchShape s = flex::search_shape(dims_of(c), params, "test");
   const std::vector<ops::FlexPrefillHeadScores> ref = reference_scores(in, c, params);
@@ -168,11 +172,12 @@ void expect_scores_within_noise(const Inputs& in, const Case& c, double gamma) {
   const int64_t n = c.seq_len, nb = s.num_blocks;
   DeviceBuffer<float> vs(static_cast<size_t>(c.num_q_heads * 2 * n));
   DeviceBuffer<double> pooled(static_cast<size_t>(c.num_q_heads * 2 * nb));
-  fp32_vertical_slash(vs.data(), pooled.data(), q.data(), k.data(), s, nullptr);
+  fp32_vertical_slash(vs.data(), pooled.data(), q.data(), k.data(), s, nullptr, passes);
   const std::vector<float> got_vs = vs.download();
   const std::vector<double> got_pooled = pooled.download();
   DeviceBuffer<unsigned long long> counts(static_cast<size_t>(c.num_q_heads * 2));
-  fp32_last_block_scores(pooled.data(), counts.data(), q.data(), k.data(), s, gamma, nullptr);
+  fp32_last_block_scores(pooled.data(), counts.data(), q.data(), k.data(), s, gamma, nullptr,
+                         passes);
   const std::vector<unsigned long long> got_counts = counts.download();
   for (int64_t h = 0; h < c.num_q_heads; ++h) {
     const Noise noise = fp32_noise(in, c, h);
@@ -198,16 +203,49 @@ void expect_scores_within_noise(const Inputs& in, const Case& c, double gamma) {
   }
 }
 
+// Whether the Hopper passes take case c here (cuda/flex_prefill_fp32_passes.h): an sm_90 device,
+// head_dim 64 or 128 (the kCases' block sizes are all 64 or 128).
+bool hopper_passes_run(const Case& c) {
+  int device = 0, major = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  return major == 9 && (c.head_dim == 64 || c.head_dim == 128);
+}
+
 TEST(FlexPrefillFp32, ScoresAndCoverageCountsWithinNoiseOfReference) {
   MF_REQUIRE_GPU();
   uint64_t seed = 111;
+  int hopper_cases = 0;
   for (const Case& c : kCases) {
     const Inputs in = make_inputs(c, seed++);
     for (double gamma : {0.5, 0.9, 1.0}) {
       SCOPED_TRACE(describe(c) + " gamma=" + std::to_string(gamma));
-      expect_scores_within_noise(in, c, gamma);
+      {
+        SCOPED_TRACE("mma.sync passes");
+        expect_scores_within_noise(in, c, gamma, Fp32Passes::mma_sync);
+      }
+      if (hopper_passes_run(c)) {
+        SCOPED_TRACE("Hopper passes");
+        expect_scores_within_noise(in, c, gamma, Fp32Passes::hopper);
+        ++hopper_cases;
+      }
     }
   }
+  if (hopper_cases == 0) std::cout << "[ NOTE     ] no sm_90 GPU: the Hopper passes did not run\n";
+}
+
+TEST(FlexPrefillFp32, HopperPassesRejectWhatTheyCannotRun) {
+  MF_REQUIRE_GPU();
+  const Case c{1500, 4, 2, 40, 64};  // head_dim 40: the mma.sync passes only
+  const ops::FlexPrefillParams params = params_of(c, 0.9, 0.1);
+  const flex::SearchShape s = flex::search_shape(dims_of(c), params, "test");
+  const Inputs in = make_inputs(c, 7);
+  DeviceBuffer<bf16> q = to_device(to_bf16(in.q)), k = to_device(to_bf16(in.k));
+  DeviceBuffer<float> vs(static_cast<size_t>(c.num_q_heads * 2 * c.seq_len));
+  DeviceBuffer<double> pooled(static_cast<size_t>(c.num_q_heads * 2 * s.num_blocks));
+  EXPECT_THROW(fp32_vertical_slash(vs.data(), pooled.data(), q.data(), k.data(), s, nullptr,
+                                   Fp32Passes::hopper),
+               Error);
 }
 
 // Key blocks (columns, kind 0) or diagonal offsets' indices (kind 1) that the top-n choice of the
