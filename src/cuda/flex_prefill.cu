@@ -17,7 +17,9 @@
 //
 // Kernels, in order: per pass of heads the logits GEMM (+ row maxima), the per-chunk softmax sums,
 // the row totals, and the vertical / slash sums with their block pooling; then step 2's coverage
-// counts (flex::chunked_coverage_counts).
+// counts (flex::chunked_coverage_counts). The fast search instead runs its passes
+// (cuda/flex_prefill_fp32.h) with the key means, the last query mean and step 8's query block means
+// beside them on a side stream (cuda/side_stream.h): those are memory-bound, the passes are not.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -29,6 +31,7 @@
 #include "cuda/flex_prefill_fp32.h"
 #include "cuda/flex_prefill_stages.h"
 #include "cuda/kernel_util.cuh"
+#include "cuda/side_stream.h"
 
 namespace moeforge::cuda {
 namespace {
@@ -359,15 +362,24 @@ void flex_prefill_select(FlexPrefillDeviceSelection& out, const bf16* q, const b
   const int64_t num_heads = s.num_q_heads;
   const int64_t d = s.head_dim;
   DeviceBuffer<double> k_means(static_cast<size_t>(s.num_kv_heads * nb * d));
-  flex::block_means(k_means.data(), k, s.num_kv_heads, 1.0, nullptr, s, stream);
   DeviceBuffer<double> q_mean(static_cast<size_t>(num_heads * d));
-  flex::last_query_mean(q_mean.data(), q, s, stream);
   DeviceBuffer<double> pooled(static_cast<size_t>(num_heads * 2 * nb));  // [Hq, 2, nb]
   DeviceBuffer<unsigned long long> coverage_counts(static_cast<size_t>(num_heads * 2));
+  DeviceBuffer<float> q_block_means;  // [Hq, nb, D], the fast search's step 8
 
   if (fp32) {
+    // The means (memory-bound) run on the side stream beside the tensor-core passes; every buffer
+    // the side stream uses is allocated before the fork (cuda/side_stream.h).
+    if (params.tau > 0.0) q_block_means.resize(static_cast<size_t>(num_heads * nb * d));
+    const cudaStream_t side = fork_side_stream(stream);
+    flex::block_means(k_means.data(), k, s.num_kv_heads, 1.0, nullptr, s, side);
+    flex::last_query_mean(q_mean.data(), q, s, side);
+    if (params.tau > 0.0) fp32_q_block_means(q_block_means.data(), q, nullptr, s, side);
     fp32_last_block_scores(pooled.data(), coverage_counts.data(), q, k, s, params.gamma, stream);
+    join_side_stream(stream);
   } else {
+    flex::block_means(k_means.data(), k, s.num_kv_heads, 1.0, nullptr, s, stream);
+    flex::last_query_mean(q_mean.data(), q, s, stream);
     // Step 1 (and step 3's pooling), in passes of heads that bound the logits buffer.
     const int64_t bs = s.block_size;
     const int64_t padded_len = ceil_div(n, kChunk) * kChunk;
@@ -392,7 +404,7 @@ void flex_prefill_select(FlexPrefillDeviceSelection& out, const bf16* q, const b
                                   stream);
   }
   flex::finish_selection(out, pooled.data(), coverage_counts.data(), q, k_means.data(),
-                         q_mean.data(), s, params, stream);
+                         q_mean.data(), q_block_means.data(), s, params, stream);
 }
 
 ops::FlexPrefillSelection download_selection(const FlexPrefillDeviceSelection& selection) {

@@ -94,10 +94,17 @@ void fp32_vertical_slash(float* vs, double* pooled, const bf16* q, const bf16* k
                          const flex::SearchShape& s, cudaStream_t stream,
                          Fp32Passes passes = Fp32Passes::automatic);
 
+// Step 8's query block means: q_means [Hq, nb, D] = each block's rows of q summed in fp32, rows
+// ascending, times fp32(scale / length) (8 above), for heads whose flag in active is set (active
+// null: every head). Asynchronous on the stream.
+void fp32_q_block_means(float* q_means, const bf16* q, const int32_t* active,
+                        const flex::SearchShape& s, cudaStream_t stream);
+
 // Step 8's logits: tri [Hq, nb (nb + 1) / 2] at triangle position r (r + 1) / 2 + c (c <= r) = the
 // fp32 logit of query block r and key block c (8 above), for heads whose flag in query_aware is
-// set; k_means [Hkv, nb, D] as flex::block_means gives them. Asynchronous on the stream.
-void fp32_block_logits(double* tri, const bf16* q, const double* k_means,
+// set; q_means as fp32_q_block_means gives them (for those heads at least), k_means [Hkv, nb, D]
+// as flex::block_means gives them. Asynchronous on the stream.
+void fp32_block_logits(double* tri, const float* q_means, const double* k_means,
                        const int32_t* query_aware, const flex::SearchShape& s, cudaStream_t stream);
 
 // Steps 1-3: pooled [Hq, 2, nb] = vertical_blk and slash_blk; coverage_counts [Hq, 2] = the

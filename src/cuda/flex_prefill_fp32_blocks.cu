@@ -6,7 +6,6 @@
 #include <cstdint>
 
 #include "cuda/cuda_check.h"
-#include "cuda/device_memory.h"
 #include "cuda/flex_prefill_fp32.h"
 #include "cuda/kernel_util.cuh"
 
@@ -27,15 +26,15 @@ constexpr int kSliceLoads = kDepth / 4 / kLoadSteps;  // groups per thread and s
 static_assert(kSliceLoads * kLoadSteps * 4 == kDepth, "a slice is whole 4-wide groups");
 
 // means [Hq, nb, D]: block b's rows of q[:, h, d] summed in fp32, ascending, times
-// fp32(scale / length); heads whose flag in query_aware is 0 are skipped. Block (query block b,
-// group of kMeanThreads 8-element chunks of a row [Hq * D]).
+// fp32(scale / length); heads whose flag in active is 0 are skipped (active null: none). Block
+// (query block b, group of kMeanThreads 8-element chunks of a row [Hq * D]).
 __global__ void __launch_bounds__(kMeanThreads)
-    q_block_means_kernel(float* means, const bf16* q, const int32_t* query_aware, SearchShape s) {
+    q_block_means_kernel(float* means, const bf16* q, const int32_t* active, SearchShape s) {
   const int64_t row_chunks = s.num_q_heads * s.head_dim / kChunkElems;
   const int64_t chunk = static_cast<int64_t>(blockIdx.y) * kMeanThreads + threadIdx.x;
   if (chunk >= row_chunks) return;
   const int64_t h = chunk * kChunkElems / s.head_dim;
-  if (query_aware[h] == 0) return;
+  if (active != nullptr && active[h] == 0) return;
   const int64_t b = blockIdx.x;
   const int64_t begin = b * s.block_size;
   const int64_t end = min(s.seq_len, begin + s.block_size);
@@ -157,18 +156,21 @@ __global__ void __launch_bounds__(kLogitThreads)
 
 }  // namespace
 
-void fp32_block_logits(double* tri, const bf16* q, const double* k_means,
-                       const int32_t* query_aware, const flex::SearchShape& s,
-                       cudaStream_t stream) {
-  DeviceBuffer<float> q_means(static_cast<size_t>(s.num_q_heads * s.num_blocks * s.head_dim));
+void fp32_q_block_means(float* q_means, const bf16* q, const int32_t* active,
+                        const flex::SearchShape& s, cudaStream_t stream) {
   const int64_t row_chunks = s.num_q_heads * s.head_dim / kChunkElems;
   q_block_means_kernel<<<dim3(static_cast<unsigned>(s.num_blocks),
                               static_cast<unsigned>(ceil_div(row_chunks, kMeanThreads))),
-                         kMeanThreads, 0, stream>>>(q_means.data(), q, query_aware, s);
+                         kMeanThreads, 0, stream>>>(q_means, q, active, s);
   MF_CUDA_CHECK_LAUNCH();
+}
+
+void fp32_block_logits(double* tri, const float* q_means, const double* k_means,
+                       const int32_t* query_aware, const flex::SearchShape& s,
+                       cudaStream_t stream) {
   const auto tiles = static_cast<unsigned>(ceil_div(s.num_blocks, kTile));
   block_logits_kernel<<<dim3(tiles, tiles, static_cast<unsigned>(s.num_q_heads)), kLogitThreads, 0,
-                        stream>>>(tri, q_means.data(), k_means, query_aware, s);
+                        stream>>>(tri, q_means, k_means, query_aware, s);
   MF_CUDA_CHECK_LAUNCH();
 }
 

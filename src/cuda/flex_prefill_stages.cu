@@ -670,8 +670,9 @@ void chunked_coverage_counts(unsigned long long* counts, const double* values, i
 
 void finish_selection(FlexPrefillDeviceSelection& out, double* pooled,
                       const unsigned long long* coverage_counts, const bf16* q,
-                      const double* k_means, const double* q_mean, const SearchShape& s,
-                      const ops::FlexPrefillParams& params, cudaStream_t stream) {
+                      const double* k_means, const double* q_mean, const float* fp32_q_block_means,
+                      const SearchShape& s, const ops::FlexPrefillParams& params,
+                      cudaStream_t stream) {
   const int64_t num_heads = s.num_q_heads;
   const int64_t nb = s.num_blocks;
 
@@ -699,7 +700,7 @@ void finish_selection(FlexPrefillDeviceSelection& out, double* pooled,
     const bool fast = params.search == ops::FlexSearch::kFp32;
     DeviceBuffer<double> tri(static_cast<size_t>(num_heads * num_tri));
     if (fast) {
-      fp32_block_logits(tri.data(), q, k_means, out.query_aware.data(), s, stream);
+      fp32_block_logits(tri.data(), fp32_q_block_means, k_means, out.query_aware.data(), s, stream);
     } else {
       DeviceBuffer<double> q_means(static_cast<size_t>(num_heads * nb * s.head_dim));
       block_means(q_means.data(), q, num_heads, s.scale, out.query_aware.data(), s, stream);

@@ -51,10 +51,13 @@ void chunked_coverage_counts(unsigned long long* counts, const double* values, i
 // Steps 2 and 4-8 and the CSR of out (sized by begin_selection): pooled [Hq, 2, nb] holds
 // vertical_blk and slash_blk (step 5 sets their always-kept entries to +inf in place);
 // coverage_counts [Hq, 2] the counts of step 2 for vertical and slash (c - 1 in the reference's
-// notation); k_means [Hkv, nb, D] and q_mean [Hq, D] as block_means and last_query_mean give them.
+// notation); k_means [Hkv, nb, D] and q_mean [Hq, D] as block_means and last_query_mean give them;
+// for FlexSearch::kFp32 with tau > 0, fp32_q_block_means [Hq, nb, D] as fp32_q_block_means
+// (cuda/flex_prefill_fp32.h) gives them (unused otherwise, may be null).
 void finish_selection(FlexPrefillDeviceSelection& out, double* pooled,
                       const unsigned long long* coverage_counts, const bf16* q,
-                      const double* k_means, const double* q_mean, const SearchShape& s,
-                      const ops::FlexPrefillParams& params, cudaStream_t stream);
+                      const double* k_means, const double* q_mean, const float* fp32_q_block_means,
+                      const SearchShape& s, const ops::FlexPrefillParams& params,
+                      cudaStream_t stream);
 
 }  // namespace moeforge::cuda::flex

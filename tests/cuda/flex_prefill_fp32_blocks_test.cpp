@@ -1,7 +1,8 @@
-// Step 8's fp32 logits (cuda::fp32_block_logits, cuda/flex_prefill_fp32_blocks.cu) against the
-// reference's doubles within the bound of cuda/flex_prefill_fp32.h (testing::flex::step8_logits),
-// on block sizes 64 and 128, GQA groups 1 to 4, N not a multiple of the block, head_dim 40 to 256
-// and more than one 64 x 64 tile of blocks; heads that are not query-aware keep what tri held.
+// Step 8's fp32 logits (cuda::fp32_q_block_means, then fp32_block_logits;
+// cuda/flex_prefill_fp32_blocks.cu) against the reference's doubles within the bound of
+// cuda/flex_prefill_fp32.h (testing::flex::step8_logits), on block sizes 64 and 128, GQA groups 1
+// to 4, N not a multiple of the block, head_dim 40 to 256 and more than one 64 x 64 tile of blocks;
+// heads that are not query-aware keep what tri held.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -51,7 +52,9 @@ TEST(FlexPrefillFp32Blocks, LogitsWithinTheBoundOfTheReference) {
     DeviceBuffer<int32_t> flags = to_device(query_aware);
     DeviceBuffer<double> tri =
         to_device(std::vector<double>(static_cast<size_t>(c.num_q_heads * num_tri), kUntouched));
-    fp32_block_logits(tri.data(), q.data(), k_means.data(), flags.data(), s, nullptr);
+    DeviceBuffer<float> q_means(static_cast<size_t>(c.num_q_heads * s.num_blocks * c.head_dim));
+    fp32_q_block_means(q_means.data(), q.data(), flags.data(), s, nullptr);
+    fp32_block_logits(tri.data(), q_means.data(), k_means.data(), flags.data(), s, nullptr);
     const std::vector<double> got = tri.download();
     for (int64_t h = 0; h < c.num_q_heads; ++h) {
       const double* head = got.data() + h * num_tri;
