@@ -23,6 +23,7 @@ constexpr int kDigitBits = 8;
 constexpr int kBuckets = 1 << kDigitBits;
 constexpr int kPasses = 32 / kDigitBits;
 constexpr int64_t kChunk = 4096;  // values per block of threads of a histogram pass
+constexpr int kLoadsPerThread = static_cast<int>(kChunk) / kThreads;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr double kFixedOne = 4503599627370496.0;  // 2^52
 // Shared-memory atomics add 32 bits natively (64-bit ones are compare-and-swap loops), so a
@@ -99,12 +100,21 @@ __global__ void __launch_bounds__(kThreads)
   const T* x = values + segment * segment_size;
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * kChunk;
   const int64_t end = min(segment_size, begin + kChunk);
-  for (int64_t base = begin; base < end; base += kThreads) {
-    const int64_t i = base + tid;
+  // The thread's values are all loaded first: one load in flight at a time would make the pass
+  // wait out kLoadsPerThread memory latencies.
+  T loaded[kLoadsPerThread];
+#pragma unroll
+  for (int u = 0; u < kLoadsPerThread; ++u) {
+    const int64_t i = begin + int64_t{u} * kThreads + tid;
+    loaded[u] = i < end ? x[i] : T{};
+  }
+#pragma unroll
+  for (int u = 0; u < kLoadsPerThread; ++u) {
+    const int64_t i = begin + int64_t{u} * kThreads + tid;
     unsigned bucket = kBuckets;  // none: past the end, or outside the cut's bucket
     unsigned long long fixed = 0;
     if (i < end) {
-      const uint32_t key = key_of(x[i]);
+      const uint32_t key = key_of(loaded[u]);
       if (pass == 0 || (key >> (shift + kDigitBits)) == (cut.key >> (shift + kDigitBits))) {
         bucket = (key >> shift) & (kBuckets - 1);
         fixed = fixed_of(key);

@@ -85,10 +85,10 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // of the tile (g = lane / 4, t = lane % 4).
 using WarpScores = float[kTileKeys / 2];
 
-// The pipeline both passes share. The producer warp returns from run(); each consumer warp runs
-// body(s, t0, masked) for every tile of the split in order, with s = S and -inf at the keys that a
-// row does not see when masked (std::true_type: the tile reaches past the warpgroup's first row;
-// the others get a copy without masking instructions).
+// The pipeline both passes share. The producer warp runs produce(); each consumer warp runs
+// consume(body), which calls body(s, t0, masked) for every tile of the split in order, with s = S
+// and -inf at the keys that a row does not see when masked (std::true_type: the tile reaches past
+// the warpgroup's first row; the others get a copy without masking instructions).
 template <int kRows, int kDim, bool kScores>
 struct Pipeline {
   using Cfg = PassConfig<kRows, kDim, kScores>;
@@ -165,40 +165,48 @@ struct Pipeline {
     const int64_t warp_row0 = wg_row0 + kRowsPerWarp * (warp % 4);
     const uint32_t q_base = smem_address(q_tile) + 64 * warpgroup * kRowBytes;
     mbarrier_wait(q_full, 0);
-    WarpScores s;
-    const auto tile = [&](int i, auto masked) {
+    // Issues tile i's S = Q K^T into acc (not waited for).
+    const auto issue = [&](WarpScores& acc, int i) {
       const int stage = i % Cfg::kStages;
-      const int64_t t0 = split_begin + int64_t{i} * kTileKeys;
       mbarrier_wait(&full[stage], (i / Cfg::kStages) & 1);
-      issue_scores<kRows, kDim, kTileKeys>(s, q_base,
+      issue_scores<kRows, kDim, kTileKeys>(acc, q_base,
                                            smem_address(k_tiles + stage * Cfg::kTileBytes));
-      wgmma_wait<0>();
+    };
+    // Tile i's S is complete in acc: its stage goes back to the producer, then the body runs on it,
+    // masked where the tile reaches past the warpgroup's first row (tiles ending at or before it
+    // run a copy of the body without masking instructions).
+    const auto finish = [&](WarpScores& acc, int i) {
 #pragma unroll
-      for (int j = 0; j < kTileKeys / 2; ++j) fence_operand(s[j]);
+      for (int j = 0; j < kTileKeys / 2; ++j) fence_operand(acc[j]);
       __syncwarp();
-      if (lane == 0) mbarrier_arrive(&empty[stage]);
-      if constexpr (decltype(masked)::value) {
-        // Key 8 n + 2 t + c of row g + 8 half stays iff t0 + 8 n + 2 t + c <= warp_row0 + g +
-        // 8 half (a masked tile starts within 127 keys before the warp's first row).
-        const int key_shift = static_cast<int>(t0 - warp_row0);
+      if (lane == 0) mbarrier_arrive(&empty[i % Cfg::kStages]);
+      const int64_t t0 = split_begin + int64_t{i} * kTileKeys;
+      if (t0 + kTileKeys - 1 <= wg_row0) {
+        body(acc, t0, std::false_type{});
+        return;
+      }
+      // Key 8 n + 2 t + c of row g + 8 half stays iff t0 + 8 n + 2 t + c <= warp_row0 + g + 8 half
+      // (a masked tile starts within 127 keys before the warp's first row).
+      const int key_shift = static_cast<int>(t0 - warp_row0);
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int last = g + 8 * half - key_shift - 2 * t;
+      for (int half = 0; half < 2; ++half) {
+        const int last = g + 8 * half - key_shift - 2 * t;
 #pragma unroll
-          for (int n = 0; n < kKeyTiles; ++n) {
-            if (8 * n > last) s[4 * n + 2 * half] = -INFINITY;
-            if (8 * n + 1 > last) s[4 * n + 2 * half + 1] = -INFINITY;
-          }
+        for (int n = 0; n < kKeyTiles; ++n) {
+          if (8 * n > last) acc[4 * n + 2 * half] = -INFINITY;
+          if (8 * n + 1 > last) acc[4 * n + 2 * half + 1] = -INFINITY;
         }
       }
-      body(s, t0, masked);
+      body(acc, t0, std::true_type{});
     };
-    int i = 0;
-    // Tiles ending at or before the warpgroup's first row need no mask; they come first.
-    while (i < num_tiles && split_begin + int64_t{i} * kTileKeys + kTileKeys - 1 <= wg_row0) {
-      tile(i++, std::false_type{});
+    // One accumulator: with a second, for tile i + 1's wgmmas to run during tile i's body, ptxas
+    // serialises the wgmmas (the body rewrites the accumulator's registers in place).
+    WarpScores s;
+    for (int i = 0; i < num_tiles; ++i) {
+      issue(s, i);
+      wgmma_wait<0>();
+      finish(s, i);
     }
-    while (i < num_tiles) tile(i++, std::true_type{});
   }
 };
 

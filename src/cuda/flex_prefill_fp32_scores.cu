@@ -466,17 +466,20 @@ __global__ void __launch_bounds__(TileLoop<kRows, kDim>::kThreads)
 // Block (key block b, head), kPoolThreads threads: slash of the block's positions i = (the part
 // of split i / kSplitKeys - 1, when diagonal i reaches into it, + the part of split i /
 // kSplitKeys) / bs into vs (kind 1); then pooled [Hq, 2, nb] = both kinds' block sums in double,
-// ascending.
+// by a fixed tree (a butterfly per warp, then the warps ascending) rather than a chain of bs
+// dependent additions.
 __global__ void __launch_bounds__(kPoolThreads)
     pool_kernel(double* pooled, float* vs, const float* slash_part, int64_t seq_len,
                 int64_t block_size, int64_t num_blocks, int64_t num_splits) {
-  __shared__ float values[2][kPoolThreads];
+  constexpr int kWarps = kPoolThreads / 32;
+  __shared__ double warp_sums[2][kWarps];
   const int64_t b = blockIdx.x, h = blockIdx.y;
   const int tid = static_cast<int>(threadIdx.x);
   const int64_t split_diagonals = kSplitKeys + block_size - 1;
   const int64_t length = min(block_size, seq_len - b * block_size);
   float* vertical = vs + (h * 2) * seq_len;
   float* slash = vs + (h * 2 + 1) * seq_len;
+  double sums[2] = {0.0, 0.0};  // this position's values (+0.0 past the block)
   if (tid < length) {
     const int64_t i = b * block_size + tid;
     const int64_t split = i / kSplitKeys, offset = i % kSplitKeys;
@@ -487,13 +490,22 @@ __global__ void __launch_bounds__(kPoolThreads)
     }
     const float value = sum * (1.0f / static_cast<float>(block_size));
     slash[i] = value;
-    values[0][tid] = vertical[i];
-    values[1][tid] = value;
+    sums[0] = static_cast<double>(vertical[i]);
+    sums[1] = static_cast<double>(value);
+  }
+#pragma unroll
+  for (int kind = 0; kind < 2; ++kind) {
+#pragma unroll
+    for (int mask = 16; mask > 0; mask /= 2) {
+      sums[kind] += __shfl_xor_sync(kFullMask, sums[kind], mask);
+    }
+    if (tid % 32 == 0) warp_sums[kind][tid / 32] = sums[kind];
   }
   __syncthreads();
   if (tid < 2) {
-    double total = 0.0;
-    for (int64_t x = 0; x < length; ++x) total += static_cast<double>(values[tid][x]);
+    double total = warp_sums[tid][0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) total += warp_sums[tid][w];
     pooled[(h * 2 + tid) * num_blocks + b] = total;
   }
 }
