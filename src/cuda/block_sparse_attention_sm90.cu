@@ -25,6 +25,7 @@
 #include <type_traits>
 
 #include "core/error.h"
+#include "cuda/accumulator_fragments.cuh"
 #include "cuda/block_sparse_attention_kernels.h"
 #include "cuda/block_sparse_tile_walk.cuh"
 #include "cuda/cuda_check.h"
@@ -198,17 +199,7 @@ __global__ void __launch_bounds__(HopperConfig<kConsumers, kHeadDim>::kThreads, 
   const auto needs_mask = [&](const TileCursor& c) { return c.t0 + kKeys - 1 > wg_row0; };
   // Sets s (S of the tile at c) to -infinity where the key lies past the row.
   const auto mask = [&](const TileCursor& c) {
-    const int key_shift = static_cast<int>(c.t0 - warp_row0);
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      // Key 8 n + 2 t + j (j = 0, 1) of row g + 8 half stays iff 8 n + j <= last.
-      const int last = g + 8 * half - key_shift - 2 * t;
-#pragma unroll
-      for (int n = 0; n < kKeyTiles; ++n) {
-        if (8 * n > last) s[4 * n + 2 * half] = -INFINITY;
-        if (8 * n + 1 > last) s[4 * n + 2 * half + 1] = -INFINITY;
-      }
-    }
+    mask_keys_past_rows<kKeyTiles>(s, static_cast<int>(c.t0 - warp_row0), g, t);
   };
   // Masks s (S of the tile at c) if `masked` (std::true_type or std::false_type: the unmasked
   // tiles get a copy of the loop without masking instructions; predicated, they would still take

@@ -27,6 +27,7 @@
 #include <type_traits>
 
 #include "core/error.h"
+#include "cuda/accumulator_fragments.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/flex_prefill_fp32.h"
 #include "cuda/flex_prefill_fp32_passes.h"
@@ -185,18 +186,8 @@ struct Pipeline {
         body(acc, t0, std::false_type{});
         return;
       }
-      // Key 8 n + 2 t + c of row g + 8 half stays iff t0 + 8 n + 2 t + c <= warp_row0 + g + 8 half
-      // (a masked tile starts within 127 keys before the warp's first row).
-      const int key_shift = static_cast<int>(t0 - warp_row0);
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int last = g + 8 * half - key_shift - 2 * t;
-#pragma unroll
-        for (int n = 0; n < kKeyTiles; ++n) {
-          if (8 * n > last) acc[4 * n + 2 * half] = -INFINITY;
-          if (8 * n + 1 > last) acc[4 * n + 2 * half + 1] = -INFINITY;
-        }
-      }
+      // A masked tile starts within 127 keys before the warp's first row: the shift fits an int.
+      mask_keys_past_rows<kKeyTiles>(acc, static_cast<int>(t0 - warp_row0), g, t);
       body(acc, t0, std::true_type{});
     };
     // One accumulator: with a second, for tile i + 1's wgmmas to run during tile i's body, ptxas
@@ -271,21 +262,6 @@ __global__ void __launch_bounds__(PassConfig<kRows, kDim, false>::kThreads,
 #endif
 }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// One step of column_butterfly: the lanes on either side of bit kMask swap halves of their first
-// 2 kWidth columns and each keeps the sum of one half in v[0, kWidth).
-template <int kWidth, int kMask>
-__device__ __forceinline__ void butterfly_step(float (&v)[2 * kKeyTiles], int lane) {
-  const bool upper = (lane & kMask) != 0;
-#pragma unroll
-  for (int i = 0; i < kWidth; ++i) {
-    const float send = upper ? v[i] : v[i + kWidth];
-    const float keep = upper ? v[i + kWidth] : v[i];
-    v[i] = keep + __shfl_xor_sync(kFullMask, send, kMask);
-  }
-}
-#endif
-
 // Pass 2: vs kind 0 and slash_part (see cuda/flex_prefill_fp32_passes.h). Block (head, split).
 template <int kRows, int kDim>
 __global__ void __launch_bounds__(PassConfig<kRows, kDim, true>::kThreads,
@@ -334,9 +310,7 @@ __global__ void __launch_bounds__(PassConfig<kRows, kDim, true>::kThreads,
     for (int n = 0; n < kKeyTiles; ++n)
 #pragma unroll
       for (int c = 0; c < 2; ++c) v[2 * n + c] = s[4 * n + c] + s[4 * n + 2 + c];
-    butterfly_step<8, 16>(v, lane);
-    butterfly_step<4, 8>(v, lane);
-    butterfly_step<2, 4>(v, lane);
+    column_butterfly(v, lane);
     // Diagonals: value (n, half, c) is R_g[8 j + 2 t + c] with j = n - half; per (j, c) the lane
     // adds its values, half ascending.
     float diag[2][kJs];

@@ -31,6 +31,7 @@
 #include <type_traits>
 
 #include "core/error.h"
+#include "cuda/accumulator_fragments.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/device_memory.h"
 #include "cuda/flex_prefill_fp32.h"
@@ -321,29 +322,6 @@ __global__ void row_lse_kernel(float* lse2, const float2* partial, int64_t num_r
     }
     lse2[i] = static_cast<float>(static_cast<double>(best) + log2(sum));
   }
-}
-
-// One step of column_butterfly: the lanes on either side of bit kMask swap halves of their first
-// 2 kWidth columns and each keeps the sum of one half in v[0, kWidth).
-template <int kWidth, int kMask>
-__device__ __forceinline__ void butterfly_step(float (&v)[2 * kKeyTiles], int lane) {
-  const bool upper = (lane & kMask) != 0;
-#pragma unroll
-  for (int i = 0; i < kWidth; ++i) {
-    const float send = upper ? v[i] : v[i + kWidth];
-    const float keep = upper ? v[i + kWidth] : v[i];
-    v[i] = keep + __shfl_xor_sync(kFullMask, send, kMask);
-  }
-}
-
-// Column sums of a warp's 32 rows: v[2 n + c] holds the lane's 4 rows of column 8 n + 2 t + c
-// (g = lane / 4, t = lane % 4). A butterfly over the lanes sharing t (xor 16, 8, 4) halves the
-// columns a lane keeps at each step; after it v[0], v[1] are columns 8 g + 2 t and + 1.
-__device__ __forceinline__ void column_butterfly(float (&v)[2 * kKeyTiles], int lane) {
-  static_assert(2 * kKeyTiles == 16, "three halvings leave a lane 2 of 16 columns");
-  butterfly_step<8, 16>(v, lane);
-  butterfly_step<4, 8>(v, lane);
-  butterfly_step<2, 4>(v, lane);
 }
 
 // Pass 2: vs [Hq, 2, N] gets vertical (kind 0) of the split's keys; slash_part [Hq, num_splits,
