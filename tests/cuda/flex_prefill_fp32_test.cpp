@@ -11,21 +11,26 @@
 //    query-aware head, step-8 blocks within the noise of its fp32 logits and coverage cut
 //    (step8_band);
 //  - gamma = 1 keeps the whole causal triangle (with and without the dense fallback);
-//  - two runs give the same selection (the fp32 search's sums have fixed orders).
+//  - two runs give the same selection (the fp32 search's sums have fixed orders), also when the
+//    means on the side stream are held back.
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <functional>
 #include <iostream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/error.h"
+#include "cuda/cuda_check.h"
 #include "cuda/flex_prefill.h"
 #include "cuda/flex_prefill_fp32.h"
 #include "cuda/flex_prefill_stages.h"
+#include "cuda/side_stream.h"
 #include "flex_prefill_test_util.h"
 #include "gpu_test_util.h"
 #include "ops/flex_prefill.h"
@@ -540,6 +545,34 @@ TEST(FlexPrefillFp32, RepeatedRunsGiveTheSameSelection) {
   expect_equal("col_idx", second.layout.col_idx, first.layout.col_idx);
   for (size_t h = 0; h < first.head_stats.size(); ++h) {
     EXPECT_EQ(second.head_stats[h].js_distance, first.head_stats[h].js_distance) << "head " << h;
+  }
+}
+
+// The fast search runs its means on the side stream (cuda/side_stream.h). Held back there for
+// 100 ms, they must still be what steps 4 and 8 read: the selection equals one made on time. A
+// search on other inputs first leaves its own means in the blocks the allocator hands out again,
+// so a step that read them early would choose differently.
+TEST(FlexPrefillFp32, LateSideStreamGivesTheSameSelection) {
+  MF_REQUIRE_GPU();
+  const Case c{20000, 4, 2, 128, 128};
+  ops::FlexPrefillParams params = params_of(c, 0.9, 0.1);
+  params.search = ops::FlexSearch::kFp32;
+  const Inputs other = make_inputs(c, 6), in = make_inputs(c, 7);
+  DeviceBuffer<bf16> other_q = to_device(to_bf16(other.q)), other_k = to_device(to_bf16(other.k));
+  DeviceBuffer<bf16> q = to_device(to_bf16(in.q)), k = to_device(to_bf16(in.k));
+  FlexPrefillDeviceSelection other_sel, late_sel, on_time_sel;
+  flex_prefill_select(other_sel, other_q.data(), other_k.data(), dims_of(c), params, nullptr);
+  MF_CUDA_CHECK(cudaLaunchHostFunc(
+      fork_side_stream(nullptr),
+      [](void*) { std::this_thread::sleep_for(std::chrono::milliseconds(100)); }, nullptr));
+  flex_prefill_select(late_sel, q.data(), k.data(), dims_of(c), params, nullptr);
+  flex_prefill_select(on_time_sel, q.data(), k.data(), dims_of(c), params, nullptr);
+  const ops::FlexPrefillSelection late = download_selection(late_sel);
+  const ops::FlexPrefillSelection on_time = download_selection(on_time_sel);
+  expect_equal("row_offsets", late.layout.row_offsets, on_time.layout.row_offsets);
+  expect_equal("col_idx", late.layout.col_idx, on_time.layout.col_idx);
+  for (size_t h = 0; h < on_time.head_stats.size(); ++h) {
+    EXPECT_EQ(late.head_stats[h].js_distance, on_time.head_stats[h].js_distance) << "head " << h;
   }
 }
 
