@@ -529,6 +529,17 @@ TEST(FlexPrefillFp32, GammaOneKeepsTheWholeTriangle) {
   }
 }
 
+// The same block sets and, bit for bit, the same JS distances.
+void expect_same_selection(const ops::FlexPrefillSelection& got,
+                           const ops::FlexPrefillSelection& want) {
+  expect_equal("row_offsets", got.layout.row_offsets, want.layout.row_offsets);
+  expect_equal("col_idx", got.layout.col_idx, want.layout.col_idx);
+  ASSERT_EQ(got.head_stats.size(), want.head_stats.size());
+  for (size_t h = 0; h < want.head_stats.size(); ++h) {
+    EXPECT_EQ(got.head_stats[h].js_distance, want.head_stats[h].js_distance) << "head " << h;
+  }
+}
+
 TEST(FlexPrefillFp32, RepeatedRunsGiveTheSameSelection) {
   MF_REQUIRE_GPU();
   const Case c{20000, 4, 2, 128, 128};
@@ -539,13 +550,7 @@ TEST(FlexPrefillFp32, RepeatedRunsGiveTheSameSelection) {
   FlexPrefillDeviceSelection first_sel, second_sel;
   flex_prefill_select(first_sel, q.data(), k.data(), dims_of(c), params, nullptr);
   flex_prefill_select(second_sel, q.data(), k.data(), dims_of(c), params, nullptr);
-  const ops::FlexPrefillSelection first = download_selection(first_sel);
-  const ops::FlexPrefillSelection second = download_selection(second_sel);
-  expect_equal("row_offsets", second.layout.row_offsets, first.layout.row_offsets);
-  expect_equal("col_idx", second.layout.col_idx, first.layout.col_idx);
-  for (size_t h = 0; h < first.head_stats.size(); ++h) {
-    EXPECT_EQ(second.head_stats[h].js_distance, first.head_stats[h].js_distance) << "head " << h;
-  }
+  expect_same_selection(download_selection(second_sel), download_selection(first_sel));
 }
 
 // The fast search runs its means on the side stream (cuda/side_stream.h). Held back there for
@@ -567,13 +572,7 @@ TEST(FlexPrefillFp32, LateSideStreamGivesTheSameSelection) {
       [](void*) { std::this_thread::sleep_for(std::chrono::milliseconds(100)); }, nullptr));
   flex_prefill_select(late_sel, q.data(), k.data(), dims_of(c), params, nullptr);
   flex_prefill_select(on_time_sel, q.data(), k.data(), dims_of(c), params, nullptr);
-  const ops::FlexPrefillSelection late = download_selection(late_sel);
-  const ops::FlexPrefillSelection on_time = download_selection(on_time_sel);
-  expect_equal("row_offsets", late.layout.row_offsets, on_time.layout.row_offsets);
-  expect_equal("col_idx", late.layout.col_idx, on_time.layout.col_idx);
-  for (size_t h = 0; h < on_time.head_stats.size(); ++h) {
-    EXPECT_EQ(late.head_stats[h].js_distance, on_time.head_stats[h].js_distance) << "head " << h;
-  }
+  expect_same_selection(download_selection(late_sel), download_selection(on_time_sel));
 }
 
 }  // namespace
