@@ -367,19 +367,19 @@ void flex_prefill_select(FlexPrefillDeviceSelection& out, const bf16* q, const b
   DeviceBuffer<unsigned long long> coverage_counts(static_cast<size_t>(num_heads * 2));
   DeviceBuffer<float> q_block_means;  // [Hq, nb, D], the fast search's step 8
 
+  // The fast search runs the means (memory-bound) on the side stream beside its tensor-core passes;
+  // every buffer the side stream uses is allocated before the fork (cuda/side_stream.h).
+  const bool fast_step8 = fp32 && params.tau > 0.0;
+  if (fast_step8) q_block_means.resize(static_cast<size_t>(num_heads * nb * d));
+  const cudaStream_t means_stream = fp32 ? fork_side_stream(stream) : stream;
+  flex::block_means(k_means.data(), k, s.num_kv_heads, 1.0, nullptr, s, means_stream);
+  flex::last_query_mean(q_mean.data(), q, s, means_stream);
+  if (fast_step8) fp32_q_block_means(q_block_means.data(), q, nullptr, s, means_stream);
+
   if (fp32) {
-    // The means (memory-bound) run on the side stream beside the tensor-core passes; every buffer
-    // the side stream uses is allocated before the fork (cuda/side_stream.h).
-    if (params.tau > 0.0) q_block_means.resize(static_cast<size_t>(num_heads * nb * d));
-    const cudaStream_t side = fork_side_stream(stream);
-    flex::block_means(k_means.data(), k, s.num_kv_heads, 1.0, nullptr, s, side);
-    flex::last_query_mean(q_mean.data(), q, s, side);
-    if (params.tau > 0.0) fp32_q_block_means(q_block_means.data(), q, nullptr, s, side);
     fp32_last_block_scores(pooled.data(), coverage_counts.data(), q, k, s, params.gamma, stream);
     join_side_stream(stream);
   } else {
-    flex::block_means(k_means.data(), k, s.num_kv_heads, 1.0, nullptr, s, stream);
-    flex::last_query_mean(q_mean.data(), q, s, stream);
     // Step 1 (and step 3's pooling), in passes of heads that bound the logits buffer.
     const int64_t bs = s.block_size;
     const int64_t padded_len = ceil_div(n, kChunk) * kChunk;

@@ -10,10 +10,9 @@
 #include <cstdint>
 
 #include "cuda/mma_util.cuh"
+#include "cuda/tensor_map.h"
 
 namespace moeforge::cuda {
-
-constexpr int kPanel = 64;  // elements of a 128-byte swizzled row: one TMA box's width
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 constexpr int kRowBytes = 128;  // one swizzled row of a panel

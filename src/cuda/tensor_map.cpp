@@ -11,8 +11,6 @@
 namespace moeforge::cuda {
 namespace {
 
-constexpr unsigned kBoxColumns = 64;  // kPanel of cuda/hopper_util.cuh: one 128-byte row
-
 // cuTensorMapEncodeTiled from the driver, found through the runtime (no link against libcuda,
 // so binaries still start on machines without a driver).
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
@@ -34,7 +32,7 @@ CUtensorMap bf16_tensor_map(const bf16* base, int64_t rows, int64_t columns, int
   CUtensorMap map;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(columns), static_cast<cuuint64_t>(rows)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(columns) * sizeof(bf16)};
-  const cuuint32_t box[2] = {kBoxColumns, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t box[2] = {kPanel, static_cast<cuuint32_t>(box_rows)};
   const cuuint32_t element_strides[2] = {1, 1};
   const CUresult result = tensor_map_encoder()(
       &map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<bf16*>(base), dims, strides, box,

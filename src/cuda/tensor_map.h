@@ -1,6 +1,6 @@
 // TMA descriptors (CUtensorMap) for the Hopper kernels: a row-major bf16 matrix read in boxes of
-// kPanel (cuda/hopper_util.cuh) columns with the 128-byte swizzle that wgmma's shared-memory
-// descriptors expect.
+// kPanel columns with the 128-byte swizzle that wgmma's shared-memory descriptors expect
+// (cuda/hopper_util.cuh).
 #pragma once
 
 #include <cuda.h>
@@ -11,7 +11,9 @@
 
 namespace moeforge::cuda {
 
-// A TMA descriptor of a row-major bf16 [rows, columns] tensor read in boxes of 64 columns x
+constexpr int kPanel = 64;  // elements of a 128-byte swizzled row: one TMA box's width
+
+// A TMA descriptor of a row-major bf16 [rows, columns] tensor read in boxes of kPanel columns x
 // box_rows rows with the 128-byte swizzle; rows past the end read as zeros. Throws moeforge::Error
 // when the driver lacks TMA or rejects the shape.
 CUtensorMap bf16_tensor_map(const bf16* base, int64_t rows, int64_t columns, int box_rows);

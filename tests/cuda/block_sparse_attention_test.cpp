@@ -125,17 +125,9 @@ TEST(BlockSparseAttentionCuda, TensorCoreKernelMatchesTheReference) {
   }
 }
 
-// The Hopper kernel runs on sm_90 only (head_dim 64 or 128).
-bool hopper_device() {
-  int device = 0, major = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  return major == 9;
-}
-
 TEST(BlockSparseAttentionCuda, HopperKernelMatchesTheReference) {
   MF_REQUIRE_GPU();
-  if (!hopper_device()) GTEST_SKIP() << "the Hopper kernel needs an sm_90 GPU";
+  if (!testing::hopper_device()) GTEST_SKIP() << "the Hopper kernel needs an sm_90 GPU";
   uint64_t seed = 500;
   for (const Case& c : {Case{1, 2, 1, 128, 64}, Case{63, 4, 1, 128, 64}, Case{200, 4, 2, 128, 64},
                         Case{300, 8, 1, 128, 128}, Case{700, 6, 2, 128, 128},

@@ -211,10 +211,7 @@ void expect_scores_within_noise(const Inputs& in, const Case& c, double gamma, F
 // Whether the Hopper passes take case c here (cuda/flex_prefill_fp32_passes.h): an sm_90 device,
 // head_dim 64 or 128 (the kCases' block sizes are all 64 or 128).
 bool hopper_passes_run(const Case& c) {
-  int device = 0, major = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  return major == 9 && (c.head_dim == 64 || c.head_dim == 128);
+  return testing::hopper_device() && (c.head_dim == 64 || c.head_dim == 128);
 }
 
 TEST(FlexPrefillFp32, ScoresAndCoverageCountsWithinNoiseOfReference) {

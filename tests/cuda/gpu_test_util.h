@@ -38,6 +38,14 @@ inline bool gpu_available() {
   return available;
 }
 
+// Whether the current device is a Hopper (sm_90) GPU, where the wgmma/TMA kernels run.
+inline bool hopper_device() {
+  int device = 0, major = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  return major == 9;
+}
+
 inline bool gpu_expected() {
   const char* expect = std::getenv("MOEFORGE_EXPECT_GPU");
   return expect != nullptr && std::string(expect) == "1";
