@@ -2,7 +2,7 @@
 // query-aware heads, the block means of scale * q in fp32 (a block of threads per query block
 // reads whole rows of q, 16 bytes a thread, so the only full read of q in the search runs at copy
 // speed) and their dot products with the key blocks' means (the exact doubles, rounded to fp32) by
-// fp32 FMA on 64 x 64 tiles.
+// fp32 FMA on 64 x 64 tiles of shared memory.
 #include <cstdint>
 
 #include "cuda/cuda_check.h"
@@ -20,10 +20,9 @@ constexpr int kRowUnroll = 4;      // rows loaded ahead
 constexpr int kTile = 64;          // logits: a kTile x kTile tile of the triangle per block
 constexpr int kDepth = 64;         // head_dim slice per shared-memory tile
 constexpr int kTileStride = kTile + 4;
-constexpr int kLogitThreads = 256;                    // 16 x 16 threads, 4 x 4 logits each
-constexpr int kLoadSteps = kLogitThreads / kTile;     // 4-wide groups a pass covers
-constexpr int kSliceLoads = kDepth / 4 / kLoadSteps;  // groups per thread and slice
-static_assert(kSliceLoads * kLoadSteps * 4 == kDepth, "a slice is whole 4-wide groups");
+constexpr int kLogitThreads = 256;  // 16 x 16 threads, 4 x 4 logits each
+static_assert(kLogitThreads % (kDepth / 2) == 0 && kDepth % 8 == 0,
+              "slice loads cover whole rows with whole 4-wide groups");
 
 // means [Hq, nb, D]: block b's rows of q[:, h, d] summed in fp32, ascending, times
 // fp32(scale / length); heads whose flag in active is 0 are skipped (active null: none). Block
@@ -64,56 +63,48 @@ __global__ void __launch_bounds__(kMeanThreads)
             acc);
 }
 
-// One head_dim slice of a logits tile in registers: thread t loads, for tile rows x = t % 64 and
-// slice columns 4 (t / 64 + 4 i) .. + 3 (i < kSliceLoads), 4 floats of q_means and 4 doubles of
-// k_means (head_dim % 8 == 0, so a group of 4 is wholly inside or outside head_dim).
-struct LogitSlice {
-  float4 q[kSliceLoads];
-  double2 k[kSliceLoads][2];
-
-  __device__ void load(const float* q_head, const double* k_head, int64_t r0, int64_t c0,
-                       int64_t d0, const SearchShape& s, int tid) {
-    const int x = tid % kTile;
-#pragma unroll
-    for (int i = 0; i < kSliceLoads; ++i) {
-      const int64_t d = d0 + 4 * (tid / kTile + kLoadSteps * i);
-      const bool q_in = d < s.head_dim && r0 + x < s.num_blocks;
-      const bool k_in = d < s.head_dim && c0 + x < s.num_blocks;
-      q[i] = q_in ? *reinterpret_cast<const float4*>(q_head + (r0 + x) * s.head_dim + d)
-                  : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      const double2* kp = reinterpret_cast<const double2*>(k_head + (c0 + x) * s.head_dim + d);
-      k[i][0] = k_in ? kp[0] : make_double2(0.0, 0.0);
-      k[i][1] = k_in ? kp[1] : make_double2(0.0, 0.0);
+// Loads one head_dim slice [d0, d0 + kDepth) of a logits tile into q_tile / k_tile [kTile rows]
+// [kTileStride] (row-major; k rounded to fp32). Consecutive lanes read consecutive d of one row, so
+// that every load is coalesced: q as float4 (kDepth / 4 lanes a row), k as double2 (kDepth / 2
+// lanes a row). head_dim % 8 == 0, so a group of 4 (or 2) is wholly inside or outside head_dim.
+__device__ void load_logit_slice(float (*q_tile)[kTileStride], float (*k_tile)[kTileStride],
+                                 const float* q_head, const double* k_head, int64_t r0, int64_t c0,
+                                 int64_t d0, const SearchShape& s, int tid) {
+  constexpr int kQLanes = kDepth / 4;
+  constexpr int kKLanes = kDepth / 2;
+  {
+    const int dd = 4 * (tid % kQLanes);
+    const bool d_in = d0 + dd < s.head_dim;
+    for (int x = tid / kQLanes; x < kTile; x += kLogitThreads / kQLanes) {
+      const float4 v =
+          d_in && r0 + x < s.num_blocks
+              ? *reinterpret_cast<const float4*>(q_head + (r0 + x) * s.head_dim + d0 + dd)
+              : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      *reinterpret_cast<float4*>(&q_tile[x][dd]) = v;
     }
   }
-
-  // Into q_tile / k_tile [kDepth][kTileStride] (transposed: depth-major), k rounded to fp32.
-  __device__ void store(float (*q_tile)[kTileStride], float (*k_tile)[kTileStride], int tid) const {
-    const int x = tid % kTile;
-#pragma unroll
-    for (int i = 0; i < kSliceLoads; ++i) {
-      const int dd = 4 * (tid / kTile + kLoadSteps * i);
-      q_tile[dd][x] = q[i].x;
-      q_tile[dd + 1][x] = q[i].y;
-      q_tile[dd + 2][x] = q[i].z;
-      q_tile[dd + 3][x] = q[i].w;
-      k_tile[dd][x] = static_cast<float>(k[i][0].x);
-      k_tile[dd + 1][x] = static_cast<float>(k[i][0].y);
-      k_tile[dd + 2][x] = static_cast<float>(k[i][1].x);
-      k_tile[dd + 3][x] = static_cast<float>(k[i][1].y);
-    }
+  const int dd = 2 * (tid % kKLanes);
+  const bool d_in = d0 + dd < s.head_dim;
+  for (int x = tid / kKLanes; x < kTile; x += kLogitThreads / kKLanes) {
+    const double2 v =
+        d_in && c0 + x < s.num_blocks
+            ? *reinterpret_cast<const double2*>(k_head + (c0 + x) * s.head_dim + d0 + dd)
+            : make_double2(0.0, 0.0);
+    *reinterpret_cast<float2*>(&k_tile[x][dd]) =
+        make_float2(static_cast<float>(v.x), static_cast<float>(v.y));
   }
-};
+}
 
 // tri [Hq, nb (nb + 1) / 2] gets, for c <= r at triangle position r (r + 1) / 2 + c, the fp32
 // FMA chain over d ascending of q_means[h, r, d] * fp32(k_means[h / group, c, d]). Block (column
-// tile, row tile, head); thread (tx, ty) owns rows 4 ty + i and columns 4 tx + j of the tile. The
-// next head_dim slice is loaded into registers while the current one is multiplied.
+// tile, row tile, head); thread (tx, ty) owns rows ty + 16 i and columns tx + 16 j of the tile, so
+// that a quarter warp's float4 reads of k_tile fall in distinct banks (kTileStride = kTile + 4),
+// its reads of q_tile are broadcasts, and a half warp's stores of a row are contiguous.
 __global__ void __launch_bounds__(kLogitThreads)
     block_logits_kernel(double* tri, const float* q_means, const double* k_means,
                         const int32_t* query_aware, SearchShape s) {
-  __shared__ __align__(16) float q_tile[kDepth][kTileStride];
-  __shared__ __align__(16) float k_tile[kDepth][kTileStride];
+  __shared__ __align__(16) float q_tile[kTile][kTileStride];
+  __shared__ __align__(16) float k_tile[kTile][kTileStride];
   const int64_t h = blockIdx.z;
   const int64_t nb = s.num_blocks;
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile;
@@ -124,31 +115,33 @@ __global__ void __launch_bounds__(kLogitThreads)
   const float* q_head = q_means + h * nb * s.head_dim;
   const double* k_head = k_means + (h / s.group_size) * nb * s.head_dim;
   float acc[4][4] = {};
-  LogitSlice slice;
-  slice.load(q_head, k_head, r0, c0, 0, s, tid);
   for (int64_t d0 = 0; d0 < s.head_dim; d0 += kDepth) {
-    slice.store(q_tile, k_tile, tid);
+    load_logit_slice(q_tile, k_tile, q_head, k_head, r0, c0, d0, s, tid);
     __syncthreads();
-    if (d0 + kDepth < s.head_dim) slice.load(q_head, k_head, r0, c0, d0 + kDepth, s, tid);
-#pragma unroll 16
-    for (int dd = 0; dd < kDepth; ++dd) {
-      float a[4], b[4];
-      load_vec(a, &q_tile[dd][4 * ty]);
-      load_vec(b, &k_tile[dd][4 * tx]);
+#pragma unroll 4
+    for (int dd = 0; dd < kDepth; dd += 4) {
+      float a[4][4], b[4][4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
+      for (int i = 0; i < 4; ++i) {
+        load_vec(a[i], &q_tile[ty + 16 * i][dd]);
+        load_vec(b[i], &k_tile[tx + 16 * i][dd]);
+      }
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+      for (int e = 0; e < 4; ++e)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i][e], b[j][e], acc[i][j]);
     }
     __syncthreads();
   }
   double* head_tri = tri + h * (nb * (nb + 1) / 2);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const int64_t r = r0 + 4 * ty + i;
+    const int64_t r = r0 + ty + 16 * i;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int64_t c = c0 + 4 * tx + j;
+      const int64_t c = c0 + tx + 16 * j;
       if (r < nb && c <= r) head_tri[r * (r + 1) / 2 + c] = static_cast<double>(acc[i][j]);
     }
   }

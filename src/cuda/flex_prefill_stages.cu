@@ -14,12 +14,13 @@
 //    and skipped JS terms are added as zeros.
 //
 // Kernels of finish_selection, in order: per head the budgets, abar and the JS decision; per head
-// and kind a block sort of the block scores and the column / diagonal fill of an [nb, nb] grid;
-// for query-aware heads the block means of Q, the block logits (tiled fp64), the row softmaxes,
-// the sort of the triangle and the gamma * nb walk (the fast search: fp32 block means and logits
-// from cuda/flex_prefill_fp32.h, the fixed-point radix select of cuda/coverage_select.h and its
-// flags moved to the grid); finally per-row counts (warp ballots), one CUB scan and the column
-// fill of the CSR.
+// and kind a block sort of the block scores (as many scores a thread as nb needs) and the column /
+// diagonal fill of an [nb, nb] grid (a warp a column or diagonal); for query-aware heads the block
+// means of Q, the block logits (tiled fp64), the row softmaxes (a warp a row, held in shared
+// memory), the sort of the triangle and the gamma * nb walk (the fast search: fp32 block means and
+// logits from cuda/flex_prefill_fp32.h and the fixed-point radix select of
+// cuda/coverage_select.h, whose flags the CSR build reads beside the grid); finally per-row counts
+// (warp ballots), one CUB scan and the column fill of the CSR with each head's total.
 #include "cuda/flex_prefill_stages.h"
 
 #include <cub/block/block_radix_sort.cuh>
@@ -49,15 +50,21 @@ constexpr int kChunk = static_cast<int>(ops::kFlexPrefillSumChunk);
 // of the base scan.
 constexpr int kPrefixWarps = 4;
 constexpr int kBaseTile = 1024;
-// Steps 6-7: scores per thread of the block radix sort (nb <= kThreads * kSelectItems).
-constexpr int kSelectItems = 8;
+// Steps 6-7: most scores per thread of the block radix sort (nb <= kThreads * kMaxSelectItems).
+constexpr int kMaxSelectItems = 8;
+// Step 8's row softmax keeps a row in shared memory: warps per block, and its bound in bytes.
+constexpr int kSoftmaxWarps = 8;
+constexpr int64_t kSoftmaxSharedBytes = 48 * 1024;
 // Step 8 block logits: square tile and head_dim slice.
 constexpr int kBlockTile = 64;
 constexpr int kBlockDepth = 16;
 
 static_assert(kChunk % 32 == 0, "chunk prefixes move 32 terms at a time");
 static_assert(kFlexPrefillMaxBlocks <= 32 * kChunk, "a block-softmax row has at most 32 chunks");
-static_assert(kFlexPrefillMaxBlocks <= kThreads * kSelectItems, "one block sorts a head's scores");
+static_assert(kFlexPrefillMaxBlocks <= kThreads * kMaxSelectItems,
+              "one block sorts a head's scores");
+static_assert(kFlexPrefillMaxBlocks * int64_t{sizeof(double)} <= kSoftmaxSharedBytes,
+              "a block-softmax row fits the shared memory of one warp");
 
 __device__ __forceinline__ double to_double(bf16 x) {
   return static_cast<double>(__bfloat162float(x));
@@ -294,35 +301,44 @@ __global__ void __launch_bounds__(kThreads)
 
 // Steps 6-7, block (kind, head): kind 0 sorts vertical_blk and fills the top num_vertical key
 // block columns, kind 1 sorts slash_blk and fills the top num_slash diagonals of grid [Hq, nb, nb]
-// (zeroed; both kinds only write ones). A stable block radix sort, descending: equal scores keep
-// their ascending indices; the padding (-1.0) sorts after every score (>= 0 or +inf).
+// (zeroed; both kinds only write ones). A stable block radix sort of kItems scores a thread
+// (nb <= kThreads * kItems), descending: equal scores keep their ascending indices; the padding
+// (-1.0) sorts after every score (>= 0 or +inf). The chosen indices go through shared memory, so
+// that each warp fills whole columns or diagonals with its lanes along the rows.
+template <int kItems>
 __global__ void __launch_bounds__(kThreads)
     select_blocks_kernel(uint8_t* grid, const double* pooled, const int64_t* num_vertical,
                          const int64_t* num_slash, int64_t nb) {
-  using BlockSort = cub::BlockRadixSort<double, kThreads, kSelectItems, int32_t>;
+  using BlockSort = cub::BlockRadixSort<double, kThreads, kItems, int32_t>;
   __shared__ typename BlockSort::TempStorage sort_storage;
+  __shared__ int32_t chosen[kThreads * kItems];
+  const int tid = static_cast<int>(threadIdx.x);
   const int kind = static_cast<int>(blockIdx.x);
   const int64_t h = blockIdx.y;
   const double* scores = pooled + (h * 2 + kind) * nb;
-  double keys[kSelectItems];
-  int32_t index[kSelectItems];
+  double keys[kItems];
+  int32_t index[kItems];
 #pragma unroll
-  for (int i = 0; i < kSelectItems; ++i) {
-    index[i] = static_cast<int32_t>(threadIdx.x) * kSelectItems + i;
+  for (int i = 0; i < kItems; ++i) {
+    index[i] = tid * kItems + i;
     keys[i] = index[i] < nb ? scores[index[i]] : -1.0;
   }
   BlockSort(sort_storage).SortDescending(keys, index);
   const int64_t count = kind == 0 ? num_vertical[h] : num_slash[h];
-  uint8_t* g = grid + h * nb * nb;
 #pragma unroll
-  for (int i = 0; i < kSelectItems; ++i) {
-    if (static_cast<int64_t>(threadIdx.x) * kSelectItems + i >= count) continue;
+  for (int i = 0; i < kItems; ++i) {
+    if (tid * kItems + i < count) chosen[tid * kItems + i] = index[i];
+  }
+  __syncthreads();
+  uint8_t* g = grid + h * nb * nb;
+  const int lane = tid % kWarpSize;
+  for (int64_t rank = tid / kWarpSize; rank < count; rank += kThreads / kWarpSize) {
+    const int64_t x = chosen[rank];
     if (kind == 0) {
-      const int64_t col = index[i];
-      for (int64_t r = col; r < nb; ++r) g[r * nb + col] = 1;
+      for (int64_t r = x + lane; r < nb; r += kWarpSize) g[r * nb + x] = 1;
     } else {
-      const int64_t offset = nb - 1 - index[i];
-      for (int64_t r = offset; r < nb; ++r) g[r * nb + r - offset] = 1;
+      const int64_t offset = nb - 1 - x;
+      for (int64_t r = offset + lane; r < nb; r += kWarpSize) g[r * nb + r - offset] = 1;
     }
   }
 }
@@ -392,15 +408,21 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Step 8: a warp per (head, row r) of tri: the causal row softmax in place (max, exp, the chunked
-// denominator with one lane per chunk). Rows of heads that are not query-aware become zeros, so
-// that the sort that follows reads defined values.
+// denominator with one lane per chunk). The warp holds the row's exponentials in its nb doubles of
+// dynamic shared memory, so that each lane's serial chunk sum reads shared memory, not global.
+// Rows of heads that are not query-aware become zeros, so that the sort that follows reads defined
+// values.
 __global__ void block_softmax_kernel(double* tri, const int32_t* query_aware, int64_t num_heads,
                                      int64_t nb) {
+  extern __shared__ double softmax_rows[];  // [warps of the block, nb]
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int warps_per_block = static_cast<int>(blockDim.x) / kWarpSize;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  double* exps = softmax_rows + warp * nb;
   const int64_t num_rows = num_heads * nb;
-  const int64_t warps_per_grid = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarpSize;
-  for (int64_t w = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarpSize;
-       w < num_rows; w += warps_per_grid) {
+  const int64_t warps_per_grid = static_cast<int64_t>(gridDim.x) * warps_per_block;
+  for (int64_t w = static_cast<int64_t>(blockIdx.x) * warps_per_block + warp; w < num_rows;
+       w += warps_per_grid) {
     const int64_t h = w / nb;
     const int64_t r = w % nb;
     const int64_t len = r + 1;
@@ -410,42 +432,26 @@ __global__ void block_softmax_kernel(double* tri, const int32_t* query_aware, in
       continue;
     }
     double max_logit = -INFINITY;
-    for (int64_t c = lane; c < len; c += kWarpSize) max_logit = fmax(max_logit, row[c]);
+    for (int64_t c = lane; c < len; c += kWarpSize) {
+      const double logit = row[c];
+      exps[c] = logit;
+      max_logit = fmax(max_logit, logit);
+    }
     max_logit = warp_max(max_logit);
-    for (int64_t c = lane; c < len; c += kWarpSize) row[c] = exp(__dsub_rn(row[c], max_logit));
+    for (int64_t c = lane; c < len; c += kWarpSize) exps[c] = exp(__dsub_rn(exps[c], max_logit));
     __syncwarp();
     const int64_t num_chunks = (len + kChunk - 1) / kChunk;
     double total = 0.0;
     if (lane < num_chunks) {
-#pragma unroll 8
+#pragma unroll 16
       for (int64_t c = lane * int64_t{kChunk}; c < min(len, (lane + 1) * int64_t{kChunk}); ++c) {
-        total = __dadd_rn(total, row[c]);
+        total = __dadd_rn(total, exps[c]);
       }
     }
     double sum = 0.0;
     for (int c = 0; c < num_chunks; ++c) sum = __dadd_rn(sum, __shfl_sync(kFullMask, total, c));
-    for (int64_t c = lane; c < len; c += kWarpSize) row[c] = row[c] / sum;
-    __syncwarp();
-  }
-}
-
-// Step 8 (the fast search, after cuda/coverage_select.h): a warp per row i of [Hq * nb] (row r =
-// i % nb) of a query-aware head; the row's selected triangle entries (flags at the triangle
-// positions r (r + 1) / 2 + c) join the grid.
-__global__ void selected_to_grid_kernel(uint8_t* grid, const uint8_t* selected,
-                                        const int32_t* query_aware, int64_t num_rows, int64_t nb) {
-  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-  const int64_t warps_per_grid = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarpSize;
-  const int64_t num_tri = nb * (nb + 1) / 2;
-  for (int64_t i = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarpSize;
-       i < num_rows; i += warps_per_grid) {
-    const int64_t h = i / nb;
-    if (query_aware[h] == 0) continue;
-    const int64_t r = i % nb;
-    const uint8_t* row = selected + h * num_tri + r * (r + 1) / 2;
-    for (int64_t c = lane; c <= r; c += kWarpSize) {
-      if (row[c] != 0) grid[i * nb + c] = 1;
-    }
+    for (int64_t c = lane; c < len; c += kWarpSize) row[c] = exps[c] / sum;
+    __syncwarp();  // the next row's loads overwrite exps
   }
 }
 
@@ -471,52 +477,71 @@ __global__ void coverage_mark_kernel(uint8_t* grid, const uint32_t* order, int p
   }
 }
 
-// A warp per row i of [Hq * nb] (row r = i % nb): row_counts[i] = its selected blocks (all r + 1
-// causal ones when dense, grid == nullptr); row_counts[num_rows] = 0, so that an exclusive scan of
-// num_rows + 1 entries ends in the total.
-__global__ void row_count_kernel(int64_t* row_counts, const uint8_t* grid, int64_t num_rows,
-                                 int64_t nb) {
+// What a CSR is built from: the grid [Hq, nb, nb] of steps 6-8 (null: every causal block, the
+// dense fallback) and, in the fast search, step 8's flags of the query-aware heads at the triangle
+// positions r (r + 1) / 2 + c [Hq, nb (nb + 1) / 2] (null: none).
+struct CsrSource {
+  const uint8_t* grid;
+  const uint8_t* tri_selected;
+  const int32_t* query_aware;
+};
+
+// The selected key blocks c <= r of row i = h * nb + r of a CsrSource.
+struct RowFlags {
+  const uint8_t* grid_row;  // null: every block
+  const uint8_t* tri_row;   // null: none
+
+  __device__ RowFlags(const CsrSource& src, int64_t i, int64_t nb) {
+    const int64_t h = i / nb, r = i % nb;
+    grid_row = src.grid == nullptr ? nullptr : src.grid + i * nb;
+    tri_row = src.tri_selected != nullptr && src.query_aware[h] != 0
+                  ? src.tri_selected + h * (nb * (nb + 1) / 2) + r * (r + 1) / 2
+                  : nullptr;
+  }
+  __device__ bool operator()(int64_t c) const {
+    return grid_row == nullptr || grid_row[c] != 0 || (tri_row != nullptr && tri_row[c] != 0);
+  }
+};
+
+// A warp per row i of [Hq * nb] (row r = i % nb): row_counts[i] = its selected blocks;
+// row_counts[num_rows] = 0, so that an exclusive scan of num_rows + 1 entries ends in the total.
+__global__ void row_count_kernel(int64_t* row_counts, CsrSource src, int64_t num_rows, int64_t nb) {
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   if (blockIdx.x == 0 && threadIdx.x == 0) row_counts[num_rows] = 0;
   const int64_t warps_per_grid = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarpSize;
   for (int64_t i = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarpSize;
        i < num_rows; i += warps_per_grid) {
     const int64_t r = i % nb;
+    const RowFlags flags(src, i, nb);
     int64_t count = 0;
     for (int64_t c0 = 0; c0 <= r; c0 += kWarpSize) {
       const int64_t c = c0 + lane;
-      const bool selected = c <= r && (grid == nullptr || grid[i * nb + c] != 0);
-      count += __popc(__ballot_sync(kFullMask, selected));
+      count += __popc(__ballot_sync(kFullMask, c <= r && flags(c)));
     }
     if (lane == 0) row_counts[i] = count;
   }
 }
 
-// num_selected [num_heads] = each head's number of selected blocks, from the scanned row_offsets.
-__global__ void head_totals_kernel(int64_t* num_selected, const int64_t* row_offsets,
-                                   int64_t num_heads, int64_t nb) {
-  const int64_t h = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (h < num_heads) num_selected[h] = row_offsets[(h + 1) * nb] - row_offsets[h * nb];
-}
-
 // A warp per row i: col_idx of the row, its selected key blocks in ascending order (ballots give
-// each lane its slot).
-__global__ void row_fill_kernel(int32_t* col_idx, const int64_t* row_offsets, const uint8_t* grid,
-                                int64_t num_rows, int64_t nb) {
+// each lane its slot); the warp of a head's last row writes num_selected [Hq], the head's total.
+__global__ void row_fill_kernel(int32_t* col_idx, int64_t* num_selected, const int64_t* row_offsets,
+                                CsrSource src, int64_t num_rows, int64_t nb) {
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   const unsigned lanes_below = (1u << lane) - 1u;
   const int64_t warps_per_grid = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarpSize;
   for (int64_t i = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarpSize;
        i < num_rows; i += warps_per_grid) {
     const int64_t r = i % nb;
+    const RowFlags flags(src, i, nb);
     int64_t out = row_offsets[i];
     for (int64_t c0 = 0; c0 <= r; c0 += kWarpSize) {
       const int64_t c = c0 + lane;
-      const bool selected = c <= r && (grid == nullptr || grid[i * nb + c] != 0);
+      const bool selected = c <= r && flags(c);
       const unsigned mask = __ballot_sync(kFullMask, selected);
       if (selected) col_idx[out + __popc(mask & lanes_below)] = static_cast<int32_t>(c);
       out += __popc(mask);
     }
+    if (lane == 0 && r == nb - 1) num_selected[i / nb] = row_offsets[i + 1] - row_offsets[i - r];
   }
 }
 
@@ -536,11 +561,46 @@ unsigned grid_for_warps(int64_t count) {
   return grid_for(count * kWarpSize, kThreads);
 }
 
-// Per-row counts, scan and column fill of out's CSR from grid (nullptr: dense).
-void build_csr(FlexPrefillDeviceSelection& out, const uint8_t* grid, cudaStream_t stream) {
+// Step 8's row softmax of tri: as many warps a block (up to kSoftmaxWarps) as keep their rows in
+// kSoftmaxSharedBytes.
+void block_softmax(double* tri, const int32_t* query_aware, int64_t num_heads, int64_t nb,
+                   cudaStream_t stream) {
+  const int64_t row_bytes = nb * static_cast<int64_t>(sizeof(double));
+  const int warps =
+      static_cast<int>(std::clamp<int64_t>(kSoftmaxSharedBytes / row_bytes, 1, kSoftmaxWarps));
+  const unsigned blocks = static_cast<unsigned>(
+      std::min<int64_t>(ceil_div(num_heads * nb, warps), int64_t{65535} * 16));
+  block_softmax_kernel<<<blocks, warps * kWarpSize, static_cast<size_t>(warps * row_bytes),
+                         stream>>>(tri, query_aware, num_heads, nb);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
+// Steps 6-7 into grid (zeroed) with the sort's items a thread sized to nb.
+void select_blocks(uint8_t* grid, const double* pooled, const FlexPrefillDeviceSelection& out,
+                   cudaStream_t stream) {
+  const int64_t nb = out.num_blocks;
+  const dim3 blocks(2, static_cast<unsigned>(out.num_heads));
+  const auto launch = [&](auto kernel) {
+    kernel<<<blocks, kThreads, 0, stream>>>(grid, pooled, out.num_vertical_blocks.data(),
+                                            out.num_slash_blocks.data(), nb);
+    MF_CUDA_CHECK_LAUNCH();
+  };
+  if (nb <= kThreads) {
+    launch(select_blocks_kernel<1>);
+  } else if (nb <= 2 * kThreads) {
+    launch(select_blocks_kernel<2>);
+  } else if (nb <= 4 * kThreads) {
+    launch(select_blocks_kernel<4>);
+  } else {
+    launch(select_blocks_kernel<kMaxSelectItems>);
+  }
+}
+
+// Per-row counts, scan and column fill of out's CSR (and each head's total) from src.
+void build_csr(FlexPrefillDeviceSelection& out, const CsrSource& src, cudaStream_t stream) {
   const int64_t num_rows = out.num_heads * out.num_blocks;
   DeviceBuffer<int64_t> row_counts(static_cast<size_t>(num_rows + 1));
-  row_count_kernel<<<grid_for_warps(num_rows), kThreads, 0, stream>>>(row_counts.data(), grid,
+  row_count_kernel<<<grid_for_warps(num_rows), kThreads, 0, stream>>>(row_counts.data(), src,
                                                                       num_rows, out.num_blocks);
   MF_CUDA_CHECK_LAUNCH();
   size_t temp_bytes = 0;
@@ -549,11 +609,9 @@ void build_csr(FlexPrefillDeviceSelection& out, const uint8_t* grid, cudaStream_
   DeviceBuffer<uint8_t> temp(std::max<size_t>(1, temp_bytes));
   MF_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp.data(), temp_bytes, row_counts.data(),
                                               out.row_offsets.data(), num_rows + 1, stream));
-  head_totals_kernel<<<grid_for(out.num_heads, kThreads), kThreads, 0, stream>>>(
-      out.num_selected_blocks.data(), out.row_offsets.data(), out.num_heads, out.num_blocks);
-  MF_CUDA_CHECK_LAUNCH();
   row_fill_kernel<<<grid_for_warps(num_rows), kThreads, 0, stream>>>(
-      out.col_idx.data(), out.row_offsets.data(), grid, num_rows, out.num_blocks);
+      out.col_idx.data(), out.num_selected_blocks.data(), out.row_offsets.data(), src, num_rows,
+      out.num_blocks);
   MF_CUDA_CHECK_LAUNCH();
 }
 
@@ -634,7 +692,7 @@ bool begin_selection(FlexPrefillDeviceSelection& out, const SearchShape& s, cuda
         out.query_aware.data(), out.js_distance.data(), out.num_vertical_blocks.data(),
         out.num_slash_blocks.data(), num_heads);
     MF_CUDA_CHECK_LAUNCH();
-    build_csr(out, nullptr, stream);
+    build_csr(out, CsrSource{nullptr, nullptr, nullptr}, stream);
   }
   return out.dense_fallback;
 }
@@ -690,11 +748,11 @@ void finish_selection(FlexPrefillDeviceSelection& out, double* pooled,
   // Steps 6-7.
   DeviceBuffer<uint8_t> grid(static_cast<size_t>(num_heads * nb * nb));  // [Hq, nb, nb]
   grid.fill_zero(stream);
-  select_blocks_kernel<<<dim3(2, static_cast<unsigned>(num_heads)), kThreads, 0, stream>>>(
-      grid.data(), pooled, out.num_vertical_blocks.data(), out.num_slash_blocks.data(), nb);
-  MF_CUDA_CHECK_LAUNCH();
+  select_blocks(grid.data(), pooled, out, stream);
 
-  // Step 8 (the kernels skip heads that are not query-aware).
+  // Step 8 (the kernels skip heads that are not query-aware). The fast search's flags join the
+  // grid's in build_csr.
+  DeviceBuffer<uint8_t> tri_selected;
   if (params.tau > 0.0) {
     const int64_t num_tri = nb * (nb + 1) / 2;
     const bool fast = params.search == ops::FlexSearch::kFp32;
@@ -710,16 +768,11 @@ void finish_selection(FlexPrefillDeviceSelection& out, double* pooled,
                                       s);
       MF_CUDA_CHECK_LAUNCH();
     }
-    block_softmax_kernel<<<grid_for_warps(num_heads * nb), kThreads, 0, stream>>>(
-        tri.data(), out.query_aware.data(), num_heads, nb);
-    MF_CUDA_CHECK_LAUNCH();
+    block_softmax(tri.data(), out.query_aware.data(), num_heads, nb, stream);
     if (fast) {
-      DeviceBuffer<uint8_t> selected(static_cast<size_t>(num_heads * num_tri));
-      coverage_select(static_cast<unsigned long long*>(nullptr), selected.data(), tri.data(),
+      tri_selected.resize(static_cast<size_t>(num_heads * num_tri));
+      coverage_select(static_cast<unsigned long long*>(nullptr), tri_selected.data(), tri.data(),
                       num_heads, num_tri, params.gamma, out.query_aware.data(), stream);
-      selected_to_grid_kernel<<<grid_for_warps(num_heads * nb), kThreads, 0, stream>>>(
-          grid.data(), selected.data(), out.query_aware.data(), num_heads * nb, nb);
-      MF_CUDA_CHECK_LAUNCH();
     } else {
       SortedSegments sorted_tri;
       sort_segments_descending(sorted_tri, tri.data(), num_heads, num_tri, stream);
@@ -734,7 +787,7 @@ void finish_selection(FlexPrefillDeviceSelection& out, double* pooled,
     }
   }
 
-  build_csr(out, grid.data(), stream);
+  build_csr(out, CsrSource{grid.data(), tri_selected.data(), out.query_aware.data()}, stream);
 }
 
 }  // namespace moeforge::cuda::flex

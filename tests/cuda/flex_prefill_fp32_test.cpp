@@ -43,6 +43,7 @@ using testing::to_device;
 using testing::flex::Case;
 using testing::flex::describe;
 using testing::flex::dims_of;
+using testing::flex::expect_head_totals_match_layout;
 using testing::flex::head_grid;
 using testing::flex::Inputs;
 using testing::flex::make_inputs;
@@ -378,6 +379,7 @@ int64_t expect_selection_within_noise(const Inputs& in, const Case& c,
   flex_prefill_select(device_sel, q.data(), k.data(), dims_of(c), params, nullptr);
   const ops::FlexPrefillSelection got = download_selection(device_sel);
   ops::check_block_sparse_layout(got.layout, c.num_q_heads, c.seq_len, "fp32 selection");
+  expect_head_totals_match_layout(got);
   EXPECT_EQ(got.dense_fallback, ref.dense_fallback);
   EXPECT_EQ(got.layout.num_blocks, ref.layout.num_blocks);
   if (ref.dense_fallback || got.dense_fallback) {

@@ -1,10 +1,11 @@
 // FlexPrefill pattern search on the GPU against ops/flex_prefill.h on the same bf16-rounded q and
 // k: the CSR layout, the query-aware flags and the budgets exactly equal, the JS distances within
 // fp64 noise, over shapes (N not a multiple of the block, block sizes 64 and 128, GQA groups 1 to
-// 8, head dims 64 and 128) x gamma x tau, on inputs full of exact ties, and at N = 20000 where
-// every chunked sum and tile loop has several chunks and a partial last one; the same errors or
-// dense fallback on bad inputs (the errors for the fp32 search too); and, on the host, that the
-// test inputs give non-trivial selections (so that the comparison is not vacuous).
+// 8, head dims 64 and 128) x gamma x tau, on inputs full of exact ties, at N = 20000 where every
+// chunked sum and tile loop has several chunks and a partial last one, and at up to 1094 key
+// blocks (the larger launch shapes of steps 6-8); each head's total against its CSR rows; the same
+// errors or dense fallback on bad inputs (the errors for the fp32 search too); and, on the host,
+// that the test inputs give non-trivial selections (so that the comparison is not vacuous).
 #include "cuda/flex_prefill.h"
 
 #include <gtest/gtest.h>
@@ -12,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <utility>
 #include <vector>
@@ -29,6 +31,7 @@ using testing::to_device;
 using testing::flex::Case;
 using testing::flex::describe;
 using testing::flex::dims_of;
+using testing::flex::expect_head_totals_match_layout;
 using testing::flex::head_grid;
 using testing::flex::Inputs;
 using testing::flex::make_inputs;
@@ -118,6 +121,7 @@ void expect_reference_selection(const Inputs& in, const Case& c,
   flex_prefill_select(device_sel, q.data(), k.data(), dims_of(c), params, nullptr);
   const ops::FlexPrefillSelection got = download_selection(device_sel);
   ops::check_block_sparse_layout(got.layout, c.num_q_heads, c.seq_len, "GPU selection");
+  expect_head_totals_match_layout(got);
 
   ASSERT_EQ(got.dense_fallback, ref.dense_fallback);
   ASSERT_EQ(got.layout.num_blocks, ref.layout.num_blocks);
@@ -211,18 +215,32 @@ TEST(FlexPrefillCuda, TiedScoresEqualReference) {
   }
 }
 
-// N = 20000: 79 softmax and coverage chunks of step 1-2 (the last one of 32 keys), 313 or 157 key
-// blocks (a step-8 triangle of 192 or 49 chunks, the last one partial), several logits tiles with
-// a partial last one.
-TEST(FlexPrefillCuda, LongInputEqualsReference) {
-  MF_REQUIRE_GPU();
-  for (const Case& c : {Case{20000, 2, 1, 64, 64}, Case{20000, 2, 1, 128, 128}}) {
-    const Inputs in = make_inputs(c, 41);
+// The reference's selection for each case, gamma 0.9, with no query-aware head (tau 0) and with
+// every head query-aware (tau 1).
+void expect_reference_without_and_with_step8(std::initializer_list<Case> cases, uint64_t seed) {
+  for (const Case& c : cases) {
+    const Inputs in = make_inputs(c, seed);
     for (double tau : {0.0, 1.0}) {
       SCOPED_TRACE(describe(c) + " tau=" + std::to_string(tau));
       expect_reference_selection(in, c, params_of(c, 0.9, tau));
     }
   }
+}
+
+// N = 20000: 79 softmax and coverage chunks of step 1-2 (the last one of 32 keys), 313 or 157 key
+// blocks (a step-8 triangle of 192 or 49 chunks, the last one partial), several logits tiles with
+// a partial last one.
+TEST(FlexPrefillCuda, LongInputEqualsReference) {
+  MF_REQUIRE_GPU();
+  expect_reference_without_and_with_step8({{20000, 2, 1, 64, 64}, {20000, 2, 1, 128, 128}}, 41);
+}
+
+// Block size 64 at N = 50000 and 70000: 782 and 1094 key blocks, so steps 6-7 sort 4 and 8 scores
+// a thread and step 8's row softmax runs 7 and 5 warps a block (the shapes the shorter inputs
+// do not reach).
+TEST(FlexPrefillCuda, ManyBlocksEqualReference) {
+  MF_REQUIRE_GPU();
+  expect_reference_without_and_with_step8({{50000, 2, 1, 64, 64}, {70000, 2, 1, 64, 64}}, 43);
 }
 
 TEST(FlexPrefillCuda, ShortInputsFallBackToDenseAsTheReference) {

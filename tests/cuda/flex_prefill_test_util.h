@@ -86,6 +86,19 @@ inline std::vector<char> head_grid(const ops::BlockSparseLayout& layout, int64_t
   return grid;
 }
 
+// Each head's num_selected_blocks (and density) against the blocks its CSR rows hold.
+inline void expect_head_totals_match_layout(const ops::FlexPrefillSelection& sel) {
+  const ops::BlockSparseLayout& layout = sel.layout;
+  const int64_t nb = layout.num_blocks;
+  const double num_causal = static_cast<double>(nb * (nb + 1) / 2);
+  ASSERT_EQ(static_cast<int64_t>(sel.head_stats.size()), layout.num_heads);
+  for (int64_t h = 0; h < layout.num_heads; ++h) {
+    const int64_t blocks = layout.row_offsets[(h + 1) * nb] - layout.row_offsets[h * nb];
+    EXPECT_EQ(sel.head_stats[h].num_selected_blocks, blocks) << "head " << h;
+    EXPECT_EQ(sel.head_stats[h].density, static_cast<double>(blocks) / num_causal) << "head " << h;
+  }
+}
+
 // Step 8's block logits of query head h, [nb, nb] row-major (c <= r used): `logit` the reference's
 // (Qbar[r] . Kbar[c] in double, the block means as ops/flex_prefill.cpp forms them) and `bound`
 // the fp32 search's error bound on each (cuda/flex_prefill_fp32.h, 8): E = k_E sum_d A[r, d]
