@@ -63,35 +63,30 @@ __global__ void __launch_bounds__(kMeanThreads)
             acc);
 }
 
-// Loads one head_dim slice [d0, d0 + kDepth) of a logits tile into q_tile / k_tile [kTile rows]
-// [kTileStride] (row-major; k rounded to fp32). Consecutive lanes read consecutive d of one row, so
-// that every load is coalesced: q as float4 (kDepth / 4 lanes a row), k as double2 (kDepth / 2
-// lanes a row). head_dim % 8 == 0, so a group of 4 (or 2) is wholly inside or outside head_dim.
-__device__ void load_logit_slice(float (*q_tile)[kTileStride], float (*k_tile)[kTileStride],
-                                 const float* q_head, const double* k_head, int64_t r0, int64_t c0,
-                                 int64_t d0, const SearchShape& s, int tid) {
-  constexpr int kQLanes = kDepth / 4;
-  constexpr int kKLanes = kDepth / 2;
-  {
-    const int dd = 4 * (tid % kQLanes);
-    const bool d_in = d0 + dd < s.head_dim;
-    for (int x = tid / kQLanes; x < kTile; x += kLogitThreads / kQLanes) {
-      const float4 v =
-          d_in && r0 + x < s.num_blocks
-              ? *reinterpret_cast<const float4*>(q_head + (r0 + x) * s.head_dim + d0 + dd)
-              : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      *reinterpret_cast<float4*>(&q_tile[x][dd]) = v;
-    }
-  }
-  const int dd = 2 * (tid % kKLanes);
+// 16 bytes of a slice as fp32 into a tile row: q's float4 as it is, k's double2 rounded.
+__device__ __forceinline__ void store_as_float(float* dst, float4 v) {
+  *reinterpret_cast<float4*>(dst) = v;
+}
+__device__ __forceinline__ void store_as_float(float* dst, double2 v) {
+  *reinterpret_cast<float2*>(dst) = make_float2(static_cast<float>(v.x), static_cast<float>(v.y));
+}
+
+// Rows [row0, row0 + kTile) and head_dim slice [d0, d0 + kDepth) of a [nb, D] matrix of means
+// into tile [kTile rows][kTileStride] (row-major, fp32), 16 bytes (a Vec) a lane: consecutive
+// lanes read consecutive d of one row, so that every load is coalesced. head_dim % 8 == 0, so a
+// Vec is wholly inside or outside head_dim; rows past nb and d past head_dim read as zeros.
+template <typename Vec, typename T>
+__device__ void load_slice_rows(float (*tile)[kTileStride], const T* head, int64_t row0, int64_t d0,
+                                const SearchShape& s, int tid) {
+  constexpr int kLanes = kDepth / static_cast<int>(sizeof(Vec) / sizeof(T));  // lanes a row
+  const int dd = (kDepth / kLanes) * (tid % kLanes);
   const bool d_in = d0 + dd < s.head_dim;
-  for (int x = tid / kKLanes; x < kTile; x += kLogitThreads / kKLanes) {
-    const double2 v =
-        d_in && c0 + x < s.num_blocks
-            ? *reinterpret_cast<const double2*>(k_head + (c0 + x) * s.head_dim + d0 + dd)
-            : make_double2(0.0, 0.0);
-    *reinterpret_cast<float2*>(&k_tile[x][dd]) =
-        make_float2(static_cast<float>(v.x), static_cast<float>(v.y));
+  for (int x = tid / kLanes; x < kTile; x += kLogitThreads / kLanes) {
+    Vec v{};
+    if (d_in && row0 + x < s.num_blocks) {
+      v = *reinterpret_cast<const Vec*>(head + (row0 + x) * s.head_dim + d0 + dd);
+    }
+    store_as_float(&tile[x][dd], v);
   }
 }
 
@@ -116,7 +111,8 @@ __global__ void __launch_bounds__(kLogitThreads)
   const double* k_head = k_means + (h / s.group_size) * nb * s.head_dim;
   float acc[4][4] = {};
   for (int64_t d0 = 0; d0 < s.head_dim; d0 += kDepth) {
-    load_logit_slice(q_tile, k_tile, q_head, k_head, r0, c0, d0, s, tid);
+    load_slice_rows<float4>(q_tile, q_head, r0, d0, s, tid);
+    load_slice_rows<double2>(k_tile, k_head, c0, d0, s, tid);
     __syncthreads();
 #pragma unroll 4
     for (int dd = 0; dd < kDepth; dd += 4) {

@@ -190,8 +190,9 @@ struct Pipeline {
       mask_keys_past_rows<kKeyTiles>(acc, static_cast<int>(t0 - warp_row0), g, t);
       body(acc, t0, std::true_type{});
     };
-    // One accumulator: with a second, for tile i + 1's wgmmas to run during tile i's body, ptxas
-    // serialises the wgmmas (the body rewrites the accumulator's registers in place).
+    // One accumulator, the body after the wgmmas. Issuing tile i + 1's wgmmas before tile i's body
+    // (the body on a copy of S, so that ptxas keeps them asynchronous) was measured in session 22:
+    // no faster, pass 2 is bound by its sums; pass 1, needing the registers, slower.
     WarpScores s;
     for (int i = 0; i < num_tiles; ++i) {
       issue(s, i);

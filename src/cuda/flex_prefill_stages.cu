@@ -568,10 +568,9 @@ void block_softmax(double* tri, const int32_t* query_aware, int64_t num_heads, i
   const int64_t row_bytes = nb * static_cast<int64_t>(sizeof(double));
   const int warps =
       static_cast<int>(std::clamp<int64_t>(kSoftmaxSharedBytes / row_bytes, 1, kSoftmaxWarps));
-  const unsigned blocks = static_cast<unsigned>(
-      std::min<int64_t>(ceil_div(num_heads * nb, warps), int64_t{65535} * 16));
-  block_softmax_kernel<<<blocks, warps * kWarpSize, static_cast<size_t>(warps * row_bytes),
-                         stream>>>(tri, query_aware, num_heads, nb);
+  block_softmax_kernel<<<grid_for(num_heads * nb, warps), warps * kWarpSize,
+                         static_cast<size_t>(warps * row_bytes), stream>>>(tri, query_aware,
+                                                                           num_heads, nb);
   MF_CUDA_CHECK_LAUNCH();
 }
 
