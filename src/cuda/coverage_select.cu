@@ -44,12 +44,13 @@ static_assert(kThreads == kBuckets, "the pick gives each thread one bucket");
 // One segment's cut: the fp32 bits K of its first excluded entry (in the order of
 // cuda/coverage_select.h), found kDigitBits at a time.
 struct Cut {
-  uint32_t key;                    // K's bits found so far (every bit after the last pass)
+  uint32_t key;                    // K's bits found so far (every bit once done)
   uint32_t all;                    // 1: every entry fits under the limit (key unused)
+  uint32_t done;                   // 1: the cut is final, later passes skip the segment
   unsigned long long limit;        // T if gamma >= 1, else floor(gamma T)
   unsigned long long sum_above;    // fixed-point sum of the entries above K's current bucket
   unsigned long long count_above;  // their number
-  unsigned long long count_equal;  // after the last pass: the entries equal to K
+  unsigned long long count_equal;  // once done: the entries equal to K (see the pick)
   unsigned long long take_equal;   // of those, selected (the first by position)
 };
 
@@ -78,18 +79,18 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     select_pass_kernel(Cut* cuts, unsigned long long* hist_count, unsigned long long* hist_sum,
                        unsigned long long* arrivals, unsigned long long* counts, const T* values,
-                       int64_t segment_size, double gamma, const int32_t* active, int pass) {
+                       int64_t segment_size, double gamma, SegmentFilter filter, int pass) {
   __shared__ unsigned count_s[kBuckets];
   __shared__ unsigned part_s[kParts][kBuckets];
   __shared__ bool last_s;
   using BlockScan = cub::BlockScan<unsigned long long, kThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
   const int64_t segment = blockIdx.y;
-  if (active != nullptr && active[segment] == 0) return;
+  if (!filter.runs(segment)) return;
   // Read before any block of this pass can write it (the last block writes after every block,
   // this one included, has arrived).
-  Cut cut = pass == 0 ? Cut{0, 0, 0, 0, 0, 0, 0} : cuts[segment];
-  if (cut.all != 0) return;
+  Cut cut = pass == 0 ? Cut{0, 0, 0, 0, 0, 0, 0, 0} : cuts[segment];
+  if (cut.done != 0) return;
   const int shift = 32 - kDigitBits * (pass + 1);
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid % kWarpSize;
@@ -182,6 +183,7 @@ __global__ void __launch_bounds__(kThreads)
     if (total <= cut.limit) {  // every entry fits (the only pass where no bucket can pass it)
       if (tid == 0) {
         cut.all = 1;
+        cut.done = 1;
         cuts[segment] = cut;
         if (counts != nullptr) counts[segment] = static_cast<unsigned long long>(segment_size);
       }
@@ -193,11 +195,21 @@ __global__ void __launch_bounds__(kThreads)
   cut.key |= bucket << shift;
   cut.sum_above += sum_before;
   cut.count_above += count_before;
-  if (pass == kPasses - 1) {
+  if (count == 1 && pass < kPasses - 1) {
+    // The bucket holds one entry, the first excluded (its value passes the limit), and no other
+    // entry shares its bits found so far: the cut is final. K becomes the bucket's highest bits, so
+    // the entries above K are those of the higher buckets; count_equal = 1 with take_equal = 0
+    // leaves the single entry out whether or not its bits equal K.
+    cut.key |= (1u << shift) - 1;
+    cut.count_equal = 1;
+    cut.take_equal = 0;
+    cut.done = 1;
+  } else if (pass == kPasses - 1) {
     cut.count_equal = count;
     cut.take_equal = min(count, (cut.limit - cut.sum_above) / fixed_of(cut.key));
-    if (counts != nullptr) counts[segment] = cut.count_above + cut.take_equal;
+    cut.done = 1;
   }
+  if (cut.done != 0 && counts != nullptr) counts[segment] = cut.count_above + cut.take_equal;
   cuts[segment] = cut;
 }
 
@@ -205,9 +217,9 @@ __global__ void __launch_bounds__(kThreads)
 // taken, those equal to it; else 0. Block (range of positions, segment).
 template <typename T>
 __global__ void select_mark_kernel(uint8_t* selected, const Cut* cuts, const T* values,
-                                   int64_t segment_size, const int32_t* active) {
+                                   int64_t segment_size, SegmentFilter filter) {
   const int64_t segment = blockIdx.y;
-  if (active != nullptr && active[segment] == 0) return;
+  if (!filter.runs(segment)) return;
   const Cut cut = cuts[segment];
   const bool all_equal = cut.take_equal == cut.count_equal;
   const T* x = values + segment * segment_size;
@@ -224,11 +236,11 @@ __global__ void select_mark_kernel(uint8_t* selected, const Cut* cuts, const T* 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     select_ties_kernel(uint8_t* selected, const Cut* cuts, const T* values, int64_t segment_size,
-                       const int32_t* active) {
+                       SegmentFilter filter) {
   using BlockScan = cub::BlockScan<unsigned, kThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
   const int64_t segment = blockIdx.x;
-  if (active != nullptr && active[segment] == 0) return;
+  if (!filter.runs(segment)) return;
   const Cut cut = cuts[segment];
   if (cut.all != 0 || cut.take_equal == 0 || cut.take_equal == cut.count_equal) return;
   const T* x = values + segment * segment_size;
@@ -249,12 +261,14 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T>
 void coverage_select(unsigned long long* counts, uint8_t* selected, const T* values,
-                     int64_t num_segments, int64_t segment_size, double gamma,
-                     const int32_t* active, cudaStream_t stream) {
+                     int64_t num_segments, int64_t segment_size, double gamma, SegmentFilter filter,
+                     cudaStream_t stream) {
   MF_CHECK(num_segments >= 1 && num_segments <= 65535,
            "coverage_select: num_segments must be in [1, 65535], got {}", num_segments);
   MF_CHECK(segment_size >= 1 && segment_size <= std::numeric_limits<int32_t>::max(),
            "coverage_select: segment_size must be in [1, 2^31 - 1], got {}", segment_size);
+  MF_CHECK(filter.segments_per_flag >= 1, "coverage_select: segments_per_flag must be >= 1, got {}",
+           filter.segments_per_flag);
   const int64_t chunks = ceil_div(segment_size, kChunk);
   const int64_t slots = kPasses * num_segments;
   // hist_count, hist_sum [kPasses, segments, kBuckets] and arrivals [kPasses, segments], zeroed in
@@ -269,7 +283,7 @@ void coverage_select(unsigned long long* counts, uint8_t* selected, const T* val
   for (int pass = 0; pass < kPasses; ++pass) {
     select_pass_kernel<T><<<pass_grid, kThreads, 0, stream>>>(cuts.data(), hist_count, hist_sum,
                                                               arrivals, counts, values,
-                                                              segment_size, gamma, active, pass);
+                                                              segment_size, gamma, filter, pass);
     MF_CUDA_CHECK_LAUNCH();
   }
   if (selected == nullptr) return;
@@ -277,16 +291,16 @@ void coverage_select(unsigned long long* counts, uint8_t* selected, const T* val
       static_cast<unsigned>(std::min<int64_t>(ceil_div(segment_size, kThreads * 8), 1024));
   select_mark_kernel<T>
       <<<dim3(mark_blocks, static_cast<unsigned>(num_segments)), kThreads, 0, stream>>>(
-          selected, cuts.data(), values, segment_size, active);
+          selected, cuts.data(), values, segment_size, filter);
   MF_CUDA_CHECK_LAUNCH();
   select_ties_kernel<T><<<static_cast<unsigned>(num_segments), kThreads, 0, stream>>>(
-      selected, cuts.data(), values, segment_size, active);
+      selected, cuts.data(), values, segment_size, filter);
   MF_CUDA_CHECK_LAUNCH();
 }
 
 template void coverage_select<float>(unsigned long long*, uint8_t*, const float*, int64_t, int64_t,
-                                     double, const int32_t*, cudaStream_t);
+                                     double, SegmentFilter, cudaStream_t);
 template void coverage_select<double>(unsigned long long*, uint8_t*, const double*, int64_t,
-                                      int64_t, double, const int32_t*, cudaStream_t);
+                                      int64_t, double, SegmentFilter, cudaStream_t);
 
 }  // namespace moeforge::cuda

@@ -16,9 +16,11 @@
 // few buckets, then global atomics per segment);
 // the block that finishes a segment's histogram last walks its buckets from the top and keeps the
 // one where the running sum passes the limit. After the fourth pass K is known, with the sum and
-// number of the entries above it; of the entries equal to K the first (limit - S_above) / f(K) by
-// position are selected. Nothing is sorted or copied: 4 reads of the values (L2-resident at the
-// search's sizes) instead of the 8-16 passes of a 64-bit radix sort with its copies.
+// number of the entries above it (a segment whose kept bucket holds a single entry is final
+// earlier: that entry is the first excluded, so the later passes skip the segment); of the entries
+// equal to K the first (limit - S_above) / f(K) by position are selected. Nothing is sorted or
+// copied: 4 reads of the values (L2-resident at the search's sizes) instead of the 8-16 passes of a
+// 64-bit radix sort with its copies.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -27,19 +29,33 @@
 
 namespace moeforge::cuda {
 
+// Which segments a select runs: segment i reads flags[i / segments_per_flag] and runs where that
+// flag is nonzero, or with run_on_zero where it is 0 (flags == nullptr: every segment runs). The
+// search passes its per-head query-aware flags: step 8 runs the query-aware heads' segments, step
+// 2 the two segments (vertical, slash) of each other head.
+struct SegmentFilter {
+  const int32_t* flags = nullptr;
+  int64_t segments_per_flag = 1;
+  bool run_on_zero = false;
+
+  __host__ __device__ bool runs(int64_t segment) const {
+    return flags == nullptr || (flags[segment / segments_per_flag] != 0) != run_on_zero;
+  }
+};
+
 // Selects in segments [num_segments, segment_size] of values (T = float or double; each >= +0.0
 // and at most 2, each segment's sum below 2^12 so that its fixed-point total fits 64 bits, as
 // probabilities and the search's triangles of nb <= 2048 rows are; others give an unspecified
 // result):
 //  - counts (nullptr: not written) [num_segments]: each segment's count;
 //  - selected (nullptr: not written) [num_segments * segment_size]: 1 for a selected entry, else 0.
-// Segments whose flag in active is 0 are skipped and their outputs left as they were (active ==
-// nullptr: every segment). 1 <= num_segments <= 65535 and 1 <= segment_size <= 2^31 - 1
-// (moeforge::Error otherwise). Asynchronous on stream (temporary buffers of
-// about 16 KB per segment).
+// Segments that the filter does not run are skipped and their outputs left as they were. 1 <=
+// num_segments <= 65535, 1 <= segment_size <= 2^31 - 1 and segments_per_flag >= 1
+// (moeforge::Error otherwise). Asynchronous on stream (temporary buffers of about 16 KB per
+// segment).
 template <typename T>
 void coverage_select(unsigned long long* counts, uint8_t* selected, const T* values,
-                     int64_t num_segments, int64_t segment_size, double gamma,
-                     const int32_t* active, cudaStream_t stream);
+                     int64_t num_segments, int64_t segment_size, double gamma, SegmentFilter filter,
+                     cudaStream_t stream);
 
 }  // namespace moeforge::cuda

@@ -377,8 +377,13 @@ void flex_prefill_select(FlexPrefillDeviceSelection& out, const bf16* q, const b
   if (fast_step8) fp32_q_block_means(q_block_means.data(), q, nullptr, s, means_stream);
 
   if (fp32) {
-    fp32_last_block_scores(pooled.data(), coverage_counts.data(), q, k, s, params.gamma, stream);
+    // Step 2 waits for step 4: only heads that are not query-aware need their coverage counts.
+    DeviceBuffer<float> vs(static_cast<size_t>(num_heads * 2 * n));  // [Hq, 2, N]
+    fp32_vertical_slash(vs.data(), pooled.data(), q, k, s, stream);
     join_side_stream(stream);
+    flex::decide_heads(out, pooled.data(), k_means.data(), q_mean.data(), s, params.tau, stream);
+    fp32_coverage_counts(coverage_counts.data(), vs.data(), s, params.gamma, out.query_aware.data(),
+                         stream);
   } else {
     // Step 1 (and step 3's pooling), in passes of heads that bound the logits buffer.
     const int64_t bs = s.block_size;
@@ -402,9 +407,10 @@ void flex_prefill_select(FlexPrefillDeviceSelection& out, const bf16* q, const b
     // Step 2: coverage counts of the sorted vertical and slash values.
     flex::chunked_coverage_counts(coverage_counts.data(), vs.data(), num_heads * 2, n, params.gamma,
                                   stream);
+    flex::decide_heads(out, pooled.data(), k_means.data(), q_mean.data(), s, params.tau, stream);
   }
   flex::finish_selection(out, pooled.data(), coverage_counts.data(), q, k_means.data(),
-                         q_mean.data(), q_block_means.data(), s, params, stream);
+                         q_block_means.data(), s, params, stream);
 }
 
 ops::FlexPrefillSelection download_selection(const FlexPrefillDeviceSelection& selection) {

@@ -1,6 +1,6 @@
-// The fp32 FlexPrefill search's steps 1-3 (cuda/flex_prefill_fp32.h): its checks, and step 2's
-// coverage counts of the fp32 vertical / slash values by the fixed-point radix select of
-// cuda/coverage_select.h over all segments at once.
+// The fp32 FlexPrefill search's checks (cuda/flex_prefill_fp32.h), and step 2's coverage counts of
+// the fp32 vertical / slash values by the fixed-point radix select of cuda/coverage_select.h over
+// the segments of all heads that are not query-aware at once.
 #include <cstdint>
 
 #include "core/error.h"
@@ -35,13 +35,11 @@ void check_fp32_search(const flex::SearchShape& s, const bf16* q, const bf16* k)
            kWho, s.head_dim, s.block_size, smem, device, smem_limit);
 }
 
-void fp32_last_block_scores(double* pooled, unsigned long long* coverage_counts, const bf16* q,
-                            const bf16* k, const flex::SearchShape& s, double gamma,
-                            cudaStream_t stream, Fp32Passes passes) {
-  DeviceBuffer<float> vs(static_cast<size_t>(s.num_q_heads * 2 * s.seq_len));  // [Hq, 2, N]
-  fp32_vertical_slash(vs.data(), pooled, q, k, s, stream, passes);
-  coverage_select(coverage_counts, static_cast<uint8_t*>(nullptr), vs.data(), s.num_q_heads * 2,
-                  s.seq_len, gamma, nullptr, stream);
+void fp32_coverage_counts(unsigned long long* coverage_counts, const float* vs,
+                          const flex::SearchShape& s, double gamma, const int32_t* query_aware,
+                          cudaStream_t stream) {
+  coverage_select(coverage_counts, static_cast<uint8_t*>(nullptr), vs, s.num_q_heads * 2, s.seq_len,
+                  gamma, SegmentFilter{query_aware, 2, true}, stream);
 }
 
 }  // namespace moeforge::cuda

@@ -15,8 +15,9 @@
 //     slash[i] = (sum_r p[r, i + r - (bs - 1)]) / bs in fp32, in a fixed order (deterministic; a
 //     tree of depth below bs).
 //  3. vertical_blk, slash_blk: each block's fp32 values summed in double.
-//  2. Each kind's values in 2^-52 fixed point, counted by the radix select of
-//     cuda/coverage_select.h (no sort): c - 1 = #{t : S_t <= gamma T} with S_t the (exact,
+//  2. For the heads that step 4 finds not query-aware (the others' budgets are min_budget), each
+//     kind's values in 2^-52 fixed point, counted by the radix select of cuda/coverage_select.h
+//     (no sort): c - 1 = #{t : S_t <= gamma T} with S_t the (exact,
 //     integer) sum of the t + 1 largest values and T the sum of all; T is 1 in exact arithmetic,
 //     and measuring against it keeps every value at gamma = 1, as the reference.
 //  8. The query-aware heads' block logits in fp32 (fp32_block_logits): the block means of
@@ -107,10 +108,12 @@ void fp32_q_block_means(float* q_means, const bf16* q, const int32_t* active,
 void fp32_block_logits(double* tri, const float* q_means, const double* k_means,
                        const int32_t* query_aware, const flex::SearchShape& s, cudaStream_t stream);
 
-// Steps 1-3: pooled [Hq, 2, nb] = vertical_blk and slash_blk; coverage_counts [Hq, 2] = the
-// counts c - 1 of step 2 for vertical and slash. q [N, Hq, D], k [N, Hkv, D] on the device.
-void fp32_last_block_scores(double* pooled, unsigned long long* coverage_counts, const bf16* q,
-                            const bf16* k, const flex::SearchShape& s, double gamma,
-                            cudaStream_t stream, Fp32Passes passes = Fp32Passes::automatic);
+// Step 2: coverage_counts [Hq, 2] = the counts c - 1 for vertical and slash of vs (as
+// fp32_vertical_slash gives it), for the heads whose flag in query_aware is 0 (query_aware null:
+// every head); the other heads' counts are left as they were: their budgets are min_budget
+// whatever the counts. Asynchronous on the stream.
+void fp32_coverage_counts(unsigned long long* coverage_counts, const float* vs,
+                          const flex::SearchShape& s, double gamma, const int32_t* query_aware,
+                          cudaStream_t stream);
 
 }  // namespace moeforge::cuda

@@ -13,9 +13,10 @@
 //    addends), so adding +0.0 changes none: padded terms of partial chunks and tiles are zeros,
 //    and skipped JS terms are added as zeros.
 //
-// Kernels of finish_selection, in order: per head the budgets, abar and the JS decision; per head
-// and kind a block sort of the block scores (as many scores a thread as nb needs) and the column /
-// diagonal fill of an [nb, nb] grid (a warp a column or diagonal); for query-aware heads the block
+// Kernels: decide_heads' per head abar (Kbar staged through shared memory) and the JS decision;
+// then finish_selection's, in order: per head and kind the budget, a block sort of the block scores
+// (as many scores a thread as nb needs) and the column / diagonal fill of an [nb, nb] grid (a warp
+// a column or diagonal); for query-aware heads the block
 // means of Q, the block logits (tiled fp64), the row softmaxes (a warp a row, held in shared
 // memory), the sort of the triangle and the gamma * nb walk (the fast search: fp32 block means and
 // logits from cuda/flex_prefill_fp32.h and the fixed-point radix select of
@@ -58,6 +59,8 @@ constexpr int64_t kSoftmaxSharedBytes = 48 * 1024;
 // Step 8 block logits: square tile and head_dim slice.
 constexpr int kBlockTile = 64;
 constexpr int kBlockDepth = 16;
+// Step 4's logits: Kbar columns a thread block stages in shared memory at a time.
+constexpr int kDotDepth = 32;
 
 static_assert(kChunk % 32 == 0, "chunk prefixes move 32 terms at a time");
 static_assert(kFlexPrefillMaxBlocks <= 32 * kChunk, "a block-softmax row has at most 32 chunks");
@@ -68,13 +71,6 @@ static_assert(kFlexPrefillMaxBlocks * int64_t{sizeof(double)} <= kSoftmaxSharedB
 
 __device__ __forceinline__ double to_double(bf16 x) {
   return static_cast<double>(__bfloat162float(x));
-}
-
-// sum_d a[d] * b[d] in ascending d for doubles, with no fused multiply-add (as ops::dot_double).
-__device__ double dot_double(const double* a, const double* b, int64_t len) {
-  double sum = 0.0;
-  for (int64_t d = 0; d < len; ++d) sum = __dadd_rn(sum, __dmul_rn(a[d], b[d]));
-  return sum;
 }
 
 // means [num_heads, nb, D]: mean over each block's real rows of x[:, head, :], times factor
@@ -227,14 +223,62 @@ __global__ void coverage_count_kernel(unsigned long long* counts, const double* 
   }
 }
 
-// Block per head: steps 2 (budgets from the coverage counts), 4 and 5. pooled [Hq, 2, nb] holds
-// vertical_blk / slash_blk and gets the always-kept blocks set to +inf. Dynamic shared memory:
-// abar [nb], JS terms [2 nb], chunk totals [ceil(nb / kChunk)], reduction scratch [kThreads / 32].
+// Step 4's logits of head h: abar[b] = q . Kbar[b] for each of the nb key blocks, each the sum over
+// d ascending of dmul(q[d], Kbar[b, d]) as ops::dot_double (no fused multiply-adds). The block's
+// threads take kThreads key blocks at a time, one each; their Kbar rows pass through `tile`
+// (kThreads rows of kDotDepth + 1 doubles) kDotDepth columns at a time, loaded along the rows
+// (coalesced; a thread's own row would be a strided load per lane) with the next slice's loads in
+// flight while the current one is summed, and read without bank conflicts (the padding double). q
+// (head_dim doubles) is in shared memory too.
+__device__ void abar_logits(double* abar, double* tile, const double* q, const double* k_rows,
+                            int64_t nb, int64_t head_dim) {
+  const int tid = static_cast<int>(threadIdx.x);
+  constexpr int kStride = kDotDepth + 1;
+  constexpr int kLoads = kDotDepth;  // kThreads * kDotDepth values, kThreads threads
+  const auto load_slice = [&](double(&slice)[kLoads], int64_t b0, int64_t d0) {
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const int e = tid + i * kThreads;
+      const int64_t b = b0 + e / kDotDepth;
+      const int64_t d = d0 + e % kDotDepth;
+      slice[i] = b < nb && d < head_dim ? k_rows[b * head_dim + d] : 0.0;
+    }
+  };
+  for (int64_t b0 = 0; b0 < nb; b0 += kThreads) {
+    double next[kLoads];
+    load_slice(next, b0, 0);
+    double sum = 0.0;
+    for (int64_t d0 = 0; d0 < head_dim; d0 += kDotDepth) {
+      __syncthreads();  // the previous slice has been read
+#pragma unroll
+      for (int i = 0; i < kLoads; ++i) {
+        const int e = tid + i * kThreads;
+        tile[(e / kDotDepth) * kStride + e % kDotDepth] = next[i];
+      }
+      __syncthreads();
+      if (d0 + kDotDepth < head_dim) load_slice(next, b0, d0 + kDotDepth);
+      const int depth = static_cast<int>(min(int64_t{kDotDepth}, head_dim - d0));
+      for (int c = 0; c < depth; ++c) {
+        sum = __dadd_rn(sum, __dmul_rn(q[d0 + c], tile[tid * kStride + c]));
+      }
+    }
+    if (b0 + tid < nb) abar[b0 + tid] = sum;
+  }
+}
+
+// Dynamic shared memory of head_decision_kernel, in doubles.
+int64_t head_decision_shared_doubles(int64_t nb, int64_t head_dim) {
+  return 3 * nb + ceil_div(nb, kChunk) + kThreads / kWarpSize + head_dim +
+         kThreads * (kDotDepth + 1);
+}
+
+// Block per head: steps 4 and 5. pooled [Hq, 2, nb] holds vertical_blk / slash_blk and gets the
+// always-kept blocks set to +inf. Dynamic shared memory (head_decision_shared_doubles): abar [nb],
+// JS terms [2 nb], chunk totals [ceil(nb / kChunk)], reduction scratch [kThreads / 32], q_mean
+// [D], abar_logits' tile.
 __global__ void __launch_bounds__(kThreads)
     head_decision_kernel(double* pooled, int32_t* query_aware, double* js_distance,
-                         int64_t* num_vertical, int64_t* num_slash,
-                         const unsigned long long* coverage_counts, const double* q_mean,
-                         const double* k_means, SearchShape s, double tau) {
+                         const double* q_mean, const double* k_means, SearchShape s, double tau) {
   extern __shared__ double shared[];
   const int64_t h = blockIdx.x;
   const int64_t nb = s.num_blocks;
@@ -243,16 +287,17 @@ __global__ void __launch_bounds__(kThreads)
   double* terms = abar + nb;
   double* chunk_totals = terms + 2 * nb;
   double* scratch = chunk_totals + num_chunks;
+  double* q = scratch + kThreads / kWarpSize;
+  double* tile = q + s.head_dim;
   const double* v_blk = pooled + (h * 2) * nb;
-  const double* k_mean = k_means + (h / s.group_size) * nb * s.head_dim;
   const int tid = static_cast<int>(threadIdx.x);
 
   // Step 4: abar = softmax over the blocks of q_mean . Kbar (chunked denominator).
+  for (int64_t d = tid; d < s.head_dim; d += kThreads) q[d] = q_mean[h * s.head_dim + d];
+  abar_logits(abar, tile, q, k_means + (h / s.group_size) * nb * s.head_dim, nb, s.head_dim);
+  __syncthreads();
   double local_max = -INFINITY;
-  for (int64_t b = tid; b < nb; b += kThreads) {
-    abar[b] = dot_double(q_mean + h * s.head_dim, k_mean + b * s.head_dim, s.head_dim);
-    local_max = fmax(local_max, abar[b]);
-  }
+  for (int64_t b = tid; b < nb; b += kThreads) local_max = fmax(local_max, abar[b]);
   local_max = warp_max(local_max);
   if (tid % kWarpSize == 0) scratch[tid / kWarpSize] = local_max;
   __syncthreads();
@@ -284,37 +329,41 @@ __global__ void __launch_bounds__(kThreads)
   double js = 0.0;
   for (int64_t i = 0; i < 2 * nb; ++i) js = __dadd_rn(js, terms[i]);
   const double distance = sqrt(fmax(js, 0.0));
-  const bool is_query_aware = distance < tau;
-  // Step 2: c = 1 + the coverage count; blocks = c / 128 + 1, clamped.
-  const auto clamp_blocks = [&](unsigned long long count) {
-    const int64_t c = static_cast<int64_t>(count) + 1;
-    return min(max(c / kBudgetDivisor + 1, s.min_blocks), s.max_blocks);
-  };
-  query_aware[h] = is_query_aware ? 1 : 0;
+  query_aware[h] = distance < tau ? 1 : 0;
   js_distance[h] = distance;
-  num_vertical[h] = is_query_aware ? s.min_blocks : clamp_blocks(coverage_counts[h * 2]);
-  num_slash[h] = is_query_aware ? s.min_blocks : clamp_blocks(coverage_counts[h * 2 + 1]);
   // Step 5: the first key block and the main diagonal are always kept.
   pooled[(h * 2) * nb] = INFINITY;
   pooled[(h * 2 + 1) * nb + nb - 1] = INFINITY;
 }
 
-// Steps 6-7, block (kind, head): kind 0 sorts vertical_blk and fills the top num_vertical key
-// block columns, kind 1 sorts slash_blk and fills the top num_slash diagonals of grid [Hq, nb, nb]
+// Step 2's budget of a kind (vertical or slash) of a head, in blocks: min_blocks for query-aware
+// heads; else, with c = 1 + the coverage count, c / 128 + 1 clamped to [min_blocks, max_blocks].
+__device__ int64_t budget_blocks(bool is_query_aware, unsigned long long count,
+                                 const SearchShape& s) {
+  if (is_query_aware) return s.min_blocks;
+  const int64_t c = static_cast<int64_t>(count) + 1;
+  return min(max(c / kBudgetDivisor + 1, s.min_blocks), s.max_blocks);
+}
+
+// Steps 2 (the budgets) and 6-7, block (kind, head): the kind's budget (budget_blocks) goes to
+// num_vertical / num_slash; kind 0 sorts vertical_blk and fills the top num_vertical key block
+// columns, kind 1 sorts slash_blk and fills the top num_slash diagonals of grid [Hq, nb, nb]
 // (zeroed; both kinds only write ones). A stable block radix sort of kItems scores a thread
 // (nb <= kThreads * kItems), descending: equal scores keep their ascending indices; the padding
 // (-1.0) sorts after every score (>= 0 or +inf). The chosen indices go through shared memory, so
 // that each warp fills whole columns or diagonals with its lanes along the rows.
 template <int kItems>
 __global__ void __launch_bounds__(kThreads)
-    select_blocks_kernel(uint8_t* grid, const double* pooled, const int64_t* num_vertical,
-                         const int64_t* num_slash, int64_t nb) {
+    select_blocks_kernel(uint8_t* grid, const double* pooled, int64_t* num_vertical,
+                         int64_t* num_slash, const unsigned long long* coverage_counts,
+                         const int32_t* query_aware, SearchShape s) {
   using BlockSort = cub::BlockRadixSort<double, kThreads, kItems, int32_t>;
   __shared__ typename BlockSort::TempStorage sort_storage;
   __shared__ int32_t chosen[kThreads * kItems];
   const int tid = static_cast<int>(threadIdx.x);
   const int kind = static_cast<int>(blockIdx.x);
   const int64_t h = blockIdx.y;
+  const int64_t nb = s.num_blocks;
   const double* scores = pooled + (h * 2 + kind) * nb;
   double keys[kItems];
   int32_t index[kItems];
@@ -324,7 +373,11 @@ __global__ void __launch_bounds__(kThreads)
     keys[i] = index[i] < nb ? scores[index[i]] : -1.0;
   }
   BlockSort(sort_storage).SortDescending(keys, index);
-  const int64_t count = kind == 0 ? num_vertical[h] : num_slash[h];
+  // Query-aware heads' coverage counts are not computed (fp32_coverage_counts) and not read.
+  const bool is_query_aware = query_aware[h] != 0;
+  const int64_t count =
+      budget_blocks(is_query_aware, is_query_aware ? 0 : coverage_counts[h * 2 + kind], s);
+  if (tid == 0) (kind == 0 ? num_vertical : num_slash)[h] = count;
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
     if (tid * kItems + i < count) chosen[tid * kItems + i] = index[i];
@@ -575,13 +628,14 @@ void block_softmax(double* tri, const int32_t* query_aware, int64_t num_heads, i
 }
 
 // Steps 6-7 into grid (zeroed) with the sort's items a thread sized to nb.
-void select_blocks(uint8_t* grid, const double* pooled, const FlexPrefillDeviceSelection& out,
-                   cudaStream_t stream) {
-  const int64_t nb = out.num_blocks;
-  const dim3 blocks(2, static_cast<unsigned>(out.num_heads));
+void select_blocks(uint8_t* grid, const double* pooled, const unsigned long long* coverage_counts,
+                   FlexPrefillDeviceSelection& out, const SearchShape& s, cudaStream_t stream) {
+  const int64_t nb = s.num_blocks;
+  const dim3 blocks(2, static_cast<unsigned>(s.num_q_heads));
   const auto launch = [&](auto kernel) {
     kernel<<<blocks, kThreads, 0, stream>>>(grid, pooled, out.num_vertical_blocks.data(),
-                                            out.num_slash_blocks.data(), nb);
+                                            out.num_slash_blocks.data(), coverage_counts,
+                                            out.query_aware.data(), s);
     MF_CUDA_CHECK_LAUNCH();
   };
   if (nb <= kThreads) {
@@ -725,29 +779,28 @@ void chunked_coverage_counts(unsigned long long* counts, const double* values, i
   MF_CUDA_CHECK_LAUNCH();
 }
 
-void finish_selection(FlexPrefillDeviceSelection& out, double* pooled,
+void decide_heads(FlexPrefillDeviceSelection& out, double* pooled, const double* k_means,
+                  const double* q_mean, const SearchShape& s, double tau, cudaStream_t stream) {
+  const size_t shared =
+      static_cast<size_t>(head_decision_shared_doubles(s.num_blocks, s.head_dim)) * sizeof(double);
+  MF_CUDA_CHECK(cudaFuncSetAttribute(
+      head_decision_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
+  head_decision_kernel<<<static_cast<unsigned>(s.num_q_heads), kThreads, shared, stream>>>(
+      pooled, out.query_aware.data(), out.js_distance.data(), q_mean, k_means, s, tau);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
+void finish_selection(FlexPrefillDeviceSelection& out, const double* pooled,
                       const unsigned long long* coverage_counts, const bf16* q,
-                      const double* k_means, const double* q_mean, const float* fp32_q_block_means,
-                      const SearchShape& s, const ops::FlexPrefillParams& params,
-                      cudaStream_t stream) {
+                      const double* k_means, const float* fp32_q_block_means, const SearchShape& s,
+                      const ops::FlexPrefillParams& params, cudaStream_t stream) {
   const int64_t num_heads = s.num_q_heads;
   const int64_t nb = s.num_blocks;
 
-  // Steps 2 (budgets), 4 and 5.
-  const size_t decision_shared =
-      static_cast<size_t>(3 * nb + ceil_div(nb, kChunk) + kThreads / kWarpSize) * sizeof(double);
-  MF_CUDA_CHECK(cudaFuncSetAttribute(head_decision_kernel,
-                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     static_cast<int>(decision_shared)));
-  head_decision_kernel<<<static_cast<unsigned>(num_heads), kThreads, decision_shared, stream>>>(
-      pooled, out.query_aware.data(), out.js_distance.data(), out.num_vertical_blocks.data(),
-      out.num_slash_blocks.data(), coverage_counts, q_mean, k_means, s, params.tau);
-  MF_CUDA_CHECK_LAUNCH();
-
-  // Steps 6-7.
+  // Steps 2 (the budgets) and 6-7.
   DeviceBuffer<uint8_t> grid(static_cast<size_t>(num_heads * nb * nb));  // [Hq, nb, nb]
   grid.fill_zero(stream);
-  select_blocks(grid.data(), pooled, out, stream);
+  select_blocks(grid.data(), pooled, coverage_counts, out, s, stream);
 
   // Step 8 (the kernels skip heads that are not query-aware). The fast search's flags join the
   // grid's in build_csr.
@@ -771,7 +824,8 @@ void finish_selection(FlexPrefillDeviceSelection& out, double* pooled,
     if (fast) {
       tri_selected.resize(static_cast<size_t>(num_heads * num_tri));
       coverage_select(static_cast<unsigned long long*>(nullptr), tri_selected.data(), tri.data(),
-                      num_heads, num_tri, params.gamma, out.query_aware.data(), stream);
+                      num_heads, num_tri, params.gamma, SegmentFilter{out.query_aware.data()},
+                      stream);
     } else {
       SortedSegments sorted_tri;
       sort_segments_descending(sorted_tri, tri.data(), num_heads, num_tri, stream);

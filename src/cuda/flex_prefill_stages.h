@@ -1,11 +1,11 @@
 // The stages of the GPU FlexPrefill pattern search (cuda/flex_prefill.h) that its exact and fp32
 // step 1-2 implementations share: the selection's shape and buffers, the dense fallback, block
-// means, the last block's query mean, the chunked coverage counts of step 2, and steps 2 (budgets
-// from coverage counts) and 4-8 ending in the CSR. Everything here computes the reference's
-// doubles in the reference's order (ops/flex_prefill.h), except step 8's logits and coverage walk
-// when params.search is FlexSearch::kFp32 (fp32 logits and the fixed-point select of
-// cuda/coverage_select.h, as cuda/flex_prefill_fp32.h describes), and is asynchronous on the
-// stream.
+// means, the last block's query mean, the chunked coverage counts of step 2, steps 4-5 (the head
+// decision), and steps 2 (budgets from coverage counts) and 6-8 ending in the CSR. Everything here
+// computes the reference's doubles in the reference's order (ops/flex_prefill.h), except step 8's
+// logits and coverage walk when params.search is FlexSearch::kFp32 (fp32 logits and the fixed-point
+// select of cuda/coverage_select.h, as cuda/flex_prefill_fp32.h describes), and is asynchronous on
+// the stream.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -48,16 +48,20 @@ void last_query_mean(double* q_mean, const bf16* q, const SearchShape& s, cudaSt
 void chunked_coverage_counts(unsigned long long* counts, const double* values, int64_t num_segments,
                              int64_t segment_size, double limit, cudaStream_t stream);
 
-// Steps 2 and 4-8 and the CSR of out (sized by begin_selection): pooled [Hq, 2, nb] holds
-// vertical_blk and slash_blk (step 5 sets their always-kept entries to +inf in place);
-// coverage_counts [Hq, 2] the counts of step 2 for vertical and slash (c - 1 in the reference's
-// notation); k_means [Hkv, nb, D] and q_mean [Hq, D] as block_means and last_query_mean give them;
-// for FlexSearch::kFp32 with tau > 0, fp32_q_block_means [Hq, nb, D] as fp32_q_block_means
-// (cuda/flex_prefill_fp32.h) gives them (unused otherwise, may be null).
-void finish_selection(FlexPrefillDeviceSelection& out, double* pooled,
+// Steps 4 and 5 into out (sized by begin_selection): query_aware and js_distance per head, from
+// pooled [Hq, 2, nb] (vertical_blk and slash_blk; step 5 sets their always-kept entries to +inf in
+// place), k_means [Hkv, nb, D] and q_mean [Hq, D] as block_means and last_query_mean give them.
+void decide_heads(FlexPrefillDeviceSelection& out, double* pooled, const double* k_means,
+                  const double* q_mean, const SearchShape& s, double tau, cudaStream_t stream);
+
+// Steps 2 (budgets from coverage counts) and 6-8 and the CSR of out, after decide_heads: pooled as
+// decide_heads leaves it; coverage_counts [Hq, 2] the counts of step 2 for vertical and slash (c -
+// 1 in the reference's notation; read only for heads that are not query-aware); k_means as for
+// decide_heads; for FlexSearch::kFp32 with tau > 0, fp32_q_block_means [Hq, nb, D] as
+// fp32_q_block_means (cuda/flex_prefill_fp32.h) gives them (unused otherwise, may be null).
+void finish_selection(FlexPrefillDeviceSelection& out, const double* pooled,
                       const unsigned long long* coverage_counts, const bf16* q,
-                      const double* k_means, const double* q_mean, const float* fp32_q_block_means,
-                      const SearchShape& s, const ops::FlexPrefillParams& params,
-                      cudaStream_t stream);
+                      const double* k_means, const float* fp32_q_block_means, const SearchShape& s,
+                      const ops::FlexPrefillParams& params, cudaStream_t stream);
 
 }  // namespace moeforge::cuda::flex

@@ -34,7 +34,9 @@ class SideStreams {
     auto [it, inserted] = sides_.try_emplace(device);
     if (inserted) {
       Side& side = it->second;
-      MF_CUDA_CHECK(cudaStreamCreateWithFlags(&side.stream, cudaStreamNonBlocking));
+      int greatest = 0;
+      MF_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(nullptr, &greatest));
+      MF_CUDA_CHECK(cudaStreamCreateWithPriority(&side.stream, cudaStreamNonBlocking, greatest));
       MF_CUDA_CHECK(cudaEventCreateWithFlags(&side.forked, cudaEventDisableTiming));
       MF_CUDA_CHECK(cudaEventCreateWithFlags(&side.done, cudaEventDisableTiming));
     }

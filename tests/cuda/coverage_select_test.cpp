@@ -1,8 +1,8 @@
 // The radix-select coverage of cuda/coverage_select.h against its rule computed on the host (a sort
 // and a walk): counts and selected flags must be equal, on probability-like values, wide ranges,
 // runs of equal values (the cut inside a run), zeros, segments of one value, sizes around the
-// kernels' 4096-value chunks, fp32 and fp64 inputs, every gamma, and inactive segments (left as
-// they were).
+// kernels' 4096-value chunks, fp32 and fp64 inputs, every gamma, and segments the filter skips
+// (left as they were).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -69,20 +69,31 @@ HostSelection host_select(const std::vector<T>& values, int64_t num_segments, in
   return out;
 }
 
-// Runs the device select (both outputs, and the counts alone) and compares with the host rule.
+// Runs the device select (both outputs, and the counts alone) with the filter of flags (segment i
+// reads flags[i / segments_per_flag]; it runs where the flag is nonzero, or with run_on_zero where
+// it is 0) and compares with the host rule.
 template <typename T>
 void expect_select_matches(const std::string& what, const std::vector<T>& values,
                            int64_t num_segments, int64_t size, double gamma,
-                           const std::vector<int32_t>& active) {
+                           const std::vector<int32_t>& flag_values, int64_t segments_per_flag = 1,
+                           bool run_on_zero = false) {
   SCOPED_TRACE(what + " segments=" + std::to_string(num_segments) +
-               " size=" + std::to_string(size) + " gamma=" + std::to_string(gamma));
+               " size=" + std::to_string(size) + " gamma=" + std::to_string(gamma) +
+               " segments_per_flag=" + std::to_string(segments_per_flag) +
+               (run_on_zero ? " on zero" : ""));
+  std::vector<int32_t> active(num_segments);
+  for (int64_t s = 0; s < num_segments; ++s) {
+    const int32_t flag = flag_values[s / segments_per_flag];
+    active[s] = run_on_zero ? (flag == 0 ? 1 : 0) : (flag != 0 ? 1 : 0);
+  }
   const HostSelection want = host_select(values, num_segments, size, gamma, active);
   DeviceBuffer<T> x = to_device(values);
-  DeviceBuffer<int32_t> flags = to_device(active);
+  DeviceBuffer<int32_t> flags = to_device(flag_values);
+  const SegmentFilter filter{flags.data(), segments_per_flag, run_on_zero};
   DeviceBuffer<unsigned long long> counts =
       to_device(std::vector<unsigned long long>(num_segments, kUntouchedCount));
   DeviceBuffer<uint8_t> selected = to_device(std::vector<uint8_t>(values.size(), kUntouchedFlag));
-  coverage_select(counts.data(), selected.data(), x.data(), num_segments, size, gamma, flags.data(),
+  coverage_select(counts.data(), selected.data(), x.data(), num_segments, size, gamma, filter,
                   nullptr);
   testing::synchronize();
   expect_equal("counts", counts.download(), want.counts);
@@ -91,7 +102,7 @@ void expect_select_matches(const std::string& what, const std::vector<T>& values
   DeviceBuffer<unsigned long long> counts_only =
       to_device(std::vector<unsigned long long>(num_segments, kUntouchedCount));
   coverage_select(counts_only.data(), static_cast<uint8_t*>(nullptr), x.data(), num_segments, size,
-                  gamma, flags.data(), nullptr);
+                  gamma, filter, nullptr);
   testing::synchronize();
   expect_equal("counts without flags", counts_only.download(), want.counts);
 }
@@ -160,12 +171,16 @@ TEST(CoverageSelect, MatchesTheHostRule) {
 }
 
 // Many segments at the search's sizes (step 2 at N = 20000 for 16 heads' two kinds; a step-8
-// triangle of 313 blocks) with every segment active.
+// triangle of 313 blocks) with every segment active, and step 2 as the search filters it: the two
+// segments of each head that is not query-aware.
 TEST(CoverageSelect, ManySegmentsAtSearchSizes) {
   MF_REQUIRE_GPU();
   const int64_t num_tri = 313 * 314 / 2;
   const std::vector<float> vs = make_values<float>(Shape::kProbabilities, 32, 20000, 91);
   expect_select_matches("step 2", vs, 32, 20000, 0.9, std::vector<int32_t>(32, 1));
+  std::vector<int32_t> query_aware(16, 0);
+  query_aware[0] = query_aware[5] = query_aware[15] = 1;
+  expect_select_matches("step 2, heads not query-aware", vs, 32, 20000, 0.9, query_aware, 2, true);
   const std::vector<double> tri = make_values<double>(Shape::kWideRange, 4, num_tri, 92);
   expect_select_matches("step 8", tri, 4, num_tri, 0.9, std::vector<int32_t>(4, 1));
 }
@@ -175,10 +190,14 @@ TEST(CoverageSelect, RejectsBadShapes) {
   DeviceBuffer<float> x(4);
   DeviceBuffer<unsigned long long> counts(1);
   EXPECT_THROW(coverage_select(counts.data(), static_cast<uint8_t*>(nullptr), x.data(), 1, 0, 0.9,
-                               nullptr, nullptr),
+                               SegmentFilter{}, nullptr),
                Error);
   EXPECT_THROW(coverage_select(counts.data(), static_cast<uint8_t*>(nullptr), x.data(), 0, 4, 0.9,
-                               nullptr, nullptr),
+                               SegmentFilter{}, nullptr),
+               Error);
+  DeviceBuffer<int32_t> flags(1);
+  EXPECT_THROW(coverage_select(counts.data(), static_cast<uint8_t*>(nullptr), x.data(), 1, 4, 0.9,
+                               SegmentFilter{flags.data(), 0, false}, nullptr),
                Error);
 }
 

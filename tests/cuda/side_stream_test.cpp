@@ -1,7 +1,7 @@
 // The side stream of cuda/side_stream.h on the GPU: fork orders it behind the caller's stream,
-// join orders the caller's stream behind it, and it is one stream per host thread and device. A
-// host callback that sleeps holds one stream back, so work that the ordering did not cover would
-// run first and see the old value.
+// join orders the caller's stream behind it, it is one stream per host thread and device, and it
+// has the device's highest priority. A host callback that sleeps holds one stream back, so work
+// that the ordering did not cover would run first and see the old value.
 #include "cuda/side_stream.h"
 
 #include <gtest/gtest.h>
@@ -71,6 +71,14 @@ TEST_F(SideStreamCuda, OneStreamPerThreadAndDevice) {
   cudaStream_t other_thread = nullptr;
   std::thread([&] { other_thread = fork_side_stream(stream_); }).join();
   EXPECT_NE(other_thread, first);
+}
+
+TEST_F(SideStreamCuda, HasTheHighestPriority) {
+  int least = 0, greatest = 0;
+  MF_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  int priority = least;
+  MF_CUDA_CHECK(cudaStreamGetPriority(fork_side_stream(stream_), &priority));
+  EXPECT_EQ(priority, greatest);
 }
 
 }  // namespace
