@@ -243,6 +243,13 @@ TEST(FlexPrefillCuda, ManyBlocksEqualReference) {
   expect_reference_without_and_with_step8({{50000, 2, 1, 64, 64}, {70000, 2, 1, 64, 64}}, 43);
 }
 
+// Head dims that are not a multiple of 8 (the exact search takes any head_dim; the fast one needs
+// multiples of 8).
+TEST(FlexPrefillCuda, OddHeadDimsEqualReference) {
+  MF_REQUIRE_GPU();
+  expect_reference_without_and_with_step8({{1000, 4, 2, 36, 64}, {1300, 2, 1, 20, 128}}, 47);
+}
+
 TEST(FlexPrefillCuda, ShortInputsFallBackToDenseAsTheReference) {
   MF_REQUIRE_GPU();
   // N below one block, between one and two blocks, and within min_budget.
