@@ -17,9 +17,9 @@
 //  3. vertical_blk, slash_blk: each block's fp32 values summed in double.
 //  2. For the heads that step 4 finds not query-aware (the others' budgets are min_budget), each
 //     kind's values in 2^-52 fixed point, counted by the radix select of cuda/coverage_select.h
-//     (no sort): c - 1 = #{t : S_t <= gamma T} with S_t the (exact,
-//     integer) sum of the t + 1 largest values and T the sum of all; T is 1 in exact arithmetic,
-//     and measuring against it keeps every value at gamma = 1, as the reference.
+//     (no sort): c - 1 = #{t : S_t <= gamma T} with S_t the (exact, integer) sum of the t + 1
+//     largest values and T the sum of all; T is 1 in exact arithmetic, and measuring against it
+//     keeps every value at gamma = 1, as the reference.
 //  8. The query-aware heads' block logits in fp32 (fp32_block_logits): the block means of
 //     scale * q summed in fp32 (rows ascending) times fp32(scale / length), dotted with the key
 //     blocks' means (the exact doubles of step 4 rounded to fp32) by an fp32 FMA chain, d

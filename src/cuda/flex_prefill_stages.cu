@@ -14,14 +14,14 @@
 //    and skipped JS terms are added as zeros.
 //
 // Kernels: decide_heads' per head abar (Kbar staged through shared memory) and the JS decision;
-// then finish_selection's, in order: per head and kind the budget, a block sort of the block scores
-// (as many scores a thread as nb needs) and the column / diagonal fill of an [nb, nb] grid (a warp
-// a column or diagonal); for query-aware heads the block
-// means of Q, the block logits (tiled fp64), the row softmaxes (a warp a row, held in shared
-// memory), the sort of the triangle and the gamma * nb walk (the fast search: fp32 block means and
-// logits from cuda/flex_prefill_fp32.h and the fixed-point radix select of
-// cuda/coverage_select.h, whose flags the CSR build reads beside the grid); finally per-row counts
-// (warp ballots), one CUB scan and the column fill of the CSR with each head's total.
+// then finish_selection's, in order: per head and kind the budget, a block sort of the block
+// scores (as many scores a thread as nb needs) and the column / diagonal fill of an [nb, nb] grid
+// (a warp a column or diagonal); for query-aware heads the block means of Q, the block logits
+// (tiled fp64), the row softmaxes (a warp a row, held in shared memory), the sort of the triangle
+// and the gamma * nb walk (the fast search: fp32 block means and logits from
+// cuda/flex_prefill_fp32.h and the fixed-point radix select of cuda/coverage_select.h, whose flags
+// the CSR build reads beside the grid); finally per-row counts (warp ballots), one CUB scan and
+// the column fill of the CSR with each head's total.
 #include "cuda/flex_prefill_stages.h"
 
 #include <cub/block/block_radix_sort.cuh>
@@ -266,16 +266,24 @@ __device__ void abar_logits(double* abar, double* tile, const double* q, const d
   }
 }
 
-// Dynamic shared memory of head_decision_kernel, in doubles.
-int64_t head_decision_shared_doubles(int64_t nb, int64_t head_dim) {
-  return 3 * nb + ceil_div(nb, kChunk) + kThreads / kWarpSize + head_dim +
-         kThreads * (kDotDepth + 1);
+// Dynamic shared memory of head_decision_kernel, in doubles (its layout there). abar_logits' tile
+// and the JS terms, used one after the other, share their space.
+constexpr int64_t kDotTileDoubles = int64_t{kThreads} * (kDotDepth + 1);
+constexpr int64_t head_decision_shared_doubles(int64_t nb, int64_t head_dim) {
+  return nb + std::max(2 * nb, kDotTileDoubles) + (nb + kChunk - 1) / kChunk +
+         kThreads / kWarpSize + head_dim;
 }
+// 99 KB: the most shared memory a block may opt into on sm_86 and sm_89, the smallest among the
+// devices the kernels are built for (sm_80 and later).
+static_assert(head_decision_shared_doubles(kFlexPrefillMaxBlocks, kFlexPrefillMaxHeadDim) *
+                      int64_t{sizeof(double)} <=
+                  99 * 1024,
+              "the head decision's shared memory fits every device at the largest shapes");
 
 // Block per head: steps 4 and 5. pooled [Hq, 2, nb] holds vertical_blk / slash_blk and gets the
 // always-kept blocks set to +inf. Dynamic shared memory (head_decision_shared_doubles): abar [nb],
-// JS terms [2 nb], chunk totals [ceil(nb / kChunk)], reduction scratch [kThreads / 32], q_mean
-// [D], abar_logits' tile.
+// then abar_logits' tile and later the JS terms [2 nb] in one space, chunk totals
+// [ceil(nb / kChunk)], reduction scratch [kThreads / 32], q_mean [D].
 __global__ void __launch_bounds__(kThreads)
     head_decision_kernel(double* pooled, int32_t* query_aware, double* js_distance,
                          const double* q_mean, const double* k_means, SearchShape s, double tau) {
@@ -284,11 +292,11 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t nb = s.num_blocks;
   const int64_t num_chunks = (nb + kChunk - 1) / kChunk;
   double* abar = shared;
-  double* terms = abar + nb;
-  double* chunk_totals = terms + 2 * nb;
+  double* tile = abar + nb;
+  double* terms = tile;  // written after the last read of the tile (a barrier between)
+  double* chunk_totals = terms + (2 * nb > kDotTileDoubles ? 2 * nb : kDotTileDoubles);
   double* scratch = chunk_totals + num_chunks;
   double* q = scratch + kThreads / kWarpSize;
-  double* tile = q + s.head_dim;
   const double* v_blk = pooled + (h * 2) * nb;
   const int tid = static_cast<int>(threadIdx.x);
 
@@ -627,7 +635,7 @@ void block_softmax(double* tri, const int32_t* query_aware, int64_t num_heads, i
   MF_CUDA_CHECK_LAUNCH();
 }
 
-// Steps 6-7 into grid (zeroed) with the sort's items a thread sized to nb.
+// Steps 2 (the budgets) and 6-7 into grid (zeroed) with the sort's items a thread sized to nb.
 void select_blocks(uint8_t* grid, const double* pooled, const unsigned long long* coverage_counts,
                    FlexPrefillDeviceSelection& out, const SearchShape& s, cudaStream_t stream) {
   const int64_t nb = s.num_blocks;
