@@ -268,10 +268,13 @@ __device__ void abar_logits(double* abar, double* tile, const double* q, const d
 
 // Dynamic shared memory of head_decision_kernel, in doubles (its layout there). abar_logits' tile
 // and the JS terms, used one after the other, share their space.
-constexpr int64_t kDotTileDoubles = int64_t{kThreads} * (kDotDepth + 1);
+__host__ __device__ constexpr int64_t tile_and_terms_doubles(int64_t nb) {
+  return 2 * nb > int64_t{kThreads} * (kDotDepth + 1) ? 2 * nb
+                                                      : int64_t{kThreads} * (kDotDepth + 1);
+}
 constexpr int64_t head_decision_shared_doubles(int64_t nb, int64_t head_dim) {
-  return nb + std::max(2 * nb, kDotTileDoubles) + (nb + kChunk - 1) / kChunk +
-         kThreads / kWarpSize + head_dim;
+  return nb + tile_and_terms_doubles(nb) + (nb + kChunk - 1) / kChunk + kThreads / kWarpSize +
+         head_dim;
 }
 // 99 KB: the most shared memory a block may opt into on sm_86 and sm_89, the smallest among the
 // devices the kernels are built for (sm_80 and later).
@@ -294,7 +297,7 @@ __global__ void __launch_bounds__(kThreads)
   double* abar = shared;
   double* tile = abar + nb;
   double* terms = tile;  // written after the last read of the tile (a barrier between)
-  double* chunk_totals = terms + (2 * nb > kDotTileDoubles ? 2 * nb : kDotTileDoubles);
+  double* chunk_totals = terms + tile_and_terms_doubles(nb);
   double* scratch = chunk_totals + num_chunks;
   double* q = scratch + kThreads / kWarpSize;
   const double* v_blk = pooled + (h * 2) * nb;
@@ -344,22 +347,21 @@ __global__ void __launch_bounds__(kThreads)
   pooled[(h * 2 + 1) * nb + nb - 1] = INFINITY;
 }
 
-// Step 2's budget of a kind (vertical or slash) of a head, in blocks: min_blocks for query-aware
-// heads; else, with c = 1 + the coverage count, c / 128 + 1 clamped to [min_blocks, max_blocks].
-__device__ int64_t budget_blocks(bool is_query_aware, unsigned long long count,
-                                 const SearchShape& s) {
-  if (is_query_aware) return s.min_blocks;
+// Step 2's budget of a kind (vertical or slash) of a head that is not query-aware, in blocks: with
+// c = 1 + the coverage count, c / 128 + 1 clamped to [min_blocks, max_blocks].
+__device__ int64_t budget_blocks(unsigned long long count, const SearchShape& s) {
   const int64_t c = static_cast<int64_t>(count) + 1;
   return min(max(c / kBudgetDivisor + 1, s.min_blocks), s.max_blocks);
 }
 
-// Steps 2 (the budgets) and 6-7, block (kind, head): the kind's budget (budget_blocks) goes to
-// num_vertical / num_slash; kind 0 sorts vertical_blk and fills the top num_vertical key block
-// columns, kind 1 sorts slash_blk and fills the top num_slash diagonals of grid [Hq, nb, nb]
-// (zeroed; both kinds only write ones). A stable block radix sort of kItems scores a thread
-// (nb <= kThreads * kItems), descending: equal scores keep their ascending indices; the padding
-// (-1.0) sorts after every score (>= 0 or +inf). The chosen indices go through shared memory, so
-// that each warp fills whole columns or diagonals with its lanes along the rows.
+// Steps 2 (the budgets) and 6-7, block (kind, head): the kind's budget (min_blocks for query-aware
+// heads, else budget_blocks) goes to num_vertical / num_slash; kind 0 sorts vertical_blk and fills
+// the top num_vertical key block columns, kind 1 sorts slash_blk and fills the top num_slash
+// diagonals of grid [Hq, nb, nb] (zeroed; both kinds only write ones). A stable block radix sort of
+// kItems scores a thread (nb <= kThreads * kItems), descending: equal scores keep their ascending
+// indices; the padding (-1.0) sorts after every score (>= 0 or +inf). The chosen indices go
+// through shared memory, so that each warp fills whole columns or diagonals with its lanes along
+// the rows.
 template <int kItems>
 __global__ void __launch_bounds__(kThreads)
     select_blocks_kernel(uint8_t* grid, const double* pooled, int64_t* num_vertical,
@@ -382,9 +384,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   BlockSort(sort_storage).SortDescending(keys, index);
   // Query-aware heads' coverage counts are not computed (fp32_coverage_counts) and not read.
-  const bool is_query_aware = query_aware[h] != 0;
   const int64_t count =
-      budget_blocks(is_query_aware, is_query_aware ? 0 : coverage_counts[h * 2 + kind], s);
+      query_aware[h] != 0 ? s.min_blocks : budget_blocks(coverage_counts[h * 2 + kind], s);
   if (tid == 0) (kind == 0 ? num_vertical : num_slash)[h] = count;
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
