@@ -257,33 +257,48 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The workspace: hist_count, hist_sum [kPasses, segments, kBuckets] and arrivals [kPasses,
+// segments] (zeroed by each select, in one call), then cuts [segments].
+size_t scratch_bytes(int64_t num_segments) {
+  return static_cast<size_t>(kPasses * num_segments * (2 * kBuckets + 1)) *
+         sizeof(unsigned long long);
+}
+
 }  // namespace
+
+size_t coverage_select_workspace_bytes(int64_t num_segments) {
+  static_assert(alignof(Cut) <= 16 && sizeof(unsigned long long) % alignof(Cut) == 0);
+  return scratch_bytes(num_segments) + static_cast<size_t>(num_segments) * sizeof(Cut);
+}
 
 template <typename T>
 void coverage_select(unsigned long long* counts, uint8_t* selected, const T* values,
                      int64_t num_segments, int64_t segment_size, double gamma, SegmentFilter filter,
-                     cudaStream_t stream) {
+                     cudaStream_t stream, void* workspace) {
   MF_CHECK(num_segments >= 1 && num_segments <= 65535,
            "coverage_select: num_segments must be in [1, 65535], got {}", num_segments);
   MF_CHECK(segment_size >= 1 && segment_size <= std::numeric_limits<int32_t>::max(),
            "coverage_select: segment_size must be in [1, 2^31 - 1], got {}", segment_size);
   MF_CHECK(filter.segments_per_flag >= 1, "coverage_select: segments_per_flag must be >= 1, got {}",
            filter.segments_per_flag);
+  MF_CHECK(aligned_to(16, workspace), "coverage_select: the workspace must be 16-byte aligned");
+  DeviceBuffer<uint8_t> own_workspace;
+  if (workspace == nullptr) {
+    own_workspace.resize(coverage_select_workspace_bytes(num_segments));
+    workspace = own_workspace.data();
+  }
   const int64_t chunks = ceil_div(segment_size, kChunk);
   const int64_t slots = kPasses * num_segments;
-  // hist_count, hist_sum [kPasses, segments, kBuckets] and arrivals [kPasses, segments], zeroed in
-  // one call.
-  DeviceBuffer<unsigned long long> scratch(static_cast<size_t>(slots * (2 * kBuckets + 1)));
-  scratch.fill_zero(stream);
-  unsigned long long* hist_count = scratch.data();
+  auto* hist_count = static_cast<unsigned long long*>(workspace);
   unsigned long long* hist_sum = hist_count + slots * kBuckets;
   unsigned long long* arrivals = hist_sum + slots * kBuckets;
-  DeviceBuffer<Cut> cuts(static_cast<size_t>(num_segments));
+  MF_CUDA_CHECK(cudaMemsetAsync(workspace, 0, scratch_bytes(num_segments), stream));
+  Cut* cuts =
+      reinterpret_cast<Cut*>(static_cast<uint8_t*>(workspace) + scratch_bytes(num_segments));
   const dim3 pass_grid(static_cast<unsigned>(chunks), static_cast<unsigned>(num_segments));
   for (int pass = 0; pass < kPasses; ++pass) {
-    select_pass_kernel<T><<<pass_grid, kThreads, 0, stream>>>(cuts.data(), hist_count, hist_sum,
-                                                              arrivals, counts, values,
-                                                              segment_size, gamma, filter, pass);
+    select_pass_kernel<T><<<pass_grid, kThreads, 0, stream>>>(
+        cuts, hist_count, hist_sum, arrivals, counts, values, segment_size, gamma, filter, pass);
     MF_CUDA_CHECK_LAUNCH();
   }
   if (selected == nullptr) return;
@@ -291,16 +306,16 @@ void coverage_select(unsigned long long* counts, uint8_t* selected, const T* val
       static_cast<unsigned>(std::min<int64_t>(ceil_div(segment_size, kThreads * 8), 1024));
   select_mark_kernel<T>
       <<<dim3(mark_blocks, static_cast<unsigned>(num_segments)), kThreads, 0, stream>>>(
-          selected, cuts.data(), values, segment_size, filter);
+          selected, cuts, values, segment_size, filter);
   MF_CUDA_CHECK_LAUNCH();
   select_ties_kernel<T><<<static_cast<unsigned>(num_segments), kThreads, 0, stream>>>(
-      selected, cuts.data(), values, segment_size, filter);
+      selected, cuts, values, segment_size, filter);
   MF_CUDA_CHECK_LAUNCH();
 }
 
 template void coverage_select<float>(unsigned long long*, uint8_t*, const float*, int64_t, int64_t,
-                                     double, SegmentFilter, cudaStream_t);
+                                     double, SegmentFilter, cudaStream_t, void*);
 template void coverage_select<double>(unsigned long long*, uint8_t*, const double*, int64_t,
-                                      int64_t, double, SegmentFilter, cudaStream_t);
+                                      int64_t, double, SegmentFilter, cudaStream_t, void*);
 
 }  // namespace moeforge::cuda

@@ -25,6 +25,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace moeforge::cuda {
@@ -51,11 +52,17 @@ struct SegmentFilter {
 //  - selected (nullptr: not written) [num_segments * segment_size]: 1 for a selected entry, else 0.
 // Segments that the filter does not run are skipped and their outputs left as they were. 1 <=
 // num_segments <= 65535, 1 <= segment_size <= 2^31 - 1 and segments_per_flag >= 1
-// (moeforge::Error otherwise). Asynchronous on stream (temporary buffers of about 16 KB per
-// segment).
+// (moeforge::Error otherwise). Asynchronous on stream. Its temporary buffers (about 16 KB per
+// segment) are the workspace, coverage_select_workspace_bytes(num_segments) bytes 16-byte aligned
+// that the select overwrites (the caller's, e.g. allocated before a fork to a side stream, since
+// the caching allocator is not stream-ordered: cuda/side_stream.h), or with workspace null its own
+// from the caching allocator.
 template <typename T>
 void coverage_select(unsigned long long* counts, uint8_t* selected, const T* values,
                      int64_t num_segments, int64_t segment_size, double gamma, SegmentFilter filter,
-                     cudaStream_t stream);
+                     cudaStream_t stream, void* workspace);
+
+// Bytes of coverage_select's workspace for num_segments segments.
+size_t coverage_select_workspace_bytes(int64_t num_segments);
 
 }  // namespace moeforge::cuda

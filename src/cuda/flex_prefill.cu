@@ -20,6 +20,7 @@
 // counts (flex::chunked_coverage_counts). The fast search instead runs its passes
 // (cuda/flex_prefill_fp32.h) with the key means, the last query mean and step 8's query block means
 // beside them on a side stream (cuda/side_stream.h): those are memory-bound, the passes are not.
+// Its step 2 runs later, after the head decision (flex::finish_selection, beside step 8).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -376,14 +377,14 @@ void flex_prefill_select(FlexPrefillDeviceSelection& out, const bf16* q, const b
   flex::last_query_mean(q_mean.data(), q, s, means_stream);
   if (fast_step8) fp32_q_block_means(q_block_means.data(), q, nullptr, s, means_stream);
 
+  DeviceBuffer<float> fp32_vs;  // [Hq, 2, N], the fast search's vertical and slash values
   if (fp32) {
-    // Step 2 waits for step 4: only heads that are not query-aware need their coverage counts.
-    DeviceBuffer<float> vs(static_cast<size_t>(num_heads * 2 * n));  // [Hq, 2, N]
-    fp32_vertical_slash(vs.data(), pooled.data(), q, k, s, stream);
+    // Step 2 waits for step 4 (in finish_selection): only heads that are not query-aware need their
+    // coverage counts.
+    fp32_vs.resize(static_cast<size_t>(num_heads * 2 * n));
+    fp32_vertical_slash(fp32_vs.data(), pooled.data(), q, k, s, stream);
     join_side_stream(stream);
     flex::decide_heads(out, pooled.data(), k_means.data(), q_mean.data(), s, params.tau, stream);
-    fp32_coverage_counts(coverage_counts.data(), vs.data(), s, params.gamma, out.query_aware.data(),
-                         stream);
   } else {
     // Step 1 (and step 3's pooling), in passes of heads that bound the logits buffer.
     const int64_t bs = s.block_size;
@@ -409,8 +410,8 @@ void flex_prefill_select(FlexPrefillDeviceSelection& out, const bf16* q, const b
                                   stream);
     flex::decide_heads(out, pooled.data(), k_means.data(), q_mean.data(), s, params.tau, stream);
   }
-  flex::finish_selection(out, pooled.data(), coverage_counts.data(), q, k_means.data(),
-                         q_block_means.data(), s, params, stream);
+  flex::finish_selection(out, pooled.data(), coverage_counts.data(), fp32_vs.data(), q,
+                         k_means.data(), q_block_means.data(), s, params, stream);
 }
 
 ops::FlexPrefillSelection download_selection(const FlexPrefillDeviceSelection& selection) {

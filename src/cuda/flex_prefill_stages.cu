@@ -38,6 +38,7 @@
 #include "cuda/flex_prefill_fp32.h"
 #include "cuda/flex_prefill_sort.h"
 #include "cuda/kernel_util.cuh"
+#include "cuda/side_stream.h"
 
 namespace moeforge::cuda::flex {
 namespace {
@@ -800,23 +801,31 @@ void decide_heads(FlexPrefillDeviceSelection& out, double* pooled, const double*
 }
 
 void finish_selection(FlexPrefillDeviceSelection& out, const double* pooled,
-                      const unsigned long long* coverage_counts, const bf16* q,
+                      unsigned long long* coverage_counts, const float* fp32_vs, const bf16* q,
                       const double* k_means, const float* fp32_q_block_means, const SearchShape& s,
                       const ops::FlexPrefillParams& params, cudaStream_t stream) {
   const int64_t num_heads = s.num_q_heads;
   const int64_t nb = s.num_blocks;
+  const bool fast = params.search == ops::FlexSearch::kFp32;
 
-  // Steps 2 (the budgets) and 6-7.
+  // Steps 2 (the fast search's counts, and the budgets) and 6-7: on the side stream for the fast
+  // search, whose buffers are all allocated before the fork (cuda/side_stream.h).
   DeviceBuffer<uint8_t> grid(static_cast<size_t>(num_heads * nb * nb));  // [Hq, nb, nb]
-  grid.fill_zero(stream);
-  select_blocks(grid.data(), pooled, coverage_counts, out, s, stream);
+  DeviceBuffer<uint8_t> step2_workspace;
+  if (fast) step2_workspace.resize(coverage_select_workspace_bytes(num_heads * 2));
+  const cudaStream_t top_k_stream = fast ? fork_side_stream(stream) : stream;
+  if (fast) {
+    fp32_coverage_counts(coverage_counts, fp32_vs, s, params.gamma, out.query_aware.data(),
+                         top_k_stream, step2_workspace.data());
+  }
+  grid.fill_zero(top_k_stream);
+  select_blocks(grid.data(), pooled, coverage_counts, out, s, top_k_stream);
 
   // Step 8 (the kernels skip heads that are not query-aware). The fast search's flags join the
   // grid's in build_csr.
   DeviceBuffer<uint8_t> tri_selected;
   if (params.tau > 0.0) {
     const int64_t num_tri = nb * (nb + 1) / 2;
-    const bool fast = params.search == ops::FlexSearch::kFp32;
     DeviceBuffer<double> tri(static_cast<size_t>(num_heads * num_tri));
     if (fast) {
       fp32_block_logits(tri.data(), fp32_q_block_means, k_means, out.query_aware.data(), s, stream);
@@ -834,7 +843,7 @@ void finish_selection(FlexPrefillDeviceSelection& out, const double* pooled,
       tri_selected.resize(static_cast<size_t>(num_heads * num_tri));
       coverage_select(static_cast<unsigned long long*>(nullptr), tri_selected.data(), tri.data(),
                       num_heads, num_tri, params.gamma, SegmentFilter{out.query_aware.data()},
-                      stream);
+                      stream, nullptr);
     } else {
       SortedSegments sorted_tri;
       sort_segments_descending(sorted_tri, tri.data(), num_heads, num_tri, stream);
@@ -849,6 +858,7 @@ void finish_selection(FlexPrefillDeviceSelection& out, const double* pooled,
     }
   }
 
+  if (fast) join_side_stream(stream);
   build_csr(out, CsrSource{grid.data(), tri_selected.data(), out.query_aware.data()}, stream);
 }
 

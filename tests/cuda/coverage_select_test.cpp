@@ -94,17 +94,22 @@ void expect_select_matches(const std::string& what, const std::vector<T>& values
       to_device(std::vector<unsigned long long>(num_segments, kUntouchedCount));
   DeviceBuffer<uint8_t> selected = to_device(std::vector<uint8_t>(values.size(), kUntouchedFlag));
   coverage_select(counts.data(), selected.data(), x.data(), num_segments, size, gamma, filter,
-                  nullptr);
+                  nullptr, nullptr);
   testing::synchronize();
   expect_equal("counts", counts.download(), want.counts);
   expect_equal("selected", selected.download(), want.selected);
 
-  DeviceBuffer<unsigned long long> counts_only =
-      to_device(std::vector<unsigned long long>(num_segments, kUntouchedCount));
-  coverage_select(counts_only.data(), static_cast<uint8_t*>(nullptr), x.data(), num_segments, size,
-                  gamma, filter, nullptr);
-  testing::synchronize();
-  expect_equal("counts without flags", counts_only.download(), want.counts);
+  // The counts alone, twice in a caller's workspace that starts as garbage and is then reused.
+  DeviceBuffer<uint8_t> workspace = to_device(
+      std::vector<uint8_t>(coverage_select_workspace_bytes(num_segments), kUntouchedFlag));
+  for (const char* round : {"counts without flags", "counts in a reused workspace"}) {
+    DeviceBuffer<unsigned long long> counts_only =
+        to_device(std::vector<unsigned long long>(num_segments, kUntouchedCount));
+    coverage_select(counts_only.data(), static_cast<uint8_t*>(nullptr), x.data(), num_segments,
+                    size, gamma, filter, nullptr, workspace.data());
+    testing::synchronize();
+    expect_equal(round, counts_only.download(), want.counts);
+  }
 }
 
 enum class Shape { kProbabilities, kWideRange, kFewLevels, kAllEqual, kZeros, kNearTies };
@@ -190,14 +195,18 @@ TEST(CoverageSelect, RejectsBadShapes) {
   DeviceBuffer<float> x(4);
   DeviceBuffer<unsigned long long> counts(1);
   EXPECT_THROW(coverage_select(counts.data(), static_cast<uint8_t*>(nullptr), x.data(), 1, 0, 0.9,
-                               SegmentFilter{}, nullptr),
+                               SegmentFilter{}, nullptr, nullptr),
                Error);
   EXPECT_THROW(coverage_select(counts.data(), static_cast<uint8_t*>(nullptr), x.data(), 0, 4, 0.9,
-                               SegmentFilter{}, nullptr),
+                               SegmentFilter{}, nullptr, nullptr),
                Error);
   DeviceBuffer<int32_t> flags(1);
   EXPECT_THROW(coverage_select(counts.data(), static_cast<uint8_t*>(nullptr), x.data(), 1, 4, 0.9,
-                               SegmentFilter{flags.data(), 0, false}, nullptr),
+                               SegmentFilter{flags.data(), 0, false}, nullptr, nullptr),
+               Error);
+  DeviceBuffer<uint8_t> workspace(coverage_select_workspace_bytes(1) + 16);
+  EXPECT_THROW(coverage_select(counts.data(), static_cast<uint8_t*>(nullptr), x.data(), 1, 4, 0.9,
+                               SegmentFilter{}, nullptr, workspace.data() + 8),
                Error);
 }
 

@@ -182,7 +182,7 @@ void expect_scores_within_noise(const Inputs& in, const Case& c, double gamma, F
   const std::vector<float> got_vs = vs.download();
   const std::vector<double> got_pooled = pooled.download();
   DeviceBuffer<unsigned long long> counts(static_cast<size_t>(c.num_q_heads * 2));
-  fp32_coverage_counts(counts.data(), vs.data(), s, gamma, nullptr, nullptr);
+  fp32_coverage_counts(counts.data(), vs.data(), s, gamma, nullptr, nullptr, nullptr);
   const std::vector<unsigned long long> got_counts = counts.download();
   for (int64_t h = 0; h < c.num_q_heads; ++h) {
     const Noise noise = fp32_noise(in, c, h);
