@@ -19,8 +19,9 @@
 // the row totals, and the vertical / slash sums with their block pooling; then step 2's coverage
 // counts (flex::chunked_coverage_counts). The fast search instead runs its passes
 // (cuda/flex_prefill_fp32.h) with the key means, the last query mean and step 8's query block means
-// beside them on a side stream (cuda/side_stream.h): those are memory-bound, the passes are not.
-// Its step 2 runs later, after the head decision (flex::finish_selection, beside step 8).
+// beside them on a side stream (cuda/side_stream.h), in blocks of threads that fit an SM beside the
+// passes' (cuda/flex_prefill_fp32_blocks.cu): those are memory-bound, the passes are not. Its step
+// 2 runs later, after the head decision (flex::finish_selection, beside step 8).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -372,10 +373,17 @@ void flex_prefill_select(FlexPrefillDeviceSelection& out, const bf16* q, const b
   // every buffer the side stream uses is allocated before the fork (cuda/side_stream.h).
   const bool fast_step8 = fp32 && params.tau > 0.0;
   if (fast_step8) q_block_means.resize(static_cast<size_t>(num_heads * nb * d));
-  const cudaStream_t means_stream = fp32 ? fork_side_stream(stream) : stream;
-  flex::block_means(k_means.data(), k, s.num_kv_heads, 1.0, nullptr, s, means_stream);
-  flex::last_query_mean(q_mean.data(), q, s, means_stream);
-  if (fast_step8) fp32_q_block_means(q_block_means.data(), q, nullptr, s, means_stream);
+  if (fp32) {
+    const cudaStream_t side = fork_side_stream(stream);
+    fp32_key_block_means(k_means.data(), k, s, side, side_stream_max_blocks());
+    flex::last_query_mean(q_mean.data(), q, s, side);
+    if (fast_step8) {
+      fp32_q_block_means(q_block_means.data(), q, nullptr, s, side, side_stream_max_blocks());
+    }
+  } else {
+    flex::block_means(k_means.data(), k, s.num_kv_heads, 1.0, nullptr, s, stream);
+    flex::last_query_mean(q_mean.data(), q, s, stream);
+  }
 
   DeviceBuffer<float> fp32_vs;  // [Hq, 2, N], the fast search's vertical and slash values
   if (fp32) {

@@ -95,11 +95,19 @@ void fp32_vertical_slash(float* vs, double* pooled, const bf16* q, const bf16* k
                          const flex::SearchShape& s, cudaStream_t stream,
                          Fp32Passes passes = Fp32Passes::automatic);
 
+// The key blocks' means for steps 4 and 8: k_means [Hkv, nb, D] = flex::block_means' doubles
+// (factor 1, every head), by at most max_blocks blocks of threads (0: as many as the work has; the
+// side stream's limit, cuda/side_stream.h), each small enough to fit an SM beside the tensor-core
+// passes. Asynchronous on the stream.
+void fp32_key_block_means(double* k_means, const bf16* k, const flex::SearchShape& s,
+                          cudaStream_t stream, unsigned max_blocks);
+
 // Step 8's query block means: q_means [Hq, nb, D] = each block's rows of q summed in fp32, rows
 // ascending, times fp32(scale / length) (8 above), for heads whose flag in active is set (active
-// null: every head). Asynchronous on the stream.
+// null: every head); max_blocks and the blocks of threads as for fp32_key_block_means (the same
+// values whatever the grid). Asynchronous on the stream.
 void fp32_q_block_means(float* q_means, const bf16* q, const int32_t* active,
-                        const flex::SearchShape& s, cudaStream_t stream);
+                        const flex::SearchShape& s, cudaStream_t stream, unsigned max_blocks);
 
 // Step 8's logits: tri [Hq, nb (nb + 1) / 2] at triangle position r (r + 1) / 2 + c (c <= r) = the
 // fp32 logit of query block r and key block c (8 above), for heads whose flag in query_aware is

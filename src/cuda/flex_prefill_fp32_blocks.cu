@@ -1,9 +1,14 @@
-// Step 8's logits in the fp32 FlexPrefill search (cuda/flex_prefill_fp32.h, 8): for the
-// query-aware heads, the block means of scale * q in fp32 (a block of threads per query block
-// reads whole rows of q, 16 bytes a thread, so the only full read of q in the search runs at copy
-// speed) and their dot products with the key blocks' means (the exact doubles, rounded to fp32) by
-// fp32 FMA on 64 x 64 tiles of shared memory.
+// The block means of the fp32 FlexPrefill search (cuda/flex_prefill_fp32.h) and step 8's logits:
+//  - the key blocks' means (the exact doubles of flex::block_means) and the query blocks' means of
+//    scale * q in fp32 run on the side stream beside the tensor-core passes (cuda/side_stream.h):
+//    one resident block of kMeanThreads threads per SM in a grid-stride loop over (row block,
+//    group of 8-element chunks of a row), each thread with kMeanRows 16-byte loads in flight and at
+//    most 80 registers, so that it fits an SM beside the passes' blocks of threads and still keeps
+//    enough bytes in flight to read Q (the only full read of q in the search) at copy speed;
+//  - the logits: the query means dotted with the key means (rounded to fp32) by fp32 FMA on 64 x 64
+//    tiles of shared memory, for the query-aware heads.
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/cuda_check.h"
 #include "cuda/flex_prefill_fp32.h"
@@ -15,52 +20,86 @@ namespace {
 using flex::SearchShape;
 
 constexpr int kChunkElems = 8;     // bf16 per 16-byte load
-constexpr int kMeanThreads = 256;  // chunks of a row per block of threads
-constexpr int kRowUnroll = 4;      // rows loaded ahead
-constexpr int kTile = 64;          // logits: a kTile x kTile tile of the triangle per block
-constexpr int kDepth = 64;         // head_dim slice per shared-memory tile
+constexpr int kMeanThreads = 128;  // chunks of a row per block of threads
+constexpr int kMeanRows = 8;       // rows loaded ahead
+// 65536 / (kMeanMinBlocks * kMeanThreads) = 85 registers at most (80 in the allocator's steps of
+// 8).
+constexpr int kMeanMinBlocks = 6;
+constexpr int kTile = 64;   // logits: a kTile x kTile tile of the triangle per block
+constexpr int kDepth = 64;  // head_dim slice per shared-memory tile
 constexpr int kTileStride = kTile + 4;
 constexpr int kLogitThreads = 256;  // 16 x 16 threads, 4 x 4 logits each
 static_assert(kLogitThreads % (kDepth / 2) == 0 && kDepth % 8 == 0,
               "slice loads cover whole rows with whole 4-wide groups");
 
-// means [Hq, nb, D]: block b's rows of q[:, h, d] summed in fp32, ascending, times
-// fp32(scale / length); heads whose flag in active is 0 are skipped (active null: none). Block
-// (query block b, group of kMeanThreads 8-element chunks of a row [Hq * D]).
-__global__ void __launch_bounds__(kMeanThreads)
-    q_block_means_kernel(float* means, const bf16* q, const int32_t* active, SearchShape s) {
-  const int64_t row_chunks = s.num_q_heads * s.head_dim / kChunkElems;
-  const int64_t chunk = static_cast<int64_t>(blockIdx.y) * kMeanThreads + threadIdx.x;
-  if (chunk >= row_chunks) return;
-  const int64_t h = chunk * kChunkElems / s.head_dim;
-  if (active != nullptr && active[h] == 0) return;
-  const int64_t b = blockIdx.x;
-  const int64_t begin = b * s.block_size;
-  const int64_t end = min(s.seq_len, begin + s.block_size);
-  const bf16* src = q + chunk * kChunkElems;
-  const int64_t row_elems = s.num_q_heads * s.head_dim;
-  float acc[kChunkElems] = {};
-  int64_t j = begin;
-  for (; j + kRowUnroll <= end; j += kRowUnroll) {
-    float x[kRowUnroll][kChunkElems];
+// The 8 bf16 of a 16-byte load as fp32.
+__device__ __forceinline__ void unpack(float (&f)[kChunkElems], uint4 raw) {
+  const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u) load_vec(x[u], src + (j + u) * row_elems);
-#pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u)
-#pragma unroll
-      for (int i = 0; i < kChunkElems; ++i) acc[i] += x[u][i];
+  for (int i = 0; i < 4; ++i) {
+    const float2 x = __bfloat1622float2(h[i]);
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
   }
-  for (; j < end; ++j) {
-    float x[kChunkElems];
-    load_vec(x, src + j * row_elems);
+}
+
+// Block means of x [N, num_heads * D] per head, block and d, rows summed ascending: kQuery false,
+// means (double) = flex::block_means' doubles with factor 1 (the sum in double, times 1 / length);
+// kQuery true, means (float) = the rows summed in fp32 times fp32(scale / length) (x is q), for
+// heads whose flag in active is set (active null: every head). Work item (row block b, group g of
+// kMeanThreads chunks of a row), groups_per_row of them a block; the blocks of threads take items
+// in a grid-stride loop.
+template <bool kQuery>
+__global__ void __launch_bounds__(kMeanThreads, kMeanMinBlocks)
+    block_means_kernel(std::conditional_t<kQuery, float, double>* means, const bf16* x,
+                       const int32_t* active, int64_t num_heads, SearchShape s,
+                       int64_t groups_per_row) {
+  using Acc = std::conditional_t<kQuery, float, double>;
+  const int64_t row_chunks = num_heads * s.head_dim / kChunkElems;
+  for (int64_t item = blockIdx.x; item < s.num_blocks * groups_per_row; item += gridDim.x) {
+    const int64_t b = item / groups_per_row;
+    const int64_t chunk = (item % groups_per_row) * kMeanThreads + threadIdx.x;
+    if (chunk >= row_chunks) continue;
+    const int64_t h = chunk * kChunkElems / s.head_dim;
+    if (active != nullptr && active[h] == 0) continue;
+    const int64_t begin = b * s.block_size;
+    const int64_t end = min(s.seq_len, begin + s.block_size);
+    const uint4* src = reinterpret_cast<const uint4*>(x) + chunk;
+    Acc acc[kChunkElems] = {};
+    const auto add_row = [&](uint4 raw) {
+      float v[kChunkElems];
+      unpack(v, raw);
 #pragma unroll
-    for (int i = 0; i < kChunkElems; ++i) acc[i] += x[i];
+      for (int i = 0; i < kChunkElems; ++i) {
+        if constexpr (kQuery) {
+          acc[i] += v[i];
+        } else {
+          acc[i] = __dadd_rn(acc[i], static_cast<double>(v[i]));
+        }
+      }
+    };
+    int64_t j = begin;
+    for (; j + kMeanRows <= end; j += kMeanRows) {
+      uint4 raw[kMeanRows];
+#pragma unroll
+      for (int u = 0; u < kMeanRows; ++u) raw[u] = __ldg(src + (j + u) * row_chunks);
+#pragma unroll
+      for (int u = 0; u < kMeanRows; ++u) add_row(raw[u]);
+    }
+    for (; j < end; ++j) add_row(__ldg(src + j * row_chunks));
+    Acc* dst = means + (h * s.num_blocks + b) * s.head_dim + (chunk * kChunkElems - h * s.head_dim);
+    const double length = static_cast<double>(end - begin);
+    if constexpr (kQuery) {
+      const float factor = static_cast<float>(s.scale / length);
+#pragma unroll
+      for (int i = 0; i < kChunkElems; ++i) acc[i] *= factor;
+      store_vec(dst, acc);
+    } else {
+      const double factor = 1.0 / length;
+#pragma unroll
+      for (int i = 0; i < kChunkElems; ++i) dst[i] = __dmul_rn(acc[i], factor);
+    }
   }
-  const float factor = static_cast<float>(s.scale / static_cast<double>(end - begin));
-#pragma unroll
-  for (int i = 0; i < kChunkElems; ++i) acc[i] *= factor;
-  store_vec(means + (h * s.num_blocks + b) * s.head_dim + (chunk * kChunkElems - h * s.head_dim),
-            acc);
 }
 
 // 16 bytes of a slice as fp32 into a tile row: q's float4 as it is, k's double2 rounded.
@@ -143,15 +182,29 @@ __global__ void __launch_bounds__(kLogitThreads)
   }
 }
 
+// Launches block_means_kernel over the row chunks of num_heads heads.
+template <bool kQuery>
+void launch_block_means(std::conditional_t<kQuery, float, double>* means, const bf16* x,
+                        const int32_t* active, int64_t num_heads, const flex::SearchShape& s,
+                        cudaStream_t stream, unsigned max_blocks) {
+  const int64_t groups_per_row = ceil_div(num_heads * s.head_dim / kChunkElems, kMeanThreads);
+  const int64_t items = s.num_blocks * groups_per_row;
+  const unsigned blocks = grid_for(items * kMeanThreads, kMeanThreads, max_blocks);
+  block_means_kernel<kQuery>
+      <<<blocks, kMeanThreads, 0, stream>>>(means, x, active, num_heads, s, groups_per_row);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace
 
+void fp32_key_block_means(double* k_means, const bf16* k, const flex::SearchShape& s,
+                          cudaStream_t stream, unsigned max_blocks) {
+  launch_block_means<false>(k_means, k, nullptr, s.num_kv_heads, s, stream, max_blocks);
+}
+
 void fp32_q_block_means(float* q_means, const bf16* q, const int32_t* active,
-                        const flex::SearchShape& s, cudaStream_t stream) {
-  const int64_t row_chunks = s.num_q_heads * s.head_dim / kChunkElems;
-  q_block_means_kernel<<<dim3(static_cast<unsigned>(s.num_blocks),
-                              static_cast<unsigned>(ceil_div(row_chunks, kMeanThreads))),
-                         kMeanThreads, 0, stream>>>(q_means, q, active, s);
-  MF_CUDA_CHECK_LAUNCH();
+                        const flex::SearchShape& s, cudaStream_t stream, unsigned max_blocks) {
+  launch_block_means<true>(q_means, q, active, s.num_q_heads, s, stream, max_blocks);
 }
 
 void fp32_block_logits(double* tri, const float* q_means, const double* k_means,

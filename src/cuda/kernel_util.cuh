@@ -180,4 +180,10 @@ inline unsigned grid_for(int64_t count, int threads) {
   return static_cast<unsigned>(blocks < 65535 * 16 ? (blocks > 0 ? blocks : 1) : 65535 * 16);
 }
 
+// grid_for, at most max_blocks blocks (0: no limit).
+inline unsigned grid_for(int64_t count, int threads, unsigned max_blocks) {
+  const unsigned blocks = grid_for(count, threads);
+  return max_blocks == 0 || blocks < max_blocks ? blocks : max_blocks;
+}
+
 }  // namespace moeforge::cuda

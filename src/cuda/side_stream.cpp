@@ -11,6 +11,7 @@ namespace {
 struct Side {
   cudaStream_t stream = nullptr;
   cudaEvent_t forked = nullptr, done = nullptr;
+  unsigned max_blocks = 0;  // side_stream_max_blocks()
 };
 
 // This thread's side streams by device. At thread exit they are destroyed without checks: the
@@ -39,6 +40,9 @@ class SideStreams {
       MF_CUDA_CHECK(cudaStreamCreateWithPriority(&side.stream, cudaStreamNonBlocking, greatest));
       MF_CUDA_CHECK(cudaEventCreateWithFlags(&side.forked, cudaEventDisableTiming));
       MF_CUDA_CHECK(cudaEventCreateWithFlags(&side.done, cudaEventDisableTiming));
+      int sms = 0;
+      MF_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+      side.max_blocks = static_cast<unsigned>(sms * kSideBlocksPerSm);
     }
     return it->second;
   }
@@ -59,6 +63,10 @@ cudaStream_t fork_side_stream(cudaStream_t stream) {
   MF_CUDA_CHECK(cudaEventRecord(side.forked, stream));
   MF_CUDA_CHECK(cudaStreamWaitEvent(side.stream, side.forked, 0));
   return side.stream;
+}
+
+unsigned side_stream_max_blocks() {
+  return this_thread_side().max_blocks;
 }
 
 void join_side_stream(cudaStream_t stream) {

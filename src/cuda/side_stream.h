@@ -5,6 +5,13 @@
 // fast search's means, which its head decision waits for, then finish under the passes' cover
 // instead of after them).
 //
+// Footprint: a side-stream kernel launches at most side_stream_max_blocks() blocks of threads
+// (grid-stride loops), each small enough to fit an SM beside the fast search's tensor-core passes
+// (cuda/flex_prefill_fp32_blocks.cu: 128 threads of at most 80 registers, no shared memory; pass
+// 1's three blocks of threads leave an SM 10240 registers). A larger grid at the side stream's
+// priority would take whole SMs from the passes, so that the two streams took turns instead of
+// sharing the SMs.
+//
 // Memory: the caching allocator (cuda/device_memory.h) is not stream-ordered, so buffers that side
 // work uses must be allocated before fork_side_stream and freed after join_side_stream (the fork
 // orders the side stream behind everything already on the caller's stream, the join the caller's
@@ -18,6 +25,13 @@ namespace moeforge::cuda {
 // The side stream of this thread and the current device, ordered behind what `stream` has
 // enqueued so far.
 cudaStream_t fork_side_stream(cudaStream_t stream);
+
+// Blocks of threads per SM that a side-stream kernel may launch.
+constexpr int kSideBlocksPerSm = 1;
+
+// The most blocks of threads a side-stream kernel launches: kSideBlocksPerSm per SM of the current
+// device.
+unsigned side_stream_max_blocks();
 
 // Orders `stream` behind what the side stream of this thread and the current device has enqueued.
 void join_side_stream(cudaStream_t stream);

@@ -2,17 +2,21 @@
 // cuda/flex_prefill_fp32_blocks.cu) against the reference's doubles within the bound of
 // cuda/flex_prefill_fp32.h (testing::flex::step8_logits), on block sizes 64 and 128, GQA groups 1
 // to 4, N not a multiple of the block, head_dim 40 to 256 and more than one 64 x 64 tile of blocks;
-// heads that are not query-aware keep what tri held.
+// heads that are not query-aware keep what tri held. The side stream's means kernels give the exact
+// key means (flex::block_means' bits) and the same query means in grids of any size.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda/flex_prefill_fp32.h"
 #include "cuda/flex_prefill_stages.h"
+#include "cuda/side_stream.h"
 #include "flex_prefill_test_util.h"
 #include "gpu_test_util.h"
 
@@ -29,6 +33,17 @@ using testing::flex::step8_logits;
 using testing::flex::Step8Logits;
 
 constexpr double kUntouched = -7.0;  // what tri holds before the call
+
+// The entries of got whose bits differ from want's (all of them where the sizes differ).
+template <typename T>
+int64_t bits_differ(const std::vector<T>& got, const std::vector<T>& want) {
+  if (got.size() != want.size()) return static_cast<int64_t>(std::max(got.size(), want.size()));
+  int64_t differ = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    differ += std::memcmp(&got[i], &want[i], sizeof(T)) != 0 ? 1 : 0;
+  }
+  return differ;
+}
 
 const Case kCases[] = {
     {1000, 4, 4, 64, 64},   {1900, 4, 2, 128, 128}, {1500, 4, 1, 40, 64},
@@ -53,7 +68,7 @@ TEST(FlexPrefillFp32Blocks, LogitsWithinTheBoundOfTheReference) {
     DeviceBuffer<double> tri =
         to_device(std::vector<double>(static_cast<size_t>(c.num_q_heads * num_tri), kUntouched));
     DeviceBuffer<float> q_means(static_cast<size_t>(c.num_q_heads * s.num_blocks * c.head_dim));
-    fp32_q_block_means(q_means.data(), q.data(), flags.data(), s, nullptr);
+    fp32_q_block_means(q_means.data(), q.data(), flags.data(), s, nullptr, 0);
     fp32_block_logits(tri.data(), q_means.data(), k_means.data(), flags.data(), s, nullptr);
     const std::vector<double> got = tri.download();
     for (int64_t h = 0; h < c.num_q_heads; ++h) {
@@ -79,6 +94,53 @@ TEST(FlexPrefillFp32Blocks, LogitsWithinTheBoundOfTheReference) {
         }
       }
       EXPECT_EQ(num_bad, 0) << "head " << h << ": worst error / bound " << worst;
+    }
+  }
+}
+
+// fp32_key_block_means equals flex::block_means bit for bit, and both means kernels give the same
+// bits in grids of 1, 3 and the side stream's number of blocks of threads as in unbounded ones;
+// the query means of heads whose flag is 0 keep what the buffer held.
+TEST(FlexPrefillFp32Blocks, SideMeansInAnyGridEqualTheExactOnes) {
+  MF_REQUIRE_GPU();
+  uint64_t seed = 401;
+  for (const Case& c : kCases) {
+    SCOPED_TRACE(describe(c));
+    const testing::flex::Inputs in = make_inputs(c, seed++);
+    const flex::SearchShape s =
+        flex::search_shape(dims_of(c), params_of(c, 0.9, 0.1), "side means test");
+    const int64_t nb = s.num_blocks;
+    DeviceBuffer<bf16> q = to_device(to_bf16(in.q)), k = to_device(to_bf16(in.k));
+    std::vector<int32_t> active(static_cast<size_t>(c.num_q_heads));
+    for (int64_t h = 0; h < c.num_q_heads; ++h) active[h] = h % 2 == 0 ? 1 : 0;
+    DeviceBuffer<int32_t> flags = to_device(active);
+    const size_t k_size = static_cast<size_t>(c.num_kv_heads * nb * c.head_dim);
+    const size_t q_size = static_cast<size_t>(c.num_q_heads * nb * c.head_dim);
+    DeviceBuffer<double> exact_k(k_size);
+    flex::block_means(exact_k.data(), k.data(), c.num_kv_heads, 1.0, nullptr, s, nullptr);
+    const std::vector<double> want_k = exact_k.download();
+    const auto means = [&](unsigned max_blocks) {
+      DeviceBuffer<double> k_means = to_device(std::vector<double>(k_size, kUntouched));
+      DeviceBuffer<float> q_means =
+          to_device(std::vector<float>(q_size, static_cast<float>(kUntouched)));
+      fp32_key_block_means(k_means.data(), k.data(), s, nullptr, max_blocks);
+      fp32_q_block_means(q_means.data(), q.data(), flags.data(), s, nullptr, max_blocks);
+      return std::make_pair(k_means.download(), q_means.download());
+    };
+    const auto [unbounded_k, want_q] = means(0);
+    EXPECT_EQ(bits_differ(unbounded_k, want_k), 0);
+    for (int64_t h = 0; h < c.num_q_heads; ++h) {
+      const float* head = want_q.data() + h * nb * c.head_dim;
+      const bool untouched = std::all_of(head, head + nb * c.head_dim, [](float x) {
+        return x == static_cast<float>(kUntouched);
+      });
+      EXPECT_EQ(untouched, active[h] == 0) << "head " << h;
+    }
+    for (const unsigned max_blocks : {1u, 3u, side_stream_max_blocks()}) {
+      SCOPED_TRACE("max_blocks " + std::to_string(max_blocks));
+      const auto [got_k, got_q] = means(max_blocks);
+      EXPECT_EQ(bits_differ(got_k, want_k), 0);
+      EXPECT_EQ(bits_differ(got_q, want_q), 0);
     }
   }
 }
