@@ -7,10 +7,11 @@
 //
 // Footprint: a side-stream kernel launches at most side_stream_max_blocks() blocks of threads
 // (grid-stride loops), each small enough to fit an SM beside the fast search's tensor-core passes
-// (cuda/flex_prefill_fp32_blocks.cu: 128 threads of at most 80 registers, no shared memory; pass
-// 1's three blocks of threads leave an SM 10240 registers). A larger grid at the side stream's
-// priority would take whole SMs from the passes, so that the two streams took turns instead of
-// sharing the SMs.
+// (cuda/flex_prefill_fp32_blocks.cu: 128 threads of at most 80 registers, no shared memory): pass
+// 1's three blocks of threads leave an SM room for one, pass 2's two for two. A grid of many more
+// at the side stream's priority takes whole SMs from the passes, so that the two streams take
+// turns instead of sharing the SMs. Two per SM measured fastest of 1, 2 and 4 (docs/benchmarks.md,
+// session 24).
 //
 // Memory: the caching allocator (cuda/device_memory.h) is not stream-ordered, so buffers that side
 // work uses must be allocated before fork_side_stream and freed after join_side_stream (the fork
@@ -27,7 +28,7 @@ namespace moeforge::cuda {
 cudaStream_t fork_side_stream(cudaStream_t stream);
 
 // Blocks of threads per SM that a side-stream kernel may launch.
-constexpr int kSideBlocksPerSm = 1;
+constexpr int kSideBlocksPerSm = 2;
 
 // The most blocks of threads a side-stream kernel launches: kSideBlocksPerSm per SM of the current
 // device.
