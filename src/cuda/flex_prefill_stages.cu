@@ -807,6 +807,7 @@ void finish_selection(FlexPrefillDeviceSelection& out, const double* pooled,
   const int64_t num_heads = s.num_q_heads;
   const int64_t nb = s.num_blocks;
   const bool fast = params.search == ops::FlexSearch::kFp32;
+  MF_CHECK(!fast || fp32_vs != nullptr, "finish_selection: the fast search needs its fp32 values");
 
   // Steps 2 (the fast search's counts, and the budgets) and 6-7: on the side stream for the fast
   // search, whose buffers are all allocated before the fork (cuda/side_stream.h).
