@@ -31,6 +31,9 @@
 #             narrows both: the whole stage takes over 10 minutes, e.g. memcheck covered 102 of
 #             the 165 tests in 150 s in session 7, and racecheck spends minutes on single
 #             FlexPrefill and fallback-attention tests)
+#   mutate    scripts/mutation_check.py over build-gpu's CUDA tests: each mutation of MUTATIONS
+#             (default tests/cuda/flex_prefill_mutations.tsv) must make its tests fail; build-gpu
+#             is rebuilt unmutated at the end ($OUT/mutations.txt)
 #   lab       `moeforge bench gemm`: the expert GEMM candidates against a dense GEMM
 #   prefill   `moeforge bench prefill`: dense (cuDNN, ours) against FlexPrefill prefill attention at
 #             8K-128K on random inputs (PREFILL_ARGS adds options, e.g. --qkv FILE --seq ...)
@@ -225,6 +228,10 @@ PY
     lab)
       build-gpu/moeforge bench gemm > "$OUT/bench_gemm.json" 2>&1 || rc=1
       cat "$OUT/bench_gemm.json"
+      ;;
+    mutate)
+      python3 scripts/mutation_check.py "${MUTATIONS:-tests/cuda/flex_prefill_mutations.tsv}" \
+        | tee "$OUT/mutations.txt" || rc=1
       ;;
     prefill)
       # shellcheck disable=SC2086 # PREFILL_ARGS is a list of options
