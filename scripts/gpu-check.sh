@@ -37,6 +37,10 @@
 #   lab       `moeforge bench gemm`: the expert GEMM candidates against a dense GEMM
 #   prefill   `moeforge bench prefill`: dense (cuDNN, ours) against FlexPrefill prefill attention at
 #             8K-128K on random inputs (PREFILL_ARGS adds options, e.g. --qkv FILE --seq ...)
+#   timeline  a CUPTI kernel timeline of `moeforge bench prefill` at TIMELINE_SEQ (default 32768;
+#             TIMELINE_ARGS adds options): every part's span, busy time per stream, overlap and idle
+#             time (scripts/timeline_summary.py; $OUT/timeline_summary.txt), and the fast search's
+#             kernels one by one ($OUT/timeline_flex_select_fast.txt)
 #   reference our block-sparse kernel against the public FlexPrefill repository's Triton kernel on
 #             the same random block sets (scripts/reference_prefill_bench.py; a checkout of
 #             ByteDance-Seed/FlexPrefill in FLEXPREFILL_DIR, default .gpu-carry/FlexPrefill)
@@ -238,6 +242,15 @@ PY
       build-gpu/moeforge bench prefill ${PREFILL_ARGS:-} > "$OUT/bench_prefill.jsonl" \
         2> "$OUT/bench_prefill.log" || { tail -n 20 "$OUT/bench_prefill.log"; rc=1; }
       cat "$OUT/bench_prefill.jsonl"
+      ;;
+    timeline)
+      # shellcheck disable=SC2086 # TIMELINE_ARGS is a list of options
+      build-gpu/moeforge bench prefill --seq "${TIMELINE_SEQ:-32768}" --repeats 3 ${TIMELINE_ARGS:-} \
+        --kernel-timeline "$OUT/timeline.jsonl" > "$OUT/timeline_bench.jsonl" \
+        2> "$OUT/timeline_bench.log" || { tail -n 20 "$OUT/timeline_bench.log"; rc=1; }
+      python3 scripts/timeline_summary.py "$OUT/timeline.jsonl" | tee "$OUT/timeline_summary.txt" || rc=1
+      python3 scripts/timeline_summary.py "$OUT/timeline.jsonl" --part flex_select_fast --kernels \
+        > "$OUT/timeline_flex_select_fast.txt" || rc=1
       ;;
     reference)
       python3 scripts/reference_prefill_bench.py --moeforge build-gpu/moeforge \

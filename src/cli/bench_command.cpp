@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <fstream>
 #include <optional>
 #include <string>
 #include <vector>
@@ -36,6 +37,7 @@
 #include "cuda/gpu_adamw.h"
 #include "cuda/gpu_transformer.h"
 #include "cuda/gpu_zero_adamw.h"
+#include "cuda/kernel_timeline.h"
 #include "cuda/random_fill.h"
 #include "model/moe_ffn.h"
 #include "model/tensor_parallel.h"
@@ -64,6 +66,7 @@ struct BenchOptions {
   bool overlap_optimizer = false;
   bool cuda_graphs = false;
   int64_t zero_stage = 0;
+  std::string kernel_timeline;  // where to write a CUPTI timeline of one more step
 };
 
 #if MOEFORGE_HAVE_CUDA
@@ -121,6 +124,19 @@ void run_bench_train(const BenchOptions& opt) {
            "--expert-parallel ({}) must divide the number of ranks ({}) and --seq ({})", ep,
            world.size(), opt.seq);
   cuda::bind_device_to_local_rank(local_rank_from_environment());
+  // The kernel timeline's file (each rank's own under mpirun) and the build's CUPTI are checked
+  // before the steps (CUPTI itself loads at the recording, after the timed steps).
+  std::ofstream timeline_file;
+  if (!opt.kernel_timeline.empty()) {
+    const std::string path = world.size() > 1
+                                 ? fmt::format("{}.rank{}", opt.kernel_timeline, world.rank())
+                                 : opt.kernel_timeline;
+    MF_CHECK(cuda::kernel_timeline_available(),
+             "bench train: --kernel-timeline needs a build with CUPTI (the CUDA toolkit's "
+             "libcupti)");
+    timeline_file.open(path);
+    MF_CHECK(timeline_file.is_open(), "bench train: cannot write --kernel-timeline {}", path);
+  }
   cuda::DeviceAllocator::instance().reset_peak();
   // Under expert parallelism each GPU holds its group's share of the experts only; under tensor
   // parallelism the whole model (it uses its slices).
@@ -281,6 +297,12 @@ void run_bench_train(const BenchOptions& opt) {
   model.timer().set_enabled(true);
   for (int i = 0; i < 2; ++i) step();
   model.timer().set_enabled(false);
+  if (timeline_file.is_open()) {
+    cuda::KernelTimeline recording;
+    step();
+    cuda::write_timeline_jsonl(timeline_file, recording.finish(),
+                               {{"seq", opt.seq}, {"part", "train_step"}, {"rank", world.rank()}});
+  }
 
   std::vector<double> sorted = step_ms;
   std::sort(sorted.begin(), sorted.end());
@@ -434,6 +456,11 @@ void register_bench_command(CLI::App& app) {
                    "Under mpirun: the gradient sums start in buckets of this many MiB as the "
                    "backward finishes them, overlapped with it (0: one sum after the backward)")
       ->capture_default_str();
+  train->add_option("--kernel-timeline", opt->kernel_timeline,
+                    "Also record one more step with CUPTI and write when each kernel, memset, "
+                    "memcpy and CUDA runtime call ran, one JSON line each tagged seq, part "
+                    "(train_step) and rank, to FILE (under mpirun each rank to FILE.rank<N>; "
+                    "scripts/timeline_summary.py sums it up)");
   train->callback([opt] {
 #if MOEFORGE_HAVE_CUDA
     run_bench_train(*opt);
@@ -517,6 +544,10 @@ void register_bench_command(CLI::App& app) {
       ->capture_default_str();
   prefill->add_option("--repeats", prefill_opt->repeats, "Timed repeats (median)")
       ->capture_default_str();
+  prefill->add_option("--kernel-timeline", prefill_opt->timeline_file,
+                      "Also record one untimed run of every timed part with CUPTI and write "
+                      "when each kernel, memset, memcpy and CUDA runtime call ran, one JSON line "
+                      "each tagged seq and part, to FILE (scripts/timeline_summary.py sums it up)");
   prefill->callback([prefill_opt, flex_search] {
     prefill_opt->params.search = parse_flex_search(*flex_search);
 #if MOEFORGE_HAVE_CUDA

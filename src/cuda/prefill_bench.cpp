@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <fstream>
 #include <functional>
 #include <numeric>
 #include <optional>
@@ -20,6 +21,7 @@
 #include "cuda/device_memory.h"
 #include "cuda/event_timing.h"
 #include "cuda/flex_prefill.h"
+#include "cuda/kernel_timeline.h"
 #include "cuda/random_fill.h"
 #include "infer/qkv_dump.h"
 #include "io/safetensors.h"
@@ -54,15 +56,21 @@ Inputs make_inputs(const PrefillBenchOptions& opt, const PrefillQkv* dump, int64
   return in;
 }
 
-// Times fn into entry[key + "_ms"], or its error into entry[key + "_error"].
+// Times fn into entry[key + "_ms"], or its error into entry[key + "_error"]; with a timeline, then
+// records one more run of fn into it (tagged with entry's "seq" and the part, key).
 void time_into(nlohmann::json& entry, const std::string& key, int64_t repeats,
-               const std::function<void()>& fn) {
+               std::ostream* timeline, const std::function<void()>& fn) {
   try {
     entry[key + "_ms"] = median_event_ms(repeats, fn);
   } catch (const Error& error) {
     cudaGetLastError();
     entry[key + "_error"] = error.what();
+    return;
   }
+  if (timeline == nullptr) return;
+  KernelTimeline recording;
+  fn();
+  write_timeline_jsonl(*timeline, recording.finish(), {{"seq", entry["seq"]}, {"part", key}});
 }
 
 // The given block sets of one length (PrefillBenchOptions::layout_file).
@@ -158,6 +166,17 @@ void run_prefill_bench(const PrefillBenchOptions& options,
                                    "bench prefill");
   std::optional<io::SafetensorsFile> layout_file;
   if (!opt.layout_file.empty()) layout_file = io::SafetensorsFile::open(opt.layout_file);
+  std::ofstream timeline_file;
+  std::ostream* timeline = nullptr;
+  if (!opt.timeline_file.empty()) {
+    MF_CHECK(kernel_timeline_available(),
+             "bench prefill: --kernel-timeline needs a build with CUPTI (the CUDA toolkit's "
+             "libcupti)");
+    timeline_file.open(opt.timeline_file);
+    MF_CHECK(timeline_file.is_open(), "bench prefill: cannot write --kernel-timeline {}",
+             opt.timeline_file);
+    timeline = &timeline_file;
+  }
 
   const nlohmann::json common{{"heads", opt.num_heads},
                               {"kv_heads", opt.num_kv_heads},
@@ -180,18 +199,18 @@ void run_prefill_bench(const PrefillBenchOptions& options,
     entry["seq"] = seq;
     fmt::print(stderr, "bench prefill: seq {} ({} of {})\n", seq, i + 1, opt.seqs.size());
 
-    time_into(entry, "dense_cudnn", opt.repeats, [&] {
+    time_into(entry, "dense_cudnn", opt.repeats, timeline, [&] {
       cudnn.forward(out.data(), lse.data(), in.q.data(), in.k.data(), in.v.data(),
                     AttentionShape{1, seq, opt.num_heads, opt.num_kv_heads, opt.head_dim}, nullptr);
     });
     const DeviceBlockSparseLayoutBuffers dense =
         upload_layout(ops::dense_causal_layout(opt.num_heads, seq, opt.params.block_size));
-    time_into(entry, "dense_ours", opt.repeats, [&] {
+    time_into(entry, "dense_ours", opt.repeats, timeline, [&] {
       block_sparse_attention_forward(out.data(), lse.data(), in.q.data(), in.k.data(), in.v.data(),
                                      dense.view(), dims, nullptr);
     });
     // The sm_80 tensor-core kernel beside the automatic choice (the Hopper kernel on sm_90).
-    time_into(entry, "dense_mma_sync", opt.repeats, [&] {
+    time_into(entry, "dense_mma_sync", opt.repeats, timeline, [&] {
       block_sparse_attention_forward(out.data(), lse.data(), in.q.data(), in.k.data(), in.v.data(),
                                      dense.view(), dims, nullptr, BlockSparseKernel::tensor_core);
     });
@@ -199,7 +218,7 @@ void run_prefill_bench(const PrefillBenchOptions& options,
     if (layout_file) {
       const ops::BlockSparseLayout given = read_layout(*layout_file, opt, seq);
       const DeviceBlockSparseLayoutBuffers buffers = upload_layout(given);
-      time_into(entry, "layout", opt.repeats, [&] {
+      time_into(entry, "layout", opt.repeats, timeline, [&] {
         block_sparse_attention_forward(out.data(), lse.data(), in.q.data(), in.k.data(),
                                        in.v.data(), buffers.view(), dims, nullptr);
       });
@@ -219,10 +238,10 @@ void run_prefill_bench(const PrefillBenchOptions& options,
     exact_params.search = ops::FlexSearch::kExact;
     fast_params.search = ops::FlexSearch::kFp32;
     FlexPrefillDeviceSelection exact, fast;
-    time_into(entry, "flex_select", opt.repeats, [&] {
+    time_into(entry, "flex_select", opt.repeats, timeline, [&] {
       flex_prefill_select(exact, in.q.data(), in.k.data(), dims, exact_params, nullptr);
     });
-    time_into(entry, "flex_select_fast", opt.repeats, [&] {
+    time_into(entry, "flex_select_fast", opt.repeats, timeline, [&] {
       flex_prefill_select(fast, in.q.data(), in.k.data(), dims, fast_params, nullptr);
     });
     if (entry.contains("flex_select_ms") && entry.contains("flex_select_fast_ms")) {
@@ -239,7 +258,7 @@ void run_prefill_bench(const PrefillBenchOptions& options,
       const DeviceBlockSparseLayout view{selection.row_offsets.data(), selection.col_idx.data(),
                                          selection.num_heads, selection.num_blocks,
                                          selection.block_size};
-      time_into(entry, "flex_attention", opt.repeats, [&] {
+      time_into(entry, "flex_attention", opt.repeats, timeline, [&] {
         block_sparse_attention_forward(out.data(), lse.data(), in.q.data(), in.k.data(),
                                        in.v.data(), view, dims, nullptr);
       });

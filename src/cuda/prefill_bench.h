@@ -29,6 +29,9 @@ struct PrefillBenchOptions {
   std::string layout_file;
   ops::FlexPrefillParams params;
   int64_t repeats = 5;
+  // Where to write a kernel timeline (cuda/kernel_timeline.h) of one more, untimed run of every
+  // timed part: JSON lines tagged "seq" and "part" (the part's key without "_ms"); empty: none.
+  std::string timeline_file;
   uint64_t seed = 11;
 };
 
