@@ -1,16 +1,19 @@
 // The radix select of the fast search's coverage (cuda/coverage_select.h): four histogram passes
 // over the fp32 bits of the values, each ending in a pick by the segment's last block of threads,
-// then (for the selected flags) a marking pass and, where the cut falls inside a run of equal
-// values, one block per segment that marks the first of them by position.
+// then (for the selected flags) a marking pass that also counts each chunk's entries equal to the
+// cut and, where the cut falls inside a run of equal values, a pass that marks the first of them
+// by position, each chunk after the earlier chunks' count.
 #include "cuda/coverage_select.h"
 
+#include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
-#include <algorithm>
 #include <cstdint>
 #include <limits>
 
 #include "core/error.h"
+#include "cuda/coverage_select_one_block.h"
+#include "cuda/coverage_select_rule.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/device_memory.h"
 #include "cuda/kernel_util.cuh"
@@ -18,14 +21,19 @@
 namespace moeforge::cuda {
 namespace {
 
+using coverage::digit_shift;
+using coverage::fixed_of;
+using coverage::in_cut_prefix;
+using coverage::kBuckets;
+using coverage::kDigitBits;
+using coverage::key_of;
+using coverage::kPasses;
+using coverage::limit_of;
+
 constexpr int kThreads = 256;
-constexpr int kDigitBits = 8;
-constexpr int kBuckets = 1 << kDigitBits;
-constexpr int kPasses = 32 / kDigitBits;
 constexpr int64_t kChunk = 4096;  // values per block of threads of a histogram pass
 constexpr int kLoadsPerThread = static_cast<int>(kChunk) / kThreads;
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr double kFixedOne = 4503599627370496.0;  // 2^52
 // Shared-memory atomics add 32 bits natively (64-bit ones are compare-and-swap loops), so a
 // fixed-point value (<= 2^53, for values <= 2) is added as three parts of kPartBits bits: a block's
 // kChunk values keep each part's sum below 2^32.
@@ -54,20 +62,6 @@ struct Cut {
   unsigned long long take_equal;   // of those, selected (the first by position)
 };
 
-template <typename T>
-__device__ __forceinline__ uint32_t key_of(T value) {
-  return __float_as_uint(static_cast<float>(value));
-}
-
-__device__ __forceinline__ unsigned long long fixed_of(uint32_t key) {
-  return __double2ull_rn(static_cast<double>(__uint_as_float(key)) * kFixedOne);
-}
-
-__device__ __forceinline__ unsigned long long limit_of(unsigned long long total, double gamma) {
-  if (gamma >= 1.0) return total;
-  return min(total, static_cast<unsigned long long>(gamma * static_cast<double>(total)));
-}
-
 // Pass `pass` of the select: block (chunk of kChunk values, segment). Histograms of the bits
 // [shift, shift + kDigitBits) of the entries that share the cut's bits found so far (all entries in
 // pass 0): counts and fixed-point sums (in kParts parts) per bucket, per block in shared memory,
@@ -91,7 +85,7 @@ __global__ void __launch_bounds__(kThreads)
   // this one included, has arrived).
   Cut cut = pass == 0 ? Cut{0, 0, 0, 0, 0, 0, 0, 0} : cuts[segment];
   if (cut.done != 0) return;
-  const int shift = 32 - kDigitBits * (pass + 1);
+  const int shift = digit_shift(pass);
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid % kWarpSize;
   count_s[tid] = 0;
@@ -116,7 +110,7 @@ __global__ void __launch_bounds__(kThreads)
     unsigned long long fixed = 0;
     if (i < end) {
       const uint32_t key = key_of(loaded[u]);
-      if (pass == 0 || (key >> (shift + kDigitBits)) == (cut.key >> (shift + kDigitBits))) {
+      if (in_cut_prefix(key, cut.key, pass)) {
         bucket = (key >> shift) & (kBuckets - 1);
         fixed = fixed_of(key);
       }
@@ -213,68 +207,107 @@ __global__ void __launch_bounds__(kThreads)
   cuts[segment] = cut;
 }
 
+// Whether the cut falls inside a run of equal values (0 < take_equal < count_equal), so that the
+// first take_equal of them by position are to be marked.
+__device__ __forceinline__ bool is_tie(const Cut& cut) {
+  return cut.all == 0 && cut.take_equal != 0 && cut.take_equal != cut.count_equal;
+}
+
 // selected [segments, segment_size] = 1 for the entries above the cut and, when all of them are
-// taken, those equal to it; else 0. Block (range of positions, segment).
+// taken, those equal to it; else 0. Block (chunk of kChunk values, segment). Where the cut is a
+// tie, also counts the chunk's entries equal to it into chunk_equal [segments, chunks].
 template <typename T>
-__global__ void select_mark_kernel(uint8_t* selected, const Cut* cuts, const T* values,
-                                   int64_t segment_size, SegmentFilter filter) {
+__global__ void __launch_bounds__(kThreads)
+    select_mark_kernel(uint8_t* selected, unsigned* chunk_equal, const Cut* cuts, const T* values,
+                       int64_t segment_size, SegmentFilter filter) {
+  using BlockReduce = cub::BlockReduce<unsigned, kThreads>;
+  __shared__ typename BlockReduce::TempStorage reduce_storage;
   const int64_t segment = blockIdx.y;
   if (!filter.runs(segment)) return;
   const Cut cut = cuts[segment];
   const bool all_equal = cut.take_equal == cut.count_equal;
   const T* x = values + segment * segment_size;
   uint8_t* out = selected + segment * segment_size;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < segment_size;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kChunk;
+  const int64_t end = min(segment_size, begin + kChunk);
+  unsigned equal = 0;
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
     const uint32_t key = key_of(x[i]);
+    equal += key == cut.key ? 1u : 0u;
     out[i] = cut.all != 0 || key > cut.key || (key == cut.key && all_equal) ? 1 : 0;
+  }
+  if (!is_tie(cut)) return;  // uniform across the block
+  const unsigned chunk_total = BlockReduce(reduce_storage).Sum(equal);
+  if (threadIdx.x == 0) {
+    chunk_equal[segment * static_cast<int64_t>(gridDim.x) + blockIdx.x] = chunk_total;
   }
 }
 
-// Block per segment whose cut falls inside a run of equal values (0 < take_equal < count_equal):
-// marks the first take_equal of them by position, kThreads positions at a time.
+// Block (chunk, segment) for the segments whose cut is a tie: the chunk's entries equal to the cut
+// are taken in position order after those of the earlier chunks (chunk_equal, from the mark), while
+// fewer than take_equal are taken, kThreads positions at a time.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    select_ties_kernel(uint8_t* selected, const Cut* cuts, const T* values, int64_t segment_size,
-                       SegmentFilter filter) {
+    select_ties_kernel(uint8_t* selected, const unsigned* chunk_equal, const Cut* cuts,
+                       const T* values, int64_t segment_size, SegmentFilter filter) {
   using BlockScan = cub::BlockScan<unsigned, kThreads>;
-  __shared__ typename BlockScan::TempStorage scan_storage;
-  const int64_t segment = blockIdx.x;
+  using BlockReduce = cub::BlockReduce<unsigned long long, kThreads>;
+  __shared__ union {
+    typename BlockScan::TempStorage scan;
+    typename BlockReduce::TempStorage reduce;
+  } storage;
+  __shared__ unsigned long long before_s;
+  const int64_t segment = blockIdx.y;
   if (!filter.runs(segment)) return;
   const Cut cut = cuts[segment];
-  if (cut.all != 0 || cut.take_equal == 0 || cut.take_equal == cut.count_equal) return;
+  if (!is_tie(cut)) return;
+  const unsigned* counts = chunk_equal + segment * static_cast<int64_t>(gridDim.x);
+  unsigned long long before = 0;  // equal entries in the earlier chunks
+  for (unsigned c = threadIdx.x; c < blockIdx.x; c += kThreads) before += counts[c];
+  before = BlockReduce(storage.reduce).Sum(before);
+  if (threadIdx.x == 0) before_s = before;
+  __syncthreads();
+  unsigned long long taken = before_s;  // equal entries before this tile
   const T* x = values + segment * segment_size;
   uint8_t* out = selected + segment * segment_size;
-  unsigned long long taken = 0;  // equal entries before this tile
-  for (int64_t base = 0; base < segment_size && taken < cut.take_equal; base += kThreads) {
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kChunk;
+  const int64_t end = min(segment_size, begin + kChunk);
+  for (int64_t base = begin; base < end && taken < cut.take_equal; base += kThreads) {
     const int64_t i = base + threadIdx.x;
-    const unsigned equal = i < segment_size && key_of(x[i]) == cut.key ? 1u : 0u;
+    const unsigned equal = i < end && key_of(x[i]) == cut.key ? 1u : 0u;
     unsigned rank = 0, tile_equal = 0;
-    BlockScan(scan_storage).ExclusiveSum(equal, rank, tile_equal);
+    BlockScan(storage.scan).ExclusiveSum(equal, rank, tile_equal);
     if (equal != 0 && taken + rank < cut.take_equal) out[i] = 1;
     taken += tile_equal;
-    __syncthreads();  // scan_storage is reused
+    __syncthreads();  // storage.scan is reused
   }
 }
 
 // The workspace: hist_count, hist_sum [kPasses, segments, kBuckets] and arrivals [kPasses,
-// segments] (zeroed by each select, in one call), then cuts [segments].
+// segments] (zeroed by each select, in one call), then cuts [segments], then the ties' chunk_equal
+// [segments, chunks].
 size_t scratch_bytes(int64_t num_segments) {
   return static_cast<size_t>(kPasses * num_segments * (2 * kBuckets + 1)) *
          sizeof(unsigned long long);
 }
 
+size_t cuts_bytes(int64_t num_segments) {
+  return static_cast<size_t>(num_segments) * sizeof(Cut);
+}
+
 }  // namespace
 
-size_t coverage_select_workspace_bytes(int64_t num_segments) {
-  static_assert(alignof(Cut) <= 16 && sizeof(unsigned long long) % alignof(Cut) == 0);
-  return scratch_bytes(num_segments) + static_cast<size_t>(num_segments) * sizeof(Cut);
+size_t coverage_select_workspace_bytes(int64_t num_segments, int64_t segment_size) {
+  static_assert(alignof(Cut) <= 16 && sizeof(unsigned long long) % alignof(Cut) == 0 &&
+                sizeof(Cut) % alignof(unsigned) == 0);
+  return scratch_bytes(num_segments) + cuts_bytes(num_segments) +
+         static_cast<size_t>(num_segments * ceil_div(segment_size, kChunk)) * sizeof(unsigned);
 }
 
 template <typename T>
 void coverage_select(unsigned long long* counts, uint8_t* selected, const T* values,
                      int64_t num_segments, int64_t segment_size, double gamma, SegmentFilter filter,
-                     cudaStream_t stream, void* workspace) {
+                     cudaStream_t stream, void* workspace, SelectPath path) {
   MF_CHECK(num_segments >= 1 && num_segments <= 65535,
            "coverage_select: num_segments must be in [1, 65535], got {}", num_segments);
   MF_CHECK(segment_size >= 1 && segment_size <= std::numeric_limits<int32_t>::max(),
@@ -282,9 +315,13 @@ void coverage_select(unsigned long long* counts, uint8_t* selected, const T* val
   MF_CHECK(filter.segments_per_flag >= 1, "coverage_select: segments_per_flag must be >= 1, got {}",
            filter.segments_per_flag);
   MF_CHECK(aligned_to(16, workspace), "coverage_select: the workspace must be 16-byte aligned");
+  if (path == SelectPath::one_block) {
+    one_block_select(counts, selected, values, num_segments, segment_size, gamma, filter, stream);
+    return;
+  }
   DeviceBuffer<uint8_t> own_workspace;
   if (workspace == nullptr) {
-    own_workspace.resize(coverage_select_workspace_bytes(num_segments));
+    own_workspace.resize(coverage_select_workspace_bytes(num_segments, segment_size));
     workspace = own_workspace.data();
   }
   const int64_t chunks = ceil_div(segment_size, kChunk);
@@ -295,6 +332,8 @@ void coverage_select(unsigned long long* counts, uint8_t* selected, const T* val
   MF_CUDA_CHECK(cudaMemsetAsync(workspace, 0, scratch_bytes(num_segments), stream));
   Cut* cuts =
       reinterpret_cast<Cut*>(static_cast<uint8_t*>(workspace) + scratch_bytes(num_segments));
+  auto* chunk_equal = reinterpret_cast<unsigned*>(
+      static_cast<uint8_t*>(workspace) + scratch_bytes(num_segments) + cuts_bytes(num_segments));
   const dim3 pass_grid(static_cast<unsigned>(chunks), static_cast<unsigned>(num_segments));
   for (int pass = 0; pass < kPasses; ++pass) {
     select_pass_kernel<T><<<pass_grid, kThreads, 0, stream>>>(
@@ -302,20 +341,18 @@ void coverage_select(unsigned long long* counts, uint8_t* selected, const T* val
     MF_CUDA_CHECK_LAUNCH();
   }
   if (selected == nullptr) return;
-  const unsigned mark_blocks =
-      static_cast<unsigned>(std::min<int64_t>(ceil_div(segment_size, kThreads * 8), 1024));
-  select_mark_kernel<T>
-      <<<dim3(mark_blocks, static_cast<unsigned>(num_segments)), kThreads, 0, stream>>>(
-          selected, cuts, values, segment_size, filter);
+  select_mark_kernel<T><<<pass_grid, kThreads, 0, stream>>>(selected, chunk_equal, cuts, values,
+                                                            segment_size, filter);
   MF_CUDA_CHECK_LAUNCH();
-  select_ties_kernel<T><<<static_cast<unsigned>(num_segments), kThreads, 0, stream>>>(
-      selected, cuts, values, segment_size, filter);
+  select_ties_kernel<T><<<pass_grid, kThreads, 0, stream>>>(selected, chunk_equal, cuts, values,
+                                                            segment_size, filter);
   MF_CUDA_CHECK_LAUNCH();
 }
 
 template void coverage_select<float>(unsigned long long*, uint8_t*, const float*, int64_t, int64_t,
-                                     double, SegmentFilter, cudaStream_t, void*);
+                                     double, SegmentFilter, cudaStream_t, void*, SelectPath);
 template void coverage_select<double>(unsigned long long*, uint8_t*, const double*, int64_t,
-                                      int64_t, double, SegmentFilter, cudaStream_t, void*);
+                                      int64_t, double, SegmentFilter, cudaStream_t, void*,
+                                      SelectPath);
 
 }  // namespace moeforge::cuda

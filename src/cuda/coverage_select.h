@@ -9,18 +9,18 @@
 // limit = T if gamma >= 1, else floor(gamma T), the selection is the entries t with S_t <= limit
 // (a prefix of that order, as every f >= 0), and the count is their number.
 //
-// How: v's fp32 bits order as v (v >= +0.0), so the first excluded entry's bits K are found 8 bits
-// at a time, most significant first. Each of four passes builds per segment a histogram of the
-// next 8 bits over the entries that share K's bits found so far (count and fixed-point sum per
-// bucket: 32-bit shared-memory atomics per block, reduced per warp first where its values share
-// few buckets, then global atomics per segment);
-// the block that finishes a segment's histogram last walks its buckets from the top and keeps the
-// one where the running sum passes the limit. After the fourth pass K is known, with the sum and
-// number of the entries above it (a segment whose kept bucket holds a single entry is final
-// earlier: that entry is the first excluded, so the later passes skip the segment); of the entries
-// equal to K the first (limit - S_above) / f(K) by position are selected. Nothing is sorted or
-// copied: 4 reads of the values (L2-resident at the search's sizes) instead of the 8-16 passes of a
-// 64-bit radix sort with its copies.
+// How: v's fp32 bits without the sign order as v (v >= 0; -0.0 as +0.0), so the first excluded
+// entry's bits K are found 8 bits at a time, most significant first. Each of four passes builds per
+// segment a histogram of the next 8 bits over the entries that share K's bits found so far (count
+// and fixed-point sum per bucket: 32-bit shared-memory atomics per block, reduced per warp first
+// where its values share few buckets, then global atomics per segment); the block that finishes
+// a segment's histogram last walks its buckets from the top and keeps the one where the running
+// sum passes the limit. After the fourth pass K is known, with the sum and number of the entries
+// above it (a segment whose kept bucket holds a single entry is final earlier: that entry is the
+// first excluded, so the later passes skip the segment); of the entries equal to K the first
+// (limit - S_above) / f(K) by position are selected. Nothing is sorted or copied: 4 reads of the
+// values (L2-resident at the search's sizes) instead of the 8-16 passes of a 64-bit radix sort
+// with its copies.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -44,25 +44,34 @@ struct SegmentFilter {
   }
 };
 
-// Selects in segments [num_segments, segment_size] of values (T = float or double; each >= +0.0
-// and at most 2, each segment's sum below 2^12 so that its fixed-point total fits 64 bits, as
-// probabilities and the search's triangles of nb <= 2048 rows are; others give an unspecified
-// result):
+// How coverage_select runs: blocks of 4096 values with a launch per pass (the description above),
+// for any size; or one block of threads per segment, its keys in shared memory, all passes in one
+// launch (cuda/coverage_select_one_block.h), where a segment fits (at most 49152 values, and the
+// device's shared memory). automatic: many blocks, until the one-block path is measured against it
+// on a GPU (issue #5; docs/benchmarks.md, session 25).
+enum class SelectPath { automatic, many_blocks, one_block };
+
+// Selects in segments [num_segments, segment_size] of values (T = float or double; each >= 0,
+// -0.0 counting as +0.0, and at most 2, each segment's sum below 2^12 so that its fixed-point total
+// fits 64 bits, as probabilities and the search's triangles of nb <= 2048 rows are; others give an
+// unspecified result):
 //  - counts (nullptr: not written) [num_segments]: each segment's count;
 //  - selected (nullptr: not written) [num_segments * segment_size]: 1 for a selected entry, else 0.
 // Segments that the filter does not run are skipped and their outputs left as they were. 1 <=
 // num_segments <= 65535, 1 <= segment_size <= 2^31 - 1 and segments_per_flag >= 1
 // (moeforge::Error otherwise). Asynchronous on stream. Its temporary buffers (about 16 KB per
-// segment) are the workspace, coverage_select_workspace_bytes(num_segments) bytes 16-byte aligned
-// that the select overwrites (the caller's, e.g. allocated before a fork to a side stream, since
+// segment and 4 bytes per 4096 values) are the workspace,
+// coverage_select_workspace_bytes(num_segments, segment_size) bytes 16-byte aligned that the select
+// overwrites (the caller's, e.g. allocated before a fork to a side stream, since
 // the caching allocator is not stream-ordered: cuda/side_stream.h), or with workspace null its own
-// from the caching allocator.
+// from the caching allocator; the one-block path needs none. path one_block for a segment that does
+// not fit is a moeforge::Error.
 template <typename T>
 void coverage_select(unsigned long long* counts, uint8_t* selected, const T* values,
                      int64_t num_segments, int64_t segment_size, double gamma, SegmentFilter filter,
-                     cudaStream_t stream, void* workspace);
+                     cudaStream_t stream, void* workspace, SelectPath path = SelectPath::automatic);
 
-// Bytes of coverage_select's workspace for num_segments segments.
-size_t coverage_select_workspace_bytes(int64_t num_segments);
+// Bytes of coverage_select's workspace for num_segments segments of segment_size values.
+size_t coverage_select_workspace_bytes(int64_t num_segments, int64_t segment_size);
 
 }  // namespace moeforge::cuda

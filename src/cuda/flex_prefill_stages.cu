@@ -813,7 +813,7 @@ void finish_selection(FlexPrefillDeviceSelection& out, const double* pooled,
   // search, whose buffers are all allocated before the fork (cuda/side_stream.h).
   DeviceBuffer<uint8_t> grid(static_cast<size_t>(num_heads * nb * nb));  // [Hq, nb, nb]
   DeviceBuffer<uint8_t> step2_workspace;
-  if (fast) step2_workspace.resize(coverage_select_workspace_bytes(num_heads * 2));
+  if (fast) step2_workspace.resize(coverage_select_workspace_bytes(num_heads * 2, s.seq_len));
   const cudaStream_t top_k_stream = fast ? fork_side_stream(stream) : stream;
   if (fast) {
     fp32_coverage_counts(coverage_counts, fp32_vs, s, params.gamma, out.query_aware.data(),

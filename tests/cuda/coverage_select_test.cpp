@@ -2,7 +2,7 @@
 // and a walk): counts and selected flags must be equal, on probability-like values, wide ranges,
 // runs of equal values (the cut inside a run), zeros, segments of one value, sizes around the
 // kernels' 4096-value chunks, fp32 and fp64 inputs, every gamma, and segments the filter skips
-// (left as they were).
+// (left as they were), by both paths (one block per segment, and blocks of 4096 values).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -16,6 +16,7 @@
 #include "core/error.h"
 #include "core/rng.h"
 #include "cuda/coverage_select.h"
+#include "cuda/coverage_select_one_block.h"
 #include "gpu_test_util.h"
 
 namespace moeforge::cuda {
@@ -75,12 +76,12 @@ HostSelection host_select(const std::vector<T>& values, int64_t num_segments, in
 template <typename T>
 void expect_select_matches(const std::string& what, const std::vector<T>& values,
                            int64_t num_segments, int64_t size, double gamma,
-                           const std::vector<int32_t>& flag_values, int64_t segments_per_flag = 1,
-                           bool run_on_zero = false) {
-  SCOPED_TRACE(what + " segments=" + std::to_string(num_segments) +
-               " size=" + std::to_string(size) + " gamma=" + std::to_string(gamma) +
-               " segments_per_flag=" + std::to_string(segments_per_flag) +
-               (run_on_zero ? " on zero" : ""));
+                           const std::vector<int32_t>& flag_values, SelectPath path,
+                           int64_t segments_per_flag = 1, bool run_on_zero = false) {
+  SCOPED_TRACE(what + (path == SelectPath::one_block ? " one block" : " many blocks") +
+               " segments=" + std::to_string(num_segments) + " size=" + std::to_string(size) +
+               " gamma=" + std::to_string(gamma) + " segments_per_flag=" +
+               std::to_string(segments_per_flag) + (run_on_zero ? " on zero" : ""));
   std::vector<int32_t> active(num_segments);
   for (int64_t s = 0; s < num_segments; ++s) {
     const int32_t flag = flag_values[s / segments_per_flag];
@@ -94,22 +95,35 @@ void expect_select_matches(const std::string& what, const std::vector<T>& values
       to_device(std::vector<unsigned long long>(num_segments, kUntouchedCount));
   DeviceBuffer<uint8_t> selected = to_device(std::vector<uint8_t>(values.size(), kUntouchedFlag));
   coverage_select(counts.data(), selected.data(), x.data(), num_segments, size, gamma, filter,
-                  nullptr, nullptr);
+                  nullptr, nullptr, path);
   testing::synchronize();
   expect_equal("counts", counts.download(), want.counts);
   expect_equal("selected", selected.download(), want.selected);
 
-  // The counts alone, twice in a caller's workspace that starts as garbage and is then reused.
-  DeviceBuffer<uint8_t> workspace = to_device(
-      std::vector<uint8_t>(coverage_select_workspace_bytes(num_segments), kUntouchedFlag));
+  // The counts alone, twice in a caller's workspace that starts as garbage and is then reused,
+  // then the flags alone in it; the guard bytes after it must stay as they were.
+  constexpr size_t kGuardBytes = 256;
+  const size_t workspace_bytes = coverage_select_workspace_bytes(num_segments, size);
+  DeviceBuffer<uint8_t> workspace =
+      to_device(std::vector<uint8_t>(workspace_bytes + kGuardBytes, kUntouchedFlag));
   for (const char* round : {"counts without flags", "counts in a reused workspace"}) {
     DeviceBuffer<unsigned long long> counts_only =
         to_device(std::vector<unsigned long long>(num_segments, kUntouchedCount));
     coverage_select(counts_only.data(), static_cast<uint8_t*>(nullptr), x.data(), num_segments,
-                    size, gamma, filter, nullptr, workspace.data());
+                    size, gamma, filter, nullptr, workspace.data(), path);
     testing::synchronize();
     expect_equal(round, counts_only.download(), want.counts);
   }
+  DeviceBuffer<uint8_t> flags_only = to_device(std::vector<uint8_t>(values.size(), kUntouchedFlag));
+  coverage_select(static_cast<unsigned long long*>(nullptr), flags_only.data(), x.data(),
+                  num_segments, size, gamma, filter, nullptr, workspace.data(), path);
+  testing::synchronize();
+  expect_equal("flags in a reused workspace", flags_only.download(), want.selected);
+  const std::vector<uint8_t> after = workspace.download();
+  expect_equal(
+      "guard bytes after the workspace",
+      std::vector<uint8_t>(after.begin() + static_cast<int64_t>(workspace_bytes), after.end()),
+      std::vector<uint8_t>(kGuardBytes, kUntouchedFlag));
 }
 
 enum class Shape { kProbabilities, kWideRange, kFewLevels, kAllEqual, kZeros, kNearTies };
@@ -127,8 +141,9 @@ std::vector<T> make_values(Shape shape, int64_t num_segments, int64_t size, uint
       const double u = rng.uniform();
       switch (shape) {
         case Shape::kProbabilities: x[i] = static_cast<T>(u); break;
-        case Shape::kWideRange:  // 2^-60 .. 1, and some exact zeros
-          x[i] = u < 0.05 ? T{0} : static_cast<T>(std::exp2(-60.0 * rng.uniform()));
+        case Shape::kWideRange:  // 2^-60 .. 1, and some exact zeros of either sign
+          x[i] = u < 0.05 ? (i % 2 == 0 ? T{0} : -T{0})
+                          : static_cast<T>(std::exp2(-60.0 * rng.uniform()));
           break;
         case Shape::kFewLevels:  // long runs of equal values
           x[i] = static_cast<T>(std::array<double, 4>{0.0, 0.25, 1.0 / 3.0, 0.5}[i % 7 % 4] /
@@ -150,26 +165,34 @@ std::vector<T> make_values(Shape shape, int64_t num_segments, int64_t size, uint
   return values;
 }
 
+// Both paths where the one-block path fits (it does at 33000 values on an H200), the many-block
+// path alone past it (70000: 18 chunks, so that a cut inside a run of equal values spans chunks).
 TEST(CoverageSelect, MatchesTheHostRule) {
   MF_REQUIRE_GPU();
   const Shape shapes[] = {Shape::kProbabilities, Shape::kWideRange, Shape::kFewLevels,
                           Shape::kAllEqual,      Shape::kZeros,     Shape::kNearTies};
   const char* names[] = {"probabilities", "wide range", "few levels",
                          "all equal",     "zeros",      "near ties"};
-  const int64_t sizes[] = {1, 7, 4096, 4097, 33000};
+  const int64_t sizes[] = {1, 7, 4096, 4097, 33000, 70000};
+  // The one-block path where it fits this device (on an H200 every size up to 33000).
+  const int64_t one_block_max =
+      std::min(one_block_select_max_values<float>(), one_block_select_max_values<double>());
   uint64_t seed = 1;
   for (int k = 0; k < 6; ++k) {
     for (int64_t size : sizes) {
-      const int64_t num_segments = size > 4097 ? 3 : 5;
+      const int64_t num_segments = size > 33000 ? 2 : size > 4097 ? 3 : 5;
       std::vector<int32_t> active(num_segments, 1);
       active[1] = 0;
       const std::vector<float> f = make_values<float>(shapes[k], num_segments, size, seed);
       const std::vector<double> d = make_values<double>(shapes[k], num_segments, size, seed++);
-      for (double gamma : {0.1, 0.5, 0.9, 1.0}) {
-        expect_select_matches(std::string(names[k]) + " fp32", f, num_segments, size, gamma,
-                              active);
-        expect_select_matches(std::string(names[k]) + " fp64", d, num_segments, size, gamma,
-                              active);
+      for (const SelectPath path : {SelectPath::many_blocks, SelectPath::one_block}) {
+        if (path == SelectPath::one_block && size > one_block_max) continue;
+        for (double gamma : {0.1, 0.5, 0.9, 1.0}) {
+          expect_select_matches(std::string(names[k]) + " fp32", f, num_segments, size, gamma,
+                                active, path);
+          expect_select_matches(std::string(names[k]) + " fp64", d, num_segments, size, gamma,
+                                active, path);
+        }
       }
     }
   }
@@ -182,12 +205,20 @@ TEST(CoverageSelect, ManySegmentsAtSearchSizes) {
   MF_REQUIRE_GPU();
   const int64_t num_tri = 313 * 314 / 2;
   const std::vector<float> vs = make_values<float>(Shape::kProbabilities, 32, 20000, 91);
-  expect_select_matches("step 2", vs, 32, 20000, 0.9, std::vector<int32_t>(32, 1));
   std::vector<int32_t> query_aware(16, 0);
   query_aware[0] = query_aware[5] = query_aware[15] = 1;
-  expect_select_matches("step 2, heads not query-aware", vs, 32, 20000, 0.9, query_aware, 2, true);
   const std::vector<double> tri = make_values<double>(Shape::kWideRange, 4, num_tri, 92);
-  expect_select_matches("step 8", tri, 4, num_tri, 0.9, std::vector<int32_t>(4, 1));
+  for (const SelectPath path : {SelectPath::many_blocks, SelectPath::one_block}) {
+    const bool one_block = path == SelectPath::one_block;
+    if (!one_block || 20000 <= one_block_select_max_values<float>()) {
+      expect_select_matches("step 2", vs, 32, 20000, 0.9, std::vector<int32_t>(32, 1), path);
+      expect_select_matches("step 2, heads not query-aware", vs, 32, 20000, 0.9, query_aware, path,
+                            2, true);
+    }
+    if (!one_block || num_tri <= one_block_select_max_values<double>()) {
+      expect_select_matches("step 8", tri, 4, num_tri, 0.9, std::vector<int32_t>(4, 1), path);
+    }
+  }
 }
 
 TEST(CoverageSelect, RejectsBadShapes) {
@@ -204,7 +235,13 @@ TEST(CoverageSelect, RejectsBadShapes) {
   EXPECT_THROW(coverage_select(counts.data(), static_cast<uint8_t*>(nullptr), x.data(), 1, 4, 0.9,
                                SegmentFilter{flags.data(), 0, false}, nullptr, nullptr),
                Error);
-  DeviceBuffer<uint8_t> workspace(coverage_select_workspace_bytes(1) + 16);
+  const int64_t too_long = one_block_select_max_values<float>() + 1;
+  DeviceBuffer<float> long_x(static_cast<size_t>(too_long));
+  EXPECT_THROW(
+      coverage_select(counts.data(), static_cast<uint8_t*>(nullptr), long_x.data(), 1, too_long,
+                      0.9, SegmentFilter{}, nullptr, nullptr, SelectPath::one_block),
+      Error);
+  DeviceBuffer<uint8_t> workspace(coverage_select_workspace_bytes(1, 4) + 16);
   EXPECT_THROW(coverage_select(counts.data(), static_cast<uint8_t*>(nullptr), x.data(), 1, 4, 0.9,
                                SegmentFilter{}, nullptr, workspace.data() + 8),
                Error);
