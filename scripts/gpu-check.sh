@@ -26,9 +26,10 @@
 #             and sp_ep with --grad-reduce bf16, alternating (ABLATION_REPEATS rounds, default 2),
 #             as a table (scripts/ablation_table.py; $OUT/ablation.md): whole step and "layers
 #             only" (without grad_reduce and optimizer) relative to tp
-#   sanitize  compute-sanitizer memcheck over the CUDA test binary, racecheck over our own kernels
-#             (SANITIZE_TOOLS picks, default "memcheck racecheck"; SANITIZE_FILTER, a gtest filter,
-#             narrows both: the whole stage takes over 10 minutes, e.g. memcheck covered 102 of
+#   sanitize  compute-sanitizer memcheck over the CUDA test binary, racecheck (and on request
+#             synccheck) over our own kernels (SANITIZE_TOOLS picks from "memcheck racecheck
+#             synccheck", default "memcheck racecheck"; SANITIZE_FILTER, a gtest filter,
+#             narrows them: the whole stage takes over 10 minutes, e.g. memcheck covered 102 of
 #             the 165 tests in 150 s in session 7, and racecheck spends minutes on single
 #             FlexPrefill and fallback-attention tests)
 #   mutate    scripts/mutation_check.py over build-gpu's CUDA tests: each mutation of MUTATIONS
@@ -227,6 +228,14 @@ PY
           --gtest_filter="$only-*GpuTransformer*:AttentionCuda.*:BlasCuda.*:*GroupedGemm*" \
           > "$OUT/racecheck.txt" 2>&1 || rc=1
         tail -n 3 "$OUT/racecheck.txt"
+      fi
+      # synccheck: barriers and warp-synchronous intrinsics that not every thread they name reaches
+      # (a hang or an illegal instruction otherwise), over our own kernels' tests as racecheck.
+      if [[ "$tools" == *" synccheck "* ]]; then
+        MOEFORGE_EXPECT_GPU=1 "$sanitizer" --tool synccheck --error-exitcode 1 build-gpu/tests/cuda_tests \
+          --gtest_filter="$only-*GpuTransformer*:AttentionCuda.*:BlasCuda.*:*GroupedGemm*" \
+          > "$OUT/synccheck.txt" 2>&1 || rc=1
+        tail -n 3 "$OUT/synccheck.txt"
       fi
       ;;
     lab)
