@@ -21,14 +21,7 @@
 namespace moeforge::cuda {
 namespace {
 
-using coverage::digit_shift;
-using coverage::fixed_of;
-using coverage::in_cut_prefix;
-using coverage::kBuckets;
-using coverage::kDigitBits;
-using coverage::key_of;
-using coverage::kPasses;
-using coverage::limit_of;
+using namespace coverage;  // the rule shared by both paths
 
 constexpr int kThreads = 256;
 constexpr int64_t kChunk = 4096;  // values per block of threads of a histogram pass
@@ -48,19 +41,6 @@ constexpr int kMaxReducedBuckets = 4;
 static_assert(kParts * kPartBits >= 54 && kChunk << kPartBits <= (int64_t{1} << 32),
               "a block's parts sum below 2^32");
 static_assert(kThreads == kBuckets, "the pick gives each thread one bucket");
-
-// One segment's cut: the fp32 bits K of its first excluded entry (in the order of
-// cuda/coverage_select.h), found kDigitBits at a time.
-struct Cut {
-  uint32_t key;                    // K's bits found so far (every bit once done)
-  uint32_t all;                    // 1: every entry fits under the limit (key unused)
-  uint32_t done;                   // 1: the cut is final, later passes skip the segment
-  unsigned long long limit;        // T if gamma >= 1, else floor(gamma T)
-  unsigned long long sum_above;    // fixed-point sum of the entries above K's current bucket
-  unsigned long long count_above;  // their number
-  unsigned long long count_equal;  // once done: the entries equal to K (see the pick)
-  unsigned long long take_equal;   // of those, selected (the first by position)
-};
 
 // Pass `pass` of the select: block (chunk of kChunk values, segment). Histograms of the bits
 // [shift, shift + kDigitBits) of the entries that share the cut's bits found so far (all entries in
@@ -186,23 +166,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   const unsigned long long room = cut.limit - cut.sum_above;
   if (!(sum_before <= room && room < sum_before + sum)) return;
-  cut.key |= bucket << shift;
-  cut.sum_above += sum_before;
-  cut.count_above += count_before;
-  if (count == 1 && pass < kPasses - 1) {
-    // The bucket holds one entry, the first excluded (its value passes the limit), and no other
-    // entry shares its bits found so far: the cut is final. K becomes the bucket's highest bits, so
-    // the entries above K are those of the higher buckets; count_equal = 1 with take_equal = 0
-    // leaves the single entry out whether or not its bits equal K.
-    cut.key |= (1u << shift) - 1;
-    cut.count_equal = 1;
-    cut.take_equal = 0;
-    cut.done = 1;
-  } else if (pass == kPasses - 1) {
-    cut.count_equal = count;
-    cut.take_equal = min(count, (cut.limit - cut.sum_above) / fixed_of(cut.key));
-    cut.done = 1;
-  }
+  coverage::take_bucket(cut, bucket, pass, count, sum_before, count_before);
   if (cut.done != 0 && counts != nullptr) counts[segment] = cut.count_above + cut.take_equal;
   cuts[segment] = cut;
 }

@@ -22,13 +22,7 @@
 namespace moeforge::cuda {
 namespace {
 
-using coverage::digit_shift;
-using coverage::fixed_of;
-using coverage::in_cut_prefix;
-using coverage::kBuckets;
-using coverage::key_of;
-using coverage::kPasses;
-using coverage::limit_of;
+using namespace coverage;  // the rule shared by both paths
 
 // 512 threads fit 64 registers a thread without spills (1024, capped at 64, spilled 264 bytes).
 constexpr int kThreads = 512;
@@ -48,15 +42,6 @@ static_assert(kMaxValues / kThreads < (1 << (kParts * kPartBits - 53)),
               "a run's fixed-point sum fits kParts parts");
 static_assert(kPartBits + 5 <= 32, "a warp's sum of a part fits 32 bits");
 static_assert(kBuckets <= kThreads, "the pick gives each bucket a thread");
-
-// The block's cut: the fp32 bits K of the first excluded entry found so far, as in
-// cuda/coverage_select.cu's Cut.
-struct OneBlockCut {
-  uint32_t key;
-  uint32_t all;   // 1: every entry fits under the limit
-  uint32_t done;  // 1: the cut is final
-  unsigned long long limit, sum_above, count_above, count_equal, take_equal;
-};
 
 // Adds each lane's run (bucket < 0: none) to the block's histograms: lanes of a bucket are summed
 // across the warp and one of them adds the sums, or, with more than kMaxReducedBuckets buckets,
@@ -102,7 +87,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ uint32_t keys[];
   __shared__ unsigned hist_count[kBuckets];
   __shared__ unsigned long long hist_sum[kBuckets];
-  __shared__ OneBlockCut cut_s;
+  __shared__ Cut cut_s;
   __shared__ union {
     typename cub::BlockReduce<unsigned long long, kThreads>::TempStorage reduce;
     typename cub::BlockScan<unsigned long long, kThreads>::TempStorage scan;
@@ -124,7 +109,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       cub::BlockReduce<unsigned long long, kThreads>(storage.reduce).Sum(own_sum);
   if (tid == 0) {
     const unsigned long long limit = limit_of(total, gamma);
-    cut_s = OneBlockCut{0, total <= limit ? 1u : 0u, 0, limit, 0, 0, 0, 0};
+    cut_s = Cut{0, total <= limit ? 1u : 0u, 0, limit, 0, 0, 0, 0};
   }
   __syncthreads();
 
@@ -178,27 +163,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
     cub::BlockScan<unsigned long long, kThreads>(storage.scan).ExclusiveSum(count, count_before);
     if (tid < kBuckets && sum_before <= room && room < sum_before + sum) {
-      OneBlockCut next = cut_s;
-      next.key |= static_cast<uint32_t>(bucket) << shift;
-      next.sum_above += sum_before;
-      next.count_above += count_before;
-      if (count == 1 && pass < kPasses - 1) {
-        // As in cuda/coverage_select.cu: the bucket's one entry is the first excluded.
-        next.key |= (1u << shift) - 1;
-        next.count_equal = 1;
-        next.take_equal = 0;
-        next.done = 1;
-      } else if (pass == kPasses - 1) {
-        next.count_equal = count;
-        next.take_equal = min(count, (next.limit - next.sum_above) / fixed_of(next.key));
-        next.done = 1;
-      }
+      Cut next = cut_s;
+      coverage::take_bucket(next, static_cast<uint32_t>(bucket), pass, count, sum_before,
+                            count_before);
       cut_s = next;
     }
     __syncthreads();
   }
 
-  const OneBlockCut cut = cut_s;
+  const Cut cut = cut_s;
   if (tid == 0 && counts != nullptr) {
     counts[segment] =
         cut.all != 0 ? static_cast<unsigned long long>(n) : cut.count_above + cut.take_equal;

@@ -1,6 +1,6 @@
 // The arithmetic of the coverage select's rule (cuda/coverage_select.h) that its kernels share: an
-// entry's fp32 bits (its order), its 2^-52 fixed-point value, a segment's limit, and the digits in
-// which the cut's bits are found.
+// entry's fp32 bits (its order), its 2^-52 fixed-point value, a segment's limit, the digits in
+// which the cut's bits are found, and the cut with its step at each pick.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -38,6 +38,46 @@ __host__ __device__ constexpr int digit_shift(int pass) {
 __device__ __forceinline__ bool in_cut_prefix(uint32_t key, uint32_t cut_key, int pass) {
   const int shift = digit_shift(pass) + kDigitBits;
   return pass == 0 || (key >> shift) == (cut_key >> shift);
+}
+
+// One segment's cut: the fp32 bits K of its first excluded entry (in the order of
+// cuda/coverage_select.h), found kDigitBits at a time.
+struct Cut {
+  uint32_t key;                    // K's bits found so far (every bit once done)
+  uint32_t all;                    // 1: every entry fits under the limit (key unused)
+  uint32_t done;                   // 1: the cut is final, later passes skip the segment
+  unsigned long long limit;        // T if gamma >= 1, else floor(gamma T)
+  unsigned long long sum_above;    // fixed-point sum of the entries above K's current bucket
+  unsigned long long count_above;  // their number
+  unsigned long long count_equal;  // once done: the entries equal to K (see take_bucket)
+  unsigned long long take_equal;   // of those, selected (the first by position)
+};
+
+// The pick of pass `pass`: the cut keeps `bucket`, the one where the running sum (from the top
+// bucket) passes the limit, whose count entries follow sum_before and count_before of the higher
+// buckets. If the bucket holds one entry before the last pass, that entry is the first excluded
+// (its value passes the limit) and no other entry shares its bits found so far: the cut is final.
+// K becomes the bucket's highest bits, so the entries above K are those of the higher buckets;
+// count_equal = 1 with take_equal = 0 leaves the single entry out whether or not its bits equal K.
+// After the last pass K is whole, and of the count entries equal to it the first take_equal by
+// position are selected.
+__device__ __forceinline__ void take_bucket(Cut& cut, uint32_t bucket, int pass,
+                                            unsigned long long count, unsigned long long sum_before,
+                                            unsigned long long count_before) {
+  const int shift = digit_shift(pass);
+  cut.key |= bucket << shift;
+  cut.sum_above += sum_before;
+  cut.count_above += count_before;
+  if (count == 1 && pass < kPasses - 1) {
+    cut.key |= (1u << shift) - 1;
+    cut.count_equal = 1;
+    cut.take_equal = 0;
+    cut.done = 1;
+  } else if (pass == kPasses - 1) {
+    cut.count_equal = count;
+    cut.take_equal = min(count, (cut.limit - cut.sum_above) / fixed_of(cut.key));
+    cut.done = 1;
+  }
 }
 
 }  // namespace moeforge::cuda::coverage

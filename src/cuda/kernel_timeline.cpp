@@ -98,55 +98,42 @@ std::string runtime_name(CUpti_CallbackId id) {
   return name;
 }
 
+// An event of GPU work from a CUPTI record with the common device, stream, time and correlation
+// fields.
+template <typename Record>
+TimelineEvent gpu_event(TimelineEvent::Kind kind, std::string name, const Record& r,
+                        uint64_t bytes) {
+  return {kind, std::move(name), r.deviceId, r.streamId, r.start, r.end, bytes, r.correlationId};
+}
+
 bool decode(const CUpti_Activity* record, TimelineEvent& event) {
   switch (record->kind) {
     case CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL:
     case CUPTI_ACTIVITY_KIND_KERNEL: {
-      const auto* r = reinterpret_cast<const CUpti_ActivityKernel10*>(record);
-      event = {TimelineEvent::Kind::kernel,
-               demangled(r->name),
-               r->deviceId,
-               r->streamId,
-               r->start,
-               r->end,
-               0,
-               r->correlationId};
+      const auto& r = *reinterpret_cast<const CUpti_ActivityKernel10*>(record);
+      event = gpu_event(TimelineEvent::Kind::kernel, demangled(r.name), r, 0);
       return true;
     }
     case CUPTI_ACTIVITY_KIND_MEMSET: {
-      const auto* r = reinterpret_cast<const CUpti_ActivityMemset4*>(record);
-      event = {TimelineEvent::Kind::memset,
-               "memset",
-               r->deviceId,
-               r->streamId,
-               r->start,
-               r->end,
-               r->bytes,
-               r->correlationId};
+      const auto& r = *reinterpret_cast<const CUpti_ActivityMemset4*>(record);
+      event = gpu_event(TimelineEvent::Kind::memset, "memset", r, r.bytes);
       return true;
     }
     case CUPTI_ACTIVITY_KIND_MEMCPY: {
-      const auto* r = reinterpret_cast<const CUpti_ActivityMemcpy6*>(record);
-      event = {TimelineEvent::Kind::memcpy,
-               "memcpy",
-               r->deviceId,
-               r->streamId,
-               r->start,
-               r->end,
-               r->bytes,
-               r->correlationId};
+      const auto& r = *reinterpret_cast<const CUpti_ActivityMemcpy6*>(record);
+      event = gpu_event(TimelineEvent::Kind::memcpy, "memcpy", r, r.bytes);
       return true;
     }
     case CUPTI_ACTIVITY_KIND_RUNTIME: {
-      const auto* r = reinterpret_cast<const CUpti_ActivityAPI*>(record);
+      const auto& r = *reinterpret_cast<const CUpti_ActivityAPI*>(record);
       event = {TimelineEvent::Kind::runtime,
-               runtime_name(r->cbid),
+               runtime_name(r.cbid),
                0,
-               r->threadId,
-               r->start,
-               r->end,
+               r.threadId,
+               r.start,
+               r.end,
                0,
-               r->correlationId};
+               r.correlationId};
       return true;
     }
     default: return false;
