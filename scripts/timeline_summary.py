@@ -36,8 +36,8 @@ def overlap_length(per_stream):
         for start, end in intervals:
             edges.append((start, 1))
             edges.append((end, -1))
-    # At equal times, ends before starts: touching intervals do not overlap.
-    edges.sort(key=lambda edge: (edge[0], edge[1]))
+    # Edges at equal times add zero length between them, so their order does not matter.
+    edges.sort()
     total, depth, last = 0.0, 0, None
     for time, step in edges:
         if depth >= 2 and last is not None:

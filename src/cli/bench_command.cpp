@@ -124,18 +124,13 @@ void run_bench_train(const BenchOptions& opt) {
            "--expert-parallel ({}) must divide the number of ranks ({}) and --seq ({})", ep,
            world.size(), opt.seq);
   cuda::bind_device_to_local_rank(local_rank_from_environment());
-  // The kernel timeline's file (each rank's own under mpirun) and the build's CUPTI are checked
-  // before the steps (CUPTI itself loads at the recording, after the timed steps).
+  // The kernel timeline's file (each rank's own under mpirun), checked before the steps.
   std::ofstream timeline_file;
   if (!opt.kernel_timeline.empty()) {
-    const std::string path = world.size() > 1
-                                 ? fmt::format("{}.rank{}", opt.kernel_timeline, world.rank())
-                                 : opt.kernel_timeline;
-    MF_CHECK(cuda::kernel_timeline_available(),
-             "bench train: --kernel-timeline needs a build with CUPTI (the CUDA toolkit's "
-             "libcupti)");
-    timeline_file.open(path);
-    MF_CHECK(timeline_file.is_open(), "bench train: cannot write --kernel-timeline {}", path);
+    timeline_file = cuda::open_timeline_file(
+        world.size() > 1 ? fmt::format("{}.rank{}", opt.kernel_timeline, world.rank())
+                         : opt.kernel_timeline,
+        "bench train");
   }
   cuda::DeviceAllocator::instance().reset_peak();
   // Under expert parallelism each GPU holds its group's share of the experts only; under tensor

@@ -171,12 +171,6 @@ __global__ void __launch_bounds__(kThreads)
   cuts[segment] = cut;
 }
 
-// Whether the cut falls inside a run of equal values (0 < take_equal < count_equal), so that the
-// first take_equal of them by position are to be marked.
-__device__ __forceinline__ bool is_tie(const Cut& cut) {
-  return cut.all == 0 && cut.take_equal != 0 && cut.take_equal != cut.count_equal;
-}
-
 // selected [segments, segment_size] = 1 for the entries above the cut and, when all of them are
 // taken, those equal to it; else 0. Block (chunk of kChunk values, segment). Where the cut is a
 // tie, also counts the chunk's entries equal to it into chunk_equal [segments, chunks].
@@ -189,7 +183,6 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t segment = blockIdx.y;
   if (!filter.runs(segment)) return;
   const Cut cut = cuts[segment];
-  const bool all_equal = cut.take_equal == cut.count_equal;
   const T* x = values + segment * segment_size;
   uint8_t* out = selected + segment * segment_size;
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * kChunk;
@@ -198,7 +191,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
     const uint32_t key = key_of(x[i]);
     equal += key == cut.key ? 1u : 0u;
-    out[i] = cut.all != 0 || key > cut.key || (key == cut.key && all_equal) ? 1 : 0;
+    out[i] = marked(cut, key) ? 1 : 0;
   }
   if (!is_tie(cut)) return;  // uniform across the block
   const unsigned chunk_total = BlockReduce(reduce_storage).Sum(equal);

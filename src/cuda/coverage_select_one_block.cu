@@ -178,12 +178,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   if (selected == nullptr) return;
   uint8_t* out = selected + segment * static_cast<int64_t>(n);
-  const bool all_equal = cut.take_equal == cut.count_equal;
-  for (int i = tid; i < n; i += kThreads) {
-    const uint32_t key = keys[i];
-    out[i] = cut.all != 0 || key > cut.key || (key == cut.key && all_equal) ? 1 : 0;
-  }
-  if (cut.all != 0 || cut.take_equal == 0 || all_equal) return;
+  for (int i = tid; i < n; i += kThreads) out[i] = marked(cut, keys[i]) ? 1 : 0;
+  if (!is_tie(cut)) return;
   // The cut is inside a run of equal entries: the first take_equal of them by position.
   unsigned long long taken = 0;
   for (int base = 0; base < n && taken < cut.take_equal; base += kThreads) {

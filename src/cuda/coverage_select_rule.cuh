@@ -80,4 +80,16 @@ __device__ __forceinline__ void take_bucket(Cut& cut, uint32_t bucket, int pass,
   }
 }
 
+// Whether the final cut falls inside a run of equal values (0 < take_equal < count_equal), so
+// that the first take_equal of them by position are to be marked after the others.
+__device__ __forceinline__ bool is_tie(const Cut& cut) {
+  return cut.all == 0 && cut.take_equal != 0 && cut.take_equal != cut.count_equal;
+}
+
+// Whether the entry of `key` is selected by the final cut before the ties are placed: every entry
+// where all fit, those above K, and those equal to K where all of them are taken.
+__device__ __forceinline__ bool marked(const Cut& cut, uint32_t key) {
+  return cut.all != 0 || key > cut.key || (key == cut.key && cut.take_equal == cut.count_equal);
+}
+
 }  // namespace moeforge::cuda::coverage

@@ -227,6 +227,14 @@ bool kernel_timeline_available() {
 #endif
 }
 
+std::ofstream open_timeline_file(const std::string& path, const char* who) {
+  MF_CHECK(kernel_timeline_available(),
+           "{}: --kernel-timeline needs a build with CUPTI (the CUDA toolkit's libcupti)", who);
+  std::ofstream file(path);
+  MF_CHECK(file.is_open(), "{}: cannot write --kernel-timeline {}", who, path);
+  return file;
+}
+
 KernelTimeline::KernelTimeline() {
   MF_CHECK(!g_recording.exchange(true),
            "kernel timeline: another timeline is recording in this process");

@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
+#include <fstream>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -36,6 +37,11 @@ void write_timeline_jsonl(std::ostream& out, const std::vector<TimelineEvent>& e
 
 // Whether this build records timelines (it found CUPTI).
 bool kernel_timeline_available();
+
+// A file at path for write_timeline_jsonl, after checking that this build records timelines
+// (moeforge::Error naming `who` otherwise, or where the file cannot be written). CUPTI itself loads
+// at the first recording, so timings taken before it carry none of its overhead.
+std::ofstream open_timeline_file(const std::string& path, const char* who);
 
 // Records from construction to finish(); one recording at a time per process (moeforge::Error for
 // a second, or in a build without CUPTI). Recording slows the host's CUDA calls, so time the work

@@ -169,12 +169,7 @@ void run_prefill_bench(const PrefillBenchOptions& options,
   std::ofstream timeline_file;
   std::ostream* timeline = nullptr;
   if (!opt.timeline_file.empty()) {
-    MF_CHECK(kernel_timeline_available(),
-             "bench prefill: --kernel-timeline needs a build with CUPTI (the CUDA toolkit's "
-             "libcupti)");
-    timeline_file.open(opt.timeline_file);
-    MF_CHECK(timeline_file.is_open(), "bench prefill: cannot write --kernel-timeline {}",
-             opt.timeline_file);
+    timeline_file = open_timeline_file(opt.timeline_file, "bench prefill");
     timeline = &timeline_file;
   }
 

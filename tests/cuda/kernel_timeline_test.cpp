@@ -24,9 +24,10 @@ namespace moeforge::cuda {
 namespace {
 
 TEST(KernelTimeline, WritesOneTaggedLinePerEventFromTheEarliestStart) {
+  // The earliest start is not the first event's: times count from it, in the events' order.
   const std::vector<TimelineEvent> events = {
-      {TimelineEvent::Kind::runtime, "cudaLaunchKernel_v7000", 0, 42, 1000, 3500, 0, 9},
       {TimelineEvent::Kind::kernel, "my_kernel(int)", 1, 7, 5000, 7250, 0, 9},
+      {TimelineEvent::Kind::runtime, "cudaLaunchKernel_v7000", 0, 42, 1000, 3500, 0, 9},
       {TimelineEvent::Kind::memset, "memset", 1, 8, 4000, 4000, 4096, 10},
   };
   std::ostringstream out;
@@ -35,18 +36,18 @@ TEST(KernelTimeline, WritesOneTaggedLinePerEventFromTheEarliestStart) {
   std::istringstream in(out.str());
   for (std::string line; std::getline(in, line);) lines.push_back(nlohmann::json::parse(line));
   ASSERT_EQ(lines.size(), 3u);
-  EXPECT_EQ(lines[0]["seq"], 8192);
-  EXPECT_EQ(lines[0]["part"], "flex_select_fast");
-  EXPECT_EQ(lines[0]["kind"], "runtime");
-  EXPECT_EQ(lines[0]["stream"], 42);
-  EXPECT_DOUBLE_EQ(lines[0]["start_us"].get<double>(), 0.0);
-  EXPECT_DOUBLE_EQ(lines[0]["end_us"].get<double>(), 2.5);
-  EXPECT_EQ(lines[1]["kind"], "kernel");
-  EXPECT_EQ(lines[1]["name"], "my_kernel(int)");
-  EXPECT_EQ(lines[1]["device"], 1);
-  EXPECT_DOUBLE_EQ(lines[1]["start_us"].get<double>(), 4.0);
-  EXPECT_DOUBLE_EQ(lines[1]["end_us"].get<double>(), 6.25);
-  EXPECT_EQ(lines[1]["correlation"], 9);
+  EXPECT_EQ(lines[1]["seq"], 8192);
+  EXPECT_EQ(lines[1]["part"], "flex_select_fast");
+  EXPECT_EQ(lines[1]["kind"], "runtime");
+  EXPECT_EQ(lines[1]["stream"], 42);
+  EXPECT_DOUBLE_EQ(lines[1]["start_us"].get<double>(), 0.0);
+  EXPECT_DOUBLE_EQ(lines[1]["end_us"].get<double>(), 2.5);
+  EXPECT_EQ(lines[0]["kind"], "kernel");
+  EXPECT_EQ(lines[0]["name"], "my_kernel(int)");
+  EXPECT_EQ(lines[0]["device"], 1);
+  EXPECT_DOUBLE_EQ(lines[0]["start_us"].get<double>(), 4.0);
+  EXPECT_DOUBLE_EQ(lines[0]["end_us"].get<double>(), 6.25);
+  EXPECT_EQ(lines[0]["correlation"], 9);
   EXPECT_EQ(lines[2]["kind"], "memset");
   EXPECT_EQ(lines[2]["bytes"], 4096);
 
