@@ -20,12 +20,14 @@
 // (tiled fp64), the row softmaxes (a warp a row, held in shared memory), the sort of the triangle
 // and the gamma * nb walk (the fast search: fp32 block means and logits from
 // cuda/flex_prefill_fp32.h and the fixed-point radix select of cuda/coverage_select.h, whose flags
-// the CSR build reads beside the grid); finally per-row counts (warp ballots), one CUB scan and
-// the column fill of the CSR with each head's total.
+// the CSR build reads beside the grid); finally the CSR in two kernels of a few blocks per head:
+// the rows' counts (warp sums) with each block's total, then each head's base (the block totals
+// before it), a block scan of its row counts and the column fill (warp ballots).
 #include "cuda/flex_prefill_stages.h"
 
 #include <cub/block/block_radix_sort.cuh>
-#include <cub/device/device_scan.cuh>
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
 
 #include <algorithm>
 #include <cmath>
@@ -62,6 +64,14 @@ constexpr int kBlockTile = 64;
 constexpr int kBlockDepth = 16;
 // Step 4's logits: Kbar columns a thread block stages in shared memory at a time.
 constexpr int kDotDepth = 32;
+// The CSR: kCsrBlocksPerHead blocks of kCsrThreads threads per head (32 heads fill 128 of an
+// H200's 132 SMs), a warp per row, which reads kCsrChunks chunks of kWarpSize key blocks of its
+// row at once; each thread scans kCsrScanItems of the head's row counts.
+constexpr int kCsrThreads = 1024;
+constexpr int kCsrWarps = kCsrThreads / kWarpSize;
+constexpr int kCsrBlocksPerHead = 4;
+constexpr int kCsrChunks = 8;
+constexpr int kCsrScanItems = static_cast<int>(kFlexPrefillMaxBlocks) / kCsrThreads;
 
 static_assert(kChunk % 32 == 0, "chunk prefixes move 32 terms at a time");
 static_assert(kFlexPrefillMaxBlocks <= 32 * kChunk, "a block-softmax row has at most 32 chunks");
@@ -69,6 +79,10 @@ static_assert(kFlexPrefillMaxBlocks <= kThreads * kMaxSelectItems,
               "one block sorts a head's scores");
 static_assert(kFlexPrefillMaxBlocks * int64_t{sizeof(double)} <= kSoftmaxSharedBytes,
               "a block-softmax row fits the shared memory of one warp");
+static_assert(kCsrScanItems * kCsrThreads == kFlexPrefillMaxBlocks,
+              "one block scans a head's rows");
+static_assert(kFlexPrefillMaxBlocks * (kFlexPrefillMaxBlocks + 1) / 2 <= INT32_MAX,
+              "a head's CSR offsets fit int32_t");
 
 __device__ __forceinline__ double to_double(bf16 x) {
   return static_cast<double>(__bfloat162float(x));
@@ -549,62 +563,125 @@ struct CsrSource {
   const int32_t* query_aware;
 };
 
-// The selected key blocks c <= r of row i = h * nb + r of a CsrSource.
-struct RowFlags {
-  const uint8_t* grid_row;  // null: every block
-  const uint8_t* tri_row;   // null: none
+// The selected key blocks c <= r of the rows r of head h of a CsrSource.
+struct HeadFlags {
+  const uint8_t* grid;  // [nb, nb] of head h; null: every block
+  const uint8_t* tri;   // [nb (nb + 1) / 2] of head h; null: none
+  int nb;
 
-  __device__ RowFlags(const CsrSource& src, int64_t i, int64_t nb) {
-    const int64_t h = i / nb, r = i % nb;
-    grid_row = src.grid == nullptr ? nullptr : src.grid + i * nb;
-    tri_row = src.tri_selected != nullptr && src.query_aware[h] != 0
-                  ? src.tri_selected + h * (nb * (nb + 1) / 2) + r * (r + 1) / 2
-                  : nullptr;
+  __device__ HeadFlags(const CsrSource& src, int h, int nb) : nb(nb) {
+    grid = src.grid == nullptr ? nullptr : src.grid + int64_t{h} * nb * nb;
+    tri = src.tri_selected != nullptr && src.query_aware[h] != 0
+              ? src.tri_selected + int64_t{h} * (nb * (nb + 1) / 2)
+              : nullptr;
   }
-  __device__ bool operator()(int64_t c) const {
-    return grid_row == nullptr || grid_row[c] != 0 || (tri_row != nullptr && tri_row[c] != 0);
+  // selected[j]: whether block c = c0 + j * kWarpSize + lane of row r is (false for c > r). Every
+  // flag is read unconditionally (at column min(c, r)) before any is tested, so that the reads
+  // overlap.
+  __device__ void read(bool (&selected)[kCsrChunks], int r, int c0, int lane) const {
+#pragma unroll
+    for (int j = 0; j < kCsrChunks; ++j) {
+      const int c = c0 + j * kWarpSize + lane;
+      const int at = min(c, r);
+      const int flag = (grid == nullptr ? 1 : grid[r * nb + at]) |
+                       (tri == nullptr ? 0 : tri[r * (r + 1) / 2 + at]);
+      selected[j] = (c <= r) & (flag != 0);
+    }
   }
 };
 
-// A warp per row i of [Hq * nb] (row r = i % nb): row_counts[i] = its selected blocks;
-// row_counts[num_rows] = 0, so that an exclusive scan of num_rows + 1 entries ends in the total.
-__global__ void row_count_kernel(int64_t* row_counts, CsrSource src, int64_t num_rows, int64_t nb) {
+// Blocks (h, part) of [Hq * kCsrBlocksPerHead]: counts [Hq, nb] of the rows r of head h that
+// the block's warps take (r = part * kCsrWarps + warp + i * kCsrBlocksPerHead * kCsrWarps), each
+// the selected blocks of the row (a warp sum), and block_totals[blockIdx.x] = their sum.
+__global__ void __launch_bounds__(kCsrThreads, 1)
+    csr_count_kernel(int32_t* counts, int32_t* block_totals, CsrSource src, int nb) {
+  using BlockReduce = cub::BlockReduce<int32_t, kCsrThreads>;
+  __shared__ typename BlockReduce::TempStorage reduce_storage;
+  const int h = static_cast<int>(blockIdx.x) / kCsrBlocksPerHead;
+  const int part = static_cast<int>(blockIdx.x) % kCsrBlocksPerHead;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-  if (blockIdx.x == 0 && threadIdx.x == 0) row_counts[num_rows] = 0;
-  const int64_t warps_per_grid = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarpSize;
-  for (int64_t i = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarpSize;
-       i < num_rows; i += warps_per_grid) {
-    const int64_t r = i % nb;
-    const RowFlags flags(src, i, nb);
-    int64_t count = 0;
-    for (int64_t c0 = 0; c0 <= r; c0 += kWarpSize) {
-      const int64_t c = c0 + lane;
-      count += __popc(__ballot_sync(kFullMask, c <= r && flags(c)));
+  const HeadFlags flags(src, h, nb);
+  int32_t warp_total = 0;
+  for (int r = part * kCsrWarps + warp; r < nb; r += kCsrBlocksPerHead * kCsrWarps) {
+    int32_t count = 0;  // this lane's
+    for (int c0 = 0; c0 <= r; c0 += kCsrChunks * kWarpSize) {
+      bool selected[kCsrChunks];
+      flags.read(selected, r, c0, lane);
+#pragma unroll
+      for (int j = 0; j < kCsrChunks; ++j) count += selected[j];
     }
-    if (lane == 0) row_counts[i] = count;
+    count = __reduce_add_sync(kFullMask, count);
+    if (lane == 0) counts[int64_t{h} * nb + r] = count;
+    warp_total += count;
   }
+  const int32_t total = BlockReduce(reduce_storage).Sum(lane == 0 ? warp_total : 0);
+  if (threadIdx.x == 0) block_totals[blockIdx.x] = total;
 }
 
-// A warp per row i: col_idx of the row, its selected key blocks in ascending order (ballots give
-// each lane its slot); the warp of a head's last row writes num_selected [Hq], the head's total.
-__global__ void row_fill_kernel(int32_t* col_idx, int64_t* num_selected, const int64_t* row_offsets,
-                                CsrSource src, int64_t num_rows, int64_t nb) {
+// Blocks (h, part) as csr_count_kernel's: base = the selected blocks of the heads before h (the
+// block totals before the head's, a block reduction) and the head-local offsets of its rows (a
+// block scan of the head's counts); then a warp per row of the block writes the row's selected
+// blocks in ascending order (ballots give each lane its slot) from col_idx[base + offset] on and
+// row_offsets[h * nb + r] = base + offset. The head's first block also writes num_selected [Hq],
+// the head's total, and the last head's row_offsets[Hq * nb], the total of all.
+__global__ void __launch_bounds__(kCsrThreads, 1)
+    csr_fill_kernel(int64_t* row_offsets, int32_t* col_idx, int64_t* num_selected,
+                    const int32_t* counts, const int32_t* block_totals, CsrSource src, int nb) {
+  using BlockReduce = cub::BlockReduce<int64_t, kCsrThreads>;
+  using BlockScan = cub::BlockScan<int32_t, kCsrThreads, cub::BLOCK_SCAN_WARP_SCANS>;
+  __shared__ typename BlockReduce::TempStorage reduce_storage;
+  __shared__ typename BlockScan::TempStorage scan_storage;
+  __shared__ int32_t local_offsets[kFlexPrefillMaxBlocks];
+  __shared__ int64_t base_shared;
+  const int num_heads = static_cast<int>(gridDim.x) / kCsrBlocksPerHead;
+  const int h = static_cast<int>(blockIdx.x) / kCsrBlocksPerHead;
+  const int part = static_cast<int>(blockIdx.x) % kCsrBlocksPerHead;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const HeadFlags flags(src, h, nb);
+  int64_t before = 0;
+  for (int i = static_cast<int>(threadIdx.x); i < h * kCsrBlocksPerHead; i += kCsrThreads) {
+    before += block_totals[i];
+  }
+  int32_t items[kCsrScanItems];  // rows threadIdx.x * kCsrScanItems + j, zero past nb
+#pragma unroll
+  for (int j = 0; j < kCsrScanItems; ++j) {
+    const int r = static_cast<int>(threadIdx.x) * kCsrScanItems + j;
+    items[j] = r < nb ? counts[int64_t{h} * nb + r] : 0;
+  }
+  before = BlockReduce(reduce_storage).Sum(before);
+  if (threadIdx.x == 0) base_shared = before;
+  int32_t total;
+  BlockScan(scan_storage).ExclusiveSum(items, items, total);
+#pragma unroll
+  for (int j = 0; j < kCsrScanItems; ++j) {
+    const int r = static_cast<int>(threadIdx.x) * kCsrScanItems + j;
+    if (r < nb) local_offsets[r] = items[j];
+  }
+  __syncthreads();
+  const int64_t base = base_shared;
+  if (part == 0 && threadIdx.x == 0) {
+    num_selected[h] = total;
+    if (h == num_heads - 1) row_offsets[int64_t{num_heads} * nb] = base + total;
+  }
+
   const unsigned lanes_below = (1u << lane) - 1u;
-  const int64_t warps_per_grid = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarpSize;
-  for (int64_t i = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarpSize;
-       i < num_rows; i += warps_per_grid) {
-    const int64_t r = i % nb;
-    const RowFlags flags(src, i, nb);
-    int64_t out = row_offsets[i];
-    for (int64_t c0 = 0; c0 <= r; c0 += kWarpSize) {
-      const int64_t c = c0 + lane;
-      const bool selected = c <= r && flags(c);
-      const unsigned mask = __ballot_sync(kFullMask, selected);
-      if (selected) col_idx[out + __popc(mask & lanes_below)] = static_cast<int32_t>(c);
-      out += __popc(mask);
+  for (int r = part * kCsrWarps + warp; r < nb; r += kCsrBlocksPerHead * kCsrWarps) {
+    const int64_t begin = base + local_offsets[r];
+    int64_t out = begin;
+    for (int c0 = 0; c0 <= r; c0 += kCsrChunks * kWarpSize) {
+      bool selected[kCsrChunks];
+      flags.read(selected, r, c0, lane);
+#pragma unroll
+      for (int j = 0; j < kCsrChunks; ++j) {
+        if (c0 + j * kWarpSize > r) break;  // warp-uniform: the chunks past the diagonal
+        const unsigned mask = __ballot_sync(kFullMask, selected[j]);
+        if (selected[j]) col_idx[out + __popc(mask & lanes_below)] = c0 + j * kWarpSize + lane;
+        out += __popc(mask);
+      }
     }
-    if (lane == 0 && r == nb - 1) num_selected[i / nb] = row_offsets[i + 1] - row_offsets[i - r];
+    if (lane == 0) row_offsets[int64_t{h} * nb + r] = begin;
   }
 }
 
@@ -617,11 +694,6 @@ __global__ void dense_stats_kernel(int32_t* query_aware, double* js_distance, in
   js_distance[h] = NAN;
   num_vertical[h] = 0;
   num_slash[h] = 0;
-}
-
-// Blocks of kThreads threads for a loop with one warp per item.
-unsigned grid_for_warps(int64_t count) {
-  return grid_for(count * kWarpSize, kThreads);
 }
 
 // Step 8's row softmax of tri: as many warps a block (up to kSoftmaxWarps) as keep their rows in
@@ -659,22 +731,18 @@ void select_blocks(uint8_t* grid, const double* pooled, const unsigned long long
   }
 }
 
-// Per-row counts, scan and column fill of out's CSR (and each head's total) from src.
+// out's CSR and each head's total from src: kCsrBlocksPerHead blocks per head count its rows, then
+// as many add the totals before the head, scan its counts and fill its columns.
 void build_csr(FlexPrefillDeviceSelection& out, const CsrSource& src, cudaStream_t stream) {
-  const int64_t num_rows = out.num_heads * out.num_blocks;
-  DeviceBuffer<int64_t> row_counts(static_cast<size_t>(num_rows + 1));
-  row_count_kernel<<<grid_for_warps(num_rows), kThreads, 0, stream>>>(row_counts.data(), src,
-                                                                      num_rows, out.num_blocks);
+  const auto nb = static_cast<int>(out.num_blocks);
+  const auto blocks = static_cast<unsigned>(out.num_heads * kCsrBlocksPerHead);
+  DeviceBuffer<int32_t> counts(static_cast<size_t>(out.num_heads * nb));  // [Hq, nb]
+  DeviceBuffer<int32_t> block_totals(blocks);
+  csr_count_kernel<<<blocks, kCsrThreads, 0, stream>>>(counts.data(), block_totals.data(), src, nb);
   MF_CUDA_CHECK_LAUNCH();
-  size_t temp_bytes = 0;
-  MF_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, temp_bytes, row_counts.data(),
-                                              out.row_offsets.data(), num_rows + 1, stream));
-  DeviceBuffer<uint8_t> temp(std::max<size_t>(1, temp_bytes));
-  MF_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp.data(), temp_bytes, row_counts.data(),
-                                              out.row_offsets.data(), num_rows + 1, stream));
-  row_fill_kernel<<<grid_for_warps(num_rows), kThreads, 0, stream>>>(
-      out.col_idx.data(), out.num_selected_blocks.data(), out.row_offsets.data(), src, num_rows,
-      out.num_blocks);
+  csr_fill_kernel<<<blocks, kCsrThreads, 0, stream>>>(out.row_offsets.data(), out.col_idx.data(),
+                                                      out.num_selected_blocks.data(), counts.data(),
+                                                      block_totals.data(), src, nb);
   MF_CUDA_CHECK_LAUNCH();
 }
 

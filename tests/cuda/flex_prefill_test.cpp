@@ -269,6 +269,7 @@ TEST(FlexPrefillCuda, ShortInputsFallBackToDenseAsTheReference) {
     EXPECT_TRUE(got.dense_fallback);
     expect_equal("row_offsets", got.layout.row_offsets, ref.layout.row_offsets);
     expect_equal("col_idx", got.layout.col_idx, ref.layout.col_idx);
+    expect_head_totals_match_layout(got);
     for (const ops::FlexPrefillHeadStats& stats : got.head_stats) {
       EXPECT_FALSE(stats.query_aware);
       EXPECT_TRUE(std::isnan(stats.js_distance));
