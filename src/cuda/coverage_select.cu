@@ -12,7 +12,8 @@
 #include <limits>
 
 #include "core/error.h"
-#include "cuda/coverage_select_one_block.h"
+#include "cuda/coverage_select_cluster.h"
+#include "cuda/coverage_select_histogram.cuh"
 #include "cuda/coverage_select_rule.cuh"
 #include "cuda/cuda_check.h"
 #include "cuda/device_memory.h"
@@ -26,20 +27,8 @@ using namespace coverage;  // the rule shared by both paths
 constexpr int kThreads = 256;
 constexpr int64_t kChunk = 4096;  // values per block of threads of a histogram pass
 constexpr int kLoadsPerThread = static_cast<int>(kChunk) / kThreads;
-constexpr unsigned kFullMask = 0xffffffffu;
-// Shared-memory atomics add 32 bits natively (64-bit ones are compare-and-swap loops), so a
-// fixed-point value (<= 2^53, for values <= 2) is added as three parts of kPartBits bits: a block's
-// kChunk values keep each part's sum below 2^32.
-constexpr int kParts = 3;
-constexpr int kPartBits = 18;
-constexpr unsigned kPartMask = (1u << kPartBits) - 1;
-// A warp whose in-range lanes fall in at most this many buckets adds each bucket by warp-wide
-// reductions and one atomic per part (values cluster in few buckets in the first pass); else each
-// lane adds its own value.
-constexpr int kMaxReducedBuckets = 4;
 
-static_assert(kParts * kPartBits >= 54 && kChunk << kPartBits <= (int64_t{1} << 32),
-              "a block's parts sum below 2^32");
+static_assert(kChunk <= kMaxBlockValues, "a block's histogram parts sum below 2^32");
 static_assert(kThreads == kBuckets, "the pick gives each thread one bucket");
 
 // Pass `pass` of the select: block (chunk of kChunk values, segment). Histograms of the bits
@@ -54,8 +43,7 @@ __global__ void __launch_bounds__(kThreads)
     select_pass_kernel(Cut* cuts, unsigned long long* hist_count, unsigned long long* hist_sum,
                        unsigned long long* arrivals, unsigned long long* counts, const T* values,
                        int64_t segment_size, double gamma, SegmentFilter filter, int pass) {
-  __shared__ unsigned count_s[kBuckets];
-  __shared__ unsigned part_s[kParts][kBuckets];
+  __shared__ BlockHistogram hist_s;
   __shared__ bool last_s;
   using BlockScan = cub::BlockScan<unsigned long long, kThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
@@ -67,9 +55,7 @@ __global__ void __launch_bounds__(kThreads)
   if (cut.done != 0) return;
   const int shift = digit_shift(pass);
   const int tid = static_cast<int>(threadIdx.x);
-  const int lane = tid % kWarpSize;
-  count_s[tid] = 0;
-  for (int p = 0; p < kParts; ++p) part_s[p][tid] = 0;
+  clear_bucket(hist_s, tid);
   __syncthreads();
 
   const T* x = values + segment * segment_size;
@@ -86,7 +72,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int u = 0; u < kLoadsPerThread; ++u) {
     const int64_t i = begin + int64_t{u} * kThreads + tid;
-    unsigned bucket = kBuckets;  // none: past the end, or outside the cut's bucket
+    unsigned bucket = kNoBucket;  // past the end, or outside the cut's bucket
     unsigned long long fixed = 0;
     if (i < end) {
       const uint32_t key = key_of(loaded[u]);
@@ -95,41 +81,11 @@ __global__ void __launch_bounds__(kThreads)
         fixed = fixed_of(key);
       }
     }
-    if (__ballot_sync(kFullMask, bucket != kBuckets) == 0) continue;
-    const unsigned peers = __match_any_sync(kFullMask, bucket);
-    const unsigned leaders =
-        __ballot_sync(kFullMask, bucket != kBuckets && lane == __ffs(peers) - 1);
-    if (__popc(leaders) <= kMaxReducedBuckets) {
-      for (unsigned rest = leaders; rest != 0; rest &= rest - 1) {  // warp-uniform
-        const int src = __ffs(rest) - 1;
-        const bool mine = bucket == __shfl_sync(kFullMask, bucket, src);
-        const unsigned members = __ballot_sync(kFullMask, mine);
-        unsigned sums[kParts];
-#pragma unroll
-        for (int p = 0; p < kParts; ++p) {
-          const unsigned part = static_cast<unsigned>(fixed >> (p * kPartBits)) & kPartMask;
-          sums[p] = __reduce_add_sync(kFullMask, mine ? part : 0u);
-        }
-        if (lane == src) {
-          atomicAdd(&count_s[bucket], static_cast<unsigned>(__popc(members)));
-#pragma unroll
-          for (int p = 0; p < kParts; ++p) atomicAdd(&part_s[p][bucket], sums[p]);
-        }
-      }
-    } else if (bucket != kBuckets) {
-      atomicAdd(&count_s[bucket], 1u);
-#pragma unroll
-      for (int p = 0; p < kParts; ++p) {
-        atomicAdd(&part_s[p][bucket], static_cast<unsigned>(fixed >> (p * kPartBits)) & kPartMask);
-      }
-    }
+    add_to_histogram(hist_s, bucket, fixed);
   }
   __syncthreads();
-  const unsigned block_count = count_s[tid];
-  unsigned long long block_sum = 0;
-  for (int p = 0; p < kParts; ++p) {
-    block_sum += static_cast<unsigned long long>(part_s[p][tid]) << (p * kPartBits);
-  }
+  const unsigned block_count = hist_s.count[tid];
+  const unsigned long long block_sum = bucket_sum(hist_s, tid);
   const int64_t slot = static_cast<int64_t>(pass) * gridDim.y + segment;
   unsigned long long* segment_count = hist_count + slot * kBuckets;
   unsigned long long* segment_sum = hist_sum + slot * kBuckets;
@@ -272,8 +228,8 @@ void coverage_select(unsigned long long* counts, uint8_t* selected, const T* val
   MF_CHECK(filter.segments_per_flag >= 1, "coverage_select: segments_per_flag must be >= 1, got {}",
            filter.segments_per_flag);
   MF_CHECK(aligned_to(16, workspace), "coverage_select: the workspace must be 16-byte aligned");
-  if (path == SelectPath::one_block) {
-    one_block_select(counts, selected, values, num_segments, segment_size, gamma, filter, stream);
+  if (path == SelectPath::clusters) {
+    cluster_select(counts, selected, values, num_segments, segment_size, gamma, filter, stream);
     return;
   }
   DeviceBuffer<uint8_t> own_workspace;

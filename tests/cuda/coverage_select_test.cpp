@@ -2,7 +2,8 @@
 // and a walk): counts and selected flags must be equal, on probability-like values, wide ranges,
 // runs of equal values (the cut inside a run), zeros, segments of one value, sizes around the
 // kernels' 4096-value chunks, fp32 and fp64 inputs, every gamma, and segments the filter skips
-// (left as they were), by both paths (one block per segment, and blocks of 4096 values).
+// (left as they were), by both paths (blocks of 4096 values, and a cluster of blocks per segment
+// with 1 to 16 blocks).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -11,12 +12,13 @@
 #include <cstdint>
 #include <numeric>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/error.h"
 #include "core/rng.h"
 #include "cuda/coverage_select.h"
-#include "cuda/coverage_select_one_block.h"
+#include "cuda/coverage_select_cluster.h"
 #include "gpu_test_util.h"
 
 namespace moeforge::cuda {
@@ -78,7 +80,10 @@ void expect_select_matches(const std::string& what, const std::vector<T>& values
                            int64_t num_segments, int64_t size, double gamma,
                            const std::vector<int32_t>& flag_values, SelectPath path,
                            int64_t segments_per_flag = 1, bool run_on_zero = false) {
-  SCOPED_TRACE(what + (path == SelectPath::one_block ? " one block" : " many blocks") +
+  SCOPED_TRACE(what +
+               (path == SelectPath::clusters
+                    ? " clusters of " + std::to_string(cluster_select_size(size)) + " blocks"
+                    : std::string(" many blocks")) +
                " segments=" + std::to_string(num_segments) + " size=" + std::to_string(size) +
                " gamma=" + std::to_string(gamma) + " segments_per_flag=" +
                std::to_string(segments_per_flag) + (run_on_zero ? " on zero" : ""));
@@ -165,18 +170,16 @@ std::vector<T> make_values(Shape shape, int64_t num_segments, int64_t size, uint
   return values;
 }
 
-// Both paths where the one-block path fits (it does at 33000 values on an H200), the many-block
-// path alone past it (70000: 18 chunks, so that a cut inside a run of equal values spans chunks).
+// Both paths at sizes that give the clusters path 1, 2, 4, 8 and 16 blocks a segment (on an H200;
+// 16 at 70000, where the many-block path has 18 chunks), so that a cut inside a run of equal values
+// spans chunks and blocks.
 TEST(CoverageSelect, MatchesTheHostRule) {
   MF_REQUIRE_GPU();
   const Shape shapes[] = {Shape::kProbabilities, Shape::kWideRange, Shape::kFewLevels,
                           Shape::kAllEqual,      Shape::kZeros,     Shape::kNearTies};
   const char* names[] = {"probabilities", "wide range", "few levels",
                          "all equal",     "zeros",      "near ties"};
-  const int64_t sizes[] = {1, 7, 4096, 4097, 33000, 70000};
-  // The one-block path where it fits this device (on an H200 every size up to 33000).
-  const int64_t one_block_max =
-      std::min(one_block_select_max_values<float>(), one_block_select_max_values<double>());
+  const int64_t sizes[] = {1, 7, 4096, 8193, 20000, 33000, 70000};
   uint64_t seed = 1;
   for (int k = 0; k < 6; ++k) {
     for (int64_t size : sizes) {
@@ -185,8 +188,8 @@ TEST(CoverageSelect, MatchesTheHostRule) {
       active[1] = 0;
       const std::vector<float> f = make_values<float>(shapes[k], num_segments, size, seed);
       const std::vector<double> d = make_values<double>(shapes[k], num_segments, size, seed++);
-      for (const SelectPath path : {SelectPath::many_blocks, SelectPath::one_block}) {
-        if (path == SelectPath::one_block && size > one_block_max) continue;
+      for (const SelectPath path : {SelectPath::many_blocks, SelectPath::clusters}) {
+        if (path == SelectPath::clusters && cluster_select_size(size) == 0) continue;
         for (double gamma : {0.1, 0.5, 0.9, 1.0}) {
           expect_select_matches(std::string(names[k]) + " fp32", f, num_segments, size, gamma,
                                 active, path);
@@ -208,16 +211,33 @@ TEST(CoverageSelect, ManySegmentsAtSearchSizes) {
   std::vector<int32_t> query_aware(16, 0);
   query_aware[0] = query_aware[5] = query_aware[15] = 1;
   const std::vector<double> tri = make_values<double>(Shape::kWideRange, 4, num_tri, 92);
-  for (const SelectPath path : {SelectPath::many_blocks, SelectPath::one_block}) {
-    const bool one_block = path == SelectPath::one_block;
-    if (!one_block || 20000 <= one_block_select_max_values<float>()) {
+  for (const SelectPath path : {SelectPath::many_blocks, SelectPath::clusters}) {
+    const bool clusters = path == SelectPath::clusters;
+    if (!clusters || cluster_select_size(20000) != 0) {
       expect_select_matches("step 2", vs, 32, 20000, 0.9, std::vector<int32_t>(32, 1), path);
       expect_select_matches("step 2, heads not query-aware", vs, 32, 20000, 0.9, query_aware, path,
                             2, true);
     }
-    if (!one_block || num_tri <= one_block_select_max_values<double>()) {
+    if (!clusters || cluster_select_size(num_tri) != 0) {
       expect_select_matches("step 8", tri, 4, num_tri, 0.9, std::vector<int32_t>(4, 1), path);
     }
+  }
+}
+
+// The clusters path's blocks a segment on Hopper: the fewest whose slices hold at most 8192
+// values, up to 16 blocks of at most 16384.
+TEST(CoverageSelect, ClusterSizesFollowTheSlices) {
+  MF_REQUIRE_GPU();
+  int device = 0, major = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
+  if (major != 9)
+    GTEST_SKIP() << "the expected sizes are Hopper's (compute capability " << major << ")";
+  const std::pair<int64_t, int> expected[] = {{1, 1},      {8192, 1},    {8193, 2},
+                                              {20000, 4},  {33000, 8},   {65536, 8},
+                                              {65537, 16}, {262144, 16}, {262145, 0}};
+  for (const auto& [size, blocks] : expected) {
+    EXPECT_EQ(cluster_select_size(size), blocks) << "size " << size;
   }
 }
 
@@ -235,11 +255,13 @@ TEST(CoverageSelect, RejectsBadShapes) {
   EXPECT_THROW(coverage_select(counts.data(), static_cast<uint8_t*>(nullptr), x.data(), 1, 4, 0.9,
                                SegmentFilter{flags.data(), 0, false}, nullptr, nullptr),
                Error);
-  const int64_t too_long = one_block_select_max_values<float>() + 1;
+  // Past 16 blocks of 16384 values (or on a device without clusters) the clusters path refuses.
+  const int64_t too_long = 16 * 16384 + 1;
+  EXPECT_EQ(cluster_select_size(too_long), 0);
   DeviceBuffer<float> long_x(static_cast<size_t>(too_long));
   EXPECT_THROW(
       coverage_select(counts.data(), static_cast<uint8_t*>(nullptr), long_x.data(), 1, too_long,
-                      0.9, SegmentFilter{}, nullptr, nullptr, SelectPath::one_block),
+                      0.9, SegmentFilter{}, nullptr, nullptr, SelectPath::clusters),
       Error);
   DeviceBuffer<uint8_t> workspace(coverage_select_workspace_bytes(1, 4) + 16);
   EXPECT_THROW(coverage_select(counts.data(), static_cast<uint8_t*>(nullptr), x.data(), 1, 4, 0.9,
