@@ -191,6 +191,13 @@ void launch_block_means(std::conditional_t<kQuery, float, double>* means, const 
   const int64_t groups_per_row = ceil_div(num_heads * s.head_dim / kChunkElems, kMeanThreads);
   const int64_t items = s.num_blocks * groups_per_row;
   const unsigned blocks = grid_for(items * kMeanThreads, kMeanThreads, max_blocks);
+  // The side stream's means can reach idle SMs before pass 1 (a race between the host's
+  // launches): an SM changes its L1 / shared-memory split only when idle, so the means ask for the
+  // split pass 1's blocks need, lest those wait until the means end (docs/benchmarks.md, session
+  // 26: with pass 1's launch delayed 40 us, 0.449 ms at 32K with this, 0.475 without).
+  MF_CUDA_CHECK(cudaFuncSetAttribute(block_means_kernel<kQuery>,
+                                     cudaFuncAttributePreferredSharedMemoryCarveout,
+                                     cudaSharedmemCarveoutMaxShared));
   block_means_kernel<kQuery>
       <<<blocks, kMeanThreads, 0, stream>>>(means, x, active, num_heads, s, groups_per_row);
   MF_CUDA_CHECK_LAUNCH();
