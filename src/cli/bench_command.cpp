@@ -537,6 +537,13 @@ void register_bench_command(CLI::App& app) {
                    "Pattern search whose selection the sparse attention runs on: exact or fast "
                    "(both are timed: flex_select_ms, flex_select_fast_ms)")
       ->capture_default_str();
+  prefill
+      ->add_option("--select-path", prefill_opt->select_path,
+                   "How the fast search's coverage selects run: auto (many-blocks), many-blocks "
+                   "(a launch per radix pass) or clusters (a thread block cluster per segment in "
+                   "one launch, on Hopper where a segment fits; many-blocks elsewhere)")
+      ->check(CLI::IsMember({"auto", "many-blocks", "clusters"}))
+      ->capture_default_str();
   prefill->add_option("--repeats", prefill_opt->repeats, "Timed repeats (median)")
       ->capture_default_str();
   prefill->add_option("--kernel-timeline", prefill_opt->timeline_file,

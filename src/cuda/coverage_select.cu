@@ -228,7 +228,7 @@ void coverage_select(unsigned long long* counts, uint8_t* selected, const T* val
   MF_CHECK(filter.segments_per_flag >= 1, "coverage_select: segments_per_flag must be >= 1, got {}",
            filter.segments_per_flag);
   MF_CHECK(aligned_to(16, workspace), "coverage_select: the workspace must be 16-byte aligned");
-  if (path == SelectPath::clusters) {
+  if (path == SelectPath::clusters && cluster_select_size(segment_size) > 0) {
     cluster_select(counts, selected, values, num_segments, segment_size, gamma, filter, stream);
     return;
   }

@@ -44,11 +44,12 @@ struct SegmentFilter {
   }
 };
 
-// How coverage_select runs: blocks of 4096 values with a launch per pass (the description above),
-// for any size on any device; or a cluster of blocks per segment, the keys in their shared memory,
-// all passes in one launch (cuda/coverage_select_cluster.h), where the device has clusters and a
-// segment fits (at most 16 blocks of 16384 values on an H200). automatic: many blocks, which the
-// clusters path did not beat at the search's 32K (docs/benchmarks.md, session 26).
+// How coverage_select runs: many_blocks, blocks of 4096 values with a launch per pass (the
+// description above), for any size on any device; clusters, a cluster of blocks per segment, the
+// keys in their shared memory, all passes in one launch (cuda/coverage_select_cluster.h), where the
+// device has clusters and a segment fits (cluster_select_size: at most 16 blocks of 16384 values on
+// an H200), else many blocks. automatic: many blocks, which the clusters path did not beat at the
+// search's 32K (docs/benchmarks.md, session 26).
 enum class SelectPath { automatic, many_blocks, clusters };
 
 // Selects in segments [num_segments, segment_size] of values (T = float or double; each >= 0,
@@ -64,8 +65,7 @@ enum class SelectPath { automatic, many_blocks, clusters };
 // coverage_select_workspace_bytes(num_segments, segment_size) bytes 16-byte aligned that the select
 // overwrites (the caller's, e.g. allocated before a fork to a side stream, since
 // the caching allocator is not stream-ordered: cuda/side_stream.h), or with workspace null its own
-// from the caching allocator; the clusters path needs none. path clusters for a segment that it
-// cannot run is a moeforge::Error.
+// from the caching allocator; the clusters path needs none.
 template <typename T>
 void coverage_select(unsigned long long* counts, uint8_t* selected, const T* values,
                      int64_t num_segments, int64_t segment_size, double gamma, SegmentFilter filter,

@@ -352,7 +352,7 @@ void last_block_scores(double* vs, double* pooled, double* logits, unsigned long
 
 void flex_prefill_select(FlexPrefillDeviceSelection& out, const bf16* q, const bf16* k,
                          const ops::SparseAttentionDims& dims, const ops::FlexPrefillParams& params,
-                         cudaStream_t stream) {
+                         cudaStream_t stream, SelectPath select_path) {
   const bool fp32 = params.search == ops::FlexSearch::kFp32;
   const SearchShape s = flex::search_shape(
       dims, params,
@@ -419,7 +419,7 @@ void flex_prefill_select(FlexPrefillDeviceSelection& out, const bf16* q, const b
     flex::decide_heads(out, pooled.data(), k_means.data(), q_mean.data(), s, params.tau, stream);
   }
   flex::finish_selection(out, pooled.data(), coverage_counts.data(), fp32_vs.data(), q,
-                         k_means.data(), q_block_means.data(), s, params, stream);
+                         k_means.data(), q_block_means.data(), s, params, stream, select_path);
 }
 
 ops::FlexPrefillSelection download_selection(const FlexPrefillDeviceSelection& selection) {

@@ -35,6 +35,7 @@
 #include <cstdint>
 
 #include "cuda/bf16.h"
+#include "cuda/coverage_select.h"
 #include "cuda/device_memory.h"
 #include "ops/flex_prefill.h"
 
@@ -62,10 +63,12 @@ struct FlexPrefillDeviceSelection {
 
 // q [seq_len, num_q_heads, head_dim], k [seq_len, num_kv_heads, head_dim] (bf16, device).
 // Resizes and assigns every buffer of out; asynchronous on stream. Throws moeforge::Error with the
-// reference's messages for invalid dims or params, and for the limits above.
+// reference's messages for invalid dims or params, and for the limits above. select_path: how the
+// fast search's coverage selects of steps 2 and 8 run (cuda/coverage_select.h; the same selection
+// on every path, so a choice of speed only); the exact search sorts instead.
 void flex_prefill_select(FlexPrefillDeviceSelection& out, const bf16* q, const bf16* k,
                          const ops::SparseAttentionDims& dims, const ops::FlexPrefillParams& params,
-                         cudaStream_t stream);
+                         cudaStream_t stream, SelectPath select_path = SelectPath::automatic);
 
 // Copies a selection to the host (synchronises the device), as the reference returns it.
 ops::FlexPrefillSelection download_selection(const FlexPrefillDeviceSelection& selection);

@@ -37,9 +37,9 @@ void check_fp32_search(const flex::SearchShape& s, const bf16* q, const bf16* k)
 
 void fp32_coverage_counts(unsigned long long* coverage_counts, const float* vs,
                           const flex::SearchShape& s, double gamma, const int32_t* query_aware,
-                          cudaStream_t stream, void* workspace) {
+                          cudaStream_t stream, void* workspace, SelectPath path) {
   coverage_select(coverage_counts, static_cast<uint8_t*>(nullptr), vs, s.num_q_heads * 2, s.seq_len,
-                  gamma, SegmentFilter{query_aware, 2, true}, stream, workspace);
+                  gamma, SegmentFilter{query_aware, 2, true}, stream, workspace, path);
 }
 
 }  // namespace moeforge::cuda

@@ -119,10 +119,11 @@ void fp32_block_logits(double* tri, const float* q_means, const double* k_means,
 // Step 2: coverage_counts [Hq, 2] = the counts c - 1 for vertical and slash of vs (as
 // fp32_vertical_slash gives it), for the heads whose flag in query_aware is 0 (query_aware null:
 // every head); the other heads' counts are left as they were: their budgets are min_budget
-// whatever the counts. Asynchronous on the stream; workspace as coverage_select's
-// (cuda/coverage_select.h) for 2 Hq segments, or null.
+// whatever the counts. Asynchronous on the stream; workspace and path as coverage_select's
+// (cuda/coverage_select.h) for 2 Hq segments (workspace null: its own).
 void fp32_coverage_counts(unsigned long long* coverage_counts, const float* vs,
                           const flex::SearchShape& s, double gamma, const int32_t* query_aware,
-                          cudaStream_t stream, void* workspace);
+                          cudaStream_t stream, void* workspace,
+                          SelectPath path = SelectPath::automatic);
 
 }  // namespace moeforge::cuda

@@ -871,7 +871,8 @@ void decide_heads(FlexPrefillDeviceSelection& out, double* pooled, const double*
 void finish_selection(FlexPrefillDeviceSelection& out, const double* pooled,
                       unsigned long long* coverage_counts, const float* fp32_vs, const bf16* q,
                       const double* k_means, const float* fp32_q_block_means, const SearchShape& s,
-                      const ops::FlexPrefillParams& params, cudaStream_t stream) {
+                      const ops::FlexPrefillParams& params, cudaStream_t stream,
+                      SelectPath select_path) {
   const int64_t num_heads = s.num_q_heads;
   const int64_t nb = s.num_blocks;
   const bool fast = params.search == ops::FlexSearch::kFp32;
@@ -885,7 +886,7 @@ void finish_selection(FlexPrefillDeviceSelection& out, const double* pooled,
   const cudaStream_t top_k_stream = fast ? fork_side_stream(stream) : stream;
   if (fast) {
     fp32_coverage_counts(coverage_counts, fp32_vs, s, params.gamma, out.query_aware.data(),
-                         top_k_stream, step2_workspace.data());
+                         top_k_stream, step2_workspace.data(), select_path);
   }
   grid.fill_zero(top_k_stream);
   select_blocks(grid.data(), pooled, coverage_counts, out, s, top_k_stream);
@@ -912,7 +913,7 @@ void finish_selection(FlexPrefillDeviceSelection& out, const double* pooled,
       tri_selected.resize(static_cast<size_t>(num_heads * num_tri));
       coverage_select(static_cast<unsigned long long*>(nullptr), tri_selected.data(), tri.data(),
                       num_heads, num_tri, params.gamma, SegmentFilter{out.query_aware.data()},
-                      stream, nullptr);
+                      stream, nullptr, select_path);
     } else {
       SortedSegments sorted_tri;
       sort_segments_descending(sorted_tri, tri.data(), num_heads, num_tri, stream);

@@ -61,11 +61,12 @@ void decide_heads(FlexPrefillDeviceSelection& out, double* pooled, const double*
 // fp32_q_block_means (cuda/flex_prefill_fp32.h) gives them (unused otherwise, may be null).
 // FlexSearch::kFp32 also computes the counts here (fp32_coverage_counts into coverage_counts from
 // fp32_vs [Hq, 2, N], as fp32_vertical_slash gives it): step 2 and the budgets' top-k (steps 6-7)
-// run on the side stream (cuda/side_stream.h) beside step 8, and meet it at the CSR. The exact
-// search passes fp32_vs null and its counts.
+// run on the side stream (cuda/side_stream.h) beside step 8, and meet it at the CSR; its coverage
+// selects of steps 2 and 8 take select_path. The exact search passes fp32_vs null and its counts.
 void finish_selection(FlexPrefillDeviceSelection& out, const double* pooled,
                       unsigned long long* coverage_counts, const float* fp32_vs, const bf16* q,
                       const double* k_means, const float* fp32_q_block_means, const SearchShape& s,
-                      const ops::FlexPrefillParams& params, cudaStream_t stream);
+                      const ops::FlexPrefillParams& params, cudaStream_t stream,
+                      SelectPath select_path);
 
 }  // namespace moeforge::cuda::flex

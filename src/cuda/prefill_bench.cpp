@@ -140,6 +140,14 @@ double selection_agreement(const ops::FlexPrefillSelection& a, const ops::FlexPr
   return 1.0 - static_cast<double>(differ) / causal_blocks;
 }
 
+// The SelectPath that PrefillBenchOptions::select_path names.
+SelectPath select_path_of(const std::string& name) {
+  MF_CHECK(name == "auto" || name == "many-blocks" || name == "clusters",
+           "bench prefill: --select-path must be auto, many-blocks or clusters, got '{}'", name);
+  if (name == "many-blocks") return SelectPath::many_blocks;
+  return name == "clusters" ? SelectPath::clusters : SelectPath::automatic;
+}
+
 }  // namespace
 
 void run_prefill_bench(const PrefillBenchOptions& options,
@@ -149,6 +157,7 @@ void run_prefill_bench(const PrefillBenchOptions& options,
   MF_CHECK(!opt.seqs.empty(), "bench prefill: --seq needs at least one length");
   MF_CHECK(opt.repeats > 0, "bench prefill: --repeats must be positive, got {}", opt.repeats);
   ops::check_flex_prefill_params(opt.params);
+  const SelectPath select_path = select_path_of(opt.select_path);
   PrefillQkv dump;
   if (!opt.qkv_file.empty()) {
     dump = read_prefill_qkv(opt.qkv_file);
@@ -237,8 +246,9 @@ void run_prefill_bench(const PrefillBenchOptions& options,
       flex_prefill_select(exact, in.q.data(), in.k.data(), dims, exact_params, nullptr);
     });
     time_into(entry, "flex_select_fast", opt.repeats, timeline, [&] {
-      flex_prefill_select(fast, in.q.data(), in.k.data(), dims, fast_params, nullptr);
+      flex_prefill_select(fast, in.q.data(), in.k.data(), dims, fast_params, nullptr, select_path);
     });
+    entry["select_path"] = opt.select_path;
     if (entry.contains("flex_select_ms") && entry.contains("flex_select_fast_ms")) {
       entry["search_agreement"] =
           selection_agreement(download_selection(exact), download_selection(fast));

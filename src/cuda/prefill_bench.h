@@ -28,6 +28,9 @@ struct PrefillBenchOptions {
   // metadata "block_size" equal to params.block_size (the public FlexPrefill kernels' format).
   std::string layout_file;
   ops::FlexPrefillParams params;
+  // How the fast search's coverage selects run: "auto", "many-blocks" or "clusters"
+  // (cuda/coverage_select.h's SelectPath).
+  std::string select_path = "auto";
   int64_t repeats = 5;
   // Where to write a kernel timeline (cuda/kernel_timeline.h) of one more, untimed run of every
   // timed part: JSON lines tagged "seq" and "part" (the part's key without "_ms"); empty: none.
@@ -39,6 +42,7 @@ struct PrefillBenchOptions {
 // "dense_cudnn_ms", "dense_ours_ms", "flex_select_ms" (the exact search), "flex_select_fast_ms"
 // (the fp32 search), "select_over_dense_cudnn", "select_fast_over_dense_cudnn",
 // "search_agreement" (the fraction of (head, causal block) pairs on which the two searches agree),
+// "select_path",
 // "density_fast", "query_aware_heads_fast", "flex_search" (the search params.search names, whose
 // selection the next keys describe), "flex_attention_ms", "density", "query_aware_heads",
 // "flex_speedup_over_dense_cudnn", "dense_ours_over_cudnn" (cuDNN's dense time over ours: our

@@ -172,6 +172,11 @@ class CliTest(unittest.TestCase):
             self.assertIn("--help", proc.stdout, cmd)
         self.assertIn("train", run([MOEFORGE, "--help"]).stdout)
 
+    def test_bench_prefill_rejects_an_unknown_select_path(self):
+        proc = run([MOEFORGE, "bench", "prefill", "--select-path", "one-block"], check=False)
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn("--select-path: one-block not in {auto,many-blocks,clusters}", proc.stderr)
+
     def test_init_inspect_generate(self):
         out = os.path.join(self.tmp, "init-model")
         run([MOEFORGE, "init", "--config", self.model_json, "--out", out, "--seed", "3"])

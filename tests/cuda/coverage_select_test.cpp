@@ -255,14 +255,14 @@ TEST(CoverageSelect, RejectsBadShapes) {
   EXPECT_THROW(coverage_select(counts.data(), static_cast<uint8_t*>(nullptr), x.data(), 1, 4, 0.9,
                                SegmentFilter{flags.data(), 0, false}, nullptr, nullptr),
                Error);
-  // Past 16 blocks of 16384 values (or on a device without clusters) the clusters path refuses.
+  // Past 16 blocks of 16384 values (or on a device without clusters) the clusters path refuses
+  // (coverage_select then takes the many-block path).
   const int64_t too_long = 16 * 16384 + 1;
   EXPECT_EQ(cluster_select_size(too_long), 0);
   DeviceBuffer<float> long_x(static_cast<size_t>(too_long));
-  EXPECT_THROW(
-      coverage_select(counts.data(), static_cast<uint8_t*>(nullptr), long_x.data(), 1, too_long,
-                      0.9, SegmentFilter{}, nullptr, nullptr, SelectPath::clusters),
-      Error);
+  EXPECT_THROW(cluster_select(counts.data(), static_cast<uint8_t*>(nullptr), long_x.data(), 1,
+                              too_long, 0.9, SegmentFilter{}, nullptr),
+               Error);
   DeviceBuffer<uint8_t> workspace(coverage_select_workspace_bytes(1, 4) + 16);
   EXPECT_THROW(coverage_select(counts.data(), static_cast<uint8_t*>(nullptr), x.data(), 1, 4, 0.9,
                                SegmentFilter{}, nullptr, workspace.data() + 8),

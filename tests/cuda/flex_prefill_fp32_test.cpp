@@ -551,6 +551,32 @@ TEST(FlexPrefillFp32, RepeatedRunsGiveTheSameSelection) {
   expect_same_selection(download_selection(second_sel), download_selection(first_sel));
 }
 
+// Every path of the coverage select gives the same selection: with tau 0 no head is query-aware, so
+// step 2 selects for every head (20000 values a segment: clusters of 4 blocks on an H200); with tau
+// 0.1 step 8 does for the query-aware heads (157-block triangles: 2 blocks) and step 2 for the odd
+// heads, whose JS distances are 0.25-0.4.
+TEST(FlexPrefillFp32, EverySelectPathGivesTheSameSelection) {
+  MF_REQUIRE_GPU();
+  const Case c{20000, 4, 2, 128, 128};
+  const Inputs in = make_inputs(c, 6);
+  DeviceBuffer<bf16> q = to_device(to_bf16(in.q)), k = to_device(to_bf16(in.k));
+  for (const double tau : {0.0, 0.1}) {
+    SCOPED_TRACE("tau " + std::to_string(tau));
+    ops::FlexPrefillParams params = params_of(c, 0.9, tau);
+    params.search = ops::FlexSearch::kFp32;
+    FlexPrefillDeviceSelection many_sel, cluster_sel;
+    flex_prefill_select(many_sel, q.data(), k.data(), dims_of(c), params, nullptr,
+                        SelectPath::many_blocks);
+    flex_prefill_select(cluster_sel, q.data(), k.data(), dims_of(c), params, nullptr,
+                        SelectPath::clusters);
+    const ops::FlexPrefillSelection many = download_selection(many_sel);
+    expect_same_selection(download_selection(cluster_sel), many);
+    int64_t query_aware = 0;
+    for (const ops::FlexPrefillHeadStats& stats : many.head_stats) query_aware += stats.query_aware;
+    EXPECT_EQ(query_aware > 0, tau > 0.0) << query_aware << " query-aware heads";
+  }
+}
+
 // The fast search runs its means on the side stream (cuda/side_stream.h). Held back there for
 // 100 ms, they must still be what steps 4 and 8 read: the selection equals one made on time. A
 // search on other inputs first leaves its own means in the blocks the allocator hands out again,
