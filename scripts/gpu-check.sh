@@ -38,6 +38,10 @@
 #   lab       `moeforge bench gemm`: the expert GEMM candidates against a dense GEMM
 #   prefill   `moeforge bench prefill`: dense (cuDNN, ours) against FlexPrefill prefill attention at
 #             8K-128K on random inputs (PREFILL_ARGS adds options, e.g. --qkv FILE --seq ...)
+#   select    the fast search's coverage select paths side by side: `bench prefill --select-path`
+#             many-blocks and clusters alternating, SELECT_ROUNDS rounds (default 3) at SELECT_SEQ
+#             (default 32768); each run's fast-search time and its ratio to cuDNN's dense time
+#             ($OUT/select_paths.jsonl, $OUT/select_paths.txt)
 #   timeline  a CUPTI kernel timeline of `moeforge bench prefill` at TIMELINE_SEQ (default 32768;
 #             TIMELINE_ARGS adds options): every part's span, busy time per stream, overlap and idle
 #             time (scripts/timeline_summary.py; $OUT/timeline_summary.txt), and the fast search's
@@ -251,6 +255,24 @@ PY
       build-gpu/moeforge bench prefill ${PREFILL_ARGS:-} > "$OUT/bench_prefill.jsonl" \
         2> "$OUT/bench_prefill.log" || { tail -n 20 "$OUT/bench_prefill.log"; rc=1; }
       cat "$OUT/bench_prefill.jsonl"
+      ;;
+    select)
+      : > "$OUT/select_paths.jsonl"
+      for _ in $(seq "${SELECT_ROUNDS:-3}"); do
+        for path in many-blocks clusters; do
+          build-gpu/moeforge bench prefill --seq "${SELECT_SEQ:-32768}" --repeats 7 \
+            --select-path "$path" >> "$OUT/select_paths.jsonl" 2> "$OUT/select_paths.log" \
+            || { tail -n 20 "$OUT/select_paths.log"; rc=1; }
+        done
+      done
+      python3 -c '
+import json, sys
+for line in open(sys.argv[1]):
+    if line.strip():
+        j = json.loads(line)
+        print(j["seq"], j["select_path"], "fast search", round(j["flex_select_fast_ms"], 4), "ms,",
+              round(100 * j["select_fast_over_dense_cudnn"], 2), "% of cuDNN dense", round(j["dense_cudnn_ms"], 3), "ms")
+' "$OUT/select_paths.jsonl" | tee "$OUT/select_paths.txt" || rc=1
       ;;
     timeline)
       # shellcheck disable=SC2086 # TIMELINE_ARGS is a list of options
