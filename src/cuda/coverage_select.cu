@@ -180,20 +180,11 @@ __global__ void __launch_bounds__(kThreads)
   before = BlockReduce(storage.reduce).Sum(before);
   if (threadIdx.x == 0) before_s = before;
   __syncthreads();
-  unsigned long long taken = before_s;  // equal entries before this tile
-  const T* x = values + segment * segment_size;
-  uint8_t* out = selected + segment * segment_size;
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * kChunk;
-  const int64_t end = min(segment_size, begin + kChunk);
-  for (int64_t base = begin; base < end && taken < cut.take_equal; base += kThreads) {
-    const int64_t i = base + threadIdx.x;
-    const unsigned equal = i < end && key_of(x[i]) == cut.key ? 1u : 0u;
-    unsigned rank = 0, tile_equal = 0;
-    BlockScan(storage.scan).ExclusiveSum(equal, rank, tile_equal);
-    if (equal != 0 && taken + rank < cut.take_equal) out[i] = 1;
-    taken += tile_equal;
-    __syncthreads();  // storage.scan is reused
-  }
+  const T* x = values + segment * segment_size + begin;
+  mark_ties<kThreads>(
+      selected + segment * segment_size + begin, min(segment_size, begin + kChunk) - begin,
+      before_s, cut, [x](int64_t i) { return key_of(x[i]); }, storage.scan);
 }
 
 // The workspace: hist_count, hist_sum [kPasses, segments, kBuckets] and arrivals [kPasses,

@@ -164,21 +164,11 @@ __global__ void __launch_bounds__(kThreads, 2)
     before_s = before;
   }
   cluster.sync();  // before_s is written, and no block leaves while another reads its count
-  // The cut is inside a run of equal entries: the first take_equal of them by position.
-  unsigned long long taken = before_s;
-  for (int base = 0; base < len && taken < cut.take_equal; base += kThreads) {
-    const int i = base + tid;
-    const unsigned is_equal = i < len && keys[i] == cut.key ? 1u : 0u;
-    unsigned position = 0, tile_equal = 0;
-    cub::BlockScan<unsigned, kThreads>(storage.ties).ExclusiveSum(is_equal, position, tile_equal);
-    if (is_equal != 0 && taken + position < cut.take_equal) out[i] = 1;
-    taken += tile_equal;
-    __syncthreads();  // storage.ties is reused
-  }
+  mark_ties<kThreads>(
+      out, len, before_s, cut, [](int64_t i) { return keys[i]; }, storage.ties);
 #endif
 }
 
-template <typename T>
 cudaLaunchConfig_t launch_config(int cluster_size, int64_t num_segments, int64_t slice,
                                  cudaStream_t stream, cudaLaunchAttribute& attribute) {
   attribute = cudaLaunchAttribute{};
@@ -205,8 +195,7 @@ bool cluster_fits(int cluster_size) {
                                      static_cast<int>(kMaxSlice * sizeof(uint32_t))));
   MF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   cudaLaunchAttribute attribute{};
-  const cudaLaunchConfig_t config =
-      launch_config<T>(cluster_size, 1, kMaxSlice, nullptr, attribute);
+  const cudaLaunchConfig_t config = launch_config(cluster_size, 1, kMaxSlice, nullptr, attribute);
   int active = 0;
   if (cudaOccupancyMaxActiveClusters(&active, kernel, &config) != cudaSuccess) {
     (void)cudaGetLastError();  // a cluster size the device does not run
@@ -253,7 +242,7 @@ void cluster_select(unsigned long long* counts, uint8_t* selected, const T* valu
            segment_size, kMaxSlice);
   const int64_t slice = ceil_div(segment_size, int64_t{size});
   cudaLaunchAttribute attribute{};
-  const cudaLaunchConfig_t config = launch_config<T>(size, num_segments, slice, stream, attribute);
+  const cudaLaunchConfig_t config = launch_config(size, num_segments, slice, stream, attribute);
   MF_CUDA_CHECK(cudaLaunchKernelEx(&config, cluster_select_kernel<T>, counts, selected, values,
                                    segment_size, slice, gamma, filter));
 }

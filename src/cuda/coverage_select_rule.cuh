@@ -1,9 +1,11 @@
 // The arithmetic of the coverage select's rule (cuda/coverage_select.h) that its kernels share: an
 // entry's fp32 bits (its order), its 2^-52 fixed-point value, a segment's limit, the digits in
-// which the cut's bits are found, and the cut with its step at each pick.
+// which the cut's bits are found, the cut with its step at each pick, and the marks of a tie.
 #pragma once
 
 #include <cuda_runtime.h>
+
+#include <cub/block/block_scan.cuh>
 
 #include <cstdint>
 
@@ -90,6 +92,24 @@ __device__ __forceinline__ bool is_tie(const Cut& cut) {
 // where all fit, those above K, and those equal to K where all of them are taken.
 __device__ __forceinline__ bool marked(const Cut& cut, uint32_t key) {
   return cut.all != 0 || key > cut.key || (key == cut.key && cut.take_equal == cut.count_equal);
+}
+
+// Where the final cut is a tie, marks in out the slice's entries equal to it in position order
+// while fewer than take_equal are taken, counting from `taken` equal entries before the slice:
+// key_at(i) is the key at position i of [0, len). Called by every thread of a block of kThreads.
+template <int kThreads, typename KeyAt>
+__device__ void mark_ties(uint8_t* out, int64_t len, unsigned long long taken, const Cut& cut,
+                          KeyAt key_at,
+                          typename cub::BlockScan<unsigned, kThreads>::TempStorage& storage) {
+  for (int64_t base = 0; base < len && taken < cut.take_equal; base += kThreads) {
+    const int64_t i = base + threadIdx.x;
+    const unsigned equal = i < len && key_at(i) == cut.key ? 1u : 0u;
+    unsigned position = 0, tile_equal = 0;
+    cub::BlockScan<unsigned, kThreads>(storage).ExclusiveSum(equal, position, tile_equal);
+    if (equal != 0 && taken + position < cut.take_equal) out[i] = 1;
+    taken += tile_equal;
+    __syncthreads();  // storage is reused
+  }
 }
 
 }  // namespace moeforge::cuda::coverage
