@@ -39,8 +39,9 @@
 #   prefill   `moeforge bench prefill`: dense (cuDNN, ours) against FlexPrefill prefill attention at
 #             8K-128K on random inputs (PREFILL_ARGS adds options, e.g. --qkv FILE --seq ...)
 #   select    the fast search's coverage select paths side by side: `bench prefill --select-path`
-#             many-blocks and clusters alternating, SELECT_ROUNDS rounds (default 3) at SELECT_SEQ
-#             (default 32768); each run's fast-search time and its ratio to cuDNN's dense time
+#             over SELECT_PATHS (default "auto many-blocks clusters") in turn, SELECT_ROUNDS rounds
+#             (default 3) at SELECT_SEQ (default 32768; a comma-separated list runs each length);
+#             each run's fast-search time and its ratio to cuDNN's dense time
 #             ($OUT/select_paths.jsonl, $OUT/select_paths.txt)
 #   timeline  a CUPTI kernel timeline of `moeforge bench prefill` at TIMELINE_SEQ (default 32768;
 #             TIMELINE_ARGS adds options): every part's span, busy time per stream, overlap and idle
@@ -259,7 +260,7 @@ PY
     select)
       : > "$OUT/select_paths.jsonl"
       for _ in $(seq "${SELECT_ROUNDS:-3}"); do
-        for path in many-blocks clusters; do
+        for path in ${SELECT_PATHS:-auto many-blocks clusters}; do
           build-gpu/moeforge bench prefill --seq "${SELECT_SEQ:-32768}" --repeats 7 \
             --select-path "$path" >> "$OUT/select_paths.jsonl" 2> "$OUT/select_paths.log" \
             || { tail -n 20 "$OUT/select_paths.log"; rc=1; }

@@ -539,9 +539,10 @@ void register_bench_command(CLI::App& app) {
       ->capture_default_str();
   prefill
       ->add_option("--select-path", prefill_opt->select_path,
-                   "How the fast search's coverage selects run: auto (many-blocks), many-blocks "
-                   "(a launch per radix pass) or clusters (a thread block cluster per segment in "
-                   "one launch, on Hopper where a segment fits; many-blocks elsewhere)")
+                   "How the fast search's coverage selects run: auto (clusters where a segment "
+                   "takes at most 4 blocks, else many-blocks), many-blocks (a launch per radix "
+                   "pass) or clusters (a thread block cluster per segment in one launch, on Hopper "
+                   "where a segment fits; many-blocks elsewhere)")
       ->check(CLI::IsMember({"auto", "many-blocks", "clusters"}))
       ->capture_default_str();
   prefill->add_option("--repeats", prefill_opt->repeats, "Timed repeats (median)")

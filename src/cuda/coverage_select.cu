@@ -25,6 +25,9 @@ namespace {
 using namespace coverage;  // the rule shared by both paths
 
 constexpr int kThreads = 256;
+// The most blocks of a segment's cluster where the path is automatic (cuda/coverage_select.h says
+// why).
+constexpr int kAutomaticClusterBlocks = 4;
 constexpr int64_t kChunk = 4096;  // values per block of threads of a histogram pass
 constexpr int kLoadsPerThread = static_cast<int>(kChunk) / kThreads;
 
@@ -208,6 +211,14 @@ size_t coverage_select_workspace_bytes(int64_t num_segments, int64_t segment_siz
          static_cast<size_t>(num_segments * ceil_div(segment_size, kChunk)) * sizeof(unsigned);
 }
 
+SelectPath resolve_select_path(int64_t segment_size, SelectPath path) {
+  if (path == SelectPath::many_blocks) return path;
+  const int blocks = cluster_select_size(segment_size);
+  const bool fits =
+      blocks > 0 && (path == SelectPath::clusters || blocks <= kAutomaticClusterBlocks);
+  return fits ? SelectPath::clusters : SelectPath::many_blocks;
+}
+
 template <typename T>
 void coverage_select(unsigned long long* counts, uint8_t* selected, const T* values,
                      int64_t num_segments, int64_t segment_size, double gamma, SegmentFilter filter,
@@ -219,7 +230,7 @@ void coverage_select(unsigned long long* counts, uint8_t* selected, const T* val
   MF_CHECK(filter.segments_per_flag >= 1, "coverage_select: segments_per_flag must be >= 1, got {}",
            filter.segments_per_flag);
   MF_CHECK(aligned_to(16, workspace), "coverage_select: the workspace must be 16-byte aligned");
-  if (path == SelectPath::clusters && cluster_select_size(segment_size) > 0) {
+  if (resolve_select_path(segment_size, path) == SelectPath::clusters) {
     cluster_select(counts, selected, values, num_segments, segment_size, gamma, filter, stream);
     return;
   }

@@ -48,9 +48,15 @@ struct SegmentFilter {
 // description above), for any size on any device; clusters, a cluster of blocks per segment, the
 // keys in their shared memory, all passes in one launch (cuda/coverage_select_cluster.h), where the
 // device has clusters and a segment fits (cluster_select_size: at most 16 blocks of 16384 values on
-// an H200), else many blocks. automatic: many blocks, which the clusters path did not beat at the
-// search's 32K (docs/benchmarks.md, session 26).
+// an H200), else many blocks. automatic: clusters where a segment takes at most 4 blocks (one wave
+// for the search's 32 heads; at 32K the clusters of 4 took its step-8 select from about 47 to 41
+// us, while at 64K, clusters of 16 in two waves, the search took 0.93 ms against many blocks' 0.85;
+// docs/benchmarks.md, session 27), else many blocks.
 enum class SelectPath { automatic, many_blocks, clusters };
+
+// The path coverage_select takes for segments of segment_size values on the current device when
+// asked for `path` (many_blocks or clusters, never automatic).
+SelectPath resolve_select_path(int64_t segment_size, SelectPath path);
 
 // Selects in segments [num_segments, segment_size] of values (T = float or double; each >= 0,
 // -0.0 counting as +0.0, and at most 2, each segment's sum below 2^12 so that its fixed-point total

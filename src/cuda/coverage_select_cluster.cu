@@ -30,7 +30,6 @@ using namespace coverage;  // the rule and histograms shared by both paths
 
 constexpr int kThreads = 512;
 constexpr int kMaxClusterSize = 16;  // Hopper's largest (non-portable) cluster
-constexpr int64_t kTargetSlice = 8192;
 constexpr int64_t kMaxSlice = kMaxBlockValues;
 
 static_assert(kBuckets <= kThreads, "the pick gives each bucket a thread");
@@ -227,7 +226,7 @@ int cluster_select_size(int64_t segment_size) {
   const int largest = largest_cluster();
   if (largest == 0 || segment_size < 1) return 0;
   int size = 1;
-  while (size < largest && ceil_div(segment_size, int64_t{size}) > kTargetSlice) size *= 2;
+  while (size < largest && ceil_div(segment_size, int64_t{size}) > kMaxSlice) size *= 2;
   return ceil_div(segment_size, int64_t{size}) <= kMaxSlice ? size : 0;
 }
 

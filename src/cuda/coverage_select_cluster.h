@@ -13,8 +13,9 @@
 namespace moeforge::cuda {
 
 // The blocks of the cluster that the clusters path gives a segment of segment_size values on the
-// current device: the fewest (a power of two, at most 16) whose slices hold at most 8192 values,
-// or, where 16 slices hold more, 16 while a slice holds at most 16384; 0 where the path cannot run
+// current device: the fewest (a power of two, at most 16) whose slices hold at most 16384 values
+// (at 32K, clusters of 4 for the 32 heads' step-8 triangles: one wave on an H200, where clusters of
+// 8 slices of at most 8192 took two; docs/benchmarks.md, session 27); 0 where the path cannot run
 // the segment (longer segments, or a device without clusters of that size).
 int cluster_select_size(int64_t segment_size);
 

@@ -224,8 +224,8 @@ TEST(CoverageSelect, ManySegmentsAtSearchSizes) {
   }
 }
 
-// The clusters path's blocks a segment on Hopper: the fewest whose slices hold at most 8192
-// values, up to 16 blocks of at most 16384.
+// The clusters path's blocks a segment on Hopper: the fewest (up to 16) whose slices hold at most
+// 16384 values.
 TEST(CoverageSelect, ClusterSizesFollowTheSlices) {
   MF_REQUIRE_GPU();
   int device = 0, major = 0;
@@ -233,11 +233,35 @@ TEST(CoverageSelect, ClusterSizesFollowTheSlices) {
   ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
   if (major != 9)
     GTEST_SKIP() << "the expected sizes are Hopper's (compute capability " << major << ")";
-  const std::pair<int64_t, int> expected[] = {{1, 1},      {8192, 1},    {8193, 2},
-                                              {20000, 4},  {33000, 8},   {65536, 8},
-                                              {65537, 16}, {262144, 16}, {262145, 0}};
+  const std::pair<int64_t, int> expected[] = {{1, 1},       {16384, 1},   {16385, 2}, {32768, 2},
+                                              {32896, 4},   {65536, 4},   {65537, 8}, {131072, 8},
+                                              {131328, 16}, {262144, 16}, {262145, 0}};
   for (const auto& [size, blocks] : expected) {
     EXPECT_EQ(cluster_select_size(size), blocks) << "size " << size;
+  }
+}
+
+// On Hopper, automatic takes the clusters path where a segment's cluster has at most 4 blocks, many
+// blocks elsewhere; asked for clusters, the select takes them wherever a cluster holds the segment.
+TEST(CoverageSelect, AutomaticTakesClustersOfAtMostFourBlocks) {
+  MF_REQUIRE_GPU();
+  int device = 0, major = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
+  if (major != 9)
+    GTEST_SKIP() << "the expected paths are Hopper's (compute capability " << major << ")";
+  constexpr SelectPath kMany = SelectPath::many_blocks, kClusters = SelectPath::clusters;
+  struct Expected {
+    int64_t size;
+    SelectPath automatic, clusters;
+  };
+  const Expected expected[] = {{1, kClusters, kClusters},     {32896, kClusters, kClusters},
+                               {65536, kClusters, kClusters}, {65537, kMany, kClusters},
+                               {131328, kMany, kClusters},    {262145, kMany, kMany}};
+  for (const Expected& e : expected) {
+    EXPECT_EQ(resolve_select_path(e.size, SelectPath::automatic), e.automatic) << e.size;
+    EXPECT_EQ(resolve_select_path(e.size, kClusters), e.clusters) << e.size;
+    EXPECT_EQ(resolve_select_path(e.size, kMany), kMany) << e.size;
   }
 }
 
