@@ -23,11 +23,11 @@
 //  8. The query-aware heads' block logits in fp32 (fp32_block_logits): the block means of
 //     scale * q summed in fp32 (rows ascending) times fp32(scale / length), dotted with the key
 //     blocks' means (the exact doubles of step 4 rounded to fp32) by an fp32 FMA chain, d
-//     ascending; the row softmax in double as the exact search (cuda/flex_prefill_stages.cu). Then
-//     the same select replaces step 8's sort: those probabilities rounded to fp32 and then to
-//     2^-52 fixed point, ordered by the fp32 values (equal ones by position), kept while their
-//     fixed-point sum stays <= gamma T, T their own total (nb in exact arithmetic: the
-//     reference's gamma nb).
+//     ascending; their row softmax in fp32 (fp32_block_softmax: e = expf(x - max), the sum of the
+//     e in double, p = fp32(e * (1 / sum)) in double). Then the same select replaces step 8's
+//     sort: those fp32 probabilities in 2^-52 fixed point, ordered by their values (equal ones by
+//     position), kept while their fixed-point sum stays <= gamma T, T their own total (nb in
+//     exact arithmetic: the reference's gamma nb).
 //
 // Error bound (first order; u = 2^-24 the fp32 unit roundoff, u' = 2^-23 for the tensor cores'
 // additions, which may truncate; X bounds |x| by Cauchy-Schwarz: X = scale log2(e) max_r |q_r|
@@ -50,11 +50,18 @@
 //    (scale / length) sum_j |q[j, d]| over the query block, k_E = k_q (1 + u) + u + gamma_D (1 +
 //    k_q) (1 + u) + D 2^-52, k_q = (1 + gamma_{bs-1}) (1 + u)^2 (1 + 2^-52) - 1 + (bs + 2) 2^-53
 //    (the fp32 sum and its two roundings, the key mean's rounding, the FMA chain, the reference's
-//    own doubles); so a block probability is within a relative rho_8 = exp(2 E) - 1;
+//    own doubles); so the exact softmax of these logits is within a relative rho_8 = exp(2 E) - 1
+//    of the reference's probabilities;
+//  - the fp32 softmax of a row of len logits y of span W = max y - min y: each e = expf(fl(y -
+//    max)) is within a relative rho_e = W u + 2^-22 of exp(y - max) (the rounded difference;
+//    expf's 2 ulps), the double sum within (len - 1) 2^-53 more, the reciprocal and the product
+//    2^-53 each, so each p before its rounding to fp32 is within rho_sm = 2 rho_e + (len + 1)
+//    2^-53 of the exact softmax of y (an e below 2^-126, where fp32 loses precision, within
+//    2^-149 absolute);
 //  - step 8 keeps the reference's blocks except where that and the fp32 rounding (relative 2^-24 a
 //    value) reorder values within a relative max(2^-22, (1 + r) / (1 - r) - 1), r = (1 + u)
-//    (1 + rho_8) - 1, of each other or the cumulative sum lies within r (plus 2^-53 a term) of
-//    gamma nb (tests/cuda/flex_prefill_fp32_test.cpp's step-8 band).
+//    (1 + rho_8) (1 + rho_sm) - 1, of each other or the cumulative sum lies within r (plus 2^-53 a
+//    term) of gamma nb (tests/cuda/flex_prefill_fp32_test.cpp's step-8 band).
 // tests/cuda/flex_prefill_fp32_test.cpp evaluates this bound and checks the selection against it.
 //
 // Limits (checked, moeforge::Error, after those of cuda/flex_prefill.h): head_dim a multiple of 8
@@ -113,8 +120,13 @@ void fp32_q_block_means(float* q_means, const bf16* q, const int32_t* active,
 // fp32 logit of query block r and key block c (8 above), for heads whose flag in query_aware is
 // set; q_means as fp32_q_block_means gives them (for those heads at least), k_means [Hkv, nb, D]
 // as flex::block_means gives them. Asynchronous on the stream.
-void fp32_block_logits(double* tri, const float* q_means, const double* k_means,
+void fp32_block_logits(float* tri, const float* q_means, const double* k_means,
                        const int32_t* query_aware, const flex::SearchShape& s, cudaStream_t stream);
+// Step 8's probabilities: each row of tri (as fp32_block_logits leaves it) replaced by its fp32
+// softmax (8 above; within rho_sm of the exact one, then rounded), for heads whose flag in
+// query_aware is set; the other heads' rows keep what they held. Asynchronous on the stream.
+void fp32_block_softmax(float* tri, const int32_t* query_aware, const flex::SearchShape& s,
+                        cudaStream_t stream);
 
 // Step 2: coverage_counts [Hq, 2] = the counts c - 1 for vertical and slash of vs (as
 // fp32_vertical_slash gives it), for the heads whose flag in query_aware is 0 (query_aware null:

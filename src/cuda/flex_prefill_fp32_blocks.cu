@@ -7,7 +7,8 @@
 //    still keeps many bytes in flight (Q, the only full read of q in the search, 256 MB at 32K with
 //    32 heads, in 69 us alone under ncu);
 //  - the logits: the query means dotted with the key means (rounded to fp32) by fp32 FMA on 64 x 64
-//    tiles of shared memory, for the query-aware heads.
+//    tiles of shared memory, for the query-aware heads, and their row softmax in fp32 (a warp a
+//    row; the sums in double).
 #include <cstdint>
 #include <type_traits>
 
@@ -29,7 +30,8 @@ constexpr int kMeanMinBlocks = 6;
 constexpr int kTile = 64;   // logits: a kTile x kTile tile of the triangle per block
 constexpr int kDepth = 64;  // head_dim slice per shared-memory tile
 constexpr int kTileStride = kTile + 4;
-constexpr int kLogitThreads = 256;  // 16 x 16 threads, 4 x 4 logits each
+constexpr int kLogitThreads = 256;    // 16 x 16 threads, 4 x 4 logits each
+constexpr int kSoftmaxThreads = 256;  // a warp a row
 static_assert(kLogitThreads % (kDepth / 2) == 0 && kDepth % 8 == 0,
               "slice loads cover whole rows with whole 4-wide groups");
 
@@ -136,7 +138,7 @@ __device__ void load_slice_rows(float (*tile)[kTileStride], const T* head, int64
 // that a quarter warp's float4 reads of k_tile fall in distinct banks (kTileStride = kTile + 4),
 // its reads of q_tile are broadcasts, and a half warp's stores of a row are contiguous.
 __global__ void __launch_bounds__(kLogitThreads)
-    block_logits_kernel(double* tri, const float* q_means, const double* k_means,
+    block_logits_kernel(float* tri, const float* q_means, const double* k_means,
                         const int32_t* query_aware, SearchShape s) {
   __shared__ __align__(16) float q_tile[kTile][kTileStride];
   __shared__ __align__(16) float k_tile[kTile][kTileStride];
@@ -171,14 +173,45 @@ __global__ void __launch_bounds__(kLogitThreads)
     }
     __syncthreads();
   }
-  double* head_tri = tri + h * (nb * (nb + 1) / 2);
+  float* head_tri = tri + h * (nb * (nb + 1) / 2);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int64_t r = r0 + ty + 16 * i;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int64_t c = c0 + tx + 16 * j;
-      if (r < nb && c <= r) head_tri[r * (r + 1) / 2 + c] = static_cast<double>(acc[i][j]);
+      if (r < nb && c <= r) head_tri[r * (r + 1) / 2 + c] = acc[i][j];
+    }
+  }
+}
+
+// Step 8's row softmax of the fp32 logits in tri, in place: a warp a row (rows in a grid-stride
+// loop), the row's max, e = expf(x - max) in fp32, the sum of the e in double (each lane its
+// entries in order, then a butterfly: the same order in every run), and p = fp32(e * (1 / sum))
+// with the reciprocal and the product in double; each e is computed again for its quotient (the
+// same value), so the row needs no storage. Rows of heads that are not query-aware keep what they
+// held.
+__global__ void __launch_bounds__(kSoftmaxThreads)
+    block_softmax_kernel(float* tri, const int32_t* query_aware, int64_t num_heads, int64_t nb) {
+  constexpr int kWarps = kSoftmaxThreads / kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int64_t num_rows = num_heads * nb;
+  for (int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize;
+       w < num_rows; w += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const int64_t h = w / nb, r = w % nb;
+    if (query_aware[h] == 0) continue;
+    float* row = tri + h * (nb * (nb + 1) / 2) + r * (r + 1) / 2;
+    float max_logit = -INFINITY;
+    for (int64_t c = lane; c <= r; c += kWarpSize) max_logit = fmaxf(max_logit, row[c]);
+    max_logit = warp_max(max_logit);
+    double sum = 0.0;
+    for (int64_t c = lane; c <= r; c += kWarpSize) {
+      sum = __dadd_rn(sum, static_cast<double>(expf(row[c] - max_logit)));
+    }
+    const double inverse = 1.0 / warp_sum(sum);
+    for (int64_t c = lane; c <= r; c += kWarpSize) {
+      row[c] =
+          static_cast<float>(__dmul_rn(static_cast<double>(expf(row[c] - max_logit)), inverse));
     }
   }
 }
@@ -215,12 +248,20 @@ void fp32_q_block_means(float* q_means, const bf16* q, const int32_t* active,
   launch_block_means<true>(q_means, q, active, s.num_q_heads, s, stream, max_blocks);
 }
 
-void fp32_block_logits(double* tri, const float* q_means, const double* k_means,
+void fp32_block_logits(float* tri, const float* q_means, const double* k_means,
                        const int32_t* query_aware, const flex::SearchShape& s,
                        cudaStream_t stream) {
   const auto tiles = static_cast<unsigned>(ceil_div(s.num_blocks, kTile));
   block_logits_kernel<<<dim3(tiles, tiles, static_cast<unsigned>(s.num_q_heads)), kLogitThreads, 0,
                         stream>>>(tri, q_means, k_means, query_aware, s);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
+void fp32_block_softmax(float* tri, const int32_t* query_aware, const flex::SearchShape& s,
+                        cudaStream_t stream) {
+  const int64_t num_rows = s.num_q_heads * s.num_blocks;
+  block_softmax_kernel<<<grid_for(num_rows * kWarpSize, kSoftmaxThreads), kSoftmaxThreads, 0,
+                         stream>>>(tri, query_aware, s.num_q_heads, s.num_blocks);
   MF_CUDA_CHECK_LAUNCH();
 }
 

@@ -18,7 +18,7 @@
 // scores (as many scores a thread as nb needs) and the column / diagonal fill of an [nb, nb] grid
 // (a warp a column or diagonal); for query-aware heads the block means of Q, the block logits
 // (tiled fp64), the row softmaxes (a warp a row, held in shared memory), the sort of the triangle
-// and the gamma * nb walk (the fast search: fp32 block means and logits from
+// and the gamma * nb walk (the fast search: fp32 block means, logits and softmax from
 // cuda/flex_prefill_fp32.h and the fixed-point radix select of cuda/coverage_select.h, whose flags
 // the CSR build reads beside the grid); finally the CSR in two kernels of a few blocks per head:
 // the rows' counts (warp sums) with each block's total, then each head's base (the block totals
@@ -894,38 +894,34 @@ void finish_selection(FlexPrefillDeviceSelection& out, const double* pooled,
   // Step 8 (the kernels skip heads that are not query-aware). The fast search's flags join the
   // grid's in build_csr.
   DeviceBuffer<uint8_t> tri_selected;
-  if (params.tau > 0.0) {
-    const int64_t num_tri = nb * (nb + 1) / 2;
+  const int64_t num_tri = nb * (nb + 1) / 2;
+  if (params.tau > 0.0 && fast) {
+    DeviceBuffer<float> tri(static_cast<size_t>(num_heads * num_tri));
+    fp32_block_logits(tri.data(), fp32_q_block_means, k_means, out.query_aware.data(), s, stream);
+    fp32_block_softmax(tri.data(), out.query_aware.data(), s, stream);
+    tri_selected.resize(static_cast<size_t>(num_heads * num_tri));
+    coverage_select(static_cast<unsigned long long*>(nullptr), tri_selected.data(), tri.data(),
+                    num_heads, num_tri, params.gamma, SegmentFilter{out.query_aware.data()}, stream,
+                    nullptr, select_path);
+  } else if (params.tau > 0.0) {
     DeviceBuffer<double> tri(static_cast<size_t>(num_heads * num_tri));
-    if (fast) {
-      fp32_block_logits(tri.data(), fp32_q_block_means, k_means, out.query_aware.data(), s, stream);
-    } else {
-      DeviceBuffer<double> q_means(static_cast<size_t>(num_heads * nb * s.head_dim));
-      block_means(q_means.data(), q, num_heads, s.scale, out.query_aware.data(), s, stream);
-      const unsigned tiles = static_cast<unsigned>(ceil_div(nb, kBlockTile));
-      block_logits_kernel<<<dim3(tiles, tiles, static_cast<unsigned>(num_heads)), kThreads, 0,
-                            stream>>>(tri.data(), q_means.data(), k_means, out.query_aware.data(),
-                                      s);
-      MF_CUDA_CHECK_LAUNCH();
-    }
+    DeviceBuffer<double> q_means(static_cast<size_t>(num_heads * nb * s.head_dim));
+    block_means(q_means.data(), q, num_heads, s.scale, out.query_aware.data(), s, stream);
+    const unsigned tiles = static_cast<unsigned>(ceil_div(nb, kBlockTile));
+    block_logits_kernel<<<dim3(tiles, tiles, static_cast<unsigned>(num_heads)), kThreads, 0,
+                          stream>>>(tri.data(), q_means.data(), k_means, out.query_aware.data(), s);
+    MF_CUDA_CHECK_LAUNCH();
     block_softmax(tri.data(), out.query_aware.data(), num_heads, nb, stream);
-    if (fast) {
-      tri_selected.resize(static_cast<size_t>(num_heads * num_tri));
-      coverage_select(static_cast<unsigned long long*>(nullptr), tri_selected.data(), tri.data(),
-                      num_heads, num_tri, params.gamma, SegmentFilter{out.query_aware.data()},
-                      stream, nullptr, select_path);
-    } else {
-      SortedSegments sorted_tri;
-      sort_segments_descending(sorted_tri, tri.data(), num_heads, num_tri, stream);
-      CoveragePrefix cover;
-      coverage_prefix(cover, sorted_tri.values.data(), num_heads, num_tri, stream);
-      coverage_mark_kernel<<<dim3(blocks_per_segment(num_tri), static_cast<unsigned>(num_heads)),
-                             kThreads, 0, stream>>>(
-          grid.data(), sorted_tri.keys.data(), sorted_tri.position_bits, cover.prefix.data(),
-          cover.bases.data(), out.query_aware.data(), num_tri, cover.chunks_per_segment, nb,
-          params.gamma * static_cast<double>(nb));
-      MF_CUDA_CHECK_LAUNCH();
-    }
+    SortedSegments sorted_tri;
+    sort_segments_descending(sorted_tri, tri.data(), num_heads, num_tri, stream);
+    CoveragePrefix cover;
+    coverage_prefix(cover, sorted_tri.values.data(), num_heads, num_tri, stream);
+    coverage_mark_kernel<<<dim3(blocks_per_segment(num_tri), static_cast<unsigned>(num_heads)),
+                           kThreads, 0, stream>>>(
+        grid.data(), sorted_tri.keys.data(), sorted_tri.position_bits, cover.prefix.data(),
+        cover.bases.data(), out.query_aware.data(), num_tri, cover.chunks_per_segment, nb,
+        params.gamma * static_cast<double>(nb));
+    MF_CUDA_CHECK_LAUNCH();
   }
 
   if (fast) join_side_stream(stream);

@@ -76,8 +76,8 @@ namespace moeforge::ops {
 //    cores with fp32 accumulation, the softmax and the vertical / slash sums in fp32, and step 2's
 //    coverage measured against the fp32 values' own total (1 in exact arithmetic, so that gamma = 1
 //    keeps every value as the reference does). Steps 4-7 are the exact ones applied to the fp32
-//    scores; step 8 computes the reference's block probabilities but walks their coverage in
-//    fixed point on fp32-rounded values, against their own total (nb in exact arithmetic). Each
+//    scores; step 8 computes the block probabilities from fp32 logits by an fp32 softmax and walks
+//    their coverage in fixed point, against their own total (nb in exact arithmetic). Each
 //    vertical / slash value, and so each pooled block score, is within a relative error rho of the
 //    reference's (cuda/flex_prefill_fp32.h derives rho); decisions whose exact quantities lie
 //    within that noise of their threshold (the JS distance near tau, a budget's coverage near

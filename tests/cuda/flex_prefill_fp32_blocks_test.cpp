@@ -2,7 +2,8 @@
 // cuda/flex_prefill_fp32_blocks.cu) against the reference's doubles within the bound of
 // cuda/flex_prefill_fp32.h (testing::flex::step8_logits), on block sizes 64 and 128, GQA groups 1
 // to 4, N not a multiple of the block, head_dim 40 to 256 and more than one 64 x 64 tile of blocks;
-// heads that are not query-aware keep what tri held. The side stream's means kernels give the exact
+// their fp32 softmax (fp32_block_softmax) against the exact softmax within its bound rho_sm; heads
+// that are not query-aware keep what tri held. The side stream's means kernels give the exact
 // key means (flex::block_means' bits) and the same query means in grids of any size.
 #include <gtest/gtest.h>
 
@@ -32,7 +33,7 @@ using testing::flex::params_of;
 using testing::flex::step8_logits;
 using testing::flex::Step8Logits;
 
-constexpr double kUntouched = -7.0;  // what tri holds before the call
+constexpr float kUntouched = -7.0f;  // what tri holds before the call
 
 // The entries of got whose bits differ from want's (all of them where the sizes differ).
 template <typename T>
@@ -65,14 +66,14 @@ TEST(FlexPrefillFp32Blocks, LogitsWithinTheBoundOfTheReference) {
     std::vector<int32_t> query_aware(static_cast<size_t>(c.num_q_heads));
     for (int64_t h = 0; h < c.num_q_heads; ++h) query_aware[h] = h % 3 != 1 ? 1 : 0;
     DeviceBuffer<int32_t> flags = to_device(query_aware);
-    DeviceBuffer<double> tri =
-        to_device(std::vector<double>(static_cast<size_t>(c.num_q_heads * num_tri), kUntouched));
+    DeviceBuffer<float> tri =
+        to_device(std::vector<float>(static_cast<size_t>(c.num_q_heads * num_tri), kUntouched));
     DeviceBuffer<float> q_means(static_cast<size_t>(c.num_q_heads * s.num_blocks * c.head_dim));
     fp32_q_block_means(q_means.data(), q.data(), flags.data(), s, nullptr, 0);
     fp32_block_logits(tri.data(), q_means.data(), k_means.data(), flags.data(), s, nullptr);
-    const std::vector<double> got = tri.download();
+    const std::vector<float> got = tri.download();
     for (int64_t h = 0; h < c.num_q_heads; ++h) {
-      const double* head = got.data() + h * num_tri;
+      const float* head = got.data() + h * num_tri;
       int64_t num_bad = 0;
       if (query_aware[h] == 0) {
         for (int64_t i = 0; i < num_tri; ++i) num_bad += head[i] != kUntouched ? 1 : 0;
@@ -94,6 +95,58 @@ TEST(FlexPrefillFp32Blocks, LogitsWithinTheBoundOfTheReference) {
         }
       }
       EXPECT_EQ(num_bad, 0) << "head " << h << ": worst error / bound " << worst;
+    }
+  }
+}
+
+// fp32_block_softmax against the exact softmax (long double) of the logits it is given: within
+// rho_sm of cuda/flex_prefill_fp32.h (2 (W 2^-24 + 2^-22) + (len + 1) 2^-53 for a row of len logits
+// of span W) and the rounding to fp32, times 1.01 (first order), plus 2^-147 absolute where fp32
+// holds an exponential below 2^-126 with less precision; rows of 1 to 625 logits of spans from
+// 0.02 to 120 (exponentials that underflow fp32), rows of heads that are not query-aware kept.
+TEST(FlexPrefillFp32Blocks, SoftmaxWithinItsBoundOfTheExactOne) {
+  MF_REQUIRE_GPU();
+  uint64_t seed = 501;
+  for (const int64_t nb : {1, 16, 266, 625}) {
+    for (const float half_span : {0.01f, 6.0f, 60.0f}) {
+      SCOPED_TRACE("nb " + std::to_string(nb) + ", logits in +-" + std::to_string(half_span));
+      const int64_t num_heads = 3, num_tri = nb * (nb + 1) / 2;
+      flex::SearchShape s{};
+      s.num_q_heads = num_heads;
+      s.num_blocks = nb;
+      const std::vector<float> logits = testing::random_uniform(
+          static_cast<size_t>(num_heads * num_tri), seed++, -half_span, half_span);
+      const std::vector<int32_t> query_aware = {1, 0, 1};
+      DeviceBuffer<int32_t> flags = to_device(query_aware);
+      DeviceBuffer<float> tri = to_device(logits);
+      fp32_block_softmax(tri.data(), flags.data(), s, nullptr);
+      const std::vector<float> got = tri.download();
+      for (int64_t h = 0; h < num_heads; ++h) {
+        int64_t num_bad = 0;
+        for (int64_t r = 0; r < nb; ++r) {
+          const int64_t at = h * num_tri + r * (r + 1) / 2, len = r + 1;
+          const float* x = logits.data() + at;
+          const auto [lo, hi] = std::minmax_element(x, x + len);
+          long double sum = 0.0L;
+          for (int64_t col = 0; col < len; ++col)
+            sum += std::exp(static_cast<long double>(x[col]) - *hi);
+          const double rho = 1.01 * (2.0 * ((*hi - *lo) * 0x1.0p-24 + 0x1.0p-22) +
+                                     (len + 1) * 0x1.0p-53 + 0x1.0p-24);
+          for (int64_t col = 0; col < len; ++col) {
+            const float value = got[at + col];
+            if (query_aware[h] == 0) {
+              num_bad += value != x[col] ? 1 : 0;
+              continue;
+            }
+            const long double want = std::exp(static_cast<long double>(x[col]) - *hi) / sum;
+            if (!(std::abs(value - want) <= rho * want + 0x1.0p-147L) && ++num_bad <= 3) {
+              ADD_FAILURE() << "head " << h << " row " << r << " entry " << col << " = " << value
+                            << ", exact " << static_cast<double>(want);
+            }
+          }
+        }
+        EXPECT_EQ(num_bad, 0) << "head " << h << (query_aware[h] == 0 ? " (not query-aware)" : "");
+      }
     }
   }
 }

@@ -8,8 +8,8 @@
 //    distance is within the noise of tau (and the distance itself within the noise); the budgets
 //    within the range the coverage noise allows; the block set equal to the reference's except for
 //    columns / diagonals whose exact block score lies within the noise of the top-k cut and, for a
-//    query-aware head, step-8 blocks within the noise of its fp32 logits and coverage cut
-//    (step8_band);
+//    query-aware head, step-8 blocks within the noise of its fp32 logits and softmax and its
+//    coverage cut (step8_band);
 //  - gamma = 1 keeps the whole causal triangle (with and without the dense fallback);
 //  - two runs give the same selection (the fp32 search's sums have fixed orders), also when the
 //    means on the side stream are held back.
@@ -277,8 +277,8 @@ Band top_band(std::vector<double> scores, int64_t always_kept, int64_t count, co
 
 // Step 8's blocks [nb, nb] that the fast search must keep (`must`) and may keep (`may`), from the
 // reference's block probabilities P ([nb, nb], -1 above the diagonal). The device's probabilities
-// are within a relative rho8 of P (its fp32 logits: exp(2 E) - 1 for logits within E; its double
-// softmax is the reference's but for exp's last ulp). The fast search (cuda/coverage_select.h)
+// are within a relative rho8 of P before their rounding to fp32 (step8_rho: its fp32 logits within
+// E, exp(2 E) - 1, and its fp32 softmax's rho_sm). The fast search (cuda/coverage_select.h)
 // orders the entries by their fp32 roundings, each within a relative r = (1 + 2^-24) (1 + rho8) - 1
 // of P (2^-149 absolute for subnormals), so entries more than eps_v = max(2^-22,
 // (1 + r) / (1 - r) - 1) apart keep their order and closer ones may swap; it sums 2^-52
@@ -288,6 +288,22 @@ Band top_band(std::vector<double> scores, int64_t always_kept, int64_t count, co
 // stay below the limit deflated; it may be kept only when the entries that surely come before it
 // (P > p (1 + eps_v)) and itself, summed and deflated, stay below the limit inflated. A relative
 // 2^-40 covers the doubles' own last ulps and the host's long double sums.
+// rho8 of step8_band for a head whose reference logits and their bounds E ([nb, nb]) are these:
+// (1 + exp(2 max E) - 1) (1 + rho_sm) - 1, rho_sm the fp32 softmax's bound of
+// cuda/flex_prefill_fp32.h for rows of at most nb logits whose span is at most the reference rows'
+// widest plus 2 max E.
+double step8_rho(const testing::flex::Step8Logits& logits, int64_t nb) {
+  const double e_max = *std::max_element(logits.bound.begin(), logits.bound.end());
+  double span = 0.0;
+  for (int64_t r = 0; r < nb; ++r) {
+    const auto row = logits.logit.begin() + r * nb;
+    const auto [lo, hi] = std::minmax_element(row, row + r + 1);
+    span = std::max(span, *hi - *lo);
+  }
+  const double rho_sm = 2.0 * ((span + 2.0 * e_max) * 0x1.0p-24 + 0x1.0p-22) + (nb + 1) * 0x1.0p-53;
+  return std::expm1(2.0 * e_max) * (1.0 + rho_sm) + rho_sm;
+}
+
 Band step8_band(const std::vector<double>& probs, int64_t nb, double gamma, double rho8) {
   using Real = long double;
   const Real u = (1 + 0x1.0p-24L) * (1 + static_cast<Real>(rho8)) - 1, tiny = 0x1.0p-148L;
@@ -443,9 +459,7 @@ int64_t expect_selection_within_noise(const Inputs& in, const Case& c,
     std::vector<char> must = expand(cols.must, diags.must, nb);
     std::vector<char> may = expand(cols.may, diags.may, nb);
     if (want.query_aware) {
-      const std::vector<double> logit_error = step8_logits(in, c, h).bound;
-      const double rho8 =
-          std::expm1(2.0 * *std::max_element(logit_error.begin(), logit_error.end()));
+      const double rho8 = step8_rho(step8_logits(in, c, h), nb);
       const Band step8 = step8_band(
           ops::flex_prefill_block_probabilities(in.q.data(), in.k.data(), dims_of(c), params, h),
           nb, params.gamma, rho8);
