@@ -19,6 +19,7 @@
 #include "core/rng.h"
 #include "cuda/coverage_select.h"
 #include "cuda/coverage_select_cluster.h"
+#include "cuda/cuda_check.h"
 #include "gpu_test_util.h"
 
 namespace moeforge::cuda {
@@ -224,13 +225,19 @@ TEST(CoverageSelect, ManySegmentsAtSearchSizes) {
   }
 }
 
+// The current device's compute capability major version.
+int compute_capability_major() {
+  int device = 0, major = 0;
+  MF_CUDA_CHECK(cudaGetDevice(&device));
+  MF_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major;
+}
+
 // The clusters path's blocks a segment on Hopper: the fewest (up to 16) whose slices hold at most
 // 16384 values.
 TEST(CoverageSelect, ClusterSizesFollowTheSlices) {
   MF_REQUIRE_GPU();
-  int device = 0, major = 0;
-  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
-  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
+  const int major = compute_capability_major();
   if (major != 9)
     GTEST_SKIP() << "the expected sizes are Hopper's (compute capability " << major << ")";
   const std::pair<int64_t, int> expected[] = {{1, 1},       {16384, 1},   {16385, 2}, {32768, 2},
@@ -245,9 +252,7 @@ TEST(CoverageSelect, ClusterSizesFollowTheSlices) {
 // blocks elsewhere; asked for clusters, the select takes them wherever a cluster holds the segment.
 TEST(CoverageSelect, AutomaticTakesClustersOfAtMostFourBlocks) {
   MF_REQUIRE_GPU();
-  int device = 0, major = 0;
-  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
-  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
+  const int major = compute_capability_major();
   if (major != 9)
     GTEST_SKIP() << "the expected paths are Hopper's (compute capability " << major << ")";
   constexpr SelectPath kMany = SelectPath::many_blocks, kClusters = SelectPath::clusters;
