@@ -57,7 +57,7 @@
 //    expf's 2 ulps), the double sum within (len - 1) 2^-53 more, the reciprocal and the product
 //    2^-53 each, so each p before its rounding to fp32 is within rho_sm = 2 rho_e + (len + 1)
 //    2^-53 of the exact softmax of y (an e below 2^-126, where fp32 loses precision, within
-//    2^-149 absolute);
+//    2^-147 absolute: expf's 2 ulps there and the rounding);
 //  - step 8 keeps the reference's blocks except where that and the fp32 rounding (relative 2^-24 a
 //    value) reorder values within a relative max(2^-22, (1 + r) / (1 - r) - 1), r = (1 + u)
 //    (1 + rho_8) (1 + rho_sm) - 1, of each other or the cumulative sum lies within r (plus 2^-53 a
