@@ -174,8 +174,7 @@ TEST(FlexPrefillFp32Blocks, SideMeansInAnyGridEqualTheExactOnes) {
     const std::vector<double> want_k = exact_k.download();
     const auto means = [&](unsigned max_blocks) {
       DeviceBuffer<double> k_means = to_device(std::vector<double>(k_size, kUntouched));
-      DeviceBuffer<float> q_means =
-          to_device(std::vector<float>(q_size, static_cast<float>(kUntouched)));
+      DeviceBuffer<float> q_means = to_device(std::vector<float>(q_size, kUntouched));
       fp32_key_block_means(k_means.data(), k.data(), s, nullptr, max_blocks);
       fp32_q_block_means(q_means.data(), q.data(), flags.data(), s, nullptr, max_blocks);
       return std::make_pair(k_means.download(), q_means.download());
@@ -184,9 +183,8 @@ TEST(FlexPrefillFp32Blocks, SideMeansInAnyGridEqualTheExactOnes) {
     EXPECT_EQ(bits_differ(unbounded_k, want_k), 0);
     for (int64_t h = 0; h < c.num_q_heads; ++h) {
       const float* head = want_q.data() + h * nb * c.head_dim;
-      const bool untouched = std::all_of(head, head + nb * c.head_dim, [](float x) {
-        return x == static_cast<float>(kUntouched);
-      });
+      const bool untouched =
+          std::all_of(head, head + nb * c.head_dim, [](float x) { return x == kUntouched; });
       EXPECT_EQ(untouched, active[h] == 0) << "head " << h;
     }
     for (const unsigned max_blocks : {1u, 3u, side_stream_max_blocks()}) {

@@ -275,19 +275,6 @@ Band top_band(std::vector<double> scores, int64_t always_kept, int64_t count, co
   return band;
 }
 
-// Step 8's blocks [nb, nb] that the fast search must keep (`must`) and may keep (`may`), from the
-// reference's block probabilities P ([nb, nb], -1 above the diagonal). The device's probabilities
-// are within a relative rho8 of P before their rounding to fp32 (step8_rho: its fp32 logits within
-// E, exp(2 E) - 1, and its fp32 softmax's rho_sm). The fast search (cuda/coverage_select.h)
-// orders the entries by their fp32 roundings, each within a relative r = (1 + 2^-24) (1 + rho8) - 1
-// of P (2^-149 absolute for subnormals), so entries more than eps_v = max(2^-22,
-// (1 + r) / (1 - r) - 1) apart keep their order and closer ones may swap; it sums 2^-52
-// fixed-point values, each within a relative r and an absolute 2^-53 of P, and keeps the entries
-// whose prefix sum stays <= gamma times the total of those values. So an entry is surely kept
-// when every entry that may come before it (P >= p (1 - eps_v)) and itself, summed and inflated,
-// stay below the limit deflated; it may be kept only when the entries that surely come before it
-// (P > p (1 + eps_v)) and itself, summed and deflated, stay below the limit inflated. A relative
-// 2^-40 covers the doubles' own last ulps and the host's long double sums.
 // rho8 of step8_band for a head whose reference logits and their bounds E ([nb, nb]) are these:
 // (1 + exp(2 max E) - 1) (1 + rho_sm) - 1, rho_sm the fp32 softmax's bound of
 // cuda/flex_prefill_fp32.h for rows of at most nb logits whose span is at most the reference rows'
@@ -304,6 +291,19 @@ double step8_rho(const testing::flex::Step8Logits& logits, int64_t nb) {
   return std::expm1(2.0 * e_max) * (1.0 + rho_sm) + rho_sm;
 }
 
+// Step 8's blocks [nb, nb] that the fast search must keep (`must`) and may keep (`may`), from the
+// reference's block probabilities P ([nb, nb], -1 above the diagonal). The device's probabilities
+// are within a relative rho8 of P before their rounding to fp32 (step8_rho: its fp32 logits within
+// E, exp(2 E) - 1, and its fp32 softmax's rho_sm). The fast search (cuda/coverage_select.h)
+// orders the entries by their fp32 roundings, each within a relative r = (1 + 2^-24) (1 + rho8) - 1
+// of P (2^-149 absolute for subnormals), so entries more than eps_v = max(2^-22,
+// (1 + r) / (1 - r) - 1) apart keep their order and closer ones may swap; it sums 2^-52
+// fixed-point values, each within a relative r and an absolute 2^-53 of P, and keeps the entries
+// whose prefix sum stays <= gamma times the total of those values. So an entry is surely kept
+// when every entry that may come before it (P >= p (1 - eps_v)) and itself, summed and inflated,
+// stay below the limit deflated; it may be kept only when the entries that surely come before it
+// (P > p (1 + eps_v)) and itself, summed and deflated, stay below the limit inflated. A relative
+// 2^-40 covers the doubles' own last ulps and the host's long double sums.
 Band step8_band(const std::vector<double>& probs, int64_t nb, double gamma, double rho8) {
   using Real = long double;
   const Real u = (1 + 0x1.0p-24L) * (1 + static_cast<Real>(rho8)) - 1, tiny = 0x1.0p-148L;
