@@ -18,10 +18,12 @@
 // Kernels, in order: per pass of heads the logits GEMM (+ row maxima), the per-chunk softmax sums,
 // the row totals, and the vertical / slash sums with their block pooling; then step 2's coverage
 // counts (flex::chunked_coverage_counts). The fast search instead runs its passes
-// (cuda/flex_prefill_fp32.h) with the key means, the last query mean and step 8's query block means
-// beside them on a side stream (cuda/side_stream.h), in blocks of threads that fit an SM beside the
-// passes' (cuda/flex_prefill_fp32_blocks.cu): those are memory-bound, the passes are not. Its step
-// 2 runs later, after the head decision (flex::finish_selection, beside step 8).
+// (cuda/flex_prefill_fp32.h) with what does not depend on them beside them on a side stream
+// (cuda/side_stream.h): the key means, the last query mean, step 4's block probabilities, and step
+// 8's query block means, logits and softmax for every head (the head decision, which picks the
+// heads step 8 keeps, needs the passes), the means in blocks of threads that fit an SM beside the
+// passes' (cuda/flex_prefill_fp32_blocks.cu). Its step 2 runs later, after the head decision
+// (flex::finish_selection, beside step 8's select).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -367,33 +369,42 @@ void flex_prefill_select(FlexPrefillDeviceSelection& out, const bf16* q, const b
   DeviceBuffer<double> q_mean(static_cast<size_t>(num_heads * d));
   DeviceBuffer<double> pooled(static_cast<size_t>(num_heads * 2 * nb));  // [Hq, 2, nb]
   DeviceBuffer<unsigned long long> coverage_counts(static_cast<size_t>(num_heads * 2));
+  DeviceBuffer<double> probabilities(static_cast<size_t>(num_heads * nb));  // step 4's [Hq, nb]
   DeviceBuffer<float> q_block_means;  // [Hq, nb, D], the fast search's step 8
+  DeviceBuffer<float> tri;            // [Hq, nb (nb + 1) / 2], its probabilities
 
-  // The fast search runs the means (memory-bound) on the side stream beside its tensor-core passes;
-  // every buffer the side stream uses is allocated before the fork (cuda/side_stream.h).
+  // The fast search runs what does not need its tensor-core passes on the side stream beside them;
+  // every buffer the side stream uses is allocated before the fork (cuda/side_stream.h). The passes
+  // are launched first, so that their blocks of threads reach the SMs before the side stream's
+  // (which fit beside them; the other order made pass 1 wait: docs/design.md).
   const bool fast_step8 = fp32 && params.tau > 0.0;
-  if (fast_step8) q_block_means.resize(static_cast<size_t>(num_heads * nb * d));
+  DeviceBuffer<float> fp32_vs;  // [Hq, 2, N], the fast search's vertical and slash values
   if (fp32) {
-    const cudaStream_t side = fork_side_stream(stream);
-    fp32_key_block_means(k_means.data(), k, s, side, side_stream_max_blocks());
-    flex::last_query_mean(q_mean.data(), q, s, side);
+    fp32_vs.resize(static_cast<size_t>(num_heads * 2 * n));
     if (fast_step8) {
-      fp32_q_block_means(q_block_means.data(), q, nullptr, s, side, side_stream_max_blocks());
+      q_block_means.resize(static_cast<size_t>(num_heads * nb * d));
+      tri.resize(static_cast<size_t>(num_heads * (nb * (nb + 1) / 2)));
     }
+    const cudaStream_t side = fork_side_stream(stream);
+    fp32_vertical_slash(fp32_vs.data(), pooled.data(), q, k, s, stream);
+    const unsigned max_blocks = side_stream_max_blocks();
+    fp32_key_block_means(k_means.data(), k, s, side, max_blocks);
+    flex::last_query_mean(q_mean.data(), q, s, side);
+    flex::block_probabilities(probabilities.data(), k_means.data(), q_mean.data(), s, side);
+    if (fast_step8) {
+      fp32_q_block_means(q_block_means.data(), q, nullptr, s, side, max_blocks);
+      fp32_block_logits(tri.data(), q_block_means.data(), k_means.data(), nullptr, s, side,
+                        max_blocks);
+      fp32_block_softmax(tri.data(), nullptr, s, side);
+    }
+    // Step 2 waits for step 4 (in finish_selection): only heads that are not query-aware need their
+    // coverage counts.
+    join_side_stream(stream);
+    flex::decide_heads(out, pooled.data(), probabilities.data(), s, params.tau, stream);
   } else {
     flex::block_means(k_means.data(), k, s.num_kv_heads, 1.0, nullptr, s, stream);
     flex::last_query_mean(q_mean.data(), q, s, stream);
-  }
-
-  DeviceBuffer<float> fp32_vs;  // [Hq, 2, N], the fast search's vertical and slash values
-  if (fp32) {
-    // Step 2 waits for step 4 (in finish_selection): only heads that are not query-aware need their
-    // coverage counts.
-    fp32_vs.resize(static_cast<size_t>(num_heads * 2 * n));
-    fp32_vertical_slash(fp32_vs.data(), pooled.data(), q, k, s, stream);
-    join_side_stream(stream);
-    flex::decide_heads(out, pooled.data(), k_means.data(), q_mean.data(), s, params.tau, stream);
-  } else {
+    flex::block_probabilities(probabilities.data(), k_means.data(), q_mean.data(), s, stream);
     // Step 1 (and step 3's pooling), in passes of heads that bound the logits buffer.
     const int64_t bs = s.block_size;
     const int64_t padded_len = ceil_div(n, kChunk) * kChunk;
@@ -416,10 +427,10 @@ void flex_prefill_select(FlexPrefillDeviceSelection& out, const bf16* q, const b
     // Step 2: coverage counts of the sorted vertical and slash values.
     flex::chunked_coverage_counts(coverage_counts.data(), vs.data(), num_heads * 2, n, params.gamma,
                                   stream);
-    flex::decide_heads(out, pooled.data(), k_means.data(), q_mean.data(), s, params.tau, stream);
+    flex::decide_heads(out, pooled.data(), probabilities.data(), s, params.tau, stream);
   }
   flex::finish_selection(out, pooled.data(), coverage_counts.data(), fp32_vs.data(), q,
-                         k_means.data(), q_block_means.data(), s, params, stream, select_path);
+                         k_means.data(), tri.data(), s, params, stream, select_path);
 }
 
 ops::FlexPrefillSelection download_selection(const FlexPrefillDeviceSelection& selection) {

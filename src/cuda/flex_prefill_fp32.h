@@ -20,14 +20,14 @@
 //     (no sort): c - 1 = #{t : S_t <= gamma T} with S_t the (exact, integer) sum of the t + 1
 //     largest values and T the sum of all; T is 1 in exact arithmetic, and measuring against it
 //     keeps every value at gamma = 1, as the reference.
-//  8. The query-aware heads' block logits in fp32 (fp32_block_logits): the block means of
-//     scale * q summed in fp32 (rows ascending) times fp32(scale / length), dotted with the key
-//     blocks' means (the exact doubles of step 4 rounded to fp32) by an fp32 FMA chain, d
-//     ascending; their row softmax in fp32 (fp32_block_softmax: e = expf(x - max), the sum of the
-//     e in double, p = fp32(e * (1 / sum)) in double). Then the same select replaces step 8's
-//     sort: those fp32 probabilities in 2^-52 fixed point, ordered by their values (equal ones by
-//     position), kept while their fixed-point sum stays <= gamma T, T their own total (nb in
-//     exact arithmetic: the reference's gamma nb).
+//  8. Every head's block logits in fp32 (fp32_block_logits, beside the passes; step 8 keeps the
+//     query-aware heads'): the block means of scale * q summed in fp32 (rows ascending) times
+//     fp32(scale / length), dotted with the key blocks' means (the exact doubles of step 4 rounded
+//     to fp32) by an fp32 FMA chain, d ascending; their row softmax in fp32 (fp32_block_softmax: e
+//     = expf(x - max), the sum of the e in double, p = fp32(e * (1 / sum)) in double). Then the
+//     same select replaces step 8's sort: those fp32 probabilities in 2^-52 fixed point, ordered by
+//     their values (equal ones by position), kept while their fixed-point sum stays <= gamma T, T
+//     their own total (nb in exact arithmetic: the reference's gamma nb).
 //
 // Error bound (first order; u = 2^-24 the fp32 unit roundoff, u' = 2^-23 for the tensor cores'
 // additions, which may truncate; X bounds |x| by Cauchy-Schwarz: X = scale log2(e) max_r |q_r|
@@ -118,13 +118,18 @@ void fp32_q_block_means(float* q_means, const bf16* q, const int32_t* active,
 
 // Step 8's logits: tri [Hq, nb (nb + 1) / 2] at triangle position r (r + 1) / 2 + c (c <= r) = the
 // fp32 logit of query block r and key block c (8 above), for heads whose flag in query_aware is
-// set; q_means as fp32_q_block_means gives them (for those heads at least), k_means [Hkv, nb, D]
-// as flex::block_means gives them. Asynchronous on the stream.
+// set (query_aware null: every head; the fast search computes them beside its passes, before step
+// 4 has decided which heads step 8 keeps); q_means as fp32_q_block_means gives them (for those
+// heads at least), k_means [Hkv, nb, D] as flex::block_means gives them; by at most max_blocks
+// blocks of threads (0: one per 64 x 64 tile of the triangle; the same values whatever the grid).
+// Asynchronous on the stream.
 void fp32_block_logits(float* tri, const float* q_means, const double* k_means,
-                       const int32_t* query_aware, const flex::SearchShape& s, cudaStream_t stream);
+                       const int32_t* query_aware, const flex::SearchShape& s, cudaStream_t stream,
+                       unsigned max_blocks);
 // Step 8's probabilities: each row of tri (as fp32_block_logits leaves it) replaced by its fp32
 // softmax (8 above; within rho_sm of the exact one, then rounded), for heads whose flag in
-// query_aware is set; the other heads' rows keep what they held. Asynchronous on the stream.
+// query_aware is set (null: every head); the other heads' rows keep what they held. Asynchronous on
+// the stream.
 void fp32_block_softmax(float* tri, const int32_t* query_aware, const flex::SearchShape& s,
                         cudaStream_t stream);
 

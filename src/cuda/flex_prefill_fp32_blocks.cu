@@ -7,8 +7,9 @@
 //    still keeps many bytes in flight (Q, the only full read of q in the search, 256 MB at 32K with
 //    32 heads, in 69 us alone under ncu);
 //  - the logits: the query means dotted with the key means (rounded to fp32) by fp32 FMA on 64 x 64
-//    tiles of shared memory, for the query-aware heads, and their row softmax in fp32 (a warp a
-//    row; the sums in double).
+//    tiles of shared memory (the tiles in a grid-stride loop, so that the side stream can bound
+//    the grid), and their row softmax in fp32 (a warp a row; the sums in double); the fast search
+//    runs both for every head on the side stream, after the means.
 #include <cstdint>
 #include <type_traits>
 
@@ -133,54 +134,62 @@ __device__ void load_slice_rows(float (*tile)[kTileStride], const T* head, int64
 }
 
 // tri [Hq, nb (nb + 1) / 2] gets, for c <= r at triangle position r (r + 1) / 2 + c, the fp32
-// FMA chain over d ascending of q_means[h, r, d] * fp32(k_means[h / group, c, d]). Block (column
-// tile, row tile, head); thread (tx, ty) owns rows ty + 16 i and columns tx + 16 j of the tile, so
-// that a quarter warp's float4 reads of k_tile fall in distinct banks (kTileStride = kTile + 4),
-// its reads of q_tile are broadcasts, and a half warp's stores of a row are contiguous.
+// FMA chain over d ascending of q_means[h, r, d] * fp32(k_means[h / group, c, d]), for heads whose
+// flag in query_aware is set (null: every head). Work item (head, tile of the triangle: row tile R,
+// column tile C <= R, in order of R (R + 1) / 2 + C), taken by the blocks of threads in a
+// grid-stride loop; thread (tx, ty) owns rows ty + 16 i and columns tx + 16 j of the tile, so that
+// a quarter warp's float4 reads of k_tile fall in distinct banks (kTileStride = kTile + 4), its
+// reads of q_tile are broadcasts, and a half warp's stores of a row are contiguous.
 __global__ void __launch_bounds__(kLogitThreads)
     block_logits_kernel(float* tri, const float* q_means, const double* k_means,
-                        const int32_t* query_aware, SearchShape s) {
+                        const int32_t* query_aware, SearchShape s, int64_t tiles_per_head) {
   __shared__ __align__(16) float q_tile[kTile][kTileStride];
   __shared__ __align__(16) float k_tile[kTile][kTileStride];
-  const int64_t h = blockIdx.z;
   const int64_t nb = s.num_blocks;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  if (query_aware[h] == 0 || c0 > r0 + kTile - 1) return;
   const int tid = static_cast<int>(threadIdx.x);
   const int tx = tid % 16, ty = tid / 16;
-  const float* q_head = q_means + h * nb * s.head_dim;
-  const double* k_head = k_means + (h / s.group_size) * nb * s.head_dim;
-  float acc[4][4] = {};
-  for (int64_t d0 = 0; d0 < s.head_dim; d0 += kDepth) {
-    load_slice_rows<float4>(q_tile, q_head, r0, d0, s, tid);
-    load_slice_rows<double2>(k_tile, k_head, c0, d0, s, tid);
-    __syncthreads();
+  for (int64_t item = blockIdx.x; item < s.num_q_heads * tiles_per_head; item += gridDim.x) {
+    const int64_t h = item / tiles_per_head;
+    if (query_aware != nullptr && query_aware[h] == 0) continue;
+    const int64_t t = item % tiles_per_head;
+    auto row_tile = static_cast<int64_t>((sqrt(8.0 * static_cast<double>(t) + 1.0) - 1.0) / 2.0);
+    while (row_tile * (row_tile + 1) / 2 > t) --row_tile;  // exact whatever sqrt's rounding
+    while ((row_tile + 1) * (row_tile + 2) / 2 <= t) ++row_tile;
+    const int64_t r0 = row_tile * kTile;
+    const int64_t c0 = (t - row_tile * (row_tile + 1) / 2) * kTile;
+    const float* q_head = q_means + h * nb * s.head_dim;
+    const double* k_head = k_means + (h / s.group_size) * nb * s.head_dim;
+    float acc[4][4] = {};
+    for (int64_t d0 = 0; d0 < s.head_dim; d0 += kDepth) {
+      load_slice_rows<float4>(q_tile, q_head, r0, d0, s, tid);
+      load_slice_rows<double2>(k_tile, k_head, c0, d0, s, tid);
+      __syncthreads();
 #pragma unroll 4
-    for (int dd = 0; dd < kDepth; dd += 4) {
-      float a[4][4], b[4][4];
+      for (int dd = 0; dd < kDepth; dd += 4) {
+        float a[4][4], b[4][4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        load_vec(a[i], &q_tile[ty + 16 * i][dd]);
-        load_vec(b[i], &k_tile[tx + 16 * i][dd]);
+        for (int i = 0; i < 4; ++i) {
+          load_vec(a[i], &q_tile[ty + 16 * i][dd]);
+          load_vec(b[i], &k_tile[tx + 16 * i][dd]);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i][e], b[j][e], acc[i][j]);
       }
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i][e], b[j][e], acc[i][j]);
+      __syncthreads();  // the tiles are read before the next slice or item overwrites them
     }
-    __syncthreads();
-  }
-  float* head_tri = tri + h * (nb * (nb + 1) / 2);
+    float* head_tri = tri + h * (nb * (nb + 1) / 2);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int64_t r = r0 + ty + 16 * i;
+    for (int i = 0; i < 4; ++i) {
+      const int64_t r = r0 + ty + 16 * i;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t c = c0 + tx + 16 * j;
-      if (r < nb && c <= r) head_tri[r * (r + 1) / 2 + c] = acc[i][j];
+      for (int j = 0; j < 4; ++j) {
+        const int64_t c = c0 + tx + 16 * j;
+        if (r < nb && c <= r) head_tri[r * (r + 1) / 2 + c] = acc[i][j];
+      }
     }
   }
 }
@@ -189,8 +198,8 @@ __global__ void __launch_bounds__(kLogitThreads)
 // loop), the row's max, e = expf(x - max) in fp32, the sum of the e in double (each lane its
 // entries in order, then a butterfly: the same order in every run), and p = fp32(e * (1 / sum))
 // with the reciprocal and the product in double; each e is computed again for its quotient (the
-// same value), so the row needs no storage. Rows of heads that are not query-aware keep what they
-// held.
+// same value), so the row needs no storage. Rows of heads whose flag in query_aware is 0 keep what
+// they held (query_aware null: every head's rows change).
 __global__ void __launch_bounds__(kSoftmaxThreads)
     block_softmax_kernel(float* tri, const int32_t* query_aware, int64_t num_heads, int64_t nb) {
   constexpr int kWarps = kSoftmaxThreads / kWarpSize;
@@ -199,7 +208,7 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
   for (int64_t w = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize;
        w < num_rows; w += static_cast<int64_t>(gridDim.x) * kWarps) {
     const int64_t h = w / nb, r = w % nb;
-    if (query_aware[h] == 0) continue;
+    if (query_aware != nullptr && query_aware[h] == 0) continue;
     float* row = tri + h * (nb * (nb + 1) / 2) + r * (r + 1) / 2;
     float max_logit = -INFINITY;
     for (int64_t c = lane; c <= r; c += kWarpSize) max_logit = fmaxf(max_logit, row[c]);
@@ -224,10 +233,11 @@ void launch_block_means(std::conditional_t<kQuery, float, double>* means, const 
   const int64_t groups_per_row = ceil_div(num_heads * s.head_dim / kChunkElems, kMeanThreads);
   const int64_t items = s.num_blocks * groups_per_row;
   const unsigned blocks = grid_for(items * kMeanThreads, kMeanThreads, max_blocks);
-  // The side stream's means can reach idle SMs before pass 1 (a race between the host's
-  // launches): an SM changes its L1 / shared-memory split only when idle, so the means ask for the
-  // split pass 1's blocks need, lest those wait until the means end (docs/benchmarks.md, session
-  // 26: with pass 1's launch delayed 40 us, 0.449 ms at 32K with this, 0.475 without).
+  // The side stream's means can hold SMs that the passes' blocks then need (until session 28 the
+  // means were launched before the passes; pass 2 still starts while the query means run): an SM
+  // changes its L1 / shared-memory split only when idle, so the means ask for the split the passes'
+  // blocks need, lest those wait until the means end (docs/benchmarks.md, session 26: with pass 1's
+  // launch delayed 40 us, 0.449 ms at 32K with this, 0.475 without).
   MF_CUDA_CHECK(cudaFuncSetAttribute(block_means_kernel<kQuery>,
                                      cudaFuncAttributePreferredSharedMemoryCarveout,
                                      cudaSharedmemCarveoutMaxShared));
@@ -249,11 +259,14 @@ void fp32_q_block_means(float* q_means, const bf16* q, const int32_t* active,
 }
 
 void fp32_block_logits(float* tri, const float* q_means, const double* k_means,
-                       const int32_t* query_aware, const flex::SearchShape& s,
-                       cudaStream_t stream) {
-  const auto tiles = static_cast<unsigned>(ceil_div(s.num_blocks, kTile));
-  block_logits_kernel<<<dim3(tiles, tiles, static_cast<unsigned>(s.num_q_heads)), kLogitThreads, 0,
-                        stream>>>(tri, q_means, k_means, query_aware, s);
+                       const int32_t* query_aware, const flex::SearchShape& s, cudaStream_t stream,
+                       unsigned max_blocks) {
+  const int64_t tiles = ceil_div(s.num_blocks, kTile);
+  const int64_t tiles_per_head = tiles * (tiles + 1) / 2;
+  const unsigned blocks =
+      grid_for(s.num_q_heads * tiles_per_head * kLogitThreads, kLogitThreads, max_blocks);
+  block_logits_kernel<<<blocks, kLogitThreads, 0, stream>>>(tri, q_means, k_means, query_aware, s,
+                                                            tiles_per_head);
   MF_CUDA_CHECK_LAUNCH();
 }
 

@@ -13,16 +13,17 @@
 //    addends), so adding +0.0 changes none: padded terms of partial chunks and tiles are zeros,
 //    and skipped JS terms are added as zeros.
 //
-// Kernels: decide_heads' per head abar (Kbar staged through shared memory) and the JS decision;
-// then finish_selection's, in order: per head and kind the budget, a block sort of the block
-// scores (as many scores a thread as nb needs) and the column / diagonal fill of an [nb, nb] grid
-// (a warp a column or diagonal); for query-aware heads the block means of Q, the block logits
-// (tiled fp64), the row softmaxes (a warp a row, held in shared memory), the sort of the triangle
-// and the gamma * nb walk (the fast search: fp32 block means, logits and softmax from
-// cuda/flex_prefill_fp32.h and the fixed-point radix select of cuda/coverage_select.h, whose flags
-// the CSR build reads beside the grid); finally the CSR in two kernels of a few blocks per head:
-// the rows' counts (warp sums) with each block's total, then each head's base (the block totals
-// before it), a block scan of its row counts and the column fill (warp ballots).
+// Kernels: block_probabilities' per head abar (Kbar staged through shared memory) and its softmax,
+// decide_heads' JS decision; then finish_selection's, in order: per head and kind the budget, a
+// block sort of the block scores (as many scores a thread as nb needs) and the column / diagonal
+// fill of an [nb, nb] grid (a warp a column or diagonal); for query-aware heads the block means of
+// Q, the block logits (tiled fp64), the row softmaxes (a warp a row, held in shared memory), the
+// sort of the triangle and the gamma * nb walk (the fast search: the fixed-point radix select of
+// cuda/coverage_select.h on the fp32 probabilities of cuda/flex_prefill_fp32.h, which its caller
+// computed beside the passes, whose flags the CSR build reads beside the grid); finally the CSR in
+// two kernels of a few blocks per head: the rows' counts (warp sums) with each block's total, then
+// each head's base (the block totals before it), a block scan of its row counts and the column fill
+// (warp ballots).
 #include "cuda/flex_prefill_stages.h"
 
 #include <cub/block/block_radix_sort.cuh>
@@ -112,19 +113,27 @@ __global__ void block_means_kernel(double* means, const bf16* x, int64_t seq_len
   }
 }
 
-// q_mean [Hq, D]: sum over the last-block rows (ascending) of scale * q, divided by bs.
+// q_mean [Hq, D]: sum over the last-block rows (ascending) of scale * q, divided by bs. Each
+// thread loads kQueryRowsAhead rows before it adds them in order, so that the loads overlap (the
+// kernel is latency-bound: one thread per (head, d), a few blocks of threads in all).
+constexpr int kQueryRowsAhead = 32;
 __global__ void last_query_mean_kernel(double* q_mean, const bf16* q, SearchShape s) {
   const int64_t total = s.num_q_heads * s.head_dim;
+  const int64_t row_stride = s.num_q_heads * s.head_dim;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t d = i % s.head_dim;
-    const int64_t h = i / s.head_dim;
+    const bf16* column = q + (s.seq_len - s.block_size) * row_stride + i;  // row r at r * stride
     double sum = 0.0;
-#pragma unroll 8
-    for (int64_t r = 0; r < s.block_size; ++r) {
-      const int64_t position = s.seq_len - s.block_size + r;
-      sum = __dadd_rn(
-          sum, __dmul_rn(s.scale, to_double(q[(position * s.num_q_heads + h) * s.head_dim + d])));
+    for (int64_t r0 = 0; r0 < s.block_size; r0 += kQueryRowsAhead) {
+      bf16 rows[kQueryRowsAhead];
+#pragma unroll
+      for (int u = 0; u < kQueryRowsAhead; ++u) {
+        if (r0 + u < s.block_size) rows[u] = column[(r0 + u) * row_stride];
+      }
+#pragma unroll
+      for (int u = 0; u < kQueryRowsAhead; ++u) {
+        if (r0 + u < s.block_size) sum = __dadd_rn(sum, __dmul_rn(s.scale, to_double(rows[u])));
+      }
     }
     q_mean[i] = sum / static_cast<double>(s.block_size);
   }
@@ -281,44 +290,36 @@ __device__ void abar_logits(double* abar, double* tile, const double* q, const d
   }
 }
 
-// Dynamic shared memory of head_decision_kernel, in doubles (its layout there). abar_logits' tile
-// and the JS terms, used one after the other, share their space.
-__host__ __device__ constexpr int64_t tile_and_terms_doubles(int64_t nb) {
-  return 2 * nb > int64_t{kThreads} * (kDotDepth + 1) ? 2 * nb
-                                                      : int64_t{kThreads} * (kDotDepth + 1);
-}
-constexpr int64_t head_decision_shared_doubles(int64_t nb, int64_t head_dim) {
-  return nb + tile_and_terms_doubles(nb) + (nb + kChunk - 1) / kChunk + kThreads / kWarpSize +
-         head_dim;
+// Dynamic shared memory of block_probabilities_kernel, in doubles (its layout there).
+constexpr int64_t block_probabilities_shared_doubles(int64_t nb, int64_t head_dim) {
+  return nb + int64_t{kThreads} * (kDotDepth + 1) + (nb + kChunk - 1) / kChunk +
+         kThreads / kWarpSize + head_dim;
 }
 // 99 KB: the most shared memory a block may opt into on sm_86 and sm_89, the smallest among the
 // devices the kernels are built for (sm_80 and later).
-static_assert(head_decision_shared_doubles(kFlexPrefillMaxBlocks, kFlexPrefillMaxHeadDim) *
+static_assert(block_probabilities_shared_doubles(kFlexPrefillMaxBlocks, kFlexPrefillMaxHeadDim) *
                       int64_t{sizeof(double)} <=
                   99 * 1024,
-              "the head decision's shared memory fits every device at the largest shapes");
+              "step 4's probabilities fit every device's shared memory at the largest shapes");
 
-// Block per head: steps 4 and 5. pooled [Hq, 2, nb] holds vertical_blk / slash_blk and gets the
-// always-kept blocks set to +inf. Dynamic shared memory (head_decision_shared_doubles): abar [nb],
-// then abar_logits' tile and later the JS terms [2 nb] in one space, chunk totals
+// Block per head: step 4's block probabilities p [Hq, nb] = the softmax over the key blocks of
+// abar = q_mean . Kbar (chunked denominator), each p = exp(abar - max) / sum. Dynamic shared memory
+// (block_probabilities_shared_doubles): abar [nb], abar_logits' tile, chunk totals
 // [ceil(nb / kChunk)], reduction scratch [kThreads / 32], q_mean [D].
 __global__ void __launch_bounds__(kThreads)
-    head_decision_kernel(double* pooled, int32_t* query_aware, double* js_distance,
-                         const double* q_mean, const double* k_means, SearchShape s, double tau) {
+    block_probabilities_kernel(double* probabilities, const double* q_mean, const double* k_means,
+                               SearchShape s) {
   extern __shared__ double shared[];
   const int64_t h = blockIdx.x;
   const int64_t nb = s.num_blocks;
   const int64_t num_chunks = (nb + kChunk - 1) / kChunk;
   double* abar = shared;
   double* tile = abar + nb;
-  double* terms = tile;  // written after the last read of the tile (a barrier between)
-  double* chunk_totals = terms + tile_and_terms_doubles(nb);
+  double* chunk_totals = tile + int64_t{kThreads} * (kDotDepth + 1);
   double* scratch = chunk_totals + num_chunks;
   double* q = scratch + kThreads / kWarpSize;
-  const double* v_blk = pooled + (h * 2) * nb;
   const int tid = static_cast<int>(threadIdx.x);
 
-  // Step 4: abar = softmax over the blocks of q_mean . Kbar (chunked denominator).
   for (int64_t d = tid; d < s.head_dim; d += kThreads) q[d] = q_mean[h * s.head_dim + d];
   abar_logits(abar, tile, q, k_means + (h / s.group_size) * nb * s.head_dim, nb, s.head_dim);
   __syncthreads();
@@ -341,17 +342,30 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   double sum = 0.0;
   for (int64_t c = 0; c < num_chunks; ++c) sum = __dadd_rn(sum, chunk_totals[c]);
+  for (int64_t b = tid; b < nb; b += kThreads) probabilities[h * nb + b] = abar[b] / sum;
+}
+
+// Block per head: steps 4 (the JS decision) and 5. pooled [Hq, 2, nb] holds vertical_blk /
+// slash_blk and gets the always-kept blocks set to +inf; probabilities [Hq, nb] as
+// block_probabilities_kernel leaves them. Dynamic shared memory: the JS terms [2 nb].
+__global__ void __launch_bounds__(kThreads)
+    head_decision_kernel(double* pooled, int32_t* query_aware, double* js_distance,
+                         const double* probabilities, SearchShape s, double tau) {
+  extern __shared__ double terms[];
+  const int64_t h = blockIdx.x;
+  const int64_t nb = s.num_blocks;
+  const double* v_blk = pooled + (h * 2) * nb;
   // The JS terms of each block (p's, then vertical_blk's; 0 where the reference skips a term,
   // which leaves the sum unchanged), added in order by thread 0.
-  for (int64_t b = tid; b < nb; b += kThreads) {
-    const double p = abar[b] / sum;
+  for (int64_t b = threadIdx.x; b < nb; b += kThreads) {
+    const double p = probabilities[h * nb + b];
     const double q_b = v_blk[b];
     const double m = 0.5 * __dadd_rn(p, q_b);
     terms[2 * b] = p > 0.0 ? __dmul_rn(__dmul_rn(0.5, p), log(p / m)) : 0.0;
     terms[2 * b + 1] = q_b > 0.0 ? __dmul_rn(__dmul_rn(0.5, q_b), log(q_b / m)) : 0.0;
   }
   __syncthreads();
-  if (tid != 0) return;
+  if (threadIdx.x != 0) return;
   double js = 0.0;
   for (int64_t i = 0; i < 2 * nb; ++i) js = __dadd_rn(js, terms[i]);
   const double distance = sqrt(fmax(js, 0.0));
@@ -857,26 +871,37 @@ void chunked_coverage_counts(unsigned long long* counts, const double* values, i
   MF_CUDA_CHECK_LAUNCH();
 }
 
-void decide_heads(FlexPrefillDeviceSelection& out, double* pooled, const double* k_means,
-                  const double* q_mean, const SearchShape& s, double tau, cudaStream_t stream) {
+void block_probabilities(double* probabilities, const double* k_means, const double* q_mean,
+                         const SearchShape& s, cudaStream_t stream) {
   const size_t shared =
-      static_cast<size_t>(head_decision_shared_doubles(s.num_blocks, s.head_dim)) * sizeof(double);
-  MF_CUDA_CHECK(cudaFuncSetAttribute(
-      head_decision_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
+      static_cast<size_t>(block_probabilities_shared_doubles(s.num_blocks, s.head_dim)) *
+      sizeof(double);
+  MF_CUDA_CHECK(cudaFuncSetAttribute(block_probabilities_kernel,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(shared)));
+  block_probabilities_kernel<<<static_cast<unsigned>(s.num_q_heads), kThreads, shared, stream>>>(
+      probabilities, q_mean, k_means, s);
+  MF_CUDA_CHECK_LAUNCH();
+}
+
+void decide_heads(FlexPrefillDeviceSelection& out, double* pooled, const double* probabilities,
+                  const SearchShape& s, double tau, cudaStream_t stream) {
+  const size_t shared = static_cast<size_t>(2 * s.num_blocks) * sizeof(double);
   head_decision_kernel<<<static_cast<unsigned>(s.num_q_heads), kThreads, shared, stream>>>(
-      pooled, out.query_aware.data(), out.js_distance.data(), q_mean, k_means, s, tau);
+      pooled, out.query_aware.data(), out.js_distance.data(), probabilities, s, tau);
   MF_CUDA_CHECK_LAUNCH();
 }
 
 void finish_selection(FlexPrefillDeviceSelection& out, const double* pooled,
                       unsigned long long* coverage_counts, const float* fp32_vs, const bf16* q,
-                      const double* k_means, const float* fp32_q_block_means, const SearchShape& s,
+                      const double* k_means, const float* fp32_tri, const SearchShape& s,
                       const ops::FlexPrefillParams& params, cudaStream_t stream,
                       SelectPath select_path) {
   const int64_t num_heads = s.num_q_heads;
   const int64_t nb = s.num_blocks;
   const bool fast = params.search == ops::FlexSearch::kFp32;
-  MF_CHECK(!fast || fp32_vs != nullptr, "finish_selection: the fast search needs its fp32 values");
+  MF_CHECK(!fast || (fp32_vs != nullptr && (params.tau <= 0.0 || fp32_tri != nullptr)),
+           "finish_selection: the fast search needs its fp32 values");
 
   // Steps 2 (the fast search's counts, and the budgets) and 6-7: on the side stream for the fast
   // search, whose buffers are all allocated before the fork (cuda/side_stream.h).
@@ -896,11 +921,8 @@ void finish_selection(FlexPrefillDeviceSelection& out, const double* pooled,
   DeviceBuffer<uint8_t> tri_selected;
   const int64_t num_tri = nb * (nb + 1) / 2;
   if (params.tau > 0.0 && fast) {
-    DeviceBuffer<float> tri(static_cast<size_t>(num_heads * num_tri));
-    fp32_block_logits(tri.data(), fp32_q_block_means, k_means, out.query_aware.data(), s, stream);
-    fp32_block_softmax(tri.data(), out.query_aware.data(), s, stream);
     tri_selected.resize(static_cast<size_t>(num_heads * num_tri));
-    coverage_select(static_cast<unsigned long long*>(nullptr), tri_selected.data(), tri.data(),
+    coverage_select(static_cast<unsigned long long*>(nullptr), tri_selected.data(), fp32_tri,
                     num_heads, num_tri, params.gamma, SegmentFilter{out.query_aware.data()}, stream,
                     nullptr, select_path);
   } else if (params.tau > 0.0) {

@@ -48,24 +48,31 @@ void last_query_mean(double* q_mean, const bf16* q, const SearchShape& s, cudaSt
 void chunked_coverage_counts(unsigned long long* counts, const double* values, int64_t num_segments,
                              int64_t segment_size, double limit, cudaStream_t stream);
 
-// Steps 4 and 5 into out (sized by begin_selection): query_aware and js_distance per head, from
-// pooled [Hq, 2, nb] (vertical_blk and slash_blk; step 5 sets their always-kept entries to +inf in
-// place), k_means [Hkv, nb, D] and q_mean [Hq, D] as block_means and last_query_mean give them.
-void decide_heads(FlexPrefillDeviceSelection& out, double* pooled, const double* k_means,
-                  const double* q_mean, const SearchShape& s, double tau, cudaStream_t stream);
+// Step 4's block probabilities: probabilities [Hq, nb] = per head the softmax over the key blocks
+// of q_mean . Kbar, from k_means [Hkv, nb, D] and q_mean [Hq, D] as block_means and last_query_mean
+// give them (it needs neither step 1 nor step 3, so the fast search runs it beside its passes).
+void block_probabilities(double* probabilities, const double* k_means, const double* q_mean,
+                         const SearchShape& s, cudaStream_t stream);
+
+// Steps 4 (the JS decision) and 5 into out (sized by begin_selection): query_aware and js_distance
+// per head, from pooled [Hq, 2, nb] (vertical_blk and slash_blk; step 5 sets their always-kept
+// entries to +inf in place) and probabilities as block_probabilities gives them.
+void decide_heads(FlexPrefillDeviceSelection& out, double* pooled, const double* probabilities,
+                  const SearchShape& s, double tau, cudaStream_t stream);
 
 // Steps 2 (budgets from coverage counts) and 6-8 and the CSR of out, after decide_heads: pooled as
 // decide_heads leaves it; coverage_counts [Hq, 2] the counts of step 2 for vertical and slash (c -
 // 1 in the reference's notation; read only for heads that are not query-aware); k_means as for
-// decide_heads; for FlexSearch::kFp32 with tau > 0, fp32_q_block_means [Hq, nb, D] as
-// fp32_q_block_means (cuda/flex_prefill_fp32.h) gives them (unused otherwise, may be null).
+// block_probabilities; for FlexSearch::kFp32 with tau > 0, fp32_tri [Hq, nb (nb + 1) / 2] step 8's
+// probabilities as fp32_block_softmax (cuda/flex_prefill_fp32.h) leaves them, at least for the
+// query-aware heads (unused otherwise, may be null).
 // FlexSearch::kFp32 also computes the counts here (fp32_coverage_counts into coverage_counts from
 // fp32_vs [Hq, 2, N], as fp32_vertical_slash gives it): step 2 and the budgets' top-k (steps 6-7)
 // run on the side stream (cuda/side_stream.h) beside step 8, and meet it at the CSR; its coverage
 // selects of steps 2 and 8 take select_path. The exact search passes fp32_vs null and its counts.
 void finish_selection(FlexPrefillDeviceSelection& out, const double* pooled,
                       unsigned long long* coverage_counts, const float* fp32_vs, const bf16* q,
-                      const double* k_means, const float* fp32_q_block_means, const SearchShape& s,
+                      const double* k_means, const float* fp32_tri, const SearchShape& s,
                       const ops::FlexPrefillParams& params, cudaStream_t stream,
                       SelectPath select_path);
 

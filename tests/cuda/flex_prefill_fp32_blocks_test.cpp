@@ -4,7 +4,8 @@
 // to 4, N not a multiple of the block, head_dim 40 to 256 and more than one 64 x 64 tile of blocks;
 // their fp32 softmax (fp32_block_softmax) against the exact softmax within its bound rho_sm; heads
 // that are not query-aware keep what tri held. The side stream's means kernels give the exact
-// key means (flex::block_means' bits) and the same query means in grids of any size.
+// key means (flex::block_means' bits) and, like the logits, the same query means in grids of any
+// size; null flags compute every head.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -70,7 +71,7 @@ TEST(FlexPrefillFp32Blocks, LogitsWithinTheBoundOfTheReference) {
         to_device(std::vector<float>(static_cast<size_t>(c.num_q_heads * num_tri), kUntouched));
     DeviceBuffer<float> q_means(static_cast<size_t>(c.num_q_heads * s.num_blocks * c.head_dim));
     fp32_q_block_means(q_means.data(), q.data(), flags.data(), s, nullptr, 0);
-    fp32_block_logits(tri.data(), q_means.data(), k_means.data(), flags.data(), s, nullptr);
+    fp32_block_logits(tri.data(), q_means.data(), k_means.data(), flags.data(), s, nullptr, 0);
     const std::vector<float> got = tri.download();
     for (int64_t h = 0; h < c.num_q_heads; ++h) {
       const float* head = got.data() + h * num_tri;
@@ -148,6 +149,49 @@ TEST(FlexPrefillFp32Blocks, SoftmaxWithinItsBoundOfTheExactOne) {
         EXPECT_EQ(num_bad, 0) << "head " << h << (query_aware[h] == 0 ? " (not query-aware)" : "");
       }
     }
+  }
+}
+
+// fp32_block_logits gives the same bits in grids of 1, 3 and the side stream's number of blocks of
+// threads as in one of a block per tile, and for every head with query_aware null as with every
+// flag set; so does fp32_block_softmax with query_aware null.
+TEST(FlexPrefillFp32Blocks, LogitsInAnyGridAndForEveryHeadGiveTheSameBits) {
+  MF_REQUIRE_GPU();
+  uint64_t seed = 601;
+  for (const Case& c : kCases) {
+    SCOPED_TRACE(describe(c));
+    const testing::flex::Inputs in = make_inputs(c, seed++);
+    const flex::SearchShape s =
+        flex::search_shape(dims_of(c), params_of(c, 0.9, 0.1), "fp32 block logits grid test");
+    const int64_t nb = s.num_blocks;
+    const size_t tri_size = static_cast<size_t>(c.num_q_heads * (nb * (nb + 1) / 2));
+    DeviceBuffer<bf16> q = to_device(to_bf16(in.q)), k = to_device(to_bf16(in.k));
+    DeviceBuffer<double> k_means(static_cast<size_t>(c.num_kv_heads * nb * c.head_dim));
+    flex::block_means(k_means.data(), k.data(), c.num_kv_heads, 1.0, nullptr, s, nullptr);
+    DeviceBuffer<float> q_means(static_cast<size_t>(c.num_q_heads * nb * c.head_dim));
+    fp32_q_block_means(q_means.data(), q.data(), nullptr, s, nullptr, 0);
+    DeviceBuffer<int32_t> all_set =
+        to_device(std::vector<int32_t>(static_cast<size_t>(c.num_q_heads), 1));
+    const auto probabilities = [&](const int32_t* query_aware, unsigned max_blocks) {
+      DeviceBuffer<float> tri = to_device(std::vector<float>(tri_size, kUntouched));
+      fp32_block_logits(tri.data(), q_means.data(), k_means.data(), query_aware, s, nullptr,
+                        max_blocks);
+      std::vector<float> logits = tri.download();
+      fp32_block_softmax(tri.data(), query_aware, s, nullptr);
+      return std::make_pair(std::move(logits), tri.download());
+    };
+    const auto [want_logits, want_p] = probabilities(all_set.data(), 0);
+    EXPECT_EQ(std::count(want_logits.begin(), want_logits.end(), kUntouched), 0);
+    for (const unsigned max_blocks : {1u, 3u, side_stream_max_blocks()}) {
+      SCOPED_TRACE("max_blocks " + std::to_string(max_blocks));
+      const auto [got_logits, got_p] = probabilities(all_set.data(), max_blocks);
+      EXPECT_EQ(bits_differ(got_logits, want_logits), 0);
+      EXPECT_EQ(bits_differ(got_p, want_p), 0);
+    }
+    SCOPED_TRACE("query_aware null");
+    const auto [every_logits, every_p] = probabilities(nullptr, side_stream_max_blocks());
+    EXPECT_EQ(bits_differ(every_logits, want_logits), 0);
+    EXPECT_EQ(bits_differ(every_p, want_p), 0);
   }
 }
 
