@@ -377,8 +377,8 @@ void flex_prefill_select(FlexPrefillDeviceSelection& out, const bf16* q, const b
   // every buffer the side stream uses is allocated before the fork (cuda/side_stream.h). Pass 1 is
   // launched first, so that its blocks of threads reach the SMs before the side stream's (which
   // fit beside them; the other order made pass 1 wait), and the side stream's work right after it,
-  // before the rest of the passes (launched after those, it started when the passes nearly ended:
-  // docs/design.md).
+  // before the rest of the passes (launched after those, it started as pass 1 or even pass 2
+  // ended: docs/design.md).
   const bool fast_step8 = fp32 && params.tau > 0.0;
   DeviceBuffer<float> fp32_vs;  // [Hq, 2, N], the fast search's vertical and slash values
   if (fp32) {
