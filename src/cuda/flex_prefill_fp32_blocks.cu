@@ -152,9 +152,7 @@ __global__ void __launch_bounds__(kLogitThreads)
     const int64_t h = item / tiles_per_head;
     if (query_aware != nullptr && query_aware[h] == 0) continue;
     const int64_t t = item % tiles_per_head;
-    auto row_tile = static_cast<int64_t>((sqrt(8.0 * static_cast<double>(t) + 1.0) - 1.0) / 2.0);
-    while (row_tile * (row_tile + 1) / 2 > t) --row_tile;  // exact whatever sqrt's rounding
-    while ((row_tile + 1) * (row_tile + 2) / 2 <= t) ++row_tile;
+    const int64_t row_tile = triangle_row(t);
     const int64_t r0 = row_tile * kTile;
     const int64_t c0 = (t - row_tile * (row_tile + 1) / 2) * kTile;
     const float* q_head = q_means + h * nb * s.head_dim;

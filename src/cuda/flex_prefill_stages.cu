@@ -118,9 +118,8 @@ __global__ void block_means_kernel(double* means, const bf16* x, int64_t seq_len
 // kernel is latency-bound: one thread per (head, d), a few blocks of threads in all).
 constexpr int kQueryRowsAhead = 32;
 __global__ void last_query_mean_kernel(double* q_mean, const bf16* q, SearchShape s) {
-  const int64_t total = s.num_q_heads * s.head_dim;
-  const int64_t row_stride = s.num_q_heads * s.head_dim;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+  const int64_t row_stride = s.num_q_heads * s.head_dim;  // also the (head, d) count
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < row_stride;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const bf16* column = q + (s.seq_len - s.block_size) * row_stride + i;  // row r at r * stride
     double sum = 0.0;
@@ -559,10 +558,7 @@ __global__ void coverage_mark_kernel(uint8_t* grid, const uint32_t* order, int p
        p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     if (cumulative_at(prefix, bases, h, p, num_entries, chunks_per_segment) > limit) continue;
     const int64_t position = order[h * num_entries + p] & position_mask;
-    // Row r of triangle position p: the largest r with r (r + 1) / 2 <= position.
-    int64_t r = static_cast<int64_t>((sqrt(8.0 * static_cast<double>(position) + 1.0) - 1.0) / 2.0);
-    while (r * (r + 1) / 2 > position) --r;
-    while ((r + 1) * (r + 2) / 2 <= position) ++r;
+    const int64_t r = triangle_row(position);
     const int64_t c = position - r * (r + 1) / 2;
     grid[(h * nb + r) * nb + c] = 1;
   }

@@ -21,6 +21,15 @@ __device__ __forceinline__ float exp2_flush(float x) {
   return y;
 }
 
+// Row r of position p of a lower triangle stored row after row (row r holds r + 1 entries from
+// position r (r + 1) / 2): the largest r with r (r + 1) / 2 <= p, exact whatever sqrt's rounding.
+__device__ __forceinline__ int64_t triangle_row(int64_t p) {
+  auto r = static_cast<int64_t>((sqrt(8.0 * static_cast<double>(p) + 1.0) - 1.0) / 2.0);
+  while (r * (r + 1) / 2 > p) --r;
+  while ((r + 1) * (r + 2) / 2 <= p) ++r;
+  return r;
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
     x += __shfl_xor_sync(0xffffffffu, x, offset);

@@ -52,26 +52,41 @@ const Case kCases[] = {
     {1300, 2, 1, 256, 128}, {9000, 4, 2, 128, 64},  {4500, 2, 2, 72, 64},
 };
 
+// A case on the device: its random inputs, search shape (gamma 0.9, tau 0.1), q and k, and the
+// exact key means (flex::block_means, factor 1).
+struct DeviceCase {
+  testing::flex::Inputs in;
+  flex::SearchShape s;
+  DeviceBuffer<bf16> q, k;
+  DeviceBuffer<double> k_means;
+};
+
+DeviceCase device_case(const Case& c, uint64_t seed, const char* who) {
+  DeviceCase dc{make_inputs(c, seed), {}, {}, {}, {}};
+  dc.s = flex::search_shape(dims_of(c), params_of(c, 0.9, 0.1), who);
+  dc.q = to_device(to_bf16(dc.in.q));
+  dc.k = to_device(to_bf16(dc.in.k));
+  dc.k_means.resize(static_cast<size_t>(c.num_kv_heads * dc.s.num_blocks * c.head_dim));
+  flex::block_means(dc.k_means.data(), dc.k.data(), c.num_kv_heads, 1.0, nullptr, dc.s, nullptr);
+  return dc;
+}
+
 TEST(FlexPrefillFp32Blocks, LogitsWithinTheBoundOfTheReference) {
   MF_REQUIRE_GPU();
   uint64_t seed = 301;
   for (const Case& c : kCases) {
     SCOPED_TRACE(describe(c));
-    const testing::flex::Inputs in = make_inputs(c, seed++);
-    const flex::SearchShape s =
-        flex::search_shape(dims_of(c), params_of(c, 0.9, 0.1), "fp32 block logits test");
+    const DeviceCase dc = device_case(c, seed++, "fp32 block logits test");
+    const flex::SearchShape& s = dc.s;
     const int64_t nb = s.num_blocks, num_tri = nb * (nb + 1) / 2;
-    DeviceBuffer<bf16> q = to_device(to_bf16(in.q)), k = to_device(to_bf16(in.k));
-    DeviceBuffer<double> k_means(static_cast<size_t>(c.num_kv_heads * nb * c.head_dim));
-    flex::block_means(k_means.data(), k.data(), c.num_kv_heads, 1.0, nullptr, s, nullptr);
     std::vector<int32_t> query_aware(static_cast<size_t>(c.num_q_heads));
     for (int64_t h = 0; h < c.num_q_heads; ++h) query_aware[h] = h % 3 != 1 ? 1 : 0;
     DeviceBuffer<int32_t> flags = to_device(query_aware);
     DeviceBuffer<float> tri =
         to_device(std::vector<float>(static_cast<size_t>(c.num_q_heads * num_tri), kUntouched));
     DeviceBuffer<float> q_means(static_cast<size_t>(c.num_q_heads * s.num_blocks * c.head_dim));
-    fp32_q_block_means(q_means.data(), q.data(), flags.data(), s, nullptr, 0);
-    fp32_block_logits(tri.data(), q_means.data(), k_means.data(), flags.data(), s, nullptr, 0);
+    fp32_q_block_means(q_means.data(), dc.q.data(), flags.data(), s, nullptr, 0);
+    fp32_block_logits(tri.data(), q_means.data(), dc.k_means.data(), flags.data(), s, nullptr, 0);
     const std::vector<float> got = tri.download();
     for (int64_t h = 0; h < c.num_q_heads; ++h) {
       const float* head = got.data() + h * num_tri;
@@ -81,7 +96,7 @@ TEST(FlexPrefillFp32Blocks, LogitsWithinTheBoundOfTheReference) {
         EXPECT_EQ(num_bad, 0) << "head " << h << " is not query-aware but its logits changed";
         continue;
       }
-      const Step8Logits want = step8_logits(in, c, h);
+      const Step8Logits want = step8_logits(dc.in, c, h);
       double worst = 0.0;
       for (int64_t r = 0; r < nb; ++r) {
         for (int64_t col = 0; col <= r; ++col) {
@@ -160,21 +175,17 @@ TEST(FlexPrefillFp32Blocks, LogitsInAnyGridAndForEveryHeadGiveTheSameBits) {
   uint64_t seed = 601;
   for (const Case& c : kCases) {
     SCOPED_TRACE(describe(c));
-    const testing::flex::Inputs in = make_inputs(c, seed++);
-    const flex::SearchShape s =
-        flex::search_shape(dims_of(c), params_of(c, 0.9, 0.1), "fp32 block logits grid test");
+    const DeviceCase dc = device_case(c, seed++, "fp32 block logits grid test");
+    const flex::SearchShape& s = dc.s;
     const int64_t nb = s.num_blocks;
     const size_t tri_size = static_cast<size_t>(c.num_q_heads * (nb * (nb + 1) / 2));
-    DeviceBuffer<bf16> q = to_device(to_bf16(in.q)), k = to_device(to_bf16(in.k));
-    DeviceBuffer<double> k_means(static_cast<size_t>(c.num_kv_heads * nb * c.head_dim));
-    flex::block_means(k_means.data(), k.data(), c.num_kv_heads, 1.0, nullptr, s, nullptr);
     DeviceBuffer<float> q_means(static_cast<size_t>(c.num_q_heads * nb * c.head_dim));
-    fp32_q_block_means(q_means.data(), q.data(), nullptr, s, nullptr, 0);
+    fp32_q_block_means(q_means.data(), dc.q.data(), nullptr, s, nullptr, 0);
     DeviceBuffer<int32_t> all_set =
         to_device(std::vector<int32_t>(static_cast<size_t>(c.num_q_heads), 1));
     const auto probabilities = [&](const int32_t* query_aware, unsigned max_blocks) {
       DeviceBuffer<float> tri = to_device(std::vector<float>(tri_size, kUntouched));
-      fp32_block_logits(tri.data(), q_means.data(), k_means.data(), query_aware, s, nullptr,
+      fp32_block_logits(tri.data(), q_means.data(), dc.k_means.data(), query_aware, s, nullptr,
                         max_blocks);
       std::vector<float> logits = tri.download();
       fp32_block_softmax(tri.data(), query_aware, s, nullptr);
@@ -203,24 +214,20 @@ TEST(FlexPrefillFp32Blocks, SideMeansInAnyGridEqualTheExactOnes) {
   uint64_t seed = 401;
   for (const Case& c : kCases) {
     SCOPED_TRACE(describe(c));
-    const testing::flex::Inputs in = make_inputs(c, seed++);
-    const flex::SearchShape s =
-        flex::search_shape(dims_of(c), params_of(c, 0.9, 0.1), "side means test");
+    const DeviceCase dc = device_case(c, seed++, "side means test");
+    const flex::SearchShape& s = dc.s;
     const int64_t nb = s.num_blocks;
-    DeviceBuffer<bf16> q = to_device(to_bf16(in.q)), k = to_device(to_bf16(in.k));
     std::vector<int32_t> active(static_cast<size_t>(c.num_q_heads));
     for (int64_t h = 0; h < c.num_q_heads; ++h) active[h] = h % 2 == 0 ? 1 : 0;
     DeviceBuffer<int32_t> flags = to_device(active);
     const size_t k_size = static_cast<size_t>(c.num_kv_heads * nb * c.head_dim);
     const size_t q_size = static_cast<size_t>(c.num_q_heads * nb * c.head_dim);
-    DeviceBuffer<double> exact_k(k_size);
-    flex::block_means(exact_k.data(), k.data(), c.num_kv_heads, 1.0, nullptr, s, nullptr);
-    const std::vector<double> want_k = exact_k.download();
+    const std::vector<double> want_k = dc.k_means.download();
     const auto means = [&](unsigned max_blocks) {
       DeviceBuffer<double> k_means = to_device(std::vector<double>(k_size, kUntouched));
       DeviceBuffer<float> q_means = to_device(std::vector<float>(q_size, kUntouched));
-      fp32_key_block_means(k_means.data(), k.data(), s, nullptr, max_blocks);
-      fp32_q_block_means(q_means.data(), q.data(), flags.data(), s, nullptr, max_blocks);
+      fp32_key_block_means(k_means.data(), dc.k.data(), s, nullptr, max_blocks);
+      fp32_q_block_means(q_means.data(), dc.q.data(), flags.data(), s, nullptr, max_blocks);
       return std::make_pair(k_means.download(), q_means.download());
     };
     const auto [unbounded_k, want_q] = means(0);
