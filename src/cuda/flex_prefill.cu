@@ -374,11 +374,9 @@ void flex_prefill_select(FlexPrefillDeviceSelection& out, const bf16* q, const b
   DeviceBuffer<float> tri;            // [Hq, nb (nb + 1) / 2], its probabilities
 
   // The fast search runs what does not need its tensor-core passes on the side stream beside them;
-  // every buffer the side stream uses is allocated before the fork (cuda/side_stream.h). Pass 1 is
-  // launched first, so that its blocks of threads reach the SMs before the side stream's (which
-  // fit beside them; the other order made pass 1 wait), and the side stream's work right after it,
-  // before the rest of the passes (launched after those, it started as pass 1 or even pass 2
-  // ended: docs/design.md).
+  // every buffer the side stream uses is allocated before the fork (cuda/side_stream.h). The passes
+  // are launched first, so that their blocks of threads reach the SMs before the side stream's
+  // (which fit beside them; the other order made pass 1 wait: docs/design.md).
   const bool fast_step8 = fp32 && params.tau > 0.0;
   DeviceBuffer<float> fp32_vs;  // [Hq, 2, N], the fast search's vertical and slash values
   if (fp32) {
@@ -388,20 +386,17 @@ void flex_prefill_select(FlexPrefillDeviceSelection& out, const bf16* q, const b
       tri.resize(static_cast<size_t>(num_heads * (nb * (nb + 1) / 2)));
     }
     const cudaStream_t side = fork_side_stream(stream);
-    const auto side_work = [&] {
-      const unsigned max_blocks = side_stream_max_blocks();
-      fp32_key_block_means(k_means.data(), k, s, side, max_blocks);
-      flex::last_query_mean(q_mean.data(), q, s, side);
-      flex::block_probabilities(probabilities.data(), k_means.data(), q_mean.data(), s, side);
-      if (fast_step8) {
-        fp32_q_block_means(q_block_means.data(), q, nullptr, s, side, max_blocks);
-        fp32_block_logits(tri.data(), q_block_means.data(), k_means.data(), nullptr, s, side,
-                          max_blocks);
-        fp32_block_softmax(tri.data(), nullptr, s, side);
-      }
-    };
-    fp32_vertical_slash(fp32_vs.data(), pooled.data(), q, k, s, stream, Fp32Passes::automatic,
-                        side_work);
+    fp32_vertical_slash(fp32_vs.data(), pooled.data(), q, k, s, stream);
+    const unsigned max_blocks = side_stream_max_blocks();
+    fp32_key_block_means(k_means.data(), k, s, side, max_blocks);
+    flex::last_query_mean(q_mean.data(), q, s, side);
+    flex::block_probabilities(probabilities.data(), k_means.data(), q_mean.data(), s, side);
+    if (fast_step8) {
+      fp32_q_block_means(q_block_means.data(), q, nullptr, s, side, max_blocks);
+      fp32_block_logits(tri.data(), q_block_means.data(), k_means.data(), nullptr, s, side,
+                        max_blocks);
+      fp32_block_softmax(tri.data(), nullptr, s, side);
+    }
     // Step 2 waits for step 4 (in finish_selection): only heads that are not query-aware need their
     // coverage counts.
     join_side_stream(stream);

@@ -74,7 +74,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <functional>
 
 #include "cuda/bf16.h"
 #include "cuda/flex_prefill_stages.h"
@@ -98,15 +97,10 @@ void check_fp32_search(const flex::SearchShape& s, const bf16* q, const bf16* k)
 enum class Fp32Passes { automatic, mma_sync, hopper };
 
 // Steps 1 and 3: vs [Hq, 2, N] = the fp32 vertical (kind 0) and slash (kind 1) values; pooled
-// [Hq, 2, nb] = their block sums, in double (cuda/flex_prefill_fp32_scores.cu). after_pass1, where
-// given, is called once, after pass 1 is enqueued and before the rest: the fast search enqueues
-// its side stream's work there, so that both streams' first kernels reach the GPU early (pass 1
-// lasts long enough to hide the host's launches of the side work; the host launches the rest of
-// the passes after them).
+// [Hq, 2, nb] = their block sums, in double (cuda/flex_prefill_fp32_scores.cu).
 void fp32_vertical_slash(float* vs, double* pooled, const bf16* q, const bf16* k,
                          const flex::SearchShape& s, cudaStream_t stream,
-                         Fp32Passes passes = Fp32Passes::automatic,
-                         const std::function<void()>& after_pass1 = {});
+                         Fp32Passes passes = Fp32Passes::automatic);
 
 // The key blocks' means for steps 4 and 8: k_means [Hkv, nb, D] = flex::block_means' doubles
 // (factor 1, every head), by at most max_blocks blocks of threads (0: as many as the work has; the

@@ -28,7 +28,6 @@
 // Every sum has a fixed order, so the results are deterministic.
 #include <cmath>
 #include <cstdint>
-#include <functional>
 #include <type_traits>
 
 #include "core/error.h"
@@ -499,8 +498,7 @@ void launch_row_lse(float* lse2, const float2* partial, const Fp32PassArgs& args
 
 template <int kRows, int kDim>
 void launch_passes_for(float* vs, float* slash_part, float2* partial, float* lse2,
-                       const Fp32PassArgs& args, cudaStream_t stream,
-                       const std::function<void()>& after_pass1) {
+                       const Fp32PassArgs& args, cudaStream_t stream) {
   constexpr int kThreads = TileLoop<kRows, kDim>::kThreads;
   const dim3 grid(static_cast<unsigned>(args.num_q_heads), static_cast<unsigned>(args.num_splits));
   const size_t stats_smem = pass_smem_bytes<kRows>(args.dim_pad, false);
@@ -509,7 +507,6 @@ void launch_passes_for(float* vs, float* slash_part, float2* partial, float* lse
                                      static_cast<int>(stats_smem)));
   row_stats_kernel<kRows, kDim><<<grid, kThreads, stats_smem, stream>>>(partial, args);
   MF_CUDA_CHECK_LAUNCH();
-  if (after_pass1) after_pass1();
   launch_row_lse(lse2, partial, args, stream);
   const size_t scores_smem = pass_smem_bytes<kRows>(args.dim_pad, true);
   MF_CUDA_CHECK(cudaFuncSetAttribute(scores_kernel<kRows, kDim>,
@@ -522,14 +519,13 @@ void launch_passes_for(float* vs, float* slash_part, float2* partial, float* lse
 // The mma.sync passes with head_dim 64 or 128 known to the compiler, others at run time.
 template <int kRows>
 void launch_passes(float* vs, float* slash_part, float2* partial, float* lse2,
-                   const Fp32PassArgs& args, cudaStream_t stream,
-                   const std::function<void()>& after_pass1) {
+                   const Fp32PassArgs& args, cudaStream_t stream) {
   if (args.head_dim == 128) {
-    launch_passes_for<kRows, 128>(vs, slash_part, partial, lse2, args, stream, after_pass1);
+    launch_passes_for<kRows, 128>(vs, slash_part, partial, lse2, args, stream);
   } else if (args.head_dim == 64) {
-    launch_passes_for<kRows, 64>(vs, slash_part, partial, lse2, args, stream, after_pass1);
+    launch_passes_for<kRows, 64>(vs, slash_part, partial, lse2, args, stream);
   } else {
-    launch_passes_for<kRows, 0>(vs, slash_part, partial, lse2, args, stream, after_pass1);
+    launch_passes_for<kRows, 0>(vs, slash_part, partial, lse2, args, stream);
   }
 }
 
@@ -555,8 +551,7 @@ size_t fp32_scores_smem_bytes(const SearchShape& s) {
 }
 
 void fp32_vertical_slash(float* vs, double* pooled, const bf16* q, const bf16* k,
-                         const SearchShape& s, cudaStream_t stream, Fp32Passes passes,
-                         const std::function<void()>& after_pass1) {
+                         const SearchShape& s, cudaStream_t stream, Fp32Passes passes) {
   const int64_t bs = s.block_size;
   const int64_t num_splits = ceil_div(s.seq_len, kSplitKeys);
   const Fp32PassArgs args{q,
@@ -576,15 +571,12 @@ void fp32_vertical_slash(float* vs, double* pooled, const bf16* q, const bf16* k
       static_cast<size_t>(s.num_q_heads * num_splits * (kSplitKeys + bs - 1)));
   if (use_hopper_passes(args, passes)) {
     launch_hopper_row_stats(partial.data(), args, stream);
-    if (after_pass1) after_pass1();
     launch_row_lse(lse2.data(), partial.data(), args, stream);
     launch_hopper_scores(vs, slash_part.data(), lse2.data(), args, stream);
   } else if (bs == 128) {
-    launch_passes<128>(vs, slash_part.data(), partial.data(), lse2.data(), args, stream,
-                       after_pass1);
+    launch_passes<128>(vs, slash_part.data(), partial.data(), lse2.data(), args, stream);
   } else {
-    launch_passes<64>(vs, slash_part.data(), partial.data(), lse2.data(), args, stream,
-                      after_pass1);
+    launch_passes<64>(vs, slash_part.data(), partial.data(), lse2.data(), args, stream);
   }
   pool_kernel<<<dim3(static_cast<unsigned>(s.num_blocks), static_cast<unsigned>(s.num_q_heads)),
                 kPoolThreads, 0, stream>>>(pooled, vs, slash_part.data(), s.seq_len, bs,
