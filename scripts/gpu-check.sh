@@ -56,8 +56,8 @@
 #   oracle    the Hugging Face oracle (scripts/hf_oracle.py) against the installed transformers
 #   longctx   the long-context recipe (scripts/long_context_recipe.sh): trains the small model of
 #             configs/models/longctx-llama.json on the synthetic tasks (three phases, about 3 min;
-#             XLONG_STEPS adds a fourth toward 128K), evaluates it dense against FlexPrefill at 1K,
-#             4K, 16K, 32K and 128K, and benchmarks
+#             XLONG_STEPS adds a fourth toward 128K), evaluates it dense against FlexPrefill (fast
+#             and exact pattern search) at 1K, 4K, 16K, 32K and 128K, and benchmarks
 #             prefill on its Q/K/V (the models stay in runs/longctx-*: too large for $OUT)
 #   bench     `moeforge bench train` on configs/bench/moe-1.8b-a0.4b.json (recompute modes from
 #             BENCH_RECOMPUTE, default "none selective"; BENCH_OVERLAP=1 adds each with

@@ -16,17 +16,20 @@
 #      phase had learned; the long phase at lr 3e-4 with one micro-batch of 2 windows a step (2 to
 #      20 answers) worked once by hand and, in the whole script's first run, swung its val loss
 #      0.66 -> 1.19 -> 0.83 and lost the retrieval;
-#   3. eval --task on held-out tasks (another seed) at 1K, 4K, 16K, 32K and 128K, dense and flex,
-#      on the GPU, with every answer in predictions_*.jsonl;
+#   3. eval --task on held-out tasks (another seed) at 1K, 4K, 16K, 32K and 128K on the GPU, dense,
+#      flex (the fast pattern search, the default) and flex_exact (--flex-search exact), with every
+#      answer in predictions_*.jsonl;
 #   4. layer DUMP_LAYER's q, k, v of a 128K prompt (generate --dump-qkv on the GPU) from the last
 #      model, and `bench prefill --qkv` on it: cuDNN dense against the pattern search + sparse
 #      kernel.
+# WARM2_STEPS > 0 adds a phase between warm and mid: that many steps on 2K windows of 420-640-byte
+# niah_single and niah_multikey examples at lr 3e-4, from the warm model.
 # XLONG_STEPS > 0 adds a fourth phase toward 128K: that many steps of 2 x 1 windows of 128K of
 # 16K-64K niah_single examples at lr 1e-4; then both the long and the xlong model are evaluated.
 # The models stay in runs/ (their paths are printed). Usage:
 # scripts/long_context_recipe.sh MOEFORGE OUT_DIR (environment: WARM_STEPS, MID_STEPS, LONG_STEPS,
-# XLONG_STEPS (default 0); EVAL_NUM examples per task and length, default 20; DUMP_LAYER, default
-# 2).
+# WARM2_STEPS and XLONG_STEPS (default 0); EVAL_NUM examples per task and length, default 20;
+# EVAL_ATTENTION, default "dense flex flex_exact"; DUMP_LAYER, default 2).
 set -euo pipefail
 moeforge=$(realpath "$1")
 out=$(realpath -m "$2")
@@ -62,7 +65,16 @@ train_phase() {
 last_checkpoint() { ls -d "runs/longctx-$1"/checkpoints/step-* | tail -n 1; }
 
 train_phase warm longctx-warm 2048 8 1 "${WARM_STEPS:-4000}" 0.0005
-train_phase mid longctx-mid 8192 8 1 "${MID_STEPS:-1000}" 0.0003 --init-from "$(last_checkpoint warm)"
+mid_from=warm
+if [ "${WARM2_STEPS:-0}" -gt 0 ]; then
+  "$moeforge" data synth --task "$tasks" --lengths 420,520,640 --num 8000 --seed 7 \
+    --format train --loss answer --out data/longctx-warm2 --overwrite
+  train_phase warm2 longctx-warm2 2048 8 1 "$WARM2_STEPS" 0.0003 \
+    --init-from "$(last_checkpoint warm)"
+  mid_from=warm2
+fi
+train_phase mid longctx-mid 8192 8 1 "${MID_STEPS:-1000}" 0.0003 \
+  --init-from "$(last_checkpoint "$mid_from")"
 train_phase long longctx-long 32768 2 2 "${LONG_STEPS:-700}" 0.0002 \
   --init-from "$(last_checkpoint mid)"
 models=(long)
@@ -74,7 +86,7 @@ if [ "${XLONG_STEPS:-0}" -gt 0 ]; then
   models+=(xlong)
 fi
 
-# Held-out tasks (seed 2), dense and flex, at 1K, 4K, 16K, 32K and 128K (trained on examples up to
+# Held-out tasks (seed 2), dense, flex and flex_exact, at 1K, 4K, 16K, 32K and 128K (trained on examples up to
 # 16K in 32K windows, or 64K in 128K windows in the xlong phase), for each model.
 "$moeforge" data synth --task "$tasks" --lengths 1024,4096,16384,32768 --num "$eval_num" --seed 2 \
   --out "$out/tasks.jsonl" --overwrite
@@ -83,12 +95,13 @@ fi
 for name in "${models[@]}"; do
   model=$(last_checkpoint "$name")
   echo "model $name: $model"
-  for attention in dense flex; do
+  for attention in ${EVAL_ATTENTION:-dense flex flex_exact}; do
+    args=(--attention "${attention%_exact}")
+    [ "$attention" = flex_exact ] && args+=(--flex-search exact)
     for file in tasks tasks_128k; do
       result=$name-${file}_$attention
-      "$moeforge" eval --model "$model" --task "$out/$file.jsonl" --device cuda \
-        --attention "$attention" --predictions "$out/predictions_$result.jsonl" \
-        > "$out/eval_$result.json"
+      "$moeforge" eval --model "$model" --task "$out/$file.jsonl" --device cuda "${args[@]}" \
+        --predictions "$out/predictions_$result.jsonl" > "$out/eval_$result.json"
       echo "eval $name $file $attention: $(cat "$out/eval_$result.json")"
     done
   done

@@ -9,9 +9,9 @@
 namespace moeforge::cli {
 
 const char* const kFlexSearchHelp =
-    "flex, GPU only: exact (the reference's fp64 pattern search, bit for bit) or fast (bf16 tensor "
-    "cores and fp32: decisions within fp32 noise of a threshold may differ; the CPU always "
-    "searches exactly)";
+    "flex, GPU only: fast (bf16 tensor cores and fp32, several times quicker: decisions within "
+    "fp32 noise of a threshold may differ from the reference's) or exact (the reference's fp64 "
+    "pattern search, bit for bit); the CPU always searches exactly";
 
 ops::FlexSearch parse_flex_search(const std::string& name) {
   MF_CHECK(name == "exact" || name == "fast", "--flex-search must be exact or fast, got '{}'",
@@ -38,7 +38,7 @@ void add_attention_options(CLI::App* cmd, AttentionOptions& opts) {
   cmd->add_option("--flex-search", opts.flex_search, kFlexSearchHelp)->capture_default_str();
 }
 
-PrefillAttention parse_attention_options(const AttentionOptions& opts) {
+PrefillAttention parse_attention_options(const AttentionOptions& opts, const std::string& device) {
   MF_CHECK(opts.attention == "dense" || opts.attention == "flex",
            "--attention must be dense or flex, got '{}'", opts.attention);
   MF_CHECK(opts.gamma > 0.0 && opts.gamma <= 1.0, "--gamma must be in (0, 1], got {}", opts.gamma);
@@ -55,6 +55,7 @@ PrefillAttention parse_attention_options(const AttentionOptions& opts) {
   attention.params =
       ops::FlexPrefillParams{opts.gamma,      opts.tau,        opts.min_budget,
                              opts.max_budget, opts.block_size, parse_flex_search(opts.flex_search)};
+  if (device == "cpu") attention.params.search = ops::FlexSearch::kExact;
   check_prefill_attention(attention);
   return attention;
 }

@@ -19,13 +19,15 @@ struct AttentionOptions {
   int64_t min_budget = 1024;
   int64_t max_budget = 0;
   int64_t block_size = 128;
-  std::string flex_search = "exact";
+  std::string flex_search = "fast";
 };
 
 void add_attention_options(CLI::App* cmd, AttentionOptions& opts);
 
 // Throws moeforge::Error naming the option if a value is invalid (checked whatever --attention).
-PrefillAttention parse_attention_options(const AttentionOptions& opts);
+// On --device cpu the search is recorded as exact whatever --flex-search says, since the CPU
+// reference always searches exactly.
+PrefillAttention parse_attention_options(const AttentionOptions& opts, const std::string& device);
 
 // The --flex-search value: "exact" or "fast" (ops::FlexSearch::kFp32); throws moeforge::Error
 // naming the option otherwise.

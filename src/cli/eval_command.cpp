@@ -136,7 +136,7 @@ void register_eval_command(CLI::App& app) {
     MF_CHECK(!opts->data.empty() || !opts->task.empty(),
              "eval needs --data DIR (loss on a dataset from `moeforge data prepare`) or --task "
              "FILE.jsonl (accuracy on tasks from `moeforge data synth`)");
-    const PrefillAttention attention = parse_attention_options(opts->attention);
+    const PrefillAttention attention = parse_attention_options(opts->attention, opts->device);
     MF_CHECK(opts->device == "cpu" || !opts->task.empty() || !attention.flex,
              "eval --data --device {} runs dense attention; the FlexPrefill window loss "
              "(--attention flex) runs on --device cpu",

@@ -57,7 +57,7 @@ void register_generate_command(CLI::App& app) {
       ->expected(2)
       ->type_name("LAYER FILE");
   cmd->callback([opts] {
-    const PrefillAttention attention = parse_attention_options(opts->attention);
+    const PrefillAttention attention = parse_attention_options(opts->attention, opts->device);
     int64_t dump_layer = -1;
     if (!opts->dump_qkv.empty()) {
       const std::string& layer = opts->dump_qkv[0];

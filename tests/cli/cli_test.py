@@ -256,20 +256,21 @@ class CliTest(unittest.TestCase):
              "--min-budget", "64", "--block-size", "64", "--attention-stats", stats_path])
         with open(stats_path) as f:
             flex = json.load(f)
+        # The default on a GPU: the fp32 pattern search (head_dim 8: a multiple of 8, as it needs).
+        self.assertEqual(flex["params"]["search"], "fast")
         self.assertTrue(flex["sparse_prefill"])
         self.assertEqual(len(flex["layers"]), TINY_MODEL["num_hidden_layers"])
         self.assertTrue(0.0 < flex["mean_density"] <= 1.0)
-        # The fp32 pattern search end to end (head_dim 8: a multiple of 8, as it needs).
-        fast_path = os.path.join(self.tmp, "cuda-flex-fast-stats.json")
+        exact_path = os.path.join(self.tmp, "cuda-flex-exact-stats.json")
         run([MOEFORGE, "generate", "--model", model, "--prompt", prompt, "--max-new-tokens", "4",
              "--temperature", "0", "--device", "cuda", "--attention", "flex", "--gamma", "0.5",
-             "--min-budget", "64", "--block-size", "64", "--flex-search", "fast",
-             "--attention-stats", fast_path])
-        with open(fast_path) as f:
-            fast = json.load(f)
-        self.assertEqual(fast["params"]["search"], "fast")
-        self.assertTrue(fast["sparse_prefill"])
-        self.assertTrue(0.0 < fast["mean_density"] <= 1.0)
+             "--min-budget", "64", "--block-size", "64", "--flex-search", "exact",
+             "--attention-stats", exact_path])
+        with open(exact_path) as f:
+            exact = json.load(f)
+        self.assertEqual(exact["params"]["search"], "exact")
+        self.assertTrue(exact["sparse_prefill"])
+        self.assertTrue(0.0 < exact["mean_density"] <= 1.0)
         # --dump-qkv from the GPU engine: layer 0 (no FFN before it) within bf16 noise of the CPU's.
         dumps = {}
         for device in ("cpu", "cuda"):
@@ -658,13 +659,14 @@ class CliTest(unittest.TestCase):
                 self.assertGreater(head["density"], 0.0)
                 self.assertLessEqual(head["density"], 1.0)
         self.assertLessEqual(stats["mean_density"], 1.0)
-        # The CPU always searches exactly: --flex-search fast changes only the recorded setting.
-        fast_path = os.path.join(self.tmp, "flex-stats-fast.json")
-        run(generate + sparse + ["--flex-search", "fast", "--attention-stats", fast_path])
-        with open(fast_path) as f:
-            fast = json.load(f)
-        self.assertEqual(fast["params"]["search"], "fast")
-        self.assertEqual(fast["layers"], stats["layers"])
+        # The CPU always searches exactly, and records so whatever --flex-search says.
+        for search in ("fast", "exact"):
+            path = os.path.join(self.tmp, f"flex-stats-{search}.json")
+            run(generate + sparse + ["--flex-search", search, "--attention-stats", path])
+            with open(path) as f:
+                explicit = json.load(f)
+            self.assertEqual(explicit["params"]["search"], "exact")
+            self.assertEqual(explicit["layers"], stats["layers"])
         for args in (["--gamma", "0"], ["--block-size", "100"], ["--attention", "sparse"],
                      ["--min-budget", "0"], ["--flex-search", "approx"]):
             proc = run(generate + args, check=False)
