@@ -58,7 +58,11 @@
 #             configs/models/longctx-llama.json on the synthetic tasks (three phases, about 3 min;
 #             XLONG_STEPS adds a fourth toward 128K), evaluates it dense against FlexPrefill (fast
 #             and exact pattern search) at 1K, 4K, 16K, 32K and 128K, and benchmarks
-#             prefill on its Q/K/V (the models stay in runs/longctx-*: too large for $OUT)
+#             prefill on its Q/K/V (the models stay in runs/longctx-*: too large for $OUT); the
+#             recipe's environment (TASKS, WARM2_STEPS, ...) passes through
+#   probe     scripts/longctx_probe.sh: whether the long-context model learns a task at short
+#             lengths (PROBE_TASKS, PROBE_LR, PROBE_STEPS, ... pass through): accuracy at every
+#             checkpoint ($OUT/probe/probe_curve.txt) and what the wrong answers copied
 #   bench     `moeforge bench train` on configs/bench/moe-1.8b-a0.4b.json (recompute modes from
 #             BENCH_RECOMPUTE, default "none selective"; BENCH_OVERLAP=1 adds each with
 #             --overlap-optimizer, BENCH_GRAPHS=1 each with --cuda-graphs), then the PyTorch
@@ -316,6 +320,9 @@ for line in open(sys.argv[1]):
       ;;
     longctx)
       bash scripts/long_context_recipe.sh build-gpu/moeforge "$OUT/longctx" || rc=1
+      ;;
+    probe)
+      bash scripts/longctx_probe.sh build-gpu/moeforge "$OUT/probe" || rc=1
       ;;
     bench)
       # SM clock and power every 50 ms while each run goes (a sustained step may run below the

@@ -4,32 +4,40 @@
 # prefill on it:
 #   1. data, with the loss on the answers only (`data synth --loss answer`; two attempts with the
 #      loss on every token plateaued at the filler text's loss and never learned to retrieve):
-#      240- and 300-byte niah_single examples (warm), 1K-4K niah_single and niah_multikey (mid),
-#      1K-16K of both (long);
-#   2. three phases, each from the previous one's weights with a fresh optimizer and its own WSD
-#      schedule: WARM_STEPS (4000) on 2K windows of the warm examples at lr 5e-4, where the
-#      retrieval mechanism forms; MID_STEPS (1000) on 8K windows of the mid examples at lr 3e-4;
-#      LONG_STEPS (700) steps of 2 x 2 windows of 32K (micro-batch 2, accumulation 2) of the long
-#      examples at lr 2e-4. About 3 minutes of training on an H200. What failed (session 8 and 9,
+#      240- and 300-byte niah_single examples (warm), 1K-4K examples of TASKS (mid), 1K-16K of
+#      them (long);
+#   2. three phases (scripts/longctx_phases.sh), each from the previous one's weights with a
+#      fresh optimizer and its own WSD schedule: WARM_STEPS (4000) on 2K windows of the warm
+#      examples at lr 5e-4, where the retrieval mechanism forms (run again with the next model
+#      seed when it ends above val loss WARM_MAX_VAL_LOSS, 0.3: it failed in 1 of 2 identical runs
+#      in session 30); MID_STEPS (1000) on 8K windows of the mid examples at lr 3e-4; LONG_STEPS
+#      (700) steps of 2 x 2 windows of 32K (micro-batch 2, accumulation 2) of the long examples at
+#      lr 2e-4. About 3 minutes of training on an H200. What failed (sessions 8, 9 and 30,
 #      docs/verification.md): lr 1e-3 or 2e-3 from the start, or on the 420-600-byte mixture from
 #      scratch, left the answer loss at guessing; lr 1e-3 in the mid phase undid what the warm
 #      phase had learned; the long phase at lr 3e-4 with one micro-batch of 2 windows a step (2 to
 #      20 answers) worked once by hand and, in the whole script's first run, swung its val loss
-#      0.66 -> 1.19 -> 0.83 and lost the retrieval;
+#      0.66 -> 1.19 -> 0.83 and lost the retrieval; niah_multikey alone after the warm phase at
+#      lr 5e-4 or 1e-3 lost the retrieval too (val loss 1.5-2.0, digits guessed);
 #   3. eval --task on held-out tasks (another seed) at 1K, 4K, 16K, 32K and 128K on the GPU, dense,
 #      flex (the fast pattern search, the default) and flex_exact (--flex-search exact), with every
-#      answer in predictions_*.jsonl;
+#      answer in predictions_*.jsonl and what the wrong ones copied in outcomes_*.json
+#      (scripts/needle_outcomes.py);
 #   4. layer DUMP_LAYER's q, k, v of a 128K prompt (generate --dump-qkv on the GPU) from the last
 #      model, and `bench prefill --qkv` on it: cuDNN dense against the pattern search + sparse
 #      kernel.
+# TASKS (default niah_single,niah_multikey; any of the four of `data synth`) are the tasks of the
+# mid, long and warm2 phases and of the evaluation (the warm phase is niah_single only).
 # WARM2_STEPS > 0 adds a phase between warm and mid: that many steps on 2K windows of 420-640-byte
-# niah_single and niah_multikey examples at lr 3e-4, from the warm model.
+# examples of TASKS at lr WARM2_LR (3e-4), from the warm model.
 # XLONG_STEPS > 0 adds a fourth phase toward 128K: that many steps of 2 x 1 windows of 128K of
 # 16K-64K niah_single examples at lr 1e-4; then both the long and the xlong model are evaluated.
 # The models stay in runs/ (their paths are printed). Usage:
-# scripts/long_context_recipe.sh MOEFORGE OUT_DIR (environment: WARM_STEPS, MID_STEPS, LONG_STEPS,
-# WARM2_STEPS and XLONG_STEPS (default 0); EVAL_NUM examples per task and length, default 20;
-# EVAL_ATTENTION, default "dense flex flex_exact"; DUMP_LAYER, default 2).
+# scripts/long_context_recipe.sh MOEFORGE OUT_DIR (environment: TASKS; WARM_STEPS, MID_STEPS,
+# LONG_STEPS, WARM2_STEPS and XLONG_STEPS (default 0), WARM2_LR; WARM_MAX_VAL_LOSS and
+# WARM_ATTEMPTS (3); EVAL_NUM examples per task and length, default 20; EVAL_ATTENTION, default
+# "dense flex flex_exact"; DUMP_LAYER, default 2; DEVICE, default cuda: where the phases train and
+# the evaluation runs, while bench prefill needs the GPU).
 set -euo pipefail
 moeforge=$(realpath "$1")
 out=$(realpath -m "$2")
@@ -37,39 +45,21 @@ cd "$(dirname "$0")/.."
 mkdir -p "$out" data runs
 eval_num=${EVAL_NUM:-20}
 dump_layer=${DUMP_LAYER:-2}
-config=configs/train/longctx.json
-tasks=niah_single,niah_multikey
+tasks=${TASKS:-niah_single,niah_multikey}
 
-"$moeforge" data synth --task niah_single --lengths 240,300 --num 20000 --seed 1 \
-  --format train --loss answer --out data/longctx-warm --overwrite
+source scripts/longctx_phases.sh
+
 "$moeforge" data synth --task "$tasks" --lengths 1024,2048,4096 --num 4000 --seed 5 \
   --format train --loss answer --out data/longctx-mid --overwrite
 "$moeforge" data synth --task "$tasks" --lengths 1024,2048,4096,8192,16384 --num 1500 --seed 11 \
   --format train --loss answer --out data/longctx-long --overwrite
 
-# train_phase NAME DATA SEQ_LEN MICRO_BATCH ACCUM STEPS LR [ARGS...]: one phase into
-# runs/longctx-NAME, its metrics (val loss on the answers every quarter) copied to OUT_DIR.
-train_phase() {
-  local name=$1 data=$2 seq_len=$3 batch=$4 accum=$5 steps=$6 lr=$7
-  shift 7
-  rm -rf "runs/longctx-$name"
-  "$moeforge" train --config "$config" --device cuda --no-progress "$@" \
-    --set data.dataset="$PWD/data/$data" --set data.seq_len="$seq_len" \
-    --set data.micro_batch_size="$batch" --set data.grad_accum_steps="$accum" \
-    --set optimizer.lr="$lr" --set schedule.max_steps="$steps" \
-    --set eval.every_steps=$((steps / 4)) --set checkpoint.dir="runs/longctx-$name" \
-    --set checkpoint.every_steps=0 > "$out/train_$name.txt"
-  cp "runs/longctx-$name/metrics.jsonl" "$out/metrics_$name.jsonl"
-  echo "phase $name: $(tail -n 1 "$out/train_$name.txt")"
-}
-last_checkpoint() { ls -d "runs/longctx-$1"/checkpoints/step-* | tail -n 1; }
-
-train_phase warm longctx-warm 2048 8 1 "${WARM_STEPS:-4000}" 0.0005
+warm_phase
 mid_from=warm
 if [ "${WARM2_STEPS:-0}" -gt 0 ]; then
   "$moeforge" data synth --task "$tasks" --lengths 420,520,640 --num 8000 --seed 7 \
     --format train --loss answer --out data/longctx-warm2 --overwrite
-  train_phase warm2 longctx-warm2 2048 8 1 "$WARM2_STEPS" 0.0003 \
+  train_phase warm2 longctx-warm2 2048 8 1 "$WARM2_STEPS" "${WARM2_LR:-0.0003}" \
     --init-from "$(last_checkpoint warm)"
   mid_from=warm2
 fi
@@ -100,9 +90,12 @@ for name in "${models[@]}"; do
     [ "$attention" = flex_exact ] && args+=(--flex-search exact)
     for file in tasks tasks_128k; do
       result=$name-${file}_$attention
-      "$moeforge" eval --model "$model" --task "$out/$file.jsonl" --device cuda "${args[@]}" \
+      "$moeforge" eval --model "$model" --task "$out/$file.jsonl" --device "$device" "${args[@]}" \
         --predictions "$out/predictions_$result.jsonl" > "$out/eval_$result.json"
       echo "eval $name $file $attention: $(cat "$out/eval_$result.json")"
+      scripts/needle_outcomes.py "$out/$file.jsonl" "$out/predictions_$result.jsonl" \
+        > "$out/outcomes_$result.json"
+      echo "outcomes $name $file $attention: $(cat "$out/outcomes_$result.json")"
     done
   done
 done
@@ -111,7 +104,7 @@ done
 prompt=$(python3 -c 'import json, sys; print(json.loads(open(sys.argv[1]).readline())["prompt"], end="")' \
   "$out/tasks_128k.jsonl")
 "$moeforge" generate --model "$model" --prompt "$prompt" --max-new-tokens 1 --temperature 0 \
-  --device cuda --dump-qkv "$dump_layer" data/longctx-qkv.safetensors > /dev/null
+  --device "$device" --dump-qkv "$dump_layer" data/longctx-qkv.safetensors > /dev/null
 "$moeforge" bench prefill --qkv data/longctx-qkv.safetensors --seq 8192,32768,65536,130000 \
   > "$out/bench_prefill_qkv.jsonl"
 cat "$out/bench_prefill_qkv.jsonl"
