@@ -28,13 +28,15 @@
 #      kernel.
 # TASKS (default niah_single,niah_multikey; any of the four of `data synth`) are the tasks of the
 # mid, long and warm2 phases and of the evaluation (the warm phase is niah_single only).
+# QUESTIONS=all makes those phases' documents ask every question of their context (`data synth
+# --questions all`: each other key of niah_multikey, the other chain of vt); default one.
 # WARM2_STEPS > 0 adds a phase between warm and mid: that many steps on 2K windows of 420-640-byte
 # examples of TASKS at lr WARM2_LR (3e-4), from the warm model.
 # XLONG_STEPS > 0 adds a fourth phase toward 128K: that many steps of 2 x 1 windows of 128K of
 # 16K-64K niah_single examples at lr 1e-4; then both the long and the xlong model are evaluated.
 # The models stay in runs/ (their paths are printed). Usage:
 # scripts/long_context_recipe.sh MOEFORGE OUT_DIR (environment: TASKS; WARM_STEPS, MID_STEPS,
-# LONG_STEPS, WARM2_STEPS and XLONG_STEPS (default 0), WARM2_LR; WARM_MAX_VAL_LOSS and
+# LONG_STEPS, WARM2_STEPS and XLONG_STEPS (default 0), WARM2_LR; QUESTIONS; WARM_MAX_VAL_LOSS and
 # WARM_ATTEMPTS (3); EVAL_NUM examples per task and length, default 20; EVAL_ATTENTION, default
 # "dense flex flex_exact"; DUMP_LAYER, default 2; DEVICE, default cuda: where the phases train and
 # the evaluation runs, while bench prefill needs the GPU).
@@ -46,19 +48,20 @@ mkdir -p "$out" data runs
 eval_num=${EVAL_NUM:-20}
 dump_layer=${DUMP_LAYER:-2}
 tasks=${TASKS:-niah_single,niah_multikey}
+questions=${QUESTIONS:-one}
 
 source scripts/longctx_phases.sh
 
 "$moeforge" data synth --task "$tasks" --lengths 1024,2048,4096 --num 4000 --seed 5 \
-  --format train --loss answer --out data/longctx-mid --overwrite
+  --format train --loss answer --questions "$questions" --out data/longctx-mid --overwrite
 "$moeforge" data synth --task "$tasks" --lengths 1024,2048,4096,8192,16384 --num 1500 --seed 11 \
-  --format train --loss answer --out data/longctx-long --overwrite
+  --format train --loss answer --questions "$questions" --out data/longctx-long --overwrite
 
 warm_phase
 mid_from=warm
 if [ "${WARM2_STEPS:-0}" -gt 0 ]; then
   "$moeforge" data synth --task "$tasks" --lengths 420,520,640 --num 8000 --seed 7 \
-    --format train --loss answer --out data/longctx-warm2 --overwrite
+    --format train --loss answer --questions "$questions" --out data/longctx-warm2 --overwrite
   train_phase warm2 longctx-warm2 2048 8 1 "$WARM2_STEPS" "${WARM2_LR:-0.0003}" \
     --init-from "$(last_checkpoint warm)"
   mid_from=warm2

@@ -9,7 +9,9 @@
 # at 512 bytes after 8000 steps): docs/verification.md.
 # Usage: scripts/longctx_probe.sh MOEFORGE OUT_DIR (environment: PROBE_TASKS, default
 # niah_multikey; PROBE_LENGTHS, default 420,520,640; PROBE_LR, default 1e-4; PROBE_STEPS, default
-# 8000; PROBE_EVERY, default 2000; PROBE_FROM; EVAL_LENGTHS, default 512,1024,4096; EVAL_NUM,
+# 8000; PROBE_EVERY, default 2000; PROBE_FROM; PROBE_QUESTIONS, one (default) or all: the
+# training documents ask every question of their context (`data synth --questions all`);
+# EVAL_LENGTHS, default 512,1024,4096; EVAL_NUM,
 # default 20; DEVICE, default cuda; and the warm phase's WARM_STEPS, WARM_MAX_VAL_LOSS,
 # WARM_ATTEMPTS).
 set -euo pipefail
@@ -24,7 +26,8 @@ every=${PROBE_EVERY:-2000}
 source scripts/longctx_phases.sh
 
 "$moeforge" data synth --task "$probe_tasks" --lengths "${PROBE_LENGTHS:-420,520,640}" \
-  --num 12000 --seed 7 --format train --loss answer --out data/longctx-probe --overwrite
+  --num 12000 --seed 7 --format train --loss answer --questions "${PROBE_QUESTIONS:-one}" \
+  --out data/longctx-probe --overwrite
 "$moeforge" data synth --task "$probe_tasks" --lengths "${EVAL_LENGTHS:-512,1024,4096}" \
   --num "${EVAL_NUM:-20}" --seed 2 --out "$out/probe_tasks.jsonl" --overwrite
 

@@ -27,6 +27,7 @@ void register_synth_command(CLI::App* data) {
     std::string out, format = "jsonl";
     double val_fraction = 0.05;
     std::string loss = "all";
+    std::string questions = "one";
     bool overwrite = false;
   };
   auto opts = std::make_shared<Options>();
@@ -77,8 +78,16 @@ void register_synth_command(CLI::App* data) {
                        "answer (the answer and EOS only, through a loss mask beside the shards)")
           ->check(CLI::IsMember({"all", "answer"}))
           ->capture_default_str();
+  CLI::Option* questions =
+      synth
+          ->add_option("--questions", opts->questions,
+                       "--format train: one (each document asks what the task asks) or all (the "
+                       "answer is followed by every other question its context answers: each "
+                       "other key of niah_multikey, the other chain of vt, each with its answer)")
+          ->check(CLI::IsMember({"one", "all"}))
+          ->capture_default_str();
   synth->add_flag("--overwrite", opts->overwrite, "Replace an existing output file or directory");
-  synth->callback([opts, depth, val_fraction, loss] {
+  synth->callback([opts, depth, val_fraction, loss, questions] {
     std::vector<data::SynthTask> tasks;
     for (const std::string& name : opts->tasks) {
       tasks.push_back(data::parse_synth_task(name, "--task"));
@@ -102,6 +111,8 @@ void register_synth_command(CLI::App* data) {
              "--val-fraction applies to --format train only");
     MF_CHECK(opts->format == "train" || loss->count() == 0,
              "--loss applies to --format train only");
+    MF_CHECK(opts->format == "train" || questions->count() == 0,
+             "--questions applies to --format train only");
     const std::vector<data::SynthExample> examples =
         data::make_synth_examples(tasks, opts->lengths, opts->num, opts->seed, fixed_depth);
     if (opts->format == "jsonl") {
@@ -116,8 +127,8 @@ void register_synth_command(CLI::App* data) {
     prepare.out_dir = opts->out;
     prepare.val_fraction = opts->val_fraction;
     prepare.overwrite = opts->overwrite;
-    const data::PrepareSummary s =
-        data::write_synth_train_dataset(examples, prepare, opts->loss == "answer");
+    const data::PrepareSummary s = data::write_synth_train_dataset(
+        examples, prepare, opts->loss == "answer", opts->questions == "all");
     fmt::print("{}: {} examples as documents, train {} tokens, val {} tokens (split: {})\n",
                s.out_dir.string(), s.num_documents, s.num_train_tokens, s.num_val_tokens,
                s.val_rule);

@@ -365,33 +365,44 @@ PrepareSummary prepare_dataset(const PrepareOptions& options, const PrepareProgr
   }
   tokenizer->save(paths.staging);
 
-  // A document's tokens and, with completion_offset, its loss mask (1: counted as a target).
+  // A document's tokens and, with completion_spans, its loss mask (1: counted as a target).
   struct Encoded {
     std::vector<int32_t> tokens, mask;
   };
-  auto encode_document = [&tokenizer, &options](const InputDocument& document) {
+  const bool with_mask = static_cast<bool>(options.completion_spans);
+  auto encode_document = [&tokenizer, &options, with_mask](const InputDocument& document) {
     const std::string text = read_file_bytes(document.path);
+    const std::string_view view(text);
     Encoded out{{tokenizer->bos_id()}, {}};
-    size_t split = text.size();
-    if (options.completion_offset) {
-      split = options.completion_offset(document);
-      MF_CHECK(split <= text.size(),
-               "prepare: the completion of '{}' starts at byte {}, past its {} bytes",
-               document.relative_path, split, text.size());
+    if (with_mask) out.mask.push_back(0);
+    auto append = [&](size_t begin, size_t end, int32_t counted) {
+      if (begin == end) return;
+      const std::vector<int32_t> piece = tokenizer->encode(view.substr(begin, end - begin));
+      out.tokens.insert(out.tokens.end(), piece.begin(), piece.end());
+      if (with_mask) out.mask.insert(out.mask.end(), piece.size(), counted);
+    };
+    size_t done = 0;  // bytes encoded so far
+    if (with_mask) {
+      for (CompletionSpan span : options.completion_spans(document)) {
+        MF_CHECK(span.begin <= text.size(),
+                 "prepare: the completion of '{}' starts at byte {}, past its {} bytes",
+                 document.relative_path, span.begin, text.size());
+        if (span.end == std::string::npos) span.end = text.size();
+        MF_CHECK(span.end <= text.size(),
+                 "prepare: the completion of '{}' ends at byte {}, past its {} bytes",
+                 document.relative_path, span.end, text.size());
+        MF_CHECK(span.begin >= done && span.end >= span.begin,
+                 "prepare: the completions of '{}' overlap or are out of order (bytes [{}, {}) "
+                 "after byte {})",
+                 document.relative_path, span.begin, span.end, done);
+        append(done, span.begin, 0);
+        append(span.begin, span.end, 1);
+        done = span.end;
+      }
     }
-    const std::vector<int32_t> prompt = tokenizer->encode(std::string_view(text).substr(0, split));
-    out.tokens.insert(out.tokens.end(), prompt.begin(), prompt.end());
-    const auto counted_from = static_cast<int64_t>(out.tokens.size());
-    if (split < text.size()) {
-      const std::vector<int32_t> completion =
-          tokenizer->encode(std::string_view(text).substr(split));
-      out.tokens.insert(out.tokens.end(), completion.begin(), completion.end());
-    }
+    append(done, text.size(), 0);
     out.tokens.push_back(tokenizer->eos_id());
-    if (options.completion_offset) {
-      out.mask.assign(out.tokens.size(), 1);
-      std::fill(out.mask.begin(), out.mask.begin() + counted_from, 0);
-    }
+    if (with_mask) out.mask.push_back(1);
     return out;
   };
 
@@ -409,7 +420,6 @@ PrepareSummary prepare_dataset(const PrepareOptions& options, const PrepareProgr
   }
 
   const int64_t vocab_size = tokenizer->vocab_size();
-  const bool with_mask = static_cast<bool>(options.completion_offset);
   SplitWriter train(paths.staging, "train", options.shard_tokens, vocab_size, with_mask);
   SplitWriter val(paths.staging, "val", options.shard_tokens, vocab_size, with_mask);
   nlohmann::ordered_json documents_json = nlohmann::ordered_json::array();

@@ -38,6 +38,12 @@ struct InputDocument {
   std::string relative_path;   // relative to its input root, '/' separators
 };
 
+// Bytes [begin, end) of a document's text; end = npos: to the text's end.
+struct CompletionSpan {
+  size_t begin = 0;
+  size_t end = std::string::npos;
+};
+
 struct PrepareOptions {
   // Files or folders. Folders are walked recursively in sorted order, skipping hidden entries
   // (names starting with '.'); a file reached twice (through a symlink or overlapping inputs) is
@@ -56,13 +62,15 @@ struct PrepareOptions {
   // dataset.json's document list names each document's input path; false: its relative path
   // only (the inputs are temporary files, as for `data synth --format train`).
   bool record_input_paths = true;
-  // Loss on completions only (supervised fine-tuning): when set, the byte offset in each
-  // document's text where its completion starts. The document is then encoded as [BOS] +
-  // encode(text before it) + encode(text from it on) + [EOS], and each split gets loss mask
-  // shards (train-00000.mask.bin, ...: token shards of vocab 2, one per token shard, listed as
-  // "loss_mask_shards") holding 1 for the completion's tokens and EOS, 0 elsewhere; the loader
-  // turns the other targets into -1 (ignored). An offset past the text's end is an error.
-  std::function<size_t(const InputDocument& document)> completion_offset;
+  // Loss on completions only (supervised fine-tuning): when set, the byte ranges of each
+  // document's text that are completions (one for a prompt and its answer; several for a
+  // document of several questions and answers). The document is then encoded piece by piece,
+  // [BOS] + encode(text before the first completion) + encode(that completion) + ... + [EOS], and
+  // each split gets loss mask shards (train-00000.mask.bin, ...: token shards of vocab 2, one per
+  // token shard, listed as "loss_mask_shards") holding 1 for the completions' tokens and EOS, 0
+  // elsewhere; the loader turns the other targets into -1 (ignored). Ranges out of order,
+  // overlapping or past the text's end are an error.
+  std::function<std::vector<CompletionSpan>(const InputDocument& document)> completion_spans;
 };
 
 struct PrepareProgress {

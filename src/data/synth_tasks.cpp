@@ -276,8 +276,16 @@ SynthExample make_synth_example(SynthTask task, int64_t length, double depth, ui
       }
     }
     asked = values[0];
-    std::vector<std::string> chain(names.begin(), names.begin() + kNumVtVariables);
-    example.answer = fmt::format("{}", fmt::join(chain, ", "));
+    for (int64_t chain_idx = 0; chain_idx < kNumVtChains; ++chain_idx) {
+      const auto first = names.begin() + chain_idx * kNumVtVariables;
+      const std::string chain = fmt::format(
+          "{}", fmt::join(std::vector<std::string>(first, first + kNumVtVariables), ", "));
+      if (chain_idx == 0) {
+        example.answer = chain;
+      } else {
+        example.other_questions.push_back({question(task, values[chain_idx]), chain});
+      }
+    }
   } else {
     header = kNiahHeader;
     const int64_t num_keys = task == SynthTask::kNiahMultikey ? kNumMultikeyNeedles : 1;
@@ -290,6 +298,9 @@ SynthExample make_synth_example(SynthTask task, int64_t length, double depth, ui
     }
     asked = keys[0];
     example.answer = values[0];  // multivalue: replaced by the values in text order below
+    for (int64_t key_idx = 1; key_idx < num_keys; ++key_idx) {
+      example.other_questions.push_back({question(task, keys[key_idx]), values[key_idx]});
+    }
   }
   const std::string tail = question(task, asked);
   int64_t needle_bytes = 0;
@@ -454,7 +465,8 @@ std::vector<SynthExample> read_synth_jsonl(const fs::path& path) {
 }
 
 PrepareSummary write_synth_train_dataset(std::span<const SynthExample> examples,
-                                         PrepareOptions options, bool answer_only) {
+                                         PrepareOptions options, bool answer_only,
+                                         bool all_questions) {
   MF_CHECK(!examples.empty(), "synthetic training data: no examples to write");
   fs::path target = fs::absolute(options.out_dir).lexically_normal();
   if (!target.has_filename()) target = target.parent_path();
@@ -480,6 +492,10 @@ PrepareSummary write_synth_train_dataset(std::span<const SynthExample> examples,
                                                  synth_task_name(example.task), example.length);
     std::ofstream out(file, std::ios::binary);
     out << example.prompt << example.answer;
+    if (all_questions) {
+      for (const SynthQuestion& other : example.other_questions)
+        out << other.question << other.answer;
+    }
     out.close();
     MF_CHECK(out.good(), "synthetic training data: cannot write '{}': {}", file.string(),
              std::strerror(errno));
@@ -489,11 +505,22 @@ PrepareSummary write_synth_train_dataset(std::span<const SynthExample> examples,
   options.record_input_paths = false;
   if (answer_only) {
     // A file's name starts with its example's index (8 digits).
-    options.completion_offset = [examples](const InputDocument& document) {
+    options.completion_spans = [examples, all_questions](const InputDocument& document) {
       const size_t example_idx = std::stoull(document.relative_path.substr(0, 8));
       MF_CHECK(example_idx < examples.size(), "synthetic training data: unexpected file '{}'",
                document.relative_path);
-      return examples[example_idx].prompt.size();
+      const SynthExample& example = examples[example_idx];
+      size_t pos = example.prompt.size();
+      std::vector<CompletionSpan> spans = {{pos, pos + example.answer.size()}};
+      pos += example.answer.size();
+      if (all_questions) {
+        for (const SynthQuestion& other : example.other_questions) {
+          pos += other.question.size();
+          spans.push_back({pos, pos + other.answer.size()});
+          pos += other.answer.size();
+        }
+      }
+      return spans;
     };
   }
   return prepare_dataset(options);

@@ -51,6 +51,13 @@ std::string synth_task_name(SynthTask task);
 SynthTask parse_synth_task(std::string_view name, std::string_view where);
 std::vector<SynthTask> all_synth_tasks();
 
+// A further question about an example's context and its answer (text as the prompt's own
+// question: "\nWhat is ... Answer: ").
+struct SynthQuestion {
+  std::string question;
+  std::string answer;
+};
+
 struct SynthExample {
   SynthTask task = SynthTask::kNiahSingle;
   int64_t length = 0;  // prompt bytes (byte-tokenizer tokens)
@@ -61,6 +68,11 @@ struct SynthExample {
   int64_t needle_offset = -1;  // byte offset of the anchor needle in the prompt
   int64_t context_begin = -1;  // byte offset of the context in the prompt
   int64_t context_bytes = -1;
+  // The other questions the context answers, for training documents of several questions
+  // (write_synth_train_dataset): niah_multikey asks each other key (in the order the keys were
+  // drawn), vt the other chain's value; none for niah_single and niah_multivalue. Set by the
+  // generator only; not in the JSONL.
+  std::vector<SynthQuestion> other_questions;
 };
 
 // The shortest length `task` accepts: header, question and needles with the longest keys, no
@@ -97,9 +109,13 @@ std::vector<SynthExample> read_synth_jsonl(const std::filesystem::path& path);
 // prepare_dataset (options.inputs and options.tokenizer are set here). The text files it prepares
 // from live in a hidden folder beside out_dir (.<name>.synth-text) that is removed at the end, so
 // dataset.json lists the documents by their file names (relative_path), without input paths.
-// answer_only: the loss counts only the answers and EOS (prepare.h's completion_offset at the end
-// of each prompt), so training learns to answer and not to predict the filler text.
+// answer_only: the loss counts only the answers and EOS (prepare.h's completion_spans), so
+// training learns to answer and not to predict the filler text. all_questions: each document is
+// [BOS] prompt answer, then each of the example's other_questions with its answer, then [EOS], so
+// one context teaches every key (as in multi-query associative recall) and not only the asked
+// one; with answer_only every answer counts.
 PrepareSummary write_synth_train_dataset(std::span<const SynthExample> examples,
-                                         PrepareOptions options, bool answer_only = false);
+                                         PrepareOptions options, bool answer_only = false,
+                                         bool all_questions = false);
 
 }  // namespace moeforge::data

@@ -807,6 +807,29 @@ class CliTest(unittest.TestCase):
                     "--out", os.path.join(self.tmp, "x.jsonl")], check=False)
         self.assertEqual(proc.returncode, 1)
         self.assertIn("--loss applies to --format train only", proc.stderr)
+        # --questions all: each answer is followed by the other questions of its context (3 more
+        # 7-digit values for niah_multikey, the other 4-variable chain for vt), every answer counted.
+        all_dir = os.path.join(self.tmp, "synth-all-questions")
+        run(synth(all_dir, extra=("--format", "train", "--val-fraction", "0", "--loss", "answer",
+                                  "--questions", "all")))
+        with open(os.path.join(all_dir, "train-00000.mask.bin"), "rb") as f:
+            mask = f.read()[64:]
+        with open(os.path.join(all_dir, "train-00000.bin"), "rb") as f:
+            blob = f.read()[64:]
+        tokens = struct.unpack(f"<{len(blob) // 2}H", blob)
+        counted = bytes(t if t < 256 else 10 for t, m in zip(tokens, mask) if m).decode().splitlines()
+        extra = {"niah_single": 0, "niah_multikey": 3 * 7, "niah_multivalue": 0, "vt": 4 * 5 + 3 * 2}
+        self.assertEqual(len(counted), len(examples))
+        for line, e in zip(counted, examples):
+            self.assertTrue(line.startswith(e["answer"]), (line, e["answer"]))
+            self.assertEqual(len(line), len(e["answer"]) + extra[e["task"]], (line, e["task"]))
+        text = bytes(t if t < 256 else 10 for t in tokens).decode()
+        self.assertEqual(text.count("Answer: "), sum(1 + {"niah_multikey": 3, "vt": 1}.get(e["task"], 0)
+                                                      for e in examples))
+        proc = run([MOEFORGE, "data", "synth", "--task", "vt", "--lengths", "1024", "--questions", "all",
+                    "--out", os.path.join(self.tmp, "x.jsonl")], check=False)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("--questions applies to --format train only", proc.stderr)
 
         bad = os.path.join(self.tmp, "synth-bad.jsonl")
         for args, option in ((["--task", "niah_triple", "--lengths", "1024"], "--task"),

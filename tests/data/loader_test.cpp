@@ -385,8 +385,9 @@ TEST(LoaderLossMask, PreparedCompletionMaskMatchesTheUnmaskedDataset) {
   options.shard_tokens = 10;
   prepare_dataset(options);
   options.out_dir = dir / "masked";
-  options.completion_offset = [&documents](const InputDocument& document) {
-    return documents.at(std::stoul(document.relative_path.substr(3))).second;
+  options.completion_spans = [&documents](const InputDocument& document) {
+    return std::vector<CompletionSpan>{
+        {documents.at(std::stoul(document.relative_path.substr(3))).second}};
   };
   prepare_dataset(options);
 

@@ -15,6 +15,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <set>
@@ -103,9 +104,14 @@ std::vector<int32_t> read_split_mask(const fs::path& dir, const std::string& spl
 
 // The loss mask of byte_document_tokens(text) with the completion at byte `offset`: 0 for BOS and
 // the prompt, 1 for the completion and EOS.
-std::vector<int32_t> byte_document_mask(const std::string& text, size_t offset) {
-  std::vector<int32_t> mask(offset + 1, 0);
-  mask.resize(text.size() + 2, 1);
+std::vector<int32_t> byte_document_mask(const std::string& text,
+                                        const std::vector<CompletionSpan>& spans) {
+  std::vector<int32_t> mask(text.size() + 2, 0);
+  for (const CompletionSpan& span : spans) {
+    const size_t end = std::min(span.end, text.size());
+    for (size_t byte = span.begin; byte < end; ++byte) mask[byte + 1] = 1;
+  }
+  mask.back() = 1;
   return mask;
 }
 
@@ -290,7 +296,7 @@ TEST(PrepareDataset, SentencePieceDatasetDecodesBackToTheDocuments) {
   EXPECT_LT(train.size(), expected_train.size()) << "BPE must compress the text";
 }
 
-TEST(PrepareDataset, CompletionOffsetMasksThePromptAndKeepsTheTokens) {
+TEST(PrepareDataset, CompletionSpanMasksThePromptAndKeepsTheTokens) {
   TempDir dir;
   // Each document's text and where its completion starts: in the middle, at 0 (all completion),
   // at the end (only EOS counts), inside a 2-byte UTF-8 character.
@@ -311,9 +317,9 @@ TEST(PrepareDataset, CompletionOffsetMasksThePromptAndKeepsTheTokens) {
   PrepareOptions masked = plain;
   masked.out_dir = dir / "masked";
   std::set<std::string> asked;
-  masked.completion_offset = [&corpus, &asked](const InputDocument& document) {
+  masked.completion_spans = [&corpus, &asked](const InputDocument& document) {
     asked.insert(document.relative_path);
-    return corpus.at(document.relative_path).second;
+    return std::vector<CompletionSpan>{{corpus.at(document.relative_path).second}};
   };
   const PrepareSummary plain_summary = prepare_dataset(plain);
   const PrepareSummary summary = prepare_dataset(masked);
@@ -336,7 +342,7 @@ TEST(PrepareDataset, CompletionOffsetMasksThePromptAndKeepsTheTokens) {
   for (const auto& [relative_path, document] : corpus) {
     const auto& [text, offset] = document;
     const std::vector<int32_t> expected_tokens = byte_document_tokens(text);
-    const std::vector<int32_t> expected_mask = byte_document_mask(text, offset);
+    const std::vector<int32_t> expected_mask = byte_document_mask(text, {{offset}});
     ASSERT_LE(pos + expected_mask.size(), mask.size()) << relative_path;
     EXPECT_EQ(std::vector<int32_t>(tokens.begin() + pos, tokens.begin() + pos + text.size() + 2),
               expected_tokens)
@@ -364,9 +370,10 @@ TEST(PrepareDataset, StreamTailCutsTheMaskWhereItCutsTheTokens) {
   options.shard_tokens = 64;
   // The first document's completion is its second half, the second's its last 3 bytes, so the
   // val tail (in the second document) starts in the prompt and ends in the completion.
-  options.completion_offset = [](const InputDocument& document) {
+  options.completion_spans = [](const InputDocument& document) {
     const size_t size = read_file(document.path).size();
-    return document.relative_path == "doc0.txt" ? size / 2 : size - 3;
+    return std::vector<CompletionSpan>{
+        {document.relative_path == "doc0.txt" ? size / 2 : size - 3}};
   };
   const PrepareSummary summary = prepare_dataset(options);
   ASSERT_EQ(summary.val_rule, "stream_tail");
@@ -378,7 +385,7 @@ TEST(PrepareDataset, StreamTailCutsTheMaskWhereItCutsTheTokens) {
   for (const InputDocument& document : documents) {
     const std::string text = read_file(document.path);
     const std::vector<int32_t> tokens = byte_document_tokens(text);
-    const std::vector<int32_t> mask = byte_document_mask(text, options.completion_offset(document));
+    const std::vector<int32_t> mask = byte_document_mask(text, options.completion_spans(document));
     stream.insert(stream.end(), tokens.begin(), tokens.end());
     stream_mask.insert(stream_mask.end(), mask.begin(), mask.end());
   }
@@ -406,23 +413,65 @@ TEST(PrepareDataset, StreamTailCutsTheMaskWhereItCutsTheTokens) {
   EXPECT_TRUE(TokenDataset::open(dir / "out", "val").has_loss_mask());
 }
 
-TEST(PrepareDataset, CompletionOffsetPastTheTextIsAClearError) {
+TEST(PrepareDataset, SeveralCompletionsInADocumentAreMaskedEach) {
   TempDir dir;
-  write_file(dir / "corpus" / "a.txt", "abc");
-  write_file(dir / "corpus" / "b" / "long.txt", "0123456789");
-  PrepareOptions options = corpus_options(dir / "corpus", dir / "out");
-  options.completion_offset = [](const InputDocument& document) -> size_t {
-    return document.relative_path == "a.txt" ? 3 : 11;  // the end of the text is allowed
+  // Two questions and answers in one document, an empty span, and spans that touch.
+  const std::string two = "Q1? A: red\nQ2? A: blue";
+  const std::string touching = "abcdefgh";
+  const std::map<std::string, std::pair<std::string, std::vector<CompletionSpan>>> corpus = {
+      {"a.txt", {two, {{two.find("red"), two.find("\n")}, {two.find("blue")}}}},
+      {"b.txt", {touching, {{1, 1}, {2, 4}, {4, 5}, {7, 8}}}},
   };
-  const std::string message = MF_ERROR_MESSAGE(prepare_dataset(options));
-  EXPECT_NE(message.find("the completion of 'b/long.txt' starts at byte 11, past its 10 bytes"),
-            std::string::npos)
-      << message;
-  EXPECT_FALSE(fs::exists(dir / "out"));
-  EXPECT_FALSE(fs::exists(dir / ".out.staging"));
+  for (const auto& [relative_path, document] : corpus) {
+    write_file(dir / "corpus" / relative_path, document.first);
+  }
+  PrepareOptions options = corpus_options(dir / "corpus", dir / "out");
+  options.val_fraction = 0.0;
+  options.completion_spans = [&corpus](const InputDocument& document) {
+    return corpus.at(document.relative_path).second;
+  };
+  prepare_dataset(options);
+  const std::vector<int32_t> tokens = read_split(dir / "out", "train");
+  const std::vector<int32_t> mask = read_split_mask(dir / "out", "train");
+  std::vector<int32_t> expected_tokens, expected_mask;
+  for (const auto& [relative_path, document] : corpus) {
+    const std::vector<int32_t> document_tokens = byte_document_tokens(document.first);
+    const std::vector<int32_t> document_mask = byte_document_mask(document.first, document.second);
+    expected_tokens.insert(expected_tokens.end(), document_tokens.begin(), document_tokens.end());
+    expected_mask.insert(expected_mask.end(), document_mask.begin(), document_mask.end());
+  }
+  EXPECT_EQ(tokens, expected_tokens);
+  EXPECT_EQ(mask, expected_mask);
+  // "red", "blue" and EOS of the first; bytes 2, 3, 4, 7 and EOS of the second.
+  EXPECT_EQ(std::count(mask.begin(), mask.end(), 1), 3 + 4 + 1 + 4 + 1);
 }
 
-TEST(PrepareDataset, WithoutCompletionOffsetThereIsNoLossMask) {
+TEST(PrepareDataset, CompletionsPastTheTextOrOutOfOrderAreClearErrors) {
+  const std::vector<std::pair<std::vector<CompletionSpan>, std::string>> cases = {
+      {{{11}}, "the completion of 'b/long.txt' starts at byte 11, past its 10 bytes"},
+      {{{2, 12}}, "the completion of 'b/long.txt' ends at byte 12, past its 10 bytes"},
+      {{{4, 6}, {5, 8}},
+       "the completions of 'b/long.txt' overlap or are out of order (bytes [5, 8) after byte 6)"},
+      {{{6, 4}},
+       "the completions of 'b/long.txt' overlap or are out of order (bytes [6, 4) after byte 0)"},
+  };
+  for (const auto& [spans, expected] : cases) {
+    TempDir dir;
+    write_file(dir / "corpus" / "a.txt", "abc");
+    write_file(dir / "corpus" / "b" / "long.txt", "0123456789");
+    PrepareOptions options = corpus_options(dir / "corpus", dir / "out");
+    options.completion_spans = [&spans](const InputDocument& document) {
+      // The end of the text is allowed as a start.
+      return document.relative_path == "a.txt" ? std::vector<CompletionSpan>{{3}} : spans;
+    };
+    const std::string message = MF_ERROR_MESSAGE(prepare_dataset(options));
+    EXPECT_NE(message.find(expected), std::string::npos) << message;
+    EXPECT_FALSE(fs::exists(dir / "out"));
+    EXPECT_FALSE(fs::exists(dir / ".out.staging"));
+  }
+}
+
+TEST(PrepareDataset, WithoutCompletionSpansThereIsNoLossMask) {
   TempDir dir;
   write_corpus(dir / "corpus");
   PrepareOptions options = corpus_options(dir / "corpus", dir / "out");

@@ -235,6 +235,74 @@ TEST(SynthTasks, MultiNeedleTasksHaveTheirShape) {
   EXPECT_EQ(std::count(vt.answer.begin(), vt.answer.end(), ','), kNumVtVariables - 1);
 }
 
+TEST(SynthTasks, OtherQuestionsAreAnsweredByTheContext) {
+  for (SynthTask task : all_synth_tasks()) {
+    for (uint64_t seed = 0; seed < 10; ++seed) {
+      const SynthExample example = make_synth_example(task, 1500, 0.3, seed);
+      const size_t expected = task == SynthTask::kNiahMultikey       ? kNumMultikeyNeedles - 1
+                              : task == SynthTask::kVariableTracking ? kNumVtChains - 1
+                                                                     : 0;
+      ASSERT_EQ(example.other_questions.size(), expected) << synth_task_name(task);
+      // The prompt with its own question replaced by another: the independent reader's answer.
+      const size_t own_question = example.prompt.rfind('\n');
+      std::set<std::string> asked_items = {asked(example.prompt, task)};
+      for (const SynthQuestion& other : example.other_questions) {
+        const std::string prompt = example.prompt.substr(0, own_question) + other.question;
+        EXPECT_EQ(solve(prompt, task), other.answer) << synth_task_name(task) << " seed " << seed;
+        EXPECT_TRUE(asked_items.insert(asked(prompt, task)).second)
+            << "each question asks something else: " << other.question;
+      }
+    }
+  }
+}
+
+TEST(SynthTasks, AllQuestionsDatasetCountsEveryAnswer) {
+  TempDir dir;
+  const std::vector<SynthTask> tasks = {SynthTask::kNiahMultikey, SynthTask::kVariableTracking,
+                                        SynthTask::kNiahSingle};
+  const std::vector<int64_t> lengths = {700};
+  const std::vector<SynthExample> examples = make_synth_examples(tasks, lengths, 2, 9, {});
+  PrepareOptions options;
+  options.out_dir = dir / "all";
+  options.val_fraction = 0.0;
+  write_synth_train_dataset(examples, options, true, true);
+  const TokenDataset dataset = TokenDataset::open(dir / "all", "train");
+  ASSERT_TRUE(dataset.has_loss_mask());
+  std::vector<int32_t> tokens(dataset.num_tokens());
+  dataset.read(0, dataset.num_tokens(), tokens.data());
+  const int64_t seq_len = dataset.num_tokens() - 1;
+  std::vector<int32_t> inputs(seq_len);
+  std::vector<int32_t> targets(seq_len);
+  dataset.read_window(seq_len, 0, inputs.data(), targets.data());
+  // Per document: its text (the tokens between BOS and EOS) and its counted targets.
+  std::vector<std::vector<int32_t>> texts, counted;
+  for (int64_t pos = 0; pos < seq_len; ++pos) {
+    if (tokens[pos] == ByteTokenizer::kBosId) {
+      texts.emplace_back();
+      counted.emplace_back();
+    } else if (tokens[pos] != ByteTokenizer::kEosId) {
+      texts.back().push_back(tokens[pos]);
+    }
+    if (targets[pos] != -1) counted.back().push_back(targets[pos]);
+  }
+  ASSERT_EQ(texts.size(), examples.size());
+  ByteTokenizer tokenizer;
+  for (size_t doc_idx = 0; doc_idx < examples.size(); ++doc_idx) {
+    const SynthExample& example = examples[doc_idx];
+    std::string text = example.prompt + example.answer;
+    std::string answers = example.answer;
+    for (const SynthQuestion& other : example.other_questions) {
+      text += other.question + other.answer;
+      answers += other.answer;
+    }
+    EXPECT_EQ(tokenizer.decode(texts[doc_idx]), text) << doc_idx;
+    std::vector<int32_t> expected = tokenizer.encode(answers);
+    expected.push_back(ByteTokenizer::kEosId);
+    EXPECT_EQ(counted[doc_idx], expected) << synth_task_name(example.task) << " " << doc_idx;
+  }
+  EXPECT_EQ(examples[0].other_questions.size(), static_cast<size_t>(kNumMultikeyNeedles - 1));
+}
+
 TEST(SynthTasks, ExampleSetsFollowTasksLengthsAndDepths) {
   const std::vector<SynthTask> tasks = {SynthTask::kNiahSingle, SynthTask::kVariableTracking};
   const std::vector<int64_t> lengths = {1024, 2048};
