@@ -3,7 +3,7 @@
 // Every input file is one document, tokenized as [BOS] + encode(text) + [EOS]; documents are
 // concatenated, in input order (folders walked recursively in sorted order), into the stream of
 // their split, which is cut into shards of shard_tokens tokens (train-00000.bin, val-00000.bin);
-// with PrepareOptions::completion_offset a loss mask beside them (completion-only loss).
+// with PrepareOptions::completion_spans a loss mask beside them (completion-only loss).
 //
 // Validation split (recorded in dataset.json as "val_rule"):
 // - "document_hash": a document goes to val when fnv1a64(relative_path + '\0' + content) % 10000
