@@ -26,8 +26,8 @@ def items(text):
 def outcome(task, prompt, answer, output):
     """The outcome of one example: a label counted per task and length."""
     if task in ("niah_multivalue", "vt"):
-        wanted = answer.split(", ")
-        found = sum(1 for item in wanted if item in items(output))
+        wanted, given = answer.split(", "), items(output)
+        found = sum(1 for item in wanted if item in given)
         return f"{found} of {len(wanted)} items"
     line = first_line(output)
     if line == answer:

@@ -486,16 +486,26 @@ PrepareSummary write_synth_train_dataset(std::span<const SynthExample> examples,
   std::error_code ignored;
   fs::remove_all(text_dir, ignored);
   fs::create_directories(text_dir);
+  // Each document's text and the byte ranges of its answers, laid out once here.
+  std::vector<std::vector<CompletionSpan>> answer_spans(examples.size());
   for (size_t example_idx = 0; example_idx < examples.size(); ++example_idx) {
     const SynthExample& example = examples[example_idx];
+    std::string text = example.prompt;
+    auto add_answer = [&](const std::string& answer) {
+      answer_spans[example_idx].push_back({text.size(), text.size() + answer.size()});
+      text += answer;
+    };
+    add_answer(example.answer);
+    if (all_questions) {
+      for (const SynthQuestion& other : example.other_questions) {
+        text += other.question;
+        add_answer(other.answer);
+      }
+    }
     const fs::path file = text_dir / fmt::format("{:08d}-{}-{}.txt", example_idx,
                                                  synth_task_name(example.task), example.length);
     std::ofstream out(file, std::ios::binary);
-    out << example.prompt << example.answer;
-    if (all_questions) {
-      for (const SynthQuestion& other : example.other_questions)
-        out << other.question << other.answer;
-    }
+    out << text;
     out.close();
     MF_CHECK(out.good(), "synthetic training data: cannot write '{}': {}", file.string(),
              std::strerror(errno));
@@ -505,22 +515,12 @@ PrepareSummary write_synth_train_dataset(std::span<const SynthExample> examples,
   options.record_input_paths = false;
   if (answer_only) {
     // A file's name starts with its example's index (8 digits).
-    options.completion_spans = [examples, all_questions](const InputDocument& document) {
+    options.completion_spans = [answer_spans =
+                                    std::move(answer_spans)](const InputDocument& document) {
       const size_t example_idx = std::stoull(document.relative_path.substr(0, 8));
-      MF_CHECK(example_idx < examples.size(), "synthetic training data: unexpected file '{}'",
+      MF_CHECK(example_idx < answer_spans.size(), "synthetic training data: unexpected file '{}'",
                document.relative_path);
-      const SynthExample& example = examples[example_idx];
-      size_t pos = example.prompt.size();
-      std::vector<CompletionSpan> spans = {{pos, pos + example.answer.size()}};
-      pos += example.answer.size();
-      if (all_questions) {
-        for (const SynthQuestion& other : example.other_questions) {
-          pos += other.question.size();
-          spans.push_back({pos, pos + other.answer.size()});
-          pos += other.answer.size();
-        }
-      }
-      return spans;
+      return answer_spans[example_idx];
     };
   }
   return prepare_dataset(options);
