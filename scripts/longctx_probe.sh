@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Whether the long-context model (configs/models/longctx-llama.json) can learn a task at short
 # lengths, before a long recipe is spent on it: the recipe's warm phase (scripts/longctx_phases.sh),
-# or the checkpoint PROBE_FROM, then one phase on 2K windows of PROBE_TASKS examples
+# or the checkpoint PROBE_FROM (or a new model, PROBE_FROM=scratch), then one phase on 2K windows
+# (PROBE_MICRO_BATCH of them a step, default 8) of PROBE_TASKS examples
 # (PROBE_LENGTHS bytes) with a checkpoint every PROBE_EVERY steps, each checkpoint evaluated on
 # held-out examples of PROBE_TASKS at EVAL_LENGTHS (greedy, dense): a learning curve
 # of accuracy, with what the last checkpoint's wrong answers copied (scripts/needle_outcomes.py).
@@ -9,11 +10,11 @@
 # at 512 bytes after 8000 steps): docs/verification.md.
 # Usage: scripts/longctx_probe.sh MOEFORGE OUT_DIR (environment: PROBE_TASKS, default
 # niah_multikey; PROBE_LENGTHS, default 420,520,640; PROBE_LR, default 1e-4; PROBE_STEPS, default
-# 8000; PROBE_EVERY, default 2000; PROBE_FROM; PROBE_QUESTIONS, one (default) or all: the
-# training documents ask every question of their context (`data synth --questions all`);
-# EVAL_LENGTHS, default 512,1024,4096; EVAL_NUM,
-# default 20; DEVICE, default cuda; and the warm phase's WARM_STEPS, WARM_MAX_VAL_LOSS,
-# WARM_ATTEMPTS).
+# 8000; PROBE_EVERY, default 2000; PROBE_FROM, a checkpoint or scratch; PROBE_MICRO_BATCH,
+# default 8; PROBE_QUESTIONS, one (default) or all: the training documents ask every question of
+# their context (`data synth --questions all`); EVAL_LENGTHS, default 512,1024,4096; EVAL_NUM,
+# default 20; DEVICE, default cuda; LONGCTX_CONFIG, the training config and through it the model;
+# and the warm phase's WARM_STEPS, WARM_MAX_VAL_LOSS, WARM_ATTEMPTS).
 set -euo pipefail
 moeforge=$(realpath "$1")
 out=$(realpath -m "$2")
@@ -36,7 +37,10 @@ if [ -z "$from" ]; then
   warm_phase
   from=$(last_checkpoint warm)
 fi
-train_phase probe longctx-probe 2048 8 1 "$steps" "${PROBE_LR:-0.0001}" --init-from "$from" \
+init=(--init-from "$from")
+[ "$from" = scratch ] && init=()
+train_phase probe longctx-probe 2048 "${PROBE_MICRO_BATCH:-8}" 1 "$steps" "${PROBE_LR:-0.0001}" \
+  "${init[@]}" \
   --set eval.every_steps="$every" --set checkpoint.every_steps="$every" \
   --set checkpoint.keep_last=0
 
