@@ -39,7 +39,8 @@
 # LONG_STEPS, WARM2_STEPS and XLONG_STEPS (default 0), WARM2_LR; QUESTIONS; WARM_MAX_VAL_LOSS and
 # WARM_ATTEMPTS (3); EVAL_NUM examples per task and length, default 20; EVAL_ATTENTION, default
 # "dense flex flex_exact"; DUMP_LAYER, default 2; DEVICE, default cuda: where the phases train and
-# the evaluation runs, while bench prefill needs the GPU).
+# the evaluation runs, while bench prefill needs the GPU; WINDOWS, the phases' data.windows, default
+# stream: scripts/longctx_phases.sh).
 set -euo pipefail
 moeforge=$(realpath "$1")
 out=$(realpath -m "$2")

@@ -2,7 +2,9 @@
 # scripts/long_context_recipe.sh and scripts/longctx_probe.sh. The caller sets `moeforge` (the
 # binary), `out` (where each phase's log and metrics go) and works in the repository root.
 # DEVICE (default cuda) is where they train and evaluate; LONGCTX_CONFIG (default
-# configs/train/longctx.json) is the training config, and through it the model.
+# configs/train/longctx.json) is the training config, and through it the model; WINDOWS (default
+# stream, what every run up to session 31 used) is data.windows: packed keeps each example whole in
+# its window, where stream cuts some between their needles and their answers.
 longctx_config=$(realpath "${LONGCTX_CONFIG:-configs/train/longctx.json}")
 device=${DEVICE:-cuda}
 
@@ -16,6 +18,7 @@ train_phase() {
   "$moeforge" train --config "$longctx_config" --device "$device" --no-progress \
     --set data.dataset="$PWD/data/$data" --set data.seq_len="$seq_len" \
     --set data.micro_batch_size="$batch" --set data.grad_accum_steps="$accum" \
+    --set data.windows="${WINDOWS:-stream}" \
     --set optimizer.lr="$lr" --set schedule.max_steps="$steps" \
     --set eval.every_steps=$((steps / 4)) --set checkpoint.dir="runs/longctx-$name" \
     --set checkpoint.every_steps=0 "$@" > "$out/train_$name.txt"

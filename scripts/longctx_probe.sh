@@ -14,7 +14,8 @@
 # default 8; PROBE_QUESTIONS, one (default) or all: the training documents ask every question of
 # their context (`data synth --questions all`); EVAL_LENGTHS, default 512,1024,4096; EVAL_NUM,
 # default 20; DEVICE, default cuda; LONGCTX_CONFIG, the training config and through it the model;
-# and the warm phase's WARM_STEPS, WARM_MAX_VAL_LOSS, WARM_ATTEMPTS).
+# WINDOWS, the phases' data.windows (default stream); and the warm phase's WARM_STEPS,
+# WARM_MAX_VAL_LOSS, WARM_ATTEMPTS).
 set -euo pipefail
 moeforge=$(realpath "$1")
 out=$(realpath -m "$2")

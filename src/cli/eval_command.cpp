@@ -90,7 +90,7 @@ void write_predictions(const std::string& path, const std::vector<data::SynthExa
 
 void register_eval_command(CLI::App& app) {
   struct Options {
-    std::string model, data, task, split = "val", device = "cpu", predictions;
+    std::string model, data, task, split = "val", windows = "stream", device = "cpu", predictions;
     int64_t seq_len = 256, batch_size = 8, max_batches = 0;
     AttentionOptions attention;
   };
@@ -123,7 +123,14 @@ void register_eval_command(CLI::App& app) {
   CLI::Option* max_batches =
       cmd->add_option("--max-batches", opts->max_batches, "Stop after this many batches (0 = all)")
           ->capture_default_str();
-  for (CLI::Option* dataset_only : {split, seq_len, batch_size, max_batches}) {
+  CLI::Option* windows =
+      cmd->add_option("--windows", opts->windows,
+                      "How the split is cut into windows, as the training config's data.windows: "
+                      "stream (fixed strides), packed (whole documents from a document start, "
+                      "padded) or single (one document per window, padded)")
+          ->check(CLI::IsMember({"stream", "packed", "single"}))
+          ->capture_default_str();
+  for (CLI::Option* dataset_only : {split, seq_len, batch_size, max_batches, windows}) {
     task->excludes(dataset_only);
   }
   cmd->add_option("--predictions", opts->predictions,
@@ -168,6 +175,8 @@ void register_eval_command(CLI::App& app) {
     Transformer<float>& model = *loaded;
     model.set_prefill_attention(attention);
     const data::TokenDataset dataset = data::TokenDataset::open(opts->data, opts->split);
+    const data::Windows windows(dataset, opts->seq_len,
+                                data::parse_window_layout(opts->windows, "--windows"));
     const auto tokenizer = data::load_tokenizer(opts->data);
     Communicator& world = world_communicator();
     FlexEvalTotals totals;
@@ -177,18 +186,16 @@ void register_eval_command(CLI::App& app) {
                                     int64_t seq) {
         return prefill_window_loss(model, tokens, targets, batch, seq, totals);
       };
-      r = evaluate(forward, dataset, *tokenizer, opts->seq_len, opts->batch_size, opts->max_batches,
-                   world);
+      r = evaluate(forward, windows, *tokenizer, opts->batch_size, opts->max_batches, world);
       double sums[5] = {totals.num_windows, totals.num_heads, totals.density_sum,
                         totals.num_query_aware, totals.num_dense_fallback};
       world.all_reduce_sum(sums, 5);
       totals = FlexEvalTotals{sums[0], sums[1], sums[2], sums[3], sums[4]};
     } else if (opts->device == "cuda") {
-      r = evaluate(make_gpu_loss_forward(model), dataset, *tokenizer, opts->seq_len,
-                   opts->batch_size, opts->max_batches, world);
+      r = evaluate(make_gpu_loss_forward(model), windows, *tokenizer, opts->batch_size,
+                   opts->max_batches, world);
     } else {
-      r = evaluate(model, dataset, *tokenizer, opts->seq_len, opts->batch_size, opts->max_batches,
-                   world);
+      r = evaluate(model, windows, *tokenizer, opts->batch_size, opts->max_batches, world);
     }
     const double unigram =
         unigram_baseline_loss(data::TokenDataset::open(opts->data, "train"), dataset);
@@ -196,6 +203,7 @@ void register_eval_command(CLI::App& app) {
       nlohmann::json out({{"model", opts->model},
                           {"data", opts->data},
                           {"split", opts->split},
+                          {"windows", opts->windows},
                           {"loss", r.loss},
                           {"perplexity", r.perplexity},
                           {"bits_per_byte", r.bits_per_byte},

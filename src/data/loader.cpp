@@ -5,6 +5,9 @@
 #include "core/rng.h"
 #include "data/file_util.h"
 #include "data/prepare.h"
+#include "data/windows.h"
+
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <numeric>
@@ -20,6 +23,49 @@ namespace {
 constexpr uint64_t kSamplerSeedSalt = 0x6c6f616465720001ull;
 // Epoch e draws from counters [e << 40, (e + 1) << 40), so epochs never share random numbers.
 constexpr int kEpochCounterShift = 40;
+
+// The stream offsets of split's documents from dataset.json's document list (prepare.cpp writes
+// each document's split, "train", "val" or "train+val" for the one the stream_tail rule cuts, and
+// token count, in stream order). Throws unless they add up to the split's token count.
+std::vector<int64_t> split_document_starts(const nlohmann::json& j, const std::string& split,
+                                           const fs::path& file) {
+  const nlohmann::json& documents = j.at("documents");
+  MF_CHECK(documents.is_array(), "{}: field 'documents' must be an array", file.string());
+  const nlohmann::json& splits = json_field(j, "splits", file);
+  const int64_t train_tokens =
+      json_int_field(json_field(splits, "train", file), "num_tokens", file);
+  const int64_t split_tokens = json_int_field(json_field(splits, split, file), "num_tokens", file);
+  std::vector<int64_t> starts;
+  int64_t train_pos = 0, val_pos = 0;
+  for (const nlohmann::json& document : documents) {
+    const std::string doc_split = json_string_field(document, "split", file);
+    const int64_t num_tokens = json_int_field(document, "num_tokens", file);
+    MF_CHECK(num_tokens >= 1, "{}: a document of the document list holds {} tokens", file.string(),
+             num_tokens);
+    int64_t num_train = 0;
+    if (doc_split == "train") {
+      num_train = num_tokens;
+    } else if (doc_split == "train+val") {
+      num_train = train_tokens - train_pos;
+      MF_CHECK(num_train > 0 && num_train < num_tokens,
+               "{}: the document cut between train and val holds {} tokens, but {} train tokens "
+               "are left for it",
+               file.string(), num_tokens, num_train);
+    } else {
+      MF_CHECK(doc_split == "val", "{}: a document's split is \"{}\" (train, val or train+val)",
+               file.string(), doc_split);
+    }
+    if (split == "train" && num_train > 0) starts.push_back(train_pos);
+    if (split == "val" && num_train < num_tokens) starts.push_back(val_pos);
+    train_pos += num_train;
+    val_pos += num_tokens - num_train;
+  }
+  const int64_t listed = split == "train" ? train_pos : val_pos;
+  MF_CHECK(listed == split_tokens,
+           "{}: the document list gives split '{}' {} tokens, but its shards hold {}",
+           file.string(), split, listed, split_tokens);
+  return starts;
+}
 
 }  // namespace
 
@@ -79,6 +125,17 @@ TokenDataset TokenDataset::open(const fs::path& dir, const std::string& split) {
       dataset.mask_shards_.push_back(std::move(mask));
     }
   }
+  if (j.contains("tokenizer") && j.at("tokenizer").is_object() &&
+      j.at("tokenizer").contains("eos_id")) {
+    dataset.eos_id_ = json_int_field(j.at("tokenizer"), "eos_id", file);
+  }
+  if (j.contains("documents")) {
+    dataset.document_starts_ = split_document_starts(j, split, file);
+    const std::vector<int64_t>& starts = *dataset.document_starts_;
+    MF_CHECK(starts.empty() == (dataset.num_tokens_ == 0),
+             "{}: the document list puts {} documents in split '{}' of {} tokens", file.string(),
+             starts.size(), split, dataset.num_tokens_);
+  }
   return dataset;
 }
 
@@ -121,27 +178,6 @@ void TokenDataset::read_from(const std::vector<TokenShard>& shards, int64_t begi
   }
 }
 
-int64_t TokenDataset::num_windows(int64_t seq_len) const {
-  MF_CHECK(seq_len >= 1, "seq_len {} must be >= 1", seq_len);
-  return num_tokens_ < 2 ? 0 : (num_tokens_ - 1) / seq_len;
-}
-
-void TokenDataset::read_window(int64_t seq_len, int64_t window_idx, int32_t* inputs,
-                               int32_t* targets) const {
-  const int64_t num_windows_total = num_windows(seq_len);
-  MF_CHECK(window_idx >= 0 && window_idx < num_windows_total,
-           "dataset '{}' split '{}': window {} is outside its {} windows of seq_len {}",
-           dir_.string(), split_, window_idx, num_windows_total, seq_len);
-  read(window_idx * seq_len, seq_len, inputs);
-  read(window_idx * seq_len + 1, seq_len, targets);
-  if (mask_shards_.empty()) return;
-  std::vector<int32_t> mask(static_cast<size_t>(seq_len));
-  read_loss_mask(window_idx * seq_len + 1, seq_len, mask.data());
-  for (int64_t i = 0; i < seq_len; ++i) {
-    if (mask[static_cast<size_t>(i)] == 0) targets[i] = -1;
-  }
-}
-
 void to_json(nlohmann::json& j, const LoaderState& state) {
   j = {{"epoch", state.epoch}, {"position", state.position}};
 }
@@ -157,14 +193,16 @@ void from_json(const nlohmann::json& j, LoaderState& state) {
   state.position = j.at("position").get<uint64_t>();
 }
 
-BatchSampler::BatchSampler(const TokenDataset& dataset, int64_t seq_len, uint64_t seed)
-    : dataset_(&dataset), seq_len_(seq_len), seed_(seed), num_windows_(0) {
-  MF_CHECK(seq_len >= 1, "batch sampler: seq_len {} must be >= 1", seq_len);
-  num_windows_ = dataset.num_windows(seq_len);
-  MF_CHECK(num_windows_ >= 1,
-           "dataset '{}' split '{}' has {} tokens, too few for one window of seq_len {} (needs {} "
-           "tokens)",
-           dataset.dir().string(), dataset.split(), dataset.num_tokens(), seq_len, seq_len + 1);
+BatchSampler::BatchSampler(const Windows& windows, uint64_t seed)
+    : windows_(&windows), seq_len_(windows.seq_len()), seed_(seed), num_windows_(0) {
+  num_windows_ = windows.num_windows();
+  const TokenDataset& dataset = windows.dataset();
+  MF_CHECK(num_windows_ >= 1, "dataset '{}' split '{}' has {} tokens, too few for one window: {}",
+           dataset.dir().string(), dataset.split(), dataset.num_tokens(),
+           windows.layout() == WindowLayout::kStream
+               ? fmt::format("seq_len {} needs {} tokens", seq_len_, seq_len_ + 1)
+               : fmt::format("window layout \"{}\" needs a document of 2 or more tokens",
+                             window_layout_name(windows.layout())));
   MF_CHECK(num_windows_ < (int64_t{1} << kEpochCounterShift),
            "batch sampler: {} windows is too many", num_windows_);
   order_ = epoch_order(0);
@@ -204,8 +242,8 @@ void BatchSampler::next_batch(int64_t batch_size, int32_t* inputs, int32_t* targ
       order_ = epoch_order(state_.epoch);
       order_epoch_ = state_.epoch;
     }
-    dataset_->read_window(seq_len_, order_[state_.position], inputs + row_idx * seq_len_,
-                          targets + row_idx * seq_len_);
+    windows_->read(order_[state_.position], inputs + row_idx * seq_len_,
+                   targets + row_idx * seq_len_);
     skip(1);
   }
 }

@@ -1,17 +1,13 @@
-// Reading a prepared dataset: TokenDataset (the concatenated token stream of one split) and
-// BatchSampler (shuffled training windows with a resumable state, sliced across data-parallel
-// ranks).
-//
-// Windows: the stream is cut into windows of seq_len + 1 tokens with stride seq_len; window w
-// covers tokens [w * seq_len, w * seq_len + seq_len + 1), its inputs are the first seq_len tokens
-// and its targets the last seq_len (-1, ignored, where a loss mask does not count the token).
-// num_windows = (num_tokens - 1) / seq_len.
+// Reading a prepared dataset: TokenDataset (the concatenated token stream of one split, with its
+// document boundaries) and BatchSampler (shuffled training windows with a resumable state, sliced
+// across data-parallel ranks). How a split is cut into windows is windows.h.
 #pragma once
 
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -39,10 +35,12 @@ class TokenDataset {
   // the loss mask excludes them; all 1 without a mask).
   void read_loss_mask(int64_t begin, int64_t count, int32_t* out) const;
 
-  // Windows in stream order, for evaluation (no shuffle).
-  int64_t num_windows(int64_t seq_len) const;
-  // inputs/targets: [seq_len]. With a loss mask, a target the mask does not count is -1.
-  void read_window(int64_t seq_len, int64_t window_idx, int32_t* inputs, int32_t* targets) const;
+  // The stream offset of each document's first token, in stream order, from dataset.json's
+  // document list; a document cut by the stream_tail split rule counts in both splits (its end
+  // in val starts there). nullopt: dataset.json has no document list.
+  const std::optional<std::vector<int64_t>>& document_starts() const { return document_starts_; }
+  // The tokenizer's EOS id from dataset.json (nullopt: not recorded).
+  std::optional<int64_t> eos_id() const { return eos_id_; }
 
  private:
   // Throws unless [begin, begin + count) lies in the stream.
@@ -58,7 +56,11 @@ class TokenDataset {
   std::vector<TokenShard> shards_;
   std::vector<TokenShard> mask_shards_;  // [num_shards] or empty: no loss mask
   std::vector<int64_t> shard_begins_;    // [num_shards], stream offset of each shard's first token
+  std::optional<std::vector<int64_t>> document_starts_;
+  std::optional<int64_t> eos_id_;
 };
+
+class Windows;
 
 // Where a BatchSampler is: `position` windows of epoch `epoch` have been consumed.
 struct LoaderState {
@@ -73,10 +75,10 @@ void to_json(nlohmann::json& j, const LoaderState& state);
 void from_json(const nlohmann::json& j, LoaderState& state);
 
 // Training batches: each epoch visits every window once, in a permutation that depends only on
-// (seed, epoch) (Fisher-Yates driven by moeforge::Rng). The dataset must outlive the sampler.
+// (seed, epoch) (Fisher-Yates driven by moeforge::Rng). The windows must outlive the sampler.
 class BatchSampler {
  public:
-  BatchSampler(const TokenDataset& dataset, int64_t seq_len, uint64_t seed);
+  BatchSampler(const Windows& windows, uint64_t seed);
 
   int64_t seq_len() const { return seq_len_; }
   int64_t num_windows() const { return num_windows_; }
@@ -100,7 +102,7 @@ class BatchSampler {
   std::vector<int64_t> epoch_order(uint64_t epoch) const;
 
  private:
-  const TokenDataset* dataset_;
+  const Windows* windows_;
   int64_t seq_len_;
   uint64_t seed_;
   int64_t num_windows_;

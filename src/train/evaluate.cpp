@@ -1,6 +1,8 @@
 // Ordered, rank-split evaluation over the validation windows.
 #include "train/evaluate.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cmath>
 #include <span>
@@ -12,42 +14,45 @@ namespace moeforge {
 namespace {
 
 // How many windows evaluate() scores.
-int64_t num_scored_windows(const data::TokenDataset& dataset, int64_t seq_len, int64_t batch_size,
-                           int64_t max_batches) {
-  const int64_t num_windows = dataset.num_windows(seq_len);
-  MF_CHECK(num_windows > 0, "the validation split has fewer than {} tokens; cannot evaluate",
-           seq_len + 1);
+int64_t num_scored_windows(const data::Windows& windows, int64_t batch_size, int64_t max_batches) {
+  const int64_t num_windows = windows.num_windows();
+  MF_CHECK(num_windows > 0, "the validation split has no window ({}); cannot evaluate",
+           windows.layout() == data::WindowLayout::kStream
+               ? fmt::format("fewer than {} tokens", windows.seq_len() + 1)
+               : fmt::format("no document of 2 or more tokens, window layout \"{}\"",
+                             data::window_layout_name(windows.layout())));
   return max_batches > 0 ? std::min(num_windows, max_batches * batch_size) : num_windows;
 }
 
 }  // namespace
 
-int64_t count_scored_targets(const data::TokenDataset& dataset, int64_t seq_len, int64_t batch_size,
+int64_t count_scored_targets(const data::Windows& windows, int64_t batch_size,
                              int64_t max_batches) {
-  const int64_t num_windows = num_scored_windows(dataset, seq_len, batch_size, max_batches);
-  std::vector<int32_t> inputs(seq_len), targets(seq_len);
+  const int64_t num_windows = num_scored_windows(windows, batch_size, max_batches);
+  std::vector<int32_t> inputs(windows.seq_len()), targets(windows.seq_len());
   int64_t counted = 0;
   for (int64_t w = 0; w < num_windows; ++w) {
-    dataset.read_window(seq_len, w, inputs.data(), targets.data());
+    windows.read(w, inputs.data(), targets.data());
     for (const int32_t t : targets) counted += t >= 0;
   }
   return counted;
 }
 
-EvalResult evaluate(Transformer<float>& model, const data::TokenDataset& dataset,
-                    const data::Tokenizer& tokenizer, int64_t seq_len, int64_t batch_size,
-                    int64_t max_batches, Communicator& dp) {
+EvalResult evaluate(Transformer<float>& model, const data::Windows& windows,
+                    const data::Tokenizer& tokenizer, int64_t batch_size, int64_t max_batches,
+                    Communicator& dp) {
   const ForwardFn forward = [&model](const int32_t* tokens, const int32_t* targets, int64_t batch,
                                      int64_t seq) {
     return model.forward(tokens, targets, batch, seq);
   };
-  return evaluate(forward, dataset, tokenizer, seq_len, batch_size, max_batches, dp);
+  return evaluate(forward, windows, tokenizer, batch_size, max_batches, dp);
 }
 
-EvalResult evaluate(const ForwardFn& forward, const data::TokenDataset& dataset,
-                    const data::Tokenizer& tokenizer, int64_t seq_len, int64_t batch_size,
-                    int64_t max_batches, Communicator& dp) {
-  const int64_t num_windows = num_scored_windows(dataset, seq_len, batch_size, max_batches);
+EvalResult evaluate(const ForwardFn& forward, const data::Windows& windows,
+                    const data::Tokenizer& tokenizer, int64_t batch_size, int64_t max_batches,
+                    Communicator& dp) {
+  const int64_t num_windows = num_scored_windows(windows, batch_size, max_batches);
+  const int64_t seq_len = windows.seq_len();
 
   // Bytes of text per token id (special ids have none).
   std::vector<int64_t> token_bytes(static_cast<size_t>(tokenizer.vocab_size()));
@@ -62,8 +67,7 @@ EvalResult evaluate(const ForwardFn& forward, const data::TokenDataset& dataset,
        first += dp.size() * batch_size) {
     const int64_t rows = std::min(batch_size, num_windows - first);
     for (int64_t r = 0; r < rows; ++r) {
-      dataset.read_window(seq_len, first + r, inputs.data() + r * seq_len,
-                          targets.data() + r * seq_len);
+      windows.read(first + r, inputs.data() + r * seq_len, targets.data() + r * seq_len);
     }
     const LossBreakdown loss = forward(inputs.data(), targets.data(), rows, seq_len);
     sums[0] += loss.ce_loss * static_cast<double>(loss.num_counted);

@@ -1,5 +1,6 @@
 // Validation metrics of a model on a token dataset: mean cross-entropy, perplexity and bits per
-// byte, over windows of the validation stream in order (no shuffling), split across ranks.
+// byte, over the validation split's windows (data/windows.h) in order (no shuffling), split
+// across ranks.
 #pragma once
 
 #include <cstdint>
@@ -8,6 +9,7 @@
 #include "comm/communicator.h"
 #include "data/loader.h"
 #include "data/tokenizer.h"
+#include "data/windows.h"
 #include "model/transformer.h"
 
 namespace moeforge {
@@ -28,18 +30,17 @@ using ForwardFn = std::function<LossBreakdown(const int32_t* tokens, const int32
 // max_batches <= 0 evaluates every window. Every rank of dp must call it (the sums are reduced).
 // Throws when no target of the scored windows counts (a loss mask can exclude them all), rather
 // than report a loss of 0.
-EvalResult evaluate(const ForwardFn& forward, const data::TokenDataset& dataset,
-                    const data::Tokenizer& tokenizer, int64_t seq_len, int64_t batch_size,
-                    int64_t max_batches, Communicator& dp);
+EvalResult evaluate(const ForwardFn& forward, const data::Windows& windows,
+                    const data::Tokenizer& tokenizer, int64_t batch_size, int64_t max_batches,
+                    Communicator& dp);
 // The same with the CPU reference model.
-EvalResult evaluate(Transformer<float>& model, const data::TokenDataset& dataset,
-                    const data::Tokenizer& tokenizer, int64_t seq_len, int64_t batch_size,
-                    int64_t max_batches, Communicator& dp);
+EvalResult evaluate(Transformer<float>& model, const data::Windows& windows,
+                    const data::Tokenizer& tokenizer, int64_t batch_size, int64_t max_batches,
+                    Communicator& dp);
 
 // The targets the loss counts in the windows evaluate() scores, over all ranks together: the
 // trainer checks before its first step that there is one (a loss mask can exclude them all).
-int64_t count_scored_targets(const data::TokenDataset& dataset, int64_t seq_len, int64_t batch_size,
-                             int64_t max_batches);
+int64_t count_scored_targets(const data::Windows& windows, int64_t batch_size, int64_t max_batches);
 
 // Cross-entropy (nats per token) of the unigram model fitted on `train` (add-one smoothing over the
 // vocabulary), measured on every token of `eval` after its first: the baseline a trained model must

@@ -19,10 +19,10 @@ namespace moeforge {
 namespace fs = std::filesystem;
 
 PmaJob::PmaJob(const TrainConfig& config, const ModelConfig& model_config,
-               const data::TokenDataset& val_data, const data::Tokenizer& tokenizer, LogFn log)
+               const data::Windows& val_windows, const data::Tokenizer& tokenizer, LogFn log)
     : config_(config),
       model_config_(model_config),
-      val_data_(val_data),
+      val_windows_(val_windows),
       tokenizer_(tokenizer),
       log_(std::move(log)) {}
 
@@ -81,8 +81,8 @@ void PmaJob::run(int64_t step, std::vector<fs::path> inputs, double current_val_
 
     SelfCommunicator self;
     const std::unique_ptr<Transformer<float>> merged = load_transformer(out, self);
-    const EvalResult ev = evaluate(*merged, val_data_, tokenizer_, config_.data.seq_len,
-                                   config_.data.micro_batch_size, config_.eval.max_batches, self);
+    const EvalResult ev = evaluate(*merged, val_windows_, tokenizer_, config_.data.micro_batch_size,
+                                   config_.eval.max_batches, self);
     record["pma_val_loss"] = ev.loss;
     record["pma_method"] = config_.pma.method;
     record["pma_count"] = inputs.size();

@@ -13,6 +13,7 @@
 
 #include "data/loader.h"
 #include "data/tokenizer.h"
+#include "data/windows.h"
 #include "model/model_config.h"
 #include "train/train_config.h"
 
@@ -23,7 +24,7 @@ class PmaJob {
   using LogFn = std::function<void(const nlohmann::json&)>;
 
   PmaJob(const TrainConfig& config, const ModelConfig& model_config,
-         const data::TokenDataset& val_data, const data::Tokenizer& tokenizer, LogFn log);
+         const data::Windows& val_windows, const data::Tokenizer& tokenizer, LogFn log);
   ~PmaJob();
   PmaJob(const PmaJob&) = delete;
   PmaJob& operator=(const PmaJob&) = delete;
@@ -40,7 +41,7 @@ class PmaJob {
 
   const TrainConfig& config_;
   const ModelConfig& model_config_;
-  const data::TokenDataset& val_data_;
+  const data::Windows& val_windows_;
   const data::Tokenizer& tokenizer_;
   LogFn log_;
   std::thread thread_;

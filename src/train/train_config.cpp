@@ -11,6 +11,7 @@
 #include <numeric>
 
 #include "core/error.h"
+#include "data/windows.h"
 #include "model/moe_ffn.h"
 
 namespace moeforge {
@@ -236,6 +237,7 @@ TrainConfig parse_merged(const json& merged, const std::filesystem::path& base_d
   c.data.micro_batch_size = data.get_int("micro_batch_size");
   c.data.grad_accum_steps = data.get_int("grad_accum_steps");
   c.data.seed = data.get_seed("seed");
+  c.data.windows = data.get_string("windows");
 
   const SectionReader opt(merged, "optimizer");
   c.optimizer.lr = opt.get_number("lr");
@@ -324,7 +326,8 @@ nlohmann::json train_config_to_json(const TrainConfig& c) {
         {"seq_len", c.data.seq_len},
         {"micro_batch_size", c.data.micro_batch_size},
         {"grad_accum_steps", c.data.grad_accum_steps},
-        {"seed", c.data.seed}}},
+        {"seed", c.data.seed},
+        {"windows", c.data.windows}}},
       {"optimizer",
        {{"lr", c.optimizer.lr},
         {"beta1", c.optimizer.beta1},
@@ -381,6 +384,7 @@ void validate_train_config(const TrainConfig& c) {
            c.data.micro_batch_size);
   MF_CHECK(c.data.grad_accum_steps > 0, "data.grad_accum_steps must be > 0, got {}",
            c.data.grad_accum_steps);
+  data::parse_window_layout(c.data.windows, "data.windows");
 
   const OptimizerConfig& o = c.optimizer;
   MF_CHECK(o.lr > 0, "optimizer.lr must be > 0, got {}", o.lr);

@@ -29,6 +29,8 @@ struct TrainDataConfig {
   int64_t micro_batch_size = 8;
   int64_t grad_accum_steps = 1;
   uint64_t seed = 42;  // data order
+  // How the splits are cut into windows (data/windows.h): "stream", "packed" or "single".
+  std::string windows = "stream";
   bool operator==(const TrainDataConfig&) const = default;
 };
 

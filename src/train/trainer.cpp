@@ -140,12 +140,16 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
            "the dataset's vocabulary ({} tokens) does not fit the model's vocab_size ({})",
            train_data.vocab_size(), model_config.vocab_size);
 
-  MF_CHECK(count_scored_targets(val_data, config.data.seq_len, config.data.micro_batch_size,
-                                config.eval.max_batches) > 0,
-           "no target in the validation windows that eval scores (eval.max_batches {} x "
-           "data.micro_batch_size {} windows of {} tokens) counts in the loss: the dataset's loss "
-           "mask excludes them all; raise eval.max_batches or data.seq_len",
-           config.eval.max_batches, config.data.micro_batch_size, config.data.seq_len);
+  const data::WindowLayout window_layout =
+      data::parse_window_layout(config.data.windows, "data.windows");
+  const data::Windows train_windows(train_data, config.data.seq_len, window_layout);
+  const data::Windows val_windows(val_data, config.data.seq_len, window_layout);
+  MF_CHECK(
+      count_scored_targets(val_windows, config.data.micro_batch_size, config.eval.max_batches) > 0,
+      "no target in the validation windows that eval scores (eval.max_batches {} x "
+      "data.micro_batch_size {} windows of {} tokens) counts in the loss: the dataset's loss "
+      "mask excludes them all; raise eval.max_batches or data.seq_len",
+      config.eval.max_batches, config.data.micro_batch_size, config.data.seq_len);
   MF_CHECK(model_config.max_position_embeddings <= 0 ||
                config.data.seq_len <= model_config.max_position_embeddings,
            "data.seq_len ({}) exceeds the model's max_position_embeddings ({})",
@@ -171,7 +175,7 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   } else {
     optimizer = std::make_unique<AdamW>(layout, adamw_hyper, config.optimizer.no_decay);
   }
-  data::BatchSampler sampler(train_data, config.data.seq_len, config.data.seed);
+  data::BatchSampler sampler(train_windows, config.data.seed);
   TrainerState state;
   state.init_seed = config.model.seed;
   state.data_seed = config.data.seed;
@@ -255,7 +259,7 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
   };
   std::unique_ptr<PmaJob> pma_job;
   if (pma && is_root) {
-    pma_job = std::make_unique<PmaJob>(config, model_config, val_data, *tokenizer,
+    pma_job = std::make_unique<PmaJob>(config, model_config, val_windows, *tokenizer,
                                        [&metrics](const nlohmann::json& r) { metrics.write(r); });
   }
   if (is_root) {
@@ -295,7 +299,7 @@ TrainSummary train(const TrainConfig& config, const TrainRunOptions& options, Co
 
   auto run_eval = [&](int64_t step) -> double {
     const EvalResult ev =
-        evaluate(local_forward, val_data, *tokenizer, seq, micro, config.eval.max_batches, dp);
+        evaluate(local_forward, val_windows, *tokenizer, micro, config.eval.max_batches, dp);
     summary.final_val_loss = ev.loss;
     metrics.write({{"step", step},
                    {"val_loss", ev.loss},

@@ -768,6 +768,22 @@ class CliTest(unittest.TestCase):
         total = sum(counts)
         scored = [-math.log(counts[t] / total) for t, m in zip(tokens[1:], mask[1:]) if m]
         self.assertAlmostEqual(ev["unigram_loss"], sum(scored) / len(scored), places=9)
+        # --windows packed: every example whole in its window, so every counted target of the
+        # split is scored once (the stream layout drops the last partial window).
+        for windows, expected in (("packed", sum(mask)), ("single", sum(mask))):
+            ev = json.loads(run([MOEFORGE, "eval", "--model", model, "--data", answer_dir, "--split",
+                                 "train", "--seq-len", "4096", "--windows", windows]).stdout)
+            self.assertEqual(ev["windows"], windows)
+            self.assertEqual(ev["tokens"], expected, windows)
+        proc = run([MOEFORGE, "eval", "--model", model, "--data", answer_dir, "--windows", "docs"],
+                   check=False)
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertIn("--windows: docs not in {stream,packed,single}", proc.stderr)
+        config = self.train_config("synth-answer-packed", data__dataset=answer_dir,
+                                   data__seq_len=128, data__windows="packed", eval__max_batches=8,
+                                   schedule__max_steps=2, checkpoint__every_steps=0)
+        run([MOEFORGE, "train", "--config", config, "--no-progress"])
+        self.assertEqual(len(self.step_metrics("synth-answer-packed")), 2)
         config = self.train_config("synth-answer-run", data__dataset=answer_dir, data__seq_len=128,
                                    eval__max_batches=8, schedule__max_steps=2,
                                    checkpoint__every_steps=0)

@@ -19,6 +19,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using testing::read_file;
+using testing::stream_windows;
 using testing::TempDir;
 using testing::write_file;
 
@@ -121,18 +122,18 @@ TEST_F(LoaderTest, DatasetReadsAcrossShards) {
 
 TEST_F(LoaderTest, EvalWindowsAreInStreamOrder) {
   TokenDataset dataset = open();
-  ASSERT_EQ(dataset.num_windows(kSeqLen), 300 / kSeqLen);
+  ASSERT_EQ(stream_windows(dataset, kSeqLen).num_windows(), 300 / kSeqLen);
   std::vector<int32_t> inputs(kSeqLen);
   std::vector<int32_t> targets(kSeqLen);
-  dataset.read_window(kSeqLen, 16, inputs.data(), targets.data());
+  stream_windows(dataset, kSeqLen).read(16, inputs.data(), targets.data());
   EXPECT_EQ(inputs.front(), 128);
   EXPECT_EQ(targets.back(), 136);
-  dataset.read_window(kSeqLen, 36, inputs.data(), targets.data());
+  stream_windows(dataset, kSeqLen).read(36, inputs.data(), targets.data());
   EXPECT_EQ(targets.back(), 296);
-  EXPECT_THROW(dataset.read_window(kSeqLen, 37, inputs.data(), targets.data()), Error);
+  EXPECT_THROW(stream_windows(dataset, kSeqLen).read(37, inputs.data(), targets.data()), Error);
   // A stream of exactly seq_len + 1 tokens has one window.
-  EXPECT_EQ(dataset.num_windows(300), 1);
-  EXPECT_EQ(dataset.num_windows(301), 0);
+  EXPECT_EQ(stream_windows(dataset, 300).num_windows(), 1);
+  EXPECT_EQ(stream_windows(dataset, 301).num_windows(), 0);
 }
 
 TEST_F(LoaderTest, DatasetChecksShardsAgainstDatasetJson) {
@@ -152,16 +153,17 @@ TEST_F(LoaderTest, LossMaskTurnsUncountedTargetsIntoMinusOne) {
   const TokenDataset masked = open();
   EXPECT_TRUE(masked.has_loss_mask());
   EXPECT_EQ(masked.num_tokens(), plain.num_tokens());
-  ASSERT_EQ(masked.num_windows(kSeqLen), plain.num_windows(kSeqLen));
+  ASSERT_EQ(stream_windows(masked, kSeqLen).num_windows(),
+            stream_windows(plain, kSeqLen).num_windows());
 
   // Window 12 (targets 97..104) crosses from shard 0 into shard 1 at token 100.
   std::vector<int32_t> inputs(kSeqLen);
   std::vector<int32_t> targets(kSeqLen);
-  masked.read_window(kSeqLen, 12, inputs.data(), targets.data());
+  stream_windows(masked, kSeqLen).read(12, inputs.data(), targets.data());
   EXPECT_EQ(inputs, (std::vector<int32_t>{96, 97, 98, 99, 100, 101, 102, 103}));
   EXPECT_EQ(targets, (std::vector<int32_t>{97, -1, -1, -1, 101, 102, 103, 104}));
   // Window 17 (targets 137..144) crosses shards 1, 2 and 3 (the 1-token shard is token 137).
-  masked.read_window(kSeqLen, 17, inputs.data(), targets.data());
+  stream_windows(masked, kSeqLen).read(17, inputs.data(), targets.data());
   EXPECT_EQ(targets, (std::vector<int32_t>{137, 138, 139, -1, -1, -1, 143, 144}));
 
   // Every window: the inputs are unmasked, a target is kept where the mask counts it, else -1.
@@ -169,9 +171,10 @@ TEST_F(LoaderTest, LossMaskTurnsUncountedTargetsIntoMinusOne) {
   std::vector<int32_t> plain_targets(kSeqLen);
   int64_t num_counted = 0;
   int64_t num_ignored = 0;
-  for (int64_t window_idx = 0; window_idx < masked.num_windows(kSeqLen); ++window_idx) {
-    masked.read_window(kSeqLen, window_idx, inputs.data(), targets.data());
-    plain.read_window(kSeqLen, window_idx, plain_inputs.data(), plain_targets.data());
+  for (int64_t window_idx = 0; window_idx < stream_windows(masked, kSeqLen).num_windows();
+       ++window_idx) {
+    stream_windows(masked, kSeqLen).read(window_idx, inputs.data(), targets.data());
+    stream_windows(plain, kSeqLen).read(window_idx, plain_inputs.data(), plain_targets.data());
     EXPECT_EQ(inputs, plain_inputs) << window_idx;
     for (int64_t t = 0; t < kSeqLen; ++t) {
       const int32_t expected = mask_value(plain_targets[t]) == 1 ? plain_targets[t] : -1;
@@ -187,8 +190,10 @@ TEST_F(LoaderTest, LossMaskTurnsUncountedTargetsIntoMinusOne) {
   for (int32_t token_idx = 0; token_idx < 301; ++token_idx) ASSERT_EQ(all[token_idx], token_idx);
 
   // BatchSampler reads through read_window: the same windows as unmasked, with the mask applied.
-  BatchSampler masked_sampler(masked, kSeqLen, 5);
-  BatchSampler plain_sampler(plain, kSeqLen, 5);
+  const Windows masked_sampler_windows = stream_windows(masked, kSeqLen);
+  BatchSampler masked_sampler(masked_sampler_windows, 5);
+  const Windows plain_sampler_windows = stream_windows(plain, kSeqLen);
+  BatchSampler plain_sampler(plain_sampler_windows, 5);
   std::vector<int32_t> batch_inputs(6 * kSeqLen);
   std::vector<int32_t> batch_targets(6 * kSeqLen);
   std::vector<int32_t> plain_batch_inputs(6 * kSeqLen);
@@ -249,7 +254,8 @@ TEST_F(LoaderTest, LossMaskMustMatchItsShards) {
 
 TEST_F(LoaderTest, EpochVisitsEveryWindowOnceAndIsSeedDeterministic) {
   TokenDataset dataset = open();
-  BatchSampler sampler(dataset, kSeqLen, 42);
+  const Windows sampler_windows = stream_windows(dataset, kSeqLen);
+  BatchSampler sampler(sampler_windows, 42);
   const int64_t num_windows = sampler.num_windows();
   ASSERT_EQ(num_windows, 37);
   // Batches of 5 do not divide 37: the last batch of the epoch spills into epoch 1.
@@ -274,15 +280,18 @@ TEST_F(LoaderTest, EpochVisitsEveryWindowOnceAndIsSeedDeterministic) {
   std::iota(identity.begin(), identity.end(), 0);
   EXPECT_NE(sampler.epoch_order(0), identity) << "epochs must be shuffled";
 
-  BatchSampler same_seed(dataset, kSeqLen, 42);
-  BatchSampler other_seed(dataset, kSeqLen, 43);
+  const Windows same_seed_windows = stream_windows(dataset, kSeqLen);
+  BatchSampler same_seed(same_seed_windows, 42);
+  const Windows other_seed_windows = stream_windows(dataset, kSeqLen);
+  BatchSampler other_seed(other_seed_windows, 43);
   EXPECT_EQ(same_seed.epoch_order(3), sampler.epoch_order(3));
   EXPECT_NE(other_seed.epoch_order(0), sampler.epoch_order(0));
 }
 
 TEST_F(LoaderTest, StateRoundTripContinuesTheSameSequence) {
   TokenDataset dataset = open();
-  BatchSampler sampler(dataset, kSeqLen, 7);
+  const Windows sampler_windows = stream_windows(dataset, kSeqLen);
+  BatchSampler sampler(sampler_windows, 7);
   for (int step = 0; step < 9; ++step) take(sampler, 4);
   const LoaderState saved = sampler.state();
   EXPECT_EQ(saved.epoch, 0u);
@@ -293,7 +302,8 @@ TEST_F(LoaderTest, StateRoundTripContinuesTheSameSequence) {
   std::vector<std::vector<int64_t>> continued;
   for (int step = 0; step < 20; ++step) continued.push_back(take(sampler, 4));
 
-  BatchSampler resumed(dataset, kSeqLen, 7);
+  const Windows resumed_windows = stream_windows(dataset, kSeqLen);
+  BatchSampler resumed(resumed_windows, 7);
   resumed.set_state(nlohmann::json::parse(j.dump()).get<LoaderState>());
   for (int step = 0; step < 20; ++step) EXPECT_EQ(take(resumed, 4), continued[step]) << step;
   EXPECT_EQ(resumed.state(), sampler.state());
@@ -302,7 +312,8 @@ TEST_F(LoaderTest, StateRoundTripContinuesTheSameSequence) {
 
 TEST_F(LoaderTest, StateErrorsNameTheProblem) {
   TokenDataset dataset = open();
-  BatchSampler sampler(dataset, kSeqLen, 7);
+  const Windows sampler_windows = stream_windows(dataset, kSeqLen);
+  BatchSampler sampler(sampler_windows, 7);
   std::string message = MF_ERROR_MESSAGE(sampler.set_state({0, 37}));
   EXPECT_NE(message.find("position 37 is not inside an epoch of 37 windows"), std::string::npos)
       << message;
@@ -314,8 +325,10 @@ TEST_F(LoaderTest, StateErrorsNameTheProblem) {
 
 TEST_F(LoaderTest, SkipMatchesConsuming) {
   TokenDataset dataset = open();
-  BatchSampler reading(dataset, kSeqLen, 3);
-  BatchSampler skipping(dataset, kSeqLen, 3);
+  const Windows reading_windows = stream_windows(dataset, kSeqLen);
+  BatchSampler reading(reading_windows, 3);
+  const Windows skipping_windows = stream_windows(dataset, kSeqLen);
+  BatchSampler skipping(skipping_windows, 3);
   take(reading, 50);
   skipping.skip(50);
   EXPECT_EQ(skipping.state(), reading.state());
@@ -326,11 +339,16 @@ TEST_F(LoaderTest, SkipMatchesConsuming) {
 TEST_F(LoaderTest, RankSlicesConcatenateToTheGlobalBatch) {
   TokenDataset dataset = open();
   constexpr int64_t kBatch = 3;
-  BatchSampler global(dataset, kSeqLen, 11);
-  BatchSampler rank0(dataset, kSeqLen, 11);
-  BatchSampler rank1(dataset, kSeqLen, 11);
-  BatchSampler single(dataset, kSeqLen, 11);
-  BatchSampler single_reference(dataset, kSeqLen, 11);
+  const Windows global_windows = stream_windows(dataset, kSeqLen);
+  BatchSampler global(global_windows, 11);
+  const Windows rank0_windows = stream_windows(dataset, kSeqLen);
+  BatchSampler rank0(rank0_windows, 11);
+  const Windows rank1_windows = stream_windows(dataset, kSeqLen);
+  BatchSampler rank1(rank1_windows, 11);
+  const Windows single_windows = stream_windows(dataset, kSeqLen);
+  BatchSampler single(single_windows, 11);
+  const Windows single_reference_windows = stream_windows(dataset, kSeqLen);
+  BatchSampler single_reference(single_reference_windows, 11);
   std::vector<int32_t> inputs(kBatch * kSeqLen);
   std::vector<int32_t> targets(kBatch * kSeqLen);
   // 15 steps of 6 windows cross two epoch boundaries (37 windows per epoch).
@@ -353,14 +371,14 @@ TEST_F(LoaderTest, RankSlicesConcatenateToTheGlobalBatch) {
 
 TEST_F(LoaderTest, TooFewTokensForOneWindow) {
   TokenDataset dataset = open();
-  std::string message = MF_ERROR_MESSAGE(BatchSampler(dataset, 300, 0));
+  std::string message = MF_ERROR_MESSAGE(BatchSampler(stream_windows(dataset, 300), 0));
   EXPECT_EQ(message, "");
-  message = MF_ERROR_MESSAGE(BatchSampler(dataset, 301, 0));
-  EXPECT_NE(message.find("301 tokens, too few for one window of seq_len 301 (needs 302"),
+  message = MF_ERROR_MESSAGE(BatchSampler(stream_windows(dataset, 301), 0));
+  EXPECT_NE(message.find("301 tokens, too few for one window: seq_len 301 needs 302 tokens"),
             std::string::npos)
       << message;
   TokenDataset val = TokenDataset::open(dir_.path(), "val");
-  EXPECT_THROW(BatchSampler(val, 4, 0), Error);
+  EXPECT_THROW(BatchSampler(stream_windows(val, 4), 0), Error);
 }
 
 // A dataset prepared with a completion offset reads like the one prepared without it, except
@@ -410,9 +428,10 @@ TEST(LoaderLossMask, PreparedCompletionMaskMatchesTheUnmaskedDataset) {
   std::vector<int32_t> targets(kSeqLen);
   std::vector<int32_t> plain_inputs(kSeqLen);
   std::vector<int32_t> plain_targets(kSeqLen);
-  for (int64_t window_idx = 0; window_idx < masked.num_windows(kSeqLen); ++window_idx) {
-    masked.read_window(kSeqLen, window_idx, inputs.data(), targets.data());
-    plain.read_window(kSeqLen, window_idx, plain_inputs.data(), plain_targets.data());
+  for (int64_t window_idx = 0; window_idx < stream_windows(masked, kSeqLen).num_windows();
+       ++window_idx) {
+    stream_windows(masked, kSeqLen).read(window_idx, inputs.data(), targets.data());
+    stream_windows(plain, kSeqLen).read(window_idx, plain_inputs.data(), plain_targets.data());
     EXPECT_EQ(inputs, plain_inputs) << window_idx;
     for (int64_t t = 0; t < kSeqLen; ++t) {
       const size_t token_idx = static_cast<size_t>(window_idx * kSeqLen + t + 1);
@@ -426,7 +445,7 @@ TEST(LoaderLossMask, PreparedCompletionMaskMatchesTheUnmaskedDataset) {
   // shards of 10 tokens. Window w has targets 6w + 1 .. 6w + 6.
   const int32_t eos = ByteTokenizer::kEosId;
   const auto window_targets = [&](int64_t window_idx) {
-    masked.read_window(kSeqLen, window_idx, inputs.data(), targets.data());
+    stream_windows(masked, kSeqLen).read(window_idx, inputs.data(), targets.data());
     return targets;
   };
   EXPECT_EQ(window_targets(5), (std::vector<int32_t>{-1, 'P', 'a', 'r', 'i', 's'}));

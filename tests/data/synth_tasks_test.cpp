@@ -22,6 +22,7 @@
 namespace moeforge::data {
 namespace {
 
+using testing::stream_windows;
 using testing::TempDir;
 
 // A needle found by the parser: its text and byte offset in the prompt.
@@ -273,7 +274,7 @@ TEST(SynthTasks, AllQuestionsDatasetCountsEveryAnswer) {
   const int64_t seq_len = dataset.num_tokens() - 1;
   std::vector<int32_t> inputs(seq_len);
   std::vector<int32_t> targets(seq_len);
-  dataset.read_window(seq_len, 0, inputs.data(), targets.data());
+  stream_windows(dataset, seq_len).read(0, inputs.data(), targets.data());
   // Per document: its text (the tokens between BOS and EOS) and its counted targets.
   std::vector<std::vector<int32_t>> texts, counted;
   for (int64_t pos = 0; pos < seq_len; ++pos) {
@@ -442,10 +443,10 @@ TEST(SynthTasks, AnswerOnlyDatasetCountsExactlyTheAnswersAndEos) {
     const TokenDataset dataset = TokenDataset::open(dir / "answers", split);
     EXPECT_TRUE(dataset.has_loss_mask()) << split;
     const int64_t seq_len = dataset.num_tokens() - 1;
-    ASSERT_EQ(dataset.num_windows(seq_len), 1) << split;
+    ASSERT_EQ(stream_windows(dataset, seq_len).num_windows(), 1) << split;
     std::vector<int32_t> inputs(seq_len);
     std::vector<int32_t> targets(seq_len);
-    dataset.read_window(seq_len, 0, inputs.data(), targets.data());
+    stream_windows(dataset, seq_len).read(0, inputs.data(), targets.data());
     // The counted targets (not -1) of each document: target i is token i + 1, and a document
     // starts at its BOS.
     ASSERT_EQ(inputs[0], ByteTokenizer::kBosId) << split;

@@ -1,4 +1,5 @@
-// Helpers for the data tests: a temporary folder removed at the end of the test, and file I/O.
+// Helpers for the data tests: a temporary folder removed at the end of the test, file I/O, and a
+// split's windows in the stream layout.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -8,6 +9,8 @@
 #include <fstream>
 #include <iterator>
 #include <string>
+
+#include "data/windows.h"
 
 namespace moeforge::data::testing {
 
@@ -56,5 +59,10 @@ inline std::string read_file(const std::filesystem::path& path) {
     }                                      \
     return "";                             \
   }()
+
+// The split's windows at fixed strides (data/windows.h, layout "stream").
+inline Windows stream_windows(const TokenDataset& dataset, int64_t seq_len) {
+  return Windows(dataset, seq_len, WindowLayout::kStream);
+}
 
 }  // namespace moeforge::data::testing

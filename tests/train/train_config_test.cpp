@@ -54,6 +54,7 @@ TEST(TrainConfigTest, DefaultsFillEverythingNotGiven) {
   EXPECT_EQ(c.data.micro_batch_size, 8);
   EXPECT_EQ(c.data.grad_accum_steps, 1);
   EXPECT_EQ(c.data.seed, 42u);
+  EXPECT_EQ(c.data.windows, "stream");
   EXPECT_DOUBLE_EQ(c.optimizer.lr, 3e-4);
   EXPECT_DOUBLE_EQ(c.optimizer.beta1, 0.9);
   EXPECT_DOUBLE_EQ(c.optimizer.beta2, 0.95);
@@ -259,6 +260,9 @@ TEST(TrainConfigTest, EveryInvalidValueIsNamedByItsKeyPath) {
       {"checkpoint", "every_steps", -1, "checkpoint.every_steps must be >= 0"},
       {"checkpoint", "keep_last", -1, "checkpoint.keep_last must be >= 0"},
       {"checkpoint", "dir", 5, "checkpoint.dir must be a string, got 5"},
+      {"data", "windows", "documents",
+       "data.windows must be one of stream, packed, single, got \"documents\""},
+      {"data", "windows", 1, "data.windows must be a string, got 1"},
       {"eval", "every_steps", -1, "eval.every_steps must be >= 0"},
       {"eval", "max_batches", 0, "eval.max_batches must be > 0"},
       {"log", "every_steps", 0, "log.every_steps must be > 0"},
@@ -443,6 +447,7 @@ TEST(TrainConfigTest, RoundTripsThroughJson) {
   c.data.micro_batch_size = 2;
   c.data.grad_accum_steps = 4;
   c.data.seed = 99;
+  c.data.windows = "packed";
   c.optimizer = OptimizerConfig{1e-3, 0.8, 0.99, 1e-6, 0.0, {"norm"}, 0.0};
   c.schedule.type = ScheduleType::kWsd;
   c.schedule.warmup_steps = 10;
