@@ -18,6 +18,8 @@ namespace moeforge::data {
 namespace {
 
 namespace fs = std::filesystem;
+using testing::add_loss_mask;
+using testing::mask_value;
 using testing::read_file;
 using testing::stream_windows;
 using testing::TempDir;
@@ -44,34 +46,6 @@ void write_dataset(const fs::path& dir, const std::vector<int64_t>& shard_sizes)
                             {"splits",
                              {{"train", {{"num_tokens", next_token}, {"shards", shards}}},
                               {"val", {{"num_tokens", 0}, {"shards", nlohmann::json::array()}}}}}};
-  write_file(dir / kDatasetJsonName, dataset.dump());
-}
-
-// The loss mask of the stream 0, 1, 2, ...: token t counts as a target unless t % 7 < 3.
-int32_t mask_value(int64_t token) {
-  return token % 7 < 3 ? 0 : 1;
-}
-
-// Writes a mask shard (vocab 2, mask_value of each token) beside every train shard of a dataset
-// from write_dataset and lists them in dataset.json as loss_mask_shards (val: none, no shards).
-void add_loss_mask(const fs::path& dir) {
-  nlohmann::json dataset = nlohmann::json::parse(read_file(dir / kDatasetJsonName));
-  nlohmann::json& train = dataset["splits"]["train"];
-  nlohmann::json masks = nlohmann::json::array();
-  int64_t next_token = 0;
-  for (size_t shard_idx = 0; shard_idx < train["shards"].size(); ++shard_idx) {
-    const int64_t num_tokens = train["shards"][shard_idx]["num_tokens"];
-    std::vector<int32_t> mask(static_cast<size_t>(num_tokens));
-    for (int64_t token_idx = 0; token_idx < num_tokens; ++token_idx) {
-      mask[token_idx] = mask_value(next_token + token_idx);
-    }
-    next_token += num_tokens;
-    std::string name = "train-0000" + std::to_string(shard_idx) + ".mask.bin";
-    write_token_shard(dir / name, mask, 2);
-    masks.push_back({{"file", name}, {"num_tokens", num_tokens}});
-  }
-  train["loss_mask_shards"] = masks;
-  dataset["splits"]["val"]["loss_mask_shards"] = nlohmann::json::array();
   write_file(dir / kDatasetJsonName, dataset.dump());
 }
 

@@ -24,7 +24,9 @@ namespace moeforge::data {
 namespace {
 
 namespace fs = std::filesystem;
+using testing::byte_document_tokens;
 using testing::read_file;
+using testing::read_split;
 using testing::TempDir;
 using testing::write_file;
 
@@ -50,20 +52,6 @@ void write_corpus(const fs::path& root) {
   write_file(root / ".hidden.txt", "hidden file");
   write_file(root / ".git" / "config", "hidden folder");
   write_file(root / "a" / "index.dat", std::string("\x00\x01\x02", 3));
-}
-
-std::vector<int32_t> read_split(const fs::path& dir, const std::string& split) {
-  TokenDataset dataset = TokenDataset::open(dir, split);
-  std::vector<int32_t> tokens(static_cast<size_t>(dataset.num_tokens()));
-  dataset.read(0, dataset.num_tokens(), tokens.data());
-  return tokens;
-}
-
-std::vector<int32_t> byte_document_tokens(const std::string& text) {
-  std::vector<int32_t> tokens = {ByteTokenizer::kBosId};
-  for (unsigned char byte : text) tokens.push_back(byte);
-  tokens.push_back(ByteTokenizer::kEosId);
-  return tokens;
 }
 
 PrepareOptions corpus_options(const fs::path& input, const fs::path& out_dir) {

@@ -26,7 +26,11 @@ namespace moeforge::data {
 namespace {
 
 namespace fs = std::filesystem;
+using testing::add_loss_mask;
+using testing::byte_document_tokens;
+using testing::mask_value;
 using testing::read_file;
+using testing::read_split;
 using testing::TempDir;
 using testing::write_file;
 
@@ -332,32 +336,6 @@ TEST(Windows, EveryTokenIsATargetOnceOutsideWindowStarts) {
   }
 }
 
-// A loss mask of the train stream: token t counts as a target unless t % 7 < 3.
-int32_t mask_value(int64_t token) {
-  return token % 7 < 3 ? 0 : 1;
-}
-
-// Writes a mask shard beside every train shard of a dataset from write_dataset.
-void add_loss_mask(const fs::path& dir) {
-  nlohmann::json dataset = nlohmann::json::parse(read_file(dir / kDatasetJsonName));
-  nlohmann::json& train = dataset["splits"]["train"];
-  nlohmann::json masks = nlohmann::json::array();
-  int64_t next_token = 0;
-  for (size_t shard_idx = 0; shard_idx < train["shards"].size(); ++shard_idx) {
-    const int64_t num_tokens = train["shards"][shard_idx]["num_tokens"];
-    std::vector<int32_t> mask(static_cast<size_t>(num_tokens));
-    for (int64_t token_idx = 0; token_idx < num_tokens; ++token_idx) {
-      mask[token_idx] = mask_value(next_token + token_idx);
-    }
-    next_token += num_tokens;
-    const std::string name = "train-0000" + std::to_string(shard_idx) + ".mask.bin";
-    write_token_shard(dir / name, mask, 2);
-    masks.push_back({{"file", name}, {"num_tokens", num_tokens}});
-  }
-  train["loss_mask_shards"] = masks;
-  write_file(dir / kDatasetJsonName, dataset.dump());
-}
-
 TEST(Windows, LossMaskAndPaddingAreMinusOneInPackedWindows) {
   TempDir dir;
   write_six_documents(dir.path());
@@ -581,21 +559,6 @@ TEST(Windows, BatchSamplerNeedsOnePackedWindow) {
       << message;
 }
 
-// The tokens of a prepared byte-tokenizer dataset's split.
-std::vector<int32_t> split_tokens(const TokenDataset& dataset) {
-  std::vector<int32_t> tokens(dataset.num_tokens());
-  dataset.read(0, dataset.num_tokens(), tokens.data());
-  return tokens;
-}
-
-// [BOS] + bytes + [EOS].
-std::vector<int32_t> byte_document(const std::string& text) {
-  std::vector<int32_t> tokens = {ByteTokenizer::kBosId};
-  for (unsigned char byte : text) tokens.push_back(byte);
-  tokens.push_back(ByteTokenizer::kEosId);
-  return tokens;
-}
-
 // Three documents of 7, 10 and 32 tokens.
 const std::vector<std::pair<std::string, std::string>> kPreparedDocuments = {
     {"a.txt", "hello"}, {"b.txt", "hi there"}, {"c.txt", "a document of thirty bytes...."}};
@@ -623,11 +586,11 @@ TEST(WindowsPrepared, PackedWindowsStartWithBosAtDocumentStarts) {
   const std::vector<int64_t>& starts = *dataset.document_starts();
   ASSERT_EQ(starts, (std::vector<int64_t>{0, 7, 17}));
   ASSERT_EQ(dataset.num_tokens(), 49);
-  const std::vector<int32_t> tokens = split_tokens(dataset);
+  const std::vector<int32_t> tokens = read_split(dir / "out", "train");
   for (size_t doc_idx = 0; doc_idx < starts.size(); ++doc_idx) {
     const int64_t end = doc_idx + 1 < starts.size() ? starts[doc_idx + 1] : dataset.num_tokens();
     EXPECT_EQ(std::vector<int32_t>(tokens.begin() + starts[doc_idx], tokens.begin() + end),
-              byte_document(kPreparedDocuments[doc_idx].second))
+              byte_document_tokens(kPreparedDocuments[doc_idx].second))
         << doc_idx;
   }
 
@@ -677,11 +640,11 @@ TEST(WindowsPrepared, StreamTailCutsADocumentBetweenTheSplits) {
   ASSERT_EQ(val.num_tokens(), 24);
   EXPECT_EQ(*train.document_starts(), (std::vector<int64_t>{0, 7, 17}));
   EXPECT_EQ(*val.document_starts(), (std::vector<int64_t>{0}));
-  const std::vector<int32_t> cut = byte_document(kPreparedDocuments[2].second);
-  const std::vector<int32_t> train_tokens = split_tokens(train);
+  const std::vector<int32_t> cut = byte_document_tokens(kPreparedDocuments[2].second);
+  const std::vector<int32_t> train_tokens = read_split(dir / "out", "train");
   EXPECT_EQ(std::vector<int32_t>(train_tokens.begin() + 17, train_tokens.end()),
             std::vector<int32_t>(cut.begin(), cut.begin() + 8));
-  EXPECT_EQ(split_tokens(val), std::vector<int32_t>(cut.begin() + 8, cut.end()));
+  EXPECT_EQ(read_split(dir / "out", "val"), std::vector<int32_t>(cut.begin() + 8, cut.end()));
 
   EXPECT_EQ(spans_of(Windows(train, 16, WindowLayout::kPacked)), (Spans{{0, 17}, {17, 25}}));
   EXPECT_EQ(spans_of(Windows(train, 16, WindowLayout::kSingle)),
