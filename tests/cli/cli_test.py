@@ -779,11 +779,18 @@ class CliTest(unittest.TestCase):
                    check=False)
         self.assertNotEqual(proc.returncode, 0)
         self.assertIn("--windows: docs not in {stream,packed,single}", proc.stderr)
-        config = self.train_config("synth-answer-packed", data__dataset=answer_dir,
-                                   data__seq_len=128, data__windows="packed", eval__max_batches=8,
-                                   schedule__max_steps=2, checkpoint__every_steps=0)
-        run([MOEFORGE, "train", "--config", config, "--no-progress"])
-        self.assertEqual(len(self.step_metrics("synth-answer-packed")), 2)
+        # The trainer reads its windows in the configured layout: packed windows (padded, starting
+        # at documents) count other targets than the stream's windows of the same seed.
+        counted = {}
+        for windows in ("packed", "stream"):
+            name = f"synth-answer-{windows}"
+            config = self.train_config(name, data__dataset=answer_dir, data__seq_len=128,
+                                       data__windows=windows, eval__max_batches=8,
+                                       schedule__max_steps=2, checkpoint__every_steps=0)
+            run([MOEFORGE, "train", "--config", config, "--no-progress"])
+            counted[windows] = [m["counted_targets"] for m in self.step_metrics(name)]
+            self.assertEqual(len(counted[windows]), 2)
+        self.assertNotEqual(counted["packed"], counted["stream"])
         config = self.train_config("synth-answer-run", data__dataset=answer_dir, data__seq_len=128,
                                    eval__max_batches=8, schedule__max_steps=2,
                                    checkpoint__every_steps=0)
