@@ -62,7 +62,9 @@
 #             recipe's environment (TASKS, WARM2_STEPS, ...) passes through
 #   probe     scripts/longctx_probe.sh: whether the long-context model learns a task at short
 #             lengths (PROBE_TASKS, PROBE_LR, PROBE_STEPS, ... pass through): accuracy at every
-#             checkpoint ($OUT/probe/probe_curve.txt) and what the wrong answers copied
+#             checkpoint and what the wrong answers copied ($OUT/probe-0); PROBE_SETS runs several
+#             probes in turn, e.g. "WINDOWS=stream;WINDOWS=packed" ($OUT/probe-N), the later ones
+#             from the first one's warm model; every curve in $OUT/probe_summary.txt
 #   bench     `moeforge bench train` on configs/bench/moe-1.8b-a0.4b.json (recompute modes from
 #             BENCH_RECOMPUTE, default "none selective"; BENCH_OVERLAP=1 adds each with
 #             --overlap-optimizer, BENCH_GRAPHS=1 each with --cuda-graphs), then the PyTorch
@@ -322,7 +324,31 @@ for line in open(sys.argv[1]):
       bash scripts/long_context_recipe.sh build-gpu/moeforge "$OUT/longctx" || rc=1
       ;;
     probe)
-      bash scripts/longctx_probe.sh build-gpu/moeforge "$OUT/probe" || rc=1
+      # PROBE_SETS: several probes in one call, ';'-separated, each a list of VAR=value for
+      # longctx_probe.sh; the later ones start from the first one's warm model unless they set
+      # PROBE_FROM. Without it, one probe with the environment as it is.
+      IFS=';' read -r -a probe_sets <<< "${PROBE_SETS:-}"
+      [ ${#probe_sets[@]} -eq 0 ] && probe_sets=("")
+      : > "$OUT/probe_summary.txt"
+      for set_idx in "${!probe_sets[@]}"; do
+        read -r -a assignments <<< "${probe_sets[$set_idx]}"
+        if [ "$set_idx" -gt 0 ] && [ -z "${PROBE_FROM:-}" ] &&
+          [[ "${probe_sets[$set_idx]}" != *PROBE_FROM=* ]]; then
+          warm=$(ls -d runs/longctx-warm/checkpoints/step-* | tail -n 1)
+          assignments=("PROBE_FROM=$warm" "${assignments[@]}")
+        fi
+        probe_dir="$OUT/probe-$set_idx"
+        echo "probe $set_idx: ${probe_sets[$set_idx]}" | tee -a "$OUT/probe_summary.txt"
+        if env "${assignments[@]}" bash scripts/longctx_probe.sh build-gpu/moeforge "$probe_dir"; then
+          for log in "$probe_dir"/train_*.txt; do
+            echo "$(basename "$log" .txt): $(tail -n 1 "$log")" >> "$OUT/probe_summary.txt"
+          done
+          cat "$probe_dir/probe_curve.txt" >> "$OUT/probe_summary.txt"
+        else
+          echo "probe $set_idx failed" | tee -a "$OUT/probe_summary.txt"
+          rc=1
+        fi
+      done
       ;;
     bench)
       # SM clock and power every 50 ms while each run goes (a sustained step may run below the
