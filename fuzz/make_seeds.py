@@ -200,6 +200,12 @@ def dataset_seeds():
                                     "shards": [{"file": "train-00000.bin", "num_tokens": 12}]},
                           "val": {"num_tokens": 0, "num_documents": 0, "shards": []}}}
     tokenizer = {"format_version": 1, "kind": "byte", "vocab_size": 258, "bos_id": 256, "eos_id": 257}
+    documents = dict(dataset, tokenizer={"kind": "byte", "vocab_size": 258, "bos_id": 256, "eos_id": 257},
+                     documents=[{"relative_path": "a.txt", "split": "train", "num_tokens": 8},
+                                {"relative_path": "b.txt", "split": "train", "num_tokens": 4}])
+    cut = json.loads(json.dumps(documents))
+    cut["documents"][1]["split"] = "train+val"
+    cut["documents"][1]["num_tokens"] = 6
     two_shards = json.loads(json.dumps(dataset))
     two_shards["splits"]["train"]["shards"].append({"file": "train-00000.bin", "num_tokens": 12})
     two_shards["splits"]["train"]["num_tokens"] = 24
@@ -215,6 +221,10 @@ def dataset_seeds():
                                      shard, json.dumps(tokenizer)),
         "too_few_tokens": join_files(json.dumps(dataset).replace("12", "3"), token_shard([1, 2, 3], 258),
                                      json.dumps(dict(tokenizer, bos_id=5))),
+        "documents": join_files(json.dumps(documents), shard, json.dumps(tokenizer)),
+        "documents_cut_into_val": join_files(json.dumps(cut), shard, json.dumps(tokenizer)),
+        "documents_not_adding_up": join_files(json.dumps(documents).replace('"num_tokens": 4}]', '"num_tokens": 5}]'),
+                                              shard, json.dumps(tokenizer)),
     }
 
 
