@@ -18,7 +18,9 @@
 #      phase had learned; the long phase at lr 3e-4 with one micro-batch of 2 windows a step (2 to
 #      20 answers) worked once by hand and, in the whole script's first run, swung its val loss
 #      0.66 -> 1.19 -> 0.83 and lost the retrieval; niah_multikey alone after the warm phase at
-#      lr 5e-4 or 1e-3 lost the retrieval too (val loss 1.5-2.0, digits guessed);
+#      lr 5e-4 or 1e-3 lost the retrieval too (val loss 1.5-2.0, digits guessed); all four
+#      tasks with QUESTIONS=all WARM2_STEPS=12000 WARM2_LR=3e-4 (session 31, WINDOWS stream)
+#      solved niah_single only (niah_multikey 0-5 of 20, the other two 0);
 #   3. eval --task on held-out tasks (another seed) at 1K, 4K, 16K, 32K and 128K on the GPU, dense,
 #      flex (the fast pattern search, the default) and flex_exact (--flex-search exact), with every
 #      answer in predictions_*.jsonl and what the wrong ones copied in outcomes_*.json
