@@ -7,8 +7,6 @@
 #include "data/prepare.h"
 #include "data/windows.h"
 
-#include <fmt/format.h>
-
 #include <algorithm>
 #include <numeric>
 #include <utility>
@@ -194,25 +192,29 @@ void from_json(const nlohmann::json& j, LoaderState& state) {
 }
 
 BatchSampler::BatchSampler(const Windows& windows, uint64_t seed)
-    : windows_(&windows), seq_len_(windows.seq_len()), seed_(seed), num_windows_(0) {
-  num_windows_ = windows.num_windows();
+    : windows_(&windows), seed_(seed) {
   const TokenDataset& dataset = windows.dataset();
-  MF_CHECK(num_windows_ >= 1, "dataset '{}' split '{}' has {} tokens, too few for one window: {}",
+  MF_CHECK(num_windows() >= 1, "dataset '{}' split '{}' has {} tokens, too few for one window: {}",
            dataset.dir().string(), dataset.split(), dataset.num_tokens(),
-           windows.layout() == WindowLayout::kStream
-               ? fmt::format("seq_len {} needs {} tokens", seq_len_, seq_len_ + 1)
-               : fmt::format("window layout \"{}\" needs a document of 2 or more tokens",
-                             window_layout_name(windows.layout())));
-  MF_CHECK(num_windows_ < (int64_t{1} << kEpochCounterShift),
-           "batch sampler: {} windows is too many", num_windows_);
+           windows.one_window_needs());
+  MF_CHECK(num_windows() < (int64_t{1} << kEpochCounterShift),
+           "batch sampler: {} windows is too many", num_windows());
   order_ = epoch_order(0);
 }
 
+int64_t BatchSampler::seq_len() const {
+  return windows_->seq_len();
+}
+
+int64_t BatchSampler::num_windows() const {
+  return windows_->num_windows();
+}
+
 std::vector<int64_t> BatchSampler::epoch_order(uint64_t epoch) const {
-  std::vector<int64_t> order(static_cast<size_t>(num_windows_));
+  std::vector<int64_t> order(static_cast<size_t>(num_windows()));
   std::iota(order.begin(), order.end(), int64_t{0});
   Rng rng(seed_ ^ kSamplerSeedSalt, epoch << kEpochCounterShift);
-  for (int64_t window_idx = num_windows_ - 1; window_idx > 0; --window_idx) {
+  for (int64_t window_idx = num_windows() - 1; window_idx > 0; --window_idx) {
     auto other_idx = static_cast<int64_t>(rng.below(static_cast<uint64_t>(window_idx) + 1));
     std::swap(order[window_idx], order[other_idx]);
   }
@@ -220,18 +222,18 @@ std::vector<int64_t> BatchSampler::epoch_order(uint64_t epoch) const {
 }
 
 void BatchSampler::set_state(const LoaderState& state) {
-  MF_CHECK(state.position < static_cast<uint64_t>(num_windows_),
+  MF_CHECK(state.position < static_cast<uint64_t>(num_windows()),
            "loader state position {} is not inside an epoch of {} windows (was the dataset or "
            "seq_len changed since the state was saved?)",
-           state.position, num_windows_);
+           state.position, num_windows());
   state_ = state;
 }
 
 void BatchSampler::skip(int64_t count) {
   MF_CHECK(count >= 0, "batch sampler: cannot skip {} windows", count);
   const uint64_t total = state_.position + static_cast<uint64_t>(count);
-  state_.epoch += total / static_cast<uint64_t>(num_windows_);
-  state_.position = total % static_cast<uint64_t>(num_windows_);
+  state_.epoch += total / static_cast<uint64_t>(num_windows());
+  state_.position = total % static_cast<uint64_t>(num_windows());
 }
 
 void BatchSampler::next_batch(int64_t batch_size, int32_t* inputs, int32_t* targets) {
@@ -242,8 +244,8 @@ void BatchSampler::next_batch(int64_t batch_size, int32_t* inputs, int32_t* targ
       order_ = epoch_order(state_.epoch);
       order_epoch_ = state_.epoch;
     }
-    windows_->read(order_[state_.position], inputs + row_idx * seq_len_,
-                   targets + row_idx * seq_len_);
+    windows_->read(order_[state_.position], inputs + row_idx * seq_len(),
+                   targets + row_idx * seq_len());
     skip(1);
   }
 }

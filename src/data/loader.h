@@ -80,8 +80,8 @@ class BatchSampler {
  public:
   BatchSampler(const Windows& windows, uint64_t seed);
 
-  int64_t seq_len() const { return seq_len_; }
-  int64_t num_windows() const { return num_windows_; }
+  int64_t seq_len() const;
+  int64_t num_windows() const;
   uint64_t seed() const { return seed_; }
 
   LoaderState state() const { return state_; }
@@ -103,9 +103,7 @@ class BatchSampler {
 
  private:
   const Windows* windows_;
-  int64_t seq_len_;
   uint64_t seed_;
-  int64_t num_windows_;
   LoaderState state_;
   uint64_t order_epoch_ = 0;    // the epoch whose order is in order_
   std::vector<int64_t> order_;  // [num_windows]

@@ -87,6 +87,14 @@ WindowSpan Windows::span(int64_t window_idx) const {
   return spans_[static_cast<size_t>(window_idx)];
 }
 
+std::string Windows::one_window_needs() const {
+  if (layout_ == WindowLayout::kStream) {
+    return fmt::format("seq_len {} needs {} tokens", seq_len_, seq_len_ + 1);
+  }
+  return fmt::format("window layout \"{}\" needs a document of 2 or more tokens",
+                     window_layout_name(layout_));
+}
+
 void Windows::read(int64_t window_idx, int32_t* inputs, int32_t* targets) const {
   const WindowSpan window = span(window_idx);
   const int64_t num_targets = window.end - window.begin - 1;

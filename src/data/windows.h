@@ -45,6 +45,9 @@ class Windows {
   WindowLayout layout() const { return layout_; }
   int64_t num_windows() const { return num_windows_; }
   WindowSpan span(int64_t window_idx) const;
+  // What one window needs, for the errors about a split without any: "seq_len 8 needs 9 tokens"
+  // (stream) or "window layout \"packed\" needs a document of 2 or more tokens".
+  std::string one_window_needs() const;
 
   // inputs, targets: [seq_len]. targets[t] = the token after inputs[t] inside the window, -1 where
   // the loss mask does not count it and past the window's tokens; inputs past them are padding.

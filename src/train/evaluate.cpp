@@ -1,8 +1,6 @@
 // Ordered, rank-split evaluation over the validation windows.
 #include "train/evaluate.h"
 
-#include <fmt/format.h>
-
 #include <algorithm>
 #include <cmath>
 #include <span>
@@ -17,10 +15,7 @@ namespace {
 int64_t num_scored_windows(const data::Windows& windows, int64_t batch_size, int64_t max_batches) {
   const int64_t num_windows = windows.num_windows();
   MF_CHECK(num_windows > 0, "the validation split has no window ({}); cannot evaluate",
-           windows.layout() == data::WindowLayout::kStream
-               ? fmt::format("fewer than {} tokens", windows.seq_len() + 1)
-               : fmt::format("no document of 2 or more tokens, window layout \"{}\"",
-                             data::window_layout_name(windows.layout())));
+           windows.one_window_needs());
   return max_batches > 0 ? std::min(num_windows, max_batches * batch_size) : num_windows;
 }
 
