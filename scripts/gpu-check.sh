@@ -64,7 +64,8 @@
 #             lengths (PROBE_TASKS, PROBE_LR, PROBE_STEPS, ... pass through): accuracy at every
 #             checkpoint and what the wrong answers copied ($OUT/probe-0); PROBE_SETS runs several
 #             probes in turn, e.g. "WINDOWS=stream;WINDOWS=packed" ($OUT/probe-N), the later ones
-#             from the first one's warm model; every curve in $OUT/probe_summary.txt
+#             from the first one's warm model, or with PROBE_PARALLEL=1 all at once from a warm
+#             model trained first; every curve in $OUT/probe_summary.txt
 #   bench     `moeforge bench train` on configs/bench/moe-1.8b-a0.4b.json (recompute modes from
 #             BENCH_RECOMPUTE, default "none selective"; BENCH_OVERLAP=1 adds each with
 #             --overlap-optimizer, BENCH_GRAPHS=1 each with --cuda-graphs), then the PyTorch
@@ -326,28 +327,64 @@ for line in open(sys.argv[1]):
     probe)
       # PROBE_SETS: several probes in one call, ';'-separated, each a list of VAR=value for
       # longctx_probe.sh; the later ones start from the first one's warm model unless they set
-      # PROBE_FROM. Without it, one probe with the environment as it is.
+      # PROBE_FROM (PROBE_FROM= with no value: a warm model of their own). Without it, one probe
+      # with the environment as it is. PROBE_PARALLEL=1 trains the shared warm model first
+      # ($OUT/probe-warm) and then runs every set at once on the one GPU, each in its own work
+      # directory (LONGCTX_WORK=runs/probe-work-N): the small model leaves most of an H200 idle.
       IFS=';' read -r -a probe_sets <<< "${PROBE_SETS:-}"
       [ ${#probe_sets[@]} -eq 0 ] && probe_sets=("")
       : > "$OUT/probe_summary.txt"
-      for set_idx in "${!probe_sets[@]}"; do
-        read -r -a assignments <<< "${probe_sets[$set_idx]}"
-        if [ "$set_idx" -gt 0 ] && [ -z "${PROBE_FROM:-}" ] &&
-          [[ "${probe_sets[$set_idx]}" != *PROBE_FROM=* ]]; then
-          warm=$(ls -d runs/longctx-warm/checkpoints/step-* | tail -n 1)
-          assignments=("PROBE_FROM=$warm" "${assignments[@]}")
-        fi
-        probe_dir="$OUT/probe-$set_idx"
-        echo "probe $set_idx: ${probe_sets[$set_idx]}" | tee -a "$OUT/probe_summary.txt"
-        if env "${assignments[@]}" bash scripts/longctx_probe.sh build-gpu/moeforge "$probe_dir"; then
-          for log in "$probe_dir"/train_*.txt; do
+      # probe_summarize INDEX DIR STATUS: one set's phases and learning curve into the summary.
+      probe_summarize() {
+        if [ "$3" -eq 0 ]; then
+          for log in "$2"/train_*.txt; do
             echo "$(basename "$log" .txt): $(tail -n 1 "$log")" >> "$OUT/probe_summary.txt"
           done
-          cat "$probe_dir/probe_curve.txt" >> "$OUT/probe_summary.txt"
+          cat "$2/probe_curve.txt" >> "$OUT/probe_summary.txt"
         else
-          echo "probe $set_idx failed" | tee -a "$OUT/probe_summary.txt"
+          echo "probe $1 failed" | tee -a "$OUT/probe_summary.txt"
           rc=1
         fi
+      }
+      shared_warm=${PROBE_FROM:-}
+      if [ "${PROBE_PARALLEL:-0}" = 1 ] && [ -z "$shared_warm" ]; then
+        if ! shared_warm=$(bash scripts/longctx_warm.sh build-gpu/moeforge "$OUT/probe-warm"); then
+          echo "probe: the warm phase failed" | tee -a "$OUT/probe_summary.txt"
+          rc=1
+          continue
+        fi
+        echo "warm: $(tail -n 1 "$OUT/probe-warm/train_warm.txt")" | tee -a "$OUT/probe_summary.txt"
+      fi
+      probe_pids=()
+      for set_idx in "${!probe_sets[@]}"; do
+        read -r -a assignments <<< "${probe_sets[$set_idx]}"
+        if [ "$set_idx" -gt 0 ] || [ -n "$shared_warm" ] &&
+          [[ "${probe_sets[$set_idx]}" != *PROBE_FROM=* ]]; then
+          [ -n "$shared_warm" ] || shared_warm=$(ls -d runs/longctx-warm/checkpoints/step-* | tail -n 1)
+          assignments=("PROBE_FROM=$shared_warm" "${assignments[@]}")
+        fi
+        probe_dir="$OUT/probe-$set_idx"
+        echo "probe $set_idx: ${probe_sets[$set_idx]}"
+        if [ "${PROBE_PARALLEL:-0}" = 1 ]; then
+          mkdir -p "$probe_dir"
+          env LONGCTX_WORK="$PWD/runs/probe-work-$set_idx" "${assignments[@]}" \
+            bash scripts/longctx_probe.sh build-gpu/moeforge "$probe_dir" \
+            > "$probe_dir/probe_log.txt" 2>&1 &
+          probe_pids+=($!)
+        else
+          echo "probe $set_idx: ${probe_sets[$set_idx]}" >> "$OUT/probe_summary.txt"
+          probe_status=0
+          env "${assignments[@]}" bash scripts/longctx_probe.sh build-gpu/moeforge "$probe_dir" ||
+            probe_status=$?
+          probe_summarize "$set_idx" "$probe_dir" "$probe_status"
+        fi
+      done
+      for set_idx in "${!probe_pids[@]}"; do
+        probe_status=0
+        wait "${probe_pids[$set_idx]}" || probe_status=$?
+        echo "probe $set_idx: ${probe_sets[$set_idx]}" >> "$OUT/probe_summary.txt"
+        probe_summarize "$set_idx" "$OUT/probe-$set_idx" "$probe_status"
+        [ "$probe_status" -eq 0 ] || tail -n 5 "$OUT/probe-$set_idx/probe_log.txt"
       done
       ;;
     bench)

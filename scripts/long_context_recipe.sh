@@ -36,18 +36,18 @@
 # examples of TASKS at lr WARM2_LR (3e-4), from the warm model.
 # XLONG_STEPS > 0 adds a fourth phase toward 128K: that many steps of 2 x 1 windows of 128K of
 # 16K-64K niah_single examples at lr 1e-4; then both the long and the xlong model are evaluated.
-# The models stay in runs/ (their paths are printed). Usage:
+# The models stay in runs/ (their paths are printed), or in LONGCTX_WORK's runs/. Usage:
 # scripts/long_context_recipe.sh MOEFORGE OUT_DIR (environment: TASKS; WARM_STEPS, MID_STEPS,
 # LONG_STEPS, WARM2_STEPS and XLONG_STEPS (default 0), WARM2_LR; QUESTIONS; WARM_MAX_VAL_LOSS and
 # WARM_ATTEMPTS (3); EVAL_NUM examples per task and length, default 20; EVAL_ATTENTION, default
 # "dense flex flex_exact"; DUMP_LAYER, default 2; DEVICE, default cuda: where the phases train and
 # the evaluation runs, while bench prefill needs the GPU; WINDOWS, the phases' data.windows, default
-# stream: scripts/longctx_phases.sh).
+# stream, and LONGCTX_WORK, where data/ and runs/ go: scripts/longctx_phases.sh).
 set -euo pipefail
 moeforge=$(realpath "$1")
 out=$(realpath -m "$2")
 cd "$(dirname "$0")/.."
-mkdir -p "$out" data runs
+mkdir -p "$out"
 eval_num=${EVAL_NUM:-20}
 dump_layer=${DUMP_LAYER:-2}
 tasks=${TASKS:-niah_single,niah_multikey}
@@ -56,15 +56,16 @@ questions=${QUESTIONS:-one}
 source scripts/longctx_phases.sh
 
 "$moeforge" data synth --task "$tasks" --lengths 1024,2048,4096 --num 4000 --seed 5 \
-  --format train --loss answer --questions "$questions" --out data/longctx-mid --overwrite
+  --format train --loss answer --questions "$questions" --out "$work/data/longctx-mid" --overwrite
 "$moeforge" data synth --task "$tasks" --lengths 1024,2048,4096,8192,16384 --num 1500 --seed 11 \
-  --format train --loss answer --questions "$questions" --out data/longctx-long --overwrite
+  --format train --loss answer --questions "$questions" --out "$work/data/longctx-long" --overwrite
 
 warm_phase
 mid_from=warm
 if [ "${WARM2_STEPS:-0}" -gt 0 ]; then
   "$moeforge" data synth --task "$tasks" --lengths 420,520,640 --num 8000 --seed 7 \
-    --format train --loss answer --questions "$questions" --out data/longctx-warm2 --overwrite
+    --format train --loss answer --questions "$questions" --out "$work/data/longctx-warm2" \
+    --overwrite
   train_phase warm2 longctx-warm2 2048 8 1 "$WARM2_STEPS" "${WARM2_LR:-0.0003}" \
     --init-from "$(last_checkpoint warm)"
   mid_from=warm2
@@ -76,7 +77,7 @@ train_phase long longctx-long 32768 2 2 "${LONG_STEPS:-700}" 0.0002 \
 models=(long)
 if [ "${XLONG_STEPS:-0}" -gt 0 ]; then
   "$moeforge" data synth --task niah_single --lengths 16384,32768,65536 --num 300 --seed 13 \
-    --format train --loss answer --out data/longctx-xlong --overwrite
+    --format train --loss answer --out "$work/data/longctx-xlong" --overwrite
   train_phase xlong longctx-xlong 131072 1 2 "$XLONG_STEPS" 0.0001 \
     --init-from "$(last_checkpoint long)"
   models+=(xlong)
@@ -110,7 +111,7 @@ done
 prompt=$(python3 -c 'import json, sys; print(json.loads(open(sys.argv[1]).readline())["prompt"], end="")' \
   "$out/tasks_128k.jsonl")
 "$moeforge" generate --model "$model" --prompt "$prompt" --max-new-tokens 1 --temperature 0 \
-  --device "$device" --dump-qkv "$dump_layer" data/longctx-qkv.safetensors > /dev/null
-"$moeforge" bench prefill --qkv data/longctx-qkv.safetensors --seq 8192,32768,65536,130000 \
+  --device "$device" --dump-qkv "$dump_layer" "$work/data/longctx-qkv.safetensors" > /dev/null
+"$moeforge" bench prefill --qkv "$work/data/longctx-qkv.safetensors" --seq 8192,32768,65536,130000 \
   > "$out/bench_prefill_qkv.jsonl"
 cat "$out/bench_prefill_qkv.jsonl"

@@ -4,35 +4,39 @@
 # DEVICE (default cuda) is where they train and evaluate; LONGCTX_CONFIG (default
 # configs/train/longctx.json) is the training config, and through it the model; WINDOWS (default
 # stream, what every run up to session 31 used) is data.windows: packed keeps each example whole in
-# its window, where stream cuts some between their needles and their answers.
+# its window, where stream cuts some between their needles and their answers. LONGCTX_WORK (default
+# the repository root) is where the data/ and runs/ of the phases go, so that runs in different
+# work directories can train side by side.
 longctx_config=$(realpath "${LONGCTX_CONFIG:-configs/train/longctx.json}")
 device=${DEVICE:-cuda}
+work=$(realpath -m "${LONGCTX_WORK:-$PWD}")
+mkdir -p "$work/data" "$work/runs"
 
 # train_phase NAME DATA SEQ_LEN MICRO_BATCH ACCUM STEPS LR [ARGS...]: one phase on $device into
-# runs/longctx-NAME (only the last checkpoint), its metrics (val loss on the answers every quarter)
-# copied to $out. ARGS go last, so their --set overrides the phase's own.
+# $work/runs/longctx-NAME (only the last checkpoint), its metrics (val loss on the answers every
+# quarter) copied to $out. ARGS go last, so their --set overrides the phase's own.
 train_phase() {
   local name=$1 data=$2 seq_len=$3 batch=$4 accum=$5 steps=$6 lr=$7
   shift 7
-  rm -rf "runs/longctx-$name"
+  rm -rf "$work/runs/longctx-$name"
   "$moeforge" train --config "$longctx_config" --device "$device" --no-progress \
-    --set data.dataset="$PWD/data/$data" --set data.seq_len="$seq_len" \
+    --set data.dataset="$work/data/$data" --set data.seq_len="$seq_len" \
     --set data.micro_batch_size="$batch" --set data.grad_accum_steps="$accum" \
     --set data.windows="${WINDOWS:-stream}" \
     --set optimizer.lr="$lr" --set schedule.max_steps="$steps" \
-    --set eval.every_steps=$((steps / 4)) --set checkpoint.dir="runs/longctx-$name" \
+    --set eval.every_steps=$((steps / 4)) --set checkpoint.dir="$work/runs/longctx-$name" \
     --set checkpoint.every_steps=0 "$@" > "$out/train_$name.txt"
-  cp "runs/longctx-$name/metrics.jsonl" "$out/metrics_$name.jsonl"
+  cp "$work/runs/longctx-$name/metrics.jsonl" "$out/metrics_$name.jsonl"
   echo "phase $name: $(tail -n 1 "$out/train_$name.txt")"
 }
 
-last_checkpoint() { ls -d "runs/longctx-$1"/checkpoints/step-* | tail -n 1; }
+last_checkpoint() { ls -d "$work/runs/longctx-$1"/checkpoints/step-* | tail -n 1; }
 
 # The last val loss of phase NAME (from its metrics).
 final_val_loss() {
   python3 -c 'import json, sys
 print([r for r in map(json.loads, open(sys.argv[1])) if "val_loss" in r][-1]["val_loss"])' \
-    "runs/longctx-$1/metrics.jsonl"
+    "$work/runs/longctx-$1/metrics.jsonl"
 }
 
 # The warm phase: WARM_STEPS (4000) steps on 2K windows of 240- and 300-byte niah_single examples at
@@ -43,7 +47,7 @@ print([r for r in map(json.loads, open(sys.argv[1])) if "val_loss" in r][-1]["va
 warm_phase() {
   local max_loss=${WARM_MAX_VAL_LOSS:-0.3} attempts=${WARM_ATTEMPTS:-3} attempt loss
   "$moeforge" data synth --task niah_single --lengths 240,300 --num 20000 --seed 1 \
-    --format train --loss answer --out data/longctx-warm --overwrite
+    --format train --loss answer --out "$work/data/longctx-warm" --overwrite
   for ((attempt = 1; attempt <= attempts; ++attempt)); do
     train_phase warm longctx-warm 2048 8 1 "${WARM_STEPS:-4000}" 0.0005 --set model.seed="$attempt"
     loss=$(final_val_loss warm)

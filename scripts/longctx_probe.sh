@@ -14,13 +14,13 @@
 # default 8; PROBE_QUESTIONS, one (default) or all: the training documents ask every question of
 # their context (`data synth --questions all`); EVAL_LENGTHS, default 512,1024,4096; EVAL_NUM,
 # default 20; DEVICE, default cuda; LONGCTX_CONFIG, the training config and through it the model;
-# WINDOWS, the phases' data.windows (default stream); and the warm phase's WARM_STEPS,
-# WARM_MAX_VAL_LOSS, WARM_ATTEMPTS).
+# WINDOWS, the phases' data.windows (default stream); LONGCTX_WORK, where data/ and runs/ go
+# (default the repository root); and the warm phase's WARM_STEPS, WARM_MAX_VAL_LOSS, WARM_ATTEMPTS).
 set -euo pipefail
 moeforge=$(realpath "$1")
 out=$(realpath -m "$2")
 cd "$(dirname "$0")/.."
-mkdir -p "$out" data runs
+mkdir -p "$out"
 probe_tasks=${PROBE_TASKS:-niah_multikey}
 steps=${PROBE_STEPS:-8000}
 every=${PROBE_EVERY:-2000}
@@ -29,7 +29,7 @@ source scripts/longctx_phases.sh
 
 "$moeforge" data synth --task "$probe_tasks" --lengths "${PROBE_LENGTHS:-420,520,640}" \
   --num 12000 --seed 7 --format train --loss answer --questions "${PROBE_QUESTIONS:-one}" \
-  --out data/longctx-probe --overwrite
+  --out "$work/data/longctx-probe" --overwrite
 "$moeforge" data synth --task "$probe_tasks" --lengths "${EVAL_LENGTHS:-512,1024,4096}" \
   --num "${EVAL_NUM:-20}" --seed 2 --out "$out/probe_tasks.jsonl" --overwrite
 
@@ -45,7 +45,7 @@ train_phase probe longctx-probe 2048 "${PROBE_MICRO_BATCH:-8}" 1 "$steps" "${PRO
   --set eval.every_steps="$every" --set checkpoint.every_steps="$every" \
   --set checkpoint.keep_last=0
 
-for checkpoint in runs/longctx-probe/checkpoints/step-*; do
+for checkpoint in "$work"/runs/longctx-probe/checkpoints/step-*; do
   step=${checkpoint##*/step-}
   "$moeforge" eval --model "$checkpoint" --task "$out/probe_tasks.jsonl" --device "$device" \
     --predictions "$out/probe_predictions.jsonl" > "$out/probe_eval.json"
