@@ -1,4 +1,4 @@
-// Ordered, rank-split evaluation over the validation windows.
+// Ordered, rank-split evaluation over the validation windows (all, or an evenly spread subset).
 #include "train/evaluate.h"
 
 #include <algorithm>
@@ -19,6 +19,13 @@ int64_t num_scored_windows(const data::Windows& windows, int64_t batch_size, int
   return max_batches > 0 ? std::min(num_windows, max_batches * batch_size) : num_windows;
 }
 
+// The window of the i-th of num_scored: spread evenly over the split, so that a split written in
+// blocks (data synth writes its tasks one after another) is scored from every block, not only the
+// first.
+int64_t scored_window(const data::Windows& windows, int64_t i, int64_t num_scored) {
+  return static_cast<int64_t>(static_cast<__int128>(i) * windows.num_windows() / num_scored);
+}
+
 }  // namespace
 
 int64_t count_scored_targets(const data::Windows& windows, int64_t batch_size,
@@ -26,8 +33,8 @@ int64_t count_scored_targets(const data::Windows& windows, int64_t batch_size,
   const int64_t num_windows = num_scored_windows(windows, batch_size, max_batches);
   std::vector<int32_t> inputs(windows.seq_len()), targets(windows.seq_len());
   int64_t counted = 0;
-  for (int64_t w = 0; w < num_windows; ++w) {
-    windows.read(w, inputs.data(), targets.data());
+  for (int64_t i = 0; i < num_windows; ++i) {
+    windows.read(scored_window(windows, i, num_windows), inputs.data(), targets.data());
     for (const int32_t t : targets) counted += t >= 0;
   }
   return counted;
@@ -62,7 +69,8 @@ EvalResult evaluate(const ForwardFn& forward, const data::Windows& windows,
        first += dp.size() * batch_size) {
     const int64_t rows = std::min(batch_size, num_windows - first);
     for (int64_t r = 0; r < rows; ++r) {
-      windows.read(first + r, inputs.data() + r * seq_len, targets.data() + r * seq_len);
+      windows.read(scored_window(windows, first + r, num_windows), inputs.data() + r * seq_len,
+                   targets.data() + r * seq_len);
     }
     const LossBreakdown loss = forward(inputs.data(), targets.data(), rows, seq_len);
     sums[0] += loss.ce_loss * static_cast<double>(loss.num_counted);

@@ -1,6 +1,6 @@
 // Validation metrics of a model on a token dataset: mean cross-entropy, perplexity and bits per
-// byte, over the validation split's windows (data/windows.h) in order (no shuffling), split
-// across ranks.
+// byte, over the validation split's windows (data/windows.h), or an evenly spread subset of them,
+// in order (no shuffling), split across ranks.
 #pragma once
 
 #include <cstdint>
@@ -27,9 +27,10 @@ struct EvalResult {
 using ForwardFn = std::function<LossBreakdown(const int32_t* tokens, const int32_t* targets,
                                               int64_t batch, int64_t seq)>;
 
-// max_batches <= 0 evaluates every window. Every rank of dp must call it (the sums are reduced).
-// Throws when no target of the scored windows counts (a loss mask can exclude them all), rather
-// than report a loss of 0.
+// max_batches <= 0 evaluates every window; otherwise max_batches * batch_size windows (or all, if
+// fewer) spread evenly over the split: window floor(i * num_windows / num_scored). Every rank of dp
+// must call it (the sums are reduced). Throws when no target of the scored windows counts (a loss
+// mask can exclude them all), rather than report a loss of 0.
 EvalResult evaluate(const ForwardFn& forward, const data::Windows& windows,
                     const data::Tokenizer& tokenizer, int64_t batch_size, int64_t max_batches,
                     Communicator& dp);
