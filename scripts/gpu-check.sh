@@ -360,7 +360,8 @@ for line in open(sys.argv[1]):
         read -r -a assignments <<< "${probe_sets[$set_idx]}"
         if [ "$set_idx" -gt 0 ] || [ -n "$shared_warm" ] &&
           [[ "${probe_sets[$set_idx]}" != *PROBE_FROM=* ]]; then
-          [ -n "$shared_warm" ] || shared_warm=$(ls -d runs/longctx-warm/checkpoints/step-* | tail -n 1)
+          [ -n "$shared_warm" ] ||
+            shared_warm=$(ls -d runs/longctx-warm/checkpoints/step-* | tail -n 1)
           assignments=("PROBE_FROM=$shared_warm" "${assignments[@]}")
         fi
         probe_dir="$OUT/probe-$set_idx"

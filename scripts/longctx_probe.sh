@@ -12,10 +12,12 @@
 # niah_multikey; PROBE_LENGTHS, default 420,520,640; PROBE_LR, default 1e-4; PROBE_STEPS, default
 # 8000; PROBE_EVERY, default 2000; PROBE_FROM, a checkpoint or scratch; PROBE_MICRO_BATCH,
 # default 8; PROBE_QUESTIONS, one (default) or all: the training documents ask every question of
-# their context (`data synth --questions all`); EVAL_LENGTHS, default 512,1024,4096; EVAL_NUM,
-# default 20; DEVICE, default cuda; LONGCTX_CONFIG, the training config and through it the model;
-# WINDOWS, the phases' data.windows (default stream); LONGCTX_WORK, where data/ and runs/ go
-# (default the repository root); and the warm phase's WARM_STEPS, WARM_MAX_VAL_LOSS, WARM_ATTEMPTS).
+# their context (`data synth --questions all`); PROBE_VT_VARIABLES, vt's variables per chain in the
+# training and the held-out examples (`data synth --vt-variables`, default 4); EVAL_LENGTHS,
+# default 512,1024,4096; EVAL_NUM, default 20; DEVICE, default cuda; LONGCTX_CONFIG, the training
+# config and through it the model; WINDOWS, the phases' data.windows (default stream);
+# LONGCTX_WORK, where data/ and runs/ go (default the repository root); and the warm phase's
+# WARM_STEPS, WARM_MAX_VAL_LOSS, WARM_ATTEMPTS).
 set -euo pipefail
 moeforge=$(realpath "$1")
 out=$(realpath -m "$2")
@@ -29,9 +31,10 @@ source scripts/longctx_phases.sh
 
 "$moeforge" data synth --task "$probe_tasks" --lengths "${PROBE_LENGTHS:-420,520,640}" \
   --num 12000 --seed 7 --format train --loss answer --questions "${PROBE_QUESTIONS:-one}" \
-  --out "$work/data/longctx-probe" --overwrite
+  --vt-variables "${PROBE_VT_VARIABLES:-4}" --out "$work/data/longctx-probe" --overwrite
 "$moeforge" data synth --task "$probe_tasks" --lengths "${EVAL_LENGTHS:-512,1024,4096}" \
-  --num "${EVAL_NUM:-20}" --seed 2 --out "$out/probe_tasks.jsonl" --overwrite
+  --num "${EVAL_NUM:-20}" --seed 2 --vt-variables "${PROBE_VT_VARIABLES:-4}" \
+  --out "$out/probe_tasks.jsonl" --overwrite
 
 from=${PROBE_FROM:-}
 if [ -z "$from" ]; then

@@ -28,6 +28,7 @@ void register_synth_command(CLI::App* data) {
     double val_fraction = 0.05;
     std::string loss = "all";
     std::string questions = "one";
+    int64_t vt_variables = data::kNumVtVariables;
     bool overwrite = false;
   };
   auto opts = std::make_shared<Options>();
@@ -86,6 +87,12 @@ void register_synth_command(CLI::App* data) {
                        "other key of niah_multikey, the other chain of vt, each with its answer)")
           ->check(CLI::IsMember({"one", "all"}))
           ->capture_default_str();
+  synth
+      ->add_option("--vt-variables", opts->vt_variables,
+                   fmt::format("vt: variables in each chain, 1 to {} (fewer hops: an easier task, "
+                               "for a curriculum)",
+                               data::kMaxVtVariables))
+      ->capture_default_str();
   synth->add_flag("--overwrite", opts->overwrite, "Replace an existing output file or directory");
   synth->callback([opts, depth, val_fraction, loss, questions] {
     std::vector<data::SynthTask> tasks;
@@ -93,12 +100,16 @@ void register_synth_command(CLI::App* data) {
       tasks.push_back(data::parse_synth_task(name, "--task"));
     }
     MF_CHECK(opts->num >= 1, "--num must be >= 1 example per task and length, got {}", opts->num);
+    MF_CHECK(opts->vt_variables >= 1 && opts->vt_variables <= data::kMaxVtVariables,
+             "--vt-variables must be in [1, {}], got {}", data::kMaxVtVariables,
+             opts->vt_variables);
     for (data::SynthTask task : tasks) {
+      const int64_t min_length = data::synth_min_length(task, opts->vt_variables);
       for (int64_t length : opts->lengths) {
-        MF_CHECK(length >= data::synth_min_length(task),
+        MF_CHECK(length >= min_length,
                  "--lengths: {} is below the minimum of {} tokens that task {} needs (header, "
                  "question and needles)",
-                 length, data::synth_min_length(task), data::synth_task_name(task));
+                 length, min_length, data::synth_task_name(task));
       }
     }
     std::optional<double> fixed_depth;
@@ -113,8 +124,8 @@ void register_synth_command(CLI::App* data) {
              "--loss applies to --format train only");
     MF_CHECK(opts->format == "train" || questions->count() == 0,
              "--questions applies to --format train only");
-    const std::vector<data::SynthExample> examples =
-        data::make_synth_examples(tasks, opts->lengths, opts->num, opts->seed, fixed_depth);
+    const std::vector<data::SynthExample> examples = data::make_synth_examples(
+        tasks, opts->lengths, opts->num, opts->seed, fixed_depth, opts->vt_variables);
     if (opts->format == "jsonl") {
       MF_CHECK(opts->overwrite || !std::filesystem::exists(opts->out),
                "--out '{}' exists; pass --overwrite to replace it", opts->out);

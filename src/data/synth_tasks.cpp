@@ -84,12 +84,12 @@ std::string question(SynthTask task, std::string_view key_or_value) {
   MF_FAIL("unknown synthetic task {}", static_cast<int>(task));
 }
 
-int64_t num_needles(SynthTask task) {
+int64_t num_needles(SynthTask task, int64_t vt_variables) {
   switch (task) {
     case SynthTask::kNiahSingle: return 1;
     case SynthTask::kNiahMultikey: return kNumMultikeyNeedles;
     case SynthTask::kNiahMultivalue: return kNumMultivalueNeedles;
-    case SynthTask::kVariableTracking: return kNumVtChains * kNumVtVariables;
+    case SynthTask::kVariableTracking: return kNumVtChains * vt_variables;
   }
   MF_FAIL("unknown synthetic task {}", static_cast<int>(task));
 }
@@ -231,25 +231,35 @@ SynthTask parse_synth_task(std::string_view name, std::string_view where) {
   MF_FAIL("{}: unknown synthetic task '{}'; the tasks are {}", where, name, fmt::join(names, ", "));
 }
 
-int64_t synth_min_length(SynthTask task) {
+void check_vt_variables(int64_t vt_variables) {
+  MF_CHECK(vt_variables >= 1 && vt_variables <= kMaxVtVariables,
+           "synthetic task vt: the variables per chain must be in [1, {}], got {}", kMaxVtVariables,
+           vt_variables);
+}
+
+int64_t synth_min_length(SynthTask task, int64_t vt_variables) {
+  check_vt_variables(vt_variables);
   if (task == SynthTask::kVariableTracking) {
     const std::string name(kVtNameLetters, 'A');
     const std::string value(kVtValueDigits, '1');
     return static_cast<int64_t>(kVtHeader.size() + question(task, value).size()) +
-           num_needles(task) * static_cast<int64_t>(vt_needle(name, value).size() + 1);
+           num_needles(task, vt_variables) *
+               static_cast<int64_t>(vt_needle(name, value).size() + 1);
   }
   const std::string key(longest(kAdjectives) + 1 + longest(kNouns), 'x');
   const std::string value(kNiahValueDigits, '1');
   return static_cast<int64_t>(kNiahHeader.size() + question(task, key).size()) +
-         num_needles(task) * static_cast<int64_t>(niah_needle(key, value).size() + 1);
+         num_needles(task, vt_variables) * static_cast<int64_t>(niah_needle(key, value).size() + 1);
 }
 
-SynthExample make_synth_example(SynthTask task, int64_t length, double depth, uint64_t seed) {
+SynthExample make_synth_example(SynthTask task, int64_t length, double depth, uint64_t seed,
+                                int64_t vt_variables) {
   const std::string name = synth_task_name(task);
-  MF_CHECK(length >= synth_min_length(task),
+  const int64_t min_length = synth_min_length(task, vt_variables);
+  MF_CHECK(length >= min_length,
            "synthetic task {}: length {} is below its minimum of {} tokens (header, question and "
            "{} needles)",
-           name, length, synth_min_length(task), num_needles(task));
+           name, length, min_length, num_needles(task, vt_variables));
   MF_CHECK(depth >= 0.0 && depth <= 1.0, "synthetic task {}: depth must be in [0, 1], got {}", name,
            depth);
   Rng rng(seed);
@@ -264,22 +274,21 @@ SynthExample make_synth_example(SynthTask task, int64_t length, double depth, ui
     header = kVtHeader;
     const std::vector<std::string> values =
         distinct(rng, kNumVtChains, [](Rng& r) { return random_number(r, kVtValueDigits); });
-    const std::vector<std::string> names =
-        distinct(rng, kNumVtChains * kNumVtVariables, random_name);
+    const std::vector<std::string> names = distinct(rng, kNumVtChains * vt_variables, random_name);
     for (int64_t chain_idx = 0; chain_idx < kNumVtChains; ++chain_idx) {
-      for (int64_t var_idx = 0; var_idx < kNumVtVariables; ++var_idx) {
-        const std::string& var = names[chain_idx * kNumVtVariables + var_idx];
+      for (int64_t var_idx = 0; var_idx < vt_variables; ++var_idx) {
+        const std::string& var = names[chain_idx * vt_variables + var_idx];
         const std::string& source =
-            var_idx == 0 ? values[chain_idx] : names[chain_idx * kNumVtVariables + var_idx - 1];
-        placements.push_back({0, chain_idx * kNumVtVariables + var_idx, vt_needle(var, source),
+            var_idx == 0 ? values[chain_idx] : names[chain_idx * vt_variables + var_idx - 1];
+        placements.push_back({0, chain_idx * vt_variables + var_idx, vt_needle(var, source),
                               chain_idx == 0 && var_idx == 0});
       }
     }
     asked = values[0];
     for (int64_t chain_idx = 0; chain_idx < kNumVtChains; ++chain_idx) {
-      const auto first = names.begin() + chain_idx * kNumVtVariables;
-      const std::string chain = fmt::format(
-          "{}", fmt::join(std::vector<std::string>(first, first + kNumVtVariables), ", "));
+      const auto first = names.begin() + chain_idx * vt_variables;
+      const std::string chain =
+          fmt::format("{}", fmt::join(std::vector<std::string>(first, first + vt_variables), ", "));
       if (chain_idx == 0) {
         example.answer = chain;
       } else {
@@ -291,8 +300,9 @@ SynthExample make_synth_example(SynthTask task, int64_t length, double depth, ui
     const int64_t num_keys = task == SynthTask::kNiahMultikey ? kNumMultikeyNeedles : 1;
     const std::vector<std::string> keys = distinct(rng, num_keys, random_key);
     const std::vector<std::string> values =
-        distinct(rng, num_needles(task), [](Rng& r) { return random_number(r, kNiahValueDigits); });
-    for (int64_t needle_idx = 0; needle_idx < num_needles(task); ++needle_idx) {
+        distinct(rng, num_needles(task, vt_variables),
+                 [](Rng& r) { return random_number(r, kNiahValueDigits); });
+    for (int64_t needle_idx = 0; needle_idx < num_needles(task, vt_variables); ++needle_idx) {
       const std::string& key = keys[std::min<int64_t>(needle_idx, num_keys - 1)];
       placements.push_back({0, needle_idx, niah_needle(key, values[needle_idx]), needle_idx == 0});
     }
@@ -322,10 +332,10 @@ SynthExample make_synth_example(SynthTask task, int64_t length, double depth, ui
       const int64_t first =
           chain_idx == 0 ? anchor_idx : static_cast<int64_t>(rng.below(num_starts));
       const std::vector<int64_t> later =
-          sorted_starts_from(rng, first, num_starts, kNumVtVariables - 1);
-      placements[chain_idx * kNumVtVariables].start_idx = first;
-      for (int64_t var_idx = 1; var_idx < kNumVtVariables; ++var_idx) {
-        placements[chain_idx * kNumVtVariables + var_idx].start_idx = later[var_idx - 1];
+          sorted_starts_from(rng, first, num_starts, vt_variables - 1);
+      placements[chain_idx * vt_variables].start_idx = first;
+      for (int64_t var_idx = 1; var_idx < vt_variables; ++var_idx) {
+        placements[chain_idx * vt_variables + var_idx].start_idx = later[var_idx - 1];
       }
     }
   } else {
@@ -372,7 +382,8 @@ SynthExample make_synth_example(SynthTask task, int64_t length, double depth, ui
 
 std::vector<SynthExample> make_synth_examples(std::span<const SynthTask> tasks,
                                               std::span<const int64_t> lengths, int64_t num,
-                                              uint64_t seed, std::optional<double> depth) {
+                                              uint64_t seed, std::optional<double> depth,
+                                              int64_t vt_variables) {
   MF_CHECK(num >= 1, "synthetic tasks: num must be >= 1 example per task and length, got {}", num);
   std::vector<SynthExample> examples;
   for (SynthTask task : tasks) {
@@ -387,7 +398,8 @@ std::vector<SynthExample> make_synth_examples(std::span<const SynthTask> tasks,
                 ? *depth
                 : (num == 1 ? 0.5
                             : static_cast<double>(example_idx) / static_cast<double>(num - 1));
-        examples.push_back(make_synth_example(task, length, example_depth, example_seed));
+        examples.push_back(
+            make_synth_example(task, length, example_depth, example_seed, vt_variables));
       }
     }
   }

@@ -12,7 +12,8 @@
 // - niah_multikey: that needle for kNumMultikeyNeedles distinct keys; one key is asked.
 // - niah_multivalue: kNumMultivalueNeedles needles of one key with distinct values; all are asked,
 //   the answer lists them in the order of the text.
-// - vt: kNumVtChains chains of kNumVtVariables assignments "VAR ABCDE = 12345." then
+// - vt: kNumVtChains chains of kNumVtVariables (or vt_variables) assignments "VAR ABCDE = 12345."
+// then
 //   "VAR FGHIJ = ABCDE." ... in order through the context; the question gives the value of one
 //   chain, the answer lists its variables in chain order.
 // Keys are two words ("quiet-river"), values 7 digits (niah) or 5 digits (vt), variables 5
@@ -42,7 +43,8 @@ enum class SynthTask { kNiahSingle, kNiahMultikey, kNiahMultivalue, kVariableTra
 inline constexpr int64_t kNumMultikeyNeedles = 4;    // 1 asked key + 3 distractors
 inline constexpr int64_t kNumMultivalueNeedles = 4;  // values of the asked key
 inline constexpr int64_t kNumVtChains = 2;           // 1 asked chain + 1 distractor
-inline constexpr int64_t kNumVtVariables = 4;        // variables per chain
+inline constexpr int64_t kNumVtVariables = 4;        // variables per chain, by default
+inline constexpr int64_t kMaxVtVariables = 16;       // the most a chain may have
 
 // "niah_single", "niah_multikey", "niah_multivalue", "vt".
 std::string synth_task_name(SynthTask task);
@@ -75,20 +77,27 @@ struct SynthExample {
   std::vector<SynthQuestion> other_questions;
 };
 
+// vt_variables is the number of variables in each chain of vt (1 to kMaxVtVariables; fewer hops
+// make an easier task, for a curriculum); the other tasks ignore it. With the default, examples
+// are those of every earlier version.
+
 // The shortest length `task` accepts: header, question and needles with the longest keys, no
-// filler.
-int64_t synth_min_length(SynthTask task);
+// filler. Throws moeforge::Error when vt_variables is out of range.
+int64_t synth_min_length(SynthTask task, int64_t vt_variables = kNumVtVariables);
 
 // One example of exactly `length` prompt bytes with the anchor near `depth` (in [0, 1]); a pure
-// function of its arguments. Throws moeforge::Error when length < synth_min_length(task).
-SynthExample make_synth_example(SynthTask task, int64_t length, double depth, uint64_t seed);
+// function of its arguments. Throws moeforge::Error when length < synth_min_length(task,
+// vt_variables).
+SynthExample make_synth_example(SynthTask task, int64_t length, double depth, uint64_t seed,
+                                int64_t vt_variables = kNumVtVariables);
 
 // num examples per (task, length), tasks outer, lengths inner, in the given order. Example i of a
 // (task, length) gets depth `depth` when given, else i / (num - 1) (0.5 when num is 1), and a
 // seed mixed from (seed, task, length, i).
 std::vector<SynthExample> make_synth_examples(std::span<const SynthTask> tasks,
                                               std::span<const int64_t> lengths, int64_t num,
-                                              uint64_t seed, std::optional<double> depth);
+                                              uint64_t seed, std::optional<double> depth,
+                                              int64_t vt_variables = kNumVtVariables);
 
 // The scoring rule on the text a model generated after the prompt: its first line (up to '\n'),
 // without leading and trailing spaces, is compared with the answer.

@@ -759,8 +759,12 @@ class CliTest(unittest.TestCase):
         self.assertTrue(all(line in answers for line in counted.splitlines()), counted[:200])
         ev = json.loads(run([MOEFORGE, "eval", "--model", model, "--data", answer_dir, "--split", "train",
                              "--seq-len", "64", "--batch-size", "32", "--max-batches", "1"]).stdout)
-        self.assertGreater(sum(mask[1:2049]), 0)  # the first 2048 tokens hold an answer
-        self.assertEqual(ev["tokens"], sum(mask[1:2049]))
+        # The 32 windows scored are spread evenly over the split's stream windows.
+        num_windows = (len(tokens) - 1) // 64
+        scored = [i * num_windows // 32 for i in range(32)]
+        self.assertGreater(num_windows, 32)
+        self.assertEqual(ev["tokens"], sum(sum(mask[w * 64 + 1:w * 64 + 65]) for w in scored))
+        self.assertGreater(ev["tokens"], 0)
         # The unigram baseline is fitted and scored on the counted tokens only.
         counts = [1.0] * 258
         for t, m in zip(tokens, mask):
@@ -849,6 +853,20 @@ class CliTest(unittest.TestCase):
         text = bytes(t if t < 256 else 10 for t in tokens).decode()
         self.assertEqual(text.count("Answer: "), sum(1 + {"niah_multikey": 3, "vt": 1}.get(e["task"], 0)
                                                       for e in examples))
+        # --vt-variables: chains of that many variables; 4 (the default) gives the same file.
+        short = os.path.join(self.tmp, "synth-vt2.jsonl")
+        run([MOEFORGE, "data", "synth", "--task", "vt", "--lengths", "300,600", "--num", "3",
+             "--vt-variables", "2", "--out", short])
+        for e in read_jsonl(short):
+            self.assertEqual(len(e["answer"].split(", ")), 2, e["answer"])
+            self.assertEqual(e["prompt"].count("VAR "), 2 * 2)
+            self.assertEqual(len(e["prompt"].encode()), e["length"])
+        default_vt, four_vt = (os.path.join(self.tmp, f"synth-vt-{n}.jsonl") for n in ("d", "4"))
+        run([MOEFORGE, "data", "synth", "--task", "vt", "--lengths", "600", "--num", "2", "--out", default_vt])
+        run([MOEFORGE, "data", "synth", "--task", "vt", "--lengths", "600", "--num", "2",
+             "--vt-variables", "4", "--out", four_vt])
+        with open(default_vt) as a, open(four_vt) as b:
+            self.assertEqual(a.read(), b.read())
         proc = run([MOEFORGE, "data", "synth", "--task", "vt", "--lengths", "1024", "--questions", "all",
                     "--out", os.path.join(self.tmp, "x.jsonl")], check=False)
         self.assertEqual(proc.returncode, 1)
@@ -860,7 +878,10 @@ class CliTest(unittest.TestCase):
                              (["--task", "niah_multikey", "--lengths", "300"], "--lengths"),
                              (["--task", "vt", "--lengths", "1024", "--num", "0"], "--num"),
                              (["--task", "vt", "--lengths", "1024", "--num", "-3"], "--num"),
-                             (["--task", "vt", "--lengths", "1024", "--depth", "1.5"], "--depth")):
+                             (["--task", "vt", "--lengths", "1024", "--depth", "1.5"], "--depth"),
+                             (["--task", "vt", "--lengths", "1024", "--vt-variables", "0"], "--vt-variables"),
+                             (["--task", "vt", "--lengths", "1024", "--vt-variables", "17"], "--vt-variables"),
+                             (["--task", "vt", "--lengths", "400", "--vt-variables", "12"], "--lengths")):
             proc = run([MOEFORGE, "data", "synth", *args, "--out", bad], check=False)
             self.assertEqual(proc.returncode, 1, args)
             self.assertIn(option, proc.stderr, args)

@@ -236,6 +236,48 @@ TEST(SynthTasks, MultiNeedleTasksHaveTheirShape) {
   EXPECT_EQ(std::count(vt.answer.begin(), vt.answer.end(), ','), kNumVtVariables - 1);
 }
 
+TEST(SynthTasks, VtVariablesSetsTheChainLength) {
+  for (int64_t vt_variables : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{7}, kMaxVtVariables}) {
+    const int64_t min_length = synth_min_length(SynthTask::kVariableTracking, vt_variables);
+    for (int64_t length : {min_length, int64_t{3000}}) {
+      for (uint64_t seed = 0; seed < 6; ++seed) {
+        const SynthExample example = make_synth_example(SynthTask::kVariableTracking, length,
+                                                        seed / 5.0, seed, vt_variables);
+        EXPECT_EQ(static_cast<int64_t>(example.prompt.size()), length);
+        const std::vector<FoundNeedle> needles =
+            find_needles(example.prompt, SynthTask::kVariableTracking);
+        EXPECT_EQ(static_cast<int64_t>(needles.size()), kNumVtChains * vt_variables);
+        EXPECT_EQ(std::count(example.answer.begin(), example.answer.end(), ','), vt_variables - 1)
+            << example.answer;
+        EXPECT_EQ(solve(example.prompt, SynthTask::kVariableTracking), example.answer)
+            << vt_variables << " variables, seed " << seed;
+      }
+    }
+    const std::string message = MF_ERROR_MESSAGE(
+        make_synth_example(SynthTask::kVariableTracking, min_length - 1, 0.0, 0, vt_variables));
+    EXPECT_NE(message.find(std::to_string(min_length)), std::string::npos) << message;
+  }
+  // Each variable more is one needle more per chain.
+  EXPECT_LT(synth_min_length(SynthTask::kVariableTracking, 1),
+            synth_min_length(SynthTask::kVariableTracking, 2));
+  // The default is kNumVtVariables, and the niah tasks ignore the count.
+  const SynthExample by_default = make_synth_example(SynthTask::kVariableTracking, 2048, 0.5, 3);
+  EXPECT_EQ(by_default.prompt,
+            make_synth_example(SynthTask::kVariableTracking, 2048, 0.5, 3, kNumVtVariables).prompt);
+  EXPECT_EQ(make_synth_example(SynthTask::kNiahMultikey, 2048, 0.5, 3).prompt,
+            make_synth_example(SynthTask::kNiahMultikey, 2048, 0.5, 3, 1).prompt);
+  for (int64_t bad : {int64_t{0}, int64_t{-1}, kMaxVtVariables + 1}) {
+    const std::string message =
+        MF_ERROR_MESSAGE(make_synth_example(SynthTask::kVariableTracking, 4096, 0.5, 0, bad));
+    EXPECT_NE(message.find("variables per chain"), std::string::npos) << message;
+  }
+  const std::vector<SynthTask> tasks = {SynthTask::kVariableTracking};
+  const std::vector<int64_t> lengths = {1024};
+  for (const SynthExample& example : make_synth_examples(tasks, lengths, 3, 9, {}, 2)) {
+    EXPECT_EQ(std::count(example.answer.begin(), example.answer.end(), ','), 1) << example.answer;
+  }
+}
+
 TEST(SynthTasks, OtherQuestionsAreAnsweredByTheContext) {
   for (SynthTask task : all_synth_tasks()) {
     for (uint64_t seed = 0; seed < 10; ++seed) {
