@@ -121,7 +121,9 @@ void register_eval_command(CLI::App& app) {
   CLI::Option* batch_size = cmd->add_option("--batch-size", opts->batch_size, "Windows per forward")
                                 ->capture_default_str();
   CLI::Option* max_batches =
-      cmd->add_option("--max-batches", opts->max_batches, "Stop after this many batches (0 = all)")
+      cmd->add_option(
+             "--max-batches", opts->max_batches,
+             "Score this many batches of windows, spread evenly over the split (0 = every window)")
           ->capture_default_str();
   CLI::Option* windows =
       cmd->add_option("--windows", opts->windows,

@@ -79,8 +79,8 @@ struct CheckpointConfig {
 
 // "eval"
 struct EvalConfig {
-  int64_t every_steps = 0;  // 0: only at the end
-  int64_t max_batches = 16;
+  int64_t every_steps = 0;   // 0: only at the end
+  int64_t max_batches = 16;  // windows scored: max_batches x micro-batch, spread over val
   bool operator==(const EvalConfig&) const = default;
 };
 
