@@ -9,8 +9,8 @@
 #   2. three phases (scripts/longctx_phases.sh), each from the previous one's weights with a
 #      fresh optimizer and its own WSD schedule: WARM_STEPS (4000) on 2K windows of the warm
 #      examples at lr 5e-4, where the retrieval mechanism forms (run again with the next model
-#      seed when it ends above val loss WARM_MAX_VAL_LOSS, 0.3: it failed in 1 of 2 identical runs
-#      in session 30); MID_STEPS (1000) on 8K windows of the mid examples at lr 3e-4; LONG_STEPS
+#      seed when it ends above val loss WARM_MAX_VAL_LOSS, 0.1: it failed in 1 of 2 identical runs
+#      in session 30, and a warm model at 0.189 lost the retrieval in session 32); MID_STEPS (1000) on 8K windows of the mid examples at lr 3e-4; LONG_STEPS
 #      (700) steps of 2 x 2 windows of 32K (micro-batch 2, accumulation 2) of the long examples at
 #      lr 2e-4. About 3 minutes of training on an H200. What failed (sessions 8, 9 and 30,
 #      docs/verification.md): lr 1e-3 or 2e-3 from the start, or on the 420-600-byte mixture from
@@ -20,7 +20,10 @@
 #      0.66 -> 1.19 -> 0.83 and lost the retrieval; niah_multikey alone after the warm phase at
 #      lr 5e-4 or 1e-3 lost the retrieval too (val loss 1.5-2.0, digits guessed); all four
 #      tasks with QUESTIONS=all WARM2_STEPS=12000 WARM2_LR=3e-4 (session 31, WINDOWS stream)
-#      solved niah_single only (niah_multikey 0-5 of 20, the other two 0);
+#      solved niah_single only (niah_multikey 0-5 of 20, the other two 0); WINDOWS=packed
+#      TASKS=niah_single,niah_multikey with the same warm2 (session 32) from a warm model at val
+#      loss 0.189 (then accepted) lost the retrieval in warm2 (val loss 1.84 -> 1.57; 2 of 160
+#      right at the end);
 #   3. eval --task on held-out tasks (another seed) at 1K, 4K, 16K, 32K and 128K on the GPU, dense,
 #      flex (the fast pattern search, the default) and flex_exact (--flex-search exact), with every
 #      answer in predictions_*.jsonl and what the wrong ones copied in outcomes_*.json

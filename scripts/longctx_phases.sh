@@ -42,10 +42,12 @@ print([r for r in map(json.loads, open(sys.argv[1])) if "val_loss" in r][-1]["va
 # The warm phase: WARM_STEPS (4000) steps on 2K windows of 240- and 300-byte niah_single examples at
 # lr 5e-4, where retrieval forms. It does not always form: in session 30 two runs of the same
 # phase (same data, same seed) ended at val loss 0.076 and 1.19, as GPU training is not
-# bit-reproducible. A run that ends above WARM_MAX_VAL_LOSS (0.3) is run again with the next model
-# seed, up to WARM_ATTEMPTS (3) runs in all; then it fails.
+# bit-reproducible. A run that ends above WARM_MAX_VAL_LOSS (0.1) is run again with the next model
+# seed, up to WARM_ATTEMPTS (3) runs in all; then it fails. The bar was 0.3 until session 32, when
+# a warm model at 0.189 passed it and then lost the retrieval in the next phase (runs that went on
+# to retrieve ended at 0.02-0.08).
 warm_phase() {
-  local max_loss=${WARM_MAX_VAL_LOSS:-0.3} attempts=${WARM_ATTEMPTS:-3} attempt loss
+  local max_loss=${WARM_MAX_VAL_LOSS:-0.1} attempts=${WARM_ATTEMPTS:-3} attempt loss
   "$moeforge" data synth --task niah_single --lengths 240,300 --num 20000 --seed 1 \
     --format train --loss answer --out "$work/data/longctx-warm" --overwrite
   for ((attempt = 1; attempt <= attempts; ++attempt)); do

@@ -6,14 +6,18 @@
 # (PROBE_LENGTHS bytes) with a checkpoint every PROBE_EVERY steps, each checkpoint evaluated on
 # held-out examples of PROBE_TASKS at EVAL_LENGTHS (greedy, dense): a learning curve
 # of accuracy, with what the last checkpoint's wrong answers copied (scripts/needle_outcomes.py).
-# Session 30 ran it with niah_multikey at lr 5e-4, 1e-3 (the retrieval was lost) and 1e-4 (10/20
-# at 512 bytes after 8000 steps): docs/verification.md.
+# PROBE_VT_VARIABLES with several counts ("1,2,4") makes it a vt curriculum: one such phase per
+# chain length in turn (runs/longctx-probe-vtN, $OUT_DIR/probe-vtN_*), each from the last one's
+# final checkpoint and evaluated on chains of its own length. Session 30 ran it with niah_multikey
+# at lr 5e-4, 1e-3 (the retrieval was lost) and 1e-4 (10/20 at 512 bytes after 8000 steps), session
+# 32 with vt chains of one variable (12/20 at 512 bytes after 8000 steps): docs/verification.md.
 # Usage: scripts/longctx_probe.sh MOEFORGE OUT_DIR (environment: PROBE_TASKS, default
 # niah_multikey; PROBE_LENGTHS, default 420,520,640; PROBE_LR, default 1e-4; PROBE_STEPS, default
 # 8000; PROBE_EVERY, default 2000; PROBE_FROM, a checkpoint or scratch; PROBE_MICRO_BATCH,
 # default 8; PROBE_QUESTIONS, one (default) or all: the training documents ask every question of
 # their context (`data synth --questions all`); PROBE_VT_VARIABLES, vt's variables per chain in the
-# training and the held-out examples (`data synth --vt-variables`, default 4); EVAL_LENGTHS,
+# training and the held-out examples (`data synth --vt-variables`, default 4), or a
+# comma-separated curriculum of them; EVAL_LENGTHS,
 # default 512,1024,4096; EVAL_NUM, default 20; DEVICE, default cuda; LONGCTX_CONFIG, the training
 # config and through it the model; WINDOWS, the phases' data.windows (default stream);
 # LONGCTX_WORK, where data/ and runs/ go (default the repository root); and the warm phase's
@@ -29,13 +33,6 @@ every=${PROBE_EVERY:-2000}
 
 source scripts/longctx_phases.sh
 
-"$moeforge" data synth --task "$probe_tasks" --lengths "${PROBE_LENGTHS:-420,520,640}" \
-  --num 12000 --seed 7 --format train --loss answer --questions "${PROBE_QUESTIONS:-one}" \
-  --vt-variables "${PROBE_VT_VARIABLES:-4}" --out "$work/data/longctx-probe" --overwrite
-"$moeforge" data synth --task "$probe_tasks" --lengths "${EVAL_LENGTHS:-512,1024,4096}" \
-  --num "${EVAL_NUM:-20}" --seed 2 --vt-variables "${PROBE_VT_VARIABLES:-4}" \
-  --out "$out/probe_tasks.jsonl" --overwrite
-
 from=${PROBE_FROM:-}
 if [ -z "$from" ]; then
   warm_phase
@@ -43,20 +40,36 @@ if [ -z "$from" ]; then
 fi
 init=(--init-from "$from")
 [ "$from" = scratch ] && init=()
-train_phase probe longctx-probe 2048 "${PROBE_MICRO_BATCH:-8}" 1 "$steps" "${PROBE_LR:-0.0001}" \
-  "${init[@]}" \
-  --set eval.every_steps="$every" --set checkpoint.every_steps="$every" \
-  --set checkpoint.keep_last=0
 
-for checkpoint in "$work"/runs/longctx-probe/checkpoints/step-*; do
-  step=${checkpoint##*/step-}
-  "$moeforge" eval --model "$checkpoint" --task "$out/probe_tasks.jsonl" --device "$device" \
-    --predictions "$out/probe_predictions.jsonl" > "$out/probe_eval.json"
-  python3 -c 'import json, sys
+# One stage per vt chain length of PROBE_VT_VARIABLES, each from the last one's final checkpoint.
+IFS=',' read -r -a vt_stages <<< "${PROBE_VT_VARIABLES:-4}"
+for vt_variables in "${vt_stages[@]}"; do
+  name=probe label=""
+  if [ ${#vt_stages[@]} -gt 1 ]; then
+    name=probe-vt$vt_variables label="vt $vt_variables "
+  fi
+  "$moeforge" data synth --task "$probe_tasks" --lengths "${PROBE_LENGTHS:-420,520,640}" \
+    --num 12000 --seed 7 --format train --loss answer --questions "${PROBE_QUESTIONS:-one}" \
+    --vt-variables "$vt_variables" --out "$work/data/longctx-$name" --overwrite
+  "$moeforge" data synth --task "$probe_tasks" --lengths "${EVAL_LENGTHS:-512,1024,4096}" \
+    --num "${EVAL_NUM:-20}" --seed 2 --vt-variables "$vt_variables" \
+    --out "$out/${name}_tasks.jsonl" --overwrite
+  train_phase "$name" "longctx-$name" 2048 "${PROBE_MICRO_BATCH:-8}" 1 "$steps" \
+    "${PROBE_LR:-0.0001}" "${init[@]}" \
+    --set eval.every_steps="$every" --set checkpoint.every_steps="$every" \
+    --set checkpoint.keep_last=0
+  for checkpoint in "$work/runs/longctx-$name"/checkpoints/step-*; do
+    step=${checkpoint##*/step-}
+    "$moeforge" eval --model "$checkpoint" --task "$out/${name}_tasks.jsonl" --device "$device" \
+      --predictions "$out/${name}_predictions.jsonl" > "$out/${name}_eval.json"
+    python3 -c 'import json, sys
 r = json.load(open(sys.argv[1]))
-print("step", int(sys.argv[2]), json.dumps({t: {n: g["correct"] for n, g in v["lengths"].items()}
-                                           for t, v in r["tasks"].items()}))' \
-    "$out/probe_eval.json" "$step" | tee -a "$out/probe_curve.txt"
+print(sys.argv[3] + "step", int(sys.argv[2]),
+      json.dumps({t: {n: g["correct"] for n, g in v["lengths"].items()}
+                  for t, v in r["tasks"].items()}))' \
+      "$out/${name}_eval.json" "$step" "$label" | tee -a "$out/probe_curve.txt"
+  done
+  echo "${label}last checkpoint's outcomes: $(scripts/needle_outcomes.py \
+    "$out/${name}_tasks.jsonl" "$out/${name}_predictions.jsonl")" | tee -a "$out/probe_curve.txt"
+  init=(--init-from "$(last_checkpoint "$name")")
 done
-echo "last checkpoint's outcomes: $(scripts/needle_outcomes.py "$out/probe_tasks.jsonl" \
-  "$out/probe_predictions.jsonl")" | tee -a "$out/probe_curve.txt"
