@@ -6,9 +6,11 @@
 # (PROBE_LENGTHS bytes) with a checkpoint every PROBE_EVERY steps, each checkpoint evaluated on
 # held-out examples of PROBE_TASKS at EVAL_LENGTHS (greedy, dense): a learning curve
 # of accuracy, with what the last checkpoint's wrong answers copied (scripts/needle_outcomes.py).
-# PROBE_VT_VARIABLES with several counts ("1,2,4") makes it a vt curriculum: one such phase per
-# chain length in turn (runs/longctx-probe-vtN, $OUT_DIR/probe-vtN_*), each from the last one's
-# final checkpoint and evaluated on chains of its own length. Session 30 ran it with niah_multikey
+# PROBE_STAGES makes it several such phases in turn, each from the last one's final checkpoint:
+# space-separated stages TASKS[@VT_VARIABLES][:STEPS] (runs/longctx-probe-N, $OUT_DIR/probe-N_*),
+# each evaluated on the tasks of every stage so far (vt with the stage's chain length). A vt
+# curriculum: PROBE_STAGES="vt@1 vt@2 vt@4"; one task, then all: "niah_multikey:12000
+# niah_single,niah_multikey,niah_multivalue,vt". Session 30 ran it with niah_multikey
 # at lr 5e-4, 1e-3 (the retrieval was lost) and 1e-4 (10/20 at 512 bytes after 8000 steps), session
 # 32 with vt chains of one variable (12/20 at 512 bytes after 8000 steps): docs/verification.md.
 # Usage: scripts/longctx_probe.sh MOEFORGE OUT_DIR (environment: PROBE_TASKS, default
@@ -16,8 +18,8 @@
 # 8000; PROBE_EVERY, default 2000; PROBE_FROM, a checkpoint or scratch; PROBE_MICRO_BATCH,
 # default 8; PROBE_QUESTIONS, one (default) or all: the training documents ask every question of
 # their context (`data synth --questions all`); PROBE_VT_VARIABLES, vt's variables per chain in the
-# training and the held-out examples (`data synth --vt-variables`, default 4), or a
-# comma-separated curriculum of them; EVAL_LENGTHS,
+# training and the held-out examples (`data synth --vt-variables`, default 4) of a stage that does
+# not give its own; PROBE_STAGES; EVAL_LENGTHS,
 # default 512,1024,4096; EVAL_NUM, default 20; DEVICE, default cuda; LONGCTX_CONFIG, the training
 # config and through it the model; WINDOWS, the phases' data.windows (default stream);
 # LONGCTX_WORK, where data/ and runs/ go (default the repository root); and the warm phase's
@@ -41,20 +43,28 @@ fi
 init=(--init-from "$from")
 [ "$from" = scratch ] && init=()
 
-# One stage per vt chain length of PROBE_VT_VARIABLES, each from the last one's final checkpoint.
-IFS=',' read -r -a vt_stages <<< "${PROBE_VT_VARIABLES:-4}"
-for vt_variables in "${vt_stages[@]}"; do
+# The stages of PROBE_STAGES in turn, each from the last one's final checkpoint, each evaluated on
+# the tasks of every stage so far (so that forgetting shows).
+read -r -a stages <<< "${PROBE_STAGES:-$probe_tasks}"
+eval_tasks=""
+for stage_idx in "${!stages[@]}"; do
+  spec=${stages[$stage_idx]} stage_steps=$steps vt_variables=${PROBE_VT_VARIABLES:-4}
+  if [[ $spec == *:* ]]; then stage_steps=${spec##*:} spec=${spec%:*}; fi
+  if [[ $spec == *@* ]]; then vt_variables=${spec##*@} spec=${spec%@*}; fi
+  for task in ${spec//,/ }; do
+    [[ ",$eval_tasks," == *",$task,"* ]] || eval_tasks=${eval_tasks:+$eval_tasks,}$task
+  done
   name=probe label=""
-  if [ ${#vt_stages[@]} -gt 1 ]; then
-    name=probe-vt$vt_variables label="vt $vt_variables "
+  if [ ${#stages[@]} -gt 1 ]; then
+    name=probe-$((stage_idx + 1)) label="stage $((stage_idx + 1)) (${stages[$stage_idx]}) "
   fi
-  "$moeforge" data synth --task "$probe_tasks" --lengths "${PROBE_LENGTHS:-420,520,640}" \
+  "$moeforge" data synth --task "$spec" --lengths "${PROBE_LENGTHS:-420,520,640}" \
     --num 12000 --seed 7 --format train --loss answer --questions "${PROBE_QUESTIONS:-one}" \
     --vt-variables "$vt_variables" --out "$work/data/longctx-$name" --overwrite
-  "$moeforge" data synth --task "$probe_tasks" --lengths "${EVAL_LENGTHS:-512,1024,4096}" \
+  "$moeforge" data synth --task "$eval_tasks" --lengths "${EVAL_LENGTHS:-512,1024,4096}" \
     --num "${EVAL_NUM:-20}" --seed 2 --vt-variables "$vt_variables" \
     --out "$out/${name}_tasks.jsonl" --overwrite
-  train_phase "$name" "longctx-$name" 2048 "${PROBE_MICRO_BATCH:-8}" 1 "$steps" \
+  train_phase "$name" "longctx-$name" 2048 "${PROBE_MICRO_BATCH:-8}" 1 "$stage_steps" \
     "${PROBE_LR:-0.0001}" "${init[@]}" \
     --set eval.every_steps="$every" --set checkpoint.every_steps="$every" \
     --set checkpoint.keep_last=0
