@@ -287,6 +287,26 @@ def checkpoint_seeds():
     }
 
 
+def synth_tasks_seeds():
+    """Task files of `eval --task`: every task, a hand-written file, edge cases the reader rejects."""
+    def line(task, answer, **extra):
+        example = {"format_version": 1, "task": task, "length": 40, "depth": 0.5,
+                   "prompt": f"Some text. The value is {answer}.\nWhat is it? Answer: ", "answer": answer}
+        example.update(extra)
+        return json.dumps(example)
+    return {
+        "every_task": "\n".join([line("niah_single", "1234567"), line("niah_multikey", "7654321"),
+                                  line("niah_multivalue", "1111111, 2222222"),
+                                  line("vt", "ABCDE, FGHIJ")]) + "\n",
+        "by_hand": '{"task": "vt", "length": 5, "depth": 0, "prompt": "p", "answer": "A"}\n\n',
+        "answer_two_lines": line("niah_single", "1\n2") + "\n",
+        "answer_no_item": line("vt", " , ,") + "\n",
+        "depth_out_of_range": line("niah_single", "1", depth=1.5) + "\n",
+        "unknown_task": line("niah_double", "1") + "\n",
+        "not_json": "{not json\n",
+    }
+
+
 def main():
     write_corpus("safetensors", safetensors_seeds())
     write_corpus("model_weights", model_weights_seeds())
@@ -295,6 +315,7 @@ def main():
     write_corpus("token_shard", token_shard_seeds())
     write_corpus("dataset", dataset_seeds())
     write_corpus("checkpoint", checkpoint_seeds())
+    write_corpus("synth_tasks", synth_tasks_seeds())
 
 
 if __name__ == "__main__":

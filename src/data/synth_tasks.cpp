@@ -469,6 +469,13 @@ std::vector<SynthExample> read_synth_jsonl(const fs::path& path) {
     example.answer = json_string_field(line, "answer", where);
     MF_CHECK(!example.prompt.empty(), "{}: field 'prompt' is empty", where.string());
     MF_CHECK(!trim_spaces(example.answer).empty(), "{}: field 'answer' is empty", where.string());
+    MF_CHECK(example.answer.find('\n') == std::string::npos,
+             "{}: field 'answer' holds a line break; a generated answer is its first line only",
+             where.string());
+    MF_CHECK(synth_answer_correct(example.task, example.answer, example.answer),
+             "{}: field 'answer' ({}) has no item an output could match (items are separated by "
+             "commas and spaces)",
+             where.string(), nlohmann::json(example.answer).dump());
     examples.push_back(std::move(example));
   }
   MF_CHECK(!in.bad(), "reading task file '{}' failed", path.string());

@@ -110,7 +110,8 @@ bool synth_answer_correct(SynthTask task, std::string_view answer, std::string_v
 // (written atomically).
 void write_synth_jsonl(const std::filesystem::path& path, std::span<const SynthExample> examples);
 // Errors name the file, the line and the field. A task file may be written by hand:
-// format_version optional, length >= 1, depth in [0, 1], prompt and answer non-empty.
+// format_version optional, length >= 1, depth in [0, 1], prompt and answer non-empty, the answer
+// one line that the scoring rule can match (niah_multivalue and vt: at least one item).
 std::vector<SynthExample> read_synth_jsonl(const std::filesystem::path& path);
 
 // A token dataset for training (byte tokenizer, like `moeforge data prepare`): every example is

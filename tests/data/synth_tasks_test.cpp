@@ -423,6 +423,18 @@ TEST(SynthTasks, JsonlRoundTripsAndBadLinesNameTheLineAndField) {
   const std::string version = error_of(
       R"({"format_version": 9, "task": "vt", "length": 5, "depth": 0, "prompt": "p", "answer": "A"})");
   EXPECT_NE(version.find("format_version"), std::string::npos) << version;
+  // Answers no output can match: a line break (the output's first line is scored), no item.
+  const std::string two_lines = error_of(
+      R"({"task": "niah_single", "length": 5, "depth": 0, "prompt": "p", "answer": "1\n2"})");
+  EXPECT_NE(two_lines.find("bad.jsonl:2: field 'answer' holds a line break"), std::string::npos)
+      << two_lines;
+  const std::string no_item =
+      error_of(R"({"task": "vt", "length": 5, "depth": 0, "prompt": "p", "answer": " , ,"})");
+  EXPECT_NE(no_item.find("bad.jsonl:2: field 'answer' (\" , ,\") has no item"), std::string::npos)
+      << no_item;
+  EXPECT_EQ(
+      error_of(R"({"task": "niah_single", "length": 5, "depth": 0, "prompt": "p", "answer": ","})"),
+      "");  // niah answers are compared whole
 }
 
 TEST(SynthTasks, TrainDatasetHoldsEveryExampleAsOneDocument) {
