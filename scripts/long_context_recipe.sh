@@ -36,16 +36,22 @@
 # QUESTIONS=all makes those phases' documents ask every question of their context (`data synth
 # --questions all`: each other key of niah_multikey, the other chain of vt); default one.
 # WARM2_STEPS > 0 adds a phase between warm and mid: that many steps on 2K windows of 420-640-byte
-# examples of TASKS at lr WARM2_LR (3e-4), from the warm model.
+# examples of TASKS at lr WARM2_LR (3e-4), from the warm model. WARM2_STAGES makes it several such
+# phases in turn (warm2-1, warm2-2, ...), each from the last: space-separated stages
+# TASKS[@VT_VARIABLES][:STEPS] as longctx_probe.sh's PROBE_STAGES (STEPS default WARM2_STEPS or
+# 12000), e.g. "niah_multikey vt@1 vt@2 niah_single,niah_multikey,niah_multivalue,vt". VT_VARIABLES
+# (default 4) is vt's chain length in the mid and long phases, the stages that name none and the
+# evaluation.
 # XLONG_STEPS > 0 adds a fourth phase toward 128K: that many steps of 2 x 1 windows of 128K of
 # 16K-64K niah_single examples at lr 1e-4; then both the long and the xlong model are evaluated.
 # The models stay in runs/ (their paths are printed), or in LONGCTX_WORK's runs/. Usage:
 # scripts/long_context_recipe.sh MOEFORGE OUT_DIR (environment: TASKS; WARM_STEPS, MID_STEPS,
-# LONG_STEPS, WARM2_STEPS and XLONG_STEPS (default 0), WARM2_LR; QUESTIONS; WARM_MAX_VAL_LOSS and
-# WARM_ATTEMPTS (3); EVAL_NUM examples per task and length, default 20; EVAL_ATTENTION, default
-# "dense flex flex_exact"; DUMP_LAYER, default 2; DEVICE, default cuda: where the phases train and
-# the evaluation runs, while bench prefill needs the GPU; WINDOWS, the phases' data.windows, default
-# stream, and LONGCTX_WORK, where data/ and runs/ go: scripts/longctx_phases.sh).
+# LONG_STEPS, WARM2_STEPS and XLONG_STEPS (default 0), WARM2_LR, WARM2_STAGES; QUESTIONS;
+# VT_VARIABLES; WARM_MAX_VAL_LOSS and WARM_ATTEMPTS (3); EVAL_NUM examples per task and length,
+# default 20; EVAL_ATTENTION, default "dense flex flex_exact"; DUMP_LAYER, default 2; DEVICE,
+# default cuda: where the phases train and the evaluation runs, while bench prefill needs the GPU;
+# WINDOWS, the phases' data.windows, default stream, and LONGCTX_WORK, where data/ and runs/ go:
+# scripts/longctx_phases.sh).
 set -euo pipefail
 moeforge=$(realpath "$1")
 out=$(realpath -m "$2")
@@ -55,24 +61,34 @@ eval_num=${EVAL_NUM:-20}
 dump_layer=${DUMP_LAYER:-2}
 tasks=${TASKS:-niah_single,niah_multikey}
 questions=${QUESTIONS:-one}
+vt_variables=${VT_VARIABLES:-4}
 
 source scripts/longctx_phases.sh
 
 "$moeforge" data synth --task "$tasks" --lengths 1024,2048,4096 --num 4000 --seed 5 \
-  --format train --loss answer --questions "$questions" --out "$work/data/longctx-mid" --overwrite
+  --format train --loss answer --questions "$questions" --vt-variables "$vt_variables" \
+  --out "$work/data/longctx-mid" --overwrite
 "$moeforge" data synth --task "$tasks" --lengths 1024,2048,4096,8192,16384 --num 1500 --seed 11 \
-  --format train --loss answer --questions "$questions" --out "$work/data/longctx-long" --overwrite
+  --format train --loss answer --questions "$questions" --vt-variables "$vt_variables" \
+  --out "$work/data/longctx-long" --overwrite
 
 warm_phase
 mid_from=warm
-if [ "${WARM2_STEPS:-0}" -gt 0 ]; then
-  "$moeforge" data synth --task "$tasks" --lengths 420,520,640 --num 8000 --seed 7 \
-    --format train --loss answer --questions "$questions" --out "$work/data/longctx-warm2" \
-    --overwrite
-  train_phase warm2 longctx-warm2 2048 8 1 "$WARM2_STEPS" "${WARM2_LR:-0.0003}" \
-    --init-from "$(last_checkpoint warm)"
-  mid_from=warm2
+read -r -a warm2_stages <<< "${WARM2_STAGES:-}"
+if [ ${#warm2_stages[@]} -eq 0 ] && [ "${WARM2_STEPS:-0}" -gt 0 ]; then
+  warm2_stages=("$tasks:$WARM2_STEPS")
 fi
+for stage_idx in "${!warm2_stages[@]}"; do
+  parse_stage "${warm2_stages[$stage_idx]}" "${WARM2_STEPS:-12000}" "$vt_variables"
+  name=warm2
+  [ ${#warm2_stages[@]} -eq 1 ] || name=warm2-$((stage_idx + 1))
+  "$moeforge" data synth --task "$stage_tasks" --lengths 420,520,640 --num 8000 --seed 7 \
+    --format train --loss answer --questions "$questions" --vt-variables "$stage_vt" \
+    --out "$work/data/longctx-$name" --overwrite
+  train_phase "$name" "longctx-$name" 2048 8 1 "$stage_steps" "${WARM2_LR:-0.0003}" \
+    --init-from "$(last_checkpoint "$mid_from")"
+  mid_from=$name
+done
 train_phase mid longctx-mid 8192 8 1 "${MID_STEPS:-1000}" 0.0003 \
   --init-from "$(last_checkpoint "$mid_from")"
 train_phase long longctx-long 32768 2 2 "${LONG_STEPS:-700}" 0.0002 \
@@ -89,7 +105,7 @@ fi
 # Held-out tasks (seed 2), dense, flex and flex_exact, at 1K, 4K, 16K, 32K and 128K (trained on examples up to
 # 16K in 32K windows, or 64K in 128K windows in the xlong phase), for each model.
 "$moeforge" data synth --task "$tasks" --lengths 1024,4096,16384,32768 --num "$eval_num" --seed 2 \
-  --out "$out/tasks.jsonl" --overwrite
+  --vt-variables "$vt_variables" --out "$out/tasks.jsonl" --overwrite
 "$moeforge" data synth --task niah_single --lengths 130000 --num 5 --seed 3 \
   --out "$out/tasks_128k.jsonl" --overwrite
 for name in "${models[@]}"; do

@@ -30,6 +30,19 @@ train_phase() {
   echo "phase $name: $(tail -n 1 "$out/train_$name.txt")"
 }
 
+# parse_stage SPEC STEPS VT_VARIABLES: a stage "TASKS[@VT_VARIABLES][:STEPS]" of a curriculum
+# (longctx_probe.sh's PROBE_STAGES, the recipe's WARM2_STAGES) into stage_tasks, stage_steps and
+# stage_vt, with the given defaults where SPEC names none.
+parse_stage() {
+  stage_tasks=$1 stage_steps=$2 stage_vt=$3
+  if [[ $stage_tasks == *:* ]]; then
+    stage_steps=${stage_tasks##*:} stage_tasks=${stage_tasks%:*}
+  fi
+  if [[ $stage_tasks == *@* ]]; then
+    stage_vt=${stage_tasks##*@} stage_tasks=${stage_tasks%@*}
+  fi
+}
+
 last_checkpoint() { ls -d "$work/runs/longctx-$1"/checkpoints/step-* | tail -n 1; }
 
 # The last val loss of phase NAME (from its metrics).

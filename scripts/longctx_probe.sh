@@ -48,21 +48,19 @@ init=(--init-from "$from")
 read -r -a stages <<< "${PROBE_STAGES:-$probe_tasks}"
 eval_tasks=""
 for stage_idx in "${!stages[@]}"; do
-  spec=${stages[$stage_idx]} stage_steps=$steps vt_variables=${PROBE_VT_VARIABLES:-4}
-  if [[ $spec == *:* ]]; then stage_steps=${spec##*:} spec=${spec%:*}; fi
-  if [[ $spec == *@* ]]; then vt_variables=${spec##*@} spec=${spec%@*}; fi
-  for task in ${spec//,/ }; do
+  parse_stage "${stages[$stage_idx]}" "$steps" "${PROBE_VT_VARIABLES:-4}"
+  for task in ${stage_tasks//,/ }; do
     [[ ",$eval_tasks," == *",$task,"* ]] || eval_tasks=${eval_tasks:+$eval_tasks,}$task
   done
   name=probe label=""
   if [ ${#stages[@]} -gt 1 ]; then
     name=probe-$((stage_idx + 1)) label="stage $((stage_idx + 1)) (${stages[$stage_idx]}) "
   fi
-  "$moeforge" data synth --task "$spec" --lengths "${PROBE_LENGTHS:-420,520,640}" \
+  "$moeforge" data synth --task "$stage_tasks" --lengths "${PROBE_LENGTHS:-420,520,640}" \
     --num 12000 --seed 7 --format train --loss answer --questions "${PROBE_QUESTIONS:-one}" \
-    --vt-variables "$vt_variables" --out "$work/data/longctx-$name" --overwrite
+    --vt-variables "$stage_vt" --out "$work/data/longctx-$name" --overwrite
   "$moeforge" data synth --task "$eval_tasks" --lengths "${EVAL_LENGTHS:-512,1024,4096}" \
-    --num "${EVAL_NUM:-20}" --seed 2 --vt-variables "$vt_variables" \
+    --num "${EVAL_NUM:-20}" --seed 2 --vt-variables "$stage_vt" \
     --out "$out/${name}_tasks.jsonl" --overwrite
   train_phase "$name" "longctx-$name" 2048 "${PROBE_MICRO_BATCH:-8}" 1 "$stage_steps" \
     "${PROBE_LR:-0.0001}" "${init[@]}" \
