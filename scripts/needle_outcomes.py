@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """What a model answered on the synthetic tasks, beyond right or wrong: for each task and length of
 `moeforge eval --task FILE --predictions PRED`, how many answers were correct, how many copied
-another needle's value (by the needle's place in the text) and how many copied none; for
+another needle's value (by the needle's place in the text) and how many copied none, each with
+", then a list" when the output went on with more items (the format of niah_multivalue); for
 niah_multivalue and vt, how many of the answer's items the output held. It shows whether a model
 that fails niah_multikey retrieves at all (and always the last needle, say) or only guesses digits.
 
@@ -32,10 +33,16 @@ def outcome(task, prompt, answer, output):
     line = first_line(output)
     if line == answer:
         return "correct"
+    # A line of several items ("2382569, 23": a list, as niah_multivalue answers) is labelled by
+    # its first item, so that an answer in the wrong format shows apart from a wrong value.
+    first, *rest = re.split(r"[, ]+", line) if line else [""]
+    then = ", then a list" if rest else ""
+    if first == answer:
+        return f"right value{then}"
     values = NEEDLE.findall(prompt)
-    if line in values:
-        return f"needle {values.index(line)} of {len(values)}"
-    return "no needle"
+    if first in values:
+        return f"needle {values.index(first)} of {len(values)}{then}"
+    return f"no needle{then}"
 
 
 def read_jsonl(path):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """scripts/needle_outcomes.py: outcome counts per task and length (correct, another needle by its
-place, no needle; items found for niah_multivalue and vt) and clear errors for files that do not
-match."""
+place, no needle, each also as the first item of a list; items found for niah_multivalue and vt)
+and clear errors for files that do not match."""
 import json
 import os
 import subprocess
@@ -54,6 +54,10 @@ class NeedleOutcomesTest(unittest.TestCase):
             ("niah_multikey", 1024, MULTIKEY_PROMPT, "6764992", "9705815"),
             ("niah_multikey", 4096, MULTIKEY_PROMPT, "6764992", "2530041"),
             ("niah_multikey", 4096, MULTIKEY_PROMPT, "6764992", "1234567"),
+            ("niah_multikey", 512, MULTIKEY_PROMPT, "6764992", "6764992, 97"),
+            ("niah_multikey", 512, MULTIKEY_PROMPT, "6764992", "2530041, 6764992"),
+            ("niah_multikey", 512, MULTIKEY_PROMPT, "6764992", "12, 6764992"),
+            ("niah_multikey", 512, MULTIKEY_PROMPT, "6764992", ""),
             ("niah_multivalue", 1024, MULTIVALUE_PROMPT, "1111111, 2222222", "2222222, 1111111"),
             ("niah_multivalue", 1024, MULTIVALUE_PROMPT, "1111111, 2222222", "2222222 9"),
             ("vt", 1024, VT_PROMPT, "ABCDE, FGHIJ", "KLMNO\nABCDE, FGHIJ"),
@@ -64,7 +68,10 @@ class NeedleOutcomesTest(unittest.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(json.loads(result.stdout), {
             "niah_multikey": {"1024": {"correct": 1, "needle 2 of 3": 2},
-                              "4096": {"needle 0 of 3": 1, "no needle": 1}},
+                              "4096": {"needle 0 of 3": 1, "no needle": 1},
+                              "512": {"right value, then a list": 1,
+                                      "needle 0 of 3, then a list": 1,
+                                      "no needle, then a list": 1, "no needle": 1}},
             "niah_multivalue": {"1024": {"2 of 2 items": 1, "1 of 2 items": 1}},
             "vt": {"1024": {"0 of 2 items": 1}},
         })
