@@ -6,24 +6,24 @@
 #      loss on every token plateaued at the filler text's loss and never learned to retrieve):
 #      240- and 300-byte niah_single examples (warm), 1K-4K examples of TASKS (mid), 1K-16K of
 #      them (long);
-#   2. three phases (scripts/longctx_phases.sh), each from the previous one's weights with a
-#      fresh optimizer and its own WSD schedule: WARM_STEPS (4000) on 2K windows of the warm
-#      examples at lr 5e-4, where the retrieval mechanism forms (run again with the next model
-#      seed when it ends above val loss WARM_MAX_VAL_LOSS, 0.1: it failed in 1 of 2 identical runs
-#      in session 30, and a warm model at 0.189 lost the retrieval in session 32); MID_STEPS (1000) on 8K windows of the mid examples at lr 3e-4; LONG_STEPS
-#      (700) steps of 2 x 2 windows of 32K (micro-batch 2, accumulation 2) of the long examples at
-#      lr 2e-4. About 3 minutes of training on an H200. What failed (sessions 8, 9 and 30,
-#      docs/verification.md): lr 1e-3 or 2e-3 from the start, or on the 420-600-byte mixture from
-#      scratch, left the answer loss at guessing; lr 1e-3 in the mid phase undid what the warm
-#      phase had learned; the long phase at lr 3e-4 with one micro-batch of 2 windows a step (2 to
-#      20 answers) worked once by hand and, in the whole script's first run, swung its val loss
-#      0.66 -> 1.19 -> 0.83 and lost the retrieval; niah_multikey alone after the warm phase at
-#      lr 5e-4 or 1e-3 lost the retrieval too (val loss 1.5-2.0, digits guessed); all four
-#      tasks with QUESTIONS=all WARM2_STEPS=12000 WARM2_LR=3e-4 (session 31, WINDOWS stream)
-#      solved niah_single only (niah_multikey 0-5 of 20, the other two 0); WINDOWS=packed
-#      TASKS=niah_single,niah_multikey with the same warm2 (session 32) from a warm model at val
-#      loss 0.189 (then accepted) lost the retrieval in warm2 (val loss 1.84 -> 1.57; 2 of 160
-#      right at the end);
+#   2. three phases (scripts/longctx_phases.sh), each from the previous one's weights with a fresh
+#      optimizer and its own WSD schedule: WARM_STEPS (4000) on 2K windows of the warm examples at
+#      lr 5e-4, where the retrieval mechanism forms (run again with the next model seed when it ends
+#      above val loss WARM_MAX_VAL_LOSS, 0.1: it failed in 1 of 2 identical runs in session 30, and
+#      a warm model at 0.189 lost the retrieval in session 32); MID_STEPS (1000) on 8K windows of
+#      the mid examples at lr 3e-4; LONG_STEPS (700) steps of 2 x 2 windows of 32K (micro-batch 2,
+#      accumulation 2) of the long examples at lr 2e-4. About 3 minutes of training on an H200. What
+#      failed (sessions 8, 9 and 30, docs/verification.md): lr 1e-3 or 2e-3 from the start, or on
+#      the 420-600-byte mixture from scratch, left the answer loss at guessing; lr 1e-3 in the mid
+#      phase undid what the warm phase had learned; the long phase at lr 3e-4 with one micro-batch
+#      of 2 windows a step (2 to 20 answers) worked once by hand and, in the whole script's first
+#      run, swung its val loss 0.66 -> 1.19 -> 0.83 and lost the retrieval; niah_multikey alone
+#      after the warm phase at lr 5e-4 or 1e-3 lost the retrieval too (val loss 1.5-2.0, digits
+#      guessed); all four tasks with QUESTIONS=all WARM2_STEPS=12000 WARM2_LR=3e-4 (session 31,
+#      WINDOWS stream) solved niah_single only (niah_multikey 0-5 of 20, the other two 0);
+#      WINDOWS=packed TASKS=niah_single,niah_multikey with the same warm2 (session 32) from a warm
+#      model at val loss 0.189 (then accepted) lost the retrieval in warm2 (val loss 1.84 -> 1.57; 2
+#      of 160 right at the end);
 #   3. eval --task on held-out tasks (another seed) at 1K, 4K, 16K, 32K and 128K on the GPU, dense,
 #      flex (the fast pattern search, the default) and flex_exact (--flex-search exact), with every
 #      answer in predictions_*.jsonl and what the wrong ones copied in outcomes_*.json
@@ -42,16 +42,20 @@
 # 12000), e.g. "niah_multikey vt@1 vt@2 niah_single,niah_multikey,niah_multivalue,vt". VT_VARIABLES
 # (default 4) is vt's chain length in the mid and long phases, the stages that name none and the
 # evaluation.
+# MID_LENGTHS and LONG_LENGTHS (defaults 1024,2048,4096 and 1024,...,16384) are the example lengths
+# of the mid and long phases. With WINDOWS=packed the defaults fill only 62-63% of the window
+# tokens (an example of half a window plus its answers no longer fits twice); 768,1792,3840 and
+# 1000,2000,4000,8000,16000 fill 94-95% (session 32, four tasks with QUESTIONS=all).
 # XLONG_STEPS > 0 adds a fourth phase toward 128K: that many steps of 2 x 1 windows of 128K of
 # 16K-64K niah_single examples at lr 1e-4; then both the long and the xlong model are evaluated.
 # The models stay in runs/ (their paths are printed), or in LONGCTX_WORK's runs/. Usage:
-# scripts/long_context_recipe.sh MOEFORGE OUT_DIR (environment: TASKS; WARM_STEPS, MID_STEPS,
-# LONG_STEPS, WARM2_STEPS and XLONG_STEPS (default 0), WARM2_LR, WARM2_STAGES; QUESTIONS;
-# VT_VARIABLES; WARM_MAX_VAL_LOSS and WARM_ATTEMPTS (3); EVAL_NUM examples per task and length,
-# default 20; EVAL_ATTENTION, default "dense flex flex_exact"; DUMP_LAYER, default 2; DEVICE,
-# default cuda: where the phases train and the evaluation runs, while bench prefill needs the GPU;
-# WINDOWS, the phases' data.windows, default stream, and LONGCTX_WORK, where data/ and runs/ go:
-# scripts/longctx_phases.sh).
+# scripts/long_context_recipe.sh MOEFORGE OUT_DIR (environment: TASKS; MID_LENGTHS, LONG_LENGTHS;
+# WARM_STEPS, MID_STEPS, LONG_STEPS, WARM2_STEPS and XLONG_STEPS (default 0), WARM2_LR,
+# WARM2_STAGES; QUESTIONS; VT_VARIABLES; WARM_MAX_VAL_LOSS and WARM_ATTEMPTS (3); EVAL_NUM examples
+# per task and length, default 20; EVAL_ATTENTION, default "dense flex flex_exact"; DUMP_LAYER,
+# default 2; DEVICE, default cuda: where the phases train and the evaluation runs, while bench
+# prefill needs the GPU; WINDOWS, the phases' data.windows, default stream, and LONGCTX_WORK, where
+# data/ and runs/ go: scripts/longctx_phases.sh).
 set -euo pipefail
 moeforge=$(realpath "$1")
 out=$(realpath -m "$2")
@@ -65,12 +69,12 @@ vt_variables=${VT_VARIABLES:-4}
 
 source scripts/longctx_phases.sh
 
-"$moeforge" data synth --task "$tasks" --lengths 1024,2048,4096 --num 4000 --seed 5 \
-  --format train --loss answer --questions "$questions" --vt-variables "$vt_variables" \
+"$moeforge" data synth --task "$tasks" --lengths "${MID_LENGTHS:-1024,2048,4096}" --num 4000 \
+  --seed 5 --format train --loss answer --questions "$questions" --vt-variables "$vt_variables" \
   --out "$work/data/longctx-mid" --overwrite
-"$moeforge" data synth --task "$tasks" --lengths 1024,2048,4096,8192,16384 --num 1500 --seed 11 \
-  --format train --loss answer --questions "$questions" --vt-variables "$vt_variables" \
-  --out "$work/data/longctx-long" --overwrite
+"$moeforge" data synth --task "$tasks" --lengths "${LONG_LENGTHS:-1024,2048,4096,8192,16384}" \
+  --num 1500 --seed 11 --format train --loss answer --questions "$questions" \
+  --vt-variables "$vt_variables" --out "$work/data/longctx-long" --overwrite
 
 warm_phase
 mid_from=warm
