@@ -194,6 +194,7 @@ TEST(EvaluateMaskTest, CountsOnlyMaskedTargetsAndFailsWhenNoneIsScored) {
   RecordingForward forward;
   const EvalResult all = evaluate(forward.fn(), windows, tokenizer, 5, 0, self);
   EXPECT_EQ(all.num_tokens, 4);
+  EXPECT_EQ(all.num_bytes, 4);  // the bytes of the counted targets only
   EXPECT_NEAR(all.loss, (40.0 + 80.0 + 120.0 + 160.0) / 4.0, 1e-9);
   EXPECT_EQ(count_scored_targets(windows, 5, 0), 4);
   // One window, window 0 (targets 1..8): nothing counts.
