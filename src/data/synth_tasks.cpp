@@ -299,10 +299,10 @@ SynthExample make_synth_example(SynthTask task, int64_t length, double depth, ui
     header = kNiahHeader;
     const int64_t num_keys = task == SynthTask::kNiahMultikey ? kNumMultikeyNeedles : 1;
     const std::vector<std::string> keys = distinct(rng, num_keys, random_key);
+    const int64_t niah_needles = num_needles(task, vt_variables);
     const std::vector<std::string> values =
-        distinct(rng, num_needles(task, vt_variables),
-                 [](Rng& r) { return random_number(r, kNiahValueDigits); });
-    for (int64_t needle_idx = 0; needle_idx < num_needles(task, vt_variables); ++needle_idx) {
+        distinct(rng, niah_needles, [](Rng& r) { return random_number(r, kNiahValueDigits); });
+    for (int64_t needle_idx = 0; needle_idx < niah_needles; ++needle_idx) {
       const std::string& key = keys[std::min<int64_t>(needle_idx, num_keys - 1)];
       placements.push_back({0, needle_idx, niah_needle(key, values[needle_idx]), needle_idx == 0});
     }

@@ -12,10 +12,9 @@
 // - niah_multikey: that needle for kNumMultikeyNeedles distinct keys; one key is asked.
 // - niah_multivalue: kNumMultivalueNeedles needles of one key with distinct values; all are asked,
 //   the answer lists them in the order of the text.
-// - vt: kNumVtChains chains of kNumVtVariables (or vt_variables) assignments "VAR ABCDE = 12345."
-// then
-//   "VAR FGHIJ = ABCDE." ... in order through the context; the question gives the value of one
-//   chain, the answer lists its variables in chain order.
+// - vt: kNumVtChains chains of vt_variables (default kNumVtVariables) assignments
+//   "VAR ABCDE = 12345." then "VAR FGHIJ = ABCDE." ... in order through the context; the question
+//   gives the value of one chain, the answer lists its variables in chain order.
 // Keys are two words ("quiet-river"), values 7 digits (niah) or 5 digits (vt), variables 5
 // capital letters; keys, values and variables are distinct within an example.
 //
