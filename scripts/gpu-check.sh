@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # The GPU machine's check, in stages that fit the device tool's 10-minute calls:
 #   build     configure and build with CUDA (sm_90a) into build-gpu
+#   prebuilt  instead of build, for the stages that run only moeforge (not test, cuda-test, multi,
+#             sanitize, mutate): the binary that scripts/pack-gpu-binary.sh packed on another
+#             machine (PREBUILT, default .gpu-carry/bin/moeforge.gz) as build-gpu/moeforge, after
+#             a check that this machine has every library it links (session 33: a Debian 12 build
+#             ran on the Ubuntu 24.04 GPU machine, and saved the two-minute build)
 #   test      the whole test suite there (the CUDA tests must find a GPU), one OpenMP thread each
 #   cuda-test only the GPU tests: the CUDA test binary (a test that crashes it is reported and left
 #             out, and the rest runs again) and the CPU-vs-GPU loss-curve test (faster)
@@ -63,7 +68,8 @@
 #   probe     scripts/longctx_probe.sh: whether the long-context model learns a task at short
 #             lengths (PROBE_TASKS, PROBE_LR, PROBE_STEPS, ... pass through): accuracy at every
 #             checkpoint and what the wrong answers copied ($OUT/probe-0); PROBE_SETS runs several
-#             probes in turn, e.g. "WINDOWS=stream;WINDOWS=packed" ($OUT/probe-N), the later ones
+#             probes in turn, e.g. "WINDOWS=stream;WINDOWS=packed" ($OUT/probe-N; a value with
+#             spaces in quotes, 'PROBE_STAGES="vt@1 vt@2";PROBE_TASKS=vt'), the later ones
 #             from the first one's warm model, or with PROBE_PARALLEL=1 all at once from a warm
 #             model trained first; every curve in $OUT/probe_summary.txt
 #   bench     `moeforge bench train` on configs/bench/moe-1.8b-a0.4b.json (recompute modes from
@@ -95,6 +101,23 @@ for stage in "${stages[@]}"; do
       cmake -S . -B build-gpu "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DMOEFORGE_CUDA=ON \
         -DCMAKE_CUDA_ARCHITECTURES=90a > "$OUT/configure.txt" 2>&1
       cmake --build build-gpu -j"$(nproc)" > "$OUT/build.txt" 2>&1 || { tail -n 40 "$OUT/build.txt"; exit 1; }
+      build-gpu/moeforge devices | tee "$OUT/devices.txt"
+      ;;
+    prebuilt)
+      packed=${PREBUILT:-.gpu-carry/bin/moeforge.gz}
+      [ -f "$packed" ] || { echo "prebuilt: no $packed (scripts/pack-gpu-binary.sh makes it)"; exit 1; }
+      mkdir -p build-gpu
+      gunzip -c "$packed" > build-gpu/moeforge.tmp
+      chmod +x build-gpu/moeforge.tmp
+      mv build-gpu/moeforge.tmp build-gpu/moeforge
+      missing=$(ldd build-gpu/moeforge | grep 'not found' || true)
+      if [ -n "$missing" ]; then
+        echo "prebuilt: $packed needs libraries this machine lacks (use the build stage):"
+        echo "$missing"
+        exit 1
+      fi
+      { nvidia-smi || true; echo "prebuilt moeforge: $(cat "${packed%.gz}.commit" 2>/dev/null ||
+        echo "no ${packed%.gz}.commit")"; } > "$OUT/machine.txt" 2>&1
       build-gpu/moeforge devices | tee "$OUT/devices.txt"
       ;;
     test)
@@ -326,7 +349,7 @@ for line in open(sys.argv[1]):
       ;;
     probe)
       # PROBE_SETS: several probes in one call, ';'-separated, each a list of VAR=value for
-      # longctx_probe.sh; the later ones start from the first one's warm model unless they set
+      # longctx_probe.sh (a value with spaces in quotes: PROBE_STAGES="vt@1 vt@2"); the later ones start from the first one's warm model unless they set
       # PROBE_FROM (PROBE_FROM= with no value: a warm model of their own). Without it, one probe
       # with the environment as it is. PROBE_PARALLEL=1 trains the shared warm model first
       # ($OUT/probe-warm) and then runs every set at once on the one GPU, each in its own work
@@ -357,11 +380,13 @@ for line in open(sys.argv[1]):
       fi
       probe_pids=()
       for set_idx in "${!probe_sets[@]}"; do
-        read -r -a assignments <<< "${probe_sets[$set_idx]}"
+        # Quotes group a value with spaces, as in the shell (xargs reads them).
+        mapfile -t assignments < <(xargs -r printf '%s\n' <<< "${probe_sets[$set_idx]}")
         if [ "$set_idx" -gt 0 ] || [ -n "$shared_warm" ] &&
           [[ "${probe_sets[$set_idx]}" != *PROBE_FROM=* ]]; then
           [ -n "$shared_warm" ] ||
-            shared_warm=$(ls -d runs/longctx-warm/checkpoints/step-* | tail -n 1)
+            shared_warm=$(ls -d "${LONGCTX_WORK:-.}"/runs/longctx-warm/checkpoints/step-* |
+              tail -n 1)
           assignments=("PROBE_FROM=$shared_warm" "${assignments[@]}")
         fi
         probe_dir="$OUT/probe-$set_idx"
