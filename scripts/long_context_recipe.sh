@@ -38,8 +38,10 @@
 # WARM2_STEPS > 0 adds a phase between warm and mid: that many steps on 2K windows of 420-640-byte
 # examples of TASKS at lr WARM2_LR (3e-4), from the warm model. WARM2_STAGES makes it several such
 # phases in turn (warm2-1, warm2-2, ...), each from the last: space-separated stages
-# TASKS[@VT_VARIABLES][:STEPS] as longctx_probe.sh's PROBE_STAGES (STEPS default WARM2_STEPS or
-# 12000), e.g. "niah_multikey vt@1 vt@2 niah_single,niah_multikey,niah_multivalue,vt". VT_VARIABLES
+# TASKS[@VT_VARIABLES][:STEPS][/MAX_VAL_LOSS] as longctx_probe.sh's PROBE_STAGES (STEPS default
+# WARM2_STEPS or 12000; a stage above MAX_VAL_LOSS at its end runs again, STAGE_ATTEMPTS (3) runs
+# in all, and the last goes on), e.g. "niah_multikey vt@1/1.5 vt@2
+# niah_single,niah_multikey,niah_multivalue,vt". VT_VARIABLES
 # (default 4) is vt's chain length in the mid and long phases, the stages that name none and the
 # evaluation.
 # MID_LENGTHS and LONG_LENGTHS (defaults 1024,2048,4096 and 1024,...,16384) are the example lengths
@@ -51,7 +53,7 @@
 # The models stay in runs/ (their paths are printed), or in LONGCTX_WORK's runs/. Usage:
 # scripts/long_context_recipe.sh MOEFORGE OUT_DIR (environment: TASKS; MID_LENGTHS, LONG_LENGTHS;
 # WARM_STEPS, MID_STEPS, LONG_STEPS, WARM2_STEPS and XLONG_STEPS (default 0), WARM2_LR,
-# WARM2_STAGES; QUESTIONS; VT_VARIABLES; WARM_MAX_VAL_LOSS and WARM_ATTEMPTS (3); EVAL_NUM examples
+# WARM2_STAGES, STAGE_ATTEMPTS; QUESTIONS; VT_VARIABLES; WARM_MAX_VAL_LOSS and WARM_ATTEMPTS (3); EVAL_NUM examples
 # per task and length, default 20; EVAL_ATTENTION, default "dense flex flex_exact"; DUMP_LAYER,
 # default 2; DEVICE, default cuda: where the phases train and the evaluation runs, while bench
 # prefill needs the GPU; WINDOWS, the phases' data.windows, default stream, and LONGCTX_WORK, where
@@ -68,6 +70,11 @@ questions=${QUESTIONS:-one}
 vt_variables=${VT_VARIABLES:-4}
 
 source scripts/longctx_phases.sh
+read -r -a warm2_stages <<< "${WARM2_STAGES:-}"
+if [ ${#warm2_stages[@]} -eq 0 ] && [ "${WARM2_STEPS:-0}" -gt 0 ]; then
+  warm2_stages=("$tasks:$WARM2_STEPS")
+fi
+for stage in "${warm2_stages[@]}"; do parse_stage "$stage" 12000 4; done
 
 "$moeforge" data synth --task "$tasks" --lengths "${MID_LENGTHS:-1024,2048,4096}" --num 4000 \
   --seed 5 --format train --loss answer --questions "$questions" --vt-variables "$vt_variables" \
@@ -78,10 +85,6 @@ source scripts/longctx_phases.sh
 
 warm_phase
 mid_from=warm
-read -r -a warm2_stages <<< "${WARM2_STAGES:-}"
-if [ ${#warm2_stages[@]} -eq 0 ] && [ "${WARM2_STEPS:-0}" -gt 0 ]; then
-  warm2_stages=("$tasks:$WARM2_STEPS")
-fi
 for stage_idx in "${!warm2_stages[@]}"; do
   parse_stage "${warm2_stages[$stage_idx]}" "${WARM2_STEPS:-12000}" "$vt_variables"
   name=warm2
@@ -89,8 +92,9 @@ for stage_idx in "${!warm2_stages[@]}"; do
   "$moeforge" data synth --task "$stage_tasks" --lengths 420,520,640 --num 8000 --seed 7 \
     --format train --loss answer --questions "$questions" --vt-variables "$stage_vt" \
     --out "$work/data/longctx-$name" --overwrite
-  train_phase "$name" "longctx-$name" 2048 8 1 "$stage_steps" "${WARM2_LR:-0.0003}" \
-    --init-from "$(last_checkpoint "$mid_from")"
+  phase_until "$stage_max_loss" "${STAGE_ATTEMPTS:-3}" "$name" "longctx-$name" 2048 8 1 \
+    "$stage_steps" "${WARM2_LR:-0.0003}" --init-from "$(last_checkpoint "$mid_from")" ||
+    echo "phase $name: val loss above $stage_max_loss after ${STAGE_ATTEMPTS:-3} attempts; going on"
   mid_from=$name
 done
 train_phase mid longctx-mid 8192 8 1 "${MID_STEPS:-1000}" 0.0003 \

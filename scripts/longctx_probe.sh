@@ -7,9 +7,11 @@
 # held-out examples of PROBE_TASKS at EVAL_LENGTHS (greedy, dense): a learning curve
 # of accuracy, with what the last checkpoint's wrong answers copied (scripts/needle_outcomes.py).
 # PROBE_STAGES makes it several such phases in turn, each from the last one's final checkpoint:
-# space-separated stages TASKS[@VT_VARIABLES][:STEPS] (runs/longctx-probe-N, $OUT_DIR/probe-N_*),
-# each evaluated on the tasks of every stage so far (vt with the stage's chain length). A vt
-# curriculum: PROBE_STAGES="vt@1 vt@2 vt@4"; one task, then all: "niah_multikey:12000
+# space-separated stages TASKS[@VT_VARIABLES][:STEPS][/MAX_VAL_LOSS] (runs/longctx-probe-N,
+# $OUT_DIR/probe-N_*), each evaluated on the tasks of every stage so far (vt with the stage's chain
+# length); a stage with MAX_VAL_LOSS is run again (from the same start, another data order) while
+# its last val loss is above it, STAGE_ATTEMPTS (3) runs in all, and the last run goes on. A vt
+# curriculum: PROBE_STAGES="vt@1/1.5 vt@2 vt@4"; one task, then all: "niah_multikey:12000
 # niah_single,niah_multikey,niah_multivalue,vt". Session 30 ran it with niah_multikey
 # at lr 5e-4, 1e-3 (the retrieval was lost) and 1e-4 (10/20 at 512 bytes after 8000 steps), session
 # 32 with vt chains of one variable (12/20 at 512 bytes after 8000 steps): docs/verification.md.
@@ -19,7 +21,7 @@
 # default 8; PROBE_QUESTIONS, one (default) or all: the training documents ask every question of
 # their context (`data synth --questions all`); PROBE_VT_VARIABLES, vt's variables per chain in the
 # training and the held-out examples (`data synth --vt-variables`, default 4) of a stage that does
-# not give its own; PROBE_STAGES; EVAL_LENGTHS,
+# not give its own; PROBE_STAGES; STAGE_ATTEMPTS; EVAL_LENGTHS,
 # default 512,1024,4096; EVAL_NUM, default 20; DEVICE, default cuda; LONGCTX_CONFIG, the training
 # config and through it the model; WINDOWS, the phases' data.windows (default stream);
 # LONGCTX_WORK, where data/ and runs/ go (default the repository root); and the warm phase's
@@ -34,6 +36,8 @@ steps=${PROBE_STEPS:-8000}
 every=${PROBE_EVERY:-2000}
 
 source scripts/longctx_phases.sh
+read -r -a stages <<< "${PROBE_STAGES:-$probe_tasks}"
+for stage in "${stages[@]}"; do parse_stage "$stage" "$steps" 4; done
 
 from=${PROBE_FROM:-}
 if [ -z "$from" ]; then
@@ -45,7 +49,6 @@ init=(--init-from "$from")
 
 # The stages of PROBE_STAGES in turn, each from the last one's final checkpoint, each evaluated on
 # the tasks of every stage so far (so that forgetting shows).
-read -r -a stages <<< "${PROBE_STAGES:-$probe_tasks}"
 eval_tasks=""
 for stage_idx in "${!stages[@]}"; do
   parse_stage "${stages[$stage_idx]}" "$steps" "${PROBE_VT_VARIABLES:-4}"
@@ -62,10 +65,12 @@ for stage_idx in "${!stages[@]}"; do
   "$moeforge" data synth --task "$eval_tasks" --lengths "${EVAL_LENGTHS:-512,1024,4096}" \
     --num "${EVAL_NUM:-20}" --seed 2 --vt-variables "$stage_vt" \
     --out "$out/${name}_tasks.jsonl" --overwrite
-  train_phase "$name" "longctx-$name" 2048 "${PROBE_MICRO_BATCH:-8}" 1 "$stage_steps" \
-    "${PROBE_LR:-0.0001}" "${init[@]}" \
+  phase_until "$stage_max_loss" "${STAGE_ATTEMPTS:-3}" "$name" "longctx-$name" 2048 \
+    "${PROBE_MICRO_BATCH:-8}" 1 "$stage_steps" "${PROBE_LR:-0.0001}" "${init[@]}" \
     --set eval.every_steps="$every" --set checkpoint.every_steps="$every" \
-    --set checkpoint.keep_last=0
+    --set checkpoint.keep_last=0 ||
+    echo "${label}val loss above $stage_max_loss after ${STAGE_ATTEMPTS:-3} attempts" |
+    tee -a "$out/probe_curve.txt"
   for checkpoint in "$work/runs/longctx-$name"/checkpoints/step-*; do
     step=${checkpoint##*/step-}
     "$moeforge" eval --model "$checkpoint" --task "$out/${name}_tasks.jsonl" --device "$device" \

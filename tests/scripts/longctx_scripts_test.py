@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""scripts/longctx_probe.sh and scripts/longctx_phases.sh on the CPU with a one-layer model and a
+few steps a phase: the stages of PROBE_STAGES run in turn and each is evaluated on the tasks of
+every stage so far (vt with the stage's chain length), a stage above its MAX_VAL_LOSS runs again
+STAGE_ATTEMPTS times and the probe goes on, a warm phase above its bar fails the probe, and a
+malformed stage is refused before anything trains.
+Usage: longctx_scripts_test.py MOEFORGE"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+PROBE = os.path.join(ROOT, "scripts", "longctx_probe.sh")
+MOEFORGE = None
+
+
+class LongctxScriptsTest(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="longctx-scripts-")
+        self.addCleanup(shutil.rmtree, self.dir)
+        with open(os.path.join(ROOT, "configs", "models", "longctx-llama.json")) as f:
+            model = json.load(f)
+        model.update(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=1, head_dim=64, intermediate_size=128)
+        with open(os.path.join(self.dir, "model.json"), "w") as f:
+            json.dump(model, f)
+        with open(os.path.join(ROOT, "configs", "train", "longctx.json")) as f:
+            train = json.load(f)
+        train["model"]["model_config"] = os.path.join(self.dir, "model.json")
+        train["schedule"]["warmup_steps"] = 0
+        self.config = os.path.join(self.dir, "train.json")
+        with open(self.config, "w") as f:
+            json.dump(train, f)
+
+    def probe(self, **env):
+        environment = dict(os.environ, DEVICE="cpu", LONGCTX_CONFIG=self.config,
+                           LONGCTX_WORK=os.path.join(self.dir, "work"), WARM_STEPS="4",
+                           PROBE_MICRO_BATCH="2", PROBE_EVERY="2", EVAL_LENGTHS="512",
+                           EVAL_NUM="2", OMP_NUM_THREADS="1")
+        environment.update(env)
+        return subprocess.run(["bash", PROBE, MOEFORGE, os.path.join(self.dir, "out")],
+                              capture_output=True, text=True, env=environment, timeout=600)
+
+    def read_out(self, name):
+        with open(os.path.join(self.dir, "out", name)) as f:
+            return f.read()
+
+    def test_stages_in_turn_with_a_retried_stage(self):
+        result = self.probe(PROBE_FROM="scratch", STAGE_ATTEMPTS="2",
+                            PROBE_STAGES="niah_single:4 vt@1:4/0.001")
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        curve = self.read_out("probe_curve.txt").splitlines()
+        steps = [line.split(" {")[0] for line in curve if " step " in line]
+        self.assertEqual(steps, ["stage 1 (niah_single:4) step 2", "stage 1 (niah_single:4) step 4",
+                                 "stage 2 (vt@1:4/0.001) step 2", "stage 2 (vt@1:4/0.001) step 4"])
+        last_line = [line for line in curve if line.startswith(steps[-1] + " {")][0]
+        last = json.loads(last_line[len(steps[-1]) + 1:])
+        self.assertEqual(sorted(last), ["niah_single", "vt"])
+        self.assertIn("stage 2 (vt@1:4/0.001) val loss above 0.001 after 2 attempts", curve)
+        self.assertIn("is above 0.001 (attempt 1 of 2)", result.stdout)
+        self.assertIn("is above 0.001 (attempt 2 of 2)", result.stdout)
+        self.assertNotIn("phase probe-1: val loss", result.stdout)
+        with open(os.path.join(self.dir, "out", "probe-2_tasks.jsonl")) as f:
+            answers = [json.loads(line)["answer"] for line in f if '"task":"vt"' in line]
+        self.assertTrue(answers)
+        self.assertTrue(all("," not in answer for answer in answers), answers)
+
+    def test_warm_phase_fails_above_its_bar(self):
+        # One attempt (each trains 8 windows a step on the CPU); the stage test runs two.
+        result = self.probe(WARM_MAX_VAL_LOSS="0.0001", WARM_ATTEMPTS="1")
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("phase warm: val loss", result.stdout)
+        self.assertIn("is above 0.0001 (attempt 1 of 1)", result.stdout)
+        self.assertIn("the retrieval did not form in 1 attempts", result.stderr)
+        self.assertNotIn("phase probe", result.stdout)
+
+    def test_malformed_stage_is_refused_before_training(self):
+        for spec in ["vt@1:many", "vt/abc", "vt@x", ":100"]:
+            result = self.probe(PROBE_STAGES="niah_single:4 " + spec)
+            self.assertNotEqual(result.returncode, 0, spec)
+            self.assertIn("expected TASKS[@VT_VARIABLES][:STEPS][/MAX_VAL_LOSS]", result.stderr)
+            self.assertFalse(os.path.exists(os.path.join(self.dir, "work", "runs", "longctx-warm")),
+                             spec)
+
+
+if __name__ == "__main__":
+    MOEFORGE = os.path.abspath(sys.argv.pop(1))
+    unittest.main()
