@@ -23,7 +23,10 @@
 #      WINDOWS stream) solved niah_single only (niah_multikey 0-5 of 20, the other two 0);
 #      WINDOWS=packed TASKS=niah_single,niah_multikey with the same warm2 (session 32) from a warm
 #      model at val loss 0.189 (then accepted) lost the retrieval in warm2 (val loss 1.84 -> 1.57; 2
-#      of 160 right at the end);
+#      of 160 right at the end); as probes at 512-1024 bytes (session 33), vt with one variable
+#      left its plateau in 2 of 6 runs of 8000-16000 steps (hence a stage's /MAX_VAL_LOSS), and
+#      the four tasks together answered niah_multikey with lists (0/20) or, after niah_multikey
+#      alone, niah_multivalue with one value;
 #   3. eval --task on held-out tasks (another seed) at 1K, 4K, 16K, 32K and 128K on the GPU, dense,
 #      flex (the fast pattern search, the default) and flex_exact (--flex-search exact), with every
 #      answer in predictions_*.jsonl and what the wrong ones copied in outcomes_*.json

@@ -5,7 +5,8 @@
 # (PROBE_MICRO_BATCH of them a step, default 8) of PROBE_TASKS examples
 # (PROBE_LENGTHS bytes) with a checkpoint every PROBE_EVERY steps, each checkpoint evaluated on
 # held-out examples of PROBE_TASKS at EVAL_LENGTHS (greedy, dense): a learning curve
-# of accuracy, with what the last checkpoint's wrong answers copied (scripts/needle_outcomes.py).
+# of accuracy and of the val loss on the answers (a plateau shows there before any answer is
+# right), with what the last checkpoint's wrong answers copied (scripts/needle_outcomes.py).
 # PROBE_STAGES makes it several such phases in turn, each from the last one's final checkpoint:
 # space-separated stages TASKS[@VT_VARIABLES][:STEPS][/MAX_VAL_LOSS] (runs/longctx-probe-N,
 # $OUT_DIR/probe-N_*), each evaluated on the tasks of every stage so far (vt with the stage's chain
@@ -77,10 +78,14 @@ for stage_idx in "${!stages[@]}"; do
       --predictions "$out/${name}_predictions.jsonl" > "$out/${name}_eval.json"
     python3 -c 'import json, sys
 r = json.load(open(sys.argv[1]))
-print(sys.argv[3] + "step", int(sys.argv[2]),
+step = int(sys.argv[2])
+val = [m["val_loss"] for m in map(json.loads, open(sys.argv[4]))
+       if m.get("step") == step and "val_loss" in m]
+print(sys.argv[3] + "step", step, "(val loss %s)" % ("%.3f" % val[-1] if val else "not measured"),
       json.dumps({t: {n: g["correct"] for n, g in v["lengths"].items()}
                   for t, v in r["tasks"].items()}))' \
-      "$out/${name}_eval.json" "$step" "$label" | tee -a "$out/probe_curve.txt"
+      "$out/${name}_eval.json" "$step" "$label" "$out/metrics_$name.jsonl" |
+      tee -a "$out/probe_curve.txt"
   done
   echo "${label}last checkpoint's outcomes: $(scripts/needle_outcomes.py \
     "$out/${name}_tasks.jsonl" "$out/${name}_predictions.jsonl")" | tee -a "$out/probe_curve.txt"

@@ -7,6 +7,7 @@ malformed stage is refused before anything trains.
 Usage: longctx_scripts_test.py MOEFORGE"""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -54,12 +55,18 @@ class LongctxScriptsTest(unittest.TestCase):
                             PROBE_STAGES="niah_single:4 vt@1:4/0.001")
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         curve = self.read_out("probe_curve.txt").splitlines()
-        steps = [line.split(" {")[0] for line in curve if " step " in line]
-        self.assertEqual(steps, ["stage 1 (niah_single:4) step 2", "stage 1 (niah_single:4) step 4",
-                                 "stage 2 (vt@1:4/0.001) step 2", "stage 2 (vt@1:4/0.001) step 4"])
-        last_line = [line for line in curve if line.startswith(steps[-1] + " {")][0]
-        last = json.loads(last_line[len(steps[-1]) + 1:])
-        self.assertEqual(sorted(last), ["niah_single", "vt"])
+        points = [re.fullmatch(r"(.*) step (\d+) \(val loss (\d+\.\d{3})\) (\{.*\})", line)
+                  for line in curve if " step " in line]
+        self.assertTrue(all(points), curve)
+        self.assertEqual([(p[1], p[2]) for p in points],
+                         [("stage 1 (niah_single:4)", "2"), ("stage 1 (niah_single:4)", "4"),
+                          ("stage 2 (vt@1:4/0.001)", "2"), ("stage 2 (vt@1:4/0.001)", "4")])
+        for point, metrics in zip(points, ["probe-1", "probe-1", "probe-2", "probe-2"]):
+            with open(os.path.join(self.dir, "out", "metrics_%s.jsonl" % metrics)) as f:
+                val = [m["val_loss"] for m in map(json.loads, f)
+                       if m.get("step") == int(point[2]) and "val_loss" in m]
+            self.assertEqual(point[3], "%.3f" % val[-1], point[0])
+        self.assertEqual(sorted(json.loads(points[-1][4])), ["niah_single", "vt"])
         self.assertIn("stage 2 (vt@1:4/0.001) val loss above 0.001 after 2 attempts", curve)
         self.assertIn("is above 0.001 (attempt 1 of 2)", result.stdout)
         self.assertIn("is above 0.001 (attempt 2 of 2)", result.stdout)
