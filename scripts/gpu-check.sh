@@ -66,8 +66,9 @@
 #             prefill on its Q/K/V (the models stay in runs/longctx-*: too large for $OUT); the
 #             recipe's environment (TASKS, WARM2_STEPS, ...) passes through
 #   probe     scripts/longctx_probe.sh: whether the long-context model learns a task at short
-#             lengths (PROBE_TASKS, PROBE_LR, PROBE_STEPS, ... pass through): accuracy at every
-#             checkpoint and what the wrong answers copied ($OUT/probe-0); PROBE_SETS runs several
+#             lengths (PROBE_TASKS, PROBE_LR, PROBE_STEPS, ... pass through): accuracy and val
+#             loss at every checkpoint and what the wrong answers copied ($OUT/probe-0);
+#             PROBE_SETS runs several
 #             probes in turn, e.g. "WINDOWS=stream;WINDOWS=packed" ($OUT/probe-N; a value with
 #             spaces in quotes, 'PROBE_STAGES="vt@1 vt@2";PROBE_TASKS=vt'), the later ones
 #             from the first one's warm model, or with PROBE_PARALLEL=1 all at once from a warm
