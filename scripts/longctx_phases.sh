@@ -8,13 +8,24 @@
 # the repository root) is where the data/ and runs/ of the phases go, so that runs in different
 # work directories can train side by side.
 longctx_config=$(realpath "${LONGCTX_CONFIG:-configs/train/longctx.json}")
+for attempts_var in WARM_ATTEMPTS STAGE_ATTEMPTS; do
+  if ! [[ ${!attempts_var:-3} =~ ^[1-9][0-9]*$ ]]; then
+    echo "$attempts_var must be a whole number of runs, 1 or more; got '${!attempts_var}'" >&2
+    exit 1
+  fi
+done
+if ! [[ ${WARM_MAX_VAL_LOSS:-0.1} =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)$ ]]; then
+  echo "WARM_MAX_VAL_LOSS must be a number; got '$WARM_MAX_VAL_LOSS'" >&2
+  exit 1
+fi
 device=${DEVICE:-cuda}
 work=$(realpath -m "${LONGCTX_WORK:-$PWD}")
 mkdir -p "$work/data" "$work/runs"
 
 # train_phase NAME DATA SEQ_LEN MICRO_BATCH ACCUM STEPS LR [ARGS...]: one phase on $device into
 # $work/runs/longctx-NAME (only the last checkpoint), its metrics (val loss on the answers every
-# quarter) copied to $out. ARGS go last, so their --set overrides the phase's own.
+# quarter) copied to $out. ARGS go last, so their --set overrides the phase's own. Returns 1 when
+# the training fails (callers in an `||` list, where `set -e` does not reach, see it too).
 train_phase() {
   local name=$1 data=$2 seq_len=$3 batch=$4 accum=$5 steps=$6 lr=$7
   shift 7
@@ -25,7 +36,10 @@ train_phase() {
     --set data.windows="${WINDOWS:-stream}" \
     --set optimizer.lr="$lr" --set schedule.max_steps="$steps" \
     --set eval.every_steps=$((steps / 4)) --set checkpoint.dir="$work/runs/longctx-$name" \
-    --set checkpoint.every_steps=0 "$@" > "$out/train_$name.txt"
+    --set checkpoint.every_steps=0 "$@" > "$out/train_$name.txt" || {
+    echo "phase $name: moeforge train failed ($out/train_$name.txt and the error above)" >&2
+    return 1
+  }
   cp "$work/runs/longctx-$name/metrics.jsonl" "$out/metrics_$name.jsonl"
   echo "phase $name: $(tail -n 1 "$out/train_$name.txt")"
 }
@@ -65,12 +79,12 @@ phase_until() {
   shift 2
   for ((attempt = 1; attempt <= attempts; ++attempt)); do
     [ "$attempt" -eq 1 ] || seeds=(--set model.seed="$attempt" --set data.seed=$((1000 + attempt)))
-    train_phase "$@" "${seeds[@]}"
+    # A failed run ends the script, even where phase_until is called in an `||` list.
+    train_phase "$@" "${seeds[@]}" || exit 1
     [ -n "$max_loss" ] || return 0
-    loss=$(final_val_loss "$name")
-    if python3 -c 'import sys; sys.exit(float(sys.argv[1]) > float(sys.argv[2]))' "$loss" "$max_loss"; then
-      return 0
-    fi
+    loss=$(final_val_loss "$name") || exit 1
+    python3 -c 'import sys; sys.exit(float(sys.argv[1]) > float(sys.argv[2]))' "$loss" \
+      "$max_loss" && return 0
     echo "phase $name: val loss $loss is above $max_loss (attempt $attempt of $attempts)"
   done
   return 1

@@ -2,8 +2,8 @@
 """scripts/longctx_probe.sh and scripts/longctx_phases.sh on the CPU with a one-layer model and a
 few steps a phase: the stages of PROBE_STAGES run in turn and each is evaluated on the tasks of
 every stage so far (vt with the stage's chain length), a stage above its MAX_VAL_LOSS runs again
-STAGE_ATTEMPTS times and the probe goes on, a warm phase above its bar fails the probe, and a
-malformed stage is refused before anything trains.
+STAGE_ATTEMPTS times and the probe goes on, a warm phase above its bar fails the probe, and
+malformed stages and settings are refused before anything trains.
 Usage: longctx_scripts_test.py MOEFORGE"""
 import json
 import os
@@ -85,13 +85,30 @@ class LongctxScriptsTest(unittest.TestCase):
         self.assertIn("the retrieval did not form in 1 attempts", result.stderr)
         self.assertNotIn("phase probe", result.stdout)
 
-    def test_malformed_stage_is_refused_before_training(self):
-        for spec in ["vt@1:many", "vt/abc", "vt@x", ":100"]:
-            result = self.probe(PROBE_STAGES="niah_single:4 " + spec)
-            self.assertNotEqual(result.returncode, 0, spec)
-            self.assertIn("expected TASKS[@VT_VARIABLES][:STEPS][/MAX_VAL_LOSS]", result.stderr)
+    def test_malformed_settings_are_refused_before_training(self):
+        cases = [({"PROBE_STAGES": "niah_single:4 " + spec},
+                  "expected TASKS[@VT_VARIABLES][:STEPS][/MAX_VAL_LOSS]")
+                 for spec in ["vt@1:many", "vt/abc", "vt@x", ":100"]]
+        cases += [({"STAGE_ATTEMPTS": "abc"}, "STAGE_ATTEMPTS must be a whole number"),
+                  ({"WARM_ATTEMPTS": "0"}, "WARM_ATTEMPTS must be a whole number"),
+                  ({"WARM_MAX_VAL_LOSS": "low"}, "WARM_MAX_VAL_LOSS must be a number")]
+        for env, message in cases:
+            result = self.probe(**env)
+            self.assertNotEqual(result.returncode, 0, env)
+            self.assertIn(message, result.stderr)
             self.assertFalse(os.path.exists(os.path.join(self.dir, "work", "runs", "longctx-warm")),
-                             spec)
+                             env)
+
+    def test_a_failed_training_ends_the_probe(self):
+        # Every stage trains in an `||` list, where `set -e` does not stop a failed command; with
+        # a bar or without, nothing may run after the failure (no evaluation, no retry).
+        for stages in ["niah_single:4", "niah_single:4/1"]:
+            result = self.probe(PROBE_FROM="scratch", PROBE_LR="-1", PROBE_STAGES=stages)
+            self.assertNotEqual(result.returncode, 0, stages)
+            self.assertIn("phase probe: moeforge train failed", result.stderr)
+            self.assertNotIn("(attempt", result.stdout)
+            for name in ["probe_eval.json", "probe_curve.txt"]:
+                self.assertFalse(os.path.exists(os.path.join(self.dir, "out", name)), name)
 
 
 if __name__ == "__main__":
