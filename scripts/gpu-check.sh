@@ -68,8 +68,7 @@
 #   probe     scripts/longctx_probe.sh: whether the long-context model learns a task at short
 #             lengths (PROBE_TASKS, PROBE_LR, PROBE_STEPS, ... pass through): accuracy and val
 #             loss at every checkpoint and what the wrong answers copied ($OUT/probe-0);
-#             PROBE_SETS runs several
-#             probes in turn, e.g. "WINDOWS=stream;WINDOWS=packed" ($OUT/probe-N; a value with
+#             PROBE_SETS runs several probes in turn, e.g. "WINDOWS=stream;WINDOWS=packed" ($OUT/probe-N; a value with
 #             spaces in quotes, 'PROBE_STAGES="vt@1 vt@2";PROBE_TASKS=vt'), the later ones
 #             from the first one's warm model, or with PROBE_PARALLEL=1 all at once from a warm
 #             model trained first; every curve in $OUT/probe_summary.txt
@@ -350,9 +349,9 @@ for line in open(sys.argv[1]):
       ;;
     probe)
       # PROBE_SETS: several probes in one call, ';'-separated, each a list of VAR=value for
-      # longctx_probe.sh (a value with spaces in quotes: PROBE_STAGES="vt@1 vt@2"); the later ones start from the first one's warm model unless they set
-      # PROBE_FROM (PROBE_FROM= with no value: a warm model of their own). Without it, one probe
-      # with the environment as it is. PROBE_PARALLEL=1 trains the shared warm model first
+      # longctx_probe.sh (a value with spaces in quotes: PROBE_STAGES="vt@1 vt@2"); the later ones
+      # start from the first one's warm model unless they set PROBE_FROM (PROBE_FROM= with no
+      # value: a warm model of their own). Without it, one probe with the environment as it is. PROBE_PARALLEL=1 trains the shared warm model first
       # ($OUT/probe-warm) and then runs every set at once on the one GPU, each in its own work
       # directory (LONGCTX_WORK=runs/probe-work-N): the small model leaves most of an H200 idle.
       IFS=';' read -r -a probe_sets <<< "${PROBE_SETS:-}"

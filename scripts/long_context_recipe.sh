@@ -44,9 +44,8 @@
 # TASKS[@VT_VARIABLES][:STEPS][/MAX_VAL_LOSS] as longctx_probe.sh's PROBE_STAGES (STEPS default
 # WARM2_STEPS or 12000; a stage above MAX_VAL_LOSS at its end runs again, STAGE_ATTEMPTS (3) runs
 # in all, and the last goes on), e.g. "niah_multikey vt@1/1.5 vt@2
-# niah_single,niah_multikey,niah_multivalue,vt". VT_VARIABLES
-# (default 4) is vt's chain length in the mid and long phases, the stages that name none and the
-# evaluation.
+# niah_single,niah_multikey,niah_multivalue,vt". VT_VARIABLES (default 4) is vt's chain length in
+# the mid and long phases, the stages that name none and the evaluation.
 # MID_LENGTHS and LONG_LENGTHS (defaults 1024,2048,4096 and 1024,...,16384) are the example lengths
 # of the mid and long phases. With WINDOWS=packed the defaults fill only 62-63% of the window
 # tokens (an example of half a window plus its answers no longer fits twice); 768,1792,3840 and
@@ -56,11 +55,11 @@
 # The models stay in runs/ (their paths are printed), or in LONGCTX_WORK's runs/. Usage:
 # scripts/long_context_recipe.sh MOEFORGE OUT_DIR (environment: TASKS; MID_LENGTHS, LONG_LENGTHS;
 # WARM_STEPS, MID_STEPS, LONG_STEPS, WARM2_STEPS and XLONG_STEPS (default 0), WARM2_LR,
-# WARM2_STAGES, STAGE_ATTEMPTS; QUESTIONS; VT_VARIABLES; WARM_MAX_VAL_LOSS and WARM_ATTEMPTS (3); EVAL_NUM examples
-# per task and length, default 20; EVAL_ATTENTION, default "dense flex flex_exact"; DUMP_LAYER,
-# default 2; DEVICE, default cuda: where the phases train and the evaluation runs, while bench
-# prefill needs the GPU; WINDOWS, the phases' data.windows, default stream, and LONGCTX_WORK, where
-# data/ and runs/ go: scripts/longctx_phases.sh).
+# WARM2_STAGES, STAGE_ATTEMPTS; QUESTIONS; VT_VARIABLES; WARM_MAX_VAL_LOSS and WARM_ATTEMPTS (3);
+# EVAL_NUM examples per task and length, default 20; EVAL_ATTENTION, default "dense flex
+# flex_exact"; DUMP_LAYER, default 2; DEVICE, default cuda: where the phases train and the
+# evaluation runs, while bench prefill needs the GPU; WINDOWS, the phases' data.windows, default
+# stream, and LONGCTX_WORK, where data/ and runs/ go: scripts/longctx_phases.sh).
 set -euo pipefail
 moeforge=$(realpath "$1")
 out=$(realpath -m "$2")

@@ -14,7 +14,9 @@ for attempts_var in WARM_ATTEMPTS STAGE_ATTEMPTS; do
     exit 1
   fi
 done
-if ! [[ ${WARM_MAX_VAL_LOSS:-0.1} =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)$ ]]; then
+# is_loss TEXT: whether TEXT is a val loss to compare with (a non-negative decimal number).
+is_loss() { [[ $1 =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)$ ]]; }
+if ! is_loss "${WARM_MAX_VAL_LOSS:-0.1}"; then
   echo "WARM_MAX_VAL_LOSS must be a number; got '$WARM_MAX_VAL_LOSS'" >&2
   exit 1
 fi
@@ -60,7 +62,7 @@ parse_stage() {
     stage_vt=${stage_tasks##*@} stage_tasks=${stage_tasks%@*}
   fi
   if ! [[ $stage_steps =~ ^[1-9][0-9]*$ && $stage_vt =~ ^[1-9][0-9]*$ &&
-    $stage_max_loss =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)?$ && -n $stage_tasks ]]; then
+    -n $stage_tasks ]] || { [ -n "$stage_max_loss" ] && ! is_loss "$stage_max_loss"; }; then
     echo "stage '$1': expected TASKS[@VT_VARIABLES][:STEPS][/MAX_VAL_LOSS], with whole numbers" \
       "of steps and variables and a number for the loss" >&2
     return 1
